@@ -1,0 +1,228 @@
+// FlashAttention-2 forward pass, f32 storage, f32 accumulation.
+//
+// One workgroup owns BLOCK_M consecutive query rows of one (batch, query head);
+// each invocation owns one row. The workgroup walks the visible key range in
+// tiles of BLOCK_N keys staged in workgroup memory. Per invocation the running
+// max `m`, running sum `l` and output accumulator `acc` live in registers;
+// scores are handled four keys at a time (one vec4) so that every K/V element
+// read from workgroup memory feeds several FMAs.
+//
+// Generated constants (prepended by src/shaders.rs, see `Specialization`):
+//   HEAD_DIM  head dimension, a multiple of 8
+//   BLOCK_N   keys per K/V tile, a multiple of 4
+//   WG_SIZE   invocations per workgroup (= BLOCK_M, one query row each)
+
+// Twin of `TensorStrides` in src/params.rs. Units are vec4 (4 elements);
+// the head_dim stride is always 1 element.
+struct TensorStrides {
+    batch: u32,
+    seq: u32,
+    head: u32,
+    offset: u32,
+}
+
+// Twin of `AttentionParams` in src/params.rs: same field order, same sizes.
+struct Params {
+    batch: u32,
+    seq_q: u32,
+    seq_kv: u32,
+    heads_q: u32,
+    heads_kv: u32,
+    // Bit set of FLAG_* below.
+    flags: u32,
+    // Softmax scale, multiplied by log2(e) unless softcap or ALiBi is on
+    // (then those run in natural units and log2(e) is applied after them).
+    score_scale: f32,
+    softcap: f32,
+    // Window sides in keys; only read when the matching FLAG_ bit is set.
+    window_left: u32,
+    window_right: u32,
+    // Stride between batch entries of the ALiBi slope table (0 = shared).
+    alibi_batch_stride: u32,
+    _pad0: u32,
+    q: TensorStrides,
+    k: TensorStrides,
+    v: TensorStrides,
+    o: TensorStrides,
+}
+
+const FLAG_WINDOW_LEFT: u32 = 1u;
+const FLAG_WINDOW_RIGHT: u32 = 2u;
+const FLAG_SOFTCAP: u32 = 4u;
+const FLAG_ALIBI: u32 = 8u;
+const FLAG_WRITE_LSE: u32 = 16u;
+
+const D4: u32 = HEAD_DIM / 4u;
+const BLOCK_M: u32 = WG_SIZE;
+const LOG2_E: f32 = 1.4426950408889634;
+const LN_2: f32 = 0.6931471805599453;
+// Finite sentinel for the running max: `NEG_BIG - NEG_BIG` is 0, never NaN.
+const NEG_BIG: f32 = -1.0e30;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> q_buf: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> k_buf: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> v_buf: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> o_buf: array<vec4<f32>>;
+// Logsumexp, [batch, heads_q, seq_q], natural log.
+@group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>;
+@group(0) @binding(6) var<storage, read> alibi_slopes: array<f32>;
+
+var<workgroup> k_tile: array<vec4<f32>, BLOCK_N * D4>;
+var<workgroup> v_tile: array<vec4<f32>, BLOCK_N * D4>;
+
+fn has_flag(bit: u32) -> bool {
+    return (p.flags & bit) != 0u;
+}
+
+// Scores of one query row against four keys, from raw dot products to
+// log2-domain logits. `key_pos` are the keys' positions, `row_pos` the query's
+// position on the key axis (bottom-right alignment).
+fn finish_scores(dots: vec4<f32>, row_pos: i32, key_pos: vec4<i32>, alibi_slope: f32) -> vec4<f32> {
+    var s = dots * p.score_scale;
+    if (has_flag(FLAG_SOFTCAP)) {
+        s = p.softcap * tanh(s / p.softcap);
+    }
+    if (has_flag(FLAG_ALIBI)) {
+        s -= alibi_slope * vec4<f32>(abs(key_pos - vec4<i32>(row_pos)));
+    }
+    if (has_flag(FLAG_SOFTCAP) || has_flag(FLAG_ALIBI)) {
+        s *= LOG2_E;
+    }
+    return s;
+}
+
+@compute @workgroup_size(WG_SIZE)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let batch = wg.z;
+    let head_q = wg.y;
+    let row0 = wg.x * BLOCK_M;
+    let head_kv = head_q / (p.heads_q / p.heads_kv);
+    let row = row0 + lid;
+    let row_ok = row < p.seq_q;
+
+    // Query row i sits at key position i + seq_kv - seq_q.
+    let diag = i32(p.seq_kv) - i32(p.seq_q);
+    let row_pos = i32(row) + diag;
+    let last_row = min(row0 + BLOCK_M, p.seq_q) - 1u;
+
+    // Visible key range of this invocation's row and of the whole workgroup.
+    var row_lo = 0;
+    var row_hi = i32(p.seq_kv) - 1;
+    var wg_lo = 0;
+    var wg_hi = i32(p.seq_kv) - 1;
+    if (has_flag(FLAG_WINDOW_LEFT)) {
+        let left = i32(p.window_left);
+        row_lo = max(row_lo, row_pos - left);
+        wg_lo = max(wg_lo, i32(row0) + diag - left);
+    }
+    if (has_flag(FLAG_WINDOW_RIGHT)) {
+        let right = i32(p.window_right);
+        row_hi = min(row_hi, row_pos + right);
+        wg_hi = min(wg_hi, i32(last_row) + diag + right);
+    }
+    // Keys every row of the workgroup sees: tiles inside it need no mask.
+    var all_lo = 0;
+    var all_hi = i32(p.seq_kv) - 1;
+    if (has_flag(FLAG_WINDOW_LEFT)) {
+        all_lo = max(all_lo, i32(last_row) + diag - i32(p.window_left));
+    }
+    if (has_flag(FLAG_WINDOW_RIGHT)) {
+        all_hi = min(all_hi, i32(row0) + diag + i32(p.window_right));
+    }
+
+    var alibi_slope = 0.0;
+    if (has_flag(FLAG_ALIBI)) {
+        alibi_slope = alibi_slopes[batch * p.alibi_batch_stride + head_q];
+    }
+
+    let q_base = batch * p.q.batch + min(row, p.seq_q - 1u) * p.q.seq + head_q * p.q.head + p.q.offset;
+    var q: array<vec4<f32>, D4>;
+    var acc: array<vec4<f32>, D4>;
+    for (var d = 0u; d < D4; d++) {
+        q[d] = q_buf[q_base + d];
+        acc[d] = vec4<f32>(0.0);
+    }
+    var m = NEG_BIG;
+    var l = 0.0;
+
+    let k_base = batch * p.k.batch + head_kv * p.k.head + p.k.offset;
+    let v_base = batch * p.v.batch + head_kv * p.v.head + p.v.offset;
+
+    // Tiles above the causal diagonal or outside the window are never visited.
+    for (var kv0 = wg_lo; kv0 <= wg_hi; kv0 += i32(BLOCK_N)) {
+        let n_keys = u32(min(i32(BLOCK_N), wg_hi + 1 - kv0));
+        for (var i = lid; i < BLOCK_N * D4; i += WG_SIZE) {
+            let key = i / D4;
+            let d = i % D4;
+            var kk = vec4<f32>(0.0);
+            var vv = vec4<f32>(0.0);
+            if (key < n_keys) {
+                let pos = u32(kv0) + key;
+                kk = k_buf[k_base + pos * p.k.seq + d];
+                vv = v_buf[v_base + pos * p.v.seq + d];
+            }
+            k_tile[i] = kk;
+            v_tile[i] = vv;
+        }
+        workgroupBarrier();
+
+        let unmasked = n_keys == BLOCK_N && kv0 >= all_lo && kv0 + i32(BLOCK_N) - 1 <= all_hi;
+        for (var c = 0u; c < BLOCK_N; c += 4u) {
+            let t = c * D4;
+            var dots = vec4<f32>(0.0);
+            for (var d = 0u; d < D4; d++) {
+                let qd = q[d];
+                dots += vec4<f32>(
+                    dot(qd, k_tile[t + d]),
+                    dot(qd, k_tile[t + D4 + d]),
+                    dot(qd, k_tile[t + 2u * D4 + d]),
+                    dot(qd, k_tile[t + 3u * D4 + d]),
+                );
+            }
+            let key_pos = vec4<i32>(kv0 + i32(c)) + vec4<i32>(0, 1, 2, 3);
+            var s = finish_scores(dots, row_pos, key_pos, alibi_slope);
+            var visible = vec4<bool>(true);
+            if (!unmasked) {
+                visible = key_pos >= vec4<i32>(row_lo) & key_pos <= vec4<i32>(row_hi);
+                s = select(vec4<f32>(NEG_BIG), s, visible);
+            }
+            let m_new = max(m, max(max(s.x, s.y), max(s.z, s.w)));
+            let correction = exp2(m - m_new);
+            let pr = select(vec4<f32>(0.0), exp2(s - vec4<f32>(m_new)), visible);
+            l = l * correction + (pr.x + pr.y) + (pr.z + pr.w);
+            for (var d = 0u; d < D4; d++) {
+                acc[d] = acc[d] * correction
+                    + pr.x * v_tile[t + d]
+                    + pr.y * v_tile[t + D4 + d]
+                    + pr.z * v_tile[t + 2u * D4 + d]
+                    + pr.w * v_tile[t + 3u * D4 + d];
+            }
+            m = m_new;
+        }
+        workgroupBarrier();
+    }
+
+    if (!row_ok) {
+        return;
+    }
+    // A row that saw no key has l == 0: it outputs zeros and lse = +inf.
+    var inv_l = 0.0;
+    if (l > 0.0) {
+        inv_l = 1.0 / l;
+    }
+    let o_base = batch * p.o.batch + row * p.o.seq + head_q * p.o.head + p.o.offset;
+    for (var d = 0u; d < D4; d++) {
+        o_buf[o_base + d] = acc[d] * inv_l;
+    }
+    if (has_flag(FLAG_WRITE_LSE)) {
+        var lse = bitcast<f32>(0x7f800000u);
+        if (l > 0.0) {
+            lse = (m + log2(l)) * LN_2;
+        }
+        lse_buf[(batch * p.heads_q + head_q) * p.seq_q + row] = lse;
+    }
+}

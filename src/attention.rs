@@ -1,0 +1,464 @@
+//! The forward call: checks operands against the shape and the adapter,
+//! plans tiles from the adapter's limits, and records the dispatch.
+
+use wgpu::util::DeviceExt;
+
+use crate::config::{AttentionConfig, AttentionShape};
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::params::{flags, AttentionParams, TensorStrides};
+use crate::shaders::{Kernel, Specialization};
+use crate::tensor::{read_buffer, DType, Tensor, TensorShape};
+
+/// Query rows per workgroup (one per invocation).
+const WORKGROUP_SIZE: u32 = 64;
+/// K/V tile sizes tried, largest first; the first that fits workgroup
+/// memory is used.
+const BLOCK_N_CANDIDATES: [u32; 5] = [64, 32, 16, 8, 4];
+/// Tensors are read as vec4, so strides and offsets are multiples of 4.
+const VEC_WIDTH: usize = 4;
+
+/// How a call will run: which pipeline and how many workgroups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardPlan {
+    pub specialization: Specialization,
+    /// Workgroups along (query tiles, query heads, batch).
+    pub workgroups: [u32; 3],
+}
+
+impl ForwardPlan {
+    /// Tiles for `shape` on this adapter.
+    pub fn new(gpu: &Gpu, shape: &AttentionShape) -> Result<Self> {
+        shape.validate()?;
+        let limits = &gpu.info().limits;
+        let head_dim = shape.head_dim as u32;
+        let tile_bytes = |block_n: u32| 2 * u64::from(block_n) * u64::from(head_dim) * 4;
+        let block_n = BLOCK_N_CANDIDATES
+            .into_iter()
+            .find(|&n| tile_bytes(n) <= u64::from(limits.max_compute_workgroup_storage_size))
+            .ok_or(Error::WorkgroupMemory {
+                head_dim: shape.head_dim,
+                needed: tile_bytes(4),
+                limit: limits.max_compute_workgroup_storage_size,
+            })?;
+        let max_invocations = limits
+            .max_compute_invocations_per_workgroup
+            .min(limits.max_compute_workgroup_size_x);
+        if WORKGROUP_SIZE > max_invocations {
+            return Err(Error::WorkgroupInvocations {
+                needed: WORKGROUP_SIZE,
+                limit: max_invocations,
+            });
+        }
+        let groups = [
+            (shape.seq_q as u64).div_ceil(u64::from(WORKGROUP_SIZE)),
+            shape.heads_q as u64,
+            shape.batch as u64,
+        ];
+        let limit = limits.max_compute_workgroups_per_dimension;
+        for (axis, &n) in ["seq_q / 64", "heads_q", "batch"].iter().zip(&groups) {
+            if n > u64::from(limit) {
+                return Err(Error::DispatchTooLarge {
+                    what: "flash attention",
+                    axis,
+                    groups: n,
+                    limit,
+                });
+            }
+        }
+        Ok(ForwardPlan {
+            specialization: Specialization {
+                kernel: Kernel::FlashForward,
+                head_dim,
+                block_n,
+                workgroup_size: WORKGROUP_SIZE,
+            },
+            workgroups: groups.map(|n| n as u32),
+        })
+    }
+}
+
+/// Logsumexp of each query row, `[batch, heads_q, seq_q]` f32, natural log.
+#[derive(Debug, Clone)]
+pub struct Lse {
+    buffer: wgpu::Buffer,
+    pub batch: usize,
+    pub heads: usize,
+    pub seq: usize,
+}
+
+impl Lse {
+    /// An uninitialised-looking (NaN-filled) logsumexp buffer.
+    pub fn new(gpu: &Gpu, batch: usize, heads: usize, seq: usize) -> Result<Self> {
+        let n = batch * heads * seq;
+        if n == 0 {
+            return Err(Error::ZeroDimension {
+                tensor: "lse",
+                shape: [batch, heads, seq, 1],
+            });
+        }
+        crate::tensor::check_buffer_size(gpu, "lse", 4 * n as u64)?;
+        let buffer = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("wgpu-flash-attn lse"),
+            contents: bytemuck::cast_slice(&vec![f32::NAN; n]),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        });
+        Ok(Lse {
+            buffer,
+            batch,
+            heads,
+            seq,
+        })
+    }
+
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+
+    pub fn to_vec(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        read_buffer(gpu, &self.buffer)
+    }
+}
+
+/// What [`Gpu::attention`] returns.
+#[derive(Debug, Clone)]
+pub struct AttentionOutput {
+    /// `[batch, seq_q, heads_q, head_dim]`, packed.
+    pub out: Tensor,
+    /// Present when the config asked for it.
+    pub lse: Option<Lse>,
+}
+
+/// What [`Gpu::attention_host`] returns.
+#[derive(Debug, Clone)]
+pub struct HostAttentionOutput {
+    pub out: Vec<f32>,
+    pub lse: Option<Vec<f32>>,
+}
+
+/// The operands of one call; outputs are written in place.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionArgs<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub out: &'a Tensor,
+    pub lse: Option<&'a Lse>,
+}
+
+impl AttentionArgs<'_> {
+    /// The call's shape, after checking that Q, K, V and O agree.
+    pub fn shape(&self) -> Result<AttentionShape> {
+        let (q, k, v, o) = (self.q.shape(), self.k.shape(), self.v.shape(), self.out.shape());
+        let pairs: [(&'static str, &'static str, usize, &'static str, usize); 8] = [
+            ("K and V shapes differ", "k.batch", k.batch, "v.batch", v.batch),
+            ("K and V shapes differ", "k.seq", k.seq, "v.seq", v.seq),
+            ("K and V shapes differ", "k.heads", k.heads, "v.heads", v.heads),
+            ("K and V shapes differ", "k.head_dim", k.head_dim, "v.head_dim", v.head_dim),
+            ("Q and K batch differ", "q.batch", q.batch, "k.batch", k.batch),
+            ("Q and K head dim differ", "q.head_dim", q.head_dim, "k.head_dim", k.head_dim),
+            ("O must be shaped like Q", "q.seq", q.seq, "out.seq", o.seq),
+            ("O must be shaped like Q", "q.heads", q.heads, "out.heads", o.heads),
+        ];
+        for (what, left_name, left, right_name, right) in pairs {
+            if left != right {
+                return Err(Error::ShapeMismatch {
+                    what,
+                    left_name,
+                    left,
+                    right_name,
+                    right,
+                });
+            }
+        }
+        for (what, left, right) in [("batch", q.batch, o.batch), ("head_dim", q.head_dim, o.head_dim)] {
+            if left != right {
+                return Err(Error::ShapeMismatch {
+                    what: "O must be shaped like Q",
+                    left_name: if what == "batch" { "q.batch" } else { "q.head_dim" },
+                    left,
+                    right_name: if what == "batch" { "out.batch" } else { "out.head_dim" },
+                    right,
+                });
+            }
+        }
+        Ok(AttentionShape {
+            batch: q.batch,
+            seq_q: q.seq,
+            seq_kv: k.seq,
+            heads_q: q.heads,
+            heads_kv: k.heads,
+            head_dim: q.head_dim,
+        })
+    }
+}
+
+impl Gpu {
+    /// Attention of device tensors into a new packed output (and logsumexp
+    /// if `config.return_lse`). Submits and returns without waiting.
+    pub fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        config: &AttentionConfig,
+    ) -> Result<AttentionOutput> {
+        let q_shape = q.shape();
+        let out = Tensor::zeros(self, q_shape, DType::F32)?;
+        let lse = if config.return_lse {
+            Some(Lse::new(self, q_shape.batch, q_shape.heads, q_shape.seq)?)
+        } else {
+            None
+        };
+        self.attention_into(
+            &AttentionArgs {
+                q,
+                k,
+                v,
+                out: &out,
+                lse: lse.as_ref(),
+            },
+            config,
+        )?;
+        Ok(AttentionOutput { out, lse })
+    }
+
+    /// Attention into caller-owned outputs: records and submits one dispatch.
+    pub fn attention_into(&self, args: &AttentionArgs<'_>, config: &AttentionConfig) -> Result<()> {
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("wgpu-flash-attn"),
+            });
+        self.validated("attention dispatch", || -> Result<()> {
+            self.encode_attention(&mut encoder, args, config)?;
+            self.queue.submit([encoder.finish()]);
+            Ok(())
+        })?
+    }
+
+    /// Records the attention dispatch into the caller's encoder (nothing is
+    /// submitted), so it can be batched with the caller's own work.
+    pub fn encode_attention(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        args: &AttentionArgs<'_>,
+        config: &AttentionConfig,
+    ) -> Result<()> {
+        let shape = args.shape()?;
+        config.validate(&shape)?;
+        if args.lse.is_none() && config.return_lse {
+            return Err(Error::MissingLseOutput);
+        }
+        let plan = ForwardPlan::new(self, &shape)?;
+        let params = self.pack_params(args, &shape, config)?;
+        let pipeline = self.pipelines.get(&self.device, &plan.specialization);
+
+        let params_buffer = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("wgpu-flash-attn params"),
+                contents: bytemuck::bytes_of(&params),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let alibi_buffer = config.alibi.as_ref().map(|alibi| {
+            self.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("wgpu-flash-attn alibi slopes"),
+                    contents: bytemuck::cast_slice(alibi.slopes()),
+                    usage: wgpu::BufferUsages::STORAGE,
+                })
+        });
+        let lse_buffer = match args.lse {
+            Some(lse) => {
+                let expected = [shape.batch, shape.heads_q, shape.seq_q];
+                let got = [lse.batch, lse.heads, lse.seq];
+                if expected != got {
+                    return Err(Error::LseShape { expected, got });
+                }
+                lse.buffer()
+            }
+            None => &self.placeholders.lse,
+        };
+        let buffers = [
+            &params_buffer,
+            args.q.buffer(),
+            args.k.buffer(),
+            args.v.buffer(),
+            args.out.buffer(),
+            lse_buffer,
+            alibi_buffer.as_ref().unwrap_or(&self.placeholders.alibi),
+        ];
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(binding, buffer)| wgpu::BindGroupEntry {
+                binding: binding as u32,
+                resource: buffer.as_entire_binding(),
+            })
+            .collect();
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("wgpu-flash-attn bindings"),
+            layout: &pipeline.bind_group_layout,
+            entries: &entries,
+        });
+
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("flash attention forward"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&pipeline.pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        let [x, y, z] = plan.workgroups;
+        pass.dispatch_workgroups(x, y, z);
+        Ok(())
+    }
+
+    /// Host slices in, host vectors out: uploads packed BSHD inputs, runs,
+    /// waits and downloads.
+    pub fn attention_host(
+        &self,
+        shape: &AttentionShape,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        config: &AttentionConfig,
+    ) -> Result<HostAttentionOutput> {
+        config.validate(shape)?;
+        let upload = |name: &'static str, dims: TensorShape, data: &[f32]| {
+            if data.len() != dims.elements() {
+                return Err(Error::DataLength {
+                    tensor: name,
+                    expected: dims.elements(),
+                    got: data.len(),
+                });
+            }
+            Tensor::from_f32(self, dims, data)
+        };
+        let q = upload("q", shape.q_shape(), q)?;
+        let k = upload("k", shape.kv_shape(), k)?;
+        let v = upload("v", shape.kv_shape(), v)?;
+        let result = self.attention(&q, &k, &v, config)?;
+        let out = result.out.to_f32_vec(self)?;
+        let lse = result.lse.map(|l| l.to_vec(self)).transpose()?;
+        Ok(HostAttentionOutput { out, lse })
+    }
+
+    fn pack_params(
+        &self,
+        args: &AttentionArgs<'_>,
+        shape: &AttentionShape,
+        config: &AttentionConfig,
+    ) -> Result<AttentionParams> {
+        let named = [("q", args.q), ("k", args.k), ("v", args.v), ("out", args.out)];
+        for (name, tensor) in named {
+            check_operand(self, name, tensor)?;
+        }
+        for (name, input) in [("q", args.q), ("k", args.k), ("v", args.v)] {
+            if input.buffer() == args.out.buffer() {
+                return Err(Error::OutputAliasesInput {
+                    tensor: "out",
+                    input: name,
+                });
+            }
+            if args.lse.is_some_and(|l| l.buffer() == input.buffer()) {
+                return Err(Error::OutputAliasesInput {
+                    tensor: "lse",
+                    input: name,
+                });
+            }
+        }
+        let (left, right) = config.effective_window();
+        // A side wider than both sequences is the same as unbounded; clamping
+        // keeps it in u32 range for the shader.
+        let span = (shape.seq_q + shape.seq_kv) as u64;
+        let mut bits = 0;
+        if left.is_some() {
+            bits |= flags::WINDOW_LEFT;
+        }
+        if right.is_some() {
+            bits |= flags::WINDOW_RIGHT;
+        }
+        if config.softcap.is_some() {
+            bits |= flags::SOFTCAP;
+        }
+        if config.alibi.is_some() {
+            bits |= flags::ALIBI;
+        }
+        if args.lse.is_some() {
+            bits |= flags::WRITE_LSE;
+        }
+        let scale = config.effective_scale(shape.head_dim);
+        let natural_units = config.softcap.is_some() || config.alibi.is_some();
+        Ok(AttentionParams {
+            batch: shape.batch as u32,
+            seq_q: shape.seq_q as u32,
+            seq_kv: shape.seq_kv as u32,
+            heads_q: shape.heads_q as u32,
+            heads_kv: shape.heads_kv as u32,
+            flags: bits,
+            score_scale: if natural_units { scale } else { scale * std::f32::consts::LOG2_E },
+            softcap: config.softcap.unwrap_or(1.0),
+            window_left: left.unwrap_or(0).min(span) as u32,
+            window_right: right.unwrap_or(0).min(span) as u32,
+            alibi_batch_stride: match &config.alibi {
+                Some(crate::Alibi::PerBatchHead(_)) => shape.heads_q as u32,
+                _ => 0,
+            },
+            _pad0: 0,
+            q: vec4_strides(args.q),
+            k: vec4_strides(args.k),
+            v: vec4_strides(args.v),
+            o: vec4_strides(args.out),
+        })
+    }
+}
+
+/// Dtype, alignment, bounds and binding-size checks for one operand.
+fn check_operand(gpu: &Gpu, name: &'static str, tensor: &Tensor) -> Result<()> {
+    if tensor.dtype() != DType::F32 {
+        return Err(Error::DTypeUnsupported {
+            tensor: name,
+            got: tensor.dtype(),
+            needed: DType::F32,
+        });
+    }
+    let s = tensor.strides();
+    for (what, value) in [
+        ("batch stride", s.batch),
+        ("seq stride", s.seq),
+        ("head stride", s.head),
+        ("offset", tensor.offset()),
+    ] {
+        if value % VEC_WIDTH != 0 {
+            return Err(Error::Misaligned {
+                tensor: name,
+                what,
+                value,
+                multiple: VEC_WIDTH,
+            });
+        }
+    }
+    tensor.check_in_bounds(name)?;
+    let bytes = tensor.buffer().size();
+    let limit = gpu.info().limits.max_storage_buffer_binding_size;
+    if bytes > limit {
+        return Err(Error::BufferTooLarge {
+            tensor: name,
+            bytes,
+            limit_name: "max_storage_buffer_binding_size",
+            limit,
+        });
+    }
+    Ok(())
+}
+
+fn vec4_strides(tensor: &Tensor) -> TensorStrides {
+    let s = tensor.strides();
+    TensorStrides {
+        batch: (s.batch / VEC_WIDTH) as u32,
+        seq: (s.seq / VEC_WIDTH) as u32,
+        head: (s.head / VEC_WIDTH) as u32,
+        offset: (tensor.offset() / VEC_WIDTH) as u32,
+    }
+}

@@ -1,0 +1,268 @@
+//! Attention options and their exact semantics, shared by the GPU path and
+//! the CPU reference.
+
+use std::ops::Range;
+
+use crate::error::{Error, Result};
+
+/// The dimensions of one attention call.
+///
+/// Q is `[batch, seq_q, heads_q, head_dim]`, K and V are
+/// `[batch, seq_kv, heads_kv, head_dim]`, O is shaped like Q.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub seq_q: usize,
+    pub seq_kv: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    /// Self-attention with as many KV heads as query heads.
+    pub fn self_attention(batch: usize, seq: usize, heads: usize, head_dim: usize) -> Self {
+        AttentionShape {
+            batch,
+            seq_q: seq,
+            seq_kv: seq,
+            heads_q: heads,
+            heads_kv: heads,
+            head_dim,
+        }
+    }
+
+    pub fn q_shape(&self) -> crate::TensorShape {
+        crate::TensorShape::new(self.batch, self.seq_q, self.heads_q, self.head_dim)
+    }
+
+    pub fn kv_shape(&self) -> crate::TensorShape {
+        crate::TensorShape::new(self.batch, self.seq_kv, self.heads_kv, self.head_dim)
+    }
+
+    /// Query heads that share one KV head.
+    pub fn group_size(&self) -> usize {
+        self.heads_q / self.heads_kv
+    }
+
+    /// Forward FLOPs actually needed under `config`: 4 per (query, visible
+    /// key, head dim) (QK^T and PV). Counts only visible keys, so causal and
+    /// windowed calls get credit only for the work they must do.
+    pub fn flops(&self, config: &AttentionConfig) -> f64 {
+        let visible: usize = (0..self.seq_q)
+            .map(|row| config.visible_keys(row, self.seq_q, self.seq_kv).len())
+            .sum();
+        4.0 * (self.batch * self.heads_q * self.head_dim) as f64 * visible as f64
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        let dims = [
+            ("batch", self.batch),
+            ("seq_q", self.seq_q),
+            ("seq_kv", self.seq_kv),
+            ("heads_q", self.heads_q),
+            ("heads_kv", self.heads_kv),
+            ("head_dim", self.head_dim),
+        ];
+        if dims.iter().any(|(_, n)| *n == 0) {
+            return Err(Error::ZeroDimension {
+                tensor: "attention shape",
+                shape: [self.batch, self.seq_q.min(self.seq_kv), self.heads_q.min(self.heads_kv), self.head_dim],
+            });
+        }
+        if self.heads_q % self.heads_kv != 0 {
+            return Err(Error::HeadsNotDivisible {
+                heads_q: self.heads_q,
+                heads_kv: self.heads_kv,
+            });
+        }
+        if !is_supported_head_dim(self.head_dim) {
+            return Err(Error::HeadDimUnsupported {
+                got: self.head_dim,
+                supported: SUPPORTED_HEAD_DIMS,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Human-readable list of supported head dims.
+pub const SUPPORTED_HEAD_DIMS: &str = "multiples of 8 from 8 to 256";
+
+pub fn is_supported_head_dim(head_dim: usize) -> bool {
+    head_dim % 8 == 0 && (8..=256).contains(&head_dim)
+}
+
+/// ALiBi slopes: the bias added to score `(i, j)` is `-slope * |pos_i - j|`,
+/// `pos_i` being query row `i`'s position on the key axis.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Alibi {
+    /// One slope per query head, `[heads_q]`.
+    PerHead(Vec<f32>),
+    /// One slope per batch entry and query head, `[batch, heads_q]`.
+    PerBatchHead(Vec<f32>),
+}
+
+impl Alibi {
+    /// The slopes of the ALiBi paper for `heads` heads: the geometric
+    /// sequence starting at `2^(-8/n)` for the nearest power of two `n`,
+    /// interleaved with the next power's odd terms when `heads` is not one.
+    pub fn standard_slopes(heads: usize) -> Vec<f32> {
+        fn powers(n: usize) -> Vec<f32> {
+            let start = 2f64.powf(-8.0 / n as f64);
+            (1..=n).map(|i| start.powi(i as i32) as f32).collect()
+        }
+        let lower = heads.next_power_of_two() / if heads.is_power_of_two() { 1 } else { 2 };
+        let mut slopes = powers(lower);
+        if lower < heads {
+            slopes.extend(powers(2 * lower).into_iter().step_by(2).take(heads - lower));
+        }
+        slopes
+    }
+
+    pub fn slopes(&self) -> &[f32] {
+        match self {
+            Alibi::PerHead(s) | Alibi::PerBatchHead(s) => s,
+        }
+    }
+
+    /// Slope for batch entry `b`, query head `h`.
+    pub fn slope(&self, b: usize, h: usize, heads_q: usize) -> f32 {
+        match self {
+            Alibi::PerHead(s) => s[h],
+            Alibi::PerBatchHead(s) => s[b * heads_q + h],
+        }
+    }
+
+    fn validate(&self, shape: &AttentionShape) -> Result<()> {
+        let (expected, layout) = match self {
+            Alibi::PerHead(_) => (shape.heads_q, "[heads_q]"),
+            Alibi::PerBatchHead(_) => (shape.batch * shape.heads_q, "[batch, heads_q]"),
+        };
+        if self.slopes().len() != expected {
+            return Err(Error::AlibiSlopes {
+                expected: expected.to_string(),
+                layout,
+                got: self.slopes().len(),
+            });
+        }
+        if let Some((index, &value)) = self.slopes().iter().enumerate().find(|(_, s)| !s.is_finite()) {
+            return Err(Error::AlibiSlopeNotFinite { index, value });
+        }
+        Ok(())
+    }
+}
+
+/// Options of an attention call. Build with the methods:
+///
+/// ```
+/// use wgpu_flash_attn::AttentionConfig;
+/// let config = AttentionConfig::new().causal(true).window(Some(256), None);
+/// ```
+///
+/// Semantics (the CPU reference implements exactly these):
+/// - Query row `i` sits at key position `pos_i = i + seq_kv - seq_q`
+///   (bottom-right alignment, as FlashAttention; PyTorch's `is_causal`
+///   aligns top-left instead, which differs when `seq_q != seq_kv`).
+/// - Row `i` sees key `j` iff `pos_i - left <= j <= pos_i + right`, with
+///   `None` meaning unbounded on that side. `causal` is `right = 0`
+///   (intersected with any window).
+/// - Scores are `scale * q.k`; with a softcap `c`, `c * tanh(score / c)`;
+///   then the ALiBi bias `-slope * |pos_i - j|` is added.
+/// - A row that sees no key outputs zeros and logsumexp `+inf`.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct AttentionConfig {
+    pub causal: bool,
+    pub window_left: Option<i64>,
+    pub window_right: Option<i64>,
+    /// Softmax scale; `None` means `1 / sqrt(head_dim)`.
+    pub scale: Option<f32>,
+    pub softcap: Option<f32>,
+    pub alibi: Option<Alibi>,
+    /// Also produce the logsumexp of each row (natural log).
+    pub return_lse: bool,
+}
+
+impl AttentionConfig {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
+    }
+    /// Sliding window `(left, right)` in keys; `None` = unbounded side.
+    pub fn window(mut self, left: Option<i64>, right: Option<i64>) -> Self {
+        self.window_left = left;
+        self.window_right = right;
+        self
+    }
+    pub fn scale(mut self, scale: f32) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+    pub fn softcap(mut self, cap: f32) -> Self {
+        self.softcap = Some(cap);
+        self
+    }
+    pub fn alibi(mut self, alibi: Alibi) -> Self {
+        self.alibi = Some(alibi);
+        self
+    }
+    pub fn return_lse(mut self, on: bool) -> Self {
+        self.return_lse = on;
+        self
+    }
+
+    /// The scale in effect for `head_dim`.
+    pub fn effective_scale(&self, head_dim: usize) -> f32 {
+        self.scale.unwrap_or(1.0 / (head_dim as f32).sqrt())
+    }
+
+    /// Window sides in effect, causal folded in. Only meaningful after
+    /// [`AttentionConfig::validate`] (sides are then non-negative).
+    pub fn effective_window(&self) -> (Option<u64>, Option<u64>) {
+        let left = self.window_left.map(|l| l.max(0) as u64);
+        let mut right = self.window_right.map(|r| r.max(0) as u64);
+        if self.causal {
+            right = Some(0);
+        }
+        (left, right)
+    }
+
+    /// Keys visible to query row `row`, as a (possibly empty) range.
+    pub fn visible_keys(&self, row: usize, seq_q: usize, seq_kv: usize) -> Range<usize> {
+        let pos = row as i64 + seq_kv as i64 - seq_q as i64;
+        let (left, right) = self.effective_window();
+        let lo = left.map_or(0, |l| (pos - l as i64).max(0));
+        let hi = right.map_or(seq_kv as i64, |r| (pos + r as i64 + 1).clamp(0, seq_kv as i64));
+        let lo = lo.min(seq_kv as i64);
+        lo as usize..(hi.max(lo)) as usize
+    }
+
+    /// Checks the options against a shape.
+    pub fn validate(&self, shape: &AttentionShape) -> Result<()> {
+        shape.validate()?;
+        if let Some(scale) = self.scale
+            && (!scale.is_finite() || scale == 0.0)
+        {
+            return Err(Error::InvalidScale(scale));
+        }
+        if let Some(cap) = self.softcap
+            && (!cap.is_finite() || cap <= 0.0)
+        {
+            return Err(Error::InvalidSoftcap(cap));
+        }
+        if self.window_left.is_some_and(|l| l < 0) || self.window_right.is_some_and(|r| r < 0) {
+            return Err(Error::InvalidWindow {
+                left: self.window_left,
+                right: self.window_right,
+            });
+        }
+        if let Some(alibi) = &self.alibi {
+            alibi.validate(shape)?;
+        }
+        Ok(())
+    }
+}

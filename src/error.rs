@@ -1,0 +1,145 @@
+//! The library's error type: every way a caller can get a call wrong, with
+//! the numbers that explain it.
+
+/// Errors returned by `wgpu_flash_attn`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "no GPU adapter found for backends {backends}; on a Debian/Ubuntu machine without a GPU, \
+         `apt-get install mesa-vulkan-drivers libvulkan1` provides the lavapipe software adapter"
+    )]
+    NoAdapter { backends: String },
+
+    #[error("no adapter name contains {wanted:?} (WGPU_ADAPTER_NAME); available: {available:?}")]
+    AdapterNotFound {
+        wanted: String,
+        available: Vec<String>,
+    },
+
+    #[error("requesting a device failed: {0}")]
+    RequestDevice(#[from] wgpu::RequestDeviceError),
+
+    #[error("{tensor} has a zero dimension: shape {shape:?}")]
+    ZeroDimension {
+        tensor: &'static str,
+        shape: [usize; 4],
+    },
+
+    #[error("{tensor}: expected {expected} elements from the shape, got {got}")]
+    DataLength {
+        tensor: &'static str,
+        expected: usize,
+        got: usize,
+    },
+
+    #[error("{what}: {left_name} has {left}, {right_name} has {right}")]
+    ShapeMismatch {
+        what: &'static str,
+        left_name: &'static str,
+        left: usize,
+        right_name: &'static str,
+        right: usize,
+    },
+
+    #[error("head dim {got} is not supported; supported: {supported}")]
+    HeadDimUnsupported { got: usize, supported: &'static str },
+
+    #[error("heads_q ({heads_q}) must be a multiple of heads_kv ({heads_kv})")]
+    HeadsNotDivisible { heads_q: usize, heads_kv: usize },
+
+    #[error("{tensor} has dtype {got:?}; this call needs {needed:?}")]
+    DTypeUnsupported {
+        tensor: &'static str,
+        got: crate::DType,
+        needed: crate::DType,
+    },
+
+    #[error("{tensor}: {what} {value} must be a multiple of {multiple} elements")]
+    Misaligned {
+        tensor: &'static str,
+        what: &'static str,
+        value: usize,
+        multiple: usize,
+    },
+
+    #[error("{tensor}: the view reaches element {needed} but its buffer holds {available}")]
+    OutOfBounds {
+        tensor: &'static str,
+        needed: usize,
+        available: usize,
+    },
+
+    #[error("{tensor}: buffer of {bytes} bytes exceeds the adapter's {limit_name} of {limit} bytes")]
+    BufferTooLarge {
+        tensor: &'static str,
+        bytes: u64,
+        limit_name: &'static str,
+        limit: u64,
+    },
+
+    #[error("{what} needs {groups} workgroups along {axis}, the adapter allows {limit}")]
+    DispatchTooLarge {
+        what: &'static str,
+        axis: &'static str,
+        groups: u64,
+        limit: u32,
+    },
+
+    #[error(
+        "head dim {head_dim} needs at least {needed} bytes of workgroup memory, the adapter has {limit}"
+    )]
+    WorkgroupMemory {
+        head_dim: usize,
+        needed: u64,
+        limit: u32,
+    },
+
+    #[error("the adapter allows {limit} invocations per workgroup, the kernel needs {needed}")]
+    WorkgroupInvocations { needed: u32, limit: u32 },
+
+    #[error("scale must be finite and non-zero, got {0}")]
+    InvalidScale(f32),
+
+    #[error("softcap must be finite and > 0, got {0}")]
+    InvalidSoftcap(f32),
+
+    #[error("window sides must be >= 0 (None = unbounded), got left {left:?}, right {right:?}")]
+    InvalidWindow {
+        left: Option<i64>,
+        right: Option<i64>,
+    },
+
+    #[error("ALiBi slopes: expected {expected} values ({layout}), got {got}")]
+    AlibiSlopes {
+        expected: String,
+        layout: &'static str,
+        got: usize,
+    },
+
+    #[error("ALiBi slope {index} is not finite: {value}")]
+    AlibiSlopeNotFinite { index: usize, value: f32 },
+
+    #[error("the output {tensor} shares a buffer with input {input}: outputs must not alias inputs")]
+    OutputAliasesInput {
+        tensor: &'static str,
+        input: &'static str,
+    },
+
+    #[error("config.return_lse is set but no Lse output was given")]
+    MissingLseOutput,
+
+    #[error("lse output is [{got:?}], the call needs [batch, heads_q, seq_q] = {expected:?}")]
+    LseShape { expected: [usize; 3], got: [usize; 3] },
+
+    #[error("GPU validation error in {context}: {message}")]
+    GpuValidation {
+        context: &'static str,
+        message: String,
+    },
+
+    #[error("reading a buffer back from the GPU failed: {0}")]
+    Readback(String),
+}
+
+/// Shorthand used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,231 @@
+//! Adapter choice, device creation and what the device can do.
+//!
+//! Acquiring a device is kept apart from the work: every operation takes a
+//! [`Gpu`], which either requested its own device ([`Gpu::new`]) or wraps one
+//! the caller already has ([`Gpu::from_device`]).
+
+use crate::error::{Error, Result};
+use crate::pipelines::PipelineCache;
+
+/// Optional features the kernels use when the adapter has them.
+pub const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
+    .union(wgpu::Features::SUBGROUP)
+    .union(wgpu::Features::TIMESTAMP_QUERY);
+
+/// How to pick an adapter. [`AdapterOptions::from_env`] follows wgpu's usual
+/// variables: `WGPU_BACKEND`, `WGPU_ADAPTER_NAME`, `WGPU_POWER_PREF`.
+#[derive(Debug, Clone)]
+pub struct AdapterOptions {
+    pub backends: wgpu::Backends,
+    /// Case-insensitive substring of the adapter name.
+    pub adapter_name: Option<String>,
+    pub power_preference: wgpu::PowerPreference,
+}
+
+impl AdapterOptions {
+    pub fn from_env() -> Self {
+        AdapterOptions {
+            backends: wgpu::Backends::from_env().unwrap_or_default(),
+            adapter_name: std::env::var("WGPU_ADAPTER_NAME")
+                .ok()
+                .filter(|name| !name.is_empty()),
+            power_preference: wgpu::PowerPreference::from_env().unwrap_or_default(),
+        }
+    }
+
+    /// Instance descriptor for these options (flags etc. still from the env).
+    fn instance(&self) -> wgpu::Instance {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        desc.backends = self.backends;
+        wgpu::Instance::new(desc)
+    }
+
+    /// Every adapter these options' backends can see.
+    pub fn enumerate(&self) -> Vec<wgpu::Adapter> {
+        pollster::block_on(self.instance().enumerate_adapters(self.backends))
+    }
+
+    /// The adapter these options select.
+    pub async fn select(&self) -> Result<wgpu::Adapter> {
+        let instance = self.instance();
+        if let Some(wanted) = &self.adapter_name {
+            let adapters = instance.enumerate_adapters(self.backends).await;
+            let wanted_lower = wanted.to_lowercase();
+            let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+            return adapters
+                .into_iter()
+                .find(|a| a.get_info().name.to_lowercase().contains(&wanted_lower))
+                .ok_or_else(|| Error::AdapterNotFound {
+                    wanted: wanted.clone(),
+                    available: names,
+                });
+        }
+        instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: self.power_preference,
+                ..Default::default()
+            })
+            .await
+            .map_err(|_| Error::NoAdapter {
+                backends: format!("{:?}", self.backends),
+            })
+    }
+}
+
+/// What the device offers, as the crate sees it.
+#[derive(Debug, Clone)]
+pub struct GpuInfo {
+    pub adapter: wgpu::AdapterInfo,
+    /// Features enabled on the device (a subset of the adapter's).
+    pub features: wgpu::Features,
+    /// Limits of the device (the adapter's real limits when the crate
+    /// requested the device itself).
+    pub limits: wgpu::Limits,
+}
+
+impl GpuInfo {
+    pub fn has_f16(&self) -> bool {
+        self.features.contains(wgpu::Features::SHADER_F16)
+    }
+    pub fn has_subgroups(&self) -> bool {
+        self.features.contains(wgpu::Features::SUBGROUP)
+    }
+    pub fn has_timestamps(&self) -> bool {
+        self.features.contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+
+    /// One line: name, backend, device type.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} ({:?}, {:?}, driver {} {})",
+            self.adapter.name,
+            self.adapter.backend,
+            self.adapter.device_type,
+            self.adapter.driver,
+            self.adapter.driver_info
+        )
+    }
+}
+
+/// A device and queue plus the crate's pipeline cache. Cheap to share by
+/// reference; all methods take `&self`.
+pub struct Gpu {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    info: GpuInfo,
+    pub(crate) pipelines: PipelineCache,
+    pub(crate) placeholders: Placeholders,
+}
+
+/// Tiny buffers bound where an optional input or output is absent, since
+/// every binding of a bind group must be filled.
+pub(crate) struct Placeholders {
+    pub lse: wgpu::Buffer,
+    pub alibi: wgpu::Buffer,
+}
+
+impl Placeholders {
+    fn new(device: &wgpu::Device) -> Self {
+        let make = |label| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: 16,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        Placeholders {
+            lse: make("wgpu-flash-attn placeholder lse"),
+            alibi: make("wgpu-flash-attn placeholder alibi"),
+        }
+    }
+}
+
+impl Gpu {
+    /// Picks an adapter from the environment (see [`AdapterOptions::from_env`])
+    /// and requests a device with its real limits and the optional features
+    /// it has.
+    pub fn new() -> Result<Self> {
+        pollster::block_on(Self::request(&AdapterOptions::from_env()))
+    }
+
+    /// Like [`Gpu::new`] with explicit options.
+    pub async fn request(options: &AdapterOptions) -> Result<Self> {
+        let adapter = options.select().await?;
+        Self::from_adapter(&adapter).await
+    }
+
+    /// Requests a device from `adapter` with all of its limits and the
+    /// subset of [`WANTED_FEATURES`] it supports.
+    pub async fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
+        let features = adapter.features() & WANTED_FEATURES;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("wgpu-flash-attn"),
+                required_features: features,
+                required_limits: adapter.limits(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await?;
+        Ok(Self::from_device(device, queue, adapter.get_info()))
+    }
+
+    /// Wraps a device the caller already owns, so the crate shares it rather
+    /// than opening a second one. Kernels adapt to the device's enabled
+    /// features and limits.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, adapter: wgpu::AdapterInfo) -> Self {
+        let info = GpuInfo {
+            adapter,
+            features: device.features(),
+            limits: device.limits(),
+        };
+        let pipelines = PipelineCache::new(&device);
+        let placeholders = Placeholders::new(&device);
+        Gpu {
+            device,
+            queue,
+            info,
+            pipelines,
+            placeholders,
+        }
+    }
+
+    pub fn info(&self) -> &GpuInfo {
+        &self.info
+    }
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// Number of compute pipelines compiled so far.
+    pub fn pipeline_count(&self) -> usize {
+        self.pipelines.len()
+    }
+
+    /// Blocks until all submitted work has finished.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| Error::Readback(e.to_string()))
+    }
+
+    /// Runs `record` under a validation error scope and reports the first
+    /// validation error as [`Error::GpuValidation`].
+    pub(crate) fn validated<T>(&self, context: &'static str, record: impl FnOnce() -> T) -> Result<T> {
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let value = record();
+        match pollster::block_on(scope.pop()) {
+            None => Ok(value),
+            Some(err) => Err(Error::GpuValidation {
+                context,
+                message: err.to_string(),
+            }),
+        }
+    }
+}

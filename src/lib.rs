@@ -1,0 +1,34 @@
+//! Exact, tiled online-softmax attention (FlashAttention-2) in WGSL compute
+//! shaders, for every GPU that wgpu reaches, with a CPU f64 reference.
+//!
+//! ```no_run
+//! use wgpu_flash_attn::{AttentionConfig, AttentionShape, Gpu};
+//! # fn main() -> Result<(), wgpu_flash_attn::Error> {
+//! let gpu = Gpu::new()?;
+//! let shape = AttentionShape::self_attention(1, 128, 8, 64);
+//! let n = shape.q_shape().elements();
+//! let (q, k, v) = (vec![0.1f32; n], vec![0.2f32; n], vec![0.3f32; n]);
+//! let result = gpu.attention_host(&shape, &q, &k, &v, &AttentionConfig::new().causal(true))?;
+//! assert_eq!(result.out.len(), n);
+//! # Ok(())
+//! # }
+//! ```
+
+mod attention;
+mod config;
+mod error;
+mod gpu;
+pub mod params;
+mod pipelines;
+pub mod random;
+pub mod reference;
+pub mod shaders;
+mod tensor;
+
+pub use attention::{AttentionArgs, AttentionOutput, ForwardPlan, HostAttentionOutput, Lse};
+pub use config::{
+    Alibi, AttentionConfig, AttentionShape, SUPPORTED_HEAD_DIMS, is_supported_head_dim,
+};
+pub use error::{Error, Result};
+pub use gpu::{AdapterOptions, Gpu, GpuInfo, WANTED_FEATURES};
+pub use tensor::{DType, Strides, Tensor, TensorShape};

@@ -1,0 +1,137 @@
+//! The CPU oracle: exact softmax attention with f64 accumulation and exactly
+//! the crate's semantics (see [`AttentionConfig`]). Every GPU test compares
+//! against it; users can call it to validate their own GPU.
+//!
+//! Inputs are packed BSHD f32 slices. Rows run in parallel with rayon.
+
+use rayon::prelude::*;
+
+use crate::config::{AttentionConfig, AttentionShape};
+use crate::error::{Error, Result};
+
+/// Result of [`attention`].
+#[derive(Debug, Clone)]
+pub struct ReferenceOutput {
+    /// `[batch, seq_q, heads_q, head_dim]`.
+    pub out: Vec<f64>,
+    /// `[batch, heads_q, seq_q]`, natural log; `+inf` for rows that see no key.
+    pub lse: Vec<f64>,
+}
+
+/// Exact attention of packed BSHD inputs.
+pub fn attention(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    config: &AttentionConfig,
+) -> Result<ReferenceOutput> {
+    attention_rows(shape, q, k, v, config, |_, _, _| true)
+}
+
+/// Like [`attention`], but computes only the rows `(batch, head_q, row)` for
+/// which `wanted` is true (the others are left as NaN), so a large shape can
+/// be validated on a sample.
+pub fn attention_rows(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    config: &AttentionConfig,
+    wanted: impl Fn(usize, usize, usize) -> bool + Sync,
+) -> Result<ReferenceOutput> {
+    config.validate(shape)?;
+    check_len("q", shape.q_shape().elements(), q.len())?;
+    check_len("k", shape.kv_shape().elements(), k.len())?;
+    check_len("v", shape.kv_shape().elements(), v.len())?;
+
+    let AttentionShape {
+        batch,
+        seq_q,
+        seq_kv,
+        heads_q,
+        heads_kv,
+        head_dim: d,
+    } = *shape;
+    let group = shape.group_size();
+    let scale = f64::from(config.effective_scale(d));
+
+    // One work item per (batch, row, head_q), in output order.
+    let rows: Vec<(Vec<f64>, f64)> = (0..batch * seq_q * heads_q)
+        .into_par_iter()
+        .map(|index| {
+            let h = index % heads_q;
+            let i = (index / heads_q) % seq_q;
+            let b = index / (heads_q * seq_q);
+            if !wanted(b, h, i) {
+                return (vec![f64::NAN; d], f64::NAN);
+            }
+            let hk = h / group;
+            let q_row = &q[((b * seq_q + i) * heads_q + h) * d..][..d];
+            let keys = config.visible_keys(i, seq_q, seq_kv);
+            if keys.is_empty() {
+                return (vec![0.0; d], f64::INFINITY);
+            }
+            let pos = i as i64 + seq_kv as i64 - seq_q as i64;
+            let slope = config
+                .alibi
+                .as_ref()
+                .map(|a| f64::from(a.slope(b, h, heads_q)));
+            let kv_at = |j: usize| ((b * seq_kv + j) * heads_kv + hk) * d;
+            let scores: Vec<f64> = keys
+                .clone()
+                .map(|j| {
+                    let k_row = &k[kv_at(j)..][..d];
+                    let dot: f64 = q_row
+                        .iter()
+                        .zip(k_row)
+                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                        .sum();
+                    let mut s = dot * scale;
+                    if let Some(cap) = config.softcap {
+                        let cap = f64::from(cap);
+                        s = cap * (s / cap).tanh();
+                    }
+                    if let Some(m) = slope {
+                        s -= m * (pos - j as i64).unsigned_abs() as f64;
+                    }
+                    s
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f64 = weights.iter().sum();
+            let mut out = vec![0.0f64; d];
+            for (j, w) in keys.zip(&weights) {
+                let v_row = &v[kv_at(j)..][..d];
+                for (o, &x) in out.iter_mut().zip(v_row) {
+                    *o += w * f64::from(x);
+                }
+            }
+            out.iter_mut().for_each(|o| *o /= sum);
+            (out, max + sum.ln())
+        })
+        .collect();
+
+    let mut out = Vec::with_capacity(batch * seq_q * heads_q * d);
+    let mut lse = vec![0.0; batch * heads_q * seq_q];
+    for (index, (row, row_lse)) in rows.into_iter().enumerate() {
+        let h = index % heads_q;
+        let i = (index / heads_q) % seq_q;
+        let b = index / (heads_q * seq_q);
+        out.extend_from_slice(&row);
+        lse[(b * heads_q + h) * seq_q + i] = row_lse;
+    }
+    Ok(ReferenceOutput { out, lse })
+}
+
+fn check_len(tensor: &'static str, expected: usize, got: usize) -> Result<()> {
+    if expected != got {
+        return Err(Error::DataLength {
+            tensor,
+            expected,
+            got,
+        });
+    }
+    Ok(())
+}

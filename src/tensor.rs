@@ -1,0 +1,283 @@
+//! Device-resident tensors: a buffer plus a `[batch, seq, heads, head_dim]`
+//! view of it (shape, element strides, offset, dtype).
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+
+/// Storage type of a tensor's elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+/// Logical shape of an attention operand, in the crate's BSHD order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TensorShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl TensorShape {
+    pub fn new(batch: usize, seq: usize, heads: usize, head_dim: usize) -> Self {
+        TensorShape {
+            batch,
+            seq,
+            heads,
+            head_dim,
+        }
+    }
+
+    pub fn as_array(&self) -> [usize; 4] {
+        [self.batch, self.seq, self.heads, self.head_dim]
+    }
+
+    pub fn elements(&self) -> usize {
+        self.batch * self.seq * self.heads * self.head_dim
+    }
+
+    /// Strides of the packed `[batch, seq, heads, head_dim]` layout.
+    pub fn contiguous_strides(&self) -> Strides {
+        Strides {
+            batch: self.seq * self.heads * self.head_dim,
+            seq: self.heads * self.head_dim,
+            head: self.head_dim,
+        }
+    }
+}
+
+/// Element strides of the batch, seq and head axes; head_dim is contiguous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Strides {
+    pub batch: usize,
+    pub seq: usize,
+    pub head: usize,
+}
+
+/// A buffer on the device and a view of it as `[batch, seq, heads, head_dim]`.
+/// Cloning shares the buffer.
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    buffer: wgpu::Buffer,
+    shape: TensorShape,
+    strides: Strides,
+    /// Element offset of `[0, 0, 0, 0]`.
+    offset: usize,
+    dtype: DType,
+}
+
+const TENSOR_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+impl Tensor {
+    /// Uploads packed BSHD f32 data.
+    pub fn from_f32(gpu: &Gpu, shape: TensorShape, data: &[f32]) -> Result<Self> {
+        check_shape("tensor", shape)?;
+        if data.len() != shape.elements() {
+            return Err(Error::DataLength {
+                tensor: "tensor",
+                expected: shape.elements(),
+                got: data.len(),
+            });
+        }
+        check_buffer_size(gpu, "tensor", std::mem::size_of_val(data) as u64)?;
+        let buffer = gpu
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("wgpu-flash-attn tensor"),
+                contents: bytemuck::cast_slice(data),
+                usage: TENSOR_USAGE,
+            });
+        Ok(Self::contiguous(buffer, shape, DType::F32))
+    }
+
+    /// A packed BSHD tensor with every element set to `value` (tests poison
+    /// outputs with NaN this way).
+    pub fn filled(gpu: &Gpu, shape: TensorShape, value: f32) -> Result<Self> {
+        check_shape("tensor", shape)?;
+        Self::from_f32(gpu, shape, &vec![value; shape.elements()])
+    }
+
+    /// A packed BSHD tensor of zeros (cleared on the device, no upload).
+    pub fn zeros(gpu: &Gpu, shape: TensorShape, dtype: DType) -> Result<Self> {
+        check_shape("tensor", shape)?;
+        let bytes = (shape.elements() * dtype.size_bytes()) as u64;
+        check_buffer_size(gpu, "tensor", bytes)?;
+        // wgpu zero-initialises new buffers.
+        let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgpu-flash-attn tensor"),
+            size: bytes.next_multiple_of(4),
+            usage: TENSOR_USAGE,
+            mapped_at_creation: false,
+        });
+        Ok(Self::contiguous(buffer, shape, dtype))
+    }
+
+    fn contiguous(buffer: wgpu::Buffer, shape: TensorShape, dtype: DType) -> Self {
+        Tensor {
+            buffer,
+            strides: shape.contiguous_strides(),
+            shape,
+            offset: 0,
+            dtype,
+        }
+    }
+
+    /// Another view of the same buffer: e.g. one head-interleaved QKV
+    /// projection seen as Q, K and V, or a BHSD tensor seen as BSHD.
+    pub fn view(&self, shape: TensorShape, strides: Strides, offset: usize) -> Result<Self> {
+        check_shape("view", shape)?;
+        let view = Tensor {
+            buffer: self.buffer.clone(),
+            shape,
+            strides,
+            offset,
+            dtype: self.dtype,
+        };
+        view.check_in_bounds("view")?;
+        Ok(view)
+    }
+
+    pub fn shape(&self) -> TensorShape {
+        self.shape
+    }
+    pub fn strides(&self) -> Strides {
+        self.strides
+    }
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+
+    /// Elements the buffer holds.
+    pub fn buffer_elements(&self) -> usize {
+        self.buffer.size() as usize / self.dtype.size_bytes()
+    }
+
+    /// One past the largest element index the view touches.
+    pub fn extent(&self) -> usize {
+        let s = self.shape;
+        self.offset
+            + (s.batch - 1) * self.strides.batch
+            + (s.seq - 1) * self.strides.seq
+            + (s.heads - 1) * self.strides.head
+            + s.head_dim
+    }
+
+    pub(crate) fn check_in_bounds(&self, tensor: &'static str) -> Result<()> {
+        let needed = self.extent();
+        let available = self.buffer_elements();
+        if needed > available {
+            return Err(Error::OutOfBounds {
+                tensor,
+                needed,
+                available,
+            });
+        }
+        Ok(())
+    }
+
+    /// Downloads the view as packed BSHD f32 values.
+    pub fn to_f32_vec(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        if self.dtype != DType::F32 {
+            return Err(Error::DTypeUnsupported {
+                tensor: "tensor",
+                got: self.dtype,
+                needed: DType::F32,
+            });
+        }
+        let raw: Vec<f32> = read_buffer(gpu, &self.buffer)?;
+        let s = self.shape;
+        let mut out = Vec::with_capacity(s.elements());
+        for b in 0..s.batch {
+            for i in 0..s.seq {
+                for h in 0..s.heads {
+                    let start =
+                        self.offset + b * self.strides.batch + i * self.strides.seq + h * self.strides.head;
+                    out.extend_from_slice(&raw[start..start + s.head_dim]);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+pub(crate) fn check_shape(tensor: &'static str, shape: TensorShape) -> Result<()> {
+    if shape.as_array().contains(&0) {
+        return Err(Error::ZeroDimension {
+            tensor,
+            shape: shape.as_array(),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_buffer_size(gpu: &Gpu, tensor: &'static str, bytes: u64) -> Result<()> {
+    let limit = gpu.info().limits.max_buffer_size;
+    if bytes > limit {
+        return Err(Error::BufferTooLarge {
+            tensor,
+            bytes,
+            limit_name: "max_buffer_size",
+            limit,
+        });
+    }
+    Ok(())
+}
+
+/// Copies a whole storage buffer back to the host.
+pub(crate) fn read_buffer<T: bytemuck::Pod>(gpu: &Gpu, buffer: &wgpu::Buffer) -> Result<Vec<T>> {
+    let size = buffer.size();
+    let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("wgpu-flash-attn readback"),
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = gpu
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+    gpu.queue.submit([encoder.finish()]);
+
+    let (sender, receiver) = std::sync::mpsc::channel();
+    staging
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, move |result| {
+            // The receiver outlives this callback; a send error cannot happen.
+            let _ = sender.send(result);
+        });
+    gpu.wait()?;
+    receiver
+        .recv()
+        .map_err(|e| Error::Readback(e.to_string()))?
+        .map_err(|e| Error::Readback(e.to_string()))?;
+    let view = staging
+        .slice(..)
+        .get_mapped_range()
+        .map_err(|e| Error::Readback(e.to_string()))?;
+    let values = bytemuck::cast_slice::<u8, T>(&view).to_vec();
+    drop(view);
+    staging.unmap();
+    Ok(values)
+}

@@ -1,0 +1,137 @@
+//! Shared test support: one device per test binary, seeded inputs, and the
+//! comparison against the f64 reference.
+
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::sync::OnceLock;
+
+use wgpu_flash_attn::random::SeededRng;
+use wgpu_flash_attn::{
+    AttentionArgs, AttentionConfig, AttentionShape, Gpu, Lse, Tensor, reference,
+};
+
+/// Set to 1 to skip GPU tests on a machine that has no adapter at all.
+pub const SKIP_VAR: &str = "FLASH_ATTN_SKIP_GPU_TESTS";
+
+/// The shared device, or `None` (with a message) when the user opted out.
+/// Without an adapter and without the opt-out, the test fails and says how
+/// to get one.
+pub fn gpu() -> Option<&'static Gpu> {
+    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
+    GPU.get_or_init(|| {
+        if std::env::var(SKIP_VAR).is_ok_and(|v| v == "1") {
+            eprintln!("SKIPPED: GPU test skipped because {SKIP_VAR}=1");
+            return None;
+        }
+        match Gpu::new() {
+            Ok(gpu) => {
+                eprintln!("adapter: {}", gpu.info().summary());
+                Some(gpu)
+            }
+            Err(err) => panic!(
+                "GPU tests need a wgpu adapter and none could be opened: {err}\n\
+                 On Debian/Ubuntu without a GPU: apt-get install mesa-vulkan-drivers libvulkan1 \
+                 (lavapipe), or set {SKIP_VAR}=1 to skip GPU tests explicitly."
+            ),
+        }
+    })
+    .as_ref()
+}
+
+/// Packed BSHD inputs drawn from N(0, scale^2).
+pub struct Inputs {
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl Inputs {
+    pub fn draw(shape: &AttentionShape, seed: u64, scale: f32) -> Self {
+        let mut rng = SeededRng::new(seed);
+        let nq = shape.q_shape().elements();
+        let nkv = shape.kv_shape().elements();
+        Inputs {
+            q: rng.normal_vec(nq, scale),
+            k: rng.normal_vec(nkv, scale),
+            v: rng.normal_vec(nkv, 1.0),
+        }
+    }
+}
+
+/// Largest errors of a GPU result against the reference.
+#[derive(Debug, Clone, Copy)]
+pub struct Errors {
+    pub out: f64,
+    pub lse: f64,
+}
+
+/// Runs packed inputs on the GPU with NaN-poisoned outputs (out and lse),
+/// and compares every element with the reference.
+pub fn run_and_compare(gpu: &Gpu, shape: &AttentionShape, inputs: &Inputs, config: &AttentionConfig) -> Errors {
+    let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
+    let k = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap();
+    let v = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.v).unwrap();
+    let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
+    let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q).unwrap();
+    let args = AttentionArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: Some(&lse),
+    };
+    gpu.attention_into(&args, config).unwrap();
+    let got = out.to_f32_vec(gpu).unwrap();
+    let got_lse = lse.to_vec(gpu).unwrap();
+    compare(shape, inputs, config, &got, &got_lse)
+}
+
+/// Compares GPU outputs with the reference; panics on NaN or unwritten
+/// elements and on a wrong empty-row logsumexp.
+pub fn compare(
+    shape: &AttentionShape,
+    inputs: &Inputs,
+    config: &AttentionConfig,
+    got: &[f32],
+    got_lse: &[f32],
+) -> Errors {
+    let want = reference::attention(shape, &inputs.q, &inputs.k, &inputs.v, config).unwrap();
+    assert_eq!(got.len(), want.out.len());
+    let mut out_err = 0.0f64;
+    for (index, (&g, &w)) in got.iter().zip(&want.out).enumerate() {
+        assert!(!g.is_nan(), "{shape:?} {config:?}: out[{index}] is NaN (unwritten or invalid)");
+        out_err = out_err.max((f64::from(g) - w).abs());
+    }
+    let mut lse_err = 0.0f64;
+    for (index, (&g, &w)) in got_lse.iter().zip(&want.lse).enumerate() {
+        assert!(!g.is_nan(), "{shape:?} {config:?}: lse[{index}] is NaN (unwritten or invalid)");
+        if w.is_infinite() {
+            assert!(
+                g == f32::INFINITY,
+                "{shape:?} {config:?}: lse[{index}] = {g}, expected +inf for a row that sees no key"
+            );
+        } else {
+            lse_err = lse_err.max((f64::from(g) - w).abs());
+        }
+    }
+    Errors {
+        out: out_err,
+        lse: lse_err,
+    }
+}
+
+/// f32 storage bound on |out - ref| (DESIGN.md) and on |lse - ref|.
+pub const F32_TOLERANCE: f64 = 1e-4;
+
+pub fn assert_close(errors: Errors, what: &str) {
+    assert!(
+        errors.out <= F32_TOLERANCE,
+        "{what}: max |out - ref| = {:.3e} > {F32_TOLERANCE:e}",
+        errors.out
+    );
+    assert!(
+        errors.lse <= F32_TOLERANCE,
+        "{what}: max |lse - ref| = {:.3e} > {F32_TOLERANCE:e}",
+        errors.lse
+    );
+}
