@@ -7,7 +7,8 @@ use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::params::{flags, AttentionParams, TensorStrides};
-use crate::shaders::{Kernel, Specialization};
+use crate::pipelines::bind_buffers;
+use crate::shaders::Specialization;
 use crate::tensor::{read_buffer, DType, Tensor, TensorShape};
 
 /// Query rows per workgroup (one per invocation).
@@ -67,8 +68,7 @@ impl ForwardPlan {
             }
         }
         Ok(ForwardPlan {
-            specialization: Specialization {
-                kernel: Kernel::FlashForward,
+            specialization: Specialization::FlashForward {
                 head_dim,
                 block_n,
                 workgroup_size: WORKGROUP_SIZE,
@@ -289,19 +289,7 @@ impl Gpu {
             lse_buffer,
             alibi_buffer.as_ref().unwrap_or(&self.placeholders.alibi),
         ];
-        let entries: Vec<wgpu::BindGroupEntry> = buffers
-            .iter()
-            .enumerate()
-            .map(|(binding, buffer)| wgpu::BindGroupEntry {
-                binding: binding as u32,
-                resource: buffer.as_entire_binding(),
-            })
-            .collect();
-        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("wgpu-flash-attn bindings"),
-            layout: &pipeline.bind_group_layout,
-            entries: &entries,
-        });
+        let bind_group = bind_buffers(&self.device, &pipeline.bind_group_layout, &buffers);
 
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("flash attention forward"),

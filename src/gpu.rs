@@ -181,7 +181,7 @@ impl Gpu {
             features: device.features(),
             limits: device.limits(),
         };
-        let pipelines = PipelineCache::new(&device);
+        let pipelines = PipelineCache::default();
         let placeholders = Placeholders::new(&device);
         Gpu {
             device,

@@ -15,6 +15,7 @@
 //! ```
 
 mod attention;
+pub mod ceiling;
 mod config;
 mod error;
 mod gpu;
@@ -24,6 +25,7 @@ pub mod random;
 pub mod reference;
 pub mod shaders;
 mod tensor;
+pub mod timing;
 
 pub use attention::{AttentionArgs, AttentionOutput, ForwardPlan, HostAttentionOutput, Lse};
 pub use config::{

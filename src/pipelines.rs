@@ -1,20 +1,9 @@
 //! Compute pipelines, built once per specialization and reused.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::shaders::Specialization;
-
-/// Binding layout of `shaders/flash_attention.wgsl`, in binding order.
-const FORWARD_BINDINGS: [wgpu::BufferBindingType; 7] = [
-    wgpu::BufferBindingType::Uniform,
-    wgpu::BufferBindingType::Storage { read_only: true },
-    wgpu::BufferBindingType::Storage { read_only: true },
-    wgpu::BufferBindingType::Storage { read_only: true },
-    wgpu::BufferBindingType::Storage { read_only: false },
-    wgpu::BufferBindingType::Storage { read_only: false },
-    wgpu::BufferBindingType::Storage { read_only: true },
-];
+use crate::shaders::{Kernel, Specialization};
 
 /// A compiled kernel and the bind group layout its bindings follow.
 pub(crate) struct CachedPipeline {
@@ -23,59 +12,32 @@ pub(crate) struct CachedPipeline {
 }
 
 /// Pipelines keyed by [`Specialization`]; a repeated call compiles nothing.
+#[derive(Default)]
 pub(crate) struct PipelineCache {
-    forward_layout: wgpu::BindGroupLayout,
-    forward_pipeline_layout: wgpu::PipelineLayout,
     pipelines: Mutex<HashMap<Specialization, Arc<CachedPipeline>>>,
+    layouts: Mutex<HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>>,
+}
+
+/// A panic while a lock was held leaves the maps intact; keep using them.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl PipelineCache {
-    pub fn new(device: &wgpu::Device) -> Self {
-        let entries: Vec<wgpu::BindGroupLayoutEntry> = FORWARD_BINDINGS
-            .iter()
-            .enumerate()
-            .map(|(binding, ty)| wgpu::BindGroupLayoutEntry {
-                binding: binding as u32,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::Buffer {
-                    ty: *ty,
-                    has_dynamic_offset: false,
-                    min_binding_size: None,
-                },
-                count: None,
-            })
-            .collect();
-        let forward_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some("flash_attention bindings"),
-            entries: &entries,
-        });
-        let forward_pipeline_layout =
-            device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                label: Some("flash_attention layout"),
-                bind_group_layouts: &[Some(&forward_layout)],
-                immediate_size: 0,
-            });
-        PipelineCache {
-            forward_layout,
-            forward_pipeline_layout,
-            pipelines: Mutex::new(HashMap::new()),
-        }
-    }
-
     pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Specialization, Arc<CachedPipeline>>> {
-        // A panic while holding the lock leaves the map intact; keep using it.
-        self.pipelines.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.pipelines).len()
     }
 
     /// The pipeline for `spec`, compiling it on first use.
     pub fn get(&self, device: &wgpu::Device, spec: &Specialization) -> Arc<CachedPipeline> {
-        if let Some(found) = self.lock().get(spec) {
+        if let Some(found) = lock(&self.pipelines).get(spec) {
             return found.clone();
         }
+        let kernel = spec.kernel();
+        let (bind_group_layout, pipeline_layout) = lock(&self.layouts)
+            .entry(kernel)
+            .or_insert_with(|| layouts(device, kernel))
+            .clone();
         let label = spec.label();
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(&label),
@@ -83,9 +45,9 @@ impl PipelineCache {
         });
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&label),
-            layout: Some(&self.forward_pipeline_layout),
+            layout: Some(&pipeline_layout),
             module: &module,
-            entry_point: Some(spec.kernel.entry_point()),
+            entry_point: Some(kernel.entry_point()),
             compilation_options: wgpu::PipelineCompilationOptions {
                 constants: &[],
                 // Every workgroup variable is written before it is read.
@@ -95,9 +57,58 @@ impl PipelineCache {
         });
         let cached = Arc::new(CachedPipeline {
             pipeline,
-            bind_group_layout: self.forward_layout.clone(),
+            bind_group_layout,
         });
-        self.lock().insert(*spec, cached.clone());
+        lock(&self.pipelines).insert(*spec, cached.clone());
         cached
     }
+}
+
+fn layouts(device: &wgpu::Device, kernel: Kernel) -> (wgpu::BindGroupLayout, wgpu::PipelineLayout) {
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
+        .bindings()
+        .iter()
+        .enumerate()
+        .map(|(binding, ty)| wgpu::BindGroupLayoutEntry {
+            binding: binding as u32,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: *ty,
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        })
+        .collect();
+    let bind_group_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some(kernel.file_name()),
+        entries: &entries,
+    });
+    let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some(kernel.file_name()),
+        bind_group_layouts: &[Some(&bind_group_layout)],
+        immediate_size: 0,
+    });
+    (bind_group_layout, pipeline_layout)
+}
+
+/// A bind group binding `buffers` whole, in binding order.
+pub(crate) fn bind_buffers(
+    device: &wgpu::Device,
+    layout: &wgpu::BindGroupLayout,
+    buffers: &[&wgpu::Buffer],
+) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry> = buffers
+        .iter()
+        .enumerate()
+        .map(|(binding, buffer)| wgpu::BindGroupEntry {
+            binding: binding as u32,
+            resource: buffer.as_entire_binding(),
+        })
+        .collect();
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout,
+        entries: &entries,
+    })
 }
