@@ -6,10 +6,10 @@ use wgpu::util::DeviceExt;
 use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::params::{flags, AttentionParams, TensorStrides};
+use crate::params::{AttentionParams, TensorStrides, flags};
 use crate::pipelines::bind_buffers;
 use crate::shaders::Specialization;
-use crate::tensor::{read_buffer, DType, Tensor, TensorShape};
+use crate::tensor::{DType, Tensor, TensorShape, read_buffer};
 
 /// Query rows per workgroup (one per invocation).
 const WORKGROUP_SIZE: u32 = 64;
@@ -98,11 +98,13 @@ impl Lse {
             });
         }
         crate::tensor::check_buffer_size(gpu, "lse", 4 * n as u64)?;
-        let buffer = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("wgpu-flash-attn lse"),
-            contents: bytemuck::cast_slice(&vec![f32::NAN; n]),
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-        });
+        let buffer = gpu
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("wgpu-flash-attn lse"),
+                contents: bytemuck::cast_slice(&vec![f32::NAN; n]),
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            });
         Ok(Lse {
             buffer,
             batch,
@@ -149,16 +151,57 @@ pub struct AttentionArgs<'a> {
 impl AttentionArgs<'_> {
     /// The call's shape, after checking that Q, K, V and O agree.
     pub fn shape(&self) -> Result<AttentionShape> {
-        let (q, k, v, o) = (self.q.shape(), self.k.shape(), self.v.shape(), self.out.shape());
+        let (q, k, v, o) = (
+            self.q.shape(),
+            self.k.shape(),
+            self.v.shape(),
+            self.out.shape(),
+        );
         let pairs: [(&'static str, &'static str, usize, &'static str, usize); 8] = [
-            ("K and V shapes differ", "k.batch", k.batch, "v.batch", v.batch),
+            (
+                "K and V shapes differ",
+                "k.batch",
+                k.batch,
+                "v.batch",
+                v.batch,
+            ),
             ("K and V shapes differ", "k.seq", k.seq, "v.seq", v.seq),
-            ("K and V shapes differ", "k.heads", k.heads, "v.heads", v.heads),
-            ("K and V shapes differ", "k.head_dim", k.head_dim, "v.head_dim", v.head_dim),
-            ("Q and K batch differ", "q.batch", q.batch, "k.batch", k.batch),
-            ("Q and K head dim differ", "q.head_dim", q.head_dim, "k.head_dim", k.head_dim),
+            (
+                "K and V shapes differ",
+                "k.heads",
+                k.heads,
+                "v.heads",
+                v.heads,
+            ),
+            (
+                "K and V shapes differ",
+                "k.head_dim",
+                k.head_dim,
+                "v.head_dim",
+                v.head_dim,
+            ),
+            (
+                "Q and K batch differ",
+                "q.batch",
+                q.batch,
+                "k.batch",
+                k.batch,
+            ),
+            (
+                "Q and K head dim differ",
+                "q.head_dim",
+                q.head_dim,
+                "k.head_dim",
+                k.head_dim,
+            ),
             ("O must be shaped like Q", "q.seq", q.seq, "out.seq", o.seq),
-            ("O must be shaped like Q", "q.heads", q.heads, "out.heads", o.heads),
+            (
+                "O must be shaped like Q",
+                "q.heads",
+                q.heads,
+                "out.heads",
+                o.heads,
+            ),
         ];
         for (what, left_name, left, right_name, right) in pairs {
             if left != right {
@@ -171,13 +214,24 @@ impl AttentionArgs<'_> {
                 });
             }
         }
-        for (what, left, right) in [("batch", q.batch, o.batch), ("head_dim", q.head_dim, o.head_dim)] {
+        for (what, left, right) in [
+            ("batch", q.batch, o.batch),
+            ("head_dim", q.head_dim, o.head_dim),
+        ] {
             if left != right {
                 return Err(Error::ShapeMismatch {
                     what: "O must be shaped like Q",
-                    left_name: if what == "batch" { "q.batch" } else { "q.head_dim" },
+                    left_name: if what == "batch" {
+                        "q.batch"
+                    } else {
+                        "q.head_dim"
+                    },
                     left,
-                    right_name: if what == "batch" { "out.batch" } else { "out.head_dim" },
+                    right_name: if what == "batch" {
+                        "out.batch"
+                    } else {
+                        "out.head_dim"
+                    },
                     right,
                 });
             }
@@ -338,7 +392,12 @@ impl Gpu {
         shape: &AttentionShape,
         config: &AttentionConfig,
     ) -> Result<AttentionParams> {
-        let named = [("q", args.q), ("k", args.k), ("v", args.v), ("out", args.out)];
+        let named = [
+            ("q", args.q),
+            ("k", args.k),
+            ("v", args.v),
+            ("out", args.out),
+        ];
         for (name, tensor) in named {
             check_operand(self, name, tensor)?;
         }
@@ -385,7 +444,11 @@ impl Gpu {
             heads_q: shape.heads_q as u32,
             heads_kv: shape.heads_kv as u32,
             flags: bits,
-            score_scale: if natural_units { scale } else { scale * std::f32::consts::LOG2_E },
+            score_scale: if natural_units {
+                scale
+            } else {
+                scale * std::f32::consts::LOG2_E
+            },
             softcap: config.softcap.unwrap_or(1.0),
             window_left: left.unwrap_or(0).min(span) as u32,
             window_right: right.unwrap_or(0).min(span) as u32,
@@ -418,7 +481,7 @@ fn check_operand(gpu: &Gpu, name: &'static str, tensor: &Tensor) -> Result<()> {
         ("head stride", s.head),
         ("offset", tensor.offset()),
     ] {
-        if value % VEC_WIDTH != 0 {
+        if !value.is_multiple_of(VEC_WIDTH) {
             return Err(Error::Misaligned {
                 tensor: name,
                 what,

@@ -27,7 +27,9 @@ pub fn measure_fma(gpu: &Gpu, workgroups: u32, plan: TimingPlan) -> Result<Ceili
         iterations: ITERATIONS,
         workgroup_size: WORKGROUP_SIZE,
     };
-    let pipeline = gpu.validated("fma ceiling pipeline", || gpu.pipelines.get(gpu.device(), &spec))?;
+    let pipeline = gpu.validated("fma ceiling pipeline", || {
+        gpu.pipelines.get(gpu.device(), &spec)
+    })?;
     let sink = gpu.device().create_buffer(&wgpu::BufferDescriptor {
         label: Some("fma ceiling sink"),
         size: 16 * 1024,
@@ -44,7 +46,11 @@ pub fn measure_fma(gpu: &Gpu, workgroups: u32, plan: TimingPlan) -> Result<Ceili
         pass.dispatch_workgroups(x, y, 1);
         Ok(())
     })?;
-    let flops = f64::from(x) * f64::from(y) * f64::from(WORKGROUP_SIZE) * f64::from(ITERATIONS) * FLOPS_PER_TRIP;
+    let flops = f64::from(x)
+        * f64::from(y)
+        * f64::from(WORKGROUP_SIZE)
+        * f64::from(ITERATIONS)
+        * FLOPS_PER_TRIP;
     Ok(Ceiling {
         gflops: flops / (timing.median_ms * 1e6),
         timing,

@@ -67,10 +67,15 @@ impl AttentionShape {
         if dims.iter().any(|(_, n)| *n == 0) {
             return Err(Error::ZeroDimension {
                 tensor: "attention shape",
-                shape: [self.batch, self.seq_q.min(self.seq_kv), self.heads_q.min(self.heads_kv), self.head_dim],
+                shape: [
+                    self.batch,
+                    self.seq_q.min(self.seq_kv),
+                    self.heads_q.min(self.heads_kv),
+                    self.head_dim,
+                ],
             });
         }
-        if self.heads_q % self.heads_kv != 0 {
+        if !self.heads_q.is_multiple_of(self.heads_kv) {
             return Err(Error::HeadsNotDivisible {
                 heads_q: self.heads_q,
                 heads_kv: self.heads_kv,
@@ -90,7 +95,7 @@ impl AttentionShape {
 pub const SUPPORTED_HEAD_DIMS: &str = "multiples of 8 from 8 to 256";
 
 pub fn is_supported_head_dim(head_dim: usize) -> bool {
-    head_dim % 8 == 0 && (8..=256).contains(&head_dim)
+    head_dim.is_multiple_of(8) && (8..=256).contains(&head_dim)
 }
 
 /// ALiBi slopes: the bias added to score `(i, j)` is `-slope * |pos_i - j|`,
@@ -146,7 +151,12 @@ impl Alibi {
                 got: self.slopes().len(),
             });
         }
-        if let Some((index, &value)) = self.slopes().iter().enumerate().find(|(_, s)| !s.is_finite()) {
+        if let Some((index, &value)) = self
+            .slopes()
+            .iter()
+            .enumerate()
+            .find(|(_, s)| !s.is_finite())
+        {
             return Err(Error::AlibiSlopeNotFinite { index, value });
         }
         Ok(())
@@ -236,7 +246,9 @@ impl AttentionConfig {
         let pos = row as i64 + seq_kv as i64 - seq_q as i64;
         let (left, right) = self.effective_window();
         let lo = left.map_or(0, |l| (pos - l as i64).max(0));
-        let hi = right.map_or(seq_kv as i64, |r| (pos + r as i64 + 1).clamp(0, seq_kv as i64));
+        let hi = right.map_or(seq_kv as i64, |r| {
+            (pos + r as i64 + 1).clamp(0, seq_kv as i64)
+        });
         let lo = lo.min(seq_kv as i64);
         lo as usize..(hi.max(lo)) as usize
     }

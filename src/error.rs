@@ -69,7 +69,9 @@ pub enum Error {
         available: usize,
     },
 
-    #[error("{tensor}: buffer of {bytes} bytes exceeds the adapter's {limit_name} of {limit} bytes")]
+    #[error(
+        "{tensor}: buffer of {bytes} bytes exceeds the adapter's {limit_name} of {limit} bytes"
+    )]
     BufferTooLarge {
         tensor: &'static str,
         bytes: u64,
@@ -119,7 +121,9 @@ pub enum Error {
     #[error("ALiBi slope {index} is not finite: {value}")]
     AlibiSlopeNotFinite { index: usize, value: f32 },
 
-    #[error("the output {tensor} shares a buffer with input {input}: outputs must not alias inputs")]
+    #[error(
+        "the output {tensor} shares a buffer with input {input}: outputs must not alias inputs"
+    )]
     OutputAliasesInput {
         tensor: &'static str,
         input: &'static str,
@@ -129,7 +133,10 @@ pub enum Error {
     MissingLseOutput,
 
     #[error("lse output is [{got:?}], the call needs [batch, heads_q, seq_q] = {expected:?}")]
-    LseShape { expected: [usize; 3], got: [usize; 3] },
+    LseShape {
+        expected: [usize; 3],
+        got: [usize; 3],
+    },
 
     #[error("GPU validation error in {context}: {message}")]
     GpuValidation {

@@ -175,7 +175,11 @@ impl Gpu {
     /// Wraps a device the caller already owns, so the crate shares it rather
     /// than opening a second one. Kernels adapt to the device's enabled
     /// features and limits.
-    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, adapter: wgpu::AdapterInfo) -> Self {
+    pub fn from_device(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        adapter: wgpu::AdapterInfo,
+    ) -> Self {
         let info = GpuInfo {
             adapter,
             features: device.features(),
@@ -217,7 +221,11 @@ impl Gpu {
 
     /// Runs `record` under a validation error scope and reports the first
     /// validation error as [`Error::GpuValidation`].
-    pub(crate) fn validated<T>(&self, context: &'static str, record: impl FnOnce() -> T) -> Result<T> {
+    pub(crate) fn validated<T>(
+        &self,
+        context: &'static str,
+        record: impl FnOnce() -> T,
+    ) -> Result<T> {
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let value = record();
         match pollster::block_on(scope.pop()) {

@@ -20,7 +20,9 @@ pub(crate) struct PipelineCache {
 
 /// A panic while a lock was held leaves the maps intact; keep using them.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl PipelineCache {

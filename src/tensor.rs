@@ -212,8 +212,10 @@ impl Tensor {
         for b in 0..s.batch {
             for i in 0..s.seq {
                 for h in 0..s.heads {
-                    let start =
-                        self.offset + b * self.strides.batch + i * self.strides.seq + h * self.strides.head;
+                    let start = self.offset
+                        + b * self.strides.batch
+                        + i * self.strides.seq
+                        + h * self.strides.head;
                     out.extend_from_slice(&raw[start..start + s.head_dim]);
                 }
             }

@@ -54,7 +54,9 @@ pub fn time_gpu(
     let mut run_once = || -> Result<f64> {
         let mut encoder = gpu
             .device()
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("timed") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("timed"),
+            });
         record(&mut encoder)?;
         let start = Instant::now();
         gpu.queue().submit([encoder.finish()]);

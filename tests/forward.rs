@@ -1,20 +1,140 @@
-//! GPU forward pass against the f64 reference on seeded random inputs.
+//! GPU forward pass against the f64 reference on seeded random inputs:
+//! ragged lengths, every head dim of the foundation, causal and not,
+//! seq_q != seq_kv both ways, and large-magnitude scores.
 
 mod common;
 
 use common::{Inputs, assert_close, gpu, run_and_compare};
+use wgpu_flash_attn::random::SeededRng;
 use wgpu_flash_attn::{AttentionConfig, AttentionShape};
 
 const RAGGED: [usize; 9] = [1, 7, 63, 64, 65, 127, 128, 129, 500];
 
+/// Every (seq_q, seq_kv) pair of the ragged lengths, causal and not, with
+/// batch 1-3 and 1-8 heads drawn from a seeded generator.
 #[test]
-fn smoke() {
+fn ragged_lengths_all_pairs() {
     let Some(gpu) = gpu() else { return };
-    let shape = AttentionShape::self_attention(1, 65, 2, 64);
-    let inputs = Inputs::draw(&shape, 1, 1.0);
+    let mut rng = SeededRng::new(0x5eed_0001);
+    let mut worst = 0.0f64;
+    for &seq_q in &RAGGED {
+        for &seq_kv in &RAGGED {
+            let batch = 1 + rng.below(3) as usize;
+            let heads = 1 + rng.below(8) as usize;
+            // Keep the biggest cases small in batch*heads so the run stays quick.
+            let (batch, heads) = if seq_q * seq_kv > 20_000 {
+                (1, heads.min(2))
+            } else {
+                (batch, heads)
+            };
+            let shape = AttentionShape {
+                batch,
+                seq_q,
+                seq_kv,
+                heads_q: heads,
+                heads_kv: heads,
+                head_dim: 64,
+            };
+            let seed = rng.next_u64();
+            let inputs = Inputs::draw(&shape, seed, 1.0);
+            for causal in [false, true] {
+                let config = AttentionConfig::new().causal(causal);
+                let errors = run_and_compare(gpu, &shape, &inputs, &config);
+                assert_close(errors, &format!("{shape:?} causal={causal} seed={seed}"));
+                worst = worst.max(errors.out);
+            }
+        }
+    }
+    eprintln!("ragged pairs: worst max|out - ref| = {worst:.2e}");
+}
+
+/// Head dims 32, 64, 96 and 128 on ragged, unequal lengths.
+#[test]
+fn head_dims() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SeededRng::new(0x5eed_0002);
+    for head_dim in [32, 64, 96, 128] {
+        for (seq_q, seq_kv) in [(1, 129), (65, 65), (129, 63), (500, 127), (63, 500)] {
+            let shape = AttentionShape {
+                batch: 1 + rng.below(2) as usize,
+                seq_q,
+                seq_kv,
+                heads_q: 1 + rng.below(3) as usize,
+                heads_kv: 0,
+                head_dim,
+            };
+            let shape = AttentionShape {
+                heads_kv: shape.heads_q,
+                ..shape
+            };
+            let seed = rng.next_u64();
+            let inputs = Inputs::draw(&shape, seed, 1.0);
+            for causal in [false, true] {
+                let config = AttentionConfig::new().causal(causal);
+                let errors = run_and_compare(gpu, &shape, &inputs, &config);
+                assert_close(errors, &format!("{shape:?} causal={causal} seed={seed}"));
+            }
+        }
+    }
+}
+
+/// Inputs scaled so raw scores reach magnitude ~100: the online softmax must
+/// stay finite and exact.
+#[test]
+fn large_scores_stay_finite_and_exact() {
+    let Some(gpu) = gpu() else { return };
+    let shape = AttentionShape::self_attention(2, 129, 3, 64);
+    // q.k / sqrt(d) has standard deviation scale^2 = 36: extremes pass 100.
+    let inputs = Inputs::draw(&shape, 0x5eed_0003, 6.0);
+    let max_score = max_abs_score(&shape, &inputs);
+    assert!(
+        max_score > 100.0,
+        "inputs too tame: max |score| = {max_score}"
+    );
     for causal in [false, true] {
         let config = AttentionConfig::new().causal(causal);
         let errors = run_and_compare(gpu, &shape, &inputs, &config);
-        assert_close(errors, &format!("causal={causal}"));
+        assert_close(
+            errors,
+            &format!("large scores causal={causal} max|score|={max_score:.0}"),
+        );
     }
+}
+
+fn max_abs_score(shape: &AttentionShape, inputs: &Inputs) -> f32 {
+    let d = shape.head_dim;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut max = 0.0f32;
+    for q_row in inputs.q.chunks(d) {
+        for k_row in inputs.k.chunks(d) {
+            let dot: f32 = q_row.iter().zip(k_row).map(|(a, b)| a * b).sum();
+            max = max.max((dot * scale).abs());
+        }
+    }
+    max
+}
+
+/// A causal call with seq_q > seq_kv has rows that see no key: zeros and
+/// logsumexp +inf (checked inside `compare`), never NaN.
+#[test]
+fn causal_rows_without_keys_are_zero() {
+    let Some(gpu) = gpu() else { return };
+    let shape = AttentionShape {
+        batch: 1,
+        seq_q: 100,
+        seq_kv: 30,
+        heads_q: 2,
+        heads_kv: 2,
+        head_dim: 32,
+    };
+    let inputs = Inputs::draw(&shape, 0x5eed_0004, 1.0);
+    let config = AttentionConfig::new().causal(true);
+    let reference =
+        wgpu_flash_attn::reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config)
+            .unwrap();
+    // Rows 0..70 sit before key 0 under bottom-right alignment.
+    assert!(reference.lse[..70].iter().all(|l| l.is_infinite()));
+    assert!(reference.lse[70..100].iter().all(|l| l.is_finite()));
+    let errors = run_and_compare(gpu, &shape, &inputs, &config);
+    assert_close(errors, "causal seq_q > seq_kv");
 }

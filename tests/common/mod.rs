@@ -67,7 +67,12 @@ pub struct Errors {
 
 /// Runs packed inputs on the GPU with NaN-poisoned outputs (out and lse),
 /// and compares every element with the reference.
-pub fn run_and_compare(gpu: &Gpu, shape: &AttentionShape, inputs: &Inputs, config: &AttentionConfig) -> Errors {
+pub fn run_and_compare(
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    inputs: &Inputs,
+    config: &AttentionConfig,
+) -> Errors {
     let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
     let k = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap();
     let v = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.v).unwrap();
@@ -99,12 +104,18 @@ pub fn compare(
     assert_eq!(got.len(), want.out.len());
     let mut out_err = 0.0f64;
     for (index, (&g, &w)) in got.iter().zip(&want.out).enumerate() {
-        assert!(!g.is_nan(), "{shape:?} {config:?}: out[{index}] is NaN (unwritten or invalid)");
+        assert!(
+            !g.is_nan(),
+            "{shape:?} {config:?}: out[{index}] is NaN (unwritten or invalid)"
+        );
         out_err = out_err.max((f64::from(g) - w).abs());
     }
     let mut lse_err = 0.0f64;
     for (index, (&g, &w)) in got_lse.iter().zip(&want.lse).enumerate() {
-        assert!(!g.is_nan(), "{shape:?} {config:?}: lse[{index}] is NaN (unwritten or invalid)");
+        assert!(
+            !g.is_nan(),
+            "{shape:?} {config:?}: lse[{index}] is NaN (unwritten or invalid)"
+        );
         if w.is_infinite() {
             assert!(
                 g == f32::INFINITY,

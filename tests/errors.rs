@@ -1,0 +1,334 @@
+//! Bad input gives a typed error with the numbers in it, never a panic or a
+//! GPU fault; the device keeps working afterwards.
+
+mod common;
+
+use common::{Inputs, assert_close, gpu, run_and_compare};
+use wgpu_flash_attn::{
+    Alibi, AttentionArgs, AttentionConfig, AttentionShape, Error, Gpu, Strides, Tensor, TensorShape,
+};
+
+fn tensor(gpu: &Gpu, shape: TensorShape) -> Tensor {
+    Tensor::from_f32(gpu, shape, &vec![0.5; shape.elements()]).unwrap()
+}
+
+fn run(
+    gpu: &Gpu,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    config: &AttentionConfig,
+) -> Result<(), Error> {
+    let out = Tensor::zeros(gpu, q.shape(), wgpu_flash_attn::DType::F32).unwrap();
+    let lse = None;
+    gpu.attention_into(
+        &AttentionArgs {
+            q,
+            k,
+            v,
+            out: &out,
+            lse,
+        },
+        config,
+    )
+}
+
+/// The device still computes correct results after an error.
+fn still_works(gpu: &Gpu) {
+    let shape = AttentionShape::self_attention(1, 9, 1, 32);
+    let inputs = Inputs::draw(&shape, 99, 1.0);
+    assert_close(
+        run_and_compare(gpu, &shape, &inputs, &AttentionConfig::new()),
+        "after an error",
+    );
+}
+
+#[test]
+fn host_slices_that_do_not_match_the_shape() {
+    let Some(gpu) = gpu() else { return };
+    let shape = AttentionShape::self_attention(2, 10, 2, 32);
+    let n = shape.q_shape().elements();
+    let err = gpu
+        .attention_host(
+            &shape,
+            &vec![0.0; n],
+            &vec![0.0; n - 1],
+            &vec![0.0; n],
+            &AttentionConfig::new(),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::DataLength {
+                tensor: "k",
+                expected: 1280,
+                got: 1279
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("1280") && err.to_string().contains("1279"));
+    let err = wgpu_flash_attn::reference::attention(
+        &shape,
+        &vec![0.0; n + 3],
+        &vec![0.0; n],
+        &vec![0.0; n],
+        &AttentionConfig::new(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::DataLength {
+                tensor: "q",
+                expected: 1280,
+                got: 1283
+            }
+        ),
+        "{err}"
+    );
+    still_works(gpu);
+}
+
+#[test]
+fn zero_dimensions() {
+    let Some(gpu) = gpu() else { return };
+    let err = Tensor::from_f32(gpu, TensorShape::new(1, 0, 2, 32), &[]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::ZeroDimension {
+                shape: [1, 0, 2, 32],
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let shape = AttentionShape::self_attention(1, 0, 2, 32);
+    let err = gpu
+        .attention_host(&shape, &[], &[], &[], &AttentionConfig::new())
+        .unwrap_err();
+    assert!(matches!(err, Error::ZeroDimension { .. }), "{err}");
+    still_works(gpu);
+}
+
+#[test]
+fn unsupported_head_dims() {
+    let Some(gpu) = gpu() else { return };
+    for head_dim in [4, 12, 100, 264, 512] {
+        let t = tensor(gpu, TensorShape::new(1, 5, 1, head_dim));
+        let err = run(gpu, &t, &t.clone(), &t.clone(), &AttentionConfig::new()).unwrap_err();
+        assert!(
+            matches!(err, Error::HeadDimUnsupported { got, .. } if got == head_dim),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&head_dim.to_string()));
+    }
+    still_works(gpu);
+}
+
+#[test]
+fn k_and_v_shapes_that_differ() {
+    let Some(gpu) = gpu() else { return };
+    let q = tensor(gpu, TensorShape::new(1, 5, 2, 32));
+    let k = tensor(gpu, TensorShape::new(1, 7, 2, 32));
+    let v = tensor(gpu, TensorShape::new(1, 8, 2, 32));
+    let err = run(gpu, &q, &k, &v, &AttentionConfig::new()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::ShapeMismatch {
+                left: 7,
+                right: 8,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let v = tensor(gpu, TensorShape::new(1, 7, 2, 64));
+    let err = run(gpu, &q, &k, &v, &AttentionConfig::new()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::ShapeMismatch {
+                left: 32,
+                right: 64,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let k = tensor(gpu, TensorShape::new(2, 7, 2, 32));
+    let v = k.clone();
+    let err = run(gpu, &q, &k, &v, &AttentionConfig::new()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::ShapeMismatch {
+                left: 1,
+                right: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    still_works(gpu);
+}
+
+#[test]
+fn heads_q_not_a_multiple_of_heads_kv() {
+    let Some(gpu) = gpu() else { return };
+    let q = tensor(gpu, TensorShape::new(1, 5, 6, 32));
+    let kv = tensor(gpu, TensorShape::new(1, 5, 4, 32));
+    let err = run(gpu, &q, &kv, &kv.clone(), &AttentionConfig::new()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::HeadsNotDivisible {
+                heads_q: 6,
+                heads_kv: 4
+            }
+        ),
+        "{err}"
+    );
+    still_works(gpu);
+}
+
+#[test]
+fn views_out_of_bounds_or_misaligned() {
+    let Some(gpu) = gpu() else { return };
+    let base = tensor(gpu, TensorShape::new(1, 8, 2, 32));
+    let contiguous = base.shape().contiguous_strides();
+    let err = base
+        .view(TensorShape::new(1, 9, 2, 32), contiguous, 0)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::OutOfBounds {
+                needed: 576,
+                available: 512,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = base.view(base.shape(), contiguous, 4).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::OutOfBounds {
+                needed: 516,
+                available: 512,
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    let odd = base
+        .view(
+            TensorShape::new(1, 4, 2, 32),
+            Strides {
+                batch: 512,
+                seq: 66,
+                head: 32,
+            },
+            0,
+        )
+        .unwrap();
+    let err = run(
+        gpu,
+        &odd,
+        &odd.clone(),
+        &odd.clone(),
+        &AttentionConfig::new(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Misaligned {
+                what: "seq stride",
+                value: 66,
+                multiple: 4,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    still_works(gpu);
+}
+
+#[test]
+fn output_aliasing_an_input() {
+    let Some(gpu) = gpu() else { return };
+    let q = tensor(gpu, TensorShape::new(1, 5, 2, 32));
+    let args = AttentionArgs {
+        q: &q,
+        k: &q,
+        v: &q,
+        out: &q,
+        lse: None,
+    };
+    let err = gpu
+        .attention_into(&args, &AttentionConfig::new())
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::OutputAliasesInput {
+                tensor: "out",
+                input: "q"
+            }
+        ),
+        "{err}"
+    );
+    still_works(gpu);
+}
+
+#[test]
+fn invalid_options() {
+    let Some(gpu) = gpu() else { return };
+    let q = tensor(gpu, TensorShape::new(1, 5, 2, 32));
+    type Expect = fn(&Error) -> bool;
+    let cases: Vec<(AttentionConfig, Expect)> = vec![
+        (
+            AttentionConfig::new().scale(f32::NAN),
+            |e| matches!(e, Error::InvalidScale(s) if s.is_nan()),
+        ),
+        (AttentionConfig::new().scale(f32::INFINITY), |e| {
+            matches!(e, Error::InvalidScale(_))
+        }),
+        (
+            AttentionConfig::new().softcap(0.0),
+            |e| matches!(e, Error::InvalidSoftcap(c) if *c == 0.0),
+        ),
+        (
+            AttentionConfig::new().softcap(-3.0),
+            |e| matches!(e, Error::InvalidSoftcap(c) if *c == -3.0),
+        ),
+        (AttentionConfig::new().window(Some(-2), Some(-1)), |e| {
+            matches!(
+                e,
+                Error::InvalidWindow {
+                    left: Some(-2),
+                    right: Some(-1)
+                }
+            )
+        }),
+        (
+            AttentionConfig::new().alibi(Alibi::PerHead(vec![0.5; 3])),
+            |e| matches!(e, Error::AlibiSlopes { got: 3, .. }),
+        ),
+        (AttentionConfig::new().return_lse(true), |e| {
+            matches!(e, Error::MissingLseOutput)
+        }),
+    ];
+    for (config, expected) in cases {
+        let err = run(gpu, &q, &q.clone(), &q.clone(), &config).unwrap_err();
+        assert!(expected(&err), "{config:?} gave {err}");
+    }
+    still_works(gpu);
+}

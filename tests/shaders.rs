@@ -1,0 +1,137 @@
+//! Every shader, in every specialization the crate ships, parses and
+//! validates with naga and translates to SPIR-V, MSL, HLSL and GLSL, on any
+//! machine, adapter or not. Errors are printed with source spans.
+
+use naga::back::{glsl, hlsl, msl, spv};
+use naga::valid::{Capabilities, ValidationFlags, Validator};
+use wgpu_flash_attn::is_supported_head_dim;
+use wgpu_flash_attn::params::{AttentionParams, TensorStrides};
+use wgpu_flash_attn::shaders::{Kernel, Specialization};
+
+/// Workgroup memory of the smallest adapters WebGPU allows (16 KiB) up to
+/// lavapipe's 32 KiB: every tile size the planner can pick on them.
+const BLOCK_N_CHOICES: [u32; 5] = [64, 32, 16, 8, 4];
+const MAX_WORKGROUP_BYTES: u64 = 32 * 1024;
+
+fn shipped_specializations() -> Vec<Specialization> {
+    let mut specs = vec![Specialization::FmaCeiling {
+        iterations: 1024,
+        workgroup_size: 64,
+    }];
+    for head_dim in (8..=256u32).filter(|&d| is_supported_head_dim(d as usize)) {
+        for block_n in BLOCK_N_CHOICES {
+            let spec = Specialization::FlashForward {
+                head_dim,
+                block_n,
+                workgroup_size: 64,
+            };
+            if spec.workgroup_bytes() <= MAX_WORKGROUP_BYTES {
+                specs.push(spec);
+            }
+        }
+    }
+    specs
+}
+
+fn parse_and_validate(spec: &Specialization) -> (naga::Module, naga::valid::ModuleInfo) {
+    let source = spec.source();
+    let module = naga::front::wgsl::parse_str(&source).unwrap_or_else(|e| {
+        panic!(
+            "{}: WGSL parse error\n{}",
+            spec.label(),
+            e.emit_to_string(&source)
+        )
+    });
+    let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
+        .validate(&module)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: validation error\n{}",
+                spec.label(),
+                e.emit_to_string(&source)
+            )
+        });
+    (module, info)
+}
+
+#[test]
+fn every_kernel_family_is_covered() {
+    let specs = shipped_specializations();
+    for kernel in Kernel::ALL {
+        assert!(
+            specs.iter().any(|s| s.kernel() == kernel),
+            "{} has no specialization under test",
+            kernel.file_name()
+        );
+    }
+}
+
+#[test]
+fn shaders_validate_and_translate_to_every_backend() {
+    for spec in shipped_specializations() {
+        let (module, info) = parse_and_validate(&spec);
+        let label = spec.label();
+        let entry = spec.kernel().entry_point().to_string();
+
+        spv::write_vec(&module, &info, &spv::Options::default(), None)
+            .unwrap_or_else(|e| panic!("{label}: SPIR-V: {e}"));
+
+        let msl_pipeline = msl::PipelineOptions {
+            entry_point: Some((naga::ShaderStage::Compute, entry.clone())),
+            ..Default::default()
+        };
+        msl::write_string(&module, &info, &msl::Options::default(), &msl_pipeline)
+            .unwrap_or_else(|e| panic!("{label}: MSL: {e}"));
+
+        let hlsl_options = hlsl::Options::default();
+        let hlsl_pipeline = hlsl::PipelineOptions {
+            entry_point: Some((naga::ShaderStage::Compute, entry.clone())),
+        };
+        let mut hlsl_out = String::new();
+        hlsl::Writer::new(&mut hlsl_out, &hlsl_options, &hlsl_pipeline)
+            .write(&module, &info, None)
+            .unwrap_or_else(|e| panic!("{label}: HLSL: {e}"));
+
+        let glsl_options = glsl::Options::default();
+        let glsl_pipeline = glsl::PipelineOptions {
+            shader_stage: naga::ShaderStage::Compute,
+            entry_point: entry.clone(),
+            multiview: None,
+        };
+        let mut glsl_out = String::new();
+        glsl::Writer::new(
+            &mut glsl_out,
+            &module,
+            &info,
+            &glsl_options,
+            &glsl_pipeline,
+            naga::proc::BoundsCheckPolicies::default(),
+        )
+        .and_then(|mut w| w.write())
+        .unwrap_or_else(|e| panic!("{label}: GLSL: {e}"));
+    }
+}
+
+/// The Rust twins of WGSL structs have the sizes naga computes for them.
+#[test]
+fn param_structs_match_their_wgsl_twins() {
+    let spec = Specialization::FlashForward {
+        head_dim: 64,
+        block_n: 32,
+        workgroup_size: 64,
+    };
+    let (module, _) = parse_and_validate(&spec);
+    let size_of = |name: &str| {
+        let (_, ty) = module
+            .types
+            .iter()
+            .find(|(_, ty)| ty.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("struct {name} not found in the shader"));
+        ty.inner.size(module.to_ctx()) as usize
+    };
+    assert_eq!(size_of("Params"), std::mem::size_of::<AttentionParams>());
+    assert_eq!(
+        size_of("TensorStrides"),
+        std::mem::size_of::<TensorStrides>()
+    );
+}
