@@ -1,16 +1,21 @@
 // FlashAttention-2 forward pass, f32 storage, f32 accumulation.
 //
-// One workgroup owns BLOCK_M consecutive query rows of one (batch, query head);
-// each invocation owns one row. The workgroup walks the visible key range in
-// tiles of BLOCK_N keys staged in workgroup memory. Per invocation the running
-// max `m`, running sum `l` and output accumulator `acc` live in registers;
-// scores are handled four keys at a time (one vec4) so that every K/V element
-// read from workgroup memory feeds several FMAs.
+// One workgroup owns BLOCK_M = WG_SIZE * ROWS query rows of one (batch, query
+// head); invocation `lid` owns rows `row0 + lid + r * WG_SIZE`, r < ROWS. The
+// workgroup walks the visible key range in tiles of BLOCK_N keys staged in
+// workgroup memory. Per row, the running max `m`, running sum `l` and output
+// accumulator `acc` stay in registers; scores are formed four keys at a time
+// (one vec4), so every K/V element read from workgroup memory feeds
+// 4 * ROWS FMAs. Several rows per invocation is what makes software
+// adapters fast (each broadcast load is amortised); GPUs use ROWS = 1.
 //
 // Generated constants (prepended by src/shaders.rs, see `Specialization`):
-//   HEAD_DIM  head dimension, a multiple of 8
+//   D4        head dimension / 4 (head dims are multiples of 8)
 //   BLOCK_N   keys per K/V tile, a multiple of 4
-//   WG_SIZE   invocations per workgroup (= BLOCK_M, one query row each)
+//   WG_SIZE   invocations per workgroup
+//   ROWS      query rows per invocation
+// Loops bounded by D4 or ROWS may be unrolled by src/shaders.rs, which
+// expands `for (var x = 0u; x < BOUND; x++) {` into copies with `let x`.
 
 // Twin of `TensorStrides` in src/params.rs. Units are vec4 (4 elements);
 // the head_dim stride is always 1 element.
@@ -52,8 +57,7 @@ const FLAG_SOFTCAP: u32 = 4u;
 const FLAG_ALIBI: u32 = 8u;
 const FLAG_WRITE_LSE: u32 = 16u;
 
-const D4: u32 = HEAD_DIM / 4u;
-const BLOCK_M: u32 = WG_SIZE;
+const BLOCK_M: u32 = WG_SIZE * ROWS;
 const LOG2_E: f32 = 1.4426950408889634;
 const LN_2: f32 = 0.6931471805599453;
 // Finite sentinel for the running max: `NEG_BIG - NEG_BIG` is 0, never NaN.
@@ -101,53 +105,56 @@ fn main(
     let head_q = wg.y;
     let row0 = wg.x * BLOCK_M;
     let head_kv = head_q / (p.heads_q / p.heads_kv);
-    let row = row0 + lid;
-    let row_ok = row < p.seq_q;
-
     // Query row i sits at key position i + seq_kv - seq_q.
     let diag = i32(p.seq_kv) - i32(p.seq_q);
-    let row_pos = i32(row) + diag;
     let last_row = min(row0 + BLOCK_M, p.seq_q) - 1u;
 
-    // Visible key range of this invocation's row and of the whole workgroup.
-    var row_lo = 0;
-    var row_hi = i32(p.seq_kv) - 1;
+    // Keys some row of the workgroup sees (the tiles to visit), and keys
+    // every row sees (tiles inside that range need no mask).
     var wg_lo = 0;
     var wg_hi = i32(p.seq_kv) - 1;
-    if (has_flag(FLAG_WINDOW_LEFT)) {
-        let left = i32(p.window_left);
-        row_lo = max(row_lo, row_pos - left);
-        wg_lo = max(wg_lo, i32(row0) + diag - left);
-    }
-    if (has_flag(FLAG_WINDOW_RIGHT)) {
-        let right = i32(p.window_right);
-        row_hi = min(row_hi, row_pos + right);
-        wg_hi = min(wg_hi, i32(last_row) + diag + right);
-    }
-    // Keys every row of the workgroup sees: tiles inside it need no mask.
     var all_lo = 0;
     var all_hi = i32(p.seq_kv) - 1;
     if (has_flag(FLAG_WINDOW_LEFT)) {
+        wg_lo = max(wg_lo, i32(row0) + diag - i32(p.window_left));
         all_lo = max(all_lo, i32(last_row) + diag - i32(p.window_left));
     }
     if (has_flag(FLAG_WINDOW_RIGHT)) {
+        wg_hi = min(wg_hi, i32(last_row) + diag + i32(p.window_right));
         all_hi = min(all_hi, i32(row0) + diag + i32(p.window_right));
     }
-
     var alibi_slope = 0.0;
     if (has_flag(FLAG_ALIBI)) {
         alibi_slope = alibi_slopes[batch * p.alibi_batch_stride + head_q];
     }
 
-    let q_base = batch * p.q.batch + min(row, p.seq_q - 1u) * p.q.seq + head_q * p.q.head + p.q.offset;
-    var q: array<vec4<f32>, D4>;
-    var acc: array<vec4<f32>, D4>;
-    for (var d = 0u; d < D4; d++) {
-        q[d] = q_buf[q_base + d];
-        acc[d] = vec4<f32>(0.0);
+    var q: array<vec4<f32>, ROWS * D4>;
+    var acc: array<vec4<f32>, ROWS * D4>;
+    var m: array<f32, ROWS>;
+    var l: array<f32, ROWS>;
+    var row_pos: array<i32, ROWS>;
+    var row_lo: array<i32, ROWS>;
+    var row_hi: array<i32, ROWS>;
+    for (var r = 0u; r < ROWS; r++) {
+        let row = row0 + lid + r * WG_SIZE;
+        row_pos[r] = i32(row) + diag;
+        row_lo[r] = 0;
+        row_hi[r] = i32(p.seq_kv) - 1;
+        if (has_flag(FLAG_WINDOW_LEFT)) {
+            row_lo[r] = max(0, row_pos[r] - i32(p.window_left));
+        }
+        if (has_flag(FLAG_WINDOW_RIGHT)) {
+            row_hi[r] = min(row_hi[r], row_pos[r] + i32(p.window_right));
+        }
+        m[r] = NEG_BIG;
+        l[r] = 0.0;
+        // Rows past the end compute on a copy of the last row; never stored.
+        let q_base = batch * p.q.batch + min(row, p.seq_q - 1u) * p.q.seq + head_q * p.q.head + p.q.offset;
+        for (var d = 0u; d < D4; d++) {
+            q[r * D4 + d] = q_buf[q_base + d];
+            acc[r * D4 + d] = vec4<f32>(0.0);
+        }
     }
-    var m = NEG_BIG;
-    var l = 0.0;
 
     let k_base = batch * p.k.batch + head_kv * p.k.head + p.k.offset;
     let v_base = batch * p.v.batch + head_kv * p.v.head + p.v.offset;
@@ -173,56 +180,70 @@ fn main(
         let unmasked = n_keys == BLOCK_N && kv0 >= all_lo && kv0 + i32(BLOCK_N) - 1 <= all_hi;
         for (var c = 0u; c < BLOCK_N; c += 4u) {
             let t = c * D4;
-            var dots = vec4<f32>(0.0);
-            for (var d = 0u; d < D4; d++) {
-                let qd = q[d];
-                dots += vec4<f32>(
-                    dot(qd, k_tile[t + d]),
-                    dot(qd, k_tile[t + D4 + d]),
-                    dot(qd, k_tile[t + 2u * D4 + d]),
-                    dot(qd, k_tile[t + 3u * D4 + d]),
-                );
+            var dots: array<vec4<f32>, ROWS>;
+            for (var r = 0u; r < ROWS; r++) {
+                dots[r] = vec4<f32>(0.0);
             }
+            for (var d = 0u; d < D4; d++) {
+                let k0 = k_tile[t + d];
+                let k1 = k_tile[t + D4 + d];
+                let k2 = k_tile[t + 2u * D4 + d];
+                let k3 = k_tile[t + 3u * D4 + d];
+                for (var r = 0u; r < ROWS; r++) {
+                    let qd = q[r * D4 + d];
+                    dots[r] += vec4<f32>(dot(qd, k0), dot(qd, k1), dot(qd, k2), dot(qd, k3));
+                }
+            }
+
             let key_pos = vec4<i32>(kv0 + i32(c)) + vec4<i32>(0, 1, 2, 3);
-            var s = finish_scores(dots, row_pos, key_pos, alibi_slope);
-            var visible = vec4<bool>(true);
-            if (!unmasked) {
-                visible = key_pos >= vec4<i32>(row_lo) & key_pos <= vec4<i32>(row_hi);
-                s = select(vec4<f32>(NEG_BIG), s, visible);
+            var probs: array<vec4<f32>, ROWS>;
+            var correction: array<f32, ROWS>;
+            for (var r = 0u; r < ROWS; r++) {
+                var s = finish_scores(dots[r], row_pos[r], key_pos, alibi_slope);
+                var visible = vec4<bool>(true);
+                if (!unmasked) {
+                    visible = key_pos >= vec4<i32>(row_lo[r]) & key_pos <= vec4<i32>(row_hi[r]);
+                    s = select(vec4<f32>(NEG_BIG), s, visible);
+                }
+                let m_new = max(m[r], max(max(s.x, s.y), max(s.z, s.w)));
+                correction[r] = exp2(m[r] - m_new);
+                probs[r] = select(vec4<f32>(0.0), exp2(s - vec4<f32>(m_new)), visible);
+                l[r] = l[r] * correction[r] + (probs[r].x + probs[r].y) + (probs[r].z + probs[r].w);
+                m[r] = m_new;
             }
-            let m_new = max(m, max(max(s.x, s.y), max(s.z, s.w)));
-            let correction = exp2(m - m_new);
-            let pr = select(vec4<f32>(0.0), exp2(s - vec4<f32>(m_new)), visible);
-            l = l * correction + (pr.x + pr.y) + (pr.z + pr.w);
+
             for (var d = 0u; d < D4; d++) {
-                acc[d] = acc[d] * correction
-                    + pr.x * v_tile[t + d]
-                    + pr.y * v_tile[t + D4 + d]
-                    + pr.z * v_tile[t + 2u * D4 + d]
-                    + pr.w * v_tile[t + 3u * D4 + d];
+                let v0 = v_tile[t + d];
+                let v1 = v_tile[t + D4 + d];
+                let v2 = v_tile[t + 2u * D4 + d];
+                let v3 = v_tile[t + 3u * D4 + d];
+                for (var r = 0u; r < ROWS; r++) {
+                    let pr = probs[r];
+                    acc[r * D4 + d] = acc[r * D4 + d] * correction[r]
+                        + pr.x * v0 + pr.y * v1 + pr.z * v2 + pr.w * v3;
+                }
             }
-            m = m_new;
         }
         workgroupBarrier();
     }
 
-    if (!row_ok) {
-        return;
-    }
-    // A row that saw no key has l == 0: it outputs zeros and lse = +inf.
-    var inv_l = 0.0;
-    if (l > 0.0) {
-        inv_l = 1.0 / l;
-    }
-    let o_base = batch * p.o.batch + row * p.o.seq + head_q * p.o.head + p.o.offset;
-    for (var d = 0u; d < D4; d++) {
-        o_buf[o_base + d] = acc[d] * inv_l;
-    }
-    if (has_flag(FLAG_WRITE_LSE)) {
-        var lse = bitcast<f32>(0x7f800000u);
-        if (l > 0.0) {
-            lse = (m + log2(l)) * LN_2;
+    for (var r = 0u; r < ROWS; r++) {
+        let row = row0 + lid + r * WG_SIZE;
+        if (row < p.seq_q) {
+            // A row that saw no key has l == 0: zeros and lse = +inf.
+            var inv_l = 0.0;
+            var lse = bitcast<f32>(0x7f800000u);
+            if (l[r] > 0.0) {
+                inv_l = 1.0 / l[r];
+                lse = (m[r] + log2(l[r])) * LN_2;
+            }
+            let o_base = batch * p.o.batch + row * p.o.seq + head_q * p.o.head + p.o.offset;
+            for (var d = 0u; d < D4; d++) {
+                o_buf[o_base + d] = acc[r * D4 + d] * inv_l;
+            }
+            if (has_flag(FLAG_WRITE_LSE)) {
+                lse_buf[(batch * p.heads_q + head_q) * p.seq_q + row] = lse;
+            }
         }
-        lse_buf[(batch * p.heads_q + head_q) * p.seq_q + row] = lse;
     }
 }

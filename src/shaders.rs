@@ -71,8 +71,13 @@ pub enum Specialization {
         head_dim: u32,
         /// Keys per K/V tile staged in workgroup memory, a multiple of 4.
         block_n: u32,
-        /// Invocations per workgroup; each owns one query row.
+        /// Invocations per workgroup.
         workgroup_size: u32,
+        /// Query rows per invocation.
+        rows: u32,
+        /// Expand the loops over head dim and rows in the WGSL text, for
+        /// compilers that do not unroll them (llvmpipe).
+        unroll: bool,
     },
     FmaCeiling {
         /// Loop trips of eight vec4 FMAs per invocation.
@@ -96,10 +101,13 @@ impl Specialization {
                 head_dim,
                 block_n,
                 workgroup_size,
+                rows,
+                ..
             } => vec![
-                ("HEAD_DIM", head_dim),
+                ("D4", head_dim / 4),
                 ("BLOCK_N", block_n),
                 ("WG_SIZE", workgroup_size),
+                ("ROWS", rows),
             ],
             Specialization::FmaCeiling {
                 iterations,
@@ -115,7 +123,18 @@ impl Specialization {
             // Writing to a String cannot fail.
             let _ = writeln!(text, "const {name}: u32 = {value}u;");
         }
-        text.push_str(self.kernel().template());
+        match self {
+            Specialization::FlashForward { unroll: true, .. } => {
+                let constants = self.constants();
+                let bounds: Vec<(&str, u32)> = constants
+                    .iter()
+                    .copied()
+                    .filter(|(name, _)| ["D4", "ROWS"].contains(name))
+                    .collect();
+                text.push_str(&unroll_loops(self.kernel().template(), &bounds));
+            }
+            _ => text.push_str(self.kernel().template()),
+        }
         text
     }
 
@@ -136,6 +155,117 @@ impl Specialization {
             .iter()
             .map(|(name, value)| format!("{name}={value}"))
             .collect();
-        format!("{} {}", self.kernel().file_name(), constants.join(" "))
+        let unrolled = match self {
+            Specialization::FlashForward { unroll: true, .. } => " unrolled",
+            _ => "",
+        };
+        format!(
+            "{} {}{unrolled}",
+            self.kernel().file_name(),
+            constants.join(" ")
+        )
+    }
+}
+
+/// Expands every loop written exactly `for (var x = 0u; x < BOUND; x++) {`
+/// whose BOUND is one of `bounds` into copies of its body, each wrapped as
+/// `{ let x = Nu; body }`. Nested loops are expanded as well. Other loops
+/// are left alone.
+pub fn unroll_loops(source: &str, bounds: &[(&str, u32)]) -> String {
+    let mut out = String::with_capacity(source.len() * 2);
+    let mut rest = source;
+    while let Some(found) = next_unrollable_loop(rest, bounds) {
+        out.push_str(&rest[..found.start]);
+        let body = unroll_loops(&rest[found.body_start..found.body_end], bounds);
+        for i in 0..found.count {
+            let _ = writeln!(out, "{{ let {} = {i}u;{body}}}", found.var);
+        }
+        rest = &rest[found.body_end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+struct UnrollableLoop<'a> {
+    /// Byte offset of `for`.
+    start: usize,
+    var: &'a str,
+    count: u32,
+    /// Body between the braces (exclusive).
+    body_start: usize,
+    body_end: usize,
+}
+
+fn next_unrollable_loop<'a>(source: &'a str, bounds: &[(&str, u32)]) -> Option<UnrollableLoop<'a>> {
+    let mut search_from = 0;
+    while let Some(offset) = source[search_from..].find("for (var ") {
+        let start = search_from + offset;
+        search_from = start + 1;
+        let header_rest = &source[start + "for (var ".len()..];
+        let var_len = header_rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(0);
+        let var = &header_rest[..var_len];
+        let Some(after_var) = header_rest[var_len..].strip_prefix(" = 0u; ") else {
+            continue;
+        };
+        let Some(after_cond_var) = after_var
+            .strip_prefix(var)
+            .and_then(|s| s.strip_prefix(" < "))
+        else {
+            continue;
+        };
+        let Some(&(_, count)) = bounds
+            .iter()
+            .find(|(name, _)| after_cond_var.starts_with(&format!("{name}; {var}++) {{")))
+        else {
+            continue;
+        };
+        let bound_len = after_cond_var.find(';').unwrap_or(0);
+        let header_len = after_cond_var[bound_len..].find('{').unwrap_or(0) + 1;
+        let body_start = source.len() - after_cond_var.len() + bound_len + header_len;
+        let body_end = matching_brace(source, body_start)?;
+        return Some(UnrollableLoop {
+            start,
+            var,
+            count,
+            body_start,
+            body_end,
+        });
+    }
+    None
+}
+
+/// Offset of the `}` that closes a block whose body starts at `body_start`.
+fn matching_brace(source: &str, body_start: usize) -> Option<usize> {
+    let mut depth = 1usize;
+    for (offset, c) in source[body_start..].char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(body_start + offset);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unroll_loops;
+
+    #[test]
+    fn unrolls_named_bounds_only_and_nests() {
+        let source = "a; for (var d = 0u; d < D4; d++) { x[d] = 1; for (var r = 0u; r < ROWS; r++) { y[r] = d; } } for (var i = 0u; i < N; i++) { z; } b;";
+        let out = unroll_loops(source, &[("D4", 2), ("ROWS", 3)]);
+        assert_eq!(out.matches("let d = ").count(), 2);
+        assert_eq!(out.matches("let r = ").count(), 6);
+        assert!(out.contains("for (var i = 0u; i < N; i++) { z; }"));
+        assert!(out.starts_with("a; ") && out.ends_with(" b;"));
+        assert!(!out.contains("d < D4") && !out.contains("r < ROWS"));
     }
 }

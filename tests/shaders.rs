@@ -18,15 +18,26 @@ fn shipped_specializations() -> Vec<Specialization> {
         iterations: 1024,
         workgroup_size: 64,
     }];
+    // Hardware-GPU tiling (64 invocations, 1 row, loops kept) and CPU-adapter
+    // tiling (8 invocations, several rows, unrolled).
+    let tilings = [(64, 1, false), (8, 1, true), (8, 4, true), (8, 16, true)];
     for head_dim in (8..=256u32).filter(|&d| is_supported_head_dim(d as usize)) {
         for block_n in BLOCK_N_CHOICES {
-            let spec = Specialization::FlashForward {
-                head_dim,
-                block_n,
-                workgroup_size: 64,
-            };
-            if spec.workgroup_bytes() <= MAX_WORKGROUP_BYTES {
-                specs.push(spec);
+            for (workgroup_size, rows, unroll) in tilings {
+                // The planner never pairs 16 rows with head dims above 64.
+                if rows * head_dim > 1024 {
+                    continue;
+                }
+                let spec = Specialization::FlashForward {
+                    head_dim,
+                    block_n,
+                    workgroup_size,
+                    rows,
+                    unroll,
+                };
+                if spec.workgroup_bytes() <= MAX_WORKGROUP_BYTES {
+                    specs.push(spec);
+                }
             }
         }
     }
@@ -119,6 +130,8 @@ fn param_structs_match_their_wgsl_twins() {
         head_dim: 64,
         block_n: 32,
         workgroup_size: 64,
+        rows: 1,
+        unroll: false,
     };
     let (module, _) = parse_and_validate(&spec);
     let size_of = |name: &str| {

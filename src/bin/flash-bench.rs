@@ -121,8 +121,13 @@ fn main() -> Result<()> {
         "{:<26} {:>10} {:>10} {:>9} {:>11}  valid",
         "shape", "time ms", "GFLOP/s", "% FMA", "max |err|"
     );
+    // An optional argument keeps only the cases whose name contains it.
+    let filter = std::env::args().nth(1).unwrap_or_default();
     let mut failures = 0;
     for (index, case) in suite().iter().enumerate() {
+        if !case.name.contains(&filter) {
+            continue;
+        }
         let m = run_case(&gpu, case, 1000 + index as u64)
             .with_context(|| format!("case {}", case.name))?;
         let ok = m.max_error <= TOLERANCE;
