@@ -91,21 +91,23 @@ impl ForwardPlan {
 /// Invocations per workgroup, query rows per invocation, and whether to
 /// unroll, for this adapter and shape.
 fn row_tiling(gpu: &Gpu, shape: &AttentionShape) -> (u32, u32, bool) {
-    if gpu.info().adapter.device_type != wgpu::DeviceType::Cpu {
+    let adapter = &gpu.info().adapter;
+    // llvmpipe behind the GL backend compiled the unrolled kernel for head
+    // dims of 200 and more in over a minute: GL gets the portable tiling.
+    if adapter.device_type != wgpu::DeviceType::Cpu || adapter.backend == wgpu::Backend::Gl {
         return (GPU_WORKGROUP_SIZE, 1, false);
     }
     // Registers are memory on a CPU; bound the per-invocation state
     // (q and acc: 2 * rows * head_dim floats) and the unrolled code size.
-    let max_rows: u32 = match shape.head_dim {
+    // The row count depends on the head dim only, even for short query
+    // sequences: on llvmpipe other row counts took up to 60 s to compile
+    // where these take under a second (BENCHMARKS.md, "compile time").
+    let rows = match shape.head_dim {
         0..=64 => 16,
         65..=128 => 8,
         _ => 4,
     };
-    // Short query sequences (decoding) would waste most rows of a big tile.
-    let needed = (shape.seq_q as u32)
-        .div_ceil(CPU_WORKGROUP_SIZE)
-        .next_power_of_two();
-    (CPU_WORKGROUP_SIZE, max_rows.min(needed), true)
+    (CPU_WORKGROUP_SIZE, rows, true)
 }
 
 /// Logsumexp of each query row, `[batch, heads_q, seq_q]` f32, natural log.

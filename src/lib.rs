@@ -21,6 +21,7 @@ mod error;
 mod gpu;
 pub mod params;
 mod pipelines;
+pub mod presets;
 pub mod random;
 pub mod reference;
 pub mod shaders;
