@@ -356,7 +356,7 @@ fn random_combinations() {
             heads_kv,
             head_dim: [8, 32, 64, 128][rng.below(4) as usize],
         };
-        let mut side = |rng: &mut SeededRng| (rng.below(3) == 0).then(|| rng.below(40) as i64);
+        let side = |rng: &mut SeededRng| (rng.below(3) == 0).then(|| rng.below(40) as i64);
         let (left, right) = (side(&mut rng), side(&mut rng));
         let mut config = AttentionConfig::new()
             .causal(rng.below(2) == 0)

@@ -11,6 +11,8 @@ use wgpu_flash_attn::{AttentionArgs, AttentionConfig, AttentionShape, Gpu, Tenso
 
 /// f32 storage: bound on |gpu - reference| for unit-normal inputs.
 const TOLERANCE: f64 = 1e-4;
+/// Size of the FMA ceiling dispatch (about 0.3 s on lavapipe).
+const CEILING_WORKGROUPS: u32 = 1024;
 
 /// One benchmarked configuration.
 struct Case {
@@ -55,6 +57,8 @@ struct Measured {
     max_error: f64,
     median_ms: f64,
     gflops: f64,
+    /// FMA ceiling measured right after the case.
+    ceiling_gflops: f64,
 }
 
 fn run_case(gpu: &Gpu, case: &Case, seed: u64) -> Result<Measured> {
@@ -101,45 +105,61 @@ fn run_case(gpu: &Gpu, case: &Case, seed: u64) -> Result<Measured> {
         gpu.encode_attention(encoder, &args, &config)
     })?;
     let gflops = shape.flops(&config) / (timing.median_ms * 1e6);
+    let ceiling = measure_fma(gpu, CEILING_WORKGROUPS, TimingPlan { warmup: 1, runs: 3 })?;
     Ok(Measured {
         max_error,
         median_ms: timing.median_ms,
         gflops,
+        ceiling_gflops: ceiling.gflops,
     })
 }
 
 fn main() -> Result<()> {
+    // An optional argument keeps only the cases whose name contains it.
+    let filter = std::env::args().nth(1).unwrap_or_default();
     let gpu = Gpu::new().context("opening a GPU adapter")?;
     println!("adapter: {}", gpu.info().summary());
-    let ceiling = measure_fma(&gpu, 1024, TimingPlan { warmup: 1, runs: 5 })?;
+    let first = measure_fma(&gpu, CEILING_WORKGROUPS, TimingPlan { warmup: 1, runs: 5 })?;
+    eprintln!("FMA ceiling before the cases: {:.1} GFLOP/s", first.gflops);
+
+    let mut rows = Vec::new();
+    for (index, case) in suite()
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.name.contains(&filter))
+    {
+        eprintln!("running {}", case.name);
+        let measured = run_case(&gpu, case, 1000 + index as u64)
+            .with_context(|| format!("case {}", case.name))?;
+        rows.push((case.name, measured));
+    }
+    // The ceiling is re-measured after each case because it drifts by up to
+    // 2x on a shared machine; shares are taken of the best one seen, which
+    // is the adapter's capability and makes the shares conservative.
+    let ceiling = rows
+        .iter()
+        .map(|(_, m)| m.ceiling_gflops)
+        .fold(first.gflops, f64::max);
     println!(
-        "FMA ceiling: {:.1} GFLOP/s (median of {}, {})",
-        ceiling.gflops, ceiling.timing.runs, ceiling.timing.timer
+        "FMA ceiling: {ceiling:.1} GFLOP/s (best of {} medians, {})",
+        rows.len() + 1,
+        first.timing.timer
     );
     println!("timer: wall clock around submit + wait, median of 5 after 1 warm-up\n");
     println!(
-        "{:<26} {:>10} {:>10} {:>9} {:>11}  valid",
+        "{:<26} {:>10} {:>10} {:>8} {:>11}  valid",
         "shape", "time ms", "GFLOP/s", "% FMA", "max |err|"
     );
-    // An optional argument keeps only the cases whose name contains it.
-    let filter = std::env::args().nth(1).unwrap_or_default();
     let mut failures = 0;
-    for (index, case) in suite().iter().enumerate() {
-        if !case.name.contains(&filter) {
-            continue;
-        }
-        let m = run_case(&gpu, case, 1000 + index as u64)
-            .with_context(|| format!("case {}", case.name))?;
+    for (name, m) in &rows {
         let ok = m.max_error <= TOLERANCE;
-        if !ok {
-            failures += 1;
-        }
+        failures += usize::from(!ok);
         println!(
-            "{:<26} {:>10.2} {:>10.2} {:>8.1}% {:>11.2e}  {}",
-            case.name,
+            "{:<26} {:>10.2} {:>10.2} {:>7.1}% {:>11.2e}  {}",
+            name,
             m.median_ms,
             m.gflops,
-            100.0 * m.gflops / ceiling.gflops,
+            100.0 * m.gflops / ceiling,
             m.max_error,
             if ok { "ok" } else { "FAILED" }
         );

@@ -26,6 +26,14 @@ pub fn gpu() -> Option<&'static Gpu> {
         match Gpu::new() {
             Ok(gpu) => {
                 eprintln!("adapter: {}", gpu.info().summary());
+                // A run meant for one backend must not pass on another.
+                if let Some(wanted) = wgpu::Backends::from_env() {
+                    let got = gpu.info().adapter.backend;
+                    assert!(
+                        wanted.contains(got.into()),
+                        "WGPU_BACKEND asks for {wanted:?} but the adapter is {got:?}"
+                    );
+                }
                 Some(gpu)
             }
             Err(err) => panic!(
