@@ -332,3 +332,30 @@ fn invalid_options() {
     }
     still_works(gpu);
 }
+
+/// Without any adapter the crate says how to get one (this test needs no
+/// GPU: it asks for an adapter on no backend at all).
+#[test]
+fn no_adapter_error_says_how_to_get_one() {
+    let options = wgpu_flash_attn::AdapterOptions {
+        backends: wgpu::Backends::empty(),
+        adapter_name: None,
+        power_preference: wgpu::PowerPreference::default(),
+    };
+    let err = match pollster::block_on(Gpu::request(&options)) {
+        Ok(_) => panic!("an adapter was found on no backend"),
+        Err(err) => err,
+    };
+    assert!(matches!(err, Error::NoAdapter { .. }), "{err}");
+    assert!(err.to_string().contains("mesa-vulkan-drivers"), "{err}");
+
+    let options = wgpu_flash_attn::AdapterOptions {
+        adapter_name: Some("no adapter has this name".into()),
+        ..wgpu_flash_attn::AdapterOptions::from_env()
+    };
+    let err = match pollster::block_on(Gpu::request(&options)) {
+        Ok(_) => panic!("an adapter matched an impossible name"),
+        Err(err) => err,
+    };
+    assert!(matches!(err, Error::AdapterNotFound { .. }), "{err}");
+}
