@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::params::{AttentionParams, TensorStrides, flags};
 use crate::pipelines::bind_buffers;
-use crate::shaders::Specialization;
+use crate::shaders::{Specialization, forward_tile_bytes};
 use crate::tensor::{DType, Tensor, TensorShape, read_buffer};
 
 /// Row tiling on hardware GPUs: one query row per invocation, 64
@@ -39,7 +39,7 @@ impl ForwardPlan {
         shape.validate()?;
         let limits = &gpu.info().limits;
         let head_dim = shape.head_dim as u32;
-        let tile_bytes = |block_n: u32| 2 * u64::from(block_n) * u64::from(head_dim) * 4;
+        let tile_bytes = |block_n| forward_tile_bytes(head_dim, block_n);
         let block_n = BLOCK_N_CANDIDATES
             .into_iter()
             .find(|&n| tile_bytes(n) <= u64::from(limits.max_compute_workgroup_storage_size))
@@ -189,7 +189,7 @@ impl AttentionArgs<'_> {
             self.v.shape(),
             self.out.shape(),
         );
-        let pairs: [(&'static str, &'static str, usize, &'static str, usize); 8] = [
+        let pairs = [
             (
                 "K and V shapes differ",
                 "k.batch",
@@ -226,6 +226,13 @@ impl AttentionArgs<'_> {
                 "k.head_dim",
                 k.head_dim,
             ),
+            (
+                "O must be shaped like Q",
+                "q.batch",
+                q.batch,
+                "out.batch",
+                o.batch,
+            ),
             ("O must be shaped like Q", "q.seq", q.seq, "out.seq", o.seq),
             (
                 "O must be shaped like Q",
@@ -233,6 +240,13 @@ impl AttentionArgs<'_> {
                 q.heads,
                 "out.heads",
                 o.heads,
+            ),
+            (
+                "O must be shaped like Q",
+                "q.head_dim",
+                q.head_dim,
+                "out.head_dim",
+                o.head_dim,
             ),
         ];
         for (what, left_name, left, right_name, right) in pairs {
@@ -242,28 +256,6 @@ impl AttentionArgs<'_> {
                     left_name,
                     left,
                     right_name,
-                    right,
-                });
-            }
-        }
-        for (what, left, right) in [
-            ("batch", q.batch, o.batch),
-            ("head_dim", q.head_dim, o.head_dim),
-        ] {
-            if left != right {
-                return Err(Error::ShapeMismatch {
-                    what: "O must be shaped like Q",
-                    left_name: if what == "batch" {
-                        "q.batch"
-                    } else {
-                        "q.head_dim"
-                    },
-                    left,
-                    right_name: if what == "batch" {
-                        "out.batch"
-                    } else {
-                        "out.head_dim"
-                    },
                     right,
                 });
             }

@@ -143,7 +143,7 @@ impl Specialization {
         match *self {
             Specialization::FlashForward {
                 head_dim, block_n, ..
-            } => 2 * u64::from(block_n) * u64::from(head_dim) * 4,
+            } => forward_tile_bytes(head_dim, block_n),
             Specialization::FmaCeiling { .. } => 0,
         }
     }
@@ -165,6 +165,12 @@ impl Specialization {
             constants.join(" ")
         )
     }
+}
+
+/// Workgroup memory of the forward kernel: f32 K and V tiles of `block_n`
+/// keys by `head_dim`.
+pub fn forward_tile_bytes(head_dim: u32, block_n: u32) -> u64 {
+    2 * u64::from(block_n) * u64::from(head_dim) * 4
 }
 
 /// Expands every loop written exactly `for (var x = 0u; x < BOUND; x++) {`

@@ -55,17 +55,14 @@ fn head_dims() {
     let mut rng = SeededRng::new(0x5eed_0002);
     for head_dim in [32, 64, 96, 128] {
         for (seq_q, seq_kv) in [(1, 129), (65, 65), (129, 63), (500, 127), (63, 500)] {
+            let heads = 1 + rng.below(3) as usize;
             let shape = AttentionShape {
                 batch: 1 + rng.below(2) as usize,
                 seq_q,
                 seq_kv,
-                heads_q: 1 + rng.below(3) as usize,
-                heads_kv: 0,
+                heads_q: heads,
+                heads_kv: heads,
                 head_dim,
-            };
-            let shape = AttentionShape {
-                heads_kv: shape.heads_q,
-                ..shape
             };
             let seed = rng.next_u64();
             let inputs = Inputs::draw(&shape, seed, 1.0);

@@ -4,12 +4,10 @@
 
 mod common;
 
-use common::{Inputs, assert_close, compare, gpu, run_and_compare};
+use common::{Inputs, assert_close, gpu, run_and_compare, run_views_and_compare};
 use wgpu_flash_attn::presets::seed_models;
 use wgpu_flash_attn::random::SeededRng;
-use wgpu_flash_attn::{
-    Alibi, AttentionArgs, AttentionConfig, AttentionShape, Gpu, Lse, Strides, Tensor, TensorShape,
-};
+use wgpu_flash_attn::{Alibi, AttentionConfig, AttentionShape, Gpu, Strides, Tensor, TensorShape};
 
 fn shape(
     batch: usize,
@@ -282,17 +280,7 @@ fn check_layout(
         .unwrap()
         .view(shape.q_shape(), strides, offset)
         .unwrap();
-    let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q).unwrap();
-    let args = AttentionArgs {
-        q: &q,
-        k: &k,
-        v: &v,
-        out: &out,
-        lse: Some(&lse),
-    };
-    gpu.attention_into(&args, config).unwrap();
-    let got = out.to_f32_vec(gpu).unwrap();
-    let errors = compare(shape, &inputs, config, &got, &lse.to_vec(gpu).unwrap());
+    let errors = run_views_and_compare(gpu, shape, &inputs, config, [&q, &k, &v, &out]);
     assert_close(errors, &format!("{layout:?} {shape:?} {config:?}"));
 }
 

@@ -85,12 +85,25 @@ pub fn run_and_compare(
     let k = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap();
     let v = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.v).unwrap();
     let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
+    run_views_and_compare(gpu, shape, inputs, config, [&q, &k, &v, &out])
+}
+
+/// Runs device views of `inputs` (q, k, v) into `out`, which the caller has
+/// poisoned with NaN, with a NaN-poisoned logsumexp, and compares both
+/// with the reference.
+pub fn run_views_and_compare(
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    inputs: &Inputs,
+    config: &AttentionConfig,
+    [q, k, v, out]: [&Tensor; 4],
+) -> Errors {
     let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q).unwrap();
     let args = AttentionArgs {
-        q: &q,
-        k: &k,
-        v: &v,
-        out: &out,
+        q,
+        k,
+        v,
+        out,
         lse: Some(&lse),
     };
     gpu.attention_into(&args, config).unwrap();
