@@ -10,7 +10,8 @@ use crate::pipelines::PipelineCache;
 /// Optional features the kernels use when the adapter has them.
 pub const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
     .union(wgpu::Features::SUBGROUP)
-    .union(wgpu::Features::TIMESTAMP_QUERY);
+    .union(wgpu::Features::TIMESTAMP_QUERY)
+    .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
 
 /// How to pick an adapter. [`AdapterOptions::from_env`] follows wgpu's usual
 /// variables: `WGPU_BACKEND`, `WGPU_ADAPTER_NAME`, `WGPU_POWER_PREF`.
@@ -92,6 +93,13 @@ impl GpuInfo {
     }
     pub fn has_timestamps(&self) -> bool {
         self.features.contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+    /// Timestamps can be written between passes of one encoder, which is
+    /// how [`crate::timing::time_gpu`] brackets arbitrary recorded work.
+    pub fn has_encoder_timestamps(&self) -> bool {
+        self.features.contains(
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
+        )
     }
 
     /// One line: name, backend, device type.

@@ -1,13 +1,17 @@
-//! Timing of GPU work: warm-up, repeated runs, median.
+//! Timing of GPU work: warm-up, repeated runs, median; GPU timestamps where
+//! the device has them, the host wall clock otherwise.
 
 use std::time::Instant;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::tensor::read_buffer;
 
 /// Which clock produced a measurement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Timer {
+    /// GPU timestamps written before and after the recorded work.
+    GpuTimestamps,
     /// Host wall clock around submit and a blocking wait: includes submit
     /// overhead, so it slightly overstates short kernels.
     WallClock,
@@ -16,6 +20,7 @@ pub enum Timer {
 impl std::fmt::Display for Timer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Timer::GpuTimestamps => f.write_str("GPU timestamps"),
             Timer::WallClock => f.write_str("wall clock (submit + wait)"),
         }
     }
@@ -44,6 +49,43 @@ impl Default for TimingPlan {
     }
 }
 
+/// Two timestamps bracketing the recorded work, and where they land.
+struct Stopwatch {
+    queries: wgpu::QuerySet,
+    resolved: wgpu::Buffer,
+    /// Nanoseconds per timestamp tick.
+    period_ns: f64,
+}
+
+impl Stopwatch {
+    fn new(gpu: &Gpu) -> Self {
+        let queries = gpu.device().create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("timing"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        let resolved = gpu.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timing resolve"),
+            size: 2 * u64::from(wgpu::QUERY_SIZE),
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        Stopwatch {
+            queries,
+            resolved,
+            period_ns: f64::from(gpu.queue().get_timestamp_period()),
+        }
+    }
+
+    fn elapsed_ms(&self, gpu: &Gpu) -> Result<f64> {
+        let ticks: Vec<u64> = read_buffer(gpu, &self.resolved)?;
+        let delta = ticks[1]
+            .checked_sub(ticks[0])
+            .ok_or_else(|| Error::Readback(format!("timestamps went backwards: {ticks:?}")))?;
+        Ok(delta as f64 * self.period_ns / 1e6)
+    }
+}
+
 /// Times `record`, which records the work into an encoder, submitting and
 /// waiting for each run separately.
 pub fn time_gpu(
@@ -51,17 +93,32 @@ pub fn time_gpu(
     plan: TimingPlan,
     mut record: impl FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
 ) -> Result<Timing> {
+    let stopwatch = gpu
+        .info()
+        .has_encoder_timestamps()
+        .then(|| Stopwatch::new(gpu));
     let mut run_once = || -> Result<f64> {
         let mut encoder = gpu
             .device()
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("timed"),
             });
+        if let Some(watch) = &stopwatch {
+            encoder.write_timestamp(&watch.queries, 0);
+        }
         record(&mut encoder)?;
+        if let Some(watch) = &stopwatch {
+            encoder.write_timestamp(&watch.queries, 1);
+            encoder.resolve_query_set(&watch.queries, 0..2, &watch.resolved, 0);
+        }
         let start = Instant::now();
         gpu.queue().submit([encoder.finish()]);
         gpu.wait()?;
-        Ok(start.elapsed().as_secs_f64() * 1e3)
+        let wall_ms = start.elapsed().as_secs_f64() * 1e3;
+        match &stopwatch {
+            Some(watch) => watch.elapsed_ms(gpu),
+            None => Ok(wall_ms),
+        }
     };
     for _ in 0..plan.warmup {
         run_once()?;
@@ -75,7 +132,11 @@ pub fn time_gpu(
         min_ms: times[0],
         max_ms: times[times.len() - 1],
         runs: times.len(),
-        timer: Timer::WallClock,
+        timer: if stopwatch.is_some() {
+            Timer::GpuTimestamps
+        } else {
+            Timer::WallClock
+        },
     })
 }
 
