@@ -49,6 +49,11 @@ fn suite() -> Vec<Case> {
             shape: AttentionShape::self_attention(2, 512, 12, 64),
             causal: false,
         },
+        Case {
+            name: "B2 H12 N512 d64 causal",
+            shape: AttentionShape::self_attention(2, 512, 12, 64),
+            causal: true,
+        },
     ]
 }
 
