@@ -2,11 +2,11 @@
 // that attention can be reported as a share of it.
 //
 // Eight independent vec4 FMA chains per invocation, all in registers; the
-// sum is stored so that no chain is optimised away. The loop body repeats
-// the chains four times: software adapters pay a fixed cost per loop trip
-// (llvmpipe measured 30 GFLOP/s with one copy, 60-78 with four).
+// sum is stored so that no chain is optimised away. Each loop trip runs
+// COPIES copies of the chains: software adapters pay a fixed cost per loop
+// trip (llvmpipe measured 30 GFLOP/s with one copy, 60-78 with four).
 //
-// Generated constants (src/shaders.rs): ITERATIONS, WG_SIZE.
+// Generated constants (src/shaders.rs): ITERATIONS, COPIES, WG_SIZE.
 
 @group(0) @binding(0) var<storage, read_write> sink: array<vec4<f32>>;
 
@@ -25,38 +25,17 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let mul = vec4<f32>(0.9999999);
     let add = vec4<f32>(1.0e-7);
     for (var i = 0u; i < ITERATIONS; i++) {
-        a0 = fma(a0, mul, add);
-        a1 = fma(a1, mul, add);
-        a2 = fma(a2, mul, add);
-        a3 = fma(a3, mul, add);
-        a4 = fma(a4, mul, add);
-        a5 = fma(a5, mul, add);
-        a6 = fma(a6, mul, add);
-        a7 = fma(a7, mul, add);
-        a0 = fma(a0, mul, add);
-        a1 = fma(a1, mul, add);
-        a2 = fma(a2, mul, add);
-        a3 = fma(a3, mul, add);
-        a4 = fma(a4, mul, add);
-        a5 = fma(a5, mul, add);
-        a6 = fma(a6, mul, add);
-        a7 = fma(a7, mul, add);
-        a0 = fma(a0, mul, add);
-        a1 = fma(a1, mul, add);
-        a2 = fma(a2, mul, add);
-        a3 = fma(a3, mul, add);
-        a4 = fma(a4, mul, add);
-        a5 = fma(a5, mul, add);
-        a6 = fma(a6, mul, add);
-        a7 = fma(a7, mul, add);
-        a0 = fma(a0, mul, add);
-        a1 = fma(a1, mul, add);
-        a2 = fma(a2, mul, add);
-        a3 = fma(a3, mul, add);
-        a4 = fma(a4, mul, add);
-        a5 = fma(a5, mul, add);
-        a6 = fma(a6, mul, add);
-        a7 = fma(a7, mul, add);
+        // Unrolled by src/shaders.rs into COPIES copies of the chains.
+        for (var copy = 0u; copy < COPIES; copy++) {
+            a0 = fma(a0, mul, add);
+            a1 = fma(a1, mul, add);
+            a2 = fma(a2, mul, add);
+            a3 = fma(a3, mul, add);
+            a4 = fma(a4, mul, add);
+            a5 = fma(a5, mul, add);
+            a6 = fma(a6, mul, add);
+            a7 = fma(a7, mul, add);
+        }
     }
     sink[index % arrayLength(&sink)] = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7));
 }

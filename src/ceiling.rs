@@ -8,9 +8,11 @@ use crate::shaders::Specialization;
 use crate::timing::{Timing, TimingPlan, time_gpu};
 
 const ITERATIONS: u32 = 1024;
+/// Copies of the FMA chains per loop trip (see shaders/fma_ceiling.wgsl).
+const COPIES: u32 = 4;
 const WORKGROUP_SIZE: u32 = 64;
-/// FLOPs per loop trip: 4 x 8 vec4 FMAs, two FLOPs per lane.
-const FLOPS_PER_TRIP: f64 = 4.0 * 8.0 * 4.0 * 2.0;
+/// FLOPs per loop trip: COPIES x 8 vec4 FMAs, two FLOPs per lane.
+const FLOPS_PER_TRIP: f64 = COPIES as f64 * 8.0 * 4.0 * 2.0;
 
 /// A measured ceiling.
 #[derive(Debug, Clone)]
@@ -25,6 +27,7 @@ pub struct Ceiling {
 pub fn measure_fma(gpu: &Gpu, workgroups: u32, plan: TimingPlan) -> Result<Ceiling> {
     let spec = Specialization::FmaCeiling {
         iterations: ITERATIONS,
+        copies: COPIES,
         workgroup_size: WORKGROUP_SIZE,
     };
     let pipeline = gpu.validated("fma ceiling pipeline", || {

@@ -80,8 +80,10 @@ pub enum Specialization {
         unroll: bool,
     },
     FmaCeiling {
-        /// Loop trips of eight vec4 FMAs per invocation.
+        /// Loop trips per invocation.
         iterations: u32,
+        /// Unrolled copies of the eight vec4 FMA chains per loop trip.
+        copies: u32,
         workgroup_size: u32,
     },
 }
@@ -111,8 +113,13 @@ impl Specialization {
             ],
             Specialization::FmaCeiling {
                 iterations,
+                copies,
                 workgroup_size,
-            } => vec![("ITERATIONS", iterations), ("WG_SIZE", workgroup_size)],
+            } => vec![
+                ("ITERATIONS", iterations),
+                ("COPIES", copies),
+                ("WG_SIZE", workgroup_size),
+            ],
         }
     }
 
@@ -123,19 +130,23 @@ impl Specialization {
             // Writing to a String cannot fail.
             let _ = writeln!(text, "const {name}: u32 = {value}u;");
         }
-        match self {
-            Specialization::FlashForward { unroll: true, .. } => {
-                let constants = self.constants();
-                let bounds: Vec<(&str, u32)> = constants
-                    .iter()
-                    .copied()
-                    .filter(|(name, _)| ["D4", "ROWS"].contains(name))
-                    .collect();
-                text.push_str(&unroll_loops(self.kernel().template(), &bounds));
-            }
-            _ => text.push_str(self.kernel().template()),
-        }
+        let unrolled = self.unrolled_bounds();
+        let bounds: Vec<(&str, u32)> = self
+            .constants()
+            .into_iter()
+            .filter(|(name, _)| unrolled.contains(name))
+            .collect();
+        text.push_str(&unroll_loops(self.kernel().template(), &bounds));
         text
+    }
+
+    /// Constants whose loops `source` unrolls.
+    fn unrolled_bounds(&self) -> &'static [&'static str] {
+        match self {
+            Specialization::FlashForward { unroll: true, .. } => &["D4", "ROWS"],
+            Specialization::FlashForward { unroll: false, .. } => &[],
+            Specialization::FmaCeiling { .. } => &["COPIES"],
+        }
     }
 
     /// Bytes of workgroup memory the kernel declares.
@@ -155,9 +166,10 @@ impl Specialization {
             .iter()
             .map(|(name, value)| format!("{name}={value}"))
             .collect();
-        let unrolled = match self {
-            Specialization::FlashForward { unroll: true, .. } => " unrolled",
-            _ => "",
+        let unrolled = if self.unrolled_bounds().is_empty() {
+            ""
+        } else {
+            " unrolled"
         };
         format!(
             "{} {}{unrolled}",

@@ -6,9 +6,23 @@ mod common;
 
 use common::{Inputs, assert_close, gpu, run_and_compare};
 use wgpu_flash_attn::random::SeededRng;
-use wgpu_flash_attn::{AttentionConfig, AttentionShape};
+use wgpu_flash_attn::{AttentionConfig, AttentionShape, Gpu};
 
 const RAGGED: [usize; 9] = [1, 7, 63, 64, 65, 127, 128, 129, 500];
+
+/// Checks `shape` on inputs drawn from `seed`, causal and not; returns the
+/// larger max |out - ref|.
+fn check_causal_and_not(gpu: &Gpu, shape: &AttentionShape, seed: u64) -> f64 {
+    let inputs = Inputs::draw(shape, seed, 1.0);
+    let mut worst = 0.0f64;
+    for causal in [false, true] {
+        let config = AttentionConfig::new().causal(causal);
+        let errors = run_and_compare(gpu, shape, &inputs, &config);
+        assert_close(errors, &format!("{shape:?} causal={causal} seed={seed}"));
+        worst = worst.max(errors.out);
+    }
+    worst
+}
 
 /// Every (seq_q, seq_kv) pair of the ragged lengths, causal and not, with
 /// batch 1-3 and 1-8 heads drawn from a seeded generator.
@@ -35,14 +49,7 @@ fn ragged_lengths_all_pairs() {
                 heads_kv: heads,
                 head_dim: 64,
             };
-            let seed = rng.next_u64();
-            let inputs = Inputs::draw(&shape, seed, 1.0);
-            for causal in [false, true] {
-                let config = AttentionConfig::new().causal(causal);
-                let errors = run_and_compare(gpu, &shape, &inputs, &config);
-                assert_close(errors, &format!("{shape:?} causal={causal} seed={seed}"));
-                worst = worst.max(errors.out);
-            }
+            worst = worst.max(check_causal_and_not(gpu, &shape, rng.next_u64()));
         }
     }
     eprintln!("ragged pairs: worst max|out - ref| = {worst:.2e}");
@@ -64,13 +71,7 @@ fn head_dims() {
                 heads_kv: heads,
                 head_dim,
             };
-            let seed = rng.next_u64();
-            let inputs = Inputs::draw(&shape, seed, 1.0);
-            for causal in [false, true] {
-                let config = AttentionConfig::new().causal(causal);
-                let errors = run_and_compare(gpu, &shape, &inputs, &config);
-                assert_close(errors, &format!("{shape:?} causal={causal} seed={seed}"));
-            }
+            check_causal_and_not(gpu, &shape, rng.next_u64());
         }
     }
 }

@@ -16,6 +16,7 @@ const MAX_WORKGROUP_BYTES: u64 = 32 * 1024;
 fn shipped_specializations() -> Vec<Specialization> {
     let mut specs = vec![Specialization::FmaCeiling {
         iterations: 1024,
+        copies: 4,
         workgroup_size: 64,
     }];
     // Hardware-GPU tiling (64 invocations, 1 row, loops kept) and CPU-adapter
