@@ -323,6 +323,28 @@ impl Gpu {
         args: &AttentionArgs<'_>,
         config: &AttentionConfig,
     ) -> Result<()> {
+        let call = self.prepare_call(args, config)?;
+        let pipeline = self.pipelines.get(&self.device, &call.plan.specialization);
+        let params_buffer = self.params_buffer(&call.params);
+        let bind_group = call.bind_group(self, &pipeline.bind_group_layout, &params_buffer, None);
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("flash attention forward"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&pipeline.pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        let [x, y, z] = call.plan.workgroups;
+        pass.dispatch_workgroups(x, y, z);
+        Ok(())
+    }
+
+    /// Checks one call's operands and options against each other and the
+    /// adapter, and packs what every attention kernel binds.
+    pub(crate) fn prepare_call<'a>(
+        &self,
+        args: &AttentionArgs<'a>,
+        config: &AttentionConfig,
+    ) -> Result<PreparedCall<'a>> {
         let shape = args.shape()?;
         config.validate(&shape)?;
         if args.lse.is_none() && config.return_lse {
@@ -330,16 +352,14 @@ impl Gpu {
         }
         let plan = ForwardPlan::new(self, &shape)?;
         let params = self.pack_params(args, &shape, config)?;
-        let pipeline = self.pipelines.get(&self.device, &plan.specialization);
-
-        let params_buffer = self
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("wgpu-flash-attn params"),
-                contents: bytemuck::bytes_of(&params),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
-        let alibi_buffer = config.alibi.as_ref().map(|alibi| {
+        if let Some(lse) = args.lse {
+            let expected = [shape.batch, shape.heads_q, shape.seq_q];
+            let got = [lse.batch, lse.heads, lse.seq];
+            if expected != got {
+                return Err(Error::LseShape { expected, got });
+            }
+        }
+        let alibi = config.alibi.as_ref().map(|alibi| {
             self.device
                 .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                     label: Some("wgpu-flash-attn alibi slopes"),
@@ -347,37 +367,22 @@ impl Gpu {
                     usage: wgpu::BufferUsages::STORAGE,
                 })
         });
-        let lse_buffer = match args.lse {
-            Some(lse) => {
-                let expected = [shape.batch, shape.heads_q, shape.seq_q];
-                let got = [lse.batch, lse.heads, lse.seq];
-                if expected != got {
-                    return Err(Error::LseShape { expected, got });
-                }
-                lse.buffer()
-            }
-            None => &self.placeholders.lse,
-        };
-        let buffers = [
-            &params_buffer,
-            args.q.buffer(),
-            args.k.buffer(),
-            args.v.buffer(),
-            args.out.buffer(),
-            lse_buffer,
-            alibi_buffer.as_ref().unwrap_or(&self.placeholders.alibi),
-        ];
-        let bind_group = bind_buffers(&self.device, &pipeline.bind_group_layout, &buffers);
+        Ok(PreparedCall {
+            shape,
+            plan,
+            params,
+            args: *args,
+            alibi,
+        })
+    }
 
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("flash attention forward"),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(&pipeline.pipeline);
-        pass.set_bind_group(0, &bind_group, &[]);
-        let [x, y, z] = plan.workgroups;
-        pass.dispatch_workgroups(x, y, z);
-        Ok(())
+    pub(crate) fn params_buffer(&self, params: &AttentionParams) -> wgpu::Buffer {
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("wgpu-flash-attn params"),
+                contents: bytemuck::bytes_of(params),
+                usage: wgpu::BufferUsages::UNIFORM,
+            })
     }
 
     /// Host slices in, host vectors out: uploads packed BSHD inputs, runs,
@@ -480,12 +485,47 @@ impl Gpu {
                 Some(crate::Alibi::PerBatchHead(_)) => shape.heads_q as u32,
                 _ => 0,
             },
-            _pad0: 0,
+            unit_base: 0,
             q: vec4_strides(args.q),
             k: vec4_strides(args.k),
             v: vec4_strides(args.v),
             o: vec4_strides(args.out),
         })
+    }
+}
+
+/// A call whose operands passed every check, ready to bind.
+pub(crate) struct PreparedCall<'a> {
+    pub shape: AttentionShape,
+    pub plan: ForwardPlan,
+    pub params: AttentionParams,
+    args: AttentionArgs<'a>,
+    alibi: Option<wgpu::Buffer>,
+}
+
+impl PreparedCall<'_> {
+    /// Bindings 0-6 shared by the attention kernels (absent optional ones
+    /// get placeholders), then `extra` at binding 7 if given.
+    pub fn bind_group(
+        &self,
+        gpu: &Gpu,
+        layout: &wgpu::BindGroupLayout,
+        params: &wgpu::Buffer,
+        extra: Option<&wgpu::Buffer>,
+    ) -> wgpu::BindGroup {
+        let mut buffers = vec![
+            params,
+            self.args.q.buffer(),
+            self.args.k.buffer(),
+            self.args.v.buffer(),
+            self.args.out.buffer(),
+            self.args
+                .lse
+                .map_or(&gpu.placeholders.lse, |lse| lse.buffer()),
+            self.alibi.as_ref().unwrap_or(&gpu.placeholders.alibi),
+        ];
+        buffers.extend(extra);
+        bind_buffers(&gpu.device, layout, &buffers)
     }
 }
 

@@ -1,5 +1,6 @@
-//! The adapter's own arithmetic ceiling, measured with an FMA-bound kernel,
-//! so attention speed can be stated as a share of what the adapter can do.
+//! The adapter's own ceilings, measured: arithmetic with an FMA-bound kernel
+//! and memory bandwidth with a copy kernel, so attention speed can be stated
+//! as a share of what the adapter can do.
 
 use crate::error::Result;
 use crate::gpu::Gpu;
@@ -14,10 +15,25 @@ const WORKGROUP_SIZE: u32 = 64;
 /// FLOPs per loop trip: COPIES x 8 vec4 FMAs, two FLOPs per lane.
 const FLOPS_PER_TRIP: f64 = COPIES as f64 * 8.0 * 4.0 * 2.0;
 
-/// A measured ceiling.
+/// Invocations per workgroup of the copy kernel.
+const COPY_WORKGROUP_SIZE: u32 = 64;
+/// Workgroups of the copy kernel; each invocation strides over the buffer.
+const COPY_WORKGROUPS: u32 = 4096;
+
+/// A measured arithmetic ceiling.
 #[derive(Debug, Clone)]
 pub struct Ceiling {
     pub gflops: f64,
+    pub timing: Timing,
+}
+
+/// A measured memory bandwidth ceiling.
+#[derive(Debug, Clone)]
+pub struct Bandwidth {
+    /// Bytes read plus bytes written, per second, in units of 1e9.
+    pub gb_per_s: f64,
+    /// Bytes copied per run.
+    pub bytes: u64,
     pub timing: Timing,
 }
 
@@ -56,6 +72,52 @@ pub fn measure_fma(gpu: &Gpu, workgroups: u32, plan: TimingPlan) -> Result<Ceili
         * FLOPS_PER_TRIP;
     Ok(Ceiling {
         gflops: flops / (timing.median_ms * 1e6),
+        timing,
+    })
+}
+
+/// Copies a `bytes`-sized buffer (rounded down to whole vec4s, capped by the
+/// adapter's binding size) into another and reports (read + written) GB/s
+/// from the median time. Use a buffer well past the adapter's caches: tens
+/// of MiB on CPUs, hundreds on GPUs.
+pub fn measure_copy(gpu: &Gpu, bytes: u64, plan: TimingPlan) -> Result<Bandwidth> {
+    let limits = &gpu.info().limits;
+    let bytes = bytes
+        .min(limits.max_storage_buffer_binding_size)
+        .min(limits.max_buffer_size)
+        / 16
+        * 16;
+    let spec = Specialization::CopyCeiling {
+        workgroup_size: COPY_WORKGROUP_SIZE,
+    };
+    let pipeline = gpu.validated("copy ceiling pipeline", || {
+        gpu.pipelines.get(gpu.device(), &spec)
+    })?;
+    let buffer = |label| {
+        gpu.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        })
+    };
+    let (source, destination) = (buffer("copy ceiling source"), buffer("copy ceiling target"));
+    let bind_group = bind_buffers(
+        gpu.device(),
+        &pipeline.bind_group_layout,
+        &[&source, &destination],
+    );
+    let groups = COPY_WORKGROUPS.min(limits.max_compute_workgroups_per_dimension);
+    let timing = time_gpu(gpu, plan, |encoder| {
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+        pass.set_pipeline(&pipeline.pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(groups, 1, 1);
+        Ok(())
+    })?;
+    Ok(Bandwidth {
+        gb_per_s: 2.0 * bytes as f64 / (timing.median_ms * 1e6),
+        bytes,
         timing,
     })
 }

@@ -79,6 +79,17 @@ pub enum Error {
         limit: u64,
     },
 
+    #[error(
+        "naive attention: the score matrix of one (batch, head) pair is {bytes_per_head} bytes \
+         ({total_bytes} for the whole call), over the adapter's {limit_name} of {limit} bytes"
+    )]
+    ScoresTooLarge {
+        bytes_per_head: u64,
+        total_bytes: u64,
+        limit_name: &'static str,
+        limit: u64,
+    },
+
     #[error("{what} needs {groups} workgroups along {axis}, the adapter allows {limit}")]
     DispatchTooLarge {
         what: &'static str,

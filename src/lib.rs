@@ -19,6 +19,7 @@ pub mod ceiling;
 mod config;
 mod error;
 mod gpu;
+pub mod naive;
 pub mod params;
 mod pipelines;
 pub mod presets;

@@ -1,4 +1,5 @@
-//! The uniform block shared with `shaders/flash_attention.wgsl`.
+//! The uniform block shared with the attention kernels, declared in WGSL in
+//! `shaders/attention_common.wgsl`.
 //!
 //! Layout rules: every field is 4 bytes; nested structs are 16 bytes, so the
 //! Rust `#[repr(C)]` layout equals WGSL's uniform layout without padding
@@ -6,7 +7,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-/// Twin of `struct TensorStrides` in `shaders/flash_attention.wgsl`.
+/// Twin of `struct TensorStrides` in `shaders/attention_common.wgsl`.
 ///
 /// Element strides of a `[batch, seq, heads, head_dim]` view, in units of
 /// vec4 (4 elements). The head_dim stride is 1 element.
@@ -29,7 +30,7 @@ pub mod flags {
     pub const WRITE_LSE: u32 = 16;
 }
 
-/// Twin of `struct Params` in `shaders/flash_attention.wgsl`.
+/// Twin of `struct Params` in `shaders/attention_common.wgsl`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
 pub struct AttentionParams {
@@ -47,7 +48,9 @@ pub struct AttentionParams {
     pub window_right: u32,
     /// Stride between batch entries of the ALiBi slope table (0 = shared).
     pub alibi_batch_stride: u32,
-    pub _pad0: u32,
+    /// Naive kernels only: first (batch, query head) pair of the dispatch,
+    /// as `batch * heads_q + head`, when the score matrix is built in chunks.
+    pub unit_base: u32,
     pub q: TensorStrides,
     pub k: TensorStrides,
     pub v: TensorStrides,

@@ -13,33 +13,69 @@ use std::fmt::Write as _;
 pub enum Kernel {
     /// `shaders/flash_attention.wgsl`: the tiled online-softmax forward pass.
     FlashForward,
+    /// `shaders/naive_attention.wgsl`, first pass: S = scale * Q K^T, masked.
+    NaiveScores,
+    /// `shaders/naive_attention.wgsl`, second pass: P = softmax(S) in place.
+    NaiveSoftmax,
+    /// `shaders/naive_attention.wgsl`, third pass: O = P V.
+    NaiveValues,
     /// `shaders/fma_ceiling.wgsl`: the arithmetic ceiling probe.
     FmaCeiling,
+    /// `shaders/copy_ceiling.wgsl`: the memory bandwidth probe.
+    CopyCeiling,
 }
 
 impl Kernel {
     /// Every kernel family, for tests that validate all shaders.
-    pub const ALL: [Kernel; 2] = [Kernel::FlashForward, Kernel::FmaCeiling];
+    pub const ALL: [Kernel; 6] = [
+        Kernel::FlashForward,
+        Kernel::NaiveScores,
+        Kernel::NaiveSoftmax,
+        Kernel::NaiveValues,
+        Kernel::FmaCeiling,
+        Kernel::CopyCeiling,
+    ];
 
     /// File name under `shaders/`.
     pub fn file_name(self) -> &'static str {
         match self {
             Kernel::FlashForward => "flash_attention.wgsl",
+            Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaiveValues => {
+                "naive_attention.wgsl"
+            }
             Kernel::FmaCeiling => "fma_ceiling.wgsl",
+            Kernel::CopyCeiling => "copy_ceiling.wgsl",
         }
     }
 
-    /// The WGSL source without its generated constants.
-    pub fn template(self) -> &'static str {
-        match self {
+    /// The WGSL source without its generated constants: the shared
+    /// attention declarations, where the kernel uses them, then its file.
+    pub fn template(self) -> String {
+        let file = match self {
             Kernel::FlashForward => include_str!("../shaders/flash_attention.wgsl"),
+            Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaiveValues => {
+                include_str!("../shaders/naive_attention.wgsl")
+            }
             Kernel::FmaCeiling => include_str!("../shaders/fma_ceiling.wgsl"),
+            Kernel::CopyCeiling => include_str!("../shaders/copy_ceiling.wgsl"),
+        };
+        match self {
+            Kernel::FmaCeiling | Kernel::CopyCeiling => file.to_string(),
+            _ => format!(
+                "{}\n{file}",
+                include_str!("../shaders/attention_common.wgsl")
+            ),
         }
     }
 
     /// Name of the compute entry point.
     pub fn entry_point(self) -> &'static str {
-        "main"
+        match self {
+            Kernel::NaiveScores => "build_scores",
+            Kernel::NaiveSoftmax => "softmax_rows",
+            Kernel::NaiveValues => "weight_values",
+            _ => "main",
+        }
     }
 
     /// Buffer bindings of group 0, in binding order.
@@ -56,8 +92,21 @@ impl Kernel {
                 Storage { read_only: false },
                 Storage { read_only: true },
             ],
+            // the same, then the score matrix
+            Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaiveValues => &[
+                Uniform,
+                Storage { read_only: true },
+                Storage { read_only: true },
+                Storage { read_only: true },
+                Storage { read_only: false },
+                Storage { read_only: false },
+                Storage { read_only: true },
+                Storage { read_only: false },
+            ],
             // sink
             Kernel::FmaCeiling => &[Storage { read_only: false }],
+            // source, destination
+            Kernel::CopyCeiling => &[Storage { read_only: true }, Storage { read_only: false }],
         }
     }
 }
@@ -79,6 +128,15 @@ pub enum Specialization {
         /// compilers that do not unroll them (llvmpipe).
         unroll: bool,
     },
+    /// One pass of the naive baseline; tiling fields as in `FlashForward`.
+    Naive {
+        pass: NaivePass,
+        head_dim: u32,
+        block_n: u32,
+        workgroup_size: u32,
+        rows: u32,
+        unroll: bool,
+    },
     FmaCeiling {
         /// Loop trips per invocation.
         iterations: u32,
@@ -86,13 +144,34 @@ pub enum Specialization {
         copies: u32,
         workgroup_size: u32,
     },
+    CopyCeiling {
+        workgroup_size: u32,
+    },
+}
+
+/// The three passes of the naive baseline, in dispatch order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NaivePass {
+    Scores,
+    Softmax,
+    Values,
+}
+
+impl NaivePass {
+    pub const ALL: [NaivePass; 3] = [NaivePass::Scores, NaivePass::Softmax, NaivePass::Values];
 }
 
 impl Specialization {
     pub fn kernel(&self) -> Kernel {
         match self {
             Specialization::FlashForward { .. } => Kernel::FlashForward,
+            Specialization::Naive { pass, .. } => match pass {
+                NaivePass::Scores => Kernel::NaiveScores,
+                NaivePass::Softmax => Kernel::NaiveSoftmax,
+                NaivePass::Values => Kernel::NaiveValues,
+            },
             Specialization::FmaCeiling { .. } => Kernel::FmaCeiling,
+            Specialization::CopyCeiling { .. } => Kernel::CopyCeiling,
         }
     }
 
@@ -100,6 +179,13 @@ impl Specialization {
     pub fn constants(&self) -> Vec<(&'static str, u32)> {
         match *self {
             Specialization::FlashForward {
+                head_dim,
+                block_n,
+                workgroup_size,
+                rows,
+                ..
+            }
+            | Specialization::Naive {
                 head_dim,
                 block_n,
                 workgroup_size,
@@ -120,6 +206,7 @@ impl Specialization {
                 ("COPIES", copies),
                 ("WG_SIZE", workgroup_size),
             ],
+            Specialization::CopyCeiling { workgroup_size } => vec![("WG_SIZE", workgroup_size)],
         }
     }
 
@@ -136,15 +223,18 @@ impl Specialization {
             .into_iter()
             .filter(|(name, _)| unrolled.contains(name))
             .collect();
-        text.push_str(&unroll_loops(self.kernel().template(), &bounds));
+        text.push_str(&unroll_loops(&self.kernel().template(), &bounds));
         text
     }
 
     /// Constants whose loops `source` unrolls.
     fn unrolled_bounds(&self) -> &'static [&'static str] {
         match self {
-            Specialization::FlashForward { unroll: true, .. } => &["D4", "ROWS"],
-            Specialization::FlashForward { unroll: false, .. } => &[],
+            Specialization::FlashForward { unroll: true, .. }
+            | Specialization::Naive { unroll: true, .. } => &["D4", "ROWS"],
+            Specialization::FlashForward { unroll: false, .. }
+            | Specialization::Naive { unroll: false, .. }
+            | Specialization::CopyCeiling { .. } => &[],
             Specialization::FmaCeiling { .. } => &["COPIES"],
         }
     }
@@ -155,7 +245,11 @@ impl Specialization {
             Specialization::FlashForward {
                 head_dim, block_n, ..
             } => forward_tile_bytes(head_dim, block_n),
-            Specialization::FmaCeiling { .. } => 0,
+            // One K or V tile at a time.
+            Specialization::Naive {
+                head_dim, block_n, ..
+            } => forward_tile_bytes(head_dim, block_n) / 2,
+            Specialization::FmaCeiling { .. } | Specialization::CopyCeiling { .. } => 0,
         }
     }
 
@@ -172,8 +266,9 @@ impl Specialization {
             " unrolled"
         };
         format!(
-            "{} {}{unrolled}",
+            "{}:{} {}{unrolled}",
             self.kernel().file_name(),
+            self.kernel().entry_point(),
             constants.join(" ")
         )
     }

@@ -6,7 +6,7 @@ use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 use wgpu_flash_attn::is_supported_head_dim;
 use wgpu_flash_attn::params::{AttentionParams, TensorStrides};
-use wgpu_flash_attn::shaders::{Kernel, Specialization};
+use wgpu_flash_attn::shaders::{Kernel, NaivePass, Specialization};
 
 /// Workgroup memory of the smallest adapters WebGPU allows (16 KiB) up to
 /// lavapipe's 32 KiB: every tile size the planner can pick on them.
@@ -14,11 +14,14 @@ const BLOCK_N_CHOICES: [u32; 5] = [64, 32, 16, 8, 4];
 const MAX_WORKGROUP_BYTES: u64 = 32 * 1024;
 
 fn shipped_specializations() -> Vec<Specialization> {
-    let mut specs = vec![Specialization::FmaCeiling {
-        iterations: 1024,
-        copies: 4,
-        workgroup_size: 64,
-    }];
+    let mut specs = vec![
+        Specialization::FmaCeiling {
+            iterations: 1024,
+            copies: 4,
+            workgroup_size: 64,
+        },
+        Specialization::CopyCeiling { workgroup_size: 64 },
+    ];
     // Hardware-GPU tiling (64 invocations, 1 row, loops kept) and CPU-adapter
     // tiling (8 invocations, several rows, unrolled).
     let tilings = [(64, 1, false), (8, 1, true), (8, 4, true), (8, 16, true)];
@@ -38,6 +41,15 @@ fn shipped_specializations() -> Vec<Specialization> {
                 };
                 if spec.workgroup_bytes() <= MAX_WORKGROUP_BYTES {
                     specs.push(spec);
+                    // The naive baseline runs with the flash kernel's tiling.
+                    specs.extend(NaivePass::ALL.map(|pass| Specialization::Naive {
+                        pass,
+                        head_dim,
+                        block_n,
+                        workgroup_size,
+                        rows,
+                        unroll,
+                    }));
                 }
             }
         }

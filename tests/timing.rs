@@ -1,11 +1,12 @@
-//! The timer and the FMA ceiling probe report sane, self-consistent figures.
+//! The timer and the ceiling probes (FMA, copy) report sane, self-consistent
+//! figures.
 
 mod common;
 
 use std::time::Instant;
 
 use common::gpu;
-use wgpu_flash_attn::ceiling::measure_fma;
+use wgpu_flash_attn::ceiling::{measure_copy, measure_fma};
 use wgpu_flash_attn::timing::{Timer, TimingPlan};
 
 #[test]
@@ -31,5 +32,21 @@ fn ceiling_uses_timestamps_when_the_device_has_them() {
     assert!(
         ceiling.gflops.is_finite() && ceiling.gflops > 0.0,
         "{ceiling:?}"
+    );
+}
+
+#[test]
+fn copy_ceiling_reports_bytes_moved_over_time() {
+    let Some(gpu) = gpu() else { return };
+    // Deliberately not a multiple of 16: the probe rounds down to vec4s.
+    let asked = 8 * 1024 * 1024 + 5;
+    let bandwidth = measure_copy(gpu, asked, TimingPlan { warmup: 1, runs: 3 }).unwrap();
+    assert_eq!(bandwidth.bytes, 8 * 1024 * 1024);
+    let t = &bandwidth.timing;
+    assert!(t.min_ms > 0.0 && t.min_ms <= t.median_ms, "{t:?}");
+    let expected = 2.0 * bandwidth.bytes as f64 / (t.median_ms * 1e6);
+    assert!(
+        (bandwidth.gb_per_s - expected).abs() <= 1e-9 * expected,
+        "{bandwidth:?}"
     );
 }

@@ -81,11 +81,15 @@ pub fn run_and_compare(
     inputs: &Inputs,
     config: &AttentionConfig,
 ) -> Errors {
-    let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
-    let k = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap();
-    let v = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.v).unwrap();
-    let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
-    run_views_and_compare(gpu, shape, inputs, config, [&q, &k, &v, &out])
+    run_with(gpu, Implementation::Flash, shape, inputs, config)
+}
+
+/// Which kernel a test runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Implementation {
+    Flash,
+    /// The baseline that materialises the score matrix.
+    Naive,
 }
 
 /// Runs device views of `inputs` (q, k, v) into `out`, which the caller has
@@ -93,6 +97,40 @@ pub fn run_and_compare(
 /// with the reference.
 pub fn run_views_and_compare(
     gpu: &Gpu,
+    shape: &AttentionShape,
+    inputs: &Inputs,
+    config: &AttentionConfig,
+    views: [&Tensor; 4],
+) -> Errors {
+    run_views_with(gpu, Implementation::Flash, shape, inputs, config, views)
+}
+
+/// [`run_and_compare`] with a chosen kernel.
+pub fn run_with(
+    gpu: &Gpu,
+    implementation: Implementation,
+    shape: &AttentionShape,
+    inputs: &Inputs,
+    config: &AttentionConfig,
+) -> Errors {
+    let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
+    let k = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap();
+    let v = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.v).unwrap();
+    let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
+    run_views_with(
+        gpu,
+        implementation,
+        shape,
+        inputs,
+        config,
+        [&q, &k, &v, &out],
+    )
+}
+
+/// [`run_views_and_compare`] with a chosen kernel.
+pub fn run_views_with(
+    gpu: &Gpu,
+    implementation: Implementation,
     shape: &AttentionShape,
     inputs: &Inputs,
     config: &AttentionConfig,
@@ -106,7 +144,12 @@ pub fn run_views_and_compare(
         out,
         lse: Some(&lse),
     };
-    gpu.attention_into(&args, config).unwrap();
+    match implementation {
+        Implementation::Flash => gpu.attention_into(&args, config).unwrap(),
+        Implementation::Naive => {
+            gpu.naive_attention_into(&args, config).unwrap();
+        }
+    }
     let got = out.to_f32_vec(gpu).unwrap();
     let got_lse = lse.to_vec(gpu).unwrap();
     compare(shape, inputs, config, &got, &got_lse)

@@ -1,0 +1,98 @@
+// Declarations shared by the attention kernels (flash_attention.wgsl and
+// naive_attention.wgsl): the parameter block, bindings 0-6 and the score
+// epilogue. src/shaders.rs prepends this file to each of them, after the
+// generated constants.
+
+// Twin of `TensorStrides` in src/params.rs. Units are vec4 (4 elements);
+// the head_dim stride is always 1 element.
+struct TensorStrides {
+    batch: u32,
+    seq: u32,
+    head: u32,
+    offset: u32,
+}
+
+// Twin of `AttentionParams` in src/params.rs: same field order, same sizes.
+struct Params {
+    batch: u32,
+    seq_q: u32,
+    seq_kv: u32,
+    heads_q: u32,
+    heads_kv: u32,
+    // Bit set of FLAG_* below.
+    flags: u32,
+    // Softmax scale, multiplied by log2(e) unless softcap or ALiBi is on
+    // (then those run in natural units and log2(e) is applied after them).
+    score_scale: f32,
+    softcap: f32,
+    // Window sides in keys; only read when the matching FLAG_ bit is set.
+    window_left: u32,
+    window_right: u32,
+    // Stride between batch entries of the ALiBi slope table (0 = shared).
+    alibi_batch_stride: u32,
+    // Naive kernels only: first (batch, query head) pair of this dispatch,
+    // counted as batch * heads_q + head, when the score matrix is built in
+    // chunks. The flash kernel covers every pair in one dispatch.
+    unit_base: u32,
+    q: TensorStrides,
+    k: TensorStrides,
+    v: TensorStrides,
+    o: TensorStrides,
+}
+
+const FLAG_WINDOW_LEFT: u32 = 1u;
+const FLAG_WINDOW_RIGHT: u32 = 2u;
+const FLAG_SOFTCAP: u32 = 4u;
+const FLAG_ALIBI: u32 = 8u;
+const FLAG_WRITE_LSE: u32 = 16u;
+
+const LOG2_E: f32 = 1.4426950408889634;
+const LN_2: f32 = 0.6931471805599453;
+// Finite sentinel for the running max: `NEG_BIG - NEG_BIG` is 0, never NaN.
+const NEG_BIG: f32 = -1.0e30;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> q_buf: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> k_buf: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> v_buf: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> o_buf: array<vec4<f32>>;
+// Logsumexp, [batch, heads_q, seq_q], natural log.
+@group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>;
+@group(0) @binding(6) var<storage, read> alibi_slopes: array<f32>;
+
+
+fn has_flag(bit: u32) -> bool {
+    return (p.flags & bit) != 0u;
+}
+
+// Scores of one query row against four keys, from raw dot products to
+// log2-domain logits. `key_pos` are the keys' positions, `row_pos` the query's
+// position on the key axis (bottom-right alignment).
+fn finish_scores(dots: vec4<f32>, row_pos: i32, key_pos: vec4<i32>, alibi_slope: f32) -> vec4<f32> {
+    var s = dots * p.score_scale;
+    if (has_flag(FLAG_SOFTCAP)) {
+        s = p.softcap * tanh(s / p.softcap);
+    }
+    if (has_flag(FLAG_ALIBI)) {
+        s -= alibi_slope * vec4<f32>(abs(key_pos - vec4<i32>(row_pos)));
+    }
+    if (has_flag(FLAG_SOFTCAP) || has_flag(FLAG_ALIBI)) {
+        s *= LOG2_E;
+    }
+    return s;
+}
+
+// Keys a query at key-axis position `row_pos` may see, as an inclusive
+// range (lo, hi); empty when lo > hi. Causal calls arrive as a right window
+// of 0 (src/config.rs, `effective_window`).
+fn visible_keys(row_pos: i32) -> vec2<i32> {
+    var lo = 0;
+    var hi = i32(p.seq_kv) - 1;
+    if (has_flag(FLAG_WINDOW_LEFT)) {
+        lo = max(lo, row_pos - i32(p.window_left));
+    }
+    if (has_flag(FLAG_WINDOW_RIGHT)) {
+        hi = min(hi, row_pos + i32(p.window_right));
+    }
+    return vec2<i32>(lo, hi);
+}

@@ -1,0 +1,20 @@
+// Copy-bound kernel: measures an adapter's memory bandwidth (bytes read plus
+// bytes written per second), the ceiling for memory-bound work such as
+// decoding and the naive baseline's score passes.
+//
+// Consecutive invocations copy consecutive vec4s (coalesced on GPUs, whole
+// SIMD rows on CPU adapters); each invocation strides over the buffer.
+//
+// Generated constants (src/shaders.rs): WG_SIZE.
+
+@group(0) @binding(0) var<storage, read> copy_src: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> copy_dst: array<vec4<f32>>;
+
+@compute @workgroup_size(WG_SIZE)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+    let threads = groups.x * WG_SIZE;
+    let n = arrayLength(&copy_dst);
+    for (var i = gid.x; i < n; i += threads) {
+        copy_dst[i] = copy_src[i];
+    }
+}

@@ -1,0 +1,209 @@
+// Standard attention, the baseline the FlashAttention papers measure
+// against: the score matrix S = scale * Q K^T is written to device memory,
+// a row pass turns it into P = softmax(S) in place, and O = P V reads it
+// back. Three entry points, dispatched in that order for each chunk of
+// (batch, query head) pairs ("units") whose score rows fit one binding.
+//
+// Both matrix products use the flash kernel's register tiling (ROWS query
+// rows per invocation, K or V tiles in workgroup memory, four keys per
+// step), so the comparison measures what materialising S costs rather than
+// a weaker matrix product. Like standard attention, every score is
+// computed and then masked: no tile is skipped.
+//
+// Generated constants: D4, BLOCK_N, WG_SIZE, ROWS (as flash_attention.wgsl).
+//
+// `scores` layout: [unit - unit_base, seq_q, ceil(seq_kv / 4)] of vec4.
+// Masked and padding keys hold NEG_BIG until the softmax pass zeroes them.
+
+const BLOCK_M: u32 = WG_SIZE * ROWS;
+
+@group(0) @binding(7) var<storage, read_write> scores: array<vec4<f32>>;
+
+var<workgroup> kv_tile: array<vec4<f32>, BLOCK_N * D4>;
+
+// vec4 slots per score row.
+fn row_slots() -> u32 {
+    return (p.seq_kv + 3u) / 4u;
+}
+
+struct Unit {
+    batch: u32,
+    head_q: u32,
+    head_kv: u32,
+    // Index within this chunk's score rows.
+    local: u32,
+}
+
+fn unit_of(local: u32) -> Unit {
+    let unit = p.unit_base + local;
+    let head_q = unit % p.heads_q;
+    return Unit(unit / p.heads_q, head_q, head_q / (p.heads_q / p.heads_kv), local);
+}
+
+@compute @workgroup_size(WG_SIZE)
+fn build_scores(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let u = unit_of(wg.y);
+    let row0 = wg.x * BLOCK_M;
+    let diag = i32(p.seq_kv) - i32(p.seq_q);
+    var alibi_slope = 0.0;
+    if (has_flag(FLAG_ALIBI)) {
+        alibi_slope = alibi_slopes[u.batch * p.alibi_batch_stride + u.head_q];
+    }
+    var q: array<vec4<f32>, ROWS * D4>;
+    var row_pos: array<i32, ROWS>;
+    var bounds: array<vec2<i32>, ROWS>;
+    for (var r = 0u; r < ROWS; r++) {
+        // Rows past the end compute on a copy of the last row; never stored.
+        let row = min(row0 + lid + r * WG_SIZE, p.seq_q - 1u);
+        row_pos[r] = i32(row) + diag;
+        bounds[r] = visible_keys(row_pos[r]);
+        let q_base = u.batch * p.q.batch + row * p.q.seq + u.head_q * p.q.head + p.q.offset;
+        for (var d = 0u; d < D4; d++) {
+            q[r * D4 + d] = q_buf[q_base + d];
+        }
+    }
+    let k_base = u.batch * p.k.batch + u.head_kv * p.k.head + p.k.offset;
+    let slots = row_slots();
+    for (var kv0 = 0u; kv0 < p.seq_kv; kv0 += BLOCK_N) {
+        let n_keys = min(BLOCK_N, p.seq_kv - kv0);
+        for (var i = lid; i < BLOCK_N * D4; i += WG_SIZE) {
+            let key = i / D4;
+            var kk = vec4<f32>(0.0);
+            if (key < n_keys) {
+                kk = k_buf[k_base + (kv0 + key) * p.k.seq + i % D4];
+            }
+            kv_tile[i] = kk;
+        }
+        workgroupBarrier();
+        for (var c = 0u; c < n_keys; c += 4u) {
+            let t = c * D4;
+            var dots: array<vec4<f32>, ROWS>;
+            for (var r = 0u; r < ROWS; r++) {
+                dots[r] = vec4<f32>(0.0);
+            }
+            for (var d = 0u; d < D4; d++) {
+                let k0 = kv_tile[t + d];
+                let k1 = kv_tile[t + D4 + d];
+                let k2 = kv_tile[t + 2u * D4 + d];
+                let k3 = kv_tile[t + 3u * D4 + d];
+                for (var r = 0u; r < ROWS; r++) {
+                    let qd = q[r * D4 + d];
+                    dots[r] += vec4<f32>(dot(qd, k0), dot(qd, k1), dot(qd, k2), dot(qd, k3));
+                }
+            }
+            let key_pos = vec4<i32>(i32(kv0 + c)) + vec4<i32>(0, 1, 2, 3);
+            for (var r = 0u; r < ROWS; r++) {
+                let row = row0 + lid + r * WG_SIZE;
+                let s = finish_scores(dots[r], row_pos[r], key_pos, alibi_slope);
+                let visible = key_pos >= vec4<i32>(bounds[r].x) & key_pos <= vec4<i32>(bounds[r].y);
+                if (row < p.seq_q) {
+                    scores[(u.local * p.seq_q + row) * slots + (kv0 + c) / 4u] =
+                        select(vec4<f32>(NEG_BIG), s, visible);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+}
+
+// One invocation per score row: max, sum, then P in place, and logsumexp.
+@compute @workgroup_size(WG_SIZE)
+fn softmax_rows(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wg.x * WG_SIZE + lid;
+    if (row >= p.seq_q) {
+        return;
+    }
+    let u = unit_of(wg.y);
+    let slots = row_slots();
+    let base = (u.local * p.seq_q + row) * slots;
+    var m = NEG_BIG;
+    for (var i = 0u; i < slots; i++) {
+        let s = scores[base + i];
+        m = max(m, max(max(s.x, s.y), max(s.z, s.w)));
+    }
+    var l = 0.0;
+    // A row that sees no key keeps m == NEG_BIG: its P is all zeros.
+    if (m > NEG_BIG) {
+        for (var i = 0u; i < slots; i++) {
+            let e = exp2(scores[base + i] - vec4<f32>(m));
+            l += (e.x + e.y) + (e.z + e.w);
+        }
+    }
+    var inv_l = 0.0;
+    var lse = bitcast<f32>(0x7f800000u);
+    if (l > 0.0) {
+        inv_l = 1.0 / l;
+        lse = (m + log2(l)) * LN_2;
+    }
+    for (var i = 0u; i < slots; i++) {
+        scores[base + i] = exp2(scores[base + i] - vec4<f32>(m)) * inv_l;
+    }
+    if (has_flag(FLAG_WRITE_LSE)) {
+        lse_buf[(u.batch * p.heads_q + u.head_q) * p.seq_q + row] = lse;
+    }
+}
+
+@compute @workgroup_size(WG_SIZE)
+fn weight_values(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let u = unit_of(wg.y);
+    let row0 = wg.x * BLOCK_M;
+    let slots = row_slots();
+    var acc: array<vec4<f32>, ROWS * D4>;
+    var p_base: array<u32, ROWS>;
+    for (var r = 0u; r < ROWS; r++) {
+        let row = min(row0 + lid + r * WG_SIZE, p.seq_q - 1u);
+        p_base[r] = (u.local * p.seq_q + row) * slots;
+        for (var d = 0u; d < D4; d++) {
+            acc[r * D4 + d] = vec4<f32>(0.0);
+        }
+    }
+    let v_base = u.batch * p.v.batch + u.head_kv * p.v.head + p.v.offset;
+    for (var kv0 = 0u; kv0 < p.seq_kv; kv0 += BLOCK_N) {
+        let n_keys = min(BLOCK_N, p.seq_kv - kv0);
+        for (var i = lid; i < BLOCK_N * D4; i += WG_SIZE) {
+            let key = i / D4;
+            var vv = vec4<f32>(0.0);
+            if (key < n_keys) {
+                vv = v_buf[v_base + (kv0 + key) * p.v.seq + i % D4];
+            }
+            kv_tile[i] = vv;
+        }
+        workgroupBarrier();
+        for (var c = 0u; c < n_keys; c += 4u) {
+            let t = c * D4;
+            var probs: array<vec4<f32>, ROWS>;
+            for (var r = 0u; r < ROWS; r++) {
+                probs[r] = scores[p_base[r] + (kv0 + c) / 4u];
+            }
+            for (var d = 0u; d < D4; d++) {
+                let v0 = kv_tile[t + d];
+                let v1 = kv_tile[t + D4 + d];
+                let v2 = kv_tile[t + 2u * D4 + d];
+                let v3 = kv_tile[t + 3u * D4 + d];
+                for (var r = 0u; r < ROWS; r++) {
+                    let pr = probs[r];
+                    acc[r * D4 + d] += pr.x * v0 + pr.y * v1 + pr.z * v2 + pr.w * v3;
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var r = 0u; r < ROWS; r++) {
+        let row = row0 + lid + r * WG_SIZE;
+        if (row < p.seq_q) {
+            let o_base = u.batch * p.o.batch + row * p.o.seq + u.head_q * p.o.head + p.o.offset;
+            for (var d = 0u; d < D4; d++) {
+                o_buf[o_base + d] = acc[r * D4 + d];
+            }
+        }
+    }
+}
