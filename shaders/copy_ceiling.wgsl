@@ -2,8 +2,9 @@
 // bytes written per second), the ceiling for memory-bound work such as
 // decoding and the naive baseline's score passes.
 //
-// Consecutive invocations copy consecutive vec4s (coalesced on GPUs, whole
-// SIMD rows on CPU adapters); each invocation strides over the buffer.
+// One vec4 per invocation, consecutive invocations on consecutive vec4s
+// (coalesced on GPUs, whole SIMD rows on CPU adapters). A grid-stride loop
+// measured 2.0 GB/s on lavapipe against 2.8-4.6 GB/s for this form.
 //
 // Generated constants (src/shaders.rs): WG_SIZE.
 
@@ -12,9 +13,8 @@
 
 @compute @workgroup_size(WG_SIZE)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
-    let threads = groups.x * WG_SIZE;
-    let n = arrayLength(&copy_dst);
-    for (var i = gid.x; i < n; i += threads) {
+    let i = gid.x + gid.y * groups.x * WG_SIZE;
+    if (i < arrayLength(&copy_dst)) {
         copy_dst[i] = copy_src[i];
     }
 }

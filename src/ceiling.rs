@@ -17,8 +17,6 @@ const FLOPS_PER_TRIP: f64 = COPIES as f64 * 8.0 * 4.0 * 2.0;
 
 /// Invocations per workgroup of the copy kernel.
 const COPY_WORKGROUP_SIZE: u32 = 64;
-/// Workgroups of the copy kernel; each invocation strides over the buffer.
-const COPY_WORKGROUPS: u32 = 4096;
 
 /// A measured arithmetic ceiling.
 #[derive(Debug, Clone)]
@@ -107,12 +105,14 @@ pub fn measure_copy(gpu: &Gpu, bytes: u64, plan: TimingPlan) -> Result<Bandwidth
         &pipeline.bind_group_layout,
         &[&source, &destination],
     );
-    let groups = COPY_WORKGROUPS.min(limits.max_compute_workgroups_per_dimension);
+    let total = (bytes / 16).div_ceil(u64::from(COPY_WORKGROUP_SIZE)) as u32;
+    let max_x = limits.max_compute_workgroups_per_dimension;
+    let (gx, gy) = (total.min(max_x), total.div_ceil(max_x));
     let timing = time_gpu(gpu, plan, |encoder| {
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
         pass.set_pipeline(&pipeline.pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
-        pass.dispatch_workgroups(groups, 1, 1);
+        pass.dispatch_workgroups(gx, gy, 1);
         Ok(())
     })?;
     Ok(Bandwidth {

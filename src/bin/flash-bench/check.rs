@@ -1,0 +1,244 @@
+//! `flash-bench check FILE.safetensors`: runs the GPU kernel on a user's own
+//! q, k, v and compares it with their expected `out` and with the f64
+//! reference.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use serde::Serialize;
+use wgpu_flash_attn::{AttentionShape, Gpu, reference};
+
+use crate::options::AttentionFlags;
+use crate::report::{AdapterJson, write_json};
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// safetensors file with `q`, `k`, `v` ([batch, seq, heads, head_dim],
+    /// F32, F16 or BF16) and optionally the expected `out`.
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub flags: AttentionFlags,
+    /// Write the GPU output as F32 tensor `out` to this safetensors file.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Largest accepted |difference|, for both comparisons (default: 1e-4
+    /// against the reference; against `out`, 1e-4 / 2e-3 / 1.6e-2 for the
+    /// coarsest of F32 / F16 / BF16 among the file's tensors).
+    #[arg(long)]
+    pub atol: Option<f64>,
+}
+
+/// A tensor widened to f32, with the dtype it was stored in.
+struct HostTensor {
+    dtype: Dtype,
+    shape: [usize; 4],
+    data: Vec<f32>,
+}
+
+fn read_tensor(file: &SafeTensors<'_>, name: &str) -> Result<Option<HostTensor>> {
+    let view = match file.tensor(name) {
+        Ok(view) => view,
+        Err(safetensors::SafeTensorError::TensorNotFound(_)) => return Ok(None),
+        Err(err) => return Err(anyhow!("tensor {name}: {err}")),
+    };
+    let shape: [usize; 4] = view.shape().try_into().map_err(|_| {
+        anyhow!(
+            "tensor {name} has shape {:?}; expected 4 dimensions [batch, seq, heads, head_dim]",
+            view.shape()
+        )
+    })?;
+    let bytes = view.data();
+    let data: Vec<f32> = match view.dtype() {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => bail!("tensor {name} is {other:?}; expected F32, F16 or BF16"),
+    };
+    Ok(Some(HostTensor {
+        dtype: view.dtype(),
+        shape,
+        data,
+    }))
+}
+
+/// Default tolerance against a result stored in `dtype`.
+fn storage_tolerance(dtype: Dtype) -> f64 {
+    match dtype {
+        Dtype::F16 => 2e-3,
+        Dtype::BF16 => 1.6e-2,
+        _ => 1e-4,
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub max_abs_err: f64,
+    pub rel_l2_err: f64,
+    pub atol: f64,
+    pub passed: bool,
+}
+
+fn compare(got: &[f32], want: impl Iterator<Item = f64>, atol: f64) -> Comparison {
+    let (mut max_abs, mut diff2, mut norm2) = (0.0f64, 0.0f64, 0.0f64);
+    for (g, w) in got.iter().zip(want) {
+        let d = f64::from(*g) - w;
+        // A NaN anywhere must fail: fold it in as an infinite error.
+        max_abs = if d.is_nan() {
+            f64::INFINITY
+        } else {
+            max_abs.max(d.abs())
+        };
+        diff2 += d * d;
+        norm2 += w * w;
+    }
+    let rel_l2_err = if norm2 > 0.0 {
+        (diff2 / norm2).sqrt()
+    } else {
+        diff2.sqrt()
+    };
+    Comparison {
+        max_abs_err: max_abs,
+        rel_l2_err,
+        atol,
+        passed: max_abs <= atol,
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct CheckReport {
+    file: String,
+    adapter: AdapterJson,
+    shape: crate::measure::ShapeJson,
+    dtypes: Vec<String>,
+    options: String,
+    vs_reference: Comparison,
+    vs_file_out: Option<Comparison>,
+    passed: bool,
+}
+
+/// Bad input and failures to run are errors (exit 2); `Ok(false)` means a
+/// result outside the tolerance (exit 1).
+pub fn run(gpu: &Gpu, args: &CheckArgs, json: Option<&std::path::Path>) -> Result<bool> {
+    let bytes =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let file = SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow!("{}: not a safetensors file: {e}", args.file.display()))?;
+    let required = |name| {
+        read_tensor(&file, name)?
+            .ok_or_else(|| anyhow!("{}: no tensor named {name:?}", args.file.display()))
+    };
+    let (q, k, v) = (required("q")?, required("k")?, required("v")?);
+    let expected = read_tensor(&file, "out")?;
+    if k.shape != v.shape {
+        bail!("k is {:?} but v is {:?}; they must match", k.shape, v.shape);
+    }
+    let shape = AttentionShape {
+        batch: q.shape[0],
+        seq_q: q.shape[1],
+        heads_q: q.shape[2],
+        head_dim: q.shape[3],
+        seq_kv: k.shape[1],
+        heads_kv: k.shape[2],
+    };
+    if k.shape[0] != shape.batch || k.shape[3] != shape.head_dim {
+        bail!(
+            "q is {:?} and k is {:?}: batch and head_dim must match",
+            q.shape,
+            k.shape
+        );
+    }
+    if let Some(out) = &expected
+        && out.shape != q.shape
+    {
+        bail!(
+            "out is {:?}; it must be shaped like q {:?}",
+            out.shape,
+            q.shape
+        );
+    }
+    let config = args.flags.config();
+    // f16 and bf16 inputs widen to f32 exactly, so the GPU result is held
+    // to f32 accuracy against the reference on the same values.
+    let result = gpu.attention_host(&shape, &q.data, &k.data, &v.data, &config)?;
+    let want = reference::attention(&shape, &q.data, &k.data, &v.data, &config)?;
+    let vs_reference = compare(
+        &result.out,
+        want.out.iter().copied(),
+        args.atol.unwrap_or(1e-4),
+    );
+    let vs_file_out = expected.as_ref().map(|out| {
+        let coarsest = [q.dtype, k.dtype, v.dtype, out.dtype]
+            .into_iter()
+            .map(storage_tolerance)
+            .fold(0.0, f64::max);
+        compare(
+            &result.out,
+            out.data.iter().map(|&x| f64::from(x)),
+            args.atol.unwrap_or(coarsest),
+        )
+    });
+    let dtypes: Vec<String> = [("q", &q), ("k", &k), ("v", &v)]
+        .into_iter()
+        .chain(expected.as_ref().map(|o| ("out", o)))
+        .map(|(name, t)| format!("{name}: {:?}", t.dtype))
+        .collect();
+
+    println!("adapter: {}", gpu.info().summary());
+    println!(
+        "{}: {} ({}){}",
+        args.file.display(),
+        crate::options::case_name(&shape, &args.flags.describe()),
+        dtypes.join(", "),
+        if expected.is_none() { ", no `out`" } else { "" }
+    );
+    let line = |what: &str, c: &Comparison| {
+        println!(
+            "{what:<22} max |err| {:.3e}  rel L2 {:.3e}  (atol {:.1e}) {}",
+            c.max_abs_err,
+            c.rel_l2_err,
+            c.atol,
+            if c.passed { "ok" } else { "OUTSIDE TOLERANCE" }
+        );
+    };
+    line("GPU vs f64 reference", &vs_reference);
+    if let Some(c) = &vs_file_out {
+        line("GPU vs file's out", c);
+    }
+    if let Some(path) = &args.output {
+        let data: Vec<u8> = result.out.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let view = TensorView::new(Dtype::F32, q.shape.to_vec(), &data)
+            .map_err(|e| anyhow!("building the output tensor: {e}"))?;
+        safetensors::serialize_to_file([("out", view)], None, path)
+            .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+        println!("wrote GPU output (F32 `out`) to {}", path.display());
+    }
+    let passed = vs_reference.passed && vs_file_out.as_ref().is_none_or(|c| c.passed);
+    if let Some(path) = json {
+        write_json(
+            path,
+            &CheckReport {
+                file: args.file.display().to_string(),
+                adapter: AdapterJson::of_device(gpu.info()),
+                shape: (&shape).into(),
+                dtypes,
+                options: format!("{config:?}"),
+                vs_reference,
+                vs_file_out,
+                passed,
+            },
+        )?;
+    }
+    Ok(passed)
+}

@@ -1,0 +1,347 @@
+//! flash-bench: checks that attention is correct on this machine's adapter
+//! and measures how close to the adapter's own ceilings it runs.
+//!
+//! `flash-bench` alone runs the suite (seed-model presets); `info`, `run`,
+//! `sweep` and `check` are described by `flash-bench help`. Results go to
+//! stdout, progress to stderr. Exit status: 0 when every result agrees with
+//! the reference, 1 when one does not, 2 on bad input or when nothing could
+//! run.
+
+mod check;
+mod info;
+mod measure;
+mod options;
+mod plot;
+mod report;
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use wgpu_flash_attn::ceiling::{measure_copy, measure_fma};
+use wgpu_flash_attn::presets::seed_models;
+use wgpu_flash_attn::timing::TimingPlan;
+use wgpu_flash_attn::{AttentionShape, Gpu};
+
+use measure::{Bench, CEILING_WORKGROUPS, Case};
+use options::{AttentionFlags, DTypeArg, GlobalArgs, Impl, ShapeArgs, case_name};
+use report::{AdapterJson, Ceilings, Report};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "flash-bench",
+    version,
+    about = "Validate and benchmark wgpu-flash-attn on this machine's GPU",
+    long_about = "Validate and benchmark wgpu-flash-attn on this machine's GPU.\n\n\
+                  Without a subcommand: the adapter, its measured FMA and copy ceilings, then \
+                  the seed-model presets, each validated against the f64 CPU reference and \
+                  timed with the flash kernel, the naive baseline and the CPU reference."
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List every adapter wgpu finds, with the features and limits that matter.
+    Info,
+    /// Validate and time one configuration.
+    Run(RunArgs),
+    /// One shape or preset over a list of sequence lengths.
+    Sweep(SweepArgs),
+    /// Check the kernel against q, k, v (and expected out) from a safetensors file.
+    Check(check::CheckArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    shape: ShapeArgs,
+    #[command(flatten)]
+    flags: AttentionFlags,
+    /// Storage type (f32 today; f16 and bf16 storage are not implemented yet).
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    dtype: DTypeArg,
+    #[arg(long = "impl", value_enum, default_value_t = Impl::Flash)]
+    implementation: Impl,
+    /// Timed runs after the validating first run.
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+}
+
+#[derive(Debug, Args)]
+struct SweepArgs {
+    /// A seed-model preset (substring of its name, e.g. "bert"); otherwise
+    /// the shape flags.
+    #[arg(long)]
+    preset: Option<String>,
+    #[command(flatten)]
+    shape: ShapeArgs,
+    #[command(flatten)]
+    flags: AttentionFlags,
+    /// Sequence lengths (queries and keys).
+    #[arg(long, value_delimiter = ',', default_value = "512,1024,2048,4096")]
+    seq: Vec<usize>,
+    /// Implementations to compare.
+    #[arg(
+        long = "impl",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "flash,naive"
+    )]
+    implementations: Vec<Impl>,
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+}
+
+/// The suite's CPU reference is timed only up to this many FLOPs (a few
+/// seconds on two cores).
+const SUITE_CPU_BUDGET: f64 = 1.5e9;
+/// Copy ceiling buffer: well past CPU caches and most GPU L2s.
+const COPY_BYTES: u64 = 256 << 20;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Ok(false) when a result disagreed with the reference.
+fn run(cli: &Cli) -> Result<bool> {
+    if let Some(Command::Info) = cli.command {
+        return info::run(&cli.global);
+    }
+    let gpu = pollster::block_on(Gpu::request(&cli.global.adapter_options()))
+        .context("opening a GPU adapter")?;
+    match &cli.command {
+        Some(Command::Check(args)) => check::run(&gpu, args, cli.global.json.as_deref()),
+        Some(Command::Run(args)) => {
+            if args.dtype != DTypeArg::F32 {
+                bail!(
+                    "--dtype {:?}: only f32 storage is implemented so far (f16/bf16 storage is \
+                     planned); `check` accepts F16/BF16 files by widening them to f32",
+                    args.dtype
+                );
+            }
+            let shape = args.shape.shape();
+            let case = Case {
+                name: case_name(&shape, &args.flags.describe()),
+                shape,
+                config: args.flags.config(),
+                impls: vec![args.implementation],
+                seed: 1,
+            };
+            let report = measure_all(&gpu, cli, vec![case], args.iters, f64::INFINITY)?;
+            Ok(report.failures() == 0)
+        }
+        Some(Command::Sweep(args)) => {
+            let (base, flags, label) = match &args.preset {
+                Some(name) => {
+                    let preset = seed_models()
+                        .into_iter()
+                        .find(|p| p.name.contains(name.as_str()))
+                        .with_context(|| {
+                            let names: Vec<&str> = seed_models().iter().map(|p| p.name).collect();
+                            format!("no preset matches {name:?}; presets: {}", names.join(", "))
+                        })?;
+                    let mut flags = args.flags.clone();
+                    flags.causal |= preset.causal;
+                    (preset.shape, flags, format!("{} ", preset.name))
+                }
+                None => (args.shape.shape(), args.flags.clone(), String::new()),
+            };
+            let cases = args
+                .seq
+                .iter()
+                .enumerate()
+                .map(|(index, &seq)| {
+                    let shape = AttentionShape {
+                        seq_q: seq,
+                        seq_kv: seq,
+                        ..base
+                    };
+                    Case {
+                        name: format!("{label}{}", case_name(&shape, &flags.describe())),
+                        shape,
+                        config: flags.config(),
+                        impls: args.implementations.clone(),
+                        seed: 100 + index as u64,
+                    }
+                })
+                .collect();
+            let report = measure_all(&gpu, cli, cases, args.iters, SUITE_CPU_BUDGET)?;
+            Ok(report.failures() == 0)
+        }
+        None => {
+            let report = measure_all(&gpu, cli, suite(), 5, SUITE_CPU_BUDGET)?;
+            Ok(report.failures() == 0)
+        }
+        Some(Command::Info) => unreachable!("handled above"),
+    }
+}
+
+/// The seed-model presets at lengths that keep the whole run near a minute
+/// on a software adapter, then the shape of the project's speed targets.
+fn suite() -> Vec<Case> {
+    let all = vec![Impl::Flash, Impl::Naive, Impl::Cpu];
+    let mut cases: Vec<Case> = seed_models()
+        .into_iter()
+        .map(|preset| {
+            // Llama-3.1-405B's 64 heads at d=128: 512 tokens here.
+            if preset.shape.seq_q > 1024 {
+                preset.with_seq(512, 512)
+            } else {
+                preset
+            }
+        })
+        .enumerate()
+        .map(|(index, preset)| Case {
+            name: format!("{} {}", preset.name, case_name(&preset.shape, "")),
+            shape: preset.shape,
+            config: preset.config(),
+            impls: all.clone(),
+            seed: 1000 + index as u64,
+        })
+        .collect();
+    for (index, causal) in [false, true].into_iter().enumerate() {
+        let shape = AttentionShape::self_attention(1, 2048, 8, 64);
+        cases.push(Case {
+            name: format!(
+                "target {}",
+                case_name(&shape, if causal { " causal" } else { "" })
+            ),
+            shape,
+            config: wgpu_flash_attn::AttentionConfig::new().causal(causal),
+            impls: all.clone(),
+            seed: 2000 + index as u64,
+        });
+    }
+    cases
+}
+
+/// Ceilings, then every case with a progress bar; prints the table and
+/// writes JSON and the plot if asked.
+fn measure_all(
+    gpu: &Gpu,
+    cli: &Cli,
+    cases: Vec<Case>,
+    iters: usize,
+    cpu_budget_flops: f64,
+) -> Result<Report> {
+    let steps: usize = cases.iter().map(|c| c.impls.len()).sum();
+    let progress = ProgressBar::new(steps as u64 + 1);
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .expect("the template is valid"),
+    );
+    progress.enable_steady_tick(Duration::from_millis(200));
+    progress.set_message("FMA and copy ceilings");
+    let fma = measure_fma(gpu, CEILING_WORKGROUPS, TimingPlan { warmup: 1, runs: 5 })?;
+    let copy = measure_copy(gpu, COPY_BYTES, TimingPlan { warmup: 1, runs: 5 })?;
+    progress.inc(1);
+
+    let bench = Bench {
+        gpu,
+        progress: progress.clone(),
+        iters,
+        cpu_runs: if cpu_budget_flops.is_finite() {
+            1
+        } else {
+            iters
+        },
+        cpu_budget_flops,
+    };
+    let mut reports = Vec::new();
+    for case in &cases {
+        reports.push(
+            bench
+                .run_case(case)
+                .with_context(|| format!("case {}", case.name))?,
+        );
+    }
+    progress.finish_and_clear();
+
+    let mut report = Report {
+        tool: "flash-bench",
+        version: env!("CARGO_PKG_VERSION"),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        adapter: AdapterJson::of_device(gpu.info()),
+        timer: format!(
+            "{}, median of {iters} runs after a validating run (CPU: wall clock)",
+            fma.timing.timer
+        ),
+        ceilings: Ceilings {
+            fma_gflops: fma.gflops,
+            fma_measurements: vec![fma.gflops],
+            copy_gb_per_s: copy.gb_per_s,
+            copy_bytes: copy.bytes,
+        },
+        cases: reports,
+    };
+    report.finish();
+    report.print_header();
+    report.print_table();
+    if let Some(path) = &cli.global.json {
+        report.write_json(path)?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let Some(path) = &cli.global.plot {
+        write_plot(
+            &report,
+            path,
+            matches!(cli.command, Some(Command::Sweep(_))),
+        )?;
+        eprintln!("wrote {}", path.display());
+    }
+    if report.failures() > 0 {
+        eprintln!(
+            "{} case(s) disagreed with the reference (tolerance {:e})",
+            report.failures(),
+            measure::TOLERANCE
+        );
+    }
+    Ok(report)
+}
+
+fn write_plot(report: &Report, path: &Path, sweep: bool) -> Result<()> {
+    let series = [Impl::Flash, Impl::Naive, Impl::Cpu]
+        .into_iter()
+        .filter_map(|implementation| {
+            let points: Vec<(f64, f64)> = report
+                .cases
+                .iter()
+                .filter_map(|case| {
+                    let gflops = case.result(implementation)?.gflops?;
+                    Some((case.shape.seq_kv as f64, gflops))
+                })
+                .collect();
+            (!points.is_empty()).then(|| plot::Series {
+                label: implementation.to_string(),
+                points,
+            })
+        })
+        .collect();
+    let chart = plot::Chart {
+        title: format!("{}: attention throughput", report.adapter.name),
+        series,
+        ceiling: Some((
+            format!("FMA ceiling {:.0}", report.ceilings.fma_gflops),
+            report.ceilings.fma_gflops,
+        )),
+        connect: sweep,
+    };
+    std::fs::write(path, plot::render_svg(&chart))
+        .with_context(|| format!("writing {}", path.display()))
+}

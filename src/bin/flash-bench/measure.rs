@@ -1,0 +1,415 @@
+//! Validating and timing one configuration with each implementation.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use indicatif::ProgressBar;
+use serde::Serialize;
+use wgpu_flash_attn::ceiling::measure_fma;
+use wgpu_flash_attn::naive::full_score_bytes;
+use wgpu_flash_attn::params::AttentionParams;
+use wgpu_flash_attn::random::SeededRng;
+use wgpu_flash_attn::reference::{self, ReferenceOutput};
+use wgpu_flash_attn::timing::{Timer, TimingPlan, median, time_gpu};
+use wgpu_flash_attn::{AttentionArgs, AttentionConfig, AttentionShape, Error, Gpu, Tensor};
+
+use crate::options::Impl;
+
+/// f32 storage: bound on |gpu - reference| for unit-normal inputs
+/// (DESIGN.md).
+pub const TOLERANCE: f64 = 1e-4;
+/// Query rows are validated on a sample so that the f64 reference does at
+/// most this many (row, key, head-dim) products per case.
+const VALIDATION_BUDGET: f64 = 3e8;
+/// Size of the FMA ceiling dispatch (about 0.3 s on lavapipe).
+pub const CEILING_WORKGROUPS: u32 = 1024;
+
+/// What to measure and how often.
+pub struct Bench<'a> {
+    pub gpu: &'a Gpu,
+    pub progress: ProgressBar,
+    /// Timed runs per GPU implementation (after a validating first run).
+    pub iters: usize,
+    /// Timed runs of the CPU reference.
+    pub cpu_runs: usize,
+    /// The CPU reference is timed only for calls up to this many FLOPs.
+    pub cpu_budget_flops: f64,
+}
+
+/// One configuration to measure.
+pub struct Case {
+    pub name: String,
+    pub shape: AttentionShape,
+    pub config: AttentionConfig,
+    pub impls: Vec<Impl>,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Ok,
+    /// The validating run disagreed with the reference.
+    Failed,
+    /// The call needs more memory than the adapter can bind.
+    DoesNotFit,
+    /// Not run (e.g. over the CPU budget).
+    Skipped,
+}
+
+/// One implementation's figures for one case.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImplResult {
+    #[serde(rename = "impl")]
+    pub implementation: Impl,
+    pub status: Status,
+    pub note: Option<String>,
+    pub median_ms: Option<f64>,
+    pub min_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+    pub runs: usize,
+    pub timer: Option<String>,
+    pub gflops: Option<f64>,
+    /// Filled in once the run's best FMA ceiling is known.
+    pub pct_of_fma_ceiling: Option<f64>,
+    pub speedup_over_naive: Option<f64>,
+    /// Device memory the call allocates: the output, its parameters and any
+    /// scratch (the naive score matrix). For `does_not_fit`, what it would
+    /// need.
+    pub gpu_bytes: Option<u64>,
+    /// Largest |result - reference| over the validated rows.
+    pub max_abs_err: Option<f64>,
+}
+
+impl ImplResult {
+    fn without_timing(implementation: Impl, status: Status, note: String) -> Self {
+        ImplResult {
+            implementation,
+            status,
+            note: Some(note),
+            median_ms: None,
+            min_ms: None,
+            max_ms: None,
+            runs: 0,
+            timer: None,
+            gflops: None,
+            pct_of_fma_ceiling: None,
+            speedup_over_naive: None,
+            gpu_bytes: None,
+            max_abs_err: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ShapeJson {
+    pub batch: usize,
+    pub seq_q: usize,
+    pub seq_kv: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub head_dim: usize,
+}
+
+impl From<&AttentionShape> for ShapeJson {
+    fn from(s: &AttentionShape) -> Self {
+        ShapeJson {
+            batch: s.batch,
+            seq_q: s.seq_q,
+            seq_kv: s.seq_kv,
+            heads_q: s.heads_q,
+            heads_kv: s.heads_kv,
+            head_dim: s.head_dim,
+        }
+    }
+}
+
+/// Everything measured for one case.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseReport {
+    pub name: String,
+    pub shape: ShapeJson,
+    /// The options as the library sees them (Debug text of the config).
+    pub options: String,
+    pub dtype: &'static str,
+    /// FLOPs the call must do (visible pairs only).
+    pub flops: f64,
+    pub rows_validated: usize,
+    pub rows_total: usize,
+    pub tolerance: f64,
+    pub passed: bool,
+    pub results: Vec<ImplResult>,
+    /// FMA ceiling measured right after the case.
+    pub fma_gflops_after: f64,
+}
+
+impl CaseReport {
+    pub fn result(&self, implementation: Impl) -> Option<&ImplResult> {
+        self.results
+            .iter()
+            .find(|r| r.implementation == implementation)
+    }
+}
+
+/// Validated query rows: every `stride`-th row of every head, and the last.
+struct Sample {
+    stride: usize,
+    want: ReferenceOutput,
+    rows: usize,
+}
+
+impl Sample {
+    fn new(case: &Case, q: &[f32], k: &[f32], v: &[f32]) -> Result<Self> {
+        let s = &case.shape;
+        let work = (s.batch * s.heads_q * s.seq_q * s.seq_kv * s.head_dim) as f64;
+        let stride = ((work / VALIDATION_BUDGET).ceil() as usize).max(1);
+        let last = s.seq_q - 1;
+        let wanted =
+            move |_: usize, _: usize, row: usize| row.is_multiple_of(stride) || row == last;
+        let want = reference::attention_rows(s, q, k, v, &case.config, wanted)?;
+        let rows = (0..s.seq_q).filter(|&r| wanted(0, 0, r)).count() * s.batch * s.heads_q;
+        Ok(Sample { stride, want, rows })
+    }
+
+    /// Largest error over the sampled rows; NaN anywhere is an error (an
+    /// unwritten or invalid element).
+    fn max_error(&self, got: &[f32]) -> Result<f64, String> {
+        let mut worst = 0.0f64;
+        for (index, (g, w)) in got.iter().zip(&self.want.out).enumerate() {
+            if g.is_nan() {
+                return Err(format!("output element {index} is NaN"));
+            }
+            if !w.is_nan() {
+                worst = worst.max((f64::from(*g) - w).abs());
+            }
+        }
+        Ok(worst)
+    }
+}
+
+struct Operands {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    host: [Vec<f32>; 3],
+}
+
+impl Bench<'_> {
+    pub fn run_case(&self, case: &Case) -> Result<CaseReport> {
+        let shape = &case.shape;
+        let gpu = self.gpu;
+        self.progress
+            .set_message(format!("{}: inputs and reference", case.name));
+        let mut rng = SeededRng::new(case.seed);
+        let q = rng.normal_vec(shape.q_shape().elements(), 1.0);
+        let k = rng.normal_vec(shape.kv_shape().elements(), 1.0);
+        let v = rng.normal_vec(shape.kv_shape().elements(), 1.0);
+        let operands = Operands {
+            q: Tensor::from_f32(gpu, shape.q_shape(), &q)?,
+            k: Tensor::from_f32(gpu, shape.kv_shape(), &k)?,
+            v: Tensor::from_f32(gpu, shape.kv_shape(), &v)?,
+            host: [q, k, v],
+        };
+        let needs_sample = case.impls.iter().any(|i| *i != Impl::Cpu);
+        let sample = if needs_sample {
+            let [q, k, v] = &operands.host;
+            Some(Sample::new(case, q, k, v)?)
+        } else {
+            None
+        };
+        let flops = shape.flops(&case.config);
+
+        let mut results = Vec::new();
+        for &implementation in &case.impls {
+            self.progress
+                .set_message(format!("{}: {implementation}", case.name));
+            let result = match (implementation, &sample) {
+                (Impl::Cpu, _) => self.time_cpu(case, &operands, flops)?,
+                (gpu_impl, Some(sample)) => {
+                    self.time_gpu_impl(gpu_impl, case, &operands, sample, flops)?
+                }
+                (_, None) => unreachable!("GPU implementations always get a sample"),
+            };
+            results.push(result);
+            self.progress.inc(1);
+        }
+        if let Some(naive_ms) = results
+            .iter()
+            .find(|r| r.implementation == Impl::Naive)
+            .and_then(|r| r.median_ms)
+        {
+            for r in &mut results {
+                r.speedup_over_naive = r.median_ms.map(|ms| naive_ms / ms);
+            }
+        }
+        self.progress
+            .set_message(format!("{}: FMA ceiling", case.name));
+        let ceiling = measure_fma(gpu, CEILING_WORKGROUPS, TimingPlan { warmup: 1, runs: 3 })?;
+        let passed = results.iter().all(|r| r.status != Status::Failed);
+        Ok(CaseReport {
+            name: case.name.clone(),
+            shape: shape.into(),
+            options: format!("{:?}", case.config),
+            dtype: "f32",
+            flops,
+            rows_validated: sample.as_ref().map_or(0, |s| s.rows),
+            rows_total: shape.batch * shape.heads_q * shape.seq_q,
+            tolerance: TOLERANCE,
+            passed,
+            results,
+            fma_gflops_after: ceiling.gflops,
+        })
+    }
+
+    fn time_gpu_impl(
+        &self,
+        implementation: Impl,
+        case: &Case,
+        operands: &Operands,
+        sample: &Sample,
+        flops: f64,
+    ) -> Result<ImplResult> {
+        let gpu = self.gpu;
+        let shape = &case.shape;
+        let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN)?;
+        let args = AttentionArgs {
+            q: &operands.q,
+            k: &operands.k,
+            v: &operands.v,
+            out: &out,
+            lse: None,
+        };
+        let output_bytes = out.buffer().size() + std::mem::size_of::<AttentionParams>() as u64;
+        // The first run validates and warms up (pipelines compile on it).
+        let gpu_bytes = match implementation {
+            Impl::Flash => {
+                gpu.attention_into(&args, &case.config)?;
+                output_bytes
+            }
+            Impl::Naive => match gpu.naive_attention_into(&args, &case.config) {
+                Ok(plan) => output_bytes + plan.score_buffer_bytes(),
+                Err(
+                    err @ Error::ScoresTooLarge {
+                        bytes_per_head,
+                        limit,
+                        ..
+                    },
+                ) => {
+                    let mut result = ImplResult::without_timing(
+                        implementation,
+                        Status::DoesNotFit,
+                        format!(
+                            "score matrix needs {} per head ({} for the call), over the {} binding limit",
+                            bytes(bytes_per_head),
+                            bytes(full_score_bytes(shape)),
+                            bytes(limit)
+                        ),
+                    );
+                    result.gpu_bytes = Some(output_bytes + full_score_bytes(shape));
+                    self.progress
+                        .println(format!("{}: naive: {err}", case.name));
+                    return Ok(result);
+                }
+                Err(err) => return Err(err.into()),
+            },
+            Impl::Cpu => unreachable!("the CPU reference is timed by time_cpu"),
+        };
+        let got = out.to_f32_vec(gpu)?;
+        let max_error = match sample.max_error(&got) {
+            Ok(e) => e,
+            Err(message) => {
+                let mut result =
+                    ImplResult::without_timing(implementation, Status::Failed, message);
+                result.gpu_bytes = Some(gpu_bytes);
+                return Ok(result);
+            }
+        };
+        let timing = time_gpu(
+            gpu,
+            TimingPlan {
+                warmup: 0,
+                runs: self.iters,
+            },
+            |encoder| match implementation {
+                Impl::Naive => gpu
+                    .encode_naive_attention(encoder, &args, &case.config)
+                    .map(|_| ()),
+                _ => gpu.encode_attention(encoder, &args, &case.config),
+            },
+        )?;
+        let status = if max_error <= TOLERANCE {
+            Status::Ok
+        } else {
+            Status::Failed
+        };
+        Ok(ImplResult {
+            implementation,
+            status,
+            note: (sample.stride > 1).then(|| format!("validated every {}th row", sample.stride)),
+            median_ms: Some(timing.median_ms),
+            min_ms: Some(timing.min_ms),
+            max_ms: Some(timing.max_ms),
+            runs: timing.runs,
+            timer: Some(timing.timer.to_string()),
+            gflops: Some(flops / (timing.median_ms * 1e6)),
+            pct_of_fma_ceiling: None,
+            speedup_over_naive: None,
+            gpu_bytes: Some(gpu_bytes),
+            max_abs_err: Some(max_error),
+        })
+    }
+
+    fn time_cpu(&self, case: &Case, operands: &Operands, flops: f64) -> Result<ImplResult> {
+        if flops > self.cpu_budget_flops {
+            return Ok(ImplResult::without_timing(
+                Impl::Cpu,
+                Status::Skipped,
+                format!(
+                    "{:.1} GFLOP is over the CPU reference budget of {:.1} GFLOP",
+                    flops / 1e9,
+                    self.cpu_budget_flops / 1e9
+                ),
+            ));
+        }
+        let [q, k, v] = &operands.host;
+        let mut times = Vec::new();
+        for _ in 0..self.cpu_runs.max(1) {
+            let start = Instant::now();
+            std::hint::black_box(reference::attention(&case.shape, q, k, v, &case.config)?);
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        let median_ms = median(&times);
+        Ok(ImplResult {
+            implementation: Impl::Cpu,
+            status: Status::Ok,
+            note: Some("f64 reference on all CPU cores".into()),
+            median_ms: Some(median_ms),
+            min_ms: times.first().copied(),
+            max_ms: times.last().copied(),
+            runs: times.len(),
+            timer: Some(Timer::WallClock.to_string()),
+            gflops: Some(flops / (median_ms * 1e6)),
+            pct_of_fma_ceiling: None,
+            speedup_over_naive: None,
+            gpu_bytes: None,
+            max_abs_err: None,
+        })
+    }
+}
+
+/// Bytes in the largest binary unit that keeps the number at least 1.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

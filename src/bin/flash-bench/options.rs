@@ -1,0 +1,208 @@
+//! Command-line arguments shared by several subcommands, and their
+//! translation into library types.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use wgpu_flash_attn::{AdapterOptions, AttentionConfig, AttentionShape};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    Vulkan,
+    Metal,
+    Dx12,
+    Gl,
+}
+
+/// Flags every subcommand accepts.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Graphics backend to use (default: all, or WGPU_BACKEND).
+    #[arg(long, global = true, value_enum)]
+    pub backend: Option<Backend>,
+    /// Pick the adapter whose name contains this (case-insensitive).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub adapter: Option<String>,
+    /// Write every figure, with adapter info and the timer used, as JSON.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write throughput against sequence length as SVG (suite and sweep).
+    #[arg(long, global = true, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+}
+
+impl GlobalArgs {
+    pub fn adapter_options(&self) -> AdapterOptions {
+        let mut options = AdapterOptions::from_env();
+        if let Some(backend) = self.backend {
+            options.backends = match backend {
+                Backend::Vulkan => wgpu::Backends::VULKAN,
+                Backend::Metal => wgpu::Backends::METAL,
+                Backend::Dx12 => wgpu::Backends::DX12,
+                Backend::Gl => wgpu::Backends::GL,
+            };
+        }
+        if let Some(name) = &self.adapter {
+            options.adapter_name = Some(name.clone());
+        }
+        options
+    }
+}
+
+/// The attention options, as `run`, `sweep` and `check` take them.
+#[derive(Debug, Clone, Args)]
+pub struct AttentionFlags {
+    /// Causal mask, aligned to the bottom-right corner (DESIGN.md).
+    #[arg(long)]
+    pub causal: bool,
+    /// Sliding window "LEFT,RIGHT" in keys; -1 leaves that side unbounded.
+    #[arg(long, value_name = "L,R", allow_hyphen_values = true, value_parser = parse_window)]
+    pub window: Option<Window>,
+    /// Softmax scale (default 1/sqrt(head_dim)).
+    #[arg(long, value_name = "S", allow_hyphen_values = true)]
+    pub scale: Option<f32>,
+    /// Soft-capping of the scores: c * tanh(s / c).
+    #[arg(long, value_name = "C")]
+    pub softcap: Option<f32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Window {
+    pub left: Option<i64>,
+    pub right: Option<i64>,
+}
+
+fn parse_window(text: &str) -> Result<Window, String> {
+    let (left, right) = text
+        .split_once(',')
+        .ok_or_else(|| format!("expected LEFT,RIGHT, got {text:?}"))?;
+    let side = |s: &str| -> Result<Option<i64>, String> {
+        let value: i64 = s
+            .trim()
+            .parse()
+            .map_err(|e| format!("window side {s:?}: {e}"))?;
+        match value {
+            -1 => Ok(None),
+            v if v < -1 => Err(format!("window side {v}: use -1 for unbounded")),
+            v => Ok(Some(v)),
+        }
+    };
+    Ok(Window {
+        left: side(left)?,
+        right: side(right)?,
+    })
+}
+
+impl AttentionFlags {
+    pub fn config(&self) -> AttentionConfig {
+        let mut config = AttentionConfig::new().causal(self.causal);
+        if let Some(window) = self.window {
+            config = config.window(window.left, window.right);
+        }
+        if let Some(scale) = self.scale {
+            config = config.scale(scale);
+        }
+        if let Some(cap) = self.softcap {
+            config = config.softcap(cap);
+        }
+        config
+    }
+
+    /// Short text for case names, e.g. " causal window=128,0".
+    pub fn describe(&self) -> String {
+        let mut text = String::new();
+        if self.causal {
+            text.push_str(" causal");
+        }
+        if let Some(w) = self.window {
+            let side = |s: Option<i64>| s.map_or("-1".to_string(), |v| v.to_string());
+            text.push_str(&format!(" window={},{}", side(w.left), side(w.right)));
+        }
+        if let Some(s) = self.scale {
+            text.push_str(&format!(" scale={s}"));
+        }
+        if let Some(c) = self.softcap {
+            text.push_str(&format!(" softcap={c}"));
+        }
+        text
+    }
+}
+
+/// Storage type of Q, K, V and O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// Which implementation computes attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Impl {
+    /// The tiled online-softmax kernel.
+    Flash,
+    /// Standard attention with the score matrix in device memory.
+    Naive,
+    /// The f64 CPU reference (rayon).
+    Cpu,
+}
+
+impl std::fmt::Display for Impl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Impl::Flash => "flash",
+            Impl::Naive => "naive",
+            Impl::Cpu => "cpu",
+        })
+    }
+}
+
+/// One shape from flags.
+#[derive(Debug, Clone, Args)]
+pub struct ShapeArgs {
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub seq_q: usize,
+    /// Defaults to --seq-q.
+    #[arg(long)]
+    pub seq_kv: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    pub heads_q: usize,
+    /// Defaults to --heads-q.
+    #[arg(long)]
+    pub heads_kv: Option<usize>,
+    #[arg(long, default_value_t = 64)]
+    pub head_dim: usize,
+}
+
+impl ShapeArgs {
+    pub fn shape(&self) -> AttentionShape {
+        AttentionShape {
+            batch: self.batch,
+            seq_q: self.seq_q,
+            seq_kv: self.seq_kv.unwrap_or(self.seq_q),
+            heads_q: self.heads_q,
+            heads_kv: self.heads_kv.unwrap_or(self.heads_q),
+            head_dim: self.head_dim,
+        }
+    }
+}
+
+/// Case name for a shape and options, e.g. "B1 H8/8 N2048x2048 d64 causal".
+pub fn case_name(shape: &AttentionShape, flags: &str) -> String {
+    let heads = if shape.heads_kv == shape.heads_q {
+        format!("H{}", shape.heads_q)
+    } else {
+        format!("H{}/{}", shape.heads_q, shape.heads_kv)
+    };
+    let seq = if shape.seq_q == shape.seq_kv {
+        format!("N{}", shape.seq_q)
+    } else {
+        format!("N{}x{}", shape.seq_q, shape.seq_kv)
+    };
+    format!("B{} {heads} {seq} d{}{flags}", shape.batch, shape.head_dim)
+}

@@ -1,0 +1,264 @@
+//! The flash-bench binary end to end: `check` round-trips safetensors files
+//! written with the safetensors crate (as another framework would write
+//! them), exit codes follow the documented contract, and `run --json`
+//! carries the promised fields.
+#![cfg(feature = "cli")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{Inputs, gpu};
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use wgpu_flash_attn::{AttentionConfig, AttentionShape, reference};
+
+fn flash_bench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flash-bench"))
+        .args(args)
+        .output()
+        .expect("flash-bench starts")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flash-bench-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn encode(dtype: Dtype, values: &[f32]) -> Vec<u8> {
+    match dtype {
+        Dtype::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+            .collect(),
+        other => panic!("no encoder for {other:?}"),
+    }
+}
+
+fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => panic!("no decoder for {other:?}"),
+    }
+}
+
+/// Writes q, k, v (and `out` if given) in `dtype`; returns the values the
+/// file really holds (rounded to the dtype) for q, k, v.
+fn write_file(
+    path: &Path,
+    shape: &AttentionShape,
+    dtype: Dtype,
+    inputs: &Inputs,
+    out: Option<&[f32]>,
+    skip: Option<&str>,
+) -> Inputs {
+    let q_dims = vec![shape.batch, shape.seq_q, shape.heads_q, shape.head_dim];
+    let kv_dims = vec![shape.batch, shape.seq_kv, shape.heads_kv, shape.head_dim];
+    let mut tensors = vec![
+        ("q", q_dims.clone(), encode(dtype, &inputs.q)),
+        ("k", kv_dims.clone(), encode(dtype, &inputs.k)),
+        ("v", kv_dims, encode(dtype, &inputs.v)),
+    ];
+    if let Some(out) = out {
+        tensors.push(("out", q_dims, encode(dtype, out)));
+    }
+    tensors.retain(|(name, _, _)| Some(*name) != skip);
+    let views: Vec<(&str, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, dims, bytes)| (*name, TensorView::new(dtype, dims.clone(), bytes).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+    Inputs {
+        q: decode_round(dtype, &inputs.q),
+        k: decode_round(dtype, &inputs.k),
+        v: decode_round(dtype, &inputs.v),
+    }
+}
+
+fn decode_round(dtype: Dtype, values: &[f32]) -> Vec<f32> {
+    match dtype {
+        Dtype::BF16 => values.iter().map(|&x| bf16::from_f32(x).to_f32()).collect(),
+        _ => decode(dtype, &encode(dtype, values)),
+    }
+}
+
+fn shape() -> AttentionShape {
+    AttentionShape {
+        batch: 2,
+        seq_q: 37,
+        seq_kv: 53,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 32,
+    }
+}
+
+fn reference_out(shape: &AttentionShape, inputs: &Inputs, config: &AttentionConfig) -> Vec<f32> {
+    reference::attention(shape, &inputs.q, &inputs.k, &inputs.v, config)
+        .unwrap()
+        .out
+        .iter()
+        .map(|&x| x as f32)
+        .collect()
+}
+
+fn stdout(output: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn check_round_trips_f32_file_and_writes_the_gpu_output() {
+    let Some(_) = gpu() else { return };
+    let shape = shape();
+    let config = AttentionConfig::new().causal(true);
+    let inputs = Inputs::draw(&shape, 0x5eed_0c01, 1.0);
+    let want = reference_out(&shape, &inputs, &config);
+    let file = scratch("f32.safetensors");
+    let written = scratch("f32-out.safetensors");
+    write_file(&file, &shape, Dtype::F32, &inputs, Some(&want), None);
+    let output = flash_bench(&[
+        "check",
+        file.to_str().unwrap(),
+        "--causal",
+        "--output",
+        written.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let bytes = std::fs::read(&written).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let out = file.tensor("out").unwrap();
+    assert_eq!(out.dtype(), Dtype::F32);
+    assert_eq!(out.shape(), [2, 37, 4, 32]);
+    let got = decode(Dtype::F32, out.data());
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst <= 1e-4, "written out differs by {worst}");
+}
+
+#[test]
+fn check_accepts_half_precision_files_within_their_tolerance() {
+    let Some(_) = gpu() else { return };
+    let shape = shape();
+    let config = AttentionConfig::new().window(Some(8), Some(2));
+    for dtype in [Dtype::F16, Dtype::BF16] {
+        let inputs = Inputs::draw(&shape, 0x5eed_0c02, 1.0);
+        let file = scratch(&format!("{dtype:?}.safetensors"));
+        // The expected output another framework would store: computed from
+        // the rounded inputs, then rounded to the file's dtype.
+        let held = write_file(&file, &shape, dtype, &inputs, None, None);
+        let want = reference_out(&shape, &held, &config);
+        write_file(&file, &shape, dtype, &inputs, Some(&want), None);
+        let output = flash_bench(&["check", file.to_str().unwrap(), "--window", "8,2"]);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{dtype:?}: {}",
+            stdout(&output)
+        );
+    }
+}
+
+#[test]
+fn check_exits_1_outside_tolerance_and_2_on_bad_input() {
+    let Some(_) = gpu() else { return };
+    let shape = shape();
+    let config = AttentionConfig::new();
+    let inputs = Inputs::draw(&shape, 0x5eed_0c03, 1.0);
+    let mut wrong = reference_out(&shape, &inputs, &config);
+    wrong[17] += 0.01;
+    let file = scratch("wrong.safetensors");
+    write_file(&file, &shape, Dtype::F32, &inputs, Some(&wrong), None);
+    let output = flash_bench(&["check", file.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    assert!(stdout(&output).contains("OUTSIDE TOLERANCE"));
+    // The same difference passes with a looser --atol.
+    let output = flash_bench(&["check", file.to_str().unwrap(), "--atol", "0.02"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+
+    let missing = scratch("missing-v.safetensors");
+    write_file(&missing, &shape, Dtype::F32, &inputs, None, Some("v"));
+    let output = flash_bench(&["check", missing.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    assert!(stdout(&output).contains("no tensor named \"v\""));
+
+    let odd = AttentionShape {
+        head_dim: 12,
+        ..shape
+    };
+    let odd_inputs = Inputs::draw(&odd, 1, 1.0);
+    let unsupported = scratch("head-dim-12.safetensors");
+    write_file(&unsupported, &odd, Dtype::F32, &odd_inputs, None, None);
+    let output = flash_bench(&["check", unsupported.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    assert!(stdout(&output).contains("12"), "{}", stdout(&output));
+}
+
+#[test]
+fn run_json_has_every_promised_field() {
+    let Some(_) = gpu() else { return };
+    let json = scratch("run.json");
+    let output = flash_bench(&[
+        "run",
+        "--seq-q",
+        "64",
+        "--seq-kv",
+        "80",
+        "--heads-q",
+        "4",
+        "--heads-kv",
+        "2",
+        "--head-dim",
+        "32",
+        "--window",
+        "-1,0",
+        "--impl",
+        "naive",
+        "--iters",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(report["ceilings"]["fma_gflops"].as_f64().unwrap() > 0.0);
+    assert!(report["ceilings"]["copy_gb_per_s"].as_f64().unwrap() > 0.0);
+    assert!(report["adapter"]["name"].is_string());
+    assert!(report["timer"].is_string());
+    let case = &report["cases"][0];
+    assert_eq!(case["shape"]["seq_kv"], 80);
+    assert_eq!(case["passed"], true);
+    let result = &case["results"][0];
+    assert_eq!(result["impl"], "naive");
+    assert_eq!(result["runs"], 2);
+    for field in ["median_ms", "gflops", "pct_of_fma_ceiling", "max_abs_err"] {
+        assert!(
+            result[field].as_f64().is_some_and(|x| x > 0.0),
+            "{field} missing or not positive in {result}"
+        );
+    }
+
+    let output = flash_bench(&["run", "--window", "-2,0"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+}
