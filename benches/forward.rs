@@ -1,42 +1,77 @@
-//! Criterion benchmarks of the forward call on device-resident tensors:
+//! Criterion benchmarks of the library calls on device-resident tensors:
 //! no host transfer in the timed region. Throughput is counted in FLOPs
-//! (criterion prints them as "elem/s"), 4 * batch * heads * visible pairs *
-//! head_dim. Each iteration submits and waits, so the time is wall clock
-//! around the GPU work.
+//! (criterion prints them as "elem/s"): 4 * batch * heads * visible pairs *
+//! head_dim.
+//!
+//! Each sample records its iterations into one encoder and is timed with GPU
+//! timestamps where the device can write them inside encoders
+//! (`timing::time_gpu_repeated`), otherwise with the wall clock around one
+//! submit and wait; the group name says which.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use wgpu_flash_attn::random::SeededRng;
-use wgpu_flash_attn::{AttentionArgs, AttentionConfig, AttentionShape, Gpu, Tensor};
+use wgpu_flash_attn::timing::{Timer, time_gpu_repeated};
+use wgpu_flash_attn::{AttentionArgs, AttentionConfig, AttentionShape, DType, Gpu, Tensor};
+
+#[derive(Clone, Copy)]
+enum Kernel {
+    Flash,
+    Naive,
+}
 
 fn forward(c: &mut Criterion) {
     let gpu = match Gpu::new() {
         Ok(gpu) => gpu,
         Err(err) => panic!("the benchmarks need a wgpu adapter: {err}"),
     };
-    let mut group = c.benchmark_group(format!("forward on {}", gpu.info().adapter.name));
+    let timer = if gpu.info().has_encoder_timestamps() {
+        Timer::GpuTimestamps
+    } else {
+        Timer::WallClock
+    };
+    let mut group = c.benchmark_group(format!("forward on {} ({timer})", gpu.info().adapter.name));
     group
         .sample_size(10)
         .measurement_time(Duration::from_secs(5));
-    let shapes = [
+    let square = |seq, heads, head_dim| AttentionShape::self_attention(1, seq, heads, head_dim);
+    let cases = [
         (
-            "B1 H8 N512 d64",
-            AttentionShape::self_attention(1, 512, 8, 64),
+            "flash B1 H8 N512 d64",
+            square(512, 8, 64),
             false,
+            Kernel::Flash,
         ),
         (
-            "B1 H8 N512 d64 causal",
-            AttentionShape::self_attention(1, 512, 8, 64),
+            "flash B1 H8 N512 d64 causal",
+            square(512, 8, 64),
             true,
+            Kernel::Flash,
         ),
         (
-            "B1 H8 N256 d128",
-            AttentionShape::self_attention(1, 256, 8, 128),
+            "naive B1 H8 N512 d64",
+            square(512, 8, 64),
             false,
+            Kernel::Naive,
+        ),
+        (
+            "flash B1 H8 N256 d128",
+            square(256, 8, 128),
+            false,
+            Kernel::Flash,
+        ),
+        (
+            "flash B1 H64/8 N256 d128 causal (llama-3.1-405b heads)",
+            AttentionShape {
+                heads_kv: 8,
+                ..square(256, 64, 128)
+            },
+            true,
+            Kernel::Flash,
         ),
     ];
-    for (name, shape, causal) in shapes {
+    for (name, shape, causal, kernel) in cases {
         let config = AttentionConfig::new().causal(causal);
         let mut rng = SeededRng::new(42);
         let upload = |rng: &mut SeededRng, dims: wgpu_flash_attn::TensorShape| {
@@ -45,8 +80,7 @@ fn forward(c: &mut Criterion) {
         let q = upload(&mut rng, shape.q_shape());
         let k = upload(&mut rng, shape.kv_shape());
         let v = upload(&mut rng, shape.kv_shape());
-        let out =
-            Tensor::zeros(&gpu, shape.q_shape(), wgpu_flash_attn::DType::F32).expect("output");
+        let out = Tensor::zeros(&gpu, shape.q_shape(), DType::F32).expect("output");
         let args = AttentionArgs {
             q: &q,
             k: &k,
@@ -57,12 +91,14 @@ fn forward(c: &mut Criterion) {
         group.throughput(Throughput::Elements(shape.flops(&config) as u64));
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    gpu.attention_into(&args, &config).expect("attention");
-                    gpu.wait().expect("wait");
-                }
-                start.elapsed()
+                let (elapsed, _) = time_gpu_repeated(&gpu, iters, |encoder| match kernel {
+                    Kernel::Flash => gpu.encode_attention(encoder, &args, &config),
+                    Kernel::Naive => gpu
+                        .encode_naive_attention(encoder, &args, &config)
+                        .map(|_| ()),
+                })
+                .expect("timed run");
+                elapsed
             })
         });
     }

@@ -140,6 +140,47 @@ pub fn time_gpu(
     })
 }
 
+/// Records `record` `repeats` times into one encoder, submits once, waits,
+/// and returns the total time: between two GPU timestamps where the device
+/// has them, otherwise wall clock around submit and wait. This is the shape
+/// of measurement criterion's `iter_custom` wants.
+pub fn time_gpu_repeated(
+    gpu: &Gpu,
+    repeats: u64,
+    mut record: impl FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
+) -> Result<(std::time::Duration, Timer)> {
+    let stopwatch = gpu
+        .info()
+        .has_encoder_timestamps()
+        .then(|| Stopwatch::new(gpu));
+    let mut encoder = gpu
+        .device()
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("timed, repeated"),
+        });
+    if let Some(watch) = &stopwatch {
+        encoder.write_timestamp(&watch.queries, 0);
+    }
+    for _ in 0..repeats {
+        record(&mut encoder)?;
+    }
+    if let Some(watch) = &stopwatch {
+        encoder.write_timestamp(&watch.queries, 1);
+        encoder.resolve_query_set(&watch.queries, 0..2, &watch.resolved, 0);
+    }
+    let start = Instant::now();
+    gpu.queue().submit([encoder.finish()]);
+    gpu.wait()?;
+    let wall = start.elapsed();
+    Ok(match &stopwatch {
+        Some(watch) => (
+            std::time::Duration::from_secs_f64(watch.elapsed_ms(gpu)? / 1e3),
+            Timer::GpuTimestamps,
+        ),
+        None => (wall, Timer::WallClock),
+    })
+}
+
 /// Median of sorted values.
 pub fn median(sorted: &[f64]) -> f64 {
     let n = sorted.len();

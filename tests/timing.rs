@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use common::gpu;
 use wgpu_flash_attn::ceiling::{measure_copy, measure_fma};
-use wgpu_flash_attn::timing::{Timer, TimingPlan};
+use wgpu_flash_attn::timing::{Timer, TimingPlan, time_gpu_repeated};
 
 #[test]
 fn ceiling_uses_timestamps_when_the_device_has_them() {
@@ -49,4 +49,41 @@ fn copy_ceiling_reports_bytes_moved_over_time() {
         (bandwidth.gb_per_s - expected).abs() <= 1e-9 * expected,
         "{bandwidth:?}"
     );
+}
+
+#[test]
+fn repeated_timing_grows_with_the_repeats() {
+    let Some(gpu) = gpu() else { return };
+    let shape = wgpu_flash_attn::AttentionShape::self_attention(1, 256, 4, 64);
+    let config = wgpu_flash_attn::AttentionConfig::new();
+    let q = wgpu_flash_attn::Tensor::filled(gpu, shape.q_shape(), 0.5).unwrap();
+    let k = wgpu_flash_attn::Tensor::filled(gpu, shape.kv_shape(), 0.25).unwrap();
+    let v = wgpu_flash_attn::Tensor::filled(gpu, shape.kv_shape(), 1.0).unwrap();
+    let out = wgpu_flash_attn::Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
+    let args = wgpu_flash_attn::AttentionArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: None,
+    };
+    let mut time = |repeats| {
+        time_gpu_repeated(gpu, repeats, |encoder| {
+            gpu.encode_attention(encoder, &args, &config)
+        })
+        .unwrap()
+    };
+    time(1); // compile the pipeline outside the comparison
+    let (once, timer) = time(1);
+    let (eight, _) = time(8);
+    let expected = if gpu.info().has_encoder_timestamps() {
+        Timer::GpuTimestamps
+    } else {
+        Timer::WallClock
+    };
+    assert_eq!(timer, expected);
+    // Eight dispatches of the same work cannot take less than two of one.
+    assert!(eight >= 2 * once, "once {once:?}, eight {eight:?}");
+    // And the work really ran: every output is V's constant 1.0.
+    assert!(out.to_f32_vec(gpu).unwrap().iter().all(|&x| x == 1.0));
 }
