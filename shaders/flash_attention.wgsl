@@ -2,25 +2,38 @@
 //
 // One workgroup owns BLOCK_M = WG_SIZE * ROWS query rows of one (batch, query
 // head); invocation `lid` owns rows `row0 + lid + r * WG_SIZE`, r < ROWS. The
-// workgroup walks the visible key range in tiles of BLOCK_N keys staged in
-// workgroup memory. Per row, the running max `m`, running sum `l` and output
-// accumulator `acc` stay in registers; scores are formed four keys at a time
-// (one vec4), so every K/V element read from workgroup memory feeds
-// 4 * ROWS FMAs. Several rows per invocation is what makes software
-// adapters fast (each broadcast load is amortised); GPUs use ROWS = 1.
+// workgroup walks the visible key range in tiles of BLOCK_N keys. Per row,
+// the running max `m`, running sum `l` and output accumulator `acc` stay in
+// registers; scores are formed four keys at a time (one vec4), so every K/V
+// element an invocation reads feeds 4 * ROWS FMAs. Several rows per
+// invocation is what makes software adapters fast; GPUs use ROWS = 1.
+//
+// How K and V reach every invocation (chosen by src/shaders.rs):
+//   default      tiles staged in workgroup memory, a barrier per tile;
+//   SUBGROUP_KV  the workgroup is exactly one subgroup: each lane loads a
+//                share of the four keys' K (then V) straight from storage
+//                and subgroupBroadcast hands every element to all lanes.
+//                No workgroup memory, no barriers, and on CPU adapters no
+//                per-lane gather of the same address.
 //
 // Generated constants (prepended by src/shaders.rs, see `Specialization`):
 //   D4        head dimension / 4 (head dims are multiples of 8)
-//   BLOCK_N   keys per K/V tile, a multiple of 4
-//   WG_SIZE   invocations per workgroup
+//   BLOCK_N   keys per tile, a multiple of 4
+//   WG_SIZE   invocations per workgroup (the subgroup size with SUBGROUP_KV)
 //   ROWS      query rows per invocation
-// Loops bounded by D4 or ROWS may be unrolled by src/shaders.rs, which
-// expands `for (var x = 0u; x < BOUND; x++) {` into copies with `let x`.
+//   SLOTS     with SUBGROUP_KV: vec4s each lane holds of four keys' K or V
+// Loops bounded by D4, ROWS or SLOTS may be unrolled by src/shaders.rs, which
+// expands `for (var x = 0u; x < BOUND; x++) {` into copies with `const x`;
+// lines between `// #if NAME`, `// #else` and `// #endif` are kept or dropped
+// by the same code.
 
 const BLOCK_M: u32 = WG_SIZE * ROWS;
 
+// #if SUBGROUP_KV
+// #else
 var<workgroup> k_tile: array<vec4<f32>, BLOCK_N * D4>;
 var<workgroup> v_tile: array<vec4<f32>, BLOCK_N * D4>;
+// #endif
 
 @compute @workgroup_size(WG_SIZE)
 fn main(
@@ -83,6 +96,8 @@ fn main(
     // Tiles above the causal diagonal or outside the window are never visited.
     for (var kv0 = wg_lo; kv0 <= wg_hi; kv0 += i32(BLOCK_N)) {
         let n_keys = u32(min(i32(BLOCK_N), wg_hi + 1 - kv0));
+// #if SUBGROUP_KV
+// #else
         for (var i = lid; i < BLOCK_N * D4; i += WG_SIZE) {
             let key = i / D4;
             let d = i % D4;
@@ -97,6 +112,7 @@ fn main(
             v_tile[i] = vv;
         }
         workgroupBarrier();
+// #endif
 
         let unmasked = n_keys == BLOCK_N && kv0 >= all_lo && kv0 + i32(BLOCK_N) - 1 <= all_hi;
         for (var c = 0u; c < BLOCK_N; c += 4u) {
@@ -105,11 +121,33 @@ fn main(
             for (var r = 0u; r < ROWS; r++) {
                 dots[r] = vec4<f32>(0.0);
             }
+// #if SUBGROUP_KV
+            // The four keys' 4 * D4 vec4s, spread over the subgroup: lane
+            // `lid` holds element j = lid + WG_SIZE * slot. Each lane loads a
+            // different element and broadcasts it, instead of every lane
+            // loading every element (a gather per load on CPU adapters).
+            var slab: array<vec4<f32>, SLOTS>;
+            for (var slot = 0u; slot < SLOTS; slot++) {
+                let j = lid + WG_SIZE * slot;
+                let key = c + j / D4;
+                slab[slot] = vec4<f32>(0.0);
+                if (key < n_keys) {
+                    slab[slot] = k_buf[k_base + (u32(kv0) + key) * p.k.seq + j % D4];
+                }
+            }
+// #endif
             for (var d = 0u; d < D4; d++) {
+// #if SUBGROUP_KV
+                let k0 = subgroupBroadcast(slab[d / WG_SIZE], d % WG_SIZE);
+                let k1 = subgroupBroadcast(slab[(D4 + d) / WG_SIZE], (D4 + d) % WG_SIZE);
+                let k2 = subgroupBroadcast(slab[(2u * D4 + d) / WG_SIZE], (2u * D4 + d) % WG_SIZE);
+                let k3 = subgroupBroadcast(slab[(3u * D4 + d) / WG_SIZE], (3u * D4 + d) % WG_SIZE);
+// #else
                 let k0 = k_tile[t + d];
                 let k1 = k_tile[t + D4 + d];
                 let k2 = k_tile[t + 2u * D4 + d];
                 let k3 = k_tile[t + 3u * D4 + d];
+// #endif
                 for (var r = 0u; r < ROWS; r++) {
                     let qd = q[r * D4 + d];
                     dots[r] += vec4<f32>(dot(qd, k0), dot(qd, k1), dot(qd, k2), dot(qd, k3));
@@ -133,11 +171,28 @@ fn main(
                 m[r] = m_new;
             }
 
+// #if SUBGROUP_KV
+            for (var slot = 0u; slot < SLOTS; slot++) {
+                let j = lid + WG_SIZE * slot;
+                let key = c + j / D4;
+                slab[slot] = vec4<f32>(0.0);
+                if (key < n_keys) {
+                    slab[slot] = v_buf[v_base + (u32(kv0) + key) * p.v.seq + j % D4];
+                }
+            }
+// #endif
             for (var d = 0u; d < D4; d++) {
+// #if SUBGROUP_KV
+                let v0 = subgroupBroadcast(slab[d / WG_SIZE], d % WG_SIZE);
+                let v1 = subgroupBroadcast(slab[(D4 + d) / WG_SIZE], (D4 + d) % WG_SIZE);
+                let v2 = subgroupBroadcast(slab[(2u * D4 + d) / WG_SIZE], (2u * D4 + d) % WG_SIZE);
+                let v3 = subgroupBroadcast(slab[(3u * D4 + d) / WG_SIZE], (3u * D4 + d) % WG_SIZE);
+// #else
                 let v0 = v_tile[t + d];
                 let v1 = v_tile[t + D4 + d];
                 let v2 = v_tile[t + 2u * D4 + d];
                 let v3 = v_tile[t + 3u * D4 + d];
+// #endif
                 for (var r = 0u; r < ROWS; r++) {
                     let pr = probs[r];
                     acc[r * D4 + d] = acc[r * D4 + d] * correction[r]
@@ -145,7 +200,10 @@ fn main(
                 }
             }
         }
+// #if SUBGROUP_KV
+// #else
         workgroupBarrier();
+// #endif
     }
 
     for (var r = 0u; r < ROWS; r++) {

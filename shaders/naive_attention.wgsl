@@ -5,12 +5,12 @@
 // (batch, query head) pairs ("units") whose score rows fit one binding.
 //
 // Both matrix products use the flash kernel's register tiling (ROWS query
-// rows per invocation, K or V tiles in workgroup memory, four keys per
-// step), so the comparison measures what materialising S costs rather than
-// a weaker matrix product. Like standard attention, every score is
+// rows per invocation, four keys per step, K or V shared through workgroup
+// memory or, with SUBGROUP_KV, subgroup broadcasts), so the comparison
+// measures what materialising S costs rather than a weaker matrix product. Like standard attention, every score is
 // computed and then masked: no tile is skipped.
 //
-// Generated constants: D4, BLOCK_N, WG_SIZE, ROWS (as flash_attention.wgsl).
+// Generated constants and variants as in flash_attention.wgsl.
 //
 // `scores` layout: [unit - unit_base, seq_q, ceil(seq_kv / 4)] of vec4.
 // Masked and padding keys hold NEG_BIG until the softmax pass zeroes them.
@@ -19,7 +19,10 @@ const BLOCK_M: u32 = WG_SIZE * ROWS;
 
 @group(0) @binding(7) var<storage, read_write> scores: array<vec4<f32>>;
 
+// #if SUBGROUP_KV
+// #else
 var<workgroup> kv_tile: array<vec4<f32>, BLOCK_N * D4>;
+// #endif
 
 // vec4 slots per score row.
 fn row_slots() -> u32 {
@@ -69,6 +72,8 @@ fn build_scores(
     let slots = row_slots();
     for (var kv0 = 0u; kv0 < p.seq_kv; kv0 += BLOCK_N) {
         let n_keys = min(BLOCK_N, p.seq_kv - kv0);
+// #if SUBGROUP_KV
+// #else
         for (var i = lid; i < BLOCK_N * D4; i += WG_SIZE) {
             let key = i / D4;
             var kk = vec4<f32>(0.0);
@@ -78,17 +83,36 @@ fn build_scores(
             kv_tile[i] = kk;
         }
         workgroupBarrier();
+// #endif
         for (var c = 0u; c < n_keys; c += 4u) {
             let t = c * D4;
+// #if SUBGROUP_KV
+            var slab: array<vec4<f32>, SLOTS>;
+            for (var slot = 0u; slot < SLOTS; slot++) {
+                let j = lid + WG_SIZE * slot;
+                let key = c + j / D4;
+                slab[slot] = vec4<f32>(0.0);
+                if (key < n_keys) {
+                    slab[slot] = k_buf[k_base + (kv0 + key) * p.k.seq + j % D4];
+                }
+            }
+// #endif
             var dots: array<vec4<f32>, ROWS>;
             for (var r = 0u; r < ROWS; r++) {
                 dots[r] = vec4<f32>(0.0);
             }
             for (var d = 0u; d < D4; d++) {
+// #if SUBGROUP_KV
+                let k0 = subgroupBroadcast(slab[d / WG_SIZE], d % WG_SIZE);
+                let k1 = subgroupBroadcast(slab[(D4 + d) / WG_SIZE], (D4 + d) % WG_SIZE);
+                let k2 = subgroupBroadcast(slab[(2u * D4 + d) / WG_SIZE], (2u * D4 + d) % WG_SIZE);
+                let k3 = subgroupBroadcast(slab[(3u * D4 + d) / WG_SIZE], (3u * D4 + d) % WG_SIZE);
+// #else
                 let k0 = kv_tile[t + d];
                 let k1 = kv_tile[t + D4 + d];
                 let k2 = kv_tile[t + 2u * D4 + d];
                 let k3 = kv_tile[t + 3u * D4 + d];
+// #endif
                 for (var r = 0u; r < ROWS; r++) {
                     let qd = q[r * D4 + d];
                     dots[r] += vec4<f32>(dot(qd, k0), dot(qd, k1), dot(qd, k2), dot(qd, k3));
@@ -105,7 +129,10 @@ fn build_scores(
                 }
             }
         }
+// #if SUBGROUP_KV
+// #else
         workgroupBarrier();
+// #endif
     }
 }
 
@@ -169,6 +196,8 @@ fn weight_values(
     let v_base = u.batch * p.v.batch + u.head_kv * p.v.head + p.v.offset;
     for (var kv0 = 0u; kv0 < p.seq_kv; kv0 += BLOCK_N) {
         let n_keys = min(BLOCK_N, p.seq_kv - kv0);
+// #if SUBGROUP_KV
+// #else
         for (var i = lid; i < BLOCK_N * D4; i += WG_SIZE) {
             let key = i / D4;
             var vv = vec4<f32>(0.0);
@@ -178,24 +207,46 @@ fn weight_values(
             kv_tile[i] = vv;
         }
         workgroupBarrier();
+// #endif
         for (var c = 0u; c < n_keys; c += 4u) {
             let t = c * D4;
+// #if SUBGROUP_KV
+            var slab: array<vec4<f32>, SLOTS>;
+            for (var slot = 0u; slot < SLOTS; slot++) {
+                let j = lid + WG_SIZE * slot;
+                let key = c + j / D4;
+                slab[slot] = vec4<f32>(0.0);
+                if (key < n_keys) {
+                    slab[slot] = v_buf[v_base + (kv0 + key) * p.v.seq + j % D4];
+                }
+            }
+// #endif
             var probs: array<vec4<f32>, ROWS>;
             for (var r = 0u; r < ROWS; r++) {
                 probs[r] = scores[p_base[r] + (kv0 + c) / 4u];
             }
             for (var d = 0u; d < D4; d++) {
+// #if SUBGROUP_KV
+                let v0 = subgroupBroadcast(slab[d / WG_SIZE], d % WG_SIZE);
+                let v1 = subgroupBroadcast(slab[(D4 + d) / WG_SIZE], (D4 + d) % WG_SIZE);
+                let v2 = subgroupBroadcast(slab[(2u * D4 + d) / WG_SIZE], (2u * D4 + d) % WG_SIZE);
+                let v3 = subgroupBroadcast(slab[(3u * D4 + d) / WG_SIZE], (3u * D4 + d) % WG_SIZE);
+// #else
                 let v0 = kv_tile[t + d];
                 let v1 = kv_tile[t + D4 + d];
                 let v2 = kv_tile[t + 2u * D4 + d];
                 let v3 = kv_tile[t + 3u * D4 + d];
+// #endif
                 for (var r = 0u; r < ROWS; r++) {
                     let pr = probs[r];
                     acc[r * D4 + d] += pr.x * v0 + pr.y * v1 + pr.z * v2 + pr.w * v3;
                 }
             }
         }
+// #if SUBGROUP_KV
+// #else
         workgroupBarrier();
+// #endif
     }
     for (var r = 0u; r < ROWS; r++) {
         let row = row0 + lid + r * WG_SIZE;

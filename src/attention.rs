@@ -48,7 +48,12 @@ impl ForwardPlan {
                 needed: tile_bytes(4),
                 limit: limits.max_compute_workgroup_storage_size,
             })?;
-        let (workgroup_size, rows, unroll) = row_tiling(gpu, shape);
+        let RowTiling {
+            workgroup_size,
+            rows,
+            unroll,
+            subgroup_kv,
+        } = row_tiling(gpu, shape);
         let max_invocations = limits
             .max_compute_invocations_per_workgroup
             .min(limits.max_compute_workgroup_size_x);
@@ -82,20 +87,34 @@ impl ForwardPlan {
                 workgroup_size,
                 rows,
                 unroll,
+                subgroup_kv,
             },
             workgroups: groups.map(|n| n as u32),
         })
     }
 }
 
-/// Invocations per workgroup, query rows per invocation, and whether to
-/// unroll, for this adapter and shape.
-fn row_tiling(gpu: &Gpu, shape: &AttentionShape) -> (u32, u32, bool) {
-    let adapter = &gpu.info().adapter;
+/// How query rows map onto invocations.
+struct RowTiling {
+    workgroup_size: u32,
+    rows: u32,
+    unroll: bool,
+    subgroup_kv: bool,
+}
+
+/// The tiling for this adapter and shape.
+fn row_tiling(gpu: &Gpu, shape: &AttentionShape) -> RowTiling {
+    let info = gpu.info();
+    let adapter = &info.adapter;
     // llvmpipe behind the GL backend compiled the unrolled kernel for head
     // dims of 200 and more in over a minute: GL gets the portable tiling.
     if adapter.device_type != wgpu::DeviceType::Cpu || adapter.backend == wgpu::Backend::Gl {
-        return (GPU_WORKGROUP_SIZE, 1, false);
+        return RowTiling {
+            workgroup_size: GPU_WORKGROUP_SIZE,
+            rows: 1,
+            unroll: false,
+            subgroup_kv: false,
+        };
     }
     // Registers are memory on a CPU; bound the per-invocation state
     // (q and acc: 2 * rows * head_dim floats) and the unrolled code size.
@@ -107,7 +126,17 @@ fn row_tiling(gpu: &Gpu, shape: &AttentionShape) -> (u32, u32, bool) {
         65..=128 => 8,
         _ => 4,
     };
-    (CPU_WORKGROUP_SIZE, rows, true)
+    // One SIMD group per workgroup; when it is exactly one subgroup, K and V
+    // are shared by subgroup broadcasts (1.5-1.7x on lavapipe, BENCHMARKS.md).
+    let subgroup_kv = info.has_subgroups()
+        && adapter.subgroup_min_size == CPU_WORKGROUP_SIZE
+        && adapter.subgroup_max_size == CPU_WORKGROUP_SIZE;
+    RowTiling {
+        workgroup_size: CPU_WORKGROUP_SIZE,
+        rows,
+        unroll: true,
+        subgroup_kv,
+    }
 }
 
 /// Logsumexp of each query row, `[batch, heads_q, seq_q]` f32, natural log.

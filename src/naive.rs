@@ -32,6 +32,7 @@ pub struct NaivePlan {
     pub bytes_per_unit: u64,
     tiling: [u32; 4],
     unroll: bool,
+    subgroup_kv: bool,
 }
 
 impl NaivePlan {
@@ -43,6 +44,7 @@ impl NaivePlan {
             workgroup_size,
             rows,
             unroll,
+            subgroup_kv,
         } = forward.specialization
         else {
             unreachable!("ForwardPlan always plans the flash kernel")
@@ -76,6 +78,7 @@ impl NaivePlan {
             bytes_per_unit,
             tiling: [head_dim, block_n, workgroup_size, rows],
             unroll,
+            subgroup_kv,
         })
     }
 
@@ -97,6 +100,7 @@ impl NaivePlan {
             workgroup_size,
             rows,
             unroll: self.unroll,
+            subgroup_kv: self.subgroup_kv,
         }
     }
 

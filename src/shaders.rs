@@ -127,6 +127,10 @@ pub enum Specialization {
         /// Expand the loops over head dim and rows in the WGSL text, for
         /// compilers that do not unroll them (llvmpipe).
         unroll: bool,
+        /// K and V reach the invocations by subgroup broadcasts instead of
+        /// workgroup memory; requires `workgroup_size` to be the adapter's
+        /// one subgroup size and the SUBGROUP feature.
+        subgroup_kv: bool,
     },
     /// One pass of the naive baseline; tiling fields as in `FlashForward`.
     Naive {
@@ -136,6 +140,7 @@ pub enum Specialization {
         workgroup_size: u32,
         rows: u32,
         unroll: bool,
+        subgroup_kv: bool,
     },
     FmaCeiling {
         /// Loop trips per invocation.
@@ -183,6 +188,7 @@ impl Specialization {
                 block_n,
                 workgroup_size,
                 rows,
+                subgroup_kv,
                 ..
             }
             | Specialization::Naive {
@@ -190,13 +196,20 @@ impl Specialization {
                 block_n,
                 workgroup_size,
                 rows,
+                subgroup_kv,
                 ..
-            } => vec![
-                ("D4", head_dim / 4),
-                ("BLOCK_N", block_n),
-                ("WG_SIZE", workgroup_size),
-                ("ROWS", rows),
-            ],
+            } => {
+                let mut constants = vec![
+                    ("D4", head_dim / 4),
+                    ("BLOCK_N", block_n),
+                    ("WG_SIZE", workgroup_size),
+                    ("ROWS", rows),
+                ];
+                if subgroup_kv {
+                    constants.push(("SLOTS", head_dim / workgroup_size));
+                }
+                constants
+            }
             Specialization::FmaCeiling {
                 iterations,
                 copies,
@@ -223,15 +236,34 @@ impl Specialization {
             .into_iter()
             .filter(|(name, _)| unrolled.contains(name))
             .collect();
-        text.push_str(&unroll_loops(&self.kernel().template(), &bounds));
+        let variant = select_variants(&self.kernel().template(), &self.variant_flags());
+        text.push_str(&unroll_loops(&variant, &bounds));
         text
+    }
+
+    /// Names of the `// #if NAME` blocks this specialization keeps.
+    pub fn variant_flags(&self) -> Vec<&'static str> {
+        match self {
+            Specialization::FlashForward {
+                subgroup_kv: true, ..
+            }
+            | Specialization::Naive {
+                subgroup_kv: true, ..
+            } => vec!["SUBGROUP_KV"],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether the pipeline needs the adapter's SUBGROUP feature.
+    pub fn needs_subgroups(&self) -> bool {
+        !self.variant_flags().is_empty()
     }
 
     /// Constants whose loops `source` unrolls.
     fn unrolled_bounds(&self) -> &'static [&'static str] {
         match self {
             Specialization::FlashForward { unroll: true, .. }
-            | Specialization::Naive { unroll: true, .. } => &["D4", "ROWS"],
+            | Specialization::Naive { unroll: true, .. } => &["D4", "ROWS", "SLOTS"],
             Specialization::FlashForward { unroll: false, .. }
             | Specialization::Naive { unroll: false, .. }
             | Specialization::CopyCeiling { .. } => &[],
@@ -265,8 +297,13 @@ impl Specialization {
         } else {
             " unrolled"
         };
+        let flags: String = self
+            .variant_flags()
+            .iter()
+            .map(|flag| format!(" {flag}"))
+            .collect();
         format!(
-            "{}:{} {}{unrolled}",
+            "{}:{} {}{unrolled}{flags}",
             self.kernel().file_name(),
             self.kernel().entry_point(),
             constants.join(" ")
@@ -280,9 +317,36 @@ pub fn forward_tile_bytes(head_dim: u32, block_n: u32) -> u64 {
     2 * u64::from(block_n) * u64::from(head_dim) * 4
 }
 
+/// Keeps the lines of `// #if NAME` blocks whose NAME is in `flags` and of
+/// the `// #else` blocks of the others; drops the directive lines. Blocks
+/// nest.
+pub fn select_variants(source: &str, flags: &[&str]) -> String {
+    // One entry per open block: whether its current branch is kept.
+    let mut open: Vec<bool> = Vec::new();
+    let mut out = String::with_capacity(source.len());
+    for line in source.lines() {
+        let directive = line.trim_start();
+        let outer_kept = open.iter().all(|&kept| kept);
+        if let Some(name) = directive.strip_prefix("// #if ") {
+            open.push(flags.contains(&name.trim()));
+        } else if directive.starts_with("// #else") {
+            if let Some(kept) = open.last_mut() {
+                *kept = !*kept;
+            }
+        } else if directive.starts_with("// #endif") {
+            open.pop();
+        } else if outer_kept {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// Expands every loop written exactly `for (var x = 0u; x < BOUND; x++) {`
 /// whose BOUND is one of `bounds` into copies of its body, each wrapped as
-/// `{ let x = Nu; body }`. Nested loops are expanded as well. Other loops
+/// `{ const x = Nu; body }` (a constant, so indices built from it are
+/// const-expressions, as `subgroupBroadcast` requires). Nested loops are expanded as well. Other loops
 /// are left alone.
 pub fn unroll_loops(source: &str, bounds: &[(&str, u32)]) -> String {
     let mut out = String::with_capacity(source.len() * 2);
@@ -291,7 +355,7 @@ pub fn unroll_loops(source: &str, bounds: &[(&str, u32)]) -> String {
         out.push_str(&rest[..found.start]);
         let body = unroll_loops(&rest[found.body_start..found.body_end], bounds);
         for i in 0..found.count {
-            let _ = writeln!(out, "{{ let {} = {i}u;{body}}}", found.var);
+            let _ = writeln!(out, "{{ const {} = {i}u;{body}}}", found.var);
         }
         rest = &rest[found.body_end + 1..];
     }
@@ -369,14 +433,22 @@ fn matching_brace(source: &str, body_start: usize) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::unroll_loops;
+    use super::{select_variants, unroll_loops};
+
+    #[test]
+    fn keeps_the_selected_variant_and_nests() {
+        let source = "a\n// #if X\nx\n// #if Y\nxy\n// #else\nx_not_y\n// #endif\n// #else\nnot_x\n// #endif\nb\n";
+        assert_eq!(select_variants(source, &["X"]), "a\nx\nx_not_y\nb\n");
+        assert_eq!(select_variants(source, &["X", "Y"]), "a\nx\nxy\nb\n");
+        assert_eq!(select_variants(source, &[]), "a\nnot_x\nb\n");
+    }
 
     #[test]
     fn unrolls_named_bounds_only_and_nests() {
         let source = "a; for (var d = 0u; d < D4; d++) { x[d] = 1; for (var r = 0u; r < ROWS; r++) { y[r] = d; } } for (var i = 0u; i < N; i++) { z; } b;";
         let out = unroll_loops(source, &[("D4", 2), ("ROWS", 3)]);
-        assert_eq!(out.matches("let d = ").count(), 2);
-        assert_eq!(out.matches("let r = ").count(), 6);
+        assert_eq!(out.matches("const d = ").count(), 2);
+        assert_eq!(out.matches("const r = ").count(), 6);
         assert!(out.contains("for (var i = 0u; i < N; i++) { z; }"));
         assert!(out.starts_with("a; ") && out.ends_with(" b;"));
         assert!(!out.contains("d < D4") && !out.contains("r < ROWS"));

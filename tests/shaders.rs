@@ -8,10 +8,25 @@ use wgpu_flash_attn::is_supported_head_dim;
 use wgpu_flash_attn::params::{AttentionParams, TensorStrides};
 use wgpu_flash_attn::shaders::{Kernel, NaivePass, Specialization};
 
-/// Workgroup memory of the smallest adapters WebGPU allows (16 KiB) up to
-/// lavapipe's 32 KiB: every tile size the planner can pick on them.
+/// Tile sizes the planner tries, largest first.
 const BLOCK_N_CHOICES: [u32; 5] = [64, 32, 16, 8, 4];
-const MAX_WORKGROUP_BYTES: u64 = 32 * 1024;
+/// Workgroup memory of the smallest adapters WebGPU allows (16 KiB) and of
+/// lavapipe and most GPUs (32 KiB).
+const WORKGROUP_LIMITS: [u64; 2] = [16 * 1024, 32 * 1024];
+
+/// The tile sizes the planner picks for `head_dim` under those limits.
+fn planned_block_ns(head_dim: u32) -> Vec<u32> {
+    let mut picks: Vec<u32> = WORKGROUP_LIMITS
+        .iter()
+        .filter_map(|&limit| {
+            BLOCK_N_CHOICES
+                .into_iter()
+                .find(|&n| 2 * u64::from(n) * u64::from(head_dim) * 4 <= limit)
+        })
+        .collect();
+    picks.dedup();
+    picks
+}
 
 fn shipped_specializations() -> Vec<Specialization> {
     let mut specs = vec![
@@ -23,11 +38,19 @@ fn shipped_specializations() -> Vec<Specialization> {
         Specialization::CopyCeiling { workgroup_size: 64 },
     ];
     // Hardware-GPU tiling (64 invocations, 1 row, loops kept) and CPU-adapter
-    // tiling (8 invocations, several rows, unrolled).
-    let tilings = [(64, 1, false), (8, 1, true), (8, 4, true), (8, 16, true)];
+    // tiling (8 invocations, several rows, unrolled; K/V through workgroup
+    // memory or subgroup broadcasts).
+    let tilings = [
+        (64, 1, false, false),
+        (8, 1, true, false),
+        (8, 4, true, false),
+        (8, 16, true, false),
+        (8, 4, true, true),
+        (8, 16, true, true),
+    ];
     for head_dim in (8..=256u32).filter(|&d| is_supported_head_dim(d as usize)) {
-        for block_n in BLOCK_N_CHOICES {
-            for (workgroup_size, rows, unroll) in tilings {
+        for block_n in planned_block_ns(head_dim) {
+            for (workgroup_size, rows, unroll, subgroup_kv) in tilings {
                 // The planner never pairs 16 rows with head dims above 64.
                 if rows * head_dim > 1024 {
                     continue;
@@ -38,19 +61,19 @@ fn shipped_specializations() -> Vec<Specialization> {
                     workgroup_size,
                     rows,
                     unroll,
+                    subgroup_kv,
                 };
-                if spec.workgroup_bytes() <= MAX_WORKGROUP_BYTES {
-                    specs.push(spec);
-                    // The naive baseline runs with the flash kernel's tiling.
-                    specs.extend(NaivePass::ALL.map(|pass| Specialization::Naive {
-                        pass,
-                        head_dim,
-                        block_n,
-                        workgroup_size,
-                        rows,
-                        unroll,
-                    }));
-                }
+                specs.push(spec);
+                // The naive baseline runs with the flash kernel's tiling.
+                specs.extend(NaivePass::ALL.map(|pass| Specialization::Naive {
+                    pass,
+                    head_dim,
+                    block_n,
+                    workgroup_size,
+                    rows,
+                    unroll,
+                    subgroup_kv,
+                }));
             }
         }
     }
@@ -66,7 +89,12 @@ fn parse_and_validate(spec: &Specialization) -> (naga::Module, naga::valid::Modu
             e.emit_to_string(&source)
         )
     });
-    let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
+    let capabilities = if spec.needs_subgroups() {
+        Capabilities::SUBGROUP
+    } else {
+        Capabilities::empty()
+    };
+    let info = Validator::new(ValidationFlags::all(), capabilities)
         .validate(&module)
         .unwrap_or_else(|e| {
             panic!(
@@ -116,6 +144,11 @@ fn shaders_validate_and_translate_to_every_backend() {
             .write(&module, &info, None)
             .unwrap_or_else(|e| panic!("{label}: HLSL: {e}"));
 
+        // wgpu's GL backend has no subgroups, so those variants never reach
+        // GLSL.
+        if spec.needs_subgroups() {
+            continue;
+        }
         let glsl_options = glsl::Options::default();
         let glsl_pipeline = glsl::PipelineOptions {
             shader_stage: naga::ShaderStage::Compute,
@@ -145,6 +178,7 @@ fn param_structs_match_their_wgsl_twins() {
         workgroup_size: 64,
         rows: 1,
         unroll: false,
+        subgroup_kv: false,
     };
     let (module, _) = parse_and_validate(&spec);
     let size_of = |name: &str| {

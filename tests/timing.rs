@@ -67,7 +67,7 @@ fn repeated_timing_grows_with_the_repeats() {
         out: &out,
         lse: None,
     };
-    let mut time = |repeats| {
+    let time = |repeats| {
         time_gpu_repeated(gpu, repeats, |encoder| {
             gpu.encode_attention(encoder, &args, &config)
         })
