@@ -150,7 +150,8 @@ fn main(
 // #endif
                 for (var r = 0u; r < ROWS; r++) {
                     let qd = q[r * D4 + d];
-                    dots[r] += vec4<f32>(dot(qd, k0), dot(qd, k1), dot(qd, k2), dot(qd, k3));
+                    dots[r] = vec4<f32>(fma_dot(qd, k0, dots[r].x), fma_dot(qd, k1, dots[r].y),
+                        fma_dot(qd, k2, dots[r].z), fma_dot(qd, k3, dots[r].w));
                 }
             }
 
@@ -195,8 +196,8 @@ fn main(
 // #endif
                 for (var r = 0u; r < ROWS; r++) {
                     let pr = probs[r];
-                    acc[r * D4 + d] = acc[r * D4 + d] * correction[r]
-                        + pr.x * v0 + pr.y * v1 + pr.z * v2 + pr.w * v3;
+                    acc[r * D4 + d] = fma(vec4<f32>(pr.w), v3, fma(vec4<f32>(pr.z), v2,
+                        fma(vec4<f32>(pr.y), v1, fma(vec4<f32>(pr.x), v0, acc[r * D4 + d] * correction[r]))));
                 }
             }
         }
