@@ -52,10 +52,22 @@ const LN_2: f32 = 0.6931471805599453;
 const NEG_BIG: f32 = -1.0e30;
 
 @group(0) @binding(0) var<uniform> p: Params;
+// Q, K, V and O move four elements at a time (indices are in those units)
+// whatever their storage type: f32 as vec4<f32>; f16 and bf16 (HALF_STORAGE)
+// as vec2<u32>, four 16-bit values packed first-element-low, converted with
+// core WGSL only, so every adapter runs them without SHADER_F16. Arithmetic
+// and softmax statistics are f32 in every case.
+// #if HALF_STORAGE
+@group(0) @binding(1) var<storage, read> q_buf: array<vec2<u32>>;
+@group(0) @binding(2) var<storage, read> k_buf: array<vec2<u32>>;
+@group(0) @binding(3) var<storage, read> v_buf: array<vec2<u32>>;
+@group(0) @binding(4) var<storage, read_write> o_buf: array<vec2<u32>>;
+// #else
 @group(0) @binding(1) var<storage, read> q_buf: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> k_buf: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> v_buf: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> o_buf: array<vec4<f32>>;
+// #endif
 // Logsumexp, [batch, heads_q, seq_q], natural log.
 @group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>;
 @group(0) @binding(6) var<storage, read> alibi_slopes: array<f32>;
@@ -102,3 +114,74 @@ fn visible_keys(row_pos: i32) -> vec2<i32> {
 fn fma_dot(a: vec4<f32>, b: vec4<f32>, c: f32) -> f32 {
     return fma(a.w, b.w, fma(a.z, b.z, fma(a.y, b.y, fma(a.x, b.x, c))));
 }
+
+// #if HALF_STORAGE
+// #if BF16_STORAGE
+// bf16 is the top half of an f32: widening is a shift.
+fn unpack4(x: vec2<u32>) -> vec4<f32> {
+    return vec4<f32>(
+        bitcast<f32>(x.x << 16u),
+        bitcast<f32>(x.x & 0xffff0000u),
+        bitcast<f32>(x.y << 16u),
+        bitcast<f32>(x.y & 0xffff0000u),
+    );
+}
+
+// f32 to bf16 bits, rounding to nearest even; NaN stays a (quiet) NaN.
+fn bf16_bits(value: f32) -> u32 {
+    let bits = bitcast<u32>(value);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) {
+        return (bits >> 16u) | 0x40u;
+    }
+    return (bits + 0x7fffu + ((bits >> 16u) & 1u)) >> 16u;
+}
+
+fn pack4(v: vec4<f32>) -> vec2<u32> {
+    return vec2<u32>(
+        bf16_bits(v.x) | (bf16_bits(v.y) << 16u),
+        bf16_bits(v.z) | (bf16_bits(v.w) << 16u),
+    );
+}
+// #else
+fn unpack4(x: vec2<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(x.x), unpack2x16float(x.y));
+}
+
+// Outputs are convex combinations of V rows, so they stay in f16 range.
+fn pack4(v: vec4<f32>) -> vec2<u32> {
+    return vec2<u32>(pack2x16float(v.xy), pack2x16float(v.zw));
+}
+// #endif
+
+fn load_q(i: u32) -> vec4<f32> {
+    return unpack4(q_buf[i]);
+}
+
+fn load_k(i: u32) -> vec4<f32> {
+    return unpack4(k_buf[i]);
+}
+
+fn load_v(i: u32) -> vec4<f32> {
+    return unpack4(v_buf[i]);
+}
+
+fn store_o(i: u32, value: vec4<f32>) {
+    o_buf[i] = pack4(value);
+}
+// #else
+fn load_q(i: u32) -> vec4<f32> {
+    return q_buf[i];
+}
+
+fn load_k(i: u32) -> vec4<f32> {
+    return k_buf[i];
+}
+
+fn load_v(i: u32) -> vec4<f32> {
+    return v_buf[i];
+}
+
+fn store_o(i: u32, value: vec4<f32>) {
+    o_buf[i] = value;
+}
+// #endif

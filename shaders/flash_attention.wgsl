@@ -85,7 +85,7 @@ fn main(
         // Rows past the end compute on a copy of the last row; never stored.
         let q_base = batch * p.q.batch + min(row, p.seq_q - 1u) * p.q.seq + head_q * p.q.head + p.q.offset;
         for (var d = 0u; d < D4; d++) {
-            q[r * D4 + d] = q_buf[q_base + d];
+            q[r * D4 + d] = load_q(q_base + d);
             acc[r * D4 + d] = vec4<f32>(0.0);
         }
     }
@@ -105,8 +105,8 @@ fn main(
             var vv = vec4<f32>(0.0);
             if (key < n_keys) {
                 let pos = u32(kv0) + key;
-                kk = k_buf[k_base + pos * p.k.seq + d];
-                vv = v_buf[v_base + pos * p.v.seq + d];
+                kk = load_k(k_base + pos * p.k.seq + d);
+                vv = load_v(v_base + pos * p.v.seq + d);
             }
             k_tile[i] = kk;
             v_tile[i] = vv;
@@ -132,7 +132,7 @@ fn main(
                 let key = c + j / D4;
                 slab[slot] = vec4<f32>(0.0);
                 if (key < n_keys) {
-                    slab[slot] = k_buf[k_base + (u32(kv0) + key) * p.k.seq + j % D4];
+                    slab[slot] = load_k(k_base + (u32(kv0) + key) * p.k.seq + j % D4);
                 }
             }
 // #endif
@@ -178,7 +178,7 @@ fn main(
                 let key = c + j / D4;
                 slab[slot] = vec4<f32>(0.0);
                 if (key < n_keys) {
-                    slab[slot] = v_buf[v_base + (u32(kv0) + key) * p.v.seq + j % D4];
+                    slab[slot] = load_v(v_base + (u32(kv0) + key) * p.v.seq + j % D4);
                 }
             }
 // #endif
@@ -219,7 +219,7 @@ fn main(
             }
             let o_base = batch * p.o.batch + row * p.o.seq + head_q * p.o.head + p.o.offset;
             for (var d = 0u; d < D4; d++) {
-                o_buf[o_base + d] = acc[r * D4 + d] * inv_l;
+                store_o(o_base + d, acc[r * D4 + d] * inv_l);
             }
             if (has_flag(FLAG_WRITE_LSE)) {
                 lse_buf[(batch * p.heads_q + head_q) * p.seq_q + row] = lse;

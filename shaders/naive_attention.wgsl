@@ -65,7 +65,7 @@ fn build_scores(
         bounds[r] = visible_keys(row_pos[r]);
         let q_base = u.batch * p.q.batch + row * p.q.seq + u.head_q * p.q.head + p.q.offset;
         for (var d = 0u; d < D4; d++) {
-            q[r * D4 + d] = q_buf[q_base + d];
+            q[r * D4 + d] = load_q(q_base + d);
         }
     }
     let k_base = u.batch * p.k.batch + u.head_kv * p.k.head + p.k.offset;
@@ -78,7 +78,7 @@ fn build_scores(
             let key = i / D4;
             var kk = vec4<f32>(0.0);
             if (key < n_keys) {
-                kk = k_buf[k_base + (kv0 + key) * p.k.seq + i % D4];
+                kk = load_k(k_base + (kv0 + key) * p.k.seq + i % D4);
             }
             kv_tile[i] = kk;
         }
@@ -93,7 +93,7 @@ fn build_scores(
                 let key = c + j / D4;
                 slab[slot] = vec4<f32>(0.0);
                 if (key < n_keys) {
-                    slab[slot] = k_buf[k_base + (kv0 + key) * p.k.seq + j % D4];
+                    slab[slot] = load_k(k_base + (kv0 + key) * p.k.seq + j % D4);
                 }
             }
 // #endif
@@ -203,7 +203,7 @@ fn weight_values(
             let key = i / D4;
             var vv = vec4<f32>(0.0);
             if (key < n_keys) {
-                vv = v_buf[v_base + (kv0 + key) * p.v.seq + i % D4];
+                vv = load_v(v_base + (kv0 + key) * p.v.seq + i % D4);
             }
             kv_tile[i] = vv;
         }
@@ -218,7 +218,7 @@ fn weight_values(
                 let key = c + j / D4;
                 slab[slot] = vec4<f32>(0.0);
                 if (key < n_keys) {
-                    slab[slot] = v_buf[v_base + (kv0 + key) * p.v.seq + j % D4];
+                    slab[slot] = load_v(v_base + (kv0 + key) * p.v.seq + j % D4);
                 }
             }
 // #endif
@@ -255,7 +255,7 @@ fn weight_values(
         if (row < p.seq_q) {
             let o_base = u.batch * p.o.batch + row * p.o.seq + u.head_q * p.o.head + p.o.offset;
             for (var d = 0u; d < D4; d++) {
-                o_buf[o_base + d] = acc[r * D4 + d];
+                store_o(o_base + d, acc[r * D4 + d]);
             }
         }
     }

@@ -34,8 +34,13 @@ pub struct ForwardPlan {
 }
 
 impl ForwardPlan {
-    /// Tiles for `shape` on this adapter.
+    /// Tiles for `shape` with f32 storage on this adapter.
     pub fn new(gpu: &Gpu, shape: &AttentionShape) -> Result<Self> {
+        Self::for_storage(gpu, shape, DType::F32)
+    }
+
+    /// Tiles for `shape` with Q, K, V and O stored as `storage`.
+    pub fn for_storage(gpu: &Gpu, shape: &AttentionShape, storage: DType) -> Result<Self> {
         shape.validate()?;
         let limits = &gpu.info().limits;
         let head_dim = shape.head_dim as u32;
@@ -88,6 +93,7 @@ impl ForwardPlan {
                 rows,
                 unroll,
                 subgroup_kv,
+                storage,
             },
             workgroups: groups.map(|n| n as u32),
         })
@@ -311,7 +317,7 @@ impl Gpu {
         config: &AttentionConfig,
     ) -> Result<AttentionOutput> {
         let q_shape = q.shape();
-        let out = Tensor::zeros(self, q_shape, DType::F32)?;
+        let out = Tensor::zeros(self, q_shape, q.dtype())?;
         let lse = if config.return_lse {
             Some(Lse::new(self, q_shape.batch, q_shape.heads, q_shape.seq)?)
         } else {
@@ -379,7 +385,7 @@ impl Gpu {
         if args.lse.is_none() && config.return_lse {
             return Err(Error::MissingLseOutput);
         }
-        let plan = ForwardPlan::new(self, &shape)?;
+        let plan = ForwardPlan::for_storage(self, &shape, args.q.dtype())?;
         let params = self.pack_params(args, &shape, config)?;
         if let Some(lse) = args.lse {
             let expected = [shape.batch, shape.heads_q, shape.seq_q];
@@ -456,8 +462,10 @@ impl Gpu {
             ("v", args.v),
             ("out", args.out),
         ];
+        // Q sets the storage type; mixing types is not supported.
+        let storage = args.q.dtype();
         for (name, tensor) in named {
-            check_operand(self, name, tensor)?;
+            check_operand(self, name, tensor, storage)?;
         }
         for (name, input) in [("q", args.q), ("k", args.k), ("v", args.v)] {
             if input.buffer() == args.out.buffer() {
@@ -559,12 +567,12 @@ impl PreparedCall<'_> {
 }
 
 /// Dtype, alignment, bounds and binding-size checks for one operand.
-fn check_operand(gpu: &Gpu, name: &'static str, tensor: &Tensor) -> Result<()> {
-    if tensor.dtype() != DType::F32 {
+fn check_operand(gpu: &Gpu, name: &'static str, tensor: &Tensor, storage: DType) -> Result<()> {
+    if tensor.dtype() != storage {
         return Err(Error::DTypeUnsupported {
             tensor: name,
             got: tensor.dtype(),
-            needed: DType::F32,
+            needed: storage,
         });
     }
     let s = tensor.strides();

@@ -8,6 +8,7 @@ use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::shaders::{NaivePass, Specialization};
+use crate::tensor::DType;
 
 /// Bytes of one score row: keys padded to a multiple of 4 (vec4 slots).
 fn row_bytes(seq_kv: usize) -> u64 {
@@ -33,11 +34,18 @@ pub struct NaivePlan {
     tiling: [u32; 4],
     unroll: bool,
     subgroup_kv: bool,
+    storage: DType,
 }
 
 impl NaivePlan {
+    /// The plan for f32 storage.
     pub fn new(gpu: &Gpu, shape: &AttentionShape) -> Result<Self> {
-        let forward = crate::ForwardPlan::new(gpu, shape)?;
+        Self::for_storage(gpu, shape, DType::F32)
+    }
+
+    /// The plan for Q, K, V and O stored as `storage`.
+    pub fn for_storage(gpu: &Gpu, shape: &AttentionShape, storage: DType) -> Result<Self> {
+        let forward = crate::ForwardPlan::for_storage(gpu, shape, storage)?;
         let Specialization::FlashForward {
             head_dim,
             block_n,
@@ -45,6 +53,7 @@ impl NaivePlan {
             rows,
             unroll,
             subgroup_kv,
+            storage,
         } = forward.specialization
         else {
             unreachable!("ForwardPlan always plans the flash kernel")
@@ -79,6 +88,7 @@ impl NaivePlan {
             tiling: [head_dim, block_n, workgroup_size, rows],
             unroll,
             subgroup_kv,
+            storage,
         })
     }
 
@@ -101,6 +111,7 @@ impl NaivePlan {
             rows,
             unroll: self.unroll,
             subgroup_kv: self.subgroup_kv,
+            storage: self.storage,
         }
     }
 
@@ -145,7 +156,7 @@ impl Gpu {
         config: &AttentionConfig,
     ) -> Result<NaivePlan> {
         let call = self.prepare_call(args, config)?;
-        let plan = NaivePlan::new(self, &call.shape)?;
+        let plan = NaivePlan::for_storage(self, &call.shape, args.q.dtype())?;
         let x_limit = self.info().limits.max_compute_workgroups_per_dimension;
         let x_groups = plan.row_groups(NaivePass::Softmax, call.shape.seq_q);
         if x_groups > x_limit {

@@ -8,6 +8,11 @@
 
 use std::fmt::Write as _;
 
+use crate::tensor::DType;
+
+/// Variant name of the subgroup-broadcast K/V path.
+const SUBGROUP_KV: &str = "SUBGROUP_KV";
+
 /// A WGSL kernel family shipped by the crate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
@@ -131,6 +136,8 @@ pub enum Specialization {
         /// workgroup memory; requires `workgroup_size` to be the adapter's
         /// one subgroup size and the SUBGROUP feature.
         subgroup_kv: bool,
+        /// Storage type of Q, K, V and O (arithmetic is f32 regardless).
+        storage: DType,
     },
     /// One pass of the naive baseline; tiling fields as in `FlashForward`.
     Naive {
@@ -141,6 +148,7 @@ pub enum Specialization {
         rows: u32,
         unroll: bool,
         subgroup_kv: bool,
+        storage: DType,
     },
     FmaCeiling {
         /// Loop trips per invocation.
@@ -243,20 +251,34 @@ impl Specialization {
 
     /// Names of the `// #if NAME` blocks this specialization keeps.
     pub fn variant_flags(&self) -> Vec<&'static str> {
-        match self {
+        let (subgroup_kv, storage) = match *self {
             Specialization::FlashForward {
-                subgroup_kv: true, ..
+                subgroup_kv,
+                storage,
+                ..
             }
             | Specialization::Naive {
-                subgroup_kv: true, ..
-            } => vec!["SUBGROUP_KV"],
-            _ => Vec::new(),
+                subgroup_kv,
+                storage,
+                ..
+            } => (subgroup_kv, storage),
+            _ => return Vec::new(),
+        };
+        let mut flags = Vec::new();
+        if subgroup_kv {
+            flags.push(SUBGROUP_KV);
         }
+        match storage {
+            DType::F32 => {}
+            DType::F16 => flags.push("HALF_STORAGE"),
+            DType::BF16 => flags.extend(["HALF_STORAGE", "BF16_STORAGE"]),
+        }
+        flags
     }
 
     /// Whether the pipeline needs the adapter's SUBGROUP feature.
     pub fn needs_subgroups(&self) -> bool {
-        !self.variant_flags().is_empty()
+        self.variant_flags().contains(&SUBGROUP_KV)
     }
 
     /// Constants whose loops `source` unrolls.

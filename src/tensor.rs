@@ -87,29 +87,93 @@ const TENSOR_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
 impl Tensor {
     /// Uploads packed BSHD f32 data.
     pub fn from_f32(gpu: &Gpu, shape: TensorShape, data: &[f32]) -> Result<Self> {
+        Self::upload(
+            gpu,
+            shape,
+            data.len(),
+            bytemuck::cast_slice(data),
+            DType::F32,
+        )
+    }
+
+    /// Uploads packed BSHD f16 data, stored as 16-bit values.
+    pub fn from_f16(gpu: &Gpu, shape: TensorShape, data: &[half::f16]) -> Result<Self> {
+        let bits: Vec<u16> = data.iter().map(|x| x.to_bits()).collect();
+        Self::upload(
+            gpu,
+            shape,
+            data.len(),
+            bytemuck::cast_slice(&bits),
+            DType::F16,
+        )
+    }
+
+    /// Uploads packed BSHD bf16 data, stored as 16-bit values.
+    pub fn from_bf16(gpu: &Gpu, shape: TensorShape, data: &[half::bf16]) -> Result<Self> {
+        let bits: Vec<u16> = data.iter().map(|x| x.to_bits()).collect();
+        Self::upload(
+            gpu,
+            shape,
+            data.len(),
+            bytemuck::cast_slice(&bits),
+            DType::BF16,
+        )
+    }
+
+    /// Uploads f32 data stored as `dtype`, rounding to nearest.
+    pub fn from_f32_as(gpu: &Gpu, shape: TensorShape, data: &[f32], dtype: DType) -> Result<Self> {
+        match dtype {
+            DType::F32 => Self::from_f32(gpu, shape, data),
+            DType::F16 => {
+                let values: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+                Self::from_f16(gpu, shape, &values)
+            }
+            DType::BF16 => {
+                let values: Vec<half::bf16> =
+                    data.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                Self::from_bf16(gpu, shape, &values)
+            }
+        }
+    }
+
+    fn upload(
+        gpu: &Gpu,
+        shape: TensorShape,
+        len: usize,
+        bytes: &[u8],
+        dtype: DType,
+    ) -> Result<Self> {
         check_shape("tensor", shape)?;
-        if data.len() != shape.elements() {
+        if len != shape.elements() {
             return Err(Error::DataLength {
                 tensor: "tensor",
                 expected: shape.elements(),
-                got: data.len(),
+                got: len,
             });
         }
-        check_buffer_size(gpu, "tensor", std::mem::size_of_val(data) as u64)?;
+        check_buffer_size(gpu, "tensor", bytes.len() as u64)?;
+        // Buffers are sized in whole 4-byte words.
+        let mut contents = bytes.to_vec();
+        contents.resize(bytes.len().next_multiple_of(4), 0);
         let buffer = gpu
             .device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("wgpu-flash-attn tensor"),
-                contents: bytemuck::cast_slice(data),
+                contents: &contents,
                 usage: TENSOR_USAGE,
             });
-        Ok(Self::contiguous(buffer, shape, DType::F32))
+        Ok(Self::contiguous(buffer, shape, dtype))
     }
 
-    /// A packed BSHD tensor with every element set to `value` (tests poison
-    /// outputs with NaN this way).
+    /// A packed BSHD f32 tensor with every element set to `value` (tests
+    /// poison outputs with NaN this way).
     pub fn filled(gpu: &Gpu, shape: TensorShape, value: f32) -> Result<Self> {
         Self::from_f32(gpu, shape, &vec![value; shape.elements()])
+    }
+
+    /// [`Tensor::filled`] stored as `dtype`.
+    pub fn filled_as(gpu: &Gpu, shape: TensorShape, value: f32, dtype: DType) -> Result<Self> {
+        Self::from_f32_as(gpu, shape, &vec![value; shape.elements()], dtype)
     }
 
     /// A packed BSHD tensor of zeros (cleared on the device, no upload).
@@ -196,16 +260,24 @@ impl Tensor {
         Ok(())
     }
 
-    /// Downloads the view as packed BSHD f32 values.
+    /// Downloads the view as packed BSHD f32 values (f16 and bf16 widen
+    /// exactly).
     pub fn to_f32_vec(&self, gpu: &Gpu) -> Result<Vec<f32>> {
-        if self.dtype != DType::F32 {
-            return Err(Error::DTypeUnsupported {
-                tensor: "tensor",
-                got: self.dtype,
-                needed: DType::F32,
-            });
-        }
-        let raw: Vec<f32> = read_buffer(gpu, &self.buffer)?;
+        let bytes: Vec<u8> = read_buffer(gpu, &self.buffer)?;
+        let raw: Vec<f32> = match self.dtype {
+            DType::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            DType::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            DType::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        };
         let s = self.shape;
         let mut out = Vec::with_capacity(s.elements());
         for b in 0..s.batch {
@@ -220,6 +292,27 @@ impl Tensor {
             }
         }
         Ok(out)
+    }
+}
+
+impl Tensor {
+    /// Downloads as f16: exact for f16 tensors, rounded to nearest otherwise.
+    pub fn to_f16_vec(&self, gpu: &Gpu) -> Result<Vec<half::f16>> {
+        Ok(self
+            .to_f32_vec(gpu)?
+            .into_iter()
+            .map(half::f16::from_f32)
+            .collect())
+    }
+
+    /// Downloads as bf16: exact for bf16 tensors, rounded to nearest
+    /// otherwise.
+    pub fn to_bf16_vec(&self, gpu: &Gpu) -> Result<Vec<half::bf16>> {
+        Ok(self
+            .to_f32_vec(gpu)?
+            .into_iter()
+            .map(half::bf16::from_f32)
+            .collect())
     }
 }
 

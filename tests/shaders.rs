@@ -4,9 +4,9 @@
 
 use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
-use wgpu_flash_attn::is_supported_head_dim;
 use wgpu_flash_attn::params::{AttentionParams, TensorStrides};
 use wgpu_flash_attn::shaders::{Kernel, NaivePass, Specialization};
+use wgpu_flash_attn::{DType, is_supported_head_dim};
 
 /// Tile sizes the planner tries, largest first.
 const BLOCK_N_CHOICES: [u32; 5] = [64, 32, 16, 8, 4];
@@ -49,7 +49,17 @@ fn shipped_specializations() -> Vec<Specialization> {
         (8, 16, true, true),
     ];
     for head_dim in (8..=256u32).filter(|&d| is_supported_head_dim(d as usize)) {
-        for block_n in planned_block_ns(head_dim) {
+        // Half-precision storage changes only loads and stores: a few head
+        // dims cover it.
+        let storages: &[DType] = if [8, 64, 128, 256].contains(&head_dim) {
+            &[DType::F32, DType::F16, DType::BF16]
+        } else {
+            &[DType::F32]
+        };
+        for (block_n, &storage) in planned_block_ns(head_dim)
+            .into_iter()
+            .flat_map(|n| storages.iter().map(move |s| (n, s)))
+        {
             for (workgroup_size, rows, unroll, subgroup_kv) in tilings {
                 // The planner never pairs 16 rows with head dims above 64.
                 if rows * head_dim > 1024 {
@@ -62,6 +72,7 @@ fn shipped_specializations() -> Vec<Specialization> {
                     rows,
                     unroll,
                     subgroup_kv,
+                    storage,
                 };
                 specs.push(spec);
                 // The naive baseline runs with the flash kernel's tiling.
@@ -73,6 +84,7 @@ fn shipped_specializations() -> Vec<Specialization> {
                     rows,
                     unroll,
                     subgroup_kv,
+                    storage,
                 }));
             }
         }
@@ -179,6 +191,7 @@ fn param_structs_match_their_wgsl_twins() {
         rows: 1,
         unroll: false,
         subgroup_kv: false,
+        storage: DType::F32,
     };
     let (module, _) = parse_and_validate(&spec);
     let size_of = |name: &str| {

@@ -18,13 +18,13 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use wgpu_flash_attn::ceiling::{measure_copy, measure_fma};
 use wgpu_flash_attn::presets::seed_models;
 use wgpu_flash_attn::timing::TimingPlan;
-use wgpu_flash_attn::{AttentionShape, Gpu};
+use wgpu_flash_attn::{AttentionShape, DType, Gpu};
 
 use measure::{Bench, CEILING_WORKGROUPS, Case};
 use options::{AttentionFlags, DTypeArg, GlobalArgs, Impl, ShapeArgs, case_name};
@@ -65,7 +65,7 @@ struct RunArgs {
     shape: ShapeArgs,
     #[command(flatten)]
     flags: AttentionFlags,
-    /// Storage type (f32 today; f16 and bf16 storage are not implemented yet).
+    /// Storage type of Q, K, V and O (arithmetic is f32 in every case).
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     dtype: DTypeArg,
     #[arg(long = "impl", value_enum, default_value_t = Impl::Flash)]
@@ -128,20 +128,19 @@ fn run(cli: &Cli) -> Result<bool> {
     match &cli.command {
         Some(Command::Check(args)) => check::run(&gpu, args, cli.global.json.as_deref()),
         Some(Command::Run(args)) => {
-            if args.dtype != DTypeArg::F32 {
-                bail!(
-                    "--dtype {:?}: only f32 storage is implemented so far (f16/bf16 storage is \
-                     planned); `check` accepts F16/BF16 files by widening them to f32",
-                    args.dtype
-                );
-            }
             let shape = args.shape.shape();
+            let dtype = args.dtype.dtype();
             let case = Case {
-                name: case_name(&shape, &args.flags.describe()),
+                name: format!(
+                    "{}{}",
+                    case_name(&shape, &args.flags.describe()),
+                    dtype_suffix(dtype)
+                ),
                 shape,
                 config: args.flags.config(),
                 impls: vec![args.implementation],
                 seed: 1,
+                dtype,
             };
             let report = measure_all(&gpu, cli, vec![case], args.iters, f64::INFINITY)?;
             Ok(report.failures() == 0)
@@ -178,6 +177,7 @@ fn run(cli: &Cli) -> Result<bool> {
                         config: flags.config(),
                         impls: args.implementations.clone(),
                         seed: 100 + index as u64,
+                        dtype: DType::F32,
                     }
                 })
                 .collect();
@@ -213,6 +213,7 @@ fn suite() -> Vec<Case> {
             config: preset.config(),
             impls: all.clone(),
             seed: 1000 + index as u64,
+            dtype: DType::F32,
         })
         .collect();
     for (index, causal) in [false, true].into_iter().enumerate() {
@@ -226,9 +227,31 @@ fn suite() -> Vec<Case> {
             config: wgpu_flash_attn::AttentionConfig::new().causal(causal),
             impls: all.clone(),
             seed: 2000 + index as u64,
+            dtype: DType::F32,
+        });
+    }
+    // The same shape with half-precision storage, flash only: f16 and bf16
+    // against the f32 row above.
+    for (index, dtype) in [DType::F16, DType::BF16].into_iter().enumerate() {
+        let shape = AttentionShape::self_attention(1, 2048, 8, 64);
+        cases.push(Case {
+            name: format!("target {}{}", case_name(&shape, ""), dtype_suffix(dtype)),
+            shape,
+            config: wgpu_flash_attn::AttentionConfig::new(),
+            impls: vec![Impl::Flash],
+            seed: 3000 + index as u64,
+            dtype,
         });
     }
     cases
+}
+
+/// " f16" / " bf16" for case names; nothing for f32.
+fn dtype_suffix(dtype: DType) -> String {
+    match dtype {
+        DType::F32 => String::new(),
+        other => format!(" {}", format!("{other:?}").to_lowercase()),
+    }
 }
 
 /// Ceilings, then every case with a progress bar; prints the table and

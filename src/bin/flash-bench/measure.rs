@@ -11,13 +11,36 @@ use wgpu_flash_attn::params::AttentionParams;
 use wgpu_flash_attn::random::SeededRng;
 use wgpu_flash_attn::reference::{self, ReferenceOutput};
 use wgpu_flash_attn::timing::{Timer, TimingPlan, median, time_gpu};
-use wgpu_flash_attn::{AttentionArgs, AttentionConfig, AttentionShape, Error, Gpu, Tensor};
+use wgpu_flash_attn::{AttentionArgs, AttentionConfig, AttentionShape, DType, Error, Gpu, Tensor};
 
 use crate::options::Impl;
 
-/// f32 storage: bound on |gpu - reference| for unit-normal inputs
-/// (DESIGN.md).
+/// Bound on |gpu - reference| for unit-normal inputs (DESIGN.md), beyond the
+/// rounding of the output to its storage type (see `unit_roundoff`).
 pub const TOLERANCE: f64 = 1e-4;
+
+/// Largest relative error of rounding an f32 to `dtype` (half an ulp).
+pub fn unit_roundoff(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 0.0,
+        DType::F16 => 2f64.powi(-11),
+        DType::BF16 => 2f64.powi(-8),
+    }
+}
+
+fn round_to(dtype: DType, values: Vec<f32>) -> Vec<f32> {
+    match dtype {
+        DType::F32 => values,
+        DType::F16 => values
+            .into_iter()
+            .map(|x| half::f16::from_f32(x).to_f32())
+            .collect(),
+        DType::BF16 => values
+            .into_iter()
+            .map(|x| half::bf16::from_f32(x).to_f32())
+            .collect(),
+    }
+}
 /// Query rows are validated on a sample so that the f64 reference does at
 /// most this many (row, key, head-dim) products per case.
 const VALIDATION_BUDGET: f64 = 3e8;
@@ -43,6 +66,8 @@ pub struct Case {
     pub config: AttentionConfig,
     pub impls: Vec<Impl>,
     pub seed: u64,
+    /// Storage type of Q, K, V and O.
+    pub dtype: DType,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -131,7 +156,7 @@ pub struct CaseReport {
     pub shape: ShapeJson,
     /// The options as the library sees them (Debug text of the config).
     pub options: String,
-    pub dtype: &'static str,
+    pub dtype: String,
     /// FLOPs the call must do (visible pairs only).
     pub flops: f64,
     pub rows_validated: usize,
@@ -156,6 +181,8 @@ struct Sample {
     stride: usize,
     want: ReferenceOutput,
     rows: usize,
+    /// The output's storage rounding, allowed on top of the tolerance.
+    roundoff: f64,
 }
 
 impl Sample {
@@ -168,22 +195,31 @@ impl Sample {
             move |_: usize, _: usize, row: usize| row.is_multiple_of(stride) || row == last;
         let want = reference::attention_rows(s, q, k, v, &case.config, wanted)?;
         let rows = (0..s.seq_q).filter(|&r| wanted(0, 0, r)).count() * s.batch * s.heads_q;
-        Ok(Sample { stride, want, rows })
+        Ok(Sample {
+            stride,
+            want,
+            rows,
+            roundoff: unit_roundoff(case.dtype),
+        })
     }
 
-    /// Largest error over the sampled rows; NaN anywhere is an error (an
-    /// unwritten or invalid element).
-    fn max_error(&self, got: &[f32]) -> Result<f64, String> {
+    /// Largest |error| over the sampled rows, and whether every element is
+    /// within the tolerance plus its storage rounding; NaN anywhere is an
+    /// error (an unwritten or invalid element).
+    fn check(&self, got: &[f32]) -> Result<(f64, bool), String> {
         let mut worst = 0.0f64;
+        let mut within = true;
         for (index, (g, w)) in got.iter().zip(&self.want.out).enumerate() {
             if g.is_nan() {
                 return Err(format!("output element {index} is NaN"));
             }
             if !w.is_nan() {
-                worst = worst.max((f64::from(*g) - w).abs());
+                let error = (f64::from(*g) - w).abs();
+                worst = worst.max(error);
+                within &= error <= TOLERANCE + self.roundoff * w.abs();
             }
         }
-        Ok(worst)
+        Ok((worst, within))
     }
 }
 
@@ -201,13 +237,15 @@ impl Bench<'_> {
         self.progress
             .set_message(format!("{}: inputs and reference", case.name));
         let mut rng = SeededRng::new(case.seed);
-        let q = rng.normal_vec(shape.q_shape().elements(), 1.0);
-        let k = rng.normal_vec(shape.kv_shape().elements(), 1.0);
-        let v = rng.normal_vec(shape.kv_shape().elements(), 1.0);
+        // The reference sees exactly the values the storage type holds.
+        let dtype = case.dtype;
+        let q = round_to(dtype, rng.normal_vec(shape.q_shape().elements(), 1.0));
+        let k = round_to(dtype, rng.normal_vec(shape.kv_shape().elements(), 1.0));
+        let v = round_to(dtype, rng.normal_vec(shape.kv_shape().elements(), 1.0));
         let operands = Operands {
-            q: Tensor::from_f32(gpu, shape.q_shape(), &q)?,
-            k: Tensor::from_f32(gpu, shape.kv_shape(), &k)?,
-            v: Tensor::from_f32(gpu, shape.kv_shape(), &v)?,
+            q: Tensor::from_f32_as(gpu, shape.q_shape(), &q, dtype)?,
+            k: Tensor::from_f32_as(gpu, shape.kv_shape(), &k, dtype)?,
+            v: Tensor::from_f32_as(gpu, shape.kv_shape(), &v, dtype)?,
             host: [q, k, v],
         };
         let needs_sample = case.impls.iter().any(|i| *i != Impl::Cpu);
@@ -250,7 +288,7 @@ impl Bench<'_> {
             name: case.name.clone(),
             shape: shape.into(),
             options: format!("{:?}", case.config),
-            dtype: "f32",
+            dtype: format!("{dtype:?}").to_lowercase(),
             flops,
             rows_validated: sample.as_ref().map_or(0, |s| s.rows),
             rows_total: shape.batch * shape.heads_q * shape.seq_q,
@@ -271,7 +309,7 @@ impl Bench<'_> {
     ) -> Result<ImplResult> {
         let gpu = self.gpu;
         let shape = &case.shape;
-        let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN)?;
+        let out = Tensor::filled_as(gpu, shape.q_shape(), f32::NAN, case.dtype)?;
         let args = AttentionArgs {
             q: &operands.q,
             k: &operands.k,
@@ -315,8 +353,8 @@ impl Bench<'_> {
             Impl::Cpu => unreachable!("the CPU reference is timed by time_cpu"),
         };
         let got = out.to_f32_vec(gpu)?;
-        let max_error = match sample.max_error(&got) {
-            Ok(e) => e,
+        let (max_error, within) = match sample.check(&got) {
+            Ok(checked) => checked,
             Err(message) => {
                 let mut result =
                     ImplResult::without_timing(implementation, Status::Failed, message);
@@ -337,11 +375,7 @@ impl Bench<'_> {
                 _ => gpu.encode_attention(encoder, &args, &case.config),
             },
         )?;
-        let status = if max_error <= TOLERANCE {
-            Status::Ok
-        } else {
-            Status::Failed
-        };
+        let status = if within { Status::Ok } else { Status::Failed };
         Ok(ImplResult {
             implementation,
             status,

@@ -138,6 +138,16 @@ pub enum DTypeArg {
     Bf16,
 }
 
+impl DTypeArg {
+    pub fn dtype(self) -> wgpu_flash_attn::DType {
+        match self {
+            DTypeArg::F32 => wgpu_flash_attn::DType::F32,
+            DTypeArg::F16 => wgpu_flash_attn::DType::F16,
+            DTypeArg::Bf16 => wgpu_flash_attn::DType::BF16,
+        }
+    }
+}
+
 /// Which implementation computes attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -1,0 +1,248 @@
+//! f16 and bf16 storage against the f64 reference, with FlashAttention's
+//! rule: the error of the kernel (f32 arithmetic, output rounded to the
+//! storage type) is at most twice that of a naive attention computed in the
+//! same storage precision (scores, probabilities and output rounded to it),
+//! plus a small absolute floor. The reference sees exactly the rounded
+//! inputs the GPU sees.
+
+mod common;
+
+use common::{Inputs, gpu};
+use half::{bf16, f16};
+use wgpu_flash_attn::random::SeededRng;
+use wgpu_flash_attn::{
+    AttentionArgs, AttentionConfig, AttentionShape, DType, Error, Gpu, Tensor, reference,
+};
+
+/// Absolute floor of the rule (f32 arithmetic noise on unit-scale values).
+const FLOOR: f64 = 1e-4;
+
+fn round_to(dtype: DType, x: f32) -> f32 {
+    match dtype {
+        DType::F32 => x,
+        DType::F16 => f16::from_f32(x).to_f32(),
+        DType::BF16 => bf16::from_f32(x).to_f32(),
+    }
+}
+
+fn rounded(dtype: DType, values: &[f32]) -> Vec<f32> {
+    values.iter().map(|&x| round_to(dtype, x)).collect()
+}
+
+/// Standard attention in the storage precision, as a framework computes it
+/// in half: S and P rounded to `dtype`, f32 sums, output rounded. Causal
+/// and window masks only (no softcap or ALiBi).
+fn naive_in_precision(
+    dtype: DType,
+    shape: &AttentionShape,
+    inputs: &Inputs,
+    config: &AttentionConfig,
+) -> Vec<f32> {
+    let (d, hq, hkv) = (shape.head_dim, shape.heads_q, shape.heads_kv);
+    let scale = config.effective_scale(d);
+    let mut out = vec![0.0f32; shape.q_shape().elements()];
+    for b in 0..shape.batch {
+        for h in 0..hq {
+            let hk = h / (hq / hkv);
+            for i in 0..shape.seq_q {
+                let q = &inputs.q[((b * shape.seq_q + i) * hq + h) * d..][..d];
+                let keys = config.visible_keys(i, shape.seq_q, shape.seq_kv);
+                let scores: Vec<f32> = keys
+                    .clone()
+                    .map(|j| {
+                        let k = &inputs.k[((b * shape.seq_kv + j) * hkv + hk) * d..][..d];
+                        let dot: f32 = q.iter().zip(k).map(|(a, b)| a * b).sum();
+                        round_to(dtype, dot * scale)
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = scores.iter().map(|s| (s - max).exp()).sum();
+                let o = &mut out[((b * shape.seq_q + i) * hq + h) * d..][..d];
+                for (j, s) in keys.zip(&scores) {
+                    let p = round_to(dtype, (s - max).exp() / sum);
+                    let v = &inputs.v[((b * shape.seq_kv + j) * hkv + hk) * d..][..d];
+                    for (o, v) in o.iter_mut().zip(v) {
+                        *o += p * v;
+                    }
+                }
+                for o in o.iter_mut() {
+                    *o = round_to(dtype, *o);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn max_error(got: &[f32], want: &[f64]) -> f64 {
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| {
+            assert!(g.is_finite(), "non-finite output {g}");
+            (f64::from(*g) - w).abs()
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Runs the kernel with `dtype` storage; returns its error and the naive
+/// same-precision attention's output, against the f64 reference on the
+/// rounded inputs.
+fn errors(
+    gpu: &Gpu,
+    dtype: DType,
+    shape: &AttentionShape,
+    inputs: &Inputs,
+    config: &AttentionConfig,
+) -> (f64, Vec<f32>, Vec<f64>) {
+    let held = Inputs {
+        q: rounded(dtype, &inputs.q),
+        k: rounded(dtype, &inputs.k),
+        v: rounded(dtype, &inputs.v),
+    };
+    let q = Tensor::from_f32_as(gpu, shape.q_shape(), &held.q, dtype).unwrap();
+    let k = Tensor::from_f32_as(gpu, shape.kv_shape(), &held.k, dtype).unwrap();
+    let v = Tensor::from_f32_as(gpu, shape.kv_shape(), &held.v, dtype).unwrap();
+    let out = Tensor::filled_as(gpu, shape.q_shape(), f32::NAN, dtype).unwrap();
+    let args = AttentionArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: None,
+    };
+    gpu.attention_into(&args, config).unwrap();
+    let got = out.to_f32_vec(gpu).unwrap();
+    let want = reference::attention(shape, &held.q, &held.k, &held.v, config)
+        .unwrap()
+        .out;
+    let naive = naive_in_precision(dtype, shape, &held, config);
+    (max_error(&got, &want), naive, want)
+}
+
+fn check_dtype(dtype: DType, head_dims: &[usize], seed: u64) {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SeededRng::new(seed);
+    let lengths = [1, 7, 63, 64, 65, 130];
+    let mut worst_ratio = 0.0f64;
+    for &head_dim in head_dims {
+        for (index, &seq_q) in lengths.iter().enumerate() {
+            let seq_kv = lengths[(index + head_dim / 8) % lengths.len()];
+            let shape = AttentionShape {
+                batch: 1 + rng.below(2) as usize,
+                seq_q,
+                seq_kv,
+                heads_q: 4,
+                heads_kv: 2,
+                head_dim,
+            };
+            let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
+            for causal in [false, true] {
+                let config = AttentionConfig::new().causal(causal);
+                let (kernel, naive, want) = errors(gpu, dtype, &shape, &inputs, &config);
+                let naive = max_error(&naive, &want);
+                assert!(
+                    kernel <= 2.0 * naive + FLOOR,
+                    "{dtype:?} {shape:?} causal={causal}: kernel error {kernel:.3e} > 2 x naive {naive:.3e} + {FLOOR:e}"
+                );
+                if naive > 0.0 {
+                    worst_ratio = worst_ratio.max(kernel / naive);
+                }
+            }
+        }
+    }
+    eprintln!("{dtype:?}: worst kernel / naive-in-precision error ratio {worst_ratio:.2}");
+}
+
+#[test]
+fn f16_storage_within_twice_naive_half_error() {
+    check_dtype(DType::F16, &[8, 64, 128, 256], 0x5eed_0f16);
+}
+
+#[test]
+fn bf16_storage_within_twice_naive_bf16_error() {
+    check_dtype(DType::BF16, &[32, 64, 96], 0x5eed_0bf1);
+}
+
+/// Values near f16's largest finite (65504) must not overflow: scores are
+/// formed in f32.
+#[test]
+fn large_f16_inputs_do_not_overflow() {
+    let Some(gpu) = gpu() else { return };
+    let shape = AttentionShape::self_attention(1, 33, 2, 64);
+    let mut rng = SeededRng::new(0x5eed_ffff);
+    let big = |n: usize, rng: &mut SeededRng| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let sign = if rng.below(2) == 0 { 1.0 } else { -1.0 };
+                sign * 60000.0 * (0.5 + 0.5 * rng.uniform()) as f32
+            })
+            .collect()
+    };
+    let inputs = Inputs {
+        q: big(shape.q_shape().elements(), &mut rng),
+        k: big(shape.kv_shape().elements(), &mut rng),
+        v: big(shape.kv_shape().elements(), &mut rng),
+    };
+    for causal in [false, true] {
+        let config = AttentionConfig::new().causal(causal);
+        let (kernel, naive, _) = errors(gpu, DType::F16, &shape, &inputs, &config);
+        // Outputs are of order 6e4: f16 output rounding alone is up to 16.
+        assert!(kernel <= 16.0, "causal={causal}: error {kernel}");
+        // Scores formed in f16, as a naive half attention does, overflow.
+        assert!(naive.iter().any(|x| !x.is_finite()));
+    }
+}
+
+#[test]
+fn half_tensors_round_trip_exactly() {
+    let Some(gpu) = gpu() else { return };
+    let shape = wgpu_flash_attn::TensorShape::new(2, 5, 3, 8);
+    let mut rng = SeededRng::new(7);
+    let values = rng.normal_vec(shape.elements(), 3.0);
+    let halves: Vec<f16> = values.iter().map(|&x| f16::from_f32(x)).collect();
+    let tensor = Tensor::from_f16(gpu, shape, &halves).unwrap();
+    assert_eq!(tensor.dtype(), DType::F16);
+    assert_eq!(tensor.to_f16_vec(gpu).unwrap(), halves);
+    let brains: Vec<bf16> = values.iter().map(|&x| bf16::from_f32(x)).collect();
+    let tensor = Tensor::from_bf16(gpu, shape, &brains).unwrap();
+    assert_eq!(tensor.to_bf16_vec(gpu).unwrap(), brains);
+}
+
+#[test]
+fn mixed_storage_types_are_a_typed_error() {
+    let Some(gpu) = gpu() else { return };
+    let shape = AttentionShape::self_attention(1, 16, 2, 32);
+    let q = Tensor::filled_as(gpu, shape.q_shape(), 0.5, DType::F16).unwrap();
+    let k = Tensor::filled_as(gpu, shape.kv_shape(), 0.5, DType::F16).unwrap();
+    let v = Tensor::filled_as(gpu, shape.kv_shape(), 0.5, DType::BF16).unwrap();
+    let out = Tensor::filled_as(gpu, shape.q_shape(), 0.0, DType::F16).unwrap();
+    let args = AttentionArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: None,
+    };
+    match gpu.attention_into(&args, &AttentionConfig::new()) {
+        Err(Error::DTypeUnsupported {
+            tensor: "v",
+            got: DType::BF16,
+            needed: DType::F16,
+        }) => {}
+        other => panic!("expected DTypeUnsupported for v, got {other:?}"),
+    }
+    let out32 = Tensor::zeros(gpu, shape.q_shape(), DType::F32).unwrap();
+    let args = AttentionArgs {
+        v: &k,
+        out: &out32,
+        ..args
+    };
+    assert!(matches!(
+        gpu.attention_into(&args, &AttentionConfig::new()),
+        Err(Error::DTypeUnsupported {
+            tensor: "out",
+            got: DType::F32,
+            needed: DType::F16
+        })
+    ));
+}
