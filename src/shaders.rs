@@ -276,6 +276,15 @@ impl Specialization {
         flags
     }
 
+    /// Whether the pipeline converts f16 with `unpack2x16float` /
+    /// `pack2x16float`, which wgpu grants where the adapter has
+    /// `DownlevelFlags::SHADER_F16_IN_F32` (every Vulkan, Metal and DX12
+    /// adapter, and GL from GLSL 4.2 / ES 3.0).
+    pub fn needs_f16_in_f32(&self) -> bool {
+        let flags = self.variant_flags();
+        flags.contains(&"HALF_STORAGE") && !flags.contains(&"BF16_STORAGE")
+    }
+
     /// Whether the pipeline needs the adapter's SUBGROUP feature.
     pub fn needs_subgroups(&self) -> bool {
         self.variant_flags().contains(&SUBGROUP_KV)

@@ -101,11 +101,13 @@ fn parse_and_validate(spec: &Specialization) -> (naga::Module, naga::valid::Modu
             e.emit_to_string(&source)
         )
     });
-    let capabilities = if spec.needs_subgroups() {
-        Capabilities::SUBGROUP
-    } else {
-        Capabilities::empty()
-    };
+    let mut capabilities = Capabilities::empty();
+    if spec.needs_subgroups() {
+        capabilities |= Capabilities::SUBGROUP;
+    }
+    if spec.needs_f16_in_f32() {
+        capabilities |= Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+    }
     let info = Validator::new(ValidationFlags::all(), capabilities)
         .validate(&module)
         .unwrap_or_else(|e| {
