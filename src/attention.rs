@@ -3,7 +3,7 @@
 
 use wgpu::util::DeviceExt;
 
-use crate::config::{AttentionConfig, AttentionShape};
+use crate::config::{AttentionConfig, AttentionShape, Tier};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::params::{AttentionParams, TensorStrides, flags};
@@ -41,6 +41,16 @@ impl ForwardPlan {
 
     /// Tiles for `shape` with Q, K, V and O stored as `storage`.
     pub fn for_storage(gpu: &Gpu, shape: &AttentionShape, storage: DType) -> Result<Self> {
+        Self::for_call(gpu, shape, storage, None)
+    }
+
+    /// Tiles for one call: storage type and, if forced, the kernel tier.
+    pub fn for_call(
+        gpu: &Gpu,
+        shape: &AttentionShape,
+        storage: DType,
+        tier: Option<Tier>,
+    ) -> Result<Self> {
         shape.validate()?;
         let limits = &gpu.info().limits;
         let head_dim = shape.head_dim as u32;
@@ -58,7 +68,7 @@ impl ForwardPlan {
             rows,
             unroll,
             subgroup_kv,
-        } = row_tiling(gpu, shape);
+        } = row_tiling(gpu, shape, tier)?;
         let max_invocations = limits
             .max_compute_invocations_per_workgroup
             .min(limits.max_compute_workgroup_size_x);
@@ -100,6 +110,18 @@ impl ForwardPlan {
     }
 }
 
+impl ForwardPlan {
+    /// The kernel tier this plan runs.
+    pub fn tier(&self) -> Tier {
+        match self.specialization {
+            Specialization::FlashForward {
+                subgroup_kv: true, ..
+            } => Tier::SubgroupBroadcast,
+            _ => Tier::Portable,
+        }
+    }
+}
+
 /// How query rows map onto invocations.
 struct RowTiling {
     workgroup_size: u32,
@@ -108,19 +130,53 @@ struct RowTiling {
     subgroup_kv: bool,
 }
 
-/// The tiling for this adapter and shape.
-fn row_tiling(gpu: &Gpu, shape: &AttentionShape) -> RowTiling {
+/// Why this adapter cannot run [`Tier::SubgroupBroadcast`], if it cannot.
+fn subgroup_broadcast_missing(gpu: &Gpu) -> Option<String> {
     let info = gpu.info();
     let adapter = &info.adapter;
+    if adapter.device_type != wgpu::DeviceType::Cpu || adapter.backend == wgpu::Backend::Gl {
+        return Some(format!(
+            "it is offered on CPU adapters on Vulkan, Metal or DX12; this is a {:?} adapter on {:?}",
+            adapter.device_type, adapter.backend
+        ));
+    }
+    if !info.has_subgroups() {
+        return Some("the device lacks the SUBGROUP feature".to_string());
+    }
+    if adapter.subgroup_min_size != CPU_WORKGROUP_SIZE
+        || adapter.subgroup_max_size != CPU_WORKGROUP_SIZE
+    {
+        return Some(format!(
+            "it needs one subgroup size of {CPU_WORKGROUP_SIZE}; the adapter reports {}-{}",
+            adapter.subgroup_min_size, adapter.subgroup_max_size
+        ));
+    }
+    None
+}
+
+/// The tiling for this adapter and shape, honouring a forced tier.
+fn row_tiling(gpu: &Gpu, shape: &AttentionShape, tier: Option<Tier>) -> Result<RowTiling> {
+    let missing = subgroup_broadcast_missing(gpu);
+    let subgroup_kv = match (tier, missing) {
+        (Some(Tier::SubgroupBroadcast), Some(reason)) => {
+            return Err(Error::TierUnavailable {
+                tier: Tier::SubgroupBroadcast,
+                reason,
+            });
+        }
+        (Some(Tier::Portable), _) | (None, Some(_)) => false,
+        (Some(Tier::SubgroupBroadcast), None) | (None, None) => true,
+    };
+    let adapter = &gpu.info().adapter;
     // llvmpipe behind the GL backend compiled the unrolled kernel for head
     // dims of 200 and more in over a minute: GL gets the portable tiling.
     if adapter.device_type != wgpu::DeviceType::Cpu || adapter.backend == wgpu::Backend::Gl {
-        return RowTiling {
+        return Ok(RowTiling {
             workgroup_size: GPU_WORKGROUP_SIZE,
             rows: 1,
             unroll: false,
             subgroup_kv: false,
-        };
+        });
     }
     // Registers are memory on a CPU; bound the per-invocation state
     // (q and acc: 2 * rows * head_dim floats) and the unrolled code size.
@@ -133,16 +189,13 @@ fn row_tiling(gpu: &Gpu, shape: &AttentionShape) -> RowTiling {
         _ => 4,
     };
     // One SIMD group per workgroup; when it is exactly one subgroup, K and V
-    // are shared by subgroup broadcasts (1.5-1.7x on lavapipe, BENCHMARKS.md).
-    let subgroup_kv = info.has_subgroups()
-        && adapter.subgroup_min_size == CPU_WORKGROUP_SIZE
-        && adapter.subgroup_max_size == CPU_WORKGROUP_SIZE;
-    RowTiling {
+    // are shared by subgroup broadcasts (1.7x on lavapipe, BENCHMARKS.md).
+    Ok(RowTiling {
         workgroup_size: CPU_WORKGROUP_SIZE,
         rows,
         unroll: true,
         subgroup_kv,
-    }
+    })
 }
 
 /// Logsumexp of each query row, `[batch, heads_q, seq_q]` f32, natural log.
@@ -385,7 +438,7 @@ impl Gpu {
         if args.lse.is_none() && config.return_lse {
             return Err(Error::MissingLseOutput);
         }
-        let plan = ForwardPlan::for_storage(self, &shape, args.q.dtype())?;
+        let plan = ForwardPlan::for_call(self, &shape, args.q.dtype(), config.tier)?;
         let params = self.pack_params(args, &shape, config)?;
         if let Some(lse) = args.lse {
             let expected = [shape.batch, shape.heads_q, shape.seq_q];

@@ -192,11 +192,32 @@ pub struct AttentionConfig {
     pub alibi: Option<Alibi>,
     /// Also produce the logsumexp of each row (natural log).
     pub return_lse: bool,
+    /// Force a kernel tier; `None` picks the best the adapter offers.
+    pub tier: Option<Tier>,
+}
+
+/// How K and V reach the invocations of a workgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tier {
+    /// Tiles staged in workgroup memory, with barriers. Runs everywhere.
+    Portable,
+    /// The workgroup is exactly one subgroup; each lane loads a share of
+    /// the keys and subgroup broadcasts hand every element to all lanes.
+    /// Offered on CPU adapters (Vulkan, Metal, DX12) with the SUBGROUP
+    /// feature whose only subgroup size is the CPU workgroup size (8), such
+    /// as lavapipe.
+    SubgroupBroadcast,
 }
 
 impl AttentionConfig {
     pub fn new() -> Self {
         Self::default()
+    }
+    /// Forces a kernel tier (tests, benchmarks); a tier the adapter lacks
+    /// is a typed error at call time.
+    pub fn tier(mut self, tier: Tier) -> Self {
+        self.tier = Some(tier);
+        self
     }
     pub fn causal(mut self, causal: bool) -> Self {
         self.causal = causal;

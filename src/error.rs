@@ -90,6 +90,9 @@ pub enum Error {
         limit: u64,
     },
 
+    #[error("kernel tier {tier:?} is not available on this adapter: {reason}")]
+    TierUnavailable { tier: crate::Tier, reason: String },
+
     #[error("{what} needs {groups} workgroups along {axis}, the adapter allows {limit}")]
     DispatchTooLarge {
         what: &'static str,

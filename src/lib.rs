@@ -31,7 +31,7 @@ pub mod timing;
 
 pub use attention::{AttentionArgs, AttentionOutput, ForwardPlan, HostAttentionOutput, Lse};
 pub use config::{
-    Alibi, AttentionConfig, AttentionShape, SUPPORTED_HEAD_DIMS, is_supported_head_dim,
+    Alibi, AttentionConfig, AttentionShape, SUPPORTED_HEAD_DIMS, Tier, is_supported_head_dim,
 };
 pub use error::{Error, Result};
 pub use gpu::{AdapterOptions, Gpu, GpuInfo, WANTED_FEATURES};

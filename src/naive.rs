@@ -45,7 +45,18 @@ impl NaivePlan {
 
     /// The plan for Q, K, V and O stored as `storage`.
     pub fn for_storage(gpu: &Gpu, shape: &AttentionShape, storage: DType) -> Result<Self> {
-        let forward = crate::ForwardPlan::for_storage(gpu, shape, storage)?;
+        Self::for_call(gpu, shape, storage, None)
+    }
+
+    /// The plan for one call: storage type and, if forced, the tier of the
+    /// matrix products.
+    pub fn for_call(
+        gpu: &Gpu,
+        shape: &AttentionShape,
+        storage: DType,
+        tier: Option<crate::Tier>,
+    ) -> Result<Self> {
+        let forward = crate::ForwardPlan::for_call(gpu, shape, storage, tier)?;
         let Specialization::FlashForward {
             head_dim,
             block_n,
@@ -156,7 +167,7 @@ impl Gpu {
         config: &AttentionConfig,
     ) -> Result<NaivePlan> {
         let call = self.prepare_call(args, config)?;
-        let plan = NaivePlan::for_storage(self, &call.shape, args.q.dtype())?;
+        let plan = NaivePlan::for_call(self, &call.shape, args.q.dtype(), config.tier)?;
         let x_limit = self.info().limits.max_compute_workgroups_per_dimension;
         let x_groups = plan.row_groups(NaivePass::Softmax, call.shape.seq_q);
         if x_groups > x_limit {

@@ -27,7 +27,7 @@ use wgpu_flash_attn::timing::TimingPlan;
 use wgpu_flash_attn::{AttentionShape, DType, Gpu};
 
 use measure::{Bench, CEILING_WORKGROUPS, Case};
-use options::{AttentionFlags, DTypeArg, GlobalArgs, Impl, ShapeArgs, case_name};
+use options::{AttentionFlags, DTypeArg, GlobalArgs, Impl, ShapeArgs, TierArg, case_name};
 use report::{AdapterJson, Ceilings, Report};
 
 #[derive(Debug, Parser)]
@@ -70,6 +70,9 @@ struct RunArgs {
     dtype: DTypeArg,
     #[arg(long = "impl", value_enum, default_value_t = Impl::Flash)]
     implementation: Impl,
+    /// Force a kernel tier (default: the best this adapter offers).
+    #[arg(long, value_enum)]
+    tier: Option<TierArg>,
     /// Timed runs after the validating first run.
     #[arg(long, default_value_t = 5)]
     iters: usize,
@@ -130,6 +133,10 @@ fn run(cli: &Cli) -> Result<bool> {
         Some(Command::Run(args)) => {
             let shape = args.shape.shape();
             let dtype = args.dtype.dtype();
+            let mut config = args.flags.config();
+            if let Some(tier) = args.tier {
+                config = config.tier(tier.tier());
+            }
             let case = Case {
                 name: format!(
                     "{}{}",
@@ -137,7 +144,7 @@ fn run(cli: &Cli) -> Result<bool> {
                     dtype_suffix(dtype)
                 ),
                 shape,
-                config: args.flags.config(),
+                config,
                 impls: vec![args.implementation],
                 seed: 1,
                 dtype,

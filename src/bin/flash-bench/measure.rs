@@ -157,6 +157,8 @@ pub struct CaseReport {
     /// The options as the library sees them (Debug text of the config).
     pub options: String,
     pub dtype: String,
+    /// Kernel tier of the flash kernel for this call.
+    pub tier: String,
     /// FLOPs the call must do (visible pairs only).
     pub flops: f64,
     pub rows_validated: usize,
@@ -256,6 +258,8 @@ impl Bench<'_> {
             None
         };
         let flops = shape.flops(&case.config);
+        let tier =
+            wgpu_flash_attn::ForwardPlan::for_call(gpu, shape, dtype, case.config.tier)?.tier();
 
         let mut results = Vec::new();
         for &implementation in &case.impls {
@@ -289,6 +293,7 @@ impl Bench<'_> {
             shape: shape.into(),
             options: format!("{:?}", case.config),
             dtype: format!("{dtype:?}").to_lowercase(),
+            tier: format!("{tier:?}"),
             flops,
             rows_validated: sample.as_ref().map_or(0, |s| s.rows),
             rows_total: shape.batch * shape.heads_q * shape.seq_q,

@@ -148,6 +148,24 @@ impl DTypeArg {
     }
 }
 
+/// Kernel tier to force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TierArg {
+    /// Workgroup-memory tiles: runs everywhere.
+    Portable,
+    /// Subgroup broadcasts (CPU adapters with one subgroup size of 8).
+    Subgroup,
+}
+
+impl TierArg {
+    pub fn tier(self) -> wgpu_flash_attn::Tier {
+        match self {
+            TierArg::Portable => wgpu_flash_attn::Tier::Portable,
+            TierArg::Subgroup => wgpu_flash_attn::Tier::SubgroupBroadcast,
+        }
+    }
+}
+
 /// Which implementation computes attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -1,0 +1,159 @@
+//! Kernel tiers: each tier the adapter offers matches the reference on the
+//! same inputs (f32 and f16 storage), the default is the best one offered,
+//! and forcing a tier the adapter lacks is a typed error.
+
+mod common;
+
+use common::{Inputs, gpu};
+use wgpu_flash_attn::random::SeededRng;
+use wgpu_flash_attn::{
+    AttentionArgs, AttentionConfig, AttentionShape, DType, Error, ForwardPlan, Gpu, Tensor, Tier,
+    reference,
+};
+
+/// Whether this adapter should offer the subgroup-broadcast tier.
+fn offers_subgroup_broadcast(gpu: &Gpu) -> bool {
+    let info = gpu.info();
+    let adapter = &info.adapter;
+    adapter.device_type == wgpu::DeviceType::Cpu
+        && adapter.backend != wgpu::Backend::Gl
+        && info.has_subgroups()
+        && adapter.subgroup_min_size == 8
+        && adapter.subgroup_max_size == 8
+}
+
+fn round_to(dtype: DType, x: f32) -> f32 {
+    match dtype {
+        DType::F16 => half::f16::from_f32(x).to_f32(),
+        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+        DType::F32 => x,
+    }
+}
+
+/// Largest |gpu - reference| beyond the output's storage rounding.
+fn run_tier(
+    gpu: &Gpu,
+    tier: Tier,
+    dtype: DType,
+    shape: &AttentionShape,
+    inputs: &Inputs,
+    causal: bool,
+) -> f64 {
+    let held = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| round_to(dtype, x)).collect() };
+    let (q, k, v) = (held(&inputs.q), held(&inputs.k), held(&inputs.v));
+    let config = AttentionConfig::new().causal(causal).tier(tier);
+    let plan = ForwardPlan::for_call(gpu, shape, dtype, config.tier).unwrap();
+    assert_eq!(plan.tier(), tier);
+    let q_t = Tensor::from_f32_as(gpu, shape.q_shape(), &q, dtype).unwrap();
+    let k_t = Tensor::from_f32_as(gpu, shape.kv_shape(), &k, dtype).unwrap();
+    let v_t = Tensor::from_f32_as(gpu, shape.kv_shape(), &v, dtype).unwrap();
+    let out = Tensor::filled_as(gpu, shape.q_shape(), f32::NAN, dtype).unwrap();
+    let args = AttentionArgs {
+        q: &q_t,
+        k: &k_t,
+        v: &v_t,
+        out: &out,
+        lse: None,
+    };
+    gpu.attention_into(&args, &config).unwrap();
+    let got = out.to_f32_vec(gpu).unwrap();
+    let want = reference::attention(shape, &q, &k, &v, &config)
+        .unwrap()
+        .out;
+    let roundoff = match dtype {
+        DType::F32 => 0.0,
+        DType::F16 => 2f64.powi(-11),
+        DType::BF16 => 2f64.powi(-8),
+    };
+    got.iter()
+        .zip(&want)
+        .map(|(g, w)| {
+            assert!(!g.is_nan(), "{tier:?} {dtype:?}: NaN output");
+            (f64::from(*g) - w).abs() - roundoff * w.abs()
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn every_offered_tier_matches_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut tiers = vec![Tier::Portable];
+    if offers_subgroup_broadcast(gpu) {
+        tiers.push(Tier::SubgroupBroadcast);
+    }
+    let mut rng = SeededRng::new(0x5eed_7135);
+    for head_dim in [64, 128] {
+        let shape = AttentionShape {
+            batch: 2,
+            seq_q: 77,
+            seq_kv: 130,
+            heads_q: 4,
+            heads_kv: 2,
+            head_dim,
+        };
+        let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
+        for dtype in [DType::F32, DType::F16] {
+            for causal in [false, true] {
+                for &tier in &tiers {
+                    let excess = run_tier(gpu, tier, dtype, &shape, &inputs, causal);
+                    assert!(
+                        excess <= 1e-4,
+                        "{tier:?} {dtype:?} d={head_dim} causal={causal}: error exceeds rounding by {excess:.3e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn default_tier_is_the_best_offered() {
+    let Some(gpu) = gpu() else { return };
+    let shape = AttentionShape::self_attention(1, 64, 2, 64);
+    let plan = ForwardPlan::new(gpu, &shape).unwrap();
+    let best = if offers_subgroup_broadcast(gpu) {
+        Tier::SubgroupBroadcast
+    } else {
+        Tier::Portable
+    };
+    assert_eq!(plan.tier(), best, "{}", gpu.info().summary());
+}
+
+#[test]
+fn forcing_a_tier_the_adapter_lacks_is_a_typed_error() {
+    let Some(gpu) = gpu() else { return };
+    let shape = AttentionShape::self_attention(1, 64, 2, 64);
+    let forced = ForwardPlan::for_call(gpu, &shape, DType::F32, Some(Tier::SubgroupBroadcast));
+    if offers_subgroup_broadcast(gpu) {
+        assert_eq!(forced.unwrap().tier(), Tier::SubgroupBroadcast);
+        eprintln!(
+            "this adapter offers every tier; the error path is exercised on adapters without one (CI's GL pass)"
+        );
+    } else {
+        match forced {
+            Err(Error::TierUnavailable { tier, reason }) => {
+                assert_eq!(tier, Tier::SubgroupBroadcast);
+                assert!(!reason.is_empty());
+            }
+            other => panic!("expected TierUnavailable, got {other:?}"),
+        }
+        // The same through a call.
+        let q = Tensor::filled(gpu, shape.q_shape(), 0.5).unwrap();
+        let out = Tensor::filled(gpu, shape.q_shape(), 0.0).unwrap();
+        let args = AttentionArgs {
+            q: &q,
+            k: &q,
+            v: &q,
+            out: &out,
+            lse: None,
+        };
+        let config = AttentionConfig::new().tier(Tier::SubgroupBroadcast);
+        assert!(matches!(
+            gpu.attention_into(&args, &config),
+            Err(Error::TierUnavailable { .. })
+        ));
+    }
+    // The portable tier is offered everywhere.
+    let portable = ForwardPlan::for_call(gpu, &shape, DType::F32, Some(Tier::Portable)).unwrap();
+    assert_eq!(portable.tier(), Tier::Portable);
+}
