@@ -36,15 +36,11 @@ pub struct ForwardPlan {
 impl ForwardPlan {
     /// Tiles for `shape` with f32 storage on this adapter.
     pub fn new(gpu: &Gpu, shape: &AttentionShape) -> Result<Self> {
-        Self::for_storage(gpu, shape, DType::F32)
+        Self::for_call(gpu, shape, DType::F32, None)
     }
 
-    /// Tiles for `shape` with Q, K, V and O stored as `storage`.
-    pub fn for_storage(gpu: &Gpu, shape: &AttentionShape, storage: DType) -> Result<Self> {
-        Self::for_call(gpu, shape, storage, None)
-    }
-
-    /// Tiles for one call: storage type and, if forced, the kernel tier.
+    /// Tiles for one call: Q, K, V and O stored as `storage` and, if
+    /// forced, the kernel tier.
     pub fn for_call(
         gpu: &Gpu,
         shape: &AttentionShape,
@@ -391,16 +387,9 @@ impl Gpu {
 
     /// Attention into caller-owned outputs: records and submits one dispatch.
     pub fn attention_into(&self, args: &AttentionArgs<'_>, config: &AttentionConfig) -> Result<()> {
-        let mut encoder = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("wgpu-flash-attn"),
-            });
-        self.validated("attention dispatch", || -> Result<()> {
-            self.encode_attention(&mut encoder, args, config)?;
-            self.queue.submit([encoder.finish()]);
-            Ok(())
-        })?
+        self.submit_recorded("attention dispatch", |encoder| {
+            self.encode_attention(encoder, args, config)
+        })
     }
 
     /// Records the attention dispatch into the caller's encoder (nothing is

@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 /// Q is `[batch, seq_q, heads_q, head_dim]`, K and V are
 /// `[batch, seq_kv, heads_kv, head_dim]`, O is shaped like Q.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "cli", derive(serde::Serialize))]
 pub struct AttentionShape {
     pub batch: usize,
     pub seq_q: usize,

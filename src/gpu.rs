@@ -227,6 +227,25 @@ impl Gpu {
             .map_err(|e| Error::Readback(e.to_string()))
     }
 
+    /// Records into a new encoder and submits it, under a validation error
+    /// scope (see [`Gpu::validated`]).
+    pub(crate) fn submit_recorded<T>(
+        &self,
+        context: &'static str,
+        record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<T>,
+    ) -> Result<T> {
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some(context),
+            });
+        self.validated(context, || -> Result<T> {
+            let value = record(&mut encoder)?;
+            self.queue.submit([encoder.finish()]);
+            Ok(value)
+        })?
+    }
+
     /// Runs `record` under a validation error scope and reports the first
     /// validation error as [`Error::GpuValidation`].
     pub(crate) fn validated<T>(

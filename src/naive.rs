@@ -40,12 +40,7 @@ pub struct NaivePlan {
 impl NaivePlan {
     /// The plan for f32 storage.
     pub fn new(gpu: &Gpu, shape: &AttentionShape) -> Result<Self> {
-        Self::for_storage(gpu, shape, DType::F32)
-    }
-
-    /// The plan for Q, K, V and O stored as `storage`.
-    pub fn for_storage(gpu: &Gpu, shape: &AttentionShape, storage: DType) -> Result<Self> {
-        Self::for_call(gpu, shape, storage, None)
+        Self::for_call(gpu, shape, DType::F32, None)
     }
 
     /// The plan for one call: storage type and, if forced, the tier of the
@@ -144,16 +139,9 @@ impl Gpu {
         args: &AttentionArgs<'_>,
         config: &AttentionConfig,
     ) -> Result<NaivePlan> {
-        let mut encoder = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("wgpu-flash-attn naive"),
-            });
-        self.validated("naive attention dispatch", || -> Result<NaivePlan> {
-            let plan = self.encode_naive_attention(&mut encoder, args, config)?;
-            self.queue.submit([encoder.finish()]);
-            Ok(plan)
-        })?
+        self.submit_recorded("naive attention dispatch", |encoder| {
+            self.encode_naive_attention(encoder, args, config)
+        })
     }
 
     /// Records standard attention into the caller's encoder: three passes

@@ -93,32 +93,9 @@ pub fn time_gpu(
     plan: TimingPlan,
     mut record: impl FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
 ) -> Result<Timing> {
-    let stopwatch = gpu
-        .info()
-        .has_encoder_timestamps()
-        .then(|| Stopwatch::new(gpu));
     let mut run_once = || -> Result<f64> {
-        let mut encoder = gpu
-            .device()
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("timed"),
-            });
-        if let Some(watch) = &stopwatch {
-            encoder.write_timestamp(&watch.queries, 0);
-        }
-        record(&mut encoder)?;
-        if let Some(watch) = &stopwatch {
-            encoder.write_timestamp(&watch.queries, 1);
-            encoder.resolve_query_set(&watch.queries, 0..2, &watch.resolved, 0);
-        }
-        let start = Instant::now();
-        gpu.queue().submit([encoder.finish()]);
-        gpu.wait()?;
-        let wall_ms = start.elapsed().as_secs_f64() * 1e3;
-        match &stopwatch {
-            Some(watch) => watch.elapsed_ms(gpu),
-            None => Ok(wall_ms),
-        }
+        let (elapsed, _) = time_gpu_repeated(gpu, 1, &mut record)?;
+        Ok(elapsed.as_secs_f64() * 1e3)
     };
     for _ in 0..plan.warmup {
         run_once()?;
@@ -132,7 +109,7 @@ pub fn time_gpu(
         min_ms: times[0],
         max_ms: times[times.len() - 1],
         runs: times.len(),
-        timer: if stopwatch.is_some() {
+        timer: if gpu.info().has_encoder_timestamps() {
             Timer::GpuTimestamps
         } else {
             Timer::WallClock

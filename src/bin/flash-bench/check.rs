@@ -120,7 +120,7 @@ fn compare(got: &[f32], want: impl Iterator<Item = f64>, atol: f64) -> Compariso
 struct CheckReport {
     file: String,
     adapter: AdapterJson,
-    shape: crate::measure::ShapeJson,
+    shape: AttentionShape,
     dtypes: Vec<String>,
     options: String,
     vs_reference: Comparison,
@@ -231,7 +231,7 @@ pub fn run(gpu: &Gpu, args: &CheckArgs, json: Option<&std::path::Path>) -> Resul
             &CheckReport {
                 file: args.file.display().to_string(),
                 adapter: AdapterJson::of_device(gpu.info()),
-                shape: (&shape).into(),
+                shape,
                 dtypes,
                 options: format!("{config:?}"),
                 vs_reference,

@@ -126,34 +126,11 @@ impl ImplResult {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct ShapeJson {
-    pub batch: usize,
-    pub seq_q: usize,
-    pub seq_kv: usize,
-    pub heads_q: usize,
-    pub heads_kv: usize,
-    pub head_dim: usize,
-}
-
-impl From<&AttentionShape> for ShapeJson {
-    fn from(s: &AttentionShape) -> Self {
-        ShapeJson {
-            batch: s.batch,
-            seq_q: s.seq_q,
-            seq_kv: s.seq_kv,
-            heads_q: s.heads_q,
-            heads_kv: s.heads_kv,
-            head_dim: s.head_dim,
-        }
-    }
-}
-
 /// Everything measured for one case.
 #[derive(Debug, Clone, Serialize)]
 pub struct CaseReport {
     pub name: String,
-    pub shape: ShapeJson,
+    pub shape: AttentionShape,
     /// The options as the library sees them (Debug text of the config).
     pub options: String,
     pub dtype: String,
@@ -290,7 +267,7 @@ impl Bench<'_> {
         let passed = results.iter().all(|r| r.status != Status::Failed);
         Ok(CaseReport {
             name: case.name.clone(),
-            shape: shape.into(),
+            shape: *shape,
             options: format!("{:?}", case.config),
             dtype: format!("{dtype:?}").to_lowercase(),
             tier: format!("{tier:?}"),
