@@ -8,7 +8,9 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::params::{AttentionParams, TensorStrides, flags};
 use crate::pipelines::bind_buffers;
-use crate::shaders::{Specialization, forward_tile_bytes};
+use crate::shaders::{
+    AttentionTiling, MIN_BLOCK_N, Specialization, forward_tile_bytes, largest_block_n,
+};
 use crate::tensor::{DType, Tensor, TensorShape, read_buffer};
 
 /// Row tiling on hardware GPUs: one query row per invocation, 64
@@ -19,9 +21,6 @@ const GPU_WORKGROUP_SIZE: u32 = 64;
 /// broadcast K/V load feeds many FMAs. Measured on lavapipe, d=64: 1 row per
 /// invocation 1.9 GFLOP/s, 16 rows 18 GFLOP/s (BENCHMARKS.md).
 const CPU_WORKGROUP_SIZE: u32 = 8;
-/// K/V tile sizes tried, largest first; the first that fits workgroup
-/// memory is used.
-const BLOCK_N_CANDIDATES: [u32; 5] = [64, 32, 16, 8, 4];
 /// Tensors are read as vec4, so strides and offsets are multiples of 4.
 const VEC_WIDTH: usize = 4;
 
@@ -50,15 +49,15 @@ impl ForwardPlan {
         shape.validate()?;
         let limits = &gpu.info().limits;
         let head_dim = shape.head_dim as u32;
-        let tile_bytes = |block_n| forward_tile_bytes(head_dim, block_n);
-        let block_n = BLOCK_N_CANDIDATES
-            .into_iter()
-            .find(|&n| tile_bytes(n) <= u64::from(limits.max_compute_workgroup_storage_size))
-            .ok_or(Error::WorkgroupMemory {
-                head_dim: shape.head_dim,
-                needed: tile_bytes(4),
-                limit: limits.max_compute_workgroup_storage_size,
-            })?;
+        let block_n = largest_block_n(
+            head_dim,
+            u64::from(limits.max_compute_workgroup_storage_size),
+        )
+        .ok_or(Error::WorkgroupMemory {
+            head_dim: shape.head_dim,
+            needed: forward_tile_bytes(head_dim, MIN_BLOCK_N),
+            limit: limits.max_compute_workgroup_storage_size,
+        })?;
         let RowTiling {
             workgroup_size,
             rows,
@@ -92,7 +91,7 @@ impl ForwardPlan {
             }
         }
         Ok(ForwardPlan {
-            specialization: Specialization::FlashForward {
+            specialization: Specialization::FlashForward(AttentionTiling {
                 head_dim,
                 block_n,
                 workgroup_size,
@@ -100,19 +99,31 @@ impl ForwardPlan {
                 unroll,
                 subgroup_kv,
                 storage,
-            },
+            }),
             workgroups: groups.map(|n| n as u32),
         })
     }
 }
 
 impl ForwardPlan {
+    /// Query rows per invocation on CPU adapters. Registers are memory on a
+    /// CPU, so this bounds the per-invocation state (q and acc: 2 * rows *
+    /// head_dim floats) and the unrolled code: 16 rows at d=64 compile in
+    /// ~25 s on a cold lavapipe and run ~15 % faster than 8 rows
+    /// (BENCHMARKS.md). It depends on the head dim only, so each head dim
+    /// compiles one pipeline whatever the sequence lengths.
+    pub fn cpu_rows(head_dim: u32) -> u32 {
+        match head_dim {
+            0..=64 => 16,
+            65..=128 => 8,
+            _ => 4,
+        }
+    }
+
     /// The kernel tier this plan runs.
     pub fn tier(&self) -> Tier {
-        match self.specialization {
-            Specialization::FlashForward {
-                subgroup_kv: true, ..
-            } => Tier::SubgroupBroadcast,
+        match self.specialization.attention_tiling() {
+            Some(tiling) if tiling.subgroup_kv => Tier::SubgroupBroadcast,
             _ => Tier::Portable,
         }
     }
@@ -174,16 +185,7 @@ fn row_tiling(gpu: &Gpu, shape: &AttentionShape, tier: Option<Tier>) -> Result<R
             subgroup_kv: false,
         });
     }
-    // Registers are memory on a CPU; bound the per-invocation state
-    // (q and acc: 2 * rows * head_dim floats) and the unrolled code size.
-    // The row count depends on the head dim only, even for short query
-    // sequences: on llvmpipe other row counts took up to 60 s to compile
-    // where these take under a second (BENCHMARKS.md, "compile time").
-    let rows = match shape.head_dim {
-        0..=64 => 16,
-        65..=128 => 8,
-        _ => 4,
-    };
+    let rows = ForwardPlan::cpu_rows(shape.head_dim as u32);
     // One SIMD group per workgroup; when it is exactly one subgroup, K and V
     // are shared by subgroup broadcasts (1.7x on lavapipe, BENCHMARKS.md).
     Ok(RowTiling {

@@ -7,7 +7,7 @@ use crate::attention::AttentionArgs;
 use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::shaders::{NaivePass, Specialization};
+use crate::shaders::{AttentionTiling, NaivePass, Specialization};
 use crate::tensor::DType;
 
 /// Bytes of one score row: keys padded to a multiple of 4 (vec4 slots).
@@ -31,10 +31,8 @@ pub struct NaivePlan {
     pub units_per_chunk: u32,
     /// Bytes of one pair's score matrix.
     pub bytes_per_unit: u64,
-    tiling: [u32; 4],
-    unroll: bool,
-    subgroup_kv: bool,
-    storage: DType,
+    /// The flash kernel's tiling, which the matrix products share.
+    tiling: AttentionTiling,
 }
 
 impl NaivePlan {
@@ -52,18 +50,10 @@ impl NaivePlan {
         tier: Option<crate::Tier>,
     ) -> Result<Self> {
         let forward = crate::ForwardPlan::for_call(gpu, shape, storage, tier)?;
-        let Specialization::FlashForward {
-            head_dim,
-            block_n,
-            workgroup_size,
-            rows,
-            unroll,
-            subgroup_kv,
-            storage,
-        } = forward.specialization
-        else {
-            unreachable!("ForwardPlan always plans the flash kernel")
-        };
+        let tiling = *forward
+            .specialization
+            .attention_tiling()
+            .expect("ForwardPlan always plans the flash kernel");
         let limits = &gpu.info().limits;
         let (limit_name, limit) =
             if limits.max_storage_buffer_binding_size <= limits.max_buffer_size {
@@ -91,10 +81,7 @@ impl NaivePlan {
             units: units as u32,
             units_per_chunk: units_per_chunk as u32,
             bytes_per_unit,
-            tiling: [head_dim, block_n, workgroup_size, rows],
-            unroll,
-            subgroup_kv,
-            storage,
+            tiling,
         })
     }
 
@@ -108,22 +95,19 @@ impl NaivePlan {
     }
 
     fn specialization(&self, pass: NaivePass) -> Specialization {
-        let [head_dim, block_n, workgroup_size, rows] = self.tiling;
         Specialization::Naive {
             pass,
-            head_dim,
-            block_n,
-            workgroup_size,
-            rows,
-            unroll: self.unroll,
-            subgroup_kv: self.subgroup_kv,
-            storage: self.storage,
+            tiling: self.tiling,
         }
     }
 
     /// Workgroups along x for `pass` (query rows).
     fn row_groups(&self, pass: NaivePass, seq_q: usize) -> u32 {
-        let [_, _, workgroup_size, rows] = self.tiling;
+        let AttentionTiling {
+            workgroup_size,
+            rows,
+            ..
+        } = self.tiling;
         let per_group = match pass {
             NaivePass::Softmax => workgroup_size,
             NaivePass::Scores | NaivePass::Values => workgroup_size * rows,

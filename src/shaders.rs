@@ -10,8 +10,13 @@ use std::fmt::Write as _;
 
 use crate::tensor::DType;
 
-/// Variant name of the subgroup-broadcast K/V path.
+/// Names of the `// #if` variants in the attention kernels.
 const SUBGROUP_KV: &str = "SUBGROUP_KV";
+const HALF_STORAGE: &str = "HALF_STORAGE";
+const BF16_STORAGE: &str = "BF16_STORAGE";
+
+/// Keys per tile the planner tries, largest first.
+const BLOCK_N_CANDIDATES: [u32; 5] = [64, 32, 16, 8, 4];
 
 /// A WGSL kernel family shipped by the crate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -85,29 +90,12 @@ impl Kernel {
 
     /// Buffer bindings of group 0, in binding order.
     pub fn bindings(self) -> &'static [wgpu::BufferBindingType] {
-        use wgpu::BufferBindingType::{Storage, Uniform};
+        use wgpu::BufferBindingType::Storage;
         match self {
             // params, q, k, v, out, lse, alibi slopes
-            Kernel::FlashForward => &[
-                Uniform,
-                Storage { read_only: true },
-                Storage { read_only: true },
-                Storage { read_only: true },
-                Storage { read_only: false },
-                Storage { read_only: false },
-                Storage { read_only: true },
-            ],
+            Kernel::FlashForward => &ATTENTION_BINDINGS[..7],
             // the same, then the score matrix
-            Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaiveValues => &[
-                Uniform,
-                Storage { read_only: true },
-                Storage { read_only: true },
-                Storage { read_only: true },
-                Storage { read_only: false },
-                Storage { read_only: false },
-                Storage { read_only: true },
-                Storage { read_only: false },
-            ],
+            Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaiveValues => &ATTENTION_BINDINGS,
             // sink
             Kernel::FmaCeiling => &[Storage { read_only: false }],
             // source, destination
@@ -116,39 +104,71 @@ impl Kernel {
     }
 }
 
+/// Bindings of shaders/attention_common.wgsl (0-6), then the naive
+/// kernel's score matrix (7).
+const ATTENTION_BINDINGS: [wgpu::BufferBindingType; 8] = {
+    use wgpu::BufferBindingType::{Storage, Uniform};
+    [
+        Uniform,
+        Storage { read_only: true },
+        Storage { read_only: true },
+        Storage { read_only: true },
+        Storage { read_only: false },
+        Storage { read_only: false },
+        Storage { read_only: true },
+        Storage { read_only: false },
+    ]
+};
+
+/// Tile sizes and code shape of the attention kernels: the flash kernel
+/// and the naive baseline's matrix products share them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AttentionTiling {
+    /// Head dimension (QK and V), a multiple of 8.
+    pub head_dim: u32,
+    /// Keys per tile, a multiple of 4 (staged in workgroup memory unless
+    /// `subgroup_kv`).
+    pub block_n: u32,
+    /// Invocations per workgroup.
+    pub workgroup_size: u32,
+    /// Query rows per invocation.
+    pub rows: u32,
+    /// Expand the loops over head dim and rows in the WGSL text, for
+    /// compilers that do not unroll them (llvmpipe).
+    pub unroll: bool,
+    /// K and V reach the invocations by subgroup broadcasts instead of
+    /// workgroup memory; requires `workgroup_size` to be the adapter's one
+    /// subgroup size and the SUBGROUP feature.
+    pub subgroup_kv: bool,
+    /// Storage type of Q, K, V and O (arithmetic is f32 regardless).
+    pub storage: DType,
+}
+
+impl AttentionTiling {
+    /// Names of the `// #if NAME` blocks this tiling keeps.
+    fn variant_flags(&self) -> Vec<&'static str> {
+        let mut flags = Vec::new();
+        if self.subgroup_kv {
+            flags.push(SUBGROUP_KV);
+        }
+        match self.storage {
+            DType::F32 => {}
+            DType::F16 => flags.push(HALF_STORAGE),
+            DType::BF16 => flags.extend([HALF_STORAGE, BF16_STORAGE]),
+        }
+        flags
+    }
+}
+
 /// Compile-time constants that select one pipeline of a kernel family. Two
 /// calls with equal specializations share a pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Specialization {
-    FlashForward {
-        /// Head dimension (QK and V), a multiple of 8.
-        head_dim: u32,
-        /// Keys per K/V tile staged in workgroup memory, a multiple of 4.
-        block_n: u32,
-        /// Invocations per workgroup.
-        workgroup_size: u32,
-        /// Query rows per invocation.
-        rows: u32,
-        /// Expand the loops over head dim and rows in the WGSL text, for
-        /// compilers that do not unroll them (llvmpipe).
-        unroll: bool,
-        /// K and V reach the invocations by subgroup broadcasts instead of
-        /// workgroup memory; requires `workgroup_size` to be the adapter's
-        /// one subgroup size and the SUBGROUP feature.
-        subgroup_kv: bool,
-        /// Storage type of Q, K, V and O (arithmetic is f32 regardless).
-        storage: DType,
-    },
-    /// One pass of the naive baseline; tiling fields as in `FlashForward`.
+    FlashForward(AttentionTiling),
+    /// One pass of the naive baseline.
     Naive {
         pass: NaivePass,
-        head_dim: u32,
-        block_n: u32,
-        workgroup_size: u32,
-        rows: u32,
-        unroll: bool,
-        subgroup_kv: bool,
-        storage: DType,
+        tiling: AttentionTiling,
     },
     FmaCeiling {
         /// Loop trips per invocation.
@@ -175,9 +195,19 @@ impl NaivePass {
 }
 
 impl Specialization {
+    /// The attention tiling, for the attention kernels.
+    pub fn attention_tiling(&self) -> Option<&AttentionTiling> {
+        match self {
+            Specialization::FlashForward(tiling) | Specialization::Naive { tiling, .. } => {
+                Some(tiling)
+            }
+            Specialization::FmaCeiling { .. } | Specialization::CopyCeiling { .. } => None,
+        }
+    }
+
     pub fn kernel(&self) -> Kernel {
         match self {
-            Specialization::FlashForward { .. } => Kernel::FlashForward,
+            Specialization::FlashForward(_) => Kernel::FlashForward,
             Specialization::Naive { pass, .. } => match pass {
                 NaivePass::Scores => Kernel::NaiveScores,
                 NaivePass::Softmax => Kernel::NaiveSoftmax,
@@ -191,30 +221,15 @@ impl Specialization {
     /// The generated constants, by WGSL name.
     pub fn constants(&self) -> Vec<(&'static str, u32)> {
         match *self {
-            Specialization::FlashForward {
-                head_dim,
-                block_n,
-                workgroup_size,
-                rows,
-                subgroup_kv,
-                ..
-            }
-            | Specialization::Naive {
-                head_dim,
-                block_n,
-                workgroup_size,
-                rows,
-                subgroup_kv,
-                ..
-            } => {
+            Specialization::FlashForward(tiling) | Specialization::Naive { tiling, .. } => {
                 let mut constants = vec![
-                    ("D4", head_dim / 4),
-                    ("BLOCK_N", block_n),
-                    ("WG_SIZE", workgroup_size),
-                    ("ROWS", rows),
+                    ("D4", tiling.head_dim / 4),
+                    ("BLOCK_N", tiling.block_n),
+                    ("WG_SIZE", tiling.workgroup_size),
+                    ("ROWS", tiling.rows),
                 ];
-                if subgroup_kv {
-                    constants.push(("SLOTS", head_dim / workgroup_size));
+                if tiling.subgroup_kv {
+                    constants.push(("SLOTS", tiling.head_dim / tiling.workgroup_size));
                 }
                 constants
             }
@@ -251,29 +266,8 @@ impl Specialization {
 
     /// Names of the `// #if NAME` blocks this specialization keeps.
     pub fn variant_flags(&self) -> Vec<&'static str> {
-        let (subgroup_kv, storage) = match *self {
-            Specialization::FlashForward {
-                subgroup_kv,
-                storage,
-                ..
-            }
-            | Specialization::Naive {
-                subgroup_kv,
-                storage,
-                ..
-            } => (subgroup_kv, storage),
-            _ => return Vec::new(),
-        };
-        let mut flags = Vec::new();
-        if subgroup_kv {
-            flags.push(SUBGROUP_KV);
-        }
-        match storage {
-            DType::F32 => {}
-            DType::F16 => flags.push("HALF_STORAGE"),
-            DType::BF16 => flags.extend(["HALF_STORAGE", "BF16_STORAGE"]),
-        }
-        flags
+        self.attention_tiling()
+            .map_or_else(Vec::new, AttentionTiling::variant_flags)
     }
 
     /// Whether the pipeline converts f16 with `unpack2x16float` /
@@ -282,7 +276,7 @@ impl Specialization {
     /// adapter, and GL from GLSL 4.2 / ES 3.0).
     pub fn needs_f16_in_f32(&self) -> bool {
         let flags = self.variant_flags();
-        flags.contains(&"HALF_STORAGE") && !flags.contains(&"BF16_STORAGE")
+        flags.contains(&HALF_STORAGE) && !flags.contains(&BF16_STORAGE)
     }
 
     /// Whether the pipeline needs the adapter's SUBGROUP feature.
@@ -293,26 +287,15 @@ impl Specialization {
     /// Constants whose loops `source` unrolls.
     fn unrolled_bounds(&self) -> &'static [&'static str] {
         match self {
-            Specialization::FlashForward { unroll: true, .. }
-            | Specialization::Naive { unroll: true, .. } => &["D4", "ROWS", "SLOTS"],
-            Specialization::FlashForward { unroll: false, .. }
-            | Specialization::Naive { unroll: false, .. }
-            | Specialization::CopyCeiling { .. } => &[],
+            Specialization::FlashForward(tiling) | Specialization::Naive { tiling, .. } => {
+                if tiling.unroll {
+                    &["D4", "ROWS", "SLOTS"]
+                } else {
+                    &[]
+                }
+            }
+            Specialization::CopyCeiling { .. } => &[],
             Specialization::FmaCeiling { .. } => &["COPIES"],
-        }
-    }
-
-    /// Bytes of workgroup memory the kernel declares.
-    pub fn workgroup_bytes(&self) -> u64 {
-        match *self {
-            Specialization::FlashForward {
-                head_dim, block_n, ..
-            } => forward_tile_bytes(head_dim, block_n),
-            // One K or V tile at a time.
-            Specialization::Naive {
-                head_dim, block_n, ..
-            } => forward_tile_bytes(head_dim, block_n) / 2,
-            Specialization::FmaCeiling { .. } | Specialization::CopyCeiling { .. } => 0,
         }
     }
 
@@ -347,6 +330,17 @@ impl Specialization {
 pub fn forward_tile_bytes(head_dim: u32, block_n: u32) -> u64 {
     2 * u64::from(block_n) * u64::from(head_dim) * 4
 }
+
+/// The largest tile whose K and V fit `workgroup_bytes` of workgroup memory
+/// at `head_dim`, or `None` when even the smallest does not.
+pub fn largest_block_n(head_dim: u32, workgroup_bytes: u64) -> Option<u32> {
+    BLOCK_N_CANDIDATES
+        .into_iter()
+        .find(|&n| forward_tile_bytes(head_dim, n) <= workgroup_bytes)
+}
+
+/// The smallest tile the planner would use.
+pub const MIN_BLOCK_N: u32 = BLOCK_N_CANDIDATES[BLOCK_N_CANDIDATES.len() - 1];
 
 /// Keeps the lines of `// #if NAME` blocks whose NAME is in `flags` and of
 /// the `// #else` blocks of the others; drops the directive lines. Blocks

@@ -58,6 +58,13 @@ struct Stopwatch {
 }
 
 impl Stopwatch {
+    /// A stopwatch where the device can write timestamps inside encoders.
+    fn for_device(gpu: &Gpu) -> Option<Self> {
+        gpu.info()
+            .has_encoder_timestamps()
+            .then(|| Stopwatch::new(gpu))
+    }
+
     fn new(gpu: &Gpu) -> Self {
         let queries = gpu.device().create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("timing"),
@@ -93,8 +100,10 @@ pub fn time_gpu(
     plan: TimingPlan,
     mut record: impl FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
 ) -> Result<Timing> {
+    // One query set and resolve buffer for every run.
+    let stopwatch = Stopwatch::for_device(gpu);
     let mut run_once = || -> Result<f64> {
-        let (elapsed, _) = time_gpu_repeated(gpu, 1, &mut record)?;
+        let elapsed = submit_timed(gpu, stopwatch.as_ref(), 1, &mut record)?;
         Ok(elapsed.as_secs_f64() * 1e3)
     };
     for _ in 0..plan.warmup {
@@ -109,11 +118,7 @@ pub fn time_gpu(
         min_ms: times[0],
         max_ms: times[times.len() - 1],
         runs: times.len(),
-        timer: if gpu.info().has_encoder_timestamps() {
-            Timer::GpuTimestamps
-        } else {
-            Timer::WallClock
-        },
+        timer: Timer::of(stopwatch.as_ref()),
     })
 }
 
@@ -124,24 +129,42 @@ pub fn time_gpu(
 pub fn time_gpu_repeated(
     gpu: &Gpu,
     repeats: u64,
-    mut record: impl FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
+    record: impl FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
 ) -> Result<(std::time::Duration, Timer)> {
-    let stopwatch = gpu
-        .info()
-        .has_encoder_timestamps()
-        .then(|| Stopwatch::new(gpu));
+    let stopwatch = Stopwatch::for_device(gpu);
+    let elapsed = submit_timed(gpu, stopwatch.as_ref(), repeats, record)?;
+    Ok((elapsed, Timer::of(stopwatch.as_ref())))
+}
+
+impl Timer {
+    fn of(stopwatch: Option<&Stopwatch>) -> Timer {
+        match stopwatch {
+            Some(_) => Timer::GpuTimestamps,
+            None => Timer::WallClock,
+        }
+    }
+}
+
+/// One submission of `repeats` recordings, timed by `stopwatch` if given,
+/// by the wall clock around submit and wait otherwise.
+fn submit_timed(
+    gpu: &Gpu,
+    stopwatch: Option<&Stopwatch>,
+    repeats: u64,
+    mut record: impl FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
+) -> Result<std::time::Duration> {
     let mut encoder = gpu
         .device()
         .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("timed, repeated"),
+            label: Some("timed"),
         });
-    if let Some(watch) = &stopwatch {
+    if let Some(watch) = stopwatch {
         encoder.write_timestamp(&watch.queries, 0);
     }
     for _ in 0..repeats {
         record(&mut encoder)?;
     }
-    if let Some(watch) = &stopwatch {
+    if let Some(watch) = stopwatch {
         encoder.write_timestamp(&watch.queries, 1);
         encoder.resolve_query_set(&watch.queries, 0..2, &watch.resolved, 0);
     }
@@ -149,13 +172,12 @@ pub fn time_gpu_repeated(
     gpu.queue().submit([encoder.finish()]);
     gpu.wait()?;
     let wall = start.elapsed();
-    Ok(match &stopwatch {
-        Some(watch) => (
-            std::time::Duration::from_secs_f64(watch.elapsed_ms(gpu)? / 1e3),
-            Timer::GpuTimestamps,
-        ),
-        None => (wall, Timer::WallClock),
-    })
+    match stopwatch {
+        Some(watch) => Ok(std::time::Duration::from_secs_f64(
+            watch.elapsed_ms(gpu)? / 1e3,
+        )),
+        None => Ok(wall),
+    }
 }
 
 /// Median of sorted values.

@@ -5,11 +5,11 @@
 use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 use wgpu_flash_attn::params::{AttentionParams, TensorStrides};
-use wgpu_flash_attn::shaders::{Kernel, NaivePass, Specialization};
-use wgpu_flash_attn::{DType, is_supported_head_dim};
+use wgpu_flash_attn::shaders::{
+    AttentionTiling, Kernel, NaivePass, Specialization, largest_block_n,
+};
+use wgpu_flash_attn::{DType, ForwardPlan, is_supported_head_dim};
 
-/// Tile sizes the planner tries, largest first.
-const BLOCK_N_CHOICES: [u32; 5] = [64, 32, 16, 8, 4];
 /// Workgroup memory of the smallest adapters WebGPU allows (16 KiB) and of
 /// lavapipe and most GPUs (32 KiB).
 const WORKGROUP_LIMITS: [u64; 2] = [16 * 1024, 32 * 1024];
@@ -18,11 +18,7 @@ const WORKGROUP_LIMITS: [u64; 2] = [16 * 1024, 32 * 1024];
 fn planned_block_ns(head_dim: u32) -> Vec<u32> {
     let mut picks: Vec<u32> = WORKGROUP_LIMITS
         .iter()
-        .filter_map(|&limit| {
-            BLOCK_N_CHOICES
-                .into_iter()
-                .find(|&n| 2 * u64::from(n) * u64::from(head_dim) * 4 <= limit)
-        })
+        .filter_map(|&limit| largest_block_n(head_dim, limit))
         .collect();
     picks.dedup();
     picks
@@ -37,18 +33,16 @@ fn shipped_specializations() -> Vec<Specialization> {
         },
         Specialization::CopyCeiling { workgroup_size: 64 },
     ];
-    // Hardware-GPU tiling (64 invocations, 1 row, loops kept) and CPU-adapter
-    // tiling (8 invocations, several rows, unrolled; K/V through workgroup
-    // memory or subgroup broadcasts).
-    let tilings = [
-        (64, 1, false, false),
-        (8, 1, true, false),
-        (8, 4, true, false),
-        (8, 16, true, false),
-        (8, 4, true, true),
-        (8, 16, true, true),
-    ];
     for head_dim in (8..=256u32).filter(|&d| is_supported_head_dim(d as usize)) {
+        // Hardware-GPU tiling (64 invocations, 1 row, loops kept) and the
+        // CPU-adapter tiling (8 invocations, the planner's rows, unrolled;
+        // K/V through workgroup memory or subgroup broadcasts).
+        let cpu_rows = ForwardPlan::cpu_rows(head_dim);
+        let tilings = [
+            (64, 1, false, false),
+            (8, cpu_rows, true, false),
+            (8, cpu_rows, true, true),
+        ];
         // Half-precision storage changes only loads and stores: a few head
         // dims cover it.
         let storages: &[DType] = if [8, 64, 128, 256].contains(&head_dim) {
@@ -56,36 +50,22 @@ fn shipped_specializations() -> Vec<Specialization> {
         } else {
             &[DType::F32]
         };
-        for (block_n, &storage) in planned_block_ns(head_dim)
-            .into_iter()
-            .flat_map(|n| storages.iter().map(move |s| (n, s)))
-        {
-            for (workgroup_size, rows, unroll, subgroup_kv) in tilings {
-                // The planner never pairs 16 rows with head dims above 64.
-                if rows * head_dim > 1024 {
-                    continue;
+        for block_n in planned_block_ns(head_dim) {
+            for &storage in storages {
+                for (workgroup_size, rows, unroll, subgroup_kv) in tilings {
+                    let tiling = AttentionTiling {
+                        head_dim,
+                        block_n,
+                        workgroup_size,
+                        rows,
+                        unroll,
+                        subgroup_kv,
+                        storage,
+                    };
+                    specs.push(Specialization::FlashForward(tiling));
+                    // The naive baseline runs with the flash kernel's tiling.
+                    specs.extend(NaivePass::ALL.map(|pass| Specialization::Naive { pass, tiling }));
                 }
-                let spec = Specialization::FlashForward {
-                    head_dim,
-                    block_n,
-                    workgroup_size,
-                    rows,
-                    unroll,
-                    subgroup_kv,
-                    storage,
-                };
-                specs.push(spec);
-                // The naive baseline runs with the flash kernel's tiling.
-                specs.extend(NaivePass::ALL.map(|pass| Specialization::Naive {
-                    pass,
-                    head_dim,
-                    block_n,
-                    workgroup_size,
-                    rows,
-                    unroll,
-                    subgroup_kv,
-                    storage,
-                }));
             }
         }
     }
@@ -186,7 +166,7 @@ fn shaders_validate_and_translate_to_every_backend() {
 /// The Rust twins of WGSL structs have the sizes naga computes for them.
 #[test]
 fn param_structs_match_their_wgsl_twins() {
-    let spec = Specialization::FlashForward {
+    let spec = Specialization::FlashForward(AttentionTiling {
         head_dim: 64,
         block_n: 32,
         workgroup_size: 64,
@@ -194,7 +174,7 @@ fn param_structs_match_their_wgsl_twins() {
         unroll: false,
         subgroup_kv: false,
         storage: DType::F32,
-    };
+    });
     let (module, _) = parse_and_validate(&spec);
     let size_of = |name: &str| {
         let (_, ty) = module
