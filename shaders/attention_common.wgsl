@@ -185,3 +185,20 @@ fn store_o(i: u32, value: vec4<f32>) {
     o_buf[i] = value;
 }
 // #endif
+
+// #if SUBGROUP_KV
+// The vec4 a lane holds in slab slot `j / WG_SIZE` (j = lid + WG_SIZE * slot):
+// element j of the 4 * D4 vec4s of K (or V) for the four keys at offset `c`
+// of the tile starting at key `tile_start`, which holds `n_keys` keys; zero
+// past its end. `base` is the (batch, head) offset of K or V.
+fn slab_element(from_v: bool, base: u32, tile_start: u32, c: u32, n_keys: u32, j: u32) -> vec4<f32> {
+    let key = c + j / D4;
+    if (key >= n_keys) {
+        return vec4<f32>(0.0);
+    }
+    if (from_v) {
+        return load_v(base + (tile_start + key) * p.v.seq + j % D4);
+    }
+    return load_k(base + (tile_start + key) * p.k.seq + j % D4);
+}
+// #endif

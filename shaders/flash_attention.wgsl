@@ -128,12 +128,7 @@ fn main(
             // loading every element (a gather per load on CPU adapters).
             var slab: array<vec4<f32>, SLOTS>;
             for (var slot = 0u; slot < SLOTS; slot++) {
-                let j = lid + WG_SIZE * slot;
-                let key = c + j / D4;
-                slab[slot] = vec4<f32>(0.0);
-                if (key < n_keys) {
-                    slab[slot] = load_k(k_base + (u32(kv0) + key) * p.k.seq + j % D4);
-                }
+                slab[slot] = slab_element(false, k_base, u32(kv0), c, n_keys, lid + WG_SIZE * slot);
             }
 // #endif
             for (var d = 0u; d < D4; d++) {
@@ -174,12 +169,7 @@ fn main(
 
 // #if SUBGROUP_KV
             for (var slot = 0u; slot < SLOTS; slot++) {
-                let j = lid + WG_SIZE * slot;
-                let key = c + j / D4;
-                slab[slot] = vec4<f32>(0.0);
-                if (key < n_keys) {
-                    slab[slot] = load_v(v_base + (u32(kv0) + key) * p.v.seq + j % D4);
-                }
+                slab[slot] = slab_element(true, v_base, u32(kv0), c, n_keys, lid + WG_SIZE * slot);
             }
 // #endif
             for (var d = 0u; d < D4; d++) {

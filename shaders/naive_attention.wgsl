@@ -89,12 +89,7 @@ fn build_scores(
 // #if SUBGROUP_KV
             var slab: array<vec4<f32>, SLOTS>;
             for (var slot = 0u; slot < SLOTS; slot++) {
-                let j = lid + WG_SIZE * slot;
-                let key = c + j / D4;
-                slab[slot] = vec4<f32>(0.0);
-                if (key < n_keys) {
-                    slab[slot] = load_k(k_base + (kv0 + key) * p.k.seq + j % D4);
-                }
+                slab[slot] = slab_element(false, k_base, kv0, c, n_keys, lid + WG_SIZE * slot);
             }
 // #endif
             var dots: array<vec4<f32>, ROWS>;
@@ -214,12 +209,7 @@ fn weight_values(
 // #if SUBGROUP_KV
             var slab: array<vec4<f32>, SLOTS>;
             for (var slot = 0u; slot < SLOTS; slot++) {
-                let j = lid + WG_SIZE * slot;
-                let key = c + j / D4;
-                slab[slot] = vec4<f32>(0.0);
-                if (key < n_keys) {
-                    slab[slot] = load_v(v_base + (kv0 + key) * p.v.seq + j % D4);
-                }
+                slab[slot] = slab_element(true, v_base, kv0, c, n_keys, lid + WG_SIZE * slot);
             }
 // #endif
             var probs: array<vec4<f32>, ROWS>;
