@@ -10,18 +10,22 @@
 //
 // How K and V reach every invocation (chosen by src/shaders.rs):
 //   default      tiles staged in workgroup memory, a barrier per tile;
-//   SUBGROUP_KV  the workgroup is exactly one subgroup: each lane loads a
-//                share of the four keys' K (then V) straight from storage
-//                and subgroupBroadcast hands every element to all lanes.
+//   SUBGROUP_KV  the workgroup fits in one subgroup (WG_SIZE is the
+//                adapter's smallest subgroup size, so any size the driver
+//                picks holds it): each lane loads a share of the four keys'
+//                K (then V) straight from storage and subgroupBroadcast
+//                hands every element to all lanes.
 //                No workgroup memory, no barriers, and on CPU adapters no
 //                per-lane gather of the same address.
 //
 // Generated constants (prepended by src/shaders.rs, see `Specialization`):
 //   D4        head dimension / 4 (head dims are multiples of 8)
 //   BLOCK_N   keys per tile, a multiple of 4
-//   WG_SIZE   invocations per workgroup (the subgroup size with SUBGROUP_KV)
+//   WG_SIZE   invocations per workgroup (the smallest subgroup size with
+//             SUBGROUP_KV)
 //   ROWS      query rows per invocation
-//   SLOTS     with SUBGROUP_KV: vec4s each lane holds of four keys' K or V
+//   SLOTS     with SUBGROUP_KV: vec4s each lane holds of four keys' K or V,
+//             ceil(4 * D4 / WG_SIZE)
 // Loops bounded by D4, ROWS or SLOTS may be unrolled by src/shaders.rs, which
 // expands `for (var x = 0u; x < BOUND; x++) {` into copies with `const x`;
 // lines between `// #if NAME`, `// #else` and `// #endif` are kept or dropped
@@ -39,6 +43,9 @@ var<workgroup> v_tile: array<vec4<f32>, BLOCK_N * D4>;
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
+// #if SUBGROUP_KV
+    @builtin(subgroup_invocation_id) lane: u32,
+// #endif
 ) {
     let batch = wg.z;
     let head_q = wg.y;
@@ -123,12 +130,14 @@ fn main(
             }
 // #if SUBGROUP_KV
             // The four keys' 4 * D4 vec4s, spread over the subgroup: lane
-            // `lid` holds element j = lid + WG_SIZE * slot. Each lane loads a
-            // different element and broadcasts it, instead of every lane
+            // `lane` holds element j = lane + WG_SIZE * slot. Each lane loads
+            // a different element and broadcasts it, instead of every lane
             // loading every element (a gather per load on CPU adapters).
+            // Lanes are numbered by subgroup_invocation_id, not by the
+            // invocation index, so no lane layout is assumed.
             var slab: array<vec4<f32>, SLOTS>;
             for (var slot = 0u; slot < SLOTS; slot++) {
-                slab[slot] = slab_element(false, k_base, u32(kv0), c, n_keys, lid + WG_SIZE * slot);
+                slab[slot] = slab_element(false, k_base, u32(kv0), c, n_keys, lane + WG_SIZE * slot);
             }
 // #endif
             for (var d = 0u; d < D4; d++) {
@@ -169,7 +178,7 @@ fn main(
 
 // #if SUBGROUP_KV
             for (var slot = 0u; slot < SLOTS; slot++) {
-                slab[slot] = slab_element(true, v_base, u32(kv0), c, n_keys, lid + WG_SIZE * slot);
+                slab[slot] = slab_element(true, v_base, u32(kv0), c, n_keys, lane + WG_SIZE * slot);
             }
 // #endif
             for (var d = 0u; d < D4; d++) {

@@ -47,6 +47,9 @@ fn unit_of(local: u32) -> Unit {
 fn build_scores(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
+// #if SUBGROUP_KV
+    @builtin(subgroup_invocation_id) lane: u32,
+// #endif
 ) {
     let u = unit_of(wg.y);
     let row0 = wg.x * BLOCK_M;
@@ -89,7 +92,7 @@ fn build_scores(
 // #if SUBGROUP_KV
             var slab: array<vec4<f32>, SLOTS>;
             for (var slot = 0u; slot < SLOTS; slot++) {
-                slab[slot] = slab_element(false, k_base, kv0, c, n_keys, lid + WG_SIZE * slot);
+                slab[slot] = slab_element(false, k_base, kv0, c, n_keys, lane + WG_SIZE * slot);
             }
 // #endif
             var dots: array<vec4<f32>, ROWS>;
@@ -176,6 +179,9 @@ fn softmax_rows(
 fn weight_values(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
+// #if SUBGROUP_KV
+    @builtin(subgroup_invocation_id) lane: u32,
+// #endif
 ) {
     let u = unit_of(wg.y);
     let row0 = wg.x * BLOCK_M;
@@ -209,7 +215,7 @@ fn weight_values(
 // #if SUBGROUP_KV
             var slab: array<vec4<f32>, SLOTS>;
             for (var slot = 0u; slot < SLOTS; slot++) {
-                slab[slot] = slab_element(true, v_base, kv0, c, n_keys, lid + WG_SIZE * slot);
+                slab[slot] = slab_element(true, v_base, kv0, c, n_keys, lane + WG_SIZE * slot);
             }
 // #endif
             var probs: array<vec4<f32>, ROWS>;

@@ -13,14 +13,16 @@ use crate::shaders::{
 };
 use crate::tensor::{DType, Tensor, TensorShape, read_buffer};
 
-/// Row tiling on hardware GPUs: one query row per invocation, 64
-/// invocations, loops left to the driver's compiler.
+/// Row tiling on hardware GPUs in the portable tier: one query row per
+/// invocation, up to 64 invocations, loops left to the driver's compiler.
 const GPU_WORKGROUP_SIZE: u32 = 64;
 /// Row tiling on CPU adapters (lavapipe, llvmpipe, WARP): one SIMD group per
 /// workgroup and many rows per invocation, with unrolled loops, so that each
-/// broadcast K/V load feeds many FMAs. Measured on lavapipe, d=64: 1 row per
+/// K/V load feeds many FMAs. Measured on lavapipe, d=64: 1 row per
 /// invocation 1.9 GFLOP/s, 16 rows 18 GFLOP/s (BENCHMARKS.md).
 const CPU_WORKGROUP_SIZE: u32 = 8;
+/// Subgroup sizes the subgroup tier is written for (WebGPU's range).
+const SUBGROUP_SIZES: std::ops::RangeInclusive<u32> = 4..=128;
 /// Tensors are read as vec4, so strides and offsets are multiples of 4.
 const VEC_WIDTH: usize = 4;
 
@@ -141,24 +143,26 @@ struct RowTiling {
 fn subgroup_broadcast_missing(gpu: &Gpu) -> Option<String> {
     let info = gpu.info();
     let adapter = &info.adapter;
-    if adapter.device_type != wgpu::DeviceType::Cpu || adapter.backend == wgpu::Backend::Gl {
-        return Some(format!(
-            "it is offered on CPU adapters on Vulkan, Metal or DX12; this is a {:?} adapter on {:?}",
-            adapter.device_type, adapter.backend
-        ));
+    if adapter.backend == wgpu::Backend::Gl {
+        return Some("wgpu's GL backend has no subgroup operations".to_string());
     }
     if !info.has_subgroups() {
         return Some("the device lacks the SUBGROUP feature".to_string());
     }
-    if adapter.subgroup_min_size != CPU_WORKGROUP_SIZE
-        || adapter.subgroup_max_size != CPU_WORKGROUP_SIZE
-    {
+    let smallest = adapter.subgroup_min_size;
+    if !smallest.is_power_of_two() || !SUBGROUP_SIZES.contains(&smallest) {
         return Some(format!(
-            "it needs one subgroup size of {CPU_WORKGROUP_SIZE}; the adapter reports {}-{}",
-            adapter.subgroup_min_size, adapter.subgroup_max_size
+            "it needs a smallest subgroup size that is a power of two in {SUBGROUP_SIZES:?}; the adapter reports {smallest}-{}",
+            adapter.subgroup_max_size
         ));
     }
     None
+}
+
+/// The largest power of two at most `limit`, capped at `cap`.
+fn power_of_two_at_most(limit: u32, cap: u32) -> u32 {
+    let limit = limit.clamp(1, cap);
+    1 << (31 - limit.leading_zeros())
 }
 
 /// The tiling for this adapter and shape, honouring a forced tier.
@@ -174,20 +178,39 @@ fn row_tiling(gpu: &Gpu, shape: &AttentionShape, tier: Option<Tier>) -> Result<R
         (Some(Tier::Portable), _) | (None, Some(_)) => false,
         (Some(Tier::SubgroupBroadcast), None) | (None, None) => true,
     };
-    let adapter = &gpu.info().adapter;
-    // llvmpipe behind the GL backend compiled the unrolled kernel for head
-    // dims of 200 and more in over a minute: GL gets the portable tiling.
-    if adapter.device_type != wgpu::DeviceType::Cpu || adapter.backend == wgpu::Backend::Gl {
+    let info = gpu.info();
+    let adapter = &info.adapter;
+    let cpu = adapter.device_type == wgpu::DeviceType::Cpu;
+    let rows = if cpu {
+        ForwardPlan::cpu_rows(shape.head_dim as u32)
+    } else {
+        1
+    };
+    if subgroup_kv {
+        // The workgroup is one subgroup of the smallest size the adapter
+        // may pick, whatever size it picks (1.7x on lavapipe, BENCHMARKS.md).
+        // Broadcast lanes must be constants, so the loops are unrolled.
         return Ok(RowTiling {
-            workgroup_size: GPU_WORKGROUP_SIZE,
-            rows: 1,
-            unroll: false,
-            subgroup_kv: false,
+            workgroup_size: adapter.subgroup_min_size,
+            rows,
+            unroll: true,
+            subgroup_kv,
         });
     }
-    let rows = ForwardPlan::cpu_rows(shape.head_dim as u32);
-    // One SIMD group per workgroup; when it is exactly one subgroup, K and V
-    // are shared by subgroup broadcasts (1.7x on lavapipe, BENCHMARKS.md).
+    // llvmpipe behind the GL backend compiled the unrolled kernel for head
+    // dims of 200 and more in over a minute: GL gets the GPU tiling.
+    if !cpu || adapter.backend == wgpu::Backend::Gl {
+        let limits = &info.limits;
+        let invocations = limits
+            .max_compute_invocations_per_workgroup
+            .min(limits.max_compute_workgroup_size_x);
+        return Ok(RowTiling {
+            workgroup_size: power_of_two_at_most(invocations, GPU_WORKGROUP_SIZE),
+            rows: 1,
+            unroll: false,
+            subgroup_kv,
+        });
+    }
     Ok(RowTiling {
         workgroup_size: CPU_WORKGROUP_SIZE,
         rows,
@@ -525,56 +548,14 @@ impl Gpu {
                 });
             }
         }
-        let (left, right) = config.effective_window();
-        // A side wider than both sequences is the same as unbounded; clamping
-        // keeps it in u32 range for the shader.
-        let span = (shape.seq_q + shape.seq_kv) as u64;
-        let mut bits = 0;
-        if left.is_some() {
-            bits |= flags::WINDOW_LEFT;
-        }
-        if right.is_some() {
-            bits |= flags::WINDOW_RIGHT;
-        }
-        if config.softcap.is_some() {
-            bits |= flags::SOFTCAP;
-        }
-        if config.alibi.is_some() {
-            bits |= flags::ALIBI;
-        }
-        if args.lse.is_some() {
-            bits |= flags::WRITE_LSE;
-        }
-        let scale = config.effective_scale(shape.head_dim);
-        let natural_units = config.softcap.is_some() || config.alibi.is_some();
-        Ok(AttentionParams {
-            batch: shape.batch as u32,
-            seq_q: shape.seq_q as u32,
-            seq_kv: shape.seq_kv as u32,
-            heads_q: shape.heads_q as u32,
-            heads_kv: shape.heads_kv as u32,
-            flags: bits,
-            score_scale: if natural_units {
-                scale
-            } else {
-                scale * std::f32::consts::LOG2_E
-            },
-            softcap: config.softcap.unwrap_or(1.0),
-            window_left: left.unwrap_or(0).min(span) as u32,
-            window_right: right.unwrap_or(0).min(span) as u32,
-            alibi_batch_stride: match &config.alibi {
-                Some(crate::Alibi::PerBatchHead(_)) => shape.heads_q as u32,
-                _ => 0,
-            },
-            unit_base: 0,
-            q: vec4_strides(args.q),
-            k: vec4_strides(args.k),
-            v: vec4_strides(args.v),
-            o: vec4_strides(args.out),
-        })
+        let mut params = option_params(shape, config, args.lse.is_some());
+        params.q = vec4_strides(args.q);
+        params.k = vec4_strides(args.k);
+        params.v = vec4_strides(args.v);
+        params.o = vec4_strides(args.out);
+        Ok(params)
     }
 }
-
 /// A call whose operands passed every check, ready to bind.
 pub(crate) struct PreparedCall<'a> {
     pub shape: AttentionShape,
@@ -610,8 +591,66 @@ impl PreparedCall<'_> {
     }
 }
 
+/// The parameters every attention kernel reads for `config` on `shape`;
+/// tensor strides are left for the caller.
+pub(crate) fn option_params(
+    shape: &AttentionShape,
+    config: &AttentionConfig,
+    write_lse: bool,
+) -> AttentionParams {
+    let (left, right) = config.effective_window();
+    // A side wider than both sequences is the same as unbounded; clamping
+    // keeps it in u32 range for the shader.
+    let span = (shape.seq_q + shape.seq_kv) as u64;
+    let mut bits = 0;
+    if left.is_some() {
+        bits |= flags::WINDOW_LEFT;
+    }
+    if right.is_some() {
+        bits |= flags::WINDOW_RIGHT;
+    }
+    if config.softcap.is_some() {
+        bits |= flags::SOFTCAP;
+    }
+    if config.alibi.is_some() {
+        bits |= flags::ALIBI;
+    }
+    if write_lse {
+        bits |= flags::WRITE_LSE;
+    }
+    let scale = config.effective_scale(shape.head_dim);
+    let natural_units = config.softcap.is_some() || config.alibi.is_some();
+    AttentionParams {
+        batch: shape.batch as u32,
+        seq_q: shape.seq_q as u32,
+        seq_kv: shape.seq_kv as u32,
+        heads_q: shape.heads_q as u32,
+        heads_kv: shape.heads_kv as u32,
+        flags: bits,
+        score_scale: if natural_units {
+            scale
+        } else {
+            scale * std::f32::consts::LOG2_E
+        },
+        softcap: config.softcap.unwrap_or(1.0),
+        window_left: left.unwrap_or(0).min(span) as u32,
+        window_right: right.unwrap_or(0).min(span) as u32,
+        alibi_batch_stride: match &config.alibi {
+            Some(crate::Alibi::PerBatchHead(_)) => shape.heads_q as u32,
+            _ => 0,
+        },
+        unit_base: 0,
+        ..AttentionParams::default()
+    }
+}
+
 /// Dtype, alignment, bounds and binding-size checks for one operand.
-fn check_operand(gpu: &Gpu, name: &'static str, tensor: &Tensor, storage: DType) -> Result<()> {
+pub(crate) fn check_operand(
+    gpu: &Gpu,
+    name: &'static str,
+    tensor: &Tensor,
+    storage: DType,
+) -> Result<()> {
     if tensor.dtype() != storage {
         return Err(Error::DTypeUnsupported {
             tensor: name,
@@ -649,7 +688,7 @@ fn check_operand(gpu: &Gpu, name: &'static str, tensor: &Tensor, storage: DType)
     Ok(())
 }
 
-fn vec4_strides(tensor: &Tensor) -> TensorStrides {
+pub(crate) fn vec4_strides(tensor: &Tensor) -> TensorStrides {
     let s = tensor.strides();
     TensorStrides {
         batch: (s.batch / VEC_WIDTH) as u32,

@@ -195,6 +195,9 @@ pub struct AttentionConfig {
     pub return_lse: bool,
     /// Force a kernel tier; `None` picks the best the adapter offers.
     pub tier: Option<Tier>,
+    /// Decoding only: split each sequence's keys into this many chunks,
+    /// one workgroup each; `None` picks enough to fill the adapter.
+    pub kv_splits: Option<usize>,
 }
 
 /// How K and V reach the invocations of a workgroup.
@@ -202,11 +205,13 @@ pub struct AttentionConfig {
 pub enum Tier {
     /// Tiles staged in workgroup memory, with barriers. Runs everywhere.
     Portable,
-    /// The workgroup is exactly one subgroup; each lane loads a share of
-    /// the keys and subgroup broadcasts hand every element to all lanes.
-    /// Offered on CPU adapters (Vulkan, Metal, DX12) with the SUBGROUP
-    /// feature whose only subgroup size is the CPU workgroup size (8), such
-    /// as lavapipe.
+    /// The workgroup is one subgroup: its size is the adapter's smallest
+    /// subgroup size, so it fits whatever size the driver picks. Each lane
+    /// loads a share of the keys and subgroup broadcasts hand every element
+    /// to all lanes; no workgroup memory, no barriers. Offered with the
+    /// SUBGROUP feature and a smallest subgroup size that is a power of two
+    /// from 4 to 128, on Vulkan, Metal and DX12 (wgpu's GL backend has no
+    /// subgroups).
     SubgroupBroadcast,
 }
 
@@ -240,6 +245,10 @@ impl AttentionConfig {
     }
     pub fn alibi(mut self, alibi: Alibi) -> Self {
         self.alibi = Some(alibi);
+        self
+    }
+    pub fn kv_splits(mut self, splits: usize) -> Self {
+        self.kv_splits = Some(splits);
         self
     }
     pub fn return_lse(mut self, on: bool) -> Self {

@@ -152,6 +152,35 @@ pub enum Error {
         got: [usize; 3],
     },
 
+    #[error("KV cache page size {got} is not a power of two from 16 to 256")]
+    PageSize { got: usize },
+    #[error("KV cache sequence {sequence}: {needed} tokens needed, its pages hold {capacity}")]
+    CacheCapacity {
+        sequence: usize,
+        needed: usize,
+        capacity: usize,
+    },
+    #[error(
+        "KV cache sequence {sequence}: block table entry {index} names page {page}, the pool has {pool_pages}"
+    )]
+    BlockTablePage {
+        sequence: usize,
+        index: usize,
+        page: u32,
+        pool_pages: usize,
+    },
+    #[error("KV cache has {batch} sequences, sequence {sequence} does not exist")]
+    CacheSequence { sequence: usize, batch: usize },
+    #[error("rotary dim {rotary_dim} must be even, > 0 and at most head dim {head_dim}")]
+    RotaryDim { rotary_dim: usize, head_dim: usize },
+    #[error("RoPE base (theta) must be finite and > 1, got {0}")]
+    RopeBase(f64),
+    #[error("kv_splits must be at least 1, got {0}")]
+    KvSplits(usize),
+    #[error("merge: no partial results given")]
+    NothingToMerge,
+    #[error("{tensor} must be a packed (contiguous) tensor for this call")]
+    NotPacked { tensor: &'static str },
     #[error("GPU validation error in {context}: {message}")]
     GpuValidation {
         context: &'static str,

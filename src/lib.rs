@@ -17,14 +17,17 @@
 mod attention;
 pub mod ceiling;
 mod config;
+mod decode;
 mod error;
 mod gpu;
+mod kv_cache;
 pub mod naive;
 pub mod params;
 mod pipelines;
 pub mod presets;
 pub mod random;
 pub mod reference;
+mod rope;
 pub mod shaders;
 mod tensor;
 pub mod timing;
@@ -33,6 +36,9 @@ pub use attention::{AttentionArgs, AttentionOutput, ForwardPlan, HostAttentionOu
 pub use config::{
     Alibi, AttentionConfig, AttentionShape, SUPPORTED_HEAD_DIMS, Tier, is_supported_head_dim,
 };
+pub use decode::{DecodeArgs, DecodePlan};
 pub use error::{Error, Result};
 pub use gpu::{AdapterOptions, Gpu, GpuInfo, WANTED_FEATURES};
+pub use kv_cache::{KvCache, KvCacheConfig, KvLayout, PAGE_SIZES};
+pub use rope::{Rope, RopeStyle};
 pub use tensor::{DType, Strides, Tensor, TensorShape};

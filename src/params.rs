@@ -56,3 +56,79 @@ pub struct AttentionParams {
     pub v: TensorStrides,
     pub o: TensorStrides,
 }
+
+/// Twin of `struct DecodeParams` in `shaders/flash_decode.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DecodeParams {
+    /// Query heads per KV head.
+    pub group: u32,
+    /// `seq_q * group`: query rows per (batch, KV head).
+    pub rows: u32,
+    pub splits: u32,
+    /// Cache positions per split.
+    pub split_keys: u32,
+    /// log2 of the page size in tokens.
+    pub page_shift: u32,
+    /// Width of a block-table row.
+    pub pages_per_seq: u32,
+    /// Pages of the segment bound to this dispatch.
+    pub segment_first_page: u32,
+    pub segment_pages: u32,
+    /// First output slot of this dispatch.
+    pub slot_base: u32,
+    /// Stride between output slots in vec4s (0: the final output).
+    pub o_slot: u32,
+    /// Stride between logsumexp slots in floats.
+    pub lse_slot: u32,
+    pub _pad: u32,
+}
+
+/// Twin of `struct CombineParams` in `shaders/combine_partials.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CombineParams {
+    pub batch: u32,
+    pub seq_q: u32,
+    pub heads_q: u32,
+    pub d4: u32,
+    pub slots: u32,
+    /// Stride between slots of partial outputs, in vec4s.
+    pub o_slot: u32,
+    /// Stride between slots of partial logsumexps, in floats.
+    pub lse_slot: u32,
+    /// 1 to write the merged logsumexp.
+    pub write_lse: u32,
+    /// The output view `[batch, seq_q, heads_q, d4]`, in vec4s.
+    pub out_batch: u32,
+    pub out_seq: u32,
+    pub out_head: u32,
+    pub out_offset: u32,
+}
+
+/// Twin of `struct RopeParams` in `shaders/rope_common.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RopeParams {
+    pub batch: u32,
+    /// Tokens per sequence in the source tensor.
+    pub tokens: u32,
+    pub heads: u32,
+    pub head_dim: u32,
+    /// Rotated elements per head; 0 for none.
+    pub rotary_dim: u32,
+    /// 0: interleaved (GPT-J), 1: half-split (GPT-NeoX / Llama).
+    pub half_split: u32,
+    /// Source strides and offset, in elements.
+    pub src_batch: u32,
+    pub src_seq: u32,
+    pub src_head: u32,
+    pub src_offset: u32,
+    /// KV append only: paging and the segment of this dispatch.
+    pub page_shift: u32,
+    pub pages_per_seq: u32,
+    pub segment_first_page: u32,
+    pub segment_pages: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+}

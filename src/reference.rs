@@ -135,3 +135,33 @@ fn check_len(tensor: &'static str, expected: usize, got: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// Rotary embedding in f64: `data` is packed `[batch, tokens, heads,
+/// head_dim]`, token `t` of sequence `b` sits at position
+/// `first_positions[b] + t`.
+pub fn rope(
+    rope: &crate::Rope,
+    shape: crate::TensorShape,
+    data: &[f32],
+    first_positions: &[u64],
+) -> crate::Result<Vec<f64>> {
+    let rotary_dim = rope.checked_rotary_dim(shape.head_dim)?;
+    let mut out: Vec<f64> = data.iter().map(|&x| f64::from(x)).collect();
+    let half = rotary_dim / 2;
+    for (vector, chunk) in out.chunks_mut(shape.head_dim).enumerate() {
+        let token = (vector / shape.heads) % shape.seq;
+        let batch = vector / (shape.heads * shape.seq);
+        let position = (first_positions[batch] + token as u64) as f64;
+        for i in 0..half {
+            let (a, b) = match rope.style {
+                crate::RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                crate::RopeStyle::HalfSplit => (i, i + half),
+            };
+            let (sin, cos) = (position * rope.theta(i, rotary_dim)).sin_cos();
+            let (x, y) = (chunk[a], chunk[b]);
+            chunk[a] = x * cos - y * sin;
+            chunk[b] = x * sin + y * cos;
+        }
+    }
+    Ok(out)
+}

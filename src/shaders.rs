@@ -33,17 +33,29 @@ pub enum Kernel {
     FmaCeiling,
     /// `shaders/copy_ceiling.wgsl`: the memory bandwidth probe.
     CopyCeiling,
+    /// `shaders/flash_decode.wgsl`: split-KV attention over a paged KV cache.
+    Decode,
+    /// `shaders/combine_partials.wgsl`: merges partial results by logsumexp.
+    Combine,
+    /// `shaders/rope.wgsl`: rotary embedding in place.
+    Rope,
+    /// `shaders/kv_append.wgsl`: appends K/V to a cache, rotating keys.
+    KvAppend,
 }
 
 impl Kernel {
     /// Every kernel family, for tests that validate all shaders.
-    pub const ALL: [Kernel; 6] = [
+    pub const ALL: [Kernel; 10] = [
         Kernel::FlashForward,
         Kernel::NaiveScores,
         Kernel::NaiveSoftmax,
         Kernel::NaiveValues,
         Kernel::FmaCeiling,
         Kernel::CopyCeiling,
+        Kernel::Decode,
+        Kernel::Combine,
+        Kernel::Rope,
+        Kernel::KvAppend,
     ];
 
     /// File name under `shaders/`.
@@ -55,6 +67,10 @@ impl Kernel {
             }
             Kernel::FmaCeiling => "fma_ceiling.wgsl",
             Kernel::CopyCeiling => "copy_ceiling.wgsl",
+            Kernel::Decode => "flash_decode.wgsl",
+            Kernel::Combine => "combine_partials.wgsl",
+            Kernel::Rope => "rope.wgsl",
+            Kernel::KvAppend => "kv_append.wgsl",
         }
     }
 
@@ -68,13 +84,24 @@ impl Kernel {
             }
             Kernel::FmaCeiling => include_str!("../shaders/fma_ceiling.wgsl"),
             Kernel::CopyCeiling => include_str!("../shaders/copy_ceiling.wgsl"),
+            Kernel::Decode => include_str!("../shaders/flash_decode.wgsl"),
+            Kernel::Combine => include_str!("../shaders/combine_partials.wgsl"),
+            Kernel::Rope => include_str!("../shaders/rope.wgsl"),
+            Kernel::KvAppend => include_str!("../shaders/kv_append.wgsl"),
         };
-        match self {
-            Kernel::FmaCeiling | Kernel::CopyCeiling => file.to_string(),
-            _ => format!(
-                "{}\n{file}",
-                include_str!("../shaders/attention_common.wgsl")
-            ),
+        let common = match self {
+            Kernel::FmaCeiling | Kernel::CopyCeiling | Kernel::Combine => "",
+            Kernel::Rope | Kernel::KvAppend => include_str!("../shaders/rope_common.wgsl"),
+            Kernel::FlashForward
+            | Kernel::NaiveScores
+            | Kernel::NaiveSoftmax
+            | Kernel::NaiveValues
+            | Kernel::Decode => include_str!("../shaders/attention_common.wgsl"),
+        };
+        if common.is_empty() {
+            file.to_string()
+        } else {
+            format!("{common}\n{file}")
         }
     }
 
@@ -90,7 +117,7 @@ impl Kernel {
 
     /// Buffer bindings of group 0, in binding order.
     pub fn bindings(self) -> &'static [wgpu::BufferBindingType] {
-        use wgpu::BufferBindingType::Storage;
+        use wgpu::BufferBindingType::{Storage, Uniform};
         match self {
             // params, q, k, v, out, lse, alibi slopes
             Kernel::FlashForward => &ATTENTION_BINDINGS[..7],
@@ -100,9 +127,57 @@ impl Kernel {
             Kernel::FmaCeiling => &[Storage { read_only: false }],
             // source, destination
             Kernel::CopyCeiling => &[Storage { read_only: true }, Storage { read_only: false }],
+            // bindings 0-6, decode params, sequence lengths, block table
+            Kernel::Decode => &DECODE_BINDINGS,
+            // params, partial outputs, partial lse, out, lse
+            Kernel::Combine => &[
+                Uniform,
+                Storage { read_only: true },
+                Storage { read_only: true },
+                Storage { read_only: false },
+                Storage { read_only: false },
+            ],
+            // params, starts, frequencies, data
+            Kernel::Rope => &[
+                Uniform,
+                Storage { read_only: true },
+                Storage { read_only: true },
+                Storage { read_only: false },
+            ],
+            // params, starts, frequencies, new K, new V, K and V segments,
+            // block table
+            Kernel::KvAppend => &[
+                Uniform,
+                Storage { read_only: true },
+                Storage { read_only: true },
+                Storage { read_only: true },
+                Storage { read_only: true },
+                Storage { read_only: false },
+                Storage { read_only: false },
+                Storage { read_only: true },
+            ],
         }
     }
 }
+
+/// Bindings 0-6 of the attention kernels, then flash_decode.wgsl's decode
+/// parameters (7), sequence lengths (8) and block table (9).
+const DECODE_BINDINGS: [wgpu::BufferBindingType; 10] = {
+    use wgpu::BufferBindingType::{Storage, Uniform};
+    let a = ATTENTION_BINDINGS;
+    [
+        a[0],
+        a[1],
+        a[2],
+        a[3],
+        a[4],
+        a[5],
+        a[6],
+        Uniform,
+        Storage { read_only: true },
+        Storage { read_only: true },
+    ]
+};
 
 /// Bindings of shaders/attention_common.wgsl (0-6), then the naive
 /// kernel's score matrix (7).
@@ -137,8 +212,9 @@ pub struct AttentionTiling {
     /// compilers that do not unroll them (llvmpipe).
     pub unroll: bool,
     /// K and V reach the invocations by subgroup broadcasts instead of
-    /// workgroup memory; requires `workgroup_size` to be the adapter's one
-    /// subgroup size and the SUBGROUP feature.
+    /// workgroup memory; requires the SUBGROUP feature, `workgroup_size` at
+    /// most the adapter's smallest subgroup size (so that the workgroup is
+    /// one subgroup) and `unroll` (broadcast lanes must be constants).
     pub subgroup_kv: bool,
     /// Storage type of Q, K, V and O (arithmetic is f32 regardless).
     pub storage: DType,
@@ -180,6 +256,19 @@ pub enum Specialization {
     CopyCeiling {
         workgroup_size: u32,
     },
+    /// Split-KV decoding; the tiling's `subgroup_kv` is off and storage f32.
+    Decode(AttentionTiling),
+    /// One invocation per output vec4 (Combine) or element pair (Rope,
+    /// KvAppend).
+    Combine {
+        workgroup_size: u32,
+    },
+    Rope {
+        workgroup_size: u32,
+    },
+    KvAppend {
+        workgroup_size: u32,
+    },
 }
 
 /// The three passes of the naive baseline, in dispatch order.
@@ -198,10 +287,10 @@ impl Specialization {
     /// The attention tiling, for the attention kernels.
     pub fn attention_tiling(&self) -> Option<&AttentionTiling> {
         match self {
-            Specialization::FlashForward(tiling) | Specialization::Naive { tiling, .. } => {
-                Some(tiling)
-            }
-            Specialization::FmaCeiling { .. } | Specialization::CopyCeiling { .. } => None,
+            Specialization::FlashForward(tiling)
+            | Specialization::Naive { tiling, .. }
+            | Specialization::Decode(tiling) => Some(tiling),
+            _ => None,
         }
     }
 
@@ -215,13 +304,19 @@ impl Specialization {
             },
             Specialization::FmaCeiling { .. } => Kernel::FmaCeiling,
             Specialization::CopyCeiling { .. } => Kernel::CopyCeiling,
+            Specialization::Decode(_) => Kernel::Decode,
+            Specialization::Combine { .. } => Kernel::Combine,
+            Specialization::Rope { .. } => Kernel::Rope,
+            Specialization::KvAppend { .. } => Kernel::KvAppend,
         }
     }
 
     /// The generated constants, by WGSL name.
     pub fn constants(&self) -> Vec<(&'static str, u32)> {
         match *self {
-            Specialization::FlashForward(tiling) | Specialization::Naive { tiling, .. } => {
+            Specialization::FlashForward(tiling)
+            | Specialization::Naive { tiling, .. }
+            | Specialization::Decode(tiling) => {
                 let mut constants = vec![
                     ("D4", tiling.head_dim / 4),
                     ("BLOCK_N", tiling.block_n),
@@ -229,7 +324,8 @@ impl Specialization {
                     ("ROWS", tiling.rows),
                 ];
                 if tiling.subgroup_kv {
-                    constants.push(("SLOTS", tiling.head_dim / tiling.workgroup_size));
+                    // Four keys of K or V are head_dim vec4s, spread over the lanes.
+                    constants.push(("SLOTS", tiling.head_dim.div_ceil(tiling.workgroup_size)));
                 }
                 constants
             }
@@ -242,7 +338,10 @@ impl Specialization {
                 ("COPIES", copies),
                 ("WG_SIZE", workgroup_size),
             ],
-            Specialization::CopyCeiling { workgroup_size } => vec![("WG_SIZE", workgroup_size)],
+            Specialization::CopyCeiling { workgroup_size }
+            | Specialization::Combine { workgroup_size }
+            | Specialization::Rope { workgroup_size }
+            | Specialization::KvAppend { workgroup_size } => vec![("WG_SIZE", workgroup_size)],
         }
     }
 
@@ -287,14 +386,19 @@ impl Specialization {
     /// Constants whose loops `source` unrolls.
     fn unrolled_bounds(&self) -> &'static [&'static str] {
         match self {
-            Specialization::FlashForward(tiling) | Specialization::Naive { tiling, .. } => {
+            Specialization::FlashForward(tiling)
+            | Specialization::Naive { tiling, .. }
+            | Specialization::Decode(tiling) => {
                 if tiling.unroll {
                     &["D4", "ROWS", "SLOTS"]
                 } else {
                     &[]
                 }
             }
-            Specialization::CopyCeiling { .. } => &[],
+            Specialization::CopyCeiling { .. }
+            | Specialization::Combine { .. }
+            | Specialization::Rope { .. }
+            | Specialization::KvAppend { .. } => &[],
             Specialization::FmaCeiling { .. } => &["COPIES"],
         }
     }

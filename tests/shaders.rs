@@ -4,7 +4,9 @@
 
 use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
-use wgpu_flash_attn::params::{AttentionParams, TensorStrides};
+use wgpu_flash_attn::params::{
+    AttentionParams, CombineParams, DecodeParams, RopeParams, TensorStrides,
+};
 use wgpu_flash_attn::shaders::{
     AttentionTiling, Kernel, NaivePass, Specialization, largest_block_n,
 };
@@ -69,6 +71,56 @@ fn shipped_specializations() -> Vec<Specialization> {
             }
         }
     }
+    // The subgroup tier on hardware GPUs: one subgroup of the adapter's
+    // smallest size, one row per lane, unrolled (constant broadcast lanes),
+    // at every subgroup size it is offered for; the head dims include sizes
+    // that do not divide the four keys' vec4s (40 over 64 or 128 lanes, 136
+    // over 16).
+    let hardware_subgroup = [4, 16, 32, 64, 128]
+        .into_iter()
+        .flat_map(|size| [(size, 40, DType::F32), (size, 136, DType::F32)])
+        .chain([(32, 64, DType::F16), (32, 256, DType::BF16)]);
+    for (workgroup_size, head_dim, storage) in hardware_subgroup {
+        let tiling = AttentionTiling {
+            head_dim,
+            block_n: planned_block_ns(head_dim)[0],
+            workgroup_size,
+            rows: 1,
+            unroll: true,
+            subgroup_kv: true,
+            storage,
+        };
+        specs.push(Specialization::FlashForward(tiling));
+        specs.extend(NaivePass::ALL.map(|pass| Specialization::Naive { pass, tiling }));
+    }
+    // Decoding: the CPU tiling (8 lanes, 1 to 16 rows each, unrolled) and
+    // the GPU one (4 to 64 lanes, one row each); tiles sized with room for
+    // the decode kernel's flags.
+    for head_dim in [8, 64, 128, 256] {
+        let block_n = planned_block_ns(head_dim)[0];
+        let cpu_rows = ForwardPlan::cpu_rows(head_dim);
+        let cpu = [1, 2, 4, 8, 16]
+            .into_iter()
+            .filter(|&rows| rows <= cpu_rows)
+            .map(|rows| (8, rows, true));
+        let gpu = [4, 16, 64].into_iter().map(|size| (size, 1, false));
+        for (workgroup_size, rows, unroll) in cpu.chain(gpu) {
+            specs.push(Specialization::Decode(AttentionTiling {
+                head_dim,
+                block_n: block_n.min(32),
+                workgroup_size,
+                rows,
+                unroll,
+                subgroup_kv: false,
+                storage: DType::F32,
+            }));
+        }
+    }
+    specs.extend([
+        Specialization::Combine { workgroup_size: 64 },
+        Specialization::Rope { workgroup_size: 64 },
+        Specialization::KvAppend { workgroup_size: 64 },
+    ]);
     specs
 }
 
@@ -189,4 +241,40 @@ fn param_structs_match_their_wgsl_twins() {
         size_of("TensorStrides"),
         std::mem::size_of::<TensorStrides>()
     );
+}
+
+/// The decode, merge and RoPE parameter blocks match their twins too.
+#[test]
+fn decode_param_structs_match_their_wgsl_twins() {
+    let decode = Specialization::Decode(AttentionTiling {
+        head_dim: 64,
+        block_n: 32,
+        workgroup_size: 64,
+        rows: 1,
+        unroll: false,
+        subgroup_kv: false,
+        storage: DType::F32,
+    });
+    let twins = [
+        (decode, "DecodeParams", std::mem::size_of::<DecodeParams>()),
+        (
+            Specialization::Combine { workgroup_size: 64 },
+            "CombineParams",
+            std::mem::size_of::<CombineParams>(),
+        ),
+        (
+            Specialization::KvAppend { workgroup_size: 64 },
+            "RopeParams",
+            std::mem::size_of::<RopeParams>(),
+        ),
+    ];
+    for (spec, name, rust_size) in twins {
+        let (module, _) = parse_and_validate(&spec);
+        let (_, ty) = module
+            .types
+            .iter()
+            .find(|(_, ty)| ty.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("struct {name} not found in the shader"));
+        assert_eq!(ty.inner.size(module.to_ctx()) as usize, rust_size, "{name}");
+    }
 }

@@ -15,11 +15,10 @@ use wgpu_flash_attn::{
 fn offers_subgroup_broadcast(gpu: &Gpu) -> bool {
     let info = gpu.info();
     let adapter = &info.adapter;
-    adapter.device_type == wgpu::DeviceType::Cpu
-        && adapter.backend != wgpu::Backend::Gl
+    adapter.backend != wgpu::Backend::Gl
         && info.has_subgroups()
-        && adapter.subgroup_min_size == 8
-        && adapter.subgroup_max_size == 8
+        && adapter.subgroup_min_size.is_power_of_two()
+        && (4..=128).contains(&adapter.subgroup_min_size)
 }
 
 fn round_to(dtype: DType, x: f32) -> f32 {
@@ -117,6 +116,11 @@ fn default_tier_is_the_best_offered() {
         Tier::Portable
     };
     assert_eq!(plan.tier(), best, "{}", gpu.info().summary());
+    if best == Tier::SubgroupBroadcast {
+        // One subgroup of the smallest size the adapter may pick.
+        let tiling = plan.specialization.attention_tiling().unwrap();
+        assert_eq!(tiling.workgroup_size, gpu.info().adapter.subgroup_min_size);
+    }
 }
 
 #[test]

@@ -1,0 +1,252 @@
+// Split-KV decoding over a KV cache (flash-decoding), f32.
+//
+// One workgroup owns every query row of one (batch, KV head) pair (all
+// seq_q positions of all `group` query heads that read this KV head), so
+// each K/V tile it loads serves the whole GQA group, and one split: a range
+// of `split_keys` cache positions. It writes that split's normalised
+// partial output and logsumexp to slot `slot_base + split`;
+// combine_partials.wgsl merges the slots exactly. With one slot in all the
+// kernel writes the final output directly (o_slot = 0).
+//
+// The cache is paged: logical position `pos` of sequence `b` lives in page
+// block_table[b * pages_per_seq + (pos >> page_shift)], row
+// pos & (page_size - 1). A contiguous cache is the identity table. K and V
+// pages are spread over several buffers ("segments") when one binding
+// cannot hold them; one dispatch per segment binds that segment's K and V
+// and skips keys whose page lives elsewhere.
+//
+// Bindings 0-6 are attention_common.wgsl's: p.q / p.o describe the query
+// and output views, p.k = p.v = [page row, heads_kv, D4] inside a segment;
+// p.seq_kv is unused (each sequence has its own length in seq_lens).
+//
+// Generated constants: D4, BLOCK_N, WG_SIZE, ROWS (rows per invocation;
+// ROWS * WG_SIZE rows per workgroup, `row_tiles` workgroups cover more).
+
+// Twin of `DecodeParams` in src/params.rs.
+struct DecodeParams {
+    // Query heads per KV head.
+    group: u32,
+    // seq_q * group: query rows per (batch, KV head).
+    rows: u32,
+    splits: u32,
+    // Cache positions per split.
+    split_keys: u32,
+    // log2 of the page size in tokens.
+    page_shift: u32,
+    // Width of a block-table row.
+    pages_per_seq: u32,
+    // Pages held by this dispatch's segment: [segment_first_page,
+    // segment_first_page + segment_pages).
+    segment_first_page: u32,
+    segment_pages: u32,
+    // First output slot of this dispatch (segment * splits).
+    slot_base: u32,
+    // Stride between output slots in vec4s (0: the final output) and in
+    // logsumexp floats.
+    o_slot: u32,
+    lse_slot: u32,
+    _pad: u32,
+}
+
+const BLOCK_M: u32 = WG_SIZE * ROWS;
+
+@group(0) @binding(7) var<uniform> dp: DecodeParams;
+// Current length of each sequence, queries included.
+@group(0) @binding(8) var<storage, read> seq_lens: array<u32>;
+@group(0) @binding(9) var<storage, read> block_table: array<u32>;
+
+var<workgroup> k_tile: array<vec4<f32>, BLOCK_N * D4>;
+var<workgroup> v_tile: array<vec4<f32>, BLOCK_N * D4>;
+// Whether each key of the tile lives in this segment.
+var<workgroup> key_here: array<u32, BLOCK_N>;
+var<workgroup> tile_has_keys: u32;
+var<workgroup> lane_ranges: array<vec2<i32>, WG_SIZE>;
+var<workgroup> tile_range: vec2<i32>;
+
+// Index of the first vec4 of cache position `pos` in this segment, or -1
+// when its page lives in another segment.
+fn cache_row(batch: u32, pos: u32, head_kv: u32) -> i32 {
+    let page = block_table[batch * dp.pages_per_seq + (pos >> dp.page_shift)];
+    if (page < dp.segment_first_page || page >= dp.segment_first_page + dp.segment_pages) {
+        return -1;
+    }
+    let row = ((page - dp.segment_first_page) << dp.page_shift) | (pos & ((1u << dp.page_shift) - 1u));
+    return i32(row * p.k.seq + head_kv * p.k.head);
+}
+
+@compute @workgroup_size(WG_SIZE)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let batch = wg.z;
+    let head_kv = wg.y;
+    let split = wg.x % dp.splits;
+    let row0 = (wg.x / dp.splits) * BLOCK_M;
+    let seq_kv = seq_lens[batch];
+    let diag = i32(seq_kv) - i32(p.seq_q);
+
+    var q: array<vec4<f32>, ROWS * D4>;
+    var acc: array<vec4<f32>, ROWS * D4>;
+    var m: array<f32, ROWS>;
+    var l: array<f32, ROWS>;
+    var row_pos: array<i32, ROWS>;
+    var row_lo: array<i32, ROWS>;
+    var row_hi: array<i32, ROWS>;
+    var slope: array<f32, ROWS>;
+    // Keys this split may show to some row of the workgroup.
+    let split_lo = i32(split * dp.split_keys);
+    let split_hi = min(i32((split + 1u) * dp.split_keys), i32(seq_kv)) - 1;
+    var wg_lo = split_hi + 1;
+    var wg_hi = split_lo - 1;
+    for (var r = 0u; r < ROWS; r++) {
+        // Rows past the end compute on a copy of the last row; never stored.
+        let row = min(row0 + lid + r * WG_SIZE, dp.rows - 1u);
+        let query = row / dp.group;
+        let head_q = head_kv * dp.group + row % dp.group;
+        row_pos[r] = i32(query) + diag;
+        var lo = 0;
+        var hi = i32(seq_kv) - 1;
+        if (has_flag(FLAG_WINDOW_LEFT)) {
+            lo = max(lo, row_pos[r] - i32(p.window_left));
+        }
+        if (has_flag(FLAG_WINDOW_RIGHT)) {
+            hi = min(hi, row_pos[r] + i32(p.window_right));
+        }
+        row_lo[r] = max(lo, split_lo);
+        row_hi[r] = min(hi, split_hi);
+        if (row_lo[r] <= row_hi[r]) {
+            wg_lo = min(wg_lo, row_lo[r]);
+            wg_hi = max(wg_hi, row_hi[r]);
+        }
+        slope[r] = 0.0;
+        if (has_flag(FLAG_ALIBI)) {
+            slope[r] = alibi_slopes[batch * p.alibi_batch_stride + head_q];
+        }
+        m[r] = NEG_BIG;
+        l[r] = 0.0;
+        let q_base = batch * p.q.batch + query * p.q.seq + head_q * p.q.head + p.q.offset;
+        for (var d = 0u; d < D4; d++) {
+            q[r * D4 + d] = load_q(q_base + d);
+            acc[r * D4 + d] = vec4<f32>(0.0);
+        }
+    }
+    // Every invocation must agree on the tile loop (it has barriers): the
+    // union of the rows' ranges, made uniform through workgroup memory.
+    lane_ranges[lid] = vec2<i32>(wg_lo, wg_hi);
+    workgroupBarrier();
+    if (lid == 0u) {
+        var range = lane_ranges[0];
+        for (var i = 1u; i < WG_SIZE; i++) {
+            range = vec2<i32>(min(range.x, lane_ranges[i].x), max(range.y, lane_ranges[i].y));
+        }
+        tile_range = range;
+    }
+    let range = workgroupUniformLoad(&tile_range);
+
+    for (var kv0 = range.x; kv0 <= range.y; kv0 += i32(BLOCK_N)) {
+        let n_keys = u32(min(i32(BLOCK_N), range.y + 1 - kv0));
+        // The previous tile is consumed before its flags are overwritten.
+        workgroupBarrier();
+        if (lid == 0u) {
+            tile_has_keys = 0u;
+        }
+        workgroupBarrier();
+        for (var key = lid; key < BLOCK_N; key += WG_SIZE) {
+            var here = 0u;
+            if (key < n_keys) {
+                here = u32(cache_row(batch, u32(kv0) + key, head_kv) >= 0);
+            }
+            key_here[key] = here;
+            if (here != 0u) {
+                tile_has_keys = 1u;
+            }
+        }
+        // Tiles whose pages all live in other segments are skipped whole.
+        if (workgroupUniformLoad(&tile_has_keys) == 0u) {
+            continue;
+        }
+        for (var i = lid; i < BLOCK_N * D4; i += WG_SIZE) {
+            let key = i / D4;
+            let d = i % D4;
+            var kk = vec4<f32>(0.0);
+            var vv = vec4<f32>(0.0);
+            if (key_here[key] != 0u) {
+                let base = u32(cache_row(batch, u32(kv0) + key, head_kv));
+                kk = load_k(base + d);
+                vv = load_v(base + d);
+            }
+            k_tile[i] = kk;
+            v_tile[i] = vv;
+        }
+        workgroupBarrier();
+
+        for (var c = 0u; c < BLOCK_N; c += 4u) {
+            let t = c * D4;
+            var dots: array<vec4<f32>, ROWS>;
+            for (var r = 0u; r < ROWS; r++) {
+                dots[r] = vec4<f32>(0.0);
+            }
+            for (var d = 0u; d < D4; d++) {
+                let k0 = k_tile[t + d];
+                let k1 = k_tile[t + D4 + d];
+                let k2 = k_tile[t + 2u * D4 + d];
+                let k3 = k_tile[t + 3u * D4 + d];
+                for (var r = 0u; r < ROWS; r++) {
+                    let qd = q[r * D4 + d];
+                    dots[r] = vec4<f32>(fma_dot(qd, k0, dots[r].x), fma_dot(qd, k1, dots[r].y),
+                        fma_dot(qd, k2, dots[r].z), fma_dot(qd, k3, dots[r].w));
+                }
+            }
+            let key_pos = vec4<i32>(kv0 + i32(c)) + vec4<i32>(0, 1, 2, 3);
+            let here = vec4<u32>(key_here[c], key_here[c + 1u], key_here[c + 2u], key_here[c + 3u]) != vec4<u32>(0u);
+            var probs: array<vec4<f32>, ROWS>;
+            var correction: array<f32, ROWS>;
+            for (var r = 0u; r < ROWS; r++) {
+                var s = finish_scores(dots[r], row_pos[r], key_pos, slope[r]);
+                let visible = here & key_pos >= vec4<i32>(row_lo[r]) & key_pos <= vec4<i32>(row_hi[r]);
+                s = select(vec4<f32>(NEG_BIG), s, visible);
+                let m_new = max(m[r], max(max(s.x, s.y), max(s.z, s.w)));
+                correction[r] = exp2(m[r] - m_new);
+                probs[r] = select(vec4<f32>(0.0), exp2(s - vec4<f32>(m_new)), visible);
+                l[r] = l[r] * correction[r] + (probs[r].x + probs[r].y) + (probs[r].z + probs[r].w);
+                m[r] = m_new;
+            }
+            for (var d = 0u; d < D4; d++) {
+                let v0 = v_tile[t + d];
+                let v1 = v_tile[t + D4 + d];
+                let v2 = v_tile[t + 2u * D4 + d];
+                let v3 = v_tile[t + 3u * D4 + d];
+                for (var r = 0u; r < ROWS; r++) {
+                    let pr = probs[r];
+                    acc[r * D4 + d] = fma(vec4<f32>(pr.w), v3, fma(vec4<f32>(pr.z), v2,
+                        fma(vec4<f32>(pr.y), v1, fma(vec4<f32>(pr.x), v0, acc[r * D4 + d] * correction[r]))));
+                }
+            }
+        }
+    }
+
+    let slot = dp.slot_base + split;
+    for (var r = 0u; r < ROWS; r++) {
+        let row = row0 + lid + r * WG_SIZE;
+        if (row < dp.rows) {
+            let query = row / dp.group;
+            let head_q = head_kv * dp.group + row % dp.group;
+            // A row that saw no key of this split has l == 0: zeros and
+            // lse = +inf, which the combine reads as "no keys here".
+            var inv_l = 0.0;
+            var lse = bitcast<f32>(0x7f800000u);
+            if (l[r] > 0.0) {
+                inv_l = 1.0 / l[r];
+                lse = (m[r] + log2(l[r])) * LN_2;
+            }
+            let o_base = slot * dp.o_slot + batch * p.o.batch + query * p.o.seq + head_q * p.o.head + p.o.offset;
+            for (var d = 0u; d < D4; d++) {
+                store_o(o_base + d, acc[r * D4 + d] * inv_l);
+            }
+            if (has_flag(FLAG_WRITE_LSE)) {
+                lse_buf[slot * dp.lse_slot + (batch * p.heads_q + head_q) * p.seq_q + query] = lse;
+            }
+        }
+    }
+}

@@ -1,0 +1,59 @@
+// Rotary position embedding shared by rope.wgsl (in place) and
+// kv_append.wgsl (fused into the cache append).
+//
+// Pair i < rotary_dim / 2 of a head vector is rotated by the angle
+// position * theta_i, theta_i = base^(-2i / rotary_dim). Interleaved
+// (GPT-J) pairs elements (2i, 2i + 1); half-split (GPT-NeoX, Llama) pairs
+// (i, i + rotary_dim / 2). Elements from rotary_dim on pass through.
+//
+// Angles: position * theta_i in f32 loses ~1e-2 rad at position 1e5, so the
+// position is split as hi * 1024 + lo and the host supplies, per pair,
+// theta_i and (1024 * theta_i) mod 2pi computed in f64 (`freqs`).
+
+// Twin of `RopeParams` in src/params.rs.
+struct RopeParams {
+    batch: u32,
+    // Tokens per sequence in the source tensor.
+    tokens: u32,
+    heads: u32,
+    head_dim: u32,
+    // Rotated elements per head (even, <= head_dim); 0: no rotation.
+    rotary_dim: u32,
+    // 0: interleaved (GPT-J), 1: half-split (GPT-NeoX / Llama).
+    half_split: u32,
+    // Source strides in elements (the head dim is contiguous).
+    src_batch: u32,
+    src_seq: u32,
+    src_head: u32,
+    src_offset: u32,
+    // kv_append only: the cache's paging and this dispatch's segment.
+    page_shift: u32,
+    pages_per_seq: u32,
+    segment_first_page: u32,
+    segment_pages: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+// The two element indices invocation-pair `i` moves, and whether it rotates
+// them (i < rotary_dim / 2) or copies them (elements past rotary_dim).
+fn pair_indices(i: u32) -> vec3<u32> {
+    let half_rot = rp.rotary_dim / 2u;
+    if (i < half_rot) {
+        if (rp.half_split != 0u) {
+            return vec3<u32>(i, i + half_rot, 1u);
+        }
+        return vec3<u32>(2u * i, 2u * i + 1u, 1u);
+    }
+    let first = rp.rotary_dim + 2u * (i - half_rot);
+    return vec3<u32>(first, first + 1u, 0u);
+}
+
+// (x, y) rotated by position * theta of pair i.
+fn rotate(x: f32, y: f32, position: u32, i: u32) -> vec2<f32> {
+    let f = freqs[i];
+    let angle = f32(position >> 10u) * f.y + f32(position & 1023u) * f.x;
+    let c = cos(angle);
+    let s = sin(angle);
+    return vec2<f32>(x * c - y * s, x * s + y * c);
+}

@@ -1,0 +1,217 @@
+//! Rotary position embedding (RoPE): the options, the frequency table the
+//! kernels read, and the standalone in-place kernel for prefill.
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::params::RopeParams;
+use crate::pipelines::bind_buffers;
+use crate::shaders::Specialization;
+use crate::tensor::{DType, Tensor};
+
+/// Invocations per workgroup of the element-wise kernels.
+pub(crate) const ELEMENTWISE_WORKGROUP: u32 = 64;
+/// The kernels split positions as `hi * ANGLE_SPLIT + lo` (rope_common.wgsl).
+const ANGLE_SPLIT: f64 = 1024.0;
+
+/// Which elements of a head vector form the rotated pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RopeStyle {
+    /// GPT-J: pairs `(2i, 2i + 1)`.
+    Interleaved,
+    /// GPT-NeoX, Llama: pairs `(i, i + rotary_dim / 2)`.
+    HalfSplit,
+}
+
+/// Rotary embedding options: pair `i` of the first `rotary_dim` elements
+/// turns by `position * base^(-2i / rotary_dim)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rope {
+    pub style: RopeStyle,
+    /// The frequency base (theta); 10000 in the RoFormer paper, 500000 in
+    /// Llama 3.
+    pub base: f64,
+    /// Rotated elements per head (even); `None` rotates the whole head.
+    pub rotary_dim: Option<usize>,
+}
+
+impl Rope {
+    pub fn new(style: RopeStyle) -> Self {
+        Rope {
+            style,
+            base: 10_000.0,
+            rotary_dim: None,
+        }
+    }
+    pub fn base(mut self, base: f64) -> Self {
+        self.base = base;
+        self
+    }
+    pub fn rotary_dim(mut self, rotary_dim: usize) -> Self {
+        self.rotary_dim = Some(rotary_dim);
+        self
+    }
+
+    /// The rotated elements per head for `head_dim`, after checking the
+    /// options.
+    pub fn checked_rotary_dim(&self, head_dim: usize) -> Result<usize> {
+        if !self.base.is_finite() || self.base <= 1.0 {
+            return Err(Error::RopeBase(self.base));
+        }
+        let rotary_dim = self.rotary_dim.unwrap_or(head_dim);
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
+            return Err(Error::RotaryDim {
+                rotary_dim,
+                head_dim,
+            });
+        }
+        Ok(rotary_dim)
+    }
+
+    /// Angle per position of pair `i`.
+    pub fn theta(&self, i: usize, rotary_dim: usize) -> f64 {
+        self.base.powf(-2.0 * i as f64 / rotary_dim as f64)
+    }
+
+    /// Per pair: theta and `(1024 * theta) mod 2pi`, in f64 then rounded,
+    /// so that the kernels' angles stay accurate at long positions.
+    pub(crate) fn frequency_table(&self, rotary_dim: usize) -> Vec<[f32; 2]> {
+        (0..rotary_dim / 2)
+            .map(|i| {
+                let theta = self.theta(i, rotary_dim);
+                let coarse = (ANGLE_SPLIT * theta).rem_euclid(std::f64::consts::TAU);
+                [theta as f32, coarse as f32]
+            })
+            .collect()
+    }
+
+    /// The kernels' encoding of the style.
+    pub(crate) fn half_split_flag(&self) -> u32 {
+        u32::from(self.style == RopeStyle::HalfSplit)
+    }
+}
+
+/// Workgroups for `invocations` one-per-item invocations, folded into two
+/// dimensions when one is not enough.
+pub(crate) fn elementwise_groups(
+    gpu: &Gpu,
+    what: &'static str,
+    invocations: u64,
+) -> Result<[u32; 3]> {
+    let groups = invocations
+        .div_ceil(u64::from(ELEMENTWISE_WORKGROUP))
+        .max(1);
+    let limit = u64::from(gpu.info().limits.max_compute_workgroups_per_dimension);
+    let y = groups.div_ceil(limit);
+    if y > limit {
+        return Err(Error::DispatchTooLarge {
+            what,
+            axis: "y",
+            groups: y,
+            limit: limit as u32,
+        });
+    }
+    Ok([groups.min(limit) as u32, y as u32, 1])
+}
+
+impl Gpu {
+    /// Rotates `tensor` (`[batch, tokens, heads, head_dim]`, f32, head dim
+    /// contiguous) in place: token `t` of sequence `b` is at position
+    /// `first_positions[b] + t`. Submits and returns without waiting.
+    pub fn rope_in_place(
+        &self,
+        tensor: &Tensor,
+        rope: &Rope,
+        first_positions: &[u32],
+    ) -> Result<()> {
+        let shape = tensor.shape();
+        let rotary_dim = rope.checked_rotary_dim(shape.head_dim)?;
+        if tensor.dtype() != DType::F32 {
+            return Err(Error::DTypeUnsupported {
+                tensor: "rope tensor",
+                got: tensor.dtype(),
+                needed: DType::F32,
+            });
+        }
+        if first_positions.len() != shape.batch {
+            return Err(Error::DataLength {
+                tensor: "first_positions",
+                expected: shape.batch,
+                got: first_positions.len(),
+            });
+        }
+        tensor.check_in_bounds("rope tensor")?;
+        let strides = tensor.strides();
+        let params = RopeParams {
+            batch: shape.batch as u32,
+            tokens: shape.seq as u32,
+            heads: shape.heads as u32,
+            head_dim: shape.head_dim as u32,
+            rotary_dim: rotary_dim as u32,
+            half_split: rope.half_split_flag(),
+            src_batch: strides.batch as u32,
+            src_seq: strides.seq as u32,
+            src_head: strides.head as u32,
+            src_offset: tensor.offset() as u32,
+            ..RopeParams::default()
+        };
+        let starts: Vec<[u32; 2]> = first_positions.iter().map(|&p| [0, p]).collect();
+        let invocations = (shape.elements() / 2) as u64;
+        let groups = elementwise_groups(self, "rope", invocations)?;
+        let spec = Specialization::Rope {
+            workgroup_size: ELEMENTWISE_WORKGROUP,
+        };
+        let pipeline = self.pipelines.get(&self.device, &spec);
+        let uniform = self.uniform_buffer("rope params", bytemuck::bytes_of(&params));
+        let starts = self.storage_buffer("rope starts", bytemuck::cast_slice(&starts));
+        let freqs = self.storage_buffer(
+            "rope frequencies",
+            bytemuck::cast_slice(&rope.frequency_table(rotary_dim)),
+        );
+        let bind_group = bind_buffers(
+            &self.device,
+            &pipeline.bind_group_layout,
+            &[&uniform, &starts, &freqs, tensor.buffer()],
+        );
+        self.submit_recorded("rope dispatch", |encoder| {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("rope"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&pipeline.pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+            Ok(())
+        })
+    }
+
+    /// A small uniform buffer holding `contents`.
+    pub(crate) fn uniform_buffer(&self, label: &'static str, contents: &[u8]) -> wgpu::Buffer {
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents,
+                usage: wgpu::BufferUsages::UNIFORM,
+            })
+    }
+
+    /// A storage buffer holding `contents`; empty contents get 16 zero
+    /// bytes, since a binding needs at least one element of its array
+    /// (up to a vec4).
+    pub(crate) fn storage_buffer(&self, label: &'static str, contents: &[u8]) -> wgpu::Buffer {
+        let padded;
+        let contents = if contents.is_empty() {
+            padded = [0u8; 16];
+            &padded[..]
+        } else {
+            contents
+        };
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            })
+    }
+}

@@ -1,0 +1,486 @@
+//! Decoding over a KV cache against the reference: contiguous and paged
+//! caches, split-KV with chosen and forced split counts, GQA, causal,
+//! window, softcap and ALiBi; the public merge; append with fused RoPE and
+//! the standalone RoPE kernel against a CPU RoPE; and the typed errors.
+
+mod common;
+
+use common::gpu;
+use wgpu_flash_attn::random::SeededRng;
+use wgpu_flash_attn::{
+    Alibi, AttentionConfig, AttentionShape, DecodeArgs, DecodePlan, Error, Gpu, KvCache,
+    KvCacheConfig, KvLayout, Lse, Rope, RopeStyle, Tensor, TensorShape, reference,
+};
+
+const HEADS_Q: usize = 8;
+const HEADS_KV: usize = 2;
+
+/// A cache and the host copy of what it holds.
+struct Filled {
+    cache: KvCache,
+    /// Per sequence, packed `[len, heads_kv, head_dim]`.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+/// Appends random tokens up to the longest of `lens` (in a few appends),
+/// then shortens each sequence to its length.
+fn fill(gpu: &Gpu, config: KvCacheConfig, lens: &[usize], seed: u64) -> Filled {
+    let mut cache = KvCache::new(gpu, config).unwrap();
+    if let KvLayout::Paged { page_size, pages } = config.layout {
+        // Each sequence takes pages from a shuffled pool, so no table is
+        // consecutive.
+        let mut rng = SeededRng::new(seed ^ 0x9a9e);
+        let mut pool: Vec<u32> = (0..pages as u32).collect();
+        for i in (1..pool.len()).rev() {
+            pool.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+        }
+        let per_seq = pages / config.batch;
+        let longest = *lens.iter().max().unwrap();
+        assert!(per_seq * page_size >= longest, "test pool too small");
+        for b in 0..config.batch {
+            cache
+                .set_block_table(gpu, b, &pool[b * per_seq..(b + 1) * per_seq])
+                .unwrap();
+        }
+    }
+    let token = config.heads_kv * config.head_dim;
+    let longest = *lens.iter().max().unwrap();
+    let mut rng = SeededRng::new(seed);
+    let mut k = vec![Vec::new(); config.batch];
+    let mut v = vec![Vec::new(); config.batch];
+    let mut written = 0;
+    while written < longest {
+        let chunk = (longest - written).min(1500);
+        let shape = TensorShape::new(config.batch, chunk, config.heads_kv, config.head_dim);
+        let kd = rng.normal_vec(shape.elements(), 1.0);
+        let vd = rng.normal_vec(shape.elements(), 1.0);
+        let kt = Tensor::from_f32(gpu, shape, &kd).unwrap();
+        let vt = Tensor::from_f32(gpu, shape, &vd).unwrap();
+        cache.append(gpu, &kt, &vt).unwrap();
+        for b in 0..config.batch {
+            let rows = b * chunk * token..(b + 1) * chunk * token;
+            k[b].extend_from_slice(&kd[rows.clone()]);
+            v[b].extend_from_slice(&vd[rows]);
+        }
+        written += chunk;
+    }
+    for (b, &len) in lens.iter().enumerate() {
+        cache.set_len(gpu, b, len).unwrap();
+        k[b].truncate(len * token);
+        v[b].truncate(len * token);
+    }
+    Filled { cache, k, v }
+}
+
+/// Decodes `q` over the cache and returns the largest errors of output and
+/// logsumexp against the reference, run sequence by sequence.
+fn decode_errors(
+    gpu: &Gpu,
+    filled: &Filled,
+    q: &[f32],
+    seq_q: usize,
+    config: &AttentionConfig,
+) -> (f64, f64, DecodePlan) {
+    let cache = &filled.cache;
+    let head_dim = cache.head_dim();
+    let q_shape = TensorShape::new(cache.batch(), seq_q, HEADS_Q, head_dim);
+    let q_t = Tensor::from_f32(gpu, q_shape, q).unwrap();
+    let out = Tensor::filled(gpu, q_shape, f32::NAN).unwrap();
+    let lse = Lse::new(gpu, cache.batch(), HEADS_Q, seq_q).unwrap();
+    let args = DecodeArgs {
+        q: &q_t,
+        cache,
+        out: &out,
+        lse: Some(&lse),
+    };
+    let plan = gpu.decode_into(&args, config).unwrap();
+    let got = out.to_f32_vec(gpu).unwrap();
+    let got_lse = lse.to_vec(gpu).unwrap();
+    let per_seq = seq_q * HEADS_Q * head_dim;
+    let (mut out_err, mut lse_err) = (0.0f64, 0.0f64);
+    for (b, &len) in cache.lens().iter().enumerate() {
+        let shape = AttentionShape {
+            batch: 1,
+            seq_q,
+            seq_kv: len,
+            heads_q: HEADS_Q,
+            heads_kv: cache.heads_kv(),
+            head_dim,
+        };
+        let qb = &q[b * per_seq..(b + 1) * per_seq];
+        let want = if len == 0 {
+            None
+        } else {
+            Some(reference::attention(&shape, qb, &filled.k[b], &filled.v[b], config).unwrap())
+        };
+        for (i, g) in got[b * per_seq..(b + 1) * per_seq].iter().enumerate() {
+            assert!(!g.is_nan(), "sequence {b} (len {len}): NaN at {i}");
+            let w = want.as_ref().map_or(0.0, |w| w.out[i]);
+            out_err = out_err.max((f64::from(*g) - w).abs());
+        }
+        let rows = HEADS_Q * seq_q;
+        for (i, g) in got_lse[b * rows..(b + 1) * rows].iter().enumerate() {
+            let w = want.as_ref().map_or(f64::INFINITY, |w| w.lse[i]);
+            if w.is_infinite() {
+                assert_eq!(f64::from(*g), w, "sequence {b}: lse of an empty row");
+            } else {
+                lse_err = lse_err.max((f64::from(*g) - w).abs());
+            }
+        }
+    }
+    (out_err, lse_err, plan)
+}
+
+fn queries(batch: usize, seq_q: usize, head_dim: usize, seed: u64) -> Vec<f32> {
+    SeededRng::new(seed).normal_vec(batch * seq_q * HEADS_Q * head_dim, 1.0)
+}
+
+const LENS: [usize; 6] = [1, 17, 255, 256, 257, 5000];
+
+#[test]
+fn decode_matches_the_reference_over_lengths_and_options() {
+    let Some(gpu) = gpu() else { return };
+    let head_dim = 64;
+    let config = KvCacheConfig {
+        batch: LENS.len(),
+        heads_kv: HEADS_KV,
+        head_dim,
+        layout: KvLayout::Contiguous { capacity: 5000 },
+    };
+    let filled = fill(gpu, config, &LENS, 0x5eed_dec0);
+    let options = [
+        ("plain", AttentionConfig::new()),
+        ("causal", AttentionConfig::new().causal(true)),
+        (
+            "window (100, 0)",
+            AttentionConfig::new().window(Some(100), Some(0)),
+        ),
+        (
+            "softcap + ALiBi",
+            AttentionConfig::new()
+                .softcap(20.0)
+                .alibi(Alibi::PerHead(Alibi::standard_slopes(HEADS_Q))),
+        ),
+    ];
+    for seq_q in [1, 2, 7, 16] {
+        for (i, (name, options)) in options.iter().enumerate() {
+            let q = queries(LENS.len(), seq_q, head_dim, (seq_q * 10 + i) as u64);
+            let (out_err, lse_err, plan) = decode_errors(gpu, &filled, &q, seq_q, options);
+            assert!(
+                out_err <= 1e-4 && lse_err <= 1e-4,
+                "seq_q {seq_q}, {name}: out error {out_err:.2e}, lse error {lse_err:.2e} ({plan:?})"
+            );
+        }
+    }
+}
+
+#[test]
+fn forced_split_counts_match_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let head_dim = 32;
+    let lens = [300, 1000, 3];
+    let config = KvCacheConfig {
+        batch: lens.len(),
+        heads_kv: HEADS_KV,
+        head_dim,
+        layout: KvLayout::Contiguous { capacity: 1000 },
+    };
+    let filled = fill(gpu, config, &lens, 0x5eed_5b11);
+    for splits in [1, 2, 3, 16] {
+        for causal in [false, true] {
+            let q = queries(lens.len(), 2, head_dim, splits as u64);
+            let options = AttentionConfig::new().causal(causal).kv_splits(splits);
+            let (out_err, lse_err, plan) = decode_errors(gpu, &filled, &q, 2, &options);
+            assert_eq!(plan.splits as usize, splits);
+            assert_eq!(plan.slots as usize, splits * filled.cache.segment_count());
+            assert!(
+                out_err <= 1e-4 && lse_err <= 1e-4,
+                "{splits} splits, causal {causal}: out {out_err:.2e}, lse {lse_err:.2e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn paged_and_contiguous_caches_agree() {
+    let Some(gpu) = gpu() else { return };
+    let head_dim = 64;
+    let lens = [700, 130, 1];
+    let seed = 0x5eed_9a6e;
+    let contiguous = fill(
+        gpu,
+        KvCacheConfig {
+            batch: lens.len(),
+            heads_kv: HEADS_KV,
+            head_dim,
+            layout: KvLayout::Contiguous { capacity: 700 },
+        },
+        &lens,
+        seed,
+    );
+    let q = queries(lens.len(), 3, head_dim, 7);
+    let options = AttentionConfig::new().causal(true);
+    let (base_err, _, _) = decode_errors(gpu, &contiguous, &q, 3, &options);
+    assert!(base_err <= 1e-4, "contiguous: {base_err:.2e}");
+    for page_size in [16, 64, 256] {
+        let pages = lens.len() * 768usize.div_ceil(page_size);
+        let paged = fill(
+            gpu,
+            KvCacheConfig {
+                batch: lens.len(),
+                heads_kv: HEADS_KV,
+                head_dim,
+                layout: KvLayout::Paged { page_size, pages },
+            },
+            &lens,
+            seed,
+        );
+        // Same logical contents, pages scattered.
+        assert_eq!(paged.k, contiguous.k);
+        let table = paged.cache.block_table(0);
+        assert!(
+            table.windows(2).any(|w| w[1] != w[0] + 1),
+            "table is consecutive"
+        );
+        let (k0, v0) = paged.cache.read_sequence(gpu, 0).unwrap();
+        assert_eq!(k0, contiguous.k[0], "page size {page_size}: K read back");
+        assert_eq!(v0, contiguous.v[0], "page size {page_size}: V read back");
+        let (err, _, _) = decode_errors(gpu, &paged, &q, 3, &options);
+        assert!(err <= 1e-4, "page size {page_size}: {err:.2e}");
+    }
+}
+
+#[test]
+fn merging_two_halves_equals_attention_over_all_keys() {
+    let Some(gpu) = gpu() else { return };
+    let shape = AttentionShape {
+        batch: 2,
+        seq_q: 5,
+        seq_kv: 333,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 48,
+    };
+    let inputs = common::Inputs::draw(&shape, 0x5eed_3e26, 1.0);
+    let config = AttentionConfig::new().return_lse(true);
+    let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
+    let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
+    let k = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap();
+    let v = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.v).unwrap();
+    // Keys [0, 100) and [100, 333) as two views, attended separately.
+    let strides = k.strides();
+    let parts: Vec<_> = [(0, 100), (100, 233)]
+        .iter()
+        .map(|&(start, len)| {
+            let dims = TensorShape::new(2, len, 2, 48);
+            let offset = start * strides.seq;
+            let kv = k.view(dims, strides, offset).unwrap();
+            let vv = v.view(dims, strides, offset).unwrap();
+            gpu.attention(&q, &kv, &vv, &config).unwrap()
+        })
+        .collect();
+    let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
+    let lse = Lse::new(gpu, 2, 4, 5).unwrap();
+    let refs: Vec<_> = parts
+        .iter()
+        .map(|p| (&p.out, p.lse.as_ref().unwrap()))
+        .collect();
+    gpu.merge_attention(&refs, &out, Some(&lse)).unwrap();
+    let got = out.to_f32_vec(gpu).unwrap();
+    let got_lse = lse.to_vec(gpu).unwrap();
+    let err = got
+        .iter()
+        .zip(&want.out)
+        .map(|(g, w)| (f64::from(*g) - w).abs())
+        .fold(0.0, f64::max);
+    let lse_err = got_lse
+        .iter()
+        .zip(&want.lse)
+        .map(|(g, w)| (f64::from(*g) - w).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        err <= 1e-4 && lse_err <= 1e-4,
+        "merge: {err:.2e} / {lse_err:.2e}"
+    );
+    assert!(matches!(
+        gpu.merge_attention(&[], &out, None),
+        Err(Error::NothingToMerge)
+    ));
+}
+
+/// Largest |gpu - reference| relative to the vector magnitudes.
+fn max_error(got: &[f32], want: &[f64]) -> f64 {
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| (f64::from(*g) - w).abs())
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn rope_kernels_match_a_cpu_rope() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SeededRng::new(0x5eed_40fe);
+    for style in [RopeStyle::Interleaved, RopeStyle::HalfSplit] {
+        for rope in [
+            Rope::new(style),
+            Rope::new(style).base(500_000.0).rotary_dim(32),
+        ] {
+            // Standalone, in place, with per-sequence offsets.
+            let shape = TensorShape::new(2, 9, 3, 64);
+            let data = rng.normal_vec(shape.elements(), 1.0);
+            let tensor = Tensor::from_f32(gpu, shape, &data).unwrap();
+            let starts = [0u32, 70_000];
+            gpu.rope_in_place(&tensor, &rope, &starts).unwrap();
+            let want = reference::rope(&rope, shape, &data, &[0, 70_000]).unwrap();
+            let err = max_error(&tensor.to_f32_vec(gpu).unwrap(), &want);
+            assert!(err <= 2e-4, "{rope:?} in place: {err:.2e}");
+
+            // Fused into the append: keys rotated at cache position +
+            // offset, values untouched.
+            let mut cache = KvCache::new(
+                gpu,
+                KvCacheConfig {
+                    batch: 2,
+                    heads_kv: 3,
+                    head_dim: 64,
+                    layout: KvLayout::Paged {
+                        page_size: 16,
+                        pages: 8,
+                    },
+                },
+            )
+            .unwrap();
+            cache.set_block_table(gpu, 0, &[5, 1, 6]).unwrap();
+            cache.set_block_table(gpu, 1, &[0, 7, 2, 3]).unwrap();
+            let first = TensorShape::new(2, 20, 3, 64);
+            let k1 = rng.normal_vec(first.elements(), 1.0);
+            let v1 = rng.normal_vec(first.elements(), 1.0);
+            let offsets = [3u32, 1000];
+            let k1t = Tensor::from_f32(gpu, first, &k1).unwrap();
+            let v1t = Tensor::from_f32(gpu, first, &v1).unwrap();
+            cache
+                .append_rotated(gpu, &k1t, &v1t, &rope, &offsets)
+                .unwrap();
+            assert_eq!(cache.next_positions(&offsets), vec![23, 1020]);
+            let second = TensorShape::new(2, 7, 3, 64);
+            let k2 = rng.normal_vec(second.elements(), 1.0);
+            let v2 = rng.normal_vec(second.elements(), 1.0);
+            let k2t = Tensor::from_f32(gpu, second, &k2).unwrap();
+            let v2t = Tensor::from_f32(gpu, second, &v2).unwrap();
+            cache
+                .append_rotated(gpu, &k2t, &v2t, &rope, &offsets)
+                .unwrap();
+            assert_eq!(cache.lens(), &[27, 27]);
+            let want1 = reference::rope(&rope, first, &k1, &[3, 1000]).unwrap();
+            let want2 = reference::rope(&rope, second, &k2, &[23, 1020]).unwrap();
+            let token = 3 * 64;
+            for b in 0..2 {
+                let (k, v) = cache.read_sequence(gpu, b).unwrap();
+                let mut want_k = want1[b * 20 * token..(b + 1) * 20 * token].to_vec();
+                want_k.extend_from_slice(&want2[b * 7 * token..(b + 1) * 7 * token]);
+                let mut want_v = v1[b * 20 * token..(b + 1) * 20 * token].to_vec();
+                want_v.extend_from_slice(&v2[b * 7 * token..(b + 1) * 7 * token]);
+                let err = max_error(&k, &want_k);
+                assert!(err <= 2e-4, "{rope:?} append, sequence {b}: {err:.2e}");
+                assert_eq!(v, want_v, "values are copied untouched");
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_cache_input_is_a_typed_error() {
+    let Some(gpu) = gpu() else { return };
+    let paged = |page_size| KvCacheConfig {
+        batch: 2,
+        heads_kv: 2,
+        head_dim: 32,
+        layout: KvLayout::Paged {
+            page_size,
+            pages: 4,
+        },
+    };
+    for bad in [0, 8, 48, 512] {
+        assert!(
+            matches!(KvCache::new(gpu, paged(bad)), Err(Error::PageSize { got }) if got == bad),
+            "page size {bad}"
+        );
+    }
+    let mut cache = KvCache::new(gpu, paged(16)).unwrap();
+    assert!(matches!(
+        cache.set_block_table(gpu, 1, &[0, 4]),
+        Err(Error::BlockTablePage {
+            sequence: 1,
+            index: 1,
+            page: 4,
+            pool_pages: 4
+        })
+    ));
+    assert!(matches!(
+        cache.set_block_table(gpu, 2, &[0]),
+        Err(Error::CacheSequence {
+            sequence: 2,
+            batch: 2
+        })
+    ));
+    cache.set_block_table(gpu, 0, &[0, 1]).unwrap();
+    cache.set_block_table(gpu, 1, &[2]).unwrap();
+    assert!(matches!(
+        cache.set_len(gpu, 1, 17),
+        Err(Error::CacheCapacity {
+            sequence: 1,
+            needed: 17,
+            capacity: 16
+        })
+    ));
+    let tokens = TensorShape::new(2, 17, 2, 32);
+    let k = Tensor::filled(gpu, tokens, 0.5).unwrap();
+    assert!(matches!(
+        cache.append(gpu, &k, &k),
+        Err(Error::CacheCapacity {
+            sequence: 1,
+            needed: 17,
+            capacity: 16
+        })
+    ));
+    assert_eq!(cache.lens(), &[0, 0], "a failed append changes nothing");
+    let wrong_heads = Tensor::filled(gpu, TensorShape::new(2, 1, 3, 32), 0.5).unwrap();
+    assert!(matches!(
+        cache.append(gpu, &wrong_heads, &wrong_heads),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let rope = Rope::new(RopeStyle::HalfSplit).rotary_dim(33);
+    let one = Tensor::filled(gpu, TensorShape::new(2, 1, 2, 32), 0.5).unwrap();
+    assert!(matches!(
+        cache.append_rotated(gpu, &one, &one, &rope, &[0, 0]),
+        Err(Error::RotaryDim {
+            rotary_dim: 33,
+            head_dim: 32
+        })
+    ));
+    cache.append(gpu, &one, &one).unwrap();
+    let q = Tensor::filled(gpu, TensorShape::new(2, 1, 4, 32), 0.5).unwrap();
+    let out = Tensor::filled(gpu, TensorShape::new(2, 1, 4, 32), 0.0).unwrap();
+    let args = DecodeArgs {
+        q: &q,
+        cache: &cache,
+        out: &out,
+        lse: None,
+    };
+    assert!(matches!(
+        gpu.decode_into(&args, &AttentionConfig::new().kv_splits(0)),
+        Err(Error::KvSplits(0))
+    ));
+    let q3 = Tensor::filled(gpu, TensorShape::new(3, 1, 4, 32), 0.5).unwrap();
+    let args = DecodeArgs {
+        q: &q3,
+        cache: &cache,
+        out: &out,
+        lse: None,
+    };
+    assert!(matches!(
+        gpu.decode_into(&args, &AttentionConfig::new()),
+        Err(Error::ShapeMismatch { .. })
+    ));
+}
