@@ -92,16 +92,18 @@ impl ForwardPlan {
                 });
             }
         }
+        let specialization = Specialization::FlashForward(AttentionTiling {
+            head_dim,
+            block_n,
+            workgroup_size,
+            rows,
+            unroll,
+            subgroup_kv,
+            storage,
+        });
+        gpu.check_loop_budget(&specialization, shape.seq_kv as u64)?;
         Ok(ForwardPlan {
-            specialization: Specialization::FlashForward(AttentionTiling {
-                head_dim,
-                block_n,
-                workgroup_size,
-                rows,
-                unroll,
-                subgroup_kv,
-                storage,
-            }),
+            specialization,
             workgroups: groups.map(|n| n as u32),
         })
     }
@@ -197,9 +199,13 @@ fn row_tiling(gpu: &Gpu, shape: &AttentionShape, tier: Option<Tier>) -> Result<R
             subgroup_kv,
         });
     }
-    // llvmpipe behind the GL backend compiled the unrolled kernel for head
-    // dims of 200 and more in over a minute: GL gets the GPU tiling.
-    if !cpu || adapter.backend == wgpu::Backend::Gl {
+    // llvmpipe behind the GL backend compiled the CPU tiling (many rows,
+    // unrolled) for head dims of 200 and more in over a minute: GL gets the
+    // GPU tiling, unrolled over the head dim only (~10-20 s per head dim
+    // cold), because llvmpipe's loop budget (Gpu::loop_budget) would cut
+    // the head-dim loops after ~600 keys at d=256.
+    let gl = adapter.backend == wgpu::Backend::Gl;
+    if !cpu || gl {
         let limits = &info.limits;
         let invocations = limits
             .max_compute_invocations_per_workgroup
@@ -207,7 +213,7 @@ fn row_tiling(gpu: &Gpu, shape: &AttentionShape, tier: Option<Tier>) -> Result<R
         return Ok(RowTiling {
             workgroup_size: power_of_two_at_most(invocations, GPU_WORKGROUP_SIZE),
             rows: 1,
-            unroll: false,
+            unroll: gl,
             subgroup_kv,
         });
     }

@@ -91,7 +91,8 @@ impl DecodePlan {
             let size = rows
                 .next_power_of_two()
                 .clamp(4, GPU_MAX_WORKGROUP_SIZE.min(max_invocations));
-            (size, 1, false)
+            // llvmpipe on GL: unrolled head-dim loops, as the forward kernel.
+            (size, 1, adapter.backend == wgpu::Backend::Gl)
         };
         if workgroup_size > max_invocations {
             return Err(Error::WorkgroupInvocations {
@@ -126,7 +127,30 @@ impl DecodePlan {
                     .max(1)
             }
         };
+        let specialization = Specialization::Decode(AttentionTiling {
+            head_dim,
+            block_n,
+            workgroup_size,
+            rows: rows_per_lane,
+            unroll,
+            subgroup_kv: false,
+            storage: DType::F32,
+        });
+        // On adapters that cap loop iterations (llvmpipe), more splits keep
+        // each workgroup's share of the keys under the cap; a forced count
+        // that does not is refused rather than silently truncated.
+        let mut splits = splits;
+        if let (Some(budget), None) = (gpu.loop_budget(), config.kv_splits) {
+            while splits < longest
+                && specialization
+                    .loop_trips(longest.div_ceil(splits) as u64)
+                    .is_some_and(|trips| trips > budget)
+            {
+                splits *= 2;
+            }
+        }
         let split_keys = longest.div_ceil(splits).max(1);
+        gpu.check_loop_budget(&specialization, split_keys as u64)?;
         let x_groups = u64::from(row_tiles) * splits as u64;
         let limit = limits.max_compute_workgroups_per_dimension;
         for (axis, n) in [
@@ -145,15 +169,7 @@ impl DecodePlan {
         }
         let segments = cache.segment_count() as u32;
         Ok(DecodePlan {
-            specialization: Specialization::Decode(AttentionTiling {
-                head_dim,
-                block_n,
-                workgroup_size,
-                rows: rows_per_lane,
-                unroll,
-                subgroup_kv: false,
-                storage: DType::F32,
-            }),
+            specialization,
             splits: splits as u32,
             split_keys: split_keys as u32,
             segments,

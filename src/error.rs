@@ -181,6 +181,18 @@ pub enum Error {
     NothingToMerge,
     #[error("{tensor} must be a packed (contiguous) tensor for this call")]
     NotPacked { tensor: &'static str },
+    #[error(
+        "{kernel} over {keys} keys would run {trips} loop iterations per invocation; this adapter \
+         stops shaders after {budget} (llvmpipe), which would silently truncate the result. Use \
+         fewer keys per call (split the keys and merge the parts with Gpu::merge_attention) or \
+         the default kernel tier"
+    )]
+    LoopBudget {
+        kernel: String,
+        keys: u64,
+        trips: u64,
+        budget: u64,
+    },
     #[error("GPU validation error in {context}: {message}")]
     GpuValidation {
         context: &'static str,

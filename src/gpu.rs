@@ -6,6 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::pipelines::PipelineCache;
+use crate::shaders::Specialization;
 
 /// Optional features the kernels use when the adapter has them.
 pub const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
@@ -202,6 +203,38 @@ impl Gpu {
             pipelines,
             placeholders,
         }
+    }
+
+    /// The most loop iterations one shader invocation may run, where the
+    /// driver imposes a cap: Mesa's llvmpipe (lavapipe on Vulkan, llvmpipe
+    /// on GL) stops every loop of an invocation, silently, once all of them
+    /// together have run 65535 iterations (gallivm's
+    /// `LP_MAX_TGSI_LOOP_ITERATIONS`). Kernels are planned to stay under it
+    /// (decoding adds splits) or refuse with [`Error::LoopBudget`].
+    ///
+    /// [`Error::LoopBudget`]: crate::Error::LoopBudget
+    pub fn loop_budget(&self) -> Option<u64> {
+        const LLVMPIPE_LOOP_ITERATIONS: u64 = 65_535;
+        let adapter = &self.info.adapter;
+        let llvmpipe = adapter.name.contains("llvmpipe") || adapter.driver.contains("llvmpipe");
+        llvmpipe.then_some(LLVMPIPE_LOOP_ITERATIONS)
+    }
+
+    /// Checks that a kernel visiting `keys` keys per invocation stays within
+    /// the adapter's loop budget.
+    pub(crate) fn check_loop_budget(&self, spec: &Specialization, keys: u64) -> Result<()> {
+        let (Some(budget), Some(trips)) = (self.loop_budget(), spec.loop_trips(keys)) else {
+            return Ok(());
+        };
+        if trips > budget {
+            return Err(Error::LoopBudget {
+                kernel: spec.label(),
+                keys,
+                trips,
+                budget,
+            });
+        }
+        Ok(())
     }
 
     pub fn info(&self) -> &GpuInfo {

@@ -37,6 +37,27 @@ pub struct KvCacheConfig {
     pub heads_kv: usize,
     pub head_dim: usize,
     pub layout: KvLayout,
+    /// Cap on the bytes of each K (and V) buffer; `None` means the
+    /// adapter's storage-binding limit. Pools larger than one buffer are
+    /// split over several, whole pages each.
+    pub max_buffer_bytes: Option<u64>,
+}
+
+impl KvCacheConfig {
+    /// A cache of `batch` sequences with `heads_kv` heads of `head_dim`.
+    pub fn new(batch: usize, heads_kv: usize, head_dim: usize, layout: KvLayout) -> Self {
+        KvCacheConfig {
+            batch,
+            heads_kv,
+            head_dim,
+            layout,
+            max_buffer_bytes: None,
+        }
+    }
+    pub fn max_buffer_bytes(mut self, bytes: u64) -> Self {
+        self.max_buffer_bytes = Some(bytes);
+        self
+    }
 }
 
 /// Pages `first_page .. first_page + pages` of the pool, in one K and one V
@@ -72,6 +93,7 @@ impl KvCache {
             heads_kv,
             head_dim,
             layout,
+            max_buffer_bytes,
         } = config;
         for (name, n) in [("batch", batch), ("heads_kv", heads_kv)] {
             if n == 0 {
@@ -113,15 +135,26 @@ impl KvCache {
         };
         let page_bytes = (page_size * heads_kv * head_dim * 4) as u64;
         let limits = &gpu.info().limits;
-        let binding_limit = limits
-            .max_storage_buffer_binding_size
-            .min(limits.max_buffer_size);
+        let (limit_name, binding_limit) = [
+            (
+                "max_storage_buffer_binding_size",
+                limits.max_storage_buffer_binding_size,
+            ),
+            ("max_buffer_size", limits.max_buffer_size),
+            (
+                "KvCacheConfig::max_buffer_bytes",
+                max_buffer_bytes.unwrap_or(u64::MAX),
+            ),
+        ]
+        .into_iter()
+        .min_by_key(|&(_, limit)| limit)
+        .expect("three candidates");
         let pages_per_segment = (binding_limit / page_bytes).min(pool_pages as u64) as usize;
         if pages_per_segment == 0 {
             return Err(Error::BufferTooLarge {
                 tensor: "kv cache page",
                 bytes: page_bytes,
-                limit_name: "max_storage_buffer_binding_size",
+                limit_name,
                 limit: binding_limit,
             });
         }

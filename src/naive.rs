@@ -77,6 +77,9 @@ impl NaivePlan {
         let units_per_chunk = (limit / bytes_per_unit)
             .min(units)
             .min(u64::from(limits.max_compute_workgroups_per_dimension));
+        for pass in NaivePass::ALL {
+            gpu.check_loop_budget(&Specialization::Naive { pass, tiling }, shape.seq_kv as u64)?;
+        }
         Ok(NaivePlan {
             units: units as u32,
             units_per_chunk: units_per_chunk as u32,

@@ -284,6 +284,54 @@ impl NaivePass {
 }
 
 impl Specialization {
+    /// An upper bound on the loop iterations one invocation runs when the
+    /// kernel visits `keys` keys (each loop's exit test counted as one), for
+    /// adapters that stop shaders after a fixed number of them (llvmpipe,
+    /// see `Gpu::loop_budget`). Loops that `source` unrolls do not count.
+    /// `None` for kernels without a key loop.
+    pub fn loop_trips(&self, keys: u64) -> Option<u64> {
+        let tiling = self.attention_tiling()?;
+        let block_n = u64::from(tiling.block_n);
+        let d4 = u64::from(tiling.head_dim / 4);
+        let lanes = u64::from(tiling.workgroup_size);
+        let rows = u64::from(tiling.rows);
+        let tiles = keys.div_ceil(block_n) + 1;
+        // One trip of the loop over four-key steps, plus its own inner
+        // loops when they are not unrolled.
+        let step = if tiling.unroll {
+            0
+        } else {
+            2 * (d4 + 1) + 2 * d4 * (rows + 1) + 3 * (rows + 1)
+        };
+        let staging = if tiling.subgroup_kv {
+            0
+        } else {
+            (block_n * d4).div_ceil(lanes) + 1
+        };
+        let mut per_tile = 1 + staging + (block_n / 4 + 1) + (block_n / 4) * step;
+        let mut fixed = if tiling.unroll {
+            0
+        } else {
+            4 * rows * (d4 + 2)
+        };
+        match self {
+            Specialization::Naive {
+                pass: NaivePass::Softmax,
+                ..
+            } => {
+                // Three passes over the row's vec4 score slots.
+                return Some(3 * (keys.div_ceil(4) + 1));
+            }
+            Specialization::Decode(_) => {
+                // Per-key segment flags, and lane 0's range reduction.
+                per_tile += block_n.div_ceil(lanes) + 1;
+                fixed += lanes;
+            }
+            _ => {}
+        }
+        Some(fixed + tiles * per_tile)
+    }
+
     /// The attention tiling, for the attention kernels.
     pub fn attention_tiling(&self) -> Option<&AttentionTiling> {
         match self {

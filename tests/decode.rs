@@ -142,12 +142,12 @@ const LENS: [usize; 6] = [1, 17, 255, 256, 257, 5000];
 fn decode_matches_the_reference_over_lengths_and_options() {
     let Some(gpu) = gpu() else { return };
     let head_dim = 64;
-    let config = KvCacheConfig {
-        batch: LENS.len(),
-        heads_kv: HEADS_KV,
+    let config = KvCacheConfig::new(
+        LENS.len(),
+        HEADS_KV,
         head_dim,
-        layout: KvLayout::Contiguous { capacity: 5000 },
-    };
+        KvLayout::Contiguous { capacity: 5000 },
+    );
     let filled = fill(gpu, config, &LENS, 0x5eed_dec0);
     let options = [
         ("plain", AttentionConfig::new()),
@@ -180,12 +180,12 @@ fn forced_split_counts_match_the_reference() {
     let Some(gpu) = gpu() else { return };
     let head_dim = 32;
     let lens = [300, 1000, 3];
-    let config = KvCacheConfig {
-        batch: lens.len(),
-        heads_kv: HEADS_KV,
+    let config = KvCacheConfig::new(
+        lens.len(),
+        HEADS_KV,
         head_dim,
-        layout: KvLayout::Contiguous { capacity: 1000 },
-    };
+        KvLayout::Contiguous { capacity: 1000 },
+    );
     let filled = fill(gpu, config, &lens, 0x5eed_5b11);
     for splits in [1, 2, 3, 16] {
         for causal in [false, true] {
@@ -210,12 +210,12 @@ fn paged_and_contiguous_caches_agree() {
     let seed = 0x5eed_9a6e;
     let contiguous = fill(
         gpu,
-        KvCacheConfig {
-            batch: lens.len(),
-            heads_kv: HEADS_KV,
+        KvCacheConfig::new(
+            lens.len(),
+            HEADS_KV,
             head_dim,
-            layout: KvLayout::Contiguous { capacity: 700 },
-        },
+            KvLayout::Contiguous { capacity: 700 },
+        ),
         &lens,
         seed,
     );
@@ -227,12 +227,12 @@ fn paged_and_contiguous_caches_agree() {
         let pages = lens.len() * 768usize.div_ceil(page_size);
         let paged = fill(
             gpu,
-            KvCacheConfig {
-                batch: lens.len(),
-                heads_kv: HEADS_KV,
+            KvCacheConfig::new(
+                lens.len(),
+                HEADS_KV,
                 head_dim,
-                layout: KvLayout::Paged { page_size, pages },
-            },
+                KvLayout::Paged { page_size, pages },
+            ),
             &lens,
             seed,
         );
@@ -340,15 +340,15 @@ fn rope_kernels_match_a_cpu_rope() {
             // offset, values untouched.
             let mut cache = KvCache::new(
                 gpu,
-                KvCacheConfig {
-                    batch: 2,
-                    heads_kv: 3,
-                    head_dim: 64,
-                    layout: KvLayout::Paged {
+                KvCacheConfig::new(
+                    2,
+                    3,
+                    64,
+                    KvLayout::Paged {
                         page_size: 16,
                         pages: 8,
                     },
-                },
+                ),
             )
             .unwrap();
             cache.set_block_table(gpu, 0, &[5, 1, 6]).unwrap();
@@ -392,14 +392,16 @@ fn rope_kernels_match_a_cpu_rope() {
 #[test]
 fn bad_cache_input_is_a_typed_error() {
     let Some(gpu) = gpu() else { return };
-    let paged = |page_size| KvCacheConfig {
-        batch: 2,
-        heads_kv: 2,
-        head_dim: 32,
-        layout: KvLayout::Paged {
-            page_size,
-            pages: 4,
-        },
+    let paged = |page_size| {
+        KvCacheConfig::new(
+            2,
+            2,
+            32,
+            KvLayout::Paged {
+                page_size,
+                pages: 4,
+            },
+        )
     };
     for bad in [0, 8, 48, 512] {
         assert!(
@@ -483,4 +485,45 @@ fn bad_cache_input_is_a_typed_error() {
         gpu.decode_into(&args, &AttentionConfig::new()),
         Err(Error::ShapeMismatch { .. })
     ));
+}
+
+#[test]
+fn caches_split_over_several_buffers_match_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let head_dim = 32;
+    let lens = [900, 333];
+    // A contiguous cache of 900 tokens takes 256-token pages (64 KiB here):
+    // one page per buffer gives 8 buffers. The paged pool's 16-token pages
+    // are 4 KiB: three per buffer gives 38.
+    let cases = [
+        (KvLayout::Contiguous { capacity: 900 }, 64 * 1024, 8),
+        (
+            KvLayout::Paged {
+                page_size: 16,
+                pages: 2 * 57,
+            },
+            3 * 4096,
+            38,
+        ),
+    ];
+    for (layout, buffer_bytes, buffers) in cases {
+        let config = KvCacheConfig::new(lens.len(), HEADS_KV, head_dim, layout)
+            .max_buffer_bytes(buffer_bytes);
+        let filled = fill(gpu, config, &lens, 0x5eed_5e65);
+        assert_eq!(filled.cache.segment_count(), buffers, "{layout:?}");
+        for b in 0..lens.len() {
+            let (k, v) = filled.cache.read_sequence(gpu, b).unwrap();
+            assert_eq!(k, filled.k[b], "{layout:?}: K of sequence {b} read back");
+            assert_eq!(v, filled.v[b], "{layout:?}: V of sequence {b} read back");
+        }
+        for (seq_q, causal) in [(1, false), (5, true)] {
+            let q = queries(lens.len(), seq_q, head_dim, seq_q as u64);
+            let options = AttentionConfig::new().causal(causal);
+            let (out_err, lse_err, plan) = decode_errors(gpu, &filled, &q, seq_q, &options);
+            assert!(
+                out_err <= 1e-4 && lse_err <= 1e-4,
+                "{layout:?}, seq_q {seq_q}: out {out_err:.2e}, lse {lse_err:.2e} ({plan:?})"
+            );
+        }
+    }
 }

@@ -1,0 +1,116 @@
+//! llvmpipe (lavapipe, and llvmpipe on GL) stops every loop of a shader
+//! invocation once they have run 65535 iterations together, silently. The
+//! planners model each kernel's loop trips (`Specialization::loop_trips`):
+//! at the longest key range the model allows, results are exact; one step
+//! further, the call is a typed error; decoding adds splits instead.
+
+mod common;
+
+use common::{Inputs, gpu};
+use wgpu_flash_attn::{
+    AttentionConfig, AttentionShape, DType, DecodeArgs, Error, ForwardPlan, KvCache, KvCacheConfig,
+    KvLayout, Tensor, TensorShape, Tier, reference,
+};
+
+#[test]
+fn the_longest_allowed_call_is_exact_and_the_next_is_refused() {
+    let Some(gpu) = gpu() else { return };
+    let Some(budget) = gpu.loop_budget() else {
+        eprintln!("SKIPPED: this adapter caps no shader loops; nothing to check");
+        return;
+    };
+    // The portable tier stages K/V through workgroup memory in a loop, so
+    // it meets the cap first: tens of thousands of keys, not millions.
+    let tier = Some(Tier::Portable);
+    let shape_at = |seq_kv| AttentionShape {
+        batch: 1,
+        seq_q: 3,
+        seq_kv,
+        heads_q: 1,
+        heads_kv: 1,
+        head_dim: 64,
+    };
+    let allowed = |seq_kv| ForwardPlan::for_call(gpu, &shape_at(seq_kv), DType::F32, tier).is_ok();
+    let (mut lo, mut hi) = (64, 1 << 22);
+    assert!(allowed(lo) && !allowed(hi));
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if allowed(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    eprintln!("portable tier, d=64: at most {lo} keys per call under a budget of {budget}");
+    match ForwardPlan::for_call(gpu, &shape_at(hi), DType::F32, tier) {
+        Err(Error::LoopBudget {
+            keys,
+            trips,
+            budget: b,
+            ..
+        }) => {
+            assert_eq!((keys, b), (hi as u64, budget));
+            assert!(trips > budget);
+        }
+        other => panic!("expected LoopBudget, got {other:?}"),
+    }
+
+    let shape = shape_at(lo);
+    let inputs = Inputs::draw(&shape, 0x5eed_100b, 1.0);
+    let config = AttentionConfig::new().tier(Tier::Portable);
+    let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
+    let k = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap();
+    let v = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.v).unwrap();
+    let got = gpu
+        .attention(&q, &k, &v, &config)
+        .unwrap()
+        .out
+        .to_f32_vec(gpu)
+        .unwrap();
+    let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
+    let err = got
+        .iter()
+        .zip(&want.out)
+        .map(|(g, w)| (f64::from(*g) - w).abs())
+        .fold(0.0, f64::max);
+    assert!(err <= 1e-4, "{lo} keys: max error {err:.2e}");
+}
+
+#[test]
+fn decoding_splits_long_caches_under_the_budget() {
+    let Some(gpu) = gpu() else { return };
+    let Some(budget) = gpu.loop_budget() else {
+        eprintln!("SKIPPED: this adapter caps no shader loops; nothing to check");
+        return;
+    };
+    let len = 40_000;
+    let mut cache = KvCache::new(
+        gpu,
+        KvCacheConfig::new(1, 1, 128, KvLayout::Contiguous { capacity: len }),
+    )
+    .unwrap();
+    let tokens = Tensor::filled(gpu, TensorShape::new(1, len, 1, 128), 0.25).unwrap();
+    cache.append(gpu, &tokens, &tokens).unwrap();
+    let q = Tensor::filled(gpu, TensorShape::new(1, 1, 1, 128), 0.5).unwrap();
+    let out = Tensor::filled(gpu, TensorShape::new(1, 1, 1, 128), f32::NAN).unwrap();
+    let args = DecodeArgs {
+        q: &q,
+        cache: &cache,
+        out: &out,
+        lse: None,
+    };
+    let plan = gpu.decode_into(&args, &AttentionConfig::new()).unwrap();
+    let trips = plan
+        .specialization
+        .loop_trips(u64::from(plan.split_keys))
+        .unwrap();
+    assert!(trips <= budget, "{plan:?}: {trips} trips");
+    // Every key holds the same value, so the output is that value.
+    for x in out.to_f32_vec(gpu).unwrap() {
+        assert!((x - 0.25).abs() <= 1e-6, "{x}");
+    }
+    assert!(matches!(
+        gpu.decode_into(&args, &AttentionConfig::new().kv_splits(1)),
+        Err(Error::LoopBudget { .. })
+    ));
+}
