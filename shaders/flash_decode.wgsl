@@ -57,8 +57,9 @@ const BLOCK_M: u32 = WG_SIZE * ROWS;
 
 var<workgroup> k_tile: array<vec4<f32>, BLOCK_N * D4>;
 var<workgroup> v_tile: array<vec4<f32>, BLOCK_N * D4>;
-// Whether each key of the tile lives in this segment.
-var<workgroup> key_here: array<u32, BLOCK_N>;
+// Per key of the tile: the vec4 index of its K/V row in this segment, or
+// -1 when its page lives in another segment (or past the tile's end).
+var<workgroup> key_row: array<i32, BLOCK_N>;
 var<workgroup> tile_has_keys: u32;
 var<workgroup> lane_ranges: array<vec2<i32>, WG_SIZE>;
 var<workgroup> tile_range: vec2<i32>;
@@ -152,13 +153,14 @@ fn main(
             tile_has_keys = 0u;
         }
         workgroupBarrier();
+        // One block-table lookup per key, shared by the staging loop below.
         for (var key = lid; key < BLOCK_N; key += WG_SIZE) {
-            var here = 0u;
+            var row = -1;
             if (key < n_keys) {
-                here = u32(cache_row(batch, u32(kv0) + key, head_kv) >= 0);
+                row = cache_row(batch, u32(kv0) + key, head_kv);
             }
-            key_here[key] = here;
-            if (here != 0u) {
+            key_row[key] = row;
+            if (row >= 0) {
                 tile_has_keys = 1u;
             }
         }
@@ -171,10 +173,10 @@ fn main(
             let d = i % D4;
             var kk = vec4<f32>(0.0);
             var vv = vec4<f32>(0.0);
-            if (key_here[key] != 0u) {
-                let base = u32(cache_row(batch, u32(kv0) + key, head_kv));
-                kk = load_k(base + d);
-                vv = load_v(base + d);
+            let row = key_row[key];
+            if (row >= 0) {
+                kk = load_k(u32(row) + d);
+                vv = load_v(u32(row) + d);
             }
             k_tile[i] = kk;
             v_tile[i] = vv;
@@ -199,7 +201,7 @@ fn main(
                 }
             }
             let key_pos = vec4<i32>(kv0 + i32(c)) + vec4<i32>(0, 1, 2, 3);
-            let here = vec4<u32>(key_here[c], key_here[c + 1u], key_here[c + 2u], key_here[c + 3u]) != vec4<u32>(0u);
+            let here = vec4<i32>(key_row[c], key_row[c + 1u], key_row[c + 2u], key_row[c + 3u]) >= vec4<i32>(0);
             var probs: array<vec4<f32>, ROWS>;
             var correction: array<f32, ROWS>;
             for (var r = 0u; r < ROWS; r++) {

@@ -2,12 +2,13 @@
 //! and measures how close to the adapter's own ceilings it runs.
 //!
 //! `flash-bench` alone runs the suite (seed-model presets); `info`, `run`,
-//! `sweep` and `check` are described by `flash-bench help`. Results go to
+//! `sweep`, `check` and `decode` are described by `flash-bench help`. Results go to
 //! stdout, progress to stderr. Exit status: 0 when every result agrees with
 //! the reference, 1 when one does not, 2 on bad input or when nothing could
 //! run.
 
 mod check;
+mod decode;
 mod info;
 mod measure;
 mod options;
@@ -57,6 +58,9 @@ enum Command {
     Sweep(SweepArgs),
     /// Check the kernel against q, k, v (and expected out) from a safetensors file.
     Check(check::CheckArgs),
+    /// One decode step over KV caches of several lengths (split-KV), against
+    /// the prefill kernel and the copy ceiling.
+    Decode(decode::DecodeCmdArgs),
 }
 
 #[derive(Debug, Args)]
@@ -130,6 +134,7 @@ fn run(cli: &Cli) -> Result<bool> {
         .context("opening a GPU adapter")?;
     match &cli.command {
         Some(Command::Check(args)) => check::run(&gpu, args, cli.global.json.as_deref()),
+        Some(Command::Decode(args)) => decode::run(&gpu, args, cli.global.json.as_deref()),
         Some(Command::Run(args)) => {
             let shape = args.shape.shape();
             let dtype = args.dtype.dtype();

@@ -1,0 +1,377 @@
+//! `flash-bench decode`: one decode step over KV caches of several lengths
+//! (default Llama-3.1-405B heads: 64 query / 8 KV, d=128), validated on
+//! sampled heads, timed, and compared with the prefill kernel on the same
+//! call; speed shown against the adapter's copy and FMA ceilings.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::Serialize;
+use wgpu_flash_attn::ceiling::{measure_copy, measure_fma};
+use wgpu_flash_attn::random::SeededRng;
+use wgpu_flash_attn::reference;
+use wgpu_flash_attn::timing::{TimingPlan, time_gpu};
+use wgpu_flash_attn::{
+    AttentionArgs, AttentionConfig, AttentionShape, DecodeArgs, DecodePlan, Error, Gpu, KvCache,
+    KvCacheConfig, KvLayout, Tensor, TensorShape,
+};
+
+use crate::measure::{CEILING_WORKGROUPS, TOLERANCE};
+use crate::report::{AdapterJson, write_json};
+
+#[derive(Debug, Args)]
+pub struct DecodeCmdArgs {
+    /// Cached tokens per sequence, one case each.
+    #[arg(long, value_delimiter = ',', default_value = "4096,32768,131072")]
+    cache: Vec<usize>,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// New query tokens per sequence (already in the cache).
+    #[arg(long, default_value_t = 1)]
+    seq_q: usize,
+    #[arg(long, default_value_t = 64)]
+    heads_q: usize,
+    #[arg(long, default_value_t = 8)]
+    heads_kv: usize,
+    #[arg(long, default_value_t = 128)]
+    head_dim: usize,
+    /// Store the cache in pages of this many tokens, scattered over the
+    /// pool (default: contiguous).
+    #[arg(long)]
+    page_size: Option<usize>,
+    /// Force the number of key splits (default: chosen from the adapter).
+    #[arg(long)]
+    splits: Option<usize>,
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+}
+
+/// Tokens uploaded per append while filling a cache.
+const FILL_CHUNK: usize = 4096;
+
+#[derive(Debug, Serialize)]
+struct DecodeCase {
+    cache_tokens: usize,
+    batch: usize,
+    seq_q: usize,
+    heads_q: usize,
+    heads_kv: usize,
+    head_dim: usize,
+    layout: String,
+    splits: u32,
+    cache_buffers: u32,
+    decode_ms: f64,
+    /// K and V bytes read per step, per second.
+    gb_per_s: f64,
+    pct_of_copy_ceiling: f64,
+    gflops: f64,
+    pct_of_fma_ceiling: f64,
+    max_abs_err: f64,
+    /// The prefill (forward) kernel on the same call, where it can run.
+    prefill_ms: Option<f64>,
+    prefill_note: Option<String>,
+    speedup_over_prefill: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct DecodeReport {
+    tool: &'static str,
+    command: String,
+    adapter: AdapterJson,
+    timer: String,
+    fma_gflops: f64,
+    copy_gb_per_s: f64,
+    cases: Vec<DecodeCase>,
+}
+
+pub fn run(gpu: &Gpu, args: &DecodeCmdArgs, json: Option<&std::path::Path>) -> Result<bool> {
+    eprintln!("measuring the FMA and copy ceilings...");
+    let fma = measure_fma(gpu, CEILING_WORKGROUPS, TimingPlan { warmup: 1, runs: 5 })?;
+    let copy = measure_copy(gpu, 256 << 20, TimingPlan { warmup: 1, runs: 5 })?;
+    println!("{}", gpu.info().summary());
+    println!(
+        "FMA ceiling {:.1} GFLOP/s, copy ceiling {:.2} GB/s (read + written); timer: {}",
+        fma.gflops, copy.gb_per_s, fma.timing.timer
+    );
+    println!(
+        "{:<34} {:>7} {:>10} {:>8} {:>7} {:>8} {:>6} {:>11} {:>8} {:>9}",
+        "case",
+        "splits",
+        "decode ms",
+        "GB/s",
+        "% copy",
+        "GFLOP/s",
+        "% FMA",
+        "prefill ms",
+        "speedup",
+        "max|err|"
+    );
+    let mut cases = Vec::new();
+    let mut ok = true;
+    for &tokens in &args.cache {
+        let case = run_case(gpu, args, tokens, fma.gflops, copy.gb_per_s)
+            .with_context(|| format!("cache of {tokens} tokens"))?;
+        let name = format!(
+            "B{} H{}/{} q{} kv{} d{}{}",
+            case.batch,
+            case.heads_q,
+            case.heads_kv,
+            case.seq_q,
+            case.cache_tokens,
+            case.head_dim,
+            args.page_size
+                .map_or(String::new(), |p| format!(" paged{p}"))
+        );
+        let prefill = case
+            .prefill_ms
+            .map_or_else(|| "-".to_string(), |ms| format!("{ms:.2}"));
+        let speedup = case
+            .speedup_over_prefill
+            .map_or_else(|| "-".to_string(), |s| format!("{s:.1}x"));
+        println!(
+            "{name:<34} {:>3}x{:<3} {:>10.2} {:>8.2} {:>6.1}% {:>8.2} {:>5.1}% {prefill:>11} {speedup:>8} {:>9.2e}",
+            case.splits,
+            case.cache_buffers,
+            case.decode_ms,
+            case.gb_per_s,
+            case.pct_of_copy_ceiling,
+            case.gflops,
+            case.pct_of_fma_ceiling,
+            case.max_abs_err
+        );
+        if let Some(note) = &case.prefill_note {
+            println!("    prefill: {note}");
+        }
+        ok &= case.max_abs_err <= TOLERANCE;
+        cases.push(case);
+    }
+    println!(
+        "splits = key chunks x cache buffers; GB/s counts the K and V bytes a step reads; \
+         prefill = the forward kernel on the same call (contiguous K/V tensors)"
+    );
+    if let Some(path) = json {
+        let report = DecodeReport {
+            tool: "flash-bench decode",
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            adapter: AdapterJson::of_device(gpu.info()),
+            timer: format!(
+                "{}, median of {} runs after a validating run",
+                fma.timing.timer, args.iters
+            ),
+            fma_gflops: fma.gflops,
+            copy_gb_per_s: copy.gb_per_s,
+            cases,
+        };
+        write_json(path, &report)?;
+        eprintln!("wrote {}", path.display());
+    }
+    if !ok {
+        eprintln!("a decode result disagreed with the reference (tolerance {TOLERANCE:e})");
+    }
+    Ok(ok)
+}
+
+fn run_case(
+    gpu: &Gpu,
+    args: &DecodeCmdArgs,
+    tokens: usize,
+    fma: f64,
+    copy: f64,
+) -> Result<DecodeCase> {
+    let layout = match args.page_size {
+        None => KvLayout::Contiguous { capacity: tokens },
+        Some(page_size) => KvLayout::Paged {
+            page_size,
+            pages: args.batch * tokens.div_ceil(page_size),
+        },
+    };
+    let mut cache = KvCache::new(
+        gpu,
+        KvCacheConfig::new(args.batch, args.heads_kv, args.head_dim, layout),
+    )?;
+    if let Some(page_size) = args.page_size {
+        // Sequence b takes every batch-th page, so no table is consecutive
+        // when batch > 1 (and pages interleave across sequences).
+        let per_seq = tokens.div_ceil(page_size);
+        for b in 0..args.batch {
+            let pages: Vec<u32> = (0..per_seq).map(|i| (i * args.batch + b) as u32).collect();
+            cache.set_block_table(gpu, b, &pages)?;
+        }
+    }
+    // Host copies of K/V head 0 of sequence 0 (validation), and of every
+    // head while the whole cache fits one binding (the prefill comparison).
+    let token = args.heads_kv * args.head_dim;
+    let binding = gpu.info().limits.max_storage_buffer_binding_size;
+    let prefill_fits = (tokens * token * 4) as u64 <= binding;
+    let mut rng = SeededRng::new(0xdec0_de00 ^ tokens as u64);
+    let mut head0 = (Vec::new(), Vec::new());
+    let mut full = (Vec::new(), Vec::new());
+    let mut written = 0;
+    while written < tokens {
+        let chunk = (tokens - written).min(FILL_CHUNK);
+        let shape = TensorShape::new(args.batch, chunk, args.heads_kv, args.head_dim);
+        let k = rng.normal_vec(shape.elements(), 1.0);
+        let v = rng.normal_vec(shape.elements(), 1.0);
+        cache.append(
+            gpu,
+            &Tensor::from_f32(gpu, shape, &k)?,
+            &Tensor::from_f32(gpu, shape, &v)?,
+        )?;
+        gpu.wait()?;
+        for t in 0..chunk {
+            head0
+                .0
+                .extend_from_slice(&k[t * token..t * token + args.head_dim]);
+            head0
+                .1
+                .extend_from_slice(&v[t * token..t * token + args.head_dim]);
+        }
+        if prefill_fits && args.batch == 1 {
+            full.0.extend_from_slice(&k);
+            full.1.extend_from_slice(&v);
+        }
+        written += chunk;
+    }
+
+    let q_shape = TensorShape::new(args.batch, args.seq_q, args.heads_q, args.head_dim);
+    let q_host = rng.normal_vec(q_shape.elements(), 1.0);
+    let q = Tensor::from_f32(gpu, q_shape, &q_host)?;
+    let out = Tensor::filled(gpu, q_shape, f32::NAN)?;
+    let mut config = AttentionConfig::new().causal(true);
+    if let Some(splits) = args.splits {
+        config = config.kv_splits(splits);
+    }
+    let decode_args = DecodeArgs {
+        q: &q,
+        cache: &cache,
+        out: &out,
+        lse: None,
+    };
+    let plan: DecodePlan = gpu.decode_into(&decode_args, &config)?;
+    let got = out.to_f32_vec(gpu)?;
+    let max_abs_err = head0_error(args, tokens, &q_host, &head0, &got, &config)?;
+    let timing = time_gpu(
+        gpu,
+        TimingPlan {
+            warmup: 1,
+            runs: args.iters,
+        },
+        |encoder| {
+            gpu.encode_decode(encoder, &decode_args, &config)
+                .map(|_| ())
+        },
+    )?;
+    let seconds = timing.median_ms / 1e3;
+    let bytes = 2.0 * (args.batch * tokens * token * 4) as f64;
+    let flops = 4.0 * (args.batch * args.heads_q * args.seq_q * tokens * args.head_dim) as f64;
+    let gb_per_s = bytes / seconds / 1e9;
+    let gflops = flops / seconds / 1e9;
+
+    let (prefill_ms, prefill_note) = if !prefill_fits {
+        (
+            None,
+            Some(format!(
+                "does not run: K alone is {} MiB, over the {} MiB storage binding",
+                tokens * token * 4 >> 20,
+                binding >> 20
+            )),
+        )
+    } else if args.batch != 1 || args.page_size.is_some() {
+        (
+            None,
+            Some("compared for batch 1, contiguous caches only".to_string()),
+        )
+    } else {
+        match time_prefill(gpu, args, tokens, &q, &full, &config) {
+            Ok(ms) => (Some(ms), None),
+            Err(err) => (None, Some(format!("does not run: {err}"))),
+        }
+    };
+    Ok(DecodeCase {
+        cache_tokens: tokens,
+        batch: args.batch,
+        seq_q: args.seq_q,
+        heads_q: args.heads_q,
+        heads_kv: args.heads_kv,
+        head_dim: args.head_dim,
+        layout: format!("{layout:?}"),
+        splits: plan.splits,
+        cache_buffers: plan.segments,
+        decode_ms: timing.median_ms,
+        gb_per_s,
+        pct_of_copy_ceiling: 100.0 * gb_per_s / copy,
+        gflops,
+        pct_of_fma_ceiling: 100.0 * gflops / fma,
+        max_abs_err,
+        speedup_over_prefill: prefill_ms.map(|ms| ms / timing.median_ms),
+        prefill_ms,
+        prefill_note,
+    })
+}
+
+/// Largest error of sequence 0's query heads that read KV head 0.
+fn head0_error(
+    args: &DecodeCmdArgs,
+    tokens: usize,
+    q: &[f32],
+    head0: &(Vec<f32>, Vec<f32>),
+    got: &[f32],
+    config: &AttentionConfig,
+) -> Result<f64> {
+    let group = args.heads_q / args.heads_kv;
+    let mut worst = 0.0f64;
+    for head in 0..group {
+        let shape = AttentionShape {
+            batch: 1,
+            seq_q: args.seq_q,
+            seq_kv: tokens,
+            heads_q: 1,
+            heads_kv: 1,
+            head_dim: args.head_dim,
+        };
+        let pick = |data: &[f32]| -> Vec<f32> {
+            (0..args.seq_q)
+                .flat_map(|i| {
+                    let at = (i * args.heads_q + head) * args.head_dim;
+                    data[at..at + args.head_dim].to_vec()
+                })
+                .collect()
+        };
+        let want = reference::attention(&shape, &pick(q), &head0.0, &head0.1, config)?;
+        for (g, w) in pick(got).iter().zip(&want.out) {
+            anyhow::ensure!(!g.is_nan(), "decode left an output element unwritten (NaN)");
+            worst = worst.max((f64::from(*g) - w).abs());
+        }
+    }
+    Ok(worst)
+}
+
+/// Median time of the forward kernel on the same call, validated first.
+fn time_prefill(
+    gpu: &Gpu,
+    args: &DecodeCmdArgs,
+    tokens: usize,
+    q: &Tensor,
+    full: &(Vec<f32>, Vec<f32>),
+    config: &AttentionConfig,
+) -> Result<f64, Error> {
+    let kv_shape = TensorShape::new(1, tokens, args.heads_kv, args.head_dim);
+    let k = Tensor::from_f32(gpu, kv_shape, &full.0)?;
+    let v = Tensor::from_f32(gpu, kv_shape, &full.1)?;
+    let out = Tensor::filled(gpu, q.shape(), f32::NAN)?;
+    let attention_args = AttentionArgs {
+        q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: None,
+    };
+    let timing = time_gpu(
+        gpu,
+        TimingPlan {
+            warmup: 1,
+            runs: args.iters,
+        },
+        |encoder| gpu.encode_attention(encoder, &attention_args, config),
+    )?;
+    Ok(timing.median_ms)
+}
