@@ -271,7 +271,7 @@ fn run_case(
             None,
             Some(format!(
                 "does not run: K alone is {} MiB, over the {} MiB storage binding",
-                tokens * token * 4 >> 20,
+                (tokens * token * 4) >> 20,
                 binding >> 20
             )),
         )
