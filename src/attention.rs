@@ -250,7 +250,10 @@ impl Lse {
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("wgpu-flash-attn lse"),
                 contents: bytemuck::cast_slice(&vec![f32::NAN; n]),
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                // COPY_DST: varlen calls assemble it from per-sequence parts.
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
             });
         Ok(Lse {
             buffer,

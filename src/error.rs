@@ -193,6 +193,21 @@ pub enum Error {
         trips: u64,
         budget: u64,
     },
+    #[error("{name}: {problem} (entry {index} is {value}, total {total})")]
+    CuSeqlens {
+        name: &'static str,
+        index: usize,
+        value: usize,
+        total: usize,
+        problem: &'static str,
+    },
+    #[error("{name}: sequence {index} has valid length {len}, its tensor holds {max}")]
+    ValidLength {
+        name: &'static str,
+        index: usize,
+        len: usize,
+        max: usize,
+    },
     #[error("GPU validation error in {context}: {message}")]
     GpuValidation {
         context: &'static str,

@@ -31,6 +31,7 @@ mod rope;
 pub mod shaders;
 mod tensor;
 pub mod timing;
+mod varlen;
 
 pub use attention::{AttentionArgs, AttentionOutput, ForwardPlan, HostAttentionOutput, Lse};
 pub use config::{
@@ -42,3 +43,4 @@ pub use gpu::{AdapterOptions, Gpu, GpuInfo, WANTED_FEATURES};
 pub use kv_cache::{KvCache, KvCacheConfig, KvLayout, PAGE_SIZES};
 pub use rope::{Rope, RopeStyle};
 pub use tensor::{DType, Strides, Tensor, TensorShape};
+pub use varlen::{ValidLengths, VarlenArgs};

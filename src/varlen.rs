@@ -1,0 +1,335 @@
+//! Batches of unequal sequences without work on padding: packed
+//! variable-length batches with cumulative offsets (FlashAttention's
+//! `cu_seqlens`), and dense batches with per-sequence valid lengths (BERT's
+//! key padding). Each sequence runs as views of the caller's tensors, so
+//! padding is never read or computed.
+
+use crate::attention::{AttentionArgs, Lse};
+use crate::config::AttentionConfig;
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::tensor::{Tensor, TensorShape};
+
+/// A packed batch: sequence `i` holds query tokens
+/// `cu_seqlens_q[i]..cu_seqlens_q[i + 1]` and key tokens
+/// `cu_seqlens_k[i]..cu_seqlens_k[i + 1]`.
+#[derive(Debug, Clone, Copy)]
+pub struct VarlenArgs<'a> {
+    /// `[1, total_q, heads_q, head_dim]`.
+    pub q: &'a Tensor,
+    /// `[1, total_k, heads_kv, head_dim]`.
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    /// Shaped like `q`.
+    pub out: &'a Tensor,
+    /// `[1, heads_q, total_q]`.
+    pub lse: Option<&'a Lse>,
+    /// `batch + 1` non-decreasing offsets from 0 to `total_q`.
+    pub cu_seqlens_q: &'a [usize],
+    /// `batch + 1` non-decreasing offsets from 0 to `total_k`.
+    pub cu_seqlens_k: &'a [usize],
+}
+
+/// Valid lengths of each sequence of a dense batch.
+#[derive(Debug, Clone, Copy)]
+pub struct ValidLengths<'a> {
+    /// Query rows per sequence; rows past it are written as zeros (and
+    /// logsumexp +inf). `None`: every row.
+    pub q: Option<&'a [usize]>,
+    /// Keys per sequence; keys past it are never read.
+    pub kv: &'a [usize],
+}
+
+/// One sequence: its rows in the caller's tensors.
+struct Sequence {
+    /// Batch index and first row in the caller's Q/O (and logsumexp).
+    batch: usize,
+    q_start: usize,
+    q_len: usize,
+    /// Batch index and first key in the caller's K/V.
+    kv_batch: usize,
+    kv_start: usize,
+    kv_len: usize,
+}
+
+fn check_offsets(name: &'static str, offsets: &[usize], total: usize) -> Result<()> {
+    let problem = |index: usize, problem: &'static str| Error::CuSeqlens {
+        name,
+        index,
+        value: offsets.get(index).copied().unwrap_or(0),
+        total,
+        problem,
+    };
+    if offsets.is_empty() {
+        return Err(problem(0, "needs at least one entry (0)"));
+    }
+    if offsets[0] != 0 {
+        return Err(problem(0, "must start at 0"));
+    }
+    for index in 1..offsets.len() {
+        if offsets[index] < offsets[index - 1] {
+            return Err(problem(index, "must not decrease"));
+        }
+    }
+    let last = offsets.len() - 1;
+    if offsets[last] != total {
+        return Err(problem(last, "must end at the total token count"));
+    }
+    Ok(())
+}
+
+impl Gpu {
+    /// Attention of a packed variable-length batch: exactly what running
+    /// each sequence alone gives (sequences of length 0 are allowed).
+    /// Records one dispatch per non-empty sequence; submits and returns
+    /// without waiting.
+    pub fn varlen_attention_into(
+        &self,
+        args: &VarlenArgs<'_>,
+        config: &AttentionConfig,
+    ) -> Result<()> {
+        let (q, k) = (args.q.shape(), args.k.shape());
+        for (name, tensor) in [
+            ("q", args.q),
+            ("k", args.k),
+            ("v", args.v),
+            ("out", args.out),
+        ] {
+            if tensor.shape().batch != 1 {
+                return Err(Error::ShapeMismatch {
+                    what: "varlen tensors are packed as [1, total tokens, heads, head_dim]",
+                    left_name: name,
+                    left: tensor.shape().batch,
+                    right_name: "expected batch",
+                    right: 1,
+                });
+            }
+        }
+        check_offsets("cu_seqlens_q", args.cu_seqlens_q, q.seq)?;
+        check_offsets("cu_seqlens_k", args.cu_seqlens_k, k.seq)?;
+        if args.cu_seqlens_q.len() != args.cu_seqlens_k.len() {
+            return Err(Error::DataLength {
+                tensor: "cu_seqlens_k (one entry per cu_seqlens_q entry)",
+                expected: args.cu_seqlens_q.len(),
+                got: args.cu_seqlens_k.len(),
+            });
+        }
+        let sequences = args
+            .cu_seqlens_q
+            .windows(2)
+            .zip(args.cu_seqlens_k.windows(2))
+            .map(|(qs, ks)| Sequence {
+                batch: 0,
+                q_start: qs[0],
+                q_len: qs[1] - qs[0],
+                kv_batch: 0,
+                kv_start: ks[0],
+                kv_len: ks[1] - ks[0],
+            })
+            .collect();
+        let dense = AttentionArgs {
+            q: args.q,
+            k: args.k,
+            v: args.v,
+            out: args.out,
+            lse: args.lse,
+        };
+        self.run_sequences(&dense, config, sequences, Vec::new())
+    }
+
+    /// Attention of a dense batch where sequence `b` has `lens.kv[b]` valid
+    /// keys (and, if given, `lens.q[b]` valid queries): the keys past it are
+    /// neither read nor attended, as a key-padding mask would do, but no
+    /// work is spent on them. Causal and windows align each sequence's
+    /// valid queries with its valid keys (bottom-right).
+    pub fn padded_attention_into(
+        &self,
+        args: &AttentionArgs<'_>,
+        config: &AttentionConfig,
+        lens: &ValidLengths<'_>,
+    ) -> Result<()> {
+        let shape = args.shape()?;
+        let check = |name: &'static str, values: &[usize], max: usize| -> Result<()> {
+            if values.len() != shape.batch {
+                return Err(Error::DataLength {
+                    tensor: name,
+                    expected: shape.batch,
+                    got: values.len(),
+                });
+            }
+            for (index, &len) in values.iter().enumerate() {
+                if len > max {
+                    return Err(Error::ValidLength {
+                        name,
+                        index,
+                        len,
+                        max,
+                    });
+                }
+            }
+            Ok(())
+        };
+        check("valid kv lengths", lens.kv, shape.seq_kv)?;
+        if let Some(q_lens) = lens.q {
+            check("valid q lengths", q_lens, shape.seq_q)?;
+        }
+        let padding_rows = (0..shape.batch)
+            .filter_map(|b| {
+                let valid = lens.q.map_or(shape.seq_q, |q| q[b]);
+                (valid < shape.seq_q).then_some((b, valid, shape.seq_q - valid))
+            })
+            .collect();
+        let sequences = (0..shape.batch)
+            .map(|b| Sequence {
+                batch: b,
+                q_start: 0,
+                q_len: lens.q.map_or(shape.seq_q, |q| q[b]),
+                kv_batch: b,
+                kv_start: 0,
+                kv_len: lens.kv[b],
+            })
+            .collect();
+        self.run_sequences(args, config, sequences, padding_rows)
+    }
+
+    /// Runs each sequence on views of `args`, and writes zeros (logsumexp
+    /// +inf) for rows that see no key: those of sequences without keys, and
+    /// `padding_rows` as (batch, first row, rows).
+    fn run_sequences(
+        &self,
+        args: &AttentionArgs<'_>,
+        config: &AttentionConfig,
+        sequences: Vec<Sequence>,
+        padding_rows: Vec<(usize, usize, usize)>,
+    ) -> Result<()> {
+        let (q_shape, kv_shape) = (args.q.shape(), args.k.shape());
+        let out_shape = args.out.shape();
+        if out_shape != q_shape {
+            return Err(Error::ShapeMismatch {
+                what: "O must be shaped like Q",
+                left_name: "q elements",
+                left: q_shape.elements(),
+                right_name: "out elements",
+                right: out_shape.elements(),
+            });
+        }
+        if args.lse.is_none() && config.return_lse {
+            return Err(Error::MissingLseOutput);
+        }
+        if let Some(lse) = args.lse {
+            let expected = [q_shape.batch, q_shape.heads, q_shape.seq];
+            let got = [lse.batch, lse.heads, lse.seq];
+            if expected != got {
+                return Err(Error::LseShape { expected, got });
+            }
+        }
+        let view = |tensor: &Tensor, batch: usize, start: usize, len: usize, heads: usize| {
+            let s = tensor.strides();
+            tensor.view(
+                TensorShape::new(1, len, heads, tensor.shape().head_dim),
+                s,
+                tensor.offset() + batch * s.batch + start * s.seq,
+            )
+        };
+        let heads_q = q_shape.heads;
+        let mut calls = Vec::new();
+        let mut empty_rows = Vec::new();
+        for seq in &sequences {
+            if seq.q_len == 0 {
+                continue;
+            }
+            if seq.kv_len == 0 {
+                empty_rows.push((seq.batch, seq.q_start, seq.q_len));
+                continue;
+            }
+            let q = view(args.q, seq.batch, seq.q_start, seq.q_len, heads_q)?;
+            let k = view(
+                args.k,
+                seq.kv_batch,
+                seq.kv_start,
+                seq.kv_len,
+                kv_shape.heads,
+            )?;
+            let v = view(
+                args.v,
+                seq.kv_batch,
+                seq.kv_start,
+                seq.kv_len,
+                kv_shape.heads,
+            )?;
+            let out = view(args.out, seq.batch, seq.q_start, seq.q_len, heads_q)?;
+            let lse = match args.lse {
+                Some(_) => Some(Lse::new(self, 1, heads_q, seq.q_len)?),
+                None => None,
+            };
+            calls.push((seq, q, k, v, out, lse));
+        }
+        let with_lse = AttentionConfig {
+            return_lse: args.lse.is_some(),
+            ..config.clone()
+        };
+        self.submit_recorded("varlen attention", |encoder| {
+            for (seq, q, k, v, out, lse) in &calls {
+                let call = AttentionArgs {
+                    q,
+                    k,
+                    v,
+                    out,
+                    lse: lse.as_ref(),
+                };
+                self.encode_attention(encoder, &call, &with_lse)?;
+                if let (Some(part), Some(whole)) = (lse, args.lse) {
+                    // [1, heads, len] into rows q_start.. of [batch, heads, seq].
+                    let len = seq.q_len as u64 * 4;
+                    for head in 0..heads_q {
+                        let row0 = (seq.batch * heads_q + head) * q_shape.seq + seq.q_start;
+                        encoder.copy_buffer_to_buffer(
+                            part.buffer(),
+                            head as u64 * len,
+                            whole.buffer(),
+                            row0 as u64 * 4,
+                            len,
+                        );
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        for (batch, start, len) in empty_rows.into_iter().chain(padding_rows) {
+            self.write_empty_rows(args.out, args.lse, batch, start, len)?;
+        }
+        Ok(())
+    }
+
+    /// Zeros in `out` and +inf in `lse` for `len` rows of batch `batch`
+    /// from `start`: rows that see no key.
+    fn write_empty_rows(
+        &self,
+        out: &Tensor,
+        lse: Option<&Lse>,
+        batch: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<()> {
+        let shape = out.shape();
+        let s = out.strides();
+        let elem = out.dtype().size_bytes() as u64;
+        let zeros = vec![0u8; shape.head_dim * out.dtype().size_bytes()];
+        for row in start..start + len {
+            for head in 0..shape.heads {
+                let at = out.offset() + batch * s.batch + row * s.seq + head * s.head;
+                self.queue
+                    .write_buffer(out.buffer(), at as u64 * elem, &zeros);
+            }
+        }
+        if let Some(lse) = lse {
+            let inf = vec![f32::INFINITY; len];
+            for head in 0..shape.heads {
+                let row0 = (batch * shape.heads + head) * shape.seq + start;
+                self.queue
+                    .write_buffer(lse.buffer(), row0 as u64 * 4, bytemuck::cast_slice(&inf));
+            }
+        }
+        Ok(())
+    }
+}
