@@ -19,8 +19,10 @@
 // and output views, p.k = p.v = [page row, heads_kv, D4] inside a segment;
 // p.seq_kv is unused (each sequence has its own length in seq_lens).
 //
-// Generated constants: D4, BLOCK_N, WG_SIZE, ROWS (rows per invocation;
-// ROWS * WG_SIZE rows per workgroup, `row_tiles` workgroups cover more).
+// Two variants (src/decode.rs picks): SUBGROUP_KV below, and the portable
+// one after `// #else`, whose generated constants are D4, BLOCK_N, WG_SIZE
+// and ROWS (rows per invocation; ROWS * WG_SIZE rows per workgroup,
+// `row_tiles` workgroups cover more).
 
 // Twin of `DecodeParams` in src/params.rs.
 struct DecodeParams {
@@ -48,21 +50,10 @@ struct DecodeParams {
     _pad: u32,
 }
 
-const BLOCK_M: u32 = WG_SIZE * ROWS;
-
 @group(0) @binding(7) var<uniform> dp: DecodeParams;
 // Current length of each sequence, queries included.
 @group(0) @binding(8) var<storage, read> seq_lens: array<u32>;
 @group(0) @binding(9) var<storage, read> block_table: array<u32>;
-
-var<workgroup> k_tile: array<vec4<f32>, BLOCK_N * D4>;
-var<workgroup> v_tile: array<vec4<f32>, BLOCK_N * D4>;
-// Per key of the tile: the vec4 index of its K/V row in this segment, or
-// -1 when its page lives in another segment (or past the tile's end).
-var<workgroup> key_row: array<i32, BLOCK_N>;
-var<workgroup> tile_has_keys: u32;
-var<workgroup> lane_ranges: array<vec2<i32>, WG_SIZE>;
-var<workgroup> tile_range: vec2<i32>;
 
 // Index of the first vec4 of cache position `pos` in this segment, or -1
 // when its page lives in another segment.
@@ -74,6 +65,178 @@ fn cache_row(batch: u32, pos: u32, head_kv: u32) -> i32 {
     let row = ((page - dp.segment_first_page) << dp.page_shift) | (pos & ((1u << dp.page_shift) - 1u));
     return i32(row * p.k.seq + head_kv * p.k.head);
 }
+
+// #if SUBGROUP_KV
+// Subgroup tier: the workgroup is one subgroup (WG_SIZE is the adapter's
+// smallest subgroup size). Lanes split the head dim instead of the rows:
+// lane `lane` holds vec4s lane + WG_SIZE * slot (slot < SLOTS) of every
+// row's q and acc, loads the same slice of each key's K and V (adjacent
+// lanes, adjacent addresses), and subgroupAdd completes the dot products.
+// No workgroup memory, no barriers; every lane runs the same softmax on the
+// reduced scores, so control flow stays uniform.
+//
+// Generated constants here: D4, WG_SIZE, ROWS (query rows per workgroup),
+// SLOTS = ceil(D4 / WG_SIZE); BLOCK_N is unused.
+
+@compute @workgroup_size(WG_SIZE)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let batch = wg.z;
+    let head_kv = wg.y;
+    let split = wg.x % dp.splits;
+    let row0 = (wg.x / dp.splits) * ROWS;
+    let seq_kv = seq_lens[batch];
+    let diag = i32(seq_kv) - i32(p.seq_q);
+
+    var q: array<vec4<f32>, ROWS * SLOTS>;
+    var acc: array<vec4<f32>, ROWS * SLOTS>;
+    var m: array<f32, ROWS>;
+    var l: array<f32, ROWS>;
+    var row_pos: array<i32, ROWS>;
+    var row_lo: array<i32, ROWS>;
+    var row_hi: array<i32, ROWS>;
+    var slope: array<f32, ROWS>;
+    let split_lo = i32(split * dp.split_keys);
+    let split_hi = min(i32((split + 1u) * dp.split_keys), i32(seq_kv)) - 1;
+    var lo_all = split_hi + 1;
+    var hi_all = split_lo - 1;
+    for (var r = 0u; r < ROWS; r++) {
+        // Rows past the end compute on a copy of the last row; never stored.
+        let row = min(row0 + r, dp.rows - 1u);
+        let query = row / dp.group;
+        let head_q = head_kv * dp.group + row % dp.group;
+        row_pos[r] = i32(query) + diag;
+        var lo = 0;
+        var hi = i32(seq_kv) - 1;
+        if (has_flag(FLAG_WINDOW_LEFT)) {
+            lo = max(lo, row_pos[r] - i32(p.window_left));
+        }
+        if (has_flag(FLAG_WINDOW_RIGHT)) {
+            hi = min(hi, row_pos[r] + i32(p.window_right));
+        }
+        row_lo[r] = max(lo, split_lo);
+        row_hi[r] = min(hi, split_hi);
+        if (row_lo[r] <= row_hi[r]) {
+            lo_all = min(lo_all, row_lo[r]);
+            hi_all = max(hi_all, row_hi[r]);
+        }
+        slope[r] = 0.0;
+        if (has_flag(FLAG_ALIBI)) {
+            slope[r] = alibi_slopes[batch * p.alibi_batch_stride + head_q];
+        }
+        m[r] = NEG_BIG;
+        l[r] = 0.0;
+        let q_base = batch * p.q.batch + query * p.q.seq + head_q * p.q.head + p.q.offset;
+        for (var slot = 0u; slot < SLOTS; slot++) {
+            let j = lane + WG_SIZE * slot;
+            var value = vec4<f32>(0.0);
+            if (j < D4) {
+                value = load_q(q_base + j);
+            }
+            q[r * SLOTS + slot] = value;
+            acc[r * SLOTS + slot] = vec4<f32>(0.0);
+        }
+    }
+
+    for (var kv0 = lo_all; kv0 <= hi_all; kv0 += 4) {
+        // The four keys' rows in this segment (-1: elsewhere or past the end).
+        let rows4 = vec4<i32>(key_row_until(batch, kv0, hi_all, head_kv), key_row_until(batch, kv0 + 1, hi_all, head_kv),
+            key_row_until(batch, kv0 + 2, hi_all, head_kv), key_row_until(batch, kv0 + 3, hi_all, head_kv));
+        var k: array<vec4<f32>, 4 * SLOTS>;
+        var v: array<vec4<f32>, 4 * SLOTS>;
+        for (var slot = 0u; slot < SLOTS; slot++) {
+            let j = lane + WG_SIZE * slot;
+            k[slot] = slice_of(false, rows4.x, j);
+            k[SLOTS + slot] = slice_of(false, rows4.y, j);
+            k[2u * SLOTS + slot] = slice_of(false, rows4.z, j);
+            k[3u * SLOTS + slot] = slice_of(false, rows4.w, j);
+            v[slot] = slice_of(true, rows4.x, j);
+            v[SLOTS + slot] = slice_of(true, rows4.y, j);
+            v[2u * SLOTS + slot] = slice_of(true, rows4.z, j);
+            v[3u * SLOTS + slot] = slice_of(true, rows4.w, j);
+        }
+        let key_pos = vec4<i32>(kv0) + vec4<i32>(0, 1, 2, 3);
+        for (var r = 0u; r < ROWS; r++) {
+            var partial = vec4<f32>(0.0);
+            for (var slot = 0u; slot < SLOTS; slot++) {
+                let qd = q[r * SLOTS + slot];
+                partial = vec4<f32>(fma_dot(qd, k[slot], partial.x), fma_dot(qd, k[SLOTS + slot], partial.y),
+                    fma_dot(qd, k[2u * SLOTS + slot], partial.z), fma_dot(qd, k[3u * SLOTS + slot], partial.w));
+            }
+            let dots = subgroupAdd(partial);
+            var s = finish_scores(dots, row_pos[r], key_pos, slope[r]);
+            let visible = rows4 >= vec4<i32>(0) & key_pos >= vec4<i32>(row_lo[r]) & key_pos <= vec4<i32>(row_hi[r]);
+            s = select(vec4<f32>(NEG_BIG), s, visible);
+            let m_new = max(m[r], max(max(s.x, s.y), max(s.z, s.w)));
+            let correction = exp2(m[r] - m_new);
+            let pr = select(vec4<f32>(0.0), exp2(s - vec4<f32>(m_new)), visible);
+            l[r] = l[r] * correction + (pr.x + pr.y) + (pr.z + pr.w);
+            m[r] = m_new;
+            for (var slot = 0u; slot < SLOTS; slot++) {
+                acc[r * SLOTS + slot] = fma(vec4<f32>(pr.w), v[3u * SLOTS + slot], fma(vec4<f32>(pr.z), v[2u * SLOTS + slot],
+                    fma(vec4<f32>(pr.y), v[SLOTS + slot], fma(vec4<f32>(pr.x), v[slot], acc[r * SLOTS + slot] * correction))));
+            }
+        }
+    }
+
+    let slot_index = dp.slot_base + split;
+    for (var r = 0u; r < ROWS; r++) {
+        let row = row0 + r;
+        if (row < dp.rows) {
+            let query = row / dp.group;
+            let head_q = head_kv * dp.group + row % dp.group;
+            var inv_l = 0.0;
+            var lse = bitcast<f32>(0x7f800000u);
+            if (l[r] > 0.0) {
+                inv_l = 1.0 / l[r];
+                lse = (m[r] + log2(l[r])) * LN_2;
+            }
+            let o_base = slot_index * dp.o_slot + batch * p.o.batch + query * p.o.seq + head_q * p.o.head + p.o.offset;
+            for (var slot = 0u; slot < SLOTS; slot++) {
+                let j = lane + WG_SIZE * slot;
+                if (j < D4) {
+                    store_o(o_base + j, acc[r * SLOTS + slot] * inv_l);
+                }
+            }
+            if (has_flag(FLAG_WRITE_LSE) && lane == 0u) {
+                lse_buf[slot_index * dp.lse_slot + (batch * p.heads_q + head_q) * p.seq_q + query] = lse;
+            }
+        }
+    }
+}
+
+// cache_row for a position up to `hi`, else -1.
+fn key_row_until(batch: u32, pos: i32, hi: i32, head_kv: u32) -> i32 {
+    if (pos > hi) {
+        return -1;
+    }
+    return cache_row(batch, u32(pos), head_kv);
+}
+
+// vec4 `j` of the K (or V) row at `row`; zero for absent rows and for lanes
+// past the head dim.
+fn slice_of(from_v: bool, row: i32, j: u32) -> vec4<f32> {
+    if (row < 0 || j >= D4) {
+        return vec4<f32>(0.0);
+    }
+    if (from_v) {
+        return load_v(u32(row) + j);
+    }
+    return load_k(u32(row) + j);
+}
+// #else
+const BLOCK_M: u32 = WG_SIZE * ROWS;
+
+var<workgroup> k_tile: array<vec4<f32>, BLOCK_N * D4>;
+var<workgroup> v_tile: array<vec4<f32>, BLOCK_N * D4>;
+// Per key of the tile: the vec4 index of its K/V row in this segment, or
+// -1 when its page lives in another segment (or past the tile's end).
+var<workgroup> key_row: array<i32, BLOCK_N>;
+var<workgroup> tile_has_keys: u32;
+var<workgroup> lane_ranges: array<vec2<i32>, WG_SIZE>;
+var<workgroup> tile_range: vec2<i32>;
 
 @compute @workgroup_size(WG_SIZE)
 fn main(
@@ -252,3 +415,4 @@ fn main(
         }
     }
 }
+// #endif

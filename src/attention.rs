@@ -142,7 +142,7 @@ struct RowTiling {
 }
 
 /// Why this adapter cannot run [`Tier::SubgroupBroadcast`], if it cannot.
-fn subgroup_broadcast_missing(gpu: &Gpu) -> Option<String> {
+pub(crate) fn subgroup_broadcast_missing(gpu: &Gpu) -> Option<String> {
     let info = gpu.info();
     let adapter = &info.adapter;
     if adapter.backend == wgpu::Backend::Gl {

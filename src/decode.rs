@@ -2,7 +2,9 @@
 //! keys split across workgroups (flash-decoding) and the partial results
 //! merged exactly by their logsumexp; and that merge as a public call.
 
-use crate::attention::{Lse, check_operand, option_params, vec4_strides};
+use crate::attention::{
+    Lse, check_operand, option_params, subgroup_broadcast_missing, vec4_strides,
+};
 use crate::config::{AttentionConfig, AttentionShape, Tier};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -16,6 +18,9 @@ use crate::tensor::{DType, Tensor, TensorShape};
 /// Invocations per workgroup on CPU adapters (one SIMD group), as the
 /// forward kernel.
 const CPU_WORKGROUP_SIZE: u32 = 8;
+/// Query rows one subgroup-tier workgroup holds (per lane: that many
+/// slices of q and of the accumulator); more rows take more workgroups.
+const SUBGROUP_MAX_ROWS: u32 = 16;
 /// At most this many invocations per workgroup on GPUs.
 const GPU_MAX_WORKGROUP_SIZE: u32 = 64;
 /// Fewest keys worth a split of their own when the split count is chosen.
@@ -66,12 +71,6 @@ impl DecodePlan {
         heads_q: usize,
         config: &AttentionConfig,
     ) -> Result<Self> {
-        if config.tier == Some(Tier::SubgroupBroadcast) {
-            return Err(Error::TierUnavailable {
-                tier: Tier::SubgroupBroadcast,
-                reason: "the decode kernel has the portable tier only".to_string(),
-            });
-        }
         let head_dim = cache.head_dim() as u32;
         let group = heads_q / cache.heads_kv();
         let rows = (seq_q * group) as u32;
@@ -83,33 +82,67 @@ impl DecodePlan {
         let max_invocations = limits
             .max_compute_invocations_per_workgroup
             .min(limits.max_compute_workgroup_size_x);
-        let (workgroup_size, rows_per_lane, unroll) = if cpu {
-            let lanes = rows.div_ceil(CPU_WORKGROUP_SIZE).next_power_of_two();
-            let cap = crate::ForwardPlan::cpu_rows(head_dim);
-            (CPU_WORKGROUP_SIZE, lanes.min(cap), true)
-        } else {
-            let size = rows
-                .next_power_of_two()
-                .clamp(4, GPU_MAX_WORKGROUP_SIZE.min(max_invocations));
-            // llvmpipe on GL: unrolled head-dim loops, as the forward kernel.
-            (size, 1, adapter.backend == wgpu::Backend::Gl)
+        let subgroup = match (config.tier, subgroup_broadcast_missing(gpu)) {
+            (Some(Tier::SubgroupBroadcast), Some(reason)) => {
+                return Err(Error::TierUnavailable {
+                    tier: Tier::SubgroupBroadcast,
+                    reason,
+                });
+            }
+            (Some(Tier::Portable), _) | (None, Some(_)) => false,
+            (Some(Tier::SubgroupBroadcast), None) | (None, None) => true,
         };
-        if workgroup_size > max_invocations {
+        let (tiling, rows_per_workgroup) = if subgroup {
+            // Lanes split the head dim; every lane holds all the rows.
+            let rows_per_workgroup = rows.next_power_of_two().min(SUBGROUP_MAX_ROWS);
+            let tiling = AttentionTiling {
+                head_dim,
+                block_n: 4,
+                workgroup_size: adapter.subgroup_min_size,
+                rows: rows_per_workgroup,
+                unroll: true,
+                subgroup_kv: true,
+                storage: DType::F32,
+            };
+            (tiling, rows_per_workgroup)
+        } else {
+            let (workgroup_size, rows_per_lane, unroll) = if cpu {
+                let lanes = rows.div_ceil(CPU_WORKGROUP_SIZE).next_power_of_two();
+                let cap = crate::ForwardPlan::cpu_rows(head_dim);
+                (CPU_WORKGROUP_SIZE, lanes.min(cap), true)
+            } else {
+                let size = rows
+                    .next_power_of_two()
+                    .clamp(4, GPU_MAX_WORKGROUP_SIZE.min(max_invocations));
+                // llvmpipe on GL: unrolled head-dim loops, as the forward kernel.
+                (size, 1, adapter.backend == wgpu::Backend::Gl)
+            };
+            let storage = u64::from(limits.max_compute_workgroup_storage_size);
+            let block_n = largest_block_n(head_dim, storage.saturating_sub(DECODE_EXTRA_BYTES))
+                .ok_or(Error::WorkgroupMemory {
+                    head_dim: cache.head_dim(),
+                    needed: forward_tile_bytes(head_dim, crate::shaders::MIN_BLOCK_N)
+                        + DECODE_EXTRA_BYTES,
+                    limit: limits.max_compute_workgroup_storage_size,
+                })?;
+            let tiling = AttentionTiling {
+                head_dim,
+                block_n,
+                workgroup_size,
+                rows: rows_per_lane,
+                unroll,
+                subgroup_kv: false,
+                storage: DType::F32,
+            };
+            (tiling, workgroup_size * rows_per_lane)
+        };
+        if tiling.workgroup_size > max_invocations {
             return Err(Error::WorkgroupInvocations {
-                needed: workgroup_size,
+                needed: tiling.workgroup_size,
                 limit: max_invocations,
             });
         }
-        let storage = u64::from(limits.max_compute_workgroup_storage_size);
-        let block_n = largest_block_n(head_dim, storage.saturating_sub(DECODE_EXTRA_BYTES)).ok_or(
-            Error::WorkgroupMemory {
-                head_dim: cache.head_dim(),
-                needed: forward_tile_bytes(head_dim, crate::shaders::MIN_BLOCK_N)
-                    + DECODE_EXTRA_BYTES,
-                limit: limits.max_compute_workgroup_storage_size,
-            },
-        )?;
-        let row_tiles = rows.div_ceil(workgroup_size * rows_per_lane).max(1);
+        let row_tiles = rows.div_ceil(rows_per_workgroup).max(1);
         let longest = cache.lens().iter().copied().max().unwrap_or(0);
         let splits = match config.kv_splits {
             Some(0) => return Err(Error::KvSplits(0)),
@@ -127,15 +160,7 @@ impl DecodePlan {
                     .max(1)
             }
         };
-        let specialization = Specialization::Decode(AttentionTiling {
-            head_dim,
-            block_n,
-            workgroup_size,
-            rows: rows_per_lane,
-            unroll,
-            subgroup_kv: false,
-            storage: DType::F32,
-        });
+        let specialization = Specialization::Decode(tiling);
         // On adapters that cap loop iterations (llvmpipe), more splits keep
         // each workgroup's share of the keys under the cap; a forced count
         // that does not is refused rather than silently truncated.

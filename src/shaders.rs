@@ -256,7 +256,8 @@ pub enum Specialization {
     CopyCeiling {
         workgroup_size: u32,
     },
-    /// Split-KV decoding; the tiling's `subgroup_kv` is off and storage f32.
+    /// Split-KV decoding, storage f32. With `subgroup_kv`, lanes split the
+    /// head dim and `rows` counts the workgroup's rows (not each lane's).
     Decode(AttentionTiling),
     /// One invocation per output vec4 (Combine) or element pair (Rope,
     /// KvAppend).
@@ -322,6 +323,10 @@ impl Specialization {
                 // Three passes over the row's vec4 score slots.
                 return Some(3 * (keys.div_ceil(4) + 1));
             }
+            Specialization::Decode(tiling) if tiling.subgroup_kv => {
+                // One trip per four keys; the rest is unrolled.
+                return Some(keys.div_ceil(4) + 2);
+            }
             Specialization::Decode(_) => {
                 // Per-key segment flags, and lane 0's range reduction.
                 per_tile += block_n.div_ceil(lanes) + 1;
@@ -372,8 +377,13 @@ impl Specialization {
                     ("ROWS", tiling.rows),
                 ];
                 if tiling.subgroup_kv {
-                    // Four keys of K or V are head_dim vec4s, spread over the lanes.
-                    constants.push(("SLOTS", tiling.head_dim.div_ceil(tiling.workgroup_size)));
+                    let spread = match self {
+                        // Decoding spreads one head vector (D4 vec4s) over the lanes.
+                        Specialization::Decode(_) => tiling.head_dim / 4,
+                        // Four keys of K or V are head_dim vec4s, spread over the lanes.
+                        _ => tiling.head_dim,
+                    };
+                    constants.push(("SLOTS", spread.div_ceil(tiling.workgroup_size)));
                 }
                 constants
             }

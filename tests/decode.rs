@@ -9,7 +9,7 @@ use common::gpu;
 use wgpu_flash_attn::random::SeededRng;
 use wgpu_flash_attn::{
     Alibi, AttentionConfig, AttentionShape, DecodeArgs, DecodePlan, Error, Gpu, KvCache,
-    KvCacheConfig, KvLayout, Lse, Rope, RopeStyle, Tensor, TensorShape, reference,
+    KvCacheConfig, KvLayout, Lse, Rope, RopeStyle, Tensor, TensorShape, Tier, reference,
 };
 
 const HEADS_Q: usize = 8;
@@ -187,16 +187,24 @@ fn forced_split_counts_match_the_reference() {
         KvLayout::Contiguous { capacity: 1000 },
     );
     let filled = fill(gpu, config, &lens, 0x5eed_5b11);
-    for splits in [1, 2, 3, 16] {
+    // Both tiers where the adapter has subgroups (the default is the
+    // subgroup tier there), the portable one everywhere.
+    for (splits, tier) in [1, 2, 3, 16]
+        .into_iter()
+        .flat_map(|splits| [(splits, None), (splits, Some(Tier::Portable))])
+    {
         for causal in [false, true] {
             let q = queries(lens.len(), 2, head_dim, splits as u64);
-            let options = AttentionConfig::new().causal(causal).kv_splits(splits);
+            let mut options = AttentionConfig::new().causal(causal).kv_splits(splits);
+            if let Some(tier) = tier {
+                options = options.tier(tier);
+            }
             let (out_err, lse_err, plan) = decode_errors(gpu, &filled, &q, 2, &options);
             assert_eq!(plan.splits as usize, splits);
             assert_eq!(plan.slots as usize, splits * filled.cache.segment_count());
             assert!(
                 out_err <= 1e-4 && lse_err <= 1e-4,
-                "{splits} splits, causal {causal}: out {out_err:.2e}, lse {lse_err:.2e}"
+                "{splits} splits, causal {causal}, tier {tier:?}: out {out_err:.2e}, lse {lse_err:.2e}"
             );
         }
     }

@@ -116,6 +116,26 @@ fn shipped_specializations() -> Vec<Specialization> {
             }));
         }
     }
+    // Decoding, subgroup tier: lanes over the head dim at every subgroup
+    // size, 1 to 16 rows per workgroup.
+    for (workgroup_size, head_dim, rows) in [
+        (4, 8, 1),
+        (8, 128, 8),
+        (16, 40, 16),
+        (32, 256, 2),
+        (64, 64, 4),
+        (128, 136, 1),
+    ] {
+        specs.push(Specialization::Decode(AttentionTiling {
+            head_dim,
+            block_n: 4,
+            workgroup_size,
+            rows,
+            unroll: true,
+            subgroup_kv: true,
+            storage: DType::F32,
+        }));
+    }
     specs.extend([
         Specialization::Combine { workgroup_size: 64 },
         Specialization::Rope { workgroup_size: 64 },
