@@ -33,6 +33,49 @@
 
 const BLOCK_M: u32 = WG_SIZE * ROWS;
 
+// #if MASK
+// An attention mask (src/mask.rs): an additive bias (f32 bits) or a
+// boolean mask (one bit per key, 32 keys per word), rows of `row_words`
+// words, broadcast over batch and heads by zero strides; and, for
+// block-sparse masks, a state per (row tile, key tile): 0 = no key
+// attended (skipped), 1 = apply the mask, 2 = every key attended.
+// Twin of `MaskParams` in src/params.rs.
+struct MaskParams {
+    // 0: bias, 1: boolean.
+    kind: u32,
+    batch_stride: u32,
+    head_stride: u32,
+    row_words: u32,
+    // 0: every tile is in state 1 (a dense mask).
+    use_tiles: u32,
+    tile_batch_stride: u32,
+    tile_head_stride: u32,
+    key_tiles: u32,
+}
+
+@group(0) @binding(7) var<storage, read> mask_words: array<u32>;
+@group(0) @binding(8) var<storage, read> tile_states: array<u32>;
+@group(0) @binding(9) var<uniform> mp: MaskParams;
+
+// The mask's bias of four keys from `key0` in the row starting at word
+// `base`; 0 past the last key (whose index is clamped to stay in the row).
+fn mask_bias(base: u32, key0: i32) -> vec4<f32> {
+    let keys = vec4<i32>(key0) + vec4<i32>(0, 1, 2, 3);
+    let last = vec4<i32>(i32(p.seq_kv) - 1);
+    let at = vec4<u32>(min(keys, last)) + vec4<u32>(base);
+    let bias = vec4<f32>(bitcast<f32>(mask_words[at.x]), bitcast<f32>(mask_words[at.y]),
+        bitcast<f32>(mask_words[at.z]), bitcast<f32>(mask_words[at.w]));
+    return select(vec4<f32>(0.0), bias, keys <= last);
+}
+
+// The mask's bits for four keys from `key0` (a multiple of 4, so one word
+// holds all four).
+fn mask_bits(base: u32, key0: i32) -> vec4<bool> {
+    let word = mask_words[base + u32(key0) / 32u] >> (u32(key0) % 32u);
+    return (vec4<u32>(word) & vec4<u32>(1u, 2u, 4u, 8u)) != vec4<u32>(0u);
+}
+// #endif
+
 // #if SUBGROUP_KV
 // #else
 var<workgroup> k_tile: array<vec4<f32>, BLOCK_N * D4>;
@@ -81,8 +124,17 @@ fn main(
     var row_pos: array<i32, ROWS>;
     var row_lo: array<i32, ROWS>;
     var row_hi: array<i32, ROWS>;
+// #if MASK
+    var mask_row: array<u32, ROWS>;
+    let mask_base = batch * mp.batch_stride + head_q * mp.head_stride;
+    // Tiles are aligned to multiples of BLOCK_N, as the tile states are.
+    wg_lo -= wg_lo % i32(BLOCK_N);
+// #endif
     for (var r = 0u; r < ROWS; r++) {
         let row = row0 + lid + r * WG_SIZE;
+// #if MASK
+        mask_row[r] = mask_base + min(row, p.seq_q - 1u) * mp.row_words;
+// #endif
         row_pos[r] = i32(row) + diag;
         let bounds = visible_keys(row_pos[r]);
         row_lo[r] = bounds.x;
@@ -103,6 +155,15 @@ fn main(
     // Tiles above the causal diagonal or outside the window are never visited.
     for (var kv0 = wg_lo; kv0 <= wg_hi; kv0 += i32(BLOCK_N)) {
         let n_keys = u32(min(i32(BLOCK_N), wg_hi + 1 - kv0));
+// #if MASK
+        var mask_state = 1u;
+        if (mp.use_tiles != 0u) {
+            mask_state = tile_states[batch * mp.tile_batch_stride + head_q * mp.tile_head_stride + wg.x * mp.key_tiles + u32(kv0) / BLOCK_N];
+        }
+        if (mask_state == 0u) {
+            continue;
+        }
+// #endif
 // #if SUBGROUP_KV
 // #else
         for (var i = lid; i < BLOCK_N * D4; i += WG_SIZE) {
@@ -121,7 +182,11 @@ fn main(
         workgroupBarrier();
 // #endif
 
+// #if MASK
+        let unmasked = n_keys == BLOCK_N && kv0 >= all_lo && kv0 + i32(BLOCK_N) - 1 <= all_hi && mask_state == 2u;
+// #else
         let unmasked = n_keys == BLOCK_N && kv0 >= all_lo && kv0 + i32(BLOCK_N) - 1 <= all_hi;
+// #endif
         for (var c = 0u; c < BLOCK_N; c += 4u) {
             let t = c * D4;
             var dots: array<vec4<f32>, ROWS>;
@@ -167,6 +232,16 @@ fn main(
                 var visible = vec4<bool>(true);
                 if (!unmasked) {
                     visible = key_pos >= vec4<i32>(row_lo[r]) & key_pos <= vec4<i32>(row_hi[r]);
+// #if MASK
+                    if (mask_state == 1u) {
+                        if (mp.kind == 0u) {
+                            // -inf hides a key: its exp2 is 0 below.
+                            s += mask_bias(mask_row[r], key_pos.x) * LOG2_E;
+                        } else {
+                            visible = visible & mask_bits(mask_row[r], key_pos.x);
+                        }
+                    }
+// #endif
                     s = select(vec4<f32>(NEG_BIG), s, visible);
                 }
                 let m_new = max(m[r], max(max(s.x, s.y), max(s.z, s.w)));

@@ -6,6 +6,7 @@ use wgpu::util::DeviceExt;
 use crate::config::{AttentionConfig, AttentionShape, Tier};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::mask::AttentionMask;
 use crate::params::{AttentionParams, TensorStrides, flags};
 use crate::pipelines::bind_buffers;
 use crate::shaders::{
@@ -437,9 +438,63 @@ impl Gpu {
         let call = self.prepare_call(args, config)?;
         let pipeline = self.pipelines.get(&self.device, &call.plan.specialization);
         let params_buffer = self.params_buffer(&call.params);
-        let bind_group = call.bind_group(self, &pipeline.bind_group_layout, &params_buffer, None);
+        let bind_group = call.bind_group(self, &pipeline.bind_group_layout, &params_buffer, &[]);
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("flash attention forward"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&pipeline.pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        let [x, y, z] = call.plan.workgroups;
+        pass.dispatch_workgroups(x, y, z);
+        Ok(())
+    }
+
+    /// Attention with a mask ([`AttentionMask`]: bias, boolean or
+    /// block-sparse) on top of the config's options: records and submits
+    /// one dispatch.
+    pub fn masked_attention_into(
+        &self,
+        args: &AttentionArgs<'_>,
+        config: &AttentionConfig,
+        mask: &AttentionMask,
+    ) -> Result<()> {
+        self.submit_recorded("masked attention dispatch", |encoder| {
+            self.encode_masked_attention(encoder, args, config, mask)
+        })
+    }
+
+    /// Records a masked attention dispatch into the caller's encoder.
+    pub fn encode_masked_attention(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        args: &AttentionArgs<'_>,
+        config: &AttentionConfig,
+        mask: &AttentionMask,
+    ) -> Result<()> {
+        let call = self.prepare_call(args, config)?;
+        mask.check_shape(&call.shape)?;
+        let tiling = *call
+            .plan
+            .specialization
+            .attention_tiling()
+            .expect("ForwardPlan always plans the flash kernel");
+        let spec = Specialization::FlashMasked(tiling);
+        self.check_loop_budget(&spec, call.shape.seq_kv as u64)?;
+        let pipeline = self.pipelines.get(&self.device, &spec);
+        let params_buffer = self.params_buffer(&call.params);
+        let (mask_params, tiles) =
+            mask.params(self, tiling.workgroup_size * tiling.rows, tiling.block_n);
+        let mask_uniform = self.uniform_buffer("mask params", bytemuck::bytes_of(&mask_params));
+        let tiles = tiles.unwrap_or_else(|| self.placeholders.alibi.clone());
+        let bind_group = call.bind_group(
+            self,
+            &pipeline.bind_group_layout,
+            &params_buffer,
+            &[mask.buffer(), &tiles, &mask_uniform],
+        );
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("masked flash attention forward"),
             timestamp_writes: None,
         });
         pass.set_pipeline(&pipeline.pipeline);
@@ -576,13 +631,13 @@ pub(crate) struct PreparedCall<'a> {
 
 impl PreparedCall<'_> {
     /// Bindings 0-6 shared by the attention kernels (absent optional ones
-    /// get placeholders), then `extra` at binding 7 if given.
+    /// get placeholders), then `extra` from binding 7 on.
     pub fn bind_group(
         &self,
         gpu: &Gpu,
         layout: &wgpu::BindGroupLayout,
         params: &wgpu::Buffer,
-        extra: Option<&wgpu::Buffer>,
+        extra: &[&wgpu::Buffer],
     ) -> wgpu::BindGroup {
         let mut buffers = vec![
             params,
@@ -595,7 +650,7 @@ impl PreparedCall<'_> {
                 .map_or(&gpu.placeholders.lse, |lse| lse.buffer()),
             self.alibi.as_ref().unwrap_or(&gpu.placeholders.alibi),
         ];
-        buffers.extend(extra);
+        buffers.extend_from_slice(extra);
         bind_buffers(&gpu.device, layout, &buffers)
     }
 }

@@ -208,6 +208,21 @@ pub enum Error {
         len: usize,
         max: usize,
     },
+    #[error(
+        "mask of dims {dims:?} does not broadcast to [batch, heads_q, seq_q, seq_kv] = {shape:?} (its batch and heads must be 1 or equal)"
+    )]
+    MaskShape { dims: [usize; 4], shape: [usize; 4] },
+    #[error("mask value {value} at {index}: a bias must be finite or -inf")]
+    MaskValue { index: usize, value: f32 },
+    #[error(
+        "block layout of dims {dims:?} with {block_q}x{block_k} blocks; the sequence needs {expected:?}"
+    )]
+    BlockLayout {
+        dims: [usize; 4],
+        expected: [usize; 4],
+        block_q: usize,
+        block_k: usize,
+    },
     #[error("GPU validation error in {context}: {message}")]
     GpuValidation {
         context: &'static str,

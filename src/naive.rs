@@ -180,7 +180,7 @@ impl Gpu {
                     self,
                     &pipeline.bind_group_layout,
                     &params_buffer,
-                    Some(&scores),
+                    &[&scores],
                 );
                 pass.set_pipeline(&pipeline.pipeline);
                 pass.set_bind_group(0, &bind_group, &[]);

@@ -132,3 +132,23 @@ pub struct RopeParams {
     pub _pad0: u32,
     pub _pad1: u32,
 }
+
+/// Twin of `struct MaskParams` in `shaders/flash_attention.wgsl` (the
+/// `MASK` variant).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct MaskParams {
+    /// 0: additive bias (f32 bits), 1: boolean (one bit per key).
+    pub kind: u32,
+    /// Words between batch entries and between heads (0: broadcast).
+    pub batch_stride: u32,
+    pub head_stride: u32,
+    /// Words per query row.
+    pub row_words: u32,
+    /// 1 when `tile_states` holds block-sparse tile states.
+    pub use_tiles: u32,
+    pub tile_batch_stride: u32,
+    pub tile_head_stride: u32,
+    /// Key tiles per row tile in `tile_states`.
+    pub key_tiles: u32,
+}

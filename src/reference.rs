@@ -40,6 +40,74 @@ pub fn attention_rows(
     config: &AttentionConfig,
     wanted: impl Fn(usize, usize, usize) -> bool + Sync,
 ) -> Result<ReferenceOutput> {
+    attention_core(shape, q, k, v, config, wanted, |_, _, _, _| Some(0.0))
+}
+
+/// A mask as the reference applies it: `[batch|1, heads|1, seq_q, seq_kv]`
+/// values, broadcast over batch and heads.
+#[derive(Debug, Clone, Copy)]
+pub enum HostMask<'a> {
+    /// Added to the scores (natural units, after softcap and ALiBi);
+    /// `-inf` hides a key.
+    Bias { dims: [usize; 4], values: &'a [f32] },
+    /// `true`: the query may attend the key.
+    Bool {
+        dims: [usize; 4],
+        values: &'a [bool],
+    },
+}
+
+impl HostMask<'_> {
+    /// Bias for (batch, head, row, key); `None` when the key is hidden.
+    pub fn at(&self, b: usize, h: usize, i: usize, j: usize) -> Option<f64> {
+        let index = |dims: [usize; 4]| {
+            let b = if dims[0] == 1 { 0 } else { b };
+            let h = if dims[1] == 1 { 0 } else { h };
+            ((b * dims[1] + h) * dims[2] + i) * dims[3] + j
+        };
+        match *self {
+            HostMask::Bias { dims, values } => {
+                let x = f64::from(values[index(dims)]);
+                (x != f64::NEG_INFINITY).then_some(x)
+            }
+            HostMask::Bool { dims, values } => values[index(dims)].then_some(0.0),
+        }
+    }
+}
+
+/// Exact attention with a mask as well as the config's options (their
+/// intersection). A row whose keys are all hidden outputs zeros and
+/// logsumexp `+inf`.
+pub fn attention_masked(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    config: &AttentionConfig,
+    mask: &HostMask<'_>,
+) -> Result<ReferenceOutput> {
+    attention_core(
+        shape,
+        q,
+        k,
+        v,
+        config,
+        |_, _, _| true,
+        |b, h, i, j| mask.at(b, h, i, j),
+    )
+}
+
+/// The reference proper: `bias(b, h, i, j)` adds to a score, or hides the
+/// key with `None`.
+fn attention_core(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    config: &AttentionConfig,
+    wanted: impl Fn(usize, usize, usize) -> bool + Sync,
+    bias: impl Fn(usize, usize, usize, usize) -> Option<f64> + Sync,
+) -> Result<ReferenceOutput> {
     config.validate(shape)?;
     check_len("q", shape.q_shape().elements(), q.len())?;
     check_len("k", shape.kv_shape().elements(), k.len())?;
@@ -78,9 +146,14 @@ pub fn attention_rows(
                 .as_ref()
                 .map(|a| f64::from(a.slope(b, h, heads_q)));
             let kv_at = |j: usize| ((b * seq_kv + j) * heads_kv + hk) * d;
+            let keys: Vec<(usize, f64)> =
+                keys.filter_map(|j| Some((j, bias(b, h, i, j)?))).collect();
+            if keys.is_empty() {
+                return (vec![0.0; d], f64::INFINITY);
+            }
             let scores: Vec<f64> = keys
-                .clone()
-                .map(|j| {
+                .iter()
+                .map(|&(j, extra)| {
                     let k_row = &k[kv_at(j)..][..d];
                     let dot: f64 = q_row
                         .iter()
@@ -95,14 +168,14 @@ pub fn attention_rows(
                     if let Some(m) = slope {
                         s -= m * (pos - j as i64).unsigned_abs() as f64;
                     }
-                    s
+                    s + extra
                 })
                 .collect();
             let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
             let sum: f64 = weights.iter().sum();
             let mut out = vec![0.0f64; d];
-            for (j, w) in keys.zip(&weights) {
+            for (&(j, _), w) in keys.iter().zip(&weights) {
                 let v_row = &v[kv_at(j)..][..d];
                 for (o, &x) in out.iter_mut().zip(v_row) {
                     *o += w * f64::from(x);

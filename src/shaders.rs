@@ -14,6 +14,7 @@ use crate::tensor::DType;
 const SUBGROUP_KV: &str = "SUBGROUP_KV";
 const HALF_STORAGE: &str = "HALF_STORAGE";
 const BF16_STORAGE: &str = "BF16_STORAGE";
+const MASK: &str = "MASK";
 
 /// Keys per tile the planner tries, largest first.
 const BLOCK_N_CANDIDATES: [u32; 5] = [64, 32, 16, 8, 4];
@@ -23,6 +24,9 @@ const BLOCK_N_CANDIDATES: [u32; 5] = [64, 32, 16, 8, 4];
 pub enum Kernel {
     /// `shaders/flash_attention.wgsl`: the tiled online-softmax forward pass.
     FlashForward,
+    /// The same file with an attention mask (`MASK`: bias, boolean or
+    /// block-sparse).
+    FlashMasked,
     /// `shaders/naive_attention.wgsl`, first pass: S = scale * Q K^T, masked.
     NaiveScores,
     /// `shaders/naive_attention.wgsl`, second pass: P = softmax(S) in place.
@@ -45,8 +49,9 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel family, for tests that validate all shaders.
-    pub const ALL: [Kernel; 10] = [
+    pub const ALL: [Kernel; 11] = [
         Kernel::FlashForward,
+        Kernel::FlashMasked,
         Kernel::NaiveScores,
         Kernel::NaiveSoftmax,
         Kernel::NaiveValues,
@@ -61,7 +66,7 @@ impl Kernel {
     /// File name under `shaders/`.
     pub fn file_name(self) -> &'static str {
         match self {
-            Kernel::FlashForward => "flash_attention.wgsl",
+            Kernel::FlashForward | Kernel::FlashMasked => "flash_attention.wgsl",
             Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaiveValues => {
                 "naive_attention.wgsl"
             }
@@ -78,7 +83,9 @@ impl Kernel {
     /// attention declarations, where the kernel uses them, then its file.
     pub fn template(self) -> String {
         let file = match self {
-            Kernel::FlashForward => include_str!("../shaders/flash_attention.wgsl"),
+            Kernel::FlashForward | Kernel::FlashMasked => {
+                include_str!("../shaders/flash_attention.wgsl")
+            }
             Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaiveValues => {
                 include_str!("../shaders/naive_attention.wgsl")
             }
@@ -93,6 +100,7 @@ impl Kernel {
             Kernel::FmaCeiling | Kernel::CopyCeiling | Kernel::Combine => "",
             Kernel::Rope | Kernel::KvAppend => include_str!("../shaders/rope_common.wgsl"),
             Kernel::FlashForward
+            | Kernel::FlashMasked
             | Kernel::NaiveScores
             | Kernel::NaiveSoftmax
             | Kernel::NaiveValues
@@ -121,6 +129,8 @@ impl Kernel {
         match self {
             // params, q, k, v, out, lse, alibi slopes
             Kernel::FlashForward => &ATTENTION_BINDINGS[..7],
+            // the same, then mask words, tile states, mask params
+            Kernel::FlashMasked => &MASKED_BINDINGS,
             // the same, then the score matrix
             Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaiveValues => &ATTENTION_BINDINGS,
             // sink
@@ -159,6 +169,25 @@ impl Kernel {
         }
     }
 }
+
+/// Bindings 0-6 of the attention kernels, then the mask's words (7), tile
+/// states (8) and parameters (9).
+const MASKED_BINDINGS: [wgpu::BufferBindingType; 10] = {
+    use wgpu::BufferBindingType::{Storage, Uniform};
+    let a = ATTENTION_BINDINGS;
+    [
+        a[0],
+        a[1],
+        a[2],
+        a[3],
+        a[4],
+        a[5],
+        a[6],
+        Storage { read_only: true },
+        Storage { read_only: true },
+        Uniform,
+    ]
+};
 
 /// Bindings 0-6 of the attention kernels, then flash_decode.wgsl's decode
 /// parameters (7), sequence lengths (8) and block table (9).
@@ -241,6 +270,8 @@ impl AttentionTiling {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Specialization {
     FlashForward(AttentionTiling),
+    /// The forward pass with an attention mask.
+    FlashMasked(AttentionTiling),
     /// One pass of the naive baseline.
     Naive {
         pass: NaivePass,
@@ -341,6 +372,7 @@ impl Specialization {
     pub fn attention_tiling(&self) -> Option<&AttentionTiling> {
         match self {
             Specialization::FlashForward(tiling)
+            | Specialization::FlashMasked(tiling)
             | Specialization::Naive { tiling, .. }
             | Specialization::Decode(tiling) => Some(tiling),
             _ => None,
@@ -350,6 +382,7 @@ impl Specialization {
     pub fn kernel(&self) -> Kernel {
         match self {
             Specialization::FlashForward(_) => Kernel::FlashForward,
+            Specialization::FlashMasked(_) => Kernel::FlashMasked,
             Specialization::Naive { pass, .. } => match pass {
                 NaivePass::Scores => Kernel::NaiveScores,
                 NaivePass::Softmax => Kernel::NaiveSoftmax,
@@ -368,6 +401,7 @@ impl Specialization {
     pub fn constants(&self) -> Vec<(&'static str, u32)> {
         match *self {
             Specialization::FlashForward(tiling)
+            | Specialization::FlashMasked(tiling)
             | Specialization::Naive { tiling, .. }
             | Specialization::Decode(tiling) => {
                 let mut constants = vec![
@@ -423,8 +457,13 @@ impl Specialization {
 
     /// Names of the `// #if NAME` blocks this specialization keeps.
     pub fn variant_flags(&self) -> Vec<&'static str> {
-        self.attention_tiling()
-            .map_or_else(Vec::new, AttentionTiling::variant_flags)
+        let mut flags = self
+            .attention_tiling()
+            .map_or_else(Vec::new, AttentionTiling::variant_flags);
+        if let Specialization::FlashMasked(_) = self {
+            flags.push(MASK);
+        }
+        flags
     }
 
     /// Whether the pipeline converts f16 with `unpack2x16float` /
@@ -445,6 +484,7 @@ impl Specialization {
     fn unrolled_bounds(&self) -> &'static [&'static str] {
         match self {
             Specialization::FlashForward(tiling)
+            | Specialization::FlashMasked(tiling)
             | Specialization::Naive { tiling, .. }
             | Specialization::Decode(tiling) => {
                 if tiling.unroll {

@@ -1,0 +1,288 @@
+//! Attention masks against the reference: additive bias and boolean masks
+//! with every broadcast form, combined with causal, windows and GQA;
+//! block-sparse masks (each pattern constructor, a block layout, a dense
+//! mask made block-sparse) equal to the same dense boolean mask; and the
+//! typed errors.
+
+mod common;
+
+use common::{Inputs, gpu};
+use wgpu_flash_attn::random::SeededRng;
+use wgpu_flash_attn::reference::{self, HostMask};
+use wgpu_flash_attn::{
+    AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BlockLayout, Error, Gpu, Lse,
+    Tensor, patterns,
+};
+
+/// Runs a masked call (NaN-poisoned outputs) and returns out and lse.
+fn run_masked(
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    inputs: &Inputs,
+    config: &AttentionConfig,
+    mask: &AttentionMask,
+) -> (Vec<f32>, Vec<f32>) {
+    let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
+    let k = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap();
+    let v = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.v).unwrap();
+    let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
+    let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q).unwrap();
+    let args = AttentionArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: Some(&lse),
+    };
+    gpu.masked_attention_into(&args, config, mask).unwrap();
+    (out.to_f32_vec(gpu).unwrap(), lse.to_vec(gpu).unwrap())
+}
+
+/// Largest error of out and lse against the reference (+inf lse must match
+/// exactly); panics on an unwritten (NaN) element.
+fn errors(got: &(Vec<f32>, Vec<f32>), want: &reference::ReferenceOutput) -> (f64, f64) {
+    let out = got
+        .0
+        .iter()
+        .zip(&want.out)
+        .map(|(g, w)| {
+            assert!(!g.is_nan(), "unwritten output");
+            (f64::from(*g) - w).abs()
+        })
+        .fold(0.0, f64::max);
+    let lse = got
+        .1
+        .iter()
+        .zip(&want.lse)
+        .map(|(g, w)| {
+            if w.is_infinite() {
+                assert_eq!(f64::from(*g), *w, "lse of an empty row");
+                0.0
+            } else {
+                (f64::from(*g) - w).abs()
+            }
+        })
+        .fold(0.0, f64::max);
+    (out, lse)
+}
+
+fn shape() -> AttentionShape {
+    AttentionShape {
+        batch: 2,
+        seq_q: 77,
+        seq_kv: 130,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 64,
+    }
+}
+
+#[test]
+fn bias_and_boolean_masks_match_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let shape = shape();
+    let inputs = Inputs::draw(&shape, 0x5eed_3a5c, 1.0);
+    let mut rng = SeededRng::new(0x5eed_3a5d);
+    let configs = [
+        AttentionConfig::new(),
+        AttentionConfig::new().causal(true),
+        AttentionConfig::new()
+            .window(Some(40), Some(10))
+            .softcap(30.0),
+    ];
+    for dims in [
+        [2, 4, 77, 130],
+        [1, 4, 77, 130],
+        [2, 1, 77, 130],
+        [1, 1, 77, 130],
+    ] {
+        let n: usize = dims.iter().product();
+        // Bias: unit normal, some keys hidden with -inf, one row entirely.
+        let mut bias = rng.normal_vec(n, 1.0);
+        for (i, x) in bias.iter_mut().enumerate() {
+            if rng.below(10) == 0 || i / 130 == 5 {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        // Boolean: 70 % attended, row 9 of every plane empty.
+        let bools: Vec<bool> = (0..n)
+            .map(|i| i / 130 % 77 != 9 && rng.below(10) < 7)
+            .collect();
+        let bias_mask = AttentionMask::bias(gpu, dims, &bias).unwrap();
+        let bool_mask = AttentionMask::boolean(gpu, dims, &bools).unwrap();
+        for config in &configs {
+            for (mask, host) in [
+                (
+                    &bias_mask,
+                    HostMask::Bias {
+                        dims,
+                        values: &bias,
+                    },
+                ),
+                (
+                    &bool_mask,
+                    HostMask::Bool {
+                        dims,
+                        values: &bools,
+                    },
+                ),
+            ] {
+                let want = reference::attention_masked(
+                    &shape, &inputs.q, &inputs.k, &inputs.v, config, &host,
+                )
+                .unwrap();
+                let (out, lse) = errors(&run_masked(gpu, &shape, &inputs, config, mask), &want);
+                assert!(
+                    out <= 1e-4 && lse <= 1e-4,
+                    "{:?} mask {dims:?} {config:?}: out {out:.2e}, lse {lse:.2e}",
+                    mask.kind()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn block_sparse_masks_equal_their_dense_equivalents() {
+    let Some(gpu) = gpu() else { return };
+    let seq = 300;
+    let shape = AttentionShape {
+        batch: 1,
+        seq_q: seq,
+        seq_kv: seq,
+        heads_q: 2,
+        heads_kv: 1,
+        head_dim: 32,
+    };
+    let inputs = Inputs::draw(&shape, 0x5eed_b10c, 1.0);
+    let mut rng = SeededRng::new(0x5eed_b10d);
+    let random: Vec<bool> = (0..seq * seq).map(|_| rng.below(20) == 0).collect();
+    let cases = [
+        ("longformer", patterns::longformer(seq, 64, &[0, 150, 299])),
+        ("strided", patterns::strided(seq, 17)),
+        ("fixed", patterns::fixed(seq, 32, 4)),
+        ("random 5 %", random),
+    ];
+    let dims = [1, 1, seq, seq];
+    for (name, values) in &cases {
+        let dense = AttentionMask::boolean(gpu, dims, values).unwrap();
+        let sparse = AttentionMask::block_sparse(gpu, dims, values).unwrap();
+        assert!(sparse.is_block_sparse() && !dense.is_block_sparse());
+        for config in [AttentionConfig::new(), AttentionConfig::new().causal(true)] {
+            let host = HostMask::Bool { dims, values };
+            let want = reference::attention_masked(
+                &shape, &inputs.q, &inputs.k, &inputs.v, &config, &host,
+            )
+            .unwrap();
+            let dense_out = run_masked(gpu, &shape, &inputs, &config, &dense);
+            let sparse_out = run_masked(gpu, &shape, &inputs, &config, &sparse);
+            let (out, lse) = errors(&sparse_out, &want);
+            assert!(
+                out <= 1e-4 && lse <= 1e-4,
+                "{name} {config:?}: out {out:.2e}, lse {lse:.2e}"
+            );
+            let (out, lse) = errors(&dense_out, &want);
+            assert!(
+                out <= 1e-4 && lse <= 1e-4,
+                "{name} dense {config:?}: {out:.2e}, {lse:.2e}"
+            );
+        }
+    }
+
+    // A block layout: everything attended equals plain attention; a row of
+    // empty blocks gives zeros and lse +inf.
+    let (block_q, block_k) = (64, 48);
+    let layout_dims = [1, 1, seq.div_ceil(block_q), seq.div_ceil(block_k)];
+    let mut layout = BlockLayout {
+        block_q,
+        block_k,
+        dims: layout_dims,
+        attend: vec![true; layout_dims.iter().product()],
+    };
+    let all = AttentionMask::from_blocks(gpu, seq, seq, &layout, None).unwrap();
+    let config = AttentionConfig::new();
+    let plain = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
+    let (out, lse) = errors(&run_masked(gpu, &shape, &inputs, &config, &all), &plain);
+    assert!(
+        out <= 1e-4 && lse <= 1e-4,
+        "all-dense layout: {out:.2e}, {lse:.2e}"
+    );
+    for kb in 0..layout_dims[3] {
+        layout.attend[layout_dims[3] + kb] = false;
+    }
+    let holes = AttentionMask::from_blocks(gpu, seq, seq, &layout, None).unwrap();
+    let got = run_masked(gpu, &shape, &inputs, &config, &holes);
+    let row = shape.heads_q * shape.head_dim;
+    for i in block_q..2 * block_q {
+        assert!(
+            got.0[i * row..(i + 1) * row].iter().all(|&x| x == 0.0),
+            "row {i}: zeros"
+        );
+        assert!(
+            got.1[i].is_infinite() && got.1[seq + i].is_infinite(),
+            "row {i}: lse +inf"
+        );
+    }
+}
+
+#[test]
+fn bad_masks_are_typed_errors() {
+    let Some(gpu) = gpu() else { return };
+    let shape = shape();
+    let inputs = Inputs::draw(&shape, 0x5eed_bad0, 1.0);
+    let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
+    let k = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap();
+    let out = Tensor::filled(gpu, shape.q_shape(), 0.0).unwrap();
+    let args = AttentionArgs {
+        q: &q,
+        k: &k,
+        v: &k,
+        out: &out,
+        lse: None,
+    };
+    for dims in [
+        [3, 1, 77, 130],
+        [1, 2, 77, 130],
+        [1, 1, 76, 130],
+        [1, 1, 77, 131],
+    ] {
+        let n = dims.iter().product();
+        let mask = AttentionMask::boolean(gpu, dims, &vec![true; n]).unwrap();
+        match gpu.masked_attention_into(&args, &AttentionConfig::new(), &mask) {
+            Err(Error::MaskShape {
+                dims: got,
+                shape: s,
+            }) => {
+                assert_eq!((got, s), (dims, [2, 4, 77, 130]));
+            }
+            other => panic!("{dims:?}: expected MaskShape, got {other:?}"),
+        }
+    }
+    let mut bias = vec![0.0f32; 77 * 130];
+    bias[100] = f32::NAN;
+    assert!(matches!(
+        AttentionMask::bias(gpu, [1, 1, 77, 130], &bias),
+        Err(Error::MaskValue { index: 100, .. })
+    ));
+    assert!(matches!(
+        AttentionMask::boolean(gpu, [1, 1, 77, 130], &[true; 10]),
+        Err(Error::DataLength {
+            expected: 10010,
+            got: 10,
+            ..
+        })
+    ));
+    let layout = BlockLayout {
+        block_q: 64,
+        block_k: 64,
+        dims: [1, 1, 2, 2],
+        attend: vec![true; 4],
+    };
+    assert!(matches!(
+        AttentionMask::from_blocks(gpu, 77, 130, &layout, None),
+        Err(Error::BlockLayout {
+            expected: [1, 1, 2, 3],
+            ..
+        })
+    ));
+}
