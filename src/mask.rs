@@ -106,6 +106,12 @@ impl AttentionMask {
         )
     }
 
+    /// An additive bias given in f16 (widened exactly to f32 on upload).
+    pub fn bias_f16(gpu: &Gpu, dims: [usize; 4], values: &[half::f16]) -> Result<Self> {
+        let widened: Vec<f32> = values.iter().map(|x| x.to_f32()).collect();
+        Self::bias(gpu, dims, &widened)
+    }
+
     /// A boolean mask (`true` = may attend), `values` row-major over
     /// `dims`. Every tile is computed and masked, as a dense mask is.
     pub fn boolean(gpu: &Gpu, dims: [usize; 4], values: &[bool]) -> Result<Self> {

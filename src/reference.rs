@@ -86,15 +86,24 @@ pub fn attention_masked(
     config: &AttentionConfig,
     mask: &HostMask<'_>,
 ) -> Result<ReferenceOutput> {
-    attention_core(
-        shape,
-        q,
-        k,
-        v,
-        config,
-        |_, _, _| true,
-        |b, h, i, j| mask.at(b, h, i, j),
-    )
+    attention_masked_rows(shape, q, k, v, config, mask, |_, _, _| true)
+}
+
+/// [`attention_masked`] on the rows `(batch, head_q, row)` for which
+/// `wanted` is true (the others are NaN), to validate large shapes on a
+/// sample.
+pub fn attention_masked_rows(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    config: &AttentionConfig,
+    mask: &HostMask<'_>,
+    wanted: impl Fn(usize, usize, usize) -> bool + Sync,
+) -> Result<ReferenceOutput> {
+    attention_core(shape, q, k, v, config, wanted, |b, h, i, j| {
+        mask.at(b, h, i, j)
+    })
 }
 
 /// The reference proper: `bias(b, h, i, j)` adds to a score, or hides the

@@ -4,6 +4,8 @@
 //! key padding). Each sequence runs as views of the caller's tensors, so
 //! padding is never read or computed.
 
+use wgpu::util::DeviceExt;
+
 use crate::attention::{AttentionArgs, Lse};
 use crate::config::AttentionConfig;
 use crate::error::{Error, Result};
@@ -88,6 +90,18 @@ impl Gpu {
         args: &VarlenArgs<'_>,
         config: &AttentionConfig,
     ) -> Result<()> {
+        self.submit_recorded("varlen attention", |encoder| {
+            self.encode_varlen_attention(encoder, args, config)
+        })
+    }
+
+    /// Records [`Gpu::varlen_attention_into`] into the caller's encoder.
+    pub fn encode_varlen_attention(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        args: &VarlenArgs<'_>,
+        config: &AttentionConfig,
+    ) -> Result<()> {
         let (q, k) = (args.q.shape(), args.k.shape());
         for (name, tensor) in [
             ("q", args.q),
@@ -134,7 +148,7 @@ impl Gpu {
             out: args.out,
             lse: args.lse,
         };
-        self.run_sequences(&dense, config, sequences, Vec::new())
+        self.encode_sequences(encoder, &dense, config, sequences, Vec::new())
     }
 
     /// Attention of a dense batch where sequence `b` has `lens.kv[b]` valid
@@ -144,6 +158,19 @@ impl Gpu {
     /// valid queries with its valid keys (bottom-right).
     pub fn padded_attention_into(
         &self,
+        args: &AttentionArgs<'_>,
+        config: &AttentionConfig,
+        lens: &ValidLengths<'_>,
+    ) -> Result<()> {
+        self.submit_recorded("padded attention", |encoder| {
+            self.encode_padded_attention(encoder, args, config, lens)
+        })
+    }
+
+    /// Records [`Gpu::padded_attention_into`] into the caller's encoder.
+    pub fn encode_padded_attention(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
         args: &AttentionArgs<'_>,
         config: &AttentionConfig,
         lens: &ValidLengths<'_>,
@@ -189,14 +216,15 @@ impl Gpu {
                 kv_len: lens.kv[b],
             })
             .collect();
-        self.run_sequences(args, config, sequences, padding_rows)
+        self.encode_sequences(encoder, args, config, sequences, padding_rows)
     }
 
     /// Runs each sequence on views of `args`, and writes zeros (logsumexp
     /// +inf) for rows that see no key: those of sequences without keys, and
     /// `padding_rows` as (batch, first row, rows).
-    fn run_sequences(
+    fn encode_sequences(
         &self,
+        encoder: &mut wgpu::CommandEncoder,
         args: &AttentionArgs<'_>,
         config: &AttentionConfig,
         sequences: Vec<Sequence>,
@@ -268,68 +296,75 @@ impl Gpu {
             return_lse: args.lse.is_some(),
             ..config.clone()
         };
-        self.submit_recorded("varlen attention", |encoder| {
-            for (seq, q, k, v, out, lse) in &calls {
-                let call = AttentionArgs {
-                    q,
-                    k,
-                    v,
-                    out,
-                    lse: lse.as_ref(),
-                };
-                self.encode_attention(encoder, &call, &with_lse)?;
-                if let (Some(part), Some(whole)) = (lse, args.lse) {
-                    // [1, heads, len] into rows q_start.. of [batch, heads, seq].
-                    let len = seq.q_len as u64 * 4;
-                    for head in 0..heads_q {
-                        let row0 = (seq.batch * heads_q + head) * q_shape.seq + seq.q_start;
-                        encoder.copy_buffer_to_buffer(
-                            part.buffer(),
-                            head as u64 * len,
-                            whole.buffer(),
-                            row0 as u64 * 4,
-                            len,
-                        );
-                    }
+        for (seq, q, k, v, out, lse) in &calls {
+            let call = AttentionArgs {
+                q,
+                k,
+                v,
+                out,
+                lse: lse.as_ref(),
+            };
+            self.encode_attention(encoder, &call, &with_lse)?;
+            if let (Some(part), Some(whole)) = (lse, args.lse) {
+                // [1, heads, len] into rows q_start.. of [batch, heads, seq].
+                let len = seq.q_len as u64 * 4;
+                for head in 0..heads_q {
+                    let row0 = (seq.batch * heads_q + head) * q_shape.seq + seq.q_start;
+                    encoder.copy_buffer_to_buffer(
+                        part.buffer(),
+                        head as u64 * len,
+                        whole.buffer(),
+                        row0 as u64 * 4,
+                        len,
+                    );
                 }
             }
-            Ok(())
-        })?;
+        }
         for (batch, start, len) in empty_rows.into_iter().chain(padding_rows) {
-            self.write_empty_rows(args.out, args.lse, batch, start, len)?;
+            self.encode_empty_rows(encoder, args.out, args.lse, batch, start, len);
         }
         Ok(())
     }
 
     /// Zeros in `out` and +inf in `lse` for `len` rows of batch `batch`
     /// from `start`: rows that see no key.
-    fn write_empty_rows(
+    fn encode_empty_rows(
         &self,
+        encoder: &mut wgpu::CommandEncoder,
         out: &Tensor,
         lse: Option<&Lse>,
         batch: usize,
         start: usize,
         len: usize,
-    ) -> Result<()> {
+    ) {
         let shape = out.shape();
         let s = out.strides();
         let elem = out.dtype().size_bytes() as u64;
-        let zeros = vec![0u8; shape.head_dim * out.dtype().size_bytes()];
+        let row_bytes = shape.head_dim as u64 * elem;
         for row in start..start + len {
             for head in 0..shape.heads {
                 let at = out.offset() + batch * s.batch + row * s.seq + head * s.head;
-                self.queue
-                    .write_buffer(out.buffer(), at as u64 * elem, &zeros);
+                encoder.clear_buffer(out.buffer(), at as u64 * elem, Some(row_bytes));
             }
         }
         if let Some(lse) = lse {
-            let inf = vec![f32::INFINITY; len];
+            let inf = self
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("wgpu-flash-attn +inf rows"),
+                    contents: bytemuck::cast_slice(&vec![f32::INFINITY; len]),
+                    usage: wgpu::BufferUsages::COPY_SRC,
+                });
             for head in 0..shape.heads {
                 let row0 = (batch * shape.heads + head) * shape.seq + start;
-                self.queue
-                    .write_buffer(lse.buffer(), row0 as u64 * 4, bytemuck::cast_slice(&inf));
+                encoder.copy_buffer_to_buffer(
+                    &inf,
+                    0,
+                    lse.buffer(),
+                    row0 as u64 * 4,
+                    len as u64 * 4,
+                );
             }
         }
-        Ok(())
     }
 }

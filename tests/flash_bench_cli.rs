@@ -262,3 +262,76 @@ fn run_json_has_every_promised_field() {
     let output = flash_bench(&["run", "--window", "-2,0"]);
     assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
 }
+
+#[test]
+fn decode_and_masks_report_validated_figures() {
+    let Some(_) = gpu() else { return };
+    let json = scratch("decode.json");
+    let output = flash_bench(&[
+        "decode",
+        "--cache",
+        "300,1000",
+        "--heads-q",
+        "8",
+        "--heads-kv",
+        "2",
+        "--head-dim",
+        "64",
+        "--seq-q",
+        "2",
+        "--iters",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let cases = report["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 2);
+    for case in cases {
+        for field in ["decode_ms", "gb_per_s", "pct_of_copy_ceiling", "prefill_ms"] {
+            assert!(
+                case[field].as_f64().is_some_and(|x| x > 0.0),
+                "{field} missing or not positive in {case}"
+            );
+        }
+        assert!(case["max_abs_err"].as_f64().unwrap() <= 1e-4);
+    }
+
+    let json = scratch("masks.json");
+    let output = flash_bench(&[
+        "masks",
+        "--bert-batch",
+        "2",
+        "--longformer-seq",
+        "512",
+        "--window",
+        "64",
+        "--iters",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let runs = report["runs"].as_array().unwrap();
+    let variants: Vec<&str> = runs
+        .iter()
+        .map(|r| r["variant"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        variants,
+        [
+            "dense boolean mask",
+            "valid lengths",
+            "dense boolean mask",
+            "block-sparse"
+        ]
+    );
+    for run in runs {
+        assert!(run["median_ms"].as_f64().unwrap() > 0.0);
+        assert!(run["max_abs_err"].as_f64().unwrap() <= 1e-4);
+    }
+}

@@ -143,6 +143,34 @@ fn bias_and_boolean_masks_match_the_reference() {
 }
 
 #[test]
+fn an_f16_bias_is_widened_exactly() {
+    let Some(gpu) = gpu() else { return };
+    let shape = shape();
+    let inputs = Inputs::draw(&shape, 0x5eed_0f16, 1.0);
+    let dims = [1, 4, 77, 130];
+    let mut rng = SeededRng::new(0x5eed_0f17);
+    let halves: Vec<half::f16> = rng
+        .normal_vec(dims.iter().product(), 2.0)
+        .into_iter()
+        .map(half::f16::from_f32)
+        .collect();
+    let widened: Vec<f32> = halves.iter().map(|x| x.to_f32()).collect();
+    let mask = AttentionMask::bias_f16(gpu, dims, &halves).unwrap();
+    let config = AttentionConfig::new().causal(true);
+    let host = HostMask::Bias {
+        dims,
+        values: &widened,
+    };
+    let want = reference::attention_masked(&shape, &inputs.q, &inputs.k, &inputs.v, &config, &host)
+        .unwrap();
+    let (out, lse) = errors(&run_masked(gpu, &shape, &inputs, &config, &mask), &want);
+    assert!(
+        out <= 1e-4 && lse <= 1e-4,
+        "f16 bias: out {out:.2e}, lse {lse:.2e}"
+    );
+}
+
+#[test]
 fn block_sparse_masks_equal_their_dense_equivalents() {
     let Some(gpu) = gpu() else { return };
     let seq = 300;

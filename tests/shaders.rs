@@ -5,7 +5,7 @@
 use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 use wgpu_flash_attn::params::{
-    AttentionParams, CombineParams, DecodeParams, RopeParams, TensorStrides,
+    AttentionParams, CombineParams, DecodeParams, MaskParams, RopeParams, TensorStrides,
 };
 use wgpu_flash_attn::shaders::{
     AttentionTiling, Kernel, NaivePass, Specialization, largest_block_n,
@@ -136,6 +136,24 @@ fn shipped_specializations() -> Vec<Specialization> {
             storage: DType::F32,
         }));
     }
+    // Masked forward: the GPU, GL, CPU and subgroup tilings, f32 and f16.
+    for (head_dim, workgroup_size, rows, unroll, subgroup_kv, storage) in [
+        (64, 64, 1, false, false, DType::F32),
+        (128, 64, 1, true, false, DType::F16),
+        (64, 8, 16, true, false, DType::F32),
+        (32, 8, 16, true, true, DType::F32),
+        (256, 32, 1, true, true, DType::BF16),
+    ] {
+        specs.push(Specialization::FlashMasked(AttentionTiling {
+            head_dim,
+            block_n: planned_block_ns(head_dim)[0],
+            workgroup_size,
+            rows,
+            unroll,
+            subgroup_kv,
+            storage,
+        }));
+    }
     specs.extend([
         Specialization::Combine { workgroup_size: 64 },
         Specialization::Rope { workgroup_size: 64 },
@@ -263,7 +281,7 @@ fn param_structs_match_their_wgsl_twins() {
     );
 }
 
-/// The decode, merge and RoPE parameter blocks match their twins too.
+/// The decode, merge, RoPE and mask parameter blocks match their twins too.
 #[test]
 fn decode_param_structs_match_their_wgsl_twins() {
     let decode = Specialization::Decode(AttentionTiling {
@@ -286,6 +304,19 @@ fn decode_param_structs_match_their_wgsl_twins() {
             Specialization::KvAppend { workgroup_size: 64 },
             "RopeParams",
             std::mem::size_of::<RopeParams>(),
+        ),
+        (
+            Specialization::FlashMasked(AttentionTiling {
+                head_dim: 64,
+                block_n: 32,
+                workgroup_size: 64,
+                rows: 1,
+                unroll: false,
+                subgroup_kv: false,
+                storage: DType::F32,
+            }),
+            "MaskParams",
+            std::mem::size_of::<MaskParams>(),
         ),
     ];
     for (spec, name, rust_size) in twins {

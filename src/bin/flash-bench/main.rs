@@ -2,7 +2,7 @@
 //! and measures how close to the adapter's own ceilings it runs.
 //!
 //! `flash-bench` alone runs the suite (seed-model presets); `info`, `run`,
-//! `sweep`, `check` and `decode` are described by `flash-bench help`. Results go to
+//! `sweep`, `check`, `decode` and `masks` are described by `flash-bench help`. Results go to
 //! stdout, progress to stderr. Exit status: 0 when every result agrees with
 //! the reference, 1 when one does not, 2 on bad input or when nothing could
 //! run.
@@ -10,6 +10,7 @@
 mod check;
 mod decode;
 mod info;
+mod masks;
 mod measure;
 mod options;
 mod plot;
@@ -61,6 +62,9 @@ enum Command {
     /// One decode step over KV caches of several lengths (split-KV), against
     /// the prefill kernel and the copy ceiling.
     Decode(decode::DecodeCmdArgs),
+    /// A BERT-base batch with padding and a Longformer layout at N=4096:
+    /// valid lengths and block-sparse masks against dense boolean masks.
+    Masks(masks::MasksArgs),
 }
 
 #[derive(Debug, Args)]
@@ -135,6 +139,7 @@ fn run(cli: &Cli) -> Result<bool> {
     match &cli.command {
         Some(Command::Check(args)) => check::run(&gpu, args, cli.global.json.as_deref()),
         Some(Command::Decode(args)) => decode::run(&gpu, args, cli.global.json.as_deref()),
+        Some(Command::Masks(args)) => masks::run(&gpu, args, cli.global.json.as_deref()),
         Some(Command::Run(args)) => {
             let shape = args.shape.shape();
             let dtype = args.dtype.dtype();

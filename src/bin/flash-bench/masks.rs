@@ -1,0 +1,300 @@
+//! `flash-bench masks`: masks and padding at model scale. A BERT-base batch
+//! with padding (valid lengths skipped entirely, against the same padding
+//! as a dense boolean mask, and against no mask), and a Longformer layout
+//! at N=4096 (block-sparse, against the same mask applied densely). Each
+//! result is validated on sampled rows against the f64 reference first.
+
+use anyhow::{Result, ensure};
+use clap::Args;
+use serde::Serialize;
+use wgpu_flash_attn::random::SeededRng;
+use wgpu_flash_attn::reference::{self, HostMask, ReferenceOutput};
+use wgpu_flash_attn::timing::{TimingPlan, time_gpu};
+use wgpu_flash_attn::{
+    AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, Gpu, Tensor, ValidLengths,
+    patterns,
+};
+
+use crate::measure::TOLERANCE;
+use crate::report::{AdapterJson, write_json};
+
+#[derive(Debug, Args)]
+pub struct MasksArgs {
+    /// BERT batch size (sequence 512, 12 heads, d=64).
+    #[arg(long, default_value_t = 8)]
+    bert_batch: usize,
+    /// Longformer sequence length (12 heads, d=64).
+    #[arg(long, default_value_t = 4096)]
+    longformer_seq: usize,
+    /// Longformer attention window (keys, both sides together).
+    #[arg(long, default_value_t = 512)]
+    window: usize,
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+}
+
+/// Query rows checked per case, spread over the sequence.
+const SAMPLED_ROWS: usize = 24;
+
+#[derive(Debug, Serialize)]
+struct MaskRun {
+    case: String,
+    variant: String,
+    median_ms: f64,
+    /// Attended (query, key) pairs x 4 x head_dim per second.
+    useful_gflops: f64,
+    speedup_over_dense_mask: Option<f64>,
+    max_abs_err: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct MasksReport {
+    tool: &'static str,
+    command: String,
+    adapter: AdapterJson,
+    timer: String,
+    runs: Vec<MaskRun>,
+}
+
+/// One way to run a case: records its dispatch into an encoder.
+type Variant<'a> = (
+    &'static str,
+    Box<dyn Fn(&mut wgpu::CommandEncoder) -> wgpu_flash_attn::Result<()> + 'a>,
+);
+
+pub fn run(gpu: &Gpu, args: &MasksArgs, json: Option<&std::path::Path>) -> Result<bool> {
+    println!("{}", gpu.info().summary());
+    println!(
+        "{:<50} {:<20} {:>10} {:>14} {:>14} {:>9}",
+        "case", "variant", "ms", "useful GFLOP/s", "vs dense mask", "max|err|"
+    );
+    let mut runs = Vec::new();
+    let mut ok = true;
+    let plan = TimingPlan {
+        warmup: 1,
+        runs: args.iters,
+    };
+
+    // BERT-base with padding: valid lengths between 128 and 512.
+    let shape = AttentionShape::self_attention(args.bert_batch, 512, 12, 64);
+    let mut rng = SeededRng::new(0xbe27);
+    let lens: Vec<usize> = (0..shape.batch)
+        .map(|_| 128 + rng.below(385) as usize)
+        .collect();
+    let mut padding = vec![false; shape.batch * 512 * 512];
+    for (b, &len) in lens.iter().enumerate() {
+        for i in 0..512 {
+            for j in 0..len {
+                padding[(b * 512 + i) * 512 + j] = true;
+            }
+        }
+    }
+    let dims = [shape.batch, 1, 512, 512];
+    let tensors = Tensors::new(gpu, &shape, 0xbe28)?;
+    let dense = AttentionMask::boolean(gpu, dims, &padding)?;
+    let config = AttentionConfig::new();
+    let host = HostMask::Bool {
+        dims,
+        values: &padding,
+    };
+    let want = tensors.reference(&shape, &config, &host)?;
+    let attended: usize = lens.iter().map(|&len| 512 * len).sum::<usize>() * shape.heads_q;
+    let (lens_ref, tensors_ref, config_ref) = (&lens, &tensors, &config);
+    let variants: Vec<Variant> = vec![
+        (
+            "dense boolean mask",
+            Box::new(|e: &mut wgpu::CommandEncoder| {
+                gpu.encode_masked_attention(e, &tensors.args(), &config, &dense)
+            }),
+        ),
+        (
+            "valid lengths",
+            Box::new(move |e: &mut wgpu::CommandEncoder| {
+                gpu.encode_padded_attention(
+                    e,
+                    &tensors_ref.args(),
+                    config_ref,
+                    &ValidLengths {
+                        q: None,
+                        kv: lens_ref,
+                    },
+                )
+            }),
+        ),
+    ];
+    let name = format!("BERT-base B{} N512 H12 d64, lens 128-512", shape.batch);
+    ok &= measure(
+        gpu, &name, variants, &tensors, &want, attended, &shape, plan, &mut runs,
+    )?;
+
+    // Longformer: sliding window plus global tokens.
+    let n = args.longformer_seq;
+    let shape = AttentionShape::self_attention(1, n, 12, 64);
+    let globals: Vec<usize> = (0..n).step_by(1024).collect();
+    let pattern = patterns::longformer(n, args.window, &globals);
+    let dims = [1, 1, n, n];
+    let tensors = Tensors::new(gpu, &shape, 0x10f0)?;
+    let dense = AttentionMask::boolean(gpu, dims, &pattern)?;
+    let sparse = AttentionMask::block_sparse(gpu, dims, &pattern)?;
+    let host = HostMask::Bool {
+        dims,
+        values: &pattern,
+    };
+    let want = tensors.reference(&shape, &config, &host)?;
+    let attended = pattern.iter().filter(|&&on| on).count() * shape.heads_q;
+    let variants: Vec<Variant> = vec![
+        (
+            "dense boolean mask",
+            Box::new(|e: &mut wgpu::CommandEncoder| {
+                gpu.encode_masked_attention(e, &tensors.args(), &config, &dense)
+            }),
+        ),
+        (
+            "block-sparse",
+            Box::new(|e: &mut wgpu::CommandEncoder| {
+                gpu.encode_masked_attention(e, &tensors.args(), &config, &sparse)
+            }),
+        ),
+    ];
+    let name = format!(
+        "Longformer N{n} H12 d64, window {}, {} global",
+        args.window,
+        globals.len()
+    );
+    ok &= measure(
+        gpu, &name, variants, &tensors, &want, attended, &shape, plan, &mut runs,
+    )?;
+
+    println!("useful GFLOP/s counts 4 x head_dim FLOPs per attended (query, key) pair");
+    if let Some(path) = json {
+        let report = MasksReport {
+            tool: "flash-bench masks",
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            adapter: AdapterJson::of_device(gpu.info()),
+            timer: "GPU timestamps where available (median after a validating run)".to_string(),
+            runs,
+        };
+        write_json(path, &report)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(ok)
+}
+
+/// Device inputs and an output for one shape.
+struct Tensors {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    host: (Vec<f32>, Vec<f32>, Vec<f32>),
+}
+
+impl Tensors {
+    fn new(gpu: &Gpu, shape: &AttentionShape, seed: u64) -> Result<Self> {
+        let mut rng = SeededRng::new(seed);
+        let q = rng.normal_vec(shape.q_shape().elements(), 1.0);
+        let k = rng.normal_vec(shape.kv_shape().elements(), 1.0);
+        let v = rng.normal_vec(shape.kv_shape().elements(), 1.0);
+        Ok(Tensors {
+            q: Tensor::from_f32(gpu, shape.q_shape(), &q)?,
+            k: Tensor::from_f32(gpu, shape.kv_shape(), &k)?,
+            v: Tensor::from_f32(gpu, shape.kv_shape(), &v)?,
+            out: Tensor::filled(gpu, shape.q_shape(), f32::NAN)?,
+            host: (q, k, v),
+        })
+    }
+
+    fn args(&self) -> AttentionArgs<'_> {
+        AttentionArgs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            out: &self.out,
+            lse: None,
+        }
+    }
+
+    /// The reference on sampled rows (every head and batch entry).
+    fn reference(
+        &self,
+        shape: &AttentionShape,
+        config: &AttentionConfig,
+        mask: &HostMask<'_>,
+    ) -> Result<ReferenceOutput> {
+        let step = (shape.seq_q / SAMPLED_ROWS).max(1);
+        let last = shape.seq_q - 1;
+        let (q, k, v) = &self.host;
+        Ok(reference::attention_masked_rows(
+            shape,
+            q,
+            k,
+            v,
+            config,
+            mask,
+            |_, _, i| i % step == 0 || i == last,
+        )?)
+    }
+}
+
+/// Runs each variant once and validates it, then times it; prints a row
+/// per variant. Ok(false) when a result disagrees with the reference.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site per case, all of them needed"
+)]
+fn measure(
+    gpu: &Gpu,
+    name: &str,
+    variants: Vec<Variant<'_>>,
+    tensors: &Tensors,
+    want: &ReferenceOutput,
+    attended: usize,
+    shape: &AttentionShape,
+    plan: TimingPlan,
+    runs: &mut Vec<MaskRun>,
+) -> Result<bool> {
+    let mut ok = true;
+    let mut dense_ms = None;
+    for (variant, record) in variants {
+        let mut encoder = gpu
+            .device()
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some(variant),
+            });
+        record(&mut encoder)?;
+        gpu.queue().submit([encoder.finish()]);
+        let got = tensors.out.to_f32_vec(gpu)?;
+        let mut err = 0.0f64;
+        for (g, w) in got.iter().zip(&want.out) {
+            if w.is_nan() {
+                continue;
+            }
+            ensure!(
+                !g.is_nan(),
+                "{name} / {variant}: an output element was not written"
+            );
+            err = err.max((f64::from(*g) - w).abs());
+        }
+        ok &= err <= TOLERANCE;
+        let timing = time_gpu(gpu, plan, |encoder| record(encoder))?;
+        let ms = timing.median_ms;
+        let gflops = 4.0 * attended as f64 * shape.head_dim as f64 / (ms / 1e3) / 1e9;
+        let speedup = dense_ms.map(|dense: f64| dense / ms);
+        if variant == "dense boolean mask" {
+            dense_ms = Some(ms);
+        }
+        let speedup_text = speedup.map_or_else(|| "-".to_string(), |s| format!("{s:.2}x"));
+        println!(
+            "{name:<50} {variant:<20} {ms:>10.2} {gflops:>14.2} {speedup_text:>14} {err:>9.2e}"
+        );
+        runs.push(MaskRun {
+            case: name.to_string(),
+            variant: variant.to_string(),
+            median_ms: ms,
+            useful_gflops: gflops,
+            speedup_over_dense_mask: speedup,
+            max_abs_err: err,
+        });
+    }
+    Ok(ok)
+}
