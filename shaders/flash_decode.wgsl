@@ -144,6 +144,13 @@ fn main(
         // The four keys' rows in this segment (-1: elsewhere or past the end).
         let rows4 = vec4<i32>(key_row_until(batch, kv0, hi_all, head_kv), key_row_until(batch, kv0 + 1, hi_all, head_kv),
             key_row_until(batch, kv0 + 2, hi_all, head_kv), key_row_until(batch, kv0 + 3, hi_all, head_kv));
+        // Keys whose pages live in another segment are that dispatch's
+        // work: jump to the end of the page.
+        if (all(rows4 < vec4<i32>(0))) {
+            let page_end = ((kv0 >> dp.page_shift) + 1) << dp.page_shift;
+            kv0 = max(kv0, page_end - 4);
+            continue;
+        }
         var k: array<vec4<f32>, 4 * SLOTS>;
         var v: array<vec4<f32>, 4 * SLOTS>;
         for (var slot = 0u; slot < SLOTS; slot++) {
