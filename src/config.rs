@@ -211,7 +211,9 @@ pub enum Tier {
     /// to all lanes; no workgroup memory, no barriers. Offered with the
     /// SUBGROUP feature and a smallest subgroup size that is a power of two
     /// from 4 to 128, on Vulkan, Metal and DX12 (wgpu's GL backend has no
-    /// subgroups).
+    /// subgroups). Decoding has a subgroup tier under the same conditions,
+    /// where lanes split the head dim and `subgroupAdd` completes the dot
+    /// products.
     SubgroupBroadcast,
 }
 
