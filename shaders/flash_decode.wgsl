@@ -66,6 +66,78 @@ fn cache_row(batch: u32, pos: u32, head_kv: u32) -> i32 {
     return i32(row * p.k.seq + head_kv * p.k.head);
 }
 
+
+// One query row of a (batch, KV head) workgroup: its query token and head,
+// its position on the key axis, the keys of this split it may see
+// (lo > hi: none) and its ALiBi slope.
+struct DecodeRow {
+    query: u32,
+    head_q: u32,
+    pos: i32,
+    lo: i32,
+    hi: i32,
+    slope: f32,
+}
+
+fn decode_row(row: u32, batch: u32, head_kv: u32, seq_kv: u32, split: u32) -> DecodeRow {
+    var r: DecodeRow;
+    r.query = row / dp.group;
+    r.head_q = head_kv * dp.group + row % dp.group;
+    // Bottom-right alignment: the last query sits at the last key.
+    r.pos = i32(r.query) + i32(seq_kv) - i32(p.seq_q);
+    r.lo = i32(split * dp.split_keys);
+    r.hi = min(i32((split + 1u) * dp.split_keys), i32(seq_kv)) - 1;
+    if (has_flag(FLAG_WINDOW_LEFT)) {
+        r.lo = max(r.lo, r.pos - i32(p.window_left));
+    }
+    if (has_flag(FLAG_WINDOW_RIGHT)) {
+        r.hi = min(r.hi, r.pos + i32(p.window_right));
+    }
+    r.slope = 0.0;
+    if (has_flag(FLAG_ALIBI)) {
+        r.slope = alibi_slopes[batch * p.alibi_batch_stride + r.head_q];
+    }
+    return r;
+}
+
+// One online-softmax step of a row over four keys: the new running max and
+// sum, the factor that rescales the accumulator, and the keys' weights.
+struct SoftmaxStep {
+    m: f32,
+    l: f32,
+    correction: f32,
+    probs: vec4<f32>,
+}
+
+fn softmax_step(scores: vec4<f32>, visible: vec4<bool>, m: f32, l: f32) -> SoftmaxStep {
+    let s = select(vec4<f32>(NEG_BIG), scores, visible);
+    var step: SoftmaxStep;
+    step.m = max(m, max(max(s.x, s.y), max(s.z, s.w)));
+    step.correction = exp2(m - step.m);
+    step.probs = select(vec4<f32>(0.0), exp2(s - vec4<f32>(step.m)), visible);
+    step.l = l * step.correction + (step.probs.x + step.probs.y) + (step.probs.z + step.probs.w);
+    return step;
+}
+
+// (1 / l, logsumexp) of a finished row; a row that saw no key of this
+// split has l == 0: zeros and lse = +inf, which the merge reads as "no
+// keys here".
+fn row_result(m: f32, l: f32) -> vec2<f32> {
+    if (l > 0.0) {
+        return vec2<f32>(1.0 / l, (m + log2(l)) * LN_2);
+    }
+    return vec2<f32>(0.0, bitcast<f32>(0x7f800000u));
+}
+
+// Where a row's output starts in output slot `slot`; stores its lse there
+// when `store_lse` (one invocation per row does).
+fn output_base(slot: u32, batch: u32, row: DecodeRow, lse: f32, store_lse: bool) -> u32 {
+    if (store_lse && has_flag(FLAG_WRITE_LSE)) {
+        lse_buf[slot * dp.lse_slot + (batch * p.heads_q + row.head_q) * p.seq_q + row.query] = lse;
+    }
+    return slot * dp.o_slot + batch * p.o.batch + row.query * p.o.seq + row.head_q * p.o.head + p.o.offset;
+}
+
 // #if SUBGROUP_KV
 // Subgroup tier: the workgroup is one subgroup (WG_SIZE is the adapter's
 // smallest subgroup size). Lanes split the head dim instead of the rows:
@@ -88,54 +160,27 @@ fn main(
     let split = wg.x % dp.splits;
     let row0 = (wg.x / dp.splits) * ROWS;
     let seq_kv = seq_lens[batch];
-    let diag = i32(seq_kv) - i32(p.seq_q);
 
     var q: array<vec4<f32>, ROWS * SLOTS>;
     var acc: array<vec4<f32>, ROWS * SLOTS>;
     var m: array<f32, ROWS>;
     var l: array<f32, ROWS>;
-    var row_pos: array<i32, ROWS>;
-    var row_lo: array<i32, ROWS>;
-    var row_hi: array<i32, ROWS>;
-    var slope: array<f32, ROWS>;
-    let split_lo = i32(split * dp.split_keys);
-    let split_hi = min(i32((split + 1u) * dp.split_keys), i32(seq_kv)) - 1;
-    var lo_all = split_hi + 1;
-    var hi_all = split_lo - 1;
+    var rows: array<DecodeRow, ROWS>;
+    // Keys some row sees; identical in every lane, so uniform.
+    var lo_all = i32(seq_kv);
+    var hi_all = -1;
     for (var r = 0u; r < ROWS; r++) {
         // Rows past the end compute on a copy of the last row; never stored.
-        let row = min(row0 + r, dp.rows - 1u);
-        let query = row / dp.group;
-        let head_q = head_kv * dp.group + row % dp.group;
-        row_pos[r] = i32(query) + diag;
-        var lo = 0;
-        var hi = i32(seq_kv) - 1;
-        if (has_flag(FLAG_WINDOW_LEFT)) {
-            lo = max(lo, row_pos[r] - i32(p.window_left));
-        }
-        if (has_flag(FLAG_WINDOW_RIGHT)) {
-            hi = min(hi, row_pos[r] + i32(p.window_right));
-        }
-        row_lo[r] = max(lo, split_lo);
-        row_hi[r] = min(hi, split_hi);
-        if (row_lo[r] <= row_hi[r]) {
-            lo_all = min(lo_all, row_lo[r]);
-            hi_all = max(hi_all, row_hi[r]);
-        }
-        slope[r] = 0.0;
-        if (has_flag(FLAG_ALIBI)) {
-            slope[r] = alibi_slopes[batch * p.alibi_batch_stride + head_q];
+        rows[r] = decode_row(min(row0 + r, dp.rows - 1u), batch, head_kv, seq_kv, split);
+        if (rows[r].lo <= rows[r].hi) {
+            lo_all = min(lo_all, rows[r].lo);
+            hi_all = max(hi_all, rows[r].hi);
         }
         m[r] = NEG_BIG;
         l[r] = 0.0;
-        let q_base = batch * p.q.batch + query * p.q.seq + head_q * p.q.head + p.q.offset;
+        let q_base = batch * p.q.batch + rows[r].query * p.q.seq + rows[r].head_q * p.q.head + p.q.offset;
         for (var slot = 0u; slot < SLOTS; slot++) {
-            let j = lane + WG_SIZE * slot;
-            var value = vec4<f32>(0.0);
-            if (j < D4) {
-                value = load_q(q_base + j);
-            }
-            q[r * SLOTS + slot] = value;
+            q[r * SLOTS + slot] = q_slice(q_base, lane + WG_SIZE * slot);
             acc[r * SLOTS + slot] = vec4<f32>(0.0);
         }
     }
@@ -173,14 +218,13 @@ fn main(
                     fma_dot(qd, k[2u * SLOTS + slot], partial.z), fma_dot(qd, k[3u * SLOTS + slot], partial.w));
             }
             let dots = subgroupAdd(partial);
-            var s = finish_scores(dots, row_pos[r], key_pos, slope[r]);
-            let visible = rows4 >= vec4<i32>(0) & key_pos >= vec4<i32>(row_lo[r]) & key_pos <= vec4<i32>(row_hi[r]);
-            s = select(vec4<f32>(NEG_BIG), s, visible);
-            let m_new = max(m[r], max(max(s.x, s.y), max(s.z, s.w)));
-            let correction = exp2(m[r] - m_new);
-            let pr = select(vec4<f32>(0.0), exp2(s - vec4<f32>(m_new)), visible);
-            l[r] = l[r] * correction + (pr.x + pr.y) + (pr.z + pr.w);
-            m[r] = m_new;
+            let scores = finish_scores(dots, rows[r].pos, key_pos, rows[r].slope);
+            let visible = rows4 >= vec4<i32>(0) & key_pos >= vec4<i32>(rows[r].lo) & key_pos <= vec4<i32>(rows[r].hi);
+            let step = softmax_step(scores, visible, m[r], l[r]);
+            m[r] = step.m;
+            l[r] = step.l;
+            let pr = step.probs;
+            let correction = step.correction;
             for (var slot = 0u; slot < SLOTS; slot++) {
                 acc[r * SLOTS + slot] = fma(vec4<f32>(pr.w), v[3u * SLOTS + slot], fma(vec4<f32>(pr.z), v[2u * SLOTS + slot],
                     fma(vec4<f32>(pr.y), v[SLOTS + slot], fma(vec4<f32>(pr.x), v[slot], acc[r * SLOTS + slot] * correction))));
@@ -188,30 +232,26 @@ fn main(
         }
     }
 
-    let slot_index = dp.slot_base + split;
     for (var r = 0u; r < ROWS; r++) {
-        let row = row0 + r;
-        if (row < dp.rows) {
-            let query = row / dp.group;
-            let head_q = head_kv * dp.group + row % dp.group;
-            var inv_l = 0.0;
-            var lse = bitcast<f32>(0x7f800000u);
-            if (l[r] > 0.0) {
-                inv_l = 1.0 / l[r];
-                lse = (m[r] + log2(l[r])) * LN_2;
-            }
-            let o_base = slot_index * dp.o_slot + batch * p.o.batch + query * p.o.seq + head_q * p.o.head + p.o.offset;
+        if (row0 + r < dp.rows) {
+            let result = row_result(m[r], l[r]);
+            let o_base = output_base(dp.slot_base + split, batch, rows[r], result.y, lane == 0u);
             for (var slot = 0u; slot < SLOTS; slot++) {
                 let j = lane + WG_SIZE * slot;
                 if (j < D4) {
-                    store_o(o_base + j, acc[r * SLOTS + slot] * inv_l);
+                    store_o(o_base + j, acc[r * SLOTS + slot] * result.x);
                 }
-            }
-            if (has_flag(FLAG_WRITE_LSE) && lane == 0u) {
-                lse_buf[slot_index * dp.lse_slot + (batch * p.heads_q + head_q) * p.seq_q + query] = lse;
             }
         }
     }
+}
+
+// vec4 `j` of the query vector at `base`; zero for lanes past the head dim.
+fn q_slice(base: u32, j: u32) -> vec4<f32> {
+    if (j >= D4) {
+        return vec4<f32>(0.0);
+    }
+    return load_q(base + j);
 }
 
 // cache_row for a position up to `hi`, else -1.
@@ -255,48 +295,25 @@ fn main(
     let split = wg.x % dp.splits;
     let row0 = (wg.x / dp.splits) * BLOCK_M;
     let seq_kv = seq_lens[batch];
-    let diag = i32(seq_kv) - i32(p.seq_q);
 
     var q: array<vec4<f32>, ROWS * D4>;
     var acc: array<vec4<f32>, ROWS * D4>;
     var m: array<f32, ROWS>;
     var l: array<f32, ROWS>;
-    var row_pos: array<i32, ROWS>;
-    var row_lo: array<i32, ROWS>;
-    var row_hi: array<i32, ROWS>;
-    var slope: array<f32, ROWS>;
-    // Keys this split may show to some row of the workgroup.
-    let split_lo = i32(split * dp.split_keys);
-    let split_hi = min(i32((split + 1u) * dp.split_keys), i32(seq_kv)) - 1;
-    var wg_lo = split_hi + 1;
-    var wg_hi = split_lo - 1;
+    var rows: array<DecodeRow, ROWS>;
+    // Keys some row of this invocation sees.
+    var wg_lo = i32(seq_kv);
+    var wg_hi = -1;
     for (var r = 0u; r < ROWS; r++) {
         // Rows past the end compute on a copy of the last row; never stored.
-        let row = min(row0 + lid + r * WG_SIZE, dp.rows - 1u);
-        let query = row / dp.group;
-        let head_q = head_kv * dp.group + row % dp.group;
-        row_pos[r] = i32(query) + diag;
-        var lo = 0;
-        var hi = i32(seq_kv) - 1;
-        if (has_flag(FLAG_WINDOW_LEFT)) {
-            lo = max(lo, row_pos[r] - i32(p.window_left));
-        }
-        if (has_flag(FLAG_WINDOW_RIGHT)) {
-            hi = min(hi, row_pos[r] + i32(p.window_right));
-        }
-        row_lo[r] = max(lo, split_lo);
-        row_hi[r] = min(hi, split_hi);
-        if (row_lo[r] <= row_hi[r]) {
-            wg_lo = min(wg_lo, row_lo[r]);
-            wg_hi = max(wg_hi, row_hi[r]);
-        }
-        slope[r] = 0.0;
-        if (has_flag(FLAG_ALIBI)) {
-            slope[r] = alibi_slopes[batch * p.alibi_batch_stride + head_q];
+        rows[r] = decode_row(min(row0 + lid + r * WG_SIZE, dp.rows - 1u), batch, head_kv, seq_kv, split);
+        if (rows[r].lo <= rows[r].hi) {
+            wg_lo = min(wg_lo, rows[r].lo);
+            wg_hi = max(wg_hi, rows[r].hi);
         }
         m[r] = NEG_BIG;
         l[r] = 0.0;
-        let q_base = batch * p.q.batch + query * p.q.seq + head_q * p.q.head + p.q.offset;
+        let q_base = batch * p.q.batch + rows[r].query * p.q.seq + rows[r].head_q * p.q.head + p.q.offset;
         for (var d = 0u; d < D4; d++) {
             q[r * D4 + d] = load_q(q_base + d);
             acc[r * D4 + d] = vec4<f32>(0.0);
@@ -375,14 +392,13 @@ fn main(
             var probs: array<vec4<f32>, ROWS>;
             var correction: array<f32, ROWS>;
             for (var r = 0u; r < ROWS; r++) {
-                var s = finish_scores(dots[r], row_pos[r], key_pos, slope[r]);
-                let visible = here & key_pos >= vec4<i32>(row_lo[r]) & key_pos <= vec4<i32>(row_hi[r]);
-                s = select(vec4<f32>(NEG_BIG), s, visible);
-                let m_new = max(m[r], max(max(s.x, s.y), max(s.z, s.w)));
-                correction[r] = exp2(m[r] - m_new);
-                probs[r] = select(vec4<f32>(0.0), exp2(s - vec4<f32>(m_new)), visible);
-                l[r] = l[r] * correction[r] + (probs[r].x + probs[r].y) + (probs[r].z + probs[r].w);
-                m[r] = m_new;
+                let scores = finish_scores(dots[r], rows[r].pos, key_pos, rows[r].slope);
+                let visible = here & key_pos >= vec4<i32>(rows[r].lo) & key_pos <= vec4<i32>(rows[r].hi);
+                let step = softmax_step(scores, visible, m[r], l[r]);
+                m[r] = step.m;
+                l[r] = step.l;
+                probs[r] = step.probs;
+                correction[r] = step.correction;
             }
             for (var d = 0u; d < D4; d++) {
                 let v0 = v_tile[t + d];
@@ -398,26 +414,12 @@ fn main(
         }
     }
 
-    let slot = dp.slot_base + split;
     for (var r = 0u; r < ROWS; r++) {
-        let row = row0 + lid + r * WG_SIZE;
-        if (row < dp.rows) {
-            let query = row / dp.group;
-            let head_q = head_kv * dp.group + row % dp.group;
-            // A row that saw no key of this split has l == 0: zeros and
-            // lse = +inf, which the combine reads as "no keys here".
-            var inv_l = 0.0;
-            var lse = bitcast<f32>(0x7f800000u);
-            if (l[r] > 0.0) {
-                inv_l = 1.0 / l[r];
-                lse = (m[r] + log2(l[r])) * LN_2;
-            }
-            let o_base = slot * dp.o_slot + batch * p.o.batch + query * p.o.seq + head_q * p.o.head + p.o.offset;
+        if (row0 + lid + r * WG_SIZE < dp.rows) {
+            let result = row_result(m[r], l[r]);
+            let o_base = output_base(dp.slot_base + split, batch, rows[r], result.y, true);
             for (var d = 0u; d < D4; d++) {
-                store_o(o_base + d, acc[r * D4 + d] * inv_l);
-            }
-            if (has_flag(FLAG_WRITE_LSE)) {
-                lse_buf[slot * dp.lse_slot + (batch * p.heads_q + head_q) * p.seq_q + query] = lse;
+                store_o(o_base + d, acc[r * D4 + d] * result.x);
             }
         }
     }

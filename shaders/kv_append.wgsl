@@ -18,30 +18,24 @@
 
 @compute @workgroup_size(WG_SIZE)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
-    let index = gid.x + gid.y * groups.x * WG_SIZE;
-    let pairs = rp.head_dim / 2u;
-    if (index >= rp.batch * rp.tokens * rp.heads * pairs) {
+    let site = pair_site(gid, groups);
+    if (!site.valid) {
         return;
     }
-    let i = index % pairs;
-    let head = (index / pairs) % rp.heads;
-    let token = (index / (pairs * rp.heads)) % rp.tokens;
-    let batch = index / (pairs * rp.heads * rp.tokens);
-    let pos = starts[batch].x + token;
-    let page = block_table[batch * rp.pages_per_seq + (pos >> rp.page_shift)];
+    let pos = starts[site.batch].x + site.token;
+    let page = block_table[site.batch * rp.pages_per_seq + (pos >> rp.page_shift)];
     if (page < rp.segment_first_page || page >= rp.segment_first_page + rp.segment_pages) {
         return;
     }
     let row = ((page - rp.segment_first_page) << rp.page_shift) | (pos & ((1u << rp.page_shift) - 1u));
-    let dst = (row * rp.heads + head) * rp.head_dim;
-    let src = batch * rp.src_batch + token * rp.src_seq + head * rp.src_head + rp.src_offset;
-    let pair = pair_indices(i);
-    var k = vec2<f32>(k_new[src + pair.x], k_new[src + pair.y]);
+    let dst = (row * rp.heads + site.head) * rp.head_dim;
+    let pair = pair_indices(site.i);
+    var k = vec2<f32>(k_new[site.src + pair.x], k_new[site.src + pair.y]);
     if (pair.z != 0u) {
-        k = rotate(k.x, k.y, starts[batch].y + token, i);
+        k = rotate(k.x, k.y, starts[site.batch].y + site.token, site.i);
     }
     k_cache[dst + pair.x] = k.x;
     k_cache[dst + pair.y] = k.y;
-    v_cache[dst + pair.x] = v_new[src + pair.x];
-    v_cache[dst + pair.y] = v_new[src + pair.y];
+    v_cache[dst + pair.x] = v_new[site.src + pair.x];
+    v_cache[dst + pair.y] = v_new[site.src + pair.y];
 }

@@ -12,21 +12,15 @@
 
 @compute @workgroup_size(WG_SIZE)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
-    let index = gid.x + gid.y * groups.x * WG_SIZE;
-    let pairs = rp.head_dim / 2u;
-    if (index >= rp.batch * rp.tokens * rp.heads * pairs) {
+    let site = pair_site(gid, groups);
+    if (!site.valid) {
         return;
     }
-    let i = index % pairs;
-    let head = (index / pairs) % rp.heads;
-    let token = (index / (pairs * rp.heads)) % rp.tokens;
-    let batch = index / (pairs * rp.heads * rp.tokens);
-    let pair = pair_indices(i);
+    let pair = pair_indices(site.i);
     if (pair.z == 0u) {
         return;
     }
-    let base = batch * rp.src_batch + token * rp.src_seq + head * rp.src_head + rp.src_offset;
-    let rotated = rotate(data[base + pair.x], data[base + pair.y], starts[batch].y + token, i);
-    data[base + pair.x] = rotated.x;
-    data[base + pair.y] = rotated.y;
+    let rotated = rotate(data[site.src + pair.x], data[site.src + pair.y], starts[site.batch].y + site.token, site.i);
+    data[site.src + pair.x] = rotated.x;
+    data[site.src + pair.y] = rotated.y;
 }

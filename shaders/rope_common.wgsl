@@ -57,3 +57,31 @@ fn rotate(x: f32, y: f32, position: u32, i: u32) -> vec2<f32> {
     let s = sin(angle);
     return vec2<f32>(x * c - y * s, x * s + y * c);
 }
+
+// What one invocation of rope.wgsl or kv_append.wgsl works on: element
+// pair `i` of the head vector (batch, token, head) of the source, whose
+// first element is at `src`. `valid` is false past the last pair (the
+// dispatch is rounded up to whole workgroups).
+struct PairSite {
+    valid: bool,
+    i: u32,
+    head: u32,
+    token: u32,
+    batch: u32,
+    src: u32,
+}
+
+// The site of the invocation at `gid` in a dispatch of `groups` workgroups
+// (a second dimension carries what one dimension cannot).
+fn pair_site(gid: vec3<u32>, groups: vec3<u32>) -> PairSite {
+    let index = gid.x + gid.y * groups.x * WG_SIZE;
+    let pairs = rp.head_dim / 2u;
+    var site: PairSite;
+    site.valid = index < rp.batch * rp.tokens * rp.heads * pairs;
+    site.i = index % pairs;
+    site.head = (index / pairs) % rp.heads;
+    site.token = (index / (pairs * rp.heads)) % rp.tokens;
+    site.batch = index / (pairs * rp.heads * rp.tokens);
+    site.src = site.batch * rp.src_batch + site.token * rp.src_seq + site.head * rp.src_head + rp.src_offset;
+    return site;
+}

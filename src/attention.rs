@@ -8,11 +8,11 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::mask::AttentionMask;
 use crate::params::{AttentionParams, TensorStrides, flags};
-use crate::pipelines::bind_buffers;
+use crate::pipelines::{bind_buffers, encode_dispatches};
 use crate::shaders::{
     AttentionTiling, MIN_BLOCK_N, Specialization, forward_tile_bytes, largest_block_n,
 };
-use crate::tensor::{DType, Tensor, TensorShape, read_buffer};
+use crate::tensor::{DType, Strides, Tensor, TensorShape, check_binding_size, read_buffer};
 
 /// Row tiling on hardware GPUs in the portable tier: one query row per
 /// invocation, up to 64 invocations, loops left to the driver's compiler.
@@ -143,7 +143,7 @@ struct RowTiling {
 }
 
 /// Why this adapter cannot run [`Tier::SubgroupBroadcast`], if it cannot.
-pub(crate) fn subgroup_broadcast_missing(gpu: &Gpu) -> Option<String> {
+fn subgroup_broadcast_missing(gpu: &Gpu) -> Option<String> {
     let info = gpu.info();
     let adapter = &info.adapter;
     if adapter.backend == wgpu::Backend::Gl {
@@ -162,6 +162,20 @@ pub(crate) fn subgroup_broadcast_missing(gpu: &Gpu) -> Option<String> {
     None
 }
 
+/// Whether a call runs the subgroup tier: the forced tier, else the best
+/// the adapter offers; forcing it where the adapter lacks it is
+/// `TierUnavailable`. The forward and decode planners share this rule.
+pub(crate) fn use_subgroup_tier(gpu: &Gpu, tier: Option<Tier>) -> Result<bool> {
+    match (tier, subgroup_broadcast_missing(gpu)) {
+        (Some(Tier::SubgroupBroadcast), Some(reason)) => Err(Error::TierUnavailable {
+            tier: Tier::SubgroupBroadcast,
+            reason,
+        }),
+        (Some(Tier::Portable), _) | (None, Some(_)) => Ok(false),
+        (Some(Tier::SubgroupBroadcast), None) | (None, None) => Ok(true),
+    }
+}
+
 /// The largest power of two at most `limit`, capped at `cap`.
 fn power_of_two_at_most(limit: u32, cap: u32) -> u32 {
     let limit = limit.clamp(1, cap);
@@ -170,17 +184,7 @@ fn power_of_two_at_most(limit: u32, cap: u32) -> u32 {
 
 /// The tiling for this adapter and shape, honouring a forced tier.
 fn row_tiling(gpu: &Gpu, shape: &AttentionShape, tier: Option<Tier>) -> Result<RowTiling> {
-    let missing = subgroup_broadcast_missing(gpu);
-    let subgroup_kv = match (tier, missing) {
-        (Some(Tier::SubgroupBroadcast), Some(reason)) => {
-            return Err(Error::TierUnavailable {
-                tier: Tier::SubgroupBroadcast,
-                reason,
-            });
-        }
-        (Some(Tier::Portable), _) | (None, Some(_)) => false,
-        (Some(Tier::SubgroupBroadcast), None) | (None, None) => true,
-    };
+    let subgroup_kv = use_subgroup_tier(gpu, tier)?;
     let info = gpu.info();
     let adapter = &info.adapter;
     let cpu = adapter.device_type == wgpu::DeviceType::Cpu;
@@ -368,17 +372,7 @@ impl AttentionArgs<'_> {
                 o.head_dim,
             ),
         ];
-        for (what, left_name, left, right_name, right) in pairs {
-            if left != right {
-                return Err(Error::ShapeMismatch {
-                    what,
-                    left_name,
-                    left,
-                    right_name,
-                    right,
-                });
-            }
-        }
+        require_equal(&pairs)?;
         Ok(AttentionShape {
             batch: q.batch,
             seq_q: q.seq,
@@ -435,19 +429,7 @@ impl Gpu {
         args: &AttentionArgs<'_>,
         config: &AttentionConfig,
     ) -> Result<()> {
-        let call = self.prepare_call(args, config)?;
-        let pipeline = self.pipelines.get(&self.device, &call.plan.specialization);
-        let params_buffer = self.params_buffer(&call.params);
-        let bind_group = call.bind_group(self, &pipeline.bind_group_layout, &params_buffer, &[]);
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("flash attention forward"),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(&pipeline.pipeline);
-        pass.set_bind_group(0, &bind_group, &[]);
-        let [x, y, z] = call.plan.workgroups;
-        pass.dispatch_workgroups(x, y, z);
-        Ok(())
+        self.encode_forward(encoder, args, config, None)
     }
 
     /// Attention with a mask ([`AttentionMask`]: bias, boolean or
@@ -472,7 +454,33 @@ impl Gpu {
         config: &AttentionConfig,
         mask: &AttentionMask,
     ) -> Result<()> {
+        self.encode_forward(encoder, args, config, Some(mask))
+    }
+
+    /// The forward dispatch, with the mask variant of the kernel when a
+    /// mask is given (bindings 7-9: its words, tile states, parameters).
+    fn encode_forward(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        args: &AttentionArgs<'_>,
+        config: &AttentionConfig,
+        mask: Option<&AttentionMask>,
+    ) -> Result<()> {
         let call = self.prepare_call(args, config)?;
+        let params_buffer = self.params_buffer(&call.params);
+        let Some(mask) = mask else {
+            let pipeline = self.pipelines.get(&self.device, &call.plan.specialization);
+            let bind_group =
+                call.bind_group(self, &pipeline.bind_group_layout, &params_buffer, &[]);
+            encode_dispatches(
+                encoder,
+                "flash attention forward",
+                &pipeline,
+                &[bind_group],
+                call.plan.workgroups,
+            );
+            return Ok(());
+        };
         mask.check_shape(&call.shape)?;
         let tiling = *call
             .plan
@@ -482,7 +490,6 @@ impl Gpu {
         let spec = Specialization::FlashMasked(tiling);
         self.check_loop_budget(&spec, call.shape.seq_kv as u64)?;
         let pipeline = self.pipelines.get(&self.device, &spec);
-        let params_buffer = self.params_buffer(&call.params);
         let (mask_params, tiles) =
             mask.params(self, tiling.workgroup_size * tiling.rows, tiling.block_n);
         let mask_uniform = self.uniform_buffer("mask params", bytemuck::bytes_of(&mask_params));
@@ -493,14 +500,13 @@ impl Gpu {
             &params_buffer,
             &[mask.buffer(), &tiles, &mask_uniform],
         );
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("masked flash attention forward"),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(&pipeline.pipeline);
-        pass.set_bind_group(0, &bind_group, &[]);
-        let [x, y, z] = call.plan.workgroups;
-        pass.dispatch_workgroups(x, y, z);
+        encode_dispatches(
+            encoder,
+            "masked flash attention forward",
+            &pipeline,
+            &[bind_group],
+            call.plan.workgroups,
+        );
         Ok(())
     }
 
@@ -513,25 +519,14 @@ impl Gpu {
     ) -> Result<PreparedCall<'a>> {
         let shape = args.shape()?;
         config.validate(&shape)?;
-        if args.lse.is_none() && config.return_lse {
-            return Err(Error::MissingLseOutput);
-        }
+        check_lse_output(args.lse, config, [shape.batch, shape.heads_q, shape.seq_q])?;
         let plan = ForwardPlan::for_call(self, &shape, args.q.dtype(), config.tier)?;
         let params = self.pack_params(args, &shape, config)?;
-        if let Some(lse) = args.lse {
-            let expected = [shape.batch, shape.heads_q, shape.seq_q];
-            let got = [lse.batch, lse.heads, lse.seq];
-            if expected != got {
-                return Err(Error::LseShape { expected, got });
-            }
-        }
         let alibi = config.alibi.as_ref().map(|alibi| {
-            self.device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("wgpu-flash-attn alibi slopes"),
-                    contents: bytemuck::cast_slice(alibi.slopes()),
-                    usage: wgpu::BufferUsages::STORAGE,
-                })
+            self.storage_buffer(
+                "wgpu-flash-attn alibi slopes",
+                bytemuck::cast_slice(alibi.slopes()),
+            )
         });
         Ok(PreparedCall {
             shape,
@@ -543,12 +538,7 @@ impl Gpu {
     }
 
     pub(crate) fn params_buffer(&self, params: &AttentionParams) -> wgpu::Buffer {
-        self.device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("wgpu-flash-attn params"),
-                contents: bytemuck::bytes_of(params),
-                usage: wgpu::BufferUsages::UNIFORM,
-            })
+        self.uniform_buffer("wgpu-flash-attn params", bytemuck::bytes_of(params))
     }
 
     /// Host slices in, host vectors out: uploads packed BSHD inputs, runs,
@@ -708,6 +698,40 @@ pub(crate) fn option_params(
     }
 }
 
+/// The logsumexp output a call was given: present when the config asks for
+/// it, and shaped `expected` = `[batch, heads_q, seq_q]`.
+pub(crate) fn check_lse_output(
+    lse: Option<&Lse>,
+    config: &AttentionConfig,
+    expected: [usize; 3],
+) -> Result<()> {
+    match lse {
+        None if config.return_lse => Err(Error::MissingLseOutput),
+        Some(lse) if [lse.batch, lse.heads, lse.seq] != expected => Err(Error::LseShape {
+            expected,
+            got: [lse.batch, lse.heads, lse.seq],
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// One `(what, left_name, left, right_name, right)` dimension check.
+pub(crate) type DimPair = (&'static str, &'static str, usize, &'static str, usize);
+
+/// `ShapeMismatch` for the first pair whose two sides differ.
+pub(crate) fn require_equal(pairs: &[DimPair]) -> Result<()> {
+    match pairs.iter().find(|pair| pair.2 != pair.4) {
+        Some(&(what, left_name, left, right_name, right)) => Err(Error::ShapeMismatch {
+            what,
+            left_name,
+            left,
+            right_name,
+            right,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Dtype, alignment, bounds and binding-size checks for one operand.
 pub(crate) fn check_operand(
     gpu: &Gpu,
@@ -739,25 +763,20 @@ pub(crate) fn check_operand(
         }
     }
     tensor.check_in_bounds(name)?;
-    let bytes = tensor.buffer().size();
-    let limit = gpu.info().limits.max_storage_buffer_binding_size;
-    if bytes > limit {
-        return Err(Error::BufferTooLarge {
-            tensor: name,
-            bytes,
-            limit_name: "max_storage_buffer_binding_size",
-            limit,
-        });
-    }
-    Ok(())
+    check_binding_size(gpu, name, tensor.buffer().size())
 }
 
 pub(crate) fn vec4_strides(tensor: &Tensor) -> TensorStrides {
-    let s = tensor.strides();
+    vec4_view(tensor.strides(), tensor.offset())
+}
+
+/// Element strides and offset in the kernels' vec4 units (all multiples
+/// of 4, checked by `check_operand`).
+pub(crate) fn vec4_view(s: Strides, offset: usize) -> TensorStrides {
     TensorStrides {
         batch: (s.batch / VEC_WIDTH) as u32,
         seq: (s.seq / VEC_WIDTH) as u32,
         head: (s.head / VEC_WIDTH) as u32,
-        offset: (tensor.offset() / VEC_WIDTH) as u32,
+        offset: (offset / VEC_WIDTH) as u32,
     }
 }

@@ -3,17 +3,19 @@
 //! merged exactly by their logsumexp; and that merge as a public call.
 
 use crate::attention::{
-    Lse, check_operand, option_params, subgroup_broadcast_missing, vec4_strides,
+    Lse, check_lse_output, check_operand, option_params, require_equal, use_subgroup_tier,
+    vec4_strides, vec4_view,
 };
-use crate::config::{AttentionConfig, AttentionShape, Tier};
+use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::kv_cache::KvCache;
 use crate::params::{CombineParams, DecodeParams, TensorStrides};
-use crate::pipelines::bind_buffers;
-use crate::rope::{ELEMENTWISE_WORKGROUP, elementwise_groups};
+use crate::pipelines::{
+    ELEMENTWISE_WORKGROUP, bind_buffers, elementwise_groups, encode_dispatches,
+};
 use crate::shaders::{AttentionTiling, Specialization, forward_tile_bytes, largest_block_n};
-use crate::tensor::{DType, Tensor, TensorShape};
+use crate::tensor::{DType, Tensor, TensorShape, check_binding_size};
 
 /// Invocations per workgroup on CPU adapters (one SIMD group), as the
 /// forward kernel.
@@ -82,16 +84,7 @@ impl DecodePlan {
         let max_invocations = limits
             .max_compute_invocations_per_workgroup
             .min(limits.max_compute_workgroup_size_x);
-        let subgroup = match (config.tier, subgroup_broadcast_missing(gpu)) {
-            (Some(Tier::SubgroupBroadcast), Some(reason)) => {
-                return Err(Error::TierUnavailable {
-                    tier: Tier::SubgroupBroadcast,
-                    reason,
-                });
-            }
-            (Some(Tier::Portable), _) | (None, Some(_)) => false,
-            (Some(Tier::SubgroupBroadcast), None) | (None, None) => true,
-        };
+        let subgroup = use_subgroup_tier(gpu, config.tier)?;
         let (tiling, rows_per_workgroup) = if subgroup {
             // Lanes split the head dim; every lane holds all the rows.
             let rows_per_workgroup = rows.next_power_of_two().min(SUBGROUP_MAX_ROWS);
@@ -204,7 +197,8 @@ impl DecodePlan {
     }
 }
 
-/// Scratch for partial results: slot-major outputs and logsumexps.
+/// Partial results: slot-major outputs and logsumexps, in the device's
+/// reusable scratch (a decode step per token allocates nothing here).
 struct Partials {
     out: wgpu::Buffer,
     lse: wgpu::Buffer,
@@ -217,26 +211,10 @@ impl Partials {
     fn new(gpu: &Gpu, slots: u32, q: TensorShape) -> Result<Self> {
         let rows = (q.batch * q.seq * q.heads) as u64;
         let out_bytes = u64::from(slots) * rows * q.head_dim as u64 * 4;
-        let limit = gpu.info().limits.max_storage_buffer_binding_size;
-        if out_bytes > limit {
-            return Err(Error::BufferTooLarge {
-                tensor: "decode partial outputs",
-                bytes: out_bytes,
-                limit_name: "max_storage_buffer_binding_size",
-                limit,
-            });
-        }
-        let make = |label, size| {
-            gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            })
-        };
+        check_binding_size(gpu, "decode partial outputs", out_bytes)?;
         Ok(Partials {
-            out: make("wgpu-flash-attn partial outputs", out_bytes),
-            lse: make("wgpu-flash-attn partial lse", u64::from(slots) * rows * 4),
+            out: gpu.scratch_buffer("wgpu-flash-attn partial outputs", out_bytes),
+            lse: gpu.scratch_buffer("wgpu-flash-attn partial lse", u64::from(slots) * rows * 4),
             out_slot: (rows * q.head_dim as u64 / 4) as u32,
             lse_slot: rows as u32,
         })
@@ -274,7 +252,9 @@ impl Gpu {
             heads_kv: cache.heads_kv(),
             head_dim: q.head_dim,
         };
-        for (what, left_name, left, right_name, right) in [
+        let o = args.out.shape();
+        let like_q = "decode: O must be shaped like Q";
+        require_equal(&[
             (
                 "decode: Q and cache",
                 "q.batch",
@@ -289,45 +269,11 @@ impl Gpu {
                 "cache.head_dim",
                 cache.head_dim(),
             ),
-            (
-                "decode: O must be shaped like Q",
-                "q.seq",
-                q.seq,
-                "out.seq",
-                args.out.shape().seq,
-            ),
-            (
-                "decode: O must be shaped like Q",
-                "q.heads",
-                q.heads,
-                "out.heads",
-                args.out.shape().heads,
-            ),
-            (
-                "decode: O must be shaped like Q",
-                "q.batch",
-                q.batch,
-                "out.batch",
-                args.out.shape().batch,
-            ),
-            (
-                "decode: O must be shaped like Q",
-                "q.head_dim",
-                q.head_dim,
-                "out.head_dim",
-                args.out.shape().head_dim,
-            ),
-        ] {
-            if left != right {
-                return Err(Error::ShapeMismatch {
-                    what,
-                    left_name,
-                    left,
-                    right_name,
-                    right,
-                });
-            }
-        }
+            (like_q, "q.batch", q.batch, "out.batch", o.batch),
+            (like_q, "q.seq", q.seq, "out.seq", o.seq),
+            (like_q, "q.heads", q.heads, "out.heads", o.heads),
+            (like_q, "q.head_dim", q.head_dim, "out.head_dim", o.head_dim),
+        ])?;
         config.validate(&shape)?;
         check_operand(self, "q", args.q, DType::F32)?;
         check_operand(self, "out", args.out, DType::F32)?;
@@ -337,16 +283,7 @@ impl Gpu {
                 input: "q",
             });
         }
-        if args.lse.is_none() && config.return_lse {
-            return Err(Error::MissingLseOutput);
-        }
-        if let Some(lse) = args.lse {
-            let expected = [q.batch, q.heads, q.seq];
-            let got = [lse.batch, lse.heads, lse.seq];
-            if expected != got {
-                return Err(Error::LseShape { expected, got });
-            }
-        }
+        check_lse_output(args.lse, config, [q.batch, q.heads, q.seq])?;
         let plan = DecodePlan::for_call(self, cache, q.seq, q.heads, config)?;
         let partials = if plan.slots > 1 {
             Some(Partials::new(self, plan.slots, q)?)
@@ -365,7 +302,7 @@ impl Gpu {
         params.k = cache_strides;
         params.v = cache_strides;
         params.o = match &partials {
-            Some(_) => vec4_strides_packed(q),
+            Some(_) => vec4_view(q.contiguous_strides(), 0),
             None => vec4_strides(args.out),
         };
         let alibi = config.alibi.as_ref().map(|alibi| {
@@ -422,21 +359,18 @@ impl Gpu {
                 )
             })
             .collect();
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("split-KV decode"),
-                timestamp_writes: None,
-            });
-            pass.set_pipeline(&pipeline.pipeline);
-            for bind_group in &bind_groups {
-                pass.set_bind_group(0, bind_group, &[]);
-                pass.dispatch_workgroups(
-                    plan.row_tiles * plan.splits,
-                    cache.heads_kv() as u32,
-                    cache.batch() as u32,
-                );
-            }
-        }
+        let workgroups = [
+            plan.row_tiles * plan.splits,
+            cache.heads_kv() as u32,
+            cache.batch() as u32,
+        ];
+        encode_dispatches(
+            encoder,
+            "split-KV decode",
+            &pipeline,
+            &bind_groups,
+            workgroups,
+        );
         if let Some(partials) = &partials {
             self.encode_combine(encoder, partials, plan.slots, args.out, args.lse)?;
         }
@@ -555,24 +489,7 @@ impl Gpu {
                 lse.map_or(&self.placeholders.lse, |l| l.buffer()),
             ],
         );
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("merge partials"),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(&pipeline.pipeline);
-        pass.set_bind_group(0, &bind_group, &[]);
-        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        encode_dispatches(encoder, "merge partials", &pipeline, &[bind_group], groups);
         Ok(())
-    }
-}
-
-/// vec4 strides of a packed `[batch, seq, heads, head_dim]` tensor.
-fn vec4_strides_packed(shape: TensorShape) -> TensorStrides {
-    let s = shape.contiguous_strides();
-    TensorStrides {
-        batch: (s.batch / 4) as u32,
-        seq: (s.seq / 4) as u32,
-        head: (s.head / 4) as u32,
-        offset: 0,
     }
 }

@@ -4,6 +4,11 @@
 //! [`Gpu`], which either requested its own device ([`Gpu::new`]) or wraps one
 //! the caller already has ([`Gpu::from_device`]).
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use wgpu::util::DeviceExt;
+
 use crate::error::{Error, Result};
 use crate::pipelines::PipelineCache;
 use crate::shaders::Specialization;
@@ -124,6 +129,9 @@ pub struct Gpu {
     info: GpuInfo,
     pub(crate) pipelines: PipelineCache,
     pub(crate) placeholders: Placeholders,
+    /// Reusable device scratch by purpose (decode partial results), grown
+    /// when a call needs more.
+    scratch: Mutex<HashMap<&'static str, wgpu::Buffer>>,
 }
 
 /// Tiny buffers bound where an optional input or output is absent, since
@@ -202,6 +210,7 @@ impl Gpu {
             info,
             pipelines,
             placeholders,
+            scratch: Mutex::default(),
         }
     }
 
@@ -235,6 +244,53 @@ impl Gpu {
             });
         }
         Ok(())
+    }
+
+    /// A storage buffer of at least `bytes` for `purpose`, reused across
+    /// calls (a call's writes and reads of it are ordered on the queue like
+    /// any other buffer's), replaced by a larger one when too small.
+    pub(crate) fn scratch_buffer(&self, purpose: &'static str, bytes: u64) -> wgpu::Buffer {
+        let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(buffer) = scratch.get(purpose).filter(|b| b.size() >= bytes) {
+            return buffer.clone();
+        }
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(purpose),
+            size: bytes.max(16),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        scratch.insert(purpose, buffer.clone());
+        buffer
+    }
+
+    /// A small uniform buffer holding `contents`.
+    pub(crate) fn uniform_buffer(&self, label: &'static str, contents: &[u8]) -> wgpu::Buffer {
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents,
+                usage: wgpu::BufferUsages::UNIFORM,
+            })
+    }
+
+    /// A storage buffer holding `contents`; empty contents get 16 zero
+    /// bytes, since a binding needs at least one element of its array
+    /// (up to a vec4).
+    pub(crate) fn storage_buffer(&self, label: &'static str, contents: &[u8]) -> wgpu::Buffer {
+        let padded;
+        let contents = if contents.is_empty() {
+            padded = [0u8; 16];
+            &padded[..]
+        } else {
+            contents
+        };
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            })
     }
 
     pub fn info(&self) -> &GpuInfo {

@@ -6,8 +6,10 @@
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::params::RopeParams;
-use crate::pipelines::bind_buffers;
-use crate::rope::{ELEMENTWISE_WORKGROUP, Rope, elementwise_groups};
+use crate::pipelines::{
+    ELEMENTWISE_WORKGROUP, bind_buffers, elementwise_groups, encode_dispatches,
+};
+use crate::rope::Rope;
 use crate::shaders::Specialization;
 use crate::tensor::{DType, Tensor, read_buffer};
 
@@ -473,15 +475,7 @@ impl KvCache {
             })
             .collect();
         gpu.submit_recorded("kv append dispatch", |encoder| {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("kv append"),
-                timestamp_writes: None,
-            });
-            pass.set_pipeline(&pipeline.pipeline);
-            for bind_group in &bind_groups {
-                pass.set_bind_group(0, bind_group, &[]);
-                pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
-            }
+            encode_dispatches(encoder, "kv append", &pipeline, &bind_groups, groups);
             Ok(())
         })?;
         for len in &mut self.lens {

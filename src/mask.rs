@@ -115,31 +115,27 @@ impl AttentionMask {
     /// A boolean mask (`true` = may attend), `values` row-major over
     /// `dims`. Every tile is computed and masked, as a dense mask is.
     pub fn boolean(gpu: &Gpu, dims: [usize; 4], values: &[bool]) -> Result<Self> {
-        check_dims(dims, values.len())?;
-        let (words, row_words) = pack_bits(dims, values);
-        Self::upload(
-            gpu,
-            MaskKind::Bool,
-            dims,
-            row_words,
-            bytemuck::cast_slice(&words),
-            None,
-        )
+        Self::from_bools(gpu, dims, values, false)
     }
 
     /// The same boolean mask, block-sparse: tiles with no attended key are
     /// skipped and tiles where every key is attended skip the mask.
     pub fn block_sparse(gpu: &Gpu, dims: [usize; 4], values: &[bool]) -> Result<Self> {
+        Self::from_bools(gpu, dims, values, true)
+    }
+
+    /// Packs the bits; block-sparse masks keep a host copy for tile states.
+    fn from_bools(
+        gpu: &Gpu,
+        dims: [usize; 4],
+        values: &[bool],
+        block_sparse: bool,
+    ) -> Result<Self> {
         check_dims(dims, values.len())?;
         let (words, row_words) = pack_bits(dims, values);
-        Self::upload(
-            gpu,
-            MaskKind::Bool,
-            dims,
-            row_words,
-            bytemuck::cast_slice(&words),
-            Some(words.clone()),
-        )
+        let bytes: &[u8] = bytemuck::cast_slice(&words);
+        let host_bits = block_sparse.then(|| words.clone());
+        Self::upload(gpu, MaskKind::Bool, dims, row_words, bytes, host_bits)
     }
 
     /// A block-sparse mask from a block layout over `seq_q` x `seq_kv`,
@@ -197,16 +193,7 @@ impl AttentionMask {
         bytes: &[u8],
         host_bits: Option<Vec<u32>>,
     ) -> Result<Self> {
-        crate::tensor::check_buffer_size(gpu, "mask", bytes.len() as u64)?;
-        let limit = gpu.info().limits.max_storage_buffer_binding_size;
-        if bytes.len() as u64 > limit {
-            return Err(Error::BufferTooLarge {
-                tensor: "mask",
-                bytes: bytes.len() as u64,
-                limit_name: "max_storage_buffer_binding_size",
-                limit,
-            });
-        }
+        crate::tensor::check_binding_size(gpu, "mask", bytes.len() as u64)?;
         Ok(AttentionMask {
             kind,
             dims,

@@ -3,6 +3,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
 use crate::shaders::{Kernel, Specialization};
 
 /// A compiled kernel and the bind group layout its bindings follow.
@@ -113,4 +115,52 @@ pub(crate) fn bind_buffers(
         layout,
         entries: &entries,
     })
+}
+
+/// Invocations per workgroup of the element-wise kernels (RoPE, KV append,
+/// the merge).
+pub(crate) const ELEMENTWISE_WORKGROUP: u32 = 64;
+
+/// Workgroups for `invocations` one-per-item invocations of
+/// `ELEMENTWISE_WORKGROUP`, folded into a second dimension past the
+/// per-dimension limit (the kernels rebuild the index from both).
+pub(crate) fn elementwise_groups(
+    gpu: &Gpu,
+    what: &'static str,
+    invocations: u64,
+) -> Result<[u32; 3]> {
+    let groups = invocations
+        .div_ceil(u64::from(ELEMENTWISE_WORKGROUP))
+        .max(1);
+    let limit = u64::from(gpu.info().limits.max_compute_workgroups_per_dimension);
+    let y = groups.div_ceil(limit);
+    if y > limit {
+        return Err(Error::DispatchTooLarge {
+            what,
+            axis: "y",
+            groups: y,
+            limit: limit as u32,
+        });
+    }
+    Ok([groups.min(limit) as u32, y as u32, 1])
+}
+
+/// Records one compute pass that runs `pipeline` once per bind group, each
+/// over `workgroups` (several bind groups: one per KV-cache buffer).
+pub(crate) fn encode_dispatches(
+    encoder: &mut wgpu::CommandEncoder,
+    label: &str,
+    pipeline: &CachedPipeline,
+    bind_groups: &[wgpu::BindGroup],
+    [x, y, z]: [u32; 3],
+) {
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some(label),
+        timestamp_writes: None,
+    });
+    pass.set_pipeline(&pipeline.pipeline);
+    for bind_group in bind_groups {
+        pass.set_bind_group(0, bind_group, &[]);
+        pass.dispatch_workgroups(x, y, z);
+    }
 }

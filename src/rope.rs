@@ -1,17 +1,15 @@
 //! Rotary position embedding (RoPE): the options, the frequency table the
 //! kernels read, and the standalone in-place kernel for prefill.
 
-use wgpu::util::DeviceExt;
-
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::params::RopeParams;
-use crate::pipelines::bind_buffers;
+use crate::pipelines::{
+    ELEMENTWISE_WORKGROUP, bind_buffers, elementwise_groups, encode_dispatches,
+};
 use crate::shaders::Specialization;
 use crate::tensor::{DType, Tensor};
 
-/// Invocations per workgroup of the element-wise kernels.
-pub(crate) const ELEMENTWISE_WORKGROUP: u32 = 64;
 /// The kernels split positions as `hi * ANGLE_SPLIT + lo` (rope_common.wgsl).
 const ANGLE_SPLIT: f64 = 1024.0;
 
@@ -92,29 +90,6 @@ impl Rope {
     }
 }
 
-/// Workgroups for `invocations` one-per-item invocations, folded into two
-/// dimensions when one is not enough.
-pub(crate) fn elementwise_groups(
-    gpu: &Gpu,
-    what: &'static str,
-    invocations: u64,
-) -> Result<[u32; 3]> {
-    let groups = invocations
-        .div_ceil(u64::from(ELEMENTWISE_WORKGROUP))
-        .max(1);
-    let limit = u64::from(gpu.info().limits.max_compute_workgroups_per_dimension);
-    let y = groups.div_ceil(limit);
-    if y > limit {
-        return Err(Error::DispatchTooLarge {
-            what,
-            axis: "y",
-            groups: y,
-            limit: limit as u32,
-        });
-    }
-    Ok([groups.min(limit) as u32, y as u32, 1])
-}
-
 impl Gpu {
     /// Rotates `tensor` (`[batch, tokens, heads, head_dim]`, f32, head dim
     /// contiguous) in place: token `t` of sequence `b` is at position
@@ -175,43 +150,8 @@ impl Gpu {
             &[&uniform, &starts, &freqs, tensor.buffer()],
         );
         self.submit_recorded("rope dispatch", |encoder| {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("rope"),
-                timestamp_writes: None,
-            });
-            pass.set_pipeline(&pipeline.pipeline);
-            pass.set_bind_group(0, &bind_group, &[]);
-            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+            encode_dispatches(encoder, "rope", &pipeline, &[bind_group], groups);
             Ok(())
         })
-    }
-
-    /// A small uniform buffer holding `contents`.
-    pub(crate) fn uniform_buffer(&self, label: &'static str, contents: &[u8]) -> wgpu::Buffer {
-        self.device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents,
-                usage: wgpu::BufferUsages::UNIFORM,
-            })
-    }
-
-    /// A storage buffer holding `contents`; empty contents get 16 zero
-    /// bytes, since a binding needs at least one element of its array
-    /// (up to a vec4).
-    pub(crate) fn storage_buffer(&self, label: &'static str, contents: &[u8]) -> wgpu::Buffer {
-        let padded;
-        let contents = if contents.is_empty() {
-            padded = [0u8; 16];
-            &padded[..]
-        } else {
-            contents
-        };
-        self.device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-            })
     }
 }

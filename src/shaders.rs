@@ -170,42 +170,41 @@ impl Kernel {
     }
 }
 
-/// Bindings 0-6 of the attention kernels, then the mask's words (7), tile
-/// states (8) and parameters (9).
+/// The attention kernels' bindings 0-6 followed by three of a kernel's own.
+const fn attention_bindings_then(
+    own: [wgpu::BufferBindingType; 3],
+) -> [wgpu::BufferBindingType; 10] {
+    let mut all = [own[0]; 10];
+    let mut i = 0;
+    while i < 7 {
+        all[i] = ATTENTION_BINDINGS[i];
+        i += 1;
+    }
+    all[7] = own[0];
+    all[8] = own[1];
+    all[9] = own[2];
+    all
+}
+
+/// The mask's words (7), tile states (8) and parameters (9).
 const MASKED_BINDINGS: [wgpu::BufferBindingType; 10] = {
     use wgpu::BufferBindingType::{Storage, Uniform};
-    let a = ATTENTION_BINDINGS;
-    [
-        a[0],
-        a[1],
-        a[2],
-        a[3],
-        a[4],
-        a[5],
-        a[6],
+    attention_bindings_then([
         Storage { read_only: true },
         Storage { read_only: true },
         Uniform,
-    ]
+    ])
 };
 
-/// Bindings 0-6 of the attention kernels, then flash_decode.wgsl's decode
-/// parameters (7), sequence lengths (8) and block table (9).
+/// flash_decode.wgsl's decode parameters (7), sequence lengths (8) and
+/// block table (9).
 const DECODE_BINDINGS: [wgpu::BufferBindingType; 10] = {
     use wgpu::BufferBindingType::{Storage, Uniform};
-    let a = ATTENTION_BINDINGS;
-    [
-        a[0],
-        a[1],
-        a[2],
-        a[3],
-        a[4],
-        a[5],
-        a[6],
+    attention_bindings_then([
         Uniform,
         Storage { read_only: true },
         Storage { read_only: true },
-    ]
+    ])
 };
 
 /// Bindings of shaders/attention_common.wgsl (0-6), then the naive

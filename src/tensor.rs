@@ -339,6 +339,22 @@ pub(crate) fn check_buffer_size(gpu: &Gpu, tensor: &'static str, bytes: u64) -> 
     Ok(())
 }
 
+/// Checks that a buffer of `bytes` can be bound whole as storage: within
+/// both `max_buffer_size` and `max_storage_buffer_binding_size`.
+pub(crate) fn check_binding_size(gpu: &Gpu, tensor: &'static str, bytes: u64) -> Result<()> {
+    check_buffer_size(gpu, tensor, bytes)?;
+    let limit = gpu.info().limits.max_storage_buffer_binding_size;
+    if bytes > limit {
+        return Err(Error::BufferTooLarge {
+            tensor,
+            bytes,
+            limit_name: "max_storage_buffer_binding_size",
+            limit,
+        });
+    }
+    Ok(())
+}
+
 /// Copies a whole storage buffer back to the host.
 pub(crate) fn read_buffer<T: bytemuck::Pod>(gpu: &Gpu, buffer: &wgpu::Buffer) -> Result<Vec<T>> {
     let size = buffer.size();

@@ -6,7 +6,7 @@
 
 use wgpu::util::DeviceExt;
 
-use crate::attention::{AttentionArgs, Lse};
+use crate::attention::{AttentionArgs, Lse, check_lse_output};
 use crate::config::AttentionConfig;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -231,26 +231,13 @@ impl Gpu {
         padding_rows: Vec<(usize, usize, usize)>,
     ) -> Result<()> {
         let (q_shape, kv_shape) = (args.q.shape(), args.k.shape());
-        let out_shape = args.out.shape();
-        if out_shape != q_shape {
-            return Err(Error::ShapeMismatch {
-                what: "O must be shaped like Q",
-                left_name: "q elements",
-                left: q_shape.elements(),
-                right_name: "out elements",
-                right: out_shape.elements(),
-            });
-        }
-        if args.lse.is_none() && config.return_lse {
-            return Err(Error::MissingLseOutput);
-        }
-        if let Some(lse) = args.lse {
-            let expected = [q_shape.batch, q_shape.heads, q_shape.seq];
-            let got = [lse.batch, lse.heads, lse.seq];
-            if expected != got {
-                return Err(Error::LseShape { expected, got });
-            }
-        }
+        // Q, K, V and O agree (batch, heads, head dim; O shaped like Q).
+        args.shape()?;
+        check_lse_output(
+            args.lse,
+            config,
+            [q_shape.batch, q_shape.heads, q_shape.seq],
+        )?;
         let view = |tensor: &Tensor, batch: usize, start: usize, len: usize, heads: usize| {
             let s = tensor.strides();
             tensor.view(
