@@ -11,9 +11,7 @@ mod common;
 
 use common::{Inputs, gpu};
 use wgpu_flash_attn::random::SeededRng;
-use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionShape, DType, ForwardPlan, Tensor, Tier, reference,
-};
+use wgpu_flash_attn::{AttentionConfig, AttentionShape, DType, ForwardPlan, Tier};
 
 #[test]
 fn subgroup_tier_follows_the_adapters_subgroup_size() {
@@ -55,30 +53,10 @@ fn subgroup_tier_follows_the_adapters_subgroup_size() {
         assert!(tiling.subgroup_kv);
 
         let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
-        let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
-        let k = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap();
-        let v = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.v).unwrap();
-        let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
-        let args = AttentionArgs {
-            q: &q,
-            k: &k,
-            v: &v,
-            out: &out,
-            lse: None,
-        };
-        gpu.attention_into(&args, &config).unwrap();
-        let got = out.to_f32_vec(gpu).unwrap();
-        let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config)
-            .unwrap()
-            .out;
-        let err = got
-            .iter()
-            .zip(&want)
-            .map(|(g, w)| (f64::from(*g) - w).abs())
-            .fold(0.0, f64::max);
+        let errors = common::run_and_compare(gpu, &shape, &inputs, &config);
         assert!(
-            err <= 1e-4,
-            "subgroup size {} d={head_dim} causal={causal}: max error {err:.3e}",
+            errors.out <= 1e-4 && errors.lse <= 1e-4,
+            "subgroup size {} d={head_dim} causal={causal}: {errors:?}",
             adapter.subgroup_min_size
         );
     }
