@@ -92,10 +92,8 @@ fn forward(c: &mut Criterion) {
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let (elapsed, _) = time_gpu_repeated(&gpu, iters, |encoder| match kernel {
-                    Kernel::Flash => gpu.encode_attention(encoder, &args, &config),
-                    Kernel::Naive => gpu
-                        .encode_naive_attention(encoder, &args, &config)
-                        .map(|_| ()),
+                    Kernel::Flash => gpu.forward(encoder, &args, &config),
+                    Kernel::Naive => gpu.naive_attention(encoder, &args, &config).map(|_| ()),
                 })
                 .expect("timed run");
                 elapsed

@@ -17,7 +17,7 @@ fn main() -> Result<()> {
     let q = rng.normal_vec(shape.q_shape().elements(), 1.0);
     let k = rng.normal_vec(shape.kv_shape().elements(), 1.0);
     let v = rng.normal_vec(shape.kv_shape().elements(), 1.0);
-    let config = AttentionConfig::new().causal(true).return_lse(true);
+    let config = AttentionConfig::new().causal(true);
 
     let gpu_result = gpu.attention_host(&shape, &q, &k, &v, &config)?;
     let cpu_result = reference::attention(&shape, &q, &k, &v, &config)?;

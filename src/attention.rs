@@ -13,6 +13,7 @@ use crate::shaders::{
     AttentionTiling, MIN_BLOCK_N, Specialization, forward_tile_bytes, largest_block_n,
 };
 use crate::tensor::{DType, Strides, Tensor, TensorShape, check_binding_size, read_buffer};
+use crate::varlen::ValidLengths;
 
 /// Row tiling on hardware GPUs in the portable tier: one query row per
 /// invocation, up to 64 invocations, loops left to the driver's compiler.
@@ -230,25 +231,22 @@ fn row_tiling(gpu: &Gpu, shape: &AttentionShape, tier: Option<Tier>) -> Result<R
     })
 }
 
-/// Logsumexp of each query row, `[batch, heads_q, seq_q]` f32, natural log.
+/// Logsumexp of each query row, `[batch, heads_q, seq_q]` f32, natural log,
+/// packed from the start of its buffer.
 #[derive(Debug, Clone)]
 pub struct Lse {
     buffer: wgpu::Buffer,
-    pub batch: usize,
-    pub heads: usize,
-    pub seq: usize,
+    device: wgpu::Device,
+    batch: usize,
+    heads: usize,
+    seq: usize,
 }
 
 impl Lse {
-    /// An uninitialised-looking (NaN-filled) logsumexp buffer.
+    /// A new logsumexp buffer, filled with NaN so that a row a call did not
+    /// write stands out.
     pub fn new(gpu: &Gpu, batch: usize, heads: usize, seq: usize) -> Result<Self> {
-        let n = batch * heads * seq;
-        if n == 0 {
-            return Err(Error::ZeroDimension {
-                tensor: "lse",
-                shape: [batch, heads, seq, 1],
-            });
-        }
+        let n = lse_elements(batch, heads, seq)?;
         crate::tensor::check_buffer_size(gpu, "lse", 4 * n as u64)?;
         let buffer = gpu
             .device
@@ -262,35 +260,189 @@ impl Lse {
             });
         Ok(Lse {
             buffer,
+            device: gpu.device.clone(),
             batch,
             heads,
             seq,
         })
     }
 
+    /// Wraps a buffer the caller owns (no copy): `[batch, heads, seq]` f32
+    /// from byte 0. Checked: this device's, `STORAGE` usage, large enough.
+    /// Variable-length and padded calls also need `COPY_DST` (they assemble
+    /// the rows of each sequence), downloads `COPY_SRC`.
+    pub fn from_buffer(
+        gpu: &Gpu,
+        buffer: wgpu::Buffer,
+        batch: usize,
+        heads: usize,
+        seq: usize,
+    ) -> Result<Self> {
+        let n = lse_elements(batch, heads, seq)?;
+        crate::tensor::check_caller_buffer(gpu, "lse", &buffer)?;
+        let available = buffer.size() as usize / 4;
+        if n > available {
+            return Err(Error::OutOfBounds {
+                tensor: "lse",
+                needed: n,
+                available,
+            });
+        }
+        Ok(Lse {
+            buffer,
+            device: gpu.device.clone(),
+            batch,
+            heads,
+            seq,
+        })
+    }
+
+    /// The buffer the values live in.
     pub fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
     }
+    /// Batch entries.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    /// Query heads.
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+    /// Query rows per head.
+    pub fn seq(&self) -> usize {
+        self.seq
+    }
+    /// `[batch, heads, seq]`.
+    pub fn dims(&self) -> [usize; 3] {
+        [self.batch, self.heads, self.seq]
+    }
 
+    /// Downloads the values, `[batch, heads, seq]` (needs `COPY_SRC`).
     pub fn to_vec(&self, gpu: &Gpu) -> Result<Vec<f32>> {
-        read_buffer(gpu, &self.buffer)
+        self.check_device(gpu)?;
+        let mut values: Vec<f32> = read_buffer(gpu, "lse", &self.buffer)?;
+        values.truncate(self.batch * self.heads * self.seq);
+        Ok(values)
+    }
+
+    pub(crate) fn check_device(&self, gpu: &Gpu) -> Result<()> {
+        if self.device != gpu.device {
+            return Err(Error::WrongDevice { tensor: "lse" });
+        }
+        Ok(())
     }
 }
 
-/// What [`Gpu::attention`] returns.
-#[derive(Debug, Clone)]
-pub struct AttentionOutput {
-    /// `[batch, seq_q, heads_q, head_dim]`, packed.
-    pub out: Tensor,
-    /// Present when the config asked for it.
-    pub lse: Option<Lse>,
+/// Elements of a `[batch, heads, seq]` logsumexp, checked for zero and
+/// overflow.
+fn lse_elements(batch: usize, heads: usize, seq: usize) -> Result<usize> {
+    let shape = [batch, heads, seq, 1];
+    if shape.contains(&0) {
+        return Err(Error::ZeroDimension {
+            tensor: "lse",
+            shape,
+        });
+    }
+    batch
+        .checked_mul(heads)
+        .and_then(|n| n.checked_mul(seq))
+        .filter(|n| n.checked_mul(4).is_some())
+        .ok_or(Error::ShapeOverflow {
+            tensor: "lse",
+            shape,
+        })
 }
 
 /// What [`Gpu::attention_host`] returns.
 #[derive(Debug, Clone)]
 pub struct HostAttentionOutput {
+    /// `[batch, seq_q, heads_q, head_dim]`, packed.
     pub out: Vec<f32>,
-    pub lse: Option<Vec<f32>>,
+    /// `[batch, heads_q, seq_q]`, natural log; `+inf` for rows that see no
+    /// key.
+    pub lse: Vec<f32>,
+}
+
+/// How the rows of a forward call's batch form sequences.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Sequences<'a> {
+    /// Every batch entry is one sequence of `seq_q` queries and `seq_kv`
+    /// keys.
+    #[default]
+    Dense,
+    /// A dense batch in which sequence `b` has only its first valid rows
+    /// and keys (BERT's key padding): padding is never read or computed,
+    /// padded query rows are written as zeros (logsumexp `+inf`).
+    Padded(ValidLengths<'a>),
+    /// A packed batch (FlashAttention's varlen convention): tensors are
+    /// `[1, total_tokens, heads, head_dim]` and sequence `i` holds query
+    /// tokens `cu_seqlens_q[i]..cu_seqlens_q[i + 1]` and key tokens
+    /// `cu_seqlens_k[i]..cu_seqlens_k[i + 1]`.
+    Varlen {
+        /// `batch + 1` non-decreasing offsets from 0 to `total_q`.
+        cu_seqlens_q: &'a [usize],
+        /// `batch + 1` non-decreasing offsets from 0 to `total_k`.
+        cu_seqlens_k: &'a [usize],
+    },
+}
+
+/// Everything a forward call may take besides its tensors: the attention
+/// options, an optional mask and how the batch forms sequences.
+///
+/// An `&AttentionConfig` converts into options without mask or sequences,
+/// so `gpu.forward(encoder, &args, &config)` is the plain call.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardOptions<'a> {
+    /// Causal, windows, scale, softcap, ALiBi, tier.
+    pub config: AttentionConfig,
+    /// A bias, boolean or block-sparse mask on top of the config's options.
+    pub mask: Option<&'a AttentionMask>,
+    /// Dense (default), padded or packed variable-length batches.
+    pub sequences: Sequences<'a>,
+}
+
+impl<'a> ForwardOptions<'a> {
+    /// Options with `config` and nothing else.
+    pub fn new(config: &AttentionConfig) -> Self {
+        ForwardOptions {
+            config: config.clone(),
+            ..Self::default()
+        }
+    }
+    /// Adds a mask.
+    pub fn mask(mut self, mask: &'a AttentionMask) -> Self {
+        self.mask = Some(mask);
+        self
+    }
+    /// Valid lengths of a dense batch (see [`Sequences::Padded`]).
+    pub fn valid_lengths(mut self, lengths: ValidLengths<'a>) -> Self {
+        self.sequences = Sequences::Padded(lengths);
+        self
+    }
+    /// A packed variable-length batch (see [`Sequences::Varlen`]).
+    pub fn varlen(mut self, cu_seqlens_q: &'a [usize], cu_seqlens_k: &'a [usize]) -> Self {
+        self.sequences = Sequences::Varlen {
+            cu_seqlens_q,
+            cu_seqlens_k,
+        };
+        self
+    }
+}
+
+impl From<&AttentionConfig> for ForwardOptions<'_> {
+    fn from(config: &AttentionConfig) -> Self {
+        ForwardOptions::new(config)
+    }
+}
+
+impl From<AttentionConfig> for ForwardOptions<'_> {
+    fn from(config: AttentionConfig) -> Self {
+        ForwardOptions {
+            config,
+            ..ForwardOptions::default()
+        }
+    }
 }
 
 /// The operands of one call; outputs are written in place.
@@ -385,81 +537,56 @@ impl AttentionArgs<'_> {
 }
 
 impl Gpu {
-    /// Attention of device tensors into a new packed output (and logsumexp
-    /// if `config.return_lse`). Submits and returns without waiting.
-    pub fn attention(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        config: &AttentionConfig,
-    ) -> Result<AttentionOutput> {
-        let q_shape = q.shape();
-        let out = Tensor::zeros(self, q_shape, q.dtype())?;
-        let lse = if config.return_lse {
-            Some(Lse::new(self, q_shape.batch, q_shape.heads, q_shape.seq)?)
-        } else {
-            None
-        };
-        self.attention_into(
-            &AttentionArgs {
-                q,
-                k,
-                v,
-                out: &out,
-                lse: lse.as_ref(),
-            },
-            config,
-        )?;
-        Ok(AttentionOutput { out, lse })
-    }
-
-    /// Attention into caller-owned outputs: records and submits one dispatch.
-    pub fn attention_into(&self, args: &AttentionArgs<'_>, config: &AttentionConfig) -> Result<()> {
-        self.submit_recorded("attention dispatch", |encoder| {
-            self.encode_attention(encoder, args, config)
-        })
-    }
-
-    /// Records the attention dispatch into the caller's encoder (nothing is
-    /// submitted), so it can be batched with the caller's own work.
-    pub fn encode_attention(
+    /// Records the forward pass into `encoder` (nothing is submitted):
+    /// `args.out` (and `args.lse` when given) receive attention of `args.q`
+    /// over `args.k`/`args.v` under `options` (an `&AttentionConfig`, or
+    /// [`ForwardOptions`] with a mask or variable-length sequences).
+    /// Submit the encoder yourself, or use [`Gpu::run`].
+    ///
+    /// ```no_run
+    /// # use wgpu_flash_attn::{AttentionArgs, AttentionConfig, ForwardOptions, Gpu, AttentionMask};
+    /// # fn f(gpu: &Gpu, args: &AttentionArgs<'_>, mask: &AttentionMask) -> Result<(), wgpu_flash_attn::Error> {
+    /// let config = AttentionConfig::new().causal(true);
+    /// let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    /// gpu.forward(&mut encoder, args, &config)?;
+    /// gpu.forward(&mut encoder, args, ForwardOptions::new(&config).mask(mask))?;
+    /// gpu.queue().submit([encoder.finish()]);
+    /// # Ok(()) }
+    /// ```
+    pub fn forward<'o>(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         args: &AttentionArgs<'_>,
-        config: &AttentionConfig,
+        options: impl Into<ForwardOptions<'o>>,
     ) -> Result<()> {
-        self.encode_forward(encoder, args, config, None)
-    }
-
-    /// Attention with a mask ([`AttentionMask`]: bias, boolean or
-    /// block-sparse) on top of the config's options: records and submits
-    /// one dispatch.
-    pub fn masked_attention_into(
-        &self,
-        args: &AttentionArgs<'_>,
-        config: &AttentionConfig,
-        mask: &AttentionMask,
-    ) -> Result<()> {
-        self.submit_recorded("masked attention dispatch", |encoder| {
-            self.encode_masked_attention(encoder, args, config, mask)
-        })
-    }
-
-    /// Records a masked attention dispatch into the caller's encoder.
-    pub fn encode_masked_attention(
-        &self,
-        encoder: &mut wgpu::CommandEncoder,
-        args: &AttentionArgs<'_>,
-        config: &AttentionConfig,
-        mask: &AttentionMask,
-    ) -> Result<()> {
-        self.encode_forward(encoder, args, config, Some(mask))
+        let options = options.into();
+        match (options.sequences, options.mask) {
+            (Sequences::Dense, mask) => self.encode_forward(encoder, args, &options.config, mask),
+            (_, Some(_)) => Err(Error::UnsupportedCombination {
+                what: "a mask and padded or variable-length sequences",
+            }),
+            (Sequences::Padded(lengths), None) => {
+                self.encode_padded_attention(encoder, args, &options.config, &lengths)
+            }
+            (
+                Sequences::Varlen {
+                    cu_seqlens_q,
+                    cu_seqlens_k,
+                },
+                None,
+            ) => self.encode_varlen_attention(
+                encoder,
+                args,
+                &options.config,
+                cu_seqlens_q,
+                cu_seqlens_k,
+            ),
+        }
     }
 
     /// The forward dispatch, with the mask variant of the kernel when a
     /// mask is given (bindings 7-9: its words, tile states, parameters).
-    fn encode_forward(
+    pub(crate) fn encode_forward(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         args: &AttentionArgs<'_>,
@@ -482,6 +609,7 @@ impl Gpu {
             return Ok(());
         };
         mask.check_shape(&call.shape)?;
+        mask.check_device(self)?;
         let tiling = *call
             .plan
             .specialization
@@ -519,7 +647,7 @@ impl Gpu {
     ) -> Result<PreparedCall<'a>> {
         let shape = args.shape()?;
         config.validate(&shape)?;
-        check_lse_output(args.lse, config, [shape.batch, shape.heads_q, shape.seq_q])?;
+        check_lse_output(self, args.lse, [shape.batch, shape.heads_q, shape.seq_q])?;
         let plan = ForwardPlan::for_call(self, &shape, args.q.dtype(), config.tier)?;
         let params = self.pack_params(args, &shape, config)?;
         let alibi = config.alibi.as_ref().map(|alibi| {
@@ -541,8 +669,10 @@ impl Gpu {
         self.uniform_buffer("wgpu-flash-attn params", bytemuck::bytes_of(params))
     }
 
-    /// Host slices in, host vectors out: uploads packed BSHD inputs, runs,
-    /// waits and downloads.
+    /// Host slices in, host vectors out: uploads packed BSHD f32 inputs,
+    /// runs the forward pass, waits and downloads the output and the
+    /// logsumexp. For quick use and tests; device-resident data should use
+    /// [`Gpu::forward`].
     pub fn attention_host(
         &self,
         shape: &AttentionShape,
@@ -565,10 +695,20 @@ impl Gpu {
         let q = upload("q", shape.q_shape(), q)?;
         let k = upload("k", shape.kv_shape(), k)?;
         let v = upload("v", shape.kv_shape(), v)?;
-        let result = self.attention(&q, &k, &v, config)?;
-        let out = result.out.to_f32_vec(self)?;
-        let lse = result.lse.map(|l| l.to_vec(self)).transpose()?;
-        Ok(HostAttentionOutput { out, lse })
+        let out = Tensor::zeros(self, shape.q_shape(), DType::F32)?;
+        let lse = Lse::new(self, shape.batch, shape.heads_q, shape.seq_q)?;
+        let args = AttentionArgs {
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &out,
+            lse: Some(&lse),
+        };
+        self.run(|encoder| self.forward(encoder, &args, config))?;
+        Ok(HostAttentionOutput {
+            out: out.to_f32_vec(self)?,
+            lse: lse.to_vec(self)?,
+        })
     }
 
     fn pack_params(
@@ -698,21 +838,20 @@ pub(crate) fn option_params(
     }
 }
 
-/// The logsumexp output a call was given: present when the config asks for
-/// it, and shaped `expected` = `[batch, heads_q, seq_q]`.
-pub(crate) fn check_lse_output(
-    lse: Option<&Lse>,
-    config: &AttentionConfig,
-    expected: [usize; 3],
-) -> Result<()> {
-    match lse {
-        None if config.return_lse => Err(Error::MissingLseOutput),
-        Some(lse) if [lse.batch, lse.heads, lse.seq] != expected => Err(Error::LseShape {
+/// The logsumexp output a call was given, if any: on this device and
+/// shaped `expected` = `[batch, heads_q, seq_q]`.
+pub(crate) fn check_lse_output(gpu: &Gpu, lse: Option<&Lse>, expected: [usize; 3]) -> Result<()> {
+    let Some(lse) = lse else {
+        return Ok(());
+    };
+    lse.check_device(gpu)?;
+    if lse.dims() != expected {
+        return Err(Error::LseShape {
             expected,
-            got: [lse.batch, lse.heads, lse.seq],
-        }),
-        _ => Ok(()),
+            got: lse.dims(),
+        });
     }
+    Ok(())
 }
 
 /// One `(what, left_name, left, right_name, right)` dimension check.
@@ -739,6 +878,7 @@ pub(crate) fn check_operand(
     tensor: &Tensor,
     storage: DType,
 ) -> Result<()> {
+    tensor.check_device(gpu, name)?;
     if tensor.dtype() != storage {
         return Err(Error::DTypeUnsupported {
             tensor: name,

@@ -191,13 +191,8 @@ pub struct AttentionConfig {
     pub scale: Option<f32>,
     pub softcap: Option<f32>,
     pub alibi: Option<Alibi>,
-    /// Also produce the logsumexp of each row (natural log).
-    pub return_lse: bool,
     /// Force a kernel tier; `None` picks the best the adapter offers.
     pub tier: Option<Tier>,
-    /// Decoding only: split each sequence's keys into this many chunks,
-    /// one workgroup each; `None` picks enough to fill the adapter.
-    pub kv_splits: Option<usize>,
 }
 
 /// How K and V reach the invocations of a workgroup.
@@ -247,14 +242,6 @@ impl AttentionConfig {
     }
     pub fn alibi(mut self, alibi: Alibi) -> Self {
         self.alibi = Some(alibi);
-        self
-    }
-    pub fn kv_splits(mut self, splits: usize) -> Self {
-        self.kv_splits = Some(splits);
-        self
-    }
-    pub fn return_lse(mut self, on: bool) -> Self {
-        self.return_lse = on;
         self
     }
 

@@ -15,7 +15,7 @@ use crate::pipelines::{
     ELEMENTWISE_WORKGROUP, bind_buffers, elementwise_groups, encode_dispatches,
 };
 use crate::shaders::{AttentionTiling, Specialization, forward_tile_bytes, largest_block_n};
-use crate::tensor::{DType, Tensor, TensorShape, check_binding_size};
+use crate::tensor::{DType, Tensor, TensorShape, check_binding_size, require_usage};
 
 /// Invocations per workgroup on CPU adapters (one SIMD group), as the
 /// forward kernel.
@@ -47,6 +47,48 @@ pub struct DecodeArgs<'a> {
     pub lse: Option<&'a Lse>,
 }
 
+/// Options of a decode call: the attention options (as the forward pass)
+/// and how the keys are split. An `&AttentionConfig` converts into options
+/// with the split count chosen for the adapter.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DecodeOptions {
+    /// Causal, windows, scale, softcap, ALiBi, tier.
+    pub config: AttentionConfig,
+    /// Split each sequence's keys into this many chunks, one workgroup
+    /// each; `None` picks enough to fill the adapter ([`DecodePlan`]).
+    pub kv_splits: Option<usize>,
+}
+
+impl DecodeOptions {
+    /// Options with `config` and the default split count.
+    pub fn new(config: &AttentionConfig) -> Self {
+        DecodeOptions {
+            config: config.clone(),
+            kv_splits: None,
+        }
+    }
+    /// Forces the split count.
+    pub fn kv_splits(mut self, splits: usize) -> Self {
+        self.kv_splits = Some(splits);
+        self
+    }
+}
+
+impl From<&AttentionConfig> for DecodeOptions {
+    fn from(config: &AttentionConfig) -> Self {
+        DecodeOptions::new(config)
+    }
+}
+
+impl From<AttentionConfig> for DecodeOptions {
+    fn from(config: AttentionConfig) -> Self {
+        DecodeOptions {
+            config,
+            kv_splits: None,
+        }
+    }
+}
+
 /// How a decode call runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodePlan {
@@ -71,8 +113,9 @@ impl DecodePlan {
         cache: &KvCache,
         seq_q: usize,
         heads_q: usize,
-        config: &AttentionConfig,
+        options: &DecodeOptions,
     ) -> Result<Self> {
+        let config = &options.config;
         let head_dim = cache.head_dim() as u32;
         let group = heads_q / cache.heads_kv();
         let rows = (seq_q * group) as u32;
@@ -137,7 +180,7 @@ impl DecodePlan {
         }
         let row_tiles = rows.div_ceil(rows_per_workgroup).max(1);
         let longest = cache.lens().iter().copied().max().unwrap_or(0);
-        let splits = match config.kv_splits {
+        let splits = match options.kv_splits {
             Some(0) => return Err(Error::KvSplits(0)),
             Some(n) => n,
             None => {
@@ -158,7 +201,7 @@ impl DecodePlan {
         // each workgroup's share of the keys under the cap; a forced count
         // that does not is refused rather than silently truncated.
         let mut splits = splits;
-        if let (Some(budget), None) = (gpu.loop_budget(), config.kv_splits) {
+        if let (Some(budget), None) = (gpu.loop_budget(), options.kv_splits) {
             while splits < longest
                 && specialization
                     .loop_trips(longest.div_ceil(splits) as u64)
@@ -222,27 +265,21 @@ impl Partials {
 }
 
 impl Gpu {
-    /// Attention of `args.q` over the cache into `args.out` (and `args.lse`
-    /// if given): one dispatch per cache segment, then the merge when the
-    /// keys were split. Submits and returns the plan without waiting.
-    pub fn decode_into(
-        &self,
-        args: &DecodeArgs<'_>,
-        config: &AttentionConfig,
-    ) -> Result<DecodePlan> {
-        self.submit_recorded("decode dispatch", |encoder| {
-            self.encode_decode(encoder, args, config)
-        })
-    }
-
-    /// Records a decode call into the caller's encoder.
-    pub fn encode_decode(
+    /// Records a decode step into `encoder`: attention of `args.q` over
+    /// the cache into `args.out` (and `args.lse` if given), one dispatch
+    /// per cache buffer, then the merge when the keys were split. The
+    /// cache's lengths and block tables are taken as they are now (see
+    /// [`KvCache`]). `options`: an `&AttentionConfig` or [`DecodeOptions`].
+    pub fn decode(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         args: &DecodeArgs<'_>,
-        config: &AttentionConfig,
+        options: impl Into<DecodeOptions>,
     ) -> Result<DecodePlan> {
+        let options = options.into();
+        let config = &options.config;
         let cache = args.cache;
+        cache.check_device(self)?;
         let q = args.q.shape();
         let shape = AttentionShape {
             batch: q.batch,
@@ -283,8 +320,8 @@ impl Gpu {
                 input: "q",
             });
         }
-        check_lse_output(args.lse, config, [q.batch, q.heads, q.seq])?;
-        let plan = DecodePlan::for_call(self, cache, q.seq, q.heads, config)?;
+        check_lse_output(self, args.lse, [q.batch, q.heads, q.seq])?;
+        let plan = DecodePlan::for_call(self, cache, q.seq, q.heads, &options)?;
         let partials = if plan.slots > 1 {
             Some(Partials::new(self, plan.slots, q)?)
         } else {
@@ -313,6 +350,8 @@ impl Gpu {
         });
         let params_buffer = self.params_buffer(&params);
         let pipeline = self.pipelines.get(&self.device, &plan.specialization);
+        let lens = cache.lens_snapshot(self);
+        let table = cache.table_snapshot(self);
         let (out_buffer, lse_buffer) = match &partials {
             Some(p) => (&p.out, &p.lse),
             None => (
@@ -353,8 +392,8 @@ impl Gpu {
                         lse_buffer,
                         alibi.as_ref().unwrap_or(&self.placeholders.alibi),
                         &decode_buffer,
-                        &cache.lens_buffer,
-                        &cache.table_buffer,
+                        &lens,
+                        &table,
                     ],
                 )
             })
@@ -377,14 +416,15 @@ impl Gpu {
         Ok(plan)
     }
 
-    /// Merges partial attention results over disjoint parts of the same
-    /// keys into the attention over all of them, exactly: each part is an
-    /// output (`[batch, seq_q, heads_q, head_dim]`, f32, packed) and its
-    /// logsumexp (+inf where the part had no key for a row). Shard a long
-    /// sequence across calls or devices, then merge here. Submits and
-    /// returns without waiting.
-    pub fn merge_attention(
+    /// Records the exact merge of partial attention results over disjoint
+    /// parts of the same keys into the attention over all of them: each
+    /// part is an output (`[batch, seq_q, heads_q, head_dim]`, f32, packed)
+    /// and its logsumexp (+inf where the part had no key for a row). Shard
+    /// a long sequence across calls or devices, then merge here. The parts
+    /// need `COPY_SRC` (they are gathered into one scratch buffer).
+    pub fn merge(
         &self,
+        encoder: &mut wgpu::CommandEncoder,
         parts: &[(&Tensor, &Lse)],
         out: &Tensor,
         lse: Option<&Lse>,
@@ -416,15 +456,15 @@ impl Gpu {
                     tensor: "partial output",
                 });
             }
-            let expected = [q.batch, q.heads, q.seq];
-            let got = [part_lse.batch, part_lse.heads, part_lse.seq];
-            if expected != got {
-                return Err(Error::LseShape { expected, got });
-            }
+            check_lse_output(self, Some(part_lse), [q.batch, q.heads, q.seq])?;
+            let copy = wgpu::BufferUsages::COPY_SRC;
+            require_usage("partial output", tensor.buffer(), copy, "gather it")?;
+            require_usage("partial lse", part_lse.buffer(), copy, "gather it")?;
         }
+        check_lse_output(self, lse, [q.batch, q.heads, q.seq])?;
         let slots = parts.len() as u32;
         let partials = Partials::new(self, slots, q)?;
-        self.submit_recorded("merge dispatch", |encoder| {
+        {
             let out_bytes = u64::from(partials.out_slot) * 16;
             let lse_bytes = u64::from(partials.lse_slot) * 4;
             for (slot, (tensor, part_lse)) in parts.iter().enumerate() {
@@ -445,7 +485,7 @@ impl Gpu {
                 );
             }
             self.encode_combine(encoder, &partials, slots, out, lse)
-        })
+        }
     }
 
     fn encode_combine(

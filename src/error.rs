@@ -143,8 +143,43 @@ pub enum Error {
         input: &'static str,
     },
 
-    #[error("config.return_lse is set but no Lse output was given")]
-    MissingLseOutput,
+    /// A caller's buffer (or a tensor made from one) belongs to another
+    /// device than the `Gpu` it was given to.
+    #[error("{tensor} was created on another device than this Gpu's: {message}")]
+    ForeignBuffer {
+        tensor: &'static str,
+        message: String,
+    },
+
+    /// An operand was created by (or wrapped for) another `Gpu` whose
+    /// device differs from the one the call runs on.
+    #[error("{tensor} belongs to another device than the Gpu this call runs on")]
+    WrongDevice { tensor: &'static str },
+
+    /// A caller's buffer lacks a usage the crate needs.
+    #[error("{tensor}: the buffer's usage {usage} lacks {needed}, needed to {why}")]
+    BufferUsage {
+        tensor: &'static str,
+        usage: String,
+        needed: &'static str,
+        why: &'static str,
+    },
+
+    /// A caller's buffer whose size is not a whole number of 4-byte words
+    /// (storage bindings are arrays of 32-bit words).
+    #[error("{tensor}: buffer size {bytes} bytes is not a multiple of 4")]
+    BufferSize { tensor: &'static str, bytes: u64 },
+
+    /// A shape whose element or byte count does not fit the address space.
+    #[error("{tensor} shape {shape:?} has more elements than fit in memory")]
+    ShapeOverflow {
+        tensor: &'static str,
+        shape: [usize; 4],
+    },
+
+    /// Two forward options that the crate does not combine.
+    #[error("{what} cannot be combined in one forward call")]
+    UnsupportedCombination { what: &'static str },
 
     #[error("lse output is [{got:?}], the call needs [batch, heads_q, seq_q] = {expected:?}")]
     LseShape {

@@ -40,11 +40,22 @@ impl AdapterOptions {
         }
     }
 
-    /// Instance descriptor for these options (flags etc. still from the env).
+    /// The process-wide instance for these options' backends. Every `Gpu`
+    /// the crate opens shares one instance per backend set, because wgpu
+    /// numbers resources per instance: a buffer of one `Gpu` handed to
+    /// another would otherwise name an unrelated resource of the second,
+    /// instead of failing wgpu's device check with a typed error.
     fn instance(&self) -> wgpu::Instance {
+        static INSTANCES: Mutex<Vec<(wgpu::Backends, wgpu::Instance)>> = Mutex::new(Vec::new());
+        let mut instances = INSTANCES.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, instance)) = instances.iter().find(|(b, _)| *b == self.backends) {
+            return instance.clone();
+        }
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
         desc.backends = self.backends;
-        wgpu::Instance::new(desc)
+        let instance = wgpu::Instance::new(desc);
+        instances.push((self.backends, instance.clone()));
+        instance
     }
 
     /// Every adapter these options' backends can see.
@@ -306,6 +317,69 @@ impl Gpu {
     /// Number of compute pipelines compiled so far.
     pub fn pipeline_count(&self) -> usize {
         self.pipelines.len()
+    }
+
+    /// Records work into a new encoder with `record`, submits it and waits
+    /// for it to finish: the one convenience over the recording operations
+    /// ([`Gpu::forward`], [`Gpu::decode`], [`Gpu::merge`], [`Gpu::rope`],
+    /// [`Gpu::naive_attention`], [`KvCache::append`](crate::KvCache::append)).
+    /// Validation errors wgpu reports while recording or submitting come
+    /// back as [`Error::GpuValidation`].
+    ///
+    /// ```no_run
+    /// # use wgpu_flash_attn::{AttentionArgs, AttentionConfig, Gpu};
+    /// # fn f(gpu: &Gpu, args: &AttentionArgs<'_>) -> Result<(), wgpu_flash_attn::Error> {
+    /// gpu.run(|encoder| gpu.forward(encoder, args, &AttentionConfig::new().causal(true)))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn run<T>(&self, record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<T>) -> Result<T> {
+        let value = self.submit_recorded("wgpu-flash-attn run", record)?;
+        self.wait()?;
+        Ok(value)
+    }
+
+    /// Checks that `buffer` was created on this `Gpu`'s device, by binding
+    /// it in a throwaway bind group under a validation scope (wgpu refuses
+    /// a buffer of another device there). `buffer` must have `STORAGE`
+    /// usage, which every buffer the kernels read or write needs anyway.
+    pub(crate) fn check_own_buffer(&self, name: &'static str, buffer: &wgpu::Buffer) -> Result<()> {
+        let layout = self
+            .device
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some("wgpu-flash-attn device probe"),
+                entries: &[wgpu::BindGroupLayoutEntry {
+                    binding: 0,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage { read_only: true },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                }],
+            });
+        let probe = self.validated("device probe", || {
+            self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("wgpu-flash-attn device probe"),
+                layout: &layout,
+                entries: &[wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer,
+                        offset: 0,
+                        size: Some(std::num::NonZeroU64::new(4).expect("4 is not zero")),
+                    }),
+                }],
+            })
+        });
+        match probe {
+            Ok(_) => Ok(()),
+            Err(Error::GpuValidation { message, .. }) => Err(Error::ForeignBuffer {
+                tensor: name,
+                message,
+            }),
+            Err(other) => Err(other),
+        }
     }
 
     /// Blocks until all submitted work has finished.

@@ -62,6 +62,17 @@ impl KvCacheConfig {
     }
 }
 
+/// Rotary embedding of the keys as [`KvCache::append`] writes them: a token
+/// written at cache position `p` of sequence `b` is rotated for position
+/// `p + position_offsets[b]`.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRotation<'a> {
+    /// Convention, base and rotary dims.
+    pub rope: &'a Rope,
+    /// One offset per sequence (0 for a cache that starts at position 0).
+    pub position_offsets: &'a [u32],
+}
+
 /// Pages `first_page .. first_page + pages` of the pool, in one K and one V
 /// buffer.
 #[derive(Debug)]
@@ -73,7 +84,14 @@ pub(crate) struct CacheSegment {
 }
 
 /// A KV cache on the device. Sequences grow by [`KvCache::append`];
-/// [`Gpu::decode_into`](crate::Gpu::decode_into) attends over them.
+/// [`Gpu::decode`](crate::Gpu::decode) attends over them.
+///
+/// Lengths and block tables live on the host. Every call that reads them
+/// ([`KvCache::append`], [`Gpu::decode`](crate::Gpu::decode)) records a
+/// snapshot of them as they are when the call is recorded, so recorded
+/// work runs with the state it was recorded with, in recording order;
+/// [`KvCache::set_len`] and [`KvCache::set_block_table`] affect calls
+/// recorded after them.
 #[derive(Debug)]
 pub struct KvCache {
     config: KvCacheConfig,
@@ -84,19 +102,29 @@ pub struct KvCache {
     block_tables: Vec<Vec<u32>>,
     lens: Vec<usize>,
     pub(crate) segments: Vec<CacheSegment>,
-    pub(crate) table_buffer: wgpu::Buffer,
-    pub(crate) lens_buffer: wgpu::Buffer,
+    /// The device the pool lives on.
+    device: wgpu::Device,
 }
 
-impl KvCache {
-    pub fn new(gpu: &Gpu, config: KvCacheConfig) -> Result<Self> {
+/// Page geometry a cache configuration implies.
+struct Geometry {
+    page_size: usize,
+    pool_pages: usize,
+    /// Width of a block-table row.
+    pages_per_seq: usize,
+    /// Initial block tables (identity for a contiguous cache).
+    block_tables: Vec<Vec<u32>>,
+}
+
+impl KvCacheConfig {
+    fn geometry(&self) -> Result<Geometry> {
         let KvCacheConfig {
             batch,
             heads_kv,
             head_dim,
             layout,
-            max_buffer_bytes,
-        } = config;
+            ..
+        } = *self;
         for (name, n) in [("batch", batch), ("heads_kv", heads_kv)] {
             if n == 0 {
                 return Err(Error::ZeroDimension {
@@ -111,16 +139,21 @@ impl KvCache {
                 supported: crate::SUPPORTED_HEAD_DIMS,
             });
         }
-        let (page_size, pool_pages, pages_per_seq, block_tables) = match layout {
+        Ok(match layout {
             KvLayout::Contiguous { capacity } => {
                 let page_size = capacity
                     .next_power_of_two()
                     .clamp(*PAGE_SIZES.start(), *PAGE_SIZES.end());
                 let per_seq = capacity.div_ceil(page_size).max(1);
-                let tables = (0..batch)
+                let block_tables = (0..batch)
                     .map(|b| ((b * per_seq) as u32..((b + 1) * per_seq) as u32).collect())
                     .collect();
-                (page_size, batch * per_seq, per_seq, tables)
+                Geometry {
+                    page_size,
+                    pool_pages: batch * per_seq,
+                    pages_per_seq: per_seq,
+                    block_tables,
+                }
             }
             KvLayout::Paged { page_size, pages } => {
                 if !page_size.is_power_of_two() || !PAGE_SIZES.contains(&page_size) {
@@ -132,10 +165,29 @@ impl KvCache {
                         shape: [pages, page_size, heads_kv, head_dim],
                     });
                 }
-                (page_size, pages, pages, vec![Vec::new(); batch])
+                Geometry {
+                    page_size,
+                    pool_pages: pages,
+                    pages_per_seq: pages,
+                    block_tables: vec![Vec::new(); batch],
+                }
             }
-        };
-        let page_bytes = (page_size * heads_kv * head_dim * 4) as u64;
+        })
+    }
+
+    /// Bytes of one page of K (or V): `page_size` tokens of f32.
+    fn page_bytes(&self, page_size: usize) -> u64 {
+        (page_size * self.heads_kv * self.head_dim * 4) as u64
+    }
+}
+
+impl KvCache {
+    /// A cache whose pool the crate allocates: one K and one V buffer,
+    /// or several of whole pages each when the pool is larger than one
+    /// storage binding (or than `config.max_buffer_bytes`).
+    pub fn new(gpu: &Gpu, config: KvCacheConfig) -> Result<Self> {
+        let geometry = config.geometry()?;
+        let page_bytes = config.page_bytes(geometry.page_size);
         let limits = &gpu.info().limits;
         let (limit_name, binding_limit) = [
             (
@@ -145,12 +197,13 @@ impl KvCache {
             ("max_buffer_size", limits.max_buffer_size),
             (
                 "KvCacheConfig::max_buffer_bytes",
-                max_buffer_bytes.unwrap_or(u64::MAX),
+                config.max_buffer_bytes.unwrap_or(u64::MAX),
             ),
         ]
         .into_iter()
         .min_by_key(|&(_, limit)| limit)
         .expect("three candidates");
+        let pool_pages = geometry.pool_pages;
         let pages_per_segment = (binding_limit / page_bytes).min(pool_pages as u64) as usize;
         if pages_per_segment == 0 {
             return Err(Error::BufferTooLarge {
@@ -180,27 +233,89 @@ impl KvCache {
                 }
             })
             .collect();
-        let table_buffer = gpu.storage_buffer(
-            "wgpu-flash-attn block table",
-            bytemuck::cast_slice(&vec![NO_PAGE; batch * pages_per_seq]),
-        );
-        let lens_buffer = gpu.storage_buffer(
-            "wgpu-flash-attn sequence lengths",
-            bytemuck::cast_slice(&vec![0u32; batch]),
-        );
+        Self::assemble(gpu, config, geometry, segments)
+    }
+
+    /// A cache over K/V pools the caller owns (no copy): `segments` lists
+    /// (K buffer, V buffer) pairs, each holding whole pages of
+    /// `[page_size, heads_kv, head_dim]` f32 tokens, pages numbered across
+    /// the pairs in order. Together they must hold the layout's pool
+    /// (`KvLayout::Paged { pages, .. }` pages; for a contiguous layout
+    /// `batch * ceil(capacity / page_size)` pages, see
+    /// [`KvCache::page_size`]). Checked: this device's buffers, `STORAGE`
+    /// usage, sizes, the binding limit.
+    pub fn from_buffers(
+        gpu: &Gpu,
+        config: KvCacheConfig,
+        segments: &[(wgpu::Buffer, wgpu::Buffer)],
+    ) -> Result<Self> {
+        let geometry = config.geometry()?;
+        let page_bytes = config.page_bytes(geometry.page_size);
+        let mut first_page = 0usize;
+        let mut owned = Vec::new();
+        for (k, v) in segments {
+            if first_page >= geometry.pool_pages {
+                break;
+            }
+            for (name, buffer) in [("kv cache K", k), ("kv cache V", v)] {
+                crate::tensor::check_caller_buffer(gpu, name, buffer)?;
+                crate::tensor::check_binding_size(gpu, name, buffer.size())?;
+            }
+            if k.size() != v.size() {
+                return Err(Error::ShapeMismatch {
+                    what: "each K buffer of a cache must be as large as its V buffer",
+                    left_name: "k bytes",
+                    left: k.size() as usize,
+                    right_name: "v bytes",
+                    right: v.size() as usize,
+                });
+            }
+            let pages = (k.size() / page_bytes) as usize;
+            if pages == 0 {
+                return Err(Error::OutOfBounds {
+                    tensor: "kv cache buffer (one page)",
+                    needed: page_bytes as usize,
+                    available: k.size() as usize,
+                });
+            }
+            let pages = pages.min(geometry.pool_pages - first_page);
+            owned.push(CacheSegment {
+                first_page: first_page as u32,
+                pages: pages as u32,
+                k: k.clone(),
+                v: v.clone(),
+            });
+            first_page += pages;
+        }
+        if first_page < geometry.pool_pages {
+            return Err(Error::OutOfBounds {
+                tensor: "kv cache pool (pages)",
+                needed: geometry.pool_pages,
+                available: first_page,
+            });
+        }
+        Self::assemble(gpu, config, geometry, owned)
+    }
+
+    fn assemble(
+        gpu: &Gpu,
+        config: KvCacheConfig,
+        geometry: Geometry,
+        segments: Vec<CacheSegment>,
+    ) -> Result<Self> {
+        let batch = config.batch;
         let mut cache = KvCache {
             config,
-            page_size,
-            pool_pages,
-            pages_per_seq,
+            device: gpu.device.clone(),
+            page_size: geometry.page_size,
+            pool_pages: geometry.pool_pages,
+            pages_per_seq: geometry.pages_per_seq,
             block_tables: vec![Vec::new(); batch],
             lens: vec![0; batch],
             segments,
-            table_buffer,
-            lens_buffer,
         };
-        for (sequence, table) in block_tables.into_iter().enumerate() {
-            cache.set_block_table(gpu, sequence, &table)?;
+        for (sequence, table) in geometry.block_tables.into_iter().enumerate() {
+            cache.set_block_table(sequence, &table)?;
         }
         Ok(cache)
     }
@@ -262,7 +377,7 @@ impl KvCache {
     /// Lists the pool pages of `sequence`, in order of position. Pages may
     /// be shared between sequences (a common prefix) and need not be
     /// consecutive. The sequence keeps its length, which must still fit.
-    pub fn set_block_table(&mut self, gpu: &Gpu, sequence: usize, pages: &[u32]) -> Result<()> {
+    pub fn set_block_table(&mut self, sequence: usize, pages: &[u32]) -> Result<()> {
         self.check_sequence(sequence)?;
         for (index, &page) in pages.iter().enumerate() {
             if page as usize >= self.pool_pages {
@@ -289,20 +404,13 @@ impl KvCache {
                 capacity,
             });
         }
-        let mut row = vec![NO_PAGE; self.pages_per_seq];
-        row[..pages.len()].copy_from_slice(pages);
-        gpu.queue.write_buffer(
-            &self.table_buffer,
-            (sequence * self.pages_per_seq * 4) as u64,
-            bytemuck::cast_slice(&row),
-        );
         self.block_tables[sequence] = pages.to_vec();
         Ok(())
     }
 
     /// Sets the length of `sequence` (to drop rejected tokens, or to start
     /// over); what lies past it is ignored.
-    pub fn set_len(&mut self, gpu: &Gpu, sequence: usize, len: usize) -> Result<()> {
+    pub fn set_len(&mut self, sequence: usize, len: usize) -> Result<()> {
         self.check_sequence(sequence)?;
         let capacity = self.capacity(sequence);
         if len > capacity {
@@ -313,39 +421,58 @@ impl KvCache {
             });
         }
         self.lens[sequence] = len;
-        self.upload_lens(gpu);
         Ok(())
     }
 
-    fn upload_lens(&self, gpu: &Gpu) {
+    /// The lengths as the kernels read them, in a buffer of their own for
+    /// the call being recorded.
+    pub(crate) fn lens_snapshot(&self, gpu: &Gpu) -> wgpu::Buffer {
         let lens: Vec<u32> = self.lens.iter().map(|&n| n as u32).collect();
-        gpu.queue
-            .write_buffer(&self.lens_buffer, 0, bytemuck::cast_slice(&lens));
+        gpu.storage_buffer(
+            "wgpu-flash-attn sequence lengths",
+            bytemuck::cast_slice(&lens),
+        )
     }
 
-    /// Appends `k` and `v` (`[batch, tokens, heads_kv, head_dim]`, f32,
-    /// packed) after each sequence's last token, on the GPU.
-    pub fn append(&mut self, gpu: &Gpu, k: &Tensor, v: &Tensor) -> Result<()> {
-        self.append_inner(gpu, k, v, None)
+    /// The block tables as the kernels read them (`[batch, pages_per_seq]`,
+    /// unassigned entries outside every segment), for the call being
+    /// recorded.
+    pub(crate) fn table_snapshot(&self, gpu: &Gpu) -> wgpu::Buffer {
+        let mut rows = vec![NO_PAGE; self.batch() * self.pages_per_seq];
+        for (row, table) in rows.chunks_mut(self.pages_per_seq).zip(&self.block_tables) {
+            row[..table.len()].copy_from_slice(table);
+        }
+        gpu.storage_buffer("wgpu-flash-attn block table", bytemuck::cast_slice(&rows))
     }
 
-    /// Like [`KvCache::append`], rotating the keys with `rope` on the way:
-    /// a token written at cache position `p` of sequence `b` is rotated for
-    /// position `p + position_offsets[b]`.
-    pub fn append_rotated(
+    /// Whether the pool lives on `gpu`'s device.
+    pub(crate) fn check_device(&self, gpu: &Gpu) -> Result<()> {
+        if self.device != gpu.device {
+            return Err(Error::WrongDevice { tensor: "kv cache" });
+        }
+        Ok(())
+    }
+
+    /// Records the append of `k` and `v` (`[batch, tokens, heads_kv,
+    /// head_dim]`, f32, packed) after each sequence's last token into
+    /// `encoder`, and advances the lengths (on the host, at once: calls
+    /// recorded later see the new tokens). With `rotation`, keys are
+    /// rotated on the way (see [`KeyRotation`]).
+    pub fn append(
         &mut self,
         gpu: &Gpu,
+        encoder: &mut wgpu::CommandEncoder,
         k: &Tensor,
         v: &Tensor,
-        rope: &Rope,
-        position_offsets: &[u32],
+        rotation: Option<KeyRotation<'_>>,
     ) -> Result<()> {
-        self.append_inner(gpu, k, v, Some((rope, position_offsets)))
+        self.check_device(gpu)?;
+        self.append_inner(gpu, encoder, k, v, rotation)
     }
 
     /// Positions where each sequence's next token will be rotated by
-    /// [`KvCache::append_rotated`] with these offsets: the queries of the
-    /// same tokens use them with [`Gpu::rope_in_place`].
+    /// [`KvCache::append`] with these offsets: the queries of the same
+    /// tokens use them with [`Gpu::rope`](crate::Gpu::rope).
     pub fn next_positions(&self, position_offsets: &[u32]) -> Vec<u32> {
         self.lens
             .iter()
@@ -357,10 +484,12 @@ impl KvCache {
     fn append_inner(
         &mut self,
         gpu: &Gpu,
+        encoder: &mut wgpu::CommandEncoder,
         k: &Tensor,
         v: &Tensor,
-        rope: Option<(&Rope, &[u32])>,
+        rotation: Option<KeyRotation<'_>>,
     ) -> Result<()> {
+        let rope = rotation.map(|r| (r.rope, r.position_offsets));
         let shape = k.shape();
         let expected = [self.batch(), shape.seq, self.heads_kv(), self.head_dim()];
         for (name, tensor) in [("k", k), ("v", v)] {
@@ -388,6 +517,7 @@ impl KvCache {
                 return Err(Error::NotPacked { tensor: name });
             }
             tensor.check_in_bounds(name)?;
+            tensor.check_device(gpu, name)?;
         }
         for sequence in 0..self.batch() {
             let needed = self.lens[sequence] + shape.seq;
@@ -448,6 +578,7 @@ impl KvCache {
         let pipeline = gpu.pipelines.get(&gpu.device, &spec);
         let starts = gpu.storage_buffer("kv append starts", bytemuck::cast_slice(&starts));
         let freqs = gpu.storage_buffer("rope frequencies", bytemuck::cast_slice(&freqs));
+        let table = self.table_snapshot(gpu);
         let bind_groups: Vec<wgpu::BindGroup> = self
             .segments
             .iter()
@@ -469,19 +600,15 @@ impl KvCache {
                         v.buffer(),
                         &segment.k,
                         &segment.v,
-                        &self.table_buffer,
+                        &table,
                     ],
                 )
             })
             .collect();
-        gpu.submit_recorded("kv append dispatch", |encoder| {
-            encode_dispatches(encoder, "kv append", &pipeline, &bind_groups, groups);
-            Ok(())
-        })?;
+        encode_dispatches(encoder, "kv append", &pipeline, &bind_groups, groups);
         for len in &mut self.lens {
             *len += shape.seq;
         }
-        self.upload_lens(gpu);
         Ok(())
     }
 
@@ -489,6 +616,7 @@ impl KvCache {
     /// each, packed (for tests and inspection; reads whole segments).
     pub fn read_sequence(&self, gpu: &Gpu, sequence: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         self.check_sequence(sequence)?;
+        self.check_device(gpu)?;
         let token = self.heads_kv() * self.head_dim();
         let len = self.lens[sequence];
         let mut k_out = Vec::with_capacity(len * token);
@@ -500,8 +628,10 @@ impl KvCache {
             let index = page / pages_per_segment;
             if loaded[index].is_none() {
                 let segment = &self.segments[index];
-                loaded[index] =
-                    Some((read_buffer(gpu, &segment.k)?, read_buffer(gpu, &segment.v)?));
+                loaded[index] = Some((
+                    read_buffer(gpu, "kv cache K", &segment.k)?,
+                    read_buffer(gpu, "kv cache V", &segment.v)?,
+                ));
             }
             let (k, v) = loaded[index].as_ref().expect("loaded above");
             let row = (page % pages_per_segment) * self.page_size + pos % self.page_size;

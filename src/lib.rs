@@ -34,15 +34,17 @@ mod tensor;
 pub mod timing;
 mod varlen;
 
-pub use attention::{AttentionArgs, AttentionOutput, ForwardPlan, HostAttentionOutput, Lse};
+pub use attention::{
+    AttentionArgs, ForwardOptions, ForwardPlan, HostAttentionOutput, Lse, Sequences,
+};
 pub use config::{
     Alibi, AttentionConfig, AttentionShape, SUPPORTED_HEAD_DIMS, Tier, is_supported_head_dim,
 };
-pub use decode::{DecodeArgs, DecodePlan};
+pub use decode::{DecodeArgs, DecodeOptions, DecodePlan};
 pub use error::{Error, Result};
 pub use gpu::{AdapterOptions, Gpu, GpuInfo, WANTED_FEATURES};
-pub use kv_cache::{KvCache, KvCacheConfig, KvLayout, PAGE_SIZES};
+pub use kv_cache::{KeyRotation, KvCache, KvCacheConfig, KvLayout, PAGE_SIZES};
 pub use mask::{AttentionMask, BlockLayout, MaskKind, patterns};
 pub use rope::{Rope, RopeStyle};
 pub use tensor::{DType, Strides, Tensor, TensorShape};
-pub use varlen::{ValidLengths, VarlenArgs};
+pub use varlen::ValidLengths;

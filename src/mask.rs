@@ -33,6 +33,8 @@ pub struct AttentionMask {
     dims: [usize; 4],
     row_words: usize,
     buffer: wgpu::Buffer,
+    /// The device the mask lives on.
+    device: wgpu::Device,
     /// Block-sparse only: the bits, row-major like `buffer`.
     host_bits: Option<Vec<u32>>,
     /// Tile states per (rows per tile, keys per tile), built on first use.
@@ -199,6 +201,7 @@ impl AttentionMask {
             dims,
             row_words,
             buffer: gpu.storage_buffer("wgpu-flash-attn mask", bytes),
+            device: gpu.device.clone(),
             host_bits,
             tiles: Mutex::new(HashMap::new()),
         })
@@ -216,6 +219,14 @@ impl AttentionMask {
     }
     pub(crate) fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
+    }
+
+    /// Whether the mask lives on `gpu`'s device.
+    pub(crate) fn check_device(&self, gpu: &Gpu) -> Result<()> {
+        if self.device != gpu.device {
+            return Err(crate::Error::WrongDevice { tensor: "mask" });
+        }
+        Ok(())
     }
 
     /// Checks that the mask broadcasts to `shape`.

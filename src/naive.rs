@@ -120,22 +120,12 @@ impl NaivePlan {
 }
 
 impl Gpu {
-    /// Standard attention into caller-owned outputs: records and submits.
-    pub fn naive_attention_into(
-        &self,
-        args: &AttentionArgs<'_>,
-        config: &AttentionConfig,
-    ) -> Result<NaivePlan> {
-        self.submit_recorded("naive attention dispatch", |encoder| {
-            self.encode_naive_attention(encoder, args, config)
-        })
-    }
-
-    /// Records standard attention into the caller's encoder: three passes
-    /// per chunk of (batch, head) pairs, over one score buffer allocated
-    /// here. Same operands, options and results as
-    /// [`Gpu::encode_attention`].
-    pub fn encode_naive_attention(
+    /// Records standard attention, the baseline, into `encoder`: three
+    /// passes per chunk of (batch, head) pairs over one score buffer
+    /// allocated here (the full score matrix, as standard attention holds
+    /// it). Same operands, options and results as [`Gpu::forward`]
+    /// without mask or sequences.
+    pub fn naive_attention(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         args: &AttentionArgs<'_>,

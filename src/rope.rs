@@ -91,11 +91,12 @@ impl Rope {
 }
 
 impl Gpu {
-    /// Rotates `tensor` (`[batch, tokens, heads, head_dim]`, f32, head dim
-    /// contiguous) in place: token `t` of sequence `b` is at position
-    /// `first_positions[b] + t`. Submits and returns without waiting.
-    pub fn rope_in_place(
+    /// Records the rotation of `tensor` (`[batch, tokens, heads,
+    /// head_dim]`, f32, head dim contiguous) in place into `encoder`: token
+    /// `t` of sequence `b` is at position `first_positions[b] + t`.
+    pub fn rope(
         &self,
+        encoder: &mut wgpu::CommandEncoder,
         tensor: &Tensor,
         rope: &Rope,
         first_positions: &[u32],
@@ -117,6 +118,7 @@ impl Gpu {
             });
         }
         tensor.check_in_bounds("rope tensor")?;
+        tensor.check_device(self, "rope tensor")?;
         let strides = tensor.strides();
         let params = RopeParams {
             batch: shape.batch as u32,
@@ -149,9 +151,7 @@ impl Gpu {
             &pipeline.bind_group_layout,
             &[&uniform, &starts, &freqs, tensor.buffer()],
         );
-        self.submit_recorded("rope dispatch", |encoder| {
-            encode_dispatches(encoder, "rope", &pipeline, &[bind_group], groups);
-            Ok(())
-        })
+        encode_dispatches(encoder, "rope", &pipeline, &[bind_group], groups);
+        Ok(())
     }
 }

@@ -70,9 +70,16 @@ pub struct Strides {
 
 /// A buffer on the device and a view of it as `[batch, seq, heads, head_dim]`.
 /// Cloning shares the buffer.
+///
+/// Made by uploading ([`Tensor::from_f32`] and friends), by allocating
+/// ([`Tensor::zeros`]), or by wrapping a buffer the caller already owns
+/// ([`Tensor::from_buffer`], no copy). Every call checks that its tensors
+/// belong to the device it runs on.
 #[derive(Debug, Clone)]
 pub struct Tensor {
     buffer: wgpu::Buffer,
+    /// The device the buffer belongs to (operations compare it with theirs).
+    device: wgpu::Device,
     shape: TensorShape,
     strides: Strides,
     /// Element offset of `[0, 0, 0, 0]`.
@@ -162,7 +169,7 @@ impl Tensor {
                 contents: &contents,
                 usage: TENSOR_USAGE,
             });
-        Ok(Self::contiguous(buffer, shape, dtype))
+        Ok(Self::contiguous(gpu, buffer, shape, dtype))
     }
 
     /// A packed BSHD f32 tensor with every element set to `value` (tests
@@ -179,7 +186,7 @@ impl Tensor {
     /// A packed BSHD tensor of zeros (cleared on the device, no upload).
     pub fn zeros(gpu: &Gpu, shape: TensorShape, dtype: DType) -> Result<Self> {
         check_shape("tensor", shape)?;
-        let bytes = (shape.elements() * dtype.size_bytes()) as u64;
+        let bytes = shape_bytes("tensor", shape, dtype)?;
         check_buffer_size(gpu, "tensor", bytes)?;
         // wgpu zero-initialises new buffers.
         let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
@@ -188,17 +195,58 @@ impl Tensor {
             usage: TENSOR_USAGE,
             mapped_at_creation: false,
         });
-        Ok(Self::contiguous(buffer, shape, dtype))
+        Ok(Self::contiguous(gpu, buffer, shape, dtype))
     }
 
-    fn contiguous(buffer: wgpu::Buffer, shape: TensorShape, dtype: DType) -> Self {
+    fn contiguous(gpu: &Gpu, buffer: wgpu::Buffer, shape: TensorShape, dtype: DType) -> Self {
         Tensor {
             buffer,
+            device: gpu.device.clone(),
             strides: shape.contiguous_strides(),
             shape,
             offset: 0,
             dtype,
         }
+    }
+
+    /// Wraps a buffer the caller owns, without a copy: the tensor reads and
+    /// writes `buffer` itself. `offset` and `strides` are in elements;
+    /// the head dim is contiguous. Checked here: the buffer belongs to
+    /// `gpu`'s device, has `STORAGE` usage, is a whole number of 4-byte
+    /// words, and holds every element of the view. Each call then checks
+    /// vec4 alignment (strides and offset multiples of 4 elements) and the
+    /// binding limits. Downloading ([`Tensor::to_f32_vec`]) also needs
+    /// `COPY_SRC`.
+    ///
+    /// ```no_run
+    /// # use wgpu_flash_attn::{DType, Gpu, Tensor, TensorShape};
+    /// # fn f(gpu: &Gpu, activations: wgpu::Buffer) -> Result<(), wgpu_flash_attn::Error> {
+    /// // A BHSD f16 buffer seen as [batch 2, seq 128, heads 8, head_dim 64].
+    /// let shape = TensorShape::new(2, 128, 8, 64);
+    /// let bhsd = wgpu_flash_attn::Strides { batch: 8 * 128 * 64, seq: 64, head: 128 * 64 };
+    /// let q = Tensor::from_buffer(gpu, activations, shape, bhsd, 0, DType::F16)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn from_buffer(
+        gpu: &Gpu,
+        buffer: wgpu::Buffer,
+        shape: TensorShape,
+        strides: Strides,
+        offset: usize,
+        dtype: DType,
+    ) -> Result<Self> {
+        check_shape("tensor", shape)?;
+        check_caller_buffer(gpu, "tensor", &buffer)?;
+        let tensor = Tensor {
+            buffer,
+            device: gpu.device.clone(),
+            shape,
+            strides,
+            offset,
+            dtype,
+        };
+        tensor.check_in_bounds("tensor")?;
+        Ok(tensor)
     }
 
     /// Another view of the same buffer: e.g. one head-interleaved QKV
@@ -207,6 +255,7 @@ impl Tensor {
         check_shape("view", shape)?;
         let view = Tensor {
             buffer: self.buffer.clone(),
+            device: self.device.clone(),
             shape,
             strides,
             offset,
@@ -238,13 +287,28 @@ impl Tensor {
     }
 
     /// One past the largest element index the view touches.
+    /// Saturates instead of wrapping, so an absurd view fails the bounds
+    /// check rather than passing it.
     pub fn extent(&self) -> usize {
         let s = self.shape;
-        self.offset
-            + (s.batch - 1) * self.strides.batch
-            + (s.seq - 1) * self.strides.seq
-            + (s.heads - 1) * self.strides.head
-            + s.head_dim
+        [
+            (s.batch - 1, self.strides.batch),
+            (s.seq - 1, self.strides.seq),
+            (s.heads - 1, self.strides.head),
+            (1, s.head_dim),
+        ]
+        .into_iter()
+        .fold(self.offset, |sum, (n, stride)| {
+            sum.saturating_add(n.saturating_mul(stride))
+        })
+    }
+
+    /// Whether the tensor lives on `gpu`'s device.
+    pub(crate) fn check_device(&self, gpu: &Gpu, tensor: &'static str) -> Result<()> {
+        if self.device != gpu.device {
+            return Err(Error::WrongDevice { tensor });
+        }
+        Ok(())
     }
 
     pub(crate) fn check_in_bounds(&self, tensor: &'static str) -> Result<()> {
@@ -263,7 +327,8 @@ impl Tensor {
     /// Downloads the view as packed BSHD f32 values (f16 and bf16 widen
     /// exactly).
     pub fn to_f32_vec(&self, gpu: &Gpu) -> Result<Vec<f32>> {
-        let bytes: Vec<u8> = read_buffer(gpu, &self.buffer)?;
+        self.check_device(gpu, "tensor")?;
+        let bytes: Vec<u8> = read_buffer(gpu, "tensor", &self.buffer)?;
         let raw: Vec<f32> = match self.dtype {
             DType::F32 => bytes
                 .chunks_exact(4)
@@ -323,7 +388,69 @@ pub(crate) fn check_shape(tensor: &'static str, shape: TensorShape) -> Result<()
             shape: shape.as_array(),
         });
     }
-    Ok(())
+    shape_bytes(tensor, shape, DType::F32).map(|_| ())
+}
+
+/// Bytes of a packed tensor of `shape`, or `ShapeOverflow` when the count
+/// does not fit (so that no later product wraps around).
+pub(crate) fn shape_bytes(tensor: &'static str, shape: TensorShape, dtype: DType) -> Result<u64> {
+    shape
+        .as_array()
+        .into_iter()
+        .chain([dtype.size_bytes()])
+        .try_fold(1usize, usize::checked_mul)
+        .and_then(|bytes| u64::try_from(bytes).ok())
+        .ok_or(Error::ShapeOverflow {
+            tensor,
+            shape: shape.as_array(),
+        })
+}
+
+/// `BufferUsage` unless `buffer` has `needed` (a caller's buffer may lack
+/// what a particular call does with it).
+pub(crate) fn require_usage(
+    tensor: &'static str,
+    buffer: &wgpu::Buffer,
+    needed: wgpu::BufferUsages,
+    why: &'static str,
+) -> Result<()> {
+    if buffer.usage().contains(needed) {
+        return Ok(());
+    }
+    Err(Error::BufferUsage {
+        tensor,
+        usage: format!("{:?}", buffer.usage()),
+        needed: if needed == wgpu::BufferUsages::COPY_SRC {
+            "COPY_SRC"
+        } else if needed == wgpu::BufferUsages::COPY_DST {
+            "COPY_DST"
+        } else {
+            "STORAGE"
+        },
+        why,
+    })
+}
+
+/// Checks a buffer the caller hands over: this device's, usable as
+/// storage, whole 4-byte words.
+pub(crate) fn check_caller_buffer(
+    gpu: &Gpu,
+    tensor: &'static str,
+    buffer: &wgpu::Buffer,
+) -> Result<()> {
+    require_usage(
+        tensor,
+        buffer,
+        wgpu::BufferUsages::STORAGE,
+        "bind it to the kernels",
+    )?;
+    if !buffer.size().is_multiple_of(4) {
+        return Err(Error::BufferSize {
+            tensor,
+            bytes: buffer.size(),
+        });
+    }
+    gpu.check_own_buffer(tensor, buffer)
 }
 
 pub(crate) fn check_buffer_size(gpu: &Gpu, tensor: &'static str, bytes: u64) -> Result<()> {
@@ -356,7 +483,12 @@ pub(crate) fn check_binding_size(gpu: &Gpu, tensor: &'static str, bytes: u64) ->
 }
 
 /// Copies a whole storage buffer back to the host.
-pub(crate) fn read_buffer<T: bytemuck::Pod>(gpu: &Gpu, buffer: &wgpu::Buffer) -> Result<Vec<T>> {
+pub(crate) fn read_buffer<T: bytemuck::Pod>(
+    gpu: &Gpu,
+    name: &'static str,
+    buffer: &wgpu::Buffer,
+) -> Result<Vec<T>> {
+    require_usage(name, buffer, wgpu::BufferUsages::COPY_SRC, "download it")?;
     let size = buffer.size();
     let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("wgpu-flash-attn readback"),

@@ -85,7 +85,7 @@ impl Stopwatch {
     }
 
     fn elapsed_ms(&self, gpu: &Gpu) -> Result<f64> {
-        let ticks: Vec<u64> = read_buffer(gpu, &self.resolved)?;
+        let ticks: Vec<u64> = read_buffer(gpu, "timestamps", &self.resolved)?;
         let delta = ticks[1]
             .checked_sub(ticks[0])
             .ok_or_else(|| Error::Readback(format!("timestamps went backwards: {ticks:?}")))?;

@@ -10,27 +10,7 @@ use crate::attention::{AttentionArgs, Lse, check_lse_output};
 use crate::config::AttentionConfig;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::tensor::{Tensor, TensorShape};
-
-/// A packed batch: sequence `i` holds query tokens
-/// `cu_seqlens_q[i]..cu_seqlens_q[i + 1]` and key tokens
-/// `cu_seqlens_k[i]..cu_seqlens_k[i + 1]`.
-#[derive(Debug, Clone, Copy)]
-pub struct VarlenArgs<'a> {
-    /// `[1, total_q, heads_q, head_dim]`.
-    pub q: &'a Tensor,
-    /// `[1, total_k, heads_kv, head_dim]`.
-    pub k: &'a Tensor,
-    pub v: &'a Tensor,
-    /// Shaped like `q`.
-    pub out: &'a Tensor,
-    /// `[1, heads_q, total_q]`.
-    pub lse: Option<&'a Lse>,
-    /// `batch + 1` non-decreasing offsets from 0 to `total_q`.
-    pub cu_seqlens_q: &'a [usize],
-    /// `batch + 1` non-decreasing offsets from 0 to `total_k`.
-    pub cu_seqlens_k: &'a [usize],
-}
+use crate::tensor::{Tensor, TensorShape, require_usage};
 
 /// Valid lengths of each sequence of a dense batch.
 #[derive(Debug, Clone, Copy)]
@@ -81,26 +61,16 @@ fn check_offsets(name: &'static str, offsets: &[usize], total: usize) -> Result<
 }
 
 impl Gpu {
-    /// Attention of a packed variable-length batch: exactly what running
-    /// each sequence alone gives (sequences of length 0 are allowed).
-    /// Records one dispatch per non-empty sequence; submits and returns
-    /// without waiting.
-    pub fn varlen_attention_into(
-        &self,
-        args: &VarlenArgs<'_>,
-        config: &AttentionConfig,
-    ) -> Result<()> {
-        self.submit_recorded("varlen attention", |encoder| {
-            self.encode_varlen_attention(encoder, args, config)
-        })
-    }
-
-    /// Records [`Gpu::varlen_attention_into`] into the caller's encoder.
-    pub fn encode_varlen_attention(
+    /// A packed variable-length batch ([`crate::Sequences::Varlen`]):
+    /// exactly what running each sequence alone gives (sequences of length
+    /// 0 are allowed). Records one dispatch per non-empty sequence.
+    pub(crate) fn encode_varlen_attention(
         &self,
         encoder: &mut wgpu::CommandEncoder,
-        args: &VarlenArgs<'_>,
+        args: &AttentionArgs<'_>,
         config: &AttentionConfig,
+        cu_seqlens_q: &[usize],
+        cu_seqlens_k: &[usize],
     ) -> Result<()> {
         let (q, k) = (args.q.shape(), args.k.shape());
         for (name, tensor) in [
@@ -119,19 +89,18 @@ impl Gpu {
                 });
             }
         }
-        check_offsets("cu_seqlens_q", args.cu_seqlens_q, q.seq)?;
-        check_offsets("cu_seqlens_k", args.cu_seqlens_k, k.seq)?;
-        if args.cu_seqlens_q.len() != args.cu_seqlens_k.len() {
+        check_offsets("cu_seqlens_q", cu_seqlens_q, q.seq)?;
+        check_offsets("cu_seqlens_k", cu_seqlens_k, k.seq)?;
+        if cu_seqlens_q.len() != cu_seqlens_k.len() {
             return Err(Error::DataLength {
                 tensor: "cu_seqlens_k (one entry per cu_seqlens_q entry)",
-                expected: args.cu_seqlens_q.len(),
-                got: args.cu_seqlens_k.len(),
+                expected: cu_seqlens_q.len(),
+                got: cu_seqlens_k.len(),
             });
         }
-        let sequences = args
-            .cu_seqlens_q
+        let sequences = cu_seqlens_q
             .windows(2)
-            .zip(args.cu_seqlens_k.windows(2))
+            .zip(cu_seqlens_k.windows(2))
             .map(|(qs, ks)| Sequence {
                 batch: 0,
                 q_start: qs[0],
@@ -141,34 +110,15 @@ impl Gpu {
                 kv_len: ks[1] - ks[0],
             })
             .collect();
-        let dense = AttentionArgs {
-            q: args.q,
-            k: args.k,
-            v: args.v,
-            out: args.out,
-            lse: args.lse,
-        };
-        self.encode_sequences(encoder, &dense, config, sequences, Vec::new())
+        self.encode_sequences(encoder, args, config, sequences, Vec::new())
     }
 
-    /// Attention of a dense batch where sequence `b` has `lens.kv[b]` valid
-    /// keys (and, if given, `lens.q[b]` valid queries): the keys past it are
-    /// neither read nor attended, as a key-padding mask would do, but no
-    /// work is spent on them. Causal and windows align each sequence's
-    /// valid queries with its valid keys (bottom-right).
-    pub fn padded_attention_into(
-        &self,
-        args: &AttentionArgs<'_>,
-        config: &AttentionConfig,
-        lens: &ValidLengths<'_>,
-    ) -> Result<()> {
-        self.submit_recorded("padded attention", |encoder| {
-            self.encode_padded_attention(encoder, args, config, lens)
-        })
-    }
-
-    /// Records [`Gpu::padded_attention_into`] into the caller's encoder.
-    pub fn encode_padded_attention(
+    /// A dense batch where sequence `b` has `lens.kv[b]` valid keys (and,
+    /// if given, `lens.q[b]` valid queries): the keys past it are neither
+    /// read nor attended, as a key-padding mask would do, but no work is
+    /// spent on them. Causal and windows align each sequence's valid
+    /// queries with its valid keys (bottom-right).
+    pub(crate) fn encode_padded_attention(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         args: &AttentionArgs<'_>,
@@ -233,11 +183,14 @@ impl Gpu {
         let (q_shape, kv_shape) = (args.q.shape(), args.k.shape());
         // Q, K, V and O agree (batch, heads, head dim; O shaped like Q).
         args.shape()?;
-        check_lse_output(
-            args.lse,
-            config,
-            [q_shape.batch, q_shape.heads, q_shape.seq],
-        )?;
+        check_lse_output(self, args.lse, [q_shape.batch, q_shape.heads, q_shape.seq])?;
+        // Rows that see no key are cleared, and the logsumexp is assembled
+        // from each sequence's, by buffer copies.
+        let copies = wgpu::BufferUsages::COPY_DST;
+        require_usage("out", args.out.buffer(), copies, "clear rows without keys")?;
+        if let Some(lse) = args.lse {
+            require_usage("lse", lse.buffer(), copies, "assemble it per sequence")?;
+        }
         let view = |tensor: &Tensor, batch: usize, start: usize, len: usize, heads: usize| {
             let s = tensor.strides();
             tensor.view(
@@ -279,10 +232,6 @@ impl Gpu {
             };
             calls.push((seq, q, k, v, out, lse));
         }
-        let with_lse = AttentionConfig {
-            return_lse: args.lse.is_some(),
-            ..config.clone()
-        };
         for (seq, q, k, v, out, lse) in &calls {
             let call = AttentionArgs {
                 q,
@@ -291,7 +240,7 @@ impl Gpu {
                 out,
                 lse: lse.as_ref(),
             };
-            self.encode_attention(encoder, &call, &with_lse)?;
+            self.encode_forward(encoder, &call, config, None)?;
             if let (Some(part), Some(whole)) = (lse, args.lse) {
                 // [1, heads, len] into rows q_start.. of [batch, heads, seq].
                 let len = seq.q_len as u64 * 4;

@@ -8,8 +8,9 @@ mod common;
 use common::gpu;
 use wgpu_flash_attn::random::SeededRng;
 use wgpu_flash_attn::{
-    Alibi, AttentionConfig, AttentionShape, DecodeArgs, DecodePlan, Error, Gpu, KvCache,
-    KvCacheConfig, KvLayout, Lse, Rope, RopeStyle, Tensor, TensorShape, Tier, reference,
+    Alibi, AttentionArgs, AttentionConfig, AttentionShape, DecodeArgs, DecodeOptions, DecodePlan,
+    Error, Gpu, KeyRotation, KvCache, KvCacheConfig, KvLayout, Lse, Rope, RopeStyle, Tensor,
+    TensorShape, Tier, reference,
 };
 
 const HEADS_Q: usize = 8;
@@ -40,7 +41,7 @@ fn fill(gpu: &Gpu, config: KvCacheConfig, lens: &[usize], seed: u64) -> Filled {
         assert!(per_seq * page_size >= longest, "test pool too small");
         for b in 0..config.batch {
             cache
-                .set_block_table(gpu, b, &pool[b * per_seq..(b + 1) * per_seq])
+                .set_block_table(b, &pool[b * per_seq..(b + 1) * per_seq])
                 .unwrap();
         }
     }
@@ -57,7 +58,7 @@ fn fill(gpu: &Gpu, config: KvCacheConfig, lens: &[usize], seed: u64) -> Filled {
         let vd = rng.normal_vec(shape.elements(), 1.0);
         let kt = Tensor::from_f32(gpu, shape, &kd).unwrap();
         let vt = Tensor::from_f32(gpu, shape, &vd).unwrap();
-        cache.append(gpu, &kt, &vt).unwrap();
+        gpu.run(|e| cache.append(gpu, e, &kt, &vt, None)).unwrap();
         for b in 0..config.batch {
             let rows = b * chunk * token..(b + 1) * chunk * token;
             k[b].extend_from_slice(&kd[rows.clone()]);
@@ -66,7 +67,7 @@ fn fill(gpu: &Gpu, config: KvCacheConfig, lens: &[usize], seed: u64) -> Filled {
         written += chunk;
     }
     for (b, &len) in lens.iter().enumerate() {
-        cache.set_len(gpu, b, len).unwrap();
+        cache.set_len(b, len).unwrap();
         k[b].truncate(len * token);
         v[b].truncate(len * token);
     }
@@ -80,8 +81,9 @@ fn decode_errors(
     filled: &Filled,
     q: &[f32],
     seq_q: usize,
-    config: &AttentionConfig,
+    options: &DecodeOptions,
 ) -> (f64, f64, DecodePlan) {
+    let config = &options.config;
     let cache = &filled.cache;
     let head_dim = cache.head_dim();
     let q_shape = TensorShape::new(cache.batch(), seq_q, HEADS_Q, head_dim);
@@ -94,7 +96,7 @@ fn decode_errors(
         out: &out,
         lse: Some(&lse),
     };
-    let plan = gpu.decode_into(&args, config).unwrap();
+    let plan = gpu.run(|e| gpu.decode(e, &args, options.clone())).unwrap();
     let got = out.to_f32_vec(gpu).unwrap();
     let got_lse = lse.to_vec(gpu).unwrap();
     let per_seq = seq_q * HEADS_Q * head_dim;
@@ -166,7 +168,8 @@ fn decode_matches_the_reference_over_lengths_and_options() {
     for seq_q in [1, 2, 7, 16] {
         for (i, (name, options)) in options.iter().enumerate() {
             let q = queries(LENS.len(), seq_q, head_dim, (seq_q * 10 + i) as u64);
-            let (out_err, lse_err, plan) = decode_errors(gpu, &filled, &q, seq_q, options);
+            let (out_err, lse_err, plan) =
+                decode_errors(gpu, &filled, &q, seq_q, &DecodeOptions::new(options));
             assert!(
                 out_err <= 1e-4 && lse_err <= 1e-4,
                 "seq_q {seq_q}, {name}: out error {out_err:.2e}, lse error {lse_err:.2e} ({plan:?})"
@@ -195,10 +198,11 @@ fn forced_split_counts_match_the_reference() {
     {
         for causal in [false, true] {
             let q = queries(lens.len(), 2, head_dim, splits as u64);
-            let mut options = AttentionConfig::new().causal(causal).kv_splits(splits);
+            let mut config = AttentionConfig::new().causal(causal);
             if let Some(tier) = tier {
-                options = options.tier(tier);
+                config = config.tier(tier);
             }
+            let options = DecodeOptions::new(&config).kv_splits(splits);
             let (out_err, lse_err, plan) = decode_errors(gpu, &filled, &q, 2, &options);
             assert_eq!(plan.splits as usize, splits);
             assert_eq!(plan.slots as usize, splits * filled.cache.segment_count());
@@ -229,7 +233,7 @@ fn paged_and_contiguous_caches_agree() {
     );
     let q = queries(lens.len(), 3, head_dim, 7);
     let options = AttentionConfig::new().causal(true);
-    let (base_err, _, _) = decode_errors(gpu, &contiguous, &q, 3, &options);
+    let (base_err, _, _) = decode_errors(gpu, &contiguous, &q, 3, &DecodeOptions::new(&options));
     assert!(base_err <= 1e-4, "contiguous: {base_err:.2e}");
     for page_size in [16, 64, 256] {
         let pages = lens.len() * 768usize.div_ceil(page_size);
@@ -254,7 +258,7 @@ fn paged_and_contiguous_caches_agree() {
         let (k0, v0) = paged.cache.read_sequence(gpu, 0).unwrap();
         assert_eq!(k0, contiguous.k[0], "page size {page_size}: K read back");
         assert_eq!(v0, contiguous.v[0], "page size {page_size}: V read back");
-        let (err, _, _) = decode_errors(gpu, &paged, &q, 3, &options);
+        let (err, _, _) = decode_errors(gpu, &paged, &q, 3, &DecodeOptions::new(&options));
         assert!(err <= 1e-4, "page size {page_size}: {err:.2e}");
     }
 }
@@ -271,7 +275,7 @@ fn merging_two_halves_equals_attention_over_all_keys() {
         head_dim: 48,
     };
     let inputs = common::Inputs::draw(&shape, 0x5eed_3e26, 1.0);
-    let config = AttentionConfig::new().return_lse(true);
+    let config = AttentionConfig::new();
     let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
     let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
     let k = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap();
@@ -285,16 +289,23 @@ fn merging_two_halves_equals_attention_over_all_keys() {
             let offset = start * strides.seq;
             let kv = k.view(dims, strides, offset).unwrap();
             let vv = v.view(dims, strides, offset).unwrap();
-            gpu.attention(&q, &kv, &vv, &config).unwrap()
+            let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
+            let lse = Lse::new(gpu, 2, 4, 5).unwrap();
+            let args = AttentionArgs {
+                q: &q,
+                k: &kv,
+                v: &vv,
+                out: &out,
+                lse: Some(&lse),
+            };
+            gpu.run(|e| gpu.forward(e, &args, &config)).unwrap();
+            (out, lse)
         })
         .collect();
     let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
     let lse = Lse::new(gpu, 2, 4, 5).unwrap();
-    let refs: Vec<_> = parts
-        .iter()
-        .map(|p| (&p.out, p.lse.as_ref().unwrap()))
-        .collect();
-    gpu.merge_attention(&refs, &out, Some(&lse)).unwrap();
+    let refs: Vec<_> = parts.iter().map(|(out, lse)| (out, lse)).collect();
+    gpu.run(|e| gpu.merge(e, &refs, &out, Some(&lse))).unwrap();
     let got = out.to_f32_vec(gpu).unwrap();
     let got_lse = lse.to_vec(gpu).unwrap();
     let err = got
@@ -312,7 +323,7 @@ fn merging_two_halves_equals_attention_over_all_keys() {
         "merge: {err:.2e} / {lse_err:.2e}"
     );
     assert!(matches!(
-        gpu.merge_attention(&[], &out, None),
+        gpu.run(|e| gpu.merge(e, &[], &out, None)),
         Err(Error::NothingToMerge)
     ));
 }
@@ -339,7 +350,7 @@ fn rope_kernels_match_a_cpu_rope() {
             let data = rng.normal_vec(shape.elements(), 1.0);
             let tensor = Tensor::from_f32(gpu, shape, &data).unwrap();
             let starts = [0u32, 70_000];
-            gpu.rope_in_place(&tensor, &rope, &starts).unwrap();
+            gpu.run(|e| gpu.rope(e, &tensor, &rope, &starts)).unwrap();
             let want = reference::rope(&rope, shape, &data, &[0, 70_000]).unwrap();
             let err = max_error(&tensor.to_f32_vec(gpu).unwrap(), &want);
             assert!(err <= 2e-4, "{rope:?} in place: {err:.2e}");
@@ -359,26 +370,46 @@ fn rope_kernels_match_a_cpu_rope() {
                 ),
             )
             .unwrap();
-            cache.set_block_table(gpu, 0, &[5, 1, 6]).unwrap();
-            cache.set_block_table(gpu, 1, &[0, 7, 2, 3]).unwrap();
+            cache.set_block_table(0, &[5, 1, 6]).unwrap();
+            cache.set_block_table(1, &[0, 7, 2, 3]).unwrap();
             let first = TensorShape::new(2, 20, 3, 64);
             let k1 = rng.normal_vec(first.elements(), 1.0);
             let v1 = rng.normal_vec(first.elements(), 1.0);
             let offsets = [3u32, 1000];
             let k1t = Tensor::from_f32(gpu, first, &k1).unwrap();
             let v1t = Tensor::from_f32(gpu, first, &v1).unwrap();
-            cache
-                .append_rotated(gpu, &k1t, &v1t, &rope, &offsets)
-                .unwrap();
+            gpu.run(|e| {
+                cache.append(
+                    gpu,
+                    e,
+                    &k1t,
+                    &v1t,
+                    Some(KeyRotation {
+                        rope: &rope,
+                        position_offsets: &offsets,
+                    }),
+                )
+            })
+            .unwrap();
             assert_eq!(cache.next_positions(&offsets), vec![23, 1020]);
             let second = TensorShape::new(2, 7, 3, 64);
             let k2 = rng.normal_vec(second.elements(), 1.0);
             let v2 = rng.normal_vec(second.elements(), 1.0);
             let k2t = Tensor::from_f32(gpu, second, &k2).unwrap();
             let v2t = Tensor::from_f32(gpu, second, &v2).unwrap();
-            cache
-                .append_rotated(gpu, &k2t, &v2t, &rope, &offsets)
-                .unwrap();
+            gpu.run(|e| {
+                cache.append(
+                    gpu,
+                    e,
+                    &k2t,
+                    &v2t,
+                    Some(KeyRotation {
+                        rope: &rope,
+                        position_offsets: &offsets,
+                    }),
+                )
+            })
+            .unwrap();
             assert_eq!(cache.lens(), &[27, 27]);
             let want1 = reference::rope(&rope, first, &k1, &[3, 1000]).unwrap();
             let want2 = reference::rope(&rope, second, &k2, &[23, 1020]).unwrap();
@@ -419,7 +450,7 @@ fn bad_cache_input_is_a_typed_error() {
     }
     let mut cache = KvCache::new(gpu, paged(16)).unwrap();
     assert!(matches!(
-        cache.set_block_table(gpu, 1, &[0, 4]),
+        cache.set_block_table(1, &[0, 4]),
         Err(Error::BlockTablePage {
             sequence: 1,
             index: 1,
@@ -428,16 +459,16 @@ fn bad_cache_input_is_a_typed_error() {
         })
     ));
     assert!(matches!(
-        cache.set_block_table(gpu, 2, &[0]),
+        cache.set_block_table(2, &[0]),
         Err(Error::CacheSequence {
             sequence: 2,
             batch: 2
         })
     ));
-    cache.set_block_table(gpu, 0, &[0, 1]).unwrap();
-    cache.set_block_table(gpu, 1, &[2]).unwrap();
+    cache.set_block_table(0, &[0, 1]).unwrap();
+    cache.set_block_table(1, &[2]).unwrap();
     assert!(matches!(
-        cache.set_len(gpu, 1, 17),
+        cache.set_len(1, 17),
         Err(Error::CacheCapacity {
             sequence: 1,
             needed: 17,
@@ -447,7 +478,7 @@ fn bad_cache_input_is_a_typed_error() {
     let tokens = TensorShape::new(2, 17, 2, 32);
     let k = Tensor::filled(gpu, tokens, 0.5).unwrap();
     assert!(matches!(
-        cache.append(gpu, &k, &k),
+        gpu.run(|e| cache.append(gpu, e, &k, &k, None)),
         Err(Error::CacheCapacity {
             sequence: 1,
             needed: 17,
@@ -457,19 +488,28 @@ fn bad_cache_input_is_a_typed_error() {
     assert_eq!(cache.lens(), &[0, 0], "a failed append changes nothing");
     let wrong_heads = Tensor::filled(gpu, TensorShape::new(2, 1, 3, 32), 0.5).unwrap();
     assert!(matches!(
-        cache.append(gpu, &wrong_heads, &wrong_heads),
+        gpu.run(|e| cache.append(gpu, e, &wrong_heads, &wrong_heads, None)),
         Err(Error::ShapeMismatch { .. })
     ));
     let rope = Rope::new(RopeStyle::HalfSplit).rotary_dim(33);
     let one = Tensor::filled(gpu, TensorShape::new(2, 1, 2, 32), 0.5).unwrap();
     assert!(matches!(
-        cache.append_rotated(gpu, &one, &one, &rope, &[0, 0]),
+        gpu.run(|e| cache.append(
+            gpu,
+            e,
+            &one,
+            &one,
+            Some(KeyRotation {
+                rope: &rope,
+                position_offsets: &[0, 0]
+            })
+        )),
         Err(Error::RotaryDim {
             rotary_dim: 33,
             head_dim: 32
         })
     ));
-    cache.append(gpu, &one, &one).unwrap();
+    gpu.run(|e| cache.append(gpu, e, &one, &one, None)).unwrap();
     let q = Tensor::filled(gpu, TensorShape::new(2, 1, 4, 32), 0.5).unwrap();
     let out = Tensor::filled(gpu, TensorShape::new(2, 1, 4, 32), 0.0).unwrap();
     let args = DecodeArgs {
@@ -479,7 +519,11 @@ fn bad_cache_input_is_a_typed_error() {
         lse: None,
     };
     assert!(matches!(
-        gpu.decode_into(&args, &AttentionConfig::new().kv_splits(0)),
+        gpu.run(|e| gpu.decode(
+            e,
+            &args,
+            DecodeOptions::new(&AttentionConfig::new()).kv_splits(0)
+        )),
         Err(Error::KvSplits(0))
     ));
     let q3 = Tensor::filled(gpu, TensorShape::new(3, 1, 4, 32), 0.5).unwrap();
@@ -490,7 +534,7 @@ fn bad_cache_input_is_a_typed_error() {
         lse: None,
     };
     assert!(matches!(
-        gpu.decode_into(&args, &AttentionConfig::new()),
+        gpu.run(|e| gpu.decode(e, &args, AttentionConfig::new())),
         Err(Error::ShapeMismatch { .. })
     ));
 }
@@ -527,7 +571,8 @@ fn caches_split_over_several_buffers_match_the_reference() {
         for (seq_q, causal) in [(1, false), (5, true)] {
             let q = queries(lens.len(), seq_q, head_dim, seq_q as u64);
             let options = AttentionConfig::new().causal(causal);
-            let (out_err, lse_err, plan) = decode_errors(gpu, &filled, &q, seq_q, &options);
+            let (out_err, lse_err, plan) =
+                decode_errors(gpu, &filled, &q, seq_q, &DecodeOptions::new(&options));
             assert!(
                 out_err <= 1e-4 && lse_err <= 1e-4,
                 "{layout:?}, seq_q {seq_q}: out {out_err:.2e}, lse {lse_err:.2e} ({plan:?})"

@@ -63,7 +63,7 @@ fn llama_405b_decode_over_128k_cached_tokens() {
         let v = rng.normal_vec(chunk_shape.elements(), 1.0);
         let kt = Tensor::from_f32(gpu, chunk_shape, &k).unwrap();
         let vt = Tensor::from_f32(gpu, chunk_shape, &v).unwrap();
-        cache.append(gpu, &kt, &vt).unwrap();
+        gpu.run(|e| cache.append(gpu, e, &kt, &vt, None)).unwrap();
         for token in 0..CHUNK {
             for (slot, &head) in kv_heads.iter().enumerate() {
                 let at = (token * HEADS_KV + head) * HEAD_DIM;
@@ -83,15 +83,18 @@ fn llama_405b_decode_over_128k_cached_tokens() {
     let config = AttentionConfig::new().causal(true);
     let started = std::time::Instant::now();
     let plan = gpu
-        .decode_into(
-            &DecodeArgs {
-                q: &q_t,
-                cache: &cache,
-                out: &out,
-                lse: Some(&lse),
-            },
-            &config,
-        )
+        .run(|e| {
+            gpu.decode(
+                e,
+                &DecodeArgs {
+                    q: &q_t,
+                    cache: &cache,
+                    out: &out,
+                    lse: Some(&lse),
+                },
+                &config,
+            )
+        })
         .unwrap();
     let got = out.to_f32_vec(gpu).unwrap();
     let got_lse = lse.to_vec(gpu).unwrap();

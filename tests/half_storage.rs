@@ -111,7 +111,7 @@ fn errors(
         out: &out,
         lse: None,
     };
-    gpu.attention_into(&args, config).unwrap();
+    gpu.run(|e| gpu.forward(e, &args, config)).unwrap();
     let got = out.to_f32_vec(gpu).unwrap();
     let want = reference::attention(shape, &held.q, &held.k, &held.v, config)
         .unwrap()
@@ -229,7 +229,7 @@ fn mixed_storage_types_are_a_typed_error() {
         out: &out,
         lse: None,
     };
-    match gpu.attention_into(&args, &AttentionConfig::new()) {
+    match gpu.run(|e| gpu.forward(e, &args, AttentionConfig::new())) {
         Err(Error::DTypeUnsupported {
             tensor: "v",
             got: DType::BF16,
@@ -244,7 +244,7 @@ fn mixed_storage_types_are_a_typed_error() {
         ..args
     };
     assert!(matches!(
-        gpu.attention_into(&args, &AttentionConfig::new()),
+        gpu.run(|e| gpu.forward(e, &args, AttentionConfig::new())),
         Err(Error::DTypeUnsupported {
             tensor: "out",
             got: DType::F32,

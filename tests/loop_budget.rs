@@ -8,8 +8,8 @@ mod common;
 
 use common::{Inputs, gpu};
 use wgpu_flash_attn::{
-    AttentionConfig, AttentionShape, DType, DecodeArgs, Error, ForwardPlan, KvCache, KvCacheConfig,
-    KvLayout, Tensor, TensorShape, Tier, reference,
+    AttentionArgs, AttentionConfig, AttentionShape, DType, DecodeArgs, DecodeOptions, Error,
+    ForwardPlan, KvCache, KvCacheConfig, KvLayout, Tensor, TensorShape, Tier, reference,
 };
 
 #[test]
@@ -61,12 +61,16 @@ fn the_longest_allowed_call_is_exact_and_the_next_is_refused() {
     let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
     let k = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap();
     let v = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.v).unwrap();
-    let got = gpu
-        .attention(&q, &k, &v, &config)
-        .unwrap()
-        .out
-        .to_f32_vec(gpu)
-        .unwrap();
+    let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
+    let args = AttentionArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: None,
+    };
+    gpu.run(|e| gpu.forward(e, &args, &config)).unwrap();
+    let got = out.to_f32_vec(gpu).unwrap();
     let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
     let err = got
         .iter()
@@ -90,7 +94,8 @@ fn decoding_splits_long_caches_under_the_budget() {
     )
     .unwrap();
     let tokens = Tensor::filled(gpu, TensorShape::new(1, len, 1, 128), 0.25).unwrap();
-    cache.append(gpu, &tokens, &tokens).unwrap();
+    gpu.run(|e| cache.append(gpu, e, &tokens, &tokens, None))
+        .unwrap();
     let q = Tensor::filled(gpu, TensorShape::new(1, 1, 1, 128), 0.5).unwrap();
     let fresh_out = || Tensor::filled(gpu, TensorShape::new(1, 1, 1, 128), f32::NAN).unwrap();
     // The portable decode kernel spends ~74 trips per 16 keys at d=128,
@@ -107,7 +112,7 @@ fn decoding_splits_long_caches_under_the_budget() {
             out: &out,
             lse: None,
         };
-        let plan = gpu.decode_into(&args, &config).unwrap();
+        let plan = gpu.run(|e| gpu.decode(e, &args, &config)).unwrap();
         let trips = plan
             .specialization
             .loop_trips(u64::from(plan.split_keys))
@@ -125,9 +130,9 @@ fn decoding_splits_long_caches_under_the_budget() {
         out: &out,
         lse: None,
     };
-    let one_split = AttentionConfig::new().tier(Tier::Portable).kv_splits(1);
+    let one_split = DecodeOptions::new(&AttentionConfig::new().tier(Tier::Portable)).kv_splits(1);
     assert!(matches!(
-        gpu.decode_into(&args, &one_split),
+        gpu.run(|e| gpu.decode(e, &args, one_split.clone())),
         Err(Error::LoopBudget { .. })
     ));
 }

@@ -10,8 +10,8 @@ use common::{Inputs, gpu};
 use wgpu_flash_attn::random::SeededRng;
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BlockLayout, Error, Gpu, Lse,
-    Tensor, patterns,
+    AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BlockLayout, Error,
+    ForwardOptions, Gpu, Lse, Tensor, patterns,
 };
 
 /// Runs a masked call (NaN-poisoned outputs) and returns out and lse.
@@ -34,7 +34,8 @@ fn run_masked(
         out: &out,
         lse: Some(&lse),
     };
-    gpu.masked_attention_into(&args, config, mask).unwrap();
+    gpu.run(|e| gpu.forward(e, &args, ForwardOptions::new(config).mask(mask)))
+        .unwrap();
     (out.to_f32_vec(gpu).unwrap(), lse.to_vec(gpu).unwrap())
 }
 
@@ -276,7 +277,13 @@ fn bad_masks_are_typed_errors() {
     ] {
         let n = dims.iter().product();
         let mask = AttentionMask::boolean(gpu, dims, &vec![true; n]).unwrap();
-        match gpu.masked_attention_into(&args, &AttentionConfig::new(), &mask) {
+        match gpu.run(|e| {
+            gpu.forward(
+                e,
+                &args,
+                ForwardOptions::new(&AttentionConfig::new()).mask(&mask),
+            )
+        }) {
             Err(Error::MaskShape {
                 dims: got,
                 shape: s,

@@ -92,7 +92,7 @@ fn naive_reports_a_score_matrix_that_cannot_fit() {
         out: &out,
         lse: None,
     };
-    match gpu.naive_attention_into(&args, &AttentionConfig::new()) {
+    match gpu.run(|e| gpu.naive_attention(e, &args, &AttentionConfig::new())) {
         Err(Error::ScoresTooLarge {
             bytes_per_head,
             total_bytes,

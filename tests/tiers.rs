@@ -54,7 +54,7 @@ fn run_tier(
         out: &out,
         lse: None,
     };
-    gpu.attention_into(&args, &config).unwrap();
+    gpu.run(|e| gpu.forward(e, &args, &config)).unwrap();
     let got = out.to_f32_vec(gpu).unwrap();
     let want = reference::attention(shape, &q, &k, &v, &config)
         .unwrap()
@@ -153,7 +153,7 @@ fn forcing_a_tier_the_adapter_lacks_is_a_typed_error() {
         };
         let config = AttentionConfig::new().tier(Tier::SubgroupBroadcast);
         assert!(matches!(
-            gpu.attention_into(&args, &config),
+            gpu.run(|e| gpu.forward(e, &args, &config)),
             Err(Error::TierUnavailable { .. })
         ));
     }

@@ -68,10 +68,7 @@ fn repeated_timing_grows_with_the_repeats() {
         lse: None,
     };
     let time = |repeats| {
-        time_gpu_repeated(gpu, repeats, |encoder| {
-            gpu.encode_attention(encoder, &args, &config)
-        })
-        .unwrap()
+        time_gpu_repeated(gpu, repeats, |encoder| gpu.forward(encoder, &args, &config)).unwrap()
     };
     time(1); // compile the pipeline outside the comparison
     let (once, timer) = time(1);

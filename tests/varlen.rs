@@ -7,8 +7,8 @@ mod common;
 use common::gpu;
 use wgpu_flash_attn::random::SeededRng;
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionShape, Error, Gpu, Lse, Tensor, TensorShape,
-    ValidLengths, VarlenArgs, reference,
+    AttentionArgs, AttentionConfig, AttentionShape, Error, ForwardOptions, Gpu, Lse, Tensor,
+    TensorShape, ValidLengths, reference,
 };
 
 const HEADS_Q: usize = 6;
@@ -92,16 +92,15 @@ fn a_packed_batch_equals_each_sequence_alone() {
     ] {
         let out = Tensor::filled(gpu, qt.shape(), f32::NAN).unwrap();
         let lse = Lse::new(gpu, 1, HEADS_Q, total_q).unwrap();
-        let args = VarlenArgs {
+        let args = AttentionArgs {
             q: &qt,
             k: &kt,
             v: &vt,
             out: &out,
             lse: Some(&lse),
-            cu_seqlens_q: &cu_q,
-            cu_seqlens_k: &cu_k,
         };
-        gpu.varlen_attention_into(&args, &config).unwrap();
+        let options = ForwardOptions::new(&config).varlen(&cu_q, &cu_k);
+        gpu.run(|e| gpu.forward(e, &args, options.clone())).unwrap();
         let got = out.to_f32_vec(gpu).unwrap();
         let got_lse = lse.to_vec(gpu).unwrap();
         let (qt_row, kv_row) = (HEADS_Q * HEAD_DIM, HEADS_KV * HEAD_DIM);
@@ -158,7 +157,8 @@ fn valid_lengths_skip_padding_and_zero_padded_rows() {
             q: Some(&q_lens),
             kv: &kv_lens,
         };
-        gpu.padded_attention_into(&args, &config, &lens).unwrap();
+        gpu.run(|e| gpu.forward(e, &args, ForwardOptions::new(&config).valid_lengths(lens)))
+            .unwrap();
         let got = out.to_f32_vec(gpu).unwrap();
         let got_lse = lse.to_vec(gpu).unwrap();
         let (q_row, kv_row) = (HEADS_Q * HEAD_DIM, HEADS_KV * HEAD_DIM);
@@ -203,18 +203,15 @@ fn bad_offsets_and_lengths_are_typed_errors() {
     let k = packed(gpu, 8, HEADS_KV, &vec![0.5; 8 * HEADS_KV * HEAD_DIM]);
     let out = Tensor::filled(gpu, q.shape(), 0.0).unwrap();
     let run = |cu_q: &[usize], cu_k: &[usize]| {
-        gpu.varlen_attention_into(
-            &VarlenArgs {
-                q: &q,
-                k: &k,
-                v: &k,
-                out: &out,
-                lse: None,
-                cu_seqlens_q: cu_q,
-                cu_seqlens_k: cu_k,
-            },
-            &AttentionConfig::new(),
-        )
+        let args = AttentionArgs {
+            q: &q,
+            k: &k,
+            v: &k,
+            out: &out,
+            lse: None,
+        };
+        let options = ForwardOptions::default().varlen(cu_q, cu_k);
+        gpu.run(|e| gpu.forward(e, &args, options))
     };
     let problem = |result: Result<(), Error>| match result {
         Err(Error::CuSeqlens {
@@ -265,7 +262,13 @@ fn bad_offsets_and_lengths_are_typed_errors() {
         lse: None,
     };
     let padded = |q: Option<&[usize]>, kv: &[usize]| {
-        gpu.padded_attention_into(&args, &AttentionConfig::new(), &ValidLengths { q, kv })
+        gpu.run(|e| {
+            gpu.forward(
+                e,
+                &args,
+                ForwardOptions::new(&AttentionConfig::new()).valid_lengths(ValidLengths { q, kv }),
+            )
+        })
     };
     assert!(matches!(
         padded(None, &[7, 8]),

@@ -145,9 +145,9 @@ pub fn run_views_with(
         lse: Some(&lse),
     };
     match implementation {
-        Implementation::Flash => gpu.attention_into(&args, config).unwrap(),
+        Implementation::Flash => gpu.run(|e| gpu.forward(e, &args, config)).unwrap(),
         Implementation::Naive => {
-            gpu.naive_attention_into(&args, config).unwrap();
+            gpu.run(|e| gpu.naive_attention(e, &args, config)).unwrap();
         }
     }
     let got = out.to_f32_vec(gpu).unwrap();

@@ -11,8 +11,8 @@ use wgpu_flash_attn::random::SeededRng;
 use wgpu_flash_attn::reference;
 use wgpu_flash_attn::timing::{TimingPlan, time_gpu};
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionShape, DecodeArgs, DecodePlan, Error, Gpu, KvCache,
-    KvCacheConfig, KvLayout, Tensor, TensorShape,
+    AttentionArgs, AttentionConfig, AttentionShape, DecodeArgs, DecodeOptions, DecodePlan, Error,
+    Gpu, KvCache, KvCacheConfig, KvLayout, Tensor, TensorShape,
 };
 
 use crate::measure::{CEILING_WORKGROUPS, TOLERANCE};
@@ -194,7 +194,7 @@ fn run_case(
         let per_seq = tokens.div_ceil(page_size);
         for b in 0..args.batch {
             let pages: Vec<u32> = (0..per_seq).map(|i| (i * args.batch + b) as u32).collect();
-            cache.set_block_table(gpu, b, &pages)?;
+            cache.set_block_table(b, &pages)?;
         }
     }
     // Host copies of K/V head 0 of sequence 0 (validation), and of every
@@ -211,11 +211,15 @@ fn run_case(
         let shape = TensorShape::new(args.batch, chunk, args.heads_kv, args.head_dim);
         let k = rng.normal_vec(shape.elements(), 1.0);
         let v = rng.normal_vec(shape.elements(), 1.0);
-        cache.append(
-            gpu,
-            &Tensor::from_f32(gpu, shape, &k)?,
-            &Tensor::from_f32(gpu, shape, &v)?,
-        )?;
+        gpu.run(|e| {
+            cache.append(
+                gpu,
+                e,
+                &Tensor::from_f32(gpu, shape, &k)?,
+                &Tensor::from_f32(gpu, shape, &v)?,
+                None,
+            )
+        })?;
         gpu.wait()?;
         for t in 0..chunk {
             head0
@@ -236,17 +240,18 @@ fn run_case(
     let q_host = rng.normal_vec(q_shape.elements(), 1.0);
     let q = Tensor::from_f32(gpu, q_shape, &q_host)?;
     let out = Tensor::filled(gpu, q_shape, f32::NAN)?;
-    let mut config = AttentionConfig::new().causal(true);
-    if let Some(splits) = args.splits {
-        config = config.kv_splits(splits);
-    }
+    let config = AttentionConfig::new().causal(true);
+    let options = DecodeOptions {
+        config: config.clone(),
+        kv_splits: args.splits,
+    };
     let decode_args = DecodeArgs {
         q: &q,
         cache: &cache,
         out: &out,
         lse: None,
     };
-    let plan: DecodePlan = gpu.decode_into(&decode_args, &config)?;
+    let plan: DecodePlan = gpu.run(|e| gpu.decode(e, &decode_args, options.clone()))?;
     let got = out.to_f32_vec(gpu)?;
     let max_abs_err = head0_error(args, tokens, &q_host, &head0, &got, &config)?;
     let timing = time_gpu(
@@ -256,7 +261,7 @@ fn run_case(
             runs: args.iters,
         },
         |encoder| {
-            gpu.encode_decode(encoder, &decode_args, &config)
+            gpu.decode(encoder, &decode_args, options.clone())
                 .map(|_| ())
         },
     )?;
@@ -371,7 +376,7 @@ fn time_prefill(
             warmup: 1,
             runs: args.iters,
         },
-        |encoder| gpu.encode_attention(encoder, &attention_args, config),
+        |encoder| gpu.forward(encoder, &attention_args, config),
     )?;
     Ok(timing.median_ms)
 }

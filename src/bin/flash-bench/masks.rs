@@ -11,8 +11,8 @@ use wgpu_flash_attn::random::SeededRng;
 use wgpu_flash_attn::reference::{self, HostMask, ReferenceOutput};
 use wgpu_flash_attn::timing::{TimingPlan, time_gpu};
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, Gpu, Tensor, ValidLengths,
-    patterns,
+    AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, ForwardOptions, Gpu, Tensor,
+    ValidLengths, patterns,
 };
 
 use crate::measure::TOLERANCE;
@@ -104,20 +104,23 @@ pub fn run(gpu: &Gpu, args: &MasksArgs, json: Option<&std::path::Path>) -> Resul
         (
             "dense boolean mask",
             Box::new(|e: &mut wgpu::CommandEncoder| {
-                gpu.encode_masked_attention(e, &tensors.args(), &config, &dense)
+                gpu.forward(
+                    e,
+                    &tensors.args(),
+                    ForwardOptions::new(&config).mask(&dense),
+                )
             }),
         ),
         (
             "valid lengths",
             Box::new(move |e: &mut wgpu::CommandEncoder| {
-                gpu.encode_padded_attention(
+                gpu.forward(
                     e,
                     &tensors_ref.args(),
-                    config_ref,
-                    &ValidLengths {
+                    ForwardOptions::new(config_ref).valid_lengths(ValidLengths {
                         q: None,
                         kv: lens_ref,
-                    },
+                    }),
                 )
             }),
         ),
@@ -146,13 +149,21 @@ pub fn run(gpu: &Gpu, args: &MasksArgs, json: Option<&std::path::Path>) -> Resul
         (
             "dense boolean mask",
             Box::new(|e: &mut wgpu::CommandEncoder| {
-                gpu.encode_masked_attention(e, &tensors.args(), &config, &dense)
+                gpu.forward(
+                    e,
+                    &tensors.args(),
+                    ForwardOptions::new(&config).mask(&dense),
+                )
             }),
         ),
         (
             "block-sparse",
             Box::new(|e: &mut wgpu::CommandEncoder| {
-                gpu.encode_masked_attention(e, &tensors.args(), &config, &sparse)
+                gpu.forward(
+                    e,
+                    &tensors.args(),
+                    ForwardOptions::new(&config).mask(&sparse),
+                )
             }),
         ),
     ];

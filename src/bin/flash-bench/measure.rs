@@ -303,10 +303,10 @@ impl Bench<'_> {
         // The first run validates and warms up (pipelines compile on it).
         let gpu_bytes = match implementation {
             Impl::Flash => {
-                gpu.attention_into(&args, &case.config)?;
+                gpu.run(|e| gpu.forward(e, &args, &case.config))?;
                 output_bytes
             }
-            Impl::Naive => match gpu.naive_attention_into(&args, &case.config) {
+            Impl::Naive => match gpu.run(|e| gpu.naive_attention(e, &args, &case.config)) {
                 Ok(plan) => output_bytes + plan.score_buffer_bytes(),
                 Err(
                     err @ Error::ScoresTooLarge {
@@ -352,9 +352,9 @@ impl Bench<'_> {
             },
             |encoder| match implementation {
                 Impl::Naive => gpu
-                    .encode_naive_attention(encoder, &args, &case.config)
+                    .naive_attention(encoder, &args, &case.config)
                     .map(|_| ()),
-                _ => gpu.encode_attention(encoder, &args, &case.config),
+                _ => gpu.forward(encoder, &args, &case.config),
             },
         )?;
         let status = if within { Status::Ok } else { Status::Failed };
