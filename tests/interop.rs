@@ -37,8 +37,7 @@ fn read_back(gpu: &Gpu, buffer: &wgpu::Buffer) -> Vec<f32> {
         .slice(..)
         .map_async(wgpu::MapMode::Read, |r| r.unwrap());
     gpu.wait().unwrap();
-    let values = bytemuck::cast_slice(&staging.slice(..).get_mapped_range().unwrap()).to_vec();
-    values
+    bytemuck::cast_slice(&staging.slice(..).get_mapped_range().unwrap()).to_vec()
 }
 
 const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -162,7 +161,7 @@ fn caller_buffers_are_checked() {
         out: &out,
         lse: None,
     };
-    let result = gpu.run(|e| gpu.forward(e, &args, &AttentionConfig::new()));
+    let result = gpu.run(|e| gpu.forward(e, &args, AttentionConfig::new()));
     assert!(
         matches!(
             result,
@@ -228,7 +227,7 @@ fn another_devices_buffers_and_tensors_are_refused() {
             out: out_tensor,
             lse: None,
         };
-        let result = gpu.run(|e| gpu.forward(e, &args, &AttentionConfig::new()));
+        let result = gpu.run(|e| gpu.forward(e, &args, AttentionConfig::new()));
         assert!(
             matches!(result, Err(Error::WrongDevice { tensor }) if tensor == position),
             "{position}: {result:?}"
@@ -247,7 +246,7 @@ fn another_devices_buffers_and_tensors_are_refused() {
         lse: Some(&their_lse),
     };
     assert!(matches!(
-        gpu.run(|e| gpu.forward(e, &args, &AttentionConfig::new())),
+        gpu.run(|e| gpu.forward(e, &args, AttentionConfig::new())),
         Err(Error::WrongDevice { tensor: "lse" })
     ));
     let their_mask = AttentionMask::boolean(&other, [1, 1, 8, 8], &[true; 64]).unwrap();
@@ -271,7 +270,7 @@ fn another_devices_buffers_and_tensors_are_refused() {
         lse: None,
     };
     assert!(matches!(
-        gpu.run(|e| gpu.decode(e, &args, &AttentionConfig::new())),
+        gpu.run(|e| gpu.decode(e, &args, AttentionConfig::new())),
         Err(Error::WrongDevice { tensor: "kv cache" })
     ));
 }
