@@ -3,233 +3,19 @@
 
 use wgpu::util::DeviceExt;
 
-use crate::config::{AttentionConfig, AttentionShape, Tier};
+use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::mask::AttentionMask;
 use crate::params::{AttentionParams, TensorStrides, flags};
 use crate::pipelines::{bind_buffers, encode_dispatches};
-use crate::shaders::{
-    AttentionTiling, MIN_BLOCK_N, Specialization, forward_tile_bytes, largest_block_n,
-};
+use crate::plan::{ForwardPlan, check_loop_budget};
+use crate::shaders::Specialization;
 use crate::tensor::{DType, Strides, Tensor, TensorShape, check_binding_size, read_buffer};
 use crate::varlen::ValidLengths;
 
-/// Row tiling on hardware GPUs in the portable tier: one query row per
-/// invocation, up to 64 invocations, loops left to the driver's compiler.
-const GPU_WORKGROUP_SIZE: u32 = 64;
-/// Row tiling on CPU adapters (lavapipe, llvmpipe, WARP): one SIMD group per
-/// workgroup and many rows per invocation, with unrolled loops, so that each
-/// K/V load feeds many FMAs. Measured on lavapipe, d=64: 1 row per
-/// invocation 1.9 GFLOP/s, 16 rows 18 GFLOP/s (BENCHMARKS.md).
-const CPU_WORKGROUP_SIZE: u32 = 8;
-/// Subgroup sizes the subgroup tier is written for (WebGPU's range).
-const SUBGROUP_SIZES: std::ops::RangeInclusive<u32> = 4..=128;
 /// Tensors are read as vec4, so strides and offsets are multiples of 4.
 const VEC_WIDTH: usize = 4;
-
-/// How a call will run: which pipeline and how many workgroups.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ForwardPlan {
-    pub specialization: Specialization,
-    /// Workgroups along (query tiles, query heads, batch).
-    pub workgroups: [u32; 3],
-}
-
-impl ForwardPlan {
-    /// Tiles for `shape` with f32 storage on this adapter.
-    pub fn new(gpu: &Gpu, shape: &AttentionShape) -> Result<Self> {
-        Self::for_call(gpu, shape, DType::F32, None)
-    }
-
-    /// Tiles for one call: Q, K, V and O stored as `storage` and, if
-    /// forced, the kernel tier.
-    pub fn for_call(
-        gpu: &Gpu,
-        shape: &AttentionShape,
-        storage: DType,
-        tier: Option<Tier>,
-    ) -> Result<Self> {
-        shape.validate()?;
-        let limits = &gpu.info().limits;
-        let head_dim = shape.head_dim as u32;
-        let block_n = largest_block_n(
-            head_dim,
-            u64::from(limits.max_compute_workgroup_storage_size),
-        )
-        .ok_or(Error::WorkgroupMemory {
-            head_dim: shape.head_dim,
-            needed: forward_tile_bytes(head_dim, MIN_BLOCK_N),
-            limit: limits.max_compute_workgroup_storage_size,
-        })?;
-        let RowTiling {
-            workgroup_size,
-            rows,
-            unroll,
-            subgroup_kv,
-        } = row_tiling(gpu, shape, tier)?;
-        let max_invocations = limits
-            .max_compute_invocations_per_workgroup
-            .min(limits.max_compute_workgroup_size_x);
-        if workgroup_size > max_invocations {
-            return Err(Error::WorkgroupInvocations {
-                needed: workgroup_size,
-                limit: max_invocations,
-            });
-        }
-        let block_m = u64::from(workgroup_size * rows);
-        let groups = [
-            (shape.seq_q as u64).div_ceil(block_m),
-            shape.heads_q as u64,
-            shape.batch as u64,
-        ];
-        let limit = limits.max_compute_workgroups_per_dimension;
-        for (axis, &n) in ["query row tiles", "heads_q", "batch"].iter().zip(&groups) {
-            if n > u64::from(limit) {
-                return Err(Error::DispatchTooLarge {
-                    what: "flash attention",
-                    axis,
-                    groups: n,
-                    limit,
-                });
-            }
-        }
-        let specialization = Specialization::FlashForward(AttentionTiling {
-            head_dim,
-            block_n,
-            workgroup_size,
-            rows,
-            unroll,
-            subgroup_kv,
-            storage,
-        });
-        gpu.check_loop_budget(&specialization, shape.seq_kv as u64)?;
-        Ok(ForwardPlan {
-            specialization,
-            workgroups: groups.map(|n| n as u32),
-        })
-    }
-}
-
-impl ForwardPlan {
-    /// Query rows per invocation on CPU adapters. Registers are memory on a
-    /// CPU, so this bounds the per-invocation state (q and acc: 2 * rows *
-    /// head_dim floats) and the unrolled code: 16 rows at d=64 compile in
-    /// ~25 s on a cold lavapipe and run ~15 % faster than 8 rows
-    /// (BENCHMARKS.md). It depends on the head dim only, so each head dim
-    /// compiles one pipeline whatever the sequence lengths.
-    pub fn cpu_rows(head_dim: u32) -> u32 {
-        match head_dim {
-            0..=64 => 16,
-            65..=128 => 8,
-            _ => 4,
-        }
-    }
-
-    /// The kernel tier this plan runs.
-    pub fn tier(&self) -> Tier {
-        match self.specialization.attention_tiling() {
-            Some(tiling) if tiling.subgroup_kv => Tier::SubgroupBroadcast,
-            _ => Tier::Portable,
-        }
-    }
-}
-
-/// How query rows map onto invocations.
-struct RowTiling {
-    workgroup_size: u32,
-    rows: u32,
-    unroll: bool,
-    subgroup_kv: bool,
-}
-
-/// Why this adapter cannot run [`Tier::SubgroupBroadcast`], if it cannot.
-fn subgroup_broadcast_missing(gpu: &Gpu) -> Option<String> {
-    let info = gpu.info();
-    let adapter = &info.adapter;
-    if adapter.backend == wgpu::Backend::Gl {
-        return Some("wgpu's GL backend has no subgroup operations".to_string());
-    }
-    if !info.has_subgroups() {
-        return Some("the device lacks the SUBGROUP feature".to_string());
-    }
-    let smallest = adapter.subgroup_min_size;
-    if !smallest.is_power_of_two() || !SUBGROUP_SIZES.contains(&smallest) {
-        return Some(format!(
-            "it needs a smallest subgroup size that is a power of two in {SUBGROUP_SIZES:?}; the adapter reports {smallest}-{}",
-            adapter.subgroup_max_size
-        ));
-    }
-    None
-}
-
-/// Whether a call runs the subgroup tier: the forced tier, else the best
-/// the adapter offers; forcing it where the adapter lacks it is
-/// `TierUnavailable`. The forward and decode planners share this rule.
-pub(crate) fn use_subgroup_tier(gpu: &Gpu, tier: Option<Tier>) -> Result<bool> {
-    match (tier, subgroup_broadcast_missing(gpu)) {
-        (Some(Tier::SubgroupBroadcast), Some(reason)) => Err(Error::TierUnavailable {
-            tier: Tier::SubgroupBroadcast,
-            reason,
-        }),
-        (Some(Tier::Portable), _) | (None, Some(_)) => Ok(false),
-        (Some(Tier::SubgroupBroadcast), None) | (None, None) => Ok(true),
-    }
-}
-
-/// The largest power of two at most `limit`, capped at `cap`.
-fn power_of_two_at_most(limit: u32, cap: u32) -> u32 {
-    let limit = limit.clamp(1, cap);
-    1 << (31 - limit.leading_zeros())
-}
-
-/// The tiling for this adapter and shape, honouring a forced tier.
-fn row_tiling(gpu: &Gpu, shape: &AttentionShape, tier: Option<Tier>) -> Result<RowTiling> {
-    let subgroup_kv = use_subgroup_tier(gpu, tier)?;
-    let info = gpu.info();
-    let adapter = &info.adapter;
-    let cpu = adapter.device_type == wgpu::DeviceType::Cpu;
-    let rows = if cpu {
-        ForwardPlan::cpu_rows(shape.head_dim as u32)
-    } else {
-        1
-    };
-    if subgroup_kv {
-        // The workgroup is one subgroup of the smallest size the adapter
-        // may pick, whatever size it picks (1.7x on lavapipe, BENCHMARKS.md).
-        // Broadcast lanes must be constants, so the loops are unrolled.
-        return Ok(RowTiling {
-            workgroup_size: adapter.subgroup_min_size,
-            rows,
-            unroll: true,
-            subgroup_kv,
-        });
-    }
-    // llvmpipe behind the GL backend compiled the CPU tiling (many rows,
-    // unrolled) for head dims of 200 and more in over a minute: GL gets the
-    // GPU tiling, unrolled over the head dim only (~10-20 s per head dim
-    // cold), because llvmpipe's loop budget (Gpu::loop_budget) would cut
-    // the head-dim loops after ~600 keys at d=256.
-    let gl = adapter.backend == wgpu::Backend::Gl;
-    if !cpu || gl {
-        let limits = &info.limits;
-        let invocations = limits
-            .max_compute_invocations_per_workgroup
-            .min(limits.max_compute_workgroup_size_x);
-        return Ok(RowTiling {
-            workgroup_size: power_of_two_at_most(invocations, GPU_WORKGROUP_SIZE),
-            rows: 1,
-            unroll: gl,
-            subgroup_kv,
-        });
-    }
-    Ok(RowTiling {
-        workgroup_size: CPU_WORKGROUP_SIZE,
-        rows,
-        unroll: true,
-        subgroup_kv,
-    })
-}
 
 /// Logsumexp of each query row, `[batch, heads_q, seq_q]` f32, natural log,
 /// packed from the start of its buffer.
@@ -596,7 +382,9 @@ impl Gpu {
         let call = self.prepare_call(args, config)?;
         let params_buffer = self.params_buffer(&call.params);
         let Some(mask) = mask else {
-            let pipeline = self.pipelines.get(&self.device, &call.plan.specialization);
+            let pipeline = self
+                .pipelines
+                .get(&self.device, &call.plan.specialization());
             let bind_group =
                 call.bind_group(self, &pipeline.bind_group_layout, &params_buffer, &[]);
             encode_dispatches(
@@ -604,19 +392,15 @@ impl Gpu {
                 "flash attention forward",
                 &pipeline,
                 &[bind_group],
-                call.plan.workgroups,
+                call.plan.workgroups(),
             );
             return Ok(());
         };
         mask.check_shape(&call.shape)?;
         mask.check_device(self)?;
-        let tiling = *call
-            .plan
-            .specialization
-            .attention_tiling()
-            .expect("ForwardPlan always plans the flash kernel");
+        let tiling = call.plan.tiling;
         let spec = Specialization::FlashMasked(tiling);
-        self.check_loop_budget(&spec, call.shape.seq_kv as u64)?;
+        check_loop_budget(self.info(), &spec, call.shape.seq_kv as u64)?;
         let pipeline = self.pipelines.get(&self.device, &spec);
         let (mask_params, tiles) =
             mask.params(self, tiling.workgroup_size * tiling.rows, tiling.block_n);
@@ -633,7 +417,7 @@ impl Gpu {
             "masked flash attention forward",
             &pipeline,
             &[bind_group],
-            call.plan.workgroups,
+            call.plan.workgroups(),
         );
         Ok(())
     }
@@ -648,7 +432,7 @@ impl Gpu {
         let shape = args.shape()?;
         config.validate(&shape)?;
         check_lse_output(self, args.lse, [shape.batch, shape.heads_q, shape.seq_q])?;
-        let plan = ForwardPlan::for_call(self, &shape, args.q.dtype(), config.tier)?;
+        let plan = ForwardPlan::for_call(self.info(), &shape, args.q.dtype(), config.tier)?;
         let params = self.pack_params(args, &shape, config)?;
         let alibi = config.alibi.as_ref().map(|alibi| {
             self.storage_buffer(

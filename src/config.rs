@@ -56,6 +56,14 @@ impl AttentionShape {
         4.0 * (self.batch * self.heads_q * self.head_dim) as f64 * visible as f64
     }
 
+    /// Bytes of the whole score matrix, `[batch, heads_q, seq_q, seq_kv]`
+    /// f32 with rows padded to vec4s, as standard attention (the naive
+    /// baseline) holds it.
+    pub fn score_matrix_bytes(&self) -> u64 {
+        let row_bytes = self.seq_kv.div_ceil(4) as u64 * 16;
+        (self.batch * self.heads_q * self.seq_q) as u64 * row_bytes
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         let dims = [
             ("batch", self.batch),

@@ -3,8 +3,7 @@
 //! merged exactly by their logsumexp; and that merge as a public call.
 
 use crate::attention::{
-    Lse, check_lse_output, check_operand, option_params, require_equal, use_subgroup_tier,
-    vec4_strides, vec4_view,
+    Lse, check_lse_output, check_operand, option_params, require_equal, vec4_strides, vec4_view,
 };
 use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
@@ -14,25 +13,9 @@ use crate::params::{CombineParams, DecodeParams, TensorStrides};
 use crate::pipelines::{
     ELEMENTWISE_WORKGROUP, bind_buffers, elementwise_groups, encode_dispatches,
 };
-use crate::shaders::{AttentionTiling, Specialization, forward_tile_bytes, largest_block_n};
+use crate::plan::DecodePlan;
+use crate::shaders::Specialization;
 use crate::tensor::{DType, Tensor, TensorShape, check_binding_size, require_usage};
-
-/// Invocations per workgroup on CPU adapters (one SIMD group), as the
-/// forward kernel.
-const CPU_WORKGROUP_SIZE: u32 = 8;
-/// Query rows one subgroup-tier workgroup holds (per lane: that many
-/// slices of q and of the accumulator); more rows take more workgroups.
-const SUBGROUP_MAX_ROWS: u32 = 16;
-/// At most this many invocations per workgroup on GPUs.
-const GPU_MAX_WORKGROUP_SIZE: u32 = 64;
-/// Fewest keys worth a split of their own when the split count is chosen.
-const MIN_KEYS_PER_SPLIT: usize = 256;
-/// Workgroups a default split count aims for on a GPU (a few per compute
-/// unit on large GPUs); CPU adapters aim for four per core.
-const GPU_TARGET_WORKGROUPS: usize = 512;
-/// Workgroup memory of the decode kernel beyond its K/V tiles: per-key
-/// flags (64 keys at most), per-lane ranges and two scalars.
-const DECODE_EXTRA_BYTES: u64 = 64 * 4 + 64 * 8 + 16;
 
 /// The operands of one decode call.
 #[derive(Debug, Clone, Copy)]
@@ -86,157 +69,6 @@ impl From<AttentionConfig> for DecodeOptions {
             config,
             kv_splits: None,
         }
-    }
-}
-
-/// How a decode call runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DecodePlan {
-    pub specialization: Specialization,
-    /// Key chunks per sequence, one workgroup each.
-    pub splits: u32,
-    /// Cache positions per chunk.
-    pub split_keys: u32,
-    /// Buffers the cache is spread over: one dispatch each.
-    pub segments: u32,
-    /// Workgroups along the query rows of one (batch, KV head) pair.
-    pub row_tiles: u32,
-    /// Partial results merged at the end (`splits * segments`); 1 means
-    /// the kernel wrote the output directly.
-    pub slots: u32,
-}
-
-impl DecodePlan {
-    /// The plan for `seq_q` queries with `heads_q` heads over `cache`.
-    pub fn for_call(
-        gpu: &Gpu,
-        cache: &KvCache,
-        seq_q: usize,
-        heads_q: usize,
-        options: &DecodeOptions,
-    ) -> Result<Self> {
-        let config = &options.config;
-        let head_dim = cache.head_dim() as u32;
-        let group = heads_q / cache.heads_kv();
-        let rows = (seq_q * group) as u32;
-        let info = gpu.info();
-        let adapter = &info.adapter;
-        let cpu =
-            adapter.device_type == wgpu::DeviceType::Cpu && adapter.backend != wgpu::Backend::Gl;
-        let limits = &info.limits;
-        let max_invocations = limits
-            .max_compute_invocations_per_workgroup
-            .min(limits.max_compute_workgroup_size_x);
-        let subgroup = use_subgroup_tier(gpu, config.tier)?;
-        let (tiling, rows_per_workgroup) = if subgroup {
-            // Lanes split the head dim; every lane holds all the rows.
-            let rows_per_workgroup = rows.next_power_of_two().min(SUBGROUP_MAX_ROWS);
-            let tiling = AttentionTiling {
-                head_dim,
-                block_n: 4,
-                workgroup_size: adapter.subgroup_min_size,
-                rows: rows_per_workgroup,
-                unroll: true,
-                subgroup_kv: true,
-                storage: DType::F32,
-            };
-            (tiling, rows_per_workgroup)
-        } else {
-            let (workgroup_size, rows_per_lane, unroll) = if cpu {
-                let lanes = rows.div_ceil(CPU_WORKGROUP_SIZE).next_power_of_two();
-                let cap = crate::ForwardPlan::cpu_rows(head_dim);
-                (CPU_WORKGROUP_SIZE, lanes.min(cap), true)
-            } else {
-                let size = rows
-                    .next_power_of_two()
-                    .clamp(4, GPU_MAX_WORKGROUP_SIZE.min(max_invocations));
-                // llvmpipe on GL: unrolled head-dim loops, as the forward kernel.
-                (size, 1, adapter.backend == wgpu::Backend::Gl)
-            };
-            let storage = u64::from(limits.max_compute_workgroup_storage_size);
-            let block_n = largest_block_n(head_dim, storage.saturating_sub(DECODE_EXTRA_BYTES))
-                .ok_or(Error::WorkgroupMemory {
-                    head_dim: cache.head_dim(),
-                    needed: forward_tile_bytes(head_dim, crate::shaders::MIN_BLOCK_N)
-                        + DECODE_EXTRA_BYTES,
-                    limit: limits.max_compute_workgroup_storage_size,
-                })?;
-            let tiling = AttentionTiling {
-                head_dim,
-                block_n,
-                workgroup_size,
-                rows: rows_per_lane,
-                unroll,
-                subgroup_kv: false,
-                storage: DType::F32,
-            };
-            (tiling, workgroup_size * rows_per_lane)
-        };
-        if tiling.workgroup_size > max_invocations {
-            return Err(Error::WorkgroupInvocations {
-                needed: tiling.workgroup_size,
-                limit: max_invocations,
-            });
-        }
-        let row_tiles = rows.div_ceil(rows_per_workgroup).max(1);
-        let longest = cache.lens().iter().copied().max().unwrap_or(0);
-        let splits = match options.kv_splits {
-            Some(0) => return Err(Error::KvSplits(0)),
-            Some(n) => n,
-            None => {
-                let base = row_tiles as usize * cache.heads_kv() * cache.batch();
-                let target = if cpu {
-                    4 * std::thread::available_parallelism().map_or(4, |n| n.get())
-                } else {
-                    GPU_TARGET_WORKGROUPS
-                };
-                target
-                    .div_ceil(base)
-                    .min(longest.div_ceil(MIN_KEYS_PER_SPLIT))
-                    .max(1)
-            }
-        };
-        let specialization = Specialization::Decode(tiling);
-        // On adapters that cap loop iterations (llvmpipe), more splits keep
-        // each workgroup's share of the keys under the cap; a forced count
-        // that does not is refused rather than silently truncated.
-        let mut splits = splits;
-        if let (Some(budget), None) = (gpu.loop_budget(), options.kv_splits) {
-            while splits < longest
-                && specialization
-                    .loop_trips(longest.div_ceil(splits) as u64)
-                    .is_some_and(|trips| trips > budget)
-            {
-                splits *= 2;
-            }
-        }
-        let split_keys = longest.div_ceil(splits).max(1);
-        gpu.check_loop_budget(&specialization, split_keys as u64)?;
-        let x_groups = u64::from(row_tiles) * splits as u64;
-        let limit = limits.max_compute_workgroups_per_dimension;
-        for (axis, n) in [
-            ("row tiles x splits", x_groups),
-            ("heads_kv", cache.heads_kv() as u64),
-            ("batch", cache.batch() as u64),
-        ] {
-            if n > u64::from(limit) {
-                return Err(Error::DispatchTooLarge {
-                    what: "decode",
-                    axis,
-                    groups: n,
-                    limit,
-                });
-            }
-        }
-        let segments = cache.segment_count() as u32;
-        Ok(DecodePlan {
-            specialization,
-            splits: splits as u32,
-            split_keys: split_keys as u32,
-            segments,
-            row_tiles,
-            slots: splits as u32 * segments,
-        })
     }
 }
 
@@ -321,7 +153,8 @@ impl Gpu {
             });
         }
         check_lse_output(self, args.lse, [q.batch, q.heads, q.seq])?;
-        let plan = DecodePlan::for_call(self, cache, q.seq, q.heads, &options)?;
+        let plan =
+            DecodePlan::for_call(self.info(), &cache.plan_shape(), q.seq, q.heads, &options)?;
         let partials = if plan.slots > 1 {
             Some(Partials::new(self, plan.slots, q)?)
         } else {

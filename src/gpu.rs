@@ -11,7 +11,6 @@ use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
 use crate::pipelines::PipelineCache;
-use crate::shaders::Specialization;
 
 /// Optional features the kernels use when the adapter has them.
 pub const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
@@ -99,6 +98,10 @@ pub struct GpuInfo {
     /// Limits of the device (the adapter's real limits when the crate
     /// requested the device itself).
     pub limits: wgpu::Limits,
+    /// Threads the host runs at once. On a CPU adapter (lavapipe, WARP)
+    /// these are the compute units, so the decode planner sizes its key
+    /// splits from them.
+    pub host_threads: usize,
 }
 
 impl GpuInfo {
@@ -117,6 +120,21 @@ impl GpuInfo {
         self.features.contains(
             wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
         )
+    }
+
+    /// The most loop iterations one shader invocation may run, where the
+    /// driver imposes a cap: Mesa's llvmpipe (lavapipe on Vulkan, llvmpipe
+    /// on GL) stops every loop of an invocation, silently, once all of them
+    /// together have run 65535 iterations (gallivm's
+    /// `LP_MAX_TGSI_LOOP_ITERATIONS`). Kernels are planned to stay under it
+    /// (decoding adds splits) or refuse with [`Error::LoopBudget`].
+    ///
+    /// [`Error::LoopBudget`]: crate::Error::LoopBudget
+    pub fn loop_budget(&self) -> Option<u64> {
+        const LLVMPIPE_LOOP_ITERATIONS: u64 = 65_535;
+        let adapter = &self.adapter;
+        let llvmpipe = adapter.name.contains("llvmpipe") || adapter.driver.contains("llvmpipe");
+        llvmpipe.then_some(LLVMPIPE_LOOP_ITERATIONS)
     }
 
     /// One line: name, backend, device type.
@@ -212,6 +230,7 @@ impl Gpu {
             adapter,
             features: device.features(),
             limits: device.limits(),
+            host_threads: std::thread::available_parallelism().map_or(4, |n| n.get()),
         };
         let pipelines = PipelineCache::default();
         let placeholders = Placeholders::new(&device);
@@ -223,38 +242,6 @@ impl Gpu {
             placeholders,
             scratch: Mutex::default(),
         }
-    }
-
-    /// The most loop iterations one shader invocation may run, where the
-    /// driver imposes a cap: Mesa's llvmpipe (lavapipe on Vulkan, llvmpipe
-    /// on GL) stops every loop of an invocation, silently, once all of them
-    /// together have run 65535 iterations (gallivm's
-    /// `LP_MAX_TGSI_LOOP_ITERATIONS`). Kernels are planned to stay under it
-    /// (decoding adds splits) or refuse with [`Error::LoopBudget`].
-    ///
-    /// [`Error::LoopBudget`]: crate::Error::LoopBudget
-    pub fn loop_budget(&self) -> Option<u64> {
-        const LLVMPIPE_LOOP_ITERATIONS: u64 = 65_535;
-        let adapter = &self.info.adapter;
-        let llvmpipe = adapter.name.contains("llvmpipe") || adapter.driver.contains("llvmpipe");
-        llvmpipe.then_some(LLVMPIPE_LOOP_ITERATIONS)
-    }
-
-    /// Checks that a kernel visiting `keys` keys per invocation stays within
-    /// the adapter's loop budget.
-    pub(crate) fn check_loop_budget(&self, spec: &Specialization, keys: u64) -> Result<()> {
-        let (Some(budget), Some(trips)) = (self.loop_budget(), spec.loop_trips(keys)) else {
-            return Ok(());
-        };
-        if trips > budget {
-            return Err(Error::LoopBudget {
-                kernel: spec.label(),
-                keys,
-                trips,
-                budget,
-            });
-        }
-        Ok(())
     }
 
     /// A storage buffer of at least `bytes` for `purpose`, reused across

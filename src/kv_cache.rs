@@ -445,6 +445,17 @@ impl KvCache {
         gpu.storage_buffer("wgpu-flash-attn block table", bytemuck::cast_slice(&rows))
     }
 
+    /// What the decode planner needs to know of the cache now.
+    pub fn plan_shape(&self) -> crate::CacheShape {
+        crate::CacheShape {
+            batch: self.batch(),
+            heads_kv: self.heads_kv(),
+            head_dim: self.head_dim(),
+            longest: self.lens.iter().copied().max().unwrap_or(0),
+            segments: self.segments.len(),
+        }
+    }
+
     /// Whether the pool lives on `gpu`'s device.
     pub(crate) fn check_device(&self, gpu: &Gpu) -> Result<()> {
         if self.device != gpu.device {

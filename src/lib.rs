@@ -25,6 +25,7 @@ mod mask;
 pub mod naive;
 pub mod params;
 mod pipelines;
+mod plan;
 pub mod presets;
 pub mod random;
 pub mod reference;
@@ -34,17 +35,16 @@ mod tensor;
 pub mod timing;
 mod varlen;
 
-pub use attention::{
-    AttentionArgs, ForwardOptions, ForwardPlan, HostAttentionOutput, Lse, Sequences,
-};
+pub use attention::{AttentionArgs, ForwardOptions, HostAttentionOutput, Lse, Sequences};
 pub use config::{
     Alibi, AttentionConfig, AttentionShape, SUPPORTED_HEAD_DIMS, Tier, is_supported_head_dim,
 };
-pub use decode::{DecodeArgs, DecodeOptions, DecodePlan};
+pub use decode::{DecodeArgs, DecodeOptions};
 pub use error::{Error, Result};
 pub use gpu::{AdapterOptions, Gpu, GpuInfo, WANTED_FEATURES};
 pub use kv_cache::{KeyRotation, KvCache, KvCacheConfig, KvLayout, PAGE_SIZES};
 pub use mask::{AttentionMask, BlockLayout, MaskKind, patterns};
+pub use plan::{CacheShape, DecodePlan, ForwardPlan, NaivePlan};
 pub use rope::{Rope, RopeStyle};
 pub use tensor::{DType, Strides, Tensor, TensorShape};
 pub use varlen::ValidLengths;

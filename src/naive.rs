@@ -4,120 +4,11 @@
 //! memory and time. It supports every option the flash kernel supports.
 
 use crate::attention::AttentionArgs;
-use crate::config::{AttentionConfig, AttentionShape};
+use crate::config::AttentionConfig;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::shaders::{AttentionTiling, NaivePass, Specialization};
-use crate::tensor::DType;
-
-/// Bytes of one score row: keys padded to a multiple of 4 (vec4 slots).
-fn row_bytes(seq_kv: usize) -> u64 {
-    seq_kv.div_ceil(4) as u64 * 16
-}
-
-/// Bytes of the whole score matrix, `[batch, heads_q, seq_q, seq_kv]` f32,
-/// as standard attention would hold it.
-pub fn full_score_bytes(shape: &AttentionShape) -> u64 {
-    (shape.batch * shape.heads_q * shape.seq_q) as u64 * row_bytes(shape.seq_kv)
-}
-
-/// How a naive call runs: (batch, head) pairs are processed in chunks whose
-/// score matrices fit one storage binding; the score buffer is reused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NaivePlan {
-    /// (batch, head) pairs in the call.
-    pub units: u32,
-    /// Pairs per chunk; the score buffer holds this many matrices.
-    pub units_per_chunk: u32,
-    /// Bytes of one pair's score matrix.
-    pub bytes_per_unit: u64,
-    /// The flash kernel's tiling, which the matrix products share.
-    tiling: AttentionTiling,
-}
-
-impl NaivePlan {
-    /// The plan for f32 storage.
-    pub fn new(gpu: &Gpu, shape: &AttentionShape) -> Result<Self> {
-        Self::for_call(gpu, shape, DType::F32, None)
-    }
-
-    /// The plan for one call: storage type and, if forced, the tier of the
-    /// matrix products.
-    pub fn for_call(
-        gpu: &Gpu,
-        shape: &AttentionShape,
-        storage: DType,
-        tier: Option<crate::Tier>,
-    ) -> Result<Self> {
-        let forward = crate::ForwardPlan::for_call(gpu, shape, storage, tier)?;
-        let tiling = *forward
-            .specialization
-            .attention_tiling()
-            .expect("ForwardPlan always plans the flash kernel");
-        let limits = &gpu.info().limits;
-        let (limit_name, limit) =
-            if limits.max_storage_buffer_binding_size <= limits.max_buffer_size {
-                (
-                    "max_storage_buffer_binding_size",
-                    limits.max_storage_buffer_binding_size,
-                )
-            } else {
-                ("max_buffer_size", limits.max_buffer_size)
-            };
-        let bytes_per_unit = shape.seq_q as u64 * row_bytes(shape.seq_kv);
-        let units = (shape.batch * shape.heads_q) as u64;
-        if bytes_per_unit > limit {
-            return Err(Error::ScoresTooLarge {
-                bytes_per_head: bytes_per_unit,
-                total_bytes: full_score_bytes(shape),
-                limit_name,
-                limit,
-            });
-        }
-        let units_per_chunk = (limit / bytes_per_unit)
-            .min(units)
-            .min(u64::from(limits.max_compute_workgroups_per_dimension));
-        for pass in NaivePass::ALL {
-            gpu.check_loop_budget(&Specialization::Naive { pass, tiling }, shape.seq_kv as u64)?;
-        }
-        Ok(NaivePlan {
-            units: units as u32,
-            units_per_chunk: units_per_chunk as u32,
-            bytes_per_unit,
-            tiling,
-        })
-    }
-
-    /// Bytes of the score buffer a call allocates.
-    pub fn score_buffer_bytes(&self) -> u64 {
-        u64::from(self.units_per_chunk) * self.bytes_per_unit
-    }
-
-    pub fn chunks(&self) -> u32 {
-        self.units.div_ceil(self.units_per_chunk)
-    }
-
-    fn specialization(&self, pass: NaivePass) -> Specialization {
-        Specialization::Naive {
-            pass,
-            tiling: self.tiling,
-        }
-    }
-
-    /// Workgroups along x for `pass` (query rows).
-    fn row_groups(&self, pass: NaivePass, seq_q: usize) -> u32 {
-        let AttentionTiling {
-            workgroup_size,
-            rows,
-            ..
-        } = self.tiling;
-        let per_group = match pass {
-            NaivePass::Softmax => workgroup_size,
-            NaivePass::Scores | NaivePass::Values => workgroup_size * rows,
-        };
-        (seq_q as u32).div_ceil(per_group)
-    }
-}
+use crate::plan::NaivePlan;
+use crate::shaders::NaivePass;
 
 impl Gpu {
     /// Records standard attention, the baseline, into `encoder`: three
@@ -132,7 +23,7 @@ impl Gpu {
         config: &AttentionConfig,
     ) -> Result<NaivePlan> {
         let call = self.prepare_call(args, config)?;
-        let plan = NaivePlan::for_call(self, &call.shape, args.q.dtype(), config.tier)?;
+        let plan = NaivePlan::for_call(self.info(), &call.shape, args.q.dtype(), config.tier)?;
         let x_limit = self.info().limits.max_compute_workgroups_per_dimension;
         let x_groups = plan.row_groups(NaivePass::Softmax, call.shape.seq_q);
         if x_groups > x_limit {

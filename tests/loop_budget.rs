@@ -15,7 +15,7 @@ use wgpu_flash_attn::{
 #[test]
 fn the_longest_allowed_call_is_exact_and_the_next_is_refused() {
     let Some(gpu) = gpu() else { return };
-    let Some(budget) = gpu.loop_budget() else {
+    let Some(budget) = gpu.info().loop_budget() else {
         eprintln!("SKIPPED: this adapter caps no shader loops; nothing to check");
         return;
     };
@@ -30,7 +30,8 @@ fn the_longest_allowed_call_is_exact_and_the_next_is_refused() {
         heads_kv: 1,
         head_dim: 64,
     };
-    let allowed = |seq_kv| ForwardPlan::for_call(gpu, &shape_at(seq_kv), DType::F32, tier).is_ok();
+    let allowed =
+        |seq_kv| ForwardPlan::for_call(gpu.info(), &shape_at(seq_kv), DType::F32, tier).is_ok();
     let (mut lo, mut hi) = (64, 1 << 22);
     assert!(allowed(lo) && !allowed(hi));
     while hi - lo > 1 {
@@ -42,7 +43,7 @@ fn the_longest_allowed_call_is_exact_and_the_next_is_refused() {
         }
     }
     eprintln!("portable tier, d=64: at most {lo} keys per call under a budget of {budget}");
-    match ForwardPlan::for_call(gpu, &shape_at(hi), DType::F32, tier) {
+    match ForwardPlan::for_call(gpu.info(), &shape_at(hi), DType::F32, tier) {
         Err(Error::LoopBudget {
             keys,
             trips,
@@ -83,7 +84,7 @@ fn the_longest_allowed_call_is_exact_and_the_next_is_refused() {
 #[test]
 fn decoding_splits_long_caches_under_the_budget() {
     let Some(gpu) = gpu() else { return };
-    let Some(budget) = gpu.loop_budget() else {
+    let Some(budget) = gpu.info().loop_budget() else {
         eprintln!("SKIPPED: this adapter caps no shader loops; nothing to check");
         return;
     };
@@ -113,10 +114,7 @@ fn decoding_splits_long_caches_under_the_budget() {
             lse: None,
         };
         let plan = gpu.run(|e| gpu.decode(e, &args, &config)).unwrap();
-        let trips = plan
-            .specialization
-            .loop_trips(u64::from(plan.split_keys))
-            .unwrap();
+        let trips = plan.loop_trips();
         assert!(trips <= budget, "{plan:?}: {trips} trips");
         // Every key holds the same value, so the output is that value.
         for x in out.to_f32_vec(gpu).unwrap() {

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{Implementation, Inputs, assert_close, gpu, run_with};
-use wgpu_flash_attn::naive::{NaivePlan, full_score_bytes};
+use wgpu_flash_attn::NaivePlan;
 use wgpu_flash_attn::random::SeededRng;
 use wgpu_flash_attn::{Alibi, AttentionArgs, AttentionConfig, AttentionShape, Error, Tensor};
 
@@ -53,7 +53,7 @@ fn naive_chunks_when_scores_exceed_a_binding() {
     let Some(gpu) = gpu() else { return };
     let seq = 2048;
     let one = AttentionShape::self_attention(1, seq, 1, 8);
-    let per_unit = full_score_bytes(&one);
+    let per_unit = one.score_matrix_bytes();
     let limit = gpu
         .info()
         .limits
@@ -67,7 +67,7 @@ fn naive_chunks_when_scores_exceed_a_binding() {
         return;
     }
     let shape = AttentionShape::self_attention(1, seq, heads, 8);
-    let plan = NaivePlan::new(gpu, &shape).unwrap();
+    let plan = NaivePlan::new(gpu.info(), &shape).unwrap();
     assert!(plan.chunks() >= 2, "{plan:?}");
     assert!(plan.score_buffer_bytes() <= limit);
     let inputs = Inputs::draw(&shape, 0x5eed_00c4, 1.0);
@@ -106,5 +106,5 @@ fn naive_reports_a_score_matrix_that_cannot_fit() {
         other => panic!("expected ScoresTooLarge, got {other:?}"),
     }
     // The flash kernel plans the same call: it needs no score matrix.
-    wgpu_flash_attn::ForwardPlan::new(gpu, &shape).unwrap();
+    wgpu_flash_attn::ForwardPlan::new(gpu.info(), &shape).unwrap();
 }

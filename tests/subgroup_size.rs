@@ -47,10 +47,9 @@ fn subgroup_tier_follows_the_adapters_subgroup_size() {
         let config = AttentionConfig::new()
             .causal(causal)
             .tier(Tier::SubgroupBroadcast);
-        let plan = ForwardPlan::for_call(gpu, &shape, DType::F32, config.tier).unwrap();
-        let tiling = plan.specialization.attention_tiling().unwrap();
-        assert_eq!(tiling.workgroup_size, adapter.subgroup_min_size);
-        assert!(tiling.subgroup_kv);
+        let plan = ForwardPlan::for_call(gpu.info(), &shape, DType::F32, config.tier).unwrap();
+        assert_eq!(plan.workgroup_size(), adapter.subgroup_min_size);
+        assert_eq!(plan.tier(), Tier::SubgroupBroadcast);
 
         let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
         let errors = common::run_and_compare(gpu, &shape, &inputs, &config);

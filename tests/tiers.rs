@@ -41,7 +41,7 @@ fn run_tier(
     let held = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| round_to(dtype, x)).collect() };
     let (q, k, v) = (held(&inputs.q), held(&inputs.k), held(&inputs.v));
     let config = AttentionConfig::new().causal(causal).tier(tier);
-    let plan = ForwardPlan::for_call(gpu, shape, dtype, config.tier).unwrap();
+    let plan = ForwardPlan::for_call(gpu.info(), shape, dtype, config.tier).unwrap();
     assert_eq!(plan.tier(), tier);
     let q_t = Tensor::from_f32_as(gpu, shape.q_shape(), &q, dtype).unwrap();
     let k_t = Tensor::from_f32_as(gpu, shape.kv_shape(), &k, dtype).unwrap();
@@ -109,7 +109,7 @@ fn every_offered_tier_matches_the_reference() {
 fn default_tier_is_the_best_offered() {
     let Some(gpu) = gpu() else { return };
     let shape = AttentionShape::self_attention(1, 64, 2, 64);
-    let plan = ForwardPlan::new(gpu, &shape).unwrap();
+    let plan = ForwardPlan::new(gpu.info(), &shape).unwrap();
     let best = if offers_subgroup_broadcast(gpu) {
         Tier::SubgroupBroadcast
     } else {
@@ -118,8 +118,7 @@ fn default_tier_is_the_best_offered() {
     assert_eq!(plan.tier(), best, "{}", gpu.info().summary());
     if best == Tier::SubgroupBroadcast {
         // One subgroup of the smallest size the adapter may pick.
-        let tiling = plan.specialization.attention_tiling().unwrap();
-        assert_eq!(tiling.workgroup_size, gpu.info().adapter.subgroup_min_size);
+        assert_eq!(plan.workgroup_size(), gpu.info().adapter.subgroup_min_size);
     }
 }
 
@@ -127,7 +126,12 @@ fn default_tier_is_the_best_offered() {
 fn forcing_a_tier_the_adapter_lacks_is_a_typed_error() {
     let Some(gpu) = gpu() else { return };
     let shape = AttentionShape::self_attention(1, 64, 2, 64);
-    let forced = ForwardPlan::for_call(gpu, &shape, DType::F32, Some(Tier::SubgroupBroadcast));
+    let forced = ForwardPlan::for_call(
+        gpu.info(),
+        &shape,
+        DType::F32,
+        Some(Tier::SubgroupBroadcast),
+    );
     if offers_subgroup_broadcast(gpu) {
         assert_eq!(forced.unwrap().tier(), Tier::SubgroupBroadcast);
         eprintln!(
@@ -158,6 +162,7 @@ fn forcing_a_tier_the_adapter_lacks_is_a_typed_error() {
         ));
     }
     // The portable tier is offered everywhere.
-    let portable = ForwardPlan::for_call(gpu, &shape, DType::F32, Some(Tier::Portable)).unwrap();
+    let portable =
+        ForwardPlan::for_call(gpu.info(), &shape, DType::F32, Some(Tier::Portable)).unwrap();
     assert_eq!(portable.tier(), Tier::Portable);
 }

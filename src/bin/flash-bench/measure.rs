@@ -6,7 +6,6 @@ use anyhow::Result;
 use indicatif::ProgressBar;
 use serde::Serialize;
 use wgpu_flash_attn::ceiling::measure_fma;
-use wgpu_flash_attn::naive::full_score_bytes;
 use wgpu_flash_attn::params::AttentionParams;
 use wgpu_flash_attn::random::SeededRng;
 use wgpu_flash_attn::reference::{self, ReferenceOutput};
@@ -236,7 +235,8 @@ impl Bench<'_> {
         };
         let flops = shape.flops(&case.config);
         let tier =
-            wgpu_flash_attn::ForwardPlan::for_call(gpu, shape, dtype, case.config.tier)?.tier();
+            wgpu_flash_attn::ForwardPlan::for_call(gpu.info(), shape, dtype, case.config.tier)?
+                .tier();
 
         let mut results = Vec::new();
         for &implementation in &case.impls {
@@ -321,11 +321,11 @@ impl Bench<'_> {
                         format!(
                             "score matrix needs {} per head ({} for the call), over the {} binding limit",
                             bytes(bytes_per_head),
-                            bytes(full_score_bytes(shape)),
+                            bytes(shape.score_matrix_bytes()),
                             bytes(limit)
                         ),
                     );
-                    result.gpu_bytes = Some(output_bytes + full_score_bytes(shape));
+                    result.gpu_bytes = Some(output_bytes + shape.score_matrix_bytes());
                     self.progress
                         .println(format!("{}: naive: {err}", case.name));
                     return Ok(result);

@@ -1,0 +1,954 @@
+//! Every planner of the crate, in one place: how a call runs on an
+//! adapter (kernel tier, tile sizes, workgroups, key splits, chunks) as a
+//! pure function of the adapter's [`GpuInfo`] and the call's shape and
+//! options. Nothing here touches a device, so the choices for adapters we
+//! do not have are tested from their profiles (see the tests below).
+
+use crate::config::{AttentionShape, Tier};
+use crate::decode::DecodeOptions;
+use crate::error::{Error, Result};
+use crate::gpu::GpuInfo;
+use crate::shaders::{
+    AttentionTiling, MIN_BLOCK_N, NaivePass, Specialization, forward_tile_bytes, largest_block_n,
+};
+use crate::tensor::DType;
+
+/// Checks that a kernel visiting `keys` keys per invocation stays within
+/// the adapter's loop budget ([`GpuInfo::loop_budget`]).
+pub(crate) fn check_loop_budget(info: &GpuInfo, spec: &Specialization, keys: u64) -> Result<()> {
+    let (Some(budget), Some(trips)) = (info.loop_budget(), spec.loop_trips(keys)) else {
+        return Ok(());
+    };
+    if trips > budget {
+        return Err(Error::LoopBudget {
+            kernel: spec.label(),
+            keys,
+            trips,
+            budget,
+        });
+    }
+    Ok(())
+}
+
+/// Row tiling on hardware GPUs in the portable tier: one query row per
+/// invocation, up to 64 invocations, loops left to the driver's compiler.
+const GPU_WORKGROUP_SIZE: u32 = 64;
+/// Row tiling on CPU adapters (lavapipe, llvmpipe, WARP): one SIMD group per
+/// workgroup and many rows per invocation, with unrolled loops, so that each
+/// K/V load feeds many FMAs. Measured on lavapipe, d=64: 1 row per
+/// invocation 1.9 GFLOP/s, 16 rows 18 GFLOP/s (BENCHMARKS.md).
+const CPU_WORKGROUP_SIZE: u32 = 8;
+/// Subgroup sizes the subgroup tier is written for (WebGPU's range).
+const SUBGROUP_SIZES: std::ops::RangeInclusive<u32> = 4..=128;
+
+/// How a forward call will run on an adapter: kernel tier, tile sizes and
+/// workgroups. A pure function of the adapter's [`GpuInfo`] and the call,
+/// so the choice for any adapter can be inspected without it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardPlan {
+    pub(crate) tiling: AttentionTiling,
+    workgroups: [u32; 3],
+}
+
+impl ForwardPlan {
+    /// Tiles for `shape` with f32 storage on this adapter.
+    pub fn new(info: &GpuInfo, shape: &AttentionShape) -> Result<Self> {
+        Self::for_call(info, shape, DType::F32, None)
+    }
+
+    /// Workgroups along (query tiles, query heads, batch).
+    pub fn workgroups(&self) -> [u32; 3] {
+        self.workgroups
+    }
+    /// Invocations per workgroup.
+    pub fn workgroup_size(&self) -> u32 {
+        self.tiling.workgroup_size
+    }
+    /// Query rows each invocation holds.
+    pub fn rows_per_invocation(&self) -> u32 {
+        self.tiling.rows
+    }
+    /// Query rows per workgroup (one tile of Q).
+    pub fn block_m(&self) -> u32 {
+        self.tiling.workgroup_size * self.tiling.rows
+    }
+    /// Keys per K/V tile.
+    pub fn block_n(&self) -> u32 {
+        self.tiling.block_n
+    }
+    /// Storage type of Q, K, V and O.
+    pub fn storage(&self) -> DType {
+        self.tiling.storage
+    }
+    /// Whether the head-dim and row loops are expanded in the WGSL text.
+    pub fn unrolled(&self) -> bool {
+        self.tiling.unroll
+    }
+    pub(crate) fn specialization(&self) -> Specialization {
+        Specialization::FlashForward(self.tiling)
+    }
+
+    /// Tiles for one call: Q, K, V and O stored as `storage` and, if
+    /// forced, the kernel tier.
+    pub fn for_call(
+        info: &GpuInfo,
+        shape: &AttentionShape,
+        storage: DType,
+        tier: Option<Tier>,
+    ) -> Result<Self> {
+        shape.validate()?;
+        let limits = &info.limits;
+        let head_dim = shape.head_dim as u32;
+        let block_n = largest_block_n(
+            head_dim,
+            u64::from(limits.max_compute_workgroup_storage_size),
+        )
+        .ok_or(Error::WorkgroupMemory {
+            head_dim: shape.head_dim,
+            needed: forward_tile_bytes(head_dim, MIN_BLOCK_N),
+            limit: limits.max_compute_workgroup_storage_size,
+        })?;
+        let RowTiling {
+            workgroup_size,
+            rows,
+            unroll,
+            subgroup_kv,
+        } = row_tiling(info, shape, tier)?;
+        let max_invocations = limits
+            .max_compute_invocations_per_workgroup
+            .min(limits.max_compute_workgroup_size_x);
+        if workgroup_size > max_invocations {
+            return Err(Error::WorkgroupInvocations {
+                needed: workgroup_size,
+                limit: max_invocations,
+            });
+        }
+        let block_m = u64::from(workgroup_size * rows);
+        let groups = [
+            (shape.seq_q as u64).div_ceil(block_m),
+            shape.heads_q as u64,
+            shape.batch as u64,
+        ];
+        let limit = limits.max_compute_workgroups_per_dimension;
+        for (axis, &n) in ["query row tiles", "heads_q", "batch"].iter().zip(&groups) {
+            if n > u64::from(limit) {
+                return Err(Error::DispatchTooLarge {
+                    what: "flash attention",
+                    axis,
+                    groups: n,
+                    limit,
+                });
+            }
+        }
+        let specialization = Specialization::FlashForward(AttentionTiling {
+            head_dim,
+            block_n,
+            workgroup_size,
+            rows,
+            unroll,
+            subgroup_kv,
+            storage,
+        });
+        check_loop_budget(info, &specialization, shape.seq_kv as u64)?;
+        let Specialization::FlashForward(tiling) = specialization else {
+            unreachable!("built as FlashForward above")
+        };
+        Ok(ForwardPlan {
+            tiling,
+            workgroups: groups.map(|n| n as u32),
+        })
+    }
+}
+
+impl ForwardPlan {
+    /// Query rows per invocation on CPU adapters. Registers are memory on a
+    /// CPU, so this bounds the per-invocation state (q and acc: 2 * rows *
+    /// head_dim floats) and the unrolled code: 16 rows at d=64 compile in
+    /// ~25 s on a cold lavapipe and run ~15 % faster than 8 rows
+    /// (BENCHMARKS.md). It depends on the head dim only, so each head dim
+    /// compiles one pipeline whatever the sequence lengths.
+    pub fn cpu_rows(head_dim: u32) -> u32 {
+        match head_dim {
+            0..=64 => 16,
+            65..=128 => 8,
+            _ => 4,
+        }
+    }
+
+    /// The kernel tier this plan runs.
+    pub fn tier(&self) -> Tier {
+        if self.tiling.subgroup_kv {
+            Tier::SubgroupBroadcast
+        } else {
+            Tier::Portable
+        }
+    }
+}
+
+/// How query rows map onto invocations.
+struct RowTiling {
+    workgroup_size: u32,
+    rows: u32,
+    unroll: bool,
+    subgroup_kv: bool,
+}
+
+/// Why this adapter cannot run [`Tier::SubgroupBroadcast`], if it cannot.
+fn subgroup_broadcast_missing(info: &GpuInfo) -> Option<String> {
+    let adapter = &info.adapter;
+    if adapter.backend == wgpu::Backend::Gl {
+        return Some("wgpu's GL backend has no subgroup operations".to_string());
+    }
+    if !info.has_subgroups() {
+        return Some("the device lacks the SUBGROUP feature".to_string());
+    }
+    let smallest = adapter.subgroup_min_size;
+    if !smallest.is_power_of_two() || !SUBGROUP_SIZES.contains(&smallest) {
+        return Some(format!(
+            "it needs a smallest subgroup size that is a power of two in {SUBGROUP_SIZES:?}; the adapter reports {smallest}-{}",
+            adapter.subgroup_max_size
+        ));
+    }
+    None
+}
+
+/// Whether a call runs the subgroup tier: the forced tier, else the best
+/// the adapter offers; forcing it where the adapter lacks it is
+/// `TierUnavailable`. The forward and decode planners share this rule.
+pub(crate) fn use_subgroup_tier(info: &GpuInfo, tier: Option<Tier>) -> Result<bool> {
+    match (tier, subgroup_broadcast_missing(info)) {
+        (Some(Tier::SubgroupBroadcast), Some(reason)) => Err(Error::TierUnavailable {
+            tier: Tier::SubgroupBroadcast,
+            reason,
+        }),
+        (Some(Tier::Portable), _) | (None, Some(_)) => Ok(false),
+        (Some(Tier::SubgroupBroadcast), None) | (None, None) => Ok(true),
+    }
+}
+
+/// The largest power of two at most `limit`, capped at `cap`.
+fn power_of_two_at_most(limit: u32, cap: u32) -> u32 {
+    let limit = limit.clamp(1, cap);
+    1 << (31 - limit.leading_zeros())
+}
+
+/// The tiling for this adapter and shape, honouring a forced tier.
+fn row_tiling(info: &GpuInfo, shape: &AttentionShape, tier: Option<Tier>) -> Result<RowTiling> {
+    let subgroup_kv = use_subgroup_tier(info, tier)?;
+    let adapter = &info.adapter;
+    let cpu = adapter.device_type == wgpu::DeviceType::Cpu;
+    let rows = if cpu {
+        ForwardPlan::cpu_rows(shape.head_dim as u32)
+    } else {
+        1
+    };
+    if subgroup_kv {
+        // The workgroup is one subgroup of the smallest size the adapter
+        // may pick, whatever size it picks (1.7x on lavapipe, BENCHMARKS.md).
+        // Broadcast lanes must be constants, so the loops are unrolled.
+        return Ok(RowTiling {
+            workgroup_size: adapter.subgroup_min_size,
+            rows,
+            unroll: true,
+            subgroup_kv,
+        });
+    }
+    // llvmpipe behind the GL backend compiled the CPU tiling (many rows,
+    // unrolled) for head dims of 200 and more in over a minute: GL gets the
+    // GPU tiling, unrolled over the head dim only (~10-20 s per head dim
+    // cold), because llvmpipe's loop budget (Gpu::loop_budget) would cut
+    // the head-dim loops after ~600 keys at d=256.
+    let gl = adapter.backend == wgpu::Backend::Gl;
+    if !cpu || gl {
+        let limits = &info.limits;
+        let invocations = limits
+            .max_compute_invocations_per_workgroup
+            .min(limits.max_compute_workgroup_size_x);
+        return Ok(RowTiling {
+            workgroup_size: power_of_two_at_most(invocations, GPU_WORKGROUP_SIZE),
+            rows: 1,
+            unroll: gl,
+            subgroup_kv,
+        });
+    }
+    Ok(RowTiling {
+        workgroup_size: CPU_WORKGROUP_SIZE,
+        rows,
+        unroll: true,
+        subgroup_kv,
+    })
+}
+
+/// Query rows one subgroup-tier workgroup holds (per lane: that many
+/// slices of q and of the accumulator); more rows take more workgroups.
+const SUBGROUP_MAX_ROWS: u32 = 16;
+/// At most this many invocations per workgroup on GPUs.
+const GPU_MAX_WORKGROUP_SIZE: u32 = 64;
+/// Fewest keys worth a split of their own when the split count is chosen.
+const MIN_KEYS_PER_SPLIT: usize = 256;
+/// Workgroups a default split count aims for on a GPU (a few per compute
+/// unit on large GPUs); CPU adapters aim for four per core.
+const GPU_TARGET_WORKGROUPS: usize = 512;
+/// Workgroup memory of the decode kernel beyond its K/V tiles: per-key
+/// flags (64 keys at most), per-lane ranges and two scalars.
+const DECODE_EXTRA_BYTES: u64 = 64 * 4 + 64 * 8 + 16;
+
+/// What the decode planner needs to know of a KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheShape {
+    /// Sequences.
+    pub batch: usize,
+    /// KV heads.
+    pub heads_kv: usize,
+    /// Head dim of keys and values.
+    pub head_dim: usize,
+    /// Length of the longest sequence.
+    pub longest: usize,
+    /// Buffers the pool is spread over.
+    pub segments: usize,
+}
+
+/// How a decode call runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodePlan {
+    pub(crate) specialization: Specialization,
+    /// Key chunks per sequence, one workgroup each.
+    pub splits: u32,
+    /// Cache positions per chunk.
+    pub split_keys: u32,
+    /// Buffers the cache is spread over: one dispatch each.
+    pub segments: u32,
+    /// Workgroups along the query rows of one (batch, KV head) pair.
+    pub row_tiles: u32,
+    /// Partial results merged at the end (`splits * segments`); 1 means
+    /// the kernel wrote the output directly.
+    pub slots: u32,
+}
+
+impl DecodePlan {
+    /// The kernel tier this plan runs.
+    pub fn tier(&self) -> Tier {
+        match self.specialization.attention_tiling() {
+            Some(tiling) if tiling.subgroup_kv => Tier::SubgroupBroadcast,
+            _ => Tier::Portable,
+        }
+    }
+
+    /// Loop iterations one invocation runs over its chunk of keys, as the
+    /// planner models them against [`GpuInfo::loop_budget`].
+    pub fn loop_trips(&self) -> u64 {
+        self.specialization
+            .loop_trips(u64::from(self.split_keys))
+            .unwrap_or(0)
+    }
+}
+
+impl DecodePlan {
+    /// The plan for `seq_q` queries with `heads_q` heads over a cache of
+    /// this shape.
+    pub fn for_call(
+        info: &GpuInfo,
+        cache: &CacheShape,
+        seq_q: usize,
+        heads_q: usize,
+        options: &DecodeOptions,
+    ) -> Result<Self> {
+        let config = &options.config;
+        let head_dim = cache.head_dim as u32;
+        let group = heads_q / cache.heads_kv;
+        let rows = (seq_q * group) as u32;
+        let adapter = &info.adapter;
+        let cpu =
+            adapter.device_type == wgpu::DeviceType::Cpu && adapter.backend != wgpu::Backend::Gl;
+        let limits = &info.limits;
+        let max_invocations = limits
+            .max_compute_invocations_per_workgroup
+            .min(limits.max_compute_workgroup_size_x);
+        let subgroup = use_subgroup_tier(info, config.tier)?;
+        let (tiling, rows_per_workgroup) = if subgroup {
+            // Lanes split the head dim; every lane holds all the rows.
+            let rows_per_workgroup = rows.next_power_of_two().min(SUBGROUP_MAX_ROWS);
+            let tiling = AttentionTiling {
+                head_dim,
+                block_n: 4,
+                workgroup_size: adapter.subgroup_min_size,
+                rows: rows_per_workgroup,
+                unroll: true,
+                subgroup_kv: true,
+                storage: DType::F32,
+            };
+            (tiling, rows_per_workgroup)
+        } else {
+            let (workgroup_size, rows_per_lane, unroll) = if cpu {
+                let lanes = rows.div_ceil(CPU_WORKGROUP_SIZE).next_power_of_two();
+                let cap = ForwardPlan::cpu_rows(head_dim);
+                (CPU_WORKGROUP_SIZE, lanes.min(cap), true)
+            } else {
+                let size = rows
+                    .next_power_of_two()
+                    .clamp(4, GPU_MAX_WORKGROUP_SIZE.min(max_invocations));
+                // llvmpipe on GL: unrolled head-dim loops, as the forward kernel.
+                (size, 1, adapter.backend == wgpu::Backend::Gl)
+            };
+            let storage = u64::from(limits.max_compute_workgroup_storage_size);
+            let block_n = largest_block_n(head_dim, storage.saturating_sub(DECODE_EXTRA_BYTES))
+                .ok_or(Error::WorkgroupMemory {
+                    head_dim: cache.head_dim,
+                    needed: forward_tile_bytes(head_dim, MIN_BLOCK_N) + DECODE_EXTRA_BYTES,
+                    limit: limits.max_compute_workgroup_storage_size,
+                })?;
+            let tiling = AttentionTiling {
+                head_dim,
+                block_n,
+                workgroup_size,
+                rows: rows_per_lane,
+                unroll,
+                subgroup_kv: false,
+                storage: DType::F32,
+            };
+            (tiling, workgroup_size * rows_per_lane)
+        };
+        if tiling.workgroup_size > max_invocations {
+            return Err(Error::WorkgroupInvocations {
+                needed: tiling.workgroup_size,
+                limit: max_invocations,
+            });
+        }
+        let row_tiles = rows.div_ceil(rows_per_workgroup).max(1);
+        let longest = cache.longest;
+        let splits = match options.kv_splits {
+            Some(0) => return Err(Error::KvSplits(0)),
+            Some(n) => n,
+            None => {
+                let base = row_tiles as usize * cache.heads_kv * cache.batch;
+                let target = if cpu {
+                    4 * info.host_threads.max(1)
+                } else {
+                    GPU_TARGET_WORKGROUPS
+                };
+                target
+                    .div_ceil(base)
+                    .min(longest.div_ceil(MIN_KEYS_PER_SPLIT))
+                    .max(1)
+            }
+        };
+        let specialization = Specialization::Decode(tiling);
+        // On adapters that cap loop iterations (llvmpipe), more splits keep
+        // each workgroup's share of the keys under the cap; a forced count
+        // that does not is refused rather than silently truncated.
+        let mut splits = splits;
+        if let (Some(budget), None) = (info.loop_budget(), options.kv_splits) {
+            while splits < longest
+                && specialization
+                    .loop_trips(longest.div_ceil(splits) as u64)
+                    .is_some_and(|trips| trips > budget)
+            {
+                splits *= 2;
+            }
+        }
+        let split_keys = longest.div_ceil(splits).max(1);
+        check_loop_budget(info, &specialization, split_keys as u64)?;
+        let x_groups = u64::from(row_tiles) * splits as u64;
+        let limit = limits.max_compute_workgroups_per_dimension;
+        for (axis, n) in [
+            ("row tiles x splits", x_groups),
+            ("heads_kv", cache.heads_kv as u64),
+            ("batch", cache.batch as u64),
+        ] {
+            if n > u64::from(limit) {
+                return Err(Error::DispatchTooLarge {
+                    what: "decode",
+                    axis,
+                    groups: n,
+                    limit,
+                });
+            }
+        }
+        let segments = cache.segments as u32;
+        Ok(DecodePlan {
+            specialization,
+            splits: splits as u32,
+            split_keys: split_keys as u32,
+            segments,
+            row_tiles,
+            slots: splits as u32 * segments,
+        })
+    }
+}
+
+/// Bytes of one score row: keys padded to a multiple of 4 (vec4 slots).
+fn row_bytes(seq_kv: usize) -> u64 {
+    seq_kv.div_ceil(4) as u64 * 16
+}
+
+/// How a naive call runs: (batch, head) pairs are processed in chunks whose
+/// score matrices fit one storage binding; the score buffer is reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NaivePlan {
+    /// (batch, head) pairs in the call.
+    pub units: u32,
+    /// Pairs per chunk; the score buffer holds this many matrices.
+    pub units_per_chunk: u32,
+    /// Bytes of one pair's score matrix.
+    pub bytes_per_unit: u64,
+    /// The flash kernel's tiling, which the matrix products share.
+    tiling: AttentionTiling,
+}
+
+impl NaivePlan {
+    /// The plan for f32 storage.
+    pub fn new(info: &GpuInfo, shape: &AttentionShape) -> Result<Self> {
+        Self::for_call(info, shape, DType::F32, None)
+    }
+
+    /// The plan for one call: storage type and, if forced, the tier of the
+    /// matrix products.
+    pub fn for_call(
+        info: &GpuInfo,
+        shape: &AttentionShape,
+        storage: DType,
+        tier: Option<Tier>,
+    ) -> Result<Self> {
+        let tiling = ForwardPlan::for_call(info, shape, storage, tier)?.tiling;
+        let limits = &info.limits;
+        let (limit_name, limit) =
+            if limits.max_storage_buffer_binding_size <= limits.max_buffer_size {
+                (
+                    "max_storage_buffer_binding_size",
+                    limits.max_storage_buffer_binding_size,
+                )
+            } else {
+                ("max_buffer_size", limits.max_buffer_size)
+            };
+        let bytes_per_unit = shape.seq_q as u64 * row_bytes(shape.seq_kv);
+        let units = (shape.batch * shape.heads_q) as u64;
+        if bytes_per_unit > limit {
+            return Err(Error::ScoresTooLarge {
+                bytes_per_head: bytes_per_unit,
+                total_bytes: shape.score_matrix_bytes(),
+                limit_name,
+                limit,
+            });
+        }
+        let units_per_chunk = (limit / bytes_per_unit)
+            .min(units)
+            .min(u64::from(limits.max_compute_workgroups_per_dimension));
+        for pass in NaivePass::ALL {
+            check_loop_budget(
+                info,
+                &Specialization::Naive { pass, tiling },
+                shape.seq_kv as u64,
+            )?;
+        }
+        Ok(NaivePlan {
+            units: units as u32,
+            units_per_chunk: units_per_chunk as u32,
+            bytes_per_unit,
+            tiling,
+        })
+    }
+
+    /// Bytes of the score buffer a call allocates.
+    pub fn score_buffer_bytes(&self) -> u64 {
+        u64::from(self.units_per_chunk) * self.bytes_per_unit
+    }
+
+    pub fn chunks(&self) -> u32 {
+        self.units.div_ceil(self.units_per_chunk)
+    }
+
+    pub(crate) fn specialization(&self, pass: NaivePass) -> Specialization {
+        Specialization::Naive {
+            pass,
+            tiling: self.tiling,
+        }
+    }
+
+    /// Workgroups along x for `pass` (query rows).
+    pub(crate) fn row_groups(&self, pass: NaivePass, seq_q: usize) -> u32 {
+        let AttentionTiling {
+            workgroup_size,
+            rows,
+            ..
+        } = self.tiling;
+        let per_group = match pass {
+            NaivePass::Softmax => workgroup_size,
+            NaivePass::Scores | NaivePass::Values => workgroup_size * rows,
+        };
+        (seq_q as u32).div_ceil(per_group)
+    }
+}
+
+/// The planners over a table of adapter profiles, none of which needs to be
+/// present: what each adapter would run, and the errors where it cannot.
+#[cfg(test)]
+pub(crate) mod profiles {
+    use super::*;
+
+    const KIB: u32 = 1024;
+
+    /// An adapter profile: what its `GpuInfo` reports.
+    pub(crate) struct Profile {
+        pub name: &'static str,
+        pub device_type: wgpu::DeviceType,
+        pub backend: wgpu::Backend,
+        /// Smallest and largest subgroup size; `None`: no SUBGROUP feature.
+        pub subgroups: Option<(u32, u32)>,
+        pub workgroup_bytes: u32,
+        pub invocations: u32,
+    }
+
+    impl Profile {
+        pub(crate) fn info(&self) -> GpuInfo {
+            let (min, max) = self.subgroups.unwrap_or((4, 4));
+            let mut features = wgpu::Features::SHADER_F16;
+            if self.subgroups.is_some() {
+                features |= wgpu::Features::SUBGROUP;
+            }
+            let limits = wgpu::Limits {
+                max_compute_workgroup_storage_size: self.workgroup_bytes,
+                max_compute_invocations_per_workgroup: self.invocations,
+                max_compute_workgroup_size_x: self.invocations,
+                max_storage_buffer_binding_size: 128 << 20,
+                max_buffer_size: 256 << 20,
+                ..wgpu::Limits::default()
+            };
+            let llvmpipe = self.name.starts_with("llvmpipe");
+            GpuInfo {
+                adapter: wgpu::AdapterInfo {
+                    name: self.name.to_string(),
+                    vendor: 0,
+                    device: 0,
+                    device_type: self.device_type,
+                    device_pci_bus_id: String::new(),
+                    driver: if llvmpipe { "llvmpipe" } else { "" }.to_string(),
+                    driver_info: String::new(),
+                    backend: self.backend,
+                    subgroup_min_size: min,
+                    subgroup_max_size: max,
+                    transient_saves_memory: None,
+                    limit_bucket: None,
+                },
+                features,
+                limits,
+                host_threads: 2,
+            }
+        }
+    }
+
+    /// The adapters the crate is planned for, from the software adapters
+    /// CI has to the hardware it has not.
+    pub(crate) fn all() -> Vec<Profile> {
+        use wgpu::{Backend, DeviceType};
+        vec![
+            Profile {
+                name: "llvmpipe (LLVM 15.0.6, 256 bits)",
+                device_type: DeviceType::Cpu,
+                backend: Backend::Vulkan,
+                subgroups: Some((8, 8)),
+                workgroup_bytes: 32 * KIB,
+                invocations: 1024,
+            },
+            Profile {
+                name: "llvmpipe (LLVM 15.0.6, 256 bits) GL",
+                device_type: DeviceType::Cpu,
+                backend: Backend::Gl,
+                subgroups: None,
+                workgroup_bytes: 32 * KIB,
+                invocations: 1024,
+            },
+            Profile {
+                name: "NVIDIA H200",
+                device_type: DeviceType::DiscreteGpu,
+                backend: Backend::Vulkan,
+                subgroups: Some((32, 32)),
+                workgroup_bytes: 48 * KIB,
+                invocations: 1024,
+            },
+            Profile {
+                name: "AMD Radeon RX 7900 XTX",
+                device_type: DeviceType::DiscreteGpu,
+                backend: Backend::Vulkan,
+                subgroups: Some((32, 64)),
+                workgroup_bytes: 64 * KIB,
+                invocations: 1024,
+            },
+            Profile {
+                name: "Apple M2",
+                device_type: DeviceType::IntegratedGpu,
+                backend: Backend::Metal,
+                subgroups: Some((32, 32)),
+                workgroup_bytes: 32 * KIB,
+                invocations: 1024,
+            },
+            Profile {
+                name: "Intel Arc A770",
+                device_type: DeviceType::DiscreteGpu,
+                backend: Backend::Dx12,
+                subgroups: Some((16, 32)),
+                workgroup_bytes: 64 * KIB,
+                invocations: 1024,
+            },
+            Profile {
+                name: "Adreno mobile, WebGPU's minimum limits",
+                device_type: DeviceType::IntegratedGpu,
+                backend: Backend::Vulkan,
+                subgroups: Some((64, 128)),
+                workgroup_bytes: 16 * KIB,
+                invocations: 256,
+            },
+            Profile {
+                name: "WARP",
+                device_type: DeviceType::Cpu,
+                backend: Backend::Dx12,
+                subgroups: Some((4, 128)),
+                workgroup_bytes: 32 * KIB,
+                invocations: 1024,
+            },
+        ]
+    }
+
+    fn profile(name: &str) -> GpuInfo {
+        all()
+            .into_iter()
+            .find(|p| p.name.starts_with(name))
+            .expect("a profile of that name")
+            .info()
+    }
+
+    /// (tier, workgroup size, rows per invocation, keys per tile, unrolled)
+    fn forward(info: &GpuInfo, head_dim: usize) -> (Tier, u32, u32, u32, bool) {
+        let shape = AttentionShape::self_attention(1, 1024, 8, head_dim);
+        let plan = ForwardPlan::new(info, &shape).expect("plans");
+        (
+            plan.tier(),
+            plan.workgroup_size(),
+            plan.rows_per_invocation(),
+            plan.block_n(),
+            plan.unrolled(),
+        )
+    }
+
+    #[test]
+    fn forward_tiling_per_adapter() {
+        use Tier::{Portable, SubgroupBroadcast};
+        // name, head dim, (tier, workgroup, rows, block_n, unrolled)
+        let table: [(&str, usize, (Tier, u32, u32, u32, bool)); 16] = [
+            // lavapipe: one subgroup of 8, many rows each, unrolled.
+            (
+                "llvmpipe (LLVM 15.0.6, 256 bits)",
+                64,
+                (SubgroupBroadcast, 8, 16, 64, true),
+            ),
+            (
+                "llvmpipe (LLVM 15.0.6, 256 bits)",
+                256,
+                (SubgroupBroadcast, 8, 4, 16, true),
+            ),
+            // GL: no subgroups; the GPU tiling, head-dim loops unrolled.
+            (
+                "llvmpipe (LLVM 15.0.6, 256 bits) GL",
+                64,
+                (Portable, 64, 1, 64, true),
+            ),
+            (
+                "llvmpipe (LLVM 15.0.6, 256 bits) GL",
+                256,
+                (Portable, 64, 1, 16, true),
+            ),
+            // Hardware: one row per lane, a subgroup of the smallest size.
+            ("NVIDIA", 64, (SubgroupBroadcast, 32, 1, 64, true)),
+            ("NVIDIA", 256, (SubgroupBroadcast, 32, 1, 16, true)),
+            ("AMD", 128, (SubgroupBroadcast, 32, 1, 64, true)),
+            ("AMD", 256, (SubgroupBroadcast, 32, 1, 32, true)),
+            ("Apple", 64, (SubgroupBroadcast, 32, 1, 64, true)),
+            ("Apple", 256, (SubgroupBroadcast, 32, 1, 16, true)),
+            ("Intel", 64, (SubgroupBroadcast, 16, 1, 64, true)),
+            ("Intel", 192, (SubgroupBroadcast, 16, 1, 32, true)),
+            // 16 KiB of workgroup memory halves the tiles.
+            ("Adreno", 64, (SubgroupBroadcast, 64, 1, 32, true)),
+            ("Adreno", 256, (SubgroupBroadcast, 64, 1, 8, true)),
+            // WARP: a CPU adapter whose smallest subgroup is 4.
+            ("WARP", 64, (SubgroupBroadcast, 4, 16, 64, true)),
+            ("WARP", 128, (SubgroupBroadcast, 4, 8, 32, true)),
+        ];
+        for (name, head_dim, expected) in table {
+            assert_eq!(
+                forward(&profile(name), head_dim),
+                expected,
+                "{name} d={head_dim}"
+            );
+        }
+    }
+
+    #[test]
+    fn portable_tier_everywhere_and_subgroups_only_where_offered() {
+        let shape = AttentionShape::self_attention(1, 512, 4, 64);
+        for p in all() {
+            let info = p.info();
+            let portable = ForwardPlan::for_call(&info, &shape, DType::F16, Some(Tier::Portable))
+                .unwrap_or_else(|e| panic!("{}: {e}", p.name));
+            assert_eq!(portable.tier(), Tier::Portable);
+            assert_eq!(portable.storage(), DType::F16);
+            assert!(portable.workgroup_size() <= p.invocations);
+            let forced =
+                ForwardPlan::for_call(&info, &shape, DType::F32, Some(Tier::SubgroupBroadcast));
+            match (p.backend, p.subgroups) {
+                (wgpu::Backend::Gl, _) | (_, None) => assert!(
+                    matches!(forced, Err(Error::TierUnavailable { .. })),
+                    "{}: {forced:?}",
+                    p.name
+                ),
+                _ => assert_eq!(forced.expect("offered").tier(), Tier::SubgroupBroadcast),
+            }
+        }
+        // Without the feature, or with a smallest size outside 4..=128, the
+        // default is the portable tier and forcing says why.
+        let mut info = profile("NVIDIA");
+        info.features.remove(wgpu::Features::SUBGROUP);
+        assert_eq!(
+            ForwardPlan::new(&info, &shape).unwrap().tier(),
+            Tier::Portable
+        );
+        let mut info = profile("NVIDIA");
+        info.adapter.subgroup_min_size = 256;
+        info.adapter.subgroup_max_size = 256;
+        assert_eq!(
+            ForwardPlan::new(&info, &shape).unwrap().tier(),
+            Tier::Portable
+        );
+        match ForwardPlan::for_call(&info, &shape, DType::F32, Some(Tier::SubgroupBroadcast)) {
+            Err(Error::TierUnavailable { reason, .. }) => {
+                assert!(reason.contains("256"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn limits_too_small_are_typed_errors_with_the_numbers() {
+        let shape = AttentionShape::self_attention(1, 512, 4, 256);
+        let mut info = profile("Adreno");
+        info.limits.max_compute_workgroup_storage_size = 4 * KIB;
+        assert!(matches!(
+            ForwardPlan::new(&info, &shape),
+            Err(Error::WorkgroupMemory {
+                head_dim: 256,
+                needed: 8192,
+                limit: 4096
+            })
+        ));
+        // Few invocations: the portable workgroup shrinks to fit.
+        let mut info = profile("Adreno");
+        info.features.remove(wgpu::Features::SUBGROUP);
+        info.limits.max_compute_invocations_per_workgroup = 48;
+        let plan = ForwardPlan::new(&info, &shape).unwrap();
+        assert_eq!(plan.workgroup_size(), 32);
+        // The subgroup tier needs a whole subgroup per workgroup.
+        let mut info = profile("Adreno");
+        info.limits.max_compute_invocations_per_workgroup = 32;
+        assert!(matches!(
+            ForwardPlan::new(&info, &shape),
+            Err(Error::WorkgroupInvocations {
+                needed: 64,
+                limit: 32
+            })
+        ));
+        // Too many query tiles for one dispatch dimension.
+        let mut info = profile("NVIDIA");
+        info.limits.max_compute_workgroups_per_dimension = 100;
+        let long = AttentionShape::self_attention(1, 32 * 101, 1, 64);
+        assert!(matches!(
+            ForwardPlan::new(&info, &long),
+            Err(Error::DispatchTooLarge {
+                groups: 101,
+                limit: 100,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn only_llvmpipe_caps_loops() {
+        let long = AttentionShape {
+            seq_q: 64,
+            ..AttentionShape::self_attention(1, 1 << 20, 1, 64)
+        };
+        for p in all() {
+            let info = p.info();
+            let result = ForwardPlan::new(&info, &long);
+            if p.name.starts_with("llvmpipe") {
+                assert_eq!(info.loop_budget(), Some(65_535));
+                assert!(
+                    matches!(
+                        result,
+                        Err(Error::LoopBudget {
+                            keys: 1_048_576,
+                            budget: 65_535,
+                            ..
+                        })
+                    ),
+                    "{}: {result:?}",
+                    p.name
+                );
+            } else {
+                assert_eq!(info.loop_budget(), None);
+                assert!(result.is_ok(), "{}: {result:?}", p.name);
+            }
+        }
+    }
+
+    #[test]
+    fn decode_splits_fill_the_adapter_and_respect_the_loop_cap() {
+        // Llama-3.1-405B heads, one token, 32K cache.
+        let cache = CacheShape {
+            batch: 1,
+            heads_kv: 8,
+            head_dim: 128,
+            longest: 32 * 1024,
+            segments: 2,
+        };
+        let options = DecodeOptions::default();
+        for p in all() {
+            let info = p.info();
+            let plan = DecodePlan::for_call(&info, &cache, 1, 64, &options)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.name));
+            assert_eq!(plan.segments, 2);
+            assert_eq!(plan.slots, plan.splits * 2);
+            assert!(u64::from(plan.splits) * u64::from(plan.split_keys) >= 32 * 1024);
+            if let Some(budget) = info.loop_budget() {
+                assert!(plan.loop_trips() <= budget, "{}: {plan:?}", p.name);
+            }
+            let workgroups = plan.splits as usize * plan.row_tiles as usize * 8;
+            if p.device_type == wgpu::DeviceType::Cpu {
+                // 4 workgroups per host thread, unless the loop cap asks
+                // for more.
+                assert!(workgroups >= 8, "{}: {plan:?}", p.name);
+            } else {
+                // ~512 workgroups on a GPU, at least 256 keys each.
+                assert!((256..=1024).contains(&workgroups), "{}: {plan:?}", p.name);
+                assert!(plan.split_keys >= 256, "{}: {plan:?}", p.name);
+            }
+        }
+        let forced = DecodeOptions::default().kv_splits(0);
+        assert!(matches!(
+            DecodePlan::for_call(&profile("NVIDIA"), &cache, 1, 64, &forced),
+            Err(Error::KvSplits(0))
+        ));
+    }
+
+    #[test]
+    fn naive_chunks_fit_one_binding() {
+        let shape = AttentionShape::self_attention(2, 4096, 8, 64);
+        let info = profile("NVIDIA");
+        let plan = NaivePlan::new(&info, &shape).unwrap();
+        assert!(plan.score_buffer_bytes() <= info.limits.max_storage_buffer_binding_size);
+        assert_eq!(plan.units, 16);
+        assert!(plan.chunks() >= 2);
+        let huge = AttentionShape::self_attention(1, 8192, 1, 64);
+        assert!(matches!(
+            NaivePlan::new(&info, &huge),
+            Err(Error::ScoresTooLarge { .. })
+        ));
+    }
+}
