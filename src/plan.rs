@@ -717,7 +717,9 @@ pub(crate) mod profiles {
     }
 
     /// (tier, workgroup size, rows per invocation, keys per tile, unrolled)
-    fn forward(info: &GpuInfo, head_dim: usize) -> (Tier, u32, u32, u32, bool) {
+    type Tiling = (Tier, u32, u32, u32, bool);
+
+    fn forward(info: &GpuInfo, head_dim: usize) -> Tiling {
         let shape = AttentionShape::self_attention(1, 1024, 8, head_dim);
         let plan = ForwardPlan::new(info, &shape).expect("plans");
         (
@@ -733,7 +735,7 @@ pub(crate) mod profiles {
     fn forward_tiling_per_adapter() {
         use Tier::{Portable, SubgroupBroadcast};
         // name, head dim, (tier, workgroup, rows, block_n, unrolled)
-        let table: [(&str, usize, (Tier, u32, u32, u32, bool)); 16] = [
+        let table: [(&str, usize, Tiling); 16] = [
             // lavapipe: one subgroup of 8, many rows each, unrolled.
             (
                 "llvmpipe (LLVM 15.0.6, 256 bits)",
