@@ -46,6 +46,28 @@ pub fn gpu() -> Option<&'static Gpu> {
     .as_ref()
 }
 
+/// Set to 1 to run the sweeps over every supported head dim (32 kernel
+/// specializations per storage type, each 10-25 s to compile on a cold
+/// lavapipe); `.ci/run` always does.
+pub const EXHAUSTIVE_VAR: &str = "FLASH_ATTN_EXHAUSTIVE";
+
+/// The head dims a sweep covers: every supported one in the exhaustive
+/// mode, otherwise `representative` (which should cover each tiling
+/// class: rows per invocation, keys per tile, head dims that do not fill
+/// a subgroup's lanes evenly). Says what it left out.
+pub fn head_dims(what: &str, representative: &[usize]) -> Vec<usize> {
+    let every: Vec<usize> = (8..=256).step_by(8).collect();
+    if std::env::var(EXHAUSTIVE_VAR).is_ok_and(|v| v == "1") {
+        return every;
+    }
+    eprintln!(
+        "SKIPPED: {what} runs head dims {representative:?} of the {} supported; \
+         {EXHAUSTIVE_VAR}=1 runs every one (as .ci/run does)",
+        every.len()
+    );
+    representative.to_vec()
+}
+
 /// Packed BSHD inputs drawn from N(0, scale^2).
 pub struct Inputs {
     pub q: Vec<f32>,
