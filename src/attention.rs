@@ -469,7 +469,9 @@ impl Gpu {
         let call = self.prepare_call(args, config)?;
         let params_buffer = self.params_buffer(&call.params);
         let Some(mask) = mask else {
-            let pipeline = self.pipelines.get(&self.device, &call.plan.specialization);
+            let pipeline = self
+                .pipelines
+                .get(&self.device, &call.plan.specialization)?;
             let bind_group =
                 call.bind_group(self, &pipeline.bind_group_layout, &params_buffer, &[]);
             encode_dispatches(
@@ -489,7 +491,7 @@ impl Gpu {
             .expect("ForwardPlan always plans the flash kernel");
         let spec = Specialization::FlashMasked(tiling);
         self.check_loop_budget(&spec, call.shape.seq_kv as u64)?;
-        let pipeline = self.pipelines.get(&self.device, &spec);
+        let pipeline = self.pipelines.get(&self.device, &spec)?;
         let (mask_params, tiles) =
             mask.params(self, tiling.workgroup_size * tiling.rows, tiling.block_n);
         let mask_uniform = self.uniform_buffer("mask params", bytemuck::bytes_of(&mask_params));

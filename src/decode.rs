@@ -312,7 +312,7 @@ impl Gpu {
             )
         });
         let params_buffer = self.params_buffer(&params);
-        let pipeline = self.pipelines.get(&self.device, &plan.specialization);
+        let pipeline = self.pipelines.get(&self.device, &plan.specialization)?;
         let (out_buffer, lse_buffer) = match &partials {
             Some(p) => (&p.out, &p.lse),
             None => (
@@ -476,7 +476,7 @@ impl Gpu {
         let spec = Specialization::Combine {
             workgroup_size: ELEMENTWISE_WORKGROUP,
         };
-        let pipeline = self.pipelines.get(&self.device, &spec);
+        let pipeline = self.pipelines.get(&self.device, &spec)?;
         let uniform = self.uniform_buffer("combine params", bytemuck::bytes_of(&params));
         let bind_group = bind_buffers(
             &self.device,

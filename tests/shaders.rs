@@ -163,7 +163,9 @@ fn shipped_specializations() -> Vec<Specialization> {
 }
 
 fn parse_and_validate(spec: &Specialization) -> (naga::Module, naga::valid::ModuleInfo) {
-    let source = spec.source();
+    let source = spec
+        .source()
+        .unwrap_or_else(|e| panic!("{}: preprocessing failed: {e}", spec.label()));
     let module = naga::front::wgsl::parse_str(&source).unwrap_or_else(|e| {
         panic!(
             "{}: WGSL parse error\n{}",
