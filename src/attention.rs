@@ -384,7 +384,7 @@ impl Gpu {
         let Some(mask) = mask else {
             let pipeline = self
                 .pipelines
-                .get(&self.device, &call.plan.specialization());
+                .get(&self.device, &call.plan.specialization())?;
             let bind_group =
                 call.bind_group(self, &pipeline.bind_group_layout, &params_buffer, &[]);
             encode_dispatches(
@@ -401,7 +401,7 @@ impl Gpu {
         let tiling = call.plan.tiling;
         let spec = Specialization::FlashMasked(tiling);
         check_loop_budget(self.info(), &spec, call.shape.seq_kv as u64)?;
-        let pipeline = self.pipelines.get(&self.device, &spec);
+        let pipeline = self.pipelines.get(&self.device, &spec)?;
         let (mask_params, tiles) =
             mask.params(self, tiling.workgroup_size * tiling.rows, tiling.block_n);
         let mask_uniform = self.uniform_buffer("mask params", bytemuck::bytes_of(&mask_params));

@@ -46,7 +46,7 @@ pub fn measure_fma(gpu: &Gpu, workgroups: u32, plan: TimingPlan) -> Result<Ceili
     };
     let pipeline = gpu.validated("fma ceiling pipeline", || {
         gpu.pipelines.get(gpu.device(), &spec)
-    })?;
+    })??;
     let sink = gpu.device().create_buffer(&wgpu::BufferDescriptor {
         label: Some("fma ceiling sink"),
         size: 16 * 1024,
@@ -90,7 +90,7 @@ pub fn measure_copy(gpu: &Gpu, bytes: u64, plan: TimingPlan) -> Result<Bandwidth
     };
     let pipeline = gpu.validated("copy ceiling pipeline", || {
         gpu.pipelines.get(gpu.device(), &spec)
-    })?;
+    })??;
     let buffer = |label| {
         gpu.device().create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),

@@ -182,7 +182,7 @@ impl Gpu {
             )
         });
         let params_buffer = self.params_buffer(&params);
-        let pipeline = self.pipelines.get(&self.device, &plan.specialization);
+        let pipeline = self.pipelines.get(&self.device, &plan.specialization)?;
         let lens = cache.lens_snapshot(self);
         let table = cache.table_snapshot(self);
         let (out_buffer, lse_buffer) = match &partials {
@@ -349,7 +349,7 @@ impl Gpu {
         let spec = Specialization::Combine {
             workgroup_size: ELEMENTWISE_WORKGROUP,
         };
-        let pipeline = self.pipelines.get(&self.device, &spec);
+        let pipeline = self.pipelines.get(&self.device, &spec)?;
         let uniform = self.uniform_buffer("combine params", bytemuck::bytes_of(&params));
         let bind_group = bind_buffers(
             &self.device,

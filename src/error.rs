@@ -266,6 +266,13 @@ pub enum Error {
 
     #[error("reading a buffer back from the GPU failed: {0}")]
     Readback(String),
+
+    /// A kernel's WGSL could not be generated from its template (an unknown
+    /// `// #if` name, a malformed block, a loop the specialization unrolls
+    /// written in a form the unroller does not expand): a bug in the
+    /// crate's shaders, reported instead of compiling the wrong variant.
+    #[error("generating the WGSL of {kernel} failed: {reason}")]
+    ShaderSource { kernel: String, reason: String },
 }
 
 /// Shorthand used across the crate.

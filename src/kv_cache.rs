@@ -586,7 +586,7 @@ impl KvCache {
         let spec = Specialization::KvAppend {
             workgroup_size: ELEMENTWISE_WORKGROUP,
         };
-        let pipeline = gpu.pipelines.get(&gpu.device, &spec);
+        let pipeline = gpu.pipelines.get(&gpu.device, &spec)?;
         let starts = gpu.storage_buffer("kv append starts", bytemuck::cast_slice(&starts));
         let freqs = gpu.storage_buffer("rope frequencies", bytemuck::cast_slice(&freqs));
         let table = self.table_snapshot(gpu);

@@ -30,6 +30,8 @@ pub mod presets;
 pub mod random;
 pub mod reference;
 mod rope;
+#[cfg(test)]
+mod shader_contract_tests;
 pub mod shaders;
 mod tensor;
 pub mod timing;

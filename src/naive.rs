@@ -40,12 +40,11 @@ impl Gpu {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
-        let pipelines = NaivePass::ALL.map(|pass| {
-            (
-                pass,
-                self.pipelines.get(&self.device, &plan.specialization(pass)),
-            )
-        });
+        let mut pipelines = Vec::with_capacity(NaivePass::ALL.len());
+        for pass in NaivePass::ALL {
+            let spec = plan.specialization(pass);
+            pipelines.push((pass, self.pipelines.get(&self.device, &spec)?));
+        }
         for chunk in 0..plan.chunks() {
             let unit_base = chunk * plan.units_per_chunk;
             let units = plan.units_per_chunk.min(plan.units - unit_base);

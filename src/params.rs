@@ -1,9 +1,11 @@
-//! The uniform block shared with the attention kernels, declared in WGSL in
-//! `shaders/attention_common.wgsl`.
+//! The uniform blocks shared with the kernels, each the twin of a WGSL
+//! struct that its doc comment names.
 //!
 //! Layout rules: every field is 4 bytes; nested structs are 16 bytes, so the
 //! Rust `#[repr(C)]` layout equals WGSL's uniform layout without padding
-//! surprises. A test checks the sizes match what naga computes.
+//! surprises. `src/shader_contract_tests.rs` checks every `#[repr(C)]` struct
+//! here member by member (name, offset, size) against naga's layout of its
+//! twin, and the `flags` against the shader's `FLAG_*` constants.
 
 use bytemuck::{Pod, Zeroable};
 

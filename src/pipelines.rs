@@ -33,10 +33,11 @@ impl PipelineCache {
     }
 
     /// The pipeline for `spec`, compiling it on first use.
-    pub fn get(&self, device: &wgpu::Device, spec: &Specialization) -> Arc<CachedPipeline> {
+    pub fn get(&self, device: &wgpu::Device, spec: &Specialization) -> Result<Arc<CachedPipeline>> {
         if let Some(found) = lock(&self.pipelines).get(spec) {
-            return found.clone();
+            return Ok(found.clone());
         }
+        let source = wgsl_source(spec)?;
         let kernel = spec.kernel();
         let (bind_group_layout, pipeline_layout) = lock(&self.layouts)
             .entry(kernel)
@@ -45,7 +46,7 @@ impl PipelineCache {
         let label = spec.label();
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(&label),
-            source: wgpu::ShaderSource::Wgsl(spec.source().into()),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
         });
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&label),
@@ -64,8 +65,16 @@ impl PipelineCache {
             bind_group_layout,
         });
         lock(&self.pipelines).insert(*spec, cached.clone());
-        cached
+        Ok(cached)
     }
+}
+
+/// The WGSL text of `spec`, a template mistake becoming the crate's error.
+fn wgsl_source(spec: &Specialization) -> Result<String> {
+    spec.source().map_err(|err| Error::ShaderSource {
+        kernel: spec.label(),
+        reason: err.to_string(),
+    })
 }
 
 fn layouts(device: &wgpu::Device, kernel: Kernel) -> (wgpu::BindGroupLayout, wgpu::PipelineLayout) {

@@ -139,7 +139,7 @@ impl Gpu {
         let spec = Specialization::Rope {
             workgroup_size: ELEMENTWISE_WORKGROUP,
         };
-        let pipeline = self.pipelines.get(&self.device, &spec);
+        let pipeline = self.pipelines.get(&self.device, &spec)?;
         let uniform = self.uniform_buffer("rope params", bytemuck::bytes_of(&params));
         let starts = self.storage_buffer("rope starts", bytemuck::cast_slice(&starts));
         let freqs = self.storage_buffer(

@@ -1,0 +1,901 @@
+//! The host/shader contract, checked with naga instead of kept by hand. For
+//! every specialization the crate ships: its WGSL generates, parses,
+//! validates and translates to SPIR-V, MSL, HLSL and GLSL (on any machine,
+//! adapter or not; errors are printed with source spans), and its resource
+//! bindings are exactly the bind group layout the host builds from
+//! [`Kernel::bindings`]. Every `#[repr(C)]` block of `src/params.rs` lays out
+//! member by member like the WGSL struct its doc comment names.
+
+use std::collections::{BTreeSet, HashMap};
+
+use naga::back::{glsl, hlsl, msl, spv};
+use naga::valid::{Capabilities, ValidationFlags, Validator};
+use rayon::prelude::*;
+use wgpu::BufferBindingType;
+
+use crate::params::{
+    AttentionParams, CombineParams, DecodeParams, MaskParams, RopeParams, TensorStrides, flags,
+};
+use crate::shaders::{AttentionTiling, Kernel, NaivePass, Specialization, largest_block_n};
+use crate::{DType, ForwardPlan, is_supported_head_dim};
+
+// ---------------------------------------------------------------------------
+// The specializations under test.
+
+/// Workgroup memory of the smallest adapters WebGPU allows (16 KiB) and of
+/// lavapipe and most GPUs (32 KiB).
+const WORKGROUP_LIMITS: [u64; 2] = [16 * 1024, 32 * 1024];
+
+/// The tile sizes the planner picks for `head_dim` under those limits.
+fn planned_block_ns(head_dim: u32) -> Vec<u32> {
+    let mut picks: Vec<u32> = WORKGROUP_LIMITS
+        .iter()
+        .filter_map(|&limit| largest_block_n(head_dim, limit))
+        .collect();
+    picks.dedup();
+    picks
+}
+
+/// Every specialization the crate can compile, the one list all checks in
+/// this module run over (the planner may come to generate it).
+fn shipped_specializations() -> Vec<Specialization> {
+    let mut specs = vec![
+        Specialization::FmaCeiling {
+            iterations: 1024,
+            copies: 4,
+            workgroup_size: 64,
+        },
+        Specialization::CopyCeiling { workgroup_size: 64 },
+    ];
+    for head_dim in (8..=256u32).filter(|&d| is_supported_head_dim(d as usize)) {
+        // Hardware-GPU tiling (64 invocations, 1 row, loops kept) and the
+        // CPU-adapter tiling (8 invocations, the planner's rows, unrolled;
+        // K/V through workgroup memory or subgroup broadcasts).
+        let cpu_rows = ForwardPlan::cpu_rows(head_dim);
+        let tilings = [
+            (64, 1, false, false),
+            (8, cpu_rows, true, false),
+            (8, cpu_rows, true, true),
+        ];
+        // Half-precision storage changes only loads and stores: a few head
+        // dims cover it.
+        let storages: &[DType] = if [8, 64, 128, 256].contains(&head_dim) {
+            &[DType::F32, DType::F16, DType::BF16]
+        } else {
+            &[DType::F32]
+        };
+        for block_n in planned_block_ns(head_dim) {
+            for &storage in storages {
+                for (workgroup_size, rows, unroll, subgroup_kv) in tilings {
+                    let tiling = AttentionTiling {
+                        head_dim,
+                        block_n,
+                        workgroup_size,
+                        rows,
+                        unroll,
+                        subgroup_kv,
+                        storage,
+                    };
+                    specs.push(Specialization::FlashForward(tiling));
+                    // The naive baseline runs with the flash kernel's tiling.
+                    specs.extend(NaivePass::ALL.map(|pass| Specialization::Naive { pass, tiling }));
+                }
+            }
+        }
+    }
+    // The subgroup tier on hardware GPUs: one subgroup of the adapter's
+    // smallest size, one row per lane, unrolled (constant broadcast lanes),
+    // at every subgroup size it is offered for; the head dims include sizes
+    // that do not divide the four keys' vec4s (40 over 64 or 128 lanes, 136
+    // over 16).
+    let hardware_subgroup = [4, 16, 32, 64, 128]
+        .into_iter()
+        .flat_map(|size| [(size, 40, DType::F32), (size, 136, DType::F32)])
+        .chain([(32, 64, DType::F16), (32, 256, DType::BF16)]);
+    for (workgroup_size, head_dim, storage) in hardware_subgroup {
+        let tiling = AttentionTiling {
+            head_dim,
+            block_n: planned_block_ns(head_dim)[0],
+            workgroup_size,
+            rows: 1,
+            unroll: true,
+            subgroup_kv: true,
+            storage,
+        };
+        specs.push(Specialization::FlashForward(tiling));
+        specs.extend(NaivePass::ALL.map(|pass| Specialization::Naive { pass, tiling }));
+    }
+    // Decoding: the CPU tiling (8 lanes, 1 to 16 rows each, unrolled) and
+    // the GPU one (4 to 64 lanes, one row each); tiles sized with room for
+    // the decode kernel's flags.
+    for head_dim in [8, 64, 128, 256] {
+        let block_n = planned_block_ns(head_dim)[0];
+        let cpu_rows = ForwardPlan::cpu_rows(head_dim);
+        let cpu = [1, 2, 4, 8, 16]
+            .into_iter()
+            .filter(|&rows| rows <= cpu_rows)
+            .map(|rows| (8, rows, true));
+        let gpu = [4, 16, 64].into_iter().map(|size| (size, 1, false));
+        for (workgroup_size, rows, unroll) in cpu.chain(gpu) {
+            specs.push(Specialization::Decode(AttentionTiling {
+                head_dim,
+                block_n: block_n.min(32),
+                workgroup_size,
+                rows,
+                unroll,
+                subgroup_kv: false,
+                storage: DType::F32,
+            }));
+        }
+    }
+    // Decoding, subgroup tier: lanes over the head dim at every subgroup
+    // size, 1 to 16 rows per workgroup.
+    for (workgroup_size, head_dim, rows) in [
+        (4, 8, 1),
+        (8, 128, 8),
+        (16, 40, 16),
+        (32, 256, 2),
+        (64, 64, 4),
+        (128, 136, 1),
+    ] {
+        specs.push(Specialization::Decode(AttentionTiling {
+            head_dim,
+            block_n: 4,
+            workgroup_size,
+            rows,
+            unroll: true,
+            subgroup_kv: true,
+            storage: DType::F32,
+        }));
+    }
+    // Masked forward: the GPU, GL, CPU and subgroup tilings, f32 and f16.
+    for (head_dim, workgroup_size, rows, unroll, subgroup_kv, storage) in [
+        (64, 64, 1, false, false, DType::F32),
+        (128, 64, 1, true, false, DType::F16),
+        (64, 8, 16, true, false, DType::F32),
+        (32, 8, 16, true, true, DType::F32),
+        (256, 32, 1, true, true, DType::BF16),
+    ] {
+        specs.push(Specialization::FlashMasked(AttentionTiling {
+            head_dim,
+            block_n: planned_block_ns(head_dim)[0],
+            workgroup_size,
+            rows,
+            unroll,
+            subgroup_kv,
+            storage,
+        }));
+    }
+    specs.extend([
+        Specialization::Combine { workgroup_size: 64 },
+        Specialization::Rope { workgroup_size: 64 },
+        Specialization::KvAppend { workgroup_size: 64 },
+    ]);
+    specs
+}
+
+/// One shipped specialization per kernel and set of `// #if` variants: the
+/// generated constants do not change struct declarations, so these cover
+/// every distinct declaration of them.
+fn one_specialization_per_variant() -> Vec<Specialization> {
+    let mut seen = BTreeSet::new();
+    shipped_specializations()
+        .into_iter()
+        .filter(|spec| seen.insert((format!("{:?}", spec.kernel()), spec.variant_flags())))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// From specialization to naga module.
+
+/// The WGSL text of `spec`, failing the test on a template mistake.
+fn source_of(spec: &Specialization) -> String {
+    spec.source()
+        .unwrap_or_else(|e| panic!("{}: preprocessing failed: {e}", spec.label()))
+}
+
+/// `source` parsed, failing the test with the error's source span.
+fn parse(spec: &Specialization, source: &str) -> naga::Module {
+    naga::front::wgsl::parse_str(source).unwrap_or_else(|e| {
+        panic!(
+            "{}: WGSL parse error\n{}",
+            spec.label(),
+            e.emit_to_string(source)
+        )
+    })
+}
+
+/// The capabilities the pipeline of `spec` asks the adapter for.
+fn capabilities(spec: &Specialization) -> Capabilities {
+    let mut capabilities = Capabilities::empty();
+    if spec.needs_subgroups() {
+        capabilities |= Capabilities::SUBGROUP;
+    }
+    if spec.needs_f16_in_f32() {
+        capabilities |= Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+    }
+    capabilities
+}
+
+fn parse_and_validate(spec: &Specialization) -> (naga::Module, naga::valid::ModuleInfo) {
+    let source = source_of(spec);
+    let module = parse(spec, &source);
+    let info = Validator::new(ValidationFlags::all(), capabilities(spec))
+        .validate(&module)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: validation error\n{}",
+                spec.label(),
+                e.emit_to_string(&source)
+            )
+        });
+    (module, info)
+}
+
+// ---------------------------------------------------------------------------
+// Coverage, preprocessing and translation.
+
+#[test]
+fn every_kernel_family_is_covered() {
+    let specs = shipped_specializations();
+    for kernel in Kernel::ALL {
+        assert!(
+            specs.iter().any(|s| s.kernel() == kernel),
+            "{} ({}) has no specialization under test",
+            kernel.file_name(),
+            kernel.entry_point()
+        );
+    }
+}
+
+#[test]
+fn every_shipped_specialization_preprocesses() {
+    let failures: Vec<String> = shipped_specializations()
+        .iter()
+        .filter_map(|spec| {
+            let err = spec.source().err()?;
+            Some(format!("{}: {err}", spec.label()))
+        })
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn write_spirv(module: &naga::Module, info: &naga::valid::ModuleInfo, label: &str) {
+    spv::write_vec(module, info, &spv::Options::default(), None)
+        .unwrap_or_else(|e| panic!("{label}: SPIR-V: {e}"));
+}
+
+fn write_msl(module: &naga::Module, info: &naga::valid::ModuleInfo, label: &str, entry: &str) {
+    let pipeline = msl::PipelineOptions {
+        entry_point: Some((naga::ShaderStage::Compute, entry.to_string())),
+        ..Default::default()
+    };
+    msl::write_string(module, info, &msl::Options::default(), &pipeline)
+        .unwrap_or_else(|e| panic!("{label}: MSL: {e}"));
+}
+
+fn write_hlsl(module: &naga::Module, info: &naga::valid::ModuleInfo, label: &str, entry: &str) {
+    let options = hlsl::Options::default();
+    let pipeline = hlsl::PipelineOptions {
+        entry_point: Some((naga::ShaderStage::Compute, entry.to_string())),
+    };
+    let mut out = String::new();
+    hlsl::Writer::new(&mut out, &options, &pipeline)
+        .write(module, info, None)
+        .unwrap_or_else(|e| panic!("{label}: HLSL: {e}"));
+}
+
+fn write_glsl(module: &naga::Module, info: &naga::valid::ModuleInfo, label: &str, entry: &str) {
+    let options = glsl::Options::default();
+    let pipeline = glsl::PipelineOptions {
+        shader_stage: naga::ShaderStage::Compute,
+        entry_point: entry.to_string(),
+        multiview: None,
+    };
+    let mut out = String::new();
+    glsl::Writer::new(
+        &mut out,
+        module,
+        info,
+        &options,
+        &pipeline,
+        naga::proc::BoundsCheckPolicies::default(),
+    )
+    .and_then(|mut writer| writer.write())
+    .unwrap_or_else(|e| panic!("{label}: GLSL: {e}"));
+}
+
+/// Validates `spec` and translates it for every backend wgpu may hand it
+/// to, failing the test on the first error.
+fn validate_and_translate(spec: &Specialization) {
+    let (module, info) = parse_and_validate(spec);
+    let label = spec.label();
+    let entry = spec.kernel().entry_point();
+    write_spirv(&module, &info, &label);
+    write_msl(&module, &info, &label, entry);
+    write_hlsl(&module, &info, &label, entry);
+    // wgpu's GL backend has no subgroups, so those variants never reach
+    // GLSL.
+    if !spec.needs_subgroups() {
+        write_glsl(&module, &info, &label, entry);
+    }
+}
+
+#[test]
+fn shaders_validate_and_translate_to_every_backend() {
+    shipped_specializations()
+        .par_iter()
+        .for_each(validate_and_translate);
+}
+
+// ---------------------------------------------------------------------------
+// Bindings against the bind group layout.
+
+/// A resource binding a shader declares, as naga reflects it.
+struct ShaderBinding {
+    group: u32,
+    binding: u32,
+    name: String,
+    space: naga::AddressSpace,
+}
+
+/// The module's globals that have a resource binding, by binding number.
+fn shader_bindings(module: &naga::Module) -> Vec<ShaderBinding> {
+    let mut found: Vec<ShaderBinding> = module
+        .global_variables
+        .iter()
+        .filter_map(|(_, var)| {
+            let binding = var.binding.as_ref()?;
+            Some(ShaderBinding {
+                group: binding.group,
+                binding: binding.binding,
+                name: var.name.clone().unwrap_or_default(),
+                space: var.space,
+            })
+        })
+        .collect();
+    found.sort_by_key(|b| (b.group, b.binding));
+    found
+}
+
+/// The buffer binding type a bind group layout needs for a global in
+/// `space`; `None` for spaces no buffer binding serves.
+fn layout_type(space: naga::AddressSpace) -> Option<BufferBindingType> {
+    use naga::StorageAccess as Access;
+    match space {
+        naga::AddressSpace::Uniform => Some(BufferBindingType::Uniform),
+        naga::AddressSpace::Storage { access } if access == Access::LOAD => {
+            Some(BufferBindingType::Storage { read_only: true })
+        }
+        naga::AddressSpace::Storage { access } if access == Access::LOAD | Access::STORE => {
+            Some(BufferBindingType::Storage { read_only: false })
+        }
+        _ => None,
+    }
+}
+
+/// Every way the shader's bindings differ from `layout` (binding `i` of
+/// group 0 is `layout[i]`), one message each.
+fn binding_mismatches(layout: &[BufferBindingType], shader: &[ShaderBinding]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for found in shader.iter().filter(|b| b.group != 0) {
+        problems.push(format!(
+            "`{}` is in group {} binding {}; the layout has group 0 only",
+            found.name, found.group, found.binding
+        ));
+    }
+    let group0: Vec<&ShaderBinding> = shader.iter().filter(|b| b.group == 0).collect();
+    let count = group0
+        .iter()
+        .map(|b| b.binding as usize + 1)
+        .chain([layout.len()])
+        .max()
+        .unwrap_or(0);
+    for binding in 0..count {
+        let declared: Vec<&ShaderBinding> = group0
+            .iter()
+            .copied()
+            .filter(|b| b.binding as usize == binding)
+            .collect();
+        problems.extend(binding_mismatch(binding, layout.get(binding), &declared));
+    }
+    problems
+}
+
+/// How binding `binding` differs between the layout's `expected` type and
+/// the shader's `declared` globals, if it does.
+fn binding_mismatch(
+    binding: usize,
+    expected: Option<&BufferBindingType>,
+    declared: &[&ShaderBinding],
+) -> Option<String> {
+    let found = match declared {
+        [] => {
+            let expected = expected?;
+            return Some(format!(
+                "binding {binding}: the layout has {expected:?}, the shader declares nothing"
+            ));
+        }
+        [found] => found,
+        _ => {
+            let names: Vec<&str> = declared.iter().map(|b| b.name.as_str()).collect();
+            return Some(format!(
+                "binding {binding}: declared {} times: {names:?}",
+                names.len()
+            ));
+        }
+    };
+    let shader_type = layout_type(found.space);
+    if shader_type.as_ref() == expected {
+        return None;
+    }
+    let expected = expected.map_or("no such binding".to_string(), |ty| format!("{ty:?}"));
+    let shader = shader_type.map_or_else(
+        || format!("{:?}, which no buffer binding serves", found.space),
+        |ty| format!("{ty:?}"),
+    );
+    Some(format!(
+        "binding {binding}: the layout has {expected}, the shader declares `{}` as {shader}",
+        found.name
+    ))
+}
+
+/// How the bindings `spec` declares differ from its kernel's layout, each
+/// message naming the kernel.
+fn layout_problems(spec: &Specialization) -> Vec<String> {
+    let module = parse(spec, &source_of(spec));
+    let kernel = spec.kernel();
+    binding_mismatches(kernel.bindings(), &shader_bindings(&module))
+        .into_iter()
+        .map(|problem| format!("{kernel:?} ({}): {problem}", spec.label()))
+        .collect()
+}
+
+#[test]
+fn bindings_match_the_bind_group_layouts() {
+    let failures: Vec<String> = shipped_specializations()
+        .par_iter()
+        .flat_map_iter(layout_problems)
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn binding_mismatches_are_reported() {
+    use BufferBindingType::{Storage, Uniform};
+    let binding = |binding, space| ShaderBinding {
+        group: 0,
+        binding,
+        name: format!("b{binding}"),
+        space,
+    };
+    let read = naga::AddressSpace::Storage {
+        access: naga::StorageAccess::LOAD,
+    };
+    let layout = [Uniform, Storage { read_only: false }, Uniform];
+    // Binding 1 is read-only in the shader, 2 is missing, 3 is extra.
+    let shader = [
+        binding(0, naga::AddressSpace::Uniform),
+        binding(1, read),
+        binding(3, read),
+    ];
+    let problems = binding_mismatches(&layout, &shader);
+    assert_eq!(problems.len(), 3, "{problems:#?}");
+    assert!(problems[0].starts_with("binding 1:") && problems[0].contains("read_only: true"));
+    assert!(problems[1].starts_with("binding 2:") && problems[1].contains("declares nothing"));
+    assert!(problems[2].starts_with("binding 3:") && problems[2].contains("no such binding"));
+}
+
+// ---------------------------------------------------------------------------
+// Parameter blocks against their WGSL twins.
+
+/// Where a member sits in a struct, in bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Member {
+    name: String,
+    offset: usize,
+    size: usize,
+}
+
+/// A struct's members and total size, in bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Layout {
+    members: Vec<Member>,
+    size: usize,
+}
+
+/// The layout of a Rust parameter block, its fields named as their WGSL
+/// twins are (`field => "wgsl_name"` where the names differ). Listing the
+/// fields through a pattern without `..` stops the build when a field is
+/// added to the struct but not here.
+macro_rules! rust_layout {
+    ($ty:ident { $($field:ident $(=> $wgsl:literal)?),* $(,)? }) => {{
+        let _every_field_listed = |value: &$ty| {
+            let $ty { $($field: _),* } = value;
+        };
+        let value = <$ty>::default();
+        (
+            stringify!($ty),
+            Layout {
+                members: vec![$(Member {
+                    name: rust_layout!(@name $field $($wgsl)?).to_string(),
+                    offset: std::mem::offset_of!($ty, $field),
+                    size: std::mem::size_of_val(&value.$field),
+                }),*],
+                size: std::mem::size_of::<$ty>(),
+            },
+        )
+    }};
+    (@name $field:ident) => { stringify!($field) };
+    (@name $field:ident $wgsl:literal) => { $wgsl };
+}
+
+/// Every Rust twin of a WGSL struct, by Rust name. A `#[repr(C)]` struct
+/// in `src/params.rs` missing here fails `every_params_struct_is_checked`.
+fn rust_twins() -> Vec<(&'static str, Layout)> {
+    vec![
+        rust_layout!(TensorStrides {
+            batch,
+            seq,
+            head,
+            offset
+        }),
+        rust_layout!(AttentionParams {
+            batch,
+            seq_q,
+            seq_kv,
+            heads_q,
+            heads_kv,
+            flags,
+            score_scale,
+            softcap,
+            window_left,
+            window_right,
+            alibi_batch_stride,
+            unit_base,
+            q,
+            k,
+            v,
+            o,
+        }),
+        rust_layout!(DecodeParams {
+            group,
+            rows,
+            splits,
+            split_keys,
+            page_shift,
+            pages_per_seq,
+            segment_first_page,
+            segment_pages,
+            slot_base,
+            o_slot,
+            lse_slot,
+            _pad,
+        }),
+        rust_layout!(CombineParams {
+            batch,
+            seq_q,
+            heads_q,
+            d4,
+            slots,
+            o_slot,
+            lse_slot,
+            write_lse,
+            out_batch,
+            out_seq,
+            out_head,
+            out_offset,
+        }),
+        rust_layout!(RopeParams {
+            batch,
+            tokens,
+            heads,
+            head_dim,
+            rotary_dim,
+            half_split,
+            src_batch,
+            src_seq,
+            src_head,
+            src_offset,
+            page_shift,
+            pages_per_seq,
+            segment_first_page,
+            segment_pages,
+            _pad0,
+            _pad1,
+        }),
+        rust_layout!(MaskParams {
+            kind,
+            batch_stride,
+            head_stride,
+            row_words,
+            use_tiles,
+            tile_batch_stride,
+            tile_head_stride,
+            key_tiles,
+        }),
+    ]
+}
+
+/// A `#[repr(C)]` struct of `src/params.rs` and the twin its doc comment
+/// names ("Twin of `struct NAME` in `shaders/FILE`").
+#[derive(Debug)]
+struct DeclaredTwin {
+    rust: String,
+    wgsl: Option<(String, String)>,
+}
+
+/// The text between `open` and the next `close` after it in `text`.
+fn between<'a>(text: &'a str, open: &str, close: &str) -> Option<&'a str> {
+    let start = text.find(open)? + open.len();
+    let len = text[start..].find(close)?;
+    Some(&text[start..start + len])
+}
+
+/// The WGSL struct name and shader file a doc comment names as its twin.
+fn twin_in_doc(doc: &str) -> Option<(String, String)> {
+    let twin = doc.split("Twin of ").nth(1)?;
+    let name = between(twin, "`struct ", "`")?;
+    let file = between(twin, "`shaders/", "`")?;
+    Some((name.to_string(), file.to_string()))
+}
+
+/// Every `#[repr(C)]` struct declared in `source` (Rust), with the twin
+/// its doc comment names.
+fn declared_twins(source: &str) -> Vec<DeclaredTwin> {
+    let mut found = Vec::new();
+    let (mut doc, mut repr_c) = (String::new(), false);
+    for line in source.lines().map(str::trim) {
+        if let Some(text) = line.strip_prefix("///") {
+            doc.push(' ');
+            doc.push_str(text.trim());
+        } else if line.starts_with("#[") {
+            repr_c |= line == "#[repr(C)]";
+        } else {
+            let name = line
+                .strip_prefix("pub struct ")
+                .and_then(|rest| rest.split([' ', '{']).next());
+            if let (Some(name), true) = (name, repr_c) {
+                found.push(DeclaredTwin {
+                    rust: name.to_string(),
+                    wgsl: twin_in_doc(&doc),
+                });
+            }
+            (doc, repr_c) = (String::new(), false);
+        }
+    }
+    found
+}
+
+fn params_source() -> &'static str {
+    include_str!("params.rs")
+}
+
+/// The twin named in the doc comment of `rust`, failing the test if none
+/// is.
+fn wgsl_twin_of(rust: &str) -> (String, String) {
+    declared_twins(params_source())
+        .into_iter()
+        .find(|twin| twin.rust == rust)
+        .and_then(|twin| twin.wgsl)
+        .unwrap_or_else(|| {
+            panic!("{rust}: its doc comment names no \"Twin of `struct NAME` in `shaders/FILE`\"")
+        })
+}
+
+/// The layouts naga gives the named structs of `module`, by name.
+fn wgsl_struct_layouts(module: &naga::Module) -> HashMap<String, Layout> {
+    let mut layouter = naga::proc::Layouter::default();
+    layouter
+        .update(module.to_ctx())
+        .expect("naga lays out every parsed type");
+    module
+        .types
+        .iter()
+        .filter_map(|(handle, ty)| {
+            let naga::TypeInner::Struct { members, .. } = &ty.inner else {
+                return None;
+            };
+            let members = members
+                .iter()
+                .map(|member| Member {
+                    name: member.name.clone().unwrap_or_default(),
+                    offset: member.offset as usize,
+                    size: layouter[member.ty].size as usize,
+                })
+                .collect();
+            let size = layouter[handle].size as usize;
+            Some((ty.name.clone()?, Layout { members, size }))
+        })
+        .collect()
+}
+
+/// Every way `wgsl` differs from `rust`, one message each.
+fn layout_mismatches(rust: &Layout, wgsl: &Layout) -> Vec<String> {
+    let mut problems = Vec::new();
+    if rust.members.len() != wgsl.members.len() {
+        problems.push(format!(
+            "{} members in Rust, {} in WGSL",
+            rust.members.len(),
+            wgsl.members.len()
+        ));
+    }
+    for (index, (r, w)) in rust.members.iter().zip(&wgsl.members).enumerate() {
+        if r != w {
+            problems.push(format!(
+                "member {index}: Rust `{}` at offset {}, {} bytes; WGSL `{}` at offset {}, {} bytes",
+                r.name, r.offset, r.size, w.name, w.offset, w.size
+            ));
+        }
+    }
+    if rust.size != wgsl.size {
+        problems.push(format!(
+            "{} bytes in Rust, {} in WGSL",
+            rust.size, wgsl.size
+        ));
+    }
+    problems
+}
+
+/// Parameter blocks lay out like their WGSL twins in every variant of every
+/// kernel that declares them, and each twin is declared by at least one.
+#[test]
+fn params_structs_match_their_wgsl_twins() {
+    let twins: Vec<_> = rust_twins()
+        .into_iter()
+        .map(|(rust_name, rust)| (rust_name, rust, wgsl_twin_of(rust_name)))
+        .collect();
+    let mut checked = vec![0usize; twins.len()];
+    let mut failures = Vec::new();
+    for spec in one_specialization_per_variant() {
+        let layouts = wgsl_struct_layouts(&parse(&spec, &source_of(&spec)));
+        for ((rust_name, rust, (wgsl_name, file)), checks) in twins.iter().zip(&mut checked) {
+            let Some(wgsl) = layouts.get(wgsl_name) else {
+                continue;
+            };
+            *checks += 1;
+            for problem in layout_mismatches(rust, wgsl) {
+                failures.push(format!(
+                    "{rust_name} vs `struct {wgsl_name}` (shaders/{file}) in {}: {problem}",
+                    spec.label()
+                ));
+            }
+        }
+    }
+    for ((rust_name, _, (wgsl_name, _)), checks) in twins.iter().zip(checked) {
+        if checks == 0 {
+            failures.push(format!(
+                "{rust_name}: no shipped kernel declares `struct {wgsl_name}`"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Each twin's doc comment names a struct that its shader file declares.
+#[test]
+fn params_docs_name_their_twins() {
+    for twin in declared_twins(params_source()) {
+        let (name, file) = wgsl_twin_of(&twin.rust);
+        let path = format!("{}/shaders/{file}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: its doc names {path}: {e}", twin.rust));
+        assert!(
+            text.contains(&format!("struct {name} {{")),
+            "{}: shaders/{file} declares no `struct {name}`",
+            twin.rust
+        );
+    }
+}
+
+/// No `#[repr(C)]` struct of `src/params.rs` escapes the member check, and
+/// the check lists no struct that is gone.
+#[test]
+fn every_params_struct_is_checked() {
+    let declared: BTreeSet<String> = declared_twins(params_source())
+        .into_iter()
+        .map(|twin| twin.rust)
+        .collect();
+    let checked: BTreeSet<String> = rust_twins()
+        .into_iter()
+        .map(|(name, _)| name.to_string())
+        .collect();
+    assert_eq!(declared, checked, "src/params.rs structs vs rust_twins()");
+}
+
+#[test]
+fn layout_mismatches_are_reported() {
+    let member = |name: &str, offset, size| Member {
+        name: name.to_string(),
+        offset,
+        size,
+    };
+    let rust = Layout {
+        members: vec![member("a", 0, 4), member("b", 4, 4)],
+        size: 8,
+    };
+    let wgsl = Layout {
+        members: vec![member("a", 0, 4), member("c", 4, 4), member("d", 8, 4)],
+        size: 12,
+    };
+    let problems = layout_mismatches(&rust, &wgsl);
+    assert_eq!(problems.len(), 3, "{problems:#?}");
+    assert!(problems[1].contains("Rust `b`") && problems[1].contains("WGSL `c`"));
+}
+
+#[test]
+fn doc_twins_are_read_from_params_source() {
+    let source = "/// Twin of `struct P` in\n/// `shaders/p.wgsl`.\n#[repr(C)]\n#[derive(Clone)]\npub struct Q {\n}\n/// Not a twin.\npub struct R;\n#[repr(C)]\npub struct S {}\n";
+    let twins = declared_twins(source);
+    assert_eq!(twins.len(), 2, "{twins:?}");
+    assert_eq!(twins[0].rust, "Q");
+    assert_eq!(twins[0].wgsl, Some(("P".into(), "p.wgsl".into())));
+    assert_eq!((twins[1].rust.as_str(), &twins[1].wgsl), ("S", &None));
+}
+
+// ---------------------------------------------------------------------------
+// Flag bits against the shader's constants.
+
+/// Rust flag bits by the name of their WGSL twin.
+const FLAG_TWINS: [(&str, u32); 5] = [
+    ("FLAG_WINDOW_LEFT", flags::WINDOW_LEFT),
+    ("FLAG_WINDOW_RIGHT", flags::WINDOW_RIGHT),
+    ("FLAG_SOFTCAP", flags::SOFTCAP),
+    ("FLAG_ALIBI", flags::ALIBI),
+    ("FLAG_WRITE_LSE", flags::WRITE_LSE),
+];
+
+/// The module's `const FLAG_*` declarations with their values (`None`
+/// for a value that is not a `u32` literal).
+fn wgsl_flags(module: &naga::Module) -> BTreeSet<(String, Option<u32>)> {
+    module
+        .constants
+        .iter()
+        .filter_map(|(_, constant)| {
+            let name = constant.name.as_deref()?;
+            let value = match module.global_expressions[constant.init] {
+                naga::Expression::Literal(naga::Literal::U32(value)) => Some(value),
+                _ => None,
+            };
+            name.starts_with("FLAG_").then(|| (name.to_string(), value))
+        })
+        .collect()
+}
+
+/// The names in `pub mod flags` of `src/params.rs`.
+fn rust_flag_names(source: &str) -> BTreeSet<String> {
+    let module = source.split("pub mod flags {").nth(1).unwrap_or_default();
+    let body = module.split('}').next().unwrap_or_default();
+    body.lines()
+        .filter_map(|line| line.trim().strip_prefix("pub const "))
+        .filter_map(|rest| rest.split(':').next())
+        .map(|name| format!("FLAG_{name}"))
+        .collect()
+}
+
+#[test]
+fn attention_flags_match_the_shader() {
+    let spec = shipped_specializations()
+        .into_iter()
+        .find(|spec| matches!(spec, Specialization::FlashForward(_)))
+        .expect("a forward specialization is shipped");
+    let module = parse(&spec, &source_of(&spec));
+    let expected: BTreeSet<(String, Option<u32>)> = FLAG_TWINS
+        .iter()
+        .map(|&(name, value)| (name.to_string(), Some(value)))
+        .collect();
+    assert_eq!(
+        wgsl_flags(&module),
+        expected,
+        "WGSL FLAG_* constants vs params::flags"
+    );
+    let listed: BTreeSet<String> = FLAG_TWINS
+        .iter()
+        .map(|(name, _)| name.to_string())
+        .collect();
+    assert_eq!(
+        rust_flag_names(params_source()),
+        listed,
+        "params::flags vs FLAG_TWINS"
+    );
+}
