@@ -230,6 +230,12 @@ impl AttentionConfig {
         self.tier = Some(tier);
         self
     }
+    /// Forces `tier` when `Some`, leaves the choice to the planner when
+    /// `None`.
+    pub fn tier_option(mut self, tier: Option<Tier>) -> Self {
+        self.tier = tier;
+        self
+    }
     pub fn causal(mut self, causal: bool) -> Self {
         self.causal = causal;
         self
