@@ -234,10 +234,16 @@ impl From<AttentionConfig> for ForwardOptions<'_> {
 /// The operands of one call; outputs are written in place.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionArgs<'a> {
+    /// `[batch, seq_q, heads_q, head_dim]` queries; their dtype is the call's storage type, which
+    /// K, V and `out` share.
     pub q: &'a Tensor,
+    /// `[batch, seq_kv, heads_kv, head_dim]` keys.
     pub k: &'a Tensor,
+    /// `[batch, seq_kv, heads_kv, head_dim]` values.
     pub v: &'a Tensor,
+    /// Output, shaped like `q`; written in place.
     pub out: &'a Tensor,
+    /// Optional logsumexp output, `[batch, heads_q, seq_q]`, written alongside `out`.
     pub lse: Option<&'a Lse>,
 }
 

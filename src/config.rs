@@ -12,11 +12,17 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "cli", derive(serde::Serialize))]
 pub struct AttentionShape {
+    /// Sequences in the batch.
     pub batch: usize,
+    /// Query tokens per sequence.
     pub seq_q: usize,
+    /// Key/value tokens per sequence.
     pub seq_kv: usize,
+    /// Query heads; a multiple of `heads_kv`.
     pub heads_q: usize,
+    /// Key/value heads; fewer than `heads_q` is grouped-query attention.
     pub heads_kv: usize,
+    /// Elements per head vector (see [`SUPPORTED_HEAD_DIMS`]).
     pub head_dim: usize,
 }
 
@@ -33,10 +39,12 @@ impl AttentionShape {
         }
     }
 
+    /// Shape of Q and O: `[batch, seq_q, heads_q, head_dim]`.
     pub fn q_shape(&self) -> crate::TensorShape {
         crate::TensorShape::new(self.batch, self.seq_q, self.heads_q, self.head_dim)
     }
 
+    /// Shape of K and V: `[batch, seq_kv, heads_kv, head_dim]`.
     pub fn kv_shape(&self) -> crate::TensorShape {
         crate::TensorShape::new(self.batch, self.seq_kv, self.heads_kv, self.head_dim)
     }
@@ -103,6 +111,7 @@ impl AttentionShape {
 /// Human-readable list of supported head dims.
 pub const SUPPORTED_HEAD_DIMS: &str = "multiples of 8 from 8 to 256";
 
+/// Whether the kernels handle `head_dim`: a multiple of 8 from 8 to 256.
 pub fn is_supported_head_dim(head_dim: usize) -> bool {
     head_dim.is_multiple_of(8) && (8..=256).contains(&head_dim)
 }
@@ -134,6 +143,7 @@ impl Alibi {
         slopes
     }
 
+    /// The slopes, in their layout's order.
     pub fn slopes(&self) -> &[f32] {
         match self {
             Alibi::PerHead(s) | Alibi::PerBatchHead(s) => s,
@@ -192,12 +202,17 @@ impl Alibi {
 #[derive(Debug, Clone, Default, PartialEq)]
 #[non_exhaustive]
 pub struct AttentionConfig {
+    /// Each query sees only keys at or before its position (right window side 0).
     pub causal: bool,
+    /// Keys before the query's position it may see; `None` = unbounded. Must be >= 0.
     pub window_left: Option<i64>,
+    /// Keys after the query's position it may see; `None` = unbounded. Must be >= 0.
     pub window_right: Option<i64>,
     /// Softmax scale; `None` means `1 / sqrt(head_dim)`.
     pub scale: Option<f32>,
+    /// Softcap `c`: scores become `c * tanh(score / c)`; `None` = no cap. Must be finite and > 0.
     pub softcap: Option<f32>,
+    /// ALiBi bias slopes; `None` = no bias.
     pub alibi: Option<Alibi>,
     /// Force a kernel tier; `None` picks the best the adapter offers.
     pub tier: Option<Tier>,
@@ -221,6 +236,8 @@ pub enum Tier {
 }
 
 impl AttentionConfig {
+    /// Default options: no causal mask or window, scale `1 / sqrt(head_dim)`, no softcap or ALiBi,
+    /// tier chosen by the planner.
     pub fn new() -> Self {
         Self::default()
     }
@@ -236,6 +253,7 @@ impl AttentionConfig {
         self.tier = tier;
         self
     }
+    /// Sets causal masking (bottom-right aligned, see above).
     pub fn causal(mut self, causal: bool) -> Self {
         self.causal = causal;
         self
@@ -246,14 +264,17 @@ impl AttentionConfig {
         self.window_right = right;
         self
     }
+    /// Sets the softmax scale (default `1 / sqrt(head_dim)`); must be finite and non-zero.
     pub fn scale(mut self, scale: f32) -> Self {
         self.scale = Some(scale);
         self
     }
+    /// Sets the softcap `cap`: scores become `cap * tanh(score / cap)`.
     pub fn softcap(mut self, cap: f32) -> Self {
         self.softcap = Some(cap);
         self
     }
+    /// Adds ALiBi biases with these slopes.
     pub fn alibi(mut self, alibi: Alibi) -> Self {
         self.alibi = Some(alibi);
         self

@@ -24,9 +24,11 @@ pub struct DecodeArgs<'a> {
     /// each sequence, already appended to the cache. Query `i` sits at
     /// position `len - seq_q + i` (bottom-right, as everywhere).
     pub q: &'a Tensor,
+    /// The cache to attend over; each sequence's length already counts its `seq_q` query tokens.
     pub cache: &'a KvCache,
     /// Shaped like `q`.
     pub out: &'a Tensor,
+    /// Optional logsumexp output, `[batch, heads_q, seq_q]`.
     pub lse: Option<&'a Lse>,
 }
 

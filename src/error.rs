@@ -4,142 +4,242 @@
 /// Errors returned by `wgpu_flash_attn`.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// No adapter of the selected backends was found (no GPU driver, nor a software one).
     #[error(
         "no GPU adapter found for backends {backends}; on a Debian/Ubuntu machine without a GPU, \
          `apt-get install mesa-vulkan-drivers libvulkan1` provides the lavapipe software adapter"
     )]
-    NoAdapter { backends: String },
+    NoAdapter {
+        /// The backends searched, as `wgpu::Backends`' debug text.
+        backends: String,
+    },
 
+    /// No adapter's name contains the requested substring
+    /// ([`crate::AdapterOptions::adapter_name`]).
     #[error("no adapter name contains {wanted:?} (WGPU_ADAPTER_NAME); available: {available:?}")]
     AdapterNotFound {
+        /// The requested substring (matched case-insensitively).
         wanted: String,
+        /// Names of every adapter the selected backends offer.
         available: Vec<String>,
     },
 
+    /// wgpu refused to create a device on the chosen adapter.
     #[error("requesting a device failed: {0}")]
     RequestDevice(#[from] wgpu::RequestDeviceError),
 
+    /// A tensor, shape, mask, logsumexp or cache configuration has a dimension of 0.
     #[error("{tensor} has a zero dimension: shape {shape:?}")]
     ZeroDimension {
+        /// What has the empty dimension (`"tensor"`, `"lse"`, `"mask"`, `"attention shape"`, ...).
         tensor: &'static str,
+        /// Its four dimensions as that item orders them (BSHD for tensors); one of them is 0.
         shape: [usize; 4],
     },
 
+    /// A host slice's length differs from what its shape (or another input) implies.
     #[error("{tensor}: expected {expected} elements from the shape, got {got}")]
     DataLength {
+        /// Which slice (e.g. `"q"`, `"mask"`, `"valid kv lengths"`).
         tensor: &'static str,
+        /// Entries the shape implies.
         expected: usize,
+        /// Entries the slice has.
         got: usize,
     },
 
+    /// Two sizes that must agree differ (Q/K/V/O dims, merge parts, a packed varlen batch, a
+    /// cache's K and V buffers).
     #[error("{what}: {left_name} has {left}, {right_name} has {right}")]
     ShapeMismatch {
+        /// The rule that was broken.
         what: &'static str,
+        /// Name of the first size.
         left_name: &'static str,
+        /// The first size.
         left: usize,
+        /// Name of the size it must equal.
         right_name: &'static str,
+        /// The size it must equal.
         right: usize,
     },
 
+    /// The head dim is not one the kernels handle (multiples of 8 from 8 to 256).
     #[error("head dim {got} is not supported; supported: {supported}")]
-    HeadDimUnsupported { got: usize, supported: &'static str },
+    HeadDimUnsupported {
+        /// The head dim asked for.
+        got: usize,
+        /// The supported head dims in words ([`crate::SUPPORTED_HEAD_DIMS`]).
+        supported: &'static str,
+    },
 
+    /// Grouped-query attention needs `heads_q` to be a multiple of `heads_kv`.
     #[error("heads_q ({heads_q}) must be a multiple of heads_kv ({heads_kv})")]
-    HeadsNotDivisible { heads_q: usize, heads_kv: usize },
+    HeadsNotDivisible {
+        /// Query heads.
+        heads_q: usize,
+        /// Key/value heads.
+        heads_kv: usize,
+    },
 
+    /// An operand's dtype is not the one the call needs: Q's in a forward call; f32 for decode,
+    /// merge, RoPE and cache appends.
     #[error("{tensor} has dtype {got:?}; this call needs {needed:?}")]
     DTypeUnsupported {
+        /// Which operand.
         tensor: &'static str,
+        /// Its dtype.
         got: crate::DType,
+        /// The dtype the call needs.
         needed: crate::DType,
     },
 
+    /// An operand's stride or offset is not a multiple of 4 elements (the kernels read vec4s).
     #[error("{tensor}: {what} {value} must be a multiple of {multiple} elements")]
     Misaligned {
+        /// Which operand.
         tensor: &'static str,
+        /// Which stride, or `"offset"`.
         what: &'static str,
+        /// Its value, in elements.
         value: usize,
+        /// The multiple it must be, in elements (4).
         multiple: usize,
     },
 
+    /// A view or wrapped buffer is too small for what it must hold.
     #[error("{tensor}: the view reaches element {needed} but its buffer holds {available}")]
     OutOfBounds {
+        /// Which tensor or buffer.
         tensor: &'static str,
+        /// What the view needs: elements (bytes or pages for KV-cache buffers, as `tensor` says).
         needed: usize,
+        /// What the buffer holds, in the same unit.
         available: usize,
     },
 
+    /// A buffer would exceed one of the adapter's buffer-size limits.
     #[error(
         "{tensor}: buffer of {bytes} bytes exceeds the adapter's {limit_name} of {limit} bytes"
     )]
     BufferTooLarge {
+        /// Which buffer.
         tensor: &'static str,
+        /// Its size in bytes.
         bytes: u64,
+        /// The limit exceeded (`max_buffer_size`, `max_storage_buffer_binding_size`, or
+        /// `KvCacheConfig::max_buffer_bytes`).
         limit_name: &'static str,
+        /// That limit, in bytes.
         limit: u64,
     },
 
+    /// Naive attention: one (batch, head) score matrix does not fit in one storage binding.
     #[error(
         "naive attention: the score matrix of one (batch, head) pair is {bytes_per_head} bytes \
          ({total_bytes} for the whole call), over the adapter's {limit_name} of {limit} bytes"
     )]
     ScoresTooLarge {
+        /// Bytes of one `[seq_q, seq_kv]` score matrix (rows padded to vec4s).
         bytes_per_head: u64,
+        /// Bytes of all `batch * heads_q` matrices.
         total_bytes: u64,
+        /// The limit exceeded (the smaller of `max_storage_buffer_binding_size` and
+        /// `max_buffer_size`).
         limit_name: &'static str,
+        /// That limit, in bytes.
         limit: u64,
     },
 
+    /// A forced kernel tier ([`crate::AttentionConfig::tier`]) is not offered by this adapter.
     #[error("kernel tier {tier:?} is not available on this adapter: {reason}")]
-    TierUnavailable { tier: crate::Tier, reason: String },
+    TierUnavailable {
+        /// The tier asked for.
+        tier: crate::Tier,
+        /// Why the adapter cannot run it.
+        reason: String,
+    },
 
+    /// A dispatch needs more workgroups along one axis than `max_compute_workgroups_per_dimension`.
     #[error("{what} needs {groups} workgroups along {axis}, the adapter allows {limit}")]
     DispatchTooLarge {
+        /// Which dispatch.
         what: &'static str,
+        /// The axis, named by what it counts (e.g. `"heads_q"`) or as `"y"`.
         axis: &'static str,
+        /// Workgroups it needs along that axis.
         groups: u64,
+        /// Workgroups the adapter allows per axis.
         limit: u32,
     },
 
+    /// The adapter's workgroup memory is too small for even the smallest K/V tile of this head dim.
     #[error(
         "head dim {head_dim} needs at least {needed} bytes of workgroup memory, the adapter has {limit}"
     )]
     WorkgroupMemory {
+        /// The call's head dim.
         head_dim: usize,
+        /// Bytes of workgroup memory the smallest tile needs.
         needed: u64,
+        /// The adapter's `max_compute_workgroup_storage_size`, in bytes.
         limit: u32,
     },
 
+    /// The planned workgroup has more invocations than the adapter allows.
     #[error("the adapter allows {limit} invocations per workgroup, the kernel needs {needed}")]
-    WorkgroupInvocations { needed: u32, limit: u32 },
+    WorkgroupInvocations {
+        /// Invocations per workgroup the kernel needs.
+        needed: u32,
+        /// The adapter's `max_compute_invocations_per_workgroup`.
+        limit: u32,
+    },
 
+    /// The softmax scale is zero, infinite or NaN (holds the value given).
     #[error("scale must be finite and non-zero, got {0}")]
     InvalidScale(f32),
 
+    /// The softcap is not finite and positive (holds the value given).
     #[error("softcap must be finite and > 0, got {0}")]
     InvalidSoftcap(f32),
 
+    /// A sliding-window side is negative.
     #[error("window sides must be >= 0 (None = unbounded), got left {left:?}, right {right:?}")]
     InvalidWindow {
+        /// The left side given (keys before the query's position).
         left: Option<i64>,
+        /// The right side given (keys after the query's position).
         right: Option<i64>,
     },
 
+    /// The ALiBi slope count does not match its layout's shape.
     #[error("ALiBi slopes: expected {expected} values ({layout}), got {got}")]
     AlibiSlopes {
+        /// Slopes the layout needs (`heads_q` or `batch * heads_q`).
         expected: String,
+        /// The layout, `"[heads_q]"` or `"[batch, heads_q]"`.
         layout: &'static str,
+        /// Slopes given.
         got: usize,
     },
 
+    /// An ALiBi slope is infinite or NaN.
     #[error("ALiBi slope {index} is not finite: {value}")]
-    AlibiSlopeNotFinite { index: usize, value: f32 },
+    AlibiSlopeNotFinite {
+        /// Index of the first such slope.
+        index: usize,
+        /// Its value.
+        value: f32,
+    },
 
+    /// An output (out or lse) shares its buffer with an input.
     #[error(
         "the output {tensor} shares a buffer with input {input}: outputs must not alias inputs"
     )]
     OutputAliasesInput {
+        /// The output (`"out"` or `"lse"`).
         tensor: &'static str,
+        /// The input whose buffer it shares.
         input: &'static str,
     },
 
@@ -147,75 +247,133 @@ pub enum Error {
     /// device than the `Gpu` it was given to.
     #[error("{tensor} was created on another device than this Gpu's: {message}")]
     ForeignBuffer {
+        /// Which buffer or tensor.
         tensor: &'static str,
+        /// wgpu's validation message.
         message: String,
     },
 
     /// An operand was created by (or wrapped for) another `Gpu` whose
     /// device differs from the one the call runs on.
     #[error("{tensor} belongs to another device than the Gpu this call runs on")]
-    WrongDevice { tensor: &'static str },
+    WrongDevice {
+        /// Which operand.
+        tensor: &'static str,
+    },
 
     /// A caller's buffer lacks a usage the crate needs.
     #[error("{tensor}: the buffer's usage {usage} lacks {needed}, needed to {why}")]
     BufferUsage {
+        /// Which buffer.
         tensor: &'static str,
+        /// The usages it has, as `wgpu::BufferUsages`' debug text.
         usage: String,
+        /// The missing usage (`STORAGE`, `COPY_SRC` or `COPY_DST`).
         needed: &'static str,
+        /// What the crate needs it for.
         why: &'static str,
     },
 
     /// A caller's buffer whose size is not a whole number of 4-byte words
     /// (storage bindings are arrays of 32-bit words).
     #[error("{tensor}: buffer size {bytes} bytes is not a multiple of 4")]
-    BufferSize { tensor: &'static str, bytes: u64 },
+    BufferSize {
+        /// Which buffer.
+        tensor: &'static str,
+        /// Its size in bytes.
+        bytes: u64,
+    },
 
     /// A shape whose element or byte count does not fit the address space.
     #[error("{tensor} shape {shape:?} has more elements than fit in memory")]
     ShapeOverflow {
+        /// Which tensor.
         tensor: &'static str,
+        /// Its dimensions.
         shape: [usize; 4],
     },
 
     /// Two forward options that the crate does not combine.
     #[error("{what} cannot be combined in one forward call")]
-    UnsupportedCombination { what: &'static str },
+    UnsupportedCombination {
+        /// The options that were combined.
+        what: &'static str,
+    },
 
+    /// The logsumexp output's dims are not the call's `[batch, heads_q, seq_q]`.
     #[error("lse output is [{got:?}], the call needs [batch, heads_q, seq_q] = {expected:?}")]
     LseShape {
+        /// `[batch, heads_q, seq_q]` of the call.
         expected: [usize; 3],
+        /// The [`crate::Lse`]'s dims.
         got: [usize; 3],
     },
 
+    /// A paged cache's page size is not a power of two in [`crate::PAGE_SIZES`].
     #[error("KV cache page size {got} is not a power of two from 16 to 256")]
-    PageSize { got: usize },
+    PageSize {
+        /// The page size given, in tokens.
+        got: usize,
+    },
+    /// A cache sequence's pages cannot hold its tokens (after an append, `set_len` or
+    /// `set_block_table`).
     #[error("KV cache sequence {sequence}: {needed} tokens needed, its pages hold {capacity}")]
     CacheCapacity {
+        /// The sequence's index in the batch.
         sequence: usize,
+        /// Tokens it must hold.
         needed: usize,
+        /// Tokens its pages (or a block-table row) can hold.
         capacity: usize,
     },
+    /// A block-table entry names a page past the end of the pool.
     #[error(
         "KV cache sequence {sequence}: block table entry {index} names page {page}, the pool has {pool_pages}"
     )]
     BlockTablePage {
+        /// The sequence's index in the batch.
         sequence: usize,
+        /// The entry's index in its block table.
         index: usize,
+        /// The page it names.
         page: u32,
+        /// Pages in the pool.
         pool_pages: usize,
     },
+    /// A sequence index past the cache's batch.
     #[error("KV cache has {batch} sequences, sequence {sequence} does not exist")]
-    CacheSequence { sequence: usize, batch: usize },
+    CacheSequence {
+        /// The index given.
+        sequence: usize,
+        /// Sequences in the cache.
+        batch: usize,
+    },
+    /// The rotary dim is odd, zero or larger than the head dim.
     #[error("rotary dim {rotary_dim} must be even, > 0 and at most head dim {head_dim}")]
-    RotaryDim { rotary_dim: usize, head_dim: usize },
+    RotaryDim {
+        /// The rotary dim asked for (the head dim when unset).
+        rotary_dim: usize,
+        /// The head dim.
+        head_dim: usize,
+    },
+    /// The RoPE frequency base is not finite or not above 1 (holds the value given).
     #[error("RoPE base (theta) must be finite and > 1, got {0}")]
     RopeBase(f64),
+    /// Decoding was asked for 0 key splits (holds the count given).
     #[error("kv_splits must be at least 1, got {0}")]
     KvSplits(usize),
+    /// A merge was given no partial results.
     #[error("merge: no partial results given")]
     NothingToMerge,
+    /// A tensor this call needs packed (contiguous BSHD strides, offset 0) is a strided or offset
+    /// view.
     #[error("{tensor} must be a packed (contiguous) tensor for this call")]
-    NotPacked { tensor: &'static str },
+    NotPacked {
+        /// Which tensor.
+        tensor: &'static str,
+    },
+    /// A kernel would run more loop iterations per invocation than the adapter's cap
+    /// ([`crate::GpuInfo::loop_budget`], llvmpipe), which would silently truncate the result.
     #[error(
         "{kernel} over {keys} keys would run {trips} loop iterations per invocation; this adapter \
          stops shaders after {budget} (llvmpipe), which would silently truncate the result. Use \
@@ -223,47 +381,84 @@ pub enum Error {
          the default kernel tier"
     )]
     LoopBudget {
+        /// The kernel's label.
         kernel: String,
+        /// Keys one invocation would visit.
         keys: u64,
+        /// Loop iterations that would take.
         trips: u64,
+        /// Iterations the adapter allows per invocation.
         budget: u64,
     },
+    /// A varlen offset array (`cu_seqlens_q` or `cu_seqlens_k`) is empty, does not start at 0,
+    /// decreases, or does not end at the packed token count.
     #[error("{name}: {problem} (entry {index} is {value}, total {total})")]
     CuSeqlens {
+        /// Which array.
         name: &'static str,
+        /// The offending entry's index.
         index: usize,
+        /// That entry's value (0 if the array is empty).
         value: usize,
+        /// Tokens in the packed tensor (what the last entry must be).
         total: usize,
+        /// Which rule the entry breaks.
         problem: &'static str,
     },
+    /// A padded batch's valid length exceeds its tensor's sequence length.
     #[error("{name}: sequence {index} has valid length {len}, its tensor holds {max}")]
     ValidLength {
+        /// Which lengths (`"valid kv lengths"` or `"valid q lengths"`).
         name: &'static str,
+        /// The sequence's index in the batch.
         index: usize,
+        /// Its valid length.
         len: usize,
+        /// The tensor's sequence length (`seq_kv` or `seq_q`).
         max: usize,
     },
+    /// A mask does not broadcast to the call's `[batch, heads_q, seq_q, seq_kv]`.
     #[error(
         "mask of dims {dims:?} does not broadcast to [batch, heads_q, seq_q, seq_kv] = {shape:?} (its batch and heads must be 1 or equal)"
     )]
-    MaskShape { dims: [usize; 4], shape: [usize; 4] },
+    MaskShape {
+        /// The mask's dims.
+        dims: [usize; 4],
+        /// The call's `[batch, heads_q, seq_q, seq_kv]`.
+        shape: [usize; 4],
+    },
+    /// A bias mask holds NaN or `+inf` (only finite values and `-inf` are allowed).
     #[error("mask value {value} at {index}: a bias must be finite or -inf")]
-    MaskValue { index: usize, value: f32 },
+    MaskValue {
+        /// Flat index of the first such value.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+    /// A block size is 0, or a block layout's dims are not the block counts the lengths need.
     #[error(
         "block layout of dims {dims:?} with {block_q}x{block_k} blocks; the sequence needs {expected:?}"
     )]
     BlockLayout {
+        /// The layout's dims.
         dims: [usize; 4],
+        /// `[batch, heads, ceil(seq_q / block_q), ceil(seq_kv / block_k)]`.
         expected: [usize; 4],
+        /// Queries per block.
         block_q: usize,
+        /// Keys per block.
         block_k: usize,
     },
+    /// wgpu reported a validation error while the crate recorded or submitted work.
     #[error("GPU validation error in {context}: {message}")]
     GpuValidation {
+        /// What the crate was doing.
         context: &'static str,
+        /// wgpu's message.
         message: String,
     },
 
+    /// Waiting for the device, or mapping a buffer to read it back, failed (holds wgpu's message).
     #[error("reading a buffer back from the GPU failed: {0}")]
     Readback(String),
 
@@ -272,7 +467,12 @@ pub enum Error {
     /// written in a form the unroller does not expand): a bug in the
     /// crate's shaders, reported instead of compiling the wrong variant.
     #[error("generating the WGSL of {kernel} failed: {reason}")]
-    ShaderSource { kernel: String, reason: String },
+    ShaderSource {
+        /// The kernel's label.
+        kernel: String,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// Shorthand used across the crate.

@@ -22,13 +22,17 @@ pub const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
 /// variables: `WGPU_BACKEND`, `WGPU_ADAPTER_NAME`, `WGPU_POWER_PREF`.
 #[derive(Debug, Clone)]
 pub struct AdapterOptions {
+    /// Backends to search (`WGPU_BACKEND`, else wgpu's default set).
     pub backends: wgpu::Backends,
     /// Case-insensitive substring of the adapter name.
     pub adapter_name: Option<String>,
+    /// Adapter preference when no name is given (`WGPU_POWER_PREF`).
     pub power_preference: wgpu::PowerPreference,
 }
 
 impl AdapterOptions {
+    /// Options from `WGPU_BACKEND`, `WGPU_ADAPTER_NAME` (empty = unset) and `WGPU_POWER_PREF`,
+    /// wgpu's defaults for unset ones.
     pub fn from_env() -> Self {
         AdapterOptions {
             backends: wgpu::Backends::from_env().unwrap_or_default(),
@@ -92,6 +96,7 @@ impl AdapterOptions {
 /// What the device offers, as the crate sees it.
 #[derive(Debug, Clone)]
 pub struct GpuInfo {
+    /// The adapter's name, vendor, device type, backend and driver.
     pub adapter: wgpu::AdapterInfo,
     /// Features enabled on the device (a subset of the adapter's).
     pub features: wgpu::Features,
@@ -105,12 +110,15 @@ pub struct GpuInfo {
 }
 
 impl GpuInfo {
+    /// Whether the device has `SHADER_F16` enabled.
     pub fn has_f16(&self) -> bool {
         self.features.contains(wgpu::Features::SHADER_F16)
     }
+    /// Whether the device has `SUBGROUP` enabled (needed by [`crate::Tier::SubgroupBroadcast`]).
     pub fn has_subgroups(&self) -> bool {
         self.features.contains(wgpu::Features::SUBGROUP)
     }
+    /// Whether the device has `TIMESTAMP_QUERY` enabled (GPU timing of passes).
     pub fn has_timestamps(&self) -> bool {
         self.features.contains(wgpu::Features::TIMESTAMP_QUERY)
     }
@@ -291,12 +299,15 @@ impl Gpu {
             })
     }
 
+    /// What the device offers: adapter, features, limits.
     pub fn info(&self) -> &GpuInfo {
         &self.info
     }
+    /// The wgpu device the crate creates buffers and pipelines on.
     pub fn device(&self) -> &wgpu::Device {
         &self.device
     }
+    /// The queue the crate submits to.
     pub fn queue(&self) -> &wgpu::Queue {
         &self.queue
     }

@@ -25,19 +25,31 @@ pub enum KvLayout {
     /// `[batch, capacity, heads_kv, head_dim]`: sequence `b` owns a fixed
     /// run of `capacity` positions (rounded up to whole pages of up to 256
     /// tokens).
-    Contiguous { capacity: usize },
+    Contiguous {
+        /// Token positions reserved per sequence.
+        capacity: usize,
+    },
     /// A pool of `pages` pages of `page_size` tokens; each sequence lists
     /// its pages in a block table ([`KvCache::set_block_table`]), as vLLM
     /// and FlashAttention's `block_table`.
-    Paged { page_size: usize, pages: usize },
+    Paged {
+        /// Tokens per page: a power of two in [`PAGE_SIZES`].
+        page_size: usize,
+        /// Pages in the pool, shared by all sequences.
+        pages: usize,
+    },
 }
 
 /// Shape of a KV cache. Storage is f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvCacheConfig {
+    /// Sequences the cache holds.
     pub batch: usize,
+    /// Key/value heads.
     pub heads_kv: usize,
+    /// Elements per head vector (a supported head dim).
     pub head_dim: usize,
+    /// Contiguous or paged storage.
     pub layout: KvLayout,
     /// Cap on the bytes of each K (and V) buffer; `None` means the
     /// adapter's storage-binding limit. Pools larger than one buffer are
@@ -56,6 +68,7 @@ impl KvCacheConfig {
             max_buffer_bytes: None,
         }
     }
+    /// Caps the bytes of each K (and V) buffer; the pool is split over more buffers to fit.
     pub fn max_buffer_bytes(mut self, bytes: u64) -> Self {
         self.max_buffer_bytes = Some(bytes);
         self
@@ -320,15 +333,19 @@ impl KvCache {
         Ok(cache)
     }
 
+    /// The configuration the cache was made with.
     pub fn config(&self) -> &KvCacheConfig {
         &self.config
     }
+    /// Sequences in the cache.
     pub fn batch(&self) -> usize {
         self.config.batch
     }
+    /// Key/value heads.
     pub fn heads_kv(&self) -> usize {
         self.config.heads_kv
     }
+    /// Elements per head vector.
     pub fn head_dim(&self) -> usize {
         self.config.head_dim
     }
@@ -336,6 +353,7 @@ impl KvCache {
     pub fn page_size(&self) -> usize {
         self.page_size
     }
+    /// Pages in the pool (for a contiguous cache, `batch * ceil(capacity / page_size)`).
     pub fn pool_pages(&self) -> usize {
         self.pool_pages
     }
@@ -360,6 +378,7 @@ impl KvCache {
             .get(sequence)
             .map_or(0, |table| table.len() * self.page_size)
     }
+    /// Pool pages of `sequence`, in position order. Panics if `sequence >= batch`.
     pub fn block_table(&self, sequence: usize) -> &[u32] {
         &self.block_tables[sequence]
     }

@@ -14,6 +14,8 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 mod attention;
 pub mod ceiling;
 mod config;
@@ -22,8 +24,8 @@ mod error;
 mod gpu;
 mod kv_cache;
 mod mask;
-pub mod naive;
-pub mod params;
+mod naive;
+mod params;
 mod pipelines;
 mod plan;
 pub mod presets;
@@ -32,7 +34,7 @@ pub mod reference;
 mod rope;
 #[cfg(test)]
 mod shader_contract_tests;
-pub mod shaders;
+mod shaders;
 mod tensor;
 pub mod timing;
 mod varlen;

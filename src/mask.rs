@@ -46,9 +46,13 @@ pub struct AttentionMask {
 /// block mask). The last block of an axis may be partial.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockLayout {
+    /// Queries per block.
     pub block_q: usize,
+    /// Keys per block.
     pub block_k: usize,
+    /// `[batch|1, heads|1, ceil(seq_q / block_q), ceil(seq_kv / block_k)]`.
     pub dims: [usize; 4],
+    /// Whether each block may attend, row-major over `dims`.
     pub attend: Vec<bool>,
 }
 
@@ -207,9 +211,11 @@ impl AttentionMask {
         })
     }
 
+    /// Whether the mask is a float bias or one bit per key.
     pub fn kind(&self) -> MaskKind {
         self.kind
     }
+    /// `[batch|1, heads|1, seq_q, seq_kv]`, as given.
     pub fn dims(&self) -> [usize; 4] {
         self.dims
     }

@@ -553,6 +553,7 @@ impl NaivePlan {
         u64::from(self.units_per_chunk) * self.bytes_per_unit
     }
 
+    /// Chunks a call runs in, `units / units_per_chunk` rounded up; each reuses the score buffer.
     pub fn chunks(&self) -> u32 {
         self.units.div_ceil(self.units_per_chunk)
     }

@@ -49,10 +49,17 @@ pub fn attention_rows(
 pub enum HostMask<'a> {
     /// Added to the scores (natural units, after softcap and ALiBi);
     /// `-inf` hides a key.
-    Bias { dims: [usize; 4], values: &'a [f32] },
+    Bias {
+        /// `[batch|1, heads|1, seq_q, seq_kv]`.
+        dims: [usize; 4],
+        /// The biases, row-major over `dims`.
+        values: &'a [f32],
+    },
     /// `true`: the query may attend the key.
     Bool {
+        /// `[batch|1, heads|1, seq_q, seq_kv]`.
         dims: [usize; 4],
+        /// Whether each query may attend each key, row-major over `dims`.
         values: &'a [bool],
     },
 }

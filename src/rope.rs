@@ -26,6 +26,7 @@ pub enum RopeStyle {
 /// turns by `position * base^(-2i / rotary_dim)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rope {
+    /// Which elements of a head form the rotated pairs.
     pub style: RopeStyle,
     /// The frequency base (theta); 10000 in the RoFormer paper, 500000 in
     /// Llama 3.
@@ -35,6 +36,7 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// Options with `style`, base 10000 and the whole head rotated.
     pub fn new(style: RopeStyle) -> Self {
         Rope {
             style,
@@ -42,10 +44,12 @@ impl Rope {
             rotary_dim: None,
         }
     }
+    /// Sets the frequency base (theta); must be finite and > 1.
     pub fn base(mut self, base: f64) -> Self {
         self.base = base;
         self
     }
+    /// Rotates only the first `rotary_dim` elements of each head (even, at most the head dim).
     pub fn rotary_dim(mut self, rotary_dim: usize) -> Self {
         self.rotary_dim = Some(rotary_dim);
         self

@@ -54,6 +54,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel family, for tests that validate all shaders.
+    #[cfg(test)]
     pub const ALL: [Kernel; 11] = [
         Kernel::FlashForward,
         Kernel::FlashMasked,
@@ -473,6 +474,7 @@ impl Specialization {
         flags
     }
 
+    #[cfg(test)]
     /// Whether the pipeline converts f16 with `unpack2x16float` /
     /// `pack2x16float`, which wgpu grants where the adapter has
     /// `DownlevelFlags::SHADER_F16_IN_F32` (every Vulkan, Metal and DX12
@@ -482,6 +484,7 @@ impl Specialization {
         flags.contains(&HALF_STORAGE) && !flags.contains(&BF16_STORAGE)
     }
 
+    #[cfg(test)]
     /// Whether the pipeline needs the adapter's SUBGROUP feature.
     pub fn needs_subgroups(&self) -> bool {
         self.variant_flags().contains(&SUBGROUP_KV)

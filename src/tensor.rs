@@ -9,12 +9,16 @@ use crate::gpu::Gpu;
 /// Storage type of a tensor's elements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// 32-bit float.
     F32,
+    /// IEEE 16-bit float (half).
     F16,
+    /// bfloat16: f32's 8-bit exponent with a 7-bit mantissa.
     BF16,
 }
 
 impl DType {
+    /// Bytes per element.
     pub fn size_bytes(self) -> usize {
         match self {
             DType::F32 => 4,
@@ -26,13 +30,18 @@ impl DType {
 /// Logical shape of an attention operand, in the crate's BSHD order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TensorShape {
+    /// Batch entries.
     pub batch: usize,
+    /// Tokens per sequence.
     pub seq: usize,
+    /// Heads.
     pub heads: usize,
+    /// Elements per head vector.
     pub head_dim: usize,
 }
 
 impl TensorShape {
+    /// The shape `[batch, seq, heads, head_dim]`.
     pub fn new(batch: usize, seq: usize, heads: usize, head_dim: usize) -> Self {
         TensorShape {
             batch,
@@ -42,10 +51,12 @@ impl TensorShape {
         }
     }
 
+    /// `[batch, seq, heads, head_dim]` as an array.
     pub fn as_array(&self) -> [usize; 4] {
         [self.batch, self.seq, self.heads, self.head_dim]
     }
 
+    /// Elements in the tensor (product of the four dims).
     pub fn elements(&self) -> usize {
         self.batch * self.seq * self.heads * self.head_dim
     }
@@ -63,8 +74,11 @@ impl TensorShape {
 /// Element strides of the batch, seq and head axes; head_dim is contiguous.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Strides {
+    /// Elements between consecutive batch entries.
     pub batch: usize,
+    /// Elements between consecutive tokens.
     pub seq: usize,
+    /// Elements between consecutive heads.
     pub head: usize,
 }
 
@@ -265,18 +279,23 @@ impl Tensor {
         Ok(view)
     }
 
+    /// Logical `[batch, seq, heads, head_dim]` of the view.
     pub fn shape(&self) -> TensorShape {
         self.shape
     }
+    /// Element strides of the batch, seq and head axes.
     pub fn strides(&self) -> Strides {
         self.strides
     }
+    /// Element offset of `[0, 0, 0, 0]` in the buffer.
     pub fn offset(&self) -> usize {
         self.offset
     }
+    /// Storage type of the elements.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+    /// The underlying buffer (shared with clones and views).
     pub fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
     }

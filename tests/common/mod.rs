@@ -217,7 +217,7 @@ pub fn compare(
     }
 }
 
-/// f32 storage bound on |out - ref| (DESIGN.md) and on |lse - ref|.
+/// f32 storage bound on |out - ref| (docs/semantics.md) and on |lse - ref|.
 pub const F32_TOLERANCE: f64 = 1e-4;
 
 pub fn assert_close(errors: Errors, what: &str) {

@@ -53,7 +53,7 @@ impl GlobalArgs {
 /// The attention options, as `run`, `sweep` and `check` take them.
 #[derive(Debug, Clone, Args)]
 pub struct AttentionFlags {
-    /// Causal mask, aligned to the bottom-right corner (DESIGN.md).
+    /// Causal mask, aligned to the bottom-right corner (docs/semantics.md).
     #[arg(long)]
     pub causal: bool,
     /// Sliding window "LEFT,RIGHT" in keys; -1 leaves that side unbounded.
