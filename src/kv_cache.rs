@@ -378,9 +378,10 @@ impl KvCache {
             .get(sequence)
             .map_or(0, |table| table.len() * self.page_size)
     }
-    /// Pool pages of `sequence`, in position order. Panics if `sequence >= batch`.
-    pub fn block_table(&self, sequence: usize) -> &[u32] {
-        &self.block_tables[sequence]
+    /// Pool pages of `sequence`, in position order.
+    pub fn block_table(&self, sequence: usize) -> Result<&[u32]> {
+        self.check_sequence(sequence)?;
+        Ok(&self.block_tables[sequence])
     }
 
     fn check_sequence(&self, sequence: usize) -> Result<()> {

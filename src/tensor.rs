@@ -463,7 +463,8 @@ pub(crate) fn check_caller_buffer(
         wgpu::BufferUsages::STORAGE,
         "bind it to the kernels",
     )?;
-    if !buffer.size().is_multiple_of(4) {
+    // Zero bytes cannot hold a view; the device probe binds 4.
+    if buffer.size() == 0 || !buffer.size().is_multiple_of(4) {
         return Err(Error::BufferSize {
             tensor,
             bytes: buffer.size(),

@@ -250,7 +250,7 @@ fn paged_and_contiguous_caches_agree() {
         );
         // Same logical contents, pages scattered.
         assert_eq!(paged.k, contiguous.k);
-        let table = paged.cache.block_table(0);
+        let table = paged.cache.block_table(0).unwrap();
         assert!(
             table.windows(2).any(|w| w[1] != w[0] + 1),
             "table is consecutive"
