@@ -15,7 +15,6 @@
 //! ```
 
 mod attention;
-pub mod ceiling;
 mod config;
 mod decode;
 mod error;
@@ -25,13 +24,10 @@ mod mask;
 pub mod naive;
 pub mod params;
 mod pipelines;
-pub mod presets;
-pub mod random;
 pub mod reference;
 mod rope;
 pub mod shaders;
 mod tensor;
-pub mod timing;
 mod varlen;
 
 pub use attention::{AttentionArgs, AttentionOutput, ForwardPlan, HostAttentionOutput, Lse};

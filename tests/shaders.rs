@@ -27,14 +27,7 @@ fn planned_block_ns(head_dim: u32) -> Vec<u32> {
 }
 
 fn shipped_specializations() -> Vec<Specialization> {
-    let mut specs = vec![
-        Specialization::FmaCeiling {
-            iterations: 1024,
-            copies: 4,
-            workgroup_size: 64,
-        },
-        Specialization::CopyCeiling { workgroup_size: 64 },
-    ];
+    let mut specs = Vec::new();
     for head_dim in (8..=256u32).filter(|&d| is_supported_head_dim(d as usize)) {
         // Hardware-GPU tiling (64 invocations, 1 row, loops kept) and the
         // CPU-adapter tiling (8 invocations, the planner's rows, unrolled;
