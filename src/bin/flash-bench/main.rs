@@ -15,6 +15,7 @@ mod info;
 mod masks;
 mod measure;
 mod options;
+mod options_json;
 mod plot;
 mod presets;
 mod random;

@@ -12,6 +12,7 @@ use wgpu_flash_attn::{AttentionArgs, AttentionConfig, AttentionShape, DType, Err
 
 use crate::ceiling::CeilingProbes;
 use crate::options::Impl;
+use crate::options_json::{OptionsJson, dtype_name, tier_name};
 use crate::random::{normal_vec, seeded};
 use crate::timing::{Timer, TimingPlan, median, time_gpu};
 
@@ -133,8 +134,8 @@ impl ImplResult {
 pub struct CaseReport {
     pub name: String,
     pub shape: AttentionShape,
-    /// The options as the library sees them (Debug text of the config).
-    pub options: String,
+    /// The options of the call, one field each.
+    pub options: OptionsJson,
     pub dtype: String,
     /// Kernel tier of the flash kernel for this call.
     pub tier: String,
@@ -278,9 +279,9 @@ impl Bench<'_> {
         Ok(CaseReport {
             name: case.name.clone(),
             shape: *shape,
-            options: format!("{:?}", case.config),
-            dtype: format!("{dtype:?}").to_lowercase(),
-            tier: format!("{tier:?}"),
+            options: OptionsJson::new(&case.config, dtype),
+            dtype: dtype_name(dtype).to_string(),
+            tier: tier_name(tier).to_string(),
             flops,
             rows_validated: sample.as_ref().map_or(0, |s| s.rows),
             rows_total: shape.batch * shape.heads_q * shape.seq_q,
