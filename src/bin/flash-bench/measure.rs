@@ -221,15 +221,10 @@ impl Bench<'_> {
         let mut rng = seeded(case.seed);
         // The reference sees exactly the values the storage type holds.
         let dtype = case.dtype;
-        let q = round_to(dtype, normal_vec(&mut rng, shape.q_shape().elements(), 1.0));
-        let k = round_to(
-            dtype,
-            normal_vec(&mut rng, shape.kv_shape().elements(), 1.0),
-        );
-        let v = round_to(
-            dtype,
-            normal_vec(&mut rng, shape.kv_shape().elements(), 1.0),
-        );
+        let mut draw = |n: usize| round_to(dtype, normal_vec(&mut rng, n, 1.0));
+        let q = draw(shape.q_shape().elements());
+        let k = draw(shape.kv_shape().elements());
+        let v = draw(shape.kv_shape().elements());
         let operands = Operands {
             q: Tensor::from_f32_as(gpu, shape.q_shape(), &q, dtype)?,
             k: Tensor::from_f32_as(gpu, shape.kv_shape(), &k, dtype)?,
