@@ -4,16 +4,25 @@
 //! head_dim.
 //!
 //! Each sample records its iterations into one encoder and is timed with GPU
-//! timestamps where the device can write them inside encoders
-//! (`timing::time_gpu_repeated`), otherwise with the wall clock around one
+//! timestamps where the device can write them inside encoders (flash-bench's
+//! `timing::time_gpu_repeated`), otherwise with the wall clock around one
 //! submit and wait; the group name says which.
 
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use wgpu_flash_attn::random::SeededRng;
-use wgpu_flash_attn::timing::{Timer, time_gpu_repeated};
 use wgpu_flash_attn::{AttentionArgs, AttentionConfig, AttentionShape, DType, Gpu, Tensor};
+
+// flash-bench's modules, included by path so that the benches time and draw
+// inputs exactly as the binary does.
+#[path = "../src/bin/flash-bench/random.rs"]
+mod random;
+#[path = "../src/bin/flash-bench/timing.rs"]
+#[allow(dead_code, reason = "the benches use only the repeated timer")]
+mod timing;
+
+use random::{SeededRng, normal_vec, seeded};
+use timing::{Timer, time_gpu_repeated};
 
 #[derive(Clone, Copy)]
 enum Kernel {
@@ -73,9 +82,9 @@ fn forward(c: &mut Criterion) {
     ];
     for (name, shape, causal, kernel) in cases {
         let config = AttentionConfig::new().causal(causal);
-        let mut rng = SeededRng::new(42);
+        let mut rng = seeded(42);
         let upload = |rng: &mut SeededRng, dims: wgpu_flash_attn::TensorShape| {
-            Tensor::from_f32(&gpu, dims, &rng.normal_vec(dims.elements(), 1.0)).expect("upload")
+            Tensor::from_f32(&gpu, dims, &normal_vec(rng, dims.elements(), 1.0)).expect("upload")
         };
         let q = upload(&mut rng, shape.q_shape());
         let k = upload(&mut rng, shape.kv_shape());

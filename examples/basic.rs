@@ -4,7 +4,9 @@
 //! cargo run --release --example basic
 
 use anyhow::Result;
-use wgpu_flash_attn::random::SeededRng;
+use rand::SeedableRng;
+use rand::rngs::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
 use wgpu_flash_attn::{AttentionConfig, AttentionShape, Gpu, reference};
 
 fn main() -> Result<()> {
@@ -13,10 +15,18 @@ fn main() -> Result<()> {
 
     // One sequence of 300 tokens, 4 heads of dimension 64, causal.
     let shape = AttentionShape::self_attention(1, 300, 4, 64);
-    let mut rng = SeededRng::new(1);
-    let q = rng.normal_vec(shape.q_shape().elements(), 1.0);
-    let k = rng.normal_vec(shape.kv_shape().elements(), 1.0);
-    let v = rng.normal_vec(shape.kv_shape().elements(), 1.0);
+    // Reproducible standard-normal inputs.
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let mut normal = |n: usize| -> Vec<f32> {
+        Normal::new(0.0, 1.0)
+            .expect("a valid distribution")
+            .sample_iter(&mut rng)
+            .take(n)
+            .collect()
+    };
+    let q = normal(shape.q_shape().elements());
+    let k = normal(shape.kv_shape().elements());
+    let v = normal(shape.kv_shape().elements());
     let config = AttentionConfig::new().causal(true);
 
     let gpu_result = gpu.attention_host(&shape, &q, &k, &v, &config)?;

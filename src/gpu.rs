@@ -123,7 +123,7 @@ impl GpuInfo {
         self.features.contains(wgpu::Features::TIMESTAMP_QUERY)
     }
     /// Timestamps can be written between passes of one encoder, which is
-    /// how [`crate::timing::time_gpu`] brackets arbitrary recorded work.
+    /// how flash-bench's timer brackets arbitrary recorded work.
     pub fn has_encoder_timestamps(&self) -> bool {
         self.features.contains(
             wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,

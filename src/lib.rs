@@ -17,7 +17,6 @@
 #![warn(missing_docs)]
 
 mod attention;
-pub mod ceiling;
 mod config;
 mod decode;
 mod error;
@@ -28,15 +27,12 @@ mod naive;
 mod params;
 mod pipelines;
 mod plan;
-pub mod presets;
-pub mod random;
 pub mod reference;
 mod rope;
 #[cfg(test)]
 mod shader_contract_tests;
 mod shaders;
 mod tensor;
-pub mod timing;
 mod varlen;
 
 pub use attention::{AttentionArgs, ForwardOptions, HostAttentionOutput, Lse, Sequences};

@@ -52,16 +52,6 @@ fn shipped_specializations() -> Vec<Specialization> {
             specs.push(spec);
         }
     };
-    for spec in [
-        Specialization::FmaCeiling {
-            iterations: 1024,
-            copies: 4,
-            workgroup_size: 64,
-        },
-        Specialization::CopyCeiling { workgroup_size: 64 },
-    ] {
-        add(spec);
-    }
     let tiers = [None, Some(Tier::Portable), Some(Tier::SubgroupBroadcast)];
     for info in &infos {
         for head_dim in (8..=256).filter(|&d| is_supported_head_dim(d)) {

@@ -38,10 +38,6 @@ pub enum Kernel {
     NaiveSoftmax,
     /// `shaders/naive_attention.wgsl`, third pass: O = P V.
     NaiveValues,
-    /// `shaders/fma_ceiling.wgsl`: the arithmetic ceiling probe.
-    FmaCeiling,
-    /// `shaders/copy_ceiling.wgsl`: the memory bandwidth probe.
-    CopyCeiling,
     /// `shaders/flash_decode.wgsl`: split-KV attention over a paged KV cache.
     Decode,
     /// `shaders/combine_partials.wgsl`: merges partial results by logsumexp.
@@ -55,14 +51,12 @@ pub enum Kernel {
 impl Kernel {
     /// Every kernel family, for tests that validate all shaders.
     #[cfg(test)]
-    pub const ALL: [Kernel; 11] = [
+    pub const ALL: [Kernel; 9] = [
         Kernel::FlashForward,
         Kernel::FlashMasked,
         Kernel::NaiveScores,
         Kernel::NaiveSoftmax,
         Kernel::NaiveValues,
-        Kernel::FmaCeiling,
-        Kernel::CopyCeiling,
         Kernel::Decode,
         Kernel::Combine,
         Kernel::Rope,
@@ -76,8 +70,6 @@ impl Kernel {
             Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaiveValues => {
                 "naive_attention.wgsl"
             }
-            Kernel::FmaCeiling => "fma_ceiling.wgsl",
-            Kernel::CopyCeiling => "copy_ceiling.wgsl",
             Kernel::Decode => "flash_decode.wgsl",
             Kernel::Combine => "combine_partials.wgsl",
             Kernel::Rope => "rope.wgsl",
@@ -95,15 +87,13 @@ impl Kernel {
             Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaiveValues => {
                 include_str!("../shaders/naive_attention.wgsl")
             }
-            Kernel::FmaCeiling => include_str!("../shaders/fma_ceiling.wgsl"),
-            Kernel::CopyCeiling => include_str!("../shaders/copy_ceiling.wgsl"),
             Kernel::Decode => include_str!("../shaders/flash_decode.wgsl"),
             Kernel::Combine => include_str!("../shaders/combine_partials.wgsl"),
             Kernel::Rope => include_str!("../shaders/rope.wgsl"),
             Kernel::KvAppend => include_str!("../shaders/kv_append.wgsl"),
         };
         let common = match self {
-            Kernel::FmaCeiling | Kernel::CopyCeiling | Kernel::Combine => "",
+            Kernel::Combine => "",
             Kernel::Rope | Kernel::KvAppend => include_str!("../shaders/rope_common.wgsl"),
             Kernel::FlashForward
             | Kernel::FlashMasked
@@ -139,10 +129,6 @@ impl Kernel {
             Kernel::FlashMasked => &MASKED_BINDINGS,
             // the same, then the score matrix
             Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaiveValues => &ATTENTION_BINDINGS,
-            // sink
-            Kernel::FmaCeiling => &[Storage { read_only: false }],
-            // source, destination
-            Kernel::CopyCeiling => &[Storage { read_only: true }, Storage { read_only: false }],
             // bindings 0-6, decode params, sequence lengths, block table
             Kernel::Decode => &DECODE_BINDINGS,
             // params, partial outputs, partial lse, out, lse
@@ -282,16 +268,6 @@ pub enum Specialization {
         pass: NaivePass,
         tiling: AttentionTiling,
     },
-    FmaCeiling {
-        /// Loop trips per invocation.
-        iterations: u32,
-        /// Unrolled copies of the eight vec4 FMA chains per loop trip.
-        copies: u32,
-        workgroup_size: u32,
-    },
-    CopyCeiling {
-        workgroup_size: u32,
-    },
     /// Split-KV decoding, storage f32. With `subgroup_kv`, lanes split the
     /// head dim and `rows` counts the workgroup's rows (not each lane's).
     Decode(AttentionTiling),
@@ -393,8 +369,6 @@ impl Specialization {
                 NaivePass::Softmax => Kernel::NaiveSoftmax,
                 NaivePass::Values => Kernel::NaiveValues,
             },
-            Specialization::FmaCeiling { .. } => Kernel::FmaCeiling,
-            Specialization::CopyCeiling { .. } => Kernel::CopyCeiling,
             Specialization::Decode(_) => Kernel::Decode,
             Specialization::Combine { .. } => Kernel::Combine,
             Specialization::Rope { .. } => Kernel::Rope,
@@ -426,17 +400,7 @@ impl Specialization {
                 }
                 constants
             }
-            Specialization::FmaCeiling {
-                iterations,
-                copies,
-                workgroup_size,
-            } => vec![
-                ("ITERATIONS", iterations),
-                ("COPIES", copies),
-                ("WG_SIZE", workgroup_size),
-            ],
-            Specialization::CopyCeiling { workgroup_size }
-            | Specialization::Combine { workgroup_size }
+            Specialization::Combine { workgroup_size }
             | Specialization::Rope { workgroup_size }
             | Specialization::KvAppend { workgroup_size } => vec![("WG_SIZE", workgroup_size)],
         }
@@ -503,11 +467,9 @@ impl Specialization {
                     &[]
                 }
             }
-            Specialization::CopyCeiling { .. }
-            | Specialization::Combine { .. }
+            Specialization::Combine { .. }
             | Specialization::Rope { .. }
             | Specialization::KvAppend { .. } => &[],
-            Specialization::FmaCeiling { .. } => &["COPIES"],
         }
     }
 

@@ -6,7 +6,8 @@
 mod common;
 
 use common::gpu;
-use wgpu_flash_attn::random::SeededRng;
+use common::random::{normal_vec, seeded};
+use rand::seq::SliceRandom;
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionShape, DecodeArgs, DecodeOptions, DecodePlan,
     Error, Gpu, KeyRotation, KvCache, KvCacheConfig, KvLayout, Lse, Rope, RopeStyle, Tensor,
@@ -31,11 +32,9 @@ fn fill(gpu: &Gpu, config: KvCacheConfig, lens: &[usize], seed: u64) -> Filled {
     if let KvLayout::Paged { page_size, pages } = config.layout {
         // Each sequence takes pages from a shuffled pool, so no table is
         // consecutive.
-        let mut rng = SeededRng::new(seed ^ 0x9a9e);
+        let mut rng = seeded(seed ^ 0x9a9e);
         let mut pool: Vec<u32> = (0..pages as u32).collect();
-        for i in (1..pool.len()).rev() {
-            pool.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-        }
+        pool.shuffle(&mut rng);
         let per_seq = pages / config.batch;
         let longest = *lens.iter().max().unwrap();
         assert!(per_seq * page_size >= longest, "test pool too small");
@@ -47,15 +46,15 @@ fn fill(gpu: &Gpu, config: KvCacheConfig, lens: &[usize], seed: u64) -> Filled {
     }
     let token = config.heads_kv * config.head_dim;
     let longest = *lens.iter().max().unwrap();
-    let mut rng = SeededRng::new(seed);
+    let mut rng = seeded(seed);
     let mut k = vec![Vec::new(); config.batch];
     let mut v = vec![Vec::new(); config.batch];
     let mut written = 0;
     while written < longest {
         let chunk = (longest - written).min(1500);
         let shape = TensorShape::new(config.batch, chunk, config.heads_kv, config.head_dim);
-        let kd = rng.normal_vec(shape.elements(), 1.0);
-        let vd = rng.normal_vec(shape.elements(), 1.0);
+        let kd = normal_vec(&mut rng, shape.elements(), 1.0);
+        let vd = normal_vec(&mut rng, shape.elements(), 1.0);
         let kt = Tensor::from_f32(gpu, shape, &kd).unwrap();
         let vt = Tensor::from_f32(gpu, shape, &vd).unwrap();
         gpu.run(|e| cache.append(gpu, e, &kt, &vt, None)).unwrap();
@@ -135,7 +134,7 @@ fn decode_errors(
 }
 
 fn queries(batch: usize, seq_q: usize, head_dim: usize, seed: u64) -> Vec<f32> {
-    SeededRng::new(seed).normal_vec(batch * seq_q * HEADS_Q * head_dim, 1.0)
+    normal_vec(&mut seeded(seed), batch * seq_q * HEADS_Q * head_dim, 1.0)
 }
 
 const LENS: [usize; 6] = [1, 17, 255, 256, 257, 5000];
@@ -339,7 +338,7 @@ fn max_error(got: &[f32], want: &[f64]) -> f64 {
 #[test]
 fn rope_kernels_match_a_cpu_rope() {
     let Some(gpu) = gpu() else { return };
-    let mut rng = SeededRng::new(0x5eed_40fe);
+    let mut rng = seeded(0x5eed_40fe);
     for style in [RopeStyle::Interleaved, RopeStyle::HalfSplit] {
         for rope in [
             Rope::new(style),
@@ -347,7 +346,7 @@ fn rope_kernels_match_a_cpu_rope() {
         ] {
             // Standalone, in place, with per-sequence offsets.
             let shape = TensorShape::new(2, 9, 3, 64);
-            let data = rng.normal_vec(shape.elements(), 1.0);
+            let data = normal_vec(&mut rng, shape.elements(), 1.0);
             let tensor = Tensor::from_f32(gpu, shape, &data).unwrap();
             let starts = [0u32, 70_000];
             gpu.run(|e| gpu.rope(e, &tensor, &rope, &starts)).unwrap();
@@ -373,8 +372,8 @@ fn rope_kernels_match_a_cpu_rope() {
             cache.set_block_table(0, &[5, 1, 6]).unwrap();
             cache.set_block_table(1, &[0, 7, 2, 3]).unwrap();
             let first = TensorShape::new(2, 20, 3, 64);
-            let k1 = rng.normal_vec(first.elements(), 1.0);
-            let v1 = rng.normal_vec(first.elements(), 1.0);
+            let k1 = normal_vec(&mut rng, first.elements(), 1.0);
+            let v1 = normal_vec(&mut rng, first.elements(), 1.0);
             let offsets = [3u32, 1000];
             let k1t = Tensor::from_f32(gpu, first, &k1).unwrap();
             let v1t = Tensor::from_f32(gpu, first, &v1).unwrap();
@@ -393,8 +392,8 @@ fn rope_kernels_match_a_cpu_rope() {
             .unwrap();
             assert_eq!(cache.next_positions(&offsets), vec![23, 1020]);
             let second = TensorShape::new(2, 7, 3, 64);
-            let k2 = rng.normal_vec(second.elements(), 1.0);
-            let v2 = rng.normal_vec(second.elements(), 1.0);
+            let k2 = normal_vec(&mut rng, second.elements(), 1.0);
+            let v2 = normal_vec(&mut rng, second.elements(), 1.0);
             let k2t = Tensor::from_f32(gpu, second, &k2).unwrap();
             let v2t = Tensor::from_f32(gpu, second, &v2).unwrap();
             gpu.run(|e| {

@@ -8,7 +8,7 @@
 mod common;
 
 use common::gpu;
-use wgpu_flash_attn::random::SeededRng;
+use common::random::{normal_vec, seeded};
 use wgpu_flash_attn::{
     AttentionConfig, AttentionShape, DecodeArgs, KvCache, KvCacheConfig, KvLayout, Lse, Tensor,
     TensorShape, reference,
@@ -56,11 +56,11 @@ fn llama_405b_decode_over_128k_cached_tokens() {
     let kv_heads: Vec<usize> = SAMPLED_HEADS.iter().map(|h| h / group).collect();
     let mut host_k = vec![Vec::with_capacity(CONTEXT * HEAD_DIM); kv_heads.len()];
     let mut host_v = vec![Vec::with_capacity(CONTEXT * HEAD_DIM); kv_heads.len()];
-    let mut rng = SeededRng::new(0x5eed_128c);
+    let mut rng = seeded(0x5eed_128c);
     let chunk_shape = TensorShape::new(1, CHUNK, HEADS_KV, HEAD_DIM);
     for _ in 0..CONTEXT / CHUNK {
-        let k = rng.normal_vec(chunk_shape.elements(), 1.0);
-        let v = rng.normal_vec(chunk_shape.elements(), 1.0);
+        let k = normal_vec(&mut rng, chunk_shape.elements(), 1.0);
+        let v = normal_vec(&mut rng, chunk_shape.elements(), 1.0);
         let kt = Tensor::from_f32(gpu, chunk_shape, &k).unwrap();
         let vt = Tensor::from_f32(gpu, chunk_shape, &v).unwrap();
         gpu.run(|e| cache.append(gpu, e, &kt, &vt, None)).unwrap();
@@ -76,7 +76,7 @@ fn llama_405b_decode_over_128k_cached_tokens() {
     assert_eq!(cache.lens(), &[CONTEXT]);
 
     let q_shape = TensorShape::new(1, 1, HEADS_Q, HEAD_DIM);
-    let q = rng.normal_vec(q_shape.elements(), 1.0);
+    let q = normal_vec(&mut rng, q_shape.elements(), 1.0);
     let q_t = Tensor::from_f32(gpu, q_shape, &q).unwrap();
     let out = Tensor::filled(gpu, q_shape, f32::NAN).unwrap();
     let lse = Lse::new(gpu, 1, HEADS_Q, 1).unwrap();

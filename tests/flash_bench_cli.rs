@@ -249,6 +249,15 @@ fn run_json_has_every_promised_field() {
     let case = &report["cases"][0];
     assert_eq!(case["shape"]["seq_kv"], 80);
     assert_eq!(case["passed"], true);
+    // The options are JSON fields (`--window -1,0`), not Debug text.
+    let options = &case["options"];
+    assert_eq!(options["causal"], false, "{options}");
+    assert!(options["window_left"].is_null(), "{options}");
+    assert_eq!(options["window_right"], 0, "{options}");
+    for unset in ["scale", "softcap", "alibi", "tier"] {
+        assert!(options[unset].is_null(), "{unset} in {options}");
+    }
+    assert_eq!(options["dtype"], "f32", "{options}");
     let result = &case["results"][0];
     assert_eq!(result["impl"], "naive");
     assert_eq!(result["runs"], 2);

@@ -7,9 +7,10 @@
 
 mod common;
 
+use common::random::{SeededRng, normal_vec, seeded};
 use common::{Inputs, gpu};
 use half::{bf16, f16};
-use wgpu_flash_attn::random::SeededRng;
+use rand::{Rng, RngExt};
 use wgpu_flash_attn::{
     AttentionArgs, AttentionConfig, AttentionShape, DType, Error, Gpu, Tensor, reference,
 };
@@ -121,14 +122,14 @@ fn errors(
 
 fn check_dtype(dtype: DType, head_dims: &[usize], seed: u64) {
     let Some(gpu) = gpu() else { return };
-    let mut rng = SeededRng::new(seed);
+    let mut rng = seeded(seed);
     let lengths = [1, 7, 63, 64, 65, 130];
     let mut worst_ratio = 0.0f64;
     for &head_dim in head_dims {
         for (index, &seq_q) in lengths.iter().enumerate() {
             let seq_kv = lengths[(index + head_dim / 8) % lengths.len()];
             let shape = AttentionShape {
-                batch: 1 + rng.below(2) as usize,
+                batch: rng.random_range(1..=2),
                 seq_q,
                 seq_kv,
                 heads_q: 4,
@@ -171,12 +172,12 @@ fn bf16_storage_within_twice_naive_bf16_error() {
 fn large_f16_inputs_do_not_overflow() {
     let Some(gpu) = gpu() else { return };
     let shape = AttentionShape::self_attention(1, 33, 2, 64);
-    let mut rng = SeededRng::new(0x5eed_ffff);
+    let mut rng = seeded(0x5eed_ffff);
     let big = |n: usize, rng: &mut SeededRng| -> Vec<f32> {
         (0..n)
             .map(|_| {
-                let sign = if rng.below(2) == 0 { 1.0 } else { -1.0 };
-                sign * 60000.0 * (0.5 + 0.5 * rng.uniform()) as f32
+                let sign = if rng.random_bool(0.5) { 1.0 } else { -1.0 };
+                sign * 60000.0 * (0.5 + 0.5 * rng.random::<f64>()) as f32
             })
             .collect()
     };
@@ -199,8 +200,8 @@ fn large_f16_inputs_do_not_overflow() {
 fn half_tensors_round_trip_exactly() {
     let Some(gpu) = gpu() else { return };
     let shape = wgpu_flash_attn::TensorShape::new(2, 5, 3, 8);
-    let mut rng = SeededRng::new(7);
-    let values = rng.normal_vec(shape.elements(), 3.0);
+    let mut rng = seeded(7);
+    let values = normal_vec(&mut rng, shape.elements(), 3.0);
     let halves: Vec<f16> = values.iter().map(|&x| f16::from_f32(x)).collect();
     let tensor = Tensor::from_f16(gpu, shape, &halves).unwrap();
     assert_eq!(tensor.dtype(), DType::F16);

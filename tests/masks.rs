@@ -6,8 +6,9 @@
 
 mod common;
 
+use common::random::{normal_vec, seeded};
 use common::{Inputs, gpu};
-use wgpu_flash_attn::random::SeededRng;
+use rand::RngExt;
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
     AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BlockLayout, Error,
@@ -83,7 +84,7 @@ fn bias_and_boolean_masks_match_the_reference() {
     let Some(gpu) = gpu() else { return };
     let shape = shape();
     let inputs = Inputs::draw(&shape, 0x5eed_3a5c, 1.0);
-    let mut rng = SeededRng::new(0x5eed_3a5d);
+    let mut rng = seeded(0x5eed_3a5d);
     let configs = [
         AttentionConfig::new(),
         AttentionConfig::new().causal(true),
@@ -99,15 +100,15 @@ fn bias_and_boolean_masks_match_the_reference() {
     ] {
         let n: usize = dims.iter().product();
         // Bias: unit normal, some keys hidden with -inf, one row entirely.
-        let mut bias = rng.normal_vec(n, 1.0);
+        let mut bias = normal_vec(&mut rng, n, 1.0);
         for (i, x) in bias.iter_mut().enumerate() {
-            if rng.below(10) == 0 || i / 130 == 5 {
+            if rng.random_ratio(1, 10) || i / 130 == 5 {
                 *x = f32::NEG_INFINITY;
             }
         }
         // Boolean: 70 % attended, row 9 of every plane empty.
         let bools: Vec<bool> = (0..n)
-            .map(|i| i / 130 % 77 != 9 && rng.below(10) < 7)
+            .map(|i| i / 130 % 77 != 9 && rng.random_ratio(7, 10))
             .collect();
         let bias_mask = AttentionMask::bias(gpu, dims, &bias).unwrap();
         let bool_mask = AttentionMask::boolean(gpu, dims, &bools).unwrap();
@@ -149,9 +150,8 @@ fn an_f16_bias_is_widened_exactly() {
     let shape = shape();
     let inputs = Inputs::draw(&shape, 0x5eed_0f16, 1.0);
     let dims = [1, 4, 77, 130];
-    let mut rng = SeededRng::new(0x5eed_0f17);
-    let halves: Vec<half::f16> = rng
-        .normal_vec(dims.iter().product(), 2.0)
+    let mut rng = seeded(0x5eed_0f17);
+    let halves: Vec<half::f16> = normal_vec(&mut rng, dims.iter().product(), 2.0)
         .into_iter()
         .map(half::f16::from_f32)
         .collect();
@@ -184,8 +184,8 @@ fn block_sparse_masks_equal_their_dense_equivalents() {
         head_dim: 32,
     };
     let inputs = Inputs::draw(&shape, 0x5eed_b10c, 1.0);
-    let mut rng = SeededRng::new(0x5eed_b10d);
-    let random: Vec<bool> = (0..seq * seq).map(|_| rng.below(20) == 0).collect();
+    let mut rng = seeded(0x5eed_b10d);
+    let random: Vec<bool> = (0..seq * seq).map(|_| rng.random_ratio(1, 20)).collect();
     let cases = [
         ("longformer", patterns::longformer(seq, 64, &[0, 150, 299])),
         ("strided", patterns::strided(seq, 17)),

@@ -3,10 +3,14 @@
 //! seed-model presets, and seeded random combinations of all of them.
 
 mod common;
+#[path = "../src/bin/flash-bench/presets.rs"]
+#[allow(dead_code, reason = "the tests use the shapes, not the names")]
+mod presets;
 
+use common::random::{SeededRng, seeded};
 use common::{Inputs, assert_close, gpu, run_and_compare, run_views_and_compare};
-use wgpu_flash_attn::presets::seed_models;
-use wgpu_flash_attn::random::SeededRng;
+use presets::seed_models;
+use rand::{Rng, RngExt};
 use wgpu_flash_attn::{Alibi, AttentionConfig, AttentionShape, Gpu, Strides, Tensor, TensorShape};
 
 fn shape(
@@ -335,40 +339,40 @@ fn random_combinations() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x00c0_ffee_u64);
     eprintln!("random_combinations: seed {seed} (FLASH_ATTN_PROPTEST_SEED={seed} replays it)");
-    let mut rng = SeededRng::new(seed);
+    let mut rng = seeded(seed);
     const CASES: usize = 200;
     for case in 0..CASES {
-        let heads_kv = 1 + rng.below(3) as usize;
-        let heads_q = heads_kv * (1 + rng.below(4) as usize);
+        let heads_kv = rng.random_range(1..=3);
+        let heads_q = heads_kv * rng.random_range(1..=4);
         let s = AttentionShape {
-            batch: 1 + rng.below(3) as usize,
-            seq_q: 1 + rng.below(80) as usize,
-            seq_kv: 1 + rng.below(80) as usize,
+            batch: rng.random_range(1..=3),
+            seq_q: rng.random_range(1..=80),
+            seq_kv: rng.random_range(1..=80),
             heads_q,
             heads_kv,
-            head_dim: [8, 32, 64, 128][rng.below(4) as usize],
+            head_dim: [8, 32, 64, 128][rng.random_range(0..4usize)],
         };
-        let side = |rng: &mut SeededRng| (rng.below(3) == 0).then(|| rng.below(40) as i64);
+        let side = |rng: &mut SeededRng| rng.random_ratio(1, 3).then(|| rng.random_range(0..40i64));
         let (left, right) = (side(&mut rng), side(&mut rng));
         let mut config = AttentionConfig::new()
-            .causal(rng.below(2) == 0)
+            .causal(rng.random_bool(0.5))
             .window(left, right);
-        if rng.below(2) == 0 {
-            config = config.scale((0.05 + 0.5 * rng.uniform()) as f32);
+        if rng.random_bool(0.5) {
+            config = config.scale((0.05 + 0.5 * rng.random::<f64>()) as f32);
         }
-        if rng.below(3) == 0 {
-            config = config.softcap((1.0 + 30.0 * rng.uniform()) as f32);
+        if rng.random_ratio(1, 3) {
+            config = config.softcap((1.0 + 30.0 * rng.random::<f64>()) as f32);
         }
-        config = match rng.below(3) {
+        config = match rng.random_range(0..3) {
             0 => config.alibi(Alibi::PerHead(Alibi::standard_slopes(heads_q))),
             1 => config.alibi(Alibi::PerBatchHead(
                 (0..s.batch * heads_q)
-                    .map(|_| (0.2 * rng.uniform()) as f32)
+                    .map(|_| (0.2 * rng.random::<f64>()) as f32)
                     .collect(),
             )),
             _ => config,
         };
-        let layout = match rng.below(3) {
+        let layout = match rng.random_range(0..3) {
             0 => Layout::Bhsd,
             1 => Layout::Padded,
             _ => Layout::Bshd,

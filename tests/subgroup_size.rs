@@ -9,8 +9,9 @@
 
 mod common;
 
+use common::random::seeded;
 use common::{Inputs, gpu};
-use wgpu_flash_attn::random::SeededRng;
+use rand::Rng;
 use wgpu_flash_attn::{AttentionConfig, AttentionShape, DType, ForwardPlan, Tier};
 
 #[test]
@@ -34,7 +35,7 @@ fn subgroup_tier_follows_the_adapters_subgroup_size() {
             "LP_NATIVE_VECTOR_WIDTH=128 should give lavapipe 4-wide subgroups"
         );
     }
-    let mut rng = SeededRng::new(0x5eed_5b54);
+    let mut rng = seeded(0x5eed_5b54);
     for (head_dim, causal) in [(8, false), (64, true), (96, false)] {
         let shape = AttentionShape {
             batch: 2,

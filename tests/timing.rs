@@ -1,19 +1,29 @@
-//! The timer and the ceiling probes (FMA, copy) report sane, self-consistent
-//! figures.
+//! flash-bench's timer and ceiling probes (FMA, copy) report sane,
+//! self-consistent figures. The binary's modules are included by path: the
+//! adapter comes from the tests' shared `common::gpu`.
 
+#[path = "../src/bin/flash-bench/ceiling.rs"]
+mod ceiling;
+#[path = "../src/bin/flash-bench/ceiling_kernels.rs"]
+mod ceiling_kernels;
 mod common;
+#[path = "../src/bin/flash-bench/timing.rs"]
+mod timing;
 
 use std::time::Instant;
 
+use ceiling::CeilingProbes;
 use common::gpu;
-use wgpu_flash_attn::ceiling::{measure_copy, measure_fma};
-use wgpu_flash_attn::timing::{Timer, TimingPlan, time_gpu_repeated};
+use timing::{Timer, TimingPlan, time_gpu_repeated};
 
 #[test]
 fn ceiling_uses_timestamps_when_the_device_has_them() {
     let Some(gpu) = gpu() else { return };
+    let probes = CeilingProbes::new(gpu).unwrap();
     let start = Instant::now();
-    let ceiling = measure_fma(gpu, 64, TimingPlan { warmup: 1, runs: 3 }).unwrap();
+    let ceiling = probes
+        .measure_fma(64, TimingPlan { warmup: 1, runs: 3 })
+        .unwrap();
     let wall_ms = start.elapsed().as_secs_f64() * 1e3;
     let expected = if gpu.info().has_encoder_timestamps() {
         Timer::GpuTimestamps
@@ -40,7 +50,10 @@ fn copy_ceiling_reports_bytes_moved_over_time() {
     let Some(gpu) = gpu() else { return };
     // Deliberately not a multiple of 16: the probe rounds down to vec4s.
     let asked = 8 * 1024 * 1024 + 5;
-    let bandwidth = measure_copy(gpu, asked, TimingPlan { warmup: 1, runs: 3 }).unwrap();
+    let bandwidth = CeilingProbes::new(gpu)
+        .unwrap()
+        .measure_copy(asked, TimingPlan { warmup: 1, runs: 3 })
+        .unwrap();
     assert_eq!(bandwidth.bytes, 8 * 1024 * 1024);
     let t = &bandwidth.timing;
     assert!(t.min_ms > 0.0 && t.min_ms <= t.median_ms, "{t:?}");

@@ -5,7 +5,7 @@
 mod common;
 
 use common::gpu;
-use wgpu_flash_attn::random::SeededRng;
+use common::random::{normal_vec, seeded};
 use wgpu_flash_attn::{
     AttentionArgs, AttentionConfig, AttentionShape, Error, ForwardOptions, Gpu, Lse, Tensor,
     TensorShape, ValidLengths, reference,
@@ -76,10 +76,10 @@ fn a_packed_batch_equals_each_sequence_alone() {
     };
     let (cu_q, cu_k) = (cu(&q_lens), cu(&k_lens));
     let (total_q, total_k) = (cu_q[q_lens.len()], cu_k[k_lens.len()]);
-    let mut rng = SeededRng::new(0x5eed_7a41);
-    let q = rng.normal_vec(total_q * HEADS_Q * HEAD_DIM, 1.0);
-    let k = rng.normal_vec(total_k * HEADS_KV * HEAD_DIM, 1.0);
-    let v = rng.normal_vec(total_k * HEADS_KV * HEAD_DIM, 1.0);
+    let mut rng = seeded(0x5eed_7a41);
+    let q = normal_vec(&mut rng, total_q * HEADS_Q * HEAD_DIM, 1.0);
+    let k = normal_vec(&mut rng, total_k * HEADS_KV * HEAD_DIM, 1.0);
+    let v = normal_vec(&mut rng, total_k * HEADS_KV * HEAD_DIM, 1.0);
     let (qt, kt, vt) = (
         packed(gpu, total_q, HEADS_Q, &q),
         packed(gpu, total_k, HEADS_KV, &k),

@@ -5,10 +5,16 @@
 
 use std::sync::OnceLock;
 
-use wgpu_flash_attn::random::SeededRng;
 use wgpu_flash_attn::{
     AttentionArgs, AttentionConfig, AttentionShape, Gpu, Lse, Tensor, reference,
 };
+
+/// Seeded inputs are drawn as flash-bench draws them (rand's ChaCha8 and
+/// normal distribution), from the one file that says how.
+#[path = "../../src/bin/flash-bench/random.rs"]
+pub mod random;
+
+use random::{normal_vec, seeded};
 
 /// Set to 1 to skip GPU tests on a machine that has no adapter at all.
 pub const SKIP_VAR: &str = "FLASH_ATTN_SKIP_GPU_TESTS";
@@ -77,13 +83,13 @@ pub struct Inputs {
 
 impl Inputs {
     pub fn draw(shape: &AttentionShape, seed: u64, scale: f32) -> Self {
-        let mut rng = SeededRng::new(seed);
+        let mut rng = seeded(seed);
         let nq = shape.q_shape().elements();
         let nkv = shape.kv_shape().elements();
         Inputs {
-            q: rng.normal_vec(nq, scale),
-            k: rng.normal_vec(nkv, scale),
-            v: rng.normal_vec(nkv, 1.0),
+            q: normal_vec(&mut rng, nq, scale),
+            k: normal_vec(&mut rng, nkv, scale),
+            v: normal_vec(&mut rng, nkv, 1.0),
         }
     }
 }

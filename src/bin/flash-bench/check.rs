@@ -12,6 +12,7 @@ use serde::Serialize;
 use wgpu_flash_attn::{AttentionShape, Gpu, reference};
 
 use crate::options::AttentionFlags;
+use crate::options_json::OptionsJson;
 use crate::report::{AdapterJson, write_json};
 
 #[derive(Debug, Args)]
@@ -122,7 +123,7 @@ struct CheckReport {
     adapter: AdapterJson,
     shape: AttentionShape,
     dtypes: Vec<String>,
-    options: String,
+    options: OptionsJson,
     vs_reference: Comparison,
     vs_file_out: Option<Comparison>,
     passed: bool,
@@ -233,7 +234,8 @@ pub fn run(gpu: &Gpu, args: &CheckArgs, json: Option<&std::path::Path>) -> Resul
                 adapter: AdapterJson::of_device(gpu.info()),
                 shape,
                 dtypes,
-                options: format!("{config:?}"),
+                // The kernel runs on the inputs widened to f32.
+                options: OptionsJson::new(&config, wgpu_flash_attn::DType::F32),
                 vs_reference,
                 vs_file_out,
                 passed,

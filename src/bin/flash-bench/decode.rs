@@ -6,17 +6,17 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
-use wgpu_flash_attn::ceiling::{measure_copy, measure_fma};
-use wgpu_flash_attn::random::SeededRng;
 use wgpu_flash_attn::reference;
-use wgpu_flash_attn::timing::{TimingPlan, time_gpu};
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionShape, DecodeArgs, DecodeOptions, DecodePlan, Error,
-    Gpu, KvCache, KvCacheConfig, KvLayout, Tensor, TensorShape,
+    AttentionArgs, AttentionConfig, AttentionShape, DecodeArgs, DecodeOptions, DecodePlan, Gpu,
+    KvCache, KvCacheConfig, KvLayout, Tensor, TensorShape,
 };
 
+use crate::ceiling::CeilingProbes;
 use crate::measure::{CEILING_WORKGROUPS, TOLERANCE};
+use crate::random::{normal_vec, seeded};
 use crate::report::{AdapterJson, write_json};
+use crate::timing::{TimingPlan, time_gpu};
 
 #[derive(Debug, Args)]
 pub struct DecodeCmdArgs {
@@ -85,8 +85,9 @@ struct DecodeReport {
 
 pub fn run(gpu: &Gpu, args: &DecodeCmdArgs, json: Option<&std::path::Path>) -> Result<bool> {
     eprintln!("measuring the FMA and copy ceilings...");
-    let fma = measure_fma(gpu, CEILING_WORKGROUPS, TimingPlan { warmup: 1, runs: 5 })?;
-    let copy = measure_copy(gpu, 256 << 20, TimingPlan { warmup: 1, runs: 5 })?;
+    let probes = CeilingProbes::new(gpu)?;
+    let fma = probes.measure_fma(CEILING_WORKGROUPS, TimingPlan { warmup: 1, runs: 5 })?;
+    let copy = probes.measure_copy(256 << 20, TimingPlan { warmup: 1, runs: 5 })?;
     println!("{}", gpu.info().summary());
     println!(
         "FMA ceiling {:.1} GFLOP/s, copy ceiling {:.2} GB/s (read + written); timer: {}",
@@ -202,15 +203,15 @@ fn run_case(
     let token = args.heads_kv * args.head_dim;
     let binding = gpu.info().limits.max_storage_buffer_binding_size;
     let prefill_fits = (tokens * token * 4) as u64 <= binding;
-    let mut rng = SeededRng::new(0xdec0_de00 ^ tokens as u64);
+    let mut rng = seeded(0xdec0_de00 ^ tokens as u64);
     let mut head0 = (Vec::new(), Vec::new());
     let mut full = (Vec::new(), Vec::new());
     let mut written = 0;
     while written < tokens {
         let chunk = (tokens - written).min(FILL_CHUNK);
         let shape = TensorShape::new(args.batch, chunk, args.heads_kv, args.head_dim);
-        let k = rng.normal_vec(shape.elements(), 1.0);
-        let v = rng.normal_vec(shape.elements(), 1.0);
+        let k = normal_vec(&mut rng, shape.elements(), 1.0);
+        let v = normal_vec(&mut rng, shape.elements(), 1.0);
         gpu.run(|e| {
             cache.append(
                 gpu,
@@ -237,7 +238,7 @@ fn run_case(
     }
 
     let q_shape = TensorShape::new(args.batch, args.seq_q, args.heads_q, args.head_dim);
-    let q_host = rng.normal_vec(q_shape.elements(), 1.0);
+    let q_host = normal_vec(&mut rng, q_shape.elements(), 1.0);
     let q = Tensor::from_f32(gpu, q_shape, &q_host)?;
     let out = Tensor::filled(gpu, q_shape, f32::NAN)?;
     let config = AttentionConfig::new().causal(true);
@@ -358,7 +359,7 @@ fn time_prefill(
     q: &Tensor,
     full: &(Vec<f32>, Vec<f32>),
     config: &AttentionConfig,
-) -> Result<f64, Error> {
+) -> Result<f64> {
     let kv_shape = TensorShape::new(1, tokens, args.heads_kv, args.head_dim);
     let k = Tensor::from_f32(gpu, kv_shape, &full.0)?;
     let v = Tensor::from_f32(gpu, kv_shape, &full.1)?;

@@ -7,14 +7,20 @@
 //! the reference, 1 when one does not, 2 on bad input or when nothing could
 //! run.
 
+mod ceiling;
+mod ceiling_kernels;
 mod check;
 mod decode;
 mod info;
 mod masks;
 mod measure;
 mod options;
+mod options_json;
 mod plot;
+mod presets;
+mod random;
 mod report;
+mod timing;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -23,14 +29,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use wgpu_flash_attn::ceiling::{measure_copy, measure_fma};
-use wgpu_flash_attn::presets::seed_models;
-use wgpu_flash_attn::timing::TimingPlan;
 use wgpu_flash_attn::{AttentionShape, DType, Gpu};
 
+use ceiling::CeilingProbes;
 use measure::{Bench, CEILING_WORKGROUPS, Case};
 use options::{AttentionFlags, DTypeArg, GlobalArgs, Impl, ShapeArgs, TierArg, case_name};
+use presets::seed_models;
 use report::{AdapterJson, Ceilings, Report};
+use timing::TimingPlan;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -288,12 +294,14 @@ fn measure_all(
     );
     progress.enable_steady_tick(Duration::from_millis(200));
     progress.set_message("FMA and copy ceilings");
-    let fma = measure_fma(gpu, CEILING_WORKGROUPS, TimingPlan { warmup: 1, runs: 5 })?;
-    let copy = measure_copy(gpu, COPY_BYTES, TimingPlan { warmup: 1, runs: 5 })?;
+    let probes = CeilingProbes::new(gpu)?;
+    let fma = probes.measure_fma(CEILING_WORKGROUPS, TimingPlan { warmup: 1, runs: 5 })?;
+    let copy = probes.measure_copy(COPY_BYTES, TimingPlan { warmup: 1, runs: 5 })?;
     progress.inc(1);
 
     let bench = Bench {
         gpu,
+        probes: &probes,
         progress: progress.clone(),
         iters,
         cpu_runs: if cpu_budget_flops.is_finite() {

@@ -6,17 +6,18 @@
 
 use anyhow::{Result, ensure};
 use clap::Args;
+use rand::RngExt;
 use serde::Serialize;
-use wgpu_flash_attn::random::SeededRng;
 use wgpu_flash_attn::reference::{self, HostMask, ReferenceOutput};
-use wgpu_flash_attn::timing::{TimingPlan, time_gpu};
 use wgpu_flash_attn::{
     AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, ForwardOptions, Gpu, Tensor,
     ValidLengths, patterns,
 };
 
 use crate::measure::TOLERANCE;
+use crate::random::{normal_vec, seeded};
 use crate::report::{AdapterJson, write_json};
+use crate::timing::{TimingPlan, time_gpu};
 
 #[derive(Debug, Args)]
 pub struct MasksArgs {
@@ -77,9 +78,9 @@ pub fn run(gpu: &Gpu, args: &MasksArgs, json: Option<&std::path::Path>) -> Resul
 
     // BERT-base with padding: valid lengths between 128 and 512.
     let shape = AttentionShape::self_attention(args.bert_batch, 512, 12, 64);
-    let mut rng = SeededRng::new(0xbe27);
+    let mut rng = seeded(0xbe27);
     let lens: Vec<usize> = (0..shape.batch)
-        .map(|_| 128 + rng.below(385) as usize)
+        .map(|_| rng.random_range(128..=512))
         .collect();
     let mut padding = vec![false; shape.batch * 512 * 512];
     for (b, &len) in lens.iter().enumerate() {
@@ -202,10 +203,10 @@ struct Tensors {
 
 impl Tensors {
     fn new(gpu: &Gpu, shape: &AttentionShape, seed: u64) -> Result<Self> {
-        let mut rng = SeededRng::new(seed);
-        let q = rng.normal_vec(shape.q_shape().elements(), 1.0);
-        let k = rng.normal_vec(shape.kv_shape().elements(), 1.0);
-        let v = rng.normal_vec(shape.kv_shape().elements(), 1.0);
+        let mut rng = seeded(seed);
+        let q = normal_vec(&mut rng, shape.q_shape().elements(), 1.0);
+        let k = normal_vec(&mut rng, shape.kv_shape().elements(), 1.0);
+        let v = normal_vec(&mut rng, shape.kv_shape().elements(), 1.0);
         Ok(Tensors {
             q: Tensor::from_f32(gpu, shape.q_shape(), &q)?,
             k: Tensor::from_f32(gpu, shape.kv_shape(), &k)?,

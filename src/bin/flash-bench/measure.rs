@@ -5,13 +5,14 @@ use std::time::Instant;
 use anyhow::Result;
 use indicatif::ProgressBar;
 use serde::Serialize;
-use wgpu_flash_attn::ceiling::measure_fma;
-use wgpu_flash_attn::random::SeededRng;
 use wgpu_flash_attn::reference::{self, ReferenceOutput};
-use wgpu_flash_attn::timing::{Timer, TimingPlan, median, time_gpu};
 use wgpu_flash_attn::{AttentionArgs, AttentionConfig, AttentionShape, DType, Error, Gpu, Tensor};
 
+use crate::ceiling::CeilingProbes;
 use crate::options::Impl;
+use crate::options_json::{OptionsJson, dtype_name, tier_name};
+use crate::random::{normal_vec, seeded};
+use crate::timing::{Timer, TimingPlan, median, time_gpu};
 
 /// Bound on |gpu - reference| for unit-normal inputs (docs/semantics.md), beyond the
 /// rounding of the output to its storage type (see `unit_roundoff`).
@@ -48,6 +49,8 @@ pub const CEILING_WORKGROUPS: u32 = 1024;
 /// What to measure and how often.
 pub struct Bench<'a> {
     pub gpu: &'a Gpu,
+    /// The ceiling kernels, re-run after every case.
+    pub probes: &'a CeilingProbes<'a>,
     pub progress: ProgressBar,
     /// Timed runs per GPU implementation (after a validating first run).
     pub iters: usize,
@@ -129,8 +132,8 @@ impl ImplResult {
 pub struct CaseReport {
     pub name: String,
     pub shape: AttentionShape,
-    /// The options as the library sees them (Debug text of the config).
-    pub options: String,
+    /// The options of the call, one field each.
+    pub options: OptionsJson,
     pub dtype: String,
     /// Kernel tier of the flash kernel for this call.
     pub tier: String,
@@ -213,12 +216,13 @@ impl Bench<'_> {
         let gpu = self.gpu;
         self.progress
             .set_message(format!("{}: inputs and reference", case.name));
-        let mut rng = SeededRng::new(case.seed);
+        let mut rng = seeded(case.seed);
         // The reference sees exactly the values the storage type holds.
         let dtype = case.dtype;
-        let q = round_to(dtype, rng.normal_vec(shape.q_shape().elements(), 1.0));
-        let k = round_to(dtype, rng.normal_vec(shape.kv_shape().elements(), 1.0));
-        let v = round_to(dtype, rng.normal_vec(shape.kv_shape().elements(), 1.0));
+        let mut draw = |n: usize| round_to(dtype, normal_vec(&mut rng, n, 1.0));
+        let q = draw(shape.q_shape().elements());
+        let k = draw(shape.kv_shape().elements());
+        let v = draw(shape.kv_shape().elements());
         let operands = Operands {
             q: Tensor::from_f32_as(gpu, shape.q_shape(), &q, dtype)?,
             k: Tensor::from_f32_as(gpu, shape.kv_shape(), &k, dtype)?,
@@ -262,14 +266,16 @@ impl Bench<'_> {
         }
         self.progress
             .set_message(format!("{}: FMA ceiling", case.name));
-        let ceiling = measure_fma(gpu, CEILING_WORKGROUPS, TimingPlan { warmup: 1, runs: 3 })?;
+        let ceiling = self
+            .probes
+            .measure_fma(CEILING_WORKGROUPS, TimingPlan { warmup: 1, runs: 3 })?;
         let passed = results.iter().all(|r| r.status != Status::Failed);
         Ok(CaseReport {
             name: case.name.clone(),
             shape: *shape,
-            options: format!("{:?}", case.config),
-            dtype: format!("{dtype:?}").to_lowercase(),
-            tier: format!("{tier:?}"),
+            options: OptionsJson::new(&case.config, dtype),
+            dtype: dtype_name(dtype).to_string(),
+            tier: tier_name(tier).to_string(),
             flops,
             rows_validated: sample.as_ref().map_or(0, |s| s.rows),
             rows_total: shape.batch * shape.heads_q * shape.seq_q,

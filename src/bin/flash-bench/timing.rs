@@ -1,11 +1,15 @@
 //! Timing of GPU work: warm-up, repeated runs, median; GPU timestamps where
 //! the device has them, the host wall clock otherwise.
+//!
+//! flash-bench's own module; benches/forward.rs and tests/timing.rs include
+//! the file with `#[path]`, so it uses nothing but the library's public API.
+//! The recorded work returns the library's `Result` (it records library
+//! calls); the timer's own failures are `anyhow` errors.
 
 use std::time::Instant;
 
-use crate::error::{Error, Result};
-use crate::gpu::Gpu;
-use crate::tensor::read_buffer;
+use anyhow::{Context, Result, anyhow};
+use wgpu_flash_attn::Gpu;
 
 /// Which clock produced a measurement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +57,8 @@ impl Default for TimingPlan {
 struct Stopwatch {
     queries: wgpu::QuerySet,
     resolved: wgpu::Buffer,
+    /// The host's copy of `resolved`: a resolve target cannot be mapped.
+    readback: wgpu::Buffer,
     /// Nanoseconds per timestamp tick.
     period_ns: f64,
 }
@@ -77,19 +83,64 @@ impl Stopwatch {
             usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         });
+        let readback = gpu.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timing readback"),
+            size: 2 * u64::from(wgpu::QUERY_SIZE),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
         Stopwatch {
             queries,
             resolved,
+            readback,
             period_ns: f64::from(gpu.queue().get_timestamp_period()),
         }
     }
 
+    /// Records the resolve of both timestamps and their copy to the host
+    /// side, after the work.
+    fn finish(&self, encoder: &mut wgpu::CommandEncoder) {
+        encoder.write_timestamp(&self.queries, 1);
+        encoder.resolve_query_set(&self.queries, 0..2, &self.resolved, 0);
+        encoder.copy_buffer_to_buffer(&self.resolved, 0, &self.readback, 0, self.resolved.size());
+    }
+
+    /// The time between the two timestamps, once the submission finished.
     fn elapsed_ms(&self, gpu: &Gpu) -> Result<f64> {
-        let ticks: Vec<u64> = read_buffer(gpu, "timestamps", &self.resolved)?;
+        let ticks = self.read_ticks(gpu)?;
         let delta = ticks[1]
             .checked_sub(ticks[0])
-            .ok_or_else(|| Error::Readback(format!("timestamps went backwards: {ticks:?}")))?;
+            .ok_or_else(|| anyhow!("timestamps went backwards: {ticks:?}"))?;
         Ok(delta as f64 * self.period_ns / 1e6)
+    }
+
+    fn read_ticks(&self, gpu: &Gpu) -> Result<[u64; 2]> {
+        let slice = self.readback.slice(..);
+        let (sender, receiver) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |result| {
+            // The receiver waits below; a send error cannot happen.
+            let _ = sender.send(result);
+        });
+        gpu.wait()?;
+        receiver
+            .recv()
+            .context("the timestamp readback was dropped")?
+            .context("mapping the timestamps")?;
+        let ticks = {
+            let bytes = slice.get_mapped_range().context("reading the timestamps")?;
+            // Timestamps are u64s in the device's (= the host's) byte order.
+            let tick = |i: usize| {
+                let size = std::mem::size_of::<u64>();
+                u64::from_ne_bytes(
+                    bytes[i * size..(i + 1) * size]
+                        .try_into()
+                        .expect("eight bytes"),
+                )
+            };
+            [tick(0), tick(1)]
+        };
+        self.readback.unmap();
+        Ok(ticks)
     }
 }
 
@@ -98,7 +149,7 @@ impl Stopwatch {
 pub fn time_gpu(
     gpu: &Gpu,
     plan: TimingPlan,
-    mut record: impl FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
+    mut record: impl FnMut(&mut wgpu::CommandEncoder) -> wgpu_flash_attn::Result<()>,
 ) -> Result<Timing> {
     // One query set and resolve buffer for every run.
     let stopwatch = Stopwatch::for_device(gpu);
@@ -126,10 +177,14 @@ pub fn time_gpu(
 /// and returns the total time: between two GPU timestamps where the device
 /// has them, otherwise wall clock around submit and wait. This is the shape
 /// of measurement criterion's `iter_custom` wants.
+#[allow(
+    dead_code,
+    reason = "benches/forward.rs and tests/timing.rs use it, flash-bench does not"
+)]
 pub fn time_gpu_repeated(
     gpu: &Gpu,
     repeats: u64,
-    record: impl FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
+    record: impl FnMut(&mut wgpu::CommandEncoder) -> wgpu_flash_attn::Result<()>,
 ) -> Result<(std::time::Duration, Timer)> {
     let stopwatch = Stopwatch::for_device(gpu);
     let elapsed = submit_timed(gpu, stopwatch.as_ref(), repeats, record)?;
@@ -151,7 +206,7 @@ fn submit_timed(
     gpu: &Gpu,
     stopwatch: Option<&Stopwatch>,
     repeats: u64,
-    mut record: impl FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
+    mut record: impl FnMut(&mut wgpu::CommandEncoder) -> wgpu_flash_attn::Result<()>,
 ) -> Result<std::time::Duration> {
     let mut encoder = gpu
         .device()
@@ -165,8 +220,7 @@ fn submit_timed(
         record(&mut encoder)?;
     }
     if let Some(watch) = stopwatch {
-        encoder.write_timestamp(&watch.queries, 1);
-        encoder.resolve_query_set(&watch.queries, 0..2, &watch.resolved, 0);
+        watch.finish(&mut encoder);
     }
     let start = Instant::now();
     gpu.queue().submit([encoder.finish()]);

@@ -3,8 +3,10 @@
 //! Each preset fixes heads, head dim and masking; the sequence lengths are
 //! the model's typical ones and can be scaled down for tests with
 //! [`Preset::with_seq`].
+//!
+//! flash-bench's module; tests/semantics.rs includes the file with `#[path]`.
 
-use crate::config::{AttentionConfig, AttentionShape};
+use wgpu_flash_attn::{AttentionConfig, AttentionShape};
 
 /// One model's attention call.
 #[derive(Debug, Clone)]
