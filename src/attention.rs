@@ -335,15 +335,26 @@ impl Gpu {
     /// [`ForwardOptions`] with a mask or variable-length sequences).
     /// Submit the encoder yourself, or use [`Gpu::run`].
     ///
-    /// ```no_run
-    /// # use wgpu_flash_attn::{AttentionArgs, AttentionConfig, ForwardOptions, Gpu, AttentionMask};
-    /// # fn f(gpu: &Gpu, args: &AttentionArgs<'_>, mask: &AttentionMask) -> Result<(), wgpu_flash_attn::Error> {
+    /// ```
+    /// # use wgpu_flash_attn::{AttentionArgs, AttentionConfig, AttentionMask, ForwardOptions, Gpu, Tensor, TensorShape};
+    /// # fn main() -> Result<(), wgpu_flash_attn::Error> {
+    /// # if std::env::var("FLASH_ATTN_SKIP_GPU_TESTS").as_deref() == Ok("1") { return Ok(()); }
+    /// let gpu = Gpu::new()?;
+    /// let dims = TensorShape::new(1, 16, 2, 32);
+    /// let values: Vec<f32> = (0..dims.elements()).map(|i| (i % 11) as f32 / 11.0).collect();
+    /// let x = Tensor::from_f32(&gpu, dims, &values)?;
+    /// let (plain, masked) = (Tensor::zeros(&gpu, dims, x.dtype())?, Tensor::zeros(&gpu, dims, x.dtype())?);
+    /// let args = |out| AttentionArgs { q: &x, k: &x, v: &x, out, lse: None };
+    /// // A boolean mask that hides nothing: the same result as no mask.
+    /// let mask = AttentionMask::boolean(&gpu, [1, 1, 16, 16], &[true; 256])?;
     /// let config = AttentionConfig::new().causal(true);
     /// let mut encoder = gpu.device().create_command_encoder(&Default::default());
-    /// gpu.forward(&mut encoder, args, &config)?;
-    /// gpu.forward(&mut encoder, args, ForwardOptions::new(&config).mask(mask))?;
+    /// gpu.forward(&mut encoder, &args(&plain), &config)?;
+    /// gpu.forward(&mut encoder, &args(&masked), ForwardOptions::new(&config).mask(&mask))?;
     /// gpu.queue().submit([encoder.finish()]);
-    /// # Ok(()) }
+    /// assert_eq!(plain.to_f32_vec(&gpu)?, masked.to_f32_vec(&gpu)?);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn forward<'o>(
         &self,

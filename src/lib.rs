@@ -1,15 +1,29 @@
 //! Exact, tiled online-softmax attention (FlashAttention-2) in WGSL compute
 //! shaders, for every GPU that wgpu reaches, with a CPU f64 reference.
 //!
-//! ```no_run
-//! use wgpu_flash_attn::{AttentionConfig, AttentionShape, Gpu};
+//! One function per operation records into a `wgpu::CommandEncoder` (see
+//! [`Gpu::forward`], [`Gpu::decode`], [`Gpu::merge`], [`Gpu::rope`],
+//! [`KvCache::append`]); [`Gpu::run`] records, submits and waits; host
+//! slices go through [`Gpu::attention_host`]. Semantics, the accuracy rule
+//! and the measurement method: `docs/semantics.md`.
+//!
+//! ```
+//! use wgpu_flash_attn::{AttentionConfig, AttentionShape, Gpu, reference};
 //! # fn main() -> Result<(), wgpu_flash_attn::Error> {
+//! # if std::env::var("FLASH_ATTN_SKIP_GPU_TESTS").as_deref() == Ok("1") { return Ok(()); }
 //! let gpu = Gpu::new()?;
 //! let shape = AttentionShape::self_attention(1, 128, 8, 64);
 //! let n = shape.q_shape().elements();
-//! let (q, k, v) = (vec![0.1f32; n], vec![0.2f32; n], vec![0.3f32; n]);
-//! let result = gpu.attention_host(&shape, &q, &k, &v, &AttentionConfig::new().causal(true))?;
-//! assert_eq!(result.out.len(), n);
+//! let input = |seed: usize| -> Vec<f32> {
+//!     (0..n).map(|i| ((i * 7 + seed * 13) % 17) as f32 / 8.5 - 1.0).collect()
+//! };
+//! let (q, k, v) = (input(1), input(2), input(3));
+//! let config = AttentionConfig::new().causal(true);
+//! let result = gpu.attention_host(&shape, &q, &k, &v, &config)?;
+//! let expected = reference::attention(&shape, &q, &k, &v, &config)?;
+//! for (got, want) in result.out.iter().zip(&expected.out) {
+//!     assert!((f64::from(*got) - want).abs() <= 1e-4);
+//! }
 //! # Ok(())
 //! # }
 //! ```

@@ -232,14 +232,28 @@ impl Tensor {
     /// binding limits. Downloading ([`Tensor::to_f32_vec`]) also needs
     /// `COPY_SRC`.
     ///
-    /// ```no_run
-    /// # use wgpu_flash_attn::{DType, Gpu, Tensor, TensorShape};
-    /// # fn f(gpu: &Gpu, activations: wgpu::Buffer) -> Result<(), wgpu_flash_attn::Error> {
-    /// // A BHSD f16 buffer seen as [batch 2, seq 128, heads 8, head_dim 64].
+    /// ```
+    /// # use wgpu::util::DeviceExt;
+    /// # use wgpu_flash_attn::{DType, Gpu, Strides, Tensor, TensorShape};
+    /// # fn main() -> Result<(), wgpu_flash_attn::Error> {
+    /// # if std::env::var("FLASH_ATTN_SKIP_GPU_TESTS").as_deref() == Ok("1") { return Ok(()); }
+    /// # let gpu = Gpu::new()?;
+    /// // The caller's BHSD activations, [batch 2, heads 8, seq 128, head_dim 64].
+    /// let values: Vec<f32> = (0..2 * 8 * 128 * 64).map(|i| i as f32).collect();
+    /// let activations = gpu.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+    ///     label: Some("my activations"),
+    ///     contents: bytemuck::cast_slice(&values),
+    ///     usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+    /// });
+    /// // Seen as BSHD [batch 2, seq 128, heads 8, head_dim 64], no copy.
     /// let shape = TensorShape::new(2, 128, 8, 64);
-    /// let bhsd = wgpu_flash_attn::Strides { batch: 8 * 128 * 64, seq: 64, head: 128 * 64 };
-    /// let q = Tensor::from_buffer(gpu, activations, shape, bhsd, 0, DType::F16)?;
-    /// # Ok(()) }
+    /// let bhsd = Strides { batch: 8 * 128 * 64, seq: 64, head: 128 * 64 };
+    /// let q = Tensor::from_buffer(&gpu, activations.clone(), shape, bhsd, 0, DType::F32)?;
+    /// assert!(q.buffer() == &activations);
+    /// // Element [b=0, s=1, h=2, d=3] is BHSD element (2 * 128 + 1) * 64 + 3.
+    /// assert_eq!(q.to_f32_vec(&gpu)?[(1 * 8 + 2) * 64 + 3], ((2 * 128 + 1) * 64 + 3) as f32);
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn from_buffer(
         gpu: &Gpu,
