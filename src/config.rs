@@ -92,6 +92,23 @@ impl AttentionShape {
                 ],
             });
         }
+        // Byte counts must not wrap around (the reference and the GPU path
+        // size buffers from them).
+        for (tensor, dims) in [
+            ("q", self.q_shape().as_array()),
+            ("k/v", self.kv_shape().as_array()),
+        ] {
+            let fits = dims
+                .iter()
+                .try_fold(4usize, |n, &d| n.checked_mul(d))
+                .is_some();
+            if !fits {
+                return Err(Error::ShapeOverflow {
+                    tensor,
+                    shape: dims,
+                });
+            }
+        }
         if !self.heads_q.is_multiple_of(self.heads_kv) {
             return Err(Error::HeadsNotDivisible {
                 heads_q: self.heads_q,
@@ -297,14 +314,16 @@ impl AttentionConfig {
     }
 
     /// Keys visible to query row `row`, as a (possibly empty) range.
+    /// Saturating: a window side as wide as `i64::MAX` is the same as an
+    /// unbounded one.
     pub fn visible_keys(&self, row: usize, seq_q: usize, seq_kv: usize) -> Range<usize> {
-        let pos = row as i64 + seq_kv as i64 - seq_q as i64;
+        let pos = (row as i128) + (seq_kv as i128) - (seq_q as i128);
         let (left, right) = self.effective_window();
-        let lo = left.map_or(0, |l| (pos - l as i64).max(0));
-        let hi = right.map_or(seq_kv as i64, |r| {
-            (pos + r as i64 + 1).clamp(0, seq_kv as i64)
+        let lo = left.map_or(0, |l| (pos - l as i128).max(0));
+        let hi = right.map_or(seq_kv as i128, |r| {
+            (pos + r as i128 + 1).clamp(0, seq_kv as i128)
         });
-        let lo = lo.min(seq_kv as i64);
+        let lo = lo.min(seq_kv as i128);
         lo as usize..(hi.max(lo)) as usize
     }
 

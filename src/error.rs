@@ -243,6 +243,37 @@ pub enum Error {
         input: &'static str,
     },
 
+    /// A block table lists one page twice: two positions of the sequence
+    /// would share storage.
+    #[error(
+        "block table of sequence {sequence} lists page {page} twice (entries {first} and {second})"
+    )]
+    BlockTableRepeat {
+        /// The sequence whose table was given.
+        sequence: usize,
+        /// The repeated pool page.
+        page: u32,
+        /// Its first entry in the table.
+        first: usize,
+        /// Its second entry.
+        second: usize,
+    },
+
+    /// An append would write into a page another sequence's block table
+    /// also holds (shared pages, e.g. a common prompt prefix, are
+    /// read-only; give the writing sequence its own page first).
+    #[error(
+        "appending to sequence {sequence} would write page {page}, which sequence {other} also holds"
+    )]
+    SharedPageWrite {
+        /// The sequence being appended to.
+        sequence: usize,
+        /// The page the append would write.
+        page: u32,
+        /// Another sequence whose table holds it.
+        other: usize,
+    },
+
     /// A caller's buffer (or a tensor made from one) belongs to another
     /// device than the `Gpu` it was given to.
     #[error("{tensor} was created on another device than this Gpu's: {message}")]

@@ -312,9 +312,23 @@ impl Gpu {
         &self.queue
     }
 
-    /// Number of compute pipelines compiled so far.
+    /// Number of compute pipelines cached now.
     pub fn pipeline_count(&self) -> usize {
         self.pipelines.len()
+    }
+
+    /// Keeps at most `capacity` compiled pipelines (default 64, at least
+    /// 1): compiling one more evicts the least recently used, which a later
+    /// call compiles again. Each can take tens of MB (about 29 MB on
+    /// lavapipe), so a long-running program meeting many shapes should cap
+    /// them.
+    pub fn set_pipeline_capacity(&self, capacity: usize) {
+        self.pipelines.set_capacity(capacity);
+    }
+
+    /// The most compiled pipelines kept (see [`Gpu::set_pipeline_capacity`]).
+    pub fn pipeline_capacity(&self) -> usize {
+        self.pipelines.capacity()
     }
 
     /// Records work into a new encoder with `record`, submits it and waits

@@ -394,8 +394,10 @@ impl KvCache {
         Ok(())
     }
 
-    /// Lists the pool pages of `sequence`, in order of position. Pages may
-    /// be shared between sequences (a common prefix) and need not be
+    /// Lists the pool pages of `sequence`, in order of position. A table
+    /// may not list a page twice. Pages may be shared between sequences (a
+    /// common prefix, read-only: [`KvCache::append`] refuses to write a
+    /// shared page with [`Error::SharedPageWrite`]) and need not be
     /// consecutive. The sequence keeps its length, which must still fit.
     pub fn set_block_table(&mut self, sequence: usize, pages: &[u32]) -> Result<()> {
         self.check_sequence(sequence)?;
@@ -406,6 +408,16 @@ impl KvCache {
                     index,
                     page,
                     pool_pages: self.pool_pages,
+                });
+            }
+        }
+        for (index, &page) in pages.iter().enumerate() {
+            if let Some(first) = pages[..index].iter().position(|&p| p == page) {
+                return Err(Error::BlockTableRepeat {
+                    sequence,
+                    page,
+                    first,
+                    second: index,
                 });
             }
         }
@@ -561,6 +573,7 @@ impl KvCache {
                 });
             }
         }
+        self.check_pages_unshared(shape.seq)?;
         let (rotary_dim, half_split, freqs, offsets) = match rope {
             Some((rope, offsets)) => {
                 if offsets.len() != self.batch() {
@@ -639,6 +652,31 @@ impl KvCache {
         encode_dispatches(encoder, "kv append", &pipeline, &bind_groups, groups);
         for len in &mut self.lens {
             *len += shape.seq;
+        }
+        Ok(())
+    }
+
+    /// Appending `tokens` writes pages that only the writing sequence may
+    /// hold: a page shared with another sequence (a common prefix) is
+    /// read-only, since a write would change the other sequence's tokens.
+    fn check_pages_unshared(&self, tokens: usize) -> Result<()> {
+        for (sequence, table) in self.block_tables.iter().enumerate() {
+            let first = self.lens[sequence] / self.page_size;
+            let last = (self.lens[sequence] + tokens).div_ceil(self.page_size);
+            for &page in &table[first.min(table.len())..last.min(table.len())] {
+                let holder = self
+                    .block_tables
+                    .iter()
+                    .enumerate()
+                    .find(|&(other, t)| other != sequence && t.contains(&page));
+                if let Some((other, _)) = holder {
+                    return Err(Error::SharedPageWrite {
+                        sequence,
+                        page,
+                        other,
+                    });
+                }
+            }
         }
         Ok(())
     }

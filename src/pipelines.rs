@@ -1,6 +1,7 @@
 //! Compute pipelines, built once per specialization and reused.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
@@ -13,11 +14,78 @@ pub(crate) struct CachedPipeline {
     pub bind_group_layout: wgpu::BindGroupLayout,
 }
 
+/// Pipelines kept by default. A compiled pipeline can be large (about
+/// 29 MB each on lavapipe, whose code is unrolled machine code), and a
+/// long-running program that meets many shapes would otherwise keep every
+/// one it ever compiled; a model uses a handful.
+pub(crate) const DEFAULT_PIPELINE_CAPACITY: usize = 64;
+
 /// Pipelines keyed by [`Specialization`]; a repeated call compiles nothing.
-#[derive(Default)]
+/// At most `capacity` are kept: compiling one more evicts the least
+/// recently used (calls already holding it keep it alive).
 pub(crate) struct PipelineCache {
-    pipelines: Mutex<HashMap<Specialization, Arc<CachedPipeline>>>,
+    pipelines: Mutex<Entries<Arc<CachedPipeline>>>,
     layouts: Mutex<HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>>,
+    capacity: AtomicUsize,
+}
+
+/// Cached values (pipelines) with the tick of their last use.
+struct Entries<T> {
+    by_spec: HashMap<Specialization, (T, u64)>,
+    tick: u64,
+}
+
+impl<T> Default for Entries<T> {
+    fn default() -> Self {
+        Entries {
+            by_spec: HashMap::new(),
+            tick: 0,
+        }
+    }
+}
+
+impl<T: Clone> Entries<T> {
+    /// Marks `spec` used now and returns it, if cached.
+    fn touch(&mut self, spec: &Specialization) -> Option<T> {
+        self.tick += 1;
+        let tick = self.tick;
+        let (pipeline, used) = self.by_spec.get_mut(spec)?;
+        *used = tick;
+        Some(pipeline.clone())
+    }
+
+    /// Adds `value` as the most recently used, first evicting the least
+    /// recently used ones so that at most `capacity` remain.
+    fn insert(&mut self, spec: Specialization, value: T, capacity: usize) {
+        self.shrink_to(capacity.saturating_sub(1));
+        self.tick += 1;
+        self.by_spec.insert(spec, (value, self.tick));
+    }
+
+    /// Drops least recently used entries until at most `keep` remain.
+    fn shrink_to(&mut self, keep: usize) {
+        while self.by_spec.len() > keep {
+            let oldest = self
+                .by_spec
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(spec, _)| *spec);
+            match oldest {
+                Some(spec) => self.by_spec.remove(&spec),
+                None => break,
+            };
+        }
+    }
+}
+
+impl Default for PipelineCache {
+    fn default() -> Self {
+        PipelineCache {
+            pipelines: Mutex::default(),
+            layouts: Mutex::default(),
+            capacity: AtomicUsize::new(DEFAULT_PIPELINE_CAPACITY),
+        }
+    }
 }
 
 /// A panic while a lock was held leaves the maps intact; keep using them.
@@ -29,13 +97,26 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl PipelineCache {
     pub fn len(&self) -> usize {
-        lock(&self.pipelines).len()
+        lock(&self.pipelines).by_spec.len()
+    }
+
+    /// Keeps at most `capacity` pipelines (at least 1), evicting the least
+    /// recently used now if more are cached.
+    pub fn set_capacity(&self, capacity: usize) {
+        let capacity = capacity.max(1);
+        self.capacity.store(capacity, Ordering::Relaxed);
+        lock(&self.pipelines).shrink_to(capacity);
+    }
+
+    /// The most pipelines kept.
+    pub fn capacity(&self) -> usize {
+        self.capacity.load(Ordering::Relaxed)
     }
 
     /// The pipeline for `spec`, compiling it on first use.
     pub fn get(&self, device: &wgpu::Device, spec: &Specialization) -> Result<Arc<CachedPipeline>> {
-        if let Some(found) = lock(&self.pipelines).get(spec) {
-            return Ok(found.clone());
+        if let Some(found) = lock(&self.pipelines).touch(spec) {
+            return Ok(found);
         }
         let source = wgsl_source(spec)?;
         let kernel = spec.kernel();
@@ -64,7 +145,7 @@ impl PipelineCache {
             pipeline,
             bind_group_layout,
         });
-        lock(&self.pipelines).insert(*spec, cached.clone());
+        lock(&self.pipelines).insert(*spec, cached.clone(), self.capacity());
         Ok(cached)
     }
 }
@@ -171,5 +252,31 @@ pub(crate) fn encode_dispatches(
     for bind_group in bind_groups {
         pass.set_bind_group(0, bind_group, &[]);
         pass.dispatch_workgroups(x, y, z);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Entries;
+    use crate::shaders::Specialization;
+
+    fn spec(n: u32) -> Specialization {
+        Specialization::Combine { workgroup_size: n }
+    }
+
+    #[test]
+    fn evicts_the_least_recently_used() {
+        let mut entries = Entries::default();
+        entries.insert(spec(1), 1, 2);
+        entries.insert(spec(2), 2, 2);
+        // 1 is used again, so 2 is now the least recently used.
+        assert_eq!(entries.touch(&spec(1)), Some(1));
+        entries.insert(spec(3), 3, 2);
+        assert_eq!(entries.touch(&spec(2)), None);
+        assert_eq!(entries.touch(&spec(1)), Some(1));
+        assert_eq!(entries.touch(&spec(3)), Some(3));
+        entries.shrink_to(1);
+        assert_eq!(entries.by_spec.len(), 1);
+        assert_eq!(entries.touch(&spec(3)), Some(3));
     }
 }

@@ -264,10 +264,16 @@ fn validate_and_translate(spec: &Specialization) {
 #[test]
 fn shaders_validate_and_translate_to_every_backend() {
     let specs = shipped_specializations();
-    // Translating ~4500 modules four ways takes minutes on two cores; a
-    // newcomer's run translates one of each code shape (kernel, variant,
-    // workgroup size, unrolling), which differ in more than constants,
-    // and FLASH_ATTN_EXHAUSTIVE=1 (set by .ci/run) translates all.
+    by_code_shape(&specs, "validated and translated")
+        .par_iter()
+        .for_each(|spec| validate_and_translate(spec));
+}
+
+/// Every specialization with FLASH_ATTN_EXHAUSTIVE=1 (as .ci/run sets);
+/// otherwise one of each code shape (kernel, variant flags, workgroup
+/// size, unrolling, rows), which differ in more than the values of their
+/// constants. Parsing ~4500 modules takes minutes on two cores.
+fn by_code_shape<'a>(specs: &'a [Specialization], what: &str) -> Vec<&'a Specialization> {
     let exhaustive = std::env::var("FLASH_ATTN_EXHAUSTIVE").is_ok_and(|v| v == "1");
     let mut shapes = HashSet::new();
     let chosen: Vec<&Specialization> = specs
@@ -284,14 +290,12 @@ fn shaders_validate_and_translate_to_every_backend() {
         .collect();
     if !exhaustive {
         eprintln!(
-            "SKIPPED: translated {} of {} specializations, one per code shape; FLASH_ATTN_EXHAUSTIVE=1 translates all",
+            "SKIPPED: {what} {} of {} specializations, one per code shape; FLASH_ATTN_EXHAUSTIVE=1 covers all",
             chosen.len(),
             specs.len()
         );
     }
     chosen
-        .par_iter()
-        .for_each(|spec| validate_and_translate(spec));
 }
 
 // ---------------------------------------------------------------------------
@@ -419,9 +423,10 @@ fn layout_problems(spec: &Specialization) -> Vec<String> {
 
 #[test]
 fn bindings_match_the_bind_group_layouts() {
-    let failures: Vec<String> = shipped_specializations()
+    let specs = shipped_specializations();
+    let failures: Vec<String> = by_code_shape(&specs, "checked the bindings of")
         .par_iter()
-        .flat_map_iter(layout_problems)
+        .flat_map_iter(|spec| layout_problems(spec))
         .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -579,3 +579,104 @@ fn caches_split_over_several_buffers_match_the_reference() {
         }
     }
 }
+
+/// A common prefix held by two sequences' block tables is read by both and
+/// written by neither: decoding over it matches the reference, an append
+/// that would write into it is refused, and a table may not repeat a page.
+#[test]
+fn shared_prefix_pages_are_read_only() {
+    let Some(gpu) = gpu() else { return };
+    let (page, head_dim) = (16, 32);
+    let config = KvCacheConfig::new(
+        2,
+        1,
+        head_dim,
+        KvLayout::Paged {
+            page_size: page,
+            pages: 8,
+        },
+    );
+    let mut cache = KvCache::new(gpu, config).unwrap();
+    cache.set_block_table(0, &[0, 1]).unwrap();
+    cache.set_block_table(1, &[2, 3]).unwrap();
+    let mut rng = seeded(0x5eed_5a4e);
+    let token = head_dim;
+    let append = |cache: &mut KvCache, k: &[f32], v: &[f32], tokens| {
+        let dims = TensorShape::new(2, tokens, 1, head_dim);
+        let kt = Tensor::from_f32(gpu, dims, k).unwrap();
+        let vt = Tensor::from_f32(gpu, dims, v).unwrap();
+        gpu.run(|e| cache.append(gpu, e, &kt, &vt, None))
+    };
+    // Both sequences get 16 tokens; sequence 0's fill page 0.
+    let (k1, v1) = (
+        normal_vec(&mut rng, 2 * page * token, 1.0),
+        normal_vec(&mut rng, 2 * page * token, 1.0),
+    );
+    append(&mut cache, &k1, &v1, page).unwrap();
+    // Sequence 1 now shares sequence 0's first page as its prefix.
+    cache.set_block_table(1, &[0, 4]).unwrap();
+    // Appending the 17th token writes page 1 (sequence 0) and page 4
+    // (sequence 1): neither is shared.
+    let (k2, v2) = (
+        normal_vec(&mut rng, 2 * token, 1.0),
+        normal_vec(&mut rng, 2 * token, 1.0),
+    );
+    append(&mut cache, &k2, &v2, 1).unwrap();
+
+    let q_host = normal_vec(&mut rng, 2 * 4 * head_dim, 1.0);
+    let q = Tensor::from_f32(gpu, TensorShape::new(2, 1, 4, head_dim), &q_host).unwrap();
+    let out = Tensor::filled(gpu, q.shape(), f32::NAN).unwrap();
+    let args = DecodeArgs {
+        q: &q,
+        cache: &cache,
+        out: &out,
+        lse: None,
+    };
+    let attention = AttentionConfig::new().causal(true);
+    gpu.run(|e| gpu.decode(e, &args, &attention)).unwrap();
+    let got = out.to_f32_vec(gpu).unwrap();
+    // Both sequences see sequence 0's 16 prefix tokens, then their own.
+    let prefix = |x: &[f32]| x[..page * token].to_vec();
+    for (b, own) in [(0usize, 0usize), (1, 1)] {
+        let mut k = prefix(&k1);
+        k.extend_from_slice(&k2[own * token..(own + 1) * token]);
+        let mut v = prefix(&v1);
+        v.extend_from_slice(&v2[own * token..(own + 1) * token]);
+        let shape = AttentionShape {
+            batch: 1,
+            seq_q: 1,
+            seq_kv: page + 1,
+            heads_q: 4,
+            heads_kv: 1,
+            head_dim,
+        };
+        let qb = &q_host[b * 4 * head_dim..(b + 1) * 4 * head_dim];
+        let want = reference::attention(&shape, qb, &k, &v, &attention).unwrap();
+        let err = max_error(&got[b * 4 * head_dim..(b + 1) * 4 * head_dim], &want.out);
+        assert!(err <= 1e-4, "sequence {b}: {err:e}");
+    }
+
+    // Truncating sequence 1 into the shared page makes its next append a
+    // write into sequence 0's tokens: refused, nothing written.
+    cache.set_len(1, 10).unwrap();
+    let before = cache.read_sequence(gpu, 0).unwrap();
+    assert!(matches!(
+        append(&mut cache, &k2, &v2, 1),
+        Err(Error::SharedPageWrite {
+            sequence: 1,
+            page: 0,
+            other: 0
+        })
+    ));
+    assert_eq!(cache.lens(), &[page + 1, 10]);
+    assert_eq!(cache.read_sequence(gpu, 0).unwrap(), before);
+    assert!(matches!(
+        cache.set_block_table(1, &[4, 5, 4]),
+        Err(Error::BlockTableRepeat {
+            sequence: 1,
+            page: 4,
+            first: 0,
+            second: 2
+        })
+    ));
+}

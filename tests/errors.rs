@@ -359,3 +359,78 @@ fn no_adapter_error_says_how_to_get_one() {
     };
     assert!(matches!(err, Error::AdapterNotFound { .. }), "{err}");
 }
+
+/// Shapes whose element counts do not fit in memory are typed errors, in
+/// the GPU path and in the reference, never a wrapped count or a panic.
+#[test]
+fn overflowing_shapes_are_typed_errors() {
+    let huge = TensorShape::new(1 << 20, 1 << 20, 1 << 20, 256);
+    let shape = AttentionShape::self_attention(1 << 20, 1 << 20, 1 << 20, 256);
+    let err = wgpu_flash_attn::reference::attention(&shape, &[], &[], &[], &AttentionConfig::new())
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::ShapeOverflow { tensor: "q", .. }),
+        "{err}"
+    );
+    let Some(gpu) = gpu() else { return };
+    for result in [
+        Tensor::zeros(gpu, huge, wgpu_flash_attn::DType::F32),
+        Tensor::from_f32(gpu, huge, &[]),
+    ] {
+        assert!(
+            matches!(result, Err(Error::ShapeOverflow { .. })),
+            "{result:?}"
+        );
+    }
+    // A view whose extent overflows is out of bounds, not wrapped in.
+    let small = Tensor::zeros(
+        gpu,
+        TensorShape::new(1, 4, 1, 8),
+        wgpu_flash_attn::DType::F32,
+    )
+    .unwrap();
+    let strides = wgpu_flash_attn::Strides {
+        batch: usize::MAX / 2,
+        seq: usize::MAX / 2,
+        head: 8,
+    };
+    assert!(matches!(
+        small.view(TensorShape::new(3, 3, 1, 8), strides, 0),
+        Err(Error::OutOfBounds { .. })
+    ));
+}
+
+/// A window side of `i64::MAX` is an unbounded side, in the reference
+/// (and so in `AttentionShape::flops`) as on the GPU.
+#[test]
+fn widest_window_equals_unbounded() {
+    let shape = AttentionShape {
+        batch: 1,
+        seq_q: 23,
+        seq_kv: 9,
+        heads_q: 2,
+        heads_kv: 1,
+        head_dim: 16,
+    };
+    let widest = AttentionConfig::new().window(Some(i64::MAX), Some(i64::MAX));
+    let unbounded = AttentionConfig::new();
+    for row in 0..shape.seq_q {
+        assert_eq!(
+            widest.visible_keys(row, shape.seq_q, shape.seq_kv),
+            0..shape.seq_kv,
+            "row {row}"
+        );
+    }
+    assert_eq!(shape.flops(&widest), shape.flops(&unbounded));
+    let Some(gpu) = gpu() else { return };
+    let inputs = Inputs::draw(&shape, 0x5eed_7777, 1.0);
+    for config in [
+        widest,
+        AttentionConfig::new().window(Some(i64::MAX), Some(0)),
+    ] {
+        assert_close(
+            common::run_and_compare(gpu, &shape, &inputs, &config),
+            &format!("{config:?}"),
+        );
+    }
+}

@@ -344,3 +344,27 @@ fn decode_and_masks_report_validated_figures() {
         assert!(run["max_abs_err"].as_f64().unwrap() <= 1e-4);
     }
 }
+
+/// Bad flags exit 2 with the reason and no panic: a negative softcap is a
+/// value (refused as invalid, not taken for a flag), zero timed runs is
+/// refused.
+#[test]
+fn bad_flags_exit_2_with_the_reason() {
+    let Some(_) = gpu() else { return };
+    let small = ["run", "--seq-q", "16", "--heads-q", "1", "--head-dim", "8"];
+    for (extra, reason) in [
+        (["--softcap", "-1"], "softcap"),
+        (["--iters", "0"], "at least 1 timed run"),
+    ] {
+        let args: Vec<&str> = small.iter().copied().chain(extra).collect();
+        let output = flash_bench(&args);
+        let text = format!(
+            "{}{}",
+            stdout(&output),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {text}");
+        assert!(text.to_lowercase().contains(reason), "{args:?}: {text}");
+        assert!(!text.contains("panicked"), "{args:?}: {text}");
+    }
+}

@@ -156,13 +156,13 @@ fn check_dtype(dtype: DType, head_dims: &[usize], seed: u64) {
 
 #[test]
 fn f16_storage_within_twice_naive_half_error() {
-    let dims = common::head_dims("f16 storage", &[8, 64, 96, 256]);
+    let dims = common::head_dims("f16 storage", &[8, 96, 256]);
     check_dtype(DType::F16, &dims, 0x5eed_0f16);
 }
 
 #[test]
 fn bf16_storage_within_twice_naive_bf16_error() {
-    let dims = common::head_dims("bf16 storage", &[32, 128, 248]);
+    let dims = common::head_dims("bf16 storage", &[64, 200]);
     check_dtype(DType::BF16, &dims, 0x5eed_0bf1);
 }
 

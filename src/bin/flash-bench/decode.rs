@@ -41,7 +41,8 @@ pub struct DecodeCmdArgs {
     /// Force the number of key splits (default: chosen from the adapter).
     #[arg(long)]
     splits: Option<usize>,
-    #[arg(long, default_value_t = 5)]
+    /// Timed runs (at least 1).
+    #[arg(long, default_value_t = 5, value_parser = crate::options::parse_iters)]
     iters: usize,
 }
 

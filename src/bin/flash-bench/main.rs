@@ -87,8 +87,8 @@ struct RunArgs {
     /// Force a kernel tier (default: the best this adapter offers).
     #[arg(long, value_enum)]
     tier: Option<TierArg>,
-    /// Timed runs after the validating first run.
-    #[arg(long, default_value_t = 5)]
+    /// Timed runs after the validating first run (at least 1).
+    #[arg(long, default_value_t = 5, value_parser = crate::options::parse_iters)]
     iters: usize,
 }
 
@@ -113,7 +113,8 @@ struct SweepArgs {
         default_value = "flash,naive"
     )]
     implementations: Vec<Impl>,
-    #[arg(long, default_value_t = 3)]
+    /// Timed runs (at least 1).
+    #[arg(long, default_value_t = 3, value_parser = crate::options::parse_iters)]
     iters: usize,
 }
 

@@ -62,8 +62,9 @@ pub struct AttentionFlags {
     /// Softmax scale (default 1/sqrt(head_dim)).
     #[arg(long, value_name = "S", allow_hyphen_values = true)]
     pub scale: Option<f32>,
-    /// Soft-capping of the scores: c * tanh(s / c).
-    #[arg(long, value_name = "C")]
+    /// Soft-capping of the scores: c * tanh(s / c). Negative values are
+    /// read as values (and refused as invalid), not as flags.
+    #[arg(long, value_name = "C", allow_hyphen_values = true)]
     pub softcap: Option<f32>,
 }
 
@@ -71,6 +72,15 @@ pub struct AttentionFlags {
 pub struct Window {
     pub left: Option<i64>,
     pub right: Option<i64>,
+}
+
+/// A count of timed runs: a median needs at least one.
+pub fn parse_iters(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("at least 1 timed run is needed for a median".to_string()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{text:?}: {e}")),
+    }
 }
 
 fn parse_window(text: &str) -> Result<Window, String> {
