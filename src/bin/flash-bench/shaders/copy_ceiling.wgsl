@@ -6,7 +6,7 @@
 // (coalesced on GPUs, whole SIMD rows on CPU adapters). A grid-stride loop
 // measured 2.0 GB/s on lavapipe against 2.8-4.6 GB/s for this form.
 //
-// Generated constants (src/shaders.rs): WG_SIZE.
+// Generated constants (ceiling_kernels.rs beside this folder): WG_SIZE.
 
 @group(0) @binding(0) var<storage, read> copy_src: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read_write> copy_dst: array<vec4<f32>>;

@@ -6,7 +6,7 @@
 // COPIES copies of the chains: software adapters pay a fixed cost per loop
 // trip (llvmpipe measured 30 GFLOP/s with one copy, 60-78 with four).
 //
-// Generated constants (src/shaders.rs): ITERATIONS, COPIES, WG_SIZE.
+// Generated constants (ceiling_kernels.rs beside this folder): ITERATIONS, COPIES, WG_SIZE.
 
 @group(0) @binding(0) var<storage, read_write> sink: array<vec4<f32>>;
 
@@ -25,7 +25,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let mul = vec4<f32>(0.9999999);
     let add = vec4<f32>(1.0e-7);
     for (var i = 0u; i < ITERATIONS; i++) {
-        // Unrolled by src/shaders.rs into COPIES copies of the chains.
+        // Unrolled by ceiling_kernels.rs into COPIES copies of the chains.
         for (var copy = 0u; copy < COPIES; copy++) {
             a0 = fma(a0, mul, add);
             a1 = fma(a1, mul, add);
