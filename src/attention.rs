@@ -66,6 +66,7 @@ impl Lse {
     ) -> Result<Self> {
         let n = lse_elements(batch, heads, seq)?;
         crate::tensor::check_caller_buffer(gpu, "lse", &buffer)?;
+        check_binding_size(gpu, "lse", buffer.size())?;
         let available = buffer.size() as usize / 4;
         if n > available {
             return Err(Error::OutOfBounds {
@@ -113,31 +114,16 @@ impl Lse {
     }
 
     pub(crate) fn check_device(&self, gpu: &Gpu) -> Result<()> {
-        if self.device != gpu.device {
-            return Err(Error::WrongDevice { tensor: "lse" });
-        }
-        Ok(())
+        gpu.check_owner(&self.device, "lse")
     }
 }
 
 /// Elements of a `[batch, heads, seq]` logsumexp, checked for zero and
-/// overflow.
+/// overflow like a tensor's.
 fn lse_elements(batch: usize, heads: usize, seq: usize) -> Result<usize> {
-    let shape = [batch, heads, seq, 1];
-    if shape.contains(&0) {
-        return Err(Error::ZeroDimension {
-            tensor: "lse",
-            shape,
-        });
-    }
-    batch
-        .checked_mul(heads)
-        .and_then(|n| n.checked_mul(seq))
-        .filter(|n| n.checked_mul(4).is_some())
-        .ok_or(Error::ShapeOverflow {
-            tensor: "lse",
-            shape,
-        })
+    let shape = TensorShape::new(batch, heads, seq, 1);
+    crate::tensor::check_shape("lse", shape)?;
+    Ok(shape.elements())
 }
 
 /// What [`Gpu::attention_host`] returns.
@@ -338,7 +324,7 @@ impl Gpu {
     /// ```
     /// # use wgpu_flash_attn::{AttentionArgs, AttentionConfig, AttentionMask, ForwardOptions, Gpu, Tensor, TensorShape};
     /// # fn main() -> Result<(), wgpu_flash_attn::Error> {
-    /// # if std::env::var("FLASH_ATTN_SKIP_GPU_TESTS").as_deref() == Ok("1") { return Ok(()); }
+    /// # if std::env::var("FLASH_ATTN_SKIP_GPU_TESTS").as_deref() == Ok("1") { eprintln!("SKIPPED: FLASH_ATTN_SKIP_GPU_TESTS=1"); return Ok(()); }
     /// let gpu = Gpu::new()?;
     /// let dims = TensorShape::new(1, 16, 2, 32);
     /// let values: Vec<f32> = (0..dims.elements()).map(|i| (i % 11) as f32 / 11.0).collect();

@@ -94,21 +94,8 @@ impl AttentionShape {
         }
         // Byte counts must not wrap around (the reference and the GPU path
         // size buffers from them).
-        for (tensor, dims) in [
-            ("q", self.q_shape().as_array()),
-            ("k/v", self.kv_shape().as_array()),
-        ] {
-            let fits = dims
-                .iter()
-                .try_fold(4usize, |n, &d| n.checked_mul(d))
-                .is_some();
-            if !fits {
-                return Err(Error::ShapeOverflow {
-                    tensor,
-                    shape: dims,
-                });
-            }
-        }
+        crate::tensor::check_shape("q", self.q_shape())?;
+        crate::tensor::check_shape("k/v", self.kv_shape())?;
         if !self.heads_q.is_multiple_of(self.heads_kv) {
             return Err(Error::HeadsNotDivisible {
                 heads_q: self.heads_q,
@@ -262,12 +249,6 @@ impl AttentionConfig {
     /// is a typed error at call time.
     pub fn tier(mut self, tier: Tier) -> Self {
         self.tier = Some(tier);
-        self
-    }
-    /// Forces `tier` when `Some`, leaves the choice to the planner when
-    /// `None`.
-    pub fn tier_option(mut self, tier: Option<Tier>) -> Self {
-        self.tier = tier;
         self
     }
     /// Sets causal masking (bottom-right aligned, see above).

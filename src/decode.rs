@@ -299,28 +299,26 @@ impl Gpu {
         check_lse_output(self, lse, [q.batch, q.heads, q.seq])?;
         let slots = parts.len() as u32;
         let partials = Partials::new(self, slots, q)?;
-        {
-            let out_bytes = u64::from(partials.out_slot) * 16;
-            let lse_bytes = u64::from(partials.lse_slot) * 4;
-            for (slot, (tensor, part_lse)) in parts.iter().enumerate() {
-                let slot = slot as u64;
-                encoder.copy_buffer_to_buffer(
-                    tensor.buffer(),
-                    0,
-                    &partials.out,
-                    slot * out_bytes,
-                    out_bytes,
-                );
-                encoder.copy_buffer_to_buffer(
-                    part_lse.buffer(),
-                    0,
-                    &partials.lse,
-                    slot * lse_bytes,
-                    lse_bytes,
-                );
-            }
-            self.encode_combine(encoder, &partials, slots, out, lse)
+        let out_bytes = u64::from(partials.out_slot) * 16;
+        let lse_bytes = u64::from(partials.lse_slot) * 4;
+        for (slot, (tensor, part_lse)) in parts.iter().enumerate() {
+            let slot = slot as u64;
+            encoder.copy_buffer_to_buffer(
+                tensor.buffer(),
+                0,
+                &partials.out,
+                slot * out_bytes,
+                out_bytes,
+            );
+            encoder.copy_buffer_to_buffer(
+                part_lse.buffer(),
+                0,
+                &partials.lse,
+                slot * lse_bytes,
+                lse_bytes,
+            );
         }
+        self.encode_combine(encoder, &partials, slots, out, lse)
     }
 
     fn encode_combine(

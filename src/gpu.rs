@@ -171,11 +171,14 @@ pub struct Gpu {
     scratch: Mutex<HashMap<&'static str, wgpu::Buffer>>,
 }
 
-/// Tiny buffers bound where an optional input or output is absent, since
-/// every binding of a bind group must be filled.
+/// Device objects made once per `Gpu` for the crate's own bookkeeping: tiny
+/// buffers bound where an optional input or output is absent (every
+/// binding of a bind group must be filled), and the one-binding layout
+/// that probes which device a caller's buffer belongs to.
 pub(crate) struct Placeholders {
     pub lse: wgpu::Buffer,
     pub alibi: wgpu::Buffer,
+    pub probe_layout: wgpu::BindGroupLayout,
 }
 
 impl Placeholders {
@@ -191,6 +194,19 @@ impl Placeholders {
         Placeholders {
             lse: make("wgpu-flash-attn placeholder lse"),
             alibi: make("wgpu-flash-attn placeholder alibi"),
+            probe_layout: device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some("wgpu-flash-attn device probe"),
+                entries: &[wgpu::BindGroupLayoutEntry {
+                    binding: 0,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage { read_only: true },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                }],
+            }),
         }
     }
 }
@@ -350,30 +366,25 @@ impl Gpu {
         Ok(value)
     }
 
+    /// `WrongDevice` unless `device` is this `Gpu`'s: every operand (tensor,
+    /// logsumexp, mask, cache) remembers the device it was made on, since
+    /// wgpu does not refuse another device's buffer in a bind group here.
+    pub(crate) fn check_owner(&self, device: &wgpu::Device, what: &'static str) -> Result<()> {
+        if *device != self.device {
+            return Err(Error::WrongDevice { tensor: what });
+        }
+        Ok(())
+    }
+
     /// Checks that `buffer` was created on this `Gpu`'s device, by binding
     /// it in a throwaway bind group under a validation scope (wgpu refuses
     /// a buffer of another device there). `buffer` must have `STORAGE`
     /// usage, which every buffer the kernels read or write needs anyway.
     pub(crate) fn check_own_buffer(&self, name: &'static str, buffer: &wgpu::Buffer) -> Result<()> {
-        let layout = self
-            .device
-            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                label: Some("wgpu-flash-attn device probe"),
-                entries: &[wgpu::BindGroupLayoutEntry {
-                    binding: 0,
-                    visibility: wgpu::ShaderStages::COMPUTE,
-                    ty: wgpu::BindingType::Buffer {
-                        ty: wgpu::BufferBindingType::Storage { read_only: true },
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
-                    },
-                    count: None,
-                }],
-            });
         let probe = self.validated("device probe", || {
             self.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("wgpu-flash-attn device probe"),
-                layout: &layout,
+                layout: &self.placeholders.probe_layout,
                 entries: &[wgpu::BindGroupEntry {
                     binding: 0,
                     resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {

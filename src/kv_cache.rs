@@ -3,6 +3,9 @@
 //! buffers when one binding cannot hold the pool, and the in-place append
 //! with optional fused rotary embedding of the keys.
 
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::params::RopeParams;
@@ -113,6 +116,14 @@ pub struct KvCache {
     /// Width of a block-table row (the most pages one sequence may list).
     pages_per_seq: usize,
     block_tables: Vec<Vec<u32>>,
+    /// How many block tables list each pool page: a page held by more than
+    /// one is read-only (see [`KvCache::set_block_table`]).
+    page_holders: Vec<u32>,
+    /// The block tables as the kernels read them, uploaded by the first
+    /// call recorded after they last changed and shared by later calls
+    /// (the buffer is never written again, so each recorded call still
+    /// sees the tables of its recording).
+    table_upload: OnceLock<wgpu::Buffer>,
     lens: Vec<usize>,
     pub(crate) segments: Vec<CacheSegment>,
     /// The device the pool lives on.
@@ -324,6 +335,8 @@ impl KvCache {
             pool_pages: geometry.pool_pages,
             pages_per_seq: geometry.pages_per_seq,
             block_tables: vec![Vec::new(); batch],
+            page_holders: vec![0; geometry.pool_pages],
+            table_upload: OnceLock::new(),
             lens: vec![0; batch],
             segments,
         };
@@ -411,8 +424,9 @@ impl KvCache {
                 });
             }
         }
+        let mut first_entry = HashMap::with_capacity(pages.len());
         for (index, &page) in pages.iter().enumerate() {
-            if let Some(first) = pages[..index].iter().position(|&p| p == page) {
+            if let Some(&first) = first_entry.get(&page) {
                 return Err(Error::BlockTableRepeat {
                     sequence,
                     page,
@@ -420,6 +434,7 @@ impl KvCache {
                     second: index,
                 });
             }
+            first_entry.insert(page, index);
         }
         if pages.len() > self.pages_per_seq {
             return Err(Error::CacheCapacity {
@@ -436,7 +451,14 @@ impl KvCache {
                 capacity,
             });
         }
+        for &page in &self.block_tables[sequence] {
+            self.page_holders[page as usize] -= 1;
+        }
+        for &page in pages {
+            self.page_holders[page as usize] += 1;
+        }
         self.block_tables[sequence] = pages.to_vec();
+        self.table_upload = OnceLock::new();
         Ok(())
     }
 
@@ -470,11 +492,15 @@ impl KvCache {
     /// unassigned entries outside every segment), for the call being
     /// recorded.
     pub(crate) fn table_snapshot(&self, gpu: &Gpu) -> wgpu::Buffer {
-        let mut rows = vec![NO_PAGE; self.batch() * self.pages_per_seq];
-        for (row, table) in rows.chunks_mut(self.pages_per_seq).zip(&self.block_tables) {
-            row[..table.len()].copy_from_slice(table);
-        }
-        gpu.storage_buffer("wgpu-flash-attn block table", bytemuck::cast_slice(&rows))
+        self.table_upload
+            .get_or_init(|| {
+                let mut rows = vec![NO_PAGE; self.batch() * self.pages_per_seq];
+                for (row, table) in rows.chunks_mut(self.pages_per_seq).zip(&self.block_tables) {
+                    row[..table.len()].copy_from_slice(table);
+                }
+                gpu.storage_buffer("wgpu-flash-attn block table", bytemuck::cast_slice(&rows))
+            })
+            .clone()
     }
 
     /// What the decode planner needs to know of the cache now.
@@ -490,10 +516,7 @@ impl KvCache {
 
     /// Whether the pool lives on `gpu`'s device.
     pub(crate) fn check_device(&self, gpu: &Gpu) -> Result<()> {
-        if self.device != gpu.device {
-            return Err(Error::WrongDevice { tensor: "kv cache" });
-        }
-        Ok(())
+        gpu.check_owner(&self.device, "kv cache")
     }
 
     /// Records the append of `k` and `v` (`[batch, tokens, heads_kv,
@@ -510,29 +533,6 @@ impl KvCache {
         rotation: Option<KeyRotation<'_>>,
     ) -> Result<()> {
         self.check_device(gpu)?;
-        self.append_inner(gpu, encoder, k, v, rotation)
-    }
-
-    /// Positions where each sequence's next token will be rotated by
-    /// [`KvCache::append`] with these offsets: the queries of the same
-    /// tokens use them with [`Gpu::rope`](crate::Gpu::rope).
-    pub fn next_positions(&self, position_offsets: &[u32]) -> Vec<u32> {
-        self.lens
-            .iter()
-            .zip(position_offsets)
-            .map(|(&len, &offset)| len as u32 + offset)
-            .collect()
-    }
-
-    fn append_inner(
-        &mut self,
-        gpu: &Gpu,
-        encoder: &mut wgpu::CommandEncoder,
-        k: &Tensor,
-        v: &Tensor,
-        rotation: Option<KeyRotation<'_>>,
-    ) -> Result<()> {
-        let rope = rotation.map(|r| (r.rope, r.position_offsets));
         let shape = k.shape();
         let expected = [self.batch(), shape.seq, self.heads_kv(), self.head_dim()];
         for (name, tensor) in [("k", k), ("v", v)] {
@@ -574,8 +574,11 @@ impl KvCache {
             }
         }
         self.check_pages_unshared(shape.seq)?;
-        let (rotary_dim, half_split, freqs, offsets) = match rope {
-            Some((rope, offsets)) => {
+        let (rotary_dim, half_split, freqs, offsets) = match rotation {
+            Some(KeyRotation {
+                rope,
+                position_offsets: offsets,
+            }) => {
                 if offsets.len() != self.batch() {
                     return Err(Error::DataLength {
                         tensor: "position_offsets",
@@ -656,6 +659,17 @@ impl KvCache {
         Ok(())
     }
 
+    /// Positions where each sequence's next token will be rotated by
+    /// [`KvCache::append`] with these offsets: the queries of the same
+    /// tokens use them with [`Gpu::rope`](crate::Gpu::rope).
+    pub fn next_positions(&self, position_offsets: &[u32]) -> Vec<u32> {
+        self.lens
+            .iter()
+            .zip(position_offsets)
+            .map(|(&len, &offset)| len as u32 + offset)
+            .collect()
+    }
+
     /// Appending `tokens` writes pages that only the writing sequence may
     /// hold: a page shared with another sequence (a common prefix) is
     /// read-only, since a write would change the other sequence's tokens.
@@ -664,12 +678,12 @@ impl KvCache {
             let first = self.lens[sequence] / self.page_size;
             let last = (self.lens[sequence] + tokens).div_ceil(self.page_size);
             for &page in &table[first.min(table.len())..last.min(table.len())] {
-                let holder = self
-                    .block_tables
-                    .iter()
-                    .enumerate()
-                    .find(|&(other, t)| other != sequence && t.contains(&page));
-                if let Some((other, _)) = holder {
+                if self.page_holders[page as usize] > 1 {
+                    let other = (0..self.batch())
+                        .find(|&other| {
+                            other != sequence && self.block_tables[other].contains(&page)
+                        })
+                        .expect("a page held twice has another holder");
                     return Err(Error::SharedPageWrite {
                         sequence,
                         page,

@@ -10,7 +10,7 @@
 //! ```
 //! use wgpu_flash_attn::{AttentionConfig, AttentionShape, Gpu, reference};
 //! # fn main() -> Result<(), wgpu_flash_attn::Error> {
-//! # if std::env::var("FLASH_ATTN_SKIP_GPU_TESTS").as_deref() == Ok("1") { return Ok(()); }
+//! # if std::env::var("FLASH_ATTN_SKIP_GPU_TESTS").as_deref() == Ok("1") { eprintln!("SKIPPED: FLASH_ATTN_SKIP_GPU_TESTS=1"); return Ok(()); }
 //! let gpu = Gpu::new()?;
 //! let shape = AttentionShape::self_attention(1, 128, 8, 64);
 //! let n = shape.q_shape().elements();

@@ -229,10 +229,7 @@ impl AttentionMask {
 
     /// Whether the mask lives on `gpu`'s device.
     pub(crate) fn check_device(&self, gpu: &Gpu) -> Result<()> {
-        if self.device != gpu.device {
-            return Err(crate::Error::WrongDevice { tensor: "mask" });
-        }
-        Ok(())
+        gpu.check_owner(&self.device, "mask")
     }
 
     /// Checks that the mask broadcasts to `shape`.

@@ -140,7 +140,7 @@ impl ForwardPlan {
                 });
             }
         }
-        let specialization = Specialization::FlashForward(AttentionTiling {
+        let tiling = AttentionTiling {
             head_dim,
             block_n,
             workgroup_size,
@@ -148,11 +148,12 @@ impl ForwardPlan {
             unroll,
             subgroup_kv,
             storage,
-        });
-        check_loop_budget(info, &specialization, shape.seq_kv as u64)?;
-        let Specialization::FlashForward(tiling) = specialization else {
-            unreachable!("built as FlashForward above")
         };
+        check_loop_budget(
+            info,
+            &Specialization::FlashForward(tiling),
+            shape.seq_kv as u64,
+        )?;
         Ok(ForwardPlan {
             tiling,
             workgroups: groups.map(|n| n as u32),
@@ -177,11 +178,7 @@ impl ForwardPlan {
 
     /// The kernel tier this plan runs.
     pub fn tier(&self) -> Tier {
-        if self.tiling.subgroup_kv {
-            Tier::SubgroupBroadcast
-        } else {
-            Tier::Portable
-        }
+        tier_of(&self.tiling)
     }
 }
 
@@ -210,6 +207,15 @@ fn subgroup_broadcast_missing(info: &GpuInfo) -> Option<String> {
         ));
     }
     None
+}
+
+/// The tier an attention tiling belongs to.
+fn tier_of(tiling: &AttentionTiling) -> Tier {
+    if tiling.subgroup_kv {
+        Tier::SubgroupBroadcast
+    } else {
+        Tier::Portable
+    }
 }
 
 /// Whether a call runs the subgroup tier: the forced tier, else the best
@@ -328,10 +334,9 @@ pub struct DecodePlan {
 impl DecodePlan {
     /// The kernel tier this plan runs.
     pub fn tier(&self) -> Tier {
-        match self.specialization.attention_tiling() {
-            Some(tiling) if tiling.subgroup_kv => Tier::SubgroupBroadcast,
-            _ => Tier::Portable,
-        }
+        self.specialization
+            .attention_tiling()
+            .map_or(Tier::Portable, tier_of)
     }
 
     /// Loop iterations one invocation runs over its chunk of keys, as the

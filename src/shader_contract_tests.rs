@@ -88,7 +88,10 @@ fn shipped_specializations() -> Vec<Specialization> {
             for rows in [1, 2, 4, 8, 16, 64] {
                 for tier in tiers {
                     let options = DecodeOptions {
-                        config: AttentionConfig::new().tier_option(tier),
+                        config: AttentionConfig {
+                            tier,
+                            ..AttentionConfig::new()
+                        },
                         kv_splits: None,
                     };
                     if let Ok(plan) = DecodePlan::for_call(info, &cache, 1, rows, &options) {

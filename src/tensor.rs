@@ -236,7 +236,7 @@ impl Tensor {
     /// # use wgpu::util::DeviceExt;
     /// # use wgpu_flash_attn::{DType, Gpu, Strides, Tensor, TensorShape};
     /// # fn main() -> Result<(), wgpu_flash_attn::Error> {
-    /// # if std::env::var("FLASH_ATTN_SKIP_GPU_TESTS").as_deref() == Ok("1") { return Ok(()); }
+    /// # if std::env::var("FLASH_ATTN_SKIP_GPU_TESTS").as_deref() == Ok("1") { eprintln!("SKIPPED: FLASH_ATTN_SKIP_GPU_TESTS=1"); return Ok(()); }
     /// # let gpu = Gpu::new()?;
     /// // The caller's BHSD activations, [batch 2, heads 8, seq 128, head_dim 64].
     /// let values: Vec<f32> = (0..2 * 8 * 128 * 64).map(|i| i as f32).collect();
@@ -338,10 +338,7 @@ impl Tensor {
 
     /// Whether the tensor lives on `gpu`'s device.
     pub(crate) fn check_device(&self, gpu: &Gpu, tensor: &'static str) -> Result<()> {
-        if self.device != gpu.device {
-            return Err(Error::WrongDevice { tensor });
-        }
-        Ok(())
+        gpu.check_owner(&self.device, tensor)
     }
 
     pub(crate) fn check_in_bounds(&self, tensor: &'static str) -> Result<()> {
@@ -453,13 +450,11 @@ pub(crate) fn require_usage(
     Err(Error::BufferUsage {
         tensor,
         usage: format!("{:?}", buffer.usage()),
-        needed: if needed == wgpu::BufferUsages::COPY_SRC {
-            "COPY_SRC"
-        } else if needed == wgpu::BufferUsages::COPY_DST {
-            "COPY_DST"
-        } else {
-            "STORAGE"
-        },
+        // One flag at a time: its bitflags name.
+        needed: needed
+            .iter_names()
+            .next()
+            .map_or("(none)", |(name, _)| name),
         why,
     })
 }

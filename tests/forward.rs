@@ -63,10 +63,11 @@ fn ragged_lengths_all_pairs() {
 fn head_dims() {
     let Some(gpu) = gpu() else { return };
     let mut rng = seeded(0x5eed_0002);
-    let mut dims = common::head_dims("forward head_dims", &[40, 64, 72, 128]);
-    if dims.len() > 4 {
-        dims = vec![32, 40, 64, 72, 96, 128];
-    }
+    let dims = common::cases(
+        "forward head_dims",
+        &[40, 64, 72, 128],
+        &[32, 40, 64, 72, 96, 128],
+    );
     for head_dim in dims {
         for (seq_q, seq_kv) in [(1, 129), (65, 65), (129, 63), (500, 127), (63, 500)] {
             let heads = rng.random_range(1..=3);

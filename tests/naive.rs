@@ -17,13 +17,7 @@ fn naive_matches_reference_across_options() {
     let mut rng = seeded(0x5eed_0a1e);
     let lengths = [1, 7, 64, 65, 129];
     let mut worst = 0.0f64;
-    let dims = common::head_dims("naive baseline", &[64, 136]);
-    // The exhaustive mode keeps the classes this test always covered.
-    let dims: Vec<usize> = if dims.len() > 2 {
-        vec![8, 64, 96, 256]
-    } else {
-        dims
-    };
+    let dims = common::cases("naive baseline", &[64, 136], &[8, 64, 96, 256]);
     for (case, head_dim) in dims.into_iter().enumerate() {
         for &seq_q in &lengths {
             let seq_kv = lengths[(case + seq_q) % lengths.len()];

@@ -38,13 +38,12 @@ fn subgroup_tier_follows_the_adapters_subgroup_size() {
     let mut rng = seeded(0x5eed_5b54);
     // Head dims that divide the lanes evenly and not (96 = 24 vec4s over
     // 4 lanes per key group); one of them unless exhaustive.
-    let exhaustive = common::head_dims("subgroup size 4", &[64]).len() > 1;
-    let cases: &[(usize, bool)] = if exhaustive {
-        &[(8, false), (64, true), (96, false)]
-    } else {
-        &[(64, true)]
-    };
-    for &(head_dim, causal) in cases {
+    let cases = common::cases(
+        "subgroup size 4 (head dim, causal)",
+        &[(64, true)],
+        &[(8, false), (64, true), (96, false)],
+    );
+    for (head_dim, causal) in cases {
         let shape = AttentionShape {
             batch: 2,
             seq_q: 45,

@@ -83,8 +83,17 @@ fn every_offered_tier_matches_the_reference() {
     }
     let mut rng = seeded(0x5eed_7135);
     // f32 at d=64 and f16 at d=128 unless exhaustive (both at both).
-    let exhaustive = common::head_dims("tiers", &[64, 128]).len() > 2;
-    for head_dim in [64, 128] {
+    let cases = common::cases(
+        "tiers (head dim, storage)",
+        &[(64, DType::F32), (128, DType::F16)],
+        &[
+            (64, DType::F32),
+            (64, DType::F16),
+            (128, DType::F32),
+            (128, DType::F16),
+        ],
+    );
+    for (head_dim, dtype) in cases {
         let shape = AttentionShape {
             batch: 2,
             seq_q: 77,
@@ -94,18 +103,13 @@ fn every_offered_tier_matches_the_reference() {
             head_dim,
         };
         let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
-        for dtype in [DType::F32, DType::F16] {
-            if !exhaustive && (dtype == DType::F16) != (head_dim == 128) {
-                continue;
-            }
-            for causal in [false, true] {
-                for &tier in &tiers {
-                    let excess = run_tier(gpu, tier, dtype, &shape, &inputs, causal);
-                    assert!(
-                        excess <= 1e-4,
-                        "{tier:?} {dtype:?} d={head_dim} causal={causal}: error exceeds rounding by {excess:.3e}"
-                    );
-                }
+        for causal in [false, true] {
+            for &tier in &tiers {
+                let excess = run_tier(gpu, tier, dtype, &shape, &inputs, causal);
+                assert!(
+                    excess <= 1e-4,
+                    "{tier:?} {dtype:?} d={head_dim} causal={causal}: error exceeds rounding by {excess:.3e}"
+                );
             }
         }
     }

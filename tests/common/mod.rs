@@ -57,21 +57,26 @@ pub fn gpu() -> Option<&'static Gpu> {
 /// lavapipe); `.ci/run` always does.
 pub const EXHAUSTIVE_VAR: &str = "FLASH_ATTN_EXHAUSTIVE";
 
-/// The head dims a sweep covers: every supported one in the exhaustive
-/// mode, otherwise `representative` (which should cover each tiling
-/// class: rows per invocation, keys per tile, head dims that do not fill
-/// a subgroup's lanes evenly). Says what it left out.
-pub fn head_dims(what: &str, representative: &[usize]) -> Vec<usize> {
-    let every: Vec<usize> = (8..=256).step_by(8).collect();
+/// The cases a test runs: `full` in the exhaustive mode, otherwise
+/// `quick` (which should cover each tiling class: rows per invocation,
+/// keys per tile, head dims that do not fill a subgroup's lanes evenly).
+/// Says what it left out.
+pub fn cases<T: Clone + std::fmt::Debug>(what: &str, quick: &[T], full: &[T]) -> Vec<T> {
     if std::env::var(EXHAUSTIVE_VAR).is_ok_and(|v| v == "1") {
-        return every;
+        return full.to_vec();
     }
     eprintln!(
-        "SKIPPED: {what} runs head dims {representative:?} of the {} supported; \
-         {EXHAUSTIVE_VAR}=1 runs every one (as .ci/run does)",
-        every.len()
+        "SKIPPED: {what} runs {quick:?} of {} cases; {EXHAUSTIVE_VAR}=1 runs all {full:?} \
+         (as .ci/run does)",
+        full.len()
     );
-    representative.to_vec()
+    quick.to_vec()
+}
+
+/// [`cases`] over head dims: every supported one in the exhaustive mode.
+pub fn head_dims(what: &str, representative: &[usize]) -> Vec<usize> {
+    let every: Vec<usize> = (8..=256).step_by(8).collect();
+    cases(what, representative, &every)
 }
 
 /// Packed BSHD inputs drawn from N(0, scale^2).
