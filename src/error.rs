@@ -325,7 +325,7 @@ pub enum Error {
     },
 
     /// Two forward options that the crate does not combine.
-    #[error("{what} cannot be combined in one forward call")]
+    #[error("{what} cannot be combined in one call")]
     UnsupportedCombination {
         /// The options that were combined.
         what: &'static str,
@@ -339,6 +339,22 @@ pub enum Error {
         /// The [`crate::Lse`]'s dims.
         got: [usize; 3],
     },
+
+    /// A linear attention state's dims are not the call's.
+    #[error(
+        "linear state is {got:?}, the call needs [batch, heads_kv, head_dim, head_dim_v] = \
+         {expected:?}"
+    )]
+    LinearStateShape {
+        /// `[batch, heads_kv, head_dim, head_dim_v]` of the call.
+        expected: [usize; 4],
+        /// The [`crate::LinearState`]'s dims.
+        got: [usize; 4],
+    },
+
+    /// Linear attention's `eps` must be finite and >= 0.
+    #[error("linear attention eps must be finite and >= 0, got {0}")]
+    InvalidEps(f32),
 
     /// A paged cache's page size is not a power of two in [`crate::PAGE_SIZES`].
     #[error("KV cache page size {got} is not a power of two from 16 to 256")]

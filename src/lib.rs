@@ -36,6 +36,7 @@ mod decode;
 mod error;
 mod gpu;
 mod kv_cache;
+mod linear;
 mod mask;
 mod naive;
 mod params;
@@ -57,6 +58,10 @@ pub use decode::{DecodeArgs, DecodeOptions};
 pub use error::{Error, Result};
 pub use gpu::{AdapterOptions, Gpu, GpuInfo, WANTED_FEATURES};
 pub use kv_cache::{KeyRotation, KvCache, KvCacheConfig, KvLayout, PAGE_SIZES};
+pub use linear::{
+    DEFAULT_LINEAR_EPS, FeatureMap, LINEAR_HEAD_DIMS, LinearArgs, LinearConfig, LinearPlan,
+    LinearShape, LinearState,
+};
 pub use mask::{AttentionMask, BlockLayout, MaskKind, patterns};
 pub use plan::{CacheShape, DecodePlan, ForwardPlan, NaivePlan};
 pub use rope::{Rope, RopeStyle};

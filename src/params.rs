@@ -154,3 +154,30 @@ pub struct MaskParams {
     /// Key tiles per row tile in `tile_states`.
     pub key_tiles: u32,
 }
+
+/// Flag bits of [`LinearParams::flags`]; twins of `LINEAR_*` in the shader.
+pub mod linear_flags {
+    pub const CAUSAL: u32 = 1;
+    pub const IDENTITY_MAP: u32 = 2;
+    pub const CARRY_IN: u32 = 4;
+}
+
+/// Twin of `struct LinearParams` in `shaders/linear_attention.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
+pub struct LinearParams {
+    /// Bit set of [`linear_flags`].
+    pub flags: u32,
+    pub eps: f32,
+    /// Keys per split of the state pass.
+    pub split_keys: u32,
+    /// Splits in this dispatch's segment.
+    pub splits: u32,
+    /// Index of the segment's first split over the whole sequence.
+    pub first_split: u32,
+    /// Vec4s of one state slot.
+    pub slot4: u32,
+    /// Query heads per KV head.
+    pub group: u32,
+    pub _pad: u32,
+}

@@ -6,6 +6,12 @@
 
 use rayon::prelude::*;
 
+mod linear;
+
+pub use linear::{
+    LinearReferenceOutput, LinearReferenceState, apply_feature_map, linear_attention,
+};
+
 use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
 

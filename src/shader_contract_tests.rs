@@ -14,14 +14,15 @@ use rayon::prelude::*;
 use wgpu::BufferBindingType;
 
 use crate::params::{
-    AttentionParams, CombineParams, DecodeParams, MaskParams, RopeParams, TensorStrides, flags,
+    AttentionParams, CombineParams, DecodeParams, LinearParams, MaskParams, RopeParams,
+    TensorStrides, flags, linear_flags,
 };
 use crate::pipelines::ELEMENTWISE_WORKGROUP;
 use crate::plan::profiles;
-use crate::shaders::{Kernel, NaivePass, Specialization};
+use crate::shaders::{Kernel, LinearPass, NaivePass, Specialization};
 use crate::{
     AttentionConfig, AttentionShape, CacheShape, DType, DecodeOptions, DecodePlan, ForwardPlan,
-    GpuInfo, NaivePlan, Tier, is_supported_head_dim,
+    GpuInfo, LinearConfig, LinearPlan, LinearShape, NaivePlan, Tier, is_supported_head_dim,
 };
 
 // ---------------------------------------------------------------------------
@@ -96,6 +97,31 @@ fn shipped_specializations() -> Vec<Specialization> {
                     };
                     if let Ok(plan) = DecodePlan::for_call(info, &cache, 1, rows, &options) {
                         add(plan.specialization);
+                    }
+                }
+            }
+        }
+    }
+    // Linear attention: query/key and value head dims independently, a
+    // spread per storage type; causal and not.
+    let linear_dims = [8, 16, 24, 40, 64, 96, 128, 200, 256];
+    for info in &infos {
+        for head_dim in linear_dims {
+            for head_dim_v in linear_dims {
+                let storages: &[DType] = if head_dim == head_dim_v {
+                    &[DType::F32, DType::F16, DType::BF16]
+                } else {
+                    &[DType::F32]
+                };
+                let shape = LinearShape::self_attention(1, 256, 8, head_dim, head_dim_v);
+                for &storage in storages {
+                    for causal in [false, true] {
+                        let config = LinearConfig::new().causal(causal);
+                        let plan = LinearPlan::for_call(info, &shape, storage, &config)
+                            .expect("every profile plans linear attention up to d=256");
+                        for pass in LinearPass::ALL {
+                            add(plan.specialization(pass));
+                        }
                     }
                 }
             }
@@ -578,6 +604,16 @@ fn rust_twins() -> Vec<(&'static str, Layout)> {
             _pad0,
             _pad1,
         }),
+        rust_layout!(LinearParams {
+            flags,
+            eps,
+            split_keys,
+            splits,
+            first_split,
+            slot4,
+            group,
+            _pad,
+        }),
         rust_layout!(MaskParams {
             kind,
             batch_stride,
@@ -819,9 +855,16 @@ const FLAG_TWINS: [(&str, u32); 5] = [
     ("FLAG_WRITE_LSE", flags::WRITE_LSE),
 ];
 
-/// The module's `const FLAG_*` declarations with their values (`None`
+/// The same for linear attention's flags.
+const LINEAR_FLAG_TWINS: [(&str, u32); 3] = [
+    ("LINEAR_CAUSAL", linear_flags::CAUSAL),
+    ("LINEAR_IDENTITY_MAP", linear_flags::IDENTITY_MAP),
+    ("LINEAR_CARRY_IN", linear_flags::CARRY_IN),
+];
+
+/// The module's `const {prefix}*` declarations with their values (`None`
 /// for a value that is not a `u32` literal).
-fn wgsl_flags(module: &naga::Module) -> BTreeSet<(String, Option<u32>)> {
+fn wgsl_flags(module: &naga::Module, prefix: &str) -> BTreeSet<(String, Option<u32>)> {
     module
         .constants
         .iter()
@@ -831,45 +874,61 @@ fn wgsl_flags(module: &naga::Module) -> BTreeSet<(String, Option<u32>)> {
                 naga::Expression::Literal(naga::Literal::U32(value)) => Some(value),
                 _ => None,
             };
-            name.starts_with("FLAG_").then(|| (name.to_string(), value))
+            name.starts_with(prefix).then(|| (name.to_string(), value))
         })
         .collect()
 }
 
-/// The names in `pub mod flags` of `src/params.rs`.
-fn rust_flag_names(source: &str) -> BTreeSet<String> {
-    let module = source.split("pub mod flags {").nth(1).unwrap_or_default();
-    let body = module.split('}').next().unwrap_or_default();
+/// The names in `pub mod {module} {` of `src/params.rs`, each prefixed.
+fn rust_flag_names(source: &str, module: &str, prefix: &str) -> BTreeSet<String> {
+    let body = source
+        .split(&format!("pub mod {module} {{"))
+        .nth(1)
+        .unwrap_or_default();
+    let body = body.split('}').next().unwrap_or_default();
     body.lines()
         .filter_map(|line| line.trim().strip_prefix("pub const "))
         .filter_map(|rest| rest.split(':').next())
-        .map(|name| format!("FLAG_{name}"))
+        .map(|name| format!("{prefix}{name}"))
         .collect()
 }
 
-#[test]
-fn attention_flags_match_the_shader() {
+/// The WGSL flag constants of `kernel` equal the Rust ones of `module`,
+/// by name and value, and `twins` lists every Rust one.
+fn check_flag_twins(kernel: Kernel, twins: &[(&str, u32)], module: &str, prefix: &str) {
     let spec = shipped_specializations()
         .into_iter()
-        .find(|spec| matches!(spec, Specialization::FlashForward(_)))
-        .expect("a forward specialization is shipped");
-    let module = parse(&spec, &source_of(&spec));
-    let expected: BTreeSet<(String, Option<u32>)> = FLAG_TWINS
+        .find(|spec| spec.kernel() == kernel)
+        .expect("the kernel is shipped");
+    let parsed = parse(&spec, &source_of(&spec));
+    let expected: BTreeSet<(String, Option<u32>)> = twins
         .iter()
         .map(|&(name, value)| (name.to_string(), Some(value)))
         .collect();
     assert_eq!(
-        wgsl_flags(&module),
+        wgsl_flags(&parsed, prefix),
         expected,
-        "WGSL FLAG_* constants vs params::flags"
+        "WGSL {prefix}* constants vs params::{module}"
     );
-    let listed: BTreeSet<String> = FLAG_TWINS
-        .iter()
-        .map(|(name, _)| name.to_string())
-        .collect();
+    let listed: BTreeSet<String> = twins.iter().map(|(name, _)| name.to_string()).collect();
     assert_eq!(
-        rust_flag_names(params_source()),
+        rust_flag_names(params_source(), module, prefix),
         listed,
-        "params::flags vs FLAG_TWINS"
+        "params::{module} vs its twin table"
+    );
+}
+
+#[test]
+fn attention_flags_match_the_shader() {
+    check_flag_twins(Kernel::FlashForward, &FLAG_TWINS, "flags", "FLAG_");
+}
+
+#[test]
+fn linear_flags_match_the_shader() {
+    check_flag_twins(
+        Kernel::LinearOutputs,
+        &LINEAR_FLAG_TWINS,
+        "linear_flags",
+        "LINEAR_",
     );
 }

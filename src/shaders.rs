@@ -15,11 +15,20 @@ const SUBGROUP_KV: &str = "SUBGROUP_KV";
 const HALF_STORAGE: &str = "HALF_STORAGE";
 const BF16_STORAGE: &str = "BF16_STORAGE";
 const MASK: &str = "MASK";
+const CAUSAL: &str = "CAUSAL";
+const SUBGROUP_BROADCAST: &str = "SUBGROUP_BROADCAST";
 
 /// Every `// #if` name the shaders may use. The preprocessor refuses any
 /// other, so a misspelt name fails loudly instead of quietly selecting the
 /// `// #else` branch.
-pub const VARIANT_NAMES: [&str; 4] = [SUBGROUP_KV, HALF_STORAGE, BF16_STORAGE, MASK];
+pub const VARIANT_NAMES: [&str; 6] = [
+    SUBGROUP_KV,
+    HALF_STORAGE,
+    BF16_STORAGE,
+    MASK,
+    CAUSAL,
+    SUBGROUP_BROADCAST,
+];
 
 /// Keys per tile the planner tries, largest first.
 const BLOCK_N_CANDIDATES: [u32; 5] = [64, 32, 16, 8, 4];
@@ -46,12 +55,20 @@ pub enum Kernel {
     Rope,
     /// `shaders/kv_append.wgsl`: appends K/V to a cache, rotating keys.
     KvAppend,
+    /// `shaders/linear_attention.wgsl`, first pass: each key split's sums
+    /// of phi(k) v^T and phi(k).
+    LinearStates,
+    /// `shaders/linear_attention.wgsl`, second pass: prefix sums of the
+    /// split states from the carried state.
+    LinearScan,
+    /// `shaders/linear_attention.wgsl`, third pass: the outputs.
+    LinearOutputs,
 }
 
 impl Kernel {
     /// Every kernel family, for tests that validate all shaders.
     #[cfg(test)]
-    pub const ALL: [Kernel; 9] = [
+    pub const ALL: [Kernel; 12] = [
         Kernel::FlashForward,
         Kernel::FlashMasked,
         Kernel::NaiveScores,
@@ -61,6 +78,9 @@ impl Kernel {
         Kernel::Combine,
         Kernel::Rope,
         Kernel::KvAppend,
+        Kernel::LinearStates,
+        Kernel::LinearScan,
+        Kernel::LinearOutputs,
     ];
 
     /// File name under `shaders/`.
@@ -74,6 +94,9 @@ impl Kernel {
             Kernel::Combine => "combine_partials.wgsl",
             Kernel::Rope => "rope.wgsl",
             Kernel::KvAppend => "kv_append.wgsl",
+            Kernel::LinearStates | Kernel::LinearScan | Kernel::LinearOutputs => {
+                "linear_attention.wgsl"
+            }
         }
     }
 
@@ -91,6 +114,9 @@ impl Kernel {
             Kernel::Combine => include_str!("../shaders/combine_partials.wgsl"),
             Kernel::Rope => include_str!("../shaders/rope.wgsl"),
             Kernel::KvAppend => include_str!("../shaders/kv_append.wgsl"),
+            Kernel::LinearStates | Kernel::LinearScan | Kernel::LinearOutputs => {
+                include_str!("../shaders/linear_attention.wgsl")
+            }
         };
         let common = match self {
             Kernel::Combine => "",
@@ -100,7 +126,10 @@ impl Kernel {
             | Kernel::NaiveScores
             | Kernel::NaiveSoftmax
             | Kernel::NaiveValues
-            | Kernel::Decode => include_str!("../shaders/attention_common.wgsl"),
+            | Kernel::Decode
+            | Kernel::LinearStates
+            | Kernel::LinearScan
+            | Kernel::LinearOutputs => include_str!("../shaders/attention_common.wgsl"),
         };
         if common.is_empty() {
             file.to_string()
@@ -115,6 +144,9 @@ impl Kernel {
             Kernel::NaiveScores => "build_scores",
             Kernel::NaiveSoftmax => "softmax_rows",
             Kernel::NaiveValues => "weight_values",
+            Kernel::LinearStates => "chunk_states",
+            Kernel::LinearScan => "scan_states",
+            Kernel::LinearOutputs => "chunk_outputs",
             _ => "main",
         }
     }
@@ -146,6 +178,8 @@ impl Kernel {
                 Storage { read_only: true },
                 Storage { read_only: false },
             ],
+            // bindings 0-6, linear params, chunk states, carried state
+            Kernel::LinearStates | Kernel::LinearScan | Kernel::LinearOutputs => &LINEAR_BINDINGS,
             // params, starts, frequencies, new K, new V, K and V segments,
             // block table
             Kernel::KvAppend => &[
@@ -199,6 +233,17 @@ const DECODE_BINDINGS: [wgpu::BufferBindingType; 10] = {
     ])
 };
 
+/// linear_attention.wgsl's parameters (7), chunk states (8) and carried
+/// state (9).
+const LINEAR_BINDINGS: [wgpu::BufferBindingType; 10] = {
+    use wgpu::BufferBindingType::{Storage, Uniform};
+    attention_bindings_then([
+        Uniform,
+        Storage { read_only: false },
+        Storage { read_only: false },
+    ])
+};
+
 /// Bindings of shaders/attention_common.wgsl (0-6), then the naive
 /// kernel's score matrix (7).
 const ATTENTION_BINDINGS: [wgpu::BufferBindingType; 8] = {
@@ -247,13 +292,65 @@ impl AttentionTiling {
         if self.subgroup_kv {
             flags.push(SUBGROUP_KV);
         }
-        match self.storage {
-            DType::F32 => {}
-            DType::F16 => flags.push(HALF_STORAGE),
-            DType::BF16 => flags.extend([HALF_STORAGE, BF16_STORAGE]),
-        }
+        flags.extend(storage_flags(self.storage));
         flags
     }
+}
+
+/// The `// #if` names that select how `storage` is loaded and stored.
+fn storage_flags(storage: DType) -> &'static [&'static str] {
+    match storage {
+        DType::F32 => &[],
+        DType::F16 => &[HALF_STORAGE],
+        DType::BF16 => &[HALF_STORAGE, BF16_STORAGE],
+    }
+}
+
+/// Tile sizes of one linear attention pass (shaders/linear_attention.wgsl).
+/// Fields a pass does not read hold fixed valid values (see
+/// `LinearPlan::specialization`), so that calls differing only in them
+/// share its pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LinearTiling {
+    /// Query/key head dim, a multiple of 8.
+    pub head_dim: u32,
+    /// Value head dim, a multiple of 8.
+    pub head_dim_v: u32,
+    /// Invocations per workgroup of this pass.
+    pub workgroup_size: u32,
+    /// Keys staged per tile (the state pass; the causal output pass).
+    pub block_n: u32,
+    /// State pass: row quads of S per invocation (`row_quads *
+    /// workgroup_size = head_dim / 4`).
+    pub row_quads: u32,
+    /// State pass: value vec4 columns per workgroup (divides
+    /// `head_dim_v / 4`).
+    pub columns4: u32,
+    /// Output pass: query rows per invocation.
+    pub rows: u32,
+    /// Output pass: state rows staged per tile (a multiple of 4 dividing
+    /// `head_dim`).
+    pub state_rows: u32,
+    /// The output pass adds each chunk's own keys (causal calls).
+    pub causal: bool,
+    /// Shared values reach the lanes by subgroup broadcasts; the workgroup
+    /// is one subgroup of the adapter's smallest size, and loops are
+    /// unrolled (broadcast lanes must be constants).
+    pub subgroup: bool,
+    /// Storage type of Q, K, V and O (states are f32).
+    pub storage: DType,
+}
+
+/// The three passes of linear attention, in dispatch order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LinearPass {
+    States,
+    Scan,
+    Outputs,
+}
+
+impl LinearPass {
+    pub const ALL: [LinearPass; 3] = [LinearPass::States, LinearPass::Scan, LinearPass::Outputs];
 }
 
 /// Compile-time constants that select one pipeline of a kernel family. Two
@@ -281,6 +378,11 @@ pub enum Specialization {
     },
     KvAppend {
         workgroup_size: u32,
+    },
+    /// One pass of linear attention.
+    Linear {
+        pass: LinearPass,
+        tiling: LinearTiling,
     },
 }
 
@@ -373,6 +475,11 @@ impl Specialization {
             Specialization::Combine { .. } => Kernel::Combine,
             Specialization::Rope { .. } => Kernel::Rope,
             Specialization::KvAppend { .. } => Kernel::KvAppend,
+            Specialization::Linear { pass, .. } => match pass {
+                LinearPass::States => Kernel::LinearStates,
+                LinearPass::Scan => Kernel::LinearScan,
+                LinearPass::Outputs => Kernel::LinearOutputs,
+            },
         }
     }
 
@@ -403,6 +510,26 @@ impl Specialization {
             Specialization::Combine { workgroup_size }
             | Specialization::Rope { workgroup_size }
             | Specialization::KvAppend { workgroup_size } => vec![("WG_SIZE", workgroup_size)],
+            Specialization::Linear { tiling, .. } => vec![
+                ("DK4", tiling.head_dim / 4),
+                ("DV4", tiling.head_dim_v / 4),
+                ("WG_SIZE", tiling.workgroup_size),
+                ("BLOCK_N", tiling.block_n),
+                ("RQ", tiling.row_quads),
+                ("CB4", tiling.columns4),
+                ("ROWS", tiling.rows),
+                ("S_ROWS", tiling.state_rows),
+                ("SLOTS_C", tiling.columns4.div_ceil(tiling.workgroup_size)),
+                ("SLOTS_S", tiling.head_dim_v.div_ceil(tiling.workgroup_size)),
+                (
+                    "SLOTS_K",
+                    (tiling.head_dim / 4).div_ceil(tiling.workgroup_size),
+                ),
+                (
+                    "SLOTS_V",
+                    (tiling.head_dim_v / 4).div_ceil(tiling.workgroup_size),
+                ),
+            ],
         }
     }
 
@@ -432,8 +559,18 @@ impl Specialization {
         let mut flags = self
             .attention_tiling()
             .map_or_else(Vec::new, AttentionTiling::variant_flags);
-        if let Specialization::FlashMasked(_) = self {
-            flags.push(MASK);
+        match self {
+            Specialization::FlashMasked(_) => flags.push(MASK),
+            Specialization::Linear { pass, tiling } => {
+                flags.extend(storage_flags(tiling.storage));
+                if *pass == LinearPass::Outputs && tiling.causal {
+                    flags.push(CAUSAL);
+                }
+                if *pass != LinearPass::Scan && tiling.subgroup {
+                    flags.push(SUBGROUP_BROADCAST);
+                }
+            }
+            _ => {}
         }
         flags
     }
@@ -451,7 +588,8 @@ impl Specialization {
     #[cfg(test)]
     /// Whether the pipeline needs the adapter's SUBGROUP feature.
     pub fn needs_subgroups(&self) -> bool {
-        self.variant_flags().contains(&SUBGROUP_KV)
+        let flags = self.variant_flags();
+        flags.contains(&SUBGROUP_KV) || flags.contains(&SUBGROUP_BROADCAST)
     }
 
     /// Constants whose loops `source` unrolls.
@@ -467,6 +605,9 @@ impl Specialization {
                     &[]
                 }
             }
+            Specialization::Linear { .. } => &[
+                "DK4", "DV4", "RQ", "CB4", "ROWS", "SLOTS_C", "SLOTS_S", "SLOTS_K", "SLOTS_V",
+            ],
             Specialization::Combine { .. }
             | Specialization::Rope { .. }
             | Specialization::KvAppend { .. } => &[],

@@ -365,15 +365,30 @@ fn measure_all(
 }
 
 fn write_plot(report: &Report, path: &Path, sweep: bool) -> Result<()> {
-    let series = [Impl::Flash, Impl::Naive, Impl::Cpu]
+    // Linear attention computes another function: only cost compares, so
+    // a sweep with it plots time; otherwise throughput against the ceiling.
+    let with_linear = report
+        .cases
+        .iter()
+        .any(|case| case.result(Impl::Linear).is_some());
+    let y_axis = if with_linear {
+        plot::YAxis::Time
+    } else {
+        plot::YAxis::Throughput
+    };
+    let series = [Impl::Flash, Impl::Naive, Impl::Linear, Impl::Cpu]
         .into_iter()
         .filter_map(|implementation| {
             let points: Vec<(f64, f64)> = report
                 .cases
                 .iter()
                 .filter_map(|case| {
-                    let gflops = case.result(implementation)?.gflops?;
-                    Some((case.shape.seq_kv as f64, gflops))
+                    let result = case.result(implementation)?;
+                    let y = match y_axis {
+                        plot::YAxis::Throughput => result.gflops?,
+                        plot::YAxis::Time => result.median_ms?,
+                    };
+                    Some((case.shape.seq_kv as f64, y))
                 })
                 .collect();
             (!points.is_empty()).then(|| plot::Series {
@@ -383,13 +398,19 @@ fn write_plot(report: &Report, path: &Path, sweep: bool) -> Result<()> {
         })
         .collect();
     let chart = plot::Chart {
-        title: format!("{}: attention throughput", report.adapter.name),
+        title: match y_axis {
+            plot::YAxis::Throughput => format!("{}: attention throughput", report.adapter.name),
+            plot::YAxis::Time => format!("{}: time per call", report.adapter.name),
+        },
         series,
-        ceiling: Some((
-            format!("FMA ceiling {:.0}", report.ceilings.fma_gflops),
-            report.ceilings.fma_gflops,
-        )),
+        ceiling: (y_axis == plot::YAxis::Throughput).then(|| {
+            (
+                format!("FMA ceiling {:.0}", report.ceilings.fma_gflops),
+                report.ceilings.fma_gflops,
+            )
+        }),
         connect: sweep,
+        y_axis,
     };
     std::fs::write(path, plot::render_svg(&chart))
         .with_context(|| format!("writing {}", path.display()))

@@ -6,7 +6,10 @@ use anyhow::Result;
 use indicatif::ProgressBar;
 use serde::Serialize;
 use wgpu_flash_attn::reference::{self, ReferenceOutput};
-use wgpu_flash_attn::{AttentionArgs, AttentionConfig, AttentionShape, DType, Error, Gpu, Tensor};
+use wgpu_flash_attn::{
+    AttentionArgs, AttentionConfig, AttentionShape, DType, Error, Gpu, LinearArgs, LinearConfig,
+    LinearShape, Tensor,
+};
 
 use crate::ceiling::CeilingProbes;
 use crate::options::Impl;
@@ -95,6 +98,9 @@ pub struct ImplResult {
     pub max_ms: Option<f64>,
     pub runs: usize,
     pub timer: Option<String>,
+    /// FLOPs credited to this implementation (softmax attention's count, or
+    /// linear attention's `LinearShape::flops`).
+    pub flops: f64,
     pub gflops: Option<f64>,
     /// Filled in once the run's best FMA ceiling is known.
     pub pct_of_fma_ceiling: Option<f64>,
@@ -118,6 +124,7 @@ impl ImplResult {
             max_ms: None,
             runs: 0,
             timer: None,
+            flops: 0.0,
             gflops: None,
             pct_of_fma_ceiling: None,
             speedup_over_naive: None,
@@ -137,7 +144,7 @@ pub struct CaseReport {
     pub dtype: String,
     /// Kernel tier of the flash kernel for this call.
     pub tier: String,
-    /// FLOPs the call must do (visible pairs only).
+    /// FLOPs softmax attention must do (visible pairs only).
     pub flops: f64,
     pub rows_validated: usize,
     pub rows_total: usize,
@@ -229,7 +236,10 @@ impl Bench<'_> {
             v: Tensor::from_f32_as(gpu, shape.kv_shape(), &v, dtype)?,
             host: [q, k, v],
         };
-        let needs_sample = case.impls.iter().any(|i| *i != Impl::Cpu);
+        let needs_sample = case
+            .impls
+            .iter()
+            .any(|i| matches!(i, Impl::Flash | Impl::Naive));
         let sample = if needs_sample {
             let [q, k, v] = &operands.host;
             Some(Sample::new(case, q, k, v)?)
@@ -247,6 +257,7 @@ impl Bench<'_> {
                 .set_message(format!("{}: {implementation}", case.name));
             let result = match (implementation, &sample) {
                 (Impl::Cpu, _) => self.time_cpu(case, &operands, flops)?,
+                (Impl::Linear, _) => self.time_linear(case, &operands)?,
                 (gpu_impl, Some(sample)) => {
                     self.time_gpu_impl(gpu_impl, case, &operands, sample, flops)?
                 }
@@ -337,7 +348,7 @@ impl Bench<'_> {
                 }
                 Err(err) => return Err(err.into()),
             },
-            Impl::Cpu => unreachable!("the CPU reference is timed by time_cpu"),
+            Impl::Cpu | Impl::Linear => unreachable!("timed by time_cpu and time_linear"),
         };
         let got = out.to_f32_vec(gpu)?;
         let (max_error, within) = match sample.check(&got) {
@@ -372,6 +383,89 @@ impl Bench<'_> {
             max_ms: Some(timing.max_ms),
             runs: timing.runs,
             timer: Some(timing.timer.to_string()),
+            flops,
+            gflops: Some(flops / (timing.median_ms * 1e6)),
+            pct_of_fma_ceiling: None,
+            speedup_over_naive: None,
+            gpu_bytes: Some(gpu_bytes),
+            max_abs_err: Some(max_error),
+        })
+    }
+
+    /// Linear attention on the case's inputs (V's head dim is Q's),
+    /// checked on every row against its f64 reference, then timed.
+    fn time_linear(&self, case: &Case, operands: &Operands) -> Result<ImplResult> {
+        let Some(config) = linear_config(&case.config) else {
+            return Ok(ImplResult::without_timing(
+                Impl::Linear,
+                Status::Skipped,
+                "linear attention takes no window, scale, softcap or ALiBi".into(),
+            ));
+        };
+        let gpu = self.gpu;
+        let s = &case.shape;
+        let shape = LinearShape {
+            batch: s.batch,
+            seq_q: s.seq_q,
+            seq_kv: s.seq_kv,
+            heads_q: s.heads_q,
+            heads_kv: s.heads_kv,
+            head_dim: s.head_dim,
+            head_dim_v: s.head_dim,
+        };
+        let out = Tensor::filled_as(gpu, shape.out_shape(), f32::NAN, case.dtype)?;
+        let args = LinearArgs {
+            q: &operands.q,
+            k: &operands.k,
+            v: &operands.v,
+            out: &out,
+            state: None,
+        };
+        let flops = shape.flops();
+        gpu.run(|e| gpu.linear_attention(e, &args, &config))?;
+        let [q, k, v] = &operands.host;
+        let want = reference::linear_attention(&shape, q, k, v, &config, None)?;
+        let sample = Sample {
+            stride: 1,
+            rows: s.batch * s.heads_q * s.seq_q,
+            want: ReferenceOutput {
+                out: want.out,
+                lse: Vec::new(),
+            },
+            roundoff: unit_roundoff(case.dtype),
+        };
+        let plan = wgpu_flash_attn::LinearPlan::for_call(gpu.info(), &shape, case.dtype, &config)?;
+        let gpu_bytes = out.buffer().size() + plan.split_state_bytes(&shape);
+        let (max_error, within) = match sample.check(&out.to_f32_vec(gpu)?) {
+            Ok(checked) => checked,
+            Err(message) => {
+                let mut result = ImplResult::without_timing(Impl::Linear, Status::Failed, message);
+                result.gpu_bytes = Some(gpu_bytes);
+                return Ok(result);
+            }
+        };
+        let timing = time_gpu(
+            gpu,
+            TimingPlan {
+                warmup: 0,
+                runs: self.iters,
+            },
+            |encoder| gpu.linear_attention(encoder, &args, &config),
+        )?;
+        Ok(ImplResult {
+            implementation: Impl::Linear,
+            status: if within { Status::Ok } else { Status::Failed },
+            note: Some(format!(
+                "{} key splits of {} keys",
+                plan.splits(),
+                plan.split_keys()
+            )),
+            median_ms: Some(timing.median_ms),
+            min_ms: Some(timing.min_ms),
+            max_ms: Some(timing.max_ms),
+            runs: timing.runs,
+            timer: Some(timing.timer.to_string()),
+            flops,
             gflops: Some(flops / (timing.median_ms * 1e6)),
             pct_of_fma_ceiling: None,
             speedup_over_naive: None,
@@ -410,6 +504,7 @@ impl Bench<'_> {
             max_ms: times.last().copied(),
             runs: times.len(),
             timer: Some(Timer::WallClock.to_string()),
+            flops,
             gflops: Some(flops / (median_ms * 1e6)),
             pct_of_fma_ceiling: None,
             speedup_over_naive: None,
@@ -417,6 +512,13 @@ impl Bench<'_> {
             max_abs_err: None,
         })
     }
+}
+
+/// The linear attention options of a softmax case: its causality; `None`
+/// when the case uses options linear attention does not have.
+fn linear_config(config: &AttentionConfig) -> Option<LinearConfig> {
+    let plain = AttentionConfig::new().causal(config.causal);
+    (*config == plain).then(|| LinearConfig::new().causal(config.causal))
 }
 
 /// Bytes in the largest binary unit that keeps the number at least 1.

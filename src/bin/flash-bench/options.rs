@@ -186,6 +186,10 @@ pub enum Impl {
     Naive,
     /// The f64 CPU reference (rayon).
     Cpu,
+    /// Linear attention (elu(x) + 1 features; causal with --causal): a
+    /// different function from softmax attention, checked against its own
+    /// f64 reference. Takes no window, scale or softcap.
+    Linear,
 }
 
 impl std::fmt::Display for Impl {
@@ -194,6 +198,7 @@ impl std::fmt::Display for Impl {
             Impl::Flash => "flash",
             Impl::Naive => "naive",
             Impl::Cpu => "cpu",
+            Impl::Linear => "linear",
         })
     }
 }

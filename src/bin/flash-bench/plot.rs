@@ -1,12 +1,38 @@
-//! A small SVG line chart: throughput against sequence length, one series
-//! per implementation, and the adapter's FMA ceiling as a dashed line.
+//! A small SVG line chart against sequence length, one series per
+//! implementation: throughput with the adapter's FMA ceiling as a dashed
+//! line, or time on a log scale (for implementations that compute
+//! different functions, where only cost compares).
 
 use std::fmt::Write as _;
 
 pub struct Series {
     pub label: String,
-    /// (sequence length, GFLOP/s)
+    /// (sequence length, value on the y axis)
     pub points: Vec<(f64, f64)>,
+}
+
+/// What the y axis shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum YAxis {
+    /// GFLOP/s, linear from 0.
+    Throughput,
+    /// Median milliseconds, log scale (powers of ten).
+    Time,
+}
+
+impl YAxis {
+    fn label(self) -> &'static str {
+        match self {
+            YAxis::Throughput => "GFLOP/s",
+            YAxis::Time => "median time (ms, log scale)",
+        }
+    }
+    fn unit(self) -> &'static str {
+        match self {
+            YAxis::Throughput => "GFLOP/s",
+            YAxis::Time => "ms",
+        }
+    }
 }
 
 pub struct Chart {
@@ -17,6 +43,7 @@ pub struct Chart {
     /// Join the points of a series (sweeps) or mark them only (suites,
     /// whose cases differ in more than length).
     pub connect: bool,
+    pub y_axis: YAxis,
 }
 
 const WIDTH: f64 = 760.0;
@@ -48,10 +75,12 @@ fn tick_step(span: f64, target: f64) -> f64 {
 
 pub fn render_svg(chart: &Chart) -> String {
     let points = chart.series.iter().flat_map(|s| s.points.iter());
-    let (mut x_min, mut x_max, mut y_max) = (f64::INFINITY, 0.0f64, 0.0f64);
+    let (mut x_min, mut x_max) = (f64::INFINITY, 0.0f64);
+    let (mut y_min, mut y_max) = (f64::INFINITY, 0.0f64);
     for &(x, y) in points {
         x_min = x_min.min(x);
         x_max = x_max.max(x);
+        y_min = y_min.min(y);
         y_max = y_max.max(y);
     }
     if let Some((_, c)) = &chart.ceiling {
@@ -63,11 +92,25 @@ pub fn render_svg(chart: &Chart) -> String {
     // Sequence lengths are spread over powers of two: log2 axis, padded
     // half an octave each side.
     let (lx_min, lx_max) = (x_min.log2() - 0.5, x_max.log2() + 0.5);
-    let y_top = if y_max > 0.0 { y_max * 1.1 } else { 1.0 };
     let plot_w = WIDTH - LEFT - RIGHT;
     let plot_h = HEIGHT - TOP - BOTTOM;
     let px = |x: f64| LEFT + (x.log2() - lx_min) / (lx_max - lx_min) * plot_w;
-    let py = |y: f64| TOP + plot_h - y / y_top * plot_h;
+    // Throughput: linear from 0. Time: log10, whole decades around the data.
+    let (y_bottom, y_top) = match chart.y_axis {
+        YAxis::Throughput => (0.0, if y_max > 0.0 { y_max * 1.1 } else { 1.0 }),
+        YAxis::Time if y_max > 0.0 && y_min > 0.0 => (
+            y_min.log10().floor(),
+            y_max.log10().ceil().max(y_min.log10().floor() + 1.0),
+        ),
+        YAxis::Time => (0.0, 1.0),
+    };
+    let py = |y: f64| {
+        let at = match chart.y_axis {
+            YAxis::Throughput => y,
+            YAxis::Time => y.max(f64::MIN_POSITIVE).log10(),
+        };
+        TOP + plot_h - (at - y_bottom) / (y_top - y_bottom) * plot_h
+    };
 
     let mut svg = String::new();
     let _ = writeln!(
@@ -81,19 +124,34 @@ pub fn render_svg(chart: &Chart) -> String {
         esc(&chart.title)
     );
     // Axes, y grid and ticks.
-    let step = tick_step(y_top, 6.0);
-    let decimals = (-step.log10().floor()).max(0.0) as usize;
-    let mut y = 0.0;
-    while y <= y_top + 1e-9 {
+    let ticks: Vec<(f64, String)> = match chart.y_axis {
+        YAxis::Throughput => {
+            let step = tick_step(y_top, 6.0);
+            let decimals = (-step.log10().floor()).max(0.0) as usize;
+            let count = (y_top / step + 1e-9).floor() as usize;
+            (0..=count)
+                .map(|i| {
+                    let y = i as f64 * step;
+                    (y, format!("{y:.decimals$}"))
+                })
+                .collect()
+        }
+        YAxis::Time => (y_bottom as i32..=y_top as i32)
+            .map(|decade| {
+                let y = 10f64.powi(decade);
+                (y, format!("{y}"))
+            })
+            .collect(),
+    };
+    for (y, label) in ticks {
         let _ = writeln!(
             svg,
-            r##"<line x1="{LEFT}" x2="{right}" y1="{at:.1}" y2="{at:.1}" stroke="#ddd"/><text x="{label_x}" y="{label_y:.1}" text-anchor="end">{y:.decimals$}</text>"##,
+            r##"<line x1="{LEFT}" x2="{right}" y1="{at:.1}" y2="{at:.1}" stroke="#ddd"/><text x="{label_x}" y="{label_y:.1}" text-anchor="end">{label}</text>"##,
             right = LEFT + plot_w,
             at = py(y),
             label_x = LEFT - 6.0,
             label_y = py(y) + 4.0,
         );
-        y += step;
     }
     let mut octave = x_min.log2().ceil();
     while octave <= x_max.log2().floor() {
@@ -121,8 +179,9 @@ pub fn render_svg(chart: &Chart) -> String {
     );
     let _ = writeln!(
         svg,
-        r#"<text transform="translate(18 {}) rotate(-90)" text-anchor="middle">GFLOP/s</text>"#,
-        TOP + plot_h / 2.0
+        r#"<text transform="translate(18 {}) rotate(-90)" text-anchor="middle">{}</text>"#,
+        TOP + plot_h / 2.0,
+        chart.y_axis.label()
     );
     let mut legend_y = TOP + 10.0;
     let legend_x = LEFT + plot_w + 15.0;
@@ -161,10 +220,11 @@ pub fn render_svg(chart: &Chart) -> String {
         for &(x, y) in &sorted {
             let _ = writeln!(
                 svg,
-                r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="{color}"><title>{}: {x} keys, {y:.2} GFLOP/s</title></circle>"#,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="{color}"><title>{}: {x} keys, {y:.2} {}</title></circle>"#,
                 px(x),
                 py(y),
-                esc(&series.label)
+                esc(&series.label),
+                chart.y_axis.unit()
             );
         }
         let _ = writeln!(
@@ -201,6 +261,7 @@ mod tests {
             ],
             ceiling: Some(("FMA ceiling".into(), 60.0)),
             connect: true,
+            y_axis: YAxis::Throughput,
         };
         let svg = render_svg(&chart);
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
@@ -214,6 +275,31 @@ mod tests {
         for label in [">512<", ">1024<", ">2048<"] {
             assert!(svg.contains(label), "missing tick {label}");
         }
+    }
+
+    #[test]
+    fn time_charts_have_decade_ticks() {
+        let chart = Chart {
+            title: "crossover".into(),
+            series: vec![Series {
+                label: "linear".into(),
+                points: vec![(512.0, 3.0), (16384.0, 95.0)],
+            }],
+            ceiling: None,
+            connect: true,
+            y_axis: YAxis::Time,
+        };
+        let svg = render_svg(&chart);
+        for label in [
+            ">1<",
+            ">10<",
+            ">100<",
+            "median time (ms, log scale)",
+            "95.00 ms",
+        ] {
+            assert!(svg.contains(label), "missing {label}");
+        }
+        assert!(!svg.contains(">1000<"));
     }
 
     #[test]

@@ -196,7 +196,8 @@ impl Report {
             }
         }
         println!(
-            "\nGFLOP/s counts 4 FLOPs per (query, visible key, head dim); % FMA is of the best \
+            "\nGFLOP/s counts 4 FLOPs per (query, visible key, head dim) (linear: 4 per (token, \
+             head dim, head dim) per head, see LinearShape::flops); % FMA is of the best \
              ceiling above; GPU mem is what the call allocates (output and scratch; the parameter uniforms, ~100 bytes, are not counted); \
              GPU results are checked against the f64 reference (tolerance {:e}) before timing.",
             crate::measure::TOLERANCE

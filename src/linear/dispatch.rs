@@ -1,0 +1,215 @@
+//! Recording a linear attention call: checks, then per segment of key
+//! splits the state, scan and (causal) output passes.
+
+use crate::attention::{check_operand, vec4_strides};
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::linear::plan::slot_bytes;
+use crate::linear::{FeatureMap, LinearArgs, LinearConfig, LinearPlan, LinearShape};
+use crate::params::{AttentionParams, LinearParams, linear_flags};
+use crate::pipelines::{bind_buffers, elementwise_groups, encode_dispatches};
+use crate::shaders::LinearPass;
+
+impl Gpu {
+    /// Records linear attention (see [`crate::LinearConfig`] and
+    /// `docs/semantics.md`) into `encoder`: `args.out` receives
+    /// `phi(q)^T S / (phi(q) . z + eps)` over every key, or in causal
+    /// calls over the keys up to each query, after `args.state` when one is
+    /// given (which then ends as the state after the last token).
+    ///
+    /// ```
+    /// # use wgpu_flash_attn::{Gpu, LinearArgs, LinearConfig, LinearShape, LinearState, Tensor, reference};
+    /// # fn main() -> Result<(), wgpu_flash_attn::Error> {
+    /// # if std::env::var("FLASH_ATTN_SKIP_GPU_TESTS").as_deref() == Ok("1") { eprintln!("SKIPPED: FLASH_ATTN_SKIP_GPU_TESTS=1"); return Ok(()); }
+    /// let gpu = Gpu::new()?;
+    /// let shape = LinearShape::self_attention(1, 100, 2, 32, 16);
+    /// let data = |n: usize, seed: usize| -> Vec<f32> {
+    ///     (0..n).map(|i| ((i * 7 + seed) % 13) as f32 / 6.5 - 1.0).collect()
+    /// };
+    /// let (q, k, v) = (data(shape.q_shape().elements(), 1), data(shape.k_shape().elements(), 2), data(shape.v_shape().elements(), 3));
+    /// let upload = |dims, values: &[f32]| Tensor::from_f32(&gpu, dims, values);
+    /// let (qt, kt, vt) = (upload(shape.q_shape(), &q)?, upload(shape.k_shape(), &k)?, upload(shape.v_shape(), &v)?);
+    /// let out = Tensor::zeros(&gpu, shape.out_shape(), qt.dtype())?;
+    /// // Causal, continuing from a state (empty here); the state ends as
+    /// // the one after token 99, ready for recurrent decoding.
+    /// let state = LinearState::zeros(&gpu, 1, 2, 32, 16)?;
+    /// let config = LinearConfig::new().causal(true);
+    /// let args = LinearArgs { q: &qt, k: &kt, v: &vt, out: &out, state: Some(&state) };
+    /// gpu.run(|encoder| gpu.linear_attention(encoder, &args, &config))?;
+    /// let want = reference::linear_attention(&shape, &q, &k, &v, &config, None)?;
+    /// for (got, want) in out.to_f32_vec(&gpu)?.iter().zip(&want.out) {
+    ///     assert!((f64::from(*got) - want).abs() <= 1e-4 * want.abs().max(1.0));
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn linear_attention(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        args: &LinearArgs<'_>,
+        config: &LinearConfig,
+    ) -> Result<()> {
+        let shape = args.shape()?;
+        let storage = args.q.dtype();
+        let plan = LinearPlan::for_call(self.info(), &shape, storage, config)?;
+        self.check_linear_operands(args, &shape, config)?;
+        let carried_bytes = slot_bytes(&shape) * (shape.batch * shape.heads_kv) as u64;
+        let carried = match args.state {
+            Some(state) => state.buffer().clone(),
+            None => self.scratch_buffer("wgpu-flash-attn linear carried state", carried_bytes),
+        };
+        let split_states = self.scratch_buffer(
+            "wgpu-flash-attn linear split states",
+            plan.split_state_bytes(&shape),
+        );
+        let params = self.params_buffer(&AttentionParams {
+            batch: shape.batch as u32,
+            seq_q: shape.seq_q as u32,
+            seq_kv: shape.seq_kv as u32,
+            heads_q: shape.heads_q as u32,
+            heads_kv: shape.heads_kv as u32,
+            q: vec4_strides(args.q),
+            k: vec4_strides(args.k),
+            v: vec4_strides(args.v),
+            o: vec4_strides(args.out),
+            ..AttentionParams::default()
+        });
+        let [states, scan, outputs] = LinearPass::ALL
+            .map(|pass| self.pipelines.get(&self.device, &plan.specialization(pass)));
+        let (states, scan, outputs) = (states?, scan?, outputs?);
+        let mut flags = 0;
+        if config.causal {
+            flags |= linear_flags::CAUSAL;
+        }
+        if config.feature_map == FeatureMap::Identity {
+            flags |= linear_flags::IDENTITY_MAP;
+        }
+        let base = LinearParams {
+            flags,
+            eps: config.eps,
+            split_keys: plan.split_keys() as u32,
+            splits: 0,
+            first_split: 0,
+            slot4: (slot_bytes(&shape) / 16) as u32,
+            group: shape.group_size() as u32,
+            _pad: 0,
+        };
+        let bind = |layout: &wgpu::BindGroupLayout, linear: &LinearParams| {
+            let linear =
+                self.uniform_buffer("wgpu-flash-attn linear params", bytemuck::bytes_of(linear));
+            bind_buffers(
+                &self.device,
+                layout,
+                &[
+                    &params,
+                    args.q.buffer(),
+                    args.k.buffer(),
+                    args.v.buffer(),
+                    args.out.buffer(),
+                    &self.placeholders.lse,
+                    &self.placeholders.alibi,
+                    &linear,
+                    &split_states,
+                    &carried,
+                ],
+            )
+        };
+        let batch_heads_kv = (shape.batch * shape.heads_kv) as u32;
+        let batch_heads_q = (shape.batch * shape.heads_q) as u32;
+        let scan_groups = elementwise_groups(
+            self,
+            "linear attention scan",
+            u64::from(base.slot4) * u64::from(batch_heads_kv),
+        )?;
+        for segment in 0..plan.segments() {
+            let first_split = segment * plan.segment_splits();
+            let splits = plan.segment_splits().min(plan.splits() - first_split);
+            let carry_in = segment > 0 || args.state.is_some();
+            let linear = LinearParams {
+                flags: flags | if carry_in { linear_flags::CARRY_IN } else { 0 },
+                splits: splits as u32,
+                first_split: first_split as u32,
+                ..base
+            };
+            encode_dispatches(
+                encoder,
+                "linear attention states",
+                &states,
+                &[bind(&states.bind_group_layout, &linear)],
+                plan.state_workgroups(splits),
+            );
+            encode_dispatches(
+                encoder,
+                "linear attention scan",
+                &scan,
+                &[bind(&scan.bind_group_layout, &linear)],
+                scan_groups,
+            );
+            if config.causal {
+                encode_dispatches(
+                    encoder,
+                    "linear attention outputs",
+                    &outputs,
+                    &[bind(&outputs.bind_group_layout, &linear)],
+                    [splits as u32, batch_heads_q, 1],
+                );
+            }
+        }
+        if !config.causal {
+            // Every query block against the total state.
+            let blocks = shape.seq_q.div_ceil(plan.chunk()) as u32;
+            encode_dispatches(
+                encoder,
+                "linear attention outputs",
+                &outputs,
+                &[bind(&outputs.bind_group_layout, &base)],
+                [blocks, batch_heads_q, 1],
+            );
+        }
+        Ok(())
+    }
+
+    /// Dtypes, alignment, bounds, devices, aliasing and the state's dims.
+    fn check_linear_operands(
+        &self,
+        args: &LinearArgs<'_>,
+        shape: &LinearShape,
+        config: &LinearConfig,
+    ) -> Result<()> {
+        let storage = args.q.dtype();
+        let inputs = [("q", args.q), ("k", args.k), ("v", args.v)];
+        for (name, tensor) in inputs.into_iter().chain([("out", args.out)]) {
+            check_operand(self, name, tensor, storage)?;
+        }
+        for (input, tensor) in inputs {
+            if tensor.buffer() == args.out.buffer() {
+                return Err(Error::OutputAliasesInput {
+                    tensor: "out",
+                    input,
+                });
+            }
+        }
+        let Some(state) = args.state else {
+            return Ok(());
+        };
+        if !config.causal {
+            return Err(Error::UnsupportedCombination {
+                what: "a LinearState and non-causal linear attention",
+            });
+        }
+        state.check_device(self)?;
+        let expected = [
+            shape.batch,
+            shape.heads_kv,
+            shape.head_dim,
+            shape.head_dim_v,
+        ];
+        if state.dims() != expected {
+            return Err(Error::LinearStateShape {
+                expected,
+                got: state.dims(),
+            });
+        }
+        Ok(())
+    }
+}
