@@ -39,8 +39,10 @@ pub enum FeatureMap {
     Identity,
 }
 
-/// Options of a linear attention call.
+/// Options of a linear attention call (build with [`LinearConfig::new`] and
+/// the setters; more options may come).
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct LinearConfig {
     /// Each query sees keys up to its own position (queries and keys are
     /// the same tokens; earlier tokens enter through a [`LinearState`]).

@@ -514,11 +514,17 @@ impl Bench<'_> {
     }
 }
 
-/// The linear attention options of a softmax case: its causality; `None`
-/// when the case uses options linear attention does not have.
+/// The linear attention options of a softmax case: its causality and
+/// forced tier; `None` when the case uses options linear attention does not
+/// have.
 fn linear_config(config: &AttentionConfig) -> Option<LinearConfig> {
-    let plain = AttentionConfig::new().causal(config.causal);
-    (*config == plain).then(|| LinearConfig::new().causal(config.causal))
+    let mut plain = AttentionConfig::new().causal(config.causal);
+    let mut linear = LinearConfig::new().causal(config.causal);
+    if let Some(tier) = config.tier {
+        plain = plain.tier(tier);
+        linear = linear.tier(tier);
+    }
+    (*config == plain).then_some(linear)
 }
 
 /// Bytes in the largest binary unit that keeps the number at least 1.
