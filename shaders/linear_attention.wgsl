@@ -56,7 +56,7 @@ struct LinearParams {
     // Keys per split of chunk_states (CHUNK in causal calls).
     split_keys: u32,
     // Splits in this dispatch's segment: slots per (batch, KV head) of the
-    // chunk-state buffer, and chunk_outputs' query blocks in causal calls.
+    // split-state buffer, and chunk_outputs' query blocks in causal calls.
     splits: u32,
     // Index of the segment's first split over the whole sequence.
     first_split: u32,
