@@ -368,3 +368,72 @@ fn bad_flags_exit_2_with_the_reason() {
         assert!(!text.contains("panicked"), "{args:?}: {text}");
     }
 }
+
+#[test]
+fn linear_attention_sweeps_beside_flash_and_plots_time() {
+    let Some(_) = gpu() else { return };
+    let (json, plot) = (scratch("linear.json"), scratch("linear.svg"));
+    let output = flash_bench(&[
+        "sweep",
+        "--impl",
+        "flash,linear",
+        "--seq",
+        "64,130",
+        "--heads-q",
+        "2",
+        "--head-dim",
+        "32",
+        "--causal",
+        "--iters",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for case in report["cases"].as_array().unwrap() {
+        let seq = case["shape"]["seq_kv"].as_f64().unwrap();
+        let linear = case["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["impl"] == "linear")
+            .expect("a linear result");
+        assert_eq!(linear["status"], "ok", "{linear}");
+        assert!(linear["max_abs_err"].as_f64().unwrap() <= 1e-4, "{linear}");
+        // 4 x N x d x d_v per head, causal or not.
+        assert_eq!(
+            linear["flops"].as_f64().unwrap(),
+            4.0 * seq * 32.0 * 32.0 * 2.0
+        );
+    }
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.contains("median time (ms, log scale)"), "{svg}");
+    assert!(svg.contains(">linear<") && svg.contains(">flash<"), "{svg}");
+
+    // Options linear attention does not have are reported, not ignored.
+    let output = flash_bench(&[
+        "run",
+        "--impl",
+        "linear",
+        "--seq-q",
+        "64",
+        "--heads-q",
+        "2",
+        "--head-dim",
+        "32",
+        "--softcap",
+        "5",
+        "--iters",
+        "1",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    assert!(
+        stdout(&output).contains("skipped: linear attention takes no window"),
+        "{}",
+        stdout(&output)
+    );
+}
