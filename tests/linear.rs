@@ -1,8 +1,9 @@
 //! Linear attention on the GPU against the f64 recurrent reference: both
 //! feature maps, causal and not, GQA, value head dims unlike the query
 //! ones, lengths around the 64-token chunk, large inputs, half storage, a
-//! state carried across calls and token-by-token decoding, and a device
-//! whose small binding limit forces the multi-segment path.
+//! state carried across calls and token-by-token decoding, a device whose
+//! small binding limit forces the multi-segment path, strided views of a
+//! fused QKV buffer, and typed errors.
 
 mod common;
 
@@ -571,4 +572,106 @@ fn bad_calls_are_typed_errors() {
         matches!(err, Error::OutputAliasesInput { input: "v", .. }),
         "{err}"
     );
+}
+
+#[test]
+fn views_of_a_fused_qkv_buffer_need_no_copy() {
+    let Some(gpu) = gpu() else { return };
+    // One projection output [batch, seq, 3, heads, d] (q, k, v interleaved
+    // per token), seen as three strided BSHD views; the output is a BHSD
+    // buffer seen as BSHD.
+    let (batch, seq, heads, d) = (2, 90, 2, 32);
+    let shape = shape(batch, seq, (heads, heads), (d, d));
+    let inputs = Inputs::draw(&shape, 3, 1.0, DType::F32);
+    let mut fused = vec![0.0f32; batch * seq * 3 * heads * d];
+    for b in 0..batch {
+        for t in 0..seq {
+            for (part, data) in [&inputs.q, &inputs.k, &inputs.v].into_iter().enumerate() {
+                let from = ((b * seq + t) * heads) * d;
+                let to = (((b * seq + t) * 3 + part) * heads) * d;
+                fused[to..to + heads * d].copy_from_slice(&data[from..from + heads * d]);
+            }
+        }
+    }
+    let dims = shape.q_shape();
+    let whole = Tensor::from_f32(
+        gpu,
+        wgpu_flash_attn::TensorShape::new(1, 1, 1, fused.len()),
+        &fused,
+    )
+    .unwrap();
+    let strides = wgpu_flash_attn::Strides {
+        batch: seq * 3 * heads * d,
+        seq: 3 * heads * d,
+        head: d,
+    };
+    let [q, k, v] = [0, 1, 2].map(|part| whole.view(dims, strides, part * heads * d).unwrap());
+    let bhsd = Tensor::filled(
+        gpu,
+        wgpu_flash_attn::TensorShape::new(1, 1, 1, dims.elements()),
+        f32::NAN,
+    )
+    .unwrap();
+    let out_strides = wgpu_flash_attn::Strides {
+        batch: heads * seq * d,
+        seq: d,
+        head: seq * d,
+    };
+    let out = bhsd.view(dims, out_strides, 0).unwrap();
+    for causal in [false, true] {
+        let config = LinearConfig::new().causal(causal);
+        let args = LinearArgs {
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &out,
+            state: None,
+        };
+        gpu.run(|e| gpu.linear_attention(e, &args, &config))
+            .unwrap();
+        let want =
+            reference::linear_attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config, None)
+                .unwrap();
+        // Back from BHSD to BSHD for the comparison.
+        let got = bhsd.to_f32_vec(gpu).unwrap();
+        let mut bshd = vec![0.0f32; got.len()];
+        for b in 0..batch {
+            for h in 0..heads {
+                for t in 0..seq {
+                    let from = ((b * heads + h) * seq + t) * d;
+                    let to = ((b * seq + t) * heads + h) * d;
+                    bshd[to..to + d].copy_from_slice(&got[from..from + d]);
+                }
+            }
+        }
+        assert_close(
+            &bshd,
+            &want.out,
+            DType::F32,
+            &format!("fused views causal={causal}"),
+        );
+    }
+}
+
+#[test]
+fn a_state_from_another_gpu_is_refused() {
+    let Some(gpu) = gpu() else { return };
+    let Some(other) = small_binding_gpu() else {
+        return;
+    };
+    let shape = shape(1, 8, (1, 1), (8, 8));
+    let inputs = Inputs::draw(&shape, 9, 1.0, DType::F32);
+    let [q, k, v, out] = inputs.upload(gpu, &shape, DType::F32);
+    let foreign = LinearState::zeros(&other, 1, 1, 8, 8).unwrap();
+    let args = LinearArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        state: Some(&foreign),
+    };
+    let err = gpu
+        .run(|e| gpu.linear_attention(e, &args, &LinearConfig::new().causal(true)))
+        .unwrap_err();
+    assert!(matches!(err, Error::WrongDevice { .. }), "{err}");
 }
