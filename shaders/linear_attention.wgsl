@@ -12,6 +12,11 @@
 //                  before the block (causal) or the total (non-causal);
 //                  causal calls add the block's own keys j <= i
 //                  (quadratic within the chunk).
+// Recurrent decoding (one token per sequence, with a state) instead runs
+//   update_state   S += phi(k) v^T and z += phi(k) in the carried state, in
+//                  place,
+// then chunk_outputs in its non-causal form against the updated state:
+// the state is read twice and written once, not seven times.
 // In causal calls a key split is exactly one chunk of CHUNK keys, aligned
 // with the query blocks (queries and keys are the same tokens).
 //
@@ -263,9 +268,40 @@ fn scan_states(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     carried[index] = carry;
 }
 
+// One invocation per row of S (its phi(k) element computed once, its
+// DV4 vec4s updated in turn), then one per vec4 of z; per (batch, KV
+// head), folded over two dispatch dimensions like the scan.
+@compute @workgroup_size(WG_SIZE)
+fn update_state(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+    let index = gid.x + gid.y * groups.x * WG_SIZE;
+    let per_slot = 5u * DK4;
+    if (index >= p.batch * p.heads_kv * per_slot) {
+        return;
+    }
+    let bh = index / per_slot;
+    let item = index % per_slot;
+    let b = bh / p.heads_kv;
+    let h = bh % p.heads_kv;
+    let k_base = p.k.offset + b * p.k.batch + h * p.k.head;
+    let slot = bh * lp.slot4;
+    if (item >= 4u * DK4) {
+        let a4 = item - 4u * DK4;
+        carried[slot + z_offset() + a4] += feature(load_k(k_base + a4));
+        return;
+    }
+    let kf = feature(load_k(k_base + item / 4u))[item % 4u];
+    let v_base = p.v.offset + b * p.v.batch + h * p.v.head;
+    let row = slot + item * DV4;
+    for (var x = 0u; x < DV4_ROLLED; x++) {
+        carried[row + x] = fma(vec4<f32>(kf), load_v(v_base + x), carried[row + x]);
+    }
+}
+
 // The loop over the state's rows indexes memory, not registers, so it
 // stays a loop (the unroller expands loops bounded by DK4 itself).
 const DK4_ROLLED: u32 = DK4;
+// The same for update_state's loop over a row's value vec4s.
+const DV4_ROLLED: u32 = DV4;
 
 const CHUNK: u32 = WG_SIZE * ROWS;
 

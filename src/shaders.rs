@@ -63,12 +63,15 @@ pub enum Kernel {
     LinearScan,
     /// `shaders/linear_attention.wgsl`, third pass: the outputs.
     LinearOutputs,
+    /// `shaders/linear_attention.wgsl`, recurrent decoding: one token added
+    /// to the carried state in place.
+    LinearUpdate,
 }
 
 impl Kernel {
     /// Every kernel family, for tests that validate all shaders.
     #[cfg(test)]
-    pub const ALL: [Kernel; 12] = [
+    pub const ALL: [Kernel; 13] = [
         Kernel::FlashForward,
         Kernel::FlashMasked,
         Kernel::NaiveScores,
@@ -81,6 +84,7 @@ impl Kernel {
         Kernel::LinearStates,
         Kernel::LinearScan,
         Kernel::LinearOutputs,
+        Kernel::LinearUpdate,
     ];
 
     /// File name under `shaders/`.
@@ -94,9 +98,10 @@ impl Kernel {
             Kernel::Combine => "combine_partials.wgsl",
             Kernel::Rope => "rope.wgsl",
             Kernel::KvAppend => "kv_append.wgsl",
-            Kernel::LinearStates | Kernel::LinearScan | Kernel::LinearOutputs => {
-                "linear_attention.wgsl"
-            }
+            Kernel::LinearStates
+            | Kernel::LinearScan
+            | Kernel::LinearOutputs
+            | Kernel::LinearUpdate => "linear_attention.wgsl",
         }
     }
 
@@ -114,7 +119,10 @@ impl Kernel {
             Kernel::Combine => include_str!("../shaders/combine_partials.wgsl"),
             Kernel::Rope => include_str!("../shaders/rope.wgsl"),
             Kernel::KvAppend => include_str!("../shaders/kv_append.wgsl"),
-            Kernel::LinearStates | Kernel::LinearScan | Kernel::LinearOutputs => {
+            Kernel::LinearStates
+            | Kernel::LinearScan
+            | Kernel::LinearOutputs
+            | Kernel::LinearUpdate => {
                 include_str!("../shaders/linear_attention.wgsl")
             }
         };
@@ -129,7 +137,8 @@ impl Kernel {
             | Kernel::Decode
             | Kernel::LinearStates
             | Kernel::LinearScan
-            | Kernel::LinearOutputs => include_str!("../shaders/attention_common.wgsl"),
+            | Kernel::LinearOutputs
+            | Kernel::LinearUpdate => include_str!("../shaders/attention_common.wgsl"),
         };
         if common.is_empty() {
             file.to_string()
@@ -147,6 +156,7 @@ impl Kernel {
             Kernel::LinearStates => "chunk_states",
             Kernel::LinearScan => "scan_states",
             Kernel::LinearOutputs => "chunk_outputs",
+            Kernel::LinearUpdate => "update_state",
             _ => "main",
         }
     }
@@ -179,7 +189,10 @@ impl Kernel {
                 Storage { read_only: false },
             ],
             // bindings 0-6, linear params, chunk states, carried state
-            Kernel::LinearStates | Kernel::LinearScan | Kernel::LinearOutputs => &LINEAR_BINDINGS,
+            Kernel::LinearStates
+            | Kernel::LinearScan
+            | Kernel::LinearOutputs
+            | Kernel::LinearUpdate => &LINEAR_BINDINGS,
             // params, starts, frequencies, new K, new V, K and V segments,
             // block table
             Kernel::KvAppend => &[
@@ -341,16 +354,25 @@ pub struct LinearTiling {
     pub storage: DType,
 }
 
-/// The three passes of linear attention, in dispatch order.
+/// The passes of linear attention: the three of a call in dispatch order,
+/// then the one-token state update of recurrent decoding (which precedes a
+/// non-causal output pass).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LinearPass {
     States,
     Scan,
     Outputs,
+    Update,
 }
 
 impl LinearPass {
-    pub const ALL: [LinearPass; 3] = [LinearPass::States, LinearPass::Scan, LinearPass::Outputs];
+    #[cfg(test)]
+    pub const ALL: [LinearPass; 4] = [
+        LinearPass::States,
+        LinearPass::Scan,
+        LinearPass::Outputs,
+        LinearPass::Update,
+    ];
 }
 
 /// Compile-time constants that select one pipeline of a kernel family. Two
@@ -479,6 +501,7 @@ impl Specialization {
                 LinearPass::States => Kernel::LinearStates,
                 LinearPass::Scan => Kernel::LinearScan,
                 LinearPass::Outputs => Kernel::LinearOutputs,
+                LinearPass::Update => Kernel::LinearUpdate,
             },
         }
     }
@@ -566,7 +589,7 @@ impl Specialization {
                 if *pass == LinearPass::Outputs && tiling.causal {
                     flags.push(CAUSAL);
                 }
-                if *pass != LinearPass::Scan && tiling.subgroup {
+                if matches!(pass, LinearPass::States | LinearPass::Outputs) && tiling.subgroup {
                     flags.push(SUBGROUP_BROADCAST);
                 }
             }

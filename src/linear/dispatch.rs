@@ -74,9 +74,6 @@ impl Gpu {
             o: vec4_strides(args.out),
             ..AttentionParams::default()
         });
-        let [states, scan, outputs] = LinearPass::ALL
-            .map(|pass| self.pipelines.get(&self.device, &plan.specialization(pass)));
-        let (states, scan, outputs) = (states?, scan?, outputs?);
         let mut flags = 0;
         if config.causal {
             flags |= linear_flags::CAUSAL;
@@ -114,8 +111,50 @@ impl Gpu {
                 ],
             )
         };
-        let batch_heads_kv = (shape.batch * shape.heads_kv) as u32;
         let batch_heads_q = (shape.batch * shape.heads_q) as u32;
+        if config.causal && shape.seq_q == 1 && args.state.is_some() {
+            // Recurrent decoding: the token joins the state in place, then
+            // the query reads the updated state as a non-causal call would
+            // (the same pipeline as one).
+            let update_spec = plan.specialization(LinearPass::Update);
+            let update = self.pipelines.get(&self.device, &update_spec)?;
+            let non_causal = LinearConfig {
+                causal: false,
+                ..*config
+            };
+            let read = LinearPlan::for_call(self.info(), &shape, storage, &non_causal)?;
+            let outputs = self
+                .pipelines
+                .get(&self.device, &read.specialization(LinearPass::Outputs))?;
+            let groups = elementwise_groups(
+                self,
+                "linear attention state update",
+                plan.update_invocations(),
+            )?;
+            encode_dispatches(
+                encoder,
+                "linear attention state update",
+                &update,
+                &[bind(&update.bind_group_layout, &base)],
+                groups,
+            );
+            let read_params = LinearParams {
+                flags: base.flags & !linear_flags::CAUSAL,
+                ..base
+            };
+            encode_dispatches(
+                encoder,
+                "linear attention outputs",
+                &outputs,
+                &[bind(&outputs.bind_group_layout, &read_params)],
+                [1, batch_heads_q, 1],
+            );
+            return Ok(());
+        }
+        let [states, scan, outputs] = [LinearPass::States, LinearPass::Scan, LinearPass::Outputs]
+            .map(|pass| self.pipelines.get(&self.device, &plan.specialization(pass)));
+        let (states, scan, outputs) = (states?, scan?, outputs?);
+        let batch_heads_kv = (shape.batch * shape.heads_kv) as u32;
         let scan_groups = elementwise_groups(
             self,
             "linear attention scan",

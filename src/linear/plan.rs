@@ -291,8 +291,27 @@ impl LinearPlan {
                 storage: DType::F32,
             },
             LinearPass::Outputs => self.outputs,
+            // One invocation per state row: only the head dims and the
+            // storage type matter.
+            LinearPass::Update => LinearTiling {
+                workgroup_size: ELEMENTWISE_WORKGROUP,
+                block_n: BLOCK_N_CANDIDATES[BLOCK_N_CANDIDATES.len() - 1],
+                row_quads: 1,
+                columns4: 1,
+                rows: 1,
+                state_rows: 4,
+                causal: false,
+                subgroup: false,
+                ..self.states
+            },
         };
         Specialization::Linear { pass, tiling }
+    }
+
+    /// Invocations of the one-token state update: per (batch, KV head),
+    /// one per row of S and one per vec4 of z.
+    pub(crate) fn update_invocations(&self) -> u64 {
+        5 * u64::from(self.states.head_dim / 4) * self.batch_heads_kv as u64
     }
 
     /// Workgroups of the state pass for `splits` splits: (splits, batch *
