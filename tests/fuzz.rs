@@ -159,31 +159,6 @@ fn upload(gpu: &Gpu, dims: TensorShape, data: &[f32], dtype: DType, bhsd: bool) 
     buffer.view(dims, strides, 0).unwrap()
 }
 
-/// Reads a tensor made by `upload` back as packed BSHD.
-fn download(gpu: &Gpu, tensor: &Tensor, bhsd: bool) -> Vec<f32> {
-    let stored = tensor.to_f32_vec(gpu).unwrap();
-    if !bhsd {
-        return stored;
-    }
-    let TensorShape {
-        batch,
-        seq,
-        heads,
-        head_dim: d,
-    } = tensor.shape();
-    let mut packed = vec![0.0f32; batch * seq * heads * d];
-    for b in 0..batch {
-        for t in 0..seq {
-            for h in 0..heads {
-                let from = ((b * heads + h) * seq + t) * d;
-                let to = ((b * seq + t) * heads + h) * d;
-                packed[to..to + d].copy_from_slice(&stored[from..from + d]);
-            }
-        }
-    }
-    packed
-}
-
 /// Runs one case; `Err` describes the first element outside the rule.
 fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
     let s = &case.shape;
@@ -220,7 +195,7 @@ fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
             gpu.run(|e| gpu.forward(e, &args, &case.config))
                 .map_err(|e| format!("GPU call failed: {e}"))?;
             let want = reference::attention(s, &q, &k, &v, &case.config).unwrap();
-            (want.out, download(gpu, &out, case.bhsd))
+            (want.out, out.to_f32_vec(gpu).unwrap())
         }
         Extra::BoolMask => {
             let values: Vec<bool> = (0..mask_len).map(|_| mask_rng.random_bool(0.7)).collect();
@@ -232,7 +207,7 @@ fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
                 values: &values,
             };
             let want = reference::attention_masked(s, &q, &k, &v, &case.config, &host).unwrap();
-            (want.out, download(gpu, &out, case.bhsd))
+            (want.out, out.to_f32_vec(gpu).unwrap())
         }
         Extra::BiasMask => {
             let values: Vec<f32> = (0..mask_len)
@@ -252,7 +227,7 @@ fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
                 values: &values,
             };
             let want = reference::attention_masked(s, &q, &k, &v, &case.config, &host).unwrap();
-            (want.out, download(gpu, &out, case.bhsd))
+            (want.out, out.to_f32_vec(gpu).unwrap())
         }
         Extra::ValidLengths { q: q_lens, kv } => {
             let lengths = ValidLengths {
@@ -291,7 +266,7 @@ fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
                 .unwrap();
                 want[b * s.seq_q * row..][..nq * row].copy_from_slice(&result.out);
             }
-            (want, download(gpu, &out, case.bhsd))
+            (want, out.to_f32_vec(gpu).unwrap())
         }
     };
     let roundoff = unit_roundoff(case.dtype);
