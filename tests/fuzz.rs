@@ -22,9 +22,8 @@
 
 mod common;
 
-use common::gpu;
 use common::random::{SeededRng, normal_vec, seeded};
-use half::{bf16, f16};
+use common::{gpu, round_to, unit_roundoff};
 use rand::RngExt;
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
@@ -37,22 +36,6 @@ const SEED_VAR: &str = "FLASH_ATTN_FUZZ_SEED";
 /// Cases when the variable is unset (a short look, not the soak).
 const DEFAULT_CASES: usize = 50;
 const TOLERANCE: f64 = 1e-4;
-
-fn round_to(dtype: DType, x: f32) -> f32 {
-    match dtype {
-        DType::F32 => x,
-        DType::F16 => f16::from_f32(x).to_f32(),
-        DType::BF16 => bf16::from_f32(x).to_f32(),
-    }
-}
-
-fn unit_roundoff(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => 0.0,
-        DType::F16 => 2f64.powi(-11),
-        DType::BF16 => 2f64.powi(-8),
-    }
-}
 
 /// What one case runs with, for the failure message.
 #[derive(Debug)]

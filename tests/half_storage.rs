@@ -8,7 +8,7 @@
 mod common;
 
 use common::random::{SeededRng, normal_vec, seeded};
-use common::{Inputs, gpu};
+use common::{Inputs, gpu, round_to};
 use half::{bf16, f16};
 use rand::{Rng, RngExt};
 use wgpu_flash_attn::{
@@ -17,14 +17,6 @@ use wgpu_flash_attn::{
 
 /// Absolute floor of the rule (f32 arithmetic noise on unit-scale values).
 const FLOOR: f64 = 1e-4;
-
-fn round_to(dtype: DType, x: f32) -> f32 {
-    match dtype {
-        DType::F32 => x,
-        DType::F16 => f16::from_f32(x).to_f32(),
-        DType::BF16 => bf16::from_f32(x).to_f32(),
-    }
-}
 
 fn rounded(dtype: DType, values: &[f32]) -> Vec<f32> {
     values.iter().map(|&x| round_to(dtype, x)).collect()

@@ -8,8 +8,7 @@
 mod common;
 
 use common::random::{normal_vec, seeded};
-use common::{cases, gpu};
-use half::{bf16, f16};
+use common::{cases, gpu, round_to, unit_roundoff};
 use wgpu_flash_attn::reference::{self, LinearReferenceState};
 use wgpu_flash_attn::{
     DType, Error, FeatureMap, Gpu, LinearArgs, LinearConfig, LinearPlan, LinearShape, LinearState,
@@ -66,23 +65,6 @@ impl Inputs {
     }
 }
 
-fn round_to(dtype: DType, x: f32) -> f32 {
-    match dtype {
-        DType::F32 => x,
-        DType::F16 => f16::from_f32(x).to_f32(),
-        DType::BF16 => bf16::from_f32(x).to_f32(),
-    }
-}
-
-/// Half an ulp of `dtype`, relative.
-fn unit_roundoff(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => 0.0,
-        DType::F16 => 2f64.powi(-11),
-        DType::BF16 => 2f64.powi(-8),
-    }
-}
-
 /// Every element within `TOLERANCE` plus its storage rounding; NaN
 /// (unwritten) fails. Returns the largest error.
 fn assert_close(got: &[f32], want: &[f64], dtype: DType, what: &str) -> f64 {
@@ -100,22 +82,32 @@ fn assert_close(got: &[f32], want: &[f64], dtype: DType, what: &str) -> f64 {
     worst
 }
 
+/// Runs one call on uploaded `[q, k, v, out]` and downloads `out`.
+fn run_linear(
+    gpu: &Gpu,
+    [q, k, v, out]: &[Tensor; 4],
+    state: Option<&LinearState>,
+    config: &LinearConfig,
+) -> Result<Vec<f32>, Error> {
+    let args = LinearArgs {
+        q,
+        k,
+        v,
+        out,
+        state,
+    };
+    gpu.run(|e| gpu.linear_attention(e, &args, config))?;
+    out.to_f32_vec(gpu)
+}
+
 /// Runs one call (no state) and checks it against the reference.
 fn check(shape: LinearShape, config: LinearConfig, dtype: DType, inputs: &Inputs, what: &str) {
     let Some(gpu) = gpu() else { return };
-    let [q, k, v, out] = inputs.upload(gpu, &shape, dtype);
-    let args = LinearArgs {
-        q: &q,
-        k: &k,
-        v: &v,
-        out: &out,
-        state: None,
-    };
-    gpu.run(|e| gpu.linear_attention(e, &args, &config))
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let tensors = inputs.upload(gpu, &shape, dtype);
+    let got = run_linear(gpu, &tensors, None, &config).unwrap_or_else(|e| panic!("{what}: {e}"));
     let want = reference::linear_attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config, None)
         .unwrap();
-    let worst = assert_close(&out.to_f32_vec(gpu).unwrap(), &want.out, dtype, what);
+    let worst = assert_close(&got, &want.out, dtype, what);
     eprintln!("{what}: max error {worst:.2e}");
 }
 
@@ -294,23 +286,15 @@ fn a_state_carries_a_sequence_across_calls_and_decodes_token_by_token() {
             k: tokens(&inputs.k, seq, heads.1 * d, range.clone()),
             v: tokens(&inputs.v, seq, heads.1 * dv, range.clone()),
         };
-        let [q, k, v, out] = part.upload(gpu, &piece, DType::F32);
-        let args = LinearArgs {
-            q: &q,
-            k: &k,
-            v: &v,
-            out: &out,
-            state: Some(&state),
-        };
-        gpu.run(|e| gpu.linear_attention(e, &args, &config))
-            .unwrap();
+        let tensors = part.upload(gpu, &piece, DType::F32);
+        let got = run_linear(gpu, &tensors, Some(&state), &config).unwrap();
         let expected: Vec<f64> = want
             .out
             .chunks(seq * heads.0 * dv)
             .flat_map(|s| s[range.start * heads.0 * dv..range.end * heads.0 * dv].to_vec())
             .collect();
         assert_close(
-            &out.to_f32_vec(gpu).unwrap(),
+            &got,
             &expected,
             DType::F32,
             &format!("tokens {range:?} after a state"),
@@ -370,16 +354,8 @@ fn a_state_from_the_host_equals_the_reference_from_that_state() {
     )
     .unwrap();
     let config = LinearConfig::new().causal(true);
-    let [q, k, v, out] = inputs.upload(gpu, &shape, DType::F32);
-    let args = LinearArgs {
-        q: &q,
-        k: &k,
-        v: &v,
-        out: &out,
-        state: Some(&state),
-    };
-    gpu.run(|e| gpu.linear_attention(e, &args, &config))
-        .unwrap();
+    let tensors = inputs.upload(gpu, &shape, DType::F32);
+    let got = run_linear(gpu, &tensors, Some(&state), &config).unwrap();
     let want = reference::linear_attention(
         &shape,
         &inputs.q,
@@ -389,12 +365,7 @@ fn a_state_from_the_host_equals_the_reference_from_that_state() {
         Some(&initial),
     )
     .unwrap();
-    assert_close(
-        &out.to_f32_vec(gpu).unwrap(),
-        &want.out,
-        DType::F32,
-        "from a host state",
-    );
+    assert_close(&got, &want.out, DType::F32, "from a host state");
 }
 
 /// A device whose storage bindings hold 1 MiB, so that a few chunks of
@@ -430,21 +401,13 @@ fn long_sequences_run_in_segments_equal_to_the_reference() {
             plan.splits()
         );
         let inputs = Inputs::draw(&shape, 77, 1.0, DType::F32);
-        let [q, k, v, out] = inputs.upload(&gpu, &shape, DType::F32);
-        let args = LinearArgs {
-            q: &q,
-            k: &k,
-            v: &v,
-            out: &out,
-            state: None,
-        };
-        gpu.run(|e| gpu.linear_attention(e, &args, &config))
-            .unwrap();
+        let tensors = inputs.upload(&gpu, &shape, DType::F32);
+        let got = run_linear(&gpu, &tensors, None, &config).unwrap();
         let want =
             reference::linear_attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config, None)
                 .unwrap();
         assert_close(
-            &out.to_f32_vec(&gpu).unwrap(),
+            &got,
             &want.out,
             DType::F32,
             &format!("{} segments causal={causal}", plan.segments()),

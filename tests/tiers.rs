@@ -5,7 +5,7 @@
 mod common;
 
 use common::random::seeded;
-use common::{Inputs, gpu};
+use common::{Inputs, gpu, round_to};
 use rand::Rng;
 use wgpu_flash_attn::{
     AttentionArgs, AttentionConfig, AttentionShape, DType, Error, ForwardPlan, Gpu, Tensor, Tier,
@@ -20,14 +20,6 @@ fn offers_subgroup_broadcast(gpu: &Gpu) -> bool {
         && info.has_subgroups()
         && adapter.subgroup_min_size.is_power_of_two()
         && (4..=128).contains(&adapter.subgroup_min_size)
-}
-
-fn round_to(dtype: DType, x: f32) -> f32 {
-    match dtype {
-        DType::F16 => half::f16::from_f32(x).to_f32(),
-        DType::BF16 => half::bf16::from_f32(x).to_f32(),
-        DType::F32 => x,
-    }
 }
 
 /// Largest |gpu - reference| beyond the output's storage rounding.

@@ -91,9 +91,11 @@ impl Gpu {
             group: shape.group_size() as u32,
             _pad: 0,
         };
-        let bind = |layout: &wgpu::BindGroupLayout, linear: &LinearParams| {
-            let linear =
-                self.uniform_buffer("wgpu-flash-attn linear params", bytemuck::bytes_of(linear));
+        let uniform = |linear: &LinearParams| {
+            self.uniform_buffer("wgpu-flash-attn linear params", bytemuck::bytes_of(linear))
+        };
+        // One uniform per parameter set, bound by each pass that reads it.
+        let bind = |layout: &wgpu::BindGroupLayout, linear: &wgpu::Buffer| {
             bind_buffers(
                 &self.device,
                 layout,
@@ -105,7 +107,7 @@ impl Gpu {
                     args.out.buffer(),
                     &self.placeholders.lse,
                     &self.placeholders.alibi,
-                    &linear,
+                    linear,
                     &split_states,
                     &carried,
                 ],
@@ -131,22 +133,20 @@ impl Gpu {
                 "linear attention state update",
                 plan.update_invocations(),
             )?;
+            // Neither pass reads the causal flag: one parameter set.
+            let linear = uniform(&base);
             encode_dispatches(
                 encoder,
                 "linear attention state update",
                 &update,
-                &[bind(&update.bind_group_layout, &base)],
+                &[bind(&update.bind_group_layout, &linear)],
                 groups,
             );
-            let read_params = LinearParams {
-                flags: base.flags & !linear_flags::CAUSAL,
-                ..base
-            };
             encode_dispatches(
                 encoder,
                 "linear attention outputs",
                 &outputs,
-                &[bind(&outputs.bind_group_layout, &read_params)],
+                &[bind(&outputs.bind_group_layout, &linear)],
                 [1, batch_heads_q, 1],
             );
             return Ok(());
@@ -164,12 +164,12 @@ impl Gpu {
             let first_split = segment * plan.segment_splits();
             let splits = plan.segment_splits().min(plan.splits() - first_split);
             let carry_in = segment > 0 || args.state.is_some();
-            let linear = LinearParams {
+            let linear = uniform(&LinearParams {
                 flags: flags | if carry_in { linear_flags::CARRY_IN } else { 0 },
                 splits: splits as u32,
                 first_split: first_split as u32,
                 ..base
-            };
+            });
             encode_dispatches(
                 encoder,
                 "linear attention states",
@@ -201,7 +201,7 @@ impl Gpu {
                 encoder,
                 "linear attention outputs",
                 &outputs,
-                &[bind(&outputs.bind_group_layout, &base)],
+                &[bind(&outputs.bind_group_layout, &uniform(&base))],
                 [blocks, batch_heads_q, 1],
             );
         }

@@ -48,6 +48,25 @@ fn largest_divisor_up_to(n: u32, most: u32) -> u32 {
         .unwrap_or(1)
 }
 
+/// The tiling of the element-wise passes (scan, one-token update): one
+/// invocation per item; the tile fields hold the smallest valid values, so
+/// that they size no array to zero and name one pipeline per head dims.
+fn elementwise_tiling(head_dim: u32, head_dim_v: u32, storage: DType) -> LinearTiling {
+    LinearTiling {
+        head_dim,
+        head_dim_v,
+        workgroup_size: ELEMENTWISE_WORKGROUP,
+        block_n: BLOCK_N_CANDIDATES[BLOCK_N_CANDIDATES.len() - 1],
+        row_quads: 1,
+        columns4: 1,
+        rows: 1,
+        state_rows: 4,
+        causal: false,
+        subgroup: false,
+        storage,
+    }
+}
+
 /// Workgroup bytes of `keys` staged keys of phi(K) and V.
 fn key_tile_bytes(keys: u32, dk4: u32, dv4: u32) -> u64 {
     u64::from(keys * (dk4 + dv4)) * 16
@@ -78,22 +97,12 @@ impl LinearPlan {
         };
         let smallest = BLOCK_N_CANDIDATES[BLOCK_N_CANDIDATES.len() - 1];
         let subgroup = use_subgroup_tier(info, config.tier)?;
+        // Fields a pass does not read keep the element-wise values.
         let base = LinearTiling {
-            head_dim: shape.head_dim as u32,
-            head_dim_v: shape.head_dim_v as u32,
-            workgroup_size: 1,
-            block_n: smallest,
-            row_quads: 1,
-            columns4: 1,
-            rows: 1,
-            state_rows: 4,
-            causal: false,
             subgroup,
-            storage,
+            ..elementwise_tiling(shape.head_dim as u32, shape.head_dim_v as u32, storage)
         };
 
-        // State pass: row quads of S over the invocations, value columns
-        // over workgroups.
         // With subgroup broadcasts the workgroup is one subgroup, and its
         // lanes may outnumber the row quads.
         let subgroup_lanes = info.adapter.subgroup_min_size;
@@ -277,33 +286,14 @@ impl LinearPlan {
         let tiling = match pass {
             LinearPass::States => self.states,
             // The scan reads only the parameters: one pipeline serves all.
-            LinearPass::Scan => LinearTiling {
-                head_dim: 8,
-                head_dim_v: 8,
-                workgroup_size: ELEMENTWISE_WORKGROUP,
-                block_n: BLOCK_N_CANDIDATES[BLOCK_N_CANDIDATES.len() - 1],
-                row_quads: 1,
-                columns4: 1,
-                rows: 1,
-                state_rows: 4,
-                causal: false,
-                subgroup: false,
-                storage: DType::F32,
-            },
+            LinearPass::Scan => elementwise_tiling(8, 8, DType::F32),
             LinearPass::Outputs => self.outputs,
             // One invocation per state row: only the head dims and the
             // storage type matter.
-            LinearPass::Update => LinearTiling {
-                workgroup_size: ELEMENTWISE_WORKGROUP,
-                block_n: BLOCK_N_CANDIDATES[BLOCK_N_CANDIDATES.len() - 1],
-                row_quads: 1,
-                columns4: 1,
-                rows: 1,
-                state_rows: 4,
-                causal: false,
-                subgroup: false,
-                ..self.states
-            },
+            LinearPass::Update => {
+                let s = self.states;
+                elementwise_tiling(s.head_dim, s.head_dim_v, s.storage)
+            }
         };
         Specialization::Linear { pass, tiling }
     }

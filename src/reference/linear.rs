@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use super::check_len;
 use crate::error::{Error, Result};
 use crate::linear::{FeatureMap, LinearConfig, LinearShape};
 
@@ -56,19 +57,9 @@ pub fn linear_attention(
         head_dim: d,
         head_dim_v: dv,
     } = *shape;
-    for (tensor, expected, got) in [
-        ("q", shape.q_shape().elements(), q.len()),
-        ("k", shape.k_shape().elements(), k.len()),
-        ("v", shape.v_shape().elements(), v.len()),
-    ] {
-        if expected != got {
-            return Err(Error::DataLength {
-                tensor,
-                expected,
-                got,
-            });
-        }
-    }
+    check_len("q", shape.q_shape().elements(), q.len())?;
+    check_len("k", shape.k_shape().elements(), k.len())?;
+    check_len("v", shape.v_shape().elements(), v.len())?;
     if initial.is_some() && !config.causal {
         return Err(Error::UnsupportedCombination {
             what: "a LinearState and non-causal linear attention",
@@ -76,18 +67,8 @@ pub fn linear_attention(
     }
     let slots = batch * heads_kv;
     if let Some(state) = initial {
-        for (tensor, expected, got) in [
-            ("state S", slots * d * dv, state.s.len()),
-            ("state z", slots * d, state.z.len()),
-        ] {
-            if expected != got {
-                return Err(Error::DataLength {
-                    tensor,
-                    expected,
-                    got,
-                });
-            }
-        }
+        check_len("state S", slots * d * dv, state.s.len())?;
+        check_len("state z", slots * d, state.z.len())?;
     }
     let group = shape.group_size();
     let map = config.feature_map;

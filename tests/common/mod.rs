@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionShape, Gpu, Lse, Tensor, reference,
+    AttentionArgs, AttentionConfig, AttentionShape, DType, Gpu, Lse, Tensor, reference,
 };
 
 /// Seeded inputs are drawn as flash-bench draws them (rand's ChaCha8 and
@@ -77,6 +77,24 @@ pub fn cases<T: Clone + std::fmt::Debug>(what: &str, quick: &[T], full: &[T]) ->
 pub fn head_dims(what: &str, representative: &[usize]) -> Vec<usize> {
     let every: Vec<usize> = (8..=256).step_by(8).collect();
     cases(what, representative, &every)
+}
+
+/// `x` rounded to `dtype` (what a tensor of that storage type holds).
+pub fn round_to(dtype: DType, x: f32) -> f32 {
+    match dtype {
+        DType::F32 => x,
+        DType::F16 => half::f16::from_f32(x).to_f32(),
+        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+    }
+}
+
+/// Largest relative error of rounding an f32 to `dtype` (half an ulp).
+pub fn unit_roundoff(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 0.0,
+        DType::F16 => 2f64.powi(-11),
+        DType::BF16 => 2f64.powi(-8),
+    }
 }
 
 /// Packed BSHD inputs drawn from N(0, scale^2).

@@ -15,7 +15,7 @@ use crate::ceiling::CeilingProbes;
 use crate::options::Impl;
 use crate::options_json::{OptionsJson, dtype_name, tier_name};
 use crate::random::{normal_vec, seeded};
-use crate::timing::{Timer, TimingPlan, median, time_gpu};
+use crate::timing::{Timer, Timing, TimingPlan, median, time_gpu};
 
 /// Bound on |gpu - reference| for unit-normal inputs (docs/semantics.md), beyond the
 /// rounding of the output to its storage type (see `unit_roundoff`).
@@ -114,6 +114,41 @@ pub struct ImplResult {
 }
 
 impl ImplResult {
+    /// A GPU implementation's result after its validating run and timing.
+    fn timed(
+        implementation: Impl,
+        within: bool,
+        note: Option<String>,
+        timing: &Timing,
+        flops: f64,
+        gpu_bytes: u64,
+        max_error: f64,
+    ) -> Self {
+        ImplResult {
+            implementation,
+            status: if within { Status::Ok } else { Status::Failed },
+            note,
+            median_ms: Some(timing.median_ms),
+            min_ms: Some(timing.min_ms),
+            max_ms: Some(timing.max_ms),
+            runs: timing.runs,
+            timer: Some(timing.timer.to_string()),
+            flops,
+            gflops: Some(flops / (timing.median_ms * 1e6)),
+            pct_of_fma_ceiling: None,
+            speedup_over_naive: None,
+            gpu_bytes: Some(gpu_bytes),
+            max_abs_err: Some(max_error),
+        }
+    }
+
+    /// A GPU implementation whose validating run disagreed (NaN output).
+    fn invalid(implementation: Impl, message: String, gpu_bytes: u64) -> Self {
+        let mut result = ImplResult::without_timing(implementation, Status::Failed, message);
+        result.gpu_bytes = Some(gpu_bytes);
+        result
+    }
+
     fn without_timing(implementation: Impl, status: Status, note: String) -> Self {
         ImplResult {
             implementation,
@@ -353,12 +388,7 @@ impl Bench<'_> {
         let got = out.to_f32_vec(gpu)?;
         let (max_error, within) = match sample.check(&got) {
             Ok(checked) => checked,
-            Err(message) => {
-                let mut result =
-                    ImplResult::without_timing(implementation, Status::Failed, message);
-                result.gpu_bytes = Some(gpu_bytes);
-                return Ok(result);
-            }
+            Err(message) => return Ok(ImplResult::invalid(implementation, message, gpu_bytes)),
         };
         let timing = time_gpu(
             gpu,
@@ -373,23 +403,15 @@ impl Bench<'_> {
                 _ => gpu.forward(encoder, &args, &case.config),
             },
         )?;
-        let status = if within { Status::Ok } else { Status::Failed };
-        Ok(ImplResult {
+        Ok(ImplResult::timed(
             implementation,
-            status,
-            note: (sample.stride > 1).then(|| format!("validated every {}th row", sample.stride)),
-            median_ms: Some(timing.median_ms),
-            min_ms: Some(timing.min_ms),
-            max_ms: Some(timing.max_ms),
-            runs: timing.runs,
-            timer: Some(timing.timer.to_string()),
+            within,
+            (sample.stride > 1).then(|| format!("validated every {}th row", sample.stride)),
+            &timing,
             flops,
-            gflops: Some(flops / (timing.median_ms * 1e6)),
-            pct_of_fma_ceiling: None,
-            speedup_over_naive: None,
-            gpu_bytes: Some(gpu_bytes),
-            max_abs_err: Some(max_error),
-        })
+            gpu_bytes,
+            max_error,
+        ))
     }
 
     /// Linear attention on the case's inputs (V's head dim is Q's),
@@ -438,11 +460,7 @@ impl Bench<'_> {
         let gpu_bytes = out.buffer().size() + plan.split_state_bytes(&shape);
         let (max_error, within) = match sample.check(&out.to_f32_vec(gpu)?) {
             Ok(checked) => checked,
-            Err(message) => {
-                let mut result = ImplResult::without_timing(Impl::Linear, Status::Failed, message);
-                result.gpu_bytes = Some(gpu_bytes);
-                return Ok(result);
-            }
+            Err(message) => return Ok(ImplResult::invalid(Impl::Linear, message, gpu_bytes)),
         };
         let timing = time_gpu(
             gpu,
@@ -452,26 +470,19 @@ impl Bench<'_> {
             },
             |encoder| gpu.linear_attention(encoder, &args, &config),
         )?;
-        Ok(ImplResult {
-            implementation: Impl::Linear,
-            status: if within { Status::Ok } else { Status::Failed },
-            note: Some(format!(
+        Ok(ImplResult::timed(
+            Impl::Linear,
+            within,
+            Some(format!(
                 "{} key splits of {} keys",
                 plan.splits(),
                 plan.split_keys()
             )),
-            median_ms: Some(timing.median_ms),
-            min_ms: Some(timing.min_ms),
-            max_ms: Some(timing.max_ms),
-            runs: timing.runs,
-            timer: Some(timing.timer.to_string()),
+            &timing,
             flops,
-            gflops: Some(flops / (timing.median_ms * 1e6)),
-            pct_of_fma_ceiling: None,
-            speedup_over_naive: None,
-            gpu_bytes: Some(gpu_bytes),
-            max_abs_err: Some(max_error),
-        })
+            gpu_bytes,
+            max_error,
+        ))
     }
 
     fn time_cpu(&self, case: &Case, operands: &Operands, flops: f64) -> Result<ImplResult> {
