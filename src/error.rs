@@ -186,6 +186,17 @@ pub enum Error {
         limit: u32,
     },
 
+    /// A kernel binds more storage buffers than the adapter allows per shader stage.
+    #[error("{kernel} binds {needed} storage buffers, the adapter allows {limit} per shader stage")]
+    StorageBuffers {
+        /// Which kernel.
+        kernel: &'static str,
+        /// Storage buffers it binds.
+        needed: u32,
+        /// The adapter's `max_storage_buffers_per_shader_stage`.
+        limit: u32,
+    },
+
     /// The planned workgroup has more invocations than the adapter allows.
     #[error("the adapter allows {limit} invocations per workgroup, the kernel needs {needed}")]
     WorkgroupInvocations {

@@ -31,6 +31,7 @@
 #![warn(missing_docs)]
 
 mod attention;
+mod backward;
 mod config;
 mod decode;
 mod error;
@@ -51,6 +52,7 @@ mod tensor;
 mod varlen;
 
 pub use attention::{AttentionArgs, ForwardOptions, HostAttentionOutput, Lse, Sequences};
+pub use backward::{BACKWARD_STORAGE_BUFFERS, BackwardArgs, BackwardPlan, HostGradients};
 pub use config::{
     Alibi, AttentionConfig, AttentionShape, SUPPORTED_HEAD_DIMS, Tier, is_supported_head_dim,
 };

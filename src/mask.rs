@@ -248,6 +248,23 @@ impl AttentionMask {
         Ok(())
     }
 
+    /// How the words lie (kind and strides), without tile states: what a
+    /// kernel that applies the mask key by key needs.
+    pub(crate) fn word_layout(&self) -> MaskParams {
+        let [b, h, q, _] = self.dims;
+        let plane = q * self.row_words;
+        MaskParams {
+            kind: match self.kind {
+                MaskKind::Bias => 0,
+                MaskKind::Bool => 1,
+            },
+            batch_stride: if b == 1 { 0 } else { (h * plane) as u32 },
+            head_stride: if h == 1 { 0 } else { plane as u32 },
+            row_words: self.row_words as u32,
+            ..MaskParams::default()
+        }
+    }
+
     /// The kernel's view of the mask for tiles of `block_m` rows by
     /// `block_n` keys, and the tile-state buffer to bind (None: dense).
     pub(crate) fn params(
@@ -257,19 +274,11 @@ impl AttentionMask {
         block_n: u32,
     ) -> (MaskParams, Option<wgpu::Buffer>) {
         let [b, h, q, k] = self.dims;
-        let plane = q * self.row_words;
         let row_tiles = q.div_ceil(block_m as usize);
         let key_tiles = k.div_ceil(block_n as usize);
         let mut params = MaskParams {
-            kind: match self.kind {
-                MaskKind::Bias => 0,
-                MaskKind::Bool => 1,
-            },
-            batch_stride: if b == 1 { 0 } else { (h * plane) as u32 },
-            head_stride: if h == 1 { 0 } else { plane as u32 },
-            row_words: self.row_words as u32,
             key_tiles: key_tiles as u32,
-            ..MaskParams::default()
+            ..self.word_layout()
         };
         let Some(bits) = &self.host_bits else {
             return (params, None);

@@ -181,3 +181,33 @@ pub struct LinearParams {
     pub group: u32,
     pub _pad: u32,
 }
+
+/// Twin of `struct BackwardParams` in `shaders/flash_backward.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
+pub struct BackwardParams {
+    /// The call's head dim / 4.
+    pub head_dim4: u32,
+    /// Query rows the dispatch writes (rows past `seq_q` are padding).
+    pub extent_q: u32,
+    /// Keys the dispatch writes (keys past `seq_kv` are padding).
+    pub extent_kv: u32,
+    /// Query heads per KV head.
+    pub group: u32,
+    /// Softmax scale in natural units.
+    pub scale: f32,
+    /// 0: no mask, 1: additive bias, 2: boolean.
+    pub mask_kind: u32,
+    /// Mask words between batch entries, heads and rows (0: broadcast).
+    pub mask_batch: u32,
+    pub mask_head: u32,
+    pub mask_row_words: u32,
+    /// Logsumexp and row deltas `[batch, heads_q, rows]`, in floats.
+    pub stats_batch: u32,
+    pub stats_head: u32,
+    pub stats_offset: u32,
+    /// The dO view, in vec4s.
+    pub d_out: TensorStrides,
+    /// The dV view, in vec4s.
+    pub dv: TensorStrides,
+}

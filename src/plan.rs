@@ -602,6 +602,8 @@ pub(crate) mod profiles {
         pub subgroups: Option<(u32, u32)>,
         pub workgroup_bytes: u32,
         pub invocations: u32,
+        /// `max_storage_buffers_per_shader_stage`.
+        pub storage_buffers: u32,
     }
 
     impl Profile {
@@ -615,6 +617,7 @@ pub(crate) mod profiles {
                 max_compute_workgroup_storage_size: self.workgroup_bytes,
                 max_compute_invocations_per_workgroup: self.invocations,
                 max_compute_workgroup_size_x: self.invocations,
+                max_storage_buffers_per_shader_stage: self.storage_buffers,
                 max_storage_buffer_binding_size: 128 << 20,
                 max_buffer_size: 256 << 20,
                 ..wgpu::Limits::default()
@@ -654,6 +657,7 @@ pub(crate) mod profiles {
                 subgroups: Some((8, 8)),
                 workgroup_bytes: 32 * KIB,
                 invocations: 1024,
+                storage_buffers: 32,
             },
             Profile {
                 name: "llvmpipe (LLVM 15.0.6, 256 bits) GL",
@@ -662,6 +666,7 @@ pub(crate) mod profiles {
                 subgroups: None,
                 workgroup_bytes: 32 * KIB,
                 invocations: 1024,
+                storage_buffers: 16,
             },
             Profile {
                 name: "NVIDIA H200",
@@ -670,6 +675,7 @@ pub(crate) mod profiles {
                 subgroups: Some((32, 32)),
                 workgroup_bytes: 48 * KIB,
                 invocations: 1024,
+                storage_buffers: 1048576,
             },
             Profile {
                 name: "AMD Radeon RX 7900 XTX",
@@ -678,6 +684,7 @@ pub(crate) mod profiles {
                 subgroups: Some((32, 64)),
                 workgroup_bytes: 64 * KIB,
                 invocations: 1024,
+                storage_buffers: 1048576,
             },
             Profile {
                 name: "Apple M2",
@@ -686,6 +693,7 @@ pub(crate) mod profiles {
                 subgroups: Some((32, 32)),
                 workgroup_bytes: 32 * KIB,
                 invocations: 1024,
+                storage_buffers: 31,
             },
             Profile {
                 name: "Intel Arc A770",
@@ -694,6 +702,7 @@ pub(crate) mod profiles {
                 subgroups: Some((16, 32)),
                 workgroup_bytes: 64 * KIB,
                 invocations: 1024,
+                storage_buffers: 64,
             },
             Profile {
                 name: "Adreno mobile, WebGPU's minimum limits",
@@ -702,6 +711,7 @@ pub(crate) mod profiles {
                 subgroups: Some((64, 128)),
                 workgroup_bytes: 16 * KIB,
                 invocations: 256,
+                storage_buffers: 8,
             },
             Profile {
                 name: "WARP",
@@ -710,6 +720,7 @@ pub(crate) mod profiles {
                 subgroups: Some((4, 128)),
                 workgroup_bytes: 32 * KIB,
                 invocations: 1024,
+                storage_buffers: 64,
             },
         ]
     }

@@ -6,8 +6,10 @@
 
 use rayon::prelude::*;
 
+mod backward;
 mod linear;
 
+pub use backward::{ReferenceGradients, attention_backward};
 pub use linear::{
     LinearReferenceOutput, LinearReferenceState, apply_feature_map, linear_attention,
 };
@@ -130,21 +132,14 @@ fn attention_core(
     wanted: impl Fn(usize, usize, usize) -> bool + Sync,
     bias: impl Fn(usize, usize, usize, usize) -> Option<f64> + Sync,
 ) -> Result<ReferenceOutput> {
-    config.validate(shape)?;
-    check_len("q", shape.q_shape().elements(), q.len())?;
-    check_len("k", shape.kv_shape().elements(), k.len())?;
-    check_len("v", shape.kv_shape().elements(), v.len())?;
-
+    let problem = Problem::new(shape, q, k, v, config, bias)?;
     let AttentionShape {
         batch,
         seq_q,
-        seq_kv,
         heads_q,
-        heads_kv,
         head_dim: d,
+        ..
     } = *shape;
-    let group = shape.group_size();
-    let scale = f64::from(config.effective_scale(d));
 
     // One work item per (batch, row, head_q), in output order.
     let rows: Vec<(Vec<f64>, f64)> = (0..batch * seq_q * heads_q)
@@ -156,55 +151,17 @@ fn attention_core(
             if !wanted(b, h, i) {
                 return (vec![f64::NAN; d], f64::NAN);
             }
-            let hk = h / group;
-            let q_row = &q[((b * seq_q + i) * heads_q + h) * d..][..d];
-            let keys = config.visible_keys(i, seq_q, seq_kv);
-            if keys.is_empty() {
+            let scores = problem.row_scores(b, h, i);
+            let Some((weights, lse)) = softmax(&scores) else {
                 return (vec![0.0; d], f64::INFINITY);
-            }
-            let pos = i as i64 + seq_kv as i64 - seq_q as i64;
-            let slope = config
-                .alibi
-                .as_ref()
-                .map(|a| f64::from(a.slope(b, h, heads_q)));
-            let kv_at = |j: usize| ((b * seq_kv + j) * heads_kv + hk) * d;
-            let keys: Vec<(usize, f64)> =
-                keys.filter_map(|j| Some((j, bias(b, h, i, j)?))).collect();
-            if keys.is_empty() {
-                return (vec![0.0; d], f64::INFINITY);
-            }
-            let scores: Vec<f64> = keys
-                .iter()
-                .map(|&(j, extra)| {
-                    let k_row = &k[kv_at(j)..][..d];
-                    let dot: f64 = q_row
-                        .iter()
-                        .zip(k_row)
-                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                        .sum();
-                    let mut s = dot * scale;
-                    if let Some(cap) = config.softcap {
-                        let cap = f64::from(cap);
-                        s = cap * (s / cap).tanh();
-                    }
-                    if let Some(m) = slope {
-                        s -= m * (pos - j as i64).unsigned_abs() as f64;
-                    }
-                    s + extra
-                })
-                .collect();
-            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-            let sum: f64 = weights.iter().sum();
+            };
             let mut out = vec![0.0f64; d];
-            for (&(j, _), w) in keys.iter().zip(&weights) {
-                let v_row = &v[kv_at(j)..][..d];
-                for (o, &x) in out.iter_mut().zip(v_row) {
+            for (score, w) in scores.iter().zip(&weights) {
+                for (o, &x) in out.iter_mut().zip(problem.v_row(b, h, score.key)) {
                     *o += w * f64::from(x);
                 }
             }
-            out.iter_mut().for_each(|o| *o /= sum);
-            (out, max + sum.ln())
+            (out, lse)
         })
         .collect();
 
@@ -218,6 +175,132 @@ fn attention_core(
         lse[(b * heads_q + h) * seq_q + i] = row_lse;
     }
     Ok(ReferenceOutput { out, lse })
+}
+
+/// One visible key of a query row.
+pub(crate) struct Score {
+    pub key: usize,
+    /// q . k, before any option.
+    pub dot: f64,
+    /// The final score: scaled, capped, ALiBi and bias added (natural units).
+    pub score: f64,
+}
+
+/// Softmax weights of a row's scores and its logsumexp; `None` for a row
+/// without keys.
+pub(crate) fn softmax(scores: &[Score]) -> Option<(Vec<f64>, f64)> {
+    if scores.is_empty() {
+        return None;
+    }
+    let max = scores
+        .iter()
+        .map(|s| s.score)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let weights: Vec<f64> = scores.iter().map(|s| (s.score - max).exp()).collect();
+    let sum: f64 = weights.iter().sum();
+    Some((weights.iter().map(|w| w / sum).collect(), max + sum.ln()))
+}
+
+/// A checked call of the reference: packed BSHD inputs, options and the
+/// mask as `bias(b, h, i, j)` (`None` hides the key).
+pub(crate) struct Problem<'a, B> {
+    pub shape: AttentionShape,
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub config: &'a AttentionConfig,
+    pub scale: f64,
+    bias: B,
+}
+
+impl<'a, B: Fn(usize, usize, usize, usize) -> Option<f64> + Sync> Problem<'a, B> {
+    pub fn new(
+        shape: &AttentionShape,
+        q: &'a [f32],
+        k: &'a [f32],
+        v: &'a [f32],
+        config: &'a AttentionConfig,
+        bias: B,
+    ) -> Result<Self> {
+        config.validate(shape)?;
+        check_len("q", shape.q_shape().elements(), q.len())?;
+        check_len("k", shape.kv_shape().elements(), k.len())?;
+        check_len("v", shape.kv_shape().elements(), v.len())?;
+        Ok(Problem {
+            shape: *shape,
+            q,
+            k,
+            v,
+            config,
+            scale: f64::from(config.effective_scale(shape.head_dim)),
+            bias,
+        })
+    }
+
+    /// Offset of query row `i` of head `h` (also of O, dO and dQ).
+    pub fn q_at(&self, b: usize, h: usize, i: usize) -> usize {
+        let s = &self.shape;
+        ((b * s.seq_q + i) * s.heads_q + h) * s.head_dim
+    }
+
+    /// Offset of key `j` of the KV head that query head `h` reads.
+    pub fn kv_at(&self, b: usize, h: usize, j: usize) -> usize {
+        let s = &self.shape;
+        ((b * s.seq_kv + j) * s.heads_kv + h / s.group_size()) * s.head_dim
+    }
+
+    pub fn q_row(&self, b: usize, h: usize, i: usize) -> &'a [f32] {
+        &self.q[self.q_at(b, h, i)..][..self.shape.head_dim]
+    }
+
+    pub fn k_row(&self, b: usize, h: usize, j: usize) -> &'a [f32] {
+        &self.k[self.kv_at(b, h, j)..][..self.shape.head_dim]
+    }
+
+    pub fn v_row(&self, b: usize, h: usize, j: usize) -> &'a [f32] {
+        &self.v[self.kv_at(b, h, j)..][..self.shape.head_dim]
+    }
+
+    /// The keys query row `i` of head `h` sees, with their scores.
+    pub fn row_scores(&self, b: usize, h: usize, i: usize) -> Vec<Score> {
+        let AttentionShape {
+            seq_q,
+            seq_kv,
+            heads_q,
+            ..
+        } = self.shape;
+        let config = self.config;
+        let pos = i as i64 + seq_kv as i64 - seq_q as i64;
+        let slope = config
+            .alibi
+            .as_ref()
+            .map(|a| f64::from(a.slope(b, h, heads_q)));
+        let q_row = self.q_row(b, h, i);
+        config
+            .visible_keys(i, seq_q, seq_kv)
+            .filter_map(|j| {
+                let extra = (self.bias)(b, h, i, j)?;
+                let dot: f64 = q_row
+                    .iter()
+                    .zip(self.k_row(b, h, j))
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum();
+                let mut s = dot * self.scale;
+                if let Some(cap) = config.softcap {
+                    let cap = f64::from(cap);
+                    s = cap * (s / cap).tanh();
+                }
+                if let Some(m) = slope {
+                    s -= m * (pos - j as i64).unsigned_abs() as f64;
+                }
+                Some(Score {
+                    key: j,
+                    dot,
+                    score: s + extra,
+                })
+            })
+            .collect()
+    }
 }
 
 fn check_len(tensor: &'static str, expected: usize, got: usize) -> Result<()> {

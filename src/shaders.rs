@@ -66,12 +66,18 @@ pub enum Kernel {
     /// `shaders/linear_attention.wgsl`, recurrent decoding: one token added
     /// to the carried state in place.
     LinearUpdate,
+    /// `shaders/flash_backward.wgsl`, first pass: D = rowsum(dO * O).
+    BackwardDeltas,
+    /// `shaders/flash_backward.wgsl`: dK and dV per block of keys.
+    BackwardKeys,
+    /// `shaders/flash_backward.wgsl`: dQ per block of query rows.
+    BackwardQueries,
 }
 
 impl Kernel {
     /// Every kernel family, for tests that validate all shaders.
     #[cfg(test)]
-    pub const ALL: [Kernel; 13] = [
+    pub const ALL: [Kernel; 16] = [
         Kernel::FlashForward,
         Kernel::FlashMasked,
         Kernel::NaiveScores,
@@ -85,6 +91,9 @@ impl Kernel {
         Kernel::LinearScan,
         Kernel::LinearOutputs,
         Kernel::LinearUpdate,
+        Kernel::BackwardDeltas,
+        Kernel::BackwardKeys,
+        Kernel::BackwardQueries,
     ];
 
     /// File name under `shaders/`.
@@ -102,6 +111,9 @@ impl Kernel {
             | Kernel::LinearScan
             | Kernel::LinearOutputs
             | Kernel::LinearUpdate => "linear_attention.wgsl",
+            Kernel::BackwardDeltas | Kernel::BackwardKeys | Kernel::BackwardQueries => {
+                "flash_backward.wgsl"
+            }
         }
     }
 
@@ -125,6 +137,9 @@ impl Kernel {
             | Kernel::LinearUpdate => {
                 include_str!("../shaders/linear_attention.wgsl")
             }
+            Kernel::BackwardDeltas | Kernel::BackwardKeys | Kernel::BackwardQueries => {
+                include_str!("../shaders/flash_backward.wgsl")
+            }
         };
         let common = match self {
             Kernel::Combine => "",
@@ -138,7 +153,10 @@ impl Kernel {
             | Kernel::LinearStates
             | Kernel::LinearScan
             | Kernel::LinearOutputs
-            | Kernel::LinearUpdate => include_str!("../shaders/attention_common.wgsl"),
+            | Kernel::LinearUpdate
+            | Kernel::BackwardDeltas
+            | Kernel::BackwardKeys
+            | Kernel::BackwardQueries => include_str!("../shaders/attention_common.wgsl"),
         };
         if common.is_empty() {
             file.to_string()
@@ -157,6 +175,9 @@ impl Kernel {
             Kernel::LinearScan => "scan_states",
             Kernel::LinearOutputs => "chunk_outputs",
             Kernel::LinearUpdate => "update_state",
+            Kernel::BackwardDeltas => "row_deltas",
+            Kernel::BackwardKeys => "key_grads",
+            Kernel::BackwardQueries => "query_grads",
             _ => "main",
         }
     }
@@ -193,6 +214,9 @@ impl Kernel {
             | Kernel::LinearScan
             | Kernel::LinearOutputs
             | Kernel::LinearUpdate => &LINEAR_BINDINGS,
+            Kernel::BackwardDeltas | Kernel::BackwardKeys | Kernel::BackwardQueries => {
+                &BACKWARD_BINDINGS
+            }
             // params, starts, frequencies, new K, new V, K and V segments,
             // block table
             Kernel::KvAppend => &[
@@ -255,6 +279,24 @@ const LINEAR_BINDINGS: [wgpu::BufferBindingType; 10] = {
         Storage { read_only: false },
         Storage { read_only: false },
     ])
+};
+
+/// flash_backward.wgsl: bindings 0-6 (`out` holds O, dK or dQ by pass),
+/// then its parameters (7), dO (8), the row deltas (9), dV (10) and the mask
+/// words (11). Ten storage buffers: the pass checks the adapter's limit.
+const BACKWARD_BINDINGS: [wgpu::BufferBindingType; 12] = {
+    use wgpu::BufferBindingType::{Storage, Uniform};
+    let mut all = [Uniform; 12];
+    let mut i = 0;
+    while i < 7 {
+        all[i] = ATTENTION_BINDINGS[i];
+        i += 1;
+    }
+    all[8] = Storage { read_only: true };
+    all[9] = Storage { read_only: false };
+    all[10] = Storage { read_only: false };
+    all[11] = Storage { read_only: true };
+    all
 };
 
 /// Bindings of shaders/attention_common.wgsl (0-6), then the naive
@@ -375,6 +417,44 @@ impl LinearPass {
     ];
 }
 
+/// Tile sizes of the backward kernels (shaders/flash_backward.wgsl).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BackwardTiling {
+    /// Head dims the pipeline holds: a power of two from 8 to 256, at
+    /// least the call's head dim (the rest loads as zero), so that one
+    /// pipeline serves every head dim of its range.
+    pub head_dim_capacity: u32,
+    /// Invocations per workgroup.
+    pub workgroup_size: u32,
+    /// Keys (key pass) or query rows (query pass) per invocation.
+    pub rows: u32,
+    /// Query rows (key pass) or keys (query pass) per staged tile.
+    pub block: u32,
+    /// Expand the loops over head dim, rows and staging in the WGSL text.
+    pub unroll: bool,
+    /// Storage type of every tensor (arithmetic is f32).
+    pub storage: DType,
+}
+
+/// The passes of the backward, in dispatch order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackwardPass {
+    /// D = rowsum(dO * O).
+    Deltas,
+    /// dK and dV.
+    Keys,
+    /// dQ.
+    Queries,
+}
+
+impl BackwardPass {
+    pub const ALL: [BackwardPass; 3] = [
+        BackwardPass::Deltas,
+        BackwardPass::Keys,
+        BackwardPass::Queries,
+    ];
+}
+
 /// Compile-time constants that select one pipeline of a kernel family. Two
 /// calls with equal specializations share a pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -405,6 +485,11 @@ pub enum Specialization {
     Linear {
         pass: LinearPass,
         tiling: LinearTiling,
+    },
+    /// One pass of the backward.
+    Backward {
+        pass: BackwardPass,
+        tiling: BackwardTiling,
     },
 }
 
@@ -503,6 +588,11 @@ impl Specialization {
                 LinearPass::Outputs => Kernel::LinearOutputs,
                 LinearPass::Update => Kernel::LinearUpdate,
             },
+            Specialization::Backward { pass, .. } => match pass {
+                BackwardPass::Deltas => Kernel::BackwardDeltas,
+                BackwardPass::Keys => Kernel::BackwardKeys,
+                BackwardPass::Queries => Kernel::BackwardQueries,
+            },
         }
     }
 
@@ -553,6 +643,16 @@ impl Specialization {
                     (tiling.head_dim_v / 4).div_ceil(tiling.workgroup_size),
                 ),
             ],
+            Specialization::Backward { tiling, .. } => {
+                let d4 = tiling.head_dim_capacity / 4;
+                vec![
+                    ("D4", d4),
+                    ("WG_SIZE", tiling.workgroup_size),
+                    ("ROWS", tiling.rows),
+                    ("BLOCK", tiling.block),
+                    ("STAGE", (tiling.block * d4).div_ceil(tiling.workgroup_size)),
+                ]
+            }
         }
     }
 
@@ -593,6 +693,7 @@ impl Specialization {
                     flags.push(SUBGROUP_BROADCAST);
                 }
             }
+            Specialization::Backward { tiling, .. } => flags.extend(storage_flags(tiling.storage)),
             _ => {}
         }
         flags
@@ -631,6 +732,13 @@ impl Specialization {
             Specialization::Linear { .. } => &[
                 "DK4", "DV4", "RQ", "CB4", "ROWS", "SLOTS_C", "SLOTS_S", "SLOTS_K", "SLOTS_V",
             ],
+            Specialization::Backward { tiling, .. } => {
+                if tiling.unroll {
+                    &["D4", "ROWS", "STAGE"]
+                } else {
+                    &[]
+                }
+            }
             Specialization::Combine { .. }
             | Specialization::Rope { .. }
             | Specialization::KvAppend { .. } => &[],

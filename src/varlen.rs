@@ -7,7 +7,7 @@
 use wgpu::util::DeviceExt;
 
 use crate::attention::{AttentionArgs, Lse, check_lse_output};
-use crate::config::AttentionConfig;
+use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::tensor::{Tensor, TensorShape, require_usage};
@@ -23,15 +23,100 @@ pub struct ValidLengths<'a> {
 }
 
 /// One sequence: its rows in the caller's tensors.
-struct Sequence {
+pub(crate) struct Sequence {
     /// Batch index and first row in the caller's Q/O (and logsumexp).
-    batch: usize,
-    q_start: usize,
-    q_len: usize,
+    pub batch: usize,
+    pub q_start: usize,
+    pub q_len: usize,
     /// Batch index and first key in the caller's K/V.
-    kv_batch: usize,
-    kv_start: usize,
-    kv_len: usize,
+    pub kv_batch: usize,
+    pub kv_start: usize,
+    pub kv_len: usize,
+}
+
+/// The sequences of a packed variable-length batch, after checking that
+/// every tensor has batch 1 and that the offsets fit the packed lengths.
+pub(crate) fn varlen_sequences(
+    tensors: &[(&'static str, &Tensor)],
+    total_q: usize,
+    total_k: usize,
+    cu_seqlens_q: &[usize],
+    cu_seqlens_k: &[usize],
+) -> Result<Vec<Sequence>> {
+    for &(name, tensor) in tensors {
+        if tensor.shape().batch != 1 {
+            return Err(Error::ShapeMismatch {
+                what: "varlen tensors are packed as [1, total tokens, heads, head_dim]",
+                left_name: name,
+                left: tensor.shape().batch,
+                right_name: "expected batch",
+                right: 1,
+            });
+        }
+    }
+    check_offsets("cu_seqlens_q", cu_seqlens_q, total_q)?;
+    check_offsets("cu_seqlens_k", cu_seqlens_k, total_k)?;
+    if cu_seqlens_q.len() != cu_seqlens_k.len() {
+        return Err(Error::DataLength {
+            tensor: "cu_seqlens_k (one entry per cu_seqlens_q entry)",
+            expected: cu_seqlens_q.len(),
+            got: cu_seqlens_k.len(),
+        });
+    }
+    Ok(cu_seqlens_q
+        .windows(2)
+        .zip(cu_seqlens_k.windows(2))
+        .map(|(qs, ks)| Sequence {
+            batch: 0,
+            q_start: qs[0],
+            q_len: qs[1] - qs[0],
+            kv_batch: 0,
+            kv_start: ks[0],
+            kv_len: ks[1] - ks[0],
+        })
+        .collect())
+}
+
+/// The sequences of a dense batch with valid lengths (one per batch entry,
+/// from row 0), after checking the lengths against `shape`.
+pub(crate) fn padded_sequences(
+    shape: &AttentionShape,
+    lens: &ValidLengths<'_>,
+) -> Result<Vec<Sequence>> {
+    let check = |name: &'static str, values: &[usize], max: usize| -> Result<()> {
+        if values.len() != shape.batch {
+            return Err(Error::DataLength {
+                tensor: name,
+                expected: shape.batch,
+                got: values.len(),
+            });
+        }
+        for (index, &len) in values.iter().enumerate() {
+            if len > max {
+                return Err(Error::ValidLength {
+                    name,
+                    index,
+                    len,
+                    max,
+                });
+            }
+        }
+        Ok(())
+    };
+    check("valid kv lengths", lens.kv, shape.seq_kv)?;
+    if let Some(q_lens) = lens.q {
+        check("valid q lengths", q_lens, shape.seq_q)?;
+    }
+    Ok((0..shape.batch)
+        .map(|b| Sequence {
+            batch: b,
+            q_start: 0,
+            q_len: lens.q.map_or(shape.seq_q, |q| q[b]),
+            kv_batch: b,
+            kv_start: 0,
+            kv_len: lens.kv[b],
+        })
+        .collect())
 }
 
 fn check_offsets(name: &'static str, offsets: &[usize], total: usize) -> Result<()> {
@@ -72,44 +157,18 @@ impl Gpu {
         cu_seqlens_q: &[usize],
         cu_seqlens_k: &[usize],
     ) -> Result<()> {
-        let (q, k) = (args.q.shape(), args.k.shape());
-        for (name, tensor) in [
-            ("q", args.q),
-            ("k", args.k),
-            ("v", args.v),
-            ("out", args.out),
-        ] {
-            if tensor.shape().batch != 1 {
-                return Err(Error::ShapeMismatch {
-                    what: "varlen tensors are packed as [1, total tokens, heads, head_dim]",
-                    left_name: name,
-                    left: tensor.shape().batch,
-                    right_name: "expected batch",
-                    right: 1,
-                });
-            }
-        }
-        check_offsets("cu_seqlens_q", cu_seqlens_q, q.seq)?;
-        check_offsets("cu_seqlens_k", cu_seqlens_k, k.seq)?;
-        if cu_seqlens_q.len() != cu_seqlens_k.len() {
-            return Err(Error::DataLength {
-                tensor: "cu_seqlens_k (one entry per cu_seqlens_q entry)",
-                expected: cu_seqlens_q.len(),
-                got: cu_seqlens_k.len(),
-            });
-        }
-        let sequences = cu_seqlens_q
-            .windows(2)
-            .zip(cu_seqlens_k.windows(2))
-            .map(|(qs, ks)| Sequence {
-                batch: 0,
-                q_start: qs[0],
-                q_len: qs[1] - qs[0],
-                kv_batch: 0,
-                kv_start: ks[0],
-                kv_len: ks[1] - ks[0],
-            })
-            .collect();
+        let sequences = varlen_sequences(
+            &[
+                ("q", args.q),
+                ("k", args.k),
+                ("v", args.v),
+                ("out", args.out),
+            ],
+            args.q.shape().seq,
+            args.k.shape().seq,
+            cu_seqlens_q,
+            cu_seqlens_k,
+        )?;
         self.encode_sequences(encoder, args, config, sequences, Vec::new())
     }
 
@@ -126,45 +185,11 @@ impl Gpu {
         lens: &ValidLengths<'_>,
     ) -> Result<()> {
         let shape = args.shape()?;
-        let check = |name: &'static str, values: &[usize], max: usize| -> Result<()> {
-            if values.len() != shape.batch {
-                return Err(Error::DataLength {
-                    tensor: name,
-                    expected: shape.batch,
-                    got: values.len(),
-                });
-            }
-            for (index, &len) in values.iter().enumerate() {
-                if len > max {
-                    return Err(Error::ValidLength {
-                        name,
-                        index,
-                        len,
-                        max,
-                    });
-                }
-            }
-            Ok(())
-        };
-        check("valid kv lengths", lens.kv, shape.seq_kv)?;
-        if let Some(q_lens) = lens.q {
-            check("valid q lengths", q_lens, shape.seq_q)?;
-        }
-        let padding_rows = (0..shape.batch)
-            .filter_map(|b| {
-                let valid = lens.q.map_or(shape.seq_q, |q| q[b]);
-                (valid < shape.seq_q).then_some((b, valid, shape.seq_q - valid))
-            })
-            .collect();
-        let sequences = (0..shape.batch)
-            .map(|b| Sequence {
-                batch: b,
-                q_start: 0,
-                q_len: lens.q.map_or(shape.seq_q, |q| q[b]),
-                kv_batch: b,
-                kv_start: 0,
-                kv_len: lens.kv[b],
-            })
+        let sequences = padded_sequences(&shape, lens)?;
+        let padding_rows = sequences
+            .iter()
+            .filter(|s| s.q_len < shape.seq_q)
+            .map(|s| (s.batch, s.q_len, shape.seq_q - s.q_len))
             .collect();
         self.encode_sequences(encoder, args, config, sequences, padding_rows)
     }

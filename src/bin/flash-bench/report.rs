@@ -30,6 +30,7 @@ pub struct AdapterJson {
     pub max_compute_invocations_per_workgroup: u32,
     pub max_compute_workgroup_size_x: u32,
     pub max_compute_workgroups_per_dimension: u32,
+    pub max_storage_buffers_per_shader_stage: u32,
 }
 
 impl AdapterJson {
@@ -55,6 +56,7 @@ impl AdapterJson {
             max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
             max_compute_workgroup_size_x: limits.max_compute_workgroup_size_x,
             max_compute_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
+            max_storage_buffers_per_shader_stage: limits.max_storage_buffers_per_shader_stage,
         }
     }
 
@@ -78,7 +80,8 @@ impl AdapterJson {
              vendor 0x{:04x} device 0x{:04x}\n  \
              f16: {}  subgroups: {}  timestamps: {} (inside encoders: {})\n  \
              storage binding {}, buffer {}, workgroup memory {}, \
-             {} invocations/workgroup (x up to {}), {} workgroups/dimension",
+             {} invocations/workgroup (x up to {}), {} workgroups/dimension, \
+             {} storage buffers/stage",
             self.backend,
             self.device_type,
             self.driver,
@@ -95,6 +98,7 @@ impl AdapterJson {
             self.max_compute_invocations_per_workgroup,
             self.max_compute_workgroup_size_x,
             self.max_compute_workgroups_per_dimension,
+            self.max_storage_buffers_per_shader_stage,
         )
     }
 }

@@ -1,0 +1,440 @@
+// FlashAttention-2 backward pass: dQ, dK and dV from Q, K, V, O, dO and the
+// forward's logsumexp, f32 arithmetic whatever the storage type. Three entry
+// points, dispatched in this order by src/backward/dispatch.rs:
+//
+//   row_deltas   D_i = dO_i . O_i per query row (FlashAttention's
+//                preprocessing), written to `deltas`.
+//   key_grads    one workgroup per block of keys of one (batch, KV head):
+//                each invocation keeps ROWS keys' K, V, dK and dV in
+//                registers and walks every query row that sees the block
+//                (every query head of the KV group, so GQA sums into dK and
+//                dV here), staging Q and dO tiles in workgroup memory.
+//   query_grads  one workgroup per block of query rows of one (batch, query
+//                head), the forward's layout: each invocation keeps ROWS
+//                rows' Q, dO and dQ and walks the visible keys, staging K and
+//                V tiles.
+//
+// P is recomputed from the scores and the saved logsumexp in both gradient
+// passes; nothing is accumulated across workgroups, so no atomics are needed
+// and every run gives the same bits. Per (query i, key j), in natural units:
+//   P = exp(s - lse_i), dP = dO_i . v_j, dS = P (dP - D_i),
+//   dX = dS * scale * (softcap ? 1 - tanh(t / cap)^2 : 1)   (t = scale q.k)
+//   dQ_i += dX k_j, dK_j += dX q_i, dV_j += P dO_i.
+//
+// Bindings 0-6 come from attention_common.wgsl: `o_buf` (binding 4) holds O in
+// row_deltas, dK in key_grads and dQ in query_grads, with `p.o` its strides;
+// `lse_buf` holds the forward's logsumexp (read only here).
+//
+// Generated constants (src/shaders.rs, `BackwardTiling`):
+//   D4       head-dim capacity / 4: the smallest power of two >= the call's
+//            head dim (>= 8) over 4, so one pipeline serves a range of head
+//            dims. Elements past the call's head dim (`bp.head_dim4`) load as
+//            0 and are never stored.
+//   WG_SIZE  invocations per workgroup
+//   ROWS     keys (key_grads) or query rows (query_grads) per invocation
+//   BLOCK    query rows (key_grads) or keys (query_grads) per staged tile
+//   STAGE    ceil(BLOCK * D4 / WG_SIZE): staging trips per invocation
+
+// Twin of `BackwardParams` in src/params.rs.
+struct BackwardParams {
+    // The call's head dim / 4 (<= D4).
+    head_dim4: u32,
+    // Query rows the dispatch writes (>= p.seq_q: rows past seq_q are
+    // padding and get zero gradients).
+    extent_q: u32,
+    // Keys the dispatch writes (>= p.seq_kv, likewise).
+    extent_kv: u32,
+    // Query heads per KV head.
+    group: u32,
+    // Softmax scale in natural units (the chain rule's factor).
+    scale: f32,
+    // 0: no mask, 1: additive bias (f32 bits), 2: boolean (a bit per key).
+    mask_kind: u32,
+    // Mask words between batch entries, heads and query rows.
+    mask_batch: u32,
+    mask_head: u32,
+    mask_row_words: u32,
+    // Logsumexp and deltas, [batch, heads_q, rows] in floats.
+    stats_batch: u32,
+    stats_head: u32,
+    stats_offset: u32,
+    // The dO view and the dV view, in vec4s.
+    d_out: TensorStrides,
+    dv: TensorStrides,
+}
+
+@group(0) @binding(7) var<uniform> bp: BackwardParams;
+// #if HALF_STORAGE
+@group(0) @binding(8) var<storage, read> do_buf: array<vec2<u32>>;
+@group(0) @binding(10) var<storage, read_write> dv_buf: array<vec2<u32>>;
+// #else
+@group(0) @binding(8) var<storage, read> do_buf: array<vec4<f32>>;
+@group(0) @binding(10) var<storage, read_write> dv_buf: array<vec4<f32>>;
+// #endif
+// D per query row, indexed like the logsumexp.
+@group(0) @binding(9) var<storage, read_write> deltas: array<f32>;
+@group(0) @binding(11) var<storage, read> mask_words: array<u32>;
+
+// Staged tiles: Q and dO rows (key_grads) or K and V rows (query_grads),
+// and per staged query row its logsumexp (log2 units) and delta.
+var<workgroup> tile_a: array<vec4<f32>, BLOCK * D4>;
+var<workgroup> tile_b: array<vec4<f32>, BLOCK * D4>;
+var<workgroup> row_stats: array<vec2<f32>, BLOCK>;
+
+// #if HALF_STORAGE
+fn load_do(i: u32) -> vec4<f32> {
+    return unpack4(do_buf[i]);
+}
+
+fn load_o(i: u32) -> vec4<f32> {
+    return unpack4(o_buf[i]);
+}
+
+// #if BF16_STORAGE
+fn grad_bits(x: f32) -> u32 {
+    return bf16_bits(x);
+}
+// #else
+// Gradients, unlike outputs, are not bounded by the inputs: a value past
+// f16's range is stored as the infinity it rounds to (pack2x16float leaves
+// such values undefined).
+fn grad_bits(x: f32) -> u32 {
+    if (abs(x) >= 65520.0) {
+        return select(0x7c00u, 0xfc00u, x < 0.0);
+    }
+    return pack2x16float(vec2<f32>(clamp(x, -65504.0, 65504.0), 0.0)) & 0xffffu;
+}
+// #endif
+
+fn pack_grad(v: vec4<f32>) -> vec2<u32> {
+    return vec2<u32>(grad_bits(v.x) | (grad_bits(v.y) << 16u), grad_bits(v.z) | (grad_bits(v.w) << 16u));
+}
+// #else
+fn load_do(i: u32) -> vec4<f32> {
+    return do_buf[i];
+}
+
+fn load_o(i: u32) -> vec4<f32> {
+    return o_buf[i];
+}
+
+fn pack_grad(v: vec4<f32>) -> vec4<f32> {
+    return v;
+}
+// #endif
+
+// Element offsets (in vec4s) of head-dim slot 0 of a row.
+fn q_row(batch: u32, row: u32, head: u32) -> u32 {
+    return batch * p.q.batch + row * p.q.seq + head * p.q.head + p.q.offset;
+}
+
+fn do_row(batch: u32, row: u32, head: u32) -> u32 {
+    return batch * bp.d_out.batch + row * bp.d_out.seq + head * bp.d_out.head + bp.d_out.offset;
+}
+
+fn o_row(batch: u32, row: u32, head: u32) -> u32 {
+    return batch * p.o.batch + row * p.o.seq + head * p.o.head + p.o.offset;
+}
+
+fn stats_index(batch: u32, head: u32, row: u32) -> u32 {
+    return batch * bp.stats_batch + head * bp.stats_head + bp.stats_offset + row;
+}
+
+// P and dX (the gradient of the raw dot product q . k) of one (query, key)
+// pair; both 0 for a pair the options or the mask hide. `lse2` is the row's
+// logsumexp in log2 units.
+fn pair_grads(dot: f32, dp: f32, batch: u32, head_q: u32, row: u32, row_pos: i32, key: i32,
+    slope: f32, lse2: f32, delta: f32) -> vec2<f32> {
+    let bounds = visible_keys(row_pos);
+    if (key < bounds.x || key > bounds.y) {
+        return vec2<f32>(0.0);
+    }
+    var s = finish_scores(vec4<f32>(dot), row_pos, vec4<i32>(key), slope).x;
+    if (bp.mask_kind != 0u) {
+        let base = batch * bp.mask_batch + head_q * bp.mask_head + row * bp.mask_row_words;
+        if (bp.mask_kind == 1u) {
+            // -inf (a hidden key) gives P = 0 below.
+            s += bitcast<f32>(mask_words[base + u32(key)]) * LOG2_E;
+        } else if (((mask_words[base + u32(key) / 32u] >> (u32(key) % 32u)) & 1u) == 0u) {
+            return vec2<f32>(0.0);
+        }
+    }
+    let prob = exp2(s - lse2);
+    var dx = prob * (dp - delta) * bp.scale;
+    if (has_flag(FLAG_SOFTCAP)) {
+        // With softcap the score scale is in natural units.
+        let th = tanh(dot * p.score_scale / p.softcap);
+        dx *= 1.0 - th * th;
+    }
+    return vec2<f32>(prob, dx);
+}
+
+fn alibi_slope_of(batch: u32, head_q: u32) -> f32 {
+    if (has_flag(FLAG_ALIBI)) {
+        return alibi_slopes[batch * p.alibi_batch_stride + head_q];
+    }
+    return 0.0;
+}
+
+@compute @workgroup_size(64)
+fn row_deltas(@builtin(global_invocation_id) id: vec3<u32>) {
+    let row = id.x;
+    let head = id.y;
+    let batch = id.z;
+    if (row >= bp.extent_q) {
+        return;
+    }
+    var sum = 0.0;
+    let g = do_row(batch, row, head);
+    let o = o_row(batch, row, head);
+    for (var d = 0u; d < bp.head_dim4; d++) {
+        sum += dot(load_do(g + d), load_o(o + d));
+    }
+    deltas[stats_index(batch, head, row)] = sum;
+}
+
+@compute @workgroup_size(WG_SIZE)
+fn key_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let batch = wg.z;
+    let head_kv = wg.y;
+    let key0 = wg.x * WG_SIZE * ROWS;
+    let diag = i32(p.seq_kv) - i32(p.seq_q);
+    // Keys past seq_kv (padding) see no query; the index is clamped for loads.
+    let last_key = max(p.seq_kv, 1u) - 1u;
+
+    var k: array<vec4<f32>, ROWS * D4>;
+    var v: array<vec4<f32>, ROWS * D4>;
+    var dk: array<vec4<f32>, ROWS * D4>;
+    var dv: array<vec4<f32>, ROWS * D4>;
+    var key_pos: array<i32, ROWS>;
+    for (var r = 0u; r < ROWS; r++) {
+        let key = key0 + lid + r * WG_SIZE;
+        key_pos[r] = i32(key);
+        let at = min(key, last_key);
+        let k_base = batch * p.k.batch + at * p.k.seq + head_kv * p.k.head + p.k.offset;
+        let v_base = batch * p.v.batch + at * p.v.seq + head_kv * p.v.head + p.v.offset;
+        for (var d = 0u; d < D4; d++) {
+            var kk = vec4<f32>(0.0);
+            var vv = vec4<f32>(0.0);
+            if (d < bp.head_dim4) {
+                kk = load_k(k_base + d);
+                vv = load_v(v_base + d);
+            }
+            k[r * D4 + d] = kk;
+            v[r * D4 + d] = vv;
+            dk[r * D4 + d] = vec4<f32>(0.0);
+            dv[r * D4 + d] = vec4<f32>(0.0);
+        }
+    }
+
+    // Query rows some key of the block is visible to: row i sits at key
+    // position i + diag and sees keys [pos - left, pos + right].
+    let block_hi = min(i32(key0 + WG_SIZE * ROWS), i32(p.seq_kv)) - 1;
+    var row_lo = 0;
+    var row_hi = i32(p.seq_q) - 1;
+    if (has_flag(FLAG_WINDOW_RIGHT)) {
+        row_lo = max(row_lo, i32(key0) - i32(p.window_right) - diag);
+    }
+    if (has_flag(FLAG_WINDOW_LEFT)) {
+        row_hi = min(row_hi, block_hi + i32(p.window_left) - diag);
+    }
+    if (block_hi < i32(key0)) {
+        row_hi = -1;
+    }
+
+    for (var g = 0u; g < bp.group; g++) {
+        let head_q = head_kv * bp.group + g;
+        let slope = alibi_slope_of(batch, head_q);
+        for (var i0 = row_lo; i0 <= row_hi; i0 += i32(BLOCK)) {
+            let n_rows = u32(min(i32(BLOCK), row_hi + 1 - i0));
+            for (var s = 0u; s < STAGE; s++) {
+                let e = lid + s * WG_SIZE;
+                if (e < BLOCK * D4) {
+                    let row = e / D4;
+                    let d = e % D4;
+                    var qq = vec4<f32>(0.0);
+                    var gg = vec4<f32>(0.0);
+                    let i = u32(i0) + min(row, n_rows - 1u);
+                    if (row < n_rows && d < bp.head_dim4) {
+                        qq = load_q(q_row(batch, i, head_q) + d);
+                        gg = load_do(do_row(batch, i, head_q) + d);
+                    }
+                    tile_a[e] = qq;
+                    tile_b[e] = gg;
+                    if (d == 0u) {
+                        let at = stats_index(batch, head_q, i);
+                        row_stats[row] = vec2<f32>(lse_buf[at] * LOG2_E, deltas[at]);
+                    }
+                }
+            }
+            workgroupBarrier();
+            for (var ii = 0u; ii < n_rows; ii++) {
+                let row = u32(i0) + ii;
+                let row_pos = i32(row) + diag;
+                let t = ii * D4;
+                var dots: array<f32, ROWS>;
+                var dps: array<f32, ROWS>;
+                for (var r = 0u; r < ROWS; r++) {
+                    dots[r] = 0.0;
+                    dps[r] = 0.0;
+                }
+                for (var d = 0u; d < D4; d++) {
+                    let qd = tile_a[t + d];
+                    let gd = tile_b[t + d];
+                    for (var r = 0u; r < ROWS; r++) {
+                        dots[r] = fma_dot(qd, k[r * D4 + d], dots[r]);
+                        dps[r] = fma_dot(gd, v[r * D4 + d], dps[r]);
+                    }
+                }
+                let stats = row_stats[ii];
+                var grads: array<vec2<f32>, ROWS>;
+                for (var r = 0u; r < ROWS; r++) {
+                    grads[r] = pair_grads(dots[r], dps[r], batch, head_q, row, row_pos, key_pos[r],
+                        slope, stats.x, stats.y);
+                }
+                for (var d = 0u; d < D4; d++) {
+                    let qd = tile_a[t + d];
+                    let gd = tile_b[t + d];
+                    for (var r = 0u; r < ROWS; r++) {
+                        dv[r * D4 + d] = fma(vec4<f32>(grads[r].x), gd, dv[r * D4 + d]);
+                        dk[r * D4 + d] = fma(vec4<f32>(grads[r].y), qd, dk[r * D4 + d]);
+                    }
+                }
+            }
+            workgroupBarrier();
+        }
+    }
+
+    for (var r = 0u; r < ROWS; r++) {
+        let key = key0 + lid + r * WG_SIZE;
+        if (key < bp.extent_kv) {
+            let k_out = batch * p.o.batch + key * p.o.seq + head_kv * p.o.head + p.o.offset;
+            let v_out = batch * bp.dv.batch + key * bp.dv.seq + head_kv * bp.dv.head + bp.dv.offset;
+            for (var d = 0u; d < D4; d++) {
+                if (d < bp.head_dim4) {
+                    o_buf[k_out + d] = pack_grad(dk[r * D4 + d]);
+                    dv_buf[v_out + d] = pack_grad(dv[r * D4 + d]);
+                }
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(WG_SIZE)
+fn query_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let batch = wg.z;
+    let head_q = wg.y;
+    let head_kv = head_q / bp.group;
+    let row0 = wg.x * WG_SIZE * ROWS;
+    let diag = i32(p.seq_kv) - i32(p.seq_q);
+    // Rows past seq_q (padding) compute on a copy of the last row and are
+    // written as zeros.
+    let last_row = max(p.seq_q, 1u) - 1u;
+    let slope = alibi_slope_of(batch, head_q);
+
+    var q: array<vec4<f32>, ROWS * D4>;
+    var g: array<vec4<f32>, ROWS * D4>;
+    var dq: array<vec4<f32>, ROWS * D4>;
+    var lse2: array<f32, ROWS>;
+    var delta: array<f32, ROWS>;
+    for (var r = 0u; r < ROWS; r++) {
+        let row = min(row0 + lid + r * WG_SIZE, last_row);
+        let q_base = q_row(batch, row, head_q);
+        let g_base = do_row(batch, row, head_q);
+        for (var d = 0u; d < D4; d++) {
+            var qq = vec4<f32>(0.0);
+            var gg = vec4<f32>(0.0);
+            if (d < bp.head_dim4) {
+                qq = load_q(q_base + d);
+                gg = load_do(g_base + d);
+            }
+            q[r * D4 + d] = qq;
+            g[r * D4 + d] = gg;
+            dq[r * D4 + d] = vec4<f32>(0.0);
+        }
+        let at = stats_index(batch, head_q, row);
+        lse2[r] = lse_buf[at] * LOG2_E;
+        delta[r] = deltas[at];
+    }
+
+    // Keys some row of the block sees (the forward's tile range).
+    let block_last = min(row0 + WG_SIZE * ROWS, max(p.seq_q, 1u)) - 1u;
+    var key_lo = 0;
+    var key_hi = i32(p.seq_kv) - 1;
+    if (has_flag(FLAG_WINDOW_LEFT)) {
+        key_lo = max(key_lo, i32(row0) + diag - i32(p.window_left));
+    }
+    if (has_flag(FLAG_WINDOW_RIGHT)) {
+        key_hi = min(key_hi, i32(block_last) + diag + i32(p.window_right));
+    }
+    if (row0 >= p.seq_q) {
+        key_hi = -1;
+    }
+
+    let k_base = batch * p.k.batch + head_kv * p.k.head + p.k.offset;
+    let v_base = batch * p.v.batch + head_kv * p.v.head + p.v.offset;
+    for (var kv0 = key_lo; kv0 <= key_hi; kv0 += i32(BLOCK)) {
+        let n_keys = u32(min(i32(BLOCK), key_hi + 1 - kv0));
+        for (var s = 0u; s < STAGE; s++) {
+            let e = lid + s * WG_SIZE;
+            if (e < BLOCK * D4) {
+                let key = e / D4;
+                let d = e % D4;
+                var kk = vec4<f32>(0.0);
+                var vv = vec4<f32>(0.0);
+                if (key < n_keys && d < bp.head_dim4) {
+                    let pos = u32(kv0) + key;
+                    kk = load_k(k_base + pos * p.k.seq + d);
+                    vv = load_v(v_base + pos * p.v.seq + d);
+                }
+                tile_a[e] = kk;
+                tile_b[e] = vv;
+            }
+        }
+        workgroupBarrier();
+        for (var jj = 0u; jj < n_keys; jj++) {
+            let key = kv0 + i32(jj);
+            let t = jj * D4;
+            var dots: array<f32, ROWS>;
+            var dps: array<f32, ROWS>;
+            for (var r = 0u; r < ROWS; r++) {
+                dots[r] = 0.0;
+                dps[r] = 0.0;
+            }
+            for (var d = 0u; d < D4; d++) {
+                let kd = tile_a[t + d];
+                let vd = tile_b[t + d];
+                for (var r = 0u; r < ROWS; r++) {
+                    dots[r] = fma_dot(q[r * D4 + d], kd, dots[r]);
+                    dps[r] = fma_dot(g[r * D4 + d], vd, dps[r]);
+                }
+            }
+            var dx: array<f32, ROWS>;
+            for (var r = 0u; r < ROWS; r++) {
+                let row = min(row0 + lid + r * WG_SIZE, last_row);
+                dx[r] = pair_grads(dots[r], dps[r], batch, head_q, row, i32(row) + diag, key, slope,
+                    lse2[r], delta[r]).y;
+            }
+            for (var d = 0u; d < D4; d++) {
+                let kd = tile_a[t + d];
+                for (var r = 0u; r < ROWS; r++) {
+                    dq[r * D4 + d] = fma(vec4<f32>(dx[r]), kd, dq[r * D4 + d]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+
+    for (var r = 0u; r < ROWS; r++) {
+        let row = row0 + lid + r * WG_SIZE;
+        if (row < bp.extent_q) {
+            let out = o_row(batch, row, head_q);
+            let real = row < p.seq_q;
+            for (var d = 0u; d < D4; d++) {
+                if (d < bp.head_dim4) {
+                    o_buf[out + d] = pack_grad(select(vec4<f32>(0.0), dq[r * D4 + d], real));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! Recording the backward: operand checks, then per part of the batch (the
+//! whole batch, or each sequence of a padded or packed batch) the three
+//! passes of shaders/flash_backward.wgsl.
+
+use crate::attention::{
+    AttentionArgs, ForwardOptions, Lse, Sequences, check_lse_output, check_operand, option_params,
+    vec4_view,
+};
+use crate::config::{Alibi, AttentionConfig, AttentionShape};
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::mask::AttentionMask;
+use crate::params::{AttentionParams, BackwardParams, TensorStrides};
+use crate::pipelines::{bind_buffers, encode_dispatches};
+use crate::shaders::BackwardPass;
+use crate::tensor::{DType, Tensor};
+use crate::varlen::{Sequence, padded_sequences, varlen_sequences};
+
+use super::{BackwardArgs, BackwardPlan, HostGradients};
+
+/// One dispatch group of a call: `batches` batch entries from (`batch`,
+/// `q_start`) of Q's side and (`kv_batch`, `kv_start`) of K's side, with
+/// `seq_q` x `seq_kv` attending rows and keys and `extent_q` x `extent_kv`
+/// written (the rest is padding: zero gradients).
+struct Part {
+    batches: usize,
+    rows: Sequence,
+    extent_q: usize,
+    extent_kv: usize,
+}
+
+impl Gpu {
+    /// Records the backward pass into `encoder` (nothing is submitted):
+    /// `args.dq`, `args.dk` and `args.dv` receive the gradients of a loss
+    /// `L` with respect to the forward's `q`, `k` and `v`, given
+    /// `args.d_out` = dL/d`out`, for the forward that produced `args.out`
+    /// and `args.lse` under the same `options` (config, mask, padded or
+    /// packed sequences).
+    ///
+    /// FlashAttention-2's algorithm: the probabilities are recomputed tile
+    /// by tile from the saved logsumexp (memory stays linear in the
+    /// sequence length), dK and dV are summed per block of keys and dQ per
+    /// block of query rows, without atomics: the same inputs give the same
+    /// bits on every run. Not differentiated: the mask's bias, ALiBi
+    /// slopes, the scale and the softcap (constants of the call). Rows
+    /// that see no key get zero gradients, as do padded rows and keys.
+    ///
+    /// ```
+    /// # use wgpu_flash_attn::{AttentionArgs, AttentionConfig, BackwardArgs, Gpu, Lse, Tensor, TensorShape};
+    /// # fn main() -> Result<(), wgpu_flash_attn::Error> {
+    /// # if std::env::var("FLASH_ATTN_SKIP_GPU_TESTS").as_deref() == Ok("1") { eprintln!("SKIPPED: FLASH_ATTN_SKIP_GPU_TESTS=1"); return Ok(()); }
+    /// let gpu = Gpu::new()?;
+    /// let dims = TensorShape::new(1, 16, 2, 32);
+    /// let values: Vec<f32> = (0..dims.elements()).map(|i| (i % 7) as f32 / 7.0).collect();
+    /// let x = Tensor::from_f32(&gpu, dims, &values)?;
+    /// let zeros = || Tensor::zeros(&gpu, dims, x.dtype());
+    /// let (out, d_out, dq, dk, dv) = (zeros()?, zeros()?, zeros()?, zeros()?, zeros()?);
+    /// let lse = Lse::new(&gpu, 1, 2, 16)?;
+    /// let config = AttentionConfig::new().causal(true);
+    /// gpu.run(|encoder| {
+    ///     let forward = AttentionArgs { q: &x, k: &x, v: &x, out: &out, lse: Some(&lse) };
+    ///     gpu.forward(encoder, &forward, &config)?;
+    ///     let backward = BackwardArgs { q: &x, k: &x, v: &x, out: &out, lse: &lse, d_out: &d_out, dq: &dq, dk: &dk, dv: &dv };
+    ///     gpu.backward(encoder, &backward, &config)
+    /// })?;
+    /// // A zero output gradient has zero input gradients.
+    /// assert!(dq.to_f32_vec(&gpu)?.iter().all(|&g| g == 0.0));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn backward<'o>(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        args: &BackwardArgs<'_>,
+        options: impl Into<ForwardOptions<'o>>,
+    ) -> Result<()> {
+        let options = options.into();
+        let config = &options.config;
+        let shape = args.shape()?;
+        config.validate(&shape)?;
+        check_lse_output(
+            self,
+            Some(args.lse),
+            [shape.batch, shape.heads_q, shape.seq_q],
+        )?;
+        check_backward_operands(self, args)?;
+        let plan = BackwardPlan::for_call(self.info(), &shape, args.q.dtype())?;
+        let mask = options.mask;
+        if let Some(mask) = mask {
+            mask.check_shape(&shape)?;
+            mask.check_device(self)?;
+        }
+        let parts: Vec<Part> = match (options.sequences, mask) {
+            (Sequences::Dense, _) => vec![Part {
+                batches: shape.batch,
+                rows: Sequence {
+                    batch: 0,
+                    q_start: 0,
+                    q_len: shape.seq_q,
+                    kv_batch: 0,
+                    kv_start: 0,
+                    kv_len: shape.seq_kv,
+                },
+                extent_q: shape.seq_q,
+                extent_kv: shape.seq_kv,
+            }],
+            (_, Some(_)) => {
+                return Err(Error::UnsupportedCombination {
+                    what: "a mask and padded or variable-length sequences",
+                });
+            }
+            (Sequences::Padded(lengths), None) => padded_sequences(&shape, &lengths)?
+                .into_iter()
+                .map(|rows| Part {
+                    batches: 1,
+                    rows,
+                    extent_q: shape.seq_q,
+                    extent_kv: shape.seq_kv,
+                })
+                .collect(),
+            (
+                Sequences::Varlen {
+                    cu_seqlens_q,
+                    cu_seqlens_k,
+                },
+                None,
+            ) => varlen_sequences(
+                &[
+                    ("q", args.q),
+                    ("k", args.k),
+                    ("v", args.v),
+                    ("out", args.out),
+                    ("d_out", args.d_out),
+                    ("dq", args.dq),
+                    ("dk", args.dk),
+                    ("dv", args.dv),
+                ],
+                shape.seq_q,
+                shape.seq_kv,
+                cu_seqlens_q,
+                cu_seqlens_k,
+            )?
+            .into_iter()
+            .map(|rows| Part {
+                batches: 1,
+                extent_q: rows.q_len,
+                extent_kv: rows.kv_len,
+                rows,
+            })
+            .collect(),
+        };
+        for part in &parts {
+            let part_shape = part.shape(&shape);
+            plan.check_call(self.info(), &part_shape, part.extent_q, part.extent_kv)?;
+        }
+        let deltas = self.scratch_buffer("backward row deltas", args.lse.buffer().size());
+        let recorder = Recorder {
+            gpu: self,
+            plan,
+            args,
+            config,
+            mask,
+            shape,
+            deltas,
+        };
+        for part in &parts {
+            recorder.record(encoder, part)?;
+        }
+        Ok(())
+    }
+
+    /// Host slices in, host vectors out: uploads packed BSHD f32 inputs and
+    /// the output gradient `d_out`, runs the forward and the backward, waits
+    /// and downloads the output, logsumexp and gradients. For quick use and
+    /// tests; device-resident data should use [`Gpu::backward`].
+    pub fn attention_backward_host(
+        &self,
+        shape: &AttentionShape,
+        [q, k, v, d_out]: [&[f32]; 4],
+        config: &AttentionConfig,
+    ) -> Result<HostGradients> {
+        config.validate(shape)?;
+        let upload = |name: &'static str, dims: crate::TensorShape, data: &[f32]| {
+            if data.len() != dims.elements() {
+                return Err(Error::DataLength {
+                    tensor: name,
+                    expected: dims.elements(),
+                    got: data.len(),
+                });
+            }
+            Tensor::from_f32(self, dims, data)
+        };
+        let (q_dims, kv_dims) = (shape.q_shape(), shape.kv_shape());
+        let q = upload("q", q_dims, q)?;
+        let k = upload("k", kv_dims, k)?;
+        let v = upload("v", kv_dims, v)?;
+        let d_out = upload("d_out", q_dims, d_out)?;
+        let zeros = |dims| Tensor::zeros(self, dims, DType::F32);
+        let (out, dq, dk, dv) = (
+            zeros(q_dims)?,
+            zeros(q_dims)?,
+            zeros(kv_dims)?,
+            zeros(kv_dims)?,
+        );
+        let lse = Lse::new(self, shape.batch, shape.heads_q, shape.seq_q)?;
+        self.run(|encoder| {
+            let forward = AttentionArgs {
+                q: &q,
+                k: &k,
+                v: &v,
+                out: &out,
+                lse: Some(&lse),
+            };
+            self.forward(encoder, &forward, config)?;
+            let backward = BackwardArgs {
+                q: &q,
+                k: &k,
+                v: &v,
+                out: &out,
+                lse: &lse,
+                d_out: &d_out,
+                dq: &dq,
+                dk: &dk,
+                dv: &dv,
+            };
+            self.backward(encoder, &backward, config)
+        })?;
+        Ok(HostGradients {
+            out: out.to_f32_vec(self)?,
+            lse: lse.to_vec(self)?,
+            dq: dq.to_f32_vec(self)?,
+            dk: dk.to_f32_vec(self)?,
+            dv: dv.to_f32_vec(self)?,
+        })
+    }
+}
+
+impl Part {
+    /// The attention shape of the part's dispatches (valid lengths).
+    fn shape(&self, whole: &AttentionShape) -> AttentionShape {
+        AttentionShape {
+            batch: self.batches,
+            seq_q: self.rows.q_len,
+            seq_kv: self.rows.kv_len,
+            ..*whole
+        }
+    }
+}
+
+/// Device, storage type, alignment, bounds and aliasing of every operand.
+/// Outputs may not share a buffer with any input or with each other: the
+/// kernels bind inputs read-only and outputs writable.
+fn check_backward_operands(gpu: &Gpu, args: &BackwardArgs<'_>) -> Result<()> {
+    let storage = args.q.dtype();
+    let inputs = [
+        ("q", args.q),
+        ("k", args.k),
+        ("v", args.v),
+        ("out", args.out),
+        ("d_out", args.d_out),
+    ];
+    let outputs = [("dq", args.dq), ("dk", args.dk), ("dv", args.dv)];
+    for (name, tensor) in inputs.iter().chain(&outputs) {
+        check_operand(gpu, name, tensor, storage)?;
+    }
+    for (i, &(name, output)) in outputs.iter().enumerate() {
+        let earlier = outputs[..i].iter().copied();
+        for (input, tensor) in inputs.iter().copied().chain(earlier) {
+            if tensor.buffer() == output.buffer() {
+                return Err(Error::OutputAliasesInput {
+                    tensor: name,
+                    input,
+                });
+            }
+        }
+        if args.lse.buffer() == output.buffer() {
+            return Err(Error::OutputAliasesInput {
+                tensor: name,
+                input: "lse",
+            });
+        }
+    }
+    // The row-delta pass binds `out` writable (the forward's binding).
+    for (name, tensor) in inputs {
+        if name != "out" && tensor.buffer() == args.out.buffer() {
+            return Err(Error::OutputAliasesInput {
+                tensor: "out",
+                input: name,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What every part of one call shares.
+struct Recorder<'a> {
+    gpu: &'a Gpu,
+    plan: BackwardPlan,
+    args: &'a BackwardArgs<'a>,
+    config: &'a AttentionConfig,
+    mask: Option<&'a AttentionMask>,
+    shape: AttentionShape,
+    deltas: wgpu::Buffer,
+}
+
+impl Recorder<'_> {
+    fn record(&self, encoder: &mut wgpu::CommandEncoder, part: &Part) -> Result<()> {
+        let gpu = self.gpu;
+        let args = self.args;
+        let shape = part.shape(&self.shape);
+        let rows = &part.rows;
+        let q_side = |t: &Tensor| strides_at(t, rows.batch, rows.q_start);
+        let kv_side = |t: &Tensor| strides_at(t, rows.kv_batch, rows.kv_start);
+        let mut params = option_params(&shape, self.config, false);
+        params.q = q_side(args.q);
+        params.k = kv_side(args.k);
+        params.v = kv_side(args.v);
+        // A part of one batch entry reads that entry's ALiBi slopes.
+        let slopes = self.config.alibi.as_ref().map(|alibi| {
+            let heads = self.shape.heads_q;
+            let slopes = match alibi {
+                Alibi::PerBatchHead(all) if part.batches == 1 => {
+                    params.alibi_batch_stride = 0;
+                    &all[rows.batch * heads..][..heads]
+                }
+                _ => alibi.slopes(),
+            };
+            gpu.storage_buffer("wgpu-flash-attn alibi slopes", bytemuck::cast_slice(slopes))
+        });
+        let lse_seq = self.shape.seq_q;
+        let mut backward = BackwardParams {
+            head_dim4: (shape.head_dim / 4) as u32,
+            extent_q: part.extent_q as u32,
+            extent_kv: part.extent_kv as u32,
+            group: shape.group_size() as u32,
+            scale: self.config.effective_scale(shape.head_dim),
+            stats_batch: (self.shape.heads_q * lse_seq) as u32,
+            stats_head: lse_seq as u32,
+            stats_offset: (rows.batch * self.shape.heads_q * lse_seq + rows.q_start) as u32,
+            d_out: q_side(args.d_out),
+            dv: kv_side(args.dv),
+            ..BackwardParams::default()
+        };
+        if let Some(mask) = self.mask {
+            let layout = mask.word_layout();
+            backward.mask_kind = layout.kind + 1;
+            backward.mask_batch = layout.batch_stride;
+            backward.mask_head = layout.head_stride;
+            backward.mask_row_words = layout.row_words;
+        }
+        let backward_uniform = gpu.uniform_buffer(
+            "wgpu-flash-attn backward params",
+            bytemuck::bytes_of(&backward),
+        );
+        let placeholders = &gpu.placeholders;
+        let mask_words = self.mask.map_or(&placeholders.alibi, |m| m.buffer());
+        let alibi = slopes.as_ref().unwrap_or(&placeholders.alibi);
+        let passes = [
+            (BackwardPass::Deltas, args.out, None, part.extent_q),
+            (BackwardPass::Keys, args.dk, Some(args.dv), part.extent_kv),
+            (BackwardPass::Queries, args.dq, None, part.extent_q),
+        ];
+        for (pass, written, dv, extent) in passes {
+            if extent == 0 {
+                continue;
+            }
+            let side = if pass == BackwardPass::Keys {
+                kv_side(written)
+            } else {
+                q_side(written)
+            };
+            let pass_params = AttentionParams { o: side, ..params };
+            let params_buffer = gpu.params_buffer(&pass_params);
+            let spec = self.plan.specialization(pass);
+            let pipeline = gpu.pipelines.get(&gpu.device, &spec)?;
+            let bind_group = bind_buffers(
+                &gpu.device,
+                &pipeline.bind_group_layout,
+                &[
+                    &params_buffer,
+                    args.q.buffer(),
+                    args.k.buffer(),
+                    args.v.buffer(),
+                    written.buffer(),
+                    args.lse.buffer(),
+                    alibi,
+                    &backward_uniform,
+                    args.d_out.buffer(),
+                    &self.deltas,
+                    dv.map_or(&placeholders.lse, |t| t.buffer()),
+                    mask_words,
+                ],
+            );
+            let groups = self
+                .plan
+                .workgroups(pass, &shape, part.extent_q, part.extent_kv)
+                .map(|n| n as u32);
+            encode_dispatches(encoder, pass_label(pass), &pipeline, &[bind_group], groups);
+        }
+        Ok(())
+    }
+}
+
+fn pass_label(pass: BackwardPass) -> &'static str {
+    match pass {
+        BackwardPass::Deltas => "attention backward: row deltas",
+        BackwardPass::Keys => "attention backward: dK, dV",
+        BackwardPass::Queries => "attention backward: dQ",
+    }
+}
+
+/// The kernel's view of `tensor` from row `start` of batch entry `batch`.
+fn strides_at(tensor: &Tensor, batch: usize, start: usize) -> TensorStrides {
+    let s = tensor.strides();
+    vec4_view(s, tensor.offset() + batch * s.batch + start * s.seq)
+}

@@ -1,0 +1,85 @@
+//! The backward pass of softmax attention: dQ, dK and dV from the forward's
+//! inputs, output and logsumexp and the gradient of the output, with every
+//! option of the forward (see `Gpu::backward`).
+
+mod dispatch;
+mod plan;
+
+pub use plan::{BACKWARD_STORAGE_BUFFERS, BackwardPlan};
+
+use crate::attention::{AttentionArgs, Lse, require_equal};
+use crate::config::AttentionShape;
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// The operands of a backward call. Inputs are what the forward read and
+/// wrote; `dq`, `dk` and `dv` are written in place. Every tensor has the
+/// storage type of `q`, its own strides and offset (any layout the forward
+/// takes), and lives on the call's `Gpu`.
+#[derive(Debug, Clone, Copy)]
+pub struct BackwardArgs<'a> {
+    /// `[batch, seq_q, heads_q, head_dim]` queries of the forward.
+    pub q: &'a Tensor,
+    /// `[batch, seq_kv, heads_kv, head_dim]` keys.
+    pub k: &'a Tensor,
+    /// `[batch, seq_kv, heads_kv, head_dim]` values.
+    pub v: &'a Tensor,
+    /// The forward's output, shaped like `q`.
+    pub out: &'a Tensor,
+    /// The forward's logsumexp, `[batch, heads_q, seq_q]`.
+    pub lse: &'a Lse,
+    /// Gradient of the loss with respect to `out`, shaped like `q`.
+    pub d_out: &'a Tensor,
+    /// Written: gradient with respect to `q`, shaped like `q`.
+    pub dq: &'a Tensor,
+    /// Written: gradient with respect to `k`, shaped like `k` (summed over
+    /// the query heads of each KV head).
+    pub dk: &'a Tensor,
+    /// Written: gradient with respect to `v`, shaped like `v`.
+    pub dv: &'a Tensor,
+}
+
+impl BackwardArgs<'_> {
+    /// The call's shape, after checking that every tensor agrees with it.
+    pub fn shape(&self) -> Result<AttentionShape> {
+        let shape = AttentionArgs {
+            q: self.q,
+            k: self.k,
+            v: self.v,
+            out: self.out,
+            lse: None,
+        }
+        .shape()?;
+        let (q, k) = (self.q.shape(), self.k.shape());
+        let mut pairs = Vec::new();
+        for (what, name, tensor, like_name, like) in [
+            ("dO must be shaped like Q", "d_out", self.d_out, "q", q),
+            ("dQ must be shaped like Q", "dq", self.dq, "q", q),
+            ("dK must be shaped like K", "dk", self.dk, "k", k),
+            ("dV must be shaped like V", "dv", self.dv, "v", k),
+        ] {
+            let got = tensor.shape().as_array();
+            for (&g, &want) in got.iter().zip(&like.as_array()) {
+                pairs.push((what, name, g, like_name, want));
+            }
+        }
+        require_equal(&pairs)?;
+        Ok(shape)
+    }
+}
+
+/// What [`crate::Gpu::attention_backward_host`] returns: the forward's
+/// results and the gradients, packed like the inputs.
+#[derive(Debug, Clone)]
+pub struct HostGradients {
+    /// `[batch, seq_q, heads_q, head_dim]`.
+    pub out: Vec<f32>,
+    /// `[batch, heads_q, seq_q]`, natural log.
+    pub lse: Vec<f32>,
+    /// `[batch, seq_q, heads_q, head_dim]`.
+    pub dq: Vec<f32>,
+    /// `[batch, seq_kv, heads_kv, head_dim]`.
+    pub dk: Vec<f32>,
+    /// `[batch, seq_kv, heads_kv, head_dim]`.
+    pub dv: Vec<f32>,
+}

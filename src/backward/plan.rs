@@ -1,0 +1,314 @@
+//! How the backward runs on an adapter: a pure function of its
+//! [`GpuInfo`] and the call's shape, like the other planners.
+
+use crate::config::AttentionShape;
+use crate::error::{Error, Result};
+use crate::gpu::GpuInfo;
+use crate::shaders::{BackwardPass, BackwardTiling, Specialization};
+use crate::tensor::DType;
+
+/// Storage buffers the backward kernels bind (Q, K, V, O/dK/dQ, logsumexp,
+/// ALiBi slopes, dO, row deltas, dV, mask words).
+pub const BACKWARD_STORAGE_BUFFERS: u32 = 10;
+
+/// Invocations of the row-delta pass (one query row each).
+const DELTA_WORKGROUP: u32 = 64;
+/// Staged rows or keys per tile, halved until the tiles fit the adapter's
+/// workgroup memory.
+const BLOCK_CANDIDATES: [u32; 4] = [32, 16, 8, 4];
+
+/// Tiles and workgroups of one backward call. See [`BackwardPlan::for_call`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackwardPlan {
+    pub(crate) tiling: BackwardTiling,
+}
+
+impl BackwardPlan {
+    /// The plan for `shape` with `storage` on this adapter: on CPU adapters
+    /// (lavapipe, llvmpipe, WARP) one SIMD group of 8 invocations per
+    /// workgroup, each holding several keys (or query rows), with the loops
+    /// expanded; on GPUs 64 invocations of one key (or row) each. Errors
+    /// when the adapter lacks the storage buffers, workgroup memory or
+    /// invocations the kernels need.
+    pub fn for_call(info: &GpuInfo, shape: &AttentionShape, storage: DType) -> Result<Self> {
+        shape.validate()?;
+        let limits = &info.limits;
+        if limits.max_storage_buffers_per_shader_stage < BACKWARD_STORAGE_BUFFERS {
+            return Err(Error::StorageBuffers {
+                kernel: "attention backward",
+                needed: BACKWARD_STORAGE_BUFFERS,
+                limit: limits.max_storage_buffers_per_shader_stage,
+            });
+        }
+        let head_dim_capacity = (shape.head_dim as u32).next_power_of_two().max(8);
+        let cpu = info.adapter.device_type == wgpu::DeviceType::Cpu;
+        let (workgroup_size, rows, unroll) = if cpu {
+            // Each value read from workgroup memory feeds `rows` FMAs; the
+            // key pass holds 4 x rows x head dim floats per invocation.
+            let rows = match head_dim_capacity {
+                0..=64 => 8,
+                128 => 4,
+                _ => 2,
+            };
+            (8, rows, true)
+        } else {
+            (64, 1, false)
+        };
+        let max_invocations = limits
+            .max_compute_invocations_per_workgroup
+            .min(limits.max_compute_workgroup_size_x);
+        if workgroup_size.max(DELTA_WORKGROUP) > max_invocations {
+            return Err(Error::WorkgroupInvocations {
+                needed: workgroup_size.max(DELTA_WORKGROUP),
+                limit: max_invocations,
+            });
+        }
+        let workgroup_bytes = u64::from(limits.max_compute_workgroup_storage_size);
+        let block = BLOCK_CANDIDATES
+            .into_iter()
+            .find(|&block| tile_bytes(head_dim_capacity, block) <= workgroup_bytes)
+            .ok_or(Error::WorkgroupMemory {
+                head_dim: shape.head_dim,
+                needed: tile_bytes(head_dim_capacity, BLOCK_CANDIDATES[3]),
+                limit: limits.max_compute_workgroup_storage_size,
+            })?;
+        Ok(BackwardPlan {
+            tiling: BackwardTiling {
+                head_dim_capacity,
+                workgroup_size,
+                rows,
+                block,
+                unroll,
+                storage,
+            },
+        })
+    }
+
+    /// The pipeline of one pass. The row-delta pass does not depend on the
+    /// tiles, so every call of a storage type shares one.
+    pub(crate) fn specialization(&self, pass: BackwardPass) -> Specialization {
+        let tiling = match pass {
+            BackwardPass::Deltas => BackwardTiling {
+                head_dim_capacity: 8,
+                workgroup_size: 8,
+                rows: 1,
+                block: 4,
+                unroll: false,
+                storage: self.tiling.storage,
+            },
+            BackwardPass::Keys | BackwardPass::Queries => self.tiling,
+        };
+        Specialization::Backward { pass, tiling }
+    }
+
+    /// Workgroups of `pass` over `extent_q` query rows and `extent_kv` keys.
+    pub(crate) fn workgroups(
+        &self,
+        pass: BackwardPass,
+        shape: &AttentionShape,
+        extent_q: usize,
+        extent_kv: usize,
+    ) -> [u64; 3] {
+        let block = u64::from(self.rows_per_workgroup());
+        match pass {
+            BackwardPass::Deltas => [
+                (extent_q as u64).div_ceil(u64::from(DELTA_WORKGROUP)),
+                shape.heads_q as u64,
+                shape.batch as u64,
+            ],
+            BackwardPass::Keys => [
+                (extent_kv as u64).div_ceil(block),
+                shape.heads_kv as u64,
+                shape.batch as u64,
+            ],
+            BackwardPass::Queries => [
+                (extent_q as u64).div_ceil(block),
+                shape.heads_q as u64,
+                shape.batch as u64,
+            ],
+        }
+    }
+
+    /// Checks every dispatch of a call against the adapter's workgroup
+    /// count and loop budget (see [`GpuInfo::loop_budget`]).
+    pub(crate) fn check_call(
+        &self,
+        info: &GpuInfo,
+        shape: &AttentionShape,
+        extent_q: usize,
+        extent_kv: usize,
+    ) -> Result<()> {
+        let limit = info.limits.max_compute_workgroups_per_dimension;
+        for pass in BackwardPass::ALL {
+            let groups = self.workgroups(pass, shape, extent_q, extent_kv);
+            for (axis, &n) in ["x", "heads", "batch"].iter().zip(&groups) {
+                if n > u64::from(limit) {
+                    return Err(Error::DispatchTooLarge {
+                        what: "attention backward",
+                        axis,
+                        groups: n,
+                        limit,
+                    });
+                }
+            }
+        }
+        let Some(budget) = info.loop_budget() else {
+            return Ok(());
+        };
+        let group = shape.group_size() as u64;
+        let checks = [
+            // Every query row of every head of the group, per key block.
+            (
+                BackwardPass::Keys,
+                shape.seq_q as u64,
+                group * self.loop_trips(shape.seq_q as u64) + 1,
+            ),
+            (
+                BackwardPass::Queries,
+                shape.seq_kv as u64,
+                self.loop_trips(shape.seq_kv as u64),
+            ),
+        ];
+        for (pass, visited, trips) in checks {
+            if trips > budget {
+                return Err(Error::LoopBudget {
+                    kernel: self.specialization(pass).label(),
+                    keys: visited,
+                    trips,
+                    budget,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Loop iterations one invocation runs walking `n` staged rows or keys
+    /// (each loop's exit test counted as one): per tile, its own trip and
+    /// the exit of the inner walk, plus the staging and inner loops where
+    /// they are not unrolled.
+    fn loop_trips(&self, n: u64) -> u64 {
+        let t = &self.tiling;
+        let block = u64::from(t.block);
+        let tiles = n.div_ceil(block);
+        let mut per_item = 1;
+        let mut per_tile = 2;
+        if !t.unroll {
+            let d4 = u64::from(t.head_dim_capacity / 4);
+            let rows = u64::from(t.rows);
+            per_item += 3 * (d4 + 1) * (rows + 1) + 3 * (rows + 1);
+            per_tile += (block * d4).div_ceil(u64::from(t.workgroup_size)) + 1;
+        }
+        tiles * per_tile + n * per_item + 2
+    }
+
+    /// Keys (key pass) or query rows (query pass) per workgroup.
+    pub fn rows_per_workgroup(&self) -> u32 {
+        self.tiling.workgroup_size * self.tiling.rows
+    }
+    /// Invocations per workgroup of the gradient passes.
+    pub fn workgroup_size(&self) -> u32 {
+        self.tiling.workgroup_size
+    }
+    /// Query rows or keys per staged tile.
+    pub fn block(&self) -> u32 {
+        self.tiling.block
+    }
+    /// Head dims the pipelines hold (a power of two >= the call's).
+    pub fn head_dim_capacity(&self) -> u32 {
+        self.tiling.head_dim_capacity
+    }
+    /// Whether the loops are expanded in the WGSL text.
+    pub fn unrolled(&self) -> bool {
+        self.tiling.unroll
+    }
+}
+
+/// Workgroup memory of a gradient pass: two f32 tiles of `block` rows by
+/// `head_dim` and two floats of row statistics per row.
+fn tile_bytes(head_dim: u32, block: u32) -> u64 {
+    2 * u64::from(block) * u64::from(head_dim) * 4 + u64::from(block) * 8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::profiles;
+
+    #[test]
+    fn every_profile_plans_or_says_why() {
+        for profile in profiles::all() {
+            let info = profile.info();
+            for head_dim in (8..=256).step_by(8) {
+                let shape = AttentionShape::self_attention(1, 1024, 8, head_dim);
+                match BackwardPlan::for_call(&info, &shape, DType::F32) {
+                    Ok(plan) => {
+                        let t = plan.tiling;
+                        assert!(t.head_dim_capacity as usize >= head_dim);
+                        assert!(t.head_dim_capacity.is_power_of_two());
+                        assert!(
+                            tile_bytes(t.head_dim_capacity, t.block)
+                                <= u64::from(profile.workgroup_bytes),
+                            "{}: d={head_dim} block {}",
+                            profile.name,
+                            t.block
+                        );
+                        assert_eq!(t.unroll, profile.device_type == wgpu::DeviceType::Cpu);
+                        plan.check_call(&info, &shape, 1024, 1024)
+                            .unwrap_or_else(|e| panic!("{}: {e}", profile.name));
+                    }
+                    Err(Error::StorageBuffers { needed, limit, .. }) => {
+                        assert!(limit < needed, "{}", profile.name);
+                        assert_eq!(profile.storage_buffers, limit);
+                    }
+                    Err(e) => panic!("{} d={head_dim}: {e}", profile.name),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn webgpu_minimum_storage_buffers_are_refused_with_the_numbers() {
+        let adreno = profiles::all()
+            .into_iter()
+            .find(|p| p.name.starts_with("Adreno"))
+            .unwrap()
+            .info();
+        let shape = AttentionShape::self_attention(1, 64, 2, 64);
+        let err = BackwardPlan::for_call(&adreno, &shape, DType::F16).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::StorageBuffers {
+                    needed: 10,
+                    limit: 8,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn llvmpipe_refuses_past_its_loop_budget() {
+        let llvmpipe = profiles::all()[0].info();
+        let gqa = AttentionShape {
+            batch: 1,
+            seq_q: 20_000,
+            seq_kv: 20_000,
+            heads_q: 8,
+            heads_kv: 1,
+            head_dim: 64,
+        };
+        let plan = BackwardPlan::for_call(&llvmpipe, &gqa, DType::F32).unwrap();
+        // 8 query heads x 20,000 rows per key block: over 65,535.
+        let err = plan
+            .check_call(&llvmpipe, &gqa, 20_000, 20_000)
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::LoopBudget { keys: 20_000, .. }),
+            "{err}"
+        );
+        let mha = AttentionShape { heads_kv: 8, ..gqa };
+        plan.check_call(&llvmpipe, &mha, 20_000, 20_000).unwrap();
+    }
+}

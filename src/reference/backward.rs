@@ -1,0 +1,153 @@
+//! The backward of the reference attention in f64: the exact gradients of
+//! `sum(out * d_out)` with respect to Q, K and V (checked against central
+//! finite differences of the forward in tests/backward.rs).
+
+use rayon::prelude::*;
+
+use super::{HostMask, Problem, check_len, softmax};
+use crate::config::{AttentionConfig, AttentionShape};
+use crate::error::Result;
+
+/// Result of [`attention_backward`]: the forward's results and the
+/// gradients, packed like the inputs.
+#[derive(Debug, Clone)]
+pub struct ReferenceGradients {
+    /// `[batch, seq_q, heads_q, head_dim]`.
+    pub out: Vec<f64>,
+    /// `[batch, heads_q, seq_q]`, natural log; `+inf` for rows that see no
+    /// key.
+    pub lse: Vec<f64>,
+    /// `[batch, seq_q, heads_q, head_dim]`.
+    pub dq: Vec<f64>,
+    /// `[batch, seq_kv, heads_kv, head_dim]`, summed over each KV head's
+    /// query heads.
+    pub dk: Vec<f64>,
+    /// `[batch, seq_kv, heads_kv, head_dim]`.
+    pub dv: Vec<f64>,
+}
+
+/// Exact attention and its gradients given `d_out` (packed like `q`), with
+/// the config's options and, if given, a mask. Rows that see no key have
+/// zero gradients. The mask's bias, ALiBi slopes, scale and softcap are
+/// constants (not differentiated).
+pub fn attention_backward(
+    shape: &AttentionShape,
+    [q, k, v, d_out]: [&[f32]; 4],
+    config: &AttentionConfig,
+    mask: Option<&HostMask<'_>>,
+) -> Result<ReferenceGradients> {
+    let problem = Problem::new(shape, q, k, v, config, |b, h, i, j| match mask {
+        Some(mask) => mask.at(b, h, i, j),
+        None => Some(0.0),
+    })?;
+    check_len("d_out", shape.q_shape().elements(), d_out.len())?;
+    let AttentionShape {
+        batch,
+        seq_q,
+        seq_kv,
+        heads_q,
+        heads_kv,
+        head_dim: d,
+    } = *shape;
+    let group = shape.group_size();
+
+    // One work item per (batch, KV head): it owns that head's dK and dV
+    // and the dQ rows of its query heads.
+    struct Unit {
+        out: Vec<(usize, Vec<f64>)>,
+        lse: Vec<(usize, f64)>,
+        dq: Vec<(usize, Vec<f64>)>,
+        dk: Vec<f64>,
+        dv: Vec<f64>,
+    }
+    let units: Vec<Unit> = (0..batch * heads_kv)
+        .into_par_iter()
+        .map(|unit| {
+            let (b, hk) = (unit / heads_kv, unit % heads_kv);
+            let mut result = Unit {
+                out: Vec::new(),
+                lse: Vec::new(),
+                dq: Vec::new(),
+                dk: vec![0.0; seq_kv * d],
+                dv: vec![0.0; seq_kv * d],
+            };
+            for h in hk * group..(hk + 1) * group {
+                for i in 0..seq_q {
+                    let at = problem.q_at(b, h, i);
+                    let scores = problem.row_scores(b, h, i);
+                    let lse_at = (b * heads_q + h) * seq_q + i;
+                    let Some((probs, lse)) = softmax(&scores) else {
+                        result.out.push((at, vec![0.0; d]));
+                        result.lse.push((lse_at, f64::INFINITY));
+                        result.dq.push((at, vec![0.0; d]));
+                        continue;
+                    };
+                    let grad_out = &d_out[at..][..d];
+                    let q_row = problem.q_row(b, h, i);
+                    let dots = |x: &[f32], y: &[f32]| -> f64 {
+                        x.iter()
+                            .zip(y)
+                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                            .sum()
+                    };
+                    let dp: Vec<f64> = scores
+                        .iter()
+                        .map(|s| dots(grad_out, problem.v_row(b, h, s.key)))
+                        .collect();
+                    // D = sum_j P_j dP_j (= dO . O).
+                    let delta: f64 = probs.iter().zip(&dp).map(|(p, g)| p * g).sum();
+                    let mut out = vec![0.0; d];
+                    let mut dq = vec![0.0; d];
+                    for ((score, &p), &dp) in scores.iter().zip(&probs).zip(&dp) {
+                        let mut dx = p * (dp - delta) * problem.scale;
+                        if let Some(cap) = config.softcap {
+                            let th = (score.dot * problem.scale / f64::from(cap)).tanh();
+                            dx *= 1.0 - th * th;
+                        }
+                        let (k_row, v_row) = (
+                            problem.k_row(b, h, score.key),
+                            problem.v_row(b, h, score.key),
+                        );
+                        let key = score.key * d;
+                        for c in 0..d {
+                            out[c] += p * f64::from(v_row[c]);
+                            dq[c] += dx * f64::from(k_row[c]);
+                            result.dk[key + c] += dx * f64::from(q_row[c]);
+                            result.dv[key + c] += p * f64::from(grad_out[c]);
+                        }
+                    }
+                    result.out.push((at, out));
+                    result.lse.push((lse_at, lse));
+                    result.dq.push((at, dq));
+                }
+            }
+            result
+        })
+        .collect();
+
+    let mut grads = ReferenceGradients {
+        out: vec![0.0; shape.q_shape().elements()],
+        lse: vec![0.0; batch * heads_q * seq_q],
+        dq: vec![0.0; shape.q_shape().elements()],
+        dk: vec![0.0; shape.kv_shape().elements()],
+        dv: vec![0.0; shape.kv_shape().elements()],
+    };
+    for (unit_index, unit) in units.into_iter().enumerate() {
+        let (b, hk) = (unit_index / heads_kv, unit_index % heads_kv);
+        for (at, row) in unit.out {
+            grads.out[at..at + d].copy_from_slice(&row);
+        }
+        for (at, row) in unit.dq {
+            grads.dq[at..at + d].copy_from_slice(&row);
+        }
+        for (at, lse) in unit.lse {
+            grads.lse[at] = lse;
+        }
+        for j in 0..seq_kv {
+            let at = ((b * seq_kv + j) * heads_kv + hk) * d;
+            grads.dk[at..at + d].copy_from_slice(&unit.dk[j * d..][..d]);
+            grads.dv[at..at + d].copy_from_slice(&unit.dv[j * d..][..d]);
+        }
+    }
+    Ok(grads)
+}

@@ -1,0 +1,800 @@
+//! The backward pass against the f64 reference backward, which is itself
+//! checked against central finite differences of the reference forward.
+//! Every option of the forward, GQA/MQA, every head dim, ragged lengths,
+//! padded and packed batches, masks, f16/bf16 storage (FlashAttention's
+//! rule), determinism and the typed errors. Gradients are written into
+//! NaN-poisoned tensors, so an unwritten element fails.
+
+mod common;
+
+use common::random::{normal_vec, seeded};
+use common::{gpu, round_to, unit_roundoff};
+use rand::RngExt;
+use wgpu_flash_attn::reference::{self, HostMask};
+use wgpu_flash_attn::{
+    Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardArgs, DType,
+    Error, ForwardOptions, Gpu, Lse, Tensor, TensorShape, ValidLengths,
+};
+
+/// Packed BSHD inputs and the output gradient.
+struct Problem {
+    shape: AttentionShape,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    d_out: Vec<f32>,
+}
+
+impl Problem {
+    /// N(0, 1) values (scores of unit scale after the 1/sqrt(d) scale),
+    /// rounded to `dtype` so the reference sees what the GPU holds.
+    fn draw(shape: AttentionShape, seed: u64, dtype: DType) -> Self {
+        let mut rng = seeded(seed);
+        let (nq, nkv) = (shape.q_shape().elements(), shape.kv_shape().elements());
+        let mut draw = |n| -> Vec<f32> {
+            normal_vec(&mut rng, n, 1.0)
+                .into_iter()
+                .map(|x| round_to(dtype, x))
+                .collect()
+        };
+        Problem {
+            shape,
+            q: draw(nq),
+            k: draw(nkv),
+            v: draw(nkv),
+            d_out: draw(nq),
+        }
+    }
+
+    fn reference(
+        &self,
+        config: &AttentionConfig,
+        mask: Option<&HostMask<'_>>,
+    ) -> reference::ReferenceGradients {
+        reference::attention_backward(
+            &self.shape,
+            [&self.q, &self.k, &self.v, &self.d_out],
+            config,
+            mask,
+        )
+        .unwrap()
+    }
+}
+
+/// Gradients read back from the GPU.
+struct Grads {
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
+/// The forward then the backward on the GPU, `dtype` storage, with
+/// NaN-poisoned gradients.
+fn run_backward(
+    gpu: &Gpu,
+    problem: &Problem,
+    dtype: DType,
+    options: ForwardOptions<'_>,
+) -> Result<Grads, Error> {
+    let shape = &problem.shape;
+    let (q_dims, kv_dims) = (shape.q_shape(), shape.kv_shape());
+    let upload = |dims, data: &[f32]| Tensor::from_f32_as(gpu, dims, data, dtype).unwrap();
+    let poisoned = |dims| Tensor::filled_as(gpu, dims, f32::NAN, dtype).unwrap();
+    let (q, k, v) = (
+        upload(q_dims, &problem.q),
+        upload(kv_dims, &problem.k),
+        upload(kv_dims, &problem.v),
+    );
+    let d_out = upload(q_dims, &problem.d_out);
+    let out = poisoned(q_dims);
+    let (dq, dk, dv) = (poisoned(q_dims), poisoned(kv_dims), poisoned(kv_dims));
+    let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q).unwrap();
+    gpu.run(|encoder| {
+        let forward = AttentionArgs {
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &out,
+            lse: Some(&lse),
+        };
+        gpu.forward(encoder, &forward, options.clone())?;
+        let backward = BackwardArgs {
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &out,
+            lse: &lse,
+            d_out: &d_out,
+            dq: &dq,
+            dk: &dk,
+            dv: &dv,
+        };
+        gpu.backward(encoder, &backward, options.clone())
+    })?;
+    Ok(Grads {
+        dq: dq.to_f32_vec(gpu).unwrap(),
+        dk: dk.to_f32_vec(gpu).unwrap(),
+        dv: dv.to_f32_vec(gpu).unwrap(),
+    })
+}
+
+/// Largest |got - want| over the three gradients, relative to the largest
+/// reference gradient (at least 1); panics on NaN.
+fn relative_error(got: &Grads, want: &reference::ReferenceGradients, what: &str) -> f64 {
+    let mut worst = 0.0f64;
+    for (name, got, want) in [
+        ("dq", &got.dq, &want.dq),
+        ("dk", &got.dk, &want.dk),
+        ("dv", &got.dv, &want.dv),
+    ] {
+        assert_eq!(got.len(), want.len());
+        let magnitude = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
+        for (index, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                g.is_finite(),
+                "{what}: {name}[{index}] = {g} (unwritten or invalid), reference {w}"
+            );
+            worst = worst.max((f64::from(g) - w).abs() / magnitude);
+        }
+    }
+    worst
+}
+
+/// f32 storage: every gradient within this share of the largest reference
+/// gradient (f32 sums over up to a few hundred rows).
+const F32_TOLERANCE: f64 = 2e-5;
+
+fn check_f32(gpu: &Gpu, problem: &Problem, config: &AttentionConfig, what: &str) {
+    let got = run_backward(gpu, problem, DType::F32, ForwardOptions::new(config))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let want = problem.reference(config, None);
+    let err = relative_error(&got, &want, what);
+    eprintln!("{what}: relative error {err:.2e}");
+    assert!(
+        err <= F32_TOLERANCE,
+        "{what}: relative error {err:.3e} > {F32_TOLERANCE:e}"
+    );
+}
+
+fn shape(
+    batch: usize,
+    seq_q: usize,
+    seq_kv: usize,
+    heads: (usize, usize),
+    d: usize,
+) -> AttentionShape {
+    AttentionShape {
+        batch,
+        seq_q,
+        seq_kv,
+        heads_q: heads.0,
+        heads_kv: heads.1,
+        head_dim: d,
+    }
+}
+
+#[test]
+fn reference_backward_matches_finite_differences() {
+    // Every option at once, so each chain-rule term is exercised: softcap,
+    // ALiBi, a window with a causal-like right side, a bias mask, GQA.
+    let shape = shape(1, 5, 7, (4, 2), 8);
+    let problem = Problem::draw(shape, 11, DType::F32);
+    let config = AttentionConfig::new()
+        .window(Some(4), Some(1))
+        .scale(0.4)
+        .softcap(2.5)
+        .alibi(Alibi::PerHead(vec![0.3, 0.1, 0.05, 0.2]));
+    let mut rng = seeded(12);
+    let dims = [1, 1, shape.seq_q, shape.seq_kv];
+    let bias: Vec<f32> = (0..shape.seq_q * shape.seq_kv)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    let mask = HostMask::Bias {
+        dims,
+        values: &bias,
+    };
+    let grads = problem.reference(&config, Some(&mask));
+    // L = sum(out * d_out), in f64 from the reference forward.
+    let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
+        let out = reference::attention_masked(&shape, q, k, v, &config, &mask)
+            .unwrap()
+            .out;
+        out.iter()
+            .zip(&problem.d_out)
+            .map(|(o, g)| o * f64::from(*g))
+            .sum()
+    };
+    let step = 2f32.powi(-8);
+    let mut checked = 0;
+    for (name, which, grad) in [
+        ("q", 0, &grads.dq),
+        ("k", 1, &grads.dk),
+        ("v", 2, &grads.dv),
+    ] {
+        for index in 0..grad.len() {
+            let mut inputs = [problem.q.clone(), problem.k.clone(), problem.v.clone()];
+            let x = inputs[which][index];
+            // The steps actually taken in f32 (exact in f64).
+            let (up, down) = (x + step, x - step);
+            inputs[which][index] = up;
+            let plus = loss(&inputs[0], &inputs[1], &inputs[2]);
+            inputs[which][index] = down;
+            let minus = loss(&inputs[0], &inputs[1], &inputs[2]);
+            let numeric = (plus - minus) / (f64::from(up) - f64::from(down));
+            let analytic = grad[index];
+            assert!(
+                (numeric - analytic).abs() <= 1e-4 * (1.0 + analytic.abs()),
+                "d{name}[{index}]: finite differences {numeric}, reference backward {analytic}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(
+        checked,
+        shape.q_shape().elements() + 2 * shape.kv_shape().elements()
+    );
+}
+
+#[test]
+fn options_against_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let base = shape(2, 70, 93, (4, 2), 64);
+    let cases: Vec<(&str, AttentionConfig)> = vec![
+        ("plain", AttentionConfig::new()),
+        ("causal", AttentionConfig::new().causal(true)),
+        ("window", AttentionConfig::new().window(Some(20), Some(5))),
+        ("left window", AttentionConfig::new().window(Some(7), None)),
+        ("scale", AttentionConfig::new().scale(0.3)),
+        ("softcap", AttentionConfig::new().softcap(1.5).scale(0.5)),
+        (
+            "alibi",
+            AttentionConfig::new()
+                .causal(true)
+                .alibi(Alibi::PerHead(Alibi::standard_slopes(4))),
+        ),
+        (
+            "alibi per batch",
+            AttentionConfig::new().alibi(Alibi::PerBatchHead(
+                (0..8).map(|i| 0.02 * i as f32).collect(),
+            )),
+        ),
+        (
+            "everything",
+            AttentionConfig::new()
+                .window(Some(30), Some(0))
+                .softcap(3.0)
+                .alibi(Alibi::PerHead(Alibi::standard_slopes(4))),
+        ),
+    ];
+    for (index, (what, config)) in cases.iter().enumerate() {
+        let problem = Problem::draw(base, 100 + index as u64, DType::F32);
+        check_f32(gpu, &problem, config, what);
+    }
+}
+
+#[test]
+fn gqa_mqa_and_ragged_lengths() {
+    let Some(gpu) = gpu() else { return };
+    let mut seed = 200;
+    for heads in [(4, 4), (6, 2), (4, 1)] {
+        for (seq_q, seq_kv) in [(1, 1), (1, 37), (37, 1), (63, 64), (65, 130), (130, 65)] {
+            for causal in [false, true] {
+                let problem = Problem::draw(shape(1, seq_q, seq_kv, heads, 32), seed, DType::F32);
+                seed += 1;
+                let config = AttentionConfig::new().causal(causal);
+                let what = format!("heads {heads:?} seq {seq_q}x{seq_kv} causal {causal}");
+                check_f32(gpu, &problem, &config, &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn every_head_dim() {
+    let Some(gpu) = gpu() else { return };
+    for head_dim in common::head_dims("backward head dims", &[8, 24, 64, 96, 128, 256]) {
+        let problem = Problem::draw(
+            shape(1, 45, 70, (2, 1), head_dim),
+            head_dim as u64,
+            DType::F32,
+        );
+        let config = AttentionConfig::new().causal(head_dim % 16 == 0);
+        check_f32(gpu, &problem, &config, &format!("head dim {head_dim}"));
+    }
+}
+
+/// Random bias with some hidden (-inf) keys, a random boolean mask, and
+/// each as block-sparse; rows whose keys are all hidden get zero gradients.
+#[test]
+fn masks_against_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let base = shape(2, 40, 75, (4, 2), 32);
+    let mut rng = seeded(300);
+    for (index, dims) in [[1, 1, 40, 75], [2, 4, 40, 75], [2, 1, 40, 75]]
+        .into_iter()
+        .enumerate()
+    {
+        let n: usize = dims.iter().product();
+        let mut bias: Vec<f32> = (0..n)
+            .map(|_| {
+                if rng.random_range(0.0..1.0) < 0.2 {
+                    f32::NEG_INFINITY
+                } else {
+                    rng.random_range(-2.0..2.0)
+                }
+            })
+            .collect();
+        let mut bits: Vec<bool> = (0..n).map(|_| rng.random_range(0.0..1.0) < 0.6).collect();
+        // Row 3 of the first plane sees no key.
+        bias[3 * 75..4 * 75].fill(f32::NEG_INFINITY);
+        bits[3 * 75..4 * 75].fill(false);
+        let problem = Problem::draw(base, 310 + index as u64, DType::F32);
+        let configs = [
+            AttentionConfig::new(),
+            AttentionConfig::new().causal(true).softcap(2.0),
+        ];
+        for config in &configs {
+            let cases = [
+                (
+                    "bias",
+                    AttentionMask::bias(gpu, dims, &bias).unwrap(),
+                    HostMask::Bias {
+                        dims,
+                        values: &bias,
+                    },
+                ),
+                (
+                    "boolean",
+                    AttentionMask::boolean(gpu, dims, &bits).unwrap(),
+                    HostMask::Bool {
+                        dims,
+                        values: &bits,
+                    },
+                ),
+                (
+                    "block-sparse",
+                    AttentionMask::block_sparse(gpu, dims, &bits).unwrap(),
+                    HostMask::Bool {
+                        dims,
+                        values: &bits,
+                    },
+                ),
+            ];
+            for (what, mask, host) in &cases {
+                let options = ForwardOptions::new(config).mask(mask);
+                let got = run_backward(gpu, &problem, DType::F32, options).unwrap();
+                let want = problem.reference(config, Some(host));
+                let what = format!("{what} mask {dims:?} {config:?}");
+                let err = relative_error(&got, &want, &what);
+                assert!(err <= F32_TOLERANCE, "{what}: relative error {err:.3e}");
+            }
+        }
+    }
+}
+
+/// Expected gradients of sequences run alone: `(batch, q rows, kv rows)`
+/// of packed BSHD arrays; padding stays zero.
+fn expected_per_sequence(
+    problem: &Problem,
+    sequences: &[(usize, std::ops::Range<usize>, std::ops::Range<usize>)],
+    config: &AttentionConfig,
+) -> reference::ReferenceGradients {
+    let s = problem.shape;
+    let (hq, hkv, d) = (s.heads_q, s.heads_kv, s.head_dim);
+    let mut want = reference::ReferenceGradients {
+        out: vec![0.0; s.q_shape().elements()],
+        lse: vec![0.0; s.batch * hq * s.seq_q],
+        dq: vec![0.0; s.q_shape().elements()],
+        dk: vec![0.0; s.kv_shape().elements()],
+        dv: vec![0.0; s.kv_shape().elements()],
+    };
+    for (b, rows, keys) in sequences {
+        if rows.is_empty() || keys.is_empty() {
+            continue;
+        }
+        let q_range = (b * s.seq_q + rows.start) * hq * d..(b * s.seq_q + rows.end) * hq * d;
+        let kv_range = (b * s.seq_kv + keys.start) * hkv * d..(b * s.seq_kv + keys.end) * hkv * d;
+        let alone = shape(1, rows.len(), keys.len(), (hq, hkv), d);
+        let part = reference::attention_backward(
+            &alone,
+            [
+                &problem.q[q_range.clone()],
+                &problem.k[kv_range.clone()],
+                &problem.v[kv_range.clone()],
+                &problem.d_out[q_range.clone()],
+            ],
+            config,
+            None,
+        )
+        .unwrap();
+        want.dq[q_range].copy_from_slice(&part.dq);
+        want.dk[kv_range.clone()].copy_from_slice(&part.dk);
+        want.dv[kv_range].copy_from_slice(&part.dv);
+    }
+    want
+}
+
+#[test]
+fn padded_batches_with_empty_and_single_sequences() {
+    let Some(gpu) = gpu() else { return };
+    let base = shape(4, 50, 66, (4, 2), 32);
+    let q_lens = [50, 0, 1, 23];
+    let kv_lens = [66, 10, 1, 0];
+    let problem = Problem::draw(base, 400, DType::F32);
+    for config in [
+        AttentionConfig::new(),
+        AttentionConfig::new().causal(true),
+        AttentionConfig::new().window(Some(9), Some(2)).softcap(4.0),
+    ] {
+        let lengths = ValidLengths {
+            q: Some(&q_lens),
+            kv: &kv_lens,
+        };
+        let got = run_backward(
+            gpu,
+            &problem,
+            DType::F32,
+            ForwardOptions::new(&config).valid_lengths(lengths),
+        )
+        .unwrap();
+        let sequences: Vec<_> = (0..4).map(|b| (b, 0..q_lens[b], 0..kv_lens[b])).collect();
+        let want = expected_per_sequence(&problem, &sequences, &config);
+        let what = format!("padded {config:?}");
+        let err = relative_error(&got, &want, &what);
+        assert!(err <= F32_TOLERANCE, "{what}: relative error {err:.3e}");
+    }
+}
+
+#[test]
+fn packed_varlen_batches_with_empty_and_single_sequences() {
+    let Some(gpu) = gpu() else { return };
+    let cu_q = [0, 30, 30, 31, 60, 61];
+    let cu_k = [0, 45, 52, 53, 53, 90];
+    let base = shape(1, 61, 90, (3, 1), 40);
+    let problem = Problem::draw(base, 500, DType::F32);
+    for config in [AttentionConfig::new(), AttentionConfig::new().causal(true)] {
+        let got = run_backward(
+            gpu,
+            &problem,
+            DType::F32,
+            ForwardOptions::new(&config).varlen(&cu_q, &cu_k),
+        )
+        .unwrap();
+        let sequences: Vec<_> = (0..5)
+            .map(|i| (0, cu_q[i]..cu_q[i + 1], cu_k[i]..cu_k[i + 1]))
+            .collect();
+        let want = expected_per_sequence(&problem, &sequences, &config);
+        let what = format!("varlen {config:?}");
+        let err = relative_error(&got, &want, &what);
+        assert!(err <= F32_TOLERANCE, "{what}: relative error {err:.3e}");
+    }
+}
+
+/// The backward of standard attention computed in the storage precision,
+/// as a framework does in half: S, P, O, dP and dS rounded to `dtype`, f32
+/// sums, gradients rounded. Causal and plain calls only.
+fn naive_in_precision(dtype: DType, problem: &Problem, config: &AttentionConfig) -> Grads {
+    let s = problem.shape;
+    let (hq, hkv, d) = (s.heads_q, s.heads_kv, s.head_dim);
+    let scale = config.effective_scale(d);
+    let r = |x: f32| round_to(dtype, x);
+    let q_at = |b: usize, i: usize, h: usize| ((b * s.seq_q + i) * hq + h) * d;
+    let kv_at = |b: usize, j: usize, h: usize| ((b * s.seq_kv + j) * hkv + h / (hq / hkv)) * d;
+    let dot = |x: &[f32], y: &[f32]| -> f32 { x.iter().zip(y).map(|(a, b)| a * b).sum() };
+    let mut dq = vec![0.0f32; s.q_shape().elements()];
+    let mut dk = vec![0.0f32; s.kv_shape().elements()];
+    let mut dv = vec![0.0f32; s.kv_shape().elements()];
+    for b in 0..s.batch {
+        for h in 0..hq {
+            for i in 0..s.seq_q {
+                let keys: Vec<usize> = config.visible_keys(i, s.seq_q, s.seq_kv).collect();
+                let q = &problem.q[q_at(b, i, h)..][..d];
+                let g = &problem.d_out[q_at(b, i, h)..][..d];
+                let scores: Vec<f32> = keys
+                    .iter()
+                    .map(|&j| r(dot(q, &problem.k[kv_at(b, j, h)..][..d]) * scale))
+                    .collect();
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = scores.iter().map(|x| (x - max).exp()).sum();
+                let p: Vec<f32> = scores.iter().map(|x| r((x - max).exp() / sum)).collect();
+                let mut o = vec![0.0f32; d];
+                for (&j, &pj) in keys.iter().zip(&p) {
+                    for (o, v) in o.iter_mut().zip(&problem.v[kv_at(b, j, h)..][..d]) {
+                        *o += pj * v;
+                    }
+                }
+                let o: Vec<f32> = o.into_iter().map(r).collect();
+                let delta = dot(g, &o);
+                for (&j, &pj) in keys.iter().zip(&p) {
+                    let dp = r(dot(g, &problem.v[kv_at(b, j, h)..][..d]));
+                    let ds = r(pj * (dp - delta));
+                    let (k, at) = (&problem.k[kv_at(b, j, h)..][..d], kv_at(b, j, h));
+                    for c in 0..d {
+                        dq[q_at(b, i, h) + c] += ds * scale * k[c];
+                        dk[at + c] += ds * scale * q[c];
+                        dv[at + c] += pj * g[c];
+                    }
+                }
+            }
+        }
+    }
+    let round_all = |x: Vec<f32>| x.into_iter().map(r).collect();
+    Grads {
+        dq: round_all(dq),
+        dk: round_all(dk),
+        dv: round_all(dv),
+    }
+}
+
+#[test]
+fn half_storage_follows_flash_attentions_rule() {
+    let Some(gpu) = gpu() else { return };
+    let mut seed = 600;
+    for dtype in [DType::F16, DType::BF16] {
+        for (head_dim, causal) in [(32, false), (64, true), (128, true)] {
+            let problem = Problem::draw(shape(2, 61, 77, (4, 2), head_dim), seed, dtype);
+            seed += 1;
+            let config = AttentionConfig::new().causal(causal);
+            let got = run_backward(gpu, &problem, dtype, ForwardOptions::new(&config)).unwrap();
+            let want = problem.reference(&config, None);
+            let what = format!("{dtype:?} d={head_dim} causal {causal}");
+            let err = relative_error(&got, &want, &what);
+            let naive = relative_error(&naive_in_precision(dtype, &problem, &config), &want, &what);
+            eprintln!("{what}: kernel {err:.2e}, naive in precision {naive:.2e}");
+            assert!(
+                err <= 2.0 * naive + F32_TOLERANCE,
+                "{what}: error {err:.3e} > 2 x naive {naive:.3e} + {F32_TOLERANCE:e}"
+            );
+            // And not vacuous: the rule's bound is a few storage ulps.
+            assert!(
+                naive <= 64.0 * unit_roundoff(dtype),
+                "{what}: naive {naive:.3e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn same_bits_on_every_run() {
+    let Some(gpu) = gpu() else { return };
+    let problem = Problem::draw(shape(2, 150, 170, (8, 2), 64), 700, DType::F32);
+    let config = AttentionConfig::new().causal(true);
+    let first = run_backward(gpu, &problem, DType::F32, ForwardOptions::new(&config)).unwrap();
+    for _ in 0..2 {
+        let again = run_backward(gpu, &problem, DType::F32, ForwardOptions::new(&config)).unwrap();
+        for (a, b) in [
+            (&first.dq, &again.dq),
+            (&first.dk, &again.dk),
+            (&first.dv, &again.dv),
+        ] {
+            let bits = |x: &Vec<f32>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(a), bits(b));
+        }
+    }
+}
+
+/// Q, K and V as views of one fused QKV projection; dO at an offset;
+/// dQ, dK and dV written into BHSD buffers seen as BSHD.
+#[test]
+fn strided_views_in_and_out() {
+    let Some(gpu) = gpu() else { return };
+    let (b, s, h, d) = (2, 57, 4, 32);
+    let dims = TensorShape::new(b, s, h, d);
+    let problem = Problem::draw(shape(b, s, s, (h, h), d), 800, DType::F32);
+    let mut fused = vec![0.0f32; b * s * 3 * h * d];
+    for (which, data) in [&problem.q, &problem.k, &problem.v].into_iter().enumerate() {
+        for token in 0..b * s {
+            let dst = (token * 3 + which) * h * d;
+            fused[dst..dst + h * d].copy_from_slice(&data[token * h * d..][..h * d]);
+        }
+    }
+    let fused = Tensor::from_f32(gpu, TensorShape::new(b, s, 3 * h, d), &fused).unwrap();
+    let qkv_strides = wgpu_flash_attn::Strides {
+        batch: s * 3 * h * d,
+        seq: 3 * h * d,
+        head: d,
+    };
+    let view = |which: usize| fused.view(dims, qkv_strides, which * h * d).unwrap();
+    let (q, k, v) = (view(0), view(1), view(2));
+    let offset = 64;
+    let mut padded_d_out = vec![0.0f32; offset + problem.d_out.len()];
+    padded_d_out[offset..].copy_from_slice(&problem.d_out);
+    let d_out_buffer = Tensor::from_f32(
+        gpu,
+        TensorShape::new(1, 1, 1, padded_d_out.len()),
+        &padded_d_out,
+    )
+    .unwrap();
+    let d_out = d_out_buffer
+        .view(dims, dims.contiguous_strides(), offset)
+        .unwrap();
+    let bhsd = wgpu_flash_attn::Strides {
+        batch: h * s * d,
+        seq: d,
+        head: s * d,
+    };
+    let grad = || {
+        let buffer = Tensor::filled(gpu, dims, f32::NAN).unwrap();
+        buffer.view(dims, bhsd, 0).unwrap()
+    };
+    let (dq, dk, dv) = (grad(), grad(), grad());
+    let out = Tensor::filled(gpu, dims, f32::NAN).unwrap();
+    let lse = Lse::new(gpu, b, h, s).unwrap();
+    let config = AttentionConfig::new().causal(true);
+    gpu.run(|e| {
+        let forward = AttentionArgs {
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &out,
+            lse: Some(&lse),
+        };
+        gpu.forward(e, &forward, &config)?;
+        let backward = BackwardArgs {
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &out,
+            lse: &lse,
+            d_out: &d_out,
+            dq: &dq,
+            dk: &dk,
+            dv: &dv,
+        };
+        gpu.backward(e, &backward, &config)
+    })
+    .unwrap();
+    let got = Grads {
+        dq: dq.to_f32_vec(gpu).unwrap(),
+        dk: dk.to_f32_vec(gpu).unwrap(),
+        dv: dv.to_f32_vec(gpu).unwrap(),
+    };
+    let err = relative_error(&got, &problem.reference(&config, None), "strided views");
+    assert!(
+        err <= F32_TOLERANCE,
+        "strided views: relative error {err:.3e}"
+    );
+}
+
+#[test]
+fn host_call_matches_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let problem = Problem::draw(shape(1, 33, 48, (2, 2), 16), 900, DType::F32);
+    let config = AttentionConfig::new().window(Some(10), Some(10));
+    let got = gpu
+        .attention_backward_host(
+            &problem.shape,
+            [&problem.q, &problem.k, &problem.v, &problem.d_out],
+            &config,
+        )
+        .unwrap();
+    let want = problem.reference(&config, None);
+    let grads = Grads {
+        dq: got.dq,
+        dk: got.dk,
+        dv: got.dv,
+    };
+    let err = relative_error(&grads, &want, "host call");
+    assert!(err <= F32_TOLERANCE, "host call: relative error {err:.3e}");
+    for (g, w) in got.lse.iter().zip(&want.lse) {
+        assert!((f64::from(*g) - w).abs() <= 1e-4, "lse {g} vs {w}");
+    }
+}
+
+#[test]
+fn bad_operands_get_typed_errors() {
+    let Some(gpu) = gpu() else { return };
+    let dims = TensorShape::new(1, 16, 2, 32);
+    let t = || Tensor::zeros(gpu, dims, DType::F32).unwrap();
+    let (q, k, v, out, d_out, dq, dk, dv) = (t(), t(), t(), t(), t(), t(), t(), t());
+    let lse = Lse::new(gpu, 1, 2, 16).unwrap();
+    let args = BackwardArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: &lse,
+        d_out: &d_out,
+        dq: &dq,
+        dk: &dk,
+        dv: &dv,
+    };
+    let config = AttentionConfig::new();
+    let run = |args: &BackwardArgs<'_>, options: ForwardOptions<'_>| {
+        gpu.run(|e| gpu.backward(e, args, options.clone()))
+    };
+    run(&args, ForwardOptions::new(&config)).unwrap();
+
+    let short = Tensor::zeros(gpu, TensorShape::new(1, 15, 2, 32), DType::F32).unwrap();
+    let err = run(
+        &BackwardArgs {
+            d_out: &short,
+            ..args
+        },
+        ForwardOptions::new(&config),
+    );
+    assert!(
+        matches!(
+            err,
+            Err(Error::ShapeMismatch {
+                left_name: "d_out",
+                left: 15,
+                right: 16,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    let half = Tensor::zeros(gpu, dims, DType::F16).unwrap();
+    let err = run(
+        &BackwardArgs { dk: &half, ..args },
+        ForwardOptions::new(&config),
+    );
+    assert!(
+        matches!(err, Err(Error::DTypeUnsupported { tensor: "dk", .. })),
+        "{err:?}"
+    );
+    let err = run(
+        &BackwardArgs { dq: &q, ..args },
+        ForwardOptions::new(&config),
+    );
+    assert!(
+        matches!(
+            err,
+            Err(Error::OutputAliasesInput {
+                tensor: "dq",
+                input: "q"
+            })
+        ),
+        "{err:?}"
+    );
+    let err = run(
+        &BackwardArgs { dv: &dk, ..args },
+        ForwardOptions::new(&config),
+    );
+    assert!(
+        matches!(
+            err,
+            Err(Error::OutputAliasesInput {
+                tensor: "dv",
+                input: "dk"
+            })
+        ),
+        "{err:?}"
+    );
+    let wrong_lse = Lse::new(gpu, 1, 2, 15).unwrap();
+    let err = run(
+        &BackwardArgs {
+            lse: &wrong_lse,
+            ..args
+        },
+        ForwardOptions::new(&config),
+    );
+    assert!(matches!(err, Err(Error::LseShape { .. })), "{err:?}");
+    let mask = AttentionMask::boolean(gpu, [1, 1, 16, 16], &[true; 256]).unwrap();
+    let lengths = ValidLengths { q: None, kv: &[16] };
+    let options = ForwardOptions::new(&config)
+        .mask(&mask)
+        .valid_lengths(lengths);
+    let err = run(&args, options);
+    assert!(
+        matches!(err, Err(Error::UnsupportedCombination { .. })),
+        "{err:?}"
+    );
+    let wide_mask = AttentionMask::boolean(gpu, [1, 1, 16, 17], &[true; 272]).unwrap();
+    let err = run(&args, ForwardOptions::new(&config).mask(&wide_mask));
+    assert!(matches!(err, Err(Error::MaskShape { .. })), "{err:?}");
+    let other = Gpu::new().expect("a second device on the same adapter");
+    let foreign = Tensor::zeros(&other, dims, DType::F32).unwrap();
+    let err = run(
+        &BackwardArgs {
+            dq: &foreign,
+            ..args
+        },
+        ForwardOptions::new(&config),
+    );
+    assert!(
+        matches!(err, Err(Error::WrongDevice { tensor: "dq" })),
+        "{err:?}"
+    );
+}
