@@ -34,6 +34,18 @@
 //   ROWS     keys (key_grads) or query rows (query_grads) per invocation
 //   BLOCK    query rows (key_grads) or keys (query_grads) per staged tile
 //   STAGE    ceil(BLOCK * D4 / WG_SIZE): staging trips per invocation
+//   SLOTS    ceil(2 * D4 / WG_SIZE): with SUBGROUP_BROADCAST, vec4s of a row
+//            pair each lane loads
+//
+// How the staged rows (key pass: q and dO; query pass: k and v) reach every
+// invocation:
+//   default             tiles of BLOCK rows in workgroup memory, a barrier
+//                       per tile;
+//   SUBGROUP_BROADCAST  the workgroup is one subgroup (WG_SIZE is the
+//                       adapter's smallest subgroup size): each lane loads a
+//                       share of one row from storage and subgroupBroadcast
+//                       hands it to all lanes; no barriers (2x the tile path
+//                       on lavapipe, BENCHMARKS.md).
 
 // Twin of `BackwardParams` in src/params.rs.
 struct BackwardParams {
@@ -169,6 +181,41 @@ fn pair_grads(dot: f32, dp: f32, batch: u32, head_q: u32, row: u32, row_pos: i32
     return vec2<f32>(prob, dx);
 }
 
+// #if SUBGROUP_BROADCAST
+// Element j of the 2 * D4 vec4s of one row pair, a then b: q and dO of a
+// query row (key pass) or k and v of a key (query pass), from `a_base` and
+// `b_base`; zero past the call's head dim.
+fn row_element(from_kv: bool, a_base: u32, b_base: u32, j: u32) -> vec4<f32> {
+    let d = j % D4;
+    if (j >= 2u * D4 || d >= bp.head_dim4) {
+        return vec4<f32>(0.0);
+    }
+    if (from_kv) {
+        if (j < D4) {
+            return load_k(a_base + d);
+        }
+        return load_v(b_base + d);
+    }
+    if (j < D4) {
+        return load_q(a_base + d);
+    }
+    return load_do(b_base + d);
+}
+// #endif
+
+// Whether the scores are the scaled dot products alone (no softcap, ALiBi
+// or mask): then pairs that the window bounds cannot hide take
+// `plain_grads`.
+fn plain_scores() -> bool {
+    return (p.flags & (FLAG_SOFTCAP | FLAG_ALIBI)) == 0u && bp.mask_kind == 0u;
+}
+
+// `pair_grads` of a visible pair when `plain_scores()` holds.
+fn plain_grads(dot: f32, dp: f32, lse2: f32, delta: f32) -> vec2<f32> {
+    let prob = exp2(fma(dot, p.score_scale, -lse2));
+    return vec2<f32>(prob, prob * (dp - delta) * bp.scale);
+}
+
 fn alibi_slope_of(batch: u32, head_q: u32) -> f32 {
     if (has_flag(FLAG_ALIBI)) {
         return alibi_slopes[batch * p.alibi_batch_stride + head_q];
@@ -194,7 +241,13 @@ fn row_deltas(@builtin(global_invocation_id) id: vec3<u32>) {
 }
 
 @compute @workgroup_size(WG_SIZE)
-fn key_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn key_grads(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+// #if SUBGROUP_BROADCAST
+    @builtin(subgroup_invocation_id) lane: u32,
+// #endif
+) {
     let batch = wg.z;
     let head_kv = wg.y;
     let key0 = wg.x * WG_SIZE * ROWS;
@@ -241,10 +294,33 @@ fn key_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     if (block_hi < i32(key0)) {
         row_hi = -1;
     }
+    // The block's last key, whether past seq_kv or not.
+    let block_end = i32(key0 + WG_SIZE * ROWS) - 1;
+    let plain = plain_scores();
 
     for (var g = 0u; g < bp.group; g++) {
         let head_q = head_kv * bp.group + g;
         let slope = alibi_slope_of(batch, head_q);
+        // The query row's q and dO, in every invocation.
+        var qrow: array<vec4<f32>, D4>;
+        var grow: array<vec4<f32>, D4>;
+// #if SUBGROUP_BROADCAST
+        // No staging: each lane loads a share of the row from storage and
+        // broadcasts it (the workgroup is one subgroup).
+        for (var i = row_lo; i <= row_hi; i++) {
+            let row = u32(i);
+            var slab: array<vec4<f32>, SLOTS>;
+            for (var slot = 0u; slot < SLOTS; slot++) {
+                slab[slot] = row_element(false, q_row(batch, row, head_q), do_row(batch, row, head_q),
+                    lane + WG_SIZE * slot);
+            }
+            for (var d = 0u; d < D4; d++) {
+                qrow[d] = subgroupBroadcast(slab[d / WG_SIZE], d % WG_SIZE);
+                grow[d] = subgroupBroadcast(slab[(D4 + d) / WG_SIZE], (D4 + d) % WG_SIZE);
+            }
+            let at = stats_index(batch, head_q, row);
+            let stats = vec2<f32>(lse_buf[at] * LOG2_E, deltas[at]);
+// #else
         for (var i0 = row_lo; i0 <= row_hi; i0 += i32(BLOCK)) {
             let n_rows = u32(min(i32(BLOCK), row_hi + 1 - i0));
             for (var s = 0u; s < STAGE; s++) {
@@ -270,8 +346,13 @@ fn key_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
             workgroupBarrier();
             for (var ii = 0u; ii < n_rows; ii++) {
                 let row = u32(i0) + ii;
+                for (var d = 0u; d < D4; d++) {
+                    qrow[d] = tile_a[ii * D4 + d];
+                    grow[d] = tile_b[ii * D4 + d];
+                }
+                let stats = row_stats[ii];
+// #endif
                 let row_pos = i32(row) + diag;
-                let t = ii * D4;
                 var dots: array<f32, ROWS>;
                 var dps: array<f32, ROWS>;
                 for (var r = 0u; r < ROWS; r++) {
@@ -279,30 +360,37 @@ fn key_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
                     dps[r] = 0.0;
                 }
                 for (var d = 0u; d < D4; d++) {
-                    let qd = tile_a[t + d];
-                    let gd = tile_b[t + d];
                     for (var r = 0u; r < ROWS; r++) {
-                        dots[r] = fma_dot(qd, k[r * D4 + d], dots[r]);
-                        dps[r] = fma_dot(gd, v[r * D4 + d], dps[r]);
+                        dots[r] = fma_dot(qrow[d], k[r * D4 + d], dots[r]);
+                        dps[r] = fma_dot(grow[d], v[r * D4 + d], dps[r]);
                     }
                 }
-                let stats = row_stats[ii];
                 var grads: array<vec2<f32>, ROWS>;
-                for (var r = 0u; r < ROWS; r++) {
-                    grads[r] = pair_grads(dots[r], dps[r], batch, head_q, row, row_pos, key_pos[r],
-                        slope, stats.x, stats.y);
+                // The row sees every key of the block (the common case).
+                let bounds = visible_keys(row_pos);
+                if (plain && bounds.x <= i32(key0) && bounds.y >= block_end) {
+                    for (var r = 0u; r < ROWS; r++) {
+                        grads[r] = plain_grads(dots[r], dps[r], stats.x, stats.y);
+                    }
+                } else {
+                    for (var r = 0u; r < ROWS; r++) {
+                        grads[r] = pair_grads(dots[r], dps[r], batch, head_q, row, row_pos, key_pos[r],
+                            slope, stats.x, stats.y);
+                    }
                 }
                 for (var d = 0u; d < D4; d++) {
-                    let qd = tile_a[t + d];
-                    let gd = tile_b[t + d];
                     for (var r = 0u; r < ROWS; r++) {
-                        dv[r * D4 + d] = fma(vec4<f32>(grads[r].x), gd, dv[r * D4 + d]);
-                        dk[r * D4 + d] = fma(vec4<f32>(grads[r].y), qd, dk[r * D4 + d]);
+                        dv[r * D4 + d] = fma(vec4<f32>(grads[r].x), grow[d], dv[r * D4 + d]);
+                        dk[r * D4 + d] = fma(vec4<f32>(grads[r].y), qrow[d], dk[r * D4 + d]);
                     }
                 }
+// #if SUBGROUP_BROADCAST
+        }
+// #else
             }
             workgroupBarrier();
         }
+// #endif
     }
 
     for (var r = 0u; r < ROWS; r++) {
@@ -321,7 +409,13 @@ fn key_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
 }
 
 @compute @workgroup_size(WG_SIZE)
-fn query_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn query_grads(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+// #if SUBGROUP_BROADCAST
+    @builtin(subgroup_invocation_id) lane: u32,
+// #endif
+) {
     let batch = wg.z;
     let head_q = wg.y;
     let head_kv = head_q / bp.group;
@@ -370,9 +464,30 @@ fn query_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
     if (row0 >= p.seq_q) {
         key_hi = -1;
     }
+    // Keys every row of the block sees; rows past seq_q (padding) see
+    // whatever the last row sees, and are never stored.
+    let block_end = row0 + WG_SIZE * ROWS - 1u;
+    let all_lo = visible_keys(i32(min(block_end, last_row)) + diag).x;
+    let all_hi = visible_keys(i32(row0) + diag).y;
+    let plain = plain_scores();
 
     let k_base = batch * p.k.batch + head_kv * p.k.head + p.k.offset;
     let v_base = batch * p.v.batch + head_kv * p.v.head + p.v.offset;
+    // The key's k and v, in every invocation.
+    var krow: array<vec4<f32>, D4>;
+    var vrow: array<vec4<f32>, D4>;
+// #if SUBGROUP_BROADCAST
+    for (var key = key_lo; key <= key_hi; key++) {
+        var slab: array<vec4<f32>, SLOTS>;
+        for (var slot = 0u; slot < SLOTS; slot++) {
+            slab[slot] = row_element(true, k_base + u32(key) * p.k.seq, v_base + u32(key) * p.v.seq,
+                lane + WG_SIZE * slot);
+        }
+        for (var d = 0u; d < D4; d++) {
+            krow[d] = subgroupBroadcast(slab[d / WG_SIZE], d % WG_SIZE);
+            vrow[d] = subgroupBroadcast(slab[(D4 + d) / WG_SIZE], (D4 + d) % WG_SIZE);
+        }
+// #else
     for (var kv0 = key_lo; kv0 <= key_hi; kv0 += i32(BLOCK)) {
         let n_keys = u32(min(i32(BLOCK), key_hi + 1 - kv0));
         for (var s = 0u; s < STAGE; s++) {
@@ -394,7 +509,11 @@ fn query_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
         workgroupBarrier();
         for (var jj = 0u; jj < n_keys; jj++) {
             let key = kv0 + i32(jj);
-            let t = jj * D4;
+            for (var d = 0u; d < D4; d++) {
+                krow[d] = tile_a[jj * D4 + d];
+                vrow[d] = tile_b[jj * D4 + d];
+            }
+// #endif
             var dots: array<f32, ROWS>;
             var dps: array<f32, ROWS>;
             for (var r = 0u; r < ROWS; r++) {
@@ -402,28 +521,36 @@ fn query_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
                 dps[r] = 0.0;
             }
             for (var d = 0u; d < D4; d++) {
-                let kd = tile_a[t + d];
-                let vd = tile_b[t + d];
                 for (var r = 0u; r < ROWS; r++) {
-                    dots[r] = fma_dot(q[r * D4 + d], kd, dots[r]);
-                    dps[r] = fma_dot(g[r * D4 + d], vd, dps[r]);
+                    dots[r] = fma_dot(q[r * D4 + d], krow[d], dots[r]);
+                    dps[r] = fma_dot(g[r * D4 + d], vrow[d], dps[r]);
                 }
             }
             var dx: array<f32, ROWS>;
-            for (var r = 0u; r < ROWS; r++) {
-                let row = min(row0 + lid + r * WG_SIZE, last_row);
-                dx[r] = pair_grads(dots[r], dps[r], batch, head_q, row, i32(row) + diag, key, slope,
-                    lse2[r], delta[r]).y;
-            }
-            for (var d = 0u; d < D4; d++) {
-                let kd = tile_a[t + d];
+            // Every row of the block sees the key (the common case).
+            if (plain && key >= all_lo && key <= all_hi) {
                 for (var r = 0u; r < ROWS; r++) {
-                    dq[r * D4 + d] = fma(vec4<f32>(dx[r]), kd, dq[r * D4 + d]);
+                    dx[r] = plain_grads(dots[r], dps[r], lse2[r], delta[r]).y;
+                }
+            } else {
+                for (var r = 0u; r < ROWS; r++) {
+                    let row = min(row0 + lid + r * WG_SIZE, last_row);
+                    dx[r] = pair_grads(dots[r], dps[r], batch, head_q, row, i32(row) + diag, key,
+                        slope, lse2[r], delta[r]).y;
                 }
             }
+            for (var d = 0u; d < D4; d++) {
+                for (var r = 0u; r < ROWS; r++) {
+                    dq[r * D4 + d] = fma(vec4<f32>(dx[r]), krow[d], dq[r * D4 + d]);
+                }
+            }
+// #if SUBGROUP_BROADCAST
+    }
+// #else
         }
         workgroupBarrier();
     }
+// #endif
 
     for (var r = 0u; r < ROWS; r++) {
         let row = row0 + lid + r * WG_SIZE;

@@ -14,15 +14,16 @@ use rayon::prelude::*;
 use wgpu::BufferBindingType;
 
 use crate::params::{
-    AttentionParams, CombineParams, DecodeParams, LinearParams, MaskParams, RopeParams,
-    TensorStrides, flags, linear_flags,
+    AttentionParams, BackwardParams, CombineParams, DecodeParams, LinearParams, MaskParams,
+    RopeParams, TensorStrides, flags, linear_flags,
 };
 use crate::pipelines::ELEMENTWISE_WORKGROUP;
 use crate::plan::profiles;
-use crate::shaders::{Kernel, LinearPass, NaivePass, Specialization};
+use crate::shaders::{BackwardPass, Kernel, LinearPass, NaivePass, Specialization};
 use crate::{
-    AttentionConfig, AttentionShape, CacheShape, DType, DecodeOptions, DecodePlan, ForwardPlan,
-    GpuInfo, LinearConfig, LinearPlan, LinearShape, NaivePlan, Tier, is_supported_head_dim,
+    AttentionConfig, AttentionShape, BackwardPlan, CacheShape, DType, DecodeOptions, DecodePlan,
+    ForwardPlan, GpuInfo, LinearConfig, LinearPlan, LinearShape, NaivePlan, Tier,
+    is_supported_head_dim,
 };
 
 // ---------------------------------------------------------------------------
@@ -122,6 +123,25 @@ fn shipped_specializations() -> Vec<Specialization> {
                         for pass in LinearPass::ALL {
                             add(plan.specialization(pass));
                         }
+                    }
+                }
+            }
+        }
+    }
+    // The backward: one pipeline per head-dim capacity (a power of two),
+    // every storage type.
+    for info in &infos {
+        for head_dim in [8, 16, 32, 64, 128, 256] {
+            let shape = AttentionShape::self_attention(1, 256, 8, head_dim);
+            for storage in [DType::F32, DType::F16, DType::BF16] {
+                for tier in tiers {
+                    // Adapters with too few storage buffers refuse the
+                    // backward, as those without subgroups refuse that tier.
+                    let Ok(plan) = BackwardPlan::for_call(info, &shape, storage, tier) else {
+                        continue;
+                    };
+                    for pass in BackwardPass::ALL {
+                        add(plan.specialization(pass));
                     }
                 }
             }
@@ -613,6 +633,22 @@ fn rust_twins() -> Vec<(&'static str, Layout)> {
             slot4,
             group,
             _pad,
+        }),
+        rust_layout!(BackwardParams {
+            head_dim4,
+            extent_q,
+            extent_kv,
+            group,
+            scale,
+            mask_kind,
+            mask_batch,
+            mask_head,
+            mask_row_words,
+            stats_batch,
+            stats_head,
+            stats_offset,
+            d_out,
+            dv,
         }),
         rust_layout!(MaskParams {
             kind,

@@ -432,6 +432,9 @@ pub struct BackwardTiling {
     pub block: u32,
     /// Expand the loops over head dim, rows and staging in the WGSL text.
     pub unroll: bool,
+    /// Staged rows reach the lanes by subgroup broadcasts: the workgroup is
+    /// one subgroup of the adapter's smallest size, and `unroll` holds.
+    pub subgroup: bool,
     /// Storage type of every tensor (arithmetic is f32).
     pub storage: DType,
 }
@@ -651,6 +654,7 @@ impl Specialization {
                     ("ROWS", tiling.rows),
                     ("BLOCK", tiling.block),
                     ("STAGE", (tiling.block * d4).div_ceil(tiling.workgroup_size)),
+                    ("SLOTS", (2 * d4).div_ceil(tiling.workgroup_size)),
                 ]
             }
         }
@@ -693,7 +697,12 @@ impl Specialization {
                     flags.push(SUBGROUP_BROADCAST);
                 }
             }
-            Specialization::Backward { tiling, .. } => flags.extend(storage_flags(tiling.storage)),
+            Specialization::Backward { tiling, .. } => {
+                flags.extend(storage_flags(tiling.storage));
+                if tiling.subgroup {
+                    flags.push(SUBGROUP_BROADCAST);
+                }
+            }
             _ => {}
         }
         flags
@@ -734,7 +743,7 @@ impl Specialization {
             ],
             Specialization::Backward { tiling, .. } => {
                 if tiling.unroll {
-                    &["D4", "ROWS", "STAGE"]
+                    &["D4", "ROWS", "STAGE", "SLOTS"]
                 } else {
                     &[]
                 }

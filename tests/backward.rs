@@ -12,8 +12,8 @@ use common::{gpu, round_to, unit_roundoff};
 use rand::RngExt;
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
-    Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardArgs, DType,
-    Error, ForwardOptions, Gpu, Lse, Tensor, TensorShape, ValidLengths,
+    Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardArgs,
+    BackwardPlan, DType, Error, ForwardOptions, Gpu, Lse, Tensor, TensorShape, Tier, ValidLengths,
 };
 
 /// Packed BSHD inputs and the output gradient.
@@ -797,4 +797,31 @@ fn bad_operands_get_typed_errors() {
         matches!(err, Err(Error::WrongDevice { tensor: "dq" })),
         "{err:?}"
     );
+}
+
+/// Both kernel tiers where the adapter has them (subgroup broadcasts, the
+/// default on lavapipe; workgroup-memory tiles, what GL runs), each against
+/// the reference; forcing a tier the adapter lacks is a typed error.
+#[test]
+fn each_tier_against_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let problem = Problem::draw(shape(1, 90, 120, (4, 2), 64), 1000, DType::F32);
+    for tier in [Tier::Portable, Tier::SubgroupBroadcast] {
+        let plan = BackwardPlan::for_call(gpu.info(), &problem.shape, DType::F32, Some(tier));
+        if let Err(err) = plan {
+            assert!(matches!(err, Error::TierUnavailable { .. }), "{err}");
+            eprintln!("SKIPPED: {tier:?} is not available here: {err}");
+            continue;
+        }
+        for config in [
+            AttentionConfig::new().tier(tier),
+            AttentionConfig::new()
+                .tier(tier)
+                .window(Some(17), Some(0))
+                .softcap(2.0),
+        ] {
+            let what = format!("{config:?}");
+            check_f32(gpu, &problem, &config, &what);
+        }
+    }
 }

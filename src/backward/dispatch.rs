@@ -84,7 +84,7 @@ impl Gpu {
             [shape.batch, shape.heads_q, shape.seq_q],
         )?;
         check_backward_operands(self, args)?;
-        let plan = BackwardPlan::for_call(self.info(), &shape, args.q.dtype())?;
+        let plan = BackwardPlan::for_call(self.info(), &shape, args.q.dtype(), config.tier)?;
         let mask = options.mask;
         if let Some(mask) = mask {
             mask.check_shape(&shape)?;

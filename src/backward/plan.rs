@@ -1,9 +1,10 @@
 //! How the backward runs on an adapter: a pure function of its
 //! [`GpuInfo`] and the call's shape, like the other planners.
 
-use crate::config::AttentionShape;
+use crate::config::{AttentionShape, Tier};
 use crate::error::{Error, Result};
 use crate::gpu::GpuInfo;
+use crate::plan::use_subgroup_tier;
 use crate::shaders::{BackwardPass, BackwardTiling, Specialization};
 use crate::tensor::DType;
 
@@ -11,6 +12,10 @@ use crate::tensor::DType;
 /// ALiBi slopes, dO, row deltas, dV, mask words).
 pub const BACKWARD_STORAGE_BUFFERS: u32 = 10;
 
+/// One SIMD group of llvmpipe (and WARP) per workgroup without subgroups.
+const CPU_WORKGROUP_SIZE: u32 = 8;
+/// Invocations per workgroup on GPUs.
+const GPU_WORKGROUP_SIZE: u32 = 64;
 /// Invocations of the row-delta pass (one query row each).
 const DELTA_WORKGROUP: u32 = 64;
 /// Staged rows or keys per tile, halved until the tiles fit the adapter's
@@ -25,12 +30,20 @@ pub struct BackwardPlan {
 
 impl BackwardPlan {
     /// The plan for `shape` with `storage` on this adapter: on CPU adapters
-    /// (lavapipe, llvmpipe, WARP) one SIMD group of 8 invocations per
-    /// workgroup, each holding several keys (or query rows), with the loops
-    /// expanded; on GPUs 64 invocations of one key (or row) each. Errors
-    /// when the adapter lacks the storage buffers, workgroup memory or
-    /// invocations the kernels need.
-    pub fn for_call(info: &GpuInfo, shape: &AttentionShape, storage: DType) -> Result<Self> {
+    /// (lavapipe, llvmpipe, WARP) one SIMD group per workgroup, each
+    /// invocation holding several keys (or query rows), with the loops
+    /// expanded and, where the adapter has subgroups, the staged rows
+    /// broadcast instead of staged in workgroup memory (the forward's
+    /// tiers, which `tier` forces as it does there); on GPUs 64 invocations
+    /// of one key (or row) each. Errors when the adapter lacks the storage
+    /// buffers, workgroup memory or invocations the kernels need, or a
+    /// forced tier.
+    pub fn for_call(
+        info: &GpuInfo,
+        shape: &AttentionShape,
+        storage: DType,
+        tier: Option<Tier>,
+    ) -> Result<Self> {
         shape.validate()?;
         let limits = &info.limits;
         if limits.max_storage_buffers_per_shader_stage < BACKWARD_STORAGE_BUFFERS {
@@ -42,17 +55,24 @@ impl BackwardPlan {
         }
         let head_dim_capacity = (shape.head_dim as u32).next_power_of_two().max(8);
         let cpu = info.adapter.device_type == wgpu::DeviceType::Cpu;
-        let (workgroup_size, rows, unroll) = if cpu {
-            // Each value read from workgroup memory feeds `rows` FMAs; the
-            // key pass holds 4 x rows x head dim floats per invocation.
-            let rows = match head_dim_capacity {
-                0..=64 => 8,
-                128 => 4,
-                _ => 2,
-            };
-            (8, rows, true)
-        } else {
-            (64, 1, false)
+        // GPUs get the subgroup tier only when it is forced.
+        let subgroup = use_subgroup_tier(info, tier)? && (cpu || tier.is_some());
+        // Each value read from workgroup memory (or broadcast) feeds `rows`
+        // FMAs; the key pass holds 4 x rows x head dim floats per invocation.
+        let cpu_rows = match head_dim_capacity {
+            0..=64 => 8,
+            128 => 4,
+            _ => 2,
+        };
+        // llvmpipe behind GL compiles the CPU tiling (several rows, every
+        // loop expanded) in minutes per pipeline: it gets the GPU tiling
+        // with the loops expanded (for its loop budget), as the forward does.
+        let gl = info.adapter.backend == wgpu::Backend::Gl;
+        let (workgroup_size, rows, unroll) = match (subgroup, cpu, gl) {
+            (true, true, _) => (info.adapter.subgroup_min_size, cpu_rows, true),
+            (true, false, _) => (info.adapter.subgroup_min_size, 1, true),
+            (false, true, false) => (CPU_WORKGROUP_SIZE, cpu_rows, true),
+            (false, _, gl) => (GPU_WORKGROUP_SIZE, 1, gl),
         };
         let max_invocations = limits
             .max_compute_invocations_per_workgroup
@@ -79,6 +99,7 @@ impl BackwardPlan {
                 rows,
                 block,
                 unroll,
+                subgroup,
                 storage,
             },
         })
@@ -94,6 +115,7 @@ impl BackwardPlan {
                 rows: 1,
                 block: 4,
                 unroll: false,
+                subgroup: false,
                 storage: self.tiling.storage,
             },
             BackwardPass::Keys | BackwardPass::Queries => self.tiling,
@@ -221,6 +243,14 @@ impl BackwardPlan {
     pub fn unrolled(&self) -> bool {
         self.tiling.unroll
     }
+    /// The kernel tier: subgroup broadcasts or workgroup-memory tiles.
+    pub fn tier(&self) -> Tier {
+        if self.tiling.subgroup {
+            Tier::SubgroupBroadcast
+        } else {
+            Tier::Portable
+        }
+    }
 }
 
 /// Workgroup memory of a gradient pass: two f32 tiles of `block` rows by
@@ -240,7 +270,7 @@ mod tests {
             let info = profile.info();
             for head_dim in (8..=256).step_by(8) {
                 let shape = AttentionShape::self_attention(1, 1024, 8, head_dim);
-                match BackwardPlan::for_call(&info, &shape, DType::F32) {
+                match BackwardPlan::for_call(&info, &shape, DType::F32, None) {
                     Ok(plan) => {
                         let t = plan.tiling;
                         assert!(t.head_dim_capacity as usize >= head_dim);
@@ -252,7 +282,14 @@ mod tests {
                             profile.name,
                             t.block
                         );
-                        assert_eq!(t.unroll, profile.device_type == wgpu::DeviceType::Cpu);
+                        let cpu = profile.device_type == wgpu::DeviceType::Cpu;
+                        assert_eq!(t.unroll, cpu || profile.backend == wgpu::Backend::Gl);
+                        // CPU adapters with subgroups broadcast, as the
+                        // forward does; GPUs stage tiles unless forced.
+                        assert_eq!(
+                            t.subgroup,
+                            cpu && info.has_subgroups() && profile.backend != wgpu::Backend::Gl
+                        );
                         plan.check_call(&info, &shape, 1024, 1024)
                             .unwrap_or_else(|e| panic!("{}: {e}", profile.name));
                     }
@@ -274,7 +311,7 @@ mod tests {
             .unwrap()
             .info();
         let shape = AttentionShape::self_attention(1, 64, 2, 64);
-        let err = BackwardPlan::for_call(&adreno, &shape, DType::F16).unwrap_err();
+        let err = BackwardPlan::for_call(&adreno, &shape, DType::F16, None).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -299,7 +336,7 @@ mod tests {
             heads_kv: 1,
             head_dim: 64,
         };
-        let plan = BackwardPlan::for_call(&llvmpipe, &gqa, DType::F32).unwrap();
+        let plan = BackwardPlan::for_call(&llvmpipe, &gqa, DType::F32, None).unwrap();
         // 8 query heads x 20,000 rows per key block: over 65,535.
         let err = plan
             .check_call(&llvmpipe, &gqa, 20_000, 20_000)

@@ -1,6 +1,6 @@
 //! `flash-bench check FILE.safetensors`: runs the GPU kernel on a user's own
 //! q, k, v and compares it with their expected `out` and with the f64
-//! reference.
+//! reference; with `--backward`, also the gradients given their `do`.
 
 use std::path::PathBuf;
 
@@ -30,6 +30,13 @@ pub struct CheckArgs {
     /// coarsest of F32 / F16 / BF16 among the file's tensors).
     #[arg(long)]
     pub atol: Option<f64>,
+    /// Also run the backward: the file has `do` (the output's gradient,
+    /// shaped like q) and optionally the expected `dq`, `dk`, `dv`; each
+    /// gradient is compared with the f64 reference backward and the file's,
+    /// with the tolerance scaled by the largest reference gradient (at
+    /// least 1). `--output` then also writes `dq`, `dk`, `dv`.
+    #[arg(long)]
+    pub backward: bool,
 }
 
 /// A tensor widened to f32, with the dtype it was stored in.
@@ -117,6 +124,14 @@ fn compare(got: &[f32], want: impl Iterator<Item = f64>, atol: f64) -> Compariso
     }
 }
 
+/// One gradient's comparisons (`--backward`).
+#[derive(Debug, Clone, Serialize)]
+struct GradientCheck {
+    name: &'static str,
+    vs_reference: Comparison,
+    vs_file: Option<Comparison>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 struct CheckReport {
     file: String,
@@ -126,6 +141,8 @@ struct CheckReport {
     options: OptionsJson,
     vs_reference: Comparison,
     vs_file_out: Option<Comparison>,
+    /// With `--backward`: dq, dk and dv.
+    gradients: Vec<GradientCheck>,
     passed: bool,
 }
 
@@ -174,6 +191,11 @@ pub fn run(gpu: &Gpu, args: &CheckArgs, json: Option<&std::path::Path>) -> Resul
     // to f32 accuracy against the reference on the same values.
     let result = gpu.attention_host(&shape, &q.data, &k.data, &v.data, &config)?;
     let want = reference::attention(&shape, &q.data, &k.data, &v.data, &config)?;
+    let gradients = if args.backward {
+        check_gradients(gpu, &file, args, &shape, [&q, &k, &v])?
+    } else {
+        Vec::new()
+    };
     let vs_reference = compare(
         &result.out,
         want.out.iter().copied(),
@@ -217,15 +239,49 @@ pub fn run(gpu: &Gpu, args: &CheckArgs, json: Option<&std::path::Path>) -> Resul
     if let Some(c) = &vs_file_out {
         line("GPU vs file's out", c);
     }
-    if let Some(path) = &args.output {
-        let data: Vec<u8> = result.out.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let view = TensorView::new(Dtype::F32, q.shape.to_vec(), &data)
-            .map_err(|e| anyhow!("building the output tensor: {e}"))?;
-        safetensors::serialize_to_file([("out", view)], None, path)
-            .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
-        println!("wrote GPU output (F32 `out`) to {}", path.display());
+    for (gradient, _) in &gradients {
+        line(
+            &format!("{} vs f64 reference", gradient.name),
+            &gradient.vs_reference,
+        );
+        if let Some(c) = &gradient.vs_file {
+            line(&format!("{} vs file's", gradient.name), c);
+        }
     }
-    let passed = vs_reference.passed && vs_file_out.as_ref().is_none_or(|c| c.passed);
+    if let Some(path) = &args.output {
+        let mut outputs = vec![("out", q.shape.to_vec(), &result.out)];
+        for (gradient, data) in &gradients {
+            let dims = if gradient.name == "dq" {
+                q.shape
+            } else {
+                k.shape
+            };
+            outputs.push((gradient.name, dims.to_vec(), data));
+        }
+        let bytes: Vec<Vec<u8>> = outputs
+            .iter()
+            .map(|(_, _, data)| data.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let mut views = Vec::new();
+        for ((name, dims, _), data) in outputs.iter().zip(&bytes) {
+            let view = TensorView::new(Dtype::F32, dims.clone(), data)
+                .map_err(|e| anyhow!("building the output tensor {name}: {e}"))?;
+            views.push((*name, view));
+        }
+        let names: Vec<&str> = views.iter().map(|(name, _)| *name).collect();
+        safetensors::serialize_to_file(views, None, path)
+            .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+        println!(
+            "wrote GPU results (F32 {}) to {}",
+            names.join(", "),
+            path.display()
+        );
+    }
+    let passed = vs_reference.passed
+        && vs_file_out.as_ref().is_none_or(|c| c.passed)
+        && gradients
+            .iter()
+            .all(|(g, _)| g.vs_reference.passed && g.vs_file.as_ref().is_none_or(|c| c.passed));
     if let Some(path) = json {
         write_json(
             path,
@@ -238,9 +294,91 @@ pub fn run(gpu: &Gpu, args: &CheckArgs, json: Option<&std::path::Path>) -> Resul
                 options: OptionsJson::new(&config, wgpu_flash_attn::DType::F32),
                 vs_reference,
                 vs_file_out,
+                gradients: gradients.into_iter().map(|(g, _)| g).collect(),
                 passed,
             },
         )?;
     }
     Ok(passed)
+}
+
+/// `--backward`: the GPU's dq, dk, dv for the file's `do` against the
+/// reference backward and the file's expected gradients, each with the
+/// GPU's values (for `--output`).
+fn check_gradients(
+    gpu: &Gpu,
+    file: &SafeTensors<'_>,
+    args: &CheckArgs,
+    shape: &AttentionShape,
+    [q, k, v]: [&HostTensor; 3],
+) -> Result<Vec<(GradientCheck, Vec<f32>)>> {
+    let d_out = read_tensor(file, "do")?.ok_or_else(|| {
+        anyhow!(
+            "{}: --backward needs a tensor named \"do\"",
+            args.file.display()
+        )
+    })?;
+    if d_out.shape != q.shape {
+        bail!(
+            "do is {:?}; it must be shaped like q {:?}",
+            d_out.shape,
+            q.shape
+        );
+    }
+    if read_tensor(file, "sinks")?.is_some() {
+        bail!("the file has `sinks`: attention sinks are not supported by this version");
+    }
+    let config = args.flags.config();
+    let got =
+        gpu.attention_backward_host(shape, [&q.data, &k.data, &v.data, &d_out.data], &config)?;
+    let want = reference::attention_backward(
+        shape,
+        [&q.data, &k.data, &v.data, &d_out.data],
+        &config,
+        None,
+    )?;
+    let mut checks = Vec::new();
+    for (name, got, want, like) in [
+        ("dq", got.dq, &want.dq, q),
+        ("dk", got.dk, &want.dk, k),
+        ("dv", got.dv, &want.dv, v),
+    ] {
+        let expected = read_tensor(file, name)?;
+        if let Some(expected) = &expected
+            && expected.shape != like.shape
+        {
+            bail!(
+                "{name} is {:?}; it must be {:?}",
+                expected.shape,
+                like.shape
+            );
+        }
+        // Gradients are not unit-scale: tolerances scale with the largest.
+        let magnitude = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
+        let vs_reference = compare(
+            &got,
+            want.iter().copied(),
+            args.atol.unwrap_or(1e-4 * magnitude),
+        );
+        let vs_file = expected.as_ref().map(|expected| {
+            let coarsest = [q.dtype, k.dtype, v.dtype, d_out.dtype, expected.dtype]
+                .into_iter()
+                .map(storage_tolerance)
+                .fold(0.0, f64::max);
+            compare(
+                &got,
+                expected.data.iter().map(|&x| f64::from(x)),
+                args.atol.unwrap_or(coarsest * magnitude),
+            )
+        });
+        checks.push((
+            GradientCheck {
+                name,
+                vs_reference,
+                vs_file,
+            },
+            got,
+        ));
+    }
+    Ok(checks)
 }

@@ -7,6 +7,7 @@
 //! the reference, 1 when one does not, 2 on bad input or when nothing could
 //! run.
 
+mod backward;
 mod ceiling;
 mod ceiling_kernels;
 mod check;
@@ -90,6 +91,10 @@ struct RunArgs {
     /// Timed runs after the validating first run (at least 1).
     #[arg(long, default_value_t = 5, value_parser = crate::options::parse_iters)]
     iters: usize,
+    /// Also time the backward pass (dQ, dK, dV) after the forward, and its
+    /// ratio to the forward's time.
+    #[arg(long)]
+    backward: bool,
 }
 
 #[derive(Debug, Args)]
@@ -162,7 +167,11 @@ fn run(cli: &Cli) -> Result<bool> {
                 ),
                 shape,
                 config,
-                impls: vec![args.implementation],
+                impls: if args.backward && args.implementation != Impl::Backward {
+                    vec![args.implementation, Impl::Backward]
+                } else {
+                    vec![args.implementation]
+                },
                 seed: 1,
                 dtype,
             };

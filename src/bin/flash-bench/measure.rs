@@ -30,7 +30,7 @@ pub fn unit_roundoff(dtype: DType) -> f64 {
     }
 }
 
-fn round_to(dtype: DType, values: Vec<f32>) -> Vec<f32> {
+pub fn round_to(dtype: DType, values: Vec<f32>) -> Vec<f32> {
     match dtype {
         DType::F32 => values,
         DType::F16 => values
@@ -115,7 +115,7 @@ pub struct ImplResult {
 
 impl ImplResult {
     /// A GPU implementation's result after its validating run and timing.
-    fn timed(
+    pub fn timed(
         implementation: Impl,
         within: bool,
         note: Option<String>,
@@ -143,7 +143,7 @@ impl ImplResult {
     }
 
     /// A GPU implementation whose validating run disagreed (NaN output).
-    fn invalid(implementation: Impl, message: String, gpu_bytes: u64) -> Self {
+    pub fn invalid(implementation: Impl, message: String, gpu_bytes: u64) -> Self {
         let mut result = ImplResult::without_timing(implementation, Status::Failed, message);
         result.gpu_bytes = Some(gpu_bytes);
         result
@@ -245,11 +245,11 @@ impl Sample {
     }
 }
 
-struct Operands {
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    host: [Vec<f32>; 3],
+pub struct Operands {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub host: [Vec<f32>; 3],
 }
 
 impl Bench<'_> {
@@ -293,6 +293,7 @@ impl Bench<'_> {
             let result = match (implementation, &sample) {
                 (Impl::Cpu, _) => self.time_cpu(case, &operands, flops)?,
                 (Impl::Linear, _) => self.time_linear(case, &operands)?,
+                (Impl::Backward, _) => self.time_backward(case, &operands)?,
                 (gpu_impl, Some(sample)) => {
                     self.time_gpu_impl(gpu_impl, case, &operands, sample, flops)?
                 }
@@ -308,6 +309,21 @@ impl Bench<'_> {
         {
             for r in &mut results {
                 r.speedup_over_naive = r.median_ms.map(|ms| naive_ms / ms);
+            }
+        }
+        let forward_ms = results
+            .iter()
+            .find(|r| r.implementation == Impl::Flash)
+            .and_then(|r| r.median_ms);
+        if let Some(forward_ms) = forward_ms {
+            for r in &mut results {
+                if let (Impl::Backward, Some(ms)) = (r.implementation, r.median_ms) {
+                    let ratio = format!("backward / forward = {:.2}", ms / forward_ms);
+                    r.note = Some(match r.note.take() {
+                        Some(note) => format!("{ratio}; {note}"),
+                        None => ratio,
+                    });
+                }
             }
         }
         self.progress
@@ -383,7 +399,9 @@ impl Bench<'_> {
                 }
                 Err(err) => return Err(err.into()),
             },
-            Impl::Cpu | Impl::Linear => unreachable!("timed by time_cpu and time_linear"),
+            Impl::Cpu | Impl::Linear | Impl::Backward => {
+                unreachable!("timed by time_cpu, time_linear and time_backward")
+            }
         };
         let got = out.to_f32_vec(gpu)?;
         let (max_error, within) = match sample.check(&got) {

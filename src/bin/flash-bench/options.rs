@@ -190,6 +190,10 @@ pub enum Impl {
     /// different function from softmax attention, checked against its own
     /// f64 reference. Takes no window, scale or softcap.
     Linear,
+    /// The backward pass (dQ, dK, dV) of the flash kernel after a forward,
+    /// checked against the f64 reference backward; FLOPs counted as
+    /// FlashAttention does (2.5 x the forward's). `run --backward` adds it.
+    Backward,
 }
 
 impl std::fmt::Display for Impl {
@@ -199,6 +203,7 @@ impl std::fmt::Display for Impl {
             Impl::Naive => "naive",
             Impl::Cpu => "cpu",
             Impl::Linear => "linear",
+            Impl::Backward => "backward",
         })
     }
 }

@@ -1,0 +1,175 @@
+//! `run --backward`: the backward pass after a forward, validated against
+//! the f64 reference backward and timed alone and with its forward.
+
+use anyhow::Result;
+use wgpu_flash_attn::reference;
+use wgpu_flash_attn::{
+    Alibi, AttentionArgs, AttentionConfig, AttentionShape, BackwardArgs, Lse, Tensor,
+};
+
+use crate::measure::{
+    Bench, Case, ImplResult, Operands, TOLERANCE, bytes, round_to, unit_roundoff,
+};
+use crate::options::Impl;
+use crate::random::{normal_vec, seeded};
+use crate::timing::{TimingPlan, time_gpu};
+
+/// FlashAttention's count: the backward does 2.5 times the forward's FLOPs
+/// (five matrix products to its two).
+pub const BACKWARD_FLOPS_PER_FORWARD: f64 = 2.5;
+
+/// The f64 reference backward runs on the first KV head of the first batch
+/// entry (all its query heads), up to this many (row, key, head-dim)
+/// products; longer calls are timed without validation.
+const VALIDATION_BUDGET: f64 = 2.2e9;
+
+impl Bench<'_> {
+    pub fn time_backward(&self, case: &Case, operands: &Operands) -> Result<ImplResult> {
+        let gpu = self.gpu;
+        let shape = &case.shape;
+        let dtype = case.dtype;
+        let (q_dims, kv_dims) = (shape.q_shape(), shape.kv_shape());
+        let mut rng = seeded(case.seed + 1);
+        let d_out_host = round_to(dtype, normal_vec(&mut rng, q_dims.elements(), 1.0));
+        let d_out = Tensor::from_f32_as(gpu, q_dims, &d_out_host, dtype)?;
+        let poisoned = |dims| Tensor::filled_as(gpu, dims, f32::NAN, dtype);
+        let out = poisoned(q_dims)?;
+        let (dq, dk, dv) = (poisoned(q_dims)?, poisoned(kv_dims)?, poisoned(kv_dims)?);
+        let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q)?;
+        let forward = AttentionArgs {
+            q: &operands.q,
+            k: &operands.k,
+            v: &operands.v,
+            out: &out,
+            lse: Some(&lse),
+        };
+        let backward = BackwardArgs {
+            q: &operands.q,
+            k: &operands.k,
+            v: &operands.v,
+            out: &out,
+            lse: &lse,
+            d_out: &d_out,
+            dq: &dq,
+            dk: &dk,
+            dv: &dv,
+        };
+        let config = &case.config;
+        // The call's own memory: the gradients, and the row deltas (one
+        // float per query row, like the logsumexp the forward saved).
+        let gpu_bytes =
+            dq.buffer().size() + dk.buffer().size() + dv.buffer().size() + lse.buffer().size();
+        // The first run validates and compiles.
+        gpu.run(|e| {
+            gpu.forward(e, &forward, config)?;
+            gpu.backward(e, &backward, config)
+        })?;
+        let got = [
+            dq.to_f32_vec(gpu)?,
+            dk.to_f32_vec(gpu)?,
+            dv.to_f32_vec(gpu)?,
+        ];
+        if let Some(index) = got.iter().flatten().position(|g| !g.is_finite()) {
+            return Ok(ImplResult::invalid(
+                Impl::Backward,
+                format!("gradient element {index} is not finite"),
+                gpu_bytes,
+            ));
+        }
+        let [q, k, v] = &operands.host;
+        let validated = validate(shape, [q, k, v, &d_out_host], config, &got)?;
+        let tolerance = TOLERANCE + 4.0 * unit_roundoff(dtype);
+        let plan = TimingPlan {
+            warmup: 0,
+            runs: self.iters,
+        };
+        let alone = time_gpu(gpu, plan, |e| gpu.backward(e, &backward, config))?;
+        let with_forward = time_gpu(gpu, plan, |e| {
+            gpu.forward(e, &forward, config)?;
+            gpu.backward(e, &backward, config)
+        })?;
+        let flops = BACKWARD_FLOPS_PER_FORWARD * shape.flops(config);
+        let mut note = format!(
+            "forward + backward {:.2} ms; gradients and row statistics {}",
+            with_forward.median_ms,
+            bytes(gpu_bytes),
+        );
+        let (error, within) = match validated {
+            Some(error) => (error, error <= tolerance),
+            None => {
+                note.push_str("; not validated: the f64 reference is over its budget here");
+                (f64::NAN, true)
+            }
+        };
+        let mut result = ImplResult::timed(
+            Impl::Backward,
+            within,
+            Some(note),
+            &alone,
+            flops,
+            gpu_bytes,
+            error,
+        );
+        if validated.is_none() {
+            result.max_abs_err = None;
+        }
+        Ok(result)
+    }
+}
+
+/// Largest |gpu - reference| over the first KV head's dq, dk, dv, relative
+/// to the largest reference gradient (at least 1); `None` over budget.
+fn validate(
+    shape: &AttentionShape,
+    [q, k, v, d_out]: [&[f32]; 4],
+    config: &AttentionConfig,
+    [dq, dk, dv]: &[Vec<f32>; 3],
+) -> Result<Option<f64>> {
+    let group = shape.group_size();
+    let d = shape.head_dim;
+    let work = (shape.seq_q * shape.seq_kv * group * d) as f64;
+    if work > VALIDATION_BUDGET {
+        return Ok(None);
+    }
+    let slice = AttentionShape {
+        batch: 1,
+        heads_q: group,
+        heads_kv: 1,
+        ..*shape
+    };
+    // Row `i` of query heads 0..group and key `j` of KV head 0, batch 0.
+    let q_at = |i: usize, h: usize| (i * shape.heads_q + h) * d;
+    let kv_at = |j: usize| j * shape.heads_kv * d;
+    let gather_q = |x: &[f32]| -> Vec<f32> {
+        (0..shape.seq_q)
+            .flat_map(|i| (0..group).flat_map(move |h| x[q_at(i, h)..][..d].iter().copied()))
+            .collect()
+    };
+    let gather_kv = |x: &[f32]| -> Vec<f32> {
+        (0..shape.seq_kv)
+            .flat_map(|j| x[kv_at(j)..][..d].iter().copied())
+            .collect()
+    };
+    let mut sliced = config.clone();
+    sliced.alibi = config.alibi.as_ref().map(|alibi| match alibi {
+        Alibi::PerHead(s) | Alibi::PerBatchHead(s) => Alibi::PerHead(s[..group].to_vec()),
+    });
+    let want = reference::attention_backward(
+        &slice,
+        [&gather_q(q), &gather_kv(k), &gather_kv(v), &gather_q(d_out)],
+        &sliced,
+        None,
+    )?;
+    let mut worst = 0.0f64;
+    for (got, want) in [
+        (gather_q(dq), &want.dq),
+        (gather_kv(dk), &want.dk),
+        (gather_kv(dv), &want.dv),
+    ] {
+        let magnitude = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
+        for (g, w) in got.iter().zip(want) {
+            worst = worst.max((f64::from(*g) - w).abs() / magnitude);
+        }
+    }
+    Ok(Some(worst))
+}
