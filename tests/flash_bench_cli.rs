@@ -437,3 +437,145 @@ fn linear_attention_sweeps_beside_flash_and_plots_time() {
         stdout(&output)
     );
 }
+
+/// Writes `tensors` (name, dims, f32 values) as one F32 safetensors file.
+fn write_f32_tensors(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]) {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, values)| encode(Dtype::F32, values))
+        .collect();
+    let views: Vec<(&str, TensorView<'_>)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, dims, _), bytes)| {
+            (
+                *name,
+                TensorView::new(Dtype::F32, dims.clone(), bytes).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+#[test]
+fn check_backward_compares_each_gradient_and_writes_them() {
+    let Some(_) = gpu() else { return };
+    let shape = shape();
+    let config = AttentionConfig::new().causal(true);
+    let inputs = Inputs::draw(&shape, 0x5eed_0c10, 1.0);
+    let d_out = Inputs::draw(&shape, 0x5eed_0c11, 1.0).q;
+    let want = reference::attention_backward(
+        &shape,
+        [&inputs.q, &inputs.k, &inputs.v, &d_out],
+        &config,
+        None,
+    )
+    .unwrap();
+    let narrow = |x: &[f64]| -> Vec<f32> { x.iter().map(|&v| v as f32).collect() };
+    let (dq, dk, dv) = (narrow(&want.dq), narrow(&want.dk), narrow(&want.dv));
+    let q_dims = vec![shape.batch, shape.seq_q, shape.heads_q, shape.head_dim];
+    let kv_dims = vec![shape.batch, shape.seq_kv, shape.heads_kv, shape.head_dim];
+    let mut tensors: Vec<(&str, Vec<usize>, &[f32])> = vec![
+        ("q", q_dims.clone(), &inputs.q),
+        ("k", kv_dims.clone(), &inputs.k),
+        ("v", kv_dims.clone(), &inputs.v),
+        ("do", q_dims.clone(), &d_out),
+        ("dq", q_dims.clone(), &dq),
+        ("dk", kv_dims.clone(), &dk),
+        ("dv", kv_dims.clone(), &dv),
+    ];
+    let file = scratch("backward.safetensors");
+    let written = scratch("backward-out.safetensors");
+    write_f32_tensors(&file, &tensors);
+    let output = flash_bench(&[
+        "check",
+        file.to_str().unwrap(),
+        "--causal",
+        "--backward",
+        "--output",
+        written.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    for name in ["dq", "dk", "dv"] {
+        assert!(stdout(&output).contains(&format!("{name} vs f64 reference")));
+        assert!(stdout(&output).contains(&format!("{name} vs file's")));
+    }
+    let bytes = std::fs::read(&written).unwrap();
+    let file_out = SafeTensors::deserialize(&bytes).unwrap();
+    for (name, want, dims) in [
+        ("dq", &dq, &q_dims),
+        ("dk", &dk, &kv_dims),
+        ("dv", &dv, &kv_dims),
+    ] {
+        let tensor = file_out.tensor(name).unwrap();
+        assert_eq!(tensor.shape(), dims.as_slice());
+        let got = decode(Dtype::F32, tensor.data());
+        let worst = got
+            .iter()
+            .zip(want.iter())
+            .map(|(g, w)| (g - w).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst <= 1e-4, "written {name} differs by {worst}");
+    }
+
+    // A wrong expected gradient: exit 1.
+    let mut wrong_dk = dk.clone();
+    wrong_dk[5] += 0.05;
+    tensors[5].2 = &wrong_dk;
+    write_f32_tensors(&file, &tensors);
+    let output = flash_bench(&["check", file.to_str().unwrap(), "--causal", "--backward"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    assert!(stdout(&output).contains("OUTSIDE TOLERANCE"));
+
+    // No `do`, or sinks this version does not have: exit 2 with the reason.
+    let without_do: Vec<_> = tensors.iter().filter(|t| t.0 != "do").cloned().collect();
+    write_f32_tensors(&file, &without_do);
+    let output = flash_bench(&["check", file.to_str().unwrap(), "--backward"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    assert!(stdout(&output).contains("\"do\""), "{}", stdout(&output));
+    let sinks = vec![0.5f32; shape.heads_q];
+    let mut with_sinks = tensors.clone();
+    with_sinks.push(("sinks", vec![shape.heads_q], &sinks));
+    write_f32_tensors(&file, &with_sinks);
+    let output = flash_bench(&["check", file.to_str().unwrap(), "--backward"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    assert!(stdout(&output).contains("sinks"), "{}", stdout(&output));
+}
+
+#[test]
+fn run_backward_reports_a_validated_backward_row() {
+    let Some(_) = gpu() else { return };
+    let json = scratch("backward.json");
+    let output = flash_bench(&[
+        "run",
+        "--seq-q",
+        "96",
+        "--heads-q",
+        "4",
+        "--heads-kv",
+        "2",
+        "--head-dim",
+        "32",
+        "--causal",
+        "--backward",
+        "--iters",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let results = report["cases"][0]["results"].as_array().unwrap();
+    let backward = results
+        .iter()
+        .find(|r| r["impl"] == "backward")
+        .expect("a backward row");
+    let forward = results.iter().find(|r| r["impl"] == "flash").unwrap();
+    assert_eq!(backward["status"], "ok");
+    assert!(backward["max_abs_err"].as_f64().unwrap() <= 1e-4);
+    // FlashAttention's count: 2.5 x the forward's FLOPs.
+    let ratio = backward["flops"].as_f64().unwrap() / forward["flops"].as_f64().unwrap();
+    assert!((ratio - 2.5).abs() < 1e-9, "{ratio}");
+    let note = backward["note"].as_str().unwrap();
+    assert!(note.contains("backward / forward"), "{note}");
+}

@@ -325,7 +325,7 @@ fn check_gradients(
             q.shape
         );
     }
-    if read_tensor(file, "sinks")?.is_some() {
+    if file.tensor("sinks").is_ok() {
         bail!("the file has `sinks`: attention sinks are not supported by this version");
     }
     let config = args.flags.config();

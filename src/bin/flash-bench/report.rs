@@ -8,6 +8,7 @@ use serde::Serialize;
 use wgpu_flash_attn::GpuInfo;
 
 use crate::measure::{CaseReport, Status, bytes};
+use crate::options::Impl;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct AdapterJson {
@@ -168,7 +169,7 @@ impl Report {
 
     pub fn print_table(&self) {
         println!(
-            "{:<42} {:<5} {:>10} {:>9} {:>7} {:>8} {:>10} {:>9}  status",
+            "{:<42} {:<8} {:>10} {:>9} {:>7} {:>8} {:>10} {:>9}  status",
             "case", "impl", "time ms", "GFLOP/s", "% FMA", "vs naive", "GPU mem", "max|err|"
         );
         for case in &self.cases {
@@ -176,16 +177,15 @@ impl Report {
                 let num = |v: Option<f64>, precision: usize| {
                     v.map_or("-".to_string(), |x| format!("{x:.precision$}"))
                 };
-                let status = match r.status {
-                    Status::Ok => "ok".to_string(),
-                    Status::Failed => format!("FAILED {}", r.note.as_deref().unwrap_or("")),
-                    Status::DoesNotFit => {
-                        format!("does not fit: {}", r.note.as_deref().unwrap_or(""))
+                let status = match (r.status, &r.note) {
+                    // The backward's note carries its ratio to the forward.
+                    (Status::Ok, Some(note)) if r.implementation == Impl::Backward => {
+                        format!("ok ({note})")
                     }
-                    Status::Skipped => format!("skipped: {}", r.note.as_deref().unwrap_or("")),
+                    (status, _) => status_text(status, r.note.as_deref()),
                 };
                 println!(
-                    "{:<42} {:<5} {:>10} {:>9} {:>6}% {:>7}x {:>10} {:>9}  {}",
+                    "{:<42} {:<8} {:>10} {:>9} {:>6}% {:>7}x {:>10} {:>9}  {}",
                     case.name,
                     r.implementation.to_string(),
                     num(r.median_ms, 2),
@@ -202,7 +202,8 @@ impl Report {
         println!(
             "\nGFLOP/s counts 4 FLOPs per (query, visible key, head dim) (linear: 4 per (token, \
              head dim, head dim) per head, see LinearShape::flops); % FMA is of the best \
-             ceiling above; GPU mem is what the call allocates (output and scratch; the parameter uniforms, ~100 bytes, are not counted); \
+             ceiling above; backward rows count 2.5 x the forward's FLOPs (FlashAttention's \
+             count); GPU mem is what the call allocates (output and scratch; the parameter uniforms, ~100 bytes, are not counted); \
              GPU results are checked against the f64 reference (tolerance {:e}) before timing.",
             crate::measure::TOLERANCE
         );
@@ -216,4 +217,15 @@ impl Report {
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
     std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+}
+
+/// A result's status column (notes explain failures and skips).
+fn status_text(status: Status, note: Option<&str>) -> String {
+    let note = note.unwrap_or("");
+    match status {
+        Status::Ok => "ok".to_string(),
+        Status::Failed => format!("FAILED {note}"),
+        Status::DoesNotFit => format!("does not fit: {note}"),
+        Status::Skipped => format!("skipped: {note}"),
+    }
 }
