@@ -2,9 +2,10 @@
 //! shaders, for every GPU that wgpu reaches, with a CPU f64 reference.
 //!
 //! One function per operation records into a `wgpu::CommandEncoder` (see
-//! [`Gpu::forward`], [`Gpu::decode`], [`Gpu::merge`], [`Gpu::rope`],
-//! [`KvCache::append`]); [`Gpu::run`] records, submits and waits; host
-//! slices go through [`Gpu::attention_host`]. Semantics, the accuracy rule
+//! [`Gpu::forward`], [`Gpu::backward`], [`Gpu::decode`], [`Gpu::merge`],
+//! [`Gpu::rope`], [`KvCache::append`], [`Gpu::linear_attention`]);
+//! [`Gpu::run`] records, submits and waits; host slices go through
+//! [`Gpu::attention_host`] and [`Gpu::attention_backward_host`]. Semantics, the accuracy rule
 //! and the measurement method: `docs/semantics.md`.
 //!
 //! ```

@@ -825,3 +825,106 @@ fn each_tier_against_the_reference() {
         }
     }
 }
+
+/// Random combinations of every option (shapes, GQA, causal, windows,
+/// scale, softcap, ALiBi, and a bias mask, a boolean mask or valid
+/// lengths), each against the reference; the seed of a failing case is in
+/// its message.
+#[test]
+fn random_option_combinations() {
+    let Some(gpu) = gpu() else { return };
+    for case in 0..16u64 {
+        let seed = 0xbac_0000 + case;
+        let mut rng = seeded(seed);
+        let heads_kv = rng.random_range(1..=2);
+        let problem_shape = shape(
+            rng.random_range(1..=2),
+            rng.random_range(1..=90),
+            rng.random_range(1..=90),
+            (heads_kv * rng.random_range(1..=3), heads_kv),
+            8 * rng.random_range(1..=32),
+        );
+        let mut config = AttentionConfig::new().causal(rng.random_bool(0.4));
+        if rng.random_bool(0.4) {
+            let mut side = || rng.random_bool(0.7).then(|| rng.random_range(0..=40i64));
+            let (left, right) = (side(), side());
+            config = config.window(left, right);
+        }
+        if rng.random_bool(0.3) {
+            config = config.softcap(rng.random_range(1.0..20.0f32));
+        }
+        if rng.random_bool(0.3) {
+            config = config.scale(rng.random_range(0.05..0.5f32));
+        }
+        if rng.random_bool(0.3) {
+            config = config.alibi(Alibi::PerHead(Alibi::standard_slopes(
+                problem_shape.heads_q,
+            )));
+        }
+        let problem = Problem::draw(problem_shape, seed, DType::F32);
+        let s = problem_shape;
+        let dims = [1, s.heads_q, s.seq_q, s.seq_kv];
+        let n: usize = dims.iter().product();
+        let what = format!("seed {seed:#x}: {s:?} {config:?}");
+        let (got, want) = match rng.random_range(0..4) {
+            0 => {
+                let bias: Vec<f32> = (0..n)
+                    .map(|_| match rng.random_bool(0.1) {
+                        true => f32::NEG_INFINITY,
+                        false => rng.random_range(-3.0..3.0),
+                    })
+                    .collect();
+                let mask = AttentionMask::bias(gpu, dims, &bias).unwrap();
+                let options = ForwardOptions::new(&config).mask(&mask);
+                let host = HostMask::Bias {
+                    dims,
+                    values: &bias,
+                };
+                (
+                    run_backward(gpu, &problem, DType::F32, options),
+                    problem.reference(&config, Some(&host)),
+                )
+            }
+            1 => {
+                let bits: Vec<bool> = (0..n).map(|_| rng.random_bool(0.7)).collect();
+                let mask = AttentionMask::boolean(gpu, dims, &bits).unwrap();
+                let options = ForwardOptions::new(&config).mask(&mask);
+                let host = HostMask::Bool {
+                    dims,
+                    values: &bits,
+                };
+                (
+                    run_backward(gpu, &problem, DType::F32, options),
+                    problem.reference(&config, Some(&host)),
+                )
+            }
+            2 => {
+                let q_lens: Vec<usize> = (0..s.batch)
+                    .map(|_| rng.random_range(0..=s.seq_q))
+                    .collect();
+                let kv_lens: Vec<usize> = (0..s.batch)
+                    .map(|_| rng.random_range(0..=s.seq_kv))
+                    .collect();
+                let lengths = ValidLengths {
+                    q: Some(&q_lens),
+                    kv: &kv_lens,
+                };
+                let options = ForwardOptions::new(&config).valid_lengths(lengths);
+                let sequences: Vec<_> = (0..s.batch)
+                    .map(|b| (b, 0..q_lens[b], 0..kv_lens[b]))
+                    .collect();
+                (
+                    run_backward(gpu, &problem, DType::F32, options),
+                    expected_per_sequence(&problem, &sequences, &config),
+                )
+            }
+            _ => (
+                run_backward(gpu, &problem, DType::F32, ForwardOptions::new(&config)),
+                problem.reference(&config, None),
+            ),
+        };
+        let got = got.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let err = relative_error(&got, &want, &what);
+        assert!(err <= F32_TOLERANCE, "{what}: relative error {err:.3e}");
+    }
+}

@@ -1,5 +1,5 @@
-//! Fuzz mode: random forward configurations through the public API, each
-//! checked against the f64 reference. Ignored by default because its worth
+//! Fuzz mode: random forward, decode and backward configurations through
+//! the public API, each checked against the f64 reference. Ignored by default because its worth
 //! is in the number of cases (each new head dim, storage type or mask kind
 //! also compiles kernels, ~20 s each on a cold lavapipe): run it with
 //!
@@ -11,24 +11,32 @@
 //! first, and `FLASH_ATTN_FUZZ_SEED=S FLASH_ATTN_FUZZ_CASES=1` replays the
 //! case a failure names (each case draws from its own seed, `base + index`).
 //!
-//! Drawn per case: batch, lengths (1-150, `seq_q != seq_kv` included), GQA
-//! groups, head dims (multiples of 8 up to 256), storage (f32, f16, bf16),
-//! layout (packed BSHD or a BHSD buffer seen through strides), causal,
-//! windows, softcap, scale, ALiBi, and at most one of: a boolean mask, an
-//! additive bias mask (with `-inf` entries), or valid lengths (key and
-//! query padding). The bound is the crate's accuracy rule: 1e-4 plus the
-//! output's rounding to its storage type, on inputs already rounded to it
-//! (docs/semantics.md); a row that sees no key must be zeros.
+//! Drawn per case: the operation (forward 60 %, decode over a KV cache
+//! 20 %, backward 20 %), batch, lengths (1-150, `seq_q != seq_kv`
+//! included), GQA groups, head dims (multiples of 8 up to 256), causal,
+//! windows, softcap, scale, ALiBi. Forward: storage (f32, f16, bf16),
+//! layout (packed BSHD or a BHSD buffer seen through strides), and at most
+//! one of: a boolean mask, an additive bias mask (with `-inf` entries),
+//! valid lengths (key and query padding) or a packed variable-length batch
+//! (sequences of 0-60 tokens). Decode: a contiguous or paged cache (page
+//! size 16-256, pages shuffled), per-sequence lengths 0-300, 1-4 query
+//! tokens, a chosen or forced split count. Backward (f32): no mask, a
+//! boolean or a bias mask. The bound is the crate's accuracy rule: 1e-4
+//! plus the output's rounding to its storage type, on inputs already
+//! rounded to it (docs/semantics.md), a row that sees no key being zeros;
+//! gradients within 2e-5 of the largest reference gradient (at least 1).
 
 mod common;
 
 use common::random::{SeededRng, normal_vec, seeded};
 use common::{gpu, round_to, unit_roundoff};
 use rand::RngExt;
+use rand::seq::SliceRandom;
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
-    Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, DType, ForwardOptions,
-    Gpu, Strides, Tensor, TensorShape, ValidLengths,
+    Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardArgs, DType,
+    DecodeArgs, DecodeOptions, ForwardOptions, Gpu, KvCache, KvCacheConfig, KvLayout, Lse, Strides,
+    Tensor, TensorShape, ValidLengths,
 };
 
 const CASES_VAR: &str = "FLASH_ATTN_FUZZ_CASES";
@@ -36,6 +44,8 @@ const SEED_VAR: &str = "FLASH_ATTN_FUZZ_SEED";
 /// Cases when the variable is unset (a short look, not the soak).
 const DEFAULT_CASES: usize = 50;
 const TOLERANCE: f64 = 1e-4;
+/// Gradients: this share of the largest reference gradient (at least 1).
+const GRADIENT_TOLERANCE: f64 = 2e-5;
 
 /// What one case runs with, for the failure message.
 #[derive(Debug)]
@@ -43,11 +53,34 @@ enum Extra {
     None,
     BoolMask,
     BiasMask,
-    ValidLengths { q: Vec<usize>, kv: Vec<usize> },
+    ValidLengths {
+        q: Vec<usize>,
+        kv: Vec<usize>,
+    },
+    /// A packed batch: the case's shape is `[1, total, ..]`.
+    Varlen {
+        cu_q: Vec<usize>,
+        cu_k: Vec<usize>,
+    },
+}
+
+/// Which operation a case runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Operation {
+    Forward,
+    /// Decoding `seq_q` tokens over a cache of per-sequence lengths.
+    Decode {
+        paged: Option<usize>,
+        kv_splits: Option<usize>,
+    },
+    Backward,
 }
 
 #[derive(Debug)]
 struct Case {
+    operation: Operation,
+    /// Decode: each sequence's cache length (`shape.seq_kv` is the longest).
+    cache_lens: Vec<usize>,
     shape: AttentionShape,
     dtype: DType,
     bhsd: bool,
@@ -56,8 +89,16 @@ struct Case {
 }
 
 fn draw_case(rng: &mut SeededRng) -> Case {
+    let operation = match rng.random_range(0..10) {
+        0 | 1 => Operation::Decode {
+            paged: rng.random_bool(0.6).then(|| 16 << rng.random_range(0..=4)),
+            kv_splits: rng.random_bool(0.3).then(|| rng.random_range(1..=8)),
+        },
+        2 | 3 => Operation::Backward,
+        _ => Operation::Forward,
+    };
     let heads_kv = rng.random_range(1..=3);
-    let shape = AttentionShape {
+    let mut shape = AttentionShape {
         batch: rng.random_range(1..=3),
         seq_q: rng.random_range(1..=150),
         seq_kv: rng.random_range(1..=150),
@@ -65,7 +106,20 @@ fn draw_case(rng: &mut SeededRng) -> Case {
         heads_kv,
         head_dim: 8 * rng.random_range(1..=32),
     };
-    let dtype = [DType::F32, DType::F16, DType::BF16][rng.random_range(0..3)];
+    let mut cache_lens = Vec::new();
+    if let Operation::Decode { .. } = operation {
+        shape.seq_q = rng.random_range(1..=4);
+        cache_lens = (0..shape.batch)
+            .map(|_| rng.random_range(0..=300))
+            .collect();
+        shape.seq_kv = cache_lens.iter().copied().max().unwrap_or(0).max(1);
+    }
+    // Decoding and the backward run f32 (the cache's storage type; the
+    // backward's half storage has its own rule in tests/backward.rs).
+    let dtype = match operation {
+        Operation::Forward => [DType::F32, DType::F16, DType::BF16][rng.random_range(0..3)],
+        _ => DType::F32,
+    };
     let mut config = AttentionConfig::new().causal(rng.random_bool(0.4));
     if rng.random_bool(0.3) {
         let side = |rng: &mut SeededRng| rng.random_bool(0.7).then(|| rng.random_range(0..=160i64));
@@ -88,9 +142,32 @@ fn draw_case(rng: &mut SeededRng) -> Case {
             .collect();
         config = config.alibi(Alibi::PerHead(slopes));
     }
-    let extra = match rng.random_range(0..4) {
+    let extras = match operation {
+        Operation::Forward => 5,
+        Operation::Backward => 3,
+        Operation::Decode { .. } => 1,
+    };
+    let extra = match rng.random_range(0..extras) {
         1 => Extra::BoolMask,
         2 => Extra::BiasMask,
+        4 => {
+            let sequences = rng.random_range(1..=4);
+            // At least one token on each side, so the tensors exist.
+            let offsets = |rng: &mut SeededRng| {
+                let mut cu = vec![0];
+                for _ in 0..sequences {
+                    cu.push(cu.last().unwrap() + rng.random_range(0..=60));
+                }
+                let last = cu.last_mut().unwrap();
+                *last = (*last).max(1);
+                cu
+            };
+            let (cu_q, cu_k) = (offsets(rng), offsets(rng));
+            shape.batch = 1;
+            shape.seq_q = *cu_q.last().unwrap();
+            shape.seq_kv = *cu_k.last().unwrap();
+            Extra::Varlen { cu_q, cu_k }
+        }
         3 => Extra::ValidLengths {
             q: (0..shape.batch)
                 .map(|_| rng.random_range(0..=shape.seq_q))
@@ -102,9 +179,11 @@ fn draw_case(rng: &mut SeededRng) -> Case {
         _ => Extra::None,
     };
     Case {
+        operation,
+        cache_lens,
         shape,
         dtype,
-        bhsd: rng.random_bool(0.3),
+        bhsd: operation == Operation::Forward && rng.random_bool(0.3),
         config,
         extra,
     }
@@ -144,6 +223,15 @@ fn upload(gpu: &Gpu, dims: TensorShape, data: &[f32], dtype: DType, bhsd: bool) 
 
 /// Runs one case; `Err` describes the first element outside the rule.
 fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
+    match case.operation {
+        Operation::Forward => run_forward(gpu, case, rng),
+        Operation::Decode { paged, kv_splits } => run_decode(gpu, case, paged, kv_splits, rng),
+        Operation::Backward => run_backward(gpu, case, rng),
+    }
+}
+
+/// The forward case.
+fn run_forward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
     let s = &case.shape;
     let mut draw = |n: usize| -> Vec<f32> {
         normal_vec(rng, n, 1.0)
@@ -212,6 +300,19 @@ fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
             let want = reference::attention_masked(s, &q, &k, &v, &case.config, &host).unwrap();
             (want.out, out.to_f32_vec(gpu).unwrap())
         }
+        Extra::Varlen { cu_q, cu_k } => {
+            let options = ForwardOptions::new(&case.config).varlen(cu_q, cu_k);
+            gpu.run(|e| gpu.forward(e, &args, options))
+                .map_err(|e| format!("GPU call failed: {e}"))?;
+            // Each sequence is attention over its own tokens alone.
+            let sequences: Vec<_> = cu_q
+                .windows(2)
+                .zip(cu_k.windows(2))
+                .map(|(qs, ks)| (qs[0]..qs[1], ks[0]..ks[1]))
+                .collect();
+            let want = per_sequence_reference(s, [&q, &k, &v], &case.config, &sequences);
+            (want, out.to_f32_vec(gpu).unwrap())
+        }
         Extra::ValidLengths { q: q_lens, kv } => {
             let lengths = ValidLengths {
                 q: Some(q_lens),
@@ -222,43 +323,233 @@ fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
                 .map_err(|e| format!("GPU call failed: {e}"))?;
             // Each sequence is attention over its valid rows and keys alone
             // (positions aligned to those lengths); rows past them are zeros.
-            let row = s.heads_q * s.head_dim;
-            let key_row = s.heads_kv * s.head_dim;
-            let mut want = vec![0.0f64; s.q_shape().elements()];
-            for b in 0..s.batch {
-                let (nq, nk) = (q_lens[b], kv[b]);
-                if nq == 0 || nk == 0 {
-                    continue;
-                }
-                let one = AttentionShape {
-                    batch: 1,
-                    seq_q: nq,
-                    seq_kv: nk,
-                    ..*s
-                };
-                let rows = |data: &[f32], len: usize, width: usize, n: usize| {
-                    data[b * len * width..][..n * width].to_vec()
-                };
-                let result = reference::attention(
-                    &one,
-                    &rows(&q, s.seq_q, row, nq),
-                    &rows(&k, s.seq_kv, key_row, nk),
-                    &rows(&v, s.seq_kv, key_row, nk),
-                    &case.config,
-                )
-                .unwrap();
-                want[b * s.seq_q * row..][..nq * row].copy_from_slice(&result.out);
-            }
+            let sequences: Vec<_> = (0..s.batch)
+                .map(|b| {
+                    let (q0, k0) = (b * s.seq_q, b * s.seq_kv);
+                    (q0..q0 + q_lens[b], k0..k0 + kv[b])
+                })
+                .collect();
+            let want = per_sequence_reference(s, [&q, &k, &v], &case.config, &sequences);
             (want, out.to_f32_vec(gpu).unwrap())
         }
     };
-    let roundoff = unit_roundoff(case.dtype);
-    for (index, (&g, &w)) in got.iter().zip(&want).enumerate() {
+    check_rule(&got, &want, unit_roundoff(case.dtype))
+}
+
+/// The reference of a batch whose sequences run alone: each is (query
+/// tokens, key tokens) as ranges of the packed token axis (batch entries
+/// laid end to end); rows of no sequence, or of one without keys, are zeros.
+fn per_sequence_reference(
+    s: &AttentionShape,
+    [q, k, v]: [&[f32]; 3],
+    config: &AttentionConfig,
+    sequences: &[(std::ops::Range<usize>, std::ops::Range<usize>)],
+) -> Vec<f64> {
+    let (row, key_row) = (s.heads_q * s.head_dim, s.heads_kv * s.head_dim);
+    let mut want = vec![0.0f64; s.q_shape().elements()];
+    for (rows, keys) in sequences {
+        if rows.is_empty() || keys.is_empty() {
+            continue;
+        }
+        let one = AttentionShape {
+            batch: 1,
+            seq_q: rows.len(),
+            seq_kv: keys.len(),
+            ..*s
+        };
+        let (rows, keys) = (
+            rows.start * row..rows.end * row,
+            keys.start * key_row..keys.end * key_row,
+        );
+        let result =
+            reference::attention(&one, &q[rows.clone()], &k[keys.clone()], &v[keys], config)
+                .unwrap();
+        want[rows].copy_from_slice(&result.out);
+    }
+    want
+}
+
+/// The accuracy rule on every element: 1e-4 plus the storage rounding.
+fn check_rule(got: &[f32], want: &[f64], roundoff: f64) -> Result<(), String> {
+    for (index, (&g, &w)) in got.iter().zip(want).enumerate() {
         let error = (f64::from(g) - w).abs();
         if g.is_nan() || error > TOLERANCE + roundoff * w.abs() {
             return Err(format!(
                 "out[{index}] = {g}, reference {w} (error {error:.3e})"
             ));
+        }
+    }
+    Ok(())
+}
+
+/// The decode case: a cache filled with random tokens (pages from a
+/// shuffled pool when paged), then `seq_q` query tokens per sequence
+/// against each sequence's reference.
+fn run_decode(
+    gpu: &Gpu,
+    case: &Case,
+    paged: Option<usize>,
+    kv_splits: Option<usize>,
+    rng: &mut SeededRng,
+) -> Result<(), String> {
+    let s = &case.shape;
+    let longest = s.seq_kv;
+    let layout = match paged {
+        Some(page_size) => KvLayout::Paged {
+            page_size,
+            pages: s.batch * longest.div_ceil(page_size),
+        },
+        None => KvLayout::Contiguous { capacity: longest },
+    };
+    let mut cache = KvCache::new(
+        gpu,
+        KvCacheConfig::new(s.batch, s.heads_kv, s.head_dim, layout),
+    )
+    .map_err(|e| format!("cache: {e}"))?;
+    if let KvLayout::Paged { page_size, pages } = layout {
+        let mut pool: Vec<u32> = (0..pages as u32).collect();
+        pool.shuffle(rng);
+        let per_seq = longest.div_ceil(page_size);
+        for b in 0..s.batch {
+            cache
+                .set_block_table(b, &pool[b * per_seq..(b + 1) * per_seq])
+                .map_err(|e| format!("block table: {e}"))?;
+        }
+    }
+    let tokens = s.kv_shape();
+    let (k, v) = (
+        normal_vec(rng, tokens.elements(), 1.0),
+        normal_vec(rng, tokens.elements(), 1.0),
+    );
+    let (kt, vt) = (
+        Tensor::from_f32(gpu, tokens, &k).unwrap(),
+        Tensor::from_f32(gpu, tokens, &v).unwrap(),
+    );
+    gpu.run(|e| cache.append(gpu, e, &kt, &vt, None))
+        .map_err(|e| format!("append: {e}"))?;
+    for (b, &len) in case.cache_lens.iter().enumerate() {
+        cache.set_len(b, len).map_err(|e| format!("set_len: {e}"))?;
+    }
+    let q = normal_vec(rng, s.q_shape().elements(), 1.0);
+    let qt = Tensor::from_f32(gpu, s.q_shape(), &q).unwrap();
+    let out = Tensor::filled(gpu, s.q_shape(), f32::NAN).unwrap();
+    let args = DecodeArgs {
+        q: &qt,
+        cache: &cache,
+        out: &out,
+        lse: None,
+    };
+    let options = DecodeOptions {
+        config: case.config.clone(),
+        kv_splits,
+    };
+    gpu.run(|e| gpu.decode(e, &args, options.clone()).map(|_| ()))
+        .map_err(|e| format!("GPU call failed: {e}"))?;
+    let sequences: Vec<_> = (0..s.batch)
+        .map(|b| {
+            let (q0, k0) = (b * s.seq_q, b * longest);
+            (q0..q0 + s.seq_q, k0..k0 + case.cache_lens[b])
+        })
+        .collect();
+    let want = per_sequence_reference(s, [&q, &k, &v], &case.config, &sequences);
+    check_rule(&out.to_f32_vec(gpu).unwrap(), &want, 0.0)
+}
+
+/// The backward case (f32): forward and backward on the GPU, every
+/// gradient against the reference backward.
+fn run_backward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
+    let s = &case.shape;
+    let (q_dims, kv_dims) = (s.q_shape(), s.kv_shape());
+    let (q, k, v, d_out) = (
+        normal_vec(rng, q_dims.elements(), 1.0),
+        normal_vec(rng, kv_dims.elements(), 1.0),
+        normal_vec(rng, kv_dims.elements(), 1.0),
+        normal_vec(rng, q_dims.elements(), 1.0),
+    );
+    let upload = |dims, data: &[f32]| Tensor::from_f32(gpu, dims, data).unwrap();
+    let poisoned = |dims| Tensor::filled(gpu, dims, f32::NAN).unwrap();
+    let (qt, kt, vt, dot) = (
+        upload(q_dims, &q),
+        upload(kv_dims, &k),
+        upload(kv_dims, &v),
+        upload(q_dims, &d_out),
+    );
+    let (out, dq, dk, dv) = (
+        poisoned(q_dims),
+        poisoned(q_dims),
+        poisoned(kv_dims),
+        poisoned(kv_dims),
+    );
+    let lse = Lse::new(gpu, s.batch, s.heads_q, s.seq_q).unwrap();
+    let mask_dims = [s.batch, s.heads_q, s.seq_q, s.seq_kv];
+    let mask_len = mask_dims.iter().product();
+    let mut mask_rng = seeded(rng.random());
+    let bits: Vec<bool> = (0..mask_len).map(|_| mask_rng.random_bool(0.7)).collect();
+    let bias: Vec<f32> = (0..mask_len)
+        .map(|_| match mask_rng.random_bool(0.2) {
+            true => f32::NEG_INFINITY,
+            false => mask_rng.random_range(-3.0..3.0f32),
+        })
+        .collect();
+    let (mask, host) = match case.extra {
+        Extra::BoolMask => (
+            Some(AttentionMask::boolean(gpu, mask_dims, &bits).unwrap()),
+            Some(HostMask::Bool {
+                dims: mask_dims,
+                values: &bits,
+            }),
+        ),
+        Extra::BiasMask => (
+            Some(AttentionMask::bias(gpu, mask_dims, &bias).unwrap()),
+            Some(HostMask::Bias {
+                dims: mask_dims,
+                values: &bias,
+            }),
+        ),
+        _ => (None, None),
+    };
+    let mut options = ForwardOptions::new(&case.config);
+    if let Some(mask) = &mask {
+        options = options.mask(mask);
+    }
+    gpu.run(|e| {
+        let forward = AttentionArgs {
+            q: &qt,
+            k: &kt,
+            v: &vt,
+            out: &out,
+            lse: Some(&lse),
+        };
+        gpu.forward(e, &forward, options.clone())?;
+        let backward = BackwardArgs {
+            q: &qt,
+            k: &kt,
+            v: &vt,
+            out: &out,
+            lse: &lse,
+            d_out: &dot,
+            dq: &dq,
+            dk: &dk,
+            dv: &dv,
+        };
+        gpu.backward(e, &backward, options.clone())
+    })
+    .map_err(|e| format!("GPU call failed: {e}"))?;
+    let want = reference::attention_backward(s, [&q, &k, &v, &d_out], &case.config, host.as_ref())
+        .unwrap();
+    for (name, got, want) in [
+        ("dq", dq.to_f32_vec(gpu).unwrap(), &want.dq),
+        ("dk", dk.to_f32_vec(gpu).unwrap(), &want.dk),
+        ("dv", dv.to_f32_vec(gpu).unwrap(), &want.dv),
+    ] {
+        let magnitude = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
+        for (index, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let error = (f64::from(g) - w).abs();
+            if g.is_nan() || error > GRADIENT_TOLERANCE * magnitude {
+                return Err(format!(
+                    "{name}[{index}] = {g}, reference {w} (error {error:.3e}, largest gradient {magnitude:.3e})"
+                ));
+            }
         }
     }
     Ok(())
@@ -284,17 +575,26 @@ fn random_configurations_follow_the_accuracy_rule() {
     eprintln!("fuzz: {cases} cases from seed {base} ({SEED_VAR}={base} replays them)");
     let start = std::time::Instant::now();
     let mut failures = Vec::new();
+    let mut counts = [0usize; 3];
     for index in 0..cases {
         let seed = base + index as u64;
         let mut rng = seeded(seed);
         let case = draw_case(&mut rng);
+        counts[match case.operation {
+            Operation::Forward => 0,
+            Operation::Decode { .. } => 1,
+            Operation::Backward => 2,
+        }] += 1;
         if let Err(problem) = run_case(gpu, &case, &mut rng) {
             eprintln!("FAILED seed {seed}: {problem}\n  {case:?}");
             failures.push(seed);
         }
     }
     eprintln!(
-        "fuzz: {cases} cases in {:.1} s, {} outside the rule",
+        "fuzz: {cases} cases ({} forward, {} decode, {} backward) in {:.1} s, {} outside the rule",
+        counts[0],
+        counts[1],
+        counts[2],
         start.elapsed().as_secs_f64(),
         failures.len()
     );
