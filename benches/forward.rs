@@ -1,7 +1,8 @@
 //! Criterion benchmarks of the library calls on device-resident tensors:
 //! no host transfer in the timed region. Throughput is counted in FLOPs
 //! (criterion prints them as "elem/s"): 4 * batch * heads * visible pairs *
-//! head_dim.
+//! head_dim; the backward's rows count 2.5 times that (FlashAttention's
+//! count).
 //!
 //! Each sample records its iterations into one encoder and is timed with GPU
 //! timestamps where the device can write them inside encoders (flash-bench's
@@ -11,7 +12,9 @@
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use wgpu_flash_attn::{AttentionArgs, AttentionConfig, AttentionShape, DType, Gpu, Tensor};
+use wgpu_flash_attn::{
+    AttentionArgs, AttentionConfig, AttentionShape, BackwardArgs, DType, Gpu, Lse, Tensor,
+};
 
 // flash-bench's modules, included by path so that the benches time and draw
 // inputs exactly as the binary does.
@@ -28,6 +31,8 @@ use timing::{Timer, time_gpu_repeated};
 enum Kernel {
     Flash,
     Naive,
+    /// The backward alone, after one forward that saved O and the logsumexp.
+    Backward,
 }
 
 fn forward(c: &mut Criterion) {
@@ -65,6 +70,18 @@ fn forward(c: &mut Criterion) {
             Kernel::Naive,
         ),
         (
+            "backward B1 H8 N512 d64",
+            square(512, 8, 64),
+            false,
+            Kernel::Backward,
+        ),
+        (
+            "backward B1 H8 N512 d64 causal",
+            square(512, 8, 64),
+            true,
+            Kernel::Backward,
+        ),
+        (
             "flash B1 H8 N256 d128",
             square(256, 8, 128),
             false,
@@ -89,7 +106,15 @@ fn forward(c: &mut Criterion) {
         let q = upload(&mut rng, shape.q_shape());
         let k = upload(&mut rng, shape.kv_shape());
         let v = upload(&mut rng, shape.kv_shape());
-        let out = Tensor::zeros(&gpu, shape.q_shape(), DType::F32).expect("output");
+        let d_out = upload(&mut rng, shape.q_shape());
+        let zeros = |dims| Tensor::zeros(&gpu, dims, DType::F32).expect("output");
+        let out = zeros(shape.q_shape());
+        let (dq, dk, dv) = (
+            zeros(shape.q_shape()),
+            zeros(shape.kv_shape()),
+            zeros(shape.kv_shape()),
+        );
+        let lse = Lse::new(&gpu, shape.batch, shape.heads_q, shape.seq_q).expect("lse");
         let args = AttentionArgs {
             q: &q,
             k: &k,
@@ -97,12 +122,35 @@ fn forward(c: &mut Criterion) {
             out: &out,
             lse: None,
         };
-        group.throughput(Throughput::Elements(shape.flops(&config) as u64));
+        let backward = BackwardArgs {
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &out,
+            lse: &lse,
+            d_out: &d_out,
+            dq: &dq,
+            dk: &dk,
+            dv: &dv,
+        };
+        // The backward reads the forward's output and logsumexp.
+        let saving = AttentionArgs {
+            lse: Some(&lse),
+            ..args
+        };
+        gpu.run(|encoder| gpu.forward(encoder, &saving, &config))
+            .expect("forward");
+        let flops = match kernel {
+            Kernel::Backward => 2.5 * shape.flops(&config),
+            _ => shape.flops(&config),
+        };
+        group.throughput(Throughput::Elements(flops as u64));
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let (elapsed, _) = time_gpu_repeated(&gpu, iters, |encoder| match kernel {
                     Kernel::Flash => gpu.forward(encoder, &args, &config),
                     Kernel::Naive => gpu.naive_attention(encoder, &args, &config).map(|_| ()),
+                    Kernel::Backward => gpu.backward(encoder, &backward, &config),
                 })
                 .expect("timed run");
                 elapsed
