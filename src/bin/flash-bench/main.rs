@@ -252,11 +252,10 @@ fn suite() -> Vec<Case> {
     for (index, causal) in [false, true].into_iter().enumerate() {
         let shape = AttentionShape::self_attention(1, 2048, 8, 64);
         // The non-causal row also times linear attention on the same
-        // inputs: a different function, for its cost beside softmax.
+        // inputs: a different function, for its cost beside softmax; the
+        // causal row times the backward (training's usual case).
         let mut impls = all.clone();
-        if !causal {
-            impls.push(Impl::Linear);
-        }
+        impls.push(if causal { Impl::Backward } else { Impl::Linear });
         cases.push(Case {
             name: format!(
                 "target {}",
