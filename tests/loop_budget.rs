@@ -8,8 +8,8 @@ mod common;
 
 use common::{Inputs, gpu};
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionShape, DType, DecodeArgs, DecodeOptions, Error,
-    ForwardPlan, KvCache, KvCacheConfig, KvLayout, Tensor, TensorShape, Tier, reference,
+    AttentionArgs, AttentionConfig, AttentionShape, BackwardPlan, DType, DecodeArgs, DecodeOptions,
+    Error, ForwardPlan, KvCache, KvCacheConfig, KvLayout, Tensor, TensorShape, Tier, reference,
 };
 
 #[test]
@@ -133,4 +133,94 @@ fn decoding_splits_long_caches_under_the_budget() {
         gpu.run(|e| gpu.decode(e, &args, one_split.clone())),
         Err(Error::LoopBudget { .. })
     ));
+}
+
+/// The backward's passes under the cap: the key pass walks every query row
+/// of every head of its KV group, the query pass every key. At the longest
+/// call the model allows each gradient is exact; one row or key more is
+/// refused.
+#[test]
+fn the_longest_allowed_backward_is_exact_and_the_next_is_refused() {
+    let Some(gpu) = gpu() else { return };
+    if gpu.info().loop_budget().is_none() {
+        eprintln!("SKIPPED: this adapter caps no shader loops; nothing to check");
+        return;
+    }
+    let gqa = |seq_q| AttentionShape {
+        batch: 1,
+        seq_q,
+        seq_kv: 64,
+        heads_q: 8,
+        heads_kv: 1,
+        head_dim: 8,
+    };
+    let long_keys = |seq_kv| AttentionShape {
+        batch: 1,
+        seq_q: 8,
+        seq_kv,
+        heads_q: 1,
+        heads_kv: 1,
+        head_dim: 8,
+    };
+    let cases: [(&str, &dyn Fn(usize) -> AttentionShape); 2] = [
+        ("key pass, 8 query heads per KV head", &gqa),
+        ("query pass", &long_keys),
+    ];
+    for (what, shape_at) in cases {
+        let allowed = |n: usize| {
+            let shape = shape_at(n);
+            BackwardPlan::for_call(gpu.info(), &shape, DType::F32, None)
+                .and_then(|plan| plan.check_limits(gpu.info(), &shape))
+                .is_ok()
+        };
+        let (mut lo, mut hi) = (64, 1 << 22);
+        assert!(allowed(lo) && !allowed(hi), "{what}");
+        while hi - lo > 1 {
+            let mid = (lo + hi) / 2;
+            if allowed(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        eprintln!("backward {what}: at most {lo}");
+        let config = AttentionConfig::new();
+        let run = |shape: &AttentionShape| {
+            let inputs = Inputs::draw(shape, 0x5eed_0b0b, 1.0);
+            let d_out = Inputs::draw(shape, 0x5eed_0b0c, 1.0).q;
+            let got = gpu.attention_backward_host(
+                shape,
+                [&inputs.q, &inputs.k, &inputs.v, &d_out],
+                &config,
+            )?;
+            Ok::<_, Error>((got, inputs, d_out))
+        };
+        match run(&shape_at(hi)) {
+            Err(Error::LoopBudget { trips, budget, .. }) => assert!(trips > budget),
+            Err(other) => panic!("{what}: expected LoopBudget, got {other}"),
+            Ok(_) => panic!("{what}: {hi} was accepted"),
+        }
+        let shape = shape_at(lo);
+        let (got, inputs, d_out) = run(&shape).unwrap();
+        let want = reference::attention_backward(
+            &shape,
+            [&inputs.q, &inputs.k, &inputs.v, &d_out],
+            &config,
+            None,
+        )
+        .unwrap();
+        for (name, got, want) in [
+            ("dq", &got.dq, &want.dq),
+            ("dk", &got.dk, &want.dk),
+            ("dv", &got.dv, &want.dv),
+        ] {
+            let magnitude = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
+            let worst = got
+                .iter()
+                .zip(want)
+                .map(|(g, w)| (f64::from(*g) - w).abs() / magnitude)
+                .fold(0.0, f64::max);
+            assert!(worst <= 2e-5, "{what}: {name} relative error {worst:.3e}");
+        }
+    }
 }

@@ -151,8 +151,16 @@ impl BackwardPlan {
         }
     }
 
-    /// Checks every dispatch of a call against the adapter's workgroup
-    /// count and loop budget (see [`GpuInfo::loop_budget`]).
+    /// Checks a dense call of `shape` against the adapter's workgroup
+    /// count and loop budget (see [`GpuInfo::loop_budget`]): what
+    /// [`crate::Gpu::backward`] refuses with `DispatchTooLarge` or
+    /// `LoopBudget` before recording anything.
+    pub fn check_limits(&self, info: &GpuInfo, shape: &AttentionShape) -> Result<()> {
+        self.check_call(info, shape, shape.seq_q, shape.seq_kv)
+    }
+
+    /// [`BackwardPlan::check_limits`] for one part of a call that writes
+    /// `extent_q` rows and `extent_kv` keys (padding included).
     pub(crate) fn check_call(
         &self,
         info: &GpuInfo,
