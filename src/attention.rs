@@ -469,16 +469,7 @@ impl Gpu {
         config: &AttentionConfig,
     ) -> Result<HostAttentionOutput> {
         config.validate(shape)?;
-        let upload = |name: &'static str, dims: TensorShape, data: &[f32]| {
-            if data.len() != dims.elements() {
-                return Err(Error::DataLength {
-                    tensor: name,
-                    expected: dims.elements(),
-                    got: data.len(),
-                });
-            }
-            Tensor::from_f32(self, dims, data)
-        };
+        let upload = |name, dims, data| upload_packed(self, name, dims, data);
         let q = upload("q", shape.q_shape(), q)?;
         let k = upload("k", shape.kv_shape(), k)?;
         let v = upload("v", shape.kv_shape(), v)?;
@@ -537,6 +528,24 @@ impl Gpu {
         Ok(params)
     }
 }
+/// A host call's packed f32 input as a tensor, after checking its length
+/// against `dims` (named `name` in the error).
+pub(crate) fn upload_packed(
+    gpu: &Gpu,
+    name: &'static str,
+    dims: TensorShape,
+    data: &[f32],
+) -> Result<Tensor> {
+    if data.len() != dims.elements() {
+        return Err(Error::DataLength {
+            tensor: name,
+            expected: dims.elements(),
+            got: data.len(),
+        });
+    }
+    Tensor::from_f32(gpu, dims, data)
+}
+
 /// A call whose operands passed every check, ready to bind.
 pub(crate) struct PreparedCall<'a> {
     pub shape: AttentionShape,

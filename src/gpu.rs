@@ -130,6 +130,22 @@ impl GpuInfo {
         )
     }
 
+    /// Invocations one workgroup may have along x (the kernels are 1-D).
+    pub fn max_invocations(&self) -> u32 {
+        self.limits
+            .max_compute_invocations_per_workgroup
+            .min(self.limits.max_compute_workgroup_size_x)
+    }
+
+    /// `WorkgroupInvocations` unless a kernel of `needed` invocations fits.
+    pub(crate) fn check_invocations(&self, needed: u32) -> crate::Result<()> {
+        let limit = self.max_invocations();
+        if needed > limit {
+            return Err(crate::Error::WorkgroupInvocations { needed, limit });
+        }
+        Ok(())
+    }
+
     /// The most loop iterations one shader invocation may run, where the
     /// driver imposes a cap: Mesa's llvmpipe (lavapipe on Vulkan, llvmpipe
     /// on GL) stops every loop of an invocation, silently, once all of them

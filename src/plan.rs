@@ -114,15 +114,7 @@ impl ForwardPlan {
             unroll,
             subgroup_kv,
         } = row_tiling(info, shape, tier)?;
-        let max_invocations = limits
-            .max_compute_invocations_per_workgroup
-            .min(limits.max_compute_workgroup_size_x);
-        if workgroup_size > max_invocations {
-            return Err(Error::WorkgroupInvocations {
-                needed: workgroup_size,
-                limit: max_invocations,
-            });
-        }
+        info.check_invocations(workgroup_size)?;
         let block_m = u64::from(workgroup_size * rows);
         let groups = [
             (shape.seq_q as u64).div_ceil(block_m),
@@ -266,12 +258,8 @@ fn row_tiling(info: &GpuInfo, shape: &AttentionShape, tier: Option<Tier>) -> Res
     // the head-dim loops after ~600 keys at d=256.
     let gl = adapter.backend == wgpu::Backend::Gl;
     if !cpu || gl {
-        let limits = &info.limits;
-        let invocations = limits
-            .max_compute_invocations_per_workgroup
-            .min(limits.max_compute_workgroup_size_x);
         return Ok(RowTiling {
-            workgroup_size: power_of_two_at_most(invocations, GPU_WORKGROUP_SIZE),
+            workgroup_size: power_of_two_at_most(info.max_invocations(), GPU_WORKGROUP_SIZE),
             rows: 1,
             unroll: gl,
             subgroup_kv,
@@ -366,9 +354,7 @@ impl DecodePlan {
         let cpu =
             adapter.device_type == wgpu::DeviceType::Cpu && adapter.backend != wgpu::Backend::Gl;
         let limits = &info.limits;
-        let max_invocations = limits
-            .max_compute_invocations_per_workgroup
-            .min(limits.max_compute_workgroup_size_x);
+        let max_invocations = info.max_invocations();
         let subgroup = use_subgroup_tier(info, config.tier)?;
         let (tiling, rows_per_workgroup) = if subgroup {
             // Lanes split the head dim; every lane holds all the rows.
@@ -413,12 +399,7 @@ impl DecodePlan {
             };
             (tiling, workgroup_size * rows_per_lane)
         };
-        if tiling.workgroup_size > max_invocations {
-            return Err(Error::WorkgroupInvocations {
-                needed: tiling.workgroup_size,
-                limit: max_invocations,
-            });
-        }
+        info.check_invocations(tiling.workgroup_size)?;
         let row_tiles = rows.div_ceil(rows_per_workgroup).max(1);
         let longest = cache.longest;
         let splits = match options.kv_splits {

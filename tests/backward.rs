@@ -365,15 +365,30 @@ fn masks_against_the_reference() {
                 ),
             ];
             for (what, mask, host) in &cases {
-                let options = ForwardOptions::new(config).mask(mask);
-                let got = run_backward(gpu, &problem, DType::F32, options).unwrap();
-                let want = problem.reference(config, Some(host));
+                let (got, want) = masked(gpu, &problem, config, mask, host);
+                let got = got.unwrap();
                 let what = format!("{what} mask {dims:?} {config:?}");
                 let err = relative_error(&got, &want, &what);
                 assert!(err <= F32_TOLERANCE, "{what}: relative error {err:.3e}");
             }
         }
     }
+}
+
+/// The GPU's gradients (f32) with `mask` on the GPU, and the reference's
+/// with the same mask on the host.
+fn masked(
+    gpu: &Gpu,
+    problem: &Problem,
+    config: &AttentionConfig,
+    mask: &AttentionMask,
+    host: &HostMask<'_>,
+) -> (Result<Grads, Error>, reference::ReferenceGradients) {
+    let options = ForwardOptions::new(config).mask(mask);
+    (
+        run_backward(gpu, problem, DType::F32, options),
+        problem.reference(config, Some(host)),
+    )
 }
 
 /// Expected gradients of sequences run alone: `(batch, q rows, kv rows)`
@@ -889,28 +904,20 @@ fn random_option_combinations() {
                     })
                     .collect();
                 let mask = AttentionMask::bias(gpu, dims, &bias).unwrap();
-                let options = ForwardOptions::new(&config).mask(&mask);
                 let host = HostMask::Bias {
                     dims,
                     values: &bias,
                 };
-                (
-                    run_backward(gpu, &problem, DType::F32, options),
-                    problem.reference(&config, Some(&host)),
-                )
+                masked(gpu, &problem, &config, &mask, &host)
             }
             1 => {
                 let bits: Vec<bool> = (0..n).map(|_| rng.random_bool(0.7)).collect();
                 let mask = AttentionMask::boolean(gpu, dims, &bits).unwrap();
-                let options = ForwardOptions::new(&config).mask(&mask);
                 let host = HostMask::Bool {
                     dims,
                     values: &bits,
                 };
-                (
-                    run_backward(gpu, &problem, DType::F32, options),
-                    problem.reference(&config, Some(&host)),
-                )
+                masked(gpu, &problem, &config, &mask, &host)
             }
             2 => {
                 let q_lens: Vec<usize> = (0..s.batch)

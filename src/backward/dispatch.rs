@@ -4,7 +4,7 @@
 
 use crate::attention::{
     AttentionArgs, ForwardOptions, Lse, Sequences, check_lse_output, check_operand, option_params,
-    vec4_view,
+    upload_packed, vec4_view,
 };
 use crate::config::{Alibi, AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
@@ -162,6 +162,12 @@ impl Gpu {
             mask,
             shape,
             deltas,
+            slopes: config.alibi.as_ref().map(|alibi| {
+                self.storage_buffer(
+                    "wgpu-flash-attn alibi slopes",
+                    bytemuck::cast_slice(alibi.slopes()),
+                )
+            }),
         };
         for part in &parts {
             recorder.record(encoder, part)?;
@@ -180,16 +186,7 @@ impl Gpu {
         config: &AttentionConfig,
     ) -> Result<HostGradients> {
         config.validate(shape)?;
-        let upload = |name: &'static str, dims: crate::TensorShape, data: &[f32]| {
-            if data.len() != dims.elements() {
-                return Err(Error::DataLength {
-                    tensor: name,
-                    expected: dims.elements(),
-                    got: data.len(),
-                });
-            }
-            Tensor::from_f32(self, dims, data)
-        };
+        let upload = |name, dims, data| upload_packed(self, name, dims, data);
         let (q_dims, kv_dims) = (shape.q_shape(), shape.kv_shape());
         let q = upload("q", q_dims, q)?;
         let k = upload("k", kv_dims, k)?;
@@ -301,6 +298,8 @@ struct Recorder<'a> {
     mask: Option<&'a AttentionMask>,
     shape: AttentionShape,
     deltas: wgpu::Buffer,
+    /// The call's ALiBi slopes, uploaded once.
+    slopes: Option<wgpu::Buffer>,
 }
 
 impl Recorder<'_> {
@@ -315,18 +314,21 @@ impl Recorder<'_> {
         params.q = q_side(args.q);
         params.k = kv_side(args.k);
         params.v = kv_side(args.v);
-        // A part of one batch entry reads that entry's ALiBi slopes.
-        let slopes = self.config.alibi.as_ref().map(|alibi| {
-            let heads = self.shape.heads_q;
-            let slopes = match alibi {
-                Alibi::PerBatchHead(all) if part.batches == 1 => {
+        // A part of one batch entry with per-(batch, head) slopes reads
+        // that entry's; every other part shares the call's upload.
+        let own_slopes =
+            match &self.config.alibi {
+                Some(Alibi::PerBatchHead(all)) if part.batches == 1 => {
                     params.alibi_batch_stride = 0;
-                    &all[rows.batch * heads..][..heads]
+                    let heads = self.shape.heads_q;
+                    let slopes = &all[rows.batch * heads..][..heads];
+                    Some(gpu.storage_buffer(
+                        "wgpu-flash-attn alibi slopes",
+                        bytemuck::cast_slice(slopes),
+                    ))
                 }
-                _ => alibi.slopes(),
+                _ => None,
             };
-            gpu.storage_buffer("wgpu-flash-attn alibi slopes", bytemuck::cast_slice(slopes))
-        });
         let lse_seq = self.shape.seq_q;
         let mut backward = BackwardParams {
             head_dim4: (shape.head_dim / 4) as u32,
@@ -354,7 +356,10 @@ impl Recorder<'_> {
         );
         let placeholders = &gpu.placeholders;
         let mask_words = self.mask.map_or(&placeholders.alibi, |m| m.buffer());
-        let alibi = slopes.as_ref().unwrap_or(&placeholders.alibi);
+        let alibi = own_slopes
+            .as_ref()
+            .or(self.slopes.as_ref())
+            .unwrap_or(&placeholders.alibi);
         let passes = [
             (BackwardPass::Deltas, args.out, None, part.extent_q),
             (BackwardPass::Keys, args.dk, Some(args.dv), part.extent_kv),

@@ -74,15 +74,7 @@ impl BackwardPlan {
             (false, true, false) => (CPU_WORKGROUP_SIZE, cpu_rows, true),
             (false, _, gl) => (GPU_WORKGROUP_SIZE, 1, gl),
         };
-        let max_invocations = limits
-            .max_compute_invocations_per_workgroup
-            .min(limits.max_compute_workgroup_size_x);
-        if workgroup_size.max(DELTA_WORKGROUP) > max_invocations {
-            return Err(Error::WorkgroupInvocations {
-                needed: workgroup_size.max(DELTA_WORKGROUP),
-                limit: max_invocations,
-            });
-        }
+        info.check_invocations(workgroup_size.max(DELTA_WORKGROUP))?;
         let workgroup_bytes = u64::from(limits.max_compute_workgroup_storage_size);
         let block = BLOCK_CANDIDATES
             .into_iter()

@@ -168,16 +168,8 @@ impl LinearPlan {
             causal: config.causal,
             ..base
         };
-        let max_invocations = limits
-            .max_compute_invocations_per_workgroup
-            .min(limits.max_compute_workgroup_size_x);
         for needed in [state_workgroup, output_workgroup] {
-            if needed > max_invocations {
-                return Err(Error::WorkgroupInvocations {
-                    needed,
-                    limit: max_invocations,
-                });
-            }
+            info.check_invocations(needed)?;
         }
 
         let batch_heads_kv = shape.batch * shape.heads_kv;
