@@ -132,6 +132,7 @@ fn forward(c: &mut Criterion) {
             dq: &dq,
             dk: &dk,
             dv: &dv,
+            dsinks: None,
         };
         // The backward reads the forward's output and logsumexp.
         let saving = AttentionArgs {

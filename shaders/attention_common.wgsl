@@ -21,8 +21,9 @@ struct Params {
     heads_kv: u32,
     // Bit set of FLAG_* below.
     flags: u32,
-    // Softmax scale, multiplied by log2(e) unless softcap or ALiBi is on
-    // (then those run in natural units and log2(e) is applied after them).
+    // Softmax scale. Scores and the running max stay in natural units
+    // (log2(e) is applied to differences only, so no finite score
+    // overflows on the way to exp2).
     score_scale: f32,
     softcap: f32,
     // Window sides in keys; only read when the matching FLAG_ bit is set.
@@ -34,6 +35,11 @@ struct Params {
     // counted as batch * heads_q + head, when the score matrix is built in
     // chunks. The flash kernel covers every pair in one dispatch.
     unit_base: u32,
+    // Where the sinks start in `head_table` (with FLAG_SINKS).
+    sink_offset: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
     q: TensorStrides,
     k: TensorStrides,
     v: TensorStrides,
@@ -45,11 +51,16 @@ const FLAG_WINDOW_RIGHT: u32 = 2u;
 const FLAG_SOFTCAP: u32 = 4u;
 const FLAG_ALIBI: u32 = 8u;
 const FLAG_WRITE_LSE: u32 = 16u;
+const FLAG_SINKS: u32 = 32u;
 
 const LOG2_E: f32 = 1.4426950408889634;
 const LN_2: f32 = 0.6931471805599453;
-// Finite sentinel for the running max: `NEG_BIG - NEG_BIG` is 0, never NaN.
-const NEG_BIG: f32 = -1.0e30;
+// The lowest finite f32: the running max before any key, and the score
+// of a hidden key. Every finite score is >= it, so the max never passes
+// over a real score, and `MIN_SCORE - MIN_SCORE` is 0, never NaN.
+const MIN_SCORE: f32 = -3.4028234663852886e38;
+// Bits of -inf, the additive mask value that hides a key.
+const NEG_INF_BITS: u32 = 0xff800000u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 // Q, K, V and O move four elements at a time (indices are in those units)
@@ -70,7 +81,9 @@ const NEG_BIG: f32 = -1.0e30;
 // #endif
 // Logsumexp, [batch, heads_q, seq_q], natural log.
 @group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>;
-@group(0) @binding(6) var<storage, read> alibi_slopes: array<f32>;
+// Per-head values: ALiBi slopes from 0 ([heads_q] or [batch, heads_q]),
+// attention sinks ([heads_q]) from p.sink_offset.
+@group(0) @binding(6) var<storage, read> head_table: array<f32>;
 
 
 fn has_flag(bit: u32) -> bool {
@@ -78,8 +91,8 @@ fn has_flag(bit: u32) -> bool {
 }
 
 // Scores of one query row against four keys, from raw dot products to
-// log2-domain logits. `key_pos` are the keys' positions, `row_pos` the query's
-// position on the key axis (bottom-right alignment).
+// logits (natural units). `key_pos` are the keys' positions, `row_pos` the
+// query's position on the key axis (bottom-right alignment).
 fn finish_scores(dots: vec4<f32>, row_pos: i32, key_pos: vec4<i32>, alibi_slope: f32) -> vec4<f32> {
     var s = dots * p.score_scale;
     if (has_flag(FLAG_SOFTCAP)) {
@@ -88,10 +101,38 @@ fn finish_scores(dots: vec4<f32>, row_pos: i32, key_pos: vec4<i32>, alibi_slope:
     if (has_flag(FLAG_ALIBI)) {
         s -= alibi_slope * vec4<f32>(abs(key_pos - vec4<i32>(row_pos)));
     }
-    if (has_flag(FLAG_SOFTCAP) || has_flag(FLAG_ALIBI)) {
-        s *= LOG2_E;
-    }
     return s;
+}
+
+fn alibi_slope_of(batch: u32, head_q: u32) -> f32 {
+    if (has_flag(FLAG_ALIBI)) {
+        return head_table[batch * p.alibi_batch_stride + head_q];
+    }
+    return 0.0;
+}
+
+// A row's online softmax before its first key: (running max, running sum).
+// A sink is a key with no value whose score is the sink itself, so it
+// starts the row: max = sink, sum = exp(sink - sink) = 1.
+fn softmax_start(head_q: u32, with_sink: bool) -> vec2<f32> {
+    if (with_sink && has_flag(FLAG_SINKS)) {
+        return vec2<f32>(head_table[p.sink_offset + head_q], 1.0);
+    }
+    return vec2<f32>(MIN_SCORE, 0.0);
+}
+
+// exp(x) for x <= 0 (a score minus the running max) as one exp2.
+fn exp_shifted(x: vec4<f32>) -> vec4<f32> {
+    return exp2(x * LOG2_E);
+}
+
+// Logsumexp of a finished row, natural log; +inf for a row that saw no key
+// (l == 0), which every reader takes as "no keys".
+fn row_lse(m: f32, l: f32) -> f32 {
+    if (l > 0.0) {
+        return m + log2(l) * LN_2;
+    }
+    return bitcast<f32>(0x7f800000u);
 }
 
 // Keys a query at key-axis position `row_pos` may see, as an inclusive

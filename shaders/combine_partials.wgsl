@@ -57,7 +57,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let batch = row / (cp.heads_q * cp.seq_q);
     let lse_index = (batch * cp.heads_q + head) * cp.seq_q + query;
 
-    var top = -3.0e38;
+    // The lowest finite f32: every partial lse is >= it (its max is a
+    // finite score and its sum >= 1).
+    var top = -3.4028234663852886e38;
     var any = false;
     for (var s = 0u; s < cp.slots; s++) {
         let lse = partial_lse[s * cp.lse_slot + lse_index];

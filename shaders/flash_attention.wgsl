@@ -57,15 +57,15 @@ struct MaskParams {
 @group(0) @binding(8) var<storage, read> tile_states: array<u32>;
 @group(0) @binding(9) var<uniform> mp: MaskParams;
 
-// The mask's bias of four keys from `key0` in the row starting at word
-// `base`; 0 past the last key (whose index is clamped to stay in the row).
-fn mask_bias(base: u32, key0: i32) -> vec4<f32> {
+// The mask's bias bits (f32) of four keys from `key0` in the row starting
+// at word `base`; 0 (+0.0) past the last key (whose index is clamped to
+// stay in the row).
+fn mask_bias_bits(base: u32, key0: i32) -> vec4<u32> {
     let keys = vec4<i32>(key0) + vec4<i32>(0, 1, 2, 3);
     let last = vec4<i32>(i32(p.seq_kv) - 1);
     let at = vec4<u32>(min(keys, last)) + vec4<u32>(base);
-    let bias = vec4<f32>(bitcast<f32>(mask_words[at.x]), bitcast<f32>(mask_words[at.y]),
-        bitcast<f32>(mask_words[at.z]), bitcast<f32>(mask_words[at.w]));
-    return select(vec4<f32>(0.0), bias, keys <= last);
+    let bits = vec4<u32>(mask_words[at.x], mask_words[at.y], mask_words[at.z], mask_words[at.w]);
+    return select(vec4<u32>(0u), bits, keys <= last);
 }
 
 // The mask's bits for four keys from `key0` (a multiple of 4, so one word
@@ -112,10 +112,8 @@ fn main(
         wg_hi = min(wg_hi, i32(last_row) + diag + i32(p.window_right));
         all_hi = min(all_hi, i32(row0) + diag + i32(p.window_right));
     }
-    var alibi_slope = 0.0;
-    if (has_flag(FLAG_ALIBI)) {
-        alibi_slope = alibi_slopes[batch * p.alibi_batch_stride + head_q];
-    }
+    let alibi_slope = alibi_slope_of(batch, head_q);
+    let start = softmax_start(head_q, true);
 
     var q: array<vec4<f32>, ROWS * D4>;
     var acc: array<vec4<f32>, ROWS * D4>;
@@ -139,8 +137,8 @@ fn main(
         let bounds = visible_keys(row_pos[r]);
         row_lo[r] = bounds.x;
         row_hi[r] = bounds.y;
-        m[r] = NEG_BIG;
-        l[r] = 0.0;
+        m[r] = start.x;
+        l[r] = start.y;
         // Rows past the end compute on a copy of the last row; never stored.
         let q_base = batch * p.q.batch + min(row, p.seq_q - 1u) * p.q.seq + head_q * p.q.head + p.q.offset;
         for (var d = 0u; d < D4; d++) {
@@ -235,18 +233,21 @@ fn main(
 // #if MASK
                     if (mask_state == 1u) {
                         if (mp.kind == 0u) {
-                            // -inf hides a key: its exp2 is 0 below.
-                            s += mask_bias(mask_row[r], key_pos.x) * LOG2_E;
+                            // -inf hides a key; its bits say so whatever
+                            // the score (even a NaN from a hidden key's K).
+                            let bits = mask_bias_bits(mask_row[r], key_pos.x);
+                            visible = visible & (bits != vec4<u32>(NEG_INF_BITS));
+                            s += bitcast<vec4<f32>>(bits);
                         } else {
                             visible = visible & mask_bits(mask_row[r], key_pos.x);
                         }
                     }
 // #endif
-                    s = select(vec4<f32>(NEG_BIG), s, visible);
+                    s = select(vec4<f32>(MIN_SCORE), s, visible);
                 }
                 let m_new = max(m[r], max(max(s.x, s.y), max(s.z, s.w)));
-                correction[r] = exp2(m[r] - m_new);
-                probs[r] = select(vec4<f32>(0.0), exp2(s - vec4<f32>(m_new)), visible);
+                correction[r] = exp2((m[r] - m_new) * LOG2_E);
+                probs[r] = select(vec4<f32>(0.0), exp_shifted(s - vec4<f32>(m_new)), visible);
                 l[r] = l[r] * correction[r] + (probs[r].x + probs[r].y) + (probs[r].z + probs[r].w);
                 m[r] = m_new;
             }
@@ -284,13 +285,10 @@ fn main(
     for (var r = 0u; r < ROWS; r++) {
         let row = row0 + lid + r * WG_SIZE;
         if (row < p.seq_q) {
-            // A row that saw no key has l == 0: zeros and lse = +inf.
-            var inv_l = 0.0;
-            var lse = bitcast<f32>(0x7f800000u);
-            if (l[r] > 0.0) {
-                inv_l = 1.0 / l[r];
-                lse = (m[r] + log2(l[r])) * LN_2;
-            }
+            // A row that saw no key (and has no sink) has l == 0: zeros and
+            // lse = +inf.
+            let inv_l = select(0.0, 1.0 / l[r], l[r] > 0.0);
+            let lse = row_lse(m[r], l[r]);
             let o_base = batch * p.o.batch + row * p.o.seq + head_q * p.o.head + p.o.offset;
             for (var d = 0u; d < D4; d++) {
                 store_o(o_base + d, acc[r * D4 + d] * inv_l);

@@ -1,6 +1,7 @@
 // FlashAttention-2 backward pass: dQ, dK and dV from Q, K, V, O, dO and the
 // forward's logsumexp, f32 arithmetic whatever the storage type. Three entry
-// points, dispatched in this order by src/backward/dispatch.rs:
+// points, dispatched in this order by src/backward/dispatch.rs (and, with
+// attention sinks, `sink_grads` below):
 //
 //   row_deltas   D_i = dO_i . O_i per query row (FlashAttention's
 //                preprocessing), written to `deltas`.
@@ -88,7 +89,7 @@ struct BackwardParams {
 @group(0) @binding(11) var<storage, read> mask_words: array<u32>;
 
 // Staged tiles: Q and dO rows (key_grads) or K and V rows (query_grads),
-// and per staged query row its logsumexp (log2 units) and delta.
+// and per staged query row its logsumexp and delta.
 var<workgroup> tile_a: array<vec4<f32>, BLOCK * D4>;
 var<workgroup> tile_b: array<vec4<f32>, BLOCK * D4>;
 var<workgroup> row_stats: array<vec2<f32>, BLOCK>;
@@ -153,10 +154,10 @@ fn stats_index(batch: u32, head: u32, row: u32) -> u32 {
 }
 
 // P and dX (the gradient of the raw dot product q . k) of one (query, key)
-// pair; both 0 for a pair the options or the mask hide. `lse2` is the row's
-// logsumexp in log2 units.
+// pair; both 0 for a pair the options or the mask hide. `lse` is the row's
+// logsumexp (natural units, like the scores).
 fn pair_grads(dot: f32, dp: f32, batch: u32, head_q: u32, row: u32, row_pos: i32, key: i32,
-    slope: f32, lse2: f32, delta: f32) -> vec2<f32> {
+    slope: f32, lse: f32, delta: f32) -> vec2<f32> {
     let bounds = visible_keys(row_pos);
     if (key < bounds.x || key > bounds.y) {
         return vec2<f32>(0.0);
@@ -165,13 +166,17 @@ fn pair_grads(dot: f32, dp: f32, batch: u32, head_q: u32, row: u32, row_pos: i32
     if (bp.mask_kind != 0u) {
         let base = batch * bp.mask_batch + head_q * bp.mask_head + row * bp.mask_row_words;
         if (bp.mask_kind == 1u) {
-            // -inf (a hidden key) gives P = 0 below.
-            s += bitcast<f32>(mask_words[base + u32(key)]) * LOG2_E;
+            let bits = mask_words[base + u32(key)];
+            // -inf hides the key, whatever its score.
+            if (bits == NEG_INF_BITS) {
+                return vec2<f32>(0.0);
+            }
+            s += bitcast<f32>(bits);
         } else if (((mask_words[base + u32(key) / 32u] >> (u32(key) % 32u)) & 1u) == 0u) {
             return vec2<f32>(0.0);
         }
     }
-    let prob = exp2(s - lse2);
+    let prob = exp2((s - lse) * LOG2_E);
     var dx = prob * (dp - delta) * bp.scale;
     if (has_flag(FLAG_SOFTCAP)) {
         // With softcap the score scale is in natural units.
@@ -211,16 +216,9 @@ fn plain_scores() -> bool {
 }
 
 // `pair_grads` of a visible pair when `plain_scores()` holds.
-fn plain_grads(dot: f32, dp: f32, lse2: f32, delta: f32) -> vec2<f32> {
-    let prob = exp2(fma(dot, p.score_scale, -lse2));
+fn plain_grads(dot: f32, dp: f32, lse: f32, delta: f32) -> vec2<f32> {
+    let prob = exp2(fma(dot, p.score_scale, -lse) * LOG2_E);
     return vec2<f32>(prob, prob * (dp - delta) * bp.scale);
-}
-
-fn alibi_slope_of(batch: u32, head_q: u32) -> f32 {
-    if (has_flag(FLAG_ALIBI)) {
-        return alibi_slopes[batch * p.alibi_batch_stride + head_q];
-    }
-    return 0.0;
 }
 
 @compute @workgroup_size(64)
@@ -238,6 +236,41 @@ fn row_deltas(@builtin(global_invocation_id) id: vec3<u32>) {
         sum += dot(load_do(g + d), load_o(o + d));
     }
     deltas[stats_index(batch, head, row)] = sum;
+}
+
+// Per query head h: dsink_h = -sum over batch entries and rows of
+// exp(sink_h - lse) * D. The sink is a key whose value is 0, so its dP is
+// 0 and its dS is P_sink (0 - D). One dispatch per call, over the whole
+// [p.batch, p.heads_q, p.seq_q] logsumexp and deltas (rows with lse = +inf,
+// padding or rows with no key, add 0); one workgroup per head. Each
+// invocation sums a strided share of the rows in order and a fixed tree
+// adds the shares, so every run gives the same bits. The result goes to
+// deltas[p.batch * p.heads_q * p.seq_q + h], past the rows.
+const SINK_WG: u32 = 64u;
+var<workgroup> sink_shares: array<f32, SINK_WG>;
+
+@compute @workgroup_size(SINK_WG)
+fn sink_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let head = wg.x;
+    let sink = head_table[p.sink_offset + head];
+    var sum = 0.0;
+    for (var b = 0u; b < p.batch; b++) {
+        let base = (b * p.heads_q + head) * p.seq_q;
+        for (var i = lid; i < p.seq_q; i += SINK_WG) {
+            sum = fma(exp2((sink - lse_buf[base + i]) * LOG2_E), deltas[base + i], sum);
+        }
+    }
+    sink_shares[lid] = sum;
+    workgroupBarrier();
+    for (var stride = SINK_WG / 2u; stride > 0u; stride /= 2u) {
+        if (lid < stride) {
+            sink_shares[lid] += sink_shares[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        deltas[p.batch * p.heads_q * p.seq_q + head] = -sink_shares[0];
+    }
 }
 
 @compute @workgroup_size(WG_SIZE)
@@ -319,7 +352,7 @@ fn key_grads(
                 grow[d] = subgroupBroadcast(slab[(D4 + d) / WG_SIZE], (D4 + d) % WG_SIZE);
             }
             let at = stats_index(batch, head_q, row);
-            let stats = vec2<f32>(lse_buf[at] * LOG2_E, deltas[at]);
+            let stats = vec2<f32>(lse_buf[at], deltas[at]);
 // #else
         for (var i0 = row_lo; i0 <= row_hi; i0 += i32(BLOCK)) {
             let n_rows = u32(min(i32(BLOCK), row_hi + 1 - i0));
@@ -339,7 +372,7 @@ fn key_grads(
                     tile_b[e] = gg;
                     if (d == 0u) {
                         let at = stats_index(batch, head_q, i);
-                        row_stats[row] = vec2<f32>(lse_buf[at] * LOG2_E, deltas[at]);
+                        row_stats[row] = vec2<f32>(lse_buf[at], deltas[at]);
                     }
                 }
             }
@@ -429,7 +462,7 @@ fn query_grads(
     var q: array<vec4<f32>, ROWS * D4>;
     var g: array<vec4<f32>, ROWS * D4>;
     var dq: array<vec4<f32>, ROWS * D4>;
-    var lse2: array<f32, ROWS>;
+    var lse_row: array<f32, ROWS>;
     var delta: array<f32, ROWS>;
     for (var r = 0u; r < ROWS; r++) {
         let row = min(row0 + lid + r * WG_SIZE, last_row);
@@ -447,7 +480,7 @@ fn query_grads(
             dq[r * D4 + d] = vec4<f32>(0.0);
         }
         let at = stats_index(batch, head_q, row);
-        lse2[r] = lse_buf[at] * LOG2_E;
+        lse_row[r] = lse_buf[at];
         delta[r] = deltas[at];
     }
 
@@ -530,13 +563,13 @@ fn query_grads(
             // Every row of the block sees the key (the common case).
             if (plain && key >= all_lo && key <= all_hi) {
                 for (var r = 0u; r < ROWS; r++) {
-                    dx[r] = plain_grads(dots[r], dps[r], lse2[r], delta[r]).y;
+                    dx[r] = plain_grads(dots[r], dps[r], lse_row[r], delta[r]).y;
                 }
             } else {
                 for (var r = 0u; r < ROWS; r++) {
                     let row = min(row0 + lid + r * WG_SIZE, last_row);
                     dx[r] = pair_grads(dots[r], dps[r], batch, head_q, row, i32(row) + diag, key,
-                        slope, lse2[r], delta[r]).y;
+                        slope, lse_row[r], delta[r]).y;
                 }
             }
             for (var d = 0u; d < D4; d++) {

@@ -93,10 +93,7 @@ fn decode_row(row: u32, batch: u32, head_kv: u32, seq_kv: u32, split: u32) -> De
     if (has_flag(FLAG_WINDOW_RIGHT)) {
         r.hi = min(r.hi, r.pos + i32(p.window_right));
     }
-    r.slope = 0.0;
-    if (has_flag(FLAG_ALIBI)) {
-        r.slope = alibi_slopes[batch * p.alibi_batch_stride + r.head_q];
-    }
+    r.slope = alibi_slope_of(batch, r.head_q);
     return r;
 }
 
@@ -110,23 +107,26 @@ struct SoftmaxStep {
 }
 
 fn softmax_step(scores: vec4<f32>, visible: vec4<bool>, m: f32, l: f32) -> SoftmaxStep {
-    let s = select(vec4<f32>(NEG_BIG), scores, visible);
+    let s = select(vec4<f32>(MIN_SCORE), scores, visible);
     var step: SoftmaxStep;
     step.m = max(m, max(max(s.x, s.y), max(s.z, s.w)));
-    step.correction = exp2(m - step.m);
-    step.probs = select(vec4<f32>(0.0), exp2(s - vec4<f32>(step.m)), visible);
+    step.correction = exp2((m - step.m) * LOG2_E);
+    step.probs = select(vec4<f32>(0.0), exp_shifted(s - vec4<f32>(step.m)), visible);
     step.l = l * step.correction + (step.probs.x + step.probs.y) + (step.probs.z + step.probs.w);
     return step;
 }
 
 // (1 / l, logsumexp) of a finished row; a row that saw no key of this
-// split has l == 0: zeros and lse = +inf, which the merge reads as "no
-// keys here".
+// split (and no sink) has l == 0: zeros and lse = +inf, which the merge
+// reads as "no keys here".
 fn row_result(m: f32, l: f32) -> vec2<f32> {
-    if (l > 0.0) {
-        return vec2<f32>(1.0 / l, (m + log2(l)) * LN_2);
-    }
-    return vec2<f32>(0.0, bitcast<f32>(0x7f800000u));
+    return vec2<f32>(select(0.0, 1.0 / l, l > 0.0), row_lse(m, l));
+}
+
+// The online softmax's start for `row` of output slot `slot`: the sink
+// joins the first slot only, so the merge counts it once.
+fn decode_start(row: DecodeRow, slot: u32) -> vec2<f32> {
+    return softmax_start(row.head_q, slot == 0u);
 }
 
 // Where a row's output starts in output slot `slot`; stores its lse there
@@ -176,8 +176,9 @@ fn main(
             lo_all = min(lo_all, rows[r].lo);
             hi_all = max(hi_all, rows[r].hi);
         }
-        m[r] = NEG_BIG;
-        l[r] = 0.0;
+        let start = decode_start(rows[r], dp.slot_base + split);
+        m[r] = start.x;
+        l[r] = start.y;
         let q_base = batch * p.q.batch + rows[r].query * p.q.seq + rows[r].head_q * p.q.head + p.q.offset;
         for (var slot = 0u; slot < SLOTS; slot++) {
             q[r * SLOTS + slot] = q_slice(q_base, lane + WG_SIZE * slot);
@@ -311,8 +312,9 @@ fn main(
             wg_lo = min(wg_lo, rows[r].lo);
             wg_hi = max(wg_hi, rows[r].hi);
         }
-        m[r] = NEG_BIG;
-        l[r] = 0.0;
+        let start = decode_start(rows[r], dp.slot_base + split);
+        m[r] = start.x;
+        l[r] = start.y;
         let q_base = batch * p.q.batch + rows[r].query * p.q.seq + rows[r].head_q * p.q.head + p.q.offset;
         for (var d = 0u; d < D4; d++) {
             q[r * D4 + d] = load_q(q_base + d);

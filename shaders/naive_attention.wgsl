@@ -13,7 +13,9 @@
 // Generated constants and variants as in flash_attention.wgsl.
 //
 // `scores` layout: [unit - unit_base, seq_q, ceil(seq_kv / 4)] of vec4.
-// Masked and padding keys hold NEG_BIG until the softmax pass zeroes them.
+// Scores are in natural units. Hidden and padding keys hold -inf (every
+// visible score is finite, so they never win the max) until the softmax
+// pass zeroes them.
 
 const BLOCK_M: u32 = WG_SIZE * ROWS;
 
@@ -54,10 +56,7 @@ fn build_scores(
     let u = unit_of(wg.y);
     let row0 = wg.x * BLOCK_M;
     let diag = i32(p.seq_kv) - i32(p.seq_q);
-    var alibi_slope = 0.0;
-    if (has_flag(FLAG_ALIBI)) {
-        alibi_slope = alibi_slopes[u.batch * p.alibi_batch_stride + u.head_q];
-    }
+    let alibi_slope = alibi_slope_of(u.batch, u.head_q);
     var q: array<vec4<f32>, ROWS * D4>;
     var row_pos: array<i32, ROWS>;
     var bounds: array<vec2<i32>, ROWS>;
@@ -124,7 +123,7 @@ fn build_scores(
                 let visible = key_pos >= vec4<i32>(bounds[r].x) & key_pos <= vec4<i32>(bounds[r].y);
                 if (row < p.seq_q) {
                     scores[(u.local * p.seq_q + row) * slots + (kv0 + c) / 4u] =
-                        select(vec4<f32>(NEG_BIG), s, visible);
+                        select(vec4<f32>(bitcast<f32>(NEG_INF_BITS)), s, visible);
                 }
             }
         }
@@ -148,27 +147,23 @@ fn softmax_rows(
     let u = unit_of(wg.y);
     let slots = row_slots();
     let base = (u.local * p.seq_q + row) * slots;
-    var m = NEG_BIG;
+    // The sink, if any, starts the row as a key with no value; a row that
+    // sees no key (and has no sink) keeps l == 0: its P is all zeros.
+    let start = softmax_start(u.head_q, true);
+    var m = start.x;
     for (var i = 0u; i < slots; i++) {
         let s = scores[base + i];
         m = max(m, max(max(s.x, s.y), max(s.z, s.w)));
     }
-    var l = 0.0;
-    // A row that sees no key keeps m == NEG_BIG: its P is all zeros.
-    if (m > NEG_BIG) {
-        for (var i = 0u; i < slots; i++) {
-            let e = exp2(scores[base + i] - vec4<f32>(m));
-            l += (e.x + e.y) + (e.z + e.w);
-        }
-    }
-    var inv_l = 0.0;
-    var lse = bitcast<f32>(0x7f800000u);
-    if (l > 0.0) {
-        inv_l = 1.0 / l;
-        lse = (m + log2(l)) * LN_2;
-    }
+    var l = start.y * exp2((start.x - m) * LOG2_E);
     for (var i = 0u; i < slots; i++) {
-        scores[base + i] = exp2(scores[base + i] - vec4<f32>(m)) * inv_l;
+        let e = exp_shifted(scores[base + i] - vec4<f32>(m));
+        l += (e.x + e.y) + (e.z + e.w);
+    }
+    let inv_l = select(0.0, 1.0 / l, l > 0.0);
+    let lse = row_lse(m, l);
+    for (var i = 0u; i < slots; i++) {
+        scores[base + i] = exp_shifted(scores[base + i] - vec4<f32>(m)) * inv_l;
     }
     if (has_flag(FLAG_WRITE_LSE)) {
         lse_buf[(u.batch * p.heads_q + u.head_q) * p.seq_q + row] = lse;

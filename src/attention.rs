@@ -116,6 +116,10 @@ impl Lse {
     pub(crate) fn check_device(&self, gpu: &Gpu) -> Result<()> {
         gpu.check_owner(&self.device, "lse")
     }
+
+    pub(crate) fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
 }
 
 /// Elements of a `[batch, heads, seq]` logsumexp, checked for zero and
@@ -437,18 +441,20 @@ impl Gpu {
         check_lse_output(self, args.lse, [shape.batch, shape.heads_q, shape.seq_q])?;
         let plan = ForwardPlan::for_call(self.info(), &shape, args.q.dtype(), config.tier)?;
         let params = self.pack_params(args, &shape, config)?;
-        let alibi = config.alibi.as_ref().map(|alibi| {
-            self.storage_buffer(
-                "wgpu-flash-attn alibi slopes",
-                bytemuck::cast_slice(alibi.slopes()),
-            )
-        });
         Ok(PreparedCall {
             shape,
             plan,
             params,
             args: *args,
-            alibi,
+            head_table: self.head_table_buffer(config),
+        })
+    }
+
+    /// The call's per-head table (ALiBi slopes, then sinks; binding 6 of
+    /// the attention kernels), if it has one.
+    pub(crate) fn head_table_buffer(&self, config: &AttentionConfig) -> Option<wgpu::Buffer> {
+        config.head_table().map(|(table, _)| {
+            self.storage_buffer("wgpu-flash-attn head table", bytemuck::cast_slice(&table))
         })
     }
 
@@ -552,7 +558,7 @@ pub(crate) struct PreparedCall<'a> {
     pub plan: ForwardPlan,
     pub params: AttentionParams,
     args: AttentionArgs<'a>,
-    alibi: Option<wgpu::Buffer>,
+    head_table: Option<wgpu::Buffer>,
 }
 
 impl PreparedCall<'_> {
@@ -574,7 +580,7 @@ impl PreparedCall<'_> {
             self.args
                 .lse
                 .map_or(&gpu.placeholders.lse, |lse| lse.buffer()),
-            self.alibi.as_ref().unwrap_or(&gpu.placeholders.alibi),
+            self.head_table.as_ref().unwrap_or(&gpu.placeholders.alibi),
         ];
         buffers.extend_from_slice(extra);
         bind_buffers(&gpu.device, layout, &buffers)
@@ -608,8 +614,9 @@ pub(crate) fn option_params(
     if write_lse {
         bits |= flags::WRITE_LSE;
     }
-    let scale = config.effective_scale(shape.head_dim);
-    let natural_units = config.softcap.is_some() || config.alibi.is_some();
+    if config.sinks.is_some() {
+        bits |= flags::SINKS;
+    }
     AttentionParams {
         batch: shape.batch as u32,
         seq_q: shape.seq_q as u32,
@@ -617,11 +624,7 @@ pub(crate) fn option_params(
         heads_q: shape.heads_q as u32,
         heads_kv: shape.heads_kv as u32,
         flags: bits,
-        score_scale: if natural_units {
-            scale
-        } else {
-            scale * std::f32::consts::LOG2_E
-        },
+        score_scale: config.effective_scale(shape.head_dim),
         softcap: config.softcap.unwrap_or(1.0),
         window_left: left.unwrap_or(0).min(span) as u32,
         window_right: right.unwrap_or(0).min(span) as u32,
@@ -630,6 +633,7 @@ pub(crate) fn option_params(
             _ => 0,
         },
         unit_base: 0,
+        sink_offset: config.head_table().map_or(0, |(_, at)| at as u32),
         ..AttentionParams::default()
     }
 }

@@ -202,7 +202,16 @@ impl Alibi {
 ///   (intersected with any window).
 /// - Scores are `scale * q.k`; with a softcap `c`, `c * tanh(score / c)`;
 ///   then the ALiBi bias `-slope * |pos_i - j|` is added.
-/// - A row that sees no key outputs zeros and logsumexp `+inf`.
+/// - With attention sinks, head `h`'s sink logit `sinks[h]` (in the units
+///   of the final scores, not scaled, capped or biased itself) joins each
+///   row's softmax denominator as a key with no value: weights are
+///   `exp(s_j) / (exp(sink) + sum_k exp(s_k))` and the logsumexp includes it.
+/// - A row that sees no key outputs zeros and logsumexp `+inf` (with a sink:
+///   zeros and logsumexp `sinks[h]`).
+/// - Every finite score is handled exactly, however large its magnitude
+///   (an additive bias of `f32::MIN` on every key of a row gives the average
+///   of V, as the definition says); scores are f32, so one past f32's range
+///   is infinite: `-inf` hides the key, `+inf` gives NaN, as in PyTorch.
 #[derive(Debug, Clone, Default, PartialEq)]
 #[non_exhaustive]
 pub struct AttentionConfig {
@@ -218,6 +227,9 @@ pub struct AttentionConfig {
     pub softcap: Option<f32>,
     /// ALiBi bias slopes; `None` = no bias.
     pub alibi: Option<Alibi>,
+    /// Attention sinks: one logit per query head, `[heads_q]`, finite;
+    /// `None` = no sinks.
+    pub sinks: Option<Vec<f32>>,
     /// Force a kernel tier; `None` picks the best the adapter offers.
     pub tier: Option<Tier>,
 }
@@ -278,6 +290,42 @@ impl AttentionConfig {
         self
     }
 
+    /// Adds attention sinks (gpt-oss, StreamingLLM): one logit per query
+    /// head, `[heads_q]`, that joins every row's softmax denominator and
+    /// contributes no value (see above).
+    pub fn sinks(mut self, sinks: Vec<f32>) -> Self {
+        self.sinks = Some(sinks);
+        self
+    }
+
+    /// The options of batch entry `batch` run alone (a one-entry call):
+    /// per-(batch, head) ALiBi slopes become that entry's per-head slopes.
+    pub(crate) fn for_batch_entry(&self, batch: usize, heads_q: usize) -> AttentionConfig {
+        let mut config = self.clone();
+        if let Some(Alibi::PerBatchHead(all)) = &self.alibi {
+            config.alibi = Some(Alibi::PerHead(
+                all[batch * heads_q..(batch + 1) * heads_q].to_vec(),
+            ));
+        }
+        config
+    }
+
+    /// The per-head values the kernels read from one table: the ALiBi
+    /// slopes (in their layout) followed by the sinks; the sinks start at
+    /// the second value. `None` when the call has neither.
+    pub(crate) fn head_table(&self) -> Option<(Vec<f32>, usize)> {
+        if self.alibi.is_none() && self.sinks.is_none() {
+            return None;
+        }
+        let mut table = self
+            .alibi
+            .as_ref()
+            .map_or_else(Vec::new, |alibi| alibi.slopes().to_vec());
+        let sink_offset = table.len();
+        table.extend(self.sinks.iter().flatten());
+        Some((table, sink_offset))
+    }
+
     /// The scale in effect for `head_dim`.
     pub fn effective_scale(&self, head_dim: usize) -> f32 {
         self.scale.unwrap_or(1.0 / (head_dim as f32).sqrt())
@@ -329,6 +377,17 @@ impl AttentionConfig {
         }
         if let Some(alibi) = &self.alibi {
             alibi.validate(shape)?;
+        }
+        if let Some(sinks) = &self.sinks {
+            if sinks.len() != shape.heads_q {
+                return Err(Error::SinksLength {
+                    heads_q: shape.heads_q,
+                    got: sinks.len(),
+                });
+            }
+            if let Some((head, &value)) = sinks.iter().enumerate().find(|(_, s)| !s.is_finite()) {
+                return Err(Error::SinkNotFinite { head, value });
+            }
         }
         Ok(())
     }

@@ -177,12 +177,7 @@ impl Gpu {
             Some(_) => vec4_view(q.contiguous_strides(), 0),
             None => vec4_strides(args.out),
         };
-        let alibi = config.alibi.as_ref().map(|alibi| {
-            self.storage_buffer(
-                "wgpu-flash-attn alibi slopes",
-                bytemuck::cast_slice(alibi.slopes()),
-            )
-        });
+        let head_table = self.head_table_buffer(config);
         let params_buffer = self.params_buffer(&params);
         let pipeline = self.pipelines.get(&self.device, &plan.specialization)?;
         let lens = cache.lens_snapshot(self);
@@ -225,7 +220,7 @@ impl Gpu {
                         &segment.v,
                         out_buffer,
                         lse_buffer,
-                        alibi.as_ref().unwrap_or(&self.placeholders.alibi),
+                        head_table.as_ref().unwrap_or(&self.placeholders.alibi),
                         &decode_buffer,
                         &lens,
                         &table,

@@ -243,6 +243,24 @@ pub enum Error {
         value: f32,
     },
 
+    /// The attention sinks are not one per query head.
+    #[error("attention sinks: expected one per query head ({heads_q}), got {got}")]
+    SinksLength {
+        /// Query heads of the call.
+        heads_q: usize,
+        /// Sinks given.
+        got: usize,
+    },
+
+    /// An attention sink is infinite or NaN.
+    #[error("attention sink of head {head} is not finite: {value}")]
+    SinkNotFinite {
+        /// The first such head.
+        head: usize,
+        /// Its sink.
+        value: f32,
+    },
+
     /// An output (out or lse) shares its buffer with an input.
     #[error(
         "the output {tensor} shares a buffer with input {input}: outputs must not alias inputs"

@@ -53,7 +53,9 @@ mod tensor;
 mod varlen;
 
 pub use attention::{AttentionArgs, ForwardOptions, HostAttentionOutput, Lse, Sequences};
-pub use backward::{BACKWARD_STORAGE_BUFFERS, BackwardArgs, BackwardPlan, HostGradients};
+pub use backward::{
+    BACKWARD_STORAGE_BUFFERS, BackwardArgs, BackwardPlan, HostGradients, SinkGrads,
+};
 pub use config::{
     Alibi, AttentionConfig, AttentionShape, SUPPORTED_HEAD_DIMS, Tier, is_supported_head_dim,
 };

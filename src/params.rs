@@ -30,6 +30,7 @@ pub mod flags {
     pub const SOFTCAP: u32 = 4;
     pub const ALIBI: u32 = 8;
     pub const WRITE_LSE: u32 = 16;
+    pub const SINKS: u32 = 32;
 }
 
 /// Twin of `struct Params` in `shaders/attention_common.wgsl`.
@@ -43,7 +44,7 @@ pub struct AttentionParams {
     pub heads_kv: u32,
     /// Bit set of [`flags`].
     pub flags: u32,
-    /// Softmax scale; pre-multiplied by log2(e) unless softcap or ALiBi is on.
+    /// Softmax scale (scores stay in natural units).
     pub score_scale: f32,
     pub softcap: f32,
     pub window_left: u32,
@@ -53,6 +54,12 @@ pub struct AttentionParams {
     /// Naive kernels only: first (batch, query head) pair of the dispatch,
     /// as `batch * heads_q + head`, when the score matrix is built in chunks.
     pub unit_base: u32,
+    /// Where the attention sinks start in the per-head table (binding 6),
+    /// after the ALiBi slopes.
+    pub sink_offset: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+    pub _pad2: u32,
     pub q: TensorStrides,
     pub k: TensorStrides,
     pub v: TensorStrides,

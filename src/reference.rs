@@ -152,7 +152,7 @@ fn attention_core(
                 return (vec![f64::NAN; d], f64::NAN);
             }
             let scores = problem.row_scores(b, h, i);
-            let Some((weights, lse)) = softmax(&scores) else {
+            let Some((weights, lse)) = softmax(&scores, problem.sink(h)) else {
                 return (vec![0.0; d], f64::INFINITY);
             };
             let mut out = vec![0.0f64; d];
@@ -186,18 +186,19 @@ pub(crate) struct Score {
     pub score: f64,
 }
 
-/// Softmax weights of a row's scores and its logsumexp; `None` for a row
-/// without keys.
-pub(crate) fn softmax(scores: &[Score]) -> Option<(Vec<f64>, f64)> {
-    if scores.is_empty() {
+/// Softmax weights of a row's scores and its logsumexp, a sink logit
+/// joining the denominator; `None` for a row without keys or sink.
+pub(crate) fn softmax(scores: &[Score], sink: Option<f64>) -> Option<(Vec<f64>, f64)> {
+    if scores.is_empty() && sink.is_none() {
         return None;
     }
     let max = scores
         .iter()
         .map(|s| s.score)
+        .chain(sink)
         .fold(f64::NEG_INFINITY, f64::max);
     let weights: Vec<f64> = scores.iter().map(|s| (s.score - max).exp()).collect();
-    let sum: f64 = weights.iter().sum();
+    let sum: f64 = weights.iter().sum::<f64>() + sink.map_or(0.0, |s| (s - max).exp());
     Some((weights.iter().map(|w| w / sum).collect(), max + sum.ln()))
 }
 
@@ -235,6 +236,11 @@ impl<'a, B: Fn(usize, usize, usize, usize) -> Option<f64> + Sync> Problem<'a, B>
             scale: f64::from(config.effective_scale(shape.head_dim)),
             bias,
         })
+    }
+
+    /// Query head `h`'s sink logit, if the call has sinks.
+    pub fn sink(&self, h: usize) -> Option<f64> {
+        self.config.sinks.as_ref().map(|s| f64::from(s[h]))
     }
 
     /// Offset of query row `i` of head `h` (also of O, dO and dQ).

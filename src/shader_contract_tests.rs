@@ -573,6 +573,10 @@ fn rust_twins() -> Vec<(&'static str, Layout)> {
             window_right,
             alibi_batch_stride,
             unit_base,
+            sink_offset,
+            _pad0,
+            _pad1,
+            _pad2,
             q,
             k,
             v,
@@ -883,12 +887,13 @@ fn doc_twins_are_read_from_params_source() {
 // Flag bits against the shader's constants.
 
 /// Rust flag bits by the name of their WGSL twin.
-const FLAG_TWINS: [(&str, u32); 5] = [
+const FLAG_TWINS: [(&str, u32); 6] = [
     ("FLAG_WINDOW_LEFT", flags::WINDOW_LEFT),
     ("FLAG_WINDOW_RIGHT", flags::WINDOW_RIGHT),
     ("FLAG_SOFTCAP", flags::SOFTCAP),
     ("FLAG_ALIBI", flags::ALIBI),
     ("FLAG_WRITE_LSE", flags::WRITE_LSE),
+    ("FLAG_SINKS", flags::SINKS),
 ];
 
 /// The same for linear attention's flags.

@@ -72,12 +72,14 @@ pub enum Kernel {
     BackwardKeys,
     /// `shaders/flash_backward.wgsl`: dQ per block of query rows.
     BackwardQueries,
+    /// `shaders/flash_backward.wgsl`: the attention sinks' gradients.
+    BackwardSinks,
 }
 
 impl Kernel {
     /// Every kernel family, for tests that validate all shaders.
     #[cfg(test)]
-    pub const ALL: [Kernel; 16] = [
+    pub const ALL: [Kernel; 17] = [
         Kernel::FlashForward,
         Kernel::FlashMasked,
         Kernel::NaiveScores,
@@ -94,6 +96,7 @@ impl Kernel {
         Kernel::BackwardDeltas,
         Kernel::BackwardKeys,
         Kernel::BackwardQueries,
+        Kernel::BackwardSinks,
     ];
 
     /// File name under `shaders/`.
@@ -111,9 +114,10 @@ impl Kernel {
             | Kernel::LinearScan
             | Kernel::LinearOutputs
             | Kernel::LinearUpdate => "linear_attention.wgsl",
-            Kernel::BackwardDeltas | Kernel::BackwardKeys | Kernel::BackwardQueries => {
-                "flash_backward.wgsl"
-            }
+            Kernel::BackwardDeltas
+            | Kernel::BackwardKeys
+            | Kernel::BackwardQueries
+            | Kernel::BackwardSinks => "flash_backward.wgsl",
         }
     }
 
@@ -137,7 +141,10 @@ impl Kernel {
             | Kernel::LinearUpdate => {
                 include_str!("../shaders/linear_attention.wgsl")
             }
-            Kernel::BackwardDeltas | Kernel::BackwardKeys | Kernel::BackwardQueries => {
+            Kernel::BackwardDeltas
+            | Kernel::BackwardKeys
+            | Kernel::BackwardQueries
+            | Kernel::BackwardSinks => {
                 include_str!("../shaders/flash_backward.wgsl")
             }
         };
@@ -156,7 +163,8 @@ impl Kernel {
             | Kernel::LinearUpdate
             | Kernel::BackwardDeltas
             | Kernel::BackwardKeys
-            | Kernel::BackwardQueries => include_str!("../shaders/attention_common.wgsl"),
+            | Kernel::BackwardQueries
+            | Kernel::BackwardSinks => include_str!("../shaders/attention_common.wgsl"),
         };
         if common.is_empty() {
             file.to_string()
@@ -178,6 +186,7 @@ impl Kernel {
             Kernel::BackwardDeltas => "row_deltas",
             Kernel::BackwardKeys => "key_grads",
             Kernel::BackwardQueries => "query_grads",
+            Kernel::BackwardSinks => "sink_grads",
             _ => "main",
         }
     }
@@ -214,9 +223,10 @@ impl Kernel {
             | Kernel::LinearScan
             | Kernel::LinearOutputs
             | Kernel::LinearUpdate => &LINEAR_BINDINGS,
-            Kernel::BackwardDeltas | Kernel::BackwardKeys | Kernel::BackwardQueries => {
-                &BACKWARD_BINDINGS
-            }
+            Kernel::BackwardDeltas
+            | Kernel::BackwardKeys
+            | Kernel::BackwardQueries
+            | Kernel::BackwardSinks => &BACKWARD_BINDINGS,
             // params, starts, frequencies, new K, new V, K and V segments,
             // block table
             Kernel::KvAppend => &[
@@ -448,13 +458,16 @@ pub enum BackwardPass {
     Keys,
     /// dQ.
     Queries,
+    /// The sinks' gradients (calls with sinks only).
+    Sinks,
 }
 
 impl BackwardPass {
-    pub const ALL: [BackwardPass; 3] = [
+    pub const ALL: [BackwardPass; 4] = [
         BackwardPass::Deltas,
         BackwardPass::Keys,
         BackwardPass::Queries,
+        BackwardPass::Sinks,
     ];
 }
 
@@ -595,6 +608,7 @@ impl Specialization {
                 BackwardPass::Deltas => Kernel::BackwardDeltas,
                 BackwardPass::Keys => Kernel::BackwardKeys,
                 BackwardPass::Queries => Kernel::BackwardQueries,
+                BackwardPass::Sinks => Kernel::BackwardSinks,
             },
         }
     }

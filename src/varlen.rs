@@ -265,7 +265,9 @@ impl Gpu {
                 out,
                 lse: lse.as_ref(),
             };
-            self.encode_forward(encoder, &call, config, None)?;
+            // Alone, a sequence reads its batch entry's ALiBi slopes.
+            let config = config.for_batch_entry(seq.batch, heads_q);
+            self.encode_forward(encoder, &call, &config, None)?;
             if let (Some(part), Some(whole)) = (lse, args.lse) {
                 // [1, heads, len] into rows q_start.. of [batch, heads, seq].
                 let len = seq.q_len as u64 * 4;
@@ -281,22 +283,29 @@ impl Gpu {
                 }
             }
         }
-        for (batch, start, len) in empty_rows.into_iter().chain(padding_rows) {
-            self.encode_empty_rows(encoder, args.out, args.lse, batch, start, len);
+        // A real row without keys has the logsumexp of its sink alone (or
+        // +inf); padding rows are +inf.
+        let sink_lse = |head: usize| config.sinks.as_ref().map_or(f32::INFINITY, |s| s[head]);
+        for (batch, start, len) in empty_rows {
+            self.encode_empty_rows(encoder, args.out, args.lse, (batch, start, len), sink_lse);
+        }
+        for (batch, start, len) in padding_rows {
+            self.encode_empty_rows(encoder, args.out, args.lse, (batch, start, len), |_| {
+                f32::INFINITY
+            });
         }
         Ok(())
     }
 
-    /// Zeros in `out` and +inf in `lse` for `len` rows of batch `batch`
-    /// from `start`: rows that see no key.
+    /// Zeros in `out` and `lse_of(head)` in `lse` for `len` rows of batch
+    /// `batch` from `start`: rows that see no key.
     fn encode_empty_rows(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         out: &Tensor,
         lse: Option<&Lse>,
-        batch: usize,
-        start: usize,
-        len: usize,
+        (batch, start, len): (usize, usize, usize),
+        lse_of: impl Fn(usize) -> f32,
     ) {
         let shape = out.shape();
         let s = out.strides();
@@ -309,18 +318,22 @@ impl Gpu {
             }
         }
         if let Some(lse) = lse {
-            let inf = self
+            // [heads, len] values, head by head.
+            let values: Vec<f32> = (0..shape.heads)
+                .flat_map(|head| std::iter::repeat_n(lse_of(head), len))
+                .collect();
+            let rows = self
                 .device
                 .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("wgpu-flash-attn +inf rows"),
-                    contents: bytemuck::cast_slice(&vec![f32::INFINITY; len]),
+                    label: Some("wgpu-flash-attn rows without keys"),
+                    contents: bytemuck::cast_slice(&values),
                     usage: wgpu::BufferUsages::COPY_SRC,
                 });
             for head in 0..shape.heads {
                 let row0 = (batch * shape.heads + head) * shape.seq + start;
                 encoder.copy_buffer_to_buffer(
-                    &inf,
-                    0,
+                    &rows,
+                    (head * len) as u64 * 4,
                     lse.buffer(),
                     row0 as u64 * 4,
                     len as u64 * 4,

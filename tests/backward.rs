@@ -13,7 +13,8 @@ use rand::RngExt;
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardArgs,
-    BackwardPlan, DType, Error, ForwardOptions, Gpu, Lse, Tensor, TensorShape, Tier, ValidLengths,
+    BackwardPlan, DType, Error, ForwardOptions, Gpu, Lse, SinkGrads, Tensor, TensorShape, Tier,
+    ValidLengths,
 };
 
 /// Packed BSHD inputs and the output gradient.
@@ -66,6 +67,8 @@ struct Grads {
     dq: Vec<f32>,
     dk: Vec<f32>,
     dv: Vec<f32>,
+    /// The sinks' gradients when the config has sinks, else empty.
+    dsinks: Vec<f32>,
 }
 
 /// The forward then the backward on the GPU, `dtype` storage, with
@@ -89,6 +92,11 @@ fn run_backward(
     let out = poisoned(q_dims);
     let (dq, dk, dv) = (poisoned(q_dims), poisoned(kv_dims), poisoned(kv_dims));
     let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q).unwrap();
+    let dsinks = options
+        .config
+        .sinks
+        .as_ref()
+        .map(|_| SinkGrads::new(gpu, shape.heads_q).unwrap());
     gpu.run(|encoder| {
         let forward = AttentionArgs {
             q: &q,
@@ -108,6 +116,7 @@ fn run_backward(
             dq: &dq,
             dk: &dk,
             dv: &dv,
+            dsinks: dsinks.as_ref(),
         };
         gpu.backward(encoder, &backward, options.clone())
     })?;
@@ -115,6 +124,7 @@ fn run_backward(
         dq: dq.to_f32_vec(gpu).unwrap(),
         dk: dk.to_f32_vec(gpu).unwrap(),
         dv: dv.to_f32_vec(gpu).unwrap(),
+        dsinks: dsinks.map_or_else(Vec::new, |d| d.to_vec(gpu).unwrap()),
     })
 }
 
@@ -126,6 +136,7 @@ fn relative_error(got: &Grads, want: &reference::ReferenceGradients, what: &str)
         ("dq", &got.dq, &want.dq),
         ("dk", &got.dk, &want.dk),
         ("dv", &got.dv, &want.dv),
+        ("dsinks", &got.dsinks, &want.dsinks),
     ] {
         assert_eq!(got.len(), want.len());
         let magnitude = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
@@ -176,14 +187,16 @@ fn shape(
 #[test]
 fn reference_backward_matches_finite_differences() {
     // Every option at once, so each chain-rule term is exercised: softcap,
-    // ALiBi, a window with a causal-like right side, a bias mask, GQA.
+    // ALiBi, a window with a causal-like right side, a bias mask, GQA,
+    // attention sinks (one large enough to take most of its rows' weight).
     let shape = shape(1, 5, 7, (4, 2), 8);
     let problem = Problem::draw(shape, 11, DType::F32);
     let config = AttentionConfig::new()
         .window(Some(4), Some(1))
         .scale(0.4)
         .softcap(2.5)
-        .alibi(Alibi::PerHead(vec![0.3, 0.1, 0.05, 0.2]));
+        .alibi(Alibi::PerHead(vec![0.3, 0.1, 0.05, 0.2]))
+        .sinks(vec![0.7, -1.5, 3.0, 0.0]);
     let mut rng = seeded(12);
     let dims = [1, 1, shape.seq_q, shape.seq_kv];
     let bias: Vec<f32> = (0..shape.seq_q * shape.seq_kv)
@@ -229,9 +242,36 @@ fn reference_backward_matches_finite_differences() {
             checked += 1;
         }
     }
+    // dsinks: the same central differences on each sink.
+    let sinks = config.sinks.clone().unwrap();
+    for head in 0..shape.heads_q {
+        let loss_at = |value: f32| -> f64 {
+            let mut moved = sinks.clone();
+            moved[head] = value;
+            let config = config.clone().sinks(moved);
+            let out = reference::attention_masked(
+                &shape, &problem.q, &problem.k, &problem.v, &config, &mask,
+            )
+            .unwrap()
+            .out;
+            out.iter()
+                .zip(&problem.d_out)
+                .map(|(o, g)| o * f64::from(*g))
+                .sum()
+        };
+        let (up, down) = (sinks[head] + step, sinks[head] - step);
+        let numeric = (loss_at(up) - loss_at(down)) / (f64::from(up) - f64::from(down));
+        let analytic = grads.dsinks[head];
+        assert!(
+            (numeric - analytic).abs() <= 1e-4 * (1.0 + analytic.abs()),
+            "dsinks[{head}]: finite differences {numeric}, reference backward {analytic}"
+        );
+        assert!(analytic != 0.0, "dsinks[{head}] is 0: the check is vacuous");
+        checked += 1;
+    }
     assert_eq!(
         checked,
-        shape.q_shape().elements() + 2 * shape.kv_shape().elements()
+        shape.q_shape().elements() + 2 * shape.kv_shape().elements() + shape.heads_q
     );
 }
 
@@ -264,6 +304,19 @@ fn options_against_the_reference() {
                 .window(Some(30), Some(0))
                 .softcap(3.0)
                 .alibi(Alibi::PerHead(Alibi::standard_slopes(4))),
+        ),
+        (
+            "sinks",
+            AttentionConfig::new().sinks(vec![0.5, -2.0, 4.0, 1.0]),
+        ),
+        (
+            "sinks, causal, ALiBi per batch",
+            AttentionConfig::new()
+                .causal(true)
+                .sinks(vec![1.0, 0.0, -1.0, 6.0])
+                .alibi(Alibi::PerBatchHead(
+                    (0..8).map(|i| 0.03 * i as f32).collect(),
+                )),
         ),
     ];
     for (index, (what, config)) in cases.iter().enumerate() {
@@ -406,6 +459,7 @@ fn expected_per_sequence(
         dq: vec![0.0; s.q_shape().elements()],
         dk: vec![0.0; s.kv_shape().elements()],
         dv: vec![0.0; s.kv_shape().elements()],
+        dsinks: vec![0.0; config.sinks.as_ref().map_or(0, Vec::len)],
     };
     for (b, rows, keys) in sequences {
         if rows.is_empty() || keys.is_empty() {
@@ -414,6 +468,12 @@ fn expected_per_sequence(
         let q_range = (b * s.seq_q + rows.start) * hq * d..(b * s.seq_q + rows.end) * hq * d;
         let kv_range = (b * s.seq_kv + keys.start) * hkv * d..(b * s.seq_kv + keys.end) * hkv * d;
         let alone = shape(1, rows.len(), keys.len(), (hq, hkv), d);
+        // Alone, the sequence reads its batch entry's ALiBi slopes.
+        let mut config = config.clone();
+        if let Some(Alibi::PerBatchHead(all)) = &config.alibi {
+            config.alibi = Some(Alibi::PerHead(all[b * hq..(b + 1) * hq].to_vec()));
+        }
+        let config = &config;
         let part = reference::attention_backward(
             &alone,
             [
@@ -429,6 +489,9 @@ fn expected_per_sequence(
         want.dq[q_range].copy_from_slice(&part.dq);
         want.dk[kv_range.clone()].copy_from_slice(&part.dk);
         want.dv[kv_range].copy_from_slice(&part.dv);
+        for (total, part) in want.dsinks.iter_mut().zip(&part.dsinks) {
+            *total += part;
+        }
     }
     want
 }
@@ -444,6 +507,12 @@ fn padded_batches_with_empty_and_single_sequences() {
         AttentionConfig::new(),
         AttentionConfig::new().causal(true),
         AttentionConfig::new().window(Some(9), Some(2)).softcap(4.0),
+        // Each one-sequence part reads its entry's slopes, then the sinks.
+        AttentionConfig::new()
+            .sinks(vec![1.5, -0.5, 0.0, 3.0])
+            .alibi(Alibi::PerBatchHead(
+                (0..16).map(|i| 0.01 * i as f32).collect(),
+            )),
     ] {
         let lengths = ValidLengths {
             q: Some(&q_lens),
@@ -471,7 +540,13 @@ fn packed_varlen_batches_with_empty_and_single_sequences() {
     let cu_k = [0, 45, 52, 53, 53, 90];
     let base = shape(1, 61, 90, (3, 1), 32);
     let problem = Problem::draw(base, 500, DType::F32);
-    for config in [AttentionConfig::new(), AttentionConfig::new().causal(true)] {
+    for config in [
+        AttentionConfig::new(),
+        AttentionConfig::new().causal(true),
+        AttentionConfig::new()
+            .causal(true)
+            .sinks(vec![2.0, -1.0, 0.5]),
+    ] {
         let got = run_backward(
             gpu,
             &problem,
@@ -542,6 +617,7 @@ fn naive_in_precision(dtype: DType, problem: &Problem, config: &AttentionConfig)
         dq: round_all(dq),
         dk: round_all(dk),
         dv: round_all(dv),
+        dsinks: Vec::new(),
     }
 }
 
@@ -666,6 +742,7 @@ fn strided_views_in_and_out() {
             dq: &dq,
             dk: &dk,
             dv: &dv,
+            dsinks: None,
         };
         gpu.backward(e, &backward, &config)
     })
@@ -674,6 +751,7 @@ fn strided_views_in_and_out() {
         dq: dq.to_f32_vec(gpu).unwrap(),
         dk: dk.to_f32_vec(gpu).unwrap(),
         dv: dv.to_f32_vec(gpu).unwrap(),
+        dsinks: Vec::new(),
     };
     let err = relative_error(&got, &problem.reference(&config, None), "strided views");
     assert!(
@@ -686,7 +764,9 @@ fn strided_views_in_and_out() {
 fn host_call_matches_the_reference() {
     let Some(gpu) = gpu() else { return };
     let problem = Problem::draw(shape(1, 33, 48, (2, 2), 32), 900, DType::F32);
-    let config = AttentionConfig::new().window(Some(10), Some(10));
+    let config = AttentionConfig::new()
+        .window(Some(10), Some(10))
+        .sinks(vec![0.3, -0.7]);
     let got = gpu
         .attention_backward_host(
             &problem.shape,
@@ -699,6 +779,7 @@ fn host_call_matches_the_reference() {
         dq: got.dq,
         dk: got.dk,
         dv: got.dv,
+        dsinks: got.dsinks,
     };
     let err = relative_error(&grads, &want, "host call");
     assert!(err <= F32_TOLERANCE, "host call: relative error {err:.3e}");
@@ -724,6 +805,7 @@ fn bad_operands_get_typed_errors() {
         dq: &dq,
         dk: &dk,
         dv: &dv,
+        dsinks: None,
     };
     let config = AttentionConfig::new();
     let run = |args: &BackwardArgs<'_>, options: ForwardOptions<'_>| {
@@ -807,10 +889,47 @@ fn bad_operands_get_typed_errors() {
         matches!(err, Err(Error::UnsupportedCombination { .. })),
         "{err:?}"
     );
+    // Sink gradients: only with sinks, one per query head, this device's.
+    let dsinks = SinkGrads::new(gpu, 2).unwrap();
+    let with_dsinks = BackwardArgs {
+        dsinks: Some(&dsinks),
+        ..args
+    };
+    let err = run(&with_dsinks, ForwardOptions::new(&config));
+    assert!(
+        matches!(err, Err(Error::UnsupportedCombination { .. })),
+        "{err:?}"
+    );
+    let sinks = AttentionConfig::new().sinks(vec![0.0, 1.0]);
+    run(&with_dsinks, ForwardOptions::new(&sinks)).unwrap();
+    let three = SinkGrads::new(gpu, 3).unwrap();
+    let err = run(
+        &BackwardArgs {
+            dsinks: Some(&three),
+            ..args
+        },
+        ForwardOptions::new(&sinks),
+    );
+    assert!(
+        matches!(err, Err(Error::SinksLength { heads_q: 2, got: 3 })),
+        "{err:?}"
+    );
     let wide_mask = AttentionMask::boolean(gpu, [1, 1, 16, 17], &[true; 272]).unwrap();
     let err = run(&args, ForwardOptions::new(&config).mask(&wide_mask));
     assert!(matches!(err, Err(Error::MaskShape { .. })), "{err:?}");
     let other = Gpu::new().expect("a second device on the same adapter");
+    let foreign_dsinks = SinkGrads::new(&other, 2).unwrap();
+    let err = run(
+        &BackwardArgs {
+            dsinks: Some(&foreign_dsinks),
+            ..args
+        },
+        ForwardOptions::new(&sinks),
+    );
+    assert!(
+        matches!(err, Err(Error::WrongDevice { tensor: "dsinks" })),
+        "{err:?}"
+    );
     let foreign = Tensor::zeros(&other, dims, DType::F32).unwrap();
     let err = run(
         &BackwardArgs {

@@ -121,8 +121,15 @@ fn decode_errors(
             out_err = out_err.max((f64::from(*g) - w).abs());
         }
         let rows = HEADS_Q * seq_q;
+        // An empty sequence's rows: zeros, lse = the head's sink or +inf.
+        let empty_lse = |row: usize| {
+            config
+                .sinks
+                .as_ref()
+                .map_or(f64::INFINITY, |s| f64::from(s[row / seq_q]))
+        };
         for (i, g) in got_lse[b * rows..(b + 1) * rows].iter().enumerate() {
-            let w = want.as_ref().map_or(f64::INFINITY, |w| w.lse[i]);
+            let w = want.as_ref().map_or_else(|| empty_lse(i), |w| w.lse[i]);
             if w.is_infinite() {
                 assert_eq!(f64::from(*g), w, "sequence {b}: lse of an empty row");
             } else {
@@ -575,6 +582,61 @@ fn caches_split_over_several_buffers_match_the_reference() {
             assert!(
                 out_err <= 1e-4 && lse_err <= 1e-4,
                 "{layout:?}, seq_q {seq_q}: out {out_err:.2e}, lse {lse_err:.2e} ({plan:?})"
+            );
+        }
+    }
+}
+
+/// Attention sinks join each row once, however many splits and buffers
+/// the keys are spread over (only the first output slot starts with the
+/// sink); an empty sequence outputs zeros with lse = the sink.
+#[test]
+fn sinks_count_once_over_splits_and_buffers() {
+    let Some(gpu) = gpu() else { return };
+    let head_dim = 32;
+    let lens = [0, 5, 300, 900];
+    let cases = [
+        KvCacheConfig::new(
+            lens.len(),
+            HEADS_KV,
+            head_dim,
+            KvLayout::Contiguous { capacity: 900 },
+        ),
+        // 16-token pages, three per buffer: many segments.
+        KvCacheConfig::new(
+            lens.len(),
+            HEADS_KV,
+            head_dim,
+            KvLayout::Paged {
+                page_size: 16,
+                pages: 4 * 57,
+            },
+        )
+        .max_buffer_bytes(3 * 4096),
+    ];
+    let mut sinks = normal_vec(&mut seeded(0x5111), HEADS_Q, 2.0);
+    sinks[3] = 8.0;
+    for cache_config in cases {
+        let filled = fill(gpu, cache_config, &lens, 0x5eed_5111);
+        for (splits, tier, causal) in [
+            (1, None, false),
+            (3, None, true),
+            (3, Some(Tier::Portable), false),
+            (1, Some(Tier::Portable), true),
+        ] {
+            let mut config = AttentionConfig::new().causal(causal).sinks(sinks.clone());
+            if let Some(tier) = tier {
+                config = config.tier(tier);
+            }
+            let seq_q = 3;
+            let q = queries(lens.len(), seq_q, head_dim, splits as u64);
+            let options = DecodeOptions::new(&config).kv_splits(splits);
+            let (out_err, lse_err, plan) = decode_errors(gpu, &filled, &q, seq_q, &options);
+            assert!(
+                out_err <= 1e-4 && lse_err <= 1e-4,
+                "{:?}, {splits} splits, {tier:?}, causal {causal}: out {out_err:.2e}, \
+                 lse {lse_err:.2e} ({plan:?})",
+                cache_config.layout
             );
         }
     }

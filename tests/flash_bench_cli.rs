@@ -527,19 +527,202 @@ fn check_backward_compares_each_gradient_and_writes_them() {
     assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
     assert!(stdout(&output).contains("OUTSIDE TOLERANCE"));
 
-    // No `do`, or sinks this version does not have: exit 2 with the reason.
+    // No `do`: exit 2 with the reason.
     let without_do: Vec<_> = tensors.iter().filter(|t| t.0 != "do").cloned().collect();
     write_f32_tensors(&file, &without_do);
     let output = flash_bench(&["check", file.to_str().unwrap(), "--backward"]);
     assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
     assert!(stdout(&output).contains("\"do\""), "{}", stdout(&output));
-    let sinks = vec![0.5f32; shape.heads_q];
-    let mut with_sinks = tensors.clone();
-    with_sinks.push(("sinks", vec![shape.heads_q], &sinks));
-    write_f32_tensors(&file, &with_sinks);
-    let output = flash_bench(&["check", file.to_str().unwrap(), "--backward"]);
-    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+}
+
+/// One attention-sink logit per query head of `shape()`, of both signs and
+/// large enough to move every row.
+fn sinks_for(shape: &AttentionShape) -> Vec<f32> {
+    (0..shape.heads_q)
+        .map(|h| [0.5, -1.0, 2.5, 0.0][h % 4])
+        .collect()
+}
+
+#[test]
+fn check_applies_the_files_sinks() {
+    let Some(_) = gpu() else { return };
+    let shape = shape();
+    let sinks = sinks_for(&shape);
+    let config = AttentionConfig::new().causal(true).sinks(sinks.clone());
+    let inputs = Inputs::draw(&shape, 0x5eed_0c20, 1.0);
+    let want = reference_out(&shape, &inputs, &config);
+    let q_dims = vec![shape.batch, shape.seq_q, shape.heads_q, shape.head_dim];
+    let kv_dims = vec![shape.batch, shape.seq_kv, shape.heads_kv, shape.head_dim];
+    let mut tensors: Vec<(&str, Vec<usize>, &[f32])> = vec![
+        ("q", q_dims.clone(), &inputs.q),
+        ("k", kv_dims.clone(), &inputs.k),
+        ("v", kv_dims, &inputs.v),
+        ("out", q_dims, &want),
+        ("sinks", vec![shape.heads_q], &sinks),
+    ];
+    let file = scratch("sinks.safetensors");
+    let json = scratch("sinks-check.json");
+    write_f32_tensors(&file, &tensors);
+    let output = flash_bench(&[
+        "check",
+        file.to_str().unwrap(),
+        "--causal",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
     assert!(stdout(&output).contains("sinks"), "{}", stdout(&output));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let recorded: Vec<f64> = report["options"]["sinks"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no sinks in {report}"))
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let given: Vec<f64> = sinks.iter().map(|&x| f64::from(x)).collect();
+    assert_eq!(recorded, given);
+
+    // The sinks are applied, not ignored: the output without them is
+    // outside the tolerance.
+    let plain = reference_out(&shape, &inputs, &AttentionConfig::new().causal(true));
+    tensors[3].2 = &plain;
+    write_f32_tensors(&file, &tensors);
+    let output = flash_bench(&["check", file.to_str().unwrap(), "--causal"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+}
+
+#[test]
+fn check_backward_compares_the_sink_gradients() {
+    let Some(_) = gpu() else { return };
+    let shape = shape();
+    let sinks = sinks_for(&shape);
+    let config = AttentionConfig::new().causal(true).sinks(sinks.clone());
+    let inputs = Inputs::draw(&shape, 0x5eed_0c21, 1.0);
+    let d_out = Inputs::draw(&shape, 0x5eed_0c22, 1.0).q;
+    let want = reference::attention_backward(
+        &shape,
+        [&inputs.q, &inputs.k, &inputs.v, &d_out],
+        &config,
+        None,
+    )
+    .unwrap();
+    assert_eq!(want.dsinks.len(), shape.heads_q);
+    let dsinks: Vec<f32> = want.dsinks.iter().map(|&x| x as f32).collect();
+    let q_dims = vec![shape.batch, shape.seq_q, shape.heads_q, shape.head_dim];
+    let kv_dims = vec![shape.batch, shape.seq_kv, shape.heads_kv, shape.head_dim];
+    let tensors: Vec<(&str, Vec<usize>, &[f32])> = vec![
+        ("q", q_dims.clone(), &inputs.q),
+        ("k", kv_dims.clone(), &inputs.k),
+        ("v", kv_dims, &inputs.v),
+        ("do", q_dims, &d_out),
+        ("sinks", vec![shape.heads_q], &sinks),
+        ("dsinks", vec![shape.heads_q], &dsinks),
+    ];
+    let file = scratch("sinks-backward.safetensors");
+    let written = scratch("sinks-backward-out.safetensors");
+    write_f32_tensors(&file, &tensors);
+    let output = flash_bench(&[
+        "check",
+        file.to_str().unwrap(),
+        "--causal",
+        "--backward",
+        "--output",
+        written.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    for name in ["dq", "dk", "dv", "dsinks"] {
+        assert!(
+            stdout(&output).contains(&format!("{name} vs f64 reference")),
+            "{}",
+            stdout(&output)
+        );
+    }
+    assert!(stdout(&output).contains("dsinks vs file's"));
+    let bytes = std::fs::read(&written).unwrap();
+    let file_out = SafeTensors::deserialize(&bytes).unwrap();
+    let tensor = file_out.tensor("dsinks").unwrap();
+    assert_eq!(tensor.shape(), [shape.heads_q]);
+    let magnitude = dsinks.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+    for (g, w) in decode(Dtype::F32, tensor.data()).iter().zip(&dsinks) {
+        assert!(
+            (g - w).abs() <= 1e-4 * magnitude,
+            "written dsinks {g} vs {w}"
+        );
+    }
+}
+
+#[test]
+fn check_refuses_sinks_of_the_wrong_shape_in_one_line() {
+    let Some(_) = gpu() else { return };
+    let shape = shape();
+    let inputs = Inputs::draw(&shape, 0x5eed_0c23, 1.0);
+    let q_dims = vec![shape.batch, shape.seq_q, shape.heads_q, shape.head_dim];
+    let kv_dims = vec![shape.batch, shape.seq_kv, shape.heads_kv, shape.head_dim];
+    let long = vec![0.5f32; shape.heads_q + 1];
+    let file = scratch("sinks-wrong.safetensors");
+    for dims in [vec![shape.heads_q + 1], vec![1, shape.heads_q + 1]] {
+        write_f32_tensors(
+            &file,
+            &[
+                ("q", q_dims.clone(), &inputs.q),
+                ("k", kv_dims.clone(), &inputs.k),
+                ("v", kv_dims.clone(), &inputs.v),
+                ("sinks", dims.clone(), &long),
+            ],
+        );
+        let output = flash_bench(&["check", file.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{dims:?}: {}",
+            stdout(&output)
+        );
+        assert!(stderr.contains("sinks"), "{dims:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{dims:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{dims:?}: {stderr}");
+    }
+}
+
+#[test]
+fn run_sinks_validates_forward_and_backward() {
+    let Some(_) = gpu() else { return };
+    let json = scratch("run-sinks.json");
+    let output = flash_bench(&[
+        "run",
+        "--seq-q",
+        "40",
+        "--heads-q",
+        "4",
+        "--heads-kv",
+        "2",
+        "--head-dim",
+        "32",
+        "--causal",
+        "--sinks",
+        "--backward",
+        "--iters",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let case = &report["cases"][0];
+    assert!(case["name"].as_str().unwrap().contains("sinks"), "{case}");
+    let sinks = case["options"]["sinks"].as_array().expect("sinks recorded");
+    assert_eq!(sinks.len(), 4, "{case}");
+    assert!(sinks.iter().all(|s| s.as_f64().is_some_and(f64::is_finite)));
+    for implementation in ["flash", "backward"] {
+        let result = case["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["impl"] == implementation)
+            .unwrap_or_else(|| panic!("no {implementation} row in {case}"));
+        assert_eq!(result["status"], "ok", "{result}");
+        assert!(result["max_abs_err"].as_f64().unwrap() <= 1e-4, "{result}");
+    }
 }
 
 #[test]

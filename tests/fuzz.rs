@@ -14,14 +14,14 @@
 //! Drawn per case: the operation (forward 60 %, decode over a KV cache
 //! 20 %, backward 20 %), batch, lengths (1-150, `seq_q != seq_kv`
 //! included), GQA groups, head dims (multiples of 8 up to 256), causal,
-//! windows, softcap, scale, ALiBi. Forward: storage (f32, f16, bf16),
+//! windows, softcap, scale, ALiBi, attention sinks. Forward: storage (f32, f16, bf16),
 //! layout (packed BSHD or a BHSD buffer seen through strides), and at most
 //! one of: a boolean mask, an additive bias mask (with `-inf` entries),
 //! valid lengths (key and query padding) or a packed variable-length batch
 //! (sequences of 0-60 tokens). Decode: a contiguous or paged cache (page
 //! size 16-256, pages shuffled), per-sequence lengths 0-300, 1-4 query
 //! tokens, a chosen or forced split count. Backward (f32): no mask, a
-//! boolean or a bias mask. The bound is the crate's accuracy rule: 1e-4
+//! boolean or a bias mask; with sinks, their gradients too. The bound is the crate's accuracy rule: 1e-4
 //! plus the output's rounding to its storage type, on inputs already
 //! rounded to it (docs/semantics.md), a row that sees no key being zeros;
 //! gradients within 2e-5 of the largest reference gradient (at least 1).
@@ -35,8 +35,8 @@ use rand::seq::SliceRandom;
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardArgs, DType,
-    DecodeArgs, DecodeOptions, ForwardOptions, Gpu, KvCache, KvCacheConfig, KvLayout, Lse, Strides,
-    Tensor, TensorShape, ValidLengths,
+    DecodeArgs, DecodeOptions, ForwardOptions, Gpu, KvCache, KvCacheConfig, KvLayout, Lse,
+    SinkGrads, Strides, Tensor, TensorShape, ValidLengths,
 };
 
 const CASES_VAR: &str = "FLASH_ATTN_FUZZ_CASES";
@@ -141,6 +141,9 @@ fn draw_case(rng: &mut SeededRng) -> Case {
             .map(|_| rng.random_range(0.0..0.5f32))
             .collect();
         config = config.alibi(Alibi::PerHead(slopes));
+    }
+    if rng.random_bool(0.25) {
+        config = config.sinks(normal_vec(rng, shape.heads_q, 2.0));
     }
     let extras = match operation {
         Operation::Forward => 5,
@@ -512,6 +515,11 @@ fn run_backward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), Strin
     if let Some(mask) = &mask {
         options = options.mask(mask);
     }
+    let dsinks = case
+        .config
+        .sinks
+        .as_ref()
+        .map(|_| SinkGrads::new(gpu, s.heads_q).unwrap());
     gpu.run(|e| {
         let forward = AttentionArgs {
             q: &qt,
@@ -531,6 +539,7 @@ fn run_backward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), Strin
             dq: &dq,
             dk: &dk,
             dv: &dv,
+            dsinks: dsinks.as_ref(),
         };
         gpu.backward(e, &backward, options.clone())
     })
@@ -541,6 +550,11 @@ fn run_backward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), Strin
         ("dq", dq.to_f32_vec(gpu).unwrap(), &want.dq),
         ("dk", dk.to_f32_vec(gpu).unwrap(), &want.dk),
         ("dv", dv.to_f32_vec(gpu).unwrap(), &want.dv),
+        (
+            "dsinks",
+            dsinks.map_or_else(Vec::new, |d| d.to_vec(gpu).unwrap()),
+            &want.dsinks,
+        ),
     ] {
         let magnitude = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
         for (index, (&g, &w)) in got.iter().zip(want).enumerate() {

@@ -16,7 +16,7 @@ use crate::shaders::BackwardPass;
 use crate::tensor::{DType, Tensor};
 use crate::varlen::{Sequence, padded_sequences, varlen_sequences};
 
-use super::{BackwardArgs, BackwardPlan, HostGradients};
+use super::{BackwardArgs, BackwardPlan, HostGradients, SinkGrads};
 
 /// One dispatch group of a call: `batches` batch entries from (`batch`,
 /// `q_start`) of Q's side and (`kv_batch`, `kv_start`) of K's side, with
@@ -60,7 +60,7 @@ impl Gpu {
     /// gpu.run(|encoder| {
     ///     let forward = AttentionArgs { q: &x, k: &x, v: &x, out: &out, lse: Some(&lse) };
     ///     gpu.forward(encoder, &forward, &config)?;
-    ///     let backward = BackwardArgs { q: &x, k: &x, v: &x, out: &out, lse: &lse, d_out: &d_out, dq: &dq, dk: &dk, dv: &dv };
+    ///     let backward = BackwardArgs { q: &x, k: &x, v: &x, out: &out, lse: &lse, d_out: &d_out, dq: &dq, dk: &dk, dv: &dv, dsinks: None };
     ///     gpu.backward(encoder, &backward, &config)
     /// })?;
     /// // A zero output gradient has zero input gradients.
@@ -85,6 +85,21 @@ impl Gpu {
         )?;
         check_backward_operands(self, args)?;
         let plan = BackwardPlan::for_call(self.info(), &shape, args.q.dtype(), config.tier)?;
+        if let Some(dsinks) = args.dsinks {
+            if config.sinks.is_none() {
+                return Err(Error::UnsupportedCombination {
+                    what: "dsinks without attention sinks in the config",
+                });
+            }
+            dsinks.check_device(self)?;
+            if dsinks.heads() != shape.heads_q {
+                return Err(Error::SinksLength {
+                    heads_q: shape.heads_q,
+                    got: dsinks.heads(),
+                });
+            }
+            plan.check_sinks(self.info(), &shape)?;
+        }
         let mask = options.mask;
         if let Some(mask) = mask {
             mask.check_shape(&shape)?;
@@ -153,7 +168,13 @@ impl Gpu {
             let part_shape = part.shape(&shape);
             plan.check_call(self.info(), &part_shape, part.extent_q, part.extent_kv)?;
         }
-        let deltas = self.scratch_buffer("backward row deltas", args.lse.buffer().size());
+        // Row deltas in the logsumexp's layout, then (with dsinks) one
+        // gradient per query head.
+        let rows = (shape.batch * shape.heads_q * shape.seq_q) as u64;
+        let deltas = self.scratch_buffer(
+            "backward row deltas",
+            4 * (rows + args.dsinks.map_or(0, |_| shape.heads_q as u64)),
+        );
         let recorder = Recorder {
             gpu: self,
             plan,
@@ -162,15 +183,20 @@ impl Gpu {
             mask,
             shape,
             deltas,
-            slopes: config.alibi.as_ref().map(|alibi| {
-                self.storage_buffer(
-                    "wgpu-flash-attn alibi slopes",
-                    bytemuck::cast_slice(alibi.slopes()),
-                )
-            }),
+            head_table: self.head_table_buffer(config),
         };
         for part in &parts {
             recorder.record(encoder, part)?;
+        }
+        if let Some(dsinks) = args.dsinks {
+            recorder.record_sinks(encoder)?;
+            encoder.copy_buffer_to_buffer(
+                &recorder.deltas,
+                4 * rows,
+                dsinks.buffer(),
+                0,
+                4 * shape.heads_q as u64,
+            );
         }
         Ok(())
     }
@@ -200,6 +226,10 @@ impl Gpu {
             zeros(kv_dims)?,
         );
         let lse = Lse::new(self, shape.batch, shape.heads_q, shape.seq_q)?;
+        let dsinks = match config.sinks {
+            Some(_) => Some(SinkGrads::new(self, shape.heads_q)?),
+            None => None,
+        };
         self.run(|encoder| {
             let forward = AttentionArgs {
                 q: &q,
@@ -219,6 +249,7 @@ impl Gpu {
                 dq: &dq,
                 dk: &dk,
                 dv: &dv,
+                dsinks: dsinks.as_ref(),
             };
             self.backward(encoder, &backward, config)
         })?;
@@ -228,6 +259,10 @@ impl Gpu {
             dq: dq.to_f32_vec(self)?,
             dk: dk.to_f32_vec(self)?,
             dv: dv.to_f32_vec(self)?,
+            dsinks: match &dsinks {
+                Some(dsinks) => dsinks.to_vec(self)?,
+                None => Vec::new(),
+            },
         })
     }
 }
@@ -298,8 +333,8 @@ struct Recorder<'a> {
     mask: Option<&'a AttentionMask>,
     shape: AttentionShape,
     deltas: wgpu::Buffer,
-    /// The call's ALiBi slopes, uploaded once.
-    slopes: Option<wgpu::Buffer>,
+    /// The call's per-head table (ALiBi slopes, sinks), uploaded once.
+    head_table: Option<wgpu::Buffer>,
 }
 
 impl Recorder<'_> {
@@ -315,20 +350,19 @@ impl Recorder<'_> {
         params.k = kv_side(args.k);
         params.v = kv_side(args.v);
         // A part of one batch entry with per-(batch, head) slopes reads
-        // that entry's; every other part shares the call's upload.
-        let own_slopes =
-            match &self.config.alibi {
-                Some(Alibi::PerBatchHead(all)) if part.batches == 1 => {
-                    params.alibi_batch_stride = 0;
-                    let heads = self.shape.heads_q;
-                    let slopes = &all[rows.batch * heads..][..heads];
-                    Some(gpu.storage_buffer(
-                        "wgpu-flash-attn alibi slopes",
-                        bytemuck::cast_slice(slopes),
-                    ))
-                }
-                _ => None,
-            };
+        // that entry's (then the sinks); every other part shares the
+        // call's upload.
+        let own_table = match &self.config.alibi {
+            Some(Alibi::PerBatchHead(all)) if part.batches == 1 => {
+                params.alibi_batch_stride = 0;
+                let heads = self.shape.heads_q;
+                let mut table = all[rows.batch * heads..][..heads].to_vec();
+                params.sink_offset = heads as u32;
+                table.extend(self.config.sinks.iter().flatten());
+                Some(gpu.storage_buffer("wgpu-flash-attn head table", bytemuck::cast_slice(&table)))
+            }
+            _ => None,
+        };
         let lse_seq = self.shape.seq_q;
         let mut backward = BackwardParams {
             head_dim4: (shape.head_dim / 4) as u32,
@@ -356,9 +390,9 @@ impl Recorder<'_> {
         );
         let placeholders = &gpu.placeholders;
         let mask_words = self.mask.map_or(&placeholders.alibi, |m| m.buffer());
-        let alibi = own_slopes
+        let head_table = own_table
             .as_ref()
-            .or(self.slopes.as_ref())
+            .or(self.head_table.as_ref())
             .unwrap_or(&placeholders.alibi);
         let passes = [
             (BackwardPass::Deltas, args.out, None, part.extent_q),
@@ -388,7 +422,7 @@ impl Recorder<'_> {
                     args.v.buffer(),
                     written.buffer(),
                     args.lse.buffer(),
-                    alibi,
+                    head_table,
                     &backward_uniform,
                     args.d_out.buffer(),
                     &self.deltas,
@@ -406,8 +440,60 @@ impl Recorder<'_> {
     }
 }
 
+impl Recorder<'_> {
+    /// The sinks' gradients over the whole call, after every part wrote
+    /// its rows' deltas: one workgroup per query head, into the deltas
+    /// scratch past the rows.
+    fn record_sinks(&self, encoder: &mut wgpu::CommandEncoder) -> Result<()> {
+        let gpu = self.gpu;
+        let args = self.args;
+        let params = option_params(&self.shape, self.config, false);
+        let params_buffer = gpu.params_buffer(&params);
+        let backward_uniform = gpu.uniform_buffer(
+            "wgpu-flash-attn backward params",
+            bytemuck::bytes_of(&BackwardParams::default()),
+        );
+        let spec = self.plan.specialization(BackwardPass::Sinks);
+        let pipeline = gpu.pipelines.get(&gpu.device, &spec)?;
+        let placeholders = &gpu.placeholders;
+        // The row-delta pass's bindings; this pass reads only the
+        // logsumexp, the table and the deltas.
+        let bind_group = bind_buffers(
+            &gpu.device,
+            &pipeline.bind_group_layout,
+            &[
+                &params_buffer,
+                args.q.buffer(),
+                args.k.buffer(),
+                args.v.buffer(),
+                args.out.buffer(),
+                args.lse.buffer(),
+                self.head_table.as_ref().unwrap_or(&placeholders.alibi),
+                &backward_uniform,
+                args.d_out.buffer(),
+                &self.deltas,
+                &placeholders.lse,
+                &placeholders.alibi,
+            ],
+        );
+        let groups = self
+            .plan
+            .workgroups(BackwardPass::Sinks, &self.shape, 0, 0)
+            .map(|n| n as u32);
+        encode_dispatches(
+            encoder,
+            pass_label(BackwardPass::Sinks),
+            &pipeline,
+            &[bind_group],
+            groups,
+        );
+        Ok(())
+    }
+}
+
 fn pass_label(pass: BackwardPass) -> &'static str {
     match pass {
+        BackwardPass::Sinks => "attention backward: dsinks",
         BackwardPass::Deltas => "attention backward: row deltas",
         BackwardPass::Keys => "attention backward: dK, dV",
         BackwardPass::Queries => "attention backward: dQ",

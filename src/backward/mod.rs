@@ -37,6 +37,46 @@ pub struct BackwardArgs<'a> {
     pub dk: &'a Tensor,
     /// Written: gradient with respect to `v`, shaped like `v`.
     pub dv: &'a Tensor,
+    /// Written when given: the gradient of each attention sink (the
+    /// config's `sinks`, which must then be set), summed over the batch and
+    /// rows. `None` treats the sinks as constants.
+    pub dsinks: Option<&'a SinkGrads>,
+}
+
+/// The gradients of a call's attention sinks, `[heads_q]` f32 on the device
+/// (see [`BackwardArgs::dsinks`]).
+#[derive(Debug, Clone)]
+pub struct SinkGrads {
+    values: Lse,
+}
+
+impl SinkGrads {
+    /// Room for the sink gradients of `heads_q` query heads (NaN until a
+    /// backward writes them).
+    pub fn new(gpu: &crate::Gpu, heads_q: usize) -> Result<Self> {
+        Ok(SinkGrads {
+            values: Lse::new(gpu, 1, heads_q, 1)?,
+        })
+    }
+
+    /// Query heads it holds.
+    pub fn heads(&self) -> usize {
+        self.values.dims()[1]
+    }
+
+    /// Downloads the gradients (blocks until the GPU is done).
+    pub fn to_vec(&self, gpu: &crate::Gpu) -> Result<Vec<f32>> {
+        self.values.to_vec(gpu)
+    }
+
+    /// The buffer: `heads` f32 from byte 0.
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        self.values.buffer()
+    }
+
+    pub(crate) fn check_device(&self, gpu: &crate::Gpu) -> Result<()> {
+        gpu.check_owner(self.values.device(), "dsinks")
+    }
 }
 
 impl BackwardArgs<'_> {
@@ -82,4 +122,6 @@ pub struct HostGradients {
     pub dk: Vec<f32>,
     /// `[batch, seq_kv, heads_kv, head_dim]`.
     pub dv: Vec<f32>,
+    /// `[heads_q]`, the attention sinks' gradients; empty without sinks.
+    pub dsinks: Vec<f32>,
 }

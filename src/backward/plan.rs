@@ -18,6 +18,8 @@ const CPU_WORKGROUP_SIZE: u32 = 8;
 const GPU_WORKGROUP_SIZE: u32 = 64;
 /// Invocations of the row-delta pass (one query row each).
 const DELTA_WORKGROUP: u32 = 64;
+/// Invocations of the sink-gradient pass (`SINK_WG` in the shader).
+const SINK_WORKGROUP: u64 = 64;
 /// Staged rows or keys per tile, halved until the tiles fit the adapter's
 /// workgroup memory.
 const BLOCK_CANDIDATES: [u32; 4] = [32, 16, 8, 4];
@@ -97,11 +99,11 @@ impl BackwardPlan {
         })
     }
 
-    /// The pipeline of one pass. The row-delta pass does not depend on the
-    /// tiles, so every call of a storage type shares one.
+    /// The pipeline of one pass. The row-delta and sink passes do not
+    /// depend on the tiles, so every call of a storage type shares one.
     pub(crate) fn specialization(&self, pass: BackwardPass) -> Specialization {
         let tiling = match pass {
-            BackwardPass::Deltas => BackwardTiling {
+            BackwardPass::Deltas | BackwardPass::Sinks => BackwardTiling {
                 head_dim_capacity: 8,
                 workgroup_size: 8,
                 rows: 1,
@@ -140,6 +142,8 @@ impl BackwardPlan {
                 shape.heads_q as u64,
                 shape.batch as u64,
             ],
+            // One workgroup per query head, over the whole call.
+            BackwardPass::Sinks => [shape.heads_q as u64, 1, 1],
         }
     }
 
@@ -200,6 +204,25 @@ impl BackwardPlan {
                     budget,
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// Checks the sink-gradient pass of a call of `shape` against the loop
+    /// budget: each invocation walks a 64th of every batch entry's rows.
+    pub(crate) fn check_sinks(&self, info: &GpuInfo, shape: &AttentionShape) -> Result<()> {
+        let Some(budget) = info.loop_budget() else {
+            return Ok(());
+        };
+        let rows = shape.seq_q as u64;
+        let trips = shape.batch as u64 * (rows.div_ceil(SINK_WORKGROUP) + 1) + 8;
+        if trips > budget {
+            return Err(Error::LoopBudget {
+                kernel: self.specialization(BackwardPass::Sinks).label(),
+                keys: shape.batch as u64 * rows,
+                trips,
+                budget,
+            });
         }
         Ok(())
     }

@@ -24,12 +24,16 @@ pub struct ReferenceGradients {
     pub dk: Vec<f64>,
     /// `[batch, seq_kv, heads_kv, head_dim]`.
     pub dv: Vec<f64>,
+    /// `[heads_q]`: the gradient of each attention sink, summed over batch
+    /// and rows (`-sum exp(sink - lse) * D`, D = dO . O); empty when the
+    /// call has no sinks.
+    pub dsinks: Vec<f64>,
 }
 
 /// Exact attention and its gradients given `d_out` (packed like `q`), with
 /// the config's options and, if given, a mask. Rows that see no key have
 /// zero gradients. The mask's bias, ALiBi slopes, scale and softcap are
-/// constants (not differentiated).
+/// constants (not differentiated); sinks are differentiated.
 pub fn attention_backward(
     shape: &AttentionShape,
     [q, k, v, d_out]: [&[f32]; 4],
@@ -59,6 +63,8 @@ pub fn attention_backward(
         dq: Vec<(usize, Vec<f64>)>,
         dk: Vec<f64>,
         dv: Vec<f64>,
+        /// Per query head of the group: its sink's gradient from this unit.
+        dsinks: Vec<f64>,
     }
     let units: Vec<Unit> = (0..batch * heads_kv)
         .into_par_iter()
@@ -70,13 +76,15 @@ pub fn attention_backward(
                 dq: Vec::new(),
                 dk: vec![0.0; seq_kv * d],
                 dv: vec![0.0; seq_kv * d],
+                dsinks: vec![0.0; group],
             };
             for h in hk * group..(hk + 1) * group {
                 for i in 0..seq_q {
                     let at = problem.q_at(b, h, i);
                     let scores = problem.row_scores(b, h, i);
                     let lse_at = (b * heads_q + h) * seq_q + i;
-                    let Some((probs, lse)) = softmax(&scores) else {
+                    let sink = problem.sink(h);
+                    let Some((probs, lse)) = softmax(&scores, sink) else {
                         result.out.push((at, vec![0.0; d]));
                         result.lse.push((lse_at, f64::INFINITY));
                         result.dq.push((at, vec![0.0; d]));
@@ -96,6 +104,10 @@ pub fn attention_backward(
                         .collect();
                     // D = sum_j P_j dP_j (= dO . O).
                     let delta: f64 = probs.iter().zip(&dp).map(|(p, g)| p * g).sum();
+                    // The sink has no value (dP = 0): dsink = P_sink (0 - D).
+                    if let Some(sink) = sink {
+                        result.dsinks[h - hk * group] -= (sink - lse).exp() * delta;
+                    }
                     let mut out = vec![0.0; d];
                     let mut dq = vec![0.0; d];
                     for ((score, &p), &dp) in scores.iter().zip(&probs).zip(&dp) {
@@ -131,6 +143,7 @@ pub fn attention_backward(
         dq: vec![0.0; shape.q_shape().elements()],
         dk: vec![0.0; shape.kv_shape().elements()],
         dv: vec![0.0; shape.kv_shape().elements()],
+        dsinks: vec![0.0; if config.sinks.is_some() { heads_q } else { 0 }],
     };
     for (unit_index, unit) in units.into_iter().enumerate() {
         let (b, hk) = (unit_index / heads_kv, unit_index % heads_kv);
@@ -142,6 +155,12 @@ pub fn attention_backward(
         }
         for (at, lse) in unit.lse {
             grads.lse[at] = lse;
+        }
+        // Batch entries in order, so the sum is the same every run.
+        for (g, dsink) in unit.dsinks.iter().enumerate() {
+            if let Some(total) = grads.dsinks.get_mut(hk * group + g) {
+                *total += dsink;
+            }
         }
         for j in 0..seq_kv {
             let at = ((b * seq_kv + j) * heads_kv + hk) * d;

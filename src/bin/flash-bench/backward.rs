@@ -1,10 +1,11 @@
 //! `run --backward`: the backward pass after a forward, validated against
-//! the f64 reference backward and timed alone and with its forward.
+//! the f64 reference backward and timed alone and with its forward. With
+//! attention sinks the backward also writes their gradients (dsinks).
 
 use anyhow::Result;
 use wgpu_flash_attn::reference;
 use wgpu_flash_attn::{
-    Alibi, AttentionArgs, AttentionConfig, AttentionShape, BackwardArgs, Lse, Tensor,
+    Alibi, AttentionArgs, AttentionConfig, AttentionShape, BackwardArgs, Lse, SinkGrads, Tensor,
 };
 
 use crate::measure::{
@@ -36,6 +37,11 @@ impl Bench<'_> {
         let out = poisoned(q_dims)?;
         let (dq, dk, dv) = (poisoned(q_dims)?, poisoned(kv_dims)?, poisoned(kv_dims)?);
         let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q)?;
+        // With sinks, their gradients too (NaN until the backward writes).
+        let dsinks = match case.config.sinks {
+            Some(_) => Some(SinkGrads::new(gpu, shape.heads_q)?),
+            None => None,
+        };
         let forward = AttentionArgs {
             q: &operands.q,
             k: &operands.k,
@@ -53,12 +59,16 @@ impl Bench<'_> {
             dq: &dq,
             dk: &dk,
             dv: &dv,
+            dsinks: dsinks.as_ref(),
         };
         let config = &case.config;
         // The call's own memory: the gradients, and the row deltas (one
         // float per query row, like the logsumexp the forward saved).
-        let gpu_bytes =
-            dq.buffer().size() + dk.buffer().size() + dv.buffer().size() + lse.buffer().size();
+        let gpu_bytes = dq.buffer().size()
+            + dk.buffer().size()
+            + dv.buffer().size()
+            + lse.buffer().size()
+            + dsinks.as_ref().map_or(0, |d| d.buffer().size());
         // The first run validates and compiles.
         gpu.run(|e| {
             gpu.forward(e, &forward, config)?;
@@ -69,6 +79,10 @@ impl Bench<'_> {
             dk.to_f32_vec(gpu)?,
             dv.to_f32_vec(gpu)?,
         ];
+        let got_dsinks = match &dsinks {
+            Some(dsinks) => Some(dsinks.to_vec(gpu)?),
+            None => None,
+        };
         if let Some(index) = got.iter().flatten().position(|g| !g.is_finite()) {
             return Ok(ImplResult::invalid(
                 Impl::Backward,
@@ -76,8 +90,21 @@ impl Bench<'_> {
                 gpu_bytes,
             ));
         }
+        if let Some(head) = got_dsinks.iter().flatten().position(|g| !g.is_finite()) {
+            return Ok(ImplResult::invalid(
+                Impl::Backward,
+                format!("the sink gradient of head {head} is not finite"),
+                gpu_bytes,
+            ));
+        }
         let [q, k, v] = &operands.host;
-        let validated = validate(shape, [q, k, v, &d_out_host], config, &got)?;
+        let validated = validate(
+            shape,
+            [q, k, v, &d_out_host],
+            config,
+            &got,
+            got_dsinks.as_deref(),
+        )?;
         let tolerance = TOLERANCE + 4.0 * unit_roundoff(dtype);
         let plan = TimingPlan {
             warmup: 0,
@@ -95,7 +122,18 @@ impl Bench<'_> {
             bytes(gpu_bytes),
         );
         let (error, within) = match validated {
-            Some(error) => (error, error <= tolerance),
+            Some(Validated {
+                error,
+                dsinks_validated,
+            }) => {
+                if got_dsinks.is_some() && !dsinks_validated {
+                    note.push_str(
+                        "; dsinks not validated: they sum over the batch, the reference \
+                         runs on batch entry 0",
+                    );
+                }
+                (error, error <= tolerance)
+            }
             None => {
                 note.push_str("; not validated: the f64 reference is over its budget here");
                 (f64::NAN, true)
@@ -117,14 +155,27 @@ impl Bench<'_> {
     }
 }
 
-/// Largest |gpu - reference| over the first KV head's dq, dk, dv, relative
-/// to the largest reference gradient (at least 1); `None` over budget.
+/// What `validate` compared.
+struct Validated {
+    /// Largest error, relative to the largest reference gradient.
+    error: f64,
+    /// Whether the sink gradients were among the compared (a one-entry
+    /// batch with sinks).
+    dsinks_validated: bool,
+}
+
+/// Largest |gpu - reference| over the first KV head's dq, dk, dv and, with
+/// sinks, the sink gradients of its query heads (only for a one-entry
+/// batch: the GPU sums them over the batch, the reference sees entry 0),
+/// each relative to the largest reference gradient (at least 1); `None`
+/// over budget.
 fn validate(
     shape: &AttentionShape,
     [q, k, v, d_out]: [&[f32]; 4],
     config: &AttentionConfig,
     [dq, dk, dv]: &[Vec<f32>; 3],
-) -> Result<Option<f64>> {
+    dsinks: Option<&[f32]>,
+) -> Result<Option<Validated>> {
     let group = shape.group_size();
     let d = shape.head_dim;
     let work = (shape.seq_q * shape.seq_kv * group * d) as f64;
@@ -154,22 +205,31 @@ fn validate(
     sliced.alibi = config.alibi.as_ref().map(|alibi| match alibi {
         Alibi::PerHead(s) | Alibi::PerBatchHead(s) => Alibi::PerHead(s[..group].to_vec()),
     });
+    sliced.sinks = config.sinks.as_ref().map(|s| s[..group].to_vec());
     let want = reference::attention_backward(
         &slice,
         [&gather_q(q), &gather_kv(k), &gather_kv(v), &gather_q(d_out)],
         &sliced,
         None,
     )?;
-    let mut worst = 0.0f64;
-    for (got, want) in [
+    let mut compared = vec![
         (gather_q(dq), &want.dq),
         (gather_kv(dk), &want.dk),
         (gather_kv(dv), &want.dv),
-    ] {
+    ];
+    let dsinks_validated = shape.batch == 1 && dsinks.is_some();
+    if let Some(dsinks) = dsinks.filter(|_| dsinks_validated) {
+        compared.push((dsinks[..group].to_vec(), &want.dsinks));
+    }
+    let mut worst = 0.0f64;
+    for (got, want) in compared {
         let magnitude = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
         for (g, w) in got.iter().zip(want) {
             worst = worst.max((f64::from(*g) - w).abs() / magnitude);
         }
     }
-    Ok(Some(worst))
+    Ok(Some(Validated {
+        error: worst,
+        dsinks_validated,
+    }))
 }

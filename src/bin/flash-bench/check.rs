@@ -1,6 +1,7 @@
 //! `flash-bench check FILE.safetensors`: runs the GPU kernel on a user's own
 //! q, k, v and compares it with their expected `out` and with the f64
-//! reference; with `--backward`, also the gradients given their `do`.
+//! reference; with `--backward`, also the gradients given their `do`. A
+//! `sinks` tensor in the file is applied as the call's attention sinks.
 
 use std::path::PathBuf;
 
@@ -9,7 +10,7 @@ use clap::Args;
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::Serialize;
-use wgpu_flash_attn::{AttentionShape, Gpu, reference};
+use wgpu_flash_attn::{AttentionConfig, AttentionShape, Gpu, reference};
 
 use crate::options::AttentionFlags;
 use crate::options_json::OptionsJson;
@@ -18,7 +19,9 @@ use crate::report::{AdapterJson, write_json};
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// safetensors file with `q`, `k`, `v` ([batch, seq, heads, head_dim],
-    /// F32, F16 or BF16) and optionally the expected `out`.
+    /// F32, F16 or BF16), optionally the expected `out`, and optionally
+    /// `sinks` ([heads_q]: one attention-sink logit per query head, applied
+    /// to the GPU call and the reference alike).
     pub file: PathBuf,
     #[command(flatten)]
     pub flags: AttentionFlags,
@@ -34,7 +37,9 @@ pub struct CheckArgs {
     /// shaped like q) and optionally the expected `dq`, `dk`, `dv`; each
     /// gradient is compared with the f64 reference backward and the file's,
     /// with the tolerance scaled by the largest reference gradient (at
-    /// least 1). `--output` then also writes `dq`, `dk`, `dv`.
+    /// least 1). With `sinks`, also their gradient `dsinks` ([heads_q],
+    /// optionally expected in the file). `--output` then also writes `dq`,
+    /// `dk`, `dv` (and `dsinks` with sinks).
     #[arg(long)]
     pub backward: bool,
 }
@@ -47,10 +52,8 @@ struct HostTensor {
 }
 
 fn read_tensor(file: &SafeTensors<'_>, name: &str) -> Result<Option<HostTensor>> {
-    let view = match file.tensor(name) {
-        Ok(view) => view,
-        Err(safetensors::SafeTensorError::TensorNotFound(_)) => return Ok(None),
-        Err(err) => return Err(anyhow!("tensor {name}: {err}")),
+    let Some(view) = find_tensor(file, name)? else {
+        return Ok(None);
     };
     let shape: [usize; 4] = view.shape().try_into().map_err(|_| {
         anyhow!(
@@ -58,8 +61,52 @@ fn read_tensor(file: &SafeTensors<'_>, name: &str) -> Result<Option<HostTensor>>
             view.shape()
         )
     })?;
+    Ok(Some(HostTensor {
+        dtype: view.dtype(),
+        shape,
+        data: widen(name, &view)?,
+    }))
+}
+
+/// A 1-d tensor of one value per query head (`sinks`, `dsinks`), widened
+/// to f32, with the dtype it was stored in.
+struct HeadVector {
+    dtype: Dtype,
+    data: Vec<f32>,
+}
+
+fn read_head_vector(
+    file: &SafeTensors<'_>,
+    name: &str,
+    heads_q: usize,
+) -> Result<Option<HeadVector>> {
+    let Some(view) = find_tensor(file, name)? else {
+        return Ok(None);
+    };
+    if view.shape() != [heads_q] {
+        bail!(
+            "tensor {name} has shape {:?}; expected [{heads_q}], one value per query head",
+            view.shape()
+        );
+    }
+    Ok(Some(HeadVector {
+        dtype: view.dtype(),
+        data: widen(name, &view)?,
+    }))
+}
+
+fn find_tensor<'data>(file: &SafeTensors<'data>, name: &str) -> Result<Option<TensorView<'data>>> {
+    match file.tensor(name) {
+        Ok(view) => Ok(Some(view)),
+        Err(safetensors::SafeTensorError::TensorNotFound(_)) => Ok(None),
+        Err(err) => Err(anyhow!("tensor {name}: {err}")),
+    }
+}
+
+/// The tensor's values as f32 (exact for F16 and BF16).
+fn widen(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
     let bytes = view.data();
-    let data: Vec<f32> = match view.dtype() {
+    Ok(match view.dtype() {
         Dtype::F32 => bytes
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -73,12 +120,7 @@ fn read_tensor(file: &SafeTensors<'_>, name: &str) -> Result<Option<HostTensor>>
             .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect(),
         other => bail!("tensor {name} is {other:?}; expected F32, F16 or BF16"),
-    };
-    Ok(Some(HostTensor {
-        dtype: view.dtype(),
-        shape,
-        data,
-    }))
+    })
 }
 
 /// Default tolerance against a result stored in `dtype`.
@@ -141,7 +183,7 @@ struct CheckReport {
     options: OptionsJson,
     vs_reference: Comparison,
     vs_file_out: Option<Comparison>,
-    /// With `--backward`: dq, dk and dv.
+    /// With `--backward`: dq, dk and dv, then dsinks when the file has sinks.
     gradients: Vec<GradientCheck>,
     passed: bool,
 }
@@ -186,16 +228,21 @@ pub fn run(gpu: &Gpu, args: &CheckArgs, json: Option<&std::path::Path>) -> Resul
             q.shape
         );
     }
-    let config = args.flags.config();
+    let sinks = read_head_vector(&file, "sinks", shape.heads_q)?;
+    let mut config = args.flags.config();
+    if let Some(sinks) = &sinks {
+        config = config.sinks(sinks.data.clone());
+    }
     // f16 and bf16 inputs widen to f32 exactly, so the GPU result is held
     // to f32 accuracy against the reference on the same values.
     let result = gpu.attention_host(&shape, &q.data, &k.data, &v.data, &config)?;
     let want = reference::attention(&shape, &q.data, &k.data, &v.data, &config)?;
     let gradients = if args.backward {
-        check_gradients(gpu, &file, args, &shape, [&q, &k, &v])?
+        check_gradients(gpu, &file, args, &shape, &config, [&q, &k, &v])?
     } else {
         Vec::new()
     };
+    let sink_dtype = sinks.as_ref().map(|s| s.dtype);
     let vs_reference = compare(
         &result.out,
         want.out.iter().copied(),
@@ -204,6 +251,7 @@ pub fn run(gpu: &Gpu, args: &CheckArgs, json: Option<&std::path::Path>) -> Resul
     let vs_file_out = expected.as_ref().map(|out| {
         let coarsest = [q.dtype, k.dtype, v.dtype, out.dtype]
             .into_iter()
+            .chain(sink_dtype)
             .map(storage_tolerance)
             .fold(0.0, f64::max);
         compare(
@@ -212,17 +260,19 @@ pub fn run(gpu: &Gpu, args: &CheckArgs, json: Option<&std::path::Path>) -> Resul
             args.atol.unwrap_or(coarsest),
         )
     });
-    let dtypes: Vec<String> = [("q", &q), ("k", &k), ("v", &v)]
+    let dtypes: Vec<String> = [("q", q.dtype), ("k", k.dtype), ("v", v.dtype)]
         .into_iter()
-        .chain(expected.as_ref().map(|o| ("out", o)))
-        .map(|(name, t)| format!("{name}: {:?}", t.dtype))
+        .chain(expected.as_ref().map(|o| ("out", o.dtype)))
+        .chain(sink_dtype.map(|d| ("sinks", d)))
+        .map(|(name, dtype)| format!("{name}: {dtype:?}"))
         .collect();
 
     println!("adapter: {}", gpu.info().summary());
     println!(
-        "{}: {} ({}){}",
+        "{}: {}{} ({}){}",
         args.file.display(),
         crate::options::case_name(&shape, &args.flags.describe()),
+        if sinks.is_some() { " sinks" } else { "" },
         dtypes.join(", "),
         if expected.is_none() { ", no `out`" } else { "" }
     );
@@ -251,12 +301,12 @@ pub fn run(gpu: &Gpu, args: &CheckArgs, json: Option<&std::path::Path>) -> Resul
     if let Some(path) = &args.output {
         let mut outputs = vec![("out", q.shape.to_vec(), &result.out)];
         for (gradient, data) in &gradients {
-            let dims = if gradient.name == "dq" {
-                q.shape
-            } else {
-                k.shape
+            let dims = match gradient.name {
+                "dq" => q.shape.to_vec(),
+                "dsinks" => vec![shape.heads_q],
+                _ => k.shape.to_vec(),
             };
-            outputs.push((gradient.name, dims.to_vec(), data));
+            outputs.push((gradient.name, dims, data));
         }
         let bytes: Vec<Vec<u8>> = outputs
             .iter()
@@ -302,14 +352,15 @@ pub fn run(gpu: &Gpu, args: &CheckArgs, json: Option<&std::path::Path>) -> Resul
     Ok(passed)
 }
 
-/// `--backward`: the GPU's dq, dk, dv for the file's `do` against the
-/// reference backward and the file's expected gradients, each with the
-/// GPU's values (for `--output`).
+/// `--backward`: the GPU's dq, dk, dv (and dsinks when `config` has
+/// sinks) for the file's `do` against the reference backward and the
+/// file's expected gradients, each with the GPU's values (for `--output`).
 fn check_gradients(
     gpu: &Gpu,
     file: &SafeTensors<'_>,
     args: &CheckArgs,
     shape: &AttentionShape,
+    config: &AttentionConfig,
     [q, k, v]: [&HostTensor; 3],
 ) -> Result<Vec<(GradientCheck, Vec<f32>)>> {
     let d_out = read_tensor(file, "do")?.ok_or_else(|| {
@@ -325,19 +376,24 @@ fn check_gradients(
             q.shape
         );
     }
-    if file.tensor("sinks").is_ok() {
-        bail!("the file has `sinks`: attention sinks are not supported by this version");
+    let expected_dsinks = read_head_vector(file, "dsinks", shape.heads_q)?;
+    if expected_dsinks.is_some() && config.sinks.is_none() {
+        bail!(
+            "{}: the file has `dsinks` but no `sinks`",
+            args.file.display()
+        );
     }
-    let config = args.flags.config();
+    // The sinks' own storage type bounds the file's results like the inputs'.
+    let sink_dtype = file.tensor("sinks").ok().map(|view| view.dtype());
     let got =
-        gpu.attention_backward_host(shape, [&q.data, &k.data, &v.data, &d_out.data], &config)?;
+        gpu.attention_backward_host(shape, [&q.data, &k.data, &v.data, &d_out.data], config)?;
     let want = reference::attention_backward(
         shape,
         [&q.data, &k.data, &v.data, &d_out.data],
-        &config,
+        config,
         None,
     )?;
-    let mut checks = Vec::new();
+    let mut gradients = Vec::new();
     for (name, got, want, like) in [
         ("dq", got.dq, &want.dq, q),
         ("dk", got.dk, &want.dk, k),
@@ -353,6 +409,21 @@ fn check_gradients(
                 like.shape
             );
         }
+        gradients.push((name, got, want, expected.map(|t| (t.dtype, t.data))));
+    }
+    if config.sinks.is_some() {
+        let expected = expected_dsinks.map(|t| (t.dtype, t.data));
+        gradients.push(("dsinks", got.dsinks, &want.dsinks, expected));
+    }
+    let mut checks = Vec::new();
+    for (name, got, want, expected) in gradients {
+        if got.len() != want.len() {
+            bail!(
+                "the GPU backward returned {} values of {name}; the reference {}",
+                got.len(),
+                want.len()
+            );
+        }
         // Gradients are not unit-scale: tolerances scale with the largest.
         let magnitude = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
         let vs_reference = compare(
@@ -360,14 +431,15 @@ fn check_gradients(
             want.iter().copied(),
             args.atol.unwrap_or(1e-4 * magnitude),
         );
-        let vs_file = expected.as_ref().map(|expected| {
-            let coarsest = [q.dtype, k.dtype, v.dtype, d_out.dtype, expected.dtype]
+        let vs_file = expected.as_ref().map(|(dtype, expected)| {
+            let coarsest = [q.dtype, k.dtype, v.dtype, d_out.dtype, *dtype]
                 .into_iter()
+                .chain(sink_dtype)
                 .map(storage_tolerance)
                 .fold(0.0, f64::max);
             compare(
                 &got,
-                expected.data.iter().map(|&x| f64::from(x)),
+                expected.iter().map(|&x| f64::from(x)),
                 args.atol.unwrap_or(coarsest * magnitude),
             )
         });

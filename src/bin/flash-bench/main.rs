@@ -95,6 +95,11 @@ struct RunArgs {
     /// ratio to the forward's time.
     #[arg(long)]
     backward: bool,
+    /// Attention sinks: one seeded N(0, 1) logit per query head, in the
+    /// forward, the reference it is validated against and (with
+    /// --backward) the backward, whose sink gradients are validated too.
+    #[arg(long)]
+    sinks: bool,
 }
 
 #[derive(Debug, Args)]
@@ -155,16 +160,18 @@ fn run(cli: &Cli) -> Result<bool> {
         Some(Command::Run(args)) => {
             let shape = args.shape.shape();
             let dtype = args.dtype.dtype();
+            let seed = 1;
             let mut config = args.flags.config();
+            let mut flags = args.flags.describe();
             if let Some(tier) = args.tier {
                 config = config.tier(tier.tier());
             }
+            if args.sinks {
+                config = config.sinks(seeded_sinks(seed, shape.heads_q));
+                flags.push_str(" sinks");
+            }
             let case = Case {
-                name: format!(
-                    "{}{}",
-                    case_name(&shape, &args.flags.describe()),
-                    dtype_suffix(dtype)
-                ),
+                name: format!("{}{}", case_name(&shape, &flags), dtype_suffix(dtype)),
                 shape,
                 config,
                 impls: if args.backward && args.implementation != Impl::Backward {
@@ -172,7 +179,7 @@ fn run(cli: &Cli) -> Result<bool> {
                 } else {
                     vec![args.implementation]
                 },
-                seed: 1,
+                seed,
                 dtype,
             };
             let report = measure_all(&gpu, cli, vec![case], args.iters, f64::INFINITY)?;
@@ -282,6 +289,13 @@ fn suite() -> Vec<Case> {
         });
     }
     cases
+}
+
+/// `run --sinks`: one N(0, 1) sink logit per query head, from a stream of
+/// its own (the case's inputs are drawn from `seed`, the backward's dO from
+/// `seed + 1`).
+fn seeded_sinks(seed: u64, heads_q: usize) -> Vec<f32> {
+    random::normal_vec(&mut random::seeded(seed + 2), heads_q, 1.0)
 }
 
 /// " f16" / " bf16" for case names; nothing for f32.

@@ -443,7 +443,7 @@ impl Bench<'_> {
             return Ok(ImplResult::without_timing(
                 Impl::Linear,
                 Status::Skipped,
-                "linear attention takes no window, scale, softcap or ALiBi".into(),
+                "linear attention takes no window, scale, softcap, ALiBi or sinks".into(),
             ));
         };
         let gpu = self.gpu;

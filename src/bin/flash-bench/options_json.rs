@@ -16,6 +16,8 @@ pub struct OptionsJson {
     pub scale: Option<f32>,
     pub softcap: Option<f32>,
     pub alibi: Option<AlibiJson>,
+    /// Attention-sink logits, one per query head; `null` is no sinks.
+    pub sinks: Option<Vec<f32>>,
     /// The tier forced by the caller; `null` lets the planner choose.
     pub tier: Option<&'static str>,
     /// Storage type of Q, K, V and O.
@@ -48,6 +50,7 @@ impl OptionsJson {
                     slopes: slopes.clone(),
                 },
             }),
+            sinks: config.sinks.clone(),
             tier: config.tier.map(tier_name),
             dtype: dtype_name(dtype),
         }
@@ -115,6 +118,7 @@ mod tests {
             .scale(0.5)
             .softcap(30.0)
             .alibi(Alibi::PerHead(vec![0.5, 0.25]))
+            .sinks(vec![-1.5, 2.0])
             .tier(Tier::Portable);
         let json = serde_json::to_value(OptionsJson::new(&config, DType::BF16)).unwrap();
         assert_eq!(
@@ -126,6 +130,7 @@ mod tests {
                 "scale": 0.5,
                 "softcap": 30.0,
                 "alibi": {"layout": "per_head", "slopes": [0.5, 0.25]},
+                "sinks": [-1.5, 2.0],
                 "tier": "Portable",
                 "dtype": "bf16",
             })
