@@ -64,20 +64,31 @@ const NEG_INF_BITS: u32 = 0xff800000u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 // Q, K, V and O move four elements at a time (indices are in those units)
-// whatever their storage type: f32 as vec4<f32>; f16 and bf16 (HALF_STORAGE)
-// as vec2<u32>, four 16-bit values packed first-element-low, converted with
-// core WGSL only, so every adapter runs them without SHADER_F16. Arithmetic
-// and softmax statistics are f32 in every case.
+// whatever their storage type: f32 as vec4<f32>; f16 and bf16 as vec2<u32>,
+// four 16-bit values packed first-element-low, converted with core WGSL
+// only, so every adapter runs them without SHADER_F16. HALF_STORAGE makes
+// Q and O 16-bit, KV_HALF K and V (the forward sets both; decoding over a
+// half KV cache only KV_HALF); KV_INT8 (decoding only) makes K and V words
+// of four int8 that flash_decode.wgsl dequantizes. Arithmetic and softmax
+// statistics are f32 in every case.
 // #if HALF_STORAGE
 @group(0) @binding(1) var<storage, read> q_buf: array<vec2<u32>>;
-@group(0) @binding(2) var<storage, read> k_buf: array<vec2<u32>>;
-@group(0) @binding(3) var<storage, read> v_buf: array<vec2<u32>>;
 @group(0) @binding(4) var<storage, read_write> o_buf: array<vec2<u32>>;
 // #else
 @group(0) @binding(1) var<storage, read> q_buf: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> o_buf: array<vec4<f32>>;
+// #endif
+// #if KV_INT8
+@group(0) @binding(2) var<storage, read> k_buf: array<u32>;
+@group(0) @binding(3) var<storage, read> v_buf: array<u32>;
+// #else
+// #if KV_HALF
+@group(0) @binding(2) var<storage, read> k_buf: array<vec2<u32>>;
+@group(0) @binding(3) var<storage, read> v_buf: array<vec2<u32>>;
+// #else
 @group(0) @binding(2) var<storage, read> k_buf: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> v_buf: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read_write> o_buf: array<vec4<f32>>;
+// #endif
 // #endif
 // Logsumexp, [batch, heads_q, seq_q], natural log.
 @group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>;
@@ -156,7 +167,7 @@ fn fma_dot(a: vec4<f32>, b: vec4<f32>, c: f32) -> f32 {
     return fma(a.w, b.w, fma(a.z, b.z, fma(a.y, b.y, fma(a.x, b.x, c))));
 }
 
-// #if HALF_STORAGE
+// #if KV_HALF
 // #if BF16_STORAGE
 // bf16 is the top half of an f32: widening is a shift.
 fn unpack4(x: vec2<u32>) -> vec4<f32> {
@@ -194,16 +205,29 @@ fn pack4(v: vec4<f32>) -> vec2<u32> {
 }
 // #endif
 
-fn load_q(i: u32) -> vec4<f32> {
-    return unpack4(q_buf[i]);
-}
-
 fn load_k(i: u32) -> vec4<f32> {
     return unpack4(k_buf[i]);
 }
 
 fn load_v(i: u32) -> vec4<f32> {
     return unpack4(v_buf[i]);
+}
+// #else
+// #if KV_INT8
+// #else
+fn load_k(i: u32) -> vec4<f32> {
+    return k_buf[i];
+}
+
+fn load_v(i: u32) -> vec4<f32> {
+    return v_buf[i];
+}
+// #endif
+// #endif
+
+// #if HALF_STORAGE
+fn load_q(i: u32) -> vec4<f32> {
+    return unpack4(q_buf[i]);
 }
 
 fn store_o(i: u32, value: vec4<f32>) {
@@ -214,20 +238,14 @@ fn load_q(i: u32) -> vec4<f32> {
     return q_buf[i];
 }
 
-fn load_k(i: u32) -> vec4<f32> {
-    return k_buf[i];
-}
-
-fn load_v(i: u32) -> vec4<f32> {
-    return v_buf[i];
-}
-
 fn store_o(i: u32, value: vec4<f32>) {
     o_buf[i] = value;
 }
 // #endif
 
 // #if SUBGROUP_KV
+// #if KV_INT8
+// #else
 // The vec4 a lane holds in slab slot `j / WG_SIZE` (j = lane + WG_SIZE * slot):
 // element j of the 4 * D4 vec4s of K (or V) for the four keys at offset `c`
 // of the tile starting at key `tile_start`, which holds `n_keys` keys; zero
@@ -244,4 +262,5 @@ fn slab_element(from_v: bool, base: u32, tile_start: u32, c: u32, n_keys: u32, j
     }
     return load_k(base + (tile_start + key) * p.k.seq + j % D4);
 }
+// #endif
 // #endif

@@ -16,7 +16,9 @@
 // and skips keys whose page lives elsewhere.
 //
 // Bindings 0-6 are attention_common.wgsl's: p.q / p.o describe the query
-// and output views, p.k = p.v = [page row, heads_kv, D4] inside a segment;
+// and output views, p.k = p.v = [page row, heads_kv, vector] inside a
+// segment, in the storage type's vec4 units (a vector is D4 of them, plus
+// the scale word for int8);
 // p.seq_kv is unused (each sequence has its own length in seq_lens).
 //
 // Two variants (src/decode.rs picks): SUBGROUP_KV below, and the portable
@@ -66,6 +68,35 @@ fn cache_row(batch: u32, pos: u32, head_kv: u32) -> i32 {
     return i32(row * p.k.seq + head_kv * p.k.head);
 }
 
+
+// vec4 `j` of the K (or V) head vector that starts at `row`, widened to
+// f32. An int8 vector (KV_INT8) is D4 words of four int8, first element in
+// the low byte, then its f32 scale; every other type is read by
+// attention_common.wgsl's load_k / load_v.
+// #if KV_INT8
+fn dequantize(word: u32, scale_bits: u32) -> vec4<f32> {
+    // Each byte moved to the top and shifted back down, sign-extending.
+    let bytes = vec4<i32>(bitcast<i32>(word << 24u), bitcast<i32>(word << 16u), bitcast<i32>(word << 8u),
+        bitcast<i32>(word)) >> vec4<u32>(24u);
+    return vec4<f32>(bytes) * bitcast<f32>(scale_bits);
+}
+
+fn cache_k(row: u32, j: u32) -> vec4<f32> {
+    return dequantize(k_buf[row + j], k_buf[row + D4]);
+}
+
+fn cache_v(row: u32, j: u32) -> vec4<f32> {
+    return dequantize(v_buf[row + j], v_buf[row + D4]);
+}
+// #else
+fn cache_k(row: u32, j: u32) -> vec4<f32> {
+    return load_k(row + j);
+}
+
+fn cache_v(row: u32, j: u32) -> vec4<f32> {
+    return load_v(row + j);
+}
+// #endif
 
 // One query row of a (batch, KV head) workgroup: its query token and head,
 // its position on the key axis, the keys of this split it may see
@@ -270,9 +301,9 @@ fn slice_of(from_v: bool, row: i32, j: u32) -> vec4<f32> {
         return vec4<f32>(0.0);
     }
     if (from_v) {
-        return load_v(u32(row) + j);
+        return cache_v(u32(row), j);
     }
-    return load_k(u32(row) + j);
+    return cache_k(u32(row), j);
 }
 // #else
 const BLOCK_M: u32 = WG_SIZE * ROWS;
@@ -364,8 +395,8 @@ fn main(
             var vv = vec4<f32>(0.0);
             let row = key_row[key];
             if (row >= 0) {
-                kk = load_k(u32(row) + d);
-                vv = load_v(u32(row) + d);
+                kk = cache_k(u32(row), d);
+                vv = cache_v(u32(row), d);
             }
             k_tile[i] = kk;
             v_tile[i] = vv;

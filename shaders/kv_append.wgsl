@@ -1,8 +1,15 @@
 // Appends new K and V tokens to a paged KV cache in place, rotating the
-// keys (RoPE) on the way when rotary_dim > 0. Token t of sequence b goes to
-// cache position starts[b].x + t and is rotated for position
-// starts[b].y + t. One dispatch per cache segment; each writes the tokens
-// whose page lives in its segment. One invocation per element pair.
+// keys (RoPE) on the way when rotary_dim > 0, and storing both in the
+// cache's type. Token t of sequence b goes to cache position starts[b].x + t
+// and is rotated for position starts[b].y + t. One dispatch per cache
+// segment; each writes the tokens whose page lives in its segment. One
+// invocation per (sequence, token, head) vector: the int8 scale needs the
+// whole vector, and 16-bit and int8 elements share words.
+//
+// The cache is addressed in 4-byte words: a head vector is head_dim words
+// (f32), head_dim / 2 (KV_HALF: two halves per word, first element low) or
+// head_dim / 4 + 1 (KV_INT8: four int8 per word, first element in the low
+// byte, then the vector's f32 scale).
 //
 // Generated constants: WG_SIZE.
 
@@ -12,30 +19,131 @@
 @group(0) @binding(2) var<storage, read> freqs: array<vec2<f32>>;
 @group(0) @binding(3) var<storage, read> k_new: array<f32>;
 @group(0) @binding(4) var<storage, read> v_new: array<f32>;
-@group(0) @binding(5) var<storage, read_write> k_cache: array<f32>;
-@group(0) @binding(6) var<storage, read_write> v_cache: array<f32>;
+@group(0) @binding(5) var<storage, read_write> k_cache: array<u32>;
+@group(0) @binding(6) var<storage, read_write> v_cache: array<u32>;
 @group(0) @binding(7) var<storage, read> block_table: array<u32>;
+
+// Element `e` of the new key (`is_key`) or value vector at `src`; keys are
+// rotated for `position` (each element from its pair, so no invocation
+// needs another's result).
+fn element(is_key: bool, src: u32, e: u32, position: u32) -> f32 {
+    if (!is_key) {
+        return v_new[src + e];
+    }
+    if (e >= rp.rotary_dim) {
+        return k_new[src + e];
+    }
+    let half_rot = rp.rotary_dim / 2u;
+    var pair = e / 2u;
+    var first = (e & 1u) == 0u;
+    var x = k_new[src + 2u * pair];
+    var y = k_new[src + 2u * pair + 1u];
+    if (rp.half_split != 0u) {
+        first = e < half_rot;
+        pair = select(e - half_rot, e, first);
+        x = k_new[src + pair];
+        y = k_new[src + pair + half_rot];
+    }
+    let rotated = rotate(x, y, position, pair);
+    return select(rotated.y, rotated.x, first);
+}
+
+fn store_word(is_key: bool, at: u32, word: u32) {
+    if (is_key) {
+        k_cache[at] = word;
+    } else {
+        v_cache[at] = word;
+    }
+}
+
+// #if KV_INT8
+fn vector_words() -> u32 {
+    return rp.head_dim / 4u + 1u;
+}
+
+// Symmetric quantization: scale = max|x| / 127, values round(x / scale)
+// (to nearest, ties to even) in [-127, 127]; an all-zero vector has scale 0.
+fn store_vector(is_key: bool, src: u32, dst: u32, position: u32) {
+    var amax = 0.0;
+    for (var e = 0u; e < rp.head_dim; e++) {
+        amax = max(amax, abs(element(is_key, src, e, position)));
+    }
+    let scale = amax / 127.0;
+    let inverse = select(0.0, 1.0 / scale, scale > 0.0);
+    for (var w = 0u; w < rp.head_dim / 4u; w++) {
+        var word = 0u;
+        for (var b = 0u; b < 4u; b++) {
+            let value = clamp(round(element(is_key, src, 4u * w + b, position) * inverse), -127.0, 127.0);
+            word |= (bitcast<u32>(i32(value)) & 0xffu) << (8u * b);
+        }
+        store_word(is_key, dst + w, word);
+    }
+    store_word(is_key, dst + rp.head_dim / 4u, bitcast<u32>(scale));
+}
+// #else
+// #if KV_HALF
+fn vector_words() -> u32 {
+    return rp.head_dim / 2u;
+}
+
+// #if BF16_STORAGE
+// f32 to bf16 bits, rounding to nearest even; NaN stays a (quiet) NaN.
+fn half_bits(value: f32) -> u32 {
+    let bits = bitcast<u32>(value);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) {
+        return (bits >> 16u) | 0x40u;
+    }
+    return (bits + 0x7fffu + ((bits >> 16u) & 1u)) >> 16u;
+}
+// #else
+// f32 to f16 bits; past f16's range, the infinity it rounds to
+// (pack2x16float leaves such values undefined).
+fn half_bits(value: f32) -> u32 {
+    if (abs(value) >= 65520.0) {
+        return select(0x7c00u, 0xfc00u, value < 0.0);
+    }
+    return pack2x16float(vec2<f32>(value, 0.0)) & 0xffffu;
+}
+// #endif
+
+fn store_vector(is_key: bool, src: u32, dst: u32, position: u32) {
+    for (var w = 0u; w < rp.head_dim / 2u; w++) {
+        let low = half_bits(element(is_key, src, 2u * w, position));
+        let high = half_bits(element(is_key, src, 2u * w + 1u, position));
+        store_word(is_key, dst + w, low | (high << 16u));
+    }
+}
+// #else
+fn vector_words() -> u32 {
+    return rp.head_dim;
+}
+
+fn store_vector(is_key: bool, src: u32, dst: u32, position: u32) {
+    for (var e = 0u; e < rp.head_dim; e++) {
+        store_word(is_key, dst + e, bitcast<u32>(element(is_key, src, e, position)));
+    }
+}
+// #endif
+// #endif
 
 @compute @workgroup_size(WG_SIZE)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
-    let site = pair_site(gid, groups);
-    if (!site.valid) {
+    let index = gid.x + gid.y * groups.x * WG_SIZE;
+    if (index >= rp.batch * rp.tokens * rp.heads) {
         return;
     }
-    let pos = starts[site.batch].x + site.token;
-    let page = block_table[site.batch * rp.pages_per_seq + (pos >> rp.page_shift)];
+    let head = index % rp.heads;
+    let token = (index / rp.heads) % rp.tokens;
+    let batch = index / (rp.heads * rp.tokens);
+    let pos = starts[batch].x + token;
+    let page = block_table[batch * rp.pages_per_seq + (pos >> rp.page_shift)];
     if (page < rp.segment_first_page || page >= rp.segment_first_page + rp.segment_pages) {
         return;
     }
     let row = ((page - rp.segment_first_page) << rp.page_shift) | (pos & ((1u << rp.page_shift) - 1u));
-    let dst = (row * rp.heads + site.head) * rp.head_dim;
-    let pair = pair_indices(site.i);
-    var k = vec2<f32>(k_new[site.src + pair.x], k_new[site.src + pair.y]);
-    if (pair.z != 0u) {
-        k = rotate(k.x, k.y, starts[site.batch].y + site.token, site.i);
-    }
-    k_cache[dst + pair.x] = k.x;
-    k_cache[dst + pair.y] = k.y;
-    v_cache[dst + pair.x] = v_new[site.src + pair.x];
-    v_cache[dst + pair.y] = v_new[site.src + pair.y];
+    let dst = (row * rp.heads + head) * vector_words();
+    let src = batch * rp.src_batch + token * rp.src_seq + head * rp.src_head + rp.src_offset;
+    let position = starts[batch].y + token;
+    store_vector(true, src, dst, position);
+    store_vector(false, src, dst, position);
 }

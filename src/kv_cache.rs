@@ -43,7 +43,53 @@ pub enum KvLayout {
     },
 }
 
-/// Shape of a KV cache. Storage is f32.
+/// How a KV cache stores K and V. Decoding is memory-bound, so the cache's
+/// bytes are its speed: every type is read as it is stored and widened to
+/// f32 in registers (arithmetic is f32 whatever the type).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum KvDType {
+    /// 4 bytes per element.
+    #[default]
+    F32,
+    /// IEEE half, 2 bytes per element (rounded to nearest on append).
+    F16,
+    /// bfloat16, 2 bytes per element (rounded to nearest even on append).
+    BF16,
+    /// Symmetric int8 with one f32 scale per (token, head): each head
+    /// vector `x` is stored as `round(x / s)` in [-127, 127] with `s =
+    /// max|x| / 127`, so each element is within `s / 2 = max|x| / 254` of
+    /// its value; `head_dim + 4` bytes per head vector.
+    Int8,
+}
+
+impl KvDType {
+    /// Bytes of one head vector of `head_dim` elements.
+    pub fn vector_bytes(self, head_dim: usize) -> usize {
+        match self {
+            KvDType::F32 => 4 * head_dim,
+            KvDType::F16 | KvDType::BF16 => 2 * head_dim,
+            KvDType::Int8 => head_dim + 4,
+        }
+    }
+
+    /// Words (4 bytes: the unit the kernels index) of one head vector.
+    pub(crate) fn vector_words(self, head_dim: usize) -> usize {
+        self.vector_bytes(head_dim) / 4
+    }
+
+    /// Lowercase name, as flash-bench spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDType::F32 => "f32",
+            KvDType::F16 => "f16",
+            KvDType::BF16 => "bf16",
+            KvDType::Int8 => "int8",
+        }
+    }
+}
+
+/// Shape and storage type of a KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvCacheConfig {
     /// Sequences the cache holds.
@@ -58,6 +104,8 @@ pub struct KvCacheConfig {
     /// adapter's storage-binding limit. Pools larger than one buffer are
     /// split over several, whole pages each.
     pub max_buffer_bytes: Option<u64>,
+    /// How K and V are stored (default f32).
+    pub dtype: KvDType,
 }
 
 impl KvCacheConfig {
@@ -69,7 +117,13 @@ impl KvCacheConfig {
             head_dim,
             layout,
             max_buffer_bytes: None,
+            dtype: KvDType::F32,
         }
+    }
+    /// Stores K and V as `dtype` (see [`KvDType`]).
+    pub fn dtype(mut self, dtype: KvDType) -> Self {
+        self.dtype = dtype;
+        self
     }
     /// Caps the bytes of each K (and V) buffer; the pool is split over more buffers to fit.
     pub fn max_buffer_bytes(mut self, bytes: u64) -> Self {
@@ -199,9 +253,10 @@ impl KvCacheConfig {
         })
     }
 
-    /// Bytes of one page of K (or V): `page_size` tokens of f32.
+    /// Bytes of one page of K (or V): `page_size` tokens of the storage
+    /// type.
     fn page_bytes(&self, page_size: usize) -> u64 {
-        (page_size * self.heads_kv * self.head_dim * 4) as u64
+        (page_size * self.heads_kv * self.dtype.vector_bytes(self.head_dim)) as u64
     }
 }
 
@@ -262,7 +317,9 @@ impl KvCache {
 
     /// A cache over K/V pools the caller owns (no copy): `segments` lists
     /// (K buffer, V buffer) pairs, each holding whole pages of
-    /// `[page_size, heads_kv, head_dim]` f32 tokens, pages numbered across
+    /// `[page_size, heads_kv, head_dim]` tokens of the config's storage type
+    /// (int8: each head vector's `head_dim` bytes then its f32 scale), pages
+    /// numbered across
     /// the pairs in order. Together they must hold the layout's pool
     /// (`KvLayout::Paged { pages, .. }` pages; for a contiguous layout
     /// `batch * ceil(capacity / page_size)` pages, see
@@ -511,6 +568,7 @@ impl KvCache {
             head_dim: self.head_dim(),
             longest: self.lens.iter().copied().max().unwrap_or(0),
             segments: self.segments.len(),
+            dtype: self.config.dtype,
         }
     }
 
@@ -618,9 +676,12 @@ impl KvCache {
             pages_per_seq: self.pages_per_seq as u32,
             ..RopeParams::default()
         };
-        let groups = elementwise_groups(gpu, "kv append", (shape.elements() / 2) as u64)?;
+        // One invocation per appended head vector.
+        let vectors = (shape.batch * shape.seq * shape.heads) as u64;
+        let groups = elementwise_groups(gpu, "kv append", vectors)?;
         let spec = Specialization::KvAppend {
             workgroup_size: ELEMENTWISE_WORKGROUP,
+            dtype: self.config.dtype,
         };
         let pipeline = gpu.pipelines.get(&gpu.device, &spec)?;
         let starts = gpu.storage_buffer("kv append starts", bytemuck::cast_slice(&starts));
@@ -704,7 +765,10 @@ impl KvCache {
         let len = self.lens[sequence];
         let mut k_out = Vec::with_capacity(len * token);
         let mut v_out = Vec::with_capacity(len * token);
-        let mut loaded: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; self.segments.len()];
+        // Whole segments as 4-byte words; tokens widened to f32 below.
+        let mut loaded: Vec<Option<(Vec<u32>, Vec<u32>)>> = vec![None; self.segments.len()];
+        let dtype = self.config.dtype;
+        let token_words = self.heads_kv() * dtype.vector_words(self.head_dim());
         for pos in 0..len {
             let page = self.block_tables[sequence][pos / self.page_size] as usize;
             let pages_per_segment = self.segments[0].pages as usize;
@@ -718,9 +782,33 @@ impl KvCache {
             }
             let (k, v) = loaded[index].as_ref().expect("loaded above");
             let row = (page % pages_per_segment) * self.page_size + pos % self.page_size;
-            k_out.extend_from_slice(&k[row * token..(row + 1) * token]);
-            v_out.extend_from_slice(&v[row * token..(row + 1) * token]);
+            let words = row * token_words..(row + 1) * token_words;
+            widen_token(dtype, self.head_dim(), &k[words.clone()], &mut k_out);
+            widen_token(dtype, self.head_dim(), &v[words], &mut v_out);
         }
         Ok((k_out, v_out))
+    }
+}
+
+/// Appends one token's head vectors, stored as `dtype` in `words`, to `out`
+/// as f32 (int8: each value times its vector's scale).
+fn widen_token(dtype: KvDType, head_dim: usize, words: &[u32], out: &mut Vec<f32>) {
+    let halves = || words.iter().flat_map(|w| [*w as u16, (*w >> 16) as u16]);
+    match dtype {
+        KvDType::F32 => out.extend(words.iter().map(|&w| f32::from_bits(w))),
+        KvDType::F16 => out.extend(halves().map(|h| half::f16::from_bits(h).to_f32())),
+        KvDType::BF16 => out.extend(halves().map(|h| half::bf16::from_bits(h).to_f32())),
+        KvDType::Int8 => {
+            for vector in words.chunks_exact(dtype.vector_words(head_dim)) {
+                let (values, scale) = vector.split_at(head_dim / 4);
+                let scale = f32::from_bits(scale[0]);
+                out.extend(
+                    values
+                        .iter()
+                        .flat_map(|w| w.to_le_bytes())
+                        .map(|b| f32::from(b as i8) * scale),
+                );
+            }
+        }
     }
 }

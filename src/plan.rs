@@ -300,6 +300,8 @@ pub struct CacheShape {
     pub longest: usize,
     /// Buffers the pool is spread over.
     pub segments: usize,
+    /// How the cache stores K and V.
+    pub dtype: crate::KvDType,
 }
 
 /// How a decode call runs.
@@ -418,7 +420,7 @@ impl DecodePlan {
                     .max(1)
             }
         };
-        let specialization = Specialization::Decode(tiling);
+        let specialization = Specialization::Decode(tiling, cache.dtype);
         // On adapters that cap loop iterations (llvmpipe), more splits keep
         // each workgroup's share of the keys under the cap; a forced count
         // that does not is refused rather than silently truncated.
@@ -907,6 +909,7 @@ pub(crate) mod profiles {
             head_dim: 128,
             longest: 32 * 1024,
             segments: 2,
+            dtype: crate::KvDType::F32,
         };
         let options = DecodeOptions::default();
         for p in all() {

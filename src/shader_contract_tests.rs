@@ -22,7 +22,7 @@ use crate::plan::profiles;
 use crate::shaders::{BackwardPass, Kernel, LinearPass, NaivePass, Specialization};
 use crate::{
     AttentionConfig, AttentionShape, BackwardPlan, CacheShape, DType, DecodeOptions, DecodePlan,
-    ForwardPlan, GpuInfo, LinearConfig, LinearPlan, LinearShape, NaivePlan, Tier,
+    ForwardPlan, GpuInfo, KvDType, LinearConfig, LinearPlan, LinearShape, NaivePlan, Tier,
     is_supported_head_dim,
 };
 
@@ -79,15 +79,20 @@ fn shipped_specializations() -> Vec<Specialization> {
                     }
                 }
             }
-            // Decoding: 1 to 64 rows per KV head (query tokens x GQA group).
-            let cache = CacheShape {
-                batch: 1,
-                heads_kv: 1,
-                head_dim,
-                longest: 4096,
-                segments: 1,
-            };
-            for rows in [1, 2, 4, 8, 16, 64] {
+            // Decoding: 1 to 64 rows per KV head (query tokens x GQA group),
+            // every cache storage type.
+            for (dtype, rows) in [KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8]
+                .into_iter()
+                .flat_map(|dtype| [1, 2, 4, 8, 16, 64].map(|rows| (dtype, rows)))
+            {
+                let cache = CacheShape {
+                    batch: 1,
+                    heads_kv: 1,
+                    head_dim,
+                    longest: 4096,
+                    segments: 1,
+                    dtype,
+                };
                 for tier in tiers {
                     let options = DecodeOptions {
                         config: AttentionConfig {
@@ -154,11 +159,14 @@ fn shipped_specializations() -> Vec<Specialization> {
         Specialization::Rope {
             workgroup_size: ELEMENTWISE_WORKGROUP,
         },
-        Specialization::KvAppend {
-            workgroup_size: ELEMENTWISE_WORKGROUP,
-        },
     ] {
         add(spec);
+    }
+    for dtype in [KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8] {
+        add(Specialization::KvAppend {
+            workgroup_size: ELEMENTWISE_WORKGROUP,
+            dtype,
+        });
     }
     specs
 }

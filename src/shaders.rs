@@ -8,12 +8,18 @@
 
 use std::fmt::Write as _;
 
+use crate::kv_cache::KvDType;
 use crate::tensor::DType;
 
 /// Names of the `// #if` variants in the attention kernels.
 const SUBGROUP_KV: &str = "SUBGROUP_KV";
 const HALF_STORAGE: &str = "HALF_STORAGE";
 const BF16_STORAGE: &str = "BF16_STORAGE";
+/// K and V (only) stored in 16 bits: decoding over an f16/bf16 KV cache
+/// (the forward's half storage sets it with HALF_STORAGE).
+const KV_HALF: &str = "KV_HALF";
+/// K and V stored as int8 with a per-(token, head) f32 scale (KV caches).
+const KV_INT8: &str = "KV_INT8";
 const MASK: &str = "MASK";
 const CAUSAL: &str = "CAUSAL";
 const SUBGROUP_BROADCAST: &str = "SUBGROUP_BROADCAST";
@@ -21,10 +27,12 @@ const SUBGROUP_BROADCAST: &str = "SUBGROUP_BROADCAST";
 /// Every `// #if` name the shaders may use. The preprocessor refuses any
 /// other, so a misspelt name fails loudly instead of quietly selecting the
 /// `// #else` branch.
-pub const VARIANT_NAMES: [&str; 6] = [
+pub const VARIANT_NAMES: [&str; 8] = [
     SUBGROUP_KV,
     HALF_STORAGE,
     BF16_STORAGE,
+    KV_HALF,
+    KV_INT8,
     MASK,
     CAUSAL,
     SUBGROUP_BROADCAST,
@@ -366,8 +374,19 @@ impl AttentionTiling {
 fn storage_flags(storage: DType) -> &'static [&'static str] {
     match storage {
         DType::F32 => &[],
-        DType::F16 => &[HALF_STORAGE],
-        DType::BF16 => &[HALF_STORAGE, BF16_STORAGE],
+        DType::F16 => &[HALF_STORAGE, KV_HALF],
+        DType::BF16 => &[HALF_STORAGE, KV_HALF, BF16_STORAGE],
+    }
+}
+
+/// The `// #if` names that select how a KV cache of `dtype` is read (Q
+/// and O stay f32).
+fn cache_flags(dtype: KvDType) -> &'static [&'static str] {
+    match dtype {
+        KvDType::F32 => &[],
+        KvDType::F16 => &[KV_HALF],
+        KvDType::BF16 => &[KV_HALF, BF16_STORAGE],
+        KvDType::Int8 => &[KV_INT8],
     }
 }
 
@@ -483,11 +502,12 @@ pub enum Specialization {
         pass: NaivePass,
         tiling: AttentionTiling,
     },
-    /// Split-KV decoding, storage f32. With `subgroup_kv`, lanes split the
-    /// head dim and `rows` counts the workgroup's rows (not each lane's).
-    Decode(AttentionTiling),
-    /// One invocation per output vec4 (Combine) or element pair (Rope,
-    /// KvAppend).
+    /// Split-KV decoding (Q and O f32) over a cache of the given storage
+    /// type. With `subgroup_kv`, lanes split the head dim and `rows` counts
+    /// the workgroup's rows (not each lane's).
+    Decode(AttentionTiling, KvDType),
+    /// One invocation per output vec4 (Combine), element pair (Rope) or
+    /// appended head vector (KvAppend, storing the cache's type).
     Combine {
         workgroup_size: u32,
     },
@@ -496,6 +516,7 @@ pub enum Specialization {
     },
     KvAppend {
         workgroup_size: u32,
+        dtype: KvDType,
     },
     /// One pass of linear attention.
     Linear {
@@ -560,11 +581,11 @@ impl Specialization {
                 // Three passes over the row's vec4 score slots.
                 return Some(3 * (keys.div_ceil(4) + 1));
             }
-            Specialization::Decode(tiling) if tiling.subgroup_kv => {
+            Specialization::Decode(tiling, _) if tiling.subgroup_kv => {
                 // One trip per four keys; the rest is unrolled.
                 return Some(keys.div_ceil(4) + 2);
             }
-            Specialization::Decode(_) => {
+            Specialization::Decode(..) => {
                 // Per-key segment flags, and lane 0's range reduction.
                 per_tile += block_n.div_ceil(lanes) + 1;
                 fixed += lanes;
@@ -580,7 +601,7 @@ impl Specialization {
             Specialization::FlashForward(tiling)
             | Specialization::FlashMasked(tiling)
             | Specialization::Naive { tiling, .. }
-            | Specialization::Decode(tiling) => Some(tiling),
+            | Specialization::Decode(tiling, _) => Some(tiling),
             _ => None,
         }
     }
@@ -594,7 +615,7 @@ impl Specialization {
                 NaivePass::Softmax => Kernel::NaiveSoftmax,
                 NaivePass::Values => Kernel::NaiveValues,
             },
-            Specialization::Decode(_) => Kernel::Decode,
+            Specialization::Decode(..) => Kernel::Decode,
             Specialization::Combine { .. } => Kernel::Combine,
             Specialization::Rope { .. } => Kernel::Rope,
             Specialization::KvAppend { .. } => Kernel::KvAppend,
@@ -619,7 +640,7 @@ impl Specialization {
             Specialization::FlashForward(tiling)
             | Specialization::FlashMasked(tiling)
             | Specialization::Naive { tiling, .. }
-            | Specialization::Decode(tiling) => {
+            | Specialization::Decode(tiling, _) => {
                 let mut constants = vec![
                     ("D4", tiling.head_dim / 4),
                     ("BLOCK_N", tiling.block_n),
@@ -629,7 +650,7 @@ impl Specialization {
                 if tiling.subgroup_kv {
                     let spread = match self {
                         // Decoding spreads one head vector (D4 vec4s) over the lanes.
-                        Specialization::Decode(_) => tiling.head_dim / 4,
+                        Specialization::Decode(..) => tiling.head_dim / 4,
                         // Four keys of K or V are head_dim vec4s, spread over the lanes.
                         _ => tiling.head_dim,
                     };
@@ -639,7 +660,7 @@ impl Specialization {
             }
             Specialization::Combine { workgroup_size }
             | Specialization::Rope { workgroup_size }
-            | Specialization::KvAppend { workgroup_size } => vec![("WG_SIZE", workgroup_size)],
+            | Specialization::KvAppend { workgroup_size, .. } => vec![("WG_SIZE", workgroup_size)],
             Specialization::Linear { tiling, .. } => vec![
                 ("DK4", tiling.head_dim / 4),
                 ("DV4", tiling.head_dim_v / 4),
@@ -702,6 +723,9 @@ impl Specialization {
             .map_or_else(Vec::new, AttentionTiling::variant_flags);
         match self {
             Specialization::FlashMasked(_) => flags.push(MASK),
+            Specialization::Decode(_, cache) | Specialization::KvAppend { dtype: cache, .. } => {
+                flags.extend(cache_flags(*cache))
+            }
             Specialization::Linear { pass, tiling } => {
                 flags.extend(storage_flags(tiling.storage));
                 if *pass == LinearPass::Outputs && tiling.causal {
@@ -729,7 +753,7 @@ impl Specialization {
     /// adapter, and GL from GLSL 4.2 / ES 3.0).
     pub fn needs_f16_in_f32(&self) -> bool {
         let flags = self.variant_flags();
-        flags.contains(&HALF_STORAGE) && !flags.contains(&BF16_STORAGE)
+        flags.contains(&KV_HALF) && !flags.contains(&BF16_STORAGE)
     }
 
     #[cfg(test)]
@@ -745,7 +769,7 @@ impl Specialization {
             Specialization::FlashForward(tiling)
             | Specialization::FlashMasked(tiling)
             | Specialization::Naive { tiling, .. }
-            | Specialization::Decode(tiling) => {
+            | Specialization::Decode(tiling, _) => {
                 if tiling.unroll {
                     &["D4", "ROWS", "SLOTS"]
                 } else {

@@ -10,8 +10,8 @@ use common::random::{normal_vec, seeded};
 use rand::seq::SliceRandom;
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionShape, DecodeArgs, DecodeOptions, DecodePlan,
-    Error, Gpu, KeyRotation, KvCache, KvCacheConfig, KvLayout, Lse, Rope, RopeStyle, Tensor,
-    TensorShape, Tier, reference,
+    Error, Gpu, KeyRotation, KvCache, KvCacheConfig, KvDType, KvLayout, Lse, Rope, RopeStyle,
+    Tensor, TensorShape, Tier, reference,
 };
 
 const HEADS_Q: usize = 8;
@@ -638,6 +638,160 @@ fn sinks_count_once_over_splits_and_buffers() {
                  lse {lse_err:.2e} ({plan:?})",
                 cache_config.layout
             );
+        }
+    }
+}
+
+/// Largest |stored - original| a cache of `dtype` allows for element `x`
+/// of a head vector whose largest magnitude is `amax`: half an ulp for
+/// f16 and bf16 (round to nearest), half a quantization step for int8.
+fn storage_bound(dtype: KvDType, x: f32, amax: f32) -> f32 {
+    match dtype {
+        KvDType::F16 => x.abs() * 2f32.powi(-11) + 2f32.powi(-25),
+        KvDType::BF16 => x.abs() * 2f32.powi(-8),
+        KvDType::Int8 => amax / 254.0 * (1.0 + 1e-5),
+        _ => 0.0,
+    }
+}
+
+/// Checks every stored head vector of `stored` against `original` with
+/// [`storage_bound`] plus `slack`.
+fn assert_stored_within(
+    dtype: KvDType,
+    head_dim: usize,
+    [stored, original]: [&[f32]; 2],
+    slack: f32,
+    what: &str,
+) {
+    assert_eq!(stored.len(), original.len(), "{what}");
+    for (vector, (got, want)) in stored
+        .chunks(head_dim)
+        .zip(original.chunks(head_dim))
+        .enumerate()
+    {
+        let amax = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        for (e, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= storage_bound(dtype, *w, amax) + slack,
+                "{what} {dtype:?}: vector {vector}, element {e}: stored {g}, appended {w}"
+            );
+        }
+    }
+}
+
+/// f16, bf16 and int8 caches: each element is stored within its type's
+/// rounding of the appended value, and decoding reads exactly what is
+/// stored (the reference runs on the values read back).
+#[test]
+fn half_and_int8_caches_store_within_their_rounding_and_decode_what_they_store() {
+    let Some(gpu) = gpu() else { return };
+    let head_dim = 64;
+    let lens = [1, 130, 700];
+    let mut sinks = normal_vec(&mut seeded(0xca5e), HEADS_Q, 1.0);
+    sinks[0] = 6.0;
+    for dtype in [KvDType::F16, KvDType::BF16, KvDType::Int8] {
+        for layout in [
+            KvLayout::Contiguous { capacity: 700 },
+            KvLayout::Paged {
+                page_size: 32,
+                pages: 3 * 22,
+            },
+        ] {
+            let config = KvCacheConfig::new(lens.len(), HEADS_KV, head_dim, layout).dtype(dtype);
+            let mut filled = fill(gpu, config, &lens, 0xca5e_0001);
+            assert_eq!(
+                filled.cache.bytes(),
+                2 * (filled.cache.pool_pages() * filled.cache.page_size() * HEADS_KV) as u64
+                    * dtype.vector_bytes(head_dim) as u64,
+                "{dtype:?}: the pool's bytes"
+            );
+            for b in 0..lens.len() {
+                let (k, v) = filled.cache.read_sequence(gpu, b).unwrap();
+                assert_stored_within(dtype, head_dim, [&k, &filled.k[b]], 0.0, "K");
+                assert_stored_within(dtype, head_dim, [&v, &filled.v[b]], 0.0, "V");
+                filled.k[b] = k;
+                filled.v[b] = v;
+            }
+            let cases = [
+                (1, None, None, AttentionConfig::new()),
+                (
+                    3,
+                    None,
+                    Some(3),
+                    AttentionConfig::new().causal(true).sinks(sinks.clone()),
+                ),
+                (
+                    2,
+                    Some(Tier::Portable),
+                    None,
+                    AttentionConfig::new().window(Some(50), Some(0)),
+                ),
+                (
+                    1,
+                    Some(Tier::Portable),
+                    Some(2),
+                    AttentionConfig::new().softcap(10.0),
+                ),
+            ];
+            for (seq_q, tier, splits, config) in cases {
+                let config = match tier {
+                    Some(tier) => config.tier(tier),
+                    None => config,
+                };
+                let q = queries(lens.len(), seq_q, head_dim, seq_q as u64 + 40);
+                let mut options = DecodeOptions::new(&config);
+                options.kv_splits = splits;
+                let (out_err, lse_err, plan) = decode_errors(gpu, &filled, &q, seq_q, &options);
+                assert!(
+                    out_err <= 1e-4 && lse_err <= 1e-4,
+                    "{dtype:?} {layout:?} seq_q {seq_q} {config:?}: out {out_err:.2e}, \
+                     lse {lse_err:.2e} ({plan:?})"
+                );
+            }
+        }
+    }
+}
+
+/// The fused RoPE of the append, into f16, bf16 and int8 caches: the keys
+/// read back are the CPU rotation within the type's rounding.
+#[test]
+fn rotated_keys_into_half_and_int8_caches() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = seeded(0x40fe_ca5e);
+    for dtype in [KvDType::F16, KvDType::BF16, KvDType::Int8] {
+        for style in [RopeStyle::Interleaved, RopeStyle::HalfSplit] {
+            let rope = Rope::new(style).rotary_dim(48);
+            let shape = TensorShape::new(2, 21, 2, 64);
+            let config =
+                KvCacheConfig::new(2, 2, 64, KvLayout::Contiguous { capacity: 32 }).dtype(dtype);
+            let mut cache = KvCache::new(gpu, config).unwrap();
+            let k = normal_vec(&mut rng, shape.elements(), 1.0);
+            let v = normal_vec(&mut rng, shape.elements(), 1.0);
+            let (kt, vt) = (
+                Tensor::from_f32(gpu, shape, &k).unwrap(),
+                Tensor::from_f32(gpu, shape, &v).unwrap(),
+            );
+            let offsets = [0u32, 5000];
+            let rotation = KeyRotation {
+                rope: &rope,
+                position_offsets: &offsets,
+            };
+            gpu.run(|e| cache.append(gpu, e, &kt, &vt, Some(rotation)))
+                .unwrap();
+            let want = reference::rope(&rope, shape, &k, &[0, 5000]).unwrap();
+            let token = 2 * 64;
+            for b in 0..2 {
+                let (got_k, got_v) = cache.read_sequence(gpu, b).unwrap();
+                let want_k: Vec<f32> = want[b * 21 * token..(b + 1) * 21 * token]
+                    .iter()
+                    .map(|&x| x as f32)
+                    .collect();
+                // The f32 rotation itself is within 2e-4 (the test above).
+                let what = format!("{style:?} keys, sequence {b}");
+                assert_stored_within(dtype, 64, [&got_k, &want_k], 2e-4, &what);
+                let want_v = &v[b * 21 * token..(b + 1) * 21 * token];
+                assert_stored_within(dtype, 64, [&got_v, want_v], 0.0, "V");
+            }
         }
     }
 }
