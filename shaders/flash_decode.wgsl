@@ -70,23 +70,33 @@ fn cache_row(batch: u32, pos: u32, head_kv: u32) -> i32 {
 
 
 // vec4 `j` of the K (or V) head vector that starts at `row`, widened to
-// f32. An int8 vector (KV_INT8) is D4 words of four int8, first element in
-// the low byte, then its f32 scale; every other type is read by
+// f32, and the vector's scale (`vector_scales`: K's, V's). An int8 vector
+// (KV_INT8) is D4 words of four int8, first element in the low byte, then
+// its f32 scale: the kernels read the integers here and apply the scales
+// once per key (to its dot products for K, to its weights for V), not per
+// element. Every other type has scale 1 (folded away) and is read by
 // attention_common.wgsl's load_k / load_v.
 // #if KV_INT8
-fn dequantize(word: u32, scale_bits: u32) -> vec4<f32> {
+fn widen_bytes(word: u32) -> vec4<f32> {
     // Each byte moved to the top and shifted back down, sign-extending.
     let bytes = vec4<i32>(bitcast<i32>(word << 24u), bitcast<i32>(word << 16u), bitcast<i32>(word << 8u),
         bitcast<i32>(word)) >> vec4<u32>(24u);
-    return vec4<f32>(bytes) * bitcast<f32>(scale_bits);
+    return vec4<f32>(bytes);
 }
 
 fn cache_k(row: u32, j: u32) -> vec4<f32> {
-    return dequantize(k_buf[row + j], k_buf[row + D4]);
+    return widen_bytes(k_buf[row + j]);
 }
 
 fn cache_v(row: u32, j: u32) -> vec4<f32> {
-    return dequantize(v_buf[row + j], v_buf[row + D4]);
+    return widen_bytes(v_buf[row + j]);
+}
+
+fn vector_scales(row: i32) -> vec2<f32> {
+    if (row < 0) {
+        return vec2<f32>(0.0);
+    }
+    return vec2<f32>(bitcast<f32>(k_buf[u32(row) + D4]), bitcast<f32>(v_buf[u32(row) + D4]));
 }
 // #else
 fn cache_k(row: u32, j: u32) -> vec4<f32> {
@@ -96,7 +106,20 @@ fn cache_k(row: u32, j: u32) -> vec4<f32> {
 fn cache_v(row: u32, j: u32) -> vec4<f32> {
     return load_v(row + j);
 }
+
+fn vector_scales(row: i32) -> vec2<f32> {
+    return vec2<f32>(1.0);
+}
 // #endif
+
+// The K scales (xy of each) and V scales of four keys, as two vec4s.
+fn key_scales(rows4: vec4<i32>) -> mat2x4<f32> {
+    let a = vector_scales(rows4.x);
+    let b = vector_scales(rows4.y);
+    let c = vector_scales(rows4.z);
+    let d = vector_scales(rows4.w);
+    return mat2x4<f32>(vec4<f32>(a.x, b.x, c.x, d.x), vec4<f32>(a.y, b.y, c.y, d.y));
+}
 
 // One query row of a (batch, KV head) workgroup: its query token and head,
 // its position on the key axis, the keys of this split it may see
@@ -242,6 +265,7 @@ fn main(
             v[3u * SLOTS + slot] = slice_of(true, rows4.w, j);
         }
         let key_pos = vec4<i32>(kv0) + vec4<i32>(0, 1, 2, 3);
+        let scales = key_scales(rows4);
         for (var r = 0u; r < ROWS; r++) {
             var partial = vec4<f32>(0.0);
             for (var slot = 0u; slot < SLOTS; slot++) {
@@ -249,13 +273,13 @@ fn main(
                 partial = vec4<f32>(fma_dot(qd, k[slot], partial.x), fma_dot(qd, k[SLOTS + slot], partial.y),
                     fma_dot(qd, k[2u * SLOTS + slot], partial.z), fma_dot(qd, k[3u * SLOTS + slot], partial.w));
             }
-            let dots = subgroupAdd(partial);
+            let dots = subgroupAdd(partial) * scales[0];
             let scores = finish_scores(dots, rows[r].pos, key_pos, rows[r].slope);
             let visible = rows4 >= vec4<i32>(0) & key_pos >= vec4<i32>(rows[r].lo) & key_pos <= vec4<i32>(rows[r].hi);
             let step = softmax_step(scores, visible, m[r], l[r]);
             m[r] = step.m;
             l[r] = step.l;
-            let pr = step.probs;
+            let pr = step.probs * scales[1];
             let correction = step.correction;
             for (var slot = 0u; slot < SLOTS; slot++) {
                 acc[r * SLOTS + slot] = fma(vec4<f32>(pr.w), v[3u * SLOTS + slot], fma(vec4<f32>(pr.z), v[2u * SLOTS + slot],
@@ -313,6 +337,8 @@ var<workgroup> v_tile: array<vec4<f32>, BLOCK_N * D4>;
 // Per key of the tile: the vec4 index of its K/V row in this segment, or
 // -1 when its page lives in another segment (or past the tile's end).
 var<workgroup> key_row: array<i32, BLOCK_N>;
+// Per key of the tile: its K and V scales (1 except for int8).
+var<workgroup> tile_scales: array<vec2<f32>, BLOCK_N>;
 var<workgroup> tile_has_keys: u32;
 var<workgroup> lane_ranges: array<vec2<i32>, WG_SIZE>;
 var<workgroup> tile_range: vec2<i32>;
@@ -380,6 +406,7 @@ fn main(
                 row = cache_row(batch, u32(kv0) + key, head_kv);
             }
             key_row[key] = row;
+            tile_scales[key] = vector_scales(row);
             if (row >= 0) {
                 tile_has_keys = 1u;
             }
@@ -422,15 +449,19 @@ fn main(
             }
             let key_pos = vec4<i32>(kv0 + i32(c)) + vec4<i32>(0, 1, 2, 3);
             let here = vec4<i32>(key_row[c], key_row[c + 1u], key_row[c + 2u], key_row[c + 3u]) >= vec4<i32>(0);
+            let k_scales = vec4<f32>(tile_scales[c].x, tile_scales[c + 1u].x, tile_scales[c + 2u].x,
+                tile_scales[c + 3u].x);
+            let v_scales = vec4<f32>(tile_scales[c].y, tile_scales[c + 1u].y, tile_scales[c + 2u].y,
+                tile_scales[c + 3u].y);
             var probs: array<vec4<f32>, ROWS>;
             var correction: array<f32, ROWS>;
             for (var r = 0u; r < ROWS; r++) {
-                let scores = finish_scores(dots[r], rows[r].pos, key_pos, rows[r].slope);
+                let scores = finish_scores(dots[r] * k_scales, rows[r].pos, key_pos, rows[r].slope);
                 let visible = here & key_pos >= vec4<i32>(rows[r].lo) & key_pos <= vec4<i32>(rows[r].hi);
                 let step = softmax_step(scores, visible, m[r], l[r]);
                 m[r] = step.m;
                 l[r] = step.l;
-                probs[r] = step.probs;
+                probs[r] = step.probs * v_scales;
                 correction[r] = step.correction;
             }
             for (var d = 0u; d < D4; d++) {

@@ -20,7 +20,8 @@
 //! valid lengths (key and query padding) or a packed variable-length batch
 //! (sequences of 0-60 tokens). Decode: a contiguous or paged cache (page
 //! size 16-256, pages shuffled), per-sequence lengths 0-300, 1-4 query
-//! tokens, a chosen or forced split count. Backward (f32): no mask, a
+//! tokens, a chosen or forced split count, f32, f16, bf16 or int8 storage
+//! (checked over the values stored). Backward (f32): no mask, a
 //! boolean or a bias mask; with sinks, their gradients too. The bound is the crate's accuracy rule: 1e-4
 //! plus the output's rounding to its storage type, on inputs already
 //! rounded to it (docs/semantics.md), a row that sees no key being zeros;
@@ -35,7 +36,7 @@ use rand::seq::SliceRandom;
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardArgs, DType,
-    DecodeArgs, DecodeOptions, ForwardOptions, Gpu, KvCache, KvCacheConfig, KvLayout, Lse,
+    DecodeArgs, DecodeOptions, ForwardOptions, Gpu, KvCache, KvCacheConfig, KvDType, KvLayout, Lse,
     SinkGrads, Strides, Tensor, TensorShape, ValidLengths,
 };
 
@@ -72,6 +73,7 @@ enum Operation {
     Decode {
         paged: Option<usize>,
         kv_splits: Option<usize>,
+        cache: KvDType,
     },
     Backward,
 }
@@ -93,6 +95,8 @@ fn draw_case(rng: &mut SeededRng) -> Case {
         0 | 1 => Operation::Decode {
             paged: rng.random_bool(0.6).then(|| 16 << rng.random_range(0..=4)),
             kv_splits: rng.random_bool(0.3).then(|| rng.random_range(1..=8)),
+            cache: [KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8]
+                [rng.random_range(0..4)],
         },
         2 | 3 => Operation::Backward,
         _ => Operation::Forward,
@@ -228,7 +232,11 @@ fn upload(gpu: &Gpu, dims: TensorShape, data: &[f32], dtype: DType, bhsd: bool) 
 fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
     match case.operation {
         Operation::Forward => run_forward(gpu, case, rng),
-        Operation::Decode { paged, kv_splits } => run_decode(gpu, case, paged, kv_splits, rng),
+        Operation::Decode {
+            paged,
+            kv_splits,
+            cache,
+        } => run_decode(gpu, case, (paged, kv_splits, cache), rng),
         Operation::Backward => run_backward(gpu, case, rng),
     }
 }
@@ -391,8 +399,7 @@ fn check_rule(got: &[f32], want: &[f64], roundoff: f64) -> Result<(), String> {
 fn run_decode(
     gpu: &Gpu,
     case: &Case,
-    paged: Option<usize>,
-    kv_splits: Option<usize>,
+    (paged, kv_splits, dtype): (Option<usize>, Option<usize>, KvDType),
     rng: &mut SeededRng,
 ) -> Result<(), String> {
     let s = &case.shape;
@@ -406,7 +413,7 @@ fn run_decode(
     };
     let mut cache = KvCache::new(
         gpu,
-        KvCacheConfig::new(s.batch, s.heads_kv, s.head_dim, layout),
+        KvCacheConfig::new(s.batch, s.heads_kv, s.head_dim, layout).dtype(dtype),
     )
     .map_err(|e| format!("cache: {e}"))?;
     if let KvLayout::Paged { page_size, pages } = layout {
@@ -420,7 +427,7 @@ fn run_decode(
         }
     }
     let tokens = s.kv_shape();
-    let (k, v) = (
+    let (mut k, mut v) = (
         normal_vec(rng, tokens.elements(), 1.0),
         normal_vec(rng, tokens.elements(), 1.0),
     );
@@ -432,6 +439,16 @@ fn run_decode(
         .map_err(|e| format!("append: {e}"))?;
     for (b, &len) in case.cache_lens.iter().enumerate() {
         cache.set_len(b, len).map_err(|e| format!("set_len: {e}"))?;
+        // Half and int8 caches: the reference runs on what is stored
+        // (tests/decode.rs bounds the storage rounding itself).
+        if dtype != KvDType::F32 {
+            let (stored_k, stored_v) = cache
+                .read_sequence(gpu, b)
+                .map_err(|e| format!("read back: {e}"))?;
+            let at = b * longest * s.heads_kv * s.head_dim;
+            k[at..at + stored_k.len()].copy_from_slice(&stored_k);
+            v[at..at + stored_v.len()].copy_from_slice(&stored_v);
+        }
     }
     let q = normal_vec(rng, s.q_shape().elements(), 1.0);
     let qt = Tensor::from_f32(gpu, s.q_shape(), &q).unwrap();

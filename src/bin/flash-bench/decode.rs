@@ -9,7 +9,7 @@ use serde::Serialize;
 use wgpu_flash_attn::reference;
 use wgpu_flash_attn::{
     AttentionArgs, AttentionConfig, AttentionShape, DecodeArgs, DecodeOptions, DecodePlan, Gpu,
-    KvCache, KvCacheConfig, KvLayout, Tensor, TensorShape,
+    KvCache, KvCacheConfig, KvDType, KvLayout, Tensor, TensorShape,
 };
 
 use crate::ceiling::CeilingProbes;
@@ -44,6 +44,17 @@ pub struct DecodeCmdArgs {
     /// Timed runs (at least 1).
     #[arg(long, default_value_t = 5, value_parser = crate::options::parse_iters)]
     iters: usize,
+    /// Cache storage types, one case each per cache length, compared in
+    /// the same run: f32, f16, bf16, int8 (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "f32", value_parser = parse_kv_dtype)]
+    kv_dtype: Vec<KvDType>,
+}
+
+fn parse_kv_dtype(name: &str) -> Result<KvDType, String> {
+    [KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8]
+        .into_iter()
+        .find(|d| d.name() == name)
+        .ok_or_else(|| format!("unknown cache type {name:?}: f32, f16, bf16 or int8"))
 }
 
 /// Tokens uploaded per append while filling a cache.
@@ -58,6 +69,8 @@ struct DecodeCase {
     heads_kv: usize,
     head_dim: usize,
     layout: String,
+    /// Cache storage type.
+    kv_dtype: &'static str,
     splits: u32,
     cache_buffers: u32,
     decode_ms: f64,
@@ -71,6 +84,8 @@ struct DecodeCase {
     prefill_ms: Option<f64>,
     prefill_note: Option<String>,
     speedup_over_prefill: Option<f64>,
+    /// The f32 cache's step time over this one's, same length, same run.
+    speedup_over_f32: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -95,10 +110,12 @@ pub fn run(gpu: &Gpu, args: &DecodeCmdArgs, json: Option<&std::path::Path>) -> R
         fma.gflops, copy.gb_per_s, fma.timing.timer
     );
     println!(
-        "{:<34} {:>7} {:>10} {:>8} {:>7} {:>8} {:>6} {:>11} {:>8} {:>9}",
+        "{:<34} {:>5} {:>7} {:>10} {:>7} {:>8} {:>7} {:>8} {:>6} {:>11} {:>8} {:>9}",
         "case",
+        "kv",
         "splits",
         "decode ms",
+        "vs f32",
         "GB/s",
         "% copy",
         "GFLOP/s",
@@ -109,9 +126,17 @@ pub fn run(gpu: &Gpu, args: &DecodeCmdArgs, json: Option<&std::path::Path>) -> R
     );
     let mut cases = Vec::new();
     let mut ok = true;
-    for &tokens in &args.cache {
-        let case = run_case(gpu, args, tokens, fma.gflops, copy.gb_per_s)
-            .with_context(|| format!("cache of {tokens} tokens"))?;
+    for (&tokens, &dtype) in args
+        .cache
+        .iter()
+        .flat_map(|t| args.kv_dtype.iter().map(move |d| (t, d)))
+    {
+        let mut case = run_case(gpu, args, tokens, dtype, fma.gflops, copy.gb_per_s)
+            .with_context(|| format!("cache of {tokens} tokens, {}", dtype.name()))?;
+        case.speedup_over_f32 = cases
+            .iter()
+            .find(|c: &&DecodeCase| c.cache_tokens == tokens && c.kv_dtype == "f32")
+            .map(|f32_case| f32_case.decode_ms / case.decode_ms);
         let name = format!(
             "B{} H{}/{} q{} kv{} d{}{}",
             case.batch,
@@ -129,8 +154,12 @@ pub fn run(gpu: &Gpu, args: &DecodeCmdArgs, json: Option<&std::path::Path>) -> R
         let speedup = case
             .speedup_over_prefill
             .map_or_else(|| "-".to_string(), |s| format!("{s:.1}x"));
+        let vs_f32 = case
+            .speedup_over_f32
+            .map_or_else(|| "-".to_string(), |s| format!("{s:.2}x"));
         println!(
-            "{name:<34} {:>3}x{:<3} {:>10.2} {:>8.2} {:>6.1}% {:>8.2} {:>5.1}% {prefill:>11} {speedup:>8} {:>9.2e}",
+            "{name:<34} {:>5} {:>3}x{:<3} {:>10.2} {vs_f32:>7} {:>8.2} {:>6.1}% {:>8.2} {:>5.1}% {prefill:>11} {speedup:>8} {:>9.2e}",
+            case.kv_dtype,
             case.splits,
             case.cache_buffers,
             case.decode_ms,
@@ -147,8 +176,11 @@ pub fn run(gpu: &Gpu, args: &DecodeCmdArgs, json: Option<&std::path::Path>) -> R
         cases.push(case);
     }
     println!(
-        "splits = key chunks x cache buffers; GB/s counts the K and V bytes a step reads; \
-         prefill = the forward kernel on the same call (contiguous K/V tensors)"
+        "splits = key chunks x cache buffers; GB/s counts the K and V bytes a step reads \
+         (the cache's stored bytes); vs f32 = the f32 cache's time over this one's, same \
+         length, same run; prefill = the forward kernel on the same call (contiguous f32 K/V \
+         tensors); half and int8 caches are validated against the reference over the values \
+         they store"
     );
     if let Some(path) = json {
         let report = DecodeReport {
@@ -176,6 +208,7 @@ fn run_case(
     gpu: &Gpu,
     args: &DecodeCmdArgs,
     tokens: usize,
+    dtype: KvDType,
     fma: f64,
     copy: f64,
 ) -> Result<DecodeCase> {
@@ -188,7 +221,7 @@ fn run_case(
     };
     let mut cache = KvCache::new(
         gpu,
-        KvCacheConfig::new(args.batch, args.heads_kv, args.head_dim, layout),
+        KvCacheConfig::new(args.batch, args.heads_kv, args.head_dim, layout).dtype(dtype),
     )?;
     if let Some(page_size) = args.page_size {
         // Sequence b takes every batch-th page, so no table is consecutive
@@ -203,7 +236,7 @@ fn run_case(
     // head while the whole cache fits one binding (the prefill comparison).
     let token = args.heads_kv * args.head_dim;
     let binding = gpu.info().limits.max_storage_buffer_binding_size;
-    let prefill_fits = (tokens * token * 4) as u64 <= binding;
+    let prefill_fits = (tokens * token * 4) as u64 <= binding && dtype == KvDType::F32;
     let mut rng = seeded(0xdec0_de00 ^ tokens as u64);
     let mut head0 = (Vec::new(), Vec::new());
     let mut full = (Vec::new(), Vec::new());
@@ -237,6 +270,16 @@ fn run_case(
         }
         written += chunk;
     }
+    if dtype != KvDType::F32 {
+        // Validate against what the cache stores (rounded or quantized).
+        let (k, v) = cache.read_sequence(gpu, 0)?;
+        let head = |data: &[f32]| -> Vec<f32> {
+            data.chunks(token)
+                .flat_map(|t| t[..args.head_dim].to_vec())
+                .collect()
+        };
+        head0 = (head(&k), head(&v));
+    }
 
     let q_shape = TensorShape::new(args.batch, args.seq_q, args.heads_q, args.head_dim);
     let q_host = normal_vec(&mut rng, q_shape.elements(), 1.0);
@@ -268,12 +311,15 @@ fn run_case(
         },
     )?;
     let seconds = timing.median_ms / 1e3;
-    let bytes = 2.0 * (args.batch * tokens * token * 4) as f64;
+    let bytes =
+        2.0 * (args.batch * tokens * args.heads_kv * dtype.vector_bytes(args.head_dim)) as f64;
     let flops = 4.0 * (args.batch * args.heads_q * args.seq_q * tokens * args.head_dim) as f64;
     let gb_per_s = bytes / seconds / 1e9;
     let gflops = flops / seconds / 1e9;
 
-    let (prefill_ms, prefill_note) = if !prefill_fits {
+    let (prefill_ms, prefill_note) = if dtype != KvDType::F32 {
+        (None, Some("compared for the f32 cache".to_string()))
+    } else if !prefill_fits {
         (
             None,
             Some(format!(
@@ -301,6 +347,7 @@ fn run_case(
         heads_kv: args.heads_kv,
         head_dim: args.head_dim,
         layout: format!("{layout:?}"),
+        kv_dtype: dtype.name(),
         splits: plan.splits,
         cache_buffers: plan.segments,
         decode_ms: timing.median_ms,
@@ -310,6 +357,7 @@ fn run_case(
         pct_of_fma_ceiling: 100.0 * gflops / fma,
         max_abs_err,
         speedup_over_prefill: prefill_ms.map(|ms| ms / timing.median_ms),
+        speedup_over_f32: None,
         prefill_ms,
         prefill_note,
     })
