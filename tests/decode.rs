@@ -205,9 +205,7 @@ fn forced_split_counts_match_the_reference() {
         for causal in [false, true] {
             let q = queries(lens.len(), 2, head_dim, splits as u64);
             let mut config = AttentionConfig::new().causal(causal);
-            if let Some(tier) = tier {
-                config = config.tier(tier);
-            }
+            config.tier = tier;
             let options = DecodeOptions::new(&config).kv_splits(splits);
             let (out_err, lse_err, plan) = decode_errors(gpu, &filled, &q, 2, &options);
             assert_eq!(plan.splits as usize, splits);
@@ -625,9 +623,7 @@ fn sinks_count_once_over_splits_and_buffers() {
             (1, Some(Tier::Portable), true),
         ] {
             let mut config = AttentionConfig::new().causal(causal).sinks(sinks.clone());
-            if let Some(tier) = tier {
-                config = config.tier(tier);
-            }
+            config.tier = tier;
             let seq_q = 3;
             let q = queries(lens.len(), seq_q, head_dim, splits as u64);
             let options = DecodeOptions::new(&config).kv_splits(splits);

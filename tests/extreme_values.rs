@@ -107,9 +107,7 @@ fn a_bias_of_f32_min_on_every_key_gives_the_average_of_v() {
     };
     for tier in TIERS {
         let mut config = AttentionConfig::new();
-        if let Some(tier) = tier {
-            config = config.tier(tier);
-        }
+        config.tier = tier;
         let want =
             reference::attention_masked(&shape, &inputs.q, &inputs.k, &inputs.v, &config, &host)
                 .unwrap();
@@ -156,9 +154,7 @@ fn huge_scales_and_alibi_slopes_pick_the_winning_key() {
         let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
         for tier in TIERS {
             let mut config = config.clone();
-            if let Some(tier) = tier {
-                config = config.tier(tier);
-            }
+            config.tier = tier;
             let got = forward(gpu, &shape, &inputs, ForwardOptions::new(&config), false);
             assert_matches(&format!("{what}, tier {tier:?}"), got, &want);
         }
@@ -200,9 +196,7 @@ fn non_finite_values_at_hidden_keys_change_nothing() {
     };
     for tier in TIERS {
         let mut config = AttentionConfig::new();
-        if let Some(tier) = tier {
-            config = config.tier(tier);
-        }
+        config.tier = tier;
         let want =
             reference::attention_masked(&shape, &clean.q, &clean.k, &clean.v, &config, &host)
                 .unwrap();

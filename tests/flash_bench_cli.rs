@@ -684,14 +684,14 @@ fn check_refuses_sinks_of_the_wrong_shape_in_one_line() {
     }
 }
 
-#[test]
-fn run_sinks_validates_forward_and_backward() {
-    let Some(_) = gpu() else { return };
-    let json = scratch("run-sinks.json");
-    let output = flash_bench(&[
+/// `flash-bench run --backward` on a small causal GQA shape with `extra`
+/// flags (exit 0 asserted); its JSON report.
+fn run_backward_report(seq_q: &str, extra: &[&str], json_name: &str) -> serde_json::Value {
+    let json = scratch(json_name);
+    let mut args = vec![
         "run",
         "--seq-q",
-        "40",
+        seq_q,
         "--heads-q",
         "4",
         "--heads-kv",
@@ -699,15 +699,22 @@ fn run_sinks_validates_forward_and_backward() {
         "--head-dim",
         "32",
         "--causal",
-        "--sinks",
         "--backward",
         "--iters",
         "1",
         "--json",
         json.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let output = flash_bench(&args);
     assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+}
+
+#[test]
+fn run_sinks_validates_forward_and_backward() {
+    let Some(_) = gpu() else { return };
+    let report = run_backward_report("40", &["--sinks"], "run-sinks.json");
     let case = &report["cases"][0];
     assert!(case["name"].as_str().unwrap().contains("sinks"), "{case}");
     let sinks = case["options"]["sinks"].as_array().expect("sinks recorded");
@@ -728,26 +735,7 @@ fn run_sinks_validates_forward_and_backward() {
 #[test]
 fn run_backward_reports_a_validated_backward_row() {
     let Some(_) = gpu() else { return };
-    let json = scratch("backward.json");
-    let output = flash_bench(&[
-        "run",
-        "--seq-q",
-        "96",
-        "--heads-q",
-        "4",
-        "--heads-kv",
-        "2",
-        "--head-dim",
-        "32",
-        "--causal",
-        "--backward",
-        "--iters",
-        "1",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let report = run_backward_report("96", &[], "backward.json");
     let results = report["cases"][0]["results"].as_array().unwrap();
     let backward = results
         .iter()

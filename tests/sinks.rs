@@ -7,28 +7,11 @@
 mod common;
 
 use common::random::{normal_vec, seeded};
-use common::{Implementation, Inputs, assert_close, gpu, run_with};
+use common::{Implementation, Inputs, assert_close, attention_shape as shape, gpu, run_with};
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionShape, Error, ForwardOptions, Lse, Tensor,
     Tier, ValidLengths, reference,
 };
-
-fn shape(
-    batch: usize,
-    seq_q: usize,
-    seq_kv: usize,
-    heads: (usize, usize),
-    head_dim: usize,
-) -> AttentionShape {
-    AttentionShape {
-        batch,
-        seq_q,
-        seq_kv,
-        heads_q: heads.0,
-        heads_kv: heads.1,
-        head_dim,
-    }
-}
 
 /// Sinks of N(0, 2^2) with one large one (8: it takes most of its rows'
 /// weight), so both regimes are checked.
@@ -65,9 +48,7 @@ fn sinks_join_every_rows_softmax() {
         for (index, (shape, config)) in cases().into_iter().enumerate() {
             let seed = 70 + index as u64;
             let mut config = config.sinks(draw_sinks(shape.heads_q, seed));
-            if let Some(tier) = tier {
-                config = config.tier(tier);
-            }
+            config.tier = tier;
             let inputs = Inputs::draw(&shape, seed, 1.0);
             for implementation in [Implementation::Flash, Implementation::Naive] {
                 let errors = run_with(gpu, implementation, &shape, &inputs, &config);

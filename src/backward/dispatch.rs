@@ -410,84 +410,95 @@ impl Recorder<'_> {
             };
             let pass_params = AttentionParams { o: side, ..params };
             let params_buffer = gpu.params_buffer(&pass_params);
-            let spec = self.plan.specialization(pass);
-            let pipeline = gpu.pipelines.get(&gpu.device, &spec)?;
-            let bind_group = bind_buffers(
-                &gpu.device,
-                &pipeline.bind_group_layout,
-                &[
-                    &params_buffer,
-                    args.q.buffer(),
-                    args.k.buffer(),
-                    args.v.buffer(),
-                    written.buffer(),
-                    args.lse.buffer(),
-                    head_table,
-                    &backward_uniform,
-                    args.d_out.buffer(),
-                    &self.deltas,
-                    dv.map_or(&placeholders.lse, |t| t.buffer()),
-                    mask_words,
-                ],
-            );
             let groups = self
                 .plan
-                .workgroups(pass, &shape, part.extent_q, part.extent_kv)
-                .map(|n| n as u32);
-            encode_dispatches(encoder, pass_label(pass), &pipeline, &[bind_group], groups);
+                .workgroups(pass, &shape, part.extent_q, part.extent_kv);
+            let bindings = PassBindings {
+                params: &params_buffer,
+                written: written.buffer(),
+                head_table,
+                backward: &backward_uniform,
+                dv: dv.map_or(&placeholders.lse, |t| t.buffer()),
+                mask_words,
+            };
+            self.dispatch(encoder, pass, &bindings, groups)?;
         }
         Ok(())
     }
+
+    /// One pass's dispatch over the bindings every pass shares (those of
+    /// the call's operands) and the pass's own.
+    fn dispatch(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        pass: BackwardPass,
+        own: &PassBindings<'_>,
+        groups: [u64; 3],
+    ) -> Result<()> {
+        let gpu = self.gpu;
+        let args = self.args;
+        let pipeline = gpu
+            .pipelines
+            .get(&gpu.device, &self.plan.specialization(pass))?;
+        let bind_group = bind_buffers(
+            &gpu.device,
+            &pipeline.bind_group_layout,
+            &[
+                own.params,
+                args.q.buffer(),
+                args.k.buffer(),
+                args.v.buffer(),
+                own.written,
+                args.lse.buffer(),
+                own.head_table,
+                own.backward,
+                args.d_out.buffer(),
+                &self.deltas,
+                own.dv,
+                own.mask_words,
+            ],
+        );
+        let groups = groups.map(|n| n as u32);
+        encode_dispatches(encoder, pass_label(pass), &pipeline, &[bind_group], groups);
+        Ok(())
+    }
+}
+
+/// What one backward pass binds besides the call's operands.
+struct PassBindings<'a> {
+    params: &'a wgpu::Buffer,
+    /// Binding 4: O (row deltas), dK (key pass) or dQ (query pass).
+    written: &'a wgpu::Buffer,
+    head_table: &'a wgpu::Buffer,
+    backward: &'a wgpu::Buffer,
+    dv: &'a wgpu::Buffer,
+    mask_words: &'a wgpu::Buffer,
 }
 
 impl Recorder<'_> {
     /// The sinks' gradients over the whole call, after every part wrote
     /// its rows' deltas: one workgroup per query head, into the deltas
-    /// scratch past the rows.
+    /// scratch past the rows. It reads only the logsumexp, the table and
+    /// the deltas; the rest is bound as for the row-delta pass.
     fn record_sinks(&self, encoder: &mut wgpu::CommandEncoder) -> Result<()> {
         let gpu = self.gpu;
-        let args = self.args;
         let params = option_params(&self.shape, self.config, false);
         let params_buffer = gpu.params_buffer(&params);
         let backward_uniform = gpu.uniform_buffer(
             "wgpu-flash-attn backward params",
             bytemuck::bytes_of(&BackwardParams::default()),
         );
-        let spec = self.plan.specialization(BackwardPass::Sinks);
-        let pipeline = gpu.pipelines.get(&gpu.device, &spec)?;
         let placeholders = &gpu.placeholders;
-        // The row-delta pass's bindings; this pass reads only the
-        // logsumexp, the table and the deltas.
-        let bind_group = bind_buffers(
-            &gpu.device,
-            &pipeline.bind_group_layout,
-            &[
-                &params_buffer,
-                args.q.buffer(),
-                args.k.buffer(),
-                args.v.buffer(),
-                args.out.buffer(),
-                args.lse.buffer(),
-                self.head_table.as_ref().unwrap_or(&placeholders.alibi),
-                &backward_uniform,
-                args.d_out.buffer(),
-                &self.deltas,
-                &placeholders.lse,
-                &placeholders.alibi,
-            ],
-        );
-        let groups = self
-            .plan
-            .workgroups(BackwardPass::Sinks, &self.shape, 0, 0)
-            .map(|n| n as u32);
-        encode_dispatches(
-            encoder,
-            pass_label(BackwardPass::Sinks),
-            &pipeline,
-            &[bind_group],
-            groups,
-        );
-        Ok(())
+        let bindings = PassBindings {
+            params: &params_buffer,
+            written: self.args.out.buffer(),
+            head_table: self.head_table.as_ref().unwrap_or(&placeholders.alibi),
+            backward: &backward_uniform,
+            dv: &placeholders.lse,
+            mask_words: &placeholders.alibi,
+        };
+        let groups = self.plan.workgroups(BackwardPass::Sinks, &self.shape, 0, 0);
+        self.dispatch(encoder, BackwardPass::Sinks, &bindings, groups)
     }
 }
 

@@ -52,6 +52,24 @@ pub fn gpu() -> Option<&'static Gpu> {
     .as_ref()
 }
 
+/// An attention shape: `heads` is (query heads, KV heads).
+pub fn attention_shape(
+    batch: usize,
+    seq_q: usize,
+    seq_kv: usize,
+    heads: (usize, usize),
+    head_dim: usize,
+) -> AttentionShape {
+    AttentionShape {
+        batch,
+        seq_q,
+        seq_kv,
+        heads_q: heads.0,
+        heads_kv: heads.1,
+        head_dim,
+    }
+}
+
 /// Set to 1 to run the sweeps over every supported head dim (32 kernel
 /// specializations per storage type, each 10-25 s to compile on a cold
 /// lavapipe); `.ci/run` always does.
