@@ -337,8 +337,32 @@ var<workgroup> v_tile: array<vec4<f32>, BLOCK_N * D4>;
 // Per key of the tile: the vec4 index of its K/V row in this segment, or
 // -1 when its page lives in another segment (or past the tile's end).
 var<workgroup> key_row: array<i32, BLOCK_N>;
-// Per key of the tile: its K and V scales (1 except for int8).
+// #if KV_INT8
+// Per key of the tile: its K and V scales.
 var<workgroup> tile_scales: array<vec2<f32>, BLOCK_N>;
+
+fn stage_scales(key: u32, row: i32) {
+    tile_scales[key] = vector_scales(row);
+}
+
+// The K scales and V scales of the tile's four keys from `c`.
+fn tile_key_scales(c: u32) -> mat2x4<f32> {
+    let a = tile_scales[c];
+    let b = tile_scales[c + 1u];
+    let d = tile_scales[c + 2u];
+    let e = tile_scales[c + 3u];
+    return mat2x4<f32>(vec4<f32>(a.x, b.x, d.x, e.x), vec4<f32>(a.y, b.y, d.y, e.y));
+}
+// #else
+// Every other type has scale 1: nothing staged, and the multiplies by the
+// constant fold away.
+fn stage_scales(key: u32, row: i32) {
+}
+
+fn tile_key_scales(c: u32) -> mat2x4<f32> {
+    return mat2x4<f32>(vec4<f32>(1.0), vec4<f32>(1.0));
+}
+// #endif
 var<workgroup> tile_has_keys: u32;
 var<workgroup> lane_ranges: array<vec2<i32>, WG_SIZE>;
 var<workgroup> tile_range: vec2<i32>;
@@ -406,7 +430,7 @@ fn main(
                 row = cache_row(batch, u32(kv0) + key, head_kv);
             }
             key_row[key] = row;
-            tile_scales[key] = vector_scales(row);
+            stage_scales(key, row);
             if (row >= 0) {
                 tile_has_keys = 1u;
             }
@@ -449,19 +473,16 @@ fn main(
             }
             let key_pos = vec4<i32>(kv0 + i32(c)) + vec4<i32>(0, 1, 2, 3);
             let here = vec4<i32>(key_row[c], key_row[c + 1u], key_row[c + 2u], key_row[c + 3u]) >= vec4<i32>(0);
-            let k_scales = vec4<f32>(tile_scales[c].x, tile_scales[c + 1u].x, tile_scales[c + 2u].x,
-                tile_scales[c + 3u].x);
-            let v_scales = vec4<f32>(tile_scales[c].y, tile_scales[c + 1u].y, tile_scales[c + 2u].y,
-                tile_scales[c + 3u].y);
+            let scales = tile_key_scales(c);
             var probs: array<vec4<f32>, ROWS>;
             var correction: array<f32, ROWS>;
             for (var r = 0u; r < ROWS; r++) {
-                let scores = finish_scores(dots[r] * k_scales, rows[r].pos, key_pos, rows[r].slope);
+                let scores = finish_scores(dots[r] * scales[0], rows[r].pos, key_pos, rows[r].slope);
                 let visible = here & key_pos >= vec4<i32>(rows[r].lo) & key_pos <= vec4<i32>(rows[r].hi);
                 let step = softmax_step(scores, visible, m[r], l[r]);
                 m[r] = step.m;
                 l[r] = step.l;
-                probs[r] = step.probs * v_scales;
+                probs[r] = step.probs * scales[1];
                 correction[r] = step.correction;
             }
             for (var d = 0u; d < D4; d++) {

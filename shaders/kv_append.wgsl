@@ -33,18 +33,17 @@ fn element(is_key: bool, src: u32, e: u32, position: u32) -> f32 {
     if (e >= rp.rotary_dim) {
         return k_new[src + e];
     }
-    let half_rot = rp.rotary_dim / 2u;
+    // Pair `pair` is elements (a, b); `e` is the first of them or not.
     var pair = e / 2u;
     var first = (e & 1u) == 0u;
-    var x = k_new[src + 2u * pair];
-    var y = k_new[src + 2u * pair + 1u];
+    var at = vec2<u32>(2u * pair, 2u * pair + 1u);
     if (rp.half_split != 0u) {
+        let half_rot = rp.rotary_dim / 2u;
         first = e < half_rot;
         pair = select(e - half_rot, e, first);
-        x = k_new[src + pair];
-        y = k_new[src + pair + half_rot];
+        at = vec2<u32>(pair, pair + half_rot);
     }
-    let rotated = rotate(x, y, position, pair);
+    let rotated = rotate(k_new[src + at.x], k_new[src + at.y], position, pair);
     return select(rotated.y, rotated.x, first);
 }
 

@@ -453,7 +453,7 @@ impl Gpu {
     /// The call's per-head table (ALiBi slopes, then sinks; binding 6 of
     /// the attention kernels), if it has one.
     pub(crate) fn head_table_buffer(&self, config: &AttentionConfig) -> Option<wgpu::Buffer> {
-        config.head_table().map(|(table, _)| {
+        config.head_table().map(|table| {
             self.storage_buffer("wgpu-flash-attn head table", bytemuck::cast_slice(&table))
         })
     }
@@ -633,7 +633,7 @@ pub(crate) fn option_params(
             _ => 0,
         },
         unit_base: 0,
-        sink_offset: config.head_table().map_or(0, |(_, at)| at as u32),
+        sink_offset: config.sink_offset() as u32,
         ..AttentionParams::default()
     }
 }

@@ -311,19 +311,26 @@ impl AttentionConfig {
     }
 
     /// The per-head values the kernels read from one table: the ALiBi
-    /// slopes (in their layout) followed by the sinks; the sinks start at
-    /// the second value. `None` when the call has neither.
-    pub(crate) fn head_table(&self) -> Option<(Vec<f32>, usize)> {
+    /// slopes (in their layout) followed by the sinks (from
+    /// [`AttentionConfig::sink_offset`]). `None` when the call has neither.
+    pub(crate) fn head_table(&self) -> Option<Vec<f32>> {
         if self.alibi.is_none() && self.sinks.is_none() {
             return None;
         }
-        let mut table = self
-            .alibi
-            .as_ref()
-            .map_or_else(Vec::new, |alibi| alibi.slopes().to_vec());
-        let sink_offset = table.len();
-        table.extend(self.sinks.iter().flatten());
-        Some((table, sink_offset))
+        let slopes = self.alibi.as_ref().map_or(&[][..], Alibi::slopes);
+        Some(
+            slopes
+                .iter()
+                .chain(self.sinks.iter().flatten())
+                .copied()
+                .collect(),
+        )
+    }
+
+    /// Where the sinks start in [`AttentionConfig::head_table`]: after the
+    /// ALiBi slopes.
+    pub(crate) fn sink_offset(&self) -> usize {
+        self.alibi.as_ref().map_or(0, |alibi| alibi.slopes().len())
     }
 
     /// The scale in effect for `head_dim`.

@@ -9,7 +9,6 @@ use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::kv_cache::KvCache;
-use crate::kv_cache::KvDType;
 use crate::params::{CombineParams, DecodeParams, TensorStrides};
 use crate::pipelines::{
     ELEMENTWISE_WORKGROUP, bind_buffers, elementwise_groups, encode_dispatches,
@@ -165,13 +164,7 @@ impl Gpu {
         };
         let mut params = option_params(&shape, config, args.lse.is_some() || partials.is_some());
         params.q = vec4_strides(args.q);
-        // In the storage type's vec4 units: one per four elements (an f32
-        // vec4, two words of halves, one word of int8), plus the scale word
-        // of an int8 vector.
-        let vector_units = match cache.config().dtype {
-            KvDType::Int8 => cache.head_dim() / 4 + 1,
-            _ => cache.head_dim() / 4,
-        } as u32;
+        let vector_units = cache.config().dtype.vector_vec4s(cache.head_dim()) as u32;
         let cache_strides = TensorStrides {
             batch: 0,
             seq: cache.heads_kv() as u32 * vector_units,

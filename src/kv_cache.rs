@@ -78,6 +78,16 @@ impl KvDType {
         self.vector_bytes(head_dim) / 4
     }
 
+    /// A head vector in the kernels' vec4 units of this type (four
+    /// elements each: an f32 vec4, two words of halves, one word of int8),
+    /// plus an int8 vector's scale word: the cache's head stride.
+    pub(crate) fn vector_vec4s(self, head_dim: usize) -> usize {
+        match self {
+            KvDType::Int8 => head_dim / 4 + 1,
+            _ => head_dim / 4,
+        }
+    }
+
     /// Lowercase name, as flash-bench spells it.
     pub fn name(self) -> &'static str {
         match self {

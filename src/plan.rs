@@ -284,7 +284,8 @@ const MIN_KEYS_PER_SPLIT: usize = 256;
 /// unit on large GPUs); CPU adapters aim for four per core.
 const GPU_TARGET_WORKGROUPS: usize = 512;
 /// Workgroup memory of the decode kernel beyond its K/V tiles: per-key
-/// rows and K/V scales (64 keys at most), per-lane ranges and two scalars.
+/// rows and (int8 caches) K/V scales, 64 keys at most, per-lane ranges and
+/// two scalars.
 const DECODE_EXTRA_BYTES: u64 = 64 * 4 + 64 * 8 + 64 * 8 + 16;
 
 /// What the decode planner needs to know of a KV cache.

@@ -8,7 +8,7 @@
 mod common;
 
 use common::random::{normal_vec, seeded};
-use common::{gpu, round_to, unit_roundoff};
+use common::{attention_shape as shape, gpu, round_to, unit_roundoff};
 use rand::RngExt;
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
@@ -165,23 +165,6 @@ fn check_f32(gpu: &Gpu, problem: &Problem, config: &AttentionConfig, what: &str)
         err <= F32_TOLERANCE,
         "{what}: relative error {err:.3e} > {F32_TOLERANCE:e}"
     );
-}
-
-fn shape(
-    batch: usize,
-    seq_q: usize,
-    seq_kv: usize,
-    heads: (usize, usize),
-    d: usize,
-) -> AttentionShape {
-    AttentionShape {
-        batch,
-        seq_q,
-        seq_kv,
-        heads_q: heads.0,
-        heads_kv: heads.1,
-        head_dim: d,
-    }
 }
 
 #[test]

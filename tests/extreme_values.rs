@@ -9,51 +9,28 @@
 mod common;
 
 use common::random::{normal_vec, seeded};
-use common::{Inputs, gpu};
+use common::{Implementation, Inputs, attention_shape, gpu, run_views, upload};
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
-    Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, ForwardOptions, Gpu, Lse,
-    Tensor, Tier, ValidLengths,
+    Alibi, AttentionConfig, AttentionMask, AttentionShape, ForwardOptions, Gpu, Lse, Tensor, Tier,
+    ValidLengths,
 };
 
+/// One head-count, one-entry shape.
 fn shape(seq_q: usize, seq_kv: usize, heads: usize, head_dim: usize) -> AttentionShape {
-    AttentionShape {
-        batch: 1,
-        seq_q,
-        seq_kv,
-        heads_q: heads,
-        heads_kv: heads,
-        head_dim,
-    }
+    attention_shape(1, seq_q, seq_kv, (heads, heads), head_dim)
 }
 
-/// Output and logsumexp of one forward call on NaN-poisoned outputs.
+/// Output and logsumexp of one call on NaN-poisoned outputs.
 fn forward(
     gpu: &Gpu,
     shape: &AttentionShape,
     inputs: &Inputs,
     options: ForwardOptions<'_>,
-    naive: bool,
+    implementation: Implementation,
 ) -> (Vec<f32>, Vec<f32>) {
-    let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
-    let k = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap();
-    let v = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.v).unwrap();
-    let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
-    let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q).unwrap();
-    let args = AttentionArgs {
-        q: &q,
-        k: &k,
-        v: &v,
-        out: &out,
-        lse: Some(&lse),
-    };
-    if naive {
-        gpu.run(|e| gpu.naive_attention(e, &args, &options.config))
-            .unwrap();
-    } else {
-        gpu.run(|e| gpu.forward(e, &args, options)).unwrap();
-    }
-    (out.to_f32_vec(gpu).unwrap(), lse.to_vec(gpu).unwrap())
+    let [q, k, v, out] = upload(gpu, shape, inputs);
+    run_views(gpu, implementation, shape, options, [&q, &k, &v, &out])
 }
 
 /// Every output within 1e-4 of the reference; every logsumexp within
@@ -124,7 +101,7 @@ fn a_bias_of_f32_min_on_every_key_gives_the_average_of_v() {
             &shape,
             &inputs,
             ForwardOptions::new(&config).mask(&mask),
-            false,
+            Implementation::Flash,
         );
         assert_matches(&format!("f32::MIN bias, tier {tier:?}"), got, &want);
     }
@@ -155,10 +132,22 @@ fn huge_scales_and_alibi_slopes_pick_the_winning_key() {
         for tier in TIERS {
             let mut config = config.clone();
             config.tier = tier;
-            let got = forward(gpu, &shape, &inputs, ForwardOptions::new(&config), false);
+            let got = forward(
+                gpu,
+                &shape,
+                &inputs,
+                ForwardOptions::new(&config),
+                Implementation::Flash,
+            );
             assert_matches(&format!("{what}, tier {tier:?}"), got, &want);
         }
-        let got = forward(gpu, &shape, &inputs, ForwardOptions::new(&config), true);
+        let got = forward(
+            gpu,
+            &shape,
+            &inputs,
+            ForwardOptions::new(&config),
+            Implementation::Naive,
+        );
         assert_matches(&format!("{what}, naive"), got, &want);
     }
 }
@@ -170,14 +159,20 @@ fn non_finite_values_at_hidden_keys_change_nothing() {
     let clean = Inputs::draw(&shape, 6, 1.0);
     let token = shape.heads_kv * shape.head_dim;
     // Key 13 is hidden from every row by the bias mask (-inf) and key 17
-    // by the boolean mask; rows 0-12 do not see key 13 causally either.
+    // by the boolean mask; rows 0-12 do not see key 13 causally either. Both
+    // keys' K holds NaN and infinities.
     let mut poisoned = Inputs {
         q: clean.q.clone(),
         k: clean.k.clone(),
         v: clean.v.clone(),
     };
-    for (index, value) in poisoned.k[13 * token..14 * token].iter_mut().enumerate() {
-        *value = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][index % 3];
+    for key in [13, 17] {
+        for (index, value) in poisoned.k[key * token..(key + 1) * token]
+            .iter_mut()
+            .enumerate()
+        {
+            *value = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][index % 3];
+        }
     }
     let dims = [1, 1, shape.seq_q, shape.seq_kv];
     let bias: Vec<f32> = (0..shape.seq_q * shape.seq_kv)
@@ -189,38 +184,70 @@ fn non_finite_values_at_hidden_keys_change_nothing() {
             }
         })
         .collect();
-    let mask = AttentionMask::bias(gpu, dims, &bias).unwrap();
-    let host = HostMask::Bias {
-        dims,
-        values: &bias,
-    };
+    let allowed: Vec<bool> = (0..shape.seq_q * shape.seq_kv)
+        .map(|at| at % shape.seq_kv != 17)
+        .collect();
+    let masks = [
+        (
+            "a -inf bias",
+            13,
+            AttentionMask::bias(gpu, dims, &bias).unwrap(),
+            HostMask::Bias {
+                dims,
+                values: &bias,
+            },
+        ),
+        (
+            "a boolean mask",
+            17,
+            AttentionMask::boolean(gpu, dims, &allowed).unwrap(),
+            HostMask::Bool {
+                dims,
+                values: &allowed,
+            },
+        ),
+    ];
     for tier in TIERS {
         let mut config = AttentionConfig::new();
         config.tier = tier;
-        let want =
-            reference::attention_masked(&shape, &clean.q, &clean.k, &clean.v, &config, &host)
-                .unwrap();
-        let got = forward(
-            gpu,
-            &shape,
-            &poisoned,
-            ForwardOptions::new(&config).mask(&mask),
-            false,
-        );
-        assert_matches(
-            &format!("NaN K behind a -inf bias, tier {tier:?}"),
-            got,
-            &want,
-        );
+        for (what, hidden_key, mask, host) in &masks {
+            // Only the key the mask hides is poisoned; the reference sees
+            // the clean K (a hidden key's K never matters).
+            let keys = hidden_key * token..(hidden_key + 1) * token;
+            let mut hidden = clean.k.clone();
+            hidden[keys.clone()].copy_from_slice(&poisoned.k[keys]);
+            let inputs = Inputs {
+                q: clean.q.clone(),
+                k: hidden,
+                v: clean.v.clone(),
+            };
+            let want =
+                reference::attention_masked(&shape, &clean.q, &clean.k, &clean.v, &config, host)
+                    .unwrap();
+            let got = forward(
+                gpu,
+                &shape,
+                &inputs,
+                ForwardOptions::new(&config).mask(mask),
+                Implementation::Flash,
+            );
+            assert_matches(&format!("NaN K behind {what}, tier {tier:?}"), got, &want);
+        }
 
         let causal = config.clone().causal(true);
         let want_causal =
             reference::attention(&shape, &clean.q, &clean.k, &clean.v, &causal).unwrap();
-        let got = forward(gpu, &shape, &poisoned, ForwardOptions::new(&causal), false);
+        let got = forward(
+            gpu,
+            &shape,
+            &poisoned,
+            ForwardOptions::new(&causal),
+            Implementation::Flash,
+        );
         // Rows 13-19 see key 13: NaN there is the definition. Rows 0-12 are exact.
         let rows = 13 * shape.heads_q * shape.head_dim;
-        let lse_ok: Vec<f32> = got.1.clone();
-        for (index, (&g, &w)) in got.0[..rows].iter().zip(&want_causal.out).enumerate() {
+        let (got_out, got_lse) = got;
+        for (index, (&g, &w)) in got_out[..rows].iter().zip(&want_causal.out).enumerate() {
             assert!(
                 (f64::from(g) - w).abs() <= 1e-4,
                 "causal, tier {tier:?}: out[{index}] = {g}, reference {w}"
@@ -229,7 +256,7 @@ fn non_finite_values_at_hidden_keys_change_nothing() {
         for head in 0..shape.heads_q {
             for row in 0..13 {
                 let at = head * shape.seq_q + row;
-                assert!((f64::from(lse_ok[at]) - want_causal.lse[at]).abs() <= 1e-4);
+                assert!((f64::from(got_lse[at]) - want_causal.lse[at]).abs() <= 1e-4);
             }
         }
     }
@@ -271,7 +298,7 @@ fn non_finite_values_at_hidden_keys_change_nothing() {
         &shape,
         &padded,
         ForwardOptions::new(&config).valid_lengths(valid),
-        false,
+        Implementation::Flash,
     );
     assert_matches("NaN past the valid length", got, &want);
 }
@@ -279,9 +306,9 @@ fn non_finite_values_at_hidden_keys_change_nothing() {
 #[test]
 fn decoding_handles_the_same_extremes() {
     let Some(gpu) = gpu() else { return };
-    // Decoding is tested with these configs through the public decode path
-    // in tests/decode.rs; here the score magnitudes: one query row per head
-    // over a contiguous cache, split over several workgroups.
+    // The same score magnitudes through the decode kernel: one query row
+    // per head over a contiguous cache, four key splits merged by
+    // logsumexp.
     let shape = AttentionShape {
         batch: 1,
         seq_q: 1,

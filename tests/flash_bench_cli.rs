@@ -438,8 +438,36 @@ fn linear_attention_sweeps_beside_flash_and_plots_time() {
     );
 }
 
+/// One safetensors entry: name, dims, f32 values.
+type Entry<'a> = (&'static str, Vec<usize>, &'a [f32]);
+
+/// The `[batch, seq, heads, head_dim]` dims of Q (and O, dO, dQ) and of K
+/// (and V, dK, dV) of `shape`.
+fn qk_dims(shape: &AttentionShape) -> (Vec<usize>, Vec<usize>) {
+    (
+        vec![shape.batch, shape.seq_q, shape.heads_q, shape.head_dim],
+        vec![shape.batch, shape.seq_kv, shape.heads_kv, shape.head_dim],
+    )
+}
+
+/// The q, k and v entries of a check file for `shape`, then `more`.
+fn qkv_entries<'a>(
+    shape: &AttentionShape,
+    inputs: &'a Inputs,
+    more: Vec<Entry<'a>>,
+) -> Vec<Entry<'a>> {
+    let (q_dims, kv_dims) = qk_dims(shape);
+    let mut entries = vec![
+        ("q", q_dims, &inputs.q[..]),
+        ("k", kv_dims.clone(), &inputs.k[..]),
+        ("v", kv_dims, &inputs.v[..]),
+    ];
+    entries.extend(more);
+    entries
+}
+
 /// Writes `tensors` (name, dims, f32 values) as one F32 safetensors file.
-fn write_f32_tensors(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]) {
+fn write_f32_tensors(path: &Path, tensors: &[Entry<'_>]) {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
         .map(|(_, _, values)| encode(Dtype::F32, values))
@@ -473,17 +501,17 @@ fn check_backward_compares_each_gradient_and_writes_them() {
     .unwrap();
     let narrow = |x: &[f64]| -> Vec<f32> { x.iter().map(|&v| v as f32).collect() };
     let (dq, dk, dv) = (narrow(&want.dq), narrow(&want.dk), narrow(&want.dv));
-    let q_dims = vec![shape.batch, shape.seq_q, shape.heads_q, shape.head_dim];
-    let kv_dims = vec![shape.batch, shape.seq_kv, shape.heads_kv, shape.head_dim];
-    let mut tensors: Vec<(&str, Vec<usize>, &[f32])> = vec![
-        ("q", q_dims.clone(), &inputs.q),
-        ("k", kv_dims.clone(), &inputs.k),
-        ("v", kv_dims.clone(), &inputs.v),
-        ("do", q_dims.clone(), &d_out),
-        ("dq", q_dims.clone(), &dq),
-        ("dk", kv_dims.clone(), &dk),
-        ("dv", kv_dims.clone(), &dv),
-    ];
+    let (q_dims, kv_dims) = qk_dims(&shape);
+    let mut tensors = qkv_entries(
+        &shape,
+        &inputs,
+        vec![
+            ("do", q_dims.clone(), &d_out),
+            ("dq", q_dims.clone(), &dq),
+            ("dk", kv_dims.clone(), &dk),
+            ("dv", kv_dims.clone(), &dv),
+        ],
+    );
     let file = scratch("backward.safetensors");
     let written = scratch("backward-out.safetensors");
     write_f32_tensors(&file, &tensors);
@@ -551,15 +579,15 @@ fn check_applies_the_files_sinks() {
     let config = AttentionConfig::new().causal(true).sinks(sinks.clone());
     let inputs = Inputs::draw(&shape, 0x5eed_0c20, 1.0);
     let want = reference_out(&shape, &inputs, &config);
-    let q_dims = vec![shape.batch, shape.seq_q, shape.heads_q, shape.head_dim];
-    let kv_dims = vec![shape.batch, shape.seq_kv, shape.heads_kv, shape.head_dim];
-    let mut tensors: Vec<(&str, Vec<usize>, &[f32])> = vec![
-        ("q", q_dims.clone(), &inputs.q),
-        ("k", kv_dims.clone(), &inputs.k),
-        ("v", kv_dims, &inputs.v),
-        ("out", q_dims, &want),
-        ("sinks", vec![shape.heads_q], &sinks),
-    ];
+    let (q_dims, _) = qk_dims(&shape);
+    let mut tensors = qkv_entries(
+        &shape,
+        &inputs,
+        vec![
+            ("out", q_dims, &want),
+            ("sinks", vec![shape.heads_q], &sinks),
+        ],
+    );
     let file = scratch("sinks.safetensors");
     let json = scratch("sinks-check.json");
     write_f32_tensors(&file, &tensors);
@@ -608,16 +636,16 @@ fn check_backward_compares_the_sink_gradients() {
     .unwrap();
     assert_eq!(want.dsinks.len(), shape.heads_q);
     let dsinks: Vec<f32> = want.dsinks.iter().map(|&x| x as f32).collect();
-    let q_dims = vec![shape.batch, shape.seq_q, shape.heads_q, shape.head_dim];
-    let kv_dims = vec![shape.batch, shape.seq_kv, shape.heads_kv, shape.head_dim];
-    let tensors: Vec<(&str, Vec<usize>, &[f32])> = vec![
-        ("q", q_dims.clone(), &inputs.q),
-        ("k", kv_dims.clone(), &inputs.k),
-        ("v", kv_dims, &inputs.v),
-        ("do", q_dims, &d_out),
-        ("sinks", vec![shape.heads_q], &sinks),
-        ("dsinks", vec![shape.heads_q], &dsinks),
-    ];
+    let (q_dims, _) = qk_dims(&shape);
+    let tensors = qkv_entries(
+        &shape,
+        &inputs,
+        vec![
+            ("do", q_dims, &d_out),
+            ("sinks", vec![shape.heads_q], &sinks),
+            ("dsinks", vec![shape.heads_q], &dsinks),
+        ],
+    );
     let file = scratch("sinks-backward.safetensors");
     let written = scratch("sinks-backward-out.safetensors");
     write_f32_tensors(&file, &tensors);
@@ -656,19 +684,12 @@ fn check_refuses_sinks_of_the_wrong_shape_in_one_line() {
     let Some(_) = gpu() else { return };
     let shape = shape();
     let inputs = Inputs::draw(&shape, 0x5eed_0c23, 1.0);
-    let q_dims = vec![shape.batch, shape.seq_q, shape.heads_q, shape.head_dim];
-    let kv_dims = vec![shape.batch, shape.seq_kv, shape.heads_kv, shape.head_dim];
     let long = vec![0.5f32; shape.heads_q + 1];
     let file = scratch("sinks-wrong.safetensors");
     for dims in [vec![shape.heads_q + 1], vec![1, shape.heads_q + 1]] {
         write_f32_tensors(
             &file,
-            &[
-                ("q", q_dims.clone(), &inputs.q),
-                ("k", kv_dims.clone(), &inputs.k),
-                ("v", kv_dims.clone(), &inputs.v),
-                ("sinks", dims.clone(), &long),
-            ],
+            &qkv_entries(&shape, &inputs, vec![("sinks", dims.clone(), &long)]),
         );
         let output = flash_bench(&["check", file.to_str().unwrap()]);
         let stderr = String::from_utf8_lossy(&output.stderr);

@@ -8,27 +8,12 @@ mod common;
 mod presets;
 
 use common::random::{SeededRng, seeded};
-use common::{Inputs, assert_close, gpu, run_and_compare, run_views_and_compare};
+use common::{
+    Inputs, assert_close, attention_shape as shape, gpu, run_and_compare, run_views_and_compare,
+};
 use presets::seed_models;
 use rand::{Rng, RngExt};
 use wgpu_flash_attn::{Alibi, AttentionConfig, AttentionShape, Gpu, Strides, Tensor, TensorShape};
-
-fn shape(
-    batch: usize,
-    seq_q: usize,
-    seq_kv: usize,
-    heads: (usize, usize),
-    head_dim: usize,
-) -> AttentionShape {
-    AttentionShape {
-        batch,
-        seq_q,
-        seq_kv,
-        heads_q: heads.0,
-        heads_kv: heads.1,
-        head_dim,
-    }
-}
 
 fn check(gpu: &Gpu, shape: &AttentionShape, config: &AttentionConfig, seed: u64) {
     let inputs = Inputs::draw(shape, seed, 1.0);

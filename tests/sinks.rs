@@ -7,10 +7,12 @@
 mod common;
 
 use common::random::{normal_vec, seeded};
-use common::{Implementation, Inputs, assert_close, attention_shape as shape, gpu, run_with};
+use common::{
+    Implementation, Inputs, assert_close, attention_shape as shape, gpu, run_views, run_with,
+    upload,
+};
 use wgpu_flash_attn::{
-    Alibi, AttentionArgs, AttentionConfig, AttentionShape, Error, ForwardOptions, Lse, Tensor,
-    Tier, ValidLengths, reference,
+    Alibi, AttentionConfig, AttentionShape, Error, ForwardOptions, Tier, ValidLengths, reference,
 };
 
 /// Sinks of N(0, 2^2) with one large one (8: it takes most of its rows'
@@ -122,31 +124,19 @@ fn padded_batches_with_sinks_and_per_entry_alibi() {
         .sinks(sinks.clone())
         .alibi(Alibi::PerBatchHead(slopes.clone()));
     let inputs = Inputs::draw(&shape, 32, 1.0);
-    let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
-    let k = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap();
-    let v = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.v).unwrap();
-    let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
-    let lse = Lse::new(gpu, 3, 4, 20).unwrap();
-    let args = AttentionArgs {
-        q: &q,
-        k: &k,
-        v: &v,
-        out: &out,
-        lse: Some(&lse),
-    };
+    let [q, k, v, out] = upload(gpu, &shape, &inputs);
     let lengths = ValidLengths {
         q: Some(&q_lens),
         kv: &kv_lens,
     };
-    gpu.run(|e| {
-        gpu.forward(
-            e,
-            &args,
-            ForwardOptions::new(&config).valid_lengths(lengths),
-        )
-    })
-    .unwrap();
-    let (got, got_lse) = (out.to_f32_vec(gpu).unwrap(), lse.to_vec(gpu).unwrap());
+    let options = ForwardOptions::new(&config).valid_lengths(lengths);
+    let (got, got_lse) = run_views(
+        gpu,
+        Implementation::Flash,
+        &shape,
+        options,
+        [&q, &k, &v, &out],
+    );
     let (row, key_row) = (4 * 32, 2 * 32);
     for b in 0..3 {
         let alone = AttentionShape {

@@ -345,24 +345,17 @@ impl Recorder<'_> {
         let rows = &part.rows;
         let q_side = |t: &Tensor| strides_at(t, rows.batch, rows.q_start);
         let kv_side = |t: &Tensor| strides_at(t, rows.kv_batch, rows.kv_start);
-        let mut params = option_params(&shape, self.config, false);
+        // A part of one batch entry with per-(batch, head) slopes runs
+        // with that entry's options and per-head table; every other part
+        // shares the call's upload.
+        let entry = (part.batches == 1
+            && matches!(self.config.alibi, Some(Alibi::PerBatchHead(_))))
+        .then(|| self.config.for_batch_entry(rows.batch, self.shape.heads_q));
+        let mut params = option_params(&shape, entry.as_ref().unwrap_or(self.config), false);
         params.q = q_side(args.q);
         params.k = kv_side(args.k);
         params.v = kv_side(args.v);
-        // A part of one batch entry with per-(batch, head) slopes reads
-        // that entry's (then the sinks); every other part shares the
-        // call's upload.
-        let own_table = match &self.config.alibi {
-            Some(Alibi::PerBatchHead(all)) if part.batches == 1 => {
-                params.alibi_batch_stride = 0;
-                let heads = self.shape.heads_q;
-                let mut table = all[rows.batch * heads..][..heads].to_vec();
-                params.sink_offset = heads as u32;
-                table.extend(self.config.sinks.iter().flatten());
-                Some(gpu.storage_buffer("wgpu-flash-attn head table", bytemuck::cast_slice(&table)))
-            }
-            _ => None,
-        };
+        let own_table = entry.as_ref().and_then(|c| gpu.head_table_buffer(c));
         let lse_seq = self.shape.seq_q;
         let mut backward = BackwardParams {
             head_dim4: (shape.head_dim / 4) as u32,

@@ -6,7 +6,8 @@
 use std::sync::OnceLock;
 
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionShape, DType, Gpu, Lse, Tensor, reference,
+    AttentionArgs, AttentionConfig, AttentionShape, DType, ForwardOptions, Gpu, Lse, Tensor,
+    reference,
 };
 
 /// Seeded inputs are drawn as flash-bench draws them (rand's ChaCha8 and
@@ -182,10 +183,7 @@ pub fn run_with(
     inputs: &Inputs,
     config: &AttentionConfig,
 ) -> Errors {
-    let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
-    let k = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap();
-    let v = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.v).unwrap();
-    let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
+    let [q, k, v, out] = upload(gpu, shape, inputs);
     run_views_with(
         gpu,
         implementation,
@@ -196,15 +194,26 @@ pub fn run_with(
     )
 }
 
-/// [`run_views_and_compare`] with a chosen kernel.
-pub fn run_views_with(
+/// `inputs` as packed f32 tensors q, k, v, and a NaN-poisoned output.
+pub fn upload(gpu: &Gpu, shape: &AttentionShape, inputs: &Inputs) -> [Tensor; 4] {
+    [
+        Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap(),
+        Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap(),
+        Tensor::from_f32(gpu, shape.kv_shape(), &inputs.v).unwrap(),
+        Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap(),
+    ]
+}
+
+/// One call on device views into `out` with a NaN-poisoned logsumexp;
+/// the output and logsumexp read back. The naive baseline takes
+/// `options.config` (it has no masks or sequences).
+pub fn run_views(
     gpu: &Gpu,
     implementation: Implementation,
     shape: &AttentionShape,
-    inputs: &Inputs,
-    config: &AttentionConfig,
+    options: ForwardOptions<'_>,
     [q, k, v, out]: [&Tensor; 4],
-) -> Errors {
+) -> (Vec<f32>, Vec<f32>) {
     let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q).unwrap();
     let args = AttentionArgs {
         q,
@@ -214,13 +223,26 @@ pub fn run_views_with(
         lse: Some(&lse),
     };
     match implementation {
-        Implementation::Flash => gpu.run(|e| gpu.forward(e, &args, config)).unwrap(),
+        Implementation::Flash => gpu.run(|e| gpu.forward(e, &args, options)).unwrap(),
         Implementation::Naive => {
-            gpu.run(|e| gpu.naive_attention(e, &args, config)).unwrap();
+            gpu.run(|e| gpu.naive_attention(e, &args, &options.config))
+                .unwrap();
         }
     }
-    let got = out.to_f32_vec(gpu).unwrap();
-    let got_lse = lse.to_vec(gpu).unwrap();
+    (out.to_f32_vec(gpu).unwrap(), lse.to_vec(gpu).unwrap())
+}
+
+/// [`run_views_and_compare`] with a chosen kernel.
+pub fn run_views_with(
+    gpu: &Gpu,
+    implementation: Implementation,
+    shape: &AttentionShape,
+    inputs: &Inputs,
+    config: &AttentionConfig,
+    views: [&Tensor; 4],
+) -> Errors {
+    let options = ForwardOptions::new(config);
+    let (got, got_lse) = run_views(gpu, implementation, shape, options, views);
     compare(shape, inputs, config, &got, &got_lse)
 }
 
