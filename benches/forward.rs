@@ -104,15 +104,15 @@ fn forward(c: &mut Criterion) {
             Tensor::from_f32(&gpu, dims, &normal_vec(rng, dims.elements(), 1.0)).expect("upload")
         };
         let q = upload(&mut rng, shape.q_shape());
-        let k = upload(&mut rng, shape.kv_shape());
-        let v = upload(&mut rng, shape.kv_shape());
+        let k = upload(&mut rng, shape.k_shape());
+        let v = upload(&mut rng, shape.v_shape());
         let d_out = upload(&mut rng, shape.q_shape());
         let zeros = |dims| Tensor::zeros(&gpu, dims, DType::F32).expect("output");
         let out = zeros(shape.q_shape());
         let (dq, dk, dv) = (
             zeros(shape.q_shape()),
-            zeros(shape.kv_shape()),
-            zeros(shape.kv_shape()),
+            zeros(shape.k_shape()),
+            zeros(shape.k_shape()),
         );
         let lse = Lse::new(&gpu, shape.batch, shape.heads_q, shape.seq_q).expect("lse");
         let args = AttentionArgs {

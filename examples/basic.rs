@@ -25,8 +25,8 @@ fn main() -> Result<()> {
             .collect()
     };
     let q = normal(shape.q_shape().elements());
-    let k = normal(shape.kv_shape().elements());
-    let v = normal(shape.kv_shape().elements());
+    let k = normal(shape.k_shape().elements());
+    let v = normal(shape.v_shape().elements());
     let config = AttentionConfig::new().causal(true);
 
     let gpu_result = gpu.attention_host(&shape, &q, &k, &v, &config)?;

@@ -247,20 +247,23 @@ fn store_o(i: u32, value: vec4<f32>) {
 // #if KV_INT8
 // #else
 // The vec4 a lane holds in slab slot `j / WG_SIZE` (j = lane + WG_SIZE * slot):
-// element j of the 4 * D4 vec4s of K (or V) for the four keys at offset `c`
-// of the tile starting at key `tile_start`, which holds `n_keys` keys; zero
-// past its end. `base` is the (batch, head) offset of K or V.
+// element j of the 4 * D4 vec4s of K (4 * DV4 of V) for the four keys at
+// offset `c` of the tile starting at key `tile_start`, which holds `n_keys`
+// keys; zero past its end. `base` is the (batch, head) offset of K or V.
 fn slab_element(from_v: bool, base: u32, tile_start: u32, c: u32, n_keys: u32, j: u32) -> vec4<f32> {
-    let key = c + j / D4;
+    // `from_v` is a constant at every call, so these fold.
+    let width = select(D4, DV4, from_v);
+    let slots = select(SLOTS, SLOTS_V, from_v);
+    let key = c + j / width;
     // The first test is a constant: false unless WG_SIZE does not divide
-    // 4 * D4 and the last slot has lanes past the four keys.
-    if ((SLOTS * WG_SIZE > 4u * D4 && j >= 4u * D4) || key >= n_keys) {
+    // 4 * width and the last slot has lanes past the four keys.
+    if ((slots * WG_SIZE > 4u * width && j >= 4u * width) || key >= n_keys) {
         return vec4<f32>(0.0);
     }
     if (from_v) {
-        return load_v(base + (tile_start + key) * p.v.seq + j % D4);
+        return load_v(base + (tile_start + key) * p.v.seq + j % width);
     }
-    return load_k(base + (tile_start + key) * p.k.seq + j % D4);
+    return load_k(base + (tile_start + key) * p.k.seq + j % width);
 }
 // #endif
 // #endif

@@ -19,14 +19,15 @@
 //                per-lane gather of the same address.
 //
 // Generated constants (prepended by src/shaders.rs, see `Specialization`):
-//   D4        head dimension / 4 (head dims are multiples of 8)
+//   D4        query/key head dimension / 4 (head dims are multiples of 8)
+//   DV4       value (and output) head dimension / 4; usually D4
 //   BLOCK_N   keys per tile, a multiple of 4
 //   WG_SIZE   invocations per workgroup (the smallest subgroup size with
 //             SUBGROUP_KV)
 //   ROWS      query rows per invocation
-//   SLOTS     with SUBGROUP_KV: vec4s each lane holds of four keys' K or V,
-//             ceil(4 * D4 / WG_SIZE)
-// Loops bounded by D4, ROWS or SLOTS may be unrolled by src/shaders.rs, which
+//   SLOTS     with SUBGROUP_KV: vec4s each lane holds of four keys' K,
+//             ceil(4 * D4 / WG_SIZE); SLOTS_V the same for V (DV4)
+// Loops bounded by D4, DV4, ROWS, SLOTS or SLOTS_V may be unrolled by src/shaders.rs, which
 // expands `for (var x = 0u; x < BOUND; x++) {` into copies with `const x`;
 // lines between `// #if NAME`, `// #else` and `// #endif` are kept or dropped
 // by the same code.
@@ -79,7 +80,7 @@ fn mask_bits(base: u32, key0: i32) -> vec4<bool> {
 // #if SUBGROUP_KV
 // #else
 var<workgroup> k_tile: array<vec4<f32>, BLOCK_N * D4>;
-var<workgroup> v_tile: array<vec4<f32>, BLOCK_N * D4>;
+var<workgroup> v_tile: array<vec4<f32>, BLOCK_N * DV4>;
 // #endif
 
 @compute @workgroup_size(WG_SIZE)
@@ -116,7 +117,7 @@ fn main(
     let start = softmax_start(head_q, true);
 
     var q: array<vec4<f32>, ROWS * D4>;
-    var acc: array<vec4<f32>, ROWS * D4>;
+    var acc: array<vec4<f32>, ROWS * DV4>;
     var m: array<f32, ROWS>;
     var l: array<f32, ROWS>;
     var row_pos: array<i32, ROWS>;
@@ -143,7 +144,9 @@ fn main(
         let q_base = batch * p.q.batch + min(row, p.seq_q - 1u) * p.q.seq + head_q * p.q.head + p.q.offset;
         for (var d = 0u; d < D4; d++) {
             q[r * D4 + d] = load_q(q_base + d);
-            acc[r * D4 + d] = vec4<f32>(0.0);
+        }
+        for (var d = 0u; d < DV4; d++) {
+            acc[r * DV4 + d] = vec4<f32>(0.0);
         }
     }
 
@@ -164,6 +167,8 @@ fn main(
 // #endif
 // #if SUBGROUP_KV
 // #else
+        // One loop stages K and V when they are as wide (the test is a
+        // constant), else each has its own.
         for (var i = lid; i < BLOCK_N * D4; i += WG_SIZE) {
             let key = i / D4;
             let d = i % D4;
@@ -172,10 +177,24 @@ fn main(
             if (key < n_keys) {
                 let pos = u32(kv0) + key;
                 kk = load_k(k_base + pos * p.k.seq + d);
-                vv = load_v(v_base + pos * p.v.seq + d);
+                if (D4 == DV4) {
+                    vv = load_v(v_base + pos * p.v.seq + d);
+                }
             }
             k_tile[i] = kk;
-            v_tile[i] = vv;
+            if (D4 == DV4) {
+                v_tile[i] = vv;
+            }
+        }
+        if (D4 != DV4) {
+            for (var i = lid; i < BLOCK_N * DV4; i += WG_SIZE) {
+                let key = i / DV4;
+                var vv = vec4<f32>(0.0);
+                if (key < n_keys) {
+                    vv = load_v(v_base + (u32(kv0) + key) * p.v.seq + i % DV4);
+                }
+                v_tile[i] = vv;
+            }
         }
         workgroupBarrier();
 // #endif
@@ -187,6 +206,7 @@ fn main(
 // #endif
         for (var c = 0u; c < BLOCK_N; c += 4u) {
             let t = c * D4;
+            let tv = c * DV4;
             var dots: array<vec4<f32>, ROWS>;
             for (var r = 0u; r < ROWS; r++) {
                 dots[r] = vec4<f32>(0.0);
@@ -253,26 +273,27 @@ fn main(
             }
 
 // #if SUBGROUP_KV
-            for (var slot = 0u; slot < SLOTS; slot++) {
-                slab[slot] = slab_element(true, v_base, u32(kv0), c, n_keys, lane + WG_SIZE * slot);
+            var slab_v: array<vec4<f32>, SLOTS_V>;
+            for (var slot = 0u; slot < SLOTS_V; slot++) {
+                slab_v[slot] = slab_element(true, v_base, u32(kv0), c, n_keys, lane + WG_SIZE * slot);
             }
 // #endif
-            for (var d = 0u; d < D4; d++) {
+            for (var d = 0u; d < DV4; d++) {
 // #if SUBGROUP_KV
-                let v0 = subgroupBroadcast(slab[d / WG_SIZE], d % WG_SIZE);
-                let v1 = subgroupBroadcast(slab[(D4 + d) / WG_SIZE], (D4 + d) % WG_SIZE);
-                let v2 = subgroupBroadcast(slab[(2u * D4 + d) / WG_SIZE], (2u * D4 + d) % WG_SIZE);
-                let v3 = subgroupBroadcast(slab[(3u * D4 + d) / WG_SIZE], (3u * D4 + d) % WG_SIZE);
+                let v0 = subgroupBroadcast(slab_v[d / WG_SIZE], d % WG_SIZE);
+                let v1 = subgroupBroadcast(slab_v[(DV4 + d) / WG_SIZE], (DV4 + d) % WG_SIZE);
+                let v2 = subgroupBroadcast(slab_v[(2u * DV4 + d) / WG_SIZE], (2u * DV4 + d) % WG_SIZE);
+                let v3 = subgroupBroadcast(slab_v[(3u * DV4 + d) / WG_SIZE], (3u * DV4 + d) % WG_SIZE);
 // #else
-                let v0 = v_tile[t + d];
-                let v1 = v_tile[t + D4 + d];
-                let v2 = v_tile[t + 2u * D4 + d];
-                let v3 = v_tile[t + 3u * D4 + d];
+                let v0 = v_tile[tv + d];
+                let v1 = v_tile[tv + DV4 + d];
+                let v2 = v_tile[tv + 2u * DV4 + d];
+                let v3 = v_tile[tv + 3u * DV4 + d];
 // #endif
                 for (var r = 0u; r < ROWS; r++) {
                     let pr = probs[r];
-                    acc[r * D4 + d] = fma(vec4<f32>(pr.w), v3, fma(vec4<f32>(pr.z), v2,
-                        fma(vec4<f32>(pr.y), v1, fma(vec4<f32>(pr.x), v0, acc[r * D4 + d] * correction[r]))));
+                    acc[r * DV4 + d] = fma(vec4<f32>(pr.w), v3, fma(vec4<f32>(pr.z), v2,
+                        fma(vec4<f32>(pr.y), v1, fma(vec4<f32>(pr.x), v0, acc[r * DV4 + d] * correction[r]))));
                 }
             }
         }
@@ -290,8 +311,8 @@ fn main(
             let inv_l = select(0.0, 1.0 / l[r], l[r] > 0.0);
             let lse = row_lse(m[r], l[r]);
             let o_base = batch * p.o.batch + row * p.o.seq + head_q * p.o.head + p.o.offset;
-            for (var d = 0u; d < D4; d++) {
-                store_o(o_base + d, acc[r * D4 + d] * inv_l);
+            for (var d = 0u; d < DV4; d++) {
+                store_o(o_base + d, acc[r * DV4 + d] * inv_l);
             }
             if (has_flag(FLAG_WRITE_LSE)) {
                 lse_buf[(batch * p.heads_q + head_q) * p.seq_q + row] = lse;

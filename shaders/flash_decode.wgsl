@@ -18,7 +18,9 @@
 // Bindings 0-6 are attention_common.wgsl's: p.q / p.o describe the query
 // and output views, p.k = p.v = [page row, heads_kv, vector] inside a
 // segment, in the storage type's vec4 units (a vector is D4 of them, plus
-// the scale word for int8);
+// the scale word for int8). A latent cache binds its K buffer as V too:
+// a value is the first DV4 vec4s of its key, and an int8 value's scale is
+// its key's (after D4 words in both cases);
 // p.seq_kv is unused (each sequence has its own length in seq_lens).
 //
 // Two variants (src/decode.rs picks): SUBGROUP_KV below, and the portable
@@ -201,8 +203,9 @@ fn output_base(slot: u32, batch: u32, row: DecodeRow, lse: f32, store_lse: bool)
 // No workgroup memory, no barriers; every lane runs the same softmax on the
 // reduced scores, so control flow stays uniform.
 //
-// Generated constants here: D4, WG_SIZE, ROWS (query rows per workgroup),
-// SLOTS = ceil(D4 / WG_SIZE); BLOCK_N is unused.
+// Generated constants here: D4 (keys), DV4 (values), WG_SIZE, ROWS (query
+// rows per workgroup), SLOTS = ceil(D4 / WG_SIZE), SLOTS_V = ceil(DV4 /
+// WG_SIZE); BLOCK_N is unused.
 
 @compute @workgroup_size(WG_SIZE)
 fn main(
@@ -216,7 +219,7 @@ fn main(
     let seq_kv = seq_lens[batch];
 
     var q: array<vec4<f32>, ROWS * SLOTS>;
-    var acc: array<vec4<f32>, ROWS * SLOTS>;
+    var acc: array<vec4<f32>, ROWS * SLOTS_V>;
     var m: array<f32, ROWS>;
     var l: array<f32, ROWS>;
     var rows: array<DecodeRow, ROWS>;
@@ -236,7 +239,9 @@ fn main(
         let q_base = batch * p.q.batch + rows[r].query * p.q.seq + rows[r].head_q * p.q.head + p.q.offset;
         for (var slot = 0u; slot < SLOTS; slot++) {
             q[r * SLOTS + slot] = q_slice(q_base, lane + WG_SIZE * slot);
-            acc[r * SLOTS + slot] = vec4<f32>(0.0);
+        }
+        for (var slot = 0u; slot < SLOTS_V; slot++) {
+            acc[r * SLOTS_V + slot] = vec4<f32>(0.0);
         }
     }
 
@@ -252,17 +257,20 @@ fn main(
             continue;
         }
         var k: array<vec4<f32>, 4 * SLOTS>;
-        var v: array<vec4<f32>, 4 * SLOTS>;
+        var v: array<vec4<f32>, 4 * SLOTS_V>;
         for (var slot = 0u; slot < SLOTS; slot++) {
             let j = lane + WG_SIZE * slot;
             k[slot] = slice_of(false, rows4.x, j);
             k[SLOTS + slot] = slice_of(false, rows4.y, j);
             k[2u * SLOTS + slot] = slice_of(false, rows4.z, j);
             k[3u * SLOTS + slot] = slice_of(false, rows4.w, j);
+        }
+        for (var slot = 0u; slot < SLOTS_V; slot++) {
+            let j = lane + WG_SIZE * slot;
             v[slot] = slice_of(true, rows4.x, j);
-            v[SLOTS + slot] = slice_of(true, rows4.y, j);
-            v[2u * SLOTS + slot] = slice_of(true, rows4.z, j);
-            v[3u * SLOTS + slot] = slice_of(true, rows4.w, j);
+            v[SLOTS_V + slot] = slice_of(true, rows4.y, j);
+            v[2u * SLOTS_V + slot] = slice_of(true, rows4.z, j);
+            v[3u * SLOTS_V + slot] = slice_of(true, rows4.w, j);
         }
         let key_pos = vec4<i32>(kv0) + vec4<i32>(0, 1, 2, 3);
         let scales = key_scales(rows4);
@@ -281,9 +289,9 @@ fn main(
             l[r] = step.l;
             let pr = step.probs * scales[1];
             let correction = step.correction;
-            for (var slot = 0u; slot < SLOTS; slot++) {
-                acc[r * SLOTS + slot] = fma(vec4<f32>(pr.w), v[3u * SLOTS + slot], fma(vec4<f32>(pr.z), v[2u * SLOTS + slot],
-                    fma(vec4<f32>(pr.y), v[SLOTS + slot], fma(vec4<f32>(pr.x), v[slot], acc[r * SLOTS + slot] * correction))));
+            for (var slot = 0u; slot < SLOTS_V; slot++) {
+                acc[r * SLOTS_V + slot] = fma(vec4<f32>(pr.w), v[3u * SLOTS_V + slot], fma(vec4<f32>(pr.z), v[2u * SLOTS_V + slot],
+                    fma(vec4<f32>(pr.y), v[SLOTS_V + slot], fma(vec4<f32>(pr.x), v[slot], acc[r * SLOTS_V + slot] * correction))));
             }
         }
     }
@@ -292,10 +300,10 @@ fn main(
         if (row0 + r < dp.rows) {
             let result = row_result(m[r], l[r]);
             let o_base = output_base(dp.slot_base + split, batch, rows[r], result.y, lane == 0u);
-            for (var slot = 0u; slot < SLOTS; slot++) {
+            for (var slot = 0u; slot < SLOTS_V; slot++) {
                 let j = lane + WG_SIZE * slot;
-                if (j < D4) {
-                    store_o(o_base + j, acc[r * SLOTS + slot] * result.x);
+                if (j < DV4) {
+                    store_o(o_base + j, acc[r * SLOTS_V + slot] * result.x);
                 }
             }
         }
@@ -319,9 +327,9 @@ fn key_row_until(batch: u32, pos: i32, hi: i32, head_kv: u32) -> i32 {
 }
 
 // vec4 `j` of the K (or V) row at `row`; zero for absent rows and for lanes
-// past the head dim.
+// past the head dim (the value head dim for V).
 fn slice_of(from_v: bool, row: i32, j: u32) -> vec4<f32> {
-    if (row < 0 || j >= D4) {
+    if (row < 0 || j >= select(D4, DV4, from_v)) {
         return vec4<f32>(0.0);
     }
     if (from_v) {
@@ -333,7 +341,7 @@ fn slice_of(from_v: bool, row: i32, j: u32) -> vec4<f32> {
 const BLOCK_M: u32 = WG_SIZE * ROWS;
 
 var<workgroup> k_tile: array<vec4<f32>, BLOCK_N * D4>;
-var<workgroup> v_tile: array<vec4<f32>, BLOCK_N * D4>;
+var<workgroup> v_tile: array<vec4<f32>, BLOCK_N * DV4>;
 // Per key of the tile: the vec4 index of its K/V row in this segment, or
 // -1 when its page lives in another segment (or past the tile's end).
 var<workgroup> key_row: array<i32, BLOCK_N>;
@@ -379,7 +387,7 @@ fn main(
     let seq_kv = seq_lens[batch];
 
     var q: array<vec4<f32>, ROWS * D4>;
-    var acc: array<vec4<f32>, ROWS * D4>;
+    var acc: array<vec4<f32>, ROWS * DV4>;
     var m: array<f32, ROWS>;
     var l: array<f32, ROWS>;
     var rows: array<DecodeRow, ROWS>;
@@ -399,7 +407,9 @@ fn main(
         let q_base = batch * p.q.batch + rows[r].query * p.q.seq + rows[r].head_q * p.q.head + p.q.offset;
         for (var d = 0u; d < D4; d++) {
             q[r * D4 + d] = load_q(q_base + d);
-            acc[r * D4 + d] = vec4<f32>(0.0);
+        }
+        for (var d = 0u; d < DV4; d++) {
+            acc[r * DV4 + d] = vec4<f32>(0.0);
         }
     }
     // Every invocation must agree on the tile loop (it has barriers): the
@@ -439,6 +449,8 @@ fn main(
         if (workgroupUniformLoad(&tile_has_keys) == 0u) {
             continue;
         }
+        // One loop stages K and V when they are as wide (the test is a
+        // constant), else each has its own.
         for (var i = lid; i < BLOCK_N * D4; i += WG_SIZE) {
             let key = i / D4;
             let d = i % D4;
@@ -447,15 +459,30 @@ fn main(
             let row = key_row[key];
             if (row >= 0) {
                 kk = cache_k(u32(row), d);
-                vv = cache_v(u32(row), d);
+                if (D4 == DV4) {
+                    vv = cache_v(u32(row), d);
+                }
             }
             k_tile[i] = kk;
-            v_tile[i] = vv;
+            if (D4 == DV4) {
+                v_tile[i] = vv;
+            }
+        }
+        if (D4 != DV4) {
+            for (var i = lid; i < BLOCK_N * DV4; i += WG_SIZE) {
+                let row = key_row[i / DV4];
+                var vv = vec4<f32>(0.0);
+                if (row >= 0) {
+                    vv = cache_v(u32(row), i % DV4);
+                }
+                v_tile[i] = vv;
+            }
         }
         workgroupBarrier();
 
         for (var c = 0u; c < BLOCK_N; c += 4u) {
             let t = c * D4;
+            let tv = c * DV4;
             var dots: array<vec4<f32>, ROWS>;
             for (var r = 0u; r < ROWS; r++) {
                 dots[r] = vec4<f32>(0.0);
@@ -485,15 +512,15 @@ fn main(
                 probs[r] = step.probs * scales[1];
                 correction[r] = step.correction;
             }
-            for (var d = 0u; d < D4; d++) {
-                let v0 = v_tile[t + d];
-                let v1 = v_tile[t + D4 + d];
-                let v2 = v_tile[t + 2u * D4 + d];
-                let v3 = v_tile[t + 3u * D4 + d];
+            for (var d = 0u; d < DV4; d++) {
+                let v0 = v_tile[tv + d];
+                let v1 = v_tile[tv + DV4 + d];
+                let v2 = v_tile[tv + 2u * DV4 + d];
+                let v3 = v_tile[tv + 3u * DV4 + d];
                 for (var r = 0u; r < ROWS; r++) {
                     let pr = probs[r];
-                    acc[r * D4 + d] = fma(vec4<f32>(pr.w), v3, fma(vec4<f32>(pr.z), v2,
-                        fma(vec4<f32>(pr.y), v1, fma(vec4<f32>(pr.x), v0, acc[r * D4 + d] * correction[r]))));
+                    acc[r * DV4 + d] = fma(vec4<f32>(pr.w), v3, fma(vec4<f32>(pr.z), v2,
+                        fma(vec4<f32>(pr.y), v1, fma(vec4<f32>(pr.x), v0, acc[r * DV4 + d] * correction[r]))));
                 }
             }
         }
@@ -503,8 +530,8 @@ fn main(
         if (row0 + lid + r * WG_SIZE < dp.rows) {
             let result = row_result(m[r], l[r]);
             let o_base = output_base(dp.slot_base + split, batch, rows[r], result.y, true);
-            for (var d = 0u; d < D4; d++) {
-                store_o(o_base + d, acc[r * D4 + d] * result.x);
+            for (var d = 0u; d < DV4; d++) {
+                store_o(o_base + d, acc[r * DV4 + d] * result.x);
             }
         }
     }

@@ -1,6 +1,7 @@
 // Appends new K and V tokens to a paged KV cache in place, rotating the
 // keys (RoPE) on the way when rotary_dim > 0, and storing both in the
-// cache's type. Token t of sequence b goes to cache position starts[b].x + t
+// cache's type (a latent cache, write_values = 0, stores keys only: its
+// values are their prefix). Token t of sequence b goes to cache position starts[b].x + t
 // and is rotated for position starts[b].y + t. One dispatch per cache
 // segment; each writes the tokens whose page lives in its segment. One
 // invocation per (sequence, token, head) vector: the int8 scale needs the
@@ -30,20 +31,23 @@ fn element(is_key: bool, src: u32, e: u32, position: u32) -> f32 {
     if (!is_key) {
         return v_new[src + e];
     }
-    if (e >= rp.rotary_dim) {
+    // Index within the rotated part [rotary_start, rotary_start + rotary_dim).
+    let r = e - rp.rotary_start;
+    if (e < rp.rotary_start || r >= rp.rotary_dim) {
         return k_new[src + e];
     }
-    // Pair `pair` is elements (a, b); `e` is the first of them or not.
-    var pair = e / 2u;
-    var first = (e & 1u) == 0u;
+    // Pair `pair` is elements (a, b) of the part; `r` is the first of them or not.
+    var pair = r / 2u;
+    var first = (r & 1u) == 0u;
     var at = vec2<u32>(2u * pair, 2u * pair + 1u);
     if (rp.half_split != 0u) {
         let half_rot = rp.rotary_dim / 2u;
-        first = e < half_rot;
-        pair = select(e - half_rot, e, first);
+        first = r < half_rot;
+        pair = select(r - half_rot, r, first);
         at = vec2<u32>(pair, pair + half_rot);
     }
-    let rotated = rotate(k_new[src + at.x], k_new[src + at.y], position, pair);
+    at += vec2<u32>(src + rp.rotary_start);
+    let rotated = rotate(k_new[at.x], k_new[at.y], position, pair);
     return select(rotated.y, rotated.x, first);
 }
 
@@ -144,5 +148,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let src = batch * rp.src_batch + token * rp.src_seq + head * rp.src_head + rp.src_offset;
     let position = starts[batch].y + token;
     store_vector(true, src, dst, position);
-    store_vector(false, src, dst, position);
+    if (rp.write_values != 0u) {
+        store_vector(false, src, dst, position);
+    }
 }

@@ -31,8 +31,11 @@ struct RopeParams {
     pages_per_seq: u32,
     segment_first_page: u32,
     segment_pages: u32,
-    _pad0: u32,
-    _pad1: u32,
+    // kv_append only: the first rotated element (rotary_dim elements from
+    // it rotate; a latent cache rotates its last ones) and whether V
+    // vectors are stored (0: the values are a prefix of the keys).
+    rotary_start: u32,
+    write_values: u32,
 }
 
 // The two element indices invocation-pair `i` moves, and whether it rotates

@@ -229,9 +229,10 @@ pub struct AttentionArgs<'a> {
     pub q: &'a Tensor,
     /// `[batch, seq_kv, heads_kv, head_dim]` keys.
     pub k: &'a Tensor,
-    /// `[batch, seq_kv, heads_kv, head_dim]` values.
+    /// `[batch, seq_kv, heads_kv, head_dim_v]` values (`head_dim_v` is
+    /// usually `head_dim`; see [`AttentionShape`]).
     pub v: &'a Tensor,
-    /// Output, shaped like `q`; written in place.
+    /// Output, `[batch, seq_q, heads_q, head_dim_v]`; written in place.
     pub out: &'a Tensor,
     /// Optional logsumexp output, `[batch, heads_q, seq_q]`, written alongside `out`.
     pub lse: Option<&'a Lse>,
@@ -263,13 +264,6 @@ impl AttentionArgs<'_> {
                 v.heads,
             ),
             (
-                "K and V shapes differ",
-                "k.head_dim",
-                k.head_dim,
-                "v.head_dim",
-                v.head_dim,
-            ),
-            (
                 "Q and K batch differ",
                 "q.batch",
                 q.batch,
@@ -299,9 +293,9 @@ impl AttentionArgs<'_> {
                 o.heads,
             ),
             (
-                "O must be shaped like Q",
-                "q.head_dim",
-                q.head_dim,
+                "O is [batch, seq_q, heads_q, head_dim_v]",
+                "v.head_dim",
+                v.head_dim,
                 "out.head_dim",
                 o.head_dim,
             ),
@@ -314,6 +308,7 @@ impl AttentionArgs<'_> {
             heads_q: q.heads,
             heads_kv: k.heads,
             head_dim: q.head_dim,
+            head_dim_v: v.head_dim,
         })
     }
 }
@@ -477,9 +472,9 @@ impl Gpu {
         config.validate(shape)?;
         let upload = |name, dims, data| upload_packed(self, name, dims, data);
         let q = upload("q", shape.q_shape(), q)?;
-        let k = upload("k", shape.kv_shape(), k)?;
-        let v = upload("v", shape.kv_shape(), v)?;
-        let out = Tensor::zeros(self, shape.q_shape(), DType::F32)?;
+        let k = upload("k", shape.k_shape(), k)?;
+        let v = upload("v", shape.v_shape(), v)?;
+        let out = Tensor::zeros(self, shape.o_shape(), DType::F32)?;
         let lse = Lse::new(self, shape.batch, shape.heads_q, shape.seq_q)?;
         let args = AttentionArgs {
             q: &q,

@@ -7,8 +7,12 @@ use crate::error::{Error, Result};
 
 /// The dimensions of one attention call.
 ///
-/// Q is `[batch, seq_q, heads_q, head_dim]`, K and V are
-/// `[batch, seq_kv, heads_kv, head_dim]`, O is shaped like Q.
+/// Q is `[batch, seq_q, heads_q, head_dim]`, K is
+/// `[batch, seq_kv, heads_kv, head_dim]`, V is
+/// `[batch, seq_kv, heads_kv, head_dim_v]` and O is
+/// `[batch, seq_q, heads_q, head_dim_v]`. The value head dim equals the
+/// query/key one except in models that size them apart (DeepSeek's MLA:
+/// 192 and 128 in prefill); the default scale follows `head_dim`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "cli", derive(serde::Serialize))]
 pub struct AttentionShape {
@@ -22,8 +26,11 @@ pub struct AttentionShape {
     pub heads_q: usize,
     /// Key/value heads; fewer than `heads_q` is grouped-query attention.
     pub heads_kv: usize,
-    /// Elements per head vector (see [`SUPPORTED_HEAD_DIMS`]).
+    /// Elements per query and key head vector (see [`SUPPORTED_HEAD_DIMS`]).
     pub head_dim: usize,
+    /// Elements per value (and output) head vector (see
+    /// [`SUPPORTED_HEAD_DIMS`]); usually `head_dim`.
+    pub head_dim_v: usize,
 }
 
 impl AttentionShape {
@@ -36,17 +43,39 @@ impl AttentionShape {
             heads_q: heads,
             heads_kv: heads,
             head_dim,
+            head_dim_v: head_dim,
         }
     }
 
-    /// Shape of Q and O: `[batch, seq_q, heads_q, head_dim]`.
+    /// The same shape with values (and outputs) of `head_dim_v` elements.
+    pub fn with_head_dim_v(mut self, head_dim_v: usize) -> Self {
+        self.head_dim_v = head_dim_v;
+        self
+    }
+
+    /// Shape of Q: `[batch, seq_q, heads_q, head_dim]`.
     pub fn q_shape(&self) -> crate::TensorShape {
         crate::TensorShape::new(self.batch, self.seq_q, self.heads_q, self.head_dim)
     }
 
-    /// Shape of K and V: `[batch, seq_kv, heads_kv, head_dim]`.
-    pub fn kv_shape(&self) -> crate::TensorShape {
+    /// Shape of K: `[batch, seq_kv, heads_kv, head_dim]`.
+    pub fn k_shape(&self) -> crate::TensorShape {
         crate::TensorShape::new(self.batch, self.seq_kv, self.heads_kv, self.head_dim)
+    }
+
+    /// Shape of V: `[batch, seq_kv, heads_kv, head_dim_v]`.
+    pub fn v_shape(&self) -> crate::TensorShape {
+        crate::TensorShape::new(self.batch, self.seq_kv, self.heads_kv, self.head_dim_v)
+    }
+
+    /// Shape of O: `[batch, seq_q, heads_q, head_dim_v]`.
+    pub fn o_shape(&self) -> crate::TensorShape {
+        crate::TensorShape::new(self.batch, self.seq_q, self.heads_q, self.head_dim_v)
+    }
+
+    /// Whether values are as wide as queries and keys.
+    pub fn same_head_dims(&self) -> bool {
+        self.head_dim == self.head_dim_v
     }
 
     /// Query heads that share one KV head.
@@ -54,14 +83,16 @@ impl AttentionShape {
         self.heads_q / self.heads_kv
     }
 
-    /// Forward FLOPs actually needed under `config`: 4 per (query, visible
-    /// key, head dim) (QK^T and PV). Counts only visible keys, so causal and
-    /// windowed calls get credit only for the work they must do.
+    /// Forward FLOPs actually needed under `config`: 2 per (query, visible
+    /// key, element) of QK^T (`head_dim`) and of PV (`head_dim_v`). Counts
+    /// only visible keys, so causal and windowed calls get credit only for
+    /// the work they must do.
     pub fn flops(&self, config: &AttentionConfig) -> f64 {
         let visible: usize = (0..self.seq_q)
             .map(|row| config.visible_keys(row, self.seq_q, self.seq_kv).len())
             .sum();
-        4.0 * (self.batch * self.heads_q * self.head_dim) as f64 * visible as f64
+        2.0 * (self.batch * self.heads_q * (self.head_dim + self.head_dim_v)) as f64
+            * visible as f64
     }
 
     /// Bytes of the whole score matrix, `[batch, heads_q, seq_q, seq_kv]`
@@ -80,6 +111,7 @@ impl AttentionShape {
             ("heads_q", self.heads_q),
             ("heads_kv", self.heads_kv),
             ("head_dim", self.head_dim),
+            ("head_dim_v", self.head_dim_v),
         ];
         if dims.iter().any(|(_, n)| *n == 0) {
             return Err(Error::ZeroDimension {
@@ -88,36 +120,45 @@ impl AttentionShape {
                     self.batch,
                     self.seq_q.min(self.seq_kv),
                     self.heads_q.min(self.heads_kv),
-                    self.head_dim,
+                    self.head_dim.min(self.head_dim_v),
                 ],
             });
         }
         // Byte counts must not wrap around (the reference and the GPU path
         // size buffers from them).
         crate::tensor::check_shape("q", self.q_shape())?;
-        crate::tensor::check_shape("k/v", self.kv_shape())?;
+        crate::tensor::check_shape("k", self.k_shape())?;
+        crate::tensor::check_shape("v", self.v_shape())?;
+        crate::tensor::check_shape("out", self.o_shape())?;
         if !self.heads_q.is_multiple_of(self.heads_kv) {
             return Err(Error::HeadsNotDivisible {
                 heads_q: self.heads_q,
                 heads_kv: self.heads_kv,
             });
         }
-        if !is_supported_head_dim(self.head_dim) {
-            return Err(Error::HeadDimUnsupported {
-                got: self.head_dim,
-                supported: SUPPORTED_HEAD_DIMS,
-            });
+        for got in [self.head_dim, self.head_dim_v] {
+            if !is_supported_head_dim(got) {
+                return Err(Error::HeadDimUnsupported {
+                    got,
+                    supported: SUPPORTED_HEAD_DIMS,
+                });
+            }
         }
         Ok(())
     }
 }
 
-/// Human-readable list of supported head dims.
-pub const SUPPORTED_HEAD_DIMS: &str = "multiples of 8 from 8 to 256";
+/// Human-readable list of supported head dims (query/key and value alike;
+/// the widest need workgroup memory the adapter may lack, a typed
+/// [`Error::WorkgroupMemory`] then).
+pub const SUPPORTED_HEAD_DIMS: &str = "multiples of 8 from 8 to 576";
 
-/// Whether the kernels handle `head_dim`: a multiple of 8 from 8 to 256.
+/// The widest head dim the kernels take (Gemma's 512, DeepSeek MLA's 576).
+pub const MAX_HEAD_DIM: usize = 576;
+
+/// Whether the kernels handle `head_dim`: a multiple of 8 from 8 to 576.
 pub fn is_supported_head_dim(head_dim: usize) -> bool {
-    head_dim.is_multiple_of(8) && (8..=256).contains(&head_dim)
+    head_dim.is_multiple_of(8) && (8..=MAX_HEAD_DIM).contains(&head_dim)
 }
 
 /// ALiBi slopes: the bias added to score `(i, j)` is `-slope * |pos_i - j|`,

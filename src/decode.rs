@@ -85,14 +85,15 @@ struct Partials {
 }
 
 impl Partials {
-    fn new(gpu: &Gpu, slots: u32, q: TensorShape) -> Result<Self> {
-        let rows = (q.batch * q.seq * q.heads) as u64;
-        let out_bytes = u64::from(slots) * rows * q.head_dim as u64 * 4;
+    /// Slots of partial outputs shaped like `o`.
+    fn new(gpu: &Gpu, slots: u32, o: TensorShape) -> Result<Self> {
+        let rows = (o.batch * o.seq * o.heads) as u64;
+        let out_bytes = u64::from(slots) * rows * o.head_dim as u64 * 4;
         check_binding_size(gpu, "decode partial outputs", out_bytes)?;
         Ok(Partials {
             out: gpu.scratch_buffer("wgpu-flash-attn partial outputs", out_bytes),
             lse: gpu.scratch_buffer("wgpu-flash-attn partial lse", u64::from(slots) * rows * 4),
-            out_slot: (rows * q.head_dim as u64 / 4) as u32,
+            out_slot: (rows * o.head_dim as u64 / 4) as u32,
             lse_slot: rows as u32,
         })
     }
@@ -122,9 +123,10 @@ impl Gpu {
             heads_q: q.heads,
             heads_kv: cache.heads_kv(),
             head_dim: q.head_dim,
+            head_dim_v: cache.head_dim_v(),
         };
         let o = args.out.shape();
-        let like_q = "decode: O must be shaped like Q";
+        let like_q = "decode: O is [batch, seq_q, heads_q, cache head_dim_v]";
         require_equal(&[
             (
                 "decode: Q and cache",
@@ -143,7 +145,13 @@ impl Gpu {
             (like_q, "q.batch", q.batch, "out.batch", o.batch),
             (like_q, "q.seq", q.seq, "out.seq", o.seq),
             (like_q, "q.heads", q.heads, "out.heads", o.heads),
-            (like_q, "q.head_dim", q.head_dim, "out.head_dim", o.head_dim),
+            (
+                like_q,
+                "cache.head_dim_v",
+                cache.head_dim_v(),
+                "out.head_dim",
+                o.head_dim,
+            ),
         ])?;
         config.validate(&shape)?;
         check_operand(self, "q", args.q, DType::F32)?;
@@ -158,7 +166,7 @@ impl Gpu {
         let plan =
             DecodePlan::for_call(self.info(), &cache.plan_shape(), q.seq, q.heads, &options)?;
         let partials = if plan.slots > 1 {
-            Some(Partials::new(self, plan.slots, q)?)
+            Some(Partials::new(self, plan.slots, o)?)
         } else {
             None
         };
@@ -174,7 +182,7 @@ impl Gpu {
         params.k = cache_strides;
         params.v = cache_strides;
         params.o = match &partials {
-            Some(_) => vec4_view(q.contiguous_strides(), 0),
+            Some(_) => vec4_view(o.contiguous_strides(), 0),
             None => vec4_strides(args.out),
         };
         let head_table = self.head_table_buffer(config);
@@ -217,7 +225,7 @@ impl Gpu {
                         &params_buffer,
                         args.q.buffer(),
                         &segment.k,
-                        &segment.v,
+                        segment.values(),
                         out_buffer,
                         lse_buffer,
                         head_table.as_ref().unwrap_or(&self.placeholders.alibi),

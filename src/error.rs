@@ -173,13 +173,15 @@ pub enum Error {
         limit: u32,
     },
 
-    /// The adapter's workgroup memory is too small for even the smallest K/V tile of this head dim.
+    /// The adapter's workgroup memory is too small for even the smallest K/V tile of these head dims.
     #[error(
-        "head dim {head_dim} needs at least {needed} bytes of workgroup memory, the adapter has {limit}"
+        "head dims {head_dim} (query/key) and {head_dim_v} (value) need at least {needed} bytes of workgroup memory, the adapter has {limit}"
     )]
     WorkgroupMemory {
-        /// The call's head dim.
+        /// The call's query/key head dim.
         head_dim: usize,
+        /// The call's value head dim.
+        head_dim_v: usize,
         /// Bytes of workgroup memory the smallest tile needs.
         needed: u64,
         /// The adapter's `max_compute_workgroup_storage_size`, in bytes.

@@ -99,6 +99,26 @@ impl KvDType {
     }
 }
 
+/// Where a KV cache keeps its values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum KvValues {
+    /// A V pool beside the K pool, with vectors as wide as the keys.
+    #[default]
+    Separate,
+    /// No V pool: each token's value is the first `head_dim_v` elements of
+    /// its key vector. This is multi-head latent attention's cache
+    /// (DeepSeek-V2/V3 decoding): one KV head holding the latent `[c_kv |
+    /// k_rope]` (512 + 64 = 576 elements), whose first 512 are the values,
+    /// in half the bytes of a separate V copy. Tokens go in with
+    /// [`KvCache::append_latent`], whose fused RoPE rotates the *last*
+    /// `rotary_dim` elements (`k_rope`), which may not reach the values.
+    KeyPrefix {
+        /// Elements of each key vector that are its value (a supported
+        /// head dim, at most the key head dim).
+        head_dim_v: usize,
+    },
+}
+
 /// Shape and storage type of a KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvCacheConfig {
@@ -106,8 +126,11 @@ pub struct KvCacheConfig {
     pub batch: usize,
     /// Key/value heads.
     pub heads_kv: usize,
-    /// Elements per head vector (a supported head dim).
+    /// Elements per key head vector (a supported head dim); also per value
+    /// vector unless `values` says otherwise.
     pub head_dim: usize,
+    /// Where the values live (default: a V pool of `head_dim` vectors).
+    pub values: KvValues,
     /// Contiguous or paged storage.
     pub layout: KvLayout,
     /// Cap on the bytes of each K (and V) buffer; `None` means the
@@ -128,7 +151,25 @@ impl KvCacheConfig {
             layout,
             max_buffer_bytes: None,
             dtype: KvDType::F32,
+            values: KvValues::Separate,
         }
+    }
+    /// Keeps no V pool: values are the first `head_dim_v` elements of each
+    /// key (multi-head latent attention, see [`KvValues::KeyPrefix`]).
+    pub fn latent_values(mut self, head_dim_v: usize) -> Self {
+        self.values = KvValues::KeyPrefix { head_dim_v };
+        self
+    }
+    /// Elements per value vector.
+    pub fn head_dim_v(&self) -> usize {
+        match self.values {
+            KvValues::Separate => self.head_dim,
+            KvValues::KeyPrefix { head_dim_v } => head_dim_v,
+        }
+    }
+    /// Whether the values are a prefix of the keys (no V pool).
+    pub fn values_in_keys(&self) -> bool {
+        matches!(self.values, KvValues::KeyPrefix { .. })
     }
     /// Stores K and V as `dtype` (see [`KvDType`]).
     pub fn dtype(mut self, dtype: KvDType) -> Self {
@@ -154,13 +195,20 @@ pub struct KeyRotation<'a> {
 }
 
 /// Pages `first_page .. first_page + pages` of the pool, in one K and one V
-/// buffer.
+/// buffer (no V buffer when the values are a prefix of the keys).
 #[derive(Debug)]
 pub(crate) struct CacheSegment {
     pub first_page: u32,
     pub pages: u32,
     pub k: wgpu::Buffer,
-    pub v: wgpu::Buffer,
+    pub v: Option<wgpu::Buffer>,
+}
+
+impl CacheSegment {
+    /// The buffer the values are read from: V's, or K's for a latent cache.
+    pub fn values(&self) -> &wgpu::Buffer {
+        self.v.as_ref().unwrap_or(&self.k)
+    }
 }
 
 /// A KV cache on the device. Sequences grow by [`KvCache::append`];
@@ -221,10 +269,21 @@ impl KvCacheConfig {
                 });
             }
         }
-        if !crate::is_supported_head_dim(head_dim) {
-            return Err(Error::HeadDimUnsupported {
-                got: head_dim,
-                supported: crate::SUPPORTED_HEAD_DIMS,
+        for got in [head_dim, self.head_dim_v()] {
+            if !crate::is_supported_head_dim(got) {
+                return Err(Error::HeadDimUnsupported {
+                    got,
+                    supported: crate::SUPPORTED_HEAD_DIMS,
+                });
+            }
+        }
+        if self.head_dim_v() > head_dim {
+            return Err(Error::ShapeMismatch {
+                what: "latent values are a prefix of each key vector",
+                left_name: "head_dim_v",
+                left: self.head_dim_v(),
+                right_name: "head_dim",
+                right: head_dim,
             });
         }
         Ok(match layout {
@@ -318,7 +377,7 @@ impl KvCache {
                     first_page: first as u32,
                     pages: pages as u32,
                     k: make("wgpu-flash-attn kv cache K"),
-                    v: make("wgpu-flash-attn kv cache V"),
+                    v: (!config.values_in_keys()).then(|| make("wgpu-flash-attn kv cache V")),
                 }
             })
             .collect();
@@ -326,7 +385,8 @@ impl KvCache {
     }
 
     /// A cache over K/V pools the caller owns (no copy): `segments` lists
-    /// (K buffer, V buffer) pairs, each holding whole pages of
+    /// (K buffer, V buffer) pairs (for a latent cache, [`KvValues::KeyPrefix`],
+    /// the K buffer twice: it has no V pool), each holding whole pages of
     /// `[page_size, heads_kv, head_dim]` tokens of the config's storage type
     /// (int8: each head vector's `head_dim` bytes then its f32 scale), pages
     /// numbered across
@@ -352,6 +412,11 @@ impl KvCache {
                 crate::tensor::check_caller_buffer(gpu, name, buffer)?;
                 crate::tensor::check_binding_size(gpu, name, buffer.size())?;
             }
+            if config.values_in_keys() && k != v {
+                return Err(Error::UnsupportedCombination {
+                    what: "a latent cache (values in the keys) and a V buffer other than its K buffer",
+                });
+            }
             if k.size() != v.size() {
                 return Err(Error::ShapeMismatch {
                     what: "each K buffer of a cache must be as large as its V buffer",
@@ -374,7 +439,7 @@ impl KvCache {
                 first_page: first_page as u32,
                 pages: pages as u32,
                 k: k.clone(),
-                v: v.clone(),
+                v: (!config.values_in_keys()).then(|| v.clone()),
             });
             first_page += pages;
         }
@@ -425,9 +490,13 @@ impl KvCache {
     pub fn heads_kv(&self) -> usize {
         self.config.heads_kv
     }
-    /// Elements per head vector.
+    /// Elements per key head vector.
     pub fn head_dim(&self) -> usize {
         self.config.head_dim
+    }
+    /// Elements per value head vector (see [`KvValues`]).
+    pub fn head_dim_v(&self) -> usize {
+        self.config.head_dim_v()
     }
     /// Tokens per page (for a contiguous cache, the page size it chose).
     pub fn page_size(&self) -> usize {
@@ -446,7 +515,10 @@ impl KvCache {
     }
     /// Bytes of K plus V storage on the device.
     pub fn bytes(&self) -> u64 {
-        self.segments.iter().map(|s| s.k.size() + s.v.size()).sum()
+        self.segments
+            .iter()
+            .map(|s| s.k.size() + s.v.as_ref().map_or(0, wgpu::Buffer::size))
+            .sum()
     }
     /// Current length of each sequence.
     pub fn lens(&self) -> &[usize] {
@@ -576,6 +648,7 @@ impl KvCache {
             batch: self.batch(),
             heads_kv: self.heads_kv(),
             head_dim: self.head_dim(),
+            head_dim_v: self.head_dim_v(),
             longest: self.lens.iter().copied().max().unwrap_or(0),
             segments: self.segments.len(),
             dtype: self.config.dtype,
@@ -591,7 +664,8 @@ impl KvCache {
     /// head_dim]`, f32, packed) after each sequence's last token into
     /// `encoder`, and advances the lengths (on the host, at once: calls
     /// recorded later see the new tokens). With `rotation`, keys are
-    /// rotated on the way (see [`KeyRotation`]).
+    /// rotated on the way (see [`KeyRotation`]). A latent cache takes
+    /// [`KvCache::append_latent`] instead.
     pub fn append(
         &mut self,
         gpu: &Gpu,
@@ -600,10 +674,47 @@ impl KvCache {
         v: &Tensor,
         rotation: Option<KeyRotation<'_>>,
     ) -> Result<()> {
+        if self.config.values_in_keys() {
+            return Err(Error::UnsupportedCombination {
+                what: "KvCache::append with a V tensor and a latent cache (values in the keys; use append_latent)",
+            });
+        }
+        self.record_append(gpu, encoder, k, Some(v), rotation)
+    }
+
+    /// Records the append of `latent` (`[batch, tokens, heads_kv,
+    /// head_dim]`, f32, packed) to a latent cache ([`KvValues::KeyPrefix`]),
+    /// like [`KvCache::append`]: each vector is stored once, as the key,
+    /// and its first `head_dim_v` elements are the value. With `rotation`,
+    /// the *last* `rotary_dim` elements are rotated (DeepSeek's `k_rope`
+    /// after `c_kv`); they may not reach the value elements.
+    pub fn append_latent(
+        &mut self,
+        gpu: &Gpu,
+        encoder: &mut wgpu::CommandEncoder,
+        latent: &Tensor,
+        rotation: Option<KeyRotation<'_>>,
+    ) -> Result<()> {
+        if !self.config.values_in_keys() {
+            return Err(Error::UnsupportedCombination {
+                what: "KvCache::append_latent and a cache with a V pool (use append)",
+            });
+        }
+        self.record_append(gpu, encoder, latent, None, rotation)
+    }
+
+    fn record_append(
+        &mut self,
+        gpu: &Gpu,
+        encoder: &mut wgpu::CommandEncoder,
+        k: &Tensor,
+        v: Option<&Tensor>,
+        rotation: Option<KeyRotation<'_>>,
+    ) -> Result<()> {
         self.check_device(gpu)?;
         let shape = k.shape();
         let expected = [self.batch(), shape.seq, self.heads_kv(), self.head_dim()];
-        for (name, tensor) in [("k", k), ("v", v)] {
+        for (name, tensor) in [("k", k)].into_iter().chain(v.map(|v| ("v", v))) {
             let got = tensor.shape();
             let axes = ["batch", "tokens", "heads", "head_dim"];
             for ((axis, have), want) in axes.into_iter().zip(got.as_array()).zip(expected) {
@@ -664,6 +775,23 @@ impl KvCache {
             }
             None => (0, 0, Vec::new(), vec![0; self.batch()]),
         };
+        // Keys rotate their first rotary_dim elements; a latent its last
+        // ones, which must leave the value prefix alone.
+        let rotary_start = if v.is_some() {
+            0
+        } else {
+            let rope_part = self.head_dim() - self.head_dim_v();
+            if rotary_dim > rope_part {
+                return Err(Error::ShapeMismatch {
+                    what: "a latent's RoPE rotates its last rotary_dim elements, which may not reach the head_dim_v value elements",
+                    left_name: "rotary_dim",
+                    left: rotary_dim,
+                    right_name: "head_dim - head_dim_v",
+                    right: rope_part,
+                });
+            }
+            self.head_dim() - rotary_dim
+        };
         let starts: Vec<[u32; 2]> = self
             .lens
             .iter()
@@ -684,6 +812,8 @@ impl KvCache {
             src_offset: 0,
             page_shift: self.page_size.trailing_zeros(),
             pages_per_seq: self.pages_per_seq as u32,
+            rotary_start: rotary_start as u32,
+            write_values: u32::from(v.is_some()),
             ..RopeParams::default()
         };
         // One invocation per appended head vector.
@@ -697,6 +827,12 @@ impl KvCache {
         let starts = gpu.storage_buffer("kv append starts", bytemuck::cast_slice(&starts));
         let freqs = gpu.storage_buffer("rope frequencies", bytemuck::cast_slice(&freqs));
         let table = self.table_snapshot(gpu);
+        // A latent append stores no V: the kernel's V bindings get the
+        // source latent (read, never used) and a one-word stand-in.
+        let unused_v = v
+            .is_none()
+            .then(|| gpu.storage_buffer("kv append (no V)", &[0u8; 4]));
+        let v_source = v.unwrap_or(k).buffer();
         let bind_groups: Vec<wgpu::BindGroup> = self
             .segments
             .iter()
@@ -715,9 +851,13 @@ impl KvCache {
                         &starts,
                         &freqs,
                         k.buffer(),
-                        v.buffer(),
+                        v_source,
                         &segment.k,
-                        &segment.v,
+                        segment
+                            .v
+                            .as_ref()
+                            .or(unused_v.as_ref())
+                            .expect("a V buffer, or the stand-in of a latent cache"),
                         &table,
                     ],
                 )
@@ -767,38 +907,54 @@ impl KvCache {
     }
 
     /// Reads the K and V of `sequence` back, `[len, heads_kv, head_dim]`
-    /// each, packed (for tests and inspection; reads whole segments).
+    /// and `[len, heads_kv, head_dim_v]`, packed (for tests and
+    /// inspection; reads whole segments). A latent cache's values are the
+    /// prefixes of the keys read back.
     pub fn read_sequence(&self, gpu: &Gpu, sequence: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         self.check_sequence(sequence)?;
         self.check_device(gpu)?;
-        let token = self.heads_kv() * self.head_dim();
+        let (head_dim, head_dim_v) = (self.head_dim(), self.head_dim_v());
         let len = self.lens[sequence];
-        let mut k_out = Vec::with_capacity(len * token);
-        let mut v_out = Vec::with_capacity(len * token);
+        let mut k_out = Vec::with_capacity(len * self.heads_kv() * head_dim);
+        let mut v_out = Vec::with_capacity(len * self.heads_kv() * head_dim_v);
         // Whole segments as 4-byte words; tokens widened to f32 below.
-        let mut loaded: Vec<Option<(Vec<u32>, Vec<u32>)>> = vec![None; self.segments.len()];
+        let mut loaded: Vec<Option<SegmentWords>> = vec![None; self.segments.len()];
         let dtype = self.config.dtype;
-        let token_words = self.heads_kv() * dtype.vector_words(self.head_dim());
+        let token_words = self.heads_kv() * dtype.vector_words(head_dim);
         for pos in 0..len {
             let page = self.block_tables[sequence][pos / self.page_size] as usize;
             let pages_per_segment = self.segments[0].pages as usize;
             let index = page / pages_per_segment;
             if loaded[index].is_none() {
                 let segment = &self.segments[index];
-                loaded[index] = Some((
-                    read_buffer(gpu, "kv cache K", &segment.k)?,
-                    read_buffer(gpu, "kv cache V", &segment.v)?,
-                ));
+                let v = match &segment.v {
+                    Some(v) => Some(read_buffer(gpu, "kv cache V", v)?),
+                    None => None,
+                };
+                loaded[index] = Some((read_buffer(gpu, "kv cache K", &segment.k)?, v));
             }
             let (k, v) = loaded[index].as_ref().expect("loaded above");
             let row = (page % pages_per_segment) * self.page_size + pos % self.page_size;
             let words = row * token_words..(row + 1) * token_words;
-            widen_token(dtype, self.head_dim(), &k[words.clone()], &mut k_out);
-            widen_token(dtype, self.head_dim(), &v[words], &mut v_out);
+            let token_start = k_out.len();
+            widen_token(dtype, head_dim, &k[words.clone()], &mut k_out);
+            match v {
+                Some(v) => widen_token(dtype, head_dim, &v[words], &mut v_out),
+                None => {
+                    let token = k_out[token_start..].to_vec();
+                    for key in token.chunks_exact(head_dim) {
+                        v_out.extend_from_slice(&key[..head_dim_v]);
+                    }
+                }
+            }
         }
         Ok((k_out, v_out))
     }
 }
+
+/// One segment read back as words: K, and V unless the values are the
+/// keys' prefix.
+type SegmentWords = (Vec<u32>, Option<Vec<u32>>);
 
 /// Appends one token's head vectors, stored as `dtype` in `words`, to `out`
 /// as f32 (int8: each value times its vector's scale).

@@ -62,7 +62,7 @@ pub use config::{
 pub use decode::{DecodeArgs, DecodeOptions};
 pub use error::{Error, Result};
 pub use gpu::{AdapterOptions, Gpu, GpuInfo, WANTED_FEATURES};
-pub use kv_cache::{KeyRotation, KvCache, KvCacheConfig, KvDType, KvLayout, PAGE_SIZES};
+pub use kv_cache::{KeyRotation, KvCache, KvCacheConfig, KvDType, KvLayout, KvValues, PAGE_SIZES};
 pub use linear::{
     DEFAULT_LINEAR_EPS, FeatureMap, LINEAR_HEAD_DIMS, LinearArgs, LinearConfig, LinearPlan,
     LinearShape, LinearState,

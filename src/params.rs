@@ -138,8 +138,12 @@ pub struct RopeParams {
     pub pages_per_seq: u32,
     pub segment_first_page: u32,
     pub segment_pages: u32,
-    pub _pad0: u32,
-    pub _pad1: u32,
+    /// kv_append only: the first rotated element (a latent cache rotates
+    /// its last `rotary_dim` elements).
+    pub rotary_start: u32,
+    /// kv_append only: 1 to store V vectors, 0 for a latent cache (values
+    /// are a prefix of the keys).
+    pub write_values: u32,
 }
 
 /// Twin of `struct MaskParams` in `shaders/flash_attention.wgsl` (the

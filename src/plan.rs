@@ -98,14 +98,16 @@ impl ForwardPlan {
     ) -> Result<Self> {
         shape.validate()?;
         let limits = &info.limits;
-        let head_dim = shape.head_dim as u32;
+        let (head_dim, head_dim_v) = (shape.head_dim as u32, shape.head_dim_v as u32);
         let block_n = largest_block_n(
             head_dim,
+            head_dim_v,
             u64::from(limits.max_compute_workgroup_storage_size),
         )
         .ok_or(Error::WorkgroupMemory {
             head_dim: shape.head_dim,
-            needed: forward_tile_bytes(head_dim, MIN_BLOCK_N),
+            head_dim_v: shape.head_dim_v,
+            needed: forward_tile_bytes(head_dim, head_dim_v, MIN_BLOCK_N),
             limit: limits.max_compute_workgroup_storage_size,
         })?;
         let RowTiling {
@@ -134,6 +136,7 @@ impl ForwardPlan {
         }
         let tiling = AttentionTiling {
             head_dim,
+            head_dim_v,
             block_n,
             workgroup_size,
             rows,
@@ -154,17 +157,21 @@ impl ForwardPlan {
 }
 
 impl ForwardPlan {
-    /// Query rows per invocation on CPU adapters. Registers are memory on a
-    /// CPU, so this bounds the per-invocation state (q and acc: 2 * rows *
-    /// head_dim floats) and the unrolled code: 16 rows at d=64 compile in
-    /// ~25 s on a cold lavapipe and run ~15 % faster than 8 rows
-    /// (BENCHMARKS.md). It depends on the head dim only, so each head dim
-    /// compiles one pipeline whatever the sequence lengths.
-    pub fn cpu_rows(head_dim: u32) -> u32 {
-        match head_dim {
+    /// Query rows per invocation on CPU adapters, for the wider of the
+    /// query/key and value head dims. Registers are memory on a CPU, so
+    /// this bounds the per-invocation state (q and acc: rows * (head_dim +
+    /// head_dim_v) floats) and the unrolled code: 16 rows at d=64 compile
+    /// in ~25 s on a cold lavapipe and run ~15 % faster than 8 rows
+    /// (BENCHMARKS.md); past 256 two rows keep the unrolled code of a
+    /// 576-wide head near that of 4 rows at 256. It depends on the head
+    /// dims only, so each pair compiles one pipeline whatever the sequence
+    /// lengths.
+    pub fn cpu_rows(widest_head_dim: u32) -> u32 {
+        match widest_head_dim {
             0..=64 => 16,
             65..=128 => 8,
-            _ => 4,
+            129..=256 => 4,
+            _ => 2,
         }
     }
 
@@ -236,7 +243,7 @@ fn row_tiling(info: &GpuInfo, shape: &AttentionShape, tier: Option<Tier>) -> Res
     let adapter = &info.adapter;
     let cpu = adapter.device_type == wgpu::DeviceType::Cpu;
     let rows = if cpu {
-        ForwardPlan::cpu_rows(shape.head_dim as u32)
+        ForwardPlan::cpu_rows(shape.head_dim.max(shape.head_dim_v) as u32)
     } else {
         1
     };
@@ -295,8 +302,11 @@ pub struct CacheShape {
     pub batch: usize,
     /// KV heads.
     pub heads_kv: usize,
-    /// Head dim of keys and values.
+    /// Head dim of the keys.
     pub head_dim: usize,
+    /// Head dim of the values (a latent cache's values are the first
+    /// `head_dim_v` elements of its keys).
+    pub head_dim_v: usize,
     /// Length of the longest sequence.
     pub longest: usize,
     /// Buffers the pool is spread over.
@@ -350,7 +360,7 @@ impl DecodePlan {
         options: &DecodeOptions,
     ) -> Result<Self> {
         let config = &options.config;
-        let head_dim = cache.head_dim as u32;
+        let (head_dim, head_dim_v) = (cache.head_dim as u32, cache.head_dim_v as u32);
         let group = heads_q / cache.heads_kv;
         let rows = (seq_q * group) as u32;
         let adapter = &info.adapter;
@@ -364,6 +374,7 @@ impl DecodePlan {
             let rows_per_workgroup = rows.next_power_of_two().min(SUBGROUP_MAX_ROWS);
             let tiling = AttentionTiling {
                 head_dim,
+                head_dim_v,
                 block_n: 4,
                 workgroup_size: adapter.subgroup_min_size,
                 rows: rows_per_workgroup,
@@ -375,7 +386,7 @@ impl DecodePlan {
         } else {
             let (workgroup_size, rows_per_lane, unroll) = if cpu {
                 let lanes = rows.div_ceil(CPU_WORKGROUP_SIZE).next_power_of_two();
-                let cap = ForwardPlan::cpu_rows(head_dim);
+                let cap = ForwardPlan::cpu_rows(head_dim.max(head_dim_v));
                 (CPU_WORKGROUP_SIZE, lanes.min(cap), true)
             } else {
                 let size = rows
@@ -385,14 +396,20 @@ impl DecodePlan {
                 (size, 1, adapter.backend == wgpu::Backend::Gl)
             };
             let storage = u64::from(limits.max_compute_workgroup_storage_size);
-            let block_n = largest_block_n(head_dim, storage.saturating_sub(DECODE_EXTRA_BYTES))
-                .ok_or(Error::WorkgroupMemory {
-                    head_dim: cache.head_dim,
-                    needed: forward_tile_bytes(head_dim, MIN_BLOCK_N) + DECODE_EXTRA_BYTES,
-                    limit: limits.max_compute_workgroup_storage_size,
-                })?;
+            let block_n = largest_block_n(
+                head_dim,
+                head_dim_v,
+                storage.saturating_sub(DECODE_EXTRA_BYTES),
+            )
+            .ok_or(Error::WorkgroupMemory {
+                head_dim: cache.head_dim,
+                head_dim_v: cache.head_dim_v,
+                needed: forward_tile_bytes(head_dim, head_dim_v, MIN_BLOCK_N) + DECODE_EXTRA_BYTES,
+                limit: limits.max_compute_workgroup_storage_size,
+            })?;
             let tiling = AttentionTiling {
                 head_dim,
+                head_dim_v,
                 block_n,
                 workgroup_size,
                 rows: rows_per_lane,
@@ -522,19 +539,16 @@ impl NaivePlan {
         let units_per_chunk = (limit / bytes_per_unit)
             .min(units)
             .min(u64::from(limits.max_compute_workgroups_per_dimension));
-        for pass in NaivePass::ALL {
-            check_loop_budget(
-                info,
-                &Specialization::Naive { pass, tiling },
-                shape.seq_kv as u64,
-            )?;
-        }
-        Ok(NaivePlan {
+        let plan = NaivePlan {
             units: units as u32,
             units_per_chunk: units_per_chunk as u32,
             bytes_per_unit,
             tiling,
-        })
+        };
+        for pass in NaivePass::ALL {
+            check_loop_budget(info, &plan.specialization(pass), shape.seq_kv as u64)?;
+        }
+        Ok(plan)
     }
 
     /// Bytes of the score buffer a call allocates.
@@ -548,9 +562,20 @@ impl NaivePlan {
     }
 
     pub(crate) fn specialization(&self, pass: NaivePass) -> Specialization {
+        // Each product reads one operand's width: Q K^T the query/key head
+        // dim, P V the value one.
+        let tiling = self.tiling;
+        let width = match pass {
+            NaivePass::Scores | NaivePass::Softmax => tiling.head_dim,
+            NaivePass::Values => tiling.head_dim_v,
+        };
         Specialization::Naive {
             pass,
-            tiling: self.tiling,
+            tiling: AttentionTiling {
+                head_dim: width,
+                head_dim_v: width,
+                ..tiling
+            },
         }
     }
 
@@ -837,6 +862,7 @@ pub(crate) mod profiles {
             ForwardPlan::new(&info, &shape),
             Err(Error::WorkgroupMemory {
                 head_dim: 256,
+                head_dim_v: 256,
                 needed: 8192,
                 limit: 4096
             })
@@ -908,6 +934,7 @@ pub(crate) mod profiles {
             batch: 1,
             heads_kv: 8,
             head_dim: 128,
+            head_dim_v: 128,
             longest: 32 * 1024,
             segments: 2,
             dtype: crate::KvDType::F32,

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 /// Result of [`attention`].
 #[derive(Debug, Clone)]
 pub struct ReferenceOutput {
-    /// `[batch, seq_q, heads_q, head_dim]`.
+    /// `[batch, seq_q, heads_q, head_dim_v]`.
     pub out: Vec<f64>,
     /// `[batch, heads_q, seq_q]`, natural log; `+inf` for rows that see no key.
     pub lse: Vec<f64>,
@@ -137,7 +137,7 @@ fn attention_core(
         batch,
         seq_q,
         heads_q,
-        head_dim: d,
+        head_dim_v: d,
         ..
     } = *shape;
 
@@ -225,8 +225,8 @@ impl<'a, B: Fn(usize, usize, usize, usize) -> Option<f64> + Sync> Problem<'a, B>
     ) -> Result<Self> {
         config.validate(shape)?;
         check_len("q", shape.q_shape().elements(), q.len())?;
-        check_len("k", shape.kv_shape().elements(), k.len())?;
-        check_len("v", shape.kv_shape().elements(), v.len())?;
+        check_len("k", shape.k_shape().elements(), k.len())?;
+        check_len("v", shape.v_shape().elements(), v.len())?;
         Ok(Problem {
             shape: *shape,
             q,
@@ -243,16 +243,30 @@ impl<'a, B: Fn(usize, usize, usize, usize) -> Option<f64> + Sync> Problem<'a, B>
         self.config.sinks.as_ref().map(|s| f64::from(s[h]))
     }
 
-    /// Offset of query row `i` of head `h` (also of O, dO and dQ).
+    /// Offset of query row `i` of head `h` (also of dQ).
     pub fn q_at(&self, b: usize, h: usize, i: usize) -> usize {
         let s = &self.shape;
         ((b * s.seq_q + i) * s.heads_q + h) * s.head_dim
     }
 
-    /// Offset of key `j` of the KV head that query head `h` reads.
+    /// Offset of query row `i` of head `h` in O and dO (`head_dim_v` wide).
+    pub fn o_at(&self, b: usize, h: usize, i: usize) -> usize {
+        let s = &self.shape;
+        ((b * s.seq_q + i) * s.heads_q + h) * s.head_dim_v
+    }
+
+    /// Offset of key `j` of the KV head that query head `h` reads (also
+    /// of dK).
     pub fn kv_at(&self, b: usize, h: usize, j: usize) -> usize {
         let s = &self.shape;
         ((b * s.seq_kv + j) * s.heads_kv + h / s.group_size()) * s.head_dim
+    }
+
+    /// Offset of value `j` of the KV head that query head `h` reads (also
+    /// of dV).
+    pub fn v_at(&self, b: usize, h: usize, j: usize) -> usize {
+        let s = &self.shape;
+        ((b * s.seq_kv + j) * s.heads_kv + h / s.group_size()) * s.head_dim_v
     }
 
     pub fn q_row(&self, b: usize, h: usize, i: usize) -> &'a [f32] {
@@ -264,7 +278,7 @@ impl<'a, B: Fn(usize, usize, usize, usize) -> Option<f64> + Sync> Problem<'a, B>
     }
 
     pub fn v_row(&self, b: usize, h: usize, j: usize) -> &'a [f32] {
-        &self.v[self.kv_at(b, h, j)..][..self.shape.head_dim]
+        &self.v[self.v_at(b, h, j)..][..self.shape.head_dim_v]
     }
 
     /// The keys query row `i` of head `h` sees, with their scores.

@@ -55,16 +55,44 @@ fn shipped_specializations() -> Vec<Specialization> {
         }
     };
     let tiers = [None, Some(Tier::Portable), Some(Tier::SubgroupBroadcast)];
+    // Every head dim up to 256, a spread of wider ones, and values of
+    // another width both ways (DeepSeek MLA's 192/128 prefill and 576/512
+    // decode among them).
+    let head_dims: Vec<(usize, usize)> = (8..=256)
+        .filter(|&d| is_supported_head_dim(d))
+        .map(|d| (d, d))
+        .chain([
+            (264, 264),
+            (320, 320),
+            (512, 512),
+            (576, 576),
+            (192, 128),
+            (128, 192),
+            (576, 512),
+            (8, 576),
+            (576, 8),
+        ])
+        .collect();
     for info in &infos {
-        for head_dim in (8..=256).filter(|&d| is_supported_head_dim(d)) {
+        for &(head_dim, head_dim_v) in &head_dims {
             // Half storage changes only loads and stores: a few head dims
             // per tiling class cover it.
-            let storages: &[DType] = if [8, 40, 64, 128, 256].contains(&head_dim) {
+            let storages: &[DType] = if [
+                (8, 8),
+                (40, 40),
+                (64, 64),
+                (128, 128),
+                (256, 256),
+                (576, 512),
+            ]
+            .contains(&(head_dim, head_dim_v))
+            {
                 &[DType::F32, DType::F16, DType::BF16]
             } else {
                 &[DType::F32]
             };
-            let shape = AttentionShape::self_attention(1, 256, 8, head_dim);
+            let shape =
+                AttentionShape::self_attention(1, 256, 8, head_dim).with_head_dim_v(head_dim_v);
             for &storage in storages {
                 for tier in tiers {
                     let Ok(plan) = ForwardPlan::for_call(info, &shape, storage, tier) else {
@@ -89,6 +117,7 @@ fn shipped_specializations() -> Vec<Specialization> {
                     batch: 1,
                     heads_kv: 1,
                     head_dim,
+                    head_dim_v,
                     longest: 4096,
                     segments: 1,
                     dtype,
@@ -633,8 +662,8 @@ fn rust_twins() -> Vec<(&'static str, Layout)> {
             pages_per_seq,
             segment_first_page,
             segment_pages,
-            _pad0,
-            _pad1,
+            rotary_start,
+            write_values,
         }),
         rust_layout!(LinearParams {
             flags,

@@ -337,8 +337,10 @@ const ATTENTION_BINDINGS: [wgpu::BufferBindingType; 8] = {
 /// and the naive baseline's matrix products share them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AttentionTiling {
-    /// Head dimension (QK and V), a multiple of 8.
+    /// Query/key head dimension, a multiple of 8.
     pub head_dim: u32,
+    /// Value (and output) head dimension, a multiple of 8.
+    pub head_dim_v: u32,
     /// Keys per tile, a multiple of 4 (staged in workgroup memory unless
     /// `subgroup_kv`).
     pub block_n: u32,
@@ -552,6 +554,7 @@ impl Specialization {
         let tiling = self.attention_tiling()?;
         let block_n = u64::from(tiling.block_n);
         let d4 = u64::from(tiling.head_dim / 4);
+        let dv4 = u64::from(tiling.head_dim_v / 4);
         let lanes = u64::from(tiling.workgroup_size);
         let rows = u64::from(tiling.rows);
         let tiles = keys.div_ceil(block_n) + 1;
@@ -560,18 +563,22 @@ impl Specialization {
         let step = if tiling.unroll {
             0
         } else {
-            2 * (d4 + 1) + 2 * d4 * (rows + 1) + 3 * (rows + 1)
+            (d4 + 1) + (dv4 + 1) + (d4 + dv4) * (rows + 1) + 3 * (rows + 1)
         };
+        // K and V are staged by one loop when they are as wide, else by one
+        // loop each.
         let staging = if tiling.subgroup_kv {
             0
-        } else {
+        } else if d4 == dv4 {
             (block_n * d4).div_ceil(lanes) + 1
+        } else {
+            (block_n * d4).div_ceil(lanes) + (block_n * dv4).div_ceil(lanes) + 2
         };
         let mut per_tile = 1 + staging + (block_n / 4 + 1) + (block_n / 4) * step;
         let mut fixed = if tiling.unroll {
             0
         } else {
-            4 * rows * (d4 + 2)
+            2 * rows * (d4 + dv4 + 4)
         };
         match self {
             Specialization::Naive {
@@ -643,18 +650,21 @@ impl Specialization {
             | Specialization::Decode(tiling, _) => {
                 let mut constants = vec![
                     ("D4", tiling.head_dim / 4),
+                    ("DV4", tiling.head_dim_v / 4),
                     ("BLOCK_N", tiling.block_n),
                     ("WG_SIZE", tiling.workgroup_size),
                     ("ROWS", tiling.rows),
                 ];
                 if tiling.subgroup_kv {
-                    let spread = match self {
+                    let spread = |head_dim: u32| match self {
                         // Decoding spreads one head vector (D4 vec4s) over the lanes.
-                        Specialization::Decode(..) => tiling.head_dim / 4,
+                        Specialization::Decode(..) => head_dim / 4,
                         // Four keys of K or V are head_dim vec4s, spread over the lanes.
-                        _ => tiling.head_dim,
+                        _ => head_dim,
                     };
-                    constants.push(("SLOTS", spread.div_ceil(tiling.workgroup_size)));
+                    let lanes = tiling.workgroup_size;
+                    constants.push(("SLOTS", spread(tiling.head_dim).div_ceil(lanes)));
+                    constants.push(("SLOTS_V", spread(tiling.head_dim_v).div_ceil(lanes)));
                 }
                 constants
             }
@@ -771,7 +781,7 @@ impl Specialization {
             | Specialization::Naive { tiling, .. }
             | Specialization::Decode(tiling, _) => {
                 if tiling.unroll {
-                    &["D4", "ROWS", "SLOTS"]
+                    &["D4", "DV4", "ROWS", "SLOTS", "SLOTS_V"]
                 } else {
                     &[]
                 }
@@ -819,17 +829,17 @@ impl Specialization {
 }
 
 /// Workgroup memory of the forward kernel: f32 K and V tiles of `block_n`
-/// keys by `head_dim`.
-pub fn forward_tile_bytes(head_dim: u32, block_n: u32) -> u64 {
-    2 * u64::from(block_n) * u64::from(head_dim) * 4
+/// keys, `head_dim` and `head_dim_v` wide.
+pub fn forward_tile_bytes(head_dim: u32, head_dim_v: u32, block_n: u32) -> u64 {
+    u64::from(block_n) * u64::from(head_dim + head_dim_v) * 4
 }
 
 /// The largest tile whose K and V fit `workgroup_bytes` of workgroup memory
-/// at `head_dim`, or `None` when even the smallest does not.
-pub fn largest_block_n(head_dim: u32, workgroup_bytes: u64) -> Option<u32> {
+/// at these head dims, or `None` when even the smallest does not.
+pub fn largest_block_n(head_dim: u32, head_dim_v: u32, workgroup_bytes: u64) -> Option<u32> {
     BLOCK_N_CANDIDATES
         .into_iter()
-        .find(|&n| forward_tile_bytes(head_dim, n) <= workgroup_bytes)
+        .find(|&n| forward_tile_bytes(head_dim, head_dim_v, n) <= workgroup_bytes)
 }
 
 /// The smallest tile the planner would use.

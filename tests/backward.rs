@@ -31,7 +31,7 @@ impl Problem {
     /// rounded to `dtype` so the reference sees what the GPU holds.
     fn draw(shape: AttentionShape, seed: u64, dtype: DType) -> Self {
         let mut rng = seeded(seed);
-        let (nq, nkv) = (shape.q_shape().elements(), shape.kv_shape().elements());
+        let (nq, nkv) = (shape.q_shape().elements(), shape.k_shape().elements());
         let mut draw = |n| -> Vec<f32> {
             normal_vec(&mut rng, n, 1.0)
                 .into_iter()
@@ -80,7 +80,7 @@ fn run_backward(
     options: ForwardOptions<'_>,
 ) -> Result<Grads, Error> {
     let shape = &problem.shape;
-    let (q_dims, kv_dims) = (shape.q_shape(), shape.kv_shape());
+    let (q_dims, kv_dims) = (shape.q_shape(), shape.k_shape());
     let upload = |dims, data: &[f32]| Tensor::from_f32_as(gpu, dims, data, dtype).unwrap();
     let poisoned = |dims| Tensor::filled_as(gpu, dims, f32::NAN, dtype).unwrap();
     let (q, k, v) = (
@@ -254,7 +254,7 @@ fn reference_backward_matches_finite_differences() {
     }
     assert_eq!(
         checked,
-        shape.q_shape().elements() + 2 * shape.kv_shape().elements() + shape.heads_q
+        shape.q_shape().elements() + 2 * shape.k_shape().elements() + shape.heads_q
     );
 }
 
@@ -440,8 +440,8 @@ fn expected_per_sequence(
         out: vec![0.0; s.q_shape().elements()],
         lse: vec![0.0; s.batch * hq * s.seq_q],
         dq: vec![0.0; s.q_shape().elements()],
-        dk: vec![0.0; s.kv_shape().elements()],
-        dv: vec![0.0; s.kv_shape().elements()],
+        dk: vec![0.0; s.k_shape().elements()],
+        dv: vec![0.0; s.k_shape().elements()],
         dsinks: vec![0.0; config.sinks.as_ref().map_or(0, Vec::len)],
     };
     for (b, rows, keys) in sequences {
@@ -559,8 +559,8 @@ fn naive_in_precision(dtype: DType, problem: &Problem, config: &AttentionConfig)
     let kv_at = |b: usize, j: usize, h: usize| ((b * s.seq_kv + j) * hkv + h / (hq / hkv)) * d;
     let dot = |x: &[f32], y: &[f32]| -> f32 { x.iter().zip(y).map(|(a, b)| a * b).sum() };
     let mut dq = vec![0.0f32; s.q_shape().elements()];
-    let mut dk = vec![0.0f32; s.kv_shape().elements()];
-    let mut dv = vec![0.0f32; s.kv_shape().elements()];
+    let mut dk = vec![0.0f32; s.k_shape().elements()];
+    let mut dv = vec![0.0f32; s.k_shape().elements()];
     for b in 0..s.batch {
         for h in 0..hq {
             for i in 0..s.seq_q {

@@ -108,6 +108,7 @@ fn decode_errors(
             heads_q: HEADS_Q,
             heads_kv: cache.heads_kv(),
             head_dim,
+            head_dim_v: head_dim,
         };
         let qb = &q[b * per_seq..(b + 1) * per_seq];
         let want = if len == 0 {
@@ -277,13 +278,14 @@ fn merging_two_halves_equals_attention_over_all_keys() {
         heads_q: 4,
         heads_kv: 2,
         head_dim: 48,
+        head_dim_v: 48,
     };
     let inputs = common::Inputs::draw(&shape, 0x5eed_3e26, 1.0);
     let config = AttentionConfig::new();
     let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
     let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
-    let k = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap();
-    let v = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.v).unwrap();
+    let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k).unwrap();
+    let v = Tensor::from_f32(gpu, shape.v_shape(), &inputs.v).unwrap();
     // Keys [0, 100) and [100, 333) as two views, attended separately.
     let strides = k.strides();
     let parts: Vec<_> = [(0, 100), (100, 233)]
@@ -861,6 +863,7 @@ fn shared_prefix_pages_are_read_only() {
             heads_q: 4,
             heads_kv: 1,
             head_dim,
+            head_dim_v: head_dim,
         };
         let qb = &q_host[b * 4 * head_dim..(b + 1) * 4 * head_dim];
         let want = reference::attention(&shape, qb, &k, &v, &attention).unwrap();

@@ -115,6 +115,7 @@ fn llama_405b_decode_over_128k_cached_tokens() {
             heads_q: 1,
             heads_kv: 1,
             head_dim: HEAD_DIM,
+            head_dim_v: HEAD_DIM,
         };
         let q_head = &q[head * HEAD_DIM..(head + 1) * HEAD_DIM];
         let want =

@@ -411,6 +411,7 @@ fn widest_window_equals_unbounded() {
         heads_q: 2,
         heads_kv: 1,
         head_dim: 16,
+        head_dim_v: 16,
     };
     let widest = AttentionConfig::new().window(Some(i64::MAX), Some(i64::MAX));
     let unbounded = AttentionConfig::new();

@@ -316,11 +316,12 @@ fn decoding_handles_the_same_extremes() {
         heads_q: 4,
         heads_kv: 2,
         head_dim: 32,
+        head_dim_v: 32,
     };
     let mut rng = seeded(8);
     let q = normal_vec(&mut rng, shape.q_shape().elements(), 1.0);
-    let k = normal_vec(&mut rng, shape.kv_shape().elements(), 1.0);
-    let v = normal_vec(&mut rng, shape.kv_shape().elements(), 1.0);
+    let k = normal_vec(&mut rng, shape.k_shape().elements(), 1.0);
+    let v = normal_vec(&mut rng, shape.v_shape().elements(), 1.0);
     for config in [
         AttentionConfig::new().scale(-1e31),
         AttentionConfig::new().alibi(Alibi::PerHead(vec![1e31, 1e20, 1e35, 1.0])),
@@ -351,8 +352,8 @@ fn decode_once(
         },
     );
     let mut cache = KvCache::new(gpu, cache_config).unwrap();
-    let kt = Tensor::from_f32(gpu, shape.kv_shape(), k).unwrap();
-    let vt = Tensor::from_f32(gpu, shape.kv_shape(), v).unwrap();
+    let kt = Tensor::from_f32(gpu, shape.k_shape(), k).unwrap();
+    let vt = Tensor::from_f32(gpu, shape.v_shape(), v).unwrap();
     gpu.run(|e| cache.append(gpu, e, &kt, &vt, None)).unwrap();
     let qt = Tensor::from_f32(gpu, shape.q_shape(), q).unwrap();
     let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();

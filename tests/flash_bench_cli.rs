@@ -104,6 +104,7 @@ fn shape() -> AttentionShape {
         heads_q: 4,
         heads_kv: 2,
         head_dim: 32,
+        head_dim_v: 32,
     }
 }
 

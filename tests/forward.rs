@@ -49,6 +49,7 @@ fn ragged_lengths_all_pairs() {
                 heads_q: heads,
                 heads_kv: heads,
                 head_dim: 64,
+                head_dim_v: 64,
             };
             worst = worst.max(check_causal_and_not(gpu, &shape, rng.next_u64()));
         }
@@ -78,6 +79,7 @@ fn head_dims() {
                 heads_q: heads,
                 heads_kv: heads,
                 head_dim,
+                head_dim_v: head_dim,
             };
             check_causal_and_not(gpu, &shape, rng.next_u64());
         }
@@ -132,6 +134,7 @@ fn causal_rows_without_keys_are_zero() {
         heads_q: 2,
         heads_kv: 2,
         head_dim: 32,
+        head_dim_v: 32,
     };
     let inputs = Inputs::draw(&shape, 0x5eed_0004, 1.0);
     let config = AttentionConfig::new().causal(true);

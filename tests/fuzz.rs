@@ -109,6 +109,7 @@ fn draw_case(rng: &mut SeededRng) -> Case {
         heads_q: heads_kv * rng.random_range(1..=3),
         heads_kv,
         head_dim: 8 * rng.random_range(1..=32),
+        head_dim_v: 8 * rng.random_range(1..=32),
     };
     let mut cache_lens = Vec::new();
     if let Operation::Decode { .. } = operation {
@@ -252,14 +253,14 @@ fn run_forward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String
     };
     let (q, k, v) = (
         draw(s.q_shape().elements()),
-        draw(s.kv_shape().elements()),
-        draw(s.kv_shape().elements()),
+        draw(s.k_shape().elements()),
+        draw(s.k_shape().elements()),
     );
     let tensor = |dims, data: &[f32]| upload(gpu, dims, data, case.dtype, case.bhsd);
     let (qt, kt, vt) = (
         tensor(s.q_shape(), &q),
-        tensor(s.kv_shape(), &k),
-        tensor(s.kv_shape(), &v),
+        tensor(s.k_shape(), &k),
+        tensor(s.v_shape(), &v),
     );
     let out = tensor(s.q_shape(), &vec![f32::NAN; s.q_shape().elements()]);
     let args = AttentionArgs {
@@ -426,7 +427,7 @@ fn run_decode(
                 .map_err(|e| format!("block table: {e}"))?;
         }
     }
-    let tokens = s.kv_shape();
+    let tokens = s.k_shape();
     let (mut k, mut v) = (
         normal_vec(rng, tokens.elements(), 1.0),
         normal_vec(rng, tokens.elements(), 1.0),
@@ -479,7 +480,7 @@ fn run_decode(
 /// gradient against the reference backward.
 fn run_backward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
     let s = &case.shape;
-    let (q_dims, kv_dims) = (s.q_shape(), s.kv_shape());
+    let (q_dims, kv_dims) = (s.q_shape(), s.k_shape());
     let (q, k, v, d_out) = (
         normal_vec(rng, q_dims.elements(), 1.0),
         normal_vec(rng, kv_dims.elements(), 1.0),

@@ -93,8 +93,8 @@ fn errors(
         v: rounded(dtype, &inputs.v),
     };
     let q = Tensor::from_f32_as(gpu, shape.q_shape(), &held.q, dtype).unwrap();
-    let k = Tensor::from_f32_as(gpu, shape.kv_shape(), &held.k, dtype).unwrap();
-    let v = Tensor::from_f32_as(gpu, shape.kv_shape(), &held.v, dtype).unwrap();
+    let k = Tensor::from_f32_as(gpu, shape.k_shape(), &held.k, dtype).unwrap();
+    let v = Tensor::from_f32_as(gpu, shape.v_shape(), &held.v, dtype).unwrap();
     let out = Tensor::filled_as(gpu, shape.q_shape(), f32::NAN, dtype).unwrap();
     let args = AttentionArgs {
         q: &q,
@@ -127,6 +127,7 @@ fn check_dtype(dtype: DType, head_dims: &[usize], seed: u64) {
                 heads_q: 4,
                 heads_kv: 2,
                 head_dim,
+                head_dim_v: head_dim,
             };
             let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
             for causal in [false, true] {
@@ -175,8 +176,8 @@ fn large_f16_inputs_do_not_overflow() {
     };
     let inputs = Inputs {
         q: big(shape.q_shape().elements(), &mut rng),
-        k: big(shape.kv_shape().elements(), &mut rng),
-        v: big(shape.kv_shape().elements(), &mut rng),
+        k: big(shape.k_shape().elements(), &mut rng),
+        v: big(shape.v_shape().elements(), &mut rng),
     };
     for causal in [false, true] {
         let config = AttentionConfig::new().causal(causal);
@@ -208,8 +209,8 @@ fn mixed_storage_types_are_a_typed_error() {
     let Some(gpu) = gpu() else { return };
     let shape = AttentionShape::self_attention(1, 16, 2, 32);
     let q = Tensor::filled_as(gpu, shape.q_shape(), 0.5, DType::F16).unwrap();
-    let k = Tensor::filled_as(gpu, shape.kv_shape(), 0.5, DType::F16).unwrap();
-    let v = Tensor::filled_as(gpu, shape.kv_shape(), 0.5, DType::BF16).unwrap();
+    let k = Tensor::filled_as(gpu, shape.k_shape(), 0.5, DType::F16).unwrap();
+    let v = Tensor::filled_as(gpu, shape.v_shape(), 0.5, DType::BF16).unwrap();
     let out = Tensor::filled_as(gpu, shape.q_shape(), 0.0, DType::F16).unwrap();
     let args = AttentionArgs {
         q: &q,

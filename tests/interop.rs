@@ -54,6 +54,7 @@ fn caller_buffers_are_read_and_written_in_place() {
         heads_q: 4,
         heads_kv: 2,
         head_dim: 32,
+        head_dim_v: 32,
     };
     let inputs = Inputs::draw(&shape, 0x5eed_1a7e, 1.0);
     let config = AttentionConfig::new().causal(true);
@@ -66,7 +67,7 @@ fn caller_buffers_are_read_and_written_in_place() {
     let lse_buffer = caller_buffer(gpu, &vec![f32::NAN; lse_elems], USAGE);
 
     let q_dims = shape.q_shape();
-    let kv_dims = shape.kv_shape();
+    let kv_dims = shape.k_shape();
     let wrap = |buffer: &wgpu::Buffer, dims: TensorShape, offset: usize| {
         Tensor::from_buffer(
             gpu,

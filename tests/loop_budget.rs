@@ -29,6 +29,7 @@ fn the_longest_allowed_call_is_exact_and_the_next_is_refused() {
         heads_q: 1,
         heads_kv: 1,
         head_dim: 64,
+        head_dim_v: 64,
     };
     let allowed =
         |seq_kv| ForwardPlan::for_call(gpu.info(), &shape_at(seq_kv), DType::F32, tier).is_ok();
@@ -60,8 +61,8 @@ fn the_longest_allowed_call_is_exact_and_the_next_is_refused() {
     let inputs = Inputs::draw(&shape, 0x5eed_100b, 1.0);
     let config = AttentionConfig::new().tier(Tier::Portable);
     let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
-    let k = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap();
-    let v = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.v).unwrap();
+    let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k).unwrap();
+    let v = Tensor::from_f32(gpu, shape.v_shape(), &inputs.v).unwrap();
     let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
     let args = AttentionArgs {
         q: &q,
@@ -153,6 +154,7 @@ fn the_longest_allowed_backward_is_exact_and_the_next_is_refused() {
         heads_q: 8,
         heads_kv: 1,
         head_dim: 8,
+        head_dim_v: 8,
     };
     let long_keys = |seq_kv| AttentionShape {
         batch: 1,
@@ -161,6 +163,7 @@ fn the_longest_allowed_backward_is_exact_and_the_next_is_refused() {
         heads_q: 1,
         heads_kv: 1,
         head_dim: 8,
+        head_dim_v: 8,
     };
     let cases: [(&str, &dyn Fn(usize) -> AttentionShape); 2] = [
         ("key pass, 8 query heads per KV head", &gqa),

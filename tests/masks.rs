@@ -24,9 +24,9 @@ fn run_masked(
     mask: &AttentionMask,
 ) -> (Vec<f32>, Vec<f32>) {
     let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
-    let k = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap();
-    let v = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.v).unwrap();
-    let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
+    let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k).unwrap();
+    let v = Tensor::from_f32(gpu, shape.v_shape(), &inputs.v).unwrap();
+    let out = Tensor::filled(gpu, shape.o_shape(), f32::NAN).unwrap();
     let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q).unwrap();
     let args = AttentionArgs {
         q: &q,
@@ -76,6 +76,7 @@ fn shape() -> AttentionShape {
         heads_q: 4,
         heads_kv: 2,
         head_dim: 64,
+        head_dim_v: 64,
     }
 }
 
@@ -182,6 +183,7 @@ fn block_sparse_masks_equal_their_dense_equivalents() {
         heads_q: 2,
         heads_kv: 1,
         head_dim: 32,
+        head_dim_v: 32,
     };
     let inputs = Inputs::draw(&shape, 0x5eed_b10c, 1.0);
     let mut rng = seeded(0x5eed_b10d);
@@ -260,7 +262,7 @@ fn bad_masks_are_typed_errors() {
     let shape = shape();
     let inputs = Inputs::draw(&shape, 0x5eed_bad0, 1.0);
     let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
-    let k = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap();
+    let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k).unwrap();
     let out = Tensor::filled(gpu, shape.q_shape(), 0.0).unwrap();
     let args = AttentionArgs {
         q: &q,

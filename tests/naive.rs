@@ -28,6 +28,7 @@ fn naive_matches_reference_across_options() {
                 heads_q: 4,
                 heads_kv: 2,
                 head_dim,
+                head_dim_v: head_dim,
             };
             let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
             let configs = [
@@ -84,8 +85,8 @@ fn naive_reports_a_score_matrix_that_cannot_fit() {
     // One (batch, head) matrix of 65536 x 65536 f32 is 16 GiB.
     let shape = AttentionShape::self_attention(1, 65536, 1, 8);
     let q = Tensor::zeros(gpu, shape.q_shape(), wgpu_flash_attn::DType::F32).unwrap();
-    let k = Tensor::zeros(gpu, shape.kv_shape(), wgpu_flash_attn::DType::F32).unwrap();
-    let v = Tensor::zeros(gpu, shape.kv_shape(), wgpu_flash_attn::DType::F32).unwrap();
+    let k = Tensor::zeros(gpu, shape.k_shape(), wgpu_flash_attn::DType::F32).unwrap();
+    let v = Tensor::zeros(gpu, shape.v_shape(), wgpu_flash_attn::DType::F32).unwrap();
     let out = Tensor::zeros(gpu, shape.q_shape(), wgpu_flash_attn::DType::F32).unwrap();
     let args = AttentionArgs {
         q: &q,

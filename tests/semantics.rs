@@ -259,8 +259,8 @@ fn check_layout(
         }
         _ => (
             view(0, shape.q_shape(), &inputs.q),
-            view(1, shape.kv_shape(), &inputs.k),
-            view(2, shape.kv_shape(), &inputs.v),
+            view(1, shape.k_shape(), &inputs.k),
+            view(2, shape.v_shape(), &inputs.v),
         ),
     };
     // The output goes to its own buffer in the same layout, NaN-poisoned.
@@ -268,10 +268,10 @@ fn check_layout(
         Layout::PackedQkv => Layout::Bhsd,
         other => other,
     };
-    let (strides, offset, len) = placement(out_layout, shape.q_shape(), 3);
+    let (strides, offset, len) = placement(out_layout, shape.o_shape(), 3);
     let out = Tensor::filled(gpu, TensorShape::new(1, 1, 1, len), f32::NAN)
         .unwrap()
-        .view(shape.q_shape(), strides, offset)
+        .view(shape.o_shape(), strides, offset)
         .unwrap();
     let errors = run_views_and_compare(gpu, shape, &inputs, config, [&q, &k, &v, &out]);
     assert_close(errors, &format!("{layout:?} {shape:?} {config:?}"));
@@ -329,13 +329,21 @@ fn random_combinations() {
     for case in 0..CASES {
         let heads_kv = rng.random_range(1..=3);
         let heads_q = heads_kv * rng.random_range(1..=4);
+        let head_dim = [8, 40, 64, 128][rng.random_range(0..4usize)];
+        // One case in four has values of another width (MLA-style).
+        let head_dim_v = if rng.random_ratio(1, 4) {
+            [16, 48, 96][rng.random_range(0..3usize)]
+        } else {
+            head_dim
+        };
         let s = AttentionShape {
             batch: rng.random_range(1..=3),
             seq_q: rng.random_range(1..=80),
             seq_kv: rng.random_range(1..=80),
             heads_q,
             heads_kv,
-            head_dim: [8, 40, 64, 128][rng.random_range(0..4usize)],
+            head_dim,
+            head_dim_v,
         };
         let side = |rng: &mut SeededRng| rng.random_ratio(1, 3).then(|| rng.random_range(0..40i64));
         let (left, right) = (side(&mut rng), side(&mut rng));

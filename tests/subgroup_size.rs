@@ -51,6 +51,7 @@ fn subgroup_tier_follows_the_adapters_subgroup_size() {
             heads_q: 4,
             heads_kv: 2,
             head_dim,
+            head_dim_v: head_dim,
         };
         let config = AttentionConfig::new()
             .causal(causal)

@@ -37,8 +37,8 @@ fn run_tier(
     let plan = ForwardPlan::for_call(gpu.info(), shape, dtype, config.tier).unwrap();
     assert_eq!(plan.tier(), tier);
     let q_t = Tensor::from_f32_as(gpu, shape.q_shape(), &q, dtype).unwrap();
-    let k_t = Tensor::from_f32_as(gpu, shape.kv_shape(), &k, dtype).unwrap();
-    let v_t = Tensor::from_f32_as(gpu, shape.kv_shape(), &v, dtype).unwrap();
+    let k_t = Tensor::from_f32_as(gpu, shape.k_shape(), &k, dtype).unwrap();
+    let v_t = Tensor::from_f32_as(gpu, shape.v_shape(), &v, dtype).unwrap();
     let out = Tensor::filled_as(gpu, shape.q_shape(), f32::NAN, dtype).unwrap();
     let args = AttentionArgs {
         q: &q_t,
@@ -93,6 +93,7 @@ fn every_offered_tier_matches_the_reference() {
             heads_q: 4,
             heads_kv: 2,
             head_dim,
+            head_dim_v: head_dim,
         };
         let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
         for causal in [false, true] {

@@ -70,8 +70,8 @@ fn repeated_timing_grows_with_the_repeats() {
     let shape = wgpu_flash_attn::AttentionShape::self_attention(1, 256, 4, 64);
     let config = wgpu_flash_attn::AttentionConfig::new();
     let q = wgpu_flash_attn::Tensor::filled(gpu, shape.q_shape(), 0.5).unwrap();
-    let k = wgpu_flash_attn::Tensor::filled(gpu, shape.kv_shape(), 0.25).unwrap();
-    let v = wgpu_flash_attn::Tensor::filled(gpu, shape.kv_shape(), 1.0).unwrap();
+    let k = wgpu_flash_attn::Tensor::filled(gpu, shape.k_shape(), 0.25).unwrap();
+    let v = wgpu_flash_attn::Tensor::filled(gpu, shape.v_shape(), 1.0).unwrap();
     let out = wgpu_flash_attn::Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
     let args = wgpu_flash_attn::AttentionArgs {
         q: &q,

@@ -37,6 +37,7 @@ fn reference_rows(
         heads_q: HEADS_Q,
         heads_kv: HEADS_KV,
         head_dim: HEAD_DIM,
+        head_dim_v: HEAD_DIM,
     };
     let want = reference::attention(&shape, q, k, v, config).unwrap();
     (want.out, want.lse)
@@ -137,12 +138,13 @@ fn valid_lengths_skip_padding_and_zero_padded_rows() {
         heads_q: HEADS_Q,
         heads_kv: HEADS_KV,
         head_dim: HEAD_DIM,
+        head_dim_v: HEAD_DIM,
     };
     let inputs = common::Inputs::draw(&shape, 0x5eed_9add, 1.0);
     let (q_lens, kv_lens) = ([50, 20, 0], [70, 33, 1]);
     let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
-    let k = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap();
-    let v = Tensor::from_f32(gpu, shape.kv_shape(), &inputs.v).unwrap();
+    let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k).unwrap();
+    let v = Tensor::from_f32(gpu, shape.v_shape(), &inputs.v).unwrap();
     for config in [AttentionConfig::new(), AttentionConfig::new().causal(true)] {
         let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
         let lse = Lse::new(gpu, 3, HEADS_Q, 50).unwrap();
@@ -250,9 +252,10 @@ fn bad_offsets_and_lengths_are_typed_errors() {
         heads_q: HEADS_Q,
         heads_kv: HEADS_KV,
         head_dim: HEAD_DIM,
+        head_dim_v: HEAD_DIM,
     };
     let dq = Tensor::filled(gpu, shape.q_shape(), 0.5).unwrap();
-    let dk = Tensor::filled(gpu, shape.kv_shape(), 0.5).unwrap();
+    let dk = Tensor::filled(gpu, shape.k_shape(), 0.5).unwrap();
     let dout = Tensor::filled(gpu, shape.q_shape(), 0.0).unwrap();
     let args = AttentionArgs {
         q: &dq,

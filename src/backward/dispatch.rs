@@ -213,17 +213,16 @@ impl Gpu {
     ) -> Result<HostGradients> {
         config.validate(shape)?;
         let upload = |name, dims, data| upload_packed(self, name, dims, data);
-        let (q_dims, kv_dims) = (shape.q_shape(), shape.kv_shape());
-        let q = upload("q", q_dims, q)?;
-        let k = upload("k", kv_dims, k)?;
-        let v = upload("v", kv_dims, v)?;
-        let d_out = upload("d_out", q_dims, d_out)?;
+        let q = upload("q", shape.q_shape(), q)?;
+        let k = upload("k", shape.k_shape(), k)?;
+        let v = upload("v", shape.v_shape(), v)?;
+        let d_out = upload("d_out", shape.o_shape(), d_out)?;
         let zeros = |dims| Tensor::zeros(self, dims, DType::F32);
         let (out, dq, dk, dv) = (
-            zeros(q_dims)?,
-            zeros(q_dims)?,
-            zeros(kv_dims)?,
-            zeros(kv_dims)?,
+            zeros(shape.o_shape())?,
+            zeros(shape.q_shape())?,
+            zeros(shape.k_shape())?,
+            zeros(shape.v_shape())?,
         );
         let lse = Lse::new(self, shape.batch, shape.heads_q, shape.seq_q)?;
         let dsinks = match config.sinks {

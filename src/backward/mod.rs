@@ -90,13 +90,18 @@ impl BackwardArgs<'_> {
             lse: None,
         }
         .shape()?;
-        let (q, k) = (self.q.shape(), self.k.shape());
+        let (q, k, v, o) = (
+            self.q.shape(),
+            self.k.shape(),
+            self.v.shape(),
+            self.out.shape(),
+        );
         let mut pairs = Vec::new();
         for (what, name, tensor, like_name, like) in [
-            ("dO must be shaped like Q", "d_out", self.d_out, "q", q),
+            ("dO must be shaped like O", "d_out", self.d_out, "out", o),
             ("dQ must be shaped like Q", "dq", self.dq, "q", q),
             ("dK must be shaped like K", "dk", self.dk, "k", k),
-            ("dV must be shaped like V", "dv", self.dv, "v", k),
+            ("dV must be shaped like V", "dv", self.dv, "v", v),
         ] {
             let got = tensor.shape().as_array();
             for (&g, &want) in got.iter().zip(&like.as_array()) {

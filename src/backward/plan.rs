@@ -11,6 +11,11 @@ use crate::tensor::DType;
 /// Storage buffers the backward kernels bind (Q, K, V, O/dK/dQ, logsumexp,
 /// ALiBi slopes, dO, row deltas, dV, mask words).
 pub const BACKWARD_STORAGE_BUFFERS: u32 = 10;
+/// The widest head dim the backward takes.
+const BACKWARD_MAX_HEAD_DIM: usize = 256;
+/// The head dims the backward takes, in words.
+pub const BACKWARD_HEAD_DIMS: &str =
+    "multiples of 8 from 8 to 256, values as wide as queries and keys (backward)";
 
 /// One SIMD group of llvmpipe (and WARP) per workgroup without subgroups.
 const CPU_WORKGROUP_SIZE: u32 = 8;
@@ -47,6 +52,16 @@ impl BackwardPlan {
         tier: Option<Tier>,
     ) -> Result<Self> {
         shape.validate()?;
+        // The backward kernels keep one head dim for Q, K, V and O, up to
+        // 256 (their tiles are sized for a power-of-two capacity).
+        for got in [shape.head_dim, shape.head_dim_v] {
+            if got > BACKWARD_MAX_HEAD_DIM || !shape.same_head_dims() {
+                return Err(Error::HeadDimUnsupported {
+                    got,
+                    supported: BACKWARD_HEAD_DIMS,
+                });
+            }
+        }
         let limits = &info.limits;
         if limits.max_storage_buffers_per_shader_stage < BACKWARD_STORAGE_BUFFERS {
             return Err(Error::StorageBuffers {
@@ -83,6 +98,7 @@ impl BackwardPlan {
             .find(|&block| tile_bytes(head_dim_capacity, block) <= workgroup_bytes)
             .ok_or(Error::WorkgroupMemory {
                 head_dim: shape.head_dim,
+                head_dim_v: shape.head_dim_v,
                 needed: tile_bytes(head_dim_capacity, BLOCK_CANDIDATES[3]),
                 limit: limits.max_compute_workgroup_storage_size,
             })?;
@@ -358,6 +374,7 @@ mod tests {
             heads_q: 8,
             heads_kv: 1,
             head_dim: 64,
+            head_dim_v: 64,
         };
         let plan = BackwardPlan::for_call(&llvmpipe, &gqa, DType::F32, None).unwrap();
         // 8 query heads x 20,000 rows per key block: over 65,535.

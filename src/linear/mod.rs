@@ -225,7 +225,9 @@ impl LinearShape {
             });
         }
         for got in [self.head_dim, self.head_dim_v] {
-            if !crate::is_supported_head_dim(got) {
+            // The state is head_dim x head_dim_v per KV head: the kernels
+            // stop at 256 (wider heads would need the state split).
+            if !(got.is_multiple_of(8) && (8..=256).contains(&got)) {
                 return Err(Error::HeadDimUnsupported {
                     got,
                     supported: LINEAR_HEAD_DIMS,

@@ -91,7 +91,8 @@ impl LinearPlan {
         let (dk4, dv4) = ((shape.head_dim / 4) as u32, (shape.head_dim_v / 4) as u32);
         let workgroup_bytes = u64::from(limits.max_compute_workgroup_storage_size);
         let too_little_memory = |needed: u64| Error::WorkgroupMemory {
-            head_dim: shape.head_dim.max(shape.head_dim_v),
+            head_dim: shape.head_dim,
+            head_dim_v: shape.head_dim_v,
             needed,
             limit: limits.max_compute_workgroup_storage_size,
         };

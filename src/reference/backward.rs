@@ -12,7 +12,7 @@ use crate::error::Result;
 /// gradients, packed like the inputs.
 #[derive(Debug, Clone)]
 pub struct ReferenceGradients {
-    /// `[batch, seq_q, heads_q, head_dim]`.
+    /// `[batch, seq_q, heads_q, head_dim_v]`.
     pub out: Vec<f64>,
     /// `[batch, heads_q, seq_q]`, natural log; `+inf` for rows that see no
     /// key.
@@ -22,7 +22,7 @@ pub struct ReferenceGradients {
     /// `[batch, seq_kv, heads_kv, head_dim]`, summed over each KV head's
     /// query heads.
     pub dk: Vec<f64>,
-    /// `[batch, seq_kv, heads_kv, head_dim]`.
+    /// `[batch, seq_kv, heads_kv, head_dim_v]`.
     pub dv: Vec<f64>,
     /// `[heads_q]`: the gradient of each attention sink, summed over batch
     /// and rows (`-sum exp(sink - lse) * D`, D = dO . O); empty when the
@@ -30,7 +30,8 @@ pub struct ReferenceGradients {
     pub dsinks: Vec<f64>,
 }
 
-/// Exact attention and its gradients given `d_out` (packed like `q`), with
+/// Exact attention and its gradients given `d_out` (packed like the
+/// output, `[batch, seq_q, heads_q, head_dim_v]`), with
 /// the config's options and, if given, a mask. Rows that see no key have
 /// zero gradients. The mask's bias, ALiBi slopes, scale and softcap are
 /// constants (not differentiated); sinks are differentiated.
@@ -44,7 +45,7 @@ pub fn attention_backward(
         Some(mask) => mask.at(b, h, i, j),
         None => Some(0.0),
     })?;
-    check_len("d_out", shape.q_shape().elements(), d_out.len())?;
+    check_len("d_out", shape.o_shape().elements(), d_out.len())?;
     let AttentionShape {
         batch,
         seq_q,
@@ -52,6 +53,7 @@ pub fn attention_backward(
         heads_q,
         heads_kv,
         head_dim: d,
+        head_dim_v: dv,
     } = *shape;
     let group = shape.group_size();
 
@@ -75,22 +77,23 @@ pub fn attention_backward(
                 lse: Vec::new(),
                 dq: Vec::new(),
                 dk: vec![0.0; seq_kv * d],
-                dv: vec![0.0; seq_kv * d],
+                dv: vec![0.0; seq_kv * dv],
                 dsinks: vec![0.0; group],
             };
             for h in hk * group..(hk + 1) * group {
                 for i in 0..seq_q {
                     let at = problem.q_at(b, h, i);
+                    let o_at = problem.o_at(b, h, i);
                     let scores = problem.row_scores(b, h, i);
                     let lse_at = (b * heads_q + h) * seq_q + i;
                     let sink = problem.sink(h);
                     let Some((probs, lse)) = softmax(&scores, sink) else {
-                        result.out.push((at, vec![0.0; d]));
+                        result.out.push((o_at, vec![0.0; dv]));
                         result.lse.push((lse_at, f64::INFINITY));
                         result.dq.push((at, vec![0.0; d]));
                         continue;
                     };
-                    let grad_out = &d_out[at..][..d];
+                    let grad_out = &d_out[o_at..][..dv];
                     let q_row = problem.q_row(b, h, i);
                     let dots = |x: &[f32], y: &[f32]| -> f64 {
                         x.iter()
@@ -108,7 +111,7 @@ pub fn attention_backward(
                     if let Some(sink) = sink {
                         result.dsinks[h - hk * group] -= (sink - lse).exp() * delta;
                     }
-                    let mut out = vec![0.0; d];
+                    let mut out = vec![0.0; dv];
                     let mut dq = vec![0.0; d];
                     for ((score, &p), &dp) in scores.iter().zip(&probs).zip(&dp) {
                         let mut dx = p * (dp - delta) * problem.scale;
@@ -122,13 +125,16 @@ pub fn attention_backward(
                         );
                         let key = score.key * d;
                         for c in 0..d {
-                            out[c] += p * f64::from(v_row[c]);
                             dq[c] += dx * f64::from(k_row[c]);
                             result.dk[key + c] += dx * f64::from(q_row[c]);
-                            result.dv[key + c] += p * f64::from(grad_out[c]);
+                        }
+                        let value = score.key * dv;
+                        for c in 0..dv {
+                            out[c] += p * f64::from(v_row[c]);
+                            result.dv[value + c] += p * f64::from(grad_out[c]);
                         }
                     }
-                    result.out.push((at, out));
+                    result.out.push((o_at, out));
                     result.lse.push((lse_at, lse));
                     result.dq.push((at, dq));
                 }
@@ -138,17 +144,17 @@ pub fn attention_backward(
         .collect();
 
     let mut grads = ReferenceGradients {
-        out: vec![0.0; shape.q_shape().elements()],
+        out: vec![0.0; shape.o_shape().elements()],
         lse: vec![0.0; batch * heads_q * seq_q],
         dq: vec![0.0; shape.q_shape().elements()],
-        dk: vec![0.0; shape.kv_shape().elements()],
-        dv: vec![0.0; shape.kv_shape().elements()],
+        dk: vec![0.0; shape.k_shape().elements()],
+        dv: vec![0.0; shape.v_shape().elements()],
         dsinks: vec![0.0; if config.sinks.is_some() { heads_q } else { 0 }],
     };
     for (unit_index, unit) in units.into_iter().enumerate() {
         let (b, hk) = (unit_index / heads_kv, unit_index % heads_kv);
         for (at, row) in unit.out {
-            grads.out[at..at + d].copy_from_slice(&row);
+            grads.out[at..at + dv].copy_from_slice(&row);
         }
         for (at, row) in unit.dq {
             grads.dq[at..at + d].copy_from_slice(&row);
@@ -163,9 +169,9 @@ pub fn attention_backward(
             }
         }
         for j in 0..seq_kv {
-            let at = ((b * seq_kv + j) * heads_kv + hk) * d;
-            grads.dk[at..at + d].copy_from_slice(&unit.dk[j * d..][..d]);
-            grads.dv[at..at + d].copy_from_slice(&unit.dv[j * d..][..d]);
+            let key = (b * seq_kv + j) * heads_kv + hk;
+            grads.dk[key * d..][..d].copy_from_slice(&unit.dk[j * d..][..d]);
+            grads.dv[key * dv..][..dv].copy_from_slice(&unit.dv[j * dv..][..dv]);
         }
     }
     Ok(grads)

@@ -68,6 +68,7 @@ pub fn attention_shape(
         heads_q: heads.0,
         heads_kv: heads.1,
         head_dim,
+        head_dim_v: head_dim,
     }
 }
 
@@ -127,11 +128,12 @@ impl Inputs {
     pub fn draw(shape: &AttentionShape, seed: u64, scale: f32) -> Self {
         let mut rng = seeded(seed);
         let nq = shape.q_shape().elements();
-        let nkv = shape.kv_shape().elements();
+        let nk = shape.k_shape().elements();
+        let nv = shape.v_shape().elements();
         Inputs {
             q: normal_vec(&mut rng, nq, scale),
-            k: normal_vec(&mut rng, nkv, scale),
-            v: normal_vec(&mut rng, nkv, 1.0),
+            k: normal_vec(&mut rng, nk, scale),
+            v: normal_vec(&mut rng, nv, 1.0),
         }
     }
 }
@@ -198,9 +200,9 @@ pub fn run_with(
 pub fn upload(gpu: &Gpu, shape: &AttentionShape, inputs: &Inputs) -> [Tensor; 4] {
     [
         Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap(),
-        Tensor::from_f32(gpu, shape.kv_shape(), &inputs.k).unwrap(),
-        Tensor::from_f32(gpu, shape.kv_shape(), &inputs.v).unwrap(),
-        Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap(),
+        Tensor::from_f32(gpu, shape.k_shape(), &inputs.k).unwrap(),
+        Tensor::from_f32(gpu, shape.v_shape(), &inputs.v).unwrap(),
+        Tensor::filled(gpu, shape.o_shape(), f32::NAN).unwrap(),
     ]
 }
 
@@ -256,12 +258,23 @@ pub fn compare(
     got_lse: &[f32],
 ) -> Errors {
     let want = reference::attention(shape, &inputs.q, &inputs.k, &inputs.v, config).unwrap();
+    compare_with(&want, got, got_lse, &format!("{shape:?} {config:?}"))
+}
+
+/// Compares GPU outputs with a reference result; panics on NaN or
+/// unwritten elements and on a wrong empty-row logsumexp.
+pub fn compare_with(
+    want: &reference::ReferenceOutput,
+    got: &[f32],
+    got_lse: &[f32],
+    what: &str,
+) -> Errors {
     assert_eq!(got.len(), want.out.len());
     let mut out_err = 0.0f64;
     for (index, (&g, &w)) in got.iter().zip(&want.out).enumerate() {
         assert!(
             !g.is_nan(),
-            "{shape:?} {config:?}: out[{index}] is NaN (unwritten or invalid)"
+            "{what}: out[{index}] is NaN (unwritten or invalid)"
         );
         out_err = out_err.max((f64::from(g) - w).abs());
     }
@@ -269,12 +282,12 @@ pub fn compare(
     for (index, (&g, &w)) in got_lse.iter().zip(&want.lse).enumerate() {
         assert!(
             !g.is_nan(),
-            "{shape:?} {config:?}: lse[{index}] is NaN (unwritten or invalid)"
+            "{what}: lse[{index}] is NaN (unwritten or invalid)"
         );
         if w.is_infinite() {
             assert!(
                 g == f32::INFINITY,
-                "{shape:?} {config:?}: lse[{index}] = {g}, expected +inf for a row that sees no key"
+                "{what}: lse[{index}] = {g}, expected +inf for a row that sees no key"
             );
         } else {
             lse_err = lse_err.max((f64::from(g) - w).abs());

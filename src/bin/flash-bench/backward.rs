@@ -29,7 +29,7 @@ impl Bench<'_> {
         let gpu = self.gpu;
         let shape = &case.shape;
         let dtype = case.dtype;
-        let (q_dims, kv_dims) = (shape.q_shape(), shape.kv_shape());
+        let (q_dims, kv_dims) = (shape.q_shape(), shape.k_shape());
         let mut rng = seeded(case.seed + 1);
         let d_out_host = round_to(dtype, normal_vec(&mut rng, q_dims.elements(), 1.0));
         let d_out = Tensor::from_f32_as(gpu, q_dims, &d_out_host, dtype)?;

@@ -209,6 +209,7 @@ pub fn run(gpu: &Gpu, args: &CheckArgs, json: Option<&std::path::Path>) -> Resul
         seq_q: q.shape[1],
         heads_q: q.shape[2],
         head_dim: q.shape[3],
+        head_dim_v: q.shape[3],
         seq_kv: k.shape[1],
         heads_kv: k.shape[2],
     };

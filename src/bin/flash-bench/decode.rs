@@ -382,6 +382,7 @@ fn head0_error(
             heads_q: 1,
             heads_kv: 1,
             head_dim: args.head_dim,
+            head_dim_v: args.head_dim,
         };
         let pick = |data: &[f32]| -> Vec<f32> {
             (0..args.seq_q)

@@ -205,12 +205,12 @@ impl Tensors {
     fn new(gpu: &Gpu, shape: &AttentionShape, seed: u64) -> Result<Self> {
         let mut rng = seeded(seed);
         let q = normal_vec(&mut rng, shape.q_shape().elements(), 1.0);
-        let k = normal_vec(&mut rng, shape.kv_shape().elements(), 1.0);
-        let v = normal_vec(&mut rng, shape.kv_shape().elements(), 1.0);
+        let k = normal_vec(&mut rng, shape.k_shape().elements(), 1.0);
+        let v = normal_vec(&mut rng, shape.v_shape().elements(), 1.0);
         Ok(Tensors {
             q: Tensor::from_f32(gpu, shape.q_shape(), &q)?,
-            k: Tensor::from_f32(gpu, shape.kv_shape(), &k)?,
-            v: Tensor::from_f32(gpu, shape.kv_shape(), &v)?,
+            k: Tensor::from_f32(gpu, shape.k_shape(), &k)?,
+            v: Tensor::from_f32(gpu, shape.v_shape(), &v)?,
             out: Tensor::filled(gpu, shape.q_shape(), f32::NAN)?,
             host: (q, k, v),
         })

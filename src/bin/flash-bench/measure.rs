@@ -263,12 +263,12 @@ impl Bench<'_> {
         let dtype = case.dtype;
         let mut draw = |n: usize| round_to(dtype, normal_vec(&mut rng, n, 1.0));
         let q = draw(shape.q_shape().elements());
-        let k = draw(shape.kv_shape().elements());
-        let v = draw(shape.kv_shape().elements());
+        let k = draw(shape.k_shape().elements());
+        let v = draw(shape.v_shape().elements());
         let operands = Operands {
             q: Tensor::from_f32_as(gpu, shape.q_shape(), &q, dtype)?,
-            k: Tensor::from_f32_as(gpu, shape.kv_shape(), &k, dtype)?,
-            v: Tensor::from_f32_as(gpu, shape.kv_shape(), &v, dtype)?,
+            k: Tensor::from_f32_as(gpu, shape.k_shape(), &k, dtype)?,
+            v: Tensor::from_f32_as(gpu, shape.v_shape(), &v, dtype)?,
             host: [q, k, v],
         };
         let needs_sample = case

@@ -236,6 +236,7 @@ impl ShapeArgs {
             heads_q: self.heads_q,
             heads_kv: self.heads_kv.unwrap_or(self.heads_q),
             head_dim: self.head_dim,
+            head_dim_v: self.head_dim,
         }
     }
 }

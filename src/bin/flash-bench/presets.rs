@@ -50,6 +50,7 @@ fn preset(
             heads_q: heads.0,
             heads_kv: heads.1,
             head_dim,
+            head_dim_v: head_dim,
         },
         causal,
     }
