@@ -57,7 +57,8 @@ pub use backward::{
     BACKWARD_STORAGE_BUFFERS, BackwardArgs, BackwardPlan, HostGradients, SinkGrads,
 };
 pub use config::{
-    Alibi, AttentionConfig, AttentionShape, SUPPORTED_HEAD_DIMS, Tier, is_supported_head_dim,
+    Alibi, AttentionConfig, AttentionShape, MAX_HEAD_DIM, SUPPORTED_HEAD_DIMS, Tier,
+    is_supported_head_dim,
 };
 pub use decode::{DecodeArgs, DecodeOptions};
 pub use error::{Error, Result};

@@ -854,6 +854,33 @@ pub(crate) mod profiles {
     }
 
     #[test]
+    fn wide_and_uneven_head_dims_plan_where_their_tiles_fit() {
+        // DeepSeek MLA's 576/512: the smallest tile (4 keys) needs 17 KiB.
+        let mla = AttentionShape::self_attention(1, 1024, 16, 576).with_head_dim_v(512);
+        assert!(matches!(
+            ForwardPlan::new(&profile("Adreno"), &mla),
+            Err(Error::WorkgroupMemory {
+                head_dim: 576,
+                head_dim_v: 512,
+                needed: 17408,
+                limit: 16384
+            })
+        ));
+        let cpu = ForwardPlan::new(&profile("llvmpipe (LLVM"), &mla).unwrap();
+        assert_eq!(cpu.rows_per_invocation(), 2, "the widest heads hold 2 rows");
+        let gpu = ForwardPlan::new(&profile("NVIDIA"), &mla).unwrap();
+        assert!(forward_tile_bytes(576, 512, gpu.block_n()) <= u64::from(48 * KIB));
+        // Values of another width size the tile from both.
+        let prefill = AttentionShape::self_attention(1, 1024, 16, 192).with_head_dim_v(128);
+        let plan = ForwardPlan::new(&profile("Adreno"), &prefill).unwrap();
+        assert_eq!(
+            plan.block_n(),
+            8,
+            "8 keys of 192 + 128 f32s fit 16 KiB, 16 do not"
+        );
+    }
+
+    #[test]
     fn limits_too_small_are_typed_errors_with_the_numbers() {
         let shape = AttentionShape::self_attention(1, 512, 4, 256);
         let mut info = profile("Adreno");

@@ -66,15 +66,14 @@ fn write_file(
     out: Option<&[f32]>,
     skip: Option<&str>,
 ) -> Inputs {
-    let q_dims = vec![shape.batch, shape.seq_q, shape.heads_q, shape.head_dim];
-    let kv_dims = vec![shape.batch, shape.seq_kv, shape.heads_kv, shape.head_dim];
+    let (q_dims, kv_dims) = qk_dims(shape);
     let mut tensors = vec![
-        ("q", q_dims.clone(), encode(dtype, &inputs.q)),
-        ("k", kv_dims.clone(), encode(dtype, &inputs.k)),
-        ("v", kv_dims, encode(dtype, &inputs.v)),
+        ("q", q_dims, encode(dtype, &inputs.q)),
+        ("k", kv_dims, encode(dtype, &inputs.k)),
+        ("v", v_dims(shape), encode(dtype, &inputs.v)),
     ];
     if let Some(out) = out {
-        tensors.push(("out", q_dims, encode(dtype, out)));
+        tensors.push(("out", o_dims(shape), encode(dtype, out)));
     }
     tensors.retain(|(name, _, _)| Some(*name) != skip);
     let views: Vec<(&str, TensorView<'_>)> = tensors
@@ -442,13 +441,23 @@ fn linear_attention_sweeps_beside_flash_and_plots_time() {
 /// One safetensors entry: name, dims, f32 values.
 type Entry<'a> = (&'static str, Vec<usize>, &'a [f32]);
 
-/// The `[batch, seq, heads, head_dim]` dims of Q (and O, dO, dQ) and of K
-/// (and V, dK, dV) of `shape`.
+/// The `[batch, seq, heads, head_dim]` dims of Q (and dQ) and of K (and
+/// dK) of `shape`; with one head dim, also of O, dO and of V, dV.
 fn qk_dims(shape: &AttentionShape) -> (Vec<usize>, Vec<usize>) {
     (
         vec![shape.batch, shape.seq_q, shape.heads_q, shape.head_dim],
         vec![shape.batch, shape.seq_kv, shape.heads_kv, shape.head_dim],
     )
+}
+
+/// The dims of V (and dV): K's with the value head dim.
+fn v_dims(shape: &AttentionShape) -> Vec<usize> {
+    vec![shape.batch, shape.seq_kv, shape.heads_kv, shape.head_dim_v]
+}
+
+/// The dims of O (and dO): Q's with the value head dim.
+fn o_dims(shape: &AttentionShape) -> Vec<usize> {
+    vec![shape.batch, shape.seq_q, shape.heads_q, shape.head_dim_v]
 }
 
 /// The q, k and v entries of a check file for `shape`, then `more`.
@@ -460,8 +469,8 @@ fn qkv_entries<'a>(
     let (q_dims, kv_dims) = qk_dims(shape);
     let mut entries = vec![
         ("q", q_dims, &inputs.q[..]),
-        ("k", kv_dims.clone(), &inputs.k[..]),
-        ("v", kv_dims, &inputs.v[..]),
+        ("k", kv_dims, &inputs.k[..]),
+        ("v", v_dims(shape), &inputs.v[..]),
     ];
     entries.extend(more);
     entries
@@ -771,4 +780,170 @@ fn run_backward_reports_a_validated_backward_row() {
     assert!((ratio - 2.5).abs() < 1e-9, "{ratio}");
     let note = backward["note"].as_str().unwrap();
     assert!(note.contains("backward / forward"), "{note}");
+}
+
+/// DeepSeek MLA prefill's head dims, small: q and k 192 wide, v 128.
+fn mla_shape() -> AttentionShape {
+    AttentionShape {
+        batch: 1,
+        seq_q: 24,
+        seq_kv: 40,
+        heads_q: 2,
+        heads_kv: 2,
+        head_dim: 192,
+        head_dim_v: 128,
+    }
+}
+
+/// The last line of stderr is the whole of it, and no panic.
+fn assert_one_line_error(output: &Output, reason: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(output));
+    assert!(stderr.contains(reason), "{reason:?} not in {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn check_takes_a_value_head_dim_of_its_own() {
+    let Some(_) = gpu() else { return };
+    let shape = mla_shape();
+    let config = AttentionConfig::new().causal(true);
+    let inputs = Inputs::draw(&shape, 0x5eed_0c30, 1.0);
+    let want = reference_out(&shape, &inputs, &config);
+    assert_eq!(want.len(), shape.o_shape().elements());
+    let file = scratch("mla.safetensors");
+    let written = scratch("mla-out.safetensors");
+    write_f32_tensors(
+        &file,
+        &qkv_entries(&shape, &inputs, vec![("out", o_dims(&shape), &want)]),
+    );
+    let output = flash_bench(&[
+        "check",
+        file.to_str().unwrap(),
+        "--causal",
+        "--output",
+        written.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    assert!(stdout(&output).contains("d192/128"), "{}", stdout(&output));
+    assert!(stdout(&output).contains("GPU vs file's out"));
+    let bytes = std::fs::read(&written).unwrap();
+    let file_out = SafeTensors::deserialize(&bytes).unwrap();
+    let out = file_out.tensor("out").unwrap();
+    assert_eq!(out.shape(), [1, 24, 2, 128]);
+    let worst = decode(Dtype::F32, out.data())
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst <= 1e-4, "written out differs by {worst}");
+
+    // The GPU backward keeps one head dim: refused in one line, exit 2.
+    let d_out = vec![0.5f32; shape.o_shape().elements()];
+    write_f32_tensors(
+        &file,
+        &qkv_entries(&shape, &inputs, vec![("do", o_dims(&shape), &d_out)]),
+    );
+    let output = flash_bench(&["check", file.to_str().unwrap(), "--backward"]);
+    assert_one_line_error(&output, "--backward");
+}
+
+#[test]
+fn check_refuses_a_v_of_other_heads_or_an_out_of_q_width_in_one_line() {
+    let Some(_) = gpu() else { return };
+    let shape = mla_shape();
+    let inputs = Inputs::draw(&shape, 0x5eed_0c31, 1.0);
+    let file = scratch("mla-wrong.safetensors");
+    // v with one head where k has two.
+    let (q_dims, kv_dims) = qk_dims(&shape);
+    let one_head = &inputs.v[..shape.seq_kv * shape.head_dim_v];
+    write_f32_tensors(
+        &file,
+        &[
+            ("q", q_dims.clone(), &inputs.q),
+            ("k", kv_dims, &inputs.k),
+            ("v", vec![1, shape.seq_kv, 1, shape.head_dim_v], one_head),
+        ],
+    );
+    let output = flash_bench(&["check", file.to_str().unwrap()]);
+    assert_one_line_error(&output, "v is");
+    // An expected `out` as wide as q, not v.
+    let wide = vec![0.0f32; shape.q_shape().elements()];
+    write_f32_tensors(
+        &file,
+        &qkv_entries(&shape, &inputs, vec![("out", q_dims, &wide)]),
+    );
+    let output = flash_bench(&["check", file.to_str().unwrap()]);
+    assert_one_line_error(&output, "out is");
+}
+
+#[test]
+fn run_takes_a_value_head_dim_and_reports_the_backward_unsupported() {
+    let Some(_) = gpu() else { return };
+    let json = scratch("run-mla.json");
+    let output = flash_bench(&[
+        "run",
+        "--seq-q",
+        "24",
+        "--heads-q",
+        "2",
+        "--head-dim",
+        "192",
+        "--head-dim-v",
+        "128",
+        "--backward",
+        "--iters",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    assert!(
+        stdout(&output).contains("B1 H2 N24 d192/128"),
+        "{}",
+        stdout(&output)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let case = &report["cases"][0];
+    assert_eq!(case["shape"]["head_dim"], 192, "{case}");
+    assert_eq!(case["shape"]["head_dim_v"], 128, "{case}");
+    // 2 x (192 + 128) FLOPs per (query, key), 2 heads, 24 x 24 pairs.
+    let flops = 2.0 * (192.0 + 128.0) * 2.0 * 24.0 * 24.0;
+    assert_eq!(case["flops"].as_f64().unwrap(), flops, "{case}");
+    let results = case["results"].as_array().unwrap();
+    let flash = results.iter().find(|r| r["impl"] == "flash").unwrap();
+    assert_eq!(flash["status"], "ok", "{flash}");
+    assert!(flash["max_abs_err"].as_f64().unwrap() <= 1e-4, "{flash}");
+    assert_eq!(flash["flops"].as_f64().unwrap(), flops, "{flash}");
+    // The output is [1, 24, 2, 128] f32.
+    assert_eq!(flash["gpu_bytes"], 24 * 2 * 128 * 4, "{flash}");
+    let backward = results.iter().find(|r| r["impl"] == "backward").unwrap();
+    assert_eq!(backward["status"], "skipped", "{backward}");
+    assert!(
+        backward["note"]
+            .as_str()
+            .unwrap()
+            .contains("unsupported by the GPU backward"),
+        "{backward}"
+    );
+}
+
+#[test]
+fn run_refuses_an_unsupported_value_head_dim_in_one_line() {
+    let Some(_) = gpu() else { return };
+    let output = flash_bench(&[
+        "run",
+        "--seq-q",
+        "16",
+        "--heads-q",
+        "1",
+        "--head-dim",
+        "8",
+        "--head-dim-v",
+        "100",
+        "--iters",
+        "1",
+    ]);
+    assert_one_line_error(&output, "head dim 100");
 }

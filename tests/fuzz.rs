@@ -13,7 +13,9 @@
 //!
 //! Drawn per case: the operation (forward 60 %, decode over a KV cache
 //! 20 %, backward 20 %), batch, lengths (1-150, `seq_q != seq_kv`
-//! included), GQA groups, head dims (multiples of 8 up to 256), causal,
+//! included), GQA groups, head dims (multiples of 8 up to 256; in 15 % of
+//! forward and decode cases a pair from a short list past 256 or with
+//! values of another width, decoding those over a latent cache), causal,
 //! windows, softcap, scale, ALiBi, attention sinks. Forward: storage (f32, f16, bf16),
 //! layout (packed BSHD or a BHSD buffer seen through strides), and at most
 //! one of: a boolean mask, an additive bias mask (with `-inf` entries),
@@ -109,8 +111,27 @@ fn draw_case(rng: &mut SeededRng) -> Case {
         heads_q: heads_kv * rng.random_range(1..=3),
         heads_kv,
         head_dim: 8 * rng.random_range(1..=32),
-        head_dim_v: 8 * rng.random_range(1..=32),
+        head_dim_v: 0,
     };
+    shape.head_dim_v = shape.head_dim;
+    // Some forward and decode cases take head dims past 256 or values of
+    // another width, from a short list (each pair compiles its kernels):
+    // decoding with values narrower than keys is a latent cache.
+    let uneven: &[(usize, usize)] = match operation {
+        Operation::Forward => &[
+            (192, 128),
+            (128, 192),
+            (96, 64),
+            (576, 512),
+            (512, 512),
+            (320, 320),
+        ],
+        Operation::Decode { .. } => &[(192, 128), (576, 512), (512, 512)],
+        Operation::Backward => &[],
+    };
+    if !uneven.is_empty() && rng.random_bool(0.15) {
+        (shape.head_dim, shape.head_dim_v) = uneven[rng.random_range(0..uneven.len())];
+    }
     let mut cache_lens = Vec::new();
     if let Operation::Decode { .. } = operation {
         shape.seq_q = rng.random_range(1..=4);
@@ -254,7 +275,7 @@ fn run_forward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String
     let (q, k, v) = (
         draw(s.q_shape().elements()),
         draw(s.k_shape().elements()),
-        draw(s.k_shape().elements()),
+        draw(s.v_shape().elements()),
     );
     let tensor = |dims, data: &[f32]| upload(gpu, dims, data, case.dtype, case.bhsd);
     let (qt, kt, vt) = (
@@ -262,7 +283,7 @@ fn run_forward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String
         tensor(s.k_shape(), &k),
         tensor(s.v_shape(), &v),
     );
-    let out = tensor(s.q_shape(), &vec![f32::NAN; s.q_shape().elements()]);
+    let out = tensor(s.o_shape(), &vec![f32::NAN; s.o_shape().elements()]);
     let args = AttentionArgs {
         q: &qt,
         k: &kt,
@@ -357,8 +378,9 @@ fn per_sequence_reference(
     config: &AttentionConfig,
     sequences: &[(std::ops::Range<usize>, std::ops::Range<usize>)],
 ) -> Vec<f64> {
-    let (row, key_row) = (s.heads_q * s.head_dim, s.heads_kv * s.head_dim);
-    let mut want = vec![0.0f64; s.q_shape().elements()];
+    let (q_row, k_row) = (s.heads_q * s.head_dim, s.heads_kv * s.head_dim);
+    let (v_row, o_row) = (s.heads_kv * s.head_dim_v, s.heads_q * s.head_dim_v);
+    let mut want = vec![0.0f64; s.o_shape().elements()];
     for (rows, keys) in sequences {
         if rows.is_empty() || keys.is_empty() {
             continue;
@@ -369,14 +391,11 @@ fn per_sequence_reference(
             seq_kv: keys.len(),
             ..*s
         };
-        let (rows, keys) = (
-            rows.start * row..rows.end * row,
-            keys.start * key_row..keys.end * key_row,
-        );
-        let result =
-            reference::attention(&one, &q[rows.clone()], &k[keys.clone()], &v[keys], config)
-                .unwrap();
-        want[rows].copy_from_slice(&result.out);
+        let q_rows = &q[rows.start * q_row..rows.end * q_row];
+        let k_rows = &k[keys.start * k_row..keys.end * k_row];
+        let v_rows = &v[keys.start * v_row..keys.end * v_row];
+        let result = reference::attention(&one, q_rows, k_rows, v_rows, config).unwrap();
+        want[rows.start * o_row..rows.end * o_row].copy_from_slice(&result.out);
     }
     want
 }
@@ -412,11 +431,13 @@ fn run_decode(
         },
         None => KvLayout::Contiguous { capacity: longest },
     };
-    let mut cache = KvCache::new(
-        gpu,
-        KvCacheConfig::new(s.batch, s.heads_kv, s.head_dim, layout).dtype(dtype),
-    )
-    .map_err(|e| format!("cache: {e}"))?;
+    // Values narrower than keys: a latent cache (values are key prefixes).
+    let latent = !s.same_head_dims();
+    let mut cache_config = KvCacheConfig::new(s.batch, s.heads_kv, s.head_dim, layout).dtype(dtype);
+    if latent {
+        cache_config = cache_config.latent_values(s.head_dim_v);
+    }
+    let mut cache = KvCache::new(gpu, cache_config).map_err(|e| format!("cache: {e}"))?;
     if let KvLayout::Paged { page_size, pages } = layout {
         let mut pool: Vec<u32> = (0..pages as u32).collect();
         pool.shuffle(rng);
@@ -428,16 +449,21 @@ fn run_decode(
         }
     }
     let tokens = s.k_shape();
-    let (mut k, mut v) = (
-        normal_vec(rng, tokens.elements(), 1.0),
-        normal_vec(rng, tokens.elements(), 1.0),
-    );
-    let (kt, vt) = (
-        Tensor::from_f32(gpu, tokens, &k).unwrap(),
-        Tensor::from_f32(gpu, tokens, &v).unwrap(),
-    );
-    gpu.run(|e| cache.append(gpu, e, &kt, &vt, None))
-        .map_err(|e| format!("append: {e}"))?;
+    let mut k = normal_vec(rng, tokens.elements(), 1.0);
+    let kt = Tensor::from_f32(gpu, tokens, &k).unwrap();
+    let mut v = if latent {
+        let appended = gpu.run(|e| cache.append_latent(gpu, e, &kt, None));
+        appended.map_err(|e| format!("append: {e}"))?;
+        k.chunks(s.head_dim)
+            .flat_map(|key| key[..s.head_dim_v].to_vec())
+            .collect()
+    } else {
+        let v = normal_vec(rng, tokens.elements(), 1.0);
+        let vt = Tensor::from_f32(gpu, tokens, &v).unwrap();
+        gpu.run(|e| cache.append(gpu, e, &kt, &vt, None))
+            .map_err(|e| format!("append: {e}"))?;
+        v
+    };
     for (b, &len) in case.cache_lens.iter().enumerate() {
         cache.set_len(b, len).map_err(|e| format!("set_len: {e}"))?;
         // Half and int8 caches: the reference runs on what is stored
@@ -446,14 +472,14 @@ fn run_decode(
             let (stored_k, stored_v) = cache
                 .read_sequence(gpu, b)
                 .map_err(|e| format!("read back: {e}"))?;
-            let at = b * longest * s.heads_kv * s.head_dim;
-            k[at..at + stored_k.len()].copy_from_slice(&stored_k);
-            v[at..at + stored_v.len()].copy_from_slice(&stored_v);
+            let at = b * longest * s.heads_kv;
+            k[at * s.head_dim..][..stored_k.len()].copy_from_slice(&stored_k);
+            v[at * s.head_dim_v..][..stored_v.len()].copy_from_slice(&stored_v);
         }
     }
     let q = normal_vec(rng, s.q_shape().elements(), 1.0);
     let qt = Tensor::from_f32(gpu, s.q_shape(), &q).unwrap();
-    let out = Tensor::filled(gpu, s.q_shape(), f32::NAN).unwrap();
+    let out = Tensor::filled(gpu, s.o_shape(), f32::NAN).unwrap();
     let args = DecodeArgs {
         q: &qt,
         cache: &cache,

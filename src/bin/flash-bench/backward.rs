@@ -5,11 +5,12 @@
 use anyhow::Result;
 use wgpu_flash_attn::reference;
 use wgpu_flash_attn::{
-    Alibi, AttentionArgs, AttentionConfig, AttentionShape, BackwardArgs, Lse, SinkGrads, Tensor,
+    Alibi, AttentionArgs, AttentionConfig, AttentionShape, BackwardArgs, BackwardPlan, Error, Lse,
+    SinkGrads, Tensor,
 };
 
 use crate::measure::{
-    Bench, Case, ImplResult, Operands, TOLERANCE, bytes, round_to, unit_roundoff,
+    Bench, Case, ImplResult, Operands, Status, TOLERANCE, bytes, round_to, unit_roundoff,
 };
 use crate::options::Impl;
 use crate::random::{normal_vec, seeded};
@@ -29,13 +30,28 @@ impl Bench<'_> {
         let gpu = self.gpu;
         let shape = &case.shape;
         let dtype = case.dtype;
-        let (q_dims, kv_dims) = (shape.q_shape(), shape.k_shape());
+        // Head dims the backward kernels lack (a value head dim of its own,
+        // or over 256) are a row of their own, not a failed run.
+        if let Err(err @ Error::HeadDimUnsupported { .. }) =
+            BackwardPlan::for_call(gpu.info(), shape, dtype, case.config.tier)
+        {
+            return Ok(ImplResult::without_timing(
+                Impl::Backward,
+                Status::Skipped,
+                format!("unsupported by the GPU backward: {err}"),
+            ));
+        }
+        let (q_dims, o_dims) = (shape.q_shape(), shape.o_shape());
         let mut rng = seeded(case.seed + 1);
-        let d_out_host = round_to(dtype, normal_vec(&mut rng, q_dims.elements(), 1.0));
-        let d_out = Tensor::from_f32_as(gpu, q_dims, &d_out_host, dtype)?;
+        let d_out_host = round_to(dtype, normal_vec(&mut rng, o_dims.elements(), 1.0));
+        let d_out = Tensor::from_f32_as(gpu, o_dims, &d_out_host, dtype)?;
         let poisoned = |dims| Tensor::filled_as(gpu, dims, f32::NAN, dtype);
-        let out = poisoned(q_dims)?;
-        let (dq, dk, dv) = (poisoned(q_dims)?, poisoned(kv_dims)?, poisoned(kv_dims)?);
+        let out = poisoned(o_dims)?;
+        let (dq, dk, dv) = (
+            poisoned(q_dims)?,
+            poisoned(shape.k_shape())?,
+            poisoned(shape.v_shape())?,
+        );
         let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q)?;
         // With sinks, their gradients too (NaN until the backward writes).
         let dsinks = match case.config.sinks {
@@ -177,8 +193,8 @@ fn validate(
     dsinks: Option<&[f32]>,
 ) -> Result<Option<Validated>> {
     let group = shape.group_size();
-    let d = shape.head_dim;
-    let work = (shape.seq_q * shape.seq_kv * group * d) as f64;
+    let (d, dv_dim) = (shape.head_dim, shape.head_dim_v);
+    let work = (shape.seq_q * shape.seq_kv * group * d.max(dv_dim)) as f64;
     if work > VALIDATION_BUDGET {
         return Ok(None);
     }
@@ -188,17 +204,23 @@ fn validate(
         heads_kv: 1,
         ..*shape
     };
-    // Row `i` of query heads 0..group and key `j` of KV head 0, batch 0.
-    let q_at = |i: usize, h: usize| (i * shape.heads_q + h) * d;
-    let kv_at = |j: usize| j * shape.heads_kv * d;
-    let gather_q = |x: &[f32]| -> Vec<f32> {
+    // Row `i` of query heads 0..group and key `j` of KV head 0, batch 0,
+    // in tensors of `width` elements per head (Q and K: head_dim; V, O and
+    // their gradients: head_dim_v).
+    let gather_q = |x: &[f32], width: usize| -> Vec<f32> {
         (0..shape.seq_q)
-            .flat_map(|i| (0..group).flat_map(move |h| x[q_at(i, h)..][..d].iter().copied()))
+            .flat_map(|i| {
+                (0..group).flat_map(move |h| {
+                    x[(i * shape.heads_q + h) * width..][..width]
+                        .iter()
+                        .copied()
+                })
+            })
             .collect()
     };
-    let gather_kv = |x: &[f32]| -> Vec<f32> {
+    let gather_kv = |x: &[f32], width: usize| -> Vec<f32> {
         (0..shape.seq_kv)
-            .flat_map(|j| x[kv_at(j)..][..d].iter().copied())
+            .flat_map(|j| x[j * shape.heads_kv * width..][..width].iter().copied())
             .collect()
     };
     let mut sliced = config.clone();
@@ -208,14 +230,19 @@ fn validate(
     sliced.sinks = config.sinks.as_ref().map(|s| s[..group].to_vec());
     let want = reference::attention_backward(
         &slice,
-        [&gather_q(q), &gather_kv(k), &gather_kv(v), &gather_q(d_out)],
+        [
+            &gather_q(q, d),
+            &gather_kv(k, d),
+            &gather_kv(v, dv_dim),
+            &gather_q(d_out, dv_dim),
+        ],
         &sliced,
         None,
     )?;
     let mut compared = vec![
-        (gather_q(dq), &want.dq),
-        (gather_kv(dk), &want.dk),
-        (gather_kv(dv), &want.dv),
+        (gather_q(dq, d), &want.dq),
+        (gather_kv(dk, d), &want.dk),
+        (gather_kv(dv, dv_dim), &want.dv),
     ];
     let dsinks_validated = shape.batch == 1 && dsinks.is_some();
     if let Some(dsinks) = dsinks.filter(|_| dsinks_validated) {

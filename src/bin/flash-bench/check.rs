@@ -1,7 +1,9 @@
 //! `flash-bench check FILE.safetensors`: runs the GPU kernel on a user's own
 //! q, k, v and compares it with their expected `out` and with the f64
 //! reference; with `--backward`, also the gradients given their `do`. A
-//! `sinks` tensor in the file is applied as the call's attention sinks.
+//! `sinks` tensor in the file is applied as the call's attention sinks. V
+//! may have a head dim of its own (`head_dim_v`, e.g. 128 beside q and k's
+//! 192); `out` then has it too.
 
 use std::path::PathBuf;
 
@@ -18,14 +20,17 @@ use crate::report::{AdapterJson, write_json};
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// safetensors file with `q`, `k`, `v` ([batch, seq, heads, head_dim],
-    /// F32, F16 or BF16), optionally the expected `out`, and optionally
-    /// `sinks` ([heads_q]: one attention-sink logit per query head, applied
-    /// to the GPU call and the reference alike).
+    /// safetensors file with `q`, `k` ([batch, seq, heads, head_dim]) and
+    /// `v` (shaped like k but for its last dim, head_dim_v, which may
+    /// differ), F32, F16 or BF16; optionally the expected `out` ([batch,
+    /// seq_q, heads_q, head_dim_v]), and optionally `sinks` ([heads_q]: one
+    /// attention-sink logit per query head, applied to the GPU call and
+    /// the reference alike).
     pub file: PathBuf,
     #[command(flatten)]
     pub flags: AttentionFlags,
-    /// Write the GPU output as F32 tensor `out` to this safetensors file.
+    /// Write the GPU output as F32 tensor `out` ([batch, seq_q, heads_q,
+    /// head_dim_v]) to this safetensors file.
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
     /// Largest accepted |difference|, for both comparisons (default: 1e-4
@@ -34,12 +39,13 @@ pub struct CheckArgs {
     #[arg(long)]
     pub atol: Option<f64>,
     /// Also run the backward: the file has `do` (the output's gradient,
-    /// shaped like q) and optionally the expected `dq`, `dk`, `dv`; each
+    /// shaped like `out`) and optionally the expected `dq`, `dk`, `dv`; each
     /// gradient is compared with the f64 reference backward and the file's,
     /// with the tolerance scaled by the largest reference gradient (at
     /// least 1). With `sinks`, also their gradient `dsinks` ([heads_q],
     /// optionally expected in the file). `--output` then also writes `dq`,
-    /// `dk`, `dv` (and `dsinks` with sinks).
+    /// `dk`, `dv` (and `dsinks` with sinks). The GPU backward needs v as
+    /// wide as q and k, and head dims up to 256.
     #[arg(long)]
     pub backward: bool,
 }
@@ -201,15 +207,19 @@ pub fn run(gpu: &Gpu, args: &CheckArgs, json: Option<&std::path::Path>) -> Resul
     };
     let (q, k, v) = (required("q")?, required("k")?, required("v")?);
     let expected = read_tensor(&file, "out")?;
-    if k.shape != v.shape {
-        bail!("k is {:?} but v is {:?}; they must match", k.shape, v.shape);
+    if k.shape[..3] != v.shape[..3] {
+        bail!(
+            "k is {:?} but v is {:?}; batch, seq and heads must match (head dims may differ)",
+            k.shape,
+            v.shape
+        );
     }
     let shape = AttentionShape {
         batch: q.shape[0],
         seq_q: q.shape[1],
         heads_q: q.shape[2],
         head_dim: q.shape[3],
-        head_dim_v: q.shape[3],
+        head_dim_v: v.shape[3],
         seq_kv: k.shape[1],
         heads_kv: k.shape[2],
     };
@@ -220,19 +230,37 @@ pub fn run(gpu: &Gpu, args: &CheckArgs, json: Option<&std::path::Path>) -> Resul
             k.shape
         );
     }
+    let o_dims = shape.o_shape().as_array();
     if let Some(out) = &expected
-        && out.shape != q.shape
+        && out.shape != o_dims
     {
         bail!(
-            "out is {:?}; it must be shaped like q {:?}",
-            out.shape,
-            q.shape
+            "out is {:?}; it must be {o_dims:?} ([batch, seq_q, heads_q] of q, head dim of v)",
+            out.shape
         );
     }
     let sinks = read_head_vector(&file, "sinks", shape.heads_q)?;
     let mut config = args.flags.config();
     if let Some(sinks) = &sinks {
         config = config.sinks(sinks.data.clone());
+    }
+    if args.backward {
+        // Refused before the forward runs: a value head dim of its own, or
+        // head dims over 256.
+        if let Err(err @ wgpu_flash_attn::Error::HeadDimUnsupported { .. }) =
+            wgpu_flash_attn::BackwardPlan::for_call(
+                gpu.info(),
+                &shape,
+                wgpu_flash_attn::DType::F32,
+                config.tier,
+            )
+        {
+            bail!(
+                "--backward: {err} (here q and k have head dim {}, v {})",
+                shape.head_dim,
+                shape.head_dim_v
+            );
+        }
     }
     // f16 and bf16 inputs widen to f32 exactly, so the GPU result is held
     // to f32 accuracy against the reference on the same values.
@@ -300,12 +328,13 @@ pub fn run(gpu: &Gpu, args: &CheckArgs, json: Option<&std::path::Path>) -> Resul
         }
     }
     if let Some(path) = &args.output {
-        let mut outputs = vec![("out", q.shape.to_vec(), &result.out)];
+        let mut outputs = vec![("out", o_dims.to_vec(), &result.out)];
         for (gradient, data) in &gradients {
             let dims = match gradient.name {
                 "dq" => q.shape.to_vec(),
-                "dsinks" => vec![shape.heads_q],
-                _ => k.shape.to_vec(),
+                "dk" => k.shape.to_vec(),
+                "dv" => v.shape.to_vec(),
+                _ => vec![shape.heads_q],
             };
             outputs.push((gradient.name, dims, data));
         }
@@ -370,11 +399,11 @@ fn check_gradients(
             args.file.display()
         )
     })?;
-    if d_out.shape != q.shape {
+    let o_dims = shape.o_shape().as_array();
+    if d_out.shape != o_dims {
         bail!(
-            "do is {:?}; it must be shaped like q {:?}",
-            d_out.shape,
-            q.shape
+            "do is {:?}; it must be shaped like out {o_dims:?}",
+            d_out.shape
         );
     }
     let expected_dsinks = read_head_vector(file, "dsinks", shape.heads_q)?;

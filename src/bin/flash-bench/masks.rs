@@ -42,7 +42,7 @@ struct MaskRun {
     case: String,
     variant: String,
     median_ms: f64,
-    /// Attended (query, key) pairs x 4 x head_dim per second.
+    /// Attended (query, key) pairs x 2 x (head_dim + head_dim_v) per second.
     useful_gflops: f64,
     speedup_over_dense_mask: Option<f64>,
     max_abs_err: f64,
@@ -177,7 +177,9 @@ pub fn run(gpu: &Gpu, args: &MasksArgs, json: Option<&std::path::Path>) -> Resul
         gpu, &name, variants, &tensors, &want, attended, &shape, plan, &mut runs,
     )?;
 
-    println!("useful GFLOP/s counts 4 x head_dim FLOPs per attended (query, key) pair");
+    println!(
+        "useful GFLOP/s counts 2 x (head_dim + head_dim_v) FLOPs per attended (query, key) pair"
+    );
     if let Some(path) = json {
         let report = MasksReport {
             tool: "flash-bench masks",
@@ -290,7 +292,8 @@ fn measure(
         ok &= err <= TOLERANCE;
         let timing = time_gpu(gpu, plan, |encoder| record(encoder))?;
         let ms = timing.median_ms;
-        let gflops = 4.0 * attended as f64 * shape.head_dim as f64 / (ms / 1e3) / 1e9;
+        let per_pair = 2.0 * (shape.head_dim + shape.head_dim_v) as f64;
+        let gflops = per_pair * attended as f64 / (ms / 1e3) / 1e9;
         let speedup = dense_ms.map(|dense: f64| dense / ms);
         if variant == "dense boolean mask" {
             dense_ms = Some(ms);

@@ -149,7 +149,7 @@ impl ImplResult {
         result
     }
 
-    fn without_timing(implementation: Impl, status: Status, note: String) -> Self {
+    pub fn without_timing(implementation: Impl, status: Status, note: String) -> Self {
         ImplResult {
             implementation,
             status,
@@ -210,7 +210,9 @@ struct Sample {
 impl Sample {
     fn new(case: &Case, q: &[f32], k: &[f32], v: &[f32]) -> Result<Self> {
         let s = &case.shape;
-        let work = (s.batch * s.heads_q * s.seq_q * s.seq_kv * s.head_dim) as f64;
+        // The wider of the two products per (row, key): Q.K (head_dim) or
+        // P.V (head_dim_v).
+        let work = (s.batch * s.heads_q * s.seq_q * s.seq_kv * s.head_dim.max(s.head_dim_v)) as f64;
         let stride = ((work / VALIDATION_BUDGET).ceil() as usize).max(1);
         let last = s.seq_q - 1;
         let wanted =
@@ -362,7 +364,7 @@ impl Bench<'_> {
     ) -> Result<ImplResult> {
         let gpu = self.gpu;
         let shape = &case.shape;
-        let out = Tensor::filled_as(gpu, shape.q_shape(), f32::NAN, case.dtype)?;
+        let out = Tensor::filled_as(gpu, shape.o_shape(), f32::NAN, case.dtype)?;
         let args = AttentionArgs {
             q: &operands.q,
             k: &operands.k,
@@ -436,7 +438,7 @@ impl Bench<'_> {
         ))
     }
 
-    /// Linear attention on the case's inputs (V's head dim is Q's),
+    /// Linear attention on the case's inputs (V's head dim is the case's),
     /// checked on every row against its f64 reference, then timed.
     fn time_linear(&self, case: &Case, operands: &Operands) -> Result<ImplResult> {
         let Some(config) = linear_config(&case.config) else {
@@ -455,7 +457,7 @@ impl Bench<'_> {
             heads_q: s.heads_q,
             heads_kv: s.heads_kv,
             head_dim: s.head_dim,
-            head_dim_v: s.head_dim,
+            head_dim_v: s.head_dim_v,
         };
         let out = Tensor::filled_as(gpu, shape.out_shape(), f32::NAN, case.dtype)?;
         let args = LinearArgs {

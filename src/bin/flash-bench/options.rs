@@ -59,7 +59,7 @@ pub struct AttentionFlags {
     /// Sliding window "LEFT,RIGHT" in keys; -1 leaves that side unbounded.
     #[arg(long, value_name = "L,R", allow_hyphen_values = true, value_parser = parse_window)]
     pub window: Option<Window>,
-    /// Softmax scale (default 1/sqrt(head_dim)).
+    /// Softmax scale (default 1/sqrt(head_dim), the query/key head dim).
     #[arg(long, value_name = "S", allow_hyphen_values = true)]
     pub scale: Option<f32>,
     /// Soft-capping of the scores: c * tanh(s / c). Negative values are
@@ -223,8 +223,14 @@ pub struct ShapeArgs {
     /// Defaults to --heads-q.
     #[arg(long)]
     pub heads_kv: Option<usize>,
+    /// Elements per query and key head vector (multiples of 8 from 8 to
+    /// 576).
     #[arg(long, default_value_t = 64)]
     pub head_dim: usize,
+    /// Elements per value (and output) head vector, e.g. 128 beside
+    /// --head-dim 192 (DeepSeek MLA prefill). Defaults to --head-dim.
+    #[arg(long, value_name = "N")]
+    pub head_dim_v: Option<usize>,
 }
 
 impl ShapeArgs {
@@ -236,12 +242,13 @@ impl ShapeArgs {
             heads_q: self.heads_q,
             heads_kv: self.heads_kv.unwrap_or(self.heads_q),
             head_dim: self.head_dim,
-            head_dim_v: self.head_dim,
+            head_dim_v: self.head_dim_v.unwrap_or(self.head_dim),
         }
     }
 }
 
-/// Case name for a shape and options, e.g. "B1 H8/8 N2048x2048 d64 causal".
+/// Case name for a shape and options, e.g. "B1 H8/8 N2048x2048 d64 causal";
+/// a value head dim of its own follows the query/key one: "d192/128".
 pub fn case_name(shape: &AttentionShape, flags: &str) -> String {
     let heads = if shape.heads_kv == shape.heads_q {
         format!("H{}", shape.heads_q)
@@ -253,5 +260,10 @@ pub fn case_name(shape: &AttentionShape, flags: &str) -> String {
     } else {
         format!("N{}x{}", shape.seq_q, shape.seq_kv)
     };
-    format!("B{} {heads} {seq} d{}{flags}", shape.batch, shape.head_dim)
+    let dims = if shape.same_head_dims() {
+        format!("d{}", shape.head_dim)
+    } else {
+        format!("d{}/{}", shape.head_dim, shape.head_dim_v)
+    };
+    format!("B{} {heads} {seq} {dims}{flags}", shape.batch)
 }

@@ -200,9 +200,9 @@ impl Report {
             }
         }
         println!(
-            "\nGFLOP/s counts 4 FLOPs per (query, visible key, head dim) (linear: 4 per (token, \
-             head dim, head dim) per head, see LinearShape::flops); % FMA is of the best \
-             ceiling above; backward rows count 2.5 x the forward's FLOPs (FlashAttention's \
+            "\nGFLOP/s counts 2 x (head_dim + head_dim_v) FLOPs per (query, visible key) (linear: \
+             4 per (token, head dim, value head dim) per head, see LinearShape::flops); % FMA is \
+             of the best ceiling above; backward rows count 2.5 x the forward's FLOPs (FlashAttention's \
              count); GPU mem is what the call allocates (output and scratch; the parameter uniforms, ~100 bytes, are not counted); \
              GPU results are checked against the f64 reference (tolerance {:e}) before timing.",
             crate::measure::TOLERANCE
