@@ -52,6 +52,9 @@ const FLAG_SOFTCAP: u32 = 4u;
 const FLAG_ALIBI: u32 = 8u;
 const FLAG_WRITE_LSE: u32 = 16u;
 const FLAG_SINKS: u32 = 32u;
+// The forward reads its sequences from a table (padded and variable-length
+// batches in one dispatch; flash_attention.wgsl).
+const FLAG_SEQUENCES: u32 = 64u;
 
 const LOG2_E: f32 = 1.4426950408889634;
 const LN_2: f32 = 0.6931471805599453;
@@ -146,12 +149,12 @@ fn row_lse(m: f32, l: f32) -> f32 {
     return bitcast<f32>(0x7f800000u);
 }
 
-// Keys a query at key-axis position `row_pos` may see, as an inclusive
-// range (lo, hi); empty when lo > hi. Causal calls arrive as a right window
-// of 0 (src/config.rs, `effective_window`).
-fn visible_keys(row_pos: i32) -> vec2<i32> {
+// Keys a query at key-axis position `row_pos` may see among `seq_kv`, as
+// an inclusive range (lo, hi); empty when lo > hi. Causal calls arrive as a
+// right window of 0 (src/config.rs, `effective_window`).
+fn visible_keys(row_pos: i32, seq_kv: u32) -> vec2<i32> {
     var lo = 0;
-    var hi = i32(p.seq_kv) - 1;
+    var hi = i32(seq_kv) - 1;
     if (has_flag(FLAG_WINDOW_LEFT)) {
         lo = max(lo, row_pos - i32(p.window_left));
     }

@@ -77,6 +77,40 @@ fn mask_bits(base: u32, key0: i32) -> vec4<bool> {
 }
 // #endif
 
+// The rows and keys of one (batch entry, query head) unit: where its query
+// rows and keys start in the tensors, how many there are, and how many rows
+// the dispatch writes (rows from q_len to extent are padding: zeros,
+// logsumexp +inf). Twin of `SequenceRows` in src/params.rs.
+struct SequenceRows {
+    q_batch: u32,
+    q_start: u32,
+    q_len: u32,
+    extent: u32,
+    kv_batch: u32,
+    kv_start: u32,
+    kv_len: u32,
+    _pad: u32,
+}
+
+// #if MASK
+// Masked calls are dense: batch entry z, all of its rows and keys.
+fn sequence_rows(z: u32) -> SequenceRows {
+    return SequenceRows(z, 0u, p.seq_q, p.seq_q, z, 0u, p.seq_kv, 0u);
+}
+// #else
+// With FLAG_SEQUENCES, workgroups along z are the sequences of a padded or
+// variable-length batch, read from this table (src/varlen.rs); otherwise
+// z is the batch entry and the table is a placeholder never read.
+@group(0) @binding(7) var<storage, read> sequences: array<SequenceRows>;
+
+fn sequence_rows(z: u32) -> SequenceRows {
+    if (has_flag(FLAG_SEQUENCES)) {
+        return sequences[z];
+    }
+    return SequenceRows(z, 0u, p.seq_q, p.seq_q, z, 0u, p.seq_kv, 0u);
+}
+// #endif
+
 // #if SUBGROUP_KV
 // #else
 var<workgroup> k_tile: array<vec4<f32>, BLOCK_N * D4>;
@@ -91,20 +125,33 @@ fn main(
     @builtin(subgroup_invocation_id) lane: u32,
 // #endif
 ) {
-    let batch = wg.z;
+    let seq = sequence_rows(wg.z);
+    let batch = seq.q_batch;
     let head_q = wg.y;
     let row0 = wg.x * BLOCK_M;
+    // The dispatch covers the longest sequence; shorter ones stop here
+    // (the whole workgroup at once, before any barrier).
+    if (row0 >= seq.extent) {
+        return;
+    }
+    let seq_q = seq.q_len;
+    let seq_kv = seq.kv_len;
     let head_kv = head_q / (p.heads_q / p.heads_kv);
     // Query row i sits at key position i + seq_kv - seq_q.
-    let diag = i32(p.seq_kv) - i32(p.seq_q);
-    let last_row = min(row0 + BLOCK_M, p.seq_q) - 1u;
+    let diag = i32(seq_kv) - i32(seq_q);
+    // Padding rows (from seq_q on) compute on a copy of the last real row
+    // and are written as zeros; they widen no key range.
+    let last_row = min(row0 + BLOCK_M, max(seq_q, 1u)) - 1u;
 
     // Keys some row of the workgroup sees (the tiles to visit), and keys
     // every row sees (tiles inside that range need no mask).
     var wg_lo = 0;
-    var wg_hi = i32(p.seq_kv) - 1;
+    var wg_hi = i32(seq_kv) - 1;
     var all_lo = 0;
-    var all_hi = i32(p.seq_kv) - 1;
+    var all_hi = i32(seq_kv) - 1;
+    if (row0 >= seq_q) {
+        wg_hi = -1;
+    }
     if (has_flag(FLAG_WINDOW_LEFT)) {
         wg_lo = max(wg_lo, i32(row0) + diag - i32(p.window_left));
         all_lo = max(all_lo, i32(last_row) + diag - i32(p.window_left));
@@ -132,16 +179,17 @@ fn main(
     for (var r = 0u; r < ROWS; r++) {
         let row = row0 + lid + r * WG_SIZE;
 // #if MASK
-        mask_row[r] = mask_base + min(row, p.seq_q - 1u) * mp.row_words;
+        mask_row[r] = mask_base + min(row, seq_q - 1u) * mp.row_words;
 // #endif
         row_pos[r] = i32(row) + diag;
-        let bounds = visible_keys(row_pos[r]);
+        let bounds = visible_keys(row_pos[r], seq_kv);
         row_lo[r] = bounds.x;
         row_hi[r] = bounds.y;
         m[r] = start.x;
         l[r] = start.y;
         // Rows past the end compute on a copy of the last row; never stored.
-        let q_base = batch * p.q.batch + min(row, p.seq_q - 1u) * p.q.seq + head_q * p.q.head + p.q.offset;
+        let q_row = seq.q_start + min(row, max(seq_q, 1u) - 1u);
+        let q_base = batch * p.q.batch + q_row * p.q.seq + head_q * p.q.head + p.q.offset;
         for (var d = 0u; d < D4; d++) {
             q[r * D4 + d] = load_q(q_base + d);
         }
@@ -150,8 +198,8 @@ fn main(
         }
     }
 
-    let k_base = batch * p.k.batch + head_kv * p.k.head + p.k.offset;
-    let v_base = batch * p.v.batch + head_kv * p.v.head + p.v.offset;
+    let k_base = seq.kv_batch * p.k.batch + seq.kv_start * p.k.seq + head_kv * p.k.head + p.k.offset;
+    let v_base = seq.kv_batch * p.v.batch + seq.kv_start * p.v.seq + head_kv * p.v.head + p.v.offset;
 
     // Tiles above the causal diagonal or outside the window are never visited.
     for (var kv0 = wg_lo; kv0 <= wg_hi; kv0 += i32(BLOCK_N)) {
@@ -305,17 +353,19 @@ fn main(
 
     for (var r = 0u; r < ROWS; r++) {
         let row = row0 + lid + r * WG_SIZE;
-        if (row < p.seq_q) {
+        if (row < seq.extent) {
             // A row that saw no key (and has no sink) has l == 0: zeros and
-            // lse = +inf.
-            let inv_l = select(0.0, 1.0 / l[r], l[r] > 0.0);
-            let lse = row_lse(m[r], l[r]);
-            let o_base = batch * p.o.batch + row * p.o.seq + head_q * p.o.head + p.o.offset;
+            // lse = +inf; so has a padding row, whatever it computed.
+            let real = row < seq_q;
+            let inv_l = select(0.0, 1.0 / l[r], real && l[r] > 0.0);
+            let lse = select(row_lse(m[r], 0.0), row_lse(m[r], l[r]), real);
+            let o_row = seq.q_start + row;
+            let o_base = batch * p.o.batch + o_row * p.o.seq + head_q * p.o.head + p.o.offset;
             for (var d = 0u; d < DV4; d++) {
-                store_o(o_base + d, acc[r * DV4 + d] * inv_l);
+                store_o(o_base + d, select(vec4<f32>(0.0), acc[r * DV4 + d] * inv_l, real));
             }
             if (has_flag(FLAG_WRITE_LSE)) {
-                lse_buf[(batch * p.heads_q + head_q) * p.seq_q + row] = lse;
+                lse_buf[(batch * p.heads_q + head_q) * p.seq_q + o_row] = lse;
             }
         }
     }

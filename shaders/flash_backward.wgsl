@@ -158,7 +158,7 @@ fn stats_index(batch: u32, head: u32, row: u32) -> u32 {
 // logsumexp (natural units, like the scores).
 fn pair_grads(dot: f32, dp: f32, batch: u32, head_q: u32, row: u32, row_pos: i32, key: i32,
     slope: f32, lse: f32, delta: f32) -> vec2<f32> {
-    let bounds = visible_keys(row_pos);
+    let bounds = visible_keys(row_pos, p.seq_kv);
     if (key < bounds.x || key > bounds.y) {
         return vec2<f32>(0.0);
     }
@@ -400,7 +400,7 @@ fn key_grads(
                 }
                 var grads: array<vec2<f32>, ROWS>;
                 // The row sees every key of the block (the common case).
-                let bounds = visible_keys(row_pos);
+                let bounds = visible_keys(row_pos, p.seq_kv);
                 if (plain && bounds.x <= i32(key0) && bounds.y >= block_end) {
                     for (var r = 0u; r < ROWS; r++) {
                         grads[r] = plain_grads(dots[r], dps[r], stats.x, stats.y);
@@ -500,8 +500,8 @@ fn query_grads(
     // Keys every row of the block sees; rows past seq_q (padding) see
     // whatever the last row sees, and are never stored.
     let block_end = row0 + WG_SIZE * ROWS - 1u;
-    let all_lo = visible_keys(i32(min(block_end, last_row)) + diag).x;
-    let all_hi = visible_keys(i32(row0) + diag).y;
+    let all_lo = visible_keys(i32(min(block_end, last_row)) + diag, p.seq_kv).x;
+    let all_hi = visible_keys(i32(row0) + diag, p.seq_kv).y;
     let plain = plain_scores();
 
     let k_base = batch * p.k.batch + head_kv * p.k.head + p.k.offset;

@@ -64,7 +64,7 @@ fn build_scores(
         // Rows past the end compute on a copy of the last row; never stored.
         let row = min(row0 + lid + r * WG_SIZE, p.seq_q - 1u);
         row_pos[r] = i32(row) + diag;
-        bounds[r] = visible_keys(row_pos[r]);
+        bounds[r] = visible_keys(row_pos[r], p.seq_kv);
         let q_base = u.batch * p.q.batch + row * p.q.seq + u.head_q * p.q.head + p.q.offset;
         for (var d = 0u; d < D4; d++) {
             q[r * D4 + d] = load_q(q_base + d);

@@ -387,8 +387,13 @@ impl Gpu {
             let pipeline = self
                 .pipelines
                 .get(&self.device, &call.plan.specialization())?;
-            let bind_group =
-                call.bind_group(self, &pipeline.bind_group_layout, &params_buffer, &[]);
+            // A dense call's sequence table is never read.
+            let bind_group = call.bind_group(
+                self,
+                &pipeline.bind_group_layout,
+                &params_buffer,
+                &[&self.placeholders.alibi],
+            );
             encode_dispatches(
                 encoder,
                 "flash attention forward",
@@ -432,9 +437,22 @@ impl Gpu {
         config: &AttentionConfig,
     ) -> Result<PreparedCall<'a>> {
         let shape = args.shape()?;
+        self.prepare_planned_call(args, config, &shape)
+    }
+
+    /// [`Gpu::prepare_call`] with tiles and workgroups planned for
+    /// `plan_shape`: one unit per sequence of a padded or variable-length
+    /// batch (src/varlen.rs), where the call's own shape is the tensors'.
+    pub(crate) fn prepare_planned_call<'a>(
+        &self,
+        args: &AttentionArgs<'a>,
+        config: &AttentionConfig,
+        plan_shape: &AttentionShape,
+    ) -> Result<PreparedCall<'a>> {
+        let shape = args.shape()?;
         config.validate(&shape)?;
         check_lse_output(self, args.lse, [shape.batch, shape.heads_q, shape.seq_q])?;
-        let plan = ForwardPlan::for_call(self.info(), &shape, args.q.dtype(), config.tier)?;
+        let plan = ForwardPlan::for_call(self.info(), plan_shape, args.q.dtype(), config.tier)?;
         let params = self.pack_params(args, &shape, config)?;
         Ok(PreparedCall {
             shape,

@@ -202,7 +202,9 @@ impl Placeholders {
         let make = |label| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
-                size: 16,
+                // One element of the largest array a placeholder stands in
+                // for (a forward's SequenceRows, 32 bytes).
+                size: 32,
                 usage: wgpu::BufferUsages::STORAGE,
                 mapped_at_creation: false,
             })

@@ -31,6 +31,7 @@ pub mod flags {
     pub const ALIBI: u32 = 8;
     pub const WRITE_LSE: u32 = 16;
     pub const SINKS: u32 = 32;
+    pub const SEQUENCES: u32 = 64;
 }
 
 /// Twin of `struct Params` in `shaders/attention_common.wgsl`.
@@ -64,6 +65,25 @@ pub struct AttentionParams {
     pub k: TensorStrides,
     pub v: TensorStrides,
     pub o: TensorStrides,
+}
+
+/// Twin of `struct SequenceRows` in `shaders/flash_attention.wgsl`: one
+/// sequence of a padded or variable-length batch, in rows of the tensors.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SequenceRows {
+    /// Batch entry and first row of its queries (and outputs, logsumexps).
+    pub q_batch: u32,
+    pub q_start: u32,
+    pub q_len: u32,
+    /// Rows the kernel writes from `q_start`; those past `q_len` are
+    /// padding (zeros, logsumexp +inf).
+    pub extent: u32,
+    /// Batch entry and first row of its keys and values.
+    pub kv_batch: u32,
+    pub kv_start: u32,
+    pub kv_len: u32,
+    pub _pad: u32,
 }
 
 /// Twin of `struct DecodeParams` in `shaders/flash_decode.wgsl`.

@@ -15,7 +15,7 @@ use wgpu::BufferBindingType;
 
 use crate::params::{
     AttentionParams, BackwardParams, CombineParams, DecodeParams, LinearParams, MaskParams,
-    RopeParams, TensorStrides, flags, linear_flags,
+    RopeParams, SequenceRows, TensorStrides, flags, linear_flags,
 };
 use crate::pipelines::ELEMENTWISE_WORKGROUP;
 use crate::plan::profiles;
@@ -619,6 +619,16 @@ fn rust_twins() -> Vec<(&'static str, Layout)> {
             v,
             o,
         }),
+        rust_layout!(SequenceRows {
+            q_batch,
+            q_start,
+            q_len,
+            extent,
+            kv_batch,
+            kv_start,
+            kv_len,
+            _pad,
+        }),
         rust_layout!(DecodeParams {
             group,
             rows,
@@ -924,13 +934,14 @@ fn doc_twins_are_read_from_params_source() {
 // Flag bits against the shader's constants.
 
 /// Rust flag bits by the name of their WGSL twin.
-const FLAG_TWINS: [(&str, u32); 6] = [
+const FLAG_TWINS: [(&str, u32); 7] = [
     ("FLAG_WINDOW_LEFT", flags::WINDOW_LEFT),
     ("FLAG_WINDOW_RIGHT", flags::WINDOW_RIGHT),
     ("FLAG_SOFTCAP", flags::SOFTCAP),
     ("FLAG_ALIBI", flags::ALIBI),
     ("FLAG_WRITE_LSE", flags::WRITE_LSE),
     ("FLAG_SINKS", flags::SINKS),
+    ("FLAG_SEQUENCES", flags::SEQUENCES),
 ];
 
 /// The same for linear attention's flags.

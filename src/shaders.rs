@@ -203,8 +203,8 @@ impl Kernel {
     pub fn bindings(self) -> &'static [wgpu::BufferBindingType] {
         use wgpu::BufferBindingType::{Storage, Uniform};
         match self {
-            // params, q, k, v, out, lse, alibi slopes
-            Kernel::FlashForward => &ATTENTION_BINDINGS[..7],
+            // params, q, k, v, out, lse, head table, sequence table
+            Kernel::FlashForward => &FORWARD_BINDINGS,
             // the same, then mask words, tile states, mask params
             Kernel::FlashMasked => &MASKED_BINDINGS,
             // the same, then the score matrix
@@ -266,6 +266,13 @@ const fn attention_bindings_then(
     all[9] = own[2];
     all
 }
+
+/// Bindings 0-6, then the forward's sequence table (7).
+const FORWARD_BINDINGS: [wgpu::BufferBindingType; 8] = {
+    let mut all = ATTENTION_BINDINGS;
+    all[7] = wgpu::BufferBindingType::Storage { read_only: true };
+    all
+};
 
 /// The mask's words (7), tile states (8) and parameters (9).
 const MASKED_BINDINGS: [wgpu::BufferBindingType; 10] = {

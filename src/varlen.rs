@@ -1,16 +1,17 @@
 //! Batches of unequal sequences without work on padding: packed
 //! variable-length batches with cumulative offsets (FlashAttention's
 //! `cu_seqlens`), and dense batches with per-sequence valid lengths (BERT's
-//! key padding). Each sequence runs as views of the caller's tensors, so
-//! padding is never read or computed.
+//! key padding). One dispatch runs every sequence, each reading its rows
+//! and keys from a table, so padding keys are never read or computed, and
+//! the kernel itself writes padding rows (zeros, logsumexp +inf).
 
-use wgpu::util::DeviceExt;
-
-use crate::attention::{AttentionArgs, Lse, check_lse_output};
+use crate::attention::AttentionArgs;
 use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::tensor::{Tensor, TensorShape, require_usage};
+use crate::params::{SequenceRows, flags};
+use crate::pipelines::encode_dispatches;
+use crate::tensor::Tensor;
 
 /// Valid lengths of each sequence of a dense batch.
 #[derive(Debug, Clone, Copy)]
@@ -169,7 +170,9 @@ impl Gpu {
             cu_seqlens_q,
             cu_seqlens_k,
         )?;
-        self.encode_sequences(encoder, args, config, sequences, Vec::new())
+        // Every row of a packed batch belongs to its sequence.
+        let extents = sequences.iter().map(|s| s.q_len).collect();
+        self.encode_sequences(encoder, args, config, sequences, extents)
     }
 
     /// A dense batch where sequence `b` has `lens.kv[b]` valid keys (and,
@@ -186,159 +189,70 @@ impl Gpu {
     ) -> Result<()> {
         let shape = args.shape()?;
         let sequences = padded_sequences(&shape, lens)?;
-        let padding_rows = sequences
-            .iter()
-            .filter(|s| s.q_len < shape.seq_q)
-            .map(|s| (s.batch, s.q_len, shape.seq_q - s.q_len))
-            .collect();
-        self.encode_sequences(encoder, args, config, sequences, padding_rows)
+        // The kernel writes every row of each batch entry: past the valid
+        // queries, zeros.
+        let extents = vec![shape.seq_q; sequences.len()];
+        self.encode_sequences(encoder, args, config, sequences, extents)
     }
 
-    /// Runs each sequence on views of `args`, and writes zeros (logsumexp
-    /// +inf) for rows that see no key: those of sequences without keys, and
-    /// `padding_rows` as (batch, first row, rows).
+    /// Every sequence in one dispatch: workgroups along z are the
+    /// sequences, each reading its rows and keys from a table
+    /// (`SequenceRows`); rows past a sequence's queries up to `extents[i]`
+    /// (padding) are written as zeros with logsumexp +inf by the kernel,
+    /// and so are rows of a sequence without keys (logsumexp: the head's
+    /// sink, or +inf).
     fn encode_sequences(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         args: &AttentionArgs<'_>,
         config: &AttentionConfig,
         sequences: Vec<Sequence>,
-        padding_rows: Vec<(usize, usize, usize)>,
+        extents: Vec<usize>,
     ) -> Result<()> {
-        let (q_shape, kv_shape) = (args.q.shape(), args.k.shape());
-        // Q, K, V and O agree (batch, heads, head dim; O shaped like Q).
-        args.shape()?;
-        check_lse_output(self, args.lse, [q_shape.batch, q_shape.heads, q_shape.seq])?;
-        // Rows that see no key are cleared, and the logsumexp is assembled
-        // from each sequence's, by buffer copies.
-        let copies = wgpu::BufferUsages::COPY_DST;
-        require_usage("out", args.out.buffer(), copies, "clear rows without keys")?;
-        if let Some(lse) = args.lse {
-            require_usage("lse", lse.buffer(), copies, "assemble it per sequence")?;
-        }
-        let view = |tensor: &Tensor, batch: usize, start: usize, len: usize, heads: usize| {
-            let s = tensor.strides();
-            tensor.view(
-                TensorShape::new(1, len, heads, tensor.shape().head_dim),
-                s,
-                tensor.offset() + batch * s.batch + start * s.seq,
-            )
+        let shape = args.shape()?;
+        // One sequence per workgroup along z: tiles, workgroups and the
+        // loop budget follow the longest sequence, not the packed total.
+        let rows = extents.iter().copied().max().unwrap_or(0);
+        let keys = sequences.iter().map(|s| s.kv_len).max().unwrap_or(0);
+        let unit = AttentionShape {
+            batch: sequences.len().max(1),
+            seq_q: rows.max(1),
+            seq_kv: keys.max(1),
+            ..shape
         };
-        let heads_q = q_shape.heads;
-        let mut calls = Vec::new();
-        let mut empty_rows = Vec::new();
-        for seq in &sequences {
-            if seq.q_len == 0 {
-                continue;
-            }
-            if seq.kv_len == 0 {
-                empty_rows.push((seq.batch, seq.q_start, seq.q_len));
-                continue;
-            }
-            let q = view(args.q, seq.batch, seq.q_start, seq.q_len, heads_q)?;
-            let k = view(
-                args.k,
-                seq.kv_batch,
-                seq.kv_start,
-                seq.kv_len,
-                kv_shape.heads,
-            )?;
-            let v = view(
-                args.v,
-                seq.kv_batch,
-                seq.kv_start,
-                seq.kv_len,
-                kv_shape.heads,
-            )?;
-            let out = view(args.out, seq.batch, seq.q_start, seq.q_len, heads_q)?;
-            let lse = match args.lse {
-                Some(_) => Some(Lse::new(self, 1, heads_q, seq.q_len)?),
-                None => None,
-            };
-            calls.push((seq, q, k, v, out, lse));
+        let call = self.prepare_planned_call(args, config, &unit)?;
+        if rows == 0 {
+            return Ok(());
         }
-        for (seq, q, k, v, out, lse) in &calls {
-            let call = AttentionArgs {
-                q,
-                k,
-                v,
-                out,
-                lse: lse.as_ref(),
-            };
-            // Alone, a sequence reads its batch entry's ALiBi slopes.
-            let config = config.for_batch_entry(seq.batch, heads_q);
-            self.encode_forward(encoder, &call, &config, None)?;
-            if let (Some(part), Some(whole)) = (lse, args.lse) {
-                // [1, heads, len] into rows q_start.. of [batch, heads, seq].
-                let len = seq.q_len as u64 * 4;
-                for head in 0..heads_q {
-                    let row0 = (seq.batch * heads_q + head) * q_shape.seq + seq.q_start;
-                    encoder.copy_buffer_to_buffer(
-                        part.buffer(),
-                        head as u64 * len,
-                        whole.buffer(),
-                        row0 as u64 * 4,
-                        len,
-                    );
-                }
-            }
-        }
-        // A real row without keys has the logsumexp of its sink alone (or
-        // +inf); padding rows are +inf.
-        let sink_lse = |head: usize| config.sinks.as_ref().map_or(f32::INFINITY, |s| s[head]);
-        for (batch, start, len) in empty_rows {
-            self.encode_empty_rows(encoder, args.out, args.lse, (batch, start, len), sink_lse);
-        }
-        for (batch, start, len) in padding_rows {
-            self.encode_empty_rows(encoder, args.out, args.lse, (batch, start, len), |_| {
-                f32::INFINITY
-            });
-        }
+        let plan = call.plan;
+        let table: Vec<SequenceRows> = sequences
+            .iter()
+            .zip(&extents)
+            .map(|(seq, &extent)| SequenceRows {
+                q_batch: seq.batch as u32,
+                q_start: seq.q_start as u32,
+                q_len: seq.q_len as u32,
+                extent: extent as u32,
+                kv_batch: seq.kv_batch as u32,
+                kv_start: seq.kv_start as u32,
+                kv_len: seq.kv_len as u32,
+                _pad: 0,
+            })
+            .collect();
+        let table = self.storage_buffer("wgpu-flash-attn sequences", bytemuck::cast_slice(&table));
+        let mut params = call.params;
+        params.flags |= flags::SEQUENCES;
+        let params_buffer = self.params_buffer(&params);
+        let pipeline = self.pipelines.get(&self.device, &plan.specialization())?;
+        let bind_group =
+            call.bind_group(self, &pipeline.bind_group_layout, &params_buffer, &[&table]);
+        encode_dispatches(
+            encoder,
+            "flash attention forward (sequences)",
+            &pipeline,
+            &[bind_group],
+            plan.workgroups(),
+        );
         Ok(())
-    }
-
-    /// Zeros in `out` and `lse_of(head)` in `lse` for `len` rows of batch
-    /// `batch` from `start`: rows that see no key.
-    fn encode_empty_rows(
-        &self,
-        encoder: &mut wgpu::CommandEncoder,
-        out: &Tensor,
-        lse: Option<&Lse>,
-        (batch, start, len): (usize, usize, usize),
-        lse_of: impl Fn(usize) -> f32,
-    ) {
-        let shape = out.shape();
-        let s = out.strides();
-        let elem = out.dtype().size_bytes() as u64;
-        let row_bytes = shape.head_dim as u64 * elem;
-        for row in start..start + len {
-            for head in 0..shape.heads {
-                let at = out.offset() + batch * s.batch + row * s.seq + head * s.head;
-                encoder.clear_buffer(out.buffer(), at as u64 * elem, Some(row_bytes));
-            }
-        }
-        if let Some(lse) = lse {
-            // [heads, len] values, head by head.
-            let values: Vec<f32> = (0..shape.heads)
-                .flat_map(|head| std::iter::repeat_n(lse_of(head), len))
-                .collect();
-            let rows = self
-                .device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("wgpu-flash-attn rows without keys"),
-                    contents: bytemuck::cast_slice(&values),
-                    usage: wgpu::BufferUsages::COPY_SRC,
-                });
-            for head in 0..shape.heads {
-                let row0 = (batch * shape.heads + head) * shape.seq + start;
-                encoder.copy_buffer_to_buffer(
-                    &rows,
-                    (head * len) as u64 * 4,
-                    lse.buffer(),
-                    row0 as u64 * 4,
-                    len as u64 * 4,
-                );
-            }
-        }
     }
 }

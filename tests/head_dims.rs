@@ -66,11 +66,21 @@ fn values_of_another_width_match_the_reference() {
 #[test]
 fn head_dims_past_256_match_the_reference() {
     let Some(gpu) = gpu() else { return };
-    let pairs = common::cases(
-        "head dims past 256 (query/key, value)",
-        &[(576, 512)],
-        &[(264, 264), (320, 320), (512, 512), (576, 576), (576, 512)],
+    let (quick, all) = (
+        [(576, 512)],
+        [(264, 264), (320, 320), (512, 512), (576, 576), (576, 512)],
     );
+    // llvmpipe behind GL compiles each of these (head-dim loops unrolled)
+    // for minutes cold; the Vulkan pass covers every pair, GL the widest.
+    let pairs = if gpu.info().adapter.backend == wgpu::Backend::Gl {
+        eprintln!(
+            "SKIPPED: on GL, head dims past 256 run {quick:?} of {all:?} \
+             (each compiles for minutes on llvmpipe GL; Vulkan runs them all)"
+        );
+        quick.to_vec()
+    } else {
+        common::cases("head dims past 256 (query/key, value)", &quick, &all)
+    };
     for (head_dim, head_dim_v) in pairs {
         let shape = attention_shape(1, 21, 45, (2, 1), head_dim).with_head_dim_v(head_dim_v);
         let inputs = Inputs::draw(&shape, head_dim as u64, 1.0);
