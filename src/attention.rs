@@ -39,7 +39,7 @@ impl Lse {
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("wgpu-flash-attn lse"),
                 contents: bytemuck::cast_slice(&vec![f32::NAN; n]),
-                // COPY_DST: varlen calls assemble it from per-sequence parts.
+                // COPY_DST: a program may overwrite it (queue writes).
                 usage: wgpu::BufferUsages::STORAGE
                     | wgpu::BufferUsages::COPY_SRC
                     | wgpu::BufferUsages::COPY_DST,
@@ -55,8 +55,7 @@ impl Lse {
 
     /// Wraps a buffer the caller owns (no copy): `[batch, heads, seq]` f32
     /// from byte 0. Checked: this device's, `STORAGE` usage, large enough.
-    /// Variable-length and padded calls also need `COPY_DST` (they assemble
-    /// the rows of each sequence), downloads `COPY_SRC`.
+    /// Downloads need `COPY_SRC`.
     pub fn from_buffer(
         gpu: &Gpu,
         buffer: wgpu::Buffer,

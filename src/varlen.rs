@@ -149,7 +149,7 @@ fn check_offsets(name: &'static str, offsets: &[usize], total: usize) -> Result<
 impl Gpu {
     /// A packed variable-length batch ([`crate::Sequences::Varlen`]):
     /// exactly what running each sequence alone gives (sequences of length
-    /// 0 are allowed). Records one dispatch per non-empty sequence.
+    /// 0 are allowed), in one dispatch.
     pub(crate) fn encode_varlen_attention(
         &self,
         encoder: &mut wgpu::CommandEncoder,
