@@ -308,6 +308,48 @@ fn decode_and_masks_report_validated_figures() {
         assert!(case["max_abs_err"].as_f64().unwrap() <= 1e-4);
     }
 
+    // A latent cache (MLA): values are the keys' prefixes, one pool read.
+    let json = scratch("decode-latent.json");
+    let output = flash_bench(&[
+        "decode",
+        "--cache",
+        "300",
+        "--heads-q",
+        "8",
+        "--heads-kv",
+        "1",
+        "--head-dim",
+        "192",
+        "--latent-values",
+        "128",
+        "--kv-dtype",
+        "f32,int8",
+        "--iters",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    assert!(
+        stdout(&output).contains("d192/128 latent"),
+        "{}",
+        stdout(&output)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let cases = report["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 2);
+    for case in cases {
+        assert_eq!(case["head_dim_v"], 128);
+        assert_eq!(case["latent"], true);
+        assert!(case["max_abs_err"].as_f64().unwrap() <= 1e-4, "{case}");
+    }
+    // The f32 case reads one pool of 300 tokens x 192 f32s in its time.
+    let f32_case = &cases[0];
+    let bytes =
+        f32_case["gb_per_s"].as_f64().unwrap() * f32_case["decode_ms"].as_f64().unwrap() * 1e6;
+    assert!((bytes - 300.0 * 192.0 * 4.0).abs() < 1.0, "{bytes} bytes");
+
     let json = scratch("masks.json");
     let output = flash_bench(&[
         "masks",

@@ -34,6 +34,11 @@ pub struct DecodeCmdArgs {
     heads_kv: usize,
     #[arg(long, default_value_t = 128)]
     head_dim: usize,
+    /// A latent cache (multi-head latent attention): no V pool, each
+    /// token's value is the first N elements of its key (DeepSeek-V3:
+    /// --heads-kv 1 --head-dim 576 --latent-values 512).
+    #[arg(long, value_name = "N")]
+    latent_values: Option<usize>,
     /// Store the cache in pages of this many tokens, scattered over the
     /// pool (default: contiguous).
     #[arg(long)]
@@ -68,6 +73,10 @@ struct DecodeCase {
     heads_q: usize,
     heads_kv: usize,
     head_dim: usize,
+    /// Value head dim (the key head dim unless the cache is latent).
+    head_dim_v: usize,
+    /// Values are the first `head_dim_v` elements of each key (no V pool).
+    latent: bool,
     layout: String,
     /// Cache storage type.
     kv_dtype: &'static str,
@@ -137,14 +146,18 @@ pub fn run(gpu: &Gpu, args: &DecodeCmdArgs, json: Option<&std::path::Path>) -> R
             .iter()
             .find(|c: &&DecodeCase| c.cache_tokens == tokens && c.kv_dtype == "f32")
             .map(|f32_case| f32_case.decode_ms / case.decode_ms);
+        let dims = if case.latent {
+            format!("{}/{} latent", case.head_dim, case.head_dim_v)
+        } else {
+            case.head_dim.to_string()
+        };
         let name = format!(
-            "B{} H{}/{} q{} kv{} d{}{}",
+            "B{} H{}/{} q{} kv{} d{dims}{}",
             case.batch,
             case.heads_q,
             case.heads_kv,
             case.seq_q,
             case.cache_tokens,
-            case.head_dim,
             args.page_size
                 .map_or(String::new(), |p| format!(" paged{p}"))
         );
@@ -219,10 +232,13 @@ fn run_case(
             pages: args.batch * tokens.div_ceil(page_size),
         },
     };
-    let mut cache = KvCache::new(
-        gpu,
-        KvCacheConfig::new(args.batch, args.heads_kv, args.head_dim, layout).dtype(dtype),
-    )?;
+    let mut cache_config =
+        KvCacheConfig::new(args.batch, args.heads_kv, args.head_dim, layout).dtype(dtype);
+    if let Some(values) = args.latent_values {
+        cache_config = cache_config.latent_values(values);
+    }
+    let head_dim_v = cache_config.head_dim_v();
+    let mut cache = KvCache::new(gpu, cache_config)?;
     if let Some(page_size) = args.page_size {
         // Sequence b takes every batch-th page, so no table is consecutive
         // when batch > 1 (and pages interleave across sequences).
@@ -245,24 +261,34 @@ fn run_case(
         let chunk = (tokens - written).min(FILL_CHUNK);
         let shape = TensorShape::new(args.batch, chunk, args.heads_kv, args.head_dim);
         let k = normal_vec(&mut rng, shape.elements(), 1.0);
-        let v = normal_vec(&mut rng, shape.elements(), 1.0);
-        gpu.run(|e| {
-            cache.append(
-                gpu,
-                e,
-                &Tensor::from_f32(gpu, shape, &k)?,
-                &Tensor::from_f32(gpu, shape, &v)?,
-                None,
-            )
-        })?;
+        let v = if args.latent_values.is_some() {
+            // A latent cache's values are its keys' prefixes.
+            gpu.run(|e| cache.append_latent(gpu, e, &Tensor::from_f32(gpu, shape, &k)?, None))?;
+            k.chunks(args.head_dim)
+                .flat_map(|key| key[..head_dim_v].to_vec())
+                .collect()
+        } else {
+            let v = normal_vec(&mut rng, shape.elements(), 1.0);
+            gpu.run(|e| {
+                cache.append(
+                    gpu,
+                    e,
+                    &Tensor::from_f32(gpu, shape, &k)?,
+                    &Tensor::from_f32(gpu, shape, &v)?,
+                    None,
+                )
+            })?;
+            v
+        };
         gpu.wait()?;
+        let value_token = args.heads_kv * head_dim_v;
         for t in 0..chunk {
             head0
                 .0
                 .extend_from_slice(&k[t * token..t * token + args.head_dim]);
             head0
                 .1
-                .extend_from_slice(&v[t * token..t * token + args.head_dim]);
+                .extend_from_slice(&v[t * value_token..t * value_token + head_dim_v]);
         }
         if prefill_fits && args.batch == 1 {
             full.0.extend_from_slice(&k);
@@ -273,18 +299,19 @@ fn run_case(
     if dtype != KvDType::F32 {
         // Validate against what the cache stores (rounded or quantized).
         let (k, v) = cache.read_sequence(gpu, 0)?;
-        let head = |data: &[f32]| -> Vec<f32> {
-            data.chunks(token)
-                .flat_map(|t| t[..args.head_dim].to_vec())
+        let head = |data: &[f32], width: usize| -> Vec<f32> {
+            data.chunks(args.heads_kv * width)
+                .flat_map(|t| t[..width].to_vec())
                 .collect()
         };
-        head0 = (head(&k), head(&v));
+        head0 = (head(&k, args.head_dim), head(&v, head_dim_v));
     }
 
     let q_shape = TensorShape::new(args.batch, args.seq_q, args.heads_q, args.head_dim);
     let q_host = normal_vec(&mut rng, q_shape.elements(), 1.0);
     let q = Tensor::from_f32(gpu, q_shape, &q_host)?;
-    let out = Tensor::filled(gpu, q_shape, f32::NAN)?;
+    let o_shape = TensorShape::new(args.batch, args.seq_q, args.heads_q, head_dim_v);
+    let out = Tensor::filled(gpu, o_shape, f32::NAN)?;
     let config = AttentionConfig::new().causal(true);
     let options = DecodeOptions {
         config: config.clone(),
@@ -298,7 +325,7 @@ fn run_case(
     };
     let plan: DecodePlan = gpu.run(|e| gpu.decode(e, &decode_args, options.clone()))?;
     let got = out.to_f32_vec(gpu)?;
-    let max_abs_err = head0_error(args, tokens, &q_host, &head0, &got, &config)?;
+    let max_abs_err = head0_error(args, (tokens, head_dim_v), &q_host, &head0, &got, &config)?;
     let timing = time_gpu(
         gpu,
         TimingPlan {
@@ -311,9 +338,12 @@ fn run_case(
         },
     )?;
     let seconds = timing.median_ms / 1e3;
+    // A latent cache holds (and a step reads) one pool; others K and V.
+    let pools = if args.latent_values.is_some() { 1 } else { 2 };
     let bytes =
-        2.0 * (args.batch * tokens * args.heads_kv * dtype.vector_bytes(args.head_dim)) as f64;
-    let flops = 4.0 * (args.batch * args.heads_q * args.seq_q * tokens * args.head_dim) as f64;
+        (pools * args.batch * tokens * args.heads_kv * dtype.vector_bytes(args.head_dim)) as f64;
+    let flops = 2.0
+        * (args.batch * args.heads_q * args.seq_q * tokens * (args.head_dim + head_dim_v)) as f64;
     let gb_per_s = bytes / seconds / 1e9;
     let gflops = flops / seconds / 1e9;
 
@@ -334,7 +364,7 @@ fn run_case(
             Some("compared for batch 1, contiguous caches only".to_string()),
         )
     } else {
-        match time_prefill(gpu, args, tokens, &q, &full, &config) {
+        match time_prefill(gpu, args, (tokens, head_dim_v), &q, &full, &config) {
             Ok(ms) => (Some(ms), None),
             Err(err) => (None, Some(format!("does not run: {err}"))),
         }
@@ -346,6 +376,8 @@ fn run_case(
         heads_q: args.heads_q,
         heads_kv: args.heads_kv,
         head_dim: args.head_dim,
+        head_dim_v,
+        latent: args.latent_values.is_some(),
         layout: format!("{layout:?}"),
         kv_dtype: dtype.name(),
         splits: plan.splits,
@@ -366,7 +398,7 @@ fn run_case(
 /// Largest error of sequence 0's query heads that read KV head 0.
 fn head0_error(
     args: &DecodeCmdArgs,
-    tokens: usize,
+    (tokens, head_dim_v): (usize, usize),
     q: &[f32],
     head0: &(Vec<f32>, Vec<f32>),
     got: &[f32],
@@ -382,18 +414,19 @@ fn head0_error(
             heads_q: 1,
             heads_kv: 1,
             head_dim: args.head_dim,
-            head_dim_v: args.head_dim,
+            head_dim_v,
         };
-        let pick = |data: &[f32]| -> Vec<f32> {
+        let pick = |data: &[f32], width: usize| -> Vec<f32> {
             (0..args.seq_q)
                 .flat_map(|i| {
-                    let at = (i * args.heads_q + head) * args.head_dim;
-                    data[at..at + args.head_dim].to_vec()
+                    let at = (i * args.heads_q + head) * width;
+                    data[at..at + width].to_vec()
                 })
                 .collect()
         };
-        let want = reference::attention(&shape, &pick(q), &head0.0, &head0.1, config)?;
-        for (g, w) in pick(got).iter().zip(&want.out) {
+        let want =
+            reference::attention(&shape, &pick(q, args.head_dim), &head0.0, &head0.1, config)?;
+        for (g, w) in pick(got, head_dim_v).iter().zip(&want.out) {
             anyhow::ensure!(!g.is_nan(), "decode left an output element unwritten (NaN)");
             worst = worst.max((f64::from(*g) - w).abs());
         }
@@ -405,15 +438,18 @@ fn head0_error(
 fn time_prefill(
     gpu: &Gpu,
     args: &DecodeCmdArgs,
-    tokens: usize,
+    (tokens, head_dim_v): (usize, usize),
     q: &Tensor,
     full: &(Vec<f32>, Vec<f32>),
     config: &AttentionConfig,
 ) -> Result<f64> {
-    let kv_shape = TensorShape::new(1, tokens, args.heads_kv, args.head_dim);
-    let k = Tensor::from_f32(gpu, kv_shape, &full.0)?;
-    let v = Tensor::from_f32(gpu, kv_shape, &full.1)?;
-    let out = Tensor::filled(gpu, q.shape(), f32::NAN)?;
+    let k_shape = TensorShape::new(1, tokens, args.heads_kv, args.head_dim);
+    let v_shape = TensorShape::new(1, tokens, args.heads_kv, head_dim_v);
+    let k = Tensor::from_f32(gpu, k_shape, &full.0)?;
+    let v = Tensor::from_f32(gpu, v_shape, &full.1)?;
+    let q_shape = q.shape();
+    let o_shape = TensorShape::new(q_shape.batch, q_shape.seq, q_shape.heads, head_dim_v);
+    let out = Tensor::filled(gpu, o_shape, f32::NAN)?;
     let attention_args = AttentionArgs {
         q,
         k: &k,
