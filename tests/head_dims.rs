@@ -16,7 +16,7 @@ use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardPlan, DType,
     DecodeArgs, DecodeOptions, Error, ForwardOptions, Gpu, KeyRotation, KvCache, KvCacheConfig,
-    KvDType, KvLayout, Lse, Rope, RopeStyle, Tensor, TensorShape, Tier, ValidLengths,
+    KvDType, KvLayout, Rope, RopeStyle, Tensor, TensorShape, Tier, ValidLengths,
 };
 
 /// The tiers this adapter offers (the subgroup tier only where it runs).
@@ -105,16 +105,13 @@ fn masks_and_padded_batches_with_narrower_values() {
     let v = upload(shape.v_shape(), &inputs.v);
     let run = |options: ForwardOptions<'_>| {
         let out = Tensor::filled(gpu, shape.o_shape(), f32::NAN).unwrap();
-        let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q).unwrap();
-        let args = AttentionArgs {
-            q: &q,
-            k: &k,
-            v: &v,
-            out: &out,
-            lse: Some(&lse),
-        };
-        gpu.run(|e| gpu.forward(e, &args, options)).unwrap();
-        (out.to_f32_vec(gpu).unwrap(), lse.to_vec(gpu).unwrap())
+        common::run_views(
+            gpu,
+            Implementation::Flash,
+            &shape,
+            options,
+            [&q, &k, &v, &out],
+        )
     };
     let config = AttentionConfig::new();
 
@@ -347,6 +344,14 @@ fn storage_bound(dtype: KvDType, x: f64, amax: f64) -> f64 {
     }
 }
 
+/// `err` is a `ShapeMismatch` between these two numbers.
+fn assert_shape_mismatch(err: &Error, want_left: usize, want_right: usize) {
+    assert!(
+        matches!(err, Error::ShapeMismatch { left, right, .. } if *left == want_left && *right == want_right),
+        "expected a mismatch of {want_left} and {want_right}: {err}"
+    );
+}
+
 #[test]
 fn bad_head_dims_and_latent_caches_are_typed_errors() {
     let Some(gpu) = gpu() else { return };
@@ -373,17 +378,7 @@ fn bad_head_dims_and_latent_caches_are_typed_errors() {
         lse: None,
     };
     let err = gpu.run(|e| gpu.forward(e, &args, &config)).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::ShapeMismatch {
-                left: 128,
-                right: 192,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_shape_mismatch(&err, 128, 192);
     // The backward keeps one head dim up to 256.
     for shape in [
         attention_shape(1, 4, 4, (1, 1), 192).with_head_dim_v(128),
@@ -401,17 +396,7 @@ fn bad_head_dims_and_latent_caches_are_typed_errors() {
     let latent = KvCacheConfig::new(1, 1, LATENT, layout).latent_values(LATENT_VALUES);
     let err =
         KvCache::new(gpu, KvCacheConfig::new(1, 1, 64, layout).latent_values(128)).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::ShapeMismatch {
-                left: 128,
-                right: 64,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_shape_mismatch(&err, 128, 64);
     let mut cache = KvCache::new(gpu, latent).unwrap();
     let tokens = Tensor::zeros(gpu, TensorShape::new(1, 2, 1, LATENT), DType::F32).unwrap();
     let err = gpu
@@ -426,17 +411,7 @@ fn bad_head_dims_and_latent_caches_are_typed_errors() {
     let err = gpu
         .run(|e| cache.append_latent(gpu, e, &tokens, Some(rotation)))
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::ShapeMismatch {
-                left: 128,
-                right: 64,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_shape_mismatch(&err, 128, 64);
     assert_eq!(cache.lens(), &[0], "a refused append adds nothing");
     let mut separate = KvCache::new(gpu, KvCacheConfig::new(1, 1, 64, layout)).unwrap();
     let small = Tensor::zeros(gpu, TensorShape::new(1, 2, 1, 64), DType::F32).unwrap();
@@ -471,15 +446,5 @@ fn bad_head_dims_and_latent_caches_are_typed_errors() {
         lse: None,
     };
     let err = gpu.run(|e| gpu.decode(e, &args, &config)).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::ShapeMismatch {
-                left: 512,
-                right: 576,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_shape_mismatch(&err, 512, 576);
 }
