@@ -19,15 +19,25 @@ use wgpu_flash_attn::{
     KvDType, KvLayout, Rope, RopeStyle, Tensor, TensorShape, Tier, ValidLengths,
 };
 
-/// The tiers this adapter offers (the subgroup tier only where it runs).
-fn tiers(gpu: &Gpu) -> Vec<Tier> {
-    let mut tiers = vec![Tier::Portable];
+/// The tiers a test forces: every one the adapter offers in the
+/// exhaustive mode, else only the default choice (`None`), since each
+/// (tier, head dims) pair compiles a kernel of its own.
+fn tiers(gpu: &Gpu, what: &str) -> Vec<Option<Tier>> {
+    let mut offered = vec![Some(Tier::Portable)];
     let forced = AttentionConfig::new().tier(Tier::SubgroupBroadcast);
     let shape = AttentionShape::self_attention(1, 8, 1, 64);
     if wgpu_flash_attn::ForwardPlan::for_call(gpu.info(), &shape, DType::F32, forced.tier).is_ok() {
-        tiers.push(Tier::SubgroupBroadcast);
+        offered.push(Some(Tier::SubgroupBroadcast));
     }
-    tiers
+    common::cases(what, &[None], &offered)
+}
+
+/// `config` with `tier` forced, if one is given.
+fn with_tier(config: AttentionConfig, tier: Option<Tier>) -> AttentionConfig {
+    match tier {
+        Some(tier) => config.tier(tier),
+        None => config,
+    }
 }
 
 /// Options that each touch a different part of the kernel's epilogue.
@@ -47,19 +57,29 @@ fn option_sets(heads_q: usize) -> Vec<AttentionConfig> {
 fn values_of_another_width_match_the_reference() {
     let Some(gpu) = gpu() else { return };
     // DeepSeek's prefill widths, and the other way round.
-    for (head_dim, head_dim_v) in [(192, 128), (128, 192)] {
+    let pairs = common::cases(
+        "value head dims of their own",
+        &[(192, 128)],
+        &[(192, 128), (128, 192)],
+    );
+    let tiers = tiers(gpu, "tiers with value head dims of their own");
+    // The naive baseline's three passes compile three more kernels a pair.
+    let naive = !common::cases("the naive baseline with them", &[], &[()]).is_empty();
+    for (head_dim, head_dim_v) in pairs {
         let shape = attention_shape(2, 37, 53, (4, 2), head_dim).with_head_dim_v(head_dim_v);
         let inputs = Inputs::draw(&shape, (head_dim * 1000 + head_dim_v) as u64, 1.0);
-        for tier in tiers(gpu) {
+        for &tier in &tiers {
             for config in option_sets(4) {
-                let config = config.tier(tier);
+                let config = with_tier(config, tier);
                 let errors = run_with(gpu, Implementation::Flash, &shape, &inputs, &config);
                 assert_close(errors, &format!("{head_dim}/{head_dim_v} {config:?}"));
             }
         }
-        let config = AttentionConfig::new().causal(true);
-        let errors = run_with(gpu, Implementation::Naive, &shape, &inputs, &config);
-        assert_close(errors, &format!("naive {head_dim}/{head_dim_v}"));
+        if naive {
+            let config = AttentionConfig::new().causal(true);
+            let errors = run_with(gpu, Implementation::Naive, &shape, &inputs, &config);
+            assert_close(errors, &format!("naive {head_dim}/{head_dim_v}"));
+        }
     }
 }
 
@@ -81,11 +101,12 @@ fn head_dims_past_256_match_the_reference() {
     } else {
         common::cases("head dims past 256 (query/key, value)", &quick, &all)
     };
+    let tiers = tiers(gpu, "tiers with head dims past 256");
     for (head_dim, head_dim_v) in pairs {
         let shape = attention_shape(1, 21, 45, (2, 1), head_dim).with_head_dim_v(head_dim_v);
         let inputs = Inputs::draw(&shape, head_dim as u64, 1.0);
-        for tier in tiers(gpu) {
-            let config = AttentionConfig::new().causal(true).tier(tier);
+        for &tier in &tiers {
+            let config = with_tier(AttentionConfig::new().causal(true), tier);
             let errors = run_with(gpu, Implementation::Flash, &shape, &inputs, &config);
             assert_close(errors, &format!("{head_dim}/{head_dim_v} {tier:?}"));
         }
@@ -199,8 +220,14 @@ fn latent_caches_decode_multi_head_latent_attention() {
     let (page_size, pages) = (64, 12);
     let dtypes = common::cases(
         "latent cache storage types",
-        &[KvDType::F32, KvDType::Int8],
+        &[KvDType::Int8],
         &[KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8],
+    );
+    // The forced portable tier is one more kernel per storage type.
+    let steps = common::cases(
+        "latent decode steps (query tokens, tier, splits)",
+        &[(1, None, None)],
+        &[(1, None, None), (2, Some(Tier::Portable), Some(3))],
     );
     let rope = Rope::new(RopeStyle::Interleaved).rotary_dim(ROPE_DIMS);
     let offsets = [0u32, 4000];
@@ -273,7 +300,7 @@ fn latent_caches_decode_multi_head_latent_attention() {
         }
 
         let scale = 1.0 / (192f32).sqrt();
-        for (seq_q, tier, splits) in [(1, None, None), (2, Some(Tier::Portable), Some(3))] {
+        for &(seq_q, tier, splits) in &steps {
             let mut config = AttentionConfig::new().scale(scale).causal(true);
             if let Some(tier) = tier {
                 config = config.tier(tier);
