@@ -19,6 +19,20 @@ use wgpu_flash_attn::{
     KvDType, KvLayout, Rope, RopeStyle, Tensor, TensorShape, Tier, ValidLengths,
 };
 
+/// [`common::cases`], except on GL: llvmpipe behind GL compiles each
+/// wide or uneven kernel for minutes cold, so the GL pass runs the quick
+/// cases and the Vulkan pass all of them.
+fn cases<T: Clone + std::fmt::Debug>(gpu: &Gpu, what: &str, quick: &[T], full: &[T]) -> Vec<T> {
+    if gpu.info().adapter.backend == wgpu::Backend::Gl {
+        eprintln!(
+            "SKIPPED: on GL, {what} runs {quick:?} of {full:?} (each compiles for minutes on \
+             llvmpipe GL; the Vulkan pass runs them all)"
+        );
+        return quick.to_vec();
+    }
+    common::cases(what, quick, full)
+}
+
 /// The tiers a test forces: every one the adapter offers in the
 /// exhaustive mode, else only the default choice (`None`), since each
 /// (tier, head dims) pair compiles a kernel of its own.
@@ -29,7 +43,7 @@ fn tiers(gpu: &Gpu, what: &str) -> Vec<Option<Tier>> {
     if wgpu_flash_attn::ForwardPlan::for_call(gpu.info(), &shape, DType::F32, forced.tier).is_ok() {
         offered.push(Some(Tier::SubgroupBroadcast));
     }
-    common::cases(what, &[None], &offered)
+    cases(gpu, what, &[None], &offered)
 }
 
 /// `config` with `tier` forced, if one is given.
@@ -57,14 +71,15 @@ fn option_sets(heads_q: usize) -> Vec<AttentionConfig> {
 fn values_of_another_width_match_the_reference() {
     let Some(gpu) = gpu() else { return };
     // DeepSeek's prefill widths, and the other way round.
-    let pairs = common::cases(
+    let pairs = cases(
+        gpu,
         "value head dims of their own",
         &[(192, 128)],
         &[(192, 128), (128, 192)],
     );
     let tiers = tiers(gpu, "tiers with value head dims of their own");
     // The naive baseline's three passes compile three more kernels a pair.
-    let naive = !common::cases("the naive baseline with them", &[], &[()]).is_empty();
+    let naive = !cases(gpu, "the naive baseline with them", &[], &[()]).is_empty();
     for (head_dim, head_dim_v) in pairs {
         let shape = attention_shape(2, 37, 53, (4, 2), head_dim).with_head_dim_v(head_dim_v);
         let inputs = Inputs::draw(&shape, (head_dim * 1000 + head_dim_v) as u64, 1.0);
@@ -86,18 +101,12 @@ fn values_of_another_width_match_the_reference() {
 #[test]
 fn head_dims_past_256_match_the_reference() {
     let Some(gpu) = gpu() else { return };
-    let (quick, all) = ([(576, 512)], [(320, 320), (512, 512), (576, 512)]);
-    // llvmpipe behind GL compiles each of these (head-dim loops unrolled)
-    // for minutes cold; the Vulkan pass covers every pair, GL the widest.
-    let pairs = if gpu.info().adapter.backend == wgpu::Backend::Gl {
-        eprintln!(
-            "SKIPPED: on GL, head dims past 256 run {quick:?} of {all:?} \
-             (each compiles for minutes on llvmpipe GL; Vulkan runs them all)"
-        );
-        quick.to_vec()
-    } else {
-        common::cases("head dims past 256 (query/key, value)", &quick, &all)
-    };
+    let pairs = cases(
+        gpu,
+        "head dims past 256 (query/key, value)",
+        &[(576, 512)],
+        &[(320, 320), (512, 512), (576, 512)],
+    );
     let tiers = tiers(gpu, "tiers with head dims past 256");
     for (head_dim, head_dim_v) in pairs {
         let shape = attention_shape(1, 21, 45, (2, 1), head_dim).with_head_dim_v(head_dim_v);
@@ -215,14 +224,16 @@ fn latent_caches_decode_multi_head_latent_attention() {
     let Some(gpu) = gpu() else { return };
     let lens = [300, 1];
     let (page_size, pages) = (64, 12);
-    let dtypes = common::cases(
+    let dtypes = cases(
+        gpu,
         "latent cache storage types",
         &[KvDType::Int8],
         &[KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8],
     );
     // The forced portable tier (one more kernel per storage type) runs
     // on the f32 cache, in the exhaustive mode.
-    let portable_too = common::cases(
+    let portable_too = cases(
+        gpu,
         "latent decode on the forced portable tier",
         &[],
         &[KvDType::F32],
