@@ -640,20 +640,8 @@ fn sinks_count_once_over_splits_and_buffers() {
     }
 }
 
-/// Largest |stored - original| a cache of `dtype` allows for element `x`
-/// of a head vector whose largest magnitude is `amax`: half an ulp for
-/// f16 and bf16 (round to nearest), half a quantization step for int8.
-fn storage_bound(dtype: KvDType, x: f32, amax: f32) -> f32 {
-    match dtype {
-        KvDType::F16 => x.abs() * 2f32.powi(-11) + 2f32.powi(-25),
-        KvDType::BF16 => x.abs() * 2f32.powi(-8),
-        KvDType::Int8 => amax / 254.0 * (1.0 + 1e-5),
-        _ => 0.0,
-    }
-}
-
 /// Checks every stored head vector of `stored` against `original` with
-/// [`storage_bound`] plus `slack`.
+/// [`common::storage_bound`] plus `slack`.
 fn assert_stored_within(
     dtype: KvDType,
     head_dim: usize,
@@ -670,7 +658,9 @@ fn assert_stored_within(
         let amax = want.iter().fold(0f32, |m, x| m.max(x.abs()));
         for (e, (g, w)) in got.iter().zip(want).enumerate() {
             assert!(
-                (g - w).abs() <= storage_bound(dtype, *w, amax) + slack,
+                f64::from((g - w).abs())
+                    <= common::storage_bound(dtype, f64::from(*w), f64::from(amax))
+                        + f64::from(slack),
                 "{what} {dtype:?}: vector {vector}, element {e}: stored {g}, appended {w}"
             );
         }

@@ -298,7 +298,7 @@ fn latent_caches_decode_multi_head_latent_attention() {
                     } else {
                         rotated[(b * longest + t) * ROPE_DIMS + e - LATENT_VALUES]
                     };
-                    let bound = storage_bound(dtype, want, amax) + 2e-4;
+                    let bound = common::storage_bound(dtype, want, amax) + 2e-4;
                     assert!(
                         (f64::from(got) - want).abs() <= bound,
                         "{dtype:?} sequence {b} token {t} element {e}: stored {got}, want {want}"
@@ -371,17 +371,6 @@ fn key_amax(appended: &[f32], rotated_tail: &[f64]) -> f64 {
         .map(|&x| f64::from(x).abs())
         .chain(rotated_tail[..ROPE_DIMS].iter().map(|x| x.abs()))
         .fold(0.0, f64::max)
-}
-
-/// Largest |stored - value| a cache of `dtype` allows (half an ulp for
-/// f16/bf16, half a quantization step for int8).
-fn storage_bound(dtype: KvDType, x: f64, amax: f64) -> f64 {
-    match dtype {
-        KvDType::F16 => x.abs() * 2f64.powi(-11) + 2f64.powi(-25),
-        KvDType::BF16 => x.abs() * 2f64.powi(-8),
-        KvDType::Int8 => amax / 254.0 * (1.0 + 1e-5),
-        _ => 0.0,
-    }
 }
 
 /// `err` is a `ShapeMismatch` between these two numbers.

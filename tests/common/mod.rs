@@ -117,6 +117,19 @@ pub fn unit_roundoff(dtype: DType) -> f64 {
     }
 }
 
+/// Largest |stored - appended| a KV cache of `dtype` allows for element
+/// `x` of a head vector whose largest magnitude is `amax`: half an ulp for
+/// f16 and bf16 (round to nearest), half a quantization step for int8.
+pub fn storage_bound(dtype: wgpu_flash_attn::KvDType, x: f64, amax: f64) -> f64 {
+    use wgpu_flash_attn::KvDType;
+    match dtype {
+        KvDType::F16 => x.abs() * 2f64.powi(-11) + 2f64.powi(-25),
+        KvDType::BF16 => x.abs() * 2f64.powi(-8),
+        KvDType::Int8 => amax / 254.0 * (1.0 + 1e-5),
+        _ => 0.0,
+    }
+}
+
 /// Packed BSHD inputs drawn from N(0, scale^2).
 pub struct Inputs {
     pub q: Vec<f32>,
