@@ -381,27 +381,11 @@ impl Gpu {
         mask: Option<&AttentionMask>,
     ) -> Result<()> {
         let call = self.prepare_call(args, config)?;
-        let params_buffer = self.params_buffer(&call.params);
         let Some(mask) = mask else {
-            let pipeline = self
-                .pipelines
-                .get(&self.device, &call.plan.specialization())?;
             // A dense call's sequence table is never read.
-            let bind_group = call.bind_group(
-                self,
-                &pipeline.bind_group_layout,
-                &params_buffer,
-                &[&self.placeholders.alibi],
-            );
-            encode_dispatches(
-                encoder,
-                "flash attention forward",
-                &pipeline,
-                &[bind_group],
-                call.plan.workgroups(),
-            );
-            return Ok(());
+            return call.dispatch_plain(self, encoder, call.params, &self.placeholders.read_only);
         };
+        let params_buffer = self.params_buffer(&call.params);
         mask.check_shape(&call.shape)?;
         mask.check_device(self)?;
         let tiling = call.plan.tiling;
@@ -411,7 +395,7 @@ impl Gpu {
         let (mask_params, tiles) =
             mask.params(self, tiling.workgroup_size * tiling.rows, tiling.block_n);
         let mask_uniform = self.uniform_buffer("mask params", bytemuck::bytes_of(&mask_params));
-        let tiles = tiles.unwrap_or_else(|| self.placeholders.alibi.clone());
+        let tiles = tiles.unwrap_or_else(|| self.placeholders.read_only.clone());
         let bind_group = call.bind_group(
             self,
             &pipeline.bind_group_layout,
@@ -436,19 +420,19 @@ impl Gpu {
         config: &AttentionConfig,
     ) -> Result<PreparedCall<'a>> {
         let shape = args.shape()?;
-        self.prepare_planned_call(args, config, &shape)
+        self.prepare_planned_call(args, config, shape, &shape)
     }
 
-    /// [`Gpu::prepare_call`] with tiles and workgroups planned for
-    /// `plan_shape`: one unit per sequence of a padded or variable-length
+    /// [`Gpu::prepare_call`] for a call of `shape` (`args.shape()`) with
+    /// tiles and workgroups planned for `plan_shape`: one unit per sequence of a padded or variable-length
     /// batch (src/varlen.rs), where the call's own shape is the tensors'.
     pub(crate) fn prepare_planned_call<'a>(
         &self,
         args: &AttentionArgs<'a>,
         config: &AttentionConfig,
+        shape: AttentionShape,
         plan_shape: &AttentionShape,
     ) -> Result<PreparedCall<'a>> {
-        let shape = args.shape()?;
         config.validate(&shape)?;
         check_lse_output(self, args.lse, [shape.batch, shape.heads_q, shape.seq_q])?;
         let plan = ForwardPlan::for_call(self.info(), plan_shape, args.q.dtype(), config.tier)?;
@@ -574,6 +558,36 @@ pub(crate) struct PreparedCall<'a> {
 }
 
 impl PreparedCall<'_> {
+    /// Records the plain (unmasked) forward kernel for this call with
+    /// `params` and `sequences` at binding 7 (read only with
+    /// `flags::SEQUENCES`; a placeholder otherwise).
+    pub fn dispatch_plain(
+        &self,
+        gpu: &Gpu,
+        encoder: &mut wgpu::CommandEncoder,
+        params: AttentionParams,
+        sequences: &wgpu::Buffer,
+    ) -> Result<()> {
+        let params_buffer = gpu.params_buffer(&params);
+        let pipeline = gpu
+            .pipelines
+            .get(&gpu.device, &self.plan.specialization())?;
+        let bind_group = self.bind_group(
+            gpu,
+            &pipeline.bind_group_layout,
+            &params_buffer,
+            &[sequences],
+        );
+        encode_dispatches(
+            encoder,
+            "flash attention forward",
+            &pipeline,
+            &[bind_group],
+            self.plan.workgroups(),
+        );
+        Ok(())
+    }
+
     /// Bindings 0-6 shared by the attention kernels (absent optional ones
     /// get placeholders), then `extra` from binding 7 on.
     pub fn bind_group(
@@ -591,8 +605,10 @@ impl PreparedCall<'_> {
             self.args.out.buffer(),
             self.args
                 .lse
-                .map_or(&gpu.placeholders.lse, |lse| lse.buffer()),
-            self.head_table.as_ref().unwrap_or(&gpu.placeholders.alibi),
+                .map_or(&gpu.placeholders.writable, |lse| lse.buffer()),
+            self.head_table
+                .as_ref()
+                .unwrap_or(&gpu.placeholders.read_only),
         ];
         buffers.extend_from_slice(extra);
         bind_buffers(&gpu.device, layout, &buffers)

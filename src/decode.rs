@@ -194,7 +194,7 @@ impl Gpu {
             Some(p) => (&p.out, &p.lse),
             None => (
                 args.out.buffer(),
-                args.lse.map_or(&self.placeholders.lse, |l| l.buffer()),
+                args.lse.map_or(&self.placeholders.writable, |l| l.buffer()),
             ),
         };
         let bind_groups: Vec<wgpu::BindGroup> = cache
@@ -228,7 +228,7 @@ impl Gpu {
                         segment.values(),
                         out_buffer,
                         lse_buffer,
-                        head_table.as_ref().unwrap_or(&self.placeholders.alibi),
+                        head_table.as_ref().unwrap_or(&self.placeholders.read_only),
                         &decode_buffer,
                         &lens,
                         &table,
@@ -362,7 +362,7 @@ impl Gpu {
                 &partials.out,
                 &partials.lse,
                 out.buffer(),
-                lse.map_or(&self.placeholders.lse, |l| l.buffer()),
+                lse.map_or(&self.placeholders.writable, |l| l.buffer()),
             ],
         );
         encode_dispatches(encoder, "merge partials", &pipeline, &[bind_group], groups);

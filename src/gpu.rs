@@ -192,8 +192,12 @@ pub struct Gpu {
 /// binding of a bind group must be filled), and the one-binding layout
 /// that probes which device a caller's buffer belongs to.
 pub(crate) struct Placeholders {
-    pub lse: wgpu::Buffer,
-    pub alibi: wgpu::Buffer,
+    /// Bound where an absent output would be written (an lse not asked
+    /// for, a latent cache's V); 32 bytes, never read back.
+    pub writable: wgpu::Buffer,
+    /// Bound where an absent read-only table would be read (head table,
+    /// mask tile states, a dense call's sequence table); never read.
+    pub read_only: wgpu::Buffer,
     pub probe_layout: wgpu::BindGroupLayout,
 }
 
@@ -210,8 +214,8 @@ impl Placeholders {
             })
         };
         Placeholders {
-            lse: make("wgpu-flash-attn placeholder lse"),
-            alibi: make("wgpu-flash-attn placeholder alibi"),
+            writable: make("wgpu-flash-attn placeholder (writable)"),
+            read_only: make("wgpu-flash-attn placeholder (read-only)"),
             probe_layout: device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
                 label: Some("wgpu-flash-attn device probe"),
                 entries: &[wgpu::BindGroupLayoutEntry {

@@ -827,11 +827,9 @@ impl KvCache {
         let starts = gpu.storage_buffer("kv append starts", bytemuck::cast_slice(&starts));
         let freqs = gpu.storage_buffer("rope frequencies", bytemuck::cast_slice(&freqs));
         let table = self.table_snapshot(gpu);
-        // A latent append stores no V: the kernel's V bindings get the
-        // source latent (read, never used) and a one-word stand-in.
-        let unused_v = v
-            .is_none()
-            .then(|| gpu.storage_buffer("kv append (no V)", &[0u8; 4]));
+        // A latent append stores no V (write_values = 0): the kernel's V
+        // bindings get the source latent and the writable placeholder,
+        // neither touched.
         let v_source = v.unwrap_or(k).buffer();
         let bind_groups: Vec<wgpu::BindGroup> = self
             .segments
@@ -853,11 +851,7 @@ impl KvCache {
                         k.buffer(),
                         v_source,
                         &segment.k,
-                        segment
-                            .v
-                            .as_ref()
-                            .or(unused_v.as_ref())
-                            .expect("a V buffer, or the stand-in of a latent cache"),
+                        segment.v.as_ref().unwrap_or(&gpu.placeholders.writable),
                         &table,
                     ],
                 )
@@ -927,10 +921,8 @@ impl KvCache {
             let index = page / pages_per_segment;
             if loaded[index].is_none() {
                 let segment = &self.segments[index];
-                let v = match &segment.v {
-                    Some(v) => Some(read_buffer(gpu, "kv cache V", v)?),
-                    None => None,
-                };
+                let v = segment.v.as_ref();
+                let v = v.map(|v| read_buffer(gpu, "kv cache V", v)).transpose()?;
                 loaded[index] = Some((read_buffer(gpu, "kv cache K", &segment.k)?, v));
             }
             let (k, v) = loaded[index].as_ref().expect("loaded above");
@@ -941,8 +933,7 @@ impl KvCache {
             match v {
                 Some(v) => widen_token(dtype, head_dim, &v[words], &mut v_out),
                 None => {
-                    let token = k_out[token_start..].to_vec();
-                    for key in token.chunks_exact(head_dim) {
+                    for key in k_out[token_start..].chunks_exact(head_dim) {
                         v_out.extend_from_slice(&key[..head_dim_v]);
                     }
                 }

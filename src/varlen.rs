@@ -10,7 +10,6 @@ use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::params::{SequenceRows, flags};
-use crate::pipelines::encode_dispatches;
 use crate::tensor::Tensor;
 
 /// Valid lengths of each sequence of a dense batch.
@@ -33,6 +32,22 @@ pub(crate) struct Sequence {
     pub kv_batch: usize,
     pub kv_start: usize,
     pub kv_len: usize,
+}
+
+impl Sequence {
+    /// The sequence as the forward kernel reads it, writing `extent` rows.
+    fn rows(&self, extent: usize) -> SequenceRows {
+        SequenceRows {
+            q_batch: self.batch as u32,
+            q_start: self.q_start as u32,
+            q_len: self.q_len as u32,
+            extent: extent as u32,
+            kv_batch: self.kv_batch as u32,
+            kv_start: self.kv_start as u32,
+            kv_len: self.kv_len as u32,
+            _pad: 0,
+        }
+    }
 }
 
 /// The sequences of a packed variable-length batch, after checking that
@@ -220,39 +235,19 @@ impl Gpu {
             seq_kv: keys.max(1),
             ..shape
         };
-        let call = self.prepare_planned_call(args, config, &unit)?;
+        let call = self.prepare_planned_call(args, config, shape, &unit)?;
         if rows == 0 {
             return Ok(());
         }
-        let plan = call.plan;
         let table: Vec<SequenceRows> = sequences
             .iter()
             .zip(&extents)
-            .map(|(seq, &extent)| SequenceRows {
-                q_batch: seq.batch as u32,
-                q_start: seq.q_start as u32,
-                q_len: seq.q_len as u32,
-                extent: extent as u32,
-                kv_batch: seq.kv_batch as u32,
-                kv_start: seq.kv_start as u32,
-                kv_len: seq.kv_len as u32,
-                _pad: 0,
-            })
+            .map(|(seq, &extent)| seq.rows(extent))
             .collect();
         let table = self.storage_buffer("wgpu-flash-attn sequences", bytemuck::cast_slice(&table));
         let mut params = call.params;
         params.flags |= flags::SEQUENCES;
-        let params_buffer = self.params_buffer(&params);
-        let pipeline = self.pipelines.get(&self.device, &plan.specialization())?;
-        let bind_group =
-            call.bind_group(self, &pipeline.bind_group_layout, &params_buffer, &[&table]);
-        encode_dispatches(
-            encoder,
-            "flash attention forward (sequences)",
-            &pipeline,
-            &[bind_group],
-            plan.workgroups(),
-        );
+        call.dispatch_plain(self, encoder, params, &table)?;
         Ok(())
     }
 }

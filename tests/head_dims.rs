@@ -165,49 +165,55 @@ fn masks_and_padded_batches_with_narrower_values() {
         kv: &kv_lens,
     };
     let (got, got_lse) = run(ForwardOptions::new(&config).valid_lengths(lens));
-    let (dk, dv) = (shape.head_dim, shape.head_dim_v);
+    let (dk, dv, heads_q) = (shape.head_dim, shape.head_dim_v, shape.heads_q);
+    // Per batch entry, in elements: Q rows, K and V keys, O rows.
+    let (q_row, k_row, v_row) = (heads_q * dk, shape.heads_kv * dk, shape.heads_kv * dv);
+    let o_row = heads_q * dv;
     for b in 0..shape.batch {
-        let entry = AttentionShape {
-            batch: 1,
-            seq_q: q_lens[b],
-            seq_kv: kv_lens[b],
-            ..shape
-        };
-        let o_rows = shape.seq_q * shape.heads_q * dv;
-        let got_b = &got[b * o_rows..(b + 1) * o_rows];
-        let valid = q_lens[b] * shape.heads_q * dv;
-        if kv_lens[b] == 0 {
-            assert!(
-                got_b[..valid].iter().all(|&x| x == 0.0),
-                "batch {b}: rows without keys are zeros"
-            );
-        } else {
-            let q_rows = shape.seq_q * shape.heads_q * dk;
-            let (k_rows, v_rows) = (shape.seq_kv * dk, shape.seq_kv * dv);
+        let (q_len, kv_len) = (q_lens[b], kv_lens[b]);
+        let got_b = &got[b * shape.seq_q * o_row..][..shape.seq_q * o_row];
+        let lse_b = &got_lse[b * heads_q * shape.seq_q..][..heads_q * shape.seq_q];
+        // Rows without keys and padding rows: zeros, logsumexp +inf.
+        let (mut want_out, mut want_lse) = (
+            vec![0.0; shape.seq_q * o_row],
+            vec![f64::INFINITY; heads_q * shape.seq_q],
+        );
+        if kv_len > 0 {
+            let entry = AttentionShape {
+                batch: 1,
+                seq_q: q_len,
+                seq_kv: kv_len,
+                ..shape
+            };
             let want = reference::attention(
                 &entry,
-                &inputs.q[b * q_rows..][..q_lens[b] * shape.heads_q * dk],
-                &inputs.k[b * k_rows..][..kv_lens[b] * dk],
-                &inputs.v[b * v_rows..][..kv_lens[b] * dv],
+                &inputs.q[b * shape.seq_q * q_row..][..q_len * q_row],
+                &inputs.k[b * shape.seq_kv * k_row..][..kv_len * k_row],
+                &inputs.v[b * shape.seq_kv * v_row..][..kv_len * v_row],
                 &config,
             )
             .unwrap();
-            let err = got_b[..valid]
-                .iter()
-                .zip(&want.out)
-                .map(|(g, w)| (f64::from(*g) - w).abs())
-                .fold(0.0, f64::max);
-            assert!(
-                err <= common::F32_TOLERANCE,
-                "batch {b}: max error {err:.2e}"
-            );
+            want_out[..q_len * o_row].copy_from_slice(&want.out);
+            for h in 0..heads_q {
+                want_lse[h * shape.seq_q..][..q_len]
+                    .copy_from_slice(&want.lse[h * q_len..][..q_len]);
+            }
         }
-        assert!(
-            got_b[valid..].iter().all(|&x| x == 0.0),
-            "batch {b}: padding rows are zeros"
+        let what = format!("batch {b} (q {q_len}, kv {kv_len})");
+        let errors = common::compare_with(
+            &reference::ReferenceOutput {
+                out: want_out,
+                lse: want_lse,
+            },
+            got_b,
+            lse_b,
+            &what,
         );
-        let lse_b = &got_lse[b * shape.heads_q * shape.seq_q..][..shape.heads_q * shape.seq_q];
-        assert!(lse_b.iter().all(|x| !x.is_nan()), "batch {b}: lse written");
+        assert_close(errors, &what);
+        assert!(
+            got_b[q_len * o_row..].iter().all(|&x| x == 0.0),
+            "{what}: padding rows are zeros"
+        );
     }
 }
 

@@ -381,11 +381,11 @@ impl Recorder<'_> {
             bytemuck::bytes_of(&backward),
         );
         let placeholders = &gpu.placeholders;
-        let mask_words = self.mask.map_or(&placeholders.alibi, |m| m.buffer());
+        let mask_words = self.mask.map_or(&placeholders.read_only, |m| m.buffer());
         let head_table = own_table
             .as_ref()
             .or(self.head_table.as_ref())
-            .unwrap_or(&placeholders.alibi);
+            .unwrap_or(&placeholders.read_only);
         let passes = [
             (BackwardPass::Deltas, args.out, None, part.extent_q),
             (BackwardPass::Keys, args.dk, Some(args.dv), part.extent_kv),
@@ -410,7 +410,7 @@ impl Recorder<'_> {
                 written: written.buffer(),
                 head_table,
                 backward: &backward_uniform,
-                dv: dv.map_or(&placeholders.lse, |t| t.buffer()),
+                dv: dv.map_or(&placeholders.writable, |t| t.buffer()),
                 mask_words,
             };
             self.dispatch(encoder, pass, &bindings, groups)?;
@@ -484,10 +484,10 @@ impl Recorder<'_> {
         let bindings = PassBindings {
             params: &params_buffer,
             written: self.args.out.buffer(),
-            head_table: self.head_table.as_ref().unwrap_or(&placeholders.alibi),
+            head_table: self.head_table.as_ref().unwrap_or(&placeholders.read_only),
             backward: &backward_uniform,
-            dv: &placeholders.lse,
-            mask_words: &placeholders.alibi,
+            dv: &placeholders.writable,
+            mask_words: &placeholders.read_only,
         };
         let groups = self.plan.workgroups(BackwardPass::Sinks, &self.shape, 0, 0);
         self.dispatch(encoder, BackwardPass::Sinks, &bindings, groups)
