@@ -80,7 +80,11 @@ fn mask_bits(base: u32, key0: i32) -> vec4<bool> {
 // The rows and keys of one (batch entry, query head) unit: where its query
 // rows and keys start in the tensors, how many there are, and how many rows
 // the dispatch writes (rows from q_len to extent are padding: zeros,
-// logsumexp +inf). Twin of `SequenceRows` in src/params.rs.
+// logsumexp +inf). `diag` places query row 0 on the unit's key axis: a
+// whole sequence has kv_len - q_len (bottom-right alignment); a chunk of
+// its keys (src/key_chunks.rs) subtracts the chunk's first key, so masks,
+// windows and ALiBi see every key at its place in the sequence. `carry`
+// holds CARRY_* bits. Twin of `SequenceRows` in src/params.rs.
 struct SequenceRows {
     q_batch: u32,
     q_start: u32,
@@ -89,25 +93,48 @@ struct SequenceRows {
     kv_batch: u32,
     kv_start: u32,
     kv_len: u32,
-    _pad: u32,
+    diag: i32,
+    carry: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
+
+// Bits of SequenceRows.carry (twins of params::carry_flags): a unit that
+// covers one chunk of its sequence's keys continues the online softmax of
+// the chunks before it (CARRY_IN: each row starts from the normalised
+// output in `carry` and the logsumexp in `lse_buf`, the state the previous
+// chunk left) and, unless it is the last chunk, leaves its state there
+// (CARRY_OUT) instead of writing the output.
+const CARRY_IN: u32 = 1u;
+const CARRY_OUT: u32 = 2u;
 
 // #if MASK
 // Masked calls are dense: batch entry z, all of its rows and keys.
 fn sequence_rows(z: u32) -> SequenceRows {
-    return SequenceRows(z, 0u, p.seq_q, p.seq_q, z, 0u, p.seq_kv, 0u);
+    return SequenceRows(z, 0u, p.seq_q, p.seq_q, z, 0u, p.seq_kv, i32(p.seq_kv) - i32(p.seq_q), 0u, 0u, 0u, 0u);
 }
 // #else
-// With FLAG_SEQUENCES, workgroups along z are the sequences of a padded or
-// variable-length batch, read from this table (src/varlen.rs); otherwise
-// z is the batch entry and the table is a placeholder never read.
+// With FLAG_SEQUENCES, workgroups along z are the units of the table:
+// sequences of a padded or variable-length batch (src/varlen.rs), chunks of
+// long key ranges (src/key_chunks.rs); otherwise z is the batch entry and
+// the table is a placeholder never read.
 @group(0) @binding(7) var<storage, read> sequences: array<SequenceRows>;
+// f32 outputs `[batch, seq_q, heads_q, DV4]` carried between the chunks of
+// a chunked call (a placeholder otherwise, never touched).
+@group(0) @binding(8) var<storage, read_write> carry: array<vec4<f32>>;
 
 fn sequence_rows(z: u32) -> SequenceRows {
     if (has_flag(FLAG_SEQUENCES)) {
         return sequences[z];
     }
-    return SequenceRows(z, 0u, p.seq_q, p.seq_q, z, 0u, p.seq_kv, 0u);
+    return SequenceRows(z, 0u, p.seq_q, p.seq_q, z, 0u, p.seq_kv, i32(p.seq_kv) - i32(p.seq_q), 0u, 0u, 0u, 0u);
+}
+
+// Where row `row` of query head `head_q` of batch entry `batch` keeps its
+// carried output.
+fn carry_base(batch: u32, row: u32, head_q: u32) -> u32 {
+    return ((batch * p.seq_q + row) * p.heads_q + head_q) * DV4;
 }
 // #endif
 
@@ -137,8 +164,8 @@ fn main(
     let seq_q = seq.q_len;
     let seq_kv = seq.kv_len;
     let head_kv = head_q / (p.heads_q / p.heads_kv);
-    // Query row i sits at key position i + seq_kv - seq_q.
-    let diag = i32(seq_kv) - i32(seq_q);
+    // Query row i sits at key position i + diag.
+    let diag = seq.diag;
     // Padding rows (from seq_q on) compute on a copy of the last real row
     // and are written as zeros; they widen no key range.
     let last_row = min(row0 + BLOCK_M, max(seq_q, 1u)) - 1u;
@@ -196,6 +223,26 @@ fn main(
         for (var d = 0u; d < DV4; d++) {
             acc[r * DV4 + d] = vec4<f32>(0.0);
         }
+// #if MASK
+// #else
+        if ((seq.carry & CARRY_IN) != 0u) {
+            // The chunks before left (lse, o): the same softmax as a running
+            // max of lse and a sum of 1 over an accumulator of o (a sink
+            // is already in lse). +inf: they saw no key and had no sink.
+            let carried = lse_buf[(batch * p.heads_q + head_q) * p.seq_q + q_row];
+            if (carried != bitcast<f32>(0x7f800000u)) {
+                m[r] = carried;
+                l[r] = 1.0;
+                let c_base = carry_base(batch, q_row, head_q);
+                for (var d = 0u; d < DV4; d++) {
+                    acc[r * DV4 + d] = carry[c_base + d];
+                }
+            } else {
+                m[r] = MIN_SCORE;
+                l[r] = 0.0;
+            }
+        }
+// #endif
     }
 
     let k_base = seq.kv_batch * p.k.batch + seq.kv_start * p.k.seq + head_kv * p.k.head + p.k.offset;
@@ -361,9 +408,22 @@ fn main(
             let lse = select(row_lse(m[r], 0.0), row_lse(m[r], l[r]), real);
             let o_row = seq.q_start + row;
             let o_base = batch * p.o.batch + o_row * p.o.seq + head_q * p.o.head + p.o.offset;
+// #if MASK
             for (var d = 0u; d < DV4; d++) {
                 store_o(o_base + d, select(vec4<f32>(0.0), acc[r * DV4 + d] * inv_l, real));
             }
+// #else
+            if ((seq.carry & CARRY_OUT) != 0u) {
+                let c_base = carry_base(batch, o_row, head_q);
+                for (var d = 0u; d < DV4; d++) {
+                    carry[c_base + d] = select(vec4<f32>(0.0), acc[r * DV4 + d] * inv_l, real);
+                }
+            } else {
+                for (var d = 0u; d < DV4; d++) {
+                    store_o(o_base + d, select(vec4<f32>(0.0), acc[r * DV4 + d] * inv_l, real));
+                }
+            }
+// #endif
             if (has_flag(FLAG_WRITE_LSE)) {
                 lse_buf[(batch * p.heads_q + head_q) * p.seq_q + o_row] = lse;
             }

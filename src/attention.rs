@@ -6,13 +6,14 @@ use wgpu::util::DeviceExt;
 use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::key_chunks::{ChunkLimits, KvView, Window, plan_key_chunks};
 use crate::mask::AttentionMask;
-use crate::params::{AttentionParams, TensorStrides, flags};
-use crate::pipelines::{bind_buffers, encode_dispatches};
+use crate::params::{AttentionParams, SequenceRows, TensorStrides, flags};
+use crate::pipelines::{bind_resources, encode_dispatches};
 use crate::plan::{ForwardPlan, check_loop_budget};
 use crate::shaders::Specialization;
 use crate::tensor::{DType, Strides, Tensor, TensorShape, check_binding_size, read_buffer};
-use crate::varlen::ValidLengths;
+use crate::varlen::{Sequence, ValidLengths};
 
 /// Tensors are read as vec4, so strides and offsets are multiples of 4.
 const VEC_WIDTH: usize = 4;
@@ -175,6 +176,12 @@ pub struct ForwardOptions<'a> {
     pub mask: Option<&'a AttentionMask>,
     /// Dense (default), padded or packed variable-length batches.
     pub sequences: Sequences<'a>,
+    /// The most keys of a sequence one dispatch visits; `None`: as many as
+    /// the adapter allows. Longer calls run their keys in chunks, one
+    /// dispatch each, whose results are merged exactly (see
+    /// [`Gpu::forward`]); a smaller bound keeps every dispatch short, e.g.
+    /// under a driver's watchdog. Not with a mask.
+    pub keys_per_dispatch: Option<usize>,
 }
 
 impl<'a> ForwardOptions<'a> {
@@ -193,6 +200,12 @@ impl<'a> ForwardOptions<'a> {
     /// Valid lengths of a dense batch (see [`Sequences::Padded`]).
     pub fn valid_lengths(mut self, lengths: ValidLengths<'a>) -> Self {
         self.sequences = Sequences::Padded(lengths);
+        self
+    }
+    /// At most `keys` keys per dispatch (see
+    /// [`ForwardOptions::keys_per_dispatch`]).
+    pub fn keys_per_dispatch(mut self, keys: usize) -> Self {
+        self.keys_per_dispatch = Some(keys);
         self
     }
     /// A packed variable-length batch (see [`Sequences::Varlen`]).
@@ -347,13 +360,22 @@ impl Gpu {
         options: impl Into<ForwardOptions<'o>>,
     ) -> Result<()> {
         let options = options.into();
+        let keys = options.keys_per_dispatch;
+        if keys == Some(0) {
+            return Err(Error::KeysPerDispatch(0));
+        }
         match (options.sequences, options.mask) {
-            (Sequences::Dense, mask) => self.encode_forward(encoder, args, &options.config, mask),
+            (_, Some(_)) if keys.is_some() => Err(Error::UnsupportedCombination {
+                what: "a mask and keys_per_dispatch",
+            }),
+            (Sequences::Dense, mask) => {
+                self.encode_forward(encoder, args, &options.config, mask, keys)
+            }
             (_, Some(_)) => Err(Error::UnsupportedCombination {
                 what: "a mask and padded or variable-length sequences",
             }),
             (Sequences::Padded(lengths), None) => {
-                self.encode_padded_attention(encoder, args, &options.config, &lengths)
+                self.encode_padded_attention(encoder, args, &options.config, &lengths, keys)
             }
             (
                 Sequences::Varlen {
@@ -365,8 +387,8 @@ impl Gpu {
                 encoder,
                 args,
                 &options.config,
-                cu_seqlens_q,
-                cu_seqlens_k,
+                (cu_seqlens_q, cu_seqlens_k),
+                keys,
             ),
         }
     }
@@ -379,12 +401,17 @@ impl Gpu {
         args: &AttentionArgs<'_>,
         config: &AttentionConfig,
         mask: Option<&AttentionMask>,
+        keys_per_dispatch: Option<usize>,
     ) -> Result<()> {
         let call = self.prepare_call(args, config)?;
         let Some(mask) = mask else {
-            // A dense call's sequence table is never read.
-            return call.dispatch_plain(self, encoder, call.params, &self.placeholders.read_only);
+            let shape = &call.shape;
+            let units = (0..shape.batch)
+                .map(|b| Sequence::dense(b, shape).rows(shape.seq_q))
+                .collect();
+            return call.dispatch_units(self, encoder, units, keys_per_dispatch, false);
         };
+        call.require_whole_kv(self)?;
         let params_buffer = self.params_buffer(&call.params);
         mask.check_shape(&call.shape)?;
         mask.check_device(self)?;
@@ -497,16 +524,15 @@ impl Gpu {
         shape: &AttentionShape,
         config: &AttentionConfig,
     ) -> Result<AttentionParams> {
-        let named = [
-            ("q", args.q),
-            ("k", args.k),
-            ("v", args.v),
-            ("out", args.out),
-        ];
-        // Q sets the storage type; mixing types is not supported.
+        // Q sets the storage type; mixing types is not supported. K and V
+        // may outgrow one binding: the forward binds them in windows
+        // (src/key_chunks.rs), other kernels check `require_whole_kv`.
         let storage = args.q.dtype();
-        for (name, tensor) in named {
+        for (name, tensor) in [("q", args.q), ("out", args.out)] {
             check_operand(self, name, tensor, storage)?;
+        }
+        for (name, tensor) in [("k", args.k), ("v", args.v)] {
+            check_unbound_operand(self, name, tensor, storage)?;
         }
         for (name, input) in [("q", args.q), ("k", args.k), ("v", args.v)] {
             if input.buffer() == args.out.buffer() {
@@ -558,34 +584,144 @@ pub(crate) struct PreparedCall<'a> {
 }
 
 impl PreparedCall<'_> {
-    /// Records the plain (unmasked) forward kernel for this call with
-    /// `params` and `sequences` at binding 7 (read only with
-    /// `flags::SEQUENCES`; a placeholder otherwise).
-    pub fn dispatch_plain(
+    /// For kernels that bind K and V whole (masked, naive): each within
+    /// one storage binding.
+    pub fn require_whole_kv(&self, gpu: &Gpu) -> Result<()> {
+        check_binding_size(gpu, "k", self.args.k.buffer().size())?;
+        check_binding_size(gpu, "v", self.args.v.buffer().size())
+    }
+
+    /// Records the plain (unmasked) forward kernel over `units`, one per
+    /// sequence (a dense batch's entries, or the sequences of a padded or
+    /// variable-length batch): one dispatch when K and V bind whole and
+    /// every sequence's keys fit one dispatch (reading `units` from a table
+    /// at binding 7 when `from_table`; a dense batch's kernel builds them
+    /// itself), else chunks of the keys (src/key_chunks.rs).
+    pub fn dispatch_units(
         &self,
         gpu: &Gpu,
         encoder: &mut wgpu::CommandEncoder,
-        params: AttentionParams,
-        sequences: &wgpu::Buffer,
+        units: Vec<SequenceRows>,
+        keys_per_dispatch: Option<usize>,
+        from_table: bool,
     ) -> Result<()> {
-        let params_buffer = gpu.params_buffer(&params);
+        let limits = &gpu.info().limits;
+        let chunk_limits = ChunkLimits {
+            binding: limits.max_storage_buffer_binding_size,
+            alignment: u64::from(limits.min_storage_buffer_offset_alignment),
+            keys_per_dispatch: min_option(
+                self.plan.keys_per_dispatch(),
+                keys_per_dispatch.map(|k| k as u64),
+            ),
+            block_n: self.plan.block_n(),
+            max_units: limits.max_compute_workgroups_per_dimension,
+        };
+        let views = [
+            self.kv_view("k", self.args.k),
+            self.kv_view("v", self.args.v),
+        ];
         let pipeline = gpu
             .pipelines
             .get(&gpu.device, &self.plan.specialization())?;
-        let bind_group = self.bind_group(
+        let [x, y, _] = self.plan.workgroups();
+        let Some(dispatches) = plan_key_chunks(&units, &views[0], &views[1], &chunk_limits)? else {
+            let mut params = self.params;
+            let table = if from_table {
+                params.flags |= flags::SEQUENCES;
+                gpu.storage_buffer("wgpu-flash-attn sequences", bytemuck::cast_slice(&units))
+            } else {
+                // A dense call's sequence table is never read.
+                gpu.placeholders.read_only.clone()
+            };
+            let params = gpu.params_buffer(&params);
+            let bindings = self.bindings(gpu, &params);
+            let bind_group = bindings.bind(gpu, &pipeline.bind_group_layout, &table, None);
+            encode_dispatches(
+                encoder,
+                "flash attention forward",
+                &pipeline,
+                &[bind_group],
+                [x, y, units.len() as u32],
+            );
+            return Ok(());
+        };
+
+        // Chunks continue each row from the logsumexp and f32 output the
+        // chunk before left: the caller's logsumexp buffer, or scratch.
+        let shape = &self.shape;
+        let rows = (shape.batch * shape.seq_q * shape.heads_q) as u64;
+        let carry_bytes = 4 * rows * shape.head_dim_v as u64;
+        check_binding_size(
             gpu,
-            &pipeline.bind_group_layout,
-            &params_buffer,
-            &[sequences],
-        );
-        encode_dispatches(
-            encoder,
-            "flash attention forward",
-            &pipeline,
-            &[bind_group],
-            self.plan.workgroups(),
-        );
+            "forward carry (f32 outputs between key chunks)",
+            carry_bytes,
+        )?;
+        let carry = gpu.scratch_buffer("wgpu-flash-attn forward carry", carry_bytes);
+        let lse = match self.args.lse {
+            Some(lse) => lse.buffer().clone(),
+            None => gpu.scratch_buffer("wgpu-flash-attn forward chunk logsumexp", 4 * rows),
+        };
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("flash attention forward (key chunks)"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&pipeline.pipeline);
+        for dispatch in &dispatches {
+            let mut params = self.params;
+            params.flags |= flags::SEQUENCES | flags::WRITE_LSE;
+            params.k.offset = rebase(params.k.offset, dispatch.k.base(&views[0]));
+            params.v.offset = rebase(params.v.offset, dispatch.v.base(&views[1]));
+            let table = gpu.storage_buffer(
+                "wgpu-flash-attn key chunks",
+                bytemuck::cast_slice(&dispatch.units),
+            );
+            let params = gpu.params_buffer(&params);
+            let mut bindings = self.bindings(gpu, &params);
+            bindings.k = window(self.args.k.buffer(), dispatch.k);
+            bindings.v = window(self.args.v.buffer(), dispatch.v);
+            bindings.lse = &lse;
+            let bind_group = bindings.bind(
+                gpu,
+                &pipeline.bind_group_layout,
+                &table,
+                Some((&carry, carry_bytes)),
+            );
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(x, y, dispatch.units.len() as u32);
+        }
         Ok(())
+    }
+
+    /// How the kernel addresses K or V of this call.
+    fn kv_view(&self, name: &'static str, tensor: &Tensor) -> KvView {
+        KvView {
+            name,
+            buffer_bytes: tensor.buffer().size(),
+            unit_bytes: (VEC_WIDTH * tensor.dtype().size_bytes()) as u64,
+            strides: vec4_strides(tensor),
+            heads: tensor.shape().heads as u32,
+            width4: (tensor.shape().head_dim / VEC_WIDTH) as u32,
+        }
+    }
+
+    /// Bindings 0-6 shared by the attention kernels, absent optional ones
+    /// as placeholders.
+    fn bindings<'b>(&'b self, gpu: &'b Gpu, params: &'b wgpu::Buffer) -> CallBindings<'b> {
+        CallBindings {
+            params,
+            q: self.args.q.buffer(),
+            k: self.args.k.buffer().as_entire_buffer_binding(),
+            v: self.args.v.buffer().as_entire_buffer_binding(),
+            out: self.args.out.buffer(),
+            lse: self
+                .args
+                .lse
+                .map_or(&gpu.placeholders.writable, |lse| lse.buffer()),
+            head_table: self
+                .head_table
+                .as_ref()
+                .unwrap_or(&gpu.placeholders.read_only),
+        }
     }
 
     /// Bindings 0-6 shared by the attention kernels (absent optional ones
@@ -597,21 +733,80 @@ impl PreparedCall<'_> {
         params: &wgpu::Buffer,
         extra: &[&wgpu::Buffer],
     ) -> wgpu::BindGroup {
-        let mut buffers = vec![
-            params,
-            self.args.q.buffer(),
-            self.args.k.buffer(),
-            self.args.v.buffer(),
-            self.args.out.buffer(),
-            self.args
-                .lse
-                .map_or(&gpu.placeholders.writable, |lse| lse.buffer()),
-            self.head_table
-                .as_ref()
-                .unwrap_or(&gpu.placeholders.read_only),
-        ];
-        buffers.extend_from_slice(extra);
-        bind_buffers(&gpu.device, layout, &buffers)
+        let mut resources = self.bindings(gpu, params).resources();
+        resources.extend(extra.iter().map(|b| b.as_entire_binding()));
+        bind_resources(&gpu.device, layout, resources)
+    }
+}
+
+/// What bindings 0-6 of an attention kernel hold for one dispatch.
+struct CallBindings<'b> {
+    params: &'b wgpu::Buffer,
+    q: &'b wgpu::Buffer,
+    k: wgpu::BufferBinding<'b>,
+    v: wgpu::BufferBinding<'b>,
+    out: &'b wgpu::Buffer,
+    lse: &'b wgpu::Buffer,
+    head_table: &'b wgpu::Buffer,
+}
+
+impl<'b> CallBindings<'b> {
+    fn resources(self) -> Vec<wgpu::BindingResource<'b>> {
+        vec![
+            self.params.as_entire_binding(),
+            self.q.as_entire_binding(),
+            wgpu::BindingResource::Buffer(self.k),
+            wgpu::BindingResource::Buffer(self.v),
+            self.out.as_entire_binding(),
+            self.lse.as_entire_binding(),
+            self.head_table.as_entire_binding(),
+        ]
+    }
+
+    /// The plain forward's bind group: these, the sequence table (7) and
+    /// the carry between key chunks (8; a placeholder when `None`).
+    fn bind(
+        self,
+        gpu: &Gpu,
+        layout: &wgpu::BindGroupLayout,
+        table: &wgpu::Buffer,
+        carry: Option<(&wgpu::Buffer, u64)>,
+    ) -> wgpu::BindGroup {
+        let mut resources = self.resources();
+        resources.push(table.as_entire_binding());
+        resources.push(match carry {
+            Some((buffer, bytes)) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer,
+                offset: 0,
+                size: wgpu::BufferSize::new(bytes.max(16)),
+            }),
+            None => gpu.placeholders.writable.as_entire_binding(),
+        });
+        bind_resources(&gpu.device, layout, resources)
+    }
+}
+
+/// The part of `buffer` a dispatch binds.
+fn window(buffer: &wgpu::Buffer, window: Window) -> wgpu::BufferBinding<'_> {
+    wgpu::BufferBinding {
+        buffer,
+        offset: window.offset,
+        size: wgpu::BufferSize::new(window.size),
+    }
+}
+
+/// A view's offset in a window starting `base` vec4s into its buffer. The
+/// kernel indexes in wrapping u32 arithmetic, so an offset "below" the
+/// window (a batch entry or key before it, never read) wraps and every
+/// index the kernel reads lands inside the window.
+fn rebase(offset: u32, base: u64) -> u32 {
+    u64::from(offset).wrapping_sub(base) as u32
+}
+
+fn min_option(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -706,6 +901,18 @@ pub(crate) fn check_operand(
     tensor: &Tensor,
     storage: DType,
 ) -> Result<()> {
+    check_unbound_operand(gpu, name, tensor, storage)?;
+    check_binding_size(gpu, name, tensor.buffer().size())
+}
+
+/// [`check_operand`] for an operand bound in windows: its buffer may be
+/// larger than one binding.
+pub(crate) fn check_unbound_operand(
+    gpu: &Gpu,
+    name: &'static str,
+    tensor: &Tensor,
+    storage: DType,
+) -> Result<()> {
     tensor.check_device(gpu, name)?;
     if tensor.dtype() != storage {
         return Err(Error::DTypeUnsupported {
@@ -730,8 +937,7 @@ pub(crate) fn check_operand(
             });
         }
     }
-    tensor.check_in_bounds(name)?;
-    check_binding_size(gpu, name, tensor.buffer().size())
+    tensor.check_in_bounds(name)
 }
 
 pub(crate) fn vec4_strides(tensor: &Tensor) -> TensorStrides {

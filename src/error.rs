@@ -440,6 +440,9 @@ pub enum Error {
     /// Decoding was asked for 0 key splits (holds the count given).
     #[error("kv_splits must be at least 1, got {0}")]
     KvSplits(usize),
+    /// A forward was asked for 0 keys per dispatch (holds the count given).
+    #[error("keys_per_dispatch must be at least 1, got {0}")]
+    KeysPerDispatch(usize),
     /// A merge was given no partial results.
     #[error("merge: no partial results given")]
     NothingToMerge,

@@ -193,7 +193,7 @@ pub struct Gpu {
 /// that probes which device a caller's buffer belongs to.
 pub(crate) struct Placeholders {
     /// Bound where an absent output would be written (an lse not asked
-    /// for, a latent cache's V); 32 bytes, never read back.
+    /// for, a latent cache's V); 64 bytes, never read back.
     pub writable: wgpu::Buffer,
     /// Bound where an absent read-only table would be read (head table,
     /// mask tile states, a dense call's sequence table); never read.
@@ -207,8 +207,8 @@ impl Placeholders {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
                 // One element of the largest array a placeholder stands in
-                // for (a forward's SequenceRows, 32 bytes).
-                size: 32,
+                // for (a forward's SequenceRows, 48 bytes).
+                size: 64,
                 usage: wgpu::BufferUsages::STORAGE,
                 mapped_at_creation: false,
             })

@@ -37,6 +37,7 @@ mod config;
 mod decode;
 mod error;
 mod gpu;
+mod key_chunks;
 mod kv_cache;
 mod linear;
 mod mask;

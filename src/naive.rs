@@ -23,6 +23,7 @@ impl Gpu {
         config: &AttentionConfig,
     ) -> Result<NaivePlan> {
         let call = self.prepare_call(args, config)?;
+        call.require_whole_kv(self)?;
         let plan = NaivePlan::for_call(self.info(), &call.shape, args.q.dtype(), config.tier)?;
         let x_limit = self.info().limits.max_compute_workgroups_per_dimension;
         let x_groups = plan.row_groups(NaivePass::Softmax, call.shape.seq_q);

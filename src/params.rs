@@ -83,7 +83,24 @@ pub struct SequenceRows {
     pub kv_batch: u32,
     pub kv_start: u32,
     pub kv_len: u32,
-    pub _pad: u32,
+    /// Position of query row 0 on this unit's key axis: `kv_len - q_len`
+    /// for a whole sequence (bottom-right alignment); a chunk of the keys
+    /// subtracts its first key.
+    pub diag: i32,
+    /// Bit set of [`carry_flags`].
+    pub carry: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+    pub _pad2: u32,
+}
+
+/// Bits of [`SequenceRows::carry`]; twins of `CARRY_*` in
+/// `shaders/flash_attention.wgsl`.
+pub mod carry_flags {
+    /// Start each row from the state the previous chunk carried.
+    pub const IN: u32 = 1;
+    /// Leave the state in the carry instead of writing the output.
+    pub const OUT: u32 = 2;
 }
 
 /// Twin of `struct DecodeParams` in `shaders/flash_decode.wgsl`.

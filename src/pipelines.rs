@@ -192,12 +192,22 @@ pub(crate) fn bind_buffers(
     layout: &wgpu::BindGroupLayout,
     buffers: &[&wgpu::Buffer],
 ) -> wgpu::BindGroup {
-    let entries: Vec<wgpu::BindGroupEntry> = buffers
-        .iter()
+    let resources = buffers.iter().map(|b| b.as_entire_binding()).collect();
+    bind_resources(device, layout, resources)
+}
+
+/// [`bind_buffers`] for resources that may be parts of buffers.
+pub(crate) fn bind_resources(
+    device: &wgpu::Device,
+    layout: &wgpu::BindGroupLayout,
+    resources: Vec<wgpu::BindingResource<'_>>,
+) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry> = resources
+        .into_iter()
         .enumerate()
-        .map(|(binding, buffer)| wgpu::BindGroupEntry {
+        .map(|(binding, resource)| wgpu::BindGroupEntry {
             binding: binding as u32,
-            resource: buffer.as_entire_binding(),
+            resource,
         })
         .collect();
     device.create_bind_group(&wgpu::BindGroupDescriptor {

@@ -15,7 +15,7 @@ use wgpu::BufferBindingType;
 
 use crate::params::{
     AttentionParams, BackwardParams, CombineParams, DecodeParams, LinearParams, MaskParams,
-    RopeParams, SequenceRows, TensorStrides, flags, linear_flags,
+    RopeParams, SequenceRows, TensorStrides, carry_flags, flags, linear_flags,
 };
 use crate::pipelines::ELEMENTWISE_WORKGROUP;
 use crate::plan::profiles;
@@ -627,7 +627,11 @@ fn rust_twins() -> Vec<(&'static str, Layout)> {
             kv_batch,
             kv_start,
             kv_len,
-            _pad,
+            diag,
+            carry,
+            _pad0,
+            _pad1,
+            _pad2,
         }),
         rust_layout!(DecodeParams {
             group,
@@ -944,6 +948,12 @@ const FLAG_TWINS: [(&str, u32); 7] = [
     ("FLAG_SEQUENCES", flags::SEQUENCES),
 ];
 
+/// The same for the forward's carry bits (per unit of its sequence table).
+const CARRY_FLAG_TWINS: [(&str, u32); 2] = [
+    ("CARRY_IN", carry_flags::IN),
+    ("CARRY_OUT", carry_flags::OUT),
+];
+
 /// The same for linear attention's flags.
 const LINEAR_FLAG_TWINS: [(&str, u32); 3] = [
     ("LINEAR_CAUSAL", linear_flags::CAUSAL),
@@ -1010,6 +1020,16 @@ fn check_flag_twins(kernel: Kernel, twins: &[(&str, u32)], module: &str, prefix:
 #[test]
 fn attention_flags_match_the_shader() {
     check_flag_twins(Kernel::FlashForward, &FLAG_TWINS, "flags", "FLAG_");
+}
+
+#[test]
+fn carry_flags_match_the_shader() {
+    check_flag_twins(
+        Kernel::FlashForward,
+        &CARRY_FLAG_TWINS,
+        "carry_flags",
+        "CARRY_",
+    );
 }
 
 #[test]

@@ -203,7 +203,7 @@ impl Kernel {
     pub fn bindings(self) -> &'static [wgpu::BufferBindingType] {
         use wgpu::BufferBindingType::{Storage, Uniform};
         match self {
-            // params, q, k, v, out, lse, head table, sequence table
+            // params, q, k, v, out, lse, head table, sequence table, carry
             Kernel::FlashForward => &FORWARD_BINDINGS,
             // the same, then mask words, tile states, mask params
             Kernel::FlashMasked => &MASKED_BINDINGS,
@@ -267,9 +267,15 @@ const fn attention_bindings_then(
     all
 }
 
-/// Bindings 0-6, then the forward's sequence table (7).
-const FORWARD_BINDINGS: [wgpu::BufferBindingType; 8] = {
-    let mut all = ATTENTION_BINDINGS;
+/// Bindings 0-6, then the forward's sequence table (7) and the carry
+/// between key chunks (8).
+const FORWARD_BINDINGS: [wgpu::BufferBindingType; 9] = {
+    let mut all = [wgpu::BufferBindingType::Storage { read_only: false }; 9];
+    let mut i = 0;
+    while i < 7 {
+        all[i] = ATTENTION_BINDINGS[i];
+        i += 1;
+    }
     all[7] = wgpu::BufferBindingType::Storage { read_only: true };
     all
 };

@@ -9,7 +9,7 @@ use crate::attention::AttentionArgs;
 use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::params::{SequenceRows, flags};
+use crate::params::SequenceRows;
 use crate::tensor::Tensor;
 
 /// Valid lengths of each sequence of a dense batch.
@@ -35,8 +35,21 @@ pub(crate) struct Sequence {
 }
 
 impl Sequence {
-    /// The sequence as the forward kernel reads it, writing `extent` rows.
-    fn rows(&self, extent: usize) -> SequenceRows {
+    /// Batch entry `b` of a dense call: all of its rows and keys.
+    pub fn dense(b: usize, shape: &AttentionShape) -> Self {
+        Sequence {
+            batch: b,
+            q_start: 0,
+            q_len: shape.seq_q,
+            kv_batch: b,
+            kv_start: 0,
+            kv_len: shape.seq_kv,
+        }
+    }
+
+    /// The sequence as the forward kernel reads it, writing `extent` rows;
+    /// its queries align with the end of its keys (bottom-right).
+    pub fn rows(&self, extent: usize) -> SequenceRows {
         SequenceRows {
             q_batch: self.batch as u32,
             q_start: self.q_start as u32,
@@ -45,7 +58,8 @@ impl Sequence {
             kv_batch: self.kv_batch as u32,
             kv_start: self.kv_start as u32,
             kv_len: self.kv_len as u32,
-            _pad: 0,
+            diag: self.kv_len as i32 - self.q_len as i32,
+            ..SequenceRows::default()
         }
     }
 }
@@ -170,8 +184,8 @@ impl Gpu {
         encoder: &mut wgpu::CommandEncoder,
         args: &AttentionArgs<'_>,
         config: &AttentionConfig,
-        cu_seqlens_q: &[usize],
-        cu_seqlens_k: &[usize],
+        (cu_seqlens_q, cu_seqlens_k): (&[usize], &[usize]),
+        keys_per_dispatch: Option<usize>,
     ) -> Result<()> {
         let sequences = varlen_sequences(
             &[
@@ -187,7 +201,7 @@ impl Gpu {
         )?;
         // Every row of a packed batch belongs to its sequence.
         let extents = sequences.iter().map(|s| s.q_len).collect();
-        self.encode_sequences(encoder, args, config, sequences, extents)
+        self.encode_sequences(encoder, args, config, sequences, extents, keys_per_dispatch)
     }
 
     /// A dense batch where sequence `b` has `lens.kv[b]` valid keys (and,
@@ -201,13 +215,14 @@ impl Gpu {
         args: &AttentionArgs<'_>,
         config: &AttentionConfig,
         lens: &ValidLengths<'_>,
+        keys_per_dispatch: Option<usize>,
     ) -> Result<()> {
         let shape = args.shape()?;
         let sequences = padded_sequences(&shape, lens)?;
         // The kernel writes every row of each batch entry: past the valid
         // queries, zeros.
         let extents = vec![shape.seq_q; sequences.len()];
-        self.encode_sequences(encoder, args, config, sequences, extents)
+        self.encode_sequences(encoder, args, config, sequences, extents, keys_per_dispatch)
     }
 
     /// Every sequence in one dispatch: workgroups along z are the
@@ -223,6 +238,7 @@ impl Gpu {
         config: &AttentionConfig,
         sequences: Vec<Sequence>,
         extents: Vec<usize>,
+        keys_per_dispatch: Option<usize>,
     ) -> Result<()> {
         let shape = args.shape()?;
         // One sequence per workgroup along z: tiles, workgroups and the
@@ -239,15 +255,11 @@ impl Gpu {
         if rows == 0 {
             return Ok(());
         }
-        let table: Vec<SequenceRows> = sequences
+        let units: Vec<SequenceRows> = sequences
             .iter()
             .zip(&extents)
             .map(|(seq, &extent)| seq.rows(extent))
             .collect();
-        let table = self.storage_buffer("wgpu-flash-attn sequences", bytemuck::cast_slice(&table));
-        let mut params = call.params;
-        params.flags |= flags::SEQUENCES;
-        call.dispatch_plain(self, encoder, params, &table)?;
-        Ok(())
+        call.dispatch_units(self, encoder, units, keys_per_dispatch, true)
     }
 }

@@ -20,7 +20,8 @@
 //! layout (packed BSHD or a BHSD buffer seen through strides), and at most
 //! one of: a boolean mask, an additive bias mask (with `-inf` entries),
 //! valid lengths (key and query padding) or a packed variable-length batch
-//! (sequences of 0-60 tokens). Decode: a contiguous or paged cache (page
+//! (sequences of 0-60 tokens); without a mask, in 25 % of cases its keys
+//! run in chunks of 1-160 per dispatch (`keys_per_dispatch`). Decode: a contiguous or paged cache (page
 //! size 16-256, pages shuffled), per-sequence lengths 0-300, 1-4 query
 //! tokens, a chosen or forced split count, f32, f16, bf16 or int8 storage
 //! (checked over the values stored). Backward (f32): no mask, a
@@ -90,6 +91,9 @@ struct Case {
     bhsd: bool,
     config: AttentionConfig,
     extra: Extra,
+    /// Forward without a mask: the keys of each sequence run in chunks of
+    /// this many, one dispatch each.
+    keys_per_dispatch: Option<usize>,
 }
 
 fn draw_case(rng: &mut SeededRng) -> Case {
@@ -207,14 +211,19 @@ fn draw_case(rng: &mut SeededRng) -> Case {
         },
         _ => Extra::None,
     };
+    let bhsd = operation == Operation::Forward && rng.random_bool(0.3);
+    let chunkable =
+        operation == Operation::Forward && !matches!(extra, Extra::BoolMask | Extra::BiasMask);
+    let keys_per_dispatch = (chunkable && rng.random_bool(0.25)).then(|| rng.random_range(1..=160));
     Case {
         operation,
         cache_lens,
         shape,
         dtype,
-        bhsd: operation == Operation::Forward && rng.random_bool(0.3),
+        bhsd,
         config,
         extra,
+        keys_per_dispatch,
     }
 }
 
@@ -294,9 +303,13 @@ fn run_forward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String
     let mask_dims = [s.batch, s.heads_q, s.seq_q, s.seq_kv];
     let mask_len = mask_dims.iter().product();
     let mut mask_rng = seeded(rng.random());
+    let mut chunked = ForwardOptions::new(&case.config);
+    if let Some(keys) = case.keys_per_dispatch {
+        chunked = chunked.keys_per_dispatch(keys);
+    }
     let (want, got) = match &case.extra {
         Extra::None => {
-            gpu.run(|e| gpu.forward(e, &args, &case.config))
+            gpu.run(|e| gpu.forward(e, &args, chunked.clone()))
                 .map_err(|e| format!("GPU call failed: {e}"))?;
             let want = reference::attention(s, &q, &k, &v, &case.config).unwrap();
             (want.out, out.to_f32_vec(gpu).unwrap())
@@ -334,7 +347,7 @@ fn run_forward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String
             (want.out, out.to_f32_vec(gpu).unwrap())
         }
         Extra::Varlen { cu_q, cu_k } => {
-            let options = ForwardOptions::new(&case.config).varlen(cu_q, cu_k);
+            let options = chunked.clone().varlen(cu_q, cu_k);
             gpu.run(|e| gpu.forward(e, &args, options))
                 .map_err(|e| format!("GPU call failed: {e}"))?;
             // Each sequence is attention over its own tokens alone.
@@ -351,7 +364,7 @@ fn run_forward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String
                 q: Some(q_lens),
                 kv,
             };
-            let options = ForwardOptions::new(&case.config).valid_lengths(lengths);
+            let options = chunked.clone().valid_lengths(lengths);
             gpu.run(|e| gpu.forward(e, &args, options))
                 .map_err(|e| format!("GPU call failed: {e}"))?;
             // Each sequence is attention over its valid rows and keys alone

@@ -2,7 +2,8 @@
 //! invocation once they have run 65535 iterations together, silently. The
 //! planners model each kernel's loop trips (`Specialization::loop_trips`):
 //! at the longest key range the model allows, results are exact; one step
-//! further, the call is a typed error; decoding adds splits instead.
+//! further, the forward runs its keys in two dispatches and decoding adds
+//! splits; the backward refuses with a typed error.
 
 mod common;
 
@@ -13,7 +14,7 @@ use wgpu_flash_attn::{
 };
 
 #[test]
-fn the_longest_allowed_call_is_exact_and_the_next_is_refused() {
+fn the_longest_single_dispatch_and_the_next_key_are_both_exact() {
     let Some(gpu) = gpu() else { return };
     let Some(budget) = gpu.info().loop_budget() else {
         eprintln!("SKIPPED: this adapter caps no shader loops; nothing to check");
@@ -31,55 +32,40 @@ fn the_longest_allowed_call_is_exact_and_the_next_is_refused() {
         head_dim: 64,
         head_dim_v: 64,
     };
-    let allowed =
-        |seq_kv| ForwardPlan::for_call(gpu.info(), &shape_at(seq_kv), DType::F32, tier).is_ok();
-    let (mut lo, mut hi) = (64, 1 << 22);
-    assert!(allowed(lo) && !allowed(hi));
-    while hi - lo > 1 {
-        let mid = (lo + hi) / 2;
-        if allowed(mid) {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
+    let plan = ForwardPlan::for_call(gpu.info(), &shape_at(64), DType::F32, tier).unwrap();
+    let lo = plan
+        .keys_per_dispatch()
+        .expect("a capped adapter limits keys") as usize;
+    let spec_trips = |keys| plan.loop_trips(keys);
+    assert!(spec_trips(lo as u64) <= budget && spec_trips(lo as u64 + 1) > budget);
+    eprintln!("portable tier, d=64: at most {lo} keys per dispatch under a budget of {budget}");
+    // At the bound one dispatch; one key more, two chunks: both exact.
+    for (seq_kv, chunks) in [(lo, 1), (lo + 1, 2)] {
+        assert_eq!(plan.key_chunks(seq_kv), chunks);
+        let shape = shape_at(seq_kv);
+        let inputs = Inputs::draw(&shape, 0x5eed_100b, 1.0);
+        let config = AttentionConfig::new().tier(Tier::Portable).causal(true);
+        let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
+        let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k).unwrap();
+        let v = Tensor::from_f32(gpu, shape.v_shape(), &inputs.v).unwrap();
+        let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
+        let args = AttentionArgs {
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &out,
+            lse: None,
+        };
+        gpu.run(|e| gpu.forward(e, &args, &config)).unwrap();
+        let got = out.to_f32_vec(gpu).unwrap();
+        let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
+        let err = got
+            .iter()
+            .zip(&want.out)
+            .map(|(g, w)| (f64::from(*g) - w).abs())
+            .fold(0.0, f64::max);
+        assert!(err <= 1e-4, "{seq_kv} keys: max error {err:.2e}");
     }
-    eprintln!("portable tier, d=64: at most {lo} keys per call under a budget of {budget}");
-    match ForwardPlan::for_call(gpu.info(), &shape_at(hi), DType::F32, tier) {
-        Err(Error::LoopBudget {
-            keys,
-            trips,
-            budget: b,
-            ..
-        }) => {
-            assert_eq!((keys, b), (hi as u64, budget));
-            assert!(trips > budget);
-        }
-        other => panic!("expected LoopBudget, got {other:?}"),
-    }
-
-    let shape = shape_at(lo);
-    let inputs = Inputs::draw(&shape, 0x5eed_100b, 1.0);
-    let config = AttentionConfig::new().tier(Tier::Portable);
-    let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
-    let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k).unwrap();
-    let v = Tensor::from_f32(gpu, shape.v_shape(), &inputs.v).unwrap();
-    let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
-    let args = AttentionArgs {
-        q: &q,
-        k: &k,
-        v: &v,
-        out: &out,
-        lse: None,
-    };
-    gpu.run(|e| gpu.forward(e, &args, &config)).unwrap();
-    let got = out.to_f32_vec(gpu).unwrap();
-    let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
-    let err = got
-        .iter()
-        .zip(&want.out)
-        .map(|(g, w)| (f64::from(*g) - w).abs())
-        .fold(0.0, f64::max);
-    assert!(err <= 1e-4, "{lo} keys: max error {err:.2e}");
 }
 
 #[test]
