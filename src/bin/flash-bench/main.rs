@@ -100,6 +100,11 @@ struct RunArgs {
     /// --backward) the backward, whose sink gradients are validated too.
     #[arg(long)]
     sinks: bool,
+    /// At most N keys per dispatch of the flash forward: longer key ranges
+    /// run in chunks (as they do anyway past one storage binding or a
+    /// software adapter's loop cap).
+    #[arg(long, value_name = "N", value_parser = crate::options::parse_positive)]
+    keys_per_dispatch: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -170,6 +175,9 @@ fn run(cli: &Cli) -> Result<bool> {
                 config = config.sinks(seeded_sinks(seed, shape.heads_q));
                 flags.push_str(" sinks");
             }
+            if let Some(keys) = args.keys_per_dispatch {
+                flags.push_str(&format!(" {keys}-key dispatches"));
+            }
             let case = Case {
                 name: format!("{}{}", case_name(&shape, &flags), dtype_suffix(dtype)),
                 shape,
@@ -181,6 +189,7 @@ fn run(cli: &Cli) -> Result<bool> {
                 },
                 seed,
                 dtype,
+                keys_per_dispatch: args.keys_per_dispatch,
             };
             let report = measure_all(&gpu, cli, vec![case], args.iters, f64::INFINITY)?;
             Ok(report.failures() == 0)
@@ -218,6 +227,7 @@ fn run(cli: &Cli) -> Result<bool> {
                         impls: args.implementations.clone(),
                         seed: 100 + index as u64,
                         dtype: DType::F32,
+                        keys_per_dispatch: None,
                     }
                 })
                 .collect();
@@ -254,6 +264,7 @@ fn suite() -> Vec<Case> {
             impls: all.clone(),
             seed: 1000 + index as u64,
             dtype: DType::F32,
+            keys_per_dispatch: None,
         })
         .collect();
     for (index, causal) in [false, true].into_iter().enumerate() {
@@ -273,6 +284,7 @@ fn suite() -> Vec<Case> {
             impls,
             seed: 2000 + index as u64,
             dtype: DType::F32,
+            keys_per_dispatch: None,
         });
     }
     // The same shape with half-precision storage, flash only: f16 and bf16
@@ -286,6 +298,7 @@ fn suite() -> Vec<Case> {
             impls: vec![Impl::Flash],
             seed: 3000 + index as u64,
             dtype,
+            keys_per_dispatch: None,
         });
     }
     cases

@@ -7,8 +7,8 @@ use indicatif::ProgressBar;
 use serde::Serialize;
 use wgpu_flash_attn::reference::{self, ReferenceOutput};
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionShape, DType, Error, Gpu, LinearArgs, LinearConfig,
-    LinearShape, Tensor,
+    AttentionArgs, AttentionConfig, AttentionShape, DType, Error, ForwardOptions, Gpu, LinearArgs,
+    LinearConfig, LinearShape, Tensor,
 };
 
 use crate::ceiling::CeilingProbes;
@@ -72,6 +72,19 @@ pub struct Case {
     pub seed: u64,
     /// Storage type of Q, K, V and O.
     pub dtype: DType,
+    /// The flash forward's bound on keys per dispatch, if any.
+    pub keys_per_dispatch: Option<usize>,
+}
+
+impl Case {
+    /// What the flash forward is called with.
+    fn forward_options(&self) -> ForwardOptions<'static> {
+        let options = ForwardOptions::new(&self.config);
+        match self.keys_per_dispatch {
+            Some(keys) => options.keys_per_dispatch(keys),
+            None => options,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -179,6 +192,9 @@ pub struct CaseReport {
     pub dtype: String,
     /// Kernel tier of the flash kernel for this call.
     pub tier: String,
+    /// `run --keys-per-dispatch`, when given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys_per_dispatch: Option<usize>,
     /// FLOPs softmax attention must do (visible pairs only).
     pub flops: f64,
     pub rows_validated: usize,
@@ -344,6 +360,7 @@ impl Bench<'_> {
             options: OptionsJson::new(&case.config, dtype),
             dtype: dtype_name(dtype).to_string(),
             tier: tier_name(tier).to_string(),
+            keys_per_dispatch: case.keys_per_dispatch,
             flops,
             rows_validated: sample.as_ref().map_or(0, |s| s.rows),
             rows_total: shape.batch * shape.heads_q * shape.seq_q,
@@ -376,7 +393,7 @@ impl Bench<'_> {
         // The first run validates and warms up (pipelines compile on it).
         let gpu_bytes = match implementation {
             Impl::Flash => {
-                gpu.run(|e| gpu.forward(e, &args, &case.config))?;
+                gpu.run(|e| gpu.forward(e, &args, case.forward_options()))?;
                 output_bytes
             }
             Impl::Naive => match gpu.run(|e| gpu.naive_attention(e, &args, &case.config)) {
@@ -403,6 +420,28 @@ impl Bench<'_> {
                         .println(format!("{}: naive: {err}", case.name));
                     return Ok(result);
                 }
+                Err(
+                    err @ Error::BufferTooLarge {
+                        tensor,
+                        bytes: size,
+                        limit,
+                        ..
+                    },
+                ) => {
+                    // The naive kernel binds K and V whole; the flash
+                    // forward binds them in windows.
+                    self.progress
+                        .println(format!("{}: naive: {err}", case.name));
+                    return Ok(ImplResult::without_timing(
+                        implementation,
+                        Status::DoesNotFit,
+                        format!(
+                            "{tensor} is {}, over the {} binding limit",
+                            bytes(size),
+                            bytes(limit)
+                        ),
+                    ));
+                }
                 Err(err) => return Err(err.into()),
             },
             Impl::Cpu | Impl::Linear | Impl::Backward => {
@@ -424,7 +463,7 @@ impl Bench<'_> {
                 Impl::Naive => gpu
                     .naive_attention(encoder, &args, &case.config)
                     .map(|_| ()),
-                _ => gpu.forward(encoder, &args, &case.config),
+                _ => gpu.forward(encoder, &args, case.forward_options()),
             },
         )?;
         Ok(ImplResult::timed(

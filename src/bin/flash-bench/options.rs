@@ -83,6 +83,15 @@ pub fn parse_iters(text: &str) -> Result<usize, String> {
     }
 }
 
+/// A count of at least 1 (keys per dispatch).
+pub fn parse_positive(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_string()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{text:?}: {e}")),
+    }
+}
+
 fn parse_window(text: &str) -> Result<Window, String> {
     let (left, right) = text
         .split_once(',')
