@@ -332,6 +332,14 @@ impl Gpu {
     /// [`ForwardOptions`] with a mask or variable-length sequences).
     /// Submit the encoder yourself, or use [`Gpu::run`].
     ///
+    /// Keys that do not fit one dispatch (K or V past
+    /// `max_storage_buffer_binding_size`, past a software adapter's loop
+    /// budget, or past [`ForwardOptions::keys_per_dispatch`]) run in chunks,
+    /// one dispatch each, binding windows of K and V; every row continues
+    /// its online softmax from chunk to chunk, so the result is the
+    /// one-dispatch result up to f32 rounding (src/key_chunks.rs). Masked
+    /// calls do not chunk.
+    ///
     /// ```
     /// # use wgpu_flash_attn::{AttentionArgs, AttentionConfig, AttentionMask, ForwardOptions, Gpu, Tensor, TensorShape};
     /// # fn main() -> Result<(), wgpu_flash_attn::Error> {
