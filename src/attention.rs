@@ -617,10 +617,14 @@ impl PreparedCall<'_> {
         let chunk_limits = ChunkLimits {
             binding: limits.max_storage_buffer_binding_size,
             alignment: u64::from(limits.min_storage_buffer_offset_alignment),
-            keys_per_dispatch: min_option(
+            // The tighter of the loop budget and the caller's bound.
+            keys_per_dispatch: [
                 self.plan.keys_per_dispatch(),
                 keys_per_dispatch.map(|k| k as u64),
-            ),
+            ]
+            .into_iter()
+            .flatten()
+            .min(),
             block_n: self.plan.block_n(),
             max_units: limits.max_compute_workgroups_per_dimension,
         };
@@ -809,13 +813,6 @@ fn window(buffer: &wgpu::Buffer, window: Window) -> wgpu::BufferBinding<'_> {
 /// index the kernel reads lands inside the window.
 fn rebase(offset: u32, base: u64) -> u32 {
     u64::from(offset).wrapping_sub(base) as u32
-}
-
-fn min_option(a: Option<u64>, b: Option<u64>) -> Option<u64> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
 }
 
 /// The parameters every attention kernel reads for `config` on `shape`;

@@ -57,14 +57,16 @@ impl KvView {
     /// they start (an aligned window may begin up to `alignment - unit`
     /// bytes early); `None` when not even one key's heads fit.
     fn keys_per_window(&self, binding: u64, alignment: u64) -> Option<u64> {
-        let s = &self.strides;
-        let slack = alignment.saturating_sub(self.unit_bytes);
-        let one_key = (u64::from(self.heads - 1) * u64::from(s.head) + u64::from(self.width4))
-            * self.unit_bytes;
-        let room = binding.checked_sub(slack + one_key)?;
-        let step = u64::from(s.seq) * self.unit_bytes;
+        let room = binding.checked_sub(self.smallest_window(alignment))?;
+        let step = u64::from(self.strides.seq) * self.unit_bytes;
         // A zero seq stride (every key the same vector) fits any count.
         Some(room.checked_div(step).map_or(u64::MAX, |keys| keys + 1))
+    }
+
+    /// Bytes of a window holding one key's heads wherever it starts.
+    fn smallest_window(&self, alignment: u64) -> u64 {
+        let (first, end) = self.span(0, 0, 1);
+        alignment.saturating_sub(self.unit_bytes) + end - first
     }
 }
 
@@ -124,10 +126,12 @@ pub(crate) fn plan_key_chunks(
         }
         let fit = view
             .keys_per_window(limits.binding, limits.alignment)
+            // The bytes named are those of the smallest window: one key's
+            // heads.
             .ok_or(Error::BufferTooLarge {
                 tensor: view.name,
-                bytes: view.buffer_bytes,
-                limit_name: "max_storage_buffer_binding_size (not even one key's heads fit a window)",
+                bytes: view.smallest_window(limits.alignment),
+                limit_name: "max_storage_buffer_binding_size",
                 limit: limits.binding,
             })?;
         keys = keys.min(fit);

@@ -9,7 +9,10 @@
 mod common;
 
 use common::random::{normal_vec, seeded};
-use common::{F32_TOLERANCE, Inputs, assert_close, cases, compare, gpu, round_to, unit_roundoff};
+use common::{
+    F32_TOLERANCE, Inputs, assert_close, assert_rows_close, cases, compare, gpu, round_to,
+    sequence_reference, unit_roundoff,
+};
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionShape, DType, Error, ForwardOptions, Gpu, Lse,
     Strides, Tensor, TensorShape, ValidLengths, reference,
@@ -238,12 +241,12 @@ fn chunked_sequences_match_each_sequence_alone() {
                 &k[cu_k[i] * hkv * d..cu_k[i + 1] * hkv * d],
                 &v[cu_k[i] * hkv * d..cu_k[i + 1] * hkv * d],
             );
-            check_rows(&got[rows], &want, &what);
+            assert_rows_close(&got[rows], &want, &what);
             // Logsumexp is [1, heads, total_q]: this sequence's rows per head.
             let got_lse: Vec<f32> = (0..hq)
                 .flat_map(|h| got_lse[h * total_q + cu_q[i]..h * total_q + cu_q[i + 1]].to_vec())
                 .collect();
-            check_rows(&got_lse, &want_lse, &format!("{what}, lse"));
+            assert_rows_close(&got_lse, &want_lse, &format!("{what}, lse"));
         }
     }
 
@@ -298,7 +301,7 @@ fn chunked_sequences_match_each_sequence_alone() {
         &config,
     )
     .unwrap();
-    check_rows(&chunked.0[..row], &want.out, "padded entry 0");
+    assert_rows_close(&chunked.0[..row], &want.out, "padded entry 0");
     // Padding rows and key-less entries: zeros, logsumexp +inf.
     assert!(
         chunked.0[row + 5 * hq * d..2 * row]
@@ -306,59 +309,6 @@ fn chunked_sequences_match_each_sequence_alone() {
             .all(|&x| x == 0.0)
     );
     assert!(chunked.0[2 * row..].iter().all(|&x| x == 0.0));
-}
-
-/// One sequence's reference from packed `[len, heads, d]` slices; a
-/// sequence without keys gives zeros and the sink (or +inf).
-fn sequence_reference(
-    config: &AttentionConfig,
-    (hq, hkv, d): (usize, usize, usize),
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-) -> (Vec<f64>, Vec<f64>) {
-    let (seq_q, seq_kv) = (q.len() / (hq * d), k.len() / (hkv * d));
-    if seq_kv == 0 {
-        let lse = (0..hq)
-            .flat_map(|h| {
-                let sink = config
-                    .sinks
-                    .as_ref()
-                    .map_or(f64::INFINITY, |s| f64::from(s[h]));
-                std::iter::repeat_n(sink, seq_q)
-            })
-            .collect();
-        return (vec![0.0; q.len()], lse);
-    }
-    if seq_q == 0 {
-        return (Vec::new(), Vec::new());
-    }
-    let shape = AttentionShape {
-        batch: 1,
-        seq_q,
-        seq_kv,
-        heads_q: hq,
-        heads_kv: hkv,
-        head_dim: d,
-        head_dim_v: d,
-    };
-    let want = reference::attention(&shape, q, k, v, config).unwrap();
-    (want.out, want.lse)
-}
-
-fn check_rows(got: &[f32], want: &[f64], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(!g.is_nan(), "{what}: element {i} not written");
-        if w.is_infinite() {
-            assert_eq!(f64::from(g), w, "{what}: element {i}");
-        } else {
-            assert!(
-                (f64::from(g) - w).abs() <= F32_TOLERANCE,
-                "{what}: element {i}: {g} vs {w}"
-            );
-        }
-    }
 }
 
 /// A device on the same adapter whose storage bindings hold only

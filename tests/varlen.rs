@@ -4,59 +4,16 @@
 
 mod common;
 
-use common::gpu;
 use common::random::{normal_vec, seeded};
+use common::{assert_rows_close, gpu, sequence_reference};
 use wgpu_flash_attn::{
     AttentionArgs, AttentionConfig, AttentionShape, Error, ForwardOptions, Gpu, Lse, Tensor,
-    TensorShape, ValidLengths, reference,
+    TensorShape, ValidLengths,
 };
 
 const HEADS_Q: usize = 6;
 const HEADS_KV: usize = 2;
 const HEAD_DIM: usize = 40;
-
-/// Reference of one sequence: packed `[len, heads, d]` slices.
-fn reference_rows(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    config: &AttentionConfig,
-) -> (Vec<f64>, Vec<f64>) {
-    let seq_q = q.len() / (HEADS_Q * HEAD_DIM);
-    let seq_kv = k.len() / (HEADS_KV * HEAD_DIM);
-    if seq_q == 0 {
-        return (Vec::new(), Vec::new());
-    }
-    if seq_kv == 0 {
-        return (vec![0.0; q.len()], vec![f64::INFINITY; seq_q * HEADS_Q]);
-    }
-    let shape = AttentionShape {
-        batch: 1,
-        seq_q,
-        seq_kv,
-        heads_q: HEADS_Q,
-        heads_kv: HEADS_KV,
-        head_dim: HEAD_DIM,
-        head_dim_v: HEAD_DIM,
-    };
-    let want = reference::attention(&shape, q, k, v, config).unwrap();
-    (want.out, want.lse)
-}
-
-fn assert_close(got: &[f32], want: &[f64], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(!g.is_nan(), "{what}: element {i} not written");
-        if w.is_infinite() {
-            assert_eq!(f64::from(*g), *w, "{what}: element {i}");
-        } else {
-            assert!(
-                (f64::from(*g) - w).abs() <= 1e-4,
-                "{what}: element {i}: {g} vs {w}"
-            );
-        }
-    }
-}
 
 fn packed(gpu: &Gpu, tokens: usize, heads: usize, data: &[f32]) -> Tensor {
     Tensor::from_f32(gpu, TensorShape::new(1, tokens, heads, HEAD_DIM), data).unwrap()
@@ -107,18 +64,19 @@ fn a_packed_batch_equals_each_sequence_alone() {
         let (qt_row, kv_row) = (HEADS_Q * HEAD_DIM, HEADS_KV * HEAD_DIM);
         for i in 0..q_lens.len() {
             let (q0, q1, k0, k1) = (cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]);
-            let (want, want_lse) = reference_rows(
+            let (want, want_lse) = sequence_reference(
+                &config,
+                (HEADS_Q, HEADS_KV, HEAD_DIM),
                 &q[q0 * qt_row..q1 * qt_row],
                 &k[k0 * kv_row..k1 * kv_row],
                 &v[k0 * kv_row..k1 * kv_row],
-                &config,
             );
             let what = format!("{config:?} sequence {i} ({} x {})", q1 - q0, k1 - k0);
-            assert_close(&got[q0 * qt_row..q1 * qt_row], &want, &what);
+            assert_rows_close(&got[q0 * qt_row..q1 * qt_row], &want, &what);
             // lse is [1, heads, total_q]: this sequence's rows of each head.
             let rows = q1 - q0;
             for h in 0..HEADS_Q {
-                assert_close(
+                assert_rows_close(
                     &got_lse[h * total_q + q0..h * total_q + q1],
                     &want_lse[h * rows..(h + 1) * rows],
                     &format!("{what} lse head {h}"),
@@ -167,14 +125,15 @@ fn valid_lengths_skip_padding_and_zero_padded_rows() {
         for b in 0..3 {
             let q_base = b * 50 * q_row;
             let kv_base = b * 70 * kv_row;
-            let (want, want_lse) = reference_rows(
+            let (want, want_lse) = sequence_reference(
+                &config,
+                (HEADS_Q, HEADS_KV, HEAD_DIM),
                 &inputs.q[q_base..q_base + q_lens[b] * q_row],
                 &inputs.k[kv_base..kv_base + kv_lens[b] * kv_row],
                 &inputs.v[kv_base..kv_base + kv_lens[b] * kv_row],
-                &config,
             );
             let what = format!("{config:?} batch {b}");
-            assert_close(&got[q_base..q_base + q_lens[b] * q_row], &want, &what);
+            assert_rows_close(&got[q_base..q_base + q_lens[b] * q_row], &want, &what);
             let padding = &got[q_base + q_lens[b] * q_row..q_base + 50 * q_row];
             assert!(
                 padding.iter().all(|&x| x == 0.0),
@@ -182,7 +141,7 @@ fn valid_lengths_skip_padding_and_zero_padded_rows() {
             );
             for h in 0..HEADS_Q {
                 let row0 = (b * HEADS_Q + h) * 50;
-                assert_close(
+                assert_rows_close(
                     &got_lse[row0..row0 + q_lens[b]],
                     &want_lse[h * q_lens[b]..(h + 1) * q_lens[b]],
                     &format!("{what} lse head {h}"),

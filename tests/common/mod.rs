@@ -327,3 +327,58 @@ pub fn assert_close(errors: Errors, what: &str) {
         errors.lse
     );
 }
+
+/// One sequence's reference from packed `[len, heads, d]` slices; a
+/// sequence without keys gives zeros and the sink (or +inf).
+pub fn sequence_reference(
+    config: &AttentionConfig,
+    (hq, hkv, d): (usize, usize, usize),
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> (Vec<f64>, Vec<f64>) {
+    let (seq_q, seq_kv) = (q.len() / (hq * d), k.len() / (hkv * d));
+    if seq_kv == 0 {
+        let lse = (0..hq)
+            .flat_map(|h| {
+                let sink = config
+                    .sinks
+                    .as_ref()
+                    .map_or(f64::INFINITY, |s| f64::from(s[h]));
+                std::iter::repeat_n(sink, seq_q)
+            })
+            .collect();
+        return (vec![0.0; q.len()], lse);
+    }
+    if seq_q == 0 {
+        return (Vec::new(), Vec::new());
+    }
+    let shape = AttentionShape {
+        batch: 1,
+        seq_q,
+        seq_kv,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+        head_dim_v: d,
+    };
+    let want = reference::attention(&shape, q, k, v, config).unwrap();
+    (want.out, want.lse)
+}
+
+/// Packed rows against their reference within [`F32_TOLERANCE`]; an
+/// infinite reference (a row without keys) must match exactly.
+pub fn assert_rows_close(got: &[f32], want: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(!g.is_nan(), "{what}: element {i} not written");
+        if w.is_infinite() {
+            assert_eq!(f64::from(g), w, "{what}: element {i}");
+        } else {
+            assert!(
+                (f64::from(g) - w).abs() <= F32_TOLERANCE,
+                "{what}: element {i}: {g} vs {w}"
+            );
+        }
+    }
+}
