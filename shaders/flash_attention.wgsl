@@ -34,6 +34,8 @@
 
 const BLOCK_M: u32 = WG_SIZE * ROWS;
 
+// Shared with flash_blocked.wgsl from here (src/shaders.rs copies these
+// declarations into the register-blocked kernel).
 // #if MASK
 // An attention mask (src/mask.rs): an additive bias (f32 bits) or a
 // boolean mask (one bit per key, 32 keys per word), rows of `row_words`
@@ -137,6 +139,7 @@ fn carry_base(batch: u32, row: u32, head_q: u32) -> u32 {
     return ((batch * p.seq_q + row) * p.heads_q + head_q) * DV4;
 }
 // #endif
+// Shared with flash_blocked.wgsl up to here.
 
 // #if SUBGROUP_KV
 // #else

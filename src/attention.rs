@@ -11,7 +11,6 @@ use crate::mask::AttentionMask;
 use crate::params::{AttentionParams, SequenceRows, TensorStrides, flags};
 use crate::pipelines::{bind_resources, encode_dispatches};
 use crate::plan::{ForwardPlan, check_loop_budget};
-use crate::shaders::Specialization;
 use crate::tensor::{DType, Strides, Tensor, TensorShape, check_binding_size, read_buffer};
 use crate::varlen::{Sequence, ValidLengths};
 
@@ -423,12 +422,10 @@ impl Gpu {
         let params_buffer = self.params_buffer(&call.params);
         mask.check_shape(&call.shape)?;
         mask.check_device(self)?;
-        let tiling = call.plan.tiling;
-        let spec = Specialization::FlashMasked(tiling);
+        let spec = call.plan.masked_specialization();
         check_loop_budget(self.info(), &spec, call.shape.seq_kv as u64)?;
         let pipeline = self.pipelines.get(&self.device, &spec)?;
-        let (mask_params, tiles) =
-            mask.params(self, tiling.workgroup_size * tiling.rows, tiling.block_n);
+        let (mask_params, tiles) = mask.params(self, call.plan.block_m(), call.plan.block_n());
         let mask_uniform = self.uniform_buffer("mask params", bytemuck::bytes_of(&mask_params));
         let tiles = tiles.unwrap_or_else(|| self.placeholders.read_only.clone());
         let bind_group = call.bind_group(

@@ -275,7 +275,7 @@ pub struct AttentionConfig {
     pub tier: Option<Tier>,
 }
 
-/// How K and V reach the invocations of a workgroup.
+/// How a kernel spreads its work over the invocations of a workgroup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Tier {
     /// Tiles staged in workgroup memory, with barriers. Runs everywhere.
@@ -290,6 +290,18 @@ pub enum Tier {
     /// where lanes split the head dim and `subgroupAdd` completes the dot
     /// products.
     SubgroupBroadcast,
+    /// The forward kernel for hardware GPUs (`shaders/flash_blocked.wgsl`):
+    /// 32-128 invocations share a block of 16-64 query rows staged in
+    /// workgroup memory, and each computes a micro-tile of scores (4 rows
+    /// by 4 keys) and of the output (4 rows by a slice of the value
+    /// columns), so every value read from workgroup memory feeds several
+    /// FMAs and no invocation holds a whole head vector. The default for
+    /// the forward (masked or not) on discrete and integrated GPUs where its
+    /// tiles fit the workgroup memory; runs everywhere when forced (no
+    /// feature needed). Only the forward has it: forcing it for decoding,
+    /// linear attention or the backward is `TierUnavailable`; the naive
+    /// baseline's products then use the best per-row tier.
+    RegisterBlocked,
 }
 
 impl AttentionConfig {

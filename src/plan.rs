@@ -9,7 +9,8 @@ use crate::decode::DecodeOptions;
 use crate::error::{Error, Result};
 use crate::gpu::GpuInfo;
 use crate::shaders::{
-    AttentionTiling, MIN_BLOCK_N, NaivePass, Specialization, forward_tile_bytes, largest_block_n,
+    AttentionTiling, BlockedTiling, MIN_BLOCK_N, NaivePass, Specialization, forward_tile_bytes,
+    largest_block_n,
 };
 use crate::tensor::DType;
 
@@ -73,7 +74,11 @@ const SUBGROUP_SIZES: std::ops::RangeInclusive<u32> = 4..=128;
 /// so the choice for any adapter can be inspected without it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ForwardPlan {
+    /// The tiling of the per-row tiers (flash_attention.wgsl), which the
+    /// naive baseline's products share even when `blocked` is chosen.
     pub(crate) tiling: AttentionTiling,
+    /// The register-blocked kernel's tiling, when the call runs it.
+    blocked: Option<BlockedTiling>,
     workgroups: [u32; 3],
     keys_per_dispatch: Option<u64>,
 }
@@ -112,30 +117,63 @@ impl ForwardPlan {
     }
     /// Invocations per workgroup.
     pub fn workgroup_size(&self) -> u32 {
-        self.tiling.workgroup_size
+        self.blocked
+            .map_or(self.tiling.workgroup_size, |b| b.workgroup_size())
     }
     /// Query rows each invocation holds.
     pub fn rows_per_invocation(&self) -> u32 {
-        self.tiling.rows
+        self.blocked.map_or(self.tiling.rows, |b| b.rows)
     }
     /// Query rows per workgroup (one tile of Q).
     pub fn block_m(&self) -> u32 {
-        self.tiling.workgroup_size * self.tiling.rows
+        self.blocked
+            .map_or(self.tiling.workgroup_size * self.tiling.rows, |b| {
+                b.block_m()
+            })
     }
     /// Keys per K/V tile.
     pub fn block_n(&self) -> u32 {
-        self.tiling.block_n
+        self.blocked.map_or(self.tiling.block_n, |b| b.block_n())
+    }
+    /// The register-blocked tier's layout, when the plan runs it.
+    pub fn blocked_tiling(&self) -> Option<BlockedTiling> {
+        self.blocked
+    }
+    /// Bytes of workgroup memory the forward kernel declares.
+    pub fn workgroup_bytes(&self) -> u64 {
+        self.blocked.map_or_else(
+            || {
+                forward_tile_bytes(
+                    self.tiling.head_dim,
+                    self.tiling.head_dim_v,
+                    self.tiling.block_n,
+                )
+            },
+            |b| b.workgroup_bytes(),
+        )
     }
     /// Storage type of Q, K, V and O.
     pub fn storage(&self) -> DType {
         self.tiling.storage
     }
-    /// Whether the head-dim and row loops are expanded in the WGSL text.
+    /// Whether the head-dim and row loops are expanded in the WGSL text
+    /// (the register-blocked kernel always expands its row and column
+    /// loops and never the head-dim one: `false`).
     pub fn unrolled(&self) -> bool {
-        self.tiling.unroll
+        self.blocked.is_none() && self.tiling.unroll
     }
     pub(crate) fn specialization(&self) -> Specialization {
-        Specialization::FlashForward(self.tiling)
+        match self.blocked {
+            Some(blocked) => Specialization::FlashBlocked(blocked),
+            None => Specialization::FlashForward(self.tiling),
+        }
+    }
+    /// The kernel of the same tier with an attention mask.
+    pub(crate) fn masked_specialization(&self) -> Specialization {
+        match self.blocked {
+            Some(blocked) => Specialization::FlashBlockedMasked(blocked),
+            None => Specialization::FlashMasked(self.tiling),
+        }
     }
 
     /// Tiles for one call: Q, K, V and O stored as `storage` and, if
@@ -160,14 +198,28 @@ impl ForwardPlan {
             needed: forward_tile_bytes(head_dim, head_dim_v, MIN_BLOCK_N),
             limit: limits.max_compute_workgroup_storage_size,
         })?;
+        // The per-row tiers' tiling is planned in every case: the naive
+        // baseline shares it.
+        let row_tier = tier.filter(|&t| t != Tier::RegisterBlocked);
         let RowTiling {
             workgroup_size,
             rows,
             unroll,
             subgroup_kv,
-        } = row_tiling(info, shape, tier)?;
+        } = row_tiling(info, shape, row_tier)?;
         info.check_invocations(workgroup_size)?;
-        let block_m = u64::from(workgroup_size * rows);
+        let blocked = match (tier, blocked_tiling(info, shape, storage)) {
+            (Some(Tier::RegisterBlocked), Err(reason)) => {
+                return Err(Error::TierUnavailable {
+                    tier: Tier::RegisterBlocked,
+                    reason,
+                });
+            }
+            (Some(Tier::RegisterBlocked), Ok(blocked)) => Some(blocked),
+            (None, Ok(blocked)) if blocked_by_default(info) => Some(blocked),
+            _ => None,
+        };
+        let block_m = u64::from(blocked.map_or(workgroup_size * rows, |b| b.block_m()));
         let groups = [
             (shape.seq_q as u64).div_ceil(block_m),
             shape.heads_q as u64,
@@ -194,10 +246,14 @@ impl ForwardPlan {
             subgroup_kv,
             storage,
         };
-        let keys_per_dispatch =
-            keys_within_loop_budget(info, &Specialization::FlashForward(tiling))?;
+        let spec = match blocked {
+            Some(blocked) => Specialization::FlashBlocked(blocked),
+            None => Specialization::FlashForward(tiling),
+        };
+        let keys_per_dispatch = keys_within_loop_budget(info, &spec)?;
         Ok(ForwardPlan {
             tiling,
+            blocked,
             workgroups: groups.map(|n| n as u32),
             keys_per_dispatch,
         })
@@ -225,8 +281,69 @@ impl ForwardPlan {
 
     /// The kernel tier this plan runs.
     pub fn tier(&self) -> Tier {
-        tier_of(&self.tiling)
+        match self.blocked {
+            Some(_) => Tier::RegisterBlocked,
+            None => tier_of(&self.tiling),
+        }
     }
+}
+
+/// Register-blocked layouts, best first: (row lanes, key lanes). 128
+/// invocations over 64 rows where the tiles fit, then smaller blocks for
+/// wide heads and small workgroup memories.
+const BLOCKED_LANES: [(u32, u32); 5] = [(16, 8), (8, 8), (8, 4), (4, 4), (2, 4)];
+/// Output vec4s one invocation of the register-blocked kernel accumulates
+/// (rows x columns) before it takes fewer rows: 64 floats, with the scores
+/// and loads, about what a GPU keeps in registers at full occupancy.
+const BLOCKED_ACCUMULATORS: u32 = 16;
+
+/// Whether the register-blocked tier is the default: on hardware GPUs
+/// (the CPU adapters run the per-row tiers, tuned for them).
+fn blocked_by_default(info: &GpuInfo) -> bool {
+    matches!(
+        info.adapter.device_type,
+        wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu
+    )
+}
+
+/// The register-blocked kernel's layout for this adapter and shape: the
+/// first of [`BLOCKED_LANES`] whose tiles fit the workgroup memory and
+/// whose invocations the workgroup limit, with rows per invocation chosen
+/// so the accumulators stay within [`BLOCKED_ACCUMULATORS`]; or why none fits.
+fn blocked_tiling(
+    info: &GpuInfo,
+    shape: &AttentionShape,
+    storage: DType,
+) -> std::result::Result<BlockedTiling, String> {
+    let (head_dim, head_dim_v) = (shape.head_dim as u32, shape.head_dim_v as u32);
+    let memory = u64::from(info.limits.max_compute_workgroup_storage_size);
+    let invocations = info.max_invocations();
+    let layouts = BLOCKED_LANES.map(|(row_lanes, key_lanes)| {
+        let columns = (head_dim_v / 4).div_ceil(key_lanes);
+        BlockedTiling {
+            head_dim,
+            head_dim_v,
+            row_lanes,
+            key_lanes,
+            rows: (BLOCKED_ACCUMULATORS / columns).clamp(1, 4),
+            storage,
+        }
+    });
+    if let Some(fits) = layouts
+        .iter()
+        .find(|t| t.workgroup_bytes() <= memory && t.workgroup_size() <= invocations)
+    {
+        return Ok(*fits);
+    }
+    let smallest = layouts[layouts.len() - 1];
+    Err(format!(
+        "its smallest block ({} rows, {} keys, {} invocations) needs {} bytes of workgroup memory \
+         at head dims {head_dim}/{head_dim_v}; the adapter allows {memory} bytes and {invocations} invocations",
+        smallest.block_m(),
+        smallest.block_n(),
+        smallest.workgroup_size(),
+        smallest.workgroup_bytes()
+    ))
 }
 
 /// How query rows map onto invocations.
@@ -270,6 +387,10 @@ fn tier_of(tiling: &AttentionTiling) -> Tier {
 /// `TierUnavailable`. The forward and decode planners share this rule.
 pub(crate) fn use_subgroup_tier(info: &GpuInfo, tier: Option<Tier>) -> Result<bool> {
     match (tier, subgroup_broadcast_missing(info)) {
+        (Some(Tier::RegisterBlocked), _) => Err(Error::TierUnavailable {
+            tier: Tier::RegisterBlocked,
+            reason: "only the forward pass has a register-blocked kernel".to_string(),
+        }),
         (Some(Tier::SubgroupBroadcast), Some(reason)) => Err(Error::TierUnavailable {
             tier: Tier::SubgroupBroadcast,
             reason,
@@ -807,9 +928,9 @@ pub(crate) mod profiles {
 
     #[test]
     fn forward_tiling_per_adapter() {
-        use Tier::{Portable, SubgroupBroadcast};
+        use Tier::{Portable, RegisterBlocked, SubgroupBroadcast};
         // name, head dim, (tier, workgroup, rows, block_n, unrolled)
-        let table: [(&str, usize, Tiling); 16] = [
+        let table: [(&str, usize, Tiling); 17] = [
             // lavapipe: one subgroup of 8, many rows each, unrolled.
             (
                 "llvmpipe (LLVM 15.0.6, 256 bits)",
@@ -832,17 +953,21 @@ pub(crate) mod profiles {
                 256,
                 (Portable, 64, 1, 16, true),
             ),
-            // Hardware: one row per lane, a subgroup of the smallest size.
-            ("NVIDIA", 64, (SubgroupBroadcast, 32, 1, 64, true)),
-            ("NVIDIA", 256, (SubgroupBroadcast, 32, 1, 16, true)),
-            ("AMD", 128, (SubgroupBroadcast, 32, 1, 64, true)),
-            ("AMD", 256, (SubgroupBroadcast, 32, 1, 32, true)),
-            ("Apple", 64, (SubgroupBroadcast, 32, 1, 64, true)),
-            ("Apple", 256, (SubgroupBroadcast, 32, 1, 16, true)),
-            ("Intel", 64, (SubgroupBroadcast, 16, 1, 64, true)),
-            ("Intel", 192, (SubgroupBroadcast, 16, 1, 32, true)),
-            // 16 KiB of workgroup memory halves the tiles.
-            ("Adreno", 64, (SubgroupBroadcast, 64, 1, 32, true)),
+            // Hardware: register-blocked, 64 rows x 32 keys by 128
+            // invocations where the workgroup memory holds them, smaller
+            // blocks (and fewer rows per invocation) for wider heads.
+            ("NVIDIA", 64, (RegisterBlocked, 128, 4, 32, false)),
+            ("NVIDIA", 128, (RegisterBlocked, 64, 4, 32, false)),
+            ("NVIDIA", 256, (RegisterBlocked, 32, 1, 16, false)),
+            ("AMD", 128, (RegisterBlocked, 128, 4, 32, false)),
+            ("AMD", 256, (RegisterBlocked, 64, 2, 32, false)),
+            ("Apple", 64, (RegisterBlocked, 64, 4, 32, false)),
+            ("Apple", 256, (RegisterBlocked, 32, 1, 16, false)),
+            ("Intel", 64, (RegisterBlocked, 128, 4, 32, false)),
+            ("Intel", 192, (RegisterBlocked, 128, 2, 32, false)),
+            // 16 KiB of workgroup memory: small blocks, and at d=256 none
+            // fits, so the subgroup tier (one row per lane).
+            ("Adreno", 64, (RegisterBlocked, 32, 4, 16, false)),
             ("Adreno", 256, (SubgroupBroadcast, 64, 1, 8, true)),
             // WARP: a CPU adapter whose smallest subgroup is 4.
             ("WARP", 64, (SubgroupBroadcast, 4, 16, 64, true)),
@@ -879,14 +1004,15 @@ pub(crate) mod profiles {
             }
         }
         // Without the feature, or with a smallest size outside 4..=128, the
-        // default is the portable tier and forcing says why.
-        let mut info = profile("NVIDIA");
+        // per-row default (a CPU adapter's) is the portable tier and
+        // forcing says why.
+        let mut info = profile("WARP");
         info.features.remove(wgpu::Features::SUBGROUP);
         assert_eq!(
             ForwardPlan::new(&info, &shape).unwrap().tier(),
             Tier::Portable
         );
-        let mut info = profile("NVIDIA");
+        let mut info = profile("WARP");
         info.adapter.subgroup_min_size = 256;
         info.adapter.subgroup_max_size = 256;
         assert_eq!(
@@ -899,6 +1025,91 @@ pub(crate) mod profiles {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn register_blocked_where_it_fits_and_by_default_on_hardware_gpus() {
+        for p in all() {
+            let info = p.info();
+            let gpu = matches!(
+                p.device_type,
+                wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu
+            );
+            for (head_dim, head_dim_v) in [(64, 64), (128, 128), (192, 128), (256, 256)] {
+                let shape = AttentionShape::self_attention(1, 1000, 4, head_dim)
+                    .with_head_dim_v(head_dim_v);
+                let what = format!("{} d={head_dim}/{head_dim_v}", p.name);
+                let limit = u64::from(p.workgroup_bytes);
+                let default = ForwardPlan::new(&info, &shape).unwrap();
+                match ForwardPlan::for_call(&info, &shape, DType::BF16, Some(Tier::RegisterBlocked))
+                {
+                    Ok(plan) => {
+                        let blocked = plan.blocked_tiling().expect("a blocked layout");
+                        assert_eq!(plan.tier(), Tier::RegisterBlocked, "{what}");
+                        assert!(plan.workgroup_bytes() <= limit, "{what}");
+                        assert!(plan.workgroup_size() <= p.invocations, "{what}");
+                        assert_eq!(plan.block_m(), blocked.row_lanes * blocked.rows);
+                        assert_eq!(plan.block_n(), 4 * blocked.key_lanes);
+                        assert!(blocked.rows * blocked.columns() <= 16 || blocked.rows == 1);
+                        assert_eq!(plan.workgroups()[0], 1000u32.div_ceil(plan.block_m()));
+                        assert!(matches!(
+                            plan.masked_specialization(),
+                            Specialization::FlashBlockedMasked(t) if t == blocked
+                        ));
+                        // The default takes it exactly on hardware GPUs.
+                        assert_eq!(default.tier() == Tier::RegisterBlocked, gpu, "{what}");
+                    }
+                    Err(Error::TierUnavailable { reason, .. }) => {
+                        assert!(reason.contains(&limit.to_string()), "{what}: {reason}");
+                        assert_ne!(default.tier(), Tier::RegisterBlocked, "{what}");
+                    }
+                    Err(other) => panic!("{what}: {other}"),
+                }
+            }
+        }
+        // The naive baseline keeps the per-row tiling; decoding has no
+        // register-blocked kernel.
+        let info = profile("NVIDIA");
+        let shape = AttentionShape::self_attention(1, 256, 4, 64);
+        let naive =
+            NaivePlan::for_call(&info, &shape, DType::F32, Some(Tier::RegisterBlocked)).unwrap();
+        assert!(matches!(
+            naive.specialization(NaivePass::Scores),
+            Specialization::Naive { .. }
+        ));
+        let cache = CacheShape {
+            batch: 1,
+            heads_kv: 1,
+            head_dim: 64,
+            head_dim_v: 64,
+            longest: 100,
+            segments: 1,
+            dtype: crate::KvDType::F32,
+        };
+        let options =
+            DecodeOptions::new(&crate::AttentionConfig::new().tier(Tier::RegisterBlocked));
+        assert!(matches!(
+            DecodePlan::for_call(&info, &cache, 1, 4, &options),
+            Err(Error::TierUnavailable {
+                tier: Tier::RegisterBlocked,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn register_blocked_keys_per_dispatch_respect_the_loop_cap() {
+        let info = profile("llvmpipe (LLVM");
+        let long = AttentionShape {
+            seq_q: 64,
+            ..AttentionShape::self_attention(1, 1 << 20, 1, 128)
+        };
+        let plan =
+            ForwardPlan::for_call(&info, &long, DType::F32, Some(Tier::RegisterBlocked)).unwrap();
+        let keys = plan.keys_per_dispatch().expect("llvmpipe caps loops");
+        assert!(plan.loop_trips(keys) <= 65_535);
+        assert!(plan.loop_trips(keys + 1) > 65_535);
+        assert!(plan.key_chunks(1 << 20) >= 2);
     }
 
     #[test]
@@ -917,10 +1128,16 @@ pub(crate) mod profiles {
         let cpu = ForwardPlan::new(&profile("llvmpipe (LLVM"), &mla).unwrap();
         assert_eq!(cpu.rows_per_invocation(), 2, "the widest heads hold 2 rows");
         let gpu = ForwardPlan::new(&profile("NVIDIA"), &mla).unwrap();
-        assert!(forward_tile_bytes(576, 512, gpu.block_n()) <= u64::from(48 * KIB));
+        assert!(gpu.workgroup_bytes() <= u64::from(48 * KIB));
         // Values of another width size the tile from both.
         let prefill = AttentionShape::self_attention(1, 1024, 16, 192).with_head_dim_v(128);
-        let plan = ForwardPlan::new(&profile("Adreno"), &prefill).unwrap();
+        let plan = ForwardPlan::for_call(
+            &profile("Adreno"),
+            &prefill,
+            DType::F32,
+            Some(Tier::Portable),
+        )
+        .unwrap();
         assert_eq!(
             plan.block_n(),
             8,
@@ -961,7 +1178,7 @@ pub(crate) mod profiles {
         // Too many query tiles for one dispatch dimension.
         let mut info = profile("NVIDIA");
         info.limits.max_compute_workgroups_per_dimension = 100;
-        let long = AttentionShape::self_attention(1, 32 * 101, 1, 64);
+        let long = AttentionShape::self_attention(1, 64 * 101, 1, 64);
         assert!(matches!(
             ForwardPlan::new(&info, &long),
             Err(Error::DispatchTooLarge {

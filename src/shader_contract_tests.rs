@@ -54,7 +54,12 @@ fn shipped_specializations() -> Vec<Specialization> {
             specs.push(spec);
         }
     };
-    let tiers = [None, Some(Tier::Portable), Some(Tier::SubgroupBroadcast)];
+    let tiers = [
+        None,
+        Some(Tier::Portable),
+        Some(Tier::SubgroupBroadcast),
+        Some(Tier::RegisterBlocked),
+    ];
     // Every head dim up to 256, a spread of wider ones, and values of
     // another width both ways (DeepSeek MLA's 192/128 prefill and 576/512
     // decode among them).
@@ -99,7 +104,7 @@ fn shipped_specializations() -> Vec<Specialization> {
                         continue;
                     };
                     add(plan.specialization());
-                    add(Specialization::FlashMasked(plan.tiling));
+                    add(plan.masked_specialization());
                     let naive = NaivePlan::for_call(info, &shape, storage, tier)
                         .expect("the naive plan follows the forward plan");
                     for pass in NaivePass::ALL {
@@ -1029,6 +1034,23 @@ fn carry_flags_match_the_shader() {
         &CARRY_FLAG_TWINS,
         "carry_flags",
         "CARRY_",
+    );
+}
+
+/// The register-blocked kernel reads the sequence table and carry that
+/// flash_attention.wgsl declares between its shared-section markers.
+#[test]
+fn carry_flags_match_the_register_blocked_shader() {
+    check_flag_twins(
+        Kernel::FlashBlocked,
+        &CARRY_FLAG_TWINS,
+        "carry_flags",
+        "CARRY_",
+    );
+    let shared = crate::shaders::forward_tables();
+    assert!(
+        shared.contains("struct SequenceRows") && shared.contains("fn carry_base"),
+        "flash_attention.wgsl's shared-section markers moved: {shared:.200}"
     );
 }
 

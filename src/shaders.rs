@@ -49,6 +49,11 @@ pub enum Kernel {
     /// The same file with an attention mask (`MASK`: bias, boolean or
     /// block-sparse).
     FlashMasked,
+    /// `shaders/flash_blocked.wgsl`: the register-blocked forward pass for
+    /// hardware GPUs ([`crate::Tier::RegisterBlocked`]).
+    FlashBlocked,
+    /// The same file with an attention mask.
+    FlashBlockedMasked,
     /// `shaders/naive_attention.wgsl`, first pass: S = scale * Q K^T, masked.
     NaiveScores,
     /// `shaders/naive_attention.wgsl`, second pass: P = softmax(S) in place.
@@ -87,9 +92,11 @@ pub enum Kernel {
 impl Kernel {
     /// Every kernel family, for tests that validate all shaders.
     #[cfg(test)]
-    pub const ALL: [Kernel; 17] = [
+    pub const ALL: [Kernel; 19] = [
         Kernel::FlashForward,
         Kernel::FlashMasked,
+        Kernel::FlashBlocked,
+        Kernel::FlashBlockedMasked,
         Kernel::NaiveScores,
         Kernel::NaiveSoftmax,
         Kernel::NaiveValues,
@@ -111,6 +118,7 @@ impl Kernel {
     pub fn file_name(self) -> &'static str {
         match self {
             Kernel::FlashForward | Kernel::FlashMasked => "flash_attention.wgsl",
+            Kernel::FlashBlocked | Kernel::FlashBlockedMasked => "flash_blocked.wgsl",
             Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaiveValues => {
                 "naive_attention.wgsl"
             }
@@ -136,6 +144,9 @@ impl Kernel {
             Kernel::FlashForward | Kernel::FlashMasked => {
                 include_str!("../shaders/flash_attention.wgsl")
             }
+            Kernel::FlashBlocked | Kernel::FlashBlockedMasked => {
+                include_str!("../shaders/flash_blocked.wgsl")
+            }
             Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaiveValues => {
                 include_str!("../shaders/naive_attention.wgsl")
             }
@@ -159,6 +170,15 @@ impl Kernel {
         let common = match self {
             Kernel::Combine => "",
             Kernel::Rope | Kernel::KvAppend => include_str!("../shaders/rope_common.wgsl"),
+            // Both forward kernels read the same sequence table, carry and
+            // mask, declared once in flash_attention.wgsl.
+            Kernel::FlashBlocked | Kernel::FlashBlockedMasked => {
+                return format!(
+                    "{}\n{}\n{file}",
+                    include_str!("../shaders/attention_common.wgsl"),
+                    forward_tables()
+                );
+            }
             Kernel::FlashForward
             | Kernel::FlashMasked
             | Kernel::NaiveScores
@@ -204,9 +224,9 @@ impl Kernel {
         use wgpu::BufferBindingType::{Storage, Uniform};
         match self {
             // params, q, k, v, out, lse, head table, sequence table, carry
-            Kernel::FlashForward => &FORWARD_BINDINGS,
+            Kernel::FlashForward | Kernel::FlashBlocked => &FORWARD_BINDINGS,
             // the same, then mask words, tile states, mask params
-            Kernel::FlashMasked => &MASKED_BINDINGS,
+            Kernel::FlashMasked | Kernel::FlashBlockedMasked => &MASKED_BINDINGS,
             // the same, then the score matrix
             Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaiveValues => &ATTENTION_BINDINGS,
             // bindings 0-6, decode params, sequence lengths, block table
@@ -249,6 +269,24 @@ impl Kernel {
             ],
         }
     }
+}
+
+/// Marks the lines of flash_attention.wgsl that the register-blocked
+/// kernel shares (sequence table, carry, mask): the line after `BEGIN` to
+/// the line before `END`.
+const FORWARD_TABLES_BEGIN: &str = "// Shared with flash_blocked.wgsl from here";
+const FORWARD_TABLES_END: &str = "// Shared with flash_blocked.wgsl up to here";
+
+/// The declarations of flash_attention.wgsl between its shared-section
+/// markers (the markers are checked by a test, so a missing one cannot ship).
+pub(crate) fn forward_tables() -> &'static str {
+    let file = include_str!("../shaders/flash_attention.wgsl");
+    let line_after = |at: usize| file[at..].find('\n').map_or(file.len(), |n| at + n + 1);
+    let begin = file.find(FORWARD_TABLES_BEGIN).map_or(0, line_after);
+    let end = file[begin..]
+        .find(FORWARD_TABLES_END)
+        .map_or(begin, |at| begin + at);
+    &file[begin..end]
 }
 
 /// The attention kernels' bindings 0-6 followed by three of a kernel's own.
@@ -385,6 +423,63 @@ impl AttentionTiling {
     }
 }
 
+/// Tile sizes of the register-blocked forward kernel
+/// (shaders/flash_blocked.wgsl). Invocation `lid` is row lane
+/// `lid / key_lanes` and key lane `lid % key_lanes`; a workgroup owns
+/// `row_lanes * rows` query rows and visits keys in tiles of
+/// `4 * key_lanes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockedTiling {
+    /// Query/key head dimension, a multiple of 8.
+    pub head_dim: u32,
+    /// Value (and output) head dimension, a multiple of 8.
+    pub head_dim_v: u32,
+    /// Invocations along the query rows.
+    pub row_lanes: u32,
+    /// Invocations along the keys of a tile (four keys each) and along the
+    /// value columns (every `key_lanes`-th vec4 each).
+    pub key_lanes: u32,
+    /// Query rows per invocation.
+    pub rows: u32,
+    /// Storage type of Q, K, V and O (arithmetic is f32 regardless).
+    pub storage: DType,
+}
+
+impl BlockedTiling {
+    /// Invocations per workgroup.
+    pub fn workgroup_size(&self) -> u32 {
+        self.row_lanes * self.key_lanes
+    }
+    /// Query rows per workgroup.
+    pub fn block_m(&self) -> u32 {
+        self.row_lanes * self.rows
+    }
+    /// Keys per tile.
+    pub fn block_n(&self) -> u32 {
+        4 * self.key_lanes
+    }
+    /// Output vec4s per row an invocation accumulates: every
+    /// `key_lanes`-th of the row's `head_dim_v / 4`.
+    pub fn columns(&self) -> u32 {
+        (self.head_dim_v / 4).div_ceil(self.key_lanes)
+    }
+    /// vec4s of the tile that holds K (rows padded by one vec4, so that
+    /// the key lanes read different banks), then V of the same keys.
+    fn kv_tile(&self) -> u32 {
+        self.block_n() * (self.head_dim / 4 + 1).max(self.head_dim_v / 4)
+    }
+    /// Workgroup memory the kernel declares: the Q block, the K/V tile,
+    /// the probabilities (vec4s) and the per-row partials (f32).
+    pub fn workgroup_bytes(&self) -> u64 {
+        let block_m = u64::from(self.block_m());
+        let key_lanes = u64::from(self.key_lanes);
+        16 * (block_m * u64::from(self.head_dim / 4)
+            + u64::from(self.kv_tile())
+            + block_m * key_lanes)
+            + 4 * block_m * key_lanes
+    }
+}
+
 /// The `// #if` names that select how `storage` is loaded and stored.
 fn storage_flags(storage: DType) -> &'static [&'static str] {
     match storage {
@@ -512,6 +607,10 @@ pub enum Specialization {
     FlashForward(AttentionTiling),
     /// The forward pass with an attention mask.
     FlashMasked(AttentionTiling),
+    /// The register-blocked forward pass.
+    FlashBlocked(BlockedTiling),
+    /// The register-blocked forward pass with an attention mask.
+    FlashBlockedMasked(BlockedTiling),
     /// One pass of the naive baseline.
     Naive {
         pass: NaivePass,
@@ -564,6 +663,11 @@ impl Specialization {
     /// see `Gpu::loop_budget`). Loops that `source` unrolls do not count.
     /// `None` for kernels without a key loop.
     pub fn loop_trips(&self, keys: u64) -> Option<u64> {
+        if let Specialization::FlashBlocked(tiling) | Specialization::FlashBlockedMasked(tiling) =
+            self
+        {
+            return Some(blocked_loop_trips(tiling, keys));
+        }
         let tiling = self.attention_tiling()?;
         let block_n = u64::from(tiling.block_n);
         let d4 = u64::from(tiling.head_dim / 4);
@@ -630,6 +734,8 @@ impl Specialization {
         match self {
             Specialization::FlashForward(_) => Kernel::FlashForward,
             Specialization::FlashMasked(_) => Kernel::FlashMasked,
+            Specialization::FlashBlocked(_) => Kernel::FlashBlocked,
+            Specialization::FlashBlockedMasked(_) => Kernel::FlashBlockedMasked,
             Specialization::Naive { pass, .. } => match pass {
                 NaivePass::Scores => Kernel::NaiveScores,
                 NaivePass::Softmax => Kernel::NaiveSoftmax,
@@ -680,6 +786,19 @@ impl Specialization {
                     constants.push(("SLOTS_V", spread(tiling.head_dim_v).div_ceil(lanes)));
                 }
                 constants
+            }
+            Specialization::FlashBlocked(tiling) | Specialization::FlashBlockedMasked(tiling) => {
+                vec![
+                    ("D4", tiling.head_dim / 4),
+                    ("DV4", tiling.head_dim_v / 4),
+                    ("ROW_LANES", tiling.row_lanes),
+                    ("KEY_LANES", tiling.key_lanes),
+                    ("ROWS", tiling.rows),
+                    ("COLS", tiling.columns()),
+                    ("WG_SIZE", tiling.workgroup_size()),
+                    ("BLOCK_N", tiling.block_n()),
+                    ("KV_TILE", tiling.kv_tile()),
+                ]
             }
             Specialization::Combine { workgroup_size }
             | Specialization::Rope { workgroup_size }
@@ -746,6 +865,11 @@ impl Specialization {
             .map_or_else(Vec::new, AttentionTiling::variant_flags);
         match self {
             Specialization::FlashMasked(_) => flags.push(MASK),
+            Specialization::FlashBlocked(tiling) => flags.extend(storage_flags(tiling.storage)),
+            Specialization::FlashBlockedMasked(tiling) => {
+                flags.extend(storage_flags(tiling.storage));
+                flags.push(MASK);
+            }
             Specialization::Decode(_, cache) | Specialization::KvAppend { dtype: cache, .. } => {
                 flags.extend(cache_flags(*cache))
             }
@@ -799,6 +923,11 @@ impl Specialization {
                     &[]
                 }
             }
+            // Rows and output columns index private arrays: unrolled
+            // everywhere, so they stay in registers.
+            Specialization::FlashBlocked(_) | Specialization::FlashBlockedMasked(_) => {
+                &["ROWS", "COLS"]
+            }
             Specialization::Linear { .. } => &[
                 "DK4", "DV4", "RQ", "CB4", "ROWS", "SLOTS_C", "SLOTS_S", "SLOTS_K", "SLOTS_V",
             ],
@@ -839,6 +968,30 @@ impl Specialization {
             constants.join(" ")
         )
     }
+}
+
+/// [`Specialization::loop_trips`] of the register-blocked kernel: its
+/// loops over rows and output columns are unrolled; the rest are counted.
+fn blocked_loop_trips(tiling: &BlockedTiling, keys: u64) -> u64 {
+    let lanes = u64::from(tiling.workgroup_size());
+    let d4 = u64::from(tiling.head_dim / 4);
+    let dv4 = u64::from(tiling.head_dim_v / 4);
+    let block_m = u64::from(tiling.block_m());
+    let block_n = u64::from(tiling.block_n());
+    let key_lanes = u64::from(tiling.key_lanes);
+    let rows = u64::from(tiling.rows);
+    let tiles = keys.div_ceil(block_n) + 1;
+    // Staging K, the scores' head-dim loop, each row's max over the key
+    // lanes, staging V, the loop over the tile's four-key steps.
+    let per_tile = 1
+        + ((block_n * d4).div_ceil(lanes) + 1)
+        + (d4 + 1)
+        + rows * (key_lanes + 1)
+        + ((block_n * dv4).div_ceil(lanes) + 1)
+        + (key_lanes + 1);
+    // Staging Q, then each row's sum over the key lanes.
+    let fixed = (block_m * d4).div_ceil(lanes) + 1 + rows * (key_lanes + 1);
+    fixed + tiles * per_tile
 }
 
 /// Workgroup memory of the forward kernel: f32 K and V tiles of `block_n`

@@ -5,22 +5,27 @@
 mod common;
 
 use common::random::seeded;
-use common::{Inputs, assert_close, gpu, run_and_compare};
+use common::{Inputs, assert_close, forward_tiers, gpu, run_and_compare, with_tier};
 use rand::{Rng, RngExt};
 use wgpu_flash_attn::{AttentionConfig, AttentionShape, Gpu};
 
 const RAGGED: [usize; 9] = [1, 7, 63, 64, 65, 127, 128, 129, 500];
 
-/// Checks `shape` on inputs drawn from `seed`, causal and not; returns the
-/// larger max |out - ref|.
+/// Checks `shape` on inputs drawn from `seed`, causal and not, on both
+/// forward kernels (`forward_tiers`); returns the largest max |out - ref|.
 fn check_causal_and_not(gpu: &Gpu, shape: &AttentionShape, seed: u64) -> f64 {
     let inputs = Inputs::draw(shape, seed, 1.0);
     let mut worst = 0.0f64;
     for causal in [false, true] {
-        let config = AttentionConfig::new().causal(causal);
-        let errors = run_and_compare(gpu, shape, &inputs, &config);
-        assert_close(errors, &format!("{shape:?} causal={causal} seed={seed}"));
-        worst = worst.max(errors.out);
+        for tier in forward_tiers(gpu) {
+            let config = with_tier(&AttentionConfig::new().causal(causal), tier);
+            let errors = run_and_compare(gpu, shape, &inputs, &config);
+            assert_close(
+                errors,
+                &format!("{shape:?} causal={causal} {tier:?} seed={seed}"),
+            );
+            worst = worst.max(errors.out);
+        }
     }
     worst
 }
@@ -100,12 +105,14 @@ fn large_scores_stay_finite_and_exact() {
         "inputs too tame: max |score| = {max_score}"
     );
     for causal in [false, true] {
-        let config = AttentionConfig::new().causal(causal);
-        let errors = run_and_compare(gpu, &shape, &inputs, &config);
-        assert_close(
-            errors,
-            &format!("large scores causal={causal} max|score|={max_score:.0}"),
-        );
+        for tier in forward_tiers(gpu) {
+            let config = with_tier(&AttentionConfig::new().causal(causal), tier);
+            let errors = run_and_compare(gpu, &shape, &inputs, &config);
+            assert_close(
+                errors,
+                &format!("large scores causal={causal} {tier:?} max|score|={max_score:.0}"),
+            );
+        }
     }
 }
 
@@ -144,6 +151,8 @@ fn causal_rows_without_keys_are_zero() {
     // Rows 0..70 sit before key 0 under bottom-right alignment.
     assert!(reference.lse[..70].iter().all(|l| l.is_infinite()));
     assert!(reference.lse[70..100].iter().all(|l| l.is_finite()));
-    let errors = run_and_compare(gpu, &shape, &inputs, &config);
-    assert_close(errors, "causal seq_q > seq_kv");
+    for tier in forward_tiers(gpu) {
+        let errors = run_and_compare(gpu, &shape, &inputs, &with_tier(&config, tier));
+        assert_close(errors, &format!("causal seq_q > seq_kv {tier:?}"));
+    }
 }

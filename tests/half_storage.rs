@@ -8,7 +8,7 @@
 mod common;
 
 use common::random::{SeededRng, normal_vec, seeded};
-use common::{Inputs, gpu, round_to};
+use common::{Inputs, forward_tiers, gpu, round_to, with_tier};
 use half::{bf16, f16};
 use rand::{Rng, RngExt};
 use wgpu_flash_attn::{
@@ -112,7 +112,10 @@ fn errors(
     (max_error(&got, &want), naive, want)
 }
 
-fn check_dtype(dtype: DType, head_dims: &[usize], seed: u64) {
+/// `head_dims` on the default tier; the `representative` ones on the other
+/// forward kernel as well (`forward_tiers`; every head dim of both would
+/// compile 64 more kernels in the exhaustive mode).
+fn check_dtype(dtype: DType, head_dims: &[usize], representative: &[usize], seed: u64) {
     let Some(gpu) = gpu() else { return };
     let mut rng = seeded(seed);
     let lengths = [1, 7, 63, 64, 65, 130];
@@ -130,13 +133,22 @@ fn check_dtype(dtype: DType, head_dims: &[usize], seed: u64) {
                 head_dim_v: head_dim,
             };
             let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
-            for causal in [false, true] {
-                let config = AttentionConfig::new().causal(causal);
+            let tiers = forward_tiers(gpu);
+            let tiers = if representative.contains(&head_dim) {
+                &tiers[..]
+            } else {
+                &tiers[..1]
+            };
+            for (causal, &tier) in [false, true]
+                .into_iter()
+                .flat_map(|causal| tiers.iter().map(move |tier| (causal, tier)))
+            {
+                let config = with_tier(&AttentionConfig::new().causal(causal), tier);
                 let (kernel, naive, want) = errors(gpu, dtype, &shape, &inputs, &config);
                 let naive = max_error(&naive, &want);
                 assert!(
                     kernel <= 2.0 * naive + FLOOR,
-                    "{dtype:?} {shape:?} causal={causal}: kernel error {kernel:.3e} > 2 x naive {naive:.3e} + {FLOOR:e}"
+                    "{dtype:?} {shape:?} causal={causal} {tier:?}: kernel error {kernel:.3e} > 2 x naive {naive:.3e} + {FLOOR:e}"
                 );
                 if naive > 0.0 {
                     worst_ratio = worst_ratio.max(kernel / naive);
@@ -149,14 +161,16 @@ fn check_dtype(dtype: DType, head_dims: &[usize], seed: u64) {
 
 #[test]
 fn f16_storage_within_twice_naive_half_error() {
-    let dims = common::head_dims("f16 storage", &[8, 96, 256]);
-    check_dtype(DType::F16, &dims, 0x5eed_0f16);
+    let representative = [8, 96, 256];
+    let dims = common::head_dims("f16 storage", &representative);
+    check_dtype(DType::F16, &dims, &representative, 0x5eed_0f16);
 }
 
 #[test]
 fn bf16_storage_within_twice_naive_bf16_error() {
-    let dims = common::head_dims("bf16 storage", &[64, 200]);
-    check_dtype(DType::BF16, &dims, 0x5eed_0bf1);
+    let representative = [64, 200];
+    let dims = common::head_dims("bf16 storage", &representative);
+    check_dtype(DType::BF16, &dims, &representative, 0x5eed_0bf1);
 }
 
 /// Values near f16's largest finite (65504) must not overflow: scores are
@@ -179,11 +193,14 @@ fn large_f16_inputs_do_not_overflow() {
         k: big(shape.k_shape().elements(), &mut rng),
         v: big(shape.v_shape().elements(), &mut rng),
     };
-    for causal in [false, true] {
-        let config = AttentionConfig::new().causal(causal);
+    for (causal, tier) in [false, true]
+        .into_iter()
+        .flat_map(|causal| forward_tiers(gpu).map(move |tier| (causal, tier)))
+    {
+        let config = with_tier(&AttentionConfig::new().causal(causal), tier);
         let (kernel, naive, _) = errors(gpu, DType::F16, &shape, &inputs, &config);
         // Outputs are of order 6e4: f16 output rounding alone is up to 16.
-        assert!(kernel <= 16.0, "causal={causal}: error {kernel}");
+        assert!(kernel <= 16.0, "causal={causal} {tier:?}: error {kernel}");
         // Scores formed in f16, as a naive half attention does, overflow.
         assert!(naive.iter().any(|x| !x.is_finite()));
     }

@@ -10,8 +10,8 @@ mod common;
 
 use common::random::{normal_vec, seeded};
 use common::{
-    F32_TOLERANCE, Inputs, assert_close, assert_rows_close, cases, compare, gpu, round_to,
-    sequence_reference, unit_roundoff,
+    F32_TOLERANCE, Inputs, assert_close, assert_rows_close, cases, compare, forward_tiers, gpu,
+    round_to, sequence_reference, unit_roundoff, with_tier,
 };
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionShape, DType, Error, ForwardOptions, Gpu, Lse,
@@ -65,8 +65,9 @@ fn max_difference(a: &[f32], b: &[f32], what: &str) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// The configurations that place keys differently.
-fn configs(heads_q: usize) -> Vec<(&'static str, AttentionConfig)> {
+/// The configurations that place keys differently, on both forward
+/// kernels (`forward_tiers`).
+fn configs(gpu: &Gpu, heads_q: usize) -> Vec<(String, AttentionConfig)> {
     let sinks: Vec<f32> = (0..heads_q).map(|h| 0.5 - 0.3 * h as f32).collect();
     let slopes: Vec<f32> = (0..heads_q).map(|h| 0.05 * (h + 1) as f32).collect();
     vec![
@@ -83,6 +84,11 @@ fn configs(heads_q: usize) -> Vec<(&'static str, AttentionConfig)> {
                 .alibi(Alibi::PerHead(slopes)),
         ),
     ]
+    .into_iter()
+    .flat_map(|(name, config)| {
+        forward_tiers(gpu).map(|tier| (format!("{name} {tier:?}"), with_tier(&config, tier)))
+    })
+    .collect()
 }
 
 /// Chunked calls equal the reference, and the one-dispatch call up to
@@ -115,7 +121,7 @@ fn chunked_keys_match_the_reference_and_one_dispatch() {
         let inputs = Inputs::draw(shape, 0x0c4u64 + s as u64, 1.0);
         let tensors = upload(gpu, shape, &inputs, DType::F32);
         let tensors = [&tensors[0], &tensors[1], &tensors[2]];
-        for (name, config) in configs(shape.heads_q) {
+        for (name, config) in configs(gpu, shape.heads_q) {
             let (whole, whole_lse) = run(gpu, shape, tensors, (&config).into()).unwrap();
             for keys in [7, 64, 100] {
                 let what = format!("{shape:?} {name}, {keys} keys per dispatch");
@@ -151,7 +157,7 @@ fn half_storage_carries_f32_between_chunks() {
     for dtype in cases("storage types", &[DType::F16], &[DType::F16, DType::BF16]) {
         let tensors = upload(gpu, &shape, &inputs, dtype);
         let tensors = [&tensors[0], &tensors[1], &tensors[2]];
-        for (name, config) in configs(shape.heads_q) {
+        for (name, config) in configs(gpu, shape.heads_q) {
             let what = format!("{dtype:?} {name}");
             let (whole, whole_lse) = run(gpu, &shape, tensors, (&config).into()).unwrap();
             let options = ForwardOptions::new(&config).keys_per_dispatch(48);
@@ -220,7 +226,7 @@ fn chunked_sequences_match_each_sequence_alone() {
         head_dim: d,
         head_dim_v: d,
     };
-    for (name, config) in configs(hq) {
+    for (name, config) in configs(gpu, hq) {
         let options = ForwardOptions::new(&config)
             .varlen(&cu_q, &cu_k)
             .keys_per_dispatch(24);
@@ -352,7 +358,7 @@ fn keys_past_one_binding_are_bound_in_windows() {
     assert!(4 * shape.k_shape().elements() as u64 > binding);
     let inputs = Inputs::draw(&shape, 0x0c8, 1.0);
     let [q, k, v] = upload(gpu, &shape, &inputs, DType::F32);
-    for (name, config) in configs(shape.heads_q) {
+    for (name, config) in configs(gpu, shape.heads_q) {
         let (got, got_lse) = run(gpu, &shape, [&q, &k, &v], (&config).into()).unwrap();
         assert_close(
             compare(&shape, &inputs, &config, &got, &got_lse),

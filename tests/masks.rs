@@ -7,7 +7,7 @@
 mod common;
 
 use common::random::{normal_vec, seeded};
-use common::{Inputs, gpu};
+use common::{Inputs, forward_tiers, gpu, with_tier};
 use rand::RngExt;
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
@@ -113,7 +113,11 @@ fn bias_and_boolean_masks_match_the_reference() {
             .collect();
         let bias_mask = AttentionMask::bias(gpu, dims, &bias).unwrap();
         let bool_mask = AttentionMask::boolean(gpu, dims, &bools).unwrap();
-        for config in &configs {
+        for config in configs
+            .iter()
+            .flat_map(|config| forward_tiers(gpu).map(|tier| with_tier(config, tier)))
+        {
+            let config = &config;
             for (mask, host) in [
                 (
                     &bias_mask,
@@ -199,7 +203,10 @@ fn block_sparse_masks_equal_their_dense_equivalents() {
         let dense = AttentionMask::boolean(gpu, dims, values).unwrap();
         let sparse = AttentionMask::block_sparse(gpu, dims, values).unwrap();
         assert!(sparse.is_block_sparse() && !dense.is_block_sparse());
-        for config in [AttentionConfig::new(), AttentionConfig::new().causal(true)] {
+        for config in [AttentionConfig::new(), AttentionConfig::new().causal(true)]
+            .iter()
+            .flat_map(|config| forward_tiers(gpu).map(|tier| with_tier(config, tier)))
+        {
             let host = HostMask::Bool { dims, values };
             let want = reference::attention_masked(
                 &shape, &inputs.q, &inputs.k, &inputs.v, &config, &host,

@@ -1,5 +1,6 @@
 //! Kernel tiers: each tier the adapter offers matches the reference on the
-//! same inputs (f32 and f16 storage), the default is the best one offered,
+//! same inputs (f32 and f16 storage), the default is the best one offered
+//! (register-blocked on hardware GPUs, the per-row tiers on CPU adapters),
 //! and forcing a tier the adapter lacks is a typed error.
 
 mod common;
@@ -69,7 +70,8 @@ fn run_tier(
 #[test]
 fn every_offered_tier_matches_the_reference() {
     let Some(gpu) = gpu() else { return };
-    let mut tiers = vec![Tier::Portable];
+    // The register-blocked kernel needs no feature: every adapter runs it.
+    let mut tiers = vec![Tier::Portable, Tier::RegisterBlocked];
     if offers_subgroup_broadcast(gpu) {
         tiers.push(Tier::SubgroupBroadcast);
     }
@@ -113,7 +115,13 @@ fn default_tier_is_the_best_offered() {
     let Some(gpu) = gpu() else { return };
     let shape = AttentionShape::self_attention(1, 64, 2, 64);
     let plan = ForwardPlan::new(gpu.info(), &shape).unwrap();
-    let best = if offers_subgroup_broadcast(gpu) {
+    let hardware = matches!(
+        gpu.info().adapter.device_type,
+        wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu
+    );
+    let best = if hardware {
+        Tier::RegisterBlocked
+    } else if offers_subgroup_broadcast(gpu) {
         Tier::SubgroupBroadcast
     } else {
         Tier::Portable

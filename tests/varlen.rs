@@ -5,7 +5,7 @@
 mod common;
 
 use common::random::{normal_vec, seeded};
-use common::{assert_rows_close, gpu, sequence_reference};
+use common::{assert_rows_close, forward_tiers, gpu, sequence_reference, with_tier};
 use wgpu_flash_attn::{
     AttentionArgs, AttentionConfig, AttentionShape, Error, ForwardOptions, Gpu, Lse, Tensor,
     TensorShape, ValidLengths,
@@ -47,7 +47,10 @@ fn a_packed_batch_equals_each_sequence_alone() {
         AttentionConfig::new(),
         AttentionConfig::new().causal(true),
         AttentionConfig::new().window(Some(7), Some(3)),
-    ] {
+    ]
+    .iter()
+    .flat_map(|config| forward_tiers(gpu).map(|tier| with_tier(config, tier)))
+    {
         let out = Tensor::filled(gpu, qt.shape(), f32::NAN).unwrap();
         let lse = Lse::new(gpu, 1, HEADS_Q, total_q).unwrap();
         let args = AttentionArgs {
@@ -103,7 +106,10 @@ fn valid_lengths_skip_padding_and_zero_padded_rows() {
     let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
     let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k).unwrap();
     let v = Tensor::from_f32(gpu, shape.v_shape(), &inputs.v).unwrap();
-    for config in [AttentionConfig::new(), AttentionConfig::new().causal(true)] {
+    for config in [AttentionConfig::new(), AttentionConfig::new().causal(true)]
+        .iter()
+        .flat_map(|config| forward_tiers(gpu).map(|tier| with_tier(config, tier)))
+    {
         let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
         let lse = Lse::new(gpu, 3, HEADS_Q, 50).unwrap();
         let args = AttentionArgs {

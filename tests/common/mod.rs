@@ -6,8 +6,8 @@
 use std::sync::OnceLock;
 
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionShape, DType, ForwardOptions, Gpu, Lse, Tensor,
-    reference,
+    AttentionArgs, AttentionConfig, AttentionShape, DType, ForwardOptions, ForwardPlan, Gpu, Lse,
+    Tensor, Tier, reference,
 };
 
 /// Seeded inputs are drawn as flash-bench draws them (rand's ChaCha8 and
@@ -51,6 +51,31 @@ pub fn gpu() -> Option<&'static Gpu> {
         }
     })
     .as_ref()
+}
+
+/// The forward tiers a test runs each case on: the adapter's default, and
+/// the other kernel family forced: the register-blocked kernel where the
+/// default is a per-row tier (CPU adapters: lavapipe, llvmpipe), the
+/// portable per-row tier where the default is register-blocked (hardware
+/// GPUs). So both forward kernels pass the whole forward matrix on every
+/// adapter that runs it.
+pub fn forward_tiers(gpu: &Gpu) -> [Option<Tier>; 2] {
+    let shape = AttentionShape::self_attention(1, 64, 1, 64);
+    let default = ForwardPlan::new(gpu.info(), &shape)
+        .expect("a 64-wide head plans on every adapter")
+        .tier();
+    if default == Tier::RegisterBlocked {
+        [None, Some(Tier::Portable)]
+    } else {
+        [None, Some(Tier::RegisterBlocked)]
+    }
+}
+
+/// `config` with `tier` forced, if one is given.
+pub fn with_tier(config: &AttentionConfig, tier: Option<Tier>) -> AttentionConfig {
+    let mut config = config.clone();
+    config.tier = tier;
+    config
 }
 
 /// An attention shape: `heads` is (query heads, KV heads).

@@ -174,6 +174,8 @@ pub enum TierArg {
     Portable,
     /// Subgroup broadcasts (CPU adapters with one subgroup size of 8).
     Subgroup,
+    /// Register-blocked micro-tiles (the forward's default on GPUs).
+    Blocked,
 }
 
 impl TierArg {
@@ -181,6 +183,7 @@ impl TierArg {
         match self {
             TierArg::Portable => wgpu_flash_attn::Tier::Portable,
             TierArg::Subgroup => wgpu_flash_attn::Tier::SubgroupBroadcast,
+            TierArg::Blocked => wgpu_flash_attn::Tier::RegisterBlocked,
         }
     }
 }

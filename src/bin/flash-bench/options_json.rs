@@ -62,6 +62,7 @@ pub fn tier_name(tier: Tier) -> &'static str {
     match tier {
         Tier::Portable => "Portable",
         Tier::SubgroupBroadcast => "SubgroupBroadcast",
+        Tier::RegisterBlocked => "RegisterBlocked",
     }
 }
 

@@ -1,0 +1,332 @@
+// Register-blocked FlashAttention-2 forward pass for hardware GPUs
+// (Tier::RegisterBlocked): f32 arithmetic and softmax statistics, Q/K/V/O
+// stored as f32, f16 or bf16 (attention_common.wgsl).
+//
+// flash_attention.wgsl gives each invocation whole query rows, so each
+// holds q and its accumulator (2 x head_dim floats: spilled at 128 and
+// more on GPUs) and every FMA costs one read of a K or V element. Here a
+// workgroup of ROW_LANES x KEY_LANES invocations owns BLOCK_M = ROW_LANES *
+// ROWS query rows, staged once in workgroup memory, and walks the keys in
+// tiles of BLOCK_N = 4 * KEY_LANES. Invocation (row lane a, key lane b)
+// owns rows a * ROWS .. a * ROWS + ROWS - 1 of the block and
+//   - for S = Q K^T: the tile's keys 4b .. 4b + 3, a ROWS x 4 micro-tile
+//     (each step reads ROWS vec4s of Q and 4 of K for 4 * ROWS vec4 dots);
+//   - for O += P V: the value vec4 columns b, b + KEY_LANES, ... (COLS of
+//     them), a ROWS x COLS micro-tile (each four-key step reads ROWS vec4s
+//     of P and 4 * COLS of V for 4 * ROWS * COLS vec4 FMAs).
+// A row's running max is shared by its KEY_LANES invocations (reduced
+// through workgroup memory each tile); each keeps a partial running sum
+// over its own keys, added up once at the end. The online softmax, masks,
+// windows, sinks, padded and variable-length sequences and key chunks
+// follow flash_attention.wgsl exactly (whose sequence-table, carry and mask
+// declarations src/shaders.rs prepends to this file).
+//
+// Generated constants (src/shaders.rs, `BlockedTiling`): D4, DV4 (head
+// dims / 4), ROW_LANES, KEY_LANES, ROWS, COLS = ceil(DV4 / KEY_LANES),
+// WG_SIZE = ROW_LANES * KEY_LANES, BLOCK_N = 4 * KEY_LANES, KV_TILE (vec4s
+// of the K/V tile). Loops bounded by ROWS and COLS are unrolled by
+// src/shaders.rs, so the private arrays they index stay in registers.
+
+const BLOCK_M: u32 = ROW_LANES * ROWS;
+// K rows are staged one vec4 apart beyond their width: the key lanes of a
+// row lane read four keys' rows at once, and with an odd stride their
+// vec4s fall in different banks.
+const K_STRIDE: u32 = D4 + 1u;
+
+// The block's query rows, row-major, D4 vec4s each.
+var<workgroup> q_tile: array<vec4<f32>, BLOCK_M * D4>;
+// K of the current tile (key 4b + j at slot j * KEY_LANES + b, rows
+// K_STRIDE apart), then V of the same keys (key n at row n, DV4 apart):
+// V is staged once the scores no longer need K.
+var<workgroup> kv_tile: array<vec4<f32>, KV_TILE>;
+// Probabilities of the tile: row r's keys 4b .. 4b + 3 at r * KEY_LANES + b.
+var<workgroup> p_tile: array<vec4<f32>, BLOCK_M * KEY_LANES>;
+// Per (row, key lane): the lane's max of the row's scores in the tile; at
+// the end, the lane's partial sum.
+var<workgroup> partials: array<f32, BLOCK_M * KEY_LANES>;
+
+@compute @workgroup_size(WG_SIZE)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let seq = sequence_rows(wg.z);
+    let batch = seq.q_batch;
+    let head_q = wg.y;
+    let row0 = wg.x * BLOCK_M;
+    // The dispatch covers the longest sequence; shorter ones stop here
+    // (the whole workgroup at once, before any barrier).
+    if (row0 >= seq.extent) {
+        return;
+    }
+    let seq_q = seq.q_len;
+    let seq_kv = seq.kv_len;
+    let head_kv = head_q / (p.heads_q / p.heads_kv);
+    let diag = seq.diag;
+    let row_lane = lid / KEY_LANES;
+    let key_lane = lid % KEY_LANES;
+    // The block's first row of this invocation.
+    let my_rows = row_lane * ROWS;
+    // Padding rows (from seq_q on) compute on a copy of the last real row
+    // and are written as zeros; they widen no key range.
+    let last_row = min(row0 + BLOCK_M, max(seq_q, 1u)) - 1u;
+
+    // Keys some row of the block sees (the tiles to visit), and keys every
+    // row sees (tiles inside that range need no visibility test).
+    var wg_lo = 0;
+    var wg_hi = i32(seq_kv) - 1;
+    var all_lo = 0;
+    var all_hi = i32(seq_kv) - 1;
+    if (row0 >= seq_q) {
+        wg_hi = -1;
+    }
+    if (has_flag(FLAG_WINDOW_LEFT)) {
+        wg_lo = max(wg_lo, i32(row0) + diag - i32(p.window_left));
+        all_lo = max(all_lo, i32(last_row) + diag - i32(p.window_left));
+    }
+    if (has_flag(FLAG_WINDOW_RIGHT)) {
+        wg_hi = min(wg_hi, i32(last_row) + diag + i32(p.window_right));
+        all_hi = min(all_hi, i32(row0) + diag + i32(p.window_right));
+    }
+    let alibi_slope = alibi_slope_of(batch, head_q);
+    let start = softmax_start(head_q, true);
+
+    for (var i = lid; i < BLOCK_M * D4; i += WG_SIZE) {
+        let q_row = seq.q_start + min(row0 + i / D4, max(seq_q, 1u) - 1u);
+        q_tile[i] = load_q(batch * p.q.batch + q_row * p.q.seq + head_q * p.q.head + p.q.offset + i % D4);
+    }
+
+    var acc: array<vec4<f32>, ROWS * COLS>;
+    var m: array<f32, ROWS>;
+    // This lane's share of each row's running sum.
+    var l: array<f32, ROWS>;
+    var row_pos: array<i32, ROWS>;
+    var row_lo: array<i32, ROWS>;
+    var row_hi: array<i32, ROWS>;
+// #if MASK
+    var mask_row: array<u32, ROWS>;
+    let mask_base = batch * mp.batch_stride + head_q * mp.head_stride;
+    // Tiles are aligned to multiples of BLOCK_N, as the tile states are.
+    wg_lo -= wg_lo % i32(BLOCK_N);
+// #endif
+    for (var r = 0u; r < ROWS; r++) {
+        let row = row0 + my_rows + r;
+// #if MASK
+        mask_row[r] = mask_base + min(row, seq_q - 1u) * mp.row_words;
+// #endif
+        row_pos[r] = i32(row) + diag;
+        let bounds = visible_keys(row_pos[r], seq_kv);
+        row_lo[r] = bounds.x;
+        row_hi[r] = bounds.y;
+        // A sink counts once per row: in key lane 0's share.
+        m[r] = start.x;
+        l[r] = select(0.0, start.y, key_lane == 0u);
+        for (var j = 0u; j < COLS; j++) {
+            acc[r * COLS + j] = vec4<f32>(0.0);
+        }
+// #if MASK
+// #else
+        if ((seq.carry & CARRY_IN) != 0u) {
+            // As in flash_attention.wgsl: the chunks before left (lse, o),
+            // a running max of lse and a sum of 1 over an accumulator of o.
+            let q_row = seq.q_start + min(row, max(seq_q, 1u) - 1u);
+            let carried = lse_buf[(batch * p.heads_q + head_q) * p.seq_q + q_row];
+            if (carried != bitcast<f32>(0x7f800000u)) {
+                m[r] = carried;
+                l[r] = select(0.0, 1.0, key_lane == 0u);
+                let c_base = carry_base(batch, q_row, head_q);
+                for (var j = 0u; j < COLS; j++) {
+                    let col = key_lane + KEY_LANES * j;
+                    if (col < DV4) {
+                        acc[r * COLS + j] = carry[c_base + col];
+                    }
+                }
+            } else {
+                m[r] = MIN_SCORE;
+                l[r] = 0.0;
+            }
+        }
+// #endif
+    }
+
+    let k_base = seq.kv_batch * p.k.batch + seq.kv_start * p.k.seq + head_kv * p.k.head + p.k.offset;
+    let v_base = seq.kv_batch * p.v.batch + seq.kv_start * p.v.seq + head_kv * p.v.head + p.v.offset;
+    // This lane's four keys of a tile start at this offset.
+    let lane_key = i32(4u * key_lane);
+
+    // Tiles above the causal diagonal or outside the window are never visited.
+    for (var kv0 = wg_lo; kv0 <= wg_hi; kv0 += i32(BLOCK_N)) {
+        let n_keys = u32(min(i32(BLOCK_N), wg_hi + 1 - kv0));
+// #if MASK
+        var mask_state = 1u;
+        if (mp.use_tiles != 0u) {
+            mask_state = tile_states[batch * mp.tile_batch_stride + head_q * mp.tile_head_stride + wg.x * mp.key_tiles + u32(kv0) / BLOCK_N];
+        }
+        if (mask_state == 0u) {
+            continue;
+        }
+// #endif
+        // (The first tile's barrier also publishes the Q block.)
+        for (var i = lid; i < BLOCK_N * D4; i += WG_SIZE) {
+            let key = i / D4;
+            var kk = vec4<f32>(0.0);
+            if (key < n_keys) {
+                kk = load_k(k_base + (u32(kv0) + key) * p.k.seq + i % D4);
+            }
+            kv_tile[((key % 4u) * KEY_LANES + key / 4u) * K_STRIDE + i % D4] = kk;
+        }
+        workgroupBarrier();
+
+        var dots: array<vec4<f32>, ROWS>;
+        for (var r = 0u; r < ROWS; r++) {
+            dots[r] = vec4<f32>(0.0);
+        }
+        for (var d = 0u; d < D4; d++) {
+            let k0 = kv_tile[key_lane * K_STRIDE + d];
+            let k1 = kv_tile[(KEY_LANES + key_lane) * K_STRIDE + d];
+            let k2 = kv_tile[(2u * KEY_LANES + key_lane) * K_STRIDE + d];
+            let k3 = kv_tile[(3u * KEY_LANES + key_lane) * K_STRIDE + d];
+            for (var r = 0u; r < ROWS; r++) {
+                let qd = q_tile[(my_rows + r) * D4 + d];
+                dots[r] = vec4<f32>(fma_dot(qd, k0, dots[r].x), fma_dot(qd, k1, dots[r].y),
+                    fma_dot(qd, k2, dots[r].z), fma_dot(qd, k3, dots[r].w));
+            }
+        }
+
+        // Keys past the tile's end lie past every row's last visible key.
+        let key_pos = vec4<i32>(kv0 + lane_key) + vec4<i32>(0, 1, 2, 3);
+// #if MASK
+        let unmasked = n_keys == BLOCK_N && kv0 >= all_lo && kv0 + i32(BLOCK_N) - 1 <= all_hi && mask_state == 2u;
+// #else
+        let unmasked = n_keys == BLOCK_N && kv0 >= all_lo && kv0 + i32(BLOCK_N) - 1 <= all_hi;
+// #endif
+        var scores: array<vec4<f32>, ROWS>;
+        var visible: array<vec4<bool>, ROWS>;
+        for (var r = 0u; r < ROWS; r++) {
+            var s = finish_scores(dots[r], row_pos[r], key_pos, alibi_slope);
+            var seen = vec4<bool>(true);
+            if (!unmasked) {
+                seen = key_pos >= vec4<i32>(row_lo[r]) & key_pos <= vec4<i32>(row_hi[r]);
+// #if MASK
+                if (mask_state == 1u) {
+                    if (mp.kind == 0u) {
+                        // -inf hides a key; its bits say so whatever the
+                        // score (even a NaN from a hidden key's K).
+                        let bits = mask_bias_bits(mask_row[r], key_pos.x);
+                        seen = seen & (bits != vec4<u32>(NEG_INF_BITS));
+                        s += bitcast<vec4<f32>>(bits);
+                    } else {
+                        seen = seen & mask_bits(mask_row[r], key_pos.x);
+                    }
+                }
+// #endif
+                s = select(vec4<f32>(MIN_SCORE), s, seen);
+            }
+            scores[r] = s;
+            visible[r] = seen;
+            partials[(my_rows + r) * KEY_LANES + key_lane] = max(max(s.x, s.y), max(s.z, s.w));
+        }
+        // Every lane's scores are done (K may be overwritten) and its
+        // maxima published.
+        workgroupBarrier();
+
+        for (var i = lid; i < BLOCK_N * DV4; i += WG_SIZE) {
+            var vv = vec4<f32>(0.0);
+            if (i / DV4 < n_keys) {
+                vv = load_v(v_base + (u32(kv0) + i / DV4) * p.v.seq + i % DV4);
+            }
+            kv_tile[i] = vv;
+        }
+        var correction: array<f32, ROWS>;
+        for (var r = 0u; r < ROWS; r++) {
+            let row = my_rows + r;
+            var tile_max = MIN_SCORE;
+            for (var b = 0u; b < KEY_LANES; b++) {
+                tile_max = max(tile_max, partials[row * KEY_LANES + b]);
+            }
+            let m_new = max(m[r], tile_max);
+            correction[r] = exp2((m[r] - m_new) * LOG2_E);
+            let probs = select(vec4<f32>(0.0), exp_shifted(scores[r] - vec4<f32>(m_new)), visible[r]);
+            l[r] = l[r] * correction[r] + (probs.x + probs.y) + (probs.z + probs.w);
+            m[r] = m_new;
+            p_tile[row * KEY_LANES + key_lane] = probs;
+        }
+        // V and the probabilities are staged.
+        workgroupBarrier();
+
+        for (var r = 0u; r < ROWS; r++) {
+            for (var j = 0u; j < COLS; j++) {
+                acc[r * COLS + j] *= correction[r];
+            }
+        }
+        for (var step = 0u; step < KEY_LANES; step++) {
+            var probs: array<vec4<f32>, ROWS>;
+            for (var r = 0u; r < ROWS; r++) {
+                probs[r] = p_tile[(my_rows + r) * KEY_LANES + step];
+            }
+            let v_row = 4u * step * DV4;
+            for (var j = 0u; j < COLS; j++) {
+                let col = key_lane + KEY_LANES * j;
+                // A constant test unless KEY_LANES does not divide DV4.
+                if (COLS * KEY_LANES == DV4 || col < DV4) {
+                    let v0 = kv_tile[v_row + col];
+                    let v1 = kv_tile[v_row + DV4 + col];
+                    let v2 = kv_tile[v_row + 2u * DV4 + col];
+                    let v3 = kv_tile[v_row + 3u * DV4 + col];
+                    for (var r = 0u; r < ROWS; r++) {
+                        let pr = probs[r];
+                        acc[r * COLS + j] = fma(vec4<f32>(pr.w), v3, fma(vec4<f32>(pr.z), v2,
+                            fma(vec4<f32>(pr.y), v1, fma(vec4<f32>(pr.x), v0, acc[r * COLS + j]))));
+                    }
+                }
+            }
+        }
+        // The next tile overwrites K/V, the probabilities and the maxima.
+        workgroupBarrier();
+    }
+
+    // Each row's sum: the key lanes' shares added up.
+    for (var r = 0u; r < ROWS; r++) {
+        partials[(my_rows + r) * KEY_LANES + key_lane] = l[r];
+    }
+    workgroupBarrier();
+    for (var r = 0u; r < ROWS; r++) {
+        let row = row0 + my_rows + r;
+        var l_row = 0.0;
+        for (var b = 0u; b < KEY_LANES; b++) {
+            l_row += partials[(my_rows + r) * KEY_LANES + b];
+        }
+        if (row < seq.extent) {
+            // A row that saw no key (and has no sink) has l == 0: zeros and
+            // lse = +inf; so has a padding row, whatever it computed.
+            let real = row < seq_q;
+            let inv_l = select(0.0, 1.0 / l_row, real && l_row > 0.0);
+            let lse = select(row_lse(m[r], 0.0), row_lse(m[r], l_row), real);
+            let o_row = seq.q_start + row;
+            let o_base = batch * p.o.batch + o_row * p.o.seq + head_q * p.o.head + p.o.offset;
+// #if MASK
+// #else
+            let to_carry = (seq.carry & CARRY_OUT) != 0u;
+            let c_base = carry_base(batch, o_row, head_q);
+// #endif
+            for (var j = 0u; j < COLS; j++) {
+                let col = key_lane + KEY_LANES * j;
+                if (COLS * KEY_LANES == DV4 || col < DV4) {
+                    let value = select(vec4<f32>(0.0), acc[r * COLS + j] * inv_l, real);
+// #if MASK
+                    store_o(o_base + col, value);
+// #else
+                    if (to_carry) {
+                        carry[c_base + col] = value;
+                    } else {
+                        store_o(o_base + col, value);
+                    }
+// #endif
+                }
+            }
+            if (has_flag(FLAG_WRITE_LSE) && key_lane == 0u) {
+                lse_buf[(batch * p.heads_q + head_q) * p.seq_q + o_row] = lse;
+            }
+        }
+    }
+}
