@@ -56,7 +56,7 @@ fn assert_matches(what: &str, (out, lse): (Vec<f32>, Vec<f32>), want: &reference
     }
 }
 
-const TIERS: [Option<Tier>; 2] = [None, Some(Tier::Portable)];
+const TIERS: [Option<Tier>; 3] = [None, Some(Tier::Portable), Some(Tier::RegisterBlocked)];
 
 #[test]
 fn a_bias_of_f32_min_on_every_key_gives_the_average_of_v() {

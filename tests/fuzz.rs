@@ -21,7 +21,9 @@
 //! one of: a boolean mask, an additive bias mask (with `-inf` entries),
 //! valid lengths (key and query padding) or a packed variable-length batch
 //! (sequences of 0-60 tokens); without a mask, in 25 % of cases its keys
-//! run in chunks of 1-160 per dispatch (`keys_per_dispatch`). Decode: a contiguous or paged cache (page
+//! run in chunks of 1-160 per dispatch (`keys_per_dispatch`); in half the cases, the
+//! other forward kernel than the adapter's default (register-blocked on CPU adapters, the
+//! portable per-row tier on GPUs) where its tiles fit. Decode: a contiguous or paged cache (page
 //! size 16-256, pages shuffled), per-sequence lengths 0-300, 1-4 query
 //! tokens, a chosen or forced split count, f32, f16, bf16 or int8 storage
 //! (checked over the values stored). Backward (f32): no mask, a
@@ -33,14 +35,14 @@
 mod common;
 
 use common::random::{SeededRng, normal_vec, seeded};
-use common::{gpu, round_to, unit_roundoff};
+use common::{forward_tiers, gpu, round_to, unit_roundoff};
 use rand::RngExt;
 use rand::seq::SliceRandom;
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardArgs, DType,
-    DecodeArgs, DecodeOptions, ForwardOptions, Gpu, KvCache, KvCacheConfig, KvDType, KvLayout, Lse,
-    SinkGrads, Strides, Tensor, TensorShape, ValidLengths,
+    DecodeArgs, DecodeOptions, ForwardOptions, ForwardPlan, Gpu, KvCache, KvCacheConfig, KvDType,
+    KvLayout, Lse, SinkGrads, Strides, Tensor, TensorShape, ValidLengths,
 };
 
 const CASES_VAR: &str = "FLASH_ATTN_FUZZ_CASES";
@@ -94,6 +96,9 @@ struct Case {
     /// Forward without a mask: the keys of each sequence run in chunks of
     /// this many, one dispatch each.
     keys_per_dispatch: Option<usize>,
+    /// Forward: run the other kernel family than the adapter's default
+    /// (`common::forward_tiers`), where its tiles fit.
+    other_tier: bool,
 }
 
 fn draw_case(rng: &mut SeededRng) -> Case {
@@ -215,6 +220,7 @@ fn draw_case(rng: &mut SeededRng) -> Case {
     let chunkable =
         operation == Operation::Forward && !matches!(extra, Extra::BoolMask | Extra::BiasMask);
     let keys_per_dispatch = (chunkable && rng.random_bool(0.25)).then(|| rng.random_range(1..=160));
+    let other_tier = operation == Operation::Forward && rng.random_bool(0.5);
     Case {
         operation,
         cache_lens,
@@ -224,6 +230,7 @@ fn draw_case(rng: &mut SeededRng) -> Case {
         config,
         extra,
         keys_per_dispatch,
+        other_tier,
     }
 }
 
@@ -275,6 +282,13 @@ fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
 /// The forward case.
 fn run_forward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
     let s = &case.shape;
+    let mut config = case.config.clone();
+    if case.other_tier {
+        let tier = forward_tiers(gpu)[1];
+        if ForwardPlan::for_call(gpu.info(), s, case.dtype, tier).is_ok() {
+            config.tier = tier;
+        }
+    }
     let mut draw = |n: usize| -> Vec<f32> {
         normal_vec(rng, n, 1.0)
             .into_iter()
@@ -303,7 +317,7 @@ fn run_forward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String
     let mask_dims = [s.batch, s.heads_q, s.seq_q, s.seq_kv];
     let mask_len = mask_dims.iter().product();
     let mut mask_rng = seeded(rng.random());
-    let mut chunked = ForwardOptions::new(&case.config);
+    let mut chunked = ForwardOptions::new(&config);
     if let Some(keys) = case.keys_per_dispatch {
         chunked = chunked.keys_per_dispatch(keys);
     }
@@ -311,19 +325,19 @@ fn run_forward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String
         Extra::None => {
             gpu.run(|e| gpu.forward(e, &args, chunked.clone()))
                 .map_err(|e| format!("GPU call failed: {e}"))?;
-            let want = reference::attention(s, &q, &k, &v, &case.config).unwrap();
+            let want = reference::attention(s, &q, &k, &v, &config).unwrap();
             (want.out, out.to_f32_vec(gpu).unwrap())
         }
         Extra::BoolMask => {
             let values: Vec<bool> = (0..mask_len).map(|_| mask_rng.random_bool(0.7)).collect();
             let mask = AttentionMask::boolean(gpu, mask_dims, &values).unwrap();
-            gpu.run(|e| gpu.forward(e, &args, ForwardOptions::new(&case.config).mask(&mask)))
+            gpu.run(|e| gpu.forward(e, &args, ForwardOptions::new(&config).mask(&mask)))
                 .map_err(|e| format!("GPU call failed: {e}"))?;
             let host = HostMask::Bool {
                 dims: mask_dims,
                 values: &values,
             };
-            let want = reference::attention_masked(s, &q, &k, &v, &case.config, &host).unwrap();
+            let want = reference::attention_masked(s, &q, &k, &v, &config, &host).unwrap();
             (want.out, out.to_f32_vec(gpu).unwrap())
         }
         Extra::BiasMask => {
@@ -337,13 +351,13 @@ fn run_forward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String
                 })
                 .collect();
             let mask = AttentionMask::bias(gpu, mask_dims, &values).unwrap();
-            gpu.run(|e| gpu.forward(e, &args, ForwardOptions::new(&case.config).mask(&mask)))
+            gpu.run(|e| gpu.forward(e, &args, ForwardOptions::new(&config).mask(&mask)))
                 .map_err(|e| format!("GPU call failed: {e}"))?;
             let host = HostMask::Bias {
                 dims: mask_dims,
                 values: &values,
             };
-            let want = reference::attention_masked(s, &q, &k, &v, &case.config, &host).unwrap();
+            let want = reference::attention_masked(s, &q, &k, &v, &config, &host).unwrap();
             (want.out, out.to_f32_vec(gpu).unwrap())
         }
         Extra::Varlen { cu_q, cu_k } => {
@@ -356,7 +370,7 @@ fn run_forward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String
                 .zip(cu_k.windows(2))
                 .map(|(qs, ks)| (qs[0]..qs[1], ks[0]..ks[1]))
                 .collect();
-            let want = per_sequence_reference(s, [&q, &k, &v], &case.config, &sequences);
+            let want = per_sequence_reference(s, [&q, &k, &v], &config, &sequences);
             (want, out.to_f32_vec(gpu).unwrap())
         }
         Extra::ValidLengths { q: q_lens, kv } => {
@@ -375,7 +389,7 @@ fn run_forward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String
                     (q0..q0 + q_lens[b], k0..k0 + kv[b])
                 })
                 .collect();
-            let want = per_sequence_reference(s, [&q, &k, &v], &case.config, &sequences);
+            let want = per_sequence_reference(s, [&q, &k, &v], &config, &sequences);
             (want, out.to_f32_vec(gpu).unwrap())
         }
     };

@@ -46,7 +46,7 @@ fn cases() -> Vec<(AttentionShape, AttentionConfig)> {
 #[test]
 fn sinks_join_every_rows_softmax() {
     let Some(gpu) = gpu() else { return };
-    for tier in [None, Some(Tier::Portable)] {
+    for tier in [None, Some(Tier::Portable), Some(Tier::RegisterBlocked)] {
         for (index, (shape, config)) in cases().into_iter().enumerate() {
             let seed = 70 + index as u64;
             let mut config = config.sinks(draw_sinks(shape.heads_q, seed));
