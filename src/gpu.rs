@@ -110,6 +110,17 @@ pub struct GpuInfo {
 }
 
 impl GpuInfo {
+    /// What a device the crate opens on `adapter` ([`Gpu::from_adapter`]:
+    /// all of its limits, the [`WANTED_FEATURES`] it has) would report,
+    /// without opening one: for planning on adapters that are only listed.
+    pub fn of_adapter(adapter: &wgpu::Adapter) -> Self {
+        GpuInfo {
+            adapter: adapter.get_info(),
+            features: adapter.features() & WANTED_FEATURES,
+            limits: adapter.limits(),
+            host_threads: host_threads(),
+        }
+    }
     /// Whether the device has `SHADER_F16` enabled.
     pub fn has_f16(&self) -> bool {
         self.features.contains(wgpu::Features::SHADER_F16)
@@ -276,7 +287,7 @@ impl Gpu {
             adapter,
             features: device.features(),
             limits: device.limits(),
-            host_threads: std::thread::available_parallelism().map_or(4, |n| n.get()),
+            host_threads: host_threads(),
         };
         let pipelines = PipelineCache::default();
         let placeholders = Placeholders::new(&device);
@@ -475,4 +486,9 @@ impl Gpu {
             }),
         }
     }
+}
+
+/// Threads the host runs at once (4 when the platform cannot say).
+fn host_threads() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| n.get())
 }

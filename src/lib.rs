@@ -72,5 +72,6 @@ pub use linear::{
 pub use mask::{AttentionMask, BlockLayout, MaskKind, patterns};
 pub use plan::{CacheShape, DecodePlan, ForwardPlan, NaivePlan};
 pub use rope::{Rope, RopeStyle};
+pub use shaders::BlockedTiling;
 pub use tensor::{DType, Strides, Tensor, TensorShape};
 pub use varlen::ValidLengths;

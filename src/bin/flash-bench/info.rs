@@ -1,23 +1,32 @@
 //! `flash-bench info`: every adapter wgpu finds.
 
 use anyhow::{Result, bail};
+use wgpu_flash_attn::{AttentionShape, DType, Error, ForwardPlan, GpuInfo, Tier};
 
+use crate::measure::bytes;
 use crate::options::GlobalArgs;
+use crate::options_json::{dtype_name, tier_name};
 use crate::report::{AdapterJson, write_json};
 
 pub fn run(global: &GlobalArgs) -> Result<bool> {
     let options = global.adapter_options();
-    let adapters: Vec<AdapterJson> = options
+    let found: Vec<(AdapterJson, GpuInfo)> = options
         .enumerate()
         .iter()
-        .map(|a| AdapterJson::new(&a.get_info(), a.features(), &a.limits()))
-        .filter(|a| {
+        .map(|a| {
+            (
+                AdapterJson::new(&a.get_info(), a.features(), &a.limits()),
+                GpuInfo::of_adapter(a),
+            )
+        })
+        .filter(|(a, _)| {
             options
                 .adapter_name
                 .as_ref()
                 .is_none_or(|wanted| a.name.to_lowercase().contains(&wanted.to_lowercase()))
         })
         .collect();
+    let (adapters, infos): (Vec<AdapterJson>, Vec<GpuInfo>) = found.into_iter().unzip();
     if adapters.is_empty() {
         bail!(
             "no adapter found for backends {:?}{}; without a GPU on Debian/Ubuntu: \
@@ -29,11 +38,77 @@ pub fn run(global: &GlobalArgs) -> Result<bool> {
                 .map_or(String::new(), |n| format!(" matching {n:?}"))
         );
     }
-    for adapter in &adapters {
-        println!("{}\n{}\n", adapter.name, adapter.describe());
+    for (adapter, info) in adapters.iter().zip(&infos) {
+        println!(
+            "{}\n{}\n{}",
+            adapter.name,
+            adapter.describe(),
+            forward_tiers(info)
+        );
     }
     if let Some(path) = &global.json {
         write_json(path, &adapters)?;
     }
     Ok(true)
+}
+
+/// Head dims the tier table shows.
+const TABLE_HEAD_DIMS: [usize; 4] = [64, 128, 256, 576];
+
+/// Which forward tier each storage type and head dim gets on this adapter,
+/// with its blocks, and why the other tiers are not chosen: the planner's
+/// own answers (`ForwardPlan`), so they cannot drift from what runs.
+/// Storage types that plan alike share a line.
+fn forward_tiers(info: &GpuInfo) -> String {
+    let mut lines = vec![format!(
+        "  forward tiers ({:?} adapter; register-blocked by default on hardware GPUs, \
+         per-row tiers on CPU adapters):",
+        info.adapter.device_type
+    )];
+    for head_dim in TABLE_HEAD_DIMS {
+        let mut rows: Vec<(Vec<&str>, String)> = Vec::new();
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let line = tier_line(info, head_dim, dtype);
+            match rows.iter_mut().find(|(_, existing)| *existing == line) {
+                Some((dtypes, _)) => dtypes.push(dtype_name(dtype)),
+                None => rows.push((vec![dtype_name(dtype)], line)),
+            }
+        }
+        for (dtypes, line) in rows {
+            lines.push(format!("    d={head_dim} {}: {line}", dtypes.join("/")));
+        }
+    }
+    lines.join("\n")
+}
+
+/// The tier a `head_dim` forward in `dtype` gets, and why the others not.
+fn tier_line(info: &GpuInfo, head_dim: usize, dtype: DType) -> String {
+    let shape = AttentionShape::self_attention(1, 4096, 8, head_dim);
+    let chosen = match ForwardPlan::for_call(info, &shape, dtype, None) {
+        Ok(plan) => format!(
+            "{} ({} rows x {} keys per block, {} invocations, {} workgroup memory)",
+            tier_name(plan.tier()),
+            plan.block_m(),
+            plan.block_n(),
+            plan.workgroup_size(),
+            bytes(plan.workgroup_bytes())
+        ),
+        Err(err) => format!("none: {err}"),
+    };
+    let unavailable: Vec<String> = [Tier::RegisterBlocked, Tier::SubgroupBroadcast]
+        .into_iter()
+        .filter_map(
+            |tier| match ForwardPlan::for_call(info, &shape, dtype, Some(tier)) {
+                Err(Error::TierUnavailable { reason, .. }) => {
+                    Some(format!("{} unavailable: {reason}", tier_name(tier)))
+                }
+                _ => None,
+            },
+        )
+        .collect();
+    if unavailable.is_empty() {
+        chosen
+    } else {
+        format!("{chosen}; {}", unavailable.join("; "))
+    }
 }

@@ -35,6 +35,7 @@ use wgpu_flash_attn::{AttentionShape, DType, Gpu};
 use ceiling::CeilingProbes;
 use measure::{Bench, CEILING_WORKGROUPS, Case};
 use options::{AttentionFlags, DTypeArg, GlobalArgs, Impl, ShapeArgs, TierArg, case_name};
+use options_json::tier_name;
 use presets::seed_models;
 use report::{AdapterJson, Ceilings, Report};
 use timing::TimingPlan;
@@ -85,9 +86,11 @@ struct RunArgs {
     dtype: DTypeArg,
     #[arg(long = "impl", value_enum, default_value_t = Impl::Flash)]
     implementation: Impl,
-    /// Force a kernel tier (default: the best this adapter offers).
-    #[arg(long, value_enum)]
-    tier: Option<TierArg>,
+    /// Force a kernel tier (default: the best this adapter offers); a
+    /// comma-separated list runs the case once per tier, in one run
+    /// (`--tier portable,blocked`).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    tier: Vec<TierArg>,
     /// Timed runs after the validating first run (at least 1).
     #[arg(long, default_value_t = 5, value_parser = crate::options::parse_iters)]
     iters: usize,
@@ -168,9 +171,6 @@ fn run(cli: &Cli) -> Result<bool> {
             let seed = 1;
             let mut config = args.flags.config();
             let mut flags = args.flags.describe();
-            if let Some(tier) = args.tier {
-                config = config.tier(tier.tier());
-            }
             if args.sinks {
                 config = config.sinks(seeded_sinks(seed, shape.heads_q));
                 flags.push_str(" sinks");
@@ -178,20 +178,41 @@ fn run(cli: &Cli) -> Result<bool> {
             if let Some(keys) = args.keys_per_dispatch {
                 flags.push_str(&format!(" {keys}-key dispatches"));
             }
-            let case = Case {
-                name: format!("{}{}", case_name(&shape, &flags), dtype_suffix(dtype)),
-                shape,
-                config,
-                impls: if args.backward && args.implementation != Impl::Backward {
-                    vec![args.implementation, Impl::Backward]
-                } else {
-                    vec![args.implementation]
-                },
-                seed,
-                dtype,
-                keys_per_dispatch: args.keys_per_dispatch,
+            let tiers: Vec<Option<TierArg>> = if args.tier.is_empty() {
+                vec![None]
+            } else {
+                args.tier.iter().copied().map(Some).collect()
             };
-            let report = measure_all(&gpu, cli, vec![case], args.iters, f64::INFINITY)?;
+            let cases = tiers
+                .into_iter()
+                .map(|tier| {
+                    let (config, tier_label) = match tier {
+                        Some(tier) => (
+                            config.clone().tier(tier.tier()),
+                            format!(" {}", tier_name(tier.tier())),
+                        ),
+                        None => (config.clone(), String::new()),
+                    };
+                    Case {
+                        name: format!(
+                            "{}{}{tier_label}",
+                            case_name(&shape, &flags),
+                            dtype_suffix(dtype)
+                        ),
+                        shape,
+                        config,
+                        impls: if args.backward && args.implementation != Impl::Backward {
+                            vec![args.implementation, Impl::Backward]
+                        } else {
+                            vec![args.implementation]
+                        },
+                        seed,
+                        dtype,
+                        keys_per_dispatch: args.keys_per_dispatch,
+                    }
+                })
+                .collect();
+            let report = measure_all(&gpu, cli, cases, args.iters, f64::INFINITY)?;
             Ok(report.failures() == 0)
         }
         Some(Command::Sweep(args)) => {
