@@ -302,6 +302,18 @@ pub enum Tier {
     /// linear attention or the backward is `TierUnavailable`; the naive
     /// baseline's products then use the best per-row tier.
     RegisterBlocked,
+    /// The forward kernel on the adapter's matrix units
+    /// (`shaders/flash_coop.wgsl`: tensor cores through
+    /// `VK_KHR_cooperative_matrix`, Apple's simdgroup matrices): S = Q K^T
+    /// and O += P V as 16x16 (or 8x8) matrix products with f32 results,
+    /// softmax in f32. Offered for f16 storage (f16 matrices) and f32
+    /// storage (where the adapter multiplies f32 matrices, e.g. Metal's
+    /// 8x8) on a device with wgpu's `EXPERIMENTAL_COOPERATIVE_MATRIX`,
+    /// `SUBGROUP` and (for f16) `SHADER_F16` features, which the crate
+    /// requests only when asked ([`crate::AdapterOptions::cooperative_matrix`]).
+    /// Where it is offered it is the forward's default; forcing it
+    /// elsewhere is `TierUnavailable` with the reason.
+    CooperativeMatrix,
 }
 
 impl AttentionConfig {

@@ -18,6 +18,9 @@ pub const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
     .union(wgpu::Features::TIMESTAMP_QUERY)
     .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
 
+/// Set to 1 to request cooperative matrices ([`AdapterOptions::cooperative_matrix`]).
+pub const COOPERATIVE_MATRIX_VAR: &str = "FLASH_ATTN_COOPERATIVE_MATRIX";
+
 /// How to pick an adapter. [`AdapterOptions::from_env`] follows wgpu's usual
 /// variables: `WGPU_BACKEND`, `WGPU_ADAPTER_NAME`, `WGPU_POWER_PREF`.
 #[derive(Debug, Clone)]
@@ -28,6 +31,12 @@ pub struct AdapterOptions {
     pub adapter_name: Option<String>,
     /// Adapter preference when no name is given (`WGPU_POWER_PREF`).
     pub power_preference: wgpu::PowerPreference,
+    /// Request wgpu's `EXPERIMENTAL_COOPERATIVE_MATRIX` feature where the
+    /// adapter has it (`FLASH_ATTN_COOPERATIVE_MATRIX=1`), which offers
+    /// [`crate::Tier::CooperativeMatrix`]. wgpu marks the feature
+    /// experimental (its implementation may still have bugs), so it is off
+    /// unless asked for.
+    pub cooperative_matrix: bool,
 }
 
 impl AdapterOptions {
@@ -40,6 +49,7 @@ impl AdapterOptions {
                 .ok()
                 .filter(|name| !name.is_empty()),
             power_preference: wgpu::PowerPreference::from_env().unwrap_or_default(),
+            cooperative_matrix: std::env::var(COOPERATIVE_MATRIX_VAR).is_ok_and(|v| v == "1"),
         }
     }
 
@@ -107,18 +117,32 @@ pub struct GpuInfo {
     /// these are the compute units, so the decode planner sizes its key
     /// splits from them.
     pub host_threads: usize,
+    /// The cooperative-matrix configurations the adapter reports, when
+    /// the device has `EXPERIMENTAL_COOPERATIVE_MATRIX` enabled; empty
+    /// otherwise (and for a caller's device wrapped by
+    /// [`Gpu::from_device`], which has no adapter to ask).
+    pub cooperative_matrices: Vec<wgpu::CooperativeMatrixProperties>,
 }
 
 impl GpuInfo {
-    /// What a device the crate opens on `adapter` ([`Gpu::from_adapter`]:
-    /// all of its limits, the [`WANTED_FEATURES`] it has) would report,
-    /// without opening one: for planning on adapters that are only listed.
-    pub fn of_adapter(adapter: &wgpu::Adapter) -> Self {
+    /// What a device the crate opens on `adapter` ([`Gpu::from_adapter_with`]:
+    /// all of its limits, the [`WANTED_FEATURES`] it has, cooperative
+    /// matrices if asked for and offered) would report, without opening
+    /// one: for planning on adapters that are only listed.
+    pub fn of_adapter(adapter: &wgpu::Adapter, cooperative_matrix: bool) -> Self {
+        let features = device_features(adapter, cooperative_matrix);
         GpuInfo {
             adapter: adapter.get_info(),
-            features: adapter.features() & WANTED_FEATURES,
+            features,
             limits: adapter.limits(),
             host_threads: host_threads(),
+            cooperative_matrices: if features
+                .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+            {
+                adapter.cooperative_matrix_properties()
+            } else {
+                Vec::new()
+            },
         }
     }
     /// Whether the device has `SHADER_F16` enabled.
@@ -255,24 +279,47 @@ impl Gpu {
     /// Like [`Gpu::new`] with explicit options.
     pub async fn request(options: &AdapterOptions) -> Result<Self> {
         let adapter = options.select().await?;
-        Self::from_adapter(&adapter).await
+        Self::from_adapter_with(&adapter, options.cooperative_matrix).await
     }
 
     /// Requests a device from `adapter` with all of its limits and the
     /// subset of [`WANTED_FEATURES`] it supports.
     pub async fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
-        let features = adapter.features() & WANTED_FEATURES;
+        Self::from_adapter_with(adapter, false).await
+    }
+
+    /// [`Gpu::from_adapter`], also requesting wgpu's experimental
+    /// cooperative-matrix feature when `cooperative_matrix` is set and the
+    /// adapter has it ([`AdapterOptions::cooperative_matrix`]).
+    pub async fn from_adapter_with(
+        adapter: &wgpu::Adapter,
+        cooperative_matrix: bool,
+    ) -> Result<Self> {
+        let wanted = GpuInfo::of_adapter(adapter, cooperative_matrix);
+        let features = wanted.features;
+        let experimental_features =
+            if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+                // SAFETY: the caller asked for the experimental feature
+                // (AdapterOptions::cooperative_matrix); wgpu's token only
+                // records that consent. Only the cooperative-matrix kernel
+                // uses it, after the planner checked the configuration.
+                unsafe { wgpu::ExperimentalFeatures::enabled() }
+            } else {
+                wgpu::ExperimentalFeatures::disabled()
+            };
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("wgpu-flash-attn"),
                 required_features: features,
                 required_limits: adapter.limits(),
-                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                experimental_features,
                 memory_hints: wgpu::MemoryHints::Performance,
                 trace: wgpu::Trace::Off,
             })
             .await?;
-        Ok(Self::from_device(device, queue, adapter.get_info()))
+        let mut gpu = Self::from_device(device, queue, adapter.get_info());
+        gpu.info.cooperative_matrices = wanted.cooperative_matrices;
+        Ok(gpu)
     }
 
     /// Wraps a device the caller already owns, so the crate shares it rather
@@ -288,6 +335,7 @@ impl Gpu {
             features: device.features(),
             limits: device.limits(),
             host_threads: host_threads(),
+            cooperative_matrices: Vec::new(),
         };
         let pipelines = PipelineCache::default();
         let placeholders = Placeholders::new(&device);
@@ -491,4 +539,15 @@ impl Gpu {
 /// Threads the host runs at once (4 when the platform cannot say).
 fn host_threads() -> usize {
     std::thread::available_parallelism().map_or(4, |n| n.get())
+}
+
+/// The features a device the crate opens on `adapter` requests: the
+/// [`WANTED_FEATURES`] it has, and cooperative matrices if asked for and
+/// offered.
+fn device_features(adapter: &wgpu::Adapter, cooperative_matrix: bool) -> wgpu::Features {
+    let mut wanted = WANTED_FEATURES;
+    if cooperative_matrix {
+        wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+    }
+    adapter.features() & wanted
 }

@@ -9,8 +9,8 @@ use crate::decode::DecodeOptions;
 use crate::error::{Error, Result};
 use crate::gpu::GpuInfo;
 use crate::shaders::{
-    AttentionTiling, BlockedTiling, MIN_BLOCK_N, NaivePass, Specialization, forward_tile_bytes,
-    largest_block_n,
+    AttentionTiling, BlockedTiling, CoopTiling, MIN_BLOCK_N, NaivePass, Specialization,
+    forward_tile_bytes, largest_block_n,
 };
 use crate::tensor::DType;
 
@@ -75,10 +75,10 @@ const SUBGROUP_SIZES: std::ops::RangeInclusive<u32> = 4..=128;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ForwardPlan {
     /// The tiling of the per-row tiers (flash_attention.wgsl), which the
-    /// naive baseline's products share even when `blocked` is chosen.
+    /// naive baseline's products share even when `tiled` is chosen.
     pub(crate) tiling: AttentionTiling,
-    /// The register-blocked kernel's tiling, when the call runs it.
-    blocked: Option<BlockedTiling>,
+    /// The block-tiled kernel the call runs, if not a per-row one.
+    tiled: Option<TiledKernel>,
     workgroups: [u32; 3],
     keys_per_dispatch: Option<u64>,
 }
@@ -117,40 +117,62 @@ impl ForwardPlan {
     }
     /// Invocations per workgroup.
     pub fn workgroup_size(&self) -> u32 {
-        self.blocked
-            .map_or(self.tiling.workgroup_size, |b| b.workgroup_size())
+        match self.tiled {
+            Some(TiledKernel::Blocked(b)) => b.workgroup_size(),
+            Some(TiledKernel::Coop(c)) => c.workgroup_size,
+            None => self.tiling.workgroup_size,
+        }
     }
-    /// Query rows each invocation holds.
+    /// Query rows each invocation holds (the cooperative-matrix kernel's
+    /// rows are held by subgroups: 0).
     pub fn rows_per_invocation(&self) -> u32 {
-        self.blocked.map_or(self.tiling.rows, |b| b.rows)
+        match self.tiled {
+            Some(TiledKernel::Blocked(b)) => b.rows,
+            Some(TiledKernel::Coop(_)) => 0,
+            None => self.tiling.rows,
+        }
     }
     /// Query rows per workgroup (one tile of Q).
     pub fn block_m(&self) -> u32 {
-        self.blocked
-            .map_or(self.tiling.workgroup_size * self.tiling.rows, |b| {
-                b.block_m()
-            })
+        match self.tiled {
+            Some(TiledKernel::Blocked(b)) => b.block_m(),
+            Some(TiledKernel::Coop(c)) => c.block_m(),
+            None => self.tiling.workgroup_size * self.tiling.rows,
+        }
     }
     /// Keys per K/V tile.
     pub fn block_n(&self) -> u32 {
-        self.blocked.map_or(self.tiling.block_n, |b| b.block_n())
+        match self.tiled {
+            Some(TiledKernel::Blocked(b)) => b.block_n(),
+            Some(TiledKernel::Coop(c)) => c.block_n(),
+            None => self.tiling.block_n,
+        }
     }
     /// The register-blocked tier's layout, when the plan runs it.
     pub fn blocked_tiling(&self) -> Option<BlockedTiling> {
-        self.blocked
+        match self.tiled {
+            Some(TiledKernel::Blocked(b)) => Some(b),
+            _ => None,
+        }
+    }
+    /// The cooperative-matrix tier's layout, when the plan runs it.
+    pub fn coop_tiling(&self) -> Option<CoopTiling> {
+        match self.tiled {
+            Some(TiledKernel::Coop(c)) => Some(c),
+            _ => None,
+        }
     }
     /// Bytes of workgroup memory the forward kernel declares.
     pub fn workgroup_bytes(&self) -> u64 {
-        self.blocked.map_or_else(
-            || {
-                forward_tile_bytes(
-                    self.tiling.head_dim,
-                    self.tiling.head_dim_v,
-                    self.tiling.block_n,
-                )
-            },
-            |b| b.workgroup_bytes(),
-        )
+        match self.tiled {
+            Some(TiledKernel::Blocked(b)) => b.workgroup_bytes(),
+            Some(TiledKernel::Coop(c)) => c.workgroup_bytes(),
+            None => forward_tile_bytes(
+                self.tiling.head_dim,
+                self.tiling.head_dim_v,
+                self.tiling.block_n,
+            ),
+        }
     }
     /// Storage type of Q, K, V and O.
     pub fn storage(&self) -> DType {
@@ -160,18 +182,16 @@ impl ForwardPlan {
     /// (the register-blocked kernel always expands its row and column
     /// loops and never the head-dim one: `false`).
     pub fn unrolled(&self) -> bool {
-        self.blocked.is_none() && self.tiling.unroll
+        self.tiled.is_none() && self.tiling.unroll
     }
     pub(crate) fn specialization(&self) -> Specialization {
-        match self.blocked {
-            Some(blocked) => Specialization::FlashBlocked(blocked),
-            None => Specialization::FlashForward(self.tiling),
-        }
+        forward_specialization(self.tiled, self.tiling)
     }
     /// The kernel of the same tier with an attention mask.
     pub(crate) fn masked_specialization(&self) -> Specialization {
-        match self.blocked {
-            Some(blocked) => Specialization::FlashBlockedMasked(blocked),
+        match self.tiled {
+            Some(TiledKernel::Blocked(b)) => Specialization::FlashBlockedMasked(b),
+            Some(TiledKernel::Coop(c)) => Specialization::FlashCoopMasked(c),
             None => Specialization::FlashMasked(self.tiling),
         }
     }
@@ -200,7 +220,7 @@ impl ForwardPlan {
         })?;
         // The per-row tiers' tiling is planned in every case: the naive
         // baseline shares it.
-        let row_tier = tier.filter(|&t| t != Tier::RegisterBlocked);
+        let row_tier = tier.filter(|&t| matches!(t, Tier::Portable | Tier::SubgroupBroadcast));
         let RowTiling {
             workgroup_size,
             rows,
@@ -208,18 +228,32 @@ impl ForwardPlan {
             subgroup_kv,
         } = row_tiling(info, shape, row_tier)?;
         info.check_invocations(workgroup_size)?;
-        let blocked = match (tier, blocked_tiling(info, shape, storage)) {
-            (Some(Tier::RegisterBlocked), Err(reason)) => {
-                return Err(Error::TierUnavailable {
-                    tier: Tier::RegisterBlocked,
-                    reason,
-                });
-            }
-            (Some(Tier::RegisterBlocked), Ok(blocked)) => Some(blocked),
-            (None, Ok(blocked)) if blocked_by_default(info) => Some(blocked),
-            _ => None,
+        let unavailable = |tier, reason| Error::TierUnavailable { tier, reason };
+        let tiled = match tier {
+            Some(Tier::CooperativeMatrix) => Some(TiledKernel::Coop(
+                coop_tiling(info, shape, storage)
+                    .map_err(|reason| unavailable(Tier::CooperativeMatrix, reason))?,
+            )),
+            Some(Tier::RegisterBlocked) => Some(TiledKernel::Blocked(
+                blocked_tiling(info, shape, storage)
+                    .map_err(|reason| unavailable(Tier::RegisterBlocked, reason))?,
+            )),
+            Some(Tier::Portable | Tier::SubgroupBroadcast) => None,
+            // The matrix units where the device offers them, else
+            // register blocking on hardware GPUs.
+            None => match coop_tiling(info, shape, storage) {
+                Ok(coop) => Some(TiledKernel::Coop(coop)),
+                Err(_) if blocked_by_default(info) => blocked_tiling(info, shape, storage)
+                    .ok()
+                    .map(TiledKernel::Blocked),
+                Err(_) => None,
+            },
         };
-        let block_m = u64::from(blocked.map_or(workgroup_size * rows, |b| b.block_m()));
+        let block_m = u64::from(match tiled {
+            Some(TiledKernel::Blocked(b)) => b.block_m(),
+            Some(TiledKernel::Coop(c)) => c.block_m(),
+            None => workgroup_size * rows,
+        });
         let groups = [
             (shape.seq_q as u64).div_ceil(block_m),
             shape.heads_q as u64,
@@ -246,14 +280,11 @@ impl ForwardPlan {
             subgroup_kv,
             storage,
         };
-        let spec = match blocked {
-            Some(blocked) => Specialization::FlashBlocked(blocked),
-            None => Specialization::FlashForward(tiling),
-        };
-        let keys_per_dispatch = keys_within_loop_budget(info, &spec)?;
+        let keys_per_dispatch =
+            keys_within_loop_budget(info, &forward_specialization(tiled, tiling))?;
         Ok(ForwardPlan {
             tiling,
-            blocked,
+            tiled,
             workgroups: groups.map(|n| n as u32),
             keys_per_dispatch,
         })
@@ -281,11 +312,148 @@ impl ForwardPlan {
 
     /// The kernel tier this plan runs.
     pub fn tier(&self) -> Tier {
-        match self.blocked {
-            Some(_) => Tier::RegisterBlocked,
+        match self.tiled {
+            Some(TiledKernel::Blocked(_)) => Tier::RegisterBlocked,
+            Some(TiledKernel::Coop(_)) => Tier::CooperativeMatrix,
             None => tier_of(&self.tiling),
         }
     }
+}
+
+/// A forward kernel whose workgroup shares a block of rows (rather than
+/// giving each invocation rows of its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TiledKernel {
+    Blocked(BlockedTiling),
+    Coop(CoopTiling),
+}
+
+/// The unmasked forward kernel of a plan.
+fn forward_specialization(tiled: Option<TiledKernel>, tiling: AttentionTiling) -> Specialization {
+    match tiled {
+        Some(TiledKernel::Blocked(b)) => Specialization::FlashBlocked(b),
+        Some(TiledKernel::Coop(c)) => Specialization::FlashCoop(c),
+        None => Specialization::FlashForward(tiling),
+    }
+}
+
+/// Cooperative-matrix layouts, best first: (row tiles, key tiles).
+const COOP_TILES: [(u32, u32); 7] = [(4, 4), (4, 2), (2, 4), (2, 2), (2, 1), (1, 2), (1, 1)];
+
+/// The cooperative-matrix kernel's layout for this adapter and shape: the
+/// largest matrices the adapter multiplies with the storage type's
+/// operands into f32, and the first of [`COOP_TILES`] whose workgroup
+/// memory and invocations fit; or why there is none.
+fn coop_tiling(
+    info: &GpuInfo,
+    shape: &AttentionShape,
+    storage: DType,
+) -> std::result::Result<CoopTiling, String> {
+    use wgpu::CooperativeScalarType as Scalar;
+    let adapter = &info.adapter;
+    if !matches!(
+        adapter.backend,
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal
+    ) {
+        return Err(format!(
+            "wgpu offers cooperative matrices on Vulkan and Metal, not {:?}",
+            adapter.backend
+        ));
+    }
+    if !info
+        .features
+        .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+    {
+        return Err(
+            "the device lacks wgpu's EXPERIMENTAL_COOPERATIVE_MATRIX feature (requested with \
+             AdapterOptions::cooperative_matrix or FLASH_ATTN_COOPERATIVE_MATRIX=1 where the \
+             adapter has it)"
+                .to_string(),
+        );
+    }
+    if !info.has_subgroups() {
+        return Err("it needs the SUBGROUP feature".to_string());
+    }
+    let operand = match storage {
+        DType::F16 if info.has_f16() => Scalar::F16,
+        DType::F16 => return Err("f16 matrices need the SHADER_F16 feature".to_string()),
+        DType::F32 => Scalar::F32,
+        DType::BF16 => {
+            return Err(
+                "no configuration multiplies bf16 matrices (f16 or f32 storage does)".to_string(),
+            );
+        }
+    };
+    let offered = |size: u32| {
+        info.cooperative_matrices.iter().any(|c| {
+            (c.m_size, c.n_size, c.k_size) == (size, size, size)
+                && c.ab_type == operand
+                && c.cr_type == Scalar::F32
+        })
+    };
+    let Some(size) = [16, 8].into_iter().find(|&size| offered(size)) else {
+        let reported: Vec<String> = info
+            .cooperative_matrices
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}x{}x{} {:?}->{:?}",
+                    c.m_size, c.n_size, c.k_size, c.ab_type, c.cr_type
+                )
+            })
+            .collect();
+        return Err(format!(
+            "the adapter multiplies no 16x16 or 8x8 {operand:?} matrices into f32 (it reports: {})",
+            reported.join(", ")
+        ));
+    };
+    let (head_dim, head_dim_v) = (shape.head_dim as u32, shape.head_dim_v as u32);
+    if head_dim % size != 0 || head_dim_v % size != 0 {
+        return Err(format!(
+            "head dims {head_dim}/{head_dim_v} are not multiples of its {size}x{size} matrices"
+        ));
+    }
+    let subgroup = adapter.subgroup_min_size;
+    if !subgroup.is_power_of_two() || subgroup < size {
+        return Err(format!(
+            "its softmax gives each {size}-row tile a subgroup of at least {size} lanes; the \
+             adapter's smallest subgroup is {subgroup}"
+        ));
+    }
+    let memory = u64::from(info.limits.max_compute_workgroup_storage_size);
+    let invocations = info.max_invocations();
+    let layouts = COOP_TILES.map(|(row_tiles, key_tiles)| CoopTiling {
+        head_dim,
+        head_dim_v,
+        size,
+        row_tiles,
+        key_tiles,
+        workgroup_size: row_tiles * subgroup,
+        storage,
+    });
+    // Each lane of a row takes whole four-key quads.
+    let quads_split = |t: &CoopTiling| (t.block_n() / 4) % t.lanes_per_row() == 0;
+    let fits = |t: &CoopTiling| {
+        quads_split(t) && t.workgroup_bytes() <= memory && t.workgroup_size <= invocations
+    };
+    if let Some(found) = layouts.iter().find(|t| fits(t)) {
+        return Ok(*found);
+    }
+    let smallest = layouts
+        .iter()
+        .filter(|t| quads_split(t))
+        .min_by_key(|t| t.workgroup_bytes())
+        .copied()
+        .unwrap_or(layouts[layouts.len() - 1]);
+    Err(format!(
+        "its smallest block ({} rows, {} keys, {} invocations) needs {} bytes of workgroup memory \
+         at head dims {head_dim}/{head_dim_v}; the adapter allows {memory} bytes and {invocations} \
+         invocations",
+        smallest.block_m(),
+        smallest.block_n(),
+        smallest.workgroup_size,
+        smallest.workgroup_bytes()
+    ))
 }
 
 /// Register-blocked layouts, best first: (row lanes, key lanes). 128
@@ -387,10 +555,12 @@ fn tier_of(tiling: &AttentionTiling) -> Tier {
 /// `TierUnavailable`. The forward and decode planners share this rule.
 pub(crate) fn use_subgroup_tier(info: &GpuInfo, tier: Option<Tier>) -> Result<bool> {
     match (tier, subgroup_broadcast_missing(info)) {
-        (Some(Tier::RegisterBlocked), _) => Err(Error::TierUnavailable {
-            tier: Tier::RegisterBlocked,
-            reason: "only the forward pass has a register-blocked kernel".to_string(),
-        }),
+        (Some(tier @ (Tier::RegisterBlocked | Tier::CooperativeMatrix)), _) => {
+            Err(Error::TierUnavailable {
+                tier,
+                reason: format!("only the forward pass has a {tier:?} kernel"),
+            })
+        }
         (Some(Tier::SubgroupBroadcast), Some(reason)) => Err(Error::TierUnavailable {
             tier: Tier::SubgroupBroadcast,
             reason,
@@ -782,7 +952,25 @@ pub(crate) mod profiles {
         pub invocations: u32,
         /// `max_storage_buffers_per_shader_stage`.
         pub storage_buffers: u32,
+        /// Cooperative-matrix configurations (size, operand, result) of a
+        /// device that enabled the feature; empty: not enabled.
+        pub coop: &'static [(u32, Scalar, Scalar)],
     }
+
+    use wgpu::CooperativeScalarType as Scalar;
+
+    /// What NVIDIA's Vulkan driver reports for subgroup-scope square
+    /// matrices of the sizes wgpu takes (16x16x16, f16 operands).
+    const NVIDIA_COOP: &[(u32, Scalar, Scalar)] = &[
+        (16, Scalar::F16, Scalar::F16),
+        (16, Scalar::F16, Scalar::F32),
+    ];
+    /// What wgpu's Metal backend reports (simdgroup matrices, Apple7+).
+    const APPLE_COOP: &[(u32, Scalar, Scalar)] = &[
+        (8, Scalar::F32, Scalar::F32),
+        (8, Scalar::F16, Scalar::F16),
+        (8, Scalar::F16, Scalar::F32),
+    ];
 
     impl Profile {
         pub(crate) fn info(&self) -> GpuInfo {
@@ -790,6 +978,9 @@ pub(crate) mod profiles {
             let mut features = wgpu::Features::SHADER_F16;
             if self.subgroups.is_some() {
                 features |= wgpu::Features::SUBGROUP;
+            }
+            if !self.coop.is_empty() {
+                features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
             }
             let limits = wgpu::Limits {
                 max_compute_workgroup_storage_size: self.workgroup_bytes,
@@ -819,6 +1010,20 @@ pub(crate) mod profiles {
                 features,
                 limits,
                 host_threads: 2,
+                cooperative_matrices: self
+                    .coop
+                    .iter()
+                    .map(
+                        |&(size, ab_type, cr_type)| wgpu::CooperativeMatrixProperties {
+                            m_size: size,
+                            n_size: size,
+                            k_size: size,
+                            ab_type,
+                            cr_type,
+                            saturating_accumulation: false,
+                        },
+                    )
+                    .collect(),
             }
         }
     }
@@ -836,6 +1041,7 @@ pub(crate) mod profiles {
                 workgroup_bytes: 32 * KIB,
                 invocations: 1024,
                 storage_buffers: 32,
+                coop: &[],
             },
             Profile {
                 name: "llvmpipe (LLVM 15.0.6, 256 bits) GL",
@@ -845,6 +1051,7 @@ pub(crate) mod profiles {
                 workgroup_bytes: 32 * KIB,
                 invocations: 1024,
                 storage_buffers: 16,
+                coop: &[],
             },
             Profile {
                 name: "NVIDIA H200",
@@ -854,6 +1061,7 @@ pub(crate) mod profiles {
                 workgroup_bytes: 48 * KIB,
                 invocations: 1024,
                 storage_buffers: 1048576,
+                coop: &[],
             },
             Profile {
                 name: "AMD Radeon RX 7900 XTX",
@@ -863,6 +1071,7 @@ pub(crate) mod profiles {
                 workgroup_bytes: 64 * KIB,
                 invocations: 1024,
                 storage_buffers: 1048576,
+                coop: &[],
             },
             Profile {
                 name: "Apple M2",
@@ -872,6 +1081,7 @@ pub(crate) mod profiles {
                 workgroup_bytes: 32 * KIB,
                 invocations: 1024,
                 storage_buffers: 31,
+                coop: &[],
             },
             Profile {
                 name: "Intel Arc A770",
@@ -881,6 +1091,7 @@ pub(crate) mod profiles {
                 workgroup_bytes: 64 * KIB,
                 invocations: 1024,
                 storage_buffers: 64,
+                coop: &[],
             },
             Profile {
                 name: "Adreno mobile, WebGPU's minimum limits",
@@ -890,6 +1101,7 @@ pub(crate) mod profiles {
                 workgroup_bytes: 16 * KIB,
                 invocations: 256,
                 storage_buffers: 8,
+                coop: &[],
             },
             Profile {
                 name: "WARP",
@@ -899,6 +1111,28 @@ pub(crate) mod profiles {
                 workgroup_bytes: 32 * KIB,
                 invocations: 1024,
                 storage_buffers: 64,
+                coop: &[],
+            },
+            // The same GPUs on devices that enabled cooperative matrices.
+            Profile {
+                name: "NVIDIA H200 with cooperative matrices",
+                device_type: DeviceType::DiscreteGpu,
+                backend: Backend::Vulkan,
+                subgroups: Some((32, 32)),
+                workgroup_bytes: 48 * KIB,
+                invocations: 1024,
+                storage_buffers: 1048576,
+                coop: NVIDIA_COOP,
+            },
+            Profile {
+                name: "Apple M2 with cooperative matrices",
+                device_type: DeviceType::IntegratedGpu,
+                backend: Backend::Metal,
+                subgroups: Some((32, 32)),
+                workgroup_bytes: 32 * KIB,
+                invocations: 1024,
+                storage_buffers: 31,
+                coop: APPLE_COOP,
             },
         ]
     }
@@ -1056,8 +1290,14 @@ pub(crate) mod profiles {
                             plan.masked_specialization(),
                             Specialization::FlashBlockedMasked(t) if t == blocked
                         ));
-                        // The default takes it exactly on hardware GPUs.
-                        assert_eq!(default.tier() == Tier::RegisterBlocked, gpu, "{what}");
+                        // The default takes it exactly on hardware GPUs
+                        // (unless their matrix units take the call).
+                        let coop = default.tier() == Tier::CooperativeMatrix;
+                        assert_eq!(
+                            default.tier() == Tier::RegisterBlocked,
+                            gpu && !coop,
+                            "{what}"
+                        );
                     }
                     Err(Error::TierUnavailable { reason, .. }) => {
                         assert!(reason.contains(&limit.to_string()), "{what}: {reason}");
@@ -1094,6 +1334,117 @@ pub(crate) mod profiles {
                 tier: Tier::RegisterBlocked,
                 ..
             })
+        ));
+    }
+
+    /// (tier, matrix size, block rows, block keys, invocations) of a forced
+    /// or default plan, or the reason it is unavailable.
+    fn coop(
+        name: &str,
+        head_dim: usize,
+        storage: DType,
+        tier: Option<Tier>,
+    ) -> std::result::Result<(Tier, u32, u32, u32, u32), String> {
+        let shape = AttentionShape::self_attention(1, 1000, 4, head_dim);
+        match ForwardPlan::for_call(&profile(name), &shape, storage, tier) {
+            Ok(plan) => Ok((
+                plan.tier(),
+                plan.coop_tiling().map_or(0, |c| c.size),
+                plan.block_m(),
+                plan.block_n(),
+                plan.workgroup_size(),
+            )),
+            Err(Error::TierUnavailable { reason, .. }) => Err(reason),
+            Err(other) => panic!("{name}: {other}"),
+        }
+    }
+
+    #[test]
+    fn cooperative_matrices_where_the_device_multiplies_the_storage_type() {
+        use Tier::{CooperativeMatrix, RegisterBlocked};
+        let nvidia = "NVIDIA H200 with";
+        let apple = "Apple M2 with";
+        // NVIDIA: 16x16 f16 matrices into f32; 32 x 32 blocks fit 48 KiB
+        // at d=128 (O accumulates as f32 in workgroup memory).
+        assert_eq!(
+            coop(nvidia, 128, DType::F16, None),
+            Ok((CooperativeMatrix, 16, 32, 32, 64))
+        );
+        assert_eq!(
+            coop(nvidia, 64, DType::F16, None),
+            Ok((CooperativeMatrix, 16, 64, 32, 128))
+        );
+        // No f32 or bf16 matrices there: the default is register-blocked,
+        // and forcing says why.
+        assert_eq!(
+            coop(nvidia, 128, DType::F32, None).unwrap().0,
+            RegisterBlocked
+        );
+        let why = coop(nvidia, 128, DType::F32, Some(CooperativeMatrix)).unwrap_err();
+        assert!(
+            why.contains("F32") && why.contains("16x16x16 F16->F32"),
+            "{why}"
+        );
+        let why = coop(nvidia, 128, DType::BF16, Some(CooperativeMatrix)).unwrap_err();
+        assert!(why.contains("bf16"), "{why}");
+        // Head dims that 16x16 matrices do not tile.
+        let why = coop(nvidia, 72, DType::F16, Some(CooperativeMatrix)).unwrap_err();
+        assert!(why.contains("72/72") && why.contains("16x16"), "{why}");
+        assert_eq!(
+            coop(nvidia, 72, DType::F16, None).unwrap().0,
+            RegisterBlocked
+        );
+        // Apple: 8x8 matrices, f32 ones too; four lanes per row.
+        assert_eq!(
+            coop(apple, 128, DType::F32, None),
+            Ok((CooperativeMatrix, 8, 16, 16, 64))
+        );
+        assert_eq!(
+            coop(apple, 72, DType::F16, None).unwrap().0,
+            CooperativeMatrix
+        );
+        // Without the feature (the default device), or on GL and DX12.
+        let why = coop("NVIDIA H200", 128, DType::F16, Some(CooperativeMatrix)).unwrap_err();
+        assert!(why.contains("EXPERIMENTAL_COOPERATIVE_MATRIX"), "{why}");
+        let why = coop("Intel", 128, DType::F16, Some(CooperativeMatrix)).unwrap_err();
+        assert!(why.contains("Dx12"), "{why}");
+        // Every layout chosen fits and splits a row's quads evenly.
+        for p in all().iter().filter(|p| !p.coop.is_empty()) {
+            for head_dim in (16..=256).step_by(16) {
+                for storage in [DType::F16, DType::F32] {
+                    let shape = AttentionShape::self_attention(1, 500, 4, head_dim);
+                    let info = p.info();
+                    let Ok(plan) =
+                        ForwardPlan::for_call(&info, &shape, storage, Some(CooperativeMatrix))
+                    else {
+                        continue;
+                    };
+                    let c = plan.coop_tiling().unwrap();
+                    assert!(c.workgroup_bytes() <= u64::from(p.workgroup_bytes));
+                    assert_eq!(c.workgroup_size % c.block_m(), 0);
+                    assert_eq!((c.block_n() / 4) % c.lanes_per_row(), 0);
+                    assert_eq!(
+                        plan.masked_specialization(),
+                        Specialization::FlashCoopMasked(c)
+                    );
+                }
+            }
+        }
+        // Decoding has no cooperative-matrix kernel.
+        let cache = CacheShape {
+            batch: 1,
+            heads_kv: 1,
+            head_dim: 64,
+            head_dim_v: 64,
+            longest: 100,
+            segments: 1,
+            dtype: crate::KvDType::F16,
+        };
+        let options =
+            DecodeOptions::new(&crate::AttentionConfig::new().tier(Tier::CooperativeMatrix));
+        assert!(matches!(
+            DecodePlan::for_call(&profile(nvidia), &cache, 1, 4, &options),
+            Err(Error::TierUnavailable { .. })
         ));
     }
 

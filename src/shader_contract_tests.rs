@@ -59,6 +59,7 @@ fn shipped_specializations() -> Vec<Specialization> {
         Some(Tier::Portable),
         Some(Tier::SubgroupBroadcast),
         Some(Tier::RegisterBlocked),
+        Some(Tier::CooperativeMatrix),
     ];
     // Every head dim up to 256, a spread of wider ones, and values of
     // another width both ways (DeepSeek MLA's 192/128 prefill and 576/512
@@ -245,6 +246,11 @@ fn capabilities(spec: &Specialization) -> Capabilities {
     if spec.needs_f16_in_f32() {
         capabilities |= Capabilities::SHADER_FLOAT16_IN_FLOAT32;
     }
+    if spec.needs_cooperative_matrices() {
+        // wgpu grants these with EXPERIMENTAL_COOPERATIVE_MATRIX and
+        // SHADER_F16 (f16 matrices).
+        capabilities |= Capabilities::COOPERATIVE_MATRIX | Capabilities::SHADER_FLOAT16;
+    }
     capabilities
 }
 
@@ -301,7 +307,13 @@ fn write_msl(module: &naga::Module, info: &naga::valid::ModuleInfo, label: &str,
         entry_point: Some((naga::ShaderStage::Compute, entry.to_string())),
         ..Default::default()
     };
-    msl::write_string(module, info, &msl::Options::default(), &pipeline)
+    // Simdgroup matrices (the cooperative-matrix kernel) are MSL 2.3,
+    // which wgpu's Metal backend requires for the feature.
+    let options = msl::Options {
+        lang_version: (2, 3),
+        ..msl::Options::default()
+    };
+    msl::write_string(module, info, &options, &pipeline)
         .unwrap_or_else(|e| panic!("{label}: MSL: {e}"));
 }
 
@@ -344,6 +356,10 @@ fn validate_and_translate(spec: &Specialization) {
     let entry = spec.kernel().entry_point();
     write_spirv(&module, &info, &label);
     write_msl(&module, &info, &label, entry);
+    // wgpu offers cooperative matrices on Vulkan and Metal only.
+    if spec.needs_cooperative_matrices() {
+        return;
+    }
     write_hlsl(&module, &info, &label, entry);
     // wgpu's GL backend has no subgroups, so those variants never reach
     // GLSL.

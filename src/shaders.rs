@@ -23,11 +23,17 @@ const KV_INT8: &str = "KV_INT8";
 const MASK: &str = "MASK";
 const CAUSAL: &str = "CAUSAL";
 const SUBGROUP_BROADCAST: &str = "SUBGROUP_BROADCAST";
+/// The cooperative-matrix forward on 8x8 matrices (else 16x16).
+const COOP8: &str = "COOP8";
+/// The cooperative-matrix forward multiplying f32 matrices (else f16).
+const COOP_F32: &str = "COOP_F32";
 
 /// Every `// #if` name the shaders may use. The preprocessor refuses any
 /// other, so a misspelt name fails loudly instead of quietly selecting the
 /// `// #else` branch.
-pub const VARIANT_NAMES: [&str; 8] = [
+pub const VARIANT_NAMES: [&str; 10] = [
+    COOP8,
+    COOP_F32,
     SUBGROUP_KV,
     HALF_STORAGE,
     BF16_STORAGE,
@@ -54,6 +60,11 @@ pub enum Kernel {
     FlashBlocked,
     /// The same file with an attention mask.
     FlashBlockedMasked,
+    /// `shaders/flash_coop.wgsl`: the cooperative-matrix forward pass
+    /// ([`crate::Tier::CooperativeMatrix`]).
+    FlashCoop,
+    /// The same file with an attention mask.
+    FlashCoopMasked,
     /// `shaders/naive_attention.wgsl`, first pass: S = scale * Q K^T, masked.
     NaiveScores,
     /// `shaders/naive_attention.wgsl`, second pass: P = softmax(S) in place.
@@ -92,11 +103,13 @@ pub enum Kernel {
 impl Kernel {
     /// Every kernel family, for tests that validate all shaders.
     #[cfg(test)]
-    pub const ALL: [Kernel; 19] = [
+    pub const ALL: [Kernel; 21] = [
         Kernel::FlashForward,
         Kernel::FlashMasked,
         Kernel::FlashBlocked,
         Kernel::FlashBlockedMasked,
+        Kernel::FlashCoop,
+        Kernel::FlashCoopMasked,
         Kernel::NaiveScores,
         Kernel::NaiveSoftmax,
         Kernel::NaiveValues,
@@ -119,6 +132,7 @@ impl Kernel {
         match self {
             Kernel::FlashForward | Kernel::FlashMasked => "flash_attention.wgsl",
             Kernel::FlashBlocked | Kernel::FlashBlockedMasked => "flash_blocked.wgsl",
+            Kernel::FlashCoop | Kernel::FlashCoopMasked => "flash_coop.wgsl",
             Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaiveValues => {
                 "naive_attention.wgsl"
             }
@@ -147,6 +161,9 @@ impl Kernel {
             Kernel::FlashBlocked | Kernel::FlashBlockedMasked => {
                 include_str!("../shaders/flash_blocked.wgsl")
             }
+            Kernel::FlashCoop | Kernel::FlashCoopMasked => {
+                include_str!("../shaders/flash_coop.wgsl")
+            }
             Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaiveValues => {
                 include_str!("../shaders/naive_attention.wgsl")
             }
@@ -172,7 +189,10 @@ impl Kernel {
             Kernel::Rope | Kernel::KvAppend => include_str!("../shaders/rope_common.wgsl"),
             // Both forward kernels read the same sequence table, carry and
             // mask, declared once in flash_attention.wgsl.
-            Kernel::FlashBlocked | Kernel::FlashBlockedMasked => {
+            Kernel::FlashBlocked
+            | Kernel::FlashBlockedMasked
+            | Kernel::FlashCoop
+            | Kernel::FlashCoopMasked => {
                 return format!(
                     "{}\n{}\n{file}",
                     include_str!("../shaders/attention_common.wgsl"),
@@ -224,9 +244,11 @@ impl Kernel {
         use wgpu::BufferBindingType::{Storage, Uniform};
         match self {
             // params, q, k, v, out, lse, head table, sequence table, carry
-            Kernel::FlashForward | Kernel::FlashBlocked => &FORWARD_BINDINGS,
+            Kernel::FlashForward | Kernel::FlashBlocked | Kernel::FlashCoop => &FORWARD_BINDINGS,
             // the same, then mask words, tile states, mask params
-            Kernel::FlashMasked | Kernel::FlashBlockedMasked => &MASKED_BINDINGS,
+            Kernel::FlashMasked | Kernel::FlashBlockedMasked | Kernel::FlashCoopMasked => {
+                &MASKED_BINDINGS
+            }
             // the same, then the score matrix
             Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaiveValues => &ATTENTION_BINDINGS,
             // bindings 0-6, decode params, sequence lengths, block table
@@ -480,6 +502,60 @@ impl BlockedTiling {
     }
 }
 
+/// Tile sizes of the cooperative-matrix forward kernel
+/// (shaders/flash_coop.wgsl): `row_tiles` x `key_tiles` matrices of
+/// `size` x `size` per block, `workgroup_size` invocations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CoopTiling {
+    /// Query/key head dimension, a multiple of `size`.
+    pub head_dim: u32,
+    /// Value (and output) head dimension, a multiple of `size`.
+    pub head_dim_v: u32,
+    /// Rows and columns of every matrix (8 or 16; K = M = N).
+    pub size: u32,
+    /// Row tiles per block (`block_m = row_tiles * size`).
+    pub row_tiles: u32,
+    /// Key tiles per block (`block_n = key_tiles * size`).
+    pub key_tiles: u32,
+    /// Invocations per workgroup: `row_tiles` subgroups of the adapter's
+    /// smallest size, a multiple of `block_m`.
+    pub workgroup_size: u32,
+    /// Storage type of Q, K, V and O: f16 multiplies f16 matrices, f32
+    /// f32 ones (both exact conversions of the stored values).
+    pub storage: DType,
+}
+
+impl CoopTiling {
+    /// Query rows per workgroup.
+    pub fn block_m(&self) -> u32 {
+        self.row_tiles * self.size
+    }
+    /// Keys per tile.
+    pub fn block_n(&self) -> u32 {
+        self.key_tiles * self.size
+    }
+    /// Invocations sharing one row in the softmax: `workgroup_size / block_m`.
+    pub fn lanes_per_row(&self) -> u32 {
+        self.workgroup_size / self.block_m()
+    }
+    /// Bytes of one matrix operand (Q, K, V, P) element.
+    fn operand_bytes(&self) -> u64 {
+        match self.storage {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+    /// Workgroup memory the kernel declares: Q, the K/V tile and the
+    /// probabilities as operands; the scores, the output accumulator and
+    /// the row partials as f32.
+    pub fn workgroup_bytes(&self) -> u64 {
+        let (m, n) = (u64::from(self.block_m()), u64::from(self.block_n()));
+        let (d, dv) = (u64::from(self.head_dim), u64::from(self.head_dim_v));
+        self.operand_bytes() * (m * d + n * d.max(dv) + m * n)
+            + 4 * (m * n + m * dv + m * u64::from(self.lanes_per_row()))
+    }
+}
+
 /// The `// #if` names that select how `storage` is loaded and stored.
 fn storage_flags(storage: DType) -> &'static [&'static str] {
     match storage {
@@ -611,6 +687,10 @@ pub enum Specialization {
     FlashBlocked(BlockedTiling),
     /// The register-blocked forward pass with an attention mask.
     FlashBlockedMasked(BlockedTiling),
+    /// The cooperative-matrix forward pass.
+    FlashCoop(CoopTiling),
+    /// The cooperative-matrix forward pass with an attention mask.
+    FlashCoopMasked(CoopTiling),
     /// One pass of the naive baseline.
     Naive {
         pass: NaivePass,
@@ -667,6 +747,11 @@ impl Specialization {
             self
         {
             return Some(blocked_loop_trips(tiling, keys));
+        }
+        if let Specialization::FlashCoop(_) | Specialization::FlashCoopMasked(_) = self {
+            // Planned only where cooperative matrices exist, never on an
+            // adapter that caps loops (llvmpipe has none).
+            return None;
         }
         let tiling = self.attention_tiling()?;
         let block_n = u64::from(tiling.block_n);
@@ -736,6 +821,8 @@ impl Specialization {
             Specialization::FlashMasked(_) => Kernel::FlashMasked,
             Specialization::FlashBlocked(_) => Kernel::FlashBlocked,
             Specialization::FlashBlockedMasked(_) => Kernel::FlashBlockedMasked,
+            Specialization::FlashCoop(_) => Kernel::FlashCoop,
+            Specialization::FlashCoopMasked(_) => Kernel::FlashCoopMasked,
             Specialization::Naive { pass, .. } => match pass {
                 NaivePass::Scores => Kernel::NaiveScores,
                 NaivePass::Softmax => Kernel::NaiveSoftmax,
@@ -800,6 +887,21 @@ impl Specialization {
                     ("KV_TILE", tiling.kv_tile()),
                 ]
             }
+            Specialization::FlashCoop(tiling) | Specialization::FlashCoopMasked(tiling) => {
+                vec![
+                    ("D4", tiling.head_dim / 4),
+                    ("DV4", tiling.head_dim_v / 4),
+                    ("D", tiling.head_dim),
+                    ("DV", tiling.head_dim_v),
+                    ("KV_WIDTH", tiling.head_dim.max(tiling.head_dim_v)),
+                    ("T", tiling.size),
+                    ("ROW_TILES", tiling.row_tiles),
+                    ("KEY_TILES", tiling.key_tiles),
+                    ("WG_SIZE", tiling.workgroup_size),
+                    ("LANES_PER_ROW", tiling.lanes_per_row()),
+                    ("QUADS", tiling.block_n() / 4 / tiling.lanes_per_row()),
+                ]
+            }
             Specialization::Combine { workgroup_size }
             | Specialization::Rope { workgroup_size }
             | Specialization::KvAppend { workgroup_size, .. } => vec![("WG_SIZE", workgroup_size)],
@@ -840,7 +942,9 @@ impl Specialization {
     /// Full WGSL text for this specialization, or the template mistake that
     /// prevents it (its line counted in [`Kernel::template`]).
     pub fn source(&self) -> Result<String, ShaderSourceError> {
-        let mut text = format!("// Generated by wgpu_flash_attn::shaders: {self:?}\n");
+        // Enable directives come before any declaration.
+        let mut text = self.enable_directives();
+        let _ = writeln!(text, "// Generated by wgpu_flash_attn::shaders: {self:?}");
         for (name, value) in self.constants() {
             // Writing to a String cannot fail.
             let _ = writeln!(text, "const {name}: u32 = {value}u;");
@@ -858,6 +962,30 @@ impl Specialization {
         Ok(text)
     }
 
+    /// The WGSL `enable` directives the kernel needs.
+    fn enable_directives(&self) -> String {
+        match self {
+            Specialization::FlashCoop(tiling) | Specialization::FlashCoopMasked(tiling) => {
+                if tiling.storage == DType::F32 {
+                    "enable wgpu_cooperative_matrix;\n".to_string()
+                } else {
+                    "enable f16;\nenable wgpu_cooperative_matrix;\n".to_string()
+                }
+            }
+            _ => String::new(),
+        }
+    }
+
+    #[cfg(test)]
+    /// Whether the pipeline needs cooperative matrices (and f16 shader
+    /// arithmetic when it multiplies f16 matrices).
+    pub fn needs_cooperative_matrices(&self) -> bool {
+        matches!(
+            self,
+            Specialization::FlashCoop(_) | Specialization::FlashCoopMasked(_)
+        )
+    }
+
     /// Names of the `// #if NAME` blocks this specialization keeps.
     pub fn variant_flags(&self) -> Vec<&'static str> {
         let mut flags = self
@@ -869,6 +997,18 @@ impl Specialization {
             Specialization::FlashBlockedMasked(tiling) => {
                 flags.extend(storage_flags(tiling.storage));
                 flags.push(MASK);
+            }
+            Specialization::FlashCoop(tiling) | Specialization::FlashCoopMasked(tiling) => {
+                flags.extend(storage_flags(tiling.storage));
+                if tiling.size == 8 {
+                    flags.push(COOP8);
+                }
+                if tiling.storage == DType::F32 {
+                    flags.push(COOP_F32);
+                }
+                if matches!(self, Specialization::FlashCoopMasked(_)) {
+                    flags.push(MASK);
+                }
             }
             Specialization::Decode(_, cache) | Specialization::KvAppend { dtype: cache, .. } => {
                 flags.extend(cache_flags(*cache))
@@ -907,7 +1047,9 @@ impl Specialization {
     /// Whether the pipeline needs the adapter's SUBGROUP feature.
     pub fn needs_subgroups(&self) -> bool {
         let flags = self.variant_flags();
-        flags.contains(&SUBGROUP_KV) || flags.contains(&SUBGROUP_BROADCAST)
+        flags.contains(&SUBGROUP_KV)
+            || flags.contains(&SUBGROUP_BROADCAST)
+            || self.needs_cooperative_matrices()
     }
 
     /// Constants whose loops `source` unrolls.
@@ -928,6 +1070,8 @@ impl Specialization {
             Specialization::FlashBlocked(_) | Specialization::FlashBlockedMasked(_) => {
                 &["ROWS", "COLS"]
             }
+            // Each lane's score quads index private arrays.
+            Specialization::FlashCoop(_) | Specialization::FlashCoopMasked(_) => &["QUADS"],
             Specialization::Linear { .. } => &[
                 "DK4", "DV4", "RQ", "CB4", "ROWS", "SLOTS_C", "SLOTS_S", "SLOTS_K", "SLOTS_V",
             ],

@@ -342,6 +342,7 @@ fn no_adapter_error_says_how_to_get_one() {
         backends: wgpu::Backends::empty(),
         adapter_name: None,
         power_preference: wgpu::PowerPreference::default(),
+        cooperative_matrix: false,
     };
     let err = match pollster::block_on(Gpu::request(&options)) {
         Ok(_) => panic!("an adapter was found on no backend"),

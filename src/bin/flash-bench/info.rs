@@ -16,7 +16,7 @@ pub fn run(global: &GlobalArgs) -> Result<bool> {
         .map(|a| {
             (
                 AdapterJson::new(&a.get_info(), a.features(), &a.limits()),
-                GpuInfo::of_adapter(a),
+                GpuInfo::of_adapter(a, options.cooperative_matrix),
             )
         })
         .filter(|(a, _)| {
@@ -61,8 +61,8 @@ const TABLE_HEAD_DIMS: [usize; 4] = [64, 128, 256, 576];
 /// Storage types that plan alike share a line.
 fn forward_tiers(info: &GpuInfo) -> String {
     let mut lines = vec![format!(
-        "  forward tiers ({:?} adapter; register-blocked by default on hardware GPUs, \
-         per-row tiers on CPU adapters):",
+        "  forward tiers ({:?} adapter; cooperative matrices where the device has them, else \
+         register-blocked on hardware GPUs, per-row tiers on CPU adapters):",
         info.adapter.device_type
     )];
     for head_dim in TABLE_HEAD_DIMS {
@@ -95,17 +95,21 @@ fn tier_line(info: &GpuInfo, head_dim: usize, dtype: DType) -> String {
         ),
         Err(err) => format!("none: {err}"),
     };
-    let unavailable: Vec<String> = [Tier::RegisterBlocked, Tier::SubgroupBroadcast]
-        .into_iter()
-        .filter_map(
-            |tier| match ForwardPlan::for_call(info, &shape, dtype, Some(tier)) {
-                Err(Error::TierUnavailable { reason, .. }) => {
-                    Some(format!("{} unavailable: {reason}", tier_name(tier)))
-                }
-                _ => None,
-            },
-        )
-        .collect();
+    let unavailable: Vec<String> = [
+        Tier::CooperativeMatrix,
+        Tier::RegisterBlocked,
+        Tier::SubgroupBroadcast,
+    ]
+    .into_iter()
+    .filter_map(
+        |tier| match ForwardPlan::for_call(info, &shape, dtype, Some(tier)) {
+            Err(Error::TierUnavailable { reason, .. }) => {
+                Some(format!("{} unavailable: {reason}", tier_name(tier)))
+            }
+            _ => None,
+        },
+    )
+    .collect();
     if unavailable.is_empty() {
         chosen
     } else {

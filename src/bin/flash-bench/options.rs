@@ -30,6 +30,12 @@ pub struct GlobalArgs {
     /// Write throughput against sequence length as SVG (suite and sweep).
     #[arg(long, global = true, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// Request wgpu's experimental cooperative-matrix feature where the
+    /// adapter has it (as FLASH_ATTN_COOPERATIVE_MATRIX=1 does), which
+    /// offers the tensor-core tier (`--tier coop`, the default for f16
+    /// and f32 where offered).
+    #[arg(long, global = true)]
+    pub cooperative_matrix: bool,
 }
 
 impl GlobalArgs {
@@ -46,6 +52,7 @@ impl GlobalArgs {
         if let Some(name) = &self.adapter {
             options.adapter_name = Some(name.clone());
         }
+        options.cooperative_matrix |= self.cooperative_matrix;
         options
     }
 }
@@ -176,6 +183,8 @@ pub enum TierArg {
     Subgroup,
     /// Register-blocked micro-tiles (the forward's default on GPUs).
     Blocked,
+    /// Cooperative matrices (tensor cores; needs --cooperative-matrix).
+    Coop,
 }
 
 impl TierArg {
@@ -184,6 +193,7 @@ impl TierArg {
             TierArg::Portable => wgpu_flash_attn::Tier::Portable,
             TierArg::Subgroup => wgpu_flash_attn::Tier::SubgroupBroadcast,
             TierArg::Blocked => wgpu_flash_attn::Tier::RegisterBlocked,
+            TierArg::Coop => wgpu_flash_attn::Tier::CooperativeMatrix,
         }
     }
 }

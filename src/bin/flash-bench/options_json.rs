@@ -63,6 +63,7 @@ pub fn tier_name(tier: Tier) -> &'static str {
         Tier::Portable => "Portable",
         Tier::SubgroupBroadcast => "SubgroupBroadcast",
         Tier::RegisterBlocked => "RegisterBlocked",
+        Tier::CooperativeMatrix => "CooperativeMatrix",
     }
 }
 
