@@ -23,7 +23,9 @@ fn offers_subgroup_broadcast(gpu: &Gpu) -> bool {
         && (4..=128).contains(&adapter.subgroup_min_size)
 }
 
-/// Largest |gpu - reference| beyond the output's storage rounding.
+/// Largest |gpu - reference| beyond the output's storage rounding (and,
+/// for f16 matrices, the rounding of the probabilities to f16: at most
+/// 2^-11 of the largest |v| per row, since the weights sum to 1).
 fn run_tier(
     gpu: &Gpu,
     tier: Tier,
@@ -58,11 +60,17 @@ fn run_tier(
         DType::F16 => 2f64.powi(-11),
         DType::BF16 => 2f64.powi(-8),
     };
+    let probabilities = if tier == Tier::CooperativeMatrix && dtype == DType::F16 {
+        let v_max = v.iter().fold(0.0f64, |m, &x| m.max(f64::from(x).abs()));
+        2f64.powi(-11) * v_max
+    } else {
+        0.0
+    };
     got.iter()
         .zip(&want)
         .map(|(g, w)| {
             assert!(!g.is_nan(), "{tier:?} {dtype:?}: NaN output");
-            (f64::from(*g) - w).abs() - roundoff * w.abs()
+            (f64::from(*g) - w).abs() - roundoff * w.abs() - probabilities
         })
         .fold(0.0, f64::max)
 }
@@ -71,7 +79,13 @@ fn run_tier(
 fn every_offered_tier_matches_the_reference() {
     let Some(gpu) = gpu() else { return };
     // The register-blocked kernel needs no feature: every adapter runs it.
-    let mut tiers = vec![Tier::Portable, Tier::RegisterBlocked];
+    // The cooperative-matrix one runs where the device multiplies the
+    // storage type's matrices (checked per case below).
+    let mut tiers = vec![
+        Tier::Portable,
+        Tier::RegisterBlocked,
+        Tier::CooperativeMatrix,
+    ];
     if offers_subgroup_broadcast(gpu) {
         tiers.push(Tier::SubgroupBroadcast);
     }
@@ -100,6 +114,12 @@ fn every_offered_tier_matches_the_reference() {
         let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
         for causal in [false, true] {
             for &tier in &tiers {
+                if let Err(Error::TierUnavailable { reason, .. }) =
+                    ForwardPlan::for_call(gpu.info(), &shape, dtype, Some(tier))
+                {
+                    eprintln!("SKIPPED: {tier:?} with {dtype:?} storage: {reason}");
+                    continue;
+                }
                 let excess = run_tier(gpu, tier, dtype, &shape, &inputs, causal);
                 assert!(
                     excess <= 1e-4,
@@ -119,7 +139,16 @@ fn default_tier_is_the_best_offered() {
         gpu.info().adapter.device_type,
         wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu
     );
-    let best = if hardware {
+    let coop = ForwardPlan::for_call(
+        gpu.info(),
+        &shape,
+        DType::F32,
+        Some(Tier::CooperativeMatrix),
+    )
+    .is_ok();
+    let best = if coop {
+        Tier::CooperativeMatrix
+    } else if hardware {
         Tier::RegisterBlocked
     } else if offers_subgroup_broadcast(gpu) {
         Tier::SubgroupBroadcast
@@ -170,6 +199,50 @@ fn forcing_a_tier_the_adapter_lacks_is_a_typed_error() {
         assert!(matches!(
             gpu.run(|e| gpu.forward(e, &args, &config)),
             Err(Error::TierUnavailable { .. })
+        ));
+    }
+    // Cooperative matrices: where the device lacks them (every CI
+    // adapter), forcing them names the missing feature, here and through
+    // a call.
+    let coop = ForwardPlan::for_call(
+        gpu.info(),
+        &shape,
+        DType::F16,
+        Some(Tier::CooperativeMatrix),
+    );
+    if gpu
+        .info()
+        .features
+        .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+    {
+        eprintln!("this device has cooperative matrices: {coop:?}");
+    } else {
+        match coop {
+            Err(Error::TierUnavailable { tier, reason }) => {
+                assert_eq!(tier, Tier::CooperativeMatrix);
+                assert!(
+                    reason.contains("EXPERIMENTAL_COOPERATIVE_MATRIX"),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected TierUnavailable, got {other:?}"),
+        }
+        let q = Tensor::filled_as(gpu, shape.q_shape(), 0.5, DType::F16).unwrap();
+        let out = Tensor::filled_as(gpu, shape.q_shape(), 0.0, DType::F16).unwrap();
+        let args = AttentionArgs {
+            q: &q,
+            k: &q,
+            v: &q,
+            out: &out,
+            lse: None,
+        };
+        let config = AttentionConfig::new().tier(Tier::CooperativeMatrix);
+        assert!(matches!(
+            gpu.run(|e| gpu.forward(e, &args, &config)),
+            Err(Error::TierUnavailable {
+                tier: Tier::CooperativeMatrix,
+                ..
+            })
         ));
     }
     // The portable tier is offered everywhere.

@@ -30,7 +30,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use wgpu_flash_attn::{AttentionShape, DType, Gpu};
+use wgpu_flash_attn::{AttentionShape, DType, ForwardPlan, Gpu};
 
 use ceiling::CeilingProbes;
 use measure::{Bench, CEILING_WORKGROUPS, Case};
@@ -183,6 +183,24 @@ fn run(cli: &Cli) -> Result<bool> {
             } else {
                 args.tier.iter().copied().map(Some).collect()
             };
+            // In a list, a tier this adapter lacks is reported and skipped
+            // (alone, it is the error it is).
+            let listed = tiers.len();
+            let tiers: Vec<Option<TierArg>> = tiers
+                .into_iter()
+                .filter(|tier| {
+                    let Some(tier) = tier.filter(|_| listed > 1) else {
+                        return true;
+                    };
+                    match ForwardPlan::for_call(gpu.info(), &shape, dtype, Some(tier.tier())) {
+                        Err(err @ wgpu_flash_attn::Error::TierUnavailable { .. }) => {
+                            eprintln!("skipped: {err}");
+                            false
+                        }
+                        _ => true,
+                    }
+                })
+                .collect();
             let cases = tiers
                 .into_iter()
                 .map(|tier| {
