@@ -19,7 +19,10 @@
 // over its own keys, added up once at the end. The online softmax, masks,
 // windows, sinks, padded and variable-length sequences and key chunks
 // follow flash_attention.wgsl exactly (whose sequence-table, carry and mask
-// declarations src/shaders.rs prepends to this file).
+// declarations src/shaders.rs prepends to this file). For GQA calls with
+// fewer query rows than a block, the rows of a block are (query row, head)
+// pairs of one KV head's query heads (BLOCKED_GROUP_ROWS), so a decoding
+// step's heads share every K/V tile.
 //
 // Generated constants (src/shaders.rs, `BlockedTiling`): D4, DV4 (head
 // dims / 4), ROW_LANES, KEY_LANES, ROWS, COLS = ceil(DV4 / KEY_LANES),
@@ -28,6 +31,12 @@
 // src/shaders.rs, so the private arrays they index stay in registers.
 
 const BLOCK_M: u32 = ROW_LANES * ROWS;
+// Bit of Params.flags (twin of params::blocked_flags::GROUP_ROWS): the
+// block's rows are (query row, head) pairs of one KV head's group of query
+// heads, head fastest, and workgroups along y are KV heads, so the group
+// reads each K/V tile once. The planner sets it for GQA calls with fewer
+// query rows than a block (decoding-like shapes); never with a mask.
+const BLOCKED_GROUP_ROWS: u32 = 128u;
 // K rows are staged one vec4 apart beyond their width: the key lanes of a
 // row lane read four keys' rows at once, and with an odd stride their
 // vec4s fall in different banks.
@@ -45,6 +54,12 @@ var<workgroup> p_tile: array<vec4<f32>, BLOCK_M * KEY_LANES>;
 // the end, the lane's partial sum.
 var<workgroup> partials: array<f32, BLOCK_M * KEY_LANES>;
 
+// The query head of packed row `row` of workgroup y `wg_y`: the workgroup's
+// head, or with grouped rows the row's head within the KV head's group.
+fn head_of(row: u32, wg_y: u32, group: u32, grouped: bool) -> u32 {
+    return select(wg_y, wg_y * group + row % group, grouped);
+}
+
 @compute @workgroup_size(WG_SIZE)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -52,24 +67,32 @@ fn main(
 ) {
     let seq = sequence_rows(wg.z);
     let batch = seq.q_batch;
-    let head_q = wg.y;
     let row0 = wg.x * BLOCK_M;
+    // Block rows are "packed rows": query row `row / group` of query head
+    // `head_of(row)` (group = 1 unless BLOCKED_GROUP_ROWS, where the group
+    // is the KV head's query heads).
+    let grouped = has_flag(BLOCKED_GROUP_ROWS);
+    let group = select(1u, p.heads_q / p.heads_kv, grouped);
+    let head_kv = select(wg.y / (p.heads_q / p.heads_kv), wg.y, grouped);
     // The dispatch covers the longest sequence; shorter ones stop here
     // (the whole workgroup at once, before any barrier).
-    if (row0 >= seq.extent) {
+    if (row0 >= seq.extent * group) {
         return;
     }
-    let seq_q = seq.q_len;
+    // Packed rows of the sequence (seq_q) and of its extent.
+    let seq_q = seq.q_len * group;
+    let extent = seq.extent * group;
     let seq_kv = seq.kv_len;
-    let head_kv = head_q / (p.heads_q / p.heads_kv);
     let diag = seq.diag;
     let row_lane = lid / KEY_LANES;
     let key_lane = lid % KEY_LANES;
     // The block's first row of this invocation.
     let my_rows = row_lane * ROWS;
     // Padding rows (from seq_q on) compute on a copy of the last real row
-    // and are written as zeros; they widen no key range.
-    let last_row = min(row0 + BLOCK_M, max(seq_q, 1u)) - 1u;
+    // and are written as zeros; they widen no key range. Key ranges follow
+    // query rows: the block's first and last.
+    let first_query = i32(row0 / group);
+    let last_query = i32((min(row0 + BLOCK_M, max(seq_q, 1u)) - 1u) / group);
 
     // Keys some row of the block sees (the tiles to visit), and keys every
     // row sees (tiles inside that range need no visibility test).
@@ -81,19 +104,19 @@ fn main(
         wg_hi = -1;
     }
     if (has_flag(FLAG_WINDOW_LEFT)) {
-        wg_lo = max(wg_lo, i32(row0) + diag - i32(p.window_left));
-        all_lo = max(all_lo, i32(last_row) + diag - i32(p.window_left));
+        wg_lo = max(wg_lo, first_query + diag - i32(p.window_left));
+        all_lo = max(all_lo, last_query + diag - i32(p.window_left));
     }
     if (has_flag(FLAG_WINDOW_RIGHT)) {
-        wg_hi = min(wg_hi, i32(last_row) + diag + i32(p.window_right));
-        all_hi = min(all_hi, i32(row0) + diag + i32(p.window_right));
+        wg_hi = min(wg_hi, last_query + diag + i32(p.window_right));
+        all_hi = min(all_hi, first_query + diag + i32(p.window_right));
     }
-    let alibi_slope = alibi_slope_of(batch, head_q);
-    let start = softmax_start(head_q, true);
 
     for (var i = lid; i < BLOCK_M * D4; i += WG_SIZE) {
-        let q_row = seq.q_start + min(row0 + i / D4, max(seq_q, 1u) - 1u);
-        q_tile[i] = load_q(batch * p.q.batch + q_row * p.q.seq + head_q * p.q.head + p.q.offset + i % D4);
+        let row = min(row0 + i / D4, max(seq_q, 1u) - 1u);
+        let q_row = seq.q_start + row / group;
+        let head = head_of(row, wg.y, group, grouped);
+        q_tile[i] = load_q(batch * p.q.batch + q_row * p.q.seq + head * p.q.head + p.q.offset + i % D4);
     }
 
     var acc: array<vec4<f32>, ROWS * COLS>;
@@ -103,18 +126,24 @@ fn main(
     var row_pos: array<i32, ROWS>;
     var row_lo: array<i32, ROWS>;
     var row_hi: array<i32, ROWS>;
+    // Each row's query head, and its ALiBi slope.
+    var heads: array<u32, ROWS>;
+    var slopes: array<f32, ROWS>;
 // #if MASK
     var mask_row: array<u32, ROWS>;
-    let mask_base = batch * mp.batch_stride + head_q * mp.head_stride;
+    let mask_base = batch * mp.batch_stride + wg.y * mp.head_stride;
     // Tiles are aligned to multiples of BLOCK_N, as the tile states are.
     wg_lo -= wg_lo % i32(BLOCK_N);
 // #endif
     for (var r = 0u; r < ROWS; r++) {
         let row = row0 + my_rows + r;
+        heads[r] = head_of(row, wg.y, group, grouped);
+        slopes[r] = alibi_slope_of(batch, heads[r]);
+        let start = softmax_start(heads[r], true);
 // #if MASK
         mask_row[r] = mask_base + min(row, seq_q - 1u) * mp.row_words;
 // #endif
-        row_pos[r] = i32(row) + diag;
+        row_pos[r] = i32(row / group) + diag;
         let bounds = visible_keys(row_pos[r], seq_kv);
         row_lo[r] = bounds.x;
         row_hi[r] = bounds.y;
@@ -129,12 +158,12 @@ fn main(
         if ((seq.carry & CARRY_IN) != 0u) {
             // As in flash_attention.wgsl: the chunks before left (lse, o),
             // a running max of lse and a sum of 1 over an accumulator of o.
-            let q_row = seq.q_start + min(row, max(seq_q, 1u) - 1u);
-            let carried = lse_buf[(batch * p.heads_q + head_q) * p.seq_q + q_row];
+            let q_row = seq.q_start + min(row, max(seq_q, 1u) - 1u) / group;
+            let carried = lse_buf[(batch * p.heads_q + heads[r]) * p.seq_q + q_row];
             if (carried != bitcast<f32>(0x7f800000u)) {
                 m[r] = carried;
                 l[r] = select(0.0, 1.0, key_lane == 0u);
-                let c_base = carry_base(batch, q_row, head_q);
+                let c_base = carry_base(batch, q_row, heads[r]);
                 for (var j = 0u; j < COLS; j++) {
                     let col = key_lane + KEY_LANES * j;
                     if (col < DV4) {
@@ -160,7 +189,7 @@ fn main(
 // #if MASK
         var mask_state = 1u;
         if (mp.use_tiles != 0u) {
-            mask_state = tile_states[batch * mp.tile_batch_stride + head_q * mp.tile_head_stride + wg.x * mp.key_tiles + u32(kv0) / BLOCK_N];
+            mask_state = tile_states[batch * mp.tile_batch_stride + wg.y * mp.tile_head_stride + wg.x * mp.key_tiles + u32(kv0) / BLOCK_N];
         }
         if (mask_state == 0u) {
             continue;
@@ -203,7 +232,7 @@ fn main(
         var scores: array<vec4<f32>, ROWS>;
         var visible: array<vec4<bool>, ROWS>;
         for (var r = 0u; r < ROWS; r++) {
-            var s = finish_scores(dots[r], row_pos[r], key_pos, alibi_slope);
+            var s = finish_scores(dots[r], row_pos[r], key_pos, slopes[r]);
             var seen = vec4<bool>(true);
             if (!unmasked) {
                 seen = key_pos >= vec4<i32>(row_lo[r]) & key_pos <= vec4<i32>(row_hi[r]);
@@ -296,18 +325,18 @@ fn main(
         for (var b = 0u; b < KEY_LANES; b++) {
             l_row += partials[(my_rows + r) * KEY_LANES + b];
         }
-        if (row < seq.extent) {
+        if (row < extent) {
             // A row that saw no key (and has no sink) has l == 0: zeros and
             // lse = +inf; so has a padding row, whatever it computed.
             let real = row < seq_q;
             let inv_l = select(0.0, 1.0 / l_row, real && l_row > 0.0);
             let lse = select(row_lse(m[r], 0.0), row_lse(m[r], l_row), real);
-            let o_row = seq.q_start + row;
-            let o_base = batch * p.o.batch + o_row * p.o.seq + head_q * p.o.head + p.o.offset;
+            let o_row = seq.q_start + row / group;
+            let o_base = batch * p.o.batch + o_row * p.o.seq + heads[r] * p.o.head + p.o.offset;
 // #if MASK
 // #else
             let to_carry = (seq.carry & CARRY_OUT) != 0u;
-            let c_base = carry_base(batch, o_row, head_q);
+            let c_base = carry_base(batch, o_row, heads[r]);
 // #endif
             for (var j = 0u; j < COLS; j++) {
                 let col = key_lane + KEY_LANES * j;
@@ -325,7 +354,7 @@ fn main(
                 }
             }
             if (has_flag(FLAG_WRITE_LSE) && key_lane == 0u) {
-                lse_buf[(batch * p.heads_q + head_q) * p.seq_q + o_row] = lse;
+                lse_buf[(batch * p.heads_q + heads[r]) * p.seq_q + o_row] = lse;
             }
         }
     }

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::key_chunks::{ChunkLimits, KvView, Window, plan_key_chunks};
 use crate::mask::AttentionMask;
-use crate::params::{AttentionParams, SequenceRows, TensorStrides, flags};
+use crate::params::{AttentionParams, SequenceRows, TensorStrides, blocked_flags, flags};
 use crate::pipelines::{bind_resources, encode_dispatches};
 use crate::plan::{ForwardPlan, check_loop_budget};
 use crate::tensor::{DType, Strides, Tensor, TensorShape, check_binding_size, read_buffer};
@@ -422,10 +422,12 @@ impl Gpu {
         let params_buffer = self.params_buffer(&call.params);
         mask.check_shape(&call.shape)?;
         mask.check_device(self)?;
-        let spec = call.plan.masked_specialization();
+        // Mask tiles are per head: a masked call's rows are never grouped.
+        let plan = call.plan.without_grouped_rows();
+        let spec = plan.masked_specialization();
         check_loop_budget(self.info(), &spec, call.shape.seq_kv as u64)?;
         let pipeline = self.pipelines.get(&self.device, &spec)?;
-        let (mask_params, tiles) = mask.params(self, call.plan.block_m(), call.plan.block_n());
+        let (mask_params, tiles) = mask.params(self, plan.block_m(), plan.block_n());
         let mask_uniform = self.uniform_buffer("mask params", bytemuck::bytes_of(&mask_params));
         let tiles = tiles.unwrap_or_else(|| self.placeholders.read_only.clone());
         let bind_group = call.bind_group(
@@ -439,7 +441,7 @@ impl Gpu {
             "masked flash attention forward",
             &pipeline,
             &[bind_group],
-            call.plan.workgroups(),
+            plan.workgroups(),
         );
         Ok(())
     }
@@ -579,6 +581,18 @@ pub(crate) fn upload_packed(
     Tensor::from_f32(gpu, dims, data)
 }
 
+impl PreparedCall<'_> {
+    /// The parameters of the unmasked forward: the call's, with the
+    /// register-blocked kernel's grouped rows when the plan has them.
+    fn dispatch_params(&self) -> AttentionParams {
+        let mut params = self.params;
+        if self.plan.groups_heads() {
+            params.flags |= blocked_flags::GROUP_ROWS;
+        }
+        params
+    }
+}
+
 /// A call whose operands passed every check, ready to bind.
 pub(crate) struct PreparedCall<'a> {
     pub shape: AttentionShape,
@@ -634,7 +648,7 @@ impl PreparedCall<'_> {
             .get(&gpu.device, &self.plan.specialization())?;
         let [x, y, _] = self.plan.workgroups();
         let Some(dispatches) = plan_key_chunks(&units, &views[0], &views[1], &chunk_limits)? else {
-            let mut params = self.params;
+            let mut params = self.dispatch_params();
             let table = if from_table {
                 params.flags |= flags::SEQUENCES;
                 gpu.storage_buffer("wgpu-flash-attn sequences", bytemuck::cast_slice(&units))
@@ -676,7 +690,7 @@ impl PreparedCall<'_> {
         });
         pass.set_pipeline(&pipeline.pipeline);
         for dispatch in &dispatches {
-            let mut params = self.params;
+            let mut params = self.dispatch_params();
             params.flags |= flags::SEQUENCES | flags::WRITE_LSE;
             params.k.offset = rebase(params.k.offset, dispatch.k.base(&views[0]));
             params.v.offset = rebase(params.v.offset, dispatch.v.base(&views[1]));

@@ -94,6 +94,15 @@ pub struct SequenceRows {
     pub _pad2: u32,
 }
 
+/// Bits of [`AttentionParams::flags`] that only the register-blocked forward
+/// reads; twins of `BLOCKED_*` in `shaders/flash_blocked.wgsl`. Disjoint
+/// from [`flags`].
+pub mod blocked_flags {
+    /// The block's rows are (query row, head) pairs of one KV head's query
+    /// heads; workgroups along y are KV heads.
+    pub const GROUP_ROWS: u32 = 128;
+}
+
 /// Bits of [`SequenceRows::carry`]; twins of `CARRY_*` in
 /// `shaders/flash_attention.wgsl`.
 pub mod carry_flags {

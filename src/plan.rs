@@ -80,6 +80,12 @@ pub struct ForwardPlan {
     /// The block-tiled kernel the call runs, if not a per-row one.
     tiled: Option<TiledKernel>,
     workgroups: [u32; 3],
+    /// With grouped rows: the workgroups of the same call without them
+    /// (what a masked call dispatches).
+    ungrouped_workgroups: [u32; 3],
+    /// The register-blocked kernel's rows are (query row, head) pairs of a
+    /// KV head's query heads ([`ForwardPlan::groups_heads`]).
+    group_rows: bool,
     keys_per_dispatch: Option<u64>,
 }
 
@@ -89,9 +95,26 @@ impl ForwardPlan {
         Self::for_call(info, shape, DType::F32, None)
     }
 
-    /// Workgroups along (query tiles, query heads, batch).
+    /// Workgroups along (query tiles, query heads, batch); along (tiles of
+    /// (query row, head) pairs, KV heads, batch) when
+    /// [`ForwardPlan::groups_heads`].
     pub fn workgroups(&self) -> [u32; 3] {
         self.workgroups
+    }
+    /// Whether a block's rows are (query row, query head) pairs of one KV
+    /// head's group (register-blocked GQA calls with fewer query rows than
+    /// a block: a decoding step's heads share each K/V tile). Masked calls
+    /// never group (their tiles are per head).
+    pub fn groups_heads(&self) -> bool {
+        self.group_rows
+    }
+    /// The same plan without grouped rows (what a masked call runs).
+    pub(crate) fn without_grouped_rows(&self) -> Self {
+        ForwardPlan {
+            workgroups: self.ungrouped_workgroups,
+            group_rows: false,
+            ..*self
+        }
     }
     /// The most keys one dispatch may visit per query row on this adapter
     /// (llvmpipe's loop budget); `None` when nothing caps it. Longer calls
@@ -254,13 +277,32 @@ impl ForwardPlan {
             Some(TiledKernel::Coop(c)) => c.block_m(),
             None => workgroup_size * rows,
         });
-        let groups = [
+        let ungrouped = [
             (shape.seq_q as u64).div_ceil(block_m),
             shape.heads_q as u64,
             shape.batch as u64,
         ];
+        // Decoding-like GQA calls (fewer query rows than a block) give the
+        // register-blocked block's rows to the KV head's query heads, so
+        // they share each K/V tile instead of each reading it.
+        let group = (shape.heads_q / shape.heads_kv) as u64;
+        let group_rows = matches!(tiled, Some(TiledKernel::Blocked(_)))
+            && group > 1
+            && (shape.seq_q as u64) < block_m;
+        let groups = if group_rows {
+            [
+                (shape.seq_q as u64 * group).div_ceil(block_m),
+                shape.heads_kv as u64,
+                shape.batch as u64,
+            ]
+        } else {
+            ungrouped
+        };
         let limit = limits.max_compute_workgroups_per_dimension;
-        for (axis, &n) in ["query row tiles", "heads_q", "batch"].iter().zip(&groups) {
+        for (axis, &n) in ["query row tiles", "heads_q", "batch"]
+            .iter()
+            .zip(&ungrouped)
+        {
             if n > u64::from(limit) {
                 return Err(Error::DispatchTooLarge {
                     what: "flash attention",
@@ -286,6 +328,8 @@ impl ForwardPlan {
             tiling,
             tiled,
             workgroups: groups.map(|n| n as u32),
+            ungrouped_workgroups: ungrouped.map(|n| n as u32),
+            group_rows,
             keys_per_dispatch,
         })
     }
@@ -1446,6 +1490,37 @@ pub(crate) mod profiles {
             DecodePlan::for_call(&profile(nvidia), &cache, 1, 4, &options),
             Err(Error::TierUnavailable { .. })
         ));
+    }
+
+    #[test]
+    fn decoding_like_gqa_calls_group_a_kv_heads_rows() {
+        let info = profile("NVIDIA H200");
+        let plan_of = |seq_q: usize, heads_q: usize, heads_kv: usize, tier: Option<Tier>| {
+            let shape = AttentionShape {
+                batch: 2,
+                seq_q,
+                seq_kv: 4096,
+                heads_q,
+                heads_kv,
+                head_dim: 128,
+                head_dim_v: 128,
+            };
+            ForwardPlan::for_call(&info, &shape, DType::F32, tier).unwrap()
+        };
+        // One token of Llama-405B's heads: 8 KV heads' workgroups, each a
+        // block of its 8 query heads (32 rows: 4 queries x 8 heads).
+        let step = plan_of(1, 64, 8, None);
+        assert!(step.groups_heads());
+        assert_eq!(step.workgroups(), [1, 8, 2]);
+        assert_eq!(step.without_grouped_rows().workgroups(), [1, 64, 2]);
+        assert!(!step.without_grouped_rows().groups_heads());
+        // Five queries x 8 heads: 40 pairs, two blocks.
+        assert_eq!(plan_of(5, 64, 8, None).workgroups(), [2, 8, 2]);
+        // Not for full blocks, plain multi-head calls or per-row tiers.
+        assert!(!plan_of(32, 64, 8, None).groups_heads());
+        assert!(!plan_of(1, 8, 8, None).groups_heads());
+        assert!(!plan_of(1, 64, 8, Some(Tier::SubgroupBroadcast)).groups_heads());
+        assert!(!plan_of(1, 64, 8, Some(Tier::Portable)).groups_heads());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use wgpu::BufferBindingType;
 
 use crate::params::{
     AttentionParams, BackwardParams, CombineParams, DecodeParams, LinearParams, MaskParams,
-    RopeParams, SequenceRows, TensorStrides, carry_flags, flags, linear_flags,
+    RopeParams, SequenceRows, TensorStrides, blocked_flags, carry_flags, flags, linear_flags,
 };
 use crate::pipelines::ELEMENTWISE_WORKGROUP;
 use crate::plan::profiles;
@@ -975,6 +975,9 @@ const CARRY_FLAG_TWINS: [(&str, u32); 2] = [
     ("CARRY_OUT", carry_flags::OUT),
 ];
 
+/// The same for the register-blocked kernel's own flag bits.
+const BLOCKED_FLAG_TWINS: [(&str, u32); 1] = [("BLOCKED_GROUP_ROWS", blocked_flags::GROUP_ROWS)];
+
 /// The same for linear attention's flags.
 const LINEAR_FLAG_TWINS: [(&str, u32); 3] = [
     ("LINEAR_CAUSAL", linear_flags::CAUSAL),
@@ -1063,6 +1066,19 @@ fn carry_flags_match_the_register_blocked_shader() {
         "carry_flags",
         "CARRY_",
     );
+    check_flag_twins(
+        Kernel::FlashBlocked,
+        &BLOCKED_FLAG_TWINS,
+        "blocked_flags",
+        "BLOCKED_",
+    );
+    // Its own bits share `Params.flags` with the common ones.
+    for (name, bit) in BLOCKED_FLAG_TWINS {
+        assert!(
+            FLAG_TWINS.iter().all(|&(_, common)| common & bit == 0),
+            "{name} overlaps a common flag"
+        );
+    }
     let shared = crate::shaders::forward_tables();
     assert!(
         shared.contains("struct SequenceRows") && shared.contains("fn carry_base"),

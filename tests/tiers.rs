@@ -9,8 +9,8 @@ use common::random::seeded;
 use common::{Inputs, gpu, round_to};
 use rand::Rng;
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionShape, DType, Error, ForwardPlan, Gpu, Tensor, Tier,
-    reference,
+    Alibi, AttentionArgs, AttentionConfig, AttentionShape, DType, Error, ForwardOptions,
+    ForwardPlan, Gpu, Tensor, Tier, ValidLengths, reference,
 };
 
 /// Whether this adapter should offer the subgroup-broadcast tier.
@@ -249,4 +249,138 @@ fn forcing_a_tier_the_adapter_lacks_is_a_typed_error() {
     let portable =
         ForwardPlan::for_call(gpu.info(), &shape, DType::F32, Some(Tier::Portable)).unwrap();
     assert_eq!(portable.tier(), Tier::Portable);
+}
+
+/// Decoding-like GQA calls (fewer query rows than a block) on the
+/// register-blocked kernel give a block's rows to the (query row, head)
+/// pairs of one KV head's query heads: every option that depends on the
+/// head (sinks, ALiBi slopes) or the row (causal, windows) must follow
+/// each row, also with keys in chunks, padded sequences and f16 storage.
+#[test]
+fn register_blocked_rows_group_a_kv_heads_query_heads() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = seeded(0x5eed_9a0c);
+    // (batch, seq_q, seq_kv, heads_q, heads_kv): GQA 4, 4, 8 and MQA, and
+    // more queries than keys (causal rows that see nothing).
+    let shapes = [
+        (1, 1, 500, 8, 2),
+        (2, 3, 130, 12, 3),
+        (1, 3, 77, 64, 8),
+        (2, 2, 40, 4, 1),
+        (1, 6, 4, 8, 2),
+    ];
+    for (batch, seq_q, seq_kv, heads_q, heads_kv) in shapes {
+        let shape = AttentionShape {
+            batch,
+            seq_q,
+            seq_kv,
+            heads_q,
+            heads_kv,
+            head_dim: 64,
+            head_dim_v: 64,
+        };
+        let plan =
+            ForwardPlan::for_call(gpu.info(), &shape, DType::F32, Some(Tier::RegisterBlocked))
+                .unwrap();
+        assert!(plan.groups_heads(), "{shape:?}: {plan:?}");
+        assert_eq!(plan.workgroups()[1], heads_kv as u32);
+        let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
+        let sinks = common::random::normal_vec(&mut rng, heads_q, 1.0);
+        let slopes: Vec<f32> = (0..heads_q).map(|h| 0.05 * (h + 1) as f32).collect();
+        let configs = [
+            AttentionConfig::new(),
+            AttentionConfig::new().causal(true).sinks(sinks),
+            AttentionConfig::new()
+                .window(Some(17), Some(3))
+                .softcap(8.0)
+                .alibi(Alibi::PerHead(slopes)),
+        ];
+        for config in configs {
+            let config = config.tier(Tier::RegisterBlocked);
+            let [q, k, v, out] = common::upload(gpu, &shape, &inputs);
+            for keys in [None, Some(7), Some(64)] {
+                let mut options = ForwardOptions::new(&config);
+                if let Some(keys) = keys {
+                    options = options.keys_per_dispatch(keys);
+                }
+                let (got, got_lse) = common::run_views(
+                    gpu,
+                    common::Implementation::Flash,
+                    &shape,
+                    options,
+                    [&q, &k, &v, &out],
+                );
+                common::assert_close(
+                    common::compare(&shape, &inputs, &config, &got, &got_lse),
+                    &format!("{shape:?} {config:?} keys per dispatch {keys:?}"),
+                );
+            }
+        }
+    }
+}
+
+/// Grouped rows with padded sequences (lengths 0 and 1) and f16 storage.
+#[test]
+fn register_blocked_grouped_rows_with_padding_and_half_storage() {
+    let Some(gpu) = gpu() else { return };
+    let shape = AttentionShape {
+        batch: 3,
+        seq_q: 4,
+        seq_kv: 90,
+        heads_q: 8,
+        heads_kv: 2,
+        head_dim: 64,
+        head_dim_v: 64,
+    };
+    let inputs = Inputs::draw(&shape, 0x5eed_9a0d, 1.0);
+    let config = AttentionConfig::new()
+        .causal(true)
+        .sinks(vec![0.5, -1.0, 0.0, 2.0, -0.5, 1.0, 0.25, -2.0])
+        .tier(Tier::RegisterBlocked);
+    let (q_lens, kv_lens) = ([4usize, 1, 0], [90usize, 33, 1]);
+    let [q, k, v, out] = common::upload(gpu, &shape, &inputs);
+    let lens = ValidLengths {
+        q: Some(&q_lens),
+        kv: &kv_lens,
+    };
+    let (got, got_lse) = common::run_views(
+        gpu,
+        common::Implementation::Flash,
+        &shape,
+        ForwardOptions::new(&config).valid_lengths(lens),
+        [&q, &k, &v, &out],
+    );
+    let (hq, hkv, d) = (8, 2, 64);
+    for b in 0..3 {
+        let (q_base, kv_base) = (b * 4 * hq * d, b * 90 * hkv * d);
+        let (want, want_lse) = common::sequence_reference(
+            &config,
+            (hq, hkv, d),
+            &inputs.q[q_base..q_base + q_lens[b] * hq * d],
+            &inputs.k[kv_base..kv_base + kv_lens[b] * hkv * d],
+            &inputs.v[kv_base..kv_base + kv_lens[b] * hkv * d],
+        );
+        let what = format!("batch entry {b}");
+        common::assert_rows_close(&got[q_base..q_base + q_lens[b] * hq * d], &want, &what);
+        assert!(
+            got[q_base + q_lens[b] * hq * d..q_base + 4 * hq * d]
+                .iter()
+                .all(|&x| x == 0.0),
+            "{what}: padded rows are zeros"
+        );
+        for h in 0..hq {
+            let row0 = (b * hq + h) * 4;
+            common::assert_rows_close(
+                &got_lse[row0..row0 + q_lens[b]],
+                &want_lse[h * q_lens[b]..(h + 1) * q_lens[b]],
+                &format!("{what} lse head {h}"),
+            );
+        }
+    }
+    // f16 storage: within the output's rounding of the reference.
+    let f16 = DType::F16;
+    let excess = run_tier(gpu, Tier::RegisterBlocked, f16, &shape, &inputs, true);
+    assert!(excess <= 1e-4, "f16 grouped rows: {excess:.3e}");
+    let plan = ForwardPlan::for_call(gpu.info(), &shape, f16, Some(Tier::RegisterBlocked)).unwrap();
+    assert!(plan.groups_heads());
 }
