@@ -476,7 +476,7 @@ fn coop_tiling(
         storage,
     });
     // Each lane of a row takes whole four-key quads.
-    let quads_split = |t: &CoopTiling| (t.block_n() / 4) % t.lanes_per_row() == 0;
+    let quads_split = |t: &CoopTiling| (t.block_n() / 4).is_multiple_of(t.lanes_per_row());
     let fits = |t: &CoopTiling| {
         quads_split(t) && t.workgroup_bytes() <= memory && t.workgroup_size <= invocations
     };
