@@ -989,3 +989,72 @@ fn run_refuses_an_unsupported_value_head_dim_in_one_line() {
     ]);
     assert_one_line_error(&output, "head dim 100");
 }
+
+/// `run --tier a,b,c` measures each tier in one run (one validated case
+/// each), reporting a listed tier the adapter lacks instead of failing;
+/// `info` prints the planner's tier per head dim and storage type.
+#[test]
+fn run_compares_listed_tiers_and_info_names_them() {
+    let Some(gpu) = gpu() else { return };
+    let json = scratch("tiers.json");
+    let output = flash_bench(&[
+        "run",
+        "--seq-q",
+        "40",
+        "--heads-q",
+        "8",
+        "--heads-kv",
+        "2",
+        "--head-dim",
+        "32",
+        "--causal",
+        "--tier",
+        "portable,blocked,coop",
+        "--iters",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let tiers: Vec<&str> = report["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| {
+            assert_eq!(case["passed"], true, "{case}");
+            case["tier"].as_str().unwrap()
+        })
+        .collect();
+    let has_coop = gpu
+        .info()
+        .features
+        .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+    if has_coop {
+        assert_eq!(tiers, ["Portable", "RegisterBlocked", "CooperativeMatrix"]);
+    } else {
+        assert_eq!(tiers, ["Portable", "RegisterBlocked"]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("skipped") && stderr.contains("CooperativeMatrix"),
+            "{stderr}"
+        );
+    }
+
+    let output = flash_bench(&["info"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let text = stdout(&output);
+    let plan = wgpu_flash_attn::ForwardPlan::new(
+        gpu.info(),
+        &AttentionShape::self_attention(1, 4096, 8, 64),
+    )
+    .unwrap();
+    assert!(text.contains("forward tiers"), "{text}");
+    // f32's line (storage types that plan alike share it).
+    let line = text
+        .lines()
+        .find(|line| line.trim_start().starts_with("d=64 f32"))
+        .unwrap_or_else(|| panic!("no d=64 f32 line in {text}"));
+    assert!(line.contains(&format!(": {:?} (", plan.tier())), "{line}");
+}
