@@ -232,27 +232,14 @@ fn main(
         var scores: array<vec4<f32>, ROWS>;
         var visible: array<vec4<bool>, ROWS>;
         for (var r = 0u; r < ROWS; r++) {
-            var s = finish_scores(dots[r], row_pos[r], key_pos, slopes[r]);
-            var seen = vec4<bool>(true);
-            if (!unmasked) {
-                seen = key_pos >= vec4<i32>(row_lo[r]) & key_pos <= vec4<i32>(row_hi[r]);
+            let scored = score_quad(dots[r], row_pos[r], key_pos, slopes[r], vec2<i32>(row_lo[r], row_hi[r]), unmasked,
 // #if MASK
-                if (mask_state == 1u) {
-                    if (mp.kind == 0u) {
-                        // -inf hides a key; its bits say so whatever the
-                        // score (even a NaN from a hidden key's K).
-                        let bits = mask_bias_bits(mask_row[r], key_pos.x);
-                        seen = seen & (bits != vec4<u32>(NEG_INF_BITS));
-                        s += bitcast<vec4<f32>>(bits);
-                    } else {
-                        seen = seen & mask_bits(mask_row[r], key_pos.x);
-                    }
-                }
+                mask_state, mask_row[r],
 // #endif
-                s = select(vec4<f32>(MIN_SCORE), s, seen);
-            }
+            );
+            let s = scored.s;
             scores[r] = s;
-            visible[r] = seen;
+            visible[r] = scored.seen;
             partials[(my_rows + r) * KEY_LANES + key_lane] = max(max(s.x, s.y), max(s.z, s.w));
         }
         // Every lane's scores are done (K may be overwritten) and its
@@ -332,25 +319,11 @@ fn main(
             let inv_l = select(0.0, 1.0 / l_row, real && l_row > 0.0);
             let lse = select(row_lse(m[r], 0.0), row_lse(m[r], l_row), real);
             let o_row = seq.q_start + row / group;
-            let o_base = batch * p.o.batch + o_row * p.o.seq + heads[r] * p.o.head + p.o.offset;
-// #if MASK
-// #else
-            let to_carry = (seq.carry & CARRY_OUT) != 0u;
-            let c_base = carry_base(batch, o_row, heads[r]);
-// #endif
+            let out = row_output(seq, batch, o_row, heads[r]);
             for (var j = 0u; j < COLS; j++) {
                 let col = key_lane + KEY_LANES * j;
                 if (COLS * KEY_LANES == DV4 || col < DV4) {
-                    let value = select(vec4<f32>(0.0), acc[r * COLS + j] * inv_l, real);
-// #if MASK
-                    store_o(o_base + col, value);
-// #else
-                    if (to_carry) {
-                        carry[c_base + col] = value;
-                    } else {
-                        store_o(o_base + col, value);
-                    }
-// #endif
+                    store_row(out, col, select(vec4<f32>(0.0), acc[r * COLS + j] * inv_l, real));
                 }
             }
             if (has_flag(FLAG_WRITE_LSE) && key_lane == 0u) {

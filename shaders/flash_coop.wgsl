@@ -227,27 +227,14 @@ fn main(
             let at = my_row * BLOCK_N + key;
             let dots = vec4<f32>(s_tile[at], s_tile[at + 1u], s_tile[at + 2u], s_tile[at + 3u]);
             let key_pos = vec4<i32>(kv0 + i32(key)) + vec4<i32>(0, 1, 2, 3);
-            var s = finish_scores(dots, row_pos, key_pos, alibi_slope);
-            var seen = vec4<bool>(true);
-            if (!unmasked) {
-                // Keys past the tile's end lie past every row's last
-                // visible key.
-                seen = key_pos >= vec4<i32>(bounds.x) & key_pos <= vec4<i32>(bounds.y);
+            let scored = score_quad(dots, row_pos, key_pos, alibi_slope, bounds, unmasked,
 // #if MASK
-                if (mask_state == 1u) {
-                    if (mp.kind == 0u) {
-                        let bits = mask_bias_bits(mask_row, key_pos.x);
-                        seen = seen & (bits != vec4<u32>(NEG_INF_BITS));
-                        s += bitcast<vec4<f32>>(bits);
-                    } else {
-                        seen = seen & mask_bits(mask_row, key_pos.x);
-                    }
-                }
+                mask_state, mask_row,
 // #endif
-                s = select(vec4<f32>(MIN_SCORE), s, seen);
-            }
+            );
+            let s = scored.s;
             scores[i] = s;
-            visible[i] = seen;
+            visible[i] = scored.seen;
             tile_max = max(tile_max, max(max(s.x, s.y), max(s.z, s.w)));
         }
         partials[my_row * LANES_PER_ROW + lane] = tile_max;
@@ -319,25 +306,11 @@ fn main(
         let inv_l = select(0.0, 1.0 / l_row, real && l_row > 0.0);
         let lse = select(row_lse(m, 0.0), row_lse(m, l_row), real);
         let out_row = seq.q_start + row;
-        let o_base = batch * p.o.batch + out_row * p.o.seq + head_q * p.o.head + p.o.offset;
-// #if MASK
-// #else
-        let to_carry = (seq.carry & CARRY_OUT) != 0u;
-        let c_base = carry_base(batch, out_row, head_q);
-// #endif
+        let out = row_output(seq, batch, out_row, head_q);
         for (var c = lane; c < DV4; c += LANES_PER_ROW) {
             let at = o_row + 4u * c;
             let acc = vec4<f32>(o_tile[at], o_tile[at + 1u], o_tile[at + 2u], o_tile[at + 3u]);
-            let value = select(vec4<f32>(0.0), acc * inv_l, real);
-// #if MASK
-            store_o(o_base + c, value);
-// #else
-            if (to_carry) {
-                carry[c_base + c] = value;
-            } else {
-                store_o(o_base + c, value);
-            }
-// #endif
+            store_row(out, c, select(vec4<f32>(0.0), acc * inv_l, real));
         }
         if (has_flag(FLAG_WRITE_LSE) && lane == 0u) {
             lse_buf[(batch * p.heads_q + head_q) * p.seq_q + out_row] = lse;

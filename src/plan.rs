@@ -1361,6 +1361,7 @@ pub(crate) mod profiles {
             naive.specialization(NaivePass::Scores),
             Specialization::Naive { .. }
         ));
+        // Decoding has neither block-tiled kernel.
         let cache = CacheShape {
             batch: 1,
             heads_kv: 1,
@@ -1368,17 +1369,16 @@ pub(crate) mod profiles {
             head_dim_v: 64,
             longest: 100,
             segments: 1,
-            dtype: crate::KvDType::F32,
+            dtype: crate::KvDType::F16,
         };
-        let options =
-            DecodeOptions::new(&crate::AttentionConfig::new().tier(Tier::RegisterBlocked));
-        assert!(matches!(
-            DecodePlan::for_call(&info, &cache, 1, 4, &options),
-            Err(Error::TierUnavailable {
-                tier: Tier::RegisterBlocked,
-                ..
-            })
-        ));
+        for tier in [Tier::RegisterBlocked, Tier::CooperativeMatrix] {
+            let options = DecodeOptions::new(&crate::AttentionConfig::new().tier(tier));
+            let info = profile("NVIDIA H200 with");
+            match DecodePlan::for_call(&info, &cache, 1, 4, &options) {
+                Err(Error::TierUnavailable { tier: refused, .. }) => assert_eq!(refused, tier),
+                other => panic!("decode with {tier:?}: {other:?}"),
+            }
+        }
     }
 
     /// (tier, matrix size, block rows, block keys, invocations) of a forced
@@ -1474,22 +1474,6 @@ pub(crate) mod profiles {
                 }
             }
         }
-        // Decoding has no cooperative-matrix kernel.
-        let cache = CacheShape {
-            batch: 1,
-            heads_kv: 1,
-            head_dim: 64,
-            head_dim_v: 64,
-            longest: 100,
-            segments: 1,
-            dtype: crate::KvDType::F16,
-        };
-        let options =
-            DecodeOptions::new(&crate::AttentionConfig::new().tier(Tier::CooperativeMatrix));
-        assert!(matches!(
-            DecodePlan::for_call(&profile(nvidia), &cache, 1, 4, &options),
-            Err(Error::TierUnavailable { .. })
-        ));
     }
 
     #[test]

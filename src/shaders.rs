@@ -194,9 +194,10 @@ impl Kernel {
             | Kernel::FlashCoop
             | Kernel::FlashCoopMasked => {
                 return format!(
-                    "{}\n{}\n{file}",
+                    "{}\n{}\n{}\n{file}",
                     include_str!("../shaders/attention_common.wgsl"),
-                    forward_tables()
+                    forward_tables(),
+                    include_str!("../shaders/forward_blocks.wgsl")
                 );
             }
             Kernel::FlashForward

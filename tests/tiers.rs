@@ -162,6 +162,25 @@ fn default_tier_is_the_best_offered() {
     }
 }
 
+/// A forward call of `shape` in `dtype` with `tier` forced returns
+/// `TierUnavailable` for that tier.
+fn assert_call_refuses(gpu: &Gpu, shape: &AttentionShape, dtype: DType, tier: Tier) {
+    let q = Tensor::filled_as(gpu, shape.q_shape(), 0.5, dtype).unwrap();
+    let out = Tensor::filled_as(gpu, shape.q_shape(), 0.0, dtype).unwrap();
+    let args = AttentionArgs {
+        q: &q,
+        k: &q,
+        v: &q,
+        out: &out,
+        lse: None,
+    };
+    let config = AttentionConfig::new().tier(tier);
+    match gpu.run(|e| gpu.forward(e, &args, &config)) {
+        Err(Error::TierUnavailable { tier: refused, .. }) => assert_eq!(refused, tier),
+        other => panic!("{tier:?} through a call: expected TierUnavailable, got {other:?}"),
+    }
+}
+
 #[test]
 fn forcing_a_tier_the_adapter_lacks_is_a_typed_error() {
     let Some(gpu) = gpu() else { return };
@@ -186,20 +205,7 @@ fn forcing_a_tier_the_adapter_lacks_is_a_typed_error() {
             other => panic!("expected TierUnavailable, got {other:?}"),
         }
         // The same through a call.
-        let q = Tensor::filled(gpu, shape.q_shape(), 0.5).unwrap();
-        let out = Tensor::filled(gpu, shape.q_shape(), 0.0).unwrap();
-        let args = AttentionArgs {
-            q: &q,
-            k: &q,
-            v: &q,
-            out: &out,
-            lse: None,
-        };
-        let config = AttentionConfig::new().tier(Tier::SubgroupBroadcast);
-        assert!(matches!(
-            gpu.run(|e| gpu.forward(e, &args, &config)),
-            Err(Error::TierUnavailable { .. })
-        ));
+        assert_call_refuses(gpu, &shape, DType::F32, Tier::SubgroupBroadcast);
     }
     // Cooperative matrices: where the device lacks them (every CI
     // adapter), forcing them names the missing feature, here and through
@@ -227,23 +233,7 @@ fn forcing_a_tier_the_adapter_lacks_is_a_typed_error() {
             }
             other => panic!("expected TierUnavailable, got {other:?}"),
         }
-        let q = Tensor::filled_as(gpu, shape.q_shape(), 0.5, DType::F16).unwrap();
-        let out = Tensor::filled_as(gpu, shape.q_shape(), 0.0, DType::F16).unwrap();
-        let args = AttentionArgs {
-            q: &q,
-            k: &q,
-            v: &q,
-            out: &out,
-            lse: None,
-        };
-        let config = AttentionConfig::new().tier(Tier::CooperativeMatrix);
-        assert!(matches!(
-            gpu.run(|e| gpu.forward(e, &args, &config)),
-            Err(Error::TierUnavailable {
-                tier: Tier::CooperativeMatrix,
-                ..
-            })
-        ));
+        assert_call_refuses(gpu, &shape, DType::F16, Tier::CooperativeMatrix);
     }
     // The portable tier is offered everywhere.
     let portable =
