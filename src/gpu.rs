@@ -371,6 +371,26 @@ impl Gpu {
         buffer
     }
 
+    /// Bytes of device scratch this `Gpu` holds for reuse (decode partial
+    /// results, the forward's carry between key chunks and its logsumexp,
+    /// the backward's deltas): each purpose keeps the largest buffer a call
+    /// has needed so far.
+    pub fn scratch_bytes(&self) -> u64 {
+        let scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        scratch.values().map(wgpu::Buffer::size).sum()
+    }
+
+    /// Drops the scratch this `Gpu` holds ([`Gpu::scratch_bytes`]); the
+    /// device frees it once the calls already submitted are done with it,
+    /// and later calls allocate what they need again. For long-running
+    /// programs after an unusually large call.
+    pub fn release_scratch(&self) {
+        self.scratch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     /// A small uniform buffer holding `contents`.
     pub(crate) fn uniform_buffer(&self, label: &'static str, contents: &[u8]) -> wgpu::Buffer {
         self.device

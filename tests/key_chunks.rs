@@ -486,3 +486,36 @@ fn what_cannot_be_chunked_is_a_typed_error() {
         "{got:?}"
     );
 }
+
+/// The carry between chunks is scratch the `Gpu` keeps for the next call
+/// (`scratch_bytes`), and `release_scratch` drops it; a later chunked call
+/// allocates it again and is still exact. (A device of its own, so no
+/// other test's calls touch its scratch.)
+#[test]
+fn chunk_scratch_is_reported_and_released() {
+    let Some(_) = gpu() else { return };
+    let gpu = Gpu::new().expect("a second device on the adapter");
+    let shape = AttentionShape::self_attention(1, 90, 2, 32);
+    let inputs = Inputs::draw(&shape, 0x5c7a, 1.0);
+    let tensors = upload(&gpu, &shape, &inputs, DType::F32);
+    let tensors = [&tensors[0], &tensors[1], &tensors[2]];
+    let config = AttentionConfig::new().causal(true);
+    assert_eq!(gpu.scratch_bytes(), 0, "a new device holds no scratch");
+    // f32 outputs of every (row, head) carried between the chunks.
+    let carry = (shape.seq_q * shape.heads_q * shape.head_dim_v * 4) as u64;
+    for round in 0..2 {
+        let options = ForwardOptions::new(&config).keys_per_dispatch(16);
+        let (got, got_lse) = run(&gpu, &shape, tensors, options).unwrap();
+        assert_close(
+            compare(&shape, &inputs, &config, &got, &got_lse),
+            &format!("round {round}"),
+        );
+        assert!(
+            gpu.scratch_bytes() >= carry,
+            "round {round}: {} bytes of scratch, the carry alone is {carry}",
+            gpu.scratch_bytes()
+        );
+        gpu.release_scratch();
+        assert_eq!(gpu.scratch_bytes(), 0, "round {round}: released");
+    }
+}
