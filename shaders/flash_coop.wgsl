@@ -27,7 +27,8 @@
 //
 // Generated constants (src/shaders.rs, `CoopTiling`): D4, DV4 (head dims
 // / 4), D, DV, KV_WIDTH = max(D, DV), T (8 or 16), ROW_TILES, KEY_TILES,
-// WG_SIZE, LANES_PER_ROW = WG_SIZE / BLOCK_M, QUADS = BLOCK_N / 4 /
+// WG_SIZE, EMULATED_LANES (the emulation's subgroup size), LANES_PER_ROW =
+// WG_SIZE / BLOCK_M, QUADS = BLOCK_N / 4 /
 // LANES_PER_ROW (the four-key quads of a row each invocation handles;
 // loops over them are unrolled by src/shaders.rs, so the private arrays
 // they index stay in registers).
@@ -37,6 +38,8 @@ alias Operand = f32;
 // #else
 alias Operand = f16;
 // #endif
+// #if COOP_EMULATED
+// #else
 // #if COOP8
 alias CoopA = coop_mat8x8<Operand, A>;
 alias CoopB = coop_mat8x8<Operand, B>;
@@ -45,6 +48,7 @@ alias CoopC = coop_mat8x8<f32, C>;
 alias CoopA = coop_mat16x16<Operand, A>;
 alias CoopB = coop_mat16x16<Operand, B>;
 alias CoopC = coop_mat16x16<f32, C>;
+// #endif
 // #endif
 
 const BLOCK_M: u32 = ROW_TILES * T;
@@ -81,13 +85,88 @@ fn stage4(tile_is_q: bool, at: u32, x: vec4<f32>) {
     }
 }
 
+// The two matrix products of a tile, for one subgroup: `lane` of `lanes`
+// (used by the emulation only).
+// #if COOP_EMULATED
+// Emulated with scalar code (COOP_EMULATED, for testing this kernel on
+// adapters without matrix units): every element read where, and as, the
+// matrix loads below read it (A row-major, B column-major for K^T and
+// row-major for V), products summed in f32.
+
+// S[rt, kt] = Q[rt rows, :] K[kt keys, :]^T, stored row-major in s_tile.
+fn scores_tile(rt: u32, kt: u32, lane: u32, lanes: u32) {
+    for (var e = lane; e < T * T; e += lanes) {
+        let i = e / T;
+        let j = e % T;
+        var dot = 0.0;
+        for (var d = 0u; d < D; d++) {
+            dot += f32(q_tile[rt * T * D + i * D + d]) * f32(kv_tile[kt * T * D + j * D + d]);
+        }
+        s_tile[rt * T * BLOCK_N + kt * T + i * BLOCK_N + j] = dot;
+    }
+}
+
+// O[rt, ct] += P[rt rows, :] V[:, ct columns], in o_tile.
+fn values_tile(rt: u32, ct: u32, lane: u32, lanes: u32) {
+    for (var e = lane; e < T * T; e += lanes) {
+        let i = e / T;
+        let j = e % T;
+        var sum = o_tile[rt * T * DV + ct * T + i * DV + j];
+        for (var k = 0u; k < BLOCK_N; k++) {
+            sum += f32(p_tile[rt * T * BLOCK_N + i * BLOCK_N + k]) * f32(kv_tile[ct * T + k * DV + j]);
+        }
+        o_tile[rt * T * DV + ct * T + i * DV + j] = sum;
+    }
+}
+// #else
+// S[rt, kt] = Q[rt rows, :] K[kt keys, :]^T: K's rows are the columns of B
+// (column-major, D apart); stored row-major in s_tile.
+fn scores_tile(rt: u32, kt: u32, lane: u32, lanes: u32) {
+    var s = CoopC();
+    for (var d0 = 0u; d0 < D; d0 += T) {
+        let a = coopLoadT<CoopA>(&q_tile[rt * T * D + d0], D);
+        let b = coopLoad<CoopB>(&kv_tile[kt * T * D + d0], D);
+        s = coopMultiplyAdd(a, b, s);
+    }
+    coopStoreT(s, &s_tile[rt * T * BLOCK_N + kt * T], BLOCK_N);
+}
+
+// O[rt, ct] += P[rt rows, :] V[:, ct columns]: V's rows are the rows of B
+// (row-major, DV apart); the accumulator is o_tile's block.
+fn values_tile(rt: u32, ct: u32, lane: u32, lanes: u32) {
+    var o = coopLoadT<CoopC>(&o_tile[rt * T * DV + ct * T], DV);
+    for (var kt = 0u; kt < KEY_TILES; kt++) {
+        let a = coopLoadT<CoopA>(&p_tile[rt * T * BLOCK_N + kt * T], BLOCK_N);
+        let b = coopLoadT<CoopB>(&kv_tile[kt * T * DV + ct * T], DV);
+        o = coopMultiplyAdd(a, b, o);
+    }
+    coopStoreT(o, &o_tile[rt * T * DV + ct * T], DV);
+}
+// #endif
+
 @compute @workgroup_size(WG_SIZE)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
-    @builtin(subgroup_id) subgroup: u32,
-    @builtin(num_subgroups) subgroups: u32,
+// #if COOP_EMULATED
+// #else
+    @builtin(subgroup_id) subgroup_id: u32,
+    @builtin(num_subgroups) num_subgroups: u32,
+// #endif
 ) {
+// #if COOP_EMULATED
+    // Emulated subgroups of EMULATED_LANES invocations.
+    let subgroup = lid / EMULATED_LANES;
+    let subgroups = WG_SIZE / EMULATED_LANES;
+    let sg_lane = lid % EMULATED_LANES;
+    let sg_lanes = EMULATED_LANES;
+// #else
+    let subgroup = subgroup_id;
+    let subgroups = num_subgroups;
+    // The matrix operations spread over the subgroup themselves.
+    let sg_lane = 0u;
+    let sg_lanes = 1u;
+// #endif
     let seq = sequence_rows(wg.z);
     let batch = seq.q_batch;
     let head_q = wg.y;
@@ -200,16 +279,10 @@ fn main(
         }
         workgroupBarrier();
 
-        // S = Q K^T: K's rows are the columns of B (column-major, D apart).
+        // S = Q K^T, each subgroup its row tiles.
         for (var rt = subgroup; rt < ROW_TILES; rt += subgroups) {
             for (var kt = 0u; kt < KEY_TILES; kt++) {
-                var s = CoopC();
-                for (var d0 = 0u; d0 < D; d0 += T) {
-                    let a = coopLoadT<CoopA>(&q_tile[rt * T * D + d0], D);
-                    let b = coopLoad<CoopB>(&kv_tile[kt * T * D + d0], D);
-                    s = coopMultiplyAdd(a, b, s);
-                }
-                coopStoreT(s, &s_tile[rt * T * BLOCK_N + kt * T], BLOCK_N);
+                scores_tile(rt, kt, sg_lane, sg_lanes);
             }
         }
         workgroupBarrier();
@@ -276,16 +349,10 @@ fn main(
         // V, the probabilities and the rescaled accumulator are staged.
         workgroupBarrier();
 
-        // O += P V: V's rows are the rows of B (row-major, DV apart).
+        // O += P V, each subgroup its row tiles.
         for (var rt = subgroup; rt < ROW_TILES; rt += subgroups) {
             for (var ct = 0u; ct < DV / T; ct++) {
-                var o = coopLoadT<CoopC>(&o_tile[rt * T * DV + ct * T], DV);
-                for (var kt = 0u; kt < KEY_TILES; kt++) {
-                    let a = coopLoadT<CoopA>(&p_tile[rt * T * BLOCK_N + kt * T], BLOCK_N);
-                    let b = coopLoadT<CoopB>(&kv_tile[kt * T * DV + ct * T], DV);
-                    o = coopMultiplyAdd(a, b, o);
-                }
-                coopStoreT(o, &o_tile[rt * T * DV + ct * T], DV);
+                values_tile(rt, ct, sg_lane, sg_lanes);
             }
         }
         // The next tile overwrites K/V, the scores, the probabilities and

@@ -37,6 +37,11 @@ pub struct AdapterOptions {
     /// experimental (its implementation may still have bugs), so it is off
     /// unless asked for.
     pub cooperative_matrix: bool,
+    /// On a device without cooperative matrices, offer
+    /// [`crate::Tier::CooperativeMatrix`] anyway with its matrix products
+    /// emulated in scalar code (16x16 and 8x8, f16 and f32 operands): slow,
+    /// for testing the kernel's logic on adapters without matrix units.
+    pub emulate_cooperative_matrices: bool,
 }
 
 impl AdapterOptions {
@@ -50,6 +55,7 @@ impl AdapterOptions {
                 .filter(|name| !name.is_empty()),
             power_preference: wgpu::PowerPreference::from_env().unwrap_or_default(),
             cooperative_matrix: std::env::var(COOPERATIVE_MATRIX_VAR).is_ok_and(|v| v == "1"),
+            emulate_cooperative_matrices: false,
         }
     }
 
@@ -120,29 +126,37 @@ pub struct GpuInfo {
     /// The cooperative-matrix configurations the adapter reports, when
     /// the device has `EXPERIMENTAL_COOPERATIVE_MATRIX` enabled; empty
     /// otherwise (and for a caller's device wrapped by
-    /// [`Gpu::from_device`], which has no adapter to ask).
+    /// [`Gpu::from_device`], which has no adapter to ask); the emulated
+    /// configurations with [`GpuInfo::cooperative_matrix_emulation`].
     pub cooperative_matrices: Vec<wgpu::CooperativeMatrixProperties>,
+    /// The cooperative-matrix tier runs with its products emulated
+    /// ([`AdapterOptions::emulate_cooperative_matrices`]).
+    pub cooperative_matrix_emulation: bool,
 }
 
 impl GpuInfo {
-    /// What a device the crate opens on `adapter` ([`Gpu::from_adapter_with`]:
-    /// all of its limits, the [`WANTED_FEATURES`] it has, cooperative
-    /// matrices if asked for and offered) would report, without opening
+    /// What a device the crate opens on `adapter` with `options`
+    /// ([`Gpu::from_adapter_with`]: all of its limits, the
+    /// [`WANTED_FEATURES`] it has, cooperative matrices if asked for and
+    /// offered, or emulated if asked for) would report, without opening
     /// one: for planning on adapters that are only listed.
-    pub fn of_adapter(adapter: &wgpu::Adapter, cooperative_matrix: bool) -> Self {
-        let features = device_features(adapter, cooperative_matrix);
+    pub fn of_adapter(adapter: &wgpu::Adapter, options: &AdapterOptions) -> Self {
+        let features = device_features(adapter, options.cooperative_matrix);
+        let real = features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+        let emulated = !real && options.emulate_cooperative_matrices;
         GpuInfo {
             adapter: adapter.get_info(),
             features,
             limits: adapter.limits(),
             host_threads: host_threads(),
-            cooperative_matrices: if features
-                .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
-            {
+            cooperative_matrices: if real {
                 adapter.cooperative_matrix_properties()
+            } else if emulated {
+                emulated_cooperative_matrices()
             } else {
                 Vec::new()
             },
+            cooperative_matrix_emulation: emulated,
         }
     }
     /// Whether the device has `SHADER_F16` enabled.
@@ -279,23 +293,29 @@ impl Gpu {
     /// Like [`Gpu::new`] with explicit options.
     pub async fn request(options: &AdapterOptions) -> Result<Self> {
         let adapter = options.select().await?;
-        Self::from_adapter_with(&adapter, options.cooperative_matrix).await
+        Self::from_adapter_with(&adapter, options).await
     }
 
     /// Requests a device from `adapter` with all of its limits and the
     /// subset of [`WANTED_FEATURES`] it supports.
     pub async fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
-        Self::from_adapter_with(adapter, false).await
+        let options = AdapterOptions {
+            cooperative_matrix: false,
+            emulate_cooperative_matrices: false,
+            ..AdapterOptions::from_env()
+        };
+        Self::from_adapter_with(adapter, &options).await
     }
 
-    /// [`Gpu::from_adapter`], also requesting wgpu's experimental
-    /// cooperative-matrix feature when `cooperative_matrix` is set and the
-    /// adapter has it ([`AdapterOptions::cooperative_matrix`]).
+    /// [`Gpu::from_adapter`] with `options`' device choices: wgpu's
+    /// experimental cooperative-matrix feature where asked for and offered
+    /// ([`AdapterOptions::cooperative_matrix`]), or their emulation
+    /// ([`AdapterOptions::emulate_cooperative_matrices`]).
     pub async fn from_adapter_with(
         adapter: &wgpu::Adapter,
-        cooperative_matrix: bool,
+        options: &AdapterOptions,
     ) -> Result<Self> {
-        let wanted = GpuInfo::of_adapter(adapter, cooperative_matrix);
+        let wanted = GpuInfo::of_adapter(adapter, options);
         let features = wanted.features;
         let experimental_features =
             if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
@@ -319,6 +339,7 @@ impl Gpu {
             .await?;
         let mut gpu = Self::from_device(device, queue, adapter.get_info());
         gpu.info.cooperative_matrices = wanted.cooperative_matrices;
+        gpu.info.cooperative_matrix_emulation = wanted.cooperative_matrix_emulation;
         Ok(gpu)
     }
 
@@ -336,6 +357,7 @@ impl Gpu {
             limits: device.limits(),
             host_threads: host_threads(),
             cooperative_matrices: Vec::new(),
+            cooperative_matrix_emulation: false,
         };
         let pipelines = PipelineCache::default();
         let placeholders = Placeholders::new(&device);
@@ -570,4 +592,23 @@ fn device_features(adapter: &wgpu::Adapter, cooperative_matrix: bool) -> wgpu::F
         wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
     }
     adapter.features() & wanted
+}
+
+/// The configurations the emulation offers: 16x16 and 8x8 matrices of f16
+/// or f32 operands with f32 results.
+pub(crate) fn emulated_cooperative_matrices() -> Vec<wgpu::CooperativeMatrixProperties> {
+    use wgpu::CooperativeScalarType as Scalar;
+    [16, 8]
+        .into_iter()
+        .flat_map(|size| {
+            [Scalar::F16, Scalar::F32].map(|ab_type| wgpu::CooperativeMatrixProperties {
+                m_size: size,
+                n_size: size,
+                k_size: size,
+                ab_type,
+                cr_type: Scalar::F32,
+                saturating_accumulation: false,
+            })
+        })
+        .collect()
 }

@@ -395,18 +395,23 @@ fn coop_tiling(
 ) -> std::result::Result<CoopTiling, String> {
     use wgpu::CooperativeScalarType as Scalar;
     let adapter = &info.adapter;
-    if !matches!(
-        adapter.backend,
-        wgpu::Backend::Vulkan | wgpu::Backend::Metal
-    ) {
+    // The emulation runs the same kernel with scalar products, anywhere.
+    let emulated = info.cooperative_matrix_emulation;
+    if !emulated
+        && !matches!(
+            adapter.backend,
+            wgpu::Backend::Vulkan | wgpu::Backend::Metal
+        )
+    {
         return Err(format!(
             "wgpu offers cooperative matrices on Vulkan and Metal, not {:?}",
             adapter.backend
         ));
     }
-    if !info
-        .features
-        .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+    if !emulated
+        && !info
+            .features
+            .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
     {
         return Err(
             "the device lacks wgpu's EXPERIMENTAL_COOPERATIVE_MATRIX feature (requested with \
@@ -415,7 +420,7 @@ fn coop_tiling(
                 .to_string(),
         );
     }
-    if !info.has_subgroups() {
+    if !emulated && !info.has_subgroups() {
         return Err("it needs the SUBGROUP feature".to_string());
     }
     let operand = match storage {
@@ -435,7 +440,8 @@ fn coop_tiling(
                 && c.cr_type == Scalar::F32
         })
     };
-    let Some(size) = [16, 8].into_iter().find(|&size| offered(size)) else {
+    let sizes: Vec<u32> = [16, 8].into_iter().filter(|&size| offered(size)).collect();
+    if sizes.is_empty() {
         let reported: Vec<String> = info
             .cooperative_matrices
             .iter()
@@ -450,14 +456,25 @@ fn coop_tiling(
             "the adapter multiplies no 16x16 or 8x8 {operand:?} matrices into f32 (it reports: {})",
             reported.join(", ")
         ));
-    };
-    let (head_dim, head_dim_v) = (shape.head_dim as u32, shape.head_dim_v as u32);
-    if head_dim % size != 0 || head_dim_v % size != 0 {
-        return Err(format!(
-            "head dims {head_dim}/{head_dim_v} are not multiples of its {size}x{size} matrices"
-        ));
     }
-    let subgroup = adapter.subgroup_min_size;
+    // The largest matrices that tile both head dims.
+    let (head_dim, head_dim_v) = (shape.head_dim as u32, shape.head_dim_v as u32);
+    let Some(size) = sizes
+        .iter()
+        .copied()
+        .find(|&size| head_dim.is_multiple_of(size) && head_dim_v.is_multiple_of(size))
+    else {
+        let sizes: Vec<String> = sizes.iter().map(|s| format!("{s}x{s}")).collect();
+        return Err(format!(
+            "head dims {head_dim}/{head_dim_v} are not multiples of its {} matrices",
+            sizes.join(" or ")
+        ));
+    };
+    let subgroup = if emulated {
+        CoopTiling::EMULATED_LANES
+    } else {
+        adapter.subgroup_min_size
+    };
     if !subgroup.is_power_of_two() || subgroup < size {
         return Err(format!(
             "its softmax gives each {size}-row tile a subgroup of at least {size} lanes; the \
@@ -474,6 +491,7 @@ fn coop_tiling(
         key_tiles,
         workgroup_size: row_tiles * subgroup,
         storage,
+        emulated,
     });
     // Each lane of a row takes whole four-key quads.
     let quads_split = |t: &CoopTiling| (t.block_n() / 4).is_multiple_of(t.lanes_per_row());
@@ -1068,6 +1086,7 @@ pub(crate) mod profiles {
                         },
                     )
                     .collect(),
+                cooperative_matrix_emulation: false,
             }
         }
     }

@@ -47,6 +47,11 @@ fn shipped_specializations() -> Vec<Specialization> {
         info.adapter.subgroup_max_size = size;
         infos.push(info);
     }
+    // Cooperative matrices emulated (what the tests run on lavapipe).
+    let mut emulated = infos[0].clone();
+    emulated.cooperative_matrix_emulation = true;
+    emulated.cooperative_matrices = crate::gpu::emulated_cooperative_matrices();
+    infos.push(emulated);
     let mut specs = Vec::new();
     let mut seen = HashSet::new();
     let mut add = |spec: Specialization| {
@@ -247,9 +252,12 @@ fn capabilities(spec: &Specialization) -> Capabilities {
         capabilities |= Capabilities::SHADER_FLOAT16_IN_FLOAT32;
     }
     if spec.needs_cooperative_matrices() {
-        // wgpu grants these with EXPERIMENTAL_COOPERATIVE_MATRIX and
-        // SHADER_F16 (f16 matrices).
-        capabilities |= Capabilities::COOPERATIVE_MATRIX | Capabilities::SHADER_FLOAT16;
+        // wgpu grants this with EXPERIMENTAL_COOPERATIVE_MATRIX.
+        capabilities |= Capabilities::COOPERATIVE_MATRIX;
+    }
+    if spec.needs_f16() {
+        // And this with SHADER_F16.
+        capabilities |= Capabilities::SHADER_FLOAT16;
     }
     capabilities
 }
@@ -317,8 +325,19 @@ fn write_msl(module: &naga::Module, info: &naga::valid::ModuleInfo, label: &str,
         .unwrap_or_else(|e| panic!("{label}: MSL: {e}"));
 }
 
-fn write_hlsl(module: &naga::Module, info: &naga::valid::ModuleInfo, label: &str, entry: &str) {
-    let options = hlsl::Options::default();
+fn write_hlsl(
+    module: &naga::Module,
+    info: &naga::valid::ModuleInfo,
+    label: &str,
+    entry: &str,
+    f16: bool,
+) {
+    let mut options = hlsl::Options::default();
+    if f16 {
+        // f16 arithmetic is shader model 6.2, which wgpu's DX12 backend
+        // uses for SHADER_F16.
+        options.shader_model = hlsl::ShaderModel::V6_2;
+    }
     let pipeline = hlsl::PipelineOptions {
         entry_point: Some((naga::ShaderStage::Compute, entry.to_string())),
     };
@@ -360,10 +379,10 @@ fn validate_and_translate(spec: &Specialization) {
     if spec.needs_cooperative_matrices() {
         return;
     }
-    write_hlsl(&module, &info, &label, entry);
-    // wgpu's GL backend has no subgroups, so those variants never reach
-    // GLSL.
-    if !spec.needs_subgroups() {
+    write_hlsl(&module, &info, &label, entry, spec.needs_f16());
+    // wgpu's GL backend has no subgroups or f16 arithmetic, so those
+    // variants never reach GLSL.
+    if !spec.needs_subgroups() && !spec.needs_f16() {
         write_glsl(&module, &info, &label, entry);
     }
 }

@@ -27,12 +27,17 @@ const SUBGROUP_BROADCAST: &str = "SUBGROUP_BROADCAST";
 const COOP8: &str = "COOP8";
 /// The cooperative-matrix forward multiplying f32 matrices (else f16).
 const COOP_F32: &str = "COOP_F32";
+/// The cooperative-matrix forward with its products in scalar code.
+const COOP_EMULATED: &str = "COOP_EMULATED";
+/// Invocations of an emulated subgroup.
+const EMULATED_LANES: u32 = 32;
 
 /// Every `// #if` name the shaders may use. The preprocessor refuses any
 /// other, so a misspelt name fails loudly instead of quietly selecting the
 /// `// #else` branch.
-pub const VARIANT_NAMES: [&str; 10] = [
+pub const VARIANT_NAMES: [&str; 11] = [
     COOP8,
+    COOP_EMULATED,
     COOP_F32,
     SUBGROUP_KV,
     HALF_STORAGE,
@@ -524,9 +529,16 @@ pub struct CoopTiling {
     /// Storage type of Q, K, V and O: f16 multiplies f16 matrices, f32
     /// f32 ones (both exact conversions of the stored values).
     pub storage: DType,
+    /// The products run as scalar code on emulated 32-lane subgroups
+    /// (`AdapterOptions::emulate_cooperative_matrices`, for testing the
+    /// kernel on adapters without matrix units).
+    pub emulated: bool,
 }
 
 impl CoopTiling {
+    /// Invocations of one (real or emulated) subgroup the layout assumes.
+    pub const EMULATED_LANES: u32 = EMULATED_LANES;
+
     /// Query rows per workgroup.
     pub fn block_m(&self) -> u32 {
         self.row_tiles * self.size
@@ -749,10 +761,8 @@ impl Specialization {
         {
             return Some(blocked_loop_trips(tiling, keys));
         }
-        if let Specialization::FlashCoop(_) | Specialization::FlashCoopMasked(_) = self {
-            // Planned only where cooperative matrices exist, never on an
-            // adapter that caps loops (llvmpipe has none).
-            return None;
+        if let Specialization::FlashCoop(tiling) | Specialization::FlashCoopMasked(tiling) = self {
+            return Some(coop_loop_trips(tiling, keys));
         }
         let tiling = self.attention_tiling()?;
         let block_n = u64::from(tiling.block_n);
@@ -901,6 +911,7 @@ impl Specialization {
                     ("WG_SIZE", tiling.workgroup_size),
                     ("LANES_PER_ROW", tiling.lanes_per_row()),
                     ("QUADS", tiling.block_n() / 4 / tiling.lanes_per_row()),
+                    ("EMULATED_LANES", EMULATED_LANES),
                 ]
             }
             Specialization::Combine { workgroup_size }
@@ -967,11 +978,14 @@ impl Specialization {
     fn enable_directives(&self) -> String {
         match self {
             Specialization::FlashCoop(tiling) | Specialization::FlashCoopMasked(tiling) => {
-                if tiling.storage == DType::F32 {
-                    "enable wgpu_cooperative_matrix;\n".to_string()
-                } else {
-                    "enable f16;\nenable wgpu_cooperative_matrix;\n".to_string()
+                let mut directives = String::new();
+                if tiling.storage != DType::F32 {
+                    directives.push_str("enable f16;\n");
                 }
+                if !tiling.emulated {
+                    directives.push_str("enable wgpu_cooperative_matrix;\n");
+                }
+                directives
             }
             _ => String::new(),
         }
@@ -983,7 +997,19 @@ impl Specialization {
     pub fn needs_cooperative_matrices(&self) -> bool {
         matches!(
             self,
-            Specialization::FlashCoop(_) | Specialization::FlashCoopMasked(_)
+            Specialization::FlashCoop(tiling) | Specialization::FlashCoopMasked(tiling)
+                if !tiling.emulated
+        )
+    }
+
+    #[cfg(test)]
+    /// Whether the pipeline does f16 arithmetic (f16 matrices, real or
+    /// emulated).
+    pub fn needs_f16(&self) -> bool {
+        matches!(
+            self,
+            Specialization::FlashCoop(tiling) | Specialization::FlashCoopMasked(tiling)
+                if tiling.storage != DType::F32
         )
     }
 
@@ -1006,6 +1032,9 @@ impl Specialization {
                 }
                 if tiling.storage == DType::F32 {
                     flags.push(COOP_F32);
+                }
+                if tiling.emulated {
+                    flags.push(COOP_EMULATED);
                 }
                 if matches!(self, Specialization::FlashCoopMasked(_)) {
                     flags.push(MASK);
@@ -1137,6 +1166,44 @@ fn blocked_loop_trips(tiling: &BlockedTiling, keys: u64) -> u64 {
     // Staging Q, then each row's sum over the key lanes.
     let fixed = (block_m * d4).div_ceil(lanes) + 1 + rows * (key_lanes + 1);
     fixed + tiles * per_tile
+}
+
+/// [`Specialization::loop_trips`] of the cooperative-matrix kernel, whose
+/// emulation (the only form llvmpipe, which caps loops, can run) loops
+/// over every element of every product.
+fn coop_loop_trips(tiling: &CoopTiling, keys: u64) -> u64 {
+    let lanes = u64::from(tiling.workgroup_size);
+    let (d, dv) = (u64::from(tiling.head_dim), u64::from(tiling.head_dim_v));
+    let (m, n, t) = (
+        u64::from(tiling.block_m()),
+        u64::from(tiling.block_n()),
+        u64::from(tiling.size),
+    );
+    let per_row = u64::from(tiling.lanes_per_row());
+    let key_tiles = u64::from(tiling.key_tiles);
+    // Trips of a subgroup's loop over row tiles: the plan gives each
+    // subgroup one (`workgroup_size` = row tiles x subgroup lanes), plus
+    // the loop's exit.
+    let row_tiles = 2;
+    // One product: a matrix operation per step, or (emulated) the
+    // elements a lane computes, each a dot product of `depth` terms.
+    let product = |steps: u64, depth: u64| {
+        if tiling.emulated {
+            ((t * t).div_ceil(u64::from(EMULATED_LANES)) + 1) * (depth + 1)
+        } else {
+            steps + 1
+        }
+    };
+    let per_tile = 1
+        + ((n * d / 4).div_ceil(lanes) + 1)
+        + row_tiles * (key_tiles + 1 + key_tiles * product(d / t, d))
+        + ((n * dv / 4).div_ceil(lanes) + 1)
+        + (per_row + 1)
+        + ((dv / 4).div_ceil(per_row) + 1)
+        + row_tiles * (dv / t + 1 + dv / t * product(key_tiles, n));
+    let fixed =
+        (m * d / 4).div_ceil(lanes) + 1 + 2 * ((dv / 4).div_ceil(per_row) + 1) + per_row + 1;
+    fixed + (keys.div_ceil(n) + 1) * per_tile
 }
 
 /// Workgroup memory of the forward kernel: f32 K and V tiles of `block_n`

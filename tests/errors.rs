@@ -343,6 +343,7 @@ fn no_adapter_error_says_how_to_get_one() {
         adapter_name: None,
         power_preference: wgpu::PowerPreference::default(),
         cooperative_matrix: false,
+        emulate_cooperative_matrices: false,
     };
     let err = match pollster::block_on(Gpu::request(&options)) {
         Ok(_) => panic!("an adapter was found on no backend"),

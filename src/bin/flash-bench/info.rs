@@ -16,7 +16,7 @@ pub fn run(global: &GlobalArgs) -> Result<bool> {
         .map(|a| {
             (
                 AdapterJson::new(&a.get_info(), a.features(), &a.limits()),
-                GpuInfo::of_adapter(a, options.cooperative_matrix),
+                GpuInfo::of_adapter(a, &options),
             )
         })
         .filter(|(a, _)| {

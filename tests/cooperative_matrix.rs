@@ -1,0 +1,343 @@
+//! The cooperative-matrix forward (`Tier::CooperativeMatrix`) against the
+//! reference: on a device with matrix units (`FLASH_ATTN_COOPERATIVE_MATRIX=1`
+//! on a GPU that has them) the real kernel, elsewhere (every CI adapter) the
+//! same kernel with its matrix products emulated in scalar code
+//! (`AdapterOptions::emulate_cooperative_matrices`), which checks
+//! everything but the matrix units themselves: tile layouts and strides as
+//! the matrix loads read them, the softmax over the score tiles, the
+//! accumulator in workgroup memory, 16x16 and 8x8 matrices, f16 and f32
+//! operands, masks, sinks, windows, ALiBi, GQA, padded batches and key
+//! chunks.
+
+mod common;
+
+use common::random::{normal_vec, seeded};
+use common::{Inputs, assert_close, gpu, round_to, unit_roundoff};
+use rand::{Rng, RngExt};
+use wgpu_flash_attn::reference::{self, HostMask};
+use wgpu_flash_attn::{
+    AdapterOptions, Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, DType,
+    Error, ForwardOptions, ForwardPlan, Gpu, Lse, Tensor, Tier, ValidLengths,
+};
+
+/// A device whose cooperative-matrix tier runs: real where the adapter
+/// has matrix units and they were asked for, emulated otherwise.
+fn coop_gpu() -> Option<&'static Gpu> {
+    static GPU: std::sync::OnceLock<Option<Gpu>> = std::sync::OnceLock::new();
+    gpu()?;
+    GPU.get_or_init(|| {
+        let options = AdapterOptions {
+            emulate_cooperative_matrices: true,
+            ..AdapterOptions::from_env()
+        };
+        let gpu = pollster::block_on(Gpu::request(&options)).expect("the test adapter");
+        let how = if gpu.info().cooperative_matrix_emulation {
+            "emulated"
+        } else {
+            "on the adapter's matrix units"
+        };
+        eprintln!(
+            "cooperative matrices {how}: {:?}",
+            gpu.info().cooperative_matrices
+        );
+        Some(gpu)
+    })
+    .as_ref()
+}
+
+/// The plan of a forced cooperative-matrix call, or `None` (said) where
+/// this adapter cannot run it in `dtype` (f16 needs SHADER_F16, which GL
+/// lacks).
+fn coop_plan(gpu: &Gpu, shape: &AttentionShape, dtype: DType) -> Option<ForwardPlan> {
+    match ForwardPlan::for_call(gpu.info(), shape, dtype, Some(Tier::CooperativeMatrix)) {
+        Ok(plan) => {
+            assert_eq!(plan.tier(), Tier::CooperativeMatrix);
+            Some(plan)
+        }
+        Err(Error::TierUnavailable { reason, .. }) => {
+            eprintln!("SKIPPED: cooperative matrices with {dtype:?} storage: {reason}");
+            None
+        }
+        Err(other) => panic!("{shape:?} {dtype:?}: {other}"),
+    }
+}
+
+/// Runs `options` on inputs held in `dtype`; output and logsumexp as f32.
+fn run(
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    [q, k, v]: [&[f32]; 3],
+    dtype: DType,
+    options: ForwardOptions<'_>,
+) -> (Vec<f32>, Vec<f32>) {
+    let upload = |dims, data: &[f32]| Tensor::from_f32_as(gpu, dims, data, dtype).unwrap();
+    let (q, k, v) = (
+        upload(shape.q_shape(), q),
+        upload(shape.k_shape(), k),
+        upload(shape.v_shape(), v),
+    );
+    let out = Tensor::filled_as(gpu, shape.o_shape(), f32::NAN, dtype).unwrap();
+    let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q).unwrap();
+    let args = AttentionArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: Some(&lse),
+    };
+    gpu.run(|e| gpu.forward(e, &args, options)).unwrap();
+    (out.to_f32_vec(gpu).unwrap(), lse.to_vec(gpu).unwrap())
+}
+
+/// The bound on |out - reference| for inputs held in `dtype`: f32's 1e-4,
+/// plus for f16 the output's rounding and the probabilities' rounding to
+/// f16 before `P V` (at most 2^-11 of the largest |v|, the weights summing
+/// to 1; docs/semantics.md).
+fn bound(dtype: DType, want: f64, v_max: f64) -> f64 {
+    let probabilities = if dtype == DType::F16 {
+        unit_roundoff(DType::F16) * v_max
+    } else {
+        0.0
+    };
+    1e-4 + unit_roundoff(dtype) * want.abs() + probabilities
+}
+
+/// Every element within [`bound`]; an unwritten (NaN) one fails.
+fn assert_within(got: &[f32], want: &[f64], dtype: DType, v: &[f32], what: &str) {
+    let v_max = v.iter().fold(0.0f64, |m, &x| m.max(f64::from(x).abs()));
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(!g.is_nan(), "{what}: element {i} not written");
+        let limit = bound(dtype, w, v_max);
+        assert!(
+            (f64::from(g) - w).abs() <= limit,
+            "{what}: element {i}: {g} vs {w} (bound {limit:.2e})"
+        );
+    }
+}
+
+/// Head dims of each matrix size (16x16 at 64 and 128, 8x8 at 40 and
+/// 72, which 16 does not divide), f32 and f16 operands, ragged lengths,
+/// GQA, and the options that place or weigh keys.
+#[test]
+fn matches_the_reference_on_every_matrix_size_and_operand_type() {
+    let Some(gpu) = coop_gpu() else { return };
+    let mut rng = seeded(0x5eed_c00b);
+    let dims = common::cases(
+        "cooperative-matrix head dims",
+        &[40, 64, 128],
+        &[16, 40, 64, 72, 128, 256],
+    );
+    for head_dim in dims {
+        for dtype in [DType::F32, DType::F16] {
+            for (seq_q, seq_kv) in [(1, 130), (37, 64), (100, 33)] {
+                let shape = AttentionShape {
+                    batch: 2,
+                    seq_q,
+                    seq_kv,
+                    heads_q: 4,
+                    heads_kv: 2,
+                    head_dim,
+                    head_dim_v: head_dim,
+                };
+                let Some(plan) = coop_plan(gpu, &shape, dtype) else {
+                    continue;
+                };
+                let size = plan.coop_tiling().unwrap().size;
+                assert_eq!(head_dim as u32 % size, 0);
+                let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
+                let held =
+                    |x: &[f32]| -> Vec<f32> { x.iter().map(|&x| round_to(dtype, x)).collect() };
+                let (q, k, v) = (held(&inputs.q), held(&inputs.k), held(&inputs.v));
+                let sinks = normal_vec(&mut rng, 4, 1.0);
+                let configs = [
+                    AttentionConfig::new(),
+                    AttentionConfig::new().causal(true).sinks(sinks),
+                    AttentionConfig::new()
+                        .window(Some(9), Some(2))
+                        .softcap(6.0)
+                        .alibi(Alibi::PerHead(vec![0.1, 0.2, 0.3, 0.4])),
+                ];
+                for config in configs {
+                    let config = config.tier(Tier::CooperativeMatrix);
+                    let what = format!("{shape:?} {dtype:?} {size}x{size} {config:?}");
+                    let (got, got_lse) = run(gpu, &shape, [&q, &k, &v], dtype, (&config).into());
+                    let want = reference::attention(&shape, &q, &k, &v, &config).unwrap();
+                    assert_within(&got, &want.out, dtype, &v, &what);
+                    for (i, (&g, &w)) in got_lse.iter().zip(&want.lse).enumerate() {
+                        if w.is_infinite() {
+                            assert_eq!(f64::from(g), w, "{what}: lse {i}");
+                        } else {
+                            assert!(
+                                (f64::from(g) - w).abs() <= 1e-3,
+                                "{what}: lse {i}: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Bias, boolean and block-sparse masks on the masked kernel of the tier.
+#[test]
+fn masks_match_the_reference() {
+    let Some(gpu) = coop_gpu() else { return };
+    let shape = AttentionShape {
+        batch: 1,
+        seq_q: 70,
+        seq_kv: 150,
+        heads_q: 2,
+        heads_kv: 1,
+        head_dim: 32,
+        head_dim_v: 32,
+    };
+    if coop_plan(gpu, &shape, DType::F32).is_none() {
+        return;
+    }
+    let inputs = Inputs::draw(&shape, 0x5eed_c00c, 1.0);
+    let mut rng = seeded(0x5eed_c00d);
+    let dims = [1, 2, shape.seq_q, shape.seq_kv];
+    let n: usize = dims.iter().product();
+    let mut bias = normal_vec(&mut rng, n, 1.0);
+    for x in bias.iter_mut() {
+        if rng.random_ratio(1, 8) {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+    let bools: Vec<bool> = (0..n)
+        .map(|i| i / 150 % 70 != 3 && rng.random_ratio(3, 4))
+        .collect();
+    let sparse_dims = [1, 1, shape.seq_q, shape.seq_kv];
+    let sparse_values: Vec<bool> = (0..shape.seq_q * shape.seq_kv)
+        .map(|i| (i % 150) / 32 == (i / 150) / 16)
+        .collect();
+    let masks = [
+        (
+            AttentionMask::bias(gpu, dims, &bias).unwrap(),
+            HostMask::Bias {
+                dims,
+                values: &bias,
+            },
+        ),
+        (
+            AttentionMask::boolean(gpu, dims, &bools).unwrap(),
+            HostMask::Bool {
+                dims,
+                values: &bools,
+            },
+        ),
+        (
+            AttentionMask::block_sparse(gpu, sparse_dims, &sparse_values).unwrap(),
+            HostMask::Bool {
+                dims: sparse_dims,
+                values: &sparse_values,
+            },
+        ),
+    ];
+    for causal in [false, true] {
+        let config = AttentionConfig::new()
+            .causal(causal)
+            .tier(Tier::CooperativeMatrix);
+        for (mask, host) in &masks {
+            let what = format!("{:?} mask causal={causal}", mask.kind());
+            let (got, _) = run(
+                gpu,
+                &shape,
+                [&inputs.q, &inputs.k, &inputs.v],
+                DType::F32,
+                ForwardOptions::new(&config).mask(mask),
+            );
+            let want =
+                reference::attention_masked(&shape, &inputs.q, &inputs.k, &inputs.v, &config, host)
+                    .unwrap();
+            assert_within(&got, &want.out, DType::F32, &inputs.v, &what);
+        }
+    }
+}
+
+/// Keys in chunks (the carry between dispatches) and padded sequences
+/// (lengths 0 and 1) on the tier.
+#[test]
+fn key_chunks_and_padded_batches_match_the_reference() {
+    let Some(gpu) = coop_gpu() else { return };
+    let shape = AttentionShape {
+        batch: 3,
+        seq_q: 20,
+        seq_kv: 120,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 64,
+        head_dim_v: 64,
+    };
+    if coop_plan(gpu, &shape, DType::F32).is_none() {
+        return;
+    }
+    let inputs = Inputs::draw(&shape, 0x5eed_c00e, 1.0);
+    let config = AttentionConfig::new()
+        .causal(true)
+        .sinks(vec![0.5, -1.0, 1.5, 0.0])
+        .tier(Tier::CooperativeMatrix);
+    let qkv = [&inputs.q[..], &inputs.k[..], &inputs.v[..]];
+    for keys in [7, 40] {
+        let options = ForwardOptions::new(&config).keys_per_dispatch(keys);
+        let (got, got_lse) = run(gpu, &shape, qkv, DType::F32, options);
+        assert_close(
+            common::compare(&shape, &inputs, &config, &got, &got_lse),
+            &format!("{keys} keys per dispatch"),
+        );
+    }
+    let (q_lens, kv_lens) = ([20usize, 1, 0], [120usize, 45, 1]);
+    let lens = ValidLengths {
+        q: Some(&q_lens),
+        kv: &kv_lens,
+    };
+    let (got, _) = run(
+        gpu,
+        &shape,
+        qkv,
+        DType::F32,
+        ForwardOptions::new(&config).valid_lengths(lens),
+    );
+    let (hq, hkv, d) = (4, 2, 64);
+    for b in 0..3 {
+        let (q0, k0) = (b * 20 * hq * d, b * 120 * hkv * d);
+        let (want, _) = common::sequence_reference(
+            &config,
+            (hq, hkv, d),
+            &inputs.q[q0..q0 + q_lens[b] * hq * d],
+            &inputs.k[k0..k0 + kv_lens[b] * hkv * d],
+            &inputs.v[k0..k0 + kv_lens[b] * hkv * d],
+        );
+        common::assert_rows_close(
+            &got[q0..q0 + q_lens[b] * hq * d],
+            &want,
+            &format!("entry {b}"),
+        );
+        assert!(
+            got[q0 + q_lens[b] * hq * d..q0 + 20 * hq * d]
+                .iter()
+                .all(|&x| x == 0.0),
+            "entry {b}: padded rows are zeros"
+        );
+    }
+}
+
+/// bf16 has no matrices: a typed error naming it (head dims the
+/// matrices do not tile are checked from adapter profiles in src/plan.rs,
+/// since the emulation offers 8x8, which tiles every supported head dim).
+#[test]
+fn bf16_is_a_typed_error() {
+    let Some(gpu) = coop_gpu() else { return };
+    let shape = AttentionShape::self_attention(1, 16, 2, 64);
+    match ForwardPlan::for_call(
+        gpu.info(),
+        &shape,
+        DType::BF16,
+        Some(Tier::CooperativeMatrix),
+    ) {
+        Err(Error::TierUnavailable { reason, .. }) => assert!(reason.contains("bf16"), "{reason}"),
+        other => panic!("bf16: {other:?}"),
+    }
+}
