@@ -12,38 +12,13 @@
 mod common;
 
 use common::random::{normal_vec, seeded};
-use common::{Inputs, assert_close, gpu, round_to, unit_roundoff};
+use common::{Inputs, assert_close, cooperative_gpu, round_to, unit_roundoff};
 use rand::{Rng, RngExt};
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
-    AdapterOptions, Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, DType,
-    Error, ForwardOptions, ForwardPlan, Gpu, Lse, Tensor, Tier, ValidLengths,
+    Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, DType, Error,
+    ForwardOptions, ForwardPlan, Gpu, Lse, Tensor, Tier, ValidLengths,
 };
-
-/// A device whose cooperative-matrix tier runs: real where the adapter
-/// has matrix units and they were asked for, emulated otherwise.
-fn coop_gpu() -> Option<&'static Gpu> {
-    static GPU: std::sync::OnceLock<Option<Gpu>> = std::sync::OnceLock::new();
-    gpu()?;
-    GPU.get_or_init(|| {
-        let options = AdapterOptions {
-            emulate_cooperative_matrices: true,
-            ..AdapterOptions::from_env()
-        };
-        let gpu = pollster::block_on(Gpu::request(&options)).expect("the test adapter");
-        let how = if gpu.info().cooperative_matrix_emulation {
-            "emulated"
-        } else {
-            "on the adapter's matrix units"
-        };
-        eprintln!(
-            "cooperative matrices {how}: {:?}",
-            gpu.info().cooperative_matrices
-        );
-        Some(gpu)
-    })
-    .as_ref()
-}
 
 /// The plan of a forced cooperative-matrix call, or `None` (said) where
 /// this adapter cannot run it in `dtype` (f16 needs SHADER_F16, which GL
@@ -121,7 +96,7 @@ fn assert_within(got: &[f32], want: &[f64], dtype: DType, v: &[f32], what: &str)
 /// GQA, and the options that place or weigh keys.
 #[test]
 fn matches_the_reference_on_every_matrix_size_and_operand_type() {
-    let Some(gpu) = coop_gpu() else { return };
+    let Some(gpu) = cooperative_gpu() else { return };
     let mut rng = seeded(0x5eed_c00b);
     let dims = common::cases(
         "cooperative-matrix head dims",
@@ -183,7 +158,7 @@ fn matches_the_reference_on_every_matrix_size_and_operand_type() {
 /// Bias, boolean and block-sparse masks on the masked kernel of the tier.
 #[test]
 fn masks_match_the_reference() {
-    let Some(gpu) = coop_gpu() else { return };
+    let Some(gpu) = cooperative_gpu() else { return };
     let shape = AttentionShape {
         batch: 1,
         seq_q: 70,
@@ -261,7 +236,7 @@ fn masks_match_the_reference() {
 /// (lengths 0 and 1) on the tier.
 #[test]
 fn key_chunks_and_padded_batches_match_the_reference() {
-    let Some(gpu) = coop_gpu() else { return };
+    let Some(gpu) = cooperative_gpu() else { return };
     let shape = AttentionShape {
         batch: 3,
         seq_q: 20,
@@ -329,7 +304,7 @@ fn key_chunks_and_padded_batches_match_the_reference() {
 /// since the emulation offers 8x8, which tiles every supported head dim).
 #[test]
 fn bf16_is_a_typed_error() {
-    let Some(gpu) = coop_gpu() else { return };
+    let Some(gpu) = cooperative_gpu() else { return };
     let shape = AttentionShape::self_attention(1, 16, 2, 64);
     match ForwardPlan::for_call(
         gpu.info(),

@@ -21,9 +21,10 @@
 //! one of: a boolean mask, an additive bias mask (with `-inf` entries),
 //! valid lengths (key and query padding) or a packed variable-length batch
 //! (sequences of 0-60 tokens); without a mask, in 25 % of cases its keys
-//! run in chunks of 1-160 per dispatch (`keys_per_dispatch`); in half the cases, the
+//! run in chunks of 1-160 per dispatch (`keys_per_dispatch`); in 40 % of the cases the
 //! other forward kernel than the adapter's default (register-blocked on CPU adapters, the
-//! portable per-row tier on GPUs) where its tiles fit. Decode: a contiguous or paged cache (page
+//! portable per-row tier on GPUs), in 20 % the cooperative-matrix kernel (emulated on
+//! adapters without matrix units), where their tiles fit. Decode: a contiguous or paged cache (page
 //! size 16-256, pages shuffled), per-sequence lengths 0-300, 1-4 query
 //! tokens, a chosen or forced split count, f32, f16, bf16 or int8 storage
 //! (checked over the values stored). Backward (f32): no mask, a
@@ -42,7 +43,7 @@ use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardArgs, DType,
     DecodeArgs, DecodeOptions, ForwardOptions, ForwardPlan, Gpu, KvCache, KvCacheConfig, KvDType,
-    KvLayout, Lse, SinkGrads, Strides, Tensor, TensorShape, ValidLengths,
+    KvLayout, Lse, SinkGrads, Strides, Tensor, TensorShape, Tier, ValidLengths,
 };
 
 const CASES_VAR: &str = "FLASH_ATTN_FUZZ_CASES";
@@ -96,9 +97,20 @@ struct Case {
     /// Forward without a mask: the keys of each sequence run in chunks of
     /// this many, one dispatch each.
     keys_per_dispatch: Option<usize>,
-    /// Forward: run the other kernel family than the adapter's default
-    /// (`common::forward_tiers`), where its tiles fit.
-    other_tier: bool,
+    /// Forward: which kernel runs it.
+    forward_kernel: ForwardKernel,
+}
+
+/// The forward kernel a case runs, where its tiles fit (else the default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ForwardKernel {
+    /// The adapter's default.
+    Default,
+    /// The other kernel family (`common::forward_tiers`).
+    OtherFamily,
+    /// The cooperative-matrix kernel on `common::cooperative_gpu`
+    /// (emulated where the adapter has no matrix units).
+    Cooperative,
 }
 
 fn draw_case(rng: &mut SeededRng) -> Case {
@@ -220,7 +232,12 @@ fn draw_case(rng: &mut SeededRng) -> Case {
     let chunkable =
         operation == Operation::Forward && !matches!(extra, Extra::BoolMask | Extra::BiasMask);
     let keys_per_dispatch = (chunkable && rng.random_bool(0.25)).then(|| rng.random_range(1..=160));
-    let other_tier = operation == Operation::Forward && rng.random_bool(0.5);
+    let forward_kernel = match rng.random_range(0..10) {
+        _ if operation != Operation::Forward => ForwardKernel::Default,
+        0..=3 => ForwardKernel::Default,
+        4..=7 => ForwardKernel::OtherFamily,
+        _ => ForwardKernel::Cooperative,
+    };
     Case {
         operation,
         cache_lens,
@@ -230,7 +247,7 @@ fn draw_case(rng: &mut SeededRng) -> Case {
         config,
         extra,
         keys_per_dispatch,
-        other_tier,
+        forward_kernel,
     }
 }
 
@@ -268,6 +285,10 @@ fn upload(gpu: &Gpu, dims: TensorShape, data: &[f32], dtype: DType, bhsd: bool) 
 
 /// Runs one case; `Err` describes the first element outside the rule.
 fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
+    let gpu = match case.forward_kernel {
+        ForwardKernel::Cooperative => common::cooperative_gpu().expect("the test adapter"),
+        _ => gpu,
+    };
     match case.operation {
         Operation::Forward => run_forward(gpu, case, rng),
         Operation::Decode {
@@ -283,11 +304,13 @@ fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
 fn run_forward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
     let s = &case.shape;
     let mut config = case.config.clone();
-    if case.other_tier {
-        let tier = forward_tiers(gpu)[1];
-        if ForwardPlan::for_call(gpu.info(), s, case.dtype, tier).is_ok() {
-            config.tier = tier;
-        }
+    let tier = match case.forward_kernel {
+        ForwardKernel::Default => None,
+        ForwardKernel::OtherFamily => forward_tiers(gpu)[1],
+        ForwardKernel::Cooperative => Some(Tier::CooperativeMatrix),
+    };
+    if ForwardPlan::for_call(gpu.info(), s, case.dtype, tier).is_ok() {
+        config.tier = tier;
     }
     let mut draw = |n: usize| -> Vec<f32> {
         normal_vec(rng, n, 1.0)
@@ -393,7 +416,16 @@ fn run_forward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String
             (want, out.to_f32_vec(gpu).unwrap())
         }
     };
-    check_rule(&got, &want, unit_roundoff(case.dtype))
+    // f16 matrices round the probabilities to f16 before P V: up to 2^-11
+    // of the largest |v| more (docs/semantics.md).
+    let probabilities = if config.tier == Some(Tier::CooperativeMatrix) && case.dtype == DType::F16
+    {
+        let v_max = v.iter().fold(0.0f64, |m, &x| m.max(f64::from(x).abs()));
+        unit_roundoff(DType::F16) * v_max
+    } else {
+        0.0
+    };
+    check_rule(&got, &want, unit_roundoff(case.dtype), probabilities)
 }
 
 /// The reference of a batch whose sequences run alone: each is (query
@@ -427,11 +459,12 @@ fn per_sequence_reference(
     want
 }
 
-/// The accuracy rule on every element: 1e-4 plus the storage rounding.
-fn check_rule(got: &[f32], want: &[f64], roundoff: f64) -> Result<(), String> {
+/// The accuracy rule on every element: 1e-4 plus the storage rounding,
+/// plus `extra` (the cooperative-matrix tier's f16 probabilities).
+fn check_rule(got: &[f32], want: &[f64], roundoff: f64, extra: f64) -> Result<(), String> {
     for (index, (&g, &w)) in got.iter().zip(want).enumerate() {
         let error = (f64::from(g) - w).abs();
-        if g.is_nan() || error > TOLERANCE + roundoff * w.abs() {
+        if g.is_nan() || error > TOLERANCE + roundoff * w.abs() + extra {
             return Err(format!(
                 "out[{index}] = {g}, reference {w} (error {error:.3e})"
             ));
@@ -526,7 +559,7 @@ fn run_decode(
         })
         .collect();
     let want = per_sequence_reference(s, [&q, &k, &v], &case.config, &sequences);
-    check_rule(&out.to_f32_vec(gpu).unwrap(), &want, 0.0)
+    check_rule(&out.to_f32_vec(gpu).unwrap(), &want, 0.0, 0.0)
 }
 
 /// The backward case (f32): forward and backward on the GPU, every

@@ -53,6 +53,33 @@ pub fn gpu() -> Option<&'static Gpu> {
     .as_ref()
 }
 
+/// A second device on the test adapter whose cooperative-matrix tier runs:
+/// on the adapter's matrix units where it has them and they were asked for
+/// (`FLASH_ATTN_COOPERATIVE_MATRIX=1`), else with its products emulated in
+/// scalar code (`AdapterOptions::emulate_cooperative_matrices`).
+pub fn cooperative_gpu() -> Option<&'static Gpu> {
+    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
+    gpu()?;
+    GPU.get_or_init(|| {
+        let options = wgpu_flash_attn::AdapterOptions {
+            emulate_cooperative_matrices: true,
+            ..wgpu_flash_attn::AdapterOptions::from_env()
+        };
+        let gpu = pollster::block_on(Gpu::request(&options)).expect("the test adapter");
+        let how = if gpu.info().cooperative_matrix_emulation {
+            "emulated"
+        } else {
+            "on the adapter's matrix units"
+        };
+        eprintln!(
+            "cooperative matrices {how}: {:?}",
+            gpu.info().cooperative_matrices
+        );
+        Some(gpu)
+    })
+    .as_ref()
+}
+
 /// The forward tiers a test runs each case on: the adapter's default, and
 /// the other kernel family forced: the register-blocked kernel where the
 /// default is a per-row tier (CPU adapters: lavapipe, llvmpipe), the
