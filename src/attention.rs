@@ -581,18 +581,6 @@ pub(crate) fn upload_packed(
     Tensor::from_f32(gpu, dims, data)
 }
 
-impl PreparedCall<'_> {
-    /// The parameters of the unmasked forward: the call's, with the
-    /// register-blocked kernel's grouped rows when the plan has them.
-    fn dispatch_params(&self) -> AttentionParams {
-        let mut params = self.params;
-        if self.plan.groups_heads() {
-            params.flags |= blocked_flags::GROUP_ROWS;
-        }
-        params
-    }
-}
-
 /// A call whose operands passed every check, ready to bind.
 pub(crate) struct PreparedCall<'a> {
     pub shape: AttentionShape,
@@ -603,6 +591,16 @@ pub(crate) struct PreparedCall<'a> {
 }
 
 impl PreparedCall<'_> {
+    /// The parameters of the unmasked forward: the call's, with the
+    /// register-blocked kernel's grouped rows when the plan has them.
+    fn dispatch_params(&self) -> AttentionParams {
+        let mut params = self.params;
+        if self.plan.groups_heads() {
+            params.flags |= blocked_flags::GROUP_ROWS;
+        }
+        params
+    }
+
     /// For kernels that bind K and V whole (masked, naive): each within
     /// one storage binding.
     pub fn require_whole_kv(&self, gpu: &Gpu) -> Result<()> {
