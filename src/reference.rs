@@ -9,7 +9,7 @@ use rayon::prelude::*;
 mod backward;
 mod linear;
 
-pub use backward::{ReferenceGradients, attention_backward};
+pub use backward::{ReferenceGradients, attention_backward, attention_backward_f32};
 pub use linear::{
     LinearReferenceOutput, LinearReferenceState, apply_feature_map, linear_attention,
 };

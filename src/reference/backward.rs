@@ -1,6 +1,8 @@
 //! The backward of the reference attention in f64: the exact gradients of
 //! `sum(out * d_out)` with respect to Q, K and V (checked against central
-//! finite differences of the forward in tests/backward.rs).
+//! finite differences of the forward in tests/backward.rs); and the same
+//! computation as standard attention does it in f32, the baseline of
+//! FlashAttention's accuracy rule.
 
 use rayon::prelude::*;
 
@@ -37,10 +39,71 @@ pub struct ReferenceGradients {
 /// constants (not differentiated); sinks are differentiated.
 pub fn attention_backward(
     shape: &AttentionShape,
+    inputs: [&[f32]; 4],
+    config: &AttentionConfig,
+    mask: Option<&HostMask<'_>>,
+) -> Result<ReferenceGradients> {
+    backward(Arithmetic::F64, shape, inputs, config, mask)
+}
+
+/// [`attention_backward`] as standard (non-flash) attention computes it in
+/// f32, as a framework does: the scores rounded to f32 (formed exactly),
+/// then probabilities, outputs, dP = dO V^T, D = rowsum(dO * O), dS and
+/// every gradient's sum in f32 arithmetic. Its distance from
+/// [`attention_backward`] is the error no f32 implementation can be
+/// expected to beat: where the softmax is sharp and heads are long, dP and
+/// D nearly cancel and their f32 sums leave errors far above the gradients'
+/// own rounding (FlashAttention's rule: a kernel within twice this).
+pub fn attention_backward_f32(
+    shape: &AttentionShape,
+    inputs: [&[f32]; 4],
+    config: &AttentionConfig,
+    mask: Option<&HostMask<'_>>,
+) -> Result<ReferenceGradients> {
+    backward(Arithmetic::F32, shape, inputs, config, mask)
+}
+
+/// The arithmetic of a backward: exact-ish f64, or f32 as standard
+/// attention does it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arithmetic {
+    F64,
+    F32,
+}
+
+impl Arithmetic {
+    /// `x` as this arithmetic holds it.
+    fn round(self, x: f64) -> f64 {
+        match self {
+            Arithmetic::F64 => x,
+            Arithmetic::F32 => f64::from(x as f32),
+        }
+    }
+    /// `a . b`, summed in this arithmetic.
+    fn dot(self, a: &[f32], b: &[f32]) -> f64 {
+        match self {
+            Arithmetic::F64 => a
+                .iter()
+                .zip(b)
+                .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                .sum(),
+            Arithmetic::F32 => f64::from(a.iter().zip(b).fold(0.0f32, |sum, (&x, &y)| sum + x * y)),
+        }
+    }
+    /// `sum += x`, rounded as this arithmetic sums.
+    fn add(self, sum: &mut f64, x: f64) {
+        *sum = self.round(*sum + self.round(x));
+    }
+}
+
+fn backward(
+    arithmetic: Arithmetic,
+    shape: &AttentionShape,
     [q, k, v, d_out]: [&[f32]; 4],
     config: &AttentionConfig,
     mask: Option<&HostMask<'_>>,
 ) -> Result<ReferenceGradients> {
+    let a = arithmetic;
     let problem = Problem::new(shape, q, k, v, config, |b, h, i, j| match mask {
         Some(mask) => mask.at(b, h, i, j),
         None => Some(0.0),
@@ -87,37 +150,53 @@ pub fn attention_backward(
                     let scores = problem.row_scores(b, h, i);
                     let lse_at = (b * heads_q + h) * seq_q + i;
                     let sink = problem.sink(h);
+                    // f32: the scores (formed exactly) rounded, and the
+                    // probabilities of the rounded scores rounded.
+                    let mut scores = scores;
+                    for score in &mut scores {
+                        score.score = a.round(score.score);
+                    }
                     let Some((probs, lse)) = softmax(&scores, sink) else {
                         result.out.push((o_at, vec![0.0; dv]));
                         result.lse.push((lse_at, f64::INFINITY));
                         result.dq.push((at, vec![0.0; d]));
                         continue;
                     };
+                    let probs: Vec<f64> = probs.into_iter().map(|p| a.round(p)).collect();
                     let grad_out = &d_out[o_at..][..dv];
                     let q_row = problem.q_row(b, h, i);
-                    let dots = |x: &[f32], y: &[f32]| -> f64 {
-                        x.iter()
-                            .zip(y)
-                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                            .sum()
-                    };
                     let dp: Vec<f64> = scores
                         .iter()
-                        .map(|s| dots(grad_out, problem.v_row(b, h, s.key)))
+                        .map(|s| a.dot(grad_out, problem.v_row(b, h, s.key)))
                         .collect();
-                    // D = sum_j P_j dP_j (= dO . O).
-                    let delta: f64 = probs.iter().zip(&dp).map(|(p, g)| p * g).sum();
+                    // D = sum_j P_j dP_j (= dO . O); in f32 from the f32 O,
+                    // as standard attention forms it.
+                    let delta: f64 = match a {
+                        Arithmetic::F64 => probs.iter().zip(&dp).map(|(p, g)| p * g).sum(),
+                        Arithmetic::F32 => {
+                            let mut out = vec![0.0f64; dv];
+                            for (score, &p) in scores.iter().zip(&probs) {
+                                let v_row = problem.v_row(b, h, score.key);
+                                for (o, &x) in out.iter_mut().zip(v_row) {
+                                    a.add(o, p * f64::from(x));
+                                }
+                            }
+                            let out: Vec<f32> = out.iter().map(|&o| o as f32).collect();
+                            a.dot(grad_out, &out)
+                        }
+                    };
                     // The sink has no value (dP = 0): dsink = P_sink (0 - D).
                     if let Some(sink) = sink {
-                        result.dsinks[h - hk * group] -= (sink - lse).exp() * delta;
+                        let d_sink = a.round(a.round((sink - lse).exp()) * delta);
+                        a.add(&mut result.dsinks[h - hk * group], -d_sink);
                     }
                     let mut out = vec![0.0; dv];
                     let mut dq = vec![0.0; d];
                     for ((score, &p), &dp) in scores.iter().zip(&probs).zip(&dp) {
-                        let mut dx = p * (dp - delta) * problem.scale;
+                        let mut dx = a.round(a.round(p * a.round(dp - delta)) * problem.scale);
                         if let Some(cap) = config.softcap {
                             let th = (score.dot * problem.scale / f64::from(cap)).tanh();
-                            dx *= 1.0 - th * th;
+                            dx = a.round(dx * (1.0 - th * th));
                         }
                         let (k_row, v_row) = (
                             problem.k_row(b, h, score.key),
@@ -125,13 +204,13 @@ pub fn attention_backward(
                         );
                         let key = score.key * d;
                         for c in 0..d {
-                            dq[c] += dx * f64::from(k_row[c]);
-                            result.dk[key + c] += dx * f64::from(q_row[c]);
+                            a.add(&mut dq[c], dx * f64::from(k_row[c]));
+                            a.add(&mut result.dk[key + c], dx * f64::from(q_row[c]));
                         }
                         let value = score.key * dv;
                         for c in 0..dv {
-                            out[c] += p * f64::from(v_row[c]);
-                            result.dv[value + c] += p * f64::from(grad_out[c]);
+                            a.add(&mut out[c], p * f64::from(v_row[c]));
+                            a.add(&mut result.dv[value + c], p * f64::from(grad_out[c]));
                         }
                     }
                     result.out.push((o_at, out));
