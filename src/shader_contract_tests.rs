@@ -1114,3 +1114,65 @@ fn linear_flags_match_the_shader() {
         "LINEAR_",
     );
 }
+
+// ---------------------------------------------------------------------------
+// Workgroup memory against the planners' budgets.
+
+/// Bytes of the module's `var<workgroup>` declarations, as naga lays them
+/// out.
+fn declared_workgroup_bytes(module: &naga::Module) -> u64 {
+    let mut layouter = naga::proc::Layouter::default();
+    layouter
+        .update(module.to_ctx())
+        .expect("naga lays out every parsed type");
+    module
+        .global_variables
+        .iter()
+        .filter(|(_, var)| var.space == naga::AddressSpace::WorkGroup)
+        .map(|(_, var)| u64::from(layouter[var.ty].size))
+        .sum()
+}
+
+/// The forward kernels declare the workgroup memory their plans budget
+/// against the adapter's limit: exactly, for the block-tiled kernels
+/// (whose layouts the planner sizes from it); at most, for the per-row
+/// kernel (its subgroup variant stages nothing).
+#[test]
+fn forward_kernels_declare_the_workgroup_memory_their_plans_budget() {
+    let specs = shipped_specializations();
+    let checked: Vec<String> = by_code_shape(&specs, "workgroup memory checked for")
+        .par_iter()
+        .filter_map(|spec| {
+            let (budget, exact) = match spec {
+                Specialization::FlashBlocked(t) | Specialization::FlashBlockedMasked(t) => {
+                    (t.workgroup_bytes(), true)
+                }
+                Specialization::FlashCoop(t) | Specialization::FlashCoopMasked(t) => {
+                    (t.workgroup_bytes(), true)
+                }
+                Specialization::FlashForward(t) | Specialization::FlashMasked(t) => (
+                    crate::shaders::forward_tile_bytes(t.head_dim, t.head_dim_v, t.block_n),
+                    false,
+                ),
+                _ => return None,
+            };
+            let declared = declared_workgroup_bytes(&parse(spec, &source_of(spec)));
+            let ok = if exact {
+                declared == budget
+            } else {
+                declared <= budget
+            };
+            assert!(
+                ok,
+                "{}: declares {declared} bytes of workgroup memory, its plan budgets {budget}",
+                spec.label()
+            );
+            Some(spec.label())
+        })
+        .collect();
+    assert!(
+        checked.iter().any(|l| l.starts_with("flash_coop")),
+        "no cooperative-matrix specialization checked"
+    );
+    assert!(checked.iter().any(|l| l.starts_with("flash_blocked")));
+}
