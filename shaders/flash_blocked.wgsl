@@ -187,10 +187,7 @@ fn main(
     for (var kv0 = wg_lo; kv0 <= wg_hi; kv0 += i32(BLOCK_N)) {
         let n_keys = u32(min(i32(BLOCK_N), wg_hi + 1 - kv0));
 // #if MASK
-        var mask_state = 1u;
-        if (mp.use_tiles != 0u) {
-            mask_state = tile_states[batch * mp.tile_batch_stride + wg.y * mp.tile_head_stride + wg.x * mp.key_tiles + u32(kv0) / BLOCK_N];
-        }
+        let mask_state = tile_mask_state(batch, wg.y, wg.x, kv0);
         if (mask_state == 0u) {
             continue;
         }

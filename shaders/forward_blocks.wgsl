@@ -49,6 +49,18 @@ fn score_quad(
     return ScoredQuad(s, seen);
 }
 
+// #if MASK
+// The block-sparse state of the key tile from `kv0` for the block of row
+// tile `row_tile` of (batch, head): 0 no key attended (skipped), 1 apply
+// the mask, 2 every key attended; 1 for a dense mask.
+fn tile_mask_state(batch: u32, head: u32, row_tile: u32, kv0: i32) -> u32 {
+    if (mp.use_tiles == 0u) {
+        return 1u;
+    }
+    return tile_states[batch * mp.tile_batch_stride + head * mp.tile_head_stride + row_tile * mp.key_tiles + u32(kv0) / BLOCK_N];
+}
+// #endif
+
 // Where a finished row's output goes: O from vec4 `o_base` on, or (a key
 // chunk that is not its sequence's last, CARRY_OUT) the f32 carry from
 // `c_base` on.
