@@ -292,12 +292,11 @@ fn upload(gpu: &Gpu, dims: TensorShape, data: &[f32], dtype: DType, bhsd: bool) 
 
 /// Runs one case; `Err` describes the first element outside the rule.
 fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
-    let gpu = match case.forward_kernel {
-        ForwardKernel::Cooperative => common::cooperative_gpu().expect("the test adapter"),
-        _ => gpu,
-    };
     match case.operation {
-        Operation::Forward => run_forward(gpu, case, rng),
+        Operation::Forward => {
+            let (gpu, tier) = forward_kernel(gpu, case);
+            run_forward(gpu, case, tier, rng)
+        }
         Operation::Decode {
             paged,
             kv_splits,
@@ -307,18 +306,42 @@ fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
     }
 }
 
-/// The forward case.
-fn run_forward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
+/// The device and forced tier a forward case runs on: the drawn kernel
+/// where its tiles fit and, for a mask (which cannot run in key chunks),
+/// where its loops fit the adapter's budget whole (past it the call is a
+/// typed LoopBudget error, not a case of the rule); else the shared
+/// device's default.
+fn forward_kernel<'g>(gpu: &'g Gpu, case: &Case) -> (&'g Gpu, Option<Tier>) {
+    let (device, tier) = match case.forward_kernel {
+        ForwardKernel::Default => return (gpu, None),
+        ForwardKernel::OtherFamily => (gpu, forward_tiers(gpu)[1]),
+        ForwardKernel::Cooperative => (
+            common::cooperative_gpu().expect("the test adapter"),
+            Some(Tier::CooperativeMatrix),
+        ),
+    };
+    let s = &case.shape;
+    let masked = matches!(case.extra, Extra::BoolMask | Extra::BiasMask);
+    let fits = ForwardPlan::for_call(device.info(), s, case.dtype, tier).is_ok_and(|plan| {
+        !masked
+            || device
+                .info()
+                .loop_budget()
+                .is_none_or(|budget| plan.loop_trips(s.seq_kv as u64) <= budget)
+    });
+    if fits { (device, tier) } else { (gpu, None) }
+}
+
+/// The forward case, on `gpu` with `tier` forced if given.
+fn run_forward(
+    gpu: &Gpu,
+    case: &Case,
+    tier: Option<Tier>,
+    rng: &mut SeededRng,
+) -> Result<(), String> {
     let s = &case.shape;
     let mut config = case.config.clone();
-    let tier = match case.forward_kernel {
-        ForwardKernel::Default => None,
-        ForwardKernel::OtherFamily => forward_tiers(gpu)[1],
-        ForwardKernel::Cooperative => Some(Tier::CooperativeMatrix),
-    };
-    if ForwardPlan::for_call(gpu.info(), s, case.dtype, tier).is_ok() {
-        config.tier = tier;
-    }
+    config.tier = tier;
     let mut draw = |n: usize| -> Vec<f32> {
         normal_vec(rng, n, 1.0)
             .into_iter()
