@@ -94,23 +94,9 @@ fn main(
     let first_query = i32(row0 / group);
     let last_query = i32((min(row0 + BLOCK_M, max(seq_q, 1u)) - 1u) / group);
 
-    // Keys some row of the block sees (the tiles to visit), and keys every
-    // row sees (tiles inside that range need no visibility test).
-    var wg_lo = 0;
-    var wg_hi = i32(seq_kv) - 1;
-    var all_lo = 0;
-    var all_hi = i32(seq_kv) - 1;
-    if (row0 >= seq_q) {
-        wg_hi = -1;
-    }
-    if (has_flag(FLAG_WINDOW_LEFT)) {
-        wg_lo = max(wg_lo, first_query + diag - i32(p.window_left));
-        all_lo = max(all_lo, last_query + diag - i32(p.window_left));
-    }
-    if (has_flag(FLAG_WINDOW_RIGHT)) {
-        wg_hi = min(wg_hi, last_query + diag + i32(p.window_right));
-        all_hi = min(all_hi, first_query + diag + i32(p.window_right));
-    }
+    let keys = block_keys(first_query, last_query, diag, seq_kv, row0 >= seq_q);
+    var wg_lo = keys.lo;
+    let wg_hi = keys.hi;
 
     for (var i = lid; i < BLOCK_M * D4; i += WG_SIZE) {
         let row = min(row0 + i / D4, max(seq_q, 1u) - 1u);
@@ -222,9 +208,9 @@ fn main(
         // Keys past the tile's end lie past every row's last visible key.
         let key_pos = vec4<i32>(kv0 + lane_key) + vec4<i32>(0, 1, 2, 3);
 // #if MASK
-        let unmasked = n_keys == BLOCK_N && kv0 >= all_lo && kv0 + i32(BLOCK_N) - 1 <= all_hi && mask_state == 2u;
+        let unmasked = tile_all_visible(keys, kv0, n_keys) && mask_state == 2u;
 // #else
-        let unmasked = n_keys == BLOCK_N && kv0 >= all_lo && kv0 + i32(BLOCK_N) - 1 <= all_hi;
+        let unmasked = tile_all_visible(keys, kv0, n_keys);
 // #endif
         var scores: array<vec4<f32>, ROWS>;
         var visible: array<vec4<bool>, ROWS>;

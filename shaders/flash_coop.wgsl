@@ -187,21 +187,9 @@ fn main(
     // and are written as zeros; they widen no key range.
     let last_row = min(row0 + BLOCK_M, max(seq_q, 1u)) - 1u;
 
-    var wg_lo = 0;
-    var wg_hi = i32(seq_kv) - 1;
-    var all_lo = 0;
-    var all_hi = i32(seq_kv) - 1;
-    if (row0 >= seq_q || !in_range) {
-        wg_hi = -1;
-    }
-    if (has_flag(FLAG_WINDOW_LEFT)) {
-        wg_lo = max(wg_lo, i32(row0) + diag - i32(p.window_left));
-        all_lo = max(all_lo, i32(last_row) + diag - i32(p.window_left));
-    }
-    if (has_flag(FLAG_WINDOW_RIGHT)) {
-        wg_hi = min(wg_hi, i32(last_row) + diag + i32(p.window_right));
-        all_hi = min(all_hi, i32(row0) + diag + i32(p.window_right));
-    }
+    let keys = block_keys(i32(row0), i32(last_row), diag, seq_kv, row0 >= seq_q || !in_range);
+    var wg_lo = keys.lo;
+    let wg_hi = keys.hi;
     let alibi_slope = alibi_slope_of(batch, head_q);
     let start = softmax_start(head_q, true);
 
@@ -285,9 +273,9 @@ fn main(
         workgroupBarrier();
 
 // #if MASK
-        let unmasked = n_keys == BLOCK_N && kv0 >= all_lo && kv0 + i32(BLOCK_N) - 1 <= all_hi && mask_state == 2u;
+        let unmasked = tile_all_visible(keys, kv0, n_keys) && mask_state == 2u;
 // #else
-        let unmasked = n_keys == BLOCK_N && kv0 >= all_lo && kv0 + i32(BLOCK_N) - 1 <= all_hi;
+        let unmasked = tile_all_visible(keys, kv0, n_keys);
 // #endif
         var scores: array<vec4<f32>, QUADS>;
         var visible: array<vec4<bool>, QUADS>;

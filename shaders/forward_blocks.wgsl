@@ -3,6 +3,39 @@
 // finished row's output goes. src/shaders.rs prepends this file to both,
 // after flash_attention.wgsl's shared declarations.
 
+// The keys a block of query rows visits: some row sees [lo, hi] (the tiles
+// to visit; none when the block has no real row), every row sees
+// [all_lo, all_hi] (tiles inside need no visibility test). `first` and
+// `last` are the block's first and last real query rows.
+struct BlockKeys {
+    lo: i32,
+    hi: i32,
+    all_lo: i32,
+    all_hi: i32,
+}
+
+fn block_keys(first: i32, last: i32, diag: i32, seq_kv: u32, no_rows: bool) -> BlockKeys {
+    var keys = BlockKeys(0, i32(seq_kv) - 1, 0, i32(seq_kv) - 1);
+    if (no_rows) {
+        keys.hi = -1;
+    }
+    if (has_flag(FLAG_WINDOW_LEFT)) {
+        keys.lo = max(keys.lo, first + diag - i32(p.window_left));
+        keys.all_lo = max(keys.all_lo, last + diag - i32(p.window_left));
+    }
+    if (has_flag(FLAG_WINDOW_RIGHT)) {
+        keys.hi = min(keys.hi, last + diag + i32(p.window_right));
+        keys.all_hi = min(keys.all_hi, first + diag + i32(p.window_right));
+    }
+    return keys;
+}
+
+// Whether every row of the block sees every key of the full tile of
+// `n_keys` keys from `kv0` (before any mask).
+fn tile_all_visible(keys: BlockKeys, kv0: i32, n_keys: u32) -> bool {
+    return n_keys == BLOCK_N && kv0 >= keys.all_lo && kv0 + i32(BLOCK_N) - 1 <= keys.all_hi;
+}
+
 // Four keys' scores of one row and which of them the row sees.
 struct ScoredQuad {
     s: vec4<f32>,

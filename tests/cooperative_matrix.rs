@@ -16,8 +16,8 @@ use common::{Inputs, assert_close, cooperative_gpu, round_to, unit_roundoff};
 use rand::{Rng, RngExt};
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
-    Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, DType, Error,
-    ForwardOptions, ForwardPlan, Gpu, Lse, Tensor, Tier, ValidLengths,
+    Alibi, AttentionConfig, AttentionMask, AttentionShape, DType, Error, ForwardOptions,
+    ForwardPlan, Gpu, Tensor, Tier, ValidLengths,
 };
 
 /// The plan of a forced cooperative-matrix call, or `None` (said) where
@@ -37,7 +37,8 @@ fn coop_plan(gpu: &Gpu, shape: &AttentionShape, dtype: DType) -> Option<ForwardP
     }
 }
 
-/// Runs `options` on inputs held in `dtype`; output and logsumexp as f32.
+/// Runs `options` on inputs held in `dtype` (`common::run_views`, which
+/// poisons the outputs); output and logsumexp as f32.
 fn run(
     gpu: &Gpu,
     shape: &AttentionShape,
@@ -46,22 +47,19 @@ fn run(
     options: ForwardOptions<'_>,
 ) -> (Vec<f32>, Vec<f32>) {
     let upload = |dims, data: &[f32]| Tensor::from_f32_as(gpu, dims, data, dtype).unwrap();
-    let (q, k, v) = (
+    let out = Tensor::filled_as(gpu, shape.o_shape(), f32::NAN, dtype).unwrap();
+    let [q, k, v] = [
         upload(shape.q_shape(), q),
         upload(shape.k_shape(), k),
         upload(shape.v_shape(), v),
-    );
-    let out = Tensor::filled_as(gpu, shape.o_shape(), f32::NAN, dtype).unwrap();
-    let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q).unwrap();
-    let args = AttentionArgs {
-        q: &q,
-        k: &k,
-        v: &v,
-        out: &out,
-        lse: Some(&lse),
-    };
-    gpu.run(|e| gpu.forward(e, &args, options)).unwrap();
-    (out.to_f32_vec(gpu).unwrap(), lse.to_vec(gpu).unwrap())
+    ];
+    common::run_views(
+        gpu,
+        common::Implementation::Flash,
+        shape,
+        options,
+        [&q, &k, &v, &out],
+    )
 }
 
 /// The bound on |out - reference| for inputs held in `dtype`: f32's 1e-4,
