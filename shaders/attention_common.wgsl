@@ -86,8 +86,15 @@ const NEG_INF_BITS: u32 = 0xff800000u;
 @group(0) @binding(3) var<storage, read> v_buf: array<u32>;
 // #else
 // #if KV_HALF
+// #if KEY_LANES
+// Decoding with lanes over keys reads eight 16-bit values per load
+// (llvmpipe pays per load, not per byte; flash_decode.wgsl).
+@group(0) @binding(2) var<storage, read> k_buf: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read> v_buf: array<vec4<u32>>;
+// #else
 @group(0) @binding(2) var<storage, read> k_buf: array<vec2<u32>>;
 @group(0) @binding(3) var<storage, read> v_buf: array<vec2<u32>>;
+// #endif
 // #else
 @group(0) @binding(2) var<storage, read> k_buf: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> v_buf: array<vec4<f32>>;
@@ -208,6 +215,19 @@ fn pack4(v: vec4<f32>) -> vec2<u32> {
 }
 // #endif
 
+// #if KEY_LANES
+// Elements 8e..8e+7 of the K (or V) vector whose first vec4 of four
+// values is `row` (even: head dims are multiples of 8).
+fn load_k8(row: u32, e: u32) -> mat2x4<f32> {
+    let w = k_buf[(row >> 1u) + e];
+    return mat2x4<f32>(unpack4(w.xy), unpack4(w.zw));
+}
+
+fn load_v8(row: u32, e: u32) -> mat2x4<f32> {
+    let w = v_buf[(row >> 1u) + e];
+    return mat2x4<f32>(unpack4(w.xy), unpack4(w.zw));
+}
+// #else
 fn load_k(i: u32) -> vec4<f32> {
     return unpack4(k_buf[i]);
 }
@@ -215,8 +235,18 @@ fn load_k(i: u32) -> vec4<f32> {
 fn load_v(i: u32) -> vec4<f32> {
     return unpack4(v_buf[i]);
 }
+// #endif
 // #else
 // #if KV_INT8
+// #else
+// #if KEY_LANES
+fn load_k8(row: u32, e: u32) -> mat2x4<f32> {
+    return mat2x4<f32>(k_buf[row + 2u * e], k_buf[row + 2u * e + 1u]);
+}
+
+fn load_v8(row: u32, e: u32) -> mat2x4<f32> {
+    return mat2x4<f32>(v_buf[row + 2u * e], v_buf[row + 2u * e + 1u]);
+}
 // #else
 fn load_k(i: u32) -> vec4<f32> {
     return k_buf[i];
@@ -225,6 +255,7 @@ fn load_k(i: u32) -> vec4<f32> {
 fn load_v(i: u32) -> vec4<f32> {
     return v_buf[i];
 }
+// #endif
 // #endif
 // #endif
 

@@ -32,6 +32,23 @@ pub struct DecodeArgs<'a> {
     pub lse: Option<&'a Lse>,
 }
 
+/// How decoding's subgroup tier ([`crate::Tier::SubgroupBroadcast`])
+/// spreads a workgroup's keys over its lanes. Both give the same results
+/// up to f32 rounding order; they differ in speed only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecodeLanes {
+    /// Lanes split every head vector, and `subgroupAdd` completes each
+    /// score; each lane holds a slice of every row's query and output. The
+    /// default on GPUs.
+    HeadDim,
+    /// Each lane takes its own keys (four of every `4 x lanes`), reads
+    /// their whole vectors and keeps its own online softmax of every row;
+    /// the lanes merge by logsumexp once at the end. Each lane holds every
+    /// row's whole query and output, which suits CPU adapters (the default
+    /// there: 2.7x faster on lavapipe) and would spill registers on a GPU.
+    Keys,
+}
+
 /// Options of a decode call: the attention options (as the forward pass)
 /// and how the keys are split. An `&AttentionConfig` converts into options
 /// with the split count chosen for the adapter.
@@ -42,6 +59,11 @@ pub struct DecodeOptions {
     /// Split each sequence's keys into this many chunks, one workgroup
     /// each; `None` picks enough to fill the adapter ([`DecodePlan`]).
     pub kv_splits: Option<usize>,
+    /// The subgroup tier's lane layout; `None` picks the adapter's
+    /// ([`DecodePlan`]). Forcing one where the call does not run the
+    /// subgroup tier is an error (`TierUnavailable`, or
+    /// `UnsupportedCombination` with a forced portable tier).
+    pub lanes: Option<DecodeLanes>,
 }
 
 impl DecodeOptions {
@@ -50,11 +72,17 @@ impl DecodeOptions {
         DecodeOptions {
             config: config.clone(),
             kv_splits: None,
+            lanes: None,
         }
     }
     /// Forces the split count.
     pub fn kv_splits(mut self, splits: usize) -> Self {
         self.kv_splits = Some(splits);
+        self
+    }
+    /// Forces the subgroup tier's lane layout.
+    pub fn lanes(mut self, lanes: DecodeLanes) -> Self {
+        self.lanes = Some(lanes);
         self
     }
 }
@@ -70,6 +98,7 @@ impl From<AttentionConfig> for DecodeOptions {
         DecodeOptions {
             config,
             kv_splits: None,
+            lanes: None,
         }
     }
 }

@@ -61,7 +61,7 @@ pub use config::{
     Alibi, AttentionConfig, AttentionShape, MAX_HEAD_DIM, SUPPORTED_HEAD_DIMS, Tier,
     is_supported_head_dim,
 };
-pub use decode::{DecodeArgs, DecodeOptions};
+pub use decode::{DecodeArgs, DecodeLanes, DecodeOptions};
 pub use error::{Error, Result};
 pub use gpu::{AdapterOptions, Gpu, GpuInfo, WANTED_FEATURES};
 pub use kv_cache::{KeyRotation, KvCache, KvCacheConfig, KvDType, KvLayout, KvValues, PAGE_SIZES};

@@ -5,7 +5,7 @@
 //! do not have are tested from their profiles (see the tests below).
 
 use crate::config::{AttentionShape, Tier};
-use crate::decode::DecodeOptions;
+use crate::decode::{DecodeLanes, DecodeOptions};
 use crate::error::{Error, Result};
 use crate::gpu::GpuInfo;
 use crate::shaders::{
@@ -684,6 +684,10 @@ fn row_tiling(info: &GpuInfo, shape: &AttentionShape, tier: Option<Tier>) -> Res
 /// Query rows one subgroup-tier workgroup holds (per lane: that many
 /// slices of q and of the accumulator); more rows take more workgroups.
 const SUBGROUP_MAX_ROWS: u32 = 16;
+/// Floats of query and output one lane may hold for decoding's lanes over
+/// keys to be the default (16 rows at head dim 128, 8 at 256): the MLA
+/// latent widths (16 rows x 1088) keep lanes over the head dim.
+const KEY_LANES_MAX_STATE: u64 = 16 * 256;
 /// At most this many invocations per workgroup on GPUs.
 const GPU_MAX_WORKGROUP_SIZE: u32 = 64;
 /// Fewest keys worth a split of their own when the split count is chosen.
@@ -734,6 +738,14 @@ pub struct DecodePlan {
 }
 
 impl DecodePlan {
+    /// The subgroup tier's lane layout; `None` for the portable tier.
+    pub fn lanes(&self) -> Option<DecodeLanes> {
+        match self.specialization {
+            Specialization::Decode(tiling, _, lanes) if tiling.subgroup_kv => Some(lanes),
+            _ => None,
+        }
+    }
+
     /// The kernel tier this plan runs.
     pub fn tier(&self) -> Tier {
         self.specialization
@@ -769,10 +781,30 @@ impl DecodePlan {
             adapter.device_type == wgpu::DeviceType::Cpu && adapter.backend != wgpu::Backend::Gl;
         let limits = &info.limits;
         let max_invocations = info.max_invocations();
-        let subgroup = use_subgroup_tier(info, config.tier)?;
+        let subgroup = match (options.lanes, config.tier) {
+            (Some(_), Some(Tier::Portable)) => {
+                return Err(Error::UnsupportedCombination {
+                    what: "DecodeOptions::lanes with the portable tier (lane layouts belong to the subgroup tier)",
+                });
+            }
+            // A forced lane layout asks for the subgroup tier.
+            (Some(_), tier) => use_subgroup_tier(info, tier.or(Some(Tier::SubgroupBroadcast)))?,
+            (None, tier) => use_subgroup_tier(info, tier)?,
+        };
+        let mut lanes = DecodeLanes::HeadDim;
         let (tiling, rows_per_workgroup) = if subgroup {
             // Lanes split the head dim; every lane holds all the rows.
             let rows_per_workgroup = rows.next_power_of_two().min(SUBGROUP_MAX_ROWS);
+            // CPU adapters take lanes over keys where each lane's state
+            // (every row's query and output) stays small enough to compile
+            // and cache well.
+            let state = u64::from(rows_per_workgroup) * u64::from(head_dim + head_dim_v);
+            let keys_fit = cpu && state <= KEY_LANES_MAX_STATE;
+            lanes = options.lanes.unwrap_or(if keys_fit {
+                DecodeLanes::Keys
+            } else {
+                DecodeLanes::HeadDim
+            });
             let tiling = AttentionTiling {
                 head_dim,
                 head_dim_v,
@@ -839,7 +871,7 @@ impl DecodePlan {
                     .max(1)
             }
         };
-        let specialization = Specialization::Decode(tiling, cache.dtype);
+        let specialization = Specialization::Decode(tiling, cache.dtype, lanes);
         // On adapters that cap loop iterations (llvmpipe), more splits keep
         // each workgroup's share of the keys under the cap; a forced count
         // that does not is refused rather than silently truncated.
@@ -1685,6 +1717,67 @@ pub(crate) mod profiles {
             DecodePlan::for_call(&profile("NVIDIA"), &cache, 1, 64, &forced),
             Err(Error::KvSplits(0))
         ));
+    }
+
+    #[test]
+    fn decode_lanes_default_to_keys_on_cpu_adapters_and_refuse_the_portable_tier() {
+        let cache = |head_dim, head_dim_v, heads_kv| CacheShape {
+            batch: 1,
+            heads_kv,
+            head_dim,
+            head_dim_v,
+            longest: 4096,
+            segments: 1,
+            dtype: crate::KvDType::F16,
+        };
+        let llama = cache(128, 128, 8);
+        let mla = cache(576, 512, 1);
+        let options = DecodeOptions::default();
+        for p in all() {
+            let info = p.info();
+            let plan = |cache: &CacheShape, heads_q, options: &DecodeOptions| {
+                DecodePlan::for_call(&info, cache, 1, heads_q, options)
+            };
+            let lanes = plan(&llama, 64, &options).unwrap().lanes();
+            let subgroups = subgroup_broadcast_missing(&info).is_none();
+            let want = match (subgroups, p.device_type) {
+                (false, _) => None,
+                (true, wgpu::DeviceType::Cpu) => Some(DecodeLanes::Keys),
+                (true, _) => Some(DecodeLanes::HeadDim),
+            };
+            assert_eq!(lanes, want, "{}", p.name);
+            // MLA's 16 rows x 1088 floats per lane keep the head-dim layout.
+            let mla_lanes = plan(&mla, 128, &options).unwrap().lanes();
+            assert_eq!(mla_lanes, want.map(|_| DecodeLanes::HeadDim), "{}", p.name);
+            for forced in [DecodeLanes::Keys, DecodeLanes::HeadDim] {
+                let got = plan(&llama, 64, &options.clone().lanes(forced));
+                if subgroups {
+                    assert_eq!(got.unwrap().lanes(), Some(forced), "{}", p.name);
+                } else {
+                    assert!(
+                        matches!(
+                            got,
+                            Err(Error::TierUnavailable {
+                                tier: Tier::SubgroupBroadcast,
+                                ..
+                            })
+                        ),
+                        "{}: {got:?}",
+                        p.name
+                    );
+                }
+                let mut portable = options.clone().lanes(forced);
+                portable.config.tier = Some(Tier::Portable);
+                assert!(
+                    matches!(
+                        plan(&llama, 64, &portable),
+                        Err(Error::UnsupportedCombination { .. })
+                    ),
+                    "{}",
+                    p.name
+                );
+            }
+        }
     }
 
     #[test]

@@ -21,9 +21,9 @@ use crate::pipelines::ELEMENTWISE_WORKGROUP;
 use crate::plan::profiles;
 use crate::shaders::{BackwardPass, Kernel, LinearPass, NaivePass, Specialization};
 use crate::{
-    AttentionConfig, AttentionShape, BackwardPlan, CacheShape, DType, DecodeOptions, DecodePlan,
-    ForwardPlan, GpuInfo, KvDType, LinearConfig, LinearPlan, LinearShape, NaivePlan, Tier,
-    is_supported_head_dim,
+    AttentionConfig, AttentionShape, BackwardPlan, CacheShape, DType, DecodeLanes, DecodeOptions,
+    DecodePlan, ForwardPlan, GpuInfo, KvDType, LinearConfig, LinearPlan, LinearShape, NaivePlan,
+    Tier, is_supported_head_dim,
 };
 
 // ---------------------------------------------------------------------------
@@ -133,13 +133,18 @@ fn shipped_specializations() -> Vec<Specialization> {
                     segments: 1,
                     dtype,
                 };
-                for tier in tiers {
+                let lanes = [None, Some(DecodeLanes::Keys), Some(DecodeLanes::HeadDim)];
+                for (tier, lanes) in tiers
+                    .into_iter()
+                    .flat_map(|tier| lanes.map(|lanes| (tier, lanes)))
+                {
                     let options = DecodeOptions {
                         config: AttentionConfig {
                             tier,
                             ..AttentionConfig::new()
                         },
                         kv_splits: None,
+                        lanes,
                     };
                     if let Ok(plan) = DecodePlan::for_call(info, &cache, 1, rows, &options) {
                         add(plan.specialization);

@@ -8,6 +8,7 @@
 
 use std::fmt::Write as _;
 
+use crate::decode::DecodeLanes;
 use crate::kv_cache::KvDType;
 use crate::tensor::DType;
 
@@ -23,6 +24,9 @@ const KV_INT8: &str = "KV_INT8";
 const MASK: &str = "MASK";
 const CAUSAL: &str = "CAUSAL";
 const SUBGROUP_BROADCAST: &str = "SUBGROUP_BROADCAST";
+/// Decoding's subgroup tier with lanes over keys ([`DecodeLanes::Keys`]);
+/// it replaces SUBGROUP_KV, whose lanes split the head dim.
+const KEY_LANES: &str = "KEY_LANES";
 /// The cooperative-matrix forward on 8x8 matrices (else 16x16).
 const COOP8: &str = "COOP8";
 /// The cooperative-matrix forward multiplying f32 matrices (else f16).
@@ -35,7 +39,7 @@ const EMULATED_LANES: u32 = 32;
 /// Every `// #if` name the shaders may use. The preprocessor refuses any
 /// other, so a misspelt name fails loudly instead of quietly selecting the
 /// `// #else` branch.
-pub const VARIANT_NAMES: [&str; 11] = [
+pub const VARIANT_NAMES: [&str; 12] = [
     COOP8,
     COOP_EMULATED,
     COOP_F32,
@@ -47,6 +51,7 @@ pub const VARIANT_NAMES: [&str; 11] = [
     MASK,
     CAUSAL,
     SUBGROUP_BROADCAST,
+    KEY_LANES,
 ];
 
 /// Keys per tile the planner tries, largest first.
@@ -710,9 +715,10 @@ pub enum Specialization {
         tiling: AttentionTiling,
     },
     /// Split-KV decoding (Q and O f32) over a cache of the given storage
-    /// type. With `subgroup_kv`, lanes split the head dim and `rows` counts
-    /// the workgroup's rows (not each lane's).
-    Decode(AttentionTiling, KvDType),
+    /// type. With `subgroup_kv`, lanes split the head dim or take their own
+    /// keys (the third field; the portable tier holds `HeadDim` there and
+    /// ignores it) and `rows` counts the workgroup's rows (not each lane's).
+    Decode(AttentionTiling, KvDType, DecodeLanes),
     /// One invocation per output vec4 (Combine), element pair (Rope) or
     /// appended head vector (KvAppend, storing the cache's type).
     Combine {
@@ -801,7 +807,11 @@ impl Specialization {
                 // Three passes over the row's vec4 score slots.
                 return Some(3 * (keys.div_ceil(4) + 1));
             }
-            Specialization::Decode(tiling, _) if tiling.subgroup_kv => {
+            Specialization::Decode(tiling, _, DecodeLanes::Keys) if tiling.subgroup_kv => {
+                // One trip per four keys of each lane; the rest is unrolled.
+                return Some(keys.div_ceil(4 * lanes) + 2);
+            }
+            Specialization::Decode(tiling, _, _) if tiling.subgroup_kv => {
                 // One trip per four keys; the rest is unrolled.
                 return Some(keys.div_ceil(4) + 2);
             }
@@ -821,7 +831,7 @@ impl Specialization {
             Specialization::FlashForward(tiling)
             | Specialization::FlashMasked(tiling)
             | Specialization::Naive { tiling, .. }
-            | Specialization::Decode(tiling, _) => Some(tiling),
+            | Specialization::Decode(tiling, ..) => Some(tiling),
             _ => None,
         }
     }
@@ -864,7 +874,7 @@ impl Specialization {
             Specialization::FlashForward(tiling)
             | Specialization::FlashMasked(tiling)
             | Specialization::Naive { tiling, .. }
-            | Specialization::Decode(tiling, _) => {
+            | Specialization::Decode(tiling, ..) => {
                 let mut constants = vec![
                     ("D4", tiling.head_dim / 4),
                     ("DV4", tiling.head_dim_v / 4),
@@ -882,6 +892,11 @@ impl Specialization {
                     let lanes = tiling.workgroup_size;
                     constants.push(("SLOTS", spread(tiling.head_dim).div_ceil(lanes)));
                     constants.push(("SLOTS_V", spread(tiling.head_dim_v).div_ceil(lanes)));
+                    if let Specialization::Decode(_, _, DecodeLanes::Keys) = self {
+                        // Each lane reads its keys' vectors eight values at a time.
+                        constants.push(("D8", tiling.head_dim / 8));
+                        constants.push(("DV8", tiling.head_dim_v / 8));
+                    }
                 }
                 constants
             }
@@ -1040,9 +1055,14 @@ impl Specialization {
                     flags.push(MASK);
                 }
             }
-            Specialization::Decode(_, cache) | Specialization::KvAppend { dtype: cache, .. } => {
+            Specialization::Decode(tiling, cache, lanes) => {
+                if tiling.subgroup_kv && *lanes == DecodeLanes::Keys {
+                    flags.retain(|flag| *flag != SUBGROUP_KV);
+                    flags.push(KEY_LANES);
+                }
                 flags.extend(cache_flags(*cache))
             }
+            Specialization::KvAppend { dtype: cache, .. } => flags.extend(cache_flags(*cache)),
             Specialization::Linear { pass, tiling } => {
                 flags.extend(storage_flags(tiling.storage));
                 if *pass == LinearPass::Outputs && tiling.causal {
@@ -1078,6 +1098,7 @@ impl Specialization {
     pub fn needs_subgroups(&self) -> bool {
         let flags = self.variant_flags();
         flags.contains(&SUBGROUP_KV)
+            || flags.contains(&KEY_LANES)
             || flags.contains(&SUBGROUP_BROADCAST)
             || self.needs_cooperative_matrices()
     }
@@ -1088,9 +1109,9 @@ impl Specialization {
             Specialization::FlashForward(tiling)
             | Specialization::FlashMasked(tiling)
             | Specialization::Naive { tiling, .. }
-            | Specialization::Decode(tiling, _) => {
+            | Specialization::Decode(tiling, ..) => {
                 if tiling.unroll {
-                    &["D4", "DV4", "ROWS", "SLOTS", "SLOTS_V"]
+                    &["D4", "DV4", "ROWS", "SLOTS", "SLOTS_V", "D8", "DV8"]
                 } else {
                     &[]
                 }

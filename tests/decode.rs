@@ -9,9 +9,9 @@ use common::gpu;
 use common::random::{normal_vec, seeded};
 use rand::seq::SliceRandom;
 use wgpu_flash_attn::{
-    Alibi, AttentionArgs, AttentionConfig, AttentionShape, DecodeArgs, DecodeOptions, DecodePlan,
-    Error, Gpu, KeyRotation, KvCache, KvCacheConfig, KvDType, KvLayout, Lse, Rope, RopeStyle,
-    Tensor, TensorShape, Tier, reference,
+    Alibi, AttentionArgs, AttentionConfig, AttentionShape, DecodeArgs, DecodeLanes, DecodeOptions,
+    DecodePlan, Error, Gpu, KeyRotation, KvCache, KvCacheConfig, KvDType, KvLayout, Lse, Rope,
+    RopeStyle, Tensor, TensorShape, Tier, reference,
 };
 
 const HEADS_Q: usize = 8;
@@ -884,4 +884,124 @@ fn shared_prefix_pages_are_read_only() {
             second: 2
         })
     ));
+}
+
+/// Decodes one random query over a tiny cache with `options`: the plan
+/// or the error.
+fn tiny_decode(gpu: &Gpu, options: &DecodeOptions) -> Result<DecodePlan, Error> {
+    let head_dim = 32;
+    let config = KvCacheConfig::new(1, HEADS_KV, head_dim, KvLayout::Contiguous { capacity: 8 });
+    let filled = fill(gpu, config, &[8], 1);
+    let shape = TensorShape::new(1, 1, HEADS_Q, head_dim);
+    let q = Tensor::from_f32(gpu, shape, &queries(1, 1, head_dim, 1)).unwrap();
+    let out = Tensor::filled(gpu, shape, 0.0).unwrap();
+    let args = DecodeArgs {
+        q: &q,
+        cache: &filled.cache,
+        out: &out,
+        lse: None,
+    };
+    gpu.run(|e| gpu.decode(e, &args, options.clone()))
+}
+
+/// Both lane layouts of the subgroup tier (lanes over keys, CPU adapters'
+/// default; lanes over the head dim, GPUs') against the reference, for
+/// every cache type, contiguous and paged over several buffers, with GQA,
+/// causal and window masks, sinks, splits, and sequences of 0 and 1
+/// tokens. Where the adapter has no subgroup tier, forcing a layout is a
+/// typed error.
+#[test]
+fn both_lane_layouts_match_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let head_dim = 64;
+    let lens = [0, 1, 77, 700];
+    let sinks = normal_vec(&mut seeded(0x1a2e), HEADS_Q, 1.5);
+    let mut portable = DecodeOptions::new(&AttentionConfig::new().tier(Tier::Portable));
+    portable.lanes = Some(DecodeLanes::Keys);
+    let got = tiny_decode(gpu, &portable);
+    assert!(
+        matches!(got, Err(Error::UnsupportedCombination { .. })),
+        "{got:?}"
+    );
+    let default_lanes = tiny_decode(gpu, &DecodeOptions::default()).unwrap().lanes();
+    let Some(default_lanes) = default_lanes else {
+        let got = tiny_decode(gpu, &DecodeOptions::default().lanes(DecodeLanes::Keys));
+        assert!(
+            matches!(
+                got,
+                Err(Error::TierUnavailable {
+                    tier: Tier::SubgroupBroadcast,
+                    ..
+                })
+            ),
+            "{got:?}"
+        );
+        eprintln!(
+            "skipped the layouts themselves: {} has no subgroup decode tier (forcing one is \
+             TierUnavailable, checked)",
+            gpu.info().summary()
+        );
+        return;
+    };
+    let cpu = gpu.info().adapter.device_type == wgpu::DeviceType::Cpu;
+    assert_eq!(
+        default_lanes == DecodeLanes::Keys,
+        cpu,
+        "the adapter's default lanes"
+    );
+    for dtype in [KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8] {
+        let contiguous = KvLayout::Contiguous { capacity: 700 };
+        // 16-token pages, five per buffer: one split's keys spread over
+        // several dispatches.
+        let paged = KvLayout::Paged {
+            page_size: 16,
+            pages: 4 * 44,
+        };
+        let buffer_bytes = (5 * 16 * HEADS_KV * dtype.vector_bytes(head_dim)) as u64;
+        let layouts = [
+            KvCacheConfig::new(lens.len(), HEADS_KV, head_dim, contiguous),
+            KvCacheConfig::new(lens.len(), HEADS_KV, head_dim, paged)
+                .max_buffer_bytes(buffer_bytes),
+        ];
+        for cache_config in layouts {
+            let mut filled = fill(gpu, cache_config.dtype(dtype), &lens, 0x1a2e_0001);
+            for b in 0..lens.len() {
+                // Decoding reads what the cache stores.
+                let (k, v) = filled.cache.read_sequence(gpu, b).unwrap();
+                filled.k[b] = k;
+                filled.v[b] = v;
+            }
+            let cases = [
+                (1, None, AttentionConfig::new().causal(true)),
+                (
+                    3,
+                    Some(3),
+                    AttentionConfig::new().causal(true).sinks(sinks.clone()),
+                ),
+                (
+                    2,
+                    None,
+                    AttentionConfig::new()
+                        .window(Some(40), Some(0))
+                        .softcap(15.0),
+                ),
+            ];
+            for lanes in [DecodeLanes::Keys, DecodeLanes::HeadDim] {
+                for (seq_q, splits, config) in &cases {
+                    let q = queries(lens.len(), *seq_q, head_dim, *seq_q as u64 + 7);
+                    let mut options = DecodeOptions::new(config).lanes(lanes);
+                    options.kv_splits = *splits;
+                    let (out_err, lse_err, plan) =
+                        decode_errors(gpu, &filled, &q, *seq_q, &options);
+                    assert_eq!(plan.lanes(), Some(lanes));
+                    assert!(
+                        out_err <= 1e-4 && lse_err <= 1e-4,
+                        "{dtype:?} {:?}, {lanes:?}, seq_q {seq_q}, {config:?}: \
+                         out {out_err:.2e}, lse {lse_err:.2e} ({plan:?})",
+                        cache_config.layout
+                    );
+                }
+            }
+        }
+    }
 }

@@ -43,8 +43,9 @@ use rand::seq::SliceRandom;
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardArgs, DType,
-    DecodeArgs, DecodeOptions, ForwardOptions, ForwardPlan, Gpu, KvCache, KvCacheConfig, KvDType,
-    KvLayout, Lse, SinkGrads, Strides, Tensor, TensorShape, Tier, ValidLengths,
+    DecodeArgs, DecodeLanes, DecodeOptions, ForwardOptions, ForwardPlan, Gpu, KvCache,
+    KvCacheConfig, KvDType, KvLayout, Lse, SinkGrads, Strides, Tensor, TensorShape, Tier,
+    ValidLengths,
 };
 
 const CASES_VAR: &str = "FLASH_ATTN_FUZZ_CASES";
@@ -82,6 +83,9 @@ enum Operation {
         paged: Option<usize>,
         kv_splits: Option<usize>,
         cache: KvDType,
+        /// Run the lane layout the adapter does not pick by default
+        /// (`common::other_decode_lanes`), where it has one.
+        other_lanes: bool,
     },
     Backward,
 }
@@ -122,6 +126,7 @@ fn draw_case(rng: &mut SeededRng) -> Case {
             kv_splits: rng.random_bool(0.3).then(|| rng.random_range(1..=8)),
             cache: [KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8]
                 [rng.random_range(0..4)],
+            other_lanes: rng.random_bool(0.4),
         },
         2 | 3 => Operation::Backward,
         _ => Operation::Forward,
@@ -301,7 +306,11 @@ fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
             paged,
             kv_splits,
             cache,
-        } => run_decode(gpu, case, (paged, kv_splits, cache), rng),
+            other_lanes,
+        } => {
+            let lanes = common::other_decode_lanes(gpu).filter(|_| other_lanes);
+            run_decode(gpu, case, (paged, kv_splits, cache, lanes), rng)
+        }
         Operation::Backward => run_backward(gpu, case, rng),
     }
 }
@@ -509,7 +518,7 @@ fn check_rule(got: &[f32], want: &[f64], roundoff: f64, extra: f64) -> Result<()
 fn run_decode(
     gpu: &Gpu,
     case: &Case,
-    (paged, kv_splits, dtype): (Option<usize>, Option<usize>, KvDType),
+    (paged, kv_splits, dtype, lanes): (Option<usize>, Option<usize>, KvDType, Option<DecodeLanes>),
     rng: &mut SeededRng,
 ) -> Result<(), String> {
     let s = &case.shape;
@@ -579,6 +588,7 @@ fn run_decode(
     let options = DecodeOptions {
         config: case.config.clone(),
         kv_splits,
+        lanes,
     };
     gpu.run(|e| gpu.decode(e, &args, options.clone()).map(|_| ()))
         .map_err(|e| format!("GPU call failed: {e}"))?;

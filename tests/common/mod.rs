@@ -6,8 +6,8 @@
 use std::sync::OnceLock;
 
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionShape, DType, ForwardOptions, ForwardPlan, Gpu, Lse,
-    Tensor, Tier, reference,
+    AttentionArgs, AttentionConfig, AttentionShape, CacheShape, DType, DecodeLanes, DecodeOptions,
+    DecodePlan, ForwardOptions, ForwardPlan, Gpu, KvDType, Lse, Tensor, Tier, reference,
 };
 
 /// Seeded inputs are drawn as flash-bench draws them (rand's ChaCha8 and
@@ -96,6 +96,29 @@ pub fn forward_tiers(gpu: &Gpu) -> [Option<Tier>; 2] {
     } else {
         [None, Some(Tier::RegisterBlocked)]
     }
+}
+
+/// The decode subgroup tier's lane layout that the adapter does not pick
+/// by default (lanes over the head dim on CPU adapters, over keys on
+/// GPUs), or `None` where it has no subgroup decode tier. So both layouts
+/// run wherever one does.
+pub fn other_decode_lanes(gpu: &Gpu) -> Option<DecodeLanes> {
+    let cache = CacheShape {
+        batch: 1,
+        heads_kv: 1,
+        head_dim: 64,
+        head_dim_v: 64,
+        longest: 64,
+        segments: 1,
+        dtype: KvDType::F32,
+    };
+    let default = DecodePlan::for_call(gpu.info(), &cache, 1, 1, &DecodeOptions::default())
+        .expect("a 64-wide head decodes on every adapter")
+        .lanes()?;
+    Some(match default {
+        DecodeLanes::Keys => DecodeLanes::HeadDim,
+        DecodeLanes::HeadDim => DecodeLanes::Keys,
+    })
 }
 
 /// `config` with `tier` forced, if one is given.

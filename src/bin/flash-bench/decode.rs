@@ -8,8 +8,8 @@ use clap::Args;
 use serde::Serialize;
 use wgpu_flash_attn::reference;
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionShape, DecodeArgs, DecodeOptions, DecodePlan, Gpu,
-    KvCache, KvCacheConfig, KvDType, KvLayout, Tensor, TensorShape,
+    AttentionArgs, AttentionConfig, AttentionShape, DecodeArgs, DecodeLanes, DecodeOptions,
+    DecodePlan, Gpu, KvCache, KvCacheConfig, KvDType, KvLayout, Tensor, TensorShape,
 };
 
 use crate::ceiling::CeilingProbes;
@@ -53,6 +53,27 @@ pub struct DecodeCmdArgs {
     /// the same run: f32, f16, bf16, int8 (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "f32", value_parser = parse_kv_dtype)]
     kv_dtype: Vec<KvDType>,
+    /// Force the subgroup tier's lane layouts, one case each on the same
+    /// cache: keys, head-dim (comma-separated; default: the adapter's).
+    #[arg(long, value_delimiter = ',', value_parser = parse_lanes)]
+    lanes: Vec<DecodeLanes>,
+}
+
+fn parse_lanes(name: &str) -> Result<DecodeLanes, String> {
+    match name {
+        "keys" => Ok(DecodeLanes::Keys),
+        "head-dim" => Ok(DecodeLanes::HeadDim),
+        _ => Err(format!("unknown lane layout {name:?}: keys or head-dim")),
+    }
+}
+
+/// How the case's plan spreads keys over lanes, for the report.
+fn lanes_name(plan: &DecodePlan) -> &'static str {
+    match plan.lanes() {
+        Some(DecodeLanes::Keys) => "keys",
+        Some(DecodeLanes::HeadDim) => "head-dim",
+        None => "portable",
+    }
 }
 
 fn parse_kv_dtype(name: &str) -> Result<KvDType, String> {
@@ -80,6 +101,9 @@ struct DecodeCase {
     layout: String,
     /// Cache storage type.
     kv_dtype: &'static str,
+    /// The decode kernel's lanes: keys, head-dim (subgroup tier) or
+    /// portable.
+    lanes: &'static str,
     splits: u32,
     cache_buffers: u32,
     decode_ms: f64,
@@ -93,7 +117,8 @@ struct DecodeCase {
     prefill_ms: Option<f64>,
     prefill_note: Option<String>,
     speedup_over_prefill: Option<f64>,
-    /// The f32 cache's step time over this one's, same length, same run.
+    /// The f32 cache's step time over this one's, same length and lanes,
+    /// same run.
     speedup_over_f32: Option<f64>,
 }
 
@@ -119,9 +144,10 @@ pub fn run(gpu: &Gpu, args: &DecodeCmdArgs, json: Option<&std::path::Path>) -> R
         fma.gflops, copy.gb_per_s, fma.timing.timer
     );
     println!(
-        "{:<34} {:>5} {:>7} {:>10} {:>7} {:>8} {:>7} {:>8} {:>6} {:>11} {:>8} {:>9}",
+        "{:<34} {:>5} {:>8} {:>7} {:>10} {:>7} {:>8} {:>7} {:>8} {:>6} {:>11} {:>8} {:>9}",
         "case",
         "kv",
+        "lanes",
         "splits",
         "decode ms",
         "vs f32",
@@ -140,60 +166,26 @@ pub fn run(gpu: &Gpu, args: &DecodeCmdArgs, json: Option<&std::path::Path>) -> R
         .iter()
         .flat_map(|t| args.kv_dtype.iter().map(move |d| (t, d)))
     {
-        let mut case = run_case(gpu, args, tokens, dtype, fma.gflops, copy.gb_per_s)
+        let new_cases = run_case(gpu, args, tokens, dtype, fma.gflops, copy.gb_per_s)
             .with_context(|| format!("cache of {tokens} tokens, {}", dtype.name()))?;
-        case.speedup_over_f32 = cases
-            .iter()
-            .find(|c: &&DecodeCase| c.cache_tokens == tokens && c.kv_dtype == "f32")
-            .map(|f32_case| f32_case.decode_ms / case.decode_ms);
-        let dims = if case.latent {
-            format!("{}/{} latent", case.head_dim, case.head_dim_v)
-        } else {
-            case.head_dim.to_string()
-        };
-        let name = format!(
-            "B{} H{}/{} q{} kv{} d{dims}{}",
-            case.batch,
-            case.heads_q,
-            case.heads_kv,
-            case.seq_q,
-            case.cache_tokens,
-            args.page_size
-                .map_or(String::new(), |p| format!(" paged{p}"))
-        );
-        let prefill = case
-            .prefill_ms
-            .map_or_else(|| "-".to_string(), |ms| format!("{ms:.2}"));
-        let speedup = case
-            .speedup_over_prefill
-            .map_or_else(|| "-".to_string(), |s| format!("{s:.1}x"));
-        let vs_f32 = case
-            .speedup_over_f32
-            .map_or_else(|| "-".to_string(), |s| format!("{s:.2}x"));
-        println!(
-            "{name:<34} {:>5} {:>3}x{:<3} {:>10.2} {vs_f32:>7} {:>8.2} {:>6.1}% {:>8.2} {:>5.1}% {prefill:>11} {speedup:>8} {:>9.2e}",
-            case.kv_dtype,
-            case.splits,
-            case.cache_buffers,
-            case.decode_ms,
-            case.gb_per_s,
-            case.pct_of_copy_ceiling,
-            case.gflops,
-            case.pct_of_fma_ceiling,
-            case.max_abs_err
-        );
-        if let Some(note) = &case.prefill_note {
-            println!("    prefill: {note}");
+        for mut case in new_cases {
+            case.speedup_over_f32 = cases
+                .iter()
+                .find(|c: &&DecodeCase| {
+                    c.cache_tokens == tokens && c.kv_dtype == "f32" && c.lanes == case.lanes
+                })
+                .map(|f32_case| f32_case.decode_ms / case.decode_ms);
+            print_case(args, &case);
+            ok &= case.max_abs_err <= TOLERANCE;
+            cases.push(case);
         }
-        ok &= case.max_abs_err <= TOLERANCE;
-        cases.push(case);
     }
     println!(
         "splits = key chunks x cache buffers; GB/s counts the K and V bytes a step reads \
          (the cache's stored bytes); vs f32 = the f32 cache's time over this one's, same \
-         length, same run; prefill = the forward kernel on the same call (contiguous f32 K/V \
-         tensors); half and int8 caches are validated against the reference over the values \
-         they store"
+         length and lanes, same run; prefill = the forward kernel on the same call \
+         (contiguous f32 K/V tensors); half and int8 caches are validated against the \
+         reference over the values they store"
     );
     if let Some(path) = json {
         let report = DecodeReport {
@@ -217,6 +209,50 @@ pub fn run(gpu: &Gpu, args: &DecodeCmdArgs, json: Option<&std::path::Path>) -> R
     Ok(ok)
 }
 
+/// One row of the table.
+fn print_case(args: &DecodeCmdArgs, case: &DecodeCase) {
+    let dims = if case.latent {
+        format!("{}/{} latent", case.head_dim, case.head_dim_v)
+    } else {
+        case.head_dim.to_string()
+    };
+    let name = format!(
+        "B{} H{}/{} q{} kv{} d{dims}{}",
+        case.batch,
+        case.heads_q,
+        case.heads_kv,
+        case.seq_q,
+        case.cache_tokens,
+        args.page_size
+            .map_or(String::new(), |p| format!(" paged{p}"))
+    );
+    let prefill = case
+        .prefill_ms
+        .map_or_else(|| "-".to_string(), |ms| format!("{ms:.2}"));
+    let speedup = case
+        .speedup_over_prefill
+        .map_or_else(|| "-".to_string(), |s| format!("{s:.1}x"));
+    let vs_f32 = case
+        .speedup_over_f32
+        .map_or_else(|| "-".to_string(), |s| format!("{s:.2}x"));
+    println!(
+        "{name:<34} {:>5} {:>8} {:>3}x{:<3} {:>10.2} {vs_f32:>7} {:>8.2} {:>6.1}% {:>8.2} {:>5.1}% {prefill:>11} {speedup:>8} {:>9.2e}",
+        case.kv_dtype,
+        case.lanes,
+        case.splits,
+        case.cache_buffers,
+        case.decode_ms,
+        case.gb_per_s,
+        case.pct_of_copy_ceiling,
+        case.gflops,
+        case.pct_of_fma_ceiling,
+        case.max_abs_err
+    );
+    if let Some(note) = &case.prefill_note {
+        println!("    prefill: {note}");
+    }
+}
+
 fn run_case(
     gpu: &Gpu,
     args: &DecodeCmdArgs,
@@ -224,7 +260,7 @@ fn run_case(
     dtype: KvDType,
     fma: f64,
     copy: f64,
-) -> Result<DecodeCase> {
+) -> Result<Vec<DecodeCase>> {
     let layout = match args.page_size {
         None => KvLayout::Contiguous { capacity: tokens },
         Some(page_size) => KvLayout::Paged {
@@ -313,40 +349,18 @@ fn run_case(
     let o_shape = TensorShape::new(args.batch, args.seq_q, args.heads_q, head_dim_v);
     let out = Tensor::filled(gpu, o_shape, f32::NAN)?;
     let config = AttentionConfig::new().causal(true);
-    let options = DecodeOptions {
-        config: config.clone(),
-        kv_splits: args.splits,
-    };
     let decode_args = DecodeArgs {
         q: &q,
         cache: &cache,
         out: &out,
         lse: None,
     };
-    let plan: DecodePlan = gpu.run(|e| gpu.decode(e, &decode_args, options.clone()))?;
-    let got = out.to_f32_vec(gpu)?;
-    let max_abs_err = head0_error(args, (tokens, head_dim_v), &q_host, &head0, &got, &config)?;
-    let timing = time_gpu(
-        gpu,
-        TimingPlan {
-            warmup: 1,
-            runs: args.iters,
-        },
-        |encoder| {
-            gpu.decode(encoder, &decode_args, options.clone())
-                .map(|_| ())
-        },
-    )?;
-    let seconds = timing.median_ms / 1e3;
     // A latent cache holds (and a step reads) one pool; others K and V.
     let pools = if args.latent_values.is_some() { 1 } else { 2 };
     let bytes =
         (pools * args.batch * tokens * args.heads_kv * dtype.vector_bytes(args.head_dim)) as f64;
     let flops = 2.0
         * (args.batch * args.heads_q * args.seq_q * tokens * (args.head_dim + head_dim_v)) as f64;
-    let gb_per_s = bytes / seconds / 1e9;
-    let gflops = flops / seconds / 1e9;
-
     let (prefill_ms, prefill_note) = if dtype != KvDType::F32 {
         (None, Some("compared for the f32 cache".to_string()))
     } else if !prefill_fits {
@@ -369,30 +383,62 @@ fn run_case(
             Err(err) => (None, Some(format!("does not run: {err}"))),
         }
     };
-    Ok(DecodeCase {
-        cache_tokens: tokens,
-        batch: args.batch,
-        seq_q: args.seq_q,
-        heads_q: args.heads_q,
-        heads_kv: args.heads_kv,
-        head_dim: args.head_dim,
-        head_dim_v,
-        latent: args.latent_values.is_some(),
-        layout: format!("{layout:?}"),
-        kv_dtype: dtype.name(),
-        splits: plan.splits,
-        cache_buffers: plan.segments,
-        decode_ms: timing.median_ms,
-        gb_per_s,
-        pct_of_copy_ceiling: 100.0 * gb_per_s / copy,
-        gflops,
-        pct_of_fma_ceiling: 100.0 * gflops / fma,
-        max_abs_err,
-        speedup_over_prefill: prefill_ms.map(|ms| ms / timing.median_ms),
-        speedup_over_f32: None,
-        prefill_ms,
-        prefill_note,
-    })
+    let forced: Vec<Option<DecodeLanes>> = if args.lanes.is_empty() {
+        vec![None]
+    } else {
+        args.lanes.iter().copied().map(Some).collect()
+    };
+    let mut cases = Vec::new();
+    for lanes in forced {
+        let options = DecodeOptions {
+            config: config.clone(),
+            kv_splits: args.splits,
+            lanes,
+        };
+        let plan: DecodePlan = gpu.run(|e| gpu.decode(e, &decode_args, options.clone()))?;
+        let got = out.to_f32_vec(gpu)?;
+        let max_abs_err = head0_error(args, (tokens, head_dim_v), &q_host, &head0, &got, &config)?;
+        let timing = time_gpu(
+            gpu,
+            TimingPlan {
+                warmup: 1,
+                runs: args.iters,
+            },
+            |encoder| {
+                gpu.decode(encoder, &decode_args, options.clone())
+                    .map(|_| ())
+            },
+        )?;
+        let seconds = timing.median_ms / 1e3;
+        let gb_per_s = bytes / seconds / 1e9;
+        let gflops = flops / seconds / 1e9;
+        cases.push(DecodeCase {
+            cache_tokens: tokens,
+            batch: args.batch,
+            seq_q: args.seq_q,
+            heads_q: args.heads_q,
+            heads_kv: args.heads_kv,
+            head_dim: args.head_dim,
+            head_dim_v,
+            latent: args.latent_values.is_some(),
+            layout: format!("{layout:?}"),
+            kv_dtype: dtype.name(),
+            lanes: lanes_name(&plan),
+            splits: plan.splits,
+            cache_buffers: plan.segments,
+            decode_ms: timing.median_ms,
+            gb_per_s,
+            pct_of_copy_ceiling: 100.0 * gb_per_s / copy,
+            gflops,
+            pct_of_fma_ceiling: 100.0 * gflops / fma,
+            max_abs_err,
+            speedup_over_prefill: prefill_ms.map(|ms| ms / timing.median_ms),
+            speedup_over_f32: None,
+            prefill_ms,
+            prefill_note: prefill_note.clone(),
+        });
+    }
+    Ok(cases)
 }
 
 /// Largest error of sequence 0's query heads that read KV head 0.
