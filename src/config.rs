@@ -287,8 +287,9 @@ pub enum Tier {
     /// SUBGROUP feature and a smallest subgroup size that is a power of two
     /// from 4 to 128, on Vulkan, Metal and DX12 (wgpu's GL backend has no
     /// subgroups). Decoding has a subgroup tier under the same conditions,
-    /// where lanes split the head dim and `subgroupAdd` completes the dot
-    /// products.
+    /// with two lane layouts ([`crate::DecodeLanes`]): lanes split the head
+    /// dim and `subgroupAdd` completes the dot products (GPUs), or each
+    /// lane takes its own keys (CPU adapters).
     SubgroupBroadcast,
     /// The forward kernel for hardware GPUs (`shaders/flash_blocked.wgsl`):
     /// 32-128 invocations share a block of 16-64 query rows staged in
