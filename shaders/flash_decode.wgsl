@@ -224,7 +224,7 @@ fn output_base(slot: u32, batch: u32, row: DecodeRow, lse: f32, store_lse: bool)
 // Nothing crosses lanes in the key loop: no subgroupAdd per score, and each
 // lane's softmax steps are its own keys' rather than a copy of everyone's.
 // The lanes' (max, sum, output) merge once at the end, by logsumexp, as
-// split results do. Measured 2.7x faster than lanes over the head dim on
+// split results do. Measured 2-3x faster than lanes over the head dim on
 // lavapipe (BENCHMARKS.md); on GPUs each lane's state (ROWS x (D + DV)
 // floats) would spill, so they keep the layout below.
 //

@@ -45,7 +45,9 @@ pub enum DecodeLanes {
     /// their whole vectors and keeps its own online softmax of every row;
     /// the lanes merge by logsumexp once at the end. Each lane holds every
     /// row's whole query and output, which suits CPU adapters (the default
-    /// there: 2.7x faster on lavapipe) and would spill registers on a GPU.
+    /// there: 2-3x faster on lavapipe) and would spill registers on a GPU;
+    /// past 4096 such floats per lane it is refused
+    /// ([`crate::Error::KeyLanesState`]).
     Keys,
 }
 

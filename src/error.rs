@@ -437,6 +437,26 @@ pub enum Error {
     /// The RoPE frequency base is not finite or not above 1 (holds the value given).
     #[error("RoPE base (theta) must be finite and > 1, got {0}")]
     RopeBase(f64),
+    /// Decoding with lanes over keys holds every row's whole query and
+    /// output in each lane; past a budget the kernel would not compile in
+    /// reasonable time (or would spill on a GPU).
+    #[error(
+        "decoding with lanes over keys holds {rows} query rows x ({head_dim} + {head_dim_v}) = \
+         {floats} floats per lane, at most {limit}: use DecodeLanes::HeadDim"
+    )]
+    KeyLanesState {
+        /// Query rows per workgroup (query tokens x GQA group, at most 16).
+        rows: u32,
+        /// Query/key head dim.
+        head_dim: usize,
+        /// Value head dim.
+        head_dim_v: usize,
+        /// `rows * (head_dim + head_dim_v)`.
+        floats: u64,
+        /// The most a lane may hold.
+        limit: u64,
+    },
+
     /// Decoding was asked for 0 key splits (holds the count given).
     #[error("kv_splits must be at least 1, got {0}")]
     KvSplits(usize),

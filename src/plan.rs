@@ -685,8 +685,9 @@ fn row_tiling(info: &GpuInfo, shape: &AttentionShape, tier: Option<Tier>) -> Res
 /// slices of q and of the accumulator); more rows take more workgroups.
 const SUBGROUP_MAX_ROWS: u32 = 16;
 /// Floats of query and output one lane may hold for decoding's lanes over
-/// keys to be the default (16 rows at head dim 128, 8 at 256): the MLA
-/// latent widths (16 rows x 1088) keep lanes over the head dim.
+/// keys (16 rows at head dim 128, 8 at 256): the default on CPU adapters
+/// within it, refused past it (`Error::KeyLanesState`); the MLA latent
+/// widths (16 rows x 1088) keep lanes over the head dim.
 const KEY_LANES_MAX_STATE: u64 = 16 * 256;
 /// At most this many invocations per workgroup on GPUs.
 const GPU_MAX_WORKGROUP_SIZE: u32 = 64;
@@ -799,12 +800,21 @@ impl DecodePlan {
             // (every row's query and output) stays small enough to compile
             // and cache well.
             let state = u64::from(rows_per_workgroup) * u64::from(head_dim + head_dim_v);
-            let keys_fit = cpu && state <= KEY_LANES_MAX_STATE;
-            lanes = options.lanes.unwrap_or(if keys_fit {
+            let keys_fit = state <= KEY_LANES_MAX_STATE;
+            lanes = options.lanes.unwrap_or(if cpu && keys_fit {
                 DecodeLanes::Keys
             } else {
                 DecodeLanes::HeadDim
             });
+            if lanes == DecodeLanes::Keys && !keys_fit {
+                return Err(Error::KeyLanesState {
+                    rows: rows_per_workgroup,
+                    head_dim: cache.head_dim,
+                    head_dim_v: cache.head_dim_v,
+                    floats: state,
+                    limit: KEY_LANES_MAX_STATE,
+                });
+            }
             let tiling = AttentionTiling {
                 head_dim,
                 head_dim_v,
@@ -1746,9 +1756,25 @@ pub(crate) mod profiles {
                 (true, _) => Some(DecodeLanes::HeadDim),
             };
             assert_eq!(lanes, want, "{}", p.name);
-            // MLA's 16 rows x 1088 floats per lane keep the head-dim layout.
+            // MLA's 16 rows x 1088 floats per lane keep the head-dim
+            // layout, and forcing lanes over keys there is refused.
             let mla_lanes = plan(&mla, 128, &options).unwrap().lanes();
             assert_eq!(mla_lanes, want.map(|_| DecodeLanes::HeadDim), "{}", p.name);
+            if subgroups {
+                let forced = plan(&mla, 128, &options.clone().lanes(DecodeLanes::Keys));
+                assert!(
+                    matches!(
+                        forced,
+                        Err(Error::KeyLanesState {
+                            rows: 16,
+                            floats: 17408,
+                            ..
+                        })
+                    ),
+                    "{}: {forced:?}",
+                    p.name
+                );
+            }
             for forced in [DecodeLanes::Keys, DecodeLanes::HeadDim] {
                 let got = plan(&llama, 64, &options.clone().lanes(forced));
                 if subgroups {

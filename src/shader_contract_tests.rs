@@ -88,7 +88,7 @@ fn shipped_specializations() -> Vec<Specialization> {
         for &(head_dim, head_dim_v) in &head_dims {
             // Half storage changes only loads and stores: a few head dims
             // per tiling class cover it.
-            let storages: &[DType] = if [
+            let representative = [
                 (8, 8),
                 (40, 40),
                 (64, 64),
@@ -96,8 +96,8 @@ fn shipped_specializations() -> Vec<Specialization> {
                 (256, 256),
                 (576, 512),
             ]
-            .contains(&(head_dim, head_dim_v))
-            {
+            .contains(&(head_dim, head_dim_v));
+            let storages: &[DType] = if representative {
                 &[DType::F32, DType::F16, DType::BF16]
             } else {
                 &[DType::F32]
@@ -133,10 +133,16 @@ fn shipped_specializations() -> Vec<Specialization> {
                     segments: 1,
                     dtype,
                 };
-                let lanes = [None, Some(DecodeLanes::Keys), Some(DecodeLanes::HeadDim)];
+                // Each adapter's own layout at every head dim; the forced
+                // other one (the same code with other constants) at a few.
+                let lanes: &[Option<DecodeLanes>] = if representative {
+                    &[None, Some(DecodeLanes::Keys), Some(DecodeLanes::HeadDim)]
+                } else {
+                    &[None]
+                };
                 for (tier, lanes) in tiers
                     .into_iter()
-                    .flat_map(|tier| lanes.map(|lanes| (tier, lanes)))
+                    .flat_map(|tier| lanes.iter().map(move |&lanes| (tier, lanes)))
                 {
                     let options = DecodeOptions {
                         config: AttentionConfig {
