@@ -82,8 +82,15 @@ const NEG_INF_BITS: u32 = 0xff800000u;
 @group(0) @binding(4) var<storage, read_write> o_buf: array<vec4<f32>>;
 // #endif
 // #if KV_INT8
+// #if KEY_LANES
+// Four words per load: decoding with lanes over keys reads an int8 vector
+// as the 16-byte blocks that cover it (flash_decode.wgsl).
+@group(0) @binding(2) var<storage, read> k_buf: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read> v_buf: array<vec4<u32>>;
+// #else
 @group(0) @binding(2) var<storage, read> k_buf: array<u32>;
 @group(0) @binding(3) var<storage, read> v_buf: array<u32>;
+// #endif
 // #else
 // #if KV_HALF
 // #if KEY_LANES

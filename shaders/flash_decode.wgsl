@@ -87,12 +87,65 @@ fn widen_bytes(word: u32) -> vec4<f32> {
 }
 
 // #if KEY_LANES
-fn cache_k8(row: u32, e: u32) -> mat2x4<f32> {
-    return mat2x4<f32>(widen_bytes(k_buf[row + 2u * e]), widen_bytes(k_buf[row + 2u * e + 1u]));
+// An int8 vector is D4 + 1 words (with its scale), so vectors start at any
+// word: lanes over keys read one as the W4 (KW4 for values) 16-byte blocks
+// from the one holding its first word (9 loads instead of 32 at d = 128;
+// llvmpipe pays per load), then pick each word by the vector's offset in
+// its first block (`shift`). A last block past the buffer's end reads as
+// zeros (WebGPU's bounds rule) and is never picked.
+fn stage_int8_blocks(rows4: vec4<u32>, k_blocks: ptr<function, array<vec4<u32>, 4 * W4>>,
+    v_blocks: ptr<function, array<vec4<u32>, 4 * VW4>>) {
+    let first = rows4 >> vec4<u32>(2u);
+    for (var w = 0u; w < W4; w++) {
+        (*k_blocks)[w] = k_buf[first.x + w];
+        (*k_blocks)[W4 + w] = k_buf[first.y + w];
+        (*k_blocks)[2u * W4 + w] = k_buf[first.z + w];
+        (*k_blocks)[3u * W4 + w] = k_buf[first.w + w];
+    }
+    for (var w = 0u; w < VW4; w++) {
+        (*v_blocks)[w] = v_buf[first.x + w];
+        (*v_blocks)[VW4 + w] = v_buf[first.y + w];
+        (*v_blocks)[2u * VW4 + w] = v_buf[first.z + w];
+        (*v_blocks)[3u * VW4 + w] = v_buf[first.w + w];
+    }
 }
 
-fn cache_v8(row: u32, e: u32) -> mat2x4<f32> {
-    return mat2x4<f32>(widen_bytes(v_buf[row + 2u * e]), widen_bytes(v_buf[row + 2u * e + 1u]));
+// Word `j` of a vector whose blocks start at `blocks[0]`, `shift` words
+// into it. Every index is a constant once the callers' loops are unrolled.
+fn block_word(blocks: array<vec4<u32>, 3>, j: u32, shift: u32) -> u32 {
+    let at = vec4<u32>(j) + vec4<u32>(0u, 1u, 2u, 3u);
+    let w0 = blocks[at.x >> 2u][at.x & 3u];
+    let w1 = blocks[at.y >> 2u][at.y & 3u];
+    let w2 = blocks[at.z >> 2u][at.z & 3u];
+    let w3 = blocks[at.w >> 2u][at.w & 3u];
+    return select(select(w0, w1, shift == 1u), select(w2, w3, shift == 3u), shift >= 2u);
+}
+
+// Elements 8e..8e+7 (words 2e, 2e+1) of key `key`'s K vector.
+fn int8_k8(k_blocks: ptr<function, array<vec4<u32>, 4 * W4>>, key: u32, shift: u32, e: u32) -> mat2x4<f32> {
+    // The three blocks that can hold words 2e..2e+4.
+    let b = key * W4 + (2u * e) / 4u;
+    let blocks = array<vec4<u32>, 3>((*k_blocks)[b], (*k_blocks)[min(b + 1u, 4u * W4 - 1u)],
+        (*k_blocks)[min(b + 2u, 4u * W4 - 1u)]);
+    let j = (2u * e) % 4u;
+    return mat2x4<f32>(widen_bytes(block_word(blocks, j, shift)), widen_bytes(block_word(blocks, j + 1u, shift)));
+}
+
+fn int8_v8(v_blocks: ptr<function, array<vec4<u32>, 4 * VW4>>, key: u32, shift: u32, e: u32) -> mat2x4<f32> {
+    let b = key * VW4 + (2u * e) / 4u;
+    let blocks = array<vec4<u32>, 3>((*v_blocks)[b], (*v_blocks)[min(b + 1u, 4u * VW4 - 1u)],
+        (*v_blocks)[min(b + 2u, 4u * VW4 - 1u)]);
+    let j = (2u * e) % 4u;
+    return mat2x4<f32>(widen_bytes(block_word(blocks, j, shift)), widen_bytes(block_word(blocks, j + 1u, shift)));
+}
+
+// The K and V scales of the vector at word `row`: word D4 of each.
+fn vector_scales(row: i32) -> vec2<f32> {
+    if (row < 0) {
+        return vec2<f32>(0.0);
+    }
+    let i = u32(row) + D4;
+    return vec2<f32>(bitcast<f32>(k_buf[i >> 2u][i & 3u]), bitcast<f32>(v_buf[i >> 2u][i & 3u]));
 }
 // #else
 fn cache_k(row: u32, j: u32) -> vec4<f32> {
@@ -102,7 +155,6 @@ fn cache_k(row: u32, j: u32) -> vec4<f32> {
 fn cache_v(row: u32, j: u32) -> vec4<f32> {
     return widen_bytes(v_buf[row + j]);
 }
-// #endif
 
 fn vector_scales(row: i32) -> vec2<f32> {
     if (row < 0) {
@@ -110,6 +162,7 @@ fn vector_scales(row: i32) -> vec2<f32> {
     }
     return vec2<f32>(bitcast<f32>(k_buf[u32(row) + D4]), bitcast<f32>(v_buf[u32(row) + D4]));
 }
+// #endif
 // #else
 // #if KEY_LANES
 // Elements 8e..8e+7 of the vector at `row` (head dims are multiples of 8).
@@ -316,15 +369,28 @@ fn main(
         // Absent keys read row 0 of the segment (any valid row): their
         // scores are hidden and their values zeroed below.
         let at = vec4<u32>(max(rows4, vec4<i32>(0)));
+// #if KV_INT8
+        var k_blocks: array<vec4<u32>, 4 * W4>;
+        var v_blocks: array<vec4<u32>, 4 * VW4>;
+        stage_int8_blocks(at, &k_blocks, &v_blocks);
+        let shifts = at & vec4<u32>(3u);
+// #endif
         var dots: array<vec4<f32>, ROWS>;
         for (var r = 0u; r < ROWS; r++) {
             dots[r] = vec4<f32>(0.0);
         }
         for (var e = 0u; e < D8; e++) {
+// #if KV_INT8
+            let k0 = int8_k8(&k_blocks, 0u, shifts.x, e);
+            let k1 = int8_k8(&k_blocks, 1u, shifts.y, e);
+            let k2 = int8_k8(&k_blocks, 2u, shifts.z, e);
+            let k3 = int8_k8(&k_blocks, 3u, shifts.w, e);
+// #else
             let k0 = cache_k8(at.x, e);
             let k1 = cache_k8(at.y, e);
             let k2 = cache_k8(at.z, e);
             let k3 = cache_k8(at.w, e);
+// #endif
             for (var r = 0u; r < ROWS; r++) {
                 let qa = q[r * D4 + 2u * e];
                 let qb = q[r * D4 + 2u * e + 1u];
@@ -347,10 +413,17 @@ fn main(
             correction[r] = step.correction;
         }
         for (var e = 0u; e < DV8; e++) {
+// #if KV_INT8
+            let v0 = present_values(int8_v8(&v_blocks, 0u, shifts.x, e), here.x);
+            let v1 = present_values(int8_v8(&v_blocks, 1u, shifts.y, e), here.y);
+            let v2 = present_values(int8_v8(&v_blocks, 2u, shifts.z, e), here.z);
+            let v3 = present_values(int8_v8(&v_blocks, 3u, shifts.w, e), here.w);
+// #else
             let v0 = present_values(cache_v8(at.x, e), here.x);
             let v1 = present_values(cache_v8(at.y, e), here.y);
             let v2 = present_values(cache_v8(at.z, e), here.z);
             let v3 = present_values(cache_v8(at.w, e), here.w);
+// #endif
             for (var r = 0u; r < ROWS; r++) {
                 let lo = r * DV4 + 2u * e;
                 acc[lo] = weigh_values(acc[lo], correction[r], probs[r], v0[0], v1[0], v2[0], v3[0]);

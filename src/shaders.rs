@@ -892,10 +892,17 @@ impl Specialization {
                     let lanes = tiling.workgroup_size;
                     constants.push(("SLOTS", spread(tiling.head_dim).div_ceil(lanes)));
                     constants.push(("SLOTS_V", spread(tiling.head_dim_v).div_ceil(lanes)));
-                    if let Specialization::Decode(_, _, DecodeLanes::Keys) = self {
+                    if let Specialization::Decode(_, cache, DecodeLanes::Keys) = self {
                         // Each lane reads its keys' vectors eight values at a time.
                         constants.push(("D8", tiling.head_dim / 8));
                         constants.push(("DV8", tiling.head_dim_v / 8));
+                        if *cache == KvDType::Int8 {
+                            // 16-byte blocks covering a vector of D4 (DV4)
+                            // words that starts anywhere in its first block.
+                            let blocks = |width: u32| (width / 4 + 2) / 4 + 1;
+                            constants.push(("W4", blocks(tiling.head_dim)));
+                            constants.push(("VW4", blocks(tiling.head_dim_v)));
+                        }
                     }
                 }
                 constants
@@ -1111,7 +1118,9 @@ impl Specialization {
             | Specialization::Naive { tiling, .. }
             | Specialization::Decode(tiling, ..) => {
                 if tiling.unroll {
-                    &["D4", "DV4", "ROWS", "SLOTS", "SLOTS_V", "D8", "DV8"]
+                    &[
+                        "D4", "DV4", "ROWS", "SLOTS", "SLOTS_V", "D8", "DV8", "W4", "VW4",
+                    ]
                 } else {
                     &[]
                 }
