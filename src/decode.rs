@@ -46,7 +46,7 @@ pub enum DecodeLanes {
     /// the lanes merge by logsumexp once at the end. Each lane holds every
     /// row's whole query and output, which suits CPU adapters (the default
     /// there: 2-3x faster on lavapipe) and would spill registers on a GPU;
-    /// past 4096 such floats per lane it is refused
+    /// past 2048 such floats per lane it is refused
     /// ([`crate::Error::KeyLanesState`]).
     Keys,
 }

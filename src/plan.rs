@@ -685,10 +685,12 @@ fn row_tiling(info: &GpuInfo, shape: &AttentionShape, tier: Option<Tier>) -> Res
 /// slices of q and of the accumulator); more rows take more workgroups.
 const SUBGROUP_MAX_ROWS: u32 = 16;
 /// Floats of query and output one lane may hold for decoding's lanes over
-/// keys (16 rows at head dim 128, 8 at 256): the default on CPU adapters
-/// within it, refused past it (`Error::KeyLanesState`); the MLA latent
-/// widths (16 rows x 1088) keep lanes over the head dim.
-const KEY_LANES_MAX_STATE: u64 = 16 * 256;
+/// keys (8 rows at head dim 128, 4 at 256, 2 at 512): the default on CPU
+/// adapters within it, refused past it (`Error::KeyLanesState`). lavapipe
+/// compiled the 4096-float kernel (4 rows at d=512) in about 4 minutes, the
+/// 2048-float Llama-405B one in seconds; MLA's latent widths (16 rows x
+/// 1088) keep lanes over the head dim.
+const KEY_LANES_MAX_STATE: u64 = 8 * 256;
 /// At most this many invocations per workgroup on GPUs.
 const GPU_MAX_WORKGROUP_SIZE: u32 = 64;
 /// Fewest keys worth a split of their own when the split count is chosen.
