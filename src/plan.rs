@@ -794,8 +794,7 @@ impl DecodePlan {
             (Some(_), tier) => use_subgroup_tier(info, tier.or(Some(Tier::SubgroupBroadcast)))?,
             (None, tier) => use_subgroup_tier(info, tier)?,
         };
-        let mut lanes = DecodeLanes::HeadDim;
-        let (tiling, rows_per_workgroup) = if subgroup {
+        let (tiling, rows_per_workgroup, lanes) = if subgroup {
             // Lanes split the head dim; every lane holds all the rows.
             let rows_per_workgroup = rows.next_power_of_two().min(SUBGROUP_MAX_ROWS);
             // CPU adapters take lanes over keys where each lane's state
@@ -803,7 +802,7 @@ impl DecodePlan {
             // and cache well.
             let state = u64::from(rows_per_workgroup) * u64::from(head_dim + head_dim_v);
             let keys_fit = state <= KEY_LANES_MAX_STATE;
-            lanes = options.lanes.unwrap_or(if cpu && keys_fit {
+            let lanes = options.lanes.unwrap_or(if cpu && keys_fit {
                 DecodeLanes::Keys
             } else {
                 DecodeLanes::HeadDim
@@ -827,7 +826,7 @@ impl DecodePlan {
                 subgroup_kv: true,
                 storage: DType::F32,
             };
-            (tiling, rows_per_workgroup)
+            (tiling, rows_per_workgroup, lanes)
         } else {
             let (workgroup_size, rows_per_lane, unroll) = if cpu {
                 let lanes = rows.div_ceil(CPU_WORKGROUP_SIZE).next_power_of_two();
@@ -862,7 +861,8 @@ impl DecodePlan {
                 subgroup_kv: false,
                 storage: DType::F32,
             };
-            (tiling, workgroup_size * rows_per_lane)
+            // The portable tier stages tiles; it has no lane layout.
+            (tiling, workgroup_size * rows_per_lane, DecodeLanes::HeadDim)
         };
         info.check_invocations(tiling.workgroup_size)?;
         let row_tiles = rows.div_ceil(rows_per_workgroup).max(1);
