@@ -28,9 +28,11 @@
 //
 // Generated constants (src/shaders.rs, `BackwardTiling`):
 //   D4       head-dim capacity / 4: the smallest power of two >= the call's
-//            head dim (>= 8) over 4, so one pipeline serves a range of head
-//            dims. Elements past the call's head dim (`bp.head_dim4`) load as
-//            0 and are never stored.
+//            wider head dim (>= 8) over 4, so one pipeline serves a range of
+//            head dims. Elements past the call's head dim (`bp.head_dim4` for
+//            Q, K and their gradients, `bp.head_dim_v4` for V, O, dO and dV)
+//            load as 0 and are never stored, so the products over D4 are
+//            the products over each side's own width.
 //   WG_SIZE  invocations per workgroup
 //   ROWS     keys (key_grads) or query rows (query_grads) per invocation
 //   BLOCK    query rows (key_grads) or keys (query_grads) per staged tile
@@ -50,7 +52,8 @@
 
 // Twin of `BackwardParams` in src/params.rs.
 struct BackwardParams {
-    // The call's head dim / 4 (<= D4).
+    // The call's query/key head dim / 4 and value head dim / 4 (both <=
+    // D4): Q, K, dQ, dK go to head_dim4; V, O, dO, dV to head_dim_v4.
     head_dim4: u32,
     // Query rows the dispatch writes (>= p.seq_q: rows past seq_q are
     // padding and get zero gradients).
@@ -71,6 +74,10 @@ struct BackwardParams {
     stats_batch: u32,
     stats_head: u32,
     stats_offset: u32,
+    head_dim_v4: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
     // The dO view and the dV view, in vec4s.
     d_out: TensorStrides,
     dv: TensorStrides,
@@ -192,7 +199,7 @@ fn pair_grads(dot: f32, dp: f32, batch: u32, head_q: u32, row: u32, row_pos: i32
 // `b_base`; zero past the call's head dim.
 fn row_element(from_kv: bool, a_base: u32, b_base: u32, j: u32) -> vec4<f32> {
     let d = j % D4;
-    if (j >= 2u * D4 || d >= bp.head_dim4) {
+    if (j >= 2u * D4 || d >= select(bp.head_dim4, bp.head_dim_v4, j >= D4)) {
         return vec4<f32>(0.0);
     }
     if (from_kv) {
@@ -232,7 +239,7 @@ fn row_deltas(@builtin(global_invocation_id) id: vec3<u32>) {
     var sum = 0.0;
     let g = do_row(batch, row, head);
     let o = o_row(batch, row, head);
-    for (var d = 0u; d < bp.head_dim4; d++) {
+    for (var d = 0u; d < bp.head_dim_v4; d++) {
         sum += dot(load_do(g + d), load_o(o + d));
     }
     deltas[stats_index(batch, head, row)] = sum;
@@ -304,6 +311,8 @@ fn key_grads(
             var vv = vec4<f32>(0.0);
             if (d < bp.head_dim4) {
                 kk = load_k(k_base + d);
+            }
+            if (d < bp.head_dim_v4) {
                 vv = load_v(v_base + d);
             }
             k[r * D4 + d] = kk;
@@ -366,6 +375,8 @@ fn key_grads(
                     let i = u32(i0) + min(row, n_rows - 1u);
                     if (row < n_rows && d < bp.head_dim4) {
                         qq = load_q(q_row(batch, i, head_q) + d);
+                    }
+                    if (row < n_rows && d < bp.head_dim_v4) {
                         gg = load_do(do_row(batch, i, head_q) + d);
                     }
                     tile_a[e] = qq;
@@ -434,6 +445,8 @@ fn key_grads(
             for (var d = 0u; d < D4; d++) {
                 if (d < bp.head_dim4) {
                     o_buf[k_out + d] = pack_grad(dk[r * D4 + d]);
+                }
+                if (d < bp.head_dim_v4) {
                     dv_buf[v_out + d] = pack_grad(dv[r * D4 + d]);
                 }
             }
@@ -473,6 +486,8 @@ fn query_grads(
             var gg = vec4<f32>(0.0);
             if (d < bp.head_dim4) {
                 qq = load_q(q_base + d);
+            }
+            if (d < bp.head_dim_v4) {
                 gg = load_do(g_base + d);
             }
             q[r * D4 + d] = qq;
@@ -530,9 +545,11 @@ fn query_grads(
                 let d = e % D4;
                 var kk = vec4<f32>(0.0);
                 var vv = vec4<f32>(0.0);
+                let pos = u32(kv0) + key;
                 if (key < n_keys && d < bp.head_dim4) {
-                    let pos = u32(kv0) + key;
                     kk = load_k(k_base + pos * p.k.seq + d);
+                }
+                if (key < n_keys && d < bp.head_dim_v4) {
                     vv = load_v(v_base + pos * p.v.seq + d);
                 }
                 tile_a[e] = kk;

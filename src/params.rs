@@ -243,7 +243,7 @@ pub struct LinearParams {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
 pub struct BackwardParams {
-    /// The call's head dim / 4.
+    /// The call's query/key head dim / 4 (Q, K, dQ, dK).
     pub head_dim4: u32,
     /// Query rows the dispatch writes (rows past `seq_q` are padding).
     pub extent_q: u32,
@@ -263,6 +263,11 @@ pub struct BackwardParams {
     pub stats_batch: u32,
     pub stats_head: u32,
     pub stats_offset: u32,
+    /// The call's value head dim / 4 (V, O, dO, dV).
+    pub head_dim_v4: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+    pub _pad2: u32,
     /// The dO view, in vec4s.
     pub d_out: TensorStrides,
     /// The dV view, in vec4s.

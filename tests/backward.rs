@@ -32,6 +32,7 @@ impl Problem {
     fn draw(shape: AttentionShape, seed: u64, dtype: DType) -> Self {
         let mut rng = seeded(seed);
         let (nq, nkv) = (shape.q_shape().elements(), shape.k_shape().elements());
+        let (nv, no) = (shape.v_shape().elements(), shape.o_shape().elements());
         let mut draw = |n| -> Vec<f32> {
             normal_vec(&mut rng, n, 1.0)
                 .into_iter()
@@ -42,8 +43,8 @@ impl Problem {
             shape,
             q: draw(nq),
             k: draw(nkv),
-            v: draw(nkv),
-            d_out: draw(nq),
+            v: draw(nv),
+            d_out: draw(no),
         }
     }
 
@@ -81,16 +82,17 @@ fn run_backward(
 ) -> Result<Grads, Error> {
     let shape = &problem.shape;
     let (q_dims, kv_dims) = (shape.q_shape(), shape.k_shape());
+    let (v_dims, o_dims) = (shape.v_shape(), shape.o_shape());
     let upload = |dims, data: &[f32]| Tensor::from_f32_as(gpu, dims, data, dtype).unwrap();
     let poisoned = |dims| Tensor::filled_as(gpu, dims, f32::NAN, dtype).unwrap();
     let (q, k, v) = (
         upload(q_dims, &problem.q),
         upload(kv_dims, &problem.k),
-        upload(kv_dims, &problem.v),
+        upload(v_dims, &problem.v),
     );
-    let d_out = upload(q_dims, &problem.d_out);
-    let out = poisoned(q_dims);
-    let (dq, dk, dv) = (poisoned(q_dims), poisoned(kv_dims), poisoned(kv_dims));
+    let d_out = upload(o_dims, &problem.d_out);
+    let out = poisoned(o_dims);
+    let (dq, dk, dv) = (poisoned(q_dims), poisoned(kv_dims), poisoned(v_dims));
     let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q).unwrap();
     let dsinks = options
         .config
@@ -343,6 +345,84 @@ fn every_head_dim() {
     }
 }
 
+/// Value head dims unlike the query/key one, both ways (DeepSeek's MLA
+/// prefill is 192 / 128): each side's gradients stop at its own width, on
+/// every tier the adapter has (the default one in a newcomer's run), with
+/// GQA, causal or windowed, sinks and half storage; past 256 on either side
+/// is a typed error. Both orders of a pair share one pipeline (the wider
+/// side's capacity), and the half-storage pair's pipelines are the other
+/// half-storage tests', so this compiles few kernels of its own.
+#[test]
+fn uneven_value_head_dims() {
+    let Some(gpu) = gpu() else { return };
+    let mut seed = 5000;
+    let tiers = common::cases(
+        "backward uneven head dims' tiers",
+        &[None],
+        &[Some(Tier::Portable), Some(Tier::SubgroupBroadcast)],
+    );
+    for (head_dim, head_dim_v) in [(192, 128), (128, 192), (8, 40)] {
+        for &tier in &tiers {
+            let shape = AttentionShape {
+                head_dim_v,
+                ..shape(1, 37, 70, (4, 2), head_dim)
+            };
+            let plan = BackwardPlan::for_call(gpu.info(), &shape, DType::F32, tier);
+            if let Err(err) = plan {
+                assert!(matches!(err, Error::TierUnavailable { .. }), "{err}");
+                eprintln!("SKIPPED: {tier:?} is not available here: {err}");
+                continue;
+            }
+            let problem = Problem::draw(shape, seed, DType::F32);
+            seed += 1;
+            let mut config = AttentionConfig::new();
+            config.tier = tier;
+            for config in [
+                config.clone().causal(true),
+                config
+                    .clone()
+                    .window(Some(9), Some(3))
+                    .sinks(vec![0.5, -1.0, 2.0, 0.0]),
+            ] {
+                let what = format!("{head_dim}/{head_dim_v} {config:?}");
+                check_f32(gpu, &problem, &config, &what);
+            }
+        }
+    }
+    // Half storage on the default tier: FlashAttention's rule, as for even
+    // head dims.
+    for (head_dim, head_dim_v) in [(8, 40), (40, 8)] {
+        let shape = AttentionShape {
+            head_dim_v,
+            ..shape(1, 29, 41, (2, 1), head_dim)
+        };
+        for dtype in [DType::F16, DType::BF16] {
+            let problem = Problem::draw(shape, seed, dtype);
+            seed += 1;
+            check_half(gpu, &problem, dtype, &AttentionConfig::new().causal(true));
+        }
+    }
+    for (head_dim, head_dim_v) in [(264, 128), (128, 264)] {
+        let shape = AttentionShape {
+            head_dim_v,
+            ..shape(1, 8, 8, (2, 2), head_dim)
+        };
+        let problem = Problem::draw(shape, seed, DType::F32);
+        let err = run_backward(
+            gpu,
+            &problem,
+            DType::F32,
+            ForwardOptions::new(&AttentionConfig::new()),
+        )
+        .err()
+        .expect("a head dim past 256 is refused");
+        assert!(
+            matches!(err, Error::HeadDimUnsupported { got: 264, .. }),
+            "{err}"
+        );
+    }
+}
+
 /// Random bias with some hidden (-inf) keys, a random boolean mask, and
 /// each as block-sparse; rows whose keys are all hidden get zero gradients.
 #[test]
@@ -552,44 +632,54 @@ fn packed_varlen_batches_with_empty_and_single_sequences() {
 /// sums, gradients rounded. Causal and plain calls only.
 fn naive_in_precision(dtype: DType, problem: &Problem, config: &AttentionConfig) -> Grads {
     let s = problem.shape;
-    let (hq, hkv, d) = (s.heads_q, s.heads_kv, s.head_dim);
+    let (hq, hkv, d, dv_width) = (s.heads_q, s.heads_kv, s.head_dim, s.head_dim_v);
     let scale = config.effective_scale(d);
     let r = |x: f32| round_to(dtype, x);
-    let q_at = |b: usize, i: usize, h: usize| ((b * s.seq_q + i) * hq + h) * d;
-    let kv_at = |b: usize, j: usize, h: usize| ((b * s.seq_kv + j) * hkv + h / (hq / hkv)) * d;
+    // Element offsets of a query-side row (Q, dQ; O and dO with `width`
+    // dv) and of a key-side row (K, dK; V, dV).
+    let q_at = |b: usize, i: usize, h: usize, width: usize| ((b * s.seq_q + i) * hq + h) * width;
+    let kv_at = |b: usize, j: usize, h: usize, width: usize| {
+        ((b * s.seq_kv + j) * hkv + h / (hq / hkv)) * width
+    };
     let dot = |x: &[f32], y: &[f32]| -> f32 { x.iter().zip(y).map(|(a, b)| a * b).sum() };
     let mut dq = vec![0.0f32; s.q_shape().elements()];
     let mut dk = vec![0.0f32; s.k_shape().elements()];
-    let mut dv = vec![0.0f32; s.k_shape().elements()];
+    let mut dv = vec![0.0f32; s.v_shape().elements()];
     for b in 0..s.batch {
         for h in 0..hq {
             for i in 0..s.seq_q {
                 let keys: Vec<usize> = config.visible_keys(i, s.seq_q, s.seq_kv).collect();
-                let q = &problem.q[q_at(b, i, h)..][..d];
-                let g = &problem.d_out[q_at(b, i, h)..][..d];
+                let q = &problem.q[q_at(b, i, h, d)..][..d];
+                let g = &problem.d_out[q_at(b, i, h, dv_width)..][..dv_width];
                 let scores: Vec<f32> = keys
                     .iter()
-                    .map(|&j| r(dot(q, &problem.k[kv_at(b, j, h)..][..d]) * scale))
+                    .map(|&j| r(dot(q, &problem.k[kv_at(b, j, h, d)..][..d]) * scale))
                     .collect();
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let sum: f32 = scores.iter().map(|x| (x - max).exp()).sum();
                 let p: Vec<f32> = scores.iter().map(|x| r((x - max).exp() / sum)).collect();
-                let mut o = vec![0.0f32; d];
+                let mut o = vec![0.0f32; dv_width];
                 for (&j, &pj) in keys.iter().zip(&p) {
-                    for (o, v) in o.iter_mut().zip(&problem.v[kv_at(b, j, h)..][..d]) {
+                    for (o, v) in o
+                        .iter_mut()
+                        .zip(&problem.v[kv_at(b, j, h, dv_width)..][..dv_width])
+                    {
                         *o += pj * v;
                     }
                 }
                 let o: Vec<f32> = o.into_iter().map(r).collect();
                 let delta = dot(g, &o);
                 for (&j, &pj) in keys.iter().zip(&p) {
-                    let dp = r(dot(g, &problem.v[kv_at(b, j, h)..][..d]));
+                    let v_at = kv_at(b, j, h, dv_width);
+                    let dp = r(dot(g, &problem.v[v_at..][..dv_width]));
                     let ds = r(pj * (dp - delta));
-                    let (k, at) = (&problem.k[kv_at(b, j, h)..][..d], kv_at(b, j, h));
+                    let (k, at) = (&problem.k[kv_at(b, j, h, d)..][..d], kv_at(b, j, h, d));
                     for c in 0..d {
-                        dq[q_at(b, i, h) + c] += ds * scale * k[c];
+                        dq[q_at(b, i, h, d) + c] += ds * scale * k[c];
                         dk[at + c] += ds * scale * q[c];
-                        dv[at + c] += pj * g[c];
+                    }
+                    for c in 0..dv_width {
+                        dv[v_at + c] += pj * g[c];
                     }
                 }
             }
@@ -619,24 +709,31 @@ fn half_storage_follows_flash_attentions_rule() {
         for (head_dim, causal) in dims {
             let problem = Problem::draw(shape(2, 61, 77, (4, 2), head_dim), seed, dtype);
             seed += 1;
-            let config = AttentionConfig::new().causal(causal);
-            let got = run_backward(gpu, &problem, dtype, ForwardOptions::new(&config)).unwrap();
-            let want = problem.reference(&config, None);
-            let what = format!("{dtype:?} d={head_dim} causal {causal}");
-            let err = relative_error(&got, &want, &what);
-            let naive = relative_error(&naive_in_precision(dtype, &problem, &config), &want, &what);
-            eprintln!("{what}: kernel {err:.2e}, naive in precision {naive:.2e}");
-            assert!(
-                err <= 2.0 * naive + F32_TOLERANCE,
-                "{what}: error {err:.3e} > 2 x naive {naive:.3e} + {F32_TOLERANCE:e}"
-            );
-            // And not vacuous: the rule's bound is a few storage ulps.
-            assert!(
-                naive <= 64.0 * unit_roundoff(dtype),
-                "{what}: naive {naive:.3e}"
-            );
+            check_half(gpu, &problem, dtype, &AttentionConfig::new().causal(causal));
         }
     }
+}
+
+/// `dtype` storage against FlashAttention's rule: within twice the error
+/// of standard attention computed in that precision (plus the f32 floor).
+/// Causal and plain configs only (`naive_in_precision`).
+fn check_half(gpu: &Gpu, problem: &Problem, dtype: DType, config: &AttentionConfig) {
+    let got = run_backward(gpu, problem, dtype, ForwardOptions::new(config)).unwrap();
+    let want = problem.reference(config, None);
+    let s = problem.shape;
+    let what = format!("{dtype:?} d={}/{} {config:?}", s.head_dim, s.head_dim_v);
+    let err = relative_error(&got, &want, &what);
+    let naive = relative_error(&naive_in_precision(dtype, problem, config), &want, &what);
+    eprintln!("{what}: kernel {err:.2e}, naive in precision {naive:.2e}");
+    assert!(
+        err <= 2.0 * naive + F32_TOLERANCE,
+        "{what}: error {err:.3e} > 2 x naive {naive:.3e} + {F32_TOLERANCE:e}"
+    );
+    // And not vacuous: the rule's bound is a few storage ulps.
+    assert!(
+        naive <= 64.0 * unit_roundoff(dtype),
+        "{what}: naive {naive:.3e}"
+    );
 }
 
 #[test]

@@ -881,11 +881,38 @@ fn check_takes_a_value_head_dim_of_its_own() {
         .fold(0.0f32, f32::max);
     assert!(worst <= 1e-4, "written out differs by {worst}");
 
-    // The GPU backward keeps one head dim: refused in one line, exit 2.
+    // The GPU backward takes the uneven pair: dq and dk 192 wide, dv 128,
+    // each against the reference.
     let d_out = vec![0.5f32; shape.o_shape().elements()];
     write_f32_tensors(
         &file,
         &qkv_entries(&shape, &inputs, vec![("do", o_dims(&shape), &d_out)]),
+    );
+    let output = flash_bench(&[
+        "check",
+        file.to_str().unwrap(),
+        "--causal",
+        "--backward",
+        "--output",
+        written.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let bytes = std::fs::read(&written).unwrap();
+    let gradients = SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(gradients.tensor("dq").unwrap().shape(), [1, 24, 2, 192]);
+    assert_eq!(gradients.tensor("dk").unwrap().shape(), [1, 40, 2, 192]);
+    assert_eq!(gradients.tensor("dv").unwrap().shape(), [1, 40, 2, 128]);
+
+    // Past 256 it is refused before anything runs: one line, exit 2.
+    let wide = AttentionShape {
+        head_dim: 264,
+        ..shape
+    };
+    let inputs = Inputs::draw(&wide, 0x5eed_0c32, 1.0);
+    let d_out = vec![0.5f32; wide.o_shape().elements()];
+    write_f32_tensors(
+        &file,
+        &qkv_entries(&wide, &inputs, vec![("do", o_dims(&wide), &d_out)]),
     );
     let output = flash_bench(&["check", file.to_str().unwrap(), "--backward"]);
     assert_one_line_error(&output, "--backward");
@@ -921,7 +948,7 @@ fn check_refuses_a_v_of_other_heads_or_an_out_of_q_width_in_one_line() {
 }
 
 #[test]
-fn run_takes_a_value_head_dim_and_reports_the_backward_unsupported() {
+fn run_takes_a_value_head_dim_forward_and_backward() {
     let Some(_) = gpu() else { return };
     let json = scratch("run-mla.json");
     let output = flash_bench(&[
@@ -960,6 +987,31 @@ fn run_takes_a_value_head_dim_and_reports_the_backward_unsupported() {
     assert_eq!(flash["flops"].as_f64().unwrap(), flops, "{flash}");
     // The output is [1, 24, 2, 128] f32.
     assert_eq!(flash["gpu_bytes"], 24 * 2 * 128 * 4, "{flash}");
+    let backward = results.iter().find(|r| r["impl"] == "backward").unwrap();
+    assert_eq!(backward["status"], "ok", "{backward}");
+    assert!(
+        backward["max_abs_err"].as_f64().unwrap() <= 1e-4,
+        "{backward}"
+    );
+
+    // Past 256 the backward is a row of its own, not a failed run.
+    let output = flash_bench(&[
+        "run",
+        "--seq-q",
+        "8",
+        "--heads-q",
+        "1",
+        "--head-dim",
+        "320",
+        "--backward",
+        "--iters",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let results = report["cases"][0]["results"].as_array().unwrap();
     let backward = results.iter().find(|r| r["impl"] == "backward").unwrap();
     assert_eq!(backward["status"], "skipped", "{backward}");
     assert!(

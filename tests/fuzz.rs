@@ -14,7 +14,7 @@
 //! Drawn per case: the operation (forward 60 %, decode over a KV cache
 //! 20 %, backward 20 %), batch, lengths (1-150, `seq_q != seq_kv`
 //! included), GQA groups, head dims (multiples of 8 up to 256; in 15 % of
-//! forward and decode cases a pair from a short list past 256 or with
+//! cases a pair from a short list past 256 (forward and decode) or with
 //! values of another width, decoding those over a latent cache), causal,
 //! windows, softcap, scale, ALiBi, attention sinks. Forward: storage (f32, f16, bf16),
 //! layout (packed BSHD or a BHSD buffer seen through strides), and at most
@@ -142,9 +142,9 @@ fn draw_case(rng: &mut SeededRng) -> Case {
         head_dim_v: 0,
     };
     shape.head_dim_v = shape.head_dim;
-    // Some forward and decode cases take head dims past 256 or values of
-    // another width, from a short list (each pair compiles its kernels):
-    // decoding with values narrower than keys is a latent cache.
+    // Some cases take head dims past 256 or values of another width, from a
+    // short list (each pair compiles its kernels): decoding with values
+    // narrower than keys is a latent cache; the backward stops at 256.
     let uneven: &[(usize, usize)] = match operation {
         Operation::Forward => &[
             (192, 128),
@@ -155,7 +155,7 @@ fn draw_case(rng: &mut SeededRng) -> Case {
             (320, 320),
         ],
         Operation::Decode { .. } => &[(192, 128), (576, 512), (512, 512)],
-        Operation::Backward => &[],
+        Operation::Backward => &[(192, 128), (128, 192), (96, 64)],
     };
     if !uneven.is_empty() && rng.random_bool(0.15) {
         (shape.head_dim, shape.head_dim_v) = uneven[rng.random_range(0..uneven.len())];
@@ -607,25 +607,26 @@ fn run_decode(
 fn run_backward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
     let s = &case.shape;
     let (q_dims, kv_dims) = (s.q_shape(), s.k_shape());
+    let (v_dims, o_dims) = (s.v_shape(), s.o_shape());
     let (q, k, v, d_out) = (
         normal_vec(rng, q_dims.elements(), 1.0),
         normal_vec(rng, kv_dims.elements(), 1.0),
-        normal_vec(rng, kv_dims.elements(), 1.0),
-        normal_vec(rng, q_dims.elements(), 1.0),
+        normal_vec(rng, v_dims.elements(), 1.0),
+        normal_vec(rng, o_dims.elements(), 1.0),
     );
     let upload = |dims, data: &[f32]| Tensor::from_f32(gpu, dims, data).unwrap();
     let poisoned = |dims| Tensor::filled(gpu, dims, f32::NAN).unwrap();
     let (qt, kt, vt, dot) = (
         upload(q_dims, &q),
         upload(kv_dims, &k),
-        upload(kv_dims, &v),
-        upload(q_dims, &d_out),
+        upload(v_dims, &v),
+        upload(o_dims, &d_out),
     );
     let (out, dq, dk, dv) = (
-        poisoned(q_dims),
+        poisoned(o_dims),
         poisoned(q_dims),
         poisoned(kv_dims),
-        poisoned(kv_dims),
+        poisoned(v_dims),
     );
     let lse = Lse::new(gpu, s.batch, s.heads_q, s.seq_q).unwrap();
     let mask_dims = [s.batch, s.heads_q, s.seq_q, s.seq_kv];

@@ -358,6 +358,7 @@ impl Recorder<'_> {
         let lse_seq = self.shape.seq_q;
         let mut backward = BackwardParams {
             head_dim4: (shape.head_dim / 4) as u32,
+            head_dim_v4: (shape.head_dim_v / 4) as u32,
             extent_q: part.extent_q as u32,
             extent_kv: part.extent_kv as u32,
             group: shape.group_size() as u32,

@@ -15,7 +15,7 @@ pub const BACKWARD_STORAGE_BUFFERS: u32 = 10;
 const BACKWARD_MAX_HEAD_DIM: usize = 256;
 /// The head dims the backward takes, in words.
 pub const BACKWARD_HEAD_DIMS: &str =
-    "multiples of 8 from 8 to 256, values as wide as queries and keys (backward)";
+    "multiples of 8 from 8 to 256 for queries/keys and for values (backward)";
 
 /// One SIMD group of llvmpipe (and WARP) per workgroup without subgroups.
 const CPU_WORKGROUP_SIZE: u32 = 8;
@@ -52,10 +52,10 @@ impl BackwardPlan {
         tier: Option<Tier>,
     ) -> Result<Self> {
         shape.validate()?;
-        // The backward kernels keep one head dim for Q, K, V and O, up to
-        // 256 (their tiles are sized for a power-of-two capacity).
+        // Query/key and value head dims each up to 256: the kernels hold
+        // both in one power-of-two capacity (the wider one's).
         for got in [shape.head_dim, shape.head_dim_v] {
-            if got > BACKWARD_MAX_HEAD_DIM || !shape.same_head_dims() {
+            if got > BACKWARD_MAX_HEAD_DIM {
                 return Err(Error::HeadDimUnsupported {
                     got,
                     supported: BACKWARD_HEAD_DIMS,
@@ -70,7 +70,9 @@ impl BackwardPlan {
                 limit: limits.max_storage_buffers_per_shader_stage,
             });
         }
-        let head_dim_capacity = (shape.head_dim as u32).next_power_of_two().max(8);
+        let head_dim_capacity = (shape.head_dim.max(shape.head_dim_v) as u32)
+            .next_power_of_two()
+            .max(8);
         let cpu = info.adapter.device_type == wgpu::DeviceType::Cpu;
         // GPUs get the subgroup tier only when it is forced.
         let subgroup = use_subgroup_tier(info, tier)? && (cpu || tier.is_some());
@@ -338,6 +340,40 @@ mod tests {
                     }
                     Err(e) => panic!("{} d={head_dim}: {e}", profile.name),
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn uneven_head_dims_share_the_wider_ones_capacity_and_past_256_are_refused() {
+        for profile in profiles::all() {
+            let info = profile.info();
+            // DeepSeek's MLA prefill (192 / 128) both ways, and a narrow pair.
+            for (head_dim, head_dim_v, capacity) in [(192, 128, 256), (128, 192, 256), (8, 40, 64)]
+            {
+                let shape = AttentionShape {
+                    head_dim_v,
+                    ..AttentionShape::self_attention(1, 256, 4, head_dim)
+                };
+                match BackwardPlan::for_call(&info, &shape, DType::F32, None) {
+                    Ok(plan) => assert_eq!(plan.head_dim_capacity(), capacity, "{}", profile.name),
+                    Err(Error::StorageBuffers { .. }) => {}
+                    Err(e) => panic!("{} {head_dim}/{head_dim_v}: {e}", profile.name),
+                }
+            }
+            for (head_dim, head_dim_v) in [(264, 128), (128, 264), (576, 512)] {
+                let shape = AttentionShape {
+                    head_dim_v,
+                    ..AttentionShape::self_attention(1, 256, 4, head_dim)
+                };
+                let err = BackwardPlan::for_call(&info, &shape, DType::F32, None).unwrap_err();
+                // The first dim past 256 is named.
+                let first_over = if head_dim > 256 { head_dim } else { head_dim_v };
+                assert!(
+                    matches!(err, Error::HeadDimUnsupported { got, .. } if got == first_over),
+                    "{}: {err}",
+                    profile.name
+                );
             }
         }
     }

@@ -30,8 +30,8 @@ impl Bench<'_> {
         let gpu = self.gpu;
         let shape = &case.shape;
         let dtype = case.dtype;
-        // Head dims the backward kernels lack (a value head dim of its own,
-        // or over 256) are a row of their own, not a failed run.
+        // Head dims the backward kernels lack (over 256, on either side)
+        // are a row of their own, not a failed run.
         if let Err(err @ Error::HeadDimUnsupported { .. }) =
             BackwardPlan::for_call(gpu.info(), shape, dtype, case.config.tier)
         {

@@ -44,8 +44,8 @@ pub struct CheckArgs {
     /// with the tolerance scaled by the largest reference gradient (at
     /// least 1). With `sinks`, also their gradient `dsinks` ([heads_q],
     /// optionally expected in the file). `--output` then also writes `dq`,
-    /// `dk`, `dv` (and `dsinks` with sinks). The GPU backward needs v as
-    /// wide as q and k, and head dims up to 256.
+    /// `dk`, `dv` (and `dsinks` with sinks). The GPU backward takes head
+    /// dims up to 256 (q/k and v each).
     #[arg(long)]
     pub backward: bool,
 }
@@ -245,8 +245,7 @@ pub fn run(gpu: &Gpu, args: &CheckArgs, json: Option<&std::path::Path>) -> Resul
         config = config.sinks(sinks.data.clone());
     }
     if args.backward {
-        // Refused before the forward runs: a value head dim of its own, or
-        // head dims over 256.
+        // Refused before the forward runs: head dims over 256.
         if let Err(err @ wgpu_flash_attn::Error::HeadDimUnsupported { .. }) =
             wgpu_flash_attn::BackwardPlan::for_call(
                 gpu.info(),
