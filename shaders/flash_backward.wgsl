@@ -27,18 +27,19 @@
 // `lse_buf` holds the forward's logsumexp (read only here).
 //
 // Generated constants (src/shaders.rs, `BackwardTiling`):
-//   D4       head-dim capacity / 4: the smallest power of two >= the call's
-//            wider head dim (>= 8) over 4, so one pipeline serves a range of
-//            head dims. Elements past the call's head dim (`bp.head_dim4` for
-//            Q, K and their gradients, `bp.head_dim_v4` for V, O, dO and dV)
-//            load as 0 and are never stored, so the products over D4 are
-//            the products over each side's own width.
+//   D4       query/key head-dim capacity / 4: the smallest power of two >=
+//            the call's head dim (>= 8) over 4, so one pipeline serves a
+//            range of head dims. Elements past the call's head dim
+//            (`bp.head_dim4`) load as 0 and are never stored.
+//   DV4      the same for values (V, O, dO, dV; `bp.head_dim_v4`): DeepSeek's
+//            192/128 prefill holds 256 and 128 wide rows.
 //   WG_SIZE  invocations per workgroup
 //   ROWS     keys (key_grads) or query rows (query_grads) per invocation
 //   BLOCK    query rows (key_grads) or keys (query_grads) per staged tile
-//   STAGE    ceil(BLOCK * D4 / WG_SIZE): staging trips per invocation
-//   SLOTS    ceil(2 * D4 / WG_SIZE): with SUBGROUP_BROADCAST, vec4s of a row
-//            pair each lane loads
+//   STAGE    ceil(BLOCK * D4 / WG_SIZE): staging trips per invocation (Q or
+//            K tiles), STAGE_V ceil(BLOCK * DV4 / WG_SIZE) (dO or V tiles)
+//   SLOTS    ceil((D4 + DV4) / WG_SIZE): with SUBGROUP_BROADCAST, vec4s of a
+//            row pair each lane loads
 //
 // How the staged rows (key pass: q and dO; query pass: k and v) reach every
 // invocation:
@@ -98,7 +99,7 @@ struct BackwardParams {
 // Staged tiles: Q and dO rows (key_grads) or K and V rows (query_grads),
 // and per staged query row its logsumexp and delta.
 var<workgroup> tile_a: array<vec4<f32>, BLOCK * D4>;
-var<workgroup> tile_b: array<vec4<f32>, BLOCK * D4>;
+var<workgroup> tile_b: array<vec4<f32>, BLOCK * DV4>;
 var<workgroup> row_stats: array<vec2<f32>, BLOCK>;
 
 // #if HALF_STORAGE
@@ -194,21 +195,22 @@ fn pair_grads(dot: f32, dp: f32, batch: u32, head_q: u32, row: u32, row_pos: i32
 }
 
 // #if SUBGROUP_BROADCAST
-// Element j of the 2 * D4 vec4s of one row pair, a then b: q and dO of a
+// Element j of the D4 + DV4 vec4s of one row pair, a then b: q and dO of a
 // query row (key pass) or k and v of a key (query pass), from `a_base` and
-// `b_base`; zero past the call's head dim.
+// `b_base`; zero past each side's head dim.
 fn row_element(from_kv: bool, a_base: u32, b_base: u32, j: u32) -> vec4<f32> {
-    let d = j % D4;
-    if (j >= 2u * D4 || d >= select(bp.head_dim4, bp.head_dim_v4, j >= D4)) {
+    let on_b = j >= D4;
+    let d = select(j, j - D4, on_b);
+    if (j >= D4 + DV4 || d >= select(bp.head_dim4, bp.head_dim_v4, on_b)) {
         return vec4<f32>(0.0);
     }
     if (from_kv) {
-        if (j < D4) {
+        if (!on_b) {
             return load_k(a_base + d);
         }
         return load_v(b_base + d);
     }
-    if (j < D4) {
+    if (!on_b) {
         return load_q(a_base + d);
     }
     return load_do(b_base + d);
@@ -296,9 +298,9 @@ fn key_grads(
     let last_key = max(p.seq_kv, 1u) - 1u;
 
     var k: array<vec4<f32>, ROWS * D4>;
-    var v: array<vec4<f32>, ROWS * D4>;
+    var v: array<vec4<f32>, ROWS * DV4>;
     var dk: array<vec4<f32>, ROWS * D4>;
-    var dv: array<vec4<f32>, ROWS * D4>;
+    var dv: array<vec4<f32>, ROWS * DV4>;
     var key_pos: array<i32, ROWS>;
     for (var r = 0u; r < ROWS; r++) {
         let key = key0 + lid + r * WG_SIZE;
@@ -308,17 +310,19 @@ fn key_grads(
         let v_base = batch * p.v.batch + at * p.v.seq + head_kv * p.v.head + p.v.offset;
         for (var d = 0u; d < D4; d++) {
             var kk = vec4<f32>(0.0);
-            var vv = vec4<f32>(0.0);
             if (d < bp.head_dim4) {
                 kk = load_k(k_base + d);
             }
+            k[r * D4 + d] = kk;
+            dk[r * D4 + d] = vec4<f32>(0.0);
+        }
+        for (var d = 0u; d < DV4; d++) {
+            var vv = vec4<f32>(0.0);
             if (d < bp.head_dim_v4) {
                 vv = load_v(v_base + d);
             }
-            k[r * D4 + d] = kk;
-            v[r * D4 + d] = vv;
-            dk[r * D4 + d] = vec4<f32>(0.0);
-            dv[r * D4 + d] = vec4<f32>(0.0);
+            v[r * DV4 + d] = vv;
+            dv[r * DV4 + d] = vec4<f32>(0.0);
         }
     }
 
@@ -345,7 +349,7 @@ fn key_grads(
         let slope = alibi_slope_of(batch, head_q);
         // The query row's q and dO, in every invocation.
         var qrow: array<vec4<f32>, D4>;
-        var grow: array<vec4<f32>, D4>;
+        var grow: array<vec4<f32>, DV4>;
 // #if SUBGROUP_BROADCAST
         // No staging: each lane loads a share of the row from storage and
         // broadcasts it (the workgroup is one subgroup).
@@ -358,6 +362,8 @@ fn key_grads(
             }
             for (var d = 0u; d < D4; d++) {
                 qrow[d] = subgroupBroadcast(slab[d / WG_SIZE], d % WG_SIZE);
+            }
+            for (var d = 0u; d < DV4; d++) {
                 grow[d] = subgroupBroadcast(slab[(D4 + d) / WG_SIZE], (D4 + d) % WG_SIZE);
             }
             let at = stats_index(batch, head_q, row);
@@ -371,20 +377,27 @@ fn key_grads(
                     let row = e / D4;
                     let d = e % D4;
                     var qq = vec4<f32>(0.0);
-                    var gg = vec4<f32>(0.0);
                     let i = u32(i0) + min(row, n_rows - 1u);
                     if (row < n_rows && d < bp.head_dim4) {
                         qq = load_q(q_row(batch, i, head_q) + d);
                     }
-                    if (row < n_rows && d < bp.head_dim_v4) {
-                        gg = load_do(do_row(batch, i, head_q) + d);
-                    }
                     tile_a[e] = qq;
-                    tile_b[e] = gg;
                     if (d == 0u) {
                         let at = stats_index(batch, head_q, i);
                         row_stats[row] = vec2<f32>(lse_buf[at], deltas[at]);
                     }
+                }
+            }
+            for (var s = 0u; s < STAGE_V; s++) {
+                let e = lid + s * WG_SIZE;
+                if (e < BLOCK * DV4) {
+                    let row = e / DV4;
+                    let d = e % DV4;
+                    var gg = vec4<f32>(0.0);
+                    if (row < n_rows && d < bp.head_dim_v4) {
+                        gg = load_do(do_row(batch, u32(i0) + row, head_q) + d);
+                    }
+                    tile_b[e] = gg;
                 }
             }
             workgroupBarrier();
@@ -392,7 +405,9 @@ fn key_grads(
                 let row = u32(i0) + ii;
                 for (var d = 0u; d < D4; d++) {
                     qrow[d] = tile_a[ii * D4 + d];
-                    grow[d] = tile_b[ii * D4 + d];
+                }
+                for (var d = 0u; d < DV4; d++) {
+                    grow[d] = tile_b[ii * DV4 + d];
                 }
                 let stats = row_stats[ii];
 // #endif
@@ -406,7 +421,11 @@ fn key_grads(
                 for (var d = 0u; d < D4; d++) {
                     for (var r = 0u; r < ROWS; r++) {
                         dots[r] = fma_dot(qrow[d], k[r * D4 + d], dots[r]);
-                        dps[r] = fma_dot(grow[d], v[r * D4 + d], dps[r]);
+                    }
+                }
+                for (var d = 0u; d < DV4; d++) {
+                    for (var r = 0u; r < ROWS; r++) {
+                        dps[r] = fma_dot(grow[d], v[r * DV4 + d], dps[r]);
                     }
                 }
                 var grads: array<vec2<f32>, ROWS>;
@@ -422,9 +441,13 @@ fn key_grads(
                             slope, stats.x, stats.y);
                     }
                 }
+                for (var d = 0u; d < DV4; d++) {
+                    for (var r = 0u; r < ROWS; r++) {
+                        dv[r * DV4 + d] = fma(vec4<f32>(grads[r].x), grow[d], dv[r * DV4 + d]);
+                    }
+                }
                 for (var d = 0u; d < D4; d++) {
                     for (var r = 0u; r < ROWS; r++) {
-                        dv[r * D4 + d] = fma(vec4<f32>(grads[r].x), grow[d], dv[r * D4 + d]);
                         dk[r * D4 + d] = fma(vec4<f32>(grads[r].y), qrow[d], dk[r * D4 + d]);
                     }
                 }
@@ -446,8 +469,10 @@ fn key_grads(
                 if (d < bp.head_dim4) {
                     o_buf[k_out + d] = pack_grad(dk[r * D4 + d]);
                 }
+            }
+            for (var d = 0u; d < DV4; d++) {
                 if (d < bp.head_dim_v4) {
-                    dv_buf[v_out + d] = pack_grad(dv[r * D4 + d]);
+                    dv_buf[v_out + d] = pack_grad(dv[r * DV4 + d]);
                 }
             }
         }
@@ -473,7 +498,7 @@ fn query_grads(
     let slope = alibi_slope_of(batch, head_q);
 
     var q: array<vec4<f32>, ROWS * D4>;
-    var g: array<vec4<f32>, ROWS * D4>;
+    var g: array<vec4<f32>, ROWS * DV4>;
     var dq: array<vec4<f32>, ROWS * D4>;
     var lse_row: array<f32, ROWS>;
     var delta: array<f32, ROWS>;
@@ -483,16 +508,18 @@ fn query_grads(
         let g_base = do_row(batch, row, head_q);
         for (var d = 0u; d < D4; d++) {
             var qq = vec4<f32>(0.0);
-            var gg = vec4<f32>(0.0);
             if (d < bp.head_dim4) {
                 qq = load_q(q_base + d);
             }
+            q[r * D4 + d] = qq;
+            dq[r * D4 + d] = vec4<f32>(0.0);
+        }
+        for (var d = 0u; d < DV4; d++) {
+            var gg = vec4<f32>(0.0);
             if (d < bp.head_dim_v4) {
                 gg = load_do(g_base + d);
             }
-            q[r * D4 + d] = qq;
-            g[r * D4 + d] = gg;
-            dq[r * D4 + d] = vec4<f32>(0.0);
+            g[r * DV4 + d] = gg;
         }
         let at = stats_index(batch, head_q, row);
         lse_row[r] = lse_buf[at];
@@ -523,7 +550,7 @@ fn query_grads(
     let v_base = batch * p.v.batch + head_kv * p.v.head + p.v.offset;
     // The key's k and v, in every invocation.
     var krow: array<vec4<f32>, D4>;
-    var vrow: array<vec4<f32>, D4>;
+    var vrow: array<vec4<f32>, DV4>;
 // #if SUBGROUP_BROADCAST
     for (var key = key_lo; key <= key_hi; key++) {
         var slab: array<vec4<f32>, SLOTS>;
@@ -533,6 +560,8 @@ fn query_grads(
         }
         for (var d = 0u; d < D4; d++) {
             krow[d] = subgroupBroadcast(slab[d / WG_SIZE], d % WG_SIZE);
+        }
+        for (var d = 0u; d < DV4; d++) {
             vrow[d] = subgroupBroadcast(slab[(D4 + d) / WG_SIZE], (D4 + d) % WG_SIZE);
         }
 // #else
@@ -544,15 +573,21 @@ fn query_grads(
                 let key = e / D4;
                 let d = e % D4;
                 var kk = vec4<f32>(0.0);
-                var vv = vec4<f32>(0.0);
-                let pos = u32(kv0) + key;
                 if (key < n_keys && d < bp.head_dim4) {
-                    kk = load_k(k_base + pos * p.k.seq + d);
-                }
-                if (key < n_keys && d < bp.head_dim_v4) {
-                    vv = load_v(v_base + pos * p.v.seq + d);
+                    kk = load_k(k_base + (u32(kv0) + key) * p.k.seq + d);
                 }
                 tile_a[e] = kk;
+            }
+        }
+        for (var s = 0u; s < STAGE_V; s++) {
+            let e = lid + s * WG_SIZE;
+            if (e < BLOCK * DV4) {
+                let key = e / DV4;
+                let d = e % DV4;
+                var vv = vec4<f32>(0.0);
+                if (key < n_keys && d < bp.head_dim_v4) {
+                    vv = load_v(v_base + (u32(kv0) + key) * p.v.seq + d);
+                }
                 tile_b[e] = vv;
             }
         }
@@ -561,7 +596,9 @@ fn query_grads(
             let key = kv0 + i32(jj);
             for (var d = 0u; d < D4; d++) {
                 krow[d] = tile_a[jj * D4 + d];
-                vrow[d] = tile_b[jj * D4 + d];
+            }
+            for (var d = 0u; d < DV4; d++) {
+                vrow[d] = tile_b[jj * DV4 + d];
             }
 // #endif
             var dots: array<f32, ROWS>;
@@ -573,7 +610,11 @@ fn query_grads(
             for (var d = 0u; d < D4; d++) {
                 for (var r = 0u; r < ROWS; r++) {
                     dots[r] = fma_dot(q[r * D4 + d], krow[d], dots[r]);
-                    dps[r] = fma_dot(g[r * D4 + d], vrow[d], dps[r]);
+                }
+            }
+            for (var d = 0u; d < DV4; d++) {
+                for (var r = 0u; r < ROWS; r++) {
+                    dps[r] = fma_dot(g[r * DV4 + d], vrow[d], dps[r]);
                 }
             }
             var dx: array<f32, ROWS>;

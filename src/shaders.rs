@@ -653,10 +653,12 @@ impl LinearPass {
 /// Tile sizes of the backward kernels (shaders/flash_backward.wgsl).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BackwardTiling {
-    /// Head dims the pipeline holds: a power of two from 8 to 256, at
-    /// least the call's head dim (the rest loads as zero), so that one
-    /// pipeline serves every head dim of its range.
+    /// Query/key head dims the pipeline holds: a power of two from 8 to
+    /// 256, at least the call's head dim (the rest loads as zero), so that
+    /// one pipeline serves every head dim of its range.
     pub head_dim_capacity: u32,
+    /// The same for the value head dim (V, O, dO, dV).
+    pub head_dim_v_capacity: u32,
     /// Invocations per workgroup.
     pub workgroup_size: u32,
     /// Keys (key pass) or query rows (query pass) per invocation.
@@ -961,13 +963,17 @@ impl Specialization {
             ],
             Specialization::Backward { tiling, .. } => {
                 let d4 = tiling.head_dim_capacity / 4;
+                let dv4 = tiling.head_dim_v_capacity / 4;
+                let wg = tiling.workgroup_size;
                 vec![
                     ("D4", d4),
-                    ("WG_SIZE", tiling.workgroup_size),
+                    ("DV4", dv4),
+                    ("WG_SIZE", wg),
                     ("ROWS", tiling.rows),
                     ("BLOCK", tiling.block),
-                    ("STAGE", (tiling.block * d4).div_ceil(tiling.workgroup_size)),
-                    ("SLOTS", (2 * d4).div_ceil(tiling.workgroup_size)),
+                    ("STAGE", (tiling.block * d4).div_ceil(wg)),
+                    ("STAGE_V", (tiling.block * dv4).div_ceil(wg)),
+                    ("SLOTS", (d4 + dv4).div_ceil(wg)),
                 ]
             }
         }
@@ -1137,7 +1143,7 @@ impl Specialization {
             ],
             Specialization::Backward { tiling, .. } => {
                 if tiling.unroll {
-                    &["D4", "ROWS", "STAGE", "SLOTS"]
+                    &["D4", "DV4", "ROWS", "STAGE", "STAGE_V", "SLOTS"]
                 } else {
                     &[]
                 }

@@ -52,8 +52,8 @@ impl BackwardPlan {
         tier: Option<Tier>,
     ) -> Result<Self> {
         shape.validate()?;
-        // Query/key and value head dims each up to 256: the kernels hold
-        // both in one power-of-two capacity (the wider one's).
+        // Query/key and value head dims each up to 256, each held in a
+        // power-of-two capacity of its own.
         for got in [shape.head_dim, shape.head_dim_v] {
             if got > BACKWARD_MAX_HEAD_DIM {
                 return Err(Error::HeadDimUnsupported {
@@ -70,17 +70,17 @@ impl BackwardPlan {
                 limit: limits.max_storage_buffers_per_shader_stage,
             });
         }
-        let head_dim_capacity = (shape.head_dim.max(shape.head_dim_v) as u32)
-            .next_power_of_two()
-            .max(8);
+        let capacity = |dim: usize| (dim as u32).next_power_of_two().max(8);
+        let (head_dim_capacity, head_dim_v_capacity) =
+            (capacity(shape.head_dim), capacity(shape.head_dim_v));
         let cpu = info.adapter.device_type == wgpu::DeviceType::Cpu;
         // GPUs get the subgroup tier only when it is forced.
         let subgroup = use_subgroup_tier(info, tier)? && (cpu || tier.is_some());
         // Each value read from workgroup memory (or broadcast) feeds `rows`
         // FMAs; the key pass holds 4 x rows x head dim floats per invocation.
-        let cpu_rows = match head_dim_capacity {
+        let cpu_rows = match (head_dim_capacity + head_dim_v_capacity) / 2 {
             0..=64 => 8,
-            128 => 4,
+            65..=128 => 4,
             _ => 2,
         };
         // llvmpipe behind GL compiles the CPU tiling (several rows, every
@@ -97,16 +97,19 @@ impl BackwardPlan {
         let workgroup_bytes = u64::from(limits.max_compute_workgroup_storage_size);
         let block = BLOCK_CANDIDATES
             .into_iter()
-            .find(|&block| tile_bytes(head_dim_capacity, block) <= workgroup_bytes)
+            .find(|&block| {
+                tile_bytes(head_dim_capacity, head_dim_v_capacity, block) <= workgroup_bytes
+            })
             .ok_or(Error::WorkgroupMemory {
                 head_dim: shape.head_dim,
                 head_dim_v: shape.head_dim_v,
-                needed: tile_bytes(head_dim_capacity, BLOCK_CANDIDATES[3]),
+                needed: tile_bytes(head_dim_capacity, head_dim_v_capacity, BLOCK_CANDIDATES[3]),
                 limit: limits.max_compute_workgroup_storage_size,
             })?;
         Ok(BackwardPlan {
             tiling: BackwardTiling {
                 head_dim_capacity,
+                head_dim_v_capacity,
                 workgroup_size,
                 rows,
                 block,
@@ -123,6 +126,7 @@ impl BackwardPlan {
         let tiling = match pass {
             BackwardPass::Deltas | BackwardPass::Sinks => BackwardTiling {
                 head_dim_capacity: 8,
+                head_dim_v_capacity: 8,
                 workgroup_size: 8,
                 rows: 1,
                 block: 4,
@@ -257,9 +261,13 @@ impl BackwardPlan {
         let mut per_tile = 2;
         if !t.unroll {
             let d4 = u64::from(t.head_dim_capacity / 4);
+            let dv4 = u64::from(t.head_dim_v_capacity / 4);
             let rows = u64::from(t.rows);
-            per_item += 3 * (d4 + 1) * (rows + 1) + 3 * (rows + 1);
-            per_tile += (block * d4).div_ceil(u64::from(t.workgroup_size)) + 1;
+            // Per row or key: loading the staged pair, the two products
+            // and the two updates, each a loop over its head dim (and rows).
+            per_item += (d4 + dv4 + 2) + 2 * (d4 + dv4 + 2) * (rows + 1) + 3 * (rows + 1);
+            let wg = u64::from(t.workgroup_size);
+            per_tile += (block * d4).div_ceil(wg) + (block * dv4).div_ceil(wg) + 2;
         }
         tiles * per_tile + n * per_item + 2
     }
@@ -276,9 +284,14 @@ impl BackwardPlan {
     pub fn block(&self) -> u32 {
         self.tiling.block
     }
-    /// Head dims the pipelines hold (a power of two >= the call's).
+    /// Query/key head dims the pipelines hold (a power of two >= the
+    /// call's).
     pub fn head_dim_capacity(&self) -> u32 {
         self.tiling.head_dim_capacity
+    }
+    /// Value head dims the pipelines hold (a power of two >= the call's).
+    pub fn head_dim_v_capacity(&self) -> u32 {
+        self.tiling.head_dim_v_capacity
     }
     /// Whether the loops are expanded in the WGSL text.
     pub fn unrolled(&self) -> bool {
@@ -294,10 +307,11 @@ impl BackwardPlan {
     }
 }
 
-/// Workgroup memory of a gradient pass: two f32 tiles of `block` rows by
-/// `head_dim` and two floats of row statistics per row.
-fn tile_bytes(head_dim: u32, block: u32) -> u64 {
-    2 * u64::from(block) * u64::from(head_dim) * 4 + u64::from(block) * 8
+/// Workgroup memory of a gradient pass: f32 tiles of `block` rows by
+/// `head_dim` (Q or K) and by `head_dim_v` (dO or V), and two floats of row
+/// statistics per row.
+fn tile_bytes(head_dim: u32, head_dim_v: u32, block: u32) -> u64 {
+    u64::from(block) * (u64::from(head_dim + head_dim_v) * 4 + 8)
 }
 
 #[cfg(test)]
@@ -317,7 +331,7 @@ mod tests {
                         assert!(t.head_dim_capacity as usize >= head_dim);
                         assert!(t.head_dim_capacity.is_power_of_two());
                         assert!(
-                            tile_bytes(t.head_dim_capacity, t.block)
+                            tile_bytes(t.head_dim_capacity, t.head_dim_v_capacity, t.block)
                                 <= u64::from(profile.workgroup_bytes),
                             "{}: d={head_dim} block {}",
                             profile.name,
@@ -345,18 +359,26 @@ mod tests {
     }
 
     #[test]
-    fn uneven_head_dims_share_the_wider_ones_capacity_and_past_256_are_refused() {
+    fn uneven_head_dims_get_a_capacity_each_and_past_256_are_refused() {
         for profile in profiles::all() {
             let info = profile.info();
             // DeepSeek's MLA prefill (192 / 128) both ways, and a narrow pair.
-            for (head_dim, head_dim_v, capacity) in [(192, 128, 256), (128, 192, 256), (8, 40, 64)]
-            {
+            for (head_dim, head_dim_v, capacities) in [
+                (192, 128, (256, 128)),
+                (128, 192, (128, 256)),
+                (8, 40, (8, 64)),
+            ] {
                 let shape = AttentionShape {
                     head_dim_v,
                     ..AttentionShape::self_attention(1, 256, 4, head_dim)
                 };
                 match BackwardPlan::for_call(&info, &shape, DType::F32, None) {
-                    Ok(plan) => assert_eq!(plan.head_dim_capacity(), capacity, "{}", profile.name),
+                    Ok(plan) => assert_eq!(
+                        (plan.head_dim_capacity(), plan.head_dim_v_capacity()),
+                        capacities,
+                        "{}",
+                        profile.name
+                    ),
                     Err(Error::StorageBuffers { .. }) => {}
                     Err(e) => panic!("{} {head_dim}/{head_dim_v}: {e}", profile.name),
                 }
