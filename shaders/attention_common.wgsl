@@ -78,8 +78,17 @@ const NEG_INF_BITS: u32 = 0xff800000u;
 @group(0) @binding(1) var<storage, read> q_buf: array<vec2<u32>>;
 @group(0) @binding(4) var<storage, read_write> o_buf: array<vec2<u32>>;
 // #else
+// Decoding: queries and output of a type of their own (half_codec.wgsl).
+// #if Q_HALF
+@group(0) @binding(1) var<storage, read> q_buf: array<vec2<u32>>;
+// #else
 @group(0) @binding(1) var<storage, read> q_buf: array<vec4<f32>>;
+// #endif
+// #if O_HALF
+@group(0) @binding(4) var<storage, read_write> o_buf: array<vec2<u32>>;
+// #else
 @group(0) @binding(4) var<storage, read_write> o_buf: array<vec4<f32>>;
+// #endif
 // #endif
 // #if KV_INT8
 // #if KEY_LANES
@@ -185,40 +194,22 @@ fn fma_dot(a: vec4<f32>, b: vec4<f32>, c: f32) -> f32 {
 }
 
 // #if KV_HALF
+// The storage type's conversions (half_codec.wgsl).
 // #if BF16_STORAGE
-// bf16 is the top half of an f32: widening is a shift.
 fn unpack4(x: vec2<u32>) -> vec4<f32> {
-    return vec4<f32>(
-        bitcast<f32>(x.x << 16u),
-        bitcast<f32>(x.x & 0xffff0000u),
-        bitcast<f32>(x.y << 16u),
-        bitcast<f32>(x.y & 0xffff0000u),
-    );
-}
-
-// f32 to bf16 bits, rounding to nearest even; NaN stays a (quiet) NaN.
-fn bf16_bits(value: f32) -> u32 {
-    let bits = bitcast<u32>(value);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) {
-        return (bits >> 16u) | 0x40u;
-    }
-    return (bits + 0x7fffu + ((bits >> 16u) & 1u)) >> 16u;
+    return bf16x4_widen(x);
 }
 
 fn pack4(v: vec4<f32>) -> vec2<u32> {
-    return vec2<u32>(
-        bf16_bits(v.x) | (bf16_bits(v.y) << 16u),
-        bf16_bits(v.z) | (bf16_bits(v.w) << 16u),
-    );
+    return bf16x4_narrow(v);
 }
 // #else
 fn unpack4(x: vec2<u32>) -> vec4<f32> {
-    return vec4<f32>(unpack2x16float(x.x), unpack2x16float(x.y));
+    return f16x4_widen(x);
 }
 
-// Outputs are convex combinations of V rows, so they stay in f16 range.
 fn pack4(v: vec4<f32>) -> vec2<u32> {
-    return vec2<u32>(pack2x16float(v.xy), pack2x16float(v.zw));
+    return f16x4_narrow(v);
 }
 // #endif
 
@@ -275,13 +266,25 @@ fn store_o(i: u32, value: vec4<f32>) {
     o_buf[i] = pack4(value);
 }
 // #else
+// #if Q_HALF
+fn load_q(i: u32) -> vec4<f32> {
+    return qo_widen4(q_buf[i]);
+}
+// #else
 fn load_q(i: u32) -> vec4<f32> {
     return q_buf[i];
 }
+// #endif
 
+// #if O_HALF
+fn store_o(i: u32, value: vec4<f32>) {
+    o_buf[i] = qo_narrow4(value);
+}
+// #else
 fn store_o(i: u32, value: vec4<f32>) {
     o_buf[i] = value;
 }
+// #endif
 // #endif
 
 // #if SUBGROUP_KV

@@ -8,7 +8,8 @@
 // with no key in any part gets zeros and +inf, like the forward kernel.
 // One invocation per (row, vec4 of the head dim).
 //
-// Generated constants: WG_SIZE.
+// Generated constants: WG_SIZE. O_HALF stores the output in 16 bits
+// (half_codec.wgsl), the partials stay f32.
 
 // Twin of `CombineParams` in src/params.rs.
 struct CombineParams {
@@ -33,7 +34,19 @@ struct CombineParams {
 @group(0) @binding(1) var<storage, read> partial_o: array<vec4<f32>>;
 // Slot-major [slots, batch, heads_q, seq_q].
 @group(0) @binding(2) var<storage, read> partial_lse: array<f32>;
+// #if O_HALF
+@group(0) @binding(3) var<storage, read_write> out: array<vec2<u32>>;
+
+fn store_out(i: u32, value: vec4<f32>) {
+    out[i] = qo_narrow4(value);
+}
+// #else
 @group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
+
+fn store_out(i: u32, value: vec4<f32>) {
+    out[i] = value;
+}
+// #endif
 @group(0) @binding(4) var<storage, read_write> out_lse: array<f32>;
 
 const INF_BITS: u32 = 0x7f800000u;
@@ -82,7 +95,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         acc /= total;
     }
     let o_index = batch * cp.out_batch + query * cp.out_seq + head * cp.out_head + cp.out_offset + d;
-    out[o_index] = acc;
+    store_out(o_index, acc);
     if (cp.write_lse != 0u && d == 0u) {
         var merged = bitcast<f32>(INF_BITS);
         if (any) {

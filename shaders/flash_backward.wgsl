@@ -112,24 +112,16 @@ fn load_o(i: u32) -> vec4<f32> {
 }
 
 // #if BF16_STORAGE
-fn grad_bits(x: f32) -> u32 {
-    return bf16_bits(x);
+fn pack_grad(v: vec4<f32>) -> vec2<u32> {
+    return bf16x4_narrow(v);
 }
 // #else
 // Gradients, unlike outputs, are not bounded by the inputs: a value past
-// f16's range is stored as the infinity it rounds to (pack2x16float leaves
-// such values undefined).
-fn grad_bits(x: f32) -> u32 {
-    if (abs(x) >= 65520.0) {
-        return select(0x7c00u, 0xfc00u, x < 0.0);
-    }
-    return pack2x16float(vec2<f32>(clamp(x, -65504.0, 65504.0), 0.0)) & 0xffffu;
+// f16's range is stored as the infinity it rounds to (half_codec.wgsl).
+fn pack_grad(v: vec4<f32>) -> vec2<u32> {
+    return f16x4_narrow_saturating(v);
 }
 // #endif
-
-fn pack_grad(v: vec4<f32>) -> vec2<u32> {
-    return vec2<u32>(grad_bits(v.x) | (grad_bits(v.y) << 16u), grad_bits(v.z) | (grad_bits(v.w) << 16u));
-}
 // #else
 fn load_do(i: u32) -> vec4<f32> {
     return do_buf[i];

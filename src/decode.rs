@@ -14,7 +14,7 @@ use crate::pipelines::{
     ELEMENTWISE_WORKGROUP, bind_buffers, elementwise_groups, encode_dispatches,
 };
 use crate::plan::DecodePlan;
-use crate::shaders::Specialization;
+use crate::shaders::{DecodeIo, Specialization};
 use crate::tensor::{DType, Tensor, TensorShape, check_binding_size, require_usage};
 
 /// The operands of one decode call.
@@ -22,11 +22,13 @@ use crate::tensor::{DType, Tensor, TensorShape, check_binding_size, require_usag
 pub struct DecodeArgs<'a> {
     /// `[batch, seq_q, heads_q, head_dim]`: the newest `seq_q` tokens of
     /// each sequence, already appended to the cache. Query `i` sits at
-    /// position `len - seq_q + i` (bottom-right, as everywhere).
+    /// position `len - seq_q + i` (bottom-right, as everywhere). f32, f16
+    /// or bf16, whatever the cache's type.
     pub q: &'a Tensor,
     /// The cache to attend over; each sequence's length already counts its `seq_q` query tokens.
     pub cache: &'a KvCache,
-    /// Shaped like `q`.
+    /// Shaped like `q` (its last dim the cache's value head dim), and of
+    /// `q`'s storage type.
     pub out: &'a Tensor,
     /// Optional logsumexp output, `[batch, heads_q, seq_q]`.
     pub lse: Option<&'a Lse>,
@@ -185,8 +187,11 @@ impl Gpu {
             ),
         ])?;
         config.validate(&shape)?;
-        check_operand(self, "q", args.q, DType::F32)?;
-        check_operand(self, "out", args.out, DType::F32)?;
+        // Queries and output in f32, f16 or bf16, one type for both (the
+        // cache's type is its own).
+        let io_dtype = args.q.dtype();
+        check_operand(self, "q", args.q, io_dtype)?;
+        check_operand(self, "out", args.out, io_dtype)?;
         if args.q.buffer() == args.out.buffer() {
             return Err(Error::OutputAliasesInput {
                 tensor: "out",
@@ -194,13 +199,22 @@ impl Gpu {
             });
         }
         check_lse_output(self, args.lse, [q.batch, q.heads, q.seq])?;
-        let plan =
+        let mut plan =
             DecodePlan::for_call(self.info(), &cache.plan_shape(), q.seq, q.heads, &options)?;
         let partials = if plan.slots > 1 {
             Some(Partials::new(self, plan.slots, o)?)
         } else {
             None
         };
+        // Partial results stay f32; the combine pass stores the output.
+        plan.specialization = plan.specialization.with_decode_io(DecodeIo {
+            q: io_dtype,
+            out: if partials.is_some() {
+                DType::F32
+            } else {
+                io_dtype
+            },
+        });
         let mut params = option_params(&shape, config, args.lse.is_some() || partials.is_some());
         params.q = vec4_strides(args.q);
         let vector_units = cache.config().dtype.vector_vec4s(cache.head_dim()) as u32;
@@ -382,6 +396,7 @@ impl Gpu {
         let groups = elementwise_groups(self, "merge", (q.elements() / 4) as u64)?;
         let spec = Specialization::Combine {
             workgroup_size: ELEMENTWISE_WORKGROUP,
+            out: out.dtype(),
         };
         let pipeline = self.pipelines.get(&self.device, &spec)?;
         let uniform = self.uniform_buffer("combine params", bytemuck::bytes_of(&params));

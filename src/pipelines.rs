@@ -271,7 +271,10 @@ mod tests {
     use crate::shaders::Specialization;
 
     fn spec(n: u32) -> Specialization {
-        Specialization::Combine { workgroup_size: n }
+        Specialization::Combine {
+            workgroup_size: n,
+            out: crate::tensor::DType::F32,
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::params::{
 };
 use crate::pipelines::ELEMENTWISE_WORKGROUP;
 use crate::plan::profiles;
-use crate::shaders::{BackwardPass, Kernel, LinearPass, NaivePass, Specialization};
+use crate::shaders::{BackwardPass, DecodeIo, Kernel, LinearPass, NaivePass, Specialization};
 use crate::{
     AttentionConfig, AttentionShape, BackwardPlan, CacheShape, DType, DecodeLanes, DecodeOptions,
     DecodePlan, ForwardPlan, GpuInfo, KvDType, LinearConfig, LinearPlan, LinearShape, NaivePlan,
@@ -154,6 +154,12 @@ fn shipped_specializations() -> Vec<Specialization> {
                     };
                     if let Ok(plan) = DecodePlan::for_call(info, &cache, 1, rows, &options) {
                         add(plan.specialization);
+                        // Half queries, writing the output or f32 partials.
+                        for q in [DType::F16, DType::BF16] {
+                            for out in [q, DType::F32] {
+                                add(plan.specialization.with_decode_io(DecodeIo { q, out }));
+                            }
+                        }
                     }
                 }
             }
@@ -203,16 +209,15 @@ fn shipped_specializations() -> Vec<Specialization> {
             }
         }
     }
-    for spec in [
-        Specialization::Combine {
+    for out in [DType::F32, DType::F16, DType::BF16] {
+        add(Specialization::Combine {
             workgroup_size: ELEMENTWISE_WORKGROUP,
-        },
-        Specialization::Rope {
-            workgroup_size: ELEMENTWISE_WORKGROUP,
-        },
-    ] {
-        add(spec);
+            out,
+        });
     }
+    add(Specialization::Rope {
+        workgroup_size: ELEMENTWISE_WORKGROUP,
+    });
     for dtype in [KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8] {
         add(Specialization::KvAppend {
             workgroup_size: ELEMENTWISE_WORKGROUP,

@@ -35,11 +35,27 @@ const COOP_F32: &str = "COOP_F32";
 const COOP_EMULATED: &str = "COOP_EMULATED";
 /// Invocations of an emulated subgroup.
 const EMULATED_LANES: u32 = 32;
+/// half_codec.wgsl's f16 and bf16 conversions, set from the kernel's
+/// 16-bit types (see `codec_flags`).
+const F16_CODEC: &str = "F16_CODEC";
+const BF16_CODEC: &str = "BF16_CODEC";
+/// Decoding's queries (Q_HALF) or output (O_HALF) in 16 bits, whatever the
+/// cache's type; QO_HALF marks either, QO_BF16 makes them bf16 (else f16).
+const Q_HALF: &str = "Q_HALF";
+const O_HALF: &str = "O_HALF";
+const QO_HALF: &str = "QO_HALF";
+const QO_BF16: &str = "QO_BF16";
 
 /// Every `// #if` name the shaders may use. The preprocessor refuses any
 /// other, so a misspelt name fails loudly instead of quietly selecting the
 /// `// #else` branch.
-pub const VARIANT_NAMES: [&str; 12] = [
+pub const VARIANT_NAMES: [&str; 18] = [
+    F16_CODEC,
+    BF16_CODEC,
+    Q_HALF,
+    O_HALF,
+    QO_HALF,
+    QO_BF16,
     COOP8,
     COOP_EMULATED,
     COOP_F32,
@@ -194,8 +210,11 @@ impl Kernel {
                 include_str!("../shaders/flash_backward.wgsl")
             }
         };
+        // 16-bit conversions first: attention_common.wgsl and the combine
+        // pass call them.
+        let codec = include_str!("../shaders/half_codec.wgsl");
         let common = match self {
-            Kernel::Combine => "",
+            Kernel::Combine => codec,
             Kernel::Rope | Kernel::KvAppend => include_str!("../shaders/rope_common.wgsl"),
             // Both forward kernels read the same sequence table, carry and
             // mask, declared once in flash_attention.wgsl.
@@ -204,7 +223,7 @@ impl Kernel {
             | Kernel::FlashCoop
             | Kernel::FlashCoopMasked => {
                 return format!(
-                    "{}\n{}\n{}\n{file}",
+                    "{codec}\n{}\n{}\n{}\n{file}",
                     include_str!("../shaders/attention_common.wgsl"),
                     forward_tables(),
                     include_str!("../shaders/forward_blocks.wgsl")
@@ -223,7 +242,12 @@ impl Kernel {
             | Kernel::BackwardDeltas
             | Kernel::BackwardKeys
             | Kernel::BackwardQueries
-            | Kernel::BackwardSinks => include_str!("../shaders/attention_common.wgsl"),
+            | Kernel::BackwardSinks => {
+                return format!(
+                    "{codec}\n{}\n{file}",
+                    include_str!("../shaders/attention_common.wgsl")
+                );
+            }
         };
         if common.is_empty() {
             file.to_string()
@@ -583,8 +607,75 @@ fn storage_flags(storage: DType) -> &'static [&'static str] {
     }
 }
 
-/// The `// #if` names that select how a KV cache of `dtype` is read (Q
-/// and O stay f32).
+/// The `// #if` names that select how decoding's queries and output are
+/// stored ([`DecodeIo`]; the combine pass writes the output).
+fn io_flags(io: DecodeIo) -> Vec<&'static str> {
+    let mut flags = Vec::new();
+    if io.q != DType::F32 {
+        flags.push(Q_HALF);
+    }
+    if io.out != DType::F32 {
+        flags.push(O_HALF);
+    }
+    // Queries and output share one 16-bit type (DType::F32 where the
+    // output binding holds partial results).
+    match [io.q, io.out].into_iter().find(|&t| t != DType::F32) {
+        Some(DType::BF16) => flags.extend([QO_HALF, QO_BF16]),
+        Some(_) => flags.push(QO_HALF),
+        None => {}
+    }
+    flags
+}
+
+/// half_codec.wgsl's conversions that `flags` need: f16 where the 16-bit
+/// storage (KV_HALF, BF16_STORAGE) or the query/output type (QO_HALF,
+/// QO_BF16) is f16, bf16 where either is bf16.
+fn codec_flags(flags: &[&str]) -> Vec<&'static str> {
+    let has = |name: &str| flags.contains(&name);
+    let kv = has(KV_HALF).then(|| has(BF16_STORAGE));
+    let qo = has(QO_HALF).then(|| has(QO_BF16));
+    let mut codecs = Vec::new();
+    if kv == Some(false) || qo == Some(false) {
+        codecs.push(F16_CODEC);
+    }
+    if kv == Some(true) || qo == Some(true) {
+        codecs.push(BF16_CODEC);
+    }
+    codecs
+}
+
+/// Storage types of decoding's queries and output. `out` is the output
+/// binding's type: the caller's when the kernel writes the output itself,
+/// f32 when it writes partial results that the combine pass merges (and
+/// stores in the caller's type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DecodeIo {
+    pub q: DType,
+    pub out: DType,
+}
+
+impl DecodeIo {
+    /// f32 queries and output.
+    pub const F32: DecodeIo = DecodeIo {
+        q: DType::F32,
+        out: DType::F32,
+    };
+}
+
+impl Specialization {
+    /// A decode specialization with queries and output of `io`'s types;
+    /// any other specialization unchanged.
+    pub fn with_decode_io(self, io: DecodeIo) -> Specialization {
+        match self {
+            Specialization::Decode(tiling, cache, lanes, _) => {
+                Specialization::Decode(tiling, cache, lanes, io)
+            }
+            other => other,
+        }
+    }
+}
+
+/// The `// #if` names that select how a KV cache of `dtype` is read.
 fn cache_flags(dtype: KvDType) -> &'static [&'static str] {
     match dtype {
         KvDType::F32 => &[],
@@ -716,15 +807,19 @@ pub enum Specialization {
         pass: NaivePass,
         tiling: AttentionTiling,
     },
-    /// Split-KV decoding (Q and O f32) over a cache of the given storage
-    /// type. With `subgroup_kv`, lanes split the head dim or take their own
-    /// keys (the third field; the portable tier holds `HeadDim` there and
-    /// ignores it) and `rows` counts the workgroup's rows (not each lane's).
-    Decode(AttentionTiling, KvDType, DecodeLanes),
-    /// One invocation per output vec4 (Combine), element pair (Rope) or
-    /// appended head vector (KvAppend, storing the cache's type).
+    /// Split-KV decoding over a cache of the given storage type, with
+    /// queries and output of the types in [`DecodeIo`] (the tiling's own
+    /// storage stays f32). With `subgroup_kv`, lanes split the head dim or
+    /// take their own keys (the third field; the portable tier holds
+    /// `HeadDim` there and ignores it) and `rows` counts the workgroup's
+    /// rows (not each lane's).
+    Decode(AttentionTiling, KvDType, DecodeLanes, DecodeIo),
+    /// One invocation per output vec4 (Combine, storing `out`), element
+    /// pair (Rope) or appended head vector (KvAppend, storing the cache's
+    /// type).
     Combine {
         workgroup_size: u32,
+        out: DType,
     },
     Rope {
         workgroup_size: u32,
@@ -809,11 +904,11 @@ impl Specialization {
                 // Three passes over the row's vec4 score slots.
                 return Some(3 * (keys.div_ceil(4) + 1));
             }
-            Specialization::Decode(tiling, _, DecodeLanes::Keys) if tiling.subgroup_kv => {
+            Specialization::Decode(tiling, _, DecodeLanes::Keys, _) if tiling.subgroup_kv => {
                 // One trip per four keys of each lane; the rest is unrolled.
                 return Some(keys.div_ceil(4 * lanes) + 2);
             }
-            Specialization::Decode(tiling, _, _) if tiling.subgroup_kv => {
+            Specialization::Decode(tiling, _, _, _) if tiling.subgroup_kv => {
                 // One trip per four keys; the rest is unrolled.
                 return Some(keys.div_ceil(4) + 2);
             }
@@ -894,7 +989,7 @@ impl Specialization {
                     let lanes = tiling.workgroup_size;
                     constants.push(("SLOTS", spread(tiling.head_dim).div_ceil(lanes)));
                     constants.push(("SLOTS_V", spread(tiling.head_dim_v).div_ceil(lanes)));
-                    if let Specialization::Decode(_, cache, DecodeLanes::Keys) = self {
+                    if let Specialization::Decode(_, cache, DecodeLanes::Keys, _) = self {
                         // Each lane reads its keys' vectors eight values at a time.
                         constants.push(("D8", tiling.head_dim / 8));
                         constants.push(("DV8", tiling.head_dim_v / 8));
@@ -938,7 +1033,7 @@ impl Specialization {
                     ("EMULATED_LANES", EMULATED_LANES),
                 ]
             }
-            Specialization::Combine { workgroup_size }
+            Specialization::Combine { workgroup_size, .. }
             | Specialization::Rope { workgroup_size }
             | Specialization::KvAppend { workgroup_size, .. } => vec![("WG_SIZE", workgroup_size)],
             Specialization::Linear { tiling, .. } => vec![
@@ -1068,13 +1163,18 @@ impl Specialization {
                     flags.push(MASK);
                 }
             }
-            Specialization::Decode(tiling, cache, lanes) => {
+            Specialization::Decode(tiling, cache, lanes, io) => {
                 if tiling.subgroup_kv && *lanes == DecodeLanes::Keys {
                     flags.retain(|flag| *flag != SUBGROUP_KV);
                     flags.push(KEY_LANES);
                 }
-                flags.extend(cache_flags(*cache))
+                flags.extend(cache_flags(*cache));
+                flags.extend(io_flags(*io));
             }
+            Specialization::Combine { out, .. } => flags.extend(io_flags(DecodeIo {
+                q: DType::F32,
+                out: *out,
+            })),
             Specialization::KvAppend { dtype: cache, .. } => flags.extend(cache_flags(*cache)),
             Specialization::Linear { pass, tiling } => {
                 flags.extend(storage_flags(tiling.storage));
@@ -1093,6 +1193,8 @@ impl Specialization {
             }
             _ => {}
         }
+        let codecs = codec_flags(&flags);
+        flags.extend(codecs);
         flags
     }
 
@@ -1102,8 +1204,7 @@ impl Specialization {
     /// `DownlevelFlags::SHADER_F16_IN_F32` (every Vulkan, Metal and DX12
     /// adapter, and GL from GLSL 4.2 / ES 3.0).
     pub fn needs_f16_in_f32(&self) -> bool {
-        let flags = self.variant_flags();
-        flags.contains(&KV_HALF) && !flags.contains(&BF16_STORAGE)
+        self.variant_flags().contains(&F16_CODEC)
     }
 
     #[cfg(test)]

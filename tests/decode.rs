@@ -5,13 +5,13 @@
 
 mod common;
 
-use common::gpu;
 use common::random::{normal_vec, seeded};
+use common::{gpu, round_to, unit_roundoff};
 use rand::seq::SliceRandom;
 use wgpu_flash_attn::{
-    Alibi, AttentionArgs, AttentionConfig, AttentionShape, DecodeArgs, DecodeLanes, DecodeOptions,
-    DecodePlan, Error, Gpu, KeyRotation, KvCache, KvCacheConfig, KvDType, KvLayout, Lse, Rope,
-    RopeStyle, Tensor, TensorShape, Tier, reference,
+    Alibi, AttentionArgs, AttentionConfig, AttentionShape, DType, DecodeArgs, DecodeLanes,
+    DecodeOptions, DecodePlan, Error, Gpu, KeyRotation, KvCache, KvCacheConfig, KvDType, KvLayout,
+    Lse, Rope, RopeStyle, Tensor, TensorShape, Tier, reference,
 };
 
 const HEADS_Q: usize = 8;
@@ -82,12 +82,29 @@ fn decode_errors(
     seq_q: usize,
     options: &DecodeOptions,
 ) -> (f64, f64, DecodePlan) {
+    decode_errors_as(gpu, filled, q, seq_q, options, DType::F32)
+}
+
+/// [`decode_errors`] with queries and output stored as `dtype`: `q` is
+/// rounded to it first (the reference sees what the GPU reads), and the
+/// output error is what exceeds its rounding to `dtype` (|out - want| -
+/// u |want|, u the unit roundoff).
+fn decode_errors_as(
+    gpu: &Gpu,
+    filled: &Filled,
+    q: &[f32],
+    seq_q: usize,
+    options: &DecodeOptions,
+    dtype: DType,
+) -> (f64, f64, DecodePlan) {
     let config = &options.config;
     let cache = &filled.cache;
     let head_dim = cache.head_dim();
     let q_shape = TensorShape::new(cache.batch(), seq_q, HEADS_Q, head_dim);
-    let q_t = Tensor::from_f32(gpu, q_shape, q).unwrap();
-    let out = Tensor::filled(gpu, q_shape, f32::NAN).unwrap();
+    let q: Vec<f32> = q.iter().map(|&x| round_to(dtype, x)).collect();
+    let q = &q[..];
+    let q_t = Tensor::from_f32_as(gpu, q_shape, q, dtype).unwrap();
+    let out = Tensor::filled_as(gpu, q_shape, f32::NAN, dtype).unwrap();
     let lse = Lse::new(gpu, cache.batch(), HEADS_Q, seq_q).unwrap();
     let args = DecodeArgs {
         q: &q_t,
@@ -119,7 +136,7 @@ fn decode_errors(
         for (i, g) in got[b * per_seq..(b + 1) * per_seq].iter().enumerate() {
             assert!(!g.is_nan(), "sequence {b} (len {len}): NaN at {i}");
             let w = want.as_ref().map_or(0.0, |w| w.out[i]);
-            out_err = out_err.max((f64::from(*g) - w).abs());
+            out_err = out_err.max((f64::from(*g) - w).abs() - unit_roundoff(dtype) * w.abs());
         }
         let rows = HEADS_Q * seq_q;
         // An empty sequence's rows: zeros, lse = the head's sink or +inf.
@@ -1004,4 +1021,89 @@ fn both_lane_layouts_match_the_reference() {
             }
         }
     }
+}
+
+/// Queries and output in f16 or bf16 over every cache type: the kernel
+/// writing the output itself (one split) and through f32 partial results
+/// merged by the combine pass (three splits, several buffers), on the
+/// adapter's default tier; within 1e-4 beyond the output's rounding. A
+/// query and output of different types is a typed error.
+#[test]
+fn half_queries_and_outputs_over_every_cache_type() {
+    let Some(gpu) = gpu() else { return };
+    let head_dim = 64;
+    let lens = [0, 1, 300];
+    let sinks = normal_vec(&mut seeded(0x4a1f), HEADS_Q, 1.5);
+    for cache_dtype in [KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8] {
+        let contiguous = KvCacheConfig::new(
+            lens.len(),
+            HEADS_KV,
+            head_dim,
+            KvLayout::Contiguous { capacity: 300 },
+        );
+        let paged = KvLayout::Paged {
+            page_size: 16,
+            pages: 3 * 20,
+        };
+        let buffer_bytes = (8 * 16 * HEADS_KV * cache_dtype.vector_bytes(head_dim)) as u64;
+        let spread = KvCacheConfig::new(lens.len(), HEADS_KV, head_dim, paged)
+            .max_buffer_bytes(buffer_bytes);
+        // (cache, seq_q, forced splits, config, whether the decode kernel
+        // writes the output itself)
+        let cases = [
+            (contiguous, 1, 1, AttentionConfig::new().causal(true), true),
+            (
+                spread,
+                2,
+                3,
+                AttentionConfig::new().causal(true).sinks(sinks.clone()),
+                false,
+            ),
+        ];
+        for (cache_config, seq_q, splits, config, direct) in cases {
+            let mut filled = fill(gpu, cache_config.dtype(cache_dtype), &lens, 0x4a1f_0001);
+            for b in 0..lens.len() {
+                let (k, v) = filled.cache.read_sequence(gpu, b).unwrap();
+                filled.k[b] = k;
+                filled.v[b] = v;
+            }
+            for dtype in [DType::F16, DType::BF16] {
+                let q = queries(lens.len(), seq_q, head_dim, seq_q as u64 + 11);
+                let mut options = DecodeOptions::new(&config);
+                options.kv_splits = Some(splits);
+                let (out_err, lse_err, plan) =
+                    decode_errors_as(gpu, &filled, &q, seq_q, &options, dtype);
+                assert_eq!(plan.slots == 1, direct, "{plan:?}");
+                assert!(
+                    out_err <= 1e-4 && lse_err <= 1e-4,
+                    "{dtype:?} queries, {cache_dtype:?} cache, seq_q {seq_q}, {config:?}: \
+                     out {out_err:.2e} beyond rounding, lse {lse_err:.2e} ({plan:?})"
+                );
+            }
+        }
+    }
+    // Queries and output must share their type.
+    let config = KvCacheConfig::new(1, HEADS_KV, 32, KvLayout::Contiguous { capacity: 8 });
+    let filled = fill(gpu, config, &[8], 1);
+    let shape = TensorShape::new(1, 1, HEADS_Q, 32);
+    let q = Tensor::from_f32_as(gpu, shape, &queries(1, 1, 32, 1), DType::F16).unwrap();
+    let out = Tensor::filled(gpu, shape, 0.0).unwrap();
+    let args = DecodeArgs {
+        q: &q,
+        cache: &filled.cache,
+        out: &out,
+        lse: None,
+    };
+    let got = gpu.run(|e| gpu.decode(e, &args, DecodeOptions::default()));
+    assert!(
+        matches!(
+            got,
+            Err(Error::DTypeUnsupported {
+                tensor: "out",
+                got: DType::F32,
+                needed: DType::F16,
+            })
+        ),
+        "{got:?}"
+    );
 }
