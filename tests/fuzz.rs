@@ -27,7 +27,8 @@
 //! adapters without matrix units), where their tiles fit. Decode: a contiguous or paged cache (page
 //! size 16-256, pages shuffled), per-sequence lengths 0-300, 1-4 query
 //! tokens, a chosen or forced split count, f32, f16, bf16 or int8 storage
-//! (checked over the values stored). Backward (f32): no mask, a
+//! (checked over the values stored), queries and output in f32, f16 or
+//! bf16. Backward (f32): no mask, a
 //! boolean or a bias mask; with sinks, their gradients too. The bound is the crate's accuracy rule: 1e-4
 //! plus the output's rounding to its storage type, on inputs already
 //! rounded to it (docs/semantics.md), a row that sees no key being zeros;
@@ -168,11 +169,14 @@ fn draw_case(rng: &mut SeededRng) -> Case {
             .collect();
         shape.seq_kv = cache_lens.iter().copied().max().unwrap_or(0).max(1);
     }
-    // Decoding and the backward run f32 (the cache's storage type; the
-    // backward's half storage has its own rule in tests/backward.rs).
+    // Forward storage, or decoding's query/output type (the cache draws
+    // its own); the backward runs f32 (its half storage has its own rule
+    // in tests/backward.rs).
     let dtype = match operation {
-        Operation::Forward => [DType::F32, DType::F16, DType::BF16][rng.random_range(0..3)],
-        _ => DType::F32,
+        Operation::Forward | Operation::Decode { .. } => {
+            [DType::F32, DType::F16, DType::BF16][rng.random_range(0..3)]
+        }
+        Operation::Backward => DType::F32,
     };
     let mut config = AttentionConfig::new().causal(rng.random_bool(0.4));
     if rng.random_bool(0.3) {
@@ -576,9 +580,14 @@ fn run_decode(
             v[at * s.head_dim_v..][..stored_v.len()].copy_from_slice(&stored_v);
         }
     }
-    let q = normal_vec(rng, s.q_shape().elements(), 1.0);
-    let qt = Tensor::from_f32(gpu, s.q_shape(), &q).unwrap();
-    let out = Tensor::filled(gpu, s.o_shape(), f32::NAN).unwrap();
+    // Queries and output in the case's type, the queries rounded to it so
+    // the reference reads what the GPU does.
+    let q: Vec<f32> = normal_vec(rng, s.q_shape().elements(), 1.0)
+        .into_iter()
+        .map(|x| round_to(case.dtype, x))
+        .collect();
+    let qt = Tensor::from_f32_as(gpu, s.q_shape(), &q, case.dtype).unwrap();
+    let out = Tensor::filled_as(gpu, s.o_shape(), f32::NAN, case.dtype).unwrap();
     let args = DecodeArgs {
         q: &qt,
         cache: &cache,
@@ -599,7 +608,12 @@ fn run_decode(
         })
         .collect();
     let want = per_sequence_reference(s, [&q, &k, &v], &case.config, &sequences);
-    check_rule(&out.to_f32_vec(gpu).unwrap(), &want, 0.0, 0.0)
+    check_rule(
+        &out.to_f32_vec(gpu).unwrap(),
+        &want,
+        unit_roundoff(case.dtype),
+        0.0,
+    )
 }
 
 /// The backward case (f32): forward and backward on the GPU, every

@@ -432,9 +432,10 @@ fn bad_head_dims_and_latent_caches_are_typed_errors() {
     };
     let err = gpu.run(|e| gpu.forward(e, &args, &config)).unwrap_err();
     assert_shape_mismatch(&err, 128, 192);
-    // The backward keeps one head dim up to 256.
+    // The backward takes head dims up to 256 on each side (192/128 is
+    // tests/backward.rs's).
     for shape in [
-        attention_shape(1, 4, 4, (1, 1), 192).with_head_dim_v(128),
+        attention_shape(1, 4, 4, (1, 1), 128).with_head_dim_v(512),
         attention_shape(1, 4, 4, (1, 1), 512),
     ] {
         let err = BackwardPlan::for_call(gpu.info(), &shape, DType::F32, None).unwrap_err();
