@@ -906,12 +906,22 @@ fn shared_prefix_pages_are_read_only() {
 /// Decodes one random query over a tiny cache with `options`: the plan
 /// or the error.
 fn tiny_decode(gpu: &Gpu, options: &DecodeOptions) -> Result<DecodePlan, Error> {
+    tiny_decode_as(gpu, options, DType::F32, DType::F32)
+}
+
+/// [`tiny_decode`] with queries of `q_dtype` and an output of `out_dtype`.
+fn tiny_decode_as(
+    gpu: &Gpu,
+    options: &DecodeOptions,
+    q_dtype: DType,
+    out_dtype: DType,
+) -> Result<DecodePlan, Error> {
     let head_dim = 32;
     let config = KvCacheConfig::new(1, HEADS_KV, head_dim, KvLayout::Contiguous { capacity: 8 });
     let filled = fill(gpu, config, &[8], 1);
     let shape = TensorShape::new(1, 1, HEADS_Q, head_dim);
-    let q = Tensor::from_f32(gpu, shape, &queries(1, 1, head_dim, 1)).unwrap();
-    let out = Tensor::filled(gpu, shape, 0.0).unwrap();
+    let q = Tensor::from_f32_as(gpu, shape, &queries(1, 1, head_dim, 1), q_dtype).unwrap();
+    let out = Tensor::filled_as(gpu, shape, 0.0, out_dtype).unwrap();
     let args = DecodeArgs {
         q: &q,
         cache: &filled.cache,
@@ -1083,18 +1093,7 @@ fn half_queries_and_outputs_over_every_cache_type() {
         }
     }
     // Queries and output must share their type.
-    let config = KvCacheConfig::new(1, HEADS_KV, 32, KvLayout::Contiguous { capacity: 8 });
-    let filled = fill(gpu, config, &[8], 1);
-    let shape = TensorShape::new(1, 1, HEADS_Q, 32);
-    let q = Tensor::from_f32_as(gpu, shape, &queries(1, 1, 32, 1), DType::F16).unwrap();
-    let out = Tensor::filled(gpu, shape, 0.0).unwrap();
-    let args = DecodeArgs {
-        q: &q,
-        cache: &filled.cache,
-        out: &out,
-        lse: None,
-    };
-    let got = gpu.run(|e| gpu.decode(e, &args, DecodeOptions::default()));
+    let got = tiny_decode_as(gpu, &DecodeOptions::default(), DType::F16, DType::F32);
     assert!(
         matches!(
             got,
