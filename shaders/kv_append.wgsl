@@ -89,23 +89,15 @@ fn vector_words() -> u32 {
     return rp.head_dim / 2u;
 }
 
+// The storage type's bits of one value (half_codec.wgsl); f16 saturates
+// to the infinity a value past its range rounds to.
 // #if BF16_STORAGE
-// f32 to bf16 bits, rounding to nearest even; NaN stays a (quiet) NaN.
 fn half_bits(value: f32) -> u32 {
-    let bits = bitcast<u32>(value);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) {
-        return (bits >> 16u) | 0x40u;
-    }
-    return (bits + 0x7fffu + ((bits >> 16u) & 1u)) >> 16u;
+    return bf16_bits(value);
 }
 // #else
-// f32 to f16 bits; past f16's range, the infinity it rounds to
-// (pack2x16float leaves such values undefined).
 fn half_bits(value: f32) -> u32 {
-    if (abs(value) >= 65520.0) {
-        return select(0x7c00u, 0xfc00u, value < 0.0);
-    }
-    return pack2x16float(vec2<f32>(value, 0.0)) & 0xffffu;
+    return f16_bits(value);
 }
 // #endif
 

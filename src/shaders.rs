@@ -215,7 +215,13 @@ impl Kernel {
         let codec = include_str!("../shaders/half_codec.wgsl");
         let common = match self {
             Kernel::Combine => codec,
-            Kernel::Rope | Kernel::KvAppend => include_str!("../shaders/rope_common.wgsl"),
+            Kernel::Rope => include_str!("../shaders/rope_common.wgsl"),
+            Kernel::KvAppend => {
+                return format!(
+                    "{codec}\n{}\n{file}",
+                    include_str!("../shaders/rope_common.wgsl")
+                );
+            }
             // Both forward kernels read the same sequence table, carry and
             // mask, declared once in flash_attention.wgsl.
             Kernel::FlashBlocked
