@@ -24,6 +24,12 @@
 // pairs of one KV head's query heads (BLOCKED_GROUP_ROWS), so a decoding
 // step's heads share every K/V tile.
 //
+// F16_PRODUCTS (AttentionConfig::f16_products, f16 storage, SHADER_F16):
+// the Q block, the K/V tile and the probabilities are f16 in workgroup
+// memory (half the bytes to stage and read), and each 4-element dot product
+// of S and each four-key weighted sum of O += P V is computed in f16, then
+// added to the f32 scores and accumulators; the softmax stays f32.
+//
 // Generated constants (src/shaders.rs, `BlockedTiling`): D4, DV4 (head
 // dims / 4), ROW_LANES, KEY_LANES, ROWS, COLS = ceil(DV4 / KEY_LANES),
 // WG_SIZE = ROW_LANES * KEY_LANES, BLOCK_N = 4 * KEY_LANES, KV_TILE (vec4s
@@ -43,13 +49,19 @@ const BLOCKED_GROUP_ROWS: u32 = 128u;
 const K_STRIDE: u32 = D4 + 1u;
 
 // The block's query rows, row-major, D4 vec4s each.
-var<workgroup> q_tile: array<vec4<f32>, BLOCK_M * D4>;
 // K of the current tile (key 4b + j at slot j * KEY_LANES + b, rows
 // K_STRIDE apart), then V of the same keys (key n at row n, DV4 apart):
 // V is staged once the scores no longer need K.
-var<workgroup> kv_tile: array<vec4<f32>, KV_TILE>;
 // Probabilities of the tile: row r's keys 4b .. 4b + 3 at r * KEY_LANES + b.
+// #if F16_PRODUCTS
+var<workgroup> q_tile: array<vec4<f16>, BLOCK_M * D4>;
+var<workgroup> kv_tile: array<vec4<f16>, KV_TILE>;
+var<workgroup> p_tile: array<vec4<f16>, BLOCK_M * KEY_LANES>;
+// #else
+var<workgroup> q_tile: array<vec4<f32>, BLOCK_M * D4>;
+var<workgroup> kv_tile: array<vec4<f32>, KV_TILE>;
 var<workgroup> p_tile: array<vec4<f32>, BLOCK_M * KEY_LANES>;
+// #endif
 // Per (row, key lane): the lane's max of the row's scores in the tile; at
 // the end, the lane's partial sum.
 var<workgroup> partials: array<f32, BLOCK_M * KEY_LANES>;
@@ -102,7 +114,11 @@ fn main(
         let row = min(row0 + i / D4, max(seq_q, 1u) - 1u);
         let q_row = seq.q_start + row / group;
         let head = head_of(row, wg.y, group, grouped);
+// #if F16_PRODUCTS
+        q_tile[i] = vec4<f16>(load_q(batch * p.q.batch + q_row * p.q.seq + head * p.q.head + p.q.offset + i % D4));
+// #else
         q_tile[i] = load_q(batch * p.q.batch + q_row * p.q.seq + head * p.q.head + p.q.offset + i % D4);
+// #endif
     }
 
     var acc: array<vec4<f32>, ROWS * COLS>;
@@ -185,7 +201,11 @@ fn main(
             if (key < n_keys) {
                 kk = load_k(k_base + (u32(kv0) + key) * p.k.seq + i % D4);
             }
+// #if F16_PRODUCTS
+            kv_tile[((key % 4u) * KEY_LANES + key / 4u) * K_STRIDE + i % D4] = vec4<f16>(kk);
+// #else
             kv_tile[((key % 4u) * KEY_LANES + key / 4u) * K_STRIDE + i % D4] = kk;
+// #endif
         }
         workgroupBarrier();
 
@@ -200,8 +220,12 @@ fn main(
             let k3 = kv_tile[(3u * KEY_LANES + key_lane) * K_STRIDE + d];
             for (var r = 0u; r < ROWS; r++) {
                 let qd = q_tile[(my_rows + r) * D4 + d];
+// #if F16_PRODUCTS
+                dots[r] += vec4<f32>(vec4<f16>(dot(qd, k0), dot(qd, k1), dot(qd, k2), dot(qd, k3)));
+// #else
                 dots[r] = vec4<f32>(fma_dot(qd, k0, dots[r].x), fma_dot(qd, k1, dots[r].y),
                     fma_dot(qd, k2, dots[r].z), fma_dot(qd, k3, dots[r].w));
+// #endif
             }
         }
 
@@ -234,7 +258,11 @@ fn main(
             if (i / DV4 < n_keys) {
                 vv = load_v(v_base + (u32(kv0) + i / DV4) * p.v.seq + i % DV4);
             }
+// #if F16_PRODUCTS
+            kv_tile[i] = vec4<f16>(vv);
+// #else
             kv_tile[i] = vv;
+// #endif
         }
         var correction: array<f32, ROWS>;
         for (var r = 0u; r < ROWS; r++) {
@@ -248,7 +276,11 @@ fn main(
             let probs = select(vec4<f32>(0.0), exp_shifted(scores[r] - vec4<f32>(m_new)), visible[r]);
             l[r] = l[r] * correction[r] + (probs.x + probs.y) + (probs.z + probs.w);
             m[r] = m_new;
+// #if F16_PRODUCTS
+            p_tile[row * KEY_LANES + key_lane] = vec4<f16>(probs);
+// #else
             p_tile[row * KEY_LANES + key_lane] = probs;
+// #endif
         }
         // V and the probabilities are staged.
         workgroupBarrier();
@@ -259,7 +291,11 @@ fn main(
             }
         }
         for (var step = 0u; step < KEY_LANES; step++) {
+// #if F16_PRODUCTS
+            var probs: array<vec4<f16>, ROWS>;
+// #else
             var probs: array<vec4<f32>, ROWS>;
+// #endif
             for (var r = 0u; r < ROWS; r++) {
                 probs[r] = p_tile[(my_rows + r) * KEY_LANES + step];
             }
@@ -274,8 +310,13 @@ fn main(
                     let v3 = kv_tile[v_row + 3u * DV4 + col];
                     for (var r = 0u; r < ROWS; r++) {
                         let pr = probs[r];
+// #if F16_PRODUCTS
+                        acc[r * COLS + j] += vec4<f32>(fma(vec4<f16>(pr.w), v3, fma(vec4<f16>(pr.z), v2,
+                            fma(vec4<f16>(pr.y), v1, vec4<f16>(pr.x) * v0))));
+// #else
                         acc[r * COLS + j] = fma(vec4<f32>(pr.w), v3, fma(vec4<f32>(pr.z), v2,
                             fma(vec4<f32>(pr.y), v1, fma(vec4<f32>(pr.x), v0, acc[r * COLS + j]))));
+// #endif
                     }
                 }
             }

@@ -469,7 +469,14 @@ impl Gpu {
     ) -> Result<PreparedCall<'a>> {
         config.validate(&shape)?;
         check_lse_output(self, args.lse, [shape.batch, shape.heads_q, shape.seq_q])?;
-        let plan = ForwardPlan::for_call(self.info(), plan_shape, args.q.dtype(), config.tier)?;
+        let plan = if config.f16_products {
+            // f16 products are a variant of the register-blocked tier.
+            let tier = config.tier.unwrap_or(crate::config::Tier::RegisterBlocked);
+            ForwardPlan::for_call(self.info(), plan_shape, args.q.dtype(), Some(tier))?
+                .with_f16_products(self.info())?
+        } else {
+            ForwardPlan::for_call(self.info(), plan_shape, args.q.dtype(), config.tier)?
+        };
         let params = self.pack_params(args, &shape, config)?;
         Ok(PreparedCall {
             shape,

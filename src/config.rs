@@ -273,6 +273,14 @@ pub struct AttentionConfig {
     pub sinks: Option<Vec<f32>>,
     /// Force a kernel tier; `None` picks the best the adapter offers.
     pub tier: Option<Tier>,
+    /// The forward's Q K^T and P V products in f16 (f16 storage, the
+    /// register-blocked tier, adapters with `SHADER_F16`): Q, K, V and the
+    /// probabilities stay f16 in workgroup memory and each 4-element dot
+    /// product or weighted sum is computed in f16, then added to f32
+    /// scores and accumulators; softmax statistics stay f32. Off by
+    /// default: it halves the tiles' memory traffic on GPUs with fast f16
+    /// but is not yet measured faster on one (BENCHMARKS.md).
+    pub f16_products: bool,
 }
 
 /// How a kernel spreads its work over the invocations of a workgroup.
@@ -327,6 +335,12 @@ impl AttentionConfig {
     /// is a typed error at call time.
     pub fn tier(mut self, tier: Tier) -> Self {
         self.tier = Some(tier);
+        self
+    }
+    /// Computes the forward's products in f16 (see
+    /// [`AttentionConfig::f16_products`]); forces the register-blocked tier.
+    pub fn f16_products(mut self, f16_products: bool) -> Self {
+        self.f16_products = f16_products;
         self
     }
     /// Sets causal masking (bottom-right aligned, see above).

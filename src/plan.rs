@@ -210,6 +210,35 @@ impl ForwardPlan {
     pub(crate) fn specialization(&self) -> Specialization {
         forward_specialization(self.tiled, self.tiling)
     }
+    /// The plan with the forward's products in f16
+    /// ([`AttentionConfig::f16_products`]): register-blocked plans of f16
+    /// storage on adapters with `SHADER_F16` only; the rest is a typed
+    /// error.
+    ///
+    /// [`AttentionConfig::f16_products`]: crate::AttentionConfig::f16_products
+    pub fn with_f16_products(mut self, info: &GpuInfo) -> Result<Self> {
+        if self.tiling.storage != DType::F16 {
+            return Err(Error::DTypeUnsupported {
+                tensor: "q (f16 products)",
+                got: self.tiling.storage,
+                needed: DType::F16,
+            });
+        }
+        let Some(TiledKernel::Blocked(blocked)) = &mut self.tiled else {
+            return Err(Error::UnsupportedCombination {
+                what: "f16 products and a tier other than RegisterBlocked",
+            });
+        };
+        if !info.has_f16() {
+            return Err(Error::TierUnavailable {
+                tier: Tier::RegisterBlocked,
+                reason: "f16 products need the SHADER_F16 feature".to_string(),
+            });
+        }
+        blocked.f16_products = true;
+        Ok(self)
+    }
+
     /// The kernel of the same tier with an attention mask.
     pub(crate) fn masked_specialization(&self) -> Specialization {
         match self.tiled {
@@ -557,6 +586,7 @@ fn blocked_tiling(
             key_lanes,
             rows: (BLOCKED_ACCUMULATORS / columns).clamp(1, 4),
             storage,
+            f16_products: false,
         }
     });
     if let Some(fits) = layouts

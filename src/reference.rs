@@ -16,6 +16,7 @@ pub use linear::{
 
 use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 
 /// Result of [`attention`].
 #[derive(Debug, Clone)]
@@ -48,7 +49,48 @@ pub fn attention_rows(
     config: &AttentionConfig,
     wanted: impl Fn(usize, usize, usize) -> bool + Sync,
 ) -> Result<ReferenceOutput> {
-    attention_core(shape, q, k, v, config, wanted, |_, _, _, _| Some(0.0))
+    let rows = Rows {
+        wanted,
+        bias: |_, _, _, _| Some(0.0),
+        round: exact,
+    };
+    attention_core(shape, q, k, v, config, rows)
+}
+
+/// Standard attention as a framework computes it in `dtype`, the baseline
+/// of FlashAttention's accuracy rule (docs/semantics.md): each score, each
+/// probability and each output element rounded to `dtype` (sums in f64),
+/// for the rows `wanted` selects (the others NaN). A kernel whose own
+/// arithmetic rounds to `dtype` (`AttentionConfig::f16_products`) is held
+/// to twice this attention's error against [`attention`].
+pub fn attention_rows_in_precision(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    config: &AttentionConfig,
+    dtype: DType,
+    wanted: impl Fn(usize, usize, usize) -> bool + Sync,
+) -> Result<ReferenceOutput> {
+    let round = move |x: f64| -> f64 {
+        let x = x as f32;
+        f64::from(match dtype {
+            DType::F32 => x,
+            DType::F16 => half::f16::from_f32(x).to_f32(),
+            DType::BF16 => half::bf16::from_f32(x).to_f32(),
+        })
+    };
+    let rows = Rows {
+        wanted,
+        bias: |_, _, _, _| Some(0.0),
+        round,
+    };
+    attention_core(shape, q, k, v, config, rows)
+}
+
+/// No rounding: the exact reference.
+fn exact(x: f64) -> f64 {
+    x
 }
 
 /// A mask as the reference applies it: `[batch|1, heads|1, seq_q, seq_kv]`
@@ -116,22 +158,43 @@ pub fn attention_masked_rows(
     mask: &HostMask<'_>,
     wanted: impl Fn(usize, usize, usize) -> bool + Sync,
 ) -> Result<ReferenceOutput> {
-    attention_core(shape, q, k, v, config, wanted, |b, h, i, j| {
-        mask.at(b, h, i, j)
-    })
+    let rows = Rows {
+        wanted,
+        bias: |b, h, i, j| mask.at(b, h, i, j),
+        round: exact,
+    };
+    attention_core(shape, q, k, v, config, rows)
 }
 
-/// The reference proper: `bias(b, h, i, j)` adds to a score, or hides the
-/// key with `None`.
-fn attention_core(
+/// Which rows a reference call computes and how: `wanted(b, h, i)` selects
+/// the rows (the others are NaN), `bias(b, h, i, j)` is the mask (added to
+/// a score, or `None` hiding the key), and `round` is applied to every
+/// score, probability and output element (the identity for the exact
+/// reference).
+struct Rows<W, B, R> {
+    wanted: W,
+    bias: B,
+    round: R,
+}
+
+fn attention_core<W, B, R>(
     shape: &AttentionShape,
     q: &[f32],
     k: &[f32],
     v: &[f32],
     config: &AttentionConfig,
-    wanted: impl Fn(usize, usize, usize) -> bool + Sync,
-    bias: impl Fn(usize, usize, usize, usize) -> Option<f64> + Sync,
-) -> Result<ReferenceOutput> {
+    rows: Rows<W, B, R>,
+) -> Result<ReferenceOutput>
+where
+    W: Fn(usize, usize, usize) -> bool + Sync,
+    B: Fn(usize, usize, usize, usize) -> Option<f64> + Sync,
+    R: Fn(f64) -> f64 + Sync,
+{
+    let Rows {
+        wanted,
+        bias,
+        round,
+    } = rows;
     let problem = Problem::new(shape, q, k, v, config, bias)?;
     let AttentionShape {
         batch,
@@ -151,17 +214,21 @@ fn attention_core(
             if !wanted(b, h, i) {
                 return (vec![f64::NAN; d], f64::NAN);
             }
-            let scores = problem.row_scores(b, h, i);
+            let mut scores = problem.row_scores(b, h, i);
+            for score in &mut scores {
+                score.score = round(score.score);
+            }
             let Some((weights, lse)) = softmax(&scores, problem.sink(h)) else {
                 return (vec![0.0; d], f64::INFINITY);
             };
             let mut out = vec![0.0f64; d];
             for (score, w) in scores.iter().zip(&weights) {
+                let w = round(*w);
                 for (o, &x) in out.iter_mut().zip(problem.v_row(b, h, score.key)) {
                     *o += w * f64::from(x);
                 }
             }
-            (out, lse)
+            (out.into_iter().map(&round).collect(), lse)
         })
         .collect();
 

@@ -111,6 +111,10 @@ fn shipped_specializations() -> Vec<Specialization> {
                     };
                     add(plan.specialization());
                     add(plan.masked_specialization());
+                    if let Ok(f16_products) = plan.with_f16_products(info) {
+                        add(f16_products.specialization());
+                        add(f16_products.masked_specialization());
+                    }
                     let naive = NaivePlan::for_call(info, &shape, storage, tier)
                         .expect("the naive plan follows the forward plan");
                     for pass in NaivePass::ALL {

@@ -33,6 +33,8 @@ const COOP8: &str = "COOP8";
 const COOP_F32: &str = "COOP_F32";
 /// The cooperative-matrix forward with its products in scalar code.
 const COOP_EMULATED: &str = "COOP_EMULATED";
+/// The register-blocked forward with f16 tiles and products.
+const F16_PRODUCTS: &str = "F16_PRODUCTS";
 /// Invocations of an emulated subgroup.
 const EMULATED_LANES: u32 = 32;
 /// half_codec.wgsl's f16 and bf16 conversions, set from the kernel's
@@ -49,7 +51,8 @@ const QO_BF16: &str = "QO_BF16";
 /// Every `// #if` name the shaders may use. The preprocessor refuses any
 /// other, so a misspelt name fails loudly instead of quietly selecting the
 /// `// #else` branch.
-pub const VARIANT_NAMES: [&str; 18] = [
+pub const VARIANT_NAMES: [&str; 19] = [
+    F16_PRODUCTS,
     F16_CODEC,
     BF16_CODEC,
     Q_HALF,
@@ -504,8 +507,11 @@ pub struct BlockedTiling {
     pub key_lanes: u32,
     /// Query rows per invocation.
     pub rows: u32,
-    /// Storage type of Q, K, V and O (arithmetic is f32 regardless).
+    /// Storage type of Q, K, V and O.
     pub storage: DType,
+    /// Q K^T and P V products in f16 on f16 tiles (F16_PRODUCTS; needs f16
+    /// storage and SHADER_F16), else f32 arithmetic throughout.
+    pub f16_products: bool,
 }
 
 impl BlockedTiling {
@@ -532,13 +538,16 @@ impl BlockedTiling {
         self.block_n() * (self.head_dim / 4 + 1).max(self.head_dim_v / 4)
     }
     /// Workgroup memory the kernel declares: the Q block, the K/V tile,
-    /// the probabilities (vec4s) and the per-row partials (f32).
+    /// the probabilities (vec4s of f32, or of f16 with f16 products) and
+    /// the per-row partials (f32).
     pub fn workgroup_bytes(&self) -> u64 {
         let block_m = u64::from(self.block_m());
         let key_lanes = u64::from(self.key_lanes);
-        16 * (block_m * u64::from(self.head_dim / 4)
-            + u64::from(self.kv_tile())
-            + block_m * key_lanes)
+        let vec4_bytes = if self.f16_products { 8 } else { 16 };
+        vec4_bytes
+            * (block_m * u64::from(self.head_dim / 4)
+                + u64::from(self.kv_tile())
+                + block_m * key_lanes)
             + 4 * block_m * key_lanes
     }
 }
@@ -1116,6 +1125,11 @@ impl Specialization {
                 }
                 directives
             }
+            Specialization::FlashBlocked(tiling) | Specialization::FlashBlockedMasked(tiling)
+                if tiling.f16_products =>
+            {
+                "enable f16;\n".to_string()
+            }
             _ => String::new(),
         }
     }
@@ -1135,11 +1149,15 @@ impl Specialization {
     /// Whether the pipeline does f16 arithmetic (f16 matrices, real or
     /// emulated).
     pub fn needs_f16(&self) -> bool {
-        matches!(
-            self,
-            Specialization::FlashCoop(tiling) | Specialization::FlashCoopMasked(tiling)
-                if tiling.storage != DType::F32
-        )
+        match self {
+            Specialization::FlashCoop(tiling) | Specialization::FlashCoopMasked(tiling) => {
+                tiling.storage != DType::F32
+            }
+            Specialization::FlashBlocked(tiling) | Specialization::FlashBlockedMasked(tiling) => {
+                tiling.f16_products
+            }
+            _ => false,
+        }
     }
 
     /// Names of the `// #if NAME` blocks this specialization keeps.
@@ -1149,10 +1167,14 @@ impl Specialization {
             .map_or_else(Vec::new, AttentionTiling::variant_flags);
         match self {
             Specialization::FlashMasked(_) => flags.push(MASK),
-            Specialization::FlashBlocked(tiling) => flags.extend(storage_flags(tiling.storage)),
-            Specialization::FlashBlockedMasked(tiling) => {
+            Specialization::FlashBlocked(tiling) | Specialization::FlashBlockedMasked(tiling) => {
                 flags.extend(storage_flags(tiling.storage));
-                flags.push(MASK);
+                if tiling.f16_products {
+                    flags.push(F16_PRODUCTS);
+                }
+                if matches!(self, Specialization::FlashBlockedMasked(_)) {
+                    flags.push(MASK);
+                }
             }
             Specialization::FlashCoop(tiling) | Specialization::FlashCoopMasked(tiling) => {
                 flags.extend(storage_flags(tiling.storage));

@@ -1042,6 +1042,59 @@ fn run_refuses_an_unsupported_value_head_dim_in_one_line() {
     assert_one_line_error(&output, "head dim 100");
 }
 
+/// `--tier blocked,blocked-f16` times the register-blocked kernel with f32
+/// and with f16 products in one run, the second held to FlashAttention's
+/// rule (twice standard attention's error in f16) and reported as such; an
+/// adapter without SHADER_F16 skips it with the reason.
+#[test]
+fn run_compares_f16_products_with_f32_arithmetic() {
+    let Some(gpu) = gpu() else { return };
+    let json = scratch("f16-products.json");
+    let output = flash_bench(&[
+        "run",
+        "--seq-q",
+        "48",
+        "--heads-q",
+        "4",
+        "--head-dim",
+        "64",
+        "--dtype",
+        "f16",
+        "--tier",
+        "blocked,blocked-f16",
+        "--iters",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let cases = report["cases"].as_array().unwrap();
+    for case in cases {
+        assert_eq!(case["passed"], true, "{case}");
+        assert_eq!(case["tier"], "RegisterBlocked", "{case}");
+    }
+    if !gpu.info().has_f16() {
+        assert_eq!(cases.len(), 1);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("skipped") && stderr.contains("SHADER_F16"),
+            "{stderr}"
+        );
+        return;
+    }
+    assert_eq!(cases.len(), 2);
+    assert_eq!(cases[0]["options"]["f16_products"], false);
+    assert_eq!(cases[0]["tolerance"], 1e-4);
+    let products = &cases[1];
+    assert_eq!(products["options"]["f16_products"], true);
+    assert!(products["name"].as_str().unwrap().ends_with("f16-products"));
+    // The rule's bound: above the f32 tolerance, a few f16 ulps at most.
+    let bound = products["tolerance"].as_f64().unwrap();
+    assert!(bound > 1e-4 && bound < 1e-2, "{bound}");
+}
+
 /// `run --tier a,b,c` measures each tier in one run (one validated case
 /// each), reporting a listed tier the adapter lacks instead of failing;
 /// `info` prints the planner's tier per head dim and storage type.

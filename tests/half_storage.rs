@@ -12,7 +12,8 @@ use common::{Inputs, forward_tiers, gpu, round_to, with_tier};
 use half::{bf16, f16};
 use rand::{Rng, RngExt};
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionShape, DType, Error, Gpu, Tensor, reference,
+    AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, DType, Error, ForwardOptions,
+    Gpu, Tensor, reference,
 };
 
 /// Absolute floor of the rule (f32 arithmetic noise on unit-scale values).
@@ -258,4 +259,134 @@ fn mixed_storage_types_are_a_typed_error() {
             needed: DType::F16
         })
     ));
+}
+
+/// f16 products (`AttentionConfig::f16_products`: the register-blocked
+/// kernel with f16 tiles, dot products and weighted sums, f32 softmax and
+/// accumulation) within FlashAttention's rule for f16, like f16 storage
+/// with f32 arithmetic: ragged lengths, GQA, causal or windowed, and the
+/// masked kernel (a boolean mask drawing the causal pattern, so the causal
+/// naive attention is its baseline). Where the adapter lacks SHADER_F16
+/// (GL) it is a typed error; so are other storage types and other forced
+/// tiers.
+#[test]
+fn f16_products_within_twice_naive_half_error() {
+    let Some(gpu) = gpu() else { return };
+    let dtype = DType::F16;
+    let shape = |seq_q, seq_kv, head_dim| AttentionShape {
+        batch: 2,
+        seq_q,
+        seq_kv,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim,
+        head_dim_v: head_dim,
+    };
+    let small = shape(16, 16, 32);
+    let inputs = Inputs::draw(&small, 1, 1.0);
+    let run = |shape: &AttentionShape, inputs: &Inputs, dtype, config: &AttentionConfig| {
+        let q = Tensor::from_f32_as(gpu, shape.q_shape(), &inputs.q, dtype).unwrap();
+        let k = Tensor::from_f32_as(gpu, shape.k_shape(), &inputs.k, dtype).unwrap();
+        let v = Tensor::from_f32_as(gpu, shape.v_shape(), &inputs.v, dtype).unwrap();
+        let out = Tensor::filled_as(gpu, shape.q_shape(), f32::NAN, dtype).unwrap();
+        let args = AttentionArgs {
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &out,
+            lse: None,
+        };
+        gpu.run(|e| gpu.forward(e, &args, config))
+    };
+    let products = AttentionConfig::new().f16_products(true);
+    if !gpu.info().has_f16() {
+        let err = run(&small, &inputs, dtype, &products).unwrap_err();
+        assert!(
+            matches!(err, Error::TierUnavailable { .. }),
+            "without SHADER_F16: {err}"
+        );
+        eprintln!(
+            "SKIPPED: f16 products on {}: it lacks SHADER_F16 (the typed refusal is checked)",
+            gpu.info().summary()
+        );
+        return;
+    }
+    let err = run(&small, &inputs, DType::BF16, &products).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::DTypeUnsupported {
+                got: DType::BF16,
+                needed: DType::F16,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let portable = products.clone().tier(wgpu_flash_attn::Tier::Portable);
+    let err = run(&small, &inputs, dtype, &portable).unwrap_err();
+    assert!(matches!(err, Error::UnsupportedCombination { .. }), "{err}");
+
+    let mut rng = seeded(0x5eed_f16b);
+    let mut worst_ratio = 0.0f64;
+    for (seq_q, seq_kv, head_dim) in [(1, 130, 64), (65, 63, 128), (130, 77, 40), (200, 200, 256)] {
+        let shape = shape(seq_q, seq_kv, head_dim);
+        let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
+        for config in [
+            products.clone(),
+            products.clone().causal(true),
+            products.clone().window(Some(20), Some(5)),
+        ] {
+            let (kernel, naive, want) = errors(gpu, dtype, &shape, &inputs, &config);
+            let naive = max_error(&naive, &want);
+            assert!(
+                kernel <= 2.0 * naive + FLOOR,
+                "{shape:?} {config:?}: kernel error {kernel:.3e} > 2 x naive {naive:.3e} + {FLOOR:e}"
+            );
+            worst_ratio = worst_ratio.max(kernel / naive.max(f64::MIN_POSITIVE));
+        }
+    }
+    // The masked kernel: the causal pattern as a boolean mask.
+    let shape = shape(70, 90, 64);
+    let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
+    let causal = AttentionConfig::new().causal(true);
+    let dims = [shape.batch, shape.heads_q, shape.seq_q, shape.seq_kv];
+    let bits: Vec<bool> = (0..dims.iter().product::<usize>())
+        .map(|at| {
+            let (row, key) = ((at / shape.seq_kv) % shape.seq_q, at % shape.seq_kv);
+            causal
+                .visible_keys(row, shape.seq_q, shape.seq_kv)
+                .contains(&key)
+        })
+        .collect();
+    let mask = AttentionMask::boolean(gpu, dims, &bits).unwrap();
+    let held = Inputs {
+        q: rounded(dtype, &inputs.q),
+        k: rounded(dtype, &inputs.k),
+        v: rounded(dtype, &inputs.v),
+    };
+    let q = Tensor::from_f32_as(gpu, shape.q_shape(), &held.q, dtype).unwrap();
+    let k = Tensor::from_f32_as(gpu, shape.k_shape(), &held.k, dtype).unwrap();
+    let v = Tensor::from_f32_as(gpu, shape.v_shape(), &held.v, dtype).unwrap();
+    let out = Tensor::filled_as(gpu, shape.q_shape(), f32::NAN, dtype).unwrap();
+    let args = AttentionArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: None,
+    };
+    let options = ForwardOptions::new(&products).mask(&mask);
+    gpu.run(|e| gpu.forward(e, &args, options.clone())).unwrap();
+    let want = reference::attention(&shape, &held.q, &held.k, &held.v, &causal)
+        .unwrap()
+        .out;
+    let kernel = max_error(&out.to_f32_vec(gpu).unwrap(), &want);
+    let naive = max_error(&naive_in_precision(dtype, &shape, &held, &causal), &want);
+    assert!(
+        kernel <= 2.0 * naive + FLOOR,
+        "masked: kernel error {kernel:.3e} > 2 x naive {naive:.3e} + {FLOOR:e}"
+    );
+    worst_ratio = worst_ratio.max(kernel / naive.max(f64::MIN_POSITIVE));
+    eprintln!("f16 products: worst kernel / naive-in-precision error ratio {worst_ratio:.2}");
 }

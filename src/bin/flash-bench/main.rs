@@ -192,8 +192,16 @@ fn run(cli: &Cli) -> Result<bool> {
                     let Some(tier) = tier.filter(|_| listed > 1) else {
                         return true;
                     };
-                    match ForwardPlan::for_call(gpu.info(), &shape, dtype, Some(tier.tier())) {
-                        Err(err @ wgpu_flash_attn::Error::TierUnavailable { .. }) => {
+                    let plan = ForwardPlan::for_call(gpu.info(), &shape, dtype, Some(tier.tier()))
+                        .and_then(|plan| match tier.f16_products() {
+                            true => plan.with_f16_products(gpu.info()),
+                            false => Ok(plan),
+                        });
+                    match plan {
+                        Err(
+                            err @ (wgpu_flash_attn::Error::TierUnavailable { .. }
+                            | wgpu_flash_attn::Error::DTypeUnsupported { .. }),
+                        ) => {
                             eprintln!("skipped: {err}");
                             false
                         }
@@ -206,8 +214,19 @@ fn run(cli: &Cli) -> Result<bool> {
                 .map(|tier| {
                     let (config, tier_label) = match tier {
                         Some(tier) => (
-                            config.clone().tier(tier.tier()),
-                            format!(" {}", tier_name(tier.tier())),
+                            config
+                                .clone()
+                                .tier(tier.tier())
+                                .f16_products(tier.f16_products()),
+                            format!(
+                                " {}{}",
+                                tier_name(tier.tier()),
+                                if tier.f16_products() {
+                                    " f16-products"
+                                } else {
+                                    ""
+                                }
+                            ),
                         ),
                         None => (config.clone(), String::new()),
                     };

@@ -183,6 +183,9 @@ pub enum TierArg {
     Subgroup,
     /// Register-blocked micro-tiles (the forward's default on GPUs).
     Blocked,
+    /// The register-blocked tier with its products in f16 (f16 storage,
+    /// SHADER_F16; AttentionConfig::f16_products).
+    BlockedF16,
     /// Cooperative matrices (tensor cores; needs --cooperative-matrix).
     Coop,
 }
@@ -192,9 +195,14 @@ impl TierArg {
         match self {
             TierArg::Portable => wgpu_flash_attn::Tier::Portable,
             TierArg::Subgroup => wgpu_flash_attn::Tier::SubgroupBroadcast,
-            TierArg::Blocked => wgpu_flash_attn::Tier::RegisterBlocked,
+            TierArg::Blocked | TierArg::BlockedF16 => wgpu_flash_attn::Tier::RegisterBlocked,
             TierArg::Coop => wgpu_flash_attn::Tier::CooperativeMatrix,
         }
+    }
+
+    /// Whether the tier computes its products in f16.
+    pub fn f16_products(self) -> bool {
+        self == TierArg::BlockedF16
     }
 }
 

@@ -20,6 +20,8 @@ pub struct OptionsJson {
     pub sinks: Option<Vec<f32>>,
     /// The tier forced by the caller; `null` lets the planner choose.
     pub tier: Option<&'static str>,
+    /// The forward's products in f16 (AttentionConfig::f16_products).
+    pub f16_products: bool,
     /// Storage type of Q, K, V and O.
     pub dtype: &'static str,
 }
@@ -52,6 +54,7 @@ impl OptionsJson {
             }),
             sinks: config.sinks.clone(),
             tier: config.tier.map(tier_name),
+            f16_products: config.f16_products,
             dtype: dtype_name(dtype),
         }
     }

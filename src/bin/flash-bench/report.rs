@@ -204,7 +204,10 @@ impl Report {
              4 per (token, head dim, value head dim) per head, see LinearShape::flops); % FMA is \
              of the best ceiling above; backward rows count 2.5 x the forward's FLOPs (FlashAttention's \
              count); GPU mem is what the call allocates (output and scratch; the parameter uniforms, ~100 bytes, are not counted); \
-             GPU results are checked against the f64 reference (tolerance {:e}) before timing.",
+             GPU results are checked against the f64 reference (tolerance {:e} plus the output's \
+             storage rounding; f16-products cases: twice the error of standard attention computed \
+             in f16, plus {:e}) before timing.",
+            crate::measure::TOLERANCE,
             crate::measure::TOLERANCE
         );
     }
