@@ -65,12 +65,13 @@ git log -1 --format='project commit %h %s' 2>/dev/null
 step 45 "adapters and the planner's tiers" "$fb" info
 # Issue 13's targets: the register-blocked tier in f32 (>= 40 % of the FMA
 # ceiling) and the best f16 tier (>= 10 % of SDPA's f16), every tier of
-# each in one run.
+# each in one run (blocked-f16: the register-blocked kernel with f16
+# products, AttentionConfig::f16_products, off by default until measured).
 target="--batch 4 --seq-q 4096 --heads-q 16 --head-dim 128 --causal --iters 10"
 step 75 "tiers, B4 H16 N4096 d128 causal, f32" \
   "$fb" run $target --tier blocked,subgroup,portable --json "$res/tiers-f32.json"
 step 75 "tiers, B4 H16 N4096 d128 causal, f16" \
-  "$fb" run $target --dtype f16 --tier coop,blocked,subgroup --json "$res/tiers-f16.json"
+  "$fb" run $target --dtype f16 --tier coop,blocked,blocked-f16,subgroup --json "$res/tiers-f16.json"
 step 90 "PyTorch SDPA peer" python3 .device/torch_sdpa.py "$res/torch_sdpa.json"
 # The kernels' tests on a real GPU: a failure here is the top priority.
 for t in tiers cooperative_matrix backward decode head_dims; do
