@@ -74,7 +74,7 @@ step 75 "tiers, B4 H16 N4096 d128 causal, f16" \
   "$fb" run $target --dtype f16 --tier coop,blocked,blocked-f16,subgroup --json "$res/tiers-f16.json"
 step 90 "PyTorch SDPA peer" python3 .device/torch_sdpa.py "$res/torch_sdpa.json"
 # The kernels' tests on a real GPU: a failure here is the top priority.
-for t in tiers cooperative_matrix backward decode head_dims; do
+for t in tiers cooperative_matrix half_storage backward decode head_dims; do
   [ -x "$tests/$t" ] && step 90 "tests: $t" "$tests/$t" --test-threads=4
 done
 # Training and serving shapes: the backward (equal and DeepSeek's uneven
@@ -94,7 +94,7 @@ for t in "$tests"/*; do
   name=$(basename "$t")
   case $name in
     # Done above; flash_bench_cli needs the source tree's binary, shaders no GPU.
-    tiers | cooperative_matrix | backward | decode | head_dims | flash_bench_cli | shaders) continue ;;
+    tiers | cooperative_matrix | half_storage | backward | decode | head_dims | flash_bench_cli | shaders) continue ;;
   esac
   step 90 "tests: $name" "$t" --test-threads=4
 done
