@@ -21,10 +21,12 @@
 //! one of: a boolean mask, an additive bias mask (with `-inf` entries),
 //! valid lengths (key and query padding) or a packed variable-length batch
 //! (sequences of 0-60 tokens); without a mask, in 25 % of cases its keys
-//! run in chunks of 1-160 per dispatch (`keys_per_dispatch`); in 40 % of the cases the
+//! run in chunks of 1-160 per dispatch (`keys_per_dispatch`); in 30-40 % of the cases the
 //! other forward kernel than the adapter's default (register-blocked on CPU adapters, the
 //! portable per-row tier on GPUs), in 20 % the cooperative-matrix kernel (emulated on
-//! adapters without matrix units), where their tiles fit. Decode: a contiguous or paged cache (page
+//! adapters without matrix units), where their tiles fit; in 10 % of f16 cases (which
+//! then have no mask, padding or key chunks) the register-blocked kernel with f16
+//! products, held to twice the error of standard attention computed in f16. Decode: a contiguous or paged cache (page
 //! size 16-256, pages shuffled), per-sequence lengths 0-300, 1-4 query
 //! tokens, a chosen or forced split count, f32, f16, bf16 or int8 storage
 //! (checked over the values stored), queries and output in f32, f16 or
@@ -118,6 +120,11 @@ enum ForwardKernel {
     /// The cooperative-matrix kernel on `common::cooperative_gpu`
     /// (emulated where the adapter has no matrix units).
     Cooperative,
+    /// The register-blocked kernel with f16 products
+    /// (`AttentionConfig::f16_products`), for f16 cases without a mask,
+    /// padding or key chunks on adapters with SHADER_F16; held to
+    /// FlashAttention's rule (twice standard attention's error in f16).
+    F16Products,
 }
 
 fn draw_case(rng: &mut SeededRng) -> Case {
@@ -248,11 +255,21 @@ fn draw_case(rng: &mut SeededRng) -> Case {
     let forward_kernel = if operation == Operation::Forward {
         match rng.random_range(0..10) {
             0..=3 => ForwardKernel::Default,
-            4..=7 => ForwardKernel::OtherFamily,
+            4..=6 => ForwardKernel::OtherFamily,
+            7 if dtype == DType::F16 => ForwardKernel::F16Products,
+            7 => ForwardKernel::OtherFamily,
             _ => ForwardKernel::Cooperative,
         }
     } else {
         ForwardKernel::Default
+    };
+    // f16 products are checked against standard attention in f16, which
+    // the plain call alone has: such cases drop their mask, padding and
+    // key chunks (drawn all the same, so later draws stay in place).
+    let (extra, keys_per_dispatch) = if forward_kernel == ForwardKernel::F16Products {
+        (Extra::None, None)
+    } else {
+        (extra, keys_per_dispatch)
     };
     Case {
         operation,
@@ -304,7 +321,9 @@ fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
     match case.operation {
         Operation::Forward => {
             let (gpu, tier) = forward_kernel(gpu, case);
-            run_forward(gpu, case, tier, rng)
+            let f16_products = case.forward_kernel == ForwardKernel::F16Products
+                && tier == Some(Tier::RegisterBlocked);
+            run_forward(gpu, case, (tier, f16_products), rng)
         }
         Operation::Decode {
             paged,
@@ -332,6 +351,20 @@ fn forward_kernel<'g>(gpu: &'g Gpu, case: &Case) -> (&'g Gpu, Option<Tier>) {
             common::cooperative_gpu().expect("the test adapter"),
             Some(Tier::CooperativeMatrix),
         ),
+        ForwardKernel::F16Products => {
+            let plain = matches!(case.extra, Extra::None) && case.keys_per_dispatch.is_none();
+            let planned = ForwardPlan::for_call(
+                gpu.info(),
+                &case.shape,
+                case.dtype,
+                Some(Tier::RegisterBlocked),
+            )
+            .and_then(|plan| plan.with_f16_products(gpu.info()));
+            if plain && planned.is_ok() {
+                return (gpu, Some(Tier::RegisterBlocked));
+            }
+            return (gpu, None);
+        }
     };
     let s = &case.shape;
     let masked = matches!(case.extra, Extra::BoolMask | Extra::BiasMask);
@@ -345,16 +378,18 @@ fn forward_kernel<'g>(gpu: &'g Gpu, case: &Case) -> (&'g Gpu, Option<Tier>) {
     if fits { (device, tier) } else { (gpu, None) }
 }
 
-/// The forward case, on `gpu` with `tier` forced if given.
+/// The forward case, on `gpu` with `tier` forced if given (and f16
+/// products when the flag says so).
 fn run_forward(
     gpu: &Gpu,
     case: &Case,
-    tier: Option<Tier>,
+    (tier, f16_products): (Option<Tier>, bool),
     rng: &mut SeededRng,
 ) -> Result<(), String> {
     let s = &case.shape;
     let mut config = case.config.clone();
     config.tier = tier;
+    config.f16_products = f16_products;
     let mut draw = |n: usize| -> Vec<f32> {
         normal_vec(rng, n, 1.0)
             .into_iter()
@@ -468,6 +503,27 @@ fn run_forward(
     } else {
         0.0
     };
+    if f16_products {
+        // FlashAttention's rule: twice the error of standard attention
+        // computed in f16 (plain cases only, see `forward_kernel`).
+        let naive = reference::attention_rows_in_precision(
+            s,
+            &q,
+            &k,
+            &v,
+            &config,
+            DType::F16,
+            |_, _, _| true,
+        )
+        .unwrap();
+        let naive_error = naive
+            .out
+            .iter()
+            .zip(&want)
+            .map(|(n, w)| (n - w).abs())
+            .fold(0.0, f64::max);
+        return check_rule(&got, &want, 0.0, 2.0 * naive_error);
+    }
     check_rule(&got, &want, unit_roundoff(case.dtype), probabilities)
 }
 
