@@ -158,7 +158,12 @@ fn shipped_specializations() -> Vec<Specialization> {
                     };
                     if let Ok(plan) = DecodePlan::for_call(info, &cache, 1, rows, &options) {
                         add(plan.specialization);
-                        // Half queries, writing the output or f32 partials.
+                        // Half queries, writing the output or f32 partials:
+                        // only loads and stores change, so the
+                        // representative head dims cover them.
+                        if !representative {
+                            continue;
+                        }
                         for q in [DType::F16, DType::BF16] {
                             for out in [q, DType::F32] {
                                 add(plan.specialization.with_decode_io(DecodeIo { q, out }));

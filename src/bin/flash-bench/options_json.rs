@@ -137,6 +137,7 @@ mod tests {
                 "alibi": {"layout": "per_head", "slopes": [0.5, 0.25]},
                 "sinks": [-1.5, 2.0],
                 "tier": "Portable",
+                "f16_products": false,
                 "dtype": "bf16",
             })
         );
