@@ -88,6 +88,26 @@ fn errors(
     inputs: &Inputs,
     config: &AttentionConfig,
 ) -> (f64, Vec<f32>, Vec<f64>) {
+    errors_of(
+        gpu,
+        dtype,
+        shape,
+        inputs,
+        ForwardOptions::new(config),
+        config,
+    )
+}
+
+/// [`errors`] of a call run with `options` (a mask, say) whose meaning is
+/// `config`'s attention (the reference and the naive baseline's).
+fn errors_of(
+    gpu: &Gpu,
+    dtype: DType,
+    shape: &AttentionShape,
+    inputs: &Inputs,
+    options: ForwardOptions<'_>,
+    config: &AttentionConfig,
+) -> (f64, Vec<f32>, Vec<f64>) {
     let held = Inputs {
         q: rounded(dtype, &inputs.q),
         k: rounded(dtype, &inputs.k),
@@ -104,7 +124,7 @@ fn errors(
         out: &out,
         lse: None,
     };
-    gpu.run(|e| gpu.forward(e, &args, config)).unwrap();
+    gpu.run(|e| gpu.forward(e, &args, options.clone())).unwrap();
     let got = out.to_f32_vec(gpu).unwrap();
     let want = reference::attention(shape, &held.q, &held.k, &held.v, config)
         .unwrap()
@@ -360,29 +380,9 @@ fn f16_products_within_twice_naive_half_error() {
         })
         .collect();
     let mask = AttentionMask::boolean(gpu, dims, &bits).unwrap();
-    let held = Inputs {
-        q: rounded(dtype, &inputs.q),
-        k: rounded(dtype, &inputs.k),
-        v: rounded(dtype, &inputs.v),
-    };
-    let q = Tensor::from_f32_as(gpu, shape.q_shape(), &held.q, dtype).unwrap();
-    let k = Tensor::from_f32_as(gpu, shape.k_shape(), &held.k, dtype).unwrap();
-    let v = Tensor::from_f32_as(gpu, shape.v_shape(), &held.v, dtype).unwrap();
-    let out = Tensor::filled_as(gpu, shape.q_shape(), f32::NAN, dtype).unwrap();
-    let args = AttentionArgs {
-        q: &q,
-        k: &k,
-        v: &v,
-        out: &out,
-        lse: None,
-    };
     let options = ForwardOptions::new(&products).mask(&mask);
-    gpu.run(|e| gpu.forward(e, &args, options.clone())).unwrap();
-    let want = reference::attention(&shape, &held.q, &held.k, &held.v, &causal)
-        .unwrap()
-        .out;
-    let kernel = max_error(&out.to_f32_vec(gpu).unwrap(), &want);
-    let naive = max_error(&naive_in_precision(dtype, &shape, &held, &causal), &want);
+    let (kernel, naive, want) = errors_of(gpu, dtype, &shape, &inputs, options, &causal);
+    let naive = max_error(&naive, &want);
     assert!(
         kernel <= 2.0 * naive + FLOOR,
         "masked: kernel error {kernel:.3e} > 2 x naive {naive:.3e} + {FLOOR:e}"
