@@ -213,31 +213,27 @@ impl Kernel {
                 include_str!("../shaders/flash_backward.wgsl")
             }
         };
-        // 16-bit conversions first: attention_common.wgsl and the combine
-        // pass call them.
+        // The files prepended to the kernel's own, in order: the 16-bit
+        // conversions first (attention_common.wgsl, the append and the
+        // combine pass call them).
         let codec = include_str!("../shaders/half_codec.wgsl");
-        let common = match self {
-            Kernel::Combine => codec,
-            Kernel::Rope => include_str!("../shaders/rope_common.wgsl"),
-            Kernel::KvAppend => {
-                return format!(
-                    "{codec}\n{}\n{file}",
-                    include_str!("../shaders/rope_common.wgsl")
-                );
-            }
+        let rope = include_str!("../shaders/rope_common.wgsl");
+        let attention = include_str!("../shaders/attention_common.wgsl");
+        let prefix: Vec<&str> = match self {
+            Kernel::Combine => vec![codec],
+            Kernel::Rope => vec![rope],
+            Kernel::KvAppend => vec![codec, rope],
             // Both forward kernels read the same sequence table, carry and
             // mask, declared once in flash_attention.wgsl.
             Kernel::FlashBlocked
             | Kernel::FlashBlockedMasked
             | Kernel::FlashCoop
-            | Kernel::FlashCoopMasked => {
-                return format!(
-                    "{codec}\n{}\n{}\n{}\n{file}",
-                    include_str!("../shaders/attention_common.wgsl"),
-                    forward_tables(),
-                    include_str!("../shaders/forward_blocks.wgsl")
-                );
-            }
+            | Kernel::FlashCoopMasked => vec![
+                codec,
+                attention,
+                forward_tables(),
+                include_str!("../shaders/forward_blocks.wgsl"),
+            ],
             Kernel::FlashForward
             | Kernel::FlashMasked
             | Kernel::NaiveScores
@@ -251,18 +247,12 @@ impl Kernel {
             | Kernel::BackwardDeltas
             | Kernel::BackwardKeys
             | Kernel::BackwardQueries
-            | Kernel::BackwardSinks => {
-                return format!(
-                    "{codec}\n{}\n{file}",
-                    include_str!("../shaders/attention_common.wgsl")
-                );
-            }
+            | Kernel::BackwardSinks => vec![codec, attention],
         };
-        if common.is_empty() {
-            file.to_string()
-        } else {
-            format!("{common}\n{file}")
-        }
+        let mut text = prefix.join("\n");
+        text.push('\n');
+        text.push_str(file);
+        text
     }
 
     /// Name of the compute entry point.

@@ -113,9 +113,26 @@ fn errors_of(
         k: rounded(dtype, &inputs.k),
         v: rounded(dtype, &inputs.v),
     };
-    let q = Tensor::from_f32_as(gpu, shape.q_shape(), &held.q, dtype).unwrap();
-    let k = Tensor::from_f32_as(gpu, shape.k_shape(), &held.k, dtype).unwrap();
-    let v = Tensor::from_f32_as(gpu, shape.v_shape(), &held.v, dtype).unwrap();
+    let got = forward_in(gpu, dtype, shape, &held, options).unwrap();
+    let want = reference::attention(shape, &held.q, &held.k, &held.v, config)
+        .unwrap()
+        .out;
+    let naive = naive_in_precision(dtype, shape, &held, config);
+    (max_error(&got, &want), naive, want)
+}
+
+/// The forward of `inputs` stored as `dtype` (they are rounded on upload),
+/// its output widened to f32, or the call's error.
+fn forward_in(
+    gpu: &Gpu,
+    dtype: DType,
+    shape: &AttentionShape,
+    inputs: &Inputs,
+    options: ForwardOptions<'_>,
+) -> Result<Vec<f32>, Error> {
+    let q = Tensor::from_f32_as(gpu, shape.q_shape(), &inputs.q, dtype).unwrap();
+    let k = Tensor::from_f32_as(gpu, shape.k_shape(), &inputs.k, dtype).unwrap();
+    let v = Tensor::from_f32_as(gpu, shape.v_shape(), &inputs.v, dtype).unwrap();
     let out = Tensor::filled_as(gpu, shape.q_shape(), f32::NAN, dtype).unwrap();
     let args = AttentionArgs {
         q: &q,
@@ -124,13 +141,8 @@ fn errors_of(
         out: &out,
         lse: None,
     };
-    gpu.run(|e| gpu.forward(e, &args, options.clone())).unwrap();
-    let got = out.to_f32_vec(gpu).unwrap();
-    let want = reference::attention(shape, &held.q, &held.k, &held.v, config)
-        .unwrap()
-        .out;
-    let naive = naive_in_precision(dtype, shape, &held, config);
-    (max_error(&got, &want), naive, want)
+    gpu.run(|e| gpu.forward(e, &args, options.clone()))?;
+    Ok(out.to_f32_vec(gpu).unwrap())
 }
 
 /// `head_dims` on the default tier; the `representative` ones on the other
@@ -305,18 +317,7 @@ fn f16_products_within_twice_naive_half_error() {
     let small = shape(16, 16, 32);
     let inputs = Inputs::draw(&small, 1, 1.0);
     let run = |shape: &AttentionShape, inputs: &Inputs, dtype, config: &AttentionConfig| {
-        let q = Tensor::from_f32_as(gpu, shape.q_shape(), &inputs.q, dtype).unwrap();
-        let k = Tensor::from_f32_as(gpu, shape.k_shape(), &inputs.k, dtype).unwrap();
-        let v = Tensor::from_f32_as(gpu, shape.v_shape(), &inputs.v, dtype).unwrap();
-        let out = Tensor::filled_as(gpu, shape.q_shape(), f32::NAN, dtype).unwrap();
-        let args = AttentionArgs {
-            q: &q,
-            k: &k,
-            v: &v,
-            out: &out,
-            lse: None,
-        };
-        gpu.run(|e| gpu.forward(e, &args, config))
+        forward_in(gpu, dtype, shape, inputs, ForwardOptions::new(config))
     };
     let products = AttentionConfig::new().f16_products(true);
     if !gpu.info().has_f16() {
