@@ -233,8 +233,11 @@ fn row_deltas(@builtin(global_invocation_id) id: vec3<u32>) {
     var sum = 0.0;
     let g = do_row(batch, row, head);
     let o = o_row(batch, row, head);
+    // The same fused order as the kernels' dP = dO.V: where a row sees one
+    // key, O is that key's V and D must equal dP bit for bit, so that
+    // dS = P (dP - D) is exactly 0 as the definition says.
     for (var d = 0u; d < bp.head_dim_v4; d++) {
-        sum += dot(load_do(g + d), load_o(o + d));
+        sum = fma_dot(load_do(g + d), load_o(o + d), sum);
     }
     deltas[stats_index(batch, head, row)] = sum;
 }

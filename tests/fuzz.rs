@@ -795,6 +795,19 @@ fn run_backward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), Strin
     Ok(())
 }
 
+/// Cases between two running tallies of a soak.
+const PROGRESS_EVERY: usize = 1000;
+
+fn tally(done: usize, counts: [usize; 3], start: std::time::Instant, failures: usize) -> String {
+    format!(
+        "{done} cases ({} forward, {} decode, {} backward) in {:.1} s, {failures} outside the rule",
+        counts[0],
+        counts[1],
+        counts[2],
+        start.elapsed().as_secs_f64(),
+    )
+}
+
 #[test]
 #[ignore = "a soak: its value is many cases, each compiling kernels on first use; \
             FLASH_ATTN_FUZZ_CASES=N runs N (see the file's doc)"]
@@ -829,15 +842,17 @@ fn random_configurations_follow_the_accuracy_rule() {
             eprintln!("FAILED seed {seed}: {problem}\n  {case:?}");
             failures.push(seed);
         }
+        // A running tally, so that a long soak stopped early still says
+        // how many cases it finished.
+        let done = index + 1;
+        if done % PROGRESS_EVERY == 0 && done < cases {
+            eprintln!(
+                "fuzz: seeds {base}-{seed} done: {}",
+                tally(done, counts, start, failures.len())
+            );
+        }
     }
-    eprintln!(
-        "fuzz: {cases} cases ({} forward, {} decode, {} backward) in {:.1} s, {} outside the rule",
-        counts[0],
-        counts[1],
-        counts[2],
-        start.elapsed().as_secs_f64(),
-        failures.len()
-    );
+    eprintln!("fuzz: {}", tally(cases, counts, start, failures.len()));
     assert!(
         failures.is_empty(),
         "cases outside the rule (replay each with {SEED_VAR}=S {CASES_VAR}=1): {failures:?}"
