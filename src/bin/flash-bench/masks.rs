@@ -10,10 +10,11 @@ use rand::RngExt;
 use serde::Serialize;
 use wgpu_flash_attn::reference::{self, HostMask, ReferenceOutput};
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, ForwardOptions, Gpu, Tensor,
-    ValidLengths, patterns,
+    AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardArgs, ForwardOptions,
+    Gpu, Lse, Tensor, ValidLengths, patterns,
 };
 
+use crate::backward::BACKWARD_FLOPS_PER_FORWARD;
 use crate::measure::TOLERANCE;
 use crate::random::{normal_vec, seeded};
 use crate::report::{AdapterJson, write_json};
@@ -32,6 +33,10 @@ pub struct MasksArgs {
     window: usize,
     #[arg(long, default_value_t = 3)]
     iters: usize,
+    /// Also the BERT batch's backward (training): valid lengths against the
+    /// dense mask, validated against the f64 reference backward.
+    #[arg(long)]
+    backward: bool,
 }
 
 /// Query rows checked per case, spread over the sequence.
@@ -45,6 +50,8 @@ struct MaskRun {
     /// Attended (query, key) pairs x 2 x (head_dim + head_dim_v) per second.
     useful_gflops: f64,
     speedup_over_dense_mask: Option<f64>,
+    /// Forward: the largest |out - reference|; backward: the largest
+    /// |gradient - reference| over the largest reference gradient.
     max_abs_err: f64,
 }
 
@@ -130,6 +137,15 @@ pub fn run(gpu: &Gpu, args: &MasksArgs, json: Option<&std::path::Path>) -> Resul
     ok &= measure(
         gpu, &name, variants, &tensors, &want, attended, &shape, plan, &mut runs,
     )?;
+    if args.backward {
+        let padded = Padded {
+            shape: &shape,
+            lens: &lens,
+            dense: &dense,
+            host: &host,
+        };
+        ok &= padded_backward(gpu, &padded, &tensors, attended, plan, &mut runs)?;
+    }
 
     // Longformer: sliding window plus global tokens.
     let n = args.longformer_seq;
@@ -178,7 +194,8 @@ pub fn run(gpu: &Gpu, args: &MasksArgs, json: Option<&std::path::Path>) -> Resul
     )?;
 
     println!(
-        "useful GFLOP/s counts 2 x (head_dim + head_dim_v) FLOPs per attended (query, key) pair"
+        "useful GFLOP/s counts 2 x (head_dim + head_dim_v) FLOPs per attended (query, key) pair \
+         (backward: 2.5 times that); a backward's max|err| is relative to its largest gradient"
     );
     if let Some(path) = json {
         let report = MasksReport {
@@ -193,6 +210,121 @@ pub fn run(gpu: &Gpu, args: &MasksArgs, json: Option<&std::path::Path>) -> Resul
     }
     Ok(ok)
 }
+
+/// A padded batch both ways: valid lengths, and the same padding as a
+/// dense boolean mask.
+struct Padded<'a> {
+    shape: &'a AttentionShape,
+    lens: &'a [usize],
+    dense: &'a AttentionMask,
+    host: &'a HostMask<'a>,
+}
+
+/// The padded batch's backward after its forward, each way; validated
+/// against the f64 reference backward (every gradient, relative to the
+/// largest), then timed alone.
+fn padded_backward(
+    gpu: &Gpu,
+    padded: &Padded<'_>,
+    tensors: &Tensors,
+    attended: usize,
+    plan: TimingPlan,
+    runs: &mut Vec<MaskRun>,
+) -> Result<bool> {
+    let shape = padded.shape;
+    let config = AttentionConfig::new();
+    let mut rng = seeded(0xbe29);
+    let d_out_host = normal_vec(&mut rng, shape.o_shape().elements(), 1.0);
+    let d_out = Tensor::from_f32(gpu, shape.o_shape(), &d_out_host)?;
+    let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q)?;
+    let poisoned = |dims| Tensor::filled(gpu, dims, f32::NAN);
+    let (dq, dk, dv) = (
+        poisoned(shape.q_shape())?,
+        poisoned(shape.k_shape())?,
+        poisoned(shape.v_shape())?,
+    );
+    let (q, k, v) = &tensors.host;
+    let want =
+        reference::attention_backward(shape, [q, k, v, &d_out_host], &config, Some(padded.host))?;
+    let name = format!(
+        "BERT-base B{} N512 H12 d64 backward, lens 128-512",
+        shape.batch
+    );
+    let options = [
+        (
+            "dense boolean mask",
+            ForwardOptions::new(&config).mask(padded.dense),
+        ),
+        (
+            "valid lengths",
+            ForwardOptions::new(&config).valid_lengths(ValidLengths {
+                q: None,
+                kv: padded.lens,
+            }),
+        ),
+    ];
+    let forward = AttentionArgs {
+        lse: Some(&lse),
+        ..tensors.args()
+    };
+    let backward = BackwardArgs {
+        q: &tensors.q,
+        k: &tensors.k,
+        v: &tensors.v,
+        out: &tensors.out,
+        lse: &lse,
+        d_out: &d_out,
+        dq: &dq,
+        dk: &dk,
+        dv: &dv,
+        dsinks: None,
+    };
+    let mut ok = true;
+    let mut dense_ms = None;
+    for (variant, options) in options {
+        gpu.run(|e| {
+            gpu.forward(e, &forward, options.clone())?;
+            gpu.backward(e, &backward, options.clone())
+        })?;
+        let mut err = 0.0f64;
+        for (got, want) in [(&dq, &want.dq), (&dk, &want.dk), (&dv, &want.dv)] {
+            let got = got.to_f32_vec(gpu)?;
+            let magnitude = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
+            for (g, w) in got.iter().zip(want) {
+                ensure!(
+                    g.is_finite(),
+                    "{name} / {variant}: a gradient was not written"
+                );
+                err = err.max((f64::from(*g) - w).abs() / magnitude);
+            }
+        }
+        ok &= err <= BACKWARD_TOLERANCE;
+        let timing = time_gpu(gpu, plan, |e| gpu.backward(e, &backward, options.clone()))?;
+        let ms = timing.median_ms;
+        let per_pair = 2.0 * (shape.head_dim + shape.head_dim_v) as f64;
+        let flops = BACKWARD_FLOPS_PER_FORWARD * per_pair * attended as f64;
+        let gflops = flops / (ms / 1e3) / 1e9;
+        let speedup = dense_ms.map(|dense: f64| dense / ms);
+        dense_ms = dense_ms.or(Some(ms));
+        let speedup_text = speedup.map_or_else(|| "-".to_string(), |s| format!("{s:.2}x"));
+        println!(
+            "{name:<50} {variant:<20} {ms:>10.2} {gflops:>14.2} {speedup_text:>14} {err:>9.2e}"
+        );
+        runs.push(MaskRun {
+            case: name.clone(),
+            variant: variant.to_string(),
+            median_ms: ms,
+            useful_gflops: gflops,
+            speedup_over_dense_mask: speedup,
+            max_abs_err: err,
+        });
+    }
+    Ok(ok)
+}
+
+/// Backward gradients: within this share of the largest reference gradient
+/// (the test suite's f32 rule).
+const BACKWARD_TOLERANCE: f64 = 2e-5;
 
 /// Device inputs and an output for one shape.
 struct Tensors {
