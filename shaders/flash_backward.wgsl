@@ -5,19 +5,21 @@
 //
 //   row_deltas   D_i = dO_i . O_i per query row (FlashAttention's
 //                preprocessing), written to `deltas`.
-//   key_grads    one workgroup per block of keys of one (batch, KV head):
+//   key_grads    one workgroup per block of keys of one (unit, KV head):
 //                each invocation keeps ROWS keys' K, V, dK and dV in
 //                registers and walks every query row that sees the block
 //                (every query head of the KV group, so GQA sums into dK and
 //                dV here), staging Q and dO tiles in workgroup memory.
-//   query_grads  one workgroup per block of query rows of one (batch, query
+//   query_grads  one workgroup per block of query rows of one (unit, query
 //                head), the forward's layout: each invocation keeps ROWS
 //                rows' Q, dO and dQ and walks the visible keys, staging K and
 //                V tiles.
 //
 // P is recomputed from the scores and the saved logsumexp in both gradient
 // passes; nothing is accumulated across workgroups, so no atomics are needed
-// and every run gives the same bits. Per (query i, key j), in natural units:
+// and every run gives the same bits. A unit (`BackwardUnit`, workgroups' z)
+// is a batch entry of a dense call or a sequence of a padded or packed one:
+// every sequence runs in the same dispatch. Per (query i, key j), in natural units:
 //   P = exp(s - lse_i), dP = dO_i . v_j, dS = P (dP - D_i),
 //   dX = dS * scale * (softcap ? 1 - tanh(t / cap)^2 : 1)   (t = scale q.k)
 //   dQ_i += dX k_j, dK_j += dX q_i, dV_j += P dO_i.
@@ -56,11 +58,7 @@ struct BackwardParams {
     // The call's query/key head dim / 4 and value head dim / 4 (both <=
     // D4): Q, K, dQ, dK go to head_dim4; V, O, dO, dV to head_dim_v4.
     head_dim4: u32,
-    // Query rows the dispatch writes (>= p.seq_q: rows past seq_q are
-    // padding and get zero gradients).
-    extent_q: u32,
-    // Keys the dispatch writes (>= p.seq_kv, likewise).
-    extent_kv: u32,
+    head_dim_v4: u32,
     // Query heads per KV head.
     group: u32,
     // Softmax scale in natural units (the chain rule's factor).
@@ -74,11 +72,8 @@ struct BackwardParams {
     // Logsumexp and deltas, [batch, heads_q, rows] in floats.
     stats_batch: u32,
     stats_head: u32,
-    stats_offset: u32,
-    head_dim_v4: u32,
     _pad0: u32,
     _pad1: u32,
-    _pad2: u32,
     // The dO view and the dV view, in vec4s.
     d_out: TensorStrides,
     dv: TensorStrides,
@@ -94,7 +89,50 @@ struct BackwardParams {
 // #endif
 // D per query row, indexed like the logsumexp.
 @group(0) @binding(9) var<storage, read_write> deltas: array<f32>;
-@group(0) @binding(11) var<storage, read> mask_words: array<u32>;
+// A masked call's mask words, or a padded or packed call's unit table
+// (FLAG_SEQUENCES: UNIT_WORDS words per `BackwardUnit`); masks are dense,
+// so a call never needs both.
+@group(0) @binding(11) var<storage, read> table_words: array<u32>;
+
+// Twin of `BackwardUnit` in src/params.rs: what workgroups with z = the
+// unit's index work on. A dense call's unit z is batch entry z whole; a
+// padded or packed call's units are its sequences, all in one dispatch.
+struct BackwardUnit {
+    // Batch entry and first row of the unit's queries (Q, O, dO, dQ and
+    // their logsumexp and deltas).
+    q_batch: u32,
+    q_start: u32,
+    // Query rows that attend; rows from q_len to extent_q are padding and
+    // get zero gradients.
+    q_len: u32,
+    extent_q: u32,
+    // Batch entry and first row of the unit's keys (K, V, dK, dV).
+    kv_batch: u32,
+    kv_start: u32,
+    // Keys that are attended; keys from kv_len to extent_kv are padding
+    // and get zero gradients.
+    kv_len: u32,
+    extent_kv: u32,
+}
+const UNIT_WORDS: u32 = 8u;
+
+// The unit of workgroups with z = `z`. Identical in every invocation of a
+// workgroup (read-only storage at a uniform index), so control flow that
+// depends on it stays uniform.
+fn unit_of(z: u32) -> BackwardUnit {
+    if (has_flag(FLAG_SEQUENCES)) {
+        let w = z * UNIT_WORDS;
+        return BackwardUnit(table_words[w], table_words[w + 1u], table_words[w + 2u], table_words[w + 3u],
+            table_words[w + 4u], table_words[w + 5u], table_words[w + 6u], table_words[w + 7u]);
+    }
+    return BackwardUnit(z, 0u, p.seq_q, p.seq_q, z, 0u, p.seq_kv, p.seq_kv);
+}
+
+// Where the unit's query rows sit on its key axis: its queries align with
+// the end of its keys (bottom-right), as in the forward.
+fn unit_diag(u: BackwardUnit) -> i32 {
+    return i32(u.kv_len) - i32(u.q_len);
+}
 
 // Staged tiles: Q and dO rows (key_grads) or K and V rows (query_grads),
 // and per staged query row its logsumexp and delta.
@@ -136,43 +174,54 @@ fn pack_grad(v: vec4<f32>) -> vec4<f32> {
 }
 // #endif
 
-// Element offsets (in vec4s) of head-dim slot 0 of a row.
-fn q_row(batch: u32, row: u32, head: u32) -> u32 {
-    return batch * p.q.batch + row * p.q.seq + head * p.q.head + p.q.offset;
+// Element offsets (in vec4s) of head-dim slot 0 of query row `row` or key
+// `key` of unit `u`.
+fn q_row(u: BackwardUnit, row: u32, head: u32) -> u32 {
+    return u.q_batch * p.q.batch + (u.q_start + row) * p.q.seq + head * p.q.head + p.q.offset;
 }
 
-fn do_row(batch: u32, row: u32, head: u32) -> u32 {
-    return batch * bp.d_out.batch + row * bp.d_out.seq + head * bp.d_out.head + bp.d_out.offset;
+fn do_row(u: BackwardUnit, row: u32, head: u32) -> u32 {
+    return u.q_batch * bp.d_out.batch + (u.q_start + row) * bp.d_out.seq + head * bp.d_out.head + bp.d_out.offset;
 }
 
-fn o_row(batch: u32, row: u32, head: u32) -> u32 {
-    return batch * p.o.batch + row * p.o.seq + head * p.o.head + p.o.offset;
+// O (row_deltas) or dQ (query_grads): the query side's written binding.
+fn o_row(u: BackwardUnit, row: u32, head: u32) -> u32 {
+    return u.q_batch * p.o.batch + (u.q_start + row) * p.o.seq + head * p.o.head + p.o.offset;
 }
 
-fn stats_index(batch: u32, head: u32, row: u32) -> u32 {
-    return batch * bp.stats_batch + head * bp.stats_head + bp.stats_offset + row;
+fn k_row(u: BackwardUnit, key: u32, head_kv: u32) -> u32 {
+    return u.kv_batch * p.k.batch + (u.kv_start + key) * p.k.seq + head_kv * p.k.head + p.k.offset;
+}
+
+fn v_row(u: BackwardUnit, key: u32, head_kv: u32) -> u32 {
+    return u.kv_batch * p.v.batch + (u.kv_start + key) * p.v.seq + head_kv * p.v.head + p.v.offset;
+}
+
+fn stats_index(u: BackwardUnit, head: u32, row: u32) -> u32 {
+    return u.q_batch * bp.stats_batch + head * bp.stats_head + u.q_start + row;
 }
 
 // P and dX (the gradient of the raw dot product q . k) of one (query, key)
 // pair; both 0 for a pair the options or the mask hide. `lse` is the row's
 // logsumexp (natural units, like the scores).
-fn pair_grads(dot: f32, dp: f32, batch: u32, head_q: u32, row: u32, row_pos: i32, key: i32,
+fn pair_grads(dot: f32, dp: f32, u: BackwardUnit, head_q: u32, row: u32, row_pos: i32, key: i32,
     slope: f32, lse: f32, delta: f32) -> vec2<f32> {
-    let bounds = visible_keys(row_pos, p.seq_kv);
+    let bounds = visible_keys(row_pos, u.kv_len);
     if (key < bounds.x || key > bounds.y) {
         return vec2<f32>(0.0);
     }
     var s = finish_scores(vec4<f32>(dot), row_pos, vec4<i32>(key), slope).x;
     if (bp.mask_kind != 0u) {
-        let base = batch * bp.mask_batch + head_q * bp.mask_head + row * bp.mask_row_words;
+        // Masked calls are dense: the unit is batch entry q_batch whole.
+        let base = u.q_batch * bp.mask_batch + head_q * bp.mask_head + row * bp.mask_row_words;
         if (bp.mask_kind == 1u) {
-            let bits = mask_words[base + u32(key)];
+            let bits = table_words[base + u32(key)];
             // -inf hides the key, whatever its score.
             if (bits == NEG_INF_BITS) {
                 return vec2<f32>(0.0);
             }
             s += bitcast<f32>(bits);
-        } else if (((mask_words[base + u32(key) / 32u] >> (u32(key) % 32u)) & 1u) == 0u) {
+        } else if (((table_words[base + u32(key) / 32u] >> (u32(key) % 32u)) & 1u) == 0u) {
             return vec2<f32>(0.0);
         }
     }
@@ -226,20 +275,20 @@ fn plain_grads(dot: f32, dp: f32, lse: f32, delta: f32) -> vec2<f32> {
 fn row_deltas(@builtin(global_invocation_id) id: vec3<u32>) {
     let row = id.x;
     let head = id.y;
-    let batch = id.z;
-    if (row >= bp.extent_q) {
+    let u = unit_of(id.z);
+    if (row >= u.extent_q) {
         return;
     }
     var sum = 0.0;
-    let g = do_row(batch, row, head);
-    let o = o_row(batch, row, head);
+    let g = do_row(u, row, head);
+    let o = o_row(u, row, head);
     // The same fused order as the kernels' dP = dO.V: where a row sees one
     // key, O is that key's V and D must equal dP bit for bit, so that
     // dS = P (dP - D) is exactly 0 as the definition says.
     for (var d = 0u; d < bp.head_dim_v4; d++) {
         sum = fma_dot(load_do(g + d), load_o(o + d), sum);
     }
-    deltas[stats_index(batch, head, row)] = sum;
+    deltas[stats_index(u, head, row)] = sum;
 }
 
 // Per query head h: dsink_h = -sum over batch entries and rows of
@@ -285,12 +334,17 @@ fn key_grads(
     @builtin(subgroup_invocation_id) lane: u32,
 // #endif
 ) {
-    let batch = wg.z;
+    let u = unit_of(wg.z);
     let head_kv = wg.y;
     let key0 = wg.x * WG_SIZE * ROWS;
-    let diag = i32(p.seq_kv) - i32(p.seq_q);
-    // Keys past seq_kv (padding) see no query; the index is clamped for loads.
-    let last_key = max(p.seq_kv, 1u) - 1u;
+    // Workgroups past a shorter unit's keys (the dispatch covers the
+    // longest); uniform across the workgroup.
+    if (key0 >= u.extent_kv) {
+        return;
+    }
+    let diag = unit_diag(u);
+    // Keys past kv_len (padding) see no query; the index is clamped for loads.
+    let last_key = max(u.kv_len, 1u) - 1u;
 
     var k: array<vec4<f32>, ROWS * D4>;
     var v: array<vec4<f32>, ROWS * DV4>;
@@ -301,8 +355,8 @@ fn key_grads(
         let key = key0 + lid + r * WG_SIZE;
         key_pos[r] = i32(key);
         let at = min(key, last_key);
-        let k_base = batch * p.k.batch + at * p.k.seq + head_kv * p.k.head + p.k.offset;
-        let v_base = batch * p.v.batch + at * p.v.seq + head_kv * p.v.head + p.v.offset;
+        let k_base = k_row(u, at, head_kv);
+        let v_base = v_row(u, at, head_kv);
         for (var d = 0u; d < D4; d++) {
             var kk = vec4<f32>(0.0);
             if (d < bp.head_dim4) {
@@ -323,9 +377,9 @@ fn key_grads(
 
     // Query rows some key of the block is visible to: row i sits at key
     // position i + diag and sees keys [pos - left, pos + right].
-    let block_hi = min(i32(key0 + WG_SIZE * ROWS), i32(p.seq_kv)) - 1;
+    let block_hi = min(i32(key0 + WG_SIZE * ROWS), i32(u.kv_len)) - 1;
     var row_lo = 0;
-    var row_hi = i32(p.seq_q) - 1;
+    var row_hi = i32(u.q_len) - 1;
     if (has_flag(FLAG_WINDOW_RIGHT)) {
         row_lo = max(row_lo, i32(key0) - i32(p.window_right) - diag);
     }
@@ -341,7 +395,7 @@ fn key_grads(
 
     for (var g = 0u; g < bp.group; g++) {
         let head_q = head_kv * bp.group + g;
-        let slope = alibi_slope_of(batch, head_q);
+        let slope = alibi_slope_of(u.q_batch, head_q);
         // The query row's q and dO, in every invocation.
         var qrow: array<vec4<f32>, D4>;
         var grow: array<vec4<f32>, DV4>;
@@ -352,7 +406,7 @@ fn key_grads(
             let row = u32(i);
             var slab: array<vec4<f32>, SLOTS>;
             for (var slot = 0u; slot < SLOTS; slot++) {
-                slab[slot] = row_element(false, q_row(batch, row, head_q), do_row(batch, row, head_q),
+                slab[slot] = row_element(false, q_row(u, row, head_q), do_row(u, row, head_q),
                     lane + WG_SIZE * slot);
             }
             for (var d = 0u; d < D4; d++) {
@@ -361,7 +415,7 @@ fn key_grads(
             for (var d = 0u; d < DV4; d++) {
                 grow[d] = subgroupBroadcast(slab[(D4 + d) / WG_SIZE], (D4 + d) % WG_SIZE);
             }
-            let at = stats_index(batch, head_q, row);
+            let at = stats_index(u, head_q, row);
             let stats = vec2<f32>(lse_buf[at], deltas[at]);
 // #else
         for (var i0 = row_lo; i0 <= row_hi; i0 += i32(BLOCK)) {
@@ -374,11 +428,11 @@ fn key_grads(
                     var qq = vec4<f32>(0.0);
                     let i = u32(i0) + min(row, n_rows - 1u);
                     if (row < n_rows && d < bp.head_dim4) {
-                        qq = load_q(q_row(batch, i, head_q) + d);
+                        qq = load_q(q_row(u, i, head_q) + d);
                     }
                     tile_a[e] = qq;
                     if (d == 0u) {
-                        let at = stats_index(batch, head_q, i);
+                        let at = stats_index(u, head_q, i);
                         row_stats[row] = vec2<f32>(lse_buf[at], deltas[at]);
                     }
                 }
@@ -390,7 +444,7 @@ fn key_grads(
                     let d = e % DV4;
                     var gg = vec4<f32>(0.0);
                     if (row < n_rows && d < bp.head_dim_v4) {
-                        gg = load_do(do_row(batch, u32(i0) + row, head_q) + d);
+                        gg = load_do(do_row(u, u32(i0) + row, head_q) + d);
                     }
                     tile_b[e] = gg;
                 }
@@ -425,14 +479,14 @@ fn key_grads(
                 }
                 var grads: array<vec2<f32>, ROWS>;
                 // The row sees every key of the block (the common case).
-                let bounds = visible_keys(row_pos, p.seq_kv);
+                let bounds = visible_keys(row_pos, u.kv_len);
                 if (plain && bounds.x <= i32(key0) && bounds.y >= block_end) {
                     for (var r = 0u; r < ROWS; r++) {
                         grads[r] = plain_grads(dots[r], dps[r], stats.x, stats.y);
                     }
                 } else {
                     for (var r = 0u; r < ROWS; r++) {
-                        grads[r] = pair_grads(dots[r], dps[r], batch, head_q, row, row_pos, key_pos[r],
+                        grads[r] = pair_grads(dots[r], dps[r], u, head_q, row, row_pos, key_pos[r],
                             slope, stats.x, stats.y);
                     }
                 }
@@ -457,9 +511,11 @@ fn key_grads(
 
     for (var r = 0u; r < ROWS; r++) {
         let key = key0 + lid + r * WG_SIZE;
-        if (key < bp.extent_kv) {
-            let k_out = batch * p.o.batch + key * p.o.seq + head_kv * p.o.head + p.o.offset;
-            let v_out = batch * bp.dv.batch + key * bp.dv.seq + head_kv * bp.dv.head + bp.dv.offset;
+        if (key < u.extent_kv) {
+            // dK in the written binding (`p.o` its strides), dV in dv_buf.
+            let k_out = u.kv_batch * p.o.batch + (u.kv_start + key) * p.o.seq + head_kv * p.o.head + p.o.offset;
+            let v_out = u.kv_batch * bp.dv.batch + (u.kv_start + key) * bp.dv.seq + head_kv * bp.dv.head
+                + bp.dv.offset;
             for (var d = 0u; d < D4; d++) {
                 if (d < bp.head_dim4) {
                     o_buf[k_out + d] = pack_grad(dk[r * D4 + d]);
@@ -482,15 +538,20 @@ fn query_grads(
     @builtin(subgroup_invocation_id) lane: u32,
 // #endif
 ) {
-    let batch = wg.z;
+    let u = unit_of(wg.z);
     let head_q = wg.y;
     let head_kv = head_q / bp.group;
     let row0 = wg.x * WG_SIZE * ROWS;
-    let diag = i32(p.seq_kv) - i32(p.seq_q);
-    // Rows past seq_q (padding) compute on a copy of the last row and are
+    // Workgroups past a shorter unit's rows (the dispatch covers the
+    // longest); uniform across the workgroup.
+    if (row0 >= u.extent_q) {
+        return;
+    }
+    let diag = unit_diag(u);
+    // Rows past q_len (padding) compute on a copy of the last row and are
     // written as zeros.
-    let last_row = max(p.seq_q, 1u) - 1u;
-    let slope = alibi_slope_of(batch, head_q);
+    let last_row = max(u.q_len, 1u) - 1u;
+    let slope = alibi_slope_of(u.q_batch, head_q);
 
     var q: array<vec4<f32>, ROWS * D4>;
     var g: array<vec4<f32>, ROWS * DV4>;
@@ -499,8 +560,8 @@ fn query_grads(
     var delta: array<f32, ROWS>;
     for (var r = 0u; r < ROWS; r++) {
         let row = min(row0 + lid + r * WG_SIZE, last_row);
-        let q_base = q_row(batch, row, head_q);
-        let g_base = do_row(batch, row, head_q);
+        let q_base = q_row(u, row, head_q);
+        let g_base = do_row(u, row, head_q);
         for (var d = 0u; d < D4; d++) {
             var qq = vec4<f32>(0.0);
             if (d < bp.head_dim4) {
@@ -516,33 +577,33 @@ fn query_grads(
             }
             g[r * DV4 + d] = gg;
         }
-        let at = stats_index(batch, head_q, row);
+        let at = stats_index(u, head_q, row);
         lse_row[r] = lse_buf[at];
         delta[r] = deltas[at];
     }
 
     // Keys some row of the block sees (the forward's tile range).
-    let block_last = min(row0 + WG_SIZE * ROWS, max(p.seq_q, 1u)) - 1u;
+    let block_last = min(row0 + WG_SIZE * ROWS, max(u.q_len, 1u)) - 1u;
     var key_lo = 0;
-    var key_hi = i32(p.seq_kv) - 1;
+    var key_hi = i32(u.kv_len) - 1;
     if (has_flag(FLAG_WINDOW_LEFT)) {
         key_lo = max(key_lo, i32(row0) + diag - i32(p.window_left));
     }
     if (has_flag(FLAG_WINDOW_RIGHT)) {
         key_hi = min(key_hi, i32(block_last) + diag + i32(p.window_right));
     }
-    if (row0 >= p.seq_q) {
+    if (row0 >= u.q_len) {
         key_hi = -1;
     }
     // Keys every row of the block sees; rows past seq_q (padding) see
     // whatever the last row sees, and are never stored.
     let block_end = row0 + WG_SIZE * ROWS - 1u;
-    let all_lo = visible_keys(i32(min(block_end, last_row)) + diag, p.seq_kv).x;
-    let all_hi = visible_keys(i32(row0) + diag, p.seq_kv).y;
+    let all_lo = visible_keys(i32(min(block_end, last_row)) + diag, u.kv_len).x;
+    let all_hi = visible_keys(i32(row0) + diag, u.kv_len).y;
     let plain = plain_scores();
 
-    let k_base = batch * p.k.batch + head_kv * p.k.head + p.k.offset;
-    let v_base = batch * p.v.batch + head_kv * p.v.head + p.v.offset;
+    let k_base = k_row(u, 0u, head_kv);
+    let v_base = v_row(u, 0u, head_kv);
     // The key's k and v, in every invocation.
     var krow: array<vec4<f32>, D4>;
     var vrow: array<vec4<f32>, DV4>;
@@ -621,7 +682,7 @@ fn query_grads(
             } else {
                 for (var r = 0u; r < ROWS; r++) {
                     let row = min(row0 + lid + r * WG_SIZE, last_row);
-                    dx[r] = pair_grads(dots[r], dps[r], batch, head_q, row, i32(row) + diag, key,
+                    dx[r] = pair_grads(dots[r], dps[r], u, head_q, row, i32(row) + diag, key,
                         slope, lse_row[r], delta[r]).y;
                 }
             }
@@ -640,9 +701,9 @@ fn query_grads(
 
     for (var r = 0u; r < ROWS; r++) {
         let row = row0 + lid + r * WG_SIZE;
-        if (row < bp.extent_q) {
-            let out = o_row(batch, row, head_q);
-            let real = row < p.seq_q;
+        if (row < u.extent_q) {
+            let out = o_row(u, row, head_q);
+            let real = row < u.q_len;
             for (var d = 0u; d < D4; d++) {
                 if (d < bp.head_dim4) {
                     o_buf[out + d] = pack_grad(select(vec4<f32>(0.0), dq[r * D4 + d], real));

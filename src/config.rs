@@ -378,18 +378,6 @@ impl AttentionConfig {
         self
     }
 
-    /// The options of batch entry `batch` run alone (a one-entry call):
-    /// per-(batch, head) ALiBi slopes become that entry's per-head slopes.
-    pub(crate) fn for_batch_entry(&self, batch: usize, heads_q: usize) -> AttentionConfig {
-        let mut config = self.clone();
-        if let Some(Alibi::PerBatchHead(all)) = &self.alibi {
-            config.alibi = Some(Alibi::PerHead(
-                all[batch * heads_q..(batch + 1) * heads_q].to_vec(),
-            ));
-        }
-        config
-    }
-
     /// The per-head values the kernels read from one table: the ALiBi
     /// slopes (in their layout) followed by the sinks (from
     /// [`AttentionConfig::sink_offset`]). `None` when the call has neither.

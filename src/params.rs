@@ -245,10 +245,8 @@ pub struct LinearParams {
 pub struct BackwardParams {
     /// The call's query/key head dim / 4 (Q, K, dQ, dK).
     pub head_dim4: u32,
-    /// Query rows the dispatch writes (rows past `seq_q` are padding).
-    pub extent_q: u32,
-    /// Keys the dispatch writes (keys past `seq_kv` are padding).
-    pub extent_kv: u32,
+    /// The call's value head dim / 4 (V, O, dO, dV).
+    pub head_dim_v4: u32,
     /// Query heads per KV head.
     pub group: u32,
     /// Softmax scale in natural units.
@@ -262,14 +260,31 @@ pub struct BackwardParams {
     /// Logsumexp and row deltas `[batch, heads_q, rows]`, in floats.
     pub stats_batch: u32,
     pub stats_head: u32,
-    pub stats_offset: u32,
-    /// The call's value head dim / 4 (V, O, dO, dV).
-    pub head_dim_v4: u32,
     pub _pad0: u32,
     pub _pad1: u32,
-    pub _pad2: u32,
     /// The dO view, in vec4s.
     pub d_out: TensorStrides,
     /// The dV view, in vec4s.
     pub dv: TensorStrides,
+}
+
+/// Twin of `struct BackwardUnit` in `shaders/flash_backward.wgsl`: one
+/// sequence of a padded or packed batch, which the backward's workgroups
+/// with its index along z work on (the kernels read it as words of the
+/// table binding).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct BackwardUnit {
+    /// Batch entry and first row of its queries (Q, O, dO, dQ, logsumexp).
+    pub q_batch: u32,
+    pub q_start: u32,
+    /// Rows that attend, and rows written (past `q_len`: zero gradients).
+    pub q_len: u32,
+    pub extent_q: u32,
+    /// Batch entry and first row of its keys (K, V, dK, dV).
+    pub kv_batch: u32,
+    pub kv_start: u32,
+    /// Keys attended, and keys written (past `kv_len`: zero gradients).
+    pub kv_len: u32,
+    pub extent_kv: u32,
 }

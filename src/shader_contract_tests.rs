@@ -14,8 +14,9 @@ use rayon::prelude::*;
 use wgpu::BufferBindingType;
 
 use crate::params::{
-    AttentionParams, BackwardParams, CombineParams, DecodeParams, LinearParams, MaskParams,
-    RopeParams, SequenceRows, TensorStrides, blocked_flags, carry_flags, flags, linear_flags,
+    AttentionParams, BackwardParams, BackwardUnit, CombineParams, DecodeParams, LinearParams,
+    MaskParams, RopeParams, SequenceRows, TensorStrides, blocked_flags, carry_flags, flags,
+    linear_flags,
 };
 use crate::pipelines::ELEMENTWISE_WORKGROUP;
 use crate::plan::profiles;
@@ -756,8 +757,7 @@ fn rust_twins() -> Vec<(&'static str, Layout)> {
         }),
         rust_layout!(BackwardParams {
             head_dim4,
-            extent_q,
-            extent_kv,
+            head_dim_v4,
             group,
             scale,
             mask_kind,
@@ -766,13 +766,20 @@ fn rust_twins() -> Vec<(&'static str, Layout)> {
             mask_row_words,
             stats_batch,
             stats_head,
-            stats_offset,
-            head_dim_v4,
             _pad0,
             _pad1,
-            _pad2,
             d_out,
             dv,
+        }),
+        rust_layout!(BackwardUnit {
+            q_batch,
+            q_start,
+            q_len,
+            extent_q,
+            kv_batch,
+            kv_start,
+            kv_len,
+            extent_kv,
         }),
         rust_layout!(MaskParams {
             kind,

@@ -628,6 +628,96 @@ fn packed_varlen_batches_with_empty_and_single_sequences() {
     }
 }
 
+/// Every sequence of a packed batch runs in one dispatch per pass, one
+/// workgroup row along z each: one more sequence than the adapter's
+/// workgroup limit is `DispatchTooLarge` with the numbers, in the backward
+/// as in the forward (never a wrong answer or a device error); at the
+/// limit the backward runs, each of the many short sequences (empty on
+/// either side, single tokens) as the reference run alone gives.
+#[test]
+fn as_many_sequences_as_the_workgroup_limit() {
+    let Some(gpu) = gpu() else { return };
+    let limit = gpu.info().limits.max_compute_workgroups_per_dimension as usize;
+    let lengths = |count: usize| {
+        let (q_lens, kv_lens) = ([1, 2, 0, 3, 1], [2, 1, 3, 0, 1]);
+        let (mut cu_q, mut cu_k) = (vec![0], vec![0]);
+        for i in 0..count {
+            cu_q.push(cu_q[i] + q_lens[i % 5]);
+            cu_k.push(cu_k[i] + kv_lens[i % 5]);
+        }
+        (cu_q, cu_k)
+    };
+
+    let (cu_q, cu_k) = lengths(limit + 1);
+    let too_many = shape(1, cu_q[limit + 1], cu_k[limit + 1], (2, 1), 8);
+    let problem = Problem::draw(too_many, 601, DType::F32);
+    let err = run_backward(
+        gpu,
+        &problem,
+        DType::F32,
+        ForwardOptions::new(&AttentionConfig::new()).varlen(&cu_q, &cu_k),
+    )
+    .err();
+    assert!(
+        matches!(err, Some(Error::DispatchTooLarge { groups, limit: l, .. })
+            if groups == (limit + 1) as u64 && l as usize == limit),
+        "{err:?}"
+    );
+    // The backward's own check, without a forward before it.
+    let zeros = |dims| Tensor::zeros(gpu, dims, DType::F32).unwrap();
+    let (q, k) = (zeros(too_many.q_shape()), zeros(too_many.k_shape()));
+    let (out, dq, dk) = (
+        zeros(too_many.o_shape()),
+        zeros(too_many.q_shape()),
+        zeros(too_many.k_shape()),
+    );
+    let (v, d_out, dv) = (
+        zeros(too_many.v_shape()),
+        zeros(too_many.o_shape()),
+        zeros(too_many.v_shape()),
+    );
+    let lse = Lse::new(gpu, 1, 2, too_many.seq_q).unwrap();
+    let args = BackwardArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: &lse,
+        d_out: &d_out,
+        dq: &dq,
+        dk: &dk,
+        dv: &dv,
+        dsinks: None,
+    };
+    let config = AttentionConfig::new();
+    let err = gpu
+        .run(|e| gpu.backward(e, &args, ForwardOptions::new(&config).varlen(&cu_q, &cu_k)))
+        .err();
+    assert!(
+        matches!(err, Some(Error::DispatchTooLarge { axis: "batch", groups, .. })
+            if groups == (limit + 1) as u64),
+        "{err:?}"
+    );
+
+    let (cu_q, cu_k) = lengths(limit);
+    let base = shape(1, cu_q[limit], cu_k[limit], (2, 1), 8);
+    let problem = Problem::draw(base, 600, DType::F32);
+    let config = AttentionConfig::new().causal(true);
+    let got = run_backward(
+        gpu,
+        &problem,
+        DType::F32,
+        ForwardOptions::new(&config).varlen(&cu_q, &cu_k),
+    )
+    .unwrap();
+    let sequences: Vec<_> = (0..limit)
+        .map(|i| (0, cu_q[i]..cu_q[i + 1], cu_k[i]..cu_k[i + 1]))
+        .collect();
+    let want = expected_per_sequence(&problem, &sequences, &config);
+    let err = relative_error(&got, &want, "sequences at the limit");
+    assert!(err <= F32_TOLERANCE, "relative error {err:.3e}");
+}
+
 /// The backward of standard attention computed in the storage precision,
 /// as a framework does in half: S, P, O, dP and dS rounded to `dtype`, f32
 /// sums, gradients rounded. Causal and plain calls only.

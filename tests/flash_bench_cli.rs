@@ -362,6 +362,8 @@ fn decode_and_masks_report_validated_figures() {
         "--iters",
         "1",
         "--backward",
+        "--packed-sequences",
+        "12",
         "--json",
         json.to_str().unwrap(),
     ]);
@@ -380,6 +382,8 @@ fn decode_and_masks_report_validated_figures() {
             "valid lengths",
             "dense boolean mask",
             "valid lengths",
+            "padded, valid lengths",
+            "packed, cu_seqlens",
             "dense boolean mask",
             "block-sparse"
         ]

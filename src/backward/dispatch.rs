@@ -1,16 +1,17 @@
-//! Recording the backward: operand checks, then per part of the batch (the
-//! whole batch, or each sequence of a padded or packed batch) the three
-//! passes of shaders/flash_backward.wgsl.
+//! Recording the backward: operand checks, then the three passes of
+//! shaders/flash_backward.wgsl, each one dispatch over every batch entry
+//! (dense calls) or every sequence (padded or packed batches, read from a
+//! table of units).
 
 use crate::attention::{
     AttentionArgs, ForwardOptions, Lse, Sequences, check_lse_output, check_operand, option_params,
     upload_packed, vec4_view,
 };
-use crate::config::{Alibi, AttentionConfig, AttentionShape};
+use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::mask::AttentionMask;
-use crate::params::{AttentionParams, BackwardParams, TensorStrides};
+use crate::params::{AttentionParams, BackwardParams, BackwardUnit, flags};
 use crate::pipelines::{bind_buffers, encode_dispatches};
 use crate::shaders::BackwardPass;
 use crate::tensor::{DType, Tensor};
@@ -18,15 +19,66 @@ use crate::varlen::{Sequence, padded_sequences, varlen_sequences};
 
 use super::{BackwardArgs, BackwardPlan, HostGradients, SinkGrads};
 
-/// One dispatch group of a call: `batches` batch entries from (`batch`,
-/// `q_start`) of Q's side and (`kv_batch`, `kv_start`) of K's side, with
-/// `seq_q` x `seq_kv` attending rows and keys and `extent_q` x `extent_kv`
-/// written (the rest is padding: zero gradients).
-struct Part {
-    batches: usize,
-    rows: Sequence,
+/// What the passes' workgroups along z work on: a dense call's batch
+/// entries, or a padded or packed call's sequences (`BackwardUnit`s, read
+/// by the kernels from a table).
+struct Units {
+    /// The table; `None` for a dense call.
+    table: Option<Vec<BackwardUnit>>,
+    /// The shape every unit fits: its batch is the number of units, its
+    /// lengths the longest unit's (workgroups past a shorter unit's rows
+    /// or keys return at once).
+    shape: AttentionShape,
+    /// The most query rows and keys a unit writes (padding included).
     extent_q: usize,
     extent_kv: usize,
+}
+
+impl Units {
+    fn dense(shape: &AttentionShape) -> Self {
+        Units {
+            table: None,
+            shape: *shape,
+            extent_q: shape.seq_q,
+            extent_kv: shape.seq_kv,
+        }
+    }
+
+    /// Sequence `i` writes `extents[i]` rows and keys.
+    fn of_sequences(
+        shape: &AttentionShape,
+        sequences: &[Sequence],
+        extents: impl Fn(&Sequence) -> (usize, usize),
+    ) -> Self {
+        let table: Vec<BackwardUnit> = sequences
+            .iter()
+            .map(|s| {
+                let (extent_q, extent_kv) = extents(s);
+                BackwardUnit {
+                    q_batch: s.batch as u32,
+                    q_start: s.q_start as u32,
+                    q_len: s.q_len as u32,
+                    extent_q: extent_q as u32,
+                    kv_batch: s.kv_batch as u32,
+                    kv_start: s.kv_start as u32,
+                    kv_len: s.kv_len as u32,
+                    extent_kv: extent_kv as u32,
+                }
+            })
+            .collect();
+        let longest = |f: fn(&BackwardUnit) -> u32| table.iter().map(f).max().unwrap_or(0) as usize;
+        Units {
+            shape: AttentionShape {
+                batch: table.len(),
+                seq_q: longest(|u| u.q_len),
+                seq_kv: longest(|u| u.kv_len),
+                ..*shape
+            },
+            extent_q: longest(|u| u.extent_q),
+            extent_kv: longest(|u| u.extent_kv),
+            table: Some(table),
+        }
+    }
 }
 
 impl Gpu {
@@ -105,69 +157,51 @@ impl Gpu {
             mask.check_shape(&shape)?;
             mask.check_device(self)?;
         }
-        let parts: Vec<Part> = match (options.sequences, mask) {
-            (Sequences::Dense, _) => vec![Part {
-                batches: shape.batch,
-                rows: Sequence {
-                    batch: 0,
-                    q_start: 0,
-                    q_len: shape.seq_q,
-                    kv_batch: 0,
-                    kv_start: 0,
-                    kv_len: shape.seq_kv,
-                },
-                extent_q: shape.seq_q,
-                extent_kv: shape.seq_kv,
-            }],
+        let units = match (options.sequences, mask) {
+            (Sequences::Dense, _) => Units::dense(&shape),
             (_, Some(_)) => {
                 return Err(Error::UnsupportedCombination {
                     what: "a mask and padded or variable-length sequences",
                 });
             }
-            (Sequences::Padded(lengths), None) => padded_sequences(&shape, &lengths)?
-                .into_iter()
-                .map(|rows| Part {
-                    batches: 1,
-                    rows,
-                    extent_q: shape.seq_q,
-                    extent_kv: shape.seq_kv,
+            // Every row and key of each batch entry is written: past the
+            // valid lengths, zero gradients.
+            (Sequences::Padded(lengths), None) => {
+                Units::of_sequences(&shape, &padded_sequences(&shape, &lengths)?, |_| {
+                    (shape.seq_q, shape.seq_kv)
                 })
-                .collect(),
+            }
             (
                 Sequences::Varlen {
                     cu_seqlens_q,
                     cu_seqlens_k,
                 },
                 None,
-            ) => varlen_sequences(
-                &[
-                    ("q", args.q),
-                    ("k", args.k),
-                    ("v", args.v),
-                    ("out", args.out),
-                    ("d_out", args.d_out),
-                    ("dq", args.dq),
-                    ("dk", args.dk),
-                    ("dv", args.dv),
-                ],
-                shape.seq_q,
-                shape.seq_kv,
-                cu_seqlens_q,
-                cu_seqlens_k,
-            )?
-            .into_iter()
-            .map(|rows| Part {
-                batches: 1,
-                extent_q: rows.q_len,
-                extent_kv: rows.kv_len,
-                rows,
-            })
-            .collect(),
+            ) => {
+                let sequences = varlen_sequences(
+                    &[
+                        ("q", args.q),
+                        ("k", args.k),
+                        ("v", args.v),
+                        ("out", args.out),
+                        ("d_out", args.d_out),
+                        ("dq", args.dq),
+                        ("dk", args.dk),
+                        ("dv", args.dv),
+                    ],
+                    shape.seq_q,
+                    shape.seq_kv,
+                    cu_seqlens_q,
+                    cu_seqlens_k,
+                )?;
+                // Every row and key of a packed batch is its sequence's.
+                Units::of_sequences(&shape, &sequences, |s| (s.q_len, s.kv_len))
+            }
         };
-        for part in &parts {
-            let part_shape = part.shape(&shape);
-            plan.check_call(self.info(), &part_shape, part.extent_q, part.extent_kv)?;
-        }
+        // One workgroup row along z per unit: more sequences than the
+        // adapter's workgroup limit is `DispatchTooLarge` (as in the
+        // forward).
+        plan.check_call(self.info(), &units.shape, units.extent_q, units.extent_kv)?;
         // Row deltas in the logsumexp's layout, then (with dsinks) one
         // gradient per query head.
         let rows = (shape.batch * shape.heads_q * shape.seq_q) as u64;
@@ -185,9 +219,7 @@ impl Gpu {
             deltas,
             head_table: self.head_table_buffer(config),
         };
-        for part in &parts {
-            recorder.record(encoder, part)?;
-        }
+        recorder.record(encoder, &units)?;
         if let Some(dsinks) = args.dsinks {
             recorder.record_sinks(encoder)?;
             encoder.copy_buffer_to_buffer(
@@ -266,18 +298,6 @@ impl Gpu {
     }
 }
 
-impl Part {
-    /// The attention shape of the part's dispatches (valid lengths).
-    fn shape(&self, whole: &AttentionShape) -> AttentionShape {
-        AttentionShape {
-            batch: self.batches,
-            seq_q: self.rows.q_len,
-            seq_kv: self.rows.kv_len,
-            ..*whole
-        }
-    }
-}
-
 /// Device, storage type, alignment, bounds and aliasing of every operand.
 /// Outputs may not share a buffer with any input or with each other: the
 /// kernels bind inputs read-only and outputs writable.
@@ -337,37 +357,25 @@ struct Recorder<'a> {
 }
 
 impl Recorder<'_> {
-    fn record(&self, encoder: &mut wgpu::CommandEncoder, part: &Part) -> Result<()> {
+    /// The three passes, each one dispatch over every unit.
+    fn record(&self, encoder: &mut wgpu::CommandEncoder, units: &Units) -> Result<()> {
         let gpu = self.gpu;
         let args = self.args;
-        let shape = part.shape(&self.shape);
-        let rows = &part.rows;
-        let q_side = |t: &Tensor| strides_at(t, rows.batch, rows.q_start);
-        let kv_side = |t: &Tensor| strides_at(t, rows.kv_batch, rows.kv_start);
-        // A part of one batch entry with per-(batch, head) slopes runs
-        // with that entry's options and per-head table; every other part
-        // shares the call's upload.
-        let entry = (part.batches == 1
-            && matches!(self.config.alibi, Some(Alibi::PerBatchHead(_))))
-        .then(|| self.config.for_batch_entry(rows.batch, self.shape.heads_q));
-        let mut params = option_params(&shape, entry.as_ref().unwrap_or(self.config), false);
-        params.q = q_side(args.q);
-        params.k = kv_side(args.k);
-        params.v = kv_side(args.v);
-        let own_table = entry.as_ref().and_then(|c| gpu.head_table_buffer(c));
+        let whole = |t: &Tensor| vec4_view(t.strides(), t.offset());
+        let mut params = option_params(&units.shape, self.config, false);
+        params.q = whole(args.q);
+        params.k = whole(args.k);
+        params.v = whole(args.v);
         let lse_seq = self.shape.seq_q;
         let mut backward = BackwardParams {
-            head_dim4: (shape.head_dim / 4) as u32,
-            head_dim_v4: (shape.head_dim_v / 4) as u32,
-            extent_q: part.extent_q as u32,
-            extent_kv: part.extent_kv as u32,
-            group: shape.group_size() as u32,
-            scale: self.config.effective_scale(shape.head_dim),
+            head_dim4: (self.shape.head_dim / 4) as u32,
+            head_dim_v4: (self.shape.head_dim_v / 4) as u32,
+            group: self.shape.group_size() as u32,
+            scale: self.config.effective_scale(self.shape.head_dim),
             stats_batch: (self.shape.heads_q * lse_seq) as u32,
             stats_head: lse_seq as u32,
-            stats_offset: (rows.batch * self.shape.heads_q * lse_seq + rows.q_start) as u32,
-            d_out: q_side(args.d_out),
-            dv: kv_side(args.dv),
+            d_out: whole(args.d_out),
+            dv: whole(args.dv),
             ..BackwardParams::default()
         };
         if let Some(mask) = self.mask {
@@ -382,37 +390,44 @@ impl Recorder<'_> {
             bytemuck::bytes_of(&backward),
         );
         let placeholders = &gpu.placeholders;
-        let mask_words = self.mask.map_or(&placeholders.read_only, |m| m.buffer());
-        let head_table = own_table
-            .as_ref()
-            .or(self.head_table.as_ref())
-            .unwrap_or(&placeholders.read_only);
+        // Binding 11: the unit table, the mask's words, or nothing (masked
+        // calls are dense, so never both).
+        let table_words = match (&units.table, self.mask) {
+            (Some(table), _) => {
+                params.flags |= flags::SEQUENCES;
+                gpu.storage_buffer(
+                    "wgpu-flash-attn backward units",
+                    bytemuck::cast_slice(table),
+                )
+            }
+            (None, Some(mask)) => mask.buffer().clone(),
+            (None, None) => placeholders.read_only.clone(),
+        };
+        let head_table = self.head_table.as_ref().unwrap_or(&placeholders.read_only);
         let passes = [
-            (BackwardPass::Deltas, args.out, None, part.extent_q),
-            (BackwardPass::Keys, args.dk, Some(args.dv), part.extent_kv),
-            (BackwardPass::Queries, args.dq, None, part.extent_q),
+            (BackwardPass::Deltas, args.out, None, units.extent_q),
+            (BackwardPass::Keys, args.dk, Some(args.dv), units.extent_kv),
+            (BackwardPass::Queries, args.dq, None, units.extent_q),
         ];
         for (pass, written, dv, extent) in passes {
             if extent == 0 {
                 continue;
             }
-            let side = if pass == BackwardPass::Keys {
-                kv_side(written)
-            } else {
-                q_side(written)
+            let pass_params = AttentionParams {
+                o: whole(written),
+                ..params
             };
-            let pass_params = AttentionParams { o: side, ..params };
             let params_buffer = gpu.params_buffer(&pass_params);
             let groups = self
                 .plan
-                .workgroups(pass, &shape, part.extent_q, part.extent_kv);
+                .workgroups(pass, &units.shape, units.extent_q, units.extent_kv);
             let bindings = PassBindings {
                 params: &params_buffer,
                 written: written.buffer(),
                 head_table,
                 backward: &backward_uniform,
                 dv: dv.map_or(&placeholders.writable, |t| t.buffer()),
-                mask_words,
+                table_words: &table_words,
             };
             self.dispatch(encoder, pass, &bindings, groups)?;
         }
@@ -448,7 +463,7 @@ impl Recorder<'_> {
                 args.d_out.buffer(),
                 &self.deltas,
                 own.dv,
-                own.mask_words,
+                own.table_words,
             ],
         );
         let groups = groups.map(|n| n as u32);
@@ -465,7 +480,8 @@ struct PassBindings<'a> {
     head_table: &'a wgpu::Buffer,
     backward: &'a wgpu::Buffer,
     dv: &'a wgpu::Buffer,
-    mask_words: &'a wgpu::Buffer,
+    /// Binding 11: the unit table or the mask's words.
+    table_words: &'a wgpu::Buffer,
 }
 
 impl Recorder<'_> {
@@ -488,7 +504,7 @@ impl Recorder<'_> {
             head_table: self.head_table.as_ref().unwrap_or(&placeholders.read_only),
             backward: &backward_uniform,
             dv: &placeholders.writable,
-            mask_words: &placeholders.read_only,
+            table_words: &placeholders.read_only,
         };
         let groups = self.plan.workgroups(BackwardPass::Sinks, &self.shape, 0, 0);
         self.dispatch(encoder, BackwardPass::Sinks, &bindings, groups)
@@ -502,10 +518,4 @@ fn pass_label(pass: BackwardPass) -> &'static str {
         BackwardPass::Keys => "attention backward: dK, dV",
         BackwardPass::Queries => "attention backward: dQ",
     }
-}
-
-/// The kernel's view of `tensor` from row `start` of batch entry `batch`.
-fn strides_at(tensor: &Tensor, batch: usize, start: usize) -> TensorStrides {
-    let s = tensor.strides();
-    vec4_view(s, tensor.offset() + batch * s.batch + start * s.seq)
 }

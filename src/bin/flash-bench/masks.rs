@@ -33,10 +33,16 @@ pub struct MasksArgs {
     window: usize,
     #[arg(long, default_value_t = 3)]
     iters: usize,
-    /// Also the BERT batch's backward (training): valid lengths against the
-    /// dense mask, validated against the f64 reference backward.
+    /// Also the backward (training): the BERT batch's, valid lengths
+    /// against the dense mask, and a packed batch of short causal sequences
+    /// against the same sequences padded; validated against the f64
+    /// reference backward.
     #[arg(long)]
     backward: bool,
+    /// Sequences of the packed backward batch (16-128 tokens each, 12
+    /// heads, d=64).
+    #[arg(long, default_value_t = 128)]
+    packed_sequences: usize,
 }
 
 /// Query rows checked per case, spread over the sequence.
@@ -49,7 +55,8 @@ struct MaskRun {
     median_ms: f64,
     /// Attended (query, key) pairs x 2 x (head_dim + head_dim_v) per second.
     useful_gflops: f64,
-    speedup_over_dense_mask: Option<f64>,
+    /// Over the case's first variant (the dense mask where there is one).
+    speedup_over_first: Option<f64>,
     /// Forward: the largest |out - reference|; backward: the largest
     /// |gradient - reference| over the largest reference gradient.
     max_abs_err: f64,
@@ -74,7 +81,7 @@ pub fn run(gpu: &Gpu, args: &MasksArgs, json: Option<&std::path::Path>) -> Resul
     println!("{}", gpu.info().summary());
     println!(
         "{:<50} {:<20} {:>10} {:>14} {:>14} {:>9}",
-        "case", "variant", "ms", "useful GFLOP/s", "vs dense mask", "max|err|"
+        "case", "variant", "ms", "useful GFLOP/s", "vs first", "max|err|"
     );
     let mut runs = Vec::new();
     let mut ok = true;
@@ -145,6 +152,7 @@ pub fn run(gpu: &Gpu, args: &MasksArgs, json: Option<&std::path::Path>) -> Resul
             host: &host,
         };
         ok &= padded_backward(gpu, &padded, &tensors, attended, plan, &mut runs)?;
+        ok &= packed_backward(gpu, args.packed_sequences, plan, &mut runs)?;
     }
 
     // Longformer: sliding window plus global tokens.
@@ -306,18 +314,184 @@ fn padded_backward(
         let gflops = flops / (ms / 1e3) / 1e9;
         let speedup = dense_ms.map(|dense: f64| dense / ms);
         dense_ms = dense_ms.or(Some(ms));
-        let speedup_text = speedup.map_or_else(|| "-".to_string(), |s| format!("{s:.2}x"));
-        println!(
-            "{name:<50} {variant:<20} {ms:>10.2} {gflops:>14.2} {speedup_text:>14} {err:>9.2e}"
+        report_row(&name, variant, ms, gflops, speedup, err, runs);
+    }
+    Ok(ok)
+}
+
+/// Prints a result row and keeps it for the JSON report.
+fn report_row(
+    name: &str,
+    variant: &str,
+    ms: f64,
+    gflops: f64,
+    speedup: Option<f64>,
+    err: f64,
+    runs: &mut Vec<MaskRun>,
+) {
+    let speedup_text = speedup.map_or_else(|| "-".to_string(), |s| format!("{s:.2}x"));
+    println!("{name:<50} {variant:<20} {ms:>10.2} {gflops:>14.2} {speedup_text:>14} {err:>9.2e}");
+    runs.push(MaskRun {
+        case: name.to_string(),
+        variant: variant.to_string(),
+        median_ms: ms,
+        useful_gflops: gflops,
+        speedup_over_first: speedup,
+        max_abs_err: err,
+    });
+}
+
+/// The row of token `i` of sequence `b` in a layout.
+type RowOf<'a> = dyn Fn(usize, usize) -> usize + 'a;
+
+/// A packed batch of `count` short causal sequences (16-128 tokens, 12
+/// heads, d=64: supervised fine-tuning's shape), its backward after its
+/// forward two ways: padded to the longest with valid lengths, and packed
+/// with cumulative offsets (`cu_seqlens`). Every gradient of every
+/// sequence is validated against the f64 reference backward of that
+/// sequence alone; padding must hold zeros.
+fn packed_backward(
+    gpu: &Gpu,
+    count: usize,
+    plan: TimingPlan,
+    runs: &mut Vec<MaskRun>,
+) -> Result<bool> {
+    let (heads, d) = (12, 64);
+    let width = heads * d;
+    let mut rng = seeded(0x9ac4);
+    let lens: Vec<usize> = (0..count).map(|_| rng.random_range(16..=128)).collect();
+    let longest = lens.iter().copied().max().unwrap_or(1);
+    let mut cu = vec![0];
+    for &len in &lens {
+        cu.push(cu.last().unwrap() + len);
+    }
+    let total = cu[count];
+    let config = AttentionConfig::new().causal(true);
+    // Per sequence: q, k, v, dO as [len, heads, d], and its gradients.
+    let inputs: Vec<[Vec<f32>; 4]> = lens
+        .iter()
+        .map(|&len| std::array::from_fn(|_| normal_vec(&mut rng, len * width, 1.0)))
+        .collect();
+    let mut wants = Vec::with_capacity(count);
+    for (x, &len) in inputs.iter().zip(&lens) {
+        let alone = AttentionShape::self_attention(1, len, heads, d);
+        let [q, k, v, d_out] = x;
+        wants.push(reference::attention_backward(
+            &alone,
+            [q, k, v, d_out],
+            &config,
+            None,
+        )?);
+    }
+    let attended: usize = lens.iter().map(|&n| n * (n + 1) / 2).sum::<usize>() * heads;
+    let name = format!("packed backward, {count} causal seqs 16-128 H12 d64");
+    let padded_shape = AttentionShape::self_attention(count, longest, heads, d);
+    let packed_shape = AttentionShape::self_attention(1, total, heads, d);
+    // Where token `i` of sequence `b` lives in each layout.
+    let padded_row = |b: usize, i: usize| b * longest + i;
+    let packed_row = |b: usize, i: usize| cu[b] + i;
+    let layouts: [(&str, AttentionShape, &RowOf); 2] = [
+        ("padded, valid lengths", padded_shape, &padded_row),
+        ("packed, cu_seqlens", packed_shape, &packed_row),
+    ];
+    let mut ok = true;
+    let mut first_ms = None;
+    for (variant, shape, row_of) in layouts {
+        let rows = shape.batch * shape.seq_q;
+        let mut host: [Vec<f32>; 4] = std::array::from_fn(|_| vec![0.0; rows * width]);
+        for (b, x) in inputs.iter().enumerate() {
+            for i in 0..lens[b] {
+                let at = row_of(b, i) * width;
+                for (to, from) in host.iter_mut().zip(x) {
+                    to[at..at + width].copy_from_slice(&from[i * width..(i + 1) * width]);
+                }
+            }
+        }
+        let dims = shape.q_shape();
+        let upload = |data: &[f32]| Tensor::from_f32(gpu, dims, data);
+        let (q, k, v, d_out) = (
+            upload(&host[0])?,
+            upload(&host[1])?,
+            upload(&host[2])?,
+            upload(&host[3])?,
         );
-        runs.push(MaskRun {
-            case: name.clone(),
-            variant: variant.to_string(),
-            median_ms: ms,
-            useful_gflops: gflops,
-            speedup_over_dense_mask: speedup,
-            max_abs_err: err,
-        });
+        let poisoned = || Tensor::filled(gpu, dims, f32::NAN);
+        let (out, dq, dk, dv) = (poisoned()?, poisoned()?, poisoned()?, poisoned()?);
+        let lse = Lse::new(gpu, shape.batch, heads, shape.seq_q)?;
+        let options = if shape.batch == 1 {
+            ForwardOptions::new(&config).varlen(&cu, &cu)
+        } else {
+            ForwardOptions::new(&config).valid_lengths(ValidLengths {
+                q: Some(&lens),
+                kv: &lens,
+            })
+        };
+        let forward = AttentionArgs {
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &out,
+            lse: Some(&lse),
+        };
+        let backward = BackwardArgs {
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &out,
+            lse: &lse,
+            d_out: &d_out,
+            dq: &dq,
+            dk: &dk,
+            dv: &dv,
+            dsinks: None,
+        };
+        gpu.run(|e| {
+            gpu.forward(e, &forward, options.clone())?;
+            gpu.backward(e, &backward, options.clone())
+        })?;
+        let got = [
+            dq.to_f32_vec(gpu)?,
+            dk.to_f32_vec(gpu)?,
+            dv.to_f32_vec(gpu)?,
+        ];
+        let mut err = 0.0f64;
+        let mut valid = vec![false; rows];
+        for (b, want) in wants.iter().enumerate() {
+            let want = [&want.dq, &want.dk, &want.dv];
+            for (got, want) in got.iter().zip(want) {
+                let magnitude = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
+                for i in 0..lens[b] {
+                    let at = row_of(b, i) * width;
+                    valid[row_of(b, i)] = true;
+                    for (g, w) in got[at..at + width].iter().zip(&want[i * width..]) {
+                        ensure!(
+                            g.is_finite(),
+                            "{name} / {variant}: a gradient was not written"
+                        );
+                        err = err.max((f64::from(*g) - w).abs() / magnitude);
+                    }
+                }
+            }
+        }
+        // Padding rows get zero gradients.
+        for (row, _) in valid.iter().enumerate().filter(|(_, v)| !**v) {
+            for got in &got {
+                ensure!(
+                    got[row * width..(row + 1) * width]
+                        .iter()
+                        .all(|&g| g == 0.0),
+                    "{name} / {variant}: padding row {row} has nonzero gradients"
+                );
+            }
+        }
+        ok &= err <= BACKWARD_TOLERANCE;
+        let timing = time_gpu(gpu, plan, |e| gpu.backward(e, &backward, options.clone()))?;
+        let ms = timing.median_ms;
+        let flops = BACKWARD_FLOPS_PER_FORWARD * 2.0 * (2 * d) as f64 * attended as f64;
+        let gflops = flops / (ms / 1e3) / 1e9;
+        let speedup = first_ms.map(|first: f64| first / ms);
+        first_ms = first_ms.or(Some(ms));
+        report_row(&name, variant, ms, gflops, speedup, err, runs);
     }
     Ok(ok)
 }
@@ -430,18 +604,7 @@ fn measure(
         if variant == "dense boolean mask" {
             dense_ms = Some(ms);
         }
-        let speedup_text = speedup.map_or_else(|| "-".to_string(), |s| format!("{s:.2}x"));
-        println!(
-            "{name:<50} {variant:<20} {ms:>10.2} {gflops:>14.2} {speedup_text:>14} {err:>9.2e}"
-        );
-        runs.push(MaskRun {
-            case: name.to_string(),
-            variant: variant.to_string(),
-            median_ms: ms,
-            useful_gflops: gflops,
-            speedup_over_dense_mask: speedup,
-            max_abs_err: err,
-        });
+        report_row(name, variant, ms, gflops, speedup, err, runs);
     }
     Ok(ok)
 }
