@@ -85,6 +85,8 @@ step 60 "backward, H16 N4096 d128 causal" \
 step 60 "backward, H16 N4096 d192/128 causal" \
   "$fb" run --seq-q 4096 --heads-q 16 --head-dim 192 --head-dim-v 128 --causal --backward \
   --iters 5 --json "$res/backward-d192-128.json"
+step 60 "masks and padding, with the backward (BERT padded, 512 packed short sequences)" \
+  "$fb" masks --backward --packed-sequences 512 --json "$res/masks.json"
 step 90 "decode, Llama-3.1-405B heads, 32K/128K, every cache type" \
   "$fb" decode --cache 32768,131072 --kv-dtype f32,f16,bf16,int8 --json "$res/decode.json"
 step 120 "suite (every case validated against the f64 reference)" \
