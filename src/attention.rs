@@ -469,13 +469,26 @@ impl Gpu {
     ) -> Result<PreparedCall<'a>> {
         config.validate(&shape)?;
         check_lse_output(self, args.lse, [shape.batch, shape.heads_q, shape.seq_q])?;
-        let plan = if config.f16_products {
+        let storage = args.q.dtype();
+        let plan = match config.blocked_layout {
+            Some(layout) => ForwardPlan::for_call_with_layout(
+                self.info(),
+                plan_shape,
+                storage,
+                config.tier,
+                layout,
+            )?,
             // f16 products are a variant of the register-blocked tier.
-            let tier = config.tier.unwrap_or(crate::config::Tier::RegisterBlocked);
-            ForwardPlan::for_call(self.info(), plan_shape, args.q.dtype(), Some(tier))?
-                .with_f16_products(self.info())?
+            None if config.f16_products => {
+                let tier = config.tier.unwrap_or(crate::config::Tier::RegisterBlocked);
+                ForwardPlan::for_call(self.info(), plan_shape, storage, Some(tier))?
+            }
+            None => ForwardPlan::for_call(self.info(), plan_shape, storage, config.tier)?,
+        };
+        let plan = if config.f16_products {
+            plan.with_f16_products(self.info())?
         } else {
-            ForwardPlan::for_call(self.info(), plan_shape, args.q.dtype(), config.tier)?
+            plan
         };
         let params = self.pack_params(args, &shape, config)?;
         Ok(PreparedCall {

@@ -281,6 +281,43 @@ pub struct AttentionConfig {
     /// default: it halves the tiles' memory traffic on GPUs with fast f16
     /// but is not yet measured faster on one (BENCHMARKS.md).
     pub f16_products: bool,
+    /// The register-blocked kernel's workgroup layout, instead of the
+    /// planner's (a tuning knob: `flash-bench run --blocked-layout` times
+    /// several in one run); forces that tier. `None`: the planner's.
+    pub blocked_layout: Option<BlockedLayout>,
+}
+
+/// A workgroup layout of the register-blocked forward (`Tier::RegisterBlocked`):
+/// `row_lanes x key_lanes` invocations own `row_lanes * rows` query rows
+/// and walk the keys in tiles of `4 * key_lanes`; each invocation computes
+/// a `rows x 4` block of scores and a `rows x ceil(head_dim_v / 4 /
+/// key_lanes)` block of output vec4s. Lanes 1 to 256 each, rows 1 to 8
+/// (`Error::InvalidBlockedLayout` otherwise); the workgroup must fit the
+/// adapter's invocations and workgroup memory (`WorkgroupInvocations`,
+/// `WorkgroupMemory` with the numbers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockedLayout {
+    /// Invocations along the query rows.
+    pub row_lanes: u32,
+    /// Invocations along a tile's keys (four each) and the value columns.
+    pub key_lanes: u32,
+    /// Query rows per invocation.
+    pub rows: u32,
+}
+
+impl BlockedLayout {
+    /// The widest lane count along either axis.
+    pub const MAX_LANES: u32 = 256;
+    /// The most query rows per invocation (the kernel expands its row
+    /// loops, so each row's scores and outputs stay in registers).
+    pub const MAX_ROWS: u32 = 8;
+}
+
+impl std::fmt::Display for BlockedLayout {
+    /// `ROW_LANESxKEY_LANESxROWS`, as `flash-bench --blocked-layout` takes it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}x{}", self.row_lanes, self.key_lanes, self.rows)
+    }
 }
 
 /// How a kernel spreads its work over the invocations of a workgroup.
@@ -341,6 +378,12 @@ impl AttentionConfig {
     /// [`AttentionConfig::f16_products`]); forces the register-blocked tier.
     pub fn f16_products(mut self, f16_products: bool) -> Self {
         self.f16_products = f16_products;
+        self
+    }
+    /// Runs the register-blocked kernel with this workgroup layout (see
+    /// [`AttentionConfig::blocked_layout`]); forces that tier.
+    pub fn blocked_layout(mut self, layout: BlockedLayout) -> Self {
+        self.blocked_layout = Some(layout);
         self
     }
     /// Sets causal masking (bottom-right aligned, see above).

@@ -199,6 +199,20 @@ pub enum Error {
         limit: u32,
     },
 
+    /// A register-blocked layout outside what the kernel is written for.
+    #[error(
+        "register-blocked layout {row_lanes}x{key_lanes}x{rows} (row lanes x key lanes x rows): \
+         lanes must be 1 to 256 and rows per invocation 1 to 8"
+    )]
+    InvalidBlockedLayout {
+        /// Invocations along the query rows asked for.
+        row_lanes: u32,
+        /// Invocations along the keys asked for.
+        key_lanes: u32,
+        /// Query rows per invocation asked for.
+        rows: u32,
+    },
+
     /// The planned workgroup has more invocations than the adapter allows.
     #[error("the adapter allows {limit} invocations per workgroup, the kernel needs {needed}")]
     WorkgroupInvocations {

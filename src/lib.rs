@@ -58,7 +58,7 @@ pub use backward::{
     BACKWARD_STORAGE_BUFFERS, BackwardArgs, BackwardPlan, HostGradients, SinkGrads,
 };
 pub use config::{
-    Alibi, AttentionConfig, AttentionShape, MAX_HEAD_DIM, SUPPORTED_HEAD_DIMS, Tier,
+    Alibi, AttentionConfig, AttentionShape, BlockedLayout, MAX_HEAD_DIM, SUPPORTED_HEAD_DIMS, Tier,
     is_supported_head_dim,
 };
 pub use decode::{DecodeArgs, DecodeLanes, DecodeOptions};

@@ -4,7 +4,7 @@
 //! options. Nothing here touches a device, so the choices for adapters we
 //! do not have are tested from their profiles (see the tests below).
 
-use crate::config::{AttentionShape, Tier};
+use crate::config::{AttentionShape, BlockedLayout, Tier};
 use crate::decode::{DecodeLanes, DecodeOptions};
 use crate::error::{Error, Result};
 use crate::gpu::GpuInfo;
@@ -256,6 +256,38 @@ impl ForwardPlan {
         storage: DType,
         tier: Option<Tier>,
     ) -> Result<Self> {
+        Self::plan_call(info, shape, storage, tier, None)
+    }
+
+    /// [`ForwardPlan::for_call`] on the register-blocked tier with its
+    /// workgroup layout given ([`AttentionConfig::blocked_layout`]): a
+    /// layout outside the kernel's range, or one the adapter's invocations
+    /// or workgroup memory cannot hold, is a typed error with the numbers,
+    /// as is another forced tier.
+    ///
+    /// [`AttentionConfig::blocked_layout`]: crate::AttentionConfig::blocked_layout
+    pub fn for_call_with_layout(
+        info: &GpuInfo,
+        shape: &AttentionShape,
+        storage: DType,
+        tier: Option<Tier>,
+        layout: BlockedLayout,
+    ) -> Result<Self> {
+        if tier.is_some_and(|t| t != Tier::RegisterBlocked) {
+            return Err(Error::UnsupportedCombination {
+                what: "a register-blocked layout and a tier other than RegisterBlocked",
+            });
+        }
+        Self::plan_call(info, shape, storage, tier, Some(layout))
+    }
+
+    fn plan_call(
+        info: &GpuInfo,
+        shape: &AttentionShape,
+        storage: DType,
+        tier: Option<Tier>,
+        layout: Option<BlockedLayout>,
+    ) -> Result<Self> {
         shape.validate()?;
         let limits = &info.limits;
         let (head_dim, head_dim_v) = (shape.head_dim as u32, shape.head_dim_v as u32);
@@ -281,24 +313,29 @@ impl ForwardPlan {
         } = row_tiling(info, shape, row_tier)?;
         info.check_invocations(workgroup_size)?;
         let unavailable = |tier, reason| Error::TierUnavailable { tier, reason };
-        let tiled = match tier {
-            Some(Tier::CooperativeMatrix) => Some(TiledKernel::Coop(
-                coop_tiling(info, shape, storage)
-                    .map_err(|reason| unavailable(Tier::CooperativeMatrix, reason))?,
-            )),
-            Some(Tier::RegisterBlocked) => Some(TiledKernel::Blocked(
-                blocked_tiling(info, shape, storage)
-                    .map_err(|reason| unavailable(Tier::RegisterBlocked, reason))?,
-            )),
-            Some(Tier::Portable | Tier::SubgroupBroadcast) => None,
-            // The matrix units where the device offers them, else
-            // register blocking on hardware GPUs.
-            None => match coop_tiling(info, shape, storage) {
-                Ok(coop) => Some(TiledKernel::Coop(coop)),
-                Err(_) if blocked_by_default(info) => blocked_tiling(info, shape, storage)
-                    .ok()
-                    .map(TiledKernel::Blocked),
-                Err(_) => None,
+        let tiled = match (layout, tier) {
+            (Some(layout), _) => Some(TiledKernel::Blocked(blocked_tiling_of(
+                info, shape, storage, layout,
+            )?)),
+            (None, tier) => match tier {
+                Some(Tier::CooperativeMatrix) => Some(TiledKernel::Coop(
+                    coop_tiling(info, shape, storage)
+                        .map_err(|reason| unavailable(Tier::CooperativeMatrix, reason))?,
+                )),
+                Some(Tier::RegisterBlocked) => Some(TiledKernel::Blocked(
+                    blocked_tiling(info, shape, storage)
+                        .map_err(|reason| unavailable(Tier::RegisterBlocked, reason))?,
+                )),
+                Some(Tier::Portable | Tier::SubgroupBroadcast) => None,
+                // The matrix units where the device offers them, else
+                // register blocking on hardware GPUs.
+                None => match coop_tiling(info, shape, storage) {
+                    Ok(coop) => Some(TiledKernel::Coop(coop)),
+                    Err(_) if blocked_by_default(info) => blocked_tiling(info, shape, storage)
+                        .ok()
+                        .map(TiledKernel::Blocked),
+                    Err(_) => None,
+                },
             },
         };
         let block_m = u64::from(match tiled {
@@ -604,6 +641,52 @@ fn blocked_tiling(
         smallest.workgroup_size(),
         smallest.workgroup_bytes()
     ))
+}
+
+/// The register-blocked kernel with the caller's layout, after checking it
+/// against the kernel's range and the adapter's limits.
+fn blocked_tiling_of(
+    info: &GpuInfo,
+    shape: &AttentionShape,
+    storage: DType,
+    layout: BlockedLayout,
+) -> Result<BlockedTiling> {
+    let BlockedLayout {
+        row_lanes,
+        key_lanes,
+        rows,
+    } = layout;
+    let lanes = 1..=BlockedLayout::MAX_LANES;
+    if !lanes.contains(&row_lanes)
+        || !lanes.contains(&key_lanes)
+        || !(1..=BlockedLayout::MAX_ROWS).contains(&rows)
+    {
+        return Err(Error::InvalidBlockedLayout {
+            row_lanes,
+            key_lanes,
+            rows,
+        });
+    }
+    let tiling = BlockedTiling {
+        head_dim: shape.head_dim as u32,
+        head_dim_v: shape.head_dim_v as u32,
+        row_lanes,
+        key_lanes,
+        rows,
+        storage,
+        f16_products: false,
+    };
+    info.check_invocations(tiling.workgroup_size())?;
+    let limit = info.limits.max_compute_workgroup_storage_size;
+    if tiling.workgroup_bytes() > u64::from(limit) {
+        return Err(Error::WorkgroupMemory {
+            head_dim: shape.head_dim,
+            head_dim_v: shape.head_dim_v,
+            needed: tiling.workgroup_bytes(),
+            limit,
+        });
+    }
+    Ok(tiling)
 }
 
 /// How query rows map onto invocations.
@@ -1395,6 +1478,93 @@ pub(crate) mod profiles {
                 assert!(reason.contains("256"), "{reason}")
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn register_blocked_layouts_given_by_the_caller() {
+        let shape = AttentionShape::self_attention(2, 1000, 8, 128);
+        let layout = |row_lanes, key_lanes, rows| BlockedLayout {
+            row_lanes,
+            key_lanes,
+            rows,
+        };
+        for p in all() {
+            let info = p.info();
+            let what = p.name;
+            // A small layout fits every profile and is taken exactly, on
+            // any storage, CPU adapters included.
+            let plan =
+                ForwardPlan::for_call_with_layout(&info, &shape, DType::F16, None, layout(4, 2, 3))
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let blocked = plan.blocked_tiling().expect("register-blocked");
+            assert_eq!(
+                (blocked.row_lanes, blocked.key_lanes, blocked.rows),
+                (4, 2, 3),
+                "{what}"
+            );
+            assert_eq!(plan.tier(), Tier::RegisterBlocked);
+            assert_eq!(plan.workgroups(), [1000u32.div_ceil(12), 8, 2]);
+            assert_eq!(plan.block_n(), 8);
+            // Out of the kernel's range: the numbers come back.
+            for bad in [
+                layout(0, 8, 2),
+                layout(8, 0, 2),
+                layout(8, 8, 0),
+                layout(8, 8, 9),
+            ] {
+                match ForwardPlan::for_call_with_layout(&info, &shape, DType::F32, None, bad) {
+                    Err(Error::InvalidBlockedLayout {
+                        row_lanes,
+                        key_lanes,
+                        rows,
+                    }) => assert_eq!(layout(row_lanes, key_lanes, rows), bad),
+                    other => panic!("{what} {bad}: {other:?}"),
+                }
+            }
+            // Past the adapter's invocations or workgroup memory.
+            let wide = layout(256, 256, 1);
+            assert!(matches!(
+                ForwardPlan::for_call_with_layout(&info, &shape, DType::F32, None, wide),
+                Err(Error::WorkgroupInvocations { needed: 65536, limit }) if limit == p.invocations
+            ));
+            let tall = layout(128, 1, 8);
+            let needed = BlockedTiling {
+                head_dim: 128,
+                head_dim_v: 128,
+                row_lanes: 128,
+                key_lanes: 1,
+                rows: 8,
+                storage: DType::F32,
+                f16_products: false,
+            }
+            .workgroup_bytes();
+            match ForwardPlan::for_call_with_layout(&info, &shape, DType::F32, None, tall) {
+                Err(Error::WorkgroupMemory {
+                    needed: n, limit, ..
+                }) => {
+                    assert_eq!((n, limit), (needed, p.workgroup_bytes), "{what}");
+                }
+                Err(Error::WorkgroupInvocations { .. }) => assert!(p.invocations < 128, "{what}"),
+                other => panic!("{what}: {other:?}"),
+            }
+            // Only the register-blocked tier has layouts.
+            for tier in [
+                Tier::Portable,
+                Tier::SubgroupBroadcast,
+                Tier::CooperativeMatrix,
+            ] {
+                assert!(matches!(
+                    ForwardPlan::for_call_with_layout(
+                        &info,
+                        &shape,
+                        DType::F32,
+                        Some(tier),
+                        layout(4, 2, 3)
+                    ),
+                    Err(Error::UnsupportedCombination { .. })
+                ));
+            }
         }
     }
 

@@ -1105,6 +1105,56 @@ fn run_compares_f16_products_with_f32_arithmetic() {
     assert!(bound > 1e-4 && bound < 1e-2, "{bound}");
 }
 
+/// `run --blocked-layout` times each register-blocked layout as a case of
+/// its own (validated like any other), after the planner's choice; a layout
+/// the adapter cannot hold is reported and skipped, one outside the
+/// kernel's range is a bad flag (exit 2).
+#[test]
+fn run_times_register_blocked_layouts() {
+    let Some(_) = gpu() else { return };
+    let json = scratch("layouts.json");
+    let output = flash_bench(&[
+        "run",
+        "--seq-q",
+        "40",
+        "--heads-q",
+        "4",
+        "--head-dim",
+        "32",
+        "--causal",
+        "--blocked-layout",
+        "4x4x2,256x256x1,2x8x3",
+        "--iters",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("skipped: register-blocked layout 256x256x1"),
+        "{stderr}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let cases = report["cases"].as_array().unwrap();
+    let layouts: Vec<&serde_json::Value> = cases
+        .iter()
+        .map(|c| &c["options"]["blocked_layout"])
+        .collect();
+    assert_eq!(
+        layouts,
+        [&serde_json::Value::Null, &"4x4x2".into(), &"2x8x3".into()]
+    );
+    for case in &cases[1..] {
+        assert_eq!(case["passed"], true, "{case}");
+        assert_eq!(case["tier"], "RegisterBlocked", "{case}");
+    }
+    let output = flash_bench(&["run", "--seq-q", "8", "--blocked-layout", "8x8x9"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("rows must be 1 to 8"));
+}
+
 /// `run --tier a,b,c` measures each tier in one run (one validated case
 /// each), reporting a listed tier the adapter lacks instead of failing;
 /// `info` prints the planner's tier per head dim and storage type.

@@ -9,8 +9,8 @@ use common::random::seeded;
 use common::{Inputs, gpu, round_to};
 use rand::Rng;
 use wgpu_flash_attn::{
-    Alibi, AttentionArgs, AttentionConfig, AttentionShape, DType, Error, ForwardOptions,
-    ForwardPlan, Gpu, Tensor, Tier, ValidLengths, reference,
+    Alibi, AttentionArgs, AttentionConfig, AttentionShape, BlockedLayout, DType, Error,
+    ForwardOptions, ForwardPlan, Gpu, Tensor, Tier, ValidLengths, reference,
 };
 
 /// Whether this adapter should offer the subgroup-broadcast tier.
@@ -34,11 +34,23 @@ fn run_tier(
     inputs: &Inputs,
     causal: bool,
 ) -> f64 {
-    let held = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| round_to(dtype, x)).collect() };
-    let (q, k, v) = (held(&inputs.q), held(&inputs.k), held(&inputs.v));
     let config = AttentionConfig::new().causal(causal).tier(tier);
     let plan = ForwardPlan::for_call(gpu.info(), shape, dtype, config.tier).unwrap();
     assert_eq!(plan.tier(), tier);
+    run_config(gpu, &config, dtype, shape, inputs)
+}
+
+/// [`run_tier`] for any options (the tier the config forces).
+fn run_config(
+    gpu: &Gpu,
+    config: &AttentionConfig,
+    dtype: DType,
+    shape: &AttentionShape,
+    inputs: &Inputs,
+) -> f64 {
+    let tier = config.tier.unwrap_or(Tier::RegisterBlocked);
+    let held = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| round_to(dtype, x)).collect() };
+    let (q, k, v) = (held(&inputs.q), held(&inputs.k), held(&inputs.v));
     let q_t = Tensor::from_f32_as(gpu, shape.q_shape(), &q, dtype).unwrap();
     let k_t = Tensor::from_f32_as(gpu, shape.k_shape(), &k, dtype).unwrap();
     let v_t = Tensor::from_f32_as(gpu, shape.v_shape(), &v, dtype).unwrap();
@@ -50,11 +62,9 @@ fn run_tier(
         out: &out,
         lse: None,
     };
-    gpu.run(|e| gpu.forward(e, &args, &config)).unwrap();
+    gpu.run(|e| gpu.forward(e, &args, config)).unwrap();
     let got = out.to_f32_vec(gpu).unwrap();
-    let want = reference::attention(shape, &q, &k, &v, &config)
-        .unwrap()
-        .out;
+    let want = reference::attention(shape, &q, &k, &v, config).unwrap().out;
     let roundoff = match dtype {
         DType::F32 => 0.0,
         DType::F16 => 2f64.powi(-11),
@@ -127,6 +137,99 @@ fn every_offered_tier_matches_the_reference() {
                 );
             }
         }
+    }
+}
+
+/// The register-blocked kernel with layouts the caller gives (the tuning
+/// knob `flash-bench run --blocked-layout` sweeps): one invocation, odd
+/// rows per invocation, more key lanes than value vec4s (d=40: 10 vec4s
+/// over 16 lanes), on prefill and on decoding-like GQA shapes (grouped
+/// rows), against the reference; and the typed errors of layouts the
+/// kernel or the adapter cannot run.
+#[test]
+fn register_blocked_layouts_from_the_caller_match_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = seeded(0x1a70_0175);
+    let layout = |row_lanes, key_lanes, rows| BlockedLayout {
+        row_lanes,
+        key_lanes,
+        rows,
+    };
+    let prefill = AttentionShape {
+        batch: 2,
+        seq_q: 77,
+        seq_kv: 130,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 40,
+        head_dim_v: 40,
+    };
+    let decoding = AttentionShape {
+        seq_q: 2,
+        seq_kv: 101,
+        heads_q: 8,
+        ..prefill
+    };
+    for (layout, dtype) in [
+        (layout(1, 1, 1), DType::F32),
+        (layout(4, 2, 3), DType::F32),
+        (layout(2, 16, 2), DType::F32),
+        (layout(4, 2, 3), DType::F16),
+    ] {
+        for (shape, causal) in [(prefill, true), (prefill, false), (decoding, true)] {
+            let config = AttentionConfig::new().causal(causal).blocked_layout(layout);
+            let plan =
+                ForwardPlan::for_call_with_layout(gpu.info(), &shape, dtype, None, layout).unwrap();
+            let blocked = plan.blocked_tiling().unwrap();
+            assert_eq!(
+                (blocked.row_lanes, blocked.key_lanes, blocked.rows),
+                (layout.row_lanes, layout.key_lanes, layout.rows)
+            );
+            let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
+            let excess = run_config(gpu, &config, dtype, &shape, &inputs);
+            assert!(
+                excess <= 1e-4,
+                "{layout} {dtype:?} seq_q={} causal={causal}: error exceeds rounding by {excess:.3e}",
+                shape.seq_q
+            );
+        }
+    }
+    // What the kernel or the adapter cannot run, refused before recording.
+    let inputs = Inputs::draw(&prefill, 7, 1.0);
+    let upload = |dims, data: &[f32]| Tensor::from_f32(gpu, dims, data).unwrap();
+    let (q, k, v) = (
+        upload(prefill.q_shape(), &inputs.q),
+        upload(prefill.k_shape(), &inputs.k),
+        upload(prefill.v_shape(), &inputs.v),
+    );
+    let out = Tensor::zeros(gpu, prefill.o_shape(), DType::F32).unwrap();
+    let args = AttentionArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: None,
+    };
+    let limit = gpu.info().limits.max_compute_invocations_per_workgroup;
+    for (config, check) in [
+        (
+            AttentionConfig::new().blocked_layout(layout(8, 8, 9)),
+            &(|e: &Error| matches!(e, Error::InvalidBlockedLayout { rows: 9, .. }))
+                as &dyn Fn(&Error) -> bool,
+        ),
+        (
+            AttentionConfig::new().blocked_layout(layout(256, 256, 1)),
+            &|e: &Error| matches!(e, Error::WorkgroupInvocations { needed: 65536, .. }),
+        ),
+        (
+            AttentionConfig::new()
+                .tier(Tier::Portable)
+                .blocked_layout(layout(4, 2, 3)),
+            &|e: &Error| matches!(e, Error::UnsupportedCombination { .. }),
+        ),
+    ] {
+        let err = gpu.run(|e| gpu.forward(e, &args, &config)).unwrap_err();
+        assert!(check(&err), "{err} (invocation limit {limit})");
     }
 }
 

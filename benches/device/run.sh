@@ -77,6 +77,13 @@ step 90 "PyTorch SDPA peer" python3 .device/torch_sdpa.py "$res/torch_sdpa.json"
 for t in tiers cooperative_matrix half_storage backward decode head_dims; do
   [ -x "$tests/$t" ] && step 90 "tests: $t" "$tests/$t" --test-threads=4
 done
+# Tuning the register-blocked tier toward the 40 % target: layouts
+# (ROW_LANESxKEY_LANESxROWS) around the planner's choice, each validated;
+# those past the adapter's workgroup memory are reported and skipped.
+step 90 "register-blocked layouts, B4 H16 N4096 d128 causal, f32" \
+  "$fb" run ${target/--iters 10/--iters 3} --tier blocked \
+  --blocked-layout 8x8x4,16x8x2,16x4x2,32x4x1,8x8x2,4x16x4,32x2x1,64x2x1,64x4x1,16x16x1 \
+  --json "$res/blocked-layouts-f32.json"
 # Training and serving shapes: the backward (equal and DeepSeek's uneven
 # head dims), decoding over every cache type.
 step 60 "backward, H16 N4096 d128 causal" \

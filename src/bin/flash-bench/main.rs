@@ -91,6 +91,12 @@ struct RunArgs {
     /// (`--tier portable,blocked`).
     #[arg(long, value_enum, value_delimiter = ',')]
     tier: Vec<TierArg>,
+    /// Register-blocked workgroup layouts to time, each a case of its own
+    /// on that tier after the --tier cases: ROW_LANESxKEY_LANESxROWS, a
+    /// comma-separated list (`--blocked-layout 16x8x2,8x8x4`); a layout the
+    /// adapter cannot hold is reported and skipped.
+    #[arg(long, value_delimiter = ',', value_parser = crate::options::parse_layout)]
+    blocked_layout: Vec<wgpu_flash_attn::BlockedLayout>,
     /// Timed runs after the validating first run (at least 1).
     #[arg(long, default_value_t = 5, value_parser = crate::options::parse_iters)]
     iters: usize,
@@ -209,44 +215,70 @@ fn run(cli: &Cli) -> Result<bool> {
                     }
                 })
                 .collect();
-            let cases = tiers
-                .into_iter()
-                .map(|tier| {
-                    let (config, tier_label) = match tier {
-                        Some(tier) => (
-                            config
-                                .clone()
-                                .tier(tier.tier())
-                                .f16_products(tier.f16_products()),
-                            format!(
-                                " {}{}",
-                                tier_name(tier.tier()),
-                                if tier.f16_products() {
-                                    " f16-products"
-                                } else {
-                                    ""
-                                }
-                            ),
-                        ),
-                        None => (config.clone(), String::new()),
-                    };
-                    Case {
-                        name: format!(
-                            "{}{}{tier_label}",
-                            case_name(&shape, &flags),
-                            dtype_suffix(dtype)
-                        ),
-                        shape,
-                        config,
-                        impls: if args.backward && args.implementation != Impl::Backward {
-                            vec![args.implementation, Impl::Backward]
-                        } else {
-                            vec![args.implementation]
-                        },
-                        seed,
+            // Each layout the adapter holds, on the register-blocked tier.
+            let layouts =
+                args.blocked_layout.iter().filter(
+                    |&&layout| match ForwardPlan::for_call_with_layout(
+                        gpu.info(),
+                        &shape,
                         dtype,
-                        keys_per_dispatch: args.keys_per_dispatch,
-                    }
+                        None,
+                        layout,
+                    ) {
+                        Ok(_) => true,
+                        Err(err) => {
+                            eprintln!("skipped: register-blocked layout {layout}: {err}");
+                            false
+                        }
+                    },
+                );
+            let layout_cases: Vec<(wgpu_flash_attn::AttentionConfig, String)> = layouts
+                .map(|&layout| {
+                    (
+                        config
+                            .clone()
+                            .tier(wgpu_flash_attn::Tier::RegisterBlocked)
+                            .blocked_layout(layout),
+                        format!(" RegisterBlocked {layout}"),
+                    )
+                })
+                .collect();
+            let tier_cases = tiers.into_iter().map(|tier| match tier {
+                Some(tier) => (
+                    config
+                        .clone()
+                        .tier(tier.tier())
+                        .f16_products(tier.f16_products()),
+                    format!(
+                        " {}{}",
+                        tier_name(tier.tier()),
+                        if tier.f16_products() {
+                            " f16-products"
+                        } else {
+                            ""
+                        }
+                    ),
+                ),
+                None => (config.clone(), String::new()),
+            });
+            let cases = tier_cases
+                .chain(layout_cases)
+                .map(|(config, tier_label)| Case {
+                    name: format!(
+                        "{}{}{tier_label}",
+                        case_name(&shape, &flags),
+                        dtype_suffix(dtype)
+                    ),
+                    shape,
+                    config,
+                    impls: if args.backward && args.implementation != Impl::Backward {
+                        vec![args.implementation, Impl::Backward]
+                    } else {
+                        vec![args.implementation]
+                    },
+                    seed,
+                    dtype,
+                    keys_per_dispatch: args.keys_per_dispatch,
                 })
                 .collect();
             let report = measure_all(&gpu, cli, cases, args.iters, f64::INFINITY)?;

@@ -99,6 +99,27 @@ pub fn parse_positive(text: &str) -> Result<usize, String> {
     }
 }
 
+/// A register-blocked layout, `ROW_LANESxKEY_LANESxROWS` (`16x8x2`): lanes
+/// 1 to 256, rows 1 to 8.
+pub fn parse_layout(text: &str) -> Result<wgpu_flash_attn::BlockedLayout, String> {
+    use wgpu_flash_attn::BlockedLayout;
+    let parts: Vec<&str> = text.split('x').collect();
+    let [row_lanes, key_lanes, rows] = parts[..] else {
+        return Err(format!("expected ROW_LANESxKEY_LANESxROWS, got {text:?}"));
+    };
+    let number = |s: &str, max: u32, what: &str| -> Result<u32, String> {
+        match s.parse::<u32>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(format!("{what} must be 1 to {max}, got {s:?} in {text:?}")),
+        }
+    };
+    Ok(BlockedLayout {
+        row_lanes: number(row_lanes, BlockedLayout::MAX_LANES, "row lanes")?,
+        key_lanes: number(key_lanes, BlockedLayout::MAX_LANES, "key lanes")?,
+        rows: number(rows, BlockedLayout::MAX_ROWS, "rows")?,
+    })
+}
+
 fn parse_window(text: &str) -> Result<Window, String> {
     let (left, right) = text
         .split_once(',')

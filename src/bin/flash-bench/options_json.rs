@@ -22,6 +22,9 @@ pub struct OptionsJson {
     pub tier: Option<&'static str>,
     /// The forward's products in f16 (AttentionConfig::f16_products).
     pub f16_products: bool,
+    /// The register-blocked layout given (`run --blocked-layout`),
+    /// ROW_LANESxKEY_LANESxROWS; `null` is the planner's.
+    pub blocked_layout: Option<String>,
     /// Storage type of Q, K, V and O.
     pub dtype: &'static str,
 }
@@ -55,6 +58,7 @@ impl OptionsJson {
             sinks: config.sinks.clone(),
             tier: config.tier.map(tier_name),
             f16_products: config.f16_products,
+            blocked_layout: config.blocked_layout.map(|l| l.to_string()),
             dtype: dtype_name(dtype),
         }
     }
@@ -138,6 +142,7 @@ mod tests {
                 "sinks": [-1.5, 2.0],
                 "tier": "Portable",
                 "f16_products": false,
+                "blocked_layout": null,
                 "dtype": "bf16",
             })
         );
