@@ -26,9 +26,13 @@
 //
 // F16_PRODUCTS (AttentionConfig::f16_products, f16 storage, SHADER_F16):
 // the Q block, the K/V tile and the probabilities are f16 in workgroup
-// memory (half the bytes to stage and read), and each 4-element dot product
-// of S and each four-key weighted sum of O += P V is computed in f16, then
-// added to the f32 scores and accumulators; the softmax stays f32.
+// memory (half the bytes to stage and read), and the products of S = Q K^T
+// and O += P V are f16 multiplications (four per instruction), each product
+// then summed in f32: f16 operands, f32 accumulation, as on matrix units.
+// Sums in f16 were tried first; their rounding grows with the partial sums
+// and broke FlashAttention's rule at d=232 with a sharp scale (fuzz seed
+// 20350103: 2.4 times standard f16 attention's error). The softmax stays
+// f32.
 //
 // Generated constants (src/shaders.rs, `BlockedTiling`): D4, DV4 (head
 // dims / 4), ROW_LANES, KEY_LANES, ROWS, COLS = ceil(DV4 / KEY_LANES),
@@ -65,6 +69,14 @@ var<workgroup> p_tile: array<vec4<f32>, BLOCK_M * KEY_LANES>;
 // Per (row, key lane): the lane's max of the row's scores in the tile; at
 // the end, the lane's partial sum.
 var<workgroup> partials: array<f32, BLOCK_M * KEY_LANES>;
+
+// #if F16_PRODUCTS
+// a . b with each product rounded to f16 and the four summed in f32.
+fn f16_products_sum(a: vec4<f16>, b: vec4<f16>) -> f32 {
+    let products = vec4<f32>(a * b);
+    return (products.x + products.y) + (products.z + products.w);
+}
+// #endif
 
 // The query head of packed row `row` of workgroup y `wg_y`: the workgroup's
 // head, or with grouped rows the row's head within the KV head's group.
@@ -221,7 +233,8 @@ fn main(
             for (var r = 0u; r < ROWS; r++) {
                 let qd = q_tile[(my_rows + r) * D4 + d];
 // #if F16_PRODUCTS
-                dots[r] += vec4<f32>(vec4<f16>(dot(qd, k0), dot(qd, k1), dot(qd, k2), dot(qd, k3)));
+                dots[r] += vec4<f32>(f16_products_sum(qd, k0), f16_products_sum(qd, k1), f16_products_sum(qd, k2),
+                    f16_products_sum(qd, k3));
 // #else
                 dots[r] = vec4<f32>(fma_dot(qd, k0, dots[r].x), fma_dot(qd, k1, dots[r].y),
                     fma_dot(qd, k2, dots[r].z), fma_dot(qd, k3, dots[r].w));
@@ -311,8 +324,8 @@ fn main(
                     for (var r = 0u; r < ROWS; r++) {
                         let pr = probs[r];
 // #if F16_PRODUCTS
-                        acc[r * COLS + j] += vec4<f32>(fma(vec4<f16>(pr.w), v3, fma(vec4<f16>(pr.z), v2,
-                            fma(vec4<f16>(pr.y), v1, vec4<f16>(pr.x) * v0))));
+                        acc[r * COLS + j] += (vec4<f32>(pr.x * v0) + vec4<f32>(pr.y * v1))
+                            + (vec4<f32>(pr.z * v2) + vec4<f32>(pr.w * v3));
 // #else
                         acc[r * COLS + j] = fma(vec4<f32>(pr.w), v3, fma(vec4<f32>(pr.z), v2,
                             fma(vec4<f32>(pr.y), v1, fma(vec4<f32>(pr.x), v0, acc[r * COLS + j]))));
