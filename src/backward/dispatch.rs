@@ -44,7 +44,8 @@ impl Units {
         }
     }
 
-    /// Sequence `i` writes `extents[i]` rows and keys.
+    /// One unit per sequence, each writing the rows and keys `extents`
+    /// gives it (past its lengths: zero gradients).
     fn of_sequences(
         shape: &AttentionShape,
         sequences: &[Sequence],
