@@ -9,7 +9,7 @@ use crate::attention::AttentionArgs;
 use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::params::SequenceRows;
+use crate::params::{BackwardUnit, SequenceRows};
 use crate::tensor::Tensor;
 
 /// Valid lengths of each sequence of a dense batch.
@@ -60,6 +60,21 @@ impl Sequence {
             kv_len: self.kv_len as u32,
             diag: self.kv_len as i32 - self.q_len as i32,
             ..SequenceRows::default()
+        }
+    }
+
+    /// The sequence as the backward kernels read it, writing `extent_q`
+    /// rows and `extent_kv` keys (past its lengths: zero gradients).
+    pub fn backward_unit(&self, extent_q: usize, extent_kv: usize) -> BackwardUnit {
+        BackwardUnit {
+            q_batch: self.batch as u32,
+            q_start: self.q_start as u32,
+            q_len: self.q_len as u32,
+            extent_q: extent_q as u32,
+            kv_batch: self.kv_batch as u32,
+            kv_start: self.kv_start as u32,
+            kv_len: self.kv_len as u32,
+            extent_kv: extent_kv as u32,
         }
     }
 }

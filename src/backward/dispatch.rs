@@ -55,16 +55,7 @@ impl Units {
             .iter()
             .map(|s| {
                 let (extent_q, extent_kv) = extents(s);
-                BackwardUnit {
-                    q_batch: s.batch as u32,
-                    q_start: s.q_start as u32,
-                    q_len: s.q_len as u32,
-                    extent_q: extent_q as u32,
-                    kv_batch: s.kv_batch as u32,
-                    kv_start: s.kv_start as u32,
-                    kv_len: s.kv_len as u32,
-                    extent_kv: extent_kv as u32,
-                }
+                s.backward_unit(extent_q, extent_kv)
             })
             .collect();
         let longest = |f: fn(&BackwardUnit) -> u32| table.iter().map(f).max().unwrap_or(0) as usize;
