@@ -19,7 +19,8 @@
 // passes; nothing is accumulated across workgroups, so no atomics are needed
 // and every run gives the same bits. A unit (`BackwardUnit`, workgroups' z)
 // is a batch entry of a dense call or a sequence of a padded or packed one:
-// every sequence runs in the same dispatch. Per (query i, key j), in natural units:
+// every sequence runs in the same dispatch. Per (query i, key j), in
+// natural units:
 //   P = exp(s - lse_i), dP = dO_i . v_j, dS = P (dP - D_i),
 //   dX = dS * scale * (softcap ? 1 - tanh(t / cap)^2 : 1)   (t = scale q.k)
 //   dQ_i += dX k_j, dK_j += dX q_i, dV_j += P dO_i.
