@@ -308,6 +308,46 @@ fn decode_and_masks_report_validated_figures() {
         assert!(case["max_abs_err"].as_f64().unwrap() <= 1e-4);
     }
 
+    // f16 queries and outputs over an f32 and a bf16 cache: validated
+    // within the tolerance past the output's f16 rounding; the prefill
+    // kernel is compared for f32 queries only.
+    let json = scratch("decode-f16-queries.json");
+    let output = flash_bench(&[
+        "decode",
+        "--cache",
+        "300",
+        "--heads-q",
+        "8",
+        "--heads-kv",
+        "2",
+        "--head-dim",
+        "64",
+        "--kv-dtype",
+        "f32,bf16",
+        "--q-dtype",
+        "f16",
+        "--iters",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    assert!(stdout(&output).contains("q:f16"), "{}", stdout(&output));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let cases = report["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 2);
+    for case in cases {
+        assert_eq!(case["q_dtype"], "f16", "{case}");
+        assert_eq!(case["within_tolerance"], true, "{case}");
+        assert!(case["prefill_ms"].is_null(), "{case}");
+        // At most the tolerance plus f16's rounding of outputs below 1.
+        assert!(
+            case["max_abs_err"].as_f64().unwrap() <= 1e-4 + 2f64.powi(-11),
+            "{case}"
+        );
+    }
+
     // A latent cache (MLA): values are the keys' prefixes, one pool read.
     let json = scratch("decode-latent.json");
     let output = flash_bench(&[
