@@ -27,6 +27,18 @@ fn scratch(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// Runs flash-bench with `--json` into a scratch file named `name`,
+/// asserts exit 0 and returns the output and the parsed report.
+fn json_report(name: &str, args: &[&str]) -> (Output, serde_json::Value) {
+    let json = scratch(name);
+    let mut args = args.to_vec();
+    args.extend(["--json", json.to_str().unwrap()]);
+    let output = flash_bench(&args);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (output, report)
+}
+
 fn encode(dtype: Dtype, values: &[f32]) -> Vec<u8> {
     match dtype {
         Dtype::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
@@ -217,31 +229,28 @@ fn check_exits_1_outside_tolerance_and_2_on_bad_input() {
 #[test]
 fn run_json_has_every_promised_field() {
     let Some(_) = gpu() else { return };
-    let json = scratch("run.json");
-    let output = flash_bench(&[
-        "run",
-        "--seq-q",
-        "64",
-        "--seq-kv",
-        "80",
-        "--heads-q",
-        "4",
-        "--heads-kv",
-        "2",
-        "--head-dim",
-        "32",
-        "--window",
-        "-1,0",
-        "--impl",
-        "naive",
-        "--iters",
-        "2",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (_, report) = json_report(
+        "run.json",
+        &[
+            "run",
+            "--seq-q",
+            "64",
+            "--seq-kv",
+            "80",
+            "--heads-q",
+            "4",
+            "--heads-kv",
+            "2",
+            "--head-dim",
+            "32",
+            "--window",
+            "-1,0",
+            "--impl",
+            "naive",
+            "--iters",
+            "2",
+        ],
+    );
     assert!(report["ceilings"]["fma_gflops"].as_f64().unwrap() > 0.0);
     assert!(report["ceilings"]["copy_gb_per_s"].as_f64().unwrap() > 0.0);
     assert!(report["adapter"]["name"].is_string());
@@ -275,27 +284,24 @@ fn run_json_has_every_promised_field() {
 #[test]
 fn decode_and_masks_report_validated_figures() {
     let Some(_) = gpu() else { return };
-    let json = scratch("decode.json");
-    let output = flash_bench(&[
-        "decode",
-        "--cache",
-        "300,1000",
-        "--heads-q",
-        "8",
-        "--heads-kv",
-        "2",
-        "--head-dim",
-        "64",
-        "--seq-q",
-        "2",
-        "--iters",
-        "1",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (_, report) = json_report(
+        "decode.json",
+        &[
+            "decode",
+            "--cache",
+            "300,1000",
+            "--heads-q",
+            "8",
+            "--heads-kv",
+            "2",
+            "--head-dim",
+            "64",
+            "--seq-q",
+            "2",
+            "--iters",
+            "1",
+        ],
+    );
     let cases = report["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 2);
     for case in cases {
@@ -390,26 +396,23 @@ fn decode_and_masks_report_validated_figures() {
         f32_case["gb_per_s"].as_f64().unwrap() * f32_case["decode_ms"].as_f64().unwrap() * 1e6;
     assert!((bytes - 300.0 * 192.0 * 4.0).abs() < 1.0, "{bytes} bytes");
 
-    let json = scratch("masks.json");
-    let output = flash_bench(&[
-        "masks",
-        "--bert-batch",
-        "2",
-        "--longformer-seq",
-        "512",
-        "--window",
-        "64",
-        "--iters",
-        "1",
-        "--backward",
-        "--packed-sequences",
-        "12",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (_, report) = json_report(
+        "masks.json",
+        &[
+            "masks",
+            "--bert-batch",
+            "2",
+            "--longformer-seq",
+            "512",
+            "--window",
+            "64",
+            "--iters",
+            "1",
+            "--backward",
+            "--packed-sequences",
+            "12",
+        ],
+    );
     let runs = report["runs"].as_array().unwrap();
     let variants: Vec<&str> = runs
         .iter()
@@ -1099,27 +1102,24 @@ fn run_refuses_an_unsupported_value_head_dim_in_one_line() {
 #[test]
 fn run_compares_f16_products_with_f32_arithmetic() {
     let Some(gpu) = gpu() else { return };
-    let json = scratch("f16-products.json");
-    let output = flash_bench(&[
-        "run",
-        "--seq-q",
-        "48",
-        "--heads-q",
-        "4",
-        "--head-dim",
-        "64",
-        "--dtype",
-        "f16",
-        "--tier",
-        "blocked,blocked-f16",
-        "--iters",
-        "1",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (output, report) = json_report(
+        "f16-products.json",
+        &[
+            "run",
+            "--seq-q",
+            "48",
+            "--heads-q",
+            "4",
+            "--head-dim",
+            "64",
+            "--dtype",
+            "f16",
+            "--tier",
+            "blocked,blocked-f16",
+            "--iters",
+            "1",
+        ],
+    );
     let cases = report["cases"].as_array().unwrap();
     for case in cases {
         assert_eq!(case["passed"], true, "{case}");
@@ -1201,28 +1201,25 @@ fn run_times_register_blocked_layouts() {
 #[test]
 fn run_compares_listed_tiers_and_info_names_them() {
     let Some(gpu) = gpu() else { return };
-    let json = scratch("tiers.json");
-    let output = flash_bench(&[
-        "run",
-        "--seq-q",
-        "40",
-        "--heads-q",
-        "8",
-        "--heads-kv",
-        "2",
-        "--head-dim",
-        "32",
-        "--causal",
-        "--tier",
-        "portable,blocked,coop",
-        "--iters",
-        "1",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (output, report) = json_report(
+        "tiers.json",
+        &[
+            "run",
+            "--seq-q",
+            "40",
+            "--heads-q",
+            "8",
+            "--heads-kv",
+            "2",
+            "--head-dim",
+            "32",
+            "--causal",
+            "--tier",
+            "portable,blocked,coop",
+            "--iters",
+            "1",
+        ],
+    );
     let tiers: Vec<&str> = report["cases"]
         .as_array()
         .unwrap()
