@@ -296,15 +296,13 @@ fn padded_backward(
         })?;
         let mut err = 0.0f64;
         for (got, want) in [(&dq, &want.dq), (&dk, &want.dk), (&dv, &want.dv)] {
-            let got = got.to_f32_vec(gpu)?;
-            let magnitude = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
-            for (g, w) in got.iter().zip(want) {
-                ensure!(
-                    g.is_finite(),
-                    "{name} / {variant}: a gradient was not written"
-                );
-                err = err.max((f64::from(*g) - w).abs() / magnitude);
-            }
+            let what = format!("{name} / {variant}");
+            err = err.max(gradient_error(
+                &got.to_f32_vec(gpu)?,
+                want,
+                largest(want),
+                &what,
+            )?);
         }
         ok &= err <= BACKWARD_TOLERANCE;
         let timing = time_gpu(gpu, plan, |e| gpu.backward(e, &backward, options.clone()))?;
@@ -459,17 +457,13 @@ fn packed_backward(
         for (b, want) in wants.iter().enumerate() {
             let want = [&want.dq, &want.dk, &want.dv];
             for (got, want) in got.iter().zip(want) {
-                let magnitude = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
+                let magnitude = largest(want);
                 for i in 0..lens[b] {
                     let at = row_of(b, i) * width;
                     valid[row_of(b, i)] = true;
-                    for (g, w) in got[at..at + width].iter().zip(&want[i * width..]) {
-                        ensure!(
-                            g.is_finite(),
-                            "{name} / {variant}: a gradient was not written"
-                        );
-                        err = err.max((f64::from(*g) - w).abs() / magnitude);
-                    }
+                    let (got, want) = (&got[at..at + width], &want[i * width..(i + 1) * width]);
+                    let what = format!("{name} / {variant}");
+                    err = err.max(gradient_error(got, want, magnitude, &what)?);
                 }
             }
         }
@@ -494,6 +488,22 @@ fn packed_backward(
         report_row(&name, variant, ms, gflops, speedup, err, runs);
     }
     Ok(ok)
+}
+
+/// The largest |reference gradient|, at least 1.
+fn largest(want: &[f64]) -> f64 {
+    want.iter().fold(1.0f64, |m, w| m.max(w.abs()))
+}
+
+/// The largest |got - want| over `magnitude`; an unwritten (non-finite)
+/// gradient is an error.
+fn gradient_error(got: &[f32], want: &[f64], magnitude: f64, what: &str) -> Result<f64> {
+    let mut err = 0.0f64;
+    for (g, w) in got.iter().zip(want) {
+        ensure!(g.is_finite(), "{what}: a gradient was not written");
+        err = err.max((f64::from(*g) - w).abs() / magnitude);
+    }
+    Ok(err)
 }
 
 /// Backward gradients: within this share of the largest reference gradient
