@@ -31,7 +31,9 @@
 //! tokens, a chosen or forced split count, f32, f16, bf16 or int8 storage
 //! (checked over the values stored), queries and output in f32, f16 or
 //! bf16. Backward (f32): no mask, a
-//! boolean or a bias mask; with sinks, their gradients too. The bound is the crate's accuracy rule: 1e-4
+//! boolean or a bias mask, valid lengths or a packed variable-length batch
+//! (one dispatch per pass for all of its sequences); with sinks, their
+//! gradients too. The bound is the crate's accuracy rule: 1e-4
 //! plus the output's rounding to its storage type, on inputs already
 //! rounded to it (docs/semantics.md), a row that sees no key being zeros;
 //! gradients within 2e-5 of the largest reference gradient (at least 1) plus twice the
@@ -211,8 +213,7 @@ fn draw_case(rng: &mut SeededRng) -> Case {
         config = config.sinks(normal_vec(rng, shape.heads_q, 2.0));
     }
     let extras = match operation {
-        Operation::Forward => 5,
-        Operation::Backward => 3,
+        Operation::Forward | Operation::Backward => 5,
         Operation::Decode { .. } => 1,
     };
     let extra = match rng.random_range(0..extras) {
@@ -730,6 +731,34 @@ fn run_backward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), Strin
     if let Some(mask) = &mask {
         options = options.mask(mask);
     }
+    // Padded and packed batches: each sequence is attention over its own
+    // tokens alone (as ranges of the packed token axis).
+    let sequences: Option<Vec<_>> = match &case.extra {
+        Extra::ValidLengths { q: q_lens, kv } => {
+            options = options.valid_lengths(ValidLengths {
+                q: Some(q_lens),
+                kv,
+            });
+            Some(
+                (0..s.batch)
+                    .map(|b| {
+                        let (q0, k0) = (b * s.seq_q, b * s.seq_kv);
+                        (q0..q0 + q_lens[b], k0..k0 + kv[b])
+                    })
+                    .collect(),
+            )
+        }
+        Extra::Varlen { cu_q, cu_k } => {
+            options = options.varlen(cu_q, cu_k);
+            Some(
+                cu_q.windows(2)
+                    .zip(cu_k.windows(2))
+                    .map(|(qs, ks)| (qs[0]..qs[1], ks[0]..ks[1]))
+                    .collect(),
+            )
+        }
+        _ => None,
+    };
     let dsinks = case
         .config
         .sinks
@@ -760,9 +789,13 @@ fn run_backward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), Strin
     })
     .map_err(|e| format!("GPU call failed: {e}"))?;
     let inputs = [&q[..], &k[..], &v[..], &d_out[..]];
-    let want = reference::attention_backward(s, inputs, &case.config, host.as_ref()).unwrap();
-    let standard =
-        reference::attention_backward_f32(s, inputs, &case.config, host.as_ref()).unwrap();
+    let [want, standard] = match &sequences {
+        Some(sequences) => per_sequence_backward(s, inputs, &case.config, sequences),
+        None => [
+            reference::attention_backward(s, inputs, &case.config, host.as_ref()).unwrap(),
+            reference::attention_backward_f32(s, inputs, &case.config, host.as_ref()).unwrap(),
+        ],
+    };
     for (name, got, want, standard) in [
         ("dq", dq.to_f32_vec(gpu).unwrap(), &want.dq, &standard.dq),
         ("dk", dk.to_f32_vec(gpu).unwrap(), &want.dk, &standard.dk),
@@ -793,6 +826,59 @@ fn run_backward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), Strin
         }
     }
     Ok(())
+}
+
+/// The reference gradients (f64) and standard attention's in f32 of a
+/// batch whose sequences run alone, each (query tokens, key tokens) as
+/// ranges of the packed token axis: rows and keys of no sequence get zero
+/// gradients, and the sinks' gradients add up over the sequences.
+fn per_sequence_backward(
+    s: &AttentionShape,
+    [q, k, v, d_out]: [&[f32]; 4],
+    config: &AttentionConfig,
+    sequences: &[(std::ops::Range<usize>, std::ops::Range<usize>)],
+) -> [reference::ReferenceGradients; 2] {
+    let (q_row, k_row) = (s.heads_q * s.head_dim, s.heads_kv * s.head_dim);
+    let (v_row, o_row) = (s.heads_kv * s.head_dim_v, s.heads_q * s.head_dim_v);
+    let zeros = || reference::ReferenceGradients {
+        out: Vec::new(),
+        lse: Vec::new(),
+        dq: vec![0.0; s.q_shape().elements()],
+        dk: vec![0.0; s.k_shape().elements()],
+        dv: vec![0.0; s.v_shape().elements()],
+        dsinks: vec![0.0; config.sinks.as_ref().map_or(0, Vec::len)],
+    };
+    let mut totals = [zeros(), zeros()];
+    for (rows, keys) in sequences {
+        if rows.is_empty() || keys.is_empty() {
+            continue;
+        }
+        let one = AttentionShape {
+            batch: 1,
+            seq_q: rows.len(),
+            seq_kv: keys.len(),
+            ..*s
+        };
+        let inputs = [
+            &q[rows.start * q_row..rows.end * q_row],
+            &k[keys.start * k_row..keys.end * k_row],
+            &v[keys.start * v_row..keys.end * v_row],
+            &d_out[rows.start * o_row..rows.end * o_row],
+        ];
+        let parts = [
+            reference::attention_backward(&one, inputs, config, None).unwrap(),
+            reference::attention_backward_f32(&one, inputs, config, None).unwrap(),
+        ];
+        for (total, part) in totals.iter_mut().zip(parts) {
+            total.dq[rows.start * q_row..rows.end * q_row].copy_from_slice(&part.dq);
+            total.dk[keys.start * k_row..keys.end * k_row].copy_from_slice(&part.dk);
+            total.dv[keys.start * v_row..keys.end * v_row].copy_from_slice(&part.dv);
+            for (sum, x) in total.dsinks.iter_mut().zip(&part.dsinks) {
+                *sum += x;
+            }
+        }
+    }
+    totals
 }
 
 /// Cases between two running tallies of a soak.
