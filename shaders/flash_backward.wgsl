@@ -135,12 +135,6 @@ fn unit_diag(u: BackwardUnit) -> i32 {
     return i32(u.kv_len) - i32(u.q_len);
 }
 
-// Staged tiles: Q and dO rows (key_grads) or K and V rows (query_grads),
-// and per staged query row its logsumexp and delta.
-var<workgroup> tile_a: array<vec4<f32>, BLOCK * D4>;
-var<workgroup> tile_b: array<vec4<f32>, BLOCK * DV4>;
-var<workgroup> row_stats: array<vec2<f32>, BLOCK>;
-
 // #if HALF_STORAGE
 fn load_do(i: u32) -> vec4<f32> {
     return unpack4(do_buf[i]);
@@ -326,6 +320,16 @@ fn sink_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
         deltas[p.batch * p.heads_q * p.seq_q + head] = -sink_shares[0];
     }
 }
+
+// The gradient passes: register-blocked ones (flash_backward_blocked.wgsl,
+// appended to this file) or the ones below.
+// #if BLOCKED_BACKWARD
+// #else
+// Staged tiles: Q and dO rows (key_grads) or K and V rows (query_grads),
+// and per staged query row its logsumexp and delta.
+var<workgroup> tile_a: array<vec4<f32>, BLOCK * D4>;
+var<workgroup> tile_b: array<vec4<f32>, BLOCK * DV4>;
+var<workgroup> row_stats: array<vec2<f32>, BLOCK>;
 
 @compute @workgroup_size(WG_SIZE)
 fn key_grads(
@@ -713,3 +717,4 @@ fn query_grads(
         }
     }
 }
+// #endif

@@ -281,9 +281,11 @@ pub struct AttentionConfig {
     /// default: it halves the tiles' memory traffic on GPUs with fast f16
     /// but is not yet measured faster on one (BENCHMARKS.md).
     pub f16_products: bool,
-    /// The register-blocked kernel's workgroup layout, instead of the
+    /// The register-blocked kernels' workgroup layout, instead of the
     /// planner's (a tuning knob: `flash-bench run --blocked-layout` times
-    /// several in one run); forces that tier. `None`: the planner's.
+    /// several in one run); forces that tier, in the forward and in the
+    /// backward (whose key blocks are `4 * key_lanes` keys and query blocks
+    /// `row_lanes * rows` rows). `None`: the planner's.
     pub blocked_layout: Option<BlockedLayout>,
 }
 
@@ -344,8 +346,13 @@ pub enum Tier {
     /// FMAs and no invocation holds a whole head vector. The default for
     /// the forward (masked or not) on discrete and integrated GPUs where its
     /// tiles fit the workgroup memory; runs everywhere when forced (no
-    /// feature needed). Only the forward has it: forcing it for decoding,
-    /// linear attention or the backward is `TierUnavailable`; the naive
+    /// feature needed). The backward has register-blocked gradient passes
+    /// too (`shaders/flash_backward_blocked.wgsl`: blocks of keys and query
+    /// rows, each invocation owning a micro-tile of scores and of dK, dV or
+    /// dQ), run when forced (with this tier or a
+    /// [`AttentionConfig::blocked_layout`]) until a GPU measures them
+    /// against the per-key passes. Decoding and linear attention have no
+    /// such kernel: forcing it there is `TierUnavailable`; the naive
     /// baseline's products then use the best per-row tier.
     RegisterBlocked,
     /// The forward kernel on the adapter's matrix units

@@ -643,14 +643,9 @@ fn blocked_tiling(
     ))
 }
 
-/// The register-blocked kernel with the caller's layout, after checking it
-/// against the kernel's range and the adapter's limits.
-fn blocked_tiling_of(
-    info: &GpuInfo,
-    shape: &AttentionShape,
-    storage: DType,
-    layout: BlockedLayout,
-) -> Result<BlockedTiling> {
+/// `InvalidBlockedLayout` for a layout outside the register-blocked
+/// kernels' range (lanes 1 to 256 each, rows 1 to 8).
+pub(crate) fn check_blocked_layout(layout: BlockedLayout) -> Result<()> {
     let BlockedLayout {
         row_lanes,
         key_lanes,
@@ -667,6 +662,23 @@ fn blocked_tiling_of(
             rows,
         });
     }
+    Ok(())
+}
+
+/// The register-blocked kernel with the caller's layout, after checking it
+/// against the kernel's range and the adapter's limits.
+fn blocked_tiling_of(
+    info: &GpuInfo,
+    shape: &AttentionShape,
+    storage: DType,
+    layout: BlockedLayout,
+) -> Result<BlockedTiling> {
+    check_blocked_layout(layout)?;
+    let BlockedLayout {
+        row_lanes,
+        key_lanes,
+        rows,
+    } = layout;
     let tiling = BlockedTiling {
         head_dim: shape.head_dim as u32,
         head_dim_v: shape.head_dim_v as u32,
@@ -733,7 +745,13 @@ pub(crate) fn use_subgroup_tier(info: &GpuInfo, tier: Option<Tier>) -> Result<bo
         (Some(tier @ (Tier::RegisterBlocked | Tier::CooperativeMatrix)), _) => {
             Err(Error::TierUnavailable {
                 tier,
-                reason: format!("only the forward pass has a {tier:?} kernel"),
+                reason: match tier {
+                    Tier::RegisterBlocked => {
+                        "only the forward pass and the backward have a RegisterBlocked kernel"
+                    }
+                    _ => "only the forward pass has a CooperativeMatrix kernel",
+                }
+                .to_string(),
             })
         }
         (Some(Tier::SubgroupBroadcast), Some(reason)) => Err(Error::TierUnavailable {

@@ -35,6 +35,8 @@ const COOP_F32: &str = "COOP_F32";
 const COOP_EMULATED: &str = "COOP_EMULATED";
 /// The register-blocked forward with f16 tiles and products.
 const F16_PRODUCTS: &str = "F16_PRODUCTS";
+/// The register-blocked gradient passes (flash_backward_blocked.wgsl).
+const BLOCKED_BACKWARD: &str = "BLOCKED_BACKWARD";
 /// Invocations of an emulated subgroup.
 const EMULATED_LANES: u32 = 32;
 /// half_codec.wgsl's f16 and bf16 conversions, set from the kernel's
@@ -51,8 +53,9 @@ const QO_BF16: &str = "QO_BF16";
 /// Every `// #if` name the shaders may use. The preprocessor refuses any
 /// other, so a misspelt name fails loudly instead of quietly selecting the
 /// `// #else` branch.
-pub const VARIANT_NAMES: [&str; 19] = [
+pub const VARIANT_NAMES: [&str; 20] = [
     F16_PRODUCTS,
+    BLOCKED_BACKWARD,
     F16_CODEC,
     BF16_CODEC,
     Q_HALF,
@@ -206,12 +209,16 @@ impl Kernel {
             | Kernel::LinearUpdate => {
                 include_str!("../shaders/linear_attention.wgsl")
             }
+            // The register-blocked gradient passes follow the others'
+            // shared declarations (BLOCKED_BACKWARD picks which).
             Kernel::BackwardDeltas
             | Kernel::BackwardKeys
             | Kernel::BackwardQueries
-            | Kernel::BackwardSinks => {
-                include_str!("../shaders/flash_backward.wgsl")
-            }
+            | Kernel::BackwardSinks => concat!(
+                include_str!("../shaders/flash_backward.wgsl"),
+                "\n",
+                include_str!("../shaders/flash_backward_blocked.wgsl")
+            ),
         };
         // The files prepended to the kernel's own, in order: the 16-bit
         // conversions first (attention_common.wgsl, the append and the
@@ -770,6 +777,56 @@ pub struct BackwardTiling {
     pub storage: DType,
 }
 
+/// Tile sizes of the register-blocked gradient passes
+/// (shaders/flash_backward_blocked.wgsl). Invocation `lid` is key lane
+/// `lid / row_lanes` and row lane `lid % row_lanes`; a block holds `4 *
+/// key_lanes` keys and `row_lanes * rows` query rows, the key pass owning
+/// its keys' gradients and the query pass its rows'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockedBackwardTiling {
+    /// Query/key head dimension, a multiple of 8.
+    pub head_dim: u32,
+    /// Value head dimension, a multiple of 8.
+    pub head_dim_v: u32,
+    /// Invocations along the keys of a block (four keys each), and along
+    /// dQ's columns.
+    pub key_lanes: u32,
+    /// Invocations along the query rows of a block, and along dK's and
+    /// dV's columns.
+    pub row_lanes: u32,
+    /// Query rows per invocation.
+    pub rows: u32,
+    /// Storage type of every tensor (arithmetic is f32).
+    pub storage: DType,
+}
+
+impl BlockedBackwardTiling {
+    /// Invocations per workgroup.
+    pub fn workgroup_size(&self) -> u32 {
+        self.key_lanes * self.row_lanes
+    }
+    /// Keys per block (the key pass's workgroup, the query pass's step).
+    pub fn block_n(&self) -> u32 {
+        4 * self.key_lanes
+    }
+    /// Query rows per block (the query pass's workgroup, the key pass's
+    /// step).
+    pub fn block_m(&self) -> u32 {
+        self.row_lanes * self.rows
+    }
+    /// Workgroup memory the passes declare: K and V of a key block (rows
+    /// one vec4 longer), Q and dO of a query block, per row its two
+    /// statistics, and two vec4s of P and dX per (row, key lane).
+    pub fn workgroup_bytes(&self) -> u64 {
+        let (d4, dv4) = (u64::from(self.head_dim / 4), u64::from(self.head_dim_v / 4));
+        let (block_n, block_m) = (u64::from(self.block_n()), u64::from(self.block_m()));
+        let vec4s = block_n * (d4 + 1 + dv4 + 1)
+            + block_m * (d4 + dv4)
+            + 2 * block_m * u64::from(self.key_lanes);
+        16 * vec4s + 8 * block_m
+    }
+}
+
 /// The passes of the backward, in dispatch order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BackwardPass {
@@ -842,6 +899,11 @@ pub enum Specialization {
     Backward {
         pass: BackwardPass,
         tiling: BackwardTiling,
+    },
+    /// A register-blocked gradient pass (`Keys` or `Queries`).
+    BackwardBlocked {
+        pass: BackwardPass,
+        tiling: BlockedBackwardTiling,
     },
 }
 
@@ -961,7 +1023,8 @@ impl Specialization {
                 LinearPass::Outputs => Kernel::LinearOutputs,
                 LinearPass::Update => Kernel::LinearUpdate,
             },
-            Specialization::Backward { pass, .. } => match pass {
+            Specialization::Backward { pass, .. }
+            | Specialization::BackwardBlocked { pass, .. } => match pass {
                 BackwardPass::Deltas => Kernel::BackwardDeltas,
                 BackwardPass::Keys => Kernel::BackwardKeys,
                 BackwardPass::Queries => Kernel::BackwardQueries,
@@ -1074,6 +1137,23 @@ impl Specialization {
                     ("STAGE", (tiling.block * d4).div_ceil(wg)),
                     ("STAGE_V", (tiling.block * dv4).div_ceil(wg)),
                     ("SLOTS", (d4 + dv4).div_ceil(wg)),
+                ]
+            }
+            Specialization::BackwardBlocked { tiling, .. } => {
+                let (d4, dv4) = (tiling.head_dim / 4, tiling.head_dim_v / 4);
+                vec![
+                    ("D4", d4),
+                    ("DV4", dv4),
+                    ("KEY_LANES", tiling.key_lanes),
+                    ("ROW_LANES", tiling.row_lanes),
+                    ("ROWS", tiling.rows),
+                    ("WG_SIZE", tiling.workgroup_size()),
+                    ("BLOCK_N", tiling.block_n()),
+                    ("BLOCK_M", tiling.block_m()),
+                    ("COLS_K", d4.div_ceil(tiling.row_lanes)),
+                    ("COLS_V", dv4.div_ceil(tiling.row_lanes)),
+                    ("COLS_Q", d4.div_ceil(tiling.key_lanes)),
+                    ("QUAD", 4),
                 ]
             }
         }
@@ -1209,6 +1289,10 @@ impl Specialization {
                     flags.push(SUBGROUP_BROADCAST);
                 }
             }
+            Specialization::BackwardBlocked { tiling, .. } => {
+                flags.extend(storage_flags(tiling.storage));
+                flags.push(BLOCKED_BACKWARD);
+            }
             _ => {}
         }
         let codecs = codec_flags(&flags);
@@ -1266,6 +1350,11 @@ impl Specialization {
                 } else {
                     &[]
                 }
+            }
+            // Micro-tiles index private arrays: unrolled everywhere, so
+            // they stay in registers.
+            Specialization::BackwardBlocked { .. } => {
+                &["ROWS", "COLS_K", "COLS_V", "COLS_Q", "QUAD"]
             }
             Specialization::Combine { .. }
             | Specialization::Rope { .. }

@@ -13,8 +13,8 @@ use rand::RngExt;
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardArgs,
-    BackwardPlan, DType, Error, ForwardOptions, Gpu, Lse, SinkGrads, Tensor, TensorShape, Tier,
-    ValidLengths,
+    BackwardPlan, BlockedLayout, DType, Error, ForwardOptions, Gpu, Lse, SinkGrads, Tensor,
+    TensorShape, Tier, ValidLengths,
 };
 
 /// Packed BSHD inputs and the output gradient.
@@ -1122,7 +1122,11 @@ fn bad_operands_get_typed_errors() {
 fn each_tier_against_the_reference() {
     let Some(gpu) = gpu() else { return };
     let problem = Problem::draw(shape(1, 90, 120, (4, 2), 64), 1000, DType::F32);
-    for tier in [Tier::Portable, Tier::SubgroupBroadcast] {
+    for tier in [
+        Tier::Portable,
+        Tier::SubgroupBroadcast,
+        Tier::RegisterBlocked,
+    ] {
         let plan = BackwardPlan::for_call(gpu.info(), &problem.shape, DType::F32, Some(tier));
         if let Err(err) = plan {
             assert!(matches!(err, Error::TierUnavailable { .. }), "{err}");
@@ -1381,5 +1385,179 @@ fn a_row_that_sees_one_key_gets_zero_query_and_key_gradients() {
             1e-2
         };
         assert!(err <= tolerance, "{what}: relative error {err:.3e}");
+    }
+}
+
+/// The register-blocked gradient passes (`Tier::RegisterBlocked`, built for
+/// GPUs, forced here) over what the other passes take, each against the
+/// reference: GQA with causal, ALiBi with sinks, a negative scale with an
+/// uneven window, both mask kinds, padded and packed batches (one unit per
+/// sequence), value head dims of their own both ways, caller layouts whose
+/// lanes divide neither the head dims nor the blocks, and f16 storage
+/// (FlashAttention's rule); then the layout errors with their numbers.
+#[test]
+fn register_blocked_gradients_against_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let blocked = AttentionConfig::new().tier(Tier::RegisterBlocked);
+    let base = shape(2, 45, 70, (4, 2), 64);
+    let problem = Problem::draw(base, 7100, DType::F32);
+    for config in [
+        blocked.clone().causal(true),
+        blocked
+            .clone()
+            .alibi(Alibi::PerHead(vec![0.1, 0.2, 0.05, 0.0]))
+            .sinks(vec![1.0, -0.5, 0.0, 2.0]),
+        blocked.clone().scale(-0.3).window(Some(5), Some(40)),
+    ] {
+        check_f32(gpu, &problem, &config, &format!("blocked {config:?}"));
+    }
+
+    let dims = [base.batch, base.heads_q, base.seq_q, base.seq_kv];
+    let n = dims.iter().product();
+    let mut rng = seeded(7101);
+    let bias: Vec<f32> = (0..n)
+        .map(|_| match rng.random_bool(0.2) {
+            true => f32::NEG_INFINITY,
+            false => rng.random_range(-2.0..2.0),
+        })
+        .collect();
+    let bits: Vec<bool> = (0..n).map(|_| rng.random_bool(0.6)).collect();
+    let masks = [
+        (
+            "bias",
+            AttentionMask::bias(gpu, dims, &bias).unwrap(),
+            HostMask::Bias {
+                dims,
+                values: &bias,
+            },
+        ),
+        (
+            "boolean",
+            AttentionMask::boolean(gpu, dims, &bits).unwrap(),
+            HostMask::Bool {
+                dims,
+                values: &bits,
+            },
+        ),
+    ];
+    let causal = blocked.clone().causal(true);
+    for (kind, mask, host) in &masks {
+        let (got, want) = masked(gpu, &problem, &causal, mask, host);
+        let what = format!("blocked, {kind} mask");
+        let err = relative_error(&got.unwrap(), &want, &what);
+        assert!(err <= F32_TOLERANCE, "{what}: relative error {err:.3e}");
+    }
+
+    let (q_lens, kv_lens) = ([45, 0], [9, 70]);
+    let lengths = ValidLengths {
+        q: Some(&q_lens),
+        kv: &kv_lens,
+    };
+    let got = run_backward(
+        gpu,
+        &problem,
+        DType::F32,
+        ForwardOptions::new(&causal).valid_lengths(lengths),
+    )
+    .unwrap();
+    let sequences: Vec<_> = (0..2).map(|b| (b, 0..q_lens[b], 0..kv_lens[b])).collect();
+    let want = expected_per_sequence(&problem, &sequences, &causal);
+    let err = relative_error(&got, &want, "blocked, padded");
+    assert!(
+        err <= F32_TOLERANCE,
+        "blocked, padded: relative error {err:.3e}"
+    );
+    let (cu_q, cu_k) = ([0, 1, 33, 33, 45], [0, 40, 41, 60, 70]);
+    let packed = Problem::draw(shape(1, 45, 70, (4, 2), 64), 7102, DType::F32);
+    let got = run_backward(
+        gpu,
+        &packed,
+        DType::F32,
+        ForwardOptions::new(&causal).varlen(&cu_q, &cu_k),
+    )
+    .unwrap();
+    let sequences: Vec<_> = (0..4)
+        .map(|i| (0, cu_q[i]..cu_q[i + 1], cu_k[i]..cu_k[i + 1]))
+        .collect();
+    let want = expected_per_sequence(&packed, &sequences, &causal);
+    let err = relative_error(&got, &want, "blocked, packed");
+    assert!(
+        err <= F32_TOLERANCE,
+        "blocked, packed: relative error {err:.3e}"
+    );
+
+    for (head_dim, head_dim_v) in [(192, 128), (40, 8)] {
+        let shape = AttentionShape {
+            head_dim_v,
+            ..shape(1, 37, 50, (2, 1), head_dim)
+        };
+        let problem = Problem::draw(shape, 7103 + head_dim as u64, DType::F32);
+        let config = blocked.clone().window(Some(20), Some(3));
+        check_f32(
+            gpu,
+            &problem,
+            &config,
+            &format!("blocked {head_dim}/{head_dim_v}"),
+        );
+    }
+    // Three row lanes split neither 16 nor 4 value columns evenly; one key
+    // lane makes blocks of four keys, five make blocks of twenty.
+    let narrow = Problem::draw(shape(1, 33, 47, (2, 2), 64), 7104, DType::F32);
+    for layout in [
+        BlockedLayout {
+            row_lanes: 3,
+            key_lanes: 5,
+            rows: 3,
+        },
+        BlockedLayout {
+            row_lanes: 1,
+            key_lanes: 1,
+            rows: 1,
+        },
+    ] {
+        let config = AttentionConfig::new().causal(true).blocked_layout(layout);
+        check_f32(gpu, &narrow, &config, &format!("blocked layout {layout}"));
+    }
+    let half = Problem::draw(shape(1, 40, 56, (2, 1), 64), 7105, DType::F16);
+    check_half(gpu, &half, DType::F16, &causal);
+
+    let errors = [
+        (
+            BlockedLayout {
+                row_lanes: 0,
+                key_lanes: 8,
+                rows: 1,
+            },
+            None,
+        ),
+        (
+            BlockedLayout {
+                row_lanes: 256,
+                key_lanes: 256,
+                rows: 8,
+            },
+            None,
+        ),
+        (
+            BlockedLayout {
+                row_lanes: 4,
+                key_lanes: 4,
+                rows: 1,
+            },
+            Some(Tier::Portable),
+        ),
+    ];
+    for (layout, tier) in errors {
+        let err = BackwardPlan::for_call_with_layout(gpu.info(), &base, DType::F32, tier, layout)
+            .unwrap_err();
+        let expected = match (layout.row_lanes, tier) {
+            (0, _) => matches!(err, Error::InvalidBlockedLayout { row_lanes: 0, .. }),
+            (_, Some(_)) => matches!(err, Error::UnsupportedCombination { .. }),
+            _ => matches!(
+                err,
+                Error::WorkgroupInvocations { .. } | Error::WorkgroupMemory { .. }
+            ),
+        };
+        assert!(expected, "{layout}: {err}");
     }
 }

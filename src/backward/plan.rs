@@ -1,11 +1,11 @@
 //! How the backward runs on an adapter: a pure function of its
 //! [`GpuInfo`] and the call's shape, like the other planners.
 
-use crate::config::{AttentionShape, Tier};
+use crate::config::{AttentionShape, BlockedLayout, Tier};
 use crate::error::{Error, Result};
 use crate::gpu::GpuInfo;
-use crate::plan::use_subgroup_tier;
-use crate::shaders::{BackwardPass, BackwardTiling, Specialization};
+use crate::plan::{check_blocked_layout, use_subgroup_tier};
+use crate::shaders::{BackwardPass, BackwardTiling, BlockedBackwardTiling, Specialization};
 use crate::tensor::DType;
 
 /// Storage buffers the backward kernels bind (Q, K, V, O/dK/dQ, logsumexp,
@@ -28,11 +28,26 @@ const SINK_WORKGROUP: u64 = 64;
 /// Staged rows or keys per tile, halved until the tiles fit the adapter's
 /// workgroup memory.
 const BLOCK_CANDIDATES: [u32; 4] = [32, 16, 8, 4];
+/// Register-blocked gradient layouts the planner tries, most work per
+/// workgroup first: (row lanes, key lanes, rows per invocation), as
+/// [`BlockedLayout`] spells them. Not yet tuned on a GPU; `flash-bench run
+/// --backward --blocked-layout` times others.
+const BLOCKED_LAYOUTS: [(u32, u32, u32); 6] = [
+    (8, 8, 2),
+    (4, 8, 2),
+    (8, 4, 2),
+    (4, 4, 2),
+    (4, 4, 1),
+    (2, 2, 1),
+];
 
 /// Tiles and workgroups of one backward call. See [`BackwardPlan::for_call`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackwardPlan {
     pub(crate) tiling: BackwardTiling,
+    /// The register-blocked gradient passes, when that tier is forced (the
+    /// row-delta and sink passes keep `tiling`'s).
+    pub(crate) blocked: Option<BlockedBackwardTiling>,
 }
 
 impl BackwardPlan {
@@ -50,6 +65,38 @@ impl BackwardPlan {
         shape: &AttentionShape,
         storage: DType,
         tier: Option<Tier>,
+    ) -> Result<Self> {
+        Self::plan_call(info, shape, storage, tier, None)
+    }
+
+    /// [`BackwardPlan::for_call`] on the register-blocked tier with its
+    /// workgroup layout given ([`crate::AttentionConfig::blocked_layout`],
+    /// read as for the forward: `row_lanes x key_lanes` invocations, blocks
+    /// of `4 * key_lanes` keys and `row_lanes * rows` query rows): a layout
+    /// outside the kernels' range, or one the adapter's invocations or
+    /// workgroup memory cannot hold, is a typed error with the numbers, as
+    /// is another forced tier.
+    pub fn for_call_with_layout(
+        info: &GpuInfo,
+        shape: &AttentionShape,
+        storage: DType,
+        tier: Option<Tier>,
+        layout: BlockedLayout,
+    ) -> Result<Self> {
+        if tier.is_some_and(|t| t != Tier::RegisterBlocked) {
+            return Err(Error::UnsupportedCombination {
+                what: "a register-blocked layout and a tier other than RegisterBlocked",
+            });
+        }
+        Self::plan_call(info, shape, storage, tier, Some(layout))
+    }
+
+    fn plan_call(
+        info: &GpuInfo,
+        shape: &AttentionShape,
+        storage: DType,
+        tier: Option<Tier>,
+        layout: Option<BlockedLayout>,
     ) -> Result<Self> {
         shape.validate()?;
         // Query/key and value head dims each up to 256, each held in a
@@ -74,8 +121,9 @@ impl BackwardPlan {
         let (head_dim_capacity, head_dim_v_capacity) =
             (capacity(shape.head_dim), capacity(shape.head_dim_v));
         let cpu = info.adapter.device_type == wgpu::DeviceType::Cpu;
+        let blocked_tier = layout.is_some() || tier == Some(Tier::RegisterBlocked);
         // GPUs get the subgroup tier only when it is forced.
-        let subgroup = use_subgroup_tier(info, tier)? && (cpu || tier.is_some());
+        let subgroup = !blocked_tier && use_subgroup_tier(info, tier)? && (cpu || tier.is_some());
         // Each value read from workgroup memory (or broadcast) feeds `rows`
         // FMAs; the key pass holds 4 x rows x head dim floats per invocation.
         let cpu_rows = match (head_dim_capacity + head_dim_v_capacity) / 2 {
@@ -106,6 +154,11 @@ impl BackwardPlan {
                 needed: tile_bytes(head_dim_capacity, head_dim_v_capacity, BLOCK_CANDIDATES[3]),
                 limit: limits.max_compute_workgroup_storage_size,
             })?;
+        let blocked = match (layout, blocked_tier) {
+            (Some(layout), _) => Some(blocked_tiling_of(info, shape, storage, layout)?),
+            (None, true) => Some(blocked_tiling(info, shape, storage)?),
+            (None, false) => None,
+        };
         Ok(BackwardPlan {
             tiling: BackwardTiling {
                 head_dim_capacity,
@@ -117,6 +170,7 @@ impl BackwardPlan {
                 subgroup,
                 storage,
             },
+            blocked,
         })
     }
 
@@ -134,7 +188,10 @@ impl BackwardPlan {
                 subgroup: false,
                 storage: self.tiling.storage,
             },
-            BackwardPass::Keys | BackwardPass::Queries => self.tiling,
+            BackwardPass::Keys | BackwardPass::Queries => match self.blocked {
+                Some(tiling) => return Specialization::BackwardBlocked { pass, tiling },
+                None => self.tiling,
+            },
         };
         Specialization::Backward { pass, tiling }
     }
@@ -147,7 +204,12 @@ impl BackwardPlan {
         extent_q: usize,
         extent_kv: usize,
     ) -> [u64; 3] {
-        let block = u64::from(self.rows_per_workgroup());
+        let (keys_per_group, rows_per_group) = match self.blocked {
+            Some(t) => (t.block_n(), t.block_m()),
+            None => (self.rows_per_workgroup(), self.rows_per_workgroup()),
+        };
+        let (keys_per_group, rows_per_group) =
+            (u64::from(keys_per_group), u64::from(rows_per_group));
         match pass {
             BackwardPass::Deltas => [
                 (extent_q as u64).div_ceil(u64::from(DELTA_WORKGROUP)),
@@ -155,12 +217,12 @@ impl BackwardPlan {
                 shape.batch as u64,
             ],
             BackwardPass::Keys => [
-                (extent_kv as u64).div_ceil(block),
+                (extent_kv as u64).div_ceil(keys_per_group),
                 shape.heads_kv as u64,
                 shape.batch as u64,
             ],
             BackwardPass::Queries => [
-                (extent_q as u64).div_ceil(block),
+                (extent_q as u64).div_ceil(rows_per_group),
                 shape.heads_q as u64,
                 shape.batch as u64,
             ],
@@ -204,19 +266,18 @@ impl BackwardPlan {
             return Ok(());
         };
         let group = shape.group_size() as u64;
-        let checks = [
+        let (rows, keys) = (shape.seq_q as u64, shape.seq_kv as u64);
+        let checks = match self.blocked {
+            Some(t) => [
+                (BackwardPass::Keys, rows, blocked_key_trips(&t, group, rows)),
+                (BackwardPass::Queries, keys, blocked_query_trips(&t, keys)),
+            ],
             // Every query row of every head of the group, per key block.
-            (
-                BackwardPass::Keys,
-                shape.seq_q as u64,
-                group * self.loop_trips(shape.seq_q as u64) + 1,
-            ),
-            (
-                BackwardPass::Queries,
-                shape.seq_kv as u64,
-                self.loop_trips(shape.seq_kv as u64),
-            ),
-        ];
+            None => [
+                (BackwardPass::Keys, rows, group * self.loop_trips(rows) + 1),
+                (BackwardPass::Queries, keys, self.loop_trips(keys)),
+            ],
+        };
         for (pass, visited, trips) in checks {
             if trips > budget {
                 return Err(Error::LoopBudget {
@@ -297,14 +358,135 @@ impl BackwardPlan {
     pub fn unrolled(&self) -> bool {
         self.tiling.unroll
     }
-    /// The kernel tier: subgroup broadcasts or workgroup-memory tiles.
+    /// The register-blocked gradient passes' tiles, when that tier runs.
+    pub fn blocked_tiling(&self) -> Option<BlockedBackwardTiling> {
+        self.blocked
+    }
+    /// The gradient passes' tier: register-blocked, subgroup broadcasts or
+    /// workgroup-memory tiles.
     pub fn tier(&self) -> Tier {
-        if self.tiling.subgroup {
+        if self.blocked.is_some() {
+            Tier::RegisterBlocked
+        } else if self.tiling.subgroup {
             Tier::SubgroupBroadcast
         } else {
             Tier::Portable
         }
     }
+}
+
+/// The register-blocked tiles for this adapter and shape: the first of
+/// [`BLOCKED_LAYOUTS`] whose workgroup fits the adapter's invocations and
+/// workgroup memory, or `WorkgroupMemory` with the smallest one's needs.
+fn blocked_tiling(
+    info: &GpuInfo,
+    shape: &AttentionShape,
+    storage: DType,
+) -> Result<BlockedBackwardTiling> {
+    let layouts = BLOCKED_LAYOUTS.map(|(row_lanes, key_lanes, rows)| {
+        blocked_backward_tiling(shape, storage, row_lanes, key_lanes, rows)
+    });
+    let memory = u64::from(info.limits.max_compute_workgroup_storage_size);
+    if let Some(fits) = layouts
+        .iter()
+        .find(|t| t.workgroup_bytes() <= memory && t.workgroup_size() <= info.max_invocations())
+    {
+        return Ok(*fits);
+    }
+    Err(Error::WorkgroupMemory {
+        head_dim: shape.head_dim,
+        head_dim_v: shape.head_dim_v,
+        needed: layouts[layouts.len() - 1].workgroup_bytes(),
+        limit: info.limits.max_compute_workgroup_storage_size,
+    })
+}
+
+/// The register-blocked tiles of the caller's layout, checked against the
+/// kernels' range and the adapter's limits.
+fn blocked_tiling_of(
+    info: &GpuInfo,
+    shape: &AttentionShape,
+    storage: DType,
+    layout: BlockedLayout,
+) -> Result<BlockedBackwardTiling> {
+    check_blocked_layout(layout)?;
+    let tiling = blocked_backward_tiling(
+        shape,
+        storage,
+        layout.row_lanes,
+        layout.key_lanes,
+        layout.rows,
+    );
+    info.check_invocations(tiling.workgroup_size())?;
+    let limit = info.limits.max_compute_workgroup_storage_size;
+    if tiling.workgroup_bytes() > u64::from(limit) {
+        return Err(Error::WorkgroupMemory {
+            head_dim: shape.head_dim,
+            head_dim_v: shape.head_dim_v,
+            needed: tiling.workgroup_bytes(),
+            limit,
+        });
+    }
+    Ok(tiling)
+}
+
+fn blocked_backward_tiling(
+    shape: &AttentionShape,
+    storage: DType,
+    row_lanes: u32,
+    key_lanes: u32,
+    rows: u32,
+) -> BlockedBackwardTiling {
+    BlockedBackwardTiling {
+        head_dim: shape.head_dim as u32,
+        head_dim_v: shape.head_dim_v as u32,
+        key_lanes,
+        row_lanes,
+        rows,
+        storage,
+    }
+}
+
+/// Loop iterations an invocation of the staging loops runs for `items`
+/// vec4s (or rows) of a block, exit test included.
+fn staging_trips(t: &BlockedBackwardTiling, items: u32) -> u64 {
+    u64::from(items.div_ceil(t.workgroup_size())) + 1
+}
+
+/// Trips of `micro_products`' two head-dim loops.
+fn product_trips(t: &BlockedBackwardTiling) -> u64 {
+    u64::from(t.head_dim / 4 + t.head_dim_v / 4) + 2
+}
+
+/// Trips of staging a key block (K, then V) and a query block (Q, dO,
+/// statistics).
+fn block_trips(t: &BlockedBackwardTiling) -> (u64, u64) {
+    let (d4, dv4) = (t.head_dim / 4, t.head_dim_v / 4);
+    (
+        staging_trips(t, t.block_n() * d4) + staging_trips(t, t.block_n() * dv4),
+        staging_trips(t, t.block_m() * d4)
+            + staging_trips(t, t.block_m() * dv4)
+            + staging_trips(t, t.block_m()),
+    )
+}
+
+/// Loop iterations of a register-blocked key-pass invocation walking `rows`
+/// query rows of each of `group` query heads (its loops over rows, columns
+/// and the four keys are unrolled).
+fn blocked_key_trips(t: &BlockedBackwardTiling, group: u64, rows: u64) -> u64 {
+    let (keys, queries) = block_trips(t);
+    let blocks = rows.div_ceil(u64::from(t.block_m())) + 1;
+    let per_block = 1 + queries + product_trips(t) + u64::from(t.block_m()) + 1;
+    keys + group * (blocks * per_block + 1) + 1
+}
+
+/// Loop iterations of a register-blocked query-pass invocation walking
+/// `keys` keys.
+fn blocked_query_trips(t: &BlockedBackwardTiling, keys: u64) -> u64 {
+    let (key_block, queries) = block_trips(t);
+    let blocks = keys.div_ceil(u64::from(t.block_n())) + 1;
+    let per_block = 1 + key_block + product_trips(t) + u64::from(t.key_lanes) + 1;
+    queries + blocks * per_block
 }
 
 /// Workgroup memory of a gradient pass: f32 tiles of `block` rows by
