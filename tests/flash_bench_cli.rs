@@ -1259,4 +1259,35 @@ fn run_compares_listed_tiers_and_info_names_them() {
         .find(|line| line.trim_start().starts_with("d=64 f32"))
         .unwrap_or_else(|| panic!("no d=64 f32 line in {text}"));
     assert!(line.contains(&format!(": {:?} (", plan.tier())), "{line}");
+    // The backward's d=64 line: its default tier, and the layout forcing
+    // the register-blocked passes gives.
+    let shape = AttentionShape::self_attention(1, 4096, 8, 64);
+    let default = wgpu_flash_attn::BackwardPlan::for_call(
+        gpu.info(),
+        &shape,
+        wgpu_flash_attn::DType::F32,
+        None,
+    );
+    let forced = Some(wgpu_flash_attn::Tier::RegisterBlocked);
+    let blocked = wgpu_flash_attn::BackwardPlan::for_call(
+        gpu.info(),
+        &shape,
+        wgpu_flash_attn::DType::F32,
+        forced,
+    )
+    .unwrap()
+    .blocked_tiling()
+    .unwrap();
+    let line = text
+        .lines()
+        .find(|line| line.trim_start().starts_with("d=64:"))
+        .unwrap_or_else(|| panic!("no backward d=64 line in {text}"));
+    assert!(
+        line.contains(&format!(": {:?} (", default.unwrap().tier()))
+            && line.contains(&format!(
+                "forced RegisterBlocked: {}x{}x{} (",
+                blocked.row_lanes, blocked.key_lanes, blocked.rows
+            )),
+        "{line}"
+    );
 }

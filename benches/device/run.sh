@@ -85,15 +85,23 @@ step 90 "register-blocked layouts, B4 H16 N4096 d128 causal, f32" \
   --blocked-layout 8x8x4,16x8x2,16x4x2,32x4x1,8x8x2,4x16x4,32x2x1,64x2x1,64x4x1,16x16x1 \
   --json "$res/blocked-layouts-f32.json"
 # Training and serving shapes: the backward (equal and DeepSeek's uneven
-# head dims), decoding over every cache type.
-step 60 "backward, H16 N4096 d128 causal" \
+# head dims; at d128 the per-key passes, GPUs' default, against the
+# register-blocked ones, forced), decoding over every cache type.
+step 90 "backward, H16 N4096 d128 causal, per-key and register-blocked passes" \
   "$fb" run --seq-q 4096 --heads-q 16 --head-dim 128 --causal --backward --iters 5 \
-  --json "$res/backward-d128.json"
+  --tier portable,blocked --json "$res/backward-d128.json"
 step 60 "backward, H16 N4096 d192/128 causal" \
   "$fb" run --seq-q 4096 --heads-q 16 --head-dim 192 --head-dim-v 128 --causal --backward \
   --iters 5 --json "$res/backward-d192-128.json"
 step 60 "masks and padding, with the backward (BERT padded, 512 packed short sequences)" \
   "$fb" masks --backward --packed-sequences 512 --json "$res/masks.json"
+# Register-blocked backward layouts (ROW_LANESxKEY_LANESxROWS: key blocks
+# of 4 x KEY_LANES keys, query blocks of ROW_LANES x ROWS rows); the
+# forward runs each layout too.
+step 90 "register-blocked backward layouts, H16 N4096 d128 causal" \
+  "$fb" run --seq-q 4096 --heads-q 16 --head-dim 128 --causal --backward --iters 3 \
+  --tier blocked --blocked-layout 8x4x2,8x8x1,4x4x4,2x8x4,16x4x1,16x2x2 \
+  --json "$res/backward-blocked-layouts.json"
 step 90 "decode, Llama-3.1-405B heads, 32K/128K, every cache type" \
   "$fb" decode --cache 32768,131072 --kv-dtype f32,f16,bf16,int8 --json "$res/decode.json"
 step 120 "suite (every case validated against the f64 reference)" \

@@ -128,16 +128,7 @@ impl Gpu {
             [shape.batch, shape.heads_q, shape.seq_q],
         )?;
         check_backward_operands(self, args)?;
-        let plan = match config.blocked_layout {
-            Some(layout) => BackwardPlan::for_call_with_layout(
-                self.info(),
-                &shape,
-                args.q.dtype(),
-                config.tier,
-                layout,
-            )?,
-            None => BackwardPlan::for_call(self.info(), &shape, args.q.dtype(), config.tier)?,
-        };
+        let plan = BackwardPlan::for_config(self.info(), &shape, args.q.dtype(), config)?;
         if let Some(dsinks) = args.dsinks {
             if config.sinks.is_none() {
                 return Err(Error::UnsupportedCombination {

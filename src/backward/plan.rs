@@ -1,7 +1,7 @@
 //! How the backward runs on an adapter: a pure function of its
 //! [`GpuInfo`] and the call's shape, like the other planners.
 
-use crate::config::{AttentionShape, BlockedLayout, Tier};
+use crate::config::{AttentionConfig, AttentionShape, BlockedLayout, Tier};
 use crate::error::{Error, Result};
 use crate::gpu::GpuInfo;
 use crate::plan::{check_blocked_layout, use_subgroup_tier};
@@ -32,12 +32,15 @@ const BLOCK_CANDIDATES: [u32; 4] = [32, 16, 8, 4];
 /// workgroup first: (row lanes, key lanes, rows per invocation), as
 /// [`BlockedLayout`] spells them. Not yet tuned on a GPU; `flash-bench run
 /// --backward --blocked-layout` times others.
-const BLOCKED_LAYOUTS: [(u32, u32, u32); 6] = [
+const BLOCKED_LAYOUTS: [(u32, u32, u32); 9] = [
     (8, 8, 2),
     (4, 8, 2),
     (8, 4, 2),
+    (8, 4, 1),
     (4, 4, 2),
+    (8, 2, 1),
     (4, 4, 1),
+    (4, 2, 1),
     (2, 2, 1),
 ];
 
@@ -67,6 +70,22 @@ impl BackwardPlan {
         tier: Option<Tier>,
     ) -> Result<Self> {
         Self::plan_call(info, shape, storage, tier, None)
+    }
+
+    /// The plan [`crate::Gpu::backward`] makes for a call with `config`:
+    /// [`BackwardPlan::for_call_with_layout`] when the config gives a
+    /// register-blocked layout, else [`BackwardPlan::for_call`] with its
+    /// tier.
+    pub fn for_config(
+        info: &GpuInfo,
+        shape: &AttentionShape,
+        storage: DType,
+        config: &AttentionConfig,
+    ) -> Result<Self> {
+        match config.blocked_layout {
+            Some(layout) => Self::for_call_with_layout(info, shape, storage, config.tier, layout),
+            None => Self::for_call(info, shape, storage, config.tier),
+        }
     }
 
     /// [`BackwardPlan::for_call`] on the register-blocked tier with its
@@ -538,6 +557,72 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn register_blocked_gradients_fit_every_profile_or_say_why() {
+        let pairs = (8..=256)
+            .step_by(8)
+            .map(|d| (d, d))
+            .chain([(192, 128), (128, 192), (40, 8)]);
+        for (head_dim, head_dim_v) in pairs {
+            let shape = AttentionShape {
+                head_dim_v,
+                ..AttentionShape::self_attention(1, 1024, 8, head_dim)
+            };
+            for profile in profiles::all() {
+                let info = profile.info();
+                let tier = Some(Tier::RegisterBlocked);
+                match BackwardPlan::for_call(&info, &shape, DType::F32, tier) {
+                    Ok(plan) => {
+                        let t = plan.blocked_tiling().expect("the blocked tiles");
+                        assert_eq!(plan.tier(), Tier::RegisterBlocked);
+                        assert_eq!(
+                            (t.head_dim as usize, t.head_dim_v as usize),
+                            (head_dim, head_dim_v)
+                        );
+                        assert!(t.workgroup_bytes() <= u64::from(profile.workgroup_bytes));
+                        assert!(t.workgroup_size() <= info.max_invocations());
+                        // Key blocks for the key pass, query blocks for the
+                        // query pass; the other passes keep their own.
+                        let groups = |pass| plan.workgroups(pass, &shape, 1000, 900)[0];
+                        assert_eq!(
+                            groups(BackwardPass::Keys),
+                            900u64.div_ceil(t.block_n().into())
+                        );
+                        assert_eq!(
+                            groups(BackwardPass::Queries),
+                            1000u64.div_ceil(t.block_m().into())
+                        );
+                        assert!(matches!(
+                            plan.specialization(BackwardPass::Keys),
+                            Specialization::BackwardBlocked { .. }
+                        ));
+                        assert!(matches!(
+                            plan.specialization(BackwardPass::Deltas),
+                            Specialization::Backward { .. }
+                        ));
+                        plan.check_call(&info, &shape, 1024, 1024)
+                            .unwrap_or_else(|e| panic!("{}: {e}", profile.name));
+                    }
+                    Err(Error::StorageBuffers { .. }) => {}
+                    Err(e) => panic!("{} {head_dim}/{head_dim_v}: {e}", profile.name),
+                }
+            }
+        }
+        // What the H200 (48 KiB of workgroup memory) gets: 64 invocations
+        // up to head dim 64, then fewer rows per block.
+        let h200 = profiles::all()[2].info();
+        let layout = |head_dim| {
+            let shape = AttentionShape::self_attention(1, 1024, 8, head_dim);
+            let plan =
+                BackwardPlan::for_call(&h200, &shape, DType::F32, Some(Tier::RegisterBlocked));
+            let t = plan.unwrap().blocked_tiling().unwrap();
+            (t.row_lanes, t.key_lanes, t.rows)
+        };
+        assert_eq!(layout(64), (8, 8, 2));
+        assert_eq!(layout(128), (4, 8, 2));
+        assert_eq!(layout(256), (8, 2, 1));
     }
 
     #[test]

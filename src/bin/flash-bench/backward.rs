@@ -30,10 +30,14 @@ impl Bench<'_> {
         let gpu = self.gpu;
         let shape = &case.shape;
         let dtype = case.dtype;
-        // Head dims the backward kernels lack (over 256, on either side)
+        // Head dims the backward kernels lack (over 256, on either side),
+        // and register-blocked layouts whose tiles the adapter cannot hold,
         // are a row of their own, not a failed run.
-        if let Err(err @ Error::HeadDimUnsupported { .. }) =
-            BackwardPlan::for_call(gpu.info(), shape, dtype, case.config.tier)
+        if let Err(
+            err @ (Error::HeadDimUnsupported { .. }
+            | Error::WorkgroupMemory { .. }
+            | Error::WorkgroupInvocations { .. }),
+        ) = BackwardPlan::for_config(gpu.info(), shape, dtype, &case.config)
         {
             return Ok(ImplResult::without_timing(
                 Impl::Backward,

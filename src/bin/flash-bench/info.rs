@@ -1,7 +1,7 @@
 //! `flash-bench info`: every adapter wgpu finds.
 
 use anyhow::{Result, bail};
-use wgpu_flash_attn::{AttentionShape, DType, Error, ForwardPlan, GpuInfo, Tier};
+use wgpu_flash_attn::{AttentionShape, BackwardPlan, DType, Error, ForwardPlan, GpuInfo, Tier};
 
 use crate::measure::bytes;
 use crate::options::GlobalArgs;
@@ -40,10 +40,11 @@ pub fn run(global: &GlobalArgs) -> Result<bool> {
     }
     for (adapter, info) in adapters.iter().zip(&infos) {
         println!(
-            "{}\n{}\n{}",
+            "{}\n{}\n{}\n{}",
             adapter.name,
             adapter.describe(),
-            forward_tiers(info)
+            forward_tiers(info),
+            backward_tiers(info)
         );
     }
     if let Some(path) = &global.json {
@@ -115,4 +116,47 @@ fn tier_line(info: &GpuInfo, head_dim: usize, dtype: DType) -> String {
     } else {
         format!("{chosen}; {}", unavailable.join("; "))
     }
+}
+
+/// The backward's gradient passes per head dim (f32): the default tier and
+/// what forcing the register-blocked passes gives, from the planner
+/// (`BackwardPlan`).
+fn backward_tiers(info: &GpuInfo) -> String {
+    let mut lines = vec![
+        "  backward (f32; the register-blocked passes run when forced, until a GPU measures them):"
+            .to_string(),
+    ];
+    for head_dim in [64, 128, 256] {
+        let shape = AttentionShape::self_attention(1, 4096, 8, head_dim);
+        let default = match BackwardPlan::for_call(info, &shape, DType::F32, None) {
+            Ok(plan) => format!(
+                "{} ({} invocations, {} keys or rows per workgroup)",
+                tier_name(plan.tier()),
+                plan.workgroup_size(),
+                plan.rows_per_workgroup()
+            ),
+            Err(err) => format!("none: {err}"),
+        };
+        let forced = Some(Tier::RegisterBlocked);
+        let blocked = match BackwardPlan::for_call(info, &shape, DType::F32, forced)
+            .map(|plan| plan.blocked_tiling())
+        {
+            Ok(Some(t)) => format!(
+                "{}x{}x{} ({} keys x {} rows per block, {} invocations, {} workgroup memory)",
+                t.row_lanes,
+                t.key_lanes,
+                t.rows,
+                t.block_n(),
+                t.block_m(),
+                t.workgroup_size(),
+                bytes(t.workgroup_bytes())
+            ),
+            Ok(None) => "none".to_string(),
+            Err(err) => format!("none: {err}"),
+        };
+        lines.push(format!(
+            "    d={head_dim}: {default}; forced RegisterBlocked: {blocked}"
+        ));
+    }
+    lines.join("\n")
 }
