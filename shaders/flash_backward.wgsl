@@ -15,6 +15,10 @@
 //                rows' Q, dO and dQ and walks the visible keys, staging K and
 //                V tiles.
 //
+// With BLOCKED_BACKWARD (Tier::RegisterBlocked forced), key_grads and
+// query_grads are flash_backward_blocked.wgsl's, appended to this file:
+// micro-tiled for hardware GPUs, sharing everything here above them.
+//
 // P is recomputed from the scores and the saved logsumexp in both gradient
 // passes; nothing is accumulated across workgroups, so no atomics are needed
 // and every run gives the same bits. A unit (`BackwardUnit`, workgroups' z)
