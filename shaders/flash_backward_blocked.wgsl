@@ -37,18 +37,20 @@
 // bounded by ROWS, the COLS and QUAD are unrolled by src/shaders.rs, so the
 // private arrays they index stay in registers.
 
-// K and V rows of a key block are one vec4 longer than their width: the key
-// lanes read four keys' rows at once, and with an odd stride their vec4s
-// fall in different banks.
+// Staged rows are one vec4 longer than their width: the key lanes read
+// four keys' rows at once (and the row lanes their rows), and with an odd
+// stride their vec4s fall in different banks.
 const K_STRIDE: u32 = D4 + 1u;
 const V_STRIDE: u32 = DV4 + 1u;
+const Q_STRIDE: u32 = D4 + 1u;
+const DO_STRIDE: u32 = DV4 + 1u;
 
 // The staged keys (K, then V) and query rows (Q, dO, and per row its
 // logsumexp and delta).
 var<workgroup> key_block: array<vec4<f32>, BLOCK_N * K_STRIDE>;
 var<workgroup> value_block: array<vec4<f32>, BLOCK_N * V_STRIDE>;
-var<workgroup> query_block: array<vec4<f32>, BLOCK_M * D4>;
-var<workgroup> grad_block: array<vec4<f32>, BLOCK_M * DV4>;
+var<workgroup> query_block: array<vec4<f32>, BLOCK_M * Q_STRIDE>;
+var<workgroup> grad_block: array<vec4<f32>, BLOCK_M * DO_STRIDE>;
 var<workgroup> stats_block: array<vec2<f32>, BLOCK_M>;
 // Per (query row of the block, key lane): the four keys' P (key pass only)
 // and dX.
@@ -82,20 +84,22 @@ fn stage_key_block(u: BackwardUnit, head_kv: u32, key0: u32, lid: u32) {
 // 1 of unit `u` and head `head_q` (zeros past its q_len).
 fn stage_query_block(u: BackwardUnit, head_q: u32, row0: u32, lid: u32) {
     for (var e = lid; e < BLOCK_M * D4; e += WG_SIZE) {
-        let row = row0 + e / D4;
+        let i = e / D4;
+        let d = e % D4;
         var qq = vec4<f32>(0.0);
-        if (row < u.q_len) {
-            qq = load_q(q_row(u, row, head_q) + e % D4);
+        if (row0 + i < u.q_len) {
+            qq = load_q(q_row(u, row0 + i, head_q) + d);
         }
-        query_block[e] = qq;
+        query_block[i * Q_STRIDE + d] = qq;
     }
     for (var e = lid; e < BLOCK_M * DV4; e += WG_SIZE) {
-        let row = row0 + e / DV4;
+        let i = e / DV4;
+        let d = e % DV4;
         var gg = vec4<f32>(0.0);
-        if (row < u.q_len) {
-            gg = load_do(do_row(u, row, head_q) + e % DV4);
+        if (row0 + i < u.q_len) {
+            gg = load_do(do_row(u, row0 + i, head_q) + d);
         }
-        grad_block[e] = gg;
+        grad_block[i * DO_STRIDE + d] = gg;
     }
     for (var i = lid; i < BLOCK_M; i += WG_SIZE) {
         var stats = vec2<f32>(0.0);
@@ -123,7 +127,7 @@ fn micro_products(r0: u32, a: u32, dots: ptr<function, array<vec4<f32>, ROWS>>,
         let kc = key_block[k0 + 2u * K_STRIDE + d];
         let kd = key_block[k0 + 3u * K_STRIDE + d];
         for (var r = 0u; r < ROWS; r++) {
-            let q = query_block[(r0 + r) * D4 + d];
+            let q = query_block[(r0 + r) * Q_STRIDE + d];
             let acc = (*dots)[r];
             (*dots)[r] = vec4<f32>(fma_dot(q, ka, acc.x), fma_dot(q, kb, acc.y), fma_dot(q, kc, acc.z),
                 fma_dot(q, kd, acc.w));
@@ -136,7 +140,7 @@ fn micro_products(r0: u32, a: u32, dots: ptr<function, array<vec4<f32>, ROWS>>,
         let vc = value_block[v0 + 2u * V_STRIDE + d];
         let vd = value_block[v0 + 3u * V_STRIDE + d];
         for (var r = 0u; r < ROWS; r++) {
-            let g = grad_block[(r0 + r) * DV4 + d];
+            let g = grad_block[(r0 + r) * DO_STRIDE + d];
             let acc = (*dps)[r];
             (*dps)[r] = vec4<f32>(fma_dot(g, va, acc.x), fma_dot(g, vb, acc.y), fma_dot(g, vc, acc.z),
                 fma_dot(g, vd, acc.w));
@@ -242,7 +246,7 @@ fn key_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
                 for (var c = 0u; c < COLS_V; c++) {
                     let col = b + ROW_LANES * c;
                     if (col < DV4) {
-                        let gg = grad_block[i * DV4 + col];
+                        let gg = grad_block[i * DO_STRIDE + col];
                         for (var j = 0u; j < QUAD; j++) {
                             dv[j * COLS_V + c] = fma(vec4<f32>(probs[j]), gg, dv[j * COLS_V + c]);
                         }
@@ -251,7 +255,7 @@ fn key_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
                 for (var c = 0u; c < COLS_K; c++) {
                     let col = b + ROW_LANES * c;
                     if (col < D4) {
-                        let qq = query_block[i * D4 + col];
+                        let qq = query_block[i * Q_STRIDE + col];
                         for (var j = 0u; j < QUAD; j++) {
                             dk[j * COLS_K + c] = fma(vec4<f32>(dx[j]), qq, dk[j * COLS_K + c]);
                         }

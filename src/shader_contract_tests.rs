@@ -1157,6 +1157,11 @@ fn linear_flags_match_the_shader() {
 /// Bytes of the module's `var<workgroup>` declarations, as naga lays them
 /// out.
 fn declared_workgroup_bytes(module: &naga::Module) -> u64 {
+    declared_workgroup_bytes_except(module, &[])
+}
+
+/// The same without the variables named in `except`.
+fn declared_workgroup_bytes_except(module: &naga::Module, except: &[&str]) -> u64 {
     let mut layouter = naga::proc::Layouter::default();
     layouter
         .update(module.to_ctx())
@@ -1165,8 +1170,35 @@ fn declared_workgroup_bytes(module: &naga::Module) -> u64 {
         .global_variables
         .iter()
         .filter(|(_, var)| var.space == naga::AddressSpace::WorkGroup)
+        .filter(|(_, var)| !except.contains(&var.name.as_deref().unwrap_or("")))
         .map(|(_, var)| u64::from(layouter[var.ty].size))
         .sum()
+}
+
+/// The register-blocked gradient passes declare exactly the workgroup
+/// memory their plan budgets (besides the sink pass's shares, which they
+/// do not use).
+#[test]
+fn blocked_backward_declares_the_workgroup_memory_its_plan_budgets() {
+    let specs = shipped_specializations();
+    let checked = specs
+        .iter()
+        .filter_map(|spec| match spec {
+            Specialization::BackwardBlocked { tiling, .. } => Some((spec, tiling)),
+            _ => None,
+        })
+        .map(|(spec, tiling)| {
+            let module = parse(spec, &source_of(spec));
+            let declared = declared_workgroup_bytes_except(&module, &["sink_shares"]);
+            assert_eq!(
+                declared,
+                tiling.workgroup_bytes(),
+                "{}: declared against budgeted workgroup memory",
+                spec.label()
+            );
+        })
+        .count();
+    assert!(checked > 0, "no register-blocked backward specialization");
 }
 
 /// The forward kernels declare the workgroup memory their plans budget

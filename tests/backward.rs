@@ -1393,8 +1393,9 @@ fn a_row_that_sees_one_key_gets_zero_query_and_key_gradients() {
 /// reference: GQA with causal, ALiBi with sinks, a negative scale with an
 /// uneven window, both mask kinds, padded and packed batches (one unit per
 /// sequence), value head dims of their own both ways, caller layouts whose
-/// lanes divide neither the head dims nor the blocks, and f16 storage
-/// (FlashAttention's rule); then the layout errors with their numbers.
+/// lanes divide neither the head dims nor the blocks, and f16 and bf16
+/// storage (FlashAttention's rule), the same bits on every run; then the
+/// layout errors with their numbers.
 #[test]
 fn register_blocked_gradients_against_the_reference() {
     let Some(gpu) = gpu() else { return };
@@ -1411,6 +1412,18 @@ fn register_blocked_gradients_against_the_reference() {
     ] {
         check_f32(gpu, &problem, &config, &format!("blocked {config:?}"));
     }
+    // No atomics: the same bits on every run.
+    let runs: Vec<Grads> = (0..2)
+        .map(|_| run_backward(gpu, &problem, DType::F32, ForwardOptions::new(&blocked)).unwrap())
+        .collect();
+    let bits = |g: &Grads| -> Vec<u32> {
+        [&g.dq, &g.dk, &g.dv]
+            .into_iter()
+            .flatten()
+            .map(|x| x.to_bits())
+            .collect()
+    };
+    assert!(bits(&runs[0]) == bits(&runs[1]), "blocked runs differ");
 
     let dims = [base.batch, base.heads_q, base.seq_q, base.seq_kv];
     let n = dims.iter().product();
@@ -1512,8 +1525,10 @@ fn register_blocked_gradients_against_the_reference() {
         let config = AttentionConfig::new().causal(true).blocked_layout(layout);
         check_f32(gpu, &narrow, &config, &format!("blocked layout {layout}"));
     }
-    let half = Problem::draw(shape(1, 40, 56, (2, 1), 64), 7105, DType::F16);
-    check_half(gpu, &half, DType::F16, &causal);
+    for dtype in [DType::F16, DType::BF16] {
+        let half = Problem::draw(shape(1, 40, 56, (2, 1), 64), 7105, dtype);
+        check_half(gpu, &half, dtype, &causal);
+    }
 
     let errors = [
         (
