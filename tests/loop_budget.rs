@@ -10,7 +10,8 @@ mod common;
 use common::{Inputs, gpu};
 use wgpu_flash_attn::{
     AttentionArgs, AttentionConfig, AttentionShape, BackwardPlan, DType, DecodeArgs, DecodeOptions,
-    Error, ForwardPlan, KvCache, KvCacheConfig, KvLayout, Tensor, TensorShape, Tier, reference,
+    Error, ForwardPlan, Gpu, KvCache, KvCacheConfig, KvLayout, Tensor, TensorShape, Tier,
+    reference,
 };
 
 #[test]
@@ -122,10 +123,11 @@ fn decoding_splits_long_caches_under_the_budget() {
     ));
 }
 
-/// The backward's passes under the cap: the key pass walks every query row
-/// of every head of its KV group, the query pass every key. At the longest
-/// call the model allows each gradient is exact; one row or key more is
-/// refused.
+/// The backward's passes under the cap, on the default tier and on the
+/// register-blocked passes: the key pass walks every query row of every
+/// head of its KV group, the query pass every key. At the longest call the
+/// model allows each gradient is exact (a model that undercounted would
+/// truncate the loops here); one row or key more is refused.
 #[test]
 fn the_longest_allowed_backward_is_exact_and_the_next_is_refused() {
     let Some(gpu) = gpu() else { return };
@@ -155,10 +157,26 @@ fn the_longest_allowed_backward_is_exact_and_the_next_is_refused() {
         ("key pass, 8 query heads per KV head", &gqa),
         ("query pass", &long_keys),
     ];
-    for (what, shape_at) in cases {
+    for tier in [None, Some(Tier::RegisterBlocked)] {
+        for (what, shape_at) in cases {
+            let what = format!("{what}, tier {tier:?}");
+            check_backward_budget(gpu, &what, shape_at, tier);
+        }
+    }
+}
+
+/// Finds the longest call `shape_at(n)` the backward's model allows on
+/// `tier`, checks it against the reference and that `n + 1` is refused.
+fn check_backward_budget(
+    gpu: &Gpu,
+    what: &str,
+    shape_at: &dyn Fn(usize) -> AttentionShape,
+    tier: Option<Tier>,
+) {
+    {
         let allowed = |n: usize| {
             let shape = shape_at(n);
-            BackwardPlan::for_call(gpu.info(), &shape, DType::F32, None)
+            BackwardPlan::for_call(gpu.info(), &shape, DType::F32, tier)
                 .and_then(|plan| plan.check_limits(gpu.info(), &shape))
                 .is_ok()
         };
@@ -173,7 +191,8 @@ fn the_longest_allowed_backward_is_exact_and_the_next_is_refused() {
             }
         }
         eprintln!("backward {what}: at most {lo}");
-        let config = AttentionConfig::new();
+        let mut config = AttentionConfig::new();
+        config.tier = tier;
         let run = |shape: &AttentionShape| {
             let inputs = Inputs::draw(shape, 0x5eed_0b0b, 1.0);
             let d_out = Inputs::draw(shape, 0x5eed_0b0c, 1.0).q;
