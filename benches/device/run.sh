@@ -95,13 +95,6 @@ step 60 "backward, H16 N4096 d192/128 causal" \
   --iters 5 --json "$res/backward-d192-128.json"
 step 60 "masks and padding, with the backward (BERT padded, 512 packed short sequences)" \
   "$fb" masks --backward --packed-sequences 512 --json "$res/masks.json"
-# Register-blocked backward layouts (ROW_LANESxKEY_LANESxROWS: key blocks
-# of 4 x KEY_LANES keys, query blocks of ROW_LANES x ROWS rows); the
-# forward runs each layout too.
-step 90 "register-blocked backward layouts, H16 N4096 d128 causal" \
-  "$fb" run --seq-q 4096 --heads-q 16 --head-dim 128 --causal --backward --iters 3 \
-  --tier blocked --blocked-layout 8x4x2,8x8x1,4x4x4,2x8x4,16x4x1,16x2x2 \
-  --json "$res/backward-blocked-layouts.json"
 step 90 "decode, Llama-3.1-405B heads, 32K/128K, every cache type" \
   "$fb" decode --cache 32768,131072 --kv-dtype f32,f16,bf16,int8 --json "$res/decode.json"
 step 120 "suite (every case validated against the f64 reference)" \
@@ -117,5 +110,12 @@ for t in "$tests"/*; do
 done
 step 30 "GL backend, one validated run" \
   env WGPU_BACKEND=gl "$fb" run --seq-q 1024 --heads-q 8 --head-dim 64 --iters 3
+# Last, with what budget is left: register-blocked backward layouts
+# (ROW_LANESxKEY_LANESxROWS: key blocks of 4 x KEY_LANES keys, query
+# blocks of ROW_LANES x ROWS rows); the forward runs each layout too.
+step 90 "register-blocked backward layouts, H16 N4096 d128 causal" \
+  "$fb" run --seq-q 4096 --heads-q 16 --head-dim 128 --causal --backward --iters 3 \
+  --tier blocked --blocked-layout 8x4x2,8x8x1,4x4x4,2x8x4,16x4x1,16x2x2 \
+  --json "$res/backward-blocked-layouts.json"
 tar -C "$res" -czf "$OUT/results.tar.gz" .
 echo "== done in $((SECONDS - start)) s; results: results.tar.gz, device.log"
