@@ -139,6 +139,43 @@ fn unit_diag(u: BackwardUnit) -> i32 {
     return i32(u.kv_len) - i32(u.q_len);
 }
 
+// The query rows (lo, hi; none when hi < lo) that may see a key of the
+// block key0 .. key0 + block_len - 1 of unit `u`: row i sits at key
+// position i + diag and sees keys [pos - left, pos + right].
+fn rows_seeing_keys(u: BackwardUnit, key0: u32, block_len: u32) -> vec2<i32> {
+    let diag = unit_diag(u);
+    let block_hi = min(i32(key0 + block_len), i32(u.kv_len)) - 1;
+    var rows = vec2<i32>(0, i32(u.q_len) - 1);
+    if (has_flag(FLAG_WINDOW_RIGHT)) {
+        rows.x = max(rows.x, i32(key0) - i32(p.window_right) - diag);
+    }
+    if (has_flag(FLAG_WINDOW_LEFT)) {
+        rows.y = min(rows.y, block_hi + i32(p.window_left) - diag);
+    }
+    if (block_hi < i32(key0)) {
+        rows.y = -1;
+    }
+    return rows;
+}
+
+// The keys (lo, hi; none when hi < lo) that some query row of the block
+// row0 .. row0 + block_len - 1 of unit `u` may see.
+fn keys_seen_by_rows(u: BackwardUnit, row0: u32, block_len: u32) -> vec2<i32> {
+    let diag = unit_diag(u);
+    let block_last = min(row0 + block_len, max(u.q_len, 1u)) - 1u;
+    var keys = vec2<i32>(0, i32(u.kv_len) - 1);
+    if (has_flag(FLAG_WINDOW_LEFT)) {
+        keys.x = max(keys.x, i32(row0) + diag - i32(p.window_left));
+    }
+    if (has_flag(FLAG_WINDOW_RIGHT)) {
+        keys.y = min(keys.y, i32(block_last) + diag + i32(p.window_right));
+    }
+    if (row0 >= u.q_len) {
+        keys.y = -1;
+    }
+    return keys;
+}
+
 // #if HALF_STORAGE
 fn load_do(i: u32) -> vec4<f32> {
     return unpack4(do_buf[i]);
@@ -384,20 +421,10 @@ fn key_grads(
         }
     }
 
-    // Query rows some key of the block is visible to: row i sits at key
-    // position i + diag and sees keys [pos - left, pos + right].
-    let block_hi = min(i32(key0 + WG_SIZE * ROWS), i32(u.kv_len)) - 1;
-    var row_lo = 0;
-    var row_hi = i32(u.q_len) - 1;
-    if (has_flag(FLAG_WINDOW_RIGHT)) {
-        row_lo = max(row_lo, i32(key0) - i32(p.window_right) - diag);
-    }
-    if (has_flag(FLAG_WINDOW_LEFT)) {
-        row_hi = min(row_hi, block_hi + i32(p.window_left) - diag);
-    }
-    if (block_hi < i32(key0)) {
-        row_hi = -1;
-    }
+    // Query rows some key of the block is visible to.
+    let rows_seen = rows_seeing_keys(u, key0, WG_SIZE * ROWS);
+    let row_lo = rows_seen.x;
+    let row_hi = rows_seen.y;
     // The block's last key, whether past seq_kv or not.
     let block_end = i32(key0 + WG_SIZE * ROWS) - 1;
     let plain = plain_scores();
@@ -592,18 +619,9 @@ fn query_grads(
     }
 
     // Keys some row of the block sees (the forward's tile range).
-    let block_last = min(row0 + WG_SIZE * ROWS, max(u.q_len, 1u)) - 1u;
-    var key_lo = 0;
-    var key_hi = i32(u.kv_len) - 1;
-    if (has_flag(FLAG_WINDOW_LEFT)) {
-        key_lo = max(key_lo, i32(row0) + diag - i32(p.window_left));
-    }
-    if (has_flag(FLAG_WINDOW_RIGHT)) {
-        key_hi = min(key_hi, i32(block_last) + diag + i32(p.window_right));
-    }
-    if (row0 >= u.q_len) {
-        key_hi = -1;
-    }
+    let keys_seen = keys_seen_by_rows(u, row0, WG_SIZE * ROWS);
+    let key_lo = keys_seen.x;
+    let key_hi = keys_seen.y;
     // Keys every row of the block sees; rows past seq_q (padding) see
     // whatever the last row sees, and are never stored.
     let block_end = row0 + WG_SIZE * ROWS - 1u;

@@ -188,7 +188,6 @@ fn key_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     }
     let a = lid / ROW_LANES;
     let b = lid % ROW_LANES;
-    let diag = unit_diag(u);
     stage_key_block(u, head_kv, key0, lid);
 
     // Key 4a + j's column b + ROW_LANES * c at j * COLS + c.
@@ -203,20 +202,10 @@ fn key_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
         }
     }
 
-    // Query rows some key of the block is visible to (as in
-    // flash_backward.wgsl's key_grads).
-    let block_hi = min(i32(key0 + BLOCK_N), i32(u.kv_len)) - 1;
-    var row_lo = 0;
-    var row_hi = i32(u.q_len) - 1;
-    if (has_flag(FLAG_WINDOW_RIGHT)) {
-        row_lo = max(row_lo, i32(key0) - i32(p.window_right) - diag);
-    }
-    if (has_flag(FLAG_WINDOW_LEFT)) {
-        row_hi = min(row_hi, block_hi + i32(p.window_left) - diag);
-    }
-    if (block_hi < i32(key0)) {
-        row_hi = -1;
-    }
+    // Query rows some key of the block is visible to.
+    let rows_seen = rows_seeing_keys(u, key0, BLOCK_N);
+    let row_lo = rows_seen.x;
+    let row_hi = rows_seen.y;
     let plain = plain_scores();
     let first = i32(key0 + 4u * a);
 
@@ -300,7 +289,6 @@ fn query_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
     }
     let a = lid / ROW_LANES;
     let b = lid % ROW_LANES;
-    let diag = unit_diag(u);
     let slope = alibi_slope_of(u.q_batch, head_q);
     stage_query_block(u, head_q, row0, lid);
 
@@ -312,20 +300,10 @@ fn query_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
         }
     }
 
-    // Keys some row of the block sees (as in flash_backward.wgsl's
-    // query_grads).
-    let block_last = min(row0 + BLOCK_M, max(u.q_len, 1u)) - 1u;
-    var key_lo = 0;
-    var key_hi = i32(u.kv_len) - 1;
-    if (has_flag(FLAG_WINDOW_LEFT)) {
-        key_lo = max(key_lo, i32(row0) + diag - i32(p.window_left));
-    }
-    if (has_flag(FLAG_WINDOW_RIGHT)) {
-        key_hi = min(key_hi, i32(block_last) + diag + i32(p.window_right));
-    }
-    if (row0 >= u.q_len) {
-        key_hi = -1;
-    }
+    // Keys some row of the block sees.
+    let keys_seen = keys_seen_by_rows(u, row0, BLOCK_M);
+    let key_lo = keys_seen.x;
+    let key_hi = keys_seen.y;
     let plain = plain_scores();
 
     for (var kv0 = key_lo; kv0 <= key_hi; kv0 += i32(BLOCK_N)) {
