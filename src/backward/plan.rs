@@ -352,11 +352,12 @@ impl BackwardPlan {
         tiles * per_tile + n * per_item + 2
     }
 
-    /// Keys (key pass) or query rows (query pass) per workgroup.
+    /// Keys (key pass) or query rows (query pass) per workgroup of the
+    /// per-key passes (the register-blocked ones: [`BackwardPlan::blocked_tiling`]).
     pub fn rows_per_workgroup(&self) -> u32 {
         self.tiling.workgroup_size * self.tiling.rows
     }
-    /// Invocations per workgroup of the gradient passes.
+    /// Invocations per workgroup of the per-key gradient passes.
     pub fn workgroup_size(&self) -> u32 {
         self.tiling.workgroup_size
     }
