@@ -273,11 +273,7 @@ impl ForwardPlan {
         tier: Option<Tier>,
         layout: BlockedLayout,
     ) -> Result<Self> {
-        if tier.is_some_and(|t| t != Tier::RegisterBlocked) {
-            return Err(Error::UnsupportedCombination {
-                what: "a register-blocked layout and a tier other than RegisterBlocked",
-            });
-        }
+        check_layout_tier(tier)?;
         Self::plan_call(info, shape, storage, tier, Some(layout))
     }
 
@@ -641,6 +637,17 @@ fn blocked_tiling(
         smallest.workgroup_size(),
         smallest.workgroup_bytes()
     ))
+}
+
+/// `UnsupportedCombination` when a register-blocked layout comes with
+/// another forced tier.
+pub(crate) fn check_layout_tier(tier: Option<Tier>) -> Result<()> {
+    if tier.is_some_and(|t| t != Tier::RegisterBlocked) {
+        return Err(Error::UnsupportedCombination {
+            what: "a register-blocked layout and a tier other than RegisterBlocked",
+        });
+    }
+    Ok(())
 }
 
 /// `InvalidBlockedLayout` for a layout outside the register-blocked

@@ -582,6 +582,10 @@ fn padded_batches_with_empty_and_single_sequences() {
             .alibi(Alibi::PerBatchHead(
                 (0..16).map(|i| 0.01 * i as f32).collect(),
             )),
+        // The register-blocked passes read the same unit table.
+        AttentionConfig::new()
+            .causal(true)
+            .tier(Tier::RegisterBlocked),
     ] {
         let lengths = ValidLengths {
             q: Some(&q_lens),
@@ -615,6 +619,9 @@ fn packed_varlen_batches_with_empty_and_single_sequences() {
         AttentionConfig::new()
             .causal(true)
             .sinks(vec![2.0, -1.0, 0.5]),
+        AttentionConfig::new()
+            .causal(true)
+            .tier(Tier::RegisterBlocked),
     ] {
         let got = run_backward(
             gpu,
@@ -1396,11 +1403,11 @@ fn a_row_that_sees_one_key_gets_zero_query_and_key_gradients() {
 /// The register-blocked gradient passes (`Tier::RegisterBlocked`, built for
 /// GPUs, forced here) over what the other passes take, each against the
 /// reference: GQA with causal, ALiBi with sinks, a negative scale with an
-/// uneven window, padded and packed batches (one unit per
-/// sequence), value head dims of their own both ways, caller layouts whose
+/// uneven window, value head dims of their own both ways, caller layouts whose
 /// lanes divide neither the head dims nor the blocks, and f16 and bf16
 /// storage (FlashAttention's rule), the same bits on every run; then the
-/// layout errors with their numbers. Masks: `masks_against_the_reference`.
+/// layout errors with their numbers. Masks, padded and packed batches: the
+/// tests of those, which run the blocked passes too.
 #[test]
 fn register_blocked_gradients_against_the_reference() {
     let Some(gpu) = gpu() else { return };
@@ -1431,44 +1438,6 @@ fn register_blocked_gradients_against_the_reference() {
     assert!(bits(&runs[0]) == bits(&runs[1]), "blocked runs differ");
 
     let causal = blocked.clone().causal(true);
-    let (q_lens, kv_lens) = ([45, 0], [9, 70]);
-    let lengths = ValidLengths {
-        q: Some(&q_lens),
-        kv: &kv_lens,
-    };
-    let got = run_backward(
-        gpu,
-        &problem,
-        DType::F32,
-        ForwardOptions::new(&causal).valid_lengths(lengths),
-    )
-    .unwrap();
-    let sequences: Vec<_> = (0..2).map(|b| (b, 0..q_lens[b], 0..kv_lens[b])).collect();
-    let want = expected_per_sequence(&problem, &sequences, &causal);
-    let err = relative_error(&got, &want, "blocked, padded");
-    assert!(
-        err <= F32_TOLERANCE,
-        "blocked, padded: relative error {err:.3e}"
-    );
-    let (cu_q, cu_k) = ([0, 1, 33, 33, 45], [0, 40, 41, 60, 70]);
-    let packed = Problem::draw(shape(1, 45, 70, (4, 2), 64), 7102, DType::F32);
-    let got = run_backward(
-        gpu,
-        &packed,
-        DType::F32,
-        ForwardOptions::new(&causal).varlen(&cu_q, &cu_k),
-    )
-    .unwrap();
-    let sequences: Vec<_> = (0..4)
-        .map(|i| (0, cu_q[i]..cu_q[i + 1], cu_k[i]..cu_k[i + 1]))
-        .collect();
-    let want = expected_per_sequence(&packed, &sequences, &causal);
-    let err = relative_error(&got, &want, "blocked, packed");
-    assert!(
-        err <= F32_TOLERANCE,
-        "blocked, packed: relative error {err:.3e}"
-    );
-
     for (head_dim, head_dim_v) in [(192, 128), (40, 8), (8, 40)] {
         let shape = AttentionShape {
             head_dim_v,

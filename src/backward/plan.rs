@@ -4,7 +4,7 @@
 use crate::config::{AttentionConfig, AttentionShape, BlockedLayout, Tier};
 use crate::error::{Error, Result};
 use crate::gpu::GpuInfo;
-use crate::plan::{check_blocked_layout, use_subgroup_tier};
+use crate::plan::{check_blocked_layout, check_layout_tier, use_subgroup_tier};
 use crate::shaders::{BackwardPass, BackwardTiling, BlockedBackwardTiling, Specialization};
 use crate::tensor::DType;
 
@@ -102,11 +102,7 @@ impl BackwardPlan {
         tier: Option<Tier>,
         layout: BlockedLayout,
     ) -> Result<Self> {
-        if tier.is_some_and(|t| t != Tier::RegisterBlocked) {
-            return Err(Error::UnsupportedCombination {
-                what: "a register-blocked layout and a tier other than RegisterBlocked",
-            });
-        }
+        check_layout_tier(tier)?;
         Self::plan_call(info, shape, storage, tier, Some(layout))
     }
 
