@@ -26,13 +26,15 @@
 //
 // F16_PRODUCTS (AttentionConfig::f16_products, f16 storage, SHADER_F16):
 // the Q block, the K/V tile and the probabilities are f16 in workgroup
-// memory (half the bytes to stage and read), and the products of S = Q K^T
-// and O += P V are f16 multiplications (four per instruction), each product
-// then summed in f32: f16 operands, f32 accumulation, as on matrix units.
-// Sums in f16 were tried first; their rounding grows with the partial sums
-// and broke FlashAttention's rule at d=232 with a sharp scale (fuzz seed
-// 20350103: 2.4 times standard f16 attention's error). The softmax stays
-// f32.
+// memory (half the bytes to stage and read), and S = Q K^T and O += P V
+// multiply f16 operands exactly (a product of two f16 values fits f32) and
+// sum in f32: f16 operands, f32 accumulation, as on matrix units. Sums in
+// f16 were tried first; their rounding grows with the partial sums and
+// broke FlashAttention's rule at d=232 with a sharp scale (fuzz seed
+// 20350103: 2.4 times standard f16 attention's error). Products rounded to
+// f16 (f16 multiplications, four per instruction) came next and broke it
+// with a negative scale over few keys (seed 20634578: 2.2 times). The
+// softmax stays f32.
 //
 // Generated constants (src/shaders.rs, `BlockedTiling`): D4, DV4 (head
 // dims / 4), ROW_LANES, KEY_LANES, ROWS, COLS = ceil(DV4 / KEY_LANES),
@@ -71,9 +73,10 @@ var<workgroup> p_tile: array<vec4<f32>, BLOCK_M * KEY_LANES>;
 var<workgroup> partials: array<f32, BLOCK_M * KEY_LANES>;
 
 // #if F16_PRODUCTS
-// a . b with each product rounded to f16 and the four summed in f32.
+// a . b of f16 operands with exact products (a product of two f16 values
+// is exact in f32) summed in f32, as a matrix unit computes it.
 fn f16_products_sum(a: vec4<f16>, b: vec4<f16>) -> f32 {
-    let products = vec4<f32>(a * b);
+    let products = vec4<f32>(a) * vec4<f32>(b);
     return (products.x + products.y) + (products.z + products.w);
 }
 // #endif
@@ -324,8 +327,9 @@ fn main(
                     for (var r = 0u; r < ROWS; r++) {
                         let pr = probs[r];
 // #if F16_PRODUCTS
-                        acc[r * COLS + j] += (vec4<f32>(pr.x * v0) + vec4<f32>(pr.y * v1))
-                            + (vec4<f32>(pr.z * v2) + vec4<f32>(pr.w * v3));
+                        let p32 = vec4<f32>(pr);
+                        acc[r * COLS + j] += (p32.x * vec4<f32>(v0) + p32.y * vec4<f32>(v1))
+                            + (p32.z * vec4<f32>(v2) + p32.w * vec4<f32>(v3));
 // #else
                         acc[r * COLS + j] = fma(vec4<f32>(pr.w), v3, fma(vec4<f32>(pr.z), v2,
                             fma(vec4<f32>(pr.y), v1, fma(vec4<f32>(pr.x), v0, acc[r * COLS + j]))));

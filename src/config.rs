@@ -275,9 +275,10 @@ pub struct AttentionConfig {
     pub tier: Option<Tier>,
     /// The forward's Q K^T and P V products in f16 (f16 storage, the
     /// register-blocked tier, adapters with `SHADER_F16`): Q, K, V and the
-    /// probabilities stay f16 in workgroup memory, each product is an f16
-    /// multiplication and the products are summed in f32 (f16 operands,
-    /// f32 accumulation); softmax statistics stay f32. Off by
+    /// probabilities stay f16 in workgroup memory, each product of two f16
+    /// values is exact in f32 and the products are summed in f32 (f16
+    /// operands, f32 accumulation, as on matrix units); softmax statistics
+    /// stay f32. Off by
     /// default: it halves the tiles' memory traffic on GPUs with fast f16
     /// but is not yet measured faster on one (BENCHMARKS.md).
     pub f16_products: bool,
