@@ -288,19 +288,18 @@ fn capabilities(spec: &Specialization) -> Capabilities {
     capabilities
 }
 
-fn parse_and_validate(spec: &Specialization) -> (naga::Module, naga::valid::ModuleInfo) {
-    let source = source_of(spec);
-    let module = parse(spec, &source);
-    let info = Validator::new(ValidationFlags::all(), capabilities(spec))
-        .validate(&module)
+/// `module` (parsed from `source`) validated with the capabilities `spec`
+/// asks for, failing the test with the error's source span.
+fn validate(spec: &Specialization, source: &str, module: &naga::Module) -> naga::valid::ModuleInfo {
+    Validator::new(ValidationFlags::all(), capabilities(spec))
+        .validate(module)
         .unwrap_or_else(|e| {
             panic!(
                 "{}: validation error\n{}",
                 spec.label(),
-                e.emit_to_string(&source)
+                e.emit_to_string(source)
             )
-        });
-    (module, info)
+        })
 }
 
 // ---------------------------------------------------------------------------
@@ -393,38 +392,71 @@ fn write_glsl(module: &naga::Module, info: &naga::valid::ModuleInfo, label: &str
     .unwrap_or_else(|e| panic!("{label}: GLSL: {e}"));
 }
 
-/// Validates `spec` and translates it for every backend wgpu may hand it
-/// to, failing the test on the first error.
-fn validate_and_translate(spec: &Specialization) {
-    let (module, info) = parse_and_validate(spec);
+/// Validates `spec` (parsed from `source`) and translates it for every
+/// backend wgpu may hand it to, failing the test on the first error.
+fn validate_and_translate(spec: &Specialization, source: &str, module: &naga::Module) {
+    let info = validate(spec, source, module);
     let label = spec.label();
     let entry = spec.kernel().entry_point();
-    write_spirv(&module, &info, &label);
-    write_msl(&module, &info, &label, entry);
+    write_spirv(module, &info, &label);
+    write_msl(module, &info, &label, entry);
     // wgpu offers cooperative matrices on Vulkan and Metal only.
     if spec.needs_cooperative_matrices() {
         return;
     }
-    write_hlsl(&module, &info, &label, entry, spec.needs_f16());
+    write_hlsl(module, &info, &label, entry, spec.needs_f16());
     // wgpu's GL backend has no subgroups or f16 arithmetic, so those
     // variants never reach GLSL.
     if !spec.needs_subgroups() && !spec.needs_f16() {
-        write_glsl(&module, &info, &label, entry);
+        write_glsl(module, &info, &label, entry);
     }
 }
 
+/// Every shipped specialization (one per code shape unless exhaustive)
+/// parsed once for all of its checks, since parsing is most of their time
+/// (the exhaustive mode parses over 20,000 modules on CI's two cores):
+/// it validates and translates to every backend, its bindings are its
+/// kernel's bind group layout, and it declares the workgroup memory its
+/// plan budgets.
 #[test]
-fn shaders_validate_and_translate_to_every_backend() {
+fn shipped_specializations_keep_their_contract() {
     let specs = shipped_specializations();
-    by_code_shape(&specs, "validated and translated")
+    let checked: Vec<(Vec<String>, Option<BudgetedKernel>)> = by_code_shape(&specs, "checked")
         .par_iter()
-        .for_each(|spec| validate_and_translate(spec));
+        .map(|spec| {
+            let source = source_of(spec);
+            let module = parse(spec, &source);
+            validate_and_translate(spec, &source, &module);
+            let mut problems = layout_problems(spec, &module);
+            let budgeted = workgroup_memory_against_budget(spec, &module);
+            if let Err(problem) = &budgeted {
+                problems.push(problem.clone());
+            }
+            (problems, budgeted.ok().flatten())
+        })
+        .collect();
+    let failures: Vec<&String> = checked.iter().flat_map(|(p, _)| p).collect();
+    assert!(
+        failures.is_empty(),
+        "{}",
+        failures
+            .iter()
+            .map(|f| f.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    for kind in BudgetedKernel::ALL {
+        assert!(
+            checked.iter().any(|(_, k)| *k == Some(kind)),
+            "no {kind:?} specialization had its workgroup memory checked"
+        );
+    }
 }
 
 /// Every specialization with FLASH_ATTN_EXHAUSTIVE=1 (as .ci/run sets);
 /// otherwise one of each code shape (kernel, variant flags, workgroup
 /// size, unrolling, rows), which differ in more than the values of their
-/// constants. Parsing ~4500 modules takes minutes on two cores.
+/// constants. Parsing all of them (over 20,000) takes minutes on two cores.
 fn by_code_shape<'a>(specs: &'a [Specialization], what: &str) -> Vec<&'a Specialization> {
     let exhaustive = std::env::var("FLASH_ATTN_EXHAUSTIVE").is_ok_and(|v| v == "1");
     let mut shapes = HashSet::new();
@@ -562,25 +594,14 @@ fn binding_mismatch(
     ))
 }
 
-/// How the bindings `spec` declares differ from its kernel's layout, each
-/// message naming the kernel.
-fn layout_problems(spec: &Specialization) -> Vec<String> {
-    let module = parse(spec, &source_of(spec));
+/// How the bindings `spec` declares (in its parsed `module`) differ from
+/// its kernel's layout, each message naming the kernel.
+fn layout_problems(spec: &Specialization, module: &naga::Module) -> Vec<String> {
     let kernel = spec.kernel();
-    binding_mismatches(kernel.bindings(), &shader_bindings(&module))
+    binding_mismatches(kernel.bindings(), &shader_bindings(module))
         .into_iter()
         .map(|problem| format!("{kernel:?} ({}): {problem}", spec.label()))
         .collect()
-}
-
-#[test]
-fn bindings_match_the_bind_group_layouts() {
-    let specs = shipped_specializations();
-    let failures: Vec<String> = by_code_shape(&specs, "checked the bindings of")
-        .par_iter()
-        .flat_map_iter(|spec| layout_problems(spec))
-        .collect();
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]
@@ -1155,12 +1176,7 @@ fn linear_flags_match_the_shader() {
 // Workgroup memory against the planners' budgets.
 
 /// Bytes of the module's `var<workgroup>` declarations, as naga lays them
-/// out.
-fn declared_workgroup_bytes(module: &naga::Module) -> u64 {
-    declared_workgroup_bytes_except(module, &[])
-}
-
-/// The same without the variables named in `except`.
+/// out, without the variables named in `except`.
 fn declared_workgroup_bytes_except(module: &naga::Module, except: &[&str]) -> u64 {
     let mut layouter = naga::proc::Layouter::default();
     layouter
@@ -1175,72 +1191,74 @@ fn declared_workgroup_bytes_except(module: &naga::Module, except: &[&str]) -> u6
         .sum()
 }
 
-/// The register-blocked gradient passes declare exactly the workgroup
-/// memory their plan budgets (besides the sink pass's shares, which they
-/// do not use).
-#[test]
-fn blocked_backward_declares_the_workgroup_memory_its_plan_budgets() {
-    let specs = shipped_specializations();
-    let checked = specs
-        .iter()
-        .filter_map(|spec| match spec {
-            Specialization::BackwardBlocked { tiling, .. } => Some((spec, tiling)),
-            _ => None,
-        })
-        .map(|(spec, tiling)| {
-            let module = parse(spec, &source_of(spec));
-            let declared = declared_workgroup_bytes_except(&module, &["sink_shares"]);
-            assert_eq!(
-                declared,
-                tiling.workgroup_bytes(),
-                "{}: declared against budgeted workgroup memory",
-                spec.label()
-            );
-        })
-        .count();
-    assert!(checked > 0, "no register-blocked backward specialization");
+/// The kernels whose plans budget workgroup memory against the adapter's
+/// limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BudgetedKernel {
+    PerRowForward,
+    RegisterBlockedForward,
+    CooperativeMatrixForward,
+    RegisterBlockedBackward,
 }
 
-/// The forward kernels declare the workgroup memory their plans budget
-/// against the adapter's limit: exactly, for the block-tiled kernels
-/// (whose layouts the planner sizes from it); at most, for the per-row
-/// kernel (its subgroup variant stages nothing).
-#[test]
-fn forward_kernels_declare_the_workgroup_memory_their_plans_budget() {
-    let specs = shipped_specializations();
-    let checked: Vec<String> = by_code_shape(&specs, "workgroup memory checked for")
-        .par_iter()
-        .filter_map(|spec| {
-            let (budget, exact) = match spec {
-                Specialization::FlashBlocked(t) | Specialization::FlashBlockedMasked(t) => {
-                    (t.workgroup_bytes(), true)
-                }
-                Specialization::FlashCoop(t) | Specialization::FlashCoopMasked(t) => {
-                    (t.workgroup_bytes(), true)
-                }
-                Specialization::FlashForward(t) | Specialization::FlashMasked(t) => (
-                    crate::shaders::forward_tile_bytes(t.head_dim, t.head_dim_v, t.block_n),
-                    false,
-                ),
-                _ => return None,
-            };
-            let declared = declared_workgroup_bytes(&parse(spec, &source_of(spec)));
-            let ok = if exact {
-                declared == budget
-            } else {
-                declared <= budget
-            };
-            assert!(
-                ok,
-                "{}: declares {declared} bytes of workgroup memory, its plan budgets {budget}",
-                spec.label()
-            );
-            Some(spec.label())
-        })
-        .collect();
-    assert!(
-        checked.iter().any(|l| l.starts_with("flash_coop")),
-        "no cooperative-matrix specialization checked"
-    );
-    assert!(checked.iter().any(|l| l.starts_with("flash_blocked")));
+impl BudgetedKernel {
+    const ALL: [BudgetedKernel; 4] = [
+        BudgetedKernel::PerRowForward,
+        BudgetedKernel::RegisterBlockedForward,
+        BudgetedKernel::CooperativeMatrixForward,
+        BudgetedKernel::RegisterBlockedBackward,
+    ];
+}
+
+/// Whether `spec` declares the workgroup memory its plan budgets: exactly,
+/// for the block-tiled kernels (whose layouts the planners size from the
+/// limit; the blocked gradient passes besides the sink pass's shares,
+/// which they do not use); at most, for the per-row forward (its subgroup
+/// variant stages nothing). `Ok(None)` for kernels without a budget.
+fn workgroup_memory_against_budget(
+    spec: &Specialization,
+    module: &naga::Module,
+) -> Result<Option<BudgetedKernel>, String> {
+    use Specialization as S;
+    let (kind, budget, exact, unbudgeted): (_, _, _, &[&str]) = match spec {
+        S::FlashBlocked(t) | S::FlashBlockedMasked(t) => (
+            BudgetedKernel::RegisterBlockedForward,
+            t.workgroup_bytes(),
+            true,
+            &[],
+        ),
+        S::FlashCoop(t) | S::FlashCoopMasked(t) => (
+            BudgetedKernel::CooperativeMatrixForward,
+            t.workgroup_bytes(),
+            true,
+            &[],
+        ),
+        S::FlashForward(t) | S::FlashMasked(t) => (
+            BudgetedKernel::PerRowForward,
+            crate::shaders::forward_tile_bytes(t.head_dim, t.head_dim_v, t.block_n),
+            false,
+            &[],
+        ),
+        S::BackwardBlocked { tiling, .. } => (
+            BudgetedKernel::RegisterBlockedBackward,
+            tiling.workgroup_bytes(),
+            true,
+            &["sink_shares"],
+        ),
+        _ => return Ok(None),
+    };
+    let declared = declared_workgroup_bytes_except(module, unbudgeted);
+    let within = if exact {
+        declared == budget
+    } else {
+        declared <= budget
+    };
+    if within {
+        Ok(Some(kind))
+    } else {
+        Err(format!(
+            "{}: declares {declared} bytes of workgroup memory, its plan budgets {budget}",
+            spec.label()
+        ))
+    }
 }
