@@ -37,9 +37,11 @@ struct Params {
     unit_base: u32,
     // Where the sinks start in `head_table` (with FLAG_SINKS).
     sink_offset: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    // With FLAG_DROPOUT: a (query, key) probability is kept when its hash
+    // (dropout_keep_scales) is at least the threshold; the seed's words.
+    dropout_threshold: u32,
+    dropout_seed_lo: u32,
+    dropout_seed_hi: u32,
     q: TensorStrides,
     k: TensorStrides,
     v: TensorStrides,
@@ -55,6 +57,9 @@ const FLAG_SINKS: u32 = 32u;
 // The forward reads its sequences from a table (padded and variable-length
 // batches in one dispatch; flash_attention.wgsl).
 const FLAG_SEQUENCES: u32 = 64u;
+// Attention dropout (src/dropout.rs): the forward and the backward draw the
+// same mask from the seed.
+const FLAG_DROPOUT: u32 = 256u;
 
 const LOG2_E: f32 = 1.4426950408889634;
 const LN_2: f32 = 0.6931471805599453;
@@ -189,6 +194,48 @@ fn visible_keys(row_pos: i32, seq_kv: u32) -> vec2<i32> {
 
 // a . b + c as four chained FMAs: 4 instructions where `dot(a, b) + c` may
 // take 5 (measured ~5 % faster on lavapipe).
+// Attention dropout (FLAG_DROPOUT). Twin of `mix` in src/dropout.rs: the
+// PCG output permutation of one LCG step (Jarzynski and Olano 2020), on
+// four words at once; integer arithmetic wraps, as there.
+fn dropout_mix(x: vec4<u32>) -> vec4<u32> {
+    let state = x * 747796405u + 2891336453u;
+    let word = ((state >> ((state >> vec4<u32>(28u)) + 4u)) ^ state) * 277803737u;
+    return (word >> vec4<u32>(22u)) ^ word;
+}
+
+// Twin of `row_state` in src/dropout.rs: the hash state of query row `row`
+// (counted from its sequence's first) of query head `head` of sequence
+// `sequence`, shared by the row's keys.
+fn dropout_row_state(sequence: u32, head: u32, row: u32) -> u32 {
+    var x = dropout_mix(vec4<u32>(p.dropout_seed_lo)).x;
+    x = dropout_mix(vec4<u32>(x ^ p.dropout_seed_hi)).x;
+    x = dropout_mix(vec4<u32>(x ^ sequence)).x;
+    x = dropout_mix(vec4<u32>(x ^ head)).x;
+    return dropout_mix(vec4<u32>(x ^ row)).x;
+}
+
+// Which of `keys` (counted from the sequence's first key) the row whose
+// state is `row_state` keeps: 1 kept, 0 dropped (FLAG_DROPOUT set).
+fn dropout_kept(row_state: u32, keys: vec4<i32>) -> vec4<f32> {
+    let kept = dropout_mix(vec4<u32>(row_state) ^ vec4<u32>(keys)) >= vec4<u32>(p.dropout_threshold);
+    return select(vec4<f32>(0.0), vec4<f32>(1.0), kept);
+}
+
+// 1 / (1 - p), the scale of the kept probabilities; 1 without dropout.
+fn dropout_keep_scale() -> f32 {
+    if (!has_flag(FLAG_DROPOUT)) {
+        return 1.0;
+    }
+    // 2^-32: the threshold is p in those units.
+    return 1.0 / (1.0 - f32(p.dropout_threshold) * 2.3283064365386963e-10);
+}
+
+// What dropout multiplies the probability of one key by: 1 / (1 - p) if
+// the row keeps it, else 0 (FLAG_DROPOUT set).
+fn dropout_scale_of(row_state: u32, key: i32) -> f32 {
+    return dropout_kept(row_state, vec4<i32>(key)).x * dropout_keep_scale();
+}
+
 fn fma_dot(a: vec4<f32>, b: vec4<f32>, c: f32) -> f32 {
     return fma(a.w, b.w, fma(a.z, b.z, fma(a.y, b.y, fma(a.x, b.x, c))));
 }

@@ -200,6 +200,9 @@ fn main(
     var row_pos: array<i32, ROWS>;
     var row_lo: array<i32, ROWS>;
     var row_hi: array<i32, ROWS>;
+    // Each row's dropout hash state (with FLAG_DROPOUT; dense calls only,
+    // so the unit is the batch entry and rows and keys count from 0).
+    var drop_state: array<u32, ROWS>;
 // #if MASK
     var mask_row: array<u32, ROWS>;
     let mask_base = batch * mp.batch_stride + head_q * mp.head_stride;
@@ -217,6 +220,9 @@ fn main(
         row_hi[r] = bounds.y;
         m[r] = start.x;
         l[r] = start.y;
+        if (has_flag(FLAG_DROPOUT)) {
+            drop_state[r] = dropout_row_state(batch, head_q, row);
+        }
         // Rows past the end compute on a copy of the last row; never stored.
         let q_row = seq.q_start + min(row, max(seq_q, 1u) - 1u);
         let q_base = batch * p.q.batch + q_row * p.q.seq + head_q * p.q.head + p.q.offset;
@@ -368,6 +374,12 @@ fn main(
                 probs[r] = select(vec4<f32>(0.0), exp_shifted(s - vec4<f32>(m_new)), visible);
                 l[r] = l[r] * correction[r] + (probs[r].x + probs[r].y) + (probs[r].z + probs[r].w);
                 m[r] = m_new;
+                // Dropout acts after the softmax: the sum (and the
+                // logsumexp) keep every probability, P V only the kept
+                // (scaled by 1 / (1 - p) with the output).
+                if (has_flag(FLAG_DROPOUT)) {
+                    probs[r] *= dropout_kept(drop_state[r], key_pos);
+                }
             }
 
 // #if SUBGROUP_KV
@@ -407,7 +419,8 @@ fn main(
             // A row that saw no key (and has no sink) has l == 0: zeros and
             // lse = +inf; so has a padding row, whatever it computed.
             let real = row < seq_q;
-            let inv_l = select(0.0, 1.0 / l[r], real && l[r] > 0.0);
+            // Dropout scales the kept probabilities here, once per row.
+            let inv_l = select(0.0, dropout_keep_scale() / l[r], real && l[r] > 0.0);
             let lse = select(row_lse(m[r], 0.0), row_lse(m[r], l[r]), real);
             let o_row = seq.q_start + row;
             let o_base = batch * p.o.batch + o_row * p.o.seq + head_q * p.o.head + p.o.offset;

@@ -513,6 +513,16 @@ fn key_grads(
                         dps[r] = fma_dot(grow[d], v[r * DV4 + d], dps[r]);
                     }
                 }
+                // Dropout: dP and P's share of dV only where the forward
+                // kept the pair, scaled as it was.
+                var drop: array<f32, ROWS>;
+                if (has_flag(FLAG_DROPOUT)) {
+                    let state = dropout_row_state(u.q_batch, head_q, row);
+                    for (var r = 0u; r < ROWS; r++) {
+                        drop[r] = dropout_scale_of(state, key_pos[r]);
+                        dps[r] *= drop[r];
+                    }
+                }
                 var grads: array<vec2<f32>, ROWS>;
                 // The row sees every key of the block (the common case).
                 let bounds = visible_keys(row_pos, u.kv_len);
@@ -524,6 +534,11 @@ fn key_grads(
                     for (var r = 0u; r < ROWS; r++) {
                         grads[r] = pair_grads(dots[r], dps[r], u, head_q, row, row_pos, key_pos[r],
                             slope, stats.x, stats.y);
+                    }
+                }
+                if (has_flag(FLAG_DROPOUT)) {
+                    for (var r = 0u; r < ROWS; r++) {
+                        grads[r].x *= drop[r];
                     }
                 }
                 for (var d = 0u; d < DV4; d++) {
@@ -594,6 +609,8 @@ fn query_grads(
     var dq: array<vec4<f32>, ROWS * D4>;
     var lse_row: array<f32, ROWS>;
     var delta: array<f32, ROWS>;
+    // Each row's dropout hash state (with FLAG_DROPOUT; dense calls only).
+    var drop_state: array<u32, ROWS>;
     for (var r = 0u; r < ROWS; r++) {
         let row = min(row0 + lid + r * WG_SIZE, last_row);
         let q_base = q_row(u, row, head_q);
@@ -616,6 +633,9 @@ fn query_grads(
         let at = stats_index(u, head_q, row);
         lse_row[r] = lse_buf[at];
         delta[r] = deltas[at];
+        if (has_flag(FLAG_DROPOUT)) {
+            drop_state[r] = dropout_row_state(u.q_batch, head_q, row);
+        }
     }
 
     // Keys some row of the block sees (the forward's tile range).
@@ -698,6 +718,12 @@ fn query_grads(
             for (var d = 0u; d < DV4; d++) {
                 for (var r = 0u; r < ROWS; r++) {
                     dps[r] = fma_dot(g[r * DV4 + d], vrow[d], dps[r]);
+                }
+            }
+            // Dropout: dP only where the forward kept the pair, scaled.
+            if (has_flag(FLAG_DROPOUT)) {
+                for (var r = 0u; r < ROWS; r++) {
+                    dps[r] *= dropout_scale_of(drop_state[r], key);
                 }
             }
             var dx: array<f32, ROWS>;

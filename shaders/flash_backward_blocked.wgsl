@@ -150,12 +150,20 @@ fn micro_products(r0: u32, a: u32, dots: ptr<function, array<vec4<f32>, ROWS>>,
 
 // P (column 0) and dX (column 1) of query row `row` of unit `u` (staged at
 // `staged`) with keys first .. first + 3, from their dots and dP: zeros
-// for a padding row and for pairs the options or the mask hide.
+// for a padding row and for pairs the options or the mask hide. With
+// dropout, P (dV's weight) and dP count only where the forward kept the
+// pair, scaled as it was.
 fn quad_grads(u: BackwardUnit, head_q: u32, row: u32, staged: u32, first: i32, slope: f32, plain: bool,
     dots: vec4<f32>, dps: vec4<f32>) -> mat2x4<f32> {
     var probs = vec4<f32>(0.0);
     var dx = vec4<f32>(0.0);
     if (row < u.q_len) {
+        var drop = vec4<f32>(1.0);
+        if (has_flag(FLAG_DROPOUT)) {
+            let state = dropout_row_state(u.q_batch, head_q, row);
+            drop = dropout_kept(state, vec4<i32>(first) + vec4<i32>(0, 1, 2, 3)) * dropout_keep_scale();
+        }
+        let kept_dps = dps * drop;
         let stats = stats_block[staged];
         let row_pos = i32(row) + unit_diag(u);
         let bounds = visible_keys(row_pos, u.kv_len);
@@ -164,12 +172,12 @@ fn quad_grads(u: BackwardUnit, head_q: u32, row: u32, staged: u32, first: i32, s
         for (var j = 0u; j < QUAD; j++) {
             var grads: vec2<f32>;
             if (all_seen) {
-                grads = plain_grads(dots[j], dps[j], stats.x, stats.y);
+                grads = plain_grads(dots[j], kept_dps[j], stats.x, stats.y);
             } else {
-                grads = pair_grads(dots[j], dps[j], u, head_q, row, row_pos, first + i32(j), slope, stats.x,
+                grads = pair_grads(dots[j], kept_dps[j], u, head_q, row, row_pos, first + i32(j), slope, stats.x,
                     stats.y);
             }
-            probs[j] = grads.x;
+            probs[j] = grads.x * drop[j];
             dx[j] = grads.y;
         }
     }

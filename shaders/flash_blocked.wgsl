@@ -146,6 +146,9 @@ fn main(
     // Each row's query head, and its ALiBi slope.
     var heads: array<u32, ROWS>;
     var slopes: array<f32, ROWS>;
+    // Each row's dropout hash state (with FLAG_DROPOUT; dense calls only,
+    // so the unit is the batch entry and rows and keys count from 0).
+    var drop_state: array<u32, ROWS>;
 // #if MASK
     var mask_row: array<u32, ROWS>;
     let mask_base = batch * mp.batch_stride + wg.y * mp.head_stride;
@@ -164,6 +167,9 @@ fn main(
         let bounds = visible_keys(row_pos[r], seq_kv);
         row_lo[r] = bounds.x;
         row_hi[r] = bounds.y;
+        if (has_flag(FLAG_DROPOUT)) {
+            drop_state[r] = dropout_row_state(batch, heads[r], row / group);
+        }
         // A sink counts once per row: in key lane 0's share.
         m[r] = start.x;
         l[r] = select(0.0, start.y, key_lane == 0u);
@@ -289,9 +295,15 @@ fn main(
             }
             let m_new = max(m[r], tile_max);
             correction[r] = exp2((m[r] - m_new) * LOG2_E);
-            let probs = select(vec4<f32>(0.0), exp_shifted(scores[r] - vec4<f32>(m_new)), visible[r]);
+            var probs = select(vec4<f32>(0.0), exp_shifted(scores[r] - vec4<f32>(m_new)), visible[r]);
             l[r] = l[r] * correction[r] + (probs.x + probs.y) + (probs.z + probs.w);
             m[r] = m_new;
+            // Dropout acts after the softmax: the sum (and the logsumexp)
+            // keep every probability, P V only the kept (scaled by
+            // 1 / (1 - p) with the output).
+            if (has_flag(FLAG_DROPOUT)) {
+                probs *= dropout_kept(drop_state[r], key_pos);
+            }
 // #if F16_PRODUCTS
             p_tile[row * KEY_LANES + key_lane] = vec4<f16>(probs);
 // #else
@@ -357,7 +369,8 @@ fn main(
             // A row that saw no key (and has no sink) has l == 0: zeros and
             // lse = +inf; so has a padding row, whatever it computed.
             let real = row < seq_q;
-            let inv_l = select(0.0, 1.0 / l_row, real && l_row > 0.0);
+            // Dropout scales the kept probabilities here, once per row.
+            let inv_l = select(0.0, dropout_keep_scale() / l_row, real && l_row > 0.0);
             let lse = select(row_lse(m[r], 0.0), row_lse(m[r], l_row), real);
             let o_row = seq.q_start + row / group;
             let out = row_output(seq, batch, o_row, heads[r]);

@@ -371,6 +371,17 @@ impl Gpu {
         if keys == Some(0) {
             return Err(Error::KeysPerDispatch(0));
         }
+        let dropout = options.config.active_dropout().is_some();
+        if dropout && !matches!(options.sequences, Sequences::Dense) {
+            return Err(Error::UnsupportedCombination {
+                what: "dropout and padded or variable-length sequences",
+            });
+        }
+        if dropout && keys.is_some() {
+            return Err(Error::UnsupportedCombination {
+                what: "dropout and keys_per_dispatch",
+            });
+        }
         match (options.sequences, options.mask) {
             (_, Some(_)) if keys.is_some() => Err(Error::UnsupportedCombination {
                 what: "a mask and keys_per_dispatch",
@@ -490,6 +501,7 @@ impl Gpu {
         } else {
             plan
         };
+        let plan = self.dropout_plan(plan, config, plan_shape, storage)?;
         let params = self.pack_params(args, &shape, config)?;
         Ok(PreparedCall {
             shape,
@@ -498,6 +510,31 @@ impl Gpu {
             args: *args,
             head_table: self.head_table_buffer(config),
         })
+    }
+
+    /// `plan`, or with dropout, a plan whose kernel applies it: the
+    /// cooperative-matrix kernel does not (its probabilities live in matrix
+    /// tiles), so where the planner chose it the register-blocked tier runs
+    /// (or the portable one where no register-blocked layout fits); forced,
+    /// it is a typed error.
+    fn dropout_plan(
+        &self,
+        plan: ForwardPlan,
+        config: &AttentionConfig,
+        shape: &AttentionShape,
+        storage: crate::DType,
+    ) -> Result<ForwardPlan> {
+        use crate::config::Tier;
+        if config.active_dropout().is_none() || plan.tier() != Tier::CooperativeMatrix {
+            return Ok(plan);
+        }
+        if config.tier == Some(Tier::CooperativeMatrix) {
+            return Err(Error::UnsupportedCombination {
+                what: "dropout and the CooperativeMatrix tier",
+            });
+        }
+        ForwardPlan::for_call(self.info(), shape, storage, Some(Tier::RegisterBlocked))
+            .or_else(|_| ForwardPlan::for_call(self.info(), shape, storage, Some(Tier::Portable)))
     }
 
     /// The call's per-head table (ALiBi slopes, then sinks; binding 6 of
@@ -665,7 +702,15 @@ impl PreparedCall<'_> {
             .pipelines
             .get(&gpu.device, &self.plan.specialization())?;
         let [x, y, _] = self.plan.workgroups();
-        let Some(dispatches) = plan_key_chunks(&units, &views[0], &views[1], &chunk_limits)? else {
+        let chunks = plan_key_chunks(&units, &views[0], &views[1], &chunk_limits)?;
+        if chunks.is_some() && self.params.flags & flags::DROPOUT != 0 {
+            // The kernels count a chunk's keys from its first: the mask
+            // would restart with each chunk.
+            return Err(Error::UnsupportedCombination {
+                what: "dropout and keys in chunks (K or V past one storage binding, or past the adapter's loop budget)",
+            });
+        }
+        let Some(dispatches) = chunks else {
             let mut params = self.dispatch_params();
             let table = if from_table {
                 params.flags |= flags::SEQUENCES;
@@ -874,6 +919,12 @@ pub(crate) fn option_params(
     if config.sinks.is_some() {
         bits |= flags::SINKS;
     }
+    let dropout = config.active_dropout();
+    if dropout.is_some() {
+        bits |= flags::DROPOUT;
+    }
+    let (dropout_seed_lo, dropout_seed_hi) =
+        crate::dropout::seed_words(dropout.map_or(0, |d| d.seed));
     AttentionParams {
         batch: shape.batch as u32,
         seq_q: shape.seq_q as u32,
@@ -891,6 +942,9 @@ pub(crate) fn option_params(
         },
         unit_base: 0,
         sink_offset: config.sink_offset() as u32,
+        dropout_threshold: dropout.map_or(0, |d| d.threshold()),
+        dropout_seed_lo,
+        dropout_seed_hi,
         ..AttentionParams::default()
     }
 }

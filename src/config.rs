@@ -3,6 +3,7 @@
 
 use std::ops::Range;
 
+use crate::dropout::Dropout;
 use crate::error::{Error, Result};
 
 /// The dimensions of one attention call.
@@ -288,6 +289,10 @@ pub struct AttentionConfig {
     /// backward (whose key blocks are `4 * key_lanes` keys and query blocks
     /// `row_lanes * rows` rows). `None`: the planner's.
     pub blocked_layout: Option<BlockedLayout>,
+    /// Dropout of the attention probabilities (training): `None`, or a
+    /// rate of 0, drops nothing. See [`Dropout`]; the backward regenerates
+    /// the forward's mask from the same seed.
+    pub dropout: Option<Dropout>,
 }
 
 /// A workgroup layout of the register-blocked forward (`Tier::RegisterBlocked`):
@@ -415,6 +420,17 @@ impl AttentionConfig {
         self.softcap = Some(cap);
         self
     }
+    /// Drops each attention probability with probability `p` (and scales
+    /// the kept ones by `1 / (1 - p)`), with the mask drawn from `seed`
+    /// (see [`Dropout`]).
+    pub fn dropout(mut self, p: f32, seed: u64) -> Self {
+        self.dropout = Some(Dropout::new(p, seed));
+        self
+    }
+    /// The dropout in effect: `None` when the config drops nothing.
+    pub fn active_dropout(&self) -> Option<Dropout> {
+        self.dropout.filter(Dropout::is_active)
+    }
     /// Adds ALiBi biases with these slopes.
     pub fn alibi(mut self, alibi: Alibi) -> Self {
         self.alibi = Some(alibi);
@@ -503,6 +519,9 @@ impl AttentionConfig {
         }
         if let Some(alibi) = &self.alibi {
             alibi.validate(shape)?;
+        }
+        if let Some(dropout) = &self.dropout {
+            dropout.validate()?;
         }
         if let Some(sinks) = &self.sinks {
             if sinks.len() != shape.heads_q {

@@ -187,6 +187,11 @@ impl Gpu {
             ),
         ])?;
         config.validate(&shape)?;
+        if config.active_dropout().is_some() {
+            return Err(Error::UnsupportedCombination {
+                what: "dropout and decoding (dropout is a training option)",
+            });
+        }
         // Queries and output in f32, f16 or bf16, one type for both (the
         // cache's type is its own).
         let io_dtype = args.q.dtype();

@@ -226,6 +226,10 @@ pub enum Error {
     #[error("scale must be finite and non-zero, got {0}")]
     InvalidScale(f32),
 
+    /// The dropout probability is outside `[0, 1)` (holds the value given).
+    #[error("dropout probability must lie in [0, 1), got {0}")]
+    InvalidDropout(f32),
+
     /// The softcap is not finite and positive (holds the value given).
     #[error("softcap must be finite and > 0, got {0}")]
     InvalidSoftcap(f32),

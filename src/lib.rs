@@ -35,6 +35,7 @@ mod attention;
 mod backward;
 mod config;
 mod decode;
+mod dropout;
 mod error;
 mod gpu;
 mod key_chunks;
@@ -62,6 +63,7 @@ pub use config::{
     is_supported_head_dim,
 };
 pub use decode::{DecodeArgs, DecodeLanes, DecodeOptions};
+pub use dropout::Dropout;
 pub use error::{Error, Result};
 pub use gpu::{AdapterOptions, Gpu, GpuInfo, WANTED_FEATURES};
 pub use kv_cache::{KeyRotation, KvCache, KvCacheConfig, KvDType, KvLayout, KvValues, PAGE_SIZES};

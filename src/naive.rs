@@ -22,6 +22,12 @@ impl Gpu {
         args: &AttentionArgs<'_>,
         config: &AttentionConfig,
     ) -> Result<NaivePlan> {
+        if config.active_dropout().is_some() {
+            // The baseline is inference-only, as its benchmark use is.
+            return Err(Error::UnsupportedCombination {
+                what: "dropout and the naive attention baseline",
+            });
+        }
         let call = self.prepare_call(args, config)?;
         call.require_whole_kv(self)?;
         let plan = NaivePlan::for_call(self.info(), &call.shape, args.q.dtype(), config.tier)?;

@@ -223,7 +223,7 @@ where
             };
             let mut out = vec![0.0f64; d];
             for (score, w) in scores.iter().zip(&weights) {
-                let w = round(*w);
+                let w = round(*w) * problem.dropout_factor(b, h, i, score.key);
                 for (o, &x) in out.iter_mut().zip(problem.v_row(b, h, score.key)) {
                     *o += w * f64::from(x);
                 }
@@ -308,6 +308,17 @@ impl<'a, B: Fn(usize, usize, usize, usize) -> Option<f64> + Sync> Problem<'a, B>
     /// Query head `h`'s sink logit, if the call has sinks.
     pub fn sink(&self, h: usize) -> Option<f64> {
         self.config.sinks.as_ref().map(|s| f64::from(s[h]))
+    }
+
+    /// What dropout multiplies the probability of key `j` in row `i` of
+    /// head `h` of batch entry `b` by: `1 / (1 - p)` where
+    /// [`crate::Dropout::keeps`] the pair, 0 where not; 1 without dropout.
+    pub fn dropout_factor(&self, b: usize, h: usize, i: usize, j: usize) -> f64 {
+        match self.config.active_dropout() {
+            None => 1.0,
+            Some(d) if d.keeps(b, h, i, j) => 1.0 / d.keep_probability(),
+            Some(_) => 0.0,
+        }
     }
 
     /// Offset of query row `i` of head `h` (also of dQ).

@@ -698,9 +698,9 @@ fn rust_twins() -> Vec<(&'static str, Layout)> {
             alibi_batch_stride,
             unit_base,
             sink_offset,
-            _pad0,
-            _pad1,
-            _pad2,
+            dropout_threshold,
+            dropout_seed_lo,
+            dropout_seed_hi,
             q,
             k,
             v,
@@ -1035,7 +1035,7 @@ fn doc_twins_are_read_from_params_source() {
 // Flag bits against the shader's constants.
 
 /// Rust flag bits by the name of their WGSL twin.
-const FLAG_TWINS: [(&str, u32); 7] = [
+const FLAG_TWINS: [(&str, u32); 8] = [
     ("FLAG_WINDOW_LEFT", flags::WINDOW_LEFT),
     ("FLAG_WINDOW_RIGHT", flags::WINDOW_RIGHT),
     ("FLAG_SOFTCAP", flags::SOFTCAP),
@@ -1043,6 +1043,7 @@ const FLAG_TWINS: [(&str, u32); 7] = [
     ("FLAG_WRITE_LSE", flags::WRITE_LSE),
     ("FLAG_SINKS", flags::SINKS),
     ("FLAG_SEQUENCES", flags::SEQUENCES),
+    ("FLAG_DROPOUT", flags::DROPOUT),
 ];
 
 /// The same for the forward's carry bits (per unit of its sequence table).

@@ -1158,6 +1158,83 @@ fn each_tier_against_the_reference() {
     }
 }
 
+/// Dropout (training): every gradient against the reference backward with
+/// the forward's mask (the backward regenerates it from the seed), on each
+/// tier, with the options that move which keys a row sees, sinks and a
+/// boolean mask; padded or packed batches are a typed error.
+#[test]
+fn dropout_against_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let problem = Problem::draw(shape(2, 70, 90, (4, 2), 64), 1400, DType::F32);
+    let configs = [
+        AttentionConfig::new().dropout(0.1, 1),
+        AttentionConfig::new()
+            .dropout(0.5, 0xfeed_0000_0000_0001)
+            .causal(true)
+            .sinks(vec![0.5, -1.0, 2.0, 0.0]),
+        AttentionConfig::new()
+            .dropout(0.8, 77)
+            .window(Some(20), Some(3))
+            .softcap(3.0)
+            .alibi(Alibi::PerHead(Alibi::standard_slopes(4))),
+    ];
+    for tier in [
+        Tier::Portable,
+        Tier::SubgroupBroadcast,
+        Tier::RegisterBlocked,
+    ] {
+        let plan = BackwardPlan::for_call(gpu.info(), &problem.shape, DType::F32, Some(tier));
+        if let Err(err) = plan {
+            assert!(matches!(err, Error::TierUnavailable { .. }), "{err}");
+            eprintln!("SKIPPED: {tier:?} is not available here: {err}");
+            continue;
+        }
+        for config in &configs {
+            let config = config.clone().tier(tier);
+            check_f32(gpu, &problem, &config, &format!("{config:?}"));
+        }
+    }
+    // With a mask (the default tier): the mask hides pairs, dropout drops
+    // some of the rest.
+    let shape = problem.shape;
+    let dims = [shape.batch, 1, shape.seq_q, shape.seq_kv];
+    let mut rng = seeded(1401);
+    let bits: Vec<bool> = (0..dims.iter().product::<usize>())
+        .map(|_| rng.random_bool(0.6))
+        .collect();
+    let mask = AttentionMask::boolean(gpu, dims, &bits).unwrap();
+    let host = HostMask::Bool {
+        dims,
+        values: &bits,
+    };
+    let config = AttentionConfig::new().dropout(0.3, 9).causal(true);
+    let got = run_backward(
+        gpu,
+        &problem,
+        DType::F32,
+        ForwardOptions::new(&config).mask(&mask),
+    )
+    .unwrap();
+    let err = relative_error(&got, &problem.reference(&config, Some(&host)), "masked");
+    assert!(
+        err <= F32_TOLERANCE,
+        "masked dropout: relative error {err:.3e}"
+    );
+    // Padded batches (refused by the forward, which runs first).
+    let lengths = ValidLengths {
+        q: None,
+        kv: &[90, 40],
+    };
+    let padded = ForwardOptions::new(&config).valid_lengths(lengths);
+    let Err(err) = run_backward(gpu, &problem, DType::F32, padded) else {
+        panic!("dropout over a padded batch ran");
+    };
+    assert!(
+        matches!(err, Error::UnsupportedCombination { what } if what.contains("dropout")),
+        "{err}"
+    );
+}
+
 /// Random combinations of every option (shapes, GQA, causal, windows,
 /// scale, softcap, ALiBi, and a bias mask, a boolean mask or valid
 /// lengths), each against the reference; the seed of a failing case is in

@@ -1106,3 +1106,15 @@ fn half_queries_and_outputs_over_every_cache_type() {
         "{got:?}"
     );
 }
+
+/// Dropout is a training option: decoding refuses it with a typed error.
+#[test]
+fn dropout_is_a_typed_error() {
+    let Some(gpu) = gpu() else { return };
+    let options = DecodeOptions::new(&AttentionConfig::new().dropout(0.1, 1));
+    let got = tiny_decode(gpu, &options);
+    assert!(
+        matches!(got, Err(Error::UnsupportedCombination { what }) if what.contains("dropout")),
+        "{got:?}"
+    );
+}

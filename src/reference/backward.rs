@@ -165,9 +165,17 @@ fn backward(
                     let probs: Vec<f64> = probs.into_iter().map(|p| a.round(p)).collect();
                     let grad_out = &d_out[o_at..][..dv];
                     let q_row = problem.q_row(b, h, i);
+                    // Dropout: each pair's factor (1 / (1 - p) kept, 0
+                    // dropped; 1 without) weighs its value in O and dV, and
+                    // its dP.
+                    let drop: Vec<f64> = scores
+                        .iter()
+                        .map(|s| problem.dropout_factor(b, h, i, s.key))
+                        .collect();
                     let dp: Vec<f64> = scores
                         .iter()
-                        .map(|s| a.dot(grad_out, problem.v_row(b, h, s.key)))
+                        .zip(&drop)
+                        .map(|(s, f)| a.dot(grad_out, problem.v_row(b, h, s.key)) * f)
                         .collect();
                     // D = sum_j P_j dP_j (= dO . O); in f32 from the f32 O,
                     // as standard attention forms it.
@@ -175,10 +183,10 @@ fn backward(
                         Arithmetic::F64 => probs.iter().zip(&dp).map(|(p, g)| p * g).sum(),
                         Arithmetic::F32 => {
                             let mut out = vec![0.0f64; dv];
-                            for (score, &p) in scores.iter().zip(&probs) {
+                            for ((score, &p), f) in scores.iter().zip(&probs).zip(&drop) {
                                 let v_row = problem.v_row(b, h, score.key);
                                 for (o, &x) in out.iter_mut().zip(v_row) {
-                                    a.add(o, p * f64::from(x));
+                                    a.add(o, p * f * f64::from(x));
                                 }
                             }
                             let out: Vec<f32> = out.iter().map(|&o| o as f32).collect();
@@ -192,7 +200,7 @@ fn backward(
                     }
                     let mut out = vec![0.0; dv];
                     let mut dq = vec![0.0; d];
-                    for ((score, &p), &dp) in scores.iter().zip(&probs).zip(&dp) {
+                    for (((score, &p), &dp), f) in scores.iter().zip(&probs).zip(&dp).zip(&drop) {
                         let mut dx = a.round(a.round(p * a.round(dp - delta)) * problem.scale);
                         if let Some(cap) = config.softcap {
                             let th = (score.dot * problem.scale / f64::from(cap)).tanh();
@@ -208,9 +216,10 @@ fn backward(
                             a.add(&mut result.dk[key + c], dx * f64::from(q_row[c]));
                         }
                         let value = score.key * dv;
+                        let kept = p * f;
                         for c in 0..dv {
-                            a.add(&mut out[c], p * f64::from(v_row[c]));
-                            a.add(&mut result.dv[value + c], p * f64::from(grad_out[c]));
+                            a.add(&mut out[c], kept * f64::from(v_row[c]));
+                            a.add(&mut result.dv[value + c], kept * f64::from(grad_out[c]));
                         }
                     }
                     result.out.push((o_at, out));

@@ -1,0 +1,227 @@
+//! Attention dropout in the forward against the f64 reference, which draws
+//! the same mask from the seed (`Dropout::keeps`): every forward kernel,
+//! the options that move which keys a row sees, masks, several rates; the
+//! same seed gives the same bits, another seed another mask; the calls
+//! dropout does not take are typed errors. The backward with dropout is
+//! in tests/backward.rs.
+
+mod common;
+
+use common::random::seeded;
+use common::{Inputs, assert_close, attention_shape as shape, forward_tiers, gpu, with_tier};
+use rand::RngExt;
+use wgpu_flash_attn::{
+    Alibi, AttentionArgs, AttentionConfig, AttentionMask, Dropout, Error, ForwardOptions, Gpu, Lse,
+    Tier, ValidLengths, reference,
+};
+
+/// The forward's output and logsumexp, read back.
+fn forward(gpu: &Gpu, inputs: &Inputs, options: ForwardOptions<'_>) -> (Vec<f32>, Vec<f32>) {
+    let shape = inputs_shape();
+    let [q, k, v, out] = common::upload(gpu, &shape, inputs);
+    common::run_views(
+        gpu,
+        common::Implementation::Flash,
+        &shape,
+        options,
+        [&q, &k, &v, &out],
+    )
+}
+
+/// GQA with ragged lengths: 70 query rows over 90 keys, two batch entries.
+fn inputs_shape() -> wgpu_flash_attn::AttentionShape {
+    shape(2, 70, 90, (4, 2), 64)
+}
+
+#[test]
+fn forward_dropout_against_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let shape = inputs_shape();
+    let inputs = Inputs::draw(&shape, 0xd20_0001, 1.0);
+    let configs = [
+        AttentionConfig::new().dropout(0.1, 1),
+        AttentionConfig::new()
+            .dropout(0.5, 0xfeed_0000_0000_0001)
+            .causal(true)
+            .sinks(vec![0.5, -1.0, 2.0, 0.0]),
+        AttentionConfig::new()
+            .dropout(0.9, 77)
+            .window(Some(20), Some(3))
+            .softcap(3.0)
+            .alibi(Alibi::PerHead(Alibi::standard_slopes(4))),
+    ];
+    for tier in forward_tiers(gpu) {
+        for config in &configs {
+            let config = with_tier(config, tier);
+            let errors = common::run_and_compare(gpu, &shape, &inputs, &config);
+            assert_close(errors, &format!("{config:?}"));
+        }
+    }
+}
+
+/// The masked kernels apply the same mask: a boolean mask (random, with
+/// whole rows hidden) and dropout together.
+#[test]
+fn masked_forward_dropout_against_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let shape = inputs_shape();
+    let inputs = Inputs::draw(&shape, 0xd20_0002, 1.0);
+    let dims = [shape.batch, 1, shape.seq_q, shape.seq_kv];
+    let mut rng = seeded(0xd20_0003);
+    let bits: Vec<bool> = (0..dims.iter().product::<usize>())
+        .map(|at| (at / shape.seq_kv) % 17 != 5 && rng.random_bool(0.7))
+        .collect();
+    let mask = AttentionMask::boolean(gpu, dims, &bits).unwrap();
+    let host_mask = reference::HostMask::Bool {
+        dims,
+        values: &bits,
+    };
+    for tier in forward_tiers(gpu) {
+        let config = with_tier(&AttentionConfig::new().dropout(0.3, 5).causal(true), tier);
+        let (got, got_lse) = forward(gpu, &inputs, ForwardOptions::new(&config).mask(&mask));
+        let want = reference::attention_masked(
+            &shape, &inputs.q, &inputs.k, &inputs.v, &config, &host_mask,
+        )
+        .unwrap();
+        let what = format!("masked {config:?}");
+        assert_close(common::compare_with(&want, &got, &got_lse, &what), &what);
+    }
+}
+
+/// A rate of 0 is no dropout (the same bits); the same seed gives the same
+/// bits on every run, another seed another output; the logsumexp is the
+/// softmax's, before dropout, whatever the seed.
+#[test]
+fn seeds_and_rates() {
+    let Some(gpu) = gpu() else { return };
+    let inputs = Inputs::draw(&inputs_shape(), 0xd20_0004, 1.0);
+    let run = |config: &AttentionConfig| forward(gpu, &inputs, ForwardOptions::new(config));
+    let plain = run(&AttentionConfig::new());
+    assert_eq!(plain, run(&AttentionConfig::new().dropout(0.0, 9)));
+    let dropped = run(&AttentionConfig::new().dropout(0.2, 9));
+    assert_ne!(dropped.0, plain.0);
+    assert_eq!(dropped, run(&AttentionConfig::new().dropout(0.2, 9)));
+    let reseeded = run(&AttentionConfig::new().dropout(0.2, 10));
+    assert_ne!(reseeded.0, dropped.0);
+    for (a, b) in [(&dropped, &plain), (&reseeded, &plain)] {
+        let worst =
+            a.1.iter()
+                .zip(&b.1)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+        assert!(worst <= 1e-5, "logsumexp moved by {worst} with dropout");
+    }
+}
+
+/// The probability of keeping a pair is 1 - p up to the mask's 2^-32
+/// steps, and the kept fraction of a GPU mask is what the reference says:
+/// with equal scores (Q = 0) and V = 1 each output element is
+/// `kept / (n (1 - p))`, so the output counts the kept keys of its row.
+#[test]
+fn the_gpu_keeps_the_pairs_the_reference_keeps() {
+    let Some(gpu) = gpu() else { return };
+    let shape = shape(1, 64, 256, (2, 2), 8);
+    let inputs = Inputs {
+        q: vec![0.0; shape.q_shape().elements()],
+        k: Inputs::draw(&shape, 1, 1.0).k,
+        v: vec![1.0; shape.v_shape().elements()],
+    };
+    let dropout = Dropout::new(0.25, 0x5eed);
+    let config = AttentionConfig::new().dropout(dropout.p, dropout.seed);
+    let [q, k, v, out] = common::upload(gpu, &shape, &inputs);
+    let (got, _) = common::run_views(
+        gpu,
+        common::Implementation::Flash,
+        &shape,
+        ForwardOptions::new(&config),
+        [&q, &k, &v, &out],
+    );
+    let n = shape.seq_kv as f64;
+    let mut kept_total = 0usize;
+    for h in 0..shape.heads_q {
+        for i in 0..shape.seq_q {
+            let want = (0..shape.seq_kv)
+                .filter(|&j| dropout.keeps(0, h, i, j))
+                .count();
+            kept_total += want;
+            let o = got[(i * shape.heads_q + h) * shape.head_dim_v];
+            let counted = f64::from(o) * n * dropout.keep_probability();
+            assert!(
+                (counted - want as f64).abs() < 1e-3,
+                "head {h} row {i}: the GPU kept {counted:.4} keys, the reference {want}"
+            );
+        }
+    }
+    let pairs = (shape.heads_q * shape.seq_q * shape.seq_kv) as f64;
+    let q = dropout.keep_probability();
+    let sd = (pairs * q * (1.0 - q)).sqrt();
+    assert!((kept_total as f64 - pairs * q).abs() < 5.0 * sd);
+}
+
+#[test]
+fn calls_dropout_does_not_take_are_typed_errors() {
+    let Some(gpu) = gpu() else { return };
+    let shape = shape(2, 8, 8, (2, 2), 16);
+    let inputs = Inputs::draw(&shape, 3, 1.0);
+    let [q, k, v, out] = common::upload(gpu, &shape, &inputs);
+    let args = AttentionArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: None,
+    };
+    let call = |options: ForwardOptions<'_>| gpu.run(|e| gpu.forward(e, &args, options));
+    for p in [-0.1f32, 1.0, f32::NAN] {
+        let config = AttentionConfig::new().dropout(p, 0);
+        let err = call(ForwardOptions::new(&config)).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidDropout(got) if got.to_bits() == p.to_bits()),
+            "p = {p}: {err}"
+        );
+    }
+    let config = AttentionConfig::new().dropout(0.1, 0);
+    let lengths = [8usize, 5];
+    let errors = [
+        call(ForwardOptions::new(&config).keys_per_dispatch(4)).unwrap_err(),
+        call(ForwardOptions::new(&config).valid_lengths(ValidLengths {
+            q: None,
+            kv: &lengths,
+        }))
+        .unwrap_err(),
+        gpu.run(|e| gpu.naive_attention(e, &args, &config).map(|_| ()))
+            .unwrap_err(),
+    ];
+    for err in errors {
+        assert!(
+            matches!(err, Error::UnsupportedCombination { what } if what.contains("dropout")),
+            "{err}"
+        );
+    }
+    // Forced onto the cooperative-matrix kernel (emulated where the adapter
+    // has no matrix units), which does not apply dropout.
+    if let Some(coop) = common::cooperative_gpu() {
+        let [q, k, v, out] = common::upload(coop, &shape, &inputs);
+        let lse = Lse::new(coop, shape.batch, shape.heads_q, shape.seq_q).unwrap();
+        let args = AttentionArgs {
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &out,
+            lse: Some(&lse),
+        };
+        let forced = config.clone().tier(Tier::CooperativeMatrix);
+        let err = coop.run(|e| coop.forward(e, &args, &forced)).unwrap_err();
+        assert!(
+            matches!(err, Error::UnsupportedCombination { what } if what.contains("dropout")),
+            "{err}"
+        );
+        // Where the planner would pick it, another kernel applies dropout.
+        let got = coop.run(|e| coop.forward(e, &args, &config));
+        got.unwrap();
+        let (got, got_lse) = (out.to_f32_vec(coop).unwrap(), lse.to_vec(coop).unwrap());
+        let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
+        let what = "dropout where the planner picks cooperative matrices";
+        assert_close(common::compare_with(&want, &got, &got_lse, what), what);
+    }
+}
