@@ -374,10 +374,12 @@ fn main(
                 probs[r] = select(vec4<f32>(0.0), exp_shifted(s - vec4<f32>(m_new)), visible);
                 l[r] = l[r] * correction[r] + (probs[r].x + probs[r].y) + (probs[r].z + probs[r].w);
                 m[r] = m_new;
-                // Dropout acts after the softmax: the sum (and the
-                // logsumexp) keep every probability, P V only the kept
-                // (scaled by 1 / (1 - p) with the output).
-                if (has_flag(FLAG_DROPOUT)) {
+            }
+            // Dropout acts after the softmax: the sums (and the logsumexps)
+            // keep every probability, P V only the kept (scaled by
+            // 1 / (1 - p) with the output). One test per tile, not per row.
+            if (has_flag(FLAG_DROPOUT)) {
+                for (var r = 0u; r < ROWS; r++) {
                     probs[r] *= dropout_kept(drop_state[r], key_pos);
                 }
             }

@@ -846,6 +846,11 @@ fn run_sinks_validates_forward_and_backward() {
     let sinks = case["options"]["sinks"].as_array().expect("sinks recorded");
     assert_eq!(sinks.len(), 4, "{case}");
     assert!(sinks.iter().all(|s| s.as_f64().is_some_and(f64::is_finite)));
+    assert_forward_and_backward_validated(case);
+}
+
+/// The case's flash and backward rows passed validation within 1e-4.
+fn assert_forward_and_backward_validated(case: &serde_json::Value) {
     for implementation in ["flash", "backward"] {
         let result = case["results"]
             .as_array()
@@ -856,6 +861,29 @@ fn run_sinks_validates_forward_and_backward() {
         assert_eq!(result["status"], "ok", "{result}");
         assert!(result["max_abs_err"].as_f64().unwrap() <= 1e-4, "{result}");
     }
+}
+
+/// `--dropout P --dropout-seed S`: the reference draws the same mask, so
+/// forward and backward are validated; the options record both.
+#[test]
+fn run_dropout_validates_forward_and_backward() {
+    let Some(_) = gpu() else { return };
+    let extra = ["--dropout", "0.2", "--dropout-seed", "7"];
+    let report = run_backward_report("40", &extra, "run-dropout.json");
+    let case = &report["cases"][0];
+    assert!(
+        case["name"].as_str().unwrap().contains("dropout=0.2"),
+        "{case}"
+    );
+    let dropout = &case["options"]["dropout"];
+    assert!(
+        (dropout["p"].as_f64().unwrap() - 0.2).abs() < 1e-6,
+        "{dropout}"
+    );
+    assert_eq!(dropout["seed"], 7, "{dropout}");
+    assert_forward_and_backward_validated(case);
+    let output = flash_bench(&["run", "--seq-q", "8", "--dropout", "1.5"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
 }
 
 #[test]

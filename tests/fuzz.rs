@@ -33,7 +33,10 @@
 //! bf16. Backward (f32): no mask, a
 //! boolean or a bias mask, valid lengths or a packed variable-length batch
 //! (one dispatch per pass for all of its sequences), in 30 % of the cases
-//! on the register-blocked passes; with sinks, their gradients too. The bound is the crate's accuracy rule: 1e-4
+//! on the register-blocked passes; with sinks, their gradients too. In 25 %
+//! of dense forward and backward cases (masks allowed, no key chunks, not
+//! the cooperative-matrix kernel), dropout at a rate of 0-0.9 with a random
+//! seed, which the reference applies too. The bound is the crate's accuracy rule: 1e-4
 //! plus the output's rounding to its storage type, on inputs already
 //! rounded to it (docs/semantics.md), a row that sees no key being zeros;
 //! gradients within 2e-5 of the largest reference gradient (at least 1) plus twice the
@@ -278,6 +281,18 @@ fn draw_case(rng: &mut SeededRng) -> Case {
     // Drawn last and for backward cases only, so other cases draw as they
     // did before.
     let backward_blocked = operation == Operation::Backward && rng.random_bool(0.3);
+    // Dropout (drawn after everything else, so other cases draw as they
+    // did): training calls, dense batches (masks allowed), on the kernels
+    // that apply it.
+    let dense = matches!(extra, Extra::None | Extra::BoolMask | Extra::BiasMask);
+    if !matches!(operation, Operation::Decode { .. })
+        && dense
+        && keys_per_dispatch.is_none()
+        && forward_kernel != ForwardKernel::Cooperative
+        && rng.random_bool(0.25)
+    {
+        config = config.dropout(rng.random_range(0.0..0.9f32), rng.random());
+    }
     Case {
         operation,
         cache_lens,

@@ -73,6 +73,14 @@ pub struct AttentionFlags {
     /// read as values (and refused as invalid), not as flags.
     #[arg(long, value_name = "C", allow_hyphen_values = true)]
     pub softcap: Option<f32>,
+    /// Attention dropout (training): each probability dropped with
+    /// probability P in [0, 1), the mask drawn from --dropout-seed (the
+    /// reference draws the same one, so results are still validated).
+    #[arg(long, value_name = "P", allow_hyphen_values = true)]
+    pub dropout: Option<f32>,
+    /// Seed of the dropout mask.
+    #[arg(long, value_name = "SEED", default_value_t = 0)]
+    pub dropout_seed: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -153,6 +161,9 @@ impl AttentionFlags {
         if let Some(cap) = self.softcap {
             config = config.softcap(cap);
         }
+        if let Some(p) = self.dropout {
+            config = config.dropout(p, self.dropout_seed);
+        }
         config
     }
 
@@ -171,6 +182,9 @@ impl AttentionFlags {
         }
         if let Some(c) = self.softcap {
             text.push_str(&format!(" softcap={c}"));
+        }
+        if let Some(p) = self.dropout {
+            text.push_str(&format!(" dropout={p}"));
         }
         text
     }

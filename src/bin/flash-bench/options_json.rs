@@ -25,8 +25,17 @@ pub struct OptionsJson {
     /// The register-blocked layout given (`run --blocked-layout`),
     /// ROW_LANESxKEY_LANESxROWS; `null` is the planner's.
     pub blocked_layout: Option<String>,
+    /// Attention dropout rate and mask seed; `null` is no dropout.
+    pub dropout: Option<DropoutJson>,
     /// Storage type of Q, K, V and O.
     pub dtype: &'static str,
+}
+
+/// Attention dropout (AttentionConfig::dropout).
+#[derive(Debug, Clone, Serialize)]
+pub struct DropoutJson {
+    pub p: f32,
+    pub seed: u64,
 }
 
 /// ALiBi slopes and their layout.
@@ -59,6 +68,10 @@ impl OptionsJson {
             tier: config.tier.map(tier_name),
             f16_products: config.f16_products,
             blocked_layout: config.blocked_layout.map(|l| l.to_string()),
+            dropout: config.dropout.map(|d| DropoutJson {
+                p: d.p,
+                seed: d.seed,
+            }),
             dtype: dtype_name(dtype),
         }
     }
