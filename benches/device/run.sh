@@ -90,6 +90,11 @@ step 90 "register-blocked layouts, B4 H16 N4096 d128 causal, f32" \
 step 90 "backward, H16 N4096 d128 causal, per-key and register-blocked passes" \
   "$fb" run --seq-q 4096 --heads-q 16 --head-dim 128 --causal --backward --iters 5 \
   --tier portable,blocked --json "$res/backward-d128.json"
+# Dropout's cost on the GPU's default kernels (the same shape without it
+# is the step above).
+step 45 "dropout 0.1, H16 N4096 d128 causal, forward and backward" \
+  "$fb" run --seq-q 4096 --heads-q 16 --head-dim 128 --causal --backward --iters 3 \
+  --dropout 0.1 --json "$res/dropout-d128.json"
 step 60 "backward, H16 N4096 d192/128 causal" \
   "$fb" run --seq-q 4096 --heads-q 16 --head-dim 192 --head-dim-v 128 --causal --backward \
   --iters 5 --json "$res/backward-d192-128.json"
