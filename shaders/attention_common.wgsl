@@ -204,16 +204,18 @@ fn dropout_mix(x: vec4<u32>) -> vec4<u32> {
 }
 
 // Twin of `row_state` in src/dropout.rs: the hash state of query row `row`
-// of query head `head` of batch entry `batch`, shared by the row's keys.
-fn dropout_row_state(batch: u32, head: u32, row: u32) -> u32 {
+// (counted from its sequence's first) of query head `head` of sequence
+// `sequence` (the batch entry; a packed batch's sequence index; in the
+// kernels, the unit of workgroups along z), shared by the row's keys.
+fn dropout_row_state(sequence: u32, head: u32, row: u32) -> u32 {
     var x = dropout_mix(vec4<u32>(p.dropout_seed_lo)).x;
     x = dropout_mix(vec4<u32>(x ^ p.dropout_seed_hi)).x;
-    x = dropout_mix(vec4<u32>(x ^ batch)).x;
+    x = dropout_mix(vec4<u32>(x ^ sequence)).x;
     x = dropout_mix(vec4<u32>(x ^ head)).x;
     return dropout_mix(vec4<u32>(x ^ row)).x;
 }
 
-// Which of `keys` (counted from the batch entry's first key) the row whose
+// Which of `keys` (counted from the sequence's first key) the row whose
 // state is `row_state` keeps: 1 kept, 0 dropped (FLAG_DROPOUT set).
 fn dropout_kept(row_state: u32, keys: vec4<i32>) -> vec4<f32> {
     let kept = dropout_mix(vec4<u32>(row_state) ^ vec4<u32>(keys)) >= vec4<u32>(p.dropout_threshold);

@@ -200,8 +200,9 @@ fn main(
     var row_pos: array<i32, ROWS>;
     var row_lo: array<i32, ROWS>;
     var row_hi: array<i32, ROWS>;
-    // Each row's dropout hash state (with FLAG_DROPOUT; dense calls only,
-    // so the unit is the batch entry and rows and keys count from 0).
+    // Each row's dropout hash state (with FLAG_DROPOUT): the unit is the
+    // sequence (never a chunk of its keys: the host refuses dropout with
+    // chunks), rows and keys count from its first.
     var drop_state: array<u32, ROWS>;
 // #if MASK
     var mask_row: array<u32, ROWS>;
@@ -221,7 +222,7 @@ fn main(
         m[r] = start.x;
         l[r] = start.y;
         if (has_flag(FLAG_DROPOUT)) {
-            drop_state[r] = dropout_row_state(batch, head_q, row);
+            drop_state[r] = dropout_row_state(wg.z, head_q, row);
         }
         // Rows past the end compute on a copy of the last row; never stored.
         let q_row = seq.q_start + min(row, max(seq_q, 1u) - 1u);

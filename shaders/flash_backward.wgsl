@@ -517,7 +517,7 @@ fn key_grads(
                 // kept the pair, scaled as it was.
                 var drop: array<f32, ROWS>;
                 if (has_flag(FLAG_DROPOUT)) {
-                    let state = dropout_row_state(u.q_batch, head_q, row);
+                    let state = dropout_row_state(wg.z, head_q, row);
                     for (var r = 0u; r < ROWS; r++) {
                         drop[r] = dropout_scale_of(state, key_pos[r]);
                         dps[r] *= drop[r];
@@ -609,7 +609,8 @@ fn query_grads(
     var dq: array<vec4<f32>, ROWS * D4>;
     var lse_row: array<f32, ROWS>;
     var delta: array<f32, ROWS>;
-    // Each row's dropout hash state (with FLAG_DROPOUT; dense calls only).
+    // Each row's dropout hash state (with FLAG_DROPOUT; the unit is the
+    // sequence, as in the forward).
     var drop_state: array<u32, ROWS>;
     for (var r = 0u; r < ROWS; r++) {
         let row = min(row0 + lid + r * WG_SIZE, last_row);
@@ -634,7 +635,7 @@ fn query_grads(
         lse_row[r] = lse_buf[at];
         delta[r] = deltas[at];
         if (has_flag(FLAG_DROPOUT)) {
-            drop_state[r] = dropout_row_state(u.q_batch, head_q, row);
+            drop_state[r] = dropout_row_state(wg.z, head_q, row);
         }
     }
 

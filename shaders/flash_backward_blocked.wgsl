@@ -148,19 +148,19 @@ fn micro_products(r0: u32, a: u32, dots: ptr<function, array<vec4<f32>, ROWS>>,
     }
 }
 
-// P (column 0) and dX (column 1) of query row `row` of unit `u` (staged at
-// `staged`) with keys first .. first + 3, from their dots and dP: zeros
-// for a padding row and for pairs the options or the mask hide. With
-// dropout, P (dV's weight) and dP count only where the forward kept the
-// pair, scaled as it was.
-fn quad_grads(u: BackwardUnit, head_q: u32, row: u32, staged: u32, first: i32, slope: f32, plain: bool,
-    dots: vec4<f32>, dps: vec4<f32>) -> mat2x4<f32> {
+// P (column 0) and dX (column 1) of query row `row` of unit `u` (number
+// `unit` along z; the row staged at `staged`) with keys first .. first + 3,
+// from their dots and dP: zeros for a padding row and for pairs the
+// options or the mask hide. With dropout, P (dV's weight) and dP count
+// only where the forward kept the pair, scaled as it was.
+fn quad_grads(u: BackwardUnit, unit: u32, head_q: u32, row: u32, staged: u32, first: i32, slope: f32,
+    plain: bool, dots: vec4<f32>, dps: vec4<f32>) -> mat2x4<f32> {
     var probs = vec4<f32>(0.0);
     var dx = vec4<f32>(0.0);
     if (row < u.q_len) {
         var drop = vec4<f32>(1.0);
         if (has_flag(FLAG_DROPOUT)) {
-            let state = dropout_row_state(u.q_batch, head_q, row);
+            let state = dropout_row_state(unit, head_q, row);
             drop = dropout_kept(state, vec4<i32>(first) + vec4<i32>(0, 1, 2, 3)) * dropout_keep_scale();
         }
         let kept_dps = dps * drop;
@@ -230,7 +230,8 @@ fn key_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
             micro_products(b * ROWS, a, &dots, &dps);
             for (var r = 0u; r < ROWS; r++) {
                 let staged = b * ROWS + r;
-                let grads = quad_grads(u, head_q, u32(i0) + staged, staged, first, slope, plain, dots[r], dps[r]);
+                let grads = quad_grads(u, wg.z, head_q, u32(i0) + staged, staged, first, slope, plain, dots[r],
+                    dps[r]);
                 probs_block[staged * KEY_LANES + a] = grads[0];
                 dx_block[staged * KEY_LANES + a] = grads[1];
             }
@@ -325,7 +326,7 @@ fn query_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
         let first = kv0 + i32(4u * a);
         for (var r = 0u; r < ROWS; r++) {
             let staged = b * ROWS + r;
-            let grads = quad_grads(u, head_q, row0 + staged, staged, first, slope, plain, dots[r], dps[r]);
+            let grads = quad_grads(u, wg.z, head_q, row0 + staged, staged, first, slope, plain, dots[r], dps[r]);
             dx_block[staged * KEY_LANES + a] = grads[1];
         }
         workgroupBarrier();

@@ -146,8 +146,9 @@ fn main(
     // Each row's query head, and its ALiBi slope.
     var heads: array<u32, ROWS>;
     var slopes: array<f32, ROWS>;
-    // Each row's dropout hash state (with FLAG_DROPOUT; dense calls only,
-    // so the unit is the batch entry and rows and keys count from 0).
+    // Each row's dropout hash state (with FLAG_DROPOUT): the unit is the
+    // sequence (never a chunk of its keys), rows and keys count from its
+    // first.
     var drop_state: array<u32, ROWS>;
 // #if MASK
     var mask_row: array<u32, ROWS>;
@@ -168,7 +169,7 @@ fn main(
         row_lo[r] = bounds.x;
         row_hi[r] = bounds.y;
         if (has_flag(FLAG_DROPOUT)) {
-            drop_state[r] = dropout_row_state(batch, heads[r], row / group);
+            drop_state[r] = dropout_row_state(wg.z, heads[r], row / group);
         }
         // A sink counts once per row: in key lane 0's share.
         m[r] = start.x;

@@ -371,13 +371,7 @@ impl Gpu {
         if keys == Some(0) {
             return Err(Error::KeysPerDispatch(0));
         }
-        let dropout = options.config.active_dropout().is_some();
-        if dropout && !matches!(options.sequences, Sequences::Dense) {
-            return Err(Error::UnsupportedCombination {
-                what: "dropout and padded or variable-length sequences",
-            });
-        }
-        if dropout && keys.is_some() {
+        if options.config.active_dropout().is_some() && keys.is_some() {
             return Err(Error::UnsupportedCombination {
                 what: "dropout and keys_per_dispatch",
             });

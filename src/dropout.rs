@@ -7,7 +7,8 @@
 //! 32-bit integer hashing only (core WGSL has no 64-bit integers or
 //! high-half multiplies): a chain of the PCG output permutation (Jarzynski
 //! and Olano, "Hash Functions for GPU Rendering", 2020) over the seed, the
-//! batch entry, the query head, the query row and the key. Its twin is
+//! sequence (the batch entry, or a packed batch's sequence index), the query
+//! head, the query row and the key. Its twin is
 //! `dropout_mix` and `dropout_row_state` in `shaders/attention_common.wgsl`.
 
 use crate::error::{Error, Result};
@@ -67,12 +68,13 @@ impl Dropout {
     }
 
     /// Whether the probability of query row `row` and key `key` of query
-    /// head `head` of batch entry `batch` is kept. Rows and keys count from
-    /// 0 within the batch entry (key 0 is its first key, whatever the
-    /// causal alignment).
-    pub fn keeps(&self, batch: usize, head: usize, row: usize, key: usize) -> bool {
+    /// head `head` of sequence `sequence` is kept: the batch entry, or in a
+    /// packed variable-length batch the sequence's index. Rows and keys
+    /// count from the sequence's first (key 0 is its first key, whatever
+    /// the causal alignment; a padded batch's from the batch entry's).
+    pub fn keeps(&self, sequence: usize, head: usize, row: usize, key: usize) -> bool {
         keeps(
-            row_state(self.seed, batch as u32, head as u32, row as u32),
+            row_state(self.seed, sequence as u32, head as u32, row as u32),
             key as u32,
             self.threshold(),
         )
@@ -89,10 +91,10 @@ fn mix(x: u32) -> u32 {
 
 /// The hash state of one query row, shared by its keys. Twin of
 /// `dropout_row_state` in the shaders.
-fn row_state(seed: u64, batch: u32, head: u32, row: u32) -> u32 {
+fn row_state(seed: u64, sequence: u32, head: u32, row: u32) -> u32 {
     let x = mix(seed as u32);
     let x = mix(x ^ (seed >> 32) as u32);
-    let x = mix(x ^ batch);
+    let x = mix(x ^ sequence);
     let x = mix(x ^ head);
     mix(x ^ row)
 }

@@ -9,7 +9,9 @@ use rayon::prelude::*;
 mod backward;
 mod linear;
 
-pub use backward::{ReferenceGradients, attention_backward, attention_backward_f32};
+pub use backward::{
+    ReferenceGradients, attention_backward, attention_backward_f32, attention_backward_of_sequences,
+};
 pub use linear::{
     LinearReferenceOutput, LinearReferenceState, apply_feature_map, linear_attention,
 };
@@ -53,6 +55,28 @@ pub fn attention_rows(
         wanted,
         bias: |_, _, _, _| Some(0.0),
         round: exact,
+        first_sequence: 0,
+    };
+    attention_core(shape, q, k, v, config, rows)
+}
+
+/// [`attention`] of sequences cut out of a padded or packed batch: batch
+/// entry `b` of this call is sequence `first_sequence + b` of the batch,
+/// which is what dropout's mask depends on ([`crate::Dropout::keeps`]);
+/// without dropout, the same as [`attention`].
+pub fn attention_of_sequences(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    config: &AttentionConfig,
+    first_sequence: usize,
+) -> Result<ReferenceOutput> {
+    let rows = Rows {
+        wanted: |_, _, _| true,
+        bias: |_, _, _, _| Some(0.0),
+        round: exact,
+        first_sequence,
     };
     attention_core(shape, q, k, v, config, rows)
 }
@@ -84,6 +108,7 @@ pub fn attention_rows_in_precision(
         wanted,
         bias: |_, _, _, _| Some(0.0),
         round,
+        first_sequence: 0,
     };
     attention_core(shape, q, k, v, config, rows)
 }
@@ -162,6 +187,7 @@ pub fn attention_masked_rows(
         wanted,
         bias: |b, h, i, j| mask.at(b, h, i, j),
         round: exact,
+        first_sequence: 0,
     };
     attention_core(shape, q, k, v, config, rows)
 }
@@ -170,11 +196,13 @@ pub fn attention_masked_rows(
 /// the rows (the others are NaN), `bias(b, h, i, j)` is the mask (added to
 /// a score, or `None` hiding the key), and `round` is applied to every
 /// score, probability and output element (the identity for the exact
-/// reference).
+/// reference); batch entry `b` is sequence `first_sequence + b` for
+/// dropout's mask.
 struct Rows<W, B, R> {
     wanted: W,
     bias: B,
     round: R,
+    first_sequence: usize,
 }
 
 fn attention_core<W, B, R>(
@@ -194,8 +222,10 @@ where
         wanted,
         bias,
         round,
+        first_sequence,
     } = rows;
-    let problem = Problem::new(shape, q, k, v, config, bias)?;
+    let mut problem = Problem::new(shape, q, k, v, config, bias)?;
+    problem.first_sequence = first_sequence;
     let AttentionShape {
         batch,
         seq_q,
@@ -278,6 +308,9 @@ pub(crate) struct Problem<'a, B> {
     pub v: &'a [f32],
     pub config: &'a AttentionConfig,
     pub scale: f64,
+    /// Dropout's sequence index of batch entry 0 (a sequence cut out of a
+    /// larger batch); 0 for a whole call.
+    pub first_sequence: usize,
     bias: B,
 }
 
@@ -301,6 +334,7 @@ impl<'a, B: Fn(usize, usize, usize, usize) -> Option<f64> + Sync> Problem<'a, B>
             v,
             config,
             scale: f64::from(config.effective_scale(shape.head_dim)),
+            first_sequence: 0,
             bias,
         })
     }
@@ -316,7 +350,7 @@ impl<'a, B: Fn(usize, usize, usize, usize) -> Option<f64> + Sync> Problem<'a, B>
     pub fn dropout_factor(&self, b: usize, h: usize, i: usize, j: usize) -> f64 {
         match self.config.active_dropout() {
             None => 1.0,
-            Some(d) if d.keeps(b, h, i, j) => 1.0 / d.keep_probability(),
+            Some(d) if d.keeps(self.first_sequence + b, h, i, j) => 1.0 / d.keep_probability(),
             Some(_) => 0.0,
         }
     }

@@ -530,7 +530,9 @@ fn expected_per_sequence(
         dv: vec![0.0; s.k_shape().elements()],
         dsinks: vec![0.0; config.sinks.as_ref().map_or(0, Vec::len)],
     };
-    for (b, rows, keys) in sequences {
+    // A sequence's index in `sequences` is its index in the batch (what
+    // dropout's mask depends on).
+    for (index, (b, rows, keys)) in sequences.iter().enumerate() {
         if rows.is_empty() || keys.is_empty() {
             continue;
         }
@@ -543,7 +545,7 @@ fn expected_per_sequence(
             config.alibi = Some(Alibi::PerHead(all[b * hq..(b + 1) * hq].to_vec()));
         }
         let config = &config;
-        let part = reference::attention_backward(
+        let part = reference::attention_backward_of_sequences(
             &alone,
             [
                 &problem.q[q_range.clone()],
@@ -552,7 +554,7 @@ fn expected_per_sequence(
                 &problem.d_out[q_range.clone()],
             ],
             config,
-            None,
+            index,
         )
         .unwrap();
         want.dq[q_range].copy_from_slice(&part.dq);
@@ -585,6 +587,11 @@ fn padded_batches_with_empty_and_single_sequences() {
         // The register-blocked passes read the same unit table.
         AttentionConfig::new()
             .causal(true)
+            .tier(Tier::RegisterBlocked),
+        // Each batch entry draws its own dropout mask, on both families.
+        AttentionConfig::new().causal(true).dropout(0.3, 31),
+        AttentionConfig::new()
+            .dropout(0.3, 31)
             .tier(Tier::RegisterBlocked),
     ] {
         let lengths = ValidLengths {
@@ -621,6 +628,12 @@ fn packed_varlen_batches_with_empty_and_single_sequences() {
             .sinks(vec![2.0, -1.0, 0.5]),
         AttentionConfig::new()
             .causal(true)
+            .tier(Tier::RegisterBlocked),
+        // Each sequence draws its own dropout mask (by its index).
+        AttentionConfig::new().causal(true).dropout(0.3, 32),
+        AttentionConfig::new()
+            .causal(true)
+            .dropout(0.3, 32)
             .tier(Tier::RegisterBlocked),
     ] {
         let got = run_backward(
@@ -1072,14 +1085,6 @@ fn bad_operands_get_typed_errors() {
         matches!(err, Err(Error::UnsupportedCombination { .. })),
         "{err:?}"
     );
-    // Dropout takes dense batches only (its mask counts rows and keys from
-    // each batch entry's first).
-    let dropout = config.clone().dropout(0.1, 3);
-    let err = run(&args, ForwardOptions::new(&dropout).valid_lengths(lengths));
-    assert!(
-        matches!(err, Err(Error::UnsupportedCombination { what }) if what.contains("dropout")),
-        "{err:?}"
-    );
     // Sink gradients: only with sinks, one per query head, this device's.
     let dsinks = SinkGrads::new(gpu, 2).unwrap();
     let with_dsinks = BackwardArgs {
@@ -1169,8 +1174,7 @@ fn each_tier_against_the_reference() {
 /// Dropout (training): every gradient against the reference backward with
 /// the forward's mask (the backward regenerates it from the seed), on each
 /// tier, with the options that move which keys a row sees, sinks and a
-/// boolean mask (padded or packed batches are a typed error:
-/// `bad_operands_get_typed_errors`).
+/// boolean mask (padded and packed batches: their own tests).
 #[test]
 fn dropout_against_the_reference() {
     let Some(gpu) = gpu() else { return };

@@ -278,6 +278,7 @@ fn key_chunks_and_padded_batches_match_the_reference() {
         let (q0, k0) = (b * 20 * hq * d, b * 120 * hkv * d);
         let (want, _) = common::sequence_reference(
             &config,
+            b,
             (hq, hkv, d),
             &inputs.q[q0..q0 + q_lens[b] * hq * d],
             &inputs.k[k0..k0 + kv_lens[b] * hkv * d],

@@ -3,7 +3,8 @@
 //! the options that move which keys a row sees, masks, several rates; the
 //! same seed gives the same bits, another seed another mask; the calls
 //! dropout does not take are typed errors. The backward with dropout is
-//! in tests/backward.rs.
+//! in tests/backward.rs, padded and packed batches (each sequence its own
+//! mask) in tests/varlen.rs and there.
 
 mod common;
 
@@ -12,7 +13,7 @@ use common::{Inputs, assert_close, attention_shape as shape, forward_tiers, gpu,
 use rand::RngExt;
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionMask, Dropout, Error, ForwardOptions, Gpu, Lse,
-    Tier, ValidLengths, reference,
+    Tier, reference,
 };
 
 /// The forward's output and logsumexp, read back.
@@ -180,15 +181,10 @@ fn calls_dropout_does_not_take_are_typed_errors() {
             "p = {p}: {err}"
         );
     }
+    // Keys in chunks would restart the mask with each chunk.
     let config = AttentionConfig::new().dropout(0.1, 0);
-    let lengths = [8usize, 5];
     let errors = [
         call(ForwardOptions::new(&config).keys_per_dispatch(4)).unwrap_err(),
-        call(ForwardOptions::new(&config).valid_lengths(ValidLengths {
-            q: None,
-            kv: &lengths,
-        }))
-        .unwrap_err(),
         gpu.run(|e| gpu.naive_attention(e, &args, &config).map(|_| ()))
             .unwrap_err(),
     ];

@@ -34,9 +34,10 @@
 //! boolean or a bias mask, valid lengths or a packed variable-length batch
 //! (one dispatch per pass for all of its sequences), in 30 % of the cases
 //! on the register-blocked passes; with sinks, their gradients too. In 25 %
-//! of dense forward and backward cases (masks allowed, no key chunks, not
-//! the cooperative-matrix kernel), dropout at a rate of 0-0.9 with a random
-//! seed, which the reference applies too. The bound is the crate's accuracy rule: 1e-4
+//! of forward and dense backward cases (no key chunks, not the
+//! cooperative-matrix kernel), dropout at a rate of 0-0.9 with a random
+//! seed, which the reference applies too (each sequence of a padded or
+//! packed batch its own mask). The bound is the crate's accuracy rule: 1e-4
 //! plus the output's rounding to its storage type, on inputs already
 //! rounded to it (docs/semantics.md), a row that sees no key being zeros;
 //! gradients within 2e-5 of the largest reference gradient (at least 1) plus twice the
@@ -282,11 +283,12 @@ fn draw_case(rng: &mut SeededRng) -> Case {
     // did before.
     let backward_blocked = operation == Operation::Backward && rng.random_bool(0.3);
     // Dropout (drawn after everything else, so other cases draw as they
-    // did): training calls, dense batches (masks allowed), on the kernels
-    // that apply it.
+    // did): training calls, on the kernels that apply it; the backward's
+    // padded and packed batches have their own tests (their f32 baseline
+    // here is per sequence alone).
     let dense = matches!(extra, Extra::None | Extra::BoolMask | Extra::BiasMask);
     if !matches!(operation, Operation::Decode { .. })
-        && dense
+        && (dense || operation == Operation::Forward)
         && keys_per_dispatch.is_none()
         && forward_kernel != ForwardKernel::Cooperative
         && rng.random_bool(0.25)
@@ -562,7 +564,8 @@ fn per_sequence_reference(
     let (q_row, k_row) = (s.heads_q * s.head_dim, s.heads_kv * s.head_dim);
     let (v_row, o_row) = (s.heads_kv * s.head_dim_v, s.heads_q * s.head_dim_v);
     let mut want = vec![0.0f64; s.o_shape().elements()];
-    for (rows, keys) in sequences {
+    // A sequence's index is its dropout mask's.
+    for (index, (rows, keys)) in sequences.iter().enumerate() {
         if rows.is_empty() || keys.is_empty() {
             continue;
         }
@@ -575,7 +578,8 @@ fn per_sequence_reference(
         let q_rows = &q[rows.start * q_row..rows.end * q_row];
         let k_rows = &k[keys.start * k_row..keys.end * k_row];
         let v_rows = &v[keys.start * v_row..keys.end * v_row];
-        let result = reference::attention(&one, q_rows, k_rows, v_rows, config).unwrap();
+        let result =
+            reference::attention_of_sequences(&one, q_rows, k_rows, v_rows, config, index).unwrap();
         want[rows.start * o_row..rows.end * o_row].copy_from_slice(&result.out);
     }
     want

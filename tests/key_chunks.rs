@@ -242,6 +242,7 @@ fn chunked_sequences_match_each_sequence_alone() {
             let rows = cu_q[i] * hq * d..cu_q[i + 1] * hq * d;
             let (want, want_lse) = sequence_reference(
                 &config,
+                i,
                 (hq, hkv, d),
                 &q[rows.clone()],
                 &k[cu_k[i] * hkv * d..cu_k[i + 1] * hkv * d],

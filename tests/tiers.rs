@@ -451,6 +451,7 @@ fn register_blocked_grouped_rows_with_padding_and_half_storage() {
         let (q_base, kv_base) = (b * 4 * hq * d, b * 90 * hkv * d);
         let (want, want_lse) = common::sequence_reference(
             &config,
+            b,
             (hq, hkv, d),
             &inputs.q[q_base..q_base + q_lens[b] * hq * d],
             &inputs.k[kv_base..kv_base + kv_lens[b] * hkv * d],

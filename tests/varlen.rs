@@ -47,6 +47,8 @@ fn a_packed_batch_equals_each_sequence_alone() {
         AttentionConfig::new(),
         AttentionConfig::new().causal(true),
         AttentionConfig::new().window(Some(7), Some(3)),
+        // Each sequence draws its own dropout mask (by its index).
+        AttentionConfig::new().causal(true).dropout(0.3, 21),
     ]
     .iter()
     .flat_map(|config| forward_tiers(gpu).map(|tier| with_tier(config, tier)))
@@ -69,6 +71,7 @@ fn a_packed_batch_equals_each_sequence_alone() {
             let (q0, q1, k0, k1) = (cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]);
             let (want, want_lse) = sequence_reference(
                 &config,
+                i,
                 (HEADS_Q, HEADS_KV, HEAD_DIM),
                 &q[q0 * qt_row..q1 * qt_row],
                 &k[k0 * kv_row..k1 * kv_row],
@@ -106,9 +109,13 @@ fn valid_lengths_skip_padding_and_zero_padded_rows() {
     let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
     let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k).unwrap();
     let v = Tensor::from_f32(gpu, shape.v_shape(), &inputs.v).unwrap();
-    for config in [AttentionConfig::new(), AttentionConfig::new().causal(true)]
-        .iter()
-        .flat_map(|config| forward_tiers(gpu).map(|tier| with_tier(config, tier)))
+    for config in [
+        AttentionConfig::new(),
+        AttentionConfig::new().causal(true),
+        AttentionConfig::new().dropout(0.4, 22),
+    ]
+    .iter()
+    .flat_map(|config| forward_tiers(gpu).map(|tier| with_tier(config, tier)))
     {
         let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
         let lse = Lse::new(gpu, 3, HEADS_Q, 50).unwrap();
@@ -133,6 +140,7 @@ fn valid_lengths_skip_padding_and_zero_padded_rows() {
             let kv_base = b * 70 * kv_row;
             let (want, want_lse) = sequence_reference(
                 &config,
+                b,
                 (HEADS_Q, HEADS_KV, HEAD_DIM),
                 &inputs.q[q_base..q_base + q_lens[b] * q_row],
                 &inputs.k[kv_base..kv_base + kv_lens[b] * kv_row],

@@ -149,11 +149,6 @@ impl Gpu {
             mask.check_shape(&shape)?;
             mask.check_device(self)?;
         }
-        if config.active_dropout().is_some() && !matches!(options.sequences, Sequences::Dense) {
-            return Err(Error::UnsupportedCombination {
-                what: "dropout and padded or variable-length sequences",
-            });
-        }
         let units = match (options.sequences, mask) {
             (Sequences::Dense, _) => Units::dense(&shape),
             (_, Some(_)) => {

@@ -43,7 +43,20 @@ pub fn attention_backward(
     config: &AttentionConfig,
     mask: Option<&HostMask<'_>>,
 ) -> Result<ReferenceGradients> {
-    backward(Arithmetic::F64, shape, inputs, config, mask)
+    backward(Arithmetic::F64, shape, inputs, config, mask, 0)
+}
+
+/// [`attention_backward`] of sequences cut out of a padded or packed
+/// batch: batch entry `b` of this call is sequence `first_sequence + b`,
+/// which is what dropout's mask depends on (see
+/// [`super::attention_of_sequences`]).
+pub fn attention_backward_of_sequences(
+    shape: &AttentionShape,
+    inputs: [&[f32]; 4],
+    config: &AttentionConfig,
+    first_sequence: usize,
+) -> Result<ReferenceGradients> {
+    backward(Arithmetic::F64, shape, inputs, config, None, first_sequence)
 }
 
 /// [`attention_backward`] as standard (non-flash) attention computes it in
@@ -60,7 +73,7 @@ pub fn attention_backward_f32(
     config: &AttentionConfig,
     mask: Option<&HostMask<'_>>,
 ) -> Result<ReferenceGradients> {
-    backward(Arithmetic::F32, shape, inputs, config, mask)
+    backward(Arithmetic::F32, shape, inputs, config, mask, 0)
 }
 
 /// The arithmetic of a backward: exact-ish f64, or f32 as standard
@@ -102,12 +115,14 @@ fn backward(
     [q, k, v, d_out]: [&[f32]; 4],
     config: &AttentionConfig,
     mask: Option<&HostMask<'_>>,
+    first_sequence: usize,
 ) -> Result<ReferenceGradients> {
     let a = arithmetic;
-    let problem = Problem::new(shape, q, k, v, config, |b, h, i, j| match mask {
+    let mut problem = Problem::new(shape, q, k, v, config, |b, h, i, j| match mask {
         Some(mask) => mask.at(b, h, i, j),
         None => Some(0.0),
     })?;
+    problem.first_sequence = first_sequence;
     check_len("d_out", shape.o_shape().elements(), d_out.len())?;
     let AttentionShape {
         batch,

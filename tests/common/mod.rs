@@ -403,10 +403,12 @@ pub fn assert_close(errors: Errors, what: &str) {
     );
 }
 
-/// One sequence's reference from packed `[len, heads, d]` slices; a
-/// sequence without keys gives zeros and the sink (or +inf).
+/// The reference of sequence `sequence` of a padded or packed batch (its
+/// index: what dropout's mask depends on) from packed `[len, heads, d]`
+/// slices; a sequence without keys gives zeros and the sink (or +inf).
 pub fn sequence_reference(
     config: &AttentionConfig,
+    sequence: usize,
     (hq, hkv, d): (usize, usize, usize),
     q: &[f32],
     k: &[f32],
@@ -437,7 +439,7 @@ pub fn sequence_reference(
         head_dim: d,
         head_dim_v: d,
     };
-    let want = reference::attention(&shape, q, k, v, config).unwrap();
+    let want = reference::attention_of_sequences(&shape, q, k, v, config, sequence).unwrap();
     (want.out, want.lse)
 }
 
