@@ -1140,6 +1140,28 @@ fn bad_operands_get_typed_errors() {
     );
 }
 
+/// The backward's tiers this adapter runs at `shape` (f32), each other one
+/// skipped with the typed error that refuses it.
+fn backward_tiers(gpu: &Gpu, shape: &AttentionShape) -> Vec<Tier> {
+    [
+        Tier::Portable,
+        Tier::SubgroupBroadcast,
+        Tier::RegisterBlocked,
+    ]
+    .into_iter()
+    .filter(
+        |&tier| match BackwardPlan::for_call(gpu.info(), shape, DType::F32, Some(tier)) {
+            Ok(_) => true,
+            Err(err) => {
+                assert!(matches!(err, Error::TierUnavailable { .. }), "{err}");
+                eprintln!("SKIPPED: {tier:?} is not available here: {err}");
+                false
+            }
+        },
+    )
+    .collect()
+}
+
 /// Both kernel tiers where the adapter has them (subgroup broadcasts, the
 /// default on lavapipe; workgroup-memory tiles, what GL runs), each against
 /// the reference; forcing a tier the adapter lacks is a typed error.
@@ -1147,17 +1169,7 @@ fn bad_operands_get_typed_errors() {
 fn each_tier_against_the_reference() {
     let Some(gpu) = gpu() else { return };
     let problem = Problem::draw(shape(1, 90, 120, (4, 2), 64), 1000, DType::F32);
-    for tier in [
-        Tier::Portable,
-        Tier::SubgroupBroadcast,
-        Tier::RegisterBlocked,
-    ] {
-        let plan = BackwardPlan::for_call(gpu.info(), &problem.shape, DType::F32, Some(tier));
-        if let Err(err) = plan {
-            assert!(matches!(err, Error::TierUnavailable { .. }), "{err}");
-            eprintln!("SKIPPED: {tier:?} is not available here: {err}");
-            continue;
-        }
+    for tier in backward_tiers(gpu, &problem.shape) {
         for config in [
             AttentionConfig::new().tier(tier),
             AttentionConfig::new()
@@ -1179,30 +1191,8 @@ fn each_tier_against_the_reference() {
 fn dropout_against_the_reference() {
     let Some(gpu) = gpu() else { return };
     let problem = Problem::draw(shape(2, 70, 90, (4, 2), 64), 1400, DType::F32);
-    let configs = [
-        AttentionConfig::new().dropout(0.1, 1),
-        AttentionConfig::new()
-            .dropout(0.5, 0xfeed_0000_0000_0001)
-            .causal(true)
-            .sinks(vec![0.5, -1.0, 2.0, 0.0]),
-        AttentionConfig::new()
-            .dropout(0.8, 77)
-            .window(Some(20), Some(3))
-            .softcap(3.0)
-            .alibi(Alibi::PerHead(Alibi::standard_slopes(4))),
-    ];
-    for tier in [
-        Tier::Portable,
-        Tier::SubgroupBroadcast,
-        Tier::RegisterBlocked,
-    ] {
-        let plan = BackwardPlan::for_call(gpu.info(), &problem.shape, DType::F32, Some(tier));
-        if let Err(err) = plan {
-            assert!(matches!(err, Error::TierUnavailable { .. }), "{err}");
-            eprintln!("SKIPPED: {tier:?} is not available here: {err}");
-            continue;
-        }
-        for config in &configs {
+    for tier in backward_tiers(gpu, &problem.shape) {
+        for config in &common::dropout_configs(4) {
             let config = config.clone().tier(tier);
             check_f32(gpu, &problem, &config, &format!("{config:?}"));
         }

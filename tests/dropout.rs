@@ -12,8 +12,8 @@ use common::random::seeded;
 use common::{Inputs, assert_close, attention_shape as shape, forward_tiers, gpu, with_tier};
 use rand::RngExt;
 use wgpu_flash_attn::{
-    Alibi, AttentionArgs, AttentionConfig, AttentionMask, Dropout, Error, ForwardOptions, Gpu, Lse,
-    Tier, reference,
+    AttentionArgs, AttentionConfig, AttentionMask, Dropout, Error, ForwardOptions, Gpu, Lse, Tier,
+    reference,
 };
 
 /// The forward's output and logsumexp, read back.
@@ -39,20 +39,8 @@ fn forward_dropout_against_the_reference() {
     let Some(gpu) = gpu() else { return };
     let shape = inputs_shape();
     let inputs = Inputs::draw(&shape, 0xd20_0001, 1.0);
-    let configs = [
-        AttentionConfig::new().dropout(0.1, 1),
-        AttentionConfig::new()
-            .dropout(0.5, 0xfeed_0000_0000_0001)
-            .causal(true)
-            .sinks(vec![0.5, -1.0, 2.0, 0.0]),
-        AttentionConfig::new()
-            .dropout(0.9, 77)
-            .window(Some(20), Some(3))
-            .softcap(3.0)
-            .alibi(Alibi::PerHead(Alibi::standard_slopes(4))),
-    ];
     for tier in forward_tiers(gpu) {
-        for config in &configs {
+        for config in &common::dropout_configs(shape.heads_q) {
             let config = with_tier(config, tier);
             let errors = common::run_and_compare(gpu, &shape, &inputs, &config);
             assert_close(errors, &format!("{config:?}"));

@@ -121,6 +121,26 @@ pub fn other_decode_lanes(gpu: &Gpu) -> Option<DecodeLanes> {
     })
 }
 
+/// Dropout at low, even and high rates, each with options that move which
+/// keys a row sees (causal, a window), sinks, softcap and ALiBi, for calls
+/// with `heads_q` query heads.
+pub fn dropout_configs(heads_q: usize) -> [AttentionConfig; 3] {
+    [
+        AttentionConfig::new().dropout(0.1, 1),
+        AttentionConfig::new()
+            .dropout(0.5, 0xfeed_0000_0000_0001)
+            .causal(true)
+            .sinks((0..heads_q).map(|h| h as f32 - 1.0).collect()),
+        AttentionConfig::new()
+            .dropout(0.85, 77)
+            .window(Some(20), Some(3))
+            .softcap(3.0)
+            .alibi(wgpu_flash_attn::Alibi::PerHead(
+                wgpu_flash_attn::Alibi::standard_slopes(heads_q),
+            )),
+    ]
+}
+
 /// `config` with `tier` forced, if one is given.
 pub fn with_tier(config: &AttentionConfig, tier: Option<Tier>) -> AttentionConfig {
     let mut config = config.clone();
