@@ -12,8 +12,8 @@ use common::random::seeded;
 use common::{Inputs, assert_close, attention_shape as shape, forward_tiers, gpu, with_tier};
 use rand::RngExt;
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionMask, Dropout, Error, ForwardOptions, Gpu, Lse, Tier,
-    reference,
+    AttentionArgs, AttentionConfig, AttentionMask, DType, Dropout, Error, ForwardOptions,
+    ForwardPlan, Gpu, Lse, Tier, reference,
 };
 
 /// The forward's output and logsumexp, read back.
@@ -200,7 +200,9 @@ fn calls_dropout_does_not_take_are_typed_errors() {
             matches!(err, Error::UnsupportedCombination { what } if what.contains("dropout")),
             "{err}"
         );
-        // Where the planner would pick it, another kernel applies dropout.
+        // Where the planner picks it, another kernel applies dropout.
+        let default = ForwardPlan::for_call(coop.info(), &shape, DType::F32, None).unwrap();
+        assert_eq!(default.tier(), Tier::CooperativeMatrix);
         let got = coop.run(|e| coop.forward(e, &args, &config));
         got.unwrap();
         let (got, got_lse) = (out.to_f32_vec(coop).unwrap(), lse.to_vec(coop).unwrap());

@@ -141,6 +141,7 @@ mod tests {
             .softcap(30.0)
             .alibi(Alibi::PerHead(vec![0.5, 0.25]))
             .sinks(vec![-1.5, 2.0])
+            .dropout(0.25, 9)
             .tier(Tier::Portable);
         let json = serde_json::to_value(OptionsJson::new(&config, DType::BF16)).unwrap();
         assert_eq!(
@@ -156,6 +157,7 @@ mod tests {
                 "tier": "Portable",
                 "f16_products": false,
                 "blocked_layout": null,
+                "dropout": {"p": 0.25, "seed": 9},
                 "dtype": "bf16",
             })
         );
