@@ -13,20 +13,29 @@ use common::{Inputs, assert_close, attention_shape as shape, forward_tiers, gpu,
 use rand::RngExt;
 use wgpu_flash_attn::{
     AttentionArgs, AttentionConfig, AttentionMask, DType, Dropout, Error, ForwardOptions,
-    ForwardPlan, Gpu, Lse, Tier, reference,
+    ForwardPlan, Gpu, Tier, reference,
 };
 
-/// The forward's output and logsumexp, read back.
-fn forward(gpu: &Gpu, inputs: &Inputs, options: ForwardOptions<'_>) -> (Vec<f32>, Vec<f32>) {
-    let shape = inputs_shape();
-    let [q, k, v, out] = common::upload(gpu, &shape, inputs);
+/// The forward's output and logsumexp at `shape`, read back.
+fn forward_at(
+    gpu: &Gpu,
+    shape: &wgpu_flash_attn::AttentionShape,
+    inputs: &Inputs,
+    options: ForwardOptions<'_>,
+) -> (Vec<f32>, Vec<f32>) {
+    let [q, k, v, out] = common::upload(gpu, shape, inputs);
     common::run_views(
         gpu,
         common::Implementation::Flash,
-        &shape,
+        shape,
         options,
         [&q, &k, &v, &out],
     )
+}
+
+/// [`forward_at`] the tests' usual shape.
+fn forward(gpu: &Gpu, inputs: &Inputs, options: ForwardOptions<'_>) -> (Vec<f32>, Vec<f32>) {
+    forward_at(gpu, &inputs_shape(), inputs, options)
 }
 
 /// GQA with ragged lengths: 70 query rows over 90 keys, two batch entries.
@@ -117,14 +126,7 @@ fn the_gpu_keeps_the_pairs_the_reference_keeps() {
     };
     let dropout = Dropout::new(0.25, 0x5eed);
     let config = AttentionConfig::new().dropout(dropout.p, dropout.seed);
-    let [q, k, v, out] = common::upload(gpu, &shape, &inputs);
-    let (got, _) = common::run_views(
-        gpu,
-        common::Implementation::Flash,
-        &shape,
-        ForwardOptions::new(&config),
-        [&q, &k, &v, &out],
-    );
+    let (got, _) = forward_at(gpu, &shape, &inputs, ForwardOptions::new(&config));
     let n = shape.seq_kv as f64;
     let mut kept_total = 0usize;
     for h in 0..shape.heads_q {
@@ -186,13 +188,12 @@ fn calls_dropout_does_not_take_are_typed_errors() {
     // has no matrix units), which does not apply dropout.
     if let Some(coop) = common::cooperative_gpu() {
         let [q, k, v, out] = common::upload(coop, &shape, &inputs);
-        let lse = Lse::new(coop, shape.batch, shape.heads_q, shape.seq_q).unwrap();
         let args = AttentionArgs {
             q: &q,
             k: &k,
             v: &v,
             out: &out,
-            lse: Some(&lse),
+            lse: None,
         };
         let forced = config.clone().tier(Tier::CooperativeMatrix);
         let err = coop.run(|e| coop.forward(e, &args, &forced)).unwrap_err();
@@ -203,9 +204,7 @@ fn calls_dropout_does_not_take_are_typed_errors() {
         // Where the planner picks it, another kernel applies dropout.
         let default = ForwardPlan::for_call(coop.info(), &shape, DType::F32, None).unwrap();
         assert_eq!(default.tier(), Tier::CooperativeMatrix);
-        let got = coop.run(|e| coop.forward(e, &args, &config));
-        got.unwrap();
-        let (got, got_lse) = (out.to_f32_vec(coop).unwrap(), lse.to_vec(coop).unwrap());
+        let (got, got_lse) = forward_at(coop, &shape, &inputs, ForwardOptions::new(&config));
         let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
         let what = "dropout where the planner picks cooperative matrices";
         assert_close(common::compare_with(&want, &got, &got_lse, what), what);
