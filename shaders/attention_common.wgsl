@@ -37,8 +37,9 @@ struct Params {
     unit_base: u32,
     // Where the sinks start in `head_table` (with FLAG_SINKS).
     sink_offset: u32,
-    // With FLAG_DROPOUT: a (query, key) probability is kept when its hash
-    // (dropout_keep_scales) is at least the threshold; the seed's words.
+    // Pipelines specialized with DROPOUT: a (query, key) probability is
+    // kept when its hash (dropout_kept) is at least the threshold; the
+    // seed's words. Other pipelines never read them.
     dropout_threshold: u32,
     dropout_seed_lo: u32,
     dropout_seed_hi: u32,
@@ -57,9 +58,6 @@ const FLAG_SINKS: u32 = 32u;
 // The forward reads its sequences from a table (padded and variable-length
 // batches in one dispatch; flash_attention.wgsl).
 const FLAG_SEQUENCES: u32 = 64u;
-// Attention dropout (src/dropout.rs): the forward and the backward draw the
-// same mask from the seed.
-const FLAG_DROPOUT: u32 = 256u;
 
 const LOG2_E: f32 = 1.4426950408889634;
 const LN_2: f32 = 0.6931471805599453;
@@ -192,11 +190,13 @@ fn visible_keys(row_pos: i32, seq_kv: u32) -> vec2<i32> {
     return vec2<i32>(lo, hi);
 }
 
-// a . b + c as four chained FMAs: 4 instructions where `dot(a, b) + c` may
-// take 5 (measured ~5 % faster on lavapipe).
-// Attention dropout (FLAG_DROPOUT). Twin of `mix` in src/dropout.rs: the
-// PCG output permutation of one LCG step (Jarzynski and Olano 2020), on
-// four words at once; integer arithmetic wraps, as there.
+// #if DROPOUT
+// Attention dropout (src/dropout.rs), compiled into the pipelines of calls
+// that drop (a specialization, so that the others' unrolled loops carry no
+// dropout branch: llvmpipe's compile time grows with them). Twin of `mix`
+// in src/dropout.rs: the PCG output permutation of one LCG step (Jarzynski
+// and Olano 2020), on four words at once; integer arithmetic wraps, as
+// there.
 fn dropout_mix(x: vec4<u32>) -> vec4<u32> {
     let state = x * 747796405u + 2891336453u;
     let word = ((state >> ((state >> vec4<u32>(28u)) + 4u)) ^ state) * 277803737u;
@@ -216,27 +216,31 @@ fn dropout_row_state(sequence: u32, head: u32, row: u32) -> u32 {
 }
 
 // Which of `keys` (counted from the sequence's first key) the row whose
-// state is `row_state` keeps: 1 kept, 0 dropped (FLAG_DROPOUT set).
+// state is `row_state` keeps: 1 kept, 0 dropped.
 fn dropout_kept(row_state: u32, keys: vec4<i32>) -> vec4<f32> {
     let kept = dropout_mix(vec4<u32>(row_state) ^ vec4<u32>(keys)) >= vec4<u32>(p.dropout_threshold);
     return select(vec4<f32>(0.0), vec4<f32>(1.0), kept);
 }
 
-// 1 / (1 - p), the scale of the kept probabilities; 1 without dropout.
-fn dropout_keep_scale() -> f32 {
-    if (!has_flag(FLAG_DROPOUT)) {
-        return 1.0;
-    }
-    // 2^-32: the threshold is p in those units.
-    return 1.0 / (1.0 - f32(p.dropout_threshold) * 2.3283064365386963e-10);
-}
-
 // What dropout multiplies the probability of one key by: 1 / (1 - p) if
-// the row keeps it, else 0 (FLAG_DROPOUT set).
+// the row keeps it, else 0.
 fn dropout_scale_of(row_state: u32, key: i32) -> f32 {
     return dropout_kept(row_state, vec4<i32>(key)).x * dropout_keep_scale();
 }
+// #endif
 
+// 1 / (1 - p), the scale of the kept probabilities; 1 without dropout.
+fn dropout_keep_scale() -> f32 {
+// #if DROPOUT
+    // 2^-32: the threshold is p in those units.
+    return 1.0 / (1.0 - f32(p.dropout_threshold) * 2.3283064365386963e-10);
+// #else
+    return 1.0;
+// #endif
+}
+
+// a . b + c as four chained FMAs: 4 instructions where `dot(a, b) + c` may
+// take 5 (measured ~5 % faster on lavapipe).
 fn fma_dot(a: vec4<f32>, b: vec4<f32>, c: f32) -> f32 {
     return fma(a.w, b.w, fma(a.z, b.z, fma(a.y, b.y, fma(a.x, b.x, c))));
 }

@@ -200,10 +200,12 @@ fn main(
     var row_pos: array<i32, ROWS>;
     var row_lo: array<i32, ROWS>;
     var row_hi: array<i32, ROWS>;
-    // Each row's dropout hash state (with FLAG_DROPOUT): the unit is the
-    // sequence (never a chunk of its keys: the host refuses dropout with
-    // chunks), rows and keys count from its first.
+// #if DROPOUT
+    // Each row's dropout hash state: the unit is the sequence (never a
+    // chunk of its keys: the host refuses dropout with chunks), rows and
+    // keys count from its first.
     var drop_state: array<u32, ROWS>;
+// #endif
 // #if MASK
     var mask_row: array<u32, ROWS>;
     let mask_base = batch * mp.batch_stride + head_q * mp.head_stride;
@@ -221,9 +223,9 @@ fn main(
         row_hi[r] = bounds.y;
         m[r] = start.x;
         l[r] = start.y;
-        if (has_flag(FLAG_DROPOUT)) {
-            drop_state[r] = dropout_row_state(wg.z, head_q, row);
-        }
+// #if DROPOUT
+        drop_state[r] = dropout_row_state(wg.z, head_q, row);
+// #endif
         // Rows past the end compute on a copy of the last row; never stored.
         let q_row = seq.q_start + min(row, max(seq_q, 1u) - 1u);
         let q_base = batch * p.q.batch + q_row * p.q.seq + head_q * p.q.head + p.q.offset;
@@ -376,14 +378,14 @@ fn main(
                 l[r] = l[r] * correction[r] + (probs[r].x + probs[r].y) + (probs[r].z + probs[r].w);
                 m[r] = m_new;
             }
+// #if DROPOUT
             // Dropout acts after the softmax: the sums (and the logsumexps)
             // keep every probability, P V only the kept (scaled by
-            // 1 / (1 - p) with the output). One test per tile, not per row.
-            if (has_flag(FLAG_DROPOUT)) {
-                for (var r = 0u; r < ROWS; r++) {
-                    probs[r] *= dropout_kept(drop_state[r], key_pos);
-                }
+            // 1 / (1 - p) with the output).
+            for (var r = 0u; r < ROWS; r++) {
+                probs[r] *= dropout_kept(drop_state[r], key_pos);
             }
+// #endif
 
 // #if SUBGROUP_KV
             var slab_v: array<vec4<f32>, SLOTS_V>;

@@ -513,16 +513,16 @@ fn key_grads(
                         dps[r] = fma_dot(grow[d], v[r * DV4 + d], dps[r]);
                     }
                 }
+// #if DROPOUT
                 // Dropout: dP and P's share of dV only where the forward
                 // kept the pair, scaled as it was.
                 var drop: array<f32, ROWS>;
-                if (has_flag(FLAG_DROPOUT)) {
-                    let state = dropout_row_state(wg.z, head_q, row);
-                    for (var r = 0u; r < ROWS; r++) {
-                        drop[r] = dropout_scale_of(state, key_pos[r]);
-                        dps[r] *= drop[r];
-                    }
+                let state = dropout_row_state(wg.z, head_q, row);
+                for (var r = 0u; r < ROWS; r++) {
+                    drop[r] = dropout_scale_of(state, key_pos[r]);
+                    dps[r] *= drop[r];
                 }
+// #endif
                 var grads: array<vec2<f32>, ROWS>;
                 // The row sees every key of the block (the common case).
                 let bounds = visible_keys(row_pos, u.kv_len);
@@ -536,11 +536,11 @@ fn key_grads(
                             slope, stats.x, stats.y);
                     }
                 }
-                if (has_flag(FLAG_DROPOUT)) {
-                    for (var r = 0u; r < ROWS; r++) {
-                        grads[r].x *= drop[r];
-                    }
+// #if DROPOUT
+                for (var r = 0u; r < ROWS; r++) {
+                    grads[r].x *= drop[r];
                 }
+// #endif
                 for (var d = 0u; d < DV4; d++) {
                     for (var r = 0u; r < ROWS; r++) {
                         dv[r * DV4 + d] = fma(vec4<f32>(grads[r].x), grow[d], dv[r * DV4 + d]);
@@ -609,9 +609,11 @@ fn query_grads(
     var dq: array<vec4<f32>, ROWS * D4>;
     var lse_row: array<f32, ROWS>;
     var delta: array<f32, ROWS>;
-    // Each row's dropout hash state (with FLAG_DROPOUT; the unit is the
-    // sequence, as in the forward).
+// #if DROPOUT
+    // Each row's dropout hash state (the unit is the sequence, as in the
+    // forward).
     var drop_state: array<u32, ROWS>;
+// #endif
     for (var r = 0u; r < ROWS; r++) {
         let row = min(row0 + lid + r * WG_SIZE, last_row);
         let q_base = q_row(u, row, head_q);
@@ -634,9 +636,9 @@ fn query_grads(
         let at = stats_index(u, head_q, row);
         lse_row[r] = lse_buf[at];
         delta[r] = deltas[at];
-        if (has_flag(FLAG_DROPOUT)) {
-            drop_state[r] = dropout_row_state(wg.z, head_q, row);
-        }
+// #if DROPOUT
+        drop_state[r] = dropout_row_state(wg.z, head_q, row);
+// #endif
     }
 
     // Keys some row of the block sees (the forward's tile range).
@@ -721,12 +723,12 @@ fn query_grads(
                     dps[r] = fma_dot(g[r * DV4 + d], vrow[d], dps[r]);
                 }
             }
+// #if DROPOUT
             // Dropout: dP only where the forward kept the pair, scaled.
-            if (has_flag(FLAG_DROPOUT)) {
-                for (var r = 0u; r < ROWS; r++) {
-                    dps[r] *= dropout_scale_of(drop_state[r], key);
-                }
+            for (var r = 0u; r < ROWS; r++) {
+                dps[r] *= dropout_scale_of(drop_state[r], key);
             }
+// #endif
             var dx: array<f32, ROWS>;
             // Every row of the block sees the key (the common case).
             if (plain && key >= all_lo && key <= all_hi) {

@@ -159,10 +159,10 @@ fn quad_grads(u: BackwardUnit, unit: u32, head_q: u32, row: u32, staged: u32, fi
     var dx = vec4<f32>(0.0);
     if (row < u.q_len) {
         var drop = vec4<f32>(1.0);
-        if (has_flag(FLAG_DROPOUT)) {
-            let state = dropout_row_state(unit, head_q, row);
-            drop = dropout_kept(state, vec4<i32>(first) + vec4<i32>(0, 1, 2, 3)) * dropout_keep_scale();
-        }
+// #if DROPOUT
+        let state = dropout_row_state(unit, head_q, row);
+        drop = dropout_kept(state, vec4<i32>(first) + vec4<i32>(0, 1, 2, 3)) * dropout_keep_scale();
+// #endif
         let kept_dps = dps * drop;
         let stats = stats_block[staged];
         let row_pos = i32(row) + unit_diag(u);

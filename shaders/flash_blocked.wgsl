@@ -146,10 +146,11 @@ fn main(
     // Each row's query head, and its ALiBi slope.
     var heads: array<u32, ROWS>;
     var slopes: array<f32, ROWS>;
-    // Each row's dropout hash state (with FLAG_DROPOUT): the unit is the
-    // sequence (never a chunk of its keys), rows and keys count from its
-    // first.
+// #if DROPOUT
+    // Each row's dropout hash state: the unit is the sequence (never a
+    // chunk of its keys), rows and keys count from its first.
     var drop_state: array<u32, ROWS>;
+// #endif
 // #if MASK
     var mask_row: array<u32, ROWS>;
     let mask_base = batch * mp.batch_stride + wg.y * mp.head_stride;
@@ -168,9 +169,9 @@ fn main(
         let bounds = visible_keys(row_pos[r], seq_kv);
         row_lo[r] = bounds.x;
         row_hi[r] = bounds.y;
-        if (has_flag(FLAG_DROPOUT)) {
-            drop_state[r] = dropout_row_state(wg.z, heads[r], row / group);
-        }
+// #if DROPOUT
+        drop_state[r] = dropout_row_state(wg.z, heads[r], row / group);
+// #endif
         // A sink counts once per row: in key lane 0's share.
         m[r] = start.x;
         l[r] = select(0.0, start.y, key_lane == 0u);
@@ -299,12 +300,12 @@ fn main(
             var probs = select(vec4<f32>(0.0), exp_shifted(scores[r] - vec4<f32>(m_new)), visible[r]);
             l[r] = l[r] * correction[r] + (probs.x + probs.y) + (probs.z + probs.w);
             m[r] = m_new;
+// #if DROPOUT
             // Dropout acts after the softmax: the sum (and the logsumexp)
             // keep every probability, P V only the kept (scaled by
             // 1 / (1 - p) with the output).
-            if (has_flag(FLAG_DROPOUT)) {
-                probs *= dropout_kept(drop_state[r], key_pos);
-            }
+            probs *= dropout_kept(drop_state[r], key_pos);
+// #endif
 // #if F16_PRODUCTS
             p_tile[row * KEY_LANES + key_lane] = vec4<f16>(probs);
 // #else

@@ -506,11 +506,11 @@ impl Gpu {
         })
     }
 
-    /// `plan`, or with dropout, a plan whose kernel applies it: the
-    /// cooperative-matrix kernel does not (its probabilities live in matrix
-    /// tiles), so where the planner chose it the register-blocked tier runs
-    /// (or the portable one where no register-blocked layout fits); forced,
-    /// it is a typed error.
+    /// `plan`, or with dropout, the plan's kernel specialized to apply it:
+    /// the cooperative-matrix kernel does not (its probabilities live in
+    /// matrix tiles), so where the planner chose it the register-blocked
+    /// tier runs (or the portable one where no register-blocked layout
+    /// fits); forced, it is a typed error.
     fn dropout_plan(
         &self,
         plan: ForwardPlan,
@@ -519,16 +519,22 @@ impl Gpu {
         storage: crate::DType,
     ) -> Result<ForwardPlan> {
         use crate::config::Tier;
-        if config.active_dropout().is_none() || plan.tier() != Tier::CooperativeMatrix {
+        if config.active_dropout().is_none() {
             return Ok(plan);
         }
-        if config.tier == Some(Tier::CooperativeMatrix) {
+        let plan = if plan.tier() != Tier::CooperativeMatrix {
+            plan
+        } else if config.tier == Some(Tier::CooperativeMatrix) {
             return Err(Error::UnsupportedCombination {
                 what: "dropout and the CooperativeMatrix tier",
             });
-        }
-        ForwardPlan::for_call(self.info(), shape, storage, Some(Tier::RegisterBlocked))
-            .or_else(|_| ForwardPlan::for_call(self.info(), shape, storage, Some(Tier::Portable)))
+        } else {
+            ForwardPlan::for_call(self.info(), shape, storage, Some(Tier::RegisterBlocked))
+                .or_else(|_| {
+                    ForwardPlan::for_call(self.info(), shape, storage, Some(Tier::Portable))
+                })?
+        };
+        plan.with_dropout()
     }
 
     /// The call's per-head table (ALiBi slopes, then sinks; binding 6 of
@@ -697,7 +703,7 @@ impl PreparedCall<'_> {
             .get(&gpu.device, &self.plan.specialization())?;
         let [x, y, _] = self.plan.workgroups();
         let chunks = plan_key_chunks(&units, &views[0], &views[1], &chunk_limits)?;
-        if chunks.is_some() && self.params.flags & flags::DROPOUT != 0 {
+        if chunks.is_some() && self.plan.applies_dropout() {
             // The kernels count a chunk's keys from its first: the mask
             // would restart with each chunk.
             return Err(Error::UnsupportedCombination {
@@ -914,9 +920,6 @@ pub(crate) fn option_params(
         bits |= flags::SINKS;
     }
     let dropout = config.active_dropout();
-    if dropout.is_some() {
-        bits |= flags::DROPOUT;
-    }
     let (dropout_seed_lo, dropout_seed_hi) =
         crate::dropout::seed_words(dropout.map_or(0, |d| d.seed));
     AttentionParams {

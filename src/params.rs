@@ -32,7 +32,6 @@ pub mod flags {
     pub const WRITE_LSE: u32 = 16;
     pub const SINKS: u32 = 32;
     pub const SEQUENCES: u32 = 64;
-    pub const DROPOUT: u32 = 256;
 }
 
 /// Twin of `struct Params` in `shaders/attention_common.wgsl`.
@@ -59,8 +58,9 @@ pub struct AttentionParams {
     /// Where the attention sinks start in the per-head table (binding 6),
     /// after the ALiBi slopes.
     pub sink_offset: u32,
-    /// With [`flags::DROPOUT`]: a (query, key) probability is kept when its
-    /// hash is at least this (`Dropout::threshold`).
+    /// Read by pipelines specialized for dropout (DROPOUT): a (query, key)
+    /// probability is kept when its hash is at least this
+    /// (`Dropout::threshold`; 0, keeping all, in calls without dropout).
     pub dropout_threshold: u32,
     /// The dropout seed's low and high words.
     pub dropout_seed_lo: u32,

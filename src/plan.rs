@@ -239,6 +239,34 @@ impl ForwardPlan {
         Ok(self)
     }
 
+    /// The plan with attention dropout compiled into its kernel
+    /// ([`AttentionConfig::dropout`]; the DROPOUT variant, so that calls
+    /// without it keep their pipelines free of the mask's hashing). The
+    /// cooperative-matrix kernel does not apply dropout: a typed error.
+    ///
+    /// [`AttentionConfig::dropout`]: crate::AttentionConfig::dropout
+    pub fn with_dropout(mut self) -> Result<Self> {
+        match &mut self.tiled {
+            Some(TiledKernel::Coop(_)) => {
+                return Err(Error::UnsupportedCombination {
+                    what: "dropout and the CooperativeMatrix tier",
+                });
+            }
+            Some(TiledKernel::Blocked(blocked)) => blocked.dropout = true,
+            None => self.tiling.dropout = true,
+        }
+        Ok(self)
+    }
+
+    /// Whether the plan's kernel applies attention dropout.
+    pub fn applies_dropout(&self) -> bool {
+        match self.tiled {
+            Some(TiledKernel::Blocked(blocked)) => blocked.dropout,
+            Some(TiledKernel::Coop(_)) => false,
+            None => self.tiling.dropout,
+        }
+    }
+
     /// The kernel of the same tier with an attention mask.
     pub(crate) fn masked_specialization(&self) -> Specialization {
         match self.tiled {
@@ -383,6 +411,7 @@ impl ForwardPlan {
             unroll,
             subgroup_kv,
             storage,
+            dropout: false,
         };
         let keys_per_dispatch =
             keys_within_loop_budget(info, &forward_specialization(tiled, tiling))?;
@@ -619,6 +648,7 @@ fn blocked_tiling(
             key_lanes,
             rows: (BLOCKED_ACCUMULATORS / columns).clamp(1, 4),
             storage,
+            dropout: false,
             f16_products: false,
         }
     });
@@ -693,6 +723,7 @@ fn blocked_tiling_of(
         key_lanes,
         rows,
         storage,
+        dropout: false,
         f16_products: false,
     };
     info.check_invocations(tiling.workgroup_size())?;
@@ -963,6 +994,7 @@ impl DecodePlan {
                 unroll: true,
                 subgroup_kv: true,
                 storage: DType::F32,
+                dropout: false,
             };
             (tiling, rows_per_workgroup, lanes)
         } else {
@@ -998,6 +1030,7 @@ impl DecodePlan {
                 unroll,
                 subgroup_kv: false,
                 storage: DType::F32,
+                dropout: false,
             };
             // The portable tier stages tiles; it has no lane layout.
             (tiling, workgroup_size * rows_per_lane, DecodeLanes::HeadDim)
@@ -1405,6 +1438,39 @@ pub(crate) mod profiles {
         )
     }
 
+    /// Only calls with dropout compile its hashing (the DROPOUT variant),
+    /// on every tier that applies it; the cooperative-matrix plan refuses.
+    #[test]
+    fn dropout_is_a_variant_of_its_own() {
+        let shape = AttentionShape::self_attention(1, 1024, 8, 64);
+        for profile in profiles::all() {
+            let info = profile.info();
+            for storage in [DType::F32, DType::F16] {
+                let Ok(plan) = ForwardPlan::for_call(&info, &shape, storage, None) else {
+                    continue;
+                };
+                let has_dropout = |spec: Specialization| spec.variant_flags().contains(&"DROPOUT");
+                assert!(!has_dropout(plan.specialization()), "{}", profile.name);
+                assert!(!has_dropout(plan.masked_specialization()));
+                assert!(!plan.applies_dropout());
+                match plan.with_dropout() {
+                    Ok(dropout) => {
+                        assert!(dropout.applies_dropout());
+                        assert!(has_dropout(dropout.specialization()), "{}", profile.name);
+                        assert!(has_dropout(dropout.masked_specialization()));
+                        // The same tiles otherwise.
+                        assert_eq!(dropout.workgroups(), plan.workgroups());
+                        assert_eq!(dropout.block_m(), plan.block_m());
+                    }
+                    Err(Error::UnsupportedCombination { .. }) => {
+                        assert_eq!(plan.tier(), Tier::CooperativeMatrix, "{}", profile.name);
+                    }
+                    Err(other) => panic!("{}: {other}", profile.name),
+                }
+            }
+        }
+    }
+
     #[test]
     fn forward_tiling_per_adapter() {
         use Tier::{Portable, RegisterBlocked, SubgroupBroadcast};
@@ -1562,6 +1628,7 @@ pub(crate) mod profiles {
                 rows: 8,
                 storage: DType::F32,
                 f16_products: false,
+                dropout: false,
             }
             .workgroup_bytes();
             match ForwardPlan::for_call_with_layout(&info, &shape, DType::F32, None, tall) {

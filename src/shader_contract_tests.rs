@@ -115,6 +115,15 @@ fn shipped_specializations() -> Vec<Specialization> {
                     if let Ok(f16_products) = plan.with_f16_products(info) {
                         add(f16_products.specialization());
                         add(f16_products.masked_specialization());
+                        if let Ok(dropout) = f16_products.with_dropout() {
+                            add(dropout.specialization());
+                        }
+                    }
+                    // Dropout adds the same few lines to every tiling
+                    // class: the representative head dims cover it.
+                    if let (true, Ok(dropout)) = (representative, plan.with_dropout()) {
+                        add(dropout.specialization());
+                        add(dropout.masked_specialization());
                     }
                     let naive = NaivePlan::for_call(info, &shape, storage, tier)
                         .expect("the naive plan follows the forward plan");
@@ -214,6 +223,7 @@ fn shipped_specializations() -> Vec<Specialization> {
                     };
                     for pass in BackwardPass::ALL {
                         add(plan.specialization(pass));
+                        add(plan.with_dropout(true).specialization(pass));
                     }
                 }
             }
@@ -1035,7 +1045,7 @@ fn doc_twins_are_read_from_params_source() {
 // Flag bits against the shader's constants.
 
 /// Rust flag bits by the name of their WGSL twin.
-const FLAG_TWINS: [(&str, u32); 8] = [
+const FLAG_TWINS: [(&str, u32); 7] = [
     ("FLAG_WINDOW_LEFT", flags::WINDOW_LEFT),
     ("FLAG_WINDOW_RIGHT", flags::WINDOW_RIGHT),
     ("FLAG_SOFTCAP", flags::SOFTCAP),
@@ -1043,7 +1053,6 @@ const FLAG_TWINS: [(&str, u32); 8] = [
     ("FLAG_WRITE_LSE", flags::WRITE_LSE),
     ("FLAG_SINKS", flags::SINKS),
     ("FLAG_SEQUENCES", flags::SEQUENCES),
-    ("FLAG_DROPOUT", flags::DROPOUT),
 ];
 
 /// The same for the forward's carry bits (per unit of its sequence table).

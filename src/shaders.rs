@@ -37,6 +37,11 @@ const COOP_EMULATED: &str = "COOP_EMULATED";
 const F16_PRODUCTS: &str = "F16_PRODUCTS";
 /// The register-blocked gradient passes (flash_backward_blocked.wgsl).
 const BLOCKED_BACKWARD: &str = "BLOCKED_BACKWARD";
+/// Attention dropout (`AttentionConfig::dropout`): compiled only into the
+/// pipelines of calls that drop, since its hashing in the other kernels'
+/// unrolled loops lengthens llvmpipe's compiles even where a runtime flag
+/// skips it.
+const DROPOUT: &str = "DROPOUT";
 /// Invocations of an emulated subgroup.
 const EMULATED_LANES: u32 = 32;
 /// half_codec.wgsl's f16 and bf16 conversions, set from the kernel's
@@ -53,9 +58,10 @@ const QO_BF16: &str = "QO_BF16";
 /// Every `// #if` name the shaders may use. The preprocessor refuses any
 /// other, so a misspelt name fails loudly instead of quietly selecting the
 /// `// #else` branch.
-pub const VARIANT_NAMES: [&str; 20] = [
+pub const VARIANT_NAMES: [&str; 21] = [
     F16_PRODUCTS,
     BLOCKED_BACKWARD,
+    DROPOUT,
     F16_CODEC,
     BF16_CODEC,
     Q_HALF,
@@ -472,6 +478,9 @@ pub struct AttentionTiling {
     pub subgroup_kv: bool,
     /// Storage type of Q, K, V and O (arithmetic is f32 regardless).
     pub storage: DType,
+    /// The forward applies attention dropout (DROPOUT; never set for the
+    /// naive baseline or decoding, which refuse it).
+    pub dropout: bool,
 }
 
 impl AttentionTiling {
@@ -482,6 +491,9 @@ impl AttentionTiling {
             flags.push(SUBGROUP_KV);
         }
         flags.extend(storage_flags(self.storage));
+        if self.dropout {
+            flags.push(DROPOUT);
+        }
         flags
     }
 }
@@ -509,6 +521,8 @@ pub struct BlockedTiling {
     /// Q K^T and P V products in f16 on f16 tiles (F16_PRODUCTS; needs f16
     /// storage and SHADER_F16), else f32 arithmetic throughout.
     pub f16_products: bool,
+    /// The forward applies attention dropout (DROPOUT).
+    pub dropout: bool,
 }
 
 impl BlockedTiling {
@@ -775,6 +789,9 @@ pub struct BackwardTiling {
     pub subgroup: bool,
     /// Storage type of every tensor (arithmetic is f32).
     pub storage: DType,
+    /// The gradient passes regenerate the forward's dropout mask
+    /// (DROPOUT; the row-delta and sink passes never do).
+    pub dropout: bool,
 }
 
 /// Tile sizes of the register-blocked gradient passes
@@ -798,6 +815,8 @@ pub struct BlockedBackwardTiling {
     pub rows: u32,
     /// Storage type of every tensor (arithmetic is f32).
     pub storage: DType,
+    /// The passes regenerate the forward's dropout mask (DROPOUT).
+    pub dropout: bool,
 }
 
 impl BlockedBackwardTiling {
@@ -1241,6 +1260,9 @@ impl Specialization {
                 if tiling.f16_products {
                     flags.push(F16_PRODUCTS);
                 }
+                if tiling.dropout {
+                    flags.push(DROPOUT);
+                }
                 if matches!(self, Specialization::FlashBlockedMasked(_)) {
                     flags.push(MASK);
                 }
@@ -1287,10 +1309,16 @@ impl Specialization {
                 if tiling.subgroup {
                     flags.push(SUBGROUP_BROADCAST);
                 }
+                if tiling.dropout {
+                    flags.push(DROPOUT);
+                }
             }
             Specialization::BackwardBlocked { tiling, .. } => {
                 flags.extend(storage_flags(tiling.storage));
                 flags.push(BLOCKED_BACKWARD);
+                if tiling.dropout {
+                    flags.push(DROPOUT);
+                }
             }
             _ => {}
         }

@@ -75,17 +75,29 @@ impl BackwardPlan {
     /// The plan [`crate::Gpu::backward`] makes for a call with `config`:
     /// [`BackwardPlan::for_call_with_layout`] when the config gives a
     /// register-blocked layout, else [`BackwardPlan::for_call`] with its
-    /// tier.
+    /// tier; with dropout, its gradient passes specialized to regenerate
+    /// the forward's mask.
     pub fn for_config(
         info: &GpuInfo,
         shape: &AttentionShape,
         storage: DType,
         config: &AttentionConfig,
     ) -> Result<Self> {
-        match config.blocked_layout {
+        let plan = match config.blocked_layout {
             Some(layout) => Self::for_call_with_layout(info, shape, storage, config.tier, layout),
             None => Self::for_call(info, shape, storage, config.tier),
+        }?;
+        Ok(plan.with_dropout(config.active_dropout().is_some()))
+    }
+
+    /// The plan with the dK/dV and dQ passes applying dropout (DROPOUT) or
+    /// not; the row-delta and sink passes never do.
+    pub fn with_dropout(mut self, dropout: bool) -> Self {
+        self.tiling.dropout = dropout;
+        if let Some(blocked) = &mut self.blocked {
+            blocked.dropout = dropout;
         }
+        self
     }
 
     /// [`BackwardPlan::for_call`] on the register-blocked tier with its
@@ -184,6 +196,7 @@ impl BackwardPlan {
                 unroll,
                 subgroup,
                 storage,
+                dropout: false,
             },
             blocked,
         })
@@ -202,6 +215,7 @@ impl BackwardPlan {
                 unroll: false,
                 subgroup: false,
                 storage: self.tiling.storage,
+                dropout: false,
             },
             BackwardPass::Keys | BackwardPass::Queries => match self.blocked {
                 Some(tiling) => return Specialization::BackwardBlocked { pass, tiling },
@@ -460,6 +474,7 @@ fn blocked_backward_tiling(
         row_lanes,
         rows,
         storage,
+        dropout: false,
     }
 }
 
@@ -516,6 +531,48 @@ fn tile_bytes(head_dim: u32, head_dim_v: u32, block: u32) -> u64 {
 mod tests {
     use super::*;
     use crate::plan::profiles;
+
+    /// With dropout the two gradient passes compile its mask (the DROPOUT
+    /// variant) and the row-delta and sink passes share their pipelines
+    /// with calls without it; a rate that drops nothing changes nothing.
+    #[test]
+    fn dropout_specializes_the_gradient_passes_only() {
+        let shape = AttentionShape::self_attention(1, 1024, 8, 64);
+        for profile in profiles::all() {
+            let info = profile.info();
+            for tier in [None, Some(Tier::RegisterBlocked)] {
+                let config = AttentionConfig {
+                    tier,
+                    ..AttentionConfig::new()
+                };
+                let Ok(plain) = BackwardPlan::for_config(&info, &shape, DType::F32, &config) else {
+                    continue;
+                };
+                let dropping = config.clone().dropout(0.1, 7);
+                let dropout = BackwardPlan::for_config(&info, &shape, DType::F32, &dropping)
+                    .expect("dropout plans where the call without it does");
+                let idle = config.clone().dropout(0.0, 7);
+                let idle = BackwardPlan::for_config(&info, &shape, DType::F32, &idle).unwrap();
+                for pass in BackwardPass::ALL {
+                    let gradient = matches!(pass, BackwardPass::Keys | BackwardPass::Queries);
+                    let flags = dropout.specialization(pass).variant_flags();
+                    assert_eq!(
+                        flags.contains(&"DROPOUT"),
+                        gradient,
+                        "{} {pass:?}",
+                        profile.name
+                    );
+                    assert!(
+                        !plain
+                            .specialization(pass)
+                            .variant_flags()
+                            .contains(&"DROPOUT")
+                    );
+                    assert_eq!(idle.specialization(pass), plain.specialization(pass));
+                }
+            }
+        }
+    }
 
     #[test]
     fn every_profile_plans_or_says_why() {
