@@ -201,6 +201,11 @@ fn main(
     let row = row0 + my_row;
     let row_pos = i32(row) + diag;
     let bounds = visible_keys(row_pos, seq_kv);
+// #if DROPOUT
+    // The row's dropout hash state: the unit is the sequence (never a chunk
+    // of its keys), rows and keys count from its first.
+    let drop_state = dropout_row_state(wg.z, head_q, row);
+// #endif
     // A sink counts once per row: in lane 0's share of the sum.
     var m = start.x;
     var l = select(0.0, start.y, lane == 0u);
@@ -315,9 +320,15 @@ fn main(
         m = m_new;
         for (var i = 0u; i < QUADS; i++) {
             let key = 4u * (lane + LANES_PER_ROW * i);
-            let probs = vec4<f32>(vec4<Operand>(
+            var probs = vec4<f32>(vec4<Operand>(
                 select(vec4<f32>(0.0), exp_shifted(scores[i] - vec4<f32>(m_new)), visible[i])));
             l += (probs.x + probs.y) + (probs.z + probs.w);
+// #if DROPOUT
+            // Dropout acts after the softmax: the sum (and the logsumexp)
+            // keeps every probability, P V only the kept (scaled by
+            // 1 / (1 - p) with the output).
+            probs *= dropout_kept(drop_state, vec4<i32>(kv0 + i32(key)) + vec4<i32>(0, 1, 2, 3));
+// #endif
             let at = my_row * BLOCK_N + key;
             p_tile[at] = Operand(probs.x);
             p_tile[at + 1u] = Operand(probs.y);
@@ -355,7 +366,8 @@ fn main(
         // A row that saw no key (and has no sink) has l == 0: zeros and
         // lse = +inf; so has a padding row, whatever it computed.
         let real = row < seq_q;
-        let inv_l = select(0.0, 1.0 / l_row, real && l_row > 0.0);
+        // Dropout scales the kept probabilities here, once per row.
+        let inv_l = select(0.0, dropout_keep_scale() / l_row, real && l_row > 0.0);
         let lse = select(row_lse(m, 0.0), row_lse(m, l_row), real);
         let out_row = seq.q_start + row;
         let out = row_output(seq, batch, out_row, head_q);

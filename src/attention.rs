@@ -495,7 +495,11 @@ impl Gpu {
         } else {
             plan
         };
-        let plan = self.dropout_plan(plan, config, plan_shape, storage)?;
+        let plan = if config.active_dropout().is_some() {
+            plan.with_dropout()
+        } else {
+            plan
+        };
         let params = self.pack_params(args, &shape, config)?;
         Ok(PreparedCall {
             shape,
@@ -504,37 +508,6 @@ impl Gpu {
             args: *args,
             head_table: self.head_table_buffer(config),
         })
-    }
-
-    /// `plan`, or with dropout, the plan's kernel specialized to apply it:
-    /// the cooperative-matrix kernel does not (its probabilities live in
-    /// matrix tiles), so where the planner chose it the register-blocked
-    /// tier runs (or the portable one where no register-blocked layout
-    /// fits); forced, it is a typed error.
-    fn dropout_plan(
-        &self,
-        plan: ForwardPlan,
-        config: &AttentionConfig,
-        shape: &AttentionShape,
-        storage: crate::DType,
-    ) -> Result<ForwardPlan> {
-        use crate::config::Tier;
-        if config.active_dropout().is_none() {
-            return Ok(plan);
-        }
-        let plan = if plan.tier() != Tier::CooperativeMatrix {
-            plan
-        } else if config.tier == Some(Tier::CooperativeMatrix) {
-            return Err(Error::UnsupportedCombination {
-                what: "dropout and the CooperativeMatrix tier",
-            });
-        } else {
-            ForwardPlan::for_call(self.info(), shape, storage, Some(Tier::RegisterBlocked))
-                .or_else(|_| {
-                    ForwardPlan::for_call(self.info(), shape, storage, Some(Tier::Portable))
-                })?
-        };
-        plan.with_dropout()
     }
 
     /// The call's per-head table (ALiBi slopes, then sinks; binding 6 of

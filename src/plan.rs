@@ -241,28 +241,23 @@ impl ForwardPlan {
 
     /// The plan with attention dropout compiled into its kernel
     /// ([`AttentionConfig::dropout`]; the DROPOUT variant, so that calls
-    /// without it keep their pipelines free of the mask's hashing). The
-    /// cooperative-matrix kernel does not apply dropout: a typed error.
+    /// without it keep their pipelines free of the mask's hashing).
     ///
     /// [`AttentionConfig::dropout`]: crate::AttentionConfig::dropout
-    pub fn with_dropout(mut self) -> Result<Self> {
+    pub fn with_dropout(mut self) -> Self {
         match &mut self.tiled {
-            Some(TiledKernel::Coop(_)) => {
-                return Err(Error::UnsupportedCombination {
-                    what: "dropout and the CooperativeMatrix tier",
-                });
-            }
+            Some(TiledKernel::Coop(coop)) => coop.dropout = true,
             Some(TiledKernel::Blocked(blocked)) => blocked.dropout = true,
             None => self.tiling.dropout = true,
         }
-        Ok(self)
+        self
     }
 
     /// Whether the plan's kernel applies attention dropout.
     pub fn applies_dropout(&self) -> bool {
         match self.tiled {
             Some(TiledKernel::Blocked(blocked)) => blocked.dropout,
-            Some(TiledKernel::Coop(_)) => false,
+            Some(TiledKernel::Coop(coop)) => coop.dropout,
             None => self.tiling.dropout,
         }
     }
@@ -583,6 +578,7 @@ fn coop_tiling(
         workgroup_size: row_tiles * subgroup,
         storage,
         emulated,
+        dropout: false,
     });
     // Each lane of a row takes whole four-key quads.
     let quads_split = |t: &CoopTiling| (t.block_n() / 4).is_multiple_of(t.lanes_per_row());
@@ -1439,7 +1435,7 @@ pub(crate) mod profiles {
     }
 
     /// Only calls with dropout compile its hashing (the DROPOUT variant),
-    /// on every tier that applies it; the cooperative-matrix plan refuses.
+    /// on every tier.
     #[test]
     fn dropout_is_a_variant_of_its_own() {
         let shape = AttentionShape::self_attention(1, 1024, 8, 64);
@@ -1453,20 +1449,14 @@ pub(crate) mod profiles {
                 assert!(!has_dropout(plan.specialization()), "{}", profile.name);
                 assert!(!has_dropout(plan.masked_specialization()));
                 assert!(!plan.applies_dropout());
-                match plan.with_dropout() {
-                    Ok(dropout) => {
-                        assert!(dropout.applies_dropout());
-                        assert!(has_dropout(dropout.specialization()), "{}", profile.name);
-                        assert!(has_dropout(dropout.masked_specialization()));
-                        // The same tiles otherwise.
-                        assert_eq!(dropout.workgroups(), plan.workgroups());
-                        assert_eq!(dropout.block_m(), plan.block_m());
-                    }
-                    Err(Error::UnsupportedCombination { .. }) => {
-                        assert_eq!(plan.tier(), Tier::CooperativeMatrix, "{}", profile.name);
-                    }
-                    Err(other) => panic!("{}: {other}", profile.name),
-                }
+                let dropout = plan.with_dropout();
+                assert!(dropout.applies_dropout());
+                assert!(has_dropout(dropout.specialization()), "{}", profile.name);
+                assert!(has_dropout(dropout.masked_specialization()));
+                // The same tier and tiles otherwise.
+                assert_eq!(dropout.tier(), plan.tier());
+                assert_eq!(dropout.workgroups(), plan.workgroups());
+                assert_eq!(dropout.block_m(), plan.block_m());
             }
         }
     }

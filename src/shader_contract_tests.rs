@@ -115,15 +115,13 @@ fn shipped_specializations() -> Vec<Specialization> {
                     if let Ok(f16_products) = plan.with_f16_products(info) {
                         add(f16_products.specialization());
                         add(f16_products.masked_specialization());
-                        if let Ok(dropout) = f16_products.with_dropout() {
-                            add(dropout.specialization());
-                        }
+                        add(f16_products.with_dropout().specialization());
                     }
                     // Dropout adds the same few lines to every tiling
                     // class: the representative head dims cover it.
-                    if let (true, Ok(dropout)) = (representative, plan.with_dropout()) {
-                        add(dropout.specialization());
-                        add(dropout.masked_specialization());
+                    if representative {
+                        add(plan.with_dropout().specialization());
+                        add(plan.with_dropout().masked_specialization());
                     }
                     let naive = NaivePlan::for_call(info, &shape, storage, tier)
                         .expect("the naive plan follows the forward plan");

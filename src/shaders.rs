@@ -588,6 +588,9 @@ pub struct CoopTiling {
     /// (`AdapterOptions::emulate_cooperative_matrices`, for testing the
     /// kernel on adapters without matrix units).
     pub emulated: bool,
+    /// The forward applies attention dropout (DROPOUT) to the
+    /// probabilities it stages for P V.
+    pub dropout: bool,
 }
 
 impl CoopTiling {
@@ -1277,6 +1280,9 @@ impl Specialization {
                 }
                 if tiling.emulated {
                     flags.push(COOP_EMULATED);
+                }
+                if tiling.dropout {
+                    flags.push(DROPOUT);
                 }
                 if matches!(self, Specialization::FlashCoopMasked(_)) {
                     flags.push(MASK);

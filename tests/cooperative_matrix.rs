@@ -64,24 +64,40 @@ fn run(
 
 /// The bound on |out - reference| for inputs held in `dtype`: f32's 1e-4,
 /// plus for f16 the output's rounding and the probabilities' rounding to
-/// f16 before `P V` (at most 2^-11 of the largest |v|, the weights summing
-/// to 1; docs/semantics.md).
-fn bound(dtype: DType, want: f64, v_max: f64) -> f64 {
+/// f16 before `P V` (at most 2^-11 of the largest |v| times the sum of a
+/// row's weights: 1, or with dropout at most 1 / (1 - p);
+/// docs/semantics.md).
+fn bound(dtype: DType, want: f64, v_max: f64, weights: f64) -> f64 {
     let probabilities = if dtype == DType::F16 {
-        unit_roundoff(DType::F16) * v_max
+        unit_roundoff(DType::F16) * v_max * weights
     } else {
         0.0
     };
     1e-4 + unit_roundoff(dtype) * want.abs() + probabilities
 }
 
+/// The largest sum of a row's weights under `config`: 1, or with dropout
+/// 1 / (1 - p) (every kept probability scaled by it).
+fn weight_sum(config: &AttentionConfig) -> f64 {
+    config
+        .active_dropout()
+        .map_or(1.0, |dropout| 1.0 / dropout.keep_probability())
+}
+
 /// Every element within [`bound`]; an unwritten (NaN) one fails.
-fn assert_within(got: &[f32], want: &[f64], dtype: DType, v: &[f32], what: &str) {
+fn assert_within(
+    got: &[f32],
+    want: &[f64],
+    dtype: DType,
+    v: &[f32],
+    config: &AttentionConfig,
+    what: &str,
+) {
     let v_max = v.iter().fold(0.0f64, |m, &x| m.max(f64::from(x).abs()));
     assert_eq!(got.len(), want.len(), "{what}");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         assert!(!g.is_nan(), "{what}: element {i} not written");
-        let limit = bound(dtype, w, v_max);
+        let limit = bound(dtype, w, v_max, weight_sum(config));
         assert!(
             (f64::from(g) - w).abs() <= limit,
             "{what}: element {i}: {g} vs {w} (bound {limit:.2e})"
@@ -136,17 +152,8 @@ fn matches_the_reference_on_every_matrix_size_and_operand_type() {
                     let what = format!("{shape:?} {dtype:?} {size}x{size} {config:?}");
                     let (got, got_lse) = run(gpu, &shape, [&q, &k, &v], dtype, (&config).into());
                     let want = reference::attention(&shape, &q, &k, &v, &config).unwrap();
-                    assert_within(&got, &want.out, dtype, &v, &what);
-                    for (i, (&g, &w)) in got_lse.iter().zip(&want.lse).enumerate() {
-                        if w.is_infinite() {
-                            assert_eq!(f64::from(g), w, "{what}: lse {i}");
-                        } else {
-                            assert!(
-                                (f64::from(g) - w).abs() <= 1e-3,
-                                "{what}: lse {i}: {g} vs {w}"
-                            );
-                        }
-                    }
+                    assert_within(&got, &want.out, dtype, &v, &config, &what);
+                    assert_lse_within(&got_lse, &want.lse, &what);
                 }
             }
         }
@@ -225,9 +232,89 @@ fn masks_match_the_reference() {
             let want =
                 reference::attention_masked(&shape, &inputs.q, &inputs.k, &inputs.v, &config, host)
                     .unwrap();
-            assert_within(&got, &want.out, DType::F32, &inputs.v, &what);
+            assert_within(&got, &want.out, DType::F32, &inputs.v, &config, &what);
         }
     }
+}
+
+/// Each logsumexp within 1e-3 of the reference's, +inf exactly.
+fn assert_lse_within(got: &[f32], want: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if w.is_infinite() {
+            assert_eq!(f64::from(g), w, "{what}: lse {i}");
+        } else {
+            assert!(
+                (f64::from(g) - w).abs() <= 1e-3,
+                "{what}: lse {i}: {g} vs {w}"
+            );
+        }
+    }
+}
+
+/// Attention dropout on the tier: the probabilities are dropped as they
+/// are staged for `P V`, the logsumexp keeps them all. The rates and
+/// options of `common::dropout_configs`, both matrix sizes, f32 and f16
+/// operands, and with a boolean mask (whole rows hidden); the reference
+/// draws the same mask from the seed.
+#[test]
+fn dropout_matches_the_reference() {
+    let Some(gpu) = cooperative_gpu() else { return };
+    let mut rng = seeded(0x5eed_c0d0);
+    for head_dim in [40, 64] {
+        let shape = AttentionShape {
+            batch: 2,
+            seq_q: 37,
+            seq_kv: 70,
+            heads_q: 4,
+            heads_kv: 2,
+            head_dim,
+            head_dim_v: head_dim,
+        };
+        for dtype in [DType::F32, DType::F16] {
+            if coop_plan(gpu, &shape, dtype).is_none() {
+                continue;
+            }
+            let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
+            let held = |x: &[f32]| -> Vec<f32> { x.iter().map(|&x| round_to(dtype, x)).collect() };
+            let (q, k, v) = (held(&inputs.q), held(&inputs.k), held(&inputs.v));
+            for config in common::dropout_configs(shape.heads_q) {
+                let config = config.tier(Tier::CooperativeMatrix);
+                let what = format!("{shape:?} {dtype:?} {config:?}");
+                let (got, got_lse) = run(gpu, &shape, [&q, &k, &v], dtype, (&config).into());
+                let want = reference::attention(&shape, &q, &k, &v, &config).unwrap();
+                assert_within(&got, &want.out, dtype, &v, &config, &what);
+                assert_lse_within(&got_lse, &want.lse, &what);
+            }
+        }
+    }
+    let shape = AttentionShape::self_attention(1, 40, 2, 32);
+    let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
+    let dims = [1, 1, shape.seq_q, shape.seq_kv];
+    let bools: Vec<bool> = (0..shape.seq_q * shape.seq_kv)
+        .map(|i| i / shape.seq_kv % 13 != 4 && rng.random_ratio(2, 3))
+        .collect();
+    let mask = AttentionMask::boolean(gpu, dims, &bools).unwrap();
+    let host = HostMask::Bool {
+        dims,
+        values: &bools,
+    };
+    let config = AttentionConfig::new()
+        .dropout(0.4, 0xd0d0)
+        .causal(true)
+        .tier(Tier::CooperativeMatrix);
+    let (got, got_lse) = run(
+        gpu,
+        &shape,
+        [&inputs.q, &inputs.k, &inputs.v],
+        DType::F32,
+        ForwardOptions::new(&config).mask(&mask),
+    );
+    let want = reference::attention_masked(&shape, &inputs.q, &inputs.k, &inputs.v, &config, &host)
+        .unwrap();
+    let what = "masked dropout";
+    assert_within(&got, &want.out, DType::F32, &inputs.v, &config, what);
+    assert_lse_within(&got_lse, &want.lse, what);
 }
 
 /// Keys in chunks (the carry between dispatches) and padded sequences

@@ -2,8 +2,9 @@
 //! the same mask from the seed (`Dropout::keeps`): every forward kernel,
 //! the options that move which keys a row sees, masks, several rates; the
 //! same seed gives the same bits, another seed another mask; the calls
-//! dropout does not take are typed errors. The backward with dropout is
-//! in tests/backward.rs, padded and packed batches (each sequence its own
+//! dropout does not take are typed errors. The cooperative-matrix kernel's
+//! dropout is in tests/cooperative_matrix.rs, the backward's in
+//! tests/backward.rs, padded and packed batches (each sequence its own
 //! mask) in tests/varlen.rs and there.
 
 mod common;
@@ -12,8 +13,7 @@ use common::random::seeded;
 use common::{Inputs, assert_close, attention_shape as shape, forward_tiers, gpu, with_tier};
 use rand::RngExt;
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionMask, DType, Dropout, Error, ForwardOptions,
-    ForwardPlan, Gpu, Tier, reference,
+    AttentionArgs, AttentionConfig, AttentionMask, Dropout, Error, ForwardOptions, Gpu, reference,
 };
 
 /// The forward's output and logsumexp at `shape`, read back.
@@ -183,30 +183,5 @@ fn calls_dropout_does_not_take_are_typed_errors() {
             matches!(err, Error::UnsupportedCombination { what } if what.contains("dropout")),
             "{err}"
         );
-    }
-    // Forced onto the cooperative-matrix kernel (emulated where the adapter
-    // has no matrix units), which does not apply dropout.
-    if let Some(coop) = common::cooperative_gpu() {
-        let [q, k, v, out] = common::upload(coop, &shape, &inputs);
-        let args = AttentionArgs {
-            q: &q,
-            k: &k,
-            v: &v,
-            out: &out,
-            lse: None,
-        };
-        let forced = config.clone().tier(Tier::CooperativeMatrix);
-        let err = coop.run(|e| coop.forward(e, &args, &forced)).unwrap_err();
-        assert!(
-            matches!(err, Error::UnsupportedCombination { what } if what.contains("dropout")),
-            "{err}"
-        );
-        // Where the planner picks it, another kernel applies dropout.
-        let default = ForwardPlan::for_call(coop.info(), &shape, DType::F32, None).unwrap();
-        assert_eq!(default.tier(), Tier::CooperativeMatrix);
-        let (got, got_lse) = forward_at(coop, &shape, &inputs, ForwardOptions::new(&config));
-        let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
-        let what = "dropout where the planner picks cooperative matrices";
-        assert_close(common::compare_with(&want, &got, &got_lse, what), what);
     }
 }

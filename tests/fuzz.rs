@@ -34,8 +34,8 @@
 //! boolean or a bias mask, valid lengths or a packed variable-length batch
 //! (one dispatch per pass for all of its sequences), in 30 % of the cases
 //! on the register-blocked passes; with sinks, their gradients too. In 25 %
-//! of forward and dense backward cases (no key chunks, not the
-//! cooperative-matrix kernel), dropout at a rate of 0-0.9 with a random
+//! of forward and dense backward cases (no key chunks), dropout at a rate
+//! of 0-0.9 with a random
 //! seed, which the reference applies too (each sequence of a padded or
 //! packed batch its own mask). The bound is the crate's accuracy rule: 1e-4
 //! plus the output's rounding to its storage type, on inputs already
@@ -290,7 +290,6 @@ fn draw_case(rng: &mut SeededRng) -> Case {
     if !matches!(operation, Operation::Decode { .. })
         && (dense || operation == Operation::Forward)
         && keys_per_dispatch.is_none()
-        && forward_kernel != ForwardKernel::Cooperative
         && rng.random_bool(0.25)
     {
         config = config.dropout(rng.random_range(0.0..0.9f32), rng.random());
@@ -520,11 +519,15 @@ fn run_forward(
         }
     };
     // f16 matrices round the probabilities to f16 before P V: up to 2^-11
-    // of the largest |v| more (docs/semantics.md).
+    // of the largest |v| times the sum of a row's weights more (1, or
+    // 1 / (1 - p) with dropout; docs/semantics.md).
     let probabilities = if config.tier == Some(Tier::CooperativeMatrix) && case.dtype == DType::F16
     {
         let v_max = v.iter().fold(0.0f64, |m, &x| m.max(f64::from(x).abs()));
-        unit_roundoff(DType::F16) * v_max
+        let weights = config
+            .active_dropout()
+            .map_or(1.0, |dropout| 1.0 / dropout.keep_probability());
+        unit_roundoff(DType::F16) * v_max * weights
     } else {
         0.0
     };
