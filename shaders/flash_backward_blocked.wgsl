@@ -52,6 +52,11 @@ var<workgroup> value_block: array<vec4<f32>, BLOCK_N * V_STRIDE>;
 var<workgroup> query_block: array<vec4<f32>, BLOCK_M * Q_STRIDE>;
 var<workgroup> grad_block: array<vec4<f32>, BLOCK_M * DO_STRIDE>;
 var<workgroup> stats_block: array<vec2<f32>, BLOCK_M>;
+// #if DROPOUT
+// Per staged row, its dropout hash state (computed once per block instead
+// of once per four keys).
+var<workgroup> drop_block: array<u32, BLOCK_M>;
+// #endif
 // Per (query row of the block, key lane): the four keys' P (key pass only)
 // and dX.
 var<workgroup> probs_block: array<vec4<f32>, BLOCK_M * KEY_LANES>;
@@ -80,9 +85,10 @@ fn stage_key_block(u: BackwardUnit, head_kv: u32, key0: u32, lid: u32) {
     }
 }
 
-// Stages Q, dO, logsumexp and delta of query rows row0 .. row0 + BLOCK_M -
-// 1 of unit `u` and head `head_q` (zeros past its q_len).
-fn stage_query_block(u: BackwardUnit, head_q: u32, row0: u32, lid: u32) {
+// Stages Q, dO, logsumexp and delta (and with dropout the hash state) of
+// query rows row0 .. row0 + BLOCK_M - 1 of unit `u` (number `unit` along
+// z) and head `head_q` (zeros past its q_len).
+fn stage_query_block(u: BackwardUnit, unit: u32, head_q: u32, row0: u32, lid: u32) {
     for (var e = lid; e < BLOCK_M * D4; e += WG_SIZE) {
         let i = e / D4;
         let d = e % D4;
@@ -108,6 +114,9 @@ fn stage_query_block(u: BackwardUnit, head_q: u32, row0: u32, lid: u32) {
             stats = vec2<f32>(lse_buf[at], deltas[at]);
         }
         stats_block[i] = stats;
+// #if DROPOUT
+        drop_block[i] = dropout_row_state(unit, head_q, row0 + i);
+// #endif
     }
 }
 
@@ -148,20 +157,19 @@ fn micro_products(r0: u32, a: u32, dots: ptr<function, array<vec4<f32>, ROWS>>,
     }
 }
 
-// P (column 0) and dX (column 1) of query row `row` of unit `u` (number
-// `unit` along z; the row staged at `staged`) with keys first .. first + 3,
+// P (column 0) and dX (column 1) of query row `row` of unit `u` (the row
+// staged at `staged`) with keys first .. first + 3,
 // from their dots and dP: zeros for a padding row and for pairs the
 // options or the mask hide. With dropout, P (dV's weight) and dP count
 // only where the forward kept the pair, scaled as it was.
-fn quad_grads(u: BackwardUnit, unit: u32, head_q: u32, row: u32, staged: u32, first: i32, slope: f32,
+fn quad_grads(u: BackwardUnit, head_q: u32, row: u32, staged: u32, first: i32, slope: f32,
     plain: bool, dots: vec4<f32>, dps: vec4<f32>) -> mat2x4<f32> {
     var probs = vec4<f32>(0.0);
     var dx = vec4<f32>(0.0);
     if (row < u.q_len) {
         var drop = vec4<f32>(1.0);
 // #if DROPOUT
-        let state = dropout_row_state(unit, head_q, row);
-        drop = dropout_kept(state, vec4<i32>(first) + vec4<i32>(0, 1, 2, 3)) * dropout_keep_scale();
+        drop = dropout_kept(drop_block[staged], vec4<i32>(first) + vec4<i32>(0, 1, 2, 3)) * dropout_keep_scale();
 // #endif
         let kept_dps = dps * drop;
         let stats = stats_block[staged];
@@ -223,14 +231,14 @@ fn key_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
         for (var i0 = row_lo; i0 <= row_hi; i0 += i32(BLOCK_M)) {
             // The previous block is consumed (and the key block staged).
             workgroupBarrier();
-            stage_query_block(u, head_q, u32(i0), lid);
+            stage_query_block(u, wg.z, head_q, u32(i0), lid);
             workgroupBarrier();
             var dots: array<vec4<f32>, ROWS>;
             var dps: array<vec4<f32>, ROWS>;
             micro_products(b * ROWS, a, &dots, &dps);
             for (var r = 0u; r < ROWS; r++) {
                 let staged = b * ROWS + r;
-                let grads = quad_grads(u, wg.z, head_q, u32(i0) + staged, staged, first, slope, plain, dots[r],
+                let grads = quad_grads(u, head_q, u32(i0) + staged, staged, first, slope, plain, dots[r],
                     dps[r]);
                 probs_block[staged * KEY_LANES + a] = grads[0];
                 dx_block[staged * KEY_LANES + a] = grads[1];
@@ -299,7 +307,7 @@ fn query_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
     let a = lid / ROW_LANES;
     let b = lid % ROW_LANES;
     let slope = alibi_slope_of(u.q_batch, head_q);
-    stage_query_block(u, head_q, row0, lid);
+    stage_query_block(u, wg.z, head_q, row0, lid);
 
     // Row b * ROWS + r's column a + KEY_LANES * c at r * COLS_Q + c.
     var dq: array<vec4<f32>, ROWS * COLS_Q>;
@@ -326,7 +334,7 @@ fn query_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
         let first = kv0 + i32(4u * a);
         for (var r = 0u; r < ROWS; r++) {
             let staged = b * ROWS + r;
-            let grads = quad_grads(u, wg.z, head_q, row0 + staged, staged, first, slope, plain, dots[r], dps[r]);
+            let grads = quad_grads(u, head_q, row0 + staged, staged, first, slope, plain, dots[r], dps[r]);
             dx_block[staged * KEY_LANES + a] = grads[1];
         }
         workgroupBarrier();

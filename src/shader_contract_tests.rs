@@ -219,9 +219,16 @@ fn shipped_specializations() -> Vec<Specialization> {
                     let Ok(plan) = BackwardPlan::for_call(info, &shape, storage, tier) else {
                         continue;
                     };
+                    let config = AttentionConfig {
+                        tier,
+                        ..AttentionConfig::new()
+                    }
+                    .dropout(0.1, 0);
+                    let dropout = BackwardPlan::for_config(info, &shape, storage, &config)
+                        .expect("dropout plans where the call without it does");
                     for pass in BackwardPass::ALL {
                         add(plan.specialization(pass));
-                        add(plan.with_dropout(true).specialization(pass));
+                        add(dropout.specialization(pass));
                     }
                 }
             }

@@ -838,13 +838,15 @@ impl BlockedBackwardTiling {
     }
     /// Workgroup memory the passes declare: K and V of a key block and Q
     /// and dO of a query block (each row one vec4 longer), per row its two
-    /// statistics, and two vec4s of P and dX per (row, key lane).
+    /// statistics (and with dropout its hash state), and two vec4s of P
+    /// and dX per (row, key lane).
     pub fn workgroup_bytes(&self) -> u64 {
         let (d4, dv4) = (u64::from(self.head_dim / 4), u64::from(self.head_dim_v / 4));
         let (block_n, block_m) = (u64::from(self.block_n()), u64::from(self.block_m()));
         let vec4s =
             (block_n + block_m) * (d4 + 1 + dv4 + 1) + 2 * block_m * u64::from(self.key_lanes);
-        16 * vec4s + 8 * block_m
+        let row_words = if self.dropout { 3 } else { 2 };
+        16 * vec4s + 4 * row_words * block_m
     }
 }
 

@@ -69,7 +69,7 @@ impl BackwardPlan {
         storage: DType,
         tier: Option<Tier>,
     ) -> Result<Self> {
-        Self::plan_call(info, shape, storage, tier, None)
+        Self::plan_call(info, shape, storage, tier, None, false)
     }
 
     /// The plan [`crate::Gpu::backward`] makes for a call with `config`:
@@ -83,21 +83,18 @@ impl BackwardPlan {
         storage: DType,
         config: &AttentionConfig,
     ) -> Result<Self> {
-        let plan = match config.blocked_layout {
-            Some(layout) => Self::for_call_with_layout(info, shape, storage, config.tier, layout),
-            None => Self::for_call(info, shape, storage, config.tier),
-        }?;
-        Ok(plan.with_dropout(config.active_dropout().is_some()))
-    }
-
-    /// The plan with the dK/dV and dQ passes applying dropout (DROPOUT) or
-    /// not; the row-delta and sink passes never do.
-    pub fn with_dropout(mut self, dropout: bool) -> Self {
-        self.tiling.dropout = dropout;
-        if let Some(blocked) = &mut self.blocked {
-            blocked.dropout = dropout;
+        let dropout = config.active_dropout().is_some();
+        if config.blocked_layout.is_some() {
+            check_layout_tier(config.tier)?;
         }
-        self
+        Self::plan_call(
+            info,
+            shape,
+            storage,
+            config.tier,
+            config.blocked_layout,
+            dropout,
+        )
     }
 
     /// [`BackwardPlan::for_call`] on the register-blocked tier with its
@@ -115,7 +112,7 @@ impl BackwardPlan {
         layout: BlockedLayout,
     ) -> Result<Self> {
         check_layout_tier(tier)?;
-        Self::plan_call(info, shape, storage, tier, Some(layout))
+        Self::plan_call(info, shape, storage, tier, Some(layout), false)
     }
 
     fn plan_call(
@@ -124,6 +121,7 @@ impl BackwardPlan {
         storage: DType,
         tier: Option<Tier>,
         layout: Option<BlockedLayout>,
+        dropout: bool,
     ) -> Result<Self> {
         shape.validate()?;
         // Query/key and value head dims each up to 256, each held in a
@@ -182,8 +180,8 @@ impl BackwardPlan {
                 limit: limits.max_compute_workgroup_storage_size,
             })?;
         let blocked = match (layout, blocked_tier) {
-            (Some(layout), _) => Some(blocked_tiling_of(info, shape, storage, layout)?),
-            (None, true) => Some(blocked_tiling(info, shape, storage)?),
+            (Some(layout), _) => Some(blocked_tiling_of(info, shape, storage, layout, dropout)?),
+            (None, true) => Some(blocked_tiling(info, shape, storage, dropout)?),
             (None, false) => None,
         };
         Ok(BackwardPlan {
@@ -196,7 +194,7 @@ impl BackwardPlan {
                 unroll,
                 subgroup,
                 storage,
-                dropout: false,
+                dropout,
             },
             blocked,
         })
@@ -412,9 +410,13 @@ fn blocked_tiling(
     info: &GpuInfo,
     shape: &AttentionShape,
     storage: DType,
+    dropout: bool,
 ) -> Result<BlockedBackwardTiling> {
-    let layouts = BLOCKED_LAYOUTS.map(|(row_lanes, key_lanes, rows)| {
-        blocked_backward_tiling(shape, storage, row_lanes, key_lanes, rows)
+    let layouts = BLOCKED_LAYOUTS.map(|(row_lanes, key_lanes, rows)| BlockedBackwardTiling {
+        row_lanes,
+        key_lanes,
+        rows,
+        ..blocked_backward_tiling(shape, storage, dropout)
     });
     let memory = u64::from(info.limits.max_compute_workgroup_storage_size);
     if let Some(fits) = layouts
@@ -438,15 +440,15 @@ fn blocked_tiling_of(
     shape: &AttentionShape,
     storage: DType,
     layout: BlockedLayout,
+    dropout: bool,
 ) -> Result<BlockedBackwardTiling> {
     check_blocked_layout(layout)?;
-    let tiling = blocked_backward_tiling(
-        shape,
-        storage,
-        layout.row_lanes,
-        layout.key_lanes,
-        layout.rows,
-    );
+    let tiling = BlockedBackwardTiling {
+        row_lanes: layout.row_lanes,
+        key_lanes: layout.key_lanes,
+        rows: layout.rows,
+        ..blocked_backward_tiling(shape, storage, dropout)
+    };
     info.check_invocations(tiling.workgroup_size())?;
     let limit = info.limits.max_compute_workgroup_storage_size;
     if tiling.workgroup_bytes() > u64::from(limit) {
@@ -460,21 +462,21 @@ fn blocked_tiling_of(
     Ok(tiling)
 }
 
+/// The register-blocked tiles of `shape` with one invocation of one row
+/// and four keys; the callers set the layout.
 fn blocked_backward_tiling(
     shape: &AttentionShape,
     storage: DType,
-    row_lanes: u32,
-    key_lanes: u32,
-    rows: u32,
+    dropout: bool,
 ) -> BlockedBackwardTiling {
     BlockedBackwardTiling {
         head_dim: shape.head_dim as u32,
         head_dim_v: shape.head_dim_v as u32,
-        key_lanes,
-        row_lanes,
-        rows,
+        key_lanes: 1,
+        row_lanes: 1,
+        rows: 1,
         storage,
-        dropout: false,
+        dropout,
     }
 }
 
