@@ -95,6 +95,10 @@ step 90 "backward, H16 N4096 d128 causal, per-key and register-blocked passes" \
 step 45 "dropout 0.1, H16 N4096 d128 causal, forward and backward" \
   "$fb" run --seq-q 4096 --heads-q 16 --head-dim 128 --causal --backward --iters 3 \
   --dropout 0.1 --json "$res/dropout-d128.json"
+# Dropout on the f16 default (the tensor-core tier where offered; the same
+# shape without it is the f16 tiers step).
+step 40 "dropout 0.1, B4 H16 N4096 d128 causal, f16 default tier" \
+  "$fb" run $target --dtype f16 --dropout 0.1 --json "$res/dropout-f16.json"
 step 60 "backward, H16 N4096 d192/128 causal" \
   "$fb" run --seq-q 4096 --heads-q 16 --head-dim 192 --head-dim-v 128 --causal --backward \
   --iters 5 --json "$res/backward-d192-128.json"
