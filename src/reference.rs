@@ -10,7 +10,8 @@ mod backward;
 mod linear;
 
 pub use backward::{
-    ReferenceGradients, attention_backward, attention_backward_f32, attention_backward_of_sequences,
+    ReferenceGradients, attention_backward, attention_backward_f32,
+    attention_backward_f32_of_sequences, attention_backward_of_sequences,
 };
 pub use linear::{
     LinearReferenceOutput, LinearReferenceState, apply_feature_map, linear_attention,

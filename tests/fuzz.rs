@@ -34,8 +34,8 @@
 //! boolean or a bias mask, valid lengths or a packed variable-length batch
 //! (one dispatch per pass for all of its sequences), in 30 % of the cases
 //! on the register-blocked passes; with sinks, their gradients too. In 25 %
-//! of forward and dense backward cases (no key chunks), dropout at a rate
-//! of 0-0.9 with a random
+//! of forward and backward cases (no key chunks), dropout at a rate of
+//! 0-0.9 with a random
 //! seed, which the reference applies too (each sequence of a padded or
 //! packed batch its own mask). The bound is the crate's accuracy rule: 1e-4
 //! plus the output's rounding to its storage type, on inputs already
@@ -283,12 +283,8 @@ fn draw_case(rng: &mut SeededRng) -> Case {
     // did before.
     let backward_blocked = operation == Operation::Backward && rng.random_bool(0.3);
     // Dropout (drawn after everything else, so other cases draw as they
-    // did): training calls, on the kernels that apply it; the backward's
-    // padded and packed batches have their own tests (their f32 baseline
-    // here is per sequence alone).
-    let dense = matches!(extra, Extra::None | Extra::BoolMask | Extra::BiasMask);
+    // did): training calls, on the kernels that apply it.
     if !matches!(operation, Operation::Decode { .. })
-        && (dense || operation == Operation::Forward)
         && keys_per_dispatch.is_none()
         && rng.random_bool(0.25)
     {
@@ -889,7 +885,8 @@ fn per_sequence_backward(
         dsinks: vec![0.0; config.sinks.as_ref().map_or(0, Vec::len)],
     };
     let mut totals = [zeros(), zeros()];
-    for (rows, keys) in sequences {
+    // A sequence's index is its dropout mask's.
+    for (index, (rows, keys)) in sequences.iter().enumerate() {
         if rows.is_empty() || keys.is_empty() {
             continue;
         }
@@ -906,8 +903,8 @@ fn per_sequence_backward(
             &d_out[rows.start * o_row..rows.end * o_row],
         ];
         let parts = [
-            reference::attention_backward(&one, inputs, config, None).unwrap(),
-            reference::attention_backward_f32(&one, inputs, config, None).unwrap(),
+            reference::attention_backward_of_sequences(&one, inputs, config, index).unwrap(),
+            reference::attention_backward_f32_of_sequences(&one, inputs, config, index).unwrap(),
         ];
         for (total, part) in totals.iter_mut().zip(parts) {
             total.dq[rows.start * q_row..rows.end * q_row].copy_from_slice(&part.dq);

@@ -76,6 +76,18 @@ pub fn attention_backward_f32(
     backward(Arithmetic::F32, shape, inputs, config, mask, 0)
 }
 
+/// [`attention_backward_f32`] of sequences cut out of a padded or packed
+/// batch, numbered as in [`attention_backward_of_sequences`]: the baseline
+/// of FlashAttention's rule for such a batch with dropout.
+pub fn attention_backward_f32_of_sequences(
+    shape: &AttentionShape,
+    inputs: [&[f32]; 4],
+    config: &AttentionConfig,
+    first_sequence: usize,
+) -> Result<ReferenceGradients> {
+    backward(Arithmetic::F32, shape, inputs, config, None, first_sequence)
+}
+
 /// The arithmetic of a backward: exact-ish f64, or f32 as standard
 /// attention does it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
