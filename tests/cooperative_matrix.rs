@@ -135,9 +135,7 @@ fn matches_the_reference_on_every_matrix_size_and_operand_type() {
                 let size = plan.coop_tiling().unwrap().size;
                 assert_eq!(head_dim as u32 % size, 0);
                 let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
-                let held =
-                    |x: &[f32]| -> Vec<f32> { x.iter().map(|&x| round_to(dtype, x)).collect() };
-                let (q, k, v) = (held(&inputs.q), held(&inputs.k), held(&inputs.v));
+                let [q, k, v] = held_inputs(&inputs, dtype);
                 let sinks = normal_vec(&mut rng, 4, 1.0);
                 let configs = [
                     AttentionConfig::new(),
@@ -150,10 +148,7 @@ fn matches_the_reference_on_every_matrix_size_and_operand_type() {
                 for config in configs {
                     let config = config.tier(Tier::CooperativeMatrix);
                     let what = format!("{shape:?} {dtype:?} {size}x{size} {config:?}");
-                    let (got, got_lse) = run(gpu, &shape, [&q, &k, &v], dtype, (&config).into());
-                    let want = reference::attention(&shape, &q, &k, &v, &config).unwrap();
-                    assert_within(&got, &want.out, dtype, &v, &config, &what);
-                    assert_lse_within(&got_lse, &want.lse, &what);
+                    check_against_reference(gpu, &shape, [&q, &k, &v], dtype, &config, &what);
                 }
             }
         }
@@ -237,6 +232,29 @@ fn masks_match_the_reference() {
     }
 }
 
+/// Q, K and V of `inputs` rounded to `dtype`, as the tensors hold them
+/// (the reference then sees the values the kernel reads).
+fn held_inputs(inputs: &Inputs, dtype: DType) -> [Vec<f32>; 3] {
+    [&inputs.q, &inputs.k, &inputs.v].map(|x| x.iter().map(|&x| round_to(dtype, x)).collect())
+}
+
+/// One call of `config` on `[q, k, v]` held in `dtype`: its output within
+/// [`bound`] and its logsumexp within [`assert_lse_within`]'s of the
+/// reference.
+fn check_against_reference(
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    [q, k, v]: [&[f32]; 3],
+    dtype: DType,
+    config: &AttentionConfig,
+    what: &str,
+) {
+    let (got, got_lse) = run(gpu, shape, [q, k, v], dtype, config.into());
+    let want = reference::attention(shape, q, k, v, config).unwrap();
+    assert_within(&got, &want.out, dtype, v, config, what);
+    assert_lse_within(&got_lse, &want.lse, what);
+}
+
 /// Each logsumexp within 1e-3 of the reference's, +inf exactly.
 fn assert_lse_within(got: &[f32], want: &[f64], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}");
@@ -276,15 +294,11 @@ fn dropout_matches_the_reference() {
                 continue;
             }
             let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
-            let held = |x: &[f32]| -> Vec<f32> { x.iter().map(|&x| round_to(dtype, x)).collect() };
-            let (q, k, v) = (held(&inputs.q), held(&inputs.k), held(&inputs.v));
+            let [q, k, v] = held_inputs(&inputs, dtype);
             for config in common::dropout_configs(shape.heads_q) {
                 let config = config.tier(Tier::CooperativeMatrix);
                 let what = format!("{shape:?} {dtype:?} {config:?}");
-                let (got, got_lse) = run(gpu, &shape, [&q, &k, &v], dtype, (&config).into());
-                let want = reference::attention(&shape, &q, &k, &v, &config).unwrap();
-                assert_within(&got, &want.out, dtype, &v, &config, &what);
-                assert_lse_within(&got_lse, &want.lse, &what);
+                check_against_reference(gpu, &shape, [&q, &k, &v], dtype, &config, &what);
             }
         }
     }

@@ -412,12 +412,8 @@ fn blocked_tiling(
     storage: DType,
     dropout: bool,
 ) -> Result<BlockedBackwardTiling> {
-    let layouts = BLOCKED_LAYOUTS.map(|(row_lanes, key_lanes, rows)| BlockedBackwardTiling {
-        row_lanes,
-        key_lanes,
-        rows,
-        ..blocked_backward_tiling(shape, storage, dropout)
-    });
+    let layouts =
+        BLOCKED_LAYOUTS.map(|layout| blocked_backward_tiling(shape, storage, layout, dropout));
     let memory = u64::from(info.limits.max_compute_workgroup_storage_size);
     if let Some(fits) = layouts
         .iter()
@@ -443,12 +439,8 @@ fn blocked_tiling_of(
     dropout: bool,
 ) -> Result<BlockedBackwardTiling> {
     check_blocked_layout(layout)?;
-    let tiling = BlockedBackwardTiling {
-        row_lanes: layout.row_lanes,
-        key_lanes: layout.key_lanes,
-        rows: layout.rows,
-        ..blocked_backward_tiling(shape, storage, dropout)
-    };
+    let lanes = (layout.row_lanes, layout.key_lanes, layout.rows);
+    let tiling = blocked_backward_tiling(shape, storage, lanes, dropout);
     info.check_invocations(tiling.workgroup_size())?;
     let limit = info.limits.max_compute_workgroup_storage_size;
     if tiling.workgroup_bytes() > u64::from(limit) {
@@ -462,19 +454,20 @@ fn blocked_tiling_of(
     Ok(tiling)
 }
 
-/// The register-blocked tiles of `shape` with one invocation of one row
-/// and four keys; the callers set the layout.
+/// The register-blocked tiles of `shape` in the layout (row lanes, key
+/// lanes, rows per invocation), as [`BLOCKED_LAYOUTS`] spells it.
 fn blocked_backward_tiling(
     shape: &AttentionShape,
     storage: DType,
+    (row_lanes, key_lanes, rows): (u32, u32, u32),
     dropout: bool,
 ) -> BlockedBackwardTiling {
     BlockedBackwardTiling {
         head_dim: shape.head_dim as u32,
         head_dim_v: shape.head_dim_v as u32,
-        key_lanes: 1,
-        row_lanes: 1,
-        rows: 1,
+        key_lanes,
+        row_lanes,
+        rows,
         storage,
         dropout,
     }
