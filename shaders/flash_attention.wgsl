@@ -30,7 +30,9 @@
 // Loops bounded by D4, DV4, ROWS, SLOTS or SLOTS_V may be unrolled by src/shaders.rs, which
 // expands `for (var x = 0u; x < BOUND; x++) {` into copies with `const x`;
 // lines between `// #if NAME`, `// #else` and `// #endif` are kept or dropped
-// by the same code.
+// by the same code. The unrolled loops over rows and head-dim vec4s live in
+// row_blocks.wgsl's helpers and the carry helpers here (row_blocks.wgsl
+// says why), which `main` calls with constant arguments.
 
 const BLOCK_M: u32 = WG_SIZE * ROWS;
 
@@ -141,6 +143,23 @@ fn carry_base(batch: u32, row: u32, head_q: u32) -> u32 {
 // #endif
 // Shared with flash_blocked.wgsl up to here.
 
+// #if MASK
+// #else
+// Row `r`'s accumulator from a key chunk's carry at vec4 `c_base`.
+fn load_carried_row(acc: ptr<function, array<vec4<f32>, ROWS * DV4>>, r: u32, c_base: u32) {
+    for (var d = 0u; d < DV4; d++) {
+        (*acc)[r * DV4 + d] = carry[c_base + d];
+    }
+}
+
+// Row `r`'s output into the carry at vec4 `c_base`, as store_output_row.
+fn store_carried_row(acc: ptr<function, array<vec4<f32>, ROWS * DV4>>, r: u32, c_base: u32, inv_l: f32, real: bool) {
+    for (var d = 0u; d < DV4; d++) {
+        carry[c_base + d] = select(vec4<f32>(0.0), (*acc)[r * DV4 + d] * inv_l, real);
+    }
+}
+// #endif
+
 // #if SUBGROUP_KV
 // #else
 var<workgroup> k_tile: array<vec4<f32>, BLOCK_N * D4>;
@@ -228,13 +247,8 @@ fn main(
 // #endif
         // Rows past the end compute on a copy of the last row; never stored.
         let q_row = seq.q_start + min(row, max(seq_q, 1u) - 1u);
-        let q_base = batch * p.q.batch + q_row * p.q.seq + head_q * p.q.head + p.q.offset;
-        for (var d = 0u; d < D4; d++) {
-            q[r * D4 + d] = load_q(q_base + d);
-        }
-        for (var d = 0u; d < DV4; d++) {
-            acc[r * DV4 + d] = vec4<f32>(0.0);
-        }
+        // (acc starts at zero, as every WGSL variable does.)
+        load_query_row(&q, r, batch * p.q.batch + q_row * p.q.seq + head_q * p.q.head + p.q.offset);
 // #if MASK
 // #else
         if ((seq.carry & CARRY_IN) != 0u) {
@@ -245,10 +259,7 @@ fn main(
             if (carried != bitcast<f32>(0x7f800000u)) {
                 m[r] = carried;
                 l[r] = 1.0;
-                let c_base = carry_base(batch, q_row, head_q);
-                for (var d = 0u; d < DV4; d++) {
-                    acc[r * DV4 + d] = carry[c_base + d];
-                }
+                load_carried_row(&acc, r, carry_base(batch, q_row, head_q));
             } else {
                 m[r] = MIN_SCORE;
                 l[r] = 0.0;
@@ -342,11 +353,7 @@ fn main(
                 let k2 = k_tile[t + 2u * D4 + d];
                 let k3 = k_tile[t + 3u * D4 + d];
 // #endif
-                for (var r = 0u; r < ROWS; r++) {
-                    let qd = q[r * D4 + d];
-                    dots[r] = vec4<f32>(fma_dot(qd, k0, dots[r].x), fma_dot(qd, k1, dots[r].y),
-                        fma_dot(qd, k2, dots[r].z), fma_dot(qd, k3, dots[r].w));
-                }
+                add_key_column(&q, &dots, d, k0, k1, k2, k3);
             }
 
             let key_pos = vec4<i32>(kv0 + i32(c)) + vec4<i32>(0, 1, 2, 3);
@@ -405,11 +412,7 @@ fn main(
                 let v2 = v_tile[tv + 2u * DV4 + d];
                 let v3 = v_tile[tv + 3u * DV4 + d];
 // #endif
-                for (var r = 0u; r < ROWS; r++) {
-                    let pr = probs[r];
-                    acc[r * DV4 + d] = fma(vec4<f32>(pr.w), v3, fma(vec4<f32>(pr.z), v2,
-                        fma(vec4<f32>(pr.y), v1, fma(vec4<f32>(pr.x), v0, acc[r * DV4 + d] * correction[r]))));
-                }
+                add_value_column(&acc, &correction, &probs, d, v0, v1, v2, v3);
             }
         }
 // #if SUBGROUP_KV
@@ -430,19 +433,12 @@ fn main(
             let o_row = seq.q_start + row;
             let o_base = batch * p.o.batch + o_row * p.o.seq + head_q * p.o.head + p.o.offset;
 // #if MASK
-            for (var d = 0u; d < DV4; d++) {
-                store_o(o_base + d, select(vec4<f32>(0.0), acc[r * DV4 + d] * inv_l, real));
-            }
+            store_output_row(&acc, r, o_base, inv_l, real);
 // #else
             if ((seq.carry & CARRY_OUT) != 0u) {
-                let c_base = carry_base(batch, o_row, head_q);
-                for (var d = 0u; d < DV4; d++) {
-                    carry[c_base + d] = select(vec4<f32>(0.0), acc[r * DV4 + d] * inv_l, real);
-                }
+                store_carried_row(&acc, r, carry_base(batch, o_row, head_q), inv_l, real);
             } else {
-                for (var d = 0u; d < DV4; d++) {
-                    store_o(o_base + d, select(vec4<f32>(0.0), acc[r * DV4 + d] * inv_l, real));
-                }
+                store_output_row(&acc, r, o_base, inv_l, real);
             }
 // #endif
             if (has_flag(FLAG_WRITE_LSE)) {

@@ -313,6 +313,46 @@ fn weigh_values(acc: vec4<f32>, correction: f32, probs: vec4<f32>, v0: vec4<f32>
         fma(vec4<f32>(probs.x), v0, acc * correction))));
 }
 
+// The unrolled loops over rows live in helpers, as in row_blocks.wgsl
+// (which says why).
+
+// Every row's dot products with four keys advanced by the keys' elements
+// 8e..8e+7 (`k0`..`k3`).
+fn add_key_slice(q: ptr<function, array<vec4<f32>, ROWS * D4>>, dots: ptr<function, array<vec4<f32>, ROWS>>,
+    e: u32, k0: mat2x4<f32>, k1: mat2x4<f32>, k2: mat2x4<f32>, k3: mat2x4<f32>) {
+    for (var r = 0u; r < ROWS; r++) {
+        let qa = (*q)[r * D4 + 2u * e];
+        let qb = (*q)[r * D4 + 2u * e + 1u];
+        let d = (*dots)[r];
+        (*dots)[r] = vec4<f32>(fma_dot(qb, k0[1], fma_dot(qa, k0[0], d.x)), fma_dot(qb, k1[1], fma_dot(qa, k1[0], d.y)),
+            fma_dot(qb, k2[1], fma_dot(qa, k2[0], d.z)), fma_dot(qb, k3[1], fma_dot(qa, k3[0], d.w)));
+    }
+}
+
+// Every row's accumulator vec4s 2e and 2e + 1 rescaled and advanced by four
+// keys' weights times the keys' value elements 8e..8e+7 (`v0`..`v3`).
+fn add_value_slice(acc: ptr<function, array<vec4<f32>, ROWS * DV4>>, correction: ptr<function, array<f32, ROWS>>,
+    probs: ptr<function, array<vec4<f32>, ROWS>>, e: u32, v0: mat2x4<f32>, v1: mat2x4<f32>, v2: mat2x4<f32>,
+    v3: mat2x4<f32>) {
+    for (var r = 0u; r < ROWS; r++) {
+        let lo = r * DV4 + 2u * e;
+        (*acc)[lo] = weigh_values((*acc)[lo], (*correction)[r], (*probs)[r], v0[0], v1[0], v2[0], v3[0]);
+        (*acc)[lo + 1u] = weigh_values((*acc)[lo + 1u], (*correction)[r], (*probs)[r], v0[1], v1[1], v2[1], v3[1]);
+    }
+}
+
+// Row `r`'s output: the lanes' accumulators rescaled by `factor` and
+// summed, times 1 / l; lane d % WG_SIZE stores vec4 d when `stored`.
+fn store_row_total(acc: ptr<function, array<vec4<f32>, ROWS * DV4>>, r: u32, factor: f32, inv_l: f32, o_base: u32,
+    stored: bool, lane: u32) {
+    for (var d = 0u; d < DV4; d++) {
+        let total = subgroupAdd((*acc)[r * DV4 + d] * factor);
+        if (stored && lane == d % WG_SIZE) {
+            store_o(o_base + d, total * inv_l);
+        }
+    }
+}
+
 @compute @workgroup_size(WG_SIZE)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -345,13 +385,8 @@ fn main(
         let start = softmax_start(rows[r].head_q, slot == 0u && lane == 0u);
         m[r] = start.x;
         l[r] = start.y;
-        let q_base = batch * p.q.batch + rows[r].query * p.q.seq + rows[r].head_q * p.q.head + p.q.offset;
-        for (var d = 0u; d < D4; d++) {
-            q[r * D4 + d] = load_q(q_base + d);
-        }
-        for (var d = 0u; d < DV4; d++) {
-            acc[r * DV4 + d] = vec4<f32>(0.0);
-        }
+        // (acc starts at zero, as every WGSL variable does.)
+        load_query_row(&q, r, batch * p.q.batch + rows[r].query * p.q.seq + rows[r].head_q * p.q.head + p.q.offset);
     }
 
     let stride = i32(4u * WG_SIZE);
@@ -391,13 +426,7 @@ fn main(
             let k2 = cache_k8(at.z, e);
             let k3 = cache_k8(at.w, e);
 // #endif
-            for (var r = 0u; r < ROWS; r++) {
-                let qa = q[r * D4 + 2u * e];
-                let qb = q[r * D4 + 2u * e + 1u];
-                dots[r] = vec4<f32>(fma_dot(qb, k0[1], fma_dot(qa, k0[0], dots[r].x)),
-                    fma_dot(qb, k1[1], fma_dot(qa, k1[0], dots[r].y)), fma_dot(qb, k2[1], fma_dot(qa, k2[0], dots[r].z)),
-                    fma_dot(qb, k3[1], fma_dot(qa, k3[0], dots[r].w)));
-            }
+            add_key_slice(&q, &dots, e, k0, k1, k2, k3);
         }
         let key_pos = vec4<i32>(first) + vec4<i32>(0, 1, 2, 3);
         let scales = key_scales(rows4);
@@ -424,11 +453,7 @@ fn main(
             let v2 = present_values(cache_v8(at.z, e), here.z);
             let v3 = present_values(cache_v8(at.w, e), here.w);
 // #endif
-            for (var r = 0u; r < ROWS; r++) {
-                let lo = r * DV4 + 2u * e;
-                acc[lo] = weigh_values(acc[lo], correction[r], probs[r], v0[0], v1[0], v2[0], v3[0]);
-                acc[lo + 1u] = weigh_values(acc[lo + 1u], correction[r], probs[r], v0[1], v1[1], v2[1], v3[1]);
-            }
+            add_value_slice(&acc, &correction, &probs, e, v0, v1, v2, v3);
         }
     }
 
@@ -441,12 +466,7 @@ fn main(
         let result = row_result(m_all, l_all);
         let stored = row0 + r < dp.rows;
         let o_base = output_base(slot, batch, rows[r], result.y, stored && lane == 0u);
-        for (var d = 0u; d < DV4; d++) {
-            let total = subgroupAdd(acc[r * DV4 + d] * factor);
-            if (stored && lane == d % WG_SIZE) {
-                store_o(o_base + d, total * result.x);
-            }
-        }
+        store_row_total(&acc, r, factor, result.x, o_base, stored, lane);
     }
 }
 // #else
@@ -492,13 +512,9 @@ fn main(
         let start = decode_start(rows[r], dp.slot_base + split);
         m[r] = start.x;
         l[r] = start.y;
-        let q_base = batch * p.q.batch + rows[r].query * p.q.seq + rows[r].head_q * p.q.head + p.q.offset;
-        for (var slot = 0u; slot < SLOTS; slot++) {
-            q[r * SLOTS + slot] = q_slice(q_base, lane + WG_SIZE * slot);
-        }
-        for (var slot = 0u; slot < SLOTS_V; slot++) {
-            acc[r * SLOTS_V + slot] = vec4<f32>(0.0);
-        }
+        // (acc starts at zero, as every WGSL variable does.)
+        load_query_slices(&q, r, batch * p.q.batch + rows[r].query * p.q.seq + rows[r].head_q * p.q.head + p.q.offset,
+            lane);
     }
 
     for (var kv0 = lo_all; kv0 <= hi_all; kv0 += 4) {
@@ -514,54 +530,25 @@ fn main(
         }
         var k: array<vec4<f32>, 4 * SLOTS>;
         var v: array<vec4<f32>, 4 * SLOTS_V>;
-        for (var slot = 0u; slot < SLOTS; slot++) {
-            let j = lane + WG_SIZE * slot;
-            k[slot] = slice_of(false, rows4.x, j);
-            k[SLOTS + slot] = slice_of(false, rows4.y, j);
-            k[2u * SLOTS + slot] = slice_of(false, rows4.z, j);
-            k[3u * SLOTS + slot] = slice_of(false, rows4.w, j);
-        }
-        for (var slot = 0u; slot < SLOTS_V; slot++) {
-            let j = lane + WG_SIZE * slot;
-            v[slot] = slice_of(true, rows4.x, j);
-            v[SLOTS_V + slot] = slice_of(true, rows4.y, j);
-            v[2u * SLOTS_V + slot] = slice_of(true, rows4.z, j);
-            v[3u * SLOTS_V + slot] = slice_of(true, rows4.w, j);
-        }
+        stage_key_slices(&k, &v, rows4, lane);
         let key_pos = vec4<i32>(kv0) + vec4<i32>(0, 1, 2, 3);
         let scales = key_scales(rows4);
         for (var r = 0u; r < ROWS; r++) {
-            var partial = vec4<f32>(0.0);
-            for (var slot = 0u; slot < SLOTS; slot++) {
-                let qd = q[r * SLOTS + slot];
-                partial = vec4<f32>(fma_dot(qd, k[slot], partial.x), fma_dot(qd, k[SLOTS + slot], partial.y),
-                    fma_dot(qd, k[2u * SLOTS + slot], partial.z), fma_dot(qd, k[3u * SLOTS + slot], partial.w));
-            }
-            let dots = subgroupAdd(partial) * scales[0];
+            let dots = subgroupAdd(lane_dots(&q, &k, r)) * scales[0];
             let scores = finish_scores(dots, rows[r].pos, key_pos, rows[r].slope);
             let visible = rows4 >= vec4<i32>(0) & key_pos >= vec4<i32>(rows[r].lo) & key_pos <= vec4<i32>(rows[r].hi);
             let step = softmax_step(scores, visible, m[r], l[r]);
             m[r] = step.m;
             l[r] = step.l;
-            let pr = step.probs * scales[1];
-            let correction = step.correction;
-            for (var slot = 0u; slot < SLOTS_V; slot++) {
-                acc[r * SLOTS_V + slot] = fma(vec4<f32>(pr.w), v[3u * SLOTS_V + slot], fma(vec4<f32>(pr.z), v[2u * SLOTS_V + slot],
-                    fma(vec4<f32>(pr.y), v[SLOTS_V + slot], fma(vec4<f32>(pr.x), v[slot], acc[r * SLOTS_V + slot] * correction))));
-            }
+            add_lane_values(&acc, &v, r, step.probs * scales[1], step.correction);
         }
     }
 
     for (var r = 0u; r < ROWS; r++) {
         if (row0 + r < dp.rows) {
             let result = row_result(m[r], l[r]);
-            let o_base = output_base(dp.slot_base + split, batch, rows[r], result.y, lane == 0u);
-            for (var slot = 0u; slot < SLOTS_V; slot++) {
-                let j = lane + WG_SIZE * slot;
-                if (j < DV4) {
-                    store_o(o_base + j, acc[r * SLOTS_V + slot] * result.x);
-                }
-            }
+            store_lane_slices(&acc, r, output_base(dp.slot_base + split, batch, rows[r], result.y, lane == 0u),
+                result.x, lane);
         }
     }
 }
@@ -592,6 +579,66 @@ fn slice_of(from_v: bool, row: i32, j: u32) -> vec4<f32> {
         return cache_v(u32(row), j);
     }
     return cache_k(u32(row), j);
+}
+
+// Query row `r`'s vec4s of this lane (lane + WG_SIZE * slot), from vec4
+// `q_base` of Q.
+fn load_query_slices(q: ptr<function, array<vec4<f32>, ROWS * SLOTS>>, r: u32, q_base: u32, lane: u32) {
+    for (var slot = 0u; slot < SLOTS; slot++) {
+        (*q)[r * SLOTS + slot] = q_slice(q_base, lane + WG_SIZE * slot);
+    }
+}
+
+// This lane's vec4s of the K and V rows of four keys (`rows4`).
+fn stage_key_slices(k: ptr<function, array<vec4<f32>, 4 * SLOTS>>, v: ptr<function, array<vec4<f32>, 4 * SLOTS_V>>,
+    rows4: vec4<i32>, lane: u32) {
+    for (var slot = 0u; slot < SLOTS; slot++) {
+        let j = lane + WG_SIZE * slot;
+        (*k)[slot] = slice_of(false, rows4.x, j);
+        (*k)[SLOTS + slot] = slice_of(false, rows4.y, j);
+        (*k)[2u * SLOTS + slot] = slice_of(false, rows4.z, j);
+        (*k)[3u * SLOTS + slot] = slice_of(false, rows4.w, j);
+    }
+    for (var slot = 0u; slot < SLOTS_V; slot++) {
+        let j = lane + WG_SIZE * slot;
+        (*v)[slot] = slice_of(true, rows4.x, j);
+        (*v)[SLOTS_V + slot] = slice_of(true, rows4.y, j);
+        (*v)[2u * SLOTS_V + slot] = slice_of(true, rows4.z, j);
+        (*v)[3u * SLOTS_V + slot] = slice_of(true, rows4.w, j);
+    }
+}
+
+// This lane's share of row `r`'s dot products with the four keys.
+fn lane_dots(q: ptr<function, array<vec4<f32>, ROWS * SLOTS>>, k: ptr<function, array<vec4<f32>, 4 * SLOTS>>,
+    r: u32) -> vec4<f32> {
+    var partial = vec4<f32>(0.0);
+    for (var slot = 0u; slot < SLOTS; slot++) {
+        let qd = (*q)[r * SLOTS + slot];
+        partial = vec4<f32>(fma_dot(qd, (*k)[slot], partial.x), fma_dot(qd, (*k)[SLOTS + slot], partial.y),
+            fma_dot(qd, (*k)[2u * SLOTS + slot], partial.z), fma_dot(qd, (*k)[3u * SLOTS + slot], partial.w));
+    }
+    return partial;
+}
+
+// Row `r`'s accumulator slices rescaled by `correction` and advanced by the
+// four keys' weights `pr` times their values.
+fn add_lane_values(acc: ptr<function, array<vec4<f32>, ROWS * SLOTS_V>>, v: ptr<function, array<vec4<f32>, 4 * SLOTS_V>>,
+    r: u32, pr: vec4<f32>, correction: f32) {
+    for (var slot = 0u; slot < SLOTS_V; slot++) {
+        let a = r * SLOTS_V + slot;
+        (*acc)[a] = fma(vec4<f32>(pr.w), (*v)[3u * SLOTS_V + slot], fma(vec4<f32>(pr.z), (*v)[2u * SLOTS_V + slot],
+            fma(vec4<f32>(pr.y), (*v)[SLOTS_V + slot], fma(vec4<f32>(pr.x), (*v)[slot], (*acc)[a] * correction))));
+    }
+}
+
+// Row `r`'s output slices of this lane, times 1 / l, from vec4 `o_base`.
+fn store_lane_slices(acc: ptr<function, array<vec4<f32>, ROWS * SLOTS_V>>, r: u32, o_base: u32, inv_l: f32, lane: u32) {
+    for (var slot = 0u; slot < SLOTS_V; slot++) {
+        let j = lane + WG_SIZE * slot;
+        if (j < DV4) {
+            store_o(o_base + j, (*acc)[r * SLOTS_V + slot] * inv_l);
+        }
+    }
 }
 // #else
 const BLOCK_M: u32 = WG_SIZE * ROWS;
@@ -660,13 +707,8 @@ fn main(
         let start = decode_start(rows[r], dp.slot_base + split);
         m[r] = start.x;
         l[r] = start.y;
-        let q_base = batch * p.q.batch + rows[r].query * p.q.seq + rows[r].head_q * p.q.head + p.q.offset;
-        for (var d = 0u; d < D4; d++) {
-            q[r * D4 + d] = load_q(q_base + d);
-        }
-        for (var d = 0u; d < DV4; d++) {
-            acc[r * DV4 + d] = vec4<f32>(0.0);
-        }
+        // (acc starts at zero, as every WGSL variable does.)
+        load_query_row(&q, r, batch * p.q.batch + rows[r].query * p.q.seq + rows[r].head_q * p.q.head + p.q.offset);
     }
     // Every invocation must agree on the tile loop (it has barriers): the
     // union of the rows' ranges, made uniform through workgroup memory.
@@ -748,11 +790,7 @@ fn main(
                 let k1 = k_tile[t + D4 + d];
                 let k2 = k_tile[t + 2u * D4 + d];
                 let k3 = k_tile[t + 3u * D4 + d];
-                for (var r = 0u; r < ROWS; r++) {
-                    let qd = q[r * D4 + d];
-                    dots[r] = vec4<f32>(fma_dot(qd, k0, dots[r].x), fma_dot(qd, k1, dots[r].y),
-                        fma_dot(qd, k2, dots[r].z), fma_dot(qd, k3, dots[r].w));
-                }
+                add_key_column(&q, &dots, d, k0, k1, k2, k3);
             }
             let key_pos = vec4<i32>(kv0 + i32(c)) + vec4<i32>(0, 1, 2, 3);
             let here = vec4<i32>(key_row[c], key_row[c + 1u], key_row[c + 2u], key_row[c + 3u]) >= vec4<i32>(0);
@@ -773,11 +811,7 @@ fn main(
                 let v1 = v_tile[tv + DV4 + d];
                 let v2 = v_tile[tv + 2u * DV4 + d];
                 let v3 = v_tile[tv + 3u * DV4 + d];
-                for (var r = 0u; r < ROWS; r++) {
-                    let pr = probs[r];
-                    acc[r * DV4 + d] = fma(vec4<f32>(pr.w), v3, fma(vec4<f32>(pr.z), v2,
-                        fma(vec4<f32>(pr.y), v1, fma(vec4<f32>(pr.x), v0, acc[r * DV4 + d] * correction[r]))));
-                }
+                add_value_column(&acc, &correction, &probs, d, v0, v1, v2, v3);
             }
         }
     }
@@ -785,10 +819,7 @@ fn main(
     for (var r = 0u; r < ROWS; r++) {
         if (row0 + lid + r * WG_SIZE < dp.rows) {
             let result = row_result(m[r], l[r]);
-            let o_base = output_base(dp.slot_base + split, batch, rows[r], result.y, true);
-            for (var d = 0u; d < DV4; d++) {
-                store_o(o_base + d, acc[r * DV4 + d] * result.x);
-            }
+            store_output_row(&acc, r, output_base(dp.slot_base + split, batch, rows[r], result.y, true), result.x, true);
         }
     }
 }

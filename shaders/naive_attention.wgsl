@@ -10,7 +10,8 @@
 // measures what materialising S costs rather than a weaker matrix product. Like standard attention, every score is
 // computed and then masked: no tile is skipped.
 //
-// Generated constants and variants as in flash_attention.wgsl.
+// Generated constants and variants as in flash_attention.wgsl (DV4 = D4
+// here), whose per-row steps (row_blocks.wgsl) this file shares.
 //
 // `scores` layout: [unit - unit_base, seq_q, ceil(seq_kv / 4)] of vec4.
 // Scores are in natural units. Hidden and padding keys hold -inf (every
@@ -65,10 +66,7 @@ fn build_scores(
         let row = min(row0 + lid + r * WG_SIZE, p.seq_q - 1u);
         row_pos[r] = i32(row) + diag;
         bounds[r] = visible_keys(row_pos[r], p.seq_kv);
-        let q_base = u.batch * p.q.batch + row * p.q.seq + u.head_q * p.q.head + p.q.offset;
-        for (var d = 0u; d < D4; d++) {
-            q[r * D4 + d] = load_q(q_base + d);
-        }
+        load_query_row(&q, r, u.batch * p.q.batch + row * p.q.seq + u.head_q * p.q.head + p.q.offset);
     }
     let k_base = u.batch * p.k.batch + u.head_kv * p.k.head + p.k.offset;
     let slots = row_slots();
@@ -110,11 +108,7 @@ fn build_scores(
                 let k2 = kv_tile[t + 2u * D4 + d];
                 let k3 = kv_tile[t + 3u * D4 + d];
 // #endif
-                for (var r = 0u; r < ROWS; r++) {
-                    let qd = q[r * D4 + d];
-                    dots[r] = vec4<f32>(fma_dot(qd, k0, dots[r].x), fma_dot(qd, k1, dots[r].y),
-                        fma_dot(qd, k2, dots[r].z), fma_dot(qd, k3, dots[r].w));
-                }
+                add_key_column(&q, &dots, d, k0, k1, k2, k3);
             }
             let key_pos = vec4<i32>(i32(kv0 + c)) + vec4<i32>(0, 1, 2, 3);
             for (var r = 0u; r < ROWS; r++) {
@@ -170,6 +164,20 @@ fn softmax_rows(
     }
 }
 
+// Every row's output vec4 `d` advanced by four keys' probabilities times
+// the keys' value vec4 `d` (`v0`..`v3`); no rescaling, P is final. (The
+// unrolled loop lives here, not in the entry point: row_blocks.wgsl says
+// why.)
+fn add_weighted_values(acc: ptr<function, array<vec4<f32>, ROWS * DV4>>, probs: ptr<function, array<vec4<f32>, ROWS>>,
+    d: u32, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>) {
+    for (var r = 0u; r < ROWS; r++) {
+        let pr = (*probs)[r];
+        let a = r * DV4 + d;
+        (*acc)[a] = fma(vec4<f32>(pr.w), v3, fma(vec4<f32>(pr.z), v2, fma(vec4<f32>(pr.y), v1,
+            fma(vec4<f32>(pr.x), v0, (*acc)[a]))));
+    }
+}
+
 @compute @workgroup_size(WG_SIZE)
 fn weight_values(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -181,15 +189,13 @@ fn weight_values(
     let u = unit_of(wg.y);
     let row0 = wg.x * BLOCK_M;
     let slots = row_slots();
-    var acc: array<vec4<f32>, ROWS * D4>;
+    var acc: array<vec4<f32>, ROWS * DV4>;
     var p_base: array<u32, ROWS>;
     for (var r = 0u; r < ROWS; r++) {
         let row = min(row0 + lid + r * WG_SIZE, p.seq_q - 1u);
         p_base[r] = (u.local * p.seq_q + row) * slots;
-        for (var d = 0u; d < D4; d++) {
-            acc[r * D4 + d] = vec4<f32>(0.0);
-        }
     }
+    // (acc starts at zero, as every WGSL variable does.)
     let v_base = u.batch * p.v.batch + u.head_kv * p.v.head + p.v.offset;
     for (var kv0 = 0u; kv0 < p.seq_kv; kv0 += BLOCK_N) {
         let n_keys = min(BLOCK_N, p.seq_kv - kv0);
@@ -229,11 +235,7 @@ fn weight_values(
                 let v2 = kv_tile[t + 2u * D4 + d];
                 let v3 = kv_tile[t + 3u * D4 + d];
 // #endif
-                for (var r = 0u; r < ROWS; r++) {
-                    let pr = probs[r];
-                    acc[r * D4 + d] = fma(vec4<f32>(pr.w), v3, fma(vec4<f32>(pr.z), v2,
-                        fma(vec4<f32>(pr.y), v1, fma(vec4<f32>(pr.x), v0, acc[r * D4 + d]))));
-                }
+                add_weighted_values(&acc, &probs, d, v0, v1, v2, v3);
             }
         }
 // #if SUBGROUP_KV
@@ -244,10 +246,7 @@ fn weight_values(
     for (var r = 0u; r < ROWS; r++) {
         let row = row0 + lid + r * WG_SIZE;
         if (row < p.seq_q) {
-            let o_base = u.batch * p.o.batch + row * p.o.seq + u.head_q * p.o.head + p.o.offset;
-            for (var d = 0u; d < D4; d++) {
-                store_o(o_base + d, acc[r * D4 + d]);
-            }
+            store_output_row(&acc, r, u.batch * p.o.batch + row * p.o.seq + u.head_q * p.o.head + p.o.offset, 1.0, true);
         }
     }
 }

@@ -247,13 +247,17 @@ impl Kernel {
                 forward_tables(),
                 include_str!("../shaders/forward_blocks.wgsl"),
             ],
+            // The kernels whose invocations own whole query rows share
+            // their unrolled per-row steps.
             Kernel::FlashForward
             | Kernel::FlashMasked
+            | Kernel::Decode
             | Kernel::NaiveScores
             | Kernel::NaiveSoftmax
-            | Kernel::NaiveValues
-            | Kernel::Decode
-            | Kernel::LinearStates
+            | Kernel::NaiveValues => {
+                vec![codec, attention, include_str!("../shaders/row_blocks.wgsl")]
+            }
+            Kernel::LinearStates
             | Kernel::LinearScan
             | Kernel::LinearOutputs
             | Kernel::LinearUpdate
