@@ -305,14 +305,6 @@ fn present_values(v: mat2x4<f32>, here: bool) -> mat2x4<f32> {
     return mat2x4<f32>(select(vec4<f32>(0.0), v[0], here), select(vec4<f32>(0.0), v[1], here));
 }
 
-// acc * correction + the four keys' weights times column `col` of their
-// values (one vec4 of each key's value vector).
-fn weigh_values(acc: vec4<f32>, correction: f32, probs: vec4<f32>, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>,
-    v3: vec4<f32>) -> vec4<f32> {
-    return fma(vec4<f32>(probs.w), v3, fma(vec4<f32>(probs.z), v2, fma(vec4<f32>(probs.y), v1,
-        fma(vec4<f32>(probs.x), v0, acc * correction))));
-}
-
 // The unrolled loops over rows live in helpers, as in row_blocks.wgsl
 // (which says why).
 
@@ -626,8 +618,8 @@ fn add_lane_values(acc: ptr<function, array<vec4<f32>, ROWS * SLOTS_V>>, v: ptr<
     r: u32, pr: vec4<f32>, correction: f32) {
     for (var slot = 0u; slot < SLOTS_V; slot++) {
         let a = r * SLOTS_V + slot;
-        (*acc)[a] = fma(vec4<f32>(pr.w), (*v)[3u * SLOTS_V + slot], fma(vec4<f32>(pr.z), (*v)[2u * SLOTS_V + slot],
-            fma(vec4<f32>(pr.y), (*v)[SLOTS_V + slot], fma(vec4<f32>(pr.x), (*v)[slot], (*acc)[a] * correction))));
+        (*acc)[a] = weigh_values((*acc)[a], correction, pr, (*v)[slot], (*v)[SLOTS_V + slot], (*v)[2u * SLOTS_V + slot],
+            (*v)[3u * SLOTS_V + slot]);
     }
 }
 

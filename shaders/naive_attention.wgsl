@@ -171,10 +171,9 @@ fn softmax_rows(
 fn add_weighted_values(acc: ptr<function, array<vec4<f32>, ROWS * DV4>>, probs: ptr<function, array<vec4<f32>, ROWS>>,
     d: u32, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>) {
     for (var r = 0u; r < ROWS; r++) {
-        let pr = (*probs)[r];
         let a = r * DV4 + d;
-        (*acc)[a] = fma(vec4<f32>(pr.w), v3, fma(vec4<f32>(pr.z), v2, fma(vec4<f32>(pr.y), v1,
-            fma(vec4<f32>(pr.x), v0, (*acc)[a]))));
+        // (A correction of 1 folds away.)
+        (*acc)[a] = weigh_values((*acc)[a], 1.0, (*probs)[r], v0, v1, v2, v3);
     }
 }
 

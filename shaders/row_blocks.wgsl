@@ -12,6 +12,14 @@
 // vec4. SPIR-V consumers inline the calls, after which every index is the
 // constant the unrolled loop had, and the arrays stay in registers.
 
+// acc * correction + four keys' weights `probs` times one vec4 of each
+// key's value vector (`v0`..`v3`).
+fn weigh_values(acc: vec4<f32>, correction: f32, probs: vec4<f32>, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>,
+    v3: vec4<f32>) -> vec4<f32> {
+    return fma(vec4<f32>(probs.w), v3, fma(vec4<f32>(probs.z), v2, fma(vec4<f32>(probs.y), v1,
+        fma(vec4<f32>(probs.x), v0, acc * correction))));
+}
+
 // Query row `r`'s D4 vec4s, from vec4 `q_base` of Q.
 fn load_query_row(q: ptr<function, array<vec4<f32>, ROWS * D4>>, r: u32, q_base: u32) {
     for (var d = 0u; d < D4; d++) {
@@ -36,10 +44,8 @@ fn add_key_column(q: ptr<function, array<vec4<f32>, ROWS * D4>>, dots: ptr<funct
 fn add_value_column(acc: ptr<function, array<vec4<f32>, ROWS * DV4>>, correction: ptr<function, array<f32, ROWS>>,
     probs: ptr<function, array<vec4<f32>, ROWS>>, d: u32, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>) {
     for (var r = 0u; r < ROWS; r++) {
-        let pr = (*probs)[r];
         let a = r * DV4 + d;
-        (*acc)[a] = fma(vec4<f32>(pr.w), v3, fma(vec4<f32>(pr.z), v2, fma(vec4<f32>(pr.y), v1,
-            fma(vec4<f32>(pr.x), v0, (*acc)[a] * (*correction)[r]))));
+        (*acc)[a] = weigh_values((*acc)[a], (*correction)[r], (*probs)[r], v0, v1, v2, v3);
     }
 }
 
