@@ -88,7 +88,10 @@ fn mask_bits(base: u32, key0: i32) -> vec4<bool> {
 // whole sequence has kv_len - q_len (bottom-right alignment); a chunk of
 // its keys (src/key_chunks.rs) subtracts the chunk's first key, so masks,
 // windows and ALiBi see every key at its place in the sequence. `carry`
-// holds CARRY_* bits. Twin of `SequenceRows` in src/params.rs.
+// holds CARRY_* bits. `sequence` and `key_base` (set in table units, read
+// by the dropout variants through dropout_origin) name the sequence the
+// unit belongs to and where its first key sits in it. Twin of
+// `SequenceRows` in src/params.rs.
 struct SequenceRows {
     q_batch: u32,
     q_start: u32,
@@ -99,9 +102,9 @@ struct SequenceRows {
     kv_len: u32,
     diag: i32,
     carry: u32,
+    sequence: u32,
+    key_base: u32,
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 // Bits of SequenceRows.carry (twins of params::carry_flags): a unit that
@@ -139,6 +142,29 @@ fn sequence_rows(z: u32) -> SequenceRows {
 // carried output.
 fn carry_base(batch: u32, row: u32, head_q: u32) -> u32 {
     return ((batch * p.seq_q + row) * p.heads_q + head_q) * DV4;
+}
+// #endif
+// #if DROPOUT
+
+// Where unit `z`'s rows and keys sit in the dropout mask (src/dropout.rs):
+// the sequence whose mask it draws from (the batch entry, or a packed
+// batch's sequence index) and the place of its first key in that sequence.
+// Table units name both (a chunk of a sequence's keys starts past its key
+// 0, so the mask carries on across chunks instead of restarting); a dense
+// call's unit z is batch entry z, whole.
+fn dropout_origin(z: u32, unit: SequenceRows) -> vec2<u32> {
+    if (has_flag(FLAG_SEQUENCES)) {
+        return vec2<u32>(unit.sequence, unit.key_base);
+    }
+    return vec2<u32>(z, 0u);
+}
+
+// What a row's weighted sum of kept values is multiplied by (besides
+// 1 / l) when `unit` writes it: 1 / (1 - p) in the row's last chunk; a
+// chunk that carries on leaves it unscaled, since the carry is the row's
+// softmax state that the next chunk continues and the last scales, once.
+fn dropout_output_scale(unit: SequenceRows) -> f32 {
+    return select(dropout_keep_scale(), 1.0, (unit.carry & CARRY_OUT) != 0u);
 }
 // #endif
 // Shared with flash_blocked.wgsl up to here.
@@ -220,9 +246,10 @@ fn main(
     var row_lo: array<i32, ROWS>;
     var row_hi: array<i32, ROWS>;
 // #if DROPOUT
-    // Each row's dropout hash state: the unit is the sequence (never a
-    // chunk of its keys: the host refuses dropout with chunks), rows and
-    // keys count from its first.
+    // Each row's dropout hash state, from its sequence's mask; keys count
+    // from the sequence's first (a chunk's from `drop_origin.y`).
+    let drop_origin = dropout_origin(wg.z, seq);
+    let drop_key_base = vec4<i32>(i32(drop_origin.y));
     var drop_state: array<u32, ROWS>;
 // #endif
 // #if MASK
@@ -243,7 +270,7 @@ fn main(
         m[r] = start.x;
         l[r] = start.y;
 // #if DROPOUT
-        drop_state[r] = dropout_row_state(wg.z, head_q, row);
+        drop_state[r] = dropout_row_state(drop_origin.x, head_q, row);
 // #endif
         // Rows past the end compute on a copy of the last row; never stored.
         let q_row = seq.q_start + min(row, max(seq_q, 1u) - 1u);
@@ -390,7 +417,7 @@ fn main(
             // keep every probability, P V only the kept (scaled by
             // 1 / (1 - p) with the output).
             for (var r = 0u; r < ROWS; r++) {
-                probs[r] *= dropout_kept(drop_state[r], key_pos);
+                probs[r] *= dropout_kept(drop_state[r], key_pos + drop_key_base);
             }
 // #endif
 
@@ -428,7 +455,11 @@ fn main(
             // lse = +inf; so has a padding row, whatever it computed.
             let real = row < seq_q;
             // Dropout scales the kept probabilities here, once per row.
+// #if DROPOUT
+            let inv_l = select(0.0, dropout_output_scale(seq) / l[r], real && l[r] > 0.0);
+// #else
             let inv_l = select(0.0, dropout_keep_scale() / l[r], real && l[r] > 0.0);
+// #endif
             let lse = select(row_lse(m[r], 0.0), row_lse(m[r], l[r]), real);
             let o_row = seq.q_start + row;
             let o_base = batch * p.o.batch + o_row * p.o.seq + head_q * p.o.head + p.o.offset;

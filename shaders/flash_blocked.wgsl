@@ -147,8 +147,10 @@ fn main(
     var heads: array<u32, ROWS>;
     var slopes: array<f32, ROWS>;
 // #if DROPOUT
-    // Each row's dropout hash state: the unit is the sequence (never a
-    // chunk of its keys), rows and keys count from its first.
+    // Each row's dropout hash state, from its sequence's mask; keys count
+    // from the sequence's first (a chunk's from `drop_origin.y`).
+    let drop_origin = dropout_origin(wg.z, seq);
+    let drop_key_base = vec4<i32>(i32(drop_origin.y));
     var drop_state: array<u32, ROWS>;
 // #endif
 // #if MASK
@@ -170,7 +172,7 @@ fn main(
         row_lo[r] = bounds.x;
         row_hi[r] = bounds.y;
 // #if DROPOUT
-        drop_state[r] = dropout_row_state(wg.z, heads[r], row / group);
+        drop_state[r] = dropout_row_state(drop_origin.x, heads[r], row / group);
 // #endif
         // A sink counts once per row: in key lane 0's share.
         m[r] = start.x;
@@ -304,7 +306,7 @@ fn main(
             // Dropout acts after the softmax: the sum (and the logsumexp)
             // keep every probability, P V only the kept (scaled by
             // 1 / (1 - p) with the output).
-            probs *= dropout_kept(drop_state[r], key_pos);
+            probs *= dropout_kept(drop_state[r], key_pos + drop_key_base);
 // #endif
 // #if F16_PRODUCTS
             p_tile[row * KEY_LANES + key_lane] = vec4<f16>(probs);
@@ -372,7 +374,11 @@ fn main(
             // lse = +inf; so has a padding row, whatever it computed.
             let real = row < seq_q;
             // Dropout scales the kept probabilities here, once per row.
+// #if DROPOUT
+            let inv_l = select(0.0, dropout_output_scale(seq) / l_row, real && l_row > 0.0);
+// #else
             let inv_l = select(0.0, dropout_keep_scale() / l_row, real && l_row > 0.0);
+// #endif
             let lse = select(row_lse(m[r], 0.0), row_lse(m[r], l_row), real);
             let o_row = seq.q_start + row / group;
             let out = row_output(seq, batch, o_row, heads[r]);

@@ -202,9 +202,10 @@ fn main(
     let row_pos = i32(row) + diag;
     let bounds = visible_keys(row_pos, seq_kv);
 // #if DROPOUT
-    // The row's dropout hash state: the unit is the sequence (never a chunk
-    // of its keys), rows and keys count from its first.
-    let drop_state = dropout_row_state(wg.z, head_q, row);
+    // The row's dropout hash state, from its sequence's mask; keys count
+    // from the sequence's first (a chunk's from `drop_origin.y`).
+    let drop_origin = dropout_origin(wg.z, seq);
+    let drop_state = dropout_row_state(drop_origin.x, head_q, row);
 // #endif
     // A sink counts once per row: in lane 0's share of the sum.
     var m = start.x;
@@ -327,7 +328,7 @@ fn main(
             // Dropout acts after the softmax: the sum (and the logsumexp)
             // keeps every probability, P V only the kept (scaled by
             // 1 / (1 - p) with the output).
-            probs *= dropout_kept(drop_state, vec4<i32>(kv0 + i32(key)) + vec4<i32>(0, 1, 2, 3));
+            probs *= dropout_kept(drop_state, vec4<i32>(kv0 + i32(key + drop_origin.y)) + vec4<i32>(0, 1, 2, 3));
 // #endif
             let at = my_row * BLOCK_N + key;
             p_tile[at] = Operand(probs.x);
@@ -367,7 +368,11 @@ fn main(
         // lse = +inf; so has a padding row, whatever it computed.
         let real = row < seq_q;
         // Dropout scales the kept probabilities here, once per row.
+// #if DROPOUT
+        let inv_l = select(0.0, dropout_output_scale(seq) / l_row, real && l_row > 0.0);
+// #else
         let inv_l = select(0.0, dropout_keep_scale() / l_row, real && l_row > 0.0);
+// #endif
         let lse = select(row_lse(m, 0.0), row_lse(m, l_row), real);
         let out_row = seq.q_start + row;
         let out = row_output(seq, batch, out_row, head_q);

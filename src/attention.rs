@@ -371,11 +371,6 @@ impl Gpu {
         if keys == Some(0) {
             return Err(Error::KeysPerDispatch(0));
         }
-        if options.config.active_dropout().is_some() && keys.is_some() {
-            return Err(Error::UnsupportedCombination {
-                what: "dropout and keys_per_dispatch",
-            });
-        }
         match (options.sequences, options.mask) {
             (_, Some(_)) if keys.is_some() => Err(Error::UnsupportedCombination {
                 what: "a mask and keys_per_dispatch",
@@ -419,7 +414,7 @@ impl Gpu {
         let Some(mask) = mask else {
             let shape = &call.shape;
             let units = (0..shape.batch)
-                .map(|b| Sequence::dense(b, shape).rows(shape.seq_q))
+                .map(|b| Sequence::dense(b, shape).rows(b, shape.seq_q))
                 .collect();
             return call.dispatch_units(self, encoder, units, keys_per_dispatch, false);
         };
@@ -676,13 +671,6 @@ impl PreparedCall<'_> {
             .get(&gpu.device, &self.plan.specialization())?;
         let [x, y, _] = self.plan.workgroups();
         let chunks = plan_key_chunks(&units, &views[0], &views[1], &chunk_limits)?;
-        if chunks.is_some() && self.plan.applies_dropout() {
-            // The kernels count a chunk's keys from its first: the mask
-            // would restart with each chunk.
-            return Err(Error::UnsupportedCombination {
-                what: "dropout and keys in chunks (K or V past one storage binding, or past the adapter's loop budget)",
-            });
-        }
         let Some(dispatches) = chunks else {
             let mut params = self.dispatch_params();
             let table = if from_table {

@@ -204,6 +204,7 @@ fn chunk_unit(sequence: &SequenceRows, round: u32, count: u32, chunk: u32) -> Se
         kv_len: sequence.kv_len.saturating_sub(first).min(chunk),
         diag: sequence.diag - first as i32,
         carry,
+        key_base: sequence.key_base + first,
         ..*sequence
     }
 }
@@ -317,6 +318,7 @@ mod tests {
         (0..batch)
             .map(|b| SequenceRows {
                 q_batch: b,
+                sequence: b,
                 q_len: seq_q,
                 extent: seq_q,
                 kv_batch: b,
@@ -339,8 +341,9 @@ mod tests {
 
     /// Every dispatch's windows are aligned, within the binding limit and
     /// hold its units' keys; each sequence's chunks run in order, cover
-    /// its keys once, carry between each other and keep their queries'
-    /// place on the key axis.
+    /// its keys once, carry between each other, keep their queries' place
+    /// on the key axis and name their sequence and first key (dropout's
+    /// coordinates).
     fn check(
         sequences: &[SequenceRows],
         k: &KvView,
@@ -367,6 +370,7 @@ mod tests {
                 let first = next_key[index];
                 assert_eq!(unit.kv_start, whole.kv_start + first);
                 assert_eq!(unit.diag, whole.diag - first as i32);
+                assert_eq!((unit.sequence, unit.key_base), (whole.sequence, first));
                 assert_eq!(unit.carry & carry_flags::IN != 0, first > 0);
                 let last = first + unit.kv_len >= whole.kv_len;
                 assert_eq!(unit.carry & carry_flags::OUT != 0, !last);
@@ -445,6 +449,7 @@ mod tests {
         let mut sequences = [whole_sequences(3, 24, 300), whole_sequences(1, 5, 0)].concat();
         // `check` finds a unit's sequence by its q_batch.
         sequences[3].q_batch = 3;
+        sequences[3].sequence = 3;
         let small = limits(64 << 10, None);
         let plan = plan_key_chunks(&sequences, &fused, &v, &small)
             .unwrap()

@@ -93,9 +93,14 @@ pub struct SequenceRows {
     pub diag: i32,
     /// Bit set of [`carry_flags`].
     pub carry: u32,
+    /// The sequence the unit belongs to (its index in the call's list: the
+    /// batch entry, or a packed batch's sequence), whose dropout mask it
+    /// draws from (src/dropout.rs).
+    pub sequence: u32,
+    /// Where the unit's first key sits in its sequence: 0 for a whole
+    /// sequence, a chunk's first key otherwise (dropout's key coordinate).
+    pub key_base: u32,
     pub _pad0: u32,
-    pub _pad1: u32,
-    pub _pad2: u32,
 }
 
 /// Bits of [`AttentionParams::flags`] that only the register-blocked forward

@@ -731,9 +731,9 @@ fn rust_twins() -> Vec<(&'static str, Layout)> {
             kv_len,
             diag,
             carry,
+            sequence,
+            key_base,
             _pad0,
-            _pad1,
-            _pad2,
         }),
         rust_layout!(DecodeParams {
             group,

@@ -48,8 +48,9 @@ impl Sequence {
     }
 
     /// The sequence as the forward kernel reads it, writing `extent` rows;
-    /// its queries align with the end of its keys (bottom-right).
-    pub fn rows(&self, extent: usize) -> SequenceRows {
+    /// its queries align with the end of its keys (bottom-right). `index`
+    /// is its place in the call (its dropout mask's sequence).
+    pub fn rows(&self, index: usize, extent: usize) -> SequenceRows {
         SequenceRows {
             q_batch: self.batch as u32,
             q_start: self.q_start as u32,
@@ -59,6 +60,7 @@ impl Sequence {
             kv_start: self.kv_start as u32,
             kv_len: self.kv_len as u32,
             diag: self.kv_len as i32 - self.q_len as i32,
+            sequence: index as u32,
             ..SequenceRows::default()
         }
     }
@@ -273,7 +275,8 @@ impl Gpu {
         let units: Vec<SequenceRows> = sequences
             .iter()
             .zip(&extents)
-            .map(|(seq, &extent)| seq.rows(extent))
+            .enumerate()
+            .map(|(index, (seq, &extent))| seq.rows(index, extent))
             .collect();
         call.dispatch_units(self, encoder, units, keys_per_dispatch, true)
     }

@@ -332,7 +332,8 @@ fn dropout_matches_the_reference() {
 }
 
 /// Keys in chunks (the carry between dispatches) and padded sequences
-/// (lengths 0 and 1) on the tier.
+/// (lengths 0 and 1) on the tier, without and with dropout (whose mask
+/// carries on across a sequence's chunks: each chunk names its first key).
 #[test]
 fn key_chunks_and_padded_batches_match_the_reference() {
     let Some(gpu) = cooperative_gpu() else { return };
@@ -349,19 +350,38 @@ fn key_chunks_and_padded_batches_match_the_reference() {
         return;
     }
     let inputs = Inputs::draw(&shape, 0x5eed_c00e, 1.0);
-    let config = AttentionConfig::new()
+    let plain = AttentionConfig::new()
         .causal(true)
         .sinks(vec![0.5, -1.0, 1.5, 0.0])
         .tier(Tier::CooperativeMatrix);
     let qkv = [&inputs.q[..], &inputs.k[..], &inputs.v[..]];
-    for keys in [7, 40] {
-        let options = ForwardOptions::new(&config).keys_per_dispatch(keys);
-        let (got, got_lse) = run(gpu, &shape, qkv, DType::F32, options);
-        assert_close(
-            common::compare(&shape, &inputs, &config, &got, &got_lse),
-            &format!("{keys} keys per dispatch"),
-        );
+    for config in [plain.clone(), plain.dropout(0.3, 0xc4c4)] {
+        for keys in [7, 40] {
+            let options = ForwardOptions::new(&config).keys_per_dispatch(keys);
+            let (got, got_lse) = run(gpu, &shape, qkv, DType::F32, options);
+            assert_close(
+                common::compare(&shape, &inputs, &config, &got, &got_lse),
+                &format!("{keys} keys per dispatch, {config:?}"),
+            );
+        }
+        for keys in [None, Some(40)] {
+            check_padded_batch(gpu, &shape, &inputs, &config, keys);
+        }
     }
+}
+
+/// The tier over `shape`'s three batch entries padded to 20/1/0 queries
+/// and 120/45/1 keys (with `keys` per dispatch: the first two entries in
+/// chunks), each entry against the reference of its rows, padded rows
+/// zeros.
+fn check_padded_batch(
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    inputs: &Inputs,
+    config: &AttentionConfig,
+    keys: Option<usize>,
+) {
+    let qkv = [&inputs.q[..], &inputs.k[..], &inputs.v[..]];
     let (q_lens, kv_lens) = ([20usize, 1, 0], [120usize, 45, 1]);
     let lens = ValidLengths {
         q: Some(&q_lens),
@@ -369,16 +389,19 @@ fn key_chunks_and_padded_batches_match_the_reference() {
     };
     let (got, _) = run(
         gpu,
-        &shape,
+        shape,
         qkv,
         DType::F32,
-        ForwardOptions::new(&config).valid_lengths(lens),
+        keys.into_iter().fold(
+            ForwardOptions::new(config).valid_lengths(lens),
+            ForwardOptions::keys_per_dispatch,
+        ),
     );
     let (hq, hkv, d) = (4, 2, 64);
     for b in 0..3 {
         let (q0, k0) = (b * 20 * hq * d, b * 120 * hkv * d);
         let (want, _) = common::sequence_reference(
-            &config,
+            config,
             b,
             (hq, hkv, d),
             &inputs.q[q0..q0 + q_lens[b] * hq * d],
@@ -388,7 +411,7 @@ fn key_chunks_and_padded_batches_match_the_reference() {
         common::assert_rows_close(
             &got[q0..q0 + q_lens[b] * hq * d],
             &want,
-            &format!("entry {b}"),
+            &format!("entry {b}, {keys:?} keys per dispatch, {config:?}"),
         );
         assert!(
             got[q0 + q_lens[b] * hq * d..q0 + 20 * hq * d]

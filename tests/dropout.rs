@@ -1,8 +1,9 @@
 //! Attention dropout in the forward against the f64 reference, which draws
 //! the same mask from the seed (`Dropout::keeps`): every forward kernel,
 //! the options that move which keys a row sees, masks, several rates; the
-//! same seed gives the same bits, another seed another mask; the calls
-//! dropout does not take are typed errors. The cooperative-matrix kernel's
+//! same seed gives the same bits, another seed another mask; keys in
+//! chunks (the mask carries on across a row's chunks); the calls dropout
+//! does not take are typed errors. The cooperative-matrix kernel's
 //! dropout is in tests/cooperative_matrix.rs, the backward's in
 //! tests/backward.rs, padded and packed batches (each sequence its own
 //! mask) in tests/varlen.rs and there.
@@ -54,6 +55,32 @@ fn forward_dropout_against_the_reference() {
             let config = with_tier(config, tier);
             let errors = common::run_and_compare(gpu, &shape, &inputs, &config);
             assert_close(errors, &format!("{config:?}"));
+        }
+    }
+}
+
+/// Keys in chunks (`keys_per_dispatch`; the same path runs K/V past one
+/// binding or the loop budget): each chunk names its first key, so the mask
+/// is the whole row's, as in one dispatch. Chunks of fewer keys than a
+/// tile, of whole tiles, and one key each.
+#[test]
+fn dropout_in_key_chunks_against_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let shape = inputs_shape();
+    let inputs = Inputs::draw(&shape, 0xd20_0005, 1.0);
+    for tier in forward_tiers(gpu) {
+        for (config, keys) in common::dropout_configs(shape.heads_q)
+            .iter()
+            .zip([13, 64, 1])
+        {
+            let config = with_tier(config, tier);
+            let options = ForwardOptions::new(&config).keys_per_dispatch(keys);
+            let (got, got_lse) = forward(gpu, &inputs, options);
+            let what = format!("{keys} keys per dispatch, {config:?}");
+            assert_close(
+                common::compare(&shape, &inputs, &config, &got, &got_lse),
+                &what,
+            );
         }
     }
 }
@@ -172,17 +199,14 @@ fn calls_dropout_does_not_take_are_typed_errors() {
             "p = {p}: {err}"
         );
     }
-    // Keys in chunks would restart the mask with each chunk.
+    // The naive baseline has no dropout (decoding's refusal is in
+    // tests/decode.rs).
     let config = AttentionConfig::new().dropout(0.1, 0);
-    let errors = [
-        call(ForwardOptions::new(&config).keys_per_dispatch(4)).unwrap_err(),
-        gpu.run(|e| gpu.naive_attention(e, &args, &config).map(|_| ()))
-            .unwrap_err(),
-    ];
-    for err in errors {
-        assert!(
-            matches!(err, Error::UnsupportedCombination { what } if what.contains("dropout")),
-            "{err}"
-        );
-    }
+    let err = gpu
+        .run(|e| gpu.naive_attention(e, &args, &config).map(|_| ()))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::UnsupportedCombination { what } if what.contains("dropout")),
+        "{err}"
+    );
 }

@@ -34,7 +34,7 @@
 //! boolean or a bias mask, valid lengths or a packed variable-length batch
 //! (one dispatch per pass for all of its sequences), in 30 % of the cases
 //! on the register-blocked passes; with sinks, their gradients too. In 25 %
-//! of forward and backward cases (no key chunks), dropout at a rate of
+//! of forward and backward cases (key chunks included), dropout at a rate of
 //! 0-0.9 with a random
 //! seed, which the reference applies too (each sequence of a padded or
 //! packed batch its own mask). The bound is the crate's accuracy rule: 1e-4
@@ -284,10 +284,7 @@ fn draw_case(rng: &mut SeededRng) -> Case {
     let backward_blocked = operation == Operation::Backward && rng.random_bool(0.3);
     // Dropout (drawn after everything else, so other cases draw as they
     // did): training calls, on the kernels that apply it.
-    if !matches!(operation, Operation::Decode { .. })
-        && keys_per_dispatch.is_none()
-        && rng.random_bool(0.25)
-    {
+    if !matches!(operation, Operation::Decode { .. }) && rng.random_bool(0.25) {
         config = config.dropout(rng.random_range(0.0..0.9f32), rng.random());
     }
     Case {

@@ -43,15 +43,18 @@ fn a_packed_batch_equals_each_sequence_alone() {
         packed(gpu, total_k, HEADS_KV, &k),
         packed(gpu, total_k, HEADS_KV, &v),
     );
-    for config in [
-        AttentionConfig::new(),
-        AttentionConfig::new().causal(true),
-        AttentionConfig::new().window(Some(7), Some(3)),
-        // Each sequence draws its own dropout mask (by its index).
-        AttentionConfig::new().causal(true).dropout(0.3, 21),
+    // Each sequence draws its own dropout mask (by its index), also when
+    // its keys run in chunks (a chunk names its sequence and first key).
+    let dropout = AttentionConfig::new().causal(true).dropout(0.3, 21);
+    for (config, keys) in [
+        (AttentionConfig::new(), None),
+        (AttentionConfig::new().causal(true), None),
+        (AttentionConfig::new().window(Some(7), Some(3)), None),
+        (dropout.clone(), None),
+        (dropout, Some(9)),
     ]
     .iter()
-    .flat_map(|config| forward_tiers(gpu).map(|tier| with_tier(config, tier)))
+    .flat_map(|(config, keys)| forward_tiers(gpu).map(|tier| (with_tier(config, tier), *keys)))
     {
         let out = Tensor::filled(gpu, qt.shape(), f32::NAN).unwrap();
         let lse = Lse::new(gpu, 1, HEADS_Q, total_q).unwrap();
@@ -62,7 +65,10 @@ fn a_packed_batch_equals_each_sequence_alone() {
             out: &out,
             lse: Some(&lse),
         };
-        let options = ForwardOptions::new(&config).varlen(&cu_q, &cu_k);
+        let options = keys.into_iter().fold(
+            ForwardOptions::new(&config).varlen(&cu_q, &cu_k),
+            ForwardOptions::keys_per_dispatch,
+        );
         gpu.run(|e| gpu.forward(e, &args, options.clone())).unwrap();
         let got = out.to_f32_vec(gpu).unwrap();
         let got_lse = lse.to_vec(gpu).unwrap();
@@ -77,7 +83,11 @@ fn a_packed_batch_equals_each_sequence_alone() {
                 &k[k0 * kv_row..k1 * kv_row],
                 &v[k0 * kv_row..k1 * kv_row],
             );
-            let what = format!("{config:?} sequence {i} ({} x {})", q1 - q0, k1 - k0);
+            let what = format!(
+                "{config:?} {keys:?} keys per dispatch, sequence {i} ({} x {})",
+                q1 - q0,
+                k1 - k0
+            );
             assert_rows_close(&got[q0 * qt_row..q1 * qt_row], &want, &what);
             // lse is [1, heads, total_q]: this sequence's rows of each head.
             let rows = q1 - q0;
@@ -109,13 +119,15 @@ fn valid_lengths_skip_padding_and_zero_padded_rows() {
     let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
     let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k).unwrap();
     let v = Tensor::from_f32(gpu, shape.v_shape(), &inputs.v).unwrap();
-    for config in [
-        AttentionConfig::new(),
-        AttentionConfig::new().causal(true),
-        AttentionConfig::new().dropout(0.4, 22),
+    let dropout = AttentionConfig::new().dropout(0.4, 22);
+    for (config, keys) in [
+        (AttentionConfig::new(), None),
+        (AttentionConfig::new().causal(true), None),
+        (dropout.clone(), None),
+        (dropout, Some(16)),
     ]
     .iter()
-    .flat_map(|config| forward_tiers(gpu).map(|tier| with_tier(config, tier)))
+    .flat_map(|(config, keys)| forward_tiers(gpu).map(|tier| (with_tier(config, tier), *keys)))
     {
         let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
         let lse = Lse::new(gpu, 3, HEADS_Q, 50).unwrap();
@@ -130,8 +142,11 @@ fn valid_lengths_skip_padding_and_zero_padded_rows() {
             q: Some(&q_lens),
             kv: &kv_lens,
         };
-        gpu.run(|e| gpu.forward(e, &args, ForwardOptions::new(&config).valid_lengths(lens)))
-            .unwrap();
+        let options = keys.into_iter().fold(
+            ForwardOptions::new(&config).valid_lengths(lens),
+            ForwardOptions::keys_per_dispatch,
+        );
+        gpu.run(|e| gpu.forward(e, &args, options.clone())).unwrap();
         let got = out.to_f32_vec(gpu).unwrap();
         let got_lse = lse.to_vec(gpu).unwrap();
         let (q_row, kv_row) = (HEADS_Q * HEAD_DIM, HEADS_KV * HEAD_DIM);
@@ -146,7 +161,7 @@ fn valid_lengths_skip_padding_and_zero_padded_rows() {
                 &inputs.k[kv_base..kv_base + kv_lens[b] * kv_row],
                 &inputs.v[kv_base..kv_base + kv_lens[b] * kv_row],
             );
-            let what = format!("{config:?} batch {b}");
+            let what = format!("{config:?} {keys:?} keys per dispatch, batch {b}");
             assert_rows_close(&got[q_base..q_base + q_lens[b] * q_row], &want, &what);
             let padding = &got[q_base + q_lens[b] * q_row..q_base + 50 * q_row];
             assert!(
