@@ -454,7 +454,8 @@ fn main(
             // A row that saw no key (and has no sink) has l == 0: zeros and
             // lse = +inf; so has a padding row, whatever it computed.
             let real = row < seq_q;
-            // Dropout scales the kept probabilities here, once per row.
+            // Dropout scales the kept probabilities here, once per row (in its
+            // last chunk when its keys run in chunks: dropout_output_scale).
 // #if DROPOUT
             let inv_l = select(0.0, dropout_output_scale(seq) / l[r], real && l[r] > 0.0);
 // #else
