@@ -332,9 +332,10 @@ fn every_head_dim() {
     let Some(gpu) = gpu() else { return };
     // A newcomer's run: each head-dim capacity from 8 to 256 with head dims
     // that fill it partly (40, 72, 136), whose forward kernels the forward
-    // tests compile anyway; 32 comes from the other tests here, 16 from the
-    // exhaustive run.
-    for head_dim in common::head_dims("backward head dims", &[8, 40, 72, 136, 256]) {
+    // tests compile anyway; 32 comes from the other tests here, 16 and a
+    // full 256 (whose kernels compile for over two minutes on a cold
+    // lavapipe) from the exhaustive run.
+    for head_dim in common::head_dims("backward head dims", &[8, 40, 72, 136]) {
         let problem = Problem::draw(
             shape(1, 45, 70, (2, 1), head_dim),
             head_dim as u64,
@@ -355,15 +356,20 @@ fn every_head_dim() {
 fn uneven_value_head_dims() {
     let Some(gpu) = gpu() else { return };
     let mut seed = 5000;
-    // The default tier at each pair; every tier at 192/128 in the
-    // exhaustive run (each tier and capacity pair compiles two kernels).
-    let default_tier = [(192, 128, None), (128, 192, None), (8, 40, None)];
-    let mut every_tier = default_tier.to_vec();
-    every_tier.extend([
+    // The default tier at each pair; every tier at 192/128 and the wide
+    // value side of 128/192 in the exhaustive run (each tier and capacity
+    // pair compiles three kernels, a minute or more each on a cold
+    // lavapipe; a newcomer's run has the wide value side at 8/40 and in
+    // the half-storage pairs below).
+    let quick = [(192, 128, None), (8, 40, None)];
+    let full = [
+        (192, 128, None),
+        (128, 192, None),
+        (8, 40, None),
         (192, 128, Some(Tier::Portable)),
         (192, 128, Some(Tier::SubgroupBroadcast)),
-    ]);
-    let cases = common::cases("backward uneven head dims", &default_tier, &every_tier);
+    ];
+    let cases = common::cases("backward uneven head dims", &quick, &full);
     for (head_dim, head_dim_v, tier) in cases {
         let shape = AttentionShape {
             head_dim_v,
@@ -1407,31 +1413,40 @@ fn a_row_that_sees_one_key_gets_zero_query_and_key_gradients() {
         .scale(0.85)
         .alibi(Alibi::PerHead(vec![0.3, 0.7, 1.1, 1.5]))
         .softcap(30.0);
-    // Head dims whose kernels the other tests compile anyway: f32 at d=64
-    // on both tiers, f16 at d=96 on the default one.
-    let one_key_rows = |seed| Problem::draw(shape(3, 38, 1, (4, 2), 64), seed, DType::F32);
-    // A window of one key per row over a longer sequence.
+    // f32 at d=32 on both tiers (d=64 too in the exhaustive run: the
+    // portable tier's d=64 gradient passes compile for over two minutes on
+    // a cold lavapipe, and nothing else in a newcomer's run needs them),
+    // f16 at d=96 on the default one (the half-storage test's kernels).
     let windowed = one_key.clone().window(Some(0), Some(0));
-    let window_rows = |seed| Problem::draw(shape(1, 40, 40, (4, 1), 64), seed, DType::F32);
-    let cases = [
-        (Some(Tier::Portable), one_key_rows(0x0e_4e71), &one_key),
-        (
-            Some(Tier::SubgroupBroadcast),
-            one_key_rows(0x0e_4e72),
-            &one_key,
-        ),
-        (Some(Tier::Portable), window_rows(0x0e_4e73), &windowed),
-        (
-            Some(Tier::SubgroupBroadcast),
-            window_rows(0x0e_4e74),
-            &windowed,
-        ),
-        (
-            None,
-            Problem::draw(shape(2, 21, 1, (4, 4), 96), 0x0e_4e75, DType::F16),
-            &one_key,
-        ),
-    ];
+    let f32_dims = common::cases("one-key rows in f32 (head dim)", &[32], &[32, 64]);
+    let mut cases = Vec::new();
+    for head_dim in f32_dims {
+        let one_key_rows =
+            |seed| Problem::draw(shape(3, 38, 1, (4, 2), head_dim), seed, DType::F32);
+        // A window of one key per row over a longer sequence.
+        let window_rows =
+            |seed| Problem::draw(shape(1, 40, 40, (4, 1), head_dim), seed, DType::F32);
+        let seed = 0x0e_4e71 + 0x100 * head_dim as u64;
+        cases.extend([
+            (Some(Tier::Portable), one_key_rows(seed), &one_key),
+            (
+                Some(Tier::SubgroupBroadcast),
+                one_key_rows(seed + 1),
+                &one_key,
+            ),
+            (Some(Tier::Portable), window_rows(seed + 2), &windowed),
+            (
+                Some(Tier::SubgroupBroadcast),
+                window_rows(seed + 3),
+                &windowed,
+            ),
+        ]);
+    }
+    cases.push((
+        None,
+        Problem::draw(shape(2, 21, 1, (4, 4), 96), 0x0e_4e75, DType::F16),
+        &one_key,
+    ));
     for (tier, problem, config) in cases {
         let dtype = if tier.is_some() {
             DType::F32

@@ -127,11 +127,12 @@ fn standard_alibi_slopes() {
 /// Every supported head dim (multiples of 8 from 8 to 256) in the
 /// exhaustive mode; otherwise one of each tiling class (rows per
 /// invocation 16/8/4, keys per tile 64/32/16, head dims that split
-/// unevenly over subgroup lanes).
+/// unevenly over subgroup lanes), and the common 64 and 128 (200 and 256,
+/// 4 rows like 136, compile for minutes on a cold lavapipe: exhaustive).
 #[test]
 fn every_head_dim() {
     let Some(gpu) = gpu() else { return };
-    let dims = common::head_dims("every_head_dim (f32)", &[8, 40, 64, 72, 128, 136, 200, 256]);
+    let dims = common::head_dims("every_head_dim (f32)", &[8, 40, 64, 72, 128, 136]);
     for head_dim in dims {
         let config = AttentionConfig::new().causal(head_dim % 16 == 0);
         check(

@@ -100,10 +100,12 @@ fn every_offered_tier_matches_the_reference() {
         tiers.push(Tier::SubgroupBroadcast);
     }
     let mut rng = seeded(0x5eed_7135);
-    // f32 at d=64 and f16 at d=128 unless exhaustive (both at both).
+    // f32 and f16 at d=64 unless exhaustive (both at 64 and 128: the
+    // per-row tiers' d=128 kernels compile for over a minute each on a cold
+    // lavapipe).
     let cases = common::cases(
         "tiers (head dim, storage)",
-        &[(64, DType::F32), (128, DType::F16)],
+        &[(64, DType::F32), (64, DType::F16)],
         &[
             (64, DType::F32),
             (64, DType::F16),
