@@ -49,6 +49,8 @@ use common::random::{SeededRng, normal_vec, seeded};
 use common::{forward_tiers, gpu, round_to, unit_roundoff};
 use rand::RngExt;
 use rand::seq::SliceRandom;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardArgs,
@@ -932,7 +934,9 @@ fn tally(done: usize, counts: [usize; 3], start: std::time::Instant, failures: u
 #[ignore = "a soak: its value is many cases, each compiling kernels on first use; \
             FLASH_ATTN_FUZZ_CASES=N runs N (see the file's doc)"]
 fn random_configurations_follow_the_accuracy_rule() {
-    let Some(gpu) = gpu() else { return };
+    if gpu().is_none() {
+        return;
+    }
     let cases: usize = std::env::var(CASES_VAR)
         .ok()
         .map(|v| v.parse().expect("FLASH_ATTN_FUZZ_CASES is a number"))
@@ -945,33 +949,59 @@ fn random_configurations_follow_the_accuracy_rule() {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs())
         });
-    eprintln!("fuzz: {cases} cases from seed {base} ({SEED_VAR}={base} replays them)");
+    // Cases run on as many devices at once as the tests get (one per core
+    // on lavapipe, whose kernel compiles are most of a case's time); each
+    // case draws from its own seed, so the order they finish in changes
+    // nothing.
+    let workers = common::devices_at_once().clamp(1, cases.max(1));
+    eprintln!(
+        "fuzz: {cases} cases from seed {base} ({SEED_VAR}={base} replays them) on {workers} device(s)"
+    );
     let start = std::time::Instant::now();
-    let mut failures = Vec::new();
-    let mut counts = [0usize; 3];
-    for index in 0..cases {
-        let seed = base + index as u64;
-        let mut rng = seeded(seed);
-        let case = draw_case(&mut rng);
-        counts[match case.operation {
-            Operation::Forward => 0,
-            Operation::Decode { .. } => 1,
-            Operation::Backward => 2,
-        }] += 1;
-        if let Err(problem) = run_case(gpu, &case, &mut rng) {
-            eprintln!("FAILED seed {seed}: {problem}\n  {case:?}");
-            failures.push(seed);
+    let next = AtomicUsize::new(0);
+    // Cases finished, per operation, and the seeds outside the rule.
+    let progress = Mutex::new((0usize, [0usize; 3], Vec::new()));
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                let gpu = gpu().expect("the test adapter");
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    if index >= cases {
+                        break;
+                    }
+                    let seed = base + index as u64;
+                    let mut rng = seeded(seed);
+                    let case = draw_case(&mut rng);
+                    let result = run_case(gpu, &case, &mut rng);
+                    let mut progress = progress.lock().expect("no worker panicked");
+                    let (done, counts, failures) = &mut *progress;
+                    counts[match case.operation {
+                        Operation::Forward => 0,
+                        Operation::Decode { .. } => 1,
+                        Operation::Backward => 2,
+                    }] += 1;
+                    if let Err(problem) = result {
+                        eprintln!("FAILED seed {seed}: {problem}\n  {case:?}");
+                        failures.push(seed);
+                    }
+                    // A running tally, so that a long soak stopped early
+                    // still says how many cases it finished.
+                    *done += 1;
+                    if *done % PROGRESS_EVERY == 0 && *done < cases {
+                        eprintln!(
+                            "fuzz: {} of seeds {base}-{} done: {}",
+                            *done,
+                            base + cases as u64 - 1,
+                            tally(*done, *counts, start, failures.len())
+                        );
+                    }
+                }
+            });
         }
-        // A running tally, so that a long soak stopped early still says
-        // how many cases it finished.
-        let done = index + 1;
-        if done % PROGRESS_EVERY == 0 && done < cases {
-            eprintln!(
-                "fuzz: seeds {base}-{seed} done: {}",
-                tally(done, counts, start, failures.len())
-            );
-        }
-    }
+    });
+    let (_, counts, mut failures) = progress.into_inner().expect("no worker panicked");
+    failures.sort_unstable();
     eprintln!("fuzz: {}", tally(cases, counts, start, failures.len()));
     assert!(
         failures.is_empty(),

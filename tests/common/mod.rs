@@ -1,4 +1,4 @@
-//! Shared test support: one device per test binary, seeded inputs, and the
+//! Shared test support: a device per test running at once, seeded inputs, and the
 //! comparison against the f64 reference.
 
 #![allow(dead_code, reason = "each test binary uses a different subset")]
@@ -20,17 +20,81 @@ use random::{normal_vec, seeded};
 /// Set to 1 to skip GPU tests on a machine that has no adapter at all.
 pub const SKIP_VAR: &str = "FLASH_ATTN_SKIP_GPU_TESTS";
 
-/// The shared device, or `None` (with a message) when the user opted out.
-/// Without an adapter and without the opt-out, the test fails and says how
-/// to get one.
+/// The device of the calling test, or `None` (with a message) when the
+/// user opted out. Without an adapter and without the opt-out, the test
+/// fails and says how to get one.
+///
+/// Tests that run at the same time get different devices (up to one per
+/// core), and each test keeps its device for its whole run. Why: lavapipe
+/// compiles a kernel at its first dispatch, on the device's queue thread,
+/// so one device shared by the whole binary compiles one kernel at a time
+/// however many tests run, and a cold run (an empty Mesa shader cache) is
+/// mostly compiles. Two devices compiled two cold forward kernels in 35 s
+/// where one took 58 s (2 cores). On GL there is one device (wgpu's GL
+/// backend shares one context between threads, and its tests run one at a
+/// time anyway).
 pub fn gpu() -> Option<&'static Gpu> {
-    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
-    GPU.get_or_init(|| {
-        if std::env::var(SKIP_VAR).is_ok_and(|v| v == "1") {
-            eprintln!("SKIPPED: GPU test skipped because {SKIP_VAR}=1");
-            return None;
+    if std::env::var(SKIP_VAR).is_ok_and(|v| v == "1") {
+        static SAID: OnceLock<()> = OnceLock::new();
+        SAID.get_or_init(|| eprintln!("SKIPPED: GPU test skipped because {SKIP_VAR}=1"));
+        return None;
+    }
+    Some(device_pool::device_of_this_test())
+}
+
+/// How many devices [`gpu`] lends to tests running at once: one per core
+/// (at most eight) on Vulkan and the other backends, one on GL.
+pub fn devices_at_once() -> usize {
+    device_pool::devices_at_once()
+}
+
+/// The devices of [`gpu`]: opened as tests need them, each lent to the
+/// tests running at once that use it least.
+mod device_pool {
+    use std::cell::RefCell;
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use wgpu_flash_attn::Gpu;
+
+    /// More devices than cores would only add compiles that wait.
+    const MOST_DEVICES: usize = 8;
+
+    struct Slot {
+        gpu: OnceLock<Gpu>,
+        /// Test threads holding this device now.
+        users: AtomicUsize,
+    }
+
+    fn slots() -> &'static [Slot] {
+        static SLOTS: OnceLock<Vec<Slot>> = OnceLock::new();
+        SLOTS.get_or_init(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (0..cores.clamp(1, MOST_DEVICES))
+                .map(|_| Slot {
+                    gpu: OnceLock::new(),
+                    users: AtomicUsize::new(0),
+                })
+                .collect()
+        })
+    }
+
+    /// The slots tests may use: all of them, or the first alone on GL.
+    fn usable_slots() -> &'static [Slot] {
+        let all = slots();
+        if open(&all[0]).info().adapter.backend == wgpu::Backend::Gl {
+            &all[..1]
+        } else {
+            all
         }
-        match Gpu::new() {
+    }
+
+    pub(super) fn devices_at_once() -> usize {
+        usable_slots().len()
+    }
+
+    fn open(slot: &'static Slot) -> &'static Gpu {
+        slot.gpu.get_or_init(|| match Gpu::new() {
             Ok(gpu) => {
                 eprintln!("adapter: {}", gpu.info().summary());
                 // A run meant for one backend must not pass on another.
@@ -41,16 +105,48 @@ pub fn gpu() -> Option<&'static Gpu> {
                         "WGPU_BACKEND asks for {wanted:?} but the adapter is {got:?}"
                     );
                 }
-                Some(gpu)
+                gpu
             }
             Err(err) => panic!(
                 "GPU tests need a wgpu adapter and none could be opened: {err}\n\
                  On Debian/Ubuntu without a GPU: apt-get install mesa-vulkan-drivers libvulkan1 \
-                 (lavapipe), or set {SKIP_VAR}=1 to skip GPU tests explicitly."
+                 (lavapipe), or set {}=1 to skip GPU tests explicitly.",
+                super::SKIP_VAR
             ),
+        })
+    }
+
+    /// A test thread's hold on one slot, given back when the thread ends
+    /// (libtest runs each test on a thread of its own).
+    struct Lease(usize);
+
+    impl Drop for Lease {
+        fn drop(&mut self) {
+            slots()[self.0].users.fetch_sub(1, Ordering::Relaxed);
         }
-    })
-    .as_ref()
+    }
+
+    thread_local! {
+        static LEASE: RefCell<Option<Lease>> = const { RefCell::new(None) };
+    }
+
+    pub(super) fn device_of_this_test() -> &'static Gpu {
+        let index = LEASE.with(|lease| {
+            if let Some(Lease(index)) = *lease.borrow() {
+                return index;
+            }
+            let usable = usable_slots();
+            let (index, slot) = usable
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, slot)| slot.users.load(Ordering::Relaxed))
+                .expect("at least one slot");
+            slot.users.fetch_add(1, Ordering::Relaxed);
+            *lease.borrow_mut() = Some(Lease(index));
+            index
+        });
+        open(&slots()[index])
+    }
 }
 
 /// A second device on the test adapter whose cooperative-matrix tier runs:

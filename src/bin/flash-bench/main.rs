@@ -11,6 +11,7 @@ mod backward;
 mod ceiling;
 mod ceiling_kernels;
 mod check;
+mod compile_ahead;
 mod decode;
 mod info;
 mod masks;
@@ -426,6 +427,10 @@ fn measure_all(
     );
     progress.enable_steady_tick(Duration::from_millis(200));
     progress.set_message("FMA and copy ceilings");
+    if compile_ahead::worthwhile(gpu) {
+        progress.set_message("compiling kernels, one device per core");
+        compile_ahead::compile_ahead(gpu, &cli.global.adapter_options(), &cases);
+    }
     let probes = CeilingProbes::new(gpu)?;
     let fma = probes.measure_fma(CEILING_WORKGROUPS, TimingPlan { warmup: 1, runs: 5 })?;
     let copy = probes.measure_copy(COPY_BYTES, TimingPlan { warmup: 1, runs: 5 })?;

@@ -78,7 +78,7 @@ pub struct Case {
 
 impl Case {
     /// What the flash forward is called with.
-    fn forward_options(&self) -> ForwardOptions<'static> {
+    pub fn forward_options(&self) -> ForwardOptions<'static> {
         let options = ForwardOptions::new(&self.config);
         match self.keys_per_dispatch {
             Some(keys) => options.keys_per_dispatch(keys),
@@ -517,7 +517,7 @@ impl Bench<'_> {
     /// Linear attention on the case's inputs (V's head dim is the case's),
     /// checked on every row against its f64 reference, then timed.
     fn time_linear(&self, case: &Case, operands: &Operands) -> Result<ImplResult> {
-        let Some(config) = linear_config(&case.config) else {
+        let Some((shape, config)) = linear_args_of(case) else {
             return Ok(ImplResult::without_timing(
                 Impl::Linear,
                 Status::Skipped,
@@ -526,15 +526,6 @@ impl Bench<'_> {
         };
         let gpu = self.gpu;
         let s = &case.shape;
-        let shape = LinearShape {
-            batch: s.batch,
-            seq_q: s.seq_q,
-            seq_kv: s.seq_kv,
-            heads_q: s.heads_q,
-            heads_kv: s.heads_kv,
-            head_dim: s.head_dim,
-            head_dim_v: s.head_dim_v,
-        };
         let out = Tensor::filled_as(gpu, shape.out_shape(), f32::NAN, case.dtype)?;
         let args = LinearArgs {
             q: &operands.q,
@@ -629,14 +620,27 @@ impl Bench<'_> {
 /// The linear attention options of a softmax case: its causality and
 /// forced tier; `None` when the case uses options linear attention does not
 /// have.
-fn linear_config(config: &AttentionConfig) -> Option<LinearConfig> {
+/// Linear attention's shape and options on `case`'s inputs, or `None`
+/// where the case has options that linear attention does not take.
+pub fn linear_args_of(case: &Case) -> Option<(LinearShape, LinearConfig)> {
+    let config = &case.config;
     let mut plain = AttentionConfig::new().causal(config.causal);
     let mut linear = LinearConfig::new().causal(config.causal);
     if let Some(tier) = config.tier {
         plain = plain.tier(tier);
         linear = linear.tier(tier);
     }
-    (*config == plain).then_some(linear)
+    let s = &case.shape;
+    let shape = LinearShape {
+        batch: s.batch,
+        seq_q: s.seq_q,
+        seq_kv: s.seq_kv,
+        heads_q: s.heads_q,
+        heads_kv: s.heads_kv,
+        head_dim: s.head_dim,
+        head_dim_v: s.head_dim_v,
+    };
+    (*config == plain).then_some((shape, linear))
 }
 
 /// Bytes in the largest binary unit that keeps the number at least 1.
