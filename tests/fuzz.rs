@@ -360,7 +360,7 @@ fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
 /// The device and forced tier a forward case runs on: the drawn kernel
 /// where its tiles fit and, for a mask (which cannot run in key chunks),
 /// where its loops fit the adapter's budget whole (past it the call is a
-/// typed LoopBudget error, not a case of the rule); else the shared
+/// typed LoopBudget error, not a case of the rule); else the worker's
 /// device's default.
 fn forward_kernel<'g>(gpu: &'g Gpu, case: &Case) -> (&'g Gpu, Option<Tier>) {
     let (device, tier) = match case.forward_kernel {

@@ -322,7 +322,7 @@ fn chunked_sequences_match_each_sequence_alone() {
 /// `binding` bytes, so that K and V larger than that are bound in windows.
 fn small_binding_gpu(binding: u64) -> Gpu {
     let adapter = pollster::block_on(wgpu_flash_attn::AdapterOptions::from_env().select())
-        .expect("the adapter the shared device uses");
+        .expect("the adapter the test devices use");
     let limits = wgpu::Limits {
         max_storage_buffer_binding_size: binding,
         ..adapter.limits()
@@ -391,7 +391,7 @@ fn keys_past_one_binding_are_bound_in_windows() {
         "windows over a fused KV buffer",
     );
 
-    // The shared device binds the same call whole: same result.
+    // The test's device (all bindings) binds the same call whole: same result.
     let tensors = upload(shared, &shape, &inputs, DType::F32);
     let (whole, _) = run(
         shared,

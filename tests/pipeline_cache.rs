@@ -46,7 +46,7 @@ fn repeated_calls_compile_nothing() {
 /// same result.
 #[test]
 fn pipeline_cache_is_bounded_least_recently_used() {
-    // Own device: the capacity is per Gpu, and the shared one serves the
+    // Own device: the capacity is per Gpu, and the test devices (`gpu()`) serve the
     // other tests of this binary.
     let Some(_) = gpu() else { return };
     let gpu = wgpu_flash_attn::Gpu::new().unwrap();
