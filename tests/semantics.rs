@@ -13,6 +13,7 @@ use common::{
 };
 use presets::seed_models;
 use rand::{Rng, RngExt};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use wgpu_flash_attn::{Alibi, AttentionConfig, AttentionShape, Gpu, Strides, Tensor, TensorShape};
 
 fn check(gpu: &Gpu, shape: &AttentionShape, config: &AttentionConfig, seed: u64) {
@@ -316,10 +317,16 @@ fn seed_model_presets() {
 }
 
 /// Seeded random combinations of every option and layout. Set
-/// FLASH_ATTN_PROPTEST_SEED to replay a run; the seed is printed.
+/// FLASH_ATTN_PROPTEST_SEED to replay a run; the seed is printed. The
+/// cases are drawn first, then run on as many devices as the tests get
+/// (`common::devices_at_once`), each device taking every case of one
+/// head-dim pair at a time, so that no two devices compile the same kernel
+/// (on a cold lavapipe the compiles are most of this test's time).
 #[test]
 fn random_combinations() {
-    let Some(gpu) = gpu() else { return };
+    if gpu().is_none() {
+        return;
+    }
     let seed = std::env::var("FLASH_ATTN_PROPTEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -327,6 +334,7 @@ fn random_combinations() {
     eprintln!("random_combinations: seed {seed} (FLASH_ATTN_PROPTEST_SEED={seed} replays it)");
     let mut rng = seeded(seed);
     const CASES: usize = 200;
+    let mut cases = Vec::with_capacity(CASES);
     for case in 0..CASES {
         let heads_kv = rng.random_range(1..=3);
         let heads_q = heads_kv * rng.random_range(1..=4);
@@ -372,7 +380,38 @@ fn random_combinations() {
             _ => Layout::Bshd,
         };
         let case_seed = rng.next_u64();
-        eprintln!("case {case}: {layout:?} {s:?} {config:?}");
-        check_layout(gpu, &s, &config, layout, case_seed);
+        cases.push((case, layout, s, config, case_seed));
     }
+    let mut groups: Vec<Vec<_>> = Vec::new();
+    for drawn in cases {
+        let dims = |c: &(usize, Layout, AttentionShape, AttentionConfig, u64)| {
+            (c.2.head_dim, c.2.head_dim_v)
+        };
+        match groups.iter_mut().find(|g| dims(&g[0]) == dims(&drawn)) {
+            Some(group) => group.push(drawn),
+            None => groups.push(vec![drawn]),
+        }
+    }
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..common::devices_at_once() {
+            scope.spawn(|| {
+                let gpu = gpu().expect("the test adapter");
+                while let Some(group) = groups.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    for (case, layout, s, config, case_seed) in group {
+                        let label = format!("case {case}: {layout:?} {s:?} {config:?}");
+                        eprintln!("{label}");
+                        let checked =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                check_layout(gpu, s, config, *layout, *case_seed)
+                            }));
+                        if let Err(panic) = checked {
+                            eprintln!("FAILED {label}");
+                            std::panic::resume_unwind(panic);
+                        }
+                    }
+                }
+            });
+        }
+    });
 }
