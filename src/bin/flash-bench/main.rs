@@ -426,11 +426,11 @@ fn measure_all(
             .expect("the template is valid"),
     );
     progress.enable_steady_tick(Duration::from_millis(200));
-    progress.set_message("FMA and copy ceilings");
     if compile_ahead::worthwhile(gpu) {
         progress.set_message("compiling kernels, one device per core");
         compile_ahead::compile_ahead(gpu, &cli.global.adapter_options(), &cases);
     }
+    progress.set_message("FMA and copy ceilings");
     let probes = CeilingProbes::new(gpu)?;
     let fma = probes.measure_fma(CEILING_WORKGROUPS, TimingPlan { warmup: 1, runs: 5 })?;
     let copy = probes.measure_copy(COPY_BYTES, TimingPlan { warmup: 1, runs: 5 })?;

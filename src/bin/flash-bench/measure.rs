@@ -617,11 +617,9 @@ impl Bench<'_> {
     }
 }
 
-/// The linear attention options of a softmax case: its causality and
-/// forced tier; `None` when the case uses options linear attention does not
-/// have.
-/// Linear attention's shape and options on `case`'s inputs, or `None`
-/// where the case has options that linear attention does not take.
+/// Linear attention's shape and options on `case`'s inputs (its
+/// causality and forced tier), or `None` where the case has options that
+/// linear attention does not take.
 pub fn linear_args_of(case: &Case) -> Option<(LinearShape, LinearConfig)> {
     let config = &case.config;
     let mut plain = AttentionConfig::new().causal(config.causal);
