@@ -50,7 +50,6 @@ use common::{forward_tiers, gpu, round_to, unit_roundoff};
 use rand::RngExt;
 use rand::seq::SliceRandom;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardArgs,
@@ -958,46 +957,35 @@ fn random_configurations_follow_the_accuracy_rule() {
         "fuzz: {cases} cases from seed {base} ({SEED_VAR}={base} replays them) on {workers} device(s)"
     );
     let start = std::time::Instant::now();
-    let next = AtomicUsize::new(0);
     // Cases finished, per operation, and the seeds outside the rule.
     let progress = Mutex::new((0usize, [0usize; 3], Vec::new()));
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| {
-                let gpu = gpu().expect("the test adapter");
-                loop {
-                    let index = next.fetch_add(1, Ordering::Relaxed);
-                    if index >= cases {
-                        break;
-                    }
-                    let seed = base + index as u64;
-                    let mut rng = seeded(seed);
-                    let case = draw_case(&mut rng);
-                    let result = run_case(gpu, &case, &mut rng);
-                    let mut progress = progress.lock().expect("no worker panicked");
-                    let (done, counts, failures) = &mut *progress;
-                    counts[match case.operation {
-                        Operation::Forward => 0,
-                        Operation::Decode { .. } => 1,
-                        Operation::Backward => 2,
-                    }] += 1;
-                    if let Err(problem) = result {
-                        eprintln!("FAILED seed {seed}: {problem}\n  {case:?}");
-                        failures.push(seed);
-                    }
-                    // A running tally, so that a long soak stopped early
-                    // still says how many cases it finished.
-                    *done += 1;
-                    if *done % PROGRESS_EVERY == 0 && *done < cases {
-                        eprintln!(
-                            "fuzz: {} of seeds {base}-{} done: {}",
-                            *done,
-                            base + cases as u64 - 1,
-                            tally(*done, *counts, start, failures.len())
-                        );
-                    }
-                }
-            });
+    let indices: Vec<usize> = (0..cases).collect();
+    common::on_the_devices(&indices, |gpu, &index| {
+        let seed = base + index as u64;
+        let mut rng = seeded(seed);
+        let case = draw_case(&mut rng);
+        let result = run_case(gpu, &case, &mut rng);
+        let mut progress = progress.lock().expect("no worker panicked");
+        let (done, counts, failures) = &mut *progress;
+        counts[match case.operation {
+            Operation::Forward => 0,
+            Operation::Decode { .. } => 1,
+            Operation::Backward => 2,
+        }] += 1;
+        if let Err(problem) = result {
+            eprintln!("FAILED seed {seed}: {problem}\n  {case:?}");
+            failures.push(seed);
+        }
+        // A running tally, so that a long soak stopped early still says
+        // how many cases it finished.
+        *done += 1;
+        if *done % PROGRESS_EVERY == 0 && *done < cases {
+            eprintln!(
+                "fuzz: {} of seeds {base}-{} done: {}",
+                *done,
+                base + cases as u64 - 1,
+                tally(*done, *counts, start, failures.len())
+            );
         }
     });
     let (_, counts, mut failures) = progress.into_inner().expect("no worker panicked");

@@ -13,7 +13,6 @@ use common::{
 };
 use presets::seed_models;
 use rand::{Rng, RngExt};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use wgpu_flash_attn::{Alibi, AttentionConfig, AttentionShape, Gpu, Strides, Tensor, TensorShape};
 
 fn check(gpu: &Gpu, shape: &AttentionShape, config: &AttentionConfig, seed: u64) {
@@ -392,26 +391,17 @@ fn random_combinations() {
             None => groups.push(vec![drawn]),
         }
     }
-    let next = AtomicUsize::new(0);
-    std::thread::scope(|scope| {
-        for _ in 0..common::devices_at_once() {
-            scope.spawn(|| {
-                let gpu = gpu().expect("the test adapter");
-                while let Some(group) = groups.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    for (case, layout, s, config, case_seed) in group {
-                        let label = format!("case {case}: {layout:?} {s:?} {config:?}");
-                        eprintln!("{label}");
-                        let checked =
-                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                check_layout(gpu, s, config, *layout, *case_seed)
-                            }));
-                        if let Err(panic) = checked {
-                            eprintln!("FAILED {label}");
-                            std::panic::resume_unwind(panic);
-                        }
-                    }
-                }
-            });
+    common::on_the_devices(&groups, |gpu, group| {
+        for (case, layout, s, config, case_seed) in group {
+            let label = format!("case {case}: {layout:?} {s:?} {config:?}");
+            eprintln!("{label}");
+            let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                check_layout(gpu, s, config, *layout, *case_seed)
+            }));
+            if let Err(panic) = checked {
+                eprintln!("FAILED {label}");
+                std::panic::resume_unwind(panic);
+            }
         }
     });
 }

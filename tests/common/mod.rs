@@ -48,6 +48,25 @@ pub fn devices_at_once() -> usize {
     device_pool::devices_at_once()
 }
 
+/// Calls `work` on every item, spread over [`devices_at_once`] threads that
+/// each take the next item and run it on their own test device (so the
+/// kernels of different items compile at once on lavapipe).
+pub fn on_the_devices<T: Sync>(items: &[T], work: impl Fn(&Gpu, &T) + Sync) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..devices_at_once().min(items.len()) {
+            scope.spawn(|| {
+                let gpu = gpu().expect("the test adapter");
+                while let Some(item) =
+                    items.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                {
+                    work(gpu, item);
+                }
+            });
+        }
+    });
+}
+
 /// The devices of [`gpu`]: opened as tests need them, each lent to the
 /// tests running at once that use it least.
 mod device_pool {
