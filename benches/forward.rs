@@ -135,11 +135,7 @@ fn forward(c: &mut Criterion) {
             dsinks: None,
         };
         // The backward reads the forward's output and logsumexp.
-        let saving = AttentionArgs {
-            lse: Some(&lse),
-            ..args
-        };
-        gpu.run(|encoder| gpu.forward(encoder, &saving, &config))
+        gpu.run(|encoder| gpu.forward(encoder, &backward.forward_args(), &config))
             .expect("forward");
         let flops = match kernel {
             Kernel::Backward => 2.5 * shape.flops(&config),

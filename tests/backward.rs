@@ -12,9 +12,9 @@ use common::{attention_shape as shape, gpu, round_to, unit_roundoff};
 use rand::RngExt;
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
-    Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardArgs,
-    BackwardPlan, BlockedLayout, DType, Error, ForwardOptions, Gpu, Lse, SinkGrads, Tensor,
-    TensorShape, Tier, ValidLengths,
+    Alibi, AttentionConfig, AttentionMask, AttentionShape, BackwardArgs, BackwardPlan,
+    BlockedLayout, DType, Error, ForwardOptions, Gpu, Lse, SinkGrads, Tensor, TensorShape, Tier,
+    ValidLengths,
 };
 
 /// Packed BSHD inputs and the output gradient.
@@ -100,14 +100,6 @@ fn run_backward(
         .as_ref()
         .map(|_| SinkGrads::new(gpu, shape.heads_q).unwrap());
     gpu.run(|encoder| {
-        let forward = AttentionArgs {
-            q: &q,
-            k: &k,
-            v: &v,
-            out: &out,
-            lse: Some(&lse),
-        };
-        gpu.forward(encoder, &forward, options.clone())?;
         let backward = BackwardArgs {
             q: &q,
             k: &k,
@@ -120,6 +112,7 @@ fn run_backward(
             dv: &dv,
             dsinks: dsinks.as_ref(),
         };
+        gpu.forward(encoder, &backward.forward_args(), options.clone())?;
         gpu.backward(encoder, &backward, options.clone())
     })?;
     Ok(Grads {
@@ -926,14 +919,6 @@ fn strided_views_in_and_out() {
     let lse = Lse::new(gpu, b, h, s).unwrap();
     let config = AttentionConfig::new().causal(true);
     gpu.run(|e| {
-        let forward = AttentionArgs {
-            q: &q,
-            k: &k,
-            v: &v,
-            out: &out,
-            lse: Some(&lse),
-        };
-        gpu.forward(e, &forward, &config)?;
         let backward = BackwardArgs {
             q: &q,
             k: &k,
@@ -946,6 +931,7 @@ fn strided_views_in_and_out() {
             dv: &dv,
             dsinks: None,
         };
+        gpu.forward(e, &backward.forward_args(), &config)?;
         gpu.backward(e, &backward, &config)
     })
     .unwrap();

@@ -799,14 +799,6 @@ fn run_backward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), Strin
         .as_ref()
         .map(|_| SinkGrads::new(gpu, s.heads_q).unwrap());
     gpu.run(|e| {
-        let forward = AttentionArgs {
-            q: &qt,
-            k: &kt,
-            v: &vt,
-            out: &out,
-            lse: Some(&lse),
-        };
-        gpu.forward(e, &forward, options.clone())?;
         let backward = BackwardArgs {
             q: &qt,
             k: &kt,
@@ -819,6 +811,7 @@ fn run_backward(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), Strin
             dv: &dv,
             dsinks: dsinks.as_ref(),
         };
+        gpu.forward(e, &backward.forward_args(), options.clone())?;
         gpu.backward(e, &backward, options.clone())
     })
     .map_err(|e| format!("GPU call failed: {e}"))?;

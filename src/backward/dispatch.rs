@@ -4,8 +4,8 @@
 //! table of units).
 
 use crate::attention::{
-    AttentionArgs, ForwardOptions, Lse, Sequences, check_lse_output, check_operand, option_params,
-    upload_packed, vec4_view,
+    ForwardOptions, Lse, Sequences, check_lse_output, check_operand, option_params, upload_packed,
+    vec4_view,
 };
 use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
@@ -90,7 +90,7 @@ impl Gpu {
     /// that see no key get zero gradients, as do padded rows and keys.
     ///
     /// ```
-    /// # use wgpu_flash_attn::{AttentionArgs, AttentionConfig, BackwardArgs, Gpu, Lse, Tensor, TensorShape};
+    /// # use wgpu_flash_attn::{AttentionConfig, BackwardArgs, Gpu, Lse, Tensor, TensorShape};
     /// # fn main() -> Result<(), wgpu_flash_attn::Error> {
     /// # if std::env::var("FLASH_ATTN_SKIP_GPU_TESTS").as_deref() == Ok("1") { eprintln!("SKIPPED: FLASH_ATTN_SKIP_GPU_TESTS=1"); return Ok(()); }
     /// let gpu = Gpu::new()?;
@@ -102,9 +102,9 @@ impl Gpu {
     /// let lse = Lse::new(&gpu, 1, 2, 16)?;
     /// let config = AttentionConfig::new().causal(true);
     /// gpu.run(|encoder| {
-    ///     let forward = AttentionArgs { q: &x, k: &x, v: &x, out: &out, lse: Some(&lse) };
-    ///     gpu.forward(encoder, &forward, &config)?;
     ///     let backward = BackwardArgs { q: &x, k: &x, v: &x, out: &out, lse: &lse, d_out: &d_out, dq: &dq, dk: &dk, dv: &dv, dsinks: None };
+    ///     // The forward that writes the output and logsumexp it reads.
+    ///     gpu.forward(encoder, &backward.forward_args(), &config)?;
     ///     gpu.backward(encoder, &backward, &config)
     /// })?;
     /// // A zero output gradient has zero input gradients.
@@ -254,14 +254,6 @@ impl Gpu {
             None => None,
         };
         self.run(|encoder| {
-            let forward = AttentionArgs {
-                q: &q,
-                k: &k,
-                v: &v,
-                out: &out,
-                lse: Some(&lse),
-            };
-            self.forward(encoder, &forward, config)?;
             let backward = BackwardArgs {
                 q: &q,
                 k: &k,
@@ -274,6 +266,7 @@ impl Gpu {
                 dv: &dv,
                 dsinks: dsinks.as_ref(),
             };
+            self.forward(encoder, &backward.forward_args(), config)?;
             self.backward(encoder, &backward, config)
         })?;
         Ok(HostGradients {

@@ -79,17 +79,23 @@ impl SinkGrads {
     }
 }
 
-impl BackwardArgs<'_> {
-    /// The call's shape, after checking that every tensor agrees with it.
-    pub fn shape(&self) -> Result<AttentionShape> {
-        let shape = AttentionArgs {
+impl<'a> BackwardArgs<'a> {
+    /// The operands of the forward call this backward differentiates: it
+    /// reads `q`, `k` and `v` and writes `out` and `lse`, which the
+    /// backward then reads (record both with the same options).
+    pub fn forward_args(&self) -> AttentionArgs<'a> {
+        AttentionArgs {
             q: self.q,
             k: self.k,
             v: self.v,
             out: self.out,
-            lse: None,
+            lse: Some(self.lse),
         }
-        .shape()?;
+    }
+
+    /// The call's shape, after checking that every tensor agrees with it.
+    pub fn shape(&self) -> Result<AttentionShape> {
+        let shape = self.forward_args().shape()?;
         let (q, k, v, o) = (
             self.q.shape(),
             self.k.shape(),

@@ -5,8 +5,8 @@
 use anyhow::Result;
 use wgpu_flash_attn::reference;
 use wgpu_flash_attn::{
-    Alibi, AttentionArgs, AttentionConfig, AttentionShape, BackwardArgs, BackwardPlan, Error, Lse,
-    SinkGrads, Tensor,
+    Alibi, AttentionConfig, AttentionShape, BackwardArgs, BackwardPlan, Error, Lse, SinkGrads,
+    Tensor,
 };
 
 use crate::measure::{
@@ -62,13 +62,6 @@ impl Bench<'_> {
             Some(_) => Some(SinkGrads::new(gpu, shape.heads_q)?),
             None => None,
         };
-        let forward = AttentionArgs {
-            q: &operands.q,
-            k: &operands.k,
-            v: &operands.v,
-            out: &out,
-            lse: Some(&lse),
-        };
         let backward = BackwardArgs {
             q: &operands.q,
             k: &operands.k,
@@ -81,6 +74,7 @@ impl Bench<'_> {
             dv: &dv,
             dsinks: dsinks.as_ref(),
         };
+        let forward = backward.forward_args();
         let config = &case.config;
         // The call's own memory: the gradients, and the row deltas (one
         // float per query row, like the logsumexp the forward saved).

@@ -134,10 +134,6 @@ fn run_once(gpu: &Gpu, case: &Case, implementation: Impl) -> wgpu_flash_attn::Re
                 zeros(shape.k_shape())?,
                 zeros(shape.v_shape())?,
             );
-            let forward = AttentionArgs {
-                lse: Some(&lse),
-                ..args
-            };
             let backward = BackwardArgs {
                 q: &q,
                 k: &k,
@@ -151,7 +147,7 @@ fn run_once(gpu: &Gpu, case: &Case, implementation: Impl) -> wgpu_flash_attn::Re
                 dsinks: dsinks.as_ref(),
             };
             gpu.run(|e| {
-                gpu.forward(e, &forward, &case.config)?;
+                gpu.forward(e, &backward.forward_args(), &case.config)?;
                 gpu.backward(e, &backward, &case.config)
             })
         }

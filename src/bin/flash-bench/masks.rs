@@ -271,10 +271,6 @@ fn padded_backward(
             }),
         ),
     ];
-    let forward = AttentionArgs {
-        lse: Some(&lse),
-        ..tensors.args()
-    };
     let backward = BackwardArgs {
         q: &tensors.q,
         k: &tensors.k,
@@ -291,7 +287,7 @@ fn padded_backward(
     let mut dense_ms = None;
     for (variant, options) in options {
         gpu.run(|e| {
-            gpu.forward(e, &forward, options.clone())?;
+            gpu.forward(e, &backward.forward_args(), options.clone())?;
             gpu.backward(e, &backward, options.clone())
         })?;
         let mut err = 0.0f64;
@@ -424,13 +420,6 @@ fn packed_backward(
                 kv: &lens,
             })
         };
-        let forward = AttentionArgs {
-            q: &q,
-            k: &k,
-            v: &v,
-            out: &out,
-            lse: Some(&lse),
-        };
         let backward = BackwardArgs {
             q: &q,
             k: &k,
@@ -444,7 +433,7 @@ fn packed_backward(
             dsinks: None,
         };
         gpu.run(|e| {
-            gpu.forward(e, &forward, options.clone())?;
+            gpu.forward(e, &backward.forward_args(), options.clone())?;
             gpu.backward(e, &backward, options.clone())
         })?;
         let got = [
