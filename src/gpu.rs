@@ -195,6 +195,28 @@ impl GpuInfo {
         Ok(())
     }
 
+    /// [`Self::check_invocations`], then `WorkgroupMemory` (naming the
+    /// call's head dims) unless `bytes` of workgroup memory fit: the checks
+    /// of a tiling the caller chose rather than the planner.
+    pub(crate) fn check_workgroup(
+        &self,
+        shape: &crate::AttentionShape,
+        invocations: u32,
+        bytes: u64,
+    ) -> crate::Result<()> {
+        self.check_invocations(invocations)?;
+        let limit = self.limits.max_compute_workgroup_storage_size;
+        if bytes > u64::from(limit) {
+            return Err(crate::Error::WorkgroupMemory {
+                head_dim: shape.head_dim,
+                head_dim_v: shape.head_dim_v,
+                needed: bytes,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
     /// The most loop iterations one shader invocation may run, where the
     /// driver imposes a cap: Mesa's llvmpipe (lavapipe on Vulkan, llvmpipe
     /// on GL) stops every loop of an invocation, silently, once all of them

@@ -441,16 +441,7 @@ fn blocked_tiling_of(
     check_blocked_layout(layout)?;
     let lanes = (layout.row_lanes, layout.key_lanes, layout.rows);
     let tiling = blocked_backward_tiling(shape, storage, lanes, dropout);
-    info.check_invocations(tiling.workgroup_size())?;
-    let limit = info.limits.max_compute_workgroup_storage_size;
-    if tiling.workgroup_bytes() > u64::from(limit) {
-        return Err(Error::WorkgroupMemory {
-            head_dim: shape.head_dim,
-            head_dim_v: shape.head_dim_v,
-            needed: tiling.workgroup_bytes(),
-            limit,
-        });
-    }
+    info.check_workgroup(shape, tiling.workgroup_size(), tiling.workgroup_bytes())?;
     Ok(tiling)
 }
 
