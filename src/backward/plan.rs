@@ -707,6 +707,48 @@ mod tests {
         }
     }
 
+    /// A caller's register-blocked layout is checked against the adapter,
+    /// not searched: one too wide or too large for it gets the typed error
+    /// with its own numbers.
+    #[test]
+    fn a_callers_layout_past_the_limits_gets_the_numbers() {
+        let shape = AttentionShape::self_attention(1, 1024, 8, 128);
+        let mut info = profiles::all()[2].info();
+        let layout = BlockedLayout {
+            row_lanes: 8,
+            key_lanes: 8,
+            rows: 2,
+        };
+        let needed =
+            blocked_backward_tiling(&shape, DType::F32, (8, 8, 2), false).workgroup_bytes();
+        info.limits.max_compute_workgroup_storage_size = (needed - 4) as u32;
+        let err = BackwardPlan::for_call_with_layout(&info, &shape, DType::F32, None, layout)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::WorkgroupMemory { head_dim: 128, head_dim_v: 128, needed: n, limit }
+                    if n == needed && u64::from(limit) == needed - 4
+            ),
+            "{err}"
+        );
+        info.limits.max_compute_workgroup_storage_size = needed as u32;
+        BackwardPlan::for_call_with_layout(&info, &shape, DType::F32, None, layout).unwrap();
+
+        let limit = info.max_invocations();
+        let wide = BlockedLayout {
+            row_lanes: limit / 4,
+            key_lanes: 8,
+            rows: 1,
+        };
+        let err =
+            BackwardPlan::for_call_with_layout(&info, &shape, DType::F32, None, wide).unwrap_err();
+        assert!(
+            matches!(err, Error::WorkgroupInvocations { needed, limit: l } if needed == 2 * limit && l == limit),
+            "{err}"
+        );
+    }
+
     #[test]
     fn webgpu_minimum_storage_buffers_are_refused_with_the_numbers() {
         let adreno = profiles::all()
