@@ -47,8 +47,7 @@ pub fn compile_ahead(gpu: &Gpu, options: &AdapterOptions, cases: &[Case]) {
         .filter(|(case, i)| *i != Impl::Cpu && case.shape.flops(&case.config) <= MOST_FLOPS)
         .collect();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let devices = cores.min(MOST_DEVICES).min(items.len());
-    if devices < 2 {
+    if cores.min(items.len()) < 2 {
         return;
     }
     // Two devices compiling the same kernel at once would both compile it
@@ -64,23 +63,45 @@ pub fn compile_ahead(gpu: &Gpu, options: &AdapterOptions, cases: &[Case]) {
             case.dtype, s.head_dim, s.head_dim_v
         ))
     });
+    spread(
+        gpu,
+        options,
+        &[first, rest],
+        |device, (case, implementation)| {
+            // An error here is the measuring pass's to report.
+            let _ = run_once(device, case, *implementation);
+        },
+    );
+}
+
+/// Runs `work` on every item of each round (the rounds in turn), spread
+/// over `gpu` and further devices opened with `options`, one per core
+/// (`MOST_DEVICES` at most); with one core, or one item in all, `gpu`
+/// runs them alone. Devices that fail to open are left out.
+pub fn spread<T: Sync>(
+    gpu: &Gpu,
+    options: &AdapterOptions,
+    rounds: &[Vec<T>],
+    work: impl Fn(&Gpu, &T) + Sync,
+) {
+    let items = rounds.iter().map(Vec::len).max().unwrap_or(0);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let devices = cores.min(MOST_DEVICES).min(items).max(1);
     let others: Vec<Gpu> = (1..devices)
         .filter_map(|_| pollster::block_on(Gpu::request(options)).ok())
         .collect();
-    for round in [first, rest] {
+    for round in rounds {
         let next = AtomicUsize::new(0);
-        let work = |device: &Gpu| {
-            while let Some((case, implementation)) = round.get(next.fetch_add(1, Ordering::Relaxed))
-            {
-                // An error here is the measuring pass's to report.
-                let _ = run_once(device, case, *implementation);
+        let drain = |device: &Gpu| {
+            while let Some(item) = round.get(next.fetch_add(1, Ordering::Relaxed)) {
+                work(device, item);
             }
         };
         std::thread::scope(|scope| {
             for device in &others {
-                scope.spawn(|| work(device));
+                scope.spawn(|| drain(device));
             }
-            work(gpu);
+            drain(gpu);
         });
     }
 }

@@ -8,9 +8,11 @@ use clap::Args;
 use serde::Serialize;
 use wgpu_flash_attn::reference;
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionShape, DecodeArgs, DecodeLanes, DecodeOptions,
-    DecodePlan, Gpu, KvCache, KvCacheConfig, KvDType, KvLayout, Tensor, TensorShape,
+    AdapterOptions, AttentionArgs, AttentionConfig, AttentionShape, DecodeArgs, DecodeLanes,
+    DecodeOptions, DecodePlan, Gpu, KvCache, KvCacheConfig, KvDType, KvLayout, Tensor, TensorShape,
 };
+
+mod warmup;
 
 use crate::ceiling::CeilingProbes;
 use crate::measure::{CEILING_WORKGROUPS, TOLERANCE, round_to, unit_roundoff};
@@ -145,7 +147,13 @@ struct DecodeReport {
     cases: Vec<DecodeCase>,
 }
 
-pub fn run(gpu: &Gpu, args: &DecodeCmdArgs, json: Option<&std::path::Path>) -> Result<bool> {
+pub fn run(
+    gpu: &Gpu,
+    options: &AdapterOptions,
+    args: &DecodeCmdArgs,
+    json: Option<&std::path::Path>,
+) -> Result<bool> {
+    warmup::compile_ahead(gpu, options, args);
     eprintln!("measuring the FMA and copy ceilings...");
     let probes = CeilingProbes::new(gpu)?;
     let fma = probes.measure_fma(CEILING_WORKGROUPS, TimingPlan { warmup: 1, runs: 5 })?;
@@ -303,8 +311,7 @@ fn run_case(
     // Host copies of K/V head 0 of sequence 0 (validation), and of every
     // head while the whole cache fits one binding (the prefill comparison).
     let token = args.heads_kv * args.head_dim;
-    let binding = gpu.info().limits.max_storage_buffer_binding_size;
-    let prefill_fits = (tokens * token * 4) as u64 <= binding && dtype == KvDType::F32;
+    let prefill_skipped = prefill_skipped(gpu, args, tokens, dtype);
     let mut rng = seeded(0xdec0_de00 ^ tokens as u64);
     let mut head0 = (Vec::new(), Vec::new());
     let mut full = (Vec::new(), Vec::new());
@@ -342,7 +349,7 @@ fn run_case(
                 .1
                 .extend_from_slice(&v[t * value_token..t * value_token + head_dim_v]);
         }
-        if prefill_fits && args.batch == 1 {
+        if prefill_skipped.is_none() {
             full.0.extend_from_slice(&k);
             full.1.extend_from_slice(&v);
         }
@@ -379,29 +386,12 @@ fn run_case(
         (pools * args.batch * tokens * args.heads_kv * dtype.vector_bytes(args.head_dim)) as f64;
     let flops = 2.0
         * (args.batch * args.heads_q * args.seq_q * tokens * (args.head_dim + head_dim_v)) as f64;
-    let (prefill_ms, prefill_note) = if dtype != KvDType::F32 {
-        (None, Some("compared for the f32 cache".to_string()))
-    } else if args.q_dtype != DTypeArg::F32 {
-        (None, Some("compared for f32 queries".to_string()))
-    } else if !prefill_fits {
-        (
-            None,
-            Some(format!(
-                "does not run: K alone is {} MiB, over the {} MiB storage binding",
-                (tokens * token * 4) >> 20,
-                binding >> 20
-            )),
-        )
-    } else if args.batch != 1 || args.page_size.is_some() {
-        (
-            None,
-            Some("compared for batch 1, contiguous caches only".to_string()),
-        )
-    } else {
-        match time_prefill(gpu, args, (tokens, head_dim_v), &q, &full, &config) {
+    let (prefill_ms, prefill_note) = match prefill_skipped {
+        Some(why) => (None, Some(why)),
+        None => match time_prefill(gpu, args, (tokens, head_dim_v), &q, &full, &config) {
             Ok(ms) => (Some(ms), None),
             Err(err) => (None, Some(format!("does not run: {err}"))),
-        }
+        },
     };
     let forced: Vec<Option<DecodeLanes>> = if args.lanes.is_empty() {
         vec![None]
@@ -468,6 +458,33 @@ fn run_case(
         });
     }
     Ok(cases)
+}
+
+/// Why the prefill kernel is not compared on the case of `tokens` cached
+/// tokens of type `dtype`; `None` when it is.
+fn prefill_skipped(
+    gpu: &Gpu,
+    args: &DecodeCmdArgs,
+    tokens: usize,
+    dtype: KvDType,
+) -> Option<String> {
+    let k_bytes = (tokens * args.heads_kv * args.head_dim * 4) as u64;
+    let binding = gpu.info().limits.max_storage_buffer_binding_size;
+    if dtype != KvDType::F32 {
+        Some("compared for the f32 cache".to_string())
+    } else if args.q_dtype != DTypeArg::F32 {
+        Some("compared for f32 queries".to_string())
+    } else if k_bytes > binding {
+        Some(format!(
+            "does not run: K alone is {} MiB, over the {} MiB storage binding",
+            k_bytes >> 20,
+            binding >> 20
+        ))
+    } else if args.batch != 1 || args.page_size.is_some() {
+        Some("compared for batch 1, contiguous caches only".to_string())
+    } else {
+        None
+    }
 }
 
 /// Largest error of sequence 0's query heads that read KV head 0, and the

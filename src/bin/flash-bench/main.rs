@@ -170,7 +170,12 @@ fn run(cli: &Cli) -> Result<bool> {
         .context("opening a GPU adapter")?;
     match &cli.command {
         Some(Command::Check(args)) => check::run(&gpu, args, cli.global.json.as_deref()),
-        Some(Command::Decode(args)) => decode::run(&gpu, args, cli.global.json.as_deref()),
+        Some(Command::Decode(args)) => decode::run(
+            &gpu,
+            &cli.global.adapter_options(),
+            args,
+            cli.global.json.as_deref(),
+        ),
         Some(Command::Masks(args)) => masks::run(&gpu, args, cli.global.json.as_deref()),
         Some(Command::Run(args)) => {
             let shape = args.shape.shape();

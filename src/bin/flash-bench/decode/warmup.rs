@@ -1,0 +1,165 @@
+//! `flash-bench decode`'s kernels compiled before anything is timed, on
+//! one device per core, as the suite's are (`compile_ahead.rs` says why).
+//!
+//! A decode step's kernel depends on the cache's type and layout, the
+//! heads, the head dims, the query rows and the lanes, not on the cache's
+//! length: a small cache of each type (zeros) compiles the step, its
+//! append and its merge of split results (two forced splits), and the
+//! prefill runs once at the shortest length it is compared at. On lavapipe
+//! a cold run's first case was a decode compile (~57 s) followed by a
+//! prefill compile (~46 s); here they overlap.
+
+use wgpu_flash_attn::{
+    AdapterOptions, AttentionArgs, AttentionConfig, DType, DecodeArgs, DecodeLanes, DecodeOptions,
+    Gpu, KvCache, KvCacheConfig, KvDType, KvLayout, Tensor, TensorShape,
+};
+
+use super::{DecodeCmdArgs, prefill_skipped};
+use crate::compile_ahead;
+
+/// How a failed warm-up call starts its line on stderr (the CLI tests
+/// look for it).
+const COMPILE_AHEAD_FAILED: &str = "compile-ahead call failed, left to the measuring pass";
+
+/// Cached tokens of the small caches (at least the query tokens).
+const WARM_TOKENS: usize = 64;
+
+/// A kernel set the measuring pass will use.
+enum Warmup {
+    /// A step (with its append and merge) over a cache of this type.
+    Step {
+        dtype: KvDType,
+        lanes: Option<DecodeLanes>,
+    },
+    /// The prefill kernel over this many keys.
+    Prefill { tokens: usize },
+}
+
+/// Compiles every kernel `args`' cases will use, where the adapter
+/// compiles at first dispatch ([`compile_ahead::worthwhile`]). Failures are
+/// said on stderr and left to the measuring pass.
+pub fn compile_ahead(gpu: &Gpu, options: &AdapterOptions, args: &DecodeCmdArgs) {
+    if !compile_ahead::worthwhile(gpu) {
+        return;
+    }
+    let forced_lanes: Vec<Option<DecodeLanes>> = if args.lanes.is_empty() {
+        vec![None]
+    } else {
+        args.lanes.iter().copied().map(Some).collect()
+    };
+    let mut work: Vec<Warmup> = args
+        .kv_dtype
+        .iter()
+        .flat_map(|&dtype| {
+            forced_lanes
+                .iter()
+                .map(move |&lanes| Warmup::Step { dtype, lanes })
+        })
+        .collect();
+    if let Some(&tokens) = args
+        .cache
+        .iter()
+        .filter(|&&tokens| prefill_skipped(gpu, args, tokens, KvDType::F32).is_none())
+        .min()
+        .filter(|_| args.kv_dtype.contains(&KvDType::F32))
+    {
+        work.push(Warmup::Prefill { tokens });
+    }
+    if work.len() < 2 {
+        // One kernel set: the measuring pass compiles it as soon.
+        return;
+    }
+    eprintln!("compiling kernels, one device per core...");
+    compile_ahead::spread(gpu, options, &[work], |device, warmup| {
+        let done = match *warmup {
+            Warmup::Step { dtype, lanes } => step(device, args, dtype, lanes),
+            Warmup::Prefill { tokens } => prefill(device, args, tokens),
+        };
+        // Said, not fatal: the measuring pass runs (and reports) the same
+        // calls on real inputs; a failure here only costs the head start.
+        if let Err(err) = done {
+            eprintln!("{COMPILE_AHEAD_FAILED}: {err}");
+        }
+    });
+}
+
+/// One step over a small cache of `dtype` laid out as `args` asks, on zeros.
+fn step(
+    gpu: &Gpu,
+    args: &DecodeCmdArgs,
+    dtype: KvDType,
+    lanes: Option<DecodeLanes>,
+) -> wgpu_flash_attn::Result<()> {
+    let tokens = WARM_TOKENS.max(args.seq_q);
+    let layout = match args.page_size {
+        None => KvLayout::Contiguous { capacity: tokens },
+        Some(page_size) => KvLayout::Paged {
+            page_size,
+            pages: args.batch * tokens.div_ceil(page_size),
+        },
+    };
+    let mut config =
+        KvCacheConfig::new(args.batch, args.heads_kv, args.head_dim, layout).dtype(dtype);
+    if let Some(values) = args.latent_values {
+        config = config.latent_values(values);
+    }
+    let head_dim_v = config.head_dim_v();
+    let mut cache = KvCache::new(gpu, config)?;
+    if let Some(page_size) = args.page_size {
+        let per_seq = tokens.div_ceil(page_size);
+        for b in 0..args.batch {
+            let pages: Vec<u32> = (b * per_seq..(b + 1) * per_seq).map(|p| p as u32).collect();
+            cache.set_block_table(b, &pages)?;
+        }
+    }
+    let kv_shape = TensorShape::new(args.batch, tokens, args.heads_kv, args.head_dim);
+    let zeros = Tensor::zeros(gpu, kv_shape, DType::F32)?;
+    gpu.run(|e| match args.latent_values {
+        Some(_) => cache.append_latent(gpu, e, &zeros, None),
+        None => cache.append(gpu, e, &zeros, &zeros, None),
+    })?;
+    let q_dtype = args.q_dtype.dtype();
+    let q = Tensor::zeros(
+        gpu,
+        TensorShape::new(args.batch, args.seq_q, args.heads_q, args.head_dim),
+        q_dtype,
+    )?;
+    let out = Tensor::zeros(
+        gpu,
+        TensorShape::new(args.batch, args.seq_q, args.heads_q, head_dim_v),
+        q_dtype,
+    )?;
+    let decode_args = DecodeArgs {
+        q: &q,
+        cache: &cache,
+        out: &out,
+        lse: None,
+    };
+    let options = DecodeOptions {
+        config: AttentionConfig::new().causal(true),
+        // Two splits: the merge of split results runs too (the long
+        // caches' steps need it).
+        kv_splits: Some(2),
+        lanes,
+    };
+    gpu.run(|e| gpu.decode(e, &decode_args, options).map(|_| ()))
+}
+
+/// The prefill kernel over `tokens` keys of zeros, as `time_prefill` runs it.
+fn prefill(gpu: &Gpu, args: &DecodeCmdArgs, tokens: usize) -> wgpu_flash_attn::Result<()> {
+    let head_dim_v = args.latent_values.unwrap_or(args.head_dim);
+    let zeros =
+        |seq, heads, dim| Tensor::zeros(gpu, TensorShape::new(1, seq, heads, dim), DType::F32);
+    let q = zeros(args.seq_q, args.heads_q, args.head_dim)?;
+    let k = zeros(tokens, args.heads_kv, args.head_dim)?;
+    let v = zeros(tokens, args.heads_kv, head_dim_v)?;
+    let out = zeros(args.seq_q, args.heads_q, head_dim_v)?;
+    let attention_args = AttentionArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: None,
+    };
+    gpu.run(|e| gpu.forward(e, &attention_args, AttentionConfig::new().causal(true)))
+}
