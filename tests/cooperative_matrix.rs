@@ -423,7 +423,7 @@ fn check_padded_batch(
 }
 
 /// bf16 has no matrices: a typed error naming it (head dims the
-/// matrices do not tile are checked from adapter profiles in src/plan.rs,
+/// matrices do not tile are checked from adapter profiles in src/plan/tests.rs,
 /// since the emulation offers 8x8, which tiles every supported head dim).
 #[test]
 fn bf16_is_a_typed_error() {

@@ -1,0 +1,260 @@
+//! The decode planner: lanes, rows per workgroup and key splits of a
+//! decode step over a KV cache.
+
+use super::{CPU_WORKGROUP_SIZE, ForwardPlan, check_loop_budget, tier_of, use_subgroup_tier};
+use crate::config::Tier;
+use crate::decode::{DecodeLanes, DecodeOptions};
+use crate::error::{Error, Result};
+use crate::gpu::GpuInfo;
+use crate::shaders::{
+    AttentionTiling, DecodeIo, MIN_BLOCK_N, Specialization, forward_tile_bytes, largest_block_n,
+};
+use crate::tensor::DType;
+
+/// Query rows one subgroup-tier workgroup holds (per lane: that many
+/// slices of q and of the accumulator); more rows take more workgroups.
+const SUBGROUP_MAX_ROWS: u32 = 16;
+/// Floats of query and output one lane may hold for decoding's lanes over
+/// keys (8 rows at head dim 128, 4 at 256, 2 at 512): the default on CPU
+/// adapters within it, refused past it (`Error::KeyLanesState`). lavapipe
+/// compiled the 4096-float kernel (4 rows at d=512) in about 4 minutes, the
+/// 2048-float Llama-405B one in seconds; MLA's latent widths (16 rows x
+/// 1088) keep lanes over the head dim.
+const KEY_LANES_MAX_STATE: u64 = 8 * 256;
+/// At most this many invocations per workgroup on GPUs.
+const GPU_MAX_WORKGROUP_SIZE: u32 = 64;
+/// Fewest keys worth a split of their own when the split count is chosen.
+const MIN_KEYS_PER_SPLIT: usize = 256;
+/// Workgroups a default split count aims for on a GPU (a few per compute
+/// unit on large GPUs); CPU adapters aim for four per core.
+const GPU_TARGET_WORKGROUPS: usize = 512;
+/// Workgroup memory of the decode kernel beyond its K/V tiles: per-key
+/// rows and (int8 caches) K/V scales, 64 keys at most, per-lane ranges and
+/// two scalars.
+const DECODE_EXTRA_BYTES: u64 = 64 * 4 + 64 * 8 + 64 * 8 + 16;
+
+/// What the decode planner needs to know of a KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheShape {
+    /// Sequences.
+    pub batch: usize,
+    /// KV heads.
+    pub heads_kv: usize,
+    /// Head dim of the keys.
+    pub head_dim: usize,
+    /// Head dim of the values (a latent cache's values are the first
+    /// `head_dim_v` elements of its keys).
+    pub head_dim_v: usize,
+    /// Length of the longest sequence.
+    pub longest: usize,
+    /// Buffers the pool is spread over.
+    pub segments: usize,
+    /// How the cache stores K and V.
+    pub dtype: crate::KvDType,
+}
+
+/// How a decode call runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodePlan {
+    pub(crate) specialization: Specialization,
+    /// Key chunks per sequence, one workgroup each.
+    pub splits: u32,
+    /// Cache positions per chunk.
+    pub split_keys: u32,
+    /// Buffers the cache is spread over: one dispatch each.
+    pub segments: u32,
+    /// Workgroups along the query rows of one (batch, KV head) pair.
+    pub row_tiles: u32,
+    /// Partial results merged at the end (`splits * segments`); 1 means
+    /// the kernel wrote the output directly.
+    pub slots: u32,
+}
+
+impl DecodePlan {
+    /// The subgroup tier's lane layout; `None` for the portable tier.
+    pub fn lanes(&self) -> Option<DecodeLanes> {
+        match self.specialization {
+            Specialization::Decode(tiling, _, lanes, _) if tiling.subgroup_kv => Some(lanes),
+            _ => None,
+        }
+    }
+
+    /// The kernel tier this plan runs.
+    pub fn tier(&self) -> Tier {
+        self.specialization
+            .attention_tiling()
+            .map_or(Tier::Portable, tier_of)
+    }
+
+    /// Loop iterations one invocation runs over its chunk of keys, as the
+    /// planner models them against [`GpuInfo::loop_budget`].
+    pub fn loop_trips(&self) -> u64 {
+        self.specialization
+            .loop_trips(u64::from(self.split_keys))
+            .unwrap_or(0)
+    }
+}
+
+impl DecodePlan {
+    /// The plan for `seq_q` queries with `heads_q` heads over a cache of
+    /// this shape.
+    pub fn for_call(
+        info: &GpuInfo,
+        cache: &CacheShape,
+        seq_q: usize,
+        heads_q: usize,
+        options: &DecodeOptions,
+    ) -> Result<Self> {
+        let config = &options.config;
+        let (head_dim, head_dim_v) = (cache.head_dim as u32, cache.head_dim_v as u32);
+        let group = heads_q / cache.heads_kv;
+        let rows = (seq_q * group) as u32;
+        let adapter = &info.adapter;
+        let cpu =
+            adapter.device_type == wgpu::DeviceType::Cpu && adapter.backend != wgpu::Backend::Gl;
+        let limits = &info.limits;
+        let max_invocations = info.max_invocations();
+        let subgroup = match (options.lanes, config.tier) {
+            (Some(_), Some(Tier::Portable)) => {
+                return Err(Error::UnsupportedCombination {
+                    what: "DecodeOptions::lanes with the portable tier (lane layouts belong to the subgroup tier)",
+                });
+            }
+            // A forced lane layout asks for the subgroup tier.
+            (Some(_), tier) => use_subgroup_tier(info, tier.or(Some(Tier::SubgroupBroadcast)))?,
+            (None, tier) => use_subgroup_tier(info, tier)?,
+        };
+        let (tiling, rows_per_workgroup, lanes) = if subgroup {
+            // Lanes split the head dim; every lane holds all the rows.
+            let rows_per_workgroup = rows.next_power_of_two().min(SUBGROUP_MAX_ROWS);
+            // CPU adapters take lanes over keys where each lane's state
+            // (every row's query and output) stays small enough to compile
+            // and cache well.
+            let state = u64::from(rows_per_workgroup) * u64::from(head_dim + head_dim_v);
+            let keys_fit = state <= KEY_LANES_MAX_STATE;
+            let lanes = options.lanes.unwrap_or(if cpu && keys_fit {
+                DecodeLanes::Keys
+            } else {
+                DecodeLanes::HeadDim
+            });
+            if lanes == DecodeLanes::Keys && !keys_fit {
+                return Err(Error::KeyLanesState {
+                    rows: rows_per_workgroup,
+                    head_dim: cache.head_dim,
+                    head_dim_v: cache.head_dim_v,
+                    floats: state,
+                    limit: KEY_LANES_MAX_STATE,
+                });
+            }
+            let tiling = AttentionTiling {
+                head_dim,
+                head_dim_v,
+                block_n: 4,
+                workgroup_size: adapter.subgroup_min_size,
+                rows: rows_per_workgroup,
+                unroll: true,
+                subgroup_kv: true,
+                storage: DType::F32,
+                dropout: false,
+            };
+            (tiling, rows_per_workgroup, lanes)
+        } else {
+            let (workgroup_size, rows_per_lane, unroll) = if cpu {
+                let lanes = rows.div_ceil(CPU_WORKGROUP_SIZE).next_power_of_two();
+                let cap = ForwardPlan::cpu_rows(head_dim.max(head_dim_v));
+                (CPU_WORKGROUP_SIZE, lanes.min(cap), true)
+            } else {
+                let size = rows
+                    .next_power_of_two()
+                    .clamp(4, GPU_MAX_WORKGROUP_SIZE.min(max_invocations));
+                // llvmpipe on GL: unrolled head-dim loops, as the forward kernel.
+                (size, 1, adapter.backend == wgpu::Backend::Gl)
+            };
+            let storage = u64::from(limits.max_compute_workgroup_storage_size);
+            let block_n = largest_block_n(
+                head_dim,
+                head_dim_v,
+                storage.saturating_sub(DECODE_EXTRA_BYTES),
+            )
+            .ok_or(Error::WorkgroupMemory {
+                head_dim: cache.head_dim,
+                head_dim_v: cache.head_dim_v,
+                needed: forward_tile_bytes(head_dim, head_dim_v, MIN_BLOCK_N) + DECODE_EXTRA_BYTES,
+                limit: limits.max_compute_workgroup_storage_size,
+            })?;
+            let tiling = AttentionTiling {
+                head_dim,
+                head_dim_v,
+                block_n,
+                workgroup_size,
+                rows: rows_per_lane,
+                unroll,
+                subgroup_kv: false,
+                storage: DType::F32,
+                dropout: false,
+            };
+            // The portable tier stages tiles; it has no lane layout.
+            (tiling, workgroup_size * rows_per_lane, DecodeLanes::HeadDim)
+        };
+        info.check_invocations(tiling.workgroup_size)?;
+        let row_tiles = rows.div_ceil(rows_per_workgroup).max(1);
+        let longest = cache.longest;
+        let splits = match options.kv_splits {
+            Some(0) => return Err(Error::KvSplits(0)),
+            Some(n) => n,
+            None => {
+                let base = row_tiles as usize * cache.heads_kv * cache.batch;
+                let target = if cpu {
+                    4 * info.host_threads.max(1)
+                } else {
+                    GPU_TARGET_WORKGROUPS
+                };
+                target
+                    .div_ceil(base)
+                    .min(longest.div_ceil(MIN_KEYS_PER_SPLIT))
+                    .max(1)
+            }
+        };
+        let specialization = Specialization::Decode(tiling, cache.dtype, lanes, DecodeIo::F32);
+        // On adapters that cap loop iterations (llvmpipe), more splits keep
+        // each workgroup's share of the keys under the cap; a forced count
+        // that does not is refused rather than silently truncated.
+        let mut splits = splits;
+        if let (Some(budget), None) = (info.loop_budget(), options.kv_splits) {
+            while splits < longest
+                && specialization
+                    .loop_trips(longest.div_ceil(splits) as u64)
+                    .is_some_and(|trips| trips > budget)
+            {
+                splits *= 2;
+            }
+        }
+        let split_keys = longest.div_ceil(splits).max(1);
+        check_loop_budget(info, &specialization, split_keys as u64)?;
+        let x_groups = u64::from(row_tiles) * splits as u64;
+        let limit = limits.max_compute_workgroups_per_dimension;
+        for (axis, n) in [
+            ("row tiles x splits", x_groups),
+            ("heads_kv", cache.heads_kv as u64),
+            ("batch", cache.batch as u64),
+        ] {
+            if n > u64::from(limit) {
+                return Err(Error::DispatchTooLarge {
+                    what: "decode",
+                    axis,
+                    groups: n,
+                    limit,
+                });
+            }
+        }
+        let segments = cache.segments as u32;
+        Ok(DecodePlan {
+            specialization,
+            splits: splits as u32,
+            split_keys: split_keys as u32,
+            segments,
+            row_tiles,
+            slots: splits as u32 * segments,
+        })
+    }
+}

@@ -1,0 +1,689 @@
+//! The forward planner: tier, tiling and workgroups of a forward call.
+
+use super::{
+    CPU_WORKGROUP_SIZE, GPU_WORKGROUP_SIZE, check_blocked_layout, check_layout_tier,
+    keys_within_loop_budget, power_of_two_at_most, tier_of, use_subgroup_tier,
+};
+use crate::config::{AttentionShape, BlockedLayout, Tier};
+use crate::error::{Error, Result};
+use crate::gpu::GpuInfo;
+use crate::shaders::{
+    AttentionTiling, BlockedTiling, CoopTiling, MIN_BLOCK_N, Specialization, forward_tile_bytes,
+    largest_block_n,
+};
+use crate::tensor::DType;
+
+/// How a forward call will run on an adapter: kernel tier, tile sizes and
+/// workgroups. A pure function of the adapter's [`GpuInfo`] and the call,
+/// so the choice for any adapter can be inspected without it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardPlan {
+    /// The tiling of the per-row tiers (flash_attention.wgsl), which the
+    /// naive baseline's products share even when `tiled` is chosen.
+    pub(crate) tiling: AttentionTiling,
+    /// The block-tiled kernel the call runs, if not a per-row one.
+    tiled: Option<TiledKernel>,
+    workgroups: [u32; 3],
+    /// With grouped rows: the workgroups of the same call without them
+    /// (what a masked call dispatches).
+    ungrouped_workgroups: [u32; 3],
+    /// The register-blocked kernel's rows are (query row, head) pairs of a
+    /// KV head's query heads ([`ForwardPlan::groups_heads`]).
+    group_rows: bool,
+    keys_per_dispatch: Option<u64>,
+}
+
+impl ForwardPlan {
+    /// Tiles for `shape` with f32 storage on this adapter.
+    pub fn new(info: &GpuInfo, shape: &AttentionShape) -> Result<Self> {
+        Self::for_call(info, shape, DType::F32, None)
+    }
+
+    /// Workgroups along (query tiles, query heads, batch); along (tiles of
+    /// (query row, head) pairs, KV heads, batch) when
+    /// [`ForwardPlan::groups_heads`].
+    pub fn workgroups(&self) -> [u32; 3] {
+        self.workgroups
+    }
+    /// Whether a block's rows are (query row, query head) pairs of one KV
+    /// head's group (register-blocked GQA calls with fewer query rows than
+    /// a block: a decoding step's heads share each K/V tile). Masked calls
+    /// never group (their tiles are per head).
+    pub fn groups_heads(&self) -> bool {
+        self.group_rows
+    }
+    /// The same plan without grouped rows (what a masked call runs).
+    pub(crate) fn without_grouped_rows(&self) -> Self {
+        ForwardPlan {
+            workgroups: self.ungrouped_workgroups,
+            group_rows: false,
+            ..*self
+        }
+    }
+    /// The most keys one dispatch may visit per query row on this adapter
+    /// (llvmpipe's loop budget); `None` when nothing caps it. Longer calls
+    /// run their keys in chunks, one dispatch each (see [`Gpu::forward`]).
+    ///
+    /// [`Gpu::forward`]: crate::Gpu::forward
+    pub fn keys_per_dispatch(&self) -> Option<u64> {
+        self.keys_per_dispatch
+    }
+    /// Loop iterations one invocation runs over `keys` keys, as the planner
+    /// models them against [`GpuInfo::loop_budget`].
+    pub fn loop_trips(&self, keys: u64) -> u64 {
+        self.specialization().loop_trips(keys).unwrap_or(0)
+    }
+    /// Dispatches the keys of a `seq_kv`-key sequence take under the loop
+    /// budget alone (more when K or V is bound in windows, see
+    /// [`Gpu::forward`]).
+    ///
+    /// [`Gpu::forward`]: crate::Gpu::forward
+    pub fn key_chunks(&self, seq_kv: usize) -> u64 {
+        self.keys_per_dispatch
+            .map_or(1, |keys| (seq_kv as u64).div_ceil(keys).max(1))
+    }
+    /// Invocations per workgroup.
+    pub fn workgroup_size(&self) -> u32 {
+        match self.tiled {
+            Some(TiledKernel::Blocked(b)) => b.workgroup_size(),
+            Some(TiledKernel::Coop(c)) => c.workgroup_size,
+            None => self.tiling.workgroup_size,
+        }
+    }
+    /// Query rows each invocation holds (the cooperative-matrix kernel's
+    /// rows are held by subgroups: 0).
+    pub fn rows_per_invocation(&self) -> u32 {
+        match self.tiled {
+            Some(TiledKernel::Blocked(b)) => b.rows,
+            Some(TiledKernel::Coop(_)) => 0,
+            None => self.tiling.rows,
+        }
+    }
+    /// Query rows per workgroup (one tile of Q).
+    pub fn block_m(&self) -> u32 {
+        match self.tiled {
+            Some(TiledKernel::Blocked(b)) => b.block_m(),
+            Some(TiledKernel::Coop(c)) => c.block_m(),
+            None => self.tiling.workgroup_size * self.tiling.rows,
+        }
+    }
+    /// Keys per K/V tile.
+    pub fn block_n(&self) -> u32 {
+        match self.tiled {
+            Some(TiledKernel::Blocked(b)) => b.block_n(),
+            Some(TiledKernel::Coop(c)) => c.block_n(),
+            None => self.tiling.block_n,
+        }
+    }
+    /// The register-blocked tier's layout, when the plan runs it.
+    pub fn blocked_tiling(&self) -> Option<BlockedTiling> {
+        match self.tiled {
+            Some(TiledKernel::Blocked(b)) => Some(b),
+            _ => None,
+        }
+    }
+    /// The cooperative-matrix tier's layout, when the plan runs it.
+    pub fn coop_tiling(&self) -> Option<CoopTiling> {
+        match self.tiled {
+            Some(TiledKernel::Coop(c)) => Some(c),
+            _ => None,
+        }
+    }
+    /// Bytes of workgroup memory the forward kernel declares.
+    pub fn workgroup_bytes(&self) -> u64 {
+        match self.tiled {
+            Some(TiledKernel::Blocked(b)) => b.workgroup_bytes(),
+            Some(TiledKernel::Coop(c)) => c.workgroup_bytes(),
+            None => forward_tile_bytes(
+                self.tiling.head_dim,
+                self.tiling.head_dim_v,
+                self.tiling.block_n,
+            ),
+        }
+    }
+    /// Storage type of Q, K, V and O.
+    pub fn storage(&self) -> DType {
+        self.tiling.storage
+    }
+    /// Whether the head-dim and row loops are expanded in the WGSL text
+    /// (the register-blocked kernel always expands its row and column
+    /// loops and never the head-dim one: `false`).
+    pub fn unrolled(&self) -> bool {
+        self.tiled.is_none() && self.tiling.unroll
+    }
+    pub(crate) fn specialization(&self) -> Specialization {
+        forward_specialization(self.tiled, self.tiling)
+    }
+    /// The plan with the forward's products in f16
+    /// ([`AttentionConfig::f16_products`]): register-blocked plans of f16
+    /// storage on adapters with `SHADER_F16` only; the rest is a typed
+    /// error.
+    ///
+    /// [`AttentionConfig::f16_products`]: crate::AttentionConfig::f16_products
+    pub fn with_f16_products(mut self, info: &GpuInfo) -> Result<Self> {
+        if self.tiling.storage != DType::F16 {
+            return Err(Error::DTypeUnsupported {
+                tensor: "q (f16 products)",
+                got: self.tiling.storage,
+                needed: DType::F16,
+            });
+        }
+        let Some(TiledKernel::Blocked(blocked)) = &mut self.tiled else {
+            return Err(Error::UnsupportedCombination {
+                what: "f16 products and a tier other than RegisterBlocked",
+            });
+        };
+        if !info.has_f16() {
+            return Err(Error::TierUnavailable {
+                tier: Tier::RegisterBlocked,
+                reason: "f16 products need the SHADER_F16 feature".to_string(),
+            });
+        }
+        blocked.f16_products = true;
+        Ok(self)
+    }
+
+    /// The plan with attention dropout compiled into its kernel
+    /// ([`AttentionConfig::dropout`]; the DROPOUT variant, so that calls
+    /// without it keep their pipelines free of the mask's hashing).
+    ///
+    /// [`AttentionConfig::dropout`]: crate::AttentionConfig::dropout
+    pub fn with_dropout(mut self) -> Self {
+        match &mut self.tiled {
+            Some(TiledKernel::Coop(coop)) => coop.dropout = true,
+            Some(TiledKernel::Blocked(blocked)) => blocked.dropout = true,
+            None => self.tiling.dropout = true,
+        }
+        self
+    }
+
+    /// Whether the plan's kernel applies attention dropout.
+    pub fn applies_dropout(&self) -> bool {
+        match self.tiled {
+            Some(TiledKernel::Blocked(blocked)) => blocked.dropout,
+            Some(TiledKernel::Coop(coop)) => coop.dropout,
+            None => self.tiling.dropout,
+        }
+    }
+
+    /// The kernel of the same tier with an attention mask.
+    pub(crate) fn masked_specialization(&self) -> Specialization {
+        match self.tiled {
+            Some(TiledKernel::Blocked(b)) => Specialization::FlashBlockedMasked(b),
+            Some(TiledKernel::Coop(c)) => Specialization::FlashCoopMasked(c),
+            None => Specialization::FlashMasked(self.tiling),
+        }
+    }
+
+    /// Tiles for one call: Q, K, V and O stored as `storage` and, if
+    /// forced, the kernel tier.
+    pub fn for_call(
+        info: &GpuInfo,
+        shape: &AttentionShape,
+        storage: DType,
+        tier: Option<Tier>,
+    ) -> Result<Self> {
+        Self::plan_call(info, shape, storage, tier, None)
+    }
+
+    /// [`ForwardPlan::for_call`] on the register-blocked tier with its
+    /// workgroup layout given ([`AttentionConfig::blocked_layout`]): a
+    /// layout outside the kernel's range, or one the adapter's invocations
+    /// or workgroup memory cannot hold, is a typed error with the numbers,
+    /// as is another forced tier.
+    ///
+    /// [`AttentionConfig::blocked_layout`]: crate::AttentionConfig::blocked_layout
+    pub fn for_call_with_layout(
+        info: &GpuInfo,
+        shape: &AttentionShape,
+        storage: DType,
+        tier: Option<Tier>,
+        layout: BlockedLayout,
+    ) -> Result<Self> {
+        check_layout_tier(tier)?;
+        Self::plan_call(info, shape, storage, tier, Some(layout))
+    }
+
+    fn plan_call(
+        info: &GpuInfo,
+        shape: &AttentionShape,
+        storage: DType,
+        tier: Option<Tier>,
+        layout: Option<BlockedLayout>,
+    ) -> Result<Self> {
+        shape.validate()?;
+        let limits = &info.limits;
+        let (head_dim, head_dim_v) = (shape.head_dim as u32, shape.head_dim_v as u32);
+        let block_n = largest_block_n(
+            head_dim,
+            head_dim_v,
+            u64::from(limits.max_compute_workgroup_storage_size),
+        )
+        .ok_or(Error::WorkgroupMemory {
+            head_dim: shape.head_dim,
+            head_dim_v: shape.head_dim_v,
+            needed: forward_tile_bytes(head_dim, head_dim_v, MIN_BLOCK_N),
+            limit: limits.max_compute_workgroup_storage_size,
+        })?;
+        // The per-row tiers' tiling is planned in every case: the naive
+        // baseline shares it.
+        let row_tier = tier.filter(|&t| matches!(t, Tier::Portable | Tier::SubgroupBroadcast));
+        let RowTiling {
+            workgroup_size,
+            rows,
+            unroll,
+            subgroup_kv,
+        } = row_tiling(info, shape, row_tier)?;
+        info.check_invocations(workgroup_size)?;
+        let unavailable = |tier, reason| Error::TierUnavailable { tier, reason };
+        let tiled = match (layout, tier) {
+            (Some(layout), _) => Some(TiledKernel::Blocked(blocked_tiling_of(
+                info, shape, storage, layout,
+            )?)),
+            (None, tier) => match tier {
+                Some(Tier::CooperativeMatrix) => Some(TiledKernel::Coop(
+                    coop_tiling(info, shape, storage)
+                        .map_err(|reason| unavailable(Tier::CooperativeMatrix, reason))?,
+                )),
+                Some(Tier::RegisterBlocked) => Some(TiledKernel::Blocked(
+                    blocked_tiling(info, shape, storage)
+                        .map_err(|reason| unavailable(Tier::RegisterBlocked, reason))?,
+                )),
+                Some(Tier::Portable | Tier::SubgroupBroadcast) => None,
+                // The matrix units where the device offers them, else
+                // register blocking on hardware GPUs.
+                None => match coop_tiling(info, shape, storage) {
+                    Ok(coop) => Some(TiledKernel::Coop(coop)),
+                    Err(_) if blocked_by_default(info) => blocked_tiling(info, shape, storage)
+                        .ok()
+                        .map(TiledKernel::Blocked),
+                    Err(_) => None,
+                },
+            },
+        };
+        let block_m = u64::from(match tiled {
+            Some(TiledKernel::Blocked(b)) => b.block_m(),
+            Some(TiledKernel::Coop(c)) => c.block_m(),
+            None => workgroup_size * rows,
+        });
+        let ungrouped = [
+            (shape.seq_q as u64).div_ceil(block_m),
+            shape.heads_q as u64,
+            shape.batch as u64,
+        ];
+        // Decoding-like GQA calls (fewer query rows than a block) give the
+        // register-blocked block's rows to the KV head's query heads, so
+        // they share each K/V tile instead of each reading it.
+        let group = (shape.heads_q / shape.heads_kv) as u64;
+        let group_rows = matches!(tiled, Some(TiledKernel::Blocked(_)))
+            && group > 1
+            && (shape.seq_q as u64) < block_m;
+        let groups = if group_rows {
+            [
+                (shape.seq_q as u64 * group).div_ceil(block_m),
+                shape.heads_kv as u64,
+                shape.batch as u64,
+            ]
+        } else {
+            ungrouped
+        };
+        let limit = limits.max_compute_workgroups_per_dimension;
+        for (axis, &n) in ["query row tiles", "heads_q", "batch"]
+            .iter()
+            .zip(&ungrouped)
+        {
+            if n > u64::from(limit) {
+                return Err(Error::DispatchTooLarge {
+                    what: "flash attention",
+                    axis,
+                    groups: n,
+                    limit,
+                });
+            }
+        }
+        let tiling = AttentionTiling {
+            head_dim,
+            head_dim_v,
+            block_n,
+            workgroup_size,
+            rows,
+            unroll,
+            subgroup_kv,
+            storage,
+            dropout: false,
+        };
+        let keys_per_dispatch =
+            keys_within_loop_budget(info, &forward_specialization(tiled, tiling))?;
+        Ok(ForwardPlan {
+            tiling,
+            tiled,
+            workgroups: groups.map(|n| n as u32),
+            ungrouped_workgroups: ungrouped.map(|n| n as u32),
+            group_rows,
+            keys_per_dispatch,
+        })
+    }
+}
+
+impl ForwardPlan {
+    /// Query rows per invocation on CPU adapters, for the wider of the
+    /// query/key and value head dims. Registers are memory on a CPU, so
+    /// this bounds the per-invocation state (q and acc: rows * (head_dim +
+    /// head_dim_v) floats) and the unrolled code: 16 rows at d=64 compile
+    /// in ~25 s on a cold lavapipe and run ~15 % faster than 8 rows
+    /// (BENCHMARKS.md); past 256 two rows keep the unrolled code of a
+    /// 576-wide head near that of 4 rows at 256. It depends on the head
+    /// dims only, so each pair compiles one pipeline whatever the sequence
+    /// lengths.
+    pub fn cpu_rows(widest_head_dim: u32) -> u32 {
+        match widest_head_dim {
+            0..=64 => 16,
+            65..=128 => 8,
+            129..=256 => 4,
+            _ => 2,
+        }
+    }
+
+    /// The kernel tier this plan runs.
+    pub fn tier(&self) -> Tier {
+        match self.tiled {
+            Some(TiledKernel::Blocked(_)) => Tier::RegisterBlocked,
+            Some(TiledKernel::Coop(_)) => Tier::CooperativeMatrix,
+            None => tier_of(&self.tiling),
+        }
+    }
+}
+
+/// A forward kernel whose workgroup shares a block of rows (rather than
+/// giving each invocation rows of its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TiledKernel {
+    Blocked(BlockedTiling),
+    Coop(CoopTiling),
+}
+
+/// The unmasked forward kernel of a plan.
+fn forward_specialization(tiled: Option<TiledKernel>, tiling: AttentionTiling) -> Specialization {
+    match tiled {
+        Some(TiledKernel::Blocked(b)) => Specialization::FlashBlocked(b),
+        Some(TiledKernel::Coop(c)) => Specialization::FlashCoop(c),
+        None => Specialization::FlashForward(tiling),
+    }
+}
+
+/// Cooperative-matrix layouts, best first: (row tiles, key tiles).
+const COOP_TILES: [(u32, u32); 7] = [(4, 4), (4, 2), (2, 4), (2, 2), (2, 1), (1, 2), (1, 1)];
+
+/// The cooperative-matrix kernel's layout for this adapter and shape: the
+/// largest matrices the adapter multiplies with the storage type's
+/// operands into f32, and the first of [`COOP_TILES`] whose workgroup
+/// memory and invocations fit; or why there is none.
+fn coop_tiling(
+    info: &GpuInfo,
+    shape: &AttentionShape,
+    storage: DType,
+) -> std::result::Result<CoopTiling, String> {
+    use wgpu::CooperativeScalarType as Scalar;
+    let adapter = &info.adapter;
+    // The emulation runs the same kernel with scalar products, anywhere.
+    let emulated = info.cooperative_matrix_emulation;
+    if !emulated
+        && !matches!(
+            adapter.backend,
+            wgpu::Backend::Vulkan | wgpu::Backend::Metal
+        )
+    {
+        return Err(format!(
+            "wgpu offers cooperative matrices on Vulkan and Metal, not {:?}",
+            adapter.backend
+        ));
+    }
+    if !emulated
+        && !info
+            .features
+            .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+    {
+        return Err(
+            "the device lacks wgpu's EXPERIMENTAL_COOPERATIVE_MATRIX feature (requested with \
+             AdapterOptions::cooperative_matrix or FLASH_ATTN_COOPERATIVE_MATRIX=1 where the \
+             adapter has it)"
+                .to_string(),
+        );
+    }
+    if !emulated && !info.has_subgroups() {
+        return Err("it needs the SUBGROUP feature".to_string());
+    }
+    let operand = match storage {
+        DType::F16 if info.has_f16() => Scalar::F16,
+        DType::F16 => return Err("f16 matrices need the SHADER_F16 feature".to_string()),
+        DType::F32 => Scalar::F32,
+        DType::BF16 => {
+            return Err(
+                "no configuration multiplies bf16 matrices (f16 or f32 storage does)".to_string(),
+            );
+        }
+    };
+    let offered = |size: u32| {
+        info.cooperative_matrices.iter().any(|c| {
+            (c.m_size, c.n_size, c.k_size) == (size, size, size)
+                && c.ab_type == operand
+                && c.cr_type == Scalar::F32
+        })
+    };
+    let sizes: Vec<u32> = [16, 8].into_iter().filter(|&size| offered(size)).collect();
+    if sizes.is_empty() {
+        let reported: Vec<String> = info
+            .cooperative_matrices
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}x{}x{} {:?}->{:?}",
+                    c.m_size, c.n_size, c.k_size, c.ab_type, c.cr_type
+                )
+            })
+            .collect();
+        return Err(format!(
+            "the adapter multiplies no 16x16 or 8x8 {operand:?} matrices into f32 (it reports: {})",
+            reported.join(", ")
+        ));
+    }
+    // The largest matrices that tile both head dims.
+    let (head_dim, head_dim_v) = (shape.head_dim as u32, shape.head_dim_v as u32);
+    let Some(size) = sizes
+        .iter()
+        .copied()
+        .find(|&size| head_dim.is_multiple_of(size) && head_dim_v.is_multiple_of(size))
+    else {
+        let sizes: Vec<String> = sizes.iter().map(|s| format!("{s}x{s}")).collect();
+        return Err(format!(
+            "head dims {head_dim}/{head_dim_v} are not multiples of its {} matrices",
+            sizes.join(" or ")
+        ));
+    };
+    let subgroup = if emulated {
+        CoopTiling::EMULATED_LANES
+    } else {
+        adapter.subgroup_min_size
+    };
+    if !subgroup.is_power_of_two() || subgroup < size {
+        return Err(format!(
+            "its softmax gives each {size}-row tile a subgroup of at least {size} lanes; the \
+             adapter's smallest subgroup is {subgroup}"
+        ));
+    }
+    let memory = u64::from(info.limits.max_compute_workgroup_storage_size);
+    let invocations = info.max_invocations();
+    let layouts = COOP_TILES.map(|(row_tiles, key_tiles)| CoopTiling {
+        head_dim,
+        head_dim_v,
+        size,
+        row_tiles,
+        key_tiles,
+        workgroup_size: row_tiles * subgroup,
+        storage,
+        emulated,
+        dropout: false,
+    });
+    // Each lane of a row takes whole four-key quads.
+    let quads_split = |t: &CoopTiling| (t.block_n() / 4).is_multiple_of(t.lanes_per_row());
+    let fits = |t: &CoopTiling| {
+        quads_split(t) && t.workgroup_bytes() <= memory && t.workgroup_size <= invocations
+    };
+    if let Some(found) = layouts.iter().find(|t| fits(t)) {
+        return Ok(*found);
+    }
+    let smallest = layouts
+        .iter()
+        .filter(|t| quads_split(t))
+        .min_by_key(|t| t.workgroup_bytes())
+        .copied()
+        .unwrap_or(layouts[layouts.len() - 1]);
+    Err(format!(
+        "its smallest block ({} rows, {} keys, {} invocations) needs {} bytes of workgroup memory \
+         at head dims {head_dim}/{head_dim_v}; the adapter allows {memory} bytes and {invocations} \
+         invocations",
+        smallest.block_m(),
+        smallest.block_n(),
+        smallest.workgroup_size,
+        smallest.workgroup_bytes()
+    ))
+}
+
+/// Register-blocked layouts, best first: (row lanes, key lanes). 128
+/// invocations over 64 rows where the tiles fit, then smaller blocks for
+/// wide heads and small workgroup memories.
+const BLOCKED_LANES: [(u32, u32); 5] = [(16, 8), (8, 8), (8, 4), (4, 4), (2, 4)];
+/// Output vec4s one invocation of the register-blocked kernel accumulates
+/// (rows x columns) before it takes fewer rows: 64 floats, with the scores
+/// and loads, about what a GPU keeps in registers at full occupancy.
+const BLOCKED_ACCUMULATORS: u32 = 16;
+
+/// Whether the register-blocked tier is the default: on hardware GPUs
+/// (the CPU adapters run the per-row tiers, tuned for them).
+fn blocked_by_default(info: &GpuInfo) -> bool {
+    matches!(
+        info.adapter.device_type,
+        wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu
+    )
+}
+
+/// The register-blocked kernel's layout for this adapter and shape: the
+/// first of [`BLOCKED_LANES`] whose tiles fit the workgroup memory and
+/// whose invocations the workgroup limit, with rows per invocation chosen
+/// so the accumulators stay within [`BLOCKED_ACCUMULATORS`]; or why none fits.
+fn blocked_tiling(
+    info: &GpuInfo,
+    shape: &AttentionShape,
+    storage: DType,
+) -> std::result::Result<BlockedTiling, String> {
+    let (head_dim, head_dim_v) = (shape.head_dim as u32, shape.head_dim_v as u32);
+    let memory = u64::from(info.limits.max_compute_workgroup_storage_size);
+    let invocations = info.max_invocations();
+    let layouts = BLOCKED_LANES.map(|(row_lanes, key_lanes)| {
+        let columns = (head_dim_v / 4).div_ceil(key_lanes);
+        BlockedTiling {
+            head_dim,
+            head_dim_v,
+            row_lanes,
+            key_lanes,
+            rows: (BLOCKED_ACCUMULATORS / columns).clamp(1, 4),
+            storage,
+            dropout: false,
+            f16_products: false,
+        }
+    });
+    if let Some(fits) = layouts
+        .iter()
+        .find(|t| t.workgroup_bytes() <= memory && t.workgroup_size() <= invocations)
+    {
+        return Ok(*fits);
+    }
+    let smallest = layouts[layouts.len() - 1];
+    Err(format!(
+        "its smallest block ({} rows, {} keys, {} invocations) needs {} bytes of workgroup memory \
+         at head dims {head_dim}/{head_dim_v}; the adapter allows {memory} bytes and {invocations} invocations",
+        smallest.block_m(),
+        smallest.block_n(),
+        smallest.workgroup_size(),
+        smallest.workgroup_bytes()
+    ))
+}
+
+/// The register-blocked kernel with the caller's layout, after checking it
+/// against the kernel's range and the adapter's limits.
+fn blocked_tiling_of(
+    info: &GpuInfo,
+    shape: &AttentionShape,
+    storage: DType,
+    layout: BlockedLayout,
+) -> Result<BlockedTiling> {
+    check_blocked_layout(layout)?;
+    let BlockedLayout {
+        row_lanes,
+        key_lanes,
+        rows,
+    } = layout;
+    let tiling = BlockedTiling {
+        head_dim: shape.head_dim as u32,
+        head_dim_v: shape.head_dim_v as u32,
+        row_lanes,
+        key_lanes,
+        rows,
+        storage,
+        dropout: false,
+        f16_products: false,
+    };
+    info.check_workgroup(shape, tiling.workgroup_size(), tiling.workgroup_bytes())?;
+    Ok(tiling)
+}
+
+/// How query rows map onto invocations.
+struct RowTiling {
+    workgroup_size: u32,
+    rows: u32,
+    unroll: bool,
+    subgroup_kv: bool,
+}
+
+/// The tiling for this adapter and shape, honouring a forced tier.
+fn row_tiling(info: &GpuInfo, shape: &AttentionShape, tier: Option<Tier>) -> Result<RowTiling> {
+    let subgroup_kv = use_subgroup_tier(info, tier)?;
+    let adapter = &info.adapter;
+    let cpu = adapter.device_type == wgpu::DeviceType::Cpu;
+    let rows = if cpu {
+        ForwardPlan::cpu_rows(shape.head_dim.max(shape.head_dim_v) as u32)
+    } else {
+        1
+    };
+    if subgroup_kv {
+        // The workgroup is one subgroup of the smallest size the adapter
+        // may pick, whatever size it picks (1.7x on lavapipe, BENCHMARKS.md).
+        // Broadcast lanes must be constants, so the loops are unrolled.
+        return Ok(RowTiling {
+            workgroup_size: adapter.subgroup_min_size,
+            rows,
+            unroll: true,
+            subgroup_kv,
+        });
+    }
+    // llvmpipe behind the GL backend compiled the CPU tiling (many rows,
+    // unrolled) for head dims of 200 and more in over a minute: GL gets the
+    // GPU tiling, unrolled over the head dim only (~10-20 s per head dim
+    // cold), because llvmpipe's loop budget (Gpu::loop_budget) would cut
+    // the head-dim loops after ~600 keys at d=256.
+    let gl = adapter.backend == wgpu::Backend::Gl;
+    if !cpu || gl {
+        return Ok(RowTiling {
+            workgroup_size: power_of_two_at_most(info.max_invocations(), GPU_WORKGROUP_SIZE),
+            rows: 1,
+            unroll: gl,
+            subgroup_kv,
+        });
+    }
+    Ok(RowTiling {
+        workgroup_size: CPU_WORKGROUP_SIZE,
+        rows,
+        unroll: true,
+        subgroup_kv,
+    })
+}

@@ -1,0 +1,702 @@
+//! The planners over the adapter profiles: what each adapter would run,
+//! and the errors where it cannot.
+
+use super::profiles::*;
+use super::*;
+use crate::config::AttentionShape;
+use crate::decode::{DecodeLanes, DecodeOptions};
+use crate::shaders::{BlockedTiling, NaivePass};
+use crate::tensor::DType;
+
+fn profile(name: &str) -> GpuInfo {
+    all()
+        .into_iter()
+        .find(|p| p.name.starts_with(name))
+        .expect("a profile of that name")
+        .info()
+}
+
+/// (tier, workgroup size, rows per invocation, keys per tile, unrolled)
+type Tiling = (Tier, u32, u32, u32, bool);
+
+fn forward(info: &GpuInfo, head_dim: usize) -> Tiling {
+    let shape = AttentionShape::self_attention(1, 1024, 8, head_dim);
+    let plan = ForwardPlan::new(info, &shape).expect("plans");
+    (
+        plan.tier(),
+        plan.workgroup_size(),
+        plan.rows_per_invocation(),
+        plan.block_n(),
+        plan.unrolled(),
+    )
+}
+
+/// Only calls with dropout compile its hashing (the DROPOUT variant),
+/// on every tier.
+#[test]
+fn dropout_is_a_variant_of_its_own() {
+    let shape = AttentionShape::self_attention(1, 1024, 8, 64);
+    for profile in profiles::all() {
+        let info = profile.info();
+        for storage in [DType::F32, DType::F16] {
+            let Ok(plan) = ForwardPlan::for_call(&info, &shape, storage, None) else {
+                continue;
+            };
+            let has_dropout = |spec: Specialization| spec.variant_flags().contains(&"DROPOUT");
+            assert!(!has_dropout(plan.specialization()), "{}", profile.name);
+            assert!(!has_dropout(plan.masked_specialization()));
+            assert!(!plan.applies_dropout());
+            let dropout = plan.with_dropout();
+            assert!(dropout.applies_dropout());
+            assert!(has_dropout(dropout.specialization()), "{}", profile.name);
+            assert!(has_dropout(dropout.masked_specialization()));
+            // The same tier and tiles otherwise.
+            assert_eq!(dropout.tier(), plan.tier());
+            assert_eq!(dropout.workgroups(), plan.workgroups());
+            assert_eq!(dropout.block_m(), plan.block_m());
+        }
+    }
+}
+
+#[test]
+fn forward_tiling_per_adapter() {
+    use Tier::{Portable, RegisterBlocked, SubgroupBroadcast};
+    // name, head dim, (tier, workgroup, rows, block_n, unrolled)
+    let table: [(&str, usize, Tiling); 17] = [
+        // lavapipe: one subgroup of 8, many rows each, unrolled.
+        (
+            "llvmpipe (LLVM 15.0.6, 256 bits)",
+            64,
+            (SubgroupBroadcast, 8, 16, 64, true),
+        ),
+        (
+            "llvmpipe (LLVM 15.0.6, 256 bits)",
+            256,
+            (SubgroupBroadcast, 8, 4, 16, true),
+        ),
+        // GL: no subgroups; the GPU tiling, head-dim loops unrolled.
+        (
+            "llvmpipe (LLVM 15.0.6, 256 bits) GL",
+            64,
+            (Portable, 64, 1, 64, true),
+        ),
+        (
+            "llvmpipe (LLVM 15.0.6, 256 bits) GL",
+            256,
+            (Portable, 64, 1, 16, true),
+        ),
+        // Hardware: register-blocked, 64 rows x 32 keys by 128
+        // invocations where the workgroup memory holds them, smaller
+        // blocks (and fewer rows per invocation) for wider heads.
+        ("NVIDIA", 64, (RegisterBlocked, 128, 4, 32, false)),
+        ("NVIDIA", 128, (RegisterBlocked, 64, 4, 32, false)),
+        ("NVIDIA", 256, (RegisterBlocked, 32, 1, 16, false)),
+        ("AMD", 128, (RegisterBlocked, 128, 4, 32, false)),
+        ("AMD", 256, (RegisterBlocked, 64, 2, 32, false)),
+        ("Apple", 64, (RegisterBlocked, 64, 4, 32, false)),
+        ("Apple", 256, (RegisterBlocked, 32, 1, 16, false)),
+        ("Intel", 64, (RegisterBlocked, 128, 4, 32, false)),
+        ("Intel", 192, (RegisterBlocked, 128, 2, 32, false)),
+        // 16 KiB of workgroup memory: small blocks, and at d=256 none
+        // fits, so the subgroup tier (one row per lane).
+        ("Adreno", 64, (RegisterBlocked, 32, 4, 16, false)),
+        ("Adreno", 256, (SubgroupBroadcast, 64, 1, 8, true)),
+        // WARP: a CPU adapter whose smallest subgroup is 4.
+        ("WARP", 64, (SubgroupBroadcast, 4, 16, 64, true)),
+        ("WARP", 128, (SubgroupBroadcast, 4, 8, 32, true)),
+    ];
+    for (name, head_dim, expected) in table {
+        assert_eq!(
+            forward(&profile(name), head_dim),
+            expected,
+            "{name} d={head_dim}"
+        );
+    }
+}
+
+#[test]
+fn portable_tier_everywhere_and_subgroups_only_where_offered() {
+    let shape = AttentionShape::self_attention(1, 512, 4, 64);
+    for p in all() {
+        let info = p.info();
+        let portable = ForwardPlan::for_call(&info, &shape, DType::F16, Some(Tier::Portable))
+            .unwrap_or_else(|e| panic!("{}: {e}", p.name));
+        assert_eq!(portable.tier(), Tier::Portable);
+        assert_eq!(portable.storage(), DType::F16);
+        assert!(portable.workgroup_size() <= p.invocations);
+        let forced =
+            ForwardPlan::for_call(&info, &shape, DType::F32, Some(Tier::SubgroupBroadcast));
+        match (p.backend, p.subgroups) {
+            (wgpu::Backend::Gl, _) | (_, None) => assert!(
+                matches!(forced, Err(Error::TierUnavailable { .. })),
+                "{}: {forced:?}",
+                p.name
+            ),
+            _ => assert_eq!(forced.expect("offered").tier(), Tier::SubgroupBroadcast),
+        }
+    }
+    // Without the feature, or with a smallest size outside 4..=128, the
+    // per-row default (a CPU adapter's) is the portable tier and
+    // forcing says why.
+    let mut info = profile("WARP");
+    info.features.remove(wgpu::Features::SUBGROUP);
+    assert_eq!(
+        ForwardPlan::new(&info, &shape).unwrap().tier(),
+        Tier::Portable
+    );
+    let mut info = profile("WARP");
+    info.adapter.subgroup_min_size = 256;
+    info.adapter.subgroup_max_size = 256;
+    assert_eq!(
+        ForwardPlan::new(&info, &shape).unwrap().tier(),
+        Tier::Portable
+    );
+    match ForwardPlan::for_call(&info, &shape, DType::F32, Some(Tier::SubgroupBroadcast)) {
+        Err(Error::TierUnavailable { reason, .. }) => {
+            assert!(reason.contains("256"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn register_blocked_layouts_given_by_the_caller() {
+    let shape = AttentionShape::self_attention(2, 1000, 8, 128);
+    let layout = |row_lanes, key_lanes, rows| BlockedLayout {
+        row_lanes,
+        key_lanes,
+        rows,
+    };
+    for p in all() {
+        let info = p.info();
+        let what = p.name;
+        // A small layout fits every profile and is taken exactly, on
+        // any storage, CPU adapters included.
+        let plan =
+            ForwardPlan::for_call_with_layout(&info, &shape, DType::F16, None, layout(4, 2, 3))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let blocked = plan.blocked_tiling().expect("register-blocked");
+        assert_eq!(
+            (blocked.row_lanes, blocked.key_lanes, blocked.rows),
+            (4, 2, 3),
+            "{what}"
+        );
+        assert_eq!(plan.tier(), Tier::RegisterBlocked);
+        assert_eq!(plan.workgroups(), [1000u32.div_ceil(12), 8, 2]);
+        assert_eq!(plan.block_n(), 8);
+        // Out of the kernel's range: the numbers come back.
+        for bad in [
+            layout(0, 8, 2),
+            layout(8, 0, 2),
+            layout(8, 8, 0),
+            layout(8, 8, 9),
+        ] {
+            match ForwardPlan::for_call_with_layout(&info, &shape, DType::F32, None, bad) {
+                Err(Error::InvalidBlockedLayout {
+                    row_lanes,
+                    key_lanes,
+                    rows,
+                }) => assert_eq!(layout(row_lanes, key_lanes, rows), bad),
+                other => panic!("{what} {bad}: {other:?}"),
+            }
+        }
+        // Past the adapter's invocations or workgroup memory.
+        let wide = layout(256, 256, 1);
+        assert!(matches!(
+            ForwardPlan::for_call_with_layout(&info, &shape, DType::F32, None, wide),
+            Err(Error::WorkgroupInvocations { needed: 65536, limit }) if limit == p.invocations
+        ));
+        let tall = layout(128, 1, 8);
+        let needed = BlockedTiling {
+            head_dim: 128,
+            head_dim_v: 128,
+            row_lanes: 128,
+            key_lanes: 1,
+            rows: 8,
+            storage: DType::F32,
+            f16_products: false,
+            dropout: false,
+        }
+        .workgroup_bytes();
+        match ForwardPlan::for_call_with_layout(&info, &shape, DType::F32, None, tall) {
+            Err(Error::WorkgroupMemory {
+                needed: n, limit, ..
+            }) => {
+                assert_eq!((n, limit), (needed, p.workgroup_bytes), "{what}");
+            }
+            Err(Error::WorkgroupInvocations { .. }) => assert!(p.invocations < 128, "{what}"),
+            other => panic!("{what}: {other:?}"),
+        }
+        // Only the register-blocked tier has layouts.
+        for tier in [
+            Tier::Portable,
+            Tier::SubgroupBroadcast,
+            Tier::CooperativeMatrix,
+        ] {
+            assert!(matches!(
+                ForwardPlan::for_call_with_layout(
+                    &info,
+                    &shape,
+                    DType::F32,
+                    Some(tier),
+                    layout(4, 2, 3)
+                ),
+                Err(Error::UnsupportedCombination { .. })
+            ));
+        }
+    }
+}
+
+#[test]
+fn register_blocked_where_it_fits_and_by_default_on_hardware_gpus() {
+    for p in all() {
+        let info = p.info();
+        let gpu = matches!(
+            p.device_type,
+            wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu
+        );
+        for (head_dim, head_dim_v) in [(64, 64), (128, 128), (192, 128), (256, 256)] {
+            let shape =
+                AttentionShape::self_attention(1, 1000, 4, head_dim).with_head_dim_v(head_dim_v);
+            let what = format!("{} d={head_dim}/{head_dim_v}", p.name);
+            let limit = u64::from(p.workgroup_bytes);
+            let default = ForwardPlan::new(&info, &shape).unwrap();
+            match ForwardPlan::for_call(&info, &shape, DType::BF16, Some(Tier::RegisterBlocked)) {
+                Ok(plan) => {
+                    let blocked = plan.blocked_tiling().expect("a blocked layout");
+                    assert_eq!(plan.tier(), Tier::RegisterBlocked, "{what}");
+                    assert!(plan.workgroup_bytes() <= limit, "{what}");
+                    assert!(plan.workgroup_size() <= p.invocations, "{what}");
+                    assert_eq!(plan.block_m(), blocked.row_lanes * blocked.rows);
+                    assert_eq!(plan.block_n(), 4 * blocked.key_lanes);
+                    assert!(blocked.rows * blocked.columns() <= 16 || blocked.rows == 1);
+                    assert_eq!(plan.workgroups()[0], 1000u32.div_ceil(plan.block_m()));
+                    assert!(matches!(
+                        plan.masked_specialization(),
+                        Specialization::FlashBlockedMasked(t) if t == blocked
+                    ));
+                    // The default takes it exactly on hardware GPUs
+                    // (unless their matrix units take the call).
+                    let coop = default.tier() == Tier::CooperativeMatrix;
+                    assert_eq!(
+                        default.tier() == Tier::RegisterBlocked,
+                        gpu && !coop,
+                        "{what}"
+                    );
+                }
+                Err(Error::TierUnavailable { reason, .. }) => {
+                    assert!(reason.contains(&limit.to_string()), "{what}: {reason}");
+                    assert_ne!(default.tier(), Tier::RegisterBlocked, "{what}");
+                }
+                Err(other) => panic!("{what}: {other}"),
+            }
+        }
+    }
+    // The naive baseline keeps the per-row tiling; decoding has no
+    // register-blocked kernel.
+    let info = profile("NVIDIA");
+    let shape = AttentionShape::self_attention(1, 256, 4, 64);
+    let naive =
+        NaivePlan::for_call(&info, &shape, DType::F32, Some(Tier::RegisterBlocked)).unwrap();
+    assert!(matches!(
+        naive.specialization(NaivePass::Scores),
+        Specialization::Naive { .. }
+    ));
+    // Decoding has neither block-tiled kernel.
+    let cache = CacheShape {
+        batch: 1,
+        heads_kv: 1,
+        head_dim: 64,
+        head_dim_v: 64,
+        longest: 100,
+        segments: 1,
+        dtype: crate::KvDType::F16,
+    };
+    for tier in [Tier::RegisterBlocked, Tier::CooperativeMatrix] {
+        let options = DecodeOptions::new(&crate::AttentionConfig::new().tier(tier));
+        let info = profile("NVIDIA H200 with");
+        match DecodePlan::for_call(&info, &cache, 1, 4, &options) {
+            Err(Error::TierUnavailable { tier: refused, .. }) => assert_eq!(refused, tier),
+            other => panic!("decode with {tier:?}: {other:?}"),
+        }
+    }
+}
+
+/// (tier, matrix size, block rows, block keys, invocations) of a forced
+/// or default plan, or the reason it is unavailable.
+fn coop(
+    name: &str,
+    head_dim: usize,
+    storage: DType,
+    tier: Option<Tier>,
+) -> std::result::Result<(Tier, u32, u32, u32, u32), String> {
+    let shape = AttentionShape::self_attention(1, 1000, 4, head_dim);
+    match ForwardPlan::for_call(&profile(name), &shape, storage, tier) {
+        Ok(plan) => Ok((
+            plan.tier(),
+            plan.coop_tiling().map_or(0, |c| c.size),
+            plan.block_m(),
+            plan.block_n(),
+            plan.workgroup_size(),
+        )),
+        Err(Error::TierUnavailable { reason, .. }) => Err(reason),
+        Err(other) => panic!("{name}: {other}"),
+    }
+}
+
+#[test]
+fn cooperative_matrices_where_the_device_multiplies_the_storage_type() {
+    use Tier::{CooperativeMatrix, RegisterBlocked};
+    let nvidia = "NVIDIA H200 with";
+    let apple = "Apple M2 with";
+    // NVIDIA: 16x16 f16 matrices into f32; 32 x 32 blocks fit 48 KiB
+    // at d=128 (O accumulates as f32 in workgroup memory).
+    assert_eq!(
+        coop(nvidia, 128, DType::F16, None),
+        Ok((CooperativeMatrix, 16, 32, 32, 64))
+    );
+    assert_eq!(
+        coop(nvidia, 64, DType::F16, None),
+        Ok((CooperativeMatrix, 16, 64, 32, 128))
+    );
+    // No f32 or bf16 matrices there: the default is register-blocked,
+    // and forcing says why.
+    assert_eq!(
+        coop(nvidia, 128, DType::F32, None).unwrap().0,
+        RegisterBlocked
+    );
+    let why = coop(nvidia, 128, DType::F32, Some(CooperativeMatrix)).unwrap_err();
+    assert!(
+        why.contains("F32") && why.contains("16x16x16 F16->F32"),
+        "{why}"
+    );
+    let why = coop(nvidia, 128, DType::BF16, Some(CooperativeMatrix)).unwrap_err();
+    assert!(why.contains("bf16"), "{why}");
+    // Head dims that 16x16 matrices do not tile.
+    let why = coop(nvidia, 72, DType::F16, Some(CooperativeMatrix)).unwrap_err();
+    assert!(why.contains("72/72") && why.contains("16x16"), "{why}");
+    assert_eq!(
+        coop(nvidia, 72, DType::F16, None).unwrap().0,
+        RegisterBlocked
+    );
+    // Apple: 8x8 matrices, f32 ones too; four lanes per row.
+    assert_eq!(
+        coop(apple, 128, DType::F32, None),
+        Ok((CooperativeMatrix, 8, 16, 16, 64))
+    );
+    assert_eq!(
+        coop(apple, 72, DType::F16, None).unwrap().0,
+        CooperativeMatrix
+    );
+    // Without the feature (the default device), or on GL and DX12.
+    let why = coop("NVIDIA H200", 128, DType::F16, Some(CooperativeMatrix)).unwrap_err();
+    assert!(why.contains("EXPERIMENTAL_COOPERATIVE_MATRIX"), "{why}");
+    let why = coop("Intel", 128, DType::F16, Some(CooperativeMatrix)).unwrap_err();
+    assert!(why.contains("Dx12"), "{why}");
+    // Every layout chosen fits and splits a row's quads evenly.
+    for p in all().iter().filter(|p| !p.coop.is_empty()) {
+        for head_dim in (16..=256).step_by(16) {
+            for storage in [DType::F16, DType::F32] {
+                let shape = AttentionShape::self_attention(1, 500, 4, head_dim);
+                let info = p.info();
+                let Ok(plan) =
+                    ForwardPlan::for_call(&info, &shape, storage, Some(CooperativeMatrix))
+                else {
+                    continue;
+                };
+                let c = plan.coop_tiling().unwrap();
+                assert!(c.workgroup_bytes() <= u64::from(p.workgroup_bytes));
+                assert_eq!(c.workgroup_size % c.block_m(), 0);
+                assert_eq!((c.block_n() / 4) % c.lanes_per_row(), 0);
+                assert_eq!(
+                    plan.masked_specialization(),
+                    Specialization::FlashCoopMasked(c)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn decoding_like_gqa_calls_group_a_kv_heads_rows() {
+    let info = profile("NVIDIA H200");
+    let plan_of = |seq_q: usize, heads_q: usize, heads_kv: usize, tier: Option<Tier>| {
+        let shape = AttentionShape {
+            batch: 2,
+            seq_q,
+            seq_kv: 4096,
+            heads_q,
+            heads_kv,
+            head_dim: 128,
+            head_dim_v: 128,
+        };
+        ForwardPlan::for_call(&info, &shape, DType::F32, tier).unwrap()
+    };
+    // One token of Llama-405B's heads: 8 KV heads' workgroups, each a
+    // block of its 8 query heads (32 rows: 4 queries x 8 heads).
+    let step = plan_of(1, 64, 8, None);
+    assert!(step.groups_heads());
+    assert_eq!(step.workgroups(), [1, 8, 2]);
+    assert_eq!(step.without_grouped_rows().workgroups(), [1, 64, 2]);
+    assert!(!step.without_grouped_rows().groups_heads());
+    // Five queries x 8 heads: 40 pairs, two blocks.
+    assert_eq!(plan_of(5, 64, 8, None).workgroups(), [2, 8, 2]);
+    // Not for full blocks, plain multi-head calls or per-row tiers.
+    assert!(!plan_of(32, 64, 8, None).groups_heads());
+    assert!(!plan_of(1, 8, 8, None).groups_heads());
+    assert!(!plan_of(1, 64, 8, Some(Tier::SubgroupBroadcast)).groups_heads());
+    assert!(!plan_of(1, 64, 8, Some(Tier::Portable)).groups_heads());
+}
+
+#[test]
+fn register_blocked_keys_per_dispatch_respect_the_loop_cap() {
+    let info = profile("llvmpipe (LLVM");
+    let long = AttentionShape {
+        seq_q: 64,
+        ..AttentionShape::self_attention(1, 1 << 20, 1, 128)
+    };
+    let plan =
+        ForwardPlan::for_call(&info, &long, DType::F32, Some(Tier::RegisterBlocked)).unwrap();
+    let keys = plan.keys_per_dispatch().expect("llvmpipe caps loops");
+    assert!(plan.loop_trips(keys) <= 65_535);
+    assert!(plan.loop_trips(keys + 1) > 65_535);
+    assert!(plan.key_chunks(1 << 20) >= 2);
+}
+
+#[test]
+fn wide_and_uneven_head_dims_plan_where_their_tiles_fit() {
+    // DeepSeek MLA's 576/512: the smallest tile (4 keys) needs 17 KiB.
+    let mla = AttentionShape::self_attention(1, 1024, 16, 576).with_head_dim_v(512);
+    assert!(matches!(
+        ForwardPlan::new(&profile("Adreno"), &mla),
+        Err(Error::WorkgroupMemory {
+            head_dim: 576,
+            head_dim_v: 512,
+            needed: 17408,
+            limit: 16384
+        })
+    ));
+    let cpu = ForwardPlan::new(&profile("llvmpipe (LLVM"), &mla).unwrap();
+    assert_eq!(cpu.rows_per_invocation(), 2, "the widest heads hold 2 rows");
+    let gpu = ForwardPlan::new(&profile("NVIDIA"), &mla).unwrap();
+    assert!(gpu.workgroup_bytes() <= u64::from(48 * KIB));
+    // Values of another width size the tile from both.
+    let prefill = AttentionShape::self_attention(1, 1024, 16, 192).with_head_dim_v(128);
+    let plan = ForwardPlan::for_call(
+        &profile("Adreno"),
+        &prefill,
+        DType::F32,
+        Some(Tier::Portable),
+    )
+    .unwrap();
+    assert_eq!(
+        plan.block_n(),
+        8,
+        "8 keys of 192 + 128 f32s fit 16 KiB, 16 do not"
+    );
+}
+
+#[test]
+fn limits_too_small_are_typed_errors_with_the_numbers() {
+    let shape = AttentionShape::self_attention(1, 512, 4, 256);
+    let mut info = profile("Adreno");
+    info.limits.max_compute_workgroup_storage_size = 4 * KIB;
+    assert!(matches!(
+        ForwardPlan::new(&info, &shape),
+        Err(Error::WorkgroupMemory {
+            head_dim: 256,
+            head_dim_v: 256,
+            needed: 8192,
+            limit: 4096
+        })
+    ));
+    // Few invocations: the portable workgroup shrinks to fit.
+    let mut info = profile("Adreno");
+    info.features.remove(wgpu::Features::SUBGROUP);
+    info.limits.max_compute_invocations_per_workgroup = 48;
+    let plan = ForwardPlan::new(&info, &shape).unwrap();
+    assert_eq!(plan.workgroup_size(), 32);
+    // The subgroup tier needs a whole subgroup per workgroup.
+    let mut info = profile("Adreno");
+    info.limits.max_compute_invocations_per_workgroup = 32;
+    assert!(matches!(
+        ForwardPlan::new(&info, &shape),
+        Err(Error::WorkgroupInvocations {
+            needed: 64,
+            limit: 32
+        })
+    ));
+    // Too many query tiles for one dispatch dimension.
+    let mut info = profile("NVIDIA");
+    info.limits.max_compute_workgroups_per_dimension = 100;
+    let long = AttentionShape::self_attention(1, 64 * 101, 1, 64);
+    assert!(matches!(
+        ForwardPlan::new(&info, &long),
+        Err(Error::DispatchTooLarge {
+            groups: 101,
+            limit: 100,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn only_llvmpipe_caps_loops() {
+    let long = AttentionShape {
+        seq_q: 64,
+        ..AttentionShape::self_attention(1, 1 << 20, 1, 64)
+    };
+    for p in all() {
+        let info = p.info();
+        let plan = ForwardPlan::new(&info, &long).unwrap_or_else(|e| panic!("{}: {e}", p.name));
+        let spec = plan.specialization();
+        if p.name.starts_with("llvmpipe") {
+            // A million keys run in chunks that each fit the budget.
+            assert_eq!(info.loop_budget(), Some(65_535));
+            let keys = plan
+                .keys_per_dispatch()
+                .expect("a capped adapter limits keys");
+            assert!(spec.loop_trips(keys).unwrap() <= 65_535, "{}", p.name);
+            assert!(spec.loop_trips(keys + 1).unwrap() > 65_535, "{}", p.name);
+            assert_eq!(plan.key_chunks(1 << 20), (1u64 << 20).div_ceil(keys));
+            assert!(plan.key_chunks(1 << 20) >= 2);
+        } else {
+            assert_eq!(info.loop_budget(), None);
+            assert_eq!(plan.keys_per_dispatch(), None, "{}", p.name);
+            assert_eq!(plan.key_chunks(1 << 20), 1);
+        }
+    }
+}
+
+#[test]
+fn decode_splits_fill_the_adapter_and_respect_the_loop_cap() {
+    // Llama-3.1-405B heads, one token, 32K cache.
+    let cache = CacheShape {
+        batch: 1,
+        heads_kv: 8,
+        head_dim: 128,
+        head_dim_v: 128,
+        longest: 32 * 1024,
+        segments: 2,
+        dtype: crate::KvDType::F32,
+    };
+    let options = DecodeOptions::default();
+    for p in all() {
+        let info = p.info();
+        let plan = DecodePlan::for_call(&info, &cache, 1, 64, &options)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.name));
+        assert_eq!(plan.segments, 2);
+        assert_eq!(plan.slots, plan.splits * 2);
+        assert!(u64::from(plan.splits) * u64::from(plan.split_keys) >= 32 * 1024);
+        if let Some(budget) = info.loop_budget() {
+            assert!(plan.loop_trips() <= budget, "{}: {plan:?}", p.name);
+        }
+        let workgroups = plan.splits as usize * plan.row_tiles as usize * 8;
+        if p.device_type == wgpu::DeviceType::Cpu {
+            // 4 workgroups per host thread, unless the loop cap asks
+            // for more.
+            assert!(workgroups >= 8, "{}: {plan:?}", p.name);
+        } else {
+            // ~512 workgroups on a GPU, at least 256 keys each.
+            assert!((256..=1024).contains(&workgroups), "{}: {plan:?}", p.name);
+            assert!(plan.split_keys >= 256, "{}: {plan:?}", p.name);
+        }
+    }
+    let forced = DecodeOptions::default().kv_splits(0);
+    assert!(matches!(
+        DecodePlan::for_call(&profile("NVIDIA"), &cache, 1, 64, &forced),
+        Err(Error::KvSplits(0))
+    ));
+}
+
+#[test]
+fn decode_lanes_default_to_keys_on_cpu_adapters_and_refuse_the_portable_tier() {
+    let cache = |head_dim, head_dim_v, heads_kv| CacheShape {
+        batch: 1,
+        heads_kv,
+        head_dim,
+        head_dim_v,
+        longest: 4096,
+        segments: 1,
+        dtype: crate::KvDType::F16,
+    };
+    let llama = cache(128, 128, 8);
+    let mla = cache(576, 512, 1);
+    let options = DecodeOptions::default();
+    for p in all() {
+        let info = p.info();
+        let plan = |cache: &CacheShape, heads_q, options: &DecodeOptions| {
+            DecodePlan::for_call(&info, cache, 1, heads_q, options)
+        };
+        let lanes = plan(&llama, 64, &options).unwrap().lanes();
+        let subgroups = subgroup_broadcast_missing(&info).is_none();
+        let want = match (subgroups, p.device_type) {
+            (false, _) => None,
+            (true, wgpu::DeviceType::Cpu) => Some(DecodeLanes::Keys),
+            (true, _) => Some(DecodeLanes::HeadDim),
+        };
+        assert_eq!(lanes, want, "{}", p.name);
+        // MLA's 16 rows x 1088 floats per lane keep the head-dim
+        // layout, and forcing lanes over keys there is refused.
+        let mla_lanes = plan(&mla, 128, &options).unwrap().lanes();
+        assert_eq!(mla_lanes, want.map(|_| DecodeLanes::HeadDim), "{}", p.name);
+        if subgroups {
+            let forced = plan(&mla, 128, &options.clone().lanes(DecodeLanes::Keys));
+            assert!(
+                matches!(
+                    forced,
+                    Err(Error::KeyLanesState {
+                        rows: 16,
+                        floats: 17408,
+                        ..
+                    })
+                ),
+                "{}: {forced:?}",
+                p.name
+            );
+        }
+        for forced in [DecodeLanes::Keys, DecodeLanes::HeadDim] {
+            let got = plan(&llama, 64, &options.clone().lanes(forced));
+            if subgroups {
+                assert_eq!(got.unwrap().lanes(), Some(forced), "{}", p.name);
+            } else {
+                assert!(
+                    matches!(
+                        got,
+                        Err(Error::TierUnavailable {
+                            tier: Tier::SubgroupBroadcast,
+                            ..
+                        })
+                    ),
+                    "{}: {got:?}",
+                    p.name
+                );
+            }
+            let mut portable = options.clone().lanes(forced);
+            portable.config.tier = Some(Tier::Portable);
+            assert!(
+                matches!(
+                    plan(&llama, 64, &portable),
+                    Err(Error::UnsupportedCombination { .. })
+                ),
+                "{}",
+                p.name
+            );
+        }
+    }
+}
+
+#[test]
+fn naive_chunks_fit_one_binding() {
+    let shape = AttentionShape::self_attention(2, 4096, 8, 64);
+    let info = profile("NVIDIA");
+    let plan = NaivePlan::new(&info, &shape).unwrap();
+    assert!(plan.score_buffer_bytes() <= info.limits.max_storage_buffer_binding_size);
+    assert_eq!(plan.units, 16);
+    assert!(plan.chunks() >= 2);
+    let huge = AttentionShape::self_attention(1, 8192, 1, 64);
+    assert!(matches!(
+        NaivePlan::new(&info, &huge),
+        Err(Error::ScoresTooLarge { .. })
+    ));
+}
