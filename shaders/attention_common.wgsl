@@ -1,6 +1,6 @@
 // Declarations shared by the attention kernels (flash_attention.wgsl and
 // naive_attention.wgsl): the parameter block, bindings 0-6 and the score
-// epilogue. src/shaders.rs prepends this file to each of them, after the
+// epilogue. src/shaders/ prepends this file to each of them, after the
 // generated constants.
 
 // Twin of `TensorStrides` in src/params.rs. Units are vec4 (4 elements);

@@ -8,7 +8,7 @@
 // element an invocation reads feeds 4 * ROWS FMAs. Several rows per
 // invocation is what makes software adapters fast; GPUs use ROWS = 1.
 //
-// How K and V reach every invocation (chosen by src/shaders.rs):
+// How K and V reach every invocation (chosen by src/shaders/):
 //   default      tiles staged in workgroup memory, a barrier per tile;
 //   SUBGROUP_KV  the workgroup fits in one subgroup (WG_SIZE is the
 //                adapter's smallest subgroup size, so any size the driver
@@ -18,7 +18,7 @@
 //                No workgroup memory, no barriers, and on CPU adapters no
 //                per-lane gather of the same address.
 //
-// Generated constants (prepended by src/shaders.rs, see `Specialization`):
+// Generated constants (prepended by src/shaders/, see `Specialization`):
 //   D4        query/key head dimension / 4 (head dims are multiples of 8)
 //   DV4       value (and output) head dimension / 4; usually D4
 //   BLOCK_N   keys per tile, a multiple of 4
@@ -27,7 +27,7 @@
 //   ROWS      query rows per invocation
 //   SLOTS     with SUBGROUP_KV: vec4s each lane holds of four keys' K,
 //             ceil(4 * D4 / WG_SIZE); SLOTS_V the same for V (DV4)
-// Loops bounded by D4, DV4, ROWS, SLOTS or SLOTS_V may be unrolled by src/shaders.rs, which
+// Loops bounded by D4, DV4, ROWS, SLOTS or SLOTS_V may be unrolled by src/shaders/, which
 // expands `for (var x = 0u; x < BOUND; x++) {` into copies with `const x`;
 // lines between `// #if NAME`, `// #else` and `// #endif` are kept or dropped
 // by the same code. The unrolled loops over rows and head-dim vec4s live in
@@ -36,7 +36,7 @@
 
 const BLOCK_M: u32 = WG_SIZE * ROWS;
 
-// Shared with flash_blocked.wgsl from here (src/shaders.rs copies these
+// Shared with flash_blocked.wgsl from here (src/shaders/ copies these
 // declarations into the register-blocked kernel).
 // #if MASK
 // An attention mask (src/mask.rs): an additive bias (f32 bits) or a

@@ -33,7 +33,7 @@
 // row_deltas, dK in key_grads and dQ in query_grads, with `p.o` its strides;
 // `lse_buf` holds the forward's logsumexp (read only here).
 //
-// Generated constants (src/shaders.rs, `BackwardTiling`):
+// Generated constants (src/shaders/, `BackwardTiling`):
 //   D4       query/key head-dim capacity / 4: the smallest power of two >=
 //            the call's head dim (>= 8) over 4, so one pipeline serves a
 //            range of head dims. Elements past the call's head dim

@@ -30,11 +30,11 @@
 //                invocation owns rows b * ROWS .. and the vec4 columns a, a +
 //                KEY_LANES, ... of dQ (COLS_Q).
 //
-// Generated constants (src/shaders.rs, `BlockedBackwardTiling`): D4, DV4
+// Generated constants (src/shaders/, `BlockedBackwardTiling`): D4, DV4
 // (the call's head dims / 4), KEY_LANES, ROW_LANES, ROWS, WG_SIZE, BLOCK_N,
 // BLOCK_M, COLS_K = ceil(D4 / ROW_LANES), COLS_V = ceil(DV4 / ROW_LANES),
 // COLS_Q = ceil(D4 / KEY_LANES), QUAD = 4 (keys per key lane). Loops
-// bounded by ROWS, the COLS and QUAD are unrolled by src/shaders.rs, so the
+// bounded by ROWS, the COLS and QUAD are unrolled by src/shaders/, so the
 // private arrays they index stay in registers.
 
 // Staged rows are one vec4 longer than their width: the key lanes read

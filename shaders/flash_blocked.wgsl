@@ -19,7 +19,7 @@
 // over its own keys, added up once at the end. The online softmax, masks,
 // windows, sinks, padded and variable-length sequences and key chunks
 // follow flash_attention.wgsl exactly (whose sequence-table, carry and mask
-// declarations src/shaders.rs prepends to this file). For GQA calls with
+// declarations src/shaders/ prepends to this file). For GQA calls with
 // fewer query rows than a block, the rows of a block are (query row, head)
 // pairs of one KV head's query heads (BLOCKED_GROUP_ROWS), so a decoding
 // step's heads share every K/V tile.
@@ -36,11 +36,11 @@
 // with a negative scale over few keys (seed 20634578: 2.2 times). The
 // softmax stays f32.
 //
-// Generated constants (src/shaders.rs, `BlockedTiling`): D4, DV4 (head
+// Generated constants (src/shaders/, `BlockedTiling`): D4, DV4 (head
 // dims / 4), ROW_LANES, KEY_LANES, ROWS, COLS = ceil(DV4 / KEY_LANES),
 // WG_SIZE = ROW_LANES * KEY_LANES, BLOCK_N = 4 * KEY_LANES, KV_TILE (vec4s
 // of the K/V tile). Loops bounded by ROWS and COLS are unrolled by
-// src/shaders.rs, so the private arrays they index stay in registers.
+// src/shaders/, so the private arrays they index stay in registers.
 
 const BLOCK_M: u32 = ROW_LANES * ROWS;
 // Bit of Params.flags (twin of params::blocked_flags::GROUP_ROWS): the

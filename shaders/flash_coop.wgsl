@@ -3,7 +3,7 @@
 // through VK_KHR_cooperative_matrix, Apple simdgroup matrices), softmax
 // statistics and accumulation in f32.
 //
-// src/shaders.rs prepends `enable wgpu_cooperative_matrix;` (and `enable
+// src/shaders/ prepends `enable wgpu_cooperative_matrix;` (and `enable
 // f16;` for f16 operands), the generated constants, attention_common.wgsl
 // and flash_attention.wgsl's sequence-table, carry and mask declarations.
 //
@@ -25,12 +25,12 @@
 // apply) is plain code. Row sums add up the probabilities as rounded to
 // Operand, the weights P V actually applies.
 //
-// Generated constants (src/shaders.rs, `CoopTiling`): D4, DV4 (head dims
+// Generated constants (src/shaders/, `CoopTiling`): D4, DV4 (head dims
 // / 4), D, DV, KV_WIDTH = max(D, DV), T (8 or 16), ROW_TILES, KEY_TILES,
 // WG_SIZE, EMULATED_LANES (the emulation's subgroup size), LANES_PER_ROW =
 // WG_SIZE / BLOCK_M, QUADS = BLOCK_N / 4 /
 // LANES_PER_ROW (the four-key quads of a row each invocation handles;
-// loops over them are unrolled by src/shaders.rs, so the private arrays
+// loops over them are unrolled by src/shaders/, so the private arrays
 // they index stay in registers).
 
 // #if COOP_F32

@@ -1,6 +1,6 @@
 // Pieces the two block-tiled forward kernels (flash_blocked.wgsl,
 // flash_coop.wgsl) share: scoring four keys of one row, and where a
-// finished row's output goes. src/shaders.rs prepends this file to both,
+// finished row's output goes. src/shaders/ prepends this file to both,
 // after flash_attention.wgsl's shared declarations.
 
 // The keys a block of query rows visits: some row sees [lo, hi] (the tiles

@@ -1,6 +1,6 @@
 // 16-bit storage conversions, with core WGSL only (no SHADER_F16): four
 // values travel as a vec2<u32>, first element in the low half. Prepended to
-// every kernel that reads or writes f16 or bf16 (src/shaders.rs sets
+// every kernel that reads or writes f16 or bf16 (src/shaders/ sets
 // F16_CODEC / BF16_CODEC from the kernel's storage types, so a kernel
 // without f16 never uses unpack2x16float, which some GL adapters lack).
 //

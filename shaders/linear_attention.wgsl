@@ -31,10 +31,10 @@
 //                        gather of one address on CPU adapters).
 //
 // Bindings 0-6 and the storage helpers come from attention_common.wgsl
-// (which src/shaders.rs prepends); the lse (5) and ALiBi (6) bindings are
+// (which src/shaders/ prepends); the lse (5) and ALiBi (6) bindings are
 // unused placeholders here.
 //
-// Generated constants (src/shaders.rs, `LinearTiling`), per pass:
+// Generated constants (src/shaders/, `LinearTiling`), per pass:
 //   DK4      query/key head dim / 4
 //   DV4      value head dim / 4
 //   WG_SIZE  invocations per workgroup (the smallest subgroup size with
@@ -51,7 +51,7 @@
 //            each lane holds of a V row's CB4 columns, of four state rows,
 //            of a key's phi(k) and of its v: ceil(n / WG_SIZE)
 // Loops bounded by DK4, DV4, RQ, CB4, ROWS or SLOTS_* are unrolled by
-// src/shaders.rs.
+// src/shaders/.
 
 // Twin of `LinearParams` in src/params.rs.
 struct LinearParams {

@@ -1,7 +1,7 @@
 // Steps of kernels whose invocations own ROWS whole query rows, each row's
 // query and accumulator in private arrays (flash_attention.wgsl,
 // naive_attention.wgsl and flash_decode.wgsl's portable variant):
-// prepended to those files by src/shaders.rs.
+// prepended to those files by src/shaders/.
 //
 // The loops over rows and head-dim vec4s that `source` unrolls live in
 // helpers like these, which the entry point calls with constant arguments,
