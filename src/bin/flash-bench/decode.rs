@@ -285,29 +285,10 @@ fn run_case(
     fma: f64,
     copy: f64,
 ) -> Result<Vec<DecodeCase>> {
-    let layout = match args.page_size {
-        None => KvLayout::Contiguous { capacity: tokens },
-        Some(page_size) => KvLayout::Paged {
-            page_size,
-            pages: args.batch * tokens.div_ceil(page_size),
-        },
-    };
-    let mut cache_config =
-        KvCacheConfig::new(args.batch, args.heads_kv, args.head_dim, layout).dtype(dtype);
-    if let Some(values) = args.latent_values {
-        cache_config = cache_config.latent_values(values);
-    }
+    let cache_config = cache_config(args, tokens, dtype);
     let head_dim_v = cache_config.head_dim_v();
-    let mut cache = KvCache::new(gpu, cache_config)?;
-    if let Some(page_size) = args.page_size {
-        // Sequence b takes every batch-th page, so no table is consecutive
-        // when batch > 1 (and pages interleave across sequences).
-        let per_seq = tokens.div_ceil(page_size);
-        for b in 0..args.batch {
-            let pages: Vec<u32> = (0..per_seq).map(|i| (i * args.batch + b) as u32).collect();
-            cache.set_block_table(b, &pages)?;
-        }
-    }
+    let layout = cache_config.layout;
+    let mut cache = new_cache(gpu, args, cache_config, tokens)?;
     // Host copies of K/V head 0 of sequence 0 (validation), and of every
     // head while the whole cache fits one binding (the prefill comparison).
     let token = args.heads_kv * args.head_dim;
@@ -458,6 +439,43 @@ fn run_case(
         });
     }
     Ok(cases)
+}
+
+/// The cache `args` asks for, holding `tokens` tokens per sequence in
+/// `dtype`: contiguous, or in pages of `--page-size`.
+fn cache_config(args: &DecodeCmdArgs, tokens: usize, dtype: KvDType) -> KvCacheConfig {
+    let layout = match args.page_size {
+        None => KvLayout::Contiguous { capacity: tokens },
+        Some(page_size) => KvLayout::Paged {
+            page_size,
+            pages: args.batch * tokens.div_ceil(page_size),
+        },
+    };
+    let config = KvCacheConfig::new(args.batch, args.heads_kv, args.head_dim, layout).dtype(dtype);
+    match args.latent_values {
+        Some(values) => config.latent_values(values),
+        None => config,
+    }
+}
+
+/// An empty cache of `config`; a paged one with its block tables set.
+fn new_cache(
+    gpu: &Gpu,
+    args: &DecodeCmdArgs,
+    config: KvCacheConfig,
+    tokens: usize,
+) -> wgpu_flash_attn::Result<KvCache> {
+    let mut cache = KvCache::new(gpu, config)?;
+    if let Some(page_size) = args.page_size {
+        // Sequence b takes every batch-th page, so no table is consecutive
+        // when batch > 1 (and pages interleave across sequences).
+        let per_seq = tokens.div_ceil(page_size);
+        for b in 0..args.batch {
+            let pages: Vec<u32> = (0..per_seq).map(|i| (i * args.batch + b) as u32).collect();
+            cache.set_block_table(b, &pages)?;
+        }
+    }
+    Ok(cache)
 }
 
 /// Why the prefill kernel is not compared on the case of `tokens` cached

@@ -11,10 +11,10 @@
 
 use wgpu_flash_attn::{
     AdapterOptions, AttentionArgs, AttentionConfig, DType, DecodeArgs, DecodeLanes, DecodeOptions,
-    Gpu, KvCache, KvCacheConfig, KvDType, KvLayout, Tensor, TensorShape,
+    Gpu, KvDType, Tensor, TensorShape,
 };
 
-use super::{DecodeCmdArgs, prefill_skipped};
+use super::{DecodeCmdArgs, cache_config, new_cache, prefill_skipped};
 use crate::compile_ahead;
 
 /// How a failed warm-up call starts its line on stderr (the CLI tests
@@ -91,27 +91,9 @@ fn step(
     lanes: Option<DecodeLanes>,
 ) -> wgpu_flash_attn::Result<()> {
     let tokens = WARM_TOKENS.max(args.seq_q);
-    let layout = match args.page_size {
-        None => KvLayout::Contiguous { capacity: tokens },
-        Some(page_size) => KvLayout::Paged {
-            page_size,
-            pages: args.batch * tokens.div_ceil(page_size),
-        },
-    };
-    let mut config =
-        KvCacheConfig::new(args.batch, args.heads_kv, args.head_dim, layout).dtype(dtype);
-    if let Some(values) = args.latent_values {
-        config = config.latent_values(values);
-    }
+    let config = cache_config(args, tokens, dtype);
     let head_dim_v = config.head_dim_v();
-    let mut cache = KvCache::new(gpu, config)?;
-    if let Some(page_size) = args.page_size {
-        let per_seq = tokens.div_ceil(page_size);
-        for b in 0..args.batch {
-            let pages: Vec<u32> = (b * per_seq..(b + 1) * per_seq).map(|p| p as u32).collect();
-            cache.set_block_table(b, &pages)?;
-        }
-    }
+    let mut cache = new_cache(gpu, args, config, tokens)?;
     let kv_shape = TensorShape::new(args.batch, tokens, args.heads_kv, args.head_dim);
     let zeros = Tensor::zeros(gpu, kv_shape, DType::F32)?;
     gpu.run(|e| match args.latent_values {
