@@ -1,133 +1,20 @@
 //! The forward call: checks operands against the shape and the adapter,
 //! plans tiles from the adapter's limits, and records the dispatch.
 
-use wgpu::util::DeviceExt;
-
 use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::key_chunks::{ChunkLimits, KvView, Window, plan_key_chunks};
+use crate::lse::{Lse, check_lse_output};
 use crate::mask::AttentionMask;
-use crate::params::{AttentionParams, SequenceRows, TensorStrides, blocked_flags, flags};
+use crate::operands::{
+    VEC_WIDTH, check_operand, check_unbound_operand, require_equal, vec4_strides,
+};
+use crate::params::{AttentionParams, SequenceRows, blocked_flags, flags};
 use crate::pipelines::{bind_resources, encode_dispatches};
 use crate::plan::{ForwardPlan, check_loop_budget};
-use crate::tensor::{DType, Strides, Tensor, TensorShape, check_binding_size, read_buffer};
+use crate::tensor::{DType, Tensor, TensorShape, check_binding_size};
 use crate::varlen::{Sequence, ValidLengths};
-
-/// Tensors are read as vec4, so strides and offsets are multiples of 4.
-const VEC_WIDTH: usize = 4;
-
-/// Logsumexp of each query row, `[batch, heads_q, seq_q]` f32, natural log,
-/// packed from the start of its buffer.
-#[derive(Debug, Clone)]
-pub struct Lse {
-    buffer: wgpu::Buffer,
-    device: wgpu::Device,
-    batch: usize,
-    heads: usize,
-    seq: usize,
-}
-
-impl Lse {
-    /// A new logsumexp buffer, filled with NaN so that a row a call did not
-    /// write stands out.
-    pub fn new(gpu: &Gpu, batch: usize, heads: usize, seq: usize) -> Result<Self> {
-        let n = lse_elements(batch, heads, seq)?;
-        crate::tensor::check_buffer_size(gpu, "lse", 4 * n as u64)?;
-        let buffer = gpu
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("wgpu-flash-attn lse"),
-                contents: bytemuck::cast_slice(&vec![f32::NAN; n]),
-                // COPY_DST: a program may overwrite it (queue writes).
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_SRC
-                    | wgpu::BufferUsages::COPY_DST,
-            });
-        Ok(Lse {
-            buffer,
-            device: gpu.device.clone(),
-            batch,
-            heads,
-            seq,
-        })
-    }
-
-    /// Wraps a buffer the caller owns (no copy): `[batch, heads, seq]` f32
-    /// from byte 0. Checked: this device's, `STORAGE` usage, large enough.
-    /// Downloads need `COPY_SRC`.
-    pub fn from_buffer(
-        gpu: &Gpu,
-        buffer: wgpu::Buffer,
-        batch: usize,
-        heads: usize,
-        seq: usize,
-    ) -> Result<Self> {
-        let n = lse_elements(batch, heads, seq)?;
-        crate::tensor::check_caller_buffer(gpu, "lse", &buffer)?;
-        check_binding_size(gpu, "lse", buffer.size())?;
-        let available = buffer.size() as usize / 4;
-        if n > available {
-            return Err(Error::OutOfBounds {
-                tensor: "lse",
-                needed: n,
-                available,
-            });
-        }
-        Ok(Lse {
-            buffer,
-            device: gpu.device.clone(),
-            batch,
-            heads,
-            seq,
-        })
-    }
-
-    /// The buffer the values live in.
-    pub fn buffer(&self) -> &wgpu::Buffer {
-        &self.buffer
-    }
-    /// Batch entries.
-    pub fn batch(&self) -> usize {
-        self.batch
-    }
-    /// Query heads.
-    pub fn heads(&self) -> usize {
-        self.heads
-    }
-    /// Query rows per head.
-    pub fn seq(&self) -> usize {
-        self.seq
-    }
-    /// `[batch, heads, seq]`.
-    pub fn dims(&self) -> [usize; 3] {
-        [self.batch, self.heads, self.seq]
-    }
-
-    /// Downloads the values, `[batch, heads, seq]` (needs `COPY_SRC`).
-    pub fn to_vec(&self, gpu: &Gpu) -> Result<Vec<f32>> {
-        self.check_device(gpu)?;
-        let mut values: Vec<f32> = read_buffer(gpu, "lse", &self.buffer)?;
-        values.truncate(self.batch * self.heads * self.seq);
-        Ok(values)
-    }
-
-    pub(crate) fn check_device(&self, gpu: &Gpu) -> Result<()> {
-        gpu.check_owner(&self.device, "lse")
-    }
-
-    pub(crate) fn device(&self) -> &wgpu::Device {
-        &self.device
-    }
-}
-
-/// Elements of a `[batch, heads, seq]` logsumexp, checked for zero and
-/// overflow like a tensor's.
-fn lse_elements(batch: usize, heads: usize, seq: usize) -> Result<usize> {
-    let shape = TensorShape::new(batch, heads, seq, 1);
-    crate::tensor::check_shape("lse", shape)?;
-    Ok(shape.elements())
-}
 
 /// What [`Gpu::attention_host`] returns.
 #[derive(Debug, Clone)]
@@ -904,99 +791,5 @@ pub(crate) fn option_params(
         dropout_seed_lo,
         dropout_seed_hi,
         ..AttentionParams::default()
-    }
-}
-
-/// The logsumexp output a call was given, if any: on this device and
-/// shaped `expected` = `[batch, heads_q, seq_q]`.
-pub(crate) fn check_lse_output(gpu: &Gpu, lse: Option<&Lse>, expected: [usize; 3]) -> Result<()> {
-    let Some(lse) = lse else {
-        return Ok(());
-    };
-    lse.check_device(gpu)?;
-    if lse.dims() != expected {
-        return Err(Error::LseShape {
-            expected,
-            got: lse.dims(),
-        });
-    }
-    Ok(())
-}
-
-/// One `(what, left_name, left, right_name, right)` dimension check.
-pub(crate) type DimPair = (&'static str, &'static str, usize, &'static str, usize);
-
-/// `ShapeMismatch` for the first pair whose two sides differ.
-pub(crate) fn require_equal(pairs: &[DimPair]) -> Result<()> {
-    match pairs.iter().find(|pair| pair.2 != pair.4) {
-        Some(&(what, left_name, left, right_name, right)) => Err(Error::ShapeMismatch {
-            what,
-            left_name,
-            left,
-            right_name,
-            right,
-        }),
-        None => Ok(()),
-    }
-}
-
-/// Dtype, alignment, bounds and binding-size checks for one operand.
-pub(crate) fn check_operand(
-    gpu: &Gpu,
-    name: &'static str,
-    tensor: &Tensor,
-    storage: DType,
-) -> Result<()> {
-    check_unbound_operand(gpu, name, tensor, storage)?;
-    check_binding_size(gpu, name, tensor.buffer().size())
-}
-
-/// [`check_operand`] for an operand bound in windows: its buffer may be
-/// larger than one binding.
-pub(crate) fn check_unbound_operand(
-    gpu: &Gpu,
-    name: &'static str,
-    tensor: &Tensor,
-    storage: DType,
-) -> Result<()> {
-    tensor.check_device(gpu, name)?;
-    if tensor.dtype() != storage {
-        return Err(Error::DTypeUnsupported {
-            tensor: name,
-            got: tensor.dtype(),
-            needed: storage,
-        });
-    }
-    let s = tensor.strides();
-    for (what, value) in [
-        ("batch stride", s.batch),
-        ("seq stride", s.seq),
-        ("head stride", s.head),
-        ("offset", tensor.offset()),
-    ] {
-        if !value.is_multiple_of(VEC_WIDTH) {
-            return Err(Error::Misaligned {
-                tensor: name,
-                what,
-                value,
-                multiple: VEC_WIDTH,
-            });
-        }
-    }
-    tensor.check_in_bounds(name)
-}
-
-pub(crate) fn vec4_strides(tensor: &Tensor) -> TensorStrides {
-    vec4_view(tensor.strides(), tensor.offset())
-}
-
-/// Element strides and offset in the kernels' vec4 units (all multiples
-/// of 4, checked by `check_operand`).
-pub(crate) fn vec4_view(s: Strides, offset: usize) -> TensorStrides {
-    TensorStrides {
-        batch: (s.batch / VEC_WIDTH) as u32,
-        seq: (s.seq / VEC_WIDTH) as u32,
-        head: (s.head / VEC_WIDTH) as u32,
-        offset: (offset / VEC_WIDTH) as u32,
     }
 }

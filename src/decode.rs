@@ -2,13 +2,13 @@
 //! keys split across workgroups (flash-decoding) and the partial results
 //! merged exactly by their logsumexp; and that merge as a public call.
 
-use crate::attention::{
-    Lse, check_lse_output, check_operand, option_params, require_equal, vec4_strides, vec4_view,
-};
+use crate::attention::option_params;
 use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::kv_cache::KvCache;
+use crate::lse::{Lse, check_lse_output};
+use crate::operands::{check_operand, require_equal, vec4_strides, vec4_view};
 use crate::params::{CombineParams, DecodeParams, TensorStrides};
 use crate::pipelines::{
     ELEMENTWISE_WORKGROUP, bind_buffers, elementwise_groups, encode_dispatches,

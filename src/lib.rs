@@ -41,8 +41,10 @@ mod gpu;
 mod key_chunks;
 mod kv_cache;
 mod linear;
+mod lse;
 mod mask;
 mod naive;
+mod operands;
 mod params;
 mod pipelines;
 mod plan;
@@ -54,7 +56,7 @@ mod shaders;
 mod tensor;
 mod varlen;
 
-pub use attention::{AttentionArgs, ForwardOptions, HostAttentionOutput, Lse, Sequences};
+pub use attention::{AttentionArgs, ForwardOptions, HostAttentionOutput, Sequences};
 pub use backward::{
     BACKWARD_STORAGE_BUFFERS, BackwardArgs, BackwardPlan, HostGradients, SinkGrads,
 };
@@ -71,6 +73,7 @@ pub use linear::{
     DEFAULT_LINEAR_EPS, FeatureMap, LINEAR_HEAD_DIMS, LinearArgs, LinearConfig, LinearPlan,
     LinearShape, LinearState,
 };
+pub use lse::Lse;
 pub use mask::{AttentionMask, BlockLayout, MaskKind, patterns};
 pub use plan::{CacheShape, DecodePlan, ForwardPlan, NaivePlan};
 pub use rope::{Rope, RopeStyle};

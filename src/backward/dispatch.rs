@@ -3,14 +3,13 @@
 //! (dense calls) or every sequence (padded or packed batches, read from a
 //! table of units).
 
-use crate::attention::{
-    ForwardOptions, Lse, Sequences, check_lse_output, check_operand, option_params, upload_packed,
-    vec4_view,
-};
+use crate::attention::{ForwardOptions, Sequences, option_params, upload_packed};
 use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::lse::{Lse, check_lse_output};
 use crate::mask::AttentionMask;
+use crate::operands::{check_operand, vec4_view};
 use crate::params::{AttentionParams, BackwardParams, BackwardUnit, flags};
 use crate::pipelines::{bind_buffers, encode_dispatches};
 use crate::shaders::BackwardPass;

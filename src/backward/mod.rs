@@ -7,9 +7,11 @@ mod plan;
 
 pub use plan::{BACKWARD_STORAGE_BUFFERS, BackwardPlan};
 
-use crate::attention::{AttentionArgs, Lse, require_equal};
+use crate::attention::AttentionArgs;
 use crate::config::AttentionShape;
 use crate::error::Result;
+use crate::lse::Lse;
+use crate::operands::require_equal;
 use crate::tensor::Tensor;
 
 /// The operands of a backward call. Inputs are what the forward read and

@@ -1,11 +1,11 @@
 //! Recording a linear attention call: checks, then per segment of key
 //! splits the state, scan and (causal) output passes.
 
-use crate::attention::{check_operand, vec4_strides};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::linear::plan::slot_bytes;
 use crate::linear::{FeatureMap, LinearArgs, LinearConfig, LinearPlan, LinearShape};
+use crate::operands::{check_operand, vec4_strides};
 use crate::params::{AttentionParams, LinearParams, linear_flags};
 use crate::pipelines::{bind_buffers, elementwise_groups, encode_dispatches};
 use crate::shaders::LinearPass;

@@ -268,7 +268,7 @@ impl LinearArgs<'_> {
         let differ = "K and V differ";
         let q_k = "Q and K differ";
         let out = "O must be [batch, seq_q, heads_q, head_dim_v]";
-        crate::attention::require_equal(&[
+        crate::operands::require_equal(&[
             (differ, "k.batch", k.batch, "v.batch", v.batch),
             (differ, "k.seq", k.seq, "v.seq", v.seq),
             (differ, "k.heads", k.heads, "v.heads", v.heads),

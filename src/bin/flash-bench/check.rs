@@ -23,7 +23,7 @@ pub struct CheckArgs {
     /// safetensors file with `q`, `k` ([batch, seq, heads, head_dim]) and
     /// `v` (shaped like k but for its last dim, head_dim_v, which may
     /// differ), F32, F16 or BF16; optionally the expected `out` ([batch,
-    /// seq_q, heads_q, head_dim_v]), and optionally `sinks` ([heads_q]: one
+    /// seq_q, heads_q, head_dim_v]), and optionally `sinks` (`[heads_q]`: one
     /// attention-sink logit per query head, applied to the GPU call and
     /// the reference alike).
     pub file: PathBuf,
@@ -42,7 +42,7 @@ pub struct CheckArgs {
     /// shaped like `out`) and optionally the expected `dq`, `dk`, `dv`; each
     /// gradient is compared with the f64 reference backward and the file's,
     /// with the tolerance scaled by the largest reference gradient (at
-    /// least 1). With `sinks`, also their gradient `dsinks` ([heads_q],
+    /// least 1). With `sinks`, also their gradient `dsinks` (`[heads_q]`,
     /// optionally expected in the file). `--output` then also writes `dq`,
     /// `dk`, `dv` (and `dsinks` with sinks). The GPU backward takes head
     /// dims up to 256 (q/k and v each).
