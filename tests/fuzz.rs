@@ -1,4 +1,4 @@
-//! Fuzz mode: random forward, decode and backward configurations through
+//! Fuzz mode: random forward, decode, backward and linear attention configurations through
 //! the public API, each checked against the f64 reference. Ignored by default because its worth
 //! is in the number of cases (each new head dim, storage type or mask kind
 //! also compiles kernels, ~20 s each on a cold lavapipe): run it with
@@ -12,7 +12,9 @@
 //! case a failure names (each case draws from its own seed, `base + index`).
 //!
 //! Drawn per case: the operation (forward 60 %, decode over a KV cache
-//! 20 %, backward 20 %), batch, lengths (1-150, `seq_q != seq_kv`
+//! 20 %, backward 20 %; then, from a seed of its own so that the others
+//! draw as before, 10 % of all cases become linear attention cases, see
+//! `draw_linear_case`), batch, lengths (1-150, `seq_q != seq_kv`
 //! included), GQA groups, head dims (multiples of 8 up to 256; in 15 % of
 //! cases a pair from a short list past 256 (forward and decode) or with
 //! values of another width, decoding those over a latent cache), causal,
@@ -50,11 +52,13 @@ use common::{forward_tiers, gpu, round_to, unit_roundoff};
 use rand::RngExt;
 use rand::seq::SliceRandom;
 use std::sync::Mutex;
+use wgpu_flash_attn::reference::LinearReferenceState;
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardArgs,
-    BackwardPlan, DType, DecodeArgs, DecodeLanes, DecodeOptions, ForwardOptions, ForwardPlan, Gpu,
-    KvCache, KvCacheConfig, KvDType, KvLayout, Lse, SinkGrads, Strides, Tensor, TensorShape, Tier,
+    BackwardPlan, DType, DecodeArgs, DecodeLanes, DecodeOptions, Error, FeatureMap, ForwardOptions,
+    ForwardPlan, Gpu, KvCache, KvCacheConfig, KvDType, KvLayout, LinearArgs, LinearConfig,
+    LinearPlan, LinearShape, LinearState, Lse, SinkGrads, Strides, Tensor, TensorShape, Tier,
     ValidLengths,
 };
 
@@ -909,15 +913,237 @@ fn per_sequence_backward(
     totals
 }
 
+/// A linear attention case (`Gpu::linear_attention` against
+/// `reference::linear_attention`).
+#[derive(Debug)]
+struct LinearCase {
+    shape: LinearShape,
+    config: LinearConfig,
+    dtype: DType,
+    /// Q and K drawn from N(0, qk_scale^2) (absolute values under the
+    /// identity feature map, which keeps every denominator positive).
+    qk_scale: f32,
+    /// Q, K and V stored as BHSD buffers seen through strides.
+    bhsd: bool,
+    /// Seeds the inputs (and a host state).
+    input_seed: u64,
+    /// Causal cases only: the state carried in (zeros, or random values
+    /// from the host) and the token counts of the calls the sequence is
+    /// cut into, each carrying the state to the next.
+    state: Option<LinearStateCase>,
+}
+
+#[derive(Debug)]
+struct LinearStateCase {
+    from_host: bool,
+    pieces: Vec<usize>,
+}
+
+/// Mixed into a case's seed to draw whether it is a linear attention case:
+/// linear attention joined the fuzz later, and a seed of its own for that
+/// choice leaves every other case drawing (and replaying) as before.
+const LINEAR_SALT: u64 = 0x11ea_a77e_0000_0000;
+
+/// A linear attention case in 10 % of the seeds: batch, lengths (across
+/// the kernel's 64-token chunks), GQA groups, head dims each a multiple of
+/// 8 up to 256, causal or not (non-causal with its own key length), either
+/// feature map, `eps`, a forced tier, f32, f16 or bf16 storage, packed or
+/// strided inputs, and for causal cases a state carried in and across 1-3
+/// calls.
+fn draw_linear_case(seed: u64) -> Option<LinearCase> {
+    let mut rng = seeded(seed ^ LINEAR_SALT);
+    if !rng.random_bool(0.1) {
+        return None;
+    }
+    let heads_kv = rng.random_range(1..=3);
+    let causal = rng.random_bool(0.5);
+    let seq_q = rng.random_range(1..=200);
+    let head_dim = 8 * rng.random_range(1..=32);
+    let shape = LinearShape {
+        batch: rng.random_range(1..=3),
+        seq_q,
+        seq_kv: if causal {
+            seq_q
+        } else {
+            rng.random_range(1..=200)
+        },
+        heads_q: heads_kv * rng.random_range(1..=3),
+        heads_kv,
+        head_dim,
+        head_dim_v: if rng.random_bool(0.7) {
+            head_dim
+        } else {
+            8 * rng.random_range(1..=32)
+        },
+    };
+    let mut config = LinearConfig::new().causal(causal);
+    if rng.random_bool(0.2) {
+        config = config.feature_map(FeatureMap::Identity);
+    }
+    if rng.random_bool(0.3) {
+        config = config.eps(rng.random_range(0.0..1e-2f32));
+    }
+    config.tier = [
+        None,
+        None,
+        Some(Tier::Portable),
+        Some(Tier::SubgroupBroadcast),
+    ][rng.random_range(0..4)];
+    let state = (causal && rng.random_bool(0.4)).then(|| {
+        // Cut points anywhere, so pieces need not be whole chunks.
+        let mut cuts: Vec<usize> = (0..rng.random_range(0..=2))
+            .map(|_| rng.random_range(1..=seq_q))
+            .collect();
+        cuts.extend([0, seq_q]);
+        cuts.sort_unstable();
+        cuts.dedup();
+        LinearStateCase {
+            from_host: rng.random_bool(0.5),
+            pieces: cuts.windows(2).map(|w| w[1] - w[0]).collect(),
+        }
+    });
+    Some(LinearCase {
+        shape,
+        config,
+        dtype: [DType::F32, DType::F16, DType::BF16][rng.random_range(0..3)],
+        qk_scale: rng.random_range(0.3..2.0f32),
+        bhsd: rng.random_bool(0.3),
+        input_seed: rng.random(),
+        state,
+    })
+}
+
+/// Tokens `range` of each sequence of a packed `[batch, seq, heads, dim]`
+/// tensor (`row` = heads x dim values per token).
+fn token_range<T: Copy>(
+    data: &[T],
+    seq: usize,
+    row: usize,
+    range: std::ops::Range<usize>,
+) -> Vec<T> {
+    data.chunks(seq * row)
+        .flat_map(|sequence| sequence[range.start * row..range.end * row].to_vec())
+        .collect()
+}
+
+/// Runs a linear attention case: the whole call, or the sequence in pieces
+/// carrying the state, every output within the crate's rule of the
+/// reference over the whole sequence.
+fn run_linear_case(gpu: &Gpu, case: &LinearCase) -> Result<(), String> {
+    let LinearCase {
+        shape, dtype, bhsd, ..
+    } = *case;
+    let mut config = case.config;
+    // A forced tier the adapter lacks is a typed error, not a case of the
+    // rule: such cases run on the default tier.
+    if let Err(Error::TierUnavailable { .. }) =
+        LinearPlan::for_call(gpu.info(), &shape, dtype, &config)
+    {
+        config.tier = None;
+    }
+    let mut rng = seeded(case.input_seed);
+    let non_negative = config.feature_map == FeatureMap::Identity;
+    let mut draw = |n: usize, scale: f32, abs: bool| -> Vec<f32> {
+        normal_vec(&mut rng, n, scale)
+            .into_iter()
+            .map(|x| round_to(dtype, if abs { x.abs() } else { x }))
+            .collect()
+    };
+    let q = draw(shape.q_shape().elements(), case.qk_scale, non_negative);
+    let k = draw(shape.k_shape().elements(), case.qk_scale, non_negative);
+    let v = draw(shape.v_shape().elements(), 1.0, false);
+    let (d, dv, heads_kv) = (shape.head_dim, shape.head_dim_v, shape.heads_kv);
+    let slots = shape.batch * heads_kv;
+    // A host state as after some earlier tokens: z is a sum of positive
+    // features, so it stays positive.
+    let initial = case.state.as_ref().filter(|s| s.from_host).map(|_| {
+        let s: Vec<f32> = draw(slots * d * dv, 3.0, false);
+        let z: Vec<f32> = draw(slots * d, 3.0, true)
+            .into_iter()
+            .map(|x| x + 10.0)
+            .collect();
+        (s, z)
+    });
+    let reference_state = initial.as_ref().map(|(s, z)| LinearReferenceState {
+        s: s.iter().map(|&x| f64::from(x)).collect(),
+        z: z.iter().map(|&x| f64::from(x)).collect(),
+    });
+    let want = reference::linear_attention(&shape, &q, &k, &v, &config, reference_state.as_ref())
+        .map_err(|e| format!("reference: {e}"))?;
+    let state = match (&case.state, &initial) {
+        (None, _) => None,
+        (Some(_), Some((s, z))) => Some(LinearState::from_f32(
+            gpu,
+            [shape.batch, heads_kv, d, dv],
+            s,
+            z,
+        )),
+        (Some(_), None) => Some(LinearState::zeros(gpu, shape.batch, heads_kv, d, dv)),
+    }
+    .transpose()
+    .map_err(|e| format!("state: {e}"))?;
+    let pieces = case
+        .state
+        .as_ref()
+        .map_or_else(|| vec![shape.seq_q], |s| s.pieces.clone());
+    let mut start = 0;
+    for tokens in pieces {
+        let range = start..start + tokens;
+        start += tokens;
+        // Causal pieces take the same tokens of Q, K and V; a non-causal
+        // call is one piece of all of them.
+        let piece = LinearShape {
+            seq_q: tokens,
+            seq_kv: if case.state.is_some() {
+                tokens
+            } else {
+                shape.seq_kv
+            },
+            ..shape
+        };
+        let (q_part, k_part, v_part) = if case.state.is_some() {
+            (
+                token_range(&q, shape.seq_q, shape.heads_q * d, range.clone()),
+                token_range(&k, shape.seq_kv, heads_kv * d, range.clone()),
+                token_range(&v, shape.seq_kv, heads_kv * dv, range.clone()),
+            )
+        } else {
+            (q.clone(), k.clone(), v.clone())
+        };
+        let out = Tensor::filled_as(gpu, piece.out_shape(), f32::NAN, dtype)
+            .map_err(|e| format!("out: {e}"))?;
+        let (q_t, k_t, v_t) = (
+            upload(gpu, piece.q_shape(), &q_part, dtype, bhsd),
+            upload(gpu, piece.k_shape(), &k_part, dtype, bhsd),
+            upload(gpu, piece.v_shape(), &v_part, dtype, bhsd),
+        );
+        let args = LinearArgs {
+            q: &q_t,
+            k: &k_t,
+            v: &v_t,
+            out: &out,
+            state: state.as_ref(),
+        };
+        gpu.run(|e| gpu.linear_attention(e, &args, &config))
+            .map_err(|e| format!("tokens {range:?}: {e}"))?;
+        let got = out.to_f32_vec(gpu).map_err(|e| format!("download: {e}"))?;
+        let expected = token_range(&want.out, shape.seq_q, shape.heads_q * dv, range.clone());
+        check_rule(&got, &expected, unit_roundoff(dtype), 0.0)
+            .map_err(|problem| format!("tokens {range:?}: {problem}"))?;
+    }
+    Ok(())
+}
+
 /// Cases between two running tallies of a soak.
 const PROGRESS_EVERY: usize = 1000;
 
-fn tally(done: usize, counts: [usize; 3], start: std::time::Instant, failures: usize) -> String {
+fn tally(done: usize, counts: [usize; 4], start: std::time::Instant, failures: usize) -> String {
     format!(
-        "{done} cases ({} forward, {} decode, {} backward) in {:.1} s, {failures} outside the rule",
+        "{done} cases ({} forward, {} decode, {} backward, {} linear) in {:.1} s, {failures} outside the rule",
         counts[0],
         counts[1],
         counts[2],
+        counts[3],
         start.elapsed().as_secs_f64(),
     )
 }
@@ -951,22 +1177,28 @@ fn random_configurations_follow_the_accuracy_rule() {
     );
     let start = std::time::Instant::now();
     // Cases finished, per operation, and the seeds outside the rule.
-    let progress = Mutex::new((0usize, [0usize; 3], Vec::new()));
+    let progress = Mutex::new((0usize, [0usize; 4], Vec::new()));
     let indices: Vec<usize> = (0..cases).collect();
     common::on_the_devices(&indices, |gpu, &index| {
         let seed = base + index as u64;
         let mut rng = seeded(seed);
         let case = draw_case(&mut rng);
-        let result = run_case(gpu, &case, &mut rng);
+        let (kind, result, described) = match draw_linear_case(seed) {
+            Some(linear) => (3, run_linear_case(gpu, &linear), format!("{linear:?}")),
+            None => {
+                let kind = match case.operation {
+                    Operation::Forward => 0,
+                    Operation::Decode { .. } => 1,
+                    Operation::Backward => 2,
+                };
+                (kind, run_case(gpu, &case, &mut rng), format!("{case:?}"))
+            }
+        };
         let mut progress = progress.lock().expect("no worker panicked");
         let (done, counts, failures) = &mut *progress;
-        counts[match case.operation {
-            Operation::Forward => 0,
-            Operation::Decode { .. } => 1,
-            Operation::Backward => 2,
-        }] += 1;
+        counts[kind] += 1;
         if let Err(problem) = result {
-            eprintln!("FAILED seed {seed}: {problem}\n  {case:?}");
+            eprintln!("FAILED seed {seed}: {problem}\n  {described}");
             failures.push(seed);
         }
         // A running tally, so that a long soak stopped early still says
