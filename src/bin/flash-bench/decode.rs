@@ -374,13 +374,8 @@ fn run_case(
             Err(err) => (None, Some(format!("does not run: {err}"))),
         },
     };
-    let forced: Vec<Option<DecodeLanes>> = if args.lanes.is_empty() {
-        vec![None]
-    } else {
-        args.lanes.iter().copied().map(Some).collect()
-    };
     let mut cases = Vec::new();
-    for lanes in forced {
+    for lanes in lane_layouts(args) {
         let options = DecodeOptions {
             config: config.clone(),
             kv_splits: args.splits,
@@ -439,6 +434,16 @@ fn run_case(
         });
     }
     Ok(cases)
+}
+
+/// The lane layouts each cache is timed with: those of `--lanes`, else
+/// the adapter's (`None`).
+fn lane_layouts(args: &DecodeCmdArgs) -> Vec<Option<DecodeLanes>> {
+    if args.lanes.is_empty() {
+        vec![None]
+    } else {
+        args.lanes.iter().copied().map(Some).collect()
+    }
 }
 
 /// The cache `args` asks for, holding `tokens` tokens per sequence in

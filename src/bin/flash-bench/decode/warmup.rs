@@ -14,7 +14,7 @@ use wgpu_flash_attn::{
     Gpu, KvDType, Tensor, TensorShape,
 };
 
-use super::{DecodeCmdArgs, cache_config, new_cache, prefill_skipped};
+use super::{DecodeCmdArgs, cache_config, lane_layouts, new_cache, prefill_skipped};
 use crate::compile_ahead;
 
 /// How a failed warm-up call starts its line on stderr (the CLI tests
@@ -42,11 +42,7 @@ pub fn compile_ahead(gpu: &Gpu, options: &AdapterOptions, args: &DecodeCmdArgs) 
     if !compile_ahead::worthwhile(gpu) {
         return;
     }
-    let forced_lanes: Vec<Option<DecodeLanes>> = if args.lanes.is_empty() {
-        vec![None]
-    } else {
-        args.lanes.iter().copied().map(Some).collect()
-    };
+    let forced_lanes = lane_layouts(args);
     let mut work: Vec<Warmup> = args
         .kv_dtype
         .iter()
