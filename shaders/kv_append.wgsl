@@ -17,7 +17,7 @@
 @group(0) @binding(0) var<uniform> rp: RopeParams;
 // Per sequence: (first cache position written, first rotary position).
 @group(0) @binding(1) var<storage, read> starts: array<vec2<u32>>;
-@group(0) @binding(2) var<storage, read> freqs: array<vec2<f32>>;
+@group(0) @binding(2) var<storage, read> freqs: array<vec2<u32>>;
 @group(0) @binding(3) var<storage, read> k_new: array<f32>;
 @group(0) @binding(4) var<storage, read> v_new: array<f32>;
 @group(0) @binding(5) var<storage, read_write> k_cache: array<u32>;

@@ -7,7 +7,7 @@
 @group(0) @binding(0) var<uniform> rp: RopeParams;
 // Per sequence: (unused here, first position).
 @group(0) @binding(1) var<storage, read> starts: array<vec2<u32>>;
-@group(0) @binding(2) var<storage, read> freqs: array<vec2<f32>>;
+@group(0) @binding(2) var<storage, read> freqs: array<vec2<u32>>;
 @group(0) @binding(3) var<storage, read_write> data: array<f32>;
 
 @compute @workgroup_size(WG_SIZE)

@@ -8,7 +8,9 @@
 //
 // Angles: position * theta_i in f32 loses ~1e-2 rad at position 1e5, so the
 // position is split as hi * 1024 + lo and the host supplies, per pair,
-// theta_i and (1024 * theta_i) mod 2pi computed in f64 (`freqs`).
+// theta_i and 1024 * theta_i as turns (angle / 2pi) in 32-bit fixed point,
+// computed in f64 (`freqs`, src/rope.rs). Wrapping u32 products and sum
+// drop whole turns exactly; the angle reaches sin and cos in [-pi, pi).
 
 // Twin of `RopeParams` in src/params.rs.
 struct RopeParams {
@@ -55,7 +57,9 @@ fn pair_indices(i: u32) -> vec3<u32> {
 // (x, y) rotated by position * theta of pair i.
 fn rotate(x: f32, y: f32, position: u32, i: u32) -> vec2<f32> {
     let f = freqs[i];
-    let angle = f32(position >> 10u) * f.y + f32(position & 1023u) * f.x;
+    let turns = (position >> 10u) * f.y + (position & 1023u) * f.x;
+    // The turns as a signed fraction of 2^32: one turn is 2pi.
+    let angle = f32(bitcast<i32>(turns)) * (6.283185307179586 / 4294967296.0);
     let c = cos(angle);
     let s = sin(angle);
     return vec2<f32>(x * c - y * s, x * s + y * c);

@@ -12,6 +12,8 @@ use crate::tensor::{DType, Tensor};
 
 /// The kernels split positions as `hi * ANGLE_SPLIT + lo` (rope_common.wgsl).
 const ANGLE_SPLIT: f64 = 1024.0;
+/// Fixed-point units of one turn in the frequency table.
+const TURN_UNITS: f64 = 4_294_967_296.0;
 
 /// Which elements of a head vector form the rotated pairs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -76,14 +78,23 @@ impl Rope {
         self.base.powf(-2.0 * i as f64 / rotary_dim as f64)
     }
 
-    /// Per pair: theta and `(1024 * theta) mod 2pi`, in f64 then rounded,
-    /// so that the kernels' angles stay accurate at long positions.
-    pub(crate) fn frequency_table(&self, rotary_dim: usize) -> Vec<[f32; 2]> {
+    /// Per pair: the turns (angle / 2pi) that one position and
+    /// `ANGLE_SPLIT` positions advance it, in 32-bit fixed point (units of
+    /// 2^-32 turn), computed in f64. The kernels multiply them by the two
+    /// parts of the position with wrapping integer arithmetic, which keeps
+    /// whole turns out exactly: the angle they take the sine and cosine of
+    /// lies in [-pi, pi) and is off by at most about position x 2^-42 turn,
+    /// where f32 angles were off by 2e-4 rad at position 184,664.
+    pub(crate) fn frequency_table(&self, rotary_dim: usize) -> Vec<[u32; 2]> {
+        let fixed_turns = |radians: f64| {
+            let turns = (radians / std::f64::consts::TAU).rem_euclid(1.0);
+            // Rounding may reach a whole turn, which is 0 mod 2^32.
+            ((turns * TURN_UNITS).round() as u64 & u64::from(u32::MAX)) as u32
+        };
         (0..rotary_dim / 2)
             .map(|i| {
                 let theta = self.theta(i, rotary_dim);
-                let coarse = (ANGLE_SPLIT * theta).rem_euclid(std::f64::consts::TAU);
-                [theta as f32, coarse as f32]
+                [fixed_turns(theta), fixed_turns(ANGLE_SPLIT * theta)]
             })
             .collect()
     }

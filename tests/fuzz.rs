@@ -32,7 +32,9 @@
 //! size 16-256, pages shuffled), per-sequence lengths 0-300, 1-4 query
 //! tokens, a chosen or forced split count, f32, f16, bf16 or int8 storage
 //! (checked over the values stored), queries and output in f32, f16 or
-//! bf16. Backward (f32): no mask, a
+//! bf16; in 40 % of them (drawn from a seed of their own) RoPE fused into
+//! the append, the stored keys of an f32 cache held to 2e-5 of RoPE in
+//! f64. Backward (f32): no mask, a
 //! boolean or a bias mask, valid lengths or a packed variable-length batch
 //! (one dispatch per pass for all of its sequences), in 30 % of the cases
 //! on the register-blocked passes; with sinks, their gradients too. In 25 %
@@ -57,9 +59,9 @@ use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardArgs,
     BackwardPlan, DType, DecodeArgs, DecodeLanes, DecodeOptions, Error, FeatureMap, ForwardOptions,
-    ForwardPlan, Gpu, KvCache, KvCacheConfig, KvDType, KvLayout, LinearArgs, LinearConfig,
-    LinearPlan, LinearShape, LinearState, Lse, SinkGrads, Strides, Tensor, TensorShape, Tier,
-    ValidLengths,
+    ForwardPlan, Gpu, KeyRotation, KvCache, KvCacheConfig, KvDType, KvLayout, LinearArgs,
+    LinearConfig, LinearPlan, LinearShape, LinearState, Lse, Rope, RopeStyle, SinkGrads, Strides,
+    Tensor, TensorShape, Tier, ValidLengths,
 };
 
 const CASES_VAR: &str = "FLASH_ATTN_FUZZ_CASES";
@@ -67,6 +69,9 @@ const SEED_VAR: &str = "FLASH_ATTN_FUZZ_SEED";
 /// Cases when the variable is unset (a short look, not the soak).
 const DEFAULT_CASES: usize = 50;
 const TOLERANCE: f64 = 1e-4;
+/// Keys of N(0, 1) values rotated by the append's RoPE, against RoPE in
+/// f64 (the bound of tests/decode.rs).
+const ROPE_TOLERANCE: f64 = 2e-5;
 /// Gradients: this share of the largest reference gradient (at least 1),
 /// plus twice the error of standard attention's backward in f32.
 const GRADIENT_TOLERANCE: f64 = 2e-5;
@@ -122,6 +127,9 @@ struct Case {
     /// Backward: run the register-blocked passes (forward and backward
     /// with `Tier::RegisterBlocked`), where their tiles fit.
     backward_blocked: bool,
+    /// Decode: RoPE fused into the append of the keys, with one position
+    /// offset per sequence (`draw_rotation`).
+    rotation: Option<(Rope, Vec<u32>)>,
 }
 
 /// The forward kernel a case runs, where its tiles fit (else the default).
@@ -303,6 +311,7 @@ fn draw_case(rng: &mut SeededRng) -> Case {
         keys_per_dispatch,
         forward_kernel,
         backward_blocked,
+        rotation: None,
     }
 }
 
@@ -636,10 +645,24 @@ fn run_decode(
         }
     }
     let tokens = s.k_shape();
+    let rotation = || {
+        case.rotation
+            .as_ref()
+            .map(|(rope, position_offsets)| KeyRotation {
+                rope,
+                position_offsets,
+            })
+    };
     let mut k = normal_vec(rng, tokens.elements(), 1.0);
+    // The keys a rotation should store: RoPE in f64 at each token's cache
+    // position plus its sequence's offset.
+    let rotated = match &case.rotation {
+        Some((rope, offsets)) => Some(rotated_keys(rope, offsets, tokens, &k, latent)?),
+        None => None,
+    };
     let kt = Tensor::from_f32(gpu, tokens, &k).unwrap();
     let mut v = if latent {
-        let appended = gpu.run(|e| cache.append_latent(gpu, e, &kt, None));
+        let appended = gpu.run(|e| cache.append_latent(gpu, e, &kt, rotation()));
         appended.map_err(|e| format!("append: {e}"))?;
         k.chunks(s.head_dim)
             .flat_map(|key| key[..s.head_dim_v].to_vec())
@@ -647,19 +670,33 @@ fn run_decode(
     } else {
         let v = normal_vec(rng, tokens.elements(), 1.0);
         let vt = Tensor::from_f32(gpu, tokens, &v).unwrap();
-        gpu.run(|e| cache.append(gpu, e, &kt, &vt, None))
+        gpu.run(|e| cache.append(gpu, e, &kt, &vt, rotation()))
             .map_err(|e| format!("append: {e}"))?;
         v
     };
     for (b, &len) in case.cache_lens.iter().enumerate() {
         cache.set_len(b, len).map_err(|e| format!("set_len: {e}"))?;
-        // Half and int8 caches: the reference runs on what is stored
-        // (tests/decode.rs bounds the storage rounding itself).
-        if dtype != KvDType::F32 {
+        // Half and int8 caches, and rotated keys: the reference runs on
+        // what is stored (tests/decode.rs bounds the storage rounding
+        // itself); an f32 cache's rotated keys are first held to the
+        // rotation's bound.
+        if dtype != KvDType::F32 || rotated.is_some() {
             let (stored_k, stored_v) = cache
                 .read_sequence(gpu, b)
                 .map_err(|e| format!("read back: {e}"))?;
             let at = b * longest * s.heads_kv;
+            if let (Some(want), KvDType::F32) = (&rotated, dtype) {
+                let want = &want[at * s.head_dim..][..stored_k.len()];
+                for (index, (&got, &w)) in stored_k.iter().zip(want).enumerate() {
+                    let error = (f64::from(got) - w).abs();
+                    if error.is_nan() || error > ROPE_TOLERANCE {
+                        return Err(format!(
+                            "sequence {b}: rotated key element {index} = {got}, reference {w} \
+                             (error {error:.3e})"
+                        ));
+                    }
+                }
+            }
             k[at * s.head_dim..][..stored_k.len()].copy_from_slice(&stored_k);
             v[at * s.head_dim_v..][..stored_v.len()].copy_from_slice(&stored_v);
         }
@@ -911,6 +948,85 @@ fn per_sequence_backward(
         }
     }
     totals
+}
+
+/// Mixed into a case's seed to draw a decode case's key rotation (joined
+/// the fuzz later; a seed of its own leaves every other draw as before).
+const ROPE_SALT: u64 = 0x0e0e_5a17_0000_0000;
+
+/// RoPE fused into a decode case's append in 40 % of decode cases: either
+/// convention, a base from 100 to 10^6, the whole head or a partial
+/// rotary dim (a latent cache's rotates the elements past its values),
+/// positions offset by up to 4,000,000 per sequence.
+fn draw_rotation(seed: u64, case: &Case) -> Option<(Rope, Vec<u32>)> {
+    let mut rng = seeded(seed ^ ROPE_SALT);
+    if !matches!(case.operation, Operation::Decode { .. }) || !rng.random_bool(0.4) {
+        return None;
+    }
+    let s = &case.shape;
+    let style = [RopeStyle::Interleaved, RopeStyle::HalfSplit][rng.random_range(0..2)];
+    let mut rope = Rope::new(style)
+        .base([10_000.0, 500_000.0, rng.random_range(100.0..1e6)][rng.random_range(0..3)]);
+    // A latent cache's rotation may not reach the values (its first
+    // head_dim_v elements).
+    let room = if s.same_head_dims() {
+        s.head_dim
+    } else {
+        s.head_dim - s.head_dim_v
+    };
+    if !s.same_head_dims() || rng.random_bool(0.5) {
+        rope = rope.rotary_dim(2 * rng.random_range(1..=room / 2));
+    }
+    let offsets = (0..s.batch)
+        .map(|_| rng.random_range(0..=4_000_000u32))
+        .collect();
+    Some((rope, offsets))
+}
+
+/// The keys (packed `[batch, tokens, heads, head_dim]`) as a rotation
+/// should store them, in f64: RoPE at each token's cache position plus its
+/// sequence's offset, over the first `rotary_dim` elements of each vector,
+/// or for a latent cache its last ones (past the value prefix).
+fn rotated_keys(
+    rope: &Rope,
+    offsets: &[u32],
+    tokens: TensorShape,
+    k: &[f32],
+    latent: bool,
+) -> Result<Vec<f64>, String> {
+    let first: Vec<u64> = offsets.iter().map(|&o| u64::from(o)).collect();
+    let d = tokens.head_dim;
+    let rotary_dim = rope
+        .checked_rotary_dim(d)
+        .map_err(|e| format!("rope: {e}"))?;
+    if !latent {
+        return reference::rope(rope, tokens, k, &first).map_err(|e| format!("rope: {e}"));
+    }
+    // The tails as vectors of their own, rotated whole, put back.
+    let tails: Vec<f32> = k
+        .chunks(d)
+        .flat_map(|v| v[d - rotary_dim..].to_vec())
+        .collect();
+    let tail_shape = TensorShape {
+        head_dim: rotary_dim,
+        ..tokens
+    };
+    let whole = Rope {
+        rotary_dim: None,
+        ..*rope
+    };
+    let rotated =
+        reference::rope(&whole, tail_shape, &tails, &first).map_err(|e| format!("rope: {e}"))?;
+    Ok(k.chunks(d)
+        .zip(rotated.chunks(rotary_dim))
+        .flat_map(|(v, tail)| {
+            v[..d - rotary_dim]
+                .iter()
+                .map(|&x| f64::from(x))
+                .chain(tail.iter().copied())
+                .collect::<Vec<f64>>()
+        })
+        .collect())
 }
 
 /// A linear attention case (`Gpu::linear_attention` against
@@ -1182,7 +1298,8 @@ fn random_configurations_follow_the_accuracy_rule() {
     common::on_the_devices(&indices, |gpu, &index| {
         let seed = base + index as u64;
         let mut rng = seeded(seed);
-        let case = draw_case(&mut rng);
+        let mut case = draw_case(&mut rng);
+        case.rotation = draw_rotation(seed, &case);
         let (kind, result, described) = match draw_linear_case(seed) {
             Some(linear) => (3, run_linear_case(gpu, &linear), format!("{linear:?}")),
             None => {
