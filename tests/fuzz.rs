@@ -34,7 +34,8 @@
 //! (checked over the values stored), queries and output in f32, f16 or
 //! bf16; in 40 % of them (drawn from a seed of their own) RoPE fused into
 //! the append, the stored keys of an f32 cache held to 2e-5 of RoPE in
-//! f64. Backward (f32): no mask, a
+//! f64; in 30 % of paged ones (also from a seed of its own) the pool spread
+//! over buffers of 1-4 pages each. Backward (f32): no mask, a
 //! boolean or a bias mask, valid lengths or a packed variable-length batch
 //! (one dispatch per pass for all of its sequences), in 30 % of the cases
 //! on the register-blocked passes; with sinks, their gradients too. In 25 %
@@ -130,6 +131,9 @@ struct Case {
     /// Decode: RoPE fused into the append of the keys, with one position
     /// offset per sequence (`draw_rotation`).
     rotation: Option<(Rope, Vec<u32>)>,
+    /// Decode over a paged cache: its pool spread over buffers of this many
+    /// pages each (`KvCacheConfig::max_buffer_bytes`; `draw_buffer_pages`).
+    pages_per_buffer: Option<usize>,
 }
 
 /// The forward kernel a case runs, where its tiles fit (else the default).
@@ -312,6 +316,7 @@ fn draw_case(rng: &mut SeededRng) -> Case {
         forward_kernel,
         backward_blocked,
         rotation: None,
+        pages_per_buffer: None,
     }
 }
 
@@ -633,6 +638,10 @@ fn run_decode(
     if latent {
         cache_config = cache_config.latent_values(s.head_dim_v);
     }
+    if let (Some(pages), KvLayout::Paged { page_size, .. }) = (case.pages_per_buffer, layout) {
+        let page_bytes = page_size * s.heads_kv * dtype.vector_bytes(s.head_dim);
+        cache_config = cache_config.max_buffer_bytes((pages * page_bytes) as u64);
+    }
     let mut cache = KvCache::new(gpu, cache_config).map_err(|e| format!("cache: {e}"))?;
     if let KvLayout::Paged { page_size, pages } = layout {
         let mut pool: Vec<u32> = (0..pages as u32).collect();
@@ -720,8 +729,19 @@ fn run_decode(
         kv_splits,
         lanes,
     };
-    gpu.run(|e| gpu.decode(e, &args, options.clone()).map(|_| ()))
+    let plan = gpu
+        .run(|e| gpu.decode(e, &args, options.clone()))
         .map_err(|e| format!("GPU call failed: {e}"))?;
+    if let Some(pages) = case.pages_per_buffer {
+        let buffers = cache.pool_pages().div_ceil(pages);
+        if plan.segments as usize != buffers {
+            return Err(format!(
+                "{} pages of {pages} per buffer: {buffers} buffers expected, the step ran over {}",
+                cache.pool_pages(),
+                plan.segments
+            ));
+        }
+    }
     let sequences: Vec<_> = (0..s.batch)
         .map(|b| {
             let (q0, k0) = (b * s.seq_q, b * longest);
@@ -981,6 +1001,23 @@ fn draw_rotation(seed: u64, case: &Case) -> Option<(Rope, Vec<u32>)> {
         .map(|_| rng.random_range(0..=4_000_000u32))
         .collect();
     Some((rope, offsets))
+}
+
+/// Mixed into a case's seed to draw how many pages each buffer of a paged
+/// decode case's pool holds (joined the fuzz later, as RoPE did).
+const SEGMENT_SALT: u64 = 0x5e6_0000_0000;
+
+/// In 30 % of paged decode cases, a pool spread over buffers of 1-4 pages
+/// each (one dispatch per buffer for the append and the step, partial
+/// results merged across them), as when a pool outgrows one binding.
+fn draw_buffer_pages(seed: u64, case: &Case) -> Option<usize> {
+    let mut rng = seeded(seed ^ SEGMENT_SALT);
+    match case.operation {
+        Operation::Decode { paged: Some(_), .. } if rng.random_bool(0.3) => {
+            Some(rng.random_range(1..=4))
+        }
+        _ => None,
+    }
 }
 
 /// The keys (packed `[batch, tokens, heads, head_dim]`) as a rotation
@@ -1300,6 +1337,7 @@ fn random_configurations_follow_the_accuracy_rule() {
         let mut rng = seeded(seed);
         let mut case = draw_case(&mut rng);
         case.rotation = draw_rotation(seed, &case);
+        case.pages_per_buffer = draw_buffer_pages(seed, &case);
         let (kind, result, described) = match draw_linear_case(seed) {
             Some(linear) => (3, run_linear_case(gpu, &linear), format!("{linear:?}")),
             None => {
