@@ -45,6 +45,9 @@
 //! packed batch its own mask). The bound is the crate's accuracy rule: 1e-4
 //! plus the output's rounding to its storage type, on inputs already
 //! rounded to it (docs/semantics.md), a row that sees no key being zeros;
+//! forward and decode logsumexps within 1e-4 (2^-11 more on the
+//! cooperative-matrix tier in f16, whose row sums add f16-rounded weights),
+//! `+inf` for a row that sees no key, the sink's logit with a sink;
 //! gradients within 2e-5 of the largest reference gradient (at least 1) plus twice the
 //! error of standard attention's backward in f32 (FlashAttention's rule).
 
@@ -444,12 +447,14 @@ fn run_forward(
         tensor(s.v_shape(), &v),
     );
     let out = tensor(s.o_shape(), &vec![f32::NAN; s.o_shape().elements()]);
+    // Lse::new fills it with NaN: a row the call does not write stands out.
+    let lse = Lse::new(gpu, s.batch, s.heads_q, s.seq_q).unwrap();
     let args = AttentionArgs {
         q: &qt,
         k: &kt,
         v: &vt,
         out: &out,
-        lse: None,
+        lse: Some(&lse),
     };
     let mask_dims = [s.batch, s.heads_q, s.seq_q, s.seq_kv];
     let mask_len = mask_dims.iter().product();
@@ -463,7 +468,7 @@ fn run_forward(
             gpu.run(|e| gpu.forward(e, &args, chunked.clone()))
                 .map_err(|e| format!("GPU call failed: {e}"))?;
             let want = reference::attention(s, &q, &k, &v, &config).unwrap();
-            (want.out, out.to_f32_vec(gpu).unwrap())
+            (want, out.to_f32_vec(gpu).unwrap())
         }
         Extra::BoolMask => {
             let values: Vec<bool> = (0..mask_len).map(|_| mask_rng.random_bool(0.7)).collect();
@@ -475,7 +480,7 @@ fn run_forward(
                 values: &values,
             };
             let want = reference::attention_masked(s, &q, &k, &v, &config, &host).unwrap();
-            (want.out, out.to_f32_vec(gpu).unwrap())
+            (want, out.to_f32_vec(gpu).unwrap())
         }
         Extra::BiasMask => {
             let values: Vec<f32> = (0..mask_len)
@@ -495,7 +500,7 @@ fn run_forward(
                 values: &values,
             };
             let want = reference::attention_masked(s, &q, &k, &v, &config, &host).unwrap();
-            (want.out, out.to_f32_vec(gpu).unwrap())
+            (want, out.to_f32_vec(gpu).unwrap())
         }
         Extra::Varlen { cu_q, cu_k } => {
             let options = chunked.clone().varlen(cu_q, cu_k);
@@ -559,12 +564,38 @@ fn run_forward(
         let naive_error = naive
             .out
             .iter()
-            .zip(&want)
+            .zip(&want.out)
             .map(|(n, w)| (n - w).abs())
             .fold(0.0, f64::max);
-        return check_rule(&got, &want, 0.0, 2.0 * naive_error);
+        return check_rule(&got, &want.out, 0.0, 2.0 * naive_error);
     }
-    check_rule(&got, &want, unit_roundoff(case.dtype), probabilities)
+    check_rule(&got, &want.out, unit_roundoff(case.dtype), probabilities)?;
+    // The same f16 rounding of the weights enters their row sums, so the
+    // logsumexp is that of the rounded weights: up to ln(1 + 2^-11) <=
+    // 2^-11 more (docs/semantics.md).
+    let rounded_sums = if probabilities > 0.0 {
+        unit_roundoff(DType::F16)
+    } else {
+        0.0
+    };
+    check_lse(&lse.to_vec(gpu).unwrap(), &want.lse, rounded_sums)
+}
+
+/// Every logsumexp within the rule's 1e-4 (plus `extra`) of the
+/// reference's (computed in f32 from inputs already rounded to the storage
+/// type), +inf exactly for a row that sees no key; NaN (unwritten) fails.
+fn check_lse(got: &[f32], want: &[f64], extra: f64) -> Result<(), String> {
+    for (index, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let within = if w.is_infinite() {
+            g == f32::INFINITY
+        } else {
+            (f64::from(g) - w).abs() <= TOLERANCE + extra
+        };
+        if !within {
+            return Err(format!("lse[{index}] = {g}, reference {w}"));
+        }
+    }
+    Ok(())
 }
 
 /// The reference of a batch whose sequences run alone: each is (query
@@ -575,13 +606,28 @@ fn per_sequence_reference(
     [q, k, v]: [&[f32]; 3],
     config: &AttentionConfig,
     sequences: &[(std::ops::Range<usize>, std::ops::Range<usize>)],
-) -> Vec<f64> {
+) -> reference::ReferenceOutput {
     let (q_row, k_row) = (s.heads_q * s.head_dim, s.heads_kv * s.head_dim);
     let (v_row, o_row) = (s.heads_kv * s.head_dim_v, s.heads_q * s.head_dim_v);
     let mut want = vec![0.0f64; s.o_shape().elements()];
+    // Rows no sequence holds, or whose sequence has no keys, see no key.
+    let mut lse = vec![f64::INFINITY; s.batch * s.heads_q * s.seq_q];
     // A sequence's index is its dropout mask's.
     for (index, (rows, keys)) in sequences.iter().enumerate() {
-        if rows.is_empty() || keys.is_empty() {
+        if keys.is_empty() {
+            // Rows that see no key: zeros, and logsumexp +inf, or the
+            // sink's logit where there is one (docs/semantics.md).
+            if let Some(sinks) = &config.sinks {
+                for head in 0..s.heads_q {
+                    for row in rows.clone() {
+                        let (batch, local) = (row / s.seq_q, row % s.seq_q);
+                        lse[(batch * s.heads_q + head) * s.seq_q + local] = f64::from(sinks[head]);
+                    }
+                }
+            }
+            continue;
+        }
+        if rows.is_empty() {
             continue;
         }
         let one = AttentionShape {
@@ -596,8 +642,18 @@ fn per_sequence_reference(
         let result =
             reference::attention_of_sequences(&one, q_rows, k_rows, v_rows, config, index).unwrap();
         want[rows.start * o_row..rows.end * o_row].copy_from_slice(&result.out);
+        // Row r of the sequence is row `rows.start + r` of the (batch x
+        // seq_q) rows; the logsumexp is [batch, heads_q, seq_q].
+        for head in 0..s.heads_q {
+            for r in 0..rows.len() {
+                let row = rows.start + r;
+                let (batch, local) = (row / s.seq_q, row % s.seq_q);
+                lse[(batch * s.heads_q + head) * s.seq_q + local] =
+                    result.lse[head * rows.len() + r];
+            }
+        }
     }
-    want
+    reference::ReferenceOutput { out: want, lse }
 }
 
 /// The accuracy rule on every element: 1e-4 plus the storage rounding,
@@ -718,11 +774,12 @@ fn run_decode(
         .collect();
     let qt = Tensor::from_f32_as(gpu, s.q_shape(), &q, case.dtype).unwrap();
     let out = Tensor::filled_as(gpu, s.o_shape(), f32::NAN, case.dtype).unwrap();
+    let lse = Lse::new(gpu, s.batch, s.heads_q, s.seq_q).unwrap();
     let args = DecodeArgs {
         q: &qt,
         cache: &cache,
         out: &out,
-        lse: None,
+        lse: Some(&lse),
     };
     let options = DecodeOptions {
         config: case.config.clone(),
@@ -751,10 +808,11 @@ fn run_decode(
     let want = per_sequence_reference(s, [&q, &k, &v], &case.config, &sequences);
     check_rule(
         &out.to_f32_vec(gpu).unwrap(),
-        &want,
+        &want.out,
         unit_roundoff(case.dtype),
         0.0,
-    )
+    )?;
+    check_lse(&lse.to_vec(gpu).unwrap(), &want.lse, 0.0)
 }
 
 /// The backward case (f32): forward and backward on the GPU, every
