@@ -8,6 +8,8 @@ use rayon::prelude::*;
 
 mod backward;
 mod linear;
+#[cfg(test)]
+mod tests;
 
 pub use backward::{
     ReferenceGradients, attention_backward, attention_backward_f32,
@@ -55,7 +57,7 @@ pub fn attention_rows(
     let rows = Rows {
         wanted,
         bias: |_, _, _, _| Some(0.0),
-        round: exact,
+        precision: None,
         first_sequence: 0,
     };
     attention_core(shape, q, k, v, config, rows)
@@ -76,18 +78,43 @@ pub fn attention_of_sequences(
     let rows = Rows {
         wanted: |_, _, _| true,
         bias: |_, _, _, _| Some(0.0),
-        round: exact,
+        precision: None,
+        first_sequence,
+    };
+    attention_core(shape, q, k, v, config, rows)
+}
+
+/// [`attention_of_sequences`] as standard attention computes it in `dtype`
+/// (see [`attention_rows_in_precision`]): the baseline of FlashAttention's
+/// rule for a sequence cut out of a padded or packed batch.
+pub fn attention_of_sequences_in_precision(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    config: &AttentionConfig,
+    first_sequence: usize,
+    dtype: DType,
+) -> Result<ReferenceOutput> {
+    let rows = Rows {
+        wanted: |_, _, _| true,
+        bias: |_, _, _, _| Some(0.0),
+        precision: Some(dtype),
         first_sequence,
     };
     attention_core(shape, q, k, v, config, rows)
 }
 
 /// Standard attention as a framework computes it in `dtype`, the baseline
-/// of FlashAttention's accuracy rule (docs/semantics.md): each score, each
-/// probability and each output element rounded to `dtype` (sums in f64),
-/// for the rows `wanted` selects (the others NaN). A kernel whose own
-/// arithmetic rounds to `dtype` (`AttentionConfig::f16_products`) is held
-/// to twice this attention's error against [`attention`].
+/// of FlashAttention's accuracy rule (docs/semantics.md): its two matrix
+/// products accumulate in f32 (`q . k` and `P V` summed in f32, in key and
+/// head-dim order), and each score, each probability, each output element
+/// and the logsumexp are rounded to `dtype` (the logsumexp to f32), for
+/// the rows `wanted` selects (the others NaN). A kernel is held to twice
+/// this attention's error against [`attention`]: with `DType::F32` the
+/// error no f32 kernel can be expected to beat (large scores, long heads),
+/// with `DType::F16` that of a kernel whose own arithmetic rounds to f16
+/// (`AttentionConfig::f16_products`).
 pub fn attention_rows_in_precision(
     shape: &AttentionShape,
     q: &[f32],
@@ -97,26 +124,23 @@ pub fn attention_rows_in_precision(
     dtype: DType,
     wanted: impl Fn(usize, usize, usize) -> bool + Sync,
 ) -> Result<ReferenceOutput> {
-    let round = move |x: f64| -> f64 {
-        let x = x as f32;
-        f64::from(match dtype {
-            DType::F32 => x,
-            DType::F16 => half::f16::from_f32(x).to_f32(),
-            DType::BF16 => half::bf16::from_f32(x).to_f32(),
-        })
-    };
     let rows = Rows {
         wanted,
         bias: |_, _, _, _| Some(0.0),
-        round,
+        precision: Some(dtype),
         first_sequence: 0,
     };
     attention_core(shape, q, k, v, config, rows)
 }
 
-/// No rounding: the exact reference.
-fn exact(x: f64) -> f64 {
-    x
+/// `x` rounded to `dtype` (through f32).
+fn round_to(dtype: DType, x: f64) -> f64 {
+    let x = x as f32;
+    f64::from(match dtype {
+        DType::F32 => x,
+        DType::F16 => half::f16::from_f32(x).to_f32(),
+        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+    })
 }
 
 /// A mask as the reference applies it: `[batch|1, heads|1, seq_q, seq_kv]`
@@ -187,7 +211,28 @@ pub fn attention_masked_rows(
     let rows = Rows {
         wanted,
         bias: |b, h, i, j| mask.at(b, h, i, j),
-        round: exact,
+        precision: None,
+        first_sequence: 0,
+    };
+    attention_core(shape, q, k, v, config, rows)
+}
+
+/// [`attention_masked`] as standard attention computes it in `dtype` (see
+/// [`attention_rows_in_precision`]): the baseline of FlashAttention's rule
+/// for a masked call.
+pub fn attention_masked_in_precision(
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    config: &AttentionConfig,
+    mask: &HostMask<'_>,
+    dtype: DType,
+) -> Result<ReferenceOutput> {
+    let rows = Rows {
+        wanted: |_, _, _| true,
+        bias: |b, h, i, j| mask.at(b, h, i, j),
+        precision: Some(dtype),
         first_sequence: 0,
     };
     attention_core(shape, q, k, v, config, rows)
@@ -195,38 +240,45 @@ pub fn attention_masked_rows(
 
 /// Which rows a reference call computes and how: `wanted(b, h, i)` selects
 /// the rows (the others are NaN), `bias(b, h, i, j)` is the mask (added to
-/// a score, or `None` hiding the key), and `round` is applied to every
-/// score, probability and output element (the identity for the exact
-/// reference); batch entry `b` is sequence `first_sequence + b` for
-/// dropout's mask.
-struct Rows<W, B, R> {
+/// a score, or `None` hiding the key), `precision` is `None` for the exact
+/// reference and the storage type of standard attention otherwise (see
+/// [`attention_rows_in_precision`]); batch entry `b` is sequence
+/// `first_sequence + b` for dropout's mask.
+struct Rows<W, B> {
     wanted: W,
     bias: B,
-    round: R,
+    precision: Option<DType>,
     first_sequence: usize,
 }
 
-fn attention_core<W, B, R>(
+fn attention_core<W, B>(
     shape: &AttentionShape,
     q: &[f32],
     k: &[f32],
     v: &[f32],
     config: &AttentionConfig,
-    rows: Rows<W, B, R>,
+    rows: Rows<W, B>,
 ) -> Result<ReferenceOutput>
 where
     W: Fn(usize, usize, usize) -> bool + Sync,
     B: Fn(usize, usize, usize, usize) -> Option<f64> + Sync,
-    R: Fn(f64) -> f64 + Sync,
 {
     let Rows {
         wanted,
         bias,
-        round,
+        precision,
         first_sequence,
     } = rows;
     let mut problem = Problem::new(shape, q, k, v, config, bias)?;
     problem.first_sequence = first_sequence;
+    problem.dots_in_f32 = precision.is_some();
+    // Each score, probability and output element as the arithmetic holds it.
+    let round = |x: f64| precision.map_or(x, |dtype| round_to(dtype, x));
+    // A sum of P V: exact, or f32 as a framework's matrix product adds.
+    let add = |sum: f64, x: f64| match precision {
+        None => sum + x,
+        Some(_) => round_to(DType::F32, sum + round_to(DType::F32, x)),
+    };
     let AttentionShape {
         batch,
         seq_q,
@@ -252,14 +304,16 @@ where
             let Some((weights, lse)) = softmax(&scores, problem.sink(h)) else {
                 return (vec![0.0; d], f64::INFINITY);
             };
+            // The logsumexp is f32 in every storage type.
+            let lse = precision.map_or(lse, |_| round_to(DType::F32, lse));
             let mut out = vec![0.0f64; d];
             for (score, w) in scores.iter().zip(&weights) {
                 let w = round(*w) * problem.dropout_factor(b, h, i, score.key);
                 for (o, &x) in out.iter_mut().zip(problem.v_row(b, h, score.key)) {
-                    *o += w * f64::from(x);
+                    *o = add(*o, w * f64::from(x));
                 }
             }
-            (out.into_iter().map(&round).collect(), lse)
+            (out.into_iter().map(round).collect(), lse)
         })
         .collect();
 
@@ -312,6 +366,9 @@ pub(crate) struct Problem<'a, B> {
     /// Dropout's sequence index of batch entry 0 (a sequence cut out of a
     /// larger batch); 0 for a whole call.
     pub first_sequence: usize,
+    /// Form `q . k` in f32 (standard attention's f32 matrix product) rather
+    /// than exactly.
+    pub dots_in_f32: bool,
     bias: B,
 }
 
@@ -336,6 +393,7 @@ impl<'a, B: Fn(usize, usize, usize, usize) -> Option<f64> + Sync> Problem<'a, B>
             config,
             scale: f64::from(config.effective_scale(shape.head_dim)),
             first_sequence: 0,
+            dots_in_f32: false,
             bias,
         })
     }
@@ -413,11 +471,21 @@ impl<'a, B: Fn(usize, usize, usize, usize) -> Option<f64> + Sync> Problem<'a, B>
             .visible_keys(i, seq_q, seq_kv)
             .filter_map(|j| {
                 let extra = (self.bias)(b, h, i, j)?;
-                let dot: f64 = q_row
-                    .iter()
-                    .zip(self.k_row(b, h, j))
-                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                    .sum();
+                let k_row = self.k_row(b, h, j);
+                let dot: f64 = if self.dots_in_f32 {
+                    f64::from(
+                        q_row
+                            .iter()
+                            .zip(k_row)
+                            .fold(0.0f32, |sum, (&a, &b)| sum + a * b),
+                    )
+                } else {
+                    q_row
+                        .iter()
+                        .zip(k_row)
+                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                        .sum()
+                };
                 let mut s = dot * self.scale;
                 if let Some(cap) = config.softcap {
                     let cap = f64::from(cap);

@@ -60,9 +60,9 @@ pub fn attention_backward_of_sequences(
 }
 
 /// [`attention_backward`] as standard (non-flash) attention computes it in
-/// f32, as a framework does: the scores rounded to f32 (formed exactly),
-/// then probabilities, outputs, dP = dO V^T, D = rowsum(dO * O), dS and
-/// every gradient's sum in f32 arithmetic. Its distance from
+/// f32, as a framework does: the scores `q . k` summed in f32 and rounded
+/// after the options, then probabilities, outputs, dP = dO V^T,
+/// D = rowsum(dO * O), dS and every gradient's sum in f32 arithmetic. Its distance from
 /// [`attention_backward`] is the error no f32 implementation can be
 /// expected to beat: where the softmax is sharp and heads are long, dP and
 /// D nearly cancel and their f32 sums leave errors far above the gradients'
@@ -135,6 +135,7 @@ fn backward(
         None => Some(0.0),
     })?;
     problem.first_sequence = first_sequence;
+    problem.dots_in_f32 = arithmetic == Arithmetic::F32;
     check_len("d_out", shape.o_shape().elements(), d_out.len())?;
     let AttentionShape {
         batch,
@@ -177,8 +178,8 @@ fn backward(
                     let scores = problem.row_scores(b, h, i);
                     let lse_at = (b * heads_q + h) * seq_q + i;
                     let sink = problem.sink(h);
-                    // f32: the scores (formed exactly) rounded, and the
-                    // probabilities of the rounded scores rounded.
+                    // f32: the scores (q . k summed in f32) rounded, and
+                    // the probabilities of the rounded scores rounded.
                     let mut scores = scores;
                     for score in &mut scores {
                         score.score = a.round(score.score);

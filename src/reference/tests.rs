@@ -1,0 +1,65 @@
+//! The arithmetic of standard attention, the baseline of FlashAttention's
+//! rule: its `q . k` is an f32 sum, so a dot product that f32 cannot hold
+//! comes out as f32 sums it, while the exact reference keeps it.
+
+use super::{attention, attention_backward, attention_backward_f32, attention_rows_in_precision};
+use crate::config::{AttentionConfig, AttentionShape};
+use crate::tensor::DType;
+
+/// Two keys: key 0's dot with the all-ones query is `2^24 + 1 - 2^24`,
+/// exactly 1 but 0 in sequential f32 (`2^24 + 1` rounds to `2^24`); key
+/// 1's is exactly 0. Values: all ones for key 0, zeros for key 1.
+fn cancelling_dot() -> (AttentionShape, [Vec<f32>; 3], AttentionConfig) {
+    let shape = AttentionShape {
+        seq_q: 1,
+        seq_kv: 2,
+        ..AttentionShape::self_attention(1, 1, 1, 8)
+    };
+    let big = 16_777_216.0f32;
+    let q = vec![1.0; 8];
+    let mut k = vec![0.0; 16];
+    k[..3].copy_from_slice(&[big, 1.0, -big]);
+    let mut v = vec![0.0; 16];
+    v[..8].fill(1.0);
+    (shape, [q, k, v], AttentionConfig::new().scale(1.0))
+}
+
+#[test]
+fn standard_f32_attention_sums_scores_in_f32() {
+    let (shape, [q, k, v], config) = cancelling_dot();
+    let exact = attention(&shape, &q, &k, &v, &config).unwrap();
+    // Scores (1, 0): key 0 weighs e / (1 + e).
+    let e = 1f64.exp();
+    assert!(
+        (exact.out[0] - e / (1.0 + e)).abs() < 1e-12,
+        "{}",
+        exact.out[0]
+    );
+    assert!(
+        (exact.lse[0] - (1.0 + e).ln()).abs() < 1e-12,
+        "{}",
+        exact.lse[0]
+    );
+    // Scores (0, 0) in f32: both keys weigh 1/2.
+    let standard =
+        attention_rows_in_precision(&shape, &q, &k, &v, &config, DType::F32, |_, _, _| true)
+            .unwrap();
+    assert!(standard.out.iter().all(|&o| o == 0.5), "{:?}", standard.out);
+    assert_eq!(standard.lse[0], f64::from(2f32.ln()));
+}
+
+#[test]
+fn standard_f32_backward_sums_scores_in_f32() {
+    let (shape, [q, k, v], config) = cancelling_dot();
+    let d_out = [1.0; 8];
+    let inputs = [&q[..], &k[..], &v[..], &d_out[..]];
+    let exact = attention_backward(&shape, inputs, &config, None).unwrap();
+    let e = 1f64.exp();
+    assert!(
+        (exact.out[0] - e / (1.0 + e)).abs() < 1e-12,
+        "{}",
+        exact.out[0]
+    );
+    let standard = attention_backward_f32(&shape, inputs, &config, None).unwrap();
+    assert!(standard.out.iter().all(|&o| o == 0.5), "{:?}", standard.out);
+}
