@@ -306,7 +306,7 @@ impl Gpu {
             return call.dispatch_units(self, encoder, units, keys_per_dispatch, false);
         };
         call.require_whole_kv(self)?;
-        let params_buffer = self.params_buffer(&call.params);
+        let params_buffer = self.params_buffer(&call.params)?;
         mask.check_shape(&call.shape)?;
         mask.check_device(self)?;
         // Mask tiles are per head: a masked call's rows are never grouped.
@@ -314,8 +314,8 @@ impl Gpu {
         let spec = plan.masked_specialization();
         check_loop_budget(self.info(), &spec, call.shape.seq_kv as u64)?;
         let pipeline = self.pipelines.get(&self.device, &spec)?;
-        let (mask_params, tiles) = mask.params(self, plan.block_m(), plan.block_n());
-        let mask_uniform = self.uniform_buffer("mask params", bytemuck::bytes_of(&mask_params));
+        let (mask_params, tiles) = mask.params(self, plan.block_m(), plan.block_n())?;
+        let mask_uniform = self.uniform_buffer("mask params", bytemuck::bytes_of(&mask_params))?;
         let tiles = tiles.unwrap_or_else(|| self.placeholders.read_only.clone());
         let bind_group = call.bind_group(
             self,
@@ -388,19 +388,25 @@ impl Gpu {
             plan,
             params,
             args: *args,
-            head_table: self.head_table_buffer(config),
+            head_table: self.head_table_buffer(config)?,
         })
     }
 
     /// The call's per-head table (ALiBi slopes, then sinks; binding 6 of
     /// the attention kernels), if it has one.
-    pub(crate) fn head_table_buffer(&self, config: &AttentionConfig) -> Option<wgpu::Buffer> {
-        config.head_table().map(|table| {
-            self.storage_buffer("wgpu-flash-attn head table", bytemuck::cast_slice(&table))
-        })
+    pub(crate) fn head_table_buffer(
+        &self,
+        config: &AttentionConfig,
+    ) -> Result<Option<wgpu::Buffer>> {
+        config
+            .head_table()
+            .map(|table| {
+                self.storage_buffer("wgpu-flash-attn head table", bytemuck::cast_slice(&table))
+            })
+            .transpose()
     }
 
-    pub(crate) fn params_buffer(&self, params: &AttentionParams) -> wgpu::Buffer {
+    pub(crate) fn params_buffer(&self, params: &AttentionParams) -> Result<wgpu::Buffer> {
         self.uniform_buffer("wgpu-flash-attn params", bytemuck::bytes_of(params))
     }
 
@@ -562,12 +568,12 @@ impl PreparedCall<'_> {
             let mut params = self.dispatch_params();
             let table = if from_table {
                 params.flags |= flags::SEQUENCES;
-                gpu.storage_buffer("wgpu-flash-attn sequences", bytemuck::cast_slice(&units))
+                gpu.storage_buffer("wgpu-flash-attn sequences", bytemuck::cast_slice(&units))?
             } else {
                 // A dense call's sequence table is never read.
                 gpu.placeholders.read_only.clone()
             };
-            let params = gpu.params_buffer(&params);
+            let params = gpu.params_buffer(&params)?;
             let bindings = self.bindings(gpu, &params);
             let bind_group = bindings.bind(gpu, &pipeline.bind_group_layout, &table, None);
             encode_dispatches(
@@ -590,10 +596,10 @@ impl PreparedCall<'_> {
             "forward carry (f32 outputs between key chunks)",
             carry_bytes,
         )?;
-        let carry = gpu.scratch_buffer("wgpu-flash-attn forward carry", carry_bytes);
+        let carry = gpu.scratch_buffer("wgpu-flash-attn forward carry", carry_bytes)?;
         let lse = match self.args.lse {
             Some(lse) => lse.buffer().clone(),
-            None => gpu.scratch_buffer("wgpu-flash-attn forward chunk logsumexp", 4 * rows),
+            None => gpu.scratch_buffer("wgpu-flash-attn forward chunk logsumexp", 4 * rows)?,
         };
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("flash attention forward (key chunks)"),
@@ -608,8 +614,8 @@ impl PreparedCall<'_> {
             let table = gpu.storage_buffer(
                 "wgpu-flash-attn key chunks",
                 bytemuck::cast_slice(&dispatch.units),
-            );
-            let params = gpu.params_buffer(&params);
+            )?;
+            let params = gpu.params_buffer(&params)?;
             let mut bindings = self.bindings(gpu, &params);
             bindings.k = window(self.args.k.buffer(), dispatch.k);
             bindings.v = window(self.args.v.buffer(), dispatch.v);

@@ -124,8 +124,8 @@ impl Partials {
         let out_bytes = u64::from(slots) * rows * o.head_dim as u64 * 4;
         check_binding_size(gpu, "decode partial outputs", out_bytes)?;
         Ok(Partials {
-            out: gpu.scratch_buffer("wgpu-flash-attn partial outputs", out_bytes),
-            lse: gpu.scratch_buffer("wgpu-flash-attn partial lse", u64::from(slots) * rows * 4),
+            out: gpu.scratch_buffer("wgpu-flash-attn partial outputs", out_bytes)?,
+            lse: gpu.scratch_buffer("wgpu-flash-attn partial lse", u64::from(slots) * rows * 4)?,
             out_slot: (rows * o.head_dim as u64 / 4) as u32,
             lse_slot: rows as u32,
         })
@@ -235,11 +235,11 @@ impl Gpu {
             Some(_) => vec4_view(o.contiguous_strides(), 0),
             None => vec4_strides(args.out),
         };
-        let head_table = self.head_table_buffer(config);
-        let params_buffer = self.params_buffer(&params);
+        let head_table = self.head_table_buffer(config)?;
+        let params_buffer = self.params_buffer(&params)?;
         let pipeline = self.pipelines.get(&self.device, &plan.specialization)?;
-        let lens = cache.lens_snapshot(self);
-        let table = cache.table_snapshot(self);
+        let lens = cache.lens_snapshot(self)?;
+        let table = cache.table_snapshot(self)?;
         let (out_buffer, lse_buffer) = match &partials {
             Some(p) => (&p.out, &p.lse),
             None => (
@@ -267,8 +267,8 @@ impl Gpu {
                     _pad: 0,
                 };
                 let decode_buffer =
-                    self.uniform_buffer("decode params", bytemuck::bytes_of(&decode));
-                bind_buffers(
+                    self.uniform_buffer("decode params", bytemuck::bytes_of(&decode))?;
+                Ok(bind_buffers(
                     &self.device,
                     &pipeline.bind_group_layout,
                     &[
@@ -283,9 +283,9 @@ impl Gpu {
                         &lens,
                         &table,
                     ],
-                )
+                ))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let workgroups = [
             plan.row_tiles * plan.splits,
             cache.heads_kv() as u32,
@@ -404,7 +404,7 @@ impl Gpu {
             out: out.dtype(),
         };
         let pipeline = self.pipelines.get(&self.device, &spec)?;
-        let uniform = self.uniform_buffer("combine params", bytemuck::bytes_of(&params));
+        let uniform = self.uniform_buffer("combine params", bytemuck::bytes_of(&params))?;
         let bind_group = bind_buffers(
             &self.device,
             &pipeline.bind_group_layout,

@@ -577,6 +577,17 @@ pub enum Error {
         message: String,
     },
 
+    /// The device could not allocate a buffer: wgpu reported out of memory.
+    /// Nothing was created; the device stays usable (free buffers, e.g.
+    /// [`crate::Gpu::release_scratch`], or use smaller calls, and retry).
+    #[error("{what}: the device is out of memory for a buffer of {bytes} bytes")]
+    OutOfMemory {
+        /// The buffer's purpose.
+        what: &'static str,
+        /// Its size in bytes.
+        bytes: u64,
+    },
+
     /// Waiting for the device, or mapping a buffer to read it back, failed (holds wgpu's message).
     #[error("reading a buffer back from the GPU failed: {0}")]
     Readback(String),

@@ -7,8 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use wgpu::util::DeviceExt;
-
+use crate::allocation::create_buffer_with;
 use crate::error::{Error, Result};
 use crate::pipelines::PipelineCache;
 
@@ -396,23 +395,38 @@ impl Gpu {
     /// A storage buffer of at least `bytes` for `purpose`, reused across
     /// calls (a call's writes and reads of it are ordered on the queue like
     /// any other buffer's), replaced by a larger one when too small.
-    pub(crate) fn scratch_buffer(&self, purpose: &'static str, bytes: u64) -> wgpu::Buffer {
+    pub(crate) fn scratch_buffer(&self, purpose: &'static str, bytes: u64) -> Result<wgpu::Buffer> {
         let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(buffer) = scratch.get(purpose).filter(|b| b.size() >= bytes) {
-            return buffer.clone();
+            return Ok(buffer.clone());
         }
-        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(purpose),
-            size: bytes.max(16),
+        // The smaller buffer goes first, so that it does not count against
+        // the device's memory while the larger one is allocated.
+        scratch.remove(purpose);
+        let buffer = self.create_buffer(
+            purpose,
+            bytes.max(16),
             // COPY_SRC: the backward copies the sinks' gradients out of its
             // deltas scratch.
-            usage: wgpu::BufferUsages::STORAGE
+            wgpu::BufferUsages::STORAGE
                 | wgpu::BufferUsages::COPY_DST
                 | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
+        )?;
         scratch.insert(purpose, buffer.clone());
-        buffer
+        Ok(buffer)
+    }
+
+    /// A zeroed buffer of `size` bytes on this `Gpu`'s device. Unlike
+    /// `wgpu::Device::create_buffer`, a device out of memory returns
+    /// [`Error::OutOfMemory`] here rather than reaching wgpu's
+    /// uncaptured-error handler (whose default panics).
+    pub fn create_buffer(
+        &self,
+        label: &'static str,
+        size: u64,
+        usage: wgpu::BufferUsages,
+    ) -> Result<wgpu::Buffer> {
+        crate::allocation::create_buffer(&self.device, label, size, usage)
     }
 
     /// Bytes of device scratch this `Gpu` holds for reuse (decode partial
@@ -436,19 +450,22 @@ impl Gpu {
     }
 
     /// A small uniform buffer holding `contents`.
-    pub(crate) fn uniform_buffer(&self, label: &'static str, contents: &[u8]) -> wgpu::Buffer {
-        self.device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents,
-                usage: wgpu::BufferUsages::UNIFORM,
-            })
+    pub(crate) fn uniform_buffer(
+        &self,
+        label: &'static str,
+        contents: &[u8],
+    ) -> Result<wgpu::Buffer> {
+        create_buffer_with(&self.device, label, contents, wgpu::BufferUsages::UNIFORM)
     }
 
     /// A storage buffer holding `contents`; empty contents get 16 zero
     /// bytes, since a binding needs at least one element of its array
     /// (up to a vec4).
-    pub(crate) fn storage_buffer(&self, label: &'static str, contents: &[u8]) -> wgpu::Buffer {
+    pub(crate) fn storage_buffer(
+        &self,
+        label: &'static str,
+        contents: &[u8],
+    ) -> Result<wgpu::Buffer> {
         let padded;
         let contents = if contents.is_empty() {
             padded = [0u8; 16];
@@ -456,12 +473,12 @@ impl Gpu {
         } else {
             contents
         };
-        self.device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-            })
+        create_buffer_with(
+            &self.device,
+            label,
+            contents,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        )
     }
 
     /// What the device offers: adapter, features, limits.

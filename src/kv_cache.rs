@@ -366,21 +366,22 @@ impl KvCache {
             .map(|first| {
                 let pages = pages_per_segment.min(pool_pages - first);
                 let make = |label| {
-                    gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some(label),
-                        size: pages as u64 * page_bytes,
-                        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-                        mapped_at_creation: false,
-                    })
+                    gpu.create_buffer(
+                        label,
+                        pages as u64 * page_bytes,
+                        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                    )
                 };
-                CacheSegment {
+                Ok(CacheSegment {
                     first_page: first as u32,
                     pages: pages as u32,
-                    k: make("wgpu-flash-attn kv cache K"),
-                    v: (!config.values_in_keys()).then(|| make("wgpu-flash-attn kv cache V")),
-                }
+                    k: make("wgpu-flash-attn kv cache K")?,
+                    v: (!config.values_in_keys())
+                        .then(|| make("wgpu-flash-attn kv cache V"))
+                        .transpose()?,
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         Self::assemble(gpu, config, geometry, segments)
     }
 
@@ -619,7 +620,7 @@ impl KvCache {
 
     /// The lengths as the kernels read them, in a buffer of their own for
     /// the call being recorded.
-    pub(crate) fn lens_snapshot(&self, gpu: &Gpu) -> wgpu::Buffer {
+    pub(crate) fn lens_snapshot(&self, gpu: &Gpu) -> Result<wgpu::Buffer> {
         let lens: Vec<u32> = self.lens.iter().map(|&n| n as u32).collect();
         gpu.storage_buffer(
             "wgpu-flash-attn sequence lengths",
@@ -630,16 +631,17 @@ impl KvCache {
     /// The block tables as the kernels read them (`[batch, pages_per_seq]`,
     /// unassigned entries outside every segment), for the call being
     /// recorded.
-    pub(crate) fn table_snapshot(&self, gpu: &Gpu) -> wgpu::Buffer {
-        self.table_upload
-            .get_or_init(|| {
-                let mut rows = vec![NO_PAGE; self.batch() * self.pages_per_seq];
-                for (row, table) in rows.chunks_mut(self.pages_per_seq).zip(&self.block_tables) {
-                    row[..table.len()].copy_from_slice(table);
-                }
-                gpu.storage_buffer("wgpu-flash-attn block table", bytemuck::cast_slice(&rows))
-            })
-            .clone()
+    pub(crate) fn table_snapshot(&self, gpu: &Gpu) -> Result<wgpu::Buffer> {
+        if let Some(table) = self.table_upload.get() {
+            return Ok(table.clone());
+        }
+        let mut rows = vec![NO_PAGE; self.batch() * self.pages_per_seq];
+        for (row, table) in rows.chunks_mut(self.pages_per_seq).zip(&self.block_tables) {
+            row[..table.len()].copy_from_slice(table);
+        }
+        let table =
+            gpu.storage_buffer("wgpu-flash-attn block table", bytemuck::cast_slice(&rows))?;
+        Ok(self.table_upload.get_or_init(|| table).clone())
     }
 
     /// What the decode planner needs to know of the cache now.
@@ -824,9 +826,9 @@ impl KvCache {
             dtype: self.config.dtype,
         };
         let pipeline = gpu.pipelines.get(&gpu.device, &spec)?;
-        let starts = gpu.storage_buffer("kv append starts", bytemuck::cast_slice(&starts));
-        let freqs = gpu.storage_buffer("rope frequencies", bytemuck::cast_slice(&freqs));
-        let table = self.table_snapshot(gpu);
+        let starts = gpu.storage_buffer("kv append starts", bytemuck::cast_slice(&starts))?;
+        let freqs = gpu.storage_buffer("rope frequencies", bytemuck::cast_slice(&freqs))?;
+        let table = self.table_snapshot(gpu)?;
         // A latent append stores no V (write_values = 0): the kernel's V
         // bindings get the source latent and the writable placeholder,
         // neither touched.
@@ -840,8 +842,9 @@ impl KvCache {
                     segment_pages: segment.pages,
                     ..base
                 };
-                let uniform = gpu.uniform_buffer("kv append params", bytemuck::bytes_of(&params));
-                bind_buffers(
+                let uniform =
+                    gpu.uniform_buffer("kv append params", bytemuck::bytes_of(&params))?;
+                Ok(bind_buffers(
                     &gpu.device,
                     &pipeline.bind_group_layout,
                     &[
@@ -854,9 +857,9 @@ impl KvCache {
                         segment.v.as_ref().unwrap_or(&gpu.placeholders.writable),
                         &table,
                     ],
-                )
+                ))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         encode_dispatches(encoder, "kv append", &pipeline, &bind_groups, groups);
         for len in &mut self.lens {
             *len += shape.seq;

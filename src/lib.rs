@@ -31,6 +31,7 @@
 
 #![warn(missing_docs)]
 
+mod allocation;
 mod attention;
 mod backward;
 mod config;

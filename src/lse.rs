@@ -1,7 +1,7 @@
 //! The logsumexp of each query row: the forward writes it, the backward
 //! and the merge of key chunks read it.
 
-use wgpu::util::DeviceExt;
+use crate::allocation::create_buffer_with;
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -24,16 +24,15 @@ impl Lse {
     pub fn new(gpu: &Gpu, batch: usize, heads: usize, seq: usize) -> Result<Self> {
         let n = lse_elements(batch, heads, seq)?;
         crate::tensor::check_buffer_size(gpu, "lse", 4 * n as u64)?;
-        let buffer = gpu
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("wgpu-flash-attn lse"),
-                contents: bytemuck::cast_slice(&vec![f32::NAN; n]),
-                // COPY_DST: a program may overwrite it (queue writes).
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_SRC
-                    | wgpu::BufferUsages::COPY_DST,
-            });
+        let buffer = create_buffer_with(
+            &gpu.device,
+            "wgpu-flash-attn lse",
+            bytemuck::cast_slice(&vec![f32::NAN; n]),
+            // COPY_DST: a program may overwrite it (queue writes).
+            wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+        )?;
         Ok(Lse {
             buffer,
             device: gpu.device.clone(),

@@ -204,7 +204,7 @@ impl AttentionMask {
             kind,
             dims,
             row_words,
-            buffer: gpu.storage_buffer("wgpu-flash-attn mask", bytes),
+            buffer: gpu.storage_buffer("wgpu-flash-attn mask", bytes)?,
             device: gpu.device.clone(),
             host_bits,
             tiles: Mutex::new(HashMap::new()),
@@ -272,7 +272,7 @@ impl AttentionMask {
         gpu: &Gpu,
         block_m: u32,
         block_n: u32,
-    ) -> (MaskParams, Option<wgpu::Buffer>) {
+    ) -> Result<(MaskParams, Option<wgpu::Buffer>)> {
         let [b, h, q, k] = self.dims;
         let row_tiles = q.div_ceil(block_m as usize);
         let key_tiles = k.div_ceil(block_n as usize);
@@ -281,7 +281,7 @@ impl AttentionMask {
             ..self.word_layout()
         };
         let Some(bits) = &self.host_bits else {
-            return (params, None);
+            return Ok((params, None));
         };
         let tiles_per_plane = row_tiles * key_tiles;
         params.use_tiles = 1;
@@ -292,20 +292,20 @@ impl AttentionMask {
         };
         params.tile_head_stride = if h == 1 { 0 } else { tiles_per_plane as u32 };
         let mut cache = self.tiles.lock().unwrap_or_else(|p| p.into_inner());
-        let buffer = cache
-            .entry((block_m, block_n))
-            .or_insert_with(|| {
-                let states = tile_states(
-                    bits,
-                    self.dims,
-                    self.row_words,
-                    block_m as usize,
-                    block_n as usize,
-                );
-                gpu.storage_buffer("wgpu-flash-attn mask tiles", bytemuck::cast_slice(&states))
-            })
-            .clone();
-        (params, Some(buffer))
+        if let Some(buffer) = cache.get(&(block_m, block_n)) {
+            return Ok((params, Some(buffer.clone())));
+        }
+        let states = tile_states(
+            bits,
+            self.dims,
+            self.row_words,
+            block_m as usize,
+            block_n as usize,
+        );
+        let buffer =
+            gpu.storage_buffer("wgpu-flash-attn mask tiles", bytemuck::cast_slice(&states))?;
+        cache.insert((block_m, block_n), buffer.clone());
+        Ok((params, Some(buffer)))
     }
 }
 

@@ -41,12 +41,11 @@ impl Gpu {
                 limit: x_limit,
             });
         }
-        let scores = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("wgpu-flash-attn naive scores"),
-            size: plan.score_buffer_bytes(),
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        });
+        let scores = self.create_buffer(
+            "wgpu-flash-attn naive scores",
+            plan.score_buffer_bytes(),
+            wgpu::BufferUsages::STORAGE,
+        )?;
         let mut pipelines = Vec::with_capacity(NaivePass::ALL.len());
         for pass in NaivePass::ALL {
             let spec = plan.specialization(pass);
@@ -57,7 +56,7 @@ impl Gpu {
             let units = plan.units_per_chunk.min(plan.units - unit_base);
             let mut params = call.params;
             params.unit_base = unit_base;
-            let params_buffer = self.params_buffer(&params);
+            let params_buffer = self.params_buffer(&params)?;
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("naive attention"),
                 timestamp_writes: None,

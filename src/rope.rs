@@ -155,12 +155,12 @@ impl Gpu {
             workgroup_size: ELEMENTWISE_WORKGROUP,
         };
         let pipeline = self.pipelines.get(&self.device, &spec)?;
-        let uniform = self.uniform_buffer("rope params", bytemuck::bytes_of(&params));
-        let starts = self.storage_buffer("rope starts", bytemuck::cast_slice(&starts));
+        let uniform = self.uniform_buffer("rope params", bytemuck::bytes_of(&params))?;
+        let starts = self.storage_buffer("rope starts", bytemuck::cast_slice(&starts))?;
         let freqs = self.storage_buffer(
             "rope frequencies",
             bytemuck::cast_slice(&rope.frequency_table(rotary_dim)),
-        );
+        )?;
         let bind_group = bind_buffers(
             &self.device,
             &pipeline.bind_group_layout,

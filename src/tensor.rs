@@ -1,7 +1,7 @@
 //! Device-resident tensors: a buffer plus a `[batch, seq, heads, head_dim]`
 //! view of it (shape, element strides, offset, dtype).
 
-use wgpu::util::DeviceExt;
+use crate::allocation::create_buffer_with;
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -173,16 +173,9 @@ impl Tensor {
             });
         }
         check_buffer_size(gpu, "tensor", bytes.len() as u64)?;
-        // Buffers are sized in whole 4-byte words.
-        let mut contents = bytes.to_vec();
-        contents.resize(bytes.len().next_multiple_of(4), 0);
-        let buffer = gpu
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("wgpu-flash-attn tensor"),
-                contents: &contents,
-                usage: TENSOR_USAGE,
-            });
+        // (Padded to whole 4-byte words there.)
+        let buffer =
+            create_buffer_with(&gpu.device, "wgpu-flash-attn tensor", bytes, TENSOR_USAGE)?;
         Ok(Self::contiguous(gpu, buffer, shape, dtype))
     }
 
@@ -203,12 +196,11 @@ impl Tensor {
         let bytes = shape_bytes("tensor", shape, dtype)?;
         check_buffer_size(gpu, "tensor", bytes)?;
         // wgpu zero-initialises new buffers.
-        let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("wgpu-flash-attn tensor"),
-            size: bytes.next_multiple_of(4),
-            usage: TENSOR_USAGE,
-            mapped_at_creation: false,
-        });
+        let buffer = gpu.create_buffer(
+            "wgpu-flash-attn tensor",
+            bytes.next_multiple_of(4),
+            TENSOR_USAGE,
+        )?;
         Ok(Self::contiguous(gpu, buffer, shape, dtype))
     }
 
@@ -519,12 +511,11 @@ pub(crate) fn read_buffer<T: bytemuck::Pod>(
 ) -> Result<Vec<T>> {
     require_usage(name, buffer, wgpu::BufferUsages::COPY_SRC, "download it")?;
     let size = buffer.size();
-    let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("wgpu-flash-attn readback"),
+    let staging = gpu.create_buffer(
+        "wgpu-flash-attn readback",
         size,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
+        wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+    )?;
     let mut encoder = gpu
         .device
         .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });

@@ -199,7 +199,7 @@ impl Gpu {
         let deltas = self.scratch_buffer(
             "backward row deltas",
             4 * (rows + args.dsinks.map_or(0, |_| shape.heads_q as u64)),
-        );
+        )?;
         let recorder = Recorder {
             gpu: self,
             plan,
@@ -208,7 +208,7 @@ impl Gpu {
             mask,
             shape,
             deltas,
-            head_table: self.head_table_buffer(config),
+            head_table: self.head_table_buffer(config)?,
         };
         recorder.record(encoder, &units)?;
         if let Some(dsinks) = args.dsinks {
@@ -372,7 +372,7 @@ impl Recorder<'_> {
         let backward_uniform = gpu.uniform_buffer(
             "wgpu-flash-attn backward params",
             bytemuck::bytes_of(&backward),
-        );
+        )?;
         let placeholders = &gpu.placeholders;
         // Binding 11: the unit table, the mask's words, or nothing (masked
         // calls are dense, so never both).
@@ -382,7 +382,7 @@ impl Recorder<'_> {
                 gpu.storage_buffer(
                     "wgpu-flash-attn backward units",
                     bytemuck::cast_slice(table),
-                )
+                )?
             }
             (None, Some(mask)) => mask.buffer().clone(),
             (None, None) => placeholders.read_only.clone(),
@@ -401,7 +401,7 @@ impl Recorder<'_> {
                 o: whole(written),
                 ..params
             };
-            let params_buffer = gpu.params_buffer(&pass_params);
+            let params_buffer = gpu.params_buffer(&pass_params)?;
             let groups = self
                 .plan
                 .workgroups(pass, &units.shape, units.extent_q, units.extent_kv);
@@ -476,11 +476,11 @@ impl Recorder<'_> {
     fn record_sinks(&self, encoder: &mut wgpu::CommandEncoder) -> Result<()> {
         let gpu = self.gpu;
         let params = option_params(&self.shape, self.config, false);
-        let params_buffer = gpu.params_buffer(&params);
+        let params_buffer = gpu.params_buffer(&params)?;
         let backward_uniform = gpu.uniform_buffer(
             "wgpu-flash-attn backward params",
             bytemuck::bytes_of(&BackwardParams::default()),
-        );
+        )?;
         let placeholders = &gpu.placeholders;
         let bindings = PassBindings {
             params: &params_buffer,

@@ -56,12 +56,12 @@ impl Gpu {
         let carried_bytes = slot_bytes(&shape) * (shape.batch * shape.heads_kv) as u64;
         let carried = match args.state {
             Some(state) => state.buffer().clone(),
-            None => self.scratch_buffer("wgpu-flash-attn linear carried state", carried_bytes),
+            None => self.scratch_buffer("wgpu-flash-attn linear carried state", carried_bytes)?,
         };
         let split_states = self.scratch_buffer(
             "wgpu-flash-attn linear split states",
             plan.split_state_bytes(&shape),
-        );
+        )?;
         let params = self.params_buffer(&AttentionParams {
             batch: shape.batch as u32,
             seq_q: shape.seq_q as u32,
@@ -73,7 +73,7 @@ impl Gpu {
             v: vec4_strides(args.v),
             o: vec4_strides(args.out),
             ..AttentionParams::default()
-        });
+        })?;
         let mut flags = 0;
         if config.causal {
             flags |= linear_flags::CAUSAL;
@@ -134,7 +134,7 @@ impl Gpu {
                 plan.update_invocations(),
             )?;
             // Neither pass reads the causal flag: one parameter set.
-            let linear = uniform(&base);
+            let linear = uniform(&base)?;
             encode_dispatches(
                 encoder,
                 "linear attention state update",
@@ -169,7 +169,7 @@ impl Gpu {
                 splits: splits as u32,
                 first_split: first_split as u32,
                 ..base
-            });
+            })?;
             encode_dispatches(
                 encoder,
                 "linear attention states",
@@ -201,7 +201,7 @@ impl Gpu {
                 encoder,
                 "linear attention outputs",
                 &outputs,
-                &[bind(&outputs.bind_group_layout, &uniform(&base))],
+                &[bind(&outputs.bind_group_layout, &uniform(&base)?)],
                 [blocks, batch_heads_q, 1],
             );
         }

@@ -1,6 +1,6 @@
 //! The recurrent state of causal linear attention, kept on the device.
 
-use wgpu::util::DeviceExt;
+use crate::allocation::create_buffer_with;
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -69,15 +69,14 @@ impl LinearState {
             packed.extend_from_slice(&z[index * z_len..(index + 1) * z_len]);
         }
         check_binding_size(gpu, "linear state", 4 * packed.len() as u64)?;
-        let buffer = gpu
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("wgpu-flash-attn linear state"),
-                contents: bytemuck::cast_slice(&packed),
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_SRC
-                    | wgpu::BufferUsages::COPY_DST,
-            });
+        let buffer = create_buffer_with(
+            &gpu.device,
+            "wgpu-flash-attn linear state",
+            bytemuck::cast_slice(&packed),
+            wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+        )?;
         Ok(LinearState {
             buffer,
             device: gpu.device.clone(),

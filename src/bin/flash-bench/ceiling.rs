@@ -109,15 +109,12 @@ impl<'a> CeilingProbes<'a> {
             .min(limits.max_buffer_size)
             / 16
             * 16;
-        let buffer = |label| {
-            gpu.device().create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: bytes,
-                usage: wgpu::BufferUsages::STORAGE,
-                mapped_at_creation: false,
-            })
-        };
-        let (source, destination) = (buffer("copy ceiling source"), buffer("copy ceiling target"));
+        // A device that cannot hold them is a typed error, not a panic.
+        let buffer = |label| gpu.create_buffer(label, bytes, wgpu::BufferUsages::STORAGE);
+        let (source, destination) = (
+            buffer("copy ceiling source")?,
+            buffer("copy ceiling target")?,
+        );
         let bind_group = self.copy.bind(gpu, &[&source, &destination]);
         let total = (bytes / 16).div_ceil(u64::from(COPY_WORKGROUP_SIZE)) as u32;
         let max_x = limits.max_compute_workgroups_per_dimension;
