@@ -1,37 +1,40 @@
 //! Buffer creation that reports a device out of memory as
-//! [`Error::OutOfMemory`].
+//! [`Error::OutOfMemory`] and a lost device as [`Error::DeviceLost`].
 //!
 //! wgpu hands an allocation failure to the device's uncaptured-error
 //! handler, whose default panics, and `DeviceExt::create_buffer_init`
-//! panics on the failed buffer's mapping even inside an error scope. Every
-//! buffer the crate creates therefore goes through here: created under an
-//! out-of-memory error scope, and filled only once that scope is clear.
+//! panics on the failed buffer's mapping even inside an error scope; on a
+//! lost device, creation "succeeds" with an invalid buffer that fails only
+//! when used. Every buffer the crate creates therefore goes through here:
+//! created under out-of-memory and validation error scopes, and filled
+//! only once they are clear.
 
 use crate::error::{Error, Result};
+use crate::gpu::Gpu;
 
 /// A buffer of `size` bytes (zeroed, as wgpu initialises every buffer).
 pub(crate) fn create_buffer(
-    device: &wgpu::Device,
+    gpu: &Gpu,
     label: &'static str,
     size: u64,
     usage: wgpu::BufferUsages,
 ) -> Result<wgpu::Buffer> {
-    create_checked(device, label, size, usage, false)
+    create_checked(gpu, label, size, usage, false)
 }
 
 /// A buffer holding `contents`, padded with zeros to whole 4-byte words
 /// (wgpu's copy alignment).
 pub(crate) fn create_buffer_with(
-    device: &wgpu::Device,
+    gpu: &Gpu,
     label: &'static str,
     contents: &[u8],
     usage: wgpu::BufferUsages,
 ) -> Result<wgpu::Buffer> {
     let size = (contents.len() as u64).next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT);
     if size == 0 {
-        return create_buffer(device, label, 0, usage);
+        return create_buffer(gpu, label, 0, usage);
     }
-    let buffer = create_checked(device, label, size, usage, true)?;
+    let buffer = create_checked(gpu, label, size, usage, true)?;
     {
         let mut mapped =
             buffer
@@ -49,13 +52,16 @@ pub(crate) fn create_buffer_with(
 }
 
 fn create_checked(
-    device: &wgpu::Device,
+    gpu: &Gpu,
     label: &'static str,
     size: u64,
     usage: wgpu::BufferUsages,
     mapped_at_creation: bool,
 ) -> Result<wgpu::Buffer> {
-    let scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    gpu.check_alive()?;
+    let device = gpu.device();
+    let out_of_memory = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
     let buffer = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
         size,
@@ -63,11 +69,20 @@ fn create_checked(
         mapped_at_creation,
     });
     // Native error scopes resolve at once: nothing waits for the GPU here.
-    match pollster::block_on(scope.pop()) {
-        None => Ok(buffer),
-        Some(_) => Err(Error::OutOfMemory {
+    // (Popped innermost first, as wgpu requires.)
+    let invalid = pollster::block_on(validation.pop());
+    let exhausted = pollster::block_on(out_of_memory.pop());
+    if exhausted.is_some() {
+        return Err(Error::OutOfMemory {
             what: label,
             bytes: size,
-        }),
+        });
+    }
+    match invalid {
+        None => Ok(buffer),
+        Some(err) => Err(gpu.unless_lost(Error::GpuValidation {
+            context: label,
+            message: err.to_string(),
+        })),
     }
 }

@@ -588,6 +588,19 @@ pub enum Error {
         bytes: u64,
     },
 
+    /// The device is lost (a driver reset or watchdog timeout, the device
+    /// destroyed): no call on this `Gpu` can run again; open a new one.
+    /// Reported for devices the crate requested itself ([`crate::Gpu::new`],
+    /// [`crate::Gpu::request`], [`crate::Gpu::from_adapter`]); on a device
+    /// from [`crate::Gpu::from_device`], whose lost callback is the
+    /// caller's, calls that record work or read back fail with
+    /// [`Error::GpuValidation`] instead.
+    #[error("the GPU device was lost ({reason}); open a new Gpu")]
+    DeviceLost {
+        /// wgpu's reason and message.
+        reason: String,
+    },
+
     /// Waiting for the device, or mapping a buffer to read it back, failed (holds wgpu's message).
     #[error("reading a buffer back from the GPU failed: {0}")]
     Readback(String),

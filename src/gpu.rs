@@ -5,7 +5,7 @@
 //! the caller already has ([`Gpu::from_device`]).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::allocation::create_buffer_with;
 use crate::error::{Error, Result};
@@ -255,6 +255,9 @@ pub struct Gpu {
     /// Reusable device scratch by purpose (decode partial results), grown
     /// when a call needs more.
     scratch: Mutex<HashMap<&'static str, wgpu::Buffer>>,
+    /// Why the device was lost, once wgpu has said so (devices the crate
+    /// requested itself; see [`Gpu::from_device`]).
+    lost: Arc<OnceLock<String>>,
 }
 
 /// Device objects made once per `Gpu` for the crate's own bookkeeping: tiny
@@ -359,6 +362,11 @@ impl Gpu {
             })
             .await?;
         let mut gpu = Self::from_device(device, queue, adapter.get_info());
+        // The device is the crate's own, so is its one lost callback.
+        let lost = Arc::clone(&gpu.lost);
+        gpu.device.set_device_lost_callback(move |reason, message| {
+            let _ = lost.set(format!("{reason:?}: {message}"));
+        });
         gpu.info.cooperative_matrices = wanted.cooperative_matrices;
         gpu.info.cooperative_matrix_emulation = wanted.cooperative_matrix_emulation;
         Ok(gpu)
@@ -366,7 +374,9 @@ impl Gpu {
 
     /// Wraps a device the caller already owns, so the crate shares it rather
     /// than opening a second one. Kernels adapt to the device's enabled
-    /// features and limits.
+    /// features and limits. The device's lost callback stays the caller's
+    /// (wgpu keeps one), so a lost device shows here as
+    /// [`Error::GpuValidation`] rather than [`Error::DeviceLost`].
     pub fn from_device(
         device: wgpu::Device,
         queue: wgpu::Queue,
@@ -389,7 +399,26 @@ impl Gpu {
             pipelines,
             placeholders,
             scratch: Mutex::default(),
+            lost: Arc::default(),
         }
+    }
+
+    /// [`Error::DeviceLost`] once wgpu has reported the device lost (a
+    /// driver reset, a watchdog timeout, `wgpu::Device::destroy`): every
+    /// operation checks this first, so none records work for a dead device.
+    pub(crate) fn check_alive(&self) -> Result<()> {
+        match self.lost.get() {
+            Some(reason) => Err(Error::DeviceLost {
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The device-lost error if the device is gone, else `error`: what a
+    /// failed scope reports.
+    pub(crate) fn unless_lost(&self, error: Error) -> Error {
+        self.check_alive().err().unwrap_or(error)
     }
 
     /// A storage buffer of at least `bytes` for `purpose`, reused across
@@ -426,7 +455,7 @@ impl Gpu {
         size: u64,
         usage: wgpu::BufferUsages,
     ) -> Result<wgpu::Buffer> {
-        crate::allocation::create_buffer(&self.device, label, size, usage)
+        crate::allocation::create_buffer(self, label, size, usage)
     }
 
     /// Bytes of device scratch this `Gpu` holds for reuse (decode partial
@@ -455,7 +484,7 @@ impl Gpu {
         label: &'static str,
         contents: &[u8],
     ) -> Result<wgpu::Buffer> {
-        create_buffer_with(&self.device, label, contents, wgpu::BufferUsages::UNIFORM)
+        create_buffer_with(self, label, contents, wgpu::BufferUsages::UNIFORM)
     }
 
     /// A storage buffer holding `contents`; empty contents get 16 zero
@@ -474,7 +503,7 @@ impl Gpu {
             contents
         };
         create_buffer_with(
-            &self.device,
+            self,
             label,
             contents,
             wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
@@ -575,8 +604,8 @@ impl Gpu {
     pub fn wait(&self) -> Result<()> {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
-            .map(|_| ())
-            .map_err(|e| Error::Readback(e.to_string()))
+            .map_err(|e| self.unless_lost(Error::Readback(e.to_string())))?;
+        self.check_alive()
     }
 
     /// Records into a new encoder and submits it, under a validation error
@@ -605,14 +634,15 @@ impl Gpu {
         context: &'static str,
         record: impl FnOnce() -> T,
     ) -> Result<T> {
+        self.check_alive()?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let value = record();
         match pollster::block_on(scope.pop()) {
             None => Ok(value),
-            Some(err) => Err(Error::GpuValidation {
+            Some(err) => Err(self.unless_lost(Error::GpuValidation {
                 context,
                 message: err.to_string(),
-            }),
+            })),
         }
     }
 }

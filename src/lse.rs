@@ -25,7 +25,7 @@ impl Lse {
         let n = lse_elements(batch, heads, seq)?;
         crate::tensor::check_buffer_size(gpu, "lse", 4 * n as u64)?;
         let buffer = create_buffer_with(
-            &gpu.device,
+            gpu,
             "wgpu-flash-attn lse",
             bytemuck::cast_slice(&vec![f32::NAN; n]),
             // COPY_DST: a program may overwrite it (queue writes).

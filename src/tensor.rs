@@ -174,8 +174,7 @@ impl Tensor {
         }
         check_buffer_size(gpu, "tensor", bytes.len() as u64)?;
         // (Padded to whole 4-byte words there.)
-        let buffer =
-            create_buffer_with(&gpu.device, "wgpu-flash-attn tensor", bytes, TENSOR_USAGE)?;
+        let buffer = create_buffer_with(gpu, "wgpu-flash-attn tensor", bytes, TENSOR_USAGE)?;
         Ok(Self::contiguous(gpu, buffer, shape, dtype))
     }
 
@@ -516,19 +515,21 @@ pub(crate) fn read_buffer<T: bytemuck::Pod>(
         size,
         wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
     )?;
-    let mut encoder = gpu
-        .device
-        .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
-    gpu.queue.submit([encoder.finish()]);
-
     let (sender, receiver) = std::sync::mpsc::channel();
-    staging
-        .slice(..)
-        .map_async(wgpu::MapMode::Read, move |result| {
-            // The receiver outlives this callback; a send error cannot happen.
-            let _ = sender.send(result);
-        });
+    // Under a validation scope: a buffer of a lost device fails here as a
+    // typed error rather than in wgpu's default handler, which panics.
+    gpu.submit_recorded("wgpu-flash-attn readback", |encoder| {
+        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+        Ok(())
+    })?;
+    gpu.validated("wgpu-flash-attn readback", || {
+        staging
+            .slice(..)
+            .map_async(wgpu::MapMode::Read, move |result| {
+                // The receiver outlives this callback; a send error cannot happen.
+                let _ = sender.send(result);
+            });
+    })?;
     gpu.wait()?;
     receiver
         .recv()

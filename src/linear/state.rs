@@ -70,7 +70,7 @@ impl LinearState {
         }
         check_binding_size(gpu, "linear state", 4 * packed.len() as u64)?;
         let buffer = create_buffer_with(
-            &gpu.device,
+            gpu,
             "wgpu-flash-attn linear state",
             bytemuck::cast_slice(&packed),
             wgpu::BufferUsages::STORAGE
