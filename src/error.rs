@@ -1,8 +1,11 @@
 //! The library's error type: every way a caller can get a call wrong, with
 //! the numbers that explain it.
 
-/// Errors returned by `wgpu_flash_attn`.
+/// Errors returned by `wgpu_flash_attn`. Non-exhaustive: new ways to fail
+/// (as out of memory and device loss were) are added without breaking
+/// callers' matches.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// No adapter of the selected backends was found (no GPU driver, nor a software one).
     #[error(
