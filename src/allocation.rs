@@ -36,14 +36,12 @@ pub(crate) fn create_buffer_with(
     }
     let buffer = create_checked(gpu, label, size, usage, true)?;
     {
-        let mut mapped =
-            buffer
-                .slice(..)
-                .get_mapped_range_mut()
-                .map_err(|err| Error::GpuValidation {
-                    context: label,
-                    message: err.to_string(),
-                })?;
+        let mut mapped = buffer.slice(..).get_mapped_range_mut().map_err(|err| {
+            gpu.unless_lost(Error::GpuValidation {
+                context: label,
+                message: err.to_string(),
+            })
+        })?;
         mapped.slice(..contents.len()).copy_from_slice(contents);
         // The padding of a mapped-at-creation buffer is already zero.
     }
@@ -78,6 +76,9 @@ fn create_checked(
             bytes: size,
         });
     }
+    // A backend may lose the device over a failed allocation (wgpu's GL
+    // backend can), which no error scope reports.
+    gpu.check_alive()?;
     match invalid {
         None => Ok(buffer),
         Some(err) => Err(gpu.unless_lost(Error::GpuValidation {

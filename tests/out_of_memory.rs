@@ -6,6 +6,8 @@
 //! this process's address space (`RLIMIT_AS`) runs it out of memory on
 //! demand. The cap holds for the whole process: this file is a test binary
 //! of its own, with one test, and nothing else allocates while it holds.
+//! On llvmpipe's GL the same cap makes an upload lose the device (wgpu's GL
+//! backend), which must be a typed error too.
 
 mod common;
 
@@ -14,21 +16,29 @@ use wgpu_flash_attn::{
     AttentionConfig, DType, Error, Gpu, KvCache, KvCacheConfig, KvLayout, Tensor, TensorShape,
 };
 
-/// Why this adapter's memory cannot be run out on demand, if it cannot.
-fn cannot_cap(gpu: &Gpu) -> Option<String> {
+/// How this adapter's memory can be run out on demand.
+enum Cap {
+    /// Lavapipe: allocations fail cleanly, the device survives.
+    Lavapipe,
+    /// llvmpipe through wgpu's GL backend, which checks no allocation but
+    /// fails to map a buffer that got no storage, and loses the device.
+    LlvmpipeGl,
+}
+
+/// How to cap this adapter, or why it cannot be.
+fn cap_of(gpu: &Gpu) -> Result<Cap, String> {
     let adapter = &gpu.info().adapter;
-    let host_memory = adapter.device_type == wgpu::DeviceType::Cpu
-        && adapter.backend == wgpu::Backend::Vulkan
-        && cfg!(target_os = "linux");
-    // wgpu's GL backend does not check for allocation errors at all, and a
-    // hardware GPU's memory is not the process's.
-    (!host_memory).then(|| {
-        format!(
-            "its device memory is not this process's to cap (needs lavapipe: Vulkan, a CPU \
-             adapter, Linux); this is {} on {:?}",
+    let host_memory = adapter.device_type == wgpu::DeviceType::Cpu && cfg!(target_os = "linux");
+    match adapter.backend {
+        wgpu::Backend::Vulkan if host_memory => Ok(Cap::Lavapipe),
+        wgpu::Backend::Gl if host_memory => Ok(Cap::LlvmpipeGl),
+        // A hardware GPU's memory is not the process's.
+        _ => Err(format!(
+            "its device memory is not this process's to cap (needs a CPU adapter on Linux); \
+             this is {} on {:?}",
             adapter.name, adapter.backend
-        )
-    })
+        )),
+    }
 }
 
 /// This process's address space in bytes.
@@ -67,7 +77,7 @@ fn with_address_space_cap<T>(bytes: u64, work: impl FnOnce() -> T) -> T {
 
 #[cfg(not(unix))]
 fn with_address_space_cap<T>(_bytes: u64, _work: impl FnOnce() -> T) -> T {
-    unreachable!("cannot_cap refuses every adapter off Linux")
+    unreachable!("cap_of refuses every adapter off Linux")
 }
 
 fn assert_out_of_memory<T>(result: Result<T, Error>, bytes: u64, what: &str) {
@@ -94,10 +104,13 @@ fn still_works(gpu: &Gpu, what: &str) {
 #[test]
 fn allocations_past_the_devices_memory() {
     let Some(gpu) = gpu() else { return };
-    if let Some(why) = cannot_cap(gpu) {
-        eprintln!("SKIPPED: cannot run the device out of memory here: {why}");
-        return;
-    }
+    let cap = match cap_of(gpu) {
+        Ok(cap) => cap,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot run the device out of memory here: {why}");
+            return;
+        }
+    };
     // Compiles and runs a kernel first, so that the cap below meets only
     // the allocations under test.
     still_works(gpu, "before the cap");
@@ -117,6 +130,21 @@ fn allocations_past_the_devices_memory() {
     let cache_config = KvCacheConfig::new(1, 1, vector, KvLayout::Contiguous { capacity: tokens });
 
     let margin = 8 << 20;
+    if let Cap::LlvmpipeGl = cap {
+        // A typed error, never a panic or a tensor without storage; the
+        // device is gone after it, so the rest is Vulkan's.
+        match with_address_space_cap(address_space() + margin, || {
+            Tensor::from_f32(gpu, shape, &host)
+        }) {
+            Err(Error::DeviceLost { .. } | Error::OutOfMemory { .. }) => {}
+            Err(other) => panic!("an upload past memory on GL: {other}"),
+            Ok(_) => panic!("an upload past memory on GL succeeded"),
+        }
+        eprintln!(
+            "SKIPPED: the rest (wgpu's GL backend lost the device over the failed upload, as it does)"
+        );
+        return;
+    }
     with_address_space_cap(address_space() + margin, || {
         assert_out_of_memory(
             Tensor::zeros(gpu, shape, DType::F32),
