@@ -594,9 +594,10 @@ pub enum Error {
     /// The device is lost (a driver reset or watchdog timeout, the device
     /// destroyed): no call on this `Gpu` can run again; open a new one.
     /// Reported for devices the crate requested itself ([`crate::Gpu::new`],
-    /// [`crate::Gpu::request`], [`crate::Gpu::from_adapter`]); on a device
-    /// from [`crate::Gpu::from_device`], whose lost callback is the
-    /// caller's, calls that record work or read back fail with
+    /// [`crate::Gpu::request`], [`crate::Gpu::from_adapter`]), and for a
+    /// device from [`crate::Gpu::from_device`] whose lost callback calls
+    /// [`crate::Gpu::device_lost_notifier`]'s function; without that, calls
+    /// on such a device that record work or read back fail with
     /// [`Error::GpuValidation`] instead.
     #[error("the GPU device was lost ({reason}); open a new Gpu")]
     DeviceLost {

@@ -363,10 +363,8 @@ impl Gpu {
             .await?;
         let mut gpu = Self::from_device(device, queue, adapter.get_info());
         // The device is the crate's own, so is its one lost callback.
-        let lost = Arc::clone(&gpu.lost);
-        gpu.device.set_device_lost_callback(move |reason, message| {
-            let _ = lost.set(format!("{reason:?}: {message}"));
-        });
+        gpu.device
+            .set_device_lost_callback(gpu.device_lost_notifier());
         gpu.info.cooperative_matrices = wanted.cooperative_matrices;
         gpu.info.cooperative_matrix_emulation = wanted.cooperative_matrix_emulation;
         Ok(gpu)
@@ -375,8 +373,9 @@ impl Gpu {
     /// Wraps a device the caller already owns, so the crate shares it rather
     /// than opening a second one. Kernels adapt to the device's enabled
     /// features and limits. The device's lost callback stays the caller's
-    /// (wgpu keeps one), so a lost device shows here as
-    /// [`Error::GpuValidation`] rather than [`Error::DeviceLost`].
+    /// (wgpu keeps one): call [`Gpu::device_lost_notifier`]'s function from
+    /// it, or a lost device shows as [`Error::GpuValidation`] rather than
+    /// [`Error::DeviceLost`].
     pub fn from_device(
         device: wgpu::Device,
         queue: wgpu::Queue,
@@ -400,6 +399,29 @@ impl Gpu {
             placeholders,
             scratch: Mutex::default(),
             lost: Arc::default(),
+        }
+    }
+
+    /// What the device's lost callback calls so that this `Gpu` reports
+    /// [`Error::DeviceLost`] from then on. The crate installs it on the
+    /// devices it requests; with [`Gpu::from_device`], call it from your own:
+    ///
+    /// ```no_run
+    /// # fn wrap(device: wgpu::Device, queue: wgpu::Queue, info: wgpu::AdapterInfo) {
+    /// let gpu = wgpu_flash_attn::Gpu::from_device(device.clone(), queue, info);
+    /// let notify = gpu.device_lost_notifier();
+    /// device.set_device_lost_callback(move |reason, message| {
+    ///     eprintln!("device lost: {message}");
+    ///     notify(reason, message);
+    /// });
+    /// # }
+    /// ```
+    pub fn device_lost_notifier(
+        &self,
+    ) -> impl Fn(wgpu::DeviceLostReason, String) + Send + Sync + 'static {
+        let lost = Arc::clone(&self.lost);
+        move |reason, message| {
+            let _ = lost.set(format!("{reason:?}: {message}"));
         }
     }
 

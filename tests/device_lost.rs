@@ -78,3 +78,47 @@ fn every_operation_on_a_destroyed_device() {
     );
     assert_lost(gpu.wait(), "waiting again");
 }
+
+/// A caller's own device (`Gpu::from_device`) reports the loss too when
+/// the caller's lost callback passes it on through the notifier.
+#[test]
+fn a_callers_device_whose_callback_passes_the_loss_on() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let adapter = pollster::block_on(wgpu_flash_attn::AdapterOptions::from_env().select())
+        .expect("the test adapter");
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("the caller's device"),
+        required_features: adapter.features() & wgpu_flash_attn::WANTED_FEATURES,
+        required_limits: adapter.limits(),
+        ..Default::default()
+    }))
+    .expect("a device of the test's own");
+    let gpu = Gpu::from_device(device.clone(), queue, adapter.get_info());
+    let (said, heard) = std::sync::mpsc::channel();
+    let notify = gpu.device_lost_notifier();
+    device.set_device_lost_callback(move |reason, message| {
+        // The caller's own handling, then the crate's.
+        let _ = said.send(format!("{reason:?}"));
+        notify(reason, message);
+    });
+    let shape = attention_shape(1, 9, 17, (2, 2), 16);
+    let inputs = Inputs::draw(&shape, 20261205, 1.0);
+    assert_close(
+        run_and_compare(&gpu, &shape, &inputs, &AttentionConfig::new()),
+        "the caller's device, before",
+    );
+
+    device.destroy();
+    assert_lost(gpu.wait(), "waiting for the caller's device");
+    assert_eq!(
+        heard.try_recv().as_deref(),
+        Ok("Destroyed"),
+        "the caller's callback ran"
+    );
+    assert_lost(
+        Tensor::zeros(&gpu, TensorShape::new(1, 4, 1, 8), DType::F32),
+        "Tensor::zeros on the caller's device",
+    );
+}
