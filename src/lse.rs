@@ -2,7 +2,6 @@
 //! and the merge of key chunks read it.
 
 use crate::allocation::create_buffer_with;
-
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::tensor::{TensorShape, check_binding_size, read_buffer};

@@ -2,7 +2,6 @@
 //! view of it (shape, element strides, offset, dtype).
 
 use crate::allocation::create_buffer_with;
-
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 

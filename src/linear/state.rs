@@ -1,7 +1,6 @@
 //! The recurrent state of causal linear attention, kept on the device.
 
 use crate::allocation::create_buffer_with;
-
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::tensor::{TensorShape, check_binding_size, read_buffer};
