@@ -31,6 +31,13 @@ fn main() -> Result<()> {
     }))?;
     let gpu = Gpu::from_device(device.clone(), queue.clone(), adapter.get_info());
     println!("adapter: {}", gpu.info().summary());
+    // The device's one lost callback is the program's; passing the loss on
+    // makes the crate's calls return Error::DeviceLost from then on.
+    let notify_crate = gpu.device_lost_notifier();
+    device.set_device_lost_callback(move |reason, message| {
+        eprintln!("device lost ({reason:?}): {message}");
+        notify_crate(reason, message);
+    });
 
     // The program's activations: one fused QKV projection, laid out
     // `[batch, seq, 3, heads, head_dim]`, as a transformer layer writes it.
