@@ -73,7 +73,7 @@ fn create_checked(
     if exhausted.is_some() {
         return Err(Error::OutOfMemory {
             what: label,
-            bytes: size,
+            bytes: Some(size),
         });
     }
     // A backend may lose the device over a failed allocation (wgpu's GL

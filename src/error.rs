@@ -580,15 +580,16 @@ pub enum Error {
         message: String,
     },
 
-    /// The device could not allocate a buffer: wgpu reported out of memory.
-    /// Nothing was created; the device stays usable (free buffers, e.g.
-    /// [`crate::Gpu::release_scratch`], or use smaller calls, and retry).
-    #[error("{what}: the device is out of memory for a buffer of {bytes} bytes")]
+    /// wgpu reported the device out of memory: creating a buffer (nothing
+    /// was created; the device stays usable: free buffers, e.g.
+    /// [`crate::Gpu::release_scratch`], or use smaller calls, and retry), or
+    /// while recording or submitting work.
+    #[error("{what}: the device is out of memory{}", for_buffer(.bytes))]
     OutOfMemory {
-        /// The buffer's purpose.
+        /// The buffer's purpose, or the work's.
         what: &'static str,
-        /// Its size in bytes.
-        bytes: u64,
+        /// The buffer's size in bytes (`None`: not a buffer's creation).
+        bytes: Option<u64>,
     },
 
     /// The device is lost (a driver reset or watchdog timeout, the device
@@ -620,6 +621,11 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+}
+
+/// The out-of-memory message's tail: the buffer's size, when a buffer's.
+fn for_buffer(bytes: &Option<u64>) -> String {
+    bytes.map_or_else(String::new, |n| format!(" for a buffer of {n} bytes"))
 }
 
 /// Shorthand used across the crate.

@@ -649,17 +649,28 @@ impl Gpu {
         })?
     }
 
-    /// Runs `record` under a validation error scope and reports the first
-    /// validation error as [`Error::GpuValidation`].
+    /// Runs `record` under validation and out-of-memory error scopes and
+    /// reports the first validation error as [`Error::GpuValidation`], an
+    /// out-of-memory one (a submission's, which wgpu would otherwise hand
+    /// to its panicking default handler) as [`Error::OutOfMemory`], either
+    /// as [`Error::DeviceLost`] when the device went with it.
     pub(crate) fn validated<T>(
         &self,
         context: &'static str,
         record: impl FnOnce() -> T,
     ) -> Result<T> {
         self.check_alive()?;
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out_of_memory = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let value = record();
-        match pollster::block_on(scope.pop()) {
+        let invalid = pollster::block_on(validation.pop());
+        if pollster::block_on(out_of_memory.pop()).is_some() {
+            return Err(self.unless_lost(Error::OutOfMemory {
+                what: context,
+                bytes: None,
+            }));
+        }
+        match invalid {
             None => Ok(value),
             Some(err) => Err(self.unless_lost(Error::GpuValidation {
                 context,

@@ -83,7 +83,7 @@ fn with_address_space_cap<T>(_bytes: u64, _work: impl FnOnce() -> T) -> T {
 fn assert_out_of_memory<T>(result: Result<T, Error>, bytes: u64, what: &str) {
     match result {
         Err(Error::OutOfMemory { bytes: got, .. }) => {
-            assert_eq!(got, bytes, "{what}: the error's size");
+            assert_eq!(got, Some(bytes), "{what}: the error's size");
         }
         Err(other) => panic!("{what}: expected OutOfMemory, got {other}"),
         Ok(_) => panic!("{what}: expected OutOfMemory, the allocation succeeded"),
