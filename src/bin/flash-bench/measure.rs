@@ -479,6 +479,21 @@ impl Bench<'_> {
                         ),
                     ));
                 }
+                // The score matrix past the device's memory (rather than
+                // past one binding): the baseline's row says so, the run
+                // goes on.
+                Err(err @ Error::OutOfMemory { .. }) => {
+                    self.progress
+                        .println(format!("{}: naive: {err}", case.name));
+                    return Ok(ImplResult::without_timing(
+                        implementation,
+                        Status::DoesNotFit,
+                        format!(
+                            "score matrix of {} for the call: the device is out of memory",
+                            bytes(shape.score_matrix_bytes())
+                        ),
+                    ));
+                }
                 Err(err) => return Err(err.into()),
             },
             Impl::Cpu | Impl::Linear | Impl::Backward => {
