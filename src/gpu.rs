@@ -451,8 +451,9 @@ impl Gpu {
         if let Some(buffer) = scratch.get(purpose).filter(|b| b.size() >= bytes) {
             return Ok(buffer.clone());
         }
-        // The smaller buffer goes first, so that it does not count against
-        // the device's memory while the larger one is allocated.
+        // The map lets go of the smaller buffer first (wgpu frees it once
+        // the work already submitted is done with it), so that a failed
+        // allocation of the larger one keeps nothing stale.
         scratch.remove(purpose);
         let buffer = self.create_buffer(
             purpose,
