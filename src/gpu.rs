@@ -255,8 +255,9 @@ pub struct Gpu {
     /// Reusable device scratch by purpose (decode partial results), grown
     /// when a call needs more.
     scratch: Mutex<HashMap<&'static str, wgpu::Buffer>>,
-    /// Why the device was lost, once wgpu has said so (devices the crate
-    /// requested itself; see [`Gpu::from_device`]).
+    /// Why the device was lost, once its lost callback has said so
+    /// ([`Gpu::device_lost_notifier`]: installed on the devices the crate
+    /// requests, chained by callers of [`Gpu::from_device`]).
     lost: Arc<OnceLock<String>>,
 }
 
