@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 use common::{Inputs, gpu};
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
-use wgpu_flash_attn::{AttentionConfig, AttentionShape, reference};
+use wgpu_flash_attn::{AttentionConfig, AttentionShape, Error, NaivePlan, reference};
 
 fn flash_bench(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_flash-bench"))
@@ -1329,5 +1329,134 @@ fn run_compares_listed_tiers_and_info_names_them() {
                 blocked.row_lanes, blocked.key_lanes, blocked.rows
             )),
         "{line}"
+    );
+}
+
+/// The smallest power of two from `from` up that `is_past` (a limit of the
+/// adapter), if one is at most 2^22.
+fn first_seq_past(from: usize, is_past: impl Fn(usize) -> bool) -> Option<usize> {
+    (from.trailing_zeros()..=22)
+        .map(|log2| 1usize << log2)
+        .find(|&seq| is_past(seq))
+}
+
+/// `n` bytes as flash-bench prints sizes ("128.1 MiB", "4.0 GiB").
+fn printed_bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let power = (0..units.len() as u32 - 1)
+        .rev()
+        .find(|&p| n >= 1 << (10 * p))
+        .unwrap_or(0);
+    match power {
+        0 => format!("{n} B"),
+        _ => format!(
+            "{:.1} {}",
+            n as f64 / (1u64 << (10 * power)) as f64,
+            units[power as usize]
+        ),
+    }
+}
+
+/// Runs `flash-bench run --impl naive` on `args`, asserts it exits 0 with
+/// the case passed, and returns the naive row.
+fn naive_row(json_name: &str, args: &[&str]) -> serde_json::Value {
+    let mut args = [&["run", "--impl", "naive", "--iters", "1"], args].concat();
+    let json = scratch(json_name);
+    args.extend(["--json", json.to_str().unwrap()]);
+    let output = flash_bench(&args);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let case = &report["cases"][0];
+    assert_eq!(case["passed"], true, "{case}");
+    let results = case["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "{case}");
+    assert_eq!(results[0]["impl"], "naive", "{case}");
+    results[0].clone()
+}
+
+/// A naive baseline that cannot run is its row's "does not fit", with the
+/// numbers, and the run goes on (exit 0): a score matrix past one binding,
+/// and K past one binding (the naive kernel binds K and V whole; the flash
+/// forward runs such keys in chunks).
+#[test]
+fn run_reports_a_naive_baseline_past_the_binding_as_does_not_fit() {
+    let Some(gpu) = gpu() else { return };
+    let limits = &gpu.info().limits;
+    let binding = limits
+        .max_storage_buffer_binding_size
+        .min(limits.max_buffer_size);
+
+    // One head's score matrix (seq x seq f32) past the binding.
+    let square = |seq: usize| AttentionShape::self_attention(1, seq, 1, 32);
+    let seq = first_seq_past(1024, |seq| {
+        matches!(
+            NaivePlan::new(gpu.info(), &square(seq)),
+            Err(Error::ScoresTooLarge { .. })
+        )
+    })
+    .expect("a score matrix of at most 2^22 squared f32 is past the binding");
+    let seq_arg = seq.to_string();
+    let naive = naive_row(
+        "naive-scores.json",
+        &["--seq-q", &seq_arg, "--heads-q", "1", "--head-dim", "32"],
+    );
+    assert_eq!(naive["status"], "does_not_fit", "{naive}");
+    assert!(naive["median_ms"].is_null(), "{naive}");
+    let matrix = (seq * seq * 4) as u64;
+    let note = naive["note"].as_str().unwrap();
+    assert!(
+        note.starts_with(&format!(
+            "score matrix needs {} per head",
+            printed_bytes(matrix)
+        )) && note.ends_with(&format!(
+            "over the {} binding limit",
+            printed_bytes(binding)
+        )),
+        "{note}"
+    );
+    // The row still says what the call would allocate: O and the matrix.
+    assert_eq!(
+        naive["gpu_bytes"].as_u64(),
+        Some(matrix + (seq * 32 * 4) as u64),
+        "{naive}"
+    );
+    assert!(matrix > binding);
+
+    // One query over keys whose K (and V) are past the binding.
+    let head_dim = 32;
+    // 1024 keys (128 KiB) past the binding.
+    let seq_kv = binding as usize / (head_dim * 4) + 1024;
+    let k_bytes = seq_kv * head_dim * 4;
+    if k_bytes > 1 << 30 {
+        eprintln!(
+            "SKIPPED: K past this adapter's {binding}-byte binding would take over 1 GiB \
+             of host memory per tensor"
+        );
+        return;
+    }
+    let seq_kv_arg = seq_kv.to_string();
+    let naive = naive_row(
+        "naive-kv.json",
+        &[
+            "--seq-q",
+            "1",
+            "--seq-kv",
+            &seq_kv_arg,
+            "--heads-q",
+            "1",
+            "--head-dim",
+            "32",
+        ],
+    );
+    assert_eq!(naive["status"], "does_not_fit", "{naive}");
+    let note = naive["note"].as_str().unwrap();
+    assert!(
+        note == format!(
+            "k is {}, over the {} binding limit",
+            printed_bytes(k_bytes as u64),
+            printed_bytes(binding)
+        ),
+        "{note}"
     );
 }
