@@ -1387,8 +1387,11 @@ fn run_reports_a_naive_baseline_past_the_binding_as_does_not_fit() {
         .max_storage_buffer_binding_size
         .min(limits.max_buffer_size);
 
+    let head_dim = 32;
+    let head_dim_arg = head_dim.to_string();
+
     // One head's score matrix (seq x seq f32) past the binding.
-    let square = |seq: usize| AttentionShape::self_attention(1, seq, 1, 32);
+    let square = |seq: usize| AttentionShape::self_attention(1, seq, 1, head_dim);
     let seq = first_seq_past(1024, |seq| {
         matches!(
             NaivePlan::new(gpu.info(), &square(seq)),
@@ -1399,7 +1402,14 @@ fn run_reports_a_naive_baseline_past_the_binding_as_does_not_fit() {
     let seq_arg = seq.to_string();
     let naive = naive_row(
         "naive-scores.json",
-        &["--seq-q", &seq_arg, "--heads-q", "1", "--head-dim", "32"],
+        &[
+            "--seq-q",
+            &seq_arg,
+            "--heads-q",
+            "1",
+            "--head-dim",
+            &head_dim_arg,
+        ],
     );
     assert_eq!(naive["status"], "does_not_fit", "{naive}");
     assert!(naive["median_ms"].is_null(), "{naive}");
@@ -1418,13 +1428,12 @@ fn run_reports_a_naive_baseline_past_the_binding_as_does_not_fit() {
     // The row still says what the call would allocate: O and the matrix.
     assert_eq!(
         naive["gpu_bytes"].as_u64(),
-        Some(matrix + (seq * 32 * 4) as u64),
+        Some(matrix + (seq * head_dim * 4) as u64),
         "{naive}"
     );
     assert!(matrix > binding);
 
     // One query over keys whose K (and V) are past the binding.
-    let head_dim = 32;
     // 1024 keys (128 KiB) past the binding.
     let seq_kv = binding as usize / (head_dim * 4) + 1024;
     let k_bytes = seq_kv * head_dim * 4;
@@ -1446,7 +1455,7 @@ fn run_reports_a_naive_baseline_past_the_binding_as_does_not_fit() {
             "--heads-q",
             "1",
             "--head-dim",
-            "32",
+            &head_dim_arg,
         ],
     );
     assert_eq!(naive["status"], "does_not_fit", "{naive}");
