@@ -472,7 +472,11 @@ impl Gpu {
     /// A zeroed buffer of `size` bytes on this `Gpu`'s device. Unlike
     /// `wgpu::Device::create_buffer`, a device out of memory returns
     /// [`Error::OutOfMemory`] here rather than reaching wgpu's
-    /// uncaptured-error handler (whose default panics).
+    /// uncaptured-error handler (whose default panics). On wgpu's GL
+    /// backend, which checks no allocation, a buffer of whole 4-byte words
+    /// without `MAP_READ` is mapped at creation, so that running out of
+    /// memory loses the device ([`Error::DeviceLost`]) rather than giving a
+    /// buffer without storage.
     pub fn create_buffer(
         &self,
         label: &'static str,

@@ -6,8 +6,9 @@
 //! this process's address space (`RLIMIT_AS`) runs it out of memory on
 //! demand. The cap holds for the whole process: this file is a test binary
 //! of its own, with one test, and nothing else allocates while it holds.
-//! On llvmpipe's GL the same cap makes an upload lose the device (wgpu's GL
-//! backend), which must be a typed error too.
+//! On llvmpipe's GL the same cap makes an allocation lose the device (wgpu's
+//! GL backend), which must be a typed error too, never a buffer without
+//! storage.
 
 mod common;
 
@@ -90,6 +91,17 @@ fn assert_out_of_memory<T>(result: Result<T, Error>, bytes: u64, what: &str) {
     }
 }
 
+/// What wgpu's GL backend reports for an allocation past memory: the device
+/// it lost over the failed mapping (or, should it learn to check, out of
+/// memory).
+fn assert_refused_on_gl<T>(result: Result<T, Error>, what: &str) {
+    match result {
+        Err(Error::DeviceLost { .. } | Error::OutOfMemory { .. }) => {}
+        Err(other) => panic!("{what} past memory on GL: {other}"),
+        Ok(_) => panic!("{what} past memory on GL succeeded"),
+    }
+}
+
 /// The device's calls still match the reference.
 fn still_works(gpu: &Gpu, what: &str) {
     // GQA, causal, ragged lengths: the kernels' ordinary path.
@@ -136,17 +148,33 @@ fn allocations_past_the_devices_memory() {
 
     let margin = 8 << 20;
     if let Cap::LlvmpipeGl = cap {
-        // A typed error, never a panic or a tensor without storage; the
-        // device is gone after it, so the rest is Vulkan's.
-        match with_address_space_cap(address_space() + margin, || {
-            Tensor::from_f32(gpu, shape, &host)
-        }) {
-            Err(Error::DeviceLost { .. } | Error::OutOfMemory { .. }) => {}
-            Err(other) => panic!("an upload past memory on GL: {other}"),
-            Ok(_) => panic!("an upload past memory on GL succeeded"),
-        }
+        // A typed error, never a panic or a buffer without storage (which
+        // GL reads back as zeros whatever a kernel wrote). wgpu's GL
+        // backend loses the device over each, so each runs on a device of
+        // its own (the test's first), and the rest is Vulkan's.
+        let fresh = || Gpu::new().expect("another device on GL");
+        assert_refused_on_gl(
+            with_address_space_cap(address_space() + margin, || {
+                Tensor::zeros(gpu, shape, DType::F32)
+            }),
+            "Tensor::zeros",
+        );
+        let second = fresh();
+        assert_refused_on_gl(
+            with_address_space_cap(address_space() + margin, || {
+                Tensor::from_f32(&second, shape, &host)
+            }),
+            "Tensor::from_f32",
+        );
+        let third = fresh();
+        assert_refused_on_gl(
+            with_address_space_cap(address_space() + margin, || {
+                KvCache::new(&third, cache_config)
+            }),
+            "KvCache::new",
+        );
         eprintln!(
-            "SKIPPED: the rest (wgpu's GL backend lost the device over the failed upload, as it does)"
+            "SKIPPED: the rest (wgpu's GL backend loses the device over a failed allocation, as it does)"
         );
         return;
     }
