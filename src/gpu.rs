@@ -692,11 +692,16 @@ fn host_threads() -> usize {
 }
 
 /// The features a device the crate opens on `adapter` requests: the
-/// [`WANTED_FEATURES`] it has, and cooperative matrices if asked for and
-/// offered.
+/// [`WANTED_FEATURES`] it has, and cooperative matrices if asked for,
+/// offered, and granted by the driver (see `vulkan_grants`).
 fn device_features(adapter: &wgpu::Adapter, cooperative_matrix: bool) -> wgpu::Features {
     let mut wanted = WANTED_FEATURES;
-    if cooperative_matrix {
+    if cooperative_matrix
+        && adapter
+            .features()
+            .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+        && crate::vulkan_grants::grants_cooperative_matrices(adapter)
+    {
         wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
     }
     adapter.features() & wanted

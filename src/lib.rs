@@ -56,6 +56,7 @@ mod shader_contract_tests;
 mod shaders;
 mod tensor;
 mod varlen;
+mod vulkan_grants;
 
 pub use attention::{AttentionArgs, ForwardOptions, HostAttentionOutput, Sequences};
 pub use backward::{

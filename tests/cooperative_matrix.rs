@@ -1,6 +1,7 @@
 //! The cooperative-matrix forward (`Tier::CooperativeMatrix`) against the
 //! reference: on a device with matrix units (`FLASH_ATTN_COOPERATIVE_MATRIX=1`
-//! on a GPU that has them) the real kernel, elsewhere (every CI adapter) the
+//! on a GPU that has them, or on lavapipe from Mesa 26.1, whose 8x8x8 f16
+//! matrices CI's `.ci/matrix-units` pass runs) the real kernel, elsewhere the
 //! same kernel with its matrix products emulated in scalar code
 //! (`AdapterOptions::emulate_cooperative_matrices`), which checks
 //! everything but the matrix units themselves: tile layouts and strides as
