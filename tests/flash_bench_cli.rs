@@ -21,6 +21,19 @@ fn flash_bench(args: &[&str]) -> Output {
         .expect("flash-bench starts")
 }
 
+/// What the device flash-bench opens reports: the test adapter's, with
+/// cooperative matrices requested (flash-bench asks for them unless told
+/// `--no-cooperative-matrix`; the test devices only when
+/// FLASH_ATTN_COOPERATIVE_MATRIX=1).
+fn flash_bench_device_info() -> wgpu_flash_attn::GpuInfo {
+    let options = wgpu_flash_attn::AdapterOptions {
+        cooperative_matrix: true,
+        ..wgpu_flash_attn::AdapterOptions::from_env()
+    };
+    let adapter = pollster::block_on(options.select()).unwrap();
+    wgpu_flash_attn::GpuInfo::of_adapter(&adapter, &options)
+}
+
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("flash-bench-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -1240,7 +1253,8 @@ fn run_times_register_blocked_layouts() {
 /// `info` prints the planner's tier per head dim and storage type.
 #[test]
 fn run_compares_listed_tiers_and_info_names_them() {
-    let Some(gpu) = gpu() else { return };
+    let Some(_) = gpu() else { return };
+    let info = flash_bench_device_info();
     let (output, report) = json_report(
         "tiers.json",
         &[
@@ -1269,10 +1283,24 @@ fn run_compares_listed_tiers_and_info_names_them() {
             case["tier"].as_str().unwrap()
         })
         .collect();
-    let has_coop = gpu
-        .info()
-        .features
-        .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+    // The run's shape, in f32: the tier runs where the device multiplies
+    // f32 matrices (emulated, Apple's), not on f16-only matrix units.
+    let run_shape = AttentionShape {
+        batch: 1,
+        seq_q: 40,
+        seq_kv: 40,
+        heads_q: 8,
+        heads_kv: 2,
+        head_dim: 32,
+        head_dim_v: 32,
+    };
+    let has_coop = wgpu_flash_attn::ForwardPlan::for_call(
+        &info,
+        &run_shape,
+        wgpu_flash_attn::DType::F32,
+        Some(wgpu_flash_attn::Tier::CooperativeMatrix),
+    )
+    .is_ok();
     if has_coop {
         assert_eq!(tiers, ["Portable", "RegisterBlocked", "CooperativeMatrix"]);
     } else {
@@ -1287,11 +1315,9 @@ fn run_compares_listed_tiers_and_info_names_them() {
     let output = flash_bench(&["info"]);
     assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
     let text = stdout(&output);
-    let plan = wgpu_flash_attn::ForwardPlan::new(
-        gpu.info(),
-        &AttentionShape::self_attention(1, 4096, 8, 64),
-    )
-    .unwrap();
+    let plan =
+        wgpu_flash_attn::ForwardPlan::new(&info, &AttentionShape::self_attention(1, 4096, 8, 64))
+            .unwrap();
     assert!(text.contains("forward tiers"), "{text}");
     // f32's line (storage types that plan alike share it).
     let line = text
@@ -1302,22 +1328,14 @@ fn run_compares_listed_tiers_and_info_names_them() {
     // The backward's d=64 line: its default tier, and the layout forcing
     // the register-blocked passes gives.
     let shape = AttentionShape::self_attention(1, 4096, 8, 64);
-    let default = wgpu_flash_attn::BackwardPlan::for_call(
-        gpu.info(),
-        &shape,
-        wgpu_flash_attn::DType::F32,
-        None,
-    );
+    let default =
+        wgpu_flash_attn::BackwardPlan::for_call(&info, &shape, wgpu_flash_attn::DType::F32, None);
     let forced = Some(wgpu_flash_attn::Tier::RegisterBlocked);
-    let blocked = wgpu_flash_attn::BackwardPlan::for_call(
-        gpu.info(),
-        &shape,
-        wgpu_flash_attn::DType::F32,
-        forced,
-    )
-    .unwrap()
-    .blocked_tiling()
-    .unwrap();
+    let blocked =
+        wgpu_flash_attn::BackwardPlan::for_call(&info, &shape, wgpu_flash_attn::DType::F32, forced)
+            .unwrap()
+            .blocked_tiling()
+            .unwrap();
     let line = text
         .lines()
         .find(|line| line.trim_start().starts_with("d=64:"))

@@ -100,7 +100,7 @@ fn reports_a_capped_allocation(gpu: &Gpu, shape: TensorShape, margin: u64) -> Re
             "{} created a {} MiB tensor past the cap while the address space grew by {} MiB: \
              it takes device memory at first use, where it faults rather than report",
             gpu.info().adapter.driver_info,
-            4 * shape.elements() >> 20,
+            (4 * shape.elements()) >> 20,
             after.saturating_sub(before) >> 20,
         )),
     }
