@@ -576,9 +576,13 @@ fn run_forward(
     };
     // f16 matrices round the probabilities to f16 before P V: up to 2^-11
     // of the largest |v| times the sum of a row's weights more (1, or
-    // 1 / (1 - p) with dropout; docs/semantics.md).
-    let probabilities = if config.tier == Some(Tier::CooperativeMatrix) && case.dtype == DType::F16
-    {
+    // 1 / (1 - p) with dropout; docs/semantics.md). The tier is the one
+    // the call ran on: forced, or the device's default (the f16 default
+    // on a device with matrix units).
+    let ran_on = ForwardPlan::for_call(gpu.info(), s, case.dtype, config.tier)
+        .map(|plan| plan.tier())
+        .map_err(|e| format!("the call ran, but its plan fails: {e}"))?;
+    let probabilities = if ran_on == Tier::CooperativeMatrix && case.dtype == DType::F16 {
         let v_max = v.iter().fold(0.0f64, |m, &x| m.max(f64::from(x).abs()));
         let weights = config
             .active_dropout()
