@@ -21,19 +21,6 @@ fn flash_bench(args: &[&str]) -> Output {
         .expect("flash-bench starts")
 }
 
-/// What the device flash-bench opens reports: the test adapter's, with
-/// cooperative matrices requested (flash-bench asks for them unless told
-/// `--no-cooperative-matrix`; the test devices only when
-/// FLASH_ATTN_COOPERATIVE_MATRIX=1).
-fn flash_bench_device_info() -> wgpu_flash_attn::GpuInfo {
-    let options = wgpu_flash_attn::AdapterOptions {
-        cooperative_matrix: true,
-        ..wgpu_flash_attn::AdapterOptions::from_env()
-    };
-    let adapter = pollster::block_on(options.select()).unwrap();
-    wgpu_flash_attn::GpuInfo::of_adapter(&adapter, &options)
-}
-
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("flash-bench-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -1253,8 +1240,7 @@ fn run_times_register_blocked_layouts() {
 /// `info` prints the planner's tier per head dim and storage type.
 #[test]
 fn run_compares_listed_tiers_and_info_names_them() {
-    let Some(_) = gpu() else { return };
-    let info = flash_bench_device_info();
+    let Some(gpu) = gpu() else { return };
     let (output, report) = json_report(
         "tiers.json",
         &[
@@ -1295,7 +1281,7 @@ fn run_compares_listed_tiers_and_info_names_them() {
         head_dim_v: 32,
     };
     let has_coop = wgpu_flash_attn::ForwardPlan::for_call(
-        &info,
+        gpu.info(),
         &run_shape,
         wgpu_flash_attn::DType::F32,
         Some(wgpu_flash_attn::Tier::CooperativeMatrix),
@@ -1315,9 +1301,11 @@ fn run_compares_listed_tiers_and_info_names_them() {
     let output = flash_bench(&["info"]);
     assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
     let text = stdout(&output);
-    let plan =
-        wgpu_flash_attn::ForwardPlan::new(&info, &AttentionShape::self_attention(1, 4096, 8, 64))
-            .unwrap();
+    let plan = wgpu_flash_attn::ForwardPlan::new(
+        gpu.info(),
+        &AttentionShape::self_attention(1, 4096, 8, 64),
+    )
+    .unwrap();
     assert!(text.contains("forward tiers"), "{text}");
     // f32's line (storage types that plan alike share it).
     let line = text
@@ -1328,14 +1316,22 @@ fn run_compares_listed_tiers_and_info_names_them() {
     // The backward's d=64 line: its default tier, and the layout forcing
     // the register-blocked passes gives.
     let shape = AttentionShape::self_attention(1, 4096, 8, 64);
-    let default =
-        wgpu_flash_attn::BackwardPlan::for_call(&info, &shape, wgpu_flash_attn::DType::F32, None);
+    let default = wgpu_flash_attn::BackwardPlan::for_call(
+        gpu.info(),
+        &shape,
+        wgpu_flash_attn::DType::F32,
+        None,
+    );
     let forced = Some(wgpu_flash_attn::Tier::RegisterBlocked);
-    let blocked =
-        wgpu_flash_attn::BackwardPlan::for_call(&info, &shape, wgpu_flash_attn::DType::F32, forced)
-            .unwrap()
-            .blocked_tiling()
-            .unwrap();
+    let blocked = wgpu_flash_attn::BackwardPlan::for_call(
+        gpu.info(),
+        &shape,
+        wgpu_flash_attn::DType::F32,
+        forced,
+    )
+    .unwrap()
+    .blocked_tiling()
+    .unwrap();
     let line = text
         .lines()
         .find(|line| line.trim_start().starts_with("d=64:"))

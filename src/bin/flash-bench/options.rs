@@ -30,14 +30,12 @@ pub struct GlobalArgs {
     /// Write throughput against sequence length as SVG (suite and sweep).
     #[arg(long, global = true, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
-    /// Do not request wgpu's experimental cooperative-matrix feature.
-    /// flash-bench requests it where the adapter has it (the library only
-    /// when asked: AdapterOptions::cooperative_matrix,
-    /// FLASH_ATTN_COOPERATIVE_MATRIX=1), so that the tensor-core tier
-    /// (`--tier coop`, the default for f16, and for f32 where the adapter
-    /// multiplies f32 matrices) is what it measures and validates.
+    /// Request wgpu's experimental cooperative-matrix feature where the
+    /// adapter has it (as FLASH_ATTN_COOPERATIVE_MATRIX=1 does), which
+    /// offers the tensor-core tier (`--tier coop`, the default for f16
+    /// and f32 where offered).
     #[arg(long, global = true)]
-    pub no_cooperative_matrix: bool,
+    pub cooperative_matrix: bool,
 }
 
 impl GlobalArgs {
@@ -54,7 +52,7 @@ impl GlobalArgs {
         if let Some(name) = &self.adapter {
             options.adapter_name = Some(name.clone());
         }
-        options.cooperative_matrix = !self.no_cooperative_matrix;
+        options.cooperative_matrix |= self.cooperative_matrix;
         options
     }
 }
@@ -223,7 +221,7 @@ pub enum TierArg {
     /// The register-blocked tier with its products in f16 (f16 storage,
     /// SHADER_F16; AttentionConfig::f16_products).
     BlockedF16,
-    /// Cooperative matrices (tensor cores; not with --no-cooperative-matrix).
+    /// Cooperative matrices (tensor cores; needs --cooperative-matrix).
     Coop,
 }
 
