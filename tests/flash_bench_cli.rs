@@ -1241,18 +1241,35 @@ fn run_times_register_blocked_layouts() {
 #[test]
 fn run_compares_listed_tiers_and_info_names_them() {
     let Some(gpu) = gpu() else { return };
+    // The run's shape, in f32 (flash-bench's default storage).
+    let run_shape = AttentionShape {
+        batch: 1,
+        seq_q: 40,
+        seq_kv: 40,
+        heads_q: 8,
+        heads_kv: 2,
+        head_dim: 32,
+        head_dim_v: 32,
+    };
+    let [seq, heads_q, heads_kv, head_dim] = [
+        run_shape.seq_q,
+        run_shape.heads_q,
+        run_shape.heads_kv,
+        run_shape.head_dim,
+    ]
+    .map(|n| n.to_string());
     let (output, report) = json_report(
         "tiers.json",
         &[
             "run",
             "--seq-q",
-            "40",
+            &seq,
             "--heads-q",
-            "8",
+            &heads_q,
             "--heads-kv",
-            "2",
+            &heads_kv,
             "--head-dim",
-            "32",
+            &head_dim,
             "--causal",
             "--tier",
             "portable,blocked,coop",
@@ -1269,17 +1286,8 @@ fn run_compares_listed_tiers_and_info_names_them() {
             case["tier"].as_str().unwrap()
         })
         .collect();
-    // The run's shape, in f32: the tier runs where the device multiplies
-    // f32 matrices (emulated, Apple's), not on f16-only matrix units.
-    let run_shape = AttentionShape {
-        batch: 1,
-        seq_q: 40,
-        seq_kv: 40,
-        heads_q: 8,
-        heads_kv: 2,
-        head_dim: 32,
-        head_dim_v: 32,
-    };
+    // The tier runs in f32 where the device multiplies f32 matrices
+    // (emulated, Apple's), not on f16-only matrix units.
     let has_coop = wgpu_flash_attn::ForwardPlan::for_call(
         gpu.info(),
         &run_shape,

@@ -574,23 +574,9 @@ fn run_forward(
             (want, out.to_f32_vec(gpu).unwrap(), Box::new(standard))
         }
     };
-    // f16 matrices round the probabilities to f16 before P V: up to 2^-11
-    // of the largest |v| times the sum of a row's weights more (1, or
-    // 1 / (1 - p) with dropout; docs/semantics.md). The tier is the one
-    // the call ran on: forced, or the device's default (the f16 default
-    // on a device with matrix units).
-    let ran_on = ForwardPlan::for_call(gpu.info(), s, case.dtype, config.tier)
-        .map(|plan| plan.tier())
+    // The cooperative-matrix tier's f16 weights (docs/semantics.md).
+    let probabilities = common::weight_rounding(gpu, s, case.dtype, &config, &v)
         .map_err(|e| format!("the call ran, but its plan fails: {e}"))?;
-    let probabilities = if ran_on == Tier::CooperativeMatrix && case.dtype == DType::F16 {
-        let v_max = v.iter().fold(0.0f64, |m, &x| m.max(f64::from(x).abs()));
-        let weights = config
-            .active_dropout()
-            .map_or(1.0, |dropout| 1.0 / dropout.keep_probability());
-        unit_roundoff(DType::F16) * v_max * weights
-    } else {
-        0.0
-    };
     if f16_products {
         // FlashAttention's rule: twice the error of standard attention
         // computed in f16 (plain cases only, see `forward_kernel`).

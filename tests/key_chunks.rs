@@ -11,11 +11,11 @@ mod common;
 use common::random::{normal_vec, seeded};
 use common::{
     F32_TOLERANCE, Inputs, assert_close, assert_rows_close, cases, compare, forward_tiers, gpu,
-    round_to, sequence_reference, unit_roundoff, with_tier,
+    round_to, sequence_reference, unit_roundoff, weight_rounding, with_tier,
 };
 use wgpu_flash_attn::{
-    Alibi, AttentionArgs, AttentionConfig, AttentionShape, DType, Error, ForwardOptions,
-    ForwardPlan, Gpu, Lse, Strides, Tensor, TensorShape, Tier, ValidLengths, reference,
+    Alibi, AttentionArgs, AttentionConfig, AttentionShape, DType, Error, ForwardOptions, Gpu, Lse,
+    Strides, Tensor, TensorShape, ValidLengths, reference,
 };
 
 /// Runs `options` on `[q, k, v]` uploaded as `dtype`; output and
@@ -166,7 +166,7 @@ fn half_storage_carries_f32_between_chunks() {
             // most one storage ulp apart (|out| <= max |v| < 8); on the
             // cooperative-matrix tier each also rounded its weights (per
             // chunk, against different running maxima).
-            let weights = probability_rounding(gpu, &shape, dtype, &config, &inputs.v);
+            let weights = weight_rounding(gpu, &shape, dtype, &config, &inputs.v).unwrap();
             let bound = 8.0 * 2.0 * unit_roundoff(dtype) + 1e-5 + 2.0 * weights;
             let out_gap = max_difference(&got, &whole, &what);
             assert!(out_gap <= bound, "{what}: out {out_gap:.2e} > {bound:.2e}");
@@ -194,28 +194,6 @@ fn half_storage_carries_f32_between_chunks() {
                 "{what}: vs reference {worst:.2e} > {bound:.2e}"
             );
         }
-    }
-}
-
-/// What the call's tier adds to the f32 bound: the cooperative-matrix tier
-/// multiplies f16 matrices, so with f16 storage it rounds the weights to
-/// f16 before `P V`, up to 2^-11 of the largest |v| (docs/semantics.md;
-/// the default tier for f16 where the device has matrix units).
-fn probability_rounding(
-    gpu: &Gpu,
-    shape: &AttentionShape,
-    dtype: DType,
-    config: &AttentionConfig,
-    v: &[f32],
-) -> f64 {
-    let tier = ForwardPlan::for_call(gpu.info(), shape, dtype, config.tier)
-        .unwrap()
-        .tier();
-    if tier == Tier::CooperativeMatrix && dtype == DType::F16 {
-        let v_max = v.iter().fold(0.0f64, |m, &x| m.max(f64::from(x).abs()));
-        unit_roundoff(DType::F16) * v_max
-    } else {
-        0.0
     }
 }
 

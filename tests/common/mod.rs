@@ -327,6 +327,31 @@ pub fn unit_roundoff(dtype: DType) -> f64 {
     }
 }
 
+/// What a forward call's tier adds to its bound on |out - reference|: the
+/// cooperative-matrix tier with f16 storage multiplies f16 matrices, so it
+/// rounds the weights to f16 before `P V`, up to 2^-11 of the largest |v|
+/// times the largest sum of a row's weights (1, or 1 / (1 - p) with
+/// dropout; docs/semantics.md). The tier is the one the call runs on:
+/// forced in `config`, or the device's default (the f16 default where the
+/// device has matrix units). Every other tier adds nothing.
+pub fn weight_rounding(
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    dtype: DType,
+    config: &AttentionConfig,
+    v: &[f32],
+) -> Result<f64, wgpu_flash_attn::Error> {
+    let tier = ForwardPlan::for_call(gpu.info(), shape, dtype, config.tier)?.tier();
+    if tier != Tier::CooperativeMatrix || dtype != DType::F16 {
+        return Ok(0.0);
+    }
+    let v_max = v.iter().fold(0.0f64, |m, &x| m.max(f64::from(x).abs()));
+    let weights = config
+        .active_dropout()
+        .map_or(1.0, |dropout| 1.0 / dropout.keep_probability());
+    Ok(unit_roundoff(DType::F16) * v_max * weights)
+}
+
 /// Largest |stored - appended| a KV cache of `dtype` allows for element
 /// `x` of a head vector whose largest magnitude is `amax`: half an ulp for
 /// f16 and bf16 (round to nearest), half a quantization step for int8.
