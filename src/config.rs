@@ -280,8 +280,10 @@ pub struct AttentionConfig {
     /// values is exact in f32 and the products are summed in f32 (f16
     /// operands, f32 accumulation, as on matrix units); softmax statistics
     /// stay f32. Off by
-    /// default: it halves the tiles' memory traffic on GPUs with fast f16
-    /// but is not yet measured faster on one (BENCHMARKS.md).
+    /// default: it halves the tiles' memory traffic, and ran 1.2-1.5x
+    /// faster on an NVIDIA H200 (BENCHMARKS.md), but as a default it
+    /// would change the default f16 accuracy rule, which wants more than
+    /// one GPU family measured.
     pub f16_products: bool,
     /// The register-blocked kernels' workgroup layout, instead of the
     /// planner's (a tuning knob: `flash-bench run --blocked-layout` times
@@ -355,9 +357,9 @@ pub enum Tier {
     /// feature needed). The backward has register-blocked gradient passes
     /// too (`shaders/flash_backward_blocked.wgsl`: blocks of keys and query
     /// rows, each invocation owning a micro-tile of scores and of dK, dV or
-    /// dQ), run when forced (with this tier or a
-    /// [`AttentionConfig::blocked_layout`]) until a GPU measures them
-    /// against the per-key passes. Decoding and linear attention have no
+    /// dQ): the default on hardware GPUs where they fit (3.8x faster than
+    /// the per-key passes on an H200), and run anywhere when forced (with
+    /// this tier or a [`AttentionConfig::blocked_layout`]). Decoding and linear attention have no
     /// such kernel: forcing it there is `TierUnavailable`; the naive
     /// baseline's products then use the best per-row tier.
     RegisterBlocked,

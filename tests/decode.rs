@@ -1047,8 +1047,16 @@ fn both_lane_layouts_match_the_reference() {
                     let q = queries(lens.len(), *seq_q, head_dim, *seq_q as u64 + 7);
                     let mut options = DecodeOptions::new(config).lanes(lanes);
                     options.kv_splits = *splits;
+                    // Progress with its time (shown by --nocapture): a
+                    // case that compiles or runs for long names itself.
+                    let started = std::time::Instant::now();
                     let (out_err, lse_err, plan) =
                         decode_errors(gpu, &filled, &q, *seq_q, &options);
+                    eprintln!(
+                        "{dtype:?} {:?} {lanes:?} seq_q {seq_q}: {:.1} s",
+                        cache_config.layout,
+                        started.elapsed().as_secs_f64()
+                    );
                     assert_eq!(plan.lanes(), Some(lanes));
                     assert!(
                         out_err <= 1e-4 && lse_err <= 1e-4,

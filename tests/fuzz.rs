@@ -370,11 +370,35 @@ fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
             cache,
             other_lanes,
         } => {
-            let lanes = common::other_decode_lanes(gpu).filter(|_| other_lanes);
+            // Lanes over keys refuse heads whose state would not fit a
+            // lane (KeyLanesState, a typed error tests/decode.rs covers):
+            // such cases keep the adapter's layout.
+            let lanes = common::other_decode_lanes(gpu)
+                .filter(|_| other_lanes)
+                .filter(|&lanes| !key_lanes_refused(gpu, case, cache, lanes));
             run_decode(gpu, case, (paged, kv_splits, cache, lanes), rng)
         }
         Operation::Backward => run_backward(gpu, case, rng),
     }
+}
+
+/// Whether the planner refuses `lanes` for the decode case's heads.
+fn key_lanes_refused(gpu: &Gpu, case: &Case, dtype: KvDType, lanes: DecodeLanes) -> bool {
+    let s = &case.shape;
+    let cache = wgpu_flash_attn::CacheShape {
+        batch: s.batch,
+        heads_kv: s.heads_kv,
+        head_dim: s.head_dim,
+        head_dim_v: s.head_dim_v,
+        longest: s.seq_kv,
+        segments: 1,
+        dtype,
+    };
+    let options = DecodeOptions::default().lanes(lanes);
+    matches!(
+        wgpu_flash_attn::DecodePlan::for_call(gpu.info(), &cache, s.seq_q, s.heads_q, &options),
+        Err(Error::KeyLanesState { .. })
+    )
 }
 
 /// The device and forced tier a forward case runs on: the drawn kernel

@@ -2,7 +2,10 @@
 # The project's GPU device run, ordered so that the first minutes answer
 # the open questions (issue 13's targets, then the newest kernels on a real
 # GPU). Use it in place of the generic script that ../shared/device/stage.sh
-# copies:
+# copies (first used on an H200 on 2026-12-04: BENCHMARKS.md; the branch
+# `coop-registers` holds a faster cooperative-matrix kernel that computed
+# wrong results there in its first version: stage that branch for a call
+# of its own to validate its fix, comparing with main's figures):
 #
 #   ../shared/device/stage.sh && cp benches/device/run.sh .device/run.sh
 #   # device call: command "bash .device/run.sh", carry [".device"], timeout 450
@@ -77,16 +80,22 @@ step 90 "PyTorch SDPA peer" python3 .device/torch_sdpa.py "$res/torch_sdpa.json"
 for t in tiers cooperative_matrix half_storage backward decode head_dims; do
   [ -x "$tests/$t" ] && step 90 "tests: $t" "$tests/$t" --test-threads=4
 done
+# Random configurations against the rule (what CI runs on lavapipe).
+[ -x "$tests/fuzz" ] && step 60 "tests: fuzz, 40 cases" \
+  env FLASH_ATTN_FUZZ_CASES=40 "$tests/fuzz" --ignored --test-threads=4
 # Tuning the register-blocked tier toward the 40 % target: layouts
 # (ROW_LANESxKEY_LANESxROWS) around the planner's choice, each validated;
 # those past the adapter's workgroup memory are reported and skipped.
-step 90 "register-blocked layouts, B4 H16 N4096 d128 causal, f32" \
-  "$fb" run ${target/--iters 10/--iters 3} --tier blocked \
+# (At --iters 3 the H200's sweep was noise: 32x2x1 gave 45 ms in one run
+# and 79 in the next; 10 iterations.)
+step 120 "register-blocked layouts, B4 H16 N4096 d128 causal, f32" \
+  "$fb" run $target --tier blocked \
   --blocked-layout 8x8x4,16x8x2,16x4x2,32x4x1,8x8x2,4x16x4,32x2x1,64x2x1,64x4x1,16x16x1 \
   --json "$res/blocked-layouts-f32.json"
 # Training and serving shapes: the backward (equal and DeepSeek's uneven
-# head dims; at d128 the per-key passes, GPUs' default, against the
-# register-blocked ones, forced), decoding over every cache type.
+# head dims; at d128 the per-key passes against the register-blocked
+# ones, GPUs' default since the H200 measured them 3.8x faster), decoding
+# over every cache type.
 step 90 "backward, H16 N4096 d128 causal, per-key and register-blocked passes" \
   "$fb" run --seq-q 4096 --heads-q 16 --head-dim 128 --causal --backward --iters 5 \
   --tier portable,blocked --json "$res/backward-d128.json"
@@ -106,6 +115,13 @@ step 60 "masks and padding, with the backward (BERT padded, 512 packed short seq
   "$fb" masks --backward --packed-sequences 512 --json "$res/masks.json"
 step 90 "decode, Llama-3.1-405B heads, 32K/128K, every cache type" \
   "$fb" decode --cache 32768,131072 --kv-dtype f32,f16,bf16,int8 --json "$res/decode.json"
+# On the H200 the f16, bf16 and int8 caches decoded 5x slower than f32,
+# at host-memory bandwidths, each timed after the others in one process:
+# each alone in a fresh process tells memory placement from the kernel.
+for kv in f16 int8; do
+  step 30 "decode, 128K, $kv cache alone in its process" \
+    "$fb" decode --cache 131072 --kv-dtype "$kv" --json "$res/decode-$kv-alone.json"
+done
 step 120 "suite (every case validated against the f64 reference)" \
   "$fb" --json "$res/suite.json" --plot "$res/suite.svg"
 for t in "$tests"/*; do
@@ -113,12 +129,12 @@ for t in "$tests"/*; do
   name=$(basename "$t")
   case $name in
     # Done above; flash_bench_cli needs the source tree's binary, shaders no GPU.
-    tiers | cooperative_matrix | half_storage | backward | decode | head_dims | flash_bench_cli | shaders) continue ;;
+    tiers | cooperative_matrix | half_storage | backward | decode | head_dims | fuzz | flash_bench_cli | shaders) continue ;;
   esac
   step 90 "tests: $name" "$t" --test-threads=4
 done
-step 30 "GL backend, one validated run" \
-  env WGPU_BACKEND=gl "$fb" run --seq-q 1024 --heads-q 8 --head-dim 64 --iters 3
+# (No GL step: on NVIDIA's driver wgpu 30 gets a GL 3.3 context and opens
+# no device; README.)
 # Last, with what budget is left: register-blocked backward layouts
 # (ROW_LANESxKEY_LANESxROWS: key blocks of 4 x KEY_LANES keys, query
 # blocks of ROW_LANES x ROWS rows); the forward runs each layout too.

@@ -21,13 +21,23 @@ const SUBGROUP_MAX_ROWS: u32 = 16;
 /// 2048-float Llama-405B one in seconds; MLA's latent widths (16 rows x
 /// 1088) keep lanes over the head dim.
 const KEY_LANES_MAX_STATE: u64 = 8 * 256;
+/// The same state on hardware GPUs, where lanes over keys are only ever
+/// forced: a lane's state there lives in registers (255 per lane on
+/// NVIDIA), so more rows take more workgroups rather than a kernel that
+/// spills. On the H200 the 16-row, 2048-float kernel (head dim 64) ran a
+/// test past its 90 s limit without finishing.
+const GPU_KEY_LANES_MAX_STATE: u64 = 256;
 /// At most this many invocations per workgroup on GPUs.
 const GPU_MAX_WORKGROUP_SIZE: u32 = 64;
 /// Fewest keys worth a split of their own when the split count is chosen.
 const MIN_KEYS_PER_SPLIT: usize = 256;
-/// Workgroups a default split count aims for on a GPU (a few per compute
-/// unit on large GPUs); CPU adapters aim for four per core.
-const GPU_TARGET_WORKGROUPS: usize = 512;
+/// Workgroups a default split count aims for on a GPU; CPU adapters aim
+/// for four per core. A decode workgroup is one subgroup streaming its
+/// keys, so a GPU hides memory latency only with many of them: on the
+/// H200 (132 compute units) 512 gave four per unit and 30 % of the copy
+/// ceiling at 128K cached tokens; 2048 gives about sixteen. (Small GPUs
+/// pay only a larger merge of partial results, a few MiB.)
+const GPU_TARGET_WORKGROUPS: usize = 2048;
 /// Workgroup memory of the decode kernel beyond its K/V tiles: per-key
 /// rows and (int8 caches) K/V scales, 64 keys at most, per-lane ranges and
 /// two scalars.
@@ -126,25 +136,38 @@ impl DecodePlan {
         };
         let (tiling, rows_per_workgroup, lanes) = if subgroup {
             // Lanes split the head dim; every lane holds all the rows.
-            let rows_per_workgroup = rows.next_power_of_two().min(SUBGROUP_MAX_ROWS);
+            let mut rows_per_workgroup = rows.next_power_of_two().min(SUBGROUP_MAX_ROWS);
             // CPU adapters take lanes over keys where each lane's state
             // (every row's query and output) stays small enough to compile
             // and cache well.
-            let state = u64::from(rows_per_workgroup) * u64::from(head_dim + head_dim_v);
+            let width = u64::from(head_dim + head_dim_v);
+            let state = u64::from(rows_per_workgroup) * width;
             let keys_fit = state <= KEY_LANES_MAX_STATE;
             let lanes = options.lanes.unwrap_or(if cpu && keys_fit {
                 DecodeLanes::Keys
             } else {
                 DecodeLanes::HeadDim
             });
-            if lanes == DecodeLanes::Keys && !keys_fit {
-                return Err(Error::KeyLanesState {
-                    rows: rows_per_workgroup,
-                    head_dim: cache.head_dim,
-                    head_dim_v: cache.head_dim_v,
-                    floats: state,
-                    limit: KEY_LANES_MAX_STATE,
-                });
+            if lanes == DecodeLanes::Keys {
+                let limit = if cpu {
+                    KEY_LANES_MAX_STATE
+                } else {
+                    GPU_KEY_LANES_MAX_STATE
+                };
+                if width > limit || (cpu && !keys_fit) {
+                    return Err(Error::KeyLanesState {
+                        rows: if cpu { rows_per_workgroup } else { 1 },
+                        head_dim: cache.head_dim,
+                        head_dim_v: cache.head_dim_v,
+                        floats: if cpu { state } else { width },
+                        limit,
+                    });
+                }
+                // On GPUs the rows past the state's limit go to more
+                // workgroups (row tiles).
+                while u64::from(rows_per_workgroup) * width > limit {
+                    rows_per_workgroup /= 2;
+                }
             }
             let tiling = AttentionTiling {
                 head_dim,

@@ -558,9 +558,10 @@ const BLOCKED_LANES: [(u32, u32); 5] = [(16, 8), (8, 8), (8, 4), (4, 4), (2, 4)]
 /// and loads, about what a GPU keeps in registers at full occupancy.
 const BLOCKED_ACCUMULATORS: u32 = 16;
 
-/// Whether the register-blocked tier is the default: on hardware GPUs
-/// (the CPU adapters run the per-row tiers, tuned for them).
-fn blocked_by_default(info: &GpuInfo) -> bool {
+/// Whether the register-blocked tier is the default (forward and
+/// backward): on hardware GPUs (the CPU adapters run the per-row tiers,
+/// tuned for them).
+pub(crate) fn blocked_by_default(info: &GpuInfo) -> bool {
     matches!(
         info.adapter.device_type,
         wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu

@@ -16,6 +16,7 @@ mod tests;
 
 pub use decode::{CacheShape, DecodePlan};
 pub use forward::ForwardPlan;
+pub(crate) use forward::blocked_by_default;
 pub use naive::NaivePlan;
 
 use crate::config::{BlockedLayout, Tier};

@@ -123,7 +123,7 @@ fn tier_line(info: &GpuInfo, head_dim: usize, dtype: DType) -> String {
 /// (`BackwardPlan`).
 fn backward_tiers(info: &GpuInfo) -> String {
     let mut lines = vec![
-        "  backward (f32; the register-blocked passes run when forced, until a GPU measures them):"
+        "  backward (f32; register-blocked passes by default on hardware GPUs, elsewhere when forced):"
             .to_string(),
     ];
     for head_dim in [64, 128, 256] {
