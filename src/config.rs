@@ -359,9 +359,10 @@ pub enum Tier {
     /// rows, each invocation owning a micro-tile of scores and of dK, dV or
     /// dQ): the default on hardware GPUs where they fit (3.8x faster than
     /// the per-key passes on an H200), and run anywhere when forced (with
-    /// this tier or a [`AttentionConfig::blocked_layout`]). Decoding and linear attention have no
-    /// such kernel: forcing it there is `TierUnavailable`; the naive
-    /// baseline's products then use the best per-row tier.
+    /// this tier or a [`AttentionConfig::blocked_layout`]). Decoding and
+    /// linear attention have no such kernel: forcing it there is
+    /// `TierUnavailable`; the naive baseline's products then use the best
+    /// per-row tier.
     RegisterBlocked,
     /// The forward kernel on the adapter's matrix units
     /// (`shaders/flash_coop.wgsl`: tensor cores through

@@ -596,6 +596,25 @@ mod tests {
                             t.subgroup,
                             cpu && info.has_subgroups() && profile.backend != wgpu::Backend::Gl
                         );
+                        // Hardware GPUs default to the register-blocked
+                        // passes where they fit; the rest to per-key ones.
+                        let blocked_fits = BackwardPlan::for_call(
+                            &info,
+                            &shape,
+                            DType::F32,
+                            Some(Tier::RegisterBlocked),
+                        )
+                        .is_ok();
+                        let gpu = matches!(
+                            profile.device_type,
+                            wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu
+                        );
+                        assert_eq!(
+                            plan.tier() == Tier::RegisterBlocked,
+                            gpu && blocked_fits,
+                            "{} d={head_dim}",
+                            profile.name
+                        );
                         plan.check_call(&info, &shape, 1024, 1024)
                             .unwrap_or_else(|e| panic!("{}: {e}", profile.name));
                     }

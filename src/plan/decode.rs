@@ -149,24 +149,27 @@ impl DecodePlan {
                 DecodeLanes::HeadDim
             });
             if lanes == DecodeLanes::Keys {
-                let limit = if cpu {
-                    KEY_LANES_MAX_STATE
+                // CPU adapters hold every row in each lane; on GPUs the
+                // rows past the limit go to more workgroups (row tiles).
+                let (limit, fewest_rows) = if cpu {
+                    (KEY_LANES_MAX_STATE, rows_per_workgroup)
                 } else {
-                    GPU_KEY_LANES_MAX_STATE
+                    (GPU_KEY_LANES_MAX_STATE, 1)
                 };
-                if width > limit || (cpu && !keys_fit) {
+                while rows_per_workgroup > fewest_rows
+                    && u64::from(rows_per_workgroup) * width > limit
+                {
+                    rows_per_workgroup /= 2;
+                }
+                let state = u64::from(rows_per_workgroup) * width;
+                if state > limit {
                     return Err(Error::KeyLanesState {
-                        rows: if cpu { rows_per_workgroup } else { 1 },
+                        rows: rows_per_workgroup,
                         head_dim: cache.head_dim,
                         head_dim_v: cache.head_dim_v,
-                        floats: if cpu { state } else { width },
+                        floats: state,
                         limit,
                     });
-                }
-                // On GPUs the rows past the state's limit go to more
-                // workgroups (row tiles).
-                while u64::from(rows_per_workgroup) * width > limit {
-                    rows_per_workgroup /= 2;
                 }
             }
             let tiling = AttentionTiling {
