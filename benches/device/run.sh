@@ -116,8 +116,10 @@ step 60 "masks and padding, with the backward (BERT padded, 512 packed short seq
 step 90 "decode, Llama-3.1-405B heads, 32K/128K, every cache type" \
   "$fb" decode --cache 32768,131072 --kv-dtype f32,f16,bf16,int8 --json "$res/decode.json"
 # On the H200 the f16, bf16 and int8 caches decoded 5x slower than f32,
-# at host-memory bandwidths, each timed after the others in one process:
-# each alone in a fresh process tells memory placement from the kernel.
+# each timed after seconds of host work while f32's came right after its
+# prefill loaded the GPU: likely the GPU's clocks, which flash-bench's
+# 250 ms warm-up (added after that run) should settle. Each alone in a
+# fresh process as a cross-check.
 for kv in f16 int8; do
   step 30 "decode, 128K, $kv cache alone in its process" \
     "$fb" decode --cache 131072 --kv-dtype "$kv" --json "$res/decode-$kv-alone.json"

@@ -20,7 +20,7 @@ use crate::options::DTypeArg;
 use crate::options_json::dtype_name;
 use crate::random::{normal_vec, seeded};
 use crate::report::{AdapterJson, write_json};
-use crate::timing::{TimingPlan, time_gpu};
+use crate::timing::{self, TimingPlan, time_gpu};
 
 #[derive(Debug, Args)]
 pub struct DecodeCmdArgs {
@@ -213,8 +213,10 @@ pub fn run(
             command: std::env::args().collect::<Vec<_>>().join(" "),
             adapter: AdapterJson::of_device(gpu.info()),
             timer: format!(
-                "{}, median of {} runs after a validating run",
-                fma.timing.timer, args.iters
+                "{}, median of {} runs after a validating run{}",
+                fma.timing.timer,
+                args.iters,
+                timing::warm_up_note(gpu)
             ),
             fma_gflops: fma.gflops,
             copy_gb_per_s: copy.gb_per_s,

@@ -469,8 +469,9 @@ fn measure_all(
         command: std::env::args().collect::<Vec<_>>().join(" "),
         adapter: AdapterJson::of_device(gpu.info()),
         timer: format!(
-            "{}, median of {iters} runs after a validating run (CPU: wall clock)",
-            fma.timing.timer
+            "{}, median of {iters} runs after a validating run{} (CPU: wall clock)",
+            fma.timing.timer,
+            timing::warm_up_note(gpu)
         ),
         ceilings: Ceilings {
             fma_gflops: fma.gflops,

@@ -18,7 +18,7 @@ use crate::backward::BACKWARD_FLOPS_PER_FORWARD;
 use crate::measure::TOLERANCE;
 use crate::random::{normal_vec, seeded};
 use crate::report::{AdapterJson, write_json};
-use crate::timing::{TimingPlan, time_gpu};
+use crate::timing::{self, TimingPlan, time_gpu};
 
 #[derive(Debug, Args)]
 pub struct MasksArgs {
@@ -210,7 +210,10 @@ pub fn run(gpu: &Gpu, args: &MasksArgs, json: Option<&std::path::Path>) -> Resul
             tool: "flash-bench masks",
             command: std::env::args().collect::<Vec<_>>().join(" "),
             adapter: AdapterJson::of_device(gpu.info()),
-            timer: "GPU timestamps where available (median after a validating run)".to_string(),
+            timer: format!(
+                "GPU timestamps where available (median after a validating run{})",
+                timing::warm_up_note(gpu)
+            ),
             runs,
         };
         write_json(path, &report)?;

@@ -144,6 +144,17 @@ impl Stopwatch {
     }
 }
 
+/// GPU time a hardware GPU spends on the work, in batches that grow, before
+/// it is timed. GPUs raise their clocks only under sustained load: on the
+/// H200 decode steps timed right after the host had filled a cache ran up
+/// to 5x slower than steps timed right after a prefill had loaded the GPU
+/// (BENCHMARKS.md, 2026-12-04; most likely this). CPU adapters, whose
+/// cores clock up at once and whose runs are long, skip it.
+const GPU_WARMUP_MS: f64 = 250.0;
+/// Most recordings in one warm-up submission, and most submissions.
+const WARMUP_MAX_REPEATS: u64 = 256;
+const WARMUP_MAX_SUBMISSIONS: usize = 32;
+
 /// Times `record`, which records the work into an encoder, submitting and
 /// waiting for each run separately.
 pub fn time_gpu(
@@ -153,6 +164,7 @@ pub fn time_gpu(
 ) -> Result<Timing> {
     // One query set and resolve buffer for every run.
     let stopwatch = Stopwatch::for_device(gpu);
+    warm_up(gpu, stopwatch.as_ref(), &mut record)?;
     let mut run_once = || -> Result<f64> {
         let elapsed = submit_timed(gpu, stopwatch.as_ref(), 1, &mut record)?;
         Ok(elapsed.as_secs_f64() * 1e3)
@@ -171,6 +183,44 @@ pub fn time_gpu(
         runs: times.len(),
         timer: Timer::of(stopwatch.as_ref()),
     })
+}
+
+/// What the reports add to their timer line about the warm-up.
+#[allow(
+    dead_code,
+    reason = "flash-bench's reports use it; tests/timing.rs includes this file without them"
+)]
+pub fn warm_up_note(gpu: &Gpu) -> String {
+    if gpu.info().adapter.device_type == wgpu::DeviceType::Cpu {
+        String::new()
+    } else {
+        format!(" and {GPU_WARMUP_MS} ms of warm-up")
+    }
+}
+
+/// Runs `record` on a hardware GPU for [`GPU_WARMUP_MS`] of GPU time,
+/// doubling the recordings per submission while one takes under an eighth
+/// of it; nothing on CPU adapters.
+fn warm_up(
+    gpu: &Gpu,
+    stopwatch: Option<&Stopwatch>,
+    record: &mut impl FnMut(&mut wgpu::CommandEncoder) -> wgpu_flash_attn::Result<()>,
+) -> Result<()> {
+    if gpu.info().adapter.device_type == wgpu::DeviceType::Cpu {
+        return Ok(());
+    }
+    let (mut spent_ms, mut repeats) = (0.0, 1);
+    for _ in 0..WARMUP_MAX_SUBMISSIONS {
+        if spent_ms >= GPU_WARMUP_MS {
+            break;
+        }
+        let ms = submit_timed(gpu, stopwatch, repeats, &mut *record)?.as_secs_f64() * 1e3;
+        spent_ms += ms;
+        if ms < GPU_WARMUP_MS / 8.0 {
+            repeats = (repeats * 2).min(WARMUP_MAX_REPEATS);
+        }
+    }
+    Ok(())
 }
 
 /// Records `record` `repeats` times into one encoder, submits once, waits,
