@@ -605,13 +605,9 @@ mod tests {
                             Some(Tier::RegisterBlocked),
                         )
                         .is_ok();
-                        let gpu = matches!(
-                            profile.device_type,
-                            wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu
-                        );
                         assert_eq!(
                             plan.tier() == Tier::RegisterBlocked,
-                            gpu && blocked_fits,
+                            blocked_by_default(&info) && blocked_fits,
                             "{} d={head_dim}",
                             profile.name
                         );

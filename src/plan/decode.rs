@@ -141,8 +141,7 @@ impl DecodePlan {
             // (every row's query and output) stays small enough to compile
             // and cache well.
             let width = u64::from(head_dim + head_dim_v);
-            let state = u64::from(rows_per_workgroup) * width;
-            let keys_fit = state <= KEY_LANES_MAX_STATE;
+            let keys_fit = u64::from(rows_per_workgroup) * width <= KEY_LANES_MAX_STATE;
             let lanes = options.lanes.unwrap_or(if cpu && keys_fit {
                 DecodeLanes::Keys
             } else {

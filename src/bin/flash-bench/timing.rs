@@ -191,11 +191,16 @@ pub fn time_gpu(
     reason = "flash-bench's reports use it; tests/timing.rs includes this file without them"
 )]
 pub fn warm_up_note(gpu: &Gpu) -> String {
-    if gpu.info().adapter.device_type == wgpu::DeviceType::Cpu {
-        String::new()
-    } else {
+    if warms_up(gpu) {
         format!(" and {GPU_WARMUP_MS} ms of warm-up")
+    } else {
+        String::new()
     }
+}
+
+/// Whether timings on `gpu` start with the warm-up: hardware GPUs only.
+fn warms_up(gpu: &Gpu) -> bool {
+    gpu.info().adapter.device_type != wgpu::DeviceType::Cpu
 }
 
 /// Runs `record` on a hardware GPU for [`GPU_WARMUP_MS`] of GPU time,
@@ -206,7 +211,7 @@ fn warm_up(
     stopwatch: Option<&Stopwatch>,
     record: &mut impl FnMut(&mut wgpu::CommandEncoder) -> wgpu_flash_attn::Result<()>,
 ) -> Result<()> {
-    if gpu.info().adapter.device_type == wgpu::DeviceType::Cpu {
+    if !warms_up(gpu) {
         return Ok(());
     }
     let (mut spent_ms, mut repeats) = (0.0, 1);
