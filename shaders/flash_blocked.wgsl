@@ -39,10 +39,16 @@
 // Generated constants (src/shaders/, `BlockedTiling`): D4, DV4 (head
 // dims / 4), ROW_LANES, KEY_LANES, ROWS, COLS = ceil(DV4 / KEY_LANES),
 // WG_SIZE = ROW_LANES * KEY_LANES, BLOCK_N = 4 * KEY_LANES, KV_TILE (vec4s
-// of the K/V tile). Loops bounded by ROWS and COLS are unrolled by
+// of the K/V tile), STAGE_BATCH (loads in flight per invocation while
+// staging). Loops bounded by ROWS, COLS and STAGE_BATCH are unrolled by
 // src/shaders/, so the private arrays they index stay in registers.
 
 const BLOCK_M: u32 = ROW_LANES * ROWS;
+// Q, K and V are staged in batches: each invocation issues STAGE_BATCH
+// loads from the storage buffers into registers, then stores them all to
+// workgroup memory, so that a batch's loads are in flight together
+// instead of each waiting out the memory's latency before the next.
+const STAGED_VEC4S: u32 = WG_SIZE * STAGE_BATCH;
 // Bit of Params.flags (twin of params::blocked_flags::GROUP_ROWS): the
 // block's rows are (query row, head) pairs of one KV head's group of query
 // heads, head fastest, and workgroups along y are KV heads, so the group
@@ -125,15 +131,28 @@ fn main(
     var wg_lo = keys.lo;
     let wg_hi = keys.hi;
 
-    for (var i = lid; i < BLOCK_M * D4; i += WG_SIZE) {
-        let row = min(row0 + i / D4, max(seq_q, 1u) - 1u);
-        let q_row = seq.q_start + row / group;
-        let head = head_of(row, wg.y, group, grouped);
+    for (var base = 0u; base < BLOCK_M * D4; base += STAGED_VEC4S) {
+        var staged: array<vec4<f32>, STAGE_BATCH>;
+        for (var s = 0u; s < STAGE_BATCH; s++) {
+            let i = base + s * WG_SIZE + lid;
+            let row = min(row0 + i / D4, max(seq_q, 1u) - 1u);
+            let q_row = seq.q_start + row / group;
+            let head = head_of(row, wg.y, group, grouped);
+            staged[s] = vec4<f32>(0.0);
+            if (i < BLOCK_M * D4) {
+                staged[s] = load_q(batch * p.q.batch + q_row * p.q.seq + head * p.q.head + p.q.offset + i % D4);
+            }
+        }
+        for (var s = 0u; s < STAGE_BATCH; s++) {
+            let i = base + s * WG_SIZE + lid;
+            if (i < BLOCK_M * D4) {
 // #if F16_PRODUCTS
-        q_tile[i] = vec4<f16>(load_q(batch * p.q.batch + q_row * p.q.seq + head * p.q.head + p.q.offset + i % D4));
+                q_tile[i] = vec4<f16>(staged[s]);
 // #else
-        q_tile[i] = load_q(batch * p.q.batch + q_row * p.q.seq + head * p.q.head + p.q.offset + i % D4);
+                q_tile[i] = staged[s];
 // #endif
+            }
+        }
     }
 
     var acc: array<vec4<f32>, ROWS * COLS>;
@@ -220,17 +239,26 @@ fn main(
         }
 // #endif
         // (The first tile's barrier also publishes the Q block.)
-        for (var i = lid; i < BLOCK_N * D4; i += WG_SIZE) {
-            let key = i / D4;
-            var kk = vec4<f32>(0.0);
-            if (key < n_keys) {
-                kk = load_k(k_base + (u32(kv0) + key) * p.k.seq + i % D4);
+        for (var base = 0u; base < BLOCK_N * D4; base += STAGED_VEC4S) {
+            var staged: array<vec4<f32>, STAGE_BATCH>;
+            for (var s = 0u; s < STAGE_BATCH; s++) {
+                let i = base + s * WG_SIZE + lid;
+                staged[s] = vec4<f32>(0.0);
+                if (i < BLOCK_N * D4 && i / D4 < n_keys) {
+                    staged[s] = load_k(k_base + (u32(kv0) + i / D4) * p.k.seq + i % D4);
+                }
             }
+            for (var s = 0u; s < STAGE_BATCH; s++) {
+                let i = base + s * WG_SIZE + lid;
+                let key = i / D4;
+                if (i < BLOCK_N * D4) {
 // #if F16_PRODUCTS
-            kv_tile[((key % 4u) * KEY_LANES + key / 4u) * K_STRIDE + i % D4] = vec4<f16>(kk);
+                    kv_tile[((key % 4u) * KEY_LANES + key / 4u) * K_STRIDE + i % D4] = vec4<f16>(staged[s]);
 // #else
-            kv_tile[((key % 4u) * KEY_LANES + key / 4u) * K_STRIDE + i % D4] = kk;
+                    kv_tile[((key % 4u) * KEY_LANES + key / 4u) * K_STRIDE + i % D4] = staged[s];
 // #endif
+                }
+            }
         }
         workgroupBarrier();
 
@@ -279,16 +307,25 @@ fn main(
         // maxima published.
         workgroupBarrier();
 
-        for (var i = lid; i < BLOCK_N * DV4; i += WG_SIZE) {
-            var vv = vec4<f32>(0.0);
-            if (i / DV4 < n_keys) {
-                vv = load_v(v_base + (u32(kv0) + i / DV4) * p.v.seq + i % DV4);
+        for (var base = 0u; base < BLOCK_N * DV4; base += STAGED_VEC4S) {
+            var staged: array<vec4<f32>, STAGE_BATCH>;
+            for (var s = 0u; s < STAGE_BATCH; s++) {
+                let i = base + s * WG_SIZE + lid;
+                staged[s] = vec4<f32>(0.0);
+                if (i < BLOCK_N * DV4 && i / DV4 < n_keys) {
+                    staged[s] = load_v(v_base + (u32(kv0) + i / DV4) * p.v.seq + i % DV4);
+                }
             }
+            for (var s = 0u; s < STAGE_BATCH; s++) {
+                let i = base + s * WG_SIZE + lid;
+                if (i < BLOCK_N * DV4) {
 // #if F16_PRODUCTS
-            kv_tile[i] = vec4<f16>(vv);
+                    kv_tile[i] = vec4<f16>(staged[s]);
 // #else
-            kv_tile[i] = vv;
+                    kv_tile[i] = staged[s];
 // #endif
+                }
+            }
         }
         var correction: array<f32, ROWS>;
         for (var r = 0u; r < ROWS; r++) {

@@ -376,6 +376,16 @@ pub enum Error {
         shape: [usize; 4],
     },
 
+    /// [`crate::Gpu::override_shader_file`] was given a name that is not
+    /// one of the crate's shader files.
+    #[error("{name:?} is not one of the crate's shader files ({known})")]
+    UnknownShaderFile {
+        /// The name given.
+        name: String,
+        /// The names that can be replaced.
+        known: String,
+    },
+
     /// Two forward options that the crate does not combine.
     #[error("{what} cannot be combined in one call")]
     UnsupportedCombination {

@@ -551,6 +551,55 @@ impl Gpu {
         &self.queue
     }
 
+    /// Compiles the crate's kernels from now on without the runtime checks
+    /// wgpu adds to every shader (index clamps on arrays, and on storage
+    /// buffers where the driver lacks robust buffer access 2; a counter
+    /// bounding every loop; checked integer division), and drops the
+    /// pipelines already compiled. For measuring what the checks cost
+    /// (`flash-bench --unchecked-shaders`; `flash-bench shader-stats` shows
+    /// what they do to the compiled code); the checks stay on by default.
+    ///
+    /// # Safety
+    /// As [`wgpu::Device::create_shader_module_trusted`] with
+    /// [`wgpu::ShaderRuntimeChecks::unchecked`]: the kernels must never
+    /// index past an array or loop forever. The crate's tests check every
+    /// kernel's results against the reference with the checks on, which
+    /// would show most out-of-bounds reads as wrong results, but do not
+    /// prove the kernels in bounds.
+    pub unsafe fn skip_shader_runtime_checks(&self) {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.pipelines.skip_runtime_checks() }
+    }
+
+    /// Compiles the crate's kernels from now on with one of its WGSL files
+    /// (`name`, a file name under the crate's `shaders/`, such as
+    /// `flash_blocked.wgsl`) replaced by `text`, and drops the pipelines
+    /// compiled before. For tuning kernels where no Rust toolchain is at
+    /// hand (`flash-bench --shader-dir`): the text goes through the same
+    /// generation as the file it replaces (constants, `// #if` variants,
+    /// unrolled loops), and a text that no longer fits it fails the calls
+    /// that use it with [`Error::ShaderSource`] or a wgpu validation error.
+    /// Results are the replacement's: validate them against
+    /// [`crate::reference`]. An unknown name is [`Error::UnknownShaderFile`].
+    pub fn override_shader_file(&self, name: &str, text: impl Into<String>) -> Result<()> {
+        self.pipelines.override_file(name, text.into())
+    }
+
+    /// The WGSL text this Gpu compiles for `plan`'s kernel (without a
+    /// mask), with any replaced files ([`Gpu::override_shader_file`]): the
+    /// template with the plan's constants, variants and unrolled loops;
+    /// its entry point is `main`. For inspecting what a driver makes of
+    /// it (`flash-bench shader-stats`).
+    pub fn forward_wgsl(&self, plan: &crate::ForwardPlan) -> Result<String> {
+        self.pipelines.source(&plan.specialization())
+    }
+
+    /// Whether the kernels compile without wgpu's runtime checks
+    /// ([`Gpu::skip_shader_runtime_checks`]).
+    pub fn shader_runtime_checks_skipped(&self) -> bool {
+        self.pipelines.runtime_checks_skipped()
+    }
+
     /// Number of compute pipelines cached now.
     pub fn pipeline_count(&self) -> usize {
         self.pipelines.len()

@@ -1,12 +1,12 @@
 //! Compute pipelines, built once per specialization and reused.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::shaders::{Kernel, Specialization};
+use crate::shaders::{Kernel, ShaderOverrides, Specialization};
 
 /// A compiled kernel and the bind group layout its bindings follow.
 pub(crate) struct CachedPipeline {
@@ -27,6 +27,10 @@ pub(crate) struct PipelineCache {
     pipelines: Mutex<Entries<Arc<CachedPipeline>>>,
     layouts: Mutex<HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>>,
     capacity: AtomicUsize,
+    /// Compile without wgpu's runtime checks ([`Gpu::skip_shader_runtime_checks`]).
+    unchecked: AtomicBool,
+    /// `shaders/` files replaced ([`Gpu::override_shader_file`]).
+    overrides: Mutex<ShaderOverrides>,
 }
 
 /// Cached values (pipelines) with the tick of their last use.
@@ -84,6 +88,8 @@ impl Default for PipelineCache {
             pipelines: Mutex::default(),
             layouts: Mutex::default(),
             capacity: AtomicUsize::new(DEFAULT_PIPELINE_CAPACITY),
+            unchecked: AtomicBool::new(false),
+            overrides: Mutex::default(),
         }
     }
 }
@@ -113,22 +119,74 @@ impl PipelineCache {
         self.capacity.load(Ordering::Relaxed)
     }
 
+    /// From now on, compiles kernels without wgpu's runtime checks, and
+    /// drops the pipelines compiled with them.
+    ///
+    /// # Safety
+    /// As [`wgpu::Device::create_shader_module_trusted`]: the kernels must
+    /// stay within their arrays and end their loops.
+    pub unsafe fn skip_runtime_checks(&self) {
+        self.unchecked.store(true, Ordering::Relaxed);
+        lock(&self.pipelines).shrink_to(0);
+    }
+
+    /// Compiles kernels from now on with the `shaders/` file `name`
+    /// replaced by `text`, and drops the pipelines compiled before.
+    pub fn override_file(&self, name: &str, text: String) -> Result<()> {
+        if !lock(&self.overrides).replace(name, text) {
+            return Err(Error::UnknownShaderFile {
+                name: name.to_string(),
+                known: ShaderOverrides::names().collect::<Vec<_>>().join(", "),
+            });
+        }
+        lock(&self.pipelines).shrink_to(0);
+        Ok(())
+    }
+
+    /// The WGSL text of `spec` as this cache compiles it (with its
+    /// replaced files).
+    pub fn source(&self, spec: &Specialization) -> Result<String> {
+        let overrides = lock(&self.overrides).clone();
+        spec.source_with(&overrides)
+            .map_err(|err| Error::ShaderSource {
+                kernel: spec.label(),
+                reason: err.to_string(),
+            })
+    }
+
+    /// Whether kernels compile without wgpu's runtime checks.
+    pub fn runtime_checks_skipped(&self) -> bool {
+        self.unchecked.load(Ordering::Relaxed)
+    }
+
     /// The pipeline for `spec`, compiling it on first use.
     pub fn get(&self, device: &wgpu::Device, spec: &Specialization) -> Result<Arc<CachedPipeline>> {
         if let Some(found) = lock(&self.pipelines).touch(spec) {
             return Ok(found);
         }
-        let source = wgsl_source(spec)?;
+        let source = self.source(spec)?;
         let kernel = spec.kernel();
         let (bind_group_layout, pipeline_layout) = lock(&self.layouts)
             .entry(kernel)
             .or_insert_with(|| layouts(device, kernel))
             .clone();
         let label = spec.label();
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        let descriptor = wgpu::ShaderModuleDescriptor {
             label: Some(&label),
             source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
+        };
+        let module = if self.runtime_checks_skipped() {
+            // SAFETY: the caller of skip_runtime_checks vouched for the
+            // crate's kernels (bounds and loops).
+            unsafe {
+                device.create_shader_module_trusted(
+                    descriptor,
+                    wgpu::ShaderRuntimeChecks::unchecked(),
+                )
+            }
+        } else {
+            device.create_shader_module(descriptor)
+        };
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&label),
             layout: Some(&pipeline_layout),
@@ -148,14 +206,6 @@ impl PipelineCache {
         lock(&self.pipelines).insert(*spec, cached.clone(), self.capacity());
         Ok(cached)
     }
-}
-
-/// The WGSL text of `spec`, a template mistake becoming the crate's error.
-fn wgsl_source(spec: &Specialization) -> Result<String> {
-    spec.source().map_err(|err| Error::ShaderSource {
-        kernel: spec.label(),
-        reason: err.to_string(),
-    })
 }
 
 fn layouts(device: &wgpu::Device, kernel: Kernel) -> (wgpu::BindGroupLayout, wgpu::PipelineLayout) {

@@ -20,7 +20,9 @@ use crate::params::{
 };
 use crate::pipelines::ELEMENTWISE_WORKGROUP;
 use crate::plan::profiles;
-use crate::shaders::{BackwardPass, DecodeIo, Kernel, LinearPass, NaivePass, Specialization};
+use crate::shaders::{
+    BackwardPass, DecodeIo, Kernel, LinearPass, NaivePass, ShaderOverrides, Specialization,
+};
 use crate::{
     AttentionConfig, AttentionShape, BackwardPlan, CacheShape, DType, DecodeLanes, DecodeOptions,
     DecodePlan, ForwardPlan, GpuInfo, KvDType, LinearConfig, LinearPlan, LinearShape, NaivePlan,
@@ -1170,7 +1172,7 @@ fn carry_flags_match_the_register_blocked_shader() {
             "{name} overlaps a common flag"
         );
     }
-    let shared = crate::shaders::forward_tables();
+    let shared = crate::shaders::forward_tables(include_str!("../shaders/flash_attention.wgsl"));
     assert!(
         shared.contains("struct SequenceRows") && shared.contains("fn carry_base"),
         "flash_attention.wgsl's shared-section markers moved: {shared:.200}"
@@ -1276,4 +1278,54 @@ fn workgroup_memory_against_budget(
             spec.label()
         ))
     }
+}
+
+// ---------------------------------------------------------------------------
+// Replaced shader files (Gpu::override_shader_file).
+
+#[test]
+fn the_replaceable_files_are_exactly_the_shaders_directory() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
+    let on_disk: BTreeSet<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".wgsl"))
+        .collect();
+    let built_in: BTreeSet<String> = ShaderOverrides::names().map(str::to_string).collect();
+    assert_eq!(on_disk, built_in);
+}
+
+#[test]
+fn a_replaced_file_reaches_exactly_the_kernels_built_from_it() {
+    let blocked = Specialization::FlashBlocked(crate::BlockedTiling {
+        head_dim: 64,
+        head_dim_v: 64,
+        row_lanes: 8,
+        key_lanes: 8,
+        rows: 2,
+        storage: DType::F32,
+        dropout: false,
+        f16_products: false,
+    });
+    let combine = Specialization::Combine {
+        workgroup_size: 64,
+        out: DType::F32,
+    };
+    let mut overrides = ShaderOverrides::default();
+    assert!(!overrides.replace("flash_blocked", String::new()));
+    assert!(!overrides.replace("../shaders/flash_blocked.wgsl", String::new()));
+    let marker = "// replaced forward_blocks.wgsl";
+    let text = format!(
+        "{}{marker}\n",
+        include_str!("../shaders/forward_blocks.wgsl")
+    );
+    assert!(overrides.replace("forward_blocks.wgsl", text));
+    let replaced = blocked.source_with(&overrides).unwrap();
+    assert!(replaced.contains(marker));
+    assert_eq!(
+        replaced.replace(&format!("{marker}\n"), ""),
+        blocked.source().unwrap(),
+        "only the marker differs"
+    );
+    assert!(!combine.source_with(&overrides).unwrap().contains(marker));
 }

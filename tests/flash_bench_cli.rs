@@ -1491,3 +1491,119 @@ fn run_reports_a_naive_baseline_past_the_binding_as_does_not_fit() {
         "{note}"
     );
 }
+
+/// `shader-stats` compiles each kernel asked for on a second Vulkan device,
+/// as wgpu's SPIR-V and without its runtime checks, and prints what the
+/// driver reports (lavapipe reports no statistics: the kernels must still
+/// compile); off Vulkan it is an error naming the backend.
+#[test]
+fn shader_stats_compiles_every_kernel_asked_for() {
+    let Some(gpu) = gpu() else { return };
+    let output = flash_bench(&[
+        "shader-stats",
+        "--seq-q",
+        "40",
+        "--head-dim",
+        "32",
+        "--tier",
+        "blocked,portable",
+        "--blocked-layout",
+        "4x4x2,256x256x1",
+    ]);
+    let text = stdout(&output);
+    if gpu.info().adapter.backend != wgpu::Backend::Vulkan {
+        assert_eq!(output.status.code(), Some(2), "{text}");
+        assert!(String::from_utf8_lossy(&output.stderr).contains("asks a Vulkan driver"));
+        return;
+    }
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("skipped: register-blocked layout 256x256x1"),
+        "{stderr}"
+    );
+    let kernels: Vec<&str> = text.split("\n== ").skip(1).collect();
+    let names: Vec<&str> = kernels
+        .iter()
+        .map(|k| k.split(':').next().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["RegisterBlocked", "Portable", "RegisterBlocked 4x4x2"]
+    );
+    for kernel in kernels {
+        for variant in ["  checked", "  unchecked"] {
+            let lines: Vec<&str> = kernel
+                .lines()
+                .filter(|line| {
+                    line.starts_with(&format!("{variant}:"))
+                        || line.starts_with(&format!("{variant} "))
+                })
+                .collect();
+            assert!(!lines.is_empty(), "no {variant} line: {kernel}");
+            for line in lines {
+                // Either compiled without statistics, or statistics.
+                assert!(line.contains("compiled (") || line.contains('='), "{line}");
+            }
+        }
+    }
+}
+
+/// `--shader-dir` compiles the kernels from the directory's same-named
+/// WGSL files: a copy of the register-blocked kernel validates like the
+/// built-in one; a broken copy is the run's error, with the compiler's
+/// message; a file the crate does not have is a bad flag (exit 2).
+#[test]
+fn shader_dir_replaces_the_crates_wgsl_files() {
+    let Some(_) = gpu() else { return };
+    let dir = |name: &str, file: &str, text: &str| {
+        let dir = scratch(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(file), text).unwrap();
+        dir
+    };
+    let kernel = include_str!("../shaders/flash_blocked.wgsl");
+    let run = |dir: &Path| {
+        flash_bench(&[
+            "--shader-dir",
+            dir.to_str().unwrap(),
+            "run",
+            "--seq-q",
+            "40",
+            "--head-dim",
+            "32",
+            "--tier",
+            "blocked",
+            "--iters",
+            "1",
+        ])
+    };
+    let copy = run(&dir(
+        "copy",
+        "flash_blocked.wgsl",
+        &format!("{kernel}// a copy\n"),
+    ));
+    assert_eq!(copy.status.code(), Some(0), "{}", stdout(&copy));
+    assert!(
+        String::from_utf8_lossy(&copy.stderr).contains("with flash_blocked.wgsl replaced"),
+        "{}",
+        stdout(&copy)
+    );
+    assert!(stdout(&copy).contains(" ok"), "{}", stdout(&copy));
+    let cut = kernel.len() / 2;
+    let broken = run(&dir("broken", "flash_blocked.wgsl", &kernel[..cut]));
+    assert_eq!(broken.status.code(), Some(2), "{}", stdout(&broken));
+    assert!(
+        String::from_utf8_lossy(&broken.stderr).contains("flash_blocked.wgsl:main"),
+        "{}",
+        stdout(&broken)
+    );
+    let unknown = run(&dir("unknown", "tuned.wgsl", kernel));
+    assert_eq!(unknown.status.code(), Some(2), "{}", stdout(&unknown));
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr)
+            .contains("\"tuned.wgsl\" is not one of the crate's shader files"),
+        "{}",
+        stdout(&unknown)
+    );
+}

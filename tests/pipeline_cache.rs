@@ -2,8 +2,8 @@
 
 mod common;
 
-use common::{Inputs, gpu};
-use wgpu_flash_attn::{AttentionConfig, AttentionShape};
+use common::{Inputs, assert_close, gpu, run_and_compare, with_tier};
+use wgpu_flash_attn::{AttentionConfig, AttentionShape, Tier};
 
 #[test]
 fn repeated_calls_compile_nothing() {
@@ -68,4 +68,85 @@ fn pipeline_cache_is_bounded_least_recently_used() {
     assert_eq!(gpu.pipeline_count(), 2);
     gpu.set_pipeline_capacity(1);
     assert_eq!(gpu.pipeline_count(), 1);
+}
+
+/// Kernels compiled without wgpu's runtime checks (the measurement switch
+/// `Gpu::skip_shader_runtime_checks`) replace the checked pipelines and
+/// match the reference, on the planner's default and the register-blocked
+/// kernel.
+#[test]
+fn kernels_without_runtime_checks_match_the_reference() {
+    // Own device: the switch is per Gpu, and the test devices serve the
+    // other tests of this binary.
+    let Some(_) = gpu() else { return };
+    let gpu = wgpu_flash_attn::Gpu::new().unwrap();
+    let shape = AttentionShape {
+        heads_kv: 1,
+        ..AttentionShape::self_attention(2, 37, 3, 40)
+    };
+    let inputs = Inputs::draw(&shape, 20261204, 1.0);
+    let config = AttentionConfig::new().causal(true);
+    let tiers = [None, Some(Tier::RegisterBlocked)];
+    for tier in tiers {
+        assert_close(
+            run_and_compare(&gpu, &shape, &inputs, &with_tier(&config, tier)),
+            &format!("{tier:?} checked"),
+        );
+    }
+    assert!(gpu.pipeline_count() >= 1);
+    assert!(!gpu.shader_runtime_checks_skipped());
+    // SAFETY: the crate's kernels, compared with the reference below.
+    unsafe { gpu.skip_shader_runtime_checks() };
+    assert!(gpu.shader_runtime_checks_skipped());
+    assert_eq!(gpu.pipeline_count(), 0, "the checked pipelines are dropped");
+    for tier in tiers {
+        assert_close(
+            run_and_compare(&gpu, &shape, &inputs, &with_tier(&config, tier)),
+            &format!("{tier:?} unchecked"),
+        );
+    }
+    assert!(gpu.pipeline_count() >= 1);
+}
+
+/// A replaced shader file (`Gpu::override_shader_file`) drops the compiled
+/// pipelines and is what the next call compiles: a copy of the kernel's own
+/// file matches the reference, and a file whose block loop was cut short
+/// (every key tile skipped) gives the wrong answer the reference catches;
+/// a name the crate has no file of is a typed error.
+#[test]
+fn a_replaced_shader_file_is_what_the_next_call_compiles() {
+    let Some(_) = gpu() else { return };
+    let gpu = wgpu_flash_attn::Gpu::new().unwrap();
+    let shape = AttentionShape::self_attention(1, 45, 2, 32);
+    let inputs = Inputs::draw(&shape, 20261205, 1.0);
+    let config = with_tier(&AttentionConfig::new(), Some(Tier::RegisterBlocked));
+    assert_close(run_and_compare(&gpu, &shape, &inputs, &config), "built in");
+    assert!(gpu.pipeline_count() >= 1);
+    let kernel = include_str!("../shaders/flash_blocked.wgsl");
+    gpu.override_shader_file("flash_blocked.wgsl", format!("{kernel}// a copy\n"))
+        .unwrap();
+    assert_eq!(
+        gpu.pipeline_count(),
+        0,
+        "the pipelines compiled before are dropped"
+    );
+    assert_close(run_and_compare(&gpu, &shape, &inputs, &config), "a copy");
+    let loop_header = "for (var kv0 = wg_lo; kv0 <= wg_hi; kv0 += i32(BLOCK_N)) {";
+    assert!(kernel.contains(loop_header), "the kernel's key loop moved");
+    let skipping = kernel.replace(
+        loop_header,
+        "for (var kv0 = wg_hi + 1; kv0 <= wg_hi; kv0 += i32(BLOCK_N)) {",
+    );
+    gpu.override_shader_file("flash_blocked.wgsl", skipping)
+        .unwrap();
+    let errors = run_and_compare(&gpu, &shape, &inputs, &config);
+    assert!(errors.out > 1e-2, "the replaced kernel ran: {errors:?}");
+    let err = gpu
+        .override_shader_file("flash_blocked", kernel)
+        .unwrap_err();
+    assert!(
+        matches!(&err, wgpu_flash_attn::Error::UnknownShaderFile { name, known }
+            if name == "flash_blocked" && known.contains("flash_blocked.wgsl")),
+        "{err}"
+    );
 }

@@ -8,6 +8,8 @@
 # of its own to validate its fix, comparing with main's figures):
 #
 #   ../shared/device/stage.sh && cp benches/device/run.sh .device/run.sh
+#   benches/device/stage-baseline.sh COMMIT   # optional: a baseline to A/B
+#   benches/device/stage-variants.sh          # optional: WGSL-only variants
 #   # device call: command "bash .device/run.sh", carry [".device"], timeout 450
 #
 # Everything lands in $OUT/device.log and $OUT/results.tar.gz. New steps
@@ -66,6 +68,14 @@ nvidia-smi -L 2>/dev/null
 git log -1 --format='project commit %h %s' 2>/dev/null
 
 step 45 "adapters and the planner's tiers" "$fb" info
+# What the driver compiled issue 13's kernels into: registers per
+# invocation (how many workgroups share a compute unit), spills, with and
+# without wgpu's runtime checks (bounds clamps, loop bounds).
+step 60 "driver statistics, B4 H16 N4096 d128 kernels, f32" \
+  "$fb" shader-stats --head-dim 128 --tier blocked,subgroup,portable \
+  --blocked-layout 8x8x4,16x8x2,32x2x1,16x4x2
+step 40 "driver statistics, B4 H16 N4096 d128 kernels, f16" \
+  "$fb" shader-stats --head-dim 128 --dtype f16 --tier coop,blocked-f16
 # Issue 13's targets: the register-blocked tier in f32 (>= 40 % of the FMA
 # ceiling) and the best f16 tier (>= 10 % of SDPA's f16), every tier of
 # each in one run (blocked-f16: the register-blocked kernel with f16
@@ -75,7 +85,31 @@ step 75 "tiers, B4 H16 N4096 d128 causal, f32" \
   "$fb" run $target --tier blocked,subgroup,portable --json "$res/tiers-f32.json"
 step 75 "tiers, B4 H16 N4096 d128 causal, f16" \
   "$fb" run $target --dtype f16 --tier coop,blocked,blocked-f16,subgroup --json "$res/tiers-f16.json"
+# The same kernels without wgpu's runtime checks (index clamps, loop
+# bounds, checked division): what the checks cost, against the two steps
+# above.
+step 60 "tiers without runtime checks, B4 H16 N4096 d128 causal, f32" \
+  "$fb" --unchecked-shaders run $target --tier blocked,subgroup --json "$res/unchecked-f32.json"
+step 60 "tiers without runtime checks, B4 H16 N4096 d128 causal, f16" \
+  "$fb" --unchecked-shaders run $target --dtype f16 --tier coop,blocked-f16 --json "$res/unchecked-f16.json"
 step 90 "PyTorch SDPA peer" python3 .device/torch_sdpa.py "$res/torch_sdpa.json"
+# A kernel change against the commit it replaces (benches/device/
+# stage-baseline.sh), alternated so that a drift in the GPU's clocks shows
+# as disagreement between the two rounds rather than as a difference.
+base=.device/bin/flash-bench-base
+if [ -x "$base" ]; then
+  echo "baseline: $(cat .device/baseline-commit 2>/dev/null)"
+  for round in 1 2; do
+    step 40 "A/B round $round: baseline, f16 tiers (matrices, register-blocked plain and with f16 products)" \
+      "$base" run $target --tier coop,blocked,blocked-f16 --dtype f16 --json "$res/ab-base-f16-$round.json"
+    step 40 "A/B round $round: this commit, f16 tiers (matrices, register-blocked plain and with f16 products)" \
+      "$fb" run $target --tier coop,blocked,blocked-f16 --dtype f16 --json "$res/ab-new-f16-$round.json"
+    step 30 "A/B round $round: baseline, f32 register-blocked" \
+      "$base" run $target --tier blocked --json "$res/ab-base-f32-$round.json"
+    step 30 "A/B round $round: this commit, f32 register-blocked" \
+      "$fb" run $target --tier blocked --json "$res/ab-new-f32-$round.json"
+  done
+fi
 # The kernels' tests on a real GPU: a failure here is the top priority.
 for t in tiers cooperative_matrix half_storage backward decode head_dims; do
   [ -x "$tests/$t" ] && step 90 "tests: $t" "$tests/$t" --test-threads=4
@@ -92,6 +126,22 @@ step 120 "register-blocked layouts, B4 H16 N4096 d128 causal, f32" \
   "$fb" run $target --tier blocked \
   --blocked-layout 8x8x4,16x8x2,16x4x2,32x4x1,8x8x2,4x16x4,32x2x1,64x2x1,64x4x1,16x16x1 \
   --json "$res/blocked-layouts-f32.json"
+# Kernel variants (benches/device/stage-variants.sh: patches against
+# shaders/, run through --shader-dir without a rebuild), each validated,
+# between two runs of the built-in kernel on the same shape.
+if [ -d .device/variants ]; then
+  step 30 "variants: built-in register-blocked kernel, f32 (before)" \
+    "$fb" run $target --tier blocked --json "$res/variant-builtin-before.json"
+  for v in .device/variants/*/; do
+    name=$(basename "$v")
+    step 30 "variant $name ($(ls "$v" | tr '\n' ' ')), f32 register-blocked" \
+      "$fb" --shader-dir "$v" run $target --tier blocked --json "$res/variant-$name-f32.json"
+    step 30 "variant $name, f16 register-blocked with f16 products" \
+      "$fb" --shader-dir "$v" run $target --dtype f16 --tier blocked-f16 --json "$res/variant-$name-f16.json"
+  done
+  step 30 "variants: built-in register-blocked kernel, f32 (after)" \
+    "$fb" run $target --tier blocked --json "$res/variant-builtin-after.json"
+fi
 # Training and serving shapes: the backward (equal and DeepSeek's uneven
 # head dims; at d128 the per-key passes against the register-blocked
 # ones, GPUs' default since the H200 measured them 3.8x faster), decoding

@@ -154,6 +154,11 @@ impl ForwardPlan {
     pub(crate) fn specialization(&self) -> Specialization {
         forward_specialization(self.tiled, self.tiling)
     }
+    /// The kernel's label in the crate's pipeline cache and in wgpu's
+    /// error messages (kernel, tiling and variants).
+    pub fn kernel_label(&self) -> String {
+        self.specialization().label()
+    }
     /// The plan with the forward's products in f16
     /// ([`AttentionConfig::f16_products`]): register-blocked plans of f16
     /// storage on adapters with `SHADER_F16` only; the rest is a typed

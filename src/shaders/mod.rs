@@ -243,48 +243,29 @@ impl Kernel {
     }
 
     /// The WGSL source without its generated constants: the shared
-    /// attention declarations, where the kernel uses them, then its file.
-    pub fn template(self) -> String {
-        let file = match self {
-            Kernel::FlashForward | Kernel::FlashMasked => {
-                include_str!("../../shaders/flash_attention.wgsl")
-            }
-            Kernel::FlashBlocked | Kernel::FlashBlockedMasked => {
-                include_str!("../../shaders/flash_blocked.wgsl")
-            }
-            Kernel::FlashCoop | Kernel::FlashCoopMasked => {
-                include_str!("../../shaders/flash_coop.wgsl")
-            }
-            Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaiveValues => {
-                include_str!("../../shaders/naive_attention.wgsl")
-            }
-            Kernel::Decode => include_str!("../../shaders/flash_decode.wgsl"),
-            Kernel::Combine => include_str!("../../shaders/combine_partials.wgsl"),
-            Kernel::Rope => include_str!("../../shaders/rope.wgsl"),
-            Kernel::KvAppend => include_str!("../../shaders/kv_append.wgsl"),
-            Kernel::LinearStates
-            | Kernel::LinearScan
-            | Kernel::LinearOutputs
-            | Kernel::LinearUpdate => {
-                include_str!("../../shaders/linear_attention.wgsl")
-            }
+    /// attention declarations, where the kernel uses them, then its file;
+    /// the `shaders/` files as built in, or their replacements.
+    pub fn template_with(self, overrides: &ShaderOverrides) -> String {
+        let file = |name| overrides.file(name);
+        let own = match self {
             // The register-blocked gradient passes follow the others'
             // shared declarations (BLOCKED_BACKWARD picks which).
             Kernel::BackwardDeltas
             | Kernel::BackwardKeys
             | Kernel::BackwardQueries
-            | Kernel::BackwardSinks => concat!(
-                include_str!("../../shaders/flash_backward.wgsl"),
-                "\n",
-                include_str!("../../shaders/flash_backward_blocked.wgsl")
+            | Kernel::BackwardSinks => format!(
+                "{}\n{}",
+                file("flash_backward.wgsl"),
+                file("flash_backward_blocked.wgsl")
             ),
+            _ => file(self.file_name()).to_string(),
         };
         // The files prepended to the kernel's own, in order: the 16-bit
         // conversions first (attention_common.wgsl, the append and the
         // combine pass call them).
-        let codec = include_str!("../../shaders/half_codec.wgsl");
-        let rope = include_str!("../../shaders/rope_common.wgsl");
-        let attention = include_str!("../../shaders/attention_common.wgsl");
+        let codec = file("half_codec.wgsl");
+        let rope = file("rope_common.wgsl");
+        let attention = file("attention_common.wgsl");
         let prefix: Vec<&str> = match self {
             Kernel::Combine => vec![codec],
             Kernel::Rope => vec![rope],
@@ -297,8 +278,8 @@ impl Kernel {
             | Kernel::FlashCoopMasked => vec![
                 codec,
                 attention,
-                forward_tables(),
-                include_str!("../../shaders/forward_blocks.wgsl"),
+                forward_tables(file("flash_attention.wgsl")),
+                file("forward_blocks.wgsl"),
             ],
             // The kernels whose invocations own whole query rows share
             // their unrolled per-row steps.
@@ -307,13 +288,7 @@ impl Kernel {
             | Kernel::Decode
             | Kernel::NaiveScores
             | Kernel::NaiveSoftmax
-            | Kernel::NaiveValues => {
-                vec![
-                    codec,
-                    attention,
-                    include_str!("../../shaders/row_blocks.wgsl"),
-                ]
-            }
+            | Kernel::NaiveValues => vec![codec, attention, file("row_blocks.wgsl")],
             Kernel::LinearStates
             | Kernel::LinearScan
             | Kernel::LinearOutputs
@@ -325,7 +300,7 @@ impl Kernel {
         };
         let mut text = prefix.join("\n");
         text.push('\n');
-        text.push_str(file);
+        text.push_str(&own);
         text
     }
 
@@ -407,10 +382,113 @@ impl Kernel {
 const FORWARD_TABLES_BEGIN: &str = "// Shared with flash_blocked.wgsl from here";
 const FORWARD_TABLES_END: &str = "// Shared with flash_blocked.wgsl up to here";
 
-/// The declarations of flash_attention.wgsl between its shared-section
-/// markers (the markers are checked by a test, so a missing one cannot ship).
-pub(crate) fn forward_tables() -> &'static str {
-    let file = include_str!("../../shaders/flash_attention.wgsl");
+/// Every file under `shaders/`, by name, as built into the crate.
+const SHADER_FILES: [(&str, &str); 16] = [
+    (
+        "attention_common.wgsl",
+        include_str!("../../shaders/attention_common.wgsl"),
+    ),
+    (
+        "combine_partials.wgsl",
+        include_str!("../../shaders/combine_partials.wgsl"),
+    ),
+    (
+        "flash_attention.wgsl",
+        include_str!("../../shaders/flash_attention.wgsl"),
+    ),
+    (
+        "flash_backward.wgsl",
+        include_str!("../../shaders/flash_backward.wgsl"),
+    ),
+    (
+        "flash_backward_blocked.wgsl",
+        include_str!("../../shaders/flash_backward_blocked.wgsl"),
+    ),
+    (
+        "flash_blocked.wgsl",
+        include_str!("../../shaders/flash_blocked.wgsl"),
+    ),
+    (
+        "flash_coop.wgsl",
+        include_str!("../../shaders/flash_coop.wgsl"),
+    ),
+    (
+        "flash_decode.wgsl",
+        include_str!("../../shaders/flash_decode.wgsl"),
+    ),
+    (
+        "forward_blocks.wgsl",
+        include_str!("../../shaders/forward_blocks.wgsl"),
+    ),
+    (
+        "half_codec.wgsl",
+        include_str!("../../shaders/half_codec.wgsl"),
+    ),
+    (
+        "kv_append.wgsl",
+        include_str!("../../shaders/kv_append.wgsl"),
+    ),
+    (
+        "linear_attention.wgsl",
+        include_str!("../../shaders/linear_attention.wgsl"),
+    ),
+    (
+        "naive_attention.wgsl",
+        include_str!("../../shaders/naive_attention.wgsl"),
+    ),
+    ("rope.wgsl", include_str!("../../shaders/rope.wgsl")),
+    (
+        "rope_common.wgsl",
+        include_str!("../../shaders/rope_common.wgsl"),
+    ),
+    (
+        "row_blocks.wgsl",
+        include_str!("../../shaders/row_blocks.wgsl"),
+    ),
+];
+
+/// Replacements for some of the `shaders/` files, by name
+/// ([`crate::Gpu::override_shader_file`]: kernel tuning without a rebuild).
+#[derive(Debug, Clone, Default)]
+pub struct ShaderOverrides {
+    files: std::collections::BTreeMap<&'static str, String>,
+}
+
+impl ShaderOverrides {
+    /// The names of the files that can be replaced.
+    pub fn names() -> impl Iterator<Item = &'static str> {
+        SHADER_FILES.iter().map(|(name, _)| *name)
+    }
+
+    /// Replaces the file `name`; `false` (nothing replaced) when no
+    /// `shaders/` file has that name.
+    pub fn replace(&mut self, name: &str, text: String) -> bool {
+        match Self::names().find(|known| *known == name) {
+            Some(known) => {
+                self.files.insert(known, text);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The text of the file `name`: its replacement, else the built-in one.
+    fn file(&self, name: &str) -> &str {
+        if let Some(text) = self.files.get(name) {
+            return text;
+        }
+        SHADER_FILES
+            .iter()
+            .find(|(known, _)| *known == name)
+            .map(|(_, text)| *text)
+            .unwrap_or_else(|| panic!("{name} is not one of the crate's shader files"))
+    }
+}
+
+/// The declarations of flash_attention.wgsl (`file`) between its
+/// shared-section markers (the markers are checked by a test, so a missing
+/// one cannot ship).
+pub(crate) fn forward_tables(file: &str) -> &str {
     let line_after = |at: usize| file[at..].find('\n').map_or(file.len(), |n| at + n + 1);
     let begin = file.find(FORWARD_TABLES_BEGIN).map_or(0, line_after);
     let end = file[begin..]

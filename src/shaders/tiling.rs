@@ -77,6 +77,10 @@ pub struct BlockedTiling {
 }
 
 impl BlockedTiling {
+    /// The most staging loads an invocation keeps in flight: 8 vec4s,
+    /// 32 registers beside its accumulators.
+    pub const MAX_STAGE_BATCH: u32 = 8;
+
     /// Invocations per workgroup.
     pub fn workgroup_size(&self) -> u32 {
         self.row_lanes * self.key_lanes
@@ -93,6 +97,15 @@ impl BlockedTiling {
     /// `key_lanes`-th of the row's `head_dim_v / 4`.
     pub fn columns(&self) -> u32 {
         (self.head_dim_v / 4).div_ceil(self.key_lanes)
+    }
+    /// Loads each invocation keeps in flight while staging Q, K or V
+    /// (`STAGE_BATCH`): its share of a K or V tile, at most
+    /// [`Self::MAX_STAGE_BATCH`].
+    pub fn stage_batch(&self) -> u32 {
+        let widest = (self.head_dim / 4).max(self.head_dim_v / 4);
+        (self.block_n() * widest)
+            .div_ceil(self.workgroup_size())
+            .min(Self::MAX_STAGE_BATCH)
     }
     /// vec4s of the tile that holds K (rows padded by one vec4, so that
     /// the key lanes read different banks), then V of the same keys.

@@ -15,7 +15,9 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use wgpu_flash_attn::{AdapterOptions, AttentionArgs, BackwardArgs, Gpu, Lse, SinkGrads, Tensor};
+use wgpu_flash_attn::{AttentionArgs, BackwardArgs, Gpu, Lse, SinkGrads, Tensor};
+
+use crate::options::DeviceSetup;
 
 use crate::measure::{Case, linear_args_of};
 use crate::options::Impl;
@@ -38,9 +40,9 @@ pub fn worthwhile(gpu: &Gpu) -> bool {
 }
 
 /// Runs every GPU implementation of `cases` once, spread over `gpu` and
-/// further devices opened with `options` (one per core). Failures are left
+/// further devices opened as `setup` says (one per core). Failures are left
 /// to the measuring pass, which reports them with their case.
-pub fn compile_ahead(gpu: &Gpu, options: &AdapterOptions, cases: &[Case]) {
+pub fn compile_ahead(gpu: &Gpu, setup: &DeviceSetup, cases: &[Case]) {
     let items: Vec<(&Case, Impl)> = cases
         .iter()
         .flat_map(|case| case.impls.iter().map(move |&i| (case, i)))
@@ -65,7 +67,7 @@ pub fn compile_ahead(gpu: &Gpu, options: &AdapterOptions, cases: &[Case]) {
     });
     spread(
         gpu,
-        options,
+        setup,
         &[first, rest],
         |device, (case, implementation)| {
             // An error here is the measuring pass's to report.
@@ -75,21 +77,19 @@ pub fn compile_ahead(gpu: &Gpu, options: &AdapterOptions, cases: &[Case]) {
 }
 
 /// Runs `work` on every item of each round (the rounds in turn), spread
-/// over `gpu` and further devices opened with `options`, one per core
+/// over `gpu` and further devices opened as `setup` says, one per core
 /// (`MOST_DEVICES` at most); with one core, or one item in all, `gpu`
 /// runs them alone. Devices that fail to open are left out.
 pub fn spread<T: Sync>(
     gpu: &Gpu,
-    options: &AdapterOptions,
+    setup: &DeviceSetup,
     rounds: &[Vec<T>],
     work: impl Fn(&Gpu, &T) + Sync,
 ) {
     let items = rounds.iter().map(Vec::len).max().unwrap_or(0);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let devices = cores.min(MOST_DEVICES).min(items).max(1);
-    let others: Vec<Gpu> = (1..devices)
-        .filter_map(|_| pollster::block_on(Gpu::request(options)).ok())
-        .collect();
+    let others: Vec<Gpu> = (1..devices).filter_map(|_| setup.open().ok()).collect();
     for round in rounds {
         let next = AtomicUsize::new(0);
         let drain = |device: &Gpu| {

@@ -8,15 +8,15 @@ use clap::Args;
 use serde::Serialize;
 use wgpu_flash_attn::reference;
 use wgpu_flash_attn::{
-    AdapterOptions, AttentionArgs, AttentionConfig, AttentionShape, DecodeArgs, DecodeLanes,
-    DecodeOptions, DecodePlan, Gpu, KvCache, KvCacheConfig, KvDType, KvLayout, Tensor, TensorShape,
+    AttentionArgs, AttentionConfig, AttentionShape, DecodeArgs, DecodeLanes, DecodeOptions,
+    DecodePlan, Gpu, KvCache, KvCacheConfig, KvDType, KvLayout, Tensor, TensorShape,
 };
 
 mod warmup;
 
 use crate::ceiling::CeilingProbes;
 use crate::measure::{CEILING_WORKGROUPS, TOLERANCE, round_to, unit_roundoff};
-use crate::options::DTypeArg;
+use crate::options::{DTypeArg, DeviceSetup};
 use crate::options_json::dtype_name;
 use crate::random::{normal_vec, seeded};
 use crate::report::{AdapterJson, write_json};
@@ -149,11 +149,11 @@ struct DecodeReport {
 
 pub fn run(
     gpu: &Gpu,
-    options: &AdapterOptions,
+    setup: &DeviceSetup,
     args: &DecodeCmdArgs,
     json: Option<&std::path::Path>,
 ) -> Result<bool> {
-    warmup::compile_ahead(gpu, options, args);
+    warmup::compile_ahead(gpu, setup, args);
     eprintln!("measuring the FMA and copy ceilings...");
     let probes = CeilingProbes::new(gpu)?;
     let fma = probes.measure_fma(CEILING_WORKGROUPS, TimingPlan { warmup: 1, runs: 5 })?;

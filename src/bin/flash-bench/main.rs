@@ -22,6 +22,7 @@ mod plot;
 mod presets;
 mod random;
 mod report;
+mod shader_stats;
 mod timing;
 
 use std::path::Path;
@@ -74,6 +75,10 @@ enum Command {
     /// A BERT-base batch with padding and a Longformer layout at N=4096:
     /// valid lengths and block-sparse masks against dense boolean masks.
     Masks(masks::MasksArgs),
+    /// What the Vulkan driver compiles the forward kernels into (registers,
+    /// spills, instructions: the driver's pipeline statistics), per tier
+    /// and register-blocked layout, with and without wgpu's runtime checks.
+    ShaderStats(shader_stats::ShaderStatsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -163,19 +168,19 @@ fn main() -> ExitCode {
 
 /// Ok(false) when a result disagreed with the reference.
 fn run(cli: &Cli) -> Result<bool> {
-    if let Some(Command::Info) = cli.command {
-        return info::run(&cli.global);
+    match &cli.command {
+        Some(Command::Info) => return info::run(&cli.global),
+        Some(Command::ShaderStats(args)) => return shader_stats::run(&cli.global, args),
+        _ => {}
     }
-    let gpu = pollster::block_on(Gpu::request(&cli.global.adapter_options()))
-        .context("opening a GPU adapter")?;
+    let setup = cli.global.device_setup()?;
+    let gpu = setup.open()?;
+    if let Some(line) = setup.describe() {
+        eprintln!("{line}");
+    }
     match &cli.command {
         Some(Command::Check(args)) => check::run(&gpu, args, cli.global.json.as_deref()),
-        Some(Command::Decode(args)) => decode::run(
-            &gpu,
-            &cli.global.adapter_options(),
-            args,
-            cli.global.json.as_deref(),
-        ),
+        Some(Command::Decode(args)) => decode::run(&gpu, &setup, args, cli.global.json.as_deref()),
         Some(Command::Masks(args)) => masks::run(&gpu, args, cli.global.json.as_deref()),
         Some(Command::Run(args)) => {
             let shape = args.shape.shape();
@@ -287,7 +292,7 @@ fn run(cli: &Cli) -> Result<bool> {
                     keys_per_dispatch: args.keys_per_dispatch,
                 })
                 .collect();
-            let report = measure_all(&gpu, cli, cases, args.iters, f64::INFINITY)?;
+            let report = measure_all(&gpu, &setup, cli, cases, args.iters, f64::INFINITY)?;
             Ok(report.failures() == 0)
         }
         Some(Command::Sweep(args)) => {
@@ -327,14 +332,14 @@ fn run(cli: &Cli) -> Result<bool> {
                     }
                 })
                 .collect();
-            let report = measure_all(&gpu, cli, cases, args.iters, SUITE_CPU_BUDGET)?;
+            let report = measure_all(&gpu, &setup, cli, cases, args.iters, SUITE_CPU_BUDGET)?;
             Ok(report.failures() == 0)
         }
         None => {
-            let report = measure_all(&gpu, cli, suite(), 5, SUITE_CPU_BUDGET)?;
+            let report = measure_all(&gpu, &setup, cli, suite(), 5, SUITE_CPU_BUDGET)?;
             Ok(report.failures() == 0)
         }
-        Some(Command::Info) => unreachable!("handled above"),
+        Some(Command::Info | Command::ShaderStats(_)) => unreachable!("handled above"),
     }
 }
 
@@ -419,6 +424,7 @@ fn dtype_suffix(dtype: DType) -> String {
 /// writes JSON and the plot if asked.
 fn measure_all(
     gpu: &Gpu,
+    setup: &options::DeviceSetup,
     cli: &Cli,
     cases: Vec<Case>,
     iters: usize,
@@ -433,7 +439,7 @@ fn measure_all(
     progress.enable_steady_tick(Duration::from_millis(200));
     if compile_ahead::worthwhile(gpu) {
         progress.set_message("compiling kernels, one device per core");
-        compile_ahead::compile_ahead(gpu, &cli.global.adapter_options(), &cases);
+        compile_ahead::compile_ahead(gpu, setup, &cases);
     }
     progress.set_message("FMA and copy ceilings");
     let probes = CeilingProbes::new(gpu)?;

@@ -36,9 +36,100 @@ pub struct GlobalArgs {
     /// and f32 where offered).
     #[arg(long, global = true)]
     pub cooperative_matrix: bool,
+    /// Compile the kernels without wgpu's runtime checks (array index
+    /// clamps, loop bounds, checked division), to measure what they cost;
+    /// the command line in the JSON records it.
+    #[arg(long, global = true)]
+    pub unchecked_shaders: bool,
+    /// Compile the kernels with the crate's WGSL files replaced by the
+    /// same-named `.wgsl` files of DIR (`flash_blocked.wgsl`, ...): kernel
+    /// tuning without a rebuild. Results are still validated against the
+    /// reference; the command line in the JSON records it.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub shader_dir: Option<PathBuf>,
+}
+
+/// How flash-bench opens each device: the adapter options and what to do
+/// to a device once open (the kernels' runtime checks, replaced shader
+/// files), the same for every device a run opens.
+pub struct DeviceSetup {
+    pub options: AdapterOptions,
+    unchecked_shaders: bool,
+    /// (file name, text) of each replacement, read once.
+    shader_files: Vec<(String, String)>,
+}
+
+impl DeviceSetup {
+    /// Opens a device with these options and prepares it.
+    pub fn open(&self) -> anyhow::Result<wgpu_flash_attn::Gpu> {
+        use anyhow::Context;
+        let gpu = pollster::block_on(wgpu_flash_attn::Gpu::request(&self.options))
+            .context("opening a GPU adapter")?;
+        self.prepare(&gpu)?;
+        Ok(gpu)
+    }
+
+    /// Applies the runtime-check and shader-file choices to `gpu`.
+    pub fn prepare(&self, gpu: &wgpu_flash_attn::Gpu) -> anyhow::Result<()> {
+        if self.unchecked_shaders {
+            // SAFETY: a measurement the user asked for; every kernel passes
+            // the reference tests with the checks on (Gpu's documentation
+            // says what that does and does not prove).
+            unsafe { gpu.skip_shader_runtime_checks() };
+        }
+        for (name, text) in &self.shader_files {
+            gpu.override_shader_file(name, text.clone())?;
+        }
+        Ok(())
+    }
+
+    /// A line for stderr saying what differs from the crate's kernels.
+    pub fn describe(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if self.unchecked_shaders {
+            parts.push("without wgpu's runtime checks".to_string());
+        }
+        if !self.shader_files.is_empty() {
+            let names: Vec<&str> = self.shader_files.iter().map(|(n, _)| n.as_str()).collect();
+            parts.push(format!("with {} replaced", names.join(", ")));
+        }
+        (!parts.is_empty()).then(|| format!("kernels compiled {}", parts.join(" and ")))
+    }
 }
 
 impl GlobalArgs {
+    /// The device setup these flags ask for; reads the `--shader-dir` files.
+    pub fn device_setup(&self) -> anyhow::Result<DeviceSetup> {
+        use anyhow::{Context, bail};
+        let mut shader_files = Vec::new();
+        if let Some(dir) = &self.shader_dir {
+            let entries = std::fs::read_dir(dir)
+                .with_context(|| format!("reading --shader-dir {}", dir.display()))?;
+            for entry in entries {
+                let path = entry?.path();
+                if path.extension().is_some_and(|e| e == "wgsl") {
+                    let name = path
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned();
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    shader_files.push((name, text));
+                }
+            }
+            if shader_files.is_empty() {
+                bail!("--shader-dir {} holds no .wgsl file", dir.display());
+            }
+            shader_files.sort();
+        }
+        Ok(DeviceSetup {
+            options: self.adapter_options(),
+            unchecked_shaders: self.unchecked_shaders,
+            shader_files,
+        })
+    }
+
     pub fn adapter_options(&self) -> AdapterOptions {
         let mut options = AdapterOptions::from_env();
         if let Some(backend) = self.backend {

@@ -10,12 +10,13 @@
 //! prefill compile (~46 s); here they overlap.
 
 use wgpu_flash_attn::{
-    AdapterOptions, AttentionArgs, AttentionConfig, DType, DecodeArgs, DecodeLanes, DecodeOptions,
-    Gpu, KvDType, Tensor, TensorShape,
+    AttentionArgs, AttentionConfig, DType, DecodeArgs, DecodeLanes, DecodeOptions, Gpu, KvDType,
+    Tensor, TensorShape,
 };
 
 use super::{DecodeCmdArgs, cache_config, lane_layouts, new_cache, prefill_skipped};
 use crate::compile_ahead;
+use crate::options::DeviceSetup;
 
 /// How a failed warm-up call starts its line on stderr (the CLI tests
 /// look for it).
@@ -38,7 +39,7 @@ enum Warmup {
 /// Compiles every kernel `args`' cases will use, where the adapter
 /// compiles at first dispatch ([`compile_ahead::worthwhile`]). Failures are
 /// said on stderr and left to the measuring pass.
-pub fn compile_ahead(gpu: &Gpu, options: &AdapterOptions, args: &DecodeCmdArgs) {
+pub fn compile_ahead(gpu: &Gpu, setup: &DeviceSetup, args: &DecodeCmdArgs) {
     if !compile_ahead::worthwhile(gpu) {
         return;
     }
@@ -66,7 +67,7 @@ pub fn compile_ahead(gpu: &Gpu, options: &AdapterOptions, args: &DecodeCmdArgs) 
         return;
     }
     eprintln!("compiling kernels, one device per core...");
-    compile_ahead::spread(gpu, options, &[work], |device, warmup| {
+    compile_ahead::spread(gpu, setup, &[work], |device, warmup| {
         let done = match *warmup {
             Warmup::Step { dtype, lanes } => step(device, args, dtype, lanes),
             Warmup::Prefill { tokens } => prefill(device, args, tokens),

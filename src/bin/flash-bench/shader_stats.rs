@@ -1,0 +1,546 @@
+//! `flash-bench shader-stats`: what a Vulkan driver compiles the forward
+//! kernels into (registers, spills, instruction counts: whatever the driver
+//! reports through `VK_KHR_pipeline_executable_properties`), for each tier
+//! and register-blocked layout asked for.
+//!
+//! A kernel's speed on a GPU follows from numbers the timings cannot show:
+//! how many registers an invocation holds (so how many workgroups share a
+//! compute unit) and whether its arrays spilled to memory. wgpu keeps its
+//! pipelines' statistics to itself, so this opens a second Vulkan device on
+//! the same adapter with the statistics feature, compiles the crate's WGSL
+//! to SPIR-V with naga (once with the runtime checks wgpu adds, once
+//! without, to show what they cost) and asks the driver.
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use wgpu_flash_attn::{BlockedLayout, ForwardPlan, Gpu};
+
+use crate::options::{DTypeArg, GlobalArgs, ShapeArgs, TierArg};
+use crate::options_json::tier_name;
+
+#[derive(Debug, Args)]
+pub struct ShaderStatsArgs {
+    #[command(flatten)]
+    shape: ShapeArgs,
+    /// Storage type of Q, K, V and O.
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    dtype: DTypeArg,
+    /// Tiers to compile (default: the planner's choice), a comma-separated
+    /// list.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    tier: Vec<TierArg>,
+    /// Register-blocked layouts to compile as well, ROW_LANESxKEY_LANESxROWS
+    /// (`--blocked-layout 16x8x2,8x8x4`).
+    #[arg(long, value_delimiter = ',', value_parser = crate::options::parse_layout)]
+    blocked_layout: Vec<BlockedLayout>,
+}
+
+/// One kernel to compile: its plan and how the report names it.
+struct Kernel {
+    name: String,
+    plan: ForwardPlan,
+}
+
+pub fn run(global: &GlobalArgs, args: &ShaderStatsArgs) -> Result<bool> {
+    let setup = global.device_setup()?;
+    let adapter = pollster::block_on(setup.options.select()).context("opening a GPU adapter")?;
+    let gpu = pollster::block_on(Gpu::from_adapter_with(&adapter, &setup.options))
+        .context("opening a GPU adapter")?;
+    // The replaced shader files, if any (the runtime-check choice is this
+    // command's to show both ways).
+    setup.prepare(&gpu)?;
+    if let Some(line) = setup.describe() {
+        eprintln!("{line} (shader-stats shows both with and without the checks)");
+    }
+    let kernels = kernels(&gpu, args);
+    if kernels.is_empty() {
+        bail!("none of the tiers and layouts asked for runs on this adapter (above)");
+    }
+    let driver = driver::StatsDevice::open(&adapter, gpu.info().features)?;
+    println!(
+        "{}: {}; \"checked\" is the SPIR-V wgpu builds (index clamps{}, loop bounds, \
+         division checks), \"unchecked\" the same without them",
+        adapter.get_info().name,
+        if driver.reports_statistics() {
+            "pipeline statistics from the driver"
+        } else {
+            "the driver compiles the kernels but reports no statistics \
+             (no VK_KHR_pipeline_executable_properties)"
+        },
+        if driver.clamps_buffers() {
+            ", buffer clamps"
+        } else {
+            ""
+        }
+    );
+    let mut legend: Vec<(String, String)> = Vec::new();
+    for kernel in &kernels {
+        let plan = &kernel.plan;
+        println!(
+            "== {}: {} invocations, {} B of workgroup memory ({})",
+            kernel.name,
+            plan.workgroup_size(),
+            plan.workgroup_bytes(),
+            plan.kernel_label()
+        );
+        let wgsl = gpu.forward_wgsl(plan)?;
+        for checked in [true, false] {
+            let words = driver
+                .spirv(&wgsl, checked)
+                .with_context(|| format!("translating {} to SPIR-V", kernel.name))?;
+            let label = if checked { "checked" } else { "unchecked" };
+            let executables = driver.statistics(&words, &wgsl)?;
+            if executables.is_empty() {
+                println!("  {label}: compiled ({} SPIR-V words)", words.len());
+            }
+            for executable in executables {
+                let values: Vec<String> = executable
+                    .statistics
+                    .iter()
+                    .map(|s| format!("{}={}", s.name, s.value))
+                    .collect();
+                println!("  {label} {}: {}", executable.name, values.join(", "));
+                for s in executable.statistics {
+                    if !legend.iter().any(|(name, _)| *name == s.name) {
+                        legend.push((s.name, s.description));
+                    }
+                }
+            }
+        }
+    }
+    if !legend.is_empty() {
+        println!("statistics, as the driver describes them:");
+    }
+    for (name, description) in legend {
+        println!("  {name}: {description}");
+    }
+    Ok(true)
+}
+
+/// The plans for the tiers and layouts asked for; those this adapter
+/// cannot run are reported and left out.
+fn kernels(gpu: &Gpu, args: &ShaderStatsArgs) -> Vec<Kernel> {
+    let shape = args.shape.shape();
+    let dtype = args.dtype.dtype();
+    let tiers: Vec<Option<TierArg>> = if args.tier.is_empty() && args.blocked_layout.is_empty() {
+        vec![None]
+    } else {
+        args.tier.iter().copied().map(Some).collect()
+    };
+    let mut kernels = Vec::new();
+    for tier in tiers {
+        let plan = ForwardPlan::for_call(gpu.info(), &shape, dtype, tier.map(TierArg::tier))
+            .and_then(|plan| match tier.is_some_and(TierArg::f16_products) {
+                true => plan.with_f16_products(gpu.info()),
+                false => Ok(plan),
+            });
+        match plan {
+            Ok(plan) => kernels.push(Kernel {
+                name: format!(
+                    "{}{}",
+                    tier_name(plan.tier()),
+                    if tier.is_some_and(TierArg::f16_products) {
+                        " f16-products"
+                    } else {
+                        ""
+                    }
+                ),
+                plan,
+            }),
+            Err(err) => eprintln!("skipped: {err}"),
+        }
+    }
+    for &layout in &args.blocked_layout {
+        match ForwardPlan::for_call_with_layout(gpu.info(), &shape, dtype, None, layout) {
+            Ok(plan) => kernels.push(Kernel {
+                name: format!("RegisterBlocked {layout}"),
+                plan,
+            }),
+            Err(err) => eprintln!("skipped: register-blocked layout {layout}: {err}"),
+        }
+    }
+    kernels
+}
+
+/// One statistic of a compiled executable, as the driver names it.
+struct Statistic {
+    name: String,
+    description: String,
+    value: String,
+}
+
+/// One executable of a pipeline (a compute pipeline has one, some drivers
+/// report more) and its statistics.
+struct Executable {
+    name: String,
+    statistics: Vec<Statistic>,
+}
+
+#[cfg(any(
+    windows,
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd"
+))]
+mod driver {
+    //! The Vulkan side: a device with the statistics feature, SPIR-V from
+    //! naga, one throwaway pipeline per kernel.
+
+    use std::ffi::CStr;
+
+    use anyhow::{Context, Result, bail};
+    use ash::{khr, vk};
+    use wgpu::hal::api::Vulkan;
+
+    use super::{Executable, Statistic};
+
+    pub struct StatsDevice {
+        /// wgpu-hal's device, opened with the same wgpu features as the
+        /// crate's (so every kernel's SPIR-V capabilities are enabled) plus
+        /// the statistics feature; destroyed when dropped.
+        device: wgpu::hal::vulkan::Device,
+        /// The statistics queries, where the driver offers them.
+        executables: Option<khr::pipeline_executable_properties::Device>,
+        spirv_version: (u8, u8),
+        /// wgpu clamps storage-buffer indices unless the driver's robust
+        /// buffer access 2 makes that unnecessary.
+        clamps_buffers: bool,
+    }
+
+    impl StatsDevice {
+        pub fn open(adapter: &wgpu::Adapter, features: wgpu::Features) -> Result<Self> {
+            // SAFETY: the hal adapter is only used while `adapter` lives.
+            let Some(hal) = (unsafe { adapter.as_hal::<Vulkan>() }) else {
+                bail!(
+                    "shader-stats asks a Vulkan driver; this adapter is {:?} (WGPU_BACKEND=vulkan)",
+                    adapter.get_info().backend
+                );
+            };
+            let extension = khr::pipeline_executable_properties::NAME;
+            let instance = hal.shared_instance().raw_instance();
+            let physical = hal.raw_physical_device();
+            let api = hal
+                .physical_device_capabilities()
+                .properties()
+                .api_version
+                .min(hal.shared_instance().instance_api_version());
+            let listed = hal
+                .physical_device_capabilities()
+                .supports_extension(extension);
+            let mut robustness = vk::PhysicalDeviceRobustness2FeaturesEXT::default();
+            let mut offered = vk::PhysicalDevicePipelineExecutablePropertiesFeaturesKHR::default();
+            {
+                let mut query = vk::PhysicalDeviceFeatures2::default().push_next(&mut robustness);
+                if listed {
+                    query = query.push_next(&mut offered);
+                }
+                // SAFETY: the physical device is the instance's; the
+                // statistics struct is chained only where its extension is
+                // listed (robustness 2 reads as false where it is not).
+                unsafe { instance.get_physical_device_features2(physical, &mut query) };
+            }
+            // Without the statistics the device still compiles every
+            // kernel (the driver accepts naga's SPIR-V), which is what
+            // lavapipe, without the extension, can check.
+            let statistics = offered.pipeline_executable_info == vk::TRUE;
+            let mut enable = vk::PhysicalDevicePipelineExecutablePropertiesFeaturesKHR::default()
+                .pipeline_executable_info(true);
+            let open = {
+                let enable = &mut enable;
+                let callback: Box<wgpu::hal::vulkan::CreateDeviceCallback<'_>> =
+                    Box::new(move |args| {
+                        if statistics {
+                            args.extensions.push(extension);
+                            *args.create_info = args.create_info.push_next(enable);
+                        }
+                    });
+                // SAFETY: the callback adds an extension the driver lists
+                // and a feature it grants; it removes nothing.
+                unsafe {
+                    hal.open_with_callback(
+                        features,
+                        &adapter.limits(),
+                        &wgpu::MemoryHints::Performance,
+                        Some(callback),
+                    )
+                }
+            }
+            .context("opening a second Vulkan device for the statistics")?;
+            let executables = statistics.then(|| {
+                khr::pipeline_executable_properties::Device::new(instance, open.device.raw_device())
+            });
+            Ok(StatsDevice {
+                device: open.device,
+                executables,
+                spirv_version: spirv_version(api),
+                clamps_buffers: robustness.robust_buffer_access2 != vk::TRUE,
+            })
+        }
+
+        pub fn clamps_buffers(&self) -> bool {
+            self.clamps_buffers
+        }
+
+        /// Whether the driver reports statistics (or only compiles).
+        pub fn reports_statistics(&self) -> bool {
+            self.executables.is_some()
+        }
+
+        /// `wgsl` as SPIR-V for this device: with the runtime checks wgpu
+        /// adds (`checked`) or none.
+        pub fn spirv(&self, wgsl: &str, checked: bool) -> Result<Vec<u32>> {
+            use naga::back::spv;
+            use naga::proc::{BoundsCheckPolicies, BoundsCheckPolicy};
+            let (module, info) = validated(wgsl)?;
+            let clamp = |on: bool| match on {
+                true => BoundsCheckPolicy::Restrict,
+                false => BoundsCheckPolicy::Unchecked,
+            };
+            let options = spv::Options {
+                lang_version: self.spirv_version,
+                flags: spv::WriterFlags::empty(),
+                capabilities: None,
+                bounds_check_policies: BoundsCheckPolicies {
+                    index: clamp(checked),
+                    buffer: clamp(checked && self.clamps_buffers),
+                    image_load: BoundsCheckPolicy::Unchecked,
+                    binding_array: BoundsCheckPolicy::Unchecked,
+                },
+                // The crate turns the zeroing off for its kernels.
+                zero_initialize_workgroup_memory: spv::ZeroInitializeWorkgroupMemoryMode::None,
+                force_loop_bounding: checked,
+                emit_int_div_checks: checked,
+                ..spv::Options::default()
+            };
+            let pipeline = spv::PipelineOptions {
+                shader_stage: naga::ShaderStage::Compute,
+                entry_point: "main".to_string(),
+            };
+            Ok(spv::write_vec(&module, &info, &options, Some(&pipeline))?)
+        }
+
+        /// The driver's statistics for a compute pipeline of `words`, whose
+        /// bindings are those `wgsl` declares.
+        pub fn statistics(&self, words: &[u32], wgsl: &str) -> Result<Vec<Executable>> {
+            let device = self.device.raw_device();
+            let (module, _) = validated(wgsl)?;
+            let bindings = bindings(&module);
+            let mut objects = Objects::new(device);
+            // SAFETY: every create info below is complete and valid for a
+            // compute pipeline; `objects` destroys what was created, in
+            // reverse order, however this returns.
+            unsafe {
+                let shader = device.create_shader_module(
+                    &vk::ShaderModuleCreateInfo::default().code(words),
+                    None,
+                )?;
+                objects.shader = Some(shader);
+                for set in &bindings {
+                    let entries: Vec<vk::DescriptorSetLayoutBinding> = set
+                        .iter()
+                        .map(|&(binding, ty)| {
+                            vk::DescriptorSetLayoutBinding::default()
+                                .binding(binding)
+                                .descriptor_type(ty)
+                                .descriptor_count(1)
+                                .stage_flags(vk::ShaderStageFlags::COMPUTE)
+                        })
+                        .collect();
+                    let layout = device.create_descriptor_set_layout(
+                        &vk::DescriptorSetLayoutCreateInfo::default().bindings(&entries),
+                        None,
+                    )?;
+                    objects.set_layouts.push(layout);
+                }
+                let layout = device.create_pipeline_layout(
+                    &vk::PipelineLayoutCreateInfo::default().set_layouts(&objects.set_layouts),
+                    None,
+                )?;
+                objects.layout = Some(layout);
+                let stage = vk::PipelineShaderStageCreateInfo::default()
+                    .stage(vk::ShaderStageFlags::COMPUTE)
+                    .module(shader)
+                    .name(c"main");
+                let flags = match self.executables {
+                    Some(_) => vk::PipelineCreateFlags::CAPTURE_STATISTICS_KHR,
+                    None => vk::PipelineCreateFlags::empty(),
+                };
+                let info = vk::ComputePipelineCreateInfo::default()
+                    .flags(flags)
+                    .stage(stage)
+                    .layout(layout);
+                let pipeline = device
+                    .create_compute_pipelines(vk::PipelineCache::null(), &[info], None)
+                    .map_err(|(_, err)| err)
+                    .context("the driver refused the pipeline")?[0];
+                objects.pipeline = Some(pipeline);
+                let Some(queries) = &self.executables else {
+                    return Ok(Vec::new());
+                };
+                let executables = queries.get_pipeline_executable_properties(
+                    &vk::PipelineInfoKHR::default().pipeline(pipeline),
+                )?;
+                let mut found = Vec::new();
+                for (index, executable) in executables.iter().enumerate() {
+                    let statistics = queries.get_pipeline_executable_statistics(
+                        &vk::PipelineExecutableInfoKHR::default()
+                            .pipeline(pipeline)
+                            .executable_index(index as u32),
+                    )?;
+                    found.push(Executable {
+                        name: text(executable.name_as_c_str()),
+                        statistics: statistics
+                            .iter()
+                            .map(|s| Statistic {
+                                name: text(s.name_as_c_str()),
+                                description: text(s.description_as_c_str()),
+                                value: value(s),
+                            })
+                            .collect(),
+                    });
+                }
+                Ok(found)
+            }
+        }
+    }
+
+    /// The Vulkan objects of one pipeline, destroyed when dropped.
+    struct Objects<'d> {
+        device: &'d ash::Device,
+        shader: Option<vk::ShaderModule>,
+        set_layouts: Vec<vk::DescriptorSetLayout>,
+        layout: Option<vk::PipelineLayout>,
+        pipeline: Option<vk::Pipeline>,
+    }
+
+    impl<'d> Objects<'d> {
+        fn new(device: &'d ash::Device) -> Self {
+            Objects {
+                device,
+                shader: None,
+                set_layouts: Vec::new(),
+                layout: None,
+                pipeline: None,
+            }
+        }
+    }
+
+    impl Drop for Objects<'_> {
+        fn drop(&mut self) {
+            // SAFETY: each handle was created on `device` and no command
+            // buffer ever used it.
+            unsafe {
+                if let Some(pipeline) = self.pipeline {
+                    self.device.destroy_pipeline(pipeline, None);
+                }
+                if let Some(layout) = self.layout {
+                    self.device.destroy_pipeline_layout(layout, None);
+                }
+                for &set in &self.set_layouts {
+                    self.device.destroy_descriptor_set_layout(set, None);
+                }
+                if let Some(shader) = self.shader {
+                    self.device.destroy_shader_module(shader, None);
+                }
+            }
+        }
+    }
+
+    /// The SPIR-V version wgpu writes for a device of Vulkan version `api`.
+    fn spirv_version(api: u32) -> (u8, u8) {
+        match (vk::api_version_major(api), vk::api_version_minor(api)) {
+            (1, 0) => (1, 0),
+            (1, 1) => (1, 3),
+            (1, 2) => (1, 5),
+            _ => (1, 6),
+        }
+    }
+
+    fn validated(wgsl: &str) -> Result<(naga::Module, naga::valid::ModuleInfo)> {
+        let module = naga::front::wgsl::parse_str(wgsl).map_err(|err| anyhow::anyhow!("{err}"))?;
+        let info = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .map_err(|err| anyhow::anyhow!("{err:?}"))?;
+        Ok((module, info))
+    }
+
+    /// Each bind group's (binding, descriptor type), groups in order (an
+    /// unused group gets an empty set layout).
+    fn bindings(module: &naga::Module) -> Vec<Vec<(u32, vk::DescriptorType)>> {
+        let mut sets: Vec<Vec<(u32, vk::DescriptorType)>> = Vec::new();
+        for (_, global) in module.global_variables.iter() {
+            let Some(binding) = &global.binding else {
+                continue;
+            };
+            let ty = match global.space {
+                naga::AddressSpace::Uniform => vk::DescriptorType::UNIFORM_BUFFER,
+                _ => vk::DescriptorType::STORAGE_BUFFER,
+            };
+            let group = binding.group as usize;
+            if sets.len() <= group {
+                sets.resize(group + 1, Vec::new());
+            }
+            sets[group].push((binding.binding, ty));
+        }
+        sets
+    }
+
+    fn text(name: Result<&CStr, std::ffi::FromBytesUntilNulError>) -> String {
+        name.map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    fn value(statistic: &vk::PipelineExecutableStatisticKHR) -> String {
+        // SAFETY: the union is read as the format the driver gave it.
+        unsafe {
+            match statistic.format {
+                vk::PipelineExecutableStatisticFormatKHR::BOOL32 => {
+                    (statistic.value.b32 == vk::TRUE).to_string()
+                }
+                vk::PipelineExecutableStatisticFormatKHR::INT64 => statistic.value.i64.to_string(),
+                vk::PipelineExecutableStatisticFormatKHR::UINT64 => statistic.value.u64.to_string(),
+                vk::PipelineExecutableStatisticFormatKHR::FLOAT64 => {
+                    statistic.value.f64.to_string()
+                }
+                other => format!("({other:?})"),
+            }
+        }
+    }
+}
+
+#[cfg(not(any(
+    windows,
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd"
+)))]
+mod driver {
+    //! Off wgpu's Vulkan platforms there is no driver to ask.
+
+    use anyhow::{Result, bail};
+
+    use super::Executable;
+
+    pub struct StatsDevice;
+
+    impl StatsDevice {
+        pub fn open(_adapter: &wgpu::Adapter, _features: wgpu::Features) -> Result<Self> {
+            bail!("shader-stats asks a Vulkan driver; this platform has none")
+        }
+        pub fn clamps_buffers(&self) -> bool {
+            false
+        }
+        pub fn reports_statistics(&self) -> bool {
+            false
+        }
+        pub fn spirv(&self, _wgsl: &str, _checked: bool) -> Result<Vec<u32>> {
+            unreachable!("no StatsDevice exists off Vulkan platforms")
+        }
+        pub fn statistics(&self, _words: &[u32], _wgsl: &str) -> Result<Vec<Executable>> {
+            unreachable!("no StatsDevice exists off Vulkan platforms")
+        }
+    }
+}
