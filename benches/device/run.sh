@@ -2,13 +2,14 @@
 # The project's GPU device run, ordered so that the first minutes answer
 # the open questions (issue 13's targets, then the newest kernels on a real
 # GPU). Use it in place of the generic script that ../shared/device/stage.sh
-# copies (first used on an H200 on 2026-12-04: BENCHMARKS.md; the branch
+# copies (first used on an H200 on 2026-12-04: BENCHMARKS.md). The branch
 # `coop-registers` holds a faster cooperative-matrix kernel that computed
-# wrong results there in its first version: stage that branch for a call
-# of its own to validate its fix, comparing with main's figures):
+# wrong results there in its first version: staged as a baseline, its
+# flash-bench validates and times that kernel beside main's in the A/B
+# step (its own test binaries need a call of their own):
 #
 #   ../shared/device/stage.sh && cp benches/device/run.sh .device/run.sh
-#   benches/device/stage-baseline.sh COMMIT   # optional: a baseline to A/B
+#   benches/device/stage-baseline.sh 705db0a coop-registers  # optional A/B
 #   benches/device/stage-variants.sh          # optional: WGSL-only variants
 #   # device call: command "bash .device/run.sh", carry [".device"], timeout 450
 #
@@ -20,6 +21,10 @@
 #
 #   DEVICE_DRY_RUN=1 DEVICE_BUDGET_S=90 OUT=/tmp/dev \
 #     FLASH_BENCH=target/release/flash-bench bash benches/device/run.sh
+#
+# (with DEVICE_TARGET="--seq-q 256 --head-dim 128 --causal --iters 2" the
+# target-shape steps, the A/B and the variants finish on lavapipe too; the
+# staged baselines must then be unpacked by hand: xz -dk .device/bin/*-base-*)
 set -u
 OUT=${OUT:-/tmp/device-out}
 mkdir -p "$OUT"
@@ -80,7 +85,8 @@ step 40 "driver statistics, B4 H16 N4096 d128 kernels, f16" \
 # ceiling) and the best f16 tier (>= 10 % of SDPA's f16), every tier of
 # each in one run (blocked-f16: the register-blocked kernel with f16
 # products, AttentionConfig::f16_products, off by default until measured).
-target="--batch 4 --seq-q 4096 --heads-q 16 --head-dim 128 --causal --iters 10"
+# (DEVICE_TARGET replaces the shape in a rehearsal on lavapipe.)
+target=${DEVICE_TARGET:-"--batch 4 --seq-q 4096 --heads-q 16 --head-dim 128 --causal --iters 10"}
 step 75 "tiers, B4 H16 N4096 d128 causal, f32" \
   "$fb" run $target --tier blocked,subgroup,portable --json "$res/tiers-f32.json"
 step 75 "tiers, B4 H16 N4096 d128 causal, f16" \
@@ -93,21 +99,21 @@ step 60 "tiers without runtime checks, B4 H16 N4096 d128 causal, f32" \
 step 60 "tiers without runtime checks, B4 H16 N4096 d128 causal, f16" \
   "$fb" --unchecked-shaders run $target --dtype f16 --tier coop,blocked-f16 --json "$res/unchecked-f16.json"
 step 90 "PyTorch SDPA peer" python3 .device/torch_sdpa.py "$res/torch_sdpa.json"
-# A kernel change against the commit it replaces (benches/device/
-# stage-baseline.sh), alternated so that a drift in the GPU's clocks shows
-# as disagreement between the two rounds rather than as a difference.
-base=.device/bin/flash-bench-base
-if [ -x "$base" ]; then
-  echo "baseline: $(cat .device/baseline-commit 2>/dev/null)"
+# This commit against others (benches/device/stage-baseline.sh: the
+# commit a kernel change replaces, a branch's kernel), in two rounds so
+# that a drift in the GPU's clocks shows as disagreement between the
+# rounds rather than as a difference; every result validated.
+bases=$(ls .device/bin/flash-bench-base-* 2>/dev/null | grep -v '\.xz$' || true)
+if [ -n "$bases" ]; then
+  cat .device/baselines 2>/dev/null
   for round in 1 2; do
-    step 40 "A/B round $round: baseline, f16 tiers (matrices, register-blocked plain and with f16 products)" \
-      "$base" run $target --tier coop,blocked,blocked-f16 --dtype f16 --json "$res/ab-base-f16-$round.json"
-    step 40 "A/B round $round: this commit, f16 tiers (matrices, register-blocked plain and with f16 products)" \
-      "$fb" run $target --tier coop,blocked,blocked-f16 --dtype f16 --json "$res/ab-new-f16-$round.json"
-    step 30 "A/B round $round: baseline, f32 register-blocked" \
-      "$base" run $target --tier blocked --json "$res/ab-base-f32-$round.json"
-    step 30 "A/B round $round: this commit, f32 register-blocked" \
-      "$fb" run $target --tier blocked --json "$res/ab-new-f32-$round.json"
+    for binary in $bases "$fb"; do
+      name=$(basename "$binary")
+      step 40 "A/B round $round: $name, f16 tiers (matrices, register-blocked plain and with f16 products)" \
+        "$binary" run $target --dtype f16 --tier coop,blocked,blocked-f16 --json "$res/ab-$name-f16-$round.json"
+      step 30 "A/B round $round: $name, f32 register-blocked" \
+        "$binary" run $target --tier blocked --json "$res/ab-$name-f32-$round.json"
+    done
   done
 fi
 # The kernels' tests on a real GPU: a failure here is the top priority.
