@@ -134,19 +134,34 @@ step 120 "register-blocked layouts, B4 H16 N4096 d128 causal, f32" \
   --json "$res/blocked-layouts-f32.json"
 # Kernel variants (benches/device/stage-variants.sh: patches against
 # shaders/, run through --shader-dir without a rebuild), each validated,
-# between two runs of the built-in kernel on the same shape.
+# between two runs of the built-in kernels on the same shapes: the forward
+# on issue 13's shape where a variant replaces flash_blocked.wgsl, the
+# register-blocked backward where it replaces flash_backward_blocked.wgsl.
+backward_shape="--seq-q 4096 --heads-q 16 --head-dim 128 --causal --backward --iters 5"
+builtin() {
+  step 30 "variants: built-in register-blocked forward, f32 ($1)" \
+    "$fb" run $target --tier blocked --json "$res/variant-builtin-forward-$1.json"
+  if ls .device/variants/*/flash_backward_blocked.wgsl >/dev/null 2>&1; then
+    step 45 "variants: built-in register-blocked backward ($1)" \
+      "$fb" run $backward_shape --tier blocked --json "$res/variant-builtin-backward-$1.json"
+  fi
+}
 if [ -d .device/variants ]; then
-  step 30 "variants: built-in register-blocked kernel, f32 (before)" \
-    "$fb" run $target --tier blocked --json "$res/variant-builtin-before.json"
+  builtin before
   for v in .device/variants/*/; do
     name=$(basename "$v")
-    step 30 "variant $name ($(ls "$v" | tr '\n' ' ')), f32 register-blocked" \
-      "$fb" --shader-dir "$v" run $target --tier blocked --json "$res/variant-$name-f32.json"
-    step 30 "variant $name, f16 register-blocked with f16 products" \
-      "$fb" --shader-dir "$v" run $target --dtype f16 --tier blocked-f16 --json "$res/variant-$name-f16.json"
+    if [ -f "$v/flash_blocked.wgsl" ]; then
+      step 30 "variant $name, f32 register-blocked forward" \
+        "$fb" --shader-dir "$v" run $target --tier blocked --json "$res/variant-$name-f32.json"
+      step 30 "variant $name, f16 register-blocked forward with f16 products" \
+        "$fb" --shader-dir "$v" run $target --dtype f16 --tier blocked-f16 --json "$res/variant-$name-f16.json"
+    fi
+    if [ -f "$v/flash_backward_blocked.wgsl" ]; then
+      step 45 "variant $name, register-blocked backward" \
+        "$fb" --shader-dir "$v" run $backward_shape --tier blocked --json "$res/variant-$name-backward.json"
+    fi
   done
-  step 30 "variants: built-in register-blocked kernel, f32 (after)" \
-    "$fb" run $target --tier blocked --json "$res/variant-builtin-after.json"
+  builtin after
 fi
 # Training and serving shapes: the backward (equal and DeepSeek's uneven
 # head dims; at d128 the per-key passes against the register-blocked
