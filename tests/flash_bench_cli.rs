@@ -1499,8 +1499,11 @@ fn run_reports_a_naive_baseline_past_the_binding_as_does_not_fit() {
 #[test]
 fn shader_stats_compiles_every_kernel_asked_for() {
     let Some(gpu) = gpu() else { return };
+    let out_dir = scratch("kernels");
     let output = flash_bench(&[
         "shader-stats",
+        "--out-dir",
+        out_dir.to_str().unwrap(),
         "--seq-q",
         "40",
         "--head-dim",
@@ -1531,6 +1534,19 @@ fn shader_stats_compiles_every_kernel_asked_for() {
         names,
         ["RegisterBlocked", "Portable", "RegisterBlocked 4x4x2"]
     );
+    // The kernels' text and SPIR-V, as written for other tools.
+    for stem in ["RegisterBlocked", "Portable", "RegisterBlocked-4x4x2"] {
+        let wgsl = std::fs::read_to_string(out_dir.join(format!("{stem}.wgsl"))).unwrap();
+        assert!(wgsl.contains("fn main("), "{stem}.wgsl");
+        for suffix in ["", "-unchecked"] {
+            let spirv = std::fs::read(out_dir.join(format!("{stem}{suffix}.spv"))).unwrap();
+            assert_eq!(
+                spirv[..4],
+                0x0723_0203u32.to_le_bytes(),
+                "{stem}{suffix}.spv"
+            );
+        }
+    }
     for kernel in kernels {
         for variant in ["  checked", "  unchecked"] {
             let lines: Vec<&str> = kernel

@@ -33,6 +33,11 @@ pub struct ShaderStatsArgs {
     /// (`--blocked-layout 16x8x2,8x8x4`).
     #[arg(long, value_delimiter = ',', value_parser = crate::options::parse_layout)]
     blocked_layout: Vec<BlockedLayout>,
+    /// Also write each kernel's generated WGSL and the SPIR-V wgpu builds
+    /// of it (`NAME.wgsl`, `NAME.spv`) into DIR, for reading with other
+    /// tools (spirv-dis, naga).
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<std::path::PathBuf>,
 }
 
 /// One kernel to compile: its plan and how the report names it.
@@ -88,6 +93,9 @@ pub fn run(global: &GlobalArgs, args: &ShaderStatsArgs) -> Result<bool> {
             let words = driver
                 .spirv(&wgsl, checked)
                 .with_context(|| format!("translating {} to SPIR-V", kernel.name))?;
+            if let Some(dir) = &args.out_dir {
+                write_kernel(dir, &kernel.name, checked, &wgsl, &words)?;
+            }
             let label = if checked { "checked" } else { "unchecked" };
             let executables = driver.statistics(&words, &wgsl)?;
             if executables.is_empty() {
@@ -115,6 +123,26 @@ pub fn run(global: &GlobalArgs, args: &ShaderStatsArgs) -> Result<bool> {
         println!("  {name}: {description}");
     }
     Ok(true)
+}
+
+/// Writes a kernel's WGSL (once) and SPIR-V into `dir`, named after the
+/// kernel with its spaces as dashes.
+fn write_kernel(
+    dir: &std::path::Path,
+    name: &str,
+    checked: bool,
+    wgsl: &str,
+    words: &[u32],
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let stem = name.replace(' ', "-");
+    if checked {
+        std::fs::write(dir.join(format!("{stem}.wgsl")), wgsl)?;
+    }
+    let suffix = if checked { "" } else { "-unchecked" };
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    std::fs::write(dir.join(format!("{stem}{suffix}.spv")), bytes)?;
+    Ok(())
 }
 
 /// The plans for the tiers and layouts asked for; those this adapter
