@@ -99,6 +99,10 @@ step 60 "tiers without runtime checks, B4 H16 N4096 d128 causal, f32" \
 step 60 "tiers without runtime checks, B4 H16 N4096 d128 causal, f16" \
   "$fb" --unchecked-shaders run $target --dtype f16 --tier coop,blocked-f16 --json "$res/unchecked-f16.json"
 step 90 "PyTorch SDPA peer" python3 .device/torch_sdpa.py "$res/torch_sdpa.json"
+# The kernels' tests on a real GPU: a failure here is the top priority.
+for t in tiers cooperative_matrix half_storage backward decode head_dims; do
+  [ -x "$tests/$t" ] && step 90 "tests: $t" "$tests/$t" --test-threads=4
+done
 # This commit against others (benches/device/stage-baseline.sh: the
 # commit a kernel change replaces, a branch's kernel), in two rounds so
 # that a drift in the GPU's clocks shows as disagreement between the
@@ -116,10 +120,6 @@ if [ -n "$bases" ]; then
     done
   done
 fi
-# The kernels' tests on a real GPU: a failure here is the top priority.
-for t in tiers cooperative_matrix half_storage backward decode head_dims; do
-  [ -x "$tests/$t" ] && step 90 "tests: $t" "$tests/$t" --test-threads=4
-done
 # Random configurations against the rule (what CI runs on lavapipe).
 [ -x "$tests/fuzz" ] && step 60 "tests: fuzz, 40 cases" \
   env FLASH_ATTN_FUZZ_CASES=40 "$tests/fuzz" --ignored --test-threads=4
