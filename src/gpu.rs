@@ -555,7 +555,8 @@ impl Gpu {
     /// wgpu adds to every shader (index clamps on arrays, and on storage
     /// buffers where the driver lacks robust buffer access 2; a counter
     /// bounding every loop; checked integer division), and drops the
-    /// pipelines already compiled. For measuring what the checks cost
+    /// pipelines already compiled (call it before running kernels on other
+    /// threads, as [`Gpu::override_shader_file`]). For measuring what the checks cost
     /// (`flash-bench --unchecked-shaders`; `flash-bench shader-stats` shows
     /// what they do to the compiled code); the checks stay on by default.
     ///
@@ -581,6 +582,8 @@ impl Gpu {
     /// that use it with [`Error::ShaderSource`] or a wgpu validation error.
     /// Results are the replacement's: validate them against
     /// [`crate::reference`]. An unknown name is [`Error::UnknownShaderFile`].
+    /// Call it before running kernels on other threads: a pipeline one of
+    /// them is compiling meanwhile may keep the file it started from.
     pub fn override_shader_file(&self, name: &str, text: impl Into<String>) -> Result<()> {
         self.pipelines.override_file(name, text.into())
     }
