@@ -146,8 +146,7 @@ impl PipelineCache {
     /// The WGSL text of `spec` as this cache compiles it (with its
     /// replaced files).
     pub fn source(&self, spec: &Specialization) -> Result<String> {
-        let overrides = lock(&self.overrides).clone();
-        spec.source_with(&overrides)
+        spec.source_with(&lock(&self.overrides))
             .map_err(|err| Error::ShaderSource {
                 kernel: spec.label(),
                 reason: err.to_string(),

@@ -37,7 +37,6 @@ use wgpu_flash_attn::{AttentionShape, DType, ForwardPlan, Gpu};
 use ceiling::CeilingProbes;
 use measure::{Bench, CEILING_WORKGROUPS, Case};
 use options::{AttentionFlags, DTypeArg, GlobalArgs, Impl, ShapeArgs, TierArg, case_name};
-use options_json::tier_name;
 use presets::seed_models;
 use report::{AdapterJson, Ceilings, Report};
 use timing::TimingPlan;
@@ -209,12 +208,7 @@ fn run(cli: &Cli) -> Result<bool> {
                     let Some(tier) = tier.filter(|_| listed > 1) else {
                         return true;
                     };
-                    let plan = ForwardPlan::for_call(gpu.info(), &shape, dtype, Some(tier.tier()))
-                        .and_then(|plan| match tier.f16_products() {
-                            true => plan.with_f16_products(gpu.info()),
-                            false => Ok(plan),
-                        });
-                    match plan {
+                    match tier.plan(gpu.info(), &shape, dtype) {
                         Err(
                             err @ (wgpu_flash_attn::Error::TierUnavailable { .. }
                             | wgpu_flash_attn::Error::DTypeUnsupported { .. }),
@@ -260,15 +254,7 @@ fn run(cli: &Cli) -> Result<bool> {
                         .clone()
                         .tier(tier.tier())
                         .f16_products(tier.f16_products()),
-                    format!(
-                        " {}{}",
-                        tier_name(tier.tier()),
-                        if tier.f16_products() {
-                            " f16-products"
-                        } else {
-                            ""
-                        }
-                    ),
+                    format!(" {}", tier.label()),
                 ),
                 None => (config.clone(), String::new()),
             });

@@ -330,6 +330,32 @@ impl TierArg {
     pub fn f16_products(self) -> bool {
         self == TierArg::BlockedF16
     }
+
+    /// The forward plan of this tier for one call (`run`'s cases,
+    /// `shader-stats`' kernels): the tier forced, with f16 products for
+    /// `blocked-f16`.
+    pub fn plan(
+        self,
+        info: &wgpu_flash_attn::GpuInfo,
+        shape: &AttentionShape,
+        dtype: wgpu_flash_attn::DType,
+    ) -> wgpu_flash_attn::Result<wgpu_flash_attn::ForwardPlan> {
+        let plan = wgpu_flash_attn::ForwardPlan::for_call(info, shape, dtype, Some(self.tier()))?;
+        match self.f16_products() {
+            true => plan.with_f16_products(info),
+            false => Ok(plan),
+        }
+    }
+
+    /// How reports name this tier (`RegisterBlocked f16-products`).
+    pub fn label(self) -> String {
+        let products = if self.f16_products() {
+            " f16-products"
+        } else {
+            ""
+        };
+        format!("{}{products}", crate::options_json::tier_name(self.tier()))
+    }
 }
 
 /// Which implementation computes attention.

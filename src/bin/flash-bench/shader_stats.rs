@@ -89,15 +89,18 @@ pub fn run(global: &GlobalArgs, args: &ShaderStatsArgs) -> Result<bool> {
             plan.kernel_label()
         );
         let wgsl = gpu.forward_wgsl(plan)?;
+        let parsed = driver
+            .parse(&wgsl)
+            .with_context(|| format!("parsing {}", kernel.name))?;
         for checked in [true, false] {
             let words = driver
-                .spirv(&wgsl, checked)
+                .spirv(&parsed, checked)
                 .with_context(|| format!("translating {} to SPIR-V", kernel.name))?;
             if let Some(dir) = &args.out_dir {
                 write_kernel(dir, &kernel.name, checked, &wgsl, &words)?;
             }
             let label = if checked { "checked" } else { "unchecked" };
-            let executables = driver.statistics(&words, &wgsl)?;
+            let executables = driver.statistics(&words, &parsed)?;
             if executables.is_empty() {
                 println!("  {label}: compiled ({} SPIR-V words)", words.len());
             }
@@ -157,22 +160,13 @@ fn kernels(gpu: &Gpu, args: &ShaderStatsArgs) -> Vec<Kernel> {
     };
     let mut kernels = Vec::new();
     for tier in tiers {
-        let plan = ForwardPlan::for_call(gpu.info(), &shape, dtype, tier.map(TierArg::tier))
-            .and_then(|plan| match tier.is_some_and(TierArg::f16_products) {
-                true => plan.with_f16_products(gpu.info()),
-                false => Ok(plan),
-            });
+        let plan = match tier {
+            Some(tier) => tier.plan(gpu.info(), &shape, dtype),
+            None => ForwardPlan::for_call(gpu.info(), &shape, dtype, None),
+        };
         match plan {
             Ok(plan) => kernels.push(Kernel {
-                name: format!(
-                    "{}{}",
-                    tier_name(plan.tier()),
-                    if tier.is_some_and(TierArg::f16_products) {
-                        " f16-products"
-                    } else {
-                        ""
-                    }
-                ),
+                name: tier.map_or_else(|| tier_name(plan.tier()).to_string(), TierArg::label),
                 plan,
             }),
             Err(err) => eprintln!("skipped: {err}"),
@@ -221,6 +215,12 @@ mod driver {
     use wgpu::hal::api::Vulkan;
 
     use super::{Executable, Statistic};
+
+    /// A kernel's WGSL, parsed and validated once for both SPIR-V builds.
+    pub struct Parsed {
+        module: naga::Module,
+        info: naga::valid::ModuleInfo,
+    }
 
     pub struct StatsDevice {
         /// wgpu-hal's device, opened with the same wgpu features as the
@@ -314,12 +314,25 @@ mod driver {
             self.executables.is_some()
         }
 
-        /// `wgsl` as SPIR-V for this device: with the runtime checks wgpu
-        /// adds (`checked`) or none.
-        pub fn spirv(&self, wgsl: &str, checked: bool) -> Result<Vec<u32>> {
+        /// `wgsl` parsed and validated, for [`Self::spirv`] and
+        /// [`Self::statistics`].
+        pub fn parse(&self, wgsl: &str) -> Result<Parsed> {
+            let module =
+                naga::front::wgsl::parse_str(wgsl).map_err(|err| anyhow::anyhow!("{err}"))?;
+            let info = naga::valid::Validator::new(
+                naga::valid::ValidationFlags::all(),
+                naga::valid::Capabilities::all(),
+            )
+            .validate(&module)
+            .map_err(|err| anyhow::anyhow!("{err:?}"))?;
+            Ok(Parsed { module, info })
+        }
+
+        /// The kernel as SPIR-V for this device: with the runtime checks
+        /// wgpu adds (`checked`) or none.
+        pub fn spirv(&self, parsed: &Parsed, checked: bool) -> Result<Vec<u32>> {
             use naga::back::spv;
             use naga::proc::{BoundsCheckPolicies, BoundsCheckPolicy};
-            let (module, info) = validated(wgsl)?;
             let clamp = |on: bool| match on {
                 true => BoundsCheckPolicy::Restrict,
                 false => BoundsCheckPolicy::Unchecked,
@@ -344,15 +357,19 @@ mod driver {
                 shader_stage: naga::ShaderStage::Compute,
                 entry_point: "main".to_string(),
             };
-            Ok(spv::write_vec(&module, &info, &options, Some(&pipeline))?)
+            Ok(spv::write_vec(
+                &parsed.module,
+                &parsed.info,
+                &options,
+                Some(&pipeline),
+            )?)
         }
 
         /// The driver's statistics for a compute pipeline of `words`, whose
-        /// bindings are those `wgsl` declares.
-        pub fn statistics(&self, words: &[u32], wgsl: &str) -> Result<Vec<Executable>> {
+        /// bindings are those the parsed kernel declares.
+        pub fn statistics(&self, words: &[u32], parsed: &Parsed) -> Result<Vec<Executable>> {
             let device = self.device.raw_device();
-            let (module, _) = validated(wgsl)?;
-            let bindings = bindings(&module);
+            let bindings = bindings(&parsed.module);
             let mut objects = Objects::new(device);
             // SAFETY: every create info below is complete and valid for a
             // compute pipeline; `objects` destroys what was created, in
@@ -484,17 +501,6 @@ mod driver {
         }
     }
 
-    fn validated(wgsl: &str) -> Result<(naga::Module, naga::valid::ModuleInfo)> {
-        let module = naga::front::wgsl::parse_str(wgsl).map_err(|err| anyhow::anyhow!("{err}"))?;
-        let info = naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::all(),
-        )
-        .validate(&module)
-        .map_err(|err| anyhow::anyhow!("{err:?}"))?;
-        Ok((module, info))
-    }
-
     /// Each bind group's (binding, descriptor type), groups in order (an
     /// unused group gets an empty set layout).
     fn bindings(module: &naga::Module) -> Vec<Vec<(u32, vk::DescriptorType)>> {
@@ -553,6 +559,7 @@ mod driver {
     use super::Executable;
 
     pub struct StatsDevice;
+    pub struct Parsed;
 
     impl StatsDevice {
         pub fn open(_adapter: &wgpu::Adapter, _features: wgpu::Features) -> Result<Self> {
@@ -564,10 +571,13 @@ mod driver {
         pub fn reports_statistics(&self) -> bool {
             false
         }
-        pub fn spirv(&self, _wgsl: &str, _checked: bool) -> Result<Vec<u32>> {
+        pub fn parse(&self, _wgsl: &str) -> Result<Parsed> {
             unreachable!("no StatsDevice exists off Vulkan platforms")
         }
-        pub fn statistics(&self, _words: &[u32], _wgsl: &str) -> Result<Vec<Executable>> {
+        pub fn spirv(&self, _parsed: &Parsed, _checked: bool) -> Result<Vec<u32>> {
+            unreachable!("no StatsDevice exists off Vulkan platforms")
+        }
+        pub fn statistics(&self, _words: &[u32], _parsed: &Parsed) -> Result<Vec<Executable>> {
             unreachable!("no StatsDevice exists off Vulkan platforms")
         }
     }
