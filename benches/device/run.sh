@@ -98,6 +98,22 @@ step 60 "tiers without runtime checks, B4 H16 N4096 d128 causal, f32" \
   "$fb" --unchecked-shaders run $target --tier blocked,subgroup --json "$res/unchecked-f32.json"
 step 60 "tiers without runtime checks, B4 H16 N4096 d128 causal, f16" \
   "$fb" --unchecked-shaders run $target --dtype f16 --tier coop,blocked-f16 --json "$res/unchecked-f16.json"
+# Where the register-blocked forward's time goes (issue 13's f32 target):
+# the kernel with its K/V loads, its Q K^T products or its P V products
+# removed (benches/device/variants/ablate-*: results wrong on purpose,
+# timed anyway and reported FAILED), between two runs of the built-in one.
+ablations=$(ls -d .device/variants/ablate-*/ 2>/dev/null || true)
+if [ -n "$ablations" ]; then
+  step 30 "ablations: built-in register-blocked forward, f32 (before)" \
+    "$fb" run $target --tier blocked --json "$res/ablation-builtin-before.json"
+  for v in $ablations; do
+    name=$(basename "$v")
+    step 30 "ablation $name, f32 register-blocked forward (wrong results on purpose)" \
+      "$fb" --shader-dir "$v" run $target --tier blocked --json "$res/ablation-$name.json"
+  done
+  step 30 "ablations: built-in register-blocked forward, f32 (after)" \
+    "$fb" run $target --tier blocked --json "$res/ablation-builtin-after.json"
+fi
 step 90 "PyTorch SDPA peer" python3 .device/torch_sdpa.py "$res/torch_sdpa.json"
 # The kernels' tests on a real GPU: a failure here is the top priority.
 for t in tiers cooperative_matrix half_storage backward decode head_dims; do
@@ -150,6 +166,8 @@ if [ -d .device/variants ]; then
   builtin before
   for v in .device/variants/*/; do
     name=$(basename "$v")
+    # (Ablations ran above.)
+    case $name in ablate-*) continue ;; esac
     if [ -f "$v/flash_blocked.wgsl" ]; then
       step 30 "variant $name, f32 register-blocked forward" \
         "$fb" --shader-dir "$v" run $target --tier blocked --json "$res/variant-$name-f32.json"
