@@ -366,16 +366,17 @@ impl Gpu {
                 layout,
             )?,
             // f16 products are a variant of the register-blocked tier.
-            None if config.f16_products => {
+            None if config.f16_products == Some(true) => {
                 let tier = config.tier.unwrap_or(crate::config::Tier::RegisterBlocked);
                 ForwardPlan::for_call(self.info(), plan_shape, storage, Some(tier))?
             }
             None => ForwardPlan::for_call(self.info(), plan_shape, storage, config.tier)?,
         };
-        let plan = if config.f16_products {
-            plan.with_f16_products(self.info())?
-        } else {
-            plan
+        // (None: the plan's own choice.)
+        let plan = match config.f16_products {
+            Some(true) => plan.with_f16_products(self.info())?,
+            Some(false) => plan.without_f16_products(),
+            None => plan,
         };
         let plan = if config.active_dropout().is_some() {
             plan.with_dropout()

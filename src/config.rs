@@ -274,17 +274,22 @@ pub struct AttentionConfig {
     pub sinks: Option<Vec<f32>>,
     /// Force a kernel tier; `None` picks the best the adapter offers.
     pub tier: Option<Tier>,
-    /// The forward's Q K^T and P V products in f16 (f16 storage, the
-    /// register-blocked tier, adapters with `SHADER_F16`): Q, K, V and the
-    /// probabilities stay f16 in workgroup memory, each product of two f16
-    /// values is exact in f32 and the products are summed in f32 (f16
-    /// operands, f32 accumulation, as on matrix units); softmax statistics
-    /// stay f32. Off by
-    /// default: it halves the tiles' memory traffic, and ran 1.2-1.5x
-    /// faster on an NVIDIA H200 (BENCHMARKS.md), but as a default it
-    /// would change the default f16 accuracy rule, which wants more than
-    /// one GPU family measured.
-    pub f16_products: bool,
+    /// The forward's Q K^T and P V products from f16 operands (f16
+    /// storage, the register-blocked tier, adapters with `SHADER_F16`): Q,
+    /// K, V and the probabilities stay f16 in workgroup memory (half the
+    /// tiles' bytes), each product of two f16 values is exact in f32 and
+    /// the products are summed in f32 (f16 operands, f32 accumulation, as
+    /// on matrix units); softmax statistics stay f32. What rounds is the
+    /// probabilities, to f16 before `P V`: the cooperative-matrix tier's
+    /// bound (docs/semantics.md). `Some(true)` forces it (and the
+    /// register-blocked tier), `Some(false)` turns it off, `None` (the
+    /// default) leaves it to the planner, which uses it on NVIDIA GPUs,
+    /// where it measured 1.2-1.5x faster (an H200, BENCHMARKS.md), and
+    /// nowhere else yet ([`ForwardPlan::f16_products`] says what a plan
+    /// does).
+    ///
+    /// [`ForwardPlan::f16_products`]: crate::ForwardPlan::f16_products
+    pub f16_products: Option<bool>,
     /// The register-blocked kernels' workgroup layout, instead of the
     /// planner's (a tuning knob: `flash-bench run --blocked-layout` times
     /// several in one run); forces that tier, in the forward and in the
@@ -390,10 +395,11 @@ impl AttentionConfig {
         self.tier = Some(tier);
         self
     }
-    /// Computes the forward's products in f16 (see
-    /// [`AttentionConfig::f16_products`]); forces the register-blocked tier.
+    /// Computes the forward's products from f16 operands, or not, instead
+    /// of as the planner chooses (see [`AttentionConfig::f16_products`]);
+    /// `true` forces the register-blocked tier.
     pub fn f16_products(mut self, f16_products: bool) -> Self {
-        self.f16_products = f16_products;
+        self.f16_products = Some(f16_products);
         self
     }
     /// Runs the register-blocked kernel with this workgroup layout (see

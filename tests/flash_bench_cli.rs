@@ -263,10 +263,12 @@ fn run_json_has_every_promised_field() {
     assert_eq!(options["causal"], false, "{options}");
     assert!(options["window_left"].is_null(), "{options}");
     assert_eq!(options["window_right"], 0, "{options}");
-    for unset in ["scale", "softcap", "alibi", "tier"] {
+    for unset in ["scale", "softcap", "alibi", "tier", "f16_products"] {
         assert!(options[unset].is_null(), "{unset} in {options}");
     }
     assert_eq!(options["dtype"], "f32", "{options}");
+    // What the planner chose (f32 storage: never f16 products).
+    assert_eq!(case["f16_products"], false);
     let result = &case["results"][0];
     assert_eq!(result["impl"], "naive");
     assert_eq!(result["runs"], 2);
@@ -1176,9 +1178,11 @@ fn run_compares_f16_products_with_f32_arithmetic() {
     }
     assert_eq!(cases.len(), 2);
     assert_eq!(cases[0]["options"]["f16_products"], false);
+    assert_eq!(cases[0]["f16_products"], false);
     assert_eq!(cases[0]["tolerance"], 1e-4);
     let products = &cases[1];
     assert_eq!(products["options"]["f16_products"], true);
+    assert_eq!(products["f16_products"], true);
     assert!(products["name"].as_str().unwrap().ends_with("f16-products"));
     // The rule's bound: above the f32 tolerance, a few f16 ulps at most.
     let bound = products["tolerance"].as_f64().unwrap();

@@ -188,6 +188,23 @@ impl ForwardPlan {
         Ok(self)
     }
 
+    /// The plan without f16 products (the same plan where it had none).
+    pub fn without_f16_products(mut self) -> Self {
+        if let Some(TiledKernel::Blocked(blocked)) = &mut self.tiled {
+            blocked.f16_products = false;
+        }
+        self
+    }
+
+    /// Whether the plan's kernel computes the forward's products from f16
+    /// operands ([`AttentionConfig::f16_products`]; the planner's default
+    /// on NVIDIA GPUs for f16 storage, see [`ForwardPlan::for_call`]).
+    ///
+    /// [`AttentionConfig::f16_products`]: crate::AttentionConfig::f16_products
+    pub fn f16_products(&self) -> bool {
+        matches!(self.tiled, Some(TiledKernel::Blocked(blocked)) if blocked.f16_products)
+    }
+
     /// The plan with attention dropout compiled into its kernel
     /// ([`AttentionConfig::dropout`]; the DROPOUT variant, so that calls
     /// without it keep their pipelines free of the mask's hashing).
@@ -221,7 +238,9 @@ impl ForwardPlan {
     }
 
     /// Tiles for one call: Q, K, V and O stored as `storage` and, if
-    /// forced, the kernel tier.
+    /// forced, the kernel tier. Register-blocked plans of f16 storage take
+    /// f16 products ([`ForwardPlan::f16_products`]) where they measured
+    /// faster: NVIDIA GPUs with `SHADER_F16`.
     pub fn for_call(
         info: &GpuInfo,
         shape: &AttentionShape,
@@ -305,6 +324,16 @@ impl ForwardPlan {
                     Err(_) => None,
                 },
             },
+        };
+        // f16 products where they measured faster (f16_products_by_default).
+        let tiled = match tiled {
+            Some(TiledKernel::Blocked(mut blocked))
+                if storage == DType::F16 && f16_products_by_default(info) =>
+            {
+                blocked.f16_products = true;
+                Some(TiledKernel::Blocked(blocked))
+            }
+            other => other,
         };
         let block_m = u64::from(match tiled {
             Some(TiledKernel::Blocked(b)) => b.block_m(),
@@ -571,6 +600,19 @@ pub(crate) fn blocked_by_default(info: &GpuInfo) -> bool {
         info.adapter.device_type,
         wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu
     )
+}
+
+/// PCI vendor id of NVIDIA (`wgpu::AdapterInfo::vendor`).
+const NVIDIA: u32 = 0x10de;
+
+/// Whether register-blocked plans of f16 storage compute their products
+/// from f16 operands unless the caller says otherwise
+/// (`AttentionConfig::f16_products`): where that measured faster, NVIDIA
+/// GPUs (an H200: 1.53x and 1.21x the same tier without them, B4 H16
+/// N4096 d128 causal, in two runs; BENCHMARKS.md). Elsewhere unmeasured,
+/// so off.
+pub(crate) fn f16_products_by_default(info: &GpuInfo) -> bool {
+    blocked_by_default(info) && info.adapter.vendor == NVIDIA && info.has_f16()
 }
 
 /// The register-blocked kernel's layout for this adapter and shape: the

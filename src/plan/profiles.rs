@@ -57,10 +57,21 @@ impl Profile {
             ..wgpu::Limits::default()
         };
         let llvmpipe = self.name.starts_with("llvmpipe");
+        // PCI vendor ids, as the drivers report them (the planner tells
+        // NVIDIA's apart).
+        let vendor = [
+            ("NVIDIA", 0x10de),
+            ("AMD", 0x1002),
+            ("Intel", 0x8086),
+            ("Apple", 0x106b),
+        ]
+        .into_iter()
+        .find(|(maker, _)| self.name.starts_with(maker))
+        .map_or(0, |(_, id)| id);
         GpuInfo {
             adapter: wgpu::AdapterInfo {
                 name: self.name.to_string(),
-                vendor: 0,
+                vendor,
                 device: 0,
                 device_type: self.device_type,
                 device_pci_bus_id: String::new(),

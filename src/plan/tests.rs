@@ -322,6 +322,64 @@ fn register_blocked_where_it_fits_and_by_default_on_hardware_gpus() {
     }
 }
 
+/// f16 storage on the register-blocked tier takes f16 products by default
+/// where they measured faster (NVIDIA), forced or not, and nowhere else;
+/// f32 and bf16 storage and the other tiers never.
+#[test]
+fn f16_products_by_default_on_nvidia_only() {
+    let shape = AttentionShape::self_attention(4, 4096, 16, 128);
+    let plan =
+        |name: &str, storage, tier| ForwardPlan::for_call(&profile(name), &shape, storage, tier);
+    let nvidia = plan("NVIDIA H200", DType::F16, None).unwrap();
+    assert_eq!(nvidia.tier(), Tier::RegisterBlocked);
+    assert!(nvidia.f16_products());
+    assert!(nvidia.blocked_tiling().unwrap().f16_products);
+    assert!(matches!(nvidia.specialization(), Specialization::FlashBlocked(b) if b.f16_products));
+    let forced = plan("NVIDIA H200", DType::F16, Some(Tier::RegisterBlocked)).unwrap();
+    assert!(forced.f16_products());
+    // The caller's layout is the planner's choice of layout only.
+    let layout = BlockedLayout {
+        row_lanes: 8,
+        key_lanes: 8,
+        rows: 4,
+    };
+    let info = profile("NVIDIA H200");
+    let laid_out =
+        ForwardPlan::for_call_with_layout(&info, &shape, DType::F16, None, layout).unwrap();
+    assert!(laid_out.f16_products());
+    // Turned off, the same plan with f32 tiles.
+    let off = nvidia.without_f16_products();
+    assert!(!off.f16_products());
+    assert_eq!(off.block_m(), nvidia.block_m());
+    assert!(off.workgroup_bytes() > nvidia.workgroup_bytes());
+    for storage in [DType::F32, DType::BF16] {
+        assert!(
+            !plan("NVIDIA H200", storage, None).unwrap().f16_products(),
+            "{storage:?}"
+        );
+    }
+    for tier in [Tier::Portable, Tier::SubgroupBroadcast] {
+        assert!(
+            !plan("NVIDIA H200", DType::F16, Some(tier))
+                .unwrap()
+                .f16_products(),
+            "{tier:?}"
+        );
+    }
+    // Matrix units take f16 where the device enables them.
+    let coop = plan("NVIDIA H200 with", DType::F16, None).unwrap();
+    assert_eq!(coop.tier(), Tier::CooperativeMatrix);
+    assert!(!coop.f16_products());
+    // Unmeasured elsewhere: off, and the CPU adapters keep their tiers.
+    for name in ["AMD", "Apple M2", "Intel", "llvmpipe", "WARP"] {
+        let default = plan(name, DType::F16, None).unwrap();
+        assert!(!default.f16_products(), "{name}");
+        if let Ok(blocked) = plan(name, DType::F16, Some(Tier::RegisterBlocked)) {
+            assert!(!blocked.f16_products(), "{name}");
+        }
+    }
+}
+
 /// (tier, matrix size, block rows, block keys, invocations) of a forced
 /// or default plan, or the reason it is unavailable.
 fn coop(

@@ -327,13 +327,15 @@ pub fn unit_roundoff(dtype: DType) -> f64 {
     }
 }
 
-/// What a forward call's tier adds to its bound on |out - reference|: the
-/// cooperative-matrix tier with f16 storage multiplies f16 matrices, so it
-/// rounds the weights to f16 before `P V`, up to 2^-11 of the largest |v|
-/// times the largest sum of a row's weights (1, or 1 / (1 - p) with
-/// dropout; docs/semantics.md). The tier is the one the call runs on:
-/// forced in `config`, or the device's default (the f16 default where the
-/// device has matrix units). Every other tier adds nothing.
+/// What a forward call's kernel adds to its bound on |out - reference|:
+/// with f16 storage the cooperative-matrix tier multiplies f16 matrices,
+/// and the register-blocked tier with f16 products multiplies f16
+/// operands, so both round the weights to f16 before `P V`, up to 2^-11
+/// of the largest |v| times the largest sum of a row's weights (1, or
+/// 1 / (1 - p) with dropout; docs/semantics.md). The kernel is the one the
+/// call runs: forced in `config`, or the device's default (matrix units
+/// where the device has them, f16 products where the planner picks them).
+/// Every other kernel adds nothing.
 pub fn weight_rounding(
     gpu: &Gpu,
     shape: &AttentionShape,
@@ -341,8 +343,9 @@ pub fn weight_rounding(
     config: &AttentionConfig,
     v: &[f32],
 ) -> Result<f64, wgpu_flash_attn::Error> {
-    let tier = ForwardPlan::for_call(gpu.info(), shape, dtype, config.tier)?.tier();
-    if tier != Tier::CooperativeMatrix || dtype != DType::F16 {
+    let plan = ForwardPlan::for_call(gpu.info(), shape, dtype, config.tier)?;
+    let products = config.f16_products.unwrap_or(plan.f16_products());
+    if dtype != DType::F16 || !(plan.tier() == Tier::CooperativeMatrix || products) {
         return Ok(0.0);
     }
     let v_max = v.iter().fold(0.0f64, |m, &x| m.max(f64::from(x).abs()));

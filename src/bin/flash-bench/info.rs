@@ -87,8 +87,13 @@ fn tier_line(info: &GpuInfo, head_dim: usize, dtype: DType) -> String {
     let shape = AttentionShape::self_attention(1, 4096, 8, head_dim);
     let chosen = match ForwardPlan::for_call(info, &shape, dtype, None) {
         Ok(plan) => format!(
-            "{} ({} rows x {} keys per block, {} invocations, {} workgroup memory)",
+            "{}{} ({} rows x {} keys per block, {} invocations, {} workgroup memory)",
             tier_name(plan.tier()),
+            if plan.f16_products() {
+                " with f16 products"
+            } else {
+                ""
+            },
             plan.block_m(),
             plan.block_n(),
             plan.workgroup_size(),

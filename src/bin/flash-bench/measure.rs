@@ -192,6 +192,9 @@ pub struct CaseReport {
     pub dtype: String,
     /// Kernel tier of the flash kernel for this call.
     pub tier: String,
+    /// Whether the flash kernel computes its products from f16 operands
+    /// (the caller's `f16_products`, else the planner's choice).
+    pub f16_products: bool,
     /// `run --keys-per-dispatch`, when given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keys_per_dispatch: Option<usize>,
@@ -228,7 +231,7 @@ struct Sample {
 }
 
 impl Sample {
-    fn new(case: &Case, q: &[f32], k: &[f32], v: &[f32]) -> Result<Self> {
+    fn new(case: &Case, f16_products: bool, [q, k, v]: [&[f32]; 3]) -> Result<Self> {
         let s = &case.shape;
         // The wider of the two products per (row, key): Q.K (head_dim) or
         // P.V (head_dim_v).
@@ -239,7 +242,7 @@ impl Sample {
             move |_: usize, _: usize, row: usize| row.is_multiple_of(stride) || row == last;
         let want = reference::attention_rows(s, q, k, v, &case.config, wanted)?;
         let rows = (0..s.seq_q).filter(|&r| wanted(0, 0, r)).count() * s.batch * s.heads_q;
-        let twice_naive = if case.config.f16_products {
+        let twice_naive = if f16_products {
             let naive = reference::attention_rows_in_precision(
                 s,
                 q,
@@ -327,16 +330,17 @@ impl Bench<'_> {
             .impls
             .iter()
             .any(|i| matches!(i, Impl::Flash | Impl::Naive));
+        let plan =
+            wgpu_flash_attn::ForwardPlan::for_call(gpu.info(), shape, dtype, case.config.tier)?;
+        let tier = plan.tier();
+        let f16_products = case.config.f16_products.unwrap_or(plan.f16_products());
         let sample = if needs_sample {
             let [q, k, v] = &operands.host;
-            Some(Sample::new(case, q, k, v)?)
+            Some(Sample::new(case, f16_products, [q, k, v])?)
         } else {
             None
         };
         let flops = shape.flops(&case.config);
-        let tier =
-            wgpu_flash_attn::ForwardPlan::for_call(gpu.info(), shape, dtype, case.config.tier)?
-                .tier();
 
         let mut results = Vec::new();
         for &implementation in &case.impls {
@@ -394,6 +398,7 @@ impl Bench<'_> {
             options: OptionsJson::new(&case.config, dtype),
             dtype: dtype_name(dtype).to_string(),
             tier: tier_name(tier).to_string(),
+            f16_products,
             keys_per_dispatch: case.keys_per_dispatch,
             flops,
             rows_validated: sample.as_ref().map_or(0, |s| s.rows),

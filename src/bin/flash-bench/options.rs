@@ -307,7 +307,9 @@ pub enum TierArg {
     Portable,
     /// Subgroup broadcasts (CPU adapters with one subgroup size of 8).
     Subgroup,
-    /// Register-blocked micro-tiles (the forward's default on GPUs).
+    /// Register-blocked micro-tiles (the forward's default on GPUs), with
+    /// f32 products (what f16 storage gets by default on NVIDIA is
+    /// blocked-f16).
     Blocked,
     /// The register-blocked tier with its products in f16 (f16 storage,
     /// SHADER_F16; AttentionConfig::f16_products).
@@ -333,7 +335,8 @@ impl TierArg {
 
     /// The forward plan of this tier for one call (`run`'s cases,
     /// `shader-stats`' kernels): the tier forced, with f16 products for
-    /// `blocked-f16`.
+    /// `blocked-f16` and without them for the others (as `run` calls
+    /// them: `AttentionConfig::f16_products` set either way).
     pub fn plan(
         self,
         info: &wgpu_flash_attn::GpuInfo,
@@ -343,7 +346,7 @@ impl TierArg {
         let plan = wgpu_flash_attn::ForwardPlan::for_call(info, shape, dtype, Some(self.tier()))?;
         match self.f16_products() {
             true => plan.with_f16_products(info),
-            false => Ok(plan),
+            false => Ok(plan.without_f16_products()),
         }
     }
 

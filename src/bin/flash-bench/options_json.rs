@@ -20,8 +20,10 @@ pub struct OptionsJson {
     pub sinks: Option<Vec<f32>>,
     /// The tier forced by the caller; `null` lets the planner choose.
     pub tier: Option<&'static str>,
-    /// The forward's products in f16 (AttentionConfig::f16_products).
-    pub f16_products: bool,
+    /// The forward's products from f16 operands as the caller set them
+    /// (AttentionConfig::f16_products; null: the planner's choice, which
+    /// the case's own `f16_products` reports).
+    pub f16_products: Option<bool>,
     /// The register-blocked layout given (`run --blocked-layout`),
     /// ROW_LANESxKEY_LANESxROWS; `null` is the planner's.
     pub blocked_layout: Option<String>,
@@ -155,7 +157,7 @@ mod tests {
                 "alibi": {"layout": "per_head", "slopes": [0.5, 0.25]},
                 "sinks": [-1.5, 2.0],
                 "tier": "Portable",
-                "f16_products": false,
+                "f16_products": null,
                 "blocked_layout": null,
                 "dropout": {"p": 0.25, "seed": 9},
                 "dtype": "bf16",

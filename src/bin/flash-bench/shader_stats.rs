@@ -166,7 +166,10 @@ fn kernels(gpu: &Gpu, args: &ShaderStatsArgs) -> Vec<Kernel> {
         };
         match plan {
             Ok(plan) => kernels.push(Kernel {
-                name: tier.map_or_else(|| tier_name(plan.tier()).to_string(), TierArg::label),
+                name: tier.map_or_else(
+                    || format!("{}{}", tier_name(plan.tier()), products_label(&plan)),
+                    TierArg::label,
+                ),
                 plan,
             }),
             Err(err) => eprintln!("skipped: {err}"),
@@ -175,13 +178,22 @@ fn kernels(gpu: &Gpu, args: &ShaderStatsArgs) -> Vec<Kernel> {
     for &layout in &args.blocked_layout {
         match ForwardPlan::for_call_with_layout(gpu.info(), &shape, dtype, None, layout) {
             Ok(plan) => kernels.push(Kernel {
-                name: format!("RegisterBlocked {layout}"),
+                name: format!("RegisterBlocked {layout}{}", products_label(&plan)),
                 plan,
             }),
             Err(err) => eprintln!("skipped: register-blocked layout {layout}: {err}"),
         }
     }
     kernels
+}
+
+/// How a kernel's name says that the planner gave it f16 products.
+fn products_label(plan: &ForwardPlan) -> &'static str {
+    if plan.f16_products() {
+        " f16-products"
+    } else {
+        ""
+    }
 }
 
 /// One statistic of a compiled executable, as the driver names it.
