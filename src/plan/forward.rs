@@ -326,6 +326,8 @@ impl ForwardPlan {
             },
         };
         // f16 products where they measured faster (f16_products_by_default).
+        // The layout was chosen at f32 tile sizes, so a caller who turns
+        // them off (`without_f16_products`) still fits the workgroup memory.
         let tiled = match tiled {
             Some(TiledKernel::Blocked(mut blocked))
                 if storage == DType::F16 && f16_products_by_default(info) =>
