@@ -36,6 +36,24 @@ fn within_rule(kernel: f64, naive: &[f32], want: &[f64], what: &dyn std::fmt::Di
     if naive > 0.0 { kernel / naive } else { 0.0 }
 }
 
+/// The bound of f16 weights (docs/semantics.md) on a kernel's largest
+/// error: f16 products round only the probabilities (to f16, before
+/// `P V`), so the outputs stay within the floor plus their own f16
+/// rounding plus 2^-11 of the largest |v| (the row's weights sum to 1).
+fn within_weights_bound(kernel: f64, want: &[f64], v: &[f32], what: &dyn std::fmt::Display) {
+    let unit = 2f64.powi(-11);
+    let largest =
+        |values: &mut dyn Iterator<Item = f64>| values.fold(0.0, |m: f64, x| m.max(x.abs()));
+    let out_max = largest(&mut want.iter().copied());
+    // (v as stored: f16, up to half an ulp larger than drawn.)
+    let v_max = largest(&mut v.iter().map(|&x| f64::from(x))) * (1.0 + unit);
+    let bound = FLOOR + unit * out_max + unit * v_max;
+    assert!(
+        kernel <= bound,
+        "{what}: kernel error {kernel:.3e} > the f16 weights' bound {bound:.3e}"
+    );
+}
+
 fn max_error(got: &[f32], want: &[f64]) -> f64 {
     got.iter()
         .zip(want)
@@ -278,7 +296,8 @@ fn mixed_storage_types_are_a_typed_error() {
 /// f16 products (`AttentionConfig::f16_products`: the register-blocked
 /// kernel with f16 tiles, exact products of f16 operands summed in f32,
 /// f32 softmax) within FlashAttention's rule for f16, like f16 storage
-/// with f32 arithmetic: ragged lengths, GQA, causal or windowed, and the
+/// with f32 arithmetic, and within the tighter bound of f16 weights that
+/// docs/semantics.md states for them: ragged lengths, GQA, causal or windowed, and the
 /// masked kernel (a boolean mask drawing the causal pattern, so the causal
 /// naive attention is its baseline). Where the adapter lacks SHADER_F16
 /// (GL) it is a typed error; so are other storage types and other forced
@@ -343,6 +362,7 @@ fn f16_products_within_twice_naive_half_error() {
             let (kernel, naive, want) = errors(gpu, dtype, &shape, &inputs, &config);
             let what = format!("{shape:?} {config:?}");
             worst_ratio = worst_ratio.max(within_rule(kernel, &naive, &want, &what));
+            within_weights_bound(kernel, &want, &inputs.v, &what);
         }
     }
     // Draws at the shapes where the fuzz soak found the kernel outside the
@@ -391,6 +411,7 @@ fn f16_products_within_twice_naive_half_error() {
             let (kernel, naive, want) = errors(gpu, dtype, &shape, &inputs, &config);
             let what = format!("{name} (draw {seed:#x})");
             worst_ratio = worst_ratio.max(within_rule(kernel, &naive, &want, &what));
+            within_weights_bound(kernel, &want, &inputs.v, &what);
         }
     }
     // The masked kernel: the causal pattern as a boolean mask.
@@ -410,5 +431,6 @@ fn f16_products_within_twice_naive_half_error() {
     let options = ForwardOptions::new(&products).mask(&mask);
     let (kernel, naive, want) = errors_of(gpu, dtype, &shape, &inputs, options, &causal);
     worst_ratio = worst_ratio.max(within_rule(kernel, &naive, &want, &"masked"));
+    within_weights_bound(kernel, &want, &inputs.v, &"masked");
     eprintln!("f16 products: worst kernel / naive-in-precision error ratio {worst_ratio:.2}");
 }
