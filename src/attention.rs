@@ -356,33 +356,7 @@ impl Gpu {
     ) -> Result<PreparedCall<'a>> {
         config.validate(&shape)?;
         check_lse_output(self, args.lse, [shape.batch, shape.heads_q, shape.seq_q])?;
-        let storage = args.q.dtype();
-        let plan = match config.blocked_layout {
-            Some(layout) => ForwardPlan::for_call_with_layout(
-                self.info(),
-                plan_shape,
-                storage,
-                config.tier,
-                layout,
-            )?,
-            // f16 products are a variant of the register-blocked tier.
-            None if config.f16_products == Some(true) => {
-                let tier = config.tier.unwrap_or(crate::config::Tier::RegisterBlocked);
-                ForwardPlan::for_call(self.info(), plan_shape, storage, Some(tier))?
-            }
-            None => ForwardPlan::for_call(self.info(), plan_shape, storage, config.tier)?,
-        };
-        // (None: the plan's own choice.)
-        let plan = match config.f16_products {
-            Some(true) => plan.with_f16_products(self.info())?,
-            Some(false) => plan.without_f16_products(),
-            None => plan,
-        };
-        let plan = if config.active_dropout().is_some() {
-            plan.with_dropout()
-        } else {
-            plan
-        };
+        let plan = ForwardPlan::for_config(self.info(), plan_shape, args.q.dtype(), config)?;
         let params = self.pack_params(args, &shape, config)?;
         Ok(PreparedCall {
             shape,

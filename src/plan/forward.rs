@@ -250,6 +250,39 @@ impl ForwardPlan {
         Self::plan_call(info, shape, storage, tier, None)
     }
 
+    /// The plan a forward call with `config` runs (its forced tier, its
+    /// register-blocked layout, f16 products and dropout) on tensors
+    /// stored as `storage`: what [`crate::Gpu::attention`] plans, for
+    /// callers that want to know ahead (the tier, the workgroup, whether
+    /// f16 products round the weights).
+    pub fn for_config(
+        info: &GpuInfo,
+        shape: &AttentionShape,
+        storage: DType,
+        config: &crate::AttentionConfig,
+    ) -> Result<Self> {
+        let plan = match config.blocked_layout {
+            Some(layout) => Self::for_call_with_layout(info, shape, storage, config.tier, layout)?,
+            // f16 products are a variant of the register-blocked tier.
+            None if config.f16_products == Some(true) => {
+                let tier = config.tier.unwrap_or(Tier::RegisterBlocked);
+                Self::for_call(info, shape, storage, Some(tier))?
+            }
+            None => Self::for_call(info, shape, storage, config.tier)?,
+        };
+        // (None: the plan's own choice.)
+        let plan = match config.f16_products {
+            Some(true) => plan.with_f16_products(info)?,
+            Some(false) => plan.without_f16_products(),
+            None => plan,
+        };
+        Ok(if config.active_dropout().is_some() {
+            plan.with_dropout()
+        } else {
+            plan
+        })
+    }
+
     /// [`ForwardPlan::for_call`] on the register-blocked tier with its
     /// workgroup layout given ([`AttentionConfig::blocked_layout`]): a
     /// layout outside the kernel's range, or one the adapter's invocations

@@ -368,6 +368,19 @@ fn f16_products_by_default_on_nvidia_only() {
             "{tier:?}"
         );
     }
+    // A call's config over the planner's choice (ForwardPlan::for_config,
+    // what Gpu::attention runs): off, forced where not the default, with
+    // dropout.
+    let config = crate::AttentionConfig::new();
+    let for_config = |name: &str, config: &crate::AttentionConfig| {
+        ForwardPlan::for_config(&profile(name), &shape, DType::F16, config).unwrap()
+    };
+    assert!(for_config("NVIDIA H200", &config).f16_products());
+    assert!(!for_config("NVIDIA H200", &config.clone().f16_products(false)).f16_products());
+    let amd = for_config("AMD", &config.clone().f16_products(true));
+    assert!(amd.f16_products() && amd.tier() == Tier::RegisterBlocked);
+    assert!(!for_config("AMD", &config).f16_products());
+    assert!(for_config("NVIDIA H200", &config.clone().dropout(0.1, 7)).applies_dropout());
     // Matrix units take f16 where the device enables them.
     let coop = plan("NVIDIA H200 with", DType::F16, None).unwrap();
     assert_eq!(coop.tier(), Tier::CooperativeMatrix);

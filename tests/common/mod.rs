@@ -343,9 +343,8 @@ pub fn weight_rounding(
     config: &AttentionConfig,
     v: &[f32],
 ) -> Result<f64, wgpu_flash_attn::Error> {
-    let plan = ForwardPlan::for_call(gpu.info(), shape, dtype, config.tier)?;
-    let products = config.f16_products.unwrap_or(plan.f16_products());
-    if dtype != DType::F16 || !(plan.tier() == Tier::CooperativeMatrix || products) {
+    let plan = ForwardPlan::for_config(gpu.info(), shape, dtype, config)?;
+    if dtype != DType::F16 || !(plan.tier() == Tier::CooperativeMatrix || plan.f16_products()) {
         return Ok(0.0);
     }
     let v_max = v.iter().fold(0.0f64, |m, &x| m.max(f64::from(x).abs()));

@@ -249,13 +249,7 @@ fn run(cli: &Cli) -> Result<bool> {
                 })
                 .collect();
             let tier_cases = tiers.into_iter().map(|tier| match tier {
-                Some(tier) => (
-                    config
-                        .clone()
-                        .tier(tier.tier())
-                        .f16_products(tier.f16_products()),
-                    format!(" {}", tier.label()),
-                ),
+                Some(tier) => (tier.apply(config.clone()), format!(" {}", tier.label())),
                 None => (config.clone(), String::new()),
             });
             let cases = tier_cases

@@ -331,9 +331,9 @@ impl Bench<'_> {
             .iter()
             .any(|i| matches!(i, Impl::Flash | Impl::Naive));
         let plan =
-            wgpu_flash_attn::ForwardPlan::for_call(gpu.info(), shape, dtype, case.config.tier)?;
+            wgpu_flash_attn::ForwardPlan::for_config(gpu.info(), shape, dtype, &case.config)?;
         let tier = plan.tier();
-        let f16_products = case.config.f16_products.unwrap_or(plan.f16_products());
+        let f16_products = plan.f16_products();
         let sample = if needs_sample {
             let [q, k, v] = &operands.host;
             Some(Sample::new(case, f16_products, [q, k, v])?)

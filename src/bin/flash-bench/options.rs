@@ -333,21 +333,25 @@ impl TierArg {
         self == TierArg::BlockedF16
     }
 
+    /// `config` with this tier forced: f16 products for `blocked-f16`,
+    /// none for the others (set either way, whatever the planner's default).
+    pub fn apply(
+        self,
+        config: wgpu_flash_attn::AttentionConfig,
+    ) -> wgpu_flash_attn::AttentionConfig {
+        config.tier(self.tier()).f16_products(self.f16_products())
+    }
+
     /// The forward plan of this tier for one call (`run`'s cases,
-    /// `shader-stats`' kernels): the tier forced, with f16 products for
-    /// `blocked-f16` and without them for the others (as `run` calls
-    /// them: `AttentionConfig::f16_products` set either way).
+    /// `shader-stats`' kernels), as [`TierArg::apply`] configures it.
     pub fn plan(
         self,
         info: &wgpu_flash_attn::GpuInfo,
         shape: &AttentionShape,
         dtype: wgpu_flash_attn::DType,
     ) -> wgpu_flash_attn::Result<wgpu_flash_attn::ForwardPlan> {
-        let plan = wgpu_flash_attn::ForwardPlan::for_call(info, shape, dtype, Some(self.tier()))?;
-        match self.f16_products() {
-            true => plan.with_f16_products(info),
-            false => Ok(plan.without_f16_products()),
-        }
+        let config = self.apply(wgpu_flash_attn::AttentionConfig::new());
+        wgpu_flash_attn::ForwardPlan::for_config(info, shape, dtype, &config)
     }
 
     /// How reports name this tier (`RegisterBlocked f16-products`).
