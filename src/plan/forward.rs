@@ -252,7 +252,7 @@ impl ForwardPlan {
 
     /// The plan a forward call with `config` runs (its forced tier, its
     /// register-blocked layout, f16 products and dropout) on tensors
-    /// stored as `storage`: what [`crate::Gpu::attention`] plans, for
+    /// stored as `storage`: what [`crate::Gpu::forward`] plans, for
     /// callers that want to know ahead (the tier, the workgroup, whether
     /// f16 products round the weights).
     pub fn for_config(
