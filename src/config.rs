@@ -346,7 +346,9 @@ pub enum Tier {
     /// to all lanes; no workgroup memory, no barriers. Offered with the
     /// SUBGROUP feature and a smallest subgroup size that is a power of two
     /// from 4 to 128, on Vulkan, Metal and DX12 (wgpu's GL backend has no
-    /// subgroups). Decoding has a subgroup tier under the same conditions,
+    /// subgroups). The forward's default for f32 on NVIDIA GPUs with head
+    /// dims up to 128 (measured faster than [`Tier::RegisterBlocked`] on an
+    /// H200), except decoding-like GQA calls. Decoding has a subgroup tier under the same conditions,
     /// with two lane layouts ([`crate::DecodeLanes`]): lanes split the head
     /// dim and `subgroupAdd` completes the dot products (GPUs), or each
     /// lane takes its own keys (CPU adapters).
@@ -358,7 +360,8 @@ pub enum Tier {
     /// columns), so every value read from workgroup memory feeds several
     /// FMAs and no invocation holds a whole head vector. The default for
     /// the forward (masked or not) on discrete and integrated GPUs where its
-    /// tiles fit the workgroup memory; runs everywhere when forced (no
+    /// tiles fit the workgroup memory (f32 on NVIDIA up to d=128 excepted,
+    /// see [`Tier::SubgroupBroadcast`]); runs everywhere when forced (no
     /// feature needed). The backward has register-blocked gradient passes
     /// too (`shaders/flash_backward_blocked.wgsl`: blocks of keys and query
     /// rows, each invocation owning a micro-tile of scores and of dK, dV or

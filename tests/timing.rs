@@ -41,7 +41,10 @@ fn ceiling_uses_timestamps_when_the_device_has_them() {
     // longer than the call. The untimed warm-up is left out: it may be
     // faster than any timed run when the machine's load changes.
     let timed_ms = t.min_ms + t.median_ms + t.max_ms;
-    assert!(timed_ms <= wall_ms, "{t:?}: {timed_ms} ms within {wall_ms} ms");
+    assert!(
+        timed_ms <= wall_ms,
+        "{t:?}: {timed_ms} ms within {wall_ms} ms"
+    );
     assert!(
         ceiling.gflops.is_finite() && ceiling.gflops > 0.0,
         "{ceiling:?}"

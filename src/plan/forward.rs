@@ -348,11 +348,16 @@ impl ForwardPlan {
                 )),
                 Some(Tier::Portable | Tier::SubgroupBroadcast) => None,
                 // The matrix units where the device offers them, else
-                // register blocking on hardware GPUs.
+                // register blocking on hardware GPUs, except where the
+                // subgroup tier measured faster.
                 None => match coop_tiling(info, shape, storage) {
                     Ok(coop) => Some(TiledKernel::Coop(coop)),
                     Err(_) if blocked_by_default(info) => blocked_tiling(info, shape, storage)
                         .ok()
+                        .filter(|blocked| {
+                            !subgroup_before_blocked(info, shape, storage)
+                                || groups_rows(shape, blocked.block_m())
+                        })
                         .map(TiledKernel::Blocked),
                     Err(_) => None,
                 },
@@ -384,9 +389,8 @@ impl ForwardPlan {
         // register-blocked block's rows to the KV head's query heads, so
         // they share each K/V tile instead of each reading it.
         let group = (shape.heads_q / shape.heads_kv) as u64;
-        let group_rows = matches!(tiled, Some(TiledKernel::Blocked(_)))
-            && group > 1
-            && (shape.seq_q as u64) < block_m;
+        let group_rows =
+            matches!(tiled, Some(TiledKernel::Blocked(_))) && groups_rows(shape, block_m as u32);
         let groups = if group_rows {
             [
                 (shape.seq_q as u64 * group).div_ceil(block_m),
@@ -639,6 +643,30 @@ pub(crate) fn blocked_by_default(info: &GpuInfo) -> bool {
 
 /// PCI vendor id of NVIDIA (`wgpu::AdapterInfo::vendor`).
 const NVIDIA: u32 = 0x10de;
+
+/// Whether a register-blocked block of `block_m` rows takes the (query
+/// row, head) pairs of a KV head's query heads: GQA calls with fewer query
+/// rows than a block (decoding-like), so the group reads each K/V tile once.
+fn groups_rows(shape: &AttentionShape, block_m: u32) -> bool {
+    shape.heads_q > shape.heads_kv && (shape.seq_q as u64) < u64::from(block_m)
+}
+
+/// Whether calls the planner would give the register-blocked tier run the
+/// subgroup tier instead: where that measured faster, NVIDIA GPUs in f32
+/// (an H200: 39.8 against 56.6 ms and 39.3 against 56.2 ms, B4 H16 N4096
+/// d128 causal, two runs; BENCHMARKS.md). Only up to head dims of 128,
+/// the width measured: a lane holds its row's q and accumulator, twice as
+/// many registers at 256. Not for f16 or bf16 storage (the subgroup tier
+/// ran f16 2.3x slower than register blocking there, and f16 products
+/// faster still), nor for decoding-like GQA calls (`groups_rows`), where
+/// register blocking reads each K/V tile once per KV head.
+fn subgroup_before_blocked(info: &GpuInfo, shape: &AttentionShape, storage: DType) -> bool {
+    blocked_by_default(info)
+        && info.adapter.vendor == NVIDIA
+        && storage == DType::F32
+        && shape.head_dim.max(shape.head_dim_v) <= 128
+        && matches!(use_subgroup_tier(info, None), Ok(true))
+}
 
 /// Whether register-blocked plans of f16 storage compute their products
 /// from f16 operands unless the caller says otherwise

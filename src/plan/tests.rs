@@ -87,9 +87,10 @@ fn forward_tiling_per_adapter() {
         ),
         // Hardware: register-blocked, 64 rows x 32 keys by 128
         // invocations where the workgroup memory holds them, smaller
-        // blocks (and fewer rows per invocation) for wider heads.
-        ("NVIDIA", 64, (RegisterBlocked, 128, 4, 32, false)),
-        ("NVIDIA", 128, (RegisterBlocked, 64, 4, 32, false)),
+        // blocks (and fewer rows per invocation) for wider heads; on
+        // NVIDIA, f32 up to d=128 runs the subgroup tier (measured faster).
+        ("NVIDIA", 64, (SubgroupBroadcast, 32, 1, 64, true)),
+        ("NVIDIA", 128, (SubgroupBroadcast, 32, 1, 32, true)),
         ("NVIDIA", 256, (RegisterBlocked, 32, 1, 16, false)),
         ("AMD", 128, (RegisterBlocked, 128, 4, 32, false)),
         ("AMD", 256, (RegisterBlocked, 64, 2, 32, false)),
@@ -276,13 +277,19 @@ fn register_blocked_where_it_fits_and_by_default_on_hardware_gpus() {
                         Specialization::FlashBlockedMasked(t) if t == blocked
                     ));
                     // The default takes it exactly on hardware GPUs
-                    // (unless their matrix units take the call).
+                    // (unless their matrix units take the call, or the
+                    // subgroup tier where it measured faster: f32 up to
+                    // d=128 on NVIDIA).
                     let coop = default.tier() == Tier::CooperativeMatrix;
+                    let subgroup_first = p.name.starts_with("NVIDIA") && head_dim <= 128;
                     assert_eq!(
                         default.tier() == Tier::RegisterBlocked,
-                        gpu && !coop,
+                        gpu && !coop && !subgroup_first,
                         "{what}"
                     );
+                    if subgroup_first {
+                        assert_eq!(default.tier(), Tier::SubgroupBroadcast, "{what}");
+                    }
                 }
                 Err(Error::TierUnavailable { reason, .. }) => {
                     assert!(reason.contains(&limit.to_string()), "{what}: {reason}");
@@ -319,6 +326,65 @@ fn register_blocked_where_it_fits_and_by_default_on_hardware_gpus() {
             Err(Error::TierUnavailable { tier: refused, .. }) => assert_eq!(refused, tier),
             other => panic!("decode with {tier:?}: {other:?}"),
         }
+    }
+}
+
+/// f32 calls on NVIDIA run the subgroup tier where it measured faster than
+/// register blocking (head dims up to 128, not decoding-like GQA); every
+/// other storage type, width, vendor and forced tier keeps its plan.
+#[test]
+fn subgroup_tier_for_f32_on_nvidia_where_it_measured_faster() {
+    let tier = |name: &str, shape: &AttentionShape, storage, forced| {
+        ForwardPlan::for_call(&profile(name), shape, storage, forced)
+            .unwrap()
+            .tier()
+    };
+    let target = AttentionShape::self_attention(4, 4096, 16, 128);
+    for name in ["NVIDIA H200", "NVIDIA H200 with"] {
+        assert_eq!(
+            tier(name, &target, DType::F32, None),
+            Tier::SubgroupBroadcast
+        );
+        assert_eq!(
+            tier(name, &target, DType::F32, Some(Tier::RegisterBlocked)),
+            Tier::RegisterBlocked
+        );
+        assert_eq!(
+            tier(name, &target, DType::BF16, None),
+            Tier::RegisterBlocked
+        );
+    }
+    let f16 = ForwardPlan::for_call(&profile("NVIDIA H200"), &target, DType::F16, None).unwrap();
+    assert_eq!(f16.tier(), Tier::RegisterBlocked);
+    assert!(f16.f16_products());
+    // Wider heads, as the query/key or the value head dim: unmeasured.
+    let wide = AttentionShape::self_attention(1, 4096, 8, 256);
+    assert_eq!(
+        tier("NVIDIA H200", &wide, DType::F32, None),
+        Tier::RegisterBlocked
+    );
+    let mla = AttentionShape::self_attention(1, 4096, 8, 128).with_head_dim_v(192);
+    assert_eq!(
+        tier("NVIDIA H200", &mla, DType::F32, None),
+        Tier::RegisterBlocked
+    );
+    // A decoding step of Llama's heads: the KV head's query heads share
+    // the register-blocked block's K/V tiles.
+    let decode = AttentionShape {
+        seq_q: 1,
+        heads_kv: 8,
+        ..AttentionShape::self_attention(1, 8192, 64, 128)
+    };
+    let plan = ForwardPlan::for_call(&profile("NVIDIA H200"), &decode, DType::F32, None).unwrap();
+    assert_eq!(plan.tier(), Tier::RegisterBlocked);
+    assert!(plan.groups_heads());
+    // Other hardware GPUs: unmeasured, register-blocked.
+    for name in ["AMD", "Apple", "Intel"] {
+        assert_eq!(
+            tier(name, &target, DType::F32, None),
+            Tier::RegisterBlocked,
+            "{name}"
+        );
     }
 }
 
@@ -432,11 +498,16 @@ fn cooperative_matrices_where_the_device_multiplies_the_storage_type() {
         coop(nvidia, 64, DType::F16, None),
         Ok((CooperativeMatrix, 16, 64, 32, 128))
     );
-    // No f32 or bf16 matrices there: the default is register-blocked,
+    // No f32 or bf16 matrices there: the default is register-blocked
+    // (for f32 up to d=128, the subgroup tier, which measured faster),
     // and forcing says why.
     assert_eq!(
-        coop(nvidia, 128, DType::F32, None).unwrap().0,
+        coop(nvidia, 128, DType::BF16, None).unwrap().0,
         RegisterBlocked
+    );
+    assert_eq!(
+        coop(nvidia, 128, DType::F32, None).unwrap().0,
+        Tier::SubgroupBroadcast
     );
     let why = coop(nvidia, 128, DType::F32, Some(CooperativeMatrix)).unwrap_err();
     assert!(
@@ -601,8 +672,10 @@ fn limits_too_small_are_typed_errors_with_the_numbers() {
     ));
     // Too many query tiles for one dispatch dimension.
     let mut info = profile("NVIDIA");
+    let d64 = AttentionShape::self_attention(1, 512, 1, 64);
+    let block_m = ForwardPlan::new(&info, &d64).unwrap().block_m() as usize;
     info.limits.max_compute_workgroups_per_dimension = 100;
-    let long = AttentionShape::self_attention(1, 64 * 101, 1, 64);
+    let long = AttentionShape::self_attention(1, block_m * 101, 1, 64);
     assert!(matches!(
         ForwardPlan::new(&info, &long),
         Err(Error::DispatchTooLarge {

@@ -197,9 +197,9 @@ pub fn cooperative_gpu() -> Option<&'static Gpu> {
 
 /// The forward tiers a test runs each case on: the adapter's default, and
 /// the other kernel family forced: the register-blocked kernel where the
-/// default is a per-row tier (CPU adapters: lavapipe, llvmpipe), the
-/// portable per-row tier where the default is register-blocked (hardware
-/// GPUs). So both forward kernels pass the whole forward matrix on every
+/// default is a per-row tier (CPU adapters: lavapipe, llvmpipe; f32 on
+/// NVIDIA GPUs), the portable per-row tier where the default is
+/// register-blocked (other hardware GPUs). So both forward kernels pass the whole forward matrix on every
 /// adapter that runs it.
 pub fn forward_tiers(gpu: &Gpu) -> [Option<Tier>; 2] {
     let shape = AttentionShape::self_attention(1, 64, 1, 64);
