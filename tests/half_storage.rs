@@ -434,3 +434,86 @@ fn f16_products_within_twice_naive_half_error() {
     within_weights_bound(kernel, &want, &inputs.v, &"masked");
     eprintln!("f16 products: worst kernel / naive-in-precision error ratio {worst_ratio:.2}");
 }
+
+/// A register-blocked layout that fits the workgroup memory with f16 tiles
+/// but not with f32 ones runs with f16 products (the layout is held to the
+/// bytes of the tiles it runs) and stays within the f16 weights' bound;
+/// without them the same layout is a typed error with the numbers.
+#[test]
+fn a_layout_that_fits_only_with_f16_tiles_runs_with_f16_products() {
+    let Some(gpu) = gpu() else { return };
+    if !gpu.info().has_f16() {
+        eprintln!(
+            "SKIPPED: f16 products on {}: it lacks SHADER_F16 (their refusal is checked in f16_products_within_twice_naive_half_error)",
+            gpu.info().summary()
+        );
+        return;
+    }
+    let shape = AttentionShape {
+        batch: 1,
+        seq_q: 70,
+        seq_kv: 90,
+        heads_q: 2,
+        heads_kv: 1,
+        head_dim: 128,
+        head_dim_v: 128,
+    };
+    let layout = |row_lanes, key_lanes, rows| wgpu_flash_attn::BlockedLayout {
+        row_lanes,
+        key_lanes,
+        rows,
+    };
+    let with_layout = |layout, products| {
+        AttentionConfig::new()
+            .causal(true)
+            .blocked_layout(layout)
+            .f16_products(products)
+    };
+    let plan = |config: &AttentionConfig| {
+        wgpu_flash_attn::ForwardPlan::for_config(gpu.info(), &shape, DType::F16, config)
+    };
+    // Blocks that double in bytes, so one straddles any limit.
+    let candidates = [
+        layout(4, 8, 4),
+        layout(8, 8, 4),
+        layout(16, 8, 4),
+        layout(32, 8, 4),
+        layout(64, 4, 4),
+    ];
+    let limit = gpu.info().limits.max_compute_workgroup_storage_size;
+    let Some(&straddling) = candidates.iter().find(|&&l| {
+        plan(&with_layout(l, true)).is_ok()
+            && matches!(
+                plan(&with_layout(l, false)),
+                Err(Error::WorkgroupMemory { .. })
+            )
+    }) else {
+        panic!("no candidate layout fits {limit} bytes with f16 tiles only");
+    };
+    let products = with_layout(straddling, true);
+    let inputs = Inputs::draw(&shape, 0x5eed_1a70, 1.0);
+    let (kernel, naive, want) = errors(gpu, DType::F16, &shape, &inputs, &products);
+    let what = format!("layout {straddling} with f16 products");
+    within_rule(kernel, &naive, &want, &what);
+    within_weights_bound(kernel, &want, &inputs.v, &what);
+    let held = Inputs {
+        q: rounded(DType::F16, &inputs.q),
+        k: rounded(DType::F16, &inputs.k),
+        v: rounded(DType::F16, &inputs.v),
+    };
+    let f32_tiles = with_layout(straddling, false);
+    match forward_in(
+        gpu,
+        DType::F16,
+        &shape,
+        &held,
+        ForwardOptions::new(&f32_tiles),
+    ) {
+        Err(Error::WorkgroupMemory {
+            needed,
+            limit: refused,
+            ..
+        }) => assert!(needed > u64::from(limit) && refused == limit),
+        other => panic!("layout {straddling} with f32 tiles: {other:?}"),
+    }
+}

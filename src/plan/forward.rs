@@ -189,6 +189,9 @@ impl ForwardPlan {
     }
 
     /// The plan without f16 products (the same plan where it had none).
+    /// The planner's layouts fit the workgroup memory either way; a
+    /// caller's layout ([`ForwardPlan::for_call_with_layout`]) planned with
+    /// f16 products was checked with f16 tiles only, and may not.
     pub fn without_f16_products(mut self) -> Self {
         if let Some(TiledKernel::Blocked(blocked)) = &mut self.tiled {
             blocked.f16_products = false;
@@ -262,7 +265,17 @@ impl ForwardPlan {
         config: &crate::AttentionConfig,
     ) -> Result<Self> {
         let plan = match config.blocked_layout {
-            Some(layout) => Self::for_call_with_layout(info, shape, storage, config.tier, layout)?,
+            Some(layout) => {
+                check_layout_tier(config.tier)?;
+                let f16_tiles = takes_f16_tiles(info, storage, config.f16_products);
+                Self::plan_call(
+                    info,
+                    shape,
+                    storage,
+                    config.tier,
+                    Some(CallerLayout { layout, f16_tiles }),
+                )?
+            }
             // f16 products are a variant of the register-blocked tier.
             None if config.f16_products == Some(true) => {
                 let tier = config.tier.unwrap_or(Tier::RegisterBlocked);
@@ -287,7 +300,9 @@ impl ForwardPlan {
     /// workgroup layout given ([`AttentionConfig::blocked_layout`]): a
     /// layout outside the kernel's range, or one the adapter's invocations
     /// or workgroup memory cannot hold, is a typed error with the numbers,
-    /// as is another forced tier.
+    /// as is another forced tier. Where the plan takes f16 products (f16
+    /// storage on NVIDIA), the layout is held to the bytes of its f16
+    /// tiles, so layouts too large in f32 may run.
     ///
     /// [`AttentionConfig::blocked_layout`]: crate::AttentionConfig::blocked_layout
     pub fn for_call_with_layout(
@@ -298,7 +313,14 @@ impl ForwardPlan {
         layout: BlockedLayout,
     ) -> Result<Self> {
         check_layout_tier(tier)?;
-        Self::plan_call(info, shape, storage, tier, Some(layout))
+        let f16_tiles = takes_f16_tiles(info, storage, None);
+        Self::plan_call(
+            info,
+            shape,
+            storage,
+            tier,
+            Some(CallerLayout { layout, f16_tiles }),
+        )
     }
 
     fn plan_call(
@@ -306,7 +328,7 @@ impl ForwardPlan {
         shape: &AttentionShape,
         storage: DType,
         tier: Option<Tier>,
-        layout: Option<BlockedLayout>,
+        layout: Option<CallerLayout>,
     ) -> Result<Self> {
         shape.validate()?;
         let limits = &info.limits;
@@ -726,7 +748,7 @@ fn blocked_tiling_of(
     info: &GpuInfo,
     shape: &AttentionShape,
     storage: DType,
-    layout: BlockedLayout,
+    CallerLayout { layout, f16_tiles }: CallerLayout,
 ) -> Result<BlockedTiling> {
     check_blocked_layout(layout)?;
     let BlockedLayout {
@@ -742,10 +764,27 @@ fn blocked_tiling_of(
         rows,
         storage,
         dropout: false,
-        f16_products: false,
+        f16_products: f16_tiles,
     };
     info.check_workgroup(shape, tiling.workgroup_size(), tiling.workgroup_bytes())?;
     Ok(tiling)
+}
+
+/// Whether a register-blocked plan of `storage` runs f16 products (so f16
+/// tiles) with the caller's setting `products` (`None`: the planner's
+/// default): a caller's layout then only has to fit the workgroup memory
+/// with f16 tiles, half the bytes.
+fn takes_f16_tiles(info: &GpuInfo, storage: DType, products: Option<bool>) -> bool {
+    storage == DType::F16 && products.unwrap_or_else(|| f16_products_by_default(info))
+}
+
+/// A caller's register-blocked layout ([`crate::AttentionConfig::blocked_layout`]),
+/// and whether its tiles are f16 (f16 products forced), which sets the
+/// workgroup memory it must fit.
+#[derive(Debug, Clone, Copy)]
+struct CallerLayout {
+    layout: BlockedLayout,
+    f16_tiles: bool,
 }
 
 /// How query rows map onto invocations.

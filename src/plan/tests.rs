@@ -388,6 +388,53 @@ fn subgroup_tier_for_f32_on_nvidia_where_it_measured_faster() {
     }
 }
 
+/// A caller's register-blocked layout is held to the bytes of the tiles it
+/// will run: f16 tiles with f16 products (forced, or the planner's default
+/// for f16 storage on NVIDIA), f32 tiles otherwise.
+#[test]
+fn caller_layouts_fit_with_the_tiles_they_run() {
+    let info = profile("NVIDIA H200");
+    let limit = u64::from(info.limits.max_compute_workgroup_storage_size);
+    let shape = AttentionShape::self_attention(4, 4096, 16, 128);
+    let layout = BlockedLayout {
+        row_lanes: 16,
+        key_lanes: 8,
+        rows: 4,
+    };
+    let config = crate::AttentionConfig::new().blocked_layout(layout);
+    let plan = |storage, config: &crate::AttentionConfig| {
+        ForwardPlan::for_config(&info, &shape, storage, config)
+    };
+    for config in [config.clone(), config.clone().f16_products(true)] {
+        let fits = plan(DType::F16, &config).unwrap();
+        assert!(fits.f16_products());
+        assert_eq!(fits.block_m(), 64);
+        assert!(fits.workgroup_bytes() <= limit);
+        // The same layout with f32 tiles needs more than the adapter has.
+        assert!(fits.without_f16_products().workgroup_bytes() > limit);
+    }
+    assert_eq!(
+        ForwardPlan::for_call_with_layout(&info, &shape, DType::F16, None, layout)
+            .unwrap()
+            .block_m(),
+        64
+    );
+    for (storage, config) in [
+        (DType::F16, config.clone().f16_products(false)),
+        (DType::F32, config.clone()),
+        (DType::BF16, config.clone()),
+    ] {
+        match plan(storage, &config) {
+            Err(Error::WorkgroupMemory {
+                needed, limit: l, ..
+            }) => {
+                assert!(needed > limit && u64::from(l) == limit, "{storage:?}")
+            }
+            other => panic!("{storage:?}: {other:?}"),
+        }
+    }
+}
+
 /// f16 storage on the register-blocked tier takes f16 products by default
 /// where they measured faster (NVIDIA), forced or not, and nowhere else;
 /// f32 and bf16 storage and the other tiers never.
