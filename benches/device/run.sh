@@ -91,6 +91,11 @@ step 75 "tiers, B4 H16 N4096 d128 causal, f32" \
   "$fb" run $target --tier blocked,subgroup,portable --json "$res/tiers-f32.json"
 step 75 "tiers, B4 H16 N4096 d128 causal, f16" \
   "$fb" run $target --dtype f16 --tier coop,blocked,blocked-f16,subgroup --json "$res/tiers-f16.json"
+# f32 on NVIDIA defaults to the subgroup tier up to d=128 (measured at
+# d128 only, 2026-12-04): the same comparison at d64.
+step 40 "tiers, B4 H16 N4096 d64 causal, f32" \
+  "$fb" run ${target/--head-dim 128/--head-dim 64} --tier blocked,subgroup \
+  --json "$res/tiers-f32-d64.json"
 # The same kernels without wgpu's runtime checks (index clamps, loop
 # bounds, checked division): what the checks cost, against the two steps
 # above.
