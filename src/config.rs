@@ -381,8 +381,10 @@ pub enum Tier {
     /// 8x8) on a device with wgpu's `EXPERIMENTAL_COOPERATIVE_MATRIX`,
     /// `SUBGROUP` and (for f16) `SHADER_F16` features, which the crate
     /// requests only when asked ([`crate::AdapterOptions::cooperative_matrix`]).
-    /// Where it is offered it is the forward's default; forcing it
-    /// elsewhere is `TierUnavailable` with the reason.
+    /// Where it is offered it is the forward's default (except on NVIDIA
+    /// GPUs, where [`Tier::RegisterBlocked`] with f16 products measured
+    /// faster on an H200); forcing it elsewhere is `TierUnavailable` with
+    /// the reason.
     CooperativeMatrix,
 }
 

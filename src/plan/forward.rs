@@ -369,20 +369,26 @@ impl ForwardPlan {
                         .map_err(|reason| unavailable(Tier::RegisterBlocked, reason))?,
                 )),
                 Some(Tier::Portable | Tier::SubgroupBroadcast) => None,
-                // The matrix units where the device offers them, else
-                // register blocking on hardware GPUs, except where the
-                // subgroup tier measured faster.
-                None => match coop_tiling(info, shape, storage) {
-                    Ok(coop) => Some(TiledKernel::Coop(coop)),
-                    Err(_) if blocked_by_default(info) => blocked_tiling(info, shape, storage)
-                        .ok()
-                        .filter(|blocked| {
+                // The matrix units where the device offers them (unless
+                // register blocking measured faster), else register
+                // blocking on hardware GPUs (unless the subgroup tier
+                // measured faster), else a per-row tier.
+                None => {
+                    let coop = coop_tiling(info, shape, storage).ok();
+                    let blocked = || {
+                        blocked_tiling(info, shape, storage).ok().filter(|blocked| {
                             !subgroup_before_blocked(info, shape, storage)
                                 || groups_rows(shape, blocked.block_m())
                         })
-                        .map(TiledKernel::Blocked),
-                    Err(_) => None,
-                },
+                    };
+                    match coop {
+                        Some(coop) if coop_before_blocked(info) => Some(TiledKernel::Coop(coop)),
+                        coop if blocked_by_default(info) => blocked()
+                            .map(TiledKernel::Blocked)
+                            .or(coop.map(TiledKernel::Coop)),
+                        coop => coop.map(TiledKernel::Coop),
+                    }
+                }
             },
         };
         // f16 products where they measured faster (f16_products_by_default).
@@ -665,6 +671,16 @@ pub(crate) fn blocked_by_default(info: &GpuInfo) -> bool {
 
 /// PCI vendor id of NVIDIA (`wgpu::AdapterInfo::vendor`).
 const NVIDIA: u32 = 0x10de;
+
+/// Whether the cooperative-matrix tier, where the device offers it, is the
+/// default before register blocking: everywhere but on NVIDIA GPUs, where
+/// the register-blocked tier with f16 products (f16 storage's default
+/// there) measured 1.72x faster than the matrix kernel (an H200: 37.14
+/// against 63.98 ms, B4 H16 N4096 d128 causal f16, in one run;
+/// BENCHMARKS.md). Forcing `Tier::CooperativeMatrix` still runs it.
+fn coop_before_blocked(info: &GpuInfo) -> bool {
+    info.adapter.vendor != NVIDIA
+}
 
 /// Whether a register-blocked block of `block_m` rows takes the (query
 /// row, head) pairs of a KV head's query heads: GQA calls with fewer query

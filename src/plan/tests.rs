@@ -494,8 +494,18 @@ fn f16_products_by_default_on_nvidia_only() {
     assert!(amd.f16_products() && amd.tier() == Tier::RegisterBlocked);
     assert!(!for_config("AMD", &config).f16_products());
     assert!(for_config("NVIDIA H200", &config.clone().dropout(0.1, 7)).applies_dropout());
-    // Matrix units take f16 where the device enables them.
-    let coop = plan("NVIDIA H200 with", DType::F16, None).unwrap();
+    // With matrix units enabled, NVIDIA keeps the register-blocked tier
+    // with f16 products (measured faster than the matrix kernel); the
+    // matrix tier forced has no f16 products.
+    let with_matrices = plan("NVIDIA H200 with", DType::F16, None).unwrap();
+    assert_eq!(with_matrices.tier(), Tier::RegisterBlocked);
+    assert!(with_matrices.f16_products());
+    let coop = plan(
+        "NVIDIA H200 with",
+        DType::F16,
+        Some(Tier::CooperativeMatrix),
+    )
+    .unwrap();
     assert_eq!(coop.tier(), Tier::CooperativeMatrix);
     assert!(!coop.f16_products());
     // Unmeasured elsewhere: off, and the CPU adapters keep their tiers.
@@ -536,15 +546,24 @@ fn cooperative_matrices_where_the_device_multiplies_the_storage_type() {
     let nvidia = "NVIDIA H200 with";
     let apple = "Apple M2 with";
     // NVIDIA: 16x16 f16 matrices into f32; 32 x 32 blocks fit 48 KiB
-    // at d=128 (O accumulates as f32 in workgroup memory).
+    // at d=128 (O accumulates as f32 in workgroup memory). Offered, but
+    // not the default there: register blocking with f16 products measured
+    // faster.
+    let forced = Some(CooperativeMatrix);
     assert_eq!(
-        coop(nvidia, 128, DType::F16, None),
+        coop(nvidia, 128, DType::F16, forced),
         Ok((CooperativeMatrix, 16, 32, 32, 64))
     );
     assert_eq!(
-        coop(nvidia, 64, DType::F16, None),
+        coop(nvidia, 64, DType::F16, forced),
         Ok((CooperativeMatrix, 16, 64, 32, 128))
     );
+    for head_dim in [64, 128] {
+        assert_eq!(
+            coop(nvidia, head_dim, DType::F16, None).unwrap().0,
+            RegisterBlocked
+        );
+    }
     // No f32 or bf16 matrices there: the default is register-blocked
     // (for f32 up to d=128, the subgroup tier, which measured faster),
     // and forcing says why.
