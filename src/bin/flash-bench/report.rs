@@ -205,9 +205,9 @@ impl Report {
              of the best ceiling above; backward rows count 2.5 x the forward's FLOPs (FlashAttention's \
              count); GPU mem is what the call allocates (output and scratch; the parameter uniforms, ~100 bytes, are not counted); \
              GPU results are checked against the f64 reference (tolerance {:e} plus the output's \
-             storage rounding; f16-products cases: twice the error of standard attention computed \
-             in f16, plus {:e}) before timing.",
-            crate::measure::TOLERANCE,
+             storage rounding; f16 cases on cooperative matrices or f16 products, which round the \
+             weights to f16 before P V: plus 2^-11 of the largest |v|, see docs/semantics.md) \
+             before timing.",
             crate::measure::TOLERANCE
         );
     }
