@@ -123,19 +123,13 @@ if [ -n "$ablations" ]; then
 fi
 step 90 "PyTorch SDPA peer" python3 .device/torch_sdpa.py "$res/torch_sdpa.json"
 # The kernels' tests on a real GPU: a failure here is the top priority.
-for t in tiers cooperative_matrix half_storage backward decode head_dims; do
+# On NVIDIA the defaults these run are the subgroup tier for f32 (up to
+# d=128) and register blocking with f16 products for f16, matrices
+# requested or not (since 2026-12-04, seventh session); the matrix tier's
+# own tests force it.
+for t in tiers cooperative_matrix half_storage forward masks key_chunks backward decode head_dims; do
   [ -x "$tests/$t" ] && step 90 "tests: $t" "$tests/$t" --test-threads=4
 done
-# Without cooperative matrices, f16 storage defaults to the register-blocked
-# tier with f16 products on NVIDIA (since 2026-12-04, sixth session): the
-# f16 tests and the fuzz on that default.
-for t in half_storage forward masks key_chunks; do
-  [ -x "$tests/$t" ] && step 60 "tests without cooperative matrices: $t" \
-    env -u FLASH_ATTN_COOPERATIVE_MATRIX "$tests/$t" --test-threads=4
-done
-[ -x "$tests/fuzz" ] && step 60 "tests without cooperative matrices: fuzz, 40 cases" \
-  env -u FLASH_ATTN_COOPERATIVE_MATRIX FLASH_ATTN_FUZZ_CASES=40 FLASH_ATTN_FUZZ_SEED=1207 \
-  "$tests/fuzz" --ignored --test-threads=4
 # This commit against others (benches/device/stage-baseline.sh: the
 # commit a kernel change replaces, a branch's kernel), in two rounds so
 # that a drift in the GPU's clocks shows as disagreement between the
@@ -244,7 +238,7 @@ for t in "$tests"/*; do
   name=$(basename "$t")
   case $name in
     # Done above; flash_bench_cli needs the source tree's binary, shaders no GPU.
-    tiers | cooperative_matrix | half_storage | backward | decode | head_dims | fuzz | flash_bench_cli | shaders) continue ;;
+    tiers | cooperative_matrix | half_storage | forward | masks | key_chunks | backward | decode | head_dims | fuzz | flash_bench_cli | shaders) continue ;;
   esac
   step 90 "tests: $name" "$t" --test-threads=4
 done
