@@ -12,7 +12,9 @@ use std::process::{Command, Output};
 use common::{Inputs, gpu};
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
-use wgpu_flash_attn::{AttentionConfig, AttentionShape, Error, NaivePlan, reference};
+use wgpu_flash_attn::{
+    AttentionConfig, AttentionShape, BlockedLayout, DType, Error, ForwardPlan, NaivePlan, reference,
+};
 
 fn flash_bench(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_flash-bench"))
@@ -1285,6 +1287,86 @@ fn run_times_register_blocked_layouts() {
     let output = flash_bench(&["run", "--seq-q", "8", "--blocked-layout", "8x8x9"]);
     assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
     assert!(String::from_utf8_lossy(&output.stderr).contains("rows must be 1 to 8"));
+}
+
+/// `run --tier blocked-f16 --blocked-layout L` times L with f16 products,
+/// whose f16 tiles let a layout too large in f32 fit (8x8x4 at d=128 on
+/// lavapipe's 32 KiB); `--tier blocked` times it without, or skips it
+/// with the reason where its f32 tiles do not fit.
+#[test]
+fn run_layouts_take_f16_products_from_the_listed_tier() {
+    let Some(gpu) = gpu() else { return };
+    let shape = AttentionShape::self_attention(1, 48, 2, 128);
+    let layout = BlockedLayout {
+        row_lanes: 8,
+        key_lanes: 8,
+        rows: 4,
+    };
+    let fits = |products| {
+        let config = AttentionConfig::new()
+            .blocked_layout(layout)
+            .f16_products(products);
+        ForwardPlan::for_config(gpu.info(), &shape, DType::F16, &config).is_ok()
+    };
+    for (tier, products) in [("blocked-f16", true), ("blocked", false)] {
+        if products && !gpu.info().has_f16() {
+            eprintln!(
+                "SKIPPED: --tier blocked-f16 on {}: it lacks SHADER_F16",
+                gpu.info().summary()
+            );
+            continue;
+        }
+        let (output, report) = json_report(
+            &format!("layout-{tier}.json"),
+            &[
+                "run",
+                "--seq-q",
+                "48",
+                "--heads-q",
+                "2",
+                "--head-dim",
+                "128",
+                "--dtype",
+                "f16",
+                "--tier",
+                tier,
+                "--blocked-layout",
+                "8x8x4",
+                "--iters",
+                "1",
+            ],
+        );
+        let cases = report["cases"].as_array().unwrap();
+        let timed: Vec<&serde_json::Value> = cases
+            .iter()
+            .filter(|c| c["options"]["blocked_layout"] == "8x8x4")
+            .collect();
+        assert_eq!(
+            timed.len(),
+            usize::from(fits(products)),
+            "{tier}: {cases:?}"
+        );
+        match timed.first() {
+            Some(case) => {
+                assert_eq!(case["passed"], true, "{case}");
+                assert_eq!(case["f16_products"], products, "{case}");
+                let name = case["name"].as_str().unwrap();
+                assert_eq!(name.ends_with("8x8x4 f16-products"), products, "{name}");
+            }
+            None => {
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                assert!(
+                    stderr.contains("skipped: register-blocked layout 8x8x4")
+                        && stderr.contains("workgroup memory"),
+                    "{stderr}"
+                );
+            }
+        }
+    }
+    // On lavapipe the two differ: only f16 tiles fit.
+    if gpu.info().has_f16() && gpu.info().limits.max_compute_workgroup_storage_size == 32 * 1024 {
+        assert!(fits(true) && !fits(false));
+    }
 }
 
 /// `run --tier a,b,c` measures each tier in one run (one validated case

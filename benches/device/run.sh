@@ -159,7 +159,8 @@ step 120 "register-blocked layouts, B4 H16 N4096 d128 causal, f32" \
   "$fb" run $target --tier blocked \
   --blocked-layout 8x8x4,16x8x2,16x4x2,32x4x1,8x8x2,4x16x4,32x2x1,64x2x1,64x4x1,16x16x1 \
   --json "$res/blocked-layouts-f32.json"
-# The same with f16 products (f16 storage's default on NVIDIA): a caller's
+# The same with f16 products (blocked-f16 alone makes the layouts take
+# them; f16 storage's default on NVIDIA anyway): a caller's
 # layout is held to its f16 tiles' bytes, so blocks of 64 rows fit 48 KiB
 # at d128 (the planner still picks at f32 sizes: 32 x 32, 64 invocations).
 step 90 "register-blocked layouts with f16 products, B4 H16 N4096 d128 causal, f16" \

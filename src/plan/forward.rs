@@ -795,8 +795,8 @@ fn takes_f16_tiles(info: &GpuInfo, storage: DType, products: Option<bool>) -> bo
 }
 
 /// A caller's register-blocked layout ([`crate::AttentionConfig::blocked_layout`]),
-/// and whether its tiles are f16 (f16 products forced), which sets the
-/// workgroup memory it must fit.
+/// and whether its tiles are f16 (f16 products, forced or the planner's
+/// default), which sets the workgroup memory it must fit.
 #[derive(Debug, Clone, Copy)]
 struct CallerLayout {
     layout: BlockedLayout,

@@ -99,7 +99,10 @@ struct RunArgs {
     /// Register-blocked workgroup layouts to time, each a case of its own
     /// on that tier after the --tier cases: ROW_LANESxKEY_LANESxROWS, a
     /// comma-separated list (`--blocked-layout 16x8x2,8x8x4`); a layout the
-    /// adapter cannot hold is reported and skipped.
+    /// adapter cannot hold is reported and skipped. With f16 products where
+    /// --tier lists blocked-f16 and not blocked, without where it lists
+    /// blocked and not blocked-f16, else as the planner chooses (f16 tiles
+    /// let larger layouts fit).
     #[arg(long, value_delimiter = ',', value_parser = crate::options::parse_layout)]
     blocked_layout: Vec<wgpu_flash_attn::BlockedLayout>,
     /// Timed runs after the validating first run (at least 1).
@@ -220,32 +223,44 @@ fn run(cli: &Cli) -> Result<bool> {
                     }
                 })
                 .collect();
-            // Each layout the adapter holds, on the register-blocked tier.
-            let layouts =
-                args.blocked_layout.iter().filter(
-                    |&&layout| match ForwardPlan::for_call_with_layout(
-                        gpu.info(),
-                        &shape,
-                        dtype,
-                        None,
-                        layout,
-                    ) {
-                        Ok(_) => true,
+            // Each layout the adapter holds, on the register-blocked tier:
+            // with f16 products where the tiers listed name `blocked-f16`
+            // and not `blocked`, without where they name `blocked` and not
+            // `blocked-f16`, else as the planner chooses.
+            let listed_tier = |tier| args.tier.contains(&tier);
+            let layout_products = match (
+                listed_tier(TierArg::BlockedF16),
+                listed_tier(TierArg::Blocked),
+            ) {
+                (true, false) => Some(true),
+                (false, true) => Some(false),
+                _ => None,
+            };
+            let layout_cases: Vec<(wgpu_flash_attn::AttentionConfig, String)> = args
+                .blocked_layout
+                .iter()
+                .filter_map(|&layout| {
+                    let mut config = config
+                        .clone()
+                        .tier(wgpu_flash_attn::Tier::RegisterBlocked)
+                        .blocked_layout(layout);
+                    if let Some(products) = layout_products {
+                        config = config.f16_products(products);
+                    }
+                    match ForwardPlan::for_config(gpu.info(), &shape, dtype, &config) {
+                        Ok(plan) => {
+                            let products = if plan.f16_products() {
+                                " f16-products"
+                            } else {
+                                ""
+                            };
+                            Some((config, format!(" RegisterBlocked {layout}{products}")))
+                        }
                         Err(err) => {
                             eprintln!("skipped: register-blocked layout {layout}: {err}");
-                            false
+                            None
                         }
-                    },
-                );
-            let layout_cases: Vec<(wgpu_flash_attn::AttentionConfig, String)> = layouts
-                .map(|&layout| {
-                    (
-                        config
-                            .clone()
-                            .tier(wgpu_flash_attn::Tier::RegisterBlocked)
-                            .blocked_layout(layout),
-                        format!(" RegisterBlocked {layout}"),
-                    )
+                    }
                 })
                 .collect();
             let tier_cases = tiers.into_iter().map(|tier| match tier {

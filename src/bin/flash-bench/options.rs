@@ -307,8 +307,8 @@ pub enum TierArg {
     Portable,
     /// Subgroup broadcasts (CPU adapters with one subgroup size of 8).
     Subgroup,
-    /// Register-blocked micro-tiles (the forward's default on GPUs), with
-    /// f32 products (what f16 storage gets by default on NVIDIA is
+    /// Register-blocked micro-tiles (the forward's default on most GPUs),
+    /// with f32 products (what f16 storage gets by default on NVIDIA is
     /// blocked-f16).
     Blocked,
     /// The register-blocked tier with its products in f16 (f16 storage,
