@@ -176,6 +176,10 @@ backward_shape="--seq-q 4096 --heads-q 16 --head-dim 128 --causal --backward --i
 builtin() {
   step 30 "variants: built-in register-blocked forward, f32 ($1)" \
     "$fb" run $target --tier blocked --json "$res/variant-builtin-forward-$1.json"
+  if ls .device/variants/*/flash_attention.wgsl >/dev/null 2>&1; then
+    step 30 "variants: built-in subgroup forward, f32 ($1)" \
+      "$fb" run $target --tier subgroup --json "$res/variant-builtin-subgroup-$1.json"
+  fi
   if ls .device/variants/*/flash_backward_blocked.wgsl >/dev/null 2>&1; then
     step 45 "variants: built-in register-blocked backward ($1)" \
       "$fb" run $backward_shape --tier blocked --json "$res/variant-builtin-backward-$1.json"
@@ -192,6 +196,10 @@ if [ -d .device/variants ]; then
         "$fb" --shader-dir "$v" run $target --tier blocked --json "$res/variant-$name-f32.json"
       step 30 "variant $name, f16 register-blocked forward with f16 products" \
         "$fb" --shader-dir "$v" run $target --dtype f16 --tier blocked-f16 --json "$res/variant-$name-f16.json"
+    fi
+    if [ -f "$v/flash_attention.wgsl" ]; then
+      step 30 "variant $name, f32 subgroup forward" \
+        "$fb" --shader-dir "$v" run $target --tier subgroup --json "$res/variant-$name-subgroup-f32.json"
     fi
     if [ -f "$v/flash_backward_blocked.wgsl" ]; then
       step 45 "variant $name, register-blocked backward" \

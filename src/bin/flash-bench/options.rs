@@ -33,7 +33,8 @@ pub struct GlobalArgs {
     /// Request wgpu's experimental cooperative-matrix feature where the
     /// adapter has it (as FLASH_ATTN_COOPERATIVE_MATRIX=1 does), which
     /// offers the tensor-core tier (`--tier coop`, the default for f16
-    /// and f32 where offered).
+    /// and f32 where offered, except on NVIDIA, where register blocking
+    /// with f16 products measured faster).
     #[arg(long, global = true)]
     pub cooperative_matrix: bool,
     /// Compile the kernels without wgpu's runtime checks (array index
