@@ -658,6 +658,72 @@ fn decoding_like_gqa_calls_group_a_kv_heads_rows() {
     assert!(!plan_of(1, 64, 8, Some(Tier::Portable)).groups_heads());
 }
 
+/// Every default plan, on every profile, storage type, head-dim pair and
+/// call shape (long multi-head, GQA prefill, a GQA decoding step), fits
+/// its adapter: workgroup memory and invocations within the limits, a
+/// subgroup workgroup of the smallest subgroup size, and f16 products only
+/// on register-blocked plans of f16 storage.
+#[test]
+fn default_plans_fit_their_adapter_everywhere() {
+    let heads = [(1000, 8, 8), (1000, 32, 8), (1, 64, 8), (5, 8, 1)];
+    let dims = [
+        (8, 8),
+        (64, 64),
+        (128, 128),
+        (192, 128),
+        (256, 256),
+        (576, 512),
+    ];
+    for p in all() {
+        let info = p.info();
+        for storage in [DType::F32, DType::F16, DType::BF16] {
+            for (seq_q, heads_q, heads_kv) in heads {
+                for (head_dim, head_dim_v) in dims {
+                    let shape = AttentionShape {
+                        batch: 2,
+                        seq_q,
+                        seq_kv: 700,
+                        heads_q,
+                        heads_kv,
+                        head_dim,
+                        head_dim_v,
+                    };
+                    let what = format!("{} {storage:?} {shape:?}", p.name);
+                    let plan = match ForwardPlan::for_call(&info, &shape, storage, None) {
+                        Ok(plan) => plan,
+                        // Only head dims whose smallest tile outgrows the
+                        // adapter's workgroup memory refuse.
+                        Err(Error::WorkgroupMemory { limit, .. }) => {
+                            assert_eq!(limit, p.workgroup_bytes, "{what}");
+                            continue;
+                        }
+                        Err(other) => panic!("{what}: {other}"),
+                    };
+                    assert!(
+                        plan.workgroup_bytes() <= u64::from(p.workgroup_bytes),
+                        "{what}"
+                    );
+                    assert!(plan.workgroup_size() <= p.invocations, "{what}");
+                    if plan.tier() == Tier::SubgroupBroadcast {
+                        assert_eq!(
+                            Some(plan.workgroup_size()),
+                            p.subgroups.map(|s| s.0),
+                            "{what}"
+                        );
+                    }
+                    if plan.f16_products() {
+                        assert!(
+                            plan.tier() == Tier::RegisterBlocked && storage == DType::F16,
+                            "{what}"
+                        );
+                    }
+                    assert!(plan.workgroups().iter().all(|&n| n >= 1), "{what}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn register_blocked_keys_per_dispatch_respect_the_loop_cap() {
     let info = profile("llvmpipe (LLVM");
