@@ -1230,8 +1230,9 @@ impl BudgetedKernel {
 /// Whether `spec` declares the workgroup memory its plan budgets: exactly,
 /// for the block-tiled kernels (whose layouts the planners size from the
 /// limit; the blocked gradient passes besides the sink pass's shares,
-/// which they do not use); at most, for the per-row forward (its subgroup
-/// variant stages nothing). `Ok(None)` for kernels without a budget.
+/// which they do not use); at most, for the per-row forward (none for its
+/// subgroup variant, which stages nothing). `Ok(None)` for kernels without
+/// a budget.
 fn workgroup_memory_against_budget(
     spec: &Specialization,
     module: &naga::Module,
@@ -1252,7 +1253,11 @@ fn workgroup_memory_against_budget(
         ),
         S::FlashForward(t) | S::FlashMasked(t) => (
             BudgetedKernel::PerRowForward,
-            crate::shaders::forward_tile_bytes(t.head_dim, t.head_dim_v, t.block_n),
+            if t.subgroup_kv {
+                0
+            } else {
+                crate::shaders::forward_tile_bytes(t.head_dim, t.head_dim_v, t.block_n)
+            },
             false,
             &[],
         ),

@@ -129,11 +129,13 @@ impl ForwardPlan {
             _ => None,
         }
     }
-    /// Bytes of workgroup memory the forward kernel declares.
+    /// Bytes of workgroup memory the forward kernel declares (none for the
+    /// subgroup tier, whose lanes hand K and V over by broadcasts).
     pub fn workgroup_bytes(&self) -> u64 {
         match self.tiled {
             Some(TiledKernel::Blocked(b)) => b.workgroup_bytes(),
             Some(TiledKernel::Coop(c)) => c.workgroup_bytes(),
+            None if self.tiling.subgroup_kv => 0,
             None => forward_tile_bytes(
                 self.tiling.head_dim,
                 self.tiling.head_dim_v,
@@ -333,17 +335,11 @@ impl ForwardPlan {
         shape.validate()?;
         let limits = &info.limits;
         let (head_dim, head_dim_v) = (shape.head_dim as u32, shape.head_dim_v as u32);
-        let block_n = largest_block_n(
+        let fitting_block_n = largest_block_n(
             head_dim,
             head_dim_v,
             u64::from(limits.max_compute_workgroup_storage_size),
-        )
-        .ok_or(Error::WorkgroupMemory {
-            head_dim: shape.head_dim,
-            head_dim_v: shape.head_dim_v,
-            needed: forward_tile_bytes(head_dim, head_dim_v, MIN_BLOCK_N),
-            limit: limits.max_compute_workgroup_storage_size,
-        })?;
+        );
         // The per-row tiers' tiling is planned in every case: the naive
         // baseline shares it.
         let row_tier = tier.filter(|&t| matches!(t, Tier::Portable | Tier::SubgroupBroadcast));
@@ -390,6 +386,23 @@ impl ForwardPlan {
                     }
                 }
             },
+        };
+        // The subgroup variant of the per-row kernel stages nothing in
+        // workgroup memory (its tile length only sets the granularity of
+        // its key loop and of the masks' tile states), so it runs where no
+        // K/V tile fits; every other plan needs the per-row tile, which
+        // the naive baseline shares.
+        let block_n = match fitting_block_n {
+            Some(block_n) => block_n,
+            None if tiled.is_none() && subgroup_kv => MIN_BLOCK_N,
+            None => {
+                return Err(Error::WorkgroupMemory {
+                    head_dim: shape.head_dim,
+                    head_dim_v: shape.head_dim_v,
+                    needed: forward_tile_bytes(head_dim, head_dim_v, MIN_BLOCK_N),
+                    limit: limits.max_compute_workgroup_storage_size,
+                });
+            }
         };
         // f16 products where they measured faster (f16_products_by_default).
         // The layout was chosen at f32 tile sizes, so a caller who turns

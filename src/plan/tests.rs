@@ -5,7 +5,7 @@ use super::profiles::*;
 use super::*;
 use crate::config::AttentionShape;
 use crate::decode::{DecodeLanes, DecodeOptions};
-use crate::shaders::{BlockedTiling, NaivePass};
+use crate::shaders::{BlockedTiling, MIN_BLOCK_N, NaivePass};
 use crate::tensor::DType;
 
 fn profile(name: &str) -> GpuInfo {
@@ -741,16 +741,28 @@ fn register_blocked_keys_per_dispatch_respect_the_loop_cap() {
 
 #[test]
 fn wide_and_uneven_head_dims_plan_where_their_tiles_fit() {
-    // DeepSeek MLA's 576/512: the smallest tile (4 keys) needs 17 KiB.
+    // DeepSeek MLA's 576/512: the smallest tile (4 keys) needs 17 KiB,
+    // more than a 16 KiB adapter has; its subgroup tier stages nothing and
+    // runs, without subgroups the call is a typed error.
     let mla = AttentionShape::self_attention(1, 1024, 16, 576).with_head_dim_v(512);
+    let small = ForwardPlan::new(&profile("Adreno"), &mla).unwrap();
+    assert_eq!(small.tier(), Tier::SubgroupBroadcast);
+    assert_eq!(small.workgroup_bytes(), 0);
+    assert_eq!(small.block_n(), MIN_BLOCK_N);
+    let mut info = profile("Adreno");
+    info.features.remove(wgpu::Features::SUBGROUP);
     assert!(matches!(
-        ForwardPlan::new(&profile("Adreno"), &mla),
+        ForwardPlan::new(&info, &mla),
         Err(Error::WorkgroupMemory {
             head_dim: 576,
             head_dim_v: 512,
             needed: 17408,
             limit: 16384
         })
+    ));
+    assert!(matches!(
+        ForwardPlan::for_call(&profile("Adreno"), &mla, DType::F32, Some(Tier::Portable)),
+        Err(Error::WorkgroupMemory { needed: 17408, .. })
     ));
     let cpu = ForwardPlan::new(&profile("llvmpipe (LLVM"), &mla).unwrap();
     assert_eq!(cpu.rows_per_invocation(), 2, "the widest heads hold 2 rows");
@@ -777,6 +789,12 @@ fn limits_too_small_are_typed_errors_with_the_numbers() {
     let shape = AttentionShape::self_attention(1, 512, 4, 256);
     let mut info = profile("Adreno");
     info.limits.max_compute_workgroup_storage_size = 4 * KIB;
+    // (With subgroups, the subgroup tier needs no workgroup memory.)
+    assert_eq!(
+        ForwardPlan::new(&info, &shape).unwrap().workgroup_bytes(),
+        0
+    );
+    info.features.remove(wgpu::Features::SUBGROUP);
     assert!(matches!(
         ForwardPlan::new(&info, &shape),
         Err(Error::WorkgroupMemory {
