@@ -14,7 +14,8 @@ use common::random::seeded;
 use common::{Inputs, assert_close, attention_shape as shape, forward_tiers, gpu, with_tier};
 use rand::RngExt;
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionMask, Dropout, Error, ForwardOptions, Gpu, reference,
+    AttentionArgs, AttentionConfig, AttentionMask, DType, Dropout, Error, ForwardOptions, Gpu,
+    reference,
 };
 
 /// The forward's output and logsumexp at `shape`, read back.
@@ -50,7 +51,7 @@ fn forward_dropout_against_the_reference() {
     let Some(gpu) = gpu() else { return };
     let shape = inputs_shape();
     let inputs = Inputs::draw(&shape, 0xd20_0001, 1.0);
-    for tier in forward_tiers(gpu) {
+    for tier in forward_tiers(gpu, DType::F32) {
         for config in &common::dropout_configs(shape.heads_q) {
             let config = with_tier(config, tier);
             let errors = common::run_and_compare(gpu, &shape, &inputs, &config);
@@ -68,7 +69,7 @@ fn dropout_in_key_chunks_against_the_reference() {
     let Some(gpu) = gpu() else { return };
     let shape = inputs_shape();
     let inputs = Inputs::draw(&shape, 0xd20_0005, 1.0);
-    for tier in forward_tiers(gpu) {
+    for tier in forward_tiers(gpu, DType::F32) {
         for (config, keys) in common::dropout_configs(shape.heads_q)
             .iter()
             .zip([13, 64, 1])
@@ -102,7 +103,7 @@ fn masked_forward_dropout_against_the_reference() {
         dims,
         values: &bits,
     };
-    for tier in forward_tiers(gpu) {
+    for tier in forward_tiers(gpu, DType::F32) {
         let config = with_tier(&AttentionConfig::new().dropout(0.3, 5).causal(true), tier);
         let (got, got_lse) = forward(gpu, &inputs, ForwardOptions::new(&config).mask(&mask));
         let want = reference::attention_masked(

@@ -7,7 +7,7 @@ mod common;
 use common::random::seeded;
 use common::{Inputs, assert_close, forward_tiers, gpu, run_and_compare, with_tier};
 use rand::{Rng, RngExt};
-use wgpu_flash_attn::{AttentionConfig, AttentionShape, Gpu};
+use wgpu_flash_attn::{AttentionConfig, AttentionShape, DType, Gpu};
 
 const RAGGED: [usize; 9] = [1, 7, 63, 64, 65, 127, 128, 129, 500];
 
@@ -17,7 +17,7 @@ fn check_causal_and_not(gpu: &Gpu, shape: &AttentionShape, seed: u64) -> f64 {
     let inputs = Inputs::draw(shape, seed, 1.0);
     let mut worst = 0.0f64;
     for causal in [false, true] {
-        for tier in forward_tiers(gpu) {
+        for tier in forward_tiers(gpu, DType::F32) {
             let config = with_tier(&AttentionConfig::new().causal(causal), tier);
             let errors = run_and_compare(gpu, shape, &inputs, &config);
             assert_close(
@@ -105,7 +105,7 @@ fn large_scores_stay_finite_and_exact() {
         "inputs too tame: max |score| = {max_score}"
     );
     for causal in [false, true] {
-        for tier in forward_tiers(gpu) {
+        for tier in forward_tiers(gpu, DType::F32) {
             let config = with_tier(&AttentionConfig::new().causal(causal), tier);
             let errors = run_and_compare(gpu, &shape, &inputs, &config);
             assert_close(
@@ -151,7 +151,7 @@ fn causal_rows_without_keys_are_zero() {
     // Rows 0..70 sit before key 0 under bottom-right alignment.
     assert!(reference.lse[..70].iter().all(|l| l.is_infinite()));
     assert!(reference.lse[70..100].iter().all(|l| l.is_finite()));
-    for tier in forward_tiers(gpu) {
+    for tier in forward_tiers(gpu, DType::F32) {
         let errors = run_and_compare(gpu, &shape, &inputs, &with_tier(&config, tier));
         assert_close(errors, &format!("causal seq_q > seq_kv {tier:?}"));
     }

@@ -401,7 +401,7 @@ fn key_lanes_refused(gpu: &Gpu, case: &Case, dtype: KvDType, lanes: DecodeLanes)
 fn forward_kernel<'g>(gpu: &'g Gpu, case: &Case) -> (&'g Gpu, Option<Tier>) {
     let (device, tier) = match case.forward_kernel {
         ForwardKernel::Default => return (gpu, None),
-        ForwardKernel::OtherFamily => (gpu, forward_tiers(gpu)[1]),
+        ForwardKernel::OtherFamily => (gpu, forward_tiers(gpu, case.dtype)[1]),
         ForwardKernel::Cooperative => (
             common::cooperative_gpu().expect("the test adapter"),
             Some(Tier::CooperativeMatrix),

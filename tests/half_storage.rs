@@ -166,7 +166,7 @@ fn check_dtype(dtype: DType, head_dims: &[usize], representative: &[usize], seed
                 head_dim_v: head_dim,
             };
             let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
-            let tiers = forward_tiers(gpu);
+            let tiers = forward_tiers(gpu, dtype);
             let tiers = if representative.contains(&head_dim) {
                 &tiers[..]
             } else {
@@ -228,7 +228,7 @@ fn large_f16_inputs_do_not_overflow() {
     };
     for (causal, tier) in [false, true]
         .into_iter()
-        .flat_map(|causal| forward_tiers(gpu).map(move |tier| (causal, tier)))
+        .flat_map(|causal| forward_tiers(gpu, DType::F16).map(move |tier| (causal, tier)))
     {
         let config = with_tier(&AttentionConfig::new().causal(causal), tier);
         let (kernel, naive, _) = errors(gpu, DType::F16, &shape, &inputs, &config);

@@ -67,7 +67,7 @@ fn max_difference(a: &[f32], b: &[f32], what: &str) -> f64 {
 
 /// The configurations that place keys differently, on both forward
 /// kernels (`forward_tiers`).
-fn configs(gpu: &Gpu, heads_q: usize) -> Vec<(String, AttentionConfig)> {
+fn configs(gpu: &Gpu, heads_q: usize, dtype: DType) -> Vec<(String, AttentionConfig)> {
     let sinks: Vec<f32> = (0..heads_q).map(|h| 0.5 - 0.3 * h as f32).collect();
     let slopes: Vec<f32> = (0..heads_q).map(|h| 0.05 * (h + 1) as f32).collect();
     vec![
@@ -86,7 +86,7 @@ fn configs(gpu: &Gpu, heads_q: usize) -> Vec<(String, AttentionConfig)> {
     ]
     .into_iter()
     .flat_map(|(name, config)| {
-        forward_tiers(gpu).map(|tier| (format!("{name} {tier:?}"), with_tier(&config, tier)))
+        forward_tiers(gpu, dtype).map(|tier| (format!("{name} {tier:?}"), with_tier(&config, tier)))
     })
     .collect()
 }
@@ -121,7 +121,7 @@ fn chunked_keys_match_the_reference_and_one_dispatch() {
         let inputs = Inputs::draw(shape, 0x0c4u64 + s as u64, 1.0);
         let tensors = upload(gpu, shape, &inputs, DType::F32);
         let tensors = [&tensors[0], &tensors[1], &tensors[2]];
-        for (name, config) in configs(gpu, shape.heads_q) {
+        for (name, config) in configs(gpu, shape.heads_q, DType::F32) {
             let (whole, whole_lse) = run(gpu, shape, tensors, (&config).into()).unwrap();
             for keys in [7, 64, 100] {
                 let what = format!("{shape:?} {name}, {keys} keys per dispatch");
@@ -157,7 +157,7 @@ fn half_storage_carries_f32_between_chunks() {
     for dtype in cases("storage types", &[DType::F16], &[DType::F16, DType::BF16]) {
         let tensors = upload(gpu, &shape, &inputs, dtype);
         let tensors = [&tensors[0], &tensors[1], &tensors[2]];
-        for (name, config) in configs(gpu, shape.heads_q) {
+        for (name, config) in configs(gpu, shape.heads_q, dtype) {
             let what = format!("{dtype:?} {name}");
             let (whole, whole_lse) = run(gpu, &shape, tensors, (&config).into()).unwrap();
             let options = ForwardOptions::new(&config).keys_per_dispatch(48);
@@ -233,7 +233,7 @@ fn chunked_sequences_match_each_sequence_alone() {
         head_dim: d,
         head_dim_v: d,
     };
-    for (name, config) in configs(gpu, hq) {
+    for (name, config) in configs(gpu, hq, DType::F32) {
         let options = ForwardOptions::new(&config)
             .varlen(&cu_q, &cu_k)
             .keys_per_dispatch(24);
@@ -366,7 +366,7 @@ fn keys_past_one_binding_are_bound_in_windows() {
     assert!(4 * shape.k_shape().elements() as u64 > binding);
     let inputs = Inputs::draw(&shape, 0x0c8, 1.0);
     let [q, k, v] = upload(gpu, &shape, &inputs, DType::F32);
-    for (name, config) in configs(gpu, shape.heads_q) {
+    for (name, config) in configs(gpu, shape.heads_q, DType::F32) {
         let (got, got_lse) = run(gpu, &shape, [&q, &k, &v], (&config).into()).unwrap();
         assert_close(
             compare(&shape, &inputs, &config, &got, &got_lse),

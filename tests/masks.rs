@@ -11,7 +11,7 @@ use common::{Inputs, forward_tiers, gpu, with_tier};
 use rand::RngExt;
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BlockLayout, Error,
+    AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BlockLayout, DType, Error,
     ForwardOptions, Gpu, Lse, Tensor, patterns,
 };
 
@@ -115,7 +115,7 @@ fn bias_and_boolean_masks_match_the_reference() {
         let bool_mask = AttentionMask::boolean(gpu, dims, &bools).unwrap();
         for config in configs
             .iter()
-            .flat_map(|config| forward_tiers(gpu).map(|tier| with_tier(config, tier)))
+            .flat_map(|config| forward_tiers(gpu, DType::F32).map(|tier| with_tier(config, tier)))
         {
             let config = &config;
             for (mask, host) in [
@@ -205,7 +205,7 @@ fn block_sparse_masks_equal_their_dense_equivalents() {
         assert!(sparse.is_block_sparse() && !dense.is_block_sparse());
         for config in [AttentionConfig::new(), AttentionConfig::new().causal(true)]
             .iter()
-            .flat_map(|config| forward_tiers(gpu).map(|tier| with_tier(config, tier)))
+            .flat_map(|config| forward_tiers(gpu, DType::F32).map(|tier| with_tier(config, tier)))
         {
             let host = HostMask::Bool { dims, values };
             let want = reference::attention_masked(

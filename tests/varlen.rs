@@ -7,7 +7,7 @@ mod common;
 use common::random::{normal_vec, seeded};
 use common::{assert_rows_close, forward_tiers, gpu, sequence_reference, with_tier};
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionShape, Error, ForwardOptions, Gpu, Lse, Tensor,
+    AttentionArgs, AttentionConfig, AttentionShape, DType, Error, ForwardOptions, Gpu, Lse, Tensor,
     TensorShape, ValidLengths,
 };
 
@@ -54,8 +54,9 @@ fn a_packed_batch_equals_each_sequence_alone() {
         (dropout, Some(9)),
     ]
     .iter()
-    .flat_map(|(config, keys)| forward_tiers(gpu).map(|tier| (with_tier(config, tier), *keys)))
-    {
+    .flat_map(|(config, keys)| {
+        forward_tiers(gpu, DType::F32).map(|tier| (with_tier(config, tier), *keys))
+    }) {
         let out = Tensor::filled(gpu, qt.shape(), f32::NAN).unwrap();
         let lse = Lse::new(gpu, 1, HEADS_Q, total_q).unwrap();
         let args = AttentionArgs {
@@ -127,8 +128,9 @@ fn valid_lengths_skip_padding_and_zero_padded_rows() {
         (dropout, Some(16)),
     ]
     .iter()
-    .flat_map(|(config, keys)| forward_tiers(gpu).map(|tier| (with_tier(config, tier), *keys)))
-    {
+    .flat_map(|(config, keys)| {
+        forward_tiers(gpu, DType::F32).map(|tier| (with_tier(config, tier), *keys))
+    }) {
         let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
         let lse = Lse::new(gpu, 3, HEADS_Q, 50).unwrap();
         let args = AttentionArgs {

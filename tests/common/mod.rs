@@ -195,15 +195,16 @@ pub fn cooperative_gpu() -> Option<&'static Gpu> {
     .as_ref()
 }
 
-/// The forward tiers a test runs each case on: the adapter's default, and
-/// the other kernel family forced: the register-blocked kernel where the
-/// default is a per-row tier (CPU adapters: lavapipe, llvmpipe; f32 on
-/// NVIDIA GPUs), the portable per-row tier where the default is
-/// register-blocked (other hardware GPUs). So both forward kernels pass the whole forward matrix on every
+/// The forward tiers a test runs each case on for `dtype` storage: the
+/// adapter's default, and the other kernel family forced: the
+/// register-blocked kernel where the default is a per-row tier (CPU
+/// adapters: lavapipe, llvmpipe; f32 on NVIDIA GPUs), the portable per-row
+/// tier where the default is register-blocked (other hardware GPUs; f16 on
+/// NVIDIA). So both forward kernels pass the whole forward matrix on every
 /// adapter that runs it.
-pub fn forward_tiers(gpu: &Gpu) -> [Option<Tier>; 2] {
+pub fn forward_tiers(gpu: &Gpu, dtype: DType) -> [Option<Tier>; 2] {
     let shape = AttentionShape::self_attention(1, 64, 1, 64);
-    let default = ForwardPlan::new(gpu.info(), &shape)
+    let default = ForwardPlan::for_call(gpu.info(), &shape, dtype, None)
         .expect("a 64-wide head plans on every adapter")
         .tier();
     if default == Tier::RegisterBlocked {
