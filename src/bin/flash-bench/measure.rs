@@ -202,6 +202,9 @@ pub struct CaseReport {
     pub flops: f64,
     pub rows_validated: usize,
     pub rows_total: usize,
+    /// The bound on the flash kernel's |error| beyond the output's storage
+    /// rounding: 1e-4, plus 2^-11 of the largest |v| where the kernel
+    /// rounds the weights to f16 (cooperative matrices, f16 products).
     pub tolerance: f64,
     pub passed: bool,
     pub results: Vec<ImplResult>,
