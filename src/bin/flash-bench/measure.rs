@@ -204,7 +204,8 @@ pub struct CaseReport {
     pub rows_total: usize,
     /// The bound on the flash kernel's |error| beyond the output's storage
     /// rounding: 1e-4, plus 2^-11 of the largest |v| where the kernel
-    /// rounds the weights to f16 (cooperative matrices, f16 products).
+    /// rounds the weights to f16 (cooperative matrices, f16 products;
+    /// times 1 / (1 - p) with dropout).
     pub tolerance: f64,
     pub passed: bool,
     pub results: Vec<ImplResult>,
