@@ -90,7 +90,9 @@ fn repeated_timing_grows_with_the_repeats() {
         time_gpu_repeated(gpu, repeats, |encoder| gpu.forward(encoder, &args, &config)).unwrap()
     };
     time(1); // compile the pipeline outside the comparison
-    let (once, timer) = time(1);
+    // Load from other processes only lengthens a measurement: the fastest
+    // of a few single dispatches is the one to compare.
+    let (once, timer) = (0..3).map(|_| time(1)).min_by_key(|(d, _)| *d).unwrap();
     let (eight, _) = time(8);
     let expected = if gpu.info().has_encoder_timestamps() {
         Timer::GpuTimestamps
