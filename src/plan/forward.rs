@@ -210,6 +210,18 @@ impl ForwardPlan {
         matches!(self.tiled, Some(TiledKernel::Blocked(blocked)) if blocked.f16_products)
     }
 
+    /// Whether the plan's kernel rounds the weights to f16 before `P V`:
+    /// f16 matrices (the cooperative-matrix tier on f16 storage) and f16
+    /// products. Its outputs then keep the bound docs/semantics.md states
+    /// for them (2^-11 of the row's largest |v| beyond their rounding).
+    pub fn rounds_weights_to_f16(&self) -> bool {
+        match self.tiled {
+            Some(TiledKernel::Blocked(blocked)) => blocked.f16_products,
+            Some(TiledKernel::Coop(_)) => self.tiling.storage == DType::F16,
+            None => false,
+        }
+    }
+
     /// The plan with attention dropout compiled into its kernel
     /// ([`AttentionConfig::dropout`]; the DROPOUT variant, so that calls
     /// without it keep their pipelines free of the mask's hashing).
@@ -267,17 +279,14 @@ impl ForwardPlan {
         config: &crate::AttentionConfig,
     ) -> Result<Self> {
         let plan = match config.blocked_layout {
-            Some(layout) => {
-                check_layout_tier(config.tier)?;
-                let f16_tiles = takes_f16_tiles(info, storage, config.f16_products);
-                Self::plan_call(
-                    info,
-                    shape,
-                    storage,
-                    config.tier,
-                    Some(CallerLayout { layout, f16_tiles }),
-                )?
-            }
+            Some(layout) => Self::plan_with_layout(
+                info,
+                shape,
+                storage,
+                config.tier,
+                layout,
+                config.f16_products,
+            )?,
             // f16 products are a variant of the register-blocked tier.
             None if config.f16_products == Some(true) => {
                 let tier = config.tier.unwrap_or(Tier::RegisterBlocked);
@@ -314,8 +323,21 @@ impl ForwardPlan {
         tier: Option<Tier>,
         layout: BlockedLayout,
     ) -> Result<Self> {
+        Self::plan_with_layout(info, shape, storage, tier, layout, None)
+    }
+
+    /// A caller's layout planned with the caller's f16 products setting
+    /// (`None`: the planner's), which sets the tile bytes it must fit.
+    fn plan_with_layout(
+        info: &GpuInfo,
+        shape: &AttentionShape,
+        storage: DType,
+        tier: Option<Tier>,
+        layout: BlockedLayout,
+        products: Option<bool>,
+    ) -> Result<Self> {
         check_layout_tier(tier)?;
-        let f16_tiles = takes_f16_tiles(info, storage, None);
+        let f16_tiles = takes_f16_tiles(info, storage, products);
         Self::plan_call(
             info,
             shape,
@@ -373,7 +395,7 @@ impl ForwardPlan {
                     let coop = coop_tiling(info, shape, storage).ok();
                     let blocked = || {
                         blocked_tiling(info, shape, storage).ok().filter(|blocked| {
-                            !subgroup_before_blocked(info, shape, storage)
+                            !(subgroup_kv && subgroup_before_blocked(info, shape, storage))
                                 || groups_rows(shape, blocked.block_m())
                         })
                     };
@@ -703,7 +725,8 @@ fn groups_rows(shape: &AttentionShape, block_m: u32) -> bool {
 }
 
 /// Whether calls the planner would give the register-blocked tier run the
-/// subgroup tier instead: where that measured faster, NVIDIA GPUs in f32
+/// subgroup tier instead (where the adapter offers it): where that
+/// measured faster, NVIDIA GPUs in f32
 /// (an H200: 39.8 against 56.6 ms and 39.3 against 56.2 ms, B4 H16 N4096
 /// d128 causal, two runs; BENCHMARKS.md). Only up to head dims of 128,
 /// the width measured: a lane holds its row's q and accumulator, twice as
@@ -712,11 +735,9 @@ fn groups_rows(shape: &AttentionShape, block_m: u32) -> bool {
 /// faster still), nor for decoding-like GQA calls (`groups_rows`), where
 /// register blocking reads each K/V tile once per KV head.
 fn subgroup_before_blocked(info: &GpuInfo, shape: &AttentionShape, storage: DType) -> bool {
-    blocked_by_default(info)
-        && info.adapter.vendor == NVIDIA
+    info.adapter.vendor == NVIDIA
         && storage == DType::F32
         && shape.head_dim.max(shape.head_dim_v) <= 128
-        && matches!(use_subgroup_tier(info, None), Ok(true))
 }
 
 /// Whether register-blocked plans of f16 storage compute their products

@@ -508,6 +508,13 @@ fn f16_products_by_default_on_nvidia_only() {
     .unwrap();
     assert_eq!(coop.tier(), Tier::CooperativeMatrix);
     assert!(!coop.f16_products());
+    // Both round the weights to f16; f32 matrices (Apple) and f32
+    // products do not.
+    assert!(coop.rounds_weights_to_f16() && with_matrices.rounds_weights_to_f16());
+    assert!(!with_matrices.without_f16_products().rounds_weights_to_f16());
+    let apple_f32 = plan("Apple M2 with", DType::F32, None).unwrap();
+    assert_eq!(apple_f32.tier(), Tier::CooperativeMatrix);
+    assert!(!apple_f32.rounds_weights_to_f16());
     // Unmeasured elsewhere: off, and the CPU adapters keep their tiers.
     for name in ["AMD", "Apple M2", "Intel", "llvmpipe", "WARP"] {
         let default = plan(name, DType::F16, None).unwrap();

@@ -345,7 +345,7 @@ pub fn weight_rounding(
     v: &[f32],
 ) -> Result<f64, wgpu_flash_attn::Error> {
     let plan = ForwardPlan::for_config(gpu.info(), shape, dtype, config)?;
-    if dtype != DType::F16 || !(plan.tier() == Tier::CooperativeMatrix || plan.f16_products()) {
+    if !plan.rounds_weights_to_f16() {
         return Ok(0.0);
     }
     let v_max = v.iter().fold(0.0f64, |m, &x| m.max(f64::from(x).abs()));

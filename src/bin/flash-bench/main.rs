@@ -249,11 +249,7 @@ fn run(cli: &Cli) -> Result<bool> {
                     }
                     match ForwardPlan::for_config(gpu.info(), &shape, dtype, &config) {
                         Ok(plan) => {
-                            let products = if plan.f16_products() {
-                                " f16-products"
-                            } else {
-                                ""
-                            };
+                            let products = options::products_suffix(plan.f16_products());
                             Some((config, format!(" RegisterBlocked {layout}{products}")))
                         }
                         Err(err) => {

@@ -332,12 +332,9 @@ impl Bench<'_> {
             wgpu_flash_attn::ForwardPlan::for_config(gpu.info(), shape, dtype, &case.config)?;
         let tier = plan.tier();
         let f16_products = plan.f16_products();
-        // f16 matrices and f16 products round the weights to f16.
-        let rounds_weights = dtype == DType::F16
-            && (tier == wgpu_flash_attn::Tier::CooperativeMatrix || f16_products);
         let sample = if needs_sample {
             let [q, k, v] = &operands.host;
-            Some(Sample::new(case, rounds_weights, [q, k, v])?)
+            Some(Sample::new(case, plan.rounds_weights_to_f16(), [q, k, v])?)
         } else {
             None
         };

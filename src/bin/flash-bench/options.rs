@@ -357,13 +357,14 @@ impl TierArg {
 
     /// How reports name this tier (`RegisterBlocked f16-products`).
     pub fn label(self) -> String {
-        let products = if self.f16_products() {
-            " f16-products"
-        } else {
-            ""
-        };
+        let products = products_suffix(self.f16_products());
         format!("{}{products}", crate::options_json::tier_name(self.tier()))
     }
+}
+
+/// How a kernel's name in reports says it runs f16 products.
+pub fn products_suffix(f16_products: bool) -> &'static str {
+    if f16_products { " f16-products" } else { "" }
 }
 
 /// Which implementation computes attention.

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use wgpu_flash_attn::{BlockedLayout, ForwardPlan, Gpu};
 
-use crate::options::{DTypeArg, GlobalArgs, ShapeArgs, TierArg};
+use crate::options::{DTypeArg, GlobalArgs, ShapeArgs, TierArg, products_suffix};
 use crate::options_json::tier_name;
 
 #[derive(Debug, Args)]
@@ -167,7 +167,13 @@ fn kernels(gpu: &Gpu, args: &ShaderStatsArgs) -> Vec<Kernel> {
         match plan {
             Ok(plan) => kernels.push(Kernel {
                 name: tier.map_or_else(
-                    || format!("{}{}", tier_name(plan.tier()), products_label(&plan)),
+                    || {
+                        format!(
+                            "{}{}",
+                            tier_name(plan.tier()),
+                            products_suffix(plan.f16_products())
+                        )
+                    },
                     TierArg::label,
                 ),
                 plan,
@@ -178,22 +184,16 @@ fn kernels(gpu: &Gpu, args: &ShaderStatsArgs) -> Vec<Kernel> {
     for &layout in &args.blocked_layout {
         match ForwardPlan::for_call_with_layout(gpu.info(), &shape, dtype, None, layout) {
             Ok(plan) => kernels.push(Kernel {
-                name: format!("RegisterBlocked {layout}{}", products_label(&plan)),
+                name: format!(
+                    "RegisterBlocked {layout}{}",
+                    products_suffix(plan.f16_products())
+                ),
                 plan,
             }),
             Err(err) => eprintln!("skipped: register-blocked layout {layout}: {err}"),
         }
     }
     kernels
-}
-
-/// How a kernel's name says that the planner gave it f16 products.
-fn products_label(plan: &ForwardPlan) -> &'static str {
-    if plan.f16_products() {
-        " f16-products"
-    } else {
-        ""
-    }
 }
 
 /// One statistic of a compiled executable, as the driver names it.
