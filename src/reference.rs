@@ -54,13 +54,7 @@ pub fn attention_rows(
     config: &AttentionConfig,
     wanted: impl Fn(usize, usize, usize) -> bool + Sync,
 ) -> Result<ReferenceOutput> {
-    let rows = Rows {
-        wanted,
-        bias: |_, _, _, _| Some(0.0),
-        precision: None,
-        first_sequence: 0,
-    };
-    attention_core(shape, q, k, v, config, rows)
+    attention_core(shape, q, k, v, config, Rows::all().only(wanted))
 }
 
 /// [`attention`] of sequences cut out of a padded or packed batch: batch
@@ -75,12 +69,7 @@ pub fn attention_of_sequences(
     config: &AttentionConfig,
     first_sequence: usize,
 ) -> Result<ReferenceOutput> {
-    let rows = Rows {
-        wanted: |_, _, _| true,
-        bias: |_, _, _, _| Some(0.0),
-        precision: None,
-        first_sequence,
-    };
+    let rows = Rows::all().of_sequences(first_sequence);
     attention_core(shape, q, k, v, config, rows)
 }
 
@@ -96,12 +85,7 @@ pub fn attention_of_sequences_in_precision(
     first_sequence: usize,
     dtype: DType,
 ) -> Result<ReferenceOutput> {
-    let rows = Rows {
-        wanted: |_, _, _| true,
-        bias: |_, _, _, _| Some(0.0),
-        precision: Some(dtype),
-        first_sequence,
-    };
+    let rows = Rows::all().of_sequences(first_sequence).in_precision(dtype);
     attention_core(shape, q, k, v, config, rows)
 }
 
@@ -124,12 +108,7 @@ pub fn attention_rows_in_precision(
     dtype: DType,
     wanted: impl Fn(usize, usize, usize) -> bool + Sync,
 ) -> Result<ReferenceOutput> {
-    let rows = Rows {
-        wanted,
-        bias: |_, _, _, _| Some(0.0),
-        precision: Some(dtype),
-        first_sequence: 0,
-    };
+    let rows = Rows::all().only(wanted).in_precision(dtype);
     attention_core(shape, q, k, v, config, rows)
 }
 
@@ -208,12 +187,7 @@ pub fn attention_masked_rows(
     mask: &HostMask<'_>,
     wanted: impl Fn(usize, usize, usize) -> bool + Sync,
 ) -> Result<ReferenceOutput> {
-    let rows = Rows {
-        wanted,
-        bias: |b, h, i, j| mask.at(b, h, i, j),
-        precision: None,
-        first_sequence: 0,
-    };
+    let rows = Rows::all().only(wanted).masked(mask);
     attention_core(shape, q, k, v, config, rows)
 }
 
@@ -229,12 +203,7 @@ pub fn attention_masked_in_precision(
     mask: &HostMask<'_>,
     dtype: DType,
 ) -> Result<ReferenceOutput> {
-    let rows = Rows {
-        wanted: |_, _, _| true,
-        bias: |b, h, i, j| mask.at(b, h, i, j),
-        precision: Some(dtype),
-        first_sequence: 0,
-    };
+    let rows = Rows::all().masked(mask).in_precision(dtype);
     attention_core(shape, q, k, v, config, rows)
 }
 
@@ -249,6 +218,61 @@ struct Rows<W, B> {
     bias: B,
     precision: Option<DType>,
     first_sequence: usize,
+}
+
+/// Every row of the exact reference, unmasked, batch entries from sequence 0.
+type AllRows = Rows<fn(usize, usize, usize) -> bool, fn(usize, usize, usize, usize) -> Option<f64>>;
+
+impl AllRows {
+    fn all() -> Self {
+        Rows {
+            wanted: |_, _, _| true,
+            bias: |_, _, _, _| Some(0.0),
+            precision: None,
+            first_sequence: 0,
+        }
+    }
+}
+
+impl<W, B> Rows<W, B> {
+    /// Only the rows `wanted(b, h, i)` selects.
+    fn only<W2>(self, wanted: W2) -> Rows<W2, B> {
+        Rows {
+            wanted,
+            bias: self.bias,
+            precision: self.precision,
+            first_sequence: self.first_sequence,
+        }
+    }
+
+    /// Under `mask` (its biases, or its hidden keys).
+    fn masked<'m>(
+        self,
+        mask: &'m HostMask<'m>,
+    ) -> Rows<W, impl Fn(usize, usize, usize, usize) -> Option<f64> + 'm> {
+        Rows {
+            wanted: self.wanted,
+            bias: move |b, h, i, j| mask.at(b, h, i, j),
+            precision: self.precision,
+            first_sequence: self.first_sequence,
+        }
+    }
+
+    /// As standard attention computes it in `dtype`.
+    fn in_precision(self, dtype: DType) -> Self {
+        Rows {
+            precision: Some(dtype),
+            ..self
+        }
+    }
+
+    /// Batch entry `b` is sequence `first_sequence + b` (dropout's mask).
+    fn of_sequences(self, first_sequence: usize) -> Self {
+        Rows {
+            first_sequence,
+            ..self
+        }
+    }
 }
 
 fn attention_core<W, B>(
