@@ -288,8 +288,8 @@ fn run_json_has_every_promised_field() {
 #[test]
 fn decode_and_masks_report_validated_figures() {
     let Some(_) = gpu() else { return };
-    // Decoding compiles its kernels ahead on CPU adapters (small caches of
-    // zeros, one device per core): none of those calls may fail.
+    // Decoding and masks compile their kernels ahead on CPU adapters (small
+    // calls on zeros, one device per core): none of those calls may fail.
     let compiled_ahead = |output: &Output| {
         assert!(
             !stdout(output).contains("compile-ahead call failed"),
@@ -412,7 +412,7 @@ fn decode_and_masks_report_validated_figures() {
         f32_case["gb_per_s"].as_f64().unwrap() * f32_case["decode_ms"].as_f64().unwrap() * 1e6;
     assert!((bytes - 300.0 * 192.0 * 4.0).abs() < 1.0, "{bytes} bytes");
 
-    let (_, report) = json_report(
+    let (output, report) = json_report(
         "masks.json",
         &[
             "masks",
@@ -429,6 +429,7 @@ fn decode_and_masks_report_validated_figures() {
             "12",
         ],
     );
+    compiled_ahead(&output);
     let runs = report["runs"].as_array().unwrap();
     let variants: Vec<&str> = runs
         .iter()

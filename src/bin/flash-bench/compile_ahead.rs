@@ -22,6 +22,10 @@ use crate::options::DeviceSetup;
 use crate::measure::{Case, linear_args_of};
 use crate::options::Impl;
 
+/// How a failed warm-up call starts its line on stderr (the CLI tests
+/// look for it).
+pub const COMPILE_AHEAD_FAILED: &str = "compile-ahead call failed, left to the measuring pass";
+
 /// Devices compiling at once, at most (more than the cores only queue).
 const MOST_DEVICES: usize = 8;
 

@@ -183,7 +183,7 @@ fn run(cli: &Cli) -> Result<bool> {
     match &cli.command {
         Some(Command::Check(args)) => check::run(&gpu, args, cli.global.json.as_deref()),
         Some(Command::Decode(args)) => decode::run(&gpu, &setup, args, cli.global.json.as_deref()),
-        Some(Command::Masks(args)) => masks::run(&gpu, args, cli.global.json.as_deref()),
+        Some(Command::Masks(args)) => masks::run(&gpu, &setup, args, cli.global.json.as_deref()),
         Some(Command::Run(args)) => {
             let shape = args.shape.shape();
             let dtype = args.dtype.dtype();

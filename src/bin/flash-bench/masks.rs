@@ -3,6 +3,10 @@
 //! as a dense boolean mask, and against no mask), and a Longformer layout
 //! at N=4096 (block-sparse, against the same mask applied densely). Each
 //! result is validated on sampled rows against the f64 reference first.
+//! On CPU adapters the kernels compile ahead, one device per core
+//! (`warmup.rs`).
+
+mod warmup;
 
 use anyhow::{Result, ensure};
 use clap::Args;
@@ -16,6 +20,7 @@ use wgpu_flash_attn::{
 
 use crate::backward::BACKWARD_FLOPS_PER_FORWARD;
 use crate::measure::TOLERANCE;
+use crate::options::DeviceSetup;
 use crate::random::{normal_vec, seeded};
 use crate::report::{AdapterJson, write_json};
 use crate::timing::{self, TimingPlan, time_gpu};
@@ -77,8 +82,14 @@ type Variant<'a> = (
     Box<dyn Fn(&mut wgpu::CommandEncoder) -> wgpu_flash_attn::Result<()> + 'a>,
 );
 
-pub fn run(gpu: &Gpu, args: &MasksArgs, json: Option<&std::path::Path>) -> Result<bool> {
+pub fn run(
+    gpu: &Gpu,
+    setup: &DeviceSetup,
+    args: &MasksArgs,
+    json: Option<&std::path::Path>,
+) -> Result<bool> {
     println!("{}", gpu.info().summary());
+    warmup::compile_ahead(gpu, setup, args.backward);
     println!(
         "{:<50} {:<20} {:>10} {:>14} {:>14} {:>9}",
         "case", "variant", "ms", "useful GFLOP/s", "vs first", "max|err|"

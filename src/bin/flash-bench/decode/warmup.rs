@@ -15,12 +15,8 @@ use wgpu_flash_attn::{
 };
 
 use super::{DecodeCmdArgs, cache_config, lane_layouts, new_cache, prefill_skipped};
-use crate::compile_ahead;
+use crate::compile_ahead::{self, COMPILE_AHEAD_FAILED};
 use crate::options::DeviceSetup;
-
-/// How a failed warm-up call starts its line on stderr (the CLI tests
-/// look for it).
-const COMPILE_AHEAD_FAILED: &str = "compile-ahead call failed, left to the measuring pass";
 
 /// Cached tokens of the small caches (at least the query tokens).
 const WARM_TOKENS: usize = 64;
