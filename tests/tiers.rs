@@ -235,6 +235,10 @@ fn register_blocked_layouts_from_the_caller_match_the_reference() {
     }
 }
 
+/// PCI vendor id of NVIDIA, as wgpu reports it (the test states the
+/// planner's rule on its own rather than reusing the planner's constant).
+const NVIDIA_VENDOR_ID: u32 = 0x10de;
+
 #[test]
 fn default_tier_is_the_best_offered() {
     let Some(gpu) = gpu() else { return };
@@ -253,7 +257,7 @@ fn default_tier_is_the_best_offered() {
     .is_ok();
     // On NVIDIA GPUs the subgroup tier measured faster than register
     // blocking for f32 up to d=128 (README, "Kernel tiers").
-    let nvidia = gpu.info().adapter.vendor == 0x10de;
+    let nvidia = gpu.info().adapter.vendor == NVIDIA_VENDOR_ID;
     let best = if coop {
         Tier::CooperativeMatrix
     } else if hardware && !(nvidia && offers_subgroup_broadcast(gpu)) {
