@@ -240,6 +240,15 @@ for kv in f16 int8; do
   step 30 "decode, 128K, $kv cache alone in its process" \
     "$fb" decode --cache 131072 --kv-dtype "$kv" --json "$res/decode-$kv-alone.json"
 done
+# DeepSeek-V3's MLA decode (128 query heads over one 576-wide latent KV
+# head, values its first 512): on GPUs a lane of the head-dim layout holds
+# 16 rows x (5 + 4) vec4s of query and output, 576 floats, past NVIDIA's
+# 255 registers, so it likely spills; fewer rows per workgroup would read
+# the cache more often instead. Unmeasured until this step: its share of
+# the copy ceiling says whether it is worth an A/B.
+step 45 "decode, DeepSeek-V3 MLA heads (128 q / 1 latent kv, 576/512), 32K, f32 and f16 caches" \
+  "$fb" decode --heads-q 128 --heads-kv 1 --head-dim 576 --latent-values 512 --cache 32768 \
+  --kv-dtype f32,f16 --json "$res/decode-mla.json"
 step 120 "suite (every case validated against the f64 reference)" \
   "$fb" --json "$res/suite.json" --plot "$res/suite.svg"
 for t in "$tests"/*; do
