@@ -1469,9 +1469,14 @@ fn a_row_that_sees_one_key_gets_zero_query_and_key_gradients() {
         let tolerance = if dtype == DType::F32 {
             F32_TOLERANCE
         } else {
-            1e-2
+            // FlashAttention's rule for half storage, as check_half holds it.
+            let naive = relative_error(&naive_in_precision(dtype, &problem, &config), &want, &what);
+            2.0 * naive + F32_TOLERANCE
         };
-        assert!(err <= tolerance, "{what}: relative error {err:.3e}");
+        assert!(
+            err <= tolerance,
+            "{what}: relative error {err:.3e} > {tolerance:.3e}"
+        );
     }
 }
 

@@ -253,19 +253,27 @@ fn check_against_reference(
     let (got, got_lse) = run(gpu, shape, [q, k, v], dtype, config.into());
     let want = reference::attention(shape, q, k, v, config).unwrap();
     assert_within(&got, &want.out, dtype, v, config, what);
-    assert_lse_within(&got_lse, &want.lse, what);
+    assert_lse_within(&got_lse, &want.lse, dtype, what);
 }
 
-/// Each logsumexp within 1e-3 of the reference's, +inf exactly.
-fn assert_lse_within(got: &[f32], want: &[f64], what: &str) {
+/// Each logsumexp within 1e-4 of the reference's, +inf exactly; with f16
+/// operands the weights' rounding to f16 may add `ln(1 + 2^-11) < 2^-11`
+/// (docs/semantics.md).
+fn assert_lse_within(got: &[f32], want: &[f64], dtype: DType, what: &str) {
+    let limit = 1e-4
+        + if dtype == DType::F16 {
+            2f64.powi(-11)
+        } else {
+            0.0
+        };
     assert_eq!(got.len(), want.len(), "{what}");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         if w.is_infinite() {
             assert_eq!(f64::from(g), w, "{what}: lse {i}");
         } else {
             assert!(
-                (f64::from(g) - w).abs() <= 1e-3,
-                "{what}: lse {i}: {g} vs {w}"
+                (f64::from(g) - w).abs() <= limit,
+                "{what}: lse {i}: {g} vs {w} (bound {limit:.2e})"
             );
         }
     }
@@ -339,7 +347,7 @@ fn dropout_matches_the_reference() {
     let want = reference::attention_masked(&shape, &q, &k, &v, &config, &host).unwrap();
     let what = format!("masked dropout, {dtype:?}");
     assert_within(&got, &want.out, dtype, &v, &config, &what);
-    assert_lse_within(&got_lse, &want.lse, &what);
+    assert_lse_within(&got_lse, &want.lse, dtype, &what);
 }
 
 /// Keys in chunks (the carry between dispatches) and padded sequences

@@ -6,7 +6,7 @@
 mod common;
 
 use common::random::{normal_vec, seeded};
-use common::{gpu, round_to, unit_roundoff};
+use common::{ROPE_BOUND, gpu, round_to, unit_roundoff};
 use rand::seq::SliceRandom;
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionShape, DType, DecodeArgs, DecodeLanes,
@@ -148,6 +148,7 @@ fn decode_errors_as(
         };
         for (i, g) in got_lse[b * rows..(b + 1) * rows].iter().enumerate() {
             let w = want.as_ref().map_or_else(|| empty_lse(i), |w| w.lse[i]);
+            assert!(!g.is_nan(), "sequence {b} (len {len}): lse NaN at {i}");
             if w.is_infinite() {
                 assert_eq!(f64::from(*g), w, "sequence {b}: lse of an empty row");
             } else {
@@ -331,16 +332,8 @@ fn merging_two_halves_equals_attention_over_all_keys() {
     gpu.run(|e| gpu.merge(e, &refs, &out, Some(&lse))).unwrap();
     let got = out.to_f32_vec(gpu).unwrap();
     let got_lse = lse.to_vec(gpu).unwrap();
-    let err = got
-        .iter()
-        .zip(&want.out)
-        .map(|(g, w)| (f64::from(*g) - w).abs())
-        .fold(0.0, f64::max);
-    let lse_err = got_lse
-        .iter()
-        .zip(&want.lse)
-        .map(|(g, w)| (f64::from(*g) - w).abs())
-        .fold(0.0, f64::max);
+    let err = common::max_abs_error(&got, &want.out, "merged out");
+    let lse_err = common::max_abs_error(&got_lse, &want.lse, "merged lse");
     assert!(
         err <= 1e-4 && lse_err <= 1e-4,
         "merge: {err:.2e} / {lse_err:.2e}"
@@ -351,19 +344,10 @@ fn merging_two_halves_equals_attention_over_all_keys() {
     ));
 }
 
-/// Largest |gpu - reference| relative to the vector magnitudes.
+/// Largest |gpu - reference|; a NaN (unwritten) element fails.
 fn max_error(got: &[f32], want: &[f64]) -> f64 {
-    got.iter()
-        .zip(want)
-        .map(|(g, w)| (f64::from(*g) - w).abs())
-        .fold(0.0, f64::max)
+    common::max_abs_error(got, want, "gpu against reference")
 }
-
-/// RoPE of N(0, 1) values against RoPE in f64: the kernels' angles are
-/// exact fixed-point turns reduced to [-pi, pi) (src/rope.rs); measured
-/// at most 1e-5 up to position 4,000,000 on lavapipe, where f32 angles
-/// were 1.2e-4 off at 70,000 and 6e-3 at 4,000,000.
-const ROPE_BOUND: f64 = 2e-5;
 
 #[test]
 fn rope_kernels_match_a_cpu_rope() {

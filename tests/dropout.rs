@@ -131,11 +131,7 @@ fn seeds_and_rates() {
     let reseeded = run(&AttentionConfig::new().dropout(0.2, 10));
     assert_ne!(reseeded.0, dropped.0);
     for (a, b) in [(&dropped, &plain), (&reseeded, &plain)] {
-        let worst =
-            a.1.iter()
-                .zip(&b.1)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0.0f32, f32::max);
+        let worst = common::max_abs_diff(&a.1, &b.1, "logsumexp with and without dropout");
         assert!(worst <= 1e-5, "logsumexp moved by {worst} with dropout");
     }
 }

@@ -162,11 +162,7 @@ fn check_round_trips_f32_file_and_writes_the_gpu_output() {
     assert_eq!(out.dtype(), Dtype::F32);
     assert_eq!(out.shape(), [2, 37, 4, 32]);
     let got = decode(Dtype::F32, out.data());
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(g, w)| (g - w).abs())
-        .fold(0.0f32, f32::max);
+    let worst = common::max_abs_diff(&got, &want, "written out");
     assert!(worst <= 1e-4, "written out differs by {worst}");
 }
 
@@ -660,11 +656,7 @@ fn check_backward_compares_each_gradient_and_writes_them() {
         let tensor = file_out.tensor(name).unwrap();
         assert_eq!(tensor.shape(), dims.as_slice());
         let got = decode(Dtype::F32, tensor.data());
-        let worst = got
-            .iter()
-            .zip(want.iter())
-            .map(|(g, w)| (g - w).abs())
-            .fold(0.0f32, f32::max);
+        let worst = common::max_abs_diff(&got, want, &format!("written {name}"));
         assert!(worst <= 1e-4, "written {name} differs by {worst}");
     }
 
@@ -972,11 +964,7 @@ fn check_takes_a_value_head_dim_of_its_own() {
     let file_out = SafeTensors::deserialize(&bytes).unwrap();
     let out = file_out.tensor("out").unwrap();
     assert_eq!(out.shape(), [1, 24, 2, 128]);
-    let worst = decode(Dtype::F32, out.data())
-        .iter()
-        .zip(&want)
-        .map(|(g, w)| (g - w).abs())
-        .fold(0.0f32, f32::max);
+    let worst = common::max_abs_diff(&decode(Dtype::F32, out.data()), &want, "written out");
     assert!(worst <= 1e-4, "written out differs by {worst}");
 
     // The GPU backward takes the uneven pair: dq and dk 192 wide, dv 128,

@@ -338,11 +338,7 @@ fn kv_cache_calls_run_in_recording_order() {
         )
         .unwrap();
         let got = out.to_f32_vec(gpu).unwrap();
-        let err = got
-            .iter()
-            .zip(&want.out)
-            .map(|(g, w)| (f64::from(*g) - w).abs())
-            .fold(0.0, f64::max);
+        let err = common::max_abs_error(&got, &want.out, &format!("decode over {keys} keys"));
         assert!(err <= common::F32_TOLERANCE, "{keys} keys: error {err:e}");
     }
 }

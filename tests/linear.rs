@@ -569,19 +569,21 @@ fn views_of_a_fused_qkv_buffer_need_no_copy() {
         head: d,
     };
     let [q, k, v] = [0, 1, 2].map(|part| whole.view(dims, strides, part * heads * d).unwrap());
-    let bhsd = Tensor::filled(
-        gpu,
-        wgpu_flash_attn::TensorShape::new(1, 1, 1, dims.elements()),
-        f32::NAN,
-    )
-    .unwrap();
     let out_strides = wgpu_flash_attn::Strides {
         batch: heads * seq * d,
         seq: d,
         head: seq * d,
     };
-    let out = bhsd.view(dims, out_strides, 0).unwrap();
     for causal in [false, true] {
+        // Poisoned afresh: an element the causal run leaves unwritten must
+        // not pass on the non-causal run's value.
+        let bhsd = Tensor::filled(
+            gpu,
+            wgpu_flash_attn::TensorShape::new(1, 1, 1, dims.elements()),
+            f32::NAN,
+        )
+        .unwrap();
+        let out = bhsd.view(dims, out_strides, 0).unwrap();
         let config = LinearConfig::new().causal(causal);
         let args = LinearArgs {
             q: &q,

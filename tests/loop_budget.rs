@@ -10,8 +10,7 @@ mod common;
 use common::{Inputs, gpu};
 use wgpu_flash_attn::{
     AttentionArgs, AttentionConfig, AttentionShape, BackwardPlan, DType, DecodeArgs, DecodeOptions,
-    Error, ForwardPlan, Gpu, KvCache, KvCacheConfig, KvLayout, Tensor, TensorShape, Tier,
-    reference,
+    Error, ForwardPlan, Gpu, KvCache, KvCacheConfig, KvLayout, Tensor, Tier, reference,
 };
 
 #[test]
@@ -60,11 +59,7 @@ fn the_longest_single_dispatch_and_the_next_key_are_both_exact() {
         gpu.run(|e| gpu.forward(e, &args, &config)).unwrap();
         let got = out.to_f32_vec(gpu).unwrap();
         let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
-        let err = got
-            .iter()
-            .zip(&want.out)
-            .map(|(g, w)| (f64::from(*g) - w).abs())
-            .fold(0.0, f64::max);
+        let err = common::max_abs_error(&got, &want.out, &format!("{seq_kv} keys"));
         assert!(err <= 1e-4, "{seq_kv} keys: max error {err:.2e}");
     }
 }
@@ -82,11 +77,31 @@ fn decoding_splits_long_caches_under_the_budget() {
         KvCacheConfig::new(1, 1, 128, KvLayout::Contiguous { capacity: len }),
     )
     .unwrap();
-    let tokens = Tensor::filled(gpu, TensorShape::new(1, len, 1, 128), 0.25).unwrap();
-    gpu.run(|e| cache.append(gpu, e, &tokens, &tokens, None))
-        .unwrap();
-    let q = Tensor::filled(gpu, TensorShape::new(1, 1, 1, 128), 0.5).unwrap();
-    let fresh_out = || Tensor::filled(gpu, TensorShape::new(1, 1, 1, 128), f32::NAN).unwrap();
+    // Random keys and values: a loop the driver cut short would drop keys
+    // and move the output away from the reference's.
+    let shape = AttentionShape {
+        batch: 1,
+        seq_q: 1,
+        seq_kv: len,
+        heads_q: 1,
+        heads_kv: 1,
+        head_dim: 128,
+        head_dim_v: 128,
+    };
+    let inputs = Inputs::draw(&shape, 0x5eed_100c, 1.0);
+    let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k).unwrap();
+    let v = Tensor::from_f32(gpu, shape.v_shape(), &inputs.v).unwrap();
+    gpu.run(|e| cache.append(gpu, e, &k, &v, None)).unwrap();
+    let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
+    let want = reference::attention(
+        &shape,
+        &inputs.q,
+        &inputs.k,
+        &inputs.v,
+        &AttentionConfig::new(),
+    )
+    .unwrap();
+    let fresh_out = || Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
     // The portable decode kernel spends ~74 trips per 16 keys at d=128,
     // so one workgroup may take ~14K keys; the subgroup tier ~260K.
     for tier in [None, Some(Tier::Portable)] {
@@ -104,10 +119,12 @@ fn decoding_splits_long_caches_under_the_budget() {
         let plan = gpu.run(|e| gpu.decode(e, &args, &config)).unwrap();
         let trips = plan.loop_trips();
         assert!(trips <= budget, "{plan:?}: {trips} trips");
-        // Every key holds the same value, so the output is that value.
-        for x in out.to_f32_vec(gpu).unwrap() {
-            assert!((x - 0.25).abs() <= 1e-6, "{tier:?}: {x}");
-        }
+        let got = out.to_f32_vec(gpu).unwrap();
+        let err = common::max_abs_error(&got, &want.out, &format!("{tier:?}"));
+        assert!(
+            err <= common::F32_TOLERANCE,
+            "{tier:?}: max error {err:.2e}"
+        );
     }
     let out = fresh_out();
     let args = DecodeArgs {
@@ -223,11 +240,7 @@ fn check_backward_budget(
             ("dv", &got.dv, &want.dv),
         ] {
             let magnitude = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
-            let worst = got
-                .iter()
-                .zip(want)
-                .map(|(g, w)| (f64::from(*g) - w).abs() / magnitude)
-                .fold(0.0, f64::max);
+            let worst = common::max_abs_error(got, want, &format!("{what}: {name}")) / magnitude;
             assert!(worst <= 2e-5, "{what}: {name} relative error {worst:.3e}");
         }
     }

@@ -43,29 +43,10 @@ fn run_masked(
 /// Largest error of out and lse against the reference (+inf lse must match
 /// exactly); panics on an unwritten (NaN) element.
 fn errors(got: &(Vec<f32>, Vec<f32>), want: &reference::ReferenceOutput) -> (f64, f64) {
-    let out = got
-        .0
-        .iter()
-        .zip(&want.out)
-        .map(|(g, w)| {
-            assert!(!g.is_nan(), "unwritten output");
-            (f64::from(*g) - w).abs()
-        })
-        .fold(0.0, f64::max);
-    let lse = got
-        .1
-        .iter()
-        .zip(&want.lse)
-        .map(|(g, w)| {
-            if w.is_infinite() {
-                assert_eq!(f64::from(*g), *w, "lse of an empty row");
-                0.0
-            } else {
-                (f64::from(*g) - w).abs()
-            }
-        })
-        .fold(0.0, f64::max);
-    (out, lse)
+    (
+        common::max_abs_error(&got.0, &want.out, "out"),
+        common::max_abs_error(&got.1, &want.lse, "lse"),
+    )
 }
 
 fn shape() -> AttentionShape {

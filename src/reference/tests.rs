@@ -60,6 +60,22 @@ fn standard_f32_backward_sums_scores_in_f32() {
         "{}",
         exact.out[0]
     );
+    // dV = P^T dO with dO all ones: each key's weight, in every element.
+    let (key0, key1) = exact.dv.split_at(8);
+    assert!(
+        key0.iter().all(|&g| (g - e / (1.0 + e)).abs() < 1e-12),
+        "{key0:?}"
+    );
+    assert!(
+        key1.iter().all(|&g| (g - 1.0 / (1.0 + e)).abs() < 1e-12),
+        "{key1:?}"
+    );
     let standard = attention_backward_f32(&shape, inputs, &config, None).unwrap();
     assert!(standard.out.iter().all(|&o| o == 0.5), "{:?}", standard.out);
+    // The gradients follow the f32 scores: both keys weigh 1/2.
+    assert!(
+        standard.dv.iter().all(|&g| (g - 0.5).abs() < 1e-7),
+        "{:?}",
+        standard.dv
+    );
 }
