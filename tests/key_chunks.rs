@@ -49,20 +49,7 @@ fn upload(gpu: &Gpu, shape: &AttentionShape, inputs: &Inputs, dtype: DType) -> [
 
 /// Largest |a - b|, where +inf (a row without keys) must match exactly.
 fn max_difference(a: &[f32], b: &[f32], what: &str) -> f64 {
-    assert_eq!(a.len(), b.len(), "{what}");
-    a.iter()
-        .zip(b)
-        .enumerate()
-        .map(|(i, (&x, &y))| {
-            assert!(!x.is_nan() && !y.is_nan(), "{what}: element {i} is NaN");
-            if x.is_infinite() || y.is_infinite() {
-                assert_eq!(x, y, "{what}: element {i}");
-                0.0
-            } else {
-                (f64::from(x) - f64::from(y)).abs()
-            }
-        })
-        .fold(0.0, f64::max)
+    f64::from(common::max_abs_diff(a, b, what))
 }
 
 /// The configurations that place keys differently, on both forward
