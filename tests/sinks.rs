@@ -1,4 +1,4 @@
-//! Attention sinks in the forward kernels (both tiers) and the naive
+//! Attention sinks in the forward kernels (every tier) and the naive
 //! baseline against the reference: each head's sink joins its rows'
 //! softmax denominator, rows that see no key output zeros with logsumexp
 //! equal to the sink, and bad sinks are typed errors. (Decoding with sinks

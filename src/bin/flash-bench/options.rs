@@ -306,7 +306,9 @@ impl DTypeArg {
 pub enum TierArg {
     /// Workgroup-memory tiles: runs everywhere.
     Portable,
-    /// Subgroup broadcasts (CPU adapters with one subgroup size of 8).
+    /// Subgroup broadcasts, one query row per lane (adapters with
+    /// subgroups: the default on CPU adapters, and for f32 up to d=128 on
+    /// NVIDIA).
     Subgroup,
     /// Register-blocked micro-tiles (the forward's default on most GPUs),
     /// with f32 products (what f16 storage gets by default on NVIDIA is
