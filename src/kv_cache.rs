@@ -253,7 +253,10 @@ struct Geometry {
 }
 
 impl KvCacheConfig {
-    fn geometry(&self) -> Result<Geometry> {
+    /// The pool's pages and block tables, after checking that a page's
+    /// bytes and the page count fit (block-table entries are u32) and that
+    /// the block table fits one binding of `binding_limit` bytes.
+    fn geometry(&self, binding_limit: u64) -> Result<Geometry> {
         let KvCacheConfig {
             batch,
             heads_kv,
@@ -286,12 +289,14 @@ impl KvCacheConfig {
                 right: head_dim,
             });
         }
-        Ok(match layout {
+        let geometry = match layout {
             KvLayout::Contiguous { capacity } => {
                 let page_size = capacity
+                    .min(*PAGE_SIZES.end())
                     .next_power_of_two()
                     .clamp(*PAGE_SIZES.start(), *PAGE_SIZES.end());
                 let per_seq = capacity.div_ceil(page_size).max(1);
+                self.check_pool(batch, per_seq, page_size, binding_limit)?;
                 let block_tables = (0..batch)
                     .map(|b| ((b * per_seq) as u32..((b + 1) * per_seq) as u32).collect())
                     .collect();
@@ -312,6 +317,7 @@ impl KvCacheConfig {
                         shape: [pages, page_size, heads_kv, head_dim],
                     });
                 }
+                self.check_pool(batch, pages, page_size, binding_limit)?;
                 Geometry {
                     page_size,
                     pool_pages: pages,
@@ -319,7 +325,43 @@ impl KvCacheConfig {
                     block_tables: vec![Vec::new(); batch],
                 }
             }
-        })
+        };
+        Ok(geometry)
+    }
+
+    /// Checks, before anything is allocated, that a page's bytes and the
+    /// pool's page count fit (a contiguous layout's pool is `batch *
+    /// pages_per_seq` pages, a paged one's `pages_per_seq`), and that the
+    /// block table (`batch * pages_per_seq` u32 entries) fits a binding.
+    fn check_pool(
+        &self,
+        batch: usize,
+        pages_per_seq: usize,
+        page_size: usize,
+        binding_limit: u64,
+    ) -> Result<()> {
+        let overflow = |tensor| Error::ShapeOverflow {
+            tensor,
+            shape: [batch, pages_per_seq, self.heads_kv, self.head_dim],
+        };
+        page_size
+            .checked_mul(self.heads_kv)
+            .and_then(|n| n.checked_mul(self.dtype.vector_bytes(self.head_dim)))
+            .ok_or(overflow("kv cache page"))?;
+        let entries = batch
+            .checked_mul(pages_per_seq)
+            .filter(|&n| n < NO_PAGE as usize)
+            .ok_or(overflow("kv cache block table"))?;
+        let bytes = entries as u64 * 4;
+        if bytes > binding_limit {
+            return Err(Error::BufferTooLarge {
+                tensor: "kv cache block table",
+                bytes,
+                limit_name: "max_storage_buffer_binding_size",
+                limit: binding_limit,
+            });
+        }
+        Ok(())
     }
 
     /// Bytes of one page of K (or V): `page_size` tokens of the storage
@@ -334,9 +376,9 @@ impl KvCache {
     /// or several of whole pages each when the pool is larger than one
     /// storage binding (or than `config.max_buffer_bytes`).
     pub fn new(gpu: &Gpu, config: KvCacheConfig) -> Result<Self> {
-        let geometry = config.geometry()?;
-        let page_bytes = config.page_bytes(geometry.page_size);
         let limits = &gpu.info().limits;
+        let geometry = config.geometry(limits.max_storage_buffer_binding_size)?;
+        let page_bytes = config.page_bytes(geometry.page_size);
         let (limit_name, binding_limit) = [
             (
                 "max_storage_buffer_binding_size",
@@ -401,7 +443,7 @@ impl KvCache {
         config: KvCacheConfig,
         segments: &[(wgpu::Buffer, wgpu::Buffer)],
     ) -> Result<Self> {
-        let geometry = config.geometry()?;
+        let geometry = config.geometry(gpu.info().limits.max_storage_buffer_binding_size)?;
         let page_bytes = config.page_bytes(geometry.page_size);
         let mut first_page = 0usize;
         let mut owned = Vec::new();
@@ -920,8 +962,17 @@ impl KvCache {
         let token_words = self.heads_kv() * dtype.vector_words(head_dim);
         for pos in 0..len {
             let page = self.block_tables[sequence][pos / self.page_size] as usize;
-            let pages_per_segment = self.segments[0].pages as usize;
-            let index = page / pages_per_segment;
+            // Segments may hold different page counts (a caller's buffers,
+            // KvCache::from_buffers): the one whose range holds the page.
+            let index = self
+                .segments
+                .iter()
+                .position(|segment| {
+                    let first = segment.first_page as usize;
+                    (first..first + segment.pages as usize).contains(&page)
+                })
+                .expect("set_block_table admits only pages of the pool, which the segments cover");
+            let first_page = self.segments[index].first_page as usize;
             if loaded[index].is_none() {
                 let segment = &self.segments[index];
                 let v = segment.v.as_ref();
@@ -929,7 +980,7 @@ impl KvCache {
                 loaded[index] = Some((read_buffer(gpu, "kv cache K", &segment.k)?, v));
             }
             let (k, v) = loaded[index].as_ref().expect("loaded above");
-            let row = (page % pages_per_segment) * self.page_size + pos % self.page_size;
+            let row = (page - first_page) * self.page_size + pos % self.page_size;
             let words = row * token_words..(row + 1) * token_words;
             let token_start = k_out.len();
             widen_token(dtype, head_dim, &k[words.clone()], &mut k_out);

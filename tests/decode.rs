@@ -542,6 +542,17 @@ fn bad_cache_input_is_a_typed_error() {
         )),
         Err(Error::KvSplits(0))
     ));
+    // A forced split count past the dispatch limit (one that would wrap
+    // when multiplied by the row tiles) is refused with the numbers.
+    let limit = gpu.info().limits.max_compute_workgroups_per_dimension;
+    assert!(matches!(
+        gpu.run(|e| gpu.decode(
+            e,
+            &args,
+            DecodeOptions::new(&AttentionConfig::new()).kv_splits(usize::MAX)
+        )),
+        Err(Error::DispatchTooLarge { groups, limit: l, .. }) if groups > u64::from(limit) && l == limit
+    ));
     let q3 = Tensor::filled(gpu, TensorShape::new(3, 1, 4, 32), 0.5).unwrap();
     let args = DecodeArgs {
         q: &q3,
@@ -553,6 +564,113 @@ fn bad_cache_input_is_a_typed_error() {
         gpu.run(|e| gpu.decode(e, &args, AttentionConfig::new())),
         Err(Error::ShapeMismatch { .. })
     ));
+}
+
+/// Pools too large to describe are refused before anything is allocated:
+/// a page whose bytes overflow, and a block table past one binding.
+#[test]
+fn cache_geometries_past_the_limits_are_typed_errors() {
+    let Some(gpu) = gpu() else { return };
+    let paged = |batch, heads_kv, pages| {
+        KvCacheConfig::new(
+            batch,
+            heads_kv,
+            32,
+            KvLayout::Paged {
+                page_size: 16,
+                pages,
+            },
+        )
+    };
+    let err = KvCache::new(gpu, paged(1, 1 << 59, 1)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::ShapeOverflow {
+                tensor: "kv cache page",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let limit = gpu.info().limits.max_storage_buffer_binding_size;
+    let batch = 64;
+    let pages = (limit / 4 / batch as u64 + 1) as usize;
+    match KvCache::new(gpu, paged(batch, 1, pages)) {
+        Err(Error::BufferTooLarge {
+            tensor: "kv cache block table",
+            bytes,
+            limit: l,
+            ..
+        }) => assert!(bytes == (batch * pages * 4) as u64 && l == limit),
+        Err(Error::ShapeOverflow {
+            tensor: "kv cache block table",
+            ..
+        }) => assert!(batch * pages >= u32::MAX as usize, "{pages} pages"),
+        other => panic!("a {batch} x {pages} block table: {other:?}"),
+    }
+}
+
+/// A caller's pool in buffers of different sizes (one page, then two):
+/// the kernels and the read-back find each page in the buffer whose range
+/// holds it.
+#[test]
+fn caller_buffers_of_different_sizes_hold_their_pages() {
+    let Some(gpu) = gpu() else { return };
+    let head_dim = 32;
+    let config = KvCacheConfig::new(
+        1,
+        HEADS_KV,
+        head_dim,
+        KvLayout::Paged {
+            page_size: 16,
+            pages: 3,
+        },
+    );
+    let page_bytes = (16 * HEADS_KV * head_dim * 4) as u64;
+    let buffer = |pages: u64| {
+        gpu.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("caller pool"),
+            size: pages * page_bytes,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        })
+    };
+    let segments = [(buffer(1), buffer(1)), (buffer(2), buffer(2))];
+    let mut cache = KvCache::from_buffers(gpu, config, &segments).unwrap();
+    assert_eq!(cache.segment_count(), 2);
+    // Page 2 is the second buffer's second page; page 0 the first buffer's.
+    cache.set_block_table(0, &[2, 0, 1]).unwrap();
+    let len = 40;
+    let shape = TensorShape::new(1, len, HEADS_KV, head_dim);
+    let mut rng = seeded(0x5eed_5e66);
+    let k = normal_vec(&mut rng, shape.elements(), 1.0);
+    let v = normal_vec(&mut rng, shape.elements(), 1.0);
+    let (kt, vt) = (
+        Tensor::from_f32(gpu, shape, &k).unwrap(),
+        Tensor::from_f32(gpu, shape, &v).unwrap(),
+    );
+    gpu.run(|e| cache.append(gpu, e, &kt, &vt, None)).unwrap();
+    let (k_back, v_back) = cache.read_sequence(gpu, 0).unwrap();
+    assert_eq!(k_back, k, "K read back");
+    assert_eq!(v_back, v, "V read back");
+    let filled = Filled {
+        cache,
+        k: vec![k],
+        v: vec![v],
+    };
+    let q = queries(1, 1, head_dim, 0x5e66);
+    let (out_err, lse_err, plan) = decode_errors(
+        gpu,
+        &filled,
+        &q,
+        1,
+        &DecodeOptions::new(&AttentionConfig::new()),
+    );
+    assert!(
+        out_err <= 1e-4 && lse_err <= 1e-4,
+        "out {out_err:.2e}, lse {lse_err:.2e} ({plan:?})"
+    );
 }
 
 #[test]

@@ -256,7 +256,9 @@ impl DecodePlan {
         }
         let split_keys = longest.div_ceil(splits).max(1);
         check_loop_budget(info, &specialization, split_keys as u64)?;
-        let x_groups = u64::from(row_tiles) * splits as u64;
+        // Saturating: a forced split count near usize::MAX must reach the
+        // limit check below, not wrap past it.
+        let x_groups = u64::from(row_tiles).saturating_mul(splits as u64);
         let limit = limits.max_compute_workgroups_per_dimension;
         for (axis, n) in [
             ("row tiles x splits", x_groups),
