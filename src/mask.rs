@@ -74,6 +74,29 @@ fn check_dims(dims: [usize; 4], got: usize) -> Result<()> {
     Ok(())
 }
 
+/// Checks that mask dims `[batch|1, heads|1, seq_q, seq_kv]` broadcast to
+/// `shape` (a device mask's and the reference's host masks alike).
+pub(crate) fn check_broadcast(dims: [usize; 4], shape: &AttentionShape) -> Result<()> {
+    let [b, h, q, k] = dims;
+    let fits = (b == 1 || b == shape.batch)
+        && (h == 1 || h == shape.heads_q)
+        && q == shape.seq_q
+        && k == shape.seq_kv;
+    if !fits {
+        return Err(Error::MaskShape {
+            dims,
+            shape: [shape.batch, shape.heads_q, shape.seq_q, shape.seq_kv],
+        });
+    }
+    Ok(())
+}
+
+/// Checks a host mask's values against its dims (no zero dimension, one
+/// value per element).
+pub(crate) fn check_host_dims(dims: [usize; 4], values: usize) -> Result<()> {
+    check_dims(dims, values)
+}
+
 /// Packs `[.., seq_kv]` rows of booleans into rows of words.
 fn pack_bits(dims: [usize; 4], values: &[bool]) -> (Vec<u32>, usize) {
     let seq_kv = dims[3];
@@ -234,18 +257,7 @@ impl AttentionMask {
 
     /// Checks that the mask broadcasts to `shape`.
     pub(crate) fn check_shape(&self, shape: &AttentionShape) -> Result<()> {
-        let [b, h, q, k] = self.dims;
-        let fits = (b == 1 || b == shape.batch)
-            && (h == 1 || h == shape.heads_q)
-            && q == shape.seq_q
-            && k == shape.seq_kv;
-        if !fits {
-            return Err(Error::MaskShape {
-                dims: self.dims,
-                shape: [shape.batch, shape.heads_q, shape.seq_q, shape.seq_kv],
-            });
-        }
-        Ok(())
+        check_broadcast(self.dims, shape)
     }
 
     /// How the words lie (kind and strides), without tile states: what a

@@ -144,6 +144,18 @@ pub enum HostMask<'a> {
 }
 
 impl HostMask<'_> {
+    /// Checks that the mask holds one value per element of its dims and
+    /// broadcasts to `shape` (as a device mask must): `DataLength`,
+    /// `ZeroDimension` or `MaskShape` with the numbers.
+    pub fn check(&self, shape: &AttentionShape) -> Result<()> {
+        let (dims, values) = match *self {
+            HostMask::Bias { dims, values } => (dims, values.len()),
+            HostMask::Bool { dims, values } => (dims, values.len()),
+        };
+        crate::mask::check_host_dims(dims, values)?;
+        crate::mask::check_broadcast(dims, shape)
+    }
+
     /// Bias for (batch, head, row, key); `None` when the key is hidden.
     pub fn at(&self, b: usize, h: usize, i: usize, j: usize) -> Option<f64> {
         let index = |dims: [usize; 4]| {
@@ -187,6 +199,7 @@ pub fn attention_masked_rows(
     mask: &HostMask<'_>,
     wanted: impl Fn(usize, usize, usize) -> bool + Sync,
 ) -> Result<ReferenceOutput> {
+    mask.check(shape)?;
     let rows = Rows::all().only(wanted).masked(mask);
     attention_core(shape, q, k, v, config, rows)
 }
@@ -203,6 +216,7 @@ pub fn attention_masked_in_precision(
     mask: &HostMask<'_>,
     dtype: DType,
 ) -> Result<ReferenceOutput> {
+    mask.check(shape)?;
     let rows = Rows::all().masked(mask).in_precision(dtype);
     attention_core(shape, q, k, v, config, rows)
 }
@@ -548,6 +562,23 @@ pub fn rope(
     data: &[f32],
     first_positions: &[u64],
 ) -> crate::Result<Vec<f64>> {
+    crate::tensor::check_shape("rope data", shape)?;
+    check_len("rope data", shape.elements(), data.len())?;
+    check_len(
+        "first_positions (one per sequence)",
+        shape.batch,
+        first_positions.len(),
+    )?;
+    // Positions up to first + tokens must be u64s.
+    if first_positions
+        .iter()
+        .any(|&p| p.checked_add(shape.seq as u64).is_none())
+    {
+        return Err(Error::ShapeOverflow {
+            tensor: "rope positions (first_positions[b] + tokens past u64::MAX)",
+            shape: shape.as_array(),
+        });
+    }
     let rotary_dim = rope.checked_rotary_dim(shape.head_dim)?;
     let mut out: Vec<f64> = data.iter().map(|&x| f64::from(x)).collect();
     let half = rotary_dim / 2;

@@ -130,6 +130,9 @@ fn backward(
     first_sequence: usize,
 ) -> Result<ReferenceGradients> {
     let a = arithmetic;
+    if let Some(mask) = mask {
+        mask.check(shape)?;
+    }
     let mut problem = Problem::new(shape, q, k, v, config, |b, h, i, j| match mask {
         Some(mask) => mask.at(b, h, i, j),
         None => Some(0.0),

@@ -79,3 +79,78 @@ fn standard_f32_backward_sums_scores_in_f32() {
         standard.dv
     );
 }
+
+/// Host masks are checked as device masks are: one value per element of
+/// their dims, dims that broadcast to the call.
+#[test]
+fn host_masks_that_do_not_fit_are_typed_errors() {
+    use super::{HostMask, attention_masked};
+    use crate::error::Error;
+    let shape = AttentionShape::self_attention(1, 2, 1, 8);
+    let x = vec![0.5f32; 16];
+    let config = AttentionConfig::new();
+    let too_small = HostMask::Bool {
+        dims: [1, 1, 1, 1],
+        values: &[true],
+    };
+    let err = attention_masked(&shape, &x, &x, &x, &config, &too_small).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::MaskShape {
+                dims: [1, 1, 1, 1],
+                shape: [1, 1, 2, 2]
+            }
+        ),
+        "{err}"
+    );
+    let short = HostMask::Bias {
+        dims: [1, 1, 2, 2],
+        values: &[0.0; 3],
+    };
+    let err = attention_masked(&shape, &x, &x, &x, &config, &short).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::DataLength {
+                expected: 4,
+                got: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let inputs = [&x[..], &x[..], &x[..], &x[..]];
+    let err = attention_backward(&shape, inputs, &config, Some(&too_small)).unwrap_err();
+    assert!(matches!(err, Error::MaskShape { .. }), "{err}");
+}
+
+/// The reference RoPE checks its lengths and positions.
+#[test]
+fn rope_input_that_does_not_fit_is_a_typed_error() {
+    use crate::error::Error;
+    use crate::{Rope, RopeStyle, TensorShape};
+    let rope = Rope::new(RopeStyle::HalfSplit);
+    let shape = TensorShape::new(2, 3, 1, 8);
+    let data = vec![0.5f32; shape.elements()];
+    let err = super::rope(&rope, shape, &data, &[0]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::DataLength {
+                expected: 2,
+                got: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = super::rope(&rope, shape, &data[1..], &[0, 0]).unwrap_err();
+    assert!(matches!(err, Error::DataLength { .. }), "{err}");
+    let err = super::rope(&rope, shape, &data, &[0, u64::MAX]).unwrap_err();
+    assert!(matches!(err, Error::ShapeOverflow { .. }), "{err}");
+    let empty = TensorShape::new(2, 0, 1, 8);
+    let err = super::rope(&rope, empty, &[], &[0, 0]).unwrap_err();
+    assert!(matches!(err, Error::ZeroDimension { .. }), "{err}");
+    assert!(super::rope(&rope, shape, &data, &[0, 7]).is_ok());
+}
