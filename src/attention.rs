@@ -434,6 +434,14 @@ impl Gpu {
         for (name, tensor) in [("k", args.k), ("v", args.v)] {
             check_unbound_operand(self, name, tensor, storage)?;
         }
+        // Two outputs in one buffer would race (wgpu accepts two writable
+        // bindings of one buffer).
+        if args.lse.is_some_and(|l| l.buffer() == args.out.buffer()) {
+            return Err(Error::OutputAliasesInput {
+                tensor: "lse",
+                input: "out",
+            });
+        }
         for (name, input) in [("q", args.q), ("k", args.k), ("v", args.v)] {
             if input.buffer() == args.out.buffer() {
                 return Err(Error::OutputAliasesInput {

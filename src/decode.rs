@@ -204,6 +204,14 @@ impl Gpu {
             });
         }
         check_lse_output(self, args.lse, [q.batch, q.heads, q.seq])?;
+        for (name, tensor) in [("q", args.q), ("out", args.out)] {
+            if args.lse.is_some_and(|l| l.buffer() == tensor.buffer()) {
+                return Err(Error::OutputAliasesInput {
+                    tensor: "lse",
+                    input: name,
+                });
+            }
+        }
         let mut plan =
             DecodePlan::for_call(self.info(), &cache.plan_shape(), q.seq, q.heads, &options)?;
         let partials = if plan.slots > 1 {

@@ -784,6 +784,9 @@ impl KvCache {
             }
             tensor.check_in_bounds(name)?;
             tensor.check_device(gpu, name)?;
+            // The append kernel binds the tokens' buffer whole: larger
+            // inputs go in several appends.
+            crate::tensor::check_binding_size(gpu, name, tensor.buffer().size())?;
         }
         for sequence in 0..self.batch() {
             let needed = self.lens[sequence] + shape.seq;

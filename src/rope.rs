@@ -133,6 +133,8 @@ impl Gpu {
             });
         }
         tensor.check_in_bounds("rope tensor")?;
+        // Bound whole (which also keeps its strides and offset within u32).
+        crate::tensor::check_binding_size(self, "rope tensor", tensor.buffer().size())?;
         tensor.check_device(self, "rope tensor")?;
         let strides = tensor.strides();
         let params = RopeParams {

@@ -542,6 +542,21 @@ fn bad_cache_input_is_a_typed_error() {
         )),
         Err(Error::KvSplits(0))
     ));
+    // A logsumexp in the queries' (or the output's) buffer.
+    for (name, aliased) in [("q", &q), ("out", &out)] {
+        let lse = Lse::from_buffer(gpu, aliased.buffer().clone(), 2, 4, 1).unwrap();
+        let with_lse = DecodeArgs {
+            lse: Some(&lse),
+            ..args
+        };
+        assert!(
+            matches!(
+                gpu.run(|e| gpu.decode(e, &with_lse, AttentionConfig::new())),
+                Err(Error::OutputAliasesInput { tensor: "lse", input }) if input == name
+            ),
+            "lse in {name}'s buffer"
+        );
+    }
     // A forced split count past the dispatch limit (one that would wrap
     // when multiplied by the row tiles) is refused with the numbers.
     let limit = gpu.info().limits.max_compute_workgroups_per_dimension;

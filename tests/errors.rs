@@ -5,7 +5,8 @@ mod common;
 
 use common::{Inputs, assert_close, gpu, run_and_compare};
 use wgpu_flash_attn::{
-    Alibi, AttentionArgs, AttentionConfig, AttentionShape, Error, Gpu, Strides, Tensor, TensorShape,
+    Alibi, AttentionArgs, AttentionConfig, AttentionShape, BackwardArgs, Error, Gpu, Lse, Strides,
+    Tensor, TensorShape,
 };
 
 fn tensor(gpu: &Gpu, shape: TensorShape) -> Tensor {
@@ -285,6 +286,58 @@ fn output_aliasing_an_input() {
             Error::OutputAliasesInput {
                 tensor: "out",
                 input: "q"
+            }
+        ),
+        "{err}"
+    );
+    // The logsumexp in the output's buffer: two writable bindings of one
+    // buffer, which wgpu accepts and the kernels would race on.
+    let shape = TensorShape::new(1, 5, 2, 32);
+    let (k, out) = (tensor(gpu, shape), tensor(gpu, shape));
+    let lse = Lse::from_buffer(gpu, out.buffer().clone(), 1, 2, 5).unwrap();
+    let args = AttentionArgs {
+        q: &q,
+        k: &k,
+        v: &k,
+        out: &out,
+        lse: Some(&lse),
+    };
+    let err = gpu
+        .run(|e| gpu.forward(e, &args, AttentionConfig::new()))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::OutputAliasesInput {
+                tensor: "lse",
+                input: "out"
+            }
+        ),
+        "{err}"
+    );
+    // The backward reads that lse while its row pass writes `out`.
+    let grads = [tensor(gpu, shape), tensor(gpu, shape), tensor(gpu, shape)];
+    let backward = BackwardArgs {
+        q: &q,
+        k: &k,
+        v: &k,
+        out: &out,
+        lse: &lse,
+        d_out: &k,
+        dq: &grads[0],
+        dk: &grads[1],
+        dv: &grads[2],
+        dsinks: None,
+    };
+    let err = gpu
+        .run(|e| gpu.backward(e, &backward, AttentionConfig::new()))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::OutputAliasesInput {
+                tensor: "out",
+                input: "lse"
             }
         ),
         "{err}"

@@ -316,6 +316,12 @@ fn check_backward_operands(gpu: &Gpu, args: &BackwardArgs<'_>) -> Result<()> {
         }
     }
     // The row-delta pass binds `out` writable (the forward's binding).
+    if args.lse.buffer() == args.out.buffer() {
+        return Err(Error::OutputAliasesInput {
+            tensor: "out",
+            input: "lse",
+        });
+    }
     for (name, tensor) in inputs {
         if name != "out" && tensor.buffer() == args.out.buffer() {
             return Err(Error::OutputAliasesInput {
