@@ -63,7 +63,13 @@ fn check_dims(dims: [usize; 4], got: usize) -> Result<()> {
             shape: dims,
         });
     }
-    let expected = dims.iter().product();
+    let expected = dims
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or(Error::ShapeOverflow {
+            tensor: "mask",
+            shape: dims,
+        })?;
     if got != expected {
         return Err(Error::DataLength {
             tensor: "mask",
@@ -162,6 +168,17 @@ impl AttentionMask {
     ) -> Result<Self> {
         check_dims(dims, values.len())?;
         let (words, row_words) = pack_bits(dims, values);
+        Self::from_words(gpu, dims, words, row_words, block_sparse)
+    }
+
+    /// A boolean mask from its packed rows (`row_words` words per row).
+    fn from_words(
+        gpu: &Gpu,
+        dims: [usize; 4],
+        words: Vec<u32>,
+        row_words: usize,
+        block_sparse: bool,
+    ) -> Result<Self> {
         let bytes: &[u8] = bytemuck::cast_slice(&words);
         let host_bits = block_sparse.then(|| words.clone());
         Self::upload(gpu, MaskKind::Bool, dims, row_words, bytes, host_bits)
@@ -192,26 +209,56 @@ impl AttentionMask {
                 block_k: layout.block_k,
             });
         }
-        if layout.attend.len() != layout.dims.iter().product::<usize>() {
+        let blocks = layout
+            .dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or(Error::ShapeOverflow {
+                tensor: "block layout",
+                shape: layout.dims,
+            })?;
+        if layout.attend.len() != blocks {
             return Err(Error::DataLength {
                 tensor: "block layout",
-                expected: layout.dims.iter().product(),
+                expected: blocks,
                 got: layout.attend.len(),
             });
         }
         let dims = [batch, heads, seq_q, seq_kv];
+        if dims.contains(&0) {
+            return Err(Error::ZeroDimension {
+                tensor: "mask",
+                shape: dims,
+            });
+        }
         if let Some(element) = element {
             check_dims(dims, element.len())?;
         }
-        let mut values = vec![false; dims.iter().product()];
-        for (index, value) in values.iter_mut().enumerate() {
-            let key = index % seq_kv;
-            let row = (index / seq_kv) % seq_q;
-            let plane = index / (seq_kv * seq_q);
-            let block = (plane * q_blocks + row / layout.block_q) * k_blocks + key / layout.block_k;
-            *value = layout.attend[block] && element.is_none_or(|e| e[index]);
+        // The packed bits are what the device holds: checked against the
+        // binding before anything of the mask's size is allocated.
+        let row_words = seq_kv.div_ceil(BITS_PER_WORD);
+        let rows = batch.checked_mul(heads).and_then(|n| n.checked_mul(seq_q));
+        let words = rows.and_then(|rows| rows.checked_mul(row_words));
+        let Some((rows, words)) = rows.zip(words) else {
+            return Err(Error::ShapeOverflow {
+                tensor: "mask",
+                shape: dims,
+            });
+        };
+        crate::tensor::check_binding_size(gpu, "mask", words as u64 * 4)?;
+        let mut packed = vec![0u32; words];
+        for (row_index, row) in packed.chunks_mut(row_words).enumerate().take(rows) {
+            let (plane, q) = (row_index / seq_q, row_index % seq_q);
+            let blocks = (plane * q_blocks + q / layout.block_q) * k_blocks;
+            for key in 0..seq_kv {
+                let index = row_index * seq_kv + key;
+                if layout.attend[blocks + key / layout.block_k] && element.is_none_or(|e| e[index])
+                {
+                    row[key / BITS_PER_WORD] |= 1 << (key % BITS_PER_WORD);
+                }
+            }
         }
-        Self::block_sparse(gpu, dims, &values)
+        Self::from_words(gpu, dims, packed, row_words, true)
     }
 
     fn upload(

@@ -180,11 +180,14 @@ impl Tensor {
     /// A packed BSHD f32 tensor with every element set to `value` (tests
     /// poison outputs with NaN this way).
     pub fn filled(gpu: &Gpu, shape: TensorShape, value: f32) -> Result<Self> {
-        Self::from_f32(gpu, shape, &vec![value; shape.elements()])
+        Self::filled_as(gpu, shape, value, DType::F32)
     }
 
     /// [`Tensor::filled`] stored as `dtype`.
     pub fn filled_as(gpu: &Gpu, shape: TensorShape, value: f32, dtype: DType) -> Result<Self> {
+        // Checked before the host values are allocated.
+        check_shape("tensor", shape)?;
+        check_buffer_size(gpu, "tensor", shape_bytes("tensor", shape, dtype)?)?;
         Self::from_f32_as(gpu, shape, &vec![value; shape.elements()], dtype)
     }
 

@@ -438,6 +438,37 @@ fn overflowing_shapes_are_typed_errors() {
             "{result:?}"
         );
     }
+    // Sizes that count but do not fit the device are refused before any
+    // host memory of their size is allocated (the process would abort).
+    let too_big = TensorShape::new(1 << 20, 1 << 20, 1, 64);
+    for result in [
+        Tensor::filled(gpu, too_big, f32::NAN),
+        Tensor::filled_as(gpu, too_big, 0.0, wgpu_flash_attn::DType::F16),
+    ] {
+        assert!(
+            matches!(result, Err(Error::BufferTooLarge { .. })),
+            "{result:?}"
+        );
+    }
+    let state = wgpu_flash_attn::LinearState::zeros(gpu, 1 << 24, 1 << 10, 256, 256);
+    assert!(
+        matches!(state, Err(Error::BufferTooLarge { .. })),
+        "{:?}",
+        state.err()
+    );
+    // One block per query and key at N = 2^20: 2^40 bits of mask.
+    let layout = wgpu_flash_attn::BlockLayout {
+        block_q: 1 << 20,
+        block_k: 1 << 20,
+        dims: [1, 1, 1, 1],
+        attend: vec![true],
+    };
+    let mask = wgpu_flash_attn::AttentionMask::from_blocks(gpu, 1 << 20, 1 << 20, &layout, None);
+    assert!(
+        matches!(mask, Err(Error::BufferTooLarge { tensor: "mask", .. })),
+        "{:?}",
+        mask.err()
+    );
     // A view whose extent overflows is out of bounds, not wrapped in.
     let small = Tensor::zeros(
         gpu,

@@ -244,6 +244,64 @@ fn block_sparse_masks_equal_their_dense_equivalents() {
     }
 }
 
+/// A block layout per batch entry and head, refined by an element mask,
+/// is the boolean mask its blocks and elements say: the same bits as
+/// `AttentionMask::block_sparse` of that mask (computed here on the host),
+/// and the reference's result under it.
+#[test]
+fn block_layouts_with_element_masks_match_their_boolean_mask() {
+    let Some(gpu) = gpu() else { return };
+    let shape = AttentionShape {
+        batch: 2,
+        seq_q: 40,
+        seq_kv: 70,
+        heads_q: 3,
+        heads_kv: 3,
+        head_dim: 32,
+        head_dim_v: 32,
+    };
+    let (block_q, block_k) = (16, 32);
+    let dims = [2, 3, 40usize.div_ceil(block_q), 70usize.div_ceil(block_k)];
+    let mut rng = seeded(0x5eed_b10c);
+    let attend: Vec<bool> = (0..dims.iter().product::<usize>())
+        .map(|_| rng.random_ratio(2, 3))
+        .collect();
+    let mask_dims = [2, 3, 40, 70];
+    let element: Vec<bool> = (0..mask_dims.iter().product::<usize>())
+        .map(|_| rng.random_ratio(3, 4))
+        .collect();
+    let values: Vec<bool> = element
+        .iter()
+        .enumerate()
+        .map(|(index, &on)| {
+            let (key, row, plane) = (index % 70, index / 70 % 40, index / (70 * 40));
+            let block = (plane * dims[2] + row / block_q) * dims[3] + key / block_k;
+            on && attend[block]
+        })
+        .collect();
+    let layout = BlockLayout {
+        block_q,
+        block_k,
+        dims,
+        attend,
+    };
+    let from_blocks = AttentionMask::from_blocks(gpu, 40, 70, &layout, Some(&element)).unwrap();
+    let from_values = AttentionMask::block_sparse(gpu, mask_dims, &values).unwrap();
+    let inputs = Inputs::draw(&shape, 0x5eed_b10d, 1.0);
+    let config = AttentionConfig::new();
+    let got = run_masked(gpu, &shape, &inputs, &config, &from_blocks);
+    let same = run_masked(gpu, &shape, &inputs, &config, &from_values);
+    assert_eq!(got, same, "the layout's mask and its boolean mask");
+    let host = HostMask::Bool {
+        dims: mask_dims,
+        values: &values,
+    };
+    let want = reference::attention_masked(&shape, &inputs.q, &inputs.k, &inputs.v, &config, &host)
+        .unwrap();
+    let (out, lse) = errors(&got, &want);
+    assert!(out <= 1e-4 && lse <= 1e-4, "out {out:.2e}, lse {lse:.2e}");
+}
+
 #[test]
 fn bad_masks_are_typed_errors() {
     let Some(gpu) = gpu() else { return };

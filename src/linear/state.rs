@@ -34,6 +34,10 @@ impl LinearState {
         head_dim_v: usize,
     ) -> Result<Self> {
         slot_floats(batch, heads, head_dim, head_dim_v)?;
+        // Checked before the host zeros are allocated.
+        let s_shape = TensorShape::new(batch, heads, head_dim, head_dim_v);
+        let s_bytes = crate::tensor::shape_bytes("linear state", s_shape, crate::DType::F32)?;
+        crate::tensor::check_binding_size(gpu, "linear state", s_bytes)?;
         Self::from_f32(
             gpu,
             [batch, heads, head_dim, head_dim_v],
