@@ -465,6 +465,19 @@ pub enum Error {
         /// The head dim.
         head_dim: usize,
     },
+    /// A sequence's RoPE positions (`first` and the tokens after it) pass
+    /// `u32::MAX`, the kernels' position type.
+    #[error(
+        "RoPE positions of sequence {sequence} start at {first} and run {tokens} tokens, past u32::MAX"
+    )]
+    RopePosition {
+        /// The sequence (batch entry).
+        sequence: usize,
+        /// Its first position (cache length plus offset, or the given start).
+        first: u64,
+        /// Tokens rotated from there.
+        tokens: usize,
+    },
     /// The RoPE frequency base is not finite or not above 1 (holds the value given).
     #[error("RoPE base (theta) must be finite and > 1, got {0}")]
     RopeBase(f64),

@@ -822,6 +822,13 @@ impl KvCache {
             }
             None => (0, 0, Vec::new(), vec![0; self.batch()]),
         };
+        if rotation.is_some() {
+            let firsts = self.lens.iter().zip(&offsets);
+            crate::rope::check_positions(
+                firsts.map(|(&len, &offset)| len as u64 + u64::from(offset)),
+                shape.seq,
+            )?;
+        }
         // Keys rotate their first rotary_dim elements; a latent its last
         // ones, which must leave the value prefix alone.
         let rotary_start = if v.is_some() {
@@ -843,7 +850,8 @@ impl KvCache {
             .lens
             .iter()
             .zip(&offsets)
-            .map(|(&len, &offset)| [len as u32, len as u32 + offset])
+            // (Checked above to fit u32 where they rotate anything.)
+            .map(|(&len, &offset)| [len as u32, (len as u64 + u64::from(offset)) as u32])
             .collect();
         let strides = shape.contiguous_strides();
         let base = RopeParams {
@@ -915,12 +923,24 @@ impl KvCache {
     /// Positions where each sequence's next token will be rotated by
     /// [`KvCache::append`] with these offsets: the queries of the same
     /// tokens use them with [`Gpu::rope`](crate::Gpu::rope).
-    pub fn next_positions(&self, position_offsets: &[u32]) -> Vec<u32> {
-        self.lens
+    /// `DataLength` unless there is one offset per sequence, `RopePosition`
+    /// where a position would pass `u32::MAX`.
+    pub fn next_positions(&self, position_offsets: &[u32]) -> Result<Vec<u32>> {
+        if position_offsets.len() != self.batch() {
+            return Err(Error::DataLength {
+                tensor: "position_offsets",
+                expected: self.batch(),
+                got: position_offsets.len(),
+            });
+        }
+        let firsts: Vec<u64> = self
+            .lens
             .iter()
             .zip(position_offsets)
-            .map(|(&len, &offset)| len as u32 + offset)
-            .collect()
+            .map(|(&len, &offset)| len as u64 + u64::from(offset))
+            .collect();
+        crate::rope::check_positions(firsts.iter().copied(), 1)?;
+        Ok(firsts.into_iter().map(|p| p as u32).collect())
     }
 
     /// Appending `tokens` writes pages that only the writing sequence may

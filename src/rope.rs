@@ -105,6 +105,21 @@ impl Rope {
     }
 }
 
+/// Checks that every sequence's positions `first .. first + tokens` fit
+/// the kernels' u32 positions (`RopePosition` otherwise).
+pub(crate) fn check_positions(firsts: impl Iterator<Item = u64>, tokens: usize) -> Result<()> {
+    for (sequence, first) in firsts.enumerate() {
+        if tokens > 0 && first + tokens as u64 - 1 > u64::from(u32::MAX) {
+            return Err(Error::RopePosition {
+                sequence,
+                first,
+                tokens,
+            });
+        }
+    }
+    Ok(())
+}
+
 impl Gpu {
     /// Records the rotation of `tensor` (`[batch, tokens, heads,
     /// head_dim]`, f32, head dim contiguous) in place into `encoder`: token
@@ -132,6 +147,7 @@ impl Gpu {
                 got: first_positions.len(),
             });
         }
+        check_positions(first_positions.iter().map(|&p| u64::from(p)), shape.seq)?;
         tensor.check_in_bounds("rope tensor")?;
         // Bound whole (which also keeps its strides and offset within u32).
         crate::tensor::check_binding_size(self, "rope tensor", tensor.buffer().size())?;

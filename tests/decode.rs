@@ -404,7 +404,7 @@ fn rope_kernels_match_a_cpu_rope() {
                 )
             })
             .unwrap();
-            assert_eq!(cache.next_positions(&offsets), vec![23, 2_000_020]);
+            assert_eq!(cache.next_positions(&offsets).unwrap(), vec![23, 2_000_020]);
             let second = TensorShape::new(2, 7, 3, 64);
             let k2 = normal_vec(&mut rng, second.elements(), 1.0);
             let v2 = normal_vec(&mut rng, second.elements(), 1.0);
@@ -525,7 +525,49 @@ fn bad_cache_input_is_a_typed_error() {
             head_dim: 32
         })
     ));
+    // Positions past u32::MAX (the kernels' type) are refused, not wrapped.
+    let rope = Rope::new(RopeStyle::HalfSplit);
+    let two_tokens = Tensor::filled(gpu, TensorShape::new(2, 2, 2, 32), 0.5).unwrap();
+    assert!(matches!(
+        gpu.run(|e| cache.append(
+            gpu,
+            e,
+            &two_tokens,
+            &two_tokens,
+            Some(KeyRotation {
+                rope: &rope,
+                position_offsets: &[0, u32::MAX]
+            })
+        )),
+        Err(Error::RopePosition {
+            sequence: 1,
+            first: 4_294_967_295,
+            tokens: 2
+        })
+    ));
+    assert_eq!(cache.lens(), &[0, 0], "a refused append changes nothing");
+    assert!(matches!(
+        gpu.run(|e| gpu.rope(e, &two_tokens, &rope, &[u32::MAX, 0])),
+        Err(Error::RopePosition {
+            sequence: 0,
+            tokens: 2,
+            ..
+        })
+    ));
+    assert!(matches!(
+        cache.next_positions(&[0]),
+        Err(Error::DataLength {
+            expected: 2,
+            got: 1,
+            ..
+        })
+    ));
+    assert_eq!(cache.next_positions(&[0, u32::MAX]).unwrap(), [0, u32::MAX]);
     gpu.run(|e| cache.append(gpu, e, &one, &one, None)).unwrap();
+    assert!(matches!(
+        cache.next_positions(&[0, u32::MAX]),
+        Err(Error::RopePosition { sequence: 1, .. })
+    ));
     let q = Tensor::filled(gpu, TensorShape::new(2, 1, 4, 32), 0.5).unwrap();
     let out = Tensor::filled(gpu, TensorShape::new(2, 1, 4, 32), 0.0).unwrap();
     let args = DecodeArgs {
