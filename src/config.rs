@@ -81,7 +81,8 @@ impl AttentionShape {
 
     /// Query heads that share one KV head.
     pub fn group_size(&self) -> usize {
-        self.heads_q / self.heads_kv
+        // 0 for a shape without KV heads (which every call refuses).
+        self.heads_q.checked_div(self.heads_kv).unwrap_or(0)
     }
 
     /// Forward FLOPs actually needed under `config`: 2 per (query, visible
@@ -100,8 +101,11 @@ impl AttentionShape {
     /// f32 with rows padded to vec4s, as standard attention (the naive
     /// baseline) holds it.
     pub fn score_matrix_bytes(&self) -> u64 {
-        let row_bytes = self.seq_kv.div_ceil(4) as u64 * 16;
-        (self.batch * self.heads_q * self.seq_q) as u64 * row_bytes
+        // Saturating: a count past u64 is "too large" wherever it is used.
+        let row_bytes = (self.seq_kv.div_ceil(4) as u64).saturating_mul(16);
+        [self.batch, self.heads_q, self.seq_q]
+            .into_iter()
+            .fold(row_bytes, |bytes, n| bytes.saturating_mul(n as u64))
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
@@ -131,6 +135,14 @@ impl AttentionShape {
         crate::tensor::check_shape("k", self.k_shape())?;
         crate::tensor::check_shape("v", self.v_shape())?;
         crate::tensor::check_shape("out", self.o_shape())?;
+        // The kernels place rows and keys (causal diagonal, windows) in
+        // i32: longer sequences would wrap silently.
+        if self.seq_q.max(self.seq_kv) > i32::MAX as usize {
+            return Err(Error::ShapeOverflow {
+                tensor: "sequence (positions are i32 in the kernels)",
+                shape: [self.batch, self.seq_q, self.seq_kv, self.heads_q],
+            });
+        }
         if !self.heads_q.is_multiple_of(self.heads_kv) {
             return Err(Error::HeadsNotDivisible {
                 heads_q: self.heads_q,

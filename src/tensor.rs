@@ -57,7 +57,11 @@ impl TensorShape {
 
     /// Elements in the tensor (product of the four dims).
     pub fn elements(&self) -> usize {
-        self.batch * self.seq * self.heads * self.head_dim
+        // Saturating: a count that overflows matches no data length (and
+        // the shape checks report it as ShapeOverflow).
+        [self.seq, self.heads, self.head_dim]
+            .into_iter()
+            .fold(self.batch, usize::saturating_mul)
     }
 
     /// Strides of the packed `[batch, seq, heads, head_dim]` layout.

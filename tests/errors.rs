@@ -428,6 +428,14 @@ fn overflowing_shapes_are_typed_errors() {
         matches!(err, Error::ShapeOverflow { tensor: "q", .. }),
         "{err}"
     );
+    // Positions are i32 in the kernels: a longer sequence is refused.
+    let long = AttentionShape::self_attention(1, 1 << 31, 1, 8);
+    let err = wgpu_flash_attn::reference::attention(&long, &[], &[], &[], &AttentionConfig::new())
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::ShapeOverflow { tensor, .. } if tensor.starts_with("sequence")),
+        "{err}"
+    );
     let Some(gpu) = gpu() else { return };
     for result in [
         Tensor::zeros(gpu, huge, wgpu_flash_attn::DType::F32),

@@ -116,9 +116,46 @@ impl DecodePlan {
         options: &DecodeOptions,
     ) -> Result<Self> {
         let config = &options.config;
+        // (Gpu::decode checks its tensors against the cache before this;
+        // a CacheShape given by hand is checked here.)
+        for (tensor, n) in [
+            ("cache batch", cache.batch),
+            ("cache heads_kv", cache.heads_kv),
+            ("seq_q", seq_q),
+            ("heads_q", heads_q),
+        ] {
+            if n == 0 {
+                return Err(Error::ZeroDimension {
+                    tensor,
+                    shape: [cache.batch, seq_q, heads_q, cache.heads_kv],
+                });
+            }
+        }
+        if !heads_q.is_multiple_of(cache.heads_kv) {
+            return Err(Error::HeadsNotDivisible {
+                heads_q,
+                heads_kv: cache.heads_kv,
+            });
+        }
+        for got in [cache.head_dim, cache.head_dim_v] {
+            if !crate::is_supported_head_dim(got) {
+                return Err(Error::HeadDimUnsupported {
+                    got,
+                    supported: crate::SUPPORTED_HEAD_DIMS,
+                });
+            }
+        }
         let (head_dim, head_dim_v) = (cache.head_dim as u32, cache.head_dim_v as u32);
         let group = heads_q / cache.heads_kv;
-        let rows = (seq_q * group) as u32;
+        let rows = seq_q
+            .checked_mul(group)
+            .and_then(|rows| u32::try_from(rows).ok())
+            .ok_or(Error::DispatchTooLarge {
+                what: "decode",
+                axis: "query rows (seq_q x query heads per KV head)",
+                groups: (seq_q as u64).saturating_mul(group as u64),
+                limit: info.limits.max_compute_workgroups_per_dimension,
+            })?;
         let adapter = &info.adapter;
         let cpu =
             adapter.device_type == wgpu::DeviceType::Cpu && adapter.backend != wgpu::Backend::Gl;

@@ -10,7 +10,7 @@ use crate::tensor::DType;
 
 /// Bytes of one score row: keys padded to a multiple of 4 (vec4 slots).
 fn row_bytes(seq_kv: usize) -> u64 {
-    seq_kv.div_ceil(4) as u64 * 16
+    (seq_kv.div_ceil(4) as u64).saturating_mul(16)
 }
 
 /// How a naive call runs: (batch, head) pairs are processed in chunks whose
@@ -52,8 +52,8 @@ impl NaivePlan {
             } else {
                 ("max_buffer_size", limits.max_buffer_size)
             };
-        let bytes_per_unit = shape.seq_q as u64 * row_bytes(shape.seq_kv);
-        let units = (shape.batch * shape.heads_q) as u64;
+        let bytes_per_unit = (shape.seq_q as u64).saturating_mul(row_bytes(shape.seq_kv));
+        let units = (shape.batch as u64).saturating_mul(shape.heads_q as u64);
         if bytes_per_unit > limit {
             return Err(Error::ScoresTooLarge {
                 bytes_per_head: bytes_per_unit,

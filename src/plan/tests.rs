@@ -913,6 +913,64 @@ fn decode_splits_fill_the_adapter_and_respect_the_loop_cap() {
     ));
 }
 
+/// A cache shape given by hand is checked as a call's would be: typed
+/// errors, not a division by zero or a wrapped row count.
+#[test]
+fn decode_plans_of_bad_cache_shapes_are_typed_errors() {
+    let info = profile("NVIDIA H200");
+    let good = crate::CacheShape {
+        batch: 1,
+        heads_kv: 8,
+        head_dim: 128,
+        head_dim_v: 128,
+        longest: 1024,
+        segments: 1,
+        dtype: crate::KvDType::F32,
+    };
+    let options = DecodeOptions::default();
+    let plan = |cache: &crate::CacheShape, seq_q, heads_q| {
+        DecodePlan::for_call(&info, cache, seq_q, heads_q, &options)
+    };
+    assert!(plan(&good, 1, 64).is_ok());
+    let no_heads = crate::CacheShape {
+        heads_kv: 0,
+        ..good
+    };
+    assert!(matches!(
+        plan(&no_heads, 1, 64),
+        Err(Error::ZeroDimension {
+            tensor: "cache heads_kv",
+            ..
+        })
+    ));
+    assert!(matches!(
+        plan(&good, 0, 64),
+        Err(Error::ZeroDimension {
+            tensor: "seq_q",
+            ..
+        })
+    ));
+    assert!(matches!(
+        plan(&good, 1, 60),
+        Err(Error::HeadsNotDivisible {
+            heads_q: 60,
+            heads_kv: 8
+        })
+    ));
+    let odd_dim = crate::CacheShape {
+        head_dim: 12,
+        ..good
+    };
+    assert!(matches!(
+        plan(&odd_dim, 1, 64),
+        Err(Error::HeadDimUnsupported { got: 12, .. })
+    ));
+    assert!(matches!(
+        plan(&good, usize::MAX / 4, 64),
+        Err(Error::DispatchTooLarge { .. })
+    ));
+}
+
 #[test]
 fn decode_lanes_default_to_keys_on_cpu_adapters_and_refuse_the_portable_tier() {
     let cache = |head_dim, head_dim_v, heads_kv| CacheShape {

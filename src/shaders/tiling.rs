@@ -96,6 +96,11 @@ impl BlockedTiling {
     /// Output vec4s per row an invocation accumulates: every
     /// `key_lanes`-th of the row's `head_dim_v / 4`.
     pub fn columns(&self) -> u32 {
+        // (A tiling the planner made has key lanes; a hand-made one with
+        // none has no columns rather than a division by zero.)
+        if self.key_lanes == 0 {
+            return 0;
+        }
         (self.head_dim_v / 4).div_ceil(self.key_lanes)
     }
     /// Loads each invocation keeps in flight while staging Q, K or V
@@ -104,7 +109,7 @@ impl BlockedTiling {
     pub fn stage_batch(&self) -> u32 {
         let widest = (self.head_dim / 4).max(self.head_dim_v / 4);
         (self.block_n() * widest)
-            .div_ceil(self.workgroup_size())
+            .div_ceil(self.workgroup_size().max(1))
             .min(Self::MAX_STAGE_BATCH)
     }
     /// vec4s of the tile that holds K (rows padded by one vec4, so that
