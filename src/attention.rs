@@ -8,7 +8,7 @@ use crate::key_chunks::{ChunkLimits, KvView, Window, plan_key_chunks};
 use crate::lse::{Lse, check_lse_output};
 use crate::mask::AttentionMask;
 use crate::operands::{
-    VEC_WIDTH, check_operand, check_unbound_operand, require_equal, vec4_strides,
+    VEC_WIDTH, check_operand, check_output, check_unbound_operand, require_equal, vec4_strides,
 };
 use crate::params::{AttentionParams, SequenceRows, blocked_flags, flags};
 use crate::pipelines::{bind_resources, encode_dispatches};
@@ -428,9 +428,8 @@ impl Gpu {
         // may outgrow one binding: the forward binds them in windows
         // (src/key_chunks.rs), other kernels check `require_whole_kv`.
         let storage = args.q.dtype();
-        for (name, tensor) in [("q", args.q), ("out", args.out)] {
-            check_operand(self, name, tensor, storage)?;
-        }
+        check_operand(self, "q", args.q, storage)?;
+        check_output(self, "out", args.out, storage)?;
         for (name, tensor) in [("k", args.k), ("v", args.v)] {
             check_unbound_operand(self, name, tensor, storage)?;
         }

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::kv_cache::KvCache;
 use crate::lse::{Lse, check_lse_output};
-use crate::operands::{check_operand, require_equal, vec4_strides, vec4_view};
+use crate::operands::{check_operand, check_output, require_equal, vec4_strides, vec4_view};
 use crate::params::{CombineParams, DecodeParams, TensorStrides};
 use crate::pipelines::{
     ELEMENTWISE_WORKGROUP, bind_buffers, elementwise_groups, encode_dispatches,
@@ -196,7 +196,7 @@ impl Gpu {
         // cache's type is its own).
         let io_dtype = args.q.dtype();
         check_operand(self, "q", args.q, io_dtype)?;
-        check_operand(self, "out", args.out, io_dtype)?;
+        check_output(self, "out", args.out, io_dtype)?;
         if args.q.buffer() == args.out.buffer() {
             return Err(Error::OutputAliasesInput {
                 tensor: "out",

@@ -295,6 +295,24 @@ pub enum Error {
         input: &'static str,
     },
 
+    /// An output view whose strides make two of its elements one memory
+    /// location: the kernels would race on them.
+    #[error(
+        "the output {tensor} writes some elements twice: shape {shape:?} with strides [{batch_stride}, {seq_stride}, {head_stride}, 1] overlaps"
+    )]
+    OverlappingOutput {
+        /// The output.
+        tensor: &'static str,
+        /// Its `[batch, seq, heads, head_dim]`.
+        shape: [usize; 4],
+        /// Its element strides.
+        batch_stride: usize,
+        /// Along the sequence.
+        seq_stride: usize,
+        /// Along the heads.
+        head_stride: usize,
+    },
+
     /// A block table lists one page twice: two positions of the sequence
     /// would share storage.
     #[error(

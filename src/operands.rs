@@ -38,6 +38,17 @@ pub(crate) fn check_operand(
     check_binding_size(gpu, name, tensor.buffer().size())
 }
 
+/// [`check_operand`] for an output: also that it writes each element once.
+pub(crate) fn check_output(
+    gpu: &Gpu,
+    name: &'static str,
+    tensor: &Tensor,
+    storage: DType,
+) -> Result<()> {
+    check_operand(gpu, name, tensor, storage)?;
+    tensor.check_distinct(name)
+}
+
 /// [`check_operand`] for an operand bound in windows: its buffer may be
 /// larger than one binding.
 pub(crate) fn check_unbound_operand(

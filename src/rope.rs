@@ -149,6 +149,8 @@ impl Gpu {
         }
         check_positions(first_positions.iter().map(|&p| u64::from(p)), shape.seq)?;
         tensor.check_in_bounds("rope tensor")?;
+        // Rotated in place: every element once.
+        tensor.check_distinct("rope tensor")?;
         // Bound whole (which also keeps its strides and offset within u32).
         crate::tensor::check_binding_size(self, "rope tensor", tensor.buffer().size())?;
         tensor.check_device(self, "rope tensor")?;

@@ -316,6 +316,35 @@ impl Tensor {
         self.buffer.size() as usize / self.dtype.size_bytes()
     }
 
+    /// Checks that no two elements of the view share a location (what an
+    /// output needs: a broadcast stride of 0, or axes that interleave,
+    /// would have the kernels race): the axes longer than 1, taken by
+    /// stride, each step past everything the inner ones span.
+    pub(crate) fn check_distinct(&self, tensor: &'static str) -> Result<()> {
+        let (s, st) = (self.shape, self.strides);
+        let mut axes = [
+            (st.batch, s.batch),
+            (st.seq, s.seq),
+            (st.head, s.heads),
+            (1, s.head_dim),
+        ];
+        axes.sort_by_key(|&(stride, _)| stride);
+        let mut span = 1usize;
+        for (stride, len) in axes.into_iter().filter(|&(_, len)| len > 1) {
+            if stride < span {
+                return Err(Error::OverlappingOutput {
+                    tensor,
+                    shape: s.as_array(),
+                    batch_stride: st.batch,
+                    seq_stride: st.seq,
+                    head_stride: st.head,
+                });
+            }
+            span = stride.saturating_mul(len - 1).saturating_add(span);
+        }
+        Ok(())
+    }
+
     /// One past the largest element index the view touches.
     /// Saturates instead of wrapping, so an absurd view fails the bounds
     /// check rather than passing it.

@@ -263,6 +263,66 @@ fn views_out_of_bounds_or_misaligned() {
         ),
         "{err}"
     );
+
+    // An output whose rows share memory (a broadcast seq stride, or heads
+    // that interleave) is refused; as an input, a broadcast is fine.
+    let q = tensor(gpu, TensorShape::new(1, 4, 2, 32));
+    let buffer = tensor(gpu, TensorShape::new(1, 8, 2, 32));
+    for (strides, what) in [
+        (
+            Strides {
+                batch: 512,
+                seq: 0,
+                head: 32,
+            },
+            "broadcast rows",
+        ),
+        (
+            Strides {
+                batch: 512,
+                seq: 64,
+                head: 16,
+            },
+            "interleaved heads",
+        ),
+    ] {
+        let out = buffer
+            .view(TensorShape::new(1, 4, 2, 32), strides, 0)
+            .unwrap();
+        let args = AttentionArgs {
+            q: &q,
+            k: &q,
+            v: &q,
+            out: &out,
+            lse: None,
+        };
+        let err = gpu
+            .run(|e| gpu.forward(e, &args, AttentionConfig::new()))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::OverlappingOutput {
+                    tensor: "out",
+                    shape: [1, 4, 2, 32],
+                    ..
+                }
+            ),
+            "{what}: {err}"
+        );
+    }
+    let shared_k = buffer
+        .view(
+            TensorShape::new(1, 4, 2, 32),
+            Strides {
+                batch: 512,
+                seq: 0,
+                head: 32,
+            },
+            0,
+        )
+        .unwrap();
+    run(gpu, &q, &shared_k, &shared_k, &AttentionConfig::new()).unwrap();
     still_works(gpu);
 }
 

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::lse::{Lse, check_lse_output};
 use crate::mask::AttentionMask;
-use crate::operands::{check_operand, vec4_view};
+use crate::operands::{check_operand, check_output, vec4_view};
 use crate::params::{AttentionParams, BackwardParams, BackwardUnit, flags};
 use crate::pipelines::{bind_buffers, encode_dispatches};
 use crate::shaders::BackwardPass;
@@ -295,8 +295,12 @@ fn check_backward_operands(gpu: &Gpu, args: &BackwardArgs<'_>) -> Result<()> {
         ("d_out", args.d_out),
     ];
     let outputs = [("dq", args.dq), ("dk", args.dk), ("dv", args.dv)];
-    for (name, tensor) in inputs.iter().chain(&outputs) {
+    for (name, tensor) in inputs {
         check_operand(gpu, name, tensor, storage)?;
+    }
+    // `out` too: the forward before the backward writes it.
+    for (name, tensor) in outputs.iter().copied().chain([("out", args.out)]) {
+        check_output(gpu, name, tensor, storage)?;
     }
     for (i, &(name, output)) in outputs.iter().enumerate() {
         let earlier = outputs[..i].iter().copied();

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::linear::plan::slot_bytes;
 use crate::linear::{FeatureMap, LinearArgs, LinearConfig, LinearPlan, LinearShape};
-use crate::operands::{check_operand, vec4_strides};
+use crate::operands::{check_operand, check_output, vec4_strides};
 use crate::params::{AttentionParams, LinearParams, linear_flags};
 use crate::pipelines::{bind_buffers, elementwise_groups, encode_dispatches};
 use crate::shaders::LinearPass;
@@ -217,9 +217,10 @@ impl Gpu {
     ) -> Result<()> {
         let storage = args.q.dtype();
         let inputs = [("q", args.q), ("k", args.k), ("v", args.v)];
-        for (name, tensor) in inputs.into_iter().chain([("out", args.out)]) {
+        for (name, tensor) in inputs {
             check_operand(self, name, tensor, storage)?;
         }
+        check_output(self, "out", args.out, storage)?;
         for (input, tensor) in inputs {
             if tensor.buffer() == args.out.buffer() {
                 return Err(Error::OutputAliasesInput {
