@@ -407,12 +407,29 @@ fn tile_states(
 /// Element masks of the classic sparse-attention patterns, `[seq, seq]`
 /// row-major (`true` = may attend), for [`AttentionMask::block_sparse`]
 /// (or [`AttentionMask::boolean`], the dense equivalent).
+/// Each returns `Error::ShapeOverflow` where `seq * seq` elements do not
+/// fit in host memory, rather than aborting.
 pub mod patterns {
+    use crate::error::{Error, Result};
+
+    /// `seq * seq` falses, or `ShapeOverflow` where the host cannot hold them.
+    fn square(seq: usize) -> Result<Vec<bool>> {
+        let overflow = || Error::ShapeOverflow {
+            tensor: "mask pattern",
+            shape: [1, 1, seq, seq],
+        };
+        let elements = seq.checked_mul(seq).ok_or_else(overflow)?;
+        let mut mask = Vec::new();
+        mask.try_reserve_exact(elements).map_err(|_| overflow())?;
+        mask.resize(elements, false);
+        Ok(mask)
+    }
+
     /// Longformer: each token sees the tokens within `window / 2` on either
     /// side; the `global` tokens see, and are seen by, every token.
-    pub fn longformer(seq: usize, window: usize, global: &[usize]) -> Vec<bool> {
+    pub fn longformer(seq: usize, window: usize, global: &[usize]) -> Result<Vec<bool>> {
         let half = window / 2;
-        let mut mask = vec![false; seq * seq];
+        let mut mask = square(seq)?;
         for i in 0..seq {
             for j in i.saturating_sub(half)..(i + half + 1).min(seq) {
                 mask[i * seq + j] = true;
@@ -424,35 +441,35 @@ pub mod patterns {
                 mask[t * seq + g] = true;
             }
         }
-        mask
+        Ok(mask)
     }
 
     /// Sparse Transformer, strided (Child et al. 2019), causal: query `i`
     /// sees key `j <= i` when `i - j < stride` (the previous `stride`
     /// positions) or `(i - j) % stride == 0` (every stride-th before).
-    pub fn strided(seq: usize, stride: usize) -> Vec<bool> {
+    pub fn strided(seq: usize, stride: usize) -> Result<Vec<bool>> {
         let stride = stride.max(1);
-        let mut mask = vec![false; seq * seq];
+        let mut mask = square(seq)?;
         for i in 0..seq {
             for j in 0..=i {
                 mask[i * seq + j] = i - j < stride || (i - j) % stride == 0;
             }
         }
-        mask
+        Ok(mask)
     }
 
     /// Sparse Transformer, fixed, causal: query `i` sees key `j <= i` in
     /// its own block of `stride` positions, and the last `summary`
     /// positions of every block (the summary cells).
-    pub fn fixed(seq: usize, stride: usize, summary: usize) -> Vec<bool> {
+    pub fn fixed(seq: usize, stride: usize, summary: usize) -> Result<Vec<bool>> {
         let stride = stride.max(1);
-        let mut mask = vec![false; seq * seq];
+        let mut mask = square(seq)?;
         for i in 0..seq {
             for j in 0..=i {
                 mask[i * seq + j] =
                     i / stride == j / stride || j % stride >= stride - summary.min(stride);
             }
         }
-        mask
+        Ok(mask)
     }
 }

@@ -174,9 +174,12 @@ fn block_sparse_masks_equal_their_dense_equivalents() {
     let mut rng = seeded(0x5eed_b10d);
     let random: Vec<bool> = (0..seq * seq).map(|_| rng.random_ratio(1, 20)).collect();
     let cases = [
-        ("longformer", patterns::longformer(seq, 64, &[0, 150, 299])),
-        ("strided", patterns::strided(seq, 17)),
-        ("fixed", patterns::fixed(seq, 32, 4)),
+        (
+            "longformer",
+            patterns::longformer(seq, 64, &[0, 150, 299]).unwrap(),
+        ),
+        ("strided", patterns::strided(seq, 17).unwrap()),
+        ("fixed", patterns::fixed(seq, 32, 4).unwrap()),
         ("random 5 %", random),
     ];
     let dims = [1, 1, seq, seq];
@@ -300,6 +303,28 @@ fn block_layouts_with_element_masks_match_their_boolean_mask() {
         .unwrap();
     let (out, lse) = errors(&got, &want);
     assert!(out <= 1e-4 && lse <= 1e-4, "out {out:.2e}, lse {lse:.2e}");
+}
+
+/// Patterns too large for the host are typed errors, not an abort.
+#[test]
+fn patterns_past_host_memory_are_typed_errors() {
+    for result in [
+        patterns::longformer(1 << 33, 16, &[0]),
+        patterns::strided(1 << 31, 4),
+        patterns::fixed(1 << 31, 4, 1),
+    ] {
+        assert!(
+            matches!(
+                result,
+                Err(Error::ShapeOverflow {
+                    tensor: "mask pattern",
+                    ..
+                })
+            ),
+            "{:?}",
+            result.err()
+        );
+    }
 }
 
 #[test]

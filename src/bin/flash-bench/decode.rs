@@ -25,7 +25,8 @@ use crate::timing::{self, TimingPlan, time_gpu};
 #[derive(Debug, Args)]
 pub struct DecodeCmdArgs {
     /// Cached tokens per sequence, one case each.
-    #[arg(long, value_delimiter = ',', default_value = "4096,32768,131072")]
+    #[arg(long, value_delimiter = ',', default_value = "4096,32768,131072",
+        value_parser = crate::options::parse_cache_tokens)]
     cache: Vec<usize>,
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -45,7 +46,7 @@ pub struct DecodeCmdArgs {
     latent_values: Option<usize>,
     /// Store the cache in pages of this many tokens, scattered over the
     /// pool (default: contiguous).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::options::parse_page_size)]
     page_size: Option<usize>,
     /// Force the number of key splits (default: chosen from the adapter).
     #[arg(long)]

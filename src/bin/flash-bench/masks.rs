@@ -36,7 +36,8 @@ pub struct MasksArgs {
     /// Longformer attention window (keys, both sides together).
     #[arg(long, default_value_t = 512)]
     window: usize,
-    #[arg(long, default_value_t = 3)]
+    /// Timed runs (at least 1).
+    #[arg(long, default_value_t = 3, value_parser = crate::options::parse_iters)]
     iters: usize,
     /// Also the backward (training): the BERT batch's, valid lengths
     /// against the dense mask, and a packed batch of short causal sequences
@@ -170,7 +171,7 @@ pub fn run(
     let n = args.longformer_seq;
     let shape = AttentionShape::self_attention(1, n, 12, 64);
     let globals: Vec<usize> = (0..n).step_by(1024).collect();
-    let pattern = patterns::longformer(n, args.window, &globals);
+    let pattern = patterns::longformer(n, args.window, &globals)?;
     let dims = [1, 1, n, n];
     let tensors = Tensors::new(gpu, &shape, 0x10f0)?;
     let dense = AttentionMask::boolean(gpu, dims, &pattern)?;

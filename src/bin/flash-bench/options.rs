@@ -181,10 +181,43 @@ pub struct Window {
     pub right: Option<i64>,
 }
 
+/// The most timed runs a case takes (a median of more says nothing new,
+/// and a typo of a huge count would run for ever).
+pub const MOST_ITERS: usize = 100_000;
+
 /// A count of timed runs: a median needs at least one.
 pub fn parse_iters(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(0) => Err("at least 1 timed run is needed for a median".to_string()),
+        Ok(n) if n > MOST_ITERS => Err(format!("{n} timed runs: at most {MOST_ITERS}")),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{text:?}: {e}")),
+    }
+}
+
+/// A KV-cache page size: a power of two in `wgpu_flash_attn::PAGE_SIZES`.
+pub fn parse_page_size(text: &str) -> Result<usize, String> {
+    let sizes = wgpu_flash_attn::PAGE_SIZES;
+    match text.parse::<usize>() {
+        Ok(n) if n.is_power_of_two() && sizes.contains(&n) => Ok(n),
+        Ok(n) => Err(format!(
+            "page size {n}: a power of two from {} to {}",
+            sizes.start(),
+            sizes.end()
+        )),
+        Err(e) => Err(format!("{text:?}: {e}")),
+    }
+}
+
+/// Cached tokens of a decode case: at least 1, and positions the kernels
+/// hold (i32).
+pub fn parse_cache_tokens(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("a cache of 0 tokens has nothing to attend".to_string()),
+        Ok(n) if n > i32::MAX as usize => Err(format!(
+            "{n} cached tokens: at most {} (positions are i32 in the kernels)",
+            i32::MAX
+        )),
         Ok(n) => Ok(n),
         Err(e) => Err(format!("{text:?}: {e}")),
     }
