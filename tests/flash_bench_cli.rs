@@ -460,11 +460,45 @@ fn decode_and_masks_report_validated_figures() {
 fn bad_flags_exit_2_with_the_reason() {
     let Some(_) = gpu() else { return };
     let small = ["run", "--seq-q", "16", "--heads-q", "1", "--head-dim", "8"];
-    for (extra, reason) in [
-        (["--softcap", "-1"], "softcap"),
-        (["--iters", "0"], "at least 1 timed run"),
-    ] {
-        let args: Vec<&str> = small.iter().copied().chain(extra).collect();
+    let run_small = |extra: &[&'static str]| -> Vec<&'static str> {
+        small.iter().copied().chain(extra.iter().copied()).collect()
+    };
+    let decode_small = |extra: &[&'static str]| -> Vec<&'static str> {
+        let base = [
+            "decode",
+            "--cache",
+            "64",
+            "--heads-q",
+            "1",
+            "--heads-kv",
+            "1",
+        ];
+        base.iter()
+            .copied()
+            .chain(["--head-dim", "8", "--iters", "1"])
+            .chain(extra.iter().copied())
+            .collect()
+    };
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (run_small(&["--softcap", "-1"]), "softcap"),
+        (run_small(&["--iters", "0"]), "at least 1 timed run"),
+        // A huge count would run for ever.
+        (run_small(&["--iters", "18446744073709551615"]), "at most"),
+        // Every tier listed skipped (f16 products need f16 storage): no run.
+        (
+            run_small(&["--tier", "blocked-f16,blocked-f16"]),
+            "nothing to run",
+        ),
+        // An output whose directory does not exist, before anything runs.
+        (
+            run_small(&["--json", "/nonexistent-dir/out.json"]),
+            "does not exist",
+        ),
+        (decode_small(&["--page-size", "0"]), "power of two"),
+        (decode_small(&["--cache", "4294967296"]), "i32"),
+        (vec!["masks", "--iters", "0"], "at least 1 timed run"),
+    ];
+    for (args, reason) in cases {
         let output = flash_bench(&args);
         let text = format!(
             "{}{}",
@@ -474,6 +508,48 @@ fn bad_flags_exit_2_with_the_reason() {
         assert_eq!(output.status.code(), Some(2), "{args:?}: {text}");
         assert!(text.to_lowercase().contains(reason), "{args:?}: {text}");
         assert!(!text.contains("panicked"), "{args:?}: {text}");
+    }
+}
+
+/// `check` refuses a file with a non-finite value (naming the tensor and
+/// the element) and a tolerance that is not finite and >= 0, with exit 2:
+/// neither is a disagreement of the GPU's.
+#[test]
+fn check_refuses_non_finite_values_and_tolerances() {
+    let Some(_) = gpu() else { return };
+    let shape = shape();
+    let config = AttentionConfig::new();
+    let inputs = Inputs::draw(&shape, 0x5eed_0c0f, 1.0);
+    let want = reference_out(&shape, &inputs, &config);
+    let file = scratch("finite.safetensors");
+    write_file(&file, &shape, Dtype::F32, &inputs, Some(&want), None);
+    for atol in ["--atol=inf", "--atol=nan", "--atol=-1"] {
+        let output = flash_bench(&["check", file.to_str().unwrap(), atol]);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "--atol {atol}: {}",
+            stdout(&output)
+        );
+        assert!(stdout(&output).contains("tolerance"), "{}", stdout(&output));
+    }
+    for (name, bad) in [("k", f32::NAN), ("out", f32::INFINITY)] {
+        let mut poisoned = Inputs::draw(&shape, 0x5eed_0c0f, 1.0);
+        let mut out = want.clone();
+        match name {
+            "k" => poisoned.k[5] = bad,
+            _ => out[5] = bad,
+        }
+        let file = scratch(&format!("non-finite-{name}.safetensors"));
+        write_file(&file, &shape, Dtype::F32, &poisoned, Some(&out), None);
+        let output = flash_bench(&["check", file.to_str().unwrap()]);
+        let text = stdout(&output);
+        assert_eq!(output.status.code(), Some(2), "{name}: {text}");
+        assert!(
+            text.contains(&format!("tensor {name} holds")) && text.contains("element 5"),
+            "{name}: {text}"
+        );
+        assert!(!text.contains("panicked"), "{text}");
     }
 }
 
@@ -522,7 +598,8 @@ fn linear_attention_sweeps_beside_flash_and_plots_time() {
     assert!(svg.contains("median time (ms, log scale)"), "{svg}");
     assert!(svg.contains(">linear<") && svg.contains(">flash<"), "{svg}");
 
-    // Options linear attention does not have are reported, not ignored.
+    // Options linear attention does not have are reported, not ignored;
+    // with nothing else asked for, nothing ran: exit 2.
     let output = flash_bench(&[
         "run",
         "--impl",
@@ -538,7 +615,12 @@ fn linear_attention_sweeps_beside_flash_and_plots_time() {
         "--iters",
         "1",
     ]);
-    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    assert!(
+        stdout(&output).contains("nothing was measured"),
+        "{}",
+        stdout(&output)
+    );
     assert!(
         stdout(&output).contains("skipped: linear attention takes no window"),
         "{}",

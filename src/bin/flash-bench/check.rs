@@ -36,7 +36,7 @@ pub struct CheckArgs {
     /// Largest accepted |difference|, for both comparisons (default: 1e-4
     /// against the reference; against `out`, 1e-4 / 2e-3 / 1.6e-2 for the
     /// coarsest of F32 / F16 / BF16 among the file's tensors).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_atol)]
     pub atol: Option<f64>,
     /// Also run the backward: the file has `do` (the output's gradient,
     /// shaped like `out`) and optionally the expected `dq`, `dk`, `dv`; each
@@ -110,7 +110,27 @@ fn find_tensor<'data>(file: &SafeTensors<'data>, name: &str) -> Result<Option<Te
 }
 
 /// The tensor's values as f32 (exact for F16 and BF16).
+/// A tolerance: finite and at least 0 (an infinite one would accept NaN
+/// results, whose error is infinite).
+fn parse_atol(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        Ok(x) => Err(format!("{x}: a tolerance is finite and >= 0")),
+        Err(e) => Err(format!("{text:?}: {e}")),
+    }
+}
+
+/// The tensor's values as f32; a NaN or infinity is refused (attention of
+/// such inputs, or a comparison with such a result, says nothing).
 fn widen(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
+    let values = widen_values(name, view)?;
+    if let Some((index, x)) = values.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+        bail!("tensor {name} holds {x} at element {index}; every value must be finite");
+    }
+    Ok(values)
+}
+
+fn widen_values(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
     let bytes = view.data();
     Ok(match view.dtype() {
         Dtype::F32 => bytes

@@ -370,11 +370,26 @@ fn run_case(
         (pools * args.batch * tokens * args.heads_kv * dtype.vector_bytes(args.head_dim)) as f64;
     let flops = 2.0
         * (args.batch * args.heads_q * args.seq_q * tokens * (args.head_dim + head_dim_v)) as f64;
-    let (prefill_ms, prefill_note) = match prefill_skipped {
-        Some(why) => (None, Some(why)),
+    // The prefill's output is held to the decode's reference and bound
+    // (the same call): a prefill that disagrees fails the case.
+    let (prefill_ms, prefill_note, prefill_ok) = match prefill_skipped {
+        Some(why) => (None, Some(why), true),
         None => match time_prefill(gpu, args, (tokens, head_dim_v), &q, &full, &config) {
-            Ok(ms) => (Some(ms), None),
-            Err(err) => (None, Some(format!("does not run: {err}"))),
+            Ok((ms, got)) => {
+                let (worst, excess) = head0_error(
+                    args,
+                    (tokens, head_dim_v),
+                    &q_host,
+                    &head0,
+                    (&got, unit_roundoff(q_dtype)),
+                    &config,
+                )?;
+                let ok = excess <= TOLERANCE;
+                let note =
+                    (!ok).then(|| format!("FAILED: max |err| {worst:.2e} against the reference"));
+                (Some(ms), note, ok)
+            }
+            Err(err) => (None, Some(format!("does not run: {err}")), true),
         },
     };
     let mut cases = Vec::new();
@@ -429,7 +444,7 @@ fn run_case(
             gflops,
             pct_of_fma_ceiling: 100.0 * gflops / fma,
             max_abs_err,
-            within_tolerance: excess <= TOLERANCE,
+            within_tolerance: excess <= TOLERANCE && prefill_ok,
             speedup_over_prefill: prefill_ms.map(|ms| ms / timing.median_ms),
             speedup_over_f32: None,
             prefill_ms,
@@ -557,7 +572,9 @@ fn head0_error(
     Ok((worst, excess))
 }
 
-/// Median time of the forward kernel on the same call, validated first.
+/// Median time of the forward kernel on the same call, and the output of
+/// its first run (inside an error scope, so a kernel that does not compile
+/// is an error here), which the caller validates.
 fn time_prefill(
     gpu: &Gpu,
     args: &DecodeCmdArgs,
@@ -565,7 +582,7 @@ fn time_prefill(
     q: &Tensor,
     full: &(Vec<f32>, Vec<f32>),
     config: &AttentionConfig,
-) -> Result<f64> {
+) -> Result<(f64, Vec<f32>)> {
     let k_shape = TensorShape::new(1, tokens, args.heads_kv, args.head_dim);
     let v_shape = TensorShape::new(1, tokens, args.heads_kv, head_dim_v);
     let k = Tensor::from_f32(gpu, k_shape, &full.0)?;
@@ -580,6 +597,8 @@ fn time_prefill(
         out: &out,
         lse: None,
     };
+    gpu.run(|e| gpu.forward(e, &attention_args, config))?;
+    let got = out.to_f32_vec(gpu)?;
     let timing = time_gpu(
         gpu,
         TimingPlan {
@@ -588,5 +607,5 @@ fn time_prefill(
         },
         |encoder| gpu.forward(encoder, &attention_args, config),
     )?;
-    Ok(timing.median_ms)
+    Ok((timing.median_ms, got))
 }

@@ -168,8 +168,36 @@ fn main() -> ExitCode {
     }
 }
 
+/// Refuses an output file whose directory does not exist before anything
+/// runs (a long run would otherwise end in exit 2, hiding its results).
+fn check_output_paths(cli: &Cli) -> Result<()> {
+    let check_output = match &cli.command {
+        Some(Command::Check(args)) => args.output.as_deref(),
+        _ => None,
+    };
+    for path in [
+        cli.global.json.as_deref(),
+        cli.global.plot.as_deref(),
+        check_output,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty());
+        if let Some(dir) = dir.filter(|dir| !dir.is_dir()) {
+            anyhow::bail!(
+                "{}: directory {} does not exist",
+                path.display(),
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Ok(false) when a result disagreed with the reference.
 fn run(cli: &Cli) -> Result<bool> {
+    check_output_paths(cli)?;
     match &cli.command {
         Some(Command::Info) => return info::run(&cli.global),
         Some(Command::ShaderStats(args)) => return shader_stats::run(&cli.global, args),
@@ -191,6 +219,13 @@ fn run(cli: &Cli) -> Result<bool> {
             let mut config = args.flags.config();
             let mut flags = args.flags.describe();
             if args.sinks {
+                // (Before the sinks are drawn: one per query head.)
+                let limit = gpu.info().limits.max_compute_workgroups_per_dimension;
+                anyhow::ensure!(
+                    shape.heads_q <= limit as usize,
+                    "{} query heads: a forward dispatches at most {limit} along the heads",
+                    shape.heads_q
+                );
                 config = config.sinks(seeded_sinks(seed, shape.heads_q));
                 flags.push_str(" sinks");
             }
@@ -282,8 +317,16 @@ fn run(cli: &Cli) -> Result<bool> {
                     dtype,
                     keys_per_dispatch: args.keys_per_dispatch,
                 })
-                .collect();
+                .collect::<Vec<_>>();
+            anyhow::ensure!(
+                !cases.is_empty(),
+                "nothing to run: every tier and layout listed was skipped on this adapter"
+            );
             let report = measure_all(&gpu, &setup, cli, cases, args.iters, f64::INFINITY)?;
+            anyhow::ensure!(
+                report.reported_any(),
+                "nothing was measured: every implementation asked for was skipped (the table says why)"
+            );
             Ok(report.failures() == 0)
         }
         Some(Command::Sweep(args)) => {

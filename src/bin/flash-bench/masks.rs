@@ -590,13 +590,9 @@ fn measure(
     let mut ok = true;
     let mut dense_ms = None;
     for (variant, record) in variants {
-        let mut encoder = gpu
-            .device()
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some(variant),
-            });
-        record(&mut encoder)?;
-        gpu.queue().submit([encoder.finish()]);
+        // Inside an error scope: a kernel that does not compile (a bad
+        // --shader-dir) is an error, not a panic.
+        gpu.run(|encoder| record(encoder))?;
         let got = tensors.out.to_f32_vec(gpu)?;
         let mut err = 0.0f64;
         for (g, w) in got.iter().zip(&want.out) {

@@ -311,9 +311,30 @@ impl Bench<'_> {
         let gpu = self.gpu;
         self.progress
             .set_message(format!("{}: inputs and reference", case.name));
+        let dtype = case.dtype;
+        // The shape, options and the device's limits first: a shape that
+        // cannot run is refused before its inputs are drawn on the host.
+        let plan =
+            wgpu_flash_attn::ForwardPlan::for_config(gpu.info(), shape, dtype, &case.config)?;
+        let max_buffer = gpu.info().limits.max_buffer_size;
+        for (tensor, dims) in [
+            ("q", shape.q_shape()),
+            ("k", shape.k_shape()),
+            ("v", shape.v_shape()),
+        ] {
+            let bytes = (dims.elements() as u64).saturating_mul(dtype.size_bytes() as u64);
+            if bytes > max_buffer {
+                return Err(wgpu_flash_attn::Error::BufferTooLarge {
+                    tensor,
+                    bytes,
+                    limit_name: "max_buffer_size",
+                    limit: max_buffer,
+                }
+                .into());
+            }
+        }
         let mut rng = seeded(case.seed);
         // The reference sees exactly the values the storage type holds.
-        let dtype = case.dtype;
         let mut draw = |n: usize| round_to(dtype, normal_vec(&mut rng, n, 1.0));
         let q = draw(shape.q_shape().elements());
         let k = draw(shape.k_shape().elements());
@@ -328,8 +349,6 @@ impl Bench<'_> {
             .impls
             .iter()
             .any(|i| matches!(i, Impl::Flash | Impl::Naive));
-        let plan =
-            wgpu_flash_attn::ForwardPlan::for_config(gpu.info(), shape, dtype, &case.config)?;
         let tier = plan.tier();
         let f16_products = plan.f16_products();
         let sample = if needs_sample {

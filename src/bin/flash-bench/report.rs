@@ -151,6 +151,16 @@ impl Report {
         self.cases.iter().filter(|c| !c.passed).count()
     }
 
+    /// Whether any implementation of any case has a verdict (ran, or
+    /// does not fit the adapter, which is a finding), rather than every one
+    /// being skipped for options it does not take.
+    pub fn reported_any(&self) -> bool {
+        self.cases
+            .iter()
+            .flat_map(|c| &c.results)
+            .any(|r| r.status != crate::measure::Status::Skipped)
+    }
+
     pub fn print_header(&self) {
         println!(
             "adapter: {}\n{}",
