@@ -37,6 +37,12 @@ fn run(
     })
 }
 
+/// The error a default forward call on `args` must return.
+fn forward_error(gpu: &Gpu, args: &AttentionArgs<'_>) -> Error {
+    gpu.run(|e| gpu.forward(e, args, AttentionConfig::new()))
+        .unwrap_err()
+}
+
 /// The device still computes correct results after an error.
 fn still_works(gpu: &Gpu) {
     let shape = AttentionShape::self_attention(1, 9, 1, 32);
@@ -296,9 +302,7 @@ fn views_out_of_bounds_or_misaligned() {
             out: &out,
             lse: None,
         };
-        let err = gpu
-            .run(|e| gpu.forward(e, &args, AttentionConfig::new()))
-            .unwrap_err();
+        let err = forward_error(gpu, &args);
         assert!(
             matches!(
                 err,
@@ -337,9 +341,7 @@ fn output_aliasing_an_input() {
         out: &q,
         lse: None,
     };
-    let err = gpu
-        .run(|e| gpu.forward(e, &args, AttentionConfig::new()))
-        .unwrap_err();
+    let err = forward_error(gpu, &args);
     assert!(
         matches!(
             err,
@@ -362,9 +364,7 @@ fn output_aliasing_an_input() {
         out: &out,
         lse: Some(&lse),
     };
-    let err = gpu
-        .run(|e| gpu.forward(e, &args, AttentionConfig::new()))
-        .unwrap_err();
+    let err = forward_error(gpu, &args);
     assert!(
         matches!(
             err,

@@ -370,20 +370,25 @@ fn run_case(
         (pools * args.batch * tokens * args.heads_kv * dtype.vector_bytes(args.head_dim)) as f64;
     let flops = 2.0
         * (args.batch * args.heads_q * args.seq_q * tokens * (args.head_dim + head_dim_v)) as f64;
+    // The largest error (and excess over the output's rounding) of a
+    // result of this call, decode's or the prefill's, against the reference.
+    let validate = |got: &[f32]| {
+        head0_error(
+            args,
+            (tokens, head_dim_v),
+            &q_host,
+            &head0,
+            (got, unit_roundoff(q_dtype)),
+            &config,
+        )
+    };
     // The prefill's output is held to the decode's reference and bound
     // (the same call): a prefill that disagrees fails the case.
     let (prefill_ms, prefill_note, prefill_ok) = match prefill_skipped {
         Some(why) => (None, Some(why), true),
         None => match time_prefill(gpu, args, (tokens, head_dim_v), &q, &full, &config) {
             Ok((ms, got)) => {
-                let (worst, excess) = head0_error(
-                    args,
-                    (tokens, head_dim_v),
-                    &q_host,
-                    &head0,
-                    (&got, unit_roundoff(q_dtype)),
-                    &config,
-                )?;
+                let (worst, excess) = validate(&got)?;
                 let ok = excess <= TOLERANCE;
                 let note =
                     (!ok).then(|| format!("FAILED: max |err| {worst:.2e} against the reference"));
@@ -400,15 +405,7 @@ fn run_case(
             lanes,
         };
         let plan: DecodePlan = gpu.run(|e| gpu.decode(e, &decode_args, options.clone()))?;
-        let got = out.to_f32_vec(gpu)?;
-        let (max_abs_err, excess) = head0_error(
-            args,
-            (tokens, head_dim_v),
-            &q_host,
-            &head0,
-            (&got, unit_roundoff(q_dtype)),
-            &config,
-        )?;
+        let (max_abs_err, excess) = validate(&out.to_f32_vec(gpu)?)?;
         let timing = time_gpu(
             gpu,
             TimingPlan {
