@@ -56,7 +56,9 @@ pub struct BlockLayout {
     pub attend: Vec<bool>,
 }
 
-fn check_dims(dims: [usize; 4], got: usize) -> Result<()> {
+/// Checks a mask's values against its dims (no zero dimension, one value
+/// per element), a device mask's and the reference's host masks alike.
+pub(crate) fn check_dims(dims: [usize; 4], got: usize) -> Result<()> {
     if dims.contains(&0) {
         return Err(Error::ZeroDimension {
             tensor: "mask",
@@ -95,12 +97,6 @@ pub(crate) fn check_broadcast(dims: [usize; 4], shape: &AttentionShape) -> Resul
         });
     }
     Ok(())
-}
-
-/// Checks a host mask's values against its dims (no zero dimension, one
-/// value per element).
-pub(crate) fn check_host_dims(dims: [usize; 4], values: usize) -> Result<()> {
-    check_dims(dims, values)
 }
 
 /// Packs `[.., seq_kv]` rows of booleans into rows of words.

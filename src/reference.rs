@@ -152,7 +152,7 @@ impl HostMask<'_> {
             HostMask::Bias { dims, values } => (dims, values.len()),
             HostMask::Bool { dims, values } => (dims, values.len()),
         };
-        crate::mask::check_host_dims(dims, values)?;
+        crate::mask::check_dims(dims, values)?;
         crate::mask::check_broadcast(dims, shape)
     }
 
