@@ -526,33 +526,10 @@ pub fn compare_with(
     got_lse: &[f32],
     what: &str,
 ) -> Errors {
-    assert_eq!(got.len(), want.out.len());
-    let mut out_err = 0.0f64;
-    for (index, (&g, &w)) in got.iter().zip(&want.out).enumerate() {
-        assert!(
-            !g.is_nan(),
-            "{what}: out[{index}] is NaN (unwritten or invalid)"
-        );
-        out_err = out_err.max((f64::from(g) - w).abs());
-    }
-    let mut lse_err = 0.0f64;
-    for (index, (&g, &w)) in got_lse.iter().zip(&want.lse).enumerate() {
-        assert!(
-            !g.is_nan(),
-            "{what}: lse[{index}] is NaN (unwritten or invalid)"
-        );
-        if w.is_infinite() {
-            assert!(
-                g == f32::INFINITY,
-                "{what}: lse[{index}] = {g}, expected +inf for a row that sees no key"
-            );
-        } else {
-            lse_err = lse_err.max((f64::from(g) - w).abs());
-        }
-    }
+    assert_eq!(got.len(), want.out.len(), "{what}: out length");
     Errors {
-        out: out_err,
-        lse: lse_err,
+        out: max_abs_error(got, &want.out, &format!("{what}: out")),
+        lse: max_abs_error(got_lse, &want.lse, &format!("{what}: lse")),
     }
 }
 

@@ -15,7 +15,9 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use wgpu_flash_attn::{AttentionArgs, BackwardArgs, Gpu, Lse, SinkGrads, Tensor};
+use wgpu_flash_attn::{
+    AttentionArgs, AttentionShape, BackwardArgs, DType, ForwardOptions, Gpu, Lse, SinkGrads, Tensor,
+};
 
 use crate::options::DeviceSetup;
 
@@ -148,34 +150,57 @@ fn run_once(gpu: &Gpu, case: &Case, implementation: Impl) -> wgpu_flash_attn::Re
             None => Ok(()),
         },
         Impl::Backward => {
-            let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q)?;
-            let dsinks = match case.config.sinks {
-                Some(_) => Some(SinkGrads::new(gpu, shape.heads_q)?),
-                None => None,
-            };
-            let (d_out, dq, dk, dv) = (
-                zeros(shape.o_shape())?,
-                zeros(shape.q_shape())?,
-                zeros(shape.k_shape())?,
-                zeros(shape.v_shape())?,
-            );
-            let backward = BackwardArgs {
-                q: &q,
-                k: &k,
-                v: &v,
-                out: &out,
-                lse: &lse,
-                d_out: &d_out,
-                dq: &dq,
-                dk: &dk,
-                dv: &dv,
-                dsinks: dsinks.as_ref(),
-            };
-            gpu.run(|e| {
-                gpu.forward(e, &backward.forward_args(), &case.config)?;
-                gpu.backward(e, &backward, &case.config)
-            })
+            training_step_on_zeros(gpu, shape, dtype, ForwardOptions::new(&case.config), true)
         }
         Impl::Cpu => Ok(()),
     }
+}
+
+/// A forward call with `options` on zeros of `shape` stored as `dtype`
+/// (writing the logsumexp, as training does), then with `backward` its
+/// backward: the kernels a training step of those options runs.
+pub fn training_step_on_zeros(
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    dtype: DType,
+    options: ForwardOptions<'_>,
+    backward: bool,
+) -> wgpu_flash_attn::Result<()> {
+    let zeros = |dims| Tensor::zeros(gpu, dims, dtype);
+    let (q, k, v, out) = (
+        zeros(shape.q_shape())?,
+        zeros(shape.k_shape())?,
+        zeros(shape.v_shape())?,
+        zeros(shape.o_shape())?,
+    );
+    let (d_out, dq, dk, dv) = (
+        zeros(shape.o_shape())?,
+        zeros(shape.q_shape())?,
+        zeros(shape.k_shape())?,
+        zeros(shape.v_shape())?,
+    );
+    let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q)?;
+    let dsinks = match options.config.sinks {
+        Some(_) => Some(SinkGrads::new(gpu, shape.heads_q)?),
+        None => None,
+    };
+    let args = BackwardArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: &lse,
+        d_out: &d_out,
+        dq: &dq,
+        dk: &dk,
+        dv: &dv,
+        dsinks: dsinks.as_ref(),
+    };
+    gpu.run(|e| {
+        gpu.forward(e, &args.forward_args(), options.clone())?;
+        if backward {
+            gpu.backward(e, &args, options.clone())?;
+        }
+        Ok(())
+    })
 }

@@ -11,8 +11,7 @@
 //! spent about 58 of its 65 s compiling, one kernel after another.
 
 use wgpu_flash_attn::{
-    AttentionConfig, AttentionMask, AttentionShape, BackwardArgs, ForwardOptions, Gpu, Lse, Tensor,
-    ValidLengths,
+    AttentionConfig, AttentionMask, AttentionShape, DType, ForwardOptions, Gpu, ValidLengths,
 };
 
 use crate::compile_ahead::{self, COMPILE_AHEAD_FAILED};
@@ -49,18 +48,6 @@ pub fn compile_ahead(gpu: &Gpu, setup: &DeviceSetup, backward: bool) {
 fn run_once(gpu: &Gpu, warmup: Warmup, backward: bool) -> wgpu_flash_attn::Result<()> {
     // The command's heads (12, d=64), two short sequences.
     let shape = AttentionShape::self_attention(2, 64, 12, 64);
-    let zeros = |dims| Tensor::zeros(gpu, dims, wgpu_flash_attn::DType::F32);
-    let (q, k, v, out, d_out, dq, dk, dv) = (
-        zeros(shape.q_shape())?,
-        zeros(shape.k_shape())?,
-        zeros(shape.v_shape())?,
-        zeros(shape.o_shape())?,
-        zeros(shape.o_shape())?,
-        zeros(shape.q_shape())?,
-        zeros(shape.k_shape())?,
-        zeros(shape.v_shape())?,
-    );
-    let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q)?;
     let dims = [shape.batch, 1, shape.seq_q, shape.seq_kv];
     let mask = AttentionMask::boolean(gpu, dims, &vec![true; dims.iter().product()])?;
     let lens = [shape.seq_kv, shape.seq_kv / 2];
@@ -71,23 +58,5 @@ fn run_once(gpu: &Gpu, warmup: Warmup, backward: bool) -> wgpu_flash_attn::Resul
             ForwardOptions::new(&config).valid_lengths(ValidLengths { q: None, kv: &lens })
         }
     };
-    let args = BackwardArgs {
-        q: &q,
-        k: &k,
-        v: &v,
-        out: &out,
-        lse: &lse,
-        d_out: &d_out,
-        dq: &dq,
-        dk: &dk,
-        dv: &dv,
-        dsinks: None,
-    };
-    gpu.run(|e| {
-        gpu.forward(e, &args.forward_args(), options.clone())?;
-        if backward {
-            gpu.backward(e, &args, options.clone())?;
-        }
-        Ok(())
-    })
+    compile_ahead::training_step_on_zeros(gpu, &shape, DType::F32, options, backward)
 }
