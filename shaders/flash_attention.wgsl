@@ -350,6 +350,12 @@ fn main(
         let unmasked = n_keys == BLOCK_N && kv0 >= all_lo && kv0 + i32(BLOCK_N) - 1 <= all_hi;
 // #endif
         for (var c = 0u; c < BLOCK_N; c += 4u) {
+            // A tile's last keys past its range (a short sequence's end, a
+            // split's) cost nothing: the count stays a constant for the
+            // compiler, the loop leaves early.
+            if (c >= n_keys) {
+                break;
+            }
             let t = c * D4;
             let tv = c * DV4;
             var dots: array<vec4<f32>, ROWS>;
