@@ -400,6 +400,10 @@ fn main(
         partials[(my_rows + r) * KEY_LANES + key_lane] = l[r];
     }
     workgroupBarrier();
+    // A carried chunk's lse and output, read at the start by whichever
+    // invocation loaded the row, are overwritten below by another: a
+    // workgroup barrier orders only workgroup memory, this the storage.
+    storageBarrier();
     for (var r = 0u; r < ROWS; r++) {
         let row = row0 + my_rows + r;
         var l_row = 0.0;

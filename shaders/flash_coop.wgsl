@@ -359,6 +359,10 @@ fn main(
 
     partials[my_row * LANES_PER_ROW + lane] = l;
     workgroupBarrier();
+    // A carried chunk's lse and output, read at the start by whichever
+    // invocation loaded the row, are overwritten below by another: a
+    // workgroup barrier orders only workgroup memory, this the storage.
+    storageBarrier();
     var l_row = 0.0;
     for (var b = 0u; b < LANES_PER_ROW; b++) {
         l_row += partials[my_row * LANES_PER_ROW + b];
