@@ -788,7 +788,7 @@ fn main(
                 let k1 = k_tile[t + D4 + d];
                 let k2 = k_tile[t + 2u * D4 + d];
                 let k3 = k_tile[t + 3u * D4 + d];
-                add_key_column(&q, &dots, d, k0, k1, k2, k3);
+                add_key_column(&q, &dots, d, ROWS, k0, k1, k2, k3);
             }
             let key_pos = vec4<i32>(kv0 + i32(c)) + vec4<i32>(0, 1, 2, 3);
             let here = vec4<i32>(key_row[c], key_row[c + 1u], key_row[c + 2u], key_row[c + 3u]) >= vec4<i32>(0);
@@ -809,7 +809,7 @@ fn main(
                 let v1 = v_tile[tv + DV4 + d];
                 let v2 = v_tile[tv + 2u * DV4 + d];
                 let v3 = v_tile[tv + 3u * DV4 + d];
-                add_value_column(&acc, &correction, &probs, d, v0, v1, v2, v3);
+                add_value_column(&acc, &correction, &probs, d, ROWS, v0, v1, v2, v3);
             }
         }
     }

@@ -108,7 +108,7 @@ fn build_scores(
                 let k2 = kv_tile[t + 2u * D4 + d];
                 let k3 = kv_tile[t + 3u * D4 + d];
 // #endif
-                add_key_column(&q, &dots, d, k0, k1, k2, k3);
+                add_key_column(&q, &dots, d, ROWS, k0, k1, k2, k3);
             }
             let key_pos = vec4<i32>(i32(kv0 + c)) + vec4<i32>(0, 1, 2, 3);
             for (var r = 0u; r < ROWS; r++) {

@@ -28,24 +28,31 @@ fn load_query_row(q: ptr<function, array<vec4<f32>, ROWS * D4>>, r: u32, q_base:
 }
 
 // Every row's dot products with four keys advanced by the keys' vec4 `d`
-// (`k0`..`k3`).
+// (`k0`..`k3`). Rows from `live` on are skipped: the caller knows they are
+// padding past the sequence's end, computed for nothing (a constant
+// `live` of ROWS, or ROWS == 1, folds the test away).
 fn add_key_column(q: ptr<function, array<vec4<f32>, ROWS * D4>>, dots: ptr<function, array<vec4<f32>, ROWS>>, d: u32,
-    k0: vec4<f32>, k1: vec4<f32>, k2: vec4<f32>, k3: vec4<f32>) {
+    live: u32, k0: vec4<f32>, k1: vec4<f32>, k2: vec4<f32>, k3: vec4<f32>) {
     for (var r = 0u; r < ROWS; r++) {
-        let qd = (*q)[r * D4 + d];
-        let dr = (*dots)[r];
-        (*dots)[r] = vec4<f32>(fma_dot(qd, k0, dr.x), fma_dot(qd, k1, dr.y), fma_dot(qd, k2, dr.z), fma_dot(qd, k3, dr.w));
+        if (ROWS == 1u || r < live) {
+            let qd = (*q)[r * D4 + d];
+            let dr = (*dots)[r];
+            (*dots)[r] = vec4<f32>(fma_dot(qd, k0, dr.x), fma_dot(qd, k1, dr.y), fma_dot(qd, k2, dr.z), fma_dot(qd, k3, dr.w));
+        }
     }
 }
 
 // Every row's accumulator vec4 `d` rescaled by the row's correction and
 // advanced by four keys' weights times the keys' value vec4 `d`
-// (`v0`..`v3`).
+// (`v0`..`v3`); rows from `live` on skipped, as in add_key_column.
 fn add_value_column(acc: ptr<function, array<vec4<f32>, ROWS * DV4>>, correction: ptr<function, array<f32, ROWS>>,
-    probs: ptr<function, array<vec4<f32>, ROWS>>, d: u32, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>) {
+    probs: ptr<function, array<vec4<f32>, ROWS>>, d: u32, live: u32, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>,
+    v3: vec4<f32>) {
     for (var r = 0u; r < ROWS; r++) {
-        let a = r * DV4 + d;
-        (*acc)[a] = weigh_values((*acc)[a], (*correction)[r], (*probs)[r], v0, v1, v2, v3);
+        if (ROWS == 1u || r < live) {
+            let a = r * DV4 + d;
+            (*acc)[a] = weigh_values((*acc)[a], (*correction)[r], (*probs)[r], v0, v1, v2, v3);
+        }
     }
 }
 
