@@ -248,10 +248,7 @@ impl Gpu {
             zeros(shape.v_shape())?,
         );
         let lse = Lse::new(self, shape.batch, shape.heads_q, shape.seq_q)?;
-        let dsinks = match config.sinks {
-            Some(_) => Some(SinkGrads::new(self, shape.heads_q)?),
-            None => None,
-        };
+        let dsinks = SinkGrads::for_config(self, config, shape.heads_q)?;
         self.run(|encoder| {
             let backward = BackwardArgs {
                 q: &q,

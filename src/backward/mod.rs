@@ -8,7 +8,7 @@ mod plan;
 pub use plan::{BACKWARD_STORAGE_BUFFERS, BackwardPlan};
 
 use crate::attention::AttentionArgs;
-use crate::config::AttentionShape;
+use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::Result;
 use crate::lse::Lse;
 use crate::operands::require_equal;
@@ -59,6 +59,20 @@ impl SinkGrads {
         Ok(SinkGrads {
             values: Lse::new(gpu, 1, heads_q, 1)?,
         })
+    }
+
+    /// Room for the sink gradients of `heads_q` query heads when `config`
+    /// has sinks (what its backward needs), else `None`.
+    pub fn for_config(
+        gpu: &crate::Gpu,
+        config: &AttentionConfig,
+        heads_q: usize,
+    ) -> Result<Option<Self>> {
+        config
+            .sinks
+            .as_ref()
+            .map(|_| Self::new(gpu, heads_q))
+            .transpose()
     }
 
     /// Query heads it holds.

@@ -58,10 +58,7 @@ impl Bench<'_> {
         );
         let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q)?;
         // With sinks, their gradients too (NaN until the backward writes).
-        let dsinks = match case.config.sinks {
-            Some(_) => Some(SinkGrads::new(gpu, shape.heads_q)?),
-            None => None,
-        };
+        let dsinks = SinkGrads::for_config(gpu, &case.config, shape.heads_q)?;
         let backward = BackwardArgs {
             q: &operands.q,
             k: &operands.k,

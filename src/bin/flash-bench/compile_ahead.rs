@@ -117,12 +117,7 @@ fn run_once(gpu: &Gpu, case: &Case, implementation: Impl) -> wgpu_flash_attn::Re
     let shape = &case.shape;
     let dtype = case.dtype;
     let zeros = |dims| Tensor::zeros(gpu, dims, dtype);
-    let (q, k, v, out) = (
-        zeros(shape.q_shape())?,
-        zeros(shape.k_shape())?,
-        zeros(shape.v_shape())?,
-        zeros(shape.o_shape())?,
-    );
+    let (q, k, v, out) = zero_operands(gpu, shape, dtype)?;
     let args = AttentionArgs {
         q: &q,
         k: &k,
@@ -156,6 +151,21 @@ fn run_once(gpu: &Gpu, case: &Case, implementation: Impl) -> wgpu_flash_attn::Re
     }
 }
 
+/// Zeros shaped as `shape`'s q, k, v and out, stored as `dtype`.
+fn zero_operands(
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    dtype: DType,
+) -> wgpu_flash_attn::Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let zeros = |dims| Tensor::zeros(gpu, dims, dtype);
+    Ok((
+        zeros(shape.q_shape())?,
+        zeros(shape.k_shape())?,
+        zeros(shape.v_shape())?,
+        zeros(shape.o_shape())?,
+    ))
+}
+
 /// A forward call with `options` on zeros of `shape` stored as `dtype`
 /// (writing the logsumexp, as training does), then with `backward` its
 /// backward: the kernels a training step of those options runs.
@@ -166,24 +176,11 @@ pub fn training_step_on_zeros(
     options: ForwardOptions<'_>,
     backward: bool,
 ) -> wgpu_flash_attn::Result<()> {
-    let zeros = |dims| Tensor::zeros(gpu, dims, dtype);
-    let (q, k, v, out) = (
-        zeros(shape.q_shape())?,
-        zeros(shape.k_shape())?,
-        zeros(shape.v_shape())?,
-        zeros(shape.o_shape())?,
-    );
-    let (d_out, dq, dk, dv) = (
-        zeros(shape.o_shape())?,
-        zeros(shape.q_shape())?,
-        zeros(shape.k_shape())?,
-        zeros(shape.v_shape())?,
-    );
+    let (q, k, v, out) = zero_operands(gpu, shape, dtype)?;
+    // The gradients are shaped as the operands: dq as q, ..., d_out as out.
+    let (dq, dk, dv, d_out) = zero_operands(gpu, shape, dtype)?;
     let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q)?;
-    let dsinks = match options.config.sinks {
-        Some(_) => Some(SinkGrads::new(gpu, shape.heads_q)?),
-        None => None,
-    };
+    let dsinks = SinkGrads::for_config(gpu, &options.config, shape.heads_q)?;
     let args = BackwardArgs {
         q: &q,
         k: &k,
