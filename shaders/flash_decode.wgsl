@@ -475,6 +475,195 @@ fn main(
 // rows per workgroup), SLOTS = ceil(D4 / WG_SIZE), SLOTS_V = ceil(DV4 /
 // WG_SIZE); BLOCK_N is unused.
 
+// #if KEY_TILES
+// Key tiles (DecodeLanes::KeyTiles), for GPUs: the workgroup (one
+// subgroup) stages WG_SIZE keys' K and V in workgroup memory with
+// coalesced loads, widened to f32 once; then each lane scores its own key
+// against every row (queries read from workgroup memory, the same address
+// in every lane), so a score costs no cross-lane reduction; the row max is
+// one subgroupMax per row and tile. P goes through workgroup memory, and
+// lanes split the value head dim for O += P V (lane `lane` owns vec4s
+// lane + WG_SIZE * slot, slot < SLOTS_V), reading V from the tile. The
+// running max is uniform across lanes; each lane keeps its own share of
+// the row sums, added up at the end.
+//
+// Generated constants here: D4, DV4, WG_SIZE (keys per tile), ROWS (query
+// rows per workgroup), SLOTS_V = ceil(DV4 / WG_SIZE); BLOCK_N and SLOTS
+// are unused.
+
+// A staged key's stride in vec4s: one more than its width, so lanes
+// reading their own keys' vec4 d fall in different banks.
+const KEY_STRIDE: u32 = D4 + 1u;
+// The query staging loop's bound (named: the unroller expands only loops
+// from 0 to D4 itself).
+const QUERY_VEC4S: u32 = ROWS * D4;
+
+var<workgroup> q_rows: array<vec4<f32>, ROWS * D4>;
+var<workgroup> k_keys: array<vec4<f32>, WG_SIZE * KEY_STRIDE>;
+var<workgroup> v_keys: array<vec4<f32>, WG_SIZE * DV4>;
+// The tile's weights, [key][row], V's scale folded in (int8 caches).
+var<workgroup> weights: array<f32, WG_SIZE * ROWS>;
+// Per key of the tile: the vec4 index of its K/V row in this segment, or
+// -1 (another segment's page, or past the keys some row sees).
+var<workgroup> tile_rows: array<i32, WG_SIZE>;
+var<workgroup> tile_has_keys: u32;
+
+// vec4 `i` of the tile's keys (key i / D4), from the cache into k_keys;
+// zeros for an absent key.
+fn stage_key_vec4(i: u32) {
+    let key = i / D4;
+    let at = tile_rows[key];
+    var k = vec4<f32>(0.0);
+    if (at >= 0) {
+        k = cache_k(u32(at), i % D4);
+    }
+    k_keys[key * KEY_STRIDE + i % D4] = k;
+}
+
+// vec4 `i` of the tile's values, from the cache into v_keys; zeros for an
+// absent key (its weight is 0, and 0 x NaN would not be).
+fn stage_value_vec4(i: u32) {
+    let at = tile_rows[i / DV4];
+    var v = vec4<f32>(0.0);
+    if (at >= 0) {
+        v = cache_v(u32(at), i % DV4);
+    }
+    v_keys[i] = v;
+}
+
+// Every row's score of this lane's key, advanced by the key's vec4 `d`.
+fn add_tile_key(dots: ptr<function, array<f32, ROWS>>, d: u32, k: vec4<f32>) {
+    for (var r = 0u; r < ROWS; r++) {
+        (*dots)[r] = fma_dot(q_rows[r * D4 + d], k, (*dots)[r]);
+    }
+}
+
+// This lane's accumulator slices advanced by key `key`'s weights times its
+// value slices.
+fn add_tile_values(acc: ptr<function, array<vec4<f32>, ROWS * SLOTS_V>>, key: u32, lane: u32) {
+    for (var slot = 0u; slot < SLOTS_V; slot++) {
+        let j = lane + WG_SIZE * slot;
+        let v = select(vec4<f32>(0.0), v_keys[key * DV4 + min(j, DV4 - 1u)], j < DV4);
+        for (var r = 0u; r < ROWS; r++) {
+            (*acc)[r * SLOTS_V + slot] = fma(vec4<f32>(weights[key * ROWS + r]), v, (*acc)[r * SLOTS_V + slot]);
+        }
+    }
+}
+
+// This lane's accumulator slices of every row times the rows' corrections.
+fn rescale_tile_rows(acc: ptr<function, array<vec4<f32>, ROWS * SLOTS_V>>, correction: ptr<function, array<f32, ROWS>>) {
+    for (var r = 0u; r < ROWS; r++) {
+        for (var slot = 0u; slot < SLOTS_V; slot++) {
+            (*acc)[r * SLOTS_V + slot] *= (*correction)[r];
+        }
+    }
+}
+
+@compute @workgroup_size(WG_SIZE)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let batch = wg.z;
+    let head_kv = wg.y;
+    let split = wg.x % dp.splits;
+    let row0 = (wg.x / dp.splits) * ROWS;
+    let seq_kv = seq_lens[batch];
+    let slot = dp.slot_base + split;
+
+    var acc: array<vec4<f32>, ROWS * SLOTS_V>;
+    var m: array<f32, ROWS>;
+    var l: array<f32, ROWS>;
+    var rows: array<DecodeRow, ROWS>;
+    // Keys some row sees; the same in every lane.
+    var lo_all = i32(seq_kv);
+    var hi_all = -1;
+    for (var r = 0u; r < ROWS; r++) {
+        // Rows past the end compute on a copy of the last row; never stored.
+        rows[r] = decode_row(min(row0 + r, dp.rows - 1u), batch, head_kv, seq_kv, split);
+        if (rows[r].lo <= rows[r].hi) {
+            lo_all = min(lo_all, rows[r].lo);
+            hi_all = max(hi_all, rows[r].hi);
+        }
+        // The running max is every lane's (the sink's logit where the
+        // slot has it); the sink's weight joins lane 0's share of the sum
+        // only, so the end's subgroupAdd counts it once.
+        let start = decode_start(rows[r], slot);
+        m[r] = start.x;
+        l[r] = select(0.0, start.y, lane == 0u);
+        // (acc starts at zero, as every WGSL variable does.)
+    }
+    // The rows' queries, spread over the lanes. (Each row's token and head
+    // are recomputed rather than read from `rows` at a run-time index,
+    // which would move that array out of a GPU's registers.)
+    for (var i = lane; i < QUERY_VEC4S; i += WG_SIZE) {
+        let row = min(row0 + i / D4, dp.rows - 1u);
+        let head_q = head_kv * dp.group + row % dp.group;
+        q_rows[i] = load_q(batch * p.q.batch + (row / dp.group) * p.q.seq + head_q * p.q.head + p.q.offset + i % D4);
+    }
+
+    for (var kv0 = lo_all; kv0 <= hi_all; kv0 += i32(WG_SIZE)) {
+        // Each lane looks up its own key, in parallel.
+        let key_pos = kv0 + i32(lane);
+        let row = key_row_until(batch, key_pos, hi_all, head_kv);
+        let scales = vector_scales(row);
+        // The previous tile is consumed before its rows are overwritten
+        // (the first barrier also publishes the queries).
+        workgroupBarrier();
+        tile_rows[lane] = row;
+        let any_here = subgroupAny(row >= 0);
+        if (lane == 0u) {
+            tile_has_keys = select(0u, 1u, any_here);
+        }
+        // Tiles whose pages all live in other segments are those
+        // dispatches' work: jump to the end of the page holding the last.
+        if (workgroupUniformLoad(&tile_has_keys) == 0u) {
+            let page_end = (((kv0 + i32(WG_SIZE) - 1) >> dp.page_shift) + 1) << dp.page_shift;
+            kv0 = max(kv0, page_end - i32(WG_SIZE));
+            continue;
+        }
+        // Stage K and V: lanes take vec4s lane + WG_SIZE * t of the tile,
+        // so adjacent lanes load adjacent vec4s of a key. The loops over t
+        // are unrolled, so a GPU compiler can issue their loads together.
+        for (var t = 0u; t < D4; t++) {
+            stage_key_vec4(lane + WG_SIZE * t);
+        }
+        for (var t = 0u; t < DV4; t++) {
+            stage_value_vec4(lane + WG_SIZE * t);
+        }
+        workgroupBarrier();
+
+        var dots: array<f32, ROWS>;
+        for (var d = 0u; d < D4; d++) {
+            add_tile_key(&dots, d, k_keys[lane * KEY_STRIDE + d]);
+        }
+        var correction: array<f32, ROWS>;
+        for (var r = 0u; r < ROWS; r++) {
+            let s = finish_scores(vec4<f32>(dots[r] * scales.x), rows[r].pos, vec4<i32>(key_pos), rows[r].slope).x;
+            let visible = row >= 0 && key_pos >= rows[r].lo && key_pos <= rows[r].hi;
+            let shown = select(MIN_SCORE, s, visible);
+            let m_new = max(m[r], subgroupMax(shown));
+            correction[r] = exp_shifted(vec4<f32>(m[r] - m_new)).x;
+            let weight = select(0.0, exp_shifted(vec4<f32>(shown - m_new)).x, visible);
+            l[r] = l[r] * correction[r] + weight;
+            m[r] = m_new;
+            weights[lane * ROWS + r] = weight * scales.y;
+        }
+        rescale_tile_rows(&acc, &correction);
+        workgroupBarrier();
+        for (var key = 0u; key < WG_SIZE; key++) {
+            add_tile_values(&acc, key, lane);
+        }
+    }
+
+    for (var r = 0u; r < ROWS; r++) {
+        let result = row_result(m[r], subgroupAdd(l[r]));
+        if (row0 + r < dp.rows) {
+            store_lane_slices(&acc, r, output_base(slot, batch, rows[r], result.y, lane == 0u), result.x, lane);
+        }
+    }
+}
+// #else
 @compute @workgroup_size(WG_SIZE)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -544,6 +733,7 @@ fn main(
         }
     }
 }
+// #endif
 
 // vec4 `j` of the query vector at `base`; zero for lanes past the head dim.
 fn q_slice(base: u32, j: u32) -> vec4<f32> {

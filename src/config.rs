@@ -361,9 +361,10 @@ pub enum Tier {
     /// subgroups). The forward's default for f32 on NVIDIA GPUs with head
     /// dims up to 128 (measured faster than [`Tier::RegisterBlocked`] on an
     /// H200), except decoding-like GQA calls. Decoding has a subgroup tier under the same conditions,
-    /// with two lane layouts ([`crate::DecodeLanes`]): lanes split the head
-    /// dim and `subgroupAdd` completes the dot products (GPUs), or each
-    /// lane takes its own keys (CPU adapters).
+    /// with three lane layouts ([`crate::DecodeLanes`]): lanes split the
+    /// head dim and `subgroupAdd` completes the dot products (GPUs), each
+    /// lane takes its own keys (CPU adapters), or each lane scores its own
+    /// key of a tile staged in workgroup memory (forced only, so far).
     SubgroupBroadcast,
     /// The forward kernel for hardware GPUs (`shaders/flash_blocked.wgsl`):
     /// 32-128 invocations share a block of 16-64 query rows staged in

@@ -35,7 +35,7 @@ pub struct DecodeArgs<'a> {
 }
 
 /// How decoding's subgroup tier ([`crate::Tier::SubgroupBroadcast`])
-/// spreads a workgroup's keys over its lanes. Both give the same results
+/// spreads a workgroup's keys over its lanes. All give the same results
 /// up to f32 rounding order; they differ in speed only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DecodeLanes {
@@ -51,6 +51,15 @@ pub enum DecodeLanes {
     /// past 2048 such floats per lane it is refused
     /// ([`crate::Error::KeyLanesState`]).
     Keys,
+    /// The workgroup stages one key per lane (K and V, widened to f32) in
+    /// workgroup memory with coalesced loads; each lane scores its own key
+    /// against every row, with no cross-lane sum per score, and lanes split
+    /// the value head dim for the weighted sum of values. Built for GPUs
+    /// (a head-dim score costs `subgroupAdd` steps per row and four keys,
+    /// this one a `subgroupMax` per row and tile); not yet anyone's default
+    /// (BENCHMARKS.md). Needs the tiles in workgroup memory: where they do
+    /// not fit (wide heads) it is refused ([`crate::Error::WorkgroupMemory`]).
+    KeyTiles,
 }
 
 /// Options of a decode call: the attention options (as the forward pass)

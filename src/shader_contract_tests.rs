@@ -148,9 +148,14 @@ fn shipped_specializations() -> Vec<Specialization> {
                     dtype,
                 };
                 // Each adapter's own layout at every head dim; the forced
-                // other one (the same code with other constants) at a few.
+                // others (the same code with other constants) at a few.
                 let lanes: &[Option<DecodeLanes>] = if representative {
-                    &[None, Some(DecodeLanes::Keys), Some(DecodeLanes::HeadDim)]
+                    &[
+                        None,
+                        Some(DecodeLanes::Keys),
+                        Some(DecodeLanes::HeadDim),
+                        Some(DecodeLanes::KeyTiles),
+                    ]
                 } else {
                     &[None]
                 };

@@ -1197,7 +1197,11 @@ fn both_lane_layouts_match_the_reference() {
                         .softcap(15.0),
                 ),
             ];
-            for lanes in [DecodeLanes::Keys, DecodeLanes::HeadDim] {
+            for lanes in [
+                DecodeLanes::Keys,
+                DecodeLanes::HeadDim,
+                DecodeLanes::KeyTiles,
+            ] {
                 for (seq_q, splits, config) in &cases {
                     let rows = seq_q * (HEADS_Q / HEADS_KV);
                     if rows > 8 && lanes == DecodeLanes::Keys && !sixteen_rows.contains(&dtype) {

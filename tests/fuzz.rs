@@ -106,9 +106,10 @@ enum Operation {
         paged: Option<usize>,
         kv_splits: Option<usize>,
         cache: KvDType,
-        /// Run the lane layout the adapter does not pick by default
-        /// (`common::other_decode_lanes`), where it has one.
-        other_lanes: bool,
+        /// Run a lane layout the adapter does not pick by default
+        /// (`common::other_decode_lanes`, this index of them modulo their
+        /// number), where it has one.
+        other_lanes: Option<usize>,
     },
     Backward,
 }
@@ -163,7 +164,7 @@ fn draw_case(rng: &mut SeededRng) -> Case {
             kv_splits: rng.random_bool(0.3).then(|| rng.random_range(1..=8)),
             cache: [KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8]
                 [rng.random_range(0..4)],
-            other_lanes: rng.random_bool(0.4),
+            other_lanes: rng.random_bool(0.4).then(|| rng.random_range(0..2)),
         },
         2 | 3 => Operation::Backward,
         _ => Operation::Forward,
@@ -365,8 +366,9 @@ fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
             // Lanes over keys refuse heads whose state would not fit a
             // lane (KeyLanesState, a typed error tests/decode.rs covers):
             // such cases keep the adapter's layout.
-            let lanes = common::other_decode_lanes(gpu)
-                .filter(|_| other_lanes)
+            let others = common::other_decode_lanes(gpu);
+            let lanes = other_lanes
+                .and_then(|i| others.get(i % others.len().max(1)).copied())
                 .filter(|&lanes| !key_lanes_refused(gpu, case, cache, lanes));
             run_decode(gpu, case, (paged, kv_splits, cache, lanes), rng)
         }
@@ -374,7 +376,8 @@ fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
     }
 }
 
-/// Whether the planner refuses `lanes` for the decode case's heads.
+/// Whether the planner refuses `lanes` for the decode case's heads (lanes
+/// over keys past a lane's state, key tiles past workgroup memory).
 fn key_lanes_refused(gpu: &Gpu, case: &Case, dtype: KvDType, lanes: DecodeLanes) -> bool {
     let s = &case.shape;
     let cache = wgpu_flash_attn::CacheShape {
@@ -389,7 +392,7 @@ fn key_lanes_refused(gpu: &Gpu, case: &Case, dtype: KvDType, lanes: DecodeLanes)
     let options = DecodeOptions::default().lanes(lanes);
     matches!(
         wgpu_flash_attn::DecodePlan::for_call(gpu.info(), &cache, s.seq_q, s.heads_q, &options),
-        Err(Error::KeyLanesState { .. })
+        Err(Error::KeyLanesState { .. } | Error::WorkgroupMemory { .. })
     )
 }
 

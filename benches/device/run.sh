@@ -122,6 +122,14 @@ if [ -n "$ablations" ]; then
     "$fb" run $target --tier blocked --json "$res/ablation-builtin-after.json"
 fi
 step 90 "PyTorch SDPA peer" python3 .device/torch_sdpa.py "$res/torch_sdpa.json"
+# Decoding's key tiles (DecodeLanes::KeyTiles, 2026-12-05): one key per
+# lane, staged in workgroup memory, against GPUs' default (lanes over the
+# head dim: eight subgroupAdd reductions per four keys), on the same
+# caches. The default follows the figures: if key tiles are faster on
+# every cache type, the planner should pick them on GPUs where they fit.
+step 45 "decode layouts, Llama-3.1-405B heads, 128K: head-dim lanes against key tiles" \
+  "$fb" decode --cache 131072 --kv-dtype f32,f16,int8 --lanes head-dim,key-tiles \
+  --json "$res/decode-layouts.json"
 # The kernels' tests on a real GPU: a failure here is the top priority.
 # On NVIDIA the defaults these run are the subgroup tier for f32 (up to
 # d=128) and register blocking with f16 products for f16, matrices

@@ -43,6 +43,47 @@ const GPU_TARGET_WORKGROUPS: usize = 2048;
 /// two scalars.
 const DECODE_EXTRA_BYTES: u64 = 64 * 4 + 64 * 8 + 64 * 8 + 16;
 
+/// Floats of accumulator one lane may hold with key tiles on a GPU (its
+/// slices of every row's output): 8 rows at head dim 128 with 32 lanes.
+const GPU_KEY_TILES_MAX_STATE: u32 = 128;
+
+/// Workgroup memory of a key-tiles decode workgroup: `lanes` keys' K
+/// (padded by a vec4) and V, `rows` queries, the tile's weights and key
+/// rows, and a flag (flash_decode.wgsl's KEY_TILES declarations).
+pub(super) fn key_tile_bytes(lanes: u32, head_dim: u32, head_dim_v: u32, rows: u32) -> u64 {
+    let (lanes, d4, dv4, rows) = (
+        u64::from(lanes),
+        u64::from(head_dim / 4),
+        u64::from(head_dim_v / 4),
+        u64::from(rows),
+    );
+    16 * (lanes * (d4 + 1) + lanes * dv4 + rows * d4) + 4 * (lanes * rows + lanes + 1)
+}
+
+/// The most query rows (a power of two, at most `rows`) a key-tiles
+/// workgroup can hold: within workgroup memory, and on GPUs within
+/// [`GPU_KEY_TILES_MAX_STATE`] accumulator floats per lane. `None` where
+/// not even one row fits.
+fn key_tile_rows(
+    info: &GpuInfo,
+    (head_dim, head_dim_v): (u32, u32),
+    rows: u32,
+    cpu: bool,
+) -> Option<u32> {
+    let lanes = info.adapter.subgroup_min_size;
+    let memory = u64::from(info.limits.max_compute_workgroup_storage_size);
+    let slots_v = (head_dim_v / 4).div_ceil(lanes);
+    let fits = |rows: u32| {
+        key_tile_bytes(lanes, head_dim, head_dim_v, rows) <= memory
+            && (cpu || rows * slots_v * 4 <= GPU_KEY_TILES_MAX_STATE)
+    };
+    let mut rows = rows;
+    while rows > 1 && !fits(rows) {
+        rows /= 2;
+    }
+    fits(rows).then_some(rows)
+}
+
 /// What the decode planner needs to know of a KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheShape {
@@ -207,6 +248,20 @@ impl DecodePlan {
                         limit,
                     });
                 }
+            }
+            if lanes == DecodeLanes::KeyTiles {
+                rows_per_workgroup = key_tile_rows(
+                    info,
+                    (head_dim, head_dim_v),
+                    rows_per_workgroup,
+                    cpu,
+                )
+                .ok_or(Error::WorkgroupMemory {
+                    head_dim: cache.head_dim,
+                    head_dim_v: cache.head_dim_v,
+                    needed: key_tile_bytes(adapter.subgroup_min_size, head_dim, head_dim_v, 1),
+                    limit: limits.max_compute_workgroup_storage_size,
+                })?;
             }
             let tiling = AttentionTiling {
                 head_dim,

@@ -1,6 +1,7 @@
 //! The planners over the adapter profiles: what each adapter would run,
 //! and the errors where it cannot.
 
+use super::decode::key_tile_bytes;
 use super::profiles::*;
 use super::*;
 use crate::config::AttentionShape;
@@ -1058,6 +1059,64 @@ fn decode_lanes_default_to_keys_on_cpu_adapters_and_refuse_the_portable_tier() {
             );
         }
     }
+}
+
+/// Key tiles hold their K/V tiles and queries in workgroup memory: forced
+/// on Llama-405B heads they fit every adapter with subgroups and 32 KiB
+/// (the H200 all 8 rows of a GQA group in one workgroup), and where they do
+/// not fit (MLA's 576-wide latent, a 16 KiB adapter) the call is refused
+/// with the bytes the smallest tile needs.
+#[test]
+fn key_tiles_fit_workgroup_memory_or_are_refused() {
+    let cache = |head_dim, head_dim_v, heads_kv| CacheShape {
+        batch: 1,
+        heads_kv,
+        head_dim,
+        head_dim_v,
+        longest: 4096,
+        segments: 1,
+        dtype: crate::KvDType::Int8,
+    };
+    let llama = cache(128, 128, 8);
+    let mla = cache(576, 512, 1);
+    let tiles = DecodeOptions::default().lanes(DecodeLanes::KeyTiles);
+    let mut checked = 0;
+    for p in all() {
+        let info = p.info();
+        if subgroup_broadcast_missing(&info).is_some() {
+            continue;
+        }
+        let memory = info.limits.max_compute_workgroup_storage_size;
+        let lanes = info.adapter.subgroup_min_size;
+        for (cache, heads_q) in [(&llama, 64), (&mla, 128)] {
+            let got = DecodePlan::for_call(&info, cache, 1, heads_q, &tiles);
+            let smallest = key_tile_bytes(lanes, cache.head_dim as u32, cache.head_dim_v as u32, 1);
+            if smallest > u64::from(memory) {
+                assert!(
+                    matches!(
+                        got,
+                        Err(Error::WorkgroupMemory { needed, limit, .. })
+                            if needed == smallest && limit == memory
+                    ),
+                    "{}: {got:?}",
+                    p.name
+                );
+                continue;
+            }
+            let plan = got.unwrap();
+            assert_eq!(plan.lanes(), Some(DecodeLanes::KeyTiles), "{}", p.name);
+            let group = (heads_q / cache.heads_kv) as u32;
+            let rows = group.div_ceil(plan.row_tiles);
+            let bytes = key_tile_bytes(lanes, cache.head_dim as u32, cache.head_dim_v as u32, rows);
+            assert!(bytes <= u64::from(memory), "{}: {bytes} bytes", p.name);
+            checked += 1;
+        }
+        if p.name == "NVIDIA H200" {
+            let plan = DecodePlan::for_call(&info, &llama, 1, 64, &tiles).unwrap();
+            assert_eq!(plan.row_tiles, 1, "the whole GQA group in one workgroup");
+        }
+    }
+    assert!(checked >= 4, "{checked} adapters ran key tiles");
 }
 
 #[test]

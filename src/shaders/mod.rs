@@ -24,6 +24,9 @@ const SUBGROUP_BROADCAST: &str = "SUBGROUP_BROADCAST";
 /// Decoding's subgroup tier with lanes over keys ([`DecodeLanes::Keys`]);
 /// it replaces SUBGROUP_KV, whose lanes split the head dim.
 const KEY_LANES: &str = "KEY_LANES";
+/// Decoding's subgroup tier with key tiles ([`DecodeLanes::KeyTiles`]):
+/// set beside SUBGROUP_KV, whose bindings and cache reads it shares.
+const KEY_TILES: &str = "KEY_TILES";
 /// The cooperative-matrix forward on 8x8 matrices (else 16x16).
 const COOP8: &str = "COOP8";
 /// The cooperative-matrix forward multiplying f32 matrices (else f16).
@@ -55,7 +58,7 @@ const QO_BF16: &str = "QO_BF16";
 /// Every `// #if` name the shaders may use. The preprocessor refuses any
 /// other, so a misspelt name fails loudly instead of quietly selecting the
 /// `// #else` branch.
-pub const VARIANT_NAMES: [&str; 21] = [
+pub const VARIANT_NAMES: [&str; 22] = [
     F16_PRODUCTS,
     BLOCKED_BACKWARD,
     DROPOUT,
@@ -77,6 +80,7 @@ pub const VARIANT_NAMES: [&str; 21] = [
     CAUSAL,
     SUBGROUP_BROADCAST,
     KEY_LANES,
+    KEY_TILES,
 ];
 
 /// The `// #if` names that select how `storage` is loaded and stored.

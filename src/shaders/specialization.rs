@@ -11,8 +11,8 @@ use super::tiling::{
 };
 use super::{
     BLOCK_N_CANDIDATES, BLOCKED_BACKWARD, CAUSAL, COOP_EMULATED, COOP_F32, COOP8, DROPOUT,
-    EMULATED_LANES, F16_PRODUCTS, KEY_LANES, Kernel, MASK, SUBGROUP_BROADCAST, SUBGROUP_KV,
-    ShaderOverrides, cache_flags, codec_flags, io_flags, storage_flags,
+    EMULATED_LANES, F16_PRODUCTS, KEY_LANES, KEY_TILES, Kernel, MASK, SUBGROUP_BROADCAST,
+    SUBGROUP_KV, ShaderOverrides, cache_flags, codec_flags, io_flags, storage_flags,
 };
 use crate::decode::DecodeLanes;
 use crate::kv_cache::KvDType;
@@ -143,6 +143,12 @@ impl Specialization {
             Specialization::Decode(tiling, _, DecodeLanes::Keys, _) if tiling.subgroup_kv => {
                 // One trip per four keys of each lane; the rest is unrolled.
                 return Some(keys.div_ceil(4 * lanes) + 2);
+            }
+            Specialization::Decode(tiling, _, DecodeLanes::KeyTiles, _) if tiling.subgroup_kv => {
+                // Per tile of one key per lane: the tile loop and the loop
+                // over the tile's keys for P V; the queries' staging once;
+                // the rest is unrolled.
+                return Some(keys.div_ceil(lanes) * (1 + lanes) + 2 + (rows * d4).div_ceil(lanes));
             }
             Specialization::Decode(tiling, _, _, _) if tiling.subgroup_kv => {
                 // One trip per four keys; the rest is unrolled.
@@ -448,6 +454,9 @@ impl Specialization {
                 if tiling.subgroup_kv && *lanes == DecodeLanes::Keys {
                     flags.retain(|flag| *flag != SUBGROUP_KV);
                     flags.push(KEY_LANES);
+                }
+                if tiling.subgroup_kv && *lanes == DecodeLanes::KeyTiles {
+                    flags.push(KEY_TILES);
                 }
                 flags.extend(cache_flags(*cache));
                 flags.extend(io_flags(*io));

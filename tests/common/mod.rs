@@ -214,11 +214,11 @@ pub fn forward_tiers(gpu: &Gpu, dtype: DType) -> [Option<Tier>; 2] {
     }
 }
 
-/// The decode subgroup tier's lane layout that the adapter does not pick
-/// by default (lanes over the head dim on CPU adapters, over keys on
-/// GPUs), or `None` where it has no subgroup decode tier. So both layouts
-/// run wherever one does.
-pub fn other_decode_lanes(gpu: &Gpu) -> Option<DecodeLanes> {
+/// The decode subgroup tier's lane layouts that the adapter does not pick
+/// by default (on CPU adapters those other than lanes over keys, on GPUs
+/// those other than lanes over the head dim), none where it has no
+/// subgroup decode tier. So every layout runs wherever one does.
+pub fn other_decode_lanes(gpu: &Gpu) -> Vec<DecodeLanes> {
     let cache = CacheShape {
         batch: 1,
         heads_kv: 1,
@@ -230,11 +230,18 @@ pub fn other_decode_lanes(gpu: &Gpu) -> Option<DecodeLanes> {
     };
     let default = DecodePlan::for_call(gpu.info(), &cache, 1, 1, &DecodeOptions::default())
         .expect("a 64-wide head decodes on every adapter")
-        .lanes()?;
-    Some(match default {
-        DecodeLanes::Keys => DecodeLanes::HeadDim,
-        DecodeLanes::HeadDim => DecodeLanes::Keys,
-    })
+        .lanes();
+    match default {
+        Some(default) => [
+            DecodeLanes::Keys,
+            DecodeLanes::HeadDim,
+            DecodeLanes::KeyTiles,
+        ]
+        .into_iter()
+        .filter(|&lanes| lanes != default)
+        .collect(),
+        None => Vec::new(),
+    }
 }
 
 /// Dropout at low, even and high rates, each with options that move which

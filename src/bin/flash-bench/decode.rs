@@ -59,7 +59,8 @@ pub struct DecodeCmdArgs {
     #[arg(long, value_delimiter = ',', default_value = "f32", value_parser = parse_kv_dtype)]
     kv_dtype: Vec<KvDType>,
     /// Force the subgroup tier's lane layouts, one case each on the same
-    /// cache: keys, head-dim (comma-separated; default: the adapter's).
+    /// cache: keys, head-dim, key-tiles (comma-separated; default: the
+    /// adapter's).
     #[arg(long, value_delimiter = ',', value_parser = parse_lanes)]
     lanes: Vec<DecodeLanes>,
     /// Storage type of the query and the output (any cache type; the
@@ -73,7 +74,10 @@ fn parse_lanes(name: &str) -> Result<DecodeLanes, String> {
     match name {
         "keys" => Ok(DecodeLanes::Keys),
         "head-dim" => Ok(DecodeLanes::HeadDim),
-        _ => Err(format!("unknown lane layout {name:?}: keys or head-dim")),
+        "key-tiles" => Ok(DecodeLanes::KeyTiles),
+        _ => Err(format!(
+            "unknown lane layout {name:?}: keys, head-dim or key-tiles"
+        )),
     }
 }
 
@@ -82,6 +86,7 @@ fn lanes_name(plan: &DecodePlan) -> &'static str {
     match plan.lanes() {
         Some(DecodeLanes::Keys) => "keys",
         Some(DecodeLanes::HeadDim) => "head-dim",
+        Some(DecodeLanes::KeyTiles) => "key-tiles",
         None => "portable",
     }
 }
