@@ -597,6 +597,12 @@ impl Gpu {
         self.pipelines.source(&plan.specialization())
     }
 
+    /// The WGSL text this Gpu compiles for `plan`'s decode kernel, as
+    /// [`Gpu::forward_wgsl`] gives the forward's.
+    pub fn decode_wgsl(&self, plan: &crate::DecodePlan) -> Result<String> {
+        self.pipelines.source(&plan.specialization)
+    }
+
     /// Whether the kernels compile without wgpu's runtime checks
     /// ([`Gpu::skip_shader_runtime_checks`]).
     pub fn shader_runtime_checks_skipped(&self) -> bool {

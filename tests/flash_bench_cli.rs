@@ -1740,18 +1740,10 @@ fn shader_stats_compiles_every_kernel_asked_for() {
         ["RegisterBlocked", "Portable", "RegisterBlocked 4x4x2"]
     );
     // The kernels' text and SPIR-V, as written for other tools.
-    for stem in ["RegisterBlocked", "Portable", "RegisterBlocked-4x4x2"] {
-        let wgsl = std::fs::read_to_string(out_dir.join(format!("{stem}.wgsl"))).unwrap();
-        assert!(wgsl.contains("fn main("), "{stem}.wgsl");
-        for suffix in ["", "-unchecked"] {
-            let spirv = std::fs::read(out_dir.join(format!("{stem}{suffix}.spv"))).unwrap();
-            assert_eq!(
-                spirv[..4],
-                0x0723_0203u32.to_le_bytes(),
-                "{stem}{suffix}.spv"
-            );
-        }
-    }
+    assert_kernel_files(
+        &out_dir,
+        &["RegisterBlocked", "Portable", "RegisterBlocked-4x4x2"],
+    );
     for kernel in kernels {
         for variant in ["  checked", "  unchecked"] {
             let lines: Vec<&str> = kernel
@@ -1827,4 +1819,97 @@ fn shader_dir_replaces_the_crates_wgsl_files() {
         "{}",
         stdout(&unknown)
     );
+}
+
+/// Each kernel's WGSL (with its entry point) and SPIR-V (checked and
+/// unchecked, starting with SPIR-V's magic number), as `shader-stats
+/// --out-dir` writes them for other tools.
+fn assert_kernel_files(out_dir: &Path, stems: &[&str]) {
+    for stem in stems {
+        let wgsl = std::fs::read_to_string(out_dir.join(format!("{stem}.wgsl"))).unwrap();
+        assert!(wgsl.contains("fn main("), "{stem}.wgsl");
+        for suffix in ["", "-unchecked"] {
+            let spirv = std::fs::read(out_dir.join(format!("{stem}{suffix}.spv"))).unwrap();
+            assert_eq!(
+                spirv[..4],
+                0x0723_0203u32.to_le_bytes(),
+                "{stem}{suffix}.spv"
+            );
+        }
+    }
+}
+
+/// `shader-stats --decode-lanes` compiles decoding's kernel for each lane
+/// layout asked for, and only those (no forward kernel was asked for); a
+/// layout the adapter cannot hold is reported and skipped.
+#[test]
+fn shader_stats_compiles_the_decode_layouts_asked_for() {
+    let Some(gpu) = gpu() else { return };
+    let backend = gpu.info().adapter.backend;
+    if backend != wgpu::Backend::Vulkan {
+        // (shader_stats_compiles_every_kernel_asked_for checks the error.)
+        eprintln!("SKIPPED: shader-stats asks a Vulkan driver; this pass runs on {backend:?}");
+        return;
+    }
+    let out_dir = scratch("decode-kernels");
+    // Llama-405B's decode step at two KV heads, over an int8 cache.
+    let output = flash_bench(&[
+        "shader-stats",
+        "--out-dir",
+        out_dir.to_str().unwrap(),
+        "--seq-q",
+        "1",
+        "--seq-kv",
+        "4096",
+        "--heads-q",
+        "16",
+        "--heads-kv",
+        "2",
+        "--head-dim",
+        "128",
+        "--kv-dtype",
+        "int8",
+        "--decode-lanes",
+        "head-dim,keys",
+    ]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    let headers: Vec<&str> = text.lines().filter(|l| l.starts_with("== ")).collect();
+    assert_eq!(headers.len(), 2, "{text}");
+    for (header, (name, variant)) in headers.iter().zip([
+        ("decode head-dim:", "SUBGROUP_KV"),
+        ("decode keys:", "KEY_LANES"),
+    ]) {
+        assert!(header.starts_with(&format!("== {name}")), "{text}");
+        assert!(header.contains(variant), "{text}");
+    }
+    assert_kernel_files(&out_dir, &["decode-head-dim", "decode-keys"]);
+
+    // MLA's 576-wide latent with key tiles needs more workgroup memory than
+    // lavapipe has: skipped with the planner's reason, and as nothing else
+    // was asked for, exit 2.
+    let mla = flash_bench(&[
+        "shader-stats",
+        "--seq-q",
+        "1",
+        "--seq-kv",
+        "1024",
+        "--heads-q",
+        "16",
+        "--heads-kv",
+        "1",
+        "--head-dim",
+        "576",
+        "--head-dim-v",
+        "512",
+        "--decode-lanes",
+        "key-tiles",
+    ]);
+    let stderr = String::from_utf8_lossy(&mla.stderr);
+    assert_eq!(mla.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("skipped: decode lanes KeyTiles"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("workgroup memory"), "{stderr}");
 }

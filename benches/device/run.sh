@@ -83,6 +83,14 @@ step 60 "driver statistics, B4 H16 N4096 d128 kernels, f32" \
   --blocked-layout 8x8x4,16x8x2,32x2x1,16x4x2
 step 40 "driver statistics, B4 H16 N4096 d128 kernels, f16" \
   "$fb" shader-stats --head-dim 128 --dtype f16 --tier coop,blocked-f16,subgroup
+# Decoding's layouts, Llama-3.1-405B's step at 128K tokens (registers per
+# lane set how many loads a compute unit keeps in flight), beside the
+# "decode layouts" timings below.
+for kv in f32 int8; do
+  step 20 "driver statistics, decode kernels, Llama-3.1-405B heads, 128K, $kv cache" \
+    "$fb" shader-stats --seq-q 1 --seq-kv 131072 --heads-q 64 --heads-kv 8 --head-dim 128 \
+    --kv-dtype "$kv" --decode-lanes head-dim,key-tiles
+done
 # Issue 13's targets: the register-blocked tier in f32 (>= 40 % of the FMA
 # ceiling) and the best f16 tier (>= 10 % of SDPA's f16), every tier of
 # each in one run (blocked-f16: the register-blocked kernel with f16

@@ -130,6 +130,12 @@ impl DecodePlan {
         }
     }
 
+    /// The decode kernel's name with its constants and variants, as
+    /// pipeline labels and errors give it.
+    pub fn kernel_label(&self) -> String {
+        self.specialization.label()
+    }
+
     /// The kernel tier this plan runs.
     pub fn tier(&self) -> Tier {
         self.specialization

@@ -70,7 +70,7 @@ pub struct DecodeCmdArgs {
     q_dtype: DTypeArg,
 }
 
-fn parse_lanes(name: &str) -> Result<DecodeLanes, String> {
+pub(crate) fn parse_lanes(name: &str) -> Result<DecodeLanes, String> {
     match name {
         "keys" => Ok(DecodeLanes::Keys),
         "head-dim" => Ok(DecodeLanes::HeadDim),
@@ -82,7 +82,7 @@ fn parse_lanes(name: &str) -> Result<DecodeLanes, String> {
 }
 
 /// How the case's plan spreads keys over lanes, for the report.
-fn lanes_name(plan: &DecodePlan) -> &'static str {
+pub(crate) fn lanes_name(plan: &DecodePlan) -> &'static str {
     match plan.lanes() {
         Some(DecodeLanes::Keys) => "keys",
         Some(DecodeLanes::HeadDim) => "head-dim",
@@ -91,7 +91,7 @@ fn lanes_name(plan: &DecodePlan) -> &'static str {
     }
 }
 
-fn parse_kv_dtype(name: &str) -> Result<KvDType, String> {
+pub(crate) fn parse_kv_dtype(name: &str) -> Result<KvDType, String> {
     [KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8]
         .into_iter()
         .find(|d| d.name() == name)

@@ -74,9 +74,10 @@ enum Command {
     /// A BERT-base batch with padding and a Longformer layout at N=4096:
     /// valid lengths and block-sparse masks against dense boolean masks.
     Masks(masks::MasksArgs),
-    /// What the Vulkan driver compiles the forward kernels into (registers,
-    /// spills, instructions: the driver's pipeline statistics), per tier
-    /// and register-blocked layout, with and without wgpu's runtime checks.
+    /// What the Vulkan driver compiles the kernels into (registers, spills,
+    /// instructions: the driver's pipeline statistics), per forward tier and
+    /// register-blocked layout and per decode lane layout, with and without
+    /// wgpu's runtime checks.
     ShaderStats(shader_stats::ShaderStatsArgs),
 }
 

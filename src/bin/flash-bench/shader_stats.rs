@@ -1,7 +1,8 @@
 //! `flash-bench shader-stats`: what a Vulkan driver compiles the forward
 //! kernels into (registers, spills, instruction counts: whatever the driver
 //! reports through `VK_KHR_pipeline_executable_properties`), for each tier
-//! and register-blocked layout asked for.
+//! and register-blocked layout asked for, and decoding's kernels for each
+//! lane layout asked for.
 //!
 //! A kernel's speed on a GPU follows from numbers the timings cannot show:
 //! how many registers an invocation holds (so how many workgroups share a
@@ -13,7 +14,9 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use wgpu_flash_attn::{BlockedLayout, ForwardPlan, Gpu};
+use wgpu_flash_attn::{
+    BlockedLayout, CacheShape, DecodeLanes, DecodeOptions, DecodePlan, ForwardPlan, Gpu, KvDType,
+};
 
 use crate::options::{DTypeArg, GlobalArgs, ShapeArgs, TierArg, products_suffix};
 use crate::options_json::tier_name;
@@ -33,6 +36,16 @@ pub struct ShaderStatsArgs {
     /// (`--blocked-layout 16x8x2,8x8x4`).
     #[arg(long, value_delimiter = ',', value_parser = crate::options::parse_layout)]
     blocked_layout: Vec<BlockedLayout>,
+    /// Also compile decoding's kernel for these lane layouts (keys,
+    /// head-dim, key-tiles; comma-separated) over a cache of `--kv-dtype`:
+    /// the shape's heads and head dims, `--seq-q` new tokens over
+    /// `--seq-kv` cached ones (`--seq-q 1 --seq-kv 131072 --heads-q 64
+    /// --heads-kv 8 --head-dim 128` for Llama-405B's decode step).
+    #[arg(long, value_delimiter = ',', value_parser = crate::decode::parse_lanes)]
+    decode_lanes: Vec<DecodeLanes>,
+    /// The cache's storage type for `--decode-lanes`: f32, f16, bf16, int8.
+    #[arg(long, default_value = "f32", value_parser = crate::decode::parse_kv_dtype)]
+    kv_dtype: KvDType,
     /// Also write each kernel's generated WGSL and the SPIR-V wgpu builds
     /// of it (`NAME.wgsl`, `NAME.spv`) into DIR, for reading with other
     /// tools (spirv-dis, naga).
@@ -40,10 +53,40 @@ pub struct ShaderStatsArgs {
     out_dir: Option<std::path::PathBuf>,
 }
 
-/// One kernel to compile: its plan and how the report names it.
+/// One kernel to compile: how the report names and describes it, and its
+/// WGSL.
 struct Kernel {
     name: String,
-    plan: ForwardPlan,
+    description: String,
+    wgsl: String,
+}
+
+impl Kernel {
+    fn forward(gpu: &Gpu, name: String, plan: &ForwardPlan) -> Result<Self> {
+        Ok(Kernel {
+            description: format!(
+                "{} invocations, {} B of workgroup memory ({})",
+                plan.workgroup_size(),
+                plan.workgroup_bytes(),
+                plan.kernel_label()
+            ),
+            wgsl: gpu.forward_wgsl(plan)?,
+            name,
+        })
+    }
+
+    fn decode(gpu: &Gpu, plan: &DecodePlan) -> Result<Self> {
+        Ok(Kernel {
+            name: format!("decode {}", crate::decode::lanes_name(plan)),
+            description: format!(
+                "{} splits x {} row tiles ({})",
+                plan.splits,
+                plan.row_tiles,
+                plan.kernel_label()
+            ),
+            wgsl: gpu.decode_wgsl(plan)?,
+        })
+    }
 }
 
 pub fn run(global: &GlobalArgs, args: &ShaderStatsArgs) -> Result<bool> {
@@ -57,7 +100,7 @@ pub fn run(global: &GlobalArgs, args: &ShaderStatsArgs) -> Result<bool> {
     if let Some(line) = setup.describe() {
         eprintln!("{line} (shader-stats shows both with and without the checks)");
     }
-    let kernels = kernels(&gpu, args);
+    let kernels = kernels(&gpu, args)?;
     if kernels.is_empty() {
         bail!("none of the tiers and layouts asked for runs on this adapter (above)");
     }
@@ -80,24 +123,17 @@ pub fn run(global: &GlobalArgs, args: &ShaderStatsArgs) -> Result<bool> {
     );
     let mut legend: Vec<(String, String)> = Vec::new();
     for kernel in &kernels {
-        let plan = &kernel.plan;
-        println!(
-            "== {}: {} invocations, {} B of workgroup memory ({})",
-            kernel.name,
-            plan.workgroup_size(),
-            plan.workgroup_bytes(),
-            plan.kernel_label()
-        );
-        let wgsl = gpu.forward_wgsl(plan)?;
+        println!("== {}: {}", kernel.name, kernel.description);
+        let wgsl = &kernel.wgsl;
         let parsed = driver
-            .parse(&wgsl)
+            .parse(wgsl)
             .with_context(|| format!("parsing {}", kernel.name))?;
         for checked in [true, false] {
             let words = driver
                 .spirv(&parsed, checked)
                 .with_context(|| format!("translating {} to SPIR-V", kernel.name))?;
             if let Some(dir) = &args.out_dir {
-                write_kernel(dir, &kernel.name, checked, &wgsl, &words)?;
+                write_kernel(dir, &kernel.name, checked, wgsl, &words)?;
             }
             let label = if checked { "checked" } else { "unchecked" };
             let executables = driver.statistics(&words, &parsed)?;
@@ -148,13 +184,18 @@ fn write_kernel(
     Ok(())
 }
 
-/// The plans for the tiers and layouts asked for; those this adapter
-/// cannot run are reported and left out.
-fn kernels(gpu: &Gpu, args: &ShaderStatsArgs) -> Vec<Kernel> {
+/// The kernels of the tiers, layouts and decode lane layouts asked for;
+/// those this adapter cannot run are reported and left out.
+fn kernels(gpu: &Gpu, args: &ShaderStatsArgs) -> Result<Vec<Kernel>> {
     let shape = args.shape.shape();
     let dtype = args.dtype.dtype();
+    let forward_asked = args.decode_lanes.is_empty() || !args.tier.is_empty();
     let tiers: Vec<Option<TierArg>> = if args.tier.is_empty() && args.blocked_layout.is_empty() {
-        vec![None]
+        if forward_asked {
+            vec![None]
+        } else {
+            Vec::new()
+        }
     } else {
         args.tier.iter().copied().map(Some).collect()
     };
@@ -165,8 +206,8 @@ fn kernels(gpu: &Gpu, args: &ShaderStatsArgs) -> Vec<Kernel> {
             None => ForwardPlan::for_call(gpu.info(), &shape, dtype, None),
         };
         match plan {
-            Ok(plan) => kernels.push(Kernel {
-                name: tier.map_or_else(
+            Ok(plan) => {
+                let name = tier.map_or_else(
                     || {
                         format!(
                             "{}{}",
@@ -175,25 +216,41 @@ fn kernels(gpu: &Gpu, args: &ShaderStatsArgs) -> Vec<Kernel> {
                         )
                     },
                     TierArg::label,
-                ),
-                plan,
-            }),
+                );
+                kernels.push(Kernel::forward(gpu, name, &plan)?);
+            }
             Err(err) => eprintln!("skipped: {err}"),
         }
     }
     for &layout in &args.blocked_layout {
         match ForwardPlan::for_call_with_layout(gpu.info(), &shape, dtype, None, layout) {
-            Ok(plan) => kernels.push(Kernel {
-                name: format!(
+            Ok(plan) => {
+                let name = format!(
                     "RegisterBlocked {layout}{}",
                     products_suffix(plan.f16_products())
-                ),
-                plan,
-            }),
+                );
+                kernels.push(Kernel::forward(gpu, name, &plan)?);
+            }
             Err(err) => eprintln!("skipped: register-blocked layout {layout}: {err}"),
         }
     }
-    kernels
+    let cache = CacheShape {
+        batch: shape.batch,
+        heads_kv: shape.heads_kv,
+        head_dim: shape.head_dim,
+        head_dim_v: shape.head_dim_v,
+        longest: shape.seq_kv,
+        segments: 1,
+        dtype: args.kv_dtype,
+    };
+    for &lanes in &args.decode_lanes {
+        let options = DecodeOptions::default().lanes(lanes);
+        match DecodePlan::for_call(gpu.info(), &cache, shape.seq_q, shape.heads_q, &options) {
+            Ok(plan) => kernels.push(Kernel::decode(gpu, &plan)?),
+            Err(err) => eprintln!("skipped: decode lanes {lanes:?}: {err}"),
+        }
+    }
+    Ok(kernels)
 }
 
 /// One statistic of a compiled executable, as the driver names it.
