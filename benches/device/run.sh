@@ -2,14 +2,15 @@
 # The project's GPU device run, ordered so that the first minutes answer
 # the open questions (issue 13's targets, then the newest kernels on a real
 # GPU). Use it in place of the generic script that ../shared/device/stage.sh
-# copies (first used on an H200 on 2026-12-04: BENCHMARKS.md). The branch
-# `coop-registers` holds a faster cooperative-matrix kernel that computed
-# wrong results there in its first version: staged as a baseline, its
-# flash-bench validates and times that kernel beside main's in the A/B
-# step (its own test binaries need a call of their own):
+# copies (first used on an H200 on 2026-12-04: BENCHMARKS.md). A commit
+# or branch staged as a baseline has its flash-bench validate and time its
+# kernels beside this checkout's in the A/B step (its own test binaries
+# need a call of their own). (The branch `coop-registers`, a faster
+# cooperative-matrix kernel that computed wrong results on the H200, did
+# not survive the move to a new checkout on 2026-12-05.)
 #
 #   ../shared/device/stage.sh && cp benches/device/run.sh .device/run.sh
-#   benches/device/stage-baseline.sh 705db0a coop-registers  # optional A/B
+#   benches/device/stage-baseline.sh 705db0a         # optional A/B
 #   benches/device/stage-variants.sh          # optional: WGSL-only variants
 #   # device call: command "bash .device/run.sh", carry [".device"], timeout 450
 #

@@ -7,7 +7,7 @@
 # Usage, from the project root:
 #
 #   ../shared/device/stage.sh && cp benches/device/run.sh .device/run.sh
-#   benches/device/stage-baseline.sh 705db0a coop-registers
+#   benches/device/stage-baseline.sh 705db0a some-branch
 #
 # Each commit builds in a temporary worktree with this checkout's target
 # directory (the dependencies are built once), which leaves
