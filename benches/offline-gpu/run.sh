@@ -48,22 +48,9 @@ done < <(compgen -e | grep -E '^(FLASH_ATTN_|MESA_|NAK_|NVK_|RADV_|ACO_|RUST_LOG
 # they have here. Mounted on top of whatever is there (a concurrent run's
 # mounts stay its own) and unmounted however this ends.
 repo=$(pwd)
-mounted=()
-# shellcheck disable=SC2317 # (called by the trap)
-cleanup() {
-    local i
-    for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do
-        umount "${mounted[i]}" 2>/dev/null || umount -l "${mounted[i]}" || true
-    done
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-for dir in /proc /dev /dev/pts /sys "$repo"; do
-    mkdir -p "$root$dir"
-    mount --bind "$dir" "$root$dir"
-    mounted+=("$root$dir")
-done
+# shellcheck source=benches/offline-gpu/mounts.sh
+source "$(dirname "${BASH_SOURCE[0]}")/mounts.sh"
+bind_into "$root" /proc /dev /dev/pts /sys "$repo"
 
 # No shader cache: a cached pipeline may come back without statistics,
 # and each run should compile what it reports.

@@ -59,18 +59,9 @@ EOF
 
 # /proc for the packages' maintainer scripts and the build's tools;
 # unmounted however this ends.
-mounted=()
-cleanup() {
-    local i
-    for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do
-        umount "${mounted[i]}" 2>/dev/null || umount -l "${mounted[i]}" || true
-    done
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-mount --bind /proc "$root/proc"
-mounted+=("$root/proc")
+# shellcheck source=benches/offline-gpu/mounts.sh
+source "$(dirname "${BASH_SOURCE[0]}")/mounts.sh"
+bind_into "$root" /proc
 
 # Niced: this is a background build, and the machine may be shared.
 in_root() {
