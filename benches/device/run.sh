@@ -161,6 +161,13 @@ if [ -n "$bases" ]; then
         "$binary" run $target --dtype f16 --tier coop,blocked,blocked-f16 --json "$res/ab-$name-f16-$round.json"
       step 30 "A/B round $round: $name, f32 register-blocked" \
         "$binary" run $target --tier blocked --json "$res/ab-$name-f32-$round.json"
+      # Decoding's plan too: since 2026-12-05 (twelfth session) GPUs cap
+      # the head-dim layout's rows at what NAK keeps in registers (MLA's
+      # latent: 2 rows a workgroup, 16 before); a baseline from before
+      # that (c69b7c1) times the old plan.
+      step 30 "A/B round $round: $name, DeepSeek-V3 MLA decode 32K, f16 cache" \
+        "$binary" decode --heads-q 128 --heads-kv 1 --head-dim 576 --latent-values 512 \
+        --cache 32768 --kv-dtype f16 --json "$res/ab-$name-mla-$round.json"
     done
   done
 fi
@@ -258,11 +265,12 @@ for kv in f16 int8; do
     "$fb" decode --cache 131072 --kv-dtype "$kv" --json "$res/decode-$kv-alone.json"
 done
 # DeepSeek-V3's MLA decode (128 query heads over one 576-wide latent KV
-# head, values its first 512): on GPUs a lane of the head-dim layout holds
-# 16 rows x (5 + 4) vec4s of query and output, 576 floats, past NVIDIA's
-# 255 registers, so it likely spills; fewer rows per workgroup would read
-# the cache more often instead. Unmeasured until this step: its share of
-# the copy ceiling says whether it is worth an A/B.
+# head, values its first 512). At 16 rows a workgroup a lane of the
+# head-dim layout held 576 floats of query and output and NAK spilled
+# 1,854 instructions; GPUs now take 2 rows (240 registers on NAK, no
+# spills) and read the cache 64 times per step instead of 8 (37.7 MB in
+# f16 at 32K: within the H200's L2). Its share of the copy ceiling, and the
+# A/B against c69b7c1 above, say whether that was right.
 step 45 "decode, DeepSeek-V3 MLA heads (128 q / 1 latent kv, 576/512), 32K, f32 and f16 caches" \
   "$fb" decode --heads-q 128 --heads-kv 1 --head-dim 576 --latent-values 512 --cache 32768 \
   --kv-dtype f32,f16 --json "$res/decode-mla.json"

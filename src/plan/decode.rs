@@ -47,6 +47,31 @@ const DECODE_EXTRA_BYTES: u64 = 64 * 4 + 64 * 8 + 64 * 8 + 16;
 /// slices of every row's output): 8 rows at head dim 128 with 32 lanes.
 const GPU_KEY_TILES_MAX_STATE: u32 = 128;
 
+/// Registers (32-bit) one lane of the head-dim layout may hold on a GPU,
+/// as [`head_dim_lane_registers`] estimates them; rows past it go to more
+/// workgroups (row tiles, each reading the cache) rather than spill. NVIDIA
+/// allows 255. The estimate and the limit reproduce where NAK (Mesa's
+/// NVIDIA compiler, Ada) starts spilling at 32 lanes: the most rows that
+/// compiled without spills were 8 at head dims 64-256 (d256: 240
+/// registers) and 2 at 512 and at DeepSeek's 576/512 latent (240); the
+/// next power of two spilled (d128 x 16 rows: 232 spill instructions; the
+/// latent at 16 rows, the default before this limit: 1,854).
+pub(super) const GPU_HEAD_DIM_LANE_REGISTERS: u32 = 248;
+
+/// Registers one lane of the head-dim layout holds for `rows` rows, as
+/// fitted to NAK's counts (within 8 of them from 48 to 240): per vec4 slot
+/// of the head dims, four keys' K and V loaded together by the unrolled
+/// step (16 floats), plus per row the slot's q and accumulator (4 floats
+/// per slot), four scores and the running max and sum (6).
+pub(super) fn head_dim_lane_registers(
+    lanes: u32,
+    (head_dim, head_dim_v): (u32, u32),
+    rows: u32,
+) -> u32 {
+    let slots = (head_dim / 4).div_ceil(lanes) + (head_dim_v / 4).div_ceil(lanes);
+    16 * slots + 8 + rows * (4 * slots + 6)
+}
+
 /// Workgroup memory of a key-tiles decode workgroup: `lanes` keys' K
 /// (padded by a vec4) and V, `rows` queries, the tile's weights and key
 /// rows, and a flag (flash_decode.wgsl's KEY_TILES declarations).
@@ -268,6 +293,17 @@ impl DecodePlan {
                     needed: key_tile_bytes(adapter.subgroup_min_size, head_dim, head_dim_v, 1),
                     limit: limits.max_compute_workgroup_storage_size,
                 })?;
+            }
+            // A hardware GPU's lane keeps its state in registers, so rows
+            // past the limit go to more workgroups rather than spill.
+            if lanes == DecodeLanes::HeadDim && adapter.device_type != wgpu::DeviceType::Cpu {
+                let dims = (head_dim, head_dim_v);
+                while rows_per_workgroup > 1
+                    && head_dim_lane_registers(adapter.subgroup_min_size, dims, rows_per_workgroup)
+                        > GPU_HEAD_DIM_LANE_REGISTERS
+                {
+                    rows_per_workgroup /= 2;
+                }
             }
             let tiling = AttentionTiling {
                 head_dim,

@@ -1,7 +1,7 @@
 //! The planners over the adapter profiles: what each adapter would run,
 //! and the errors where it cannot.
 
-use super::decode::key_tile_bytes;
+use super::decode::{GPU_HEAD_DIM_LANE_REGISTERS, head_dim_lane_registers, key_tile_bytes};
 use super::profiles::*;
 use super::*;
 use crate::config::AttentionShape;
@@ -1057,6 +1057,81 @@ fn decode_lanes_default_to_keys_on_cpu_adapters_and_refuse_the_portable_tier() {
                 "{}",
                 p.name
             );
+        }
+    }
+}
+
+/// On GPUs, lanes over the head dim hold no more rows than NAK kept in
+/// registers (`GPU_HEAD_DIM_LANE_REGISTERS`): 8 rows at head dims up to
+/// 256, 2 at MLA's 576/512 latent (it spilled 1,854 instructions at the 16
+/// rows it had before); the rest of a GQA group takes more row tiles. CPU
+/// adapters keep every row of the group in one workgroup.
+#[test]
+fn decode_rows_per_workgroup_fit_a_gpus_registers() {
+    let cache = |head_dim, head_dim_v, heads_kv| CacheShape {
+        batch: 1,
+        heads_kv,
+        head_dim,
+        head_dim_v,
+        longest: 32768,
+        segments: 1,
+        dtype: crate::KvDType::F16,
+    };
+    let head_dim_lanes = DecodeOptions::default().lanes(DecodeLanes::HeadDim);
+    let row_tiles = |info: &GpuInfo, cache: &CacheShape, heads_q| {
+        let plan = DecodePlan::for_call(info, cache, 1, heads_q, &head_dim_lanes).unwrap();
+        assert_eq!(plan.lanes(), Some(DecodeLanes::HeadDim));
+        plan.row_tiles
+    };
+    // (K and V head dims, KV heads, query heads, row tiles on the H200)
+    let nvidia = [
+        ((128, 128), 8, 64, 1),
+        ((128, 128), 8, 128, 2),
+        ((256, 256), 1, 16, 2),
+        ((192, 128), 1, 16, 2),
+        ((512, 512), 1, 16, 8),
+        ((576, 512), 1, 128, 64),
+    ];
+    let h200 = profile("NVIDIA H200");
+    for ((head_dim, head_dim_v), heads_kv, heads_q, want) in nvidia {
+        let got = row_tiles(&h200, &cache(head_dim, head_dim_v, heads_kv), heads_q);
+        assert_eq!(
+            got, want,
+            "d={head_dim}/{head_dim_v}, {heads_q}/{heads_kv} heads"
+        );
+    }
+    for p in all() {
+        let info = p.info();
+        if subgroup_broadcast_missing(&info).is_some() {
+            continue;
+        }
+        let lanes = info.adapter.subgroup_min_size;
+        for ((head_dim, head_dim_v), heads_kv, heads_q, _) in nvidia {
+            let cache = cache(head_dim, head_dim_v, heads_kv);
+            let group = (heads_q / heads_kv) as u32;
+            let tiles = row_tiles(&info, &cache, heads_q);
+            let rows = group.div_ceil(tiles);
+            if p.device_type == wgpu::DeviceType::Cpu {
+                assert_eq!(rows, group.min(16), "{}: d={head_dim}", p.name);
+                continue;
+            }
+            let dims = (head_dim as u32, head_dim_v as u32);
+            let held = head_dim_lane_registers(lanes, dims, rows);
+            // Either the rows fit, or one row is all a workgroup holds.
+            assert!(
+                held <= GPU_HEAD_DIM_LANE_REGISTERS || rows == 1,
+                "{}: d={head_dim}/{head_dim_v}, {rows} rows hold {held} registers",
+                p.name
+            );
+            // And twice the rows would not have fitted.
+            if rows < group.min(16) {
+                let more = head_dim_lane_registers(lanes, dims, 2 * rows);
+                assert!(
+                    more > GPU_HEAD_DIM_LANE_REGISTERS,
+                    "{}: d={head_dim}, {rows} rows",
+                    p.name
+                );
+            }
         }
     }
 }
