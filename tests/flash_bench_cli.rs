@@ -1557,6 +1557,40 @@ fn run_compares_listed_tiers_and_info_names_them() {
             )),
         "{line}"
     );
+    // MLA's decode line: the planner's rows per workgroup, row tiles and
+    // key splits.
+    let cache = wgpu_flash_attn::CacheShape {
+        batch: 1,
+        heads_kv: 1,
+        head_dim: 576,
+        head_dim_v: 512,
+        longest: 32768,
+        segments: 1,
+        dtype: wgpu_flash_attn::KvDType::F16,
+    };
+    let mla = wgpu_flash_attn::DecodePlan::for_call(
+        gpu.info(),
+        &cache,
+        1,
+        128,
+        &wgpu_flash_attn::DecodeOptions::default(),
+    )
+    .unwrap();
+    let line = text
+        .lines()
+        .find(|line| line.trim_start().starts_with("DeepSeek-V3 MLA"))
+        .unwrap_or_else(|| panic!("no MLA decode line in {text}"));
+    assert!(
+        line.contains(&format!(": {:?}, ", mla.tier()))
+            && line.contains(&format!(
+                ", {} query rows per workgroup x {} per KV head, {} splits of {} keys",
+                128u32.div_ceil(mla.row_tiles),
+                mla.row_tiles,
+                mla.splits,
+                mla.split_keys
+            )),
+        "{line}"
+    );
 }
 
 /// The smallest power of two from `from` up that `is_past` (a limit of the

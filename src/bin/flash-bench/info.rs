@@ -1,8 +1,12 @@
 //! `flash-bench info`: every adapter wgpu finds.
 
 use anyhow::{Result, bail};
-use wgpu_flash_attn::{AttentionShape, BackwardPlan, DType, Error, ForwardPlan, GpuInfo, Tier};
+use wgpu_flash_attn::{
+    AttentionShape, BackwardPlan, CacheShape, DType, DecodeOptions, DecodePlan, Error, ForwardPlan,
+    GpuInfo, KvDType, Tier,
+};
 
+use crate::decode::lanes_name;
 use crate::measure::bytes;
 use crate::options::GlobalArgs;
 use crate::options_json::{dtype_name, tier_name};
@@ -40,11 +44,12 @@ pub fn run(global: &GlobalArgs) -> Result<bool> {
     }
     for (adapter, info) in adapters.iter().zip(&infos) {
         println!(
-            "{}\n{}\n{}\n{}",
+            "{}\n{}\n{}\n{}\n{}",
             adapter.name,
             adapter.describe(),
             forward_tiers(info),
-            backward_tiers(info)
+            backward_tiers(info),
+            decode_plans(info)
         );
     }
     if let Some(path) = &global.json {
@@ -163,6 +168,66 @@ fn backward_tiers(info: &GpuInfo) -> String {
         lines.push(format!(
             "    d={head_dim}: {default}; forced RegisterBlocked: {blocked}"
         ));
+    }
+    lines.join("\n")
+}
+
+/// Serving shapes the decode table shows: (name, query heads, KV heads,
+/// K and V head dims).
+const DECODE_SHAPES: [(&str, usize, usize, usize, usize); 3] = [
+    ("Llama-3.1-405B heads (64 q / 8 kv, d=128)", 64, 8, 128, 128),
+    (
+        "Llama-3.1-405B, all 128 query heads (128 q / 8 kv)",
+        128,
+        8,
+        128,
+        128,
+    ),
+    (
+        "DeepSeek-V3 MLA (128 q / 1 latent kv, 576/512)",
+        128,
+        1,
+        576,
+        512,
+    ),
+];
+
+/// How one new token decodes over a 32K-token f16 cache of each serving
+/// shape: the planner's lane layout, the query rows one workgroup holds
+/// (on GPUs as many as a lane keeps in registers), and the key splits.
+fn decode_plans(info: &GpuInfo) -> String {
+    let mut lines = vec!["  decode (one token over a 32K-token f16 cache):".to_string()];
+    for (name, heads_q, heads_kv, head_dim, head_dim_v) in DECODE_SHAPES {
+        let cache = CacheShape {
+            batch: 1,
+            heads_kv,
+            head_dim,
+            head_dim_v,
+            longest: 32768,
+            segments: 1,
+            dtype: KvDType::F16,
+        };
+        let line = match DecodePlan::for_call(info, &cache, 1, heads_q, &DecodeOptions::default()) {
+            Ok(plan) => {
+                let group = (heads_q / heads_kv) as u32;
+                let layout = match lanes_name(&plan) {
+                    "head-dim" => "lanes over the head dim",
+                    "key-tiles" => "key tiles",
+                    "keys" => "lanes over keys",
+                    _ => "K/V tiles in workgroup memory",
+                };
+                format!(
+                    "{}, {layout}, {} query rows per workgroup x {} per KV head, {} splits of {} keys",
+                    tier_name(plan.tier()),
+                    group.div_ceil(plan.row_tiles),
+                    plan.row_tiles,
+                    plan.splits,
+                    plan.split_keys
+                )
+            }
+            Err(err) => format!("none: {err}"),
+        };
+        lines.push(format!("    {name}: {line}"));
     }
     lines.join("\n")
 }
