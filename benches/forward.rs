@@ -88,7 +88,7 @@ fn forward(c: &mut Criterion) {
             Kernel::Flash,
         ),
         (
-            "flash B1 H64/8 N256 d128 causal (llama-3.1-405b heads)",
+            "flash B1 H64/8 N256 d128 causal (llama-3.1-70b heads)",
             AttentionShape {
                 heads_kv: 8,
                 ..square(256, 64, 128)

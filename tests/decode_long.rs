@@ -1,4 +1,4 @@
-//! One decode step of Llama-3.1-405B's attention (64 query heads over 8 KV
+//! One decode step of Llama-3.1-70B's attention (64 query heads over 8 KV
 //! heads, d=128) over a 128K-token cache: 1 GiB of f32 K and V, eight
 //! times lavapipe's 128 MiB storage-binding limit, so the cache spreads
 //! over several buffers. Checked against the reference on a sample of
@@ -24,7 +24,7 @@ const CHUNK: usize = 8192;
 const SAMPLED_HEADS: [usize; 3] = [0, 21, 63];
 
 #[test]
-fn llama_405b_decode_over_128k_cached_tokens() {
+fn llama_70b_decode_over_128k_cached_tokens() {
     let Some(gpu) = gpu() else { return };
     let group = HEADS_Q / HEADS_KV;
     let mut cache = KvCache::new(

@@ -1886,7 +1886,7 @@ fn shader_stats_compiles_the_decode_layouts_asked_for() {
         return;
     }
     let out_dir = scratch("decode-kernels");
-    // Llama-405B's decode step at two KV heads, over an int8 cache.
+    // Llama-3.1-70B's decode step at two KV heads, over an int8 cache.
     let output = flash_bench(&[
         "shader-stats",
         "--out-dir",

@@ -84,11 +84,11 @@ step 60 "driver statistics, B4 H16 N4096 d128 kernels, f32" \
   --blocked-layout 8x8x4,16x8x2,32x2x1,16x4x2
 step 40 "driver statistics, B4 H16 N4096 d128 kernels, f16" \
   "$fb" shader-stats --head-dim 128 --dtype f16 --tier coop,blocked-f16,subgroup
-# Decoding's layouts, Llama-3.1-405B's step at 128K tokens (registers per
+# Decoding's layouts, Llama-3.1-70B's step at 128K tokens (registers per
 # lane set how many loads a compute unit keeps in flight), beside the
 # "decode layouts" timings below.
 for kv in f32 int8; do
-  step 20 "driver statistics, decode kernels, Llama-3.1-405B heads, 128K, $kv cache" \
+  step 20 "driver statistics, decode kernels, Llama-3.1-70B heads, 128K, $kv cache" \
     "$fb" shader-stats --seq-q 1 --seq-kv 131072 --heads-q 64 --heads-kv 8 --head-dim 128 \
     --kv-dtype "$kv" --decode-lanes head-dim,key-tiles
 done
@@ -136,7 +136,7 @@ step 90 "PyTorch SDPA peer" python3 .device/torch_sdpa.py "$res/torch_sdpa.json"
 # head dim: eight subgroupAdd reductions per four keys), on the same
 # caches. The default follows the figures: if key tiles are faster on
 # every cache type, the planner should pick them on GPUs where they fit.
-step 45 "decode layouts, Llama-3.1-405B heads, 128K: head-dim lanes against key tiles" \
+step 45 "decode layouts, Llama-3.1-70B heads, 128K: head-dim lanes against key tiles" \
   "$fb" decode --cache 131072 --kv-dtype f32,f16,int8 --lanes head-dim,key-tiles \
   --json "$res/decode-layouts.json"
 # The kernels' tests on a real GPU: a failure here is the top priority.
@@ -253,7 +253,7 @@ step 60 "backward, H16 N4096 d192/128 causal" \
   --iters 5 --json "$res/backward-d192-128.json"
 step 60 "masks and padding, with the backward (BERT padded, 512 packed short sequences)" \
   "$fb" masks --backward --packed-sequences 512 --json "$res/masks.json"
-step 90 "decode, Llama-3.1-405B heads, 32K/128K, every cache type" \
+step 90 "decode, Llama-3.1-70B heads, 32K/128K, every cache type" \
   "$fb" decode --cache 32768,131072 --kv-dtype f32,f16,bf16,int8 --json "$res/decode.json"
 # On the H200 the f16, bf16 and int8 caches decoded 5x slower than f32,
 # each timed after seconds of host work while f32's came right after its

@@ -18,7 +18,7 @@ const SUBGROUP_MAX_ROWS: u32 = 16;
 /// keys (8 rows at head dim 128, 4 at 256, 2 at 512): the default on CPU
 /// adapters within it, refused past it (`Error::KeyLanesState`). lavapipe
 /// compiled the 4096-float kernel (4 rows at d=512) in about 4 minutes, the
-/// 2048-float Llama-405B one in seconds; MLA's latent widths (16 rows x
+/// 2048-float Llama-3.1-70B one in seconds; MLA's latent widths (16 rows x
 /// 1088) keep lanes over the head dim.
 const KEY_LANES_MAX_STATE: u64 = 8 * 256;
 /// The same state on hardware GPUs, where lanes over keys are only ever

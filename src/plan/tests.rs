@@ -650,7 +650,7 @@ fn decoding_like_gqa_calls_group_a_kv_heads_rows() {
         };
         ForwardPlan::for_call(&info, &shape, DType::F32, tier).unwrap()
     };
-    // One token of Llama-405B's heads: 8 KV heads' workgroups, each a
+    // One token of Llama-3.1-70B's heads: 8 KV heads' workgroups, each a
     // block of its 8 query heads (32 rows: 4 queries x 8 heads).
     let step = plan_of(1, 64, 8, None);
     assert!(step.groups_heads());
@@ -874,7 +874,7 @@ fn only_llvmpipe_caps_loops() {
 
 #[test]
 fn decode_splits_fill_the_adapter_and_respect_the_loop_cap() {
-    // Llama-3.1-405B heads, one token, 32K cache.
+    // Llama-3.1-70B heads, one token, 32K cache.
     let cache = CacheShape {
         batch: 1,
         heads_kv: 8,
@@ -1137,7 +1137,7 @@ fn decode_rows_per_workgroup_fit_a_gpus_registers() {
 }
 
 /// Key tiles hold their K/V tiles and queries in workgroup memory: forced
-/// on Llama-405B heads they fit every adapter with subgroups and 32 KiB
+/// on Llama-3.1-70B heads they fit every adapter with subgroups and 32 KiB
 /// (the H200 all 8 rows of a GQA group in one workgroup), and where they do
 /// not fit (MLA's 576-wide latent, a 16 KiB adapter) the call is refused
 /// with the bytes the smallest tile needs.

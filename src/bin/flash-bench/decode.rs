@@ -1,5 +1,5 @@
 //! `flash-bench decode`: one decode step over KV caches of several lengths
-//! (default Llama-3.1-405B heads: 64 query / 8 KV, d=128), validated on
+//! (default Llama-3.1-70B heads: 64 query / 8 KV, d=128), validated on
 //! sampled heads, timed, and compared with the prefill kernel on the same
 //! call; speed shown against the adapter's copy and FMA ceilings.
 

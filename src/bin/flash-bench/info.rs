@@ -175,14 +175,8 @@ fn backward_tiers(info: &GpuInfo) -> String {
 /// Serving shapes the decode table shows: (name, query heads, KV heads,
 /// K and V head dims).
 const DECODE_SHAPES: [(&str, usize, usize, usize, usize); 3] = [
-    ("Llama-3.1-405B heads (64 q / 8 kv, d=128)", 64, 8, 128, 128),
-    (
-        "Llama-3.1-405B, all 128 query heads (128 q / 8 kv)",
-        128,
-        8,
-        128,
-        128,
-    ),
+    ("Llama-3.1-70B (64 q / 8 kv, d=128)", 64, 8, 128, 128),
+    ("Llama-3.1-405B (128 q / 8 kv, d=128)", 128, 8, 128, 128),
     (
         "DeepSeek-V3 MLA (128 q / 1 latent kv, 576/512)",
         128,

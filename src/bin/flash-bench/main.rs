@@ -385,7 +385,7 @@ fn suite() -> Vec<Case> {
     let mut cases: Vec<Case> = seed_models()
         .into_iter()
         .map(|preset| {
-            // Llama-3.1-405B's 64 heads at d=128: 512 tokens here.
+            // Llama-3.1-70B's 64 heads at d=128: 512 tokens here.
             if preset.shape.seq_q > 1024 {
                 preset.with_seq(512, 512)
             } else {

@@ -40,7 +40,7 @@ pub struct ShaderStatsArgs {
     /// head-dim, key-tiles; comma-separated) over a cache of `--kv-dtype`:
     /// the shape's heads and head dims, `--seq-q` new tokens over
     /// `--seq-kv` cached ones (`--seq-q 1 --seq-kv 131072 --heads-q 64
-    /// --heads-kv 8 --head-dim 128` for Llama-405B's decode step).
+    /// --heads-kv 8 --head-dim 128` for Llama-3.1-70B's decode step).
     #[arg(long, value_delimiter = ',', value_parser = crate::decode::parse_lanes)]
     decode_lanes: Vec<DecodeLanes>,
     /// The cache's storage type for `--decode-lanes`: f32, f16, bf16, int8.
