@@ -47,9 +47,11 @@ pub enum DecodeLanes {
     /// their whole vectors and keeps its own online softmax of every row;
     /// the lanes merge by logsumexp once at the end. Each lane holds every
     /// row's whole query and output, which suits CPU adapters (the default
-    /// there: 2-3x faster on lavapipe) and would spill registers on a GPU;
-    /// past 2048 such floats per lane it is refused
-    /// ([`crate::Error::KeyLanesState`]).
+    /// there: 2-3x faster on lavapipe) and would spill registers on a GPU.
+    /// A GQA group past 2048 such floats per lane runs as several
+    /// workgroups of fewer rows (on CPU adapters at least 8; past 2048 at
+    /// 8 rows it is lanes over the head dim by default and refused when
+    /// forced, [`crate::Error::KeyLanesState`]).
     Keys,
     /// The workgroup stages one key per lane (K and V, widened to f32) in
     /// workgroup memory with coalesced loads; each lane scores its own key

@@ -999,16 +999,29 @@ fn decode_lanes_default_to_keys_on_cpu_adapters_and_refuse_the_portable_tier() {
             (true, _) => Some(DecodeLanes::HeadDim),
         };
         assert_eq!(lanes, want, "{}", p.name);
+        // Llama-3.1-405B's 16 rows at d=128 (4096 floats) take two 8-row
+        // tiles over keys on CPU adapters; d=256's would be 4-row tiles,
+        // so its 8 rows keep lanes over the head dim there.
+        let all_heads = plan(&llama, 128, &options).unwrap();
+        let wide = plan(&cache(256, 256, 8), 64, &options).unwrap();
+        if want == Some(DecodeLanes::Keys) {
+            assert_eq!(all_heads.lanes(), want, "{}", p.name);
+            assert_eq!(all_heads.row_tiles, 2, "{}", p.name);
+            assert_eq!(wide.lanes(), Some(DecodeLanes::HeadDim), "{}", p.name);
+        } else {
+            assert_eq!(all_heads.lanes(), want, "{}", p.name);
+            assert_eq!(wide.lanes(), want, "{}", p.name);
+        }
         // MLA's 16 rows x 1088 floats per lane keep the head-dim
         // layout, and forcing lanes over keys there is refused.
         let mla_lanes = plan(&mla, 128, &options).unwrap().lanes();
         assert_eq!(mla_lanes, want.map(|_| DecodeLanes::HeadDim), "{}", p.name);
         if subgroups {
             let forced = plan(&mla, 128, &options.clone().lanes(DecodeLanes::Keys));
-            // CPU adapters refuse the 16 rows; a GPU's registers refuse
-            // even one.
+            // CPU adapters refuse 8-row tiles (their fewest); a GPU's
+            // registers refuse even one row.
             let (rows, floats) = if p.device_type == wgpu::DeviceType::Cpu {
-                (16, 17408)
+                (8, 8704)
             } else {
                 (1, 1088)
             };
