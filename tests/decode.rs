@@ -1233,6 +1233,44 @@ fn both_lane_layouts_match_the_reference() {
     }
 }
 
+/// A GQA group wider than one lanes-over-keys workgroup holds (16 rows at
+/// d=128, as one token of Llama-3.1-405B's 16 query heads per KV head, or
+/// four tokens of this file's 4): CPU adapters run it as two 8-row
+/// workgroups over keys, each reading the cache, which must give the
+/// reference's results for every row, with sinks, causal masks and
+/// sequences of 0 and 1 tokens, in one split and in several.
+#[test]
+fn gqa_groups_split_into_row_tiles_match_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let head_dim = 128;
+    let lens = [0, 1, 300];
+    let seq_q = 4;
+    let config = KvCacheConfig::new(
+        lens.len(),
+        HEADS_KV,
+        head_dim,
+        KvLayout::Contiguous { capacity: 300 },
+    );
+    let filled = fill(gpu, config, &lens, 0x405b);
+    let q = queries(lens.len(), seq_q, head_dim, 0x405c);
+    let sinks = normal_vec(&mut seeded(0x405d), HEADS_Q, 1.5);
+    let cpu = gpu.info().adapter.device_type == wgpu::DeviceType::Cpu;
+    for splits in [None, Some(3)] {
+        let mut options =
+            DecodeOptions::new(&AttentionConfig::new().causal(true).sinks(sinks.clone()));
+        options.kv_splits = splits;
+        let (out_err, lse_err, plan) = decode_errors(gpu, &filled, &q, seq_q, &options);
+        if cpu && plan.lanes().is_some() {
+            assert_eq!(plan.lanes(), Some(DecodeLanes::Keys), "{plan:?}");
+            assert_eq!(plan.row_tiles, 2, "{plan:?}");
+        }
+        assert!(
+            out_err <= 1e-4 && lse_err <= 1e-4,
+            "splits {splits:?}: out {out_err:.2e}, lse {lse_err:.2e} ({plan:?})"
+        );
+    }
+}
+
 /// Queries and output in f16 or bf16 over every cache type: the kernel
 /// writing the output itself (one split) and through f32 partial results
 /// merged by the combine pass (three splits, several buffers), on the
