@@ -25,10 +25,11 @@ const KEY_LANES_MAX_STATE: u64 = 8 * 256;
 /// when a GQA group's rows do not all fit [`KEY_LANES_MAX_STATE`]: the
 /// group takes row tiles of at least this many rows (each reading the
 /// cache), and lanes over the head dim where not even these fit. On
-/// lavapipe (f32, f16 and int8 caches of 8K-32K tokens): Llama-3.1-405B's 16 rows at d=128 as
-/// two 8-row tiles decoded 1.36-1.84x faster than lanes over the head dim;
-/// 4-row tiles at d=256 were 4-8 % slower than the head dim's 8 rows, 1.6x
-/// slower than its 16; MLA's latent at one row 4x slower.
+/// lavapipe (f32, f16 and int8 caches of 8K-32K tokens), Llama-3.1-405B's
+/// 16 rows at d=128 as two 8-row tiles decoded 1.36-1.84x faster than
+/// lanes over the head dim; 4-row tiles at d=256 were 4-8 % slower than
+/// the head dim's 8 rows and 1.4-1.65x slower than its 16; MLA's latent at
+/// one row 4x slower (BENCHMARKS.md, 2026-12-05).
 const CPU_KEY_LANES_FEWEST_ROWS: u32 = 8;
 /// The same state on hardware GPUs, where lanes over keys are only ever
 /// forced: a lane's state there lives in registers (255 per lane on
