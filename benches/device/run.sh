@@ -274,6 +274,12 @@ done
 step 45 "decode, DeepSeek-V3 MLA heads (128 q / 1 latent kv, 576/512), 32K, f32 and f16 caches" \
   "$fb" decode --heads-q 128 --heads-kv 1 --head-dim 576 --latent-values 512 --cache 32768 \
   --kv-dtype f32,f16 --json "$res/decode-mla.json"
+# The real Llama-3.1-405B step (128 query heads over 8 KV heads; the
+# 64/8 shape above is 70B's): 16 rows a group, which GPUs now split into
+# two 8-row workgroups (16 rows spilled 232 instructions on NAK).
+step 30 "decode, Llama-3.1-405B heads (128 q / 8 kv), 128K, f32 and f16 caches" \
+  "$fb" decode --heads-q 128 --heads-kv 8 --cache 131072 --kv-dtype f32,f16 \
+  --json "$res/decode-405b.json"
 step 120 "suite (every case validated against the f64 reference)" \
   "$fb" --json "$res/suite.json" --plot "$res/suite.svg"
 for t in "$tests"/*; do
