@@ -1584,10 +1584,7 @@ fn run_compares_listed_tiers_and_info_names_them() {
         line.contains(&format!(": {:?}, ", mla.tier()))
             && line.contains(&format!(
                 ", {} query rows per workgroup x {} per KV head, {} splits of {} keys",
-                128u32.div_ceil(mla.row_tiles),
-                mla.row_tiles,
-                mla.splits,
-                mla.split_keys
+                mla.rows_per_workgroup, mla.row_tiles, mla.splits, mla.split_keys
             )),
         "{line}"
     );

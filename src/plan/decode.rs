@@ -149,6 +149,10 @@ pub struct DecodePlan {
     pub split_keys: u32,
     /// Buffers the cache is spread over: one dispatch each.
     pub segments: u32,
+    /// Query rows (query token, head) of a KV head's group one workgroup
+    /// holds: the subgroup tier's lanes share them, the portable tier's
+    /// invocations hold their own.
+    pub rows_per_workgroup: u32,
     /// Workgroups along the query rows of one (batch, KV head) pair.
     pub row_tiles: u32,
     /// Partial results merged at the end (`splits * segments`); 1 means
@@ -426,6 +430,7 @@ impl DecodePlan {
             splits: splits as u32,
             split_keys: split_keys as u32,
             segments,
+            rows_per_workgroup,
             row_tiles,
             slots: splits as u32 * segments,
         })

@@ -1004,12 +1004,16 @@ fn decode_lanes_default_to_keys_on_cpu_adapters_and_refuse_the_portable_tier() {
         // so its 8 rows keep lanes over the head dim there.
         let all_heads = plan(&llama, 128, &options).unwrap();
         let wide = plan(&cache(256, 256, 8), 64, &options).unwrap();
+        assert_eq!(all_heads.lanes(), want, "{}", p.name);
         if want == Some(DecodeLanes::Keys) {
-            assert_eq!(all_heads.lanes(), want, "{}", p.name);
-            assert_eq!(all_heads.row_tiles, 2, "{}", p.name);
+            assert_eq!(
+                (all_heads.rows_per_workgroup, all_heads.row_tiles),
+                (8, 2),
+                "{}",
+                p.name
+            );
             assert_eq!(wide.lanes(), Some(DecodeLanes::HeadDim), "{}", p.name);
         } else {
-            assert_eq!(all_heads.lanes(), want, "{}", p.name);
             assert_eq!(wide.lanes(), want, "{}", p.name);
         }
         // MLA's 16 rows x 1088 floats per lane keep the head-dim
@@ -1091,10 +1095,10 @@ fn decode_rows_per_workgroup_fit_a_gpus_registers() {
         dtype: crate::KvDType::F16,
     };
     let head_dim_lanes = DecodeOptions::default().lanes(DecodeLanes::HeadDim);
-    let row_tiles = |info: &GpuInfo, cache: &CacheShape, heads_q| {
+    let head_dim_plan = |info: &GpuInfo, cache: &CacheShape, heads_q| {
         let plan = DecodePlan::for_call(info, cache, 1, heads_q, &head_dim_lanes).unwrap();
         assert_eq!(plan.lanes(), Some(DecodeLanes::HeadDim));
-        plan.row_tiles
+        plan
     };
     // (K and V head dims, KV heads, query heads, row tiles on the H200)
     let nvidia = [
@@ -1107,7 +1111,7 @@ fn decode_rows_per_workgroup_fit_a_gpus_registers() {
     ];
     let h200 = profile("NVIDIA H200");
     for ((head_dim, head_dim_v), heads_kv, heads_q, want) in nvidia {
-        let got = row_tiles(&h200, &cache(head_dim, head_dim_v, heads_kv), heads_q);
+        let got = head_dim_plan(&h200, &cache(head_dim, head_dim_v, heads_kv), heads_q).row_tiles;
         assert_eq!(
             got, want,
             "d={head_dim}/{head_dim_v}, {heads_q}/{heads_kv} heads"
@@ -1122,8 +1126,9 @@ fn decode_rows_per_workgroup_fit_a_gpus_registers() {
         for ((head_dim, head_dim_v), heads_kv, heads_q, _) in nvidia {
             let cache = cache(head_dim, head_dim_v, heads_kv);
             let group = (heads_q / heads_kv) as u32;
-            let tiles = row_tiles(&info, &cache, heads_q);
-            let rows = group.div_ceil(tiles);
+            let plan = head_dim_plan(&info, &cache, heads_q);
+            let rows = plan.rows_per_workgroup;
+            assert_eq!(plan.row_tiles, group.div_ceil(rows), "{}", p.name);
             if p.device_type == wgpu::DeviceType::Cpu {
                 assert_eq!(rows, group.min(16), "{}: d={head_dim}", p.name);
                 continue;

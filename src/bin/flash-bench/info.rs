@@ -2,11 +2,10 @@
 
 use anyhow::{Result, bail};
 use wgpu_flash_attn::{
-    AttentionShape, BackwardPlan, CacheShape, DType, DecodeOptions, DecodePlan, Error, ForwardPlan,
-    GpuInfo, KvDType, Tier,
+    AttentionShape, BackwardPlan, CacheShape, DType, DecodeLanes, DecodeOptions, DecodePlan, Error,
+    ForwardPlan, GpuInfo, KvDType, Tier,
 };
 
-use crate::decode::lanes_name;
 use crate::measure::bytes;
 use crate::options::GlobalArgs;
 use crate::options_json::{dtype_name, tier_name};
@@ -203,17 +202,16 @@ fn decode_plans(info: &GpuInfo) -> String {
         };
         let line = match DecodePlan::for_call(info, &cache, 1, heads_q, &DecodeOptions::default()) {
             Ok(plan) => {
-                let group = (heads_q / heads_kv) as u32;
-                let layout = match lanes_name(&plan) {
-                    "head-dim" => "lanes over the head dim",
-                    "key-tiles" => "key tiles",
-                    "keys" => "lanes over keys",
-                    _ => "K/V tiles in workgroup memory",
+                let layout = match plan.lanes() {
+                    Some(DecodeLanes::HeadDim) => "lanes over the head dim",
+                    Some(DecodeLanes::KeyTiles) => "key tiles",
+                    Some(DecodeLanes::Keys) => "lanes over keys",
+                    None => "K/V tiles in workgroup memory",
                 };
                 format!(
                     "{}, {layout}, {} query rows per workgroup x {} per KV head, {} splits of {} keys",
                     tier_name(plan.tier()),
-                    group.div_ceil(plan.row_tiles),
+                    plan.rows_per_workgroup,
                     plan.row_tiles,
                     plan.splits,
                     plan.split_keys

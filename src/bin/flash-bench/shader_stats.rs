@@ -189,13 +189,11 @@ fn write_kernel(
 fn kernels(gpu: &Gpu, args: &ShaderStatsArgs) -> Result<Vec<Kernel>> {
     let shape = args.shape.shape();
     let dtype = args.dtype.dtype();
-    let forward_asked = args.decode_lanes.is_empty() || !args.tier.is_empty();
-    let tiers: Vec<Option<TierArg>> = if args.tier.is_empty() && args.blocked_layout.is_empty() {
-        if forward_asked {
-            vec![None]
-        } else {
-            Vec::new()
-        }
+    // The planner's own forward kernel when nothing at all was asked for.
+    let nothing_asked =
+        args.tier.is_empty() && args.blocked_layout.is_empty() && args.decode_lanes.is_empty();
+    let tiers: Vec<Option<TierArg>> = if nothing_asked {
+        vec![None]
     } else {
         args.tier.iter().copied().map(Some).collect()
     };
