@@ -1,7 +1,7 @@
 //! `flash-bench decode`: one decode step over KV caches of several lengths
-//! (default Llama-3.1-70B heads: 64 query / 8 KV, d=128), validated on
-//! sampled heads, timed, and compared with the prefill kernel on the same
-//! call; speed shown against the adapter's copy and FMA ceilings.
+//! (default Llama-3.1-70B heads: 64 query / 8 KV, d=128), every output
+//! element validated against the reference, timed, and compared with the
+//! prefill kernel on the same call; speed shown against the adapter's copy and FMA ceilings.
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -297,13 +297,14 @@ fn run_case(
     let head_dim_v = cache_config.head_dim_v();
     let layout = cache_config.layout;
     let mut cache = new_cache(gpu, args, cache_config, tokens)?;
-    // Host copies of K/V head 0 of sequence 0 (validation), and of every
-    // head while the whole cache fits one binding (the prefill comparison).
+    // Host copies of every sequence's K and V, `[tokens, heads_kv, width]`:
+    // the reference checks every output element against them (a kernel
+    // that gets one head's addressing wrong fails the case).
     let token = args.heads_kv * args.head_dim;
+    let value_token = args.heads_kv * head_dim_v;
     let prefill_skipped = prefill_skipped(gpu, args, tokens, dtype);
     let mut rng = seeded(0xdec0_de00 ^ tokens as u64);
-    let mut head0 = (Vec::new(), Vec::new());
-    let mut full = (Vec::new(), Vec::new());
+    let mut host: Vec<(Vec<f32>, Vec<f32>)> = vec![Default::default(); args.batch];
     let mut written = 0;
     while written < tokens {
         let chunk = (tokens - written).min(FILL_CHUNK);
@@ -329,30 +330,21 @@ fn run_case(
             v
         };
         gpu.wait()?;
-        let value_token = args.heads_kv * head_dim_v;
-        for t in 0..chunk {
-            head0
-                .0
-                .extend_from_slice(&k[t * token..t * token + args.head_dim]);
-            head0
-                .1
-                .extend_from_slice(&v[t * value_token..t * value_token + head_dim_v]);
-        }
-        if prefill_skipped.is_none() {
-            full.0.extend_from_slice(&k);
-            full.1.extend_from_slice(&v);
+        // Other types are read back as stored, below.
+        if dtype == KvDType::F32 {
+            for (b, (host_k, host_v)) in host.iter_mut().enumerate() {
+                host_k.extend_from_slice(&k[b * chunk * token..(b + 1) * chunk * token]);
+                host_v
+                    .extend_from_slice(&v[b * chunk * value_token..(b + 1) * chunk * value_token]);
+            }
         }
         written += chunk;
     }
     if dtype != KvDType::F32 {
         // Validate against what the cache stores (rounded or quantized).
-        let (k, v) = cache.read_sequence(gpu, 0)?;
-        let head = |data: &[f32], width: usize| -> Vec<f32> {
-            data.chunks(args.heads_kv * width)
-                .flat_map(|t| t[..width].to_vec())
-                .collect()
-        };
-        head0 = (head(&k, args.head_dim), head(&v, head_dim_v));
+        host = (0..args.batch)
+            .map(|b| cache.read_sequence(gpu, b))
+            .collect::<wgpu_flash_attn::Result<_>>()?;
     }
 
     let q_shape = TensorShape::new(args.batch, args.seq_q, args.heads_q, args.head_dim);
@@ -375,23 +367,17 @@ fn run_case(
         (pools * args.batch * tokens * args.heads_kv * dtype.vector_bytes(args.head_dim)) as f64;
     let flops = 2.0
         * (args.batch * args.heads_q * args.seq_q * tokens * (args.head_dim + head_dim_v)) as f64;
+    // The reference output, computed once for every result of this call
+    // (decode's in each lane layout, the prefill's).
+    let want = reference_outputs(args, (tokens, head_dim_v), &q_host, &host, &config)?;
     // The largest error (and excess over the output's rounding) of a
-    // result of this call, decode's or the prefill's, against the reference.
-    let validate = |got: &[f32]| {
-        head0_error(
-            args,
-            (tokens, head_dim_v),
-            &q_host,
-            &head0,
-            (got, unit_roundoff(q_dtype)),
-            &config,
-        )
-    };
+    // result of this call against the reference.
+    let validate = |got: &[f32]| output_error(got, &want, unit_roundoff(q_dtype));
     // The prefill's output is held to the decode's reference and bound
     // (the same call): a prefill that disagrees fails the case.
     let (prefill_ms, prefill_note, prefill_ok) = match prefill_skipped {
         Some(why) => (None, Some(why), true),
-        None => match time_prefill(gpu, args, (tokens, head_dim_v), &q, &full, &config) {
+        None => match time_prefill(gpu, args, (tokens, head_dim_v), &q, &host[0], &config) {
             Ok((ms, got)) => {
                 let (worst, excess) = validate(&got)?;
                 let ok = excess <= TOLERANCE;
@@ -530,46 +516,50 @@ fn prefill_skipped(
     }
 }
 
-/// Largest error of sequence 0's query heads that read KV head 0, and the
-/// largest by which an element's error exceeds `roundoff` of its reference
-/// value (the output's storage rounding: 0 for f32).
-fn head0_error(
+/// The reference output of every sequence, `[batch, seq_q, heads_q,
+/// head_dim_v]`, from the host copies of its K and V (`host`, one pair per
+/// sequence).
+fn reference_outputs(
     args: &DecodeCmdArgs,
     (tokens, head_dim_v): (usize, usize),
     q: &[f32],
-    head0: &(Vec<f32>, Vec<f32>),
-    (got, roundoff): (&[f32], f64),
+    host: &[(Vec<f32>, Vec<f32>)],
     config: &AttentionConfig,
-) -> Result<(f64, f64)> {
-    let group = args.heads_q / args.heads_kv;
+) -> Result<Vec<f64>> {
+    let shape = AttentionShape {
+        batch: 1,
+        seq_q: args.seq_q,
+        seq_kv: tokens,
+        heads_q: args.heads_q,
+        heads_kv: args.heads_kv,
+        head_dim: args.head_dim,
+        head_dim_v,
+    };
+    let q_len = args.seq_q * args.heads_q * args.head_dim;
+    let mut out = Vec::with_capacity(args.batch * args.seq_q * args.heads_q * head_dim_v);
+    for (q, (k, v)) in q.chunks_exact(q_len).zip(host) {
+        out.extend(reference::attention(&shape, q, k, v, config)?.out);
+    }
+    Ok(out)
+}
+
+/// Largest error of `got` against the reference output `want`, and the
+/// largest by which an element's error exceeds `roundoff` of its reference
+/// value (the output's storage rounding: 0 for f32).
+fn output_error(got: &[f32], want: &[f64], roundoff: f64) -> Result<(f64, f64)> {
+    anyhow::ensure!(
+        got.len() == want.len(),
+        "decode wrote {} output elements, the reference {}",
+        got.len(),
+        want.len()
+    );
     let mut worst = 0.0f64;
     let mut excess = 0.0f64;
-    for head in 0..group {
-        let shape = AttentionShape {
-            batch: 1,
-            seq_q: args.seq_q,
-            seq_kv: tokens,
-            heads_q: 1,
-            heads_kv: 1,
-            head_dim: args.head_dim,
-            head_dim_v,
-        };
-        let pick = |data: &[f32], width: usize| -> Vec<f32> {
-            (0..args.seq_q)
-                .flat_map(|i| {
-                    let at = (i * args.heads_q + head) * width;
-                    data[at..at + width].to_vec()
-                })
-                .collect()
-        };
-        let want =
-            reference::attention(&shape, &pick(q, args.head_dim), &head0.0, &head0.1, config)?;
-        for (g, w) in pick(got, head_dim_v).iter().zip(&want.out) {
-            anyhow::ensure!(!g.is_nan(), "decode left an output element unwritten (NaN)");
-            let err = (f64::from(*g) - w).abs();
-            worst = worst.max(err);
-            excess = excess.max(err - roundoff * w.abs());
-        }
+    for (g, w) in got.iter().zip(want) {
+        anyhow::ensure!(!g.is_nan(), "decode left an output element unwritten (NaN)");
+        let err = (f64::from(*g) - w).abs();
+        worst = worst.max(err);
+        excess = excess.max(err - roundoff * w.abs());
     }
     Ok((worst, excess))
 }
