@@ -730,6 +730,131 @@ fn caller_buffers_of_different_sizes_hold_their_pages() {
     );
 }
 
+/// Reads a buffer's bytes back the way a caller would, without the crate.
+fn read_bytes(gpu: &Gpu, buffer: &wgpu::Buffer) -> Vec<u8> {
+    let staging = gpu.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("caller readback"),
+        size: buffer.size(),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
+    gpu.queue().submit([encoder.finish()]);
+    staging
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, |r| r.unwrap());
+    gpu.wait().unwrap();
+    staging.slice(..).get_mapped_range().unwrap().to_vec()
+}
+
+/// An int8 pool in the caller's buffers holds what `KvCache::from_buffers`
+/// documents: vector `(page * page_size + row) * heads_kv + head` of a
+/// buffer (pages counted within it) at byte `vector * (head_dim + 4)`, its
+/// `head_dim` int8 elements then its f32 scale `max|x| / 127`; and decoding
+/// reads them there.
+#[test]
+fn int8_caller_buffers_hold_elements_then_scales() {
+    let Some(gpu) = gpu() else { return };
+    let (head_dim, page_size) = (64, 16);
+    let config = KvCacheConfig::new(
+        1,
+        HEADS_KV,
+        head_dim,
+        KvLayout::Paged {
+            page_size,
+            pages: 3,
+        },
+    )
+    .dtype(KvDType::Int8);
+    let page_bytes = (page_size * HEADS_KV * (head_dim + 4)) as u64;
+    // Room for two pages each, plus a few bytes short of a third (the
+    // second buffer's second page is not in the pool).
+    let buffer = || {
+        gpu.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("caller int8 pool"),
+            size: 2 * page_bytes + 12,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        })
+    };
+    let segments = [(buffer(), buffer()), (buffer(), buffer())];
+    let mut cache = KvCache::from_buffers(gpu, config, &segments).unwrap();
+    assert_eq!(cache.segment_count(), 2);
+    // Positions 0-15 in the second buffer's first page, 16-39 in the first's.
+    let table = [2, 0, 1];
+    cache.set_block_table(0, &table).unwrap();
+    let len = 40;
+    let shape = TensorShape::new(1, len, HEADS_KV, head_dim);
+    let mut rng = seeded(0x1a70_5ca1);
+    let k = normal_vec(&mut rng, shape.elements(), 1.0);
+    let v = normal_vec(&mut rng, shape.elements(), 1.0);
+    let (kt, vt) = (
+        Tensor::from_f32(gpu, shape, &k).unwrap(),
+        Tensor::from_f32(gpu, shape, &v).unwrap(),
+    );
+    gpu.run(|e| cache.append(gpu, e, &kt, &vt, None)).unwrap();
+    let raw: Vec<[Vec<u8>; 2]> = segments
+        .iter()
+        .map(|(kb, vb)| [read_bytes(gpu, kb), read_bytes(gpu, vb)])
+        .collect();
+    let vector_bytes = head_dim + 4;
+    let mut stored = [Vec::new(), Vec::new()];
+    for pos in 0..len {
+        let page = table[pos / page_size] as usize;
+        let (buffer, page_in_buffer) = (page / 2, page % 2);
+        for head in 0..HEADS_KV {
+            let vector = (page_in_buffer * page_size + pos % page_size) * HEADS_KV + head;
+            for (which, appended) in [&k, &v].into_iter().enumerate() {
+                let bytes = &raw[buffer][which];
+                let at = vector * vector_bytes + head_dim;
+                let scale = f32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+                let x = &appended[(pos * HEADS_KV + head) * head_dim..][..head_dim];
+                let amax = x.iter().fold(0.0f32, |m, e| m.max(e.abs()));
+                let what = format!("{} at position {pos}, head {head}", ["K", "V"][which]);
+                assert!(
+                    (scale - amax / 127.0).abs() <= 1e-6 * amax,
+                    "{what}: scale {scale}, max|x| / 127 = {}",
+                    amax / 127.0
+                );
+                for (e, (&byte, &xe)) in bytes[vector * vector_bytes..][..head_dim]
+                    .iter()
+                    .zip(x)
+                    .enumerate()
+                {
+                    let value = f32::from(byte as i8) * scale;
+                    assert!(
+                        (value - xe).abs() <= 0.5001 * scale,
+                        "{what}, element {e}: stored {value}, appended {xe}"
+                    );
+                    stored[which].push(value);
+                }
+            }
+        }
+    }
+    let (k_back, v_back) = cache.read_sequence(gpu, 0).unwrap();
+    assert_eq!(k_back, stored[0], "K read back");
+    assert_eq!(v_back, stored[1], "V read back");
+    let [k_stored, v_stored] = stored;
+    let filled = Filled {
+        cache,
+        k: vec![k_stored],
+        v: vec![v_stored],
+    };
+    let q = queries(1, 1, head_dim, 0x1a70);
+    let (out_err, lse_err, plan) = decode_errors(
+        gpu,
+        &filled,
+        &q,
+        1,
+        &DecodeOptions::new(&AttentionConfig::new()),
+    );
+    assert!(
+        out_err <= 1e-4 && lse_err <= 1e-4,
+        "out {out_err:.2e}, lse {lse_err:.2e} ({plan:?})"
+    );
+}
+
 #[test]
 fn caches_split_over_several_buffers_match_the_reference() {
     let Some(gpu) = gpu() else { return };
