@@ -21,8 +21,9 @@ use crate::timing::{TimingPlan, time_gpu};
 pub const BACKWARD_FLOPS_PER_FORWARD: f64 = 2.5;
 
 /// The f64 reference backward runs on the first KV head of the first batch
-/// entry (all its query heads), up to this many (row, key, head-dim)
-/// products; longer calls are timed without validation.
+/// entry and the last of the last (all their query heads), each up to this
+/// many (row, key, head-dim) products; longer calls are timed without
+/// validation.
 const VALIDATION_BUDGET: f64 = 2.2e9;
 
 impl Bench<'_> {
@@ -175,11 +176,12 @@ struct Validated {
     dsinks_validated: bool,
 }
 
-/// Largest |gpu - reference| over the first KV head's dq, dk, dv and, with
-/// sinks, the sink gradients of its query heads (only for a one-entry
-/// batch: the GPU sums them over the batch, the reference sees entry 0),
-/// each relative to the largest reference gradient (at least 1); `None`
-/// over budget.
+/// Largest |gpu - reference| over dq, dk, dv of two KV heads, the first
+/// of the first batch entry and the last of the last (with dropout: the
+/// last entry's first; one slice when they are the same), and, with sinks, the sink gradients of their query heads
+/// (only for a one-entry batch: the GPU sums them over the batch, the
+/// reference sees one entry), each relative to the largest reference
+/// gradient of its slice (at least 1); `None` over budget.
 fn validate(
     shape: &AttentionShape,
     [q, k, v, d_out]: [&[f32]; 4],
@@ -199,55 +201,75 @@ fn validate(
         heads_kv: 1,
         ..*shape
     };
-    // Row `i` of query heads 0..group and key `j` of KV head 0, batch 0,
-    // in tensors of `width` elements per head (Q and K: head_dim; V, O and
-    // their gradients: head_dim_v).
-    let gather_q = |x: &[f32], width: usize| -> Vec<f32> {
-        (0..shape.seq_q)
-            .flat_map(|i| {
-                (0..group).flat_map(move |h| {
-                    x[(i * shape.heads_q + h) * width..][..width]
-                        .iter()
-                        .copied()
-                })
-            })
-            .collect()
-    };
-    let gather_kv = |x: &[f32], width: usize| -> Vec<f32> {
-        (0..shape.seq_kv)
-            .flat_map(|j| x[j * shape.heads_kv * width..][..width].iter().copied())
-            .collect()
-    };
-    let mut sliced = config.clone();
-    sliced.alibi = config.alibi.as_ref().map(|alibi| match alibi {
-        Alibi::PerHead(s) | Alibi::PerBatchHead(s) => Alibi::PerHead(s[..group].to_vec()),
-    });
-    sliced.sinks = config.sinks.as_ref().map(|s| s[..group].to_vec());
-    let want = reference::attention_backward(
-        &slice,
-        [
-            &gather_q(q, d),
-            &gather_kv(k, d),
-            &gather_kv(v, dv_dim),
-            &gather_q(d_out, dv_dim),
-        ],
-        &sliced,
-        None,
-    )?;
-    let mut compared = vec![
-        (gather_q(dq, d), &want.dq),
-        (gather_kv(dk, d), &want.dk),
-        (gather_kv(dv, dv_dim), &want.dv),
-    ];
     let dsinks_validated = shape.batch == 1 && dsinks.is_some();
-    if let Some(dsinks) = dsinks.filter(|_| dsinks_validated) {
-        compared.push((dsinks[..group].to_vec(), &want.dsinks));
-    }
+    // Dropout's mask depends on the query head, which a slice renumbers
+    // from 0: with dropout the second slice is the last entry's first KV
+    // head (the entry's index is given to the reference).
+    let last_head = match config.active_dropout() {
+        Some(_) => 0,
+        None => shape.heads_kv - 1,
+    };
+    let mut slices = vec![(0, 0), (shape.batch - 1, last_head)];
+    slices.dedup();
     let mut worst = 0.0f64;
-    for (got, want) in compared {
-        let magnitude = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
-        for (g, w) in got.iter().zip(want) {
-            worst = worst.max((f64::from(*g) - w).abs() / magnitude);
+    for (b, head_kv) in slices {
+        let first_q = head_kv * group;
+        // Row `i` of query heads first_q..first_q + group and key `j` of
+        // KV head `head_kv`, batch entry `b`, in tensors of `width`
+        // elements per head (Q and K: head_dim; V, O and their gradients:
+        // head_dim_v).
+        let gather_q = |x: &[f32], width: usize| -> Vec<f32> {
+            (0..shape.seq_q)
+                .flat_map(|i| {
+                    let row = (b * shape.seq_q + i) * shape.heads_q + first_q;
+                    x[row * width..][..group * width].iter().copied()
+                })
+                .collect()
+        };
+        let gather_kv = |x: &[f32], width: usize| -> Vec<f32> {
+            (0..shape.seq_kv)
+                .flat_map(|j| {
+                    let at = (b * shape.seq_kv + j) * shape.heads_kv + head_kv;
+                    x[at * width..][..width].iter().copied()
+                })
+                .collect()
+        };
+        let mut sliced = config.clone();
+        sliced.alibi = config.alibi.as_ref().map(|alibi| {
+            Alibi::PerHead(
+                (first_q..first_q + group)
+                    .map(|h| alibi.slope(b, h, shape.heads_q))
+                    .collect(),
+            )
+        });
+        sliced.sinks = config
+            .sinks
+            .as_ref()
+            .map(|s| s[first_q..first_q + group].to_vec());
+        let want = reference::attention_backward_of_sequences(
+            &slice,
+            [
+                &gather_q(q, d),
+                &gather_kv(k, d),
+                &gather_kv(v, dv_dim),
+                &gather_q(d_out, dv_dim),
+            ],
+            &sliced,
+            b,
+        )?;
+        let mut compared = vec![
+            (gather_q(dq, d), &want.dq),
+            (gather_kv(dk, d), &want.dk),
+            (gather_kv(dv, dv_dim), &want.dv),
+        ];
+        if let Some(dsinks) = dsinks.filter(|_| dsinks_validated) {
+            compared.push((dsinks[first_q..first_q + group].to_vec(), &want.dsinks));
+        }
+        for (got, want) in compared {
+            let magnitude = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
+            for (g, w) in got.iter().zip(want) {
+                worst = worst.max((f64::from(*g) - w).abs() / magnitude);
+            }
         }
     }
     Ok(Some(Validated {
