@@ -730,24 +730,6 @@ fn caller_buffers_of_different_sizes_hold_their_pages() {
     );
 }
 
-/// Reads a buffer's bytes back the way a caller would, without the crate.
-fn read_bytes(gpu: &Gpu, buffer: &wgpu::Buffer) -> Vec<u8> {
-    let staging = gpu.device().create_buffer(&wgpu::BufferDescriptor {
-        label: Some("caller readback"),
-        size: buffer.size(),
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut encoder = gpu.device().create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
-    gpu.queue().submit([encoder.finish()]);
-    staging
-        .slice(..)
-        .map_async(wgpu::MapMode::Read, |r| r.unwrap());
-    gpu.wait().unwrap();
-    staging.slice(..).get_mapped_range().unwrap().to_vec()
-}
-
 /// An int8 pool in the caller's buffers holds what `KvCache::from_buffers`
 /// documents: vector `(page * page_size + row) * heads_kv + head` of a
 /// buffer (pages counted within it) at byte `vector * (head_dim + 4)`, its
@@ -796,7 +778,7 @@ fn int8_caller_buffers_hold_elements_then_scales() {
     gpu.run(|e| cache.append(gpu, e, &kt, &vt, None)).unwrap();
     let raw: Vec<[Vec<u8>; 2]> = segments
         .iter()
-        .map(|(kb, vb)| [read_bytes(gpu, kb), read_bytes(gpu, vb)])
+        .map(|(kb, vb)| [common::read_bytes(gpu, kb), common::read_bytes(gpu, vb)])
         .collect();
     let vector_bytes = head_dim + 4;
     let mut stored = [Vec::new(), Vec::new()];

@@ -22,22 +22,9 @@ fn caller_buffer(gpu: &Gpu, data: &[f32], usage: wgpu::BufferUsages) -> wgpu::Bu
         })
 }
 
-/// Reads a buffer back the way the caller would, without the crate.
+/// Reads an f32 buffer back the way the caller would, without the crate.
 fn read_back(gpu: &Gpu, buffer: &wgpu::Buffer) -> Vec<f32> {
-    let staging = gpu.device().create_buffer(&wgpu::BufferDescriptor {
-        label: Some("caller readback"),
-        size: buffer.size(),
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut encoder = gpu.device().create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
-    gpu.queue().submit([encoder.finish()]);
-    staging
-        .slice(..)
-        .map_async(wgpu::MapMode::Read, |r| r.unwrap());
-    gpu.wait().unwrap();
-    bytemuck::cast_slice(&staging.slice(..).get_mapped_range().unwrap()).to_vec()
+    bytemuck::pod_collect_to_vec(&common::read_bytes(gpu, buffer))
 }
 
 const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE

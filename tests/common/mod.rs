@@ -653,3 +653,21 @@ pub fn assert_rows_close(got: &[f32], want: &[f64], what: &str) {
         }
     }
 }
+
+/// Reads a buffer's bytes back the way a caller would, without the crate.
+pub fn read_bytes(gpu: &Gpu, buffer: &wgpu::Buffer) -> Vec<u8> {
+    let staging = gpu.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("caller readback"),
+        size: buffer.size(),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
+    gpu.queue().submit([encoder.finish()]);
+    staging
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, |r| r.unwrap());
+    gpu.wait().unwrap();
+    staging.slice(..).get_mapped_range().unwrap().to_vec()
+}
