@@ -1,7 +1,8 @@
 //! `flash-bench decode`: one decode step over KV caches of several lengths
 //! (default Llama-3.1-70B heads: 64 query / 8 KV, d=128), every output
 //! element of the first and the last sequence validated against the
-//! reference, timed, and compared with the prefill kernel on the same call; speed shown against the adapter's copy and FMA ceilings.
+//! reference, timed, and compared with the prefill kernel on the same call;
+//! speed shown against the adapter's copy and FMA ceilings.
 
 use anyhow::{Context, Result};
 use clap::Args;
