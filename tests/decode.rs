@@ -668,6 +668,53 @@ fn cache_geometries_past_the_limits_are_typed_errors() {
     }
 }
 
+/// A buffer of `bytes` for a caller's cache pool (read back by the tests).
+fn caller_pool_buffer(gpu: &Gpu, bytes: u64) -> wgpu::Buffer {
+    gpu.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("caller pool"),
+        size: bytes,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    })
+}
+
+/// Appends `len` seeded N(0, 1) tokens to the one sequence of `cache`;
+/// returns the K and V appended, `[len, heads_kv, head_dim]`.
+fn append_random_tokens(
+    gpu: &Gpu,
+    cache: &mut KvCache,
+    len: usize,
+    seed: u64,
+) -> (Vec<f32>, Vec<f32>) {
+    let shape = TensorShape::new(1, len, cache.heads_kv(), cache.head_dim());
+    let mut rng = seeded(seed);
+    let k = normal_vec(&mut rng, shape.elements(), 1.0);
+    let v = normal_vec(&mut rng, shape.elements(), 1.0);
+    let (kt, vt) = (
+        Tensor::from_f32(gpu, shape, &k).unwrap(),
+        Tensor::from_f32(gpu, shape, &v).unwrap(),
+    );
+    gpu.run(|e| cache.append(gpu, e, &kt, &vt, None)).unwrap();
+    (k, v)
+}
+
+/// One new token of `filled`'s one sequence decodes within 1e-4 of the
+/// reference over what it holds.
+fn assert_one_token_decodes(gpu: &Gpu, filled: &Filled, seed: u64) {
+    let q = queries(1, 1, filled.cache.head_dim(), seed);
+    let (out_err, lse_err, plan) = decode_errors(
+        gpu,
+        filled,
+        &q,
+        1,
+        &DecodeOptions::new(&AttentionConfig::new()),
+    );
+    assert!(
+        out_err <= 1e-4 && lse_err <= 1e-4,
+        "out {out_err:.2e}, lse {lse_err:.2e} ({plan:?})"
+    );
+}
+
 /// A caller's pool in buffers of different sizes (one page, then two):
 /// the kernels and the read-back find each page in the buffer whose range
 /// holds it.
@@ -685,29 +732,13 @@ fn caller_buffers_of_different_sizes_hold_their_pages() {
         },
     );
     let page_bytes = (16 * HEADS_KV * head_dim * 4) as u64;
-    let buffer = |pages: u64| {
-        gpu.device().create_buffer(&wgpu::BufferDescriptor {
-            label: Some("caller pool"),
-            size: pages * page_bytes,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        })
-    };
+    let buffer = |pages: u64| caller_pool_buffer(gpu, pages * page_bytes);
     let segments = [(buffer(1), buffer(1)), (buffer(2), buffer(2))];
     let mut cache = KvCache::from_buffers(gpu, config, &segments).unwrap();
     assert_eq!(cache.segment_count(), 2);
     // Page 2 is the second buffer's second page; page 0 the first buffer's.
     cache.set_block_table(0, &[2, 0, 1]).unwrap();
-    let len = 40;
-    let shape = TensorShape::new(1, len, HEADS_KV, head_dim);
-    let mut rng = seeded(0x5eed_5e66);
-    let k = normal_vec(&mut rng, shape.elements(), 1.0);
-    let v = normal_vec(&mut rng, shape.elements(), 1.0);
-    let (kt, vt) = (
-        Tensor::from_f32(gpu, shape, &k).unwrap(),
-        Tensor::from_f32(gpu, shape, &v).unwrap(),
-    );
-    gpu.run(|e| cache.append(gpu, e, &kt, &vt, None)).unwrap();
+    let (k, v) = append_random_tokens(gpu, &mut cache, 40, 0x5eed_5e66);
     let (k_back, v_back) = cache.read_sequence(gpu, 0).unwrap();
     assert_eq!(k_back, k, "K read back");
     assert_eq!(v_back, v, "V read back");
@@ -716,18 +747,7 @@ fn caller_buffers_of_different_sizes_hold_their_pages() {
         k: vec![k],
         v: vec![v],
     };
-    let q = queries(1, 1, head_dim, 0x5e66);
-    let (out_err, lse_err, plan) = decode_errors(
-        gpu,
-        &filled,
-        &q,
-        1,
-        &DecodeOptions::new(&AttentionConfig::new()),
-    );
-    assert!(
-        out_err <= 1e-4 && lse_err <= 1e-4,
-        "out {out_err:.2e}, lse {lse_err:.2e} ({plan:?})"
-    );
+    assert_one_token_decodes(gpu, &filled, 0x5e66);
 }
 
 /// An int8 pool in the caller's buffers holds what `KvCache::from_buffers`
@@ -752,14 +772,7 @@ fn int8_caller_buffers_hold_elements_then_scales() {
     let page_bytes = (page_size * HEADS_KV * (head_dim + 4)) as u64;
     // Room for two pages each, plus a few bytes short of a third (the
     // second buffer's second page is not in the pool).
-    let buffer = || {
-        gpu.device().create_buffer(&wgpu::BufferDescriptor {
-            label: Some("caller int8 pool"),
-            size: 2 * page_bytes + 12,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        })
-    };
+    let buffer = || caller_pool_buffer(gpu, 2 * page_bytes + 12);
     let segments = [(buffer(), buffer()), (buffer(), buffer())];
     let mut cache = KvCache::from_buffers(gpu, config, &segments).unwrap();
     assert_eq!(cache.segment_count(), 2);
@@ -767,15 +780,7 @@ fn int8_caller_buffers_hold_elements_then_scales() {
     let table = [2, 0, 1];
     cache.set_block_table(0, &table).unwrap();
     let len = 40;
-    let shape = TensorShape::new(1, len, HEADS_KV, head_dim);
-    let mut rng = seeded(0x1a70_5ca1);
-    let k = normal_vec(&mut rng, shape.elements(), 1.0);
-    let v = normal_vec(&mut rng, shape.elements(), 1.0);
-    let (kt, vt) = (
-        Tensor::from_f32(gpu, shape, &k).unwrap(),
-        Tensor::from_f32(gpu, shape, &v).unwrap(),
-    );
-    gpu.run(|e| cache.append(gpu, e, &kt, &vt, None)).unwrap();
+    let (k, v) = append_random_tokens(gpu, &mut cache, len, 0x1a70_5ca1);
     let raw: Vec<[Vec<u8>; 2]> = segments
         .iter()
         .map(|(kb, vb)| [common::read_bytes(gpu, kb), common::read_bytes(gpu, vb)])
@@ -823,18 +828,7 @@ fn int8_caller_buffers_hold_elements_then_scales() {
         k: vec![k_stored],
         v: vec![v_stored],
     };
-    let q = queries(1, 1, head_dim, 0x1a70);
-    let (out_err, lse_err, plan) = decode_errors(
-        gpu,
-        &filled,
-        &q,
-        1,
-        &DecodeOptions::new(&AttentionConfig::new()),
-    );
-    assert!(
-        out_err <= 1e-4 && lse_err <= 1e-4,
-        "out {out_err:.2e}, lse {lse_err:.2e} ({plan:?})"
-    );
+    assert_one_token_decodes(gpu, &filled, 0x1a70);
 }
 
 #[test]

@@ -178,10 +178,11 @@ struct Validated {
 
 /// Largest |gpu - reference| over dq, dk, dv of two KV heads, the first
 /// of the first batch entry and the last of the last (with dropout: the
-/// last entry's first; one slice when they are the same), and, with sinks, the sink gradients of their query heads
-/// (only for a one-entry batch: the GPU sums them over the batch, the
-/// reference sees one entry), each relative to the largest reference
-/// gradient of its slice (at least 1); `None` over budget.
+/// last entry's first; one slice when they are the same), and, with sinks,
+/// the sink gradients of their query heads (only for a one-entry batch:
+/// the GPU sums them over the batch, the reference sees one entry), each
+/// relative to the largest reference gradient (at least 1); `None` over
+/// budget.
 fn validate(
     shape: &AttentionShape,
     [q, k, v, d_out]: [&[f32]; 4],
