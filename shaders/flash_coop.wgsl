@@ -8,30 +8,47 @@
 // and flash_attention.wgsl's sequence-table, carry and mask declarations.
 //
 // A workgroup owns BLOCK_M = ROW_TILES * T query rows and walks the keys
-// in tiles of BLOCK_N = KEY_TILES * T. Q, the K tile and then the V tile
-// are staged in workgroup memory as `Operand` (f16 for f16 storage, f32
-// for f32 storage where the adapter multiplies f32 matrices: both exact
-// conversions of what the tensors hold). Each subgroup takes row tiles
-// `subgroup_id, subgroup_id + num_subgroups, ...` (so any subgroup size
-// the driver picks covers them) and multiplies T x T matrices:
-//   S[rows, keys] = sum over d of Q[rows, d] K[keys, d]^T   (f32 result)
-//   O[rows, cols] += P[rows, keys] V[keys, cols]             (f32 result)
-// S goes to workgroup memory, where every invocation applies the score
-// epilogue (scale, softcap, ALiBi, windows, masks) and the online softmax
-// to 4-key quads of one row (LANES_PER_ROW invocations share a row; its
-// max is reduced through `partials`); P is written as Operand, and the
-// output accumulator O lives in workgroup memory as f32, so that each
-// row's rescaling (a per-row factor, which cooperative matrices cannot
-// apply) is plain code. Row sums add up the probabilities as rounded to
-// Operand, the weights P V actually applies.
+// in tiles of BLOCK_N = KEY_TILES * T. Subgroup `r` (r < ROW_TILES) owns
+// row tile r for the whole call and keeps, in its matrix registers, that
+// tile's queries (DT matrices T x T, the A side of S = Q K^T) and its
+// output accumulator (DVT matrices, f32); the workgroup has at least
+// ROW_TILES subgroups because src/plan sizes it by the adapter's largest
+// subgroup (extra subgroups only stage and do softmax). Per key tile:
+//   1. all invocations stage K in workgroup memory as `Operand` (f16 for
+//      f16 storage, f32 for f32 storage where the adapter multiplies f32
+//      matrices: both exact conversions of what the tensors hold);
+//   2. each subgroup multiplies S = Q K^T for its rows, stored as f32;
+//   3. every invocation applies the score epilogue (scale, softcap, ALiBi,
+//      windows, masks) to 4-key quads of one row (LANES_PER_ROW
+//      invocations share a row; its max goes through `partials`), while V
+//      replaces K;
+//   4. each row's softmax is taken against a reference max `m` that moves
+//      lazily (FlashAttention-4's trick): only when some row's max passes
+//      its reference by more than 2^RESCALE_LOG2 does the whole workgroup
+//      move every row's reference to its max and rescale the accumulators,
+//      which cooperative matrices can only do through workgroup memory
+//      (a per-row factor is not a matrix product). Otherwise the
+//      probabilities exp(s - m) stay below 2^RESCALE_LOG2, exact in f16;
+//   5. P is written as Operand, and each subgroup adds P V to its
+//      accumulators.
+// Row sums add up the probabilities as rounded to Operand, the weights
+// P V actually applies. The final O / l leaves through workgroup memory.
+//
+// Every hand-over between invocations goes through a workgroup barrier
+// (never a subgroup barrier: naga gives those subgroup-memory semantics
+// only, which do not order workgroup memory on real GPUs). Matrices are
+// indexed by constants only (src/shaders/ unrolls the loops over DT, DVT,
+// KEY_TILES and the passes).
 //
 // Generated constants (src/shaders/, `CoopTiling`): D4, DV4 (head dims
-// / 4), D, DV, KV_WIDTH = max(D, DV), T (8 or 16), ROW_TILES, KEY_TILES,
-// WG_SIZE, EMULATED_LANES (the emulation's subgroup size), LANES_PER_ROW =
-// WG_SIZE / BLOCK_M, QUADS = BLOCK_N / 4 /
-// LANES_PER_ROW (the four-key quads of a row each invocation handles;
-// loops over them are unrolled by src/shaders/, so the private arrays
-// they index stay in registers).
+// / 4), D, DV, KV_WIDTH = max(D, DV), T (8 or 16), DT = D / T, DVT = DV /
+// T, ROW_TILES, KEY_TILES, WG_SIZE, EMULATED_LANES (the emulation's
+// subgroup size), LANES_PER_ROW = WG_SIZE / BLOCK_M, QUADS = BLOCK_N / 4
+// / LANES_PER_ROW (the four-key quads of a row each invocation handles),
+// Q_PASSES x Q_PASS (Q's column tiles, staged Q_PASS at a time through
+// the K/V tile), O_PASSES x O_PASS (the accumulator's column tiles, moved
+// O_PASS at a time through the score tile), EMU_ELEMENTS = T * T /
+// EMULATED_LANES (elements of a matrix one emulated lane holds).
 
 // #if COOP_F32
 alias Operand = f32;
@@ -39,6 +56,9 @@ alias Operand = f32;
 alias Operand = f16;
 // #endif
 // #if COOP_EMULATED
+// The emulation's accumulator matrix: lane `l` of an emulated subgroup
+// holds elements l, l + EMULATED_LANES, ... (row-major) of a T x T matrix.
+alias CoopC = array<f32, EMU_ELEMENTS>;
 // #else
 // #if COOP8
 alias CoopA = coop_mat8x8<Operand, A>;
@@ -53,94 +73,109 @@ alias CoopC = coop_mat16x16<f32, C>;
 
 const BLOCK_M: u32 = ROW_TILES * T;
 const BLOCK_N: u32 = KEY_TILES * T;
+// Q's columns staged per pass, and the accumulator's moved per pass.
+const Q_COLS: u32 = Q_PASS * T;
+const O_COLS: u32 = O_PASS * T;
+// A row's reference max moves once the row's max passes it by this much
+// (log2 units): probabilities stay below 256, far inside f16's range.
+const RESCALE_LOG2: f32 = 8.0;
 
-// The block's query rows, row-major, D wide.
-var<workgroup> q_tile: array<Operand, BLOCK_M * D>;
 // K of the tile ([key][d], D wide), then V of the same keys ([key][c], DV
-// wide): V is staged once the scores no longer need K.
+// wide); before the key loop, Q's columns in passes ([row][c], Q_COLS
+// wide).
 var<workgroup> kv_tile: array<Operand, BLOCK_N * KV_WIDTH>;
-// Raw scores Q K^T of the tile, row-major.
+// Raw scores Q K^T of the tile, row-major; when the accumulators move,
+// O_COLS of their columns at a time ([row][c], O_COLS wide). Real
+// subgroups have a spare row tile at the end (see `rt_store`).
+// #if COOP_EMULATED
 var<workgroup> s_tile: array<f32, BLOCK_M * BLOCK_N>;
+// #else
+var<workgroup> s_tile: array<f32, (BLOCK_M + T) * BLOCK_N>;
+// #endif
 // Probabilities of the tile, row-major.
 var<workgroup> p_tile: array<Operand, BLOCK_M * BLOCK_N>;
-// The output accumulator, row-major, DV wide.
-var<workgroup> o_tile: array<f32, BLOCK_M * DV>;
 // Per (row, lane of the row): the lane's max of the row's scores in the
 // tile; at the end, its partial sum.
 var<workgroup> partials: array<f32, BLOCK_M * LANES_PER_ROW>;
+// The key tile's TILE_* bits: whether the accumulators hold anything yet,
+// and whether some row's max passed its reference by more than
+// RESCALE_LOG2 (invocation 0 sets the first at the top of each tile, the
+// rows vote for the second; read uniformly).
+var<workgroup> tile_state: atomic<u32>;
+const TILE_MOVED: u32 = 1u;
+const TILE_LIVE: u32 = 2u;
+// Whether the rows continue a carried chunk (set by invocation 0, read
+// uniformly).
+var<workgroup> carried_in: u32;
+// #if COOP_EMULATED
+// The emulation reads Q here throughout (real subgroups hold it in
+// registers).
+var<workgroup> q_tile: array<Operand, BLOCK_M * D>;
+// #endif
 
-// Stores four values as Operand from element `at` on.
-fn stage4(tile_is_q: bool, at: u32, x: vec4<f32>) {
+// Stores four values as Operand in the K/V tile from element `at` on.
+fn stage4(at: u32, x: vec4<f32>) {
     let v = vec4<Operand>(x);
-    if (tile_is_q) {
-        q_tile[at] = v.x;
-        q_tile[at + 1u] = v.y;
-        q_tile[at + 2u] = v.z;
-        q_tile[at + 3u] = v.w;
-    } else {
-        kv_tile[at] = v.x;
-        kv_tile[at + 1u] = v.y;
-        kv_tile[at + 2u] = v.z;
-        kv_tile[at + 3u] = v.w;
-    }
+    kv_tile[at] = v.x;
+    kv_tile[at + 1u] = v.y;
+    kv_tile[at + 2u] = v.z;
+    kv_tile[at + 3u] = v.w;
 }
 
-// The two matrix products of a tile, for one subgroup: `lane` of `lanes`
-// (used by the emulation only).
 // #if COOP_EMULATED
-// Emulated with scalar code (COOP_EMULATED, for testing this kernel on
-// adapters without matrix units): every element read where, and as, the
-// matrix loads below read it (A row-major, B column-major for K^T and
-// row-major for V), products summed in f32.
+// Scalar stand-ins for the matrix operations (COOP_EMULATED, for testing
+// this kernel on adapters without matrix units): lane `lane` of an
+// emulated subgroup computes its elements of each product, reading every
+// element where, and as, the matrix loads of the real path read it;
+// products summed in f32.
 
-// S[rt, kt] = Q[rt rows, :] K[kt keys, :]^T, stored row-major in s_tile.
-fn scores_tile(rt: u32, kt: u32, lane: u32, lanes: u32) {
-    for (var e = lane; e < T * T; e += lanes) {
-        let i = e / T;
-        let j = e % T;
+// Row tile `rt`'s scores against key tile `kt`: Q from q_tile, K^T from
+// the K tile.
+fn emu_scores(rt: u32, kt: u32, lane: u32) -> CoopC {
+    var s: CoopC;
+    for (var e = 0u; e < EMU_ELEMENTS; e++) {
+        let at = lane + e * EMULATED_LANES;
+        let i = at / T;
+        let j = at % T;
         var dot = 0.0;
         for (var d = 0u; d < D; d++) {
-            dot += f32(q_tile[rt * T * D + i * D + d]) * f32(kv_tile[kt * T * D + j * D + d]);
+            dot += f32(q_tile[(rt * T + i) * D + d]) * f32(kv_tile[(kt * T + j) * D + d]);
         }
-        s_tile[rt * T * BLOCK_N + kt * T + i * BLOCK_N + j] = dot;
+        s[e] = dot;
+    }
+    return s;
+}
+
+// o + P[rt rows, kt keys] V[kt keys, ct columns].
+fn emu_values(o: CoopC, rt: u32, kt: u32, ct: u32, lane: u32) -> CoopC {
+    var sum = o;
+    for (var e = 0u; e < EMU_ELEMENTS; e++) {
+        let at = lane + e * EMULATED_LANES;
+        let i = at / T;
+        let j = at % T;
+        for (var k = 0u; k < T; k++) {
+            sum[e] += f32(p_tile[(rt * T + i) * BLOCK_N + kt * T + k]) * f32(kv_tile[(kt * T + k) * DV + ct * T + j]);
+        }
+    }
+    return sum;
+}
+
+// Stores a matrix row-major in s_tile from `at` on, rows `stride` apart.
+fn emu_store(c: CoopC, at: u32, stride: u32, lane: u32) {
+    for (var e = 0u; e < EMU_ELEMENTS; e++) {
+        let x = lane + e * EMULATED_LANES;
+        s_tile[at + (x / T) * stride + x % T] = c[e];
     }
 }
 
-// O[rt, ct] += P[rt rows, :] V[:, ct columns], in o_tile.
-fn values_tile(rt: u32, ct: u32, lane: u32, lanes: u32) {
-    for (var e = lane; e < T * T; e += lanes) {
-        let i = e / T;
-        let j = e % T;
-        var sum = o_tile[rt * T * DV + ct * T + i * DV + j];
-        for (var k = 0u; k < BLOCK_N; k++) {
-            sum += f32(p_tile[rt * T * BLOCK_N + i * BLOCK_N + k]) * f32(kv_tile[ct * T + k * DV + j]);
-        }
-        o_tile[rt * T * DV + ct * T + i * DV + j] = sum;
+// Loads a matrix stored as emu_store stores it.
+fn emu_load(at: u32, stride: u32, lane: u32) -> CoopC {
+    var c: CoopC;
+    for (var e = 0u; e < EMU_ELEMENTS; e++) {
+        let x = lane + e * EMULATED_LANES;
+        c[e] = s_tile[at + (x / T) * stride + x % T];
     }
-}
-// #else
-// S[rt, kt] = Q[rt rows, :] K[kt keys, :]^T: K's rows are the columns of B
-// (column-major, D apart); stored row-major in s_tile.
-fn scores_tile(rt: u32, kt: u32, lane: u32, lanes: u32) {
-    var s = CoopC();
-    for (var d0 = 0u; d0 < D; d0 += T) {
-        let a = coopLoadT<CoopA>(&q_tile[rt * T * D + d0], D);
-        let b = coopLoad<CoopB>(&kv_tile[kt * T * D + d0], D);
-        s = coopMultiplyAdd(a, b, s);
-    }
-    coopStoreT(s, &s_tile[rt * T * BLOCK_N + kt * T], BLOCK_N);
-}
-
-// O[rt, ct] += P[rt rows, :] V[:, ct columns]: V's rows are the rows of B
-// (row-major, DV apart); the accumulator is o_tile's block.
-fn values_tile(rt: u32, ct: u32, lane: u32, lanes: u32) {
-    var o = coopLoadT<CoopC>(&o_tile[rt * T * DV + ct * T], DV);
-    for (var kt = 0u; kt < KEY_TILES; kt++) {
-        let a = coopLoadT<CoopA>(&p_tile[rt * T * BLOCK_N + kt * T], BLOCK_N);
-        let b = coopLoadT<CoopB>(&kv_tile[kt * T * DV + ct * T], DV);
-        o = coopMultiplyAdd(a, b, o);
-    }
-    coopStoreT(o, &o_tile[rt * T * DV + ct * T], DV);
+    return c;
 }
 // #endif
 
@@ -155,25 +190,31 @@ fn main(
 // #endif
 ) {
 // #if COOP_EMULATED
-    // Emulated subgroups of EMULATED_LANES invocations.
-    let subgroup = lid / EMULATED_LANES;
-    let subgroups = WG_SIZE / EMULATED_LANES;
+    // Emulated subgroups of EMULATED_LANES invocations, one per row tile.
+    let rt = lid / EMULATED_LANES;
+    let rt_store = rt;
     let sg_lane = lid % EMULATED_LANES;
-    let sg_lanes = EMULATED_LANES;
+    let covered = true;
 // #else
-    let subgroup = subgroup_id;
-    let subgroups = num_subgroups;
-    // The matrix operations spread over the subgroup themselves.
-    let sg_lane = 0u;
-    let sg_lanes = 1u;
+    // This subgroup's row tile. Subgroups beyond ROW_TILES (where the
+    // driver runs smaller subgroups than the adapter's largest) repeat the
+    // last tile's products, in the same control flow as the others
+    // (matrix operations must be uniform), and store into the spare tile
+    // past the block's rows, which nothing reads.
+    let rt = min(subgroup_id, ROW_TILES - 1u);
+    let rt_store = min(subgroup_id, ROW_TILES);
+    // A driver that ran larger subgroups than the adapter reported would
+    // leave row tiles without a subgroup: such a block writes NaN rather
+    // than a plausible wrong answer.
+    let covered = num_subgroups >= ROW_TILES;
 // #endif
     let seq = sequence_rows(wg.z);
     let batch = seq.q_batch;
     let head_q = wg.y;
     let row0 = wg.x * BLOCK_M;
     // The dispatch covers the longest sequence; blocks past a shorter
-    // one visit no key and write nothing. (No early return: matrix
-    // operations need every invocation to reach them.)
+    // one visit no key and write nothing. (No early return: barriers and
+    // matrix operations need every invocation to reach them.)
     let in_range = row0 < seq.extent;
     let seq_q = seq.q_len;
     let seq_kv = seq.kv_len;
@@ -192,11 +233,34 @@ fn main(
     let wg_hi = keys.hi;
     let alibi_slope = alibi_slope_of(batch, head_q);
     let start = softmax_start(head_q, true);
+    let q_base = batch * p.q.batch + head_q * p.q.head + p.q.offset;
 
+    // Q into the subgroups' matrices (the emulation: into q_tile).
+// #if COOP_EMULATED
     for (var i = lid; in_range && i < BLOCK_M * D4; i += WG_SIZE) {
         let q_row = seq.q_start + min(row0 + i / D4, max(seq_q, 1u) - 1u);
-        stage4(true, 4u * i, load_q(batch * p.q.batch + q_row * p.q.seq + head_q * p.q.head + p.q.offset + i % D4));
+        let v = vec4<Operand>(load_q(q_base + q_row * p.q.seq + i % D4));
+        q_tile[4u * i] = v.x;
+        q_tile[4u * i + 1u] = v.y;
+        q_tile[4u * i + 2u] = v.z;
+        q_tile[4u * i + 3u] = v.w;
     }
+// #else
+    var q_a: array<CoopA, DT>;
+    for (var qp = 0u; qp < Q_PASSES; qp++) {
+        for (var i = lid; in_range && i < BLOCK_M * (Q_COLS / 4u); i += WG_SIZE) {
+            let r = i / (Q_COLS / 4u);
+            let q_row = seq.q_start + min(row0 + r, max(seq_q, 1u) - 1u);
+            stage4(4u * i, load_q(q_base + q_row * p.q.seq + qp * (Q_COLS / 4u) + i % (Q_COLS / 4u)));
+        }
+        workgroupBarrier();
+        for (var j = 0u; j < Q_PASS; j++) {
+            q_a[qp * Q_PASS + j] = coopLoadT<CoopA>(&kv_tile[rt * T * Q_COLS + j * T], Q_COLS);
+        }
+        // The next pass (or the first K tile) overwrites the staged columns.
+        workgroupBarrier();
+    }
+// #endif
 
     let row = row0 + my_row;
     let row_pos = i32(row) + diag;
@@ -207,42 +271,72 @@ fn main(
     let drop_origin = dropout_origin(wg.z, seq);
     let drop_state = dropout_row_state(drop_origin.x, head_q, row);
 // #endif
-    // A sink counts once per row: in lane 0's share of the sum.
+    // A sink counts once per row: in lane 0's share of the sum. `m` is
+    // the row's reference max.
     var m = start.x;
     var l = select(0.0, start.y, lane == 0u);
-    let o_row = my_row * DV;
-    for (var c = lane; c < DV4; c += LANES_PER_ROW) {
-        var o = vec4<f32>(0.0);
-// #if MASK
+    // The output accumulators (a function variable starts at zero),
+    // filled from the start only when the rows continue a carried chunk.
+    var o_c: array<CoopC, DVT>;
+// #if COOP_EMULATED
 // #else
-        if ((seq.carry & CARRY_IN) != 0u) {
-            let q_row = seq.q_start + min(row, max(seq_q, 1u) - 1u);
-            let carried = lse_buf[(batch * p.heads_q + head_q) * p.seq_q + q_row];
-            if (carried != bitcast<f32>(0x7f800000u)) {
-                o = carry[carry_base(batch, q_row, head_q) + c];
-            }
-        }
-// #endif
-        o_tile[o_row + 4u * c] = o.x;
-        o_tile[o_row + 4u * c + 1u] = o.y;
-        o_tile[o_row + 4u * c + 2u] = o.z;
-        o_tile[o_row + 4u * c + 3u] = o.w;
+    for (var ct = 0u; ct < DVT; ct++) {
+        o_c[ct] = CoopC();
     }
+// #endif
+    if (lid == 0u) {
+// #if MASK
+        carried_in = 0u;
+// #else
+        carried_in = seq.carry & CARRY_IN;
+// #endif
+    }
+    // Whether the rows continue a carried chunk (the accumulators start
+    // from its output).
+    let carried = workgroupUniformLoad(&carried_in) != 0u;
 // #if MASK
     let mask_row = batch * mp.batch_stride + head_q * mp.head_stride + min(row, seq_q - 1u) * mp.row_words;
     // Tiles are aligned to multiples of BLOCK_N, as the tile states are.
     wg_lo -= wg_lo % i32(BLOCK_N);
 // #else
+    var carried_lse = bitcast<f32>(0x7f800000u);
     if ((seq.carry & CARRY_IN) != 0u) {
         // As in flash_attention.wgsl: the chunks before left (lse, o).
         let q_row = seq.q_start + min(row, max(seq_q, 1u) - 1u);
-        let carried = lse_buf[(batch * p.heads_q + head_q) * p.seq_q + q_row];
-        if (carried != bitcast<f32>(0x7f800000u)) {
-            m = carried;
+        carried_lse = lse_buf[(batch * p.heads_q + head_q) * p.seq_q + q_row];
+        if (carried_lse != bitcast<f32>(0x7f800000u)) {
+            m = carried_lse;
             l = select(0.0, 1.0, lane == 0u);
         } else {
             m = MIN_SCORE;
             l = 0.0;
+        }
+    }
+    if (carried) {
+        // The carried outputs into the accumulators, O_COLS columns at a
+        // time through s_tile.
+        let q_row = seq.q_start + min(row, max(seq_q, 1u) - 1u);
+        for (var op = 0u; op < O_PASSES; op++) {
+            for (var c = lane; c < O_COLS / 4u; c += LANES_PER_ROW) {
+                var o = vec4<f32>(0.0);
+                if (carried_lse != bitcast<f32>(0x7f800000u)) {
+                    o = carry[carry_base(batch, q_row, head_q) + op * (O_COLS / 4u) + c];
+                }
+                let at = my_row * O_COLS + 4u * c;
+                s_tile[at] = o.x;
+                s_tile[at + 1u] = o.y;
+                s_tile[at + 2u] = o.z;
+                s_tile[at + 3u] = o.w;
+            }
+            workgroupBarrier();
+            for (var j = 0u; j < O_PASS; j++) {
+// #if COOP_EMULATED
+                o_c[op * O_PASS + j] = emu_load(rt * T * O_COLS + j * T, O_COLS, sg_lane);
+// #else
+                o_c[op * O_PASS + j] = coopLoadT<CoopC>(&s_tile[rt * T * O_COLS + j * T], O_COLS);
+// #endif
+            }
+            workgroupBarrier();
         }
     }
 // #endif
@@ -250,7 +344,10 @@ fn main(
     let k_base = seq.kv_batch * p.k.batch + seq.kv_start * p.k.seq + head_kv * p.k.head + p.k.offset;
     let v_base = seq.kv_batch * p.v.batch + seq.kv_start * p.v.seq + head_kv * p.v.head + p.v.offset;
 
-    // Tiles above the causal diagonal or outside the window are never visited.
+    // Tiles above the causal diagonal or outside the window are never
+    // visited. The accumulators hold something from the first P V on, or
+    // from the start in a carried chunk (invocation 0's record).
+    var live = carried;
     for (var kv0 = wg_lo; kv0 <= wg_hi; kv0 += i32(BLOCK_N)) {
         let n_keys = u32(min(i32(BLOCK_N), wg_hi + 1 - kv0));
 // #if MASK
@@ -259,22 +356,31 @@ fn main(
             continue;
         }
 // #endif
-        // (The first tile's barrier also publishes Q and the accumulator.)
+        if (lid == 0u) {
+            atomicStore(&tile_state, select(0u, TILE_LIVE, live));
+        }
         for (var i = lid; i < BLOCK_N * D4; i += WG_SIZE) {
             let key = i / D4;
             var kk = vec4<f32>(0.0);
             if (key < n_keys) {
                 kk = load_k(k_base + (u32(kv0) + key) * p.k.seq + i % D4);
             }
-            stage4(false, 4u * i, kk);
+            stage4(4u * i, kk);
         }
         workgroupBarrier();
 
-        // S = Q K^T, each subgroup its row tiles.
-        for (var rt = subgroup; rt < ROW_TILES; rt += subgroups) {
-            for (var kt = 0u; kt < KEY_TILES; kt++) {
-                scores_tile(rt, kt, sg_lane, sg_lanes);
+        // S = Q K^T for each subgroup's row tile. K's rows are the columns
+        // of B (column-major, D apart).
+        for (var kt = 0u; kt < KEY_TILES; kt++) {
+// #if COOP_EMULATED
+            emu_store(emu_scores(rt, kt, sg_lane), rt * T * BLOCK_N + kt * T, BLOCK_N, sg_lane);
+// #else
+            var s = CoopC();
+            for (var dt = 0u; dt < DT; dt++) {
+                s = coopMultiplyAdd(q_a[dt], coopLoad<CoopB>(&kv_tile[kt * T * D + dt * T], D), s);
             }
+            coopStoreT(s, &s_tile[rt_store * T * BLOCK_N + kt * T], BLOCK_N);
+// #endif
         }
         workgroupBarrier();
 
@@ -283,8 +389,11 @@ fn main(
 // #else
         let unmasked = tile_all_visible(keys, kv0, n_keys);
 // #endif
-        var scores: array<vec4<f32>, QUADS>;
-        var visible: array<vec4<bool>, QUADS>;
+        // Each lane's finished scores go back to its own places in s_tile
+        // for the probabilities below, and which keys the row sees to bits
+        // of `seen` (quad i: bits 4i..4i+3): registers that hold the
+        // matrices are scarcer than workgroup memory reads.
+        var seen = vec2<u32>(0u);
         var tile_max = MIN_SCORE;
         for (var i = 0u; i < QUADS; i++) {
             let key = 4u * (lane + LANES_PER_ROW * i);
@@ -297,12 +406,17 @@ fn main(
 // #endif
             );
             let s = scored.s;
-            scores[i] = s;
-            visible[i] = scored.seen;
+            s_tile[at] = s.x;
+            s_tile[at + 1u] = s.y;
+            s_tile[at + 2u] = s.z;
+            s_tile[at + 3u] = s.w;
+            let bits = dot(select(vec4<u32>(0u), vec4<u32>(1u, 2u, 4u, 8u), scored.seen), vec4<u32>(1u));
+            seen[i / 8u] |= bits << (4u * (i % 8u));
             tile_max = max(tile_max, max(max(s.x, s.y), max(s.z, s.w)));
         }
         partials[my_row * LANES_PER_ROW + lane] = tile_max;
-        // Every lane's maxima are published, and K is no longer read.
+        // Every lane's maxima are published, and K and the scores are no
+        // longer read.
         workgroupBarrier();
 
         for (var i = lid; i < BLOCK_N * DV4; i += WG_SIZE) {
@@ -310,19 +424,31 @@ fn main(
             if (i / DV4 < n_keys) {
                 vv = load_v(v_base + (u32(kv0) + i / DV4) * p.v.seq + i % DV4);
             }
-            stage4(false, 4u * i, vv);
+            stage4(4u * i, vv);
         }
         var m_new = m;
         for (var b = 0u; b < LANES_PER_ROW; b++) {
             m_new = max(m_new, partials[my_row * LANES_PER_ROW + b]);
         }
-        let correction = exp2((m - m_new) * LOG2_E);
-        l *= correction;
-        m = m_new;
+        if ((m_new - m) * LOG2_E > RESCALE_LOG2) {
+            atomicOr(&tile_state, TILE_MOVED);
+        }
+        // (Also publishes V.)
+        let state = workgroupUniformLoad(&tile_state);
+        let moved = (state & TILE_MOVED) != 0u;
+        var correction = 1.0;
+        if (moved) {
+            correction = exp2((m - m_new) * LOG2_E);
+            l *= correction;
+            m = m_new;
+        }
         for (var i = 0u; i < QUADS; i++) {
             let key = 4u * (lane + LANES_PER_ROW * i);
+            let at_s = my_row * BLOCK_N + key;
+            let s = vec4<f32>(s_tile[at_s], s_tile[at_s + 1u], s_tile[at_s + 2u], s_tile[at_s + 3u]);
+            let bits = vec4<u32>(seen[i / 8u] >> (4u * (i % 8u))) & vec4<u32>(1u, 2u, 4u, 8u);
             var probs = vec4<f32>(vec4<Operand>(
-                select(vec4<f32>(0.0), exp_shifted(scores[i] - vec4<f32>(m_new)), visible[i])));
+                select(vec4<f32>(0.0), exp_shifted(s - vec4<f32>(m)), bits != vec4<u32>(0u))));
             l += (probs.x + probs.y) + (probs.z + probs.w);
 // #if DROPOUT
             // Dropout acts after the softmax: the sum (and the logsumexp)
@@ -336,24 +462,56 @@ fn main(
             p_tile[at + 2u] = Operand(probs.z);
             p_tile[at + 3u] = Operand(probs.w);
         }
-        for (var c = lane; c < DV4; c += LANES_PER_ROW) {
-            let at = o_row + 4u * c;
-            o_tile[at] *= correction;
-            o_tile[at + 1u] *= correction;
-            o_tile[at + 2u] *= correction;
-            o_tile[at + 3u] *= correction;
-        }
-        // V, the probabilities and the rescaled accumulator are staged.
-        workgroupBarrier();
-
-        // O += P V, each subgroup its row tiles.
-        for (var rt = subgroup; rt < ROW_TILES; rt += subgroups) {
-            for (var ct = 0u; ct < DV / T; ct++) {
-                values_tile(rt, ct, sg_lane, sg_lanes);
+        // (One test, no `&&`: naga lowers that through a variable, which its
+        // uniformity analysis cannot follow.)
+        let rescale = (state & (TILE_MOVED | TILE_LIVE)) == (TILE_MOVED | TILE_LIVE);
+        if (rescale) {
+            // Every row's accumulator times its correction, O_COLS columns
+            // at a time through s_tile, once every lane has read its scores
+            // there.
+            workgroupBarrier();
+            for (var op = 0u; op < O_PASSES; op++) {
+                for (var j = 0u; j < O_PASS; j++) {
+// #if COOP_EMULATED
+                    emu_store(o_c[op * O_PASS + j], rt * T * O_COLS + j * T, O_COLS, sg_lane);
+// #else
+                    coopStoreT(o_c[op * O_PASS + j], &s_tile[rt_store * T * O_COLS + j * T], O_COLS);
+// #endif
+                }
+                workgroupBarrier();
+                for (var c = lane; c < O_COLS; c += LANES_PER_ROW) {
+                    s_tile[my_row * O_COLS + c] *= correction;
+                }
+                workgroupBarrier();
+                for (var j = 0u; j < O_PASS; j++) {
+// #if COOP_EMULATED
+                    o_c[op * O_PASS + j] = emu_load(rt * T * O_COLS + j * T, O_COLS, sg_lane);
+// #else
+                    o_c[op * O_PASS + j] = coopLoadT<CoopC>(&s_tile[rt * T * O_COLS + j * T], O_COLS);
+// #endif
+                }
+                workgroupBarrier();
             }
         }
-        // The next tile overwrites K/V, the scores, the probabilities and
-        // the maxima; the accumulator is complete.
+        // The probabilities are published.
+        workgroupBarrier();
+
+        // O += P V for each subgroup's row tile: V's rows are the rows of B
+        // (row-major, DV apart).
+        for (var kt = 0u; kt < KEY_TILES; kt++) {
+// #if COOP_EMULATED
+            for (var ct = 0u; ct < DVT; ct++) {
+                o_c[ct] = emu_values(o_c[ct], rt, kt, ct, sg_lane);
+            }
+// #else
+            let a = coopLoadT<CoopA>(&p_tile[rt * T * BLOCK_N + kt * T], BLOCK_N);
+            for (var ct = 0u; ct < DVT; ct++) {
+                o_c[ct] = coopMultiplyAdd(a, coopLoadT<CoopB>(&kv_tile[kt * T * DV + ct * T], DV), o_c[ct]);
+            }
+// #endif
+        }
+        live = true;
+        // The next tile overwrites K/V, the scores and the probabilities.
         workgroupBarrier();
     }
 
@@ -367,27 +525,40 @@ fn main(
     for (var b = 0u; b < LANES_PER_ROW; b++) {
         l_row += partials[my_row * LANES_PER_ROW + b];
     }
-    if (row < seq.extent) {
-        // A row that saw no key (and has no sink) has l == 0: zeros and
-        // lse = +inf; so has a padding row, whatever it computed.
-        let real = row < seq_q;
-        // Dropout scales the kept probabilities here, once per row (in its
-        // last chunk when its keys run in chunks: dropout_output_scale).
+    // A row that saw no key (and has no sink) has l == 0: zeros and lse =
+    // +inf; so has a padding row, whatever it computed.
+    let real = row < seq_q;
+    // Dropout scales the kept probabilities here, once per row (in its
+    // last chunk when its keys run in chunks: dropout_output_scale).
 // #if DROPOUT
-        let inv_l = select(0.0, dropout_output_scale(seq) / l_row, real && l_row > 0.0);
+    var inv_l = select(0.0, dropout_output_scale(seq) / l_row, real && l_row > 0.0);
 // #else
-        let inv_l = select(0.0, dropout_keep_scale() / l_row, real && l_row > 0.0);
+    var inv_l = select(0.0, dropout_keep_scale() / l_row, real && l_row > 0.0);
 // #endif
-        let lse = select(row_lse(m, 0.0), row_lse(m, l_row), real);
-        let out_row = seq.q_start + row;
-        let out = row_output(seq, batch, out_row, head_q);
-        for (var c = lane; c < DV4; c += LANES_PER_ROW) {
-            let at = o_row + 4u * c;
-            let acc = vec4<f32>(o_tile[at], o_tile[at + 1u], o_tile[at + 2u], o_tile[at + 3u]);
-            store_row(out, c, select(vec4<f32>(0.0), acc * inv_l, real));
+    if (!covered) {
+        inv_l = bitcast<f32>(0x7fc00000u);
+    }
+    let lse = select(row_lse(m, 0.0), row_lse(m, l_row), real);
+    let out_row = seq.q_start + row;
+    let out = row_output(seq, batch, out_row, head_q);
+    // The accumulators out through s_tile, O_COLS columns at a time.
+    for (var op = 0u; op < O_PASSES; op++) {
+        for (var j = 0u; j < O_PASS; j++) {
+// #if COOP_EMULATED
+            emu_store(o_c[op * O_PASS + j], rt * T * O_COLS + j * T, O_COLS, sg_lane);
+// #else
+            coopStoreT(o_c[op * O_PASS + j], &s_tile[rt_store * T * O_COLS + j * T], O_COLS);
+// #endif
         }
-        if (has_flag(FLAG_WRITE_LSE) && lane == 0u) {
-            lse_buf[(batch * p.heads_q + head_q) * p.seq_q + out_row] = lse;
+        workgroupBarrier();
+        for (var c = lane; row < seq.extent && c < O_COLS / 4u; c += LANES_PER_ROW) {
+            let at = my_row * O_COLS + 4u * c;
+            let acc = vec4<f32>(s_tile[at], s_tile[at + 1u], s_tile[at + 2u], s_tile[at + 3u]);
+            store_row(out, op * (O_COLS / 4u) + c, select(vec4<f32>(0.0), acc * inv_l, real || !covered));
         }
+        workgroupBarrier();
+    }
+    if (row < seq.extent && has_flag(FLAG_WRITE_LSE) && lane == 0u) {
+        lse_buf[(batch * p.heads_q + head_q) * p.seq_q + out_row] = lse;
     }
 }

@@ -6,7 +6,8 @@
 //! (`AdapterOptions::emulate_cooperative_matrices`), which checks
 //! everything but the matrix units themselves: tile layouts and strides as
 //! the matrix loads read them, the softmax over the score tiles, the
-//! accumulator in workgroup memory, 16x16 and 8x8 matrices, f16 and f32
+//! accumulators' rescaling when a row's reference max moves, 16x16 and
+//! 8x8 matrices, f16 and f32
 //! operands, masks, sinks, windows, ALiBi, GQA, padded batches and key
 //! chunks.
 
@@ -145,6 +146,11 @@ fn matches_the_reference_on_every_matrix_size_and_operand_type() {
                         .window(Some(9), Some(2))
                         .softcap(6.0)
                         .alibi(Alibi::PerHead(vec![0.1, 0.2, 0.3, 0.4])),
+                    // Steep slopes and no window: a row's scores rise by
+                    // 8-256 (natural units) per 32-64-key tile towards its
+                    // position, so its reference max moves on every tile
+                    // and the accumulators in the matrices are rescaled.
+                    AttentionConfig::new().alibi(Alibi::PerHead(vec![0.25, 0.5, 1.0, 4.0])),
                 ];
                 for config in configs {
                     let config = config.tier(Tier::CooperativeMatrix);
@@ -373,7 +379,21 @@ fn key_chunks_and_padded_batches_match_the_reference() {
         .causal(true)
         .sinks(vec![0.5, -1.0, 1.5, 0.0])
         .tier(Tier::CooperativeMatrix);
+    // Steep ALiBi slopes: a chunk's scores pass the carried logsumexp by
+    // far, so the carried accumulators are rescaled.
+    let rising = AttentionConfig::new()
+        .causal(true)
+        .alibi(Alibi::PerHead(vec![0.25, 0.5, 1.0, 4.0]))
+        .tier(Tier::CooperativeMatrix);
     let qkv = [&inputs.q[..], &inputs.k[..], &inputs.v[..]];
+    for keys in [7, 40] {
+        let options = ForwardOptions::new(&rising).keys_per_dispatch(keys);
+        let (got, got_lse) = run(gpu, &shape, qkv, DType::F32, options);
+        assert_close(
+            common::compare(&shape, &inputs, &rising, &got, &got_lse),
+            &format!("{keys} keys per dispatch, {rising:?}"),
+        );
+    }
     for config in [plain.clone(), plain.dropout(0.3, 0xc4c4)] {
         for keys in [7, 40] {
             let options = ForwardOptions::new(&config).keys_per_dispatch(keys);

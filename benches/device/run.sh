@@ -5,12 +5,15 @@
 # copies (first used on an H200 on 2026-12-04: BENCHMARKS.md). A commit
 # or branch staged as a baseline has its flash-bench validate and time its
 # kernels beside this checkout's in the A/B step (its own test binaries
-# need a call of their own). (The branch `coop-registers`, a faster
-# cooperative-matrix kernel that computed wrong results on the H200, did
-# not survive the move to a new checkout on 2026-12-05.)
+# need a call of their own). Since 2026-12-05 (fourteenth session) the
+# cooperative-matrix kernel keeps Q and the accumulators in the subgroups'
+# matrix registers (64 x 64 blocks at d=128 on NVIDIA); it has not run on
+# a GPU: `tests: cooperative_matrix` says whether it computes right there,
+# and a baseline from before it (c69b7c1, also the old MLA decode plan)
+# times the kernel it replaced in the A/B step.
 #
 #   ../shared/device/stage.sh && cp benches/device/run.sh .device/run.sh
-#   benches/device/stage-baseline.sh 705db0a         # optional A/B
+#   benches/device/stage-baseline.sh c69b7c1         # optional A/B
 #   benches/device/stage-variants.sh          # optional: WGSL-only variants
 #   # device call: command "bash .device/run.sh", carry [".device"], timeout 450
 #

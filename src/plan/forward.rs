@@ -636,17 +636,20 @@ fn coop_tiling(
             sizes.join(" or ")
         ));
     };
-    let subgroup = if emulated {
-        CoopTiling::EMULATED_LANES
+    let (min_lanes, max_lanes) = if emulated {
+        (CoopTiling::EMULATED_LANES, CoopTiling::EMULATED_LANES)
     } else {
-        adapter.subgroup_min_size
+        (adapter.subgroup_min_size, adapter.subgroup_max_size)
     };
-    if !subgroup.is_power_of_two() || subgroup < size {
+    if !min_lanes.is_power_of_two() || !max_lanes.is_power_of_two() || min_lanes < size {
         return Err(format!(
-            "its softmax gives each {size}-row tile a subgroup of at least {size} lanes; the \
-             adapter's smallest subgroup is {subgroup}"
+            "it gives each {size}-row tile a subgroup of at least {size} lanes, a power of two; \
+             the adapter's subgroups are {min_lanes}-{max_lanes} lanes"
         ));
     }
+    // A workgroup of `row_tiles` of the largest subgroups has a subgroup for
+    // each row tile whatever size the driver runs.
+    let subgroup = max_lanes;
     let memory = u64::from(info.limits.max_compute_workgroup_storage_size);
     let invocations = info.max_invocations();
     let layouts = COOP_TILES.map(|(row_tiles, key_tiles)| CoopTiling {
@@ -662,8 +665,13 @@ fn coop_tiling(
     });
     // Each lane of a row takes whole four-key quads.
     let quads_split = |t: &CoopTiling| (t.block_n() / 4).is_multiple_of(t.lanes_per_row());
+    // Q reaches the matrices through the K/V tile, at least one matrix
+    // column at a time.
     let fits = |t: &CoopTiling| {
-        quads_split(t) && t.workgroup_bytes() <= memory && t.workgroup_size <= invocations
+        quads_split(t)
+            && t.q_pass() > 0
+            && t.workgroup_bytes() <= memory
+            && t.workgroup_size <= invocations
     };
     if let Some(found) = layouts.iter().find(|t| fits(t)) {
         return Ok(*found);
@@ -710,9 +718,11 @@ const NVIDIA: u32 = 0x10de;
 /// Whether the cooperative-matrix tier, where the device offers it, is the
 /// default before register blocking: everywhere but on NVIDIA GPUs, where
 /// the register-blocked tier with f16 products (f16 storage's default
-/// there) measured 1.72x faster than the matrix kernel (an H200: 37.14
-/// against 63.98 ms, B4 H16 N4096 d128 causal f16, in one run;
-/// BENCHMARKS.md). Forcing `Tier::CooperativeMatrix` still runs it.
+/// there) measured 1.72x faster than the matrix kernel before its rewrite
+/// with register-resident accumulators (an H200: 37.14 against 63.98 ms,
+/// B4 H16 N4096 d128 causal f16, in one run; BENCHMARKS.md; the rewrite
+/// is unmeasured on a GPU). Forcing `Tier::CooperativeMatrix` still runs
+/// it.
 fn coop_before_blocked(info: &GpuInfo) -> bool {
     info.adapter.vendor != NVIDIA
 }

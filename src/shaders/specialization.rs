@@ -275,6 +275,16 @@ impl Specialization {
                     ("LANES_PER_ROW", tiling.lanes_per_row()),
                     ("QUADS", tiling.block_n() / 4 / tiling.lanes_per_row()),
                     ("EMULATED_LANES", EMULATED_LANES),
+                    ("DT", tiling.q_tiles()),
+                    ("DVT", tiling.v_tiles()),
+                    ("Q_PASS", tiling.q_pass()),
+                    ("Q_PASSES", tiling.q_tiles() / tiling.q_pass().max(1)),
+                    ("O_PASS", tiling.o_pass()),
+                    ("O_PASSES", tiling.v_tiles() / tiling.o_pass().max(1)),
+                    (
+                        "EMU_ELEMENTS",
+                        (tiling.size * tiling.size).div_ceil(EMULATED_LANES),
+                    ),
                 ]
             }
             Specialization::Combine { workgroup_size, .. }
@@ -537,8 +547,26 @@ impl Specialization {
             Specialization::FlashBlocked(_) | Specialization::FlashBlockedMasked(_) => {
                 &["ROWS", "COLS", "STAGE_BATCH"]
             }
-            // Each lane's score quads index private arrays.
-            Specialization::FlashCoop(_) | Specialization::FlashCoopMasked(_) => &["QUADS"],
+            // Each lane's score quads index private arrays; matrices are
+            // indexed by constants only. The emulation's stand-ins are plain
+            // arrays: its loops stay loops (smaller code, quicker compiles
+            // on the CPU adapters that run it).
+            Specialization::FlashCoop(tiling) | Specialization::FlashCoopMasked(tiling) => {
+                if tiling.emulated {
+                    &["QUADS"]
+                } else {
+                    &[
+                        "QUADS",
+                        "DT",
+                        "DVT",
+                        "KEY_TILES",
+                        "Q_PASS",
+                        "Q_PASSES",
+                        "O_PASS",
+                        "O_PASSES",
+                    ]
+                }
+            }
             Specialization::Linear { .. } => &[
                 "DK4", "DV4", "RQ", "CB4", "ROWS", "SLOTS_C", "SLOTS_S", "SLOTS_K", "SLOTS_V",
             ],
@@ -625,28 +653,48 @@ fn coop_loop_trips(tiling: &CoopTiling, keys: u64) -> u64 {
     );
     let per_row = u64::from(tiling.lanes_per_row());
     let key_tiles = u64::from(tiling.key_tiles);
-    // Trips of a subgroup's loop over row tiles: the plan gives each
-    // subgroup one (`workgroup_size` = row tiles x subgroup lanes), plus
-    // the loop's exit.
-    let row_tiles = 2;
-    // One product: a matrix operation per step, or (emulated) the
-    // elements a lane computes, each a dot product of `depth` terms.
-    let product = |steps: u64, depth: u64| {
-        if tiling.emulated {
-            ((t * t).div_ceil(u64::from(EMULATED_LANES)) + 1) * (depth + 1)
-        } else {
-            steps + 1
-        }
+    let v_tiles = u64::from(tiling.v_tiles());
+    let o_pass = u64::from(tiling.o_pass());
+    let o_passes = v_tiles / o_pass.max(1);
+    let o_cols = o_pass * t;
+    // Real matrices: the loops over them and over passes are unrolled.
+    // The emulation keeps them as loops (each with its exit), and its
+    // products loop over a lane's elements and each element's terms.
+    let elements = (t * t).div_ceil(u64::from(EMULATED_LANES));
+    let emulated = u64::from(tiling.emulated);
+    let looped = |trips: u64| emulated * (trips + 1);
+    let (scores, values, move_pass) = if tiling.emulated {
+        (
+            looped(key_tiles) + key_tiles * (elements + 1) * (d + 1),
+            looped(key_tiles) + key_tiles * (looped(v_tiles) + v_tiles * (elements + 1) * (t + 1)),
+            2 * (looped(o_pass) + o_pass * (elements + 1)),
+        )
+    } else {
+        (0, 0, 0)
     };
+    // A pass of the accumulators through s_tile: the lanes' columns of a
+    // row plus (emulated) the matrices' stores and loads.
+    let o_moves =
+        |cols: u64| looped(o_passes) + o_passes * (cols.div_ceil(per_row) + 1 + move_pass);
+    // Staging K and V, the scores, the row's max over its lanes, a
+    // rescale of the accumulators (at most once per tile), P V.
     let per_tile = 1
         + ((n * d / 4).div_ceil(lanes) + 1)
-        + row_tiles * (key_tiles + 1 + key_tiles * product(d / t, d))
+        + scores
         + ((n * dv / 4).div_ceil(lanes) + 1)
         + (per_row + 1)
-        + ((dv / 4).div_ceil(per_row) + 1)
-        + row_tiles * (dv / t + 1 + dv / t * product(key_tiles, n));
-    let fixed =
-        (m * d / 4).div_ceil(lanes) + 1 + 2 * ((dv / 4).div_ceil(per_row) + 1) + per_row + 1;
+        + o_moves(o_cols)
+        + values;
+    // Staging Q; a carried chunk's accumulators; the row's sum over its
+    // lanes; the output.
+    let q_staging = if tiling.emulated {
+        (m * d / 4).div_ceil(lanes) + 1
+    } else {
+        let q_pass = u64::from(tiling.q_pass());
+        let q_passes = u64::from(tiling.q_tiles()) / q_pass.max(1);
+        q_passes * ((m * q_pass * t / 4).div_ceil(lanes) + 1)
+    };
+    let fixed = q_staging + 2 * o_moves(o_cols / 4) + per_row + 1;
     fixed + (keys.div_ceil(n) + 1) * per_tile
 }
 

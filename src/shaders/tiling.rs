@@ -148,7 +148,8 @@ pub struct CoopTiling {
     /// Key tiles per block (`block_n = key_tiles * size`).
     pub key_tiles: u32,
     /// Invocations per workgroup: `row_tiles` subgroups of the adapter's
-    /// smallest size, a multiple of `block_m`.
+    /// largest size (so that however the driver sizes its subgroups, each
+    /// row tile has one), a multiple of `block_m`.
     pub workgroup_size: u32,
     /// Storage type of Q, K, V and O: f16 multiplies f16 matrices, f32
     /// f32 ones (both exact conversions of the stored values).
@@ -185,15 +186,52 @@ impl CoopTiling {
             DType::F16 | DType::BF16 => 2,
         }
     }
-    /// Workgroup memory the kernel declares: Q, the K/V tile and the
-    /// probabilities as operands; the scores, the output accumulator and
-    /// the row partials as f32.
+    /// Matrix columns of Q (and K): `head_dim / size`.
+    pub fn q_tiles(&self) -> u32 {
+        self.head_dim / self.size
+    }
+    /// Matrix columns of V and the output: `head_dim_v / size`.
+    pub fn v_tiles(&self) -> u32 {
+        self.head_dim_v / self.size
+    }
+    /// Q's matrix columns staged per pass through the K/V tile before the
+    /// key loop: the most that divide [`Self::q_tiles`] and fit the tile
+    /// (0 when not even one does, a layout the planner refuses).
+    pub fn q_pass(&self) -> u32 {
+        let room = self.block_n() * self.head_dim.max(self.head_dim_v);
+        largest_divisor_at_most(self.q_tiles(), room / (self.block_m() * self.size))
+    }
+    /// The accumulators' matrix columns moved per pass through the score
+    /// tile (to rescale them, to load a carried chunk, to write the
+    /// output): the most that divide [`Self::v_tiles`] and fit its
+    /// `key_tiles` columns.
+    pub fn o_pass(&self) -> u32 {
+        largest_divisor_at_most(self.v_tiles(), self.key_tiles)
+    }
+    /// Workgroup memory the kernel declares: the K/V tile and the
+    /// probabilities as operands; the scores (with a spare row tile for
+    /// subgroups past the block's rows), the row partials and two flags as
+    /// 32-bit words. The emulation holds Q as operands instead of the
+    /// spare tile (real subgroups hold Q in matrix registers).
     pub fn workgroup_bytes(&self) -> u64 {
         let (m, n) = (u64::from(self.block_m()), u64::from(self.block_n()));
         let (d, dv) = (u64::from(self.head_dim), u64::from(self.head_dim_v));
-        self.operand_bytes() * (m * d + n * d.max(dv) + m * n)
-            + 4 * (m * n + m * dv + m * u64::from(self.lanes_per_row()))
+        let (q, spare) = if self.emulated {
+            (m * d, 0)
+        } else {
+            (0, u64::from(self.size) * n)
+        };
+        self.operand_bytes() * (q + n * d.max(dv) + m * n)
+            + 4 * (m * n + spare + m * u64::from(self.lanes_per_row()) + 2)
     }
+}
+
+/// The largest divisor of `n` that is at most `limit` (0 when `limit` is 0).
+fn largest_divisor_at_most(n: u32, limit: u32) -> u32 {
+    (1..=limit.min(n))
+        .rev()
+        .find(|k| n.is_multiple_of(*k))
+        .unwrap_or(0)
 }
 
 /// Storage types of decoding's queries and output. `out` is the output
