@@ -197,8 +197,9 @@ step 90 "register-blocked layouts with f16 products, B4 H16 N4096 d128 causal, f
 # Kernel variants (benches/device/stage-variants.sh: patches against
 # shaders/, run through --shader-dir without a rebuild), each validated,
 # between two runs of the built-in kernels on the same shapes: the forward
-# on issue 13's shape where a variant replaces flash_blocked.wgsl, the
-# register-blocked backward where it replaces flash_backward_blocked.wgsl.
+# on issue 13's shape where a variant replaces flash_blocked.wgsl (f32 and
+# f16) or flash_coop.wgsl (f16), the register-blocked backward where it
+# replaces flash_backward_blocked.wgsl.
 backward_shape="--seq-q 4096 --heads-q 16 --head-dim 128 --causal --backward --iters 5"
 builtin() {
   step 30 "variants: built-in register-blocked forward, f32 ($1)" \
@@ -206,6 +207,10 @@ builtin() {
   if ls .device/variants/*/flash_attention.wgsl >/dev/null 2>&1; then
     step 30 "variants: built-in subgroup forward, f32 ($1)" \
       "$fb" run $target --tier subgroup --json "$res/variant-builtin-subgroup-$1.json"
+  fi
+  if ls .device/variants/*/flash_coop.wgsl >/dev/null 2>&1; then
+    step 30 "variants: built-in cooperative-matrix forward, f16 ($1)" \
+      "$fb" run $target --dtype f16 --tier coop --json "$res/variant-builtin-coop-$1.json"
   fi
   if ls .device/variants/*/flash_backward_blocked.wgsl >/dev/null 2>&1; then
     step 45 "variants: built-in register-blocked backward ($1)" \
@@ -227,6 +232,10 @@ if [ -d .device/variants ]; then
     if [ -f "$v/flash_attention.wgsl" ]; then
       step 30 "variant $name, f32 subgroup forward" \
         "$fb" --shader-dir "$v" run $target --tier subgroup --json "$res/variant-$name-subgroup-f32.json"
+    fi
+    if [ -f "$v/flash_coop.wgsl" ]; then
+      step 30 "variant $name, f16 cooperative-matrix forward" \
+        "$fb" --shader-dir "$v" run $target --dtype f16 --tier coop --json "$res/variant-$name-coop.json"
     fi
     if [ -f "$v/flash_backward_blocked.wgsl" ]; then
       step 45 "variant $name, register-blocked backward" \
