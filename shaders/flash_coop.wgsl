@@ -13,7 +13,8 @@
 // tile's queries (DT matrices T x T, the A side of S = Q K^T) and its
 // output accumulator (DVT matrices, f32); the workgroup has at least
 // ROW_TILES subgroups because src/plan sizes it by the adapter's largest
-// subgroup (extra subgroups only stage and do softmax). Per key tile:
+// subgroup (where the driver runs smaller ones, the extra subgroups repeat
+// the last tile's products into a spare tile nothing reads). Per key tile:
 //   1. all invocations stage K in workgroup memory as `Operand` (f16 for
 //      f16 storage, f32 for f32 storage where the adapter multiplies f32
 //      matrices: both exact conversions of what the tensors hold);
@@ -44,7 +45,8 @@
 // / 4), D, DV, KV_WIDTH = max(D, DV), T (8 or 16), DT = D / T, DVT = DV /
 // T, ROW_TILES, KEY_TILES, WG_SIZE, EMULATED_LANES (the emulation's
 // subgroup size), LANES_PER_ROW = WG_SIZE / BLOCK_M, QUADS = BLOCK_N / 4
-// / LANES_PER_ROW (the four-key quads of a row each invocation handles),
+// / LANES_PER_ROW (the four-key quads of a row each invocation handles; at
+// most 16, whose visibility bits fill two words),
 // Q_PASSES x Q_PASS (Q's column tiles, staged Q_PASS at a time through
 // the K/V tile), O_PASSES x O_PASS (the accumulator's column tiles, moved
 // O_PASS at a time through the score tile), EMU_ELEMENTS = T * T /
