@@ -308,6 +308,11 @@ pub struct AttentionConfig {
     /// backward (whose key blocks are `4 * key_lanes` keys and query blocks
     /// `row_lanes * rows` rows). `None`: the planner's.
     pub blocked_layout: Option<BlockedLayout>,
+    /// The cooperative-matrix forward's block, instead of the planner's (a
+    /// tuning knob: `flash-bench run --coop-layout` times several in one
+    /// run); forces that tier in the forward. The backward, which has no
+    /// matrix tier, plans as without it. `None`: the planner's.
+    pub coop_layout: Option<CoopLayout>,
     /// Dropout of the attention probabilities (training): `None`, or a
     /// rate of 0, drops nothing. See [`Dropout`]; the backward regenerates
     /// the forward's mask from the same seed.
@@ -344,6 +349,27 @@ impl std::fmt::Display for BlockedLayout {
     /// `ROW_LANESxKEY_LANESxROWS`, as `flash-bench --blocked-layout` takes it.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}x{}x{}", self.row_lanes, self.key_lanes, self.rows)
+    }
+}
+
+/// A block of the cooperative-matrix forward (`Tier::CooperativeMatrix`):
+/// `row_tiles` matrix-sized row tiles (one subgroup each, which keeps the
+/// tile's queries and output in its matrix registers) walk the keys in
+/// tiles of `key_tiles` matrices. Row tiles 1 to 8, and at most 64 keys a
+/// tile; the block must fit the adapter's workgroup memory and
+/// invocations (`Error::TierUnavailable` with the numbers otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CoopLayout {
+    /// Matrix-sized tiles of query rows per block.
+    pub row_tiles: u32,
+    /// Matrix-sized tiles of keys per key tile.
+    pub key_tiles: u32,
+}
+
+impl std::fmt::Display for CoopLayout {
+    /// `ROW_TILESxKEY_TILES`, as `flash-bench --coop-layout` takes it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.row_tiles, self.key_tiles)
     }
 }
 
@@ -424,6 +450,12 @@ impl AttentionConfig {
     /// [`AttentionConfig::blocked_layout`]); forces that tier.
     pub fn blocked_layout(mut self, layout: BlockedLayout) -> Self {
         self.blocked_layout = Some(layout);
+        self
+    }
+    /// Runs the cooperative-matrix forward with this block (see
+    /// [`AttentionConfig::coop_layout`]); forces that tier in the forward.
+    pub fn coop_layout(mut self, layout: CoopLayout) -> Self {
+        self.coop_layout = Some(layout);
         self
     }
     /// Sets causal masking (bottom-right aligned, see above).

@@ -63,8 +63,8 @@ pub use backward::{
     BACKWARD_STORAGE_BUFFERS, BackwardArgs, BackwardPlan, HostGradients, SinkGrads,
 };
 pub use config::{
-    Alibi, AttentionConfig, AttentionShape, BlockedLayout, MAX_HEAD_DIM, SUPPORTED_HEAD_DIMS, Tier,
-    is_supported_head_dim,
+    Alibi, AttentionConfig, AttentionShape, BlockedLayout, CoopLayout, MAX_HEAD_DIM,
+    SUPPORTED_HEAD_DIMS, Tier, is_supported_head_dim,
 };
 pub use decode::{DecodeArgs, DecodeLanes, DecodeOptions};
 pub use dropout::Dropout;

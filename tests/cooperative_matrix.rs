@@ -18,8 +18,8 @@ use common::{Inputs, assert_close, cooperative_gpu, round_to, unit_roundoff};
 use rand::{Rng, RngExt};
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
-    Alibi, AttentionConfig, AttentionMask, AttentionShape, DType, Error, ForwardOptions,
-    ForwardPlan, Gpu, Tensor, Tier, ValidLengths,
+    Alibi, AttentionConfig, AttentionMask, AttentionShape, CoopLayout, DType, Error,
+    ForwardOptions, ForwardPlan, Gpu, Tensor, Tier, ValidLengths,
 };
 
 /// The plan of a forced cooperative-matrix call, or `None` (said) where
@@ -160,6 +160,56 @@ fn matches_the_reference_on_every_matrix_size_and_operand_type() {
             }
         }
     }
+}
+
+/// Callers' blocks (`AttentionConfig::coop_layout`): one row tile or
+/// several, one key tile or several, each against the reference; a block
+/// this adapter cannot hold is said and skipped, and most must run.
+#[test]
+fn callers_blocks_match_the_reference() {
+    let Some(gpu) = cooperative_gpu() else { return };
+    let shape = AttentionShape {
+        batch: 1,
+        seq_q: 100,
+        seq_kv: 90,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 64,
+        head_dim_v: 64,
+    };
+    let Some(plan) = coop_plan(gpu, &shape, DType::F16) else {
+        return;
+    };
+    let size = plan.coop_tiling().unwrap().size;
+    let inputs = Inputs::draw(&shape, 0x5eed_c010, 1.0);
+    let [q, k, v] = held_inputs(&inputs, DType::F16);
+    let mut ran = 0;
+    for (row_tiles, key_tiles) in [(1, 1), (2, 1), (1, 4), (4, 2), (3, 3)] {
+        let layout = CoopLayout {
+            row_tiles,
+            key_tiles,
+        };
+        let config = AttentionConfig::new()
+            .causal(true)
+            .alibi(Alibi::PerHead(vec![0.25, 0.5, 1.0, 4.0]))
+            .coop_layout(layout);
+        match ForwardPlan::for_config(gpu.info(), &shape, DType::F16, &config) {
+            Ok(plan) => assert_eq!(
+                plan.block_m(),
+                row_tiles * size,
+                "{layout}: rows of the block"
+            ),
+            Err(Error::TierUnavailable { reason, .. }) => {
+                eprintln!("SKIPPED: block {layout}: {reason}");
+                continue;
+            }
+            Err(other) => panic!("{layout}: {other}"),
+        }
+        let what = format!("block {layout} ({size}x{size} matrices)");
+        check_against_reference(gpu, &shape, [&q, &k, &v], DType::F16, &config, &what);
+        ran += 1;
+    }
+    assert!(ran >= 4, "only {ran} of five blocks ran");
 }
 
 /// Bias, boolean and block-sparse masks on the masked kernel of the tier.

@@ -105,6 +105,11 @@ step 75 "tiers, B4 H16 N4096 d128 causal, f32" \
   "$fb" run $target --tier blocked,subgroup,portable --json "$res/tiers-f32.json"
 step 75 "tiers, B4 H16 N4096 d128 causal, f16" \
   "$fb" run $target --dtype f16 --tier coop,blocked,blocked-f16,subgroup --json "$res/tiers-f16.json"
+# The cooperative-matrix forward's blocks (since 2026-12-05, fourteenth
+# session; NAK: 4x4 and 2x4 240 registers a lane, 4x2, 2x2 and 8x2 192).
+step 60 "cooperative-matrix blocks, f16" \
+  "$fb" run $target --dtype f16 --tier coop --coop-layout 4x2,2x4,2x2,8x2 \
+  --json "$res/coop-layouts-f16.json"
 # f32 on NVIDIA defaults to the subgroup tier up to d=128 (measured at
 # d128 only, 2026-12-04): the same comparison at d64.
 step 40 "tiers, B4 H16 N4096 d64 causal, f32" \

@@ -4,7 +4,7 @@ use super::{
     CPU_WORKGROUP_SIZE, GPU_WORKGROUP_SIZE, check_blocked_layout, check_layout_tier,
     keys_within_loop_budget, power_of_two_at_most, tier_of, use_subgroup_tier,
 };
-use crate::config::{AttentionShape, BlockedLayout, Tier};
+use crate::config::{AttentionShape, BlockedLayout, CoopLayout, Tier};
 use crate::error::{Error, Result};
 use crate::gpu::GpuInfo;
 use crate::shaders::{
@@ -264,7 +264,7 @@ impl ForwardPlan {
         storage: DType,
         tier: Option<Tier>,
     ) -> Result<Self> {
-        Self::plan_call(info, shape, storage, tier, None)
+        Self::plan_call(info, shape, storage, tier, None, None)
     }
 
     /// The plan a forward call with `config` runs (its forced tier, its
@@ -279,6 +279,20 @@ impl ForwardPlan {
         config: &crate::AttentionConfig,
     ) -> Result<Self> {
         let plan = match config.blocked_layout {
+            Some(_) if config.coop_layout.is_some() => {
+                return Err(Error::UnsupportedCombination {
+                    what: "a register-blocked layout and a cooperative-matrix layout",
+                });
+            }
+            None if config.coop_layout.is_some() => {
+                if config.tier.is_some_and(|t| t != Tier::CooperativeMatrix) {
+                    return Err(Error::UnsupportedCombination {
+                        what: "a cooperative-matrix layout and a tier other than CooperativeMatrix",
+                    });
+                }
+                let tier = Some(Tier::CooperativeMatrix);
+                Self::plan_call(info, shape, storage, tier, None, config.coop_layout)?
+            }
             Some(layout) => Self::plan_with_layout(
                 info,
                 shape,
@@ -344,15 +358,20 @@ impl ForwardPlan {
             storage,
             tier,
             Some(CallerLayout { layout, f16_tiles }),
+            None,
         )
     }
 
+    /// The plan of a call on `tier` (`None`: the planner's choice), with a
+    /// caller's register-blocked layout or cooperative-matrix block (the
+    /// latter only with the tier forced to `CooperativeMatrix`).
     fn plan_call(
         info: &GpuInfo,
         shape: &AttentionShape,
         storage: DType,
         tier: Option<Tier>,
         layout: Option<CallerLayout>,
+        coop_layout: Option<CoopLayout>,
     ) -> Result<Self> {
         shape.validate()?;
         let limits = &info.limits;
@@ -379,7 +398,7 @@ impl ForwardPlan {
             )?)),
             (None, tier) => match tier {
                 Some(Tier::CooperativeMatrix) => Some(TiledKernel::Coop(
-                    coop_tiling(info, shape, storage)
+                    coop_tiling(info, shape, storage, coop_layout)
                         .map_err(|reason| unavailable(Tier::CooperativeMatrix, reason))?,
                 )),
                 Some(Tier::RegisterBlocked) => Some(TiledKernel::Blocked(
@@ -392,7 +411,7 @@ impl ForwardPlan {
                 // blocking on hardware GPUs (unless the subgroup tier
                 // measured faster), else a per-row tier.
                 None => {
-                    let coop = coop_tiling(info, shape, storage).ok();
+                    let coop = coop_tiling(info, shape, storage, None).ok();
                     let blocked = || {
                         blocked_tiling(info, shape, storage).ok().filter(|blocked| {
                             !(subgroup_kv && subgroup_before_blocked(info, shape, storage))
@@ -549,15 +568,22 @@ fn forward_specialization(tiled: Option<TiledKernel>, tiling: AttentionTiling) -
 
 /// Cooperative-matrix layouts, best first: (row tiles, key tiles).
 const COOP_TILES: [(u32, u32); 7] = [(4, 4), (4, 2), (2, 4), (2, 2), (2, 1), (1, 2), (1, 1)];
+/// The most row tiles (subgroups) a caller's cooperative-matrix block may have.
+const MAX_COOP_ROW_TILES: u32 = 8;
+/// The most keys a cooperative-matrix key tile may have (a lane's
+/// visibility bits of a tile fill two words; flash_coop.wgsl).
+const MAX_COOP_BLOCK_N: u32 = 64;
 
 /// The cooperative-matrix kernel's layout for this adapter and shape: the
 /// largest matrices the adapter multiplies with the storage type's
-/// operands into f32, and the first of [`COOP_TILES`] whose workgroup
-/// memory and invocations fit; or why there is none.
+/// operands into f32, and the first of [`COOP_TILES`] (or the caller's
+/// `layout`) whose workgroup memory and invocations fit; or why there is
+/// none.
 fn coop_tiling(
     info: &GpuInfo,
     shape: &AttentionShape,
     storage: DType,
+    layout: Option<CoopLayout>,
 ) -> std::result::Result<CoopTiling, String> {
     use wgpu::CooperativeScalarType as Scalar;
     let adapter = &info.adapter;
@@ -652,17 +678,41 @@ fn coop_tiling(
     let subgroup = max_lanes;
     let memory = u64::from(info.limits.max_compute_workgroup_storage_size);
     let invocations = info.max_invocations();
-    let layouts = COOP_TILES.map(|(row_tiles, key_tiles)| CoopTiling {
-        head_dim,
-        head_dim_v,
-        size,
-        row_tiles,
-        key_tiles,
-        workgroup_size: row_tiles * subgroup,
-        storage,
-        emulated,
-        dropout: false,
-    });
+    let candidates = match layout {
+        Some(CoopLayout {
+            row_tiles,
+            key_tiles,
+        }) => {
+            // Row tiles are subgroups; a tile's keys are one lane's
+            // visibility bits (two words).
+            if !(1..=MAX_COOP_ROW_TILES).contains(&row_tiles)
+                || key_tiles == 0
+                || key_tiles * size > MAX_COOP_BLOCK_N
+            {
+                return Err(format!(
+                    "its block {row_tiles}x{key_tiles} ({size}x{size} matrices) is outside the \
+                     kernel's range: 1 to {MAX_COOP_ROW_TILES} row tiles, 1 to \
+                     {MAX_COOP_BLOCK_N} keys a tile"
+                ));
+            }
+            vec![(row_tiles, key_tiles)]
+        }
+        None => COOP_TILES.to_vec(),
+    };
+    let layouts: Vec<CoopTiling> = candidates
+        .iter()
+        .map(|&(row_tiles, key_tiles)| CoopTiling {
+            head_dim,
+            head_dim_v,
+            size,
+            row_tiles,
+            key_tiles,
+            workgroup_size: row_tiles * subgroup,
+            storage,
+            emulated,
+            dropout: false,
+        })
+        .collect();
     // Each lane of a row takes whole four-key quads.
     let quads_split = |t: &CoopTiling| (t.block_n() / 4).is_multiple_of(t.lanes_per_row());
     // Q reaches the matrices through the K/V tile, at least one matrix
@@ -675,6 +725,19 @@ fn coop_tiling(
     };
     if let Some(found) = layouts.iter().find(|t| fits(t)) {
         return Ok(*found);
+    }
+    if let (Some(layout), [asked]) = (layout, &layouts[..]) {
+        return Err(format!(
+            "block {layout} ({} rows, {} keys, {} invocations) needs {} bytes of workgroup memory \
+             at head dims {head_dim}/{head_dim_v}, {} lanes a row taking whole 4-key quads and \
+             room for one of Q's {size}-column tiles in the K/V tile; the adapter allows {memory} \
+             bytes and {invocations} invocations",
+            asked.block_m(),
+            asked.block_n(),
+            asked.workgroup_size,
+            asked.workgroup_bytes(),
+            asked.lanes_per_row()
+        ));
     }
     let smallest = layouts
         .iter()

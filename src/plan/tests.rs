@@ -635,6 +635,66 @@ fn cooperative_matrices_where_the_device_multiplies_the_storage_type() {
     }
 }
 
+/// A caller's cooperative-matrix block: planned as given where it fits,
+/// a typed error with the numbers where it does not, and refused beside
+/// another tier or a register-blocked layout.
+#[test]
+fn a_callers_cooperative_matrix_block_is_planned_or_refused_with_the_numbers() {
+    use crate::{AttentionConfig, CoopLayout};
+    let info = profile("NVIDIA H200 with");
+    let shape = AttentionShape::self_attention(1, 1000, 4, 128);
+    let plan =
+        |config: &AttentionConfig| ForwardPlan::for_config(&info, &shape, DType::F16, config);
+    let block = |row_tiles, key_tiles| CoopLayout {
+        row_tiles,
+        key_tiles,
+    };
+    // 128 rows x 32 keys: 8 subgroups of 32.
+    let wide = plan(&AttentionConfig::new().coop_layout(block(8, 2))).unwrap();
+    assert_eq!(wide.tier(), Tier::CooperativeMatrix);
+    let tiling = wide.coop_tiling().unwrap();
+    assert_eq!(
+        (tiling.block_m(), tiling.block_n(), tiling.workgroup_size),
+        (128, 32, 256)
+    );
+    // 128 x 64 needs more than the 48 KiB the adapter has.
+    let Err(Error::TierUnavailable { reason, .. }) =
+        plan(&AttentionConfig::new().coop_layout(block(8, 4)))
+    else {
+        panic!("8x4 fits 48 KiB");
+    };
+    assert!(
+        reason.contains("70664") && reason.contains("49152"),
+        "{reason}"
+    );
+    // Outside the kernel's range: 80 keys a tile, no row tiles.
+    for (rows, keys) in [(4, 5), (0, 4), (9, 1)] {
+        let Err(Error::TierUnavailable { reason, .. }) =
+            plan(&AttentionConfig::new().coop_layout(block(rows, keys)))
+        else {
+            panic!("{rows}x{keys} is outside the kernel's range");
+        };
+        assert!(reason.contains("range"), "{reason}");
+    }
+    // Another tier, or a register-blocked layout beside it.
+    let both = AttentionConfig::new().coop_layout(block(4, 4));
+    for config in [
+        both.clone().tier(Tier::RegisterBlocked),
+        both.clone().blocked_layout(crate::BlockedLayout {
+            row_lanes: 8,
+            key_lanes: 8,
+            rows: 4,
+        }),
+    ] {
+        assert!(matches!(
+            plan(&config),
+            Err(Error::UnsupportedCombination { .. })
+        ));
+    }
+    // Forcing the tier itself is fine.
+    assert!(plan(&both.tier(Tier::CooperativeMatrix)).is_ok());
+}
+
 #[test]
 fn decoding_like_gqa_calls_group_a_kv_heads_rows() {
     let info = profile("NVIDIA H200");

@@ -106,6 +106,12 @@ struct RunArgs {
     /// let larger layouts fit).
     #[arg(long, value_delimiter = ',', value_parser = crate::options::parse_layout)]
     blocked_layout: Vec<wgpu_flash_attn::BlockedLayout>,
+    /// Cooperative-matrix blocks to time, each a case of its own on that
+    /// tier after the --tier cases: ROW_TILESxKEY_TILES (matrix-sized
+    /// tiles), a comma-separated list (`--coop-layout 4x4,4x2,2x4`); a
+    /// block the adapter cannot hold is reported and skipped.
+    #[arg(long, value_delimiter = ',', value_parser = crate::options::parse_coop_layout)]
+    coop_layout: Vec<wgpu_flash_attn::CoopLayout>,
     /// Timed runs after the validating first run (at least 1).
     #[arg(long, default_value_t = 5, value_parser = crate::options::parse_iters)]
     iters: usize,
@@ -295,12 +301,27 @@ fn run(cli: &Cli) -> Result<bool> {
                     }
                 })
                 .collect();
+            let coop_cases: Vec<(wgpu_flash_attn::AttentionConfig, String)> = args
+                .coop_layout
+                .iter()
+                .filter_map(|&layout| {
+                    let config = config.clone().coop_layout(layout);
+                    match ForwardPlan::for_config(gpu.info(), &shape, dtype, &config) {
+                        Ok(_) => Some((config, format!(" CooperativeMatrix {layout}"))),
+                        Err(err) => {
+                            eprintln!("skipped: cooperative-matrix block {layout}: {err}");
+                            None
+                        }
+                    }
+                })
+                .collect();
             let tier_cases = tiers.into_iter().map(|tier| match tier {
                 Some(tier) => (tier.apply(config.clone()), format!(" {}", tier.label())),
                 None => (config.clone(), String::new()),
             });
             let cases = tier_cases
                 .chain(layout_cases)
+                .chain(coop_cases)
                 .map(|(config, tier_label)| Case {
                     name: format!(
                         "{}{}{tier_label}",

@@ -253,6 +253,21 @@ pub fn parse_layout(text: &str) -> Result<wgpu_flash_attn::BlockedLayout, String
     })
 }
 
+/// A cooperative-matrix block, `ROW_TILESxKEY_TILES` (`4x2`): counts of
+/// matrix-sized tiles (the planner checks the ranges and what fits).
+pub fn parse_coop_layout(text: &str) -> Result<wgpu_flash_attn::CoopLayout, String> {
+    let tiles = text
+        .split_once('x')
+        .and_then(|(rows, keys)| Some((rows.parse::<u32>().ok()?, keys.parse::<u32>().ok()?)));
+    match tiles {
+        Some((row_tiles, key_tiles)) => Ok(wgpu_flash_attn::CoopLayout {
+            row_tiles,
+            key_tiles,
+        }),
+        None => Err(format!("expected ROW_TILESxKEY_TILES, got {text:?}")),
+    }
+}
+
 fn parse_window(text: &str) -> Result<Window, String> {
     let (left, right) = text
         .split_once(',')

@@ -27,6 +27,7 @@ pub struct OptionsJson {
     /// The register-blocked layout given (`run --blocked-layout`),
     /// ROW_LANESxKEY_LANESxROWS; `null` is the planner's.
     pub blocked_layout: Option<String>,
+    pub coop_layout: Option<String>,
     /// Attention dropout rate and mask seed; `null` is no dropout.
     pub dropout: Option<DropoutJson>,
     /// Storage type of Q, K, V and O.
@@ -70,6 +71,7 @@ impl OptionsJson {
             tier: config.tier.map(tier_name),
             f16_products: config.f16_products,
             blocked_layout: config.blocked_layout.map(|l| l.to_string()),
+            coop_layout: config.coop_layout.map(|l| l.to_string()),
             dropout: config.dropout.map(|d| DropoutJson {
                 p: d.p,
                 seed: d.seed,
@@ -159,6 +161,7 @@ mod tests {
                 "tier": "Portable",
                 "f16_products": null,
                 "blocked_layout": null,
+                "coop_layout": null,
                 "dropout": {"p": 0.25, "seed": 9},
                 "dtype": "bf16",
             })

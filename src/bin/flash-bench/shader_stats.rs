@@ -36,6 +36,10 @@ pub struct ShaderStatsArgs {
     /// (`--blocked-layout 16x8x2,8x8x4`).
     #[arg(long, value_delimiter = ',', value_parser = crate::options::parse_layout)]
     blocked_layout: Vec<BlockedLayout>,
+    /// Cooperative-matrix blocks to compile as well, ROW_TILESxKEY_TILES
+    /// (`--coop-layout 4x4,4x2`).
+    #[arg(long, value_delimiter = ',', value_parser = crate::options::parse_coop_layout)]
+    coop_layout: Vec<wgpu_flash_attn::CoopLayout>,
     /// Also compile decoding's kernel for these lane layouts (keys,
     /// head-dim, key-tiles; comma-separated) over a cache of `--kv-dtype`:
     /// the shape's heads and head dims, `--seq-q` new tokens over
@@ -190,8 +194,10 @@ fn kernels(gpu: &Gpu, args: &ShaderStatsArgs) -> Result<Vec<Kernel>> {
     let shape = args.shape.shape();
     let dtype = args.dtype.dtype();
     // The planner's own forward kernel when nothing at all was asked for.
-    let nothing_asked =
-        args.tier.is_empty() && args.blocked_layout.is_empty() && args.decode_lanes.is_empty();
+    let nothing_asked = args.tier.is_empty()
+        && args.blocked_layout.is_empty()
+        && args.coop_layout.is_empty()
+        && args.decode_lanes.is_empty();
     let tiers: Vec<Option<TierArg>> = if nothing_asked {
         vec![None]
     } else {
@@ -230,6 +236,17 @@ fn kernels(gpu: &Gpu, args: &ShaderStatsArgs) -> Result<Vec<Kernel>> {
                 kernels.push(Kernel::forward(gpu, name, &plan)?);
             }
             Err(err) => eprintln!("skipped: register-blocked layout {layout}: {err}"),
+        }
+    }
+    for &layout in &args.coop_layout {
+        let config = wgpu_flash_attn::AttentionConfig::new().coop_layout(layout);
+        match ForwardPlan::for_config(gpu.info(), &shape, dtype, &config) {
+            Ok(plan) => kernels.push(Kernel::forward(
+                gpu,
+                format!("CooperativeMatrix {layout}"),
+                &plan,
+            )?),
+            Err(err) => eprintln!("skipped: cooperative-matrix block {layout}: {err}"),
         }
     }
     let cache = CacheShape {
