@@ -280,12 +280,6 @@ fn main(
     // The output accumulators (a function variable starts at zero),
     // filled from the start only when the rows continue a carried chunk.
     var o_c: array<CoopC, DVT>;
-// #if COOP_EMULATED
-// #else
-    for (var ct = 0u; ct < DVT; ct++) {
-        o_c[ct] = CoopC();
-    }
-// #endif
     if (lid == 0u) {
 // #if MASK
         carried_in = 0u;
@@ -301,27 +295,19 @@ fn main(
     // Tiles are aligned to multiples of BLOCK_N, as the tile states are.
     wg_lo -= wg_lo % i32(BLOCK_N);
 // #else
-    var carried_lse = bitcast<f32>(0x7f800000u);
-    if ((seq.carry & CARRY_IN) != 0u) {
-        // As in flash_attention.wgsl: the chunks before left (lse, o).
-        let q_row = seq.q_start + min(row, max(seq_q, 1u) - 1u);
-        carried_lse = lse_buf[(batch * p.heads_q + head_q) * p.seq_q + q_row];
-        if (carried_lse != bitcast<f32>(0x7f800000u)) {
-            m = carried_lse;
-            l = select(0.0, 1.0, lane == 0u);
-        } else {
-            m = MIN_SCORE;
-            l = 0.0;
-        }
-    }
     if (carried) {
-        // The carried outputs into the accumulators, O_COLS columns at a
-        // time through s_tile.
+        // As in flash_attention.wgsl: the chunks before left (lse, o); a
+        // row that saw no key there (lse +inf) starts empty. The outputs
+        // go into the accumulators O_COLS columns at a time through s_tile.
         let q_row = seq.q_start + min(row, max(seq_q, 1u) - 1u);
+        let carried_lse = lse_buf[(batch * p.heads_q + head_q) * p.seq_q + q_row];
+        let saw_keys = carried_lse != bitcast<f32>(0x7f800000u);
+        m = select(MIN_SCORE, carried_lse, saw_keys);
+        l = select(0.0, 1.0, saw_keys && lane == 0u);
         for (var op = 0u; op < O_PASSES; op++) {
             for (var c = lane; c < O_COLS / 4u; c += LANES_PER_ROW) {
                 var o = vec4<f32>(0.0);
-                if (carried_lse != bitcast<f32>(0x7f800000u)) {
+                if (saw_keys) {
                     o = carry[carry_base(batch, q_row, head_q) + op * (O_COLS / 4u) + c];
                 }
                 let at = my_row * O_COLS + 4u * c;

@@ -278,9 +278,9 @@ impl Specialization {
                     ("DT", tiling.q_tiles()),
                     ("DVT", tiling.v_tiles()),
                     ("Q_PASS", tiling.q_pass()),
-                    ("Q_PASSES", tiling.q_tiles() / tiling.q_pass().max(1)),
+                    ("Q_PASSES", tiling.q_passes()),
                     ("O_PASS", tiling.o_pass()),
-                    ("O_PASSES", tiling.v_tiles() / tiling.o_pass().max(1)),
+                    ("O_PASSES", tiling.o_passes()),
                     (
                         "EMU_ELEMENTS",
                         (tiling.size * tiling.size).div_ceil(EMULATED_LANES),
@@ -655,7 +655,7 @@ fn coop_loop_trips(tiling: &CoopTiling, keys: u64) -> u64 {
     let key_tiles = u64::from(tiling.key_tiles);
     let v_tiles = u64::from(tiling.v_tiles());
     let o_pass = u64::from(tiling.o_pass());
-    let o_passes = v_tiles / o_pass.max(1);
+    let o_passes = u64::from(tiling.o_passes());
     let o_cols = o_pass * t;
     // Real matrices: the loops over them and over passes are unrolled.
     // The emulation keeps them as loops (each with its exit), and its
@@ -690,9 +690,8 @@ fn coop_loop_trips(tiling: &CoopTiling, keys: u64) -> u64 {
     let q_staging = if tiling.emulated {
         (m * d / 4).div_ceil(lanes) + 1
     } else {
-        let q_pass = u64::from(tiling.q_pass());
-        let q_passes = u64::from(tiling.q_tiles()) / q_pass.max(1);
-        q_passes * ((m * q_pass * t / 4).div_ceil(lanes) + 1)
+        let q_cols = u64::from(tiling.q_pass() * tiling.size);
+        u64::from(tiling.q_passes()) * ((m * q_cols / 4).div_ceil(lanes) + 1)
     };
     let fixed = q_staging + 2 * o_moves(o_cols / 4) + per_row + 1;
     fixed + (keys.div_ceil(n) + 1) * per_tile

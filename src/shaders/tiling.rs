@@ -201,12 +201,21 @@ impl CoopTiling {
         let room = self.block_n() * self.head_dim.max(self.head_dim_v);
         largest_divisor_at_most(self.q_tiles(), room / (self.block_m() * self.size))
     }
+    /// Passes that stage Q: `q_tiles / q_pass` (1 for a layout without
+    /// room, which the planner refuses).
+    pub fn q_passes(&self) -> u32 {
+        self.q_tiles() / self.q_pass().max(1)
+    }
     /// The accumulators' matrix columns moved per pass through the score
     /// tile (to rescale them, to load a carried chunk, to write the
     /// output): the most that divide [`Self::v_tiles`] and fit its
     /// `key_tiles` columns.
     pub fn o_pass(&self) -> u32 {
         largest_divisor_at_most(self.v_tiles(), self.key_tiles)
+    }
+    /// Passes that move the accumulators: `v_tiles / o_pass` (at least 1).
+    pub fn o_passes(&self) -> u32 {
+        self.v_tiles() / self.o_pass().max(1)
     }
     /// Workgroup memory the kernel declares: the K/V tile and the
     /// probabilities as operands; the scores (with a spare row tile for
