@@ -99,16 +99,21 @@ var<workgroup> p_tile: array<Operand, BLOCK_M * BLOCK_N>;
 // Per (row, lane of the row): the lane's max of the row's scores in the
 // tile; at the end, its partial sum.
 var<workgroup> partials: array<f32, BLOCK_M * LANES_PER_ROW>;
-// The key tile's TILE_* bits: whether the accumulators hold anything yet,
-// and whether some row's max passed its reference by more than
-// RESCALE_LOG2 (invocation 0 sets the first at the top of each tile, the
-// rows vote for the second; read uniformly).
-var<workgroup> tile_state: atomic<u32>;
+// Words the workgroup shares, each read uniformly: at TILE_STATE the key
+// tile's TILE_* bits (whether the accumulators hold anything yet, which
+// invocation 0 sets at the top of each tile, and whether some row's max
+// passed its reference by more than RESCALE_LOG2, which the rows vote
+// for); at CARRIED_IN whether the rows continue a carried chunk (set by
+// invocation 0). Four words where two would do: every workgroup variable
+// here is a multiple of 16 bytes, because drivers place the variables in
+// an order of their own and matrix loads and stores need 16-byte-aligned
+// addresses (NVIDIA's 580 driver computed garbage with two lone words
+// beside the tiles, 2026-12-05; shader_contract_tests checks the sizes).
+var<workgroup> shared_words: array<atomic<u32>, 4>;
+const TILE_STATE: u32 = 0u;
+const CARRIED_IN: u32 = 1u;
 const TILE_MOVED: u32 = 1u;
 const TILE_LIVE: u32 = 2u;
-// Whether the rows continue a carried chunk (set by invocation 0, read
-// uniformly).
-var<workgroup> carried_in: u32;
 // #if COOP_EMULATED
 // The emulation reads Q here throughout (real subgroups hold it in
 // registers).
@@ -277,57 +282,65 @@ fn main(
     // the row's reference max.
     var m = start.x;
     var l = select(0.0, start.y, lane == 0u);
-    // The output accumulators (a function variable starts at zero),
-    // filled from the start only when the rows continue a carried chunk.
+    // The output accumulators. They start from a matrix load of zeros or
+    // of a carried chunk's output, never from the variable's zero value:
+    // naga writes that as a null constant of the matrix array, which
+    // NVIDIA's driver (580, H100) left holding garbage (NaN and wrong
+    // outputs, 2026-12-05).
     var o_c: array<CoopC, DVT>;
     if (lid == 0u) {
 // #if MASK
-        carried_in = 0u;
+        atomicStore(&shared_words[CARRIED_IN], 0u);
 // #else
-        carried_in = seq.carry & CARRY_IN;
+        atomicStore(&shared_words[CARRIED_IN], seq.carry & CARRY_IN);
 // #endif
     }
     // Whether the rows continue a carried chunk (the accumulators start
     // from its output).
-    let carried = workgroupUniformLoad(&carried_in) != 0u;
+    let carried = workgroupUniformLoad(&shared_words[CARRIED_IN]) != 0u;
+    // As in flash_attention.wgsl: the chunks before left (lse, o); a row
+    // that saw no key there (lse +inf) starts empty.
+    let q_row = seq.q_start + min(row, max(seq_q, 1u) - 1u);
+    var saw_keys = false;
 // #if MASK
     let mask_row = batch * mp.batch_stride + head_q * mp.head_stride + min(row, seq_q - 1u) * mp.row_words;
     // Tiles are aligned to multiples of BLOCK_N, as the tile states are.
     wg_lo -= wg_lo % i32(BLOCK_N);
 // #else
     if (carried) {
-        // As in flash_attention.wgsl: the chunks before left (lse, o); a
-        // row that saw no key there (lse +inf) starts empty. The outputs
-        // go into the accumulators O_COLS columns at a time through s_tile.
-        let q_row = seq.q_start + min(row, max(seq_q, 1u) - 1u);
         let carried_lse = lse_buf[(batch * p.heads_q + head_q) * p.seq_q + q_row];
-        let saw_keys = carried_lse != bitcast<f32>(0x7f800000u);
+        saw_keys = carried_lse != bitcast<f32>(0x7f800000u);
         m = select(MIN_SCORE, carried_lse, saw_keys);
         l = select(0.0, 1.0, saw_keys && lane == 0u);
-        for (var op = 0u; op < O_PASSES; op++) {
-            for (var c = lane; c < O_COLS / 4u; c += LANES_PER_ROW) {
-                var o = vec4<f32>(0.0);
-                if (saw_keys) {
-                    o = carry[carry_base(batch, q_row, head_q) + op * (O_COLS / 4u) + c];
-                }
-                let at = my_row * O_COLS + 4u * c;
-                s_tile[at] = o.x;
-                s_tile[at + 1u] = o.y;
-                s_tile[at + 2u] = o.z;
-                s_tile[at + 3u] = o.w;
-            }
-            workgroupBarrier();
-            for (var j = 0u; j < O_PASS; j++) {
-// #if COOP_EMULATED
-                o_c[op * O_PASS + j] = emu_load(rt * T * O_COLS + j * T, O_COLS, sg_lane);
-// #else
-                o_c[op * O_PASS + j] = coopLoadT<CoopC>(&s_tile[rt * T * O_COLS + j * T], O_COLS);
-// #endif
-            }
-            workgroupBarrier();
-        }
     }
 // #endif
+    // The accumulators' first values, O_COLS columns at a time through
+    // s_tile.
+    for (var op = 0u; op < O_PASSES; op++) {
+        for (var c = lane; c < O_COLS / 4u; c += LANES_PER_ROW) {
+            var o = vec4<f32>(0.0);
+// #if MASK
+// #else
+            if (saw_keys) {
+                o = carry[carry_base(batch, q_row, head_q) + op * (O_COLS / 4u) + c];
+            }
+// #endif
+            let at = my_row * O_COLS + 4u * c;
+            s_tile[at] = o.x;
+            s_tile[at + 1u] = o.y;
+            s_tile[at + 2u] = o.z;
+            s_tile[at + 3u] = o.w;
+        }
+        workgroupBarrier();
+        for (var j = 0u; j < O_PASS; j++) {
+// #if COOP_EMULATED
+            o_c[op * O_PASS + j] = emu_load(rt * T * O_COLS + j * T, O_COLS, sg_lane);
+// #else
+            o_c[op * O_PASS + j] = coopLoadT<CoopC>(&s_tile[rt * T * O_COLS + j * T], O_COLS);
+// #endif
+        }
+        workgroupBarrier();
+    }
 
     let k_base = seq.kv_batch * p.k.batch + seq.kv_start * p.k.seq + head_kv * p.k.head + p.k.offset;
     let v_base = seq.kv_batch * p.v.batch + seq.kv_start * p.v.seq + head_kv * p.v.head + p.v.offset;
@@ -345,7 +358,7 @@ fn main(
         }
 // #endif
         if (lid == 0u) {
-            atomicStore(&tile_state, select(0u, TILE_LIVE, live));
+            atomicStore(&shared_words[TILE_STATE], select(0u, TILE_LIVE, live));
         }
         for (var i = lid; i < BLOCK_N * D4; i += WG_SIZE) {
             let key = i / D4;
@@ -419,10 +432,10 @@ fn main(
             m_new = max(m_new, partials[my_row * LANES_PER_ROW + b]);
         }
         if ((m_new - m) * LOG2_E > RESCALE_LOG2) {
-            atomicOr(&tile_state, TILE_MOVED);
+            atomicOr(&shared_words[TILE_STATE], TILE_MOVED);
         }
         // (Also publishes V.)
-        let state = workgroupUniformLoad(&tile_state);
+        let state = workgroupUniformLoad(&shared_words[TILE_STATE]);
         let moved = (state & TILE_MOVED) != 0u;
         var correction = 1.0;
         if (moved) {

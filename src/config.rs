@@ -420,10 +420,12 @@ pub enum Tier {
     /// 8x8) on a device with wgpu's `EXPERIMENTAL_COOPERATIVE_MATRIX`,
     /// `SUBGROUP` and (for f16) `SHADER_F16` features, which the crate
     /// requests only when asked ([`crate::AdapterOptions::cooperative_matrix`]).
-    /// Where it is offered it is the forward's default (except on NVIDIA
-    /// GPUs, where [`Tier::RegisterBlocked`] with f16 products measured
-    /// faster on an H200); forcing it elsewhere is `TierUnavailable` with
-    /// the reason.
+    /// Where it is offered it is the forward's default on CPU adapters
+    /// (lavapipe from Mesa 26.1); on hardware GPUs it runs only when
+    /// forced, until its tests pass on one (README, "Kernel tiers": on an
+    /// H100 it computed wrong outputs before a fix not yet run there).
+    /// Forcing it where it is not offered is `TierUnavailable` with the
+    /// reason.
     CooperativeMatrix,
 }
 

@@ -7,9 +7,13 @@
 # kernels beside this checkout's in the A/B step (its own test binaries
 # need a call of their own). Since 2026-12-05 (fourteenth session) the
 # cooperative-matrix kernel keeps Q and the accumulators in the subgroups'
-# matrix registers (64 x 64 blocks at d=128 on NVIDIA); it has not run on
-# a GPU: `tests: cooperative_matrix` says whether it computes right there,
-# and a baseline from before it (c69b7c1, also the old MLA decode plan)
+# matrix registers (64 x 64 blocks at d=128 on NVIDIA). On an H100 it
+# computed NaN and wrong outputs (fifteenth session, BENCHMARKS.md); the
+# fix since, every workgroup variable a multiple of 16 bytes so that the
+# matrix loads' addresses are 16-byte aligned whatever order the driver
+# places them in, has not run on a GPU: `tests: cooperative_matrix`, right
+# after the adapters, says whether it computes right there, and a
+# baseline from before the rewrite (c69b7c1, also the old MLA decode plan)
 # times the kernel it replaced in the A/B step.
 #
 #   ../shared/device/stage.sh && cp benches/device/run.sh .device/run.sh
@@ -77,6 +81,10 @@ nvidia-smi -L 2>/dev/null
 git log -1 --format='project commit %h %s' 2>/dev/null
 
 step 45 "adapters and the planner's tiers" "$fb" info
+# The matrix kernel's correctness first (see the top): a failure here is
+# the top priority.
+[ -x "$tests/cooperative_matrix" ] && step 60 "tests: cooperative_matrix" \
+  "$tests/cooperative_matrix" --test-threads=4
 # What the driver compiled issue 13's kernels into: registers per
 # invocation (how many workgroups share a compute unit), spills, with and
 # without wgpu's runtime checks (bounds clamps, loop bounds). The subgroup
@@ -152,7 +160,7 @@ step 45 "decode layouts, Llama-3.1-70B heads, 128K: head-dim lanes against key t
 # d=128) and register blocking with f16 products for f16, matrices
 # requested or not (since 2026-12-04, seventh session); the matrix tier's
 # own tests force it.
-for t in tiers cooperative_matrix half_storage forward masks key_chunks backward decode head_dims; do
+for t in tiers half_storage forward masks key_chunks backward decode head_dims; do
   [ -x "$tests/$t" ] && step 90 "tests: $t" "$tests/$t" --test-threads=4
 done
 # This commit against others (benches/device/stage-baseline.sh: the

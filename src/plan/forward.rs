@@ -406,12 +406,14 @@ impl ForwardPlan {
                         .map_err(|reason| unavailable(Tier::RegisterBlocked, reason))?,
                 )),
                 Some(Tier::Portable | Tier::SubgroupBroadcast) => None,
-                // The matrix units where the device offers them (unless
-                // register blocking measured faster), else register
+                // The matrix units where the device offers them and the
+                // kernel has passed its tests on them, else register
                 // blocking on hardware GPUs (unless the subgroup tier
                 // measured faster), else a per-row tier.
                 None => {
-                    let coop = coop_tiling(info, shape, storage, None).ok();
+                    let coop = coop_tiling(info, shape, storage, None)
+                        .ok()
+                        .filter(|_| coop_by_default(info));
                     let blocked = || {
                         blocked_tiling(info, shape, storage).ok().filter(|blocked| {
                             !(subgroup_kv && subgroup_before_blocked(info, shape, storage))
@@ -419,11 +421,9 @@ impl ForwardPlan {
                         })
                     };
                     match coop {
-                        Some(coop) if coop_before_blocked(info) => Some(TiledKernel::Coop(coop)),
-                        coop if blocked_by_default(info) => blocked()
-                            .map(TiledKernel::Blocked)
-                            .or(coop.map(TiledKernel::Coop)),
-                        coop => coop.map(TiledKernel::Coop),
+                        Some(coop) => Some(TiledKernel::Coop(coop)),
+                        None if blocked_by_default(info) => blocked().map(TiledKernel::Blocked),
+                        None => None,
                     }
                 }
             },
@@ -779,15 +779,18 @@ pub(crate) fn blocked_by_default(info: &GpuInfo) -> bool {
 const NVIDIA: u32 = 0x10de;
 
 /// Whether the cooperative-matrix tier, where the device offers it, is the
-/// default before register blocking: everywhere but on NVIDIA GPUs, where
-/// the register-blocked tier with f16 products (f16 storage's default
-/// there) measured 1.72x faster than the matrix kernel before its rewrite
-/// with register-resident accumulators (an H200: 37.14 against 63.98 ms,
-/// B4 H16 N4096 d128 causal f16, in one run; BENCHMARKS.md; the rewrite
-/// is unmeasured on a GPU). Forcing `Tier::CooperativeMatrix` still runs
-/// it.
-fn coop_before_blocked(info: &GpuInfo) -> bool {
-    info.adapter.vendor != NVIDIA
+/// default: on CPU adapters only (lavapipe from Mesa 26.1, on whose matrix
+/// instructions the kernel passes its tests in CI). On hardware GPUs it
+/// runs only when forced (`Tier::CooperativeMatrix`, a `CoopLayout`): the
+/// kernel computed NaN and wrong outputs on an H100 (2026-12-05,
+/// BENCHMARKS.md) before its workgroup variables were made multiples of
+/// 16 bytes, and has not run on a hardware GPU since. (On NVIDIA, besides,
+/// register blocking with f16 products measured 1.72x faster than the
+/// matrix kernel before its rewrite: an H200, 37.14 against 63.98 ms, B4
+/// H16 N4096 d128 causal f16.) A GPU family joins once its run of
+/// `tests/cooperative_matrix.rs` passes and the tier measures faster there.
+fn coop_by_default(info: &GpuInfo) -> bool {
+    info.adapter.device_type == wgpu::DeviceType::Cpu
 }
 
 /// Whether a register-blocked block of `block_m` rows takes the (query

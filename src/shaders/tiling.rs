@@ -219,8 +219,9 @@ impl CoopTiling {
     }
     /// Workgroup memory the kernel declares: the K/V tile and the
     /// probabilities as operands; the scores (with a spare row tile for
-    /// subgroups past the block's rows), the row partials and two flags as
-    /// 32-bit words. The emulation holds Q as operands instead of the
+    /// subgroups past the block's rows), the row partials and four shared
+    /// words (two used: every variable a multiple of 16 bytes, see
+    /// shaders/flash_coop.wgsl) as 32-bit words. The emulation holds Q as operands instead of the
     /// spare tile (real subgroups hold Q in matrix registers).
     pub fn workgroup_bytes(&self) -> u64 {
         let (m, n) = (u64::from(self.block_m()), u64::from(self.block_n()));
@@ -231,7 +232,7 @@ impl CoopTiling {
             (0, u64::from(self.size) * n)
         };
         self.operand_bytes() * (q + n * d.max(dv) + m * n)
-            + 4 * (m * n + spare + m * u64::from(self.lanes_per_row()) + 2)
+            + 4 * (m * n + spare + m * u64::from(self.lanes_per_row()) + 4)
     }
 }
 

@@ -66,7 +66,8 @@ const TABLE_HEAD_DIMS: [usize; 4] = [64, 128, 256, 576];
 /// Storage types that plan alike share a line.
 fn forward_tiers(info: &GpuInfo) -> String {
     let mut lines = vec![format!(
-        "  forward tiers ({:?} adapter; cooperative matrices where the device has them (not on NVIDIA, measured slower), else \
+        "  forward tiers ({:?} adapter; cooperative matrices where a CPU adapter has them (on GPUs only when forced, \
+         until their tests pass on one), else \
          register-blocked on hardware GPUs (the subgroup tier for f32 up to d=128 on NVIDIA, \
          measured faster), per-row tiers on CPU adapters):",
         info.adapter.device_type

@@ -32,9 +32,9 @@ pub struct GlobalArgs {
     pub plot: Option<PathBuf>,
     /// Request wgpu's experimental cooperative-matrix feature where the
     /// adapter has it (as FLASH_ATTN_COOPERATIVE_MATRIX=1 does), which
-    /// offers the tensor-core tier (`--tier coop`, the default for f16
-    /// and f32 where offered, except on NVIDIA, where register blocking
-    /// with f16 products measured faster).
+    /// offers the tensor-core tier (`--tier coop`; the default where
+    /// offered on CPU adapters only, since on GPUs it has not yet passed
+    /// its tests: README, "Kernel tiers").
     #[arg(long, global = true)]
     pub cooperative_matrix: bool,
     /// Compile the kernels without wgpu's runtime checks (array index
