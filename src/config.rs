@@ -384,9 +384,8 @@ pub enum Tier {
     /// to all lanes; no workgroup memory, no barriers. Offered with the
     /// SUBGROUP feature and a smallest subgroup size that is a power of two
     /// from 4 to 128, on Vulkan, Metal and DX12 (wgpu's GL backend has no
-    /// subgroups). The forward's default for f32 on NVIDIA GPUs with head
-    /// dims up to 128 (measured faster than [`Tier::RegisterBlocked`] on an
-    /// H200), except decoding-like GQA calls. Decoding has a subgroup tier under the same conditions,
+    /// subgroups). The forward's default on CPU adapters with subgroups
+    /// (and where no register-blocked block fits). Decoding has a subgroup tier under the same conditions,
     /// with three lane layouts ([`crate::DecodeLanes`]): lanes split the
     /// head dim and `subgroupAdd` completes the dot products (GPUs), each
     /// lane takes its own keys (CPU adapters), or each lane scores its own

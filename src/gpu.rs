@@ -569,7 +569,19 @@ impl Gpu {
     /// prove the kernels in bounds.
     pub unsafe fn skip_shader_runtime_checks(&self) {
         // SAFETY: forwarded to the caller.
-        unsafe { self.pipelines.skip_runtime_checks() }
+        unsafe { self.skip_shader_runtime_checks_of(crate::SkippedChecks::ALL) }
+    }
+
+    /// As [`Gpu::skip_shader_runtime_checks`] for the checks in `skipped`
+    /// only (the others stay on; [`crate::SkippedChecks::default`] turns
+    /// them all back on): which check costs what (`flash-bench
+    /// --skip-checks bounds|loops|division`).
+    ///
+    /// # Safety
+    /// As [`Gpu::skip_shader_runtime_checks`], for the checks skipped.
+    pub unsafe fn skip_shader_runtime_checks_of(&self, skipped: crate::SkippedChecks) {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.pipelines.skip_runtime_checks(skipped) }
     }
 
     /// Compiles the crate's kernels from now on with one of its WGSL files
@@ -603,10 +615,16 @@ impl Gpu {
         self.pipelines.source(&plan.specialization)
     }
 
-    /// Whether the kernels compile without wgpu's runtime checks
+    /// Whether the kernels compile without any of wgpu's runtime checks
     /// ([`Gpu::skip_shader_runtime_checks`]).
     pub fn shader_runtime_checks_skipped(&self) -> bool {
-        self.pipelines.runtime_checks_skipped()
+        self.skipped_shader_runtime_checks().any()
+    }
+
+    /// The runtime checks the kernels compile without
+    /// ([`Gpu::skip_shader_runtime_checks_of`]).
+    pub fn skipped_shader_runtime_checks(&self) -> crate::SkippedChecks {
+        self.pipelines.skipped_runtime_checks()
     }
 
     /// Number of compute pipelines cached now.

@@ -51,6 +51,7 @@ mod pipelines;
 mod plan;
 pub mod reference;
 mod rope;
+mod runtime_checks;
 #[cfg(test)]
 mod shader_contract_tests;
 mod shaders;
@@ -79,6 +80,7 @@ pub use lse::Lse;
 pub use mask::{AttentionMask, BlockLayout, MaskKind, patterns};
 pub use plan::{CacheShape, DecodePlan, ForwardPlan, NaivePlan};
 pub use rope::{Rope, RopeStyle};
+pub use runtime_checks::SkippedChecks;
 pub use shaders::BlockedTiling;
 pub use tensor::{DType, Strides, Tensor, TensorShape};
 pub use varlen::ValidLengths;

@@ -1,11 +1,12 @@
 //! Compute pipelines, built once per specialization and reused.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::runtime_checks::SkippedChecks;
 use crate::shaders::{Kernel, ShaderOverrides, Specialization};
 
 /// A compiled kernel and the bind group layout its bindings follow.
@@ -27,8 +28,9 @@ pub(crate) struct PipelineCache {
     pipelines: Mutex<Entries<Arc<CachedPipeline>>>,
     layouts: Mutex<HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>>,
     capacity: AtomicUsize,
-    /// Compile without wgpu's runtime checks ([`Gpu::skip_shader_runtime_checks`]).
-    unchecked: AtomicBool,
+    /// wgpu's runtime checks the kernels compile without
+    /// ([`crate::Gpu::skip_shader_runtime_checks_of`]).
+    skipped: Mutex<SkippedChecks>,
     /// `shaders/` files replaced ([`Gpu::override_shader_file`]).
     overrides: Mutex<ShaderOverrides>,
 }
@@ -88,7 +90,7 @@ impl Default for PipelineCache {
             pipelines: Mutex::default(),
             layouts: Mutex::default(),
             capacity: AtomicUsize::new(DEFAULT_PIPELINE_CAPACITY),
-            unchecked: AtomicBool::new(false),
+            skipped: Mutex::new(SkippedChecks::default()),
             overrides: Mutex::default(),
         }
     }
@@ -119,14 +121,16 @@ impl PipelineCache {
         self.capacity.load(Ordering::Relaxed)
     }
 
-    /// From now on, compiles kernels without wgpu's runtime checks, and
-    /// drops the pipelines compiled with them.
+    /// From now on, compiles kernels without the runtime checks in
+    /// `skipped` (and with the others), and drops the pipelines compiled
+    /// before.
     ///
     /// # Safety
     /// As [`wgpu::Device::create_shader_module_trusted`]: the kernels must
-    /// stay within their arrays and end their loops.
-    pub unsafe fn skip_runtime_checks(&self) {
-        self.unchecked.store(true, Ordering::Relaxed);
+    /// stay within their arrays, end their loops and divide by nonzero
+    /// values, for the checks skipped.
+    pub unsafe fn skip_runtime_checks(&self, skipped: SkippedChecks) {
+        *lock(&self.skipped) = skipped;
         lock(&self.pipelines).shrink_to(0);
     }
 
@@ -153,9 +157,9 @@ impl PipelineCache {
             })
     }
 
-    /// Whether kernels compile without wgpu's runtime checks.
-    pub fn runtime_checks_skipped(&self) -> bool {
-        self.unchecked.load(Ordering::Relaxed)
+    /// The runtime checks kernels compile without.
+    pub fn skipped_runtime_checks(&self) -> SkippedChecks {
+        *lock(&self.skipped)
     }
 
     /// The pipeline for `spec`, compiling it on first use.
@@ -174,15 +178,11 @@ impl PipelineCache {
             label: Some(&label),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         };
-        let module = if self.runtime_checks_skipped() {
+        let skipped = self.skipped_runtime_checks();
+        let module = if skipped.any() {
             // SAFETY: the caller of skip_runtime_checks vouched for the
-            // crate's kernels (bounds and loops).
-            unsafe {
-                device.create_shader_module_trusted(
-                    descriptor,
-                    wgpu::ShaderRuntimeChecks::unchecked(),
-                )
-            }
+            // crate's kernels (bounds, loops, division, as skipped).
+            unsafe { device.create_shader_module_trusted(descriptor, skipped.to_wgpu()) }
         } else {
             device.create_shader_module(descriptor)
         };

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{Inputs, assert_close, gpu, run_and_compare, with_tier};
-use wgpu_flash_attn::{AttentionConfig, AttentionShape, Tier};
+use wgpu_flash_attn::{AttentionConfig, AttentionShape, SkippedChecks, Tier};
 
 #[test]
 fn repeated_calls_compile_nothing() {
@@ -73,7 +73,7 @@ fn pipeline_cache_is_bounded_least_recently_used() {
 /// Kernels compiled without wgpu's runtime checks (the measurement switch
 /// `Gpu::skip_shader_runtime_checks`) replace the checked pipelines and
 /// match the reference, on the planner's default and the register-blocked
-/// kernel.
+/// kernel; so do kernels without one check (`skip_shader_runtime_checks_of`).
 #[test]
 fn kernels_without_runtime_checks_match_the_reference() {
     // Own device: the switch is per Gpu, and the test devices serve the
@@ -106,6 +106,28 @@ fn kernels_without_runtime_checks_match_the_reference() {
         );
     }
     assert!(gpu.pipeline_count() >= 1);
+    // One check at a time (`flash-bench --skip-checks`): the loop bounds
+    // off, the index clamps and division guards on.
+    let loops = SkippedChecks {
+        loop_bounding: true,
+        ..SkippedChecks::default()
+    };
+    // SAFETY: as above.
+    unsafe { gpu.skip_shader_runtime_checks_of(loops) };
+    assert_eq!(gpu.skipped_shader_runtime_checks(), loops);
+    assert_eq!(
+        gpu.pipeline_count(),
+        0,
+        "the unchecked pipelines are dropped"
+    );
+    assert_close(
+        run_and_compare(&gpu, &shape, &inputs, &config),
+        "without loop bounding",
+    );
+    // SAFETY: skips nothing.
+    unsafe { gpu.skip_shader_runtime_checks_of(SkippedChecks::default()) };
+    assert!(!gpu.shader_runtime_checks_skipped());
+    assert_eq!(gpu.pipeline_count(), 0);
 }
 
 /// A replaced shader file (`Gpu::override_shader_file`) drops the compiled

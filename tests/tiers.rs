@@ -232,10 +232,6 @@ fn register_blocked_layouts_from_the_caller_match_the_reference() {
     }
 }
 
-/// PCI vendor id of NVIDIA, as wgpu reports it (the test states the
-/// planner's rule on its own rather than reusing the planner's constant).
-const NVIDIA_VENDOR_ID: u32 = 0x10de;
-
 #[test]
 fn default_tier_is_the_best_offered() {
     let Some(gpu) = gpu() else { return };
@@ -252,14 +248,11 @@ fn default_tier_is_the_best_offered() {
         Some(Tier::CooperativeMatrix),
     )
     .is_ok();
-    // On NVIDIA GPUs the subgroup tier measured faster than register
-    // blocking for f32 up to d=128 (README, "Kernel tiers").
-    let nvidia = gpu.info().adapter.vendor == NVIDIA_VENDOR_ID;
     // The matrix tier is a default on CPU adapters only, until its tests
     // pass on a hardware GPU (README, "Kernel tiers").
     let best = if coop && !hardware {
         Tier::CooperativeMatrix
-    } else if hardware && !(nvidia && offers_subgroup_broadcast(gpu)) {
+    } else if hardware {
         Tier::RegisterBlocked
     } else if offers_subgroup_broadcast(gpu) {
         Tier::SubgroupBroadcast

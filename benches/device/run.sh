@@ -118,6 +118,16 @@ step 75 "tiers, B4 H16 N4096 d128 causal, f16" \
 step 60 "cooperative-matrix blocks, f16" \
   "$fb" run $target --dtype f16 --tier coop --coop-layout 4x2,2x4,2x2,8x2 \
   --json "$res/coop-layouts-f16.json"
+# Register-blocked layouts with f16 products (blocked-f16 alone makes the
+# layouts take them; f16 storage's default on NVIDIA): a caller's layout
+# is held to its f16 tiles' bytes, so blocks of 64 rows fit 48 KiB at d128
+# (the planner picks at f32 sizes: 16x8x2 on NVIDIA, unmeasured with f16
+# products; 8x8x4 gave 25.2 ms on an H100). Skipped for want of budget on
+# 2026-12-05, so early now.
+step 90 "register-blocked layouts with f16 products, B4 H16 N4096 d128 causal, f16" \
+  "$fb" run $target --dtype f16 --tier blocked-f16 \
+  --blocked-layout 16x8x4,16x8x2,32x4x2,16x4x4,32x8x2,8x8x4 \
+  --json "$res/blocked-layouts-f16.json"
 # f32 on NVIDIA defaults to the subgroup tier up to d=128 (measured at
 # d128 only, 2026-12-04): the same comparison at d64.
 step 40 "tiers, B4 H16 N4096 d64 causal, f32" \
@@ -130,6 +140,12 @@ step 60 "tiers without runtime checks, B4 H16 N4096 d128 causal, f32" \
   "$fb" --unchecked-shaders run $target --tier blocked,subgroup --json "$res/unchecked-f32.json"
 step 60 "tiers without runtime checks, B4 H16 N4096 d128 causal, f16" \
   "$fb" --unchecked-shaders run $target --dtype f16 --tier coop,blocked-f16 --json "$res/unchecked-f16.json"
+# Which check costs (an H100 ran 8x8x4 30 % faster with none, 2026-12-05):
+# each alone skipped, on the f32 default.
+for check in bounds loops division; do
+  step 30 "register-blocked f32 without the $check check, B4 H16 N4096 d128 causal" \
+    "$fb" --skip-checks "$check" run $target --tier blocked --json "$res/skip-$check-f32.json"
+done
 # Where the register-blocked forward's time goes (issue 13's f32 target):
 # the kernel with its K/V loads, its Q K^T products or its P V products
 # removed (benches/device/variants/ablate-*: results wrong on purpose,
@@ -156,10 +172,10 @@ step 45 "decode layouts, Llama-3.1-70B heads, 128K: head-dim lanes against key t
   "$fb" decode --cache 131072 --kv-dtype f32,f16,int8 --lanes head-dim,key-tiles \
   --json "$res/decode-layouts.json"
 # The kernels' tests on a real GPU: a failure here is the top priority.
-# On NVIDIA the defaults these run are the subgroup tier for f32 (up to
-# d=128) and register blocking with f16 products for f16, matrices
-# requested or not (since 2026-12-04, seventh session); the matrix tier's
-# own tests force it.
+# On NVIDIA the defaults these run are register blocking (16x8x2 at
+# d=128 since 2026-12-05, fifteenth session; the subgroup tier for f32 up
+# to d=128 before), with f16 products for f16, matrices requested or not;
+# the matrix tier's own tests force it.
 for t in tiers half_storage forward masks key_chunks backward decode head_dims; do
   [ -x "$tests/$t" ] && step 90 "tests: $t" "$tests/$t" --test-threads=4
 done
@@ -199,14 +215,6 @@ step 120 "register-blocked layouts, B4 H16 N4096 d128 causal, f32" \
   "$fb" run $target --tier blocked \
   --blocked-layout 8x8x4,16x8x2,16x4x2,32x4x1,8x8x2,4x16x4,32x2x1,64x2x1,64x4x1,16x16x1 \
   --json "$res/blocked-layouts-f32.json"
-# The same with f16 products (blocked-f16 alone makes the layouts take
-# them; f16 storage's default on NVIDIA anyway): a caller's
-# layout is held to its f16 tiles' bytes, so blocks of 64 rows fit 48 KiB
-# at d128 (the planner still picks at f32 sizes: 32 x 32, 64 invocations).
-step 90 "register-blocked layouts with f16 products, B4 H16 N4096 d128 causal, f16" \
-  "$fb" run $target --dtype f16 --tier blocked-f16 \
-  --blocked-layout 16x8x4,16x8x2,32x4x2,16x4x4,32x8x2,8x8x4 \
-  --json "$res/blocked-layouts-f16.json"
 # Kernel variants (benches/device/stage-variants.sh: patches against
 # shaders/, run through --shader-dir without a rebuild), each validated,
 # between two runs of the built-in kernels on the same shapes: the forward

@@ -408,21 +408,16 @@ impl ForwardPlan {
                 Some(Tier::Portable | Tier::SubgroupBroadcast) => None,
                 // The matrix units where the device offers them and the
                 // kernel has passed its tests on them, else register
-                // blocking on hardware GPUs (unless the subgroup tier
-                // measured faster), else a per-row tier.
+                // blocking on hardware GPUs, else a per-row tier.
                 None => {
                     let coop = coop_tiling(info, shape, storage, None)
                         .ok()
                         .filter(|_| coop_by_default(info));
-                    let blocked = || {
-                        blocked_tiling(info, shape, storage).ok().filter(|blocked| {
-                            !(subgroup_kv && subgroup_before_blocked(info, shape, storage))
-                                || groups_rows(shape, blocked.block_m())
-                        })
-                    };
                     match coop {
                         Some(coop) => Some(TiledKernel::Coop(coop)),
-                        None if blocked_by_default(info) => blocked().map(TiledKernel::Blocked),
+                        None if blocked_by_default(info) => blocked_tiling(info, shape, storage)
+                            .ok()
+                            .map(TiledKernel::Blocked),
                         None => None,
                     }
                 }
@@ -800,22 +795,6 @@ fn groups_rows(shape: &AttentionShape, block_m: u32) -> bool {
     shape.heads_q > shape.heads_kv && (shape.seq_q as u64) < u64::from(block_m)
 }
 
-/// Whether calls the planner would give the register-blocked tier run the
-/// subgroup tier instead (where the adapter offers it): where that
-/// measured faster, NVIDIA GPUs in f32
-/// (an H200: 39.8 against 56.6 ms and 39.3 against 56.2 ms, B4 H16 N4096
-/// d128 causal, two runs; BENCHMARKS.md). Only up to head dims of 128,
-/// the width measured: a lane holds its row's q and accumulator, twice as
-/// many registers at 256. Not for f16 or bf16 storage (the subgroup tier
-/// ran f16 2.3x slower than register blocking there, and f16 products
-/// faster still), nor for decoding-like GQA calls (`groups_rows`), where
-/// register blocking reads each K/V tile once per KV head.
-fn subgroup_before_blocked(info: &GpuInfo, shape: &AttentionShape, storage: DType) -> bool {
-    info.adapter.vendor == NVIDIA
-        && storage == DType::F32
-        && shape.head_dim.max(shape.head_dim_v) <= 128
-}
-
 /// Whether register-blocked plans of f16 storage compute their products
 /// from f16 operands unless the caller says otherwise
 /// (`AttentionConfig::f16_products`): where that measured faster, NVIDIA
@@ -829,7 +808,8 @@ pub(crate) fn f16_products_by_default(info: &GpuInfo) -> bool {
 /// The register-blocked kernel's layout for this adapter and shape: the
 /// first of [`BLOCKED_LANES`] whose tiles fit the workgroup memory and
 /// whose invocations the workgroup limit, with rows per invocation chosen
-/// so the accumulators stay within [`BLOCKED_ACCUMULATORS`]; or why none fits.
+/// so the accumulators stay within [`BLOCKED_ACCUMULATORS`] (or, on
+/// NVIDIA, from four, half of those); or why none fits.
 fn blocked_tiling(
     info: &GpuInfo,
     shape: &AttentionShape,
@@ -838,19 +818,32 @@ fn blocked_tiling(
     let (head_dim, head_dim_v) = (shape.head_dim as u32, shape.head_dim_v as u32);
     let memory = u64::from(info.limits.max_compute_workgroup_storage_size);
     let invocations = info.max_invocations();
-    let layouts = BLOCKED_LANES.map(|(row_lanes, key_lanes)| {
-        let columns = (head_dim_v / 4).div_ceil(key_lanes);
-        BlockedTiling {
-            head_dim,
-            head_dim_v,
-            row_lanes,
-            key_lanes,
-            rows: (BLOCKED_ACCUMULATORS / columns).clamp(1, 4),
-            storage,
-            dropout: false,
-            f16_products: false,
-        }
-    });
+    // Each pair of lanes with its rows per lane, then on NVIDIA (from four
+    // rows) with half of them, before fewer lanes: at d=128 in 48 KiB, 16x8x2
+    // (128 invocations, 144 registers a lane on NVIDIA's compiler) ran
+    // 1.56x faster than 8x8x4 (64 invocations, 233 registers), the same
+    // 32 x 32 block (an H100: 23.00 against 35.78 ms, B4 H16 N4096 d128
+    // causal f32, one run; BENCHMARKS.md).
+    let layouts: Vec<BlockedTiling> = BLOCKED_LANES
+        .iter()
+        .flat_map(|&(row_lanes, key_lanes)| {
+            let columns = (head_dim_v / 4).div_ceil(key_lanes);
+            let rows = (BLOCKED_ACCUMULATORS / columns).clamp(1, 4);
+            let fewer = (rows == 4 && info.adapter.vendor == NVIDIA).then_some(rows / 2);
+            std::iter::once(rows)
+                .chain(fewer)
+                .map(move |rows| BlockedTiling {
+                    head_dim,
+                    head_dim_v,
+                    row_lanes,
+                    key_lanes,
+                    rows,
+                    storage,
+                    dropout: false,
+                    f16_products: false,
+                })
+        })
+        .collect();
     if let Some(fits) = layouts
         .iter()
         .find(|t| t.workgroup_bytes() <= memory && t.workgroup_size() <= invocations)

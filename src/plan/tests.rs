@@ -89,9 +89,10 @@ fn forward_tiling_per_adapter() {
         // Hardware: register-blocked, 64 rows x 32 keys by 128
         // invocations where the workgroup memory holds them, smaller
         // blocks (and fewer rows per invocation) for wider heads; on
-        // NVIDIA, f32 up to d=128 runs the subgroup tier (measured faster).
-        ("NVIDIA", 64, (SubgroupBroadcast, 32, 1, 64, true)),
-        ("NVIDIA", 128, (SubgroupBroadcast, 32, 1, 32, true)),
+        // NVIDIA, 128 invocations with two rows each before fewer lanes
+        // (measured faster).
+        ("NVIDIA", 64, (RegisterBlocked, 128, 4, 32, false)),
+        ("NVIDIA", 128, (RegisterBlocked, 128, 2, 32, false)),
         ("NVIDIA", 256, (RegisterBlocked, 32, 1, 16, false)),
         ("AMD", 128, (RegisterBlocked, 128, 4, 32, false)),
         ("AMD", 256, (RegisterBlocked, 64, 2, 32, false)),
@@ -278,19 +279,13 @@ fn register_blocked_where_it_fits_and_by_default_on_hardware_gpus() {
                         Specialization::FlashBlockedMasked(t) if t == blocked
                     ));
                     // The default takes it exactly on hardware GPUs
-                    // (unless their matrix units take the call, or the
-                    // subgroup tier where it measured faster: f32 up to
-                    // d=128 on NVIDIA).
+                    // (unless their matrix units take the call).
                     let coop = default.tier() == Tier::CooperativeMatrix;
-                    let subgroup_first = p.name.starts_with("NVIDIA") && head_dim <= 128;
                     assert_eq!(
                         default.tier() == Tier::RegisterBlocked,
-                        gpu && !coop && !subgroup_first,
+                        gpu && !coop,
                         "{what}"
                     );
-                    if subgroup_first {
-                        assert_eq!(default.tier(), Tier::SubgroupBroadcast, "{what}");
-                    }
                 }
                 Err(Error::TierUnavailable { reason, .. }) => {
                     assert!(reason.contains(&limit.to_string()), "{what}: {reason}");
@@ -330,45 +325,59 @@ fn register_blocked_where_it_fits_and_by_default_on_hardware_gpus() {
     }
 }
 
-/// f32 calls on NVIDIA run the subgroup tier where it measured faster than
-/// register blocking (head dims up to 128, not decoding-like GQA); every
-/// other storage type, width, vendor and forced tier keeps its plan.
+/// On NVIDIA the register-blocked tier keeps its 16 x 8 lanes at d=128
+/// with two rows a lane (16x8x2, measured 1.56x faster than 8x8x4 and
+/// 1.72x faster than the subgroup tier on an H100), f32 and f16 alike;
+/// other vendors keep four rows over fewer lanes (8x8x4), and wider heads
+/// their plans.
 #[test]
-fn subgroup_tier_for_f32_on_nvidia_where_it_measured_faster() {
-    let tier = |name: &str, shape: &AttentionShape, storage, forced| {
-        ForwardPlan::for_call(&profile(name), shape, storage, forced)
-            .unwrap()
-            .tier()
+fn register_blocked_keeps_its_lanes_on_nvidia() {
+    let plan = |name: &str, shape: &AttentionShape, storage| {
+        ForwardPlan::for_call(&profile(name), shape, storage, None).unwrap()
+    };
+    let layout = |plan: &ForwardPlan| {
+        let t = plan.blocked_tiling().expect("register-blocked");
+        (t.row_lanes, t.key_lanes, t.rows)
     };
     let target = AttentionShape::self_attention(4, 4096, 16, 128);
     for name in ["NVIDIA H200", "NVIDIA H200 with"] {
+        for storage in [DType::F32, DType::F16, DType::BF16] {
+            let p = plan(name, &target, storage);
+            assert_eq!(p.tier(), Tier::RegisterBlocked, "{name} {storage:?}");
+            assert_eq!(layout(&p), (16, 8, 2), "{name} {storage:?}");
+            assert_eq!(
+                (p.block_m(), p.block_n(), p.workgroup_size()),
+                (32, 32, 128)
+            );
+        }
+    }
+    assert!(plan("NVIDIA H200", &target, DType::F16).f16_products());
+    // Forcing the subgroup tier still runs it.
+    let forced = ForwardPlan::for_call(
+        &profile("NVIDIA H200"),
+        &target,
+        DType::F32,
+        Some(Tier::SubgroupBroadcast),
+    )
+    .unwrap();
+    assert_eq!(forced.tier(), Tier::SubgroupBroadcast);
+    // d=64 fits four rows over 16 x 8 lanes already.
+    let narrow = AttentionShape::self_attention(4, 4096, 16, 64);
+    assert_eq!(
+        layout(&plan("NVIDIA H200", &narrow, DType::F32)),
+        (16, 8, 4)
+    );
+    // Other vendors: unmeasured, fewer lanes with four rows where 16x8x4
+    // does not fit (Apple's 32 KiB at d=64; forward_tiling_per_adapter
+    // has the rest).
+    assert_eq!(layout(&plan("Apple", &narrow, DType::F32)), (8, 8, 4));
+    for name in ["AMD", "Apple", "Intel"] {
         assert_eq!(
-            tier(name, &target, DType::F32, None),
-            Tier::SubgroupBroadcast
-        );
-        assert_eq!(
-            tier(name, &target, DType::F32, Some(Tier::RegisterBlocked)),
-            Tier::RegisterBlocked
-        );
-        assert_eq!(
-            tier(name, &target, DType::BF16, None),
-            Tier::RegisterBlocked
+            plan(name, &target, DType::F32).tier(),
+            Tier::RegisterBlocked,
+            "{name}"
         );
     }
-    let f16 = ForwardPlan::for_call(&profile("NVIDIA H200"), &target, DType::F16, None).unwrap();
-    assert_eq!(f16.tier(), Tier::RegisterBlocked);
-    assert!(f16.f16_products());
-    // Wider heads, as the query/key or the value head dim: unmeasured.
-    let wide = AttentionShape::self_attention(1, 4096, 8, 256);
-    assert_eq!(
-        tier("NVIDIA H200", &wide, DType::F32, None),
-        Tier::RegisterBlocked
-    );
-    let mla = AttentionShape::self_attention(1, 4096, 8, 128).with_head_dim_v(192);
-    assert_eq!(
-        tier("NVIDIA H200", &mla, DType::F32, None),
-        Tier::RegisterBlocked
-    );
     // A decoding step of Llama's heads: the KV head's query heads share
     // the register-blocked block's K/V tiles.
     let decode = AttentionShape {
@@ -376,17 +385,9 @@ fn subgroup_tier_for_f32_on_nvidia_where_it_measured_faster() {
         heads_kv: 8,
         ..AttentionShape::self_attention(1, 8192, 64, 128)
     };
-    let plan = ForwardPlan::for_call(&profile("NVIDIA H200"), &decode, DType::F32, None).unwrap();
-    assert_eq!(plan.tier(), Tier::RegisterBlocked);
-    assert!(plan.groups_heads());
-    // Other hardware GPUs: unmeasured, register-blocked.
-    for name in ["AMD", "Apple", "Intel"] {
-        assert_eq!(
-            tier(name, &target, DType::F32, None),
-            Tier::RegisterBlocked,
-            "{name}"
-        );
-    }
+    let p = plan("NVIDIA H200", &decode, DType::F32);
+    assert_eq!(p.tier(), Tier::RegisterBlocked);
+    assert!(p.groups_heads());
 }
 
 /// A caller's register-blocked layout is held to the bytes of the tiles it
@@ -496,8 +497,8 @@ fn f16_products_by_default_on_nvidia_only() {
     assert!(!for_config("AMD", &config).f16_products());
     assert!(for_config("NVIDIA H200", &config.clone().dropout(0.1, 7)).applies_dropout());
     // With matrix units enabled, NVIDIA keeps the register-blocked tier
-    // with f16 products (measured faster than the matrix kernel); the
-    // matrix tier forced has no f16 products.
+    // with f16 products (the matrix tier is forced-only on hardware
+    // GPUs); forced, it has no f16 products.
     let with_matrices = plan("NVIDIA H200 with", DType::F16, None).unwrap();
     assert_eq!(with_matrices.tier(), Tier::RegisterBlocked);
     assert!(with_matrices.f16_products());
@@ -571,17 +572,11 @@ fn cooperative_matrices_where_the_device_multiplies_the_storage_type() {
             RegisterBlocked
         );
     }
-    // No f32 or bf16 matrices there: the default is register-blocked
-    // (for f32 up to d=128, the subgroup tier, which measured faster),
+    // No f32 or bf16 matrices there: the default is register-blocked,
     // and forcing says why.
-    assert_eq!(
-        coop(nvidia, 128, DType::BF16, None).unwrap().0,
-        RegisterBlocked
-    );
-    assert_eq!(
-        coop(nvidia, 128, DType::F32, None).unwrap().0,
-        Tier::SubgroupBroadcast
-    );
+    for storage in [DType::BF16, DType::F32] {
+        assert_eq!(coop(nvidia, 128, storage, None).unwrap().0, RegisterBlocked);
+    }
     let why = coop(nvidia, 128, DType::F32, Some(CooperativeMatrix)).unwrap_err();
     assert!(
         why.contains("F32") && why.contains("16x16x16 F16->F32"),

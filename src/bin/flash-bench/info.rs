@@ -68,8 +68,7 @@ fn forward_tiers(info: &GpuInfo) -> String {
     let mut lines = vec![format!(
         "  forward tiers ({:?} adapter; cooperative matrices where a CPU adapter has them (on GPUs only when forced, \
          until their tests pass on one), else \
-         register-blocked on hardware GPUs (the subgroup tier for f32 up to d=128 on NVIDIA, \
-         measured faster), per-row tiers on CPU adapters):",
+         register-blocked on hardware GPUs, per-row tiers on CPU adapters):",
         info.adapter.device_type
     )];
     for head_dim in TABLE_HEAD_DIMS {

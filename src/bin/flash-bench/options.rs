@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use serde::Serialize;
-use wgpu_flash_attn::{AdapterOptions, AttentionConfig, AttentionShape};
+use wgpu_flash_attn::{AdapterOptions, AttentionConfig, AttentionShape, SkippedChecks};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
@@ -42,6 +42,13 @@ pub struct GlobalArgs {
     /// the command line in the JSON records it.
     #[arg(long, global = true)]
     pub unchecked_shaders: bool,
+    /// Compile the kernels without some of wgpu's runtime checks:
+    /// `bounds` (index clamps), `loops` (loop bounding), `division`
+    /// (checked integer division), comma-separated, to measure each one's
+    /// cost (`--unchecked-shaders` skips all three); the command line in
+    /// the JSON records it.
+    #[arg(long, global = true, value_name = "CHECKS", value_parser = SkippedChecks::from_names)]
+    pub skip_checks: Option<SkippedChecks>,
     /// Compile the kernels with the crate's WGSL files replaced by the
     /// same-named `.wgsl` files of DIR (`flash_blocked.wgsl`, ...): kernel
     /// tuning without a rebuild. Results are still validated against the
@@ -55,7 +62,7 @@ pub struct GlobalArgs {
 /// files), the same for every device a run opens.
 pub struct DeviceSetup {
     pub options: AdapterOptions,
-    unchecked_shaders: bool,
+    skipped_checks: SkippedChecks,
     /// (file name, text) of each replacement, read once.
     shader_files: Vec<(String, String)>,
 }
@@ -72,11 +79,11 @@ impl DeviceSetup {
 
     /// Applies the runtime-check and shader-file choices to `gpu`.
     pub fn prepare(&self, gpu: &wgpu_flash_attn::Gpu) -> anyhow::Result<()> {
-        if self.unchecked_shaders {
+        if self.skipped_checks.any() {
             // SAFETY: a measurement the user asked for; every kernel passes
             // the reference tests with the checks on (Gpu's documentation
             // says what that does and does not prove).
-            unsafe { gpu.skip_shader_runtime_checks() };
+            unsafe { gpu.skip_shader_runtime_checks_of(self.skipped_checks) };
         }
         for (name, text) in &self.shader_files {
             gpu.override_shader_file(name, text.clone())?;
@@ -87,8 +94,13 @@ impl DeviceSetup {
     /// A line for stderr saying what differs from the crate's kernels.
     pub fn describe(&self) -> Option<String> {
         let mut parts = Vec::new();
-        if self.unchecked_shaders {
+        if self.skipped_checks == SkippedChecks::ALL {
             parts.push("without wgpu's runtime checks".to_string());
+        } else if self.skipped_checks.any() {
+            parts.push(format!(
+                "without wgpu's runtime checks {}",
+                self.skipped_checks.names()
+            ));
         }
         if !self.shader_files.is_empty() {
             let names: Vec<&str> = self.shader_files.iter().map(|(n, _)| n.as_str()).collect();
@@ -126,7 +138,11 @@ impl GlobalArgs {
         }
         Ok(DeviceSetup {
             options: self.adapter_options(),
-            unchecked_shaders: self.unchecked_shaders,
+            skipped_checks: if self.unchecked_shaders {
+                SkippedChecks::ALL
+            } else {
+                self.skip_checks.unwrap_or_default()
+            },
             shader_files,
         })
     }
