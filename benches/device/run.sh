@@ -93,6 +93,10 @@ step 45 "adapters and the planner's tiers" "$fb" info
 step 60 "driver statistics, B4 H16 N4096 d128 kernels, f32" \
   "$fb" shader-stats --head-dim 128 --tier blocked,subgroup,portable \
   --blocked-layout 8x8x4,16x8x2,32x2x1,16x4x2
+# The loop bounds alone (NAK: 14 % of the static cycles and 16 registers
+# of the register-blocked forward; the timings below say what they cost).
+step 30 "driver statistics, register-blocked f32, without the loop bounds only" \
+  "$fb" --skip-checks loops shader-stats --head-dim 128 --tier blocked
 step 40 "driver statistics, B4 H16 N4096 d128 kernels, f16" \
   "$fb" shader-stats --head-dim 128 --dtype f16 --tier coop,blocked-f16,subgroup
 # Decoding's layouts, Llama-3.1-70B's step at 128K tokens (registers per

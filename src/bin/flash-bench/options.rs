@@ -91,6 +91,11 @@ impl DeviceSetup {
         Ok(())
     }
 
+    /// The runtime checks the kernels compile without.
+    pub fn skipped_checks(&self) -> SkippedChecks {
+        self.skipped_checks
+    }
+
     /// A line for stderr saying what differs from the crate's kernels.
     pub fn describe(&self) -> Option<String> {
         let mut parts = Vec::new();

@@ -16,6 +16,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use wgpu_flash_attn::{
     BlockedLayout, CacheShape, DecodeLanes, DecodeOptions, DecodePlan, ForwardPlan, Gpu, KvDType,
+    SkippedChecks,
 };
 
 use crate::options::{DTypeArg, GlobalArgs, ShapeArgs, TierArg, products_suffix};
@@ -99,11 +100,20 @@ pub fn run(global: &GlobalArgs, args: &ShaderStatsArgs) -> Result<bool> {
     let gpu = pollster::block_on(Gpu::from_adapter_with(&adapter, &setup.options))
         .context("opening a GPU adapter")?;
     // The replaced shader files, if any (the runtime-check choice is this
-    // command's to show both ways).
+    // command's to show both ways: every check, and those asked skipped
+    // or none).
     setup.prepare(&gpu)?;
     if let Some(line) = setup.describe() {
-        eprintln!("{line} (shader-stats shows both with and without the checks)");
+        eprintln!("{line} (shader-stats shows the kernels with every check and without those)");
     }
+    let skipped = Some(setup.skipped_checks())
+        .filter(|s| s.any())
+        .unwrap_or(SkippedChecks::ALL);
+    let without = if skipped == SkippedChecks::ALL {
+        "unchecked".to_string()
+    } else {
+        format!("without {}", skipped.names())
+    };
     let kernels = kernels(&gpu, args)?;
     if kernels.is_empty() {
         bail!("none of the tiers and layouts asked for runs on this adapter (above)");
@@ -111,7 +121,7 @@ pub fn run(global: &GlobalArgs, args: &ShaderStatsArgs) -> Result<bool> {
     let driver = driver::StatsDevice::open(&adapter, gpu.info().features)?;
     println!(
         "{}: {}; \"checked\" is the SPIR-V wgpu builds (index clamps{}, loop bounds, \
-         division checks), \"unchecked\" the same without them",
+         division checks), \"{without}\" the same without {}",
         adapter.get_info().name,
         if driver.reports_statistics() {
             "pipeline statistics from the driver"
@@ -123,6 +133,11 @@ pub fn run(global: &GlobalArgs, args: &ShaderStatsArgs) -> Result<bool> {
             ", buffer clamps"
         } else {
             ""
+        },
+        if skipped == SkippedChecks::ALL {
+            "them"
+        } else {
+            "those"
         }
     );
     let mut legend: Vec<(String, String)> = Vec::new();
@@ -132,14 +147,16 @@ pub fn run(global: &GlobalArgs, args: &ShaderStatsArgs) -> Result<bool> {
         let parsed = driver
             .parse(wgsl)
             .with_context(|| format!("parsing {}", kernel.name))?;
-        for checked in [true, false] {
+        for (label, skipped) in [
+            ("checked", SkippedChecks::default()),
+            (without.as_str(), skipped),
+        ] {
             let words = driver
-                .spirv(&parsed, checked)
+                .spirv(&parsed, skipped)
                 .with_context(|| format!("translating {} to SPIR-V", kernel.name))?;
             if let Some(dir) = &args.out_dir {
-                write_kernel(dir, &kernel.name, checked, wgsl, &words)?;
+                write_kernel(dir, &kernel.name, skipped, wgsl, &words)?;
             }
-            let label = if checked { "checked" } else { "unchecked" };
             let executables = driver.statistics(&words, &parsed)?;
             if executables.is_empty() {
                 println!("  {label}: compiled ({} SPIR-V words)", words.len());
@@ -169,20 +186,25 @@ pub fn run(global: &GlobalArgs, args: &ShaderStatsArgs) -> Result<bool> {
 }
 
 /// Writes a kernel's WGSL (once) and SPIR-V into `dir`, named after the
-/// kernel with its spaces as dashes.
+/// kernel with its spaces as dashes (and the checks skipped: `-unchecked`
+/// for all, else their names).
 fn write_kernel(
     dir: &std::path::Path,
     name: &str,
-    checked: bool,
+    skipped: SkippedChecks,
     wgsl: &str,
     words: &[u32],
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let stem = name.replace(' ', "-");
-    if checked {
+    if !skipped.any() {
         std::fs::write(dir.join(format!("{stem}.wgsl")), wgsl)?;
     }
-    let suffix = if checked { "" } else { "-unchecked" };
+    let suffix = match skipped {
+        s if !s.any() => String::new(),
+        SkippedChecks::ALL => "-unchecked".to_string(),
+        s => format!("-without-{}", s.names().replace(',', "-")),
+    };
     let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
     std::fs::write(dir.join(format!("{stem}{suffix}.spv")), bytes)?;
     Ok(())
@@ -298,7 +320,7 @@ mod driver {
     use ash::{khr, vk};
     use wgpu::hal::api::Vulkan;
 
-    use super::{Executable, Statistic};
+    use super::{Executable, SkippedChecks, Statistic};
 
     /// A kernel's WGSL, parsed and validated once for both SPIR-V builds.
     pub struct Parsed {
@@ -413,8 +435,8 @@ mod driver {
         }
 
         /// The kernel as SPIR-V for this device: with the runtime checks
-        /// wgpu adds (`checked`) or none.
-        pub fn spirv(&self, parsed: &Parsed, checked: bool) -> Result<Vec<u32>> {
+        /// wgpu adds, but those `skipped`.
+        pub fn spirv(&self, parsed: &Parsed, skipped: SkippedChecks) -> Result<Vec<u32>> {
             use naga::back::spv;
             use naga::proc::{BoundsCheckPolicies, BoundsCheckPolicy};
             let clamp = |on: bool| match on {
@@ -426,15 +448,15 @@ mod driver {
                 flags: spv::WriterFlags::empty(),
                 capabilities: None,
                 bounds_check_policies: BoundsCheckPolicies {
-                    index: clamp(checked),
-                    buffer: clamp(checked && self.clamps_buffers),
+                    index: clamp(!skipped.bounds),
+                    buffer: clamp(!skipped.bounds && self.clamps_buffers),
                     image_load: BoundsCheckPolicy::Unchecked,
                     binding_array: BoundsCheckPolicy::Unchecked,
                 },
                 // The crate turns the zeroing off for its kernels.
                 zero_initialize_workgroup_memory: spv::ZeroInitializeWorkgroupMemoryMode::None,
-                force_loop_bounding: checked,
-                emit_int_div_checks: checked,
+                force_loop_bounding: !skipped.loop_bounding,
+                emit_int_div_checks: !skipped.division,
                 ..spv::Options::default()
             };
             let pipeline = spv::PipelineOptions {
@@ -640,7 +662,7 @@ mod driver {
 
     use anyhow::{Result, bail};
 
-    use super::Executable;
+    use super::{Executable, SkippedChecks};
 
     pub struct StatsDevice;
     pub struct Parsed;
@@ -658,7 +680,7 @@ mod driver {
         pub fn parse(&self, _wgsl: &str) -> Result<Parsed> {
             unreachable!("no StatsDevice exists off Vulkan platforms")
         }
-        pub fn spirv(&self, _parsed: &Parsed, _checked: bool) -> Result<Vec<u32>> {
+        pub fn spirv(&self, _parsed: &Parsed, _skipped: SkippedChecks) -> Result<Vec<u32>> {
             unreachable!("no StatsDevice exists off Vulkan platforms")
         }
         pub fn statistics(&self, _words: &[u32], _parsed: &Parsed) -> Result<Vec<Executable>> {
