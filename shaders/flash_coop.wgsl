@@ -107,8 +107,9 @@ var<workgroup> partials: array<f32, BLOCK_M * LANES_PER_ROW>;
 // invocation 0). Four words where two would do: every workgroup variable
 // here is a multiple of 16 bytes, because drivers place the variables in
 // an order of their own and matrix loads and stores need 16-byte-aligned
-// addresses (NVIDIA's 580 driver computed garbage with two lone words
-// beside the tiles, 2026-12-05; shader_contract_tests checks the sizes).
+// addresses (the kernel computed NaN on NVIDIA's 580 driver while it had
+// two lone words beside the tiles, 2026-12-05: the likely cause, not yet
+// confirmed on a GPU; shader_contract_tests checks the sizes).
 var<workgroup> shared_words: array<atomic<u32>, 4>;
 const TILE_STATE: u32 = 0u;
 const CARRIED_IN: u32 = 1u;
@@ -283,10 +284,10 @@ fn main(
     var m = start.x;
     var l = select(0.0, start.y, lane == 0u);
     // The output accumulators. They start from a matrix load of zeros or
-    // of a carried chunk's output, never from the variable's zero value:
-    // naga writes that as a null constant of the matrix array, which
-    // NVIDIA's driver (580, H100) left holding garbage (NaN and wrong
-    // outputs, 2026-12-05).
+    // of a carried chunk's output rather than from the variable's zero
+    // value, which naga writes as a null constant of the matrix array:
+    // whether drivers honour that is unknown, and the load costs two
+    // barriers a workgroup.
     var o_c: array<CoopC, DVT>;
     if (lid == 0u) {
 // #if MASK

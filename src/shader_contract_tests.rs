@@ -1198,9 +1198,9 @@ fn linear_flags_match_the_shader() {
 // ---------------------------------------------------------------------------
 // Workgroup memory against the planners' budgets.
 
-/// Bytes of the module's `var<workgroup>` declarations, as naga lays them
-/// out, without the variables named in `except`.
-fn declared_workgroup_bytes_except(module: &naga::Module, except: &[&str]) -> u64 {
+/// Name and size of each of the module's `var<workgroup>` declarations, as
+/// naga lays them out.
+fn workgroup_variables(module: &naga::Module) -> Vec<(String, u64)> {
     let mut layouter = naga::proc::Layouter::default();
     layouter
         .update(module.to_ctx())
@@ -1209,8 +1209,20 @@ fn declared_workgroup_bytes_except(module: &naga::Module, except: &[&str]) -> u6
         .global_variables
         .iter()
         .filter(|(_, var)| var.space == naga::AddressSpace::WorkGroup)
-        .filter(|(_, var)| !except.contains(&var.name.as_deref().unwrap_or("")))
-        .map(|(_, var)| u64::from(layouter[var.ty].size))
+        .map(|(_, var)| {
+            let name = var.name.clone().unwrap_or_default();
+            (name, u64::from(layouter[var.ty].size))
+        })
+        .collect()
+}
+
+/// Bytes of the module's `var<workgroup>` declarations, as naga lays them
+/// out, without the variables named in `except`.
+fn declared_workgroup_bytes_except(module: &naga::Module, except: &[&str]) -> u64 {
+    workgroup_variables(module)
+        .iter()
+        .filter(|(name, _)| !except.contains(&name.as_str()))
+        .map(|(_, bytes)| bytes)
         .sum()
 }
 
@@ -1218,8 +1230,9 @@ fn declared_workgroup_bytes_except(module: &naga::Module, except: &[&str]) -> u6
 /// not multiples of 16 bytes. Drivers place workgroup variables in an
 /// order of their own, and matrix loads and stores need 16-byte-aligned
 /// addresses: only variables that are all multiples of 16 bytes keep every
-/// tile aligned whatever the order (NVIDIA's driver computed garbage with
-/// two 4-byte words beside the tiles, 2026-12-05).
+/// tile aligned whatever the order (the kernel computed NaN on NVIDIA's
+/// driver while it had two 4-byte words beside the tiles, 2026-12-05: the
+/// likely cause, not yet confirmed on a GPU).
 fn misaligned_matrix_memory(spec: &Specialization, module: &naga::Module) -> Vec<String> {
     if !matches!(
         spec,
@@ -1227,21 +1240,13 @@ fn misaligned_matrix_memory(spec: &Specialization, module: &naga::Module) -> Vec
     ) {
         return Vec::new();
     }
-    let mut layouter = naga::proc::Layouter::default();
-    layouter
-        .update(module.to_ctx())
-        .expect("naga lays out every parsed type");
-    module
-        .global_variables
-        .iter()
-        .filter(|(_, var)| var.space == naga::AddressSpace::WorkGroup)
-        .filter(|(_, var)| layouter[var.ty].size % 16 != 0)
-        .map(|(_, var)| {
+    workgroup_variables(module)
+        .into_iter()
+        .filter(|(_, bytes)| bytes % 16 != 0)
+        .map(|(name, bytes)| {
             format!(
-                "{}: workgroup variable {} is {} bytes, not a multiple of 16",
-                spec.label(),
-                var.name.as_deref().unwrap_or("?"),
-                layouter[var.ty].size
+                "{}: workgroup variable {name} is {bytes} bytes, not a multiple of 16",
+                spec.label()
             )
         })
         .collect()
