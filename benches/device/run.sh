@@ -12,12 +12,15 @@
 # fix since, every workgroup variable a multiple of 16 bytes so that the
 # matrix loads' addresses are 16-byte aligned whatever order the driver
 # places them in, has not run on a GPU: `tests: cooperative_matrix`, right
-# after the adapters, says whether it computes right there, and a
-# baseline from before the rewrite (c69b7c1, also the old MLA decode plan)
-# times the kernel it replaced in the A/B step.
+# after the adapters, says whether it computes right there (c69b7c1, the
+# kernel before the rewrite, ran 62.6 ms on the H100). Since the same
+# session the register-blocked forward unrolls its loops over key lanes
+# (wgpu's loop bounds kept the drivers from it): stage 3a3082f, the kernel
+# before, as the A/B baseline (one baseline: two overflow the 64 MiB
+# carry).
 #
 #   ../shared/device/stage.sh && cp benches/device/run.sh .device/run.sh
-#   benches/device/stage-baseline.sh c69b7c1         # optional A/B
+#   benches/device/stage-baseline.sh 3a3082f         # optional A/B
 #   benches/device/stage-variants.sh          # optional: WGSL-only variants
 #   # device call: command "bash .device/run.sh", carry [".device"], timeout 450
 #
@@ -197,10 +200,9 @@ if [ -n "$bases" ]; then
         "$binary" run $target --dtype f16 --tier coop,blocked,blocked-f16 --json "$res/ab-$name-f16-$round.json"
       step 30 "A/B round $round: $name, f32 register-blocked" \
         "$binary" run $target --tier blocked --json "$res/ab-$name-f32-$round.json"
-      # Decoding's plan too: since 2026-12-05 (twelfth session) GPUs cap
-      # the head-dim layout's rows at what NAK keeps in registers (MLA's
-      # latent: 2 rows a workgroup, 16 before); a baseline from before
-      # that (c69b7c1) times the old plan.
+      # Decoding's plan too (MLA's latent: 2 rows a workgroup since the
+      # twelfth session; c69b7c1's 16 ran 3.72 ms against 1.39 on the
+      # H100, 2026-12-05).
       step 30 "A/B round $round: $name, DeepSeek-V3 MLA decode 32K, f16 cache" \
         "$binary" decode --heads-q 128 --heads-kv 1 --head-dim 576 --latent-values 512 \
         --cache 32768 --kv-dtype f16 --json "$res/ab-$name-mla-$round.json"
@@ -306,8 +308,8 @@ done
 # head-dim layout held 576 floats of query and output and NAK spilled
 # 1,854 instructions; GPUs now take 2 rows (240 registers on NAK, no
 # spills) and read the cache 64 times per step instead of 8 (37.7 MB in
-# f16 at 32K: within the H200's L2). Its share of the copy ceiling, and the
-# A/B against c69b7c1 above, say whether that was right.
+# f16 at 32K: within the H200's L2): 2.7x faster on the H100 (1.39 against
+# 3.72 ms, f16 cache, in the A/B against c69b7c1; 2026-12-05).
 step 45 "decode, DeepSeek-V3 MLA heads (128 q / 1 latent kv, 576/512), 32K, f32 and f16 caches" \
   "$fb" decode --heads-q 128 --heads-kv 1 --head-dim 576 --latent-values 512 --cache 32768 \
   --kv-dtype f32,f16 --json "$res/decode-mla.json"

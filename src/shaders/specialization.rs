@@ -543,9 +543,13 @@ impl Specialization {
                 }
             }
             // Rows and output columns index private arrays: unrolled
-            // everywhere, so they stay in registers.
+            // everywhere, so they stay in registers. The loops over key
+            // lanes (P V, the row maxima) too: wgpu's loop bounds keep the
+            // drivers from unrolling them (NAK and ACO unroll them in the
+            // build without the checks, which ran the forward 30 % faster
+            // on an H100; 2026-12-05, BENCHMARKS.md).
             Specialization::FlashBlocked(_) | Specialization::FlashBlockedMasked(_) => {
-                &["ROWS", "COLS", "STAGE_BATCH"]
+                &["ROWS", "COLS", "STAGE_BATCH", "KEY_LANES"]
             }
             // Each lane's score quads index private arrays; matrices are
             // indexed by constants only. The emulation's stand-ins are plain
