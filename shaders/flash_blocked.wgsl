@@ -40,8 +40,11 @@
 // dims / 4), ROW_LANES, KEY_LANES, ROWS, COLS = ceil(DV4 / KEY_LANES),
 // WG_SIZE = ROW_LANES * KEY_LANES, BLOCK_N = 4 * KEY_LANES, KV_TILE (vec4s
 // of the K/V tile), STAGE_BATCH (loads in flight per invocation while
-// staging). Loops bounded by ROWS, COLS and STAGE_BATCH are unrolled by
-// src/shaders/, so the private arrays they index stay in registers.
+// staging), D_STEP (head-dim vec4s a trip of the scores' loop, dividing
+// D4). Loops bounded by ROWS, COLS and
+// STAGE_BATCH are unrolled by src/shaders/, so the private arrays they
+// index stay in registers; so are those bounded by KEY_LANES and D_STEP,
+// which would otherwise carry wgpu's loop counters.
 
 const BLOCK_M: u32 = ROW_LANES * ROWS;
 // Q, K and V are staged in batches: each invocation issues STAGE_BATCH
@@ -266,20 +269,25 @@ fn main(
         for (var r = 0u; r < ROWS; r++) {
             dots[r] = vec4<f32>(0.0);
         }
-        for (var d = 0u; d < D4; d++) {
-            let k0 = kv_tile[key_lane * K_STRIDE + d];
-            let k1 = kv_tile[(KEY_LANES + key_lane) * K_STRIDE + d];
-            let k2 = kv_tile[(2u * KEY_LANES + key_lane) * K_STRIDE + d];
-            let k3 = kv_tile[(3u * KEY_LANES + key_lane) * K_STRIDE + d];
-            for (var r = 0u; r < ROWS; r++) {
-                let qd = q_tile[(my_rows + r) * D4 + d];
+        // D_STEP head-dim vec4s a trip, unrolled: wgpu bounds every loop
+        // the template leaves with a counter, which a trip's work amortizes.
+        for (var d0 = 0u; d0 < D4; d0 += D_STEP) {
+            for (var du = 0u; du < D_STEP; du++) {
+                let d = d0 + du;
+                let k0 = kv_tile[key_lane * K_STRIDE + d];
+                let k1 = kv_tile[(KEY_LANES + key_lane) * K_STRIDE + d];
+                let k2 = kv_tile[(2u * KEY_LANES + key_lane) * K_STRIDE + d];
+                let k3 = kv_tile[(3u * KEY_LANES + key_lane) * K_STRIDE + d];
+                for (var r = 0u; r < ROWS; r++) {
+                    let qd = q_tile[(my_rows + r) * D4 + d];
 // #if F16_PRODUCTS
-                dots[r] += vec4<f32>(f16_products_sum(qd, k0), f16_products_sum(qd, k1), f16_products_sum(qd, k2),
-                    f16_products_sum(qd, k3));
+                    dots[r] += vec4<f32>(f16_products_sum(qd, k0), f16_products_sum(qd, k1),
+                        f16_products_sum(qd, k2), f16_products_sum(qd, k3));
 // #else
-                dots[r] = vec4<f32>(fma_dot(qd, k0, dots[r].x), fma_dot(qd, k1, dots[r].y),
-                    fma_dot(qd, k2, dots[r].z), fma_dot(qd, k3, dots[r].w));
+                    dots[r] = vec4<f32>(fma_dot(qd, k0, dots[r].x), fma_dot(qd, k1, dots[r].y),
+                        fma_dot(qd, k2, dots[r].z), fma_dot(qd, k3, dots[r].w));
 // #endif
+                }
             }
         }
 

@@ -250,6 +250,17 @@ fn register_blocked_layouts_given_by_the_caller() {
     }
 }
 
+/// The register-blocked scores' loop takes `D_STEP` head-dim vec4s a trip
+/// (unrolled): every supported head dim is a whole number of trips.
+#[test]
+fn the_scores_loop_step_divides_every_head_dim() {
+    let step = BlockedTiling::D_STEP as usize;
+    for head_dim in (1..=576).filter(|&d| crate::config::is_supported_head_dim(d)) {
+        assert_eq!((head_dim / 4) % step, 0, "d={head_dim}");
+        assert_eq!(head_dim % 4, 0, "d={head_dim}");
+    }
+}
+
 #[test]
 fn register_blocked_where_it_fits_and_by_default_on_hardware_gpus() {
     for p in all() {

@@ -259,6 +259,7 @@ impl Specialization {
                     ("BLOCK_N", tiling.block_n()),
                     ("KV_TILE", tiling.kv_tile()),
                     ("STAGE_BATCH", tiling.stage_batch()),
+                    ("D_STEP", BlockedTiling::D_STEP),
                 ]
             }
             Specialization::FlashCoop(tiling) | Specialization::FlashCoopMasked(tiling) => {
@@ -544,12 +545,13 @@ impl Specialization {
             }
             // Rows and output columns index private arrays: unrolled
             // everywhere, so they stay in registers. The loops over key
-            // lanes (P V, the row maxima) too: wgpu's loop bounds keep the
-            // drivers from unrolling them (NAK and ACO unroll them in the
-            // build without the checks, which ran the forward 30 % faster
-            // on an H100; 2026-12-05, BENCHMARKS.md).
+            // lanes (P V, the row maxima) and D_STEP head-dim vec4s of the
+            // scores' loop too: wgpu's loop bounds keep the drivers from
+            // unrolling them (NAK and ACO unroll them in the build without
+            // the checks, which ran the forward 30 % faster on an H100;
+            // 2026-12-05, BENCHMARKS.md).
             Specialization::FlashBlocked(_) | Specialization::FlashBlockedMasked(_) => {
-                &["ROWS", "COLS", "STAGE_BATCH", "KEY_LANES"]
+                &["ROWS", "COLS", "STAGE_BATCH", "KEY_LANES", "D_STEP"]
             }
             // Each lane's score quads index private arrays; matrices are
             // indexed by constants only. The emulation's stand-ins are plain
@@ -626,21 +628,17 @@ fn blocked_loop_trips(tiling: &BlockedTiling, keys: u64) -> u64 {
     let dv4 = u64::from(tiling.head_dim_v / 4);
     let block_m = u64::from(tiling.block_m());
     let block_n = u64::from(tiling.block_n());
-    let key_lanes = u64::from(tiling.key_lanes);
-    let rows = u64::from(tiling.rows);
     let tiles = keys.div_ceil(block_n) + 1;
     // Staging runs in batches of STAGE_BATCH loads per invocation.
     let staged = lanes * u64::from(tiling.stage_batch());
-    // Staging K, the scores' head-dim loop, each row's max over the key
-    // lanes, staging V, the loop over the tile's four-key steps.
+    // Staging K, the scores' head-dim loop (D_STEP vec4s a trip), staging
+    // V (the loops over key lanes are unrolled).
     let per_tile = 1
         + ((block_n * d4).div_ceil(staged) + 1)
-        + (d4 + 1)
-        + rows * (key_lanes + 1)
-        + ((block_n * dv4).div_ceil(staged) + 1)
-        + (key_lanes + 1);
-    // Staging Q, then each row's sum over the key lanes.
-    let fixed = (block_m * d4).div_ceil(staged) + 1 + rows * (key_lanes + 1);
+        + (d4 / u64::from(BlockedTiling::D_STEP) + 1)
+        + ((block_n * dv4).div_ceil(staged) + 1);
+    // Staging Q.
+    let fixed = (block_m * d4).div_ceil(staged) + 1;
     fixed + tiles * per_tile
 }
 
