@@ -135,6 +135,12 @@ step 90 "register-blocked layouts with f16 products, B4 H16 N4096 d128 causal, f
   "$fb" run $target --dtype f16 --tier blocked-f16 \
   --blocked-layout 16x8x4,16x8x2,32x4x2,16x4x4,32x8x2,8x8x4 \
   --json "$res/blocked-layouts-f16.json"
+# At d=256 the planner sizes f16-product layouts at f32 tile bytes: 8 rows
+# x 16 keys, 32 invocations (7.9 % of the FMA ceiling on the H100); f16
+# tiles fit larger blocks in 48 KiB.
+step 60 "register-blocked layouts with f16 products, B4 H16 N4096 d256 causal, f16" \
+  "$fb" run ${target/--head-dim 128/--head-dim 256} --dtype f16 --tier blocked-f16 \
+  --blocked-layout 16x8x2,16x8x1,8x8x2,16x4x2,8x4x2 --json "$res/blocked-layouts-f16-d256.json"
 # f32 on NVIDIA defaults to the subgroup tier up to d=128 (measured at
 # d128 only, 2026-12-04): the same comparison at d64.
 step 40 "tiers, B4 H16 N4096 d64 causal, f32" \
