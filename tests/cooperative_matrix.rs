@@ -14,7 +14,7 @@
 mod common;
 
 use common::random::{normal_vec, seeded};
-use common::{Inputs, assert_close, cooperative_gpu, round_to, unit_roundoff};
+use common::{Inputs, cooperative_gpu, round_to, unit_roundoff};
 use rand::{Rng, RngExt};
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
@@ -37,6 +37,16 @@ fn coop_plan(gpu: &Gpu, shape: &AttentionShape, dtype: DType) -> Option<ForwardP
         }
         Err(other) => panic!("{shape:?} {dtype:?}: {other}"),
     }
+}
+
+/// The operand type of the tier's tests that take one: f32 where the
+/// adapter multiplies f32 matrices (the emulation, Apple's), else f16
+/// (NVIDIA's, AMD's and lavapipe's matrix units take no f32), so that they
+/// run on every adapter with the tier; `None` (said) without it.
+fn matrix_operands(gpu: &Gpu, shape: &AttentionShape) -> Option<DType> {
+    [DType::F32, DType::F16]
+        .into_iter()
+        .find(|&dtype| coop_plan(gpu, shape, dtype).is_some())
 }
 
 /// Runs `options` on inputs held in `dtype` (`common::run_views`, which
@@ -225,10 +235,11 @@ fn masks_match_the_reference() {
         head_dim: 32,
         head_dim_v: 32,
     };
-    if coop_plan(gpu, &shape, DType::F32).is_none() {
+    let Some(dtype) = matrix_operands(gpu, &shape) else {
         return;
-    }
+    };
     let inputs = Inputs::draw(&shape, 0x5eed_c00c, 1.0);
+    let [q, k, v] = held_inputs(&inputs, dtype);
     let mut rng = seeded(0x5eed_c00d);
     let dims = [1, 2, shape.seq_q, shape.seq_kv];
     let n: usize = dims.iter().product();
@@ -273,18 +284,16 @@ fn masks_match_the_reference() {
             .causal(causal)
             .tier(Tier::CooperativeMatrix);
         for (mask, host) in &masks {
-            let what = format!("{:?} mask causal={causal}", mask.kind());
+            let what = format!("{:?} mask causal={causal} {dtype:?}", mask.kind());
             let (got, _) = run(
                 gpu,
                 &shape,
-                [&inputs.q, &inputs.k, &inputs.v],
-                DType::F32,
+                [&q, &k, &v],
+                dtype,
                 ForwardOptions::new(&config).mask(mask),
             );
-            let want =
-                reference::attention_masked(&shape, &inputs.q, &inputs.k, &inputs.v, &config, host)
-                    .unwrap();
-            assert_within(&got, &want.out, DType::F32, &inputs.v, &config, &what);
+            let want = reference::attention_masked(&shape, &q, &k, &v, &config, host).unwrap();
+            assert_within(&got, &want.out, dtype, &v, &config, &what);
         }
     }
 }
@@ -369,13 +378,7 @@ fn dropout_matches_the_reference() {
         }
     }
     let shape = AttentionShape::self_attention(1, 40, 2, 32);
-    // f32 operands where the adapter multiplies them (emulated, Apple's
-    // matrices), else f16 (NVIDIA's, AMD's and lavapipe's matrix units
-    // take no f32).
-    let Some(dtype) = [DType::F32, DType::F16]
-        .into_iter()
-        .find(|&dtype| coop_plan(gpu, &shape, dtype).is_some())
-    else {
+    let Some(dtype) = matrix_operands(gpu, &shape) else {
         return;
     };
     let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
@@ -421,10 +424,11 @@ fn key_chunks_and_padded_batches_match_the_reference() {
         head_dim: 64,
         head_dim_v: 64,
     };
-    if coop_plan(gpu, &shape, DType::F32).is_none() {
+    let Some(dtype) = matrix_operands(gpu, &shape) else {
         return;
-    }
+    };
     let inputs = Inputs::draw(&shape, 0x5eed_c00e, 1.0);
+    let [q, k, v] = held_inputs(&inputs, dtype);
     let plain = AttentionConfig::new()
         .causal(true)
         .sinks(vec![0.5, -1.0, 1.5, 0.0])
@@ -435,38 +439,39 @@ fn key_chunks_and_padded_batches_match_the_reference() {
         .causal(true)
         .alibi(Alibi::PerHead(vec![0.25, 0.5, 1.0, 4.0]))
         .tier(Tier::CooperativeMatrix);
-    let qkv = [&inputs.q[..], &inputs.k[..], &inputs.v[..]];
+    let qkv = [&q[..], &k[..], &v[..]];
     let check_chunks = |config: &AttentionConfig| {
+        let want = reference::attention(&shape, &q, &k, &v, config).unwrap();
         for keys in [7, 40] {
             let options = ForwardOptions::new(config).keys_per_dispatch(keys);
-            let (got, got_lse) = run(gpu, &shape, qkv, DType::F32, options);
-            assert_close(
-                common::compare(&shape, &inputs, config, &got, &got_lse),
-                &format!("{keys} keys per dispatch, {config:?}"),
-            );
+            let (got, got_lse) = run(gpu, &shape, qkv, dtype, options);
+            let what = format!("{keys} keys per dispatch, {dtype:?}, {config:?}");
+            assert_within(&got, &want.out, dtype, &v, config, &what);
+            assert_lse_within(&got_lse, &want.lse, dtype, &what);
         }
     };
     check_chunks(&rising);
     for config in [plain.clone(), plain.dropout(0.3, 0xc4c4)] {
         check_chunks(&config);
         for keys in [None, Some(40)] {
-            check_padded_batch(gpu, &shape, &inputs, &config, keys);
+            check_padded_batch(gpu, &shape, qkv, dtype, &config, keys);
         }
     }
 }
 
 /// The tier over `shape`'s three batch entries padded to 20/1/0 queries
 /// and 120/45/1 keys (with `keys` per dispatch: the first two entries in
-/// chunks), each entry against the reference of its rows, padded rows
-/// zeros.
+/// chunks), on `[q, k, v]` held in `dtype`, each entry against the
+/// reference of its rows, padded rows zeros.
 fn check_padded_batch(
     gpu: &Gpu,
     shape: &AttentionShape,
-    inputs: &Inputs,
+    qkv: [&[f32]; 3],
+    dtype: DType,
     config: &AttentionConfig,
     keys: Option<usize>,
 ) {
-    let qkv = [&inputs.q[..], &inputs.k[..], &inputs.v[..]];
+    let [q, k, v] = qkv;
     let (q_lens, kv_lens) = ([20usize, 1, 0], [120usize, 45, 1]);
     let lens = ValidLengths {
         q: Some(&q_lens),
@@ -476,7 +481,7 @@ fn check_padded_batch(
         gpu,
         shape,
         qkv,
-        DType::F32,
+        dtype,
         keys.into_iter().fold(
             ForwardOptions::new(config).valid_lengths(lens),
             ForwardOptions::keys_per_dispatch,
@@ -489,14 +494,17 @@ fn check_padded_batch(
             config,
             b,
             (hq, hkv, d),
-            &inputs.q[q0..q0 + q_lens[b] * hq * d],
-            &inputs.k[k0..k0 + kv_lens[b] * hkv * d],
-            &inputs.v[k0..k0 + kv_lens[b] * hkv * d],
+            &q[q0..q0 + q_lens[b] * hq * d],
+            &k[k0..k0 + kv_lens[b] * hkv * d],
+            &v[k0..k0 + kv_lens[b] * hkv * d],
         );
-        common::assert_rows_close(
+        assert_within(
             &got[q0..q0 + q_lens[b] * hq * d],
             &want,
-            &format!("entry {b}, {keys:?} keys per dispatch, {config:?}"),
+            dtype,
+            v,
+            config,
+            &format!("entry {b}, {keys:?} keys per dispatch, {dtype:?}, {config:?}"),
         );
         assert!(
             got[q0 + q_lens[b] * hq * d..q0 + 20 * hq * d]

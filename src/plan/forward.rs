@@ -268,7 +268,8 @@ impl ForwardPlan {
     }
 
     /// The plan a forward call with `config` runs (its forced tier, its
-    /// register-blocked layout, f16 products and dropout) on tensors
+    /// register-blocked layout or cooperative-matrix block, f16 products
+    /// and dropout) on tensors
     /// stored as `storage`: what [`crate::Gpu::forward`] plans, for
     /// callers that want to know ahead (the tier, the workgroup, whether
     /// f16 products round the weights).
@@ -278,22 +279,22 @@ impl ForwardPlan {
         storage: DType,
         config: &crate::AttentionConfig,
     ) -> Result<Self> {
-        let plan = match config.blocked_layout {
-            Some(_) if config.coop_layout.is_some() => {
+        let plan = match (config.blocked_layout, config.coop_layout) {
+            (Some(_), Some(_)) => {
                 return Err(Error::UnsupportedCombination {
                     what: "a register-blocked layout and a cooperative-matrix layout",
                 });
             }
-            None if config.coop_layout.is_some() => {
+            (None, Some(block)) => {
                 if config.tier.is_some_and(|t| t != Tier::CooperativeMatrix) {
                     return Err(Error::UnsupportedCombination {
                         what: "a cooperative-matrix layout and a tier other than CooperativeMatrix",
                     });
                 }
                 let tier = Some(Tier::CooperativeMatrix);
-                Self::plan_call(info, shape, storage, tier, None, config.coop_layout)?
+                Self::plan_call(info, shape, storage, tier, None, Some(block))?
             }
-            Some(layout) => Self::plan_with_layout(
+            (Some(layout), None) => Self::plan_with_layout(
                 info,
                 shape,
                 storage,
@@ -302,11 +303,11 @@ impl ForwardPlan {
                 config.f16_products,
             )?,
             // f16 products are a variant of the register-blocked tier.
-            None if config.f16_products == Some(true) => {
+            (None, None) if config.f16_products == Some(true) => {
                 let tier = config.tier.unwrap_or(Tier::RegisterBlocked);
                 Self::for_call(info, shape, storage, Some(tier))?
             }
-            None => Self::for_call(info, shape, storage, config.tier)?,
+            (None, None) => Self::for_call(info, shape, storage, config.tier)?,
         };
         // (None: the plan's own choice.)
         let plan = match config.f16_products {
