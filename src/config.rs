@@ -135,11 +135,11 @@ impl AttentionShape {
         crate::tensor::check_shape("k", self.k_shape())?;
         crate::tensor::check_shape("v", self.v_shape())?;
         crate::tensor::check_shape("out", self.o_shape())?;
-        // The kernels place rows and keys (causal diagonal, windows) in
-        // i32: longer sequences would wrap silently.
-        if self.seq_q.max(self.seq_kv) > i32::MAX as usize {
+        // The kernels place rows and keys (causal diagonal, windows, a
+        // loop's last step past them) in i32: see MAX_SEQUENCE_LEN.
+        if self.seq_q.max(self.seq_kv) > MAX_SEQUENCE_LEN {
             return Err(Error::ShapeOverflow {
-                tensor: "sequence (positions are i32 in the kernels)",
+                tensor: "sequence (at most MAX_SEQUENCE_LEN = 2^29 positions)",
                 shape: [self.batch, self.seq_q, self.seq_kv, self.heads_q],
             });
         }
@@ -165,6 +165,14 @@ impl AttentionShape {
 /// the widest need workgroup memory the adapter may lack, a typed
 /// [`Error::WorkgroupMemory`] then).
 pub const SUPPORTED_HEAD_DIMS: &str = "multiples of 8 from 8 to 576";
+
+/// The longest sequence (query rows, keys, cached tokens) the kernels
+/// take: 2^29 positions. They hold positions in i32, and a position plus
+/// a window (at most two sequence lengths) or a loop's last step past its
+/// bound (at most 2^16) must not wrap around: below 2^31 with this limit,
+/// which is what lets the kernels' loops be proven finite (README,
+/// "How the kernel adapts to the adapter": the loop counters).
+pub const MAX_SEQUENCE_LEN: usize = 1 << 29;
 
 /// The widest head dim the kernels take (Gemma's 512, DeepSeek MLA's 576).
 pub const MAX_HEAD_DIM: usize = 576;

@@ -558,12 +558,15 @@ impl Gpu {
     /// pipelines already compiled (call it before running kernels on other
     /// threads, as [`Gpu::override_shader_file`]). For measuring what the checks cost
     /// (`flash-bench --unchecked-shaders`; `flash-bench shader-stats` shows
-    /// what they do to the compiled code); the checks stay on by default.
+    /// what they do to the compiled code). By default only the loop
+    /// counters go ([`crate::SkippedChecks::CRATE_DEFAULT`]), and only from
+    /// kernels whose loops the crate proves finite ([`crate::unproven_loop`]:
+    /// every kernel it ships); so here too.
     ///
     /// # Safety
     /// As [`wgpu::Device::create_shader_module_trusted`] with
     /// [`wgpu::ShaderRuntimeChecks::unchecked`]: the kernels must never
-    /// index past an array or loop forever. The crate's tests check every
+    /// index past an array (or divide by zero). The crate's tests check every
     /// kernel's results against the reference with the checks on, which
     /// would show most out-of-bounds reads as wrong results, but do not
     /// prove the kernels in bounds.
@@ -574,8 +577,8 @@ impl Gpu {
 
     /// As [`Gpu::skip_shader_runtime_checks`] for the checks in `skipped`
     /// only (the others stay on; [`crate::SkippedChecks::default`] turns
-    /// them all back on): which check costs what (`flash-bench
-    /// --skip-checks bounds|loops|division`).
+    /// them all back on, the loop counters too): which check costs what
+    /// (`flash-bench --skip-checks bounds|loops|division|none`).
     ///
     /// # Safety
     /// As [`Gpu::skip_shader_runtime_checks`], for the checks skipped.

@@ -568,12 +568,12 @@ impl KvCache {
         &self.lens
     }
     /// Tokens sequence `sequence` can hold with its pages, at most
-    /// `i32::MAX` (the kernels hold positions in i32).
+    /// [`crate::MAX_SEQUENCE_LEN`] (the kernels hold positions in i32).
     pub fn capacity(&self, sequence: usize) -> usize {
         self.block_tables
             .get(sequence)
             .map_or(0, |table| table.len() * self.page_size)
-            .min(i32::MAX as usize)
+            .min(crate::MAX_SEQUENCE_LEN)
     }
     /// Pool pages of `sequence`, in position order.
     pub fn block_table(&self, sequence: usize) -> Result<&[u32]> {

@@ -65,7 +65,7 @@ pub use backward::{
 };
 pub use config::{
     Alibi, AttentionConfig, AttentionShape, BlockedLayout, CoopLayout, MAX_HEAD_DIM,
-    SUPPORTED_HEAD_DIMS, Tier, is_supported_head_dim,
+    MAX_SEQUENCE_LEN, SUPPORTED_HEAD_DIMS, Tier, is_supported_head_dim,
 };
 pub use decode::{DecodeArgs, DecodeLanes, DecodeOptions};
 pub use dropout::Dropout;
@@ -81,6 +81,6 @@ pub use mask::{AttentionMask, BlockLayout, MaskKind, patterns};
 pub use plan::{CacheShape, DecodePlan, ForwardPlan, NaivePlan};
 pub use rope::{Rope, RopeStyle};
 pub use runtime_checks::SkippedChecks;
-pub use shaders::BlockedTiling;
+pub use shaders::{BlockedTiling, unproven_loop};
 pub use tensor::{DType, Strides, Tensor, TensorShape};
 pub use varlen::ValidLengths;

@@ -90,7 +90,7 @@ impl Default for PipelineCache {
             pipelines: Mutex::default(),
             layouts: Mutex::default(),
             capacity: AtomicUsize::new(DEFAULT_PIPELINE_CAPACITY),
-            skipped: Mutex::new(SkippedChecks::default()),
+            skipped: Mutex::new(SkippedChecks::CRATE_DEFAULT),
             overrides: Mutex::default(),
         }
     }
@@ -168,6 +168,10 @@ impl PipelineCache {
             return Ok(found);
         }
         let source = self.source(spec)?;
+        let mut skipped = self.skipped_runtime_checks();
+        // Loop counters go only where every loop is proven to end (wgpu's
+        // condition for dropping them); a replaced file may not be.
+        skipped.loop_bounding &= crate::shaders::unproven_loop(&source).is_none();
         let kernel = spec.kernel();
         let (bind_group_layout, pipeline_layout) = lock(&self.layouts)
             .entry(kernel)
@@ -178,10 +182,10 @@ impl PipelineCache {
             label: Some(&label),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         };
-        let skipped = self.skipped_runtime_checks();
         let module = if skipped.any() {
-            // SAFETY: the caller of skip_runtime_checks vouched for the
-            // crate's kernels (bounds, loops, division, as skipped).
+            // SAFETY: the loops end (proven above from the text); for the
+            // other checks skipped, the caller of skip_runtime_checks
+            // vouched for the kernels.
             unsafe { device.create_shader_module_trusted(descriptor, skipped.to_wgpu()) }
         } else {
             device.create_shader_module(descriptor)

@@ -1,8 +1,10 @@
 //! Which of wgpu's runtime checks the crate's kernels compile without
-//! ([`crate::Gpu::skip_shader_runtime_checks_of`]): one at a time, to
-//! measure what each costs.
+//! ([`crate::Gpu::skip_shader_runtime_checks_of`]): by default the loop
+//! counters of the kernels whose loops are proven finite; others one at a
+//! time, to measure what each costs.
 
-/// wgpu's shader runtime checks the kernels skip. The default skips none.
+/// wgpu's shader runtime checks the kernels skip. `default()` skips none;
+/// a [`crate::Gpu`] starts from [`SkippedChecks::CRATE_DEFAULT`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct SkippedChecks {
     /// Index clamps on arrays (and on storage buffers where the driver
@@ -10,7 +12,11 @@ pub struct SkippedChecks {
     /// [`wgpu::ShaderRuntimeChecks::bounds_checks`].
     pub bounds: bool,
     /// The counter that bounds every loop:
-    /// [`wgpu::ShaderRuntimeChecks::force_loop_bounding`].
+    /// [`wgpu::ShaderRuntimeChecks::force_loop_bounding`]. Skipped only in
+    /// kernels whose every loop the crate proves finite from their text
+    /// (every kernel it ships, a test checks; a file replaced through
+    /// [`crate::Gpu::override_shader_file`] may not be), whatever this
+    /// says.
     pub loop_bounding: bool,
     /// Guards on integer division and remainder:
     /// [`wgpu::ShaderRuntimeChecks::int_div_checks`].
@@ -18,6 +24,20 @@ pub struct SkippedChecks {
 }
 
 impl SkippedChecks {
+    /// What a [`crate::Gpu`] skips until told otherwise: the loop
+    /// counters, in the kernels whose loops are proven finite (the proof:
+    /// src/shaders/loop_audit.rs; the limits it rests on:
+    /// [`crate::MAX_SEQUENCE_LEN`]). They cost the register-blocked
+    /// forward 14 % of its static cycles and 16 registers a lane on
+    /// NVIDIA's compiler (Mesa's NAK; BENCHMARKS.md, 2026-12-05), and
+    /// keep drivers from unrolling small loops. Index clamps and division
+    /// guards stay.
+    pub const CRATE_DEFAULT: SkippedChecks = SkippedChecks {
+        bounds: false,
+        loop_bounding: true,
+        division: false,
+    };
+
     /// Every check skipped ([`crate::Gpu::skip_shader_runtime_checks`]).
     pub const ALL: SkippedChecks = SkippedChecks {
         bounds: true,
@@ -45,17 +65,18 @@ impl SkippedChecks {
     }
 
     /// The names `flash-bench --skip-checks` takes: `bounds`, `loops`,
-    /// `division`.
+    /// `division`, comma-separated, or `none` (every check on).
     pub fn from_names(names: &str) -> Result<SkippedChecks, String> {
         let mut skipped = SkippedChecks::default();
         for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             match name {
+                "none" => {}
                 "bounds" => skipped.bounds = true,
                 "loops" => skipped.loop_bounding = true,
                 "division" => skipped.division = true,
                 other => {
                     return Err(format!(
-                        "unknown runtime check {other:?} (bounds, loops, division)"
+                        "unknown runtime check {other:?} (bounds, loops, division, or none)"
                     ));
                 }
             }
@@ -63,9 +84,10 @@ impl SkippedChecks {
         Ok(skipped)
     }
 
-    /// The skipped checks by those names, comma-separated ("" for none).
+    /// The skipped checks by those names, comma-separated ("none" for
+    /// none).
     pub fn names(self) -> String {
-        [
+        let names = [
             (self.bounds, "bounds"),
             (self.loop_bounding, "loops"),
             (self.division, "division"),
@@ -74,7 +96,12 @@ impl SkippedChecks {
         .filter(|(skipped, _)| *skipped)
         .map(|(_, name)| *name)
         .collect::<Vec<_>>()
-        .join(",")
+        .join(",");
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names
+        }
     }
 }
 
@@ -102,6 +129,12 @@ mod tests {
             SkippedChecks::from_names("bounds,loops,division"),
             Ok(SkippedChecks::ALL)
         );
+        assert_eq!(
+            SkippedChecks::from_names("none"),
+            Ok(SkippedChecks::default())
+        );
+        assert_eq!(SkippedChecks::default().names(), "none");
+        assert_eq!(SkippedChecks::CRATE_DEFAULT.names(), "loops");
         let err = SkippedChecks::from_names("bounds,clamps").unwrap_err();
         assert!(err.contains("\"clamps\""), "{err}");
     }

@@ -438,8 +438,9 @@ fn validate_and_translate(spec: &Specialization, source: &str, module: &naga::Mo
 /// parsed once for all of its checks, since parsing is most of their time
 /// (the exhaustive mode parses over 20,000 modules on CI's two cores):
 /// it validates and translates to every backend, its bindings are its
-/// kernel's bind group layout, and it declares the workgroup memory its
-/// plan budgets.
+/// kernel's bind group layout, it declares the workgroup memory its plan
+/// budgets, and its loops are proven finite (it compiles without wgpu's
+/// loop counters).
 #[test]
 fn shipped_specializations_keep_their_contract() {
     let specs = shipped_specializations();
@@ -455,6 +456,12 @@ fn shipped_specializations_keep_their_contract() {
                 problems.push(problem.clone());
             }
             problems.extend(misaligned_matrix_memory(spec, &module));
+            // Every shipped kernel compiles without wgpu's loop counters:
+            // its loops must be proven finite.
+            problems.extend(
+                crate::shaders::unproven_loop(&source)
+                    .map(|why| format!("{}: a loop not proven finite: {why}", spec.label())),
+            );
             (problems, budgeted.ok().flatten())
         })
         .collect();
@@ -474,6 +481,48 @@ fn shipped_specializations_keep_their_contract() {
             "no {kind:?} specialization had its workgroup memory checked"
         );
     }
+}
+
+/// The loop proof reads the kernels as generated: a step of zero put into
+/// any kernel's first loop, or a `while` added, is refused.
+#[test]
+fn a_kernel_loop_that_may_not_end_is_refused() {
+    let specs = one_specialization_per_variant();
+    let mut stalled = 0;
+    for spec in &specs {
+        let source = source_of(spec);
+        // The first loop's update, whatever it was, made `x += 0u` (RoPE's
+        // kernel has no loop).
+        let first_loop = source
+            .lines()
+            .find(|line| line.trim_start().starts_with("for (var ") && line.ends_with(") {"));
+        if let Some(first_loop) = first_loop {
+            let counter = first_loop.trim_start()["for (var ".len()..]
+                .split([' ', ':'])
+                .next()
+                .unwrap();
+            let update_at = first_loop.rfind("; ").unwrap();
+            let stalled_loop = format!("{}; {counter} += 0u) {{", &first_loop[..update_at]);
+            let why = crate::shaders::unproven_loop(&source.replacen(first_loop, &stalled_loop, 1));
+            assert!(
+                why.as_deref().is_some_and(|w| w.contains("not a constant")),
+                "{}: {why:?}",
+                spec.label()
+            );
+            stalled += 1;
+        }
+        let spinning = format!("{source}\nfn spin() {{ while (true) {{ }} }}\n");
+        assert!(
+            crate::shaders::unproven_loop(&spinning).is_some(),
+            "{}",
+            spec.label()
+        );
+    }
+    assert!(
+        stalled + 3 >= specs.len(),
+        "{stalled} of {} kernels have loops",
+        specs.len()
+    );
 }
 
 /// Every specialization with FLASH_ATTN_EXHAUSTIVE=1 (as .ci/run sets);

@@ -495,7 +495,11 @@ fn bad_flags_exit_2_with_the_reason() {
             "does not exist",
         ),
         (decode_small(&["--page-size", "0"]), "power of two"),
-        (decode_small(&["--cache", "4294967296"]), "i32"),
+        // One past MAX_SEQUENCE_LEN (2^29).
+        (
+            decode_small(&["--cache", "536870913"]),
+            "at most 536870912 (max_sequence_len)",
+        ),
         (vec!["masks", "--iters", "0"], "at least 1 timed run"),
     ];
     for (args, reason) in cases {
@@ -1776,7 +1780,7 @@ fn shader_stats_compiles_every_kernel_asked_for() {
         &["RegisterBlocked", "Portable", "RegisterBlocked-4x4x2"],
     );
     for kernel in kernels {
-        for variant in ["  checked", "  unchecked"] {
+        for variant in ["  checked", "  default (without loops)"] {
             let lines: Vec<&str> = kernel
                 .lines()
                 .filter(|line| {
@@ -1852,21 +1856,26 @@ fn shader_dir_replaces_the_crates_wgsl_files() {
     );
 }
 
-/// Each kernel's WGSL (with its entry point) and SPIR-V (checked and
-/// unchecked, starting with SPIR-V's magic number), as `shader-stats
+/// Each kernel's WGSL (with its entry point) and SPIR-V (with every
+/// runtime check, and as the crate compiles it by default: without the
+/// loop counters; starting with SPIR-V's magic number), as `shader-stats
 /// --out-dir` writes them for other tools.
 fn assert_kernel_files(out_dir: &Path, stems: &[&str]) {
     for stem in stems {
         let wgsl = std::fs::read_to_string(out_dir.join(format!("{stem}.wgsl"))).unwrap();
         assert!(wgsl.contains("fn main("), "{stem}.wgsl");
-        for suffix in ["", "-unchecked"] {
+        let mut sizes = Vec::new();
+        for suffix in ["", "-without-loops"] {
             let spirv = std::fs::read(out_dir.join(format!("{stem}{suffix}.spv"))).unwrap();
             assert_eq!(
                 spirv[..4],
                 0x0723_0203u32.to_le_bytes(),
                 "{stem}{suffix}.spv"
             );
+            sizes.push(spirv.len());
         }
+        // Every kernel here has loops: their counters are gone by default.
+        assert!(sizes[1] < sizes[0], "{stem}: SPIR-V {sizes:?} bytes");
     }
 }
 

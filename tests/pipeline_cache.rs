@@ -3,7 +3,7 @@
 mod common;
 
 use common::{Inputs, assert_close, gpu, run_and_compare, with_tier};
-use wgpu_flash_attn::{AttentionConfig, AttentionShape, SkippedChecks, Tier};
+use wgpu_flash_attn::{AttentionConfig, AttentionShape, DType, SkippedChecks, Tier};
 
 #[test]
 fn repeated_calls_compile_nothing() {
@@ -70,10 +70,13 @@ fn pipeline_cache_is_bounded_least_recently_used() {
     assert_eq!(gpu.pipeline_count(), 1);
 }
 
-/// Kernels compiled without wgpu's runtime checks (the measurement switch
-/// `Gpu::skip_shader_runtime_checks`) replace the checked pipelines and
-/// match the reference, on the planner's default and the register-blocked
-/// kernel; so do kernels without one check (`skip_shader_runtime_checks_of`).
+/// Kernels compile by default without wgpu's loop counters
+/// (`SkippedChecks::CRATE_DEFAULT`), with every check
+/// (`skip_shader_runtime_checks_of(SkippedChecks::default())`, replacing
+/// the compiled pipelines) and without any (the measurement switch
+/// `Gpu::skip_shader_runtime_checks`), and match the reference each way,
+/// on the planner's default and the register-blocked kernel; so do
+/// kernels without one check.
 #[test]
 fn kernels_without_runtime_checks_match_the_reference() {
     // Own device: the switch is per Gpu, and the test devices serve the
@@ -87,6 +90,23 @@ fn kernels_without_runtime_checks_match_the_reference() {
     let inputs = Inputs::draw(&shape, 20261204, 1.0);
     let config = AttentionConfig::new().causal(true);
     let tiers = [None, Some(Tier::RegisterBlocked)];
+    // The crate's default: without the loop counters (every kernel's loops
+    // are proven finite), with the index clamps and division guards.
+    assert_eq!(
+        gpu.skipped_shader_runtime_checks(),
+        SkippedChecks::CRATE_DEFAULT
+    );
+    for tier in tiers {
+        assert_close(
+            run_and_compare(&gpu, &shape, &inputs, &with_tier(&config, tier)),
+            &format!("{tier:?} by default"),
+        );
+    }
+    assert!(gpu.pipeline_count() >= 1);
+    // SAFETY: skips nothing.
+    unsafe { gpu.skip_shader_runtime_checks_of(SkippedChecks::default()) };
+    assert!(!gpu.shader_runtime_checks_skipped());
+    assert_eq!(gpu.pipeline_count(), 0, "the default pipelines are dropped");
     for tier in tiers {
         assert_close(
             run_and_compare(&gpu, &shape, &inputs, &with_tier(&config, tier)),
@@ -94,7 +114,6 @@ fn kernels_without_runtime_checks_match_the_reference() {
         );
     }
     assert!(gpu.pipeline_count() >= 1);
-    assert!(!gpu.shader_runtime_checks_skipped());
     // SAFETY: the crate's kernels, compared with the reference below.
     unsafe { gpu.skip_shader_runtime_checks() };
     assert!(gpu.shader_runtime_checks_skipped());
@@ -106,15 +125,15 @@ fn kernels_without_runtime_checks_match_the_reference() {
         );
     }
     assert!(gpu.pipeline_count() >= 1);
-    // One check at a time (`flash-bench --skip-checks`): the loop bounds
-    // off, the index clamps and division guards on.
-    let loops = SkippedChecks {
-        loop_bounding: true,
+    // One check at a time (`flash-bench --skip-checks`): the division
+    // guards off, the index clamps and loop bounds on.
+    let division = SkippedChecks {
+        division: true,
         ..SkippedChecks::default()
     };
     // SAFETY: as above.
-    unsafe { gpu.skip_shader_runtime_checks_of(loops) };
-    assert_eq!(gpu.skipped_shader_runtime_checks(), loops);
+    unsafe { gpu.skip_shader_runtime_checks_of(division) };
+    assert_eq!(gpu.skipped_shader_runtime_checks(), division);
     assert_eq!(
         gpu.pipeline_count(),
         0,
@@ -122,7 +141,7 @@ fn kernels_without_runtime_checks_match_the_reference() {
     );
     assert_close(
         run_and_compare(&gpu, &shape, &inputs, &config),
-        "without loop bounding",
+        "without division guards",
     );
     // SAFETY: skips nothing.
     unsafe { gpu.skip_shader_runtime_checks_of(SkippedChecks::default()) };
@@ -163,6 +182,25 @@ fn a_replaced_shader_file_is_what_the_next_call_compiles() {
         .unwrap();
     let errors = run_and_compare(&gpu, &shape, &inputs, &config);
     assert!(errors.out > 1e-2, "the replaced kernel ran: {errors:?}");
+    // A loop whose end the crate cannot prove (its step read at run time)
+    // keeps wgpu's loop counter, and the kernel still runs right.
+    let runtime_step = kernel.replace(
+        loop_header,
+        "for (var kv0 = wg_lo; kv0 <= wg_hi; kv0 += i32(BLOCK_N * max(p.batch, 1u) / p.batch)) {",
+    );
+    gpu.override_shader_file("flash_blocked.wgsl", runtime_step)
+        .unwrap();
+    let plan =
+        wgpu_flash_attn::ForwardPlan::for_config(gpu.info(), &shape, DType::F32, &config).unwrap();
+    let why = wgpu_flash_attn::unproven_loop(&gpu.forward_wgsl(&plan).unwrap());
+    assert!(
+        why.as_deref().is_some_and(|w| w.contains("not a constant")),
+        "{why:?}"
+    );
+    assert_close(
+        run_and_compare(&gpu, &shape, &inputs, &config),
+        "a loop kept bounded",
+    );
     let err = gpu
         .override_shader_file("flash_blocked", kernel)
         .unwrap_err();

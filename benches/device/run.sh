@@ -15,9 +15,11 @@
 # after the adapters, says whether it computes right there (c69b7c1, the
 # kernel before the rewrite, ran 62.6 ms on the H100). Since the same
 # session the register-blocked forward unrolls its loops over key lanes
-# (wgpu's loop bounds kept the drivers from it): stage 3a3082f, the kernel
-# before, as the A/B baseline (one baseline: two overflow the 64 MiB
-# carry).
+# (wgpu's loop bounds kept the drivers from it), and since the sixteenth
+# every kernel compiles without wgpu's loop counters (its loops proven
+# finite; `--skip-checks none` puts them back): stage 3a3082f, the kernel
+# before both, as the A/B baseline (one baseline: two overflow the 64 MiB
+# carry); the checks step below times the loop counters alone.
 #
 #   ../shared/device/stage.sh && cp benches/device/run.sh .device/run.sh
 #   benches/device/stage-baseline.sh 3a3082f         # optional A/B
@@ -89,17 +91,18 @@ step 45 "adapters and the planner's tiers" "$fb" info
 [ -x "$tests/cooperative_matrix" ] && step 60 "tests: cooperative_matrix" \
   "$tests/cooperative_matrix" --test-threads=4
 # What the driver compiled issue 13's kernels into: registers per
-# invocation (how many workgroups share a compute unit), spills, with and
-# without wgpu's runtime checks (bounds clamps, loop bounds). The subgroup
+# invocation (how many workgroups share a compute unit), spills, with
+# every one of wgpu's runtime checks and as they run by default (without
+# the loop counters; NAK: 144 against 128 registers, 12 against 16 warps a
+# multiprocessor for the register-blocked f32 forward). The subgroup
 # tier in f16 too: it ran f16 storage 3.2x slower than f32 (128.0 against
 # 39.8 ms), as decoding ran half and int8 caches ~5x slower than f32.
 step 60 "driver statistics, B4 H16 N4096 d128 kernels, f32" \
   "$fb" shader-stats --head-dim 128 --tier blocked,subgroup,portable \
   --blocked-layout 8x8x4,16x8x2,32x2x1,16x4x2
-# The loop bounds alone (NAK: 14 % of the static cycles and 16 registers
-# of the register-blocked forward; the timings below say what they cost).
-step 30 "driver statistics, register-blocked f32, without the loop bounds only" \
-  "$fb" --skip-checks loops shader-stats --head-dim 128 --tier blocked
+# What the checks left on (index clamps, division guards) do to it.
+step 30 "driver statistics, register-blocked f32, without any runtime check" \
+  "$fb" --unchecked-shaders shader-stats --head-dim 128 --tier blocked
 step 40 "driver statistics, B4 H16 N4096 d128 kernels, f16" \
   "$fb" shader-stats --head-dim 128 --dtype f16 --tier coop,blocked-f16,subgroup
 # Decoding's layouts, Llama-3.1-70B's step at 128K tokens (registers per
@@ -118,6 +121,10 @@ done
 target=${DEVICE_TARGET:-"--batch 4 --seq-q 4096 --heads-q 16 --head-dim 128 --causal --iters 10"}
 step 75 "tiers, B4 H16 N4096 d128 causal, f32" \
   "$fb" run $target --tier blocked,subgroup,portable --json "$res/tiers-f32.json"
+# The same with wgpu's loop counters (the default before the sixteenth
+# session): what dropping them gained, same call.
+step 40 "register-blocked f32 with every runtime check (--skip-checks none), B4 H16 N4096 d128 causal" \
+  "$fb" --skip-checks none run $target --tier blocked --json "$res/skip-none-f32.json"
 step 75 "tiers, B4 H16 N4096 d128 causal, f16" \
   "$fb" run $target --dtype f16 --tier coop,blocked,blocked-f16,subgroup --json "$res/tiers-f16.json"
 # The cooperative-matrix forward's blocks (since 2026-12-05, fourteenth
@@ -153,11 +160,13 @@ step 60 "tiers without runtime checks, B4 H16 N4096 d128 causal, f32" \
   "$fb" --unchecked-shaders run $target --tier blocked,subgroup --json "$res/unchecked-f32.json"
 step 60 "tiers without runtime checks, B4 H16 N4096 d128 causal, f16" \
   "$fb" --unchecked-shaders run $target --dtype f16 --tier coop,blocked-f16 --json "$res/unchecked-f16.json"
-# Which check costs (an H100 ran 8x8x4 30 % faster with none, 2026-12-05):
-# each alone skipped, on the f32 default.
-for check in bounds loops division; do
-  step 30 "register-blocked f32 without the $check check, B4 H16 N4096 d128 causal" \
-    "$fb" --skip-checks "$check" run $target --tier blocked --json "$res/skip-$check-f32.json"
+# What the checks still on cost (an H100 ran 8x8x4 30 % faster with none,
+# 2026-12-05), on the f32 default, against the tiers step (the crate's
+# default: without the loop counters): the index clamps or the division
+# guards skipped too.
+for checks in loops,bounds loops,division; do
+  step 30 "register-blocked f32, --skip-checks $checks, B4 H16 N4096 d128 causal" \
+    "$fb" --skip-checks "$checks" run $target --tier blocked --json "$res/skip-${checks/,/-}-f32.json"
 done
 # Where the register-blocked forward's time goes (issue 13's f32 target):
 # the kernel with its K/V loads, its Q K^T products or its P V products

@@ -596,9 +596,12 @@ const ATTENTION_BINDINGS: [wgpu::BufferBindingType; 8] = {
     ]
 };
 
+mod loop_audit;
 mod specialization;
 mod template;
 mod tiling;
+
+pub use loop_audit::unproven_loop;
 
 pub use specialization::{
     MIN_BLOCK_N, NaivePass, Specialization, forward_tile_bytes, largest_block_n,

@@ -42,11 +42,13 @@ pub struct GlobalArgs {
     /// the command line in the JSON records it.
     #[arg(long, global = true)]
     pub unchecked_shaders: bool,
-    /// Compile the kernels without some of wgpu's runtime checks:
+    /// Compile the kernels without exactly these of wgpu's runtime checks:
     /// `bounds` (index clamps), `loops` (loop bounding), `division`
-    /// (checked integer division), comma-separated, to measure each one's
-    /// cost (`--unchecked-shaders` skips all three); the command line in
-    /// the JSON records it.
+    /// (checked integer division), comma-separated, or `none` (every check
+    /// on), to measure each one's cost (`--unchecked-shaders` skips all
+    /// three). Without it the crate's default: `loops`, in the kernels
+    /// whose loops are proven finite (all of the crate's). The command line
+    /// in the JSON records it.
     #[arg(long, global = true, value_name = "CHECKS", value_parser = SkippedChecks::from_names)]
     pub skip_checks: Option<SkippedChecks>,
     /// Compile the kernels with the crate's WGSL files replaced by the
@@ -79,7 +81,7 @@ impl DeviceSetup {
 
     /// Applies the runtime-check and shader-file choices to `gpu`.
     pub fn prepare(&self, gpu: &wgpu_flash_attn::Gpu) -> anyhow::Result<()> {
-        if self.skipped_checks.any() {
+        if self.skipped_checks != SkippedChecks::CRATE_DEFAULT {
             // SAFETY: a measurement the user asked for; every kernel passes
             // the reference tests with the checks on (Gpu's documentation
             // says what that does and does not prove).
@@ -101,9 +103,9 @@ impl DeviceSetup {
         let mut parts = Vec::new();
         if self.skipped_checks == SkippedChecks::ALL {
             parts.push("without wgpu's runtime checks".to_string());
-        } else if self.skipped_checks.any() {
+        } else if self.skipped_checks != SkippedChecks::CRATE_DEFAULT {
             parts.push(format!(
-                "without wgpu's runtime checks {}",
+                "without wgpu's runtime checks {} (the crate's default: loops)",
                 self.skipped_checks.names()
             ));
         }
@@ -146,7 +148,7 @@ impl GlobalArgs {
             skipped_checks: if self.unchecked_shaders {
                 SkippedChecks::ALL
             } else {
-                self.skip_checks.unwrap_or_default()
+                self.skip_checks.unwrap_or(SkippedChecks::CRATE_DEFAULT)
             },
             shader_files,
         })
@@ -230,14 +232,14 @@ pub fn parse_page_size(text: &str) -> Result<usize, String> {
     }
 }
 
-/// Cached tokens of a decode case: at least 1, and positions the kernels
-/// hold (i32).
+/// Cached tokens of a decode case: at least 1, and at most
+/// `MAX_SEQUENCE_LEN` (positions the kernels hold).
 pub fn parse_cache_tokens(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(0) => Err("a cache of 0 tokens has nothing to attend".to_string()),
-        Ok(n) if n > i32::MAX as usize => Err(format!(
-            "{n} cached tokens: at most {} (positions are i32 in the kernels)",
-            i32::MAX
+        Ok(n) if n > wgpu_flash_attn::MAX_SEQUENCE_LEN => Err(format!(
+            "{n} cached tokens: at most {} (MAX_SEQUENCE_LEN)",
+            wgpu_flash_attn::MAX_SEQUENCE_LEN
         )),
         Ok(n) => Ok(n),
         Err(e) => Err(format!("{text:?}: {e}")),

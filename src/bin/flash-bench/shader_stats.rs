@@ -106,13 +106,14 @@ pub fn run(global: &GlobalArgs, args: &ShaderStatsArgs) -> Result<bool> {
     if let Some(line) = setup.describe() {
         eprintln!("{line} (shader-stats shows the kernels with every check and without those)");
     }
-    let skipped = Some(setup.skipped_checks())
-        .filter(|s| s.any())
-        .unwrap_or(SkippedChecks::ALL);
-    let without = if skipped == SkippedChecks::ALL {
-        "unchecked".to_string()
-    } else {
-        format!("without {}", skipped.names())
+    // The second build: the checks asked skipped, or without them the
+    // crate's default (every check but the loop counters of kernels whose
+    // loops are proven finite: what `run` times).
+    let skipped = setup.skipped_checks();
+    let without = match skipped {
+        SkippedChecks::ALL => "unchecked".to_string(),
+        SkippedChecks::CRATE_DEFAULT => "default (without loops)".to_string(),
+        s => format!("without {}", s.names()),
     };
     let kernels = kernels(&gpu, args)?;
     if kernels.is_empty() {
@@ -135,11 +136,17 @@ pub fn run(global: &GlobalArgs, args: &ShaderStatsArgs) -> Result<bool> {
             ""
         },
         if skipped == SkippedChecks::ALL {
-            "them"
+            "them".to_string()
         } else {
-            "those"
+            skipped.names()
         }
     );
+    if skipped.loop_bounding {
+        println!(
+            "(loop counters go only from kernels whose loops are proven finite: \
+             a kernel whose text the proof refuses keeps them, said below)"
+        );
+    }
     let mut legend: Vec<(String, String)> = Vec::new();
     for kernel in &kernels {
         println!("== {}: {}", kernel.name, kernel.description);
@@ -147,10 +154,18 @@ pub fn run(global: &GlobalArgs, args: &ShaderStatsArgs) -> Result<bool> {
         let parsed = driver
             .parse(wgsl)
             .with_context(|| format!("parsing {}", kernel.name))?;
+        if let Some(why) = wgpu_flash_attn::unproven_loop(wgsl).filter(|_| skipped.loop_bounding) {
+            println!("  keeps its loop counters: {why}");
+        }
         for (label, skipped) in [
             ("checked", SkippedChecks::default()),
             (without.as_str(), skipped),
         ] {
+            let skipped = SkippedChecks {
+                loop_bounding: skipped.loop_bounding
+                    && wgpu_flash_attn::unproven_loop(wgsl).is_none(),
+                ..skipped
+            };
             let words = driver
                 .spirv(&parsed, skipped)
                 .with_context(|| format!("translating {} to SPIR-V", kernel.name))?;
