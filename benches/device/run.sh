@@ -87,7 +87,13 @@ git log -1 --format='project commit %h %s' 2>/dev/null
 
 step 45 "adapters and the planner's tiers" "$fb" info
 # The matrix kernel's correctness first (see the top): a failure here is
-# the top priority.
+# the top priority. The probes first: each tests one thing the kernel
+# relies on (row/column-major loads, accumulators loaded from memory,
+# matrix arrays across barriers and loop trips, several subgroups, loads
+# at offsets, lone 4-byte words before the tiles), so that a failing
+# kernel says why in the same call.
+[ -x "$tests/matrix_probes" ] && step 30 "tests: matrix_probes" \
+  "$tests/matrix_probes" --nocapture
 [ -x "$tests/cooperative_matrix" ] && step 60 "tests: cooperative_matrix" \
   "$tests/cooperative_matrix" --test-threads=4
 # What the driver compiled issue 13's kernels into: registers per
