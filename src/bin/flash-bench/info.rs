@@ -51,6 +51,11 @@ pub fn run(global: &GlobalArgs) -> Result<bool> {
             decode_plans(info)
         );
     }
+    println!(
+        "every adapter: kernels compile without wgpu's loop counters (each kernel's loops \
+         proven finite, or it keeps them) and with its index clamps and division guards \
+         (--skip-checks none keeps every check; README, \"How the kernel adapts\")"
+    );
     if let Some(path) = &global.json {
         write_json(path, &adapters)?;
     }
