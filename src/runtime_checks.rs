@@ -28,10 +28,10 @@ impl SkippedChecks {
     /// counters, in the kernels whose loops are proven finite (the proof:
     /// src/shaders/loop_audit.rs; the limits it rests on:
     /// [`crate::MAX_SEQUENCE_LEN`]). They cost the register-blocked
-    /// forward 14 % of its static cycles and 16 registers a lane on
-    /// NVIDIA's compiler (Mesa's NAK; BENCHMARKS.md, 2026-12-05), and
-    /// keep drivers from unrolling small loops. Index clamps and division
-    /// guards stay.
+    /// forward 16 registers a lane on NVIDIA's compiler (Mesa's NAK: 144
+    /// against 128, 12 against 16 warps a multiprocessor; BENCHMARKS.md,
+    /// 2026-12-05) and keep drivers from unrolling small loops; on
+    /// lavapipe nothing measurable. Index clamps and division guards stay.
     pub const CRATE_DEFAULT: SkippedChecks = SkippedChecks {
         bounds: false,
         loop_bounding: true,

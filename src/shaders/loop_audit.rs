@@ -181,6 +181,10 @@ struct ModuleFacts<'a> {
     /// Names of pointers (`ptr<...>` parameters, `let p = &x;`): what
     /// they point at may change under another name.
     pointers: HashSet<&'a str>,
+    /// Names declared as variables or parameters anywhere: a step named
+    /// like one of them may be it (a parameter shadowing a constant), so
+    /// it is no constant.
+    runtime_names: HashSet<&'a str>,
 }
 
 impl<'a> ModuleFacts<'a> {
@@ -188,10 +192,31 @@ impl<'a> ModuleFacts<'a> {
         let mut definitions: HashMap<&str, Vec<&[Token]>> = HashMap::new();
         let mut module_vars = HashSet::new();
         let mut pointers = HashSet::new();
+        let mut runtime_names = HashSet::new();
         let mut depth = 0usize;
         for (at, token) in tokens.iter().enumerate() {
             if token.text == "ptr" && at >= 2 && tokens[at - 1].text == ":" {
                 pointers.insert(tokens[at - 2].text.as_str());
+            }
+            // `(name:`, `, name:` or `@attribute(...) name:`: a parameter
+            // (or a struct member, which only makes the proof stricter).
+            let parameter = at >= 1
+                && matches!(tokens[at - 1].text.as_str(), "(" | "," | ")")
+                && tokens.get(at + 1).is_some_and(|t| t.text == ":");
+            if parameter {
+                runtime_names.insert(token.text.as_str());
+            }
+            if token.text == "var" {
+                let mut next = at + 1;
+                if tokens.get(next).is_some_and(|t| t.text == "<") {
+                    while tokens.get(next).is_some_and(|t| t.text != ">") {
+                        next += 1;
+                    }
+                    next += 1;
+                }
+                if let Some(name) = tokens.get(next) {
+                    runtime_names.insert(name.text.as_str());
+                }
             }
             match token.text.as_str() {
                 "{" => depth += 1,
@@ -242,6 +267,7 @@ impl<'a> ModuleFacts<'a> {
             definitions,
             module_vars,
             pointers,
+            runtime_names,
         }
     }
 
@@ -263,6 +289,9 @@ impl<'a> ModuleFacts<'a> {
     }
 
     fn value_of(&self, name: &str, depth: usize) -> Option<i64> {
+        if self.runtime_names.contains(name) {
+            return None;
+        }
         let definitions = self.definitions.get(name)?;
         let mut values = definitions.iter().map(|d| self.evaluate(d, depth + 1));
         let first = values.next()??;
@@ -481,6 +510,12 @@ fn check_for(tokens: &[Token], at: usize, module: &ModuleFacts) -> Result<(), St
                         spelled(header)
                     )
                 })?;
+            if bound.iter().any(|t| t.text == counter) {
+                return Err(format!(
+                    "`for ({})`: its bound reads its counter",
+                    spelled(header)
+                ));
+            }
             check_bound(bound, &body, module)
                 .map_err(|reason| format!("`for ({})`: {reason}", spelled(header)))?;
             if let Some(write) = writes_to(&body, counter, true) {
@@ -719,6 +754,8 @@ mod tests {
                 "pointer `pm`",
             ),
             ("for (var i = 0u; i < (*q)[0]; i++) { }", "pointer `q`"),
+            ("for (var i = 0u; i < n + i; i++) { }", "reads its counter"),
+            ("for (var i = 0u; i < n; i += lid) { }", "not a constant"),
             (
                 "for (var s = 8u; s > 0u; s /= 1u) { }",
                 "divides by less than 2",
@@ -751,5 +788,10 @@ mod tests {
         assert_eq!(unproven_loop(agree), None);
         let differ = agree.replace("const S = 4u; }", "const S = 0u; }");
         assert!(unproven_loop(&differ).is_some());
+        // A parameter named like a constant is no constant.
+        let shadowed =
+            "const S = 4u;\nfn f(n: u32, S: u32) { for (var i = 0u; i < n; i += S) { } }";
+        let reason = unproven_loop(shadowed).unwrap_or_default();
+        assert!(reason.contains("not a constant"), "{reason:?}");
     }
 }
