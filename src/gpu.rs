@@ -618,8 +618,10 @@ impl Gpu {
         self.pipelines.source(&plan.specialization)
     }
 
-    /// Whether the kernels compile without any of wgpu's runtime checks
-    /// ([`Gpu::skip_shader_runtime_checks`]).
+    /// Whether the kernels compile without some of wgpu's runtime checks:
+    /// true from the start (the loop counters,
+    /// [`crate::SkippedChecks::CRATE_DEFAULT`]) until
+    /// [`Gpu::skip_shader_runtime_checks_of`] turns every check back on.
     pub fn shader_runtime_checks_skipped(&self) -> bool {
         self.skipped_shader_runtime_checks().any()
     }
