@@ -168,10 +168,8 @@ impl PipelineCache {
             return Ok(found);
         }
         let source = self.source(spec)?;
-        let mut skipped = self.skipped_runtime_checks();
-        // Loop counters go only where every loop is proven to end (wgpu's
-        // condition for dropping them); a replaced file may not be.
-        skipped.loop_bounding &= crate::shaders::unproven_loop(&source).is_none();
+        // A replaced file's loops may not be proven: it keeps the counters.
+        let skipped = self.skipped_runtime_checks().for_kernel(&source);
         let kernel = spec.kernel();
         let (bind_group_layout, pipeline_layout) = lock(&self.layouts)
             .entry(kernel)

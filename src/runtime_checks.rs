@@ -45,6 +45,17 @@ impl SkippedChecks {
         division: true,
     };
 
+    /// These checks as `wgsl` compiles with them: without its loop
+    /// counters only where every loop is proven finite
+    /// ([`crate::unproven_loop`]; wgpu's condition for dropping them),
+    /// whatever this asks.
+    pub fn for_kernel(self, wgsl: &str) -> SkippedChecks {
+        SkippedChecks {
+            loop_bounding: self.loop_bounding && crate::shaders::unproven_loop(wgsl).is_none(),
+            ..self
+        }
+    }
+
     /// Whether any check is skipped.
     pub fn any(self) -> bool {
         self.bounds || self.loop_bounding || self.division

@@ -89,42 +89,34 @@ fn kernels_without_runtime_checks_match_the_reference() {
     };
     let inputs = Inputs::draw(&shape, 20261204, 1.0);
     let config = AttentionConfig::new().causal(true);
-    let tiers = [None, Some(Tier::RegisterBlocked)];
+    // The planner's default and the register-blocked kernel against the
+    // reference, compiling at least one pipeline.
+    let run_every_tier = |how: &str| {
+        for tier in [None, Some(Tier::RegisterBlocked)] {
+            assert_close(
+                run_and_compare(&gpu, &shape, &inputs, &with_tier(&config, tier)),
+                &format!("{tier:?} {how}"),
+            );
+        }
+        assert!(gpu.pipeline_count() >= 1);
+    };
     // The crate's default: without the loop counters (every kernel's loops
     // are proven finite), with the index clamps and division guards.
     assert_eq!(
         gpu.skipped_shader_runtime_checks(),
         SkippedChecks::CRATE_DEFAULT
     );
-    for tier in tiers {
-        assert_close(
-            run_and_compare(&gpu, &shape, &inputs, &with_tier(&config, tier)),
-            &format!("{tier:?} by default"),
-        );
-    }
-    assert!(gpu.pipeline_count() >= 1);
+    run_every_tier("by default");
     // SAFETY: skips nothing.
     unsafe { gpu.skip_shader_runtime_checks_of(SkippedChecks::default()) };
     assert!(!gpu.shader_runtime_checks_skipped());
     assert_eq!(gpu.pipeline_count(), 0, "the default pipelines are dropped");
-    for tier in tiers {
-        assert_close(
-            run_and_compare(&gpu, &shape, &inputs, &with_tier(&config, tier)),
-            &format!("{tier:?} checked"),
-        );
-    }
-    assert!(gpu.pipeline_count() >= 1);
+    run_every_tier("checked");
     // SAFETY: the crate's kernels, compared with the reference below.
     unsafe { gpu.skip_shader_runtime_checks() };
     assert!(gpu.shader_runtime_checks_skipped());
     assert_eq!(gpu.pipeline_count(), 0, "the checked pipelines are dropped");
-    for tier in tiers {
-        assert_close(
-            run_and_compare(&gpu, &shape, &inputs, &with_tier(&config, tier)),
-            &format!("{tier:?} unchecked"),
-        );
-    }
-    assert!(gpu.pipeline_count() >= 1);
+    run_every_tier("unchecked");
     // One check at a time (`flash-bench --skip-checks`): the division
     // guards off, the index clamps and loop bounds on.
     let division = SkippedChecks {

@@ -206,17 +206,11 @@ impl<'a> ModuleFacts<'a> {
             if parameter {
                 runtime_names.insert(token.text.as_str());
             }
-            if token.text == "var" {
-                let mut next = at + 1;
-                if tokens.get(next).is_some_and(|t| t.text == "<") {
-                    while tokens.get(next).is_some_and(|t| t.text != ">") {
-                        next += 1;
-                    }
-                    next += 1;
-                }
-                if let Some(name) = tokens.get(next) {
-                    runtime_names.insert(name.text.as_str());
-                }
+            let declared = (token.text == "var")
+                .then(|| var_declaration(tokens, at))
+                .flatten();
+            if let Some((name, _)) = &declared {
+                runtime_names.insert(*name);
             }
             match token.text.as_str() {
                 "{" => depth += 1,
@@ -244,20 +238,12 @@ impl<'a> ModuleFacts<'a> {
                 // `var<space> name` at module scope, where the kernel may
                 // write it (uniforms and read-only storage it cannot).
                 "var" if depth == 0 => {
-                    let mut next = at + 1;
-                    let mut writable = true;
-                    if tokens.get(next).is_some_and(|t| t.text == "<") {
-                        let mut space = Vec::new();
-                        while let Some(t) = tokens.get(next).filter(|t| t.text != ">") {
-                            space.push(t.text.as_str());
-                            next += 1;
-                        }
-                        next += 1;
-                        writable = !(space.contains(&"uniform")
+                    if let Some((name, space)) = &declared {
+                        let writable = !(space.contains(&"uniform")
                             || space.contains(&"storage") && !space.contains(&"read_write"));
-                    }
-                    if let Some(name) = tokens.get(next).filter(|_| writable) {
-                        module_vars.insert(name.text.as_str());
+                        if writable {
+                            module_vars.insert(*name);
+                        }
                     }
                 }
                 _ => {}
@@ -312,19 +298,24 @@ impl ConstParser<'_, '_> {
     }
 
     fn sum(&mut self) -> Option<i64> {
-        let mut value = self.product()?;
-        while self.peek() == Some("+") {
-            self.at += 1;
-            value = value.checked_add(self.product()?)?;
-        }
-        Some(value)
+        self.chain("+", Self::product, i64::checked_add)
     }
 
     fn product(&mut self) -> Option<i64> {
-        let mut value = self.term()?;
-        while self.peek() == Some("*") {
+        self.chain("*", Self::term, i64::checked_mul)
+    }
+
+    /// `operand (op operand)*`, combined left to right.
+    fn chain(
+        &mut self,
+        op: &str,
+        operand: fn(&mut Self) -> Option<i64>,
+        combine: fn(i64, i64) -> Option<i64>,
+    ) -> Option<i64> {
+        let mut value = operand(self)?;
+        while self.peek() == Some(op) {
             self.at += 1;
-            value = value.checked_mul(self.term()?)?;
+            value = combine(value, operand(self)?)?;
         }
         Some(value)
     }
@@ -350,6 +341,22 @@ impl ConstParser<'_, '_> {
         }
         None
     }
+}
+
+/// The name a `var` at `tokens[at]` declares, and the words of its
+/// address space (`var<storage, read> name`; empty for `var name`).
+fn var_declaration(tokens: &[Token], at: usize) -> Option<(&str, Vec<&str>)> {
+    let mut next = at + 1;
+    let mut space = Vec::new();
+    if tokens.get(next).is_some_and(|t| t.text == "<") {
+        next += 1;
+        while let Some(t) = tokens.get(next).filter(|t| t.text != ">") {
+            space.push(t.text.as_str());
+            next += 1;
+        }
+        next += 1;
+    }
+    tokens.get(next).map(|name| (name.text.as_str(), space))
 }
 
 /// The index of the token closing the bracket opened at `open`.

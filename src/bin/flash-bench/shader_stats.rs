@@ -159,13 +159,8 @@ pub fn run(global: &GlobalArgs, args: &ShaderStatsArgs) -> Result<bool> {
         }
         for (label, skipped) in [
             ("checked", SkippedChecks::default()),
-            (without.as_str(), skipped),
+            (without.as_str(), skipped.for_kernel(wgsl)),
         ] {
-            let skipped = SkippedChecks {
-                loop_bounding: skipped.loop_bounding
-                    && wgpu_flash_attn::unproven_loop(wgsl).is_none(),
-                ..skipped
-            };
             let words = driver
                 .spirv(&parsed, skipped)
                 .with_context(|| format!("translating {} to SPIR-V", kernel.name))?;
