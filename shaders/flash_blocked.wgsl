@@ -39,7 +39,9 @@
 // Generated constants (src/shaders/, `BlockedTiling`): D4, DV4 (head
 // dims / 4), ROW_LANES, KEY_LANES, ROWS, COLS = ceil(DV4 / KEY_LANES),
 // WG_SIZE = ROW_LANES * KEY_LANES, BLOCK_N = 4 * KEY_LANES, KV_TILE (vec4s
-// of the K/V tile), STAGE_BATCH (loads in flight per invocation while
+// of the K/V tile), Q_STRIDE and P_STRIDE (vec4s between the Q block's and
+// the probabilities' rows: D4 and KEY_LANES, made odd where they fit,
+// BlockedTiling::pad_rows), STAGE_BATCH (loads in flight per invocation while
 // staging), D_STEP (head-dim vec4s a trip of the scores' loop, dividing
 // D4). Loops bounded by ROWS, COLS and
 // STAGE_BATCH are unrolled by src/shaders/, so the private arrays they
@@ -62,20 +64,36 @@ const BLOCKED_GROUP_ROWS: u32 = 128u;
 // row lane read four keys' rows at once, and with an odd stride their
 // vec4s fall in different banks.
 const K_STRIDE: u32 = D4 + 1u;
+// The same for the query rows and the probabilities, read by the row
+// lanes: a lane's r-th row sits at slot r * ROW_LANES + row lane (so the
+// row lanes' r-th rows are consecutive slots), slots Q_STRIDE and P_STRIDE
+// vec4s apart, odd where the workgroup memory has room, so that the row
+// lanes of a subgroup read different banks (rows D4 or KEY_LANES vec4s
+// apart all start in the same bank at even widths).
+// Invocations n and n ^ 1 are one key lane's, n and n ^ 2 one row lane's
+// (when both counts are even), so that every read of K, V (by key lane)
+// and of Q, P (by row lane) gives each pair of neighbouring invocations
+// one address: NVIDIA's shared memory then returns a 16-byte read to both
+// at once, half the cycles of 32 different ones (it returns 128 bytes a
+// cycle; a subgroup's vec4 reads take four, two when paired). BlockedTiling
+// (src/shaders/tiling.rs) documents the same mapping.
+const PAIRED_LANES: bool = ROW_LANES % 2u == 0u && KEY_LANES % 2u == 0u;
 
-// The block's query rows, row-major, D4 vec4s each.
+// The block's query rows, D4 vec4s each, row `a * ROWS + r` at slot
+// `r * ROW_LANES + a`, Q_STRIDE vec4s apart.
 // K of the current tile (key 4b + j at slot j * KEY_LANES + b, rows
 // K_STRIDE apart), then V of the same keys (key n at row n, DV4 apart):
 // V is staged once the scores no longer need K.
-// Probabilities of the tile: row r's keys 4b .. 4b + 3 at r * KEY_LANES + b.
+// Probabilities of the tile: the keys 4b .. 4b + 3 of the row at slot s
+// (as in the Q block) at s * P_STRIDE + b.
 // #if F16_PRODUCTS
-var<workgroup> q_tile: array<vec4<f16>, BLOCK_M * D4>;
+var<workgroup> q_tile: array<vec4<f16>, BLOCK_M * Q_STRIDE>;
 var<workgroup> kv_tile: array<vec4<f16>, KV_TILE>;
-var<workgroup> p_tile: array<vec4<f16>, BLOCK_M * KEY_LANES>;
+var<workgroup> p_tile: array<vec4<f16>, BLOCK_M * P_STRIDE>;
 // #else
-var<workgroup> q_tile: array<vec4<f32>, BLOCK_M * D4>;
+var<workgroup> q_tile: array<vec4<f32>, BLOCK_M * Q_STRIDE>;
 var<workgroup> kv_tile: array<vec4<f32>, KV_TILE>;
-var<workgroup> p_tile: array<vec4<f32>, BLOCK_M * KEY_LANES>;
+var<workgroup> p_tile: array<vec4<f32>, BLOCK_M * P_STRIDE>;
 // #endif
 // Per (row, key lane): the lane's max of the row's scores in the tile; at
 // the end, the lane's partial sum.
@@ -94,6 +112,11 @@ fn f16_products_sum(a: vec4<f16>, b: vec4<f16>) -> f32 {
 // head, or with grouped rows the row's head within the KV head's group.
 fn head_of(row: u32, wg_y: u32, group: u32, grouped: bool) -> u32 {
     return select(wg_y, wg_y * group + row % group, grouped);
+}
+
+// The slot of the block's row `row` in the Q block and the probabilities.
+fn row_slot(row: u32) -> u32 {
+    return (row % ROWS) * ROW_LANES + row / ROWS;
 }
 
 @compute @workgroup_size(WG_SIZE)
@@ -120,8 +143,8 @@ fn main(
     let extent = seq.extent * group;
     let seq_kv = seq.kv_len;
     let diag = seq.diag;
-    let row_lane = lid / KEY_LANES;
-    let key_lane = lid % KEY_LANES;
+    let row_lane = select(lid / KEY_LANES, (lid / (2u * KEY_LANES)) * 2u + lid % 2u, PAIRED_LANES);
+    let key_lane = select(lid % KEY_LANES, (lid / 2u) % KEY_LANES, PAIRED_LANES);
     // The block's first row of this invocation.
     let my_rows = row_lane * ROWS;
     // Padding rows (from seq_q on) compute on a copy of the last real row
@@ -150,9 +173,9 @@ fn main(
             let i = base + s * WG_SIZE + lid;
             if (i < BLOCK_M * D4) {
 // #if F16_PRODUCTS
-                q_tile[i] = vec4<f16>(staged[s]);
+                q_tile[row_slot(i / D4) * Q_STRIDE + i % D4] = vec4<f16>(staged[s]);
 // #else
-                q_tile[i] = staged[s];
+                q_tile[row_slot(i / D4) * Q_STRIDE + i % D4] = staged[s];
 // #endif
             }
         }
@@ -279,7 +302,7 @@ fn main(
                 let k2 = kv_tile[(2u * KEY_LANES + key_lane) * K_STRIDE + d];
                 let k3 = kv_tile[(3u * KEY_LANES + key_lane) * K_STRIDE + d];
                 for (var r = 0u; r < ROWS; r++) {
-                    let qd = q_tile[(my_rows + r) * D4 + d];
+                    let qd = q_tile[(r * ROW_LANES + row_lane) * Q_STRIDE + d];
 // #if F16_PRODUCTS
                     dots[r] += vec4<f32>(f16_products_sum(qd, k0), f16_products_sum(qd, k1),
                         f16_products_sum(qd, k2), f16_products_sum(qd, k3));
@@ -354,9 +377,9 @@ fn main(
             probs *= dropout_kept(drop_state[r], key_pos + drop_key_base);
 // #endif
 // #if F16_PRODUCTS
-            p_tile[row * KEY_LANES + key_lane] = vec4<f16>(probs);
+            p_tile[(r * ROW_LANES + row_lane) * P_STRIDE + key_lane] = vec4<f16>(probs);
 // #else
-            p_tile[row * KEY_LANES + key_lane] = probs;
+            p_tile[(r * ROW_LANES + row_lane) * P_STRIDE + key_lane] = probs;
 // #endif
         }
         // V and the probabilities are staged.
@@ -374,7 +397,7 @@ fn main(
             var probs: array<vec4<f32>, ROWS>;
 // #endif
             for (var r = 0u; r < ROWS; r++) {
-                probs[r] = p_tile[(my_rows + r) * KEY_LANES + step];
+                probs[r] = p_tile[(r * ROW_LANES + row_lane) * P_STRIDE + step];
             }
             let v_row = 4u * step * DV4;
             for (var j = 0u; j < COLS; j++) {

@@ -1404,6 +1404,7 @@ fn a_replaced_file_reaches_exactly_the_kernels_built_from_it() {
         storage: DType::F32,
         dropout: false,
         f16_products: false,
+        pad_rows: true,
     });
     let combine = Specialization::Combine {
         workgroup_size: 64,

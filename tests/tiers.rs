@@ -193,6 +193,40 @@ fn register_blocked_layouts_from_the_caller_match_the_reference() {
             );
         }
     }
+    // The Q block's and the probabilities' rows are padded to odd strides
+    // where that fits, and left unpadded where only that does: 32x2x3 at
+    // d=64 needs 33,664 bytes padded and 30,592 unpadded (llvmpipe allows
+    // 32 KiB). Both forms against the reference, f32 and f16 storage.
+    let wide = AttentionShape {
+        head_dim: 64,
+        head_dim_v: 64,
+        ..prefill
+    };
+    let limit = u64::from(gpu.info().limits.max_compute_workgroup_storage_size);
+    for dtype in [DType::F32, DType::F16] {
+        let layout = layout(32, 2, 3);
+        let plan =
+            ForwardPlan::for_call_with_layout(gpu.info(), &wide, dtype, None, layout).unwrap();
+        let blocked = plan.blocked_tiling().unwrap();
+        let padded = wgpu_flash_attn::BlockedTiling {
+            pad_rows: true,
+            ..blocked
+        };
+        assert_eq!(
+            blocked.pad_rows,
+            padded.workgroup_bytes() <= limit,
+            "{blocked:?}"
+        );
+        assert!(plan.workgroup_bytes() <= limit);
+        let config = AttentionConfig::new().causal(true).blocked_layout(layout);
+        let inputs = Inputs::draw(&wide, rng.next_u64(), 1.0);
+        let excess = run_config(gpu, &config, dtype, &wide, &inputs);
+        assert!(
+            excess <= 1e-4,
+            "{layout} {dtype:?} d=64, rows padded: {}: error exceeds rounding by {excess:.3e}",
+            blocked.pad_rows
+        );
+    }
     // What the kernel or the adapter cannot run, refused before recording.
     let inputs = Inputs::draw(&prefill, 7, 1.0);
     let upload = |dims, data: &[f32]| Tensor::from_f32(gpu, dims, data).unwrap();

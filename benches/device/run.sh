@@ -19,7 +19,13 @@
 # every kernel compiles without wgpu's loop counters (its loops proven
 # finite; `--skip-checks none` puts them back): stage 3a3082f, the kernel
 # before both, as the A/B baseline (one baseline: two overflow the 64 MiB
-# carry); the checks step below times the loop counters alone.
+# carry); the checks step below times the loop counters alone. Since the
+# seventeenth the register-blocked forward pairs its invocations and pads
+# its Q and probability rows (half the shared-memory cycles on NVIDIA, by
+# its engineers' account of the hardware; unmeasured): `plain-lanes` times the
+# old order in the same call, and the layout sweep runs right after it.
+# The budget ends before the backward, decoding and the suite: a second
+# call with DEVICE_SKIP_TO (below) goes on from where the first stopped.
 #
 #   ../shared/device/stage.sh && cp benches/device/run.sh .device/run.sh
 #   benches/device/stage-baseline.sh 3a3082f         # optional A/B
@@ -46,10 +52,23 @@ exec > >(tee -a "$OUT/device.log") 2>&1
 start=$SECONDS
 budget=${DEVICE_BUDGET_S:-360}
 left() { echo $((budget - (SECONDS - start))); }
-# step SECONDS NAME COMMAND...: under a timeout, unless the budget is spent.
+# A second call picks up where the first one's budget ended: with
+# DEVICE_SKIP_TO set to the name of the first step the log reports
+# "SKIPPED (budget spent)" (or any prefix of it), every step before that
+# one is skipped (e.g. command "DEVICE_SKIP_TO='PyTorch SDPA peer' bash
+# .device/run.sh").
+skip_to=${DEVICE_SKIP_TO:-}
+# step SECONDS NAME COMMAND...: under a timeout, unless the budget is spent
+# (or the step comes before DEVICE_SKIP_TO).
 step() {
   local limit=$1 name=$2
   shift 2
+  if [ -n "$skip_to" ]; then
+    case $name in
+      "$skip_to"*) skip_to= ;;
+      *) echo "== SKIPPED (before DEVICE_SKIP_TO): $name"; return ;;
+    esac
+  fi
   local remain
   remain=$(left)
   if [ "$remain" -le 10 ]; then
@@ -105,7 +124,7 @@ step 45 "adapters and the planner's tiers" "$fb" info
 # 39.8 ms), as decoding ran half and int8 caches ~5x slower than f32.
 step 60 "driver statistics, B4 H16 N4096 d128 kernels, f32" \
   "$fb" shader-stats --head-dim 128 --tier blocked,subgroup,portable \
-  --blocked-layout 8x8x4,16x8x2,32x2x1,16x4x2
+  --blocked-layout 16x8x2,32x4x2,64x4x1,16x16x1,8x8x4
 # What the checks left on (index clamps, division guards) do to it.
 step 30 "driver statistics, register-blocked f32, without any runtime check" \
   "$fb" --unchecked-shaders shader-stats --head-dim 128 --tier blocked
@@ -131,6 +150,36 @@ step 75 "tiers, B4 H16 N4096 d128 causal, f32" \
 # session): what dropping them gained, same call.
 step 40 "register-blocked f32 with every runtime check (--skip-checks none), B4 H16 N4096 d128 causal" \
   "$fb" --skip-checks none run $target --tier blocked --json "$res/skip-none-f32.json"
+# Since 2026-12-06 (seventeenth session) the register-blocked forward
+# pairs its invocations (n and n ^ 1 one key lane, n and n ^ 2 one row
+# lane) and pads its Q and probability rows to odd strides, so that a
+# subgroup's vec4 reads of workgroup memory return to pairs at once and its
+# row lanes read different banks: at the 128 bytes a cycle NVIDIA's
+# engineers describe (a vec4 read shared by a pair returned to both at
+# once), half the shared-memory cycles of 16x8x2's products (which then
+# bound it at ~38 % of the FMA ceiling). The same kernel with the old order
+# (variant plain-lanes) in the same call says what that is worth.
+if [ -d .device/variants/plain-lanes ]; then
+  step 30 "variant plain-lanes (no lane pairs, unpadded rows), f32 register-blocked" \
+    "$fb" --shader-dir .device/variants/plain-lanes run $target --tier blocked \
+    --json "$res/plain-lanes-f32.json"
+  step 30 "variant plain-lanes (no lane pairs, unpadded rows), f16 products" \
+    "$fb" --shader-dir .device/variants/plain-lanes run $target --dtype f16 --tier blocked-f16 \
+    --json "$res/plain-lanes-f16.json"
+fi
+# Tuning the register-blocked tier toward the 40 % target: layouts
+# (ROW_LANESxKEY_LANESxROWS) around the planner's choice, each validated;
+# those past the adapter's workgroup memory are reported and skipped. By
+# NVIDIA's 128 bytes a cycle of shared memory, the H100's sweep of
+# 2026-12-05 (plain lanes) never beat the bound those reads set, and the
+# one-row layouts ran close to it (64x4x1 at 92 % of it); with lane pairs
+# that bound halves for every layout (64x4x1: 80 registers, 24 warps a
+# multiprocessor on NAK), so the planner's pick may change. Early, so the
+# first call measures it. (At --iters 3 the H200's sweep was noise: 10.)
+step 100 "register-blocked layouts, B4 H16 N4096 d128 causal, f32" \
+  "$fb" run $target --tier blocked \
+  --blocked-layout 16x8x2,32x4x2,64x4x1,16x16x1,32x2x2,8x8x4,16x4x3 \
+  --json "$res/blocked-layouts-f32.json"
 step 75 "tiers, B4 H16 N4096 d128 causal, f16" \
   "$fb" run $target --dtype f16 --tier coop,blocked,blocked-f16,subgroup --json "$res/tiers-f16.json"
 # The cooperative-matrix forward's blocks (since 2026-12-05, fourteenth
@@ -233,15 +282,6 @@ fi
 # Random configurations against the rule (what CI runs on lavapipe).
 [ -x "$tests/fuzz" ] && step 60 "tests: fuzz, 40 cases" \
   env FLASH_ATTN_FUZZ_CASES=40 "$tests/fuzz" --ignored --test-threads=4
-# Tuning the register-blocked tier toward the 40 % target: layouts
-# (ROW_LANESxKEY_LANESxROWS) around the planner's choice, each validated;
-# those past the adapter's workgroup memory are reported and skipped.
-# (At --iters 3 the H200's sweep was noise: 32x2x1 gave 45 ms in one run
-# and 79 in the next; 10 iterations.)
-step 120 "register-blocked layouts, B4 H16 N4096 d128 causal, f32" \
-  "$fb" run $target --tier blocked \
-  --blocked-layout 8x8x4,16x8x2,16x4x2,32x4x1,8x8x2,4x16x4,32x2x1,64x2x1,64x4x1,16x16x1 \
-  --json "$res/blocked-layouts-f32.json"
 # Kernel variants (benches/device/stage-variants.sh: patches against
 # shaders/, run through --shader-dir without a rebuild), each validated,
 # between two runs of the built-in kernels on the same shapes: the forward
@@ -269,8 +309,8 @@ if [ -d .device/variants ]; then
   builtin before
   for v in .device/variants/*/; do
     name=$(basename "$v")
-    # (Ablations ran above.)
-    case $name in ablate-*) continue ;; esac
+    # (Ablations and plain-lanes ran above.)
+    case $name in ablate-* | plain-lanes) continue ;; esac
     if [ -f "$v/flash_blocked.wgsl" ]; then
       step 30 "variant $name, f32 register-blocked forward" \
         "$fb" --shader-dir "$v" run $target --tier blocked --json "$res/variant-$name-f32.json"

@@ -831,9 +831,10 @@ fn blocked_tiling(
             let columns = (head_dim_v / 4).div_ceil(key_lanes);
             let rows = (BLOCKED_ACCUMULATORS / columns).clamp(1, 4);
             let fewer = (rows == 4 && info.adapter.vendor == NVIDIA).then_some(rows / 2);
-            std::iter::once(rows)
-                .chain(fewer)
-                .map(move |rows| BlockedTiling {
+            std::iter::once(rows).chain(fewer).flat_map(move |rows| {
+                // Each layout with its rows padded, then (where only that
+                // fits) without.
+                [true, false].map(|pad_rows| BlockedTiling {
                     head_dim,
                     head_dim_v,
                     row_lanes,
@@ -842,7 +843,9 @@ fn blocked_tiling(
                     storage,
                     dropout: false,
                     f16_products: false,
+                    pad_rows,
                 })
+            })
         })
         .collect();
     if let Some(fits) = layouts
@@ -876,7 +879,7 @@ fn blocked_tiling_of(
         key_lanes,
         rows,
     } = layout;
-    let tiling = BlockedTiling {
+    let padded = BlockedTiling {
         head_dim: shape.head_dim as u32,
         head_dim_v: shape.head_dim_v as u32,
         row_lanes,
@@ -885,6 +888,12 @@ fn blocked_tiling_of(
         storage,
         dropout: false,
         f16_products: f16_tiles,
+        pad_rows: true,
+    };
+    let memory = u64::from(info.limits.max_compute_workgroup_storage_size);
+    let tiling = BlockedTiling {
+        pad_rows: padded.workgroup_bytes() <= memory,
+        ..padded
     };
     info.check_workgroup(shape, tiling.workgroup_size(), tiling.workgroup_bytes())?;
     Ok(tiling)

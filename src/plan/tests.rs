@@ -219,6 +219,7 @@ fn register_blocked_layouts_given_by_the_caller() {
             storage: DType::F32,
             f16_products: false,
             dropout: false,
+            pad_rows: false,
         }
         .workgroup_bytes();
         match ForwardPlan::for_call_with_layout(&info, &shape, DType::F32, None, tall) {
@@ -284,6 +285,16 @@ fn register_blocked_where_it_fits_and_by_default_on_hardware_gpus() {
                     assert_eq!(plan.block_m(), blocked.row_lanes * blocked.rows);
                     assert_eq!(plan.block_n(), 4 * blocked.key_lanes);
                     assert!(blocked.rows * blocked.columns() <= 16 || blocked.rows == 1);
+                    // Rows padded exactly where the padding fits.
+                    let padded = BlockedTiling {
+                        pad_rows: true,
+                        ..blocked
+                    };
+                    assert_eq!(
+                        blocked.pad_rows,
+                        padded.workgroup_bytes() <= limit,
+                        "{what}"
+                    );
                     assert_eq!(plan.workgroups()[0], 1000u32.div_ceil(plan.block_m()));
                     assert!(matches!(
                         plan.masked_specialization(),

@@ -258,6 +258,8 @@ impl Specialization {
                     ("WG_SIZE", tiling.workgroup_size()),
                     ("BLOCK_N", tiling.block_n()),
                     ("KV_TILE", tiling.kv_tile()),
+                    ("Q_STRIDE", tiling.q_stride()),
+                    ("P_STRIDE", tiling.p_stride()),
                     ("STAGE_BATCH", tiling.stage_batch()),
                     ("D_STEP", BlockedTiling::D_STEP),
                 ]

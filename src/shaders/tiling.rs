@@ -50,10 +50,13 @@ impl AttentionTiling {
 }
 
 /// Tile sizes of the register-blocked forward kernel
-/// (shaders/flash_blocked.wgsl). Invocation `lid` is row lane
-/// `lid / key_lanes` and key lane `lid % key_lanes`; a workgroup owns
-/// `row_lanes * rows` query rows and visits keys in tiles of
-/// `4 * key_lanes`.
+/// (shaders/flash_blocked.wgsl). A workgroup owns `row_lanes * rows` query
+/// rows and visits keys in tiles of `4 * key_lanes`. When both lane counts
+/// are even, invocation `lid` is key lane `(lid / 2) % key_lanes` and row
+/// lane `lid / (2 key_lanes) * 2 + lid % 2`, so that neighbouring pairs
+/// of invocations (`n`, `n ^ 1`: one key lane; `n`, `n ^ 2`: one row lane)
+/// read one address of workgroup memory at a time; otherwise row lane
+/// `lid / key_lanes` and key lane `lid % key_lanes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BlockedTiling {
     /// Query/key head dimension, a multiple of 8.
@@ -74,6 +77,12 @@ pub struct BlockedTiling {
     pub f16_products: bool,
     /// The forward applies attention dropout (DROPOUT).
     pub dropout: bool,
+    /// The Q block's and the probabilities' rows lie an odd number of
+    /// vec4s apart (`Q_STRIDE`, `P_STRIDE`), so that the row lanes of a
+    /// subgroup read different banks of workgroup memory; the planner
+    /// drops it only where the padding (a vec4 per row, each) would not
+    /// fit the adapter's workgroup memory.
+    pub pad_rows: bool,
 }
 
 impl BlockedTiling {
@@ -123,6 +132,21 @@ impl BlockedTiling {
     pub(super) fn kv_tile(&self) -> u32 {
         self.block_n() * (self.head_dim / 4 + 1).max(self.head_dim_v / 4)
     }
+    /// vec4s between the Q block's rows (`Q_STRIDE`): the head dim's,
+    /// made odd with [`Self::pad_rows`].
+    pub(super) fn q_stride(&self) -> u32 {
+        let d4 = self.head_dim / 4;
+        if self.pad_rows { d4 | 1 } else { d4 }
+    }
+    /// vec4s between the probabilities' rows (`P_STRIDE`): one per key
+    /// lane, made odd with [`Self::pad_rows`].
+    pub(super) fn p_stride(&self) -> u32 {
+        if self.pad_rows {
+            self.key_lanes | 1
+        } else {
+            self.key_lanes
+        }
+    }
     /// Workgroup memory the kernel declares: the Q block, the K/V tile,
     /// the probabilities (vec4s of f32, or of f16 with f16 products) and
     /// the per-row partials (f32).
@@ -131,9 +155,9 @@ impl BlockedTiling {
         let key_lanes = u64::from(self.key_lanes);
         let vec4_bytes = if self.f16_products { 8 } else { 16 };
         vec4_bytes
-            * (block_m * u64::from(self.head_dim / 4)
+            * (block_m * u64::from(self.q_stride())
                 + u64::from(self.kv_tile())
-                + block_m * key_lanes)
+                + block_m * u64::from(self.p_stride()))
             + 4 * block_m * key_lanes
     }
 }
