@@ -327,6 +327,8 @@ mod driver {
     use std::ffi::CStr;
 
     use anyhow::{Context, Result, bail};
+    use std::cell::RefCell;
+
     use ash::{khr, vk};
     use wgpu::hal::api::Vulkan;
 
@@ -349,6 +351,21 @@ mod driver {
         /// wgpu clamps storage-buffer indices unless the driver's robust
         /// buffer access 2 makes that unnecessary.
         clamps_buffers: bool,
+        /// Every pipeline [`Self::statistics`] created, with its module and
+        /// layouts, alive until the device goes: no handle is reused
+        /// while the driver may still associate statistics with it (an
+        /// H100's driver once reported one kernel's build with another's
+        /// registers and shared memory, 2026-12-05).
+        kept: RefCell<Vec<Objects>>,
+    }
+
+    impl Drop for StatsDevice {
+        fn drop(&mut self) {
+            let device = self.device.raw_device();
+            for objects in self.kept.get_mut().drain(..).rev() {
+                objects.destroy(device);
+            }
+        }
     }
 
     impl StatsDevice {
@@ -418,6 +435,7 @@ mod driver {
                 executables,
                 spirv_version: spirv_version(api),
                 clamps_buffers: robustness.robust_buffer_access2 != vk::TRUE,
+                kept: RefCell::new(Vec::new()),
             })
         }
 
@@ -486,10 +504,12 @@ mod driver {
         pub fn statistics(&self, words: &[u32], parsed: &Parsed) -> Result<Vec<Executable>> {
             let device = self.device.raw_device();
             let bindings = bindings(&parsed.module);
-            let mut objects = Objects::new(device);
+            let mut kept = self.kept.borrow_mut();
+            kept.push(Objects::default());
+            let objects = kept.last_mut().expect("just pushed");
             // SAFETY: every create info below is complete and valid for a
-            // compute pipeline; `objects` destroys what was created, in
-            // reverse order, however this returns.
+            // compute pipeline; what is created is recorded in `objects` at
+            // once, and destroyed with the device, however this returns.
             unsafe {
                 let shader = device.create_shader_module(
                     &vk::ShaderModuleCreateInfo::default().code(words),
@@ -565,43 +585,33 @@ mod driver {
         }
     }
 
-    /// The Vulkan objects of one pipeline, destroyed when dropped.
-    struct Objects<'d> {
-        device: &'d ash::Device,
+    /// The Vulkan objects of one pipeline (destroyed by [`StatsDevice`]'s
+    /// drop).
+    #[derive(Default)]
+    struct Objects {
         shader: Option<vk::ShaderModule>,
         set_layouts: Vec<vk::DescriptorSetLayout>,
         layout: Option<vk::PipelineLayout>,
         pipeline: Option<vk::Pipeline>,
     }
 
-    impl<'d> Objects<'d> {
-        fn new(device: &'d ash::Device) -> Self {
-            Objects {
-                device,
-                shader: None,
-                set_layouts: Vec::new(),
-                layout: None,
-                pipeline: None,
-            }
-        }
-    }
-
-    impl Drop for Objects<'_> {
-        fn drop(&mut self) {
+    impl Objects {
+        /// Destroys what was created, in reverse order.
+        fn destroy(self, device: &ash::Device) {
             // SAFETY: each handle was created on `device` and no command
             // buffer ever used it.
             unsafe {
                 if let Some(pipeline) = self.pipeline {
-                    self.device.destroy_pipeline(pipeline, None);
+                    device.destroy_pipeline(pipeline, None);
                 }
                 if let Some(layout) = self.layout {
-                    self.device.destroy_pipeline_layout(layout, None);
+                    device.destroy_pipeline_layout(layout, None);
                 }
                 for &set in &self.set_layouts {
-                    self.device.destroy_descriptor_set_layout(set, None);
+                    device.destroy_descriptor_set_layout(set, None);
                 }
                 if let Some(shader) = self.shader {
-                    self.device.destroy_shader_module(shader, None);
+                    device.destroy_shader_module(shader, None);
                 }
             }
         }
