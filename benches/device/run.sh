@@ -248,6 +248,16 @@ step 90 "PyTorch SDPA peer" python3 .device/torch_sdpa.py "$res/torch_sdpa.json"
 step 45 "decode layouts, Llama-3.1-70B heads, 128K: head-dim lanes against key tiles" \
   "$fb" decode --cache 131072 --kv-dtype f32,f16,int8 --lanes head-dim,key-tiles \
   --json "$res/decode-layouts.json"
+# Decoding with eight keys a trip (variant decode-eight-keys: both quads'
+# K and V loads in flight before either is used), against the head-dim
+# lanes of the step above: the H100 decoded f16 and int8 caches no faster
+# than f32 (0.98-1.08 ms at 128K), as if the loads' latency, not their
+# bytes, set the time.
+if [ -d .device/variants/decode-eight-keys ]; then
+  step 45 "variant decode-eight-keys, Llama-3.1-70B heads, 128K, head-dim lanes" \
+    "$fb" --shader-dir .device/variants/decode-eight-keys decode --cache 131072 \
+    --kv-dtype f32,f16,int8 --lanes head-dim --json "$res/variant-decode-eight-keys.json"
+fi
 # The kernels' tests on a real GPU: a failure here is the top priority.
 # On NVIDIA the defaults these run are register blocking (16x8x2 at
 # d=128 since 2026-12-05, fifteenth session; the subgroup tier for f32 up
