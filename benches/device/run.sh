@@ -195,7 +195,7 @@ step 60 "cooperative-matrix blocks, f16" \
 # 2026-12-05, so early now.
 step 90 "register-blocked layouts with f16 products, B4 H16 N4096 d128 causal, f16" \
   "$fb" run $target --dtype f16 --tier blocked-f16 \
-  --blocked-layout 16x8x4,16x8x2,32x4x2,16x4x4,32x8x2,8x8x4 \
+  --blocked-layout 16x8x4,16x8x2,32x4x2,16x4x4,32x8x2,8x8x4,8x16x4 \
   --json "$res/blocked-layouts-f16.json"
 # At d=256 the planner sizes f16-product layouts at f32 tile bytes: 8 rows
 # x 16 keys, 32 invocations (7.9 % of the FMA ceiling on the H100); f16
