@@ -322,13 +322,12 @@ struct Executable {
 ))]
 mod driver {
     //! The Vulkan side: a device with the statistics feature, SPIR-V from
-    //! naga, one throwaway pipeline per kernel.
+    //! naga, one pipeline per kernel build (kept until the device goes).
 
+    use std::cell::RefCell;
     use std::ffi::CStr;
 
     use anyhow::{Context, Result, bail};
-    use std::cell::RefCell;
-
     use ash::{khr, vk};
     use wgpu::hal::api::Vulkan;
 
