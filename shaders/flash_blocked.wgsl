@@ -38,8 +38,8 @@
 //
 // Generated constants (src/shaders/, `BlockedTiling`): D4, DV4 (head
 // dims / 4), ROW_LANES, KEY_LANES, ROWS, COLS = ceil(DV4 / KEY_LANES),
-// WG_SIZE = ROW_LANES * KEY_LANES, BLOCK_N = 4 * KEY_LANES, KV_TILE (vec4s
-// of the K/V tile), Q_STRIDE and P_STRIDE (vec4s between the Q block's and
+// WG_SIZE = ROW_LANES * KEY_LANES, BLOCK_N = 4 * KEY_LANES, PASSES, KV_TILE
+// (vec4s of the K/V tile: a pass's K or V), Q_STRIDE and P_STRIDE (vec4s between the Q block's and
 // the probabilities' rows: D4 and KEY_LANES, made odd where they fit,
 // BlockedTiling::pad_rows), STAGE_BATCH (loads in flight per invocation while
 // staging), D_STEP (head-dim vec4s a trip of the scores' loop, dividing
@@ -63,7 +63,14 @@ const BLOCKED_GROUP_ROWS: u32 = 128u;
 // K rows are staged one vec4 apart beyond their width: the key lanes of a
 // row lane read four keys' rows at once, and with an odd stride their
 // vec4s fall in different banks.
-const K_STRIDE: u32 = D4 + 1u;
+const K_STRIDE: u32 = DK4 + 1u;
+// The tile in PASSES passes (BlockedTiling::passes): the scores over DK4
+// head-dim vec4s of K at a time, P V over PASS_KEYS keys' V at a time
+// (PASS_STEPS four-key steps), so that a caller's larger tile fits the
+// workgroup memory at the price of two barriers a pass. One by default.
+const DK4: u32 = D4 / PASSES;
+const PASS_KEYS: u32 = BLOCK_N / PASSES;
+const PASS_STEPS: u32 = KEY_LANES / PASSES;
 // The same for the query rows and the probabilities, read by the row
 // lanes: a lane's r-th row sits at slot r * ROW_LANES + row lane (so the
 // row lanes' r-th rows are consecutive slots), slots Q_STRIDE and P_STRIDE
@@ -117,6 +124,58 @@ fn head_of(row: u32, wg_y: u32, group: u32, grouped: bool) -> u32 {
 // The slot of the block's row `row` in the Q block and the probabilities.
 fn row_slot(row: u32) -> u32 {
     return (row % ROWS) * ROW_LANES + row / ROWS;
+}
+
+// Stages head-dim vec4s d_first .. d_first + DK4 - 1 of K of the tile's keys
+// (from kv0; zeros past its n_keys), key 4b + j at slot j * KEY_LANES + b.
+fn stage_k_columns(kv0: i32, n_keys: u32, k_base: u32, d_first: u32, lid: u32) {
+    for (var base = 0u; base < BLOCK_N * DK4; base += STAGED_VEC4S) {
+        var staged: array<vec4<f32>, STAGE_BATCH>;
+        for (var s = 0u; s < STAGE_BATCH; s++) {
+            let i = base + s * WG_SIZE + lid;
+            staged[s] = vec4<f32>(0.0);
+            if (i < BLOCK_N * DK4 && i / DK4 < n_keys) {
+                staged[s] = load_k(k_base + (u32(kv0) + i / DK4) * p.k.seq + d_first + i % DK4);
+            }
+        }
+        for (var s = 0u; s < STAGE_BATCH; s++) {
+            let i = base + s * WG_SIZE + lid;
+            let key = i / DK4;
+            if (i < BLOCK_N * DK4) {
+// #if F16_PRODUCTS
+                kv_tile[((key % 4u) * KEY_LANES + key / 4u) * K_STRIDE + i % DK4] = vec4<f16>(staged[s]);
+// #else
+                kv_tile[((key % 4u) * KEY_LANES + key / 4u) * K_STRIDE + i % DK4] = staged[s];
+// #endif
+            }
+        }
+    }
+}
+
+// Stages V of the tile's keys first_key .. first_key + PASS_KEYS - 1 (from
+// kv0; zeros past its n_keys), key first_key + n at row n, DV4 apart.
+fn stage_v_keys(kv0: i32, n_keys: u32, v_base: u32, first_key: u32, lid: u32) {
+    for (var base = 0u; base < PASS_KEYS * DV4; base += STAGED_VEC4S) {
+        var staged: array<vec4<f32>, STAGE_BATCH>;
+        for (var s = 0u; s < STAGE_BATCH; s++) {
+            let i = base + s * WG_SIZE + lid;
+            let key = first_key + i / DV4;
+            staged[s] = vec4<f32>(0.0);
+            if (i < PASS_KEYS * DV4 && key < n_keys) {
+                staged[s] = load_v(v_base + (u32(kv0) + key) * p.v.seq + i % DV4);
+            }
+        }
+        for (var s = 0u; s < STAGE_BATCH; s++) {
+            let i = base + s * WG_SIZE + lid;
+            if (i < PASS_KEYS * DV4) {
+// #if F16_PRODUCTS
+                kv_tile[i] = vec4<f16>(staged[s]);
+// #else
+                kv_tile[i] = staged[s];
+// #endif
+            }
+        }
+    }
 }
 
 @compute @workgroup_size(WG_SIZE)
@@ -264,52 +323,41 @@ fn main(
             continue;
         }
 // #endif
-        // (The first tile's barrier also publishes the Q block.)
-        for (var base = 0u; base < BLOCK_N * D4; base += STAGED_VEC4S) {
-            var staged: array<vec4<f32>, STAGE_BATCH>;
-            for (var s = 0u; s < STAGE_BATCH; s++) {
-                let i = base + s * WG_SIZE + lid;
-                staged[s] = vec4<f32>(0.0);
-                if (i < BLOCK_N * D4 && i / D4 < n_keys) {
-                    staged[s] = load_k(k_base + (u32(kv0) + i / D4) * p.k.seq + i % D4);
-                }
-            }
-            for (var s = 0u; s < STAGE_BATCH; s++) {
-                let i = base + s * WG_SIZE + lid;
-                let key = i / D4;
-                if (i < BLOCK_N * D4) {
-// #if F16_PRODUCTS
-                    kv_tile[((key % 4u) * KEY_LANES + key / 4u) * K_STRIDE + i % D4] = vec4<f16>(staged[s]);
-// #else
-                    kv_tile[((key % 4u) * KEY_LANES + key / 4u) * K_STRIDE + i % D4] = staged[s];
-// #endif
-                }
-            }
-        }
-        workgroupBarrier();
-
         var dots: array<vec4<f32>, ROWS>;
         for (var r = 0u; r < ROWS; r++) {
             dots[r] = vec4<f32>(0.0);
         }
-        // D_STEP head-dim vec4s a trip, unrolled: wgpu bounds every loop
-        // the template leaves with a counter, which a trip's work amortizes.
-        for (var d0 = 0u; d0 < D4; d0 += D_STEP) {
-            for (var du = 0u; du < D_STEP; du++) {
-                let d = d0 + du;
-                let k0 = kv_tile[key_lane * K_STRIDE + d];
-                let k1 = kv_tile[(KEY_LANES + key_lane) * K_STRIDE + d];
-                let k2 = kv_tile[(2u * KEY_LANES + key_lane) * K_STRIDE + d];
-                let k3 = kv_tile[(3u * KEY_LANES + key_lane) * K_STRIDE + d];
-                for (var r = 0u; r < ROWS; r++) {
-                    let qd = q_tile[(r * ROW_LANES + row_lane) * Q_STRIDE + d];
+        // The scores in PASSES passes over the head dim, DK4 vec4s each
+        // (one unless a caller's layout needs the K tile in parts to fit
+        // the workgroup memory). (The first tile's first barrier also
+        // publishes the Q block.)
+        for (var part = 0u; part < PASSES; part++) {
+            if (part > 0u) {
+                // The previous pass's columns are consumed.
+                workgroupBarrier();
+            }
+            stage_k_columns(kv0, n_keys, k_base, part * DK4, lid);
+            workgroupBarrier();
+            // D_STEP head-dim vec4s a trip, unrolled: wgpu bounds every
+            // loop the template leaves with a counter, which a trip's work
+            // amortizes.
+            for (var d0 = 0u; d0 < DK4; d0 += D_STEP) {
+                for (var du = 0u; du < D_STEP; du++) {
+                    let d = d0 + du;
+                    let k0 = kv_tile[key_lane * K_STRIDE + d];
+                    let k1 = kv_tile[(KEY_LANES + key_lane) * K_STRIDE + d];
+                    let k2 = kv_tile[(2u * KEY_LANES + key_lane) * K_STRIDE + d];
+                    let k3 = kv_tile[(3u * KEY_LANES + key_lane) * K_STRIDE + d];
+                    for (var r = 0u; r < ROWS; r++) {
+                        let qd = q_tile[(r * ROW_LANES + row_lane) * Q_STRIDE + part * DK4 + d];
 // #if F16_PRODUCTS
-                    dots[r] += vec4<f32>(f16_products_sum(qd, k0), f16_products_sum(qd, k1),
-                        f16_products_sum(qd, k2), f16_products_sum(qd, k3));
+                        dots[r] += vec4<f32>(f16_products_sum(qd, k0), f16_products_sum(qd, k1),
+                            f16_products_sum(qd, k2), f16_products_sum(qd, k3));
 // #else
-                    dots[r] = vec4<f32>(fma_dot(qd, k0, dots[r].x), fma_dot(qd, k1, dots[r].y),
-                        fma_dot(qd, k2, dots[r].z), fma_dot(qd, k3, dots[r].w));
+                        dots[r] = vec4<f32>(fma_dot(qd, k0, dots[r].x), fma_dot(qd, k1, dots[r].y),
+                            fma_dot(qd, k2, dots[r].z), fma_dot(qd, k3, dots[r].w));
 // #endif
+                    }
                 }
             }
         }
@@ -338,26 +386,8 @@ fn main(
         // maxima published.
         workgroupBarrier();
 
-        for (var base = 0u; base < BLOCK_N * DV4; base += STAGED_VEC4S) {
-            var staged: array<vec4<f32>, STAGE_BATCH>;
-            for (var s = 0u; s < STAGE_BATCH; s++) {
-                let i = base + s * WG_SIZE + lid;
-                staged[s] = vec4<f32>(0.0);
-                if (i < BLOCK_N * DV4 && i / DV4 < n_keys) {
-                    staged[s] = load_v(v_base + (u32(kv0) + i / DV4) * p.v.seq + i % DV4);
-                }
-            }
-            for (var s = 0u; s < STAGE_BATCH; s++) {
-                let i = base + s * WG_SIZE + lid;
-                if (i < BLOCK_N * DV4) {
-// #if F16_PRODUCTS
-                    kv_tile[i] = vec4<f16>(staged[s]);
-// #else
-                    kv_tile[i] = staged[s];
-// #endif
-                }
-            }
-        }
+        // V of the tile's first PASS_KEYS keys (all of them in one pass).
+        stage_v_keys(kv0, n_keys, v_base, 0u, lid);
         var correction: array<f32, ROWS>;
         for (var r = 0u; r < ROWS; r++) {
             let row = my_rows + r;
@@ -396,10 +426,17 @@ fn main(
 // #else
             var probs: array<vec4<f32>, ROWS>;
 // #endif
+            // (A constant test once the loop is unrolled: false in one pass.)
+            if (step > 0u && step % PASS_STEPS == 0u) {
+                // The previous pass's values are consumed; stage the next.
+                workgroupBarrier();
+                stage_v_keys(kv0, n_keys, v_base, 4u * step, lid);
+                workgroupBarrier();
+            }
             for (var r = 0u; r < ROWS; r++) {
                 probs[r] = p_tile[(r * ROW_LANES + row_lane) * P_STRIDE + step];
             }
-            let v_row = 4u * step * DV4;
+            let v_row = 4u * (step % PASS_STEPS) * DV4;
             for (var j = 0u; j < COLS; j++) {
                 let col = key_lane + KEY_LANES * j;
                 // A constant test unless KEY_LANES does not divide DV4.

@@ -314,7 +314,11 @@ pub struct AttentionConfig {
     /// planner's (a tuning knob: `flash-bench run --blocked-layout` times
     /// several in one run); forces that tier, in the forward and in the
     /// backward (whose key blocks are `4 * key_lanes` keys and query blocks
-    /// `row_lanes * rows` rows). `None`: the planner's.
+    /// `row_lanes * rows` rows). In the forward, a layout whose whole key
+    /// tile does not fit the workgroup memory runs each tile in two passes
+    /// (half of K's head dim, then half of V's keys, at a time;
+    /// `BlockedTiling::passes`) where the head dim and the key lanes allow.
+    /// `None`: the planner's.
     pub blocked_layout: Option<BlockedLayout>,
     /// The cooperative-matrix forward's block, instead of the planner's (a
     /// tuning knob: `flash-bench run --coop-layout` times several in one

@@ -189,6 +189,38 @@ fn shipped_specializations() -> Vec<Specialization> {
             }
         }
     }
+    // Callers' register-blocked layouts whose tiles run in two passes
+    // (`BlockedTiling::passes`), which no planner default takes: 8x16x4
+    // (64-key tiles) where its whole tile does not fit.
+    let layout = crate::BlockedLayout {
+        row_lanes: 8,
+        key_lanes: 16,
+        rows: 4,
+    };
+    let mut two_passes = 0;
+    for info in [&infos[0], &nvidia] {
+        for (head_dim, storage) in [(64, DType::F32), (128, DType::F32), (128, DType::F16)] {
+            let shape = AttentionShape::self_attention(1, 256, 8, head_dim);
+            let Ok(plan) = ForwardPlan::for_call_with_layout(info, &shape, storage, None, layout)
+            else {
+                continue;
+            };
+            if plan.blocked_tiling().is_some_and(|t| t.passes == 2) {
+                two_passes += 1;
+            }
+            add(plan.specialization());
+            add(plan.masked_specialization());
+            add(plan.with_dropout().specialization());
+            if let Ok(f16_products) = plan.with_f16_products(info) {
+                add(f16_products.specialization());
+            }
+        }
+    }
+    // (llvmpipe at d=64, the NVIDIA profile at d=128 in f32.)
+    assert!(
+        two_passes >= 2,
+        "{two_passes} two-pass layouts among the callers'"
+    );
     // Linear attention: query/key and value head dims independently, a
     // spread per storage type; causal and not.
     let linear_dims = [8, 16, 24, 40, 64, 96, 128, 200, 256];
@@ -1405,6 +1437,7 @@ fn a_replaced_file_reaches_exactly_the_kernels_built_from_it() {
         dropout: false,
         f16_products: false,
         pad_rows: true,
+        passes: 1,
     });
     let combine = Specialization::Combine {
         workgroup_size: 64,

@@ -196,36 +196,67 @@ fn register_blocked_layouts_from_the_caller_match_the_reference() {
     // The Q block's and the probabilities' rows are padded to odd strides
     // where that fits, and left unpadded where only that does: 32x2x3 at
     // d=64 needs 33,664 bytes padded and 30,592 unpadded (llvmpipe allows
-    // 32 KiB). Both forms against the reference, f32 and f16 storage.
+    // 32 KiB). A tile that does not fit whole runs in two passes (half of
+    // K's head dim, then half of V's keys, at a time): 8x16x4 at d=64,
+    // 36,864 bytes whole and padded, 28,672 in two passes. Each form
+    // against the reference, f32 and f16 storage, a prefill and a
+    // decoding-like GQA shape.
     let wide = AttentionShape {
         head_dim: 64,
         head_dim_v: 64,
         ..prefill
     };
+    let wide_decoding = AttentionShape {
+        head_dim: 64,
+        head_dim_v: 64,
+        ..decoding
+    };
     let limit = u64::from(gpu.info().limits.max_compute_workgroup_storage_size);
-    for dtype in [DType::F32, DType::F16] {
-        let layout = layout(32, 2, 3);
+    for (layout, dtype, shape) in [
+        (layout(32, 2, 3), DType::F32, wide),
+        (layout(32, 2, 3), DType::F16, wide),
+        (layout(8, 16, 4), DType::F32, wide),
+        (layout(8, 16, 4), DType::F16, wide),
+        (layout(8, 16, 4), DType::F32, wide_decoding),
+    ] {
         let plan =
-            ForwardPlan::for_call_with_layout(gpu.info(), &wide, dtype, None, layout).unwrap();
+            ForwardPlan::for_call_with_layout(gpu.info(), &shape, dtype, None, layout).unwrap();
         let blocked = plan.blocked_tiling().unwrap();
-        let padded = wgpu_flash_attn::BlockedTiling {
-            pad_rows: true,
-            ..blocked
+        let fits = |pad_rows, passes| {
+            wgpu_flash_attn::BlockedTiling {
+                pad_rows,
+                passes,
+                ..blocked
+            }
+            .workgroup_bytes()
+                <= limit
         };
-        assert_eq!(
-            blocked.pad_rows,
-            padded.workgroup_bytes() <= limit,
-            "{blocked:?}"
-        );
+        // The first of (whole, padded), (whole), (two passes, padded), (two
+        // passes) that fits.
+        let want = if fits(true, 1) {
+            (true, 1)
+        } else if fits(false, 1) {
+            (false, 1)
+        } else if fits(true, 2) {
+            (true, 2)
+        } else {
+            (false, 2)
+        };
+        assert_eq!((blocked.pad_rows, blocked.passes), want, "{blocked:?}");
         assert!(plan.workgroup_bytes() <= limit);
-        let config = AttentionConfig::new().causal(true).blocked_layout(layout);
-        let inputs = Inputs::draw(&wide, rng.next_u64(), 1.0);
-        let excess = run_config(gpu, &config, dtype, &wide, &inputs);
-        assert!(
-            excess <= 1e-4,
-            "{layout} {dtype:?} d=64, rows padded: {}: error exceeds rounding by {excess:.3e}",
-            blocked.pad_rows
-        );
+        for causal in [true, false] {
+            let config = AttentionConfig::new().causal(causal).blocked_layout(layout);
+            let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
+            let excess = run_config(gpu, &config, dtype, &shape, &inputs);
+            assert!(
+                excess <= 1e-4,
+                "{layout} {dtype:?} seq_q={} causal={causal}, rows padded: {}, passes: {}: error \
+                 exceeds rounding by {excess:.3e}",
+                shape.seq_q,
+                blocked.pad_rows,
+                blocked.passes
+            );
+        }
     }
     // What the kernel or the adapter cannot run, refused before recording.
     let inputs = Inputs::draw(&prefill, 7, 1.0);

@@ -178,7 +178,7 @@ fi
 # first call measures it. (At --iters 3 the H200's sweep was noise: 10.)
 step 100 "register-blocked layouts, B4 H16 N4096 d128 causal, f32" \
   "$fb" run $target --tier blocked \
-  --blocked-layout 16x8x2,32x4x2,64x4x1,16x16x1,32x2x2,8x8x4,16x4x3 \
+  --blocked-layout 16x8x2,32x4x2,64x4x1,16x16x1,32x2x2,8x8x4,16x4x3,8x16x4,16x16x2 \
   --json "$res/blocked-layouts-f32.json"
 step 75 "tiers, B4 H16 N4096 d128 causal, f16" \
   "$fb" run $target --dtype f16 --tier coop,blocked,blocked-f16,subgroup --json "$res/tiers-f16.json"

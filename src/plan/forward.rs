@@ -844,6 +844,7 @@ fn blocked_tiling(
                     dropout: false,
                     f16_products: false,
                     pad_rows,
+                    passes: 1,
                 })
             })
         })
@@ -879,7 +880,7 @@ fn blocked_tiling_of(
         key_lanes,
         rows,
     } = layout;
-    let padded = BlockedTiling {
+    let whole = BlockedTiling {
         head_dim: shape.head_dim as u32,
         head_dim_v: shape.head_dim_v as u32,
         row_lanes,
@@ -889,11 +890,24 @@ fn blocked_tiling_of(
         dropout: false,
         f16_products: f16_tiles,
         pad_rows: true,
+        passes: 1,
     };
+    // The first that fits of: the tile whole with its rows padded, without
+    // the padding, then in two passes (where the head dim and the key
+    // lanes divide) padded and not; else the smallest, refused below.
     let memory = u64::from(info.limits.max_compute_workgroup_storage_size);
-    let tiling = BlockedTiling {
-        pad_rows: padded.workgroup_bytes() <= memory,
-        ..padded
+    let candidates =
+        [(1, true), (1, false), (2, true), (2, false)].map(|(passes, pad_rows)| BlockedTiling {
+            passes,
+            pad_rows,
+            ..whole
+        });
+    let valid = candidates.iter().filter(|t| t.passes_fit());
+    let tiling = match valid.clone().find(|t| t.workgroup_bytes() <= memory) {
+        Some(fits) => *fits,
+        None => *valid
+            .min_by_key(|t| t.workgroup_bytes())
+            .expect("one pass always suits"),
     };
     info.check_workgroup(shape, tiling.workgroup_size(), tiling.workgroup_bytes())?;
     Ok(tiling)

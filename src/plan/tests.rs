@@ -220,6 +220,7 @@ fn register_blocked_layouts_given_by_the_caller() {
             f16_products: false,
             dropout: false,
             pad_rows: false,
+            passes: 1,
         }
         .workgroup_bytes();
         match ForwardPlan::for_call_with_layout(&info, &shape, DType::F32, None, tall) {

@@ -257,6 +257,7 @@ impl Specialization {
                     ("COLS", tiling.columns()),
                     ("WG_SIZE", tiling.workgroup_size()),
                     ("BLOCK_N", tiling.block_n()),
+                    ("PASSES", tiling.passes),
                     ("KV_TILE", tiling.kv_tile()),
                     ("Q_STRIDE", tiling.q_stride()),
                     ("P_STRIDE", tiling.p_stride()),
@@ -635,10 +636,14 @@ fn blocked_loop_trips(tiling: &BlockedTiling, keys: u64) -> u64 {
     let staged = lanes * u64::from(tiling.stage_batch());
     // Staging K, the scores' head-dim loop (D_STEP vec4s a trip), staging
     // V (the loops over key lanes are unrolled).
+    // In `passes` passes (each a part of K's head dim, then of V's keys;
+    // the pass loop's own trips counted too).
+    let passes = u64::from(tiling.passes.max(1));
     let per_tile = 1
-        + ((block_n * d4).div_ceil(staged) + 1)
-        + (d4 / u64::from(BlockedTiling::D_STEP) + 1)
-        + ((block_n * dv4).div_ceil(staged) + 1);
+        + (passes + 1)
+        + passes * ((block_n * d4 / passes).div_ceil(staged) + 1)
+        + passes * (d4 / passes / u64::from(BlockedTiling::D_STEP) + 1)
+        + passes * ((block_n / passes * dv4).div_ceil(staged) + 1);
     // Staging Q.
     let fixed = (block_m * d4).div_ceil(staged) + 1;
     fixed + tiles * per_tile

@@ -83,6 +83,13 @@ pub struct BlockedTiling {
     /// drops it only where the padding (a vec4 per row, each) would not
     /// fit the adapter's workgroup memory.
     pub pad_rows: bool,
+    /// Passes over each key tile (`PASSES`): the scores take the head dim
+    /// `passes` parts at a time and P V the keys likewise, so that only a
+    /// part of K or V is staged at once: 1, or 2 for a caller's layout
+    /// whose whole tile does not fit the workgroup memory (two more
+    /// barriers a tile). Needs `head_dim / 4` a multiple of `passes *
+    /// D_STEP` and `key_lanes` of `passes`.
+    pub passes: u32,
 }
 
 impl BlockedTiling {
@@ -122,15 +129,28 @@ impl BlockedTiling {
     /// (`STAGE_BATCH`): its share of a K or V tile, at most
     /// [`Self::MAX_STAGE_BATCH`].
     pub fn stage_batch(&self) -> u32 {
-        let widest = (self.head_dim / 4).max(self.head_dim_v / 4);
-        (self.block_n() * widest)
+        let passes = self.passes.max(1);
+        let k_part = self.block_n() * (self.head_dim / 4 / passes);
+        let v_part = self.block_n() / passes * (self.head_dim_v / 4);
+        k_part
+            .max(v_part)
             .div_ceil(self.workgroup_size().max(1))
             .min(Self::MAX_STAGE_BATCH)
     }
-    /// vec4s of the tile that holds K (rows padded by one vec4, so that
-    /// the key lanes read different banks), then V of the same keys.
+    /// Whether `passes` suits the head dim and the key lanes.
+    pub fn passes_fit(&self) -> bool {
+        let passes = self.passes;
+        passes >= 1
+            && (self.head_dim / 4).is_multiple_of(passes * Self::D_STEP)
+            && self.key_lanes.is_multiple_of(passes)
+    }
+    /// vec4s of the tile that holds a pass's K (rows padded by one vec4,
+    /// so that the key lanes read different banks), then V of a pass's
+    /// keys.
     pub(super) fn kv_tile(&self) -> u32 {
-        self.block_n() * (self.head_dim / 4 + 1).max(self.head_dim_v / 4)
+        let passes = self.passes.max(1);
+        (self.block_n() * (self.head_dim / 4 / passes + 1))
+            .max(self.block_n() / passes * (self.head_dim_v / 4))
     }
     /// vec4s between the Q block's rows (`Q_STRIDE`): the head dim's,
     /// made odd with [`Self::pad_rows`].
