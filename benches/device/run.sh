@@ -174,8 +174,11 @@ fi
 # 2026-12-05 (plain lanes) never beat the bound those reads set, and the
 # one-row layouts ran close to it (64x4x1 at 92 % of it); with lane pairs
 # that bound halves for every layout (64x4x1: 80 registers, 24 warps a
-# multiprocessor on NAK), so the planner's pick may change. Early, so the
-# first call measures it. (At --iters 3 the H200's sweep was noise: 10.)
+# multiprocessor on NAK), so the planner's pick may change. 8x16x4 and
+# 16x16x2 take 64-key tiles in two passes (BlockedTiling::passes; 8x16x4
+# the first f32 layout the model puts under its FMAs, at 8 warps a
+# multiprocessor). Early, so the first call measures it. (At --iters 3
+# the H200's sweep was noise: 10.)
 step 100 "register-blocked layouts, B4 H16 N4096 d128 causal, f32" \
   "$fb" run $target --tier blocked \
   --blocked-layout 16x8x2,32x4x2,64x4x1,16x16x1,32x2x2,8x8x4,16x4x3,8x16x4,16x16x2 \
