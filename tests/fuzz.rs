@@ -25,7 +25,9 @@
 //! (sequences of 0-60 tokens); without a mask, in 25 % of cases its keys
 //! run in chunks of 1-160 per dispatch (`keys_per_dispatch`); in 30-40 % of the cases the
 //! other forward kernel than the adapter's default (register-blocked on CPU adapters, the
-//! portable per-row tier on GPUs), in 20 % the cooperative-matrix kernel (emulated on
+//! portable per-row tier on GPUs; on the register-blocked tier, a caller's layout of
+//! 64-key tiles run in two passes where one plans so), in 20 % the
+//! cooperative-matrix kernel (emulated on
 //! adapters without matrix units), where their tiles fit; in 10 % of f16 cases (which
 //! then have no mask, padding or key chunks) the register-blocked kernel with f16
 //! products, held to twice the error of standard attention computed in f16. Decode: a contiguous or paged cache (page
@@ -62,10 +64,10 @@ use wgpu_flash_attn::reference::LinearReferenceState;
 use wgpu_flash_attn::reference::{self, HostMask};
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardArgs,
-    BackwardPlan, DType, DecodeArgs, DecodeLanes, DecodeOptions, Error, FeatureMap, ForwardOptions,
-    ForwardPlan, Gpu, KeyRotation, KvCache, KvCacheConfig, KvDType, KvLayout, LinearArgs,
-    LinearConfig, LinearPlan, LinearShape, LinearState, Lse, Rope, RopeStyle, SinkGrads, Strides,
-    Tensor, TensorShape, Tier, ValidLengths,
+    BackwardPlan, BlockedLayout, DType, DecodeArgs, DecodeLanes, DecodeOptions, Error, FeatureMap,
+    ForwardOptions, ForwardPlan, Gpu, KeyRotation, KvCache, KvCacheConfig, KvDType, KvLayout,
+    LinearArgs, LinearConfig, LinearPlan, LinearShape, LinearState, Lse, Rope, RopeStyle,
+    SinkGrads, Strides, Tensor, TensorShape, Tier, ValidLengths,
 };
 
 const CASES_VAR: &str = "FLASH_ATTN_FUZZ_CASES";
@@ -356,7 +358,8 @@ fn run_case(gpu: &Gpu, case: &Case, rng: &mut SeededRng) -> Result<(), String> {
             let (gpu, tier) = forward_kernel(gpu, case);
             let f16_products = case.forward_kernel == ForwardKernel::F16Products
                 && tier == Some(Tier::RegisterBlocked);
-            run_forward(gpu, case, (tier, f16_products), rng)
+            let layout = two_pass_layout(gpu, case, tier);
+            run_forward(gpu, case, (tier, f16_products, layout), rng)
         }
         Operation::Decode {
             paged,
@@ -436,12 +439,48 @@ fn forward_kernel<'g>(gpu: &'g Gpu, case: &Case) -> (&'g Gpu, Option<Tier>) {
     if fits { (device, tier) } else { (gpu, None) }
 }
 
+/// The register-blocked layout a forward case runs with in place of the
+/// planner's: the first of 8x16x4, 4x16x2 and 2x16x1 (64-key tiles, blocks
+/// of 32, 8 and 2 rows) that the case plans in two passes
+/// (`BlockedTiling::passes`, which no planner default takes), in the
+/// cases that draw the other kernel family where that is the
+/// register-blocked tier (few shapes: most fit those tiles whole or not at
+/// all; a choice from the shape, so that seeds draw as before); `None`
+/// otherwise.
+fn two_pass_layout(gpu: &Gpu, case: &Case, tier: Option<Tier>) -> Option<BlockedLayout> {
+    if case.forward_kernel != ForwardKernel::OtherFamily || tier != Some(Tier::RegisterBlocked) {
+        return None;
+    }
+    let s = &case.shape;
+    let masked = matches!(case.extra, Extra::BoolMask | Extra::BiasMask);
+    [(8, 4), (4, 2), (2, 1)]
+        .into_iter()
+        .map(|(row_lanes, rows)| BlockedLayout {
+            row_lanes,
+            key_lanes: 16,
+            rows,
+        })
+        .find(|&layout| {
+            ForwardPlan::for_call_with_layout(gpu.info(), s, case.dtype, tier, layout).is_ok_and(
+                |plan| {
+                    plan.blocked_tiling().is_some_and(|t| t.passes == 2)
+                        && (!masked
+                            || gpu
+                                .info()
+                                .loop_budget()
+                                .is_none_or(|budget| plan.loop_trips(s.seq_kv as u64) <= budget))
+                },
+            )
+        })
+}
+
 /// The forward case, on `gpu` with `tier` forced if given (and f16
-/// products when the flag says so).
+/// products when the flag says so, a caller's register-blocked layout
+/// when one is given).
 fn run_forward(
     gpu: &Gpu,
     case: &Case,
-    (tier, f16_products): (Option<Tier>, bool),
+    (tier, f16_products, layout): (Option<Tier>, bool, Option<BlockedLayout>),
     rng: &mut SeededRng,
 ) -> Result<(), String> {
     let s = &case.shape;
@@ -449,6 +488,9 @@ fn run_forward(
     config.tier = tier;
     // (Otherwise the planner's choice, which the rule follows too.)
     config.f16_products = f16_products.then_some(true);
+    if layout.is_some() {
+        config.blocked_layout = layout;
+    }
     let mut draw = |n: usize| -> Vec<f32> {
         normal_vec(rng, n, 1.0)
             .into_iter()
