@@ -38,12 +38,13 @@
 //
 // Generated constants (src/shaders/, `BlockedTiling`): D4, DV4 (head
 // dims / 4), ROW_LANES, KEY_LANES, ROWS, COLS = ceil(DV4 / KEY_LANES),
-// WG_SIZE = ROW_LANES * KEY_LANES, BLOCK_N = 4 * KEY_LANES, PASSES, KV_TILE
-// (vec4s of the K/V tile: a pass's K or V), Q_STRIDE and P_STRIDE (vec4s between the Q block's and
-// the probabilities' rows: D4 and KEY_LANES, made odd where they fit,
-// BlockedTiling::pad_rows), STAGE_BATCH (loads in flight per invocation while
-// staging), D_STEP (head-dim vec4s a trip of the scores' loop, dividing
-// D4). Loops bounded by ROWS, COLS and
+// WG_SIZE = ROW_LANES * KEY_LANES, BLOCK_N = 4 * KEY_LANES, PASSES
+// (BlockedTiling::passes), KV_TILE (vec4s of the K/V tile: a pass's K or
+// V), Q_STRIDE and P_STRIDE (vec4s between the Q block's and the
+// probabilities' rows: D4 and KEY_LANES, made odd where they fit,
+// BlockedTiling::pad_rows), STAGE_BATCH (loads in flight per invocation
+// while staging), D_STEP (head-dim vec4s a trip of the scores' loop,
+// dividing DK4). Loops bounded by ROWS, COLS and
 // STAGE_BATCH are unrolled by src/shaders/, so the private arrays they
 // index stay in registers; so are those bounded by KEY_LANES and D_STEP,
 // which would otherwise carry wgpu's loop counters.
