@@ -427,16 +427,21 @@ fn forward_kernel<'g>(gpu: &'g Gpu, case: &Case) -> (&'g Gpu, Option<Tier>) {
             (gpu, Some(Tier::RegisterBlocked))
         }
     };
-    let s = &case.shape;
-    let masked = matches!(case.extra, Extra::BoolMask | Extra::BiasMask);
-    let fits = ForwardPlan::for_call(device.info(), s, case.dtype, tier).is_ok_and(|plan| {
-        !masked
-            || device
-                .info()
-                .loop_budget()
-                .is_none_or(|budget| plan.loop_trips(s.seq_kv as u64) <= budget)
-    });
+    let fits = ForwardPlan::for_call(device.info(), &case.shape, case.dtype, tier)
+        .is_ok_and(|plan| runs_whole(device, case, &plan));
     if fits { (device, tier) } else { (gpu, None) }
+}
+
+/// Whether `plan` runs the case: a masked case (which cannot run in key
+/// chunks) only where its loops fit the adapter's budget whole (past it
+/// the call is a typed LoopBudget error, not a case of the rule).
+fn runs_whole(gpu: &Gpu, case: &Case, plan: &ForwardPlan) -> bool {
+    let masked = matches!(case.extra, Extra::BoolMask | Extra::BiasMask);
+    !masked
+        || gpu
+            .info()
+            .loop_budget()
+            .is_none_or(|budget| plan.loop_trips(case.shape.seq_kv as u64) <= budget)
 }
 
 /// The register-blocked layout a forward case runs with in place of the
@@ -451,8 +456,6 @@ fn two_pass_layout(gpu: &Gpu, case: &Case, tier: Option<Tier>) -> Option<Blocked
     if case.forward_kernel != ForwardKernel::OtherFamily || tier != Some(Tier::RegisterBlocked) {
         return None;
     }
-    let s = &case.shape;
-    let masked = matches!(case.extra, Extra::BoolMask | Extra::BiasMask);
     [(8, 4), (4, 2), (2, 1)]
         .into_iter()
         .map(|(row_lanes, rows)| BlockedLayout {
@@ -461,16 +464,11 @@ fn two_pass_layout(gpu: &Gpu, case: &Case, tier: Option<Tier>) -> Option<Blocked
             rows,
         })
         .find(|&layout| {
-            ForwardPlan::for_call_with_layout(gpu.info(), s, case.dtype, tier, layout).is_ok_and(
-                |plan| {
+            ForwardPlan::for_call_with_layout(gpu.info(), &case.shape, case.dtype, tier, layout)
+                .is_ok_and(|plan| {
                     plan.blocked_tiling().is_some_and(|t| t.passes == 2)
-                        && (!masked
-                            || gpu
-                                .info()
-                                .loop_budget()
-                                .is_none_or(|budget| plan.loop_trips(s.seq_kv as u64) <= budget))
-                },
-            )
+                        && runs_whole(gpu, case, &plan)
+                })
         })
 }
 
@@ -488,9 +486,7 @@ fn run_forward(
     config.tier = tier;
     // (Otherwise the planner's choice, which the rule follows too.)
     config.f16_products = f16_products.then_some(true);
-    if layout.is_some() {
-        config.blocked_layout = layout;
-    }
+    config.blocked_layout = layout;
     let mut draw = |n: usize| -> Vec<f32> {
         normal_vec(rng, n, 1.0)
             .into_iter()

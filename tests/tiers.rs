@@ -212,6 +212,7 @@ fn register_blocked_layouts_from_the_caller_match_the_reference() {
         ..decoding
     };
     let limit = u64::from(gpu.info().limits.max_compute_workgroup_storage_size);
+    let mut forms_run = Vec::new();
     for (layout, dtype, shape) in [
         (layout(32, 2, 3), DType::F32, wide),
         (layout(32, 2, 3), DType::F16, wide),
@@ -244,6 +245,7 @@ fn register_blocked_layouts_from_the_caller_match_the_reference() {
         };
         assert_eq!((blocked.pad_rows, blocked.passes), want, "{blocked:?}");
         assert!(plan.workgroup_bytes() <= limit);
+        forms_run.push(want);
         for causal in [true, false] {
             let config = AttentionConfig::new().causal(causal).blocked_layout(layout);
             let inputs = Inputs::draw(&shape, rng.next_u64(), 1.0);
@@ -257,6 +259,14 @@ fn register_blocked_layouts_from_the_caller_match_the_reference() {
                 blocked.passes
             );
         }
+    }
+    // On 32 KiB (llvmpipe, CI) the cases above reach the forms they are
+    // chosen for: unpadded rows and two passes.
+    if limit == 32 * 1024 {
+        assert!(
+            forms_run.contains(&(false, 1)) && forms_run.contains(&(true, 2)),
+            "{forms_run:?}"
+        );
     }
     // What the kernel or the adapter cannot run, refused before recording.
     let inputs = Inputs::draw(&prefill, 7, 1.0);

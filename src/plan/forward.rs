@@ -832,9 +832,9 @@ fn blocked_tiling(
             let rows = (BLOCKED_ACCUMULATORS / columns).clamp(1, 4);
             let fewer = (rows == 4 && info.adapter.vendor == NVIDIA).then_some(rows / 2);
             std::iter::once(rows).chain(fewer).flat_map(move |rows| {
-                // Each layout with its rows padded, then (where only that
+                // Whole tiles only: its rows padded, then (where only that
                 // fits) without.
-                [true, false].map(|pad_rows| BlockedTiling {
+                BlockedTiling {
                     head_dim,
                     head_dim_v,
                     row_lanes,
@@ -843,9 +843,10 @@ fn blocked_tiling(
                     storage,
                     dropout: false,
                     f16_products: false,
-                    pad_rows,
+                    pad_rows: true,
                     passes: 1,
-                })
+                }
+                .forms(1)
             })
         })
         .collect();
@@ -892,23 +893,14 @@ fn blocked_tiling_of(
         pad_rows: true,
         passes: 1,
     };
-    // The first that fits of: the tile whole with its rows padded, without
-    // the padding, then in two passes (where the head dim and the key
-    // lanes divide) padded and not; else the smallest, refused below.
+    // The first form that fits (whole tiles, then two passes); else the
+    // smallest, refused below with its bytes.
     let memory = u64::from(info.limits.max_compute_workgroup_storage_size);
-    let candidates =
-        [(1, true), (1, false), (2, true), (2, false)].map(|(passes, pad_rows)| BlockedTiling {
-            passes,
-            pad_rows,
-            ..whole
-        });
-    let valid = candidates.iter().filter(|t| t.passes_fit());
-    let tiling = match valid.clone().find(|t| t.workgroup_bytes() <= memory) {
-        Some(fits) => *fits,
-        None => *valid
-            .min_by_key(|t| t.workgroup_bytes())
-            .expect("one pass always suits"),
-    };
+    let forms = whole.forms(2);
+    let tiling = *forms
+        .iter()
+        .find(|t| t.workgroup_bytes() <= memory)
+        .unwrap_or(&forms[forms.len() - 1]);
     info.check_workgroup(shape, tiling.workgroup_size(), tiling.workgroup_bytes())?;
     Ok(tiling)
 }

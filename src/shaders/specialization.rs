@@ -257,7 +257,7 @@ impl Specialization {
                     ("COLS", tiling.columns()),
                     ("WG_SIZE", tiling.workgroup_size()),
                     ("BLOCK_N", tiling.block_n()),
-                    ("PASSES", tiling.passes),
+                    ("PASSES", tiling.pass_count()),
                     ("KV_TILE", tiling.kv_tile()),
                     ("Q_STRIDE", tiling.q_stride()),
                     ("P_STRIDE", tiling.p_stride()),
@@ -638,7 +638,7 @@ fn blocked_loop_trips(tiling: &BlockedTiling, keys: u64) -> u64 {
     // V (the loops over key lanes are unrolled).
     // In `passes` passes (each a part of K's head dim, then of V's keys;
     // the pass loop's own trips counted too).
-    let passes = u64::from(tiling.passes.max(1));
+    let passes = u64::from(tiling.pass_count());
     let per_tile = 1
         + (passes + 1)
         + passes * ((block_n * d4 / passes).div_ceil(staged) + 1)

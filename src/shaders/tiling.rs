@@ -129,7 +129,7 @@ impl BlockedTiling {
     /// (`STAGE_BATCH`): its share of a K or V tile, at most
     /// [`Self::MAX_STAGE_BATCH`].
     pub fn stage_batch(&self) -> u32 {
-        let passes = self.passes.max(1);
+        let passes = self.pass_count();
         let k_part = self.block_n() * (self.head_dim / 4 / passes);
         let v_part = self.block_n() / passes * (self.head_dim_v / 4);
         k_part
@@ -137,35 +137,48 @@ impl BlockedTiling {
             .div_ceil(self.workgroup_size().max(1))
             .min(Self::MAX_STAGE_BATCH)
     }
-    /// Whether `passes` suits the head dim and the key lanes.
-    pub fn passes_fit(&self) -> bool {
-        let passes = self.passes;
-        passes >= 1
-            && (self.head_dim / 4).is_multiple_of(passes * Self::D_STEP)
-            && self.key_lanes.is_multiple_of(passes)
+    /// `passes` as the kernel runs it (`PASSES`): a hand-made tiling with
+    /// none runs one.
+    pub(super) fn pass_count(&self) -> u32 {
+        self.passes.max(1)
+    }
+    /// This layout's forms, in the order the planners prefer them: in one
+    /// pass, then (up to `most_passes`, where the head dim and the key
+    /// lanes divide) in more; each with its rows padded, then without.
+    /// Never empty; the last is the smallest.
+    pub(crate) fn forms(self, most_passes: u32) -> Vec<BlockedTiling> {
+        (1..=most_passes.max(1))
+            .filter(|&passes| {
+                passes == 1
+                    || (self.head_dim / 4).is_multiple_of(passes * Self::D_STEP)
+                        && self.key_lanes.is_multiple_of(passes)
+            })
+            .flat_map(|passes| {
+                [true, false].map(|pad_rows| BlockedTiling {
+                    passes,
+                    pad_rows,
+                    ..self
+                })
+            })
+            .collect()
     }
     /// vec4s of the tile that holds a pass's K (rows padded by one vec4,
     /// so that the key lanes read different banks), then V of a pass's
     /// keys.
     pub(super) fn kv_tile(&self) -> u32 {
-        let passes = self.passes.max(1);
+        let passes = self.pass_count();
         (self.block_n() * (self.head_dim / 4 / passes + 1))
             .max(self.block_n() / passes * (self.head_dim_v / 4))
     }
     /// vec4s between the Q block's rows (`Q_STRIDE`): the head dim's,
     /// made odd with [`Self::pad_rows`].
     pub(super) fn q_stride(&self) -> u32 {
-        let d4 = self.head_dim / 4;
-        if self.pad_rows { d4 | 1 } else { d4 }
+        (self.head_dim / 4) | u32::from(self.pad_rows)
     }
     /// vec4s between the probabilities' rows (`P_STRIDE`): one per key
     /// lane, made odd with [`Self::pad_rows`].
     pub(super) fn p_stride(&self) -> u32 {
-        if self.pad_rows {
-            self.key_lanes | 1
-        } else {
-            self.key_lanes
-        }
+        self.key_lanes | u32::from(self.pad_rows)
     }
     /// Workgroup memory the kernel declares: the Q block, the K/V tile,
     /// the probabilities (vec4s of f32, or of f16 with f16 products) and
