@@ -34,7 +34,8 @@ pub struct AdapterOptions {
     /// adapter has it (`FLASH_ATTN_COOPERATIVE_MATRIX=1`), which offers
     /// [`crate::Tier::CooperativeMatrix`]. wgpu marks the feature
     /// experimental (its implementation may still have bugs), so it is off
-    /// unless asked for.
+    /// unless asked for. On Vulkan `PASSTHROUGH_SHADERS` comes with it: the
+    /// matrix kernel's SPIR-V is the crate's own ([`crate::spirv`]).
     pub cooperative_matrix: bool,
     /// On a device without cooperative matrices, offer
     /// [`crate::Tier::CooperativeMatrix`] anyway with its matrix products
@@ -774,7 +775,9 @@ fn host_threads() -> usize {
 
 /// The features a device the crate opens on `adapter` requests: the
 /// [`WANTED_FEATURES`] it has, and cooperative matrices if asked for,
-/// offered, and granted by the driver (see `vulkan_grants`).
+/// offered, and granted by the driver (see `vulkan_grants`), with SPIR-V
+/// passthrough on Vulkan (the matrix kernel's SPIR-V is the crate's own,
+/// `src/spirv/`).
 fn device_features(adapter: &wgpu::Adapter, cooperative_matrix: bool) -> wgpu::Features {
     let mut wanted = WANTED_FEATURES;
     if cooperative_matrix
@@ -784,6 +787,9 @@ fn device_features(adapter: &wgpu::Adapter, cooperative_matrix: bool) -> wgpu::F
         && crate::vulkan_grants::grants_cooperative_matrices(adapter)
     {
         wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        if adapter.get_info().backend == wgpu::Backend::Vulkan {
+            wanted |= wgpu::Features::PASSTHROUGH_SHADERS;
+        }
     }
     adapter.features() & wanted
 }

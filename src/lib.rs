@@ -55,6 +55,7 @@ mod runtime_checks;
 #[cfg(test)]
 mod shader_contract_tests;
 mod shaders;
+pub mod spirv;
 mod tensor;
 mod varlen;
 mod vulkan_grants;

@@ -1,13 +1,15 @@
 //! Compute pipelines, built once per specialization and reused.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::runtime_checks::SkippedChecks;
 use crate::shaders::{Kernel, ShaderOverrides, Specialization};
+use crate::spirv::SpirvTarget;
 
 /// A compiled kernel and the bind group layout its bindings follow.
 pub(crate) struct CachedPipeline {
@@ -33,6 +35,8 @@ pub(crate) struct PipelineCache {
     skipped: Mutex<SkippedChecks>,
     /// `shaders/` files replaced ([`Gpu::override_shader_file`]).
     overrides: Mutex<ShaderOverrides>,
+    /// The device's SPIR-V target, asked once (`None` off Vulkan).
+    spirv_target: OnceLock<Option<SpirvTarget>>,
 }
 
 /// Cached values (pipelines) with the tick of their last use.
@@ -92,6 +96,7 @@ impl Default for PipelineCache {
             capacity: AtomicUsize::new(DEFAULT_PIPELINE_CAPACITY),
             skipped: Mutex::new(SkippedChecks::CRATE_DEFAULT),
             overrides: Mutex::default(),
+            spirv_target: OnceLock::new(),
         }
     }
 }
@@ -162,6 +167,13 @@ impl PipelineCache {
         *lock(&self.skipped)
     }
 
+    /// `device`'s SPIR-V target (the cache serves one device).
+    fn spirv_target(&self, device: &wgpu::Device) -> Option<SpirvTarget> {
+        *self
+            .spirv_target
+            .get_or_init(|| SpirvTarget::of_device(device))
+    }
+
     /// The pipeline for `spec`, compiling it on first use.
     pub fn get(&self, device: &wgpu::Device, spec: &Specialization) -> Result<Arc<CachedPipeline>> {
         if let Some(found) = lock(&self.pipelines).touch(spec) {
@@ -176,17 +188,17 @@ impl PipelineCache {
             .or_insert_with(|| layouts(device, kernel))
             .clone();
         let label = spec.label();
-        let descriptor = wgpu::ShaderModuleDescriptor {
-            label: Some(&label),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        };
-        let module = if skipped.any() {
-            // SAFETY: the loops end (proven above from the text); for the
-            // other checks skipped, the caller of skip_runtime_checks
-            // vouched for the kernels.
-            unsafe { device.create_shader_module_trusted(descriptor, skipped.to_wgpu()) }
+        // On Vulkan, naga's SPIR-V of the matrix kernel declares the Vulkan
+        // memory model without following it (src/spirv/): the crate writes
+        // the words itself and hands them to the driver as they are.
+        let vulkan_matrices = if spec.needs_cooperative_matrices() {
+            self.spirv_target(device)
         } else {
-            device.create_shader_module(descriptor)
+            None
+        };
+        let module = match vulkan_matrices {
+            Some(target) => passthrough_module(device, &label, kernel, &source, target, skipped)?,
+            None => wgsl_module(device, &label, source, skipped),
         };
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&label),
@@ -206,6 +218,75 @@ impl PipelineCache {
         });
         lock(&self.pipelines).insert(*spec, cached.clone(), self.capacity());
         Ok(cached)
+    }
+}
+
+/// The kernel's module from the crate's own SPIR-V of it for `target`
+/// (`crate::spirv`), through wgpu's passthrough.
+fn passthrough_module(
+    device: &wgpu::Device,
+    label: &str,
+    kernel: Kernel,
+    source: &str,
+    target: SpirvTarget,
+    skipped: SkippedChecks,
+) -> Result<wgpu::ShaderModule> {
+    if !device
+        .features()
+        .contains(wgpu::Features::PASSTHROUGH_SHADERS)
+    {
+        // (The planner refuses the tier on such a device first.)
+        return Err(Error::ShaderSource {
+            kernel: label.to_string(),
+            reason: "the device lacks PASSTHROUGH_SHADERS, which the matrix kernel's SPIR-V \
+                     needs on Vulkan"
+                .to_string(),
+        });
+    }
+    let words = crate::spirv::from_wgsl(source, kernel.entry_point(), &target, skipped).map_err(
+        |reason| Error::ShaderSource {
+            kernel: label.to_string(),
+            reason,
+        },
+    )?;
+    // SAFETY: the words are naga's own SPIR-V of a module it validated,
+    // with wgpu's runtime checks but those `skipped` (vouched for as for
+    // every kernel), changed only in memory-access operands, barrier
+    // semantics and one capability that wgpu enables with cooperative
+    // matrices; the pipeline layout is the kernel's own, as for every
+    // other kernel.
+    Ok(unsafe {
+        device.create_shader_module_passthrough(wgpu::ShaderModuleDescriptorPassthrough {
+            label: Some(label),
+            entry_points: Cow::Owned(vec![wgpu::PassthroughShaderEntryPoint {
+                name: kernel.entry_point().into(),
+                // (Read by Metal only.)
+                workgroup_size: (0, 0, 0),
+            }]),
+            spirv: Some(Cow::Owned(words)),
+            ..Default::default()
+        })
+    })
+}
+
+/// The kernel's module from its WGSL, through wgpu's naga.
+fn wgsl_module(
+    device: &wgpu::Device,
+    label: &str,
+    source: String,
+    skipped: SkippedChecks,
+) -> wgpu::ShaderModule {
+    let descriptor = wgpu::ShaderModuleDescriptor {
+        label: Some(label),
+        source: wgpu::ShaderSource::Wgsl(source.into()),
+    };
+    if skipped.any() {
+        // SAFETY: the loops end (proven from the text); for the other
+        // checks skipped, the caller of skip_runtime_checks vouched for the
+        // kernels.
+        unsafe { device.create_shader_module_trusted(descriptor, skipped.to_wgpu()) }
+    } else {
+        device.create_shader_module(descriptor)
     }
 }
 

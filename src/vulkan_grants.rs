@@ -1,4 +1,5 @@
-//! What a Vulkan driver grants that wgpu 30 does not check before asking.
+//! What a Vulkan driver grants that wgpu 30 does not check before asking,
+//! and what its SPIR-V options depend on.
 //!
 //! wgpu reports `EXPERIMENTAL_COOPERATIVE_MATRIX` for any Vulkan adapter
 //! that lists a usable matrix configuration, and a device requested with it
@@ -49,4 +50,47 @@ pub(crate) fn grants_cooperative_matrices(adapter: &wgpu::Adapter) -> bool {
 )))]
 pub(crate) fn grants_cooperative_matrices(_adapter: &wgpu::Adapter) -> bool {
     true
+}
+
+/// The SPIR-V target of `device`'s Vulkan driver (its Vulkan version and
+/// robust buffer access 2, which wgpu enables where offered); `None` off
+/// Vulkan.
+#[cfg(any(
+    windows,
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd"
+))]
+pub(crate) fn spirv_target(device: &wgpu::Device) -> Option<crate::spirv::SpirvTarget> {
+    use ash::vk;
+    // SAFETY: the hal device is only read, while `device` keeps it alive.
+    let hal = unsafe { device.as_hal::<wgpu::hal::api::Vulkan>() }?;
+    let instance = hal.shared_instance();
+    let raw = instance.raw_instance();
+    let physical = hal.raw_physical_device();
+    // SAFETY: the physical device is the instance's.
+    let properties = unsafe { raw.get_physical_device_properties(physical) };
+    let api = properties.api_version.min(instance.instance_api_version());
+    let mut robustness = vk::PhysicalDeviceRobustness2FeaturesEXT::default();
+    if instance.instance_api_version() >= vk::API_VERSION_1_1 {
+        let mut features = vk::PhysicalDeviceFeatures2::default().push_next(&mut robustness);
+        // SAFETY: a 1.1 instance has vkGetPhysicalDeviceFeatures2; the
+        // robustness struct reads as false where its extension is absent.
+        unsafe { raw.get_physical_device_features2(physical, &mut features) };
+    }
+    Some(crate::spirv::SpirvTarget::for_vulkan(
+        api,
+        robustness.robust_buffer_access2 == vk::TRUE,
+    ))
+}
+
+/// Off wgpu's Vulkan platforms there is no driver to ask.
+#[cfg(not(any(
+    windows,
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd"
+)))]
+pub(crate) fn spirv_target(_device: &wgpu::Device) -> Option<crate::spirv::SpirvTarget> {
+    None
 }

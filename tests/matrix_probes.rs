@@ -4,10 +4,18 @@
 //! match): row- and column-major loads, an accumulator loaded from memory,
 //! matrices held in arrays across barriers and loop trips while the tile
 //! they came from is overwritten, several subgroups each at its own tile,
-//! a load at an offset inside a wider tile, and the same products with a
-//! lone 4-byte workgroup word declared before the tiles (the likely cause
-//! of the kernel's NaN on an H100, 2026-12-05: BENCHMARKS.md). When the
-//! kernel fails on a GPU, which probe fails says why.
+//! a load at an offset inside a wider tile, lone 4-byte workgroup words
+//! declared before the tiles, and plain values handed between invocations
+//! around matrix stores to the same tile. When the kernel fails on a GPU,
+//! which probe fails says why.
+//!
+//! On Vulkan each probe runs twice: as the crate hands its matrix kernel to
+//! the driver (its own SPIR-V, which follows the Vulkan memory model:
+//! `wgpu_flash_attn::spirv`), and as WGSL through wgpu (naga's SPIR-V,
+//! which declares that model without following it). Only the first can
+//! fail the test; the second's failures are reported, and say whether
+//! naga's SPIR-V was what broke the kernel on an H100 (NaN in rows that
+//! changed from run to run, 2026-12-05: BENCHMARKS.md).
 //!
 //! Needs real matrix units (a GPU with `FLASH_ATTN_COOPERATIVE_MATRIX=1`,
 //! or Mesa 26.1's lavapipe in CI's `.ci/matrix-units` pass); elsewhere it
@@ -19,7 +27,8 @@ mod common;
 use common::random::{SeededRng, seeded};
 use rand::RngExt;
 use wgpu::util::DeviceExt;
-use wgpu_flash_attn::Gpu;
+use wgpu_flash_attn::spirv::{self, SpirvTarget};
+use wgpu_flash_attn::{Gpu, SkippedChecks};
 
 /// One probe: its WGSL body (after the shared header), subgroups per
 /// workgroup, input and the exact output expected.
@@ -305,7 +314,8 @@ fn probes(t: usize) -> Vec<Probe> {
     // The first probe with two lone 4-byte words declared before the tiles
     // and used (a driver that places workgroup variables in declaration
     // order puts the tiles 8 bytes past a 16-byte boundary; matrix loads
-    // need 16). Their sum goes out last.
+    // need 16: the first suspect for the H100's NaN). Their sum goes out
+    // last.
     probes.push(Probe {
         name: "lone workgroup words before the tiles",
         declarations: "var<workgroup> lone_flag: atomic<u32>;\nvar<workgroup> lone_word: u32;\n",
@@ -318,7 +328,65 @@ fn probes(t: usize) -> Vec<Probe> {
         input: [m[0].clone(), m[1].clone()].concat(),
         expected: [multiply_add(&m[0], &m[1], &zero, t), vec![3.0]].concat(),
     });
+    // Hand-overs of plain values around matrix stores over the same tile
+    // (the kernel's scores, then its accumulators, in one workgroup array):
+    // every invocation writes its share of the tile, invocation 0 sums all
+    // of it (values other invocations wrote), then each subgroup's matrix
+    // store overwrites its half and every invocation copies out what the
+    // stores wrote where it had written before. Under the Vulkan memory
+    // model, which naga declares for any module with matrices, those
+    // accesses are private unless marked (src/spirv/): a driver may then
+    // read stale values or its own earlier writes.
+    probes.push(Probe {
+        name: "plain values handed over around matrix stores to the same tile",
+        declarations: "",
+        subgroups: 2,
+        wgsl: format!(
+            "{}{}{}    workgroupBarrier();\n    \
+             var before = 0.0;\n    \
+             if (lid == 0u) {{ for (var i = 0u; i < 2u * TT; i++) {{ before += tc[i]; }} }}\n    \
+             workgroupBarrier();\n    \
+             let rt = min(sid, 1u);\n    \
+             coopStoreT(coopMultiplyAdd(coopLoadT<MA>(&ta[rt * TT], T), coopLoadT<MB>(&tb[0], T), MC()), &tc[rt * TT], T);\n    \
+             workgroupBarrier();\n{}    \
+             if (lid == 0u) {{ out[2u * TT] = before; }}\n",
+            stage("ta", "f16", "0u", "2u * TT"),
+            stage("tb", "f16", "2u * TT", "TT"),
+            stage("tc", "f32", "3u * TT", "2u * TT"),
+            copy_out("2u * TT")
+        ),
+        input: [&m[0], &m[1], &m[2], &m[3], &m[4]]
+            .iter()
+            .flat_map(|x| x.iter().copied())
+            .collect(),
+        expected: [
+            multiply_add(&m[0], &m[2], &zero, t),
+            multiply_add(&m[1], &m[2], &zero, t),
+            vec![m[3].iter().chain(&m[4]).sum()],
+        ]
+        .concat(),
+    });
+
     probes
+}
+
+/// How a probe's kernel reaches the driver: as WGSL through wgpu (naga's
+/// SPIR-V on Vulkan), or on Vulkan as the crate hands its own matrix
+/// kernel over (naga's SPIR-V made to follow the Vulkan memory model,
+/// through wgpu's passthrough).
+#[derive(Clone, Copy)]
+enum Path {
+    Wgsl,
+    CrateSpirv(SpirvTarget),
+}
+
+impl Path {
+    fn name(self) -> &'static str {
+        match self {
+            Path::Wgsl => "WGSL through wgpu",
+            Path::CrateSpirv(_) => "the crate's SPIR-V",
+        }
+    }
 }
 
 /// The whole kernel of `probe`: matrices `t x t`, workgroups of
@@ -346,18 +414,58 @@ fn kernel(probe: &Probe, t: usize, subgroup: u32) -> String {
     )
 }
 
-/// Runs `probe`; the mismatches (at most four), or why it did not run.
-fn run(gpu: &Gpu, probe: &Probe, t: usize, subgroup: u32) -> Result<(), String> {
+/// Runs `probe` through `path`; the mismatches (at most four), or why it
+/// did not run.
+fn run(gpu: &Gpu, probe: &Probe, t: usize, subgroup: u32, path: Path) -> Result<(), String> {
     let device = gpu.device();
     let source = kernel(probe, t, subgroup);
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+    let module = match path {
+        Path::Wgsl => device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(probe.name),
+            source: wgpu::ShaderSource::Wgsl(source.as_str().into()),
+        }),
+        Path::CrateSpirv(target) => {
+            let words = spirv::from_wgsl(&source, "main", &target, SkippedChecks::default())?;
+            // SAFETY: naga's SPIR-V of a module it validated, as the crate
+            // hands its matrix kernel to the driver; the layout below
+            // matches its two bindings.
+            unsafe {
+                device.create_shader_module_passthrough(wgpu::ShaderModuleDescriptorPassthrough {
+                    label: Some(probe.name),
+                    entry_points: vec![wgpu::PassthroughShaderEntryPoint {
+                        name: "main".into(),
+                        workgroup_size: (0, 0, 0),
+                    }]
+                    .into(),
+                    spirv: Some(words.into()),
+                    ..Default::default()
+                })
+            }
+        }
+    };
+    let storage = |binding: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage { read_only },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    };
+    let bind_group_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
         label: Some(probe.name),
-        source: wgpu::ShaderSource::Wgsl(source.as_str().into()),
+        entries: &[storage(0, true), storage(1, false)],
+    });
+    let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some(probe.name),
+        bind_group_layouts: &[Some(&bind_group_layout)],
+        immediate_size: 0,
     });
     let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
         label: Some(probe.name),
-        layout: None,
+        layout: Some(&layout),
         module: &module,
         entry_point: Some("main"),
         compilation_options: Default::default(),
@@ -380,7 +488,7 @@ fn run(gpu: &Gpu, probe: &Probe, t: usize, subgroup: u32) -> Result<(), String> 
     });
     let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: Some(probe.name),
-        layout: &pipeline.get_bind_group_layout(0),
+        layout: &bind_group_layout,
         entries: &[
             wgpu::BindGroupEntry {
                 binding: 0,
@@ -460,16 +568,33 @@ fn the_drivers_matrices_do_what_the_kernel_relies_on() {
         return;
     };
     let subgroup = info.adapter.subgroup_max_size;
+    // On Vulkan the crate runs its matrix kernel as its own SPIR-V; WGSL
+    // through wgpu there is naga's, which declares the Vulkan memory model
+    // without following it: its failures are reported (they say whether
+    // that was the H100's NaN), not what the crate runs.
+    let crate_spirv = SpirvTarget::of_device(gpu.device())
+        .filter(|_| info.features.contains(wgpu::Features::PASSTHROUGH_SHADERS));
+    let paths = match crate_spirv {
+        Some(target) => vec![Path::CrateSpirv(target), Path::Wgsl],
+        None => vec![Path::Wgsl],
+    };
     let mut failed = Vec::new();
     for probe in probes(t as usize) {
-        match run(gpu, &probe, t as usize, subgroup) {
-            Ok(()) => eprintln!(
-                "probe ok: {} ({t}x{t}, subgroups of {subgroup})",
-                probe.name
-            ),
-            Err(why) => {
-                eprintln!("probe FAILED: {} ({t}x{t}): {why}", probe.name);
-                failed.push(probe.name);
+        for &path in &paths {
+            let what = format!(
+                "{} ({t}x{t}, subgroups of {subgroup}, {})",
+                probe.name,
+                path.name()
+            );
+            match run(gpu, &probe, t as usize, subgroup, path) {
+                Ok(()) => eprintln!("probe ok: {what}"),
+                Err(why) if matches!(path, Path::Wgsl) && crate_spirv.is_some() => {
+                    eprintln!("probe FAILED (not the crate's path; reported only): {what}: {why}")
+                }
+                Err(why) => {
+                    eprintln!("probe FAILED: {what}: {why}");
+                    failed.push(probe.name);
+                }
             }
         }
     }

@@ -8,12 +8,18 @@
 # need a call of their own). Since 2026-12-05 (fourteenth session) the
 # cooperative-matrix kernel keeps Q and the accumulators in the subgroups'
 # matrix registers (64 x 64 blocks at d=128 on NVIDIA). On an H100 it
-# computed NaN and wrong outputs (fifteenth session, BENCHMARKS.md); the
-# fix since, every workgroup variable a multiple of 16 bytes so that the
-# matrix loads' addresses are 16-byte aligned whatever order the driver
-# places them in, has not run on a GPU: `tests: cooperative_matrix`, right
-# after the adapters, says whether it computes right there (c69b7c1, the
-# kernel before the rewrite, ran 62.6 ms on the H100). Since the same
+# computed NaN in some rows, rows that changed from run to run (fifteenth
+# session, BENCHMARKS.md). Two fixes since, neither run on a GPU: every
+# workgroup variable a multiple of 16 bytes (matrix loads' addresses
+# 16-byte aligned whatever order the driver places them in), and, since the
+# eighteenth session, the kernel's SPIR-V is the crate's own on Vulkan
+# (src/spirv/: naga declares the Vulkan memory model for it but leaves its
+# workgroup accesses private and its barriers without availability, so
+# hand-overs between invocations are unordered there; gfx-rs/wgpu#8805).
+# `tests: matrix_probes` runs each probe both ways (naga's words reported,
+# the crate's asserted), then `tests: cooperative_matrix` says whether the
+# kernel computes right (c69b7c1, the kernel before the rewrite, ran 62.6
+# ms on the H100). Since the same
 # session the register-blocked forward unrolls its loops over key lanes
 # (wgpu's loop bounds kept the drivers from it), and since the sixteenth
 # every kernel compiles without wgpu's loop counters (its loops proven
@@ -109,8 +115,9 @@ step 45 "adapters and the planner's tiers" "$fb" info
 # the top priority. The probes first: each tests one thing the kernel
 # relies on (row/column-major loads, accumulators loaded from memory,
 # matrix arrays across barriers and loop trips, several subgroups, loads
-# at offsets, lone 4-byte words before the tiles), so that a failing
-# kernel says why in the same call.
+# at offsets, lone 4-byte words before the tiles, plain values handed over
+# around matrix stores to the same tile), as the crate's SPIR-V and as
+# naga's, so that a failing kernel says why in the same call.
 [ -x "$tests/matrix_probes" ] && step 30 "tests: matrix_probes" \
   "$tests/matrix_probes" --nocapture
 [ -x "$tests/cooperative_matrix" ] && step 60 "tests: cooperative_matrix" \

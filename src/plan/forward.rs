@@ -611,6 +611,18 @@ fn coop_tiling(
     if !emulated && !info.has_subgroups() {
         return Err("it needs the SUBGROUP feature".to_string());
     }
+    if !emulated
+        && adapter.backend == wgpu::Backend::Vulkan
+        && !info.features.contains(wgpu::Features::PASSTHROUGH_SHADERS)
+    {
+        return Err(
+            "on Vulkan the kernel is the crate's own SPIR-V (wgpu 30's declares the Vulkan \
+             memory model without following it, gfx-rs/wgpu#8805: hand-overs through workgroup \
+             memory go unordered), which needs the PASSTHROUGH_SHADERS feature; the crate's \
+             own devices request it with cooperative matrices"
+                .to_string(),
+        );
+    }
     let operand = match storage {
         DType::F16 if info.has_f16() => Scalar::F16,
         DType::F16 => return Err("f16 matrices need the SHADER_F16 feature".to_string()),

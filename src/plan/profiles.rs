@@ -45,7 +45,12 @@ impl Profile {
             features |= wgpu::Features::SUBGROUP;
         }
         if !self.coop.is_empty() {
+            // As the crate's own device requests them (passthrough for
+            // the matrix kernel's SPIR-V on Vulkan).
             features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+            if self.backend == wgpu::Backend::Vulkan {
+                features |= wgpu::Features::PASSTHROUGH_SHADERS;
+            }
         }
         let limits = wgpu::Limits {
             max_compute_workgroup_storage_size: self.workgroup_bytes,

@@ -631,7 +631,8 @@ fn cooperative_matrices_where_the_device_multiplies_the_storage_type() {
     // A CPU adapter's matrices (lavapipe from Mesa 26.1, 8x8 f16, on
     // which CI runs the kernel) are its default for f16.
     let mut lavapipe = profile("llvmpipe (LLVM 15.0.6, 256 bits)");
-    lavapipe.features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+    lavapipe.features |=
+        wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::PASSTHROUGH_SHADERS;
     lavapipe.cooperative_matrices = vec![wgpu::CooperativeMatrixProperties {
         m_size: 8,
         n_size: 8,
@@ -643,6 +644,17 @@ fn cooperative_matrices_where_the_device_multiplies_the_storage_type() {
     let shape = AttentionShape::self_attention(1, 256, 4, 64);
     let default = ForwardPlan::for_call(&lavapipe, &shape, DType::F16, None).unwrap();
     assert_eq!(default.tier(), CooperativeMatrix);
+    // On Vulkan the kernel goes to the driver as the crate's own SPIR-V: a
+    // device without passthrough (a caller's) is refused it, and its
+    // default moves on to another tier.
+    let mut without = lavapipe.clone();
+    without.features.remove(wgpu::Features::PASSTHROUGH_SHADERS);
+    let why = ForwardPlan::for_call(&without, &shape, DType::F16, Some(CooperativeMatrix))
+        .unwrap_err()
+        .to_string();
+    assert!(why.contains("PASSTHROUGH_SHADERS"), "{why}");
+    let default = ForwardPlan::for_call(&without, &shape, DType::F16, None).unwrap();
+    assert_ne!(default.tier(), CooperativeMatrix);
     // Without the feature (the default device), or on GL and DX12.
     let why = coop("NVIDIA H200", 128, DType::F16, Some(CooperativeMatrix)).unwrap_err();
     assert!(why.contains("EXPERIMENTAL_COOPERATIVE_MATRIX"), "{why}");

@@ -401,7 +401,6 @@ impl Specialization {
         }
     }
 
-    #[cfg(test)]
     /// Whether the pipeline needs cooperative matrices (and f16 shader
     /// arithmetic when it multiplies f16 matrices).
     pub fn needs_cooperative_matrices(&self) -> bool {

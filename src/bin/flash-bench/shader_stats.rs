@@ -152,7 +152,8 @@ pub fn run(global: &GlobalArgs, args: &ShaderStatsArgs) -> Result<bool> {
         println!("== {}: {}", kernel.name, kernel.description);
         let wgsl = &kernel.wgsl;
         let parsed = driver
-            .parse(wgsl)
+            // (The forward's and decoding's entry point.)
+            .parse(wgsl, "main")
             .with_context(|| format!("parsing {}", kernel.name))?;
         if let Some(why) = wgpu_flash_attn::unproven_loop(wgsl).filter(|_| skipped.loop_bounding) {
             println!("  keeps its loop counters: {why}");
@@ -331,12 +332,16 @@ mod driver {
     use ash::{khr, vk};
     use wgpu::hal::api::Vulkan;
 
+    use wgpu_flash_attn::spirv::{self, SpirvTarget};
+
     use super::{Executable, SkippedChecks, Statistic};
 
     /// A kernel's WGSL, parsed and validated once for both SPIR-V builds.
     pub struct Parsed {
         module: naga::Module,
         info: naga::valid::ModuleInfo,
+        /// The kernel's entry point.
+        entry: String,
     }
 
     pub struct StatsDevice {
@@ -346,10 +351,9 @@ mod driver {
         device: wgpu::hal::vulkan::Device,
         /// The statistics queries, where the driver offers them.
         executables: Option<khr::pipeline_executable_properties::Device>,
-        spirv_version: (u8, u8),
-        /// wgpu clamps storage-buffer indices unless the driver's robust
-        /// buffer access 2 makes that unnecessary.
-        clamps_buffers: bool,
+        /// The SPIR-V wgpu writes for it (and the crate, for its matrix
+        /// kernel).
+        target: SpirvTarget,
         /// Every pipeline [`Self::statistics`] created, with its module and
         /// layouts, alive until the device goes: no handle is reused
         /// while the driver may still associate statistics with it (an
@@ -432,14 +436,13 @@ mod driver {
             Ok(StatsDevice {
                 device: open.device,
                 executables,
-                spirv_version: spirv_version(api),
-                clamps_buffers: robustness.robust_buffer_access2 != vk::TRUE,
+                target: SpirvTarget::for_vulkan(api, robustness.robust_buffer_access2 == vk::TRUE),
                 kept: RefCell::new(Vec::new()),
             })
         }
 
         pub fn clamps_buffers(&self) -> bool {
-            self.clamps_buffers
+            self.target.clamps_buffers
         }
 
         /// Whether the driver reports statistics (or only compiles).
@@ -449,53 +452,28 @@ mod driver {
 
         /// `wgsl` parsed and validated, for [`Self::spirv`] and
         /// [`Self::statistics`].
-        pub fn parse(&self, wgsl: &str) -> Result<Parsed> {
-            let module =
-                naga::front::wgsl::parse_str(wgsl).map_err(|err| anyhow::anyhow!("{err}"))?;
-            let info = naga::valid::Validator::new(
-                naga::valid::ValidationFlags::all(),
-                naga::valid::Capabilities::all(),
-            )
-            .validate(&module)
-            .map_err(|err| anyhow::anyhow!("{err:?}"))?;
-            Ok(Parsed { module, info })
+        pub fn parse(&self, wgsl: &str, entry: &str) -> Result<Parsed> {
+            let (module, info) = spirv::parse(wgsl).map_err(|err| anyhow::anyhow!("{err}"))?;
+            Ok(Parsed {
+                module,
+                info,
+                entry: entry.to_string(),
+            })
         }
 
         /// The kernel as SPIR-V for this device: with the runtime checks
-        /// wgpu adds, but those `skipped`.
+        /// wgpu adds, but those `skipped`, as the crate hands it to the
+        /// driver (the matrix kernel's rewritten for the Vulkan memory
+        /// model, `wgpu_flash_attn::spirv`).
         pub fn spirv(&self, parsed: &Parsed, skipped: SkippedChecks) -> Result<Vec<u32>> {
-            use naga::back::spv;
-            use naga::proc::{BoundsCheckPolicies, BoundsCheckPolicy};
-            let clamp = |on: bool| match on {
-                true => BoundsCheckPolicy::Restrict,
-                false => BoundsCheckPolicy::Unchecked,
-            };
-            let options = spv::Options {
-                lang_version: self.spirv_version,
-                flags: spv::WriterFlags::empty(),
-                capabilities: None,
-                bounds_check_policies: BoundsCheckPolicies {
-                    index: clamp(!skipped.bounds),
-                    buffer: clamp(!skipped.bounds && self.clamps_buffers),
-                    image_load: BoundsCheckPolicy::Unchecked,
-                    binding_array: BoundsCheckPolicy::Unchecked,
-                },
-                // The crate turns the zeroing off for its kernels.
-                zero_initialize_workgroup_memory: spv::ZeroInitializeWorkgroupMemoryMode::None,
-                force_loop_bounding: !skipped.loop_bounding,
-                emit_int_div_checks: !skipped.division,
-                ..spv::Options::default()
-            };
-            let pipeline = spv::PipelineOptions {
-                shader_stage: naga::ShaderStage::Compute,
-                entry_point: "main".to_string(),
-            };
-            Ok(spv::write_vec(
+            spirv::write(
                 &parsed.module,
                 &parsed.info,
-                &options,
-                Some(&pipeline),
-            )?)
+                &parsed.entry,
+                &self.target,
+                skipped,
+            )
+            .map_err(|err| anyhow::anyhow!("{err}"))
         }
 
         /// The driver's statistics for a compute pipeline of `words`, whose
@@ -616,16 +594,6 @@ mod driver {
         }
     }
 
-    /// The SPIR-V version wgpu writes for a device of Vulkan version `api`.
-    fn spirv_version(api: u32) -> (u8, u8) {
-        match (vk::api_version_major(api), vk::api_version_minor(api)) {
-            (1, 0) => (1, 0),
-            (1, 1) => (1, 3),
-            (1, 2) => (1, 5),
-            _ => (1, 6),
-        }
-    }
-
     /// Each bind group's (binding, descriptor type), groups in order (an
     /// unused group gets an empty set layout).
     fn bindings(module: &naga::Module) -> Vec<Vec<(u32, vk::DescriptorType)>> {
@@ -696,7 +664,7 @@ mod driver {
         pub fn reports_statistics(&self) -> bool {
             false
         }
-        pub fn parse(&self, _wgsl: &str) -> Result<Parsed> {
+        pub fn parse(&self, _wgsl: &str, _entry: &str) -> Result<Parsed> {
             unreachable!("no StatsDevice exists off Vulkan platforms")
         }
         pub fn spirv(&self, _parsed: &Parsed, _skipped: SkippedChecks) -> Result<Vec<u32>> {
