@@ -160,20 +160,7 @@ pub fn follow_vulkan_memory_model(words: &[u32]) -> Result<Vec<u32>, SpirvRewrit
     if !uses_vulkan_memory_model(words) {
         return Ok(words.to_vec());
     }
-    // Pointer types into memory other invocations share, then every id of
-    // such a type (variables, access chains, parameters, copies).
-    let shared_pointer_types: HashSet<u32> = list
-        .iter()
-        .filter(|i| i.opcode() == op::TYPE_POINTER && i.words.len() >= 4)
-        .filter(|i| matches!(i.words[2], STORAGE_WORKGROUP | STORAGE_STORAGE_BUFFER))
-        .map(|i| i.words[1])
-        .collect();
-    let shared_pointers: HashSet<u32> = list
-        .iter()
-        .filter(|i| has_result_type(i.opcode()) && i.words.len() >= 3)
-        .filter(|i| shared_pointer_types.contains(&i.words[1]))
-        .map(|i| i.words[2])
-        .collect();
+    let shared_pointers = shared_pointers(&list);
     // 32-bit integer constants by id.
     let int32_types: HashSet<u32> = list
         .iter()
@@ -294,6 +281,23 @@ fn mark_non_private(w: &mut Vec<u32>, mask: usize) -> Option<()> {
     }
 }
 
+/// The ids of pointers into memory other invocations share: of a pointer
+/// type into `Workgroup` or `StorageBuffer` (variables, access chains,
+/// parameters, copies).
+fn shared_pointers(list: &[Instruction<'_>]) -> HashSet<u32> {
+    let types: HashSet<u32> = list
+        .iter()
+        .filter(|i| i.opcode() == op::TYPE_POINTER && i.words.len() >= 4)
+        .filter(|i| matches!(i.words[2], STORAGE_WORKGROUP | STORAGE_STORAGE_BUFFER))
+        .map(|i| i.words[1])
+        .collect();
+    list.iter()
+        .filter(|i| has_result_type(i.opcode()) && i.words.len() >= 3)
+        .filter(|i| types.contains(&i.words[1]))
+        .map(|i| i.words[2])
+        .collect()
+}
+
 /// Whether instructions of `opcode` start with a result type and a result
 /// id (the ones that can produce a pointer into shared memory).
 fn has_result_type(opcode: u16) -> bool {
@@ -312,18 +316,7 @@ fn has_result_type(opcode: u16) -> bool {
 pub(crate) fn memory_model_violations(words: &[u32]) -> Vec<String> {
     let list = instructions(words).expect("well-formed words");
     let mut problems = Vec::new();
-    let pointer_types: HashSet<u32> = list
-        .iter()
-        .filter(|i| i.opcode() == op::TYPE_POINTER)
-        .filter(|i| matches!(i.words[2], STORAGE_WORKGROUP | STORAGE_STORAGE_BUFFER))
-        .map(|i| i.words[1])
-        .collect();
-    let pointers: HashSet<u32> = list
-        .iter()
-        .filter(|i| has_result_type(i.opcode()) && i.words.len() >= 3)
-        .filter(|i| pointer_types.contains(&i.words[1]))
-        .map(|i| i.words[2])
-        .collect();
+    let pointers = shared_pointers(&list);
     let values: HashMap<u32, u32> = list
         .iter()
         .filter(|i| i.opcode() == op::CONSTANT && i.words.len() == 4)
