@@ -37,7 +37,7 @@ use crate::{
 /// head dim, storage type and tier, for the forward (plain and masked),
 /// naive, decode and element-wise kernels: the one list all checks in this
 /// module run over, so it cannot drift from what the planners produce.
-fn shipped_specializations() -> Vec<Specialization> {
+pub(crate) fn shipped_specializations() -> Vec<Specialization> {
     let mut infos: Vec<GpuInfo> = profiles::all().iter().map(|p| p.info()).collect();
     let nvidia = profiles::all()
         .into_iter()
@@ -564,27 +564,34 @@ fn a_kernel_loop_that_may_not_end_is_refused() {
 /// constants. Parsing all of them (over 20,000) takes minutes on two cores.
 fn by_code_shape<'a>(specs: &'a [Specialization], what: &str) -> Vec<&'a Specialization> {
     let exhaustive = std::env::var("FLASH_ATTN_EXHAUSTIVE").is_ok_and(|v| v == "1");
+    if exhaustive {
+        return specs.iter().collect();
+    }
+    let chosen = one_per_code_shape(specs);
+    eprintln!(
+        "SKIPPED: {what} {} of {} specializations, one per code shape; FLASH_ATTN_EXHAUSTIVE=1 covers all",
+        chosen.len(),
+        specs.len()
+    );
+    chosen
+}
+
+/// One specialization per code shape (kernel, variant flags, workgroup
+/// size, unrolling, rows per invocation): the others differ from it only
+/// in constants.
+pub(crate) fn one_per_code_shape(specs: &[Specialization]) -> Vec<&Specialization> {
     let mut shapes = HashSet::new();
-    let chosen: Vec<&Specialization> = specs
+    specs
         .iter()
         .filter(|spec| {
             let tiling = spec.attention_tiling();
-            exhaustive
-                || shapes.insert((
-                    spec.kernel(),
-                    spec.variant_flags(),
-                    tiling.map(|t| (t.workgroup_size, t.unroll, t.rows)),
-                ))
+            shapes.insert((
+                spec.kernel(),
+                spec.variant_flags(),
+                tiling.map(|t| (t.workgroup_size, t.unroll, t.rows)),
+            ))
         })
-        .collect();
-    if !exhaustive {
-        eprintln!(
-            "SKIPPED: {what} {} of {} specializations, one per code shape; FLASH_ATTN_EXHAUSTIVE=1 covers all",
-            chosen.len(),
-            specs.len()
-        );
-    }
-    chosen
+        .collect()
 }
 
 // ---------------------------------------------------------------------------

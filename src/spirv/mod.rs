@@ -8,6 +8,8 @@
 //! driver about the same words.
 
 mod memory_model;
+#[cfg(test)]
+mod validator_tests;
 
 #[cfg(test)]
 pub(crate) use memory_model::memory_model_violations;
