@@ -139,13 +139,14 @@ fn instructions(words: &[u32]) -> Result<Vec<Instruction<'_>>, SpirvRewriteError
 
 /// Whether `words` declare the Vulkan memory model.
 pub fn uses_vulkan_memory_model(words: &[u32]) -> bool {
-    if words.len() < HEADER_WORDS || words[0] != MAGIC {
-        return false;
-    }
-    instructions(words).is_ok_and(|list| {
-        list.iter()
-            .any(|i| i.opcode() == op::MEMORY_MODEL && i.words.get(2) == Some(&MEMORY_MODEL_VULKAN))
-    })
+    words.len() >= HEADER_WORDS
+        && words[0] == MAGIC
+        && instructions(words).is_ok_and(|list| declares_vulkan_model(&list))
+}
+
+fn declares_vulkan_model(list: &[Instruction<'_>]) -> bool {
+    list.iter()
+        .any(|i| i.opcode() == op::MEMORY_MODEL && i.words.get(2) == Some(&MEMORY_MODEL_VULKAN))
 }
 
 /// `words` (a SPIR-V module as naga writes it) with its memory accesses
@@ -157,7 +158,7 @@ pub fn follow_vulkan_memory_model(words: &[u32]) -> Result<Vec<u32>, SpirvRewrit
         return Err(SpirvRewriteError::NoHeader);
     }
     let list = instructions(words)?;
-    if !uses_vulkan_memory_model(words) {
+    if !declares_vulkan_model(&list) {
         return Ok(words.to_vec());
     }
     let shared_pointers = shared_pointers(&list);
@@ -357,9 +358,7 @@ pub(crate) fn memory_model_violations(words: &[u32]) -> Vec<String> {
             ));
         }
     }
-    let vulkan = list
-        .iter()
-        .any(|i| i.opcode() == op::MEMORY_MODEL && i.words[2] == MEMORY_MODEL_VULKAN);
+    let vulkan = declares_vulkan_model(&list);
     let device_scope = list
         .iter()
         .any(|i| i.opcode() == op::CAPABILITY && i.words[1] == CAPABILITY_DEVICE_SCOPE);

@@ -152,8 +152,7 @@ pub fn run(global: &GlobalArgs, args: &ShaderStatsArgs) -> Result<bool> {
         println!("== {}: {}", kernel.name, kernel.description);
         let wgsl = &kernel.wgsl;
         let parsed = driver
-            // (The forward's and decoding's entry point.)
-            .parse(wgsl, "main")
+            .parse(wgsl)
             .with_context(|| format!("parsing {}", kernel.name))?;
         if let Some(why) = wgpu_flash_attn::unproven_loop(wgsl).filter(|_| skipped.loop_bounding) {
             println!("  keeps its loop counters: {why}");
@@ -340,8 +339,6 @@ mod driver {
     pub struct Parsed {
         module: naga::Module,
         info: naga::valid::ModuleInfo,
-        /// The kernel's entry point.
-        entry: String,
     }
 
     pub struct StatsDevice {
@@ -452,13 +449,9 @@ mod driver {
 
         /// `wgsl` parsed and validated, for [`Self::spirv`] and
         /// [`Self::statistics`].
-        pub fn parse(&self, wgsl: &str, entry: &str) -> Result<Parsed> {
+        pub fn parse(&self, wgsl: &str) -> Result<Parsed> {
             let (module, info) = spirv::parse(wgsl).map_err(|err| anyhow::anyhow!("{err}"))?;
-            Ok(Parsed {
-                module,
-                info,
-                entry: entry.to_string(),
-            })
+            Ok(Parsed { module, info })
         }
 
         /// The kernel as SPIR-V for this device: with the runtime checks
@@ -466,14 +459,9 @@ mod driver {
         /// driver (the matrix kernel's rewritten for the Vulkan memory
         /// model, `wgpu_flash_attn::spirv`).
         pub fn spirv(&self, parsed: &Parsed, skipped: SkippedChecks) -> Result<Vec<u32>> {
-            spirv::write(
-                &parsed.module,
-                &parsed.info,
-                &parsed.entry,
-                &self.target,
-                skipped,
-            )
-            .map_err(|err| anyhow::anyhow!("{err}"))
+            // (The forward's and decoding's entry point.)
+            spirv::write(&parsed.module, &parsed.info, "main", &self.target, skipped)
+                .map_err(|err| anyhow::anyhow!("{err}"))
         }
 
         /// The driver's statistics for a compute pipeline of `words`, whose
@@ -664,7 +652,7 @@ mod driver {
         pub fn reports_statistics(&self) -> bool {
             false
         }
-        pub fn parse(&self, _wgsl: &str, _entry: &str) -> Result<Parsed> {
+        pub fn parse(&self, _wgsl: &str) -> Result<Parsed> {
             unreachable!("no StatsDevice exists off Vulkan platforms")
         }
         pub fn spirv(&self, _parsed: &Parsed, _skipped: SkippedChecks) -> Result<Vec<u32>> {
