@@ -107,6 +107,8 @@ export WGPU_BACKEND=${WGPU_BACKEND:-vulkan}
 export FLASH_ATTN_COOPERATIVE_MATRIX=1
 fb=${FLASH_BENCH:-.device/bin/flash-bench}
 tests=${DEVICE_TESTS:-.device/tests}
+# Issue 13's shape (DEVICE_TARGET replaces it in a rehearsal on lavapipe).
+target=${DEVICE_TARGET:-"--batch 4 --seq-q 4096 --heads-q 16 --head-dim 128 --causal --iters 10"}
 nvidia-smi -L 2>/dev/null
 git log -1 --format='project commit %h %s' 2>/dev/null
 
@@ -122,6 +124,18 @@ step 45 "adapters and the planner's tiers" "$fb" info
   "$tests/matrix_probes" --nocapture
 [ -x "$tests/cooperative_matrix" ] && step 60 "tests: cooperative_matrix" \
   "$tests/cooperative_matrix" --test-threads=4
+# Which fix did it, if the kernel now computes right: the same
+# flash_coop.wgsl (unchanged since 3a3082f) with every runtime check, as
+# naga's SPIR-V (a staged baseline from before the eighteenth session:
+# wgpu compiles its WGSL) and as the crate's (this checkout with
+# --skip-checks none). Each validated: FAILED for the first alone points at
+# naga's words.
+for base in $(ls .device/bin/flash-bench-base-* 2>/dev/null | grep -v '\.xz$' | head -1); do
+  step 25 "matrix kernel as naga's SPIR-V ($(basename "$base")), f16" \
+    "$base" run $target --dtype f16 --tier coop --json "$res/coop-naga-words.json"
+  step 25 "matrix kernel as the crate's SPIR-V, every runtime check, f16" \
+    "$fb" --skip-checks none run $target --dtype f16 --tier coop --json "$res/coop-crate-words.json"
+done
 # What the driver compiled issue 13's kernels into: registers per
 # invocation (how many workgroups share a compute unit), spills, with
 # every one of wgpu's runtime checks and as they run by default (without
@@ -149,8 +163,7 @@ done
 # ceiling) and the best f16 tier (>= 10 % of SDPA's f16), every tier of
 # each in one run (blocked-f16: the register-blocked kernel with f16
 # products, AttentionConfig::f16_products, off by default until measured).
-# (DEVICE_TARGET replaces the shape in a rehearsal on lavapipe.)
-target=${DEVICE_TARGET:-"--batch 4 --seq-q 4096 --heads-q 16 --head-dim 128 --causal --iters 10"}
+# (The shape: `target`, set at the top.)
 step 75 "tiers, B4 H16 N4096 d128 causal, f32" \
   "$fb" run $target --tier blocked,subgroup,portable --json "$res/tiers-f32.json"
 # The same with wgpu's loop counters (the default before the sixteenth
