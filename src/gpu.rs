@@ -126,7 +126,8 @@ pub struct GpuInfo {
     /// The cooperative-matrix configurations the adapter reports, when
     /// the device has `EXPERIMENTAL_COOPERATIVE_MATRIX` enabled; empty
     /// otherwise (and for a caller's device wrapped by
-    /// [`Gpu::from_device`], which has no adapter to ask); the emulated
+    /// [`Gpu::from_device`], which has no adapter to ask, unless given one:
+    /// [`Gpu::with_cooperative_matrices_of`]); the emulated
     /// configurations with [`GpuInfo::cooperative_matrix_emulation`].
     pub cooperative_matrices: Vec<wgpu::CooperativeMatrixProperties>,
     /// The cooperative-matrix tier runs with its products emulated
@@ -402,6 +403,26 @@ impl Gpu {
             scratch: Mutex::default(),
             lost: Arc::default(),
         }
+    }
+
+    /// The cooperative-matrix configurations `adapter` reports, for a
+    /// device wrapped with [`Gpu::from_device`] that was opened on that
+    /// adapter with `EXPERIMENTAL_COOPERATIVE_MATRIX` (and, on Vulkan,
+    /// `PASSTHROUGH_SHADERS`: the tier's kernel is the crate's own SPIR-V
+    /// there): without them, which only the adapter can list, the
+    /// wrapped device never runs [`crate::Tier::CooperativeMatrix`]. A
+    /// device without the feature keeps none.
+    pub fn with_cooperative_matrices_of(mut self, adapter: &wgpu::Adapter) -> Self {
+        self.info.cooperative_matrices = if self
+            .info
+            .features
+            .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+        {
+            adapter.cooperative_matrix_properties()
+        } else {
+            Vec::new()
+        };
+        self
     }
 
     /// What the device's lost callback calls so that this `Gpu` reports

@@ -532,3 +532,92 @@ fn bf16_is_a_typed_error() {
         other => panic!("bf16: {other:?}"),
     }
 }
+
+/// A caller's own device, opened on the adapter with the matrix feature
+/// (and passthrough on Vulkan), runs the tier once told the adapter's
+/// configurations (`Gpu::with_cooperative_matrices_of`), against the
+/// reference; without them it is refused, and on Vulkan without
+/// passthrough too, each with its reason. Needs real matrices.
+#[test]
+fn a_callers_device_runs_the_tier_given_its_adapter() {
+    let Some(gpu) = cooperative_gpu() else { return };
+    if gpu.info().cooperative_matrix_emulation {
+        eprintln!(
+            "SKIPPED: needs the adapter's own matrices (FLASH_ATTN_COOPERATIVE_MATRIX=1 on an \
+             adapter that has them)"
+        );
+        return;
+    }
+    let adapter = pollster::block_on(wgpu_flash_attn::AdapterOptions::from_env().select())
+        .expect("the test adapter");
+    let open = |features: wgpu::Features| {
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("a caller's device"),
+            required_features: features,
+            required_limits: adapter.limits(),
+            // SAFETY: the test asks for the experimental matrix feature,
+            // as the crate's own devices do when told to.
+            experimental_features: unsafe { wgpu::ExperimentalFeatures::enabled() },
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .expect("a device with the crate's features");
+        Gpu::from_device(device, queue, adapter.get_info())
+    };
+    // The crate's own device's features: the matrices, passthrough on
+    // Vulkan, f16, subgroups.
+    let features = gpu.info().features;
+    let shape = AttentionShape {
+        batch: 1,
+        seq_q: 70,
+        seq_kv: 90,
+        heads_q: 2,
+        heads_kv: 1,
+        head_dim: 64,
+        head_dim_v: 64,
+    };
+    let plain = open(features);
+    let refused = ForwardPlan::for_call(
+        plain.info(),
+        &shape,
+        DType::F16,
+        Some(Tier::CooperativeMatrix),
+    );
+    assert!(
+        matches!(refused, Err(Error::TierUnavailable { .. })),
+        "without the adapter's configurations: {refused:?}"
+    );
+    let caller = plain.with_cooperative_matrices_of(&adapter);
+    assert_eq!(
+        caller.info().cooperative_matrices,
+        adapter.cooperative_matrix_properties()
+    );
+    let inputs = Inputs::draw(&shape, 0x5eed_ca11, 1.0);
+    let [q, k, v] = held_inputs(&inputs, DType::F16);
+    let config = AttentionConfig::new()
+        .causal(true)
+        .tier(Tier::CooperativeMatrix);
+    check_against_reference(
+        &caller,
+        &shape,
+        [&q, &k, &v],
+        DType::F16,
+        &config,
+        "a caller's device",
+    );
+    if adapter.get_info().backend == wgpu::Backend::Vulkan {
+        let without = open(features - wgpu::Features::PASSTHROUGH_SHADERS)
+            .with_cooperative_matrices_of(&adapter);
+        match ForwardPlan::for_call(
+            without.info(),
+            &shape,
+            DType::F16,
+            Some(Tier::CooperativeMatrix),
+        ) {
+            Err(Error::TierUnavailable { reason, .. }) => {
+                assert!(reason.contains("PASSTHROUGH_SHADERS"), "{reason}")
+            }
+            other => panic!("a Vulkan device without passthrough: {other:?}"),
+        }
+    }
+}
