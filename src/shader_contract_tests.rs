@@ -448,7 +448,11 @@ fn write_glsl(module: &naga::Module, info: &naga::valid::ModuleInfo, label: &str
 
 /// Validates `spec` (parsed from `source`) and translates it for every
 /// backend wgpu may hand it to, failing the test on the first error.
-fn validate_and_translate(spec: &Specialization, source: &str, module: &naga::Module) {
+fn validate_and_translate(
+    spec: &Specialization,
+    source: &str,
+    module: &naga::Module,
+) -> naga::valid::ModuleInfo {
     let info = validate(spec, source, module);
     let label = spec.label();
     let entry = spec.kernel().entry_point();
@@ -456,7 +460,7 @@ fn validate_and_translate(spec: &Specialization, source: &str, module: &naga::Mo
     write_msl(module, &info, &label, entry);
     // wgpu offers cooperative matrices on Vulkan and Metal only.
     if spec.needs_cooperative_matrices() {
-        return;
+        return info;
     }
     write_hlsl(module, &info, &label, entry, spec.needs_f16());
     // wgpu's GL backend has no subgroups or f16 arithmetic, so those
@@ -464,6 +468,7 @@ fn validate_and_translate(spec: &Specialization, source: &str, module: &naga::Mo
     if !spec.needs_subgroups() && !spec.needs_f16() {
         write_glsl(module, &info, &label, entry);
     }
+    info
 }
 
 /// Every shipped specialization (one per code shape unless exhaustive)
@@ -481,14 +486,14 @@ fn shipped_specializations_keep_their_contract() {
         .map(|spec| {
             let source = source_of(spec);
             let module = parse(spec, &source);
-            validate_and_translate(spec, &source, &module);
+            let info = validate_and_translate(spec, &source, &module);
             let mut problems = layout_problems(spec, &module);
             let budgeted = workgroup_memory_against_budget(spec, &module);
             if let Err(problem) = &budgeted {
                 problems.push(problem.clone());
             }
             problems.extend(misaligned_matrix_memory(spec, &module));
-            problems.extend(unordered_matrix_handovers(spec, &source, &module));
+            problems.extend(unordered_matrix_handovers(spec, &source, &module, &info));
             // Every shipped kernel compiles without wgpu's loop counters:
             // its loops must be proven finite.
             problems.extend(
@@ -1349,15 +1354,15 @@ fn unordered_matrix_handovers(
     spec: &Specialization,
     source: &str,
     module: &naga::Module,
+    info: &naga::valid::ModuleInfo,
 ) -> Vec<String> {
     if !spec.needs_cooperative_matrices() {
         return Vec::new();
     }
-    let info = validate(spec, source, module);
-    let target = crate::spirv::SpirvTarget::for_vulkan(1 << 22 | 3 << 12, false);
+    let target = crate::spirv::SpirvTarget::VULKAN_1_3;
     let skipped = crate::SkippedChecks::CRATE_DEFAULT.for_kernel(source);
     let entry = spec.kernel().entry_point();
-    let words = match crate::spirv::write(module, &info, entry, &target, skipped) {
+    let words = match crate::spirv::write(module, info, entry, &target, skipped) {
         Ok(words) => words,
         Err(why) => return vec![format!("{}: SPIR-V: {why}", spec.label())],
     };
@@ -1385,11 +1390,7 @@ fn nagas_matrix_kernel_spirv_leaves_handovers_unordered() {
     let source = source_of(&spec);
     let module = parse(&spec, &source);
     let info = validate(&spec, &source, &module);
-    let options = spv::Options {
-        lang_version: (1, 6),
-        ..spv::Options::default()
-    };
-    let words = spv::write_vec(&module, &info, &options, None).unwrap();
+    let words = crate::spirv::nagas_own_words(&module, &info);
     assert!(crate::spirv::uses_vulkan_memory_model(&words));
     let problems = crate::spirv::memory_model_violations(&words);
     assert!(

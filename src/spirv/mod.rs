@@ -29,6 +29,14 @@ pub struct SpirvTarget {
 }
 
 impl SpirvTarget {
+    /// A Vulkan 1.3 device without robust buffer access 2 (every clamp
+    /// kept): the tests' target.
+    #[cfg(test)]
+    pub(crate) const VULKAN_1_3: SpirvTarget = SpirvTarget {
+        version: (1, 6),
+        clamps_buffers: true,
+    };
+
     /// The target of a device of Vulkan version `api` (a `VK_MAKE_API_VERSION`
     /// value), with or without robust buffer access 2, as wgpu 30 picks
     /// its SPIR-V options.
@@ -115,4 +123,15 @@ pub fn parse(wgsl: &str) -> Result<(naga::Module, naga::valid::ModuleInfo), Stri
     .validate(&module)
     .map_err(|e| e.emit_to_string(wgsl))?;
     Ok((module, info))
+}
+
+/// naga's own SPIR-V of a parsed module (SPIR-V 1.6, naga's defaults: no
+/// rewrite), which the tests hold against the crate's.
+#[cfg(test)]
+pub(crate) fn nagas_own_words(module: &naga::Module, info: &naga::valid::ModuleInfo) -> Vec<u32> {
+    let options = naga::back::spv::Options {
+        lang_version: (1, 6),
+        ..naga::back::spv::Options::default()
+    };
+    naga::back::spv::write_vec(module, info, &options, None).expect("naga writes SPIR-V")
 }

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use crate::shader_contract_tests::{one_per_code_shape, shipped_specializations};
 use crate::shaders::Specialization;
-use crate::spirv::{SpirvTarget, write};
+use crate::spirv::{SpirvTarget, from_wgsl};
 
 /// What spirv-val says of `words`: `None` when valid.
 fn validate(validator: &str, words: &[u32]) -> Option<String> {
@@ -66,14 +66,11 @@ fn validator() -> Result<String, String> {
 /// The words of `spec` as the crate hands them to a Vulkan 1.3 driver.
 fn words_of(spec: &Specialization) -> Vec<u32> {
     let source = spec.source().expect("the kernel generates");
-    let (module, info) = crate::spirv::parse(&source).expect("naga reads the kernel");
     let skipped = crate::SkippedChecks::CRATE_DEFAULT.for_kernel(&source);
-    let target = SpirvTarget::for_vulkan(1 << 22 | 3 << 12, false);
-    write(
-        &module,
-        &info,
+    from_wgsl(
+        &source,
         spec.kernel().entry_point(),
-        &target,
+        &SpirvTarget::VULKAN_1_3,
         skipped,
     )
     .expect("naga writes SPIR-V")
@@ -161,11 +158,7 @@ fn the_validator_refuses_what_it_should() {
         .expect("a matrix kernel");
     let source = matrix.source().unwrap();
     let (module, info) = crate::spirv::parse(&source).unwrap();
-    let options = naga::back::spv::Options {
-        lang_version: (1, 6),
-        ..naga::back::spv::Options::default()
-    };
-    let nagas = naga::back::spv::write_vec(&module, &info, &options, None).unwrap();
+    let nagas = crate::spirv::nagas_own_words(&module, &info);
     match validate(&validator, &nagas) {
         Some(why) if why.contains("6022") => {
             eprintln!("SKIPPED (matrix kernel): {validator} predates SPV_KHR_cooperative_matrix")

@@ -119,7 +119,7 @@ pub fn run(global: &GlobalArgs, args: &ShaderStatsArgs) -> Result<bool> {
     if kernels.is_empty() {
         bail!("none of the tiers and layouts asked for runs on this adapter (above)");
     }
-    let driver = driver::StatsDevice::open(&adapter, gpu.info().features)?;
+    let driver = driver::StatsDevice::open(&adapter, gpu.device(), gpu.info().features)?;
     println!(
         "{}: {}; \"checked\" is the SPIR-V wgpu builds (index clamps{}, loop bounds, \
          division checks), \"{without}\" the same without {}",
@@ -369,7 +369,13 @@ mod driver {
     }
 
     impl StatsDevice {
-        pub fn open(adapter: &wgpu::Adapter, features: wgpu::Features) -> Result<Self> {
+        /// A statistics device on `adapter`, writing SPIR-V as for `device`
+        /// (the crate's own on the same adapter).
+        pub fn open(
+            adapter: &wgpu::Adapter,
+            device: &wgpu::Device,
+            features: wgpu::Features,
+        ) -> Result<Self> {
             // SAFETY: the hal adapter is only used while `adapter` lives.
             let Some(hal) = (unsafe { adapter.as_hal::<Vulkan>() }) else {
                 bail!(
@@ -380,24 +386,17 @@ mod driver {
             let extension = khr::pipeline_executable_properties::NAME;
             let instance = hal.shared_instance().raw_instance();
             let physical = hal.raw_physical_device();
-            let api = hal
-                .physical_device_capabilities()
-                .properties()
-                .api_version
-                .min(hal.shared_instance().instance_api_version());
+            let target = SpirvTarget::of_device(device)
+                .context("the crate's device is not a Vulkan device")?;
             let listed = hal
                 .physical_device_capabilities()
                 .supports_extension(extension);
-            let mut robustness = vk::PhysicalDeviceRobustness2FeaturesEXT::default();
             let mut offered = vk::PhysicalDevicePipelineExecutablePropertiesFeaturesKHR::default();
-            {
-                let mut query = vk::PhysicalDeviceFeatures2::default().push_next(&mut robustness);
-                if listed {
-                    query = query.push_next(&mut offered);
-                }
+            if listed {
+                let mut query = vk::PhysicalDeviceFeatures2::default().push_next(&mut offered);
                 // SAFETY: the physical device is the instance's; the
                 // statistics struct is chained only where its extension is
-                // listed (robustness 2 reads as false where it is not).
+                // listed.
                 unsafe { instance.get_physical_device_features2(physical, &mut query) };
             }
             // Without the statistics the device still compiles every
@@ -433,7 +432,7 @@ mod driver {
             Ok(StatsDevice {
                 device: open.device,
                 executables,
-                target: SpirvTarget::for_vulkan(api, robustness.robust_buffer_access2 == vk::TRUE),
+                target,
                 kept: RefCell::new(Vec::new()),
             })
         }
@@ -643,7 +642,11 @@ mod driver {
     pub struct Parsed;
 
     impl StatsDevice {
-        pub fn open(_adapter: &wgpu::Adapter, _features: wgpu::Features) -> Result<Self> {
+        pub fn open(
+            _adapter: &wgpu::Adapter,
+            _device: &wgpu::Device,
+            _features: wgpu::Features,
+        ) -> Result<Self> {
             bail!("shader-stats asks a Vulkan driver; this platform has none")
         }
         pub fn clamps_buffers(&self) -> bool {
