@@ -67,6 +67,20 @@ const LN_2: f32 = 0.6931471805599453;
 const MIN_SCORE: f32 = -3.4028234663852886e38;
 // Bits of -inf, the additive mask value that hides a key.
 const NEG_INF_BITS: u32 = 0xff800000u;
+// The infinities as values: read from private variables, because WGSL
+// makes a constant expression that evaluates to an infinity a shader
+// creation error (browsers' compilers enforce it; naga does not), and
+// `bitcast<f32>(NEG_INF_BITS)` is one.
+var<private> positive_infinity_bits: u32 = 0x7f800000u;
+var<private> negative_infinity_bits: u32 = NEG_INF_BITS;
+
+fn positive_infinity() -> f32 {
+    return bitcast<f32>(positive_infinity_bits);
+}
+
+fn negative_infinity() -> f32 {
+    return bitcast<f32>(negative_infinity_bits);
+}
 
 @group(0) @binding(0) var<uniform> p: Params;
 // Q, K, V and O move four elements at a time (indices are in those units)
@@ -172,7 +186,7 @@ fn row_lse(m: f32, l: f32) -> f32 {
     if (l > 0.0) {
         return m + log2(l) * LN_2;
     }
-    return bitcast<f32>(0x7f800000u);
+    return positive_infinity();
 }
 
 // Keys a query at key-axis position `row_pos` may see among `seq_kv`, as

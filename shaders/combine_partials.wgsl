@@ -50,6 +50,10 @@ fn store_out(i: u32, value: vec4<f32>) {
 @group(0) @binding(4) var<storage, read_write> out_lse: array<f32>;
 
 const INF_BITS: u32 = 0x7f800000u;
+// +inf as a value, read from a private variable: WGSL makes a constant
+// expression that evaluates to an infinity a shader creation error
+// (browsers' compilers enforce it; naga does not).
+var<private> inf_bits: u32 = INF_BITS;
 
 fn is_empty(lse: f32) -> bool {
     return bitcast<u32>(lse) == INF_BITS;
@@ -97,7 +101,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let o_index = batch * cp.out_batch + query * cp.out_seq + head * cp.out_head + cp.out_offset + d;
     store_out(o_index, acc);
     if (cp.write_lse != 0u && d == 0u) {
-        var merged = bitcast<f32>(INF_BITS);
+        var merged = bitcast<f32>(inf_bits);
         if (any) {
             merged = top + log(total);
         }

@@ -294,7 +294,7 @@ fn main(
             // max of lse and a sum of 1 over an accumulator of o (a sink
             // is already in lse). +inf: they saw no key and had no sink.
             let carried = lse_buf[(batch * p.heads_q + head_q) * p.seq_q + q_row];
-            if (carried != bitcast<f32>(0x7f800000u)) {
+            if (carried != positive_infinity()) {
                 m[r] = carried;
                 l[r] = 1.0;
                 load_carried_row(&acc, r, carry_base(batch, q_row, head_q));
@@ -407,7 +407,7 @@ fn main(
                 var s = finish_scores(dots[r], row_pos[r], key_pos, alibi_slope);
                 var visible = vec4<bool>(true);
                 if (!unmasked) {
-                    visible = key_pos >= vec4<i32>(row_lo[r]) & key_pos <= vec4<i32>(row_hi[r]);
+                    visible = (key_pos >= vec4<i32>(row_lo[r])) & (key_pos <= vec4<i32>(row_hi[r]));
 // #if MASK
                     if (mask_state == 1u) {
                         if (mp.kind == 0u) {

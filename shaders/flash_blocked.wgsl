@@ -292,7 +292,7 @@ fn main(
             // a running max of lse and a sum of 1 over an accumulator of o.
             let q_row = seq.q_start + min(row, max(seq_q, 1u) - 1u) / group;
             let carried = lse_buf[(batch * p.heads_q + heads[r]) * p.seq_q + q_row];
-            if (carried != bitcast<f32>(0x7f800000u)) {
+            if (carried != positive_infinity()) {
                 m[r] = carried;
                 l[r] = select(0.0, 1.0, key_lane == 0u);
                 let c_base = carry_base(batch, q_row, heads[r]);

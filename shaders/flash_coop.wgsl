@@ -310,7 +310,7 @@ fn main(
 // #else
     if (carried) {
         let carried_lse = lse_buf[(batch * p.heads_q + head_q) * p.seq_q + q_row];
-        saw_keys = carried_lse != bitcast<f32>(0x7f800000u);
+        saw_keys = carried_lse != positive_infinity();
         m = select(MIN_SCORE, carried_lse, saw_keys);
         l = select(0.0, 1.0, saw_keys && lane == 0u);
     }
@@ -538,7 +538,9 @@ fn main(
     var inv_l = select(0.0, dropout_keep_scale() / l_row, real && l_row > 0.0);
 // #endif
     if (!covered) {
-        inv_l = bitcast<f32>(0x7fc00000u);
+        // (A NaN made at run time: WGSL makes a constant expression that
+        // evaluates to NaN a shader creation error.)
+        inv_l = positive_infinity() - positive_infinity();
     }
     let lse = select(row_lse(m, 0.0), row_lse(m, l_row), real);
     let out_row = seq.q_start + row;

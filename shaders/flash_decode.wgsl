@@ -345,6 +345,11 @@ fn store_row_total(acc: ptr<function, array<vec4<f32>, ROWS * DV4>>, r: u32, fac
     }
 }
 
+// The key loop's page skip branches on subgroupAll, a subgroup-uniform
+// value WGSL's uniformity analysis cannot see as uniform (it reasons per
+// workgroup, and this workgroup is one subgroup): browsers' compilers
+// would refuse the next iteration's subgroupAll without this filter.
+@diagnostic(off, subgroup_uniformity)
 @compute @workgroup_size(WG_SIZE)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -426,7 +431,7 @@ fn main(
         var correction: array<f32, ROWS>;
         for (var r = 0u; r < ROWS; r++) {
             let scores = finish_scores(dots[r] * scales[0], rows[r].pos, key_pos, rows[r].slope);
-            let visible = here & key_pos >= vec4<i32>(rows[r].lo) & key_pos <= vec4<i32>(rows[r].hi);
+            let visible = here & (key_pos >= vec4<i32>(rows[r].lo)) & (key_pos <= vec4<i32>(rows[r].hi));
             let step = softmax_step(scores, visible, m[r], l[r]);
             m[r] = step.m;
             l[r] = step.l;
@@ -717,7 +722,7 @@ fn main(
         for (var r = 0u; r < ROWS; r++) {
             let dots = subgroupAdd(lane_dots(&q, &k, r)) * scales[0];
             let scores = finish_scores(dots, rows[r].pos, key_pos, rows[r].slope);
-            let visible = rows4 >= vec4<i32>(0) & key_pos >= vec4<i32>(rows[r].lo) & key_pos <= vec4<i32>(rows[r].hi);
+            let visible = (rows4 >= vec4<i32>(0)) & (key_pos >= vec4<i32>(rows[r].lo)) & (key_pos <= vec4<i32>(rows[r].hi));
             let step = softmax_step(scores, visible, m[r], l[r]);
             m[r] = step.m;
             l[r] = step.l;
@@ -987,7 +992,7 @@ fn main(
             var correction: array<f32, ROWS>;
             for (var r = 0u; r < ROWS; r++) {
                 let scores = finish_scores(dots[r] * scales[0], rows[r].pos, key_pos, rows[r].slope);
-                let visible = here & key_pos >= vec4<i32>(rows[r].lo) & key_pos <= vec4<i32>(rows[r].hi);
+                let visible = here & (key_pos >= vec4<i32>(rows[r].lo)) & (key_pos <= vec4<i32>(rows[r].hi));
                 let step = softmax_step(scores, visible, m[r], l[r]);
                 m[r] = step.m;
                 l[r] = step.l;

@@ -63,7 +63,7 @@ fn score_quad(
     var s = finish_scores(dots, row_pos, key_pos, slope);
     var seen = vec4<bool>(true);
     if (!unmasked) {
-        seen = key_pos >= vec4<i32>(bounds.x) & key_pos <= vec4<i32>(bounds.y);
+        seen = (key_pos >= vec4<i32>(bounds.x)) & (key_pos <= vec4<i32>(bounds.y));
 // #if MASK
         if (mask_state == 1u) {
             if (mp.kind == 0u) {

@@ -114,10 +114,10 @@ fn build_scores(
             for (var r = 0u; r < ROWS; r++) {
                 let row = row0 + lid + r * WG_SIZE;
                 let s = finish_scores(dots[r], row_pos[r], key_pos, alibi_slope);
-                let visible = key_pos >= vec4<i32>(bounds[r].x) & key_pos <= vec4<i32>(bounds[r].y);
+                let visible = (key_pos >= vec4<i32>(bounds[r].x)) & (key_pos <= vec4<i32>(bounds[r].y));
                 if (row < p.seq_q) {
                     scores[(u.local * p.seq_q + row) * slots + (kv0 + c) / 4u] =
-                        select(vec4<f32>(bitcast<f32>(NEG_INF_BITS)), s, visible);
+                        select(vec4<f32>(negative_infinity()), s, visible);
                 }
             }
         }

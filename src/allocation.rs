@@ -88,34 +88,12 @@ fn create_checked(
     usage: wgpu::BufferUsages,
     mapped_at_creation: bool,
 ) -> Result<wgpu::Buffer> {
-    gpu.check_alive()?;
-    let device = gpu.device();
-    let out_of_memory = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let buffer = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some(label),
-        size,
-        usage,
-        mapped_at_creation,
-    });
-    // Native error scopes resolve at once: nothing waits for the GPU here.
-    // (Popped innermost first, as wgpu requires.)
-    let invalid = pollster::block_on(validation.pop());
-    let exhausted = pollster::block_on(out_of_memory.pop());
-    if exhausted.is_some() {
-        return Err(Error::OutOfMemory {
-            what: label,
-            bytes: Some(size),
-        });
-    }
-    // A backend may lose the device over a failed allocation (wgpu's GL
-    // backend can), which no error scope reports.
-    gpu.check_alive()?;
-    match invalid {
-        None => Ok(buffer),
-        Some(err) => Err(gpu.unless_lost(Error::GpuValidation {
-            context: label,
-            message: err.to_string(),
-        })),
-    }
+    crate::error_scopes::under_error_scopes(gpu, label, Some(size), || {
+        gpu.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation,
+        })
+    })
 }

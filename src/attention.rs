@@ -388,7 +388,7 @@ impl Gpu {
     /// Host slices in, host vectors out: uploads packed BSHD f32 inputs,
     /// runs the forward pass, waits and downloads the output and the
     /// logsumexp. For quick use and tests; device-resident data should use
-    /// [`Gpu::forward`].
+    /// [`Gpu::forward`]. In a browser: [`Gpu::attention_host_async`].
     pub fn attention_host(
         &self,
         shape: &AttentionShape,
@@ -397,6 +397,40 @@ impl Gpu {
         v: &[f32],
         config: &AttentionConfig,
     ) -> Result<HostAttentionOutput> {
+        let (out, lse) = self.submit_host_attention(shape, q, k, v, config)?;
+        Ok(HostAttentionOutput {
+            out: out.to_f32_vec(self)?,
+            lse: lse.to_vec(self)?,
+        })
+    }
+
+    /// [`Gpu::attention_host`] as a future, which a browser's event loop
+    /// resolves (natively it has finished when first polled).
+    pub async fn attention_host_async(
+        &self,
+        shape: &AttentionShape,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        config: &AttentionConfig,
+    ) -> Result<HostAttentionOutput> {
+        let (out, lse) = self.submit_host_attention(shape, q, k, v, config)?;
+        Ok(HostAttentionOutput {
+            out: out.to_f32_vec_async(self).await?,
+            lse: lse.to_vec_async(self).await?,
+        })
+    }
+
+    /// Uploads the inputs of [`Gpu::attention_host`] and submits the
+    /// forward pass into the output and logsumexp it returns.
+    fn submit_host_attention(
+        &self,
+        shape: &AttentionShape,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        config: &AttentionConfig,
+    ) -> Result<(Tensor, Lse)> {
         config.validate(shape)?;
         let upload = |name, dims, data| upload_packed(self, name, dims, data);
         let q = upload("q", shape.q_shape(), q)?;
@@ -412,10 +446,7 @@ impl Gpu {
             lse: Some(&lse),
         };
         self.run(|encoder| self.forward(encoder, &args, config))?;
-        Ok(HostAttentionOutput {
-            out: out.to_f32_vec(self)?,
-            lse: lse.to_vec(self)?,
-        })
+        Ok((out, lse))
     }
 
     fn pack_params(

@@ -647,6 +647,19 @@ pub enum Error {
         reason: String,
     },
 
+    /// A blocking call in a browser, whose GPU answers only once control
+    /// returns to its event loop: await the async form instead
+    /// ([`crate::Gpu::request`], [`crate::Tensor::to_f32_vec_async`],
+    /// [`crate::Lse::to_vec_async`]).
+    #[error(
+        "a browser cannot block on {what}: await its async form (Gpu::request, \
+         Tensor::to_f32_vec_async, Lse::to_vec_async)"
+    )]
+    BlockingInBrowser {
+        /// What was to be waited for.
+        what: &'static str,
+    },
+
     /// Waiting for the device, or mapping a buffer to read it back, failed (holds wgpu's message).
     #[error("reading a buffer back from the GPU failed: {0}")]
     Readback(String),

@@ -261,6 +261,10 @@ pub struct Gpu {
     /// ([`Gpu::device_lost_notifier`]: installed on the devices the crate
     /// requests, chained by callers of [`Gpu::from_device`]).
     lost: Arc<OnceLock<String>>,
+    /// The first error a browser's error scopes reported after its call
+    /// had returned (`crate::error_scopes`), for the next operation to
+    /// report. Always empty on native backends.
+    deferred: Arc<Mutex<Option<Error>>>,
 }
 
 /// Device objects made once per `Gpu` for the crate's own bookkeeping: tiny
@@ -313,7 +317,15 @@ impl Gpu {
     /// Picks an adapter from the environment (see [`AdapterOptions::from_env`])
     /// and requests a device with its real limits and the optional features
     /// it has.
+    ///
+    /// In a browser, which cannot block, [`Error::BlockingInBrowser`]:
+    /// await [`Gpu::request`] there.
     pub fn new() -> Result<Self> {
+        if cfg!(target_arch = "wasm32") {
+            return Err(Error::BlockingInBrowser {
+                what: "requesting a device",
+            });
+        }
         pollster::block_on(Self::request(&AdapterOptions::from_env()))
     }
 
@@ -392,7 +404,7 @@ impl Gpu {
             cooperative_matrices: Vec::new(),
             cooperative_matrix_emulation: false,
         };
-        let pipelines = PipelineCache::default();
+        let pipelines = PipelineCache::for_backend(info.adapter.backend);
         let placeholders = Placeholders::new(&device);
         Gpu {
             device,
@@ -402,6 +414,7 @@ impl Gpu {
             placeholders,
             scratch: Mutex::default(),
             lost: Arc::default(),
+            deferred: Arc::default(),
         }
     }
 
@@ -451,13 +464,26 @@ impl Gpu {
     /// [`Error::DeviceLost`] once wgpu has reported the device lost (a
     /// driver reset, a watchdog timeout, `wgpu::Device::destroy`): every
     /// operation checks this first, so none records work for a dead device.
+    /// In a browser, it also reports the error a previous call's scopes
+    /// caught after that call had returned (once).
     pub(crate) fn check_alive(&self) -> Result<()> {
-        match self.lost.get() {
-            Some(reason) => Err(Error::DeviceLost {
+        if let Some(reason) = self.lost.get() {
+            return Err(Error::DeviceLost {
                 reason: reason.clone(),
-            }),
-            None => Ok(()),
+            });
         }
+        let deferred = self
+            .deferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        deferred.map_or(Ok(()), Err)
+    }
+
+    /// Where a browser's error scopes leave what they caught.
+    #[cfg(target_arch = "wasm32")]
+    pub(crate) fn deferred_errors(&self) -> Arc<Mutex<Option<Error>>> {
+        Arc::clone(&self.deferred)
     }
 
     /// The device-lost error if the device is gone, else `error`: what a
@@ -731,7 +757,8 @@ impl Gpu {
         }
     }
 
-    /// Blocks until all submitted work has finished.
+    /// Blocks until all submitted work has finished. (In a browser it
+    /// returns at once: the async downloads wait there.)
     pub fn wait(&self) -> Result<()> {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
@@ -762,30 +789,14 @@ impl Gpu {
     /// reports the first validation error as [`Error::GpuValidation`], an
     /// out-of-memory one (a submission's, which wgpu would otherwise hand
     /// to its panicking default handler) as [`Error::OutOfMemory`], either
-    /// as [`Error::DeviceLost`] when the device went with it.
+    /// as [`Error::DeviceLost`] when the device went with it (in a browser,
+    /// from the next operation: `crate::error_scopes`).
     pub(crate) fn validated<T>(
         &self,
         context: &'static str,
         record: impl FnOnce() -> T,
     ) -> Result<T> {
-        self.check_alive()?;
-        let out_of_memory = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let value = record();
-        let invalid = pollster::block_on(validation.pop());
-        if pollster::block_on(out_of_memory.pop()).is_some() {
-            return Err(self.unless_lost(Error::OutOfMemory {
-                what: context,
-                bytes: None,
-            }));
-        }
-        match invalid {
-            None => Ok(value),
-            Some(err) => Err(self.unless_lost(Error::GpuValidation {
-                context,
-                message: err.to_string(),
-            })),
-        }
+        crate::error_scopes::under_error_scopes(self, context, None, record)
     }
 }
 

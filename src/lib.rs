@@ -34,10 +34,13 @@
 mod allocation;
 mod attention;
 mod backward;
+#[cfg(test)]
+mod browser_wgsl_tests;
 mod config;
 mod decode;
 mod dropout;
 mod error;
+mod error_scopes;
 mod gpu;
 mod key_chunks;
 mod kv_cache;

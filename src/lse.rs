@@ -4,7 +4,7 @@
 use crate::allocation::create_buffer_with;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::tensor::{TensorShape, check_binding_size, read_buffer};
+use crate::tensor::{TensorShape, check_binding_size, read_buffer, read_buffer_async};
 
 /// Logsumexp of each query row, `[batch, heads_q, seq_q]` f32, natural log,
 /// packed from the start of its buffer.
@@ -92,10 +92,20 @@ impl Lse {
         [self.batch, self.heads, self.seq]
     }
 
-    /// Downloads the values, `[batch, heads, seq]` (needs `COPY_SRC`).
+    /// Downloads the values, `[batch, heads, seq]` (needs `COPY_SRC`),
+    /// blocking until the GPU is done (in a browser: use
+    /// [`Lse::to_vec_async`]).
     pub fn to_vec(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         self.check_device(gpu)?;
         let mut values: Vec<f32> = read_buffer(gpu, "lse", &self.buffer)?;
+        values.truncate(self.batch * self.heads * self.seq);
+        Ok(values)
+    }
+
+    /// [`Lse::to_vec`] as a future, as [`crate::Tensor::to_f32_vec_async`].
+    pub async fn to_vec_async(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        self.check_device(gpu)?;
+        let mut values: Vec<f32> = read_buffer_async(gpu, "lse", &self.buffer).await?;
         values.truncate(self.batch * self.heads * self.seq);
         Ok(values)
     }

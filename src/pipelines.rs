@@ -37,6 +37,9 @@ pub(crate) struct PipelineCache {
     overrides: Mutex<ShaderOverrides>,
     /// The device's SPIR-V target, asked once (`None` off Vulkan).
     spirv_target: OnceLock<Option<SpirvTarget>>,
+    /// Whether the device is a browser's WebGPU, whose compilers take the
+    /// kernels' WGSL as [`Specialization::browser_source_with`] writes it.
+    browser: bool,
 }
 
 /// Cached values (pipelines) with the tick of their last use.
@@ -88,9 +91,20 @@ impl<T: Clone> Entries<T> {
     }
 }
 
+impl PipelineCache {
+    /// The cache of a device of `backend`.
+    pub fn for_backend(backend: wgpu::Backend) -> Self {
+        PipelineCache {
+            browser: backend == wgpu::Backend::BrowserWebGpu,
+            ..PipelineCache::default()
+        }
+    }
+}
+
 impl Default for PipelineCache {
     fn default() -> Self {
         PipelineCache {
+            browser: false,
             pipelines: Mutex::default(),
             layouts: Mutex::default(),
             capacity: AtomicUsize::new(DEFAULT_PIPELINE_CAPACITY),
@@ -155,11 +169,16 @@ impl PipelineCache {
     /// The WGSL text of `spec` as this cache compiles it (with its
     /// replaced files).
     pub fn source(&self, spec: &Specialization) -> Result<String> {
-        spec.source_with(&lock(&self.overrides))
-            .map_err(|err| Error::ShaderSource {
-                kernel: spec.label(),
-                reason: err.to_string(),
-            })
+        let overrides = lock(&self.overrides);
+        if self.browser {
+            spec.browser_source_with(&overrides)
+        } else {
+            spec.source_with(&overrides)
+        }
+        .map_err(|err| Error::ShaderSource {
+            kernel: spec.label(),
+            reason: err.to_string(),
+        })
     }
 
     /// The runtime checks kernels compile without.

@@ -381,10 +381,28 @@ impl Tensor {
     }
 
     /// Downloads the view as packed BSHD f32 values (f16 and bf16 widen
-    /// exactly).
+    /// exactly), blocking until the GPU is done. In a browser, which
+    /// cannot block, [`Error::BlockingInBrowser`]: use
+    /// [`Tensor::to_f32_vec_async`] there.
     pub fn to_f32_vec(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         self.check_device(gpu, "tensor")?;
         let bytes: Vec<u8> = read_buffer(gpu, "tensor", &self.buffer)?;
+        Ok(self.packed_f32(&bytes))
+    }
+
+    /// [`Tensor::to_f32_vec`] as a future: in a browser it resolves once
+    /// the GPU's work is done and the browser's event loop has mapped the
+    /// copy (it also reports the errors of earlier calls on `gpu` that the
+    /// browser answered late); natively it has finished when first polled.
+    pub async fn to_f32_vec_async(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        self.check_device(gpu, "tensor")?;
+        let bytes: Vec<u8> = read_buffer_async(gpu, "tensor", &self.buffer).await?;
+        Ok(self.packed_f32(&bytes))
+    }
+
+    /// The view's values, packed BSHD and widened to f32, from the bytes
+    /// of its whole buffer.
+    fn packed_f32(&self, bytes: &[u8]) -> Vec<f32> {
         let raw: Vec<f32> = match self.dtype {
             DType::F32 => bytes
                 .chunks_exact(4)
@@ -412,7 +430,7 @@ impl Tensor {
                 }
             }
         }
-        Ok(out)
+        out
     }
 }
 
@@ -537,8 +555,24 @@ pub(crate) fn check_binding_size(gpu: &Gpu, tensor: &'static str, bytes: u64) ->
     Ok(())
 }
 
-/// Copies a whole storage buffer back to the host.
+/// Copies a whole storage buffer back to the host, blocking until the GPU
+/// is done: [`read_buffer_async`] run to its end (natively it has finished
+/// when first polled); a typed error in a browser, which cannot block.
 pub(crate) fn read_buffer<T: bytemuck::Pod>(
+    gpu: &Gpu,
+    name: &'static str,
+    buffer: &wgpu::Buffer,
+) -> Result<Vec<T>> {
+    if cfg!(target_arch = "wasm32") {
+        return Err(Error::BlockingInBrowser { what: "a readback" });
+    }
+    pollster::block_on(read_buffer_async(gpu, name, buffer))
+}
+
+/// Copies a whole storage buffer back to the host once the GPU is done
+/// with it: natively the wait happens before the first poll returns; in a
+/// browser the future resolves from the browser's event loop.
+pub(crate) async fn read_buffer_async<T: bytemuck::Pod>(
     gpu: &Gpu,
     name: &'static str,
     buffer: &wgpu::Buffer,
@@ -550,7 +584,7 @@ pub(crate) fn read_buffer<T: bytemuck::Pod>(
         size,
         wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
     )?;
-    let (sender, receiver) = std::sync::mpsc::channel();
+    let (sender, receiver) = futures_channel::oneshot::channel();
     // Under a validation scope: a buffer of a lost device fails here as a
     // typed error rather than in wgpu's default handler, which panics.
     gpu.submit_recorded("wgpu-flash-attn readback", |encoder| {
@@ -561,15 +595,19 @@ pub(crate) fn read_buffer<T: bytemuck::Pod>(
         staging
             .slice(..)
             .map_async(wgpu::MapMode::Read, move |result| {
-                // The receiver outlives this callback; a send error cannot happen.
+                // Dropped only if the future was dropped: nobody waits then.
                 let _ = sender.send(result);
             });
     })?;
+    // Natively this runs the callback; a browser maps on its own.
     gpu.wait()?;
-    receiver
-        .recv()
-        .map_err(|e| Error::Readback(e.to_string()))?
-        .map_err(|e| Error::Readback(e.to_string()))?;
+    let mapped = receiver.await.map_err(|e| e.to_string());
+    // What a browser's scopes caught while the copy was under way comes
+    // first: a failed map is often its consequence.
+    gpu.check_alive()?;
+    mapped
+        .and_then(|result| result.map_err(|e| e.to_string()))
+        .map_err(Error::Readback)?;
     let view = staging
         .slice(..)
         .get_mapped_range()

@@ -775,12 +775,16 @@ const BLOCKED_ACCUMULATORS: u32 = 16;
 
 /// Whether the register-blocked tier is the default (forward and
 /// backward): on hardware GPUs (the CPU adapters run the per-row tiers,
-/// tuned for them).
+/// tuned for them), and on every adapter of a browser's WebGPU. A browser
+/// reports no device type (wgpu says `Other` for its hardware adapters,
+/// `Cpu` for its fallback adapter), and Chromium's fallback (SwiftShader)
+/// crashed its GPU process on the per-row tier's unrolled d=256 kernel
+/// while the register-blocked one passed (2026-12-06, BENCHMARKS.md).
 pub(crate) fn blocked_by_default(info: &GpuInfo) -> bool {
     matches!(
         info.adapter.device_type,
         wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu
-    )
+    ) || info.adapter.backend == wgpu::Backend::BrowserWebGpu
 }
 
 /// PCI vendor id of NVIDIA (`wgpu::AdapterInfo::vendor`).

@@ -195,6 +195,30 @@ pub(crate) fn all() -> Vec<Profile> {
             storage_buffers: 64,
             coop: &[],
         },
+        // A browser's WebGPU (wgpu's BrowserWebGpu backend), which reports
+        // no device type and, through wgpu 30, no subgroups: Chromium's
+        // limits on a desktop GPU, and its fallback adapter (SwiftShader)
+        // as Chromium 156 reports it.
+        Profile {
+            name: "Chromium WebGPU, hardware GPU",
+            device_type: DeviceType::Other,
+            backend: Backend::BrowserWebGpu,
+            subgroups: None,
+            workgroup_bytes: 32 * KIB,
+            invocations: 1024,
+            storage_buffers: 10,
+            coop: &[],
+        },
+        Profile {
+            name: "Chromium WebGPU, fallback adapter (SwiftShader)",
+            device_type: DeviceType::Cpu,
+            backend: Backend::BrowserWebGpu,
+            subgroups: None,
+            workgroup_bytes: 32 * KIB,
+            invocations: 256,
+            storage_buffers: 10,
+            coop: &[],
+        },
         // The same GPUs on devices that enabled cooperative matrices.
         Profile {
             name: "NVIDIA H200 with cooperative matrices",

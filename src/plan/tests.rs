@@ -270,7 +270,7 @@ fn register_blocked_where_it_fits_and_by_default_on_hardware_gpus() {
         let gpu = matches!(
             p.device_type,
             wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu
-        );
+        ) || p.backend == wgpu::Backend::BrowserWebGpu;
         for (head_dim, head_dim_v) in [(64, 64), (128, 128), (192, 128), (256, 256)] {
             let shape =
                 AttentionShape::self_attention(1, 1000, 4, head_dim).with_head_dim_v(head_dim_v);

@@ -355,6 +355,13 @@ impl Specialization {
         self.source_with(&ShaderOverrides::default())
     }
 
+    /// [`Specialization::browser_source_with`] the built-in `shaders/`
+    /// files.
+    #[cfg(test)]
+    pub fn browser_source(&self) -> Result<String, ShaderSourceError> {
+        self.browser_source_with(&ShaderOverrides::default())
+    }
+
     /// Full WGSL text for this specialization, from the `shaders/` files
     /// or their replacements, or the template mistake that prevents it
     /// (its line counted in [`Kernel::template_with`]).
@@ -377,6 +384,23 @@ impl Specialization {
         let unrolled = unroll_loops(&variant, &bounds).map_err(|err| err.in_template(&template))?;
         text.push_str(&unrolled);
         Ok(text)
+    }
+
+    /// [`Specialization::source_with`] as browsers' WebGPU takes it.
+    /// WGSL requires `enable subgroups;` before subgroup built-ins, which
+    /// browsers' compilers (Chromium's Tint, WebKit's) enforce and naga 30
+    /// refuses as not yet implemented (it takes the built-ins without it):
+    /// the directive is added here, for browsers only.
+    pub fn browser_source_with(
+        &self,
+        overrides: &ShaderOverrides,
+    ) -> Result<String, ShaderSourceError> {
+        let source = self.source_with(overrides)?;
+        Ok(if self.needs_subgroups() {
+            format!("enable subgroups;\n{source}")
+        } else {
+            source
+        })
     }
 
     /// The WGSL `enable` directives the kernel needs.
@@ -520,7 +544,6 @@ impl Specialization {
         self.variant_flags().contains(&super::F16_CODEC)
     }
 
-    #[cfg(test)]
     /// Whether the pipeline needs the adapter's SUBGROUP feature.
     pub fn needs_subgroups(&self) -> bool {
         let flags = self.variant_flags();

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The crate in a browser, end to end: builds tests/browser/attention/ for
+# wasm32 (the crate on wgpu's BrowserWebGpu backend), writes
+# wasm-bindgen's glue, runs attention.html in headless Chromium's WebGPU
+# (on a machine without a GPU, its fallback adapter: SwiftShader) and
+# fails unless every case of the report passed against the f64 reference.
+# Installs what is missing: the wasm32 target, wasm-bindgen's command (the
+# version the harness pins, a few minutes to build), Debian's Chromium and
+# chromedriver. Takes 5-10 minutes on a 2-core machine; not part of CI
+# (README, "In a browser").
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+bindgen_version=0.2.130
+rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
+if [ "$(wasm-bindgen --version 2>/dev/null | cut -d' ' -f2)" != "$bindgen_version" ]; then
+    cargo install wasm-bindgen-cli --version "$bindgen_version"
+fi
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+echo "== building tests/browser/attention for wasm32"
+CARGO_TARGET_DIR=target/browser cargo build --release --locked --target wasm32-unknown-unknown \
+    --manifest-path tests/browser/attention/Cargo.toml
+wasm-bindgen --target web --out-dir "$out/pkg" \
+    target/browser/wasm32-unknown-unknown/release/flash_attn_browser_check.wasm
+echo "== running it in headless Chromium"
+python3 tests/browser/run_page.py attention.html "$out" --timeout 1500 > "$out/report.json"
+python3 - "$out/report.json" <<'JUDGE'
+import json, sys
+report = json.load(open(sys.argv[1]))
+if "error" in report:
+    sys.exit(f"the page failed: {report['error']}")
+print(f"{report['browser']}, adapter {report['adapter'] or '(unnamed)'} ({report['backend']}, {report['device_type']})")
+failed = 0
+for case in report["cases"]:
+    ok = case.get("passed") is True
+    failed += not ok
+    errors = f"max |err| out {case['max_err_out']:.2e}, lse {case['max_err_lse']:.2e}" if "max_err_out" in case else case.get("error", "")
+    print(f"{'ok  ' if ok else 'FAIL'} {case['case']}: {errors}" + (f"  [{case['kernel']}]" if "kernel" in case else ""))
+print(f"{len(report['cases']) - failed} of {len(report['cases'])} cases passed")
+sys.exit(1 if failed else 0)
+JUDGE
