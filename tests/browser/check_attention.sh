@@ -40,7 +40,12 @@ failed = 0
 for case in report["cases"]:
     ok = case.get("passed") is True
     failed += not ok
-    errors = f"max |err| out {case['max_err_out']:.2e}, lse {case['max_err_lse']:.2e}" if "max_err_out" in case else case.get("error", "")
+    if "max_err_out" in case:
+        errors = f"max |err| out {case['max_err_out']:.2e}, lse {case['max_err_lse']:.2e}"
+    elif "max_relative_err" in case:
+        errors = f"max |err| of dq, dk, dv {case['max_relative_err']:.2e} of the largest gradient"
+    else:
+        errors = case.get("error", "")
     print(f"{'ok  ' if ok else 'FAIL'} {case['case']}: {errors}" + (f"  [{case['kernel']}]" if "kernel" in case else ""))
 print(f"{len(report['cases']) - failed} of {len(report['cases'])} cases passed")
 sys.exit(1 if failed else 0)

@@ -1,18 +1,23 @@
 //! wgpu-flash-attn on a browser's WebGPU (wgpu's `BrowserWebGpu` backend):
 //! forward passes of seeded random inputs through `Gpu::request` and
-//! `Gpu::attention_host_async`, each compared with the crate's f64
-//! reference, and a blocking call that must say it cannot block. The
-//! page (tests/browser/attention.html) calls `run_checks` and shows the
-//! JSON report it returns.
+//! `Gpu::attention_host_async`, decoding steps over f32 and f16 KV caches
+//! (contiguous and paged), and backward passes, each compared with the
+//! crate's f64 reference, and a blocking call that must say it cannot
+//! block. The page (tests/browser/attention.html) calls `run_checks` and
+//! shows the JSON report it returns.
 
 use wasm_bindgen::prelude::*;
 use wgpu_flash_attn::{
-    AdapterOptions, AttentionConfig, AttentionShape, DType, Error, ForwardPlan, Gpu, Tier,
-    reference,
+    AdapterOptions, AttentionConfig, AttentionShape, BackwardArgs, DType, DecodeArgs,
+    DecodeOptions, Error, ForwardPlan, Gpu, KvCache, KvCacheConfig, KvDType, KvLayout, Lse, Tensor,
+    TensorShape, Tier, reference,
 };
 
 /// The tests' bound for f32 storage (tests/common: F32_TOLERANCE).
 const F32_TOLERANCE: f64 = 1e-4;
+/// The backward tests' bound: every gradient within this share of the
+/// largest reference gradient (tests/backward.rs).
+const GRADIENT_TOLERANCE: f64 = 2e-5;
 
 /// A small seeded generator (SplitMix64): the same inputs on every run.
 struct SplitMix(u64);
@@ -102,6 +107,201 @@ async fn check(
     }
 }
 
+/// A decoding check: `heads.0` query heads (one token each) over a cache
+/// of `heads.1` KV heads holding `lens` tokens per sequence, stored as
+/// `dtype` in `layout`.
+#[derive(Clone, Copy)]
+struct DecodeCase {
+    name: &'static str,
+    dtype: KvDType,
+    layout: KvLayout,
+    lens: &'static [usize],
+    heads: (usize, usize),
+    head_dim: usize,
+}
+
+/// One decoding step of `case` against the reference over the values the
+/// cache stores (f16: the inputs rounded to f16).
+async fn check_decode(gpu: &Gpu, case: &DecodeCase, seed: u64) -> Result<serde_json::Value, Error> {
+    let DecodeCase {
+        name,
+        dtype,
+        layout,
+        lens,
+        heads,
+        head_dim,
+    } = *case;
+    let mut rng = SplitMix(seed);
+    let batch = lens.len();
+    let longest = *lens.iter().max().unwrap_or(&0);
+    let mut cache = KvCache::new(
+        gpu,
+        KvCacheConfig::new(batch, heads.1, head_dim, layout).dtype(dtype),
+    )?;
+    if let KvLayout::Paged { pages, .. } = layout {
+        // Each sequence takes every other page of the pool, backwards.
+        let per_seq = pages / batch;
+        for b in 0..batch {
+            let table: Vec<u32> = (0..per_seq)
+                .map(|i| (pages - 1 - (i * batch + b)) as u32)
+                .collect();
+            cache.set_block_table(b, &table)?;
+        }
+    }
+    let tokens = TensorShape::new(batch, longest, heads.1, head_dim);
+    let stored = |x: f32| {
+        if dtype == KvDType::F16 {
+            half_round(x)
+        } else {
+            x
+        }
+    };
+    let k = rng.values(tokens.elements());
+    let v = rng.values(tokens.elements());
+    let (k_t, v_t) = (
+        Tensor::from_f32(gpu, tokens, &k)?,
+        Tensor::from_f32(gpu, tokens, &v)?,
+    );
+    gpu.run(|encoder| cache.append(gpu, encoder, &k_t, &v_t, None))?;
+    for (b, &len) in lens.iter().enumerate() {
+        cache.set_len(b, len)?;
+    }
+    let q_shape = TensorShape::new(batch, 1, heads.0, head_dim);
+    let q = rng.values(q_shape.elements());
+    let q_t = Tensor::from_f32(gpu, q_shape, &q)?;
+    let out = Tensor::filled(gpu, q_shape, f32::NAN)?;
+    let lse = Lse::new(gpu, batch, heads.0, 1)?;
+    let config = AttentionConfig::new().causal(true);
+    let args = DecodeArgs {
+        q: &q_t,
+        cache: &cache,
+        out: &out,
+        lse: Some(&lse),
+    };
+    let plan = gpu.run(|encoder| gpu.decode(encoder, &args, DecodeOptions::new(&config)))?;
+    let got = out.to_f32_vec_async(gpu).await?;
+    let got_lse = lse.to_vec_async(gpu).await?;
+    let token = heads.1 * head_dim;
+    let (mut out_err, mut lse_err) = (0.0f64, 0.0f64);
+    for (b, &len) in lens.iter().enumerate() {
+        let rows = |data: &[f32]| -> Vec<f32> {
+            data[b * longest * token..(b * longest + len) * token]
+                .iter()
+                .map(|&x| stored(x))
+                .collect()
+        };
+        let shape = AttentionShape {
+            batch: 1,
+            seq_q: 1,
+            seq_kv: len,
+            heads_q: heads.0,
+            heads_kv: heads.1,
+            head_dim,
+            head_dim_v: head_dim,
+        };
+        let qb = &q[b * heads.0 * head_dim..(b + 1) * heads.0 * head_dim];
+        // An empty sequence's rows: zeros and a logsumexp of +inf.
+        let want = if len == 0 {
+            reference::ReferenceOutput {
+                out: vec![0.0; heads.0 * head_dim],
+                lse: vec![f64::INFINITY; heads.0],
+            }
+        } else {
+            reference::attention(&shape, qb, &rows(&k), &rows(&v), &config)?
+        };
+        out_err = out_err.max(max_error(
+            &got[b * heads.0 * head_dim..(b + 1) * heads.0 * head_dim],
+            &want.out,
+        ));
+        lse_err = lse_err.max(max_error(
+            &got_lse[b * heads.0..(b + 1) * heads.0],
+            &want.lse,
+        ));
+    }
+    let passed = out_err <= F32_TOLERANCE && lse_err <= F32_TOLERANCE;
+    Ok(
+        serde_json::json!({"case": name, "kernel": plan.kernel_label(), "max_err_out": out_err, "max_err_lse": lse_err, "passed": passed}),
+    )
+}
+
+/// f32 rounded to the nearest f16 (ties to even), as an f16 cache stores it.
+fn half_round(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
+/// The forward then the backward of seeded inputs, the gradients against
+/// the reference's relative to the largest reference gradient.
+async fn check_backward(
+    gpu: &Gpu,
+    name: &str,
+    shape: AttentionShape,
+    config: AttentionConfig,
+    seed: u64,
+) -> Result<serde_json::Value, Error> {
+    let mut rng = SplitMix(seed);
+    let (q_dims, k_dims, v_dims, o_dims) = (
+        shape.q_shape(),
+        shape.k_shape(),
+        shape.v_shape(),
+        shape.o_shape(),
+    );
+    let (q, k, v, d_out) = (
+        rng.values(q_dims.elements()),
+        rng.values(k_dims.elements()),
+        rng.values(v_dims.elements()),
+        rng.values(o_dims.elements()),
+    );
+    let upload = |dims, data: &[f32]| Tensor::from_f32(gpu, dims, data);
+    let poisoned = |dims| Tensor::filled(gpu, dims, f32::NAN);
+    let (q_t, k_t, v_t, d_out_t) = (
+        upload(q_dims, &q)?,
+        upload(k_dims, &k)?,
+        upload(v_dims, &v)?,
+        upload(o_dims, &d_out)?,
+    );
+    let (out, dq, dk, dv) = (
+        poisoned(o_dims)?,
+        poisoned(q_dims)?,
+        poisoned(k_dims)?,
+        poisoned(v_dims)?,
+    );
+    let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q)?;
+    let args = BackwardArgs {
+        q: &q_t,
+        k: &k_t,
+        v: &v_t,
+        out: &out,
+        lse: &lse,
+        d_out: &d_out_t,
+        dq: &dq,
+        dk: &dk,
+        dv: &dv,
+        dsinks: None,
+    };
+    gpu.run(|encoder| {
+        gpu.forward(encoder, &args.forward_args(), &config)?;
+        gpu.backward(encoder, &args, &config)
+    })?;
+    let want = reference::attention_backward(&shape, [&q, &k, &v, &d_out], &config, None)?;
+    let mut worst = 0.0f64;
+    for (got, want) in [
+        (dq.to_f32_vec_async(gpu).await?, &want.dq),
+        (dk.to_f32_vec_async(gpu).await?, &want.dk),
+        (dv.to_f32_vec_async(gpu).await?, &want.dv),
+    ] {
+        let magnitude = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
+        worst = worst.max(max_error(&got, want) / magnitude);
+    }
+    Ok(
+        serde_json::json!({"case": name, "max_relative_err": worst, "passed": worst <= GRADIENT_TOLERANCE}),
+    )
+}
+
+/// A check's report, or its error as one.
+fn reported(name: &str, result: Result<serde_json::Value, Error>) -> serde_json::Value {
+    result.unwrap_or_else(|err| serde_json::json!({"case": name, "error": err.to_string()}))
+}
+
 /// Runs every check on the browser's adapter; the report as JSON text.
 #[wasm_bindgen]
 pub async fn run_checks() -> String {
@@ -178,6 +378,55 @@ pub async fn run_checks() -> String {
                 .await,
             );
         }
+    }
+    let decodes = [
+        DecodeCase {
+            name: "decode, f32 cache, 64/8 heads d128, lengths 1, 300, 577",
+            dtype: KvDType::F32,
+            layout: KvLayout::Contiguous { capacity: 600 },
+            lens: &[1, 300, 577],
+            heads: (64, 8),
+            head_dim: 128,
+        },
+        DecodeCase {
+            name: "decode, f16 cache, 64/8 heads d128, lengths 1, 300, 577",
+            dtype: KvDType::F16,
+            layout: KvLayout::Contiguous { capacity: 600 },
+            lens: &[1, 300, 577],
+            heads: (64, 8),
+            head_dim: 128,
+        },
+        DecodeCase {
+            name: "decode, f16 cache in pages of 16, 8/2 heads d64, lengths 0, 13, 401",
+            dtype: KvDType::F16,
+            layout: KvLayout::Paged {
+                page_size: 16,
+                pages: 81,
+            },
+            lens: &[0, 13, 401],
+            heads: (8, 2),
+            head_dim: 64,
+        },
+    ];
+    for case in &decodes {
+        cases.push(reported(case.name, check_decode(&gpu, case, 11).await));
+    }
+    for (name, shape, config) in [
+        (
+            "backward, B1 H4/2 q70 kv90 d64 causal",
+            shape(1, 70, 90, (4, 2), 64),
+            causal.clone(),
+        ),
+        (
+            "backward, B2 H2 N33 d128",
+            shape(2, 33, 33, (2, 2), 128),
+            plain.clone(),
+        ),
+    ] {
+        cases.push(reported(
+            name,
+            check_backward(&gpu, name, shape, config, 12).await,
+        ));
     }
     // A blocking call must refuse with a typed error, not hang or panic.
     let blocking = match Gpu::new() {
