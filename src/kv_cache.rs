@@ -14,7 +14,7 @@ use crate::pipelines::{
 };
 use crate::rope::Rope;
 use crate::shaders::Specialization;
-use crate::tensor::{DType, Tensor, read_buffer};
+use crate::tensor::{DType, Tensor, block_on_readback, read_buffer_async};
 
 /// Page sizes a paged cache may use (tokens, powers of two).
 pub const PAGE_SIZES: std::ops::RangeInclusive<usize> = 16..=256;
@@ -973,8 +973,19 @@ impl KvCache {
     /// Reads the K and V of `sequence` back, `[len, heads_kv, head_dim]`
     /// and `[len, heads_kv, head_dim_v]`, packed (for tests and
     /// inspection; reads whole segments). A latent cache's values are the
-    /// prefixes of the keys read back.
+    /// prefixes of the keys read back. Blocks until the GPU is done (in a
+    /// browser: [`KvCache::read_sequence_async`]).
     pub fn read_sequence(&self, gpu: &Gpu, sequence: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        block_on_readback(self.read_sequence_async(gpu, sequence))
+    }
+
+    /// [`KvCache::read_sequence`] as a future, as
+    /// [`Tensor::to_f32_vec_async`].
+    pub async fn read_sequence_async(
+        &self,
+        gpu: &Gpu,
+        sequence: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         self.check_sequence(sequence)?;
         self.check_device(gpu)?;
         let (head_dim, head_dim_v) = (self.head_dim(), self.head_dim_v());
@@ -1001,8 +1012,11 @@ impl KvCache {
             if loaded[index].is_none() {
                 let segment = &self.segments[index];
                 let v = segment.v.as_ref();
-                let v = v.map(|v| read_buffer(gpu, "kv cache V", v)).transpose()?;
-                loaded[index] = Some((read_buffer(gpu, "kv cache K", &segment.k)?, v));
+                let v = match v {
+                    Some(v) => Some(read_buffer_async(gpu, "kv cache V", v).await?),
+                    None => None,
+                };
+                loaded[index] = Some((read_buffer_async(gpu, "kv cache K", &segment.k).await?, v));
             }
             let (k, v) = loaded[index].as_ref().expect("loaded above");
             let row = (page - first_page) * self.page_size + pos % self.page_size;

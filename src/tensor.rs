@@ -563,10 +563,17 @@ pub(crate) fn read_buffer<T: bytemuck::Pod>(
     name: &'static str,
     buffer: &wgpu::Buffer,
 ) -> Result<Vec<T>> {
+    block_on_readback(read_buffer_async(gpu, name, buffer))
+}
+
+/// Runs an async readback to its end: natively it has finished when first
+/// polled (its wait happens inside); a browser cannot block, which is
+/// [`Error::BlockingInBrowser`].
+pub(crate) fn block_on_readback<T>(readback: impl Future<Output = Result<T>>) -> Result<T> {
     if cfg!(target_arch = "wasm32") {
         return Err(Error::BlockingInBrowser { what: "a readback" });
     }
-    pollster::block_on(read_buffer_async(gpu, name, buffer))
+    pollster::block_on(readback)
 }
 
 /// Copies a whole storage buffer back to the host once the GPU is done

@@ -41,7 +41,11 @@ for case in report["cases"]:
     ok = case.get("passed") is True
     failed += not ok
     if "max_err_out" in case:
-        errors = f"max |err| out {case['max_err_out']:.2e}, lse {case['max_err_lse']:.2e}"
+        errors = f"max |err| out {case['max_err_out']:.2e}"
+        if "max_err_lse" in case:
+            errors += f", lse {case['max_err_lse']:.2e}"
+        if "max_err_stored" in case:
+            errors += f", stored values {case['max_err_stored']:.2e}"
     elif "max_relative_err" in case:
         errors = f"max |err| of dq, dk, dv {case['max_relative_err']:.2e} of the largest gradient"
     else:

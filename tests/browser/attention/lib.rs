@@ -1,16 +1,18 @@
 //! wgpu-flash-attn on a browser's WebGPU (wgpu's `BrowserWebGpu` backend):
 //! forward passes of seeded random inputs through `Gpu::request` and
-//! `Gpu::attention_host_async`, decoding steps over f32 and f16 KV caches
-//! (contiguous and paged), and backward passes, each compared with the
+//! `Gpu::attention_host_async`, a padded batch with valid lengths,
+//! decoding steps over f32, f16, bf16 and int8 KV caches (contiguous and
+//! paged), backward passes and linear attention, each compared with the
 //! crate's f64 reference, and a blocking call that must say it cannot
 //! block. The page (tests/browser/attention.html) calls `run_checks` and
 //! shows the JSON report it returns.
 
 use wasm_bindgen::prelude::*;
 use wgpu_flash_attn::{
-    AdapterOptions, AttentionConfig, AttentionShape, BackwardArgs, DType, DecodeArgs,
-    DecodeOptions, Error, ForwardPlan, Gpu, KvCache, KvCacheConfig, KvDType, KvLayout, Lse, Tensor,
-    TensorShape, Tier, reference,
+    AdapterOptions, AttentionArgs, AttentionConfig, AttentionShape, BackwardArgs, DType,
+    DecodeArgs, DecodeOptions, Error, ForwardOptions, ForwardPlan, Gpu, KvCache, KvCacheConfig,
+    KvDType, KvLayout, LinearArgs, LinearConfig, LinearShape, Lse, Tensor, TensorShape, Tier,
+    ValidLengths, reference,
 };
 
 /// The tests' bound for f32 storage (tests/common: F32_TOLERANCE).
@@ -149,13 +151,6 @@ async fn check_decode(gpu: &Gpu, case: &DecodeCase, seed: u64) -> Result<serde_j
         }
     }
     let tokens = TensorShape::new(batch, longest, heads.1, head_dim);
-    let stored = |x: f32| {
-        if dtype == KvDType::F16 {
-            half_round(x)
-        } else {
-            x
-        }
-    };
     let k = rng.values(tokens.elements());
     let v = rng.values(tokens.elements());
     let (k_t, v_t) = (
@@ -182,14 +177,23 @@ async fn check_decode(gpu: &Gpu, case: &DecodeCase, seed: u64) -> Result<serde_j
     let got = out.to_f32_vec_async(gpu).await?;
     let got_lse = lse.to_vec_async(gpu).await?;
     let token = heads.1 * head_dim;
-    let (mut out_err, mut lse_err) = (0.0f64, 0.0f64);
+    let (mut out_err, mut lse_err, mut store_err) = (0.0f64, 0.0f64, 0.0f64);
     for (b, &len) in lens.iter().enumerate() {
-        let rows = |data: &[f32]| -> Vec<f32> {
-            data[b * longest * token..(b * longest + len) * token]
+        // The reference reads what the cache stores; the stores are held
+        // to the storage type's rounding of the inputs (int8: half a
+        // quantization step of the vector's largest |value|, at most 1).
+        let (k_stored, v_stored) = cache.read_sequence_async(gpu, b).await?;
+        let written = b * longest * token..(b * longest + len) * token;
+        let stored_err = |stored: &[f32], input: &[f32]| {
+            stored
                 .iter()
-                .map(|&x| stored(x))
-                .collect()
+                .zip(input)
+                .map(|(&s, &x)| f64::from((s - x).abs()))
+                .fold(0.0, f64::max)
         };
+        store_err = store_err
+            .max(stored_err(&k_stored, &k[written.clone()]))
+            .max(stored_err(&v_stored, &v[written]));
         let shape = AttentionShape {
             batch: 1,
             seq_q: 1,
@@ -207,7 +211,7 @@ async fn check_decode(gpu: &Gpu, case: &DecodeCase, seed: u64) -> Result<serde_j
                 lse: vec![f64::INFINITY; heads.0],
             }
         } else {
-            reference::attention(&shape, qb, &rows(&k), &rows(&v), &config)?
+            reference::attention(&shape, qb, &k_stored, &v_stored, &config)?
         };
         out_err = out_err.max(max_error(
             &got[b * heads.0 * head_dim..(b + 1) * heads.0 * head_dim],
@@ -218,15 +222,24 @@ async fn check_decode(gpu: &Gpu, case: &DecodeCase, seed: u64) -> Result<serde_j
             &want.lse,
         ));
     }
-    let passed = out_err <= F32_TOLERANCE && lse_err <= F32_TOLERANCE;
-    Ok(
-        serde_json::json!({"case": name, "kernel": plan.kernel_label(), "max_err_out": out_err, "max_err_lse": lse_err, "passed": passed}),
-    )
-}
-
-/// f32 rounded to the nearest f16 (ties to even), as an f16 cache stores it.
-fn half_round(x: f32) -> f32 {
-    half::f16::from_f32(x).to_f32()
+    let store_bound = match dtype {
+        KvDType::F32 => 0.0,
+        // Half an f16 ulp at |x| < 1.
+        KvDType::F16 => 2f64.powi(-12),
+        KvDType::BF16 => 2f64.powi(-9),
+        KvDType::Int8 => 0.5 / 127.0 * (1.0 + 1e-6),
+        // A type added later is held exact until its bound is stated here.
+        _ => 0.0,
+    };
+    let passed = out_err <= F32_TOLERANCE && lse_err <= F32_TOLERANCE && store_err <= store_bound;
+    Ok(serde_json::json!({
+        "case": name,
+        "kernel": plan.kernel_label(),
+        "max_err_out": out_err,
+        "max_err_lse": lse_err,
+        "max_err_stored": store_err,
+        "passed": passed,
+    }))
 }
 
 /// The forward then the backward of seeded inputs, the gradients against
@@ -295,6 +308,127 @@ async fn check_backward(
     Ok(
         serde_json::json!({"case": name, "max_relative_err": worst, "passed": worst <= GRADIENT_TOLERANCE}),
     )
+}
+
+/// A padded batch of three sequences with their own query and key
+/// lengths (one of them empty), in one call: each sequence against the
+/// reference of its rows alone, the padding rows zeros with a logsumexp
+/// of +inf.
+async fn check_valid_lengths(gpu: &Gpu, name: &str, seed: u64) -> Result<serde_json::Value, Error> {
+    let shape = shape(3, 50, 70, (4, 2), 64);
+    let (q_lens, kv_lens) = ([50usize, 20, 0], [70usize, 33, 1]);
+    let mut rng = SplitMix(seed);
+    let (q, k, v) = (
+        rng.values(shape.q_shape().elements()),
+        rng.values(shape.k_shape().elements()),
+        rng.values(shape.v_shape().elements()),
+    );
+    let (q_t, k_t, v_t) = (
+        Tensor::from_f32(gpu, shape.q_shape(), &q)?,
+        Tensor::from_f32(gpu, shape.k_shape(), &k)?,
+        Tensor::from_f32(gpu, shape.v_shape(), &v)?,
+    );
+    let out = Tensor::filled(gpu, shape.o_shape(), f32::NAN)?;
+    let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q)?;
+    let args = AttentionArgs {
+        q: &q_t,
+        k: &k_t,
+        v: &v_t,
+        out: &out,
+        lse: Some(&lse),
+    };
+    let config = AttentionConfig::new().causal(true);
+    let lengths = ValidLengths {
+        q: Some(&q_lens),
+        kv: &kv_lens,
+    };
+    gpu.run(|encoder| {
+        gpu.forward(
+            encoder,
+            &args,
+            ForwardOptions::new(&config).valid_lengths(lengths),
+        )
+    })?;
+    let got = out.to_f32_vec_async(gpu).await?;
+    let got_lse = lse.to_vec_async(gpu).await?;
+    let (q_row, kv_row) = (
+        shape.heads_q * shape.head_dim,
+        shape.heads_kv * shape.head_dim,
+    );
+    let (mut out_err, mut lse_err) = (0.0f64, 0.0f64);
+    for b in 0..shape.batch {
+        let (q0, kv0) = (b * shape.seq_q * q_row, b * shape.seq_kv * kv_row);
+        let mut want_out = vec![0.0f64; shape.seq_q * q_row];
+        let mut want_lse = vec![f64::INFINITY; shape.heads_q * shape.seq_q];
+        if q_lens[b] > 0 && kv_lens[b] > 0 {
+            let one = AttentionShape {
+                batch: 1,
+                seq_q: q_lens[b],
+                seq_kv: kv_lens[b],
+                ..shape
+            };
+            let want = reference::attention(
+                &one,
+                &q[q0..q0 + q_lens[b] * q_row],
+                &k[kv0..kv0 + kv_lens[b] * kv_row],
+                &v[kv0..kv0 + kv_lens[b] * kv_row],
+                &config,
+            )?;
+            want_out[..want.out.len()].copy_from_slice(&want.out);
+            for h in 0..shape.heads_q {
+                let rows = h * q_lens[b]..(h + 1) * q_lens[b];
+                want_lse[h * shape.seq_q..h * shape.seq_q + q_lens[b]]
+                    .copy_from_slice(&want.lse[rows]);
+            }
+        }
+        out_err = out_err.max(max_error(&got[q0..q0 + shape.seq_q * q_row], &want_out));
+        let lse0 = b * shape.heads_q * shape.seq_q;
+        lse_err = lse_err.max(max_error(
+            &got_lse[lse0..lse0 + shape.heads_q * shape.seq_q],
+            &want_lse,
+        ));
+    }
+    let passed = out_err <= F32_TOLERANCE && lse_err <= F32_TOLERANCE;
+    Ok(
+        serde_json::json!({"case": name, "max_err_out": out_err, "max_err_lse": lse_err, "passed": passed}),
+    )
+}
+
+/// Causal linear attention (elu + 1 feature map) of seeded inputs against
+/// the reference's recurrent form.
+async fn check_linear(
+    gpu: &Gpu,
+    name: &str,
+    shape: LinearShape,
+    seed: u64,
+) -> Result<serde_json::Value, Error> {
+    let mut rng = SplitMix(seed);
+    let mut values = |n: usize, scale: f32| -> Vec<f32> {
+        rng.values(n).into_iter().map(|x| x * scale).collect()
+    };
+    let (q, k, v) = (
+        values(shape.q_shape().elements(), 0.5),
+        values(shape.k_shape().elements(), 0.5),
+        values(shape.v_shape().elements(), 1.0),
+    );
+    let (q_t, k_t, v_t) = (
+        Tensor::from_f32(gpu, shape.q_shape(), &q)?,
+        Tensor::from_f32(gpu, shape.k_shape(), &k)?,
+        Tensor::from_f32(gpu, shape.v_shape(), &v)?,
+    );
+    let out = Tensor::filled(gpu, shape.out_shape(), f32::NAN)?;
+    let config = LinearConfig::new().causal(true);
+    let args = LinearArgs {
+        q: &q_t,
+        k: &k_t,
+        v: &v_t,
+        out: &out,
+        state: None,
+    };
+    gpu.run(|encoder| gpu.linear_attention(encoder, &args, &config))?;
+    let want = reference::linear_attention(&shape, &q, &k, &v, &config, None)?;
+    let err = max_error(&out.to_f32_vec_async(gpu).await?, &want.out);
+    Ok(serde_json::json!({"case": name, "max_err_out": err,  "passed": err <= F32_TOLERANCE}))
 }
 
 /// A check's report, or its error as one.
@@ -397,6 +531,25 @@ pub async fn run_checks() -> String {
             head_dim: 128,
         },
         DecodeCase {
+            name: "decode, int8 cache, 64/8 heads d128, lengths 1, 300, 577",
+            dtype: KvDType::Int8,
+            layout: KvLayout::Contiguous { capacity: 600 },
+            lens: &[1, 300, 577],
+            heads: (64, 8),
+            head_dim: 128,
+        },
+        DecodeCase {
+            name: "decode, bf16 cache in pages of 16, 8/2 heads d64, lengths 0, 13, 401",
+            dtype: KvDType::BF16,
+            layout: KvLayout::Paged {
+                page_size: 16,
+                pages: 81,
+            },
+            lens: &[0, 13, 401],
+            heads: (8, 2),
+            head_dim: 64,
+        },
+        DecodeCase {
             name: "decode, f16 cache in pages of 16, 8/2 heads d64, lengths 0, 13, 401",
             dtype: KvDType::F16,
             layout: KvLayout::Paged {
@@ -428,6 +581,11 @@ pub async fn run_checks() -> String {
             check_backward(&gpu, name, shape, config, 12).await,
         ));
     }
+    let name = "padded batch B3 H4/2 q50 kv70 d64 causal, valid lengths q 50/20/0, kv 70/33/1";
+    cases.push(reported(name, check_valid_lengths(&gpu, name, 13).await));
+    let name = "linear attention, causal, B2 H2 N150 d64/dv32";
+    let linear = LinearShape::self_attention(2, 150, 2, 64, 32);
+    cases.push(reported(name, check_linear(&gpu, name, linear, 14).await));
     // A blocking call must refuse with a typed error, not hang or panic.
     let blocking = match Gpu::new() {
         Err(Error::BlockingInBrowser { .. }) => {
