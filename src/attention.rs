@@ -397,11 +397,7 @@ impl Gpu {
         v: &[f32],
         config: &AttentionConfig,
     ) -> Result<HostAttentionOutput> {
-        let (out, lse) = self.submit_host_attention(shape, q, k, v, config)?;
-        Ok(HostAttentionOutput {
-            out: out.to_f32_vec(self)?,
-            lse: lse.to_vec(self)?,
-        })
+        crate::tensor::block_on_readback(self.attention_host_async(shape, q, k, v, config))
     }
 
     /// [`Gpu::attention_host`] as a future, which a browser's event loop
@@ -414,23 +410,6 @@ impl Gpu {
         v: &[f32],
         config: &AttentionConfig,
     ) -> Result<HostAttentionOutput> {
-        let (out, lse) = self.submit_host_attention(shape, q, k, v, config)?;
-        Ok(HostAttentionOutput {
-            out: out.to_f32_vec_async(self).await?,
-            lse: lse.to_vec_async(self).await?,
-        })
-    }
-
-    /// Uploads the inputs of [`Gpu::attention_host`] and submits the
-    /// forward pass into the output and logsumexp it returns.
-    fn submit_host_attention(
-        &self,
-        shape: &AttentionShape,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        config: &AttentionConfig,
-    ) -> Result<(Tensor, Lse)> {
         config.validate(shape)?;
         let upload = |name, dims, data| upload_packed(self, name, dims, data);
         let q = upload("q", shape.q_shape(), q)?;
@@ -446,7 +425,10 @@ impl Gpu {
             lse: Some(&lse),
         };
         self.run(|encoder| self.forward(encoder, &args, config))?;
-        Ok((out, lse))
+        Ok(HostAttentionOutput {
+            out: out.to_f32_vec_async(self).await?,
+            lse: lse.to_vec_async(self).await?,
+        })
     }
 
     fn pack_params(

@@ -4,7 +4,7 @@
 use crate::allocation::create_buffer_with;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::tensor::{TensorShape, check_binding_size, read_buffer, read_buffer_async};
+use crate::tensor::{TensorShape, block_on_readback, check_binding_size, read_buffer_async};
 
 /// Logsumexp of each query row, `[batch, heads_q, seq_q]` f32, natural log,
 /// packed from the start of its buffer.
@@ -96,10 +96,7 @@ impl Lse {
     /// blocking until the GPU is done (in a browser: use
     /// [`Lse::to_vec_async`]).
     pub fn to_vec(&self, gpu: &Gpu) -> Result<Vec<f32>> {
-        self.check_device(gpu)?;
-        let mut values: Vec<f32> = read_buffer(gpu, "lse", &self.buffer)?;
-        values.truncate(self.batch * self.heads * self.seq);
-        Ok(values)
+        block_on_readback(self.to_vec_async(gpu))
     }
 
     /// [`Lse::to_vec`] as a future, as [`crate::Tensor::to_f32_vec_async`].

@@ -385,9 +385,7 @@ impl Tensor {
     /// cannot block, [`Error::BlockingInBrowser`]: use
     /// [`Tensor::to_f32_vec_async`] there.
     pub fn to_f32_vec(&self, gpu: &Gpu) -> Result<Vec<f32>> {
-        self.check_device(gpu, "tensor")?;
-        let bytes: Vec<u8> = read_buffer(gpu, "tensor", &self.buffer)?;
-        Ok(self.packed_f32(&bytes))
+        block_on_readback(self.to_f32_vec_async(gpu))
     }
 
     /// [`Tensor::to_f32_vec`] as a future: in a browser it resolves once
@@ -397,12 +395,6 @@ impl Tensor {
     pub async fn to_f32_vec_async(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         self.check_device(gpu, "tensor")?;
         let bytes: Vec<u8> = read_buffer_async(gpu, "tensor", &self.buffer).await?;
-        Ok(self.packed_f32(&bytes))
-    }
-
-    /// The view's values, packed BSHD and widened to f32, from the bytes
-    /// of its whole buffer.
-    fn packed_f32(&self, bytes: &[u8]) -> Vec<f32> {
         let raw: Vec<f32> = match self.dtype {
             DType::F32 => bytes
                 .chunks_exact(4)
@@ -430,7 +422,7 @@ impl Tensor {
                 }
             }
         }
-        out
+        Ok(out)
     }
 }
 
