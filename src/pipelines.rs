@@ -92,19 +92,10 @@ impl<T: Clone> Entries<T> {
 }
 
 impl PipelineCache {
-    /// The cache of a device of `backend`.
+    /// The (empty) cache of a device of `backend`.
     pub fn for_backend(backend: wgpu::Backend) -> Self {
         PipelineCache {
             browser: backend == wgpu::Backend::BrowserWebGpu,
-            ..PipelineCache::default()
-        }
-    }
-}
-
-impl Default for PipelineCache {
-    fn default() -> Self {
-        PipelineCache {
-            browser: false,
             pipelines: Mutex::default(),
             layouts: Mutex::default(),
             capacity: AtomicUsize::new(DEFAULT_PIPELINE_CAPACITY),
