@@ -1,5 +1,6 @@
 //! Every kernel's WGSL through a browser's WebGPU compiler (headless
-//! Chromium: Dawn's Tint), as the crate hands it to a browser. naga, which
+//! Chromium: Dawn's Tint; or Firefox: its own naga), as the crate hands it
+//! to a browser. naga, which
 //! compiles the kernels everywhere else, accepts WGSL that the
 //! specification forbids and browsers refuse: relational and bitwise
 //! operators mixed without parentheses (`a >= b & c`), constant
@@ -12,11 +13,13 @@
 //! cooperative matrices), and f16 arithmetic only where the browser's
 //! adapter has `shader-f16`.
 //!
-//! tests/browser/run_page.py drives the browser (wgsl.html); Chromium and
-//! chromedriver come from FLASH_ATTN_CHROMIUM / FLASH_ATTN_CHROMEDRIVER or
-//! the PATH (Debian: `apt-get install chromium chromium-driver`). Without
-//! them the test says SKIPPED, unless `FLASH_ATTN_REQUIRE_BROWSER=1`,
-//! which makes that a failure (CI's Vulkan pass sets it).
+//! tests/browser/run_page.py drives the browser (wgsl.html). The browser
+//! is `FLASH_ATTN_BROWSER`: `chromium` (the default; FLASH_ATTN_CHROMIUM
+//! or the PATH, Debian: `apt-get install chromium`) or `firefox` (wgpu's
+//! naga; FLASH_ATTN_FIREFOX or the PATH: a release with WebGPU on Linux,
+//! which tests/browser/firefox/setup.sh provides). Without it the test
+//! says SKIPPED, unless `FLASH_ATTN_REQUIRE_BROWSER=1`, which makes that a
+//! failure (CI's Vulkan pass sets it, for Chromium).
 
 use std::path::Path;
 use std::process::Command;
@@ -25,11 +28,23 @@ use serde_json::{Value, json};
 
 use crate::shader_contract_tests::{one_per_code_shape, shipped_specializations};
 
-/// A module the browser must refuse (it mixes `>=` and `&` without
-/// parentheses, and folds `bitcast<f32>(0x7f800000u)`, an infinity, as a
-/// constant): a checker that passes it checks nothing.
-const CANARY: &str = "canary: WGSL the specification forbids";
-const CANARY_SOURCE: &str = "
+/// A module every WGSL compiler must refuse (a `u32` stored into an `f32`
+/// array): a checker that passes it checks nothing.
+const INVALID_CANARY: &str = "canary: WGSL no compiler accepts";
+const INVALID_CANARY_SOURCE: &str = "
+@group(0) @binding(0) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(1)
+fn main() {
+    out[0] = 1u;
+}
+";
+
+/// A module the specification forbids that naga (so Firefox) accepts: it
+/// mixes `>=` and `&` without parentheses, and folds
+/// `bitcast<f32>(0x7f800000u)`, an infinity, as a constant. Chromium must
+/// refuse it; for Firefox the test reports what it did.
+const FORBIDDEN_CANARY: &str = "canary: WGSL the specification forbids";
+const FORBIDDEN_CANARY_SOURCE: &str = "
 @group(0) @binding(0) var<storage, read_write> out: array<f32>;
 @compute @workgroup_size(1)
 fn main() {
@@ -39,27 +54,30 @@ fn main() {
 }
 ";
 
+/// The browser FLASH_ATTN_BROWSER names (Chromium by default), and the
+/// program that runs it.
+fn browser() -> (String, String) {
+    let name = std::env::var("FLASH_ATTN_BROWSER").unwrap_or_else(|_| "chromium".to_string());
+    let variable = format!("FLASH_ATTN_{}", name.to_uppercase());
+    let program = std::env::var(variable).unwrap_or_else(|_| name.clone());
+    (name, program)
+}
+
 /// Why the browser cannot run here, if it cannot.
 fn browser_missing() -> Option<String> {
-    let tool =
-        |variable: &str, name: &str| std::env::var(variable).unwrap_or_else(|_| name.to_string());
-    for (what, program) in [
-        ("python3", "python3".to_string()),
-        ("Chromium", tool("FLASH_ATTN_CHROMIUM", "chromium")),
-        (
-            "chromedriver",
-            tool("FLASH_ATTN_CHROMEDRIVER", "chromedriver"),
-        ),
-    ] {
-        let runs = Command::new(&program)
+    let (name, program) = browser();
+    let how = match name.as_str() {
+        "chromium" => "Debian: apt-get install chromium, or FLASH_ATTN_CHROMIUM",
+        "firefox" => "tests/browser/firefox/setup.sh, then FLASH_ATTN_FIREFOX",
+        _ => return Some(format!("FLASH_ATTN_BROWSER={name}: chromium or firefox")),
+    };
+    for program in ["python3", program.as_str()] {
+        let runs = Command::new(program)
             .arg("--version")
             .output()
             .is_ok_and(|out| out.status.success());
         if !runs {
-            return Some(format!(
-                "{what} does not run ({program}; Debian: apt-get install chromium chromium-driver, \
-                 or FLASH_ATTN_CHROMIUM / FLASH_ATTN_CHROMEDRIVER)"
-            ));
+            return Some(format!("{program} does not run ({how})"));
         }
     }
     None
@@ -76,13 +94,19 @@ fn every_kernel_compiles_in_a_browser() {
         return;
     }
     let specs = shipped_specializations();
-    let mut kernels = vec![json!({
-        "label": CANARY,
-        "entry": "main",
-        "source": CANARY_SOURCE,
-        "needs_f16": false,
-        "needs_subgroups": false,
-    })];
+    let canary = |label: &str, source: &str| {
+        json!({
+            "label": label,
+            "entry": "main",
+            "source": source,
+            "needs_f16": false,
+            "needs_subgroups": false,
+        })
+    };
+    let mut kernels = vec![
+        canary(INVALID_CANARY, INVALID_CANARY_SOURCE),
+        canary(FORBIDDEN_CANARY, FORBIDDEN_CANARY_SOURCE),
+    ];
     for spec in one_per_code_shape(&specs) {
         if spec.needs_cooperative_matrices() {
             continue;
@@ -108,6 +132,7 @@ fn every_kernel_compiles_in_a_browser() {
         .arg(&script)
         .arg("wgsl.html")
         .arg(&dir)
+        .args(["--browser", &browser().0])
         .output()
         .expect("the checker starts");
     let _ = std::fs::remove_dir_all(&dir);
@@ -141,17 +166,23 @@ fn every_kernel_compiles_in_a_browser() {
             })
             .unwrap_or_default()
     };
-    let canary = &results[0];
-    assert_eq!(canary["label"], CANARY);
+    assert_eq!(results[0]["label"], INVALID_CANARY);
     assert!(
-        !errors_of(canary).is_empty(),
-        "the browser accepted WGSL the specification forbids: the check is not checking"
+        !errors_of(&results[0]).is_empty(),
+        "the browser accepted WGSL no compiler accepts: the check is not checking"
     );
-    let skipped: Vec<&Value> = results[1..]
+    assert_eq!(results[1]["label"], FORBIDDEN_CANARY);
+    let forbidden_refused = !errors_of(&results[1]).is_empty();
+    assert!(
+        forbidden_refused || browser().0 != "chromium",
+        "Chromium accepted WGSL the specification forbids: the check is not checking"
+    );
+    let results = &results[2..];
+    let skipped: Vec<&Value> = results
         .iter()
         .filter(|r| r.get("skipped").is_some())
         .collect();
-    let failed: Vec<String> = results[1..]
+    let failed: Vec<String> = results
         .iter()
         .filter(|r| !errors_of(r).is_empty())
         .map(|r| {
@@ -163,17 +194,23 @@ fn every_kernel_compiles_in_a_browser() {
         })
         .collect();
     eprintln!(
-        "{} ({}, {}): {} kernels compiled, {} failed, {} skipped ({})",
+        "{} ({}, {}): {} kernels compiled, {} failed, {} skipped ({}); WGSL the specification \
+         forbids {}",
         result["browser"].as_str().unwrap_or("the browser"),
         result["adapter"].as_str().unwrap_or("?"),
         result["features"],
-        results.len() - 1 - failed.len() - skipped.len(),
+        results.len() - failed.len() - skipped.len(),
         failed.len(),
         skipped.len(),
         skipped
             .first()
-            .map_or("none", |s| s["skipped"].as_str().unwrap_or("?"))
+            .map_or("none", |s| s["skipped"].as_str().unwrap_or("?")),
+        if forbidden_refused {
+            "refused"
+        } else {
+            "accepted"
+        }
     );
     assert!(failed.is_empty(), "{}", failed.join("\n"));
-    assert!(results.len() - 1 > skipped.len(), "nothing was compiled");
+    assert!(results.len() > skipped.len(), "nothing was compiled");
 }
