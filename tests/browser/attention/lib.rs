@@ -1,18 +1,19 @@
 //! wgpu-flash-attn on a browser's WebGPU (wgpu's `BrowserWebGpu` backend):
 //! forward passes of seeded random inputs through `Gpu::request` and
-//! `Gpu::attention_host_async`, a padded batch with valid lengths,
-//! decoding steps over f32, f16, bf16 and int8 KV caches (contiguous and
-//! paged), backward passes and linear attention, each compared with the
-//! crate's f64 reference, and a blocking call that must say it cannot
-//! block. The page (tests/browser/attention.html) calls `run_checks` and
+//! `Gpu::attention_host_async` (with sinks, ALiBi, dropout), boolean,
+//! block-sparse and bias masks, a padded batch with valid lengths, rotary
+//! embedding, the merge of partial results, decoding steps over f32, f16,
+//! bf16 and int8 KV caches (contiguous and paged), backward passes and
+//! linear attention, each compared with the crate's f64 reference, and a
+//! blocking call that must say it cannot block. The page (tests/browser/attention.html) calls `run_checks` and
 //! shows the JSON report it returns.
 
 use wasm_bindgen::prelude::*;
 use wgpu_flash_attn::{
-    AdapterOptions, AttentionArgs, AttentionConfig, AttentionShape, BackwardArgs, DType,
-    DecodeArgs, DecodeOptions, Error, ForwardOptions, ForwardPlan, Gpu, KvCache, KvCacheConfig,
-    KvDType, KvLayout, LinearArgs, LinearConfig, LinearShape, Lse, Tensor, TensorShape, Tier,
-    ValidLengths, reference,
+    AdapterOptions, Alibi, AttentionArgs, AttentionConfig, AttentionMask, AttentionShape,
+    BackwardArgs, DType, DecodeArgs, DecodeOptions, Error, ForwardOptions, ForwardPlan, Gpu,
+    KvCache, KvCacheConfig, KvDType, KvLayout, LinearArgs, LinearConfig, LinearShape, Lse, Rope,
+    RopeStyle, Tensor, TensorShape, Tier, ValidLengths, reference,
 };
 
 /// The tests' bound for f32 storage (tests/common: F32_TOLERANCE).
@@ -431,6 +432,166 @@ async fn check_linear(
     Ok(serde_json::json!({"case": name, "max_err_out": err,  "passed": err <= F32_TOLERANCE}))
 }
 
+/// How a masked check draws and uploads its mask.
+#[derive(Clone, Copy)]
+enum MaskCase {
+    /// Per-(batch, head) booleans, about one key in three hidden, and one
+    /// row hiding every key.
+    Boolean,
+    /// The same booleans as a block-sparse mask.
+    BlockSparse,
+    /// An additive bias broadcast over the batch, -inf on some keys.
+    Bias,
+}
+
+/// A forward pass under a mask, against the reference's masked attention.
+async fn check_masked(
+    gpu: &Gpu,
+    name: &str,
+    shape: AttentionShape,
+    mask_case: MaskCase,
+    seed: u64,
+) -> Result<serde_json::Value, Error> {
+    let mut rng = SplitMix(seed);
+    let (q, k, v) = (
+        rng.values(shape.q_shape().elements()),
+        rng.values(shape.k_shape().elements()),
+        rng.values(shape.v_shape().elements()),
+    );
+    let config = AttentionConfig::new();
+    let (mask, want) = match mask_case {
+        MaskCase::Boolean | MaskCase::BlockSparse => {
+            let dims = [shape.batch, shape.heads_q, shape.seq_q, shape.seq_kv];
+            let mut values: Vec<bool> = (0..dims.iter().product())
+                .map(|_| !rng.next().is_multiple_of(3))
+                .collect();
+            // Row 0 of (batch 0, head 0) sees no key: zeros, lse +inf.
+            values[..shape.seq_kv].fill(false);
+            let mask = match mask_case {
+                MaskCase::Boolean => AttentionMask::boolean(gpu, dims, &values)?,
+                _ => AttentionMask::block_sparse(gpu, dims, &values)?,
+            };
+            let host = reference::HostMask::Bool {
+                dims,
+                values: &values,
+            };
+            (
+                mask,
+                reference::attention_masked(&shape, &q, &k, &v, &config, &host)?,
+            )
+        }
+        MaskCase::Bias => {
+            let dims = [1, shape.heads_q, shape.seq_q, shape.seq_kv];
+            let values: Vec<f32> = (0..dims.iter().product())
+                .map(|_| {
+                    let x = rng.value();
+                    if x < -0.8 { f32::NEG_INFINITY } else { 2.0 * x }
+                })
+                .collect();
+            let mask = AttentionMask::bias(gpu, dims, &values)?;
+            let host = reference::HostMask::Bias {
+                dims,
+                values: &values,
+            };
+            (
+                mask,
+                reference::attention_masked(&shape, &q, &k, &v, &config, &host)?,
+            )
+        }
+    };
+    let (q_t, k_t, v_t) = (
+        Tensor::from_f32(gpu, shape.q_shape(), &q)?,
+        Tensor::from_f32(gpu, shape.k_shape(), &k)?,
+        Tensor::from_f32(gpu, shape.v_shape(), &v)?,
+    );
+    let out = Tensor::filled(gpu, shape.o_shape(), f32::NAN)?;
+    let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q)?;
+    let args = AttentionArgs {
+        q: &q_t,
+        k: &k_t,
+        v: &v_t,
+        out: &out,
+        lse: Some(&lse),
+    };
+    gpu.run(|encoder| gpu.forward(encoder, &args, ForwardOptions::new(&config).mask(&mask)))?;
+    let out_err = max_error(&out.to_f32_vec_async(gpu).await?, &want.out);
+    let lse_err = max_error(&lse.to_vec_async(gpu).await?, &want.lse);
+    let passed = out_err <= F32_TOLERANCE && lse_err <= F32_TOLERANCE;
+    Ok(
+        serde_json::json!({"case": name, "max_err_out": out_err, "max_err_lse": lse_err, "passed": passed}),
+    )
+}
+
+/// Rotary embedding of a `[batch, tokens, heads, head_dim]` tensor in
+/// place, each sequence from its own position, against the f64 rotation.
+async fn check_rope(
+    gpu: &Gpu,
+    name: &str,
+    dims: TensorShape,
+    rope: Rope,
+    first_positions: &[u32],
+    seed: u64,
+) -> Result<serde_json::Value, Error> {
+    let data = SplitMix(seed).values(dims.elements());
+    let tensor = Tensor::from_f32(gpu, dims, &data)?;
+    gpu.run(|encoder| gpu.rope(encoder, &tensor, &rope, first_positions))?;
+    let firsts: Vec<u64> = first_positions.iter().map(|&p| u64::from(p)).collect();
+    let want = reference::rope(&rope, dims, &data, &firsts)?;
+    let err = max_error(&tensor.to_f32_vec_async(gpu).await?, &want);
+    // Angles of positions near 10^5 in f32: the kernels' exact angle
+    // split keeps the error at the element's rounding (tests/rope.rs).
+    Ok(serde_json::json!({"case": name, "max_err_out": err, "passed": err <= F32_TOLERANCE}))
+}
+
+/// Attention over two disjoint parts of the keys, merged by logsumexp,
+/// against the attention over all of them.
+async fn check_merge(gpu: &Gpu, name: &str, seed: u64) -> Result<serde_json::Value, Error> {
+    let shape = shape(2, 5, 333, (4, 2), 48);
+    let mut rng = SplitMix(seed);
+    let (q, k, v) = (
+        rng.values(shape.q_shape().elements()),
+        rng.values(shape.k_shape().elements()),
+        rng.values(shape.v_shape().elements()),
+    );
+    let config = AttentionConfig::new();
+    let want = reference::attention(&shape, &q, &k, &v, &config)?;
+    let q_t = Tensor::from_f32(gpu, shape.q_shape(), &q)?;
+    let k_t = Tensor::from_f32(gpu, shape.k_shape(), &k)?;
+    let v_t = Tensor::from_f32(gpu, shape.v_shape(), &v)?;
+    let strides = k_t.strides();
+    let mut parts = Vec::new();
+    // Keys [0, 100) and [100, 333), as views of the same tensors.
+    for (start, len) in [(0, 100), (100, 233)] {
+        let dims = TensorShape::new(shape.batch, len, shape.heads_kv, shape.head_dim);
+        let offset = start * strides.seq;
+        let (k_part, v_part) = (
+            k_t.view(dims, strides, offset)?,
+            v_t.view(dims, strides, offset)?,
+        );
+        let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN)?;
+        let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q)?;
+        let args = AttentionArgs {
+            q: &q_t,
+            k: &k_part,
+            v: &v_part,
+            out: &out,
+            lse: Some(&lse),
+        };
+        gpu.run(|encoder| gpu.forward(encoder, &args, &config))?;
+        parts.push((out, lse));
+    }
+    let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN)?;
+    let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q)?;
+    let refs: Vec<(&Tensor, &Lse)> = parts.iter().map(|(out, lse)| (out, lse)).collect();
+    gpu.run(|encoder| gpu.merge(encoder, &refs, &out, Some(&lse)))?;
+    let out_err = max_error(&out.to_f32_vec_async(gpu).await?, &want.out);
+    let lse_err = max_error(&lse.to_vec_async(gpu).await?, &want.lse);
+    let passed = out_err <= F32_TOLERANCE && lse_err <= F32_TOLERANCE;
+    Ok(
+        serde_json::json!({"case": name, "max_err_out": out_err, "max_err_lse": lse_err, "passed": passed}),
+    )
+}
+
 /// A check's report, or its error as one.
 fn reported(name: &str, result: Result<serde_json::Value, Error>) -> serde_json::Value {
     result.unwrap_or_else(|err| serde_json::json!({"case": name, "error": err.to_string()}))
@@ -453,6 +614,11 @@ pub async fn run_checks() -> String {
     let windowed = AttentionConfig::new()
         .window(Some(16), Some(0))
         .softcap(30.0);
+    let sinks_alibi = AttentionConfig::new()
+        .causal(true)
+        .sinks(vec![0.5, -1.0, 2.0, 0.0])
+        .alibi(Alibi::PerHead(Alibi::standard_slopes(4)));
+    let dropout = AttentionConfig::new().dropout(0.25, 0x5eed);
     let shapes = [
         (
             "B1 H2 N128 d64 causal",
@@ -493,6 +659,16 @@ pub async fn run_checks() -> String {
             "B1 H1 q16 kv300 d256",
             shape(1, 16, 300, (1, 1), 256),
             &plain,
+        ),
+        (
+            "B2 H4/2 q40 kv90 d64 causal, sinks, ALiBi",
+            shape(2, 40, 90, (4, 2), 64),
+            &sinks_alibi,
+        ),
+        (
+            "B1 H2 q50 kv70 d64, dropout 0.25",
+            shape(1, 50, 70, (2, 2), 64),
+            &dropout,
         ),
     ];
     for (seed, (name, shape, config)) in shapes.into_iter().enumerate() {
@@ -581,6 +757,41 @@ pub async fn run_checks() -> String {
             check_backward(&gpu, name, shape, config, 12).await,
         ));
     }
+    for (name, mask) in [
+        ("boolean mask, B2 H2 q33 kv70 d64", MaskCase::Boolean),
+        (
+            "block-sparse mask, B2 H2 q33 kv70 d64",
+            MaskCase::BlockSparse,
+        ),
+        ("bias mask with -inf, B2 H2 q33 kv70 d64", MaskCase::Bias),
+    ] {
+        let shape = shape(2, 33, 70, (2, 2), 64);
+        cases.push(reported(
+            name,
+            check_masked(&gpu, name, shape, mask, 15).await,
+        ));
+    }
+    for (name, dims, rope, firsts) in [
+        (
+            "RoPE, half-split (Llama), base 500000, positions from 0 and 70000",
+            TensorShape::new(2, 17, 3, 64),
+            Rope::new(RopeStyle::HalfSplit).base(500_000.0),
+            [0u32, 70_000],
+        ),
+        (
+            "RoPE, interleaved, 32 of 48 dims, positions from 5 and 123",
+            TensorShape::new(2, 9, 2, 48),
+            Rope::new(RopeStyle::Interleaved).rotary_dim(32),
+            [5, 123],
+        ),
+    ] {
+        cases.push(reported(
+            name,
+            check_rope(&gpu, name, dims, rope, &firsts, 16).await,
+        ));
+    }
+    let name = "merge of two key parts, B2 H4/2 q5 kv100+233 d48";
+    cases.push(reported(name, check_merge(&gpu, name, 17).await));
     let name = "padded batch B3 H4/2 q50 kv70 d64 causal, valid lengths q 50/20/0, kv 70/33/1";
     cases.push(reported(name, check_valid_lengths(&gpu, name, 13).await));
     let name = "linear attention, causal, B2 H2 N150 d64/dv32";
