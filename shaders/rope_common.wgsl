@@ -10,7 +10,7 @@
 // position is split as hi * 1024 + lo and the host supplies, per pair,
 // theta_i and 1024 * theta_i as turns (angle / 2pi) in 32-bit fixed point,
 // computed in f64 (`freqs`, src/rope.rs). Wrapping u32 products and sum
-// drop whole turns exactly; the angle reaches sin and cos in [-pi, pi).
+// drop whole turns exactly; `turn_cos_sin` turns them into cos and sin.
 
 // Twin of `RopeParams` in src/params.rs.
 struct RopeParams {
@@ -54,15 +54,36 @@ fn pair_indices(i: u32) -> vec3<u32> {
     return vec3<u32>(first, first + 1u, 0u);
 }
 
+// (cos, sin) of `turns` turns in 32-bit fixed point (2^32 = one turn,
+// 2pi). Not WGSL's cos and sin: the specification (and SPIR-V's, for
+// Vulkan) allows them an absolute error of 2^-11, and a conforming
+// implementation uses it: Chromium's SwiftShader rotated by 2e-4 off the
+// f64 reference. Here the exact fixed-point angle is reduced to the
+// nearest quarter turn q and a remainder within an eighth of a turn
+// (integer arithmetic: no rounding), whose cos and sin come from their
+// Taylor polynomials (truncation below 2e-10 for |a| <= pi/4; the products
+// and sums carry f32 rounding only), then turned by q quarters.
+fn turn_cos_sin(turns: u32) -> vec2<f32> {
+    let quarter = (turns + 0x20000000u) >> 30u;
+    let rest = bitcast<i32>(turns - (quarter << 30u));
+    let a = f32(rest) * (6.283185307179586 / 4294967296.0);
+    let a2 = a * a;
+    let sin_a = a * (1.0 + a2 * (-1.0 / 6.0 + a2 * (1.0 / 120.0 + a2 * (-1.0 / 5040.0 + a2 * (1.0 / 362880.0)))));
+    let cos_a = 1.0 + a2 * (-0.5 + a2 * (1.0 / 24.0 + a2 * (-1.0 / 720.0 + a2 * (1.0 / 40320.0 + a2 * (-1.0 / 3628800.0)))));
+    switch quarter {
+        case 0u: { return vec2<f32>(cos_a, sin_a); }
+        case 1u: { return vec2<f32>(-sin_a, cos_a); }
+        case 2u: { return vec2<f32>(-cos_a, -sin_a); }
+        default: { return vec2<f32>(sin_a, -cos_a); }
+    }
+}
+
 // (x, y) rotated by position * theta of pair i.
 fn rotate(x: f32, y: f32, position: u32, i: u32) -> vec2<f32> {
     let f = freqs[i];
     let turns = (position >> 10u) * f.y + (position & 1023u) * f.x;
-    // The turns as a signed fraction of 2^32: one turn is 2pi.
-    let angle = f32(bitcast<i32>(turns)) * (6.283185307179586 / 4294967296.0);
-    let c = cos(angle);
-    let s = sin(angle);
-    return vec2<f32>(x * c - y * s, x * s + y * c);
+    let cs = turn_cos_sin(turns);
+    return vec2<f32>(x * cs.x - y * cs.y, x * cs.y + y * cs.x);
 }
 
 // What one invocation of rope.wgsl or kv_append.wgsl works on: element

@@ -493,6 +493,7 @@ fn shipped_specializations_keep_their_contract() {
                 problems.push(problem.clone());
             }
             problems.extend(misaligned_matrix_memory(spec, &module));
+            problems.extend(loose_builtin_calls(spec, &module));
             problems.extend(unordered_matrix_handovers(spec, &source, &module, &info));
             // Every shipped kernel compiles without wgpu's loop counters:
             // its loops must be proven finite.
@@ -1318,6 +1319,79 @@ fn declared_workgroup_bytes_except(module: &naga::Module, except: &[&str]) -> u6
         .filter(|(name, _)| !except.contains(&name.as_str()))
         .map(|(_, bytes)| bytes)
         .sum()
+}
+
+// ---------------------------------------------------------------------------
+// Built-ins whose precision the specification leaves loose.
+
+/// WGSL built-ins whose specified accuracy is too loose for a result held
+/// to the f64 reference: `sin` and `cos` may be off by 2^-11 absolute (and
+/// SPIR-V's by as much, for Vulkan), `tan` and `atan2` inherit that, the
+/// inverse functions are allowed 4096 ULP, and `pow` inherits
+/// `exp2(y * log2(x))`, whose absolute log error grows with `y`.
+/// Conforming implementations use that freedom (Chromium's SwiftShader
+/// rotated RoPE pairs 2e-4 off, 2026-12-06), while lavapipe's are exact
+/// enough to hide it: no kernel may call them. (`exp`, `exp2` and `log`
+/// stay: a few ULP, relative; so does softcap's `tanh`, which inherits
+/// `exp`'s: a few ULP of 1 absolute.)
+const LOOSE_BUILTINS: [naga::MathFunction; 8] = {
+    use naga::MathFunction as M;
+    [
+        M::Sin,
+        M::Cos,
+        M::Tan,
+        M::Asin,
+        M::Acos,
+        M::Atan,
+        M::Atan2,
+        M::Pow,
+    ]
+};
+
+/// The calls of [`LOOSE_BUILTINS`] in `module`, one line each.
+fn loose_builtin_calls(spec: &Specialization, module: &naga::Module) -> Vec<String> {
+    let functions = module
+        .functions
+        .iter()
+        .map(|(_, f)| f)
+        .chain(module.entry_points.iter().map(|e| &e.function));
+    functions
+        .flat_map(|function| {
+            function
+                .expressions
+                .iter()
+                .filter_map(move |(_, e)| match e {
+                    naga::Expression::Math { fun, .. } if LOOSE_BUILTINS.contains(fun) => {
+                        Some(format!(
+                            "{}: calls {fun:?} in {}, a built-in the specification allows a loose \
+                     accuracy (see LOOSE_BUILTINS)",
+                            spec.label(),
+                            function.name.as_deref().unwrap_or("?")
+                        ))
+                    }
+                    _ => None,
+                })
+        })
+        .collect()
+}
+
+/// The check finds such a call, and passes the RoPE kernels, which once
+/// made them.
+#[test]
+fn a_kernel_calling_a_loose_builtin_is_refused() {
+    let spec = shipped_specializations()
+        .into_iter()
+        .find(|spec| matches!(spec, Specialization::Rope { .. }))
+        .expect("a RoPE kernel is shipped");
+    let source = source_of(&spec);
+    assert!(loose_builtin_calls(&spec, &parse(&spec, &source)).is_empty());
+    let with_sin = source.replace(
+        "let cs = turn_cos_sin(turns);",
+        "let cs = vec2<f32>(cos(f32(turns)), sin(f32(turns)));",
+    );
+    assert_ne!(with_sin, source, "the RoPE kernel's rotation moved");
+    let found = loose_builtin_calls(&spec, &parse(&spec, &with_sin));
+    assert_eq!(found.len(), 2, "{found:?}");
 }
 
 /// The workgroup variables of a cooperative-matrix kernel whose sizes are
