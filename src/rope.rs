@@ -83,8 +83,9 @@ impl Rope {
     /// 2^-32 turn), computed in f64. The kernels multiply them by the two
     /// parts of the position with wrapping integer arithmetic, which keeps
     /// whole turns out exactly: the angle they take the sine and cosine of
-    /// lies in [-pi, pi) and is off by at most about position x 2^-42 turn,
-    /// where f32 angles were off by 2e-4 rad at position 184,664.
+    /// (with their own polynomials, rope_common.wgsl's `turn_cos_sin`) is
+    /// off by at most about position x 2^-42 turn, where f32 angles were
+    /// off by 2e-4 rad at position 184,664.
     pub(crate) fn frequency_table(&self, rotary_dim: usize) -> Vec<[u32; 2]> {
         let fixed_turns = |radians: f64| {
             let turns = (radians / std::f64::consts::TAU).rem_euclid(1.0);

@@ -376,9 +376,10 @@ pub fn storage_bound(dtype: wgpu_flash_attn::KvDType, x: f64, amax: f64) -> f64 
 }
 
 /// RoPE of N(0, 1) values against RoPE in f64: the kernels' angles are
-/// exact fixed-point turns reduced to [-pi, pi) (src/rope.rs); measured
-/// at most 1e-5 up to position 4,000,000 on lavapipe, where f32 angles
-/// were 1.2e-4 off at 70,000 and 6e-3 at 4,000,000.
+/// exact fixed-point turns, their cos and sin the kernels' own
+/// (src/rope.rs); measured at most 1e-5 up to position 4,000,000 on
+/// lavapipe, where f32 angles were 1.2e-4 off at 70,000 and 6e-3 at
+/// 4,000,000.
 pub const ROPE_BOUND: f64 = 2e-5;
 
 /// Packed BSHD inputs drawn from N(0, scale^2).
