@@ -21,3 +21,22 @@ bind_into() {
         mounted+=("$root$dir")
     done
 }
+
+# Exits unless ROOT may be deleted and rebuilt as a chroot: it must not be
+# /, nothing may be mounted under it (a launcher killed outright can leave
+# /dev or the checkout bind-mounted inside, and rm -rf would delete
+# through them), and it must be empty or hold a chroot (a variable naming
+# the root could name anything).
+check_rebuildable() {
+    local root=$1
+    [ "$root" != / ] || { echo "the chroot's root must not be /" >&2; exit 1; }
+    if awk -v r="$root/" 'index($2, r) == 1 { found = 1 } END { exit !found }' /proc/self/mounts; then
+        echo "something is mounted under $root; unmount it first:" >&2
+        awk -v r="$root/" 'index($2, r) == 1 { print "  " $2 }' /proc/self/mounts >&2
+        exit 1
+    fi
+    if [ -n "$(ls -A "$root" 2>/dev/null)" ] && [ ! -f "$root/etc/debian_version" ]; then
+        echo "$root is neither empty nor a chroot: not deleting it" >&2
+        exit 1
+    fi
+}

@@ -29,26 +29,16 @@ if [ -f "$root/.ready" ] && grep -qx "patch $patch_sum" "$root/.ready"; then
 fi
 
 [ "$(id -u)" = 0 ] || { echo "setup.sh needs root (debootstrap, chroot)" >&2; exit 1; }
-[ "$root" != / ] || { echo "OFFLINE_GPU_ROOT must not be /" >&2; exit 1; }
-# A run.sh killed outright can leave the checkout or /dev bind-mounted
-# inside; rm -rf would then delete through them.
-if awk -v r="$root/" 'index($2, r) == 1 { found = 1 } END { exit !found }' /proc/self/mounts; then
-    echo "something is mounted under $root; unmount it first:" >&2
-    awk -v r="$root/" 'index($2, r) == 1 { print "  " $2 }' /proc/self/mounts >&2
-    exit 1
-fi
+# shellcheck source=benches/offline-gpu/mounts.sh
+source "$here/mounts.sh"
+check_rebuildable "$root"
 
 echo "== building a Debian trixie chroot with Mesa's NVK and RADV on drm-shim in $root"
 command -v debootstrap >/dev/null || {
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
 }
-# Rebuilt from scratch (an earlier attempt may have stopped anywhere), but
-# only over a chroot or nothing: OFFLINE_GPU_ROOT could name anything.
-if [ -n "$(ls -A "$root" 2>/dev/null)" ] && [ ! -f "$root/etc/debian_version" ]; then
-    echo "$root is neither empty nor a chroot: not deleting it" >&2
-    exit 1
-fi
+# Rebuilt from scratch (an earlier attempt may have stopped anywhere).
 rm -rf "$root"
 mkdir -p "$root"
 nice -n 10 debootstrap --variant=minbase trixie "$root" "$mirror" >/dev/null
@@ -59,8 +49,6 @@ EOF
 
 # /proc for the packages' maintainer scripts and the build's tools;
 # unmounted however this ends.
-# shellcheck source=benches/offline-gpu/mounts.sh
-source "$(dirname "${BASH_SOURCE[0]}")/mounts.sh"
 bind_into "$root" /proc
 
 # Niced: this is a background build, and the machine may be shared.

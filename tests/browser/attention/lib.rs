@@ -82,6 +82,55 @@ fn max_error(gpu: &[f32], reference: &[f64]) -> f64 {
         })
 }
 
+/// Seeded Q, K and V of `shape`, on the host and uploaded, with a
+/// NaN-poisoned output and a logsumexp to write.
+struct Forward {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    q_t: Tensor,
+    k_t: Tensor,
+    v_t: Tensor,
+    out: Tensor,
+    lse: Lse,
+}
+
+impl Forward {
+    fn draw(gpu: &Gpu, shape: &AttentionShape, rng: &mut SplitMix) -> Result<Self, Error> {
+        let (q, k, v) = (
+            rng.values(shape.q_shape().elements()),
+            rng.values(shape.k_shape().elements()),
+            rng.values(shape.v_shape().elements()),
+        );
+        Ok(Self {
+            q_t: Tensor::from_f32(gpu, shape.q_shape(), &q)?,
+            k_t: Tensor::from_f32(gpu, shape.k_shape(), &k)?,
+            v_t: Tensor::from_f32(gpu, shape.v_shape(), &v)?,
+            out: Tensor::filled(gpu, shape.o_shape(), f32::NAN)?,
+            lse: Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q)?,
+            q,
+            k,
+            v,
+        })
+    }
+
+    fn args(&self) -> AttentionArgs<'_> {
+        AttentionArgs {
+            q: &self.q_t,
+            k: &self.k_t,
+            v: &self.v_t,
+            out: &self.out,
+            lse: Some(&self.lse),
+        }
+    }
+}
+
+/// The report of a check of an output and its logsumexp.
+fn out_and_lse_report(name: &str, out_err: f64, lse_err: f64) -> serde_json::Value {
+    let passed = out_err <= F32_TOLERANCE && lse_err <= F32_TOLERANCE;
+    serde_json::json!({"case": name, "max_err_out": out_err, "max_err_lse": lse_err, "passed": passed})
+}
+
 async fn check(
     gpu: &Gpu,
     name: &str,
@@ -318,26 +367,8 @@ async fn check_backward(
 async fn check_valid_lengths(gpu: &Gpu, name: &str, seed: u64) -> Result<serde_json::Value, Error> {
     let shape = shape(3, 50, 70, (4, 2), 64);
     let (q_lens, kv_lens) = ([50usize, 20, 0], [70usize, 33, 1]);
-    let mut rng = SplitMix(seed);
-    let (q, k, v) = (
-        rng.values(shape.q_shape().elements()),
-        rng.values(shape.k_shape().elements()),
-        rng.values(shape.v_shape().elements()),
-    );
-    let (q_t, k_t, v_t) = (
-        Tensor::from_f32(gpu, shape.q_shape(), &q)?,
-        Tensor::from_f32(gpu, shape.k_shape(), &k)?,
-        Tensor::from_f32(gpu, shape.v_shape(), &v)?,
-    );
-    let out = Tensor::filled(gpu, shape.o_shape(), f32::NAN)?;
-    let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q)?;
-    let args = AttentionArgs {
-        q: &q_t,
-        k: &k_t,
-        v: &v_t,
-        out: &out,
-        lse: Some(&lse),
-    };
+    let forward = Forward::draw(gpu, &shape, &mut SplitMix(seed))?;
+    let (q, k, v, args) = (&forward.q, &forward.k, &forward.v, forward.args());
     let config = AttentionConfig::new().causal(true);
     let lengths = ValidLengths {
         q: Some(&q_lens),
@@ -350,8 +381,8 @@ async fn check_valid_lengths(gpu: &Gpu, name: &str, seed: u64) -> Result<serde_j
             ForwardOptions::new(&config).valid_lengths(lengths),
         )
     })?;
-    let got = out.to_f32_vec_async(gpu).await?;
-    let got_lse = lse.to_vec_async(gpu).await?;
+    let got = forward.out.to_f32_vec_async(gpu).await?;
+    let got_lse = forward.lse.to_vec_async(gpu).await?;
     let (q_row, kv_row) = (
         shape.heads_q * shape.head_dim,
         shape.heads_kv * shape.head_dim,
@@ -389,10 +420,7 @@ async fn check_valid_lengths(gpu: &Gpu, name: &str, seed: u64) -> Result<serde_j
             &want_lse,
         ));
     }
-    let passed = out_err <= F32_TOLERANCE && lse_err <= F32_TOLERANCE;
-    Ok(
-        serde_json::json!({"case": name, "max_err_out": out_err, "max_err_lse": lse_err, "passed": passed}),
-    )
+    Ok(out_and_lse_report(name, out_err, lse_err))
 }
 
 /// Causal linear attention (elu + 1 feature map) of seeded inputs against
@@ -453,11 +481,8 @@ async fn check_masked(
     seed: u64,
 ) -> Result<serde_json::Value, Error> {
     let mut rng = SplitMix(seed);
-    let (q, k, v) = (
-        rng.values(shape.q_shape().elements()),
-        rng.values(shape.k_shape().elements()),
-        rng.values(shape.v_shape().elements()),
-    );
+    let forward = Forward::draw(gpu, &shape, &mut rng)?;
+    let (q, k, v) = (&forward.q, &forward.k, &forward.v);
     let config = AttentionConfig::new();
     let (mask, want) = match mask_case {
         MaskCase::Boolean | MaskCase::BlockSparse => {
@@ -477,7 +502,7 @@ async fn check_masked(
             };
             (
                 mask,
-                reference::attention_masked(&shape, &q, &k, &v, &config, &host)?,
+                reference::attention_masked(&shape, q, k, v, &config, &host)?,
             )
         }
         MaskCase::Bias => {
@@ -495,31 +520,20 @@ async fn check_masked(
             };
             (
                 mask,
-                reference::attention_masked(&shape, &q, &k, &v, &config, &host)?,
+                reference::attention_masked(&shape, q, k, v, &config, &host)?,
             )
         }
     };
-    let (q_t, k_t, v_t) = (
-        Tensor::from_f32(gpu, shape.q_shape(), &q)?,
-        Tensor::from_f32(gpu, shape.k_shape(), &k)?,
-        Tensor::from_f32(gpu, shape.v_shape(), &v)?,
-    );
-    let out = Tensor::filled(gpu, shape.o_shape(), f32::NAN)?;
-    let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q)?;
-    let args = AttentionArgs {
-        q: &q_t,
-        k: &k_t,
-        v: &v_t,
-        out: &out,
-        lse: Some(&lse),
-    };
-    gpu.run(|encoder| gpu.forward(encoder, &args, ForwardOptions::new(&config).mask(&mask)))?;
-    let out_err = max_error(&out.to_f32_vec_async(gpu).await?, &want.out);
-    let lse_err = max_error(&lse.to_vec_async(gpu).await?, &want.lse);
-    let passed = out_err <= F32_TOLERANCE && lse_err <= F32_TOLERANCE;
-    Ok(
-        serde_json::json!({"case": name, "max_err_out": out_err, "max_err_lse": lse_err, "passed": passed}),
-    )
+    gpu.run(|encoder| {
+        gpu.forward(
+            encoder,
+            &forward.args(),
+            ForwardOptions::new(&config).mask(&mask),
+        )
+    })?;
+    let out_err = max_error(&forward.out.to_f32_vec_async(gpu).await?, &want.out);
+    let lse_err = max_error(&forward.lse.to_vec_async(gpu).await?, &want.lse);
+    Ok(out_and_lse_report(name, out_err, lse_err))
 }
 
 /// Rotary embedding of a `[batch, tokens, heads, head_dim]` tensor in
@@ -547,17 +561,10 @@ async fn check_rope(
 /// against the attention over all of them.
 async fn check_merge(gpu: &Gpu, name: &str, seed: u64) -> Result<serde_json::Value, Error> {
     let shape = shape(2, 5, 333, (4, 2), 48);
-    let mut rng = SplitMix(seed);
-    let (q, k, v) = (
-        rng.values(shape.q_shape().elements()),
-        rng.values(shape.k_shape().elements()),
-        rng.values(shape.v_shape().elements()),
-    );
+    let forward = Forward::draw(gpu, &shape, &mut SplitMix(seed))?;
     let config = AttentionConfig::new();
-    let want = reference::attention(&shape, &q, &k, &v, &config)?;
-    let q_t = Tensor::from_f32(gpu, shape.q_shape(), &q)?;
-    let k_t = Tensor::from_f32(gpu, shape.k_shape(), &k)?;
-    let v_t = Tensor::from_f32(gpu, shape.v_shape(), &v)?;
+    let want = reference::attention(&shape, &forward.q, &forward.k, &forward.v, &config)?;
+    let (q_t, k_t, v_t) = (&forward.q_t, &forward.k_t, &forward.v_t);
     let strides = k_t.strides();
     let mut parts = Vec::new();
     // Keys [0, 100) and [100, 333), as views of the same tensors.
@@ -571,7 +578,7 @@ async fn check_merge(gpu: &Gpu, name: &str, seed: u64) -> Result<serde_json::Val
         let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN)?;
         let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q)?;
         let args = AttentionArgs {
-            q: &q_t,
+            q: q_t,
             k: &k_part,
             v: &v_part,
             out: &out,
@@ -580,16 +587,12 @@ async fn check_merge(gpu: &Gpu, name: &str, seed: u64) -> Result<serde_json::Val
         gpu.run(|encoder| gpu.forward(encoder, &args, &config))?;
         parts.push((out, lse));
     }
-    let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN)?;
-    let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q)?;
+    // The merged result goes to the drawn problem's poisoned output.
     let refs: Vec<(&Tensor, &Lse)> = parts.iter().map(|(out, lse)| (out, lse)).collect();
-    gpu.run(|encoder| gpu.merge(encoder, &refs, &out, Some(&lse)))?;
-    let out_err = max_error(&out.to_f32_vec_async(gpu).await?, &want.out);
-    let lse_err = max_error(&lse.to_vec_async(gpu).await?, &want.lse);
-    let passed = out_err <= F32_TOLERANCE && lse_err <= F32_TOLERANCE;
-    Ok(
-        serde_json::json!({"case": name, "max_err_out": out_err, "max_err_lse": lse_err, "passed": passed}),
-    )
+    gpu.run(|encoder| gpu.merge(encoder, &refs, &forward.out, Some(&forward.lse)))?;
+    let out_err = max_error(&forward.out.to_f32_vec_async(gpu).await?, &want.out);
+    let lse_err = max_error(&forward.lse.to_vec_async(gpu).await?, &want.lse);
+    Ok(out_and_lse_report(name, out_err, lse_err))
 }
 
 /// A check's report, or its error as one.

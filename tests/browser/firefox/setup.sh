@@ -19,18 +19,9 @@ if [ -f "$root/.ready" ]; then
     exit 0
 fi
 [ "$(id -u)" = 0 ] || { echo "setup.sh needs root (debootstrap, chroot)" >&2; exit 1; }
-[ "$root" != / ] || { echo "FIREFOX_ROOT must not be /" >&2; exit 1; }
-# A launcher killed outright can leave /tmp or /dev bind-mounted inside;
-# rm -rf would then delete through them.
-if awk -v r="$root/" 'index($2, r) == 1 { found = 1 } END { exit !found }' /proc/self/mounts; then
-    echo "something is mounted under $root; unmount it first:" >&2
-    awk -v r="$root/" 'index($2, r) == 1 { print "  " $2 }' /proc/self/mounts >&2
-    exit 1
-fi
-if [ -n "$(ls -A "$root" 2>/dev/null)" ] && [ ! -f "$root/etc/debian_version" ]; then
-    echo "$root is neither empty nor a chroot: not deleting it" >&2
-    exit 1
-fi
+# shellcheck source=benches/offline-gpu/mounts.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../../../benches/offline-gpu/mounts.sh"
+check_rebuildable "$root"
 
 echo "== building a Debian unstable chroot with Firefox and lavapipe in $root"
 command -v debootstrap >/dev/null || {
@@ -41,8 +32,7 @@ rm -rf "$root"
 mkdir -p "$root"
 nice -n 10 debootstrap --variant=minbase sid "$root" "$mirror" >/dev/null
 
-# shellcheck source=benches/offline-gpu/mounts.sh
-source "$(dirname "${BASH_SOURCE[0]}")/../../../benches/offline-gpu/mounts.sh"
+# /proc for the packages' maintainer scripts; unmounted however this ends.
 bind_into "$root" /proc
 # Unstable's Release file can be past its Valid-Until on a mirror that
 # lags; the packages are still signed.
