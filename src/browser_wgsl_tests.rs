@@ -1,11 +1,10 @@
 //! Every kernel's WGSL through a browser's WebGPU compiler (headless
 //! Chromium: Dawn's Tint; or Firefox: its own naga), as the crate hands it
-//! to a browser. naga, which
-//! compiles the kernels everywhere else, accepts WGSL that the
-//! specification forbids and browsers refuse: relational and bitwise
-//! operators mixed without parentheses (`a >= b & c`), constant
-//! expressions that evaluate to an infinity, subgroup built-ins without
-//! `enable subgroups;`, a subgroup operation after a branch on a
+//! to a browser. naga, which compiles the kernels everywhere else, accepts
+//! WGSL that the specification forbids and Chromium refuses: relational
+//! and bitwise operators mixed without parentheses (`a >= b & c`),
+//! constant expressions that evaluate to an infinity, subgroup built-ins
+//! without `enable subgroups;`, a subgroup operation after a branch on a
 //! subgroup-uniform value the uniformity analysis cannot see. Until
 //! 2026-12-06, 2,439 of the 2,476 kernels below failed in Chromium for the
 //! first two. One specialization per code shape, as shipped (the rest
