@@ -22,6 +22,7 @@ mod plot;
 mod presets;
 mod random;
 mod report;
+mod shader_files;
 mod shader_stats;
 mod timing;
 

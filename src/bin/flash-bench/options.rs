@@ -120,29 +120,12 @@ impl DeviceSetup {
 impl GlobalArgs {
     /// The device setup these flags ask for; reads the `--shader-dir` files.
     pub fn device_setup(&self) -> anyhow::Result<DeviceSetup> {
-        use anyhow::{Context, bail};
-        let mut shader_files = Vec::new();
-        if let Some(dir) = &self.shader_dir {
-            let entries = std::fs::read_dir(dir)
-                .with_context(|| format!("reading --shader-dir {}", dir.display()))?;
-            for entry in entries {
-                let path = entry?.path();
-                if path.extension().is_some_and(|e| e == "wgsl") {
-                    let name = path
-                        .file_name()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                        .into_owned();
-                    let text = std::fs::read_to_string(&path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    shader_files.push((name, text));
-                }
-            }
-            if shader_files.is_empty() {
-                bail!("--shader-dir {} holds no .wgsl file", dir.display());
-            }
-            shader_files.sort();
-        }
+        use anyhow::Context;
+        let shader_files = match &self.shader_dir {
+            Some(dir) => crate::shader_files::read_shader_dir(dir)
+                .with_context(|| format!("--shader-dir {}", dir.display()))?,
+            None => Vec::new(),
+        };
         Ok(DeviceSetup {
             options: self.adapter_options(),
             skipped_checks: if self.unchecked_shaders {
