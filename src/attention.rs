@@ -299,6 +299,13 @@ impl Gpu {
     ) -> Result<()> {
         let call = self.prepare_call(args, config)?;
         let Some(mask) = mask else {
+            // Few query rows per KV head over many keys: split-KV decoding
+            // (src/forward_as_decode.rs).
+            if keys_per_dispatch.is_none()
+                && self.forward_as_decode(encoder, args, config, &call.shape)?
+            {
+                return Ok(());
+            }
             let shape = &call.shape;
             let units = (0..shape.batch)
                 .map(|b| Sequence::dense(b, shape).rows(b, shape.seq_q))

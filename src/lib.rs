@@ -41,6 +41,7 @@ mod decode;
 mod dropout;
 mod error;
 mod error_scopes;
+mod forward_as_decode;
 mod gpu;
 mod key_chunks;
 mod kv_cache;

@@ -19,7 +19,11 @@ const SUBGROUP_MAX_ROWS: u32 = 16;
 /// adapters within it, refused past it (`Error::KeyLanesState`). lavapipe
 /// compiled the 4096-float kernel (4 rows at d=512) in about 4 minutes, the
 /// 2048-float Llama-3.1-70B one in seconds; MLA's latent widths (16 rows x
-/// 1088) keep lanes over the head dim.
+/// 1088) keep lanes over the head dim. Llama-3.1-405B's 16 rows at d=128
+/// (4096 floats) in one workgroup read the cache once and decoded 1.1-1.3x
+/// faster than two 8-row workgroups, but took about 2.5 minutes to compile
+/// cold, per cache type (BENCHMARKS.md, 2026-12-06): not worth a first
+/// call's wait.
 const KEY_LANES_MAX_STATE: u64 = 8 * 256;
 /// The fewest query rows a lanes-over-keys workgroup holds on CPU adapters
 /// when a GQA group's rows do not all fit [`KEY_LANES_MAX_STATE`]: the
@@ -137,6 +141,22 @@ pub struct CacheShape {
     pub segments: usize,
     /// How the cache stores K and V.
     pub dtype: crate::KvDType,
+}
+
+impl CacheShape {
+    /// The cache an attention call's K and V would be: every sequence
+    /// `seq_kv` tokens long, in one buffer, stored as `dtype`.
+    pub fn of_call(shape: &crate::AttentionShape, dtype: crate::KvDType) -> Self {
+        CacheShape {
+            batch: shape.batch,
+            heads_kv: shape.heads_kv,
+            head_dim: shape.head_dim,
+            head_dim_v: shape.head_dim_v,
+            longest: shape.seq_kv,
+            segments: 1,
+            dtype,
+        }
+    }
 }
 
 /// How a decode call runs.

@@ -8,6 +8,7 @@
 
 mod decode;
 mod forward;
+mod forward_as_decode;
 mod naive;
 #[cfg(test)]
 pub(crate) mod profiles;
@@ -17,6 +18,7 @@ mod tests;
 pub use decode::{CacheShape, DecodePlan};
 pub use forward::ForwardPlan;
 pub(crate) use forward::blocked_by_default;
+pub(crate) use forward_as_decode::{cache_dtype, view_page_size};
 pub use naive::NaivePlan;
 
 use crate::config::{BlockedLayout, Tier};

@@ -1335,3 +1335,93 @@ fn naive_chunks_fit_one_binding() {
         Err(Error::ScoresTooLarge { .. })
     ));
 }
+
+/// A decoding step over a long key range (Llama-3.1-70B's heads, one
+/// token, 32K keys) runs as split-KV decoding on every adapter, with the
+/// decode planner's own plan; a prompt's worth of rows, a forced tier and
+/// the limits of `for_forward` keep the forward kernels.
+#[test]
+fn few_query_rows_over_many_keys_run_as_decoding_on_every_adapter() {
+    let step = AttentionShape {
+        batch: 1,
+        seq_q: 1,
+        seq_kv: 32768,
+        heads_q: 64,
+        heads_kv: 8,
+        head_dim: 128,
+        head_dim_v: 128,
+    };
+    let plain = crate::AttentionConfig::new();
+    for profile in profiles::all() {
+        let info = profile.info();
+        let name = profile.name;
+        let plan = DecodePlan::for_forward(&info, &step, DType::F32, &plain)
+            .unwrap_or_else(|| panic!("{name}: the step runs the forward kernels"));
+        let cache = CacheShape::of_call(&step, crate::KvDType::F32);
+        let decode = DecodePlan::for_call(&info, &cache, 1, 64, &DecodeOptions::new(&plain));
+        assert_eq!(
+            Some(plan),
+            decode.ok(),
+            "{name}: not the decode planner's plan"
+        );
+        for (what, shape) in [
+            (
+                "a prompt",
+                AttentionShape {
+                    seq_q: 2048,
+                    ..step
+                },
+            ),
+            (
+                "65 rows a KV head",
+                AttentionShape {
+                    seq_q: 65,
+                    heads_q: 8,
+                    ..step
+                },
+            ),
+            (
+                "240 keys",
+                AttentionShape {
+                    seq_kv: 240,
+                    ..step
+                },
+            ),
+            (
+                "1030 keys",
+                AttentionShape {
+                    seq_kv: 1030,
+                    ..step
+                },
+            ),
+            (
+                "K and V past one binding",
+                AttentionShape {
+                    seq_kv: 1 << 22,
+                    ..step
+                },
+            ),
+        ] {
+            assert_eq!(
+                DecodePlan::for_forward(&info, &shape, DType::F32, &plain),
+                None,
+                "{name}: {what}"
+            );
+        }
+        // 32 rows (four tokens): decoding on CPU adapters only.
+        let four_tokens = AttentionShape { seq_q: 4, ..step };
+        let cpu = info.adapter.device_type == wgpu::DeviceType::Cpu
+            && info.adapter.backend != wgpu::Backend::Gl;
+        assert_eq!(
+            DecodePlan::for_forward(&info, &four_tokens, DType::F32, &plain).is_some(),
+            cpu,
+            "{name}: four tokens"
+        );
+        let forced = plain.clone().tier(Tier::Portable);
+        assert_eq!(
+            DecodePlan::for_forward(&info, &step, DType::F32, &forced),
+            None,
+            "{name}: a forced tier"
+        );
+    }
+}

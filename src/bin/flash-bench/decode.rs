@@ -134,7 +134,8 @@ struct DecodeCase {
     /// Every checked element within the tolerance past its own storage
     /// rounding (an f16 or bf16 output's).
     within_tolerance: bool,
-    /// The prefill (forward) kernel on the same call, where it can run.
+    /// The forward kernels on the same call (their tier forced, so that
+    /// the call does not run as decoding), where they can run.
     prefill_ms: Option<f64>,
     prefill_note: Option<String>,
     speedup_over_prefill: Option<f64>,
@@ -210,8 +211,9 @@ pub fn run(
     println!(
         "splits = key chunks x cache buffers; GB/s counts the K and V bytes a step reads \
          (the cache's stored bytes); vs f32 = the f32 cache's time over this one's, same \
-         length and lanes, same run; prefill = the forward kernel on the same call \
-         (contiguous f32 K/V tensors); half and int8 caches are validated against the \
+         length and lanes, same run; prefill = the forward kernels on the same call \
+         (contiguous f32 K/V tensors, the planner's tier forced: left to the planner, \
+         such a call runs as split-KV decoding); half and int8 caches are validated against the \
          reference over the values they store"
     );
     if let Some(path) = json {
@@ -616,6 +618,21 @@ fn time_prefill(
         out: &out,
         lse: None,
     };
+    // The forward kernels, their tier forced: left to the planner, a call
+    // of a decode step's shape runs as split-KV decoding itself
+    // (`DecodePlan::for_forward`).
+    let shape = AttentionShape {
+        batch: q_shape.batch,
+        seq_q: q_shape.seq,
+        seq_kv: tokens,
+        heads_q: q_shape.heads,
+        heads_kv: args.heads_kv,
+        head_dim: args.head_dim,
+        head_dim_v,
+    };
+    let tier =
+        wgpu_flash_attn::ForwardPlan::for_config(gpu.info(), &shape, q.dtype(), config)?.tier();
+    let config = &config.clone().tier(tier);
     gpu.run(|e| gpu.forward(e, &attention_args, config))?;
     let got = out.to_f32_vec(gpu)?;
     let timing = time_gpu(

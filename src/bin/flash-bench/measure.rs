@@ -192,6 +192,11 @@ pub struct CaseReport {
     pub dtype: String,
     /// Kernel tier of the flash kernel for this call.
     pub tier: String,
+    /// The decode kernel the flash call runs as, when it runs as split-KV
+    /// decoding (few query rows per KV head over many keys:
+    /// `DecodePlan::for_forward`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runs_as_decode: Option<String>,
     /// Whether the flash kernel computes its products from f16 operands
     /// (the caller's `f16_products`, else the planner's choice).
     pub f16_products: bool,
@@ -349,11 +354,22 @@ impl Bench<'_> {
             .impls
             .iter()
             .any(|i| matches!(i, Impl::Flash | Impl::Naive));
-        let tier = plan.tier();
-        let f16_products = plan.f16_products();
+        // Few query rows over many keys run as split-KV decoding (f32
+        // arithmetic: no weights rounded to f16) rather than the plan's
+        // forward kernel; flash-bench's K and V are laid out as a cache.
+        let as_decode = case
+            .keys_per_dispatch
+            .is_none()
+            .then(|| {
+                wgpu_flash_attn::DecodePlan::for_forward(gpu.info(), shape, dtype, &case.config)
+            })
+            .flatten();
+        let tier = as_decode.map_or(plan.tier(), |decode| decode.tier());
+        let f16_products = as_decode.is_none() && plan.f16_products();
         let sample = if needs_sample {
             let [q, k, v] = &operands.host;
-            Some(Sample::new(case, plan.rounds_weights_to_f16(), [q, k, v])?)
+            let rounds_weights = as_decode.is_none() && plan.rounds_weights_to_f16();
+            Some(Sample::new(case, rounds_weights, [q, k, v])?)
         } else {
             None
         };
@@ -415,6 +431,7 @@ impl Bench<'_> {
             options: OptionsJson::new(&case.config, dtype),
             dtype: dtype_name(dtype).to_string(),
             tier: tier_name(tier).to_string(),
+            runs_as_decode: as_decode.map(|decode| decode.kernel_label()),
             f16_products,
             keys_per_dispatch: case.keys_per_dispatch,
             flops,

@@ -192,6 +192,11 @@ impl Report {
                     (Status::Ok, Some(note)) if r.implementation == Impl::Backward => {
                         format!("ok ({note})")
                     }
+                    (Status::Ok, _)
+                        if r.implementation == Impl::Flash && case.runs_as_decode.is_some() =>
+                    {
+                        "ok (as split-KV decoding)".to_string()
+                    }
                     (status, _) => status_text(status, r.note.as_deref()),
                 };
                 println!(

@@ -281,15 +281,7 @@ fn kernels(gpu: &Gpu, args: &ShaderStatsArgs) -> Result<Vec<Kernel>> {
             Err(err) => eprintln!("skipped: cooperative-matrix block {layout}: {err}"),
         }
     }
-    let cache = CacheShape {
-        batch: shape.batch,
-        heads_kv: shape.heads_kv,
-        head_dim: shape.head_dim,
-        head_dim_v: shape.head_dim_v,
-        longest: shape.seq_kv,
-        segments: 1,
-        dtype: args.kv_dtype,
-    };
+    let cache = CacheShape::of_call(&shape, args.kv_dtype);
     for &lanes in &args.decode_lanes {
         let options = DecodeOptions::default().lanes(lanes);
         match DecodePlan::for_call(gpu.info(), &cache, shape.seq_q, shape.heads_q, &options) {

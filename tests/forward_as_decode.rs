@@ -1,0 +1,267 @@
+//! Dense forward calls with few query rows per KV head over many keys run
+//! as split-KV decoding over K and V viewed as a cache
+//! (`DecodePlan::for_forward`): checked against the f64 reference for
+//! every option decoding shares with the forward, every storage type,
+//! batches of sequences laid out with room to grow, and against the
+//! forward kernels where the tensors are not laid out as a cache.
+
+mod common;
+
+use common::{Inputs, assert_close, gpu, round_to, run_and_compare, unit_roundoff, with_tier};
+use wgpu_flash_attn::{
+    Alibi, AttentionArgs, AttentionConfig, AttentionShape, DType, DecodePlan, Error, Gpu, Lse,
+    Strides, Tensor, TensorShape, Tier, reference,
+};
+
+/// (batch, seq_q, seq_kv, (heads_q, heads_kv), head_dim).
+type Dims = (usize, usize, usize, (usize, usize), usize);
+
+/// Shapes that run as decoding: at most 16 query rows per KV head, 1024
+/// keys or more.
+const SHAPES: [Dims; 3] = [
+    // One decoding step of a GQA model for two sequences.
+    (2, 1, 1024, (8, 2), 64),
+    // Three speculative tokens, 15 rows per KV head, 16-token pages.
+    (1, 3, 2064, (10, 2), 128),
+    // Multi-query, a head dim that fills no subgroup evenly.
+    (1, 2, 1536, (4, 1), 40),
+];
+
+fn shape_of((batch, seq_q, seq_kv, (heads_q, heads_kv), head_dim): Dims) -> AttentionShape {
+    common::attention_shape(batch, seq_q, seq_kv, (heads_q, heads_kv), head_dim)
+}
+
+fn configs(heads_q: usize) -> Vec<(&'static str, AttentionConfig)> {
+    let sinks: Vec<f32> = (0..heads_q).map(|h| h as f32 * 0.5 - 1.0).collect();
+    vec![
+        ("plain", AttentionConfig::new()),
+        ("causal", AttentionConfig::new().causal(true)),
+        (
+            "window, softcap, scale",
+            AttentionConfig::new()
+                .window(Some(300), Some(0))
+                .softcap(20.0)
+                .scale(0.3),
+        ),
+        (
+            "causal, ALiBi, sinks",
+            AttentionConfig::new()
+                .causal(true)
+                .alibi(Alibi::PerHead(Alibi::standard_slopes(heads_q)))
+                .sinks(sinks),
+        ),
+    ]
+}
+
+#[test]
+fn few_query_rows_over_many_keys_run_as_decoding_and_match_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    for (index, dims) in SHAPES.into_iter().enumerate() {
+        let shape = shape_of(dims);
+        let inputs = Inputs::draw(&shape, 40 + index as u64, 1.0);
+        for (name, config) in configs(shape.heads_q) {
+            let plan = DecodePlan::for_forward(gpu.info(), &shape, DType::F32, &config);
+            assert!(
+                plan.is_some(),
+                "{shape:?} {name}: planned to run the forward kernels"
+            );
+            let errors = run_and_compare(gpu, &shape, &inputs, &config);
+            assert_close(errors, &format!("{shape:?} {name}"));
+        }
+    }
+}
+
+/// What the forward kernels run instead: a forced tier, dropout, more
+/// query rows per KV head, fewer keys, a key count that is no whole
+/// number of pages.
+#[test]
+fn other_calls_keep_the_forward_kernels() {
+    let Some(gpu) = gpu() else { return };
+    let info = gpu.info();
+    let shape = shape_of(SHAPES[0]);
+    let plain = AttentionConfig::new();
+    assert!(DecodePlan::for_forward(info, &shape, DType::F32, &plain).is_some());
+    for (what, config) in [
+        ("a forced tier", with_tier(&plain, Some(Tier::Portable))),
+        ("dropout", plain.clone().dropout(0.1, 7)),
+    ] {
+        assert!(
+            DecodePlan::for_forward(info, &shape, DType::F32, &config).is_none(),
+            "{what}"
+        );
+    }
+    for (what, shape) in [
+        (
+            "68 rows per KV head",
+            AttentionShape {
+                seq_q: 17,
+                heads_q: 8,
+                heads_kv: 2,
+                ..shape
+            },
+        ),
+        (
+            "240 keys",
+            AttentionShape {
+                seq_kv: 240,
+                ..shape
+            },
+        ),
+        (
+            "1030 keys",
+            AttentionShape {
+                seq_kv: 1030,
+                ..shape
+            },
+        ),
+        (
+            "a value head dim of its own",
+            AttentionShape {
+                head_dim_v: 32,
+                ..shape
+            },
+        ),
+    ] {
+        assert!(
+            DecodePlan::for_forward(info, &shape, DType::F32, &plain).is_none(),
+            "{what}"
+        );
+    }
+}
+
+/// f16 and bf16 storage: decoding computes in f32 from the stored values,
+/// so each output is within its own rounding to the storage type of the
+/// reference on those values, plus f32 noise.
+#[test]
+fn half_storage_runs_as_decoding_within_its_output_rounding() {
+    let Some(gpu) = gpu() else { return };
+    let shape = shape_of(SHAPES[1]);
+    let config = AttentionConfig::new().causal(true);
+    for dtype in [DType::F16, DType::BF16] {
+        assert!(DecodePlan::for_forward(gpu.info(), &shape, dtype, &config).is_some());
+        let drawn = Inputs::draw(&shape, 50, 1.0);
+        let round = |x: &[f32]| -> Vec<f32> { x.iter().map(|&v| round_to(dtype, v)).collect() };
+        let (q, k, v) = (round(&drawn.q), round(&drawn.k), round(&drawn.v));
+        let upload = |dims, data: &[f32]| Tensor::from_f32_as(gpu, dims, data, dtype).unwrap();
+        let out = Tensor::zeros(gpu, shape.o_shape(), dtype).unwrap();
+        let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q).unwrap();
+        let (qt, kt, vt) = (
+            upload(shape.q_shape(), &q),
+            upload(shape.k_shape(), &k),
+            upload(shape.v_shape(), &v),
+        );
+        let args = AttentionArgs {
+            q: &qt,
+            k: &kt,
+            v: &vt,
+            out: &out,
+            lse: Some(&lse),
+        };
+        gpu.run(|e| gpu.forward(e, &args, &config)).unwrap();
+        let want = reference::attention(&shape, &q, &k, &v, &config).unwrap();
+        let got = out.to_f32_vec(gpu).unwrap();
+        let unit = unit_roundoff(dtype);
+        for (i, (&g, &w)) in got.iter().zip(&want.out).enumerate() {
+            let bound = 1e-4 + unit * w.abs();
+            assert!(
+                (f64::from(g) - w).abs() <= bound,
+                "{dtype:?} out[{i}] = {g}, reference {w}, bound {bound:.2e}"
+            );
+        }
+        let lse_error = common::max_abs_error(&lse.to_vec(gpu).unwrap(), &want.lse, "lse");
+        assert!(lse_error <= 1e-4, "{dtype:?}: lse off by {lse_error:.2e}");
+    }
+}
+
+/// A batch whose sequences sit in a cache with room to grow (a batch
+/// stride of 2048 tokens, 1024 in use) runs as decoding over its pages;
+/// K viewed with its heads apart (not a cache's rows) runs the forward
+/// kernels. Both match the reference.
+#[test]
+fn views_run_as_decoding_where_they_are_laid_out_as_a_cache() {
+    let Some(gpu) = gpu() else { return };
+    let shape = shape_of(SHAPES[0]);
+    let config = AttentionConfig::new().causal(true);
+    let inputs = Inputs::draw(&shape, 60, 1.0);
+    let capacity = 2048;
+    let row = shape.heads_kv * shape.head_dim;
+    // Each sequence's tokens at the start of its 2048-token run.
+    let grown = |values: &[f32]| -> Tensor {
+        let mut pool = vec![f32::NAN; shape.batch * capacity * row];
+        for b in 0..shape.batch {
+            let run = shape.seq_kv * row;
+            pool[b * capacity * row..][..run].copy_from_slice(&values[b * run..][..run]);
+        }
+        let dims = TensorShape::new(shape.batch, capacity, shape.heads_kv, shape.head_dim);
+        let pool = Tensor::from_f32(gpu, dims, &pool).unwrap();
+        let strides = Strides {
+            batch: capacity * row,
+            seq: row,
+            head: shape.head_dim,
+        };
+        pool.view(shape.k_shape(), strides, 0).unwrap()
+    };
+    let (k, v) = (grown(&inputs.k), grown(&inputs.v));
+    let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
+    let out = Tensor::filled(gpu, shape.o_shape(), f32::NAN).unwrap();
+    let errors = common::run_views_and_compare(gpu, &shape, &inputs, &config, [&q, &k, &v, &out]);
+    assert_close(errors, "K and V in a cache with room to grow");
+
+    // Heads apart: [batch, seq, heads, d] stored as [batch, heads, seq, d].
+    let heads_apart = |values: &[f32]| -> Tensor {
+        let mut bhsd = vec![0.0; values.len()];
+        for b in 0..shape.batch {
+            for s in 0..shape.seq_kv {
+                for h in 0..shape.heads_kv {
+                    let from = ((b * shape.seq_kv + s) * shape.heads_kv + h) * shape.head_dim;
+                    let to = ((b * shape.heads_kv + h) * shape.seq_kv + s) * shape.head_dim;
+                    bhsd[to..to + shape.head_dim]
+                        .copy_from_slice(&values[from..from + shape.head_dim]);
+                }
+            }
+        }
+        let dims = TensorShape::new(shape.batch, shape.heads_kv, shape.seq_kv, shape.head_dim);
+        let stored = Tensor::from_f32(gpu, dims, &bhsd).unwrap();
+        let strides = Strides {
+            batch: shape.heads_kv * shape.seq_kv * shape.head_dim,
+            seq: shape.head_dim,
+            head: shape.seq_kv * shape.head_dim,
+        };
+        stored.view(shape.k_shape(), strides, 0).unwrap()
+    };
+    let (k, v) = (heads_apart(&inputs.k), heads_apart(&inputs.v));
+    let out = Tensor::filled(gpu, shape.o_shape(), f32::NAN).unwrap();
+    let errors = common::run_views_and_compare(gpu, &shape, &inputs, &config, [&q, &k, &v, &out]);
+    assert_close(errors, "K and V with their heads apart");
+}
+
+/// The calls above do run the decode kernel: on a device whose decode
+/// kernel file is replaced by text no compiler accepts, a call that runs
+/// as decoding fails, and the same call with a forced tier does not.
+#[test]
+fn a_call_that_runs_as_decoding_runs_the_decode_kernel() {
+    if gpu().is_none() {
+        return;
+    }
+    let gpu = Gpu::new().expect("a second device on the test adapter");
+    gpu.override_shader_file("flash_decode.wgsl", "this is not WGSL")
+        .unwrap();
+    let shape = shape_of(SHAPES[0]);
+    let inputs = Inputs::draw(&shape, 70, 1.0);
+    let config = AttentionConfig::new();
+    let failed = gpu.attention_host(&shape, &inputs.q, &inputs.k, &inputs.v, &config);
+    assert!(
+        matches!(
+            failed,
+            Err(Error::ShaderSource { .. } | Error::GpuValidation { .. })
+        ),
+        "the forward ran without the decode kernel: {:?}",
+        failed.map(|_| "Ok")
+    );
+    let [_, other_tier] = common::forward_tiers(&gpu, DType::F32);
+    let forced = with_tier(&config, other_tier);
+    assert_close(
+        run_and_compare(&gpu, &shape, &inputs, &forced),
+        "a forced tier on the broken-decode device",
+    );
+}
