@@ -286,8 +286,17 @@ fi
 # d=128 since 2026-12-05, fifteenth session; the subgroup tier for f32 up
 # to d=128 before), with f16 products for f16, matrices requested or not;
 # the matrix tier's own tests force it.
-for t in tiers half_storage forward masks key_chunks backward decode head_dims; do
+for t in tiers half_storage forward masks key_chunks backward decode head_dims forward_as_decode; do
   [ -x "$tests/$t" ] && step 90 "tests: $t" "$tests/$t" --test-threads=4
+done
+# Since 2026-12-06 (twenty-first session) a forward call with at most 16
+# query rows per KV head over 1024+ keys runs as split-KV decoding on GPUs
+# (64 rows and 256 keys on CPU adapters, where the crossover was
+# measured). Where the GPU crossover lies: decode against the forward
+# kernels (the prefill column forces their tier) at 16 and 64 rows.
+for seq_q in 2 8; do
+  step 30 "forward as decoding: decode vs forward kernels, Llama-3.1-70B heads, seq_q $seq_q, 4K/32K" \
+    "$fb" decode --seq-q "$seq_q" --cache 4096,32768 --json "$res/forward-as-decode-q$seq_q.json"
 done
 # This commit against others (benches/device/stage-baseline.sh: the
 # commit a kernel change replaces, a branch's kernel), in two rounds so
