@@ -7,10 +7,12 @@
 
 mod common;
 
-use common::{Inputs, assert_close, gpu, round_to, run_and_compare, unit_roundoff, with_tier};
+use common::{
+    Implementation, Inputs, assert_close, gpu, round_to, run_and_compare, unit_roundoff, with_tier,
+};
 use wgpu_flash_attn::{
-    Alibi, AttentionArgs, AttentionConfig, AttentionShape, DType, DecodePlan, Error, Gpu, Lse,
-    Strides, Tensor, TensorShape, Tier, reference,
+    Alibi, AttentionArgs, AttentionConfig, AttentionShape, DType, DecodePlan, Error,
+    ForwardOptions, Gpu, Strides, Tensor, TensorShape, Tier, reference,
 };
 
 /// (batch, seq_q, seq_kv, (heads_q, heads_kv), head_dim).
@@ -143,23 +145,15 @@ fn half_storage_runs_as_decoding_within_its_output_rounding() {
         let round = |x: &[f32]| -> Vec<f32> { x.iter().map(|&v| round_to(dtype, v)).collect() };
         let (q, k, v) = (round(&drawn.q), round(&drawn.k), round(&drawn.v));
         let upload = |dims, data: &[f32]| Tensor::from_f32_as(gpu, dims, data, dtype).unwrap();
-        let out = Tensor::zeros(gpu, shape.o_shape(), dtype).unwrap();
-        let lse = Lse::new(gpu, shape.batch, shape.heads_q, shape.seq_q).unwrap();
-        let (qt, kt, vt) = (
-            upload(shape.q_shape(), &q),
-            upload(shape.k_shape(), &k),
-            upload(shape.v_shape(), &v),
-        );
-        let args = AttentionArgs {
-            q: &qt,
-            k: &kt,
-            v: &vt,
-            out: &out,
-            lse: Some(&lse),
-        };
-        gpu.run(|e| gpu.forward(e, &args, &config)).unwrap();
+        let views = [
+            &upload(shape.q_shape(), &q),
+            &upload(shape.k_shape(), &k),
+            &upload(shape.v_shape(), &v),
+            &Tensor::filled_as(gpu, shape.o_shape(), f32::NAN, dtype).unwrap(),
+        ];
+        let options = ForwardOptions::new(&config);
+        let (got, got_lse) = common::run_views(gpu, Implementation::Flash, &shape, options, views);
         let want = reference::attention(&shape, &q, &k, &v, &config).unwrap();
-        let got = out.to_f32_vec(gpu).unwrap();
         let unit = unit_roundoff(dtype);
         for (i, (&g, &w)) in got.iter().zip(&want.out).enumerate() {
             let bound = 1e-4 + unit * w.abs();
@@ -168,76 +162,97 @@ fn half_storage_runs_as_decoding_within_its_output_rounding() {
                 "{dtype:?} out[{i}] = {g}, reference {w}, bound {bound:.2e}"
             );
         }
-        let lse_error = common::max_abs_error(&lse.to_vec(gpu).unwrap(), &want.lse, "lse");
+        let lse_error = common::max_abs_error(&got_lse, &want.lse, "lse");
         assert!(lse_error <= 1e-4, "{dtype:?}: lse off by {lse_error:.2e}");
     }
 }
 
+/// Capacity (tokens per sequence) of [`grown`]'s cache.
+const CAPACITY: usize = 2048;
+
+/// Packed `[batch, seq_kv, heads_kv, head_dim]` values in a cache with room
+/// to grow: each sequence at the start of its [`CAPACITY`]-token run (NaN
+/// past it), seen as a view of `shape.k_shape()`.
+fn grown(gpu: &Gpu, shape: &AttentionShape, values: &[f32]) -> Tensor {
+    let row = shape.heads_kv * shape.head_dim;
+    let mut pool = vec![f32::NAN; shape.batch * CAPACITY * row];
+    for b in 0..shape.batch {
+        let run = shape.seq_kv * row;
+        pool[b * CAPACITY * row..][..run].copy_from_slice(&values[b * run..][..run]);
+    }
+    let dims = TensorShape::new(shape.batch, CAPACITY, shape.heads_kv, shape.head_dim);
+    let pool = Tensor::from_f32(gpu, dims, &pool).unwrap();
+    let strides = Strides {
+        batch: CAPACITY * row,
+        seq: row,
+        head: shape.head_dim,
+    };
+    pool.view(shape.k_shape(), strides, 0).unwrap()
+}
+
+/// The same values stored `[batch, heads_kv, seq_kv, head_dim]` (heads
+/// apart: not a cache's rows), seen as a view of `shape.k_shape()`.
+fn heads_apart(gpu: &Gpu, shape: &AttentionShape, values: &[f32]) -> Tensor {
+    let mut bhsd = vec![0.0; values.len()];
+    for b in 0..shape.batch {
+        for s in 0..shape.seq_kv {
+            for h in 0..shape.heads_kv {
+                let from = ((b * shape.seq_kv + s) * shape.heads_kv + h) * shape.head_dim;
+                let to = ((b * shape.heads_kv + h) * shape.seq_kv + s) * shape.head_dim;
+                bhsd[to..to + shape.head_dim].copy_from_slice(&values[from..from + shape.head_dim]);
+            }
+        }
+    }
+    let dims = TensorShape::new(shape.batch, shape.heads_kv, shape.seq_kv, shape.head_dim);
+    let stored = Tensor::from_f32(gpu, dims, &bhsd).unwrap();
+    let strides = Strides {
+        batch: shape.heads_kv * shape.seq_kv * shape.head_dim,
+        seq: shape.head_dim,
+        head: shape.seq_kv * shape.head_dim,
+    };
+    stored.view(shape.k_shape(), strides, 0).unwrap()
+}
+
+/// The forward of `inputs` with K and V laid out by `layout` (Q packed,
+/// the output NaN-poisoned), against the reference.
+fn run_with_kv(
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    inputs: &Inputs,
+    config: &AttentionConfig,
+    layout: fn(&Gpu, &AttentionShape, &[f32]) -> Tensor,
+) -> common::Errors {
+    let (k, v) = (layout(gpu, shape, &inputs.k), layout(gpu, shape, &inputs.v));
+    let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
+    let out = Tensor::filled(gpu, shape.o_shape(), f32::NAN).unwrap();
+    common::run_views_and_compare(gpu, shape, inputs, config, [&q, &k, &v, &out])
+}
+
 /// A batch whose sequences sit in a cache with room to grow (a batch
 /// stride of 2048 tokens, 1024 in use) runs as decoding over its pages;
-/// K viewed with its heads apart (not a cache's rows) runs the forward
-/// kernels. Both match the reference.
+/// K and V with their heads apart (not a cache's rows) run the forward
+/// kernels (which of the two runs is proven below). Both match the
+/// reference.
 #[test]
 fn views_run_as_decoding_where_they_are_laid_out_as_a_cache() {
     let Some(gpu) = gpu() else { return };
     let shape = shape_of(SHAPES[0]);
     let config = AttentionConfig::new().causal(true);
     let inputs = Inputs::draw(&shape, 60, 1.0);
-    let capacity = 2048;
-    let row = shape.heads_kv * shape.head_dim;
-    // Each sequence's tokens at the start of its 2048-token run.
-    let grown = |values: &[f32]| -> Tensor {
-        let mut pool = vec![f32::NAN; shape.batch * capacity * row];
-        for b in 0..shape.batch {
-            let run = shape.seq_kv * row;
-            pool[b * capacity * row..][..run].copy_from_slice(&values[b * run..][..run]);
-        }
-        let dims = TensorShape::new(shape.batch, capacity, shape.heads_kv, shape.head_dim);
-        let pool = Tensor::from_f32(gpu, dims, &pool).unwrap();
-        let strides = Strides {
-            batch: capacity * row,
-            seq: row,
-            head: shape.head_dim,
-        };
-        pool.view(shape.k_shape(), strides, 0).unwrap()
-    };
-    let (k, v) = (grown(&inputs.k), grown(&inputs.v));
-    let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
-    let out = Tensor::filled(gpu, shape.o_shape(), f32::NAN).unwrap();
-    let errors = common::run_views_and_compare(gpu, &shape, &inputs, &config, [&q, &k, &v, &out]);
-    assert_close(errors, "K and V in a cache with room to grow");
-
-    // Heads apart: [batch, seq, heads, d] stored as [batch, heads, seq, d].
-    let heads_apart = |values: &[f32]| -> Tensor {
-        let mut bhsd = vec![0.0; values.len()];
-        for b in 0..shape.batch {
-            for s in 0..shape.seq_kv {
-                for h in 0..shape.heads_kv {
-                    let from = ((b * shape.seq_kv + s) * shape.heads_kv + h) * shape.head_dim;
-                    let to = ((b * shape.heads_kv + h) * shape.seq_kv + s) * shape.head_dim;
-                    bhsd[to..to + shape.head_dim]
-                        .copy_from_slice(&values[from..from + shape.head_dim]);
-                }
-            }
-        }
-        let dims = TensorShape::new(shape.batch, shape.heads_kv, shape.seq_kv, shape.head_dim);
-        let stored = Tensor::from_f32(gpu, dims, &bhsd).unwrap();
-        let strides = Strides {
-            batch: shape.heads_kv * shape.seq_kv * shape.head_dim,
-            seq: shape.head_dim,
-            head: shape.seq_kv * shape.head_dim,
-        };
-        stored.view(shape.k_shape(), strides, 0).unwrap()
-    };
-    let (k, v) = (heads_apart(&inputs.k), heads_apart(&inputs.v));
-    let out = Tensor::filled(gpu, shape.o_shape(), f32::NAN).unwrap();
-    let errors = common::run_views_and_compare(gpu, &shape, &inputs, &config, [&q, &k, &v, &out]);
-    assert_close(errors, "K and V with their heads apart");
+    assert_close(
+        run_with_kv(gpu, &shape, &inputs, &config, grown),
+        "K and V in a cache with room to grow",
+    );
+    assert_close(
+        run_with_kv(gpu, &shape, &inputs, &config, heads_apart),
+        "K and V with their heads apart",
+    );
 }
 
 /// The calls above do run the decode kernel: on a device whose decode
 /// kernel file is replaced by text no compiler accepts, a call that runs
-/// as decoding fails, and the same call with a forced tier does not.
+/// as decoding (packed K and V, or a grown cache) fails, and the same call
+/// with a forced tier, or with K and V's heads apart, does not.
 #[test]
 fn a_call_that_runs_as_decoding_runs_the_decode_kernel() {
     if gpu().is_none() {
@@ -257,6 +272,31 @@ fn a_call_that_runs_as_decoding_runs_the_decode_kernel() {
         ),
         "the forward ran without the decode kernel: {:?}",
         failed.map(|_| "Ok")
+    );
+    let (k, v) = (
+        grown(&gpu, &shape, &inputs.k),
+        grown(&gpu, &shape, &inputs.v),
+    );
+    let q = Tensor::from_f32(&gpu, shape.q_shape(), &inputs.q).unwrap();
+    let out = Tensor::zeros(&gpu, shape.o_shape(), DType::F32).unwrap();
+    let args = AttentionArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: None,
+    };
+    let failed = gpu.run(|e| gpu.forward(e, &args, &config));
+    assert!(
+        matches!(
+            failed,
+            Err(Error::ShaderSource { .. } | Error::GpuValidation { .. })
+        ),
+        "a grown cache ran without the decode kernel: {failed:?}"
+    );
+    assert_close(
+        run_with_kv(&gpu, &shape, &inputs, &config, heads_apart),
+        "heads apart on the broken-decode device",
     );
     let [_, other_tier] = common::forward_tiers(&gpu, DType::F32);
     let forced = with_tier(&config, other_tier);

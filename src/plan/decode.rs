@@ -143,6 +143,14 @@ pub struct CacheShape {
     pub dtype: crate::KvDType,
 }
 
+/// Whether decoding plans for a CPU adapter (lanes over keys, splits per
+/// core): a CPU adapter on any backend but GL, where llvmpipe runs the
+/// portable kernel as GPUs without subgroups do.
+pub(super) fn decodes_as_cpu(info: &GpuInfo) -> bool {
+    let adapter = &info.adapter;
+    adapter.device_type == wgpu::DeviceType::Cpu && adapter.backend != wgpu::Backend::Gl
+}
+
 impl CacheShape {
     /// The cache an attention call's K and V would be: every sequence
     /// `seq_kv` tokens long, in one buffer, stored as `dtype`.
@@ -263,8 +271,7 @@ impl DecodePlan {
                 limit: info.limits.max_compute_workgroups_per_dimension,
             })?;
         let adapter = &info.adapter;
-        let cpu =
-            adapter.device_type == wgpu::DeviceType::Cpu && adapter.backend != wgpu::Backend::Gl;
+        let cpu = decodes_as_cpu(info);
         let limits = &info.limits;
         let max_invocations = info.max_invocations();
         let subgroup = match (options.lanes, config.tier) {

@@ -9,7 +9,7 @@
 //! through the forward kernels and 0.98 ms through decoding; on lavapipe
 //! Llama-3.1-405B's over 32K keys 4.2 s and 0.12 s (BENCHMARKS.md).
 
-use super::decode::{CacheShape, DecodePlan};
+use super::decode::{CacheShape, DecodePlan, decodes_as_cpu};
 use crate::AttentionShape;
 use crate::config::AttentionConfig;
 use crate::decode::DecodeOptions;
@@ -86,12 +86,7 @@ impl DecodePlan {
             && config.blocked_layout.is_none()
             && config.coop_layout.is_none()
             && config.active_dropout().is_none();
-        // CPU adapters as the decode planner counts them: llvmpipe on GL
-        // runs decoding's portable kernel, as GPUs without subgroups do.
-        let adapter = &info.adapter;
-        let cpu =
-            adapter.device_type == wgpu::DeviceType::Cpu && adapter.backend != wgpu::Backend::Gl;
-        let (max_rows, min_keys) = if cpu {
+        let (max_rows, min_keys) = if decodes_as_cpu(info) {
             (CPU_MAX_ROWS_PER_KV_HEAD, CPU_MIN_KEYS)
         } else {
             (MAX_ROWS_PER_KV_HEAD, MIN_KEYS)

@@ -1410,11 +1410,9 @@ fn few_query_rows_over_many_keys_run_as_decoding_on_every_adapter() {
         }
         // 32 rows (four tokens): decoding on CPU adapters only.
         let four_tokens = AttentionShape { seq_q: 4, ..step };
-        let cpu = info.adapter.device_type == wgpu::DeviceType::Cpu
-            && info.adapter.backend != wgpu::Backend::Gl;
         assert_eq!(
             DecodePlan::for_forward(&info, &four_tokens, DType::F32, &plain).is_some(),
-            cpu,
+            super::decode::decodes_as_cpu(&info),
             "{name}: four tokens"
         );
         let forced = plain.clone().tier(Tier::Portable);
