@@ -233,6 +233,24 @@ impl GpuInfo {
         llvmpipe.then_some(LLVMPIPE_LOOP_ITERATIONS)
     }
 
+    /// The major version of the LLVM a software adapter compiles kernels
+    /// with, where it says (Mesa's llvmpipe names it in the adapter name
+    /// and driver info: "llvmpipe (LLVM 15.0.6, 256 bits)"); `None`
+    /// elsewhere. The decode planner sizes CPU kernels by it, since how
+    /// long a wide kernel takes to compile depends on it.
+    pub fn llvm_major(&self) -> Option<u32> {
+        let adapter = &self.adapter;
+        [&adapter.name, &adapter.driver_info]
+            .into_iter()
+            .find_map(|text| {
+                let version = &text[text.find("LLVM ")? + "LLVM ".len()..];
+                let digits = version
+                    .find(|c: char| !c.is_ascii_digit())
+                    .unwrap_or(version.len());
+                version[..digits].parse().ok()
+            })
+    }
+
     /// One line: name, backend, device type.
     pub fn summary(&self) -> String {
         format!(

@@ -16,17 +16,40 @@ use crate::tensor::DType;
 const SUBGROUP_MAX_ROWS: u32 = 16;
 /// Floats of query and output one lane may hold for decoding's lanes over
 /// keys (8 rows at head dim 128, 4 at 256, 2 at 512): the default on CPU
-/// adapters within it, refused past it (`Error::KeyLanesState`). lavapipe
-/// compiled the 4096-float kernel (4 rows at d=512) in about 4 minutes, the
-/// 2048-float Llama-3.1-70B one in seconds; MLA's latent widths (16 rows x
-/// 1088) keep lanes over the head dim. Llama-3.1-405B's 16 rows at d=128
-/// (4096 floats) in one workgroup read the cache once and decoded 1.1-1.3x
-/// faster than two 8-row workgroups, but took about 2.5 minutes to compile
-/// cold, per cache type (BENCHMARKS.md, 2026-12-06): not worth a first
-/// call's wait.
+/// adapters where their fewest rows (below) fit it, refused past it
+/// (`Error::KeyLanesState`). lavapipe compiled the 4096-float kernel (4
+/// rows at d=512) in about 4 minutes, the 2048-float Llama-3.1-70B one in
+/// seconds; MLA's latent widths (16 rows x 1088) keep lanes over the head
+/// dim. On Mesa 26.1 (LLVM 19), 8 rows at d=256 (4096 floats) over keys
+/// decoded 9-25 % slower than over the head dim (BENCHMARKS.md,
+/// 2026-12-06), so this stays the bar for choosing lanes over keys there
+/// too.
 const KEY_LANES_MAX_STATE: u64 = 8 * 256;
+/// How far a workgroup's row tile may grow past [`KEY_LANES_MAX_STATE`]
+/// once lanes over keys are chosen, where the adapter compiles with LLVM
+/// [`WIDE_TILE_LLVM`] or later: Llama-3.1-405B's 16 rows at d=128 in one
+/// workgroup read the cache once, not twice, and decoded 1.2-1.35x faster
+/// than two 8-row tiles on both Mesas measured; Mesa 26.1 (LLVM 19)
+/// compiled that kernel in about 20 s, Mesa 22.3 (LLVM 15) in about 2.5
+/// minutes per cache type, too long a first call (BENCHMARKS.md,
+/// 2026-12-06).
+const KEY_LANES_MAX_TILE_STATE: u64 = 16 * 256;
+/// The oldest LLVM measured to compile [`KEY_LANES_MAX_TILE_STATE`]'s
+/// kernels quickly (19.1, Mesa 26.1; LLVM 15 did not).
+const WIDE_TILE_LLVM: u32 = 19;
+
+/// The most floats of query and output a CPU adapter's lanes-over-keys
+/// workgroup may hold (its row tile's bound).
+fn cpu_key_lanes_tile_limit(info: &GpuInfo) -> u64 {
+    match info.llvm_major() {
+        Some(major) if major >= WIDE_TILE_LLVM => KEY_LANES_MAX_TILE_STATE,
+        _ => KEY_LANES_MAX_STATE,
+    }
+}
+
 /// The fewest query rows a lanes-over-keys workgroup holds on CPU adapters
-/// when a GQA group's rows do not all fit [`KEY_LANES_MAX_STATE`]: the
+/// when a GQA group's rows do not all fit its tile limit
+/// ([`cpu_key_lanes_tile_limit`]): the
 /// group takes row tiles of at least this many rows (each reading the
 /// cache), and lanes over the head dim where not even these fit. On
 /// lavapipe (f32, f16 and int8 caches of 8K-32K tokens), Llama-3.1-405B's
@@ -303,7 +326,7 @@ impl DecodePlan {
                 // each reading the cache: on CPU adapters at least 8 rows
                 // a workgroup, on GPUs down to one.
                 let (limit, fewest_rows) = if cpu {
-                    (KEY_LANES_MAX_STATE, fewest_cpu_rows)
+                    (cpu_key_lanes_tile_limit(info), fewest_cpu_rows)
                 } else {
                     (GPU_KEY_LANES_MAX_STATE, 1)
                 };

@@ -1187,6 +1187,90 @@ fn decode_lanes_default_to_keys_on_cpu_adapters_and_refuse_the_portable_tier() {
     }
 }
 
+#[test]
+fn a_cpu_adapter_on_a_recent_llvm_decodes_a_16_row_group_in_one_workgroup() {
+    let cache = |head_dim, heads_kv| CacheShape {
+        batch: 1,
+        heads_kv,
+        head_dim,
+        head_dim_v: head_dim,
+        longest: 32768,
+        segments: 1,
+        dtype: crate::KvDType::F32,
+    };
+    let lavapipe = all()
+        .into_iter()
+        .find(|p| p.device_type == wgpu::DeviceType::Cpu && p.backend == wgpu::Backend::Vulkan)
+        .expect("a lavapipe profile");
+    let options = DecodeOptions::default();
+    for (llvm, wide_tiles) in [
+        ("15.0.6", false),
+        ("18.1.8", false),
+        ("19.1.7", true),
+        ("21.0.0", true),
+    ] {
+        let mut info = lavapipe.info();
+        info.adapter.name = format!("llvmpipe (LLVM {llvm}, 256 bits)");
+        assert_eq!(
+            info.llvm_major(),
+            llvm.split('.').next().unwrap().parse().ok()
+        );
+        let plan = |cache: &CacheShape, heads_q, options: &DecodeOptions| {
+            DecodePlan::for_call(&info, cache, 1, heads_q, options)
+        };
+        // Llama-3.1-405B's 16 rows at d=128: one workgroup reading the
+        // cache once where LLVM compiles it quickly, two 8-row tiles
+        // elsewhere.
+        let group_405b = plan(&cache(128, 8), 128, &options).unwrap();
+        let want = if wide_tiles { (16, 1) } else { (8, 2) };
+        assert_eq!(group_405b.lanes(), Some(DecodeLanes::Keys), "LLVM {llvm}");
+        assert_eq!(
+            (group_405b.rows_per_workgroup, group_405b.row_tiles),
+            want,
+            "LLVM {llvm}"
+        );
+        // Llama-3.1-70B's 8 rows are one workgroup either way, and d=256's 8
+        // rows keep lanes over the head dim (faster there on LLVM 19 too).
+        let group_70b = plan(&cache(128, 8), 64, &options).unwrap();
+        assert_eq!(
+            (group_70b.rows_per_workgroup, group_70b.row_tiles),
+            (8, 1),
+            "LLVM {llvm}"
+        );
+        let wide = plan(&cache(256, 8), 64, &options).unwrap();
+        assert_eq!(wide.lanes(), Some(DecodeLanes::HeadDim), "LLVM {llvm}");
+        // Forced lanes over keys at d=256: 8 rows (4096 floats) fit the
+        // wider tiles, and are refused at the narrower bar.
+        let forced = plan(
+            &cache(256, 8),
+            64,
+            &options.clone().lanes(DecodeLanes::Keys),
+        );
+        if wide_tiles {
+            assert_eq!(forced.unwrap().rows_per_workgroup, 8, "LLVM {llvm}");
+        } else {
+            assert!(
+                matches!(
+                    forced,
+                    Err(Error::KeyLanesState {
+                        rows: 8,
+                        floats: 4096,
+                        limit: 2048,
+                        ..
+                    })
+                ),
+                "LLVM {llvm}: {forced:?}"
+            );
+        }
+    }
+    // Without an LLVM in the adapter's name or driver info: none.
+    let mut other = lavapipe.info();
+    other.adapter.name = "SwiftShader Device (Subzero)".into();
+    assert_eq!(other.llvm_major(), None);
+    other.adapter.driver_info = "Mesa 26.1.6 (LLVM 19.1.7)".into();
+    assert_eq!(other.llvm_major(), Some(19));
+}
+
 /// On GPUs, lanes over the head dim hold no more rows than NAK kept in
 /// registers (`GPU_HEAD_DIM_LANE_REGISTERS`): 8 rows at head dims up to
 /// 256, 2 at MLA's 576/512 latent (it spilled 1,854 instructions at the 16
