@@ -28,11 +28,11 @@ const KEY_LANES_MAX_STATE: u64 = 8 * 256;
 /// How far a workgroup's row tile may grow past [`KEY_LANES_MAX_STATE`]
 /// once lanes over keys are chosen, where the adapter compiles with LLVM
 /// [`WIDE_TILE_LLVM`] or later: Llama-3.1-405B's 16 rows at d=128 in one
-/// workgroup read the cache once, not twice, and decoded 1.2-1.35x faster
-/// than two 8-row tiles on both Mesas measured; Mesa 26.1 (LLVM 19)
-/// compiled that kernel in about 20 s, Mesa 22.3 (LLVM 15) in about 2.5
-/// minutes per cache type, too long a first call (BENCHMARKS.md,
-/// 2026-12-06).
+/// workgroup read the cache once, not twice, and decoded 1.1-1.4x faster
+/// than two 8-row tiles at 128K tokens on Mesa 26.1 (LLVM 19; f32 cache
+/// 49-55 % of the copy ceiling), 1.2-1.4x on Mesa 22.3 (LLVM 15). LLVM 19
+/// compiled that kernel in about 20 s, LLVM 15 in about 2.5 minutes per
+/// cache type, too long a first call (BENCHMARKS.md, 2026-12-06).
 const KEY_LANES_MAX_TILE_STATE: u64 = 16 * 256;
 /// The oldest LLVM measured to compile [`KEY_LANES_MAX_TILE_STATE`]'s
 /// kernels quickly (19.1, Mesa 26.1; LLVM 15 did not).
