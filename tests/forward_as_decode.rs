@@ -213,18 +213,35 @@ fn heads_apart(gpu: &Gpu, shape: &AttentionShape, values: &[f32]) -> Tensor {
     stored.view(shape.k_shape(), strides, 0).unwrap()
 }
 
-/// The forward of `inputs` with K and V laid out by `layout` (Q packed,
-/// the output NaN-poisoned), against the reference.
+/// How K and V are stored for a call: a view of `shape.k_shape()`.
+type KvLayout = fn(&Gpu, &AttentionShape, &[f32]) -> Tensor;
+
+/// Q (packed), K and V (laid out by `layout`) and a NaN-poisoned output
+/// for the forward of `inputs`.
+fn operands_with_kv(
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    inputs: &Inputs,
+    layout: KvLayout,
+) -> [Tensor; 4] {
+    [
+        Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap(),
+        layout(gpu, shape, &inputs.k),
+        layout(gpu, shape, &inputs.v),
+        Tensor::filled(gpu, shape.o_shape(), f32::NAN).unwrap(),
+    ]
+}
+
+/// The forward of `inputs` with K and V laid out by `layout`, against the
+/// reference.
 fn run_with_kv(
     gpu: &Gpu,
     shape: &AttentionShape,
     inputs: &Inputs,
     config: &AttentionConfig,
-    layout: fn(&Gpu, &AttentionShape, &[f32]) -> Tensor,
+    layout: KvLayout,
 ) -> common::Errors {
-    let (k, v) = (layout(gpu, shape, &inputs.k), layout(gpu, shape, &inputs.v));
-    let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
-    let out = Tensor::filled(gpu, shape.o_shape(), f32::NAN).unwrap();
+    let [q, k, v, out] = operands_with_kv(gpu, shape, inputs, layout);
     common::run_views_and_compare(gpu, shape, inputs, config, [&q, &k, &v, &out])
 }
 
@@ -273,12 +290,7 @@ fn a_call_that_runs_as_decoding_runs_the_decode_kernel() {
         "the forward ran without the decode kernel: {:?}",
         failed.map(|_| "Ok")
     );
-    let (k, v) = (
-        grown(&gpu, &shape, &inputs.k),
-        grown(&gpu, &shape, &inputs.v),
-    );
-    let q = Tensor::from_f32(&gpu, shape.q_shape(), &inputs.q).unwrap();
-    let out = Tensor::zeros(&gpu, shape.o_shape(), DType::F32).unwrap();
+    let [q, k, v, out] = operands_with_kv(&gpu, &shape, &inputs, grown);
     let args = AttentionArgs {
         q: &q,
         k: &k,

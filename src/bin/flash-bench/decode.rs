@@ -621,15 +621,7 @@ fn time_prefill(
     // The forward kernels, their tier forced: left to the planner, a call
     // of a decode step's shape runs as split-KV decoding itself
     // (`DecodePlan::for_forward`).
-    let shape = AttentionShape {
-        batch: q_shape.batch,
-        seq_q: q_shape.seq,
-        seq_kv: tokens,
-        heads_q: q_shape.heads,
-        heads_kv: args.heads_kv,
-        head_dim: args.head_dim,
-        head_dim_v,
-    };
+    let shape = attention_args.shape()?;
     let tier =
         wgpu_flash_attn::ForwardPlan::for_config(gpu.info(), &shape, q.dtype(), config)?.tier();
     let config = &config.clone().tier(tier);
