@@ -29,11 +29,12 @@ pub(crate) const MAX_ROWS_PER_KV_HEAD: usize = 16;
 pub(crate) const MIN_KEYS: usize = 1024;
 
 /// [`MAX_ROWS_PER_KV_HEAD`] on CPU adapters (lavapipe), where decoding
-/// measured faster than the forward kernels up to 64 rows at every key
+/// measured faster than the forward kernels up to 128 rows at every key
 /// count tried (Llama-3.1-70B's heads, 256 to 32K keys: 8 rows 15-34x, 16
-/// rows 13-18x, 64 rows 2.3-4.5x, 128 rows 1.2-2.2x, 256 rows 0.7-1.2x;
+/// rows 13-18x, 64 rows 2.3-4.5x, 128 rows 1.8-2.2x on Mesa 22.3 and
+/// 2.1-2.5x on Mesa 26.1; 256 rows 0.7-0.8x at 256-1K keys on Mesa 22.3;
 /// BENCHMARKS.md, 2026-12-06).
-pub(crate) const CPU_MAX_ROWS_PER_KV_HEAD: usize = 64;
+pub(crate) const CPU_MAX_ROWS_PER_KV_HEAD: usize = 128;
 
 /// [`MIN_KEYS`] on CPU adapters: at 256 keys one token decoded 15.6x and
 /// 64 rows 2.3x faster there.
@@ -66,7 +67,7 @@ impl DecodePlan {
     /// ([`crate::ForwardPlan`]). It does when the call leaves its kernel to
     /// the planner (no forced tier, layout or f16 products; no dropout),
     /// has at most 16 query rows per KV head and at least 1024 keys on GPUs
-    /// (64 rows and 256 keys on CPU adapters, where decoding measured
+    /// (128 rows and 256 keys on CPU adapters, where decoding measured
     /// faster that far), a multiple of 16, equal query/key and value
     /// head dims, K and V within one storage binding, and the decode
     /// planner can run it; and (checked by the call itself) K and V are

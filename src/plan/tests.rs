@@ -1457,9 +1457,9 @@ fn few_query_rows_over_many_keys_run_as_decoding_on_every_adapter() {
                 },
             ),
             (
-                "65 rows a KV head",
+                "129 rows a KV head",
                 AttentionShape {
-                    seq_q: 65,
+                    seq_q: 129,
                     heads_q: 8,
                     ..step
                 },
@@ -1498,6 +1498,13 @@ fn few_query_rows_over_many_keys_run_as_decoding_on_every_adapter() {
             DecodePlan::for_forward(&info, &four_tokens, DType::F32, &plain).is_some(),
             super::decode::decodes_as_cpu(&info),
             "{name}: four tokens"
+        );
+        // 128 rows (sixteen tokens), CPU_MAX_ROWS_PER_KV_HEAD: the same.
+        let sixteen_tokens = AttentionShape { seq_q: 16, ..step };
+        assert_eq!(
+            DecodePlan::for_forward(&info, &sixteen_tokens, DType::F32, &plain).is_some(),
+            super::decode::decodes_as_cpu(&info),
+            "{name}: sixteen tokens"
         );
         let forced = plain.clone().tier(Tier::Portable);
         assert_eq!(
