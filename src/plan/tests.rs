@@ -1499,7 +1499,8 @@ fn few_query_rows_over_many_keys_run_as_decoding_on_every_adapter() {
             super::decode::decodes_as_cpu(&info),
             "{name}: four tokens"
         );
-        // 128 rows (sixteen tokens), CPU_MAX_ROWS_PER_KV_HEAD: the same.
+        // 128 rows (sixteen tokens), the CPU bound: decoding on CPU adapters
+        // only.
         let sixteen_tokens = AttentionShape { seq_q: 16, ..step };
         assert_eq!(
             DecodePlan::for_forward(&info, &sixteen_tokens, DType::F32, &plain).is_some(),
