@@ -291,10 +291,11 @@ for t in tiers half_storage forward masks key_chunks backward decode head_dims f
 done
 # Since 2026-12-06 (twenty-first session) a forward call with at most 16
 # query rows per KV head over 1024+ keys runs as split-KV decoding on GPUs
-# (64 rows and 256 keys on CPU adapters, where the crossover was
-# measured). Where the GPU crossover lies: decode against the forward
-# kernels (the prefill column forces their tier) at 16 and 64 rows.
-for seq_q in 2 8; do
+# (128 rows and 256 keys on CPU adapters since the twenty-third session,
+# where the crossover was measured). Where the GPU crossover lies: decode
+# against the forward kernels (the prefill column forces their tier) at
+# 16, 64 and 128 rows.
+for seq_q in 2 8 16; do
   step 30 "forward as decoding: decode vs forward kernels, Llama-3.1-70B heads, seq_q $seq_q, 4K/32K" \
     "$fb" decode --seq-q "$seq_q" --cache 4096,32768 --json "$res/forward-as-decode-q$seq_q.json"
 done
