@@ -1492,21 +1492,16 @@ fn few_query_rows_over_many_keys_run_as_decoding_on_every_adapter() {
                 "{name}: {what}"
             );
         }
-        // 32 rows (four tokens): decoding on CPU adapters only.
-        let four_tokens = AttentionShape { seq_q: 4, ..step };
-        assert_eq!(
-            DecodePlan::for_forward(&info, &four_tokens, DType::F32, &plain).is_some(),
-            super::decode::decodes_as_cpu(&info),
-            "{name}: four tokens"
-        );
-        // 128 rows (sixteen tokens), the CPU bound: decoding on CPU adapters
-        // only.
-        let sixteen_tokens = AttentionShape { seq_q: 16, ..step };
-        assert_eq!(
-            DecodePlan::for_forward(&info, &sixteen_tokens, DType::F32, &plain).is_some(),
-            super::decode::decodes_as_cpu(&info),
-            "{name}: sixteen tokens"
-        );
+        // 32 rows (four tokens) and 128 (sixteen, the CPU bound): decoding
+        // on CPU adapters only.
+        for seq_q in [4, 16] {
+            let tokens = AttentionShape { seq_q, ..step };
+            assert_eq!(
+                DecodePlan::for_forward(&info, &tokens, DType::F32, &plain).is_some(),
+                super::decode::decodes_as_cpu(&info),
+                "{name}: {seq_q} tokens"
+            );
+        }
         let forced = plain.clone().tier(Tier::Portable);
         assert_eq!(
             DecodePlan::for_forward(&info, &step, DType::F32, &forced),
