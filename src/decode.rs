@@ -225,6 +225,20 @@ impl Gpu {
         }
         let mut plan =
             DecodePlan::for_call(self.info(), &cache.plan_shape(), q.seq, q.heads, &options)?;
+        // Many query rows per KV head: the forward kernels over a dense
+        // copy of the cache (src/decode_as_forward.rs).
+        plan.as_forward = DecodePlan::as_forward(
+            self.info(),
+            &cache.plan_shape(),
+            q.seq,
+            q.heads,
+            io_dtype,
+            &options,
+        );
+        if plan.as_forward.is_some() {
+            self.decode_as_forward(encoder, args, config)?;
+            return Ok(plan);
+        }
         let partials = if plan.slots > 1 {
             Some(Partials::new(self, plan.slots, o)?)
         } else {

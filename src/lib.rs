@@ -38,6 +38,7 @@ mod backward;
 mod browser_wgsl_tests;
 mod config;
 mod decode;
+mod decode_as_forward;
 mod dropout;
 mod error;
 mod error_scopes;

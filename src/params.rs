@@ -201,6 +201,23 @@ pub struct RopeParams {
     pub write_values: u32,
 }
 
+/// Twin of `struct KvGatherParams` in `shaders/kv_gather.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct KvGatherParams {
+    pub batch: u32,
+    /// Positions per sequence in the dense output (the longest sequence).
+    pub seq: u32,
+    pub heads: u32,
+    /// vec4s per head vector.
+    pub d4: u32,
+    pub page_shift: u32,
+    pub pages_per_seq: u32,
+    /// The segment of this dispatch.
+    pub segment_first_page: u32,
+    pub segment_pages: u32,
+}
+
 /// Twin of `struct MaskParams` in `shaders/flash_attention.wgsl` (the
 /// `MASK` variant).
 #[repr(C)]

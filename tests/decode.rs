@@ -9,9 +9,9 @@ use common::random::{normal_vec, seeded};
 use common::{ROPE_BOUND, gpu, round_to, unit_roundoff};
 use rand::seq::SliceRandom;
 use wgpu_flash_attn::{
-    Alibi, AttentionArgs, AttentionConfig, AttentionShape, DType, DecodeArgs, DecodeLanes,
-    DecodeOptions, DecodePlan, Error, Gpu, KeyRotation, KvCache, KvCacheConfig, KvDType, KvLayout,
-    Lse, Rope, RopeStyle, Tensor, TensorShape, Tier, reference,
+    Alibi, AttentionArgs, AttentionConfig, AttentionShape, CacheShape, DType, DecodeArgs,
+    DecodeLanes, DecodeOptions, DecodePlan, Error, Gpu, KeyRotation, KvCache, KvCacheConfig,
+    KvDType, KvLayout, Lse, Rope, RopeStyle, Tensor, TensorShape, Tier, reference,
 };
 
 const HEADS_Q: usize = 8;
@@ -1459,4 +1459,103 @@ fn dropout_is_a_typed_error() {
         matches!(got, Err(Error::UnsupportedCombination { what }) if what.contains("dropout")),
         "{got:?}"
     );
+}
+
+/// A decode call whose decode plan would take more than 32 row tiles per
+/// KV head (a prompt chunk prefilled over the cache) runs as the forward
+/// kernels over a dense f32 copy of the cache (`DecodePlan::as_forward`):
+/// every cache type, a paged cache with shuffled pages spread over two
+/// buffers, sequences longer and shorter than the queries and an empty
+/// one, causal with sinks and softcap, a window with ALiBi; results
+/// against the reference over the stored values. 32 row tiles, forced
+/// lanes and f16 queries keep the decode kernel, and so do 16-bit and int8
+/// caches on CPU adapters outside GL (their copies run on GL and GPUs).
+#[test]
+fn many_query_rows_run_as_the_forward_kernels_over_every_cache_type() {
+    let Some(gpu) = gpu() else { return };
+    let head_dim = 32;
+    let group = HEADS_Q / HEADS_KV;
+    let info = gpu.info();
+    let plain = DecodeOptions::new(&AttentionConfig::new());
+    // The decode kernel's rows per workgroup here (row tiles are this
+    // many rows), then 33 tiles' worth of query tokens.
+    let probe = CacheShape {
+        batch: 1,
+        heads_kv: HEADS_KV,
+        head_dim,
+        head_dim_v: head_dim,
+        longest: 1000,
+        segments: 1,
+        dtype: KvDType::F32,
+    };
+    let tile = DecodePlan::for_call(info, &probe, 1024, HEADS_Q, &plain)
+        .unwrap()
+        .rows_per_workgroup as usize;
+    let seq_q = (33 * tile).div_ceil(group);
+    let lens = [seq_q + 170, seq_q, 40, 0];
+    let page_size = 16;
+    let pages_per_seq = lens[0].div_ceil(page_size);
+    let sinks = normal_vec(&mut seeded(0xf0a5), HEADS_Q, 1.0);
+    let configs = [
+        (
+            "causal, sinks, softcap",
+            AttentionConfig::new()
+                .causal(true)
+                .sinks(sinks)
+                .softcap(15.0),
+        ),
+        (
+            "window (50, 0), ALiBi",
+            AttentionConfig::new()
+                .window(Some(50), Some(0))
+                .alibi(Alibi::PerHead(Alibi::standard_slopes(HEADS_Q))),
+        ),
+    ];
+    let cpu_outside_gl = info.adapter.device_type == wgpu::DeviceType::Cpu
+        && info.adapter.backend != wgpu::Backend::Gl;
+    for dtype in [KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8] {
+        let routes = dtype == KvDType::F32 || !cpu_outside_gl;
+        let layout = KvLayout::Paged {
+            page_size,
+            pages: lens.len() * pages_per_seq,
+        };
+        // Half the pool's pages per buffer: two buffers.
+        let page_bytes = (page_size * HEADS_KV * dtype.vector_bytes(head_dim)) as u64;
+        let config = KvCacheConfig::new(lens.len(), HEADS_KV, head_dim, layout)
+            .dtype(dtype)
+            .max_buffer_bytes(page_bytes * (lens.len() * pages_per_seq / 2) as u64);
+        let mut filled = fill(gpu, config, &lens, 0xf0a5_0001);
+        assert_eq!(filled.cache.segment_count(), 2, "{dtype:?}");
+        for b in 0..lens.len() {
+            let (k, v) = filled.cache.read_sequence(gpu, b).unwrap();
+            filled.k[b] = k;
+            filled.v[b] = v;
+        }
+        for (i, (name, attention)) in configs.iter().enumerate() {
+            let q = queries(lens.len(), seq_q, head_dim, 0xf0a5_0010 + i as u64);
+            let options = DecodeOptions::new(attention);
+            let (out_err, lse_err, plan) = decode_errors(gpu, &filled, &q, seq_q, &options);
+            assert_eq!(
+                plan.as_forward.is_some(),
+                routes,
+                "{dtype:?}, {name}: whether {seq_q} tokens ({tile}-row tiles) decode as the \
+                 forward kernels ({plan:?})"
+            );
+            assert!(
+                out_err <= 1e-4 && lse_err <= 1e-4,
+                "{dtype:?}, {name}: out error {out_err:.2e}, lse error {lse_err:.2e}"
+            );
+        }
+        // Where the decode kernel keeps the call (planned only).
+        let shape = filled.cache.plan_shape();
+        let as_forward = |seq_q, q_dtype, options: &DecodeOptions| {
+            DecodePlan::as_forward(info, &shape, seq_q, HEADS_Q, q_dtype, options).is_some()
+        };
+        assert_eq!(as_forward(seq_q, DType::F32, &plain), routes, "{dtype:?}");
+        let tiles_32 = 32 * tile / group;
+        assert!(!as_forward(tiles_32, DType::F32, &plain), "32 row tiles");
+        assert!(!as_forward(seq_q, DType::F16, &plain), "f16 queries");
+        let forced = plain.clone().lanes(DecodeLanes::HeadDim);
+        assert!(!as_forward(seq_q, DType::F32, &forced), "forced lanes");
+    }
 }

@@ -299,6 +299,19 @@ for seq_q in 2 8 16; do
   step 30 "forward as decoding: decode vs forward kernels, Llama-3.1-70B heads, seq_q $seq_q, 4K/32K" \
     "$fb" decode --seq-q "$seq_q" --cache 4096,32768 --json "$res/forward-as-decode-q$seq_q.json"
 done
+# The other way (2026-12-06, twenty-fourth session): a decode call whose
+# decode plan takes more than 32 row tiles per KV head (f32 queries; 8-row
+# tiles at d=128 on GPUs: 256 rows) runs as the forward kernels over a
+# dense copy of the cache, bound measured on lavapipe only. The route
+# (lanes "forward") against the decode kernel forced (--lanes head-dim)
+# at 64 tokens (512 rows, 64 tiles) and 32 (256 rows, not routed).
+for seq_q in 32 64; do
+  step 30 "decode as forward: route vs decode kernel, Llama-3.1-70B heads, seq_q $seq_q, 4K" \
+    "$fb" decode --seq-q "$seq_q" --cache 4096 --kv-dtype f32,int8 --json "$res/decode-as-forward-q$seq_q.json"
+  step 30 "decode as forward: decode kernel forced, seq_q $seq_q, 4K" \
+    "$fb" decode --seq-q "$seq_q" --cache 4096 --kv-dtype f32,int8 --lanes head-dim \
+    --json "$res/decode-as-forward-forced-q$seq_q.json"
+done
 # This commit against others (benches/device/stage-baseline.sh: the
 # commit a kernel change replaces, a branch's kernel), in two rounds so
 # that a drift in the GPU's clocks shows as disagreement between the

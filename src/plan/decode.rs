@@ -209,6 +209,11 @@ pub struct DecodePlan {
     /// Partial results merged at the end (`splits * segments`); 1 means
     /// the kernel wrote the output directly.
     pub slots: u32,
+    /// Set by [`crate::Gpu::decode`] when the call ran as the forward
+    /// kernels over a dense copy of the cache instead
+    /// ([`DecodePlan::as_forward`] says when, ahead of the call); the
+    /// fields above are then the decode kernel's plan, not run.
+    pub as_forward: Option<ForwardPlan>,
 }
 
 impl DecodePlan {
@@ -483,6 +488,7 @@ impl DecodePlan {
             rows_per_workgroup,
             row_tiles,
             slots: splits as u32 * segments,
+            as_forward: None,
         })
     }
 }

@@ -7,6 +7,7 @@
 //! from their profiles (`profiles.rs`, and the tests in `tests.rs`).
 
 mod decode;
+mod decode_as_forward;
 mod forward;
 mod forward_as_decode;
 mod naive;

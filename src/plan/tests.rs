@@ -1510,3 +1510,107 @@ fn few_query_rows_over_many_keys_run_as_decoding_on_every_adapter() {
         );
     }
 }
+
+/// The other way: a decode call whose decode plan takes 33 row tiles per
+/// KV head (Llama-3.1-70B's heads over 4K cached tokens, f32 cache) runs
+/// as the forward kernels on every adapter, with the forward planner's
+/// plan, which does not send it back to decoding; 32 row tiles, 16-bit
+/// queries, forced options, a copy past one binding and a latent cache
+/// keep the decode kernel, and so do 16-bit and int8 caches on CPU
+/// adapters.
+#[test]
+fn many_query_rows_over_a_cache_run_as_the_forward_on_every_adapter() {
+    let cache = CacheShape {
+        batch: 1,
+        heads_kv: 8,
+        head_dim: 128,
+        head_dim_v: 128,
+        longest: 4096,
+        segments: 1,
+        dtype: crate::KvDType::F32,
+    };
+    let (heads_q, group) = (64, 8);
+    let plain = DecodeOptions::new(&crate::AttentionConfig::new().causal(true));
+    for profile in profiles::all() {
+        let info = profile.info();
+        let name = profile.name;
+        let tile = DecodePlan::for_call(&info, &cache, 1024, heads_q, &plain)
+            .unwrap()
+            .rows_per_workgroup as usize;
+        let seq_q = (33 * tile).div_ceil(group);
+        let plan = DecodePlan::as_forward(&info, &cache, seq_q, heads_q, DType::F32, &plain)
+            .unwrap_or_else(|| panic!("{name}: 33 row tiles keep the decode kernel"));
+        let shape = AttentionShape {
+            batch: 1,
+            seq_q,
+            seq_kv: 4096,
+            heads_q,
+            heads_kv: 8,
+            head_dim: 128,
+            head_dim_v: 128,
+        };
+        let forward = ForwardPlan::for_config(&info, &shape, DType::F32, &plain.config);
+        assert_eq!(Some(plan), forward.ok(), "{name}: not the forward plan");
+        assert_eq!(
+            DecodePlan::for_forward(&info, &shape, DType::F32, &plain.config),
+            None,
+            "{name}: the forward would send it back"
+        );
+        let cpu = super::decode::decodes_as_cpu(&info);
+        for dtype in [
+            crate::KvDType::F16,
+            crate::KvDType::BF16,
+            crate::KvDType::Int8,
+        ] {
+            let typed = CacheShape { dtype, ..cache };
+            assert_eq!(
+                DecodePlan::as_forward(&info, &typed, seq_q, heads_q, DType::F32, &plain).is_some(),
+                !cpu,
+                "{name}: a {dtype:?} cache"
+            );
+        }
+        let past_binding = CacheShape {
+            longest: 1 << 22,
+            ..cache
+        };
+        let latent = CacheShape {
+            heads_kv: 1,
+            head_dim: 576,
+            head_dim_v: 512,
+            ..cache
+        };
+        let tiles_32 = 32 * tile / group;
+        for (what, cache, seq_q, q_dtype, options) in [
+            ("32 row tiles", cache, tiles_32, DType::F32, plain.clone()),
+            ("f16 queries", cache, seq_q, DType::F16, plain.clone()),
+            (
+                "forced lanes",
+                cache,
+                seq_q,
+                DType::F32,
+                plain.clone().lanes(DecodeLanes::HeadDim),
+            ),
+            (
+                "forced splits",
+                cache,
+                seq_q,
+                DType::F32,
+                plain.clone().kv_splits(4),
+            ),
+            (
+                "a copy past one binding",
+                past_binding,
+                seq_q,
+                DType::F32,
+                plain.clone(),
+            ),
+            ("a latent cache", latent, seq_q, DType::F32, plain.clone()),
+        ] {
+            assert_eq!(
+                DecodePlan::as_forward(&info, &cache, seq_q, heads_q, q_dtype, &options),
+                None,
+                "{name}: {what}"
+            );
+        }
+    }
+}

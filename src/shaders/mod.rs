@@ -174,6 +174,8 @@ pub enum Kernel {
     Rope,
     /// `shaders/kv_append.wgsl`: appends K/V to a cache, rotating keys.
     KvAppend,
+    /// `shaders/kv_gather.wgsl`: copies a cache into dense f32 K and V.
+    KvGather,
     /// `shaders/linear_attention.wgsl`, first pass: each key split's sums
     /// of phi(k) v^T and phi(k).
     LinearStates,
@@ -198,7 +200,7 @@ pub enum Kernel {
 impl Kernel {
     /// Every kernel family, for tests that validate all shaders.
     #[cfg(test)]
-    pub const ALL: [Kernel; 21] = [
+    pub const ALL: [Kernel; 22] = [
         Kernel::FlashForward,
         Kernel::FlashMasked,
         Kernel::FlashBlocked,
@@ -212,6 +214,7 @@ impl Kernel {
         Kernel::Combine,
         Kernel::Rope,
         Kernel::KvAppend,
+        Kernel::KvGather,
         Kernel::LinearStates,
         Kernel::LinearScan,
         Kernel::LinearOutputs,
@@ -235,6 +238,7 @@ impl Kernel {
             Kernel::Combine => "combine_partials.wgsl",
             Kernel::Rope => "rope.wgsl",
             Kernel::KvAppend => "kv_append.wgsl",
+            Kernel::KvGather => "kv_gather.wgsl",
             Kernel::LinearStates
             | Kernel::LinearScan
             | Kernel::LinearOutputs
@@ -274,6 +278,7 @@ impl Kernel {
             Kernel::Combine => vec![codec],
             Kernel::Rope => vec![rope],
             Kernel::KvAppend => vec![codec, rope],
+            Kernel::KvGather => vec![codec],
             // Both forward kernels read the same sequence table, carry and
             // mask, declared once in flash_attention.wgsl.
             Kernel::FlashBlocked
@@ -376,6 +381,15 @@ impl Kernel {
                 Storage { read_only: false },
                 Storage { read_only: true },
             ],
+            // params, K and V segments, block table, dense K, dense V
+            Kernel::KvGather => &[
+                Uniform,
+                Storage { read_only: true },
+                Storage { read_only: true },
+                Storage { read_only: true },
+                Storage { read_only: false },
+                Storage { read_only: false },
+            ],
         }
     }
 }
@@ -387,7 +401,7 @@ const FORWARD_TABLES_BEGIN: &str = "// Shared with flash_blocked.wgsl from here"
 const FORWARD_TABLES_END: &str = "// Shared with flash_blocked.wgsl up to here";
 
 /// Every file under `shaders/`, by name, as built into the crate.
-const SHADER_FILES: [(&str, &str); 16] = [
+const SHADER_FILES: [(&str, &str); 17] = [
     (
         "attention_common.wgsl",
         include_str!("../../shaders/attention_common.wgsl"),
@@ -431,6 +445,10 @@ const SHADER_FILES: [(&str, &str); 16] = [
     (
         "kv_append.wgsl",
         include_str!("../../shaders/kv_append.wgsl"),
+    ),
+    (
+        "kv_gather.wgsl",
+        include_str!("../../shaders/kv_gather.wgsl"),
     ),
     (
         "linear_attention.wgsl",

@@ -59,6 +59,12 @@ pub enum Specialization {
         workgroup_size: u32,
         dtype: KvDType,
     },
+    /// One invocation per head vector of a cache copied into dense f32
+    /// K and V (reading the cache's type).
+    KvGather {
+        workgroup_size: u32,
+        dtype: KvDType,
+    },
     /// One pass of linear attention.
     Linear {
         pass: LinearPass,
@@ -192,6 +198,7 @@ impl Specialization {
             Specialization::Combine { .. } => Kernel::Combine,
             Specialization::Rope { .. } => Kernel::Rope,
             Specialization::KvAppend { .. } => Kernel::KvAppend,
+            Specialization::KvGather { .. } => Kernel::KvGather,
             Specialization::Linear { pass, .. } => match pass {
                 LinearPass::States => Kernel::LinearStates,
                 LinearPass::Scan => Kernel::LinearScan,
@@ -293,7 +300,8 @@ impl Specialization {
             }
             Specialization::Combine { workgroup_size, .. }
             | Specialization::Rope { workgroup_size }
-            | Specialization::KvAppend { workgroup_size, .. } => vec![("WG_SIZE", workgroup_size)],
+            | Specialization::KvAppend { workgroup_size, .. }
+            | Specialization::KvGather { workgroup_size, .. } => vec![("WG_SIZE", workgroup_size)],
             Specialization::Linear { tiling, .. } => vec![
                 ("DK4", tiling.head_dim / 4),
                 ("DV4", tiling.head_dim_v / 4),
@@ -502,7 +510,8 @@ impl Specialization {
                 q: DType::F32,
                 out: *out,
             })),
-            Specialization::KvAppend { dtype: cache, .. } => flags.extend(cache_flags(*cache)),
+            Specialization::KvAppend { dtype: cache, .. }
+            | Specialization::KvGather { dtype: cache, .. } => flags.extend(cache_flags(*cache)),
             Specialization::Linear { pass, tiling } => {
                 flags.extend(storage_flags(tiling.storage));
                 if *pass == LinearPass::Outputs && tiling.causal {
@@ -615,7 +624,8 @@ impl Specialization {
             }
             Specialization::Combine { .. }
             | Specialization::Rope { .. }
-            | Specialization::KvAppend { .. } => &[],
+            | Specialization::KvAppend { .. }
+            | Specialization::KvGather { .. } => &[],
         }
     }
 

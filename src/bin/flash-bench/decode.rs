@@ -82,8 +82,12 @@ pub(crate) fn parse_lanes(name: &str) -> Result<DecodeLanes, String> {
     }
 }
 
-/// How the case's plan spreads keys over lanes, for the report.
+/// How the case's plan spreads keys over lanes, for the report;
+/// "forward" where the call ran as the forward kernels.
 pub(crate) fn lanes_name(plan: &DecodePlan) -> &'static str {
+    if plan.as_forward.is_some() {
+        return "forward";
+    }
     match plan.lanes() {
         Some(DecodeLanes::Keys) => "keys",
         Some(DecodeLanes::HeadDim) => "head-dim",
@@ -209,7 +213,9 @@ pub fn run(
         }
     }
     println!(
-        "splits = key chunks x cache buffers; GB/s counts the K and V bytes a step reads \
+        "splits = key chunks x cache buffers; lanes forward = the call ran as the forward \
+         kernels over a dense f32 copy of the cache (f32 queries, more than 32 decode row tiles \
+         per KV head, f32 caches only on CPU adapters; --lanes forces the decode kernel); GB/s counts the K and V bytes a step reads \
          (the cache's stored bytes); vs f32 = the f32 cache's time over this one's, same \
          length and lanes, same run; prefill = the forward kernels on the same call \
          (contiguous f32 K/V tensors, the planner's tier forced: left to the planner, \
@@ -445,7 +451,12 @@ fn run_case(
             kv_dtype: dtype.name(),
             q_dtype: args.q_dtype,
             lanes: lanes_name(&plan),
-            splits: plan.splits,
+            // (As the forward kernels: one copy dispatch per cache buffer.)
+            splits: if plan.as_forward.is_some() {
+                1
+            } else {
+                plan.splits
+            },
             cache_buffers: plan.segments,
             decode_ms: timing.median_ms,
             gb_per_s,
