@@ -226,16 +226,25 @@ impl DecodePlan {
     }
 
     /// The decode kernel's name with its constants and variants, as
-    /// pipeline labels and errors give it.
+    /// pipeline labels and errors give it (the forward kernel's where the
+    /// call ran as the forward, [`DecodePlan::as_forward`]).
     pub fn kernel_label(&self) -> String {
-        self.specialization.label()
+        match &self.as_forward {
+            Some(forward) => forward.kernel_label(),
+            None => self.specialization.label(),
+        }
     }
 
-    /// The kernel tier this plan runs.
+    /// The kernel tier this plan runs (the forward's where the call ran as
+    /// the forward).
     pub fn tier(&self) -> Tier {
-        self.specialization
-            .attention_tiling()
-            .map_or(Tier::Portable, tier_of)
+        match &self.as_forward {
+            Some(forward) => forward.tier(),
+            None => self
+                .specialization
+                .attention_tiling()
+                .map_or(Tier::Portable, tier_of),
+        }
     }
 
     /// Loop iterations one invocation runs over its chunk of keys, as the

@@ -214,9 +214,10 @@ pub fn run(
     }
     println!(
         "splits = key chunks x cache buffers; lanes forward = the call ran as the forward \
-         kernels over a dense f32 copy of the cache (f32 queries, more than 32 decode row tiles \
-         per KV head, f32 caches only on CPU adapters; --lanes forces the decode kernel); GB/s counts the K and V bytes a step reads \
-         (the cache's stored bytes); vs f32 = the f32 cache's time over this one's, same \
+         kernels over a dense f32 copy of the cache (f32 queries, more than 32 decode row \
+         tiles per KV head, f32 caches only on CPU adapters; --lanes forces the decode \
+         kernel); GB/s counts the K and V bytes a step reads (the cache's stored bytes); \
+         vs f32 = the f32 cache's time over this one's, same \
          length and lanes, same run; prefill = the forward kernels on the same call \
          (contiguous f32 K/V tensors, the planner's tier forced: left to the planner, \
          such a call runs as split-KV decoding); half and int8 caches are validated against the \
