@@ -223,13 +223,13 @@ impl Gpu {
                 });
             }
         }
-        let mut plan =
-            DecodePlan::for_call(self.info(), &cache.plan_shape(), q.seq, q.heads, &options)?;
+        let cache_shape = cache.plan_shape();
+        let mut plan = DecodePlan::for_call(self.info(), &cache_shape, q.seq, q.heads, &options)?;
         // Many query rows per KV head: the forward kernels over a dense
         // copy of the cache (src/decode_as_forward.rs).
-        plan.as_forward = DecodePlan::as_forward(
+        plan.as_forward = plan.forward_instead(
             self.info(),
-            &cache.plan_shape(),
+            &cache_shape,
             q.seq,
             q.heads,
             io_dtype,

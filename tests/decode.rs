@@ -1511,8 +1511,7 @@ fn many_query_rows_run_as_the_forward_kernels_over_every_cache_type() {
                 .alibi(Alibi::PerHead(Alibi::standard_slopes(HEADS_Q))),
         ),
     ];
-    let cpu_outside_gl = info.adapter.device_type == wgpu::DeviceType::Cpu
-        && info.adapter.backend != wgpu::Backend::Gl;
+    let cpu_outside_gl = common::cpu_outside_gl(gpu);
     for dtype in [KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8] {
         let routes = dtype == KvDType::F32 || !cpu_outside_gl;
         let layout = KvLayout::Paged {

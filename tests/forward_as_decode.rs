@@ -140,8 +140,7 @@ fn a_128_row_group_runs_as_decoding_on_cpu_adapters_and_matches_the_reference() 
     let Some(gpu) = gpu() else { return };
     let info = gpu.info();
     let shape = shape_of((1, 16, 512, (8, 1), 64));
-    let decodes_as_cpu = info.adapter.device_type == wgpu::DeviceType::Cpu
-        && info.adapter.backend != wgpu::Backend::Gl;
+    let decodes_as_cpu = common::cpu_outside_gl(gpu);
     let inputs = Inputs::draw(&shape, 60, 1.0);
     for (name, config) in configs(shape.heads_q) {
         assert_eq!(

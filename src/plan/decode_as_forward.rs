@@ -54,6 +54,22 @@ impl DecodePlan {
         q_dtype: DType,
         options: &DecodeOptions,
     ) -> Option<ForwardPlan> {
+        DecodePlan::for_call(info, cache, seq_q, heads_q, options)
+            .ok()?
+            .forward_instead(info, cache, seq_q, heads_q, q_dtype, options)
+    }
+
+    /// [`DecodePlan::as_forward`] for a call already planned as `self`
+    /// (`Gpu::decode` plans once).
+    pub(crate) fn forward_instead(
+        &self,
+        info: &GpuInfo,
+        cache: &CacheShape,
+        seq_q: usize,
+        heads_q: usize,
+        q_dtype: DType,
+        options: &DecodeOptions,
+    ) -> Option<ForwardPlan> {
         let config = &options.config;
         let left_to_planners = options.kv_splits.is_none()
             && options.lanes.is_none()
@@ -65,15 +81,10 @@ impl DecodePlan {
         if !left_to_planners
             || q_dtype != DType::F32
             || cache.head_dim != cache.head_dim_v
-            || cache.heads_kv == 0
             || cache.longest == 0
-            || !heads_q.is_multiple_of(cache.heads_kv)
+            || self.row_tiles <= MAX_DECODE_ROW_TILES
             || (cache.dtype != KvDType::F32 && decodes_as_cpu(info))
         {
-            return None;
-        }
-        let decode = DecodePlan::for_call(info, cache, seq_q, heads_q, options).ok()?;
-        if decode.row_tiles <= MAX_DECODE_ROW_TILES {
             return None;
         }
         let bytes = (cache.batch as u64)

@@ -214,6 +214,15 @@ pub fn forward_tiers(gpu: &Gpu, dtype: DType) -> [Option<Tier>; 2] {
     }
 }
 
+/// Whether the adapter is a CPU outside GL (lavapipe on Vulkan): where the
+/// planners take their CPU choices (lanes over keys, the CPU bounds of the
+/// routes between the forward and decoding), stated here independently of
+/// the library's own test of it.
+pub fn cpu_outside_gl(gpu: &Gpu) -> bool {
+    let adapter = &gpu.info().adapter;
+    adapter.device_type == wgpu::DeviceType::Cpu && adapter.backend != wgpu::Backend::Gl
+}
+
 /// The decode subgroup tier's lane layouts that the adapter does not pick
 /// by default (on CPU adapters those other than lanes over keys, on GPUs
 /// those other than lanes over the head dim), none where it has no
