@@ -110,7 +110,10 @@ fn a_bias_of_f32_min_on_every_key_gives_the_average_of_v() {
 #[test]
 fn huge_scales_and_alibi_slopes_pick_the_winning_key() {
     let Some(gpu) = gpu() else { return };
-    let shape = shape(24, 37, 2, 64);
+    // d=32: the extremes do not depend on the head dim, and the variants
+    // below (ALiBi, sinks, three tiers) compile 4x faster on a cold
+    // lavapipe than at d=64 (26 s against 101 s for the test).
+    let shape = shape(24, 37, 2, 32);
     let inputs = Inputs::draw(&shape, 4, 1.0);
     let configs = [
         ("scale -1e31", AttentionConfig::new().scale(-1e31)),
