@@ -342,7 +342,9 @@ impl Gpu {
     /// part is an output (`[batch, seq_q, heads_q, head_dim]`, f32, packed)
     /// and its logsumexp (+inf where the part had no key for a row). Shard
     /// a long sequence across calls or devices, then merge here. The parts
-    /// need `COPY_SRC` (they are gathered into one scratch buffer).
+    /// need `COPY_SRC` (they are gathered into one scratch buffer). On
+    /// llvmpipe one call merges at most 32766 parts
+    /// ([`Error::MergeLoopBudget`] past that: merge in stages).
     pub fn merge(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -353,6 +355,7 @@ impl Gpu {
         let Some((first, _)) = parts.first() else {
             return Err(Error::NothingToMerge);
         };
+        crate::plan::check_merge_budget(self.info(), parts.len() as u64)?;
         let q = first.shape();
         for (name, tensor) in parts
             .iter()

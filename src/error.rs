@@ -540,7 +540,7 @@ pub enum Error {
     #[error(
         "{kernel} over {keys} keys would run {trips} loop iterations per invocation; this adapter \
          stops shaders after {budget} (llvmpipe), which would silently truncate the result. Use \
-         fewer keys per call (split the keys and merge the parts with Gpu::merge_attention) or \
+         fewer keys per call (split the keys and merge the parts with Gpu::merge) or \
          the default kernel tier"
     )]
     LoopBudget {
@@ -548,6 +548,24 @@ pub enum Error {
         kernel: String,
         /// Keys one invocation would visit.
         keys: u64,
+        /// Loop iterations that would take.
+        trips: u64,
+        /// Iterations the adapter allows per invocation.
+        budget: u64,
+    },
+    /// Merging this many partial results (split-KV decoding's splits times
+    /// the cache's buffers, or [`crate::Gpu::merge`]'s parts) would run more
+    /// loop iterations per invocation than the adapter's cap
+    /// ([`crate::GpuInfo::loop_budget`], llvmpipe), which would silently
+    /// drop the last parts.
+    #[error(
+        "merging {parts} partial results would run {trips} loop iterations per invocation; this \
+         adapter stops shaders after {budget} (llvmpipe), which would silently drop the last \
+         parts. Use fewer key splits (DecodeOptions::kv_splits), or merge in stages"
+    )]
+    MergeLoopBudget {
+        /// Partial results to merge.
+        parts: u64,
         /// Loop iterations that would take.
         trips: u64,
         /// Iterations the adapter allows per invocation.

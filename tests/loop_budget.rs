@@ -9,8 +9,9 @@ mod common;
 
 use common::{Inputs, gpu};
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionShape, BackwardPlan, DType, DecodeArgs, DecodeOptions,
-    Error, ForwardPlan, Gpu, KvCache, KvCacheConfig, KvLayout, Tensor, Tier, reference,
+    AttentionArgs, AttentionConfig, AttentionShape, BackwardPlan, CacheShape, DType, DecodeArgs,
+    DecodeOptions, DecodePlan, Error, ForwardPlan, Gpu, KvCache, KvCacheConfig, KvDType, KvLayout,
+    Lse, Tensor, Tier, reference,
 };
 
 #[test]
@@ -138,6 +139,116 @@ fn decoding_splits_long_caches_under_the_budget() {
         gpu.run(|e| gpu.decode(e, &args, one_split.clone())),
         Err(Error::LoopBudget { .. })
     ));
+}
+
+/// Split-KV decoding merges its partial results in two loops over them (a
+/// max, then the weighted sum), which share the cap with everything else an
+/// invocation runs: the most splits whose merge fits decode exactly; one
+/// more is refused, not merged in part.
+#[test]
+fn the_most_splits_the_merge_allows_are_exact_and_one_more_is_refused() {
+    let Some(gpu) = gpu() else { return };
+    let Some(budget) = gpu.info().loop_budget() else {
+        eprintln!("SKIPPED: this adapter caps no shader loops; nothing to check");
+        return;
+    };
+    let shape_at = |seq_kv| AttentionShape {
+        batch: 1,
+        seq_q: 1,
+        seq_kv,
+        heads_q: 2,
+        heads_kv: 1,
+        head_dim: 8,
+        head_dim_v: 8,
+    };
+    let split_plan = |splits: usize| {
+        let cache = CacheShape::of_call(&shape_at(splits), KvDType::F32);
+        let options = DecodeOptions::new(&AttentionConfig::new()).kv_splits(splits);
+        DecodePlan::for_call(gpu.info(), &cache, 1, 2, &options)
+    };
+    // Each split one key: the most splits the merge allows, found by
+    // bisection over the planner (a plan that undercounted the merge's
+    // trips would lose the last splits' keys below).
+    let (mut lo, mut hi) = (2, 1 << 16);
+    assert!(split_plan(lo).is_ok() && split_plan(hi).is_err());
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if split_plan(mid).is_ok() {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    eprintln!("decode: at most {lo} splits under a budget of {budget}");
+    match split_plan(hi) {
+        Err(Error::MergeLoopBudget {
+            parts,
+            trips,
+            budget: b,
+        }) => assert!(parts == hi as u64 && trips > b && b == budget),
+        other => panic!("{hi} splits: expected MergeLoopBudget, got {other:?}"),
+    }
+    let shape = shape_at(hi);
+    let mut cache = KvCache::new(
+        gpu,
+        KvCacheConfig::new(1, 1, 8, KvLayout::Contiguous { capacity: hi }),
+    )
+    .unwrap();
+    let inputs = Inputs::draw(&shape, 0x5eed_100d, 1.0);
+    let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k).unwrap();
+    let v = Tensor::from_f32(gpu, shape.v_shape(), &inputs.v).unwrap();
+    gpu.run(|e| cache.append(gpu, e, &k, &v, None)).unwrap();
+    let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
+    let config = AttentionConfig::new();
+    let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
+    let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
+    let lse = Lse::new(gpu, 1, 2, 1).unwrap();
+    let args = DecodeArgs {
+        q: &q,
+        cache: &cache,
+        out: &out,
+        lse: Some(&lse),
+    };
+    for (splits, allowed) in [(lo, true), (hi, false)] {
+        let options = DecodeOptions::new(&config).kv_splits(splits);
+        let result = gpu.run(|e| gpu.decode(e, &args, options));
+        if !allowed {
+            assert!(
+                matches!(result, Err(Error::MergeLoopBudget { .. })),
+                "{splits} splits: {result:?}"
+            );
+            continue;
+        }
+        assert_eq!(result.unwrap().slots as usize, splits);
+        let got = out.to_f32_vec(gpu).unwrap();
+        let err = common::max_abs_error(&got, &want.out, &format!("{splits} splits"));
+        assert!(err <= 1e-4, "{splits} splits: max error {err:.2e}");
+        let got_lse = lse.to_vec(gpu).unwrap();
+        let err = common::max_abs_error(&got_lse, &want.lse, &format!("{splits} splits, lse"));
+        assert!(err <= 1e-4, "{splits} splits: lse error {err:.2e}");
+    }
+    // Gpu::merge has the same bound: `lo` copies of one result merge into
+    // that result (its logsumexp raised by ln lo); one copy more is refused.
+    let part = out.to_f32_vec(gpu).unwrap();
+    let part_lse = lse.to_vec(gpu).unwrap();
+    let merged = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
+    let merged_lse = Lse::new(gpu, 1, 2, 1).unwrap();
+    let copies = vec![(&out, &lse); hi];
+    assert!(matches!(
+        gpu.run(|e| gpu.merge(e, &copies, &merged, Some(&merged_lse))),
+        Err(Error::MergeLoopBudget { parts, .. }) if parts == hi as u64
+    ));
+    gpu.run(|e| gpu.merge(e, &copies[..lo], &merged, Some(&merged_lse)))
+        .unwrap();
+    let want_out: Vec<f64> = part.iter().map(|&x| f64::from(x)).collect();
+    let err = common::max_abs_error(&merged.to_f32_vec(gpu).unwrap(), &want_out, "merged copies");
+    assert!(err <= 1e-5, "{lo} merged copies: max error {err:.2e}");
+    let want_lse: Vec<f64> = part_lse
+        .iter()
+        .map(|&x| f64::from(x) + (lo as f64).ln())
+        .collect();
+    let err = common::max_abs_error(&merged_lse.to_vec(gpu).unwrap(), &want_lse, "merged lse");
+    assert!(err <= 1e-4, "{lo} merged copies: lse error {err:.2e}");
 }
 
 /// The backward's passes under the cap, on the default tier and on the

@@ -208,7 +208,8 @@ impl LinearPlan {
             }
         }
         let splits = shape.seq_kv.div_ceil(split_keys);
-        let carried_bytes = slot_bytes(shape) * batch_heads_kv as u64;
+        // Saturating: a product past u64 is past any binding, refused below.
+        let carried_bytes = slot_bytes(shape).saturating_mul(batch_heads_kv as u64);
         let binding = limits
             .max_storage_buffer_binding_size
             .min(limits.max_buffer_size);

@@ -1,7 +1,10 @@
 //! The decode planner: lanes, rows per workgroup and key splits of a
 //! decode step over a KV cache.
 
-use super::{CPU_WORKGROUP_SIZE, ForwardPlan, check_loop_budget, tier_of, use_subgroup_tier};
+use super::{
+    CPU_WORKGROUP_SIZE, ForwardPlan, check_loop_budget, check_merge_budget, tier_of,
+    use_subgroup_tier,
+};
 use crate::config::Tier;
 use crate::decode::{DecodeLanes, DecodeOptions};
 use crate::error::{Error, Result};
@@ -272,6 +275,7 @@ impl DecodePlan {
         for (tensor, n) in [
             ("cache batch", cache.batch),
             ("cache heads_kv", cache.heads_kv),
+            ("cache segments", cache.segments),
             ("seq_q", seq_q),
             ("heads_q", heads_q),
         ] {
@@ -281,6 +285,13 @@ impl DecodePlan {
                     shape: [cache.batch, seq_q, heads_q, cache.heads_kv],
                 });
             }
+        }
+        // The kernels hold positions in i32 (as AttentionShape::validate).
+        if cache.longest > crate::MAX_SEQUENCE_LEN {
+            return Err(Error::ShapeOverflow {
+                tensor: "cache sequence (at most MAX_SEQUENCE_LEN = 2^29 positions)",
+                shape: [cache.batch, cache.longest, cache.heads_kv, cache.head_dim],
+            });
         }
         if !heads_q.is_multiple_of(cache.heads_kv) {
             return Err(Error::HeadsNotDivisible {
@@ -307,6 +318,9 @@ impl DecodePlan {
                 groups: (seq_q as u64).saturating_mul(group as u64),
                 limit: info.limits.max_compute_workgroups_per_dimension,
             })?;
+        // (Saturating: past 2^31 rows no plan dispatches them, and the
+        // limit checks below say so.)
+        let rows_pow2 = rows.checked_next_power_of_two().unwrap_or(1 << 31);
         let adapter = &info.adapter;
         let cpu = decodes_as_cpu(info);
         let limits = &info.limits;
@@ -323,7 +337,7 @@ impl DecodePlan {
         };
         let (tiling, rows_per_workgroup, lanes) = if subgroup {
             // Lanes split the head dim; every lane holds all the rows.
-            let mut rows_per_workgroup = rows.next_power_of_two().min(SUBGROUP_MAX_ROWS);
+            let mut rows_per_workgroup = rows_pow2.min(SUBGROUP_MAX_ROWS);
             // CPU adapters take lanes over keys where each lane's state
             // (every row's query and output) stays small enough to compile
             // and cache well.
@@ -403,9 +417,7 @@ impl DecodePlan {
                 let cap = ForwardPlan::cpu_rows(head_dim.max(head_dim_v));
                 (CPU_WORKGROUP_SIZE, lanes.min(cap), true)
             } else {
-                let size = rows
-                    .next_power_of_two()
-                    .clamp(4, GPU_MAX_WORKGROUP_SIZE.min(max_invocations));
+                let size = rows_pow2.clamp(4, GPU_MAX_WORKGROUP_SIZE.min(max_invocations));
                 // llvmpipe on GL: unrolled head-dim loops, as the forward kernel.
                 (size, 1, adapter.backend == wgpu::Backend::Gl)
             };
@@ -442,7 +454,11 @@ impl DecodePlan {
             Some(0) => return Err(Error::KvSplits(0)),
             Some(n) => n,
             None => {
-                let base = row_tiles as usize * cache.heads_kv * cache.batch;
+                // Saturating: counts past the dispatch limit are refused
+                // below, and must not wrap (to zero) on the way there.
+                let base = (row_tiles as usize)
+                    .saturating_mul(cache.heads_kv)
+                    .saturating_mul(cache.batch);
                 let target = if cpu {
                     4 * info.host_threads.max(1)
                 } else {
@@ -488,15 +504,25 @@ impl DecodePlan {
                 });
             }
         }
-        let segments = cache.segments as u32;
+        // Each split of each segment leaves a partial result for the merge.
+        let slots = u32::try_from(cache.segments)
+            .ok()
+            .and_then(|segments| segments.checked_mul(splits as u32))
+            .ok_or(Error::ShapeOverflow {
+                tensor: "decode partial results (splits x cache segments)",
+                shape: [splits, cache.segments, 1, 1],
+            })?;
+        if slots > 1 {
+            check_merge_budget(info, u64::from(slots))?;
+        }
         Ok(DecodePlan {
             specialization,
             splits: splits as u32,
             split_keys: split_keys as u32,
-            segments,
+            segments: cache.segments as u32,
             rows_per_workgroup,
             row_tiles,
-            slots: splits as u32 * segments,
+            slots,
             as_forward: None,
         })
     }

@@ -14,6 +14,8 @@ mod naive;
 #[cfg(test)]
 pub(crate) mod profiles;
 #[cfg(test)]
+mod random_plans;
+#[cfg(test)]
 mod tests;
 
 pub use decode::{CacheShape, DecodePlan};
@@ -37,6 +39,26 @@ pub(crate) fn check_loop_budget(info: &GpuInfo, spec: &Specialization, keys: u64
         return Err(Error::LoopBudget {
             kernel: spec.label(),
             keys,
+            trips,
+            budget,
+        });
+    }
+    Ok(())
+}
+
+/// Checks that merging `parts` partial results (combine_partials.wgsl
+/// walks them twice per output element: their max, then their weighted
+/// sum) stays within the adapter's loop budget: split-KV decoding's
+/// splits times the cache's buffers, or [`crate::Gpu::merge`]'s parts.
+pub(crate) fn check_merge_budget(info: &GpuInfo, parts: u64) -> Result<()> {
+    let Some(budget) = info.loop_budget() else {
+        return Ok(());
+    };
+    // Each loop's trips plus one for its exit.
+    let trips = 2 * (parts + 1);
+    if trips > budget {
+        return Err(Error::MergeLoopBudget {
+            parts,
             trips,
             budget,
         });
