@@ -84,8 +84,19 @@ impl Draw {
         let head_dim = self.head_dim();
         AttentionShape {
             batch: self.count(8),
-            seq_q: self.count(5000),
-            seq_kv: self.count(5000),
+            // Decoding-like calls (a few queries over whole pages of keys)
+            // are common enough that the routes between the forward and
+            // decoding are planned too.
+            seq_q: if self.chance(0.3) {
+                self.count(16)
+            } else {
+                self.count(5000)
+            },
+            seq_kv: if self.chance(0.3) {
+                16 * self.count(300)
+            } else {
+                self.count(5000)
+            },
             heads_q,
             heads_kv,
             head_dim,
@@ -154,6 +165,8 @@ impl Draw {
 struct Tally {
     planned: usize,
     refused: usize,
+    /// Plans that take the route to the other planner's kernels.
+    rerouted: usize,
 }
 
 impl Tally {
@@ -173,7 +186,10 @@ impl Tally {
 
     fn assert_mixed(&self, what: &str) {
         let total = self.planned + self.refused;
-        eprintln!("{what}: {} planned, {} refused", self.planned, self.refused);
+        eprintln!(
+            "{what}: {} planned ({} rerouted), {} refused",
+            self.planned, self.rerouted, self.refused
+        );
         assert!(
             self.planned * 5 >= total && self.refused * 5 >= total,
             "{what}: {} of {total} calls planned; the draws need rebalancing",
@@ -202,6 +218,65 @@ fn assert_loops_fit(info: &GpuInfo, trips: u64, what: &str) {
     }
 }
 
+/// What every forward plan must hold on its adapter.
+fn assert_forward_plan_fits(
+    info: &GpuInfo,
+    plan: &ForwardPlan,
+    shape: &AttentionShape,
+    what: &str,
+) {
+    assert_dispatch_fits(info, plan.workgroups().map(u64::from), what);
+    assert!(
+        plan.workgroup_size() <= info.max_invocations(),
+        "{what}: {} invocations",
+        plan.workgroup_size()
+    );
+    assert!(
+        plan.workgroup_bytes() <= u64::from(info.limits.max_compute_workgroup_storage_size),
+        "{what}: {} workgroup bytes",
+        plan.workgroup_bytes()
+    );
+    let keys = plan.keys_per_dispatch().unwrap_or(shape.seq_kv as u64);
+    assert!(keys >= 1, "{what}: no keys per dispatch");
+    assert_loops_fit(info, plan.loop_trips(keys.min(shape.seq_kv as u64)), what);
+}
+
+/// What every decode plan of `seq_q` queries with `heads_q` heads over
+/// `cache` must hold on its adapter.
+fn assert_decode_plan_fits(
+    info: &GpuInfo,
+    plan: &DecodePlan,
+    cache: &CacheShape,
+    seq_q: usize,
+    heads_q: usize,
+    what: &str,
+) {
+    let x = u64::from(plan.row_tiles) * u64::from(plan.splits);
+    assert_dispatch_fits(info, [x, cache.heads_kv as u64, cache.batch as u64], what);
+    // Every query row falls in a row tile, every position of the longest
+    // sequence in a split.
+    let rows = (seq_q * (heads_q / cache.heads_kv)) as u64;
+    assert!(
+        u64::from(plan.row_tiles) * u64::from(plan.rows_per_workgroup) >= rows,
+        "{what}: {} row tiles of {} rows",
+        plan.row_tiles,
+        plan.rows_per_workgroup
+    );
+    assert!(
+        u64::from(plan.splits) * u64::from(plan.split_keys) >= cache.longest as u64,
+        "{what}: {} splits of {} keys",
+        plan.splits,
+        plan.split_keys
+    );
+    assert_eq!(
+        u64::from(plan.slots),
+        u64::from(plan.splits) * cache.segments as u64,
+        "{what}: merge slots"
+    );
+    assert_eq!(plan.segments as usize, cache.segments, "{what}: segments");
+    assert_loops_fit(info, plan.loop_trips(), what);
+}
+
 #[test]
 fn random_forward_calls_plan_within_the_adapter_or_refuse() {
     let mut draw = Draw::new(0x5eed_00f0);
@@ -216,20 +291,14 @@ fn random_forward_calls_plan_within_the_adapter_or_refuse() {
             else {
                 continue;
             };
-            assert_dispatch_fits(&info, plan.workgroups().map(u64::from), &what);
-            assert!(
-                plan.workgroup_size() <= info.max_invocations(),
-                "{what}: {} invocations",
-                plan.workgroup_size()
-            );
-            assert!(
-                plan.workgroup_bytes() <= u64::from(info.limits.max_compute_workgroup_storage_size),
-                "{what}: {} workgroup bytes",
-                plan.workgroup_bytes()
-            );
-            let keys = plan.keys_per_dispatch().unwrap_or(shape.seq_kv as u64);
-            assert!(keys >= 1, "{what}: no keys per dispatch");
-            assert_loops_fit(&info, plan.loop_trips(keys.min(shape.seq_kv as u64)), &what);
+            assert_forward_plan_fits(&info, &plan, &shape, &what);
+            // Where the call would run as decoding, that plan fits too.
+            if let Some(decode) = DecodePlan::for_forward(&info, &shape, storage, &config) {
+                tally.rerouted += 1;
+                let cache = CacheShape::of_call(&shape, KvDType::F32);
+                let what = format!("{what}, as decoding");
+                assert_decode_plan_fits(&info, &decode, &cache, shape.seq_q, shape.heads_q, &what);
+            }
             // The naive baseline plans on the same tiling, or refuses.
             if let Ok(naive) = NaivePlan::for_call(&info, &shape, storage, config.tier) {
                 assert!(naive.chunks() >= 1, "{what}: naive chunks");
@@ -242,6 +311,7 @@ fn random_forward_calls_plan_within_the_adapter_or_refuse() {
         }
     }
     tally.assert_mixed("forward");
+    assert!(tally.rerouted > 0, "no forward call ran as decoding");
 }
 
 #[test]
@@ -278,33 +348,34 @@ fn random_decode_calls_plan_within_the_adapter_or_refuse() {
             let Some(plan) = tally.count(planned) else {
                 continue;
             };
-            let x = u64::from(plan.row_tiles) * u64::from(plan.splits);
-            assert_dispatch_fits(&info, [x, cache.heads_kv as u64, cache.batch as u64], &what);
-            // Every query row falls in a row tile, every position of the
-            // longest sequence in a split.
-            let rows = (call.seq_q * (call.heads_q / cache.heads_kv)) as u64;
-            assert!(
-                u64::from(plan.row_tiles) * u64::from(plan.rows_per_workgroup) >= rows,
-                "{what}: {} row tiles of {} rows",
-                plan.row_tiles,
-                plan.rows_per_workgroup
+            assert_decode_plan_fits(&info, &plan, &cache, call.seq_q, call.heads_q, &what);
+            // Where the call would run as the forward over a copy, that
+            // plan fits too.
+            let forward = DecodePlan::as_forward(
+                &info,
+                &cache,
+                call.seq_q,
+                call.heads_q,
+                DType::F32,
+                &options,
             );
-            assert!(
-                u64::from(plan.splits) * u64::from(plan.split_keys) >= cache.longest as u64,
-                "{what}: {} splits of {} keys",
-                plan.splits,
-                plan.split_keys
-            );
-            assert_eq!(
-                u64::from(plan.slots),
-                u64::from(plan.splits) * cache.segments as u64,
-                "{what}: merge slots"
-            );
-            assert_eq!(plan.segments as usize, cache.segments, "{what}: segments");
-            assert_loops_fit(&info, plan.loop_trips(), &what);
+            if let Some(forward) = forward {
+                tally.rerouted += 1;
+                let shape = AttentionShape {
+                    seq_kv: cache.longest,
+                    ..call
+                };
+                assert_forward_plan_fits(
+                    &info,
+                    &forward,
+                    &shape,
+                    &format!("{what}, as the forward"),
+                );
+            }
         }
     }
     tally.assert_mixed("decode");
+    assert!(tally.rerouted > 0, "no decode call ran as the forward");
 }
 
 #[test]
