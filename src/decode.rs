@@ -73,6 +73,11 @@ pub struct DecodeOptions {
     pub config: AttentionConfig,
     /// Split each sequence's keys into this many chunks, one workgroup
     /// each; `None` picks enough to fill the adapter ([`DecodePlan`]).
+    /// A forced count is refused where it does not fit: past the
+    /// adapter's workgroups per dimension (`DispatchTooLarge`), or on
+    /// llvmpipe with more keys per split than its loop cap allows
+    /// (`LoopBudget`) or more partial results to merge (splits times the
+    /// cache's buffers past 32766: `MergeLoopBudget`).
     pub kv_splits: Option<usize>,
     /// The subgroup tier's lane layout; `None` picks the adapter's
     /// ([`DecodePlan`]). Forcing one where the call does not run the
