@@ -1,17 +1,23 @@
 //! llvmpipe (lavapipe, and llvmpipe on GL) stops every loop of a shader
 //! invocation once they have run 65535 iterations together, silently. The
-//! planners model each kernel's loop trips (`Specialization::loop_trips`):
-//! at the longest key range the model allows, results are exact; one step
-//! further, the forward runs its keys in two dispatches and decoding adds
-//! splits; the backward refuses with a typed error.
+//! planners model each kernel's loop trips (`Specialization::loop_trips`,
+//! and the merge's): at the most keys (or splits, or parts) the model
+//! allows, results are exact; one step further, the forward runs its keys
+//! in two dispatches, decoding adds splits, and what cannot split (a
+//! forced split count, the masked forward, the naive baseline, the
+//! backward, a merge) refuses with a typed error. At each bound the input
+//! met in the loop's last trip is heavy, so a loop stopped even one trip
+//! early fails the comparison (a budget raised by 5 trips fails the merge,
+//! decode and naive cases here; by 65, the default forward's).
 
 mod common;
 
 use common::{Inputs, gpu};
+use wgpu_flash_attn::reference::HostMask;
 use wgpu_flash_attn::{
-    AttentionArgs, AttentionConfig, AttentionShape, BackwardPlan, CacheShape, DType, DecodeArgs,
-    DecodeOptions, DecodePlan, Error, ForwardPlan, Gpu, KvCache, KvCacheConfig, KvDType, KvLayout,
-    Lse, Tensor, Tier, reference,
+    AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardPlan, CacheShape, DType,
+    DecodeArgs, DecodeOptions, DecodePlan, Error, ForwardOptions, ForwardPlan, Gpu, KvCache,
+    KvCacheConfig, KvDType, KvLayout, Lse, NaivePlan, Tensor, Tier, reference,
 };
 
 #[test]
@@ -44,7 +50,7 @@ fn the_longest_single_dispatch_and_the_next_key_are_both_exact() {
     for (seq_kv, chunks) in [(lo, 1), (lo + 1, 2)] {
         assert_eq!(plan.key_chunks(seq_kv), chunks);
         let shape = shape_at(seq_kv);
-        let inputs = Inputs::draw(&shape, 0x5eed_100b, 1.0);
+        let inputs = heavy_last_value(&shape, Inputs::draw(&shape, 0x5eed_100b, 1.0));
         let config = AttentionConfig::new().tier(Tier::Portable).causal(true);
         let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
         let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k).unwrap();
@@ -62,6 +68,179 @@ fn the_longest_single_dispatch_and_the_next_key_are_both_exact() {
         let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
         let err = common::max_abs_error(&got, &want.out, &format!("{seq_kv} keys"));
         assert!(err <= 1e-4, "{seq_kv} keys: max error {err:.2e}");
+    }
+}
+
+/// `inputs` with the last key's value raised to 1e5 in every head. Every
+/// row that sees that key then carries ~1e5 / keys of it in its output:
+/// a loop the driver stopped one trip early would drop it and move the
+/// output far past the tolerance, where one ordinary key among ~10^5 would
+/// move it by less.
+fn heavy_last_value(shape: &AttentionShape, mut inputs: Inputs) -> Inputs {
+    let position = shape.heads_kv * shape.head_dim_v;
+    for b in 0..shape.batch {
+        let last = (b * shape.seq_kv + shape.seq_kv - 1) * position;
+        inputs.v[last..last + position].fill(1e5);
+    }
+    inputs
+}
+
+/// Runs a forward call with `options` on `inputs`; the output.
+fn forward_output(
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    inputs: &Inputs,
+    options: ForwardOptions<'_>,
+) -> Result<Vec<f32>, Error> {
+    let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q)?;
+    let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k)?;
+    let v = Tensor::from_f32(gpu, shape.v_shape(), &inputs.v)?;
+    let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN)?;
+    let args = AttentionArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: None,
+    };
+    gpu.run(|e| gpu.forward(e, &args, options))?;
+    out.to_f32_vec(gpu)
+}
+
+/// The default tier's model at d=8, where one dispatch takes the most keys
+/// (~230K on lavapipe): at its bound one dispatch and one key more two,
+/// both exact; the masked kernel, which cannot split its keys, exact at
+/// the same bound and refused one key past it.
+#[test]
+fn the_default_tiers_longest_dispatch_and_the_masked_bound_are_exact() {
+    let Some(gpu) = gpu() else { return };
+    let Some(budget) = gpu.info().loop_budget() else {
+        eprintln!("SKIPPED: this adapter caps no shader loops; nothing to check");
+        return;
+    };
+    // 130 query rows: past the rows that run as decoding on CPU adapters
+    // (DecodePlan::for_forward), so the forward kernel itself meets the cap.
+    let shape_at = |seq_q, seq_kv| AttentionShape {
+        batch: 1,
+        seq_q,
+        seq_kv,
+        heads_q: 1,
+        heads_kv: 1,
+        head_dim: 8,
+        head_dim_v: 8,
+    };
+    let plan = ForwardPlan::for_call(gpu.info(), &shape_at(130, 64), DType::F32, None).unwrap();
+    let lo = plan
+        .keys_per_dispatch()
+        .expect("a capped adapter limits keys") as usize;
+    assert!(plan.loop_trips(lo as u64) <= budget && plan.loop_trips(lo as u64 + 1) > budget);
+    eprintln!(
+        "{:?} tier, d=8: at most {lo} keys per dispatch",
+        plan.tier()
+    );
+    let config = AttentionConfig::new();
+    for (seq_kv, chunks) in [(lo, 1), (lo + 1, 2)] {
+        let shape = shape_at(130, seq_kv);
+        assert!(DecodePlan::for_forward(gpu.info(), &shape, DType::F32, &config).is_none());
+        assert_eq!(plan.key_chunks(seq_kv), chunks);
+        let inputs = heavy_last_value(&shape, Inputs::draw(&shape, 0x5eed_100e, 1.0));
+        let got = forward_output(gpu, &shape, &inputs, ForwardOptions::new(&config)).unwrap();
+        let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
+        let err = common::max_abs_error(&got, &want.out, &format!("{seq_kv} keys"));
+        assert!(
+            err <= 1e-4,
+            "{seq_kv} keys in {chunks} dispatch(es): max error {err:.2e}"
+        );
+    }
+    // A boolean mask hiding a random quarter of the keys, never the last.
+    for (seq_kv, allowed) in [(lo, true), (lo + 1, false)] {
+        let shape = shape_at(3, seq_kv);
+        let inputs = heavy_last_value(&shape, Inputs::draw(&shape, 0x5eed_100f, 1.0));
+        let keep: Vec<bool> = (0..3 * seq_kv)
+            .map(|i| i % seq_kv == seq_kv - 1 || (i.wrapping_mul(2_654_435_761) >> 7) % 4 != 0)
+            .collect();
+        let dims = [1, 1, 3, seq_kv];
+        let mask = AttentionMask::boolean(gpu, dims, &keep).unwrap();
+        let options = ForwardOptions::new(&config).mask(&mask);
+        match (forward_output(gpu, &shape, &inputs, options), allowed) {
+            (Ok(got), true) => {
+                let host = HostMask::Bool {
+                    dims,
+                    values: &keep,
+                };
+                let want = reference::attention_masked(
+                    &shape, &inputs.q, &inputs.k, &inputs.v, &config, &host,
+                )
+                .unwrap();
+                let err = common::max_abs_error(&got, &want.out, "masked");
+                assert!(err <= 1e-4, "masked, {seq_kv} keys: max error {err:.2e}");
+            }
+            (Err(Error::LoopBudget { keys, trips, .. }), false) => {
+                assert!(keys == seq_kv as u64 && trips > budget)
+            }
+            (other, _) => panic!("masked, {seq_kv} keys: {:?}", other.map(|_| "ran")),
+        }
+    }
+}
+
+/// The naive baseline's three passes cannot split their keys: at the most
+/// keys its model allows it is exact, one key more is refused.
+#[test]
+fn the_naive_baselines_longest_call_is_exact_and_the_next_is_refused() {
+    let Some(gpu) = gpu() else { return };
+    let Some(budget) = gpu.info().loop_budget() else {
+        eprintln!("SKIPPED: this adapter caps no shader loops; nothing to check");
+        return;
+    };
+    let shape_at = |seq_kv| AttentionShape {
+        batch: 1,
+        seq_q: 3,
+        seq_kv,
+        heads_q: 1,
+        heads_kv: 1,
+        head_dim: 8,
+        head_dim_v: 8,
+    };
+    let allowed = |n| NaivePlan::for_call(gpu.info(), &shape_at(n), DType::F32, None).is_ok();
+    let (mut lo, mut hi) = (64, 1 << 22);
+    assert!(allowed(lo) && !allowed(hi));
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if allowed(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    eprintln!("naive, d=8: at most {lo} keys under a budget of {budget}");
+    let config = AttentionConfig::new();
+    for (seq_kv, allowed) in [(lo, true), (hi, false)] {
+        let shape = shape_at(seq_kv);
+        let inputs = heavy_last_value(&shape, Inputs::draw(&shape, 0x5eed_1010, 1.0));
+        let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
+        let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k).unwrap();
+        let v = Tensor::from_f32(gpu, shape.v_shape(), &inputs.v).unwrap();
+        let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
+        let args = AttentionArgs {
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &out,
+            lse: None,
+        };
+        let result = gpu.run(|e| gpu.naive_attention(e, &args, &config));
+        if !allowed {
+            assert!(
+                matches!(result, Err(Error::LoopBudget { trips, .. }) if trips > budget),
+                "naive, {seq_kv} keys: {result:?}"
+            );
+            continue;
+        }
+        result.unwrap();
+        let got = out.to_f32_vec(gpu).unwrap();
+        let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
+        let err = common::max_abs_error(&got, &want.out, "naive");
+        assert!(err <= 1e-4, "naive, {seq_kv} keys: max error {err:.2e}");
     }
 }
 
@@ -89,7 +268,7 @@ fn decoding_splits_long_caches_under_the_budget() {
         head_dim: 128,
         head_dim_v: 128,
     };
-    let inputs = Inputs::draw(&shape, 0x5eed_100c, 1.0);
+    let inputs = heavy_last_value(&shape, Inputs::draw(&shape, 0x5eed_100c, 1.0));
     let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k).unwrap();
     let v = Tensor::from_f32(gpu, shape.v_shape(), &inputs.v).unwrap();
     gpu.run(|e| cache.append(gpu, e, &k, &v, None)).unwrap();
@@ -139,6 +318,83 @@ fn decoding_splits_long_caches_under_the_budget() {
         gpu.run(|e| gpu.decode(e, &args, one_split.clone())),
         Err(Error::LoopBudget { .. })
     ));
+}
+
+/// Decoding forced to one split walks every key of a sequence in one
+/// workgroup (lanes over keys on lavapipe, ~2M keys at d=8; the portable
+/// kernel on GL): at the most keys its model allows it is exact, one key
+/// more is refused (a forced split count is not raised).
+#[test]
+fn one_split_decodes_exactly_at_its_bound_and_one_key_more_is_refused() {
+    let Some(gpu) = gpu() else { return };
+    let Some(budget) = gpu.info().loop_budget() else {
+        eprintln!("SKIPPED: this adapter caps no shader loops; nothing to check");
+        return;
+    };
+    let shape_at = |seq_kv| AttentionShape {
+        batch: 1,
+        seq_q: 1,
+        seq_kv,
+        heads_q: 2,
+        heads_kv: 1,
+        head_dim: 8,
+        head_dim_v: 8,
+    };
+    let config = AttentionConfig::new();
+    let one_split = DecodeOptions::new(&config).kv_splits(1);
+    let allowed = |n| {
+        let cache = CacheShape::of_call(&shape_at(n), KvDType::F32);
+        DecodePlan::for_call(gpu.info(), &cache, 1, 2, &one_split).is_ok()
+    };
+    let (mut lo, mut hi) = (64, 1 << 24);
+    assert!(allowed(lo) && !allowed(hi));
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if allowed(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    eprintln!("decode, one split, d=8: at most {lo} keys under a budget of {budget}");
+    let shape = shape_at(lo);
+    let inputs = heavy_last_value(&shape, Inputs::draw(&shape, 0x5eed_1011, 1.0));
+    let mut cache = KvCache::new(
+        gpu,
+        KvCacheConfig::new(1, 1, 8, KvLayout::Contiguous { capacity: hi }),
+    )
+    .unwrap();
+    let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k).unwrap();
+    let v = Tensor::from_f32(gpu, shape.v_shape(), &inputs.v).unwrap();
+    gpu.run(|e| cache.append(gpu, e, &k, &v, None)).unwrap();
+    let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
+    let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
+    let args = DecodeArgs {
+        q: &q,
+        cache: &cache,
+        out: &out,
+        lse: None,
+    };
+    let plan = gpu
+        .run(|e| gpu.decode(e, &args, one_split.clone()))
+        .unwrap();
+    assert_eq!(plan.splits, 1);
+    let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
+    let err = common::max_abs_error(&out.to_f32_vec(gpu).unwrap(), &want.out, "one split");
+    assert!(err <= 1e-4, "{lo} keys in one split: max error {err:.2e}");
+    // One token more (its values are whatever the pool held: never read).
+    cache.set_len(0, hi).unwrap();
+    let args = DecodeArgs {
+        q: &q,
+        cache: &cache,
+        out: &out,
+        lse: None,
+    };
+    let result = gpu.run(|e| gpu.decode(e, &args, one_split.clone()));
+    assert!(
+        matches!(result, Err(Error::LoopBudget { keys, trips, .. }) if keys == hi as u64 && trips > budget),
+        "{hi} keys in one split: {result:?}"
+    );
 }
 
 /// Split-KV decoding merges its partial results in two loops over them (a
@@ -194,7 +450,7 @@ fn the_most_splits_the_merge_allows_are_exact_and_one_more_is_refused() {
         KvCacheConfig::new(1, 1, 8, KvLayout::Contiguous { capacity: hi }),
     )
     .unwrap();
-    let inputs = Inputs::draw(&shape, 0x5eed_100d, 1.0);
+    let inputs = heavy_last_value(&shape, Inputs::draw(&shape, 0x5eed_100d, 1.0));
     let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k).unwrap();
     let v = Tensor::from_f32(gpu, shape.v_shape(), &inputs.v).unwrap();
     gpu.run(|e| cache.append(gpu, e, &k, &v, None)).unwrap();
@@ -227,28 +483,31 @@ fn the_most_splits_the_merge_allows_are_exact_and_one_more_is_refused() {
         let err = common::max_abs_error(&got_lse, &want.lse, &format!("{splits} splits, lse"));
         assert!(err <= 1e-4, "{splits} splits: lse error {err:.2e}");
     }
-    // Gpu::merge has the same bound: `lo` copies of one result merge into
-    // that result (its logsumexp raised by ln lo); one copy more is refused.
-    let part = out.to_f32_vec(gpu).unwrap();
-    let part_lse = lse.to_vec(gpu).unwrap();
+    // Gpu::merge has the same bound. Its parts: lo - 1 of zeros and a last
+    // one of 1e4, every logsumexp 0, so the merge is 1e4 / lo and its
+    // logsumexp ln lo, exactly in f32 but for the last rounding; dropping
+    // the last part would give zeros. One part more is refused.
+    let zeros = Tensor::filled(gpu, shape.q_shape(), 0.0).unwrap();
+    let heavy = Tensor::filled(gpu, shape.q_shape(), 1e4).unwrap();
+    // (A zero tensor's buffer, wide enough, holds the zero logsumexps.)
+    let lse_zeros = Lse::from_buffer(gpu, zeros.buffer().clone(), 1, 2, 1).unwrap();
+    let mut parts = vec![(&zeros, &lse_zeros); hi - 1];
+    parts.push((&heavy, &lse_zeros));
     let merged = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
     let merged_lse = Lse::new(gpu, 1, 2, 1).unwrap();
-    let copies = vec![(&out, &lse); hi];
     assert!(matches!(
-        gpu.run(|e| gpu.merge(e, &copies, &merged, Some(&merged_lse))),
+        gpu.run(|e| gpu.merge(e, &parts, &merged, Some(&merged_lse))),
         Err(Error::MergeLoopBudget { parts, .. }) if parts == hi as u64
     ));
-    gpu.run(|e| gpu.merge(e, &copies[..lo], &merged, Some(&merged_lse)))
+    let parts = &parts[hi - lo..];
+    gpu.run(|e| gpu.merge(e, parts, &merged, Some(&merged_lse)))
         .unwrap();
-    let want_out: Vec<f64> = part.iter().map(|&x| f64::from(x)).collect();
-    let err = common::max_abs_error(&merged.to_f32_vec(gpu).unwrap(), &want_out, "merged copies");
-    assert!(err <= 1e-5, "{lo} merged copies: max error {err:.2e}");
-    let want_lse: Vec<f64> = part_lse
-        .iter()
-        .map(|&x| f64::from(x) + (lo as f64).ln())
-        .collect();
+    let want = vec![1e4 / lo as f64; shape.q_shape().elements()];
+    let err = common::max_abs_error(&merged.to_f32_vec(gpu).unwrap(), &want, "merged parts");
+    assert!(err <= 1e-6, "{lo} merged parts: max error {err:.2e}");
+    let want_lse = vec![(lo as f64).ln(); 2];
     let err = common::max_abs_error(&merged_lse.to_vec(gpu).unwrap(), &want_lse, "merged lse");
-    assert!(err <= 1e-4, "{lo} merged copies: lse error {err:.2e}");
+    assert!(err <= 1e-5, "{lo} merged parts: lse error {err:.2e}");
 }
 
 /// The backward's passes under the cap, on the default tier and on the
@@ -322,8 +581,17 @@ fn check_backward_budget(
         let mut config = AttentionConfig::new();
         config.tier = tier;
         let run = |shape: &AttentionShape| {
-            let inputs = Inputs::draw(shape, 0x5eed_0b0b, 1.0);
-            let d_out = Inputs::draw(shape, 0x5eed_0b0c, 1.0).q;
+            // The last key's value and the last query row's output
+            // gradient are heavy: each pass meets one of them in its last
+            // trip (the query pass walks keys, the key pass rows), so a
+            // pass stopped early moves its gradients past the tolerance.
+            let inputs = heavy_last_value(shape, Inputs::draw(shape, 0x5eed_0b0b, 1.0));
+            let mut d_out = Inputs::draw(shape, 0x5eed_0b0c, 1.0).q;
+            let row = shape.heads_q * shape.head_dim_v;
+            for b in 0..shape.batch {
+                let last = (b * shape.seq_q + shape.seq_q - 1) * row;
+                d_out[last..last + row].fill(1e5);
+            }
             let got = gpu.attention_backward_host(
                 shape,
                 [&inputs.q, &inputs.k, &inputs.v, &d_out],
