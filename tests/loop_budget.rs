@@ -17,7 +17,8 @@ use wgpu_flash_attn::reference::HostMask;
 use wgpu_flash_attn::{
     AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardPlan, CacheShape, DType,
     DecodeArgs, DecodeOptions, DecodePlan, Error, ForwardOptions, ForwardPlan, Gpu, KvCache,
-    KvCacheConfig, KvDType, KvLayout, Lse, NaivePlan, Tensor, Tier, reference,
+    KvCacheConfig, KvDType, KvLayout, LinearArgs, LinearConfig, LinearPlan, LinearShape, Lse,
+    NaivePlan, Tensor, Tier, reference,
 };
 
 #[test]
@@ -395,6 +396,94 @@ fn one_split_decodes_exactly_at_its_bound_and_one_key_more_is_refused() {
         matches!(result, Err(Error::LoopBudget { keys, trips, .. }) if keys == hi as u64 && trips > budget),
         "{hi} keys in one split: {result:?}"
     );
+}
+
+/// Non-causal linear attention splits its keys so that each split's state
+/// pass stays under the cap: at the longest call whose splits each take
+/// the most keys the model allows (~262K at d=8 on lavapipe, ~2M keys in all on two
+/// cores), the output is exact, and one key more takes another split.
+#[test]
+fn linear_attention_splits_at_their_bound_are_exact() {
+    let Some(gpu) = gpu() else { return };
+    let Some(budget) = gpu.info().loop_budget() else {
+        eprintln!("SKIPPED: this adapter caps no shader loops; nothing to check");
+        return;
+    };
+    let shape_at = |seq_kv| LinearShape {
+        batch: 1,
+        seq_q: 2,
+        seq_kv,
+        heads_q: 1,
+        heads_kv: 1,
+        head_dim: 8,
+        head_dim_v: 8,
+    };
+    let config = LinearConfig::new();
+    let splits_at = |n| {
+        LinearPlan::for_call(gpu.info(), &shape_at(n), DType::F32, &config)
+            .unwrap()
+            .splits()
+    };
+    // The split count a call takes until the budget asks for more, and
+    // the longest call that keeps it.
+    let base = splits_at(1 << 16);
+    let (mut lo, mut hi) = (1 << 16, 1 << 28);
+    assert!(splits_at(hi) > base, "the budget never added a split");
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if splits_at(mid) == base {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let plan = LinearPlan::for_call(gpu.info(), &shape_at(lo), DType::F32, &config).unwrap();
+    assert_eq!(plan.split_keys() * base, lo, "{plan:?}");
+    eprintln!(
+        "linear, d=8: {base} splits of at most {} keys under a budget of {budget}",
+        plan.split_keys()
+    );
+    let k_bytes = lo * 8 * 4;
+    if k_bytes > 128 << 20 {
+        eprintln!(
+            "SKIPPED: this machine's {} host threads ask for {base} splits, so the bound lies at \
+             {lo} keys ({} MiB of K), more than this test allocates",
+            gpu.info().host_threads,
+            k_bytes >> 20
+        );
+        return;
+    }
+    let shape = shape_at(lo);
+    let attention = AttentionShape {
+        batch: 1,
+        seq_q: 2,
+        seq_kv: lo,
+        heads_q: 1,
+        heads_kv: 1,
+        head_dim: 8,
+        head_dim_v: 8,
+    };
+    let inputs = heavy_last_value(&attention, Inputs::draw(&attention, 0x5eed_1012, 0.5));
+    let tensor = |dims, data: &[f32]| Tensor::from_f32(gpu, dims, data).unwrap();
+    let (q, k, v) = (
+        tensor(shape.q_shape(), &inputs.q),
+        tensor(shape.k_shape(), &inputs.k),
+        tensor(shape.v_shape(), &inputs.v),
+    );
+    let out = Tensor::filled(gpu, shape.out_shape(), f32::NAN).unwrap();
+    let args = LinearArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        state: None,
+    };
+    gpu.run(|e| gpu.linear_attention(e, &args, &config))
+        .unwrap();
+    let want = reference::linear_attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config, None)
+        .unwrap();
+    let err = common::max_abs_error(&out.to_f32_vec(gpu).unwrap(), &want.out, "linear");
+    assert!(err <= 1e-4, "linear, {lo} keys: max error {err:.2e}");
 }
 
 /// Split-KV decoding merges its partial results in two loops over them (a
