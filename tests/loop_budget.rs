@@ -393,15 +393,17 @@ fn one_split_decodes_exactly_at_its_bound_and_one_key_more_is_refused() {
     };
     let result = gpu.run(|e| gpu.decode(e, &args, one_split.clone()));
     assert!(
-        matches!(result, Err(Error::LoopBudget { keys, trips, .. }) if keys == hi as u64 && trips > budget),
+        matches!(result, Err(Error::LoopBudget { keys, trips, .. })
+            if keys == hi as u64 && trips > budget),
         "{hi} keys in one split: {result:?}"
     );
 }
 
 /// Non-causal linear attention splits its keys so that each split's state
 /// pass stays under the cap: at the longest call whose splits each take
-/// the most keys the model allows (~262K at d=8 on lavapipe, ~2M keys in all on two
-/// cores), the output is exact, and one key more takes another split.
+/// the most keys the model allows (~262K at d=8 on lavapipe, ~2M keys in
+/// all on two cores), the output is exact, and one key more takes another
+/// split.
 #[test]
 fn linear_attention_splits_at_their_bound_are_exact() {
     let Some(gpu) = gpu() else { return };
