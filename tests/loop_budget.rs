@@ -21,11 +21,50 @@ use wgpu_flash_attn::{
     NaivePlan, Tensor, Tier, reference,
 };
 
+/// The adapter's loop budget, or `None` (having said the test skips)
+/// where nothing caps shader loops.
+fn budget_or_skip(gpu: &Gpu) -> Option<u64> {
+    let budget = gpu.info().loop_budget();
+    if budget.is_none() {
+        eprintln!("SKIPPED: this adapter caps no shader loops; nothing to check");
+    }
+    budget
+}
+
+/// The largest `n` in `[lo, hi)` that `allowed` takes, by bisection, given
+/// that it takes `lo`, refuses `hi` and refuses every `n` past one it
+/// refuses. (`n + 1` is then the smallest it refuses.)
+fn largest_allowed(mut lo: usize, mut hi: usize, allowed: impl Fn(usize) -> bool) -> usize {
+    assert!(allowed(lo) && !allowed(hi), "bisection over [{lo}, {hi}]");
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if allowed(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// One batch entry, one KV head and d=8: the narrowest shape, so a bound
+/// of millions of keys fits in memory and runs in a second.
+fn narrow(seq_q: usize, seq_kv: usize, heads_q: usize) -> AttentionShape {
+    AttentionShape {
+        batch: 1,
+        seq_q,
+        seq_kv,
+        heads_q,
+        heads_kv: 1,
+        head_dim: 8,
+        head_dim_v: 8,
+    }
+}
+
 #[test]
 fn the_longest_single_dispatch_and_the_next_key_are_both_exact() {
     let Some(gpu) = gpu() else { return };
-    let Some(budget) = gpu.info().loop_budget() else {
-        eprintln!("SKIPPED: this adapter caps no shader loops; nothing to check");
+    let Some(budget) = budget_or_skip(gpu) else {
         return;
     };
     // The portable tier stages K/V through workgroup memory in a loop, so
@@ -53,19 +92,10 @@ fn the_longest_single_dispatch_and_the_next_key_are_both_exact() {
         let shape = shape_at(seq_kv);
         let inputs = heavy_last_value(&shape, Inputs::draw(&shape, 0x5eed_100b, 1.0));
         let config = AttentionConfig::new().tier(Tier::Portable).causal(true);
-        let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
-        let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k).unwrap();
-        let v = Tensor::from_f32(gpu, shape.v_shape(), &inputs.v).unwrap();
-        let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
-        let args = AttentionArgs {
-            q: &q,
-            k: &k,
-            v: &v,
-            out: &out,
-            lse: None,
-        };
-        gpu.run(|e| gpu.forward(e, &args, &config)).unwrap();
-        let got = out.to_f32_vec(gpu).unwrap();
+        let got = run_attention(gpu, &shape, &inputs, |e, args| {
+            gpu.forward(e, args, &config)
+        })
+        .unwrap();
         let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
         let err = common::max_abs_error(&got, &want.out, &format!("{seq_kv} keys"));
         assert!(err <= 1e-4, "{seq_kv} keys: max error {err:.2e}");
@@ -86,12 +116,13 @@ fn heavy_last_value(shape: &AttentionShape, mut inputs: Inputs) -> Inputs {
     inputs
 }
 
-/// Runs a forward call with `options` on `inputs`; the output.
-fn forward_output(
+/// Uploads `inputs`, records `call` on them (the forward, the naive
+/// baseline) and downloads the output.
+fn run_attention<T>(
     gpu: &Gpu,
     shape: &AttentionShape,
     inputs: &Inputs,
-    options: ForwardOptions<'_>,
+    call: impl FnOnce(&mut wgpu::CommandEncoder, &AttentionArgs<'_>) -> Result<T, Error>,
 ) -> Result<Vec<f32>, Error> {
     let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q)?;
     let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k)?;
@@ -104,7 +135,7 @@ fn forward_output(
         out: &out,
         lse: None,
     };
-    gpu.run(|e| gpu.forward(e, &args, options))?;
+    gpu.run(|e| call(e, &args))?;
     out.to_f32_vec(gpu)
 }
 
@@ -115,21 +146,12 @@ fn forward_output(
 #[test]
 fn the_default_tiers_longest_dispatch_and_the_masked_bound_are_exact() {
     let Some(gpu) = gpu() else { return };
-    let Some(budget) = gpu.info().loop_budget() else {
-        eprintln!("SKIPPED: this adapter caps no shader loops; nothing to check");
+    let Some(budget) = budget_or_skip(gpu) else {
         return;
     };
     // 130 query rows: past the rows that run as decoding on CPU adapters
     // (DecodePlan::for_forward), so the forward kernel itself meets the cap.
-    let shape_at = |seq_q, seq_kv| AttentionShape {
-        batch: 1,
-        seq_q,
-        seq_kv,
-        heads_q: 1,
-        heads_kv: 1,
-        head_dim: 8,
-        head_dim_v: 8,
-    };
+    let shape_at = |seq_q, seq_kv| narrow(seq_q, seq_kv, 1);
     let plan = ForwardPlan::for_call(gpu.info(), &shape_at(130, 64), DType::F32, None).unwrap();
     let lo = plan
         .keys_per_dispatch()
@@ -145,7 +167,10 @@ fn the_default_tiers_longest_dispatch_and_the_masked_bound_are_exact() {
         assert!(DecodePlan::for_forward(gpu.info(), &shape, DType::F32, &config).is_none());
         assert_eq!(plan.key_chunks(seq_kv), chunks);
         let inputs = heavy_last_value(&shape, Inputs::draw(&shape, 0x5eed_100e, 1.0));
-        let got = forward_output(gpu, &shape, &inputs, ForwardOptions::new(&config)).unwrap();
+        let got = run_attention(gpu, &shape, &inputs, |e, args| {
+            gpu.forward(e, args, &config)
+        })
+        .unwrap();
         let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
         let err = common::max_abs_error(&got, &want.out, &format!("{seq_kv} keys"));
         assert!(
@@ -163,7 +188,10 @@ fn the_default_tiers_longest_dispatch_and_the_masked_bound_are_exact() {
         let dims = [1, 1, 3, seq_kv];
         let mask = AttentionMask::boolean(gpu, dims, &keep).unwrap();
         let options = ForwardOptions::new(&config).mask(&mask);
-        match (forward_output(gpu, &shape, &inputs, options), allowed) {
+        let masked = run_attention(gpu, &shape, &inputs, |e, args| {
+            gpu.forward(e, args, options)
+        });
+        match (masked, allowed) {
             (Ok(got), true) => {
                 let host = HostMask::Bool {
                     dims,
@@ -189,56 +217,30 @@ fn the_default_tiers_longest_dispatch_and_the_masked_bound_are_exact() {
 #[test]
 fn the_naive_baselines_longest_call_is_exact_and_the_next_is_refused() {
     let Some(gpu) = gpu() else { return };
-    let Some(budget) = gpu.info().loop_budget() else {
-        eprintln!("SKIPPED: this adapter caps no shader loops; nothing to check");
+    let Some(budget) = budget_or_skip(gpu) else {
         return;
     };
-    let shape_at = |seq_kv| AttentionShape {
-        batch: 1,
-        seq_q: 3,
-        seq_kv,
-        heads_q: 1,
-        heads_kv: 1,
-        head_dim: 8,
-        head_dim_v: 8,
-    };
+    let shape_at = |seq_kv| narrow(3, seq_kv, 1);
     let allowed = |n| NaivePlan::for_call(gpu.info(), &shape_at(n), DType::F32, None).is_ok();
-    let (mut lo, mut hi) = (64, 1 << 22);
-    assert!(allowed(lo) && !allowed(hi));
-    while hi - lo > 1 {
-        let mid = (lo + hi) / 2;
-        if allowed(mid) {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
+    let lo = largest_allowed(64, 1 << 22, allowed);
+    let hi = lo + 1;
     eprintln!("naive, d=8: at most {lo} keys under a budget of {budget}");
     let config = AttentionConfig::new();
     for (seq_kv, allowed) in [(lo, true), (hi, false)] {
         let shape = shape_at(seq_kv);
         let inputs = heavy_last_value(&shape, Inputs::draw(&shape, 0x5eed_1010, 1.0));
-        let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q).unwrap();
-        let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k).unwrap();
-        let v = Tensor::from_f32(gpu, shape.v_shape(), &inputs.v).unwrap();
-        let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN).unwrap();
-        let args = AttentionArgs {
-            q: &q,
-            k: &k,
-            v: &v,
-            out: &out,
-            lse: None,
-        };
-        let result = gpu.run(|e| gpu.naive_attention(e, &args, &config));
+        let result = run_attention(gpu, &shape, &inputs, |e, args| {
+            gpu.naive_attention(e, args, &config)
+        });
         if !allowed {
             assert!(
                 matches!(result, Err(Error::LoopBudget { trips, .. }) if trips > budget),
-                "naive, {seq_kv} keys: {result:?}"
+                "naive, {seq_kv} keys: {:?}",
+                result.map(|_| "ran")
             );
             continue;
         }
-        result.unwrap();
-        let got = out.to_f32_vec(gpu).unwrap();
+        let got = result.unwrap();
         let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
         let err = common::max_abs_error(&got, &want.out, "naive");
         assert!(err <= 1e-4, "naive, {seq_kv} keys: max error {err:.2e}");
@@ -248,8 +250,7 @@ fn the_naive_baselines_longest_call_is_exact_and_the_next_is_refused() {
 #[test]
 fn decoding_splits_long_caches_under_the_budget() {
     let Some(gpu) = gpu() else { return };
-    let Some(budget) = gpu.info().loop_budget() else {
-        eprintln!("SKIPPED: this adapter caps no shader loops; nothing to check");
+    let Some(budget) = budget_or_skip(gpu) else {
         return;
     };
     let len = 40_000;
@@ -328,35 +329,18 @@ fn decoding_splits_long_caches_under_the_budget() {
 #[test]
 fn one_split_decodes_exactly_at_its_bound_and_one_key_more_is_refused() {
     let Some(gpu) = gpu() else { return };
-    let Some(budget) = gpu.info().loop_budget() else {
-        eprintln!("SKIPPED: this adapter caps no shader loops; nothing to check");
+    let Some(budget) = budget_or_skip(gpu) else {
         return;
     };
-    let shape_at = |seq_kv| AttentionShape {
-        batch: 1,
-        seq_q: 1,
-        seq_kv,
-        heads_q: 2,
-        heads_kv: 1,
-        head_dim: 8,
-        head_dim_v: 8,
-    };
+    let shape_at = |seq_kv| narrow(1, seq_kv, 2);
     let config = AttentionConfig::new();
     let one_split = DecodeOptions::new(&config).kv_splits(1);
     let allowed = |n| {
         let cache = CacheShape::of_call(&shape_at(n), KvDType::F32);
         DecodePlan::for_call(gpu.info(), &cache, 1, 2, &one_split).is_ok()
     };
-    let (mut lo, mut hi) = (64, 1 << 24);
-    assert!(allowed(lo) && !allowed(hi));
-    while hi - lo > 1 {
-        let mid = (lo + hi) / 2;
-        if allowed(mid) {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
+    let lo = largest_allowed(64, 1 << 24, allowed);
+    let hi = lo + 1;
     eprintln!("decode, one split, d=8: at most {lo} keys under a budget of {budget}");
     let shape = shape_at(lo);
     let inputs = heavy_last_value(&shape, Inputs::draw(&shape, 0x5eed_1011, 1.0));
@@ -407,8 +391,7 @@ fn one_split_decodes_exactly_at_its_bound_and_one_key_more_is_refused() {
 #[test]
 fn linear_attention_splits_at_their_bound_are_exact() {
     let Some(gpu) = gpu() else { return };
-    let Some(budget) = gpu.info().loop_budget() else {
-        eprintln!("SKIPPED: this adapter caps no shader loops; nothing to check");
+    let Some(budget) = budget_or_skip(gpu) else {
         return;
     };
     let shape_at = |seq_kv| LinearShape {
@@ -429,16 +412,7 @@ fn linear_attention_splits_at_their_bound_are_exact() {
     // The split count a call takes until the budget asks for more, and
     // the longest call that keeps it.
     let base = splits_at(1 << 16);
-    let (mut lo, mut hi) = (1 << 16, 1 << 28);
-    assert!(splits_at(hi) > base, "the budget never added a split");
-    while hi - lo > 1 {
-        let mid = (lo + hi) / 2;
-        if splits_at(mid) == base {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
+    let lo = largest_allowed(1 << 16, 1 << 28, |n| splits_at(n) == base);
     let plan = LinearPlan::for_call(gpu.info(), &shape_at(lo), DType::F32, &config).unwrap();
     assert_eq!(plan.split_keys() * base, lo, "{plan:?}");
     eprintln!(
@@ -456,15 +430,7 @@ fn linear_attention_splits_at_their_bound_are_exact() {
         return;
     }
     let shape = shape_at(lo);
-    let attention = AttentionShape {
-        batch: 1,
-        seq_q: 2,
-        seq_kv: lo,
-        heads_q: 1,
-        heads_kv: 1,
-        head_dim: 8,
-        head_dim_v: 8,
-    };
+    let attention = narrow(2, lo, 1);
     let inputs = heavy_last_value(&attention, Inputs::draw(&attention, 0x5eed_1012, 0.5));
     let tensor = |dims, data: &[f32]| Tensor::from_f32(gpu, dims, data).unwrap();
     let (q, k, v) = (
@@ -495,19 +461,10 @@ fn linear_attention_splits_at_their_bound_are_exact() {
 #[test]
 fn the_most_splits_the_merge_allows_are_exact_and_one_more_is_refused() {
     let Some(gpu) = gpu() else { return };
-    let Some(budget) = gpu.info().loop_budget() else {
-        eprintln!("SKIPPED: this adapter caps no shader loops; nothing to check");
+    let Some(budget) = budget_or_skip(gpu) else {
         return;
     };
-    let shape_at = |seq_kv| AttentionShape {
-        batch: 1,
-        seq_q: 1,
-        seq_kv,
-        heads_q: 2,
-        heads_kv: 1,
-        head_dim: 8,
-        head_dim_v: 8,
-    };
+    let shape_at = |seq_kv| narrow(1, seq_kv, 2);
     let split_plan = |splits: usize| {
         let cache = CacheShape::of_call(&shape_at(splits), KvDType::F32);
         let options = DecodeOptions::new(&AttentionConfig::new()).kv_splits(splits);
@@ -516,16 +473,8 @@ fn the_most_splits_the_merge_allows_are_exact_and_one_more_is_refused() {
     // Each split one key: the most splits the merge allows, found by
     // bisection over the planner (a plan that undercounted the merge's
     // trips would lose the last splits' keys below).
-    let (mut lo, mut hi) = (2, 1 << 16);
-    assert!(split_plan(lo).is_ok() && split_plan(hi).is_err());
-    while hi - lo > 1 {
-        let mid = (lo + hi) / 2;
-        if split_plan(mid).is_ok() {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
+    let lo = largest_allowed(2, 1 << 16, |n| split_plan(n).is_ok());
+    let hi = lo + 1;
     eprintln!("decode: at most {lo} splits under a budget of {budget}");
     match split_plan(hi) {
         Err(Error::MergeLoopBudget {
@@ -609,28 +558,11 @@ fn the_most_splits_the_merge_allows_are_exact_and_one_more_is_refused() {
 #[test]
 fn the_longest_allowed_backward_is_exact_and_the_next_is_refused() {
     let Some(gpu) = gpu() else { return };
-    if gpu.info().loop_budget().is_none() {
-        eprintln!("SKIPPED: this adapter caps no shader loops; nothing to check");
+    if budget_or_skip(gpu).is_none() {
         return;
     }
-    let gqa = |seq_q| AttentionShape {
-        batch: 1,
-        seq_q,
-        seq_kv: 64,
-        heads_q: 8,
-        heads_kv: 1,
-        head_dim: 8,
-        head_dim_v: 8,
-    };
-    let long_keys = |seq_kv| AttentionShape {
-        batch: 1,
-        seq_q: 8,
-        seq_kv,
-        heads_q: 1,
-        heads_kv: 1,
-        head_dim: 8,
-        head_dim_v: 8,
-    };
+    let gqa = |seq_q| narrow(seq_q, 64, 8);
+    let long_keys = |seq_kv| narrow(8, seq_kv, 1);
     let cases: [(&str, &dyn Fn(usize) -> AttentionShape); 2] = [
         ("key pass, 8 query heads per KV head", &gqa),
         ("query pass", &long_keys),
@@ -658,16 +590,8 @@ fn check_backward_budget(
                 .and_then(|plan| plan.check_limits(gpu.info(), &shape))
                 .is_ok()
         };
-        let (mut lo, mut hi) = (64, 1 << 22);
-        assert!(allowed(lo) && !allowed(hi), "{what}");
-        while hi - lo > 1 {
-            let mid = (lo + hi) / 2;
-            if allowed(mid) {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
+        let lo = largest_allowed(64, 1 << 22, allowed);
+        let hi = lo + 1;
         eprintln!("backward {what}: at most {lo}");
         let mut config = AttentionConfig::new();
         config.tier = tier;

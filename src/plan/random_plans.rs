@@ -218,6 +218,19 @@ fn assert_loops_fit(info: &GpuInfo, trips: u64, what: &str) {
     }
 }
 
+/// Runs `call` on `CALLS` random calls (from `seed`) on each adapter
+/// profile: the draws of the call, the profile's `GpuInfo` and name.
+fn each_call(seed: u64, mut call: impl FnMut(&mut Draw, &GpuInfo, &str)) {
+    let mut draw = Draw::new(seed);
+    for profile in all() {
+        let info = profile.info();
+        for _ in 0..CALLS {
+            draw.next_call();
+            call(&mut draw, &info, profile.name);
+        }
+    }
+}
+
 /// What every forward plan must hold on its adapter.
 fn assert_forward_plan_fits(
     info: &GpuInfo,
@@ -279,175 +292,143 @@ fn assert_decode_plan_fits(
 
 #[test]
 fn random_forward_calls_plan_within_the_adapter_or_refuse() {
-    let mut draw = Draw::new(0x5eed_00f0);
     let mut tally = Tally::default();
-    for profile in all() {
-        let info = profile.info();
-        for _ in 0..CALLS {
-            draw.next_call();
-            let (shape, storage, config) = (draw.shape(), draw.storage(), draw.config());
-            let what = format!("{} {storage:?} {shape:?} {config:?}", profile.name);
-            let Some(plan) = tally.count(ForwardPlan::for_config(&info, &shape, storage, &config))
-            else {
-                continue;
-            };
-            assert_forward_plan_fits(&info, &plan, &shape, &what);
-            // Where the call would run as decoding, that plan fits too.
-            if let Some(decode) = DecodePlan::for_forward(&info, &shape, storage, &config) {
-                tally.rerouted += 1;
-                let cache = CacheShape::of_call(&shape, KvDType::F32);
-                let what = format!("{what}, as decoding");
-                assert_decode_plan_fits(&info, &decode, &cache, shape.seq_q, shape.heads_q, &what);
-            }
-            // The naive baseline plans on the same tiling, or refuses.
-            if let Ok(naive) = NaivePlan::for_call(&info, &shape, storage, config.tier) {
-                assert!(naive.chunks() >= 1, "{what}: naive chunks");
-                assert!(
-                    naive.score_buffer_bytes() <= info.limits.max_storage_buffer_binding_size,
-                    "{what}: naive scores of {} bytes",
-                    naive.score_buffer_bytes()
-                );
-            }
+    each_call(0x5eed_00f0, |draw, info, profile| {
+        let (shape, storage, config) = (draw.shape(), draw.storage(), draw.config());
+        let what = format!("{profile} {storage:?} {shape:?} {config:?}");
+        let Some(plan) = tally.count(ForwardPlan::for_config(info, &shape, storage, &config))
+        else {
+            return;
+        };
+        assert_forward_plan_fits(info, &plan, &shape, &what);
+        // Where the call would run as decoding, that plan fits too.
+        if let Some(decode) = DecodePlan::for_forward(info, &shape, storage, &config) {
+            tally.rerouted += 1;
+            let cache = CacheShape::of_call(&shape, KvDType::F32);
+            let what = format!("{what}, as decoding");
+            assert_decode_plan_fits(info, &decode, &cache, shape.seq_q, shape.heads_q, &what);
         }
-    }
+        // The naive baseline plans on the same tiling, or refuses.
+        if let Ok(naive) = NaivePlan::for_call(info, &shape, storage, config.tier) {
+            assert!(naive.chunks() >= 1, "{what}: naive chunks");
+            assert!(
+                naive.score_buffer_bytes() <= info.limits.max_storage_buffer_binding_size,
+                "{what}: naive scores of {} bytes",
+                naive.score_buffer_bytes()
+            );
+        }
+    });
     tally.assert_mixed("forward");
     assert!(tally.rerouted > 0, "no forward call ran as decoding");
 }
 
 #[test]
 fn random_decode_calls_plan_within_the_adapter_or_refuse() {
-    let mut draw = Draw::new(0x5eed_00de);
     let mut tally = Tally::default();
-    for profile in all() {
-        let info = profile.info();
-        for _ in 0..CALLS {
-            draw.next_call();
-            let call = draw.shape();
-            let dtype = draw.one_of(&[KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8]);
-            let cache = CacheShape {
-                segments: draw.count(4),
-                ..CacheShape::of_call(&call, dtype)
-            };
-            let mut options = DecodeOptions::new(&draw.config());
-            if draw.chance(0.2) {
-                options = options.kv_splits(draw.count(64));
-            }
-            if draw.wild && draw.chance(0.3) {
-                let lanes = [
-                    DecodeLanes::HeadDim,
-                    DecodeLanes::Keys,
-                    DecodeLanes::KeyTiles,
-                ];
-                options = options.lanes(draw.one_of(&lanes));
-            }
-            let what = format!(
-                "{} {cache:?} seq_q {} heads_q {} {options:?}",
-                profile.name, call.seq_q, call.heads_q
-            );
-            let planned = DecodePlan::for_call(&info, &cache, call.seq_q, call.heads_q, &options);
-            let Some(plan) = tally.count(planned) else {
-                continue;
-            };
-            assert_decode_plan_fits(&info, &plan, &cache, call.seq_q, call.heads_q, &what);
-            // Where the call would run as the forward over a copy, that
-            // plan fits too.
-            let forward = DecodePlan::as_forward(
-                &info,
-                &cache,
-                call.seq_q,
-                call.heads_q,
-                DType::F32,
-                &options,
-            );
-            if let Some(forward) = forward {
-                tally.rerouted += 1;
-                let shape = AttentionShape {
-                    seq_kv: cache.longest,
-                    ..call
-                };
-                assert_forward_plan_fits(
-                    &info,
-                    &forward,
-                    &shape,
-                    &format!("{what}, as the forward"),
-                );
-            }
+    each_call(0x5eed_00de, |draw, info, profile| {
+        let call = draw.shape();
+        let dtype = draw.one_of(&[KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8]);
+        let cache = CacheShape {
+            segments: draw.count(4),
+            ..CacheShape::of_call(&call, dtype)
+        };
+        let mut options = DecodeOptions::new(&draw.config());
+        if draw.chance(0.2) {
+            options = options.kv_splits(draw.count(64));
         }
-    }
+        if draw.wild && draw.chance(0.3) {
+            let lanes = [
+                DecodeLanes::HeadDim,
+                DecodeLanes::Keys,
+                DecodeLanes::KeyTiles,
+            ];
+            options = options.lanes(draw.one_of(&lanes));
+        }
+        let what = format!(
+            "{profile} {cache:?} seq_q {} heads_q {} {options:?}",
+            call.seq_q, call.heads_q
+        );
+        let planned = DecodePlan::for_call(info, &cache, call.seq_q, call.heads_q, &options);
+        let Some(plan) = tally.count(planned) else {
+            return;
+        };
+        assert_decode_plan_fits(info, &plan, &cache, call.seq_q, call.heads_q, &what);
+        // Where the call would run as the forward over a copy, that
+        // plan fits too.
+        let forward =
+            DecodePlan::as_forward(info, &cache, call.seq_q, call.heads_q, DType::F32, &options);
+        if let Some(forward) = forward {
+            tally.rerouted += 1;
+            let shape = AttentionShape {
+                seq_kv: cache.longest,
+                ..call
+            };
+            assert_forward_plan_fits(info, &forward, &shape, &format!("{what}, as the forward"));
+        }
+    });
     tally.assert_mixed("decode");
     assert!(tally.rerouted > 0, "no decode call ran as the forward");
 }
 
 #[test]
 fn random_backward_calls_plan_within_the_adapter_or_refuse() {
-    let mut draw = Draw::new(0x5eed_00ba);
     let mut tally = Tally::default();
-    for profile in all() {
-        let info = profile.info();
-        for _ in 0..CALLS {
-            draw.next_call();
-            let (shape, storage, config) = (draw.shape(), draw.storage(), draw.config());
-            let what = format!("{} {storage:?} {shape:?} {config:?}", profile.name);
-            // The plan, and what Gpu::backward checks before it records
-            // anything.
-            let planned = BackwardPlan::for_config(&info, &shape, storage, &config)
-                .and_then(|plan| plan.check_limits(&info, &shape).map(|()| plan));
-            let Some(plan) = tally.count(planned) else {
-                continue;
-            };
-            assert!(
-                plan.workgroup_size() <= info.max_invocations(),
-                "{what}: {} invocations",
-                plan.workgroup_size()
-            );
-            for pass in crate::shaders::BackwardPass::ALL {
-                let groups = plan.workgroups(pass, &shape, shape.seq_q, shape.seq_kv);
-                assert_dispatch_fits(&info, groups, &format!("{what} {pass:?}"));
-            }
+    each_call(0x5eed_00ba, |draw, info, profile| {
+        let (shape, storage, config) = (draw.shape(), draw.storage(), draw.config());
+        let what = format!("{profile} {storage:?} {shape:?} {config:?}");
+        // The plan, and what Gpu::backward checks before it records
+        // anything.
+        let planned = BackwardPlan::for_config(info, &shape, storage, &config)
+            .and_then(|plan| plan.check_limits(info, &shape).map(|()| plan));
+        let Some(plan) = tally.count(planned) else {
+            return;
+        };
+        assert!(
+            plan.workgroup_size() <= info.max_invocations(),
+            "{what}: {} invocations",
+            plan.workgroup_size()
+        );
+        for pass in crate::shaders::BackwardPass::ALL {
+            let groups = plan.workgroups(pass, &shape, shape.seq_q, shape.seq_kv);
+            assert_dispatch_fits(info, groups, &format!("{what} {pass:?}"));
         }
-    }
+    });
     tally.assert_mixed("backward");
 }
 
 #[test]
 fn random_linear_calls_plan_within_the_adapter_or_refuse() {
-    let mut draw = Draw::new(0x5eed_0011);
     let mut tally = Tally::default();
-    for profile in all() {
-        let info = profile.info();
-        for _ in 0..CALLS {
-            draw.next_call();
-            let s = draw.shape();
-            let causal = draw.chance(0.5);
-            let shape = LinearShape {
-                batch: s.batch,
-                // Causal calls take queries and keys of the same tokens.
-                seq_q: if causal && !draw.wild {
-                    s.seq_kv
-                } else {
-                    s.seq_q
-                },
-                seq_kv: s.seq_kv,
-                heads_q: s.heads_q,
-                heads_kv: s.heads_kv,
-                head_dim: s.head_dim,
-                head_dim_v: s.head_dim_v,
-            };
-            let config = LinearConfig {
-                causal,
-                tier: draw.tier(),
-                ..LinearConfig::new()
-            };
-            let storage = draw.storage();
-            let what = format!("{} {storage:?} {shape:?} {config:?}", profile.name);
-            let Some(plan) = tally.count(LinearPlan::for_call(&info, &shape, storage, &config))
-            else {
-                continue;
-            };
-            assert!(plan.splits() >= 1 && plan.chunk() >= 1, "{what}: {plan:?}");
-            let groups = plan.state_workgroups(plan.segment_splits()).map(u64::from);
-            assert_dispatch_fits(&info, groups, &what);
-        }
-    }
+    each_call(0x5eed_0011, |draw, info, profile| {
+        let s = draw.shape();
+        let causal = draw.chance(0.5);
+        let shape = LinearShape {
+            batch: s.batch,
+            // Causal calls take queries and keys of the same tokens.
+            seq_q: if causal && !draw.wild {
+                s.seq_kv
+            } else {
+                s.seq_q
+            },
+            seq_kv: s.seq_kv,
+            heads_q: s.heads_q,
+            heads_kv: s.heads_kv,
+            head_dim: s.head_dim,
+            head_dim_v: s.head_dim_v,
+        };
+        let config = LinearConfig {
+            causal,
+            tier: draw.tier(),
+            ..LinearConfig::new()
+        };
+        let storage = draw.storage();
+        let what = format!("{profile} {storage:?} {shape:?} {config:?}");
+        let Some(plan) = tally.count(LinearPlan::for_call(info, &shape, storage, &config)) else {
+            return;
+        };
+        assert!(plan.splits() >= 1 && plan.chunk() >= 1, "{what}: {plan:?}");
+        let groups = plan.state_workgroups(plan.segment_splits()).map(u64::from);
+        assert_dispatch_fits(info, groups, &what);
+    });
     tally.assert_mixed("linear");
 }
