@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{Inputs, gpu};
+use common::{Implementation, Inputs, gpu};
 use wgpu_flash_attn::reference::HostMask;
 use wgpu_flash_attn::{
     AttentionArgs, AttentionConfig, AttentionMask, AttentionShape, BackwardPlan, CacheShape, DType,
@@ -92,13 +92,8 @@ fn the_longest_single_dispatch_and_the_next_key_are_both_exact() {
         let shape = shape_at(seq_kv);
         let inputs = heavy_last_value(&shape, Inputs::draw(&shape, 0x5eed_100b, 1.0));
         let config = AttentionConfig::new().tier(Tier::Portable).causal(true);
-        let got = run_attention(gpu, &shape, &inputs, |e, args| {
-            gpu.forward(e, args, &config)
-        })
-        .unwrap();
-        let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
-        let err = common::max_abs_error(&got, &want.out, &format!("{seq_kv} keys"));
-        assert!(err <= 1e-4, "{seq_kv} keys: max error {err:.2e}");
+        let errors = common::run_with(gpu, Implementation::Flash, &shape, &inputs, &config);
+        common::assert_close(errors, &format!("portable tier, {seq_kv} keys"));
     }
 }
 
@@ -117,17 +112,15 @@ fn heavy_last_value(shape: &AttentionShape, mut inputs: Inputs) -> Inputs {
 }
 
 /// Uploads `inputs`, records `call` on them (the forward, the naive
-/// baseline) and downloads the output.
+/// baseline) and downloads the output, or the call's error: for the calls
+/// a test expects refused (`common::run_with` unwraps).
 fn run_attention<T>(
     gpu: &Gpu,
     shape: &AttentionShape,
     inputs: &Inputs,
     call: impl FnOnce(&mut wgpu::CommandEncoder, &AttentionArgs<'_>) -> Result<T, Error>,
 ) -> Result<Vec<f32>, Error> {
-    let q = Tensor::from_f32(gpu, shape.q_shape(), &inputs.q)?;
-    let k = Tensor::from_f32(gpu, shape.k_shape(), &inputs.k)?;
-    let v = Tensor::from_f32(gpu, shape.v_shape(), &inputs.v)?;
-    let out = Tensor::filled(gpu, shape.q_shape(), f32::NAN)?;
+    let [q, k, v, out] = common::upload(gpu, shape, inputs);
     let args = AttentionArgs {
         q: &q,
         k: &k,
@@ -167,16 +160,8 @@ fn the_default_tiers_longest_dispatch_and_the_masked_bound_are_exact() {
         assert!(DecodePlan::for_forward(gpu.info(), &shape, DType::F32, &config).is_none());
         assert_eq!(plan.key_chunks(seq_kv), chunks);
         let inputs = heavy_last_value(&shape, Inputs::draw(&shape, 0x5eed_100e, 1.0));
-        let got = run_attention(gpu, &shape, &inputs, |e, args| {
-            gpu.forward(e, args, &config)
-        })
-        .unwrap();
-        let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
-        let err = common::max_abs_error(&got, &want.out, &format!("{seq_kv} keys"));
-        assert!(
-            err <= 1e-4,
-            "{seq_kv} keys in {chunks} dispatch(es): max error {err:.2e}"
-        );
+        let errors = common::run_with(gpu, Implementation::Flash, &shape, &inputs, &config);
+        common::assert_close(errors, &format!("{seq_kv} keys in {chunks} dispatch(es)"));
     }
     // A boolean mask hiding a random quarter of the keys, never the last.
     for (seq_kv, allowed) in [(lo, true), (lo + 1, false)] {
@@ -229,21 +214,19 @@ fn the_naive_baselines_longest_call_is_exact_and_the_next_is_refused() {
     for (seq_kv, allowed) in [(lo, true), (hi, false)] {
         let shape = shape_at(seq_kv);
         let inputs = heavy_last_value(&shape, Inputs::draw(&shape, 0x5eed_1010, 1.0));
+        if allowed {
+            let errors = common::run_with(gpu, Implementation::Naive, &shape, &inputs, &config);
+            common::assert_close(errors, &format!("naive, {seq_kv} keys"));
+            continue;
+        }
         let result = run_attention(gpu, &shape, &inputs, |e, args| {
             gpu.naive_attention(e, args, &config)
         });
-        if !allowed {
-            assert!(
-                matches!(result, Err(Error::LoopBudget { trips, .. }) if trips > budget),
-                "naive, {seq_kv} keys: {:?}",
-                result.map(|_| "ran")
-            );
-            continue;
-        }
-        let got = result.unwrap();
-        let want = reference::attention(&shape, &inputs.q, &inputs.k, &inputs.v, &config).unwrap();
-        let err = common::max_abs_error(&got, &want.out, "naive");
-        assert!(err <= 1e-4, "naive, {seq_kv} keys: max error {err:.2e}");
+        assert!(
+            matches!(result, Err(Error::LoopBudget { trips, .. }) if trips > budget),
+            "naive, {seq_kv} keys: {:?}",
+            result.map(|_| "ran")
+        );
     }
 }
 

@@ -505,13 +505,12 @@ impl DecodePlan {
             }
         }
         // Each split of each segment leaves a partial result for the merge.
-        let slots = u32::try_from(cache.segments)
-            .ok()
-            .and_then(|segments| segments.checked_mul(splits as u32))
-            .ok_or(Error::ShapeOverflow {
-                tensor: "decode partial results (splits x cache segments)",
-                shape: [splits, cache.segments, 1, 1],
-            })?;
+        let overflow = || Error::ShapeOverflow {
+            tensor: "decode partial results (splits x cache segments)",
+            shape: [splits, cache.segments, 1, 1],
+        };
+        let segments = u32::try_from(cache.segments).map_err(|_| overflow())?;
+        let slots = segments.checked_mul(splits as u32).ok_or_else(overflow)?;
         if slots > 1 {
             check_merge_budget(info, u64::from(slots))?;
         }
@@ -519,7 +518,7 @@ impl DecodePlan {
             specialization,
             splits: splits as u32,
             split_keys: split_keys as u32,
-            segments: cache.segments as u32,
+            segments,
             rows_per_workgroup,
             row_tiles,
             slots,
