@@ -8,7 +8,8 @@ use crate::key_chunks::{ChunkLimits, KvView, Window, plan_key_chunks};
 use crate::lse::{Lse, check_lse_output};
 use crate::mask::AttentionMask;
 use crate::operands::{
-    VEC_WIDTH, check_operand, check_output, check_unbound_operand, require_equal, vec4_strides,
+    VEC_WIDTH, check_operand, check_output, check_own_buffers, check_unbound_operand,
+    require_equal, vec4_strides,
 };
 use crate::params::{AttentionParams, SequenceRows, blocked_flags, flags};
 use crate::pipelines::{bind_resources, encode_dispatches};
@@ -453,28 +454,14 @@ impl Gpu {
         for (name, tensor) in [("k", args.k), ("v", args.v)] {
             check_unbound_operand(self, name, tensor, storage)?;
         }
-        // Two outputs in one buffer would race (wgpu accepts two writable
-        // bindings of one buffer).
-        if args.lse.is_some_and(|l| l.buffer() == args.out.buffer()) {
-            return Err(Error::OutputAliasesInput {
-                tensor: "lse",
-                input: "out",
-            });
-        }
-        for (name, input) in [("q", args.q), ("k", args.k), ("v", args.v)] {
-            if input.buffer() == args.out.buffer() {
-                return Err(Error::OutputAliasesInput {
-                    tensor: "out",
-                    input: name,
-                });
-            }
-            if args.lse.is_some_and(|l| l.buffer() == input.buffer()) {
-                return Err(Error::OutputAliasesInput {
-                    tensor: "lse",
-                    input: name,
-                });
-            }
-        }
+        let mut writes = vec![("out", args.out.buffer())];
+        writes.extend(args.lse.map(|l| ("lse", l.buffer())));
+        let reads = [
+            ("q", args.q.buffer()),
+            ("k", args.k.buffer()),
+            ("v", args.v.buffer()),
+        ];
+        check_own_buffers(&writes, &reads)?;
         let mut params = option_params(shape, config, args.lse.is_some());
         params.q = vec4_strides(args.q);
         params.k = vec4_strides(args.k);

@@ -90,11 +90,13 @@ impl AttentionShape {
     /// only visible keys, so causal and windowed calls get credit only for
     /// the work they must do.
     pub fn flops(&self, config: &AttentionConfig) -> f64 {
-        let visible: usize = (0..self.seq_q)
-            .map(|row| config.visible_keys(row, self.seq_q, self.seq_kv).len())
+        // In f64: a shape past usize (which every call refuses) counts
+        // rather than overflows.
+        let f = |n: usize| n as f64;
+        let visible: f64 = (0..self.seq_q)
+            .map(|row| f(config.visible_keys(row, self.seq_q, self.seq_kv).len()))
             .sum();
-        2.0 * (self.batch * self.heads_q * (self.head_dim + self.head_dim_v)) as f64
-            * visible as f64
+        2.0 * f(self.batch) * f(self.heads_q) * (f(self.head_dim) + f(self.head_dim_v)) * visible
     }
 
     /// Bytes of the whole score matrix, `[batch, heads_q, seq_q, seq_kv]`

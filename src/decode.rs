@@ -8,7 +8,9 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::kv_cache::KvCache;
 use crate::lse::{Lse, check_lse_output};
-use crate::operands::{check_operand, check_output, require_equal, vec4_strides, vec4_view};
+use crate::operands::{
+    check_operand, check_output, check_own_buffers, require_equal, vec4_strides, vec4_view,
+};
 use crate::params::{CombineParams, DecodeParams, TensorStrides};
 use crate::pipelines::{
     ELEMENTWISE_WORKGROUP, bind_buffers, elementwise_groups, encode_dispatches,
@@ -213,21 +215,14 @@ impl Gpu {
         let io_dtype = args.q.dtype();
         check_operand(self, "q", args.q, io_dtype)?;
         check_output(self, "out", args.out, io_dtype)?;
-        if args.q.buffer() == args.out.buffer() {
-            return Err(Error::OutputAliasesInput {
-                tensor: "out",
-                input: "q",
-            });
-        }
         check_lse_output(self, args.lse, [q.batch, q.heads, q.seq])?;
-        for (name, tensor) in [("q", args.q), ("out", args.out)] {
-            if args.lse.is_some_and(|l| l.buffer() == tensor.buffer()) {
-                return Err(Error::OutputAliasesInput {
-                    tensor: "lse",
-                    input: name,
-                });
-            }
-        }
+        // The cache's buffers too: an output placed in a pool buffer's
+        // spare bytes would be bound beside it, or overwrite its pages.
+        let mut writes = vec![("out", args.out.buffer())];
+        writes.extend(args.lse.map(|l| ("lse", l.buffer())));
+        let mut reads = vec![("q", args.q.buffer())];
+        reads.extend(cache.buffers());
+        check_own_buffers(&writes, &reads)?;
         let cache_shape = cache.plan_shape();
         let mut plan = DecodePlan::for_call(self.info(), &cache_shape, q.seq, q.heads, &options)?;
         // Many query rows per KV head: the forward kernels over a dense
@@ -378,6 +373,12 @@ impl Gpu {
                 });
             }
             check_operand(self, name, tensor, DType::F32)?;
+        }
+        // The parts are copied into scratch before the merge writes: only
+        // the two outputs must keep apart.
+        out.check_distinct("out")?;
+        if let Some(lse) = lse {
+            check_own_buffers(&[("out", out.buffer()), ("lse", lse.buffer())], &[])?;
         }
         for (tensor, part_lse) in parts {
             if tensor.strides() != q.contiguous_strides() || tensor.offset() != 0 {

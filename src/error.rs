@@ -284,15 +284,51 @@ pub enum Error {
         value: f32,
     },
 
-    /// An output (out or lse) shares its buffer with an input.
+    /// A tensor the call writes (an output, or a cache being appended to)
+    /// shares its buffer with another operand of the call. The kernels
+    /// bind what they write as a buffer of its own: sharing would race
+    /// with, or overwrite, the other operand.
     #[error(
-        "the output {tensor} shares a buffer with input {input}: outputs must not alias inputs"
+        "{tensor} shares a buffer with {input}: a buffer a call writes (or binds writable) must be one no other operand of the call uses"
     )]
     OutputAliasesInput {
-        /// The output (`"out"` or `"lse"`).
+        /// What the call writes (`"out"`, `"lse"`, `"dq"`, `"kv cache K"`, ...).
         tensor: &'static str,
-        /// The input whose buffer it shares.
+        /// The operand whose buffer it shares.
         input: &'static str,
+    },
+
+    /// [`crate::KvCache::from_buffers`] was given one buffer twice: as a
+    /// segment's K and V (where V is stored apart from K), or in two
+    /// segments. Pages numbered apart would then be one storage.
+    #[error(
+        "kv cache buffers: segment {first_segment}'s {first} is also segment {second_segment}'s {second}; every K and V buffer must be distinct (a latent cache passes its K buffer as V)"
+    )]
+    CacheBufferRepeat {
+        /// The segment of the buffer's first use.
+        first_segment: usize,
+        /// `"K"` or `"V"`.
+        first: &'static str,
+        /// The segment of its second use.
+        second_segment: usize,
+        /// `"K"` or `"V"`.
+        second: &'static str,
+    },
+
+    /// A view reaches past what the kernels' 32-bit indices address: they
+    /// index a bound buffer in units of `unit` elements with u32 offsets.
+    #[error(
+        "{tensor} reaches element {extent}, past the {max} elements the kernels' 32-bit indices address (in units of {unit} elements)"
+    )]
+    IndexRange {
+        /// Which tensor.
+        tensor: &'static str,
+        /// One past its last element.
+        extent: u64,
+        /// The most elements addressable: `unit * 2^32`.
+        max: u64,
+        /// Elements per index step.
+        unit: u64,
     },
 
     /// An output view whose strides make two of its elements one memory

@@ -273,10 +273,12 @@ impl OpenDispatch {
                         size: spans[i].1 - offset,
                     }
                 }
-                // No unit reads a key: any valid window.
+                // No unit reads a key: any valid window. A storage
+                // binding's size is a whole number of words, and a
+                // binding limit need not be (NVIDIA's Vulkan: 2^31 - 1).
                 None => Window {
                     offset: 0,
-                    size: limits.binding.min(view.buffer_bytes),
+                    size: align_down(limits.binding.min(view.buffer_bytes), 16),
                 },
             }
         };

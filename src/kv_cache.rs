@@ -432,13 +432,37 @@ impl KvCache {
     /// the K buffer twice: it has no V pool), each holding whole pages of
     /// `[page_size, heads_kv, head_dim]` tokens of the config's storage type
     /// (int8: each head vector's `head_dim` bytes then its f32 scale), pages
-    /// numbered across
-    /// the pairs in order. Together they must hold the layout's pool
-    /// (`KvLayout::Paged { pages, .. }` pages; for a contiguous layout
-    /// `batch * ceil(capacity / page_size)` pages, see
+    /// numbered across the pairs in order. Together they must hold the
+    /// layout's pool (`KvLayout::Paged { pages, .. }` pages; for a
+    /// contiguous layout `batch * ceil(capacity / page_size)` pages, see
     /// [`KvCache::page_size`]). Checked: this device's buffers, `STORAGE`
-    /// usage, sizes, the binding limit.
+    /// usage, sizes, the binding limit, and that each buffer appears once
+    /// ([`Error::CacheBufferRepeat`]: a K buffer given as its V, or one
+    /// buffer in two segments, would store two pages in one place). Later
+    /// calls refuse operands in the pool's buffers: a decoding step's
+    /// output or logsumexp, an append's new tokens
+    /// ([`Error::OutputAliasesInput`]).
     pub fn from_buffers(
+        gpu: &Gpu,
+        config: KvCacheConfig,
+        segments: &[(wgpu::Buffer, wgpu::Buffer)],
+    ) -> Result<Self> {
+        check_distinct_segments(&config, segments)?;
+        Self::from_checked_buffers(gpu, config, segments)
+    }
+
+    /// [`KvCache::from_buffers`] without the distinct-buffer check, for a
+    /// cache that is only ever read: the forward's view of K and V as a
+    /// cache (`src/forward_as_decode.rs`) may get one tensor as both.
+    pub(crate) fn read_only_view(
+        gpu: &Gpu,
+        config: KvCacheConfig,
+        segments: &[(wgpu::Buffer, wgpu::Buffer)],
+    ) -> Result<Self> {
+        Self::from_checked_buffers(gpu, config, segments)
+    }
+
+    fn from_checked_buffers(
         gpu: &Gpu,
         config: KvCacheConfig,
         segments: &[(wgpu::Buffer, wgpu::Buffer)],
@@ -701,6 +725,14 @@ impl KvCache {
         }
     }
 
+    /// Every buffer of the pool, named as errors name them.
+    pub(crate) fn buffers(&self) -> impl Iterator<Item = (&'static str, &wgpu::Buffer)> {
+        self.segments.iter().flat_map(|segment| {
+            std::iter::once(("kv cache K", &segment.k))
+                .chain(segment.v.as_ref().map(|v| ("kv cache V", v)))
+        })
+    }
+
     /// Whether the pool lives on `gpu`'s device.
     pub(crate) fn check_device(&self, gpu: &Gpu) -> Result<()> {
         gpu.check_owner(&self.device, "kv cache")
@@ -790,6 +822,12 @@ impl KvCache {
             // inputs go in several appends.
             crate::tensor::check_binding_size(gpu, name, tensor.buffer().size())?;
         }
+        // The kernel writes the pool: new tokens in a pool buffer's spare
+        // bytes would be bound read-only beside it.
+        let tokens = [("k", k)].into_iter().chain(v.map(|v| ("v", v)));
+        let reads: Vec<_> = tokens.map(|(name, t)| (name, t.buffer())).collect();
+        let writes: Vec<_> = self.buffers().collect();
+        crate::operands::check_own_buffers(&writes, &reads)?;
         for sequence in 0..self.batch() {
             let needed = self.lens[sequence] + shape.seq;
             let capacity = self.capacity(sequence);
@@ -1042,6 +1080,35 @@ type SegmentWords = (Vec<u32>, Option<Vec<u32>>);
 
 /// Appends one token's head vectors, stored as `dtype` in `words`, to `out`
 /// as f32 (int8: each value times its vector's scale).
+/// Each buffer of `segments` once: a segment's K and V apart (unless the
+/// values live in the keys, where V is K's buffer) and no buffer in two
+/// segments. Pages in one buffer under two page numbers would be written
+/// through each other.
+fn check_distinct_segments(
+    config: &KvCacheConfig,
+    segments: &[(wgpu::Buffer, wgpu::Buffer)],
+) -> Result<()> {
+    let mut seen: Vec<(usize, &'static str, &wgpu::Buffer)> = Vec::new();
+    for (segment, (k, v)) in segments.iter().enumerate() {
+        let mut uses = vec![("K", k)];
+        if !config.values_in_keys() {
+            uses.push(("V", v));
+        }
+        for (role, buffer) in uses {
+            if let Some(&(first_segment, first, _)) = seen.iter().find(|(_, _, b)| *b == buffer) {
+                return Err(Error::CacheBufferRepeat {
+                    first_segment,
+                    first,
+                    second_segment: segment,
+                    second: role,
+                });
+            }
+            seen.push((segment, role, buffer));
+        }
+    }
+    Ok(())
+}
+
 fn widen_token(dtype: KvDType, head_dim: usize, words: &[u32], out: &mut Vec<f32>) {
     let halves = || words.iter().flat_map(|w| [*w as u16, (*w >> 16) as u16]);
     match dtype {

@@ -81,7 +81,49 @@ pub(crate) fn check_unbound_operand(
             });
         }
     }
-    tensor.check_in_bounds(name)
+    tensor.check_in_bounds(name)?;
+    check_index_range(name, tensor, VEC_WIDTH as u64)
+}
+
+/// [`Error::OutputAliasesInput`] for the first buffer in `writes` that
+/// another operand of the call also uses: one in `reads`, or an earlier
+/// one in `writes`. What a call reads may share buffers (K and V as views
+/// of one QKV projection); what it writes may not, since wgpu accepts two
+/// writable bindings of one buffer and the kernels would race on them, and
+/// refuses a buffer bound both writable and read-only in one dispatch.
+pub(crate) fn check_own_buffers(
+    writes: &[(&'static str, &wgpu::Buffer)],
+    reads: &[(&'static str, &wgpu::Buffer)],
+) -> Result<()> {
+    for (i, &(tensor, buffer)) in writes.iter().enumerate() {
+        let others = reads.iter().chain(&writes[..i]);
+        if let Some(&(input, _)) = others.into_iter().find(|(_, other)| *other == buffer) {
+            return Err(Error::OutputAliasesInput { tensor, input });
+        }
+    }
+    Ok(())
+}
+
+/// The kernels index a bound buffer with u32 offsets in units of `unit`
+/// elements (vec4s of the view's type for attention operands, elements
+/// for RoPE): a view past `unit * 2^32` elements would wrap.
+pub(crate) fn check_index_range(name: &'static str, tensor: &Tensor, unit: u64) -> Result<()> {
+    check_extent_indexable(name, tensor.extent() as u64, unit)
+}
+
+/// [`check_index_range`] of a view reaching element `extent` (one past
+/// its last).
+fn check_extent_indexable(name: &'static str, extent: u64, unit: u64) -> Result<()> {
+    let max = unit.saturating_mul(1 << 32);
+    if extent > max {
+        return Err(Error::IndexRange {
+            tensor: name,
+            extent,
+            max,
+            unit,
+        });
+    }
+    Ok(())
 }
 
 pub(crate) fn vec4_strides(tensor: &Tensor) -> TensorStrides {
@@ -96,5 +138,27 @@ pub(crate) fn vec4_view(s: Strides, offset: usize) -> TensorStrides {
         seq: (s.seq / VEC_WIDTH) as u32,
         head: (s.head / VEC_WIDTH) as u32,
         offset: (offset / VEC_WIDTH) as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Views up to `unit * 2^32` elements are addressed; one element more
+    /// would wrap the kernels' u32 index (a buffer that large exists only
+    /// where a binding may pass 16-64 GiB, so the GPU tests cannot reach it).
+    #[test]
+    fn views_past_32_bit_indices_are_refused() {
+        for unit in [1, 4] {
+            let max = unit << 32;
+            check_extent_indexable("t", max, unit).unwrap();
+            let err = check_extent_indexable("t", max + 1, unit).unwrap_err();
+            assert!(
+                matches!(err, Error::IndexRange { tensor: "t", extent, max: m, unit: u }
+                    if extent == max + 1 && m == max && u == unit),
+                "{err}"
+            );
+        }
     }
 }

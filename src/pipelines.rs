@@ -193,6 +193,7 @@ impl PipelineCache {
         // A replaced file's loops may not be proven: it keeps the counters.
         let skipped = self.skipped_runtime_checks().for_kernel(&source);
         let kernel = spec.kernel();
+        kernel.check_storage_buffers(device.limits().max_storage_buffers_per_shader_stage)?;
         let (bind_group_layout, pipeline_layout) = lock(&self.layouts)
             .entry(kernel)
             .or_insert_with(|| layouts(device, kernel))

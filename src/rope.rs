@@ -152,8 +152,9 @@ impl Gpu {
         tensor.check_in_bounds("rope tensor")?;
         // Rotated in place: every element once.
         tensor.check_distinct("rope tensor")?;
-        // Bound whole (which also keeps its strides and offset within u32).
+        // Bound whole, and indexed in elements with u32 strides and offset.
         crate::tensor::check_binding_size(self, "rope tensor", tensor.buffer().size())?;
+        crate::operands::check_index_range("rope tensor", tensor, 1)?;
         tensor.check_device(self, "rope tensor")?;
         let strides = tensor.strides();
         let params = RopeParams {

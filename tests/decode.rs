@@ -11,7 +11,7 @@ use rand::seq::SliceRandom;
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionShape, CacheShape, DType, DecodeArgs,
     DecodeLanes, DecodeOptions, DecodePlan, Error, Gpu, KeyRotation, KvCache, KvCacheConfig,
-    KvDType, KvLayout, Lse, Rope, RopeStyle, Tensor, TensorShape, Tier, reference,
+    KvDType, KvLayout, Lse, Rope, RopeStyle, Strides, Tensor, TensorShape, Tier, reference,
 };
 
 const HEADS_Q: usize = 8;
@@ -341,6 +341,25 @@ fn merging_two_halves_equals_attention_over_all_keys() {
     assert!(matches!(
         gpu.run(|e| gpu.merge(e, &[], &out, None)),
         Err(Error::NothingToMerge)
+    ));
+    // Outputs that would race: one whose rows are one location (seq
+    // stride 0), and a logsumexp in the output's buffer.
+    let wide = Tensor::zeros(gpu, shape.q_shape(), DType::F32).unwrap();
+    let strides = wide.strides();
+    let rows_as_one = wide
+        .view(shape.q_shape(), Strides { seq: 0, ..strides }, 0)
+        .unwrap();
+    assert!(matches!(
+        gpu.run(|e| gpu.merge(e, &refs, &rows_as_one, None)),
+        Err(Error::OverlappingOutput { tensor: "out", .. })
+    ));
+    let lse_in_out = Lse::from_buffer(gpu, out.buffer().clone(), 2, 4, 5).unwrap();
+    assert!(matches!(
+        gpu.run(|e| gpu.merge(e, &refs, &out, Some(&lse_in_out))),
+        Err(Error::OutputAliasesInput {
+            tensor: "lse",
+            input: "out"
+        })
     ));
 }
 
@@ -676,6 +695,131 @@ fn caller_pool_buffer(gpu: &Gpu, bytes: u64) -> wgpu::Buffer {
         usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
         mapped_at_creation: false,
     })
+}
+
+/// A caller's pool must give every page storage of its own, and a call's
+/// other operands must keep out of the pool's buffers: a buffer used twice
+/// in the pool (K as V, or in two segments) is `CacheBufferRepeat`; an
+/// output of a decoding step, or the new tokens of an append, placed in a
+/// pool buffer's spare bytes is `OutputAliasesInput`. Each of them was
+/// accepted before and wrote one page over another, or had wgpu refuse the
+/// dispatch (a buffer bound writable and read-only at once).
+#[test]
+fn caller_pools_and_operands_keep_their_buffers_apart() {
+    let Some(gpu) = gpu() else { return };
+    let (head_dim, pages) = (32, 2);
+    let config = |values| {
+        let paged = KvLayout::Paged {
+            page_size: 16,
+            pages,
+        };
+        let config = KvCacheConfig::new(1, HEADS_KV, head_dim, paged);
+        match values {
+            Some(head_dim_v) => config.latent_values(head_dim_v),
+            None => config,
+        }
+    };
+    let page_bytes = (16 * HEADS_KV * head_dim * 4) as u64;
+    let buffer = |pages: u64| caller_pool_buffer(gpu, pages * page_bytes);
+    let (a, b, c) = (buffer(1), buffer(1), buffer(1));
+    let repeat = |segments: &[(wgpu::Buffer, wgpu::Buffer)], values| {
+        KvCache::from_buffers(gpu, config(values), segments).map(|_| ())
+    };
+    let cases = [
+        (
+            vec![(a.clone(), a.clone()), (b.clone(), c.clone())],
+            (0, "K", 0, "V"),
+        ),
+        (
+            vec![(a.clone(), b.clone()), (a.clone(), c.clone())],
+            (0, "K", 1, "K"),
+        ),
+        (
+            vec![(a.clone(), b.clone()), (c.clone(), b.clone())],
+            (0, "V", 1, "V"),
+        ),
+        (
+            vec![(a.clone(), b.clone()), (c.clone(), a.clone())],
+            (0, "K", 1, "V"),
+        ),
+    ];
+    for (segments, (s0, r0, s1, r1)) in cases {
+        let err = repeat(&segments, None).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::CacheBufferRepeat { first_segment, first, second_segment, second }
+                    if (first_segment, first, second_segment, second) == (s0, r0, s1, r1)
+            ),
+            "{err}"
+        );
+    }
+    // A latent cache passes K's buffer as V, but no buffer in two segments.
+    repeat(&[(a.clone(), a.clone()), (b.clone(), b.clone())], Some(16)).unwrap();
+    assert!(matches!(
+        repeat(&[(a.clone(), a.clone()), (a.clone(), a.clone())], Some(16)),
+        Err(Error::CacheBufferRepeat {
+            first_segment: 0,
+            second_segment: 1,
+            ..
+        })
+    ));
+
+    // A pool in buffers with room for one more page than the pool holds,
+    // and the call's other tensors placed in them.
+    let (pool_k, pool_v) = (buffer(pages as u64 + 1), buffer(pages as u64 + 1));
+    let segments = [(pool_k.clone(), pool_v.clone())];
+    let mut cache = KvCache::from_buffers(gpu, config(None), &segments).unwrap();
+    cache.set_block_table(0, &[0, 1]).unwrap();
+    let spare = pages * 16 * HEADS_KV * head_dim;
+    let in_spare = |buffer: &wgpu::Buffer, shape: TensorShape| {
+        let strides = shape.contiguous_strides();
+        Tensor::from_buffer(gpu, buffer.clone(), shape, strides, spare, DType::F32).unwrap()
+    };
+    // New tokens are packed from a buffer's start: here, the pool's.
+    let tokens = TensorShape::new(1, 3, HEADS_KV, head_dim);
+    let in_pool = |buffer: &wgpu::Buffer| {
+        let strides = tokens.contiguous_strides();
+        Tensor::from_buffer(gpu, buffer.clone(), tokens, strides, 0, DType::F32).unwrap()
+    };
+    let fresh = Tensor::filled(gpu, tokens, 0.5).unwrap();
+    for (k_new, v_new, want) in [
+        (in_pool(&pool_k), &fresh, ("kv cache K", "k")),
+        (fresh.clone(), &in_pool(&pool_v), ("kv cache V", "v")),
+    ] {
+        let err = gpu.run(|e| cache.append(gpu, e, &k_new, v_new, None));
+        assert!(
+            matches!(err, Err(Error::OutputAliasesInput { tensor, input }) if (tensor, input) == want),
+            "{err:?}"
+        );
+    }
+    assert_eq!(cache.lens(), &[0], "a refused append changes nothing");
+    gpu.run(|e| cache.append(gpu, e, &fresh, &fresh, None))
+        .unwrap();
+    let rows = TensorShape::new(1, 1, HEADS_Q, head_dim);
+    let q = Tensor::filled(gpu, rows, 0.5).unwrap();
+    let out = Tensor::zeros(gpu, rows, DType::F32).unwrap();
+    let lse_in_v = Lse::from_buffer(gpu, pool_v.clone(), 1, HEADS_Q, 1).unwrap();
+    let out_in_k = in_spare(&pool_k, rows);
+    for (out, lse, want) in [
+        (&out_in_k, None, ("out", "kv cache K")),
+        (&out, Some(&lse_in_v), ("lse", "kv cache V")),
+    ] {
+        let args = DecodeArgs {
+            q: &q,
+            cache: &cache,
+            out,
+            lse,
+        };
+        for splits in [1, 2] {
+            let options = DecodeOptions::new(&AttentionConfig::new()).kv_splits(splits);
+            let err = gpu.run(|e| gpu.decode(e, &args, options));
+            assert!(
+                matches!(err, Err(Error::OutputAliasesInput { tensor, input }) if (tensor, input) == want),
+                "{splits} splits: {err:?}"
+            );
+        }
+    }
 }
 
 /// Appends `len` seeded N(0, 1) tokens to the one sequence of `cache`;

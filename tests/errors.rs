@@ -5,8 +5,8 @@ mod common;
 
 use common::{Inputs, assert_close, gpu, run_and_compare};
 use wgpu_flash_attn::{
-    Alibi, AttentionArgs, AttentionConfig, AttentionShape, BackwardArgs, Error, Gpu, Lse, Strides,
-    Tensor, TensorShape,
+    Alibi, AttentionArgs, AttentionConfig, AttentionShape, BackwardArgs, DType, DecodeArgs, Error,
+    Gpu, KvCache, KvCacheConfig, KvLayout, Lse, Rope, RopeStyle, Strides, Tensor, TensorShape,
 };
 
 fn tensor(gpu: &Gpu, shape: TensorShape) -> Tensor {
@@ -402,7 +402,127 @@ fn output_aliasing_an_input() {
         ),
         "{err}"
     );
+    // The backward binds the logsumexp writable (the forward's binding):
+    // in the buffer of an input it reads, wgpu would refuse the dispatch.
+    let q_and_lse = Tensor::zeros(gpu, TensorShape::new(1, 6, 2, 32), DType::F32).unwrap();
+    let q_after_lse = q_and_lse
+        .view(shape, shape.contiguous_strides(), 64)
+        .unwrap();
+    let lse = Lse::from_buffer(gpu, q_and_lse.buffer().clone(), 1, 2, 5).unwrap();
+    let out = tensor(gpu, shape);
+    for (name, args) in [
+        (
+            "q",
+            BackwardArgs {
+                q: &q_after_lse,
+                out: &out,
+                lse: &lse,
+                ..backward
+            },
+        ),
+        (
+            "d_out",
+            BackwardArgs {
+                d_out: &q_after_lse,
+                out: &out,
+                lse: &lse,
+                ..backward
+            },
+        ),
+    ] {
+        let err = gpu
+            .run(|e| gpu.backward(e, &args, AttentionConfig::new()))
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::OutputAliasesInput { tensor: "lse", input } if input == name),
+            "lse in {name}'s buffer: {err}"
+        );
+    }
     still_works(gpu);
+}
+
+/// A device that binds fewer storage buffers per shader stage than a
+/// kernel needs (`Gpu::from_device` of a device opened with low limits):
+/// the kernels that need more are `StorageBuffers` with the numbers, those
+/// that fit run and match the reference, and the device keeps working.
+#[test]
+fn devices_binding_few_storage_buffers() {
+    let Some(shared) = gpu() else { return };
+    let adapter = pollster::block_on(wgpu_flash_attn::AdapterOptions::from_env().select())
+        .expect("the adapter the test devices use");
+    let limit = 4;
+    let limits = wgpu::Limits {
+        max_storage_buffers_per_shader_stage: limit,
+        ..adapter.limits()
+    };
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("four storage buffers"),
+        required_features: adapter.features() & wgpu_flash_attn::WANTED_FEATURES,
+        required_limits: limits,
+        ..Default::default()
+    }))
+    .expect("a device with lower limits than the adapter's");
+    let gpu = &Gpu::from_device(device, queue, adapter.get_info());
+    assert_eq!(
+        gpu.info().limits.max_storage_buffers_per_shader_stage,
+        limit
+    );
+    let refused = |err: Error, what: &str| {
+        assert!(
+            matches!(err, Error::StorageBuffers { needed, limit: l, .. } if needed > limit && l == limit),
+            "{what}: {err}"
+        );
+    };
+
+    let shape = AttentionShape::self_attention(1, 9, 1, 32);
+    let inputs = Inputs::draw(&shape, 0x5b5, 1.0);
+    let upload = |data: &[f32]| Tensor::from_f32(gpu, shape.q_shape(), data).unwrap();
+    let (q, k, v) = (upload(&inputs.q), upload(&inputs.k), upload(&inputs.v));
+    let out = Tensor::zeros(gpu, shape.q_shape(), DType::F32).unwrap();
+    let args = AttentionArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: None,
+    };
+    let config = AttentionConfig::new();
+    refused(forward_error(gpu, &args), "forward");
+    refused(
+        gpu.run(|e| gpu.naive_attention(e, &args, &config))
+            .unwrap_err(),
+        "naive",
+    );
+    let cache_config = KvCacheConfig::new(1, 1, 32, KvLayout::Contiguous { capacity: 16 });
+    let mut cache = KvCache::new(gpu, cache_config).unwrap();
+    refused(
+        gpu.run(|e| cache.append(gpu, e, &k, &v, None)).unwrap_err(),
+        "append",
+    );
+    let one = Tensor::zeros(gpu, TensorShape::new(1, 1, 1, 32), DType::F32).unwrap();
+    let one_out = Tensor::zeros(gpu, one.shape(), DType::F32).unwrap();
+    let decode = DecodeArgs {
+        q: &one,
+        cache: &cache,
+        out: &one_out,
+        lse: None,
+    };
+    refused(
+        gpu.run(|e| gpu.decode(e, &decode, &config)).unwrap_err(),
+        "decode",
+    );
+
+    // RoPE binds three storage buffers: it runs, as the reference rotates.
+    let rope = Rope::new(RopeStyle::HalfSplit);
+    gpu.run(|e| gpu.rope(e, &q, &rope, &[3])).unwrap();
+    let want = wgpu_flash_attn::reference::rope(&rope, shape.q_shape(), &inputs.q, &[3]).unwrap();
+    let got = q.to_f32_vec(gpu).unwrap();
+    let gap = common::max_abs_error(&got, &want, "rope on a four-buffer device");
+    assert!(
+        gap <= common::ROPE_BOUND,
+        "rope on a four-buffer device: {gap:.2e}"
+    );
+    still_works(shared);
 }
 
 #[test]

@@ -398,6 +398,67 @@ fn keys_past_one_binding_are_bound_in_windows() {
     assert!(gap <= 1e-5, "windows vs whole binding: {gap:.2e}");
 }
 
+/// A binding limit that is no whole number of words (NVIDIA's Vulkan
+/// driver reports 2^31 - 1): a dispatch whose sequences have no valid key
+/// binds a window of K and V that reads nothing, still a whole number of
+/// words, and its rows come out as zeros with logsumexp +inf; the rows of
+/// a sequence with keys match the reference.
+#[test]
+fn a_dispatch_without_keys_binds_whole_words_under_an_odd_binding_limit() {
+    let Some(_) = gpu() else { return };
+    let binding = (64 << 10) + 2;
+    let gpu = small_binding_gpu(binding);
+    assert_eq!(gpu.info().limits.max_storage_buffer_binding_size, binding);
+    let shape = AttentionShape {
+        batch: 2,
+        seq_q: 5,
+        seq_kv: 300,
+        heads_q: 2,
+        heads_kv: 2,
+        head_dim: 64,
+        head_dim_v: 64,
+    };
+    assert!(4 * shape.k_shape().elements() as u64 > binding);
+    let inputs = Inputs::draw(&shape, 0x0cb, 1.0);
+    let [q, k, v] = upload(&gpu, &shape, &inputs, DType::F32);
+    let config = AttentionConfig::new();
+    for kv in [[0, 0], [300, 0]] {
+        let lengths = ValidLengths { q: None, kv: &kv };
+        let options = ForwardOptions::new(&config).valid_lengths(lengths);
+        let (out, lse) = run(&gpu, &shape, [&q, &k, &v], options)
+            .unwrap_or_else(|e| panic!("valid key lengths {kv:?}: {e}"));
+        let row = shape.seq_q * shape.heads_q * shape.head_dim;
+        let rows_lse = shape.heads_q * shape.seq_q;
+        for entry in 0..shape.batch {
+            let (out, lse) = (
+                &out[entry * row..(entry + 1) * row],
+                &lse[entry * rows_lse..(entry + 1) * rows_lse],
+            );
+            if kv[entry] == 0 {
+                assert!(
+                    out.iter().all(|&x| x == 0.0),
+                    "{kv:?}: entry {entry}'s output"
+                );
+                assert!(
+                    lse.iter().all(|&x| x == f32::INFINITY),
+                    "{kv:?}: entry {entry}'s lse"
+                );
+                continue;
+            }
+            let keys = shape.seq_kv * shape.heads_kv * shape.head_dim;
+            let want = reference::attention(
+                &AttentionShape { batch: 1, ..shape },
+                &inputs.q[entry * row..(entry + 1) * row],
+                &inputs.k[entry * keys..(entry + 1) * keys],
+                &inputs.v[entry * keys..(entry + 1) * keys],
+                &config,
+            )
+            .unwrap();
+            assert_rows_close(out, &want.out, &format!("{kv:?}: entry {entry}"));
+        }
+    }
+}
+
 /// What cannot be chunked is refused with the numbers.
 #[test]
 fn what_cannot_be_chunked_is_a_typed_error() {

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::lse::{Lse, check_lse_output};
 use crate::mask::AttentionMask;
-use crate::operands::{check_operand, check_output, vec4_view};
+use crate::operands::{check_operand, check_output, check_own_buffers, vec4_view};
 use crate::params::{AttentionParams, BackwardParams, BackwardUnit, flags};
 use crate::pipelines::{bind_buffers, encode_dispatches};
 use crate::shaders::BackwardPass;
@@ -299,38 +299,17 @@ fn check_backward_operands(gpu: &Gpu, args: &BackwardArgs<'_>) -> Result<()> {
     for (name, tensor) in outputs.iter().copied().chain([("out", args.out)]) {
         check_output(gpu, name, tensor, storage)?;
     }
-    for (i, &(name, output)) in outputs.iter().enumerate() {
-        let earlier = outputs[..i].iter().copied();
-        for (input, tensor) in inputs.iter().copied().chain(earlier) {
-            if tensor.buffer() == output.buffer() {
-                return Err(Error::OutputAliasesInput {
-                    tensor: name,
-                    input,
-                });
-            }
-        }
-        if args.lse.buffer() == output.buffer() {
-            return Err(Error::OutputAliasesInput {
-                tensor: name,
-                input: "lse",
-            });
-        }
-    }
-    // The row-delta pass binds `out` writable (the forward's binding).
-    if args.lse.buffer() == args.out.buffer() {
-        return Err(Error::OutputAliasesInput {
-            tensor: "out",
-            input: "lse",
-        });
-    }
-    for (name, tensor) in inputs {
-        if name != "out" && tensor.buffer() == args.out.buffer() {
-            return Err(Error::OutputAliasesInput {
-                tensor: "out",
-                input: name,
-            });
-        }
-    }
+    // The logsumexp and `out` are read here, but bound writable: `out` is
+    // the forward's output binding (the row-delta pass writes it when run
+    // after a forward) and the logsumexp is the forward's too.
+    let mut writes = outputs.map(|(name, t)| (name, t.buffer())).to_vec();
+    writes.extend([("lse", args.lse.buffer()), ("out", args.out.buffer())]);
+    let reads = inputs
+        .iter()
+        .filter(|(name, _)| *name != "out")
+        .map(|&(name, t)| (name, t.buffer()))
+        .collect::<Vec<_>>();
+    check_own_buffers(&writes, &reads)?;
     Ok(())
 }
 

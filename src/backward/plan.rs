@@ -527,6 +527,25 @@ fn tile_bytes(head_dim: u32, head_dim_v: u32, block: u32) -> u64 {
 mod tests {
     use super::*;
     use crate::plan::profiles;
+    use crate::shaders::Kernel;
+
+    /// The limit the planner checks is what each backward kernel binds.
+    #[test]
+    fn storage_buffer_count_is_the_kernels() {
+        let kernels = [
+            Kernel::BackwardDeltas,
+            Kernel::BackwardKeys,
+            Kernel::BackwardQueries,
+            Kernel::BackwardSinks,
+        ];
+        for kernel in kernels {
+            assert_eq!(
+                kernel.storage_buffers(),
+                BACKWARD_STORAGE_BUFFERS,
+                "{kernel:?}"
+            );
+        }
+    }
 
     /// With dropout the two gradient passes compile its mask (the DROPOUT
     /// variant) and the row-delta and sink passes share their pipelines

@@ -175,7 +175,8 @@ impl LinearShape {
     }
     /// Query heads per KV head.
     pub fn group_size(&self) -> usize {
-        self.heads_q / self.heads_kv
+        // 0 for a shape without KV heads (which every call refuses).
+        self.heads_q.checked_div(self.heads_kv).unwrap_or(0)
     }
 
     /// The FLOPs linear attention needs, causal or not: 2 per (key, head
@@ -185,8 +186,12 @@ impl LinearShape {
     /// chunk-local quadratic part in causal calls is not credited).
     /// `4 * N * head_dim * head_dim_v` per head for self-attention.
     pub fn flops(&self) -> f64 {
-        let rows = self.batch * (self.heads_kv * self.seq_kv + self.heads_q * self.seq_q);
-        2.0 * rows as f64 * (self.head_dim * self.head_dim_v) as f64
+        // In f64: a shape past usize (which every call refuses) counts
+        // rather than overflows.
+        let f = |n: usize| n as f64;
+        let rows =
+            f(self.batch) * (f(self.heads_kv) * f(self.seq_kv) + f(self.heads_q) * f(self.seq_q));
+        2.0 * rows * f(self.head_dim) * f(self.head_dim_v)
     }
 
     pub(crate) fn validate(&self) -> Result<()> {

@@ -270,6 +270,10 @@ impl DecodePlan {
         options: &DecodeOptions,
     ) -> Result<Self> {
         let config = &options.config;
+        // Here, before the route to the forward records its copy of the
+        // cache (fetching a pipeline checks this too).
+        let storage_limit = info.limits.max_storage_buffers_per_shader_stage;
+        crate::shaders::Kernel::Decode.check_storage_buffers(storage_limit)?;
         // (Gpu::decode checks its tensors against the cache before this;
         // a CacheShape given by hand is checked here.)
         for (tensor, n) in [

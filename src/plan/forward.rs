@@ -695,7 +695,7 @@ fn coop_tiling(
             // visibility bits (two words).
             if !(1..=MAX_COOP_ROW_TILES).contains(&row_tiles)
                 || key_tiles == 0
-                || key_tiles * size > MAX_COOP_BLOCK_N
+                || u64::from(key_tiles) * u64::from(size) > u64::from(MAX_COOP_BLOCK_N)
             {
                 return Err(format!(
                     "its block {row_tiles}x{key_tiles} ({size}x{size} matrices) is outside the \

@@ -60,6 +60,16 @@ impl Draw {
         }
     }
 
+    /// A field of a caller's layout: mostly near the kernels' range
+    /// (`0..=near`), sometimes any u32, where products of fields overflow.
+    fn layout_field(&mut self, near: u32) -> u32 {
+        if self.chance(0.2) {
+            self.rng.random()
+        } else {
+            self.rng.random_range(0..=near)
+        }
+    }
+
     /// A supported head dim; in a wild call sometimes any width, zero,
     /// or far too wide.
     fn head_dim(&mut self) -> usize {
@@ -140,15 +150,15 @@ impl Draw {
         }
         if self.chance(0.2) {
             config = config.blocked_layout(BlockedLayout {
-                row_lanes: self.rng.random_range(0..=300),
-                key_lanes: self.rng.random_range(0..=300),
-                rows: self.rng.random_range(0..=10),
+                row_lanes: self.layout_field(300),
+                key_lanes: self.layout_field(300),
+                rows: self.layout_field(10),
             });
         }
         if self.chance(0.15) {
             config = config.coop_layout(CoopLayout {
-                row_tiles: self.rng.random_range(0..=9),
-                key_tiles: self.rng.random_range(0..=9),
+                row_tiles: self.layout_field(9),
+                key_tiles: self.layout_field(9),
             });
         }
         if self.chance(0.3) {

@@ -331,6 +331,30 @@ impl Kernel {
         }
     }
 
+    /// Storage buffers the kernel binds (its device's
+    /// `max_storage_buffers_per_shader_stage` must allow them).
+    pub fn storage_buffers(self) -> u32 {
+        let storage =
+            |ty: &&wgpu::BufferBindingType| matches!(ty, wgpu::BufferBindingType::Storage { .. });
+        self.bindings().iter().filter(storage).count() as u32
+    }
+
+    /// `Error::StorageBuffers` where `limit` (a device's
+    /// `max_storage_buffers_per_shader_stage`) is below
+    /// [`Kernel::storage_buffers`]: wgpu would refuse the kernel's layout
+    /// with a panic in the caller's encoder instead.
+    pub(crate) fn check_storage_buffers(self, limit: u32) -> crate::Result<()> {
+        let needed = self.storage_buffers();
+        if needed > limit {
+            return Err(crate::Error::StorageBuffers {
+                kernel: self.file_name(),
+                needed,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
     /// Buffer bindings of group 0, in binding order.
     pub fn bindings(self) -> &'static [wgpu::BufferBindingType] {
         use wgpu::BufferBindingType::{Storage, Uniform};
