@@ -412,8 +412,7 @@ pub enum Tier {
     /// columns), so every value read from workgroup memory feeds several
     /// FMAs and no invocation holds a whole head vector. The default for
     /// the forward (masked or not) on discrete and integrated GPUs where its
-    /// tiles fit the workgroup memory (f32 on NVIDIA up to d=128 excepted,
-    /// see [`Tier::SubgroupBroadcast`]); runs everywhere when forced (no
+    /// tiles fit the workgroup memory; runs everywhere when forced (no
     /// feature needed). The backward has register-blocked gradient passes
     /// too (`shaders/flash_backward_blocked.wgsl`: blocks of keys and query
     /// rows, each invocation owning a micro-tile of scores and of dK, dV or

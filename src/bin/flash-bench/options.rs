@@ -361,8 +361,8 @@ pub enum TierArg {
     /// Workgroup-memory tiles: runs everywhere.
     Portable,
     /// Subgroup broadcasts, one query row per lane (adapters with
-    /// subgroups: the default on CPU adapters, and for f32 up to d=128 on
-    /// NVIDIA).
+    /// subgroups: the default on CPU adapters; hardware GPUs run it only
+    /// when forced).
     Subgroup,
     /// Register-blocked micro-tiles (the forward's default on most GPUs),
     /// with f32 products (what f16 storage gets by default on NVIDIA is
