@@ -321,7 +321,7 @@ impl Gpu {
         let plan = call.plan.without_grouped_rows();
         let spec = plan.masked_specialization();
         check_loop_budget(self.info(), &spec, call.shape.seq_kv as u64)?;
-        let pipeline = self.pipelines.get(&self.device, &spec)?;
+        let pipeline = self.pipelines.get(self, &spec)?;
         let (mask_params, tiles) = mask.params(self, plan.block_m(), plan.block_n())?;
         let mask_uniform = self.uniform_buffer("mask params", bytemuck::bytes_of(&mask_params))?;
         let tiles = tiles.unwrap_or_else(|| self.placeholders.read_only.clone());
@@ -330,7 +330,7 @@ impl Gpu {
             &pipeline.bind_group_layout,
             &params_buffer,
             &[mask.buffer(), &tiles, &mask_uniform],
-        );
+        )?;
         encode_dispatches(
             encoder,
             "masked flash attention forward",
@@ -548,9 +548,7 @@ impl PreparedCall<'_> {
             self.kv_view("k", self.args.k),
             self.kv_view("v", self.args.v),
         ];
-        let pipeline = gpu
-            .pipelines
-            .get(&gpu.device, &self.plan.specialization())?;
+        let pipeline = gpu.pipelines.get(gpu, &self.plan.specialization())?;
         let [x, y, _] = self.plan.workgroups();
         let chunks = plan_key_chunks(&units, &views[0], &views[1], &chunk_limits)?;
         let Some(dispatches) = chunks else {
@@ -564,7 +562,7 @@ impl PreparedCall<'_> {
             };
             let params = gpu.params_buffer(&params)?;
             let bindings = self.bindings(gpu, &params);
-            let bind_group = bindings.bind(gpu, &pipeline.bind_group_layout, &table, None);
+            let bind_group = bindings.bind(gpu, &pipeline.bind_group_layout, &table, None)?;
             encode_dispatches(
                 encoder,
                 "flash attention forward",
@@ -590,11 +588,9 @@ impl PreparedCall<'_> {
             Some(lse) => lse.buffer().clone(),
             None => gpu.scratch_buffer("wgpu-flash-attn forward chunk logsumexp", 4 * rows)?,
         };
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("flash attention forward (key chunks)"),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(&pipeline.pipeline);
+        // Every dispatch's buffers and bind group first, so that an error
+        // leaves nothing recorded.
+        let mut bind_groups = Vec::with_capacity(dispatches.len());
         for dispatch in &dispatches {
             let mut params = self.dispatch_params();
             params.flags |= flags::SEQUENCES | flags::WRITE_LSE;
@@ -609,13 +605,20 @@ impl PreparedCall<'_> {
             bindings.k = window(self.args.k.buffer(), dispatch.k);
             bindings.v = window(self.args.v.buffer(), dispatch.v);
             bindings.lse = &lse;
-            let bind_group = bindings.bind(
+            bind_groups.push(bindings.bind(
                 gpu,
                 &pipeline.bind_group_layout,
                 &table,
                 Some((&carry, carry_bytes)),
-            );
-            pass.set_bind_group(0, &bind_group, &[]);
+            )?);
+        }
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("flash attention forward (key chunks)"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&pipeline.pipeline);
+        for (dispatch, bind_group) in dispatches.iter().zip(&bind_groups) {
+            pass.set_bind_group(0, bind_group, &[]);
             pass.dispatch_workgroups(x, y, dispatch.units.len() as u32);
         }
         Ok(())
@@ -661,10 +664,10 @@ impl PreparedCall<'_> {
         layout: &wgpu::BindGroupLayout,
         params: &wgpu::Buffer,
         extra: &[&wgpu::Buffer],
-    ) -> wgpu::BindGroup {
+    ) -> Result<wgpu::BindGroup> {
         let mut resources = self.bindings(gpu, params).resources();
         resources.extend(extra.iter().map(|b| b.as_entire_binding()));
-        bind_resources(&gpu.device, layout, resources)
+        bind_resources(gpu, layout, resources)
     }
 }
 
@@ -700,7 +703,7 @@ impl<'b> CallBindings<'b> {
         layout: &wgpu::BindGroupLayout,
         table: &wgpu::Buffer,
         carry: Option<(&wgpu::Buffer, u64)>,
-    ) -> wgpu::BindGroup {
+    ) -> Result<wgpu::BindGroup> {
         let mut resources = self.resources();
         resources.push(table.as_entire_binding());
         resources.push(match carry {
@@ -711,7 +714,7 @@ impl<'b> CallBindings<'b> {
             }),
             None => gpu.placeholders.writable.as_entire_binding(),
         });
-        bind_resources(&gpu.device, layout, resources)
+        bind_resources(gpu, layout, resources)
     }
 }
 

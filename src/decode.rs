@@ -270,7 +270,7 @@ impl Gpu {
         };
         let head_table = self.head_table_buffer(config)?;
         let params_buffer = self.params_buffer(&params)?;
-        let pipeline = self.pipelines.get(&self.device, &plan.specialization)?;
+        let pipeline = self.pipelines.get(self, &plan.specialization)?;
         let lens = cache.lens_snapshot(self)?;
         let table = cache.table_snapshot(self)?;
         let (out_buffer, lse_buffer) = match &partials {
@@ -301,8 +301,8 @@ impl Gpu {
                 };
                 let decode_buffer =
                     self.uniform_buffer("decode params", bytemuck::bytes_of(&decode))?;
-                Ok(bind_buffers(
-                    &self.device,
+                bind_buffers(
+                    self,
                     &pipeline.bind_group_layout,
                     &[
                         &params_buffer,
@@ -316,7 +316,7 @@ impl Gpu {
                         &lens,
                         &table,
                     ],
-                ))
+                )
             })
             .collect::<Result<_>>()?;
         let workgroups = [
@@ -445,10 +445,10 @@ impl Gpu {
             workgroup_size: ELEMENTWISE_WORKGROUP,
             out: out.dtype(),
         };
-        let pipeline = self.pipelines.get(&self.device, &spec)?;
+        let pipeline = self.pipelines.get(self, &spec)?;
         let uniform = self.uniform_buffer("combine params", bytemuck::bytes_of(&params))?;
         let bind_group = bind_buffers(
-            &self.device,
+            self,
             &pipeline.bind_group_layout,
             &[
                 &uniform,
@@ -457,7 +457,7 @@ impl Gpu {
                 out.buffer(),
                 lse.map_or(&self.placeholders.writable, |l| l.buffer()),
             ],
-        );
+        )?;
         encode_dispatches(encoder, "merge partials", &pipeline, &[bind_group], groups);
         Ok(())
     }

@@ -41,7 +41,7 @@ impl Gpu {
             workgroup_size: ELEMENTWISE_WORKGROUP,
             dtype: cache.config().dtype,
         };
-        let pipeline = self.pipelines.get(&self.device, &spec)?;
+        let pipeline = self.pipelines.get(self, &spec)?;
         let table = cache.table_snapshot(self)?;
         let bind_groups: Vec<wgpu::BindGroup> = cache
             .segments
@@ -59,8 +59,8 @@ impl Gpu {
                 };
                 let uniform =
                     self.uniform_buffer("kv gather params", bytemuck::bytes_of(&params))?;
-                Ok(bind_buffers(
-                    &self.device,
+                bind_buffers(
+                    self,
                     &pipeline.bind_group_layout,
                     &[
                         &uniform,
@@ -70,7 +70,7 @@ impl Gpu {
                         &keys,
                         &values,
                     ],
-                ))
+                )
             })
             .collect::<Result<_>>()?;
         encode_dispatches(encoder, "kv gather", &pipeline, &bind_groups, groups);

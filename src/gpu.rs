@@ -296,7 +296,10 @@ pub(crate) struct Placeholders {
     /// Bound where an absent read-only table would be read (head table,
     /// mask tile states, a dense call's sequence table); never read.
     pub read_only: wgpu::Buffer,
-    pub probe_layout: wgpu::BindGroupLayout,
+    /// One read-only storage binding, for [`Gpu::check_own_buffer`]: made
+    /// on first use, so that wrapping a device that binds no storage
+    /// buffer at all does not fail in wgpu.
+    pub probe_layout: OnceLock<wgpu::BindGroupLayout>,
 }
 
 impl Placeholders {
@@ -314,19 +317,7 @@ impl Placeholders {
         Placeholders {
             writable: make("wgpu-flash-attn placeholder (writable)"),
             read_only: make("wgpu-flash-attn placeholder (read-only)"),
-            probe_layout: device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                label: Some("wgpu-flash-attn device probe"),
-                entries: &[wgpu::BindGroupLayoutEntry {
-                    binding: 0,
-                    visibility: wgpu::ShaderStages::COMPUTE,
-                    ty: wgpu::BindingType::Buffer {
-                        ty: wgpu::BufferBindingType::Storage { read_only: true },
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
-                    },
-                    count: None,
-                }],
-            }),
+            probe_layout: OnceLock::new(),
         }
     }
 }
@@ -659,8 +650,9 @@ impl Gpu {
     /// compiled before. For tuning kernels where no Rust toolchain is at
     /// hand (`flash-bench --shader-dir`): the text goes through the same
     /// generation as the file it replaces (constants, `// #if` variants,
-    /// unrolled loops), and a text that no longer fits it fails the calls
-    /// that use it with [`Error::ShaderSource`] or a wgpu validation error.
+    /// unrolled loops), and a text that no longer fits it, or that wgpu's
+    /// compiler refuses, fails the calls that use it with
+    /// [`Error::ShaderSource`] (with the compiler's message).
     /// Results are the replacement's: validate them against
     /// [`crate::reference`]. An unknown name is [`Error::UnknownShaderFile`].
     /// Call it before running kernels on other threads: a pipeline one of
@@ -751,10 +743,34 @@ impl Gpu {
     /// a buffer of another device there). `buffer` must have `STORAGE`
     /// usage, which every buffer the kernels read or write needs anyway.
     pub(crate) fn check_own_buffer(&self, name: &'static str, buffer: &wgpu::Buffer) -> Result<()> {
+        let limit = self.info.limits.max_storage_buffers_per_shader_stage;
+        if limit == 0 {
+            return Err(Error::StorageBuffers {
+                kernel: "any kernel",
+                needed: 1,
+                limit,
+            });
+        }
+        let layout = self.placeholders.probe_layout.get_or_init(|| {
+            self.device
+                .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                    label: Some("wgpu-flash-attn device probe"),
+                    entries: &[wgpu::BindGroupLayoutEntry {
+                        binding: 0,
+                        visibility: wgpu::ShaderStages::COMPUTE,
+                        ty: wgpu::BindingType::Buffer {
+                            ty: wgpu::BufferBindingType::Storage { read_only: true },
+                            has_dynamic_offset: false,
+                            min_binding_size: None,
+                        },
+                        count: None,
+                    }],
+                })
+        });
         let probe = self.validated("device probe", || {
             self.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("wgpu-flash-attn device probe"),
-                layout: &self.placeholders.probe_layout,
+                layout,
                 entries: &[wgpu::BindGroupEntry {
                     binding: 0,
                     resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {

@@ -918,7 +918,7 @@ impl KvCache {
             workgroup_size: ELEMENTWISE_WORKGROUP,
             dtype: self.config.dtype,
         };
-        let pipeline = gpu.pipelines.get(&gpu.device, &spec)?;
+        let pipeline = gpu.pipelines.get(gpu, &spec)?;
         let starts = gpu.storage_buffer("kv append starts", bytemuck::cast_slice(&starts))?;
         let freqs = gpu.storage_buffer("rope frequencies", bytemuck::cast_slice(&freqs))?;
         let table = self.table_snapshot(gpu)?;
@@ -937,8 +937,8 @@ impl KvCache {
                 };
                 let uniform =
                     gpu.uniform_buffer("kv append params", bytemuck::bytes_of(&params))?;
-                Ok(bind_buffers(
-                    &gpu.device,
+                bind_buffers(
+                    gpu,
                     &pipeline.bind_group_layout,
                     &[
                         &uniform,
@@ -950,7 +950,7 @@ impl KvCache {
                         segment.v.as_ref().unwrap_or(&gpu.placeholders.writable),
                         &table,
                     ],
-                ))
+                )
             })
             .collect::<Result<_>>()?;
         encode_dispatches(encoder, "kv append", &pipeline, &bind_groups, groups);

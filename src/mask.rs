@@ -339,13 +339,28 @@ impl AttentionMask {
             return Ok((params, None));
         };
         let tiles_per_plane = row_tiles * key_tiles;
+        // One u32 per tile of every plane, bound whole: small tiles (a
+        // caller's register-blocked layout) can make it several times the
+        // mask's own bytes.
+        let tiles = (b * h).saturating_mul(tiles_per_plane);
+        crate::tensor::check_binding_size(
+            gpu,
+            "mask tile states",
+            (tiles as u64).saturating_mul(4),
+        )?;
+        let stride = |tiles: usize| {
+            u32::try_from(tiles).map_err(|_| Error::ShapeOverflow {
+                tensor: "mask tile states",
+                shape: [b, h, row_tiles, key_tiles],
+            })
+        };
         params.use_tiles = 1;
         params.tile_batch_stride = if b == 1 {
             0
         } else {
-            (h * tiles_per_plane) as u32
+            stride(h * tiles_per_plane)?
         };
-        params.tile_head_stride = if h == 1 { 0 } else { tiles_per_plane as u32 };
+        params.tile_head_stride = if h == 1 { 0 } else { stride(tiles_per_plane)? };
         let mut cache = self.tiles.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(buffer) = cache.get(&(block_m, block_n)) {
             return Ok((params, Some(buffer.clone())));

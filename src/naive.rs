@@ -49,7 +49,7 @@ impl Gpu {
         let mut pipelines = Vec::with_capacity(NaivePass::ALL.len());
         for pass in NaivePass::ALL {
             let spec = plan.specialization(pass);
-            pipelines.push((pass, self.pipelines.get(&self.device, &spec)?));
+            pipelines.push((pass, self.pipelines.get(self, &spec)?));
         }
         for chunk in 0..plan.chunks() {
             let unit_base = chunk * plan.units_per_chunk;
@@ -57,19 +57,20 @@ impl Gpu {
             let mut params = call.params;
             params.unit_base = unit_base;
             let params_buffer = self.params_buffer(&params)?;
+            let bind_groups = pipelines
+                .iter()
+                .map(|(_, pipeline)| {
+                    let layout = &pipeline.bind_group_layout;
+                    call.bind_group(self, layout, &params_buffer, &[&scores])
+                })
+                .collect::<Result<Vec<_>>>()?;
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("naive attention"),
                 timestamp_writes: None,
             });
-            for (stage, pipeline) in &pipelines {
-                let bind_group = call.bind_group(
-                    self,
-                    &pipeline.bind_group_layout,
-                    &params_buffer,
-                    &[&scores],
-                );
+            for ((stage, pipeline), bind_group) in pipelines.iter().zip(&bind_groups) {
                 pass.set_pipeline(&pipeline.pipeline);
-                pass.set_bind_group(0, &bind_group, &[]);
+                pass.set_bind_group(0, bind_group, &[]);
                 pass.dispatch_workgroups(plan.row_groups(*stage, call.shape.seq_q), units, 1);
             }
         }

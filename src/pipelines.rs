@@ -184,11 +184,15 @@ impl PipelineCache {
             .get_or_init(|| SpirvTarget::of_device(device))
     }
 
-    /// The pipeline for `spec`, compiling it on first use.
-    pub fn get(&self, device: &wgpu::Device, spec: &Specialization) -> Result<Arc<CachedPipeline>> {
+    /// The pipeline for `spec`, compiling it on first use. Under error
+    /// scopes: a kernel wgpu refuses (a replaced file that no longer
+    /// compiles, a driver's error) is [`Error::ShaderSource`] with wgpu's
+    /// message, not a panic in the caller's encoder, and is not cached.
+    pub fn get(&self, gpu: &Gpu, spec: &Specialization) -> Result<Arc<CachedPipeline>> {
         if let Some(found) = lock(&self.pipelines).touch(spec) {
             return Ok(found);
         }
+        let device = gpu.device();
         let source = self.source(spec)?;
         // A replaced file's loops may not be proven: it keeps the counters.
         let skipped = self.skipped_runtime_checks().for_kernel(&source);
@@ -207,22 +211,38 @@ impl PipelineCache {
         } else {
             None
         };
-        let module = match vulkan_matrices {
-            Some(target) => passthrough_module(device, &label, kernel, &source, target, skipped)?,
-            None => wgsl_module(device, &label, source, skipped),
-        };
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(&label),
-            layout: Some(&pipeline_layout),
-            module: &module,
-            entry_point: Some(kernel.entry_point()),
-            compilation_options: wgpu::PipelineCompilationOptions {
-                constants: &[],
-                // Every workgroup variable is written before it is read.
-                zero_initialize_workgroup_memory: false,
-            },
-            cache: None,
+        let compiled = gpu.validated("compiling a kernel", || {
+            let module = match vulkan_matrices {
+                Some(target) => {
+                    passthrough_module(device, &label, kernel, &source, target, skipped)?
+                }
+                None => wgsl_module(device, &label, source, skipped),
+            };
+            Ok::<_, Error>(
+                device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(&label),
+                    layout: Some(&pipeline_layout),
+                    module: &module,
+                    entry_point: Some(kernel.entry_point()),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants: &[],
+                        // Every workgroup variable is written before it is read.
+                        zero_initialize_workgroup_memory: false,
+                    },
+                    cache: None,
+                }),
+            )
         });
+        let pipeline = match compiled {
+            Ok(pipeline) => pipeline?,
+            Err(Error::GpuValidation { message, .. }) => {
+                return Err(Error::ShaderSource {
+                    kernel: label,
+                    reason: message,
+                });
+            }
+            Err(other) => return Err(other),
+        };
         let cached = Arc::new(CachedPipeline {
             pipeline,
             bind_group_layout,
@@ -331,20 +351,23 @@ fn layouts(device: &wgpu::Device, kernel: Kernel) -> (wgpu::BindGroupLayout, wgp
 
 /// A bind group binding `buffers` whole, in binding order.
 pub(crate) fn bind_buffers(
-    device: &wgpu::Device,
+    gpu: &Gpu,
     layout: &wgpu::BindGroupLayout,
     buffers: &[&wgpu::Buffer],
-) -> wgpu::BindGroup {
+) -> Result<wgpu::BindGroup> {
     let resources = buffers.iter().map(|b| b.as_entire_binding()).collect();
-    bind_resources(device, layout, resources)
+    bind_resources(gpu, layout, resources)
 }
 
-/// [`bind_buffers`] for resources that may be parts of buffers.
+/// [`bind_buffers`] for resources that may be parts of buffers. Under
+/// error scopes: wgpu refuses a bind group over a buffer the caller has
+/// destroyed since wrapping it, which would otherwise panic in the
+/// caller's encoder.
 pub(crate) fn bind_resources(
-    device: &wgpu::Device,
+    gpu: &Gpu,
     layout: &wgpu::BindGroupLayout,
     resources: Vec<wgpu::BindingResource<'_>>,
-) -> wgpu::BindGroup {
+) -> Result<wgpu::BindGroup> {
     let entries: Vec<wgpu::BindGroupEntry> = resources
         .into_iter()
         .enumerate()
@@ -353,10 +376,12 @@ pub(crate) fn bind_resources(
             resource,
         })
         .collect();
-    device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: None,
-        layout,
-        entries: &entries,
+    gpu.validated("binding a kernel's buffers", || {
+        gpu.device().create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout,
+            entries: &entries,
+        })
     })
 }
 
@@ -376,6 +401,15 @@ pub(crate) fn elementwise_groups(
         .div_ceil(u64::from(ELEMENTWISE_WORKGROUP))
         .max(1);
     let limit = u64::from(gpu.info().limits.max_compute_workgroups_per_dimension);
+    if limit == 0 {
+        // A device without compute dispatches runs nothing.
+        return Err(Error::DispatchTooLarge {
+            what,
+            axis: "x",
+            groups,
+            limit: 0,
+        });
+    }
     let y = groups.div_ceil(limit);
     if y > limit {
         return Err(Error::DispatchTooLarge {

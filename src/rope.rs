@@ -176,7 +176,7 @@ impl Gpu {
         let spec = Specialization::Rope {
             workgroup_size: ELEMENTWISE_WORKGROUP,
         };
-        let pipeline = self.pipelines.get(&self.device, &spec)?;
+        let pipeline = self.pipelines.get(self, &spec)?;
         let uniform = self.uniform_buffer("rope params", bytemuck::bytes_of(&params))?;
         let starts = self.storage_buffer("rope starts", bytemuck::cast_slice(&starts))?;
         let freqs = self.storage_buffer(
@@ -184,10 +184,10 @@ impl Gpu {
             bytemuck::cast_slice(&rope.frequency_table(rotary_dim)),
         )?;
         let bind_group = bind_buffers(
-            &self.device,
+            self,
             &pipeline.bind_group_layout,
             &[&uniform, &starts, &freqs, tensor.buffer()],
-        );
+        )?;
         encode_dispatches(encoder, "rope", &pipeline, &[bind_group], groups);
         Ok(())
     }

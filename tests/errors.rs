@@ -441,6 +441,100 @@ fn output_aliasing_an_input() {
     still_works(gpu);
 }
 
+/// Devices that bind no storage buffer or dispatch no workgroup (limits a
+/// program may open a device with): wrapping them works, and the calls
+/// that need what they lack are typed errors, not wgpu's panics.
+#[test]
+fn devices_without_storage_buffers_or_dispatches() {
+    let Some(shared) = gpu() else { return };
+    let gpu = &common::gpu_with_limits("no storage buffers", |limits| {
+        limits.max_storage_buffers_per_shader_stage = 0;
+    })
+    .expect("called after the test adapter was found");
+    let shape = TensorShape::new(1, 4, 1, 32);
+    let q = Tensor::filled(gpu, shape, 0.5).unwrap();
+    let out = Tensor::zeros(gpu, shape, DType::F32).unwrap();
+    let args = AttentionArgs {
+        q: &q,
+        k: &q,
+        v: &q,
+        out: &out,
+        lse: None,
+    };
+    let err = forward_error(gpu, &args);
+    assert!(
+        matches!(err, Error::StorageBuffers { limit: 0, needed, .. } if needed > 0),
+        "{err}"
+    );
+    // Wrapping a program's buffer probes it in a storage binding.
+    let buffer = gpu.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("caller's"),
+        size: 512,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let strides = shape.contiguous_strides();
+    let err = Tensor::from_buffer(gpu, buffer, shape, strides, 0, DType::F32).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::StorageBuffers {
+                limit: 0,
+                needed: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    let gpu = &common::gpu_with_limits("no dispatches", |limits| {
+        limits.max_compute_workgroups_per_dimension = 0;
+    })
+    .expect("called after the test adapter was found");
+    let q = Tensor::filled(gpu, shape, 0.5).unwrap();
+    let rope = Rope::new(RopeStyle::HalfSplit);
+    let err = gpu.run(|e| gpu.rope(e, &q, &rope, &[0])).unwrap_err();
+    assert!(
+        matches!(err, Error::DispatchTooLarge { limit: 0, .. }),
+        "{err}"
+    );
+    still_works(shared);
+}
+
+/// A program's buffer destroyed after a tensor wrapped it: the call that
+/// binds it is a typed error, recorded into the program's own encoder
+/// (where wgpu's own report would be a panic).
+#[test]
+fn a_destroyed_caller_buffer_is_a_typed_error() {
+    let Some(gpu) = gpu() else { return };
+    let shape = TensorShape::new(1, 4, 1, 32);
+    let buffer = gpu.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("caller's, destroyed"),
+        size: 4 * shape.elements() as u64,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let strides = shape.contiguous_strides();
+    let q = Tensor::from_buffer(gpu, buffer.clone(), shape, strides, 0, DType::F32).unwrap();
+    buffer.destroy();
+    let k = tensor(gpu, shape);
+    let out = Tensor::zeros(gpu, shape, DType::F32).unwrap();
+    let args = AttentionArgs {
+        q: &q,
+        k: &k,
+        v: &k,
+        out: &out,
+        lse: None,
+    };
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    let err = gpu
+        .forward(&mut encoder, &args, AttentionConfig::new())
+        .unwrap_err();
+    assert!(matches!(err, Error::GpuValidation { .. }), "{err}");
+    drop(encoder);
+    still_works(gpu);
+}
+
 /// A device that binds fewer storage buffers per shader stage than a
 /// kernel needs (`Gpu::from_device` of a device opened with low limits):
 /// the kernels that need more are `StorageBuffers` with the numbers, those
@@ -448,21 +542,11 @@ fn output_aliasing_an_input() {
 #[test]
 fn devices_binding_few_storage_buffers() {
     let Some(shared) = gpu() else { return };
-    let adapter = pollster::block_on(wgpu_flash_attn::AdapterOptions::from_env().select())
-        .expect("the adapter the test devices use");
     let limit = 4;
-    let limits = wgpu::Limits {
-        max_storage_buffers_per_shader_stage: limit,
-        ..adapter.limits()
-    };
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        label: Some("four storage buffers"),
-        required_features: adapter.features() & wgpu_flash_attn::WANTED_FEATURES,
-        required_limits: limits,
-        ..Default::default()
-    }))
-    .expect("a device with lower limits than the adapter's");
-    let gpu = &Gpu::from_device(device, queue, adapter.get_info());
+    let gpu = &common::gpu_with_limits("four storage buffers", |limits| {
+        limits.max_storage_buffers_per_shader_stage = limit;
+    })
+    .expect("called after the test adapter was found");
     assert_eq!(
         gpu.info().limits.max_storage_buffers_per_shader_stage,
         limit

@@ -342,6 +342,15 @@ fn a_call_that_runs_as_decoding_runs_the_decode_kernel() {
         ),
         "a grown cache ran without the decode kernel: {failed:?}"
     );
+    // Into the program's own encoder, where wgpu would report the failed
+    // compile with a panic: the same typed error, naming the kernel.
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    let failed = gpu.forward(&mut encoder, &args, &config);
+    assert!(
+        matches!(&failed, Err(Error::ShaderSource { kernel, .. }) if kernel.contains("flash_decode")),
+        "the caller's encoder: {failed:?}"
+    );
+    drop(encoder);
     assert_close(
         run_with_kv(&gpu, &shape, &inputs, &config, heads_apart),
         "heads apart on the broken-decode device",

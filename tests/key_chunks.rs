@@ -315,20 +315,10 @@ fn chunked_sequences_match_each_sequence_alone() {
 /// A device on the same adapter whose storage bindings hold only
 /// `binding` bytes, so that K and V larger than that are bound in windows.
 fn small_binding_gpu(binding: u64) -> Gpu {
-    let adapter = pollster::block_on(wgpu_flash_attn::AdapterOptions::from_env().select())
-        .expect("the adapter the test devices use");
-    let limits = wgpu::Limits {
-        max_storage_buffer_binding_size: binding,
-        ..adapter.limits()
-    };
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        label: Some("small storage bindings"),
-        required_features: adapter.features() & wgpu_flash_attn::WANTED_FEATURES,
-        required_limits: limits,
-        ..Default::default()
-    }))
-    .expect("a device with smaller limits than the adapter's");
-    Gpu::from_device(device, queue, adapter.get_info())
+    common::gpu_with_limits("small storage bindings", |limits| {
+        limits.max_storage_buffer_binding_size = binding;
+    })
+    .expect("called after the test adapter was found")
 }
 
 /// K and V past one binding: windows of the buffers, each dispatch's keys

@@ -12,7 +12,7 @@ use common::{cases, gpu, round_to, unit_roundoff};
 use wgpu_flash_attn::reference::{self, LinearReferenceState};
 use wgpu_flash_attn::{
     DType, Error, FeatureMap, Gpu, LinearArgs, LinearConfig, LinearPlan, LinearShape, LinearState,
-    Tensor,
+    Strides, Tensor,
 };
 
 /// |gpu - reference| bound for outputs of unit-scale values (they are
@@ -377,18 +377,9 @@ fn a_state_from_the_host_equals_the_reference_from_that_state() {
 /// d=256 states fill the chunk-state buffer and the call runs in
 /// segments.
 fn small_binding_gpu() -> Option<Gpu> {
-    gpu()?;
-    let adapter = pollster::block_on(wgpu_flash_attn::AdapterOptions::from_env().select()).unwrap();
-    let mut limits = adapter.limits();
-    limits.max_storage_buffer_binding_size = 1 << 20;
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        label: Some("small bindings"),
-        required_features: adapter.features() & wgpu_flash_attn::WANTED_FEATURES,
-        required_limits: limits,
-        ..Default::default()
-    }))
-    .unwrap();
-    Some(Gpu::from_device(device, queue, adapter.get_info()))
+    common::gpu_with_limits("small bindings", |limits| {
+        limits.max_storage_buffer_binding_size = 1 << 20;
+    })
 }
 
 #[test]
@@ -534,6 +525,32 @@ fn bad_calls_are_typed_errors() {
             "{err}"
         );
     }
+    // Queries read from the state's own buffer, which the call writes in
+    // place (wgpu would refuse a buffer bound read-only and writable).
+    let broadcast = Strides {
+        batch: 0,
+        seq: 0,
+        head: 16,
+    };
+    let buffer = state.buffer().clone();
+    let state_q =
+        Tensor::from_buffer(gpu, buffer, shape.q_shape(), broadcast, 0, DType::F32).unwrap();
+    let with_state = LinearArgs {
+        q: &state_q,
+        state: Some(&state),
+        ..args
+    };
+    let err = run(&with_state, &causal).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::OutputAliasesInput {
+                tensor: "linear state",
+                input: "q"
+            }
+        ),
+        "{err}"
+    );
     // Writing into an input.
     let err = run(&LinearArgs { out: &v, ..args }, &LinearConfig::new()).unwrap_err();
     assert!(

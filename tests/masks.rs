@@ -327,6 +327,66 @@ fn patterns_past_host_memory_are_typed_errors() {
     }
 }
 
+/// A block-sparse mask's tile states (one word per tile of its kernel's
+/// block) are bound whole: with a caller's one-row, four-key block they outgrow a
+/// binding the mask itself fits, which is `BufferTooLarge` with the bytes;
+/// the planner's block, sixteen times fewer tiles, runs and matches the
+/// reference.
+#[test]
+fn mask_tile_states_past_one_binding_are_typed_errors() {
+    let binding = 192 << 10;
+    let Some(gpu) = common::gpu_with_limits("small storage bindings", |limits| {
+        limits.max_storage_buffer_binding_size = binding;
+    }) else {
+        return;
+    };
+    let gpu = &gpu;
+    let shape = AttentionShape::self_attention(1, 512, 1, 8);
+    let inputs = Inputs::draw(&shape, 0x5eed_71e5, 1.0);
+    let mut rng = seeded(0x71e5);
+    let allowed: Vec<bool> = (0..512 * 512).map(|_| rng.random_bool(0.7)).collect();
+    let mask = AttentionMask::block_sparse(gpu, [1, 1, 512, 512], &allowed).unwrap();
+    let one_row = AttentionConfig::new().blocked_layout(wgpu_flash_attn::BlockedLayout {
+        row_lanes: 1,
+        key_lanes: 1,
+        rows: 1,
+    });
+    let upload = |data: &[f32]| Tensor::from_f32(gpu, shape.q_shape(), data).unwrap();
+    let (q, k, v) = (upload(&inputs.q), upload(&inputs.k), upload(&inputs.v));
+    let out = Tensor::zeros(gpu, shape.o_shape(), DType::F32).unwrap();
+    let args = AttentionArgs {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        lse: None,
+    };
+    let err = gpu
+        .run(|e| gpu.forward(e, &args, ForwardOptions::new(&one_row).mask(&mask)))
+        .unwrap_err();
+    let tiles = 512 * 512 / 4;
+    assert!(
+        matches!(
+            err,
+            Error::BufferTooLarge { tensor: "mask tile states", bytes, limit, .. }
+                if bytes == 4 * tiles && limit == binding
+        ),
+        "{err}"
+    );
+    let host = HostMask::Bool {
+        dims: [1, 1, 512, 512],
+        values: &allowed,
+    };
+    let config = AttentionConfig::new();
+    let want = reference::attention_masked(&shape, &inputs.q, &inputs.k, &inputs.v, &config, &host)
+        .unwrap();
+    let (out_err, lse_err) = errors(&run_masked(gpu, &shape, &inputs, &config, &mask), &want);
+    assert!(
+        out_err <= 1e-4 && lse_err <= 1e-4,
+        "{out_err:.2e} / {lse_err:.2e}"
+    );
+}
+
 #[test]
 fn bad_masks_are_typed_errors() {
     let Some(gpu) = gpu() else { return };

@@ -415,11 +415,9 @@ impl Recorder<'_> {
     ) -> Result<()> {
         let gpu = self.gpu;
         let args = self.args;
-        let pipeline = gpu
-            .pipelines
-            .get(&gpu.device, &self.plan.specialization(pass))?;
+        let pipeline = gpu.pipelines.get(gpu, &self.plan.specialization(pass))?;
         let bind_group = bind_buffers(
-            &gpu.device,
+            gpu,
             &pipeline.bind_group_layout,
             &[
                 own.params,
@@ -435,7 +433,7 @@ impl Recorder<'_> {
                 own.dv,
                 own.table_words,
             ],
-        );
+        )?;
         let groups = groups.map(|n| n as u32);
         encode_dispatches(encoder, pass_label(pass), &pipeline, &[bind_group], groups);
         Ok(())

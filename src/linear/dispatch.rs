@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::linear::plan::slot_bytes;
 use crate::linear::{FeatureMap, LinearArgs, LinearConfig, LinearPlan, LinearShape};
-use crate::operands::{check_operand, check_output, vec4_strides};
+use crate::operands::{check_operand, check_output, check_own_buffers, vec4_strides};
 use crate::params::{AttentionParams, LinearParams, linear_flags};
 use crate::pipelines::{bind_buffers, elementwise_groups, encode_dispatches};
 use crate::shaders::LinearPass;
@@ -97,7 +97,7 @@ impl Gpu {
         // One uniform per parameter set, bound by each pass that reads it.
         let bind = |layout: &wgpu::BindGroupLayout, linear: &wgpu::Buffer| {
             bind_buffers(
-                &self.device,
+                self,
                 layout,
                 &[
                     &params,
@@ -119,7 +119,7 @@ impl Gpu {
             // the query reads the updated state as a non-causal call would
             // (the same pipeline as one).
             let update_spec = plan.specialization(LinearPass::Update);
-            let update = self.pipelines.get(&self.device, &update_spec)?;
+            let update = self.pipelines.get(self, &update_spec)?;
             let non_causal = LinearConfig {
                 causal: false,
                 ..*config
@@ -127,7 +127,7 @@ impl Gpu {
             let read = LinearPlan::for_call(self.info(), &shape, storage, &non_causal)?;
             let outputs = self
                 .pipelines
-                .get(&self.device, &read.specialization(LinearPass::Outputs))?;
+                .get(self, &read.specialization(LinearPass::Outputs))?;
             let groups = elementwise_groups(
                 self,
                 "linear attention state update",
@@ -139,20 +139,20 @@ impl Gpu {
                 encoder,
                 "linear attention state update",
                 &update,
-                &[bind(&update.bind_group_layout, &linear)],
+                &[bind(&update.bind_group_layout, &linear)?],
                 groups,
             );
             encode_dispatches(
                 encoder,
                 "linear attention outputs",
                 &outputs,
-                &[bind(&outputs.bind_group_layout, &linear)],
+                &[bind(&outputs.bind_group_layout, &linear)?],
                 [1, batch_heads_q, 1],
             );
             return Ok(());
         }
         let [states, scan, outputs] = [LinearPass::States, LinearPass::Scan, LinearPass::Outputs]
-            .map(|pass| self.pipelines.get(&self.device, &plan.specialization(pass)));
+            .map(|pass| self.pipelines.get(self, &plan.specialization(pass)));
         let (states, scan, outputs) = (states?, scan?, outputs?);
         let batch_heads_kv = (shape.batch * shape.heads_kv) as u32;
         let scan_groups = elementwise_groups(
@@ -174,14 +174,14 @@ impl Gpu {
                 encoder,
                 "linear attention states",
                 &states,
-                &[bind(&states.bind_group_layout, &linear)],
+                &[bind(&states.bind_group_layout, &linear)?],
                 plan.state_workgroups(splits),
             );
             encode_dispatches(
                 encoder,
                 "linear attention scan",
                 &scan,
-                &[bind(&scan.bind_group_layout, &linear)],
+                &[bind(&scan.bind_group_layout, &linear)?],
                 scan_groups,
             );
             if config.causal {
@@ -189,7 +189,7 @@ impl Gpu {
                     encoder,
                     "linear attention outputs",
                     &outputs,
-                    &[bind(&outputs.bind_group_layout, &linear)],
+                    &[bind(&outputs.bind_group_layout, &linear)?],
                     [splits as u32, batch_heads_q, 1],
                 );
             }
@@ -201,7 +201,7 @@ impl Gpu {
                 encoder,
                 "linear attention outputs",
                 &outputs,
-                &[bind(&outputs.bind_group_layout, &uniform(&base)?)],
+                &[bind(&outputs.bind_group_layout, &uniform(&base)?)?],
                 [blocks, batch_heads_q, 1],
             );
         }
@@ -221,14 +221,12 @@ impl Gpu {
             check_operand(self, name, tensor, storage)?;
         }
         check_output(self, "out", args.out, storage)?;
-        for (input, tensor) in inputs {
-            if tensor.buffer() == args.out.buffer() {
-                return Err(Error::OutputAliasesInput {
-                    tensor: "out",
-                    input,
-                });
-            }
-        }
+        // The carried state is read and written in place: an operand's
+        // buffer too (a tensor view of the state's own buffer).
+        let mut writes = vec![("out", args.out.buffer())];
+        writes.extend(args.state.map(|state| ("linear state", state.buffer())));
+        let reads = inputs.map(|(name, tensor)| (name, tensor.buffer()));
+        check_own_buffers(&writes, &reads)?;
         let Some(state) = args.state else {
             return Ok(());
         };

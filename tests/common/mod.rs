@@ -42,6 +42,26 @@ pub fn gpu() -> Option<&'static Gpu> {
     Some(device_pool::device_of_this_test())
 }
 
+/// A device of its own on the test adapter whose limits `lower` changes
+/// (tests of calls past a smaller binding, fewer storage buffers, ...), as
+/// a program's own device given to `Gpu::from_device`; `None` where the
+/// GPU tests are skipped (as [`gpu`]).
+pub fn gpu_with_limits(label: &str, lower: impl FnOnce(&mut wgpu::Limits)) -> Option<Gpu> {
+    gpu()?;
+    let adapter = pollster::block_on(wgpu_flash_attn::AdapterOptions::from_env().select())
+        .expect("the adapter the test devices use");
+    let mut limits = adapter.limits();
+    lower(&mut limits);
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some(label),
+        required_features: adapter.features() & wgpu_flash_attn::WANTED_FEATURES,
+        required_limits: limits,
+        ..Default::default()
+    }))
+    .expect("a device with lower limits than the adapter's");
+    Some(Gpu::from_device(device, queue, adapter.get_info()))
+}
+
 /// How many devices [`gpu`] lends to tests running at once: one per core
 /// (at most eight) on Vulkan and the other backends, one on GL.
 pub fn devices_at_once() -> usize {
