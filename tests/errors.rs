@@ -43,6 +43,16 @@ fn forward_error(gpu: &Gpu, args: &AttentionArgs<'_>) -> Error {
         .unwrap_err()
 }
 
+/// A storage buffer of the program's own, to wrap.
+fn caller_buffer(gpu: &Gpu, bytes: u64) -> wgpu::Buffer {
+    gpu.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("caller's buffer"),
+        size: bytes,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    })
+}
+
 /// The device still computes correct results after an error.
 fn still_works(gpu: &Gpu) {
     let shape = AttentionShape::self_attention(1, 9, 1, 32);
@@ -467,12 +477,7 @@ fn devices_without_storage_buffers_or_dispatches() {
         "{err}"
     );
     // Wrapping a program's buffer probes it in a storage binding.
-    let buffer = gpu.device().create_buffer(&wgpu::BufferDescriptor {
-        label: Some("caller's"),
-        size: 512,
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    });
+    let buffer = caller_buffer(gpu, 4 * shape.elements() as u64);
     let strides = shape.contiguous_strides();
     let err = Tensor::from_buffer(gpu, buffer, shape, strides, 0, DType::F32).unwrap_err();
     assert!(
@@ -508,12 +513,7 @@ fn devices_without_storage_buffers_or_dispatches() {
 fn a_destroyed_caller_buffer_is_a_typed_error() {
     let Some(gpu) = gpu() else { return };
     let shape = TensorShape::new(1, 4, 1, 32);
-    let buffer = gpu.device().create_buffer(&wgpu::BufferDescriptor {
-        label: Some("caller's, destroyed"),
-        size: 4 * shape.elements() as u64,
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    });
+    let buffer = caller_buffer(gpu, 4 * shape.elements() as u64);
     let strides = shape.contiguous_strides();
     let q = Tensor::from_buffer(gpu, buffer.clone(), shape, strides, 0, DType::F32).unwrap();
     buffer.destroy();
