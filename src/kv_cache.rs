@@ -1078,8 +1078,6 @@ impl KvCache {
 /// keys' prefix.
 type SegmentWords = (Vec<u32>, Option<Vec<u32>>);
 
-/// Appends one token's head vectors, stored as `dtype` in `words`, to `out`
-/// as f32 (int8: each value times its vector's scale).
 /// Each buffer of `segments` once: a segment's K and V apart (unless the
 /// values live in the keys, where V is K's buffer) and no buffer in two
 /// segments. Pages in one buffer under two page numbers would be written
@@ -1109,6 +1107,8 @@ fn check_distinct_segments(
     Ok(())
 }
 
+/// Appends one token's head vectors, stored as `dtype` in `words`, to `out`
+/// as f32 (int8: each value times its vector's scale).
 fn widen_token(dtype: KvDType, head_dim: usize, words: &[u32], out: &mut Vec<f32>) {
     let halves = || words.iter().flat_map(|w| [*w as u16, (*w >> 16) as u16]);
     match dtype {

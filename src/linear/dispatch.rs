@@ -135,18 +135,20 @@ impl Gpu {
             )?;
             // Neither pass reads the causal flag: one parameter set.
             let linear = uniform(&base)?;
+            let update_group = bind(&update.bind_group_layout, &linear)?;
+            let outputs_group = bind(&outputs.bind_group_layout, &linear)?;
             encode_dispatches(
                 encoder,
                 "linear attention state update",
                 &update,
-                &[bind(&update.bind_group_layout, &linear)?],
+                &[update_group],
                 groups,
             );
             encode_dispatches(
                 encoder,
                 "linear attention outputs",
                 &outputs,
-                &[bind(&outputs.bind_group_layout, &linear)?],
+                &[outputs_group],
                 [1, batch_heads_q, 1],
             );
             return Ok(());
