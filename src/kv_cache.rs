@@ -741,7 +741,9 @@ impl KvCache {
     /// Records the append of `k` and `v` (`[batch, tokens, heads_kv,
     /// head_dim]`, f32, packed) after each sequence's last token into
     /// `encoder`, and advances the lengths (on the host, at once: calls
-    /// recorded later see the new tokens). With `rotation`, keys are
+    /// recorded later see the new tokens). An encoder dropped unsubmitted
+    /// after it never writes them: set the lengths back
+    /// ([`KvCache::set_len`]) before recording more. With `rotation`, keys are
     /// rotated on the way (see [`KeyRotation`]). A latent cache takes
     /// [`KvCache::append_latent`] instead.
     pub fn append(

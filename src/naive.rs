@@ -51,6 +51,9 @@ impl Gpu {
             let spec = plan.specialization(pass);
             pipelines.push((pass, self.pipelines.get(self, &spec)?));
         }
+        // Every chunk's parameters and bind groups first, so that an error
+        // leaves nothing recorded.
+        let mut chunks = Vec::with_capacity(plan.chunks() as usize);
         for chunk in 0..plan.chunks() {
             let unit_base = chunk * plan.units_per_chunk;
             let units = plan.units_per_chunk.min(plan.units - unit_base);
@@ -64,14 +67,17 @@ impl Gpu {
                     call.bind_group(self, layout, &params_buffer, &[&scores])
                 })
                 .collect::<Result<Vec<_>>>()?;
+            chunks.push((units, bind_groups));
+        }
+        for (units, bind_groups) in &chunks {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("naive attention"),
                 timestamp_writes: None,
             });
-            for ((stage, pipeline), bind_group) in pipelines.iter().zip(&bind_groups) {
+            for ((stage, pipeline), bind_group) in pipelines.iter().zip(bind_groups) {
                 pass.set_pipeline(&pipeline.pipeline);
                 pass.set_bind_group(0, bind_group, &[]);
-                pass.dispatch_workgroups(plan.row_groups(*stage, call.shape.seq_q), units, 1);
+                pass.dispatch_workgroups(plan.row_groups(*stage, call.shape.seq_q), *units, 1);
             }
         }
         Ok(plan)

@@ -200,6 +200,17 @@ impl Gpu {
             "backward row deltas",
             4 * (rows + args.dsinks.map_or(0, |_| shape.heads_q as u64)),
         )?;
+        // Every pass's kernel before the first pass is recorded: one the
+        // driver refuses then leaves nothing in the encoder.
+        let sinks = args.dsinks.map(|_| BackwardPass::Sinks);
+        let passes = [
+            BackwardPass::Deltas,
+            BackwardPass::Keys,
+            BackwardPass::Queries,
+        ];
+        for pass in passes.into_iter().chain(sinks) {
+            self.pipelines.get(self, &plan.specialization(pass))?;
+        }
         let recorder = Recorder {
             gpu: self,
             plan,
