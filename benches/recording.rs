@@ -4,13 +4,15 @@
 //! could refuse). A serving loop pays this per layer and token, so it is
 //! timed apart from the kernels: each iteration records one call into a
 //! fresh encoder that is then dropped unsubmitted (no kernel runs, and
-//! lavapipe compiles a kernel only at its first dispatch).
+//! lavapipe compiles a kernel only at its first dispatch). The device is
+//! polled between samples, outside the timing, so that what the dropped
+//! encoders held is freed there rather than inside a timed call.
 //!
 //! Calls: one decoding step of Llama-3.1-8B's heads (32 query / 8 KV
 //! heads of 128) over 4,096 cached f16 tokens, the append of that token's
 //! K and V, and a forward of B1 H8 N1024 d64 (causal).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use wgpu_flash_attn::{
@@ -22,6 +24,25 @@ const HEADS_Q: usize = 32;
 const HEADS_KV: usize = 8;
 const HEAD_DIM: usize = 128;
 const CACHED: usize = 4096;
+
+/// Times `iters` calls of `record`, each into a fresh encoder dropped
+/// unsubmitted, then polls the device (untimed) to free what they held.
+fn time_recording(
+    gpu: &Gpu,
+    iters: u64,
+    mut record: impl FnMut(&mut wgpu::CommandEncoder),
+) -> Duration {
+    let start = Instant::now();
+    for _ in 0..iters {
+        let mut encoder = gpu.device().create_command_encoder(&Default::default());
+        record(&mut encoder);
+    }
+    let elapsed = start.elapsed();
+    gpu.device()
+        .poll(wgpu::PollType::Poll)
+        .expect("the device polled");
+    elapsed
+}
 
 fn recording(c: &mut Criterion) {
     let gpu = match Gpu::new() {
@@ -65,21 +86,23 @@ fn recording(c: &mut Criterion) {
     };
     let causal = AttentionConfig::new().causal(true);
     group.bench_function("decode step, Llama-3.1-8B heads, 4K f16 cache", |b| {
-        b.iter(|| {
-            let mut encoder = gpu.device().create_command_encoder(&Default::default());
-            gpu.decode(&mut encoder, &step, &causal).expect("recorded");
+        b.iter_custom(|iters| {
+            time_recording(gpu, iters, |encoder| {
+                gpu.decode(encoder, &step, &causal).expect("recorded");
+            })
         })
     });
 
     // Appending records the same token each time; the cache's length is
     // set back so that it never fills.
     group.bench_function("append one token, Llama-3.1-8B heads, f16 cache", |b| {
-        b.iter(|| {
-            let mut encoder = gpu.device().create_command_encoder(&Default::default());
-            cache
-                .append(gpu, &mut encoder, &token, &token, None)
-                .expect("recorded");
-            cache.set_len(0, CACHED).expect("the length set back");
+        b.iter_custom(|iters| {
+            time_recording(gpu, iters, |encoder| {
+                cache
+                    .append(gpu, encoder, &token, &token, None)
+                    .expect("recorded");
+                cache.set_len(0, CACHED).expect("the length set back");
+            })
         })
     });
 
@@ -99,9 +122,10 @@ fn recording(c: &mut Criterion) {
         lse: None,
     };
     group.bench_function("forward, B1 H8 N1024 d64 causal", |b| {
-        b.iter(|| {
-            let mut encoder = gpu.device().create_command_encoder(&Default::default());
-            gpu.forward(&mut encoder, &args, &causal).expect("recorded");
+        b.iter_custom(|iters| {
+            time_recording(gpu, iters, |encoder| {
+                gpu.forward(encoder, &args, &causal).expect("recorded");
+            })
         })
     });
     group.finish();
