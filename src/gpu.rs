@@ -655,8 +655,9 @@ impl Gpu {
     /// [`Error::ShaderSource`] (with the compiler's message).
     /// Results are the replacement's: validate them against
     /// [`crate::reference`]. An unknown name is [`Error::UnknownShaderFile`].
-    /// Call it before running kernels on other threads: a pipeline one of
-    /// them is compiling meanwhile may keep the file it started from.
+    /// A call compiling on another thread meanwhile may still run the file
+    /// it started from, for that call only: what it compiled is not
+    /// cached, and later calls compile the new text.
     pub fn override_shader_file(&self, name: &str, text: impl Into<String>) -> Result<()> {
         self.pipelines.override_file(name, text.into())
     }

@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::error::{Error, Result};
@@ -35,6 +35,10 @@ pub(crate) struct PipelineCache {
     skipped: Mutex<SkippedChecks>,
     /// `shaders/` files replaced ([`Gpu::override_shader_file`]).
     overrides: Mutex<ShaderOverrides>,
+    /// Bumped after the replaced files or the skipped checks change: a
+    /// pipeline compiled from what was there before is not cached (a
+    /// thread may compile while another changes them).
+    generation: AtomicU64,
     /// The device's SPIR-V target, asked once (`None` off Vulkan).
     spirv_target: OnceLock<Option<SpirvTarget>>,
     /// Whether the device is a browser's WebGPU, whose compilers take the
@@ -101,6 +105,7 @@ impl PipelineCache {
             capacity: AtomicUsize::new(DEFAULT_PIPELINE_CAPACITY),
             skipped: Mutex::new(SkippedChecks::CRATE_DEFAULT),
             overrides: Mutex::default(),
+            generation: AtomicU64::new(0),
             spirv_target: OnceLock::new(),
         }
     }
@@ -141,6 +146,7 @@ impl PipelineCache {
     /// values, for the checks skipped.
     pub unsafe fn skip_runtime_checks(&self, skipped: SkippedChecks) {
         *lock(&self.skipped) = skipped;
+        self.generation.fetch_add(1, Ordering::SeqCst);
         lock(&self.pipelines).shrink_to(0);
     }
 
@@ -153,6 +159,7 @@ impl PipelineCache {
                 known: ShaderOverrides::names().collect::<Vec<_>>().join(", "),
             });
         }
+        self.generation.fetch_add(1, Ordering::SeqCst);
         lock(&self.pipelines).shrink_to(0);
         Ok(())
     }
@@ -193,6 +200,8 @@ impl PipelineCache {
             return Ok(found);
         }
         let device = gpu.device();
+        // Read before the source and the checks it compiles with.
+        let generation = self.generation.load(Ordering::SeqCst);
         let source = self.source(spec)?;
         // A replaced file's loops may not be proven: it keeps the counters.
         let skipped = self.skipped_runtime_checks().for_kernel(&source);
@@ -247,7 +256,11 @@ impl PipelineCache {
             pipeline,
             bind_group_layout,
         });
-        lock(&self.pipelines).insert(*spec, cached.clone(), self.capacity());
+        let mut pipelines = lock(&self.pipelines);
+        // Unchanged since: what was compiled is what later calls want.
+        if self.generation.load(Ordering::SeqCst) == generation {
+            pipelines.insert(*spec, cached.clone(), self.capacity());
+        }
         Ok(cached)
     }
 }
