@@ -319,6 +319,10 @@ impl Gpu {
                 )
             })
             .collect::<Result<_>>()?;
+        let combine = match &partials {
+            Some(partials) => Some(self.prepare_combine(partials, plan.slots, args.out, args.lse)?),
+            None => None,
+        };
         let workgroups = [
             plan.row_tiles * plan.splits,
             cache.heads_kv() as u32,
@@ -331,8 +335,8 @@ impl Gpu {
             &bind_groups,
             workgroups,
         );
-        if let Some(partials) = &partials {
-            self.encode_combine(encoder, partials, plan.slots, args.out, args.lse)?;
+        if let Some(combine) = combine {
+            combine.record(encoder);
         }
         Ok(plan)
     }
@@ -394,6 +398,7 @@ impl Gpu {
         check_lse_output(self, lse, [q.batch, q.heads, q.seq])?;
         let slots = parts.len() as u32;
         let partials = Partials::new(self, slots, q)?;
+        let combine = self.prepare_combine(&partials, slots, out, lse)?;
         let out_bytes = u64::from(partials.out_slot) * 16;
         let lse_bytes = u64::from(partials.lse_slot) * 4;
         for (slot, (tensor, part_lse)) in parts.iter().enumerate() {
@@ -413,17 +418,20 @@ impl Gpu {
                 lse_bytes,
             );
         }
-        self.encode_combine(encoder, &partials, slots, out, lse)
+        combine.record(encoder);
+        Ok(())
     }
 
-    fn encode_combine(
+    /// The merge of `slots` partial results into `out` (and `lse`),
+    /// compiled and bound, for the caller to record after what writes the
+    /// partials: an error here leaves nothing recorded.
+    fn prepare_combine(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
         partials: &Partials,
         slots: u32,
         out: &Tensor,
         lse: Option<&Lse>,
-    ) -> Result<()> {
+    ) -> Result<PreparedCombine> {
         let q = out.shape();
         let strides = vec4_strides(out);
         let params = CombineParams {
@@ -458,7 +466,28 @@ impl Gpu {
                 lse.map_or(&self.placeholders.writable, |l| l.buffer()),
             ],
         )?;
+        Ok(PreparedCombine {
+            pipeline,
+            bind_group,
+            groups,
+        })
+    }
+}
+
+/// A merge of partial results ready to record ([`Gpu::prepare_combine`]).
+struct PreparedCombine {
+    pipeline: std::sync::Arc<crate::pipelines::CachedPipeline>,
+    bind_group: wgpu::BindGroup,
+    groups: [u32; 3],
+}
+
+impl PreparedCombine {
+    fn record(self, encoder: &mut wgpu::CommandEncoder) {
+        let Self {
+            pipeline,
+            bind_group,
+            groups,
+        } = self;
         encode_dispatches(encoder, "merge partials", &pipeline, &[bind_group], groups);
-        Ok(())
     }
 }

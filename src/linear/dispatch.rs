@@ -162,6 +162,10 @@ impl Gpu {
             "linear attention scan",
             u64::from(base.slot4) * u64::from(batch_heads_kv),
         )?;
+        // Every dispatch's parameters and bind group first, so that an
+        // error leaves nothing recorded: per segment its states, scan and
+        // (causal) outputs, then (non-causal) the outputs over all keys.
+        let mut dispatches = Vec::new();
         for segment in 0..plan.segments() {
             let first_split = segment * plan.segment_splits();
             let splits = plan.segment_splits().min(plan.splits() - first_split);
@@ -172,40 +176,39 @@ impl Gpu {
                 first_split: first_split as u32,
                 ..base
             })?;
-            encode_dispatches(
-                encoder,
+            dispatches.push((
                 "linear attention states",
                 &states,
-                &[bind(&states.bind_group_layout, &linear)?],
+                bind(&states.bind_group_layout, &linear)?,
                 plan.state_workgroups(splits),
-            );
-            encode_dispatches(
-                encoder,
+            ));
+            dispatches.push((
                 "linear attention scan",
                 &scan,
-                &[bind(&scan.bind_group_layout, &linear)?],
+                bind(&scan.bind_group_layout, &linear)?,
                 scan_groups,
-            );
+            ));
             if config.causal {
-                encode_dispatches(
-                    encoder,
+                dispatches.push((
                     "linear attention outputs",
                     &outputs,
-                    &[bind(&outputs.bind_group_layout, &linear)?],
+                    bind(&outputs.bind_group_layout, &linear)?,
                     [splits as u32, batch_heads_q, 1],
-                );
+                ));
             }
         }
         if !config.causal {
             // Every query block against the total state.
             let blocks = shape.seq_q.div_ceil(plan.chunk()) as u32;
-            encode_dispatches(
-                encoder,
+            dispatches.push((
                 "linear attention outputs",
                 &outputs,
-                &[bind(&outputs.bind_group_layout, &uniform(&base)?)?],
+                bind(&outputs.bind_group_layout, &uniform(&base)?)?,
                 [blocks, batch_heads_q, 1],
-            );
+            ));
+        }
+        for (label, pipeline, bind_group, groups) in dispatches {
+            encode_dispatches(encoder, label, pipeline, &[bind_group], groups);
         }
         Ok(())
     }
