@@ -44,7 +44,7 @@ impl Gpu {
     /// sequence's own pages in order, every sequence `shape.seq_kv` long:
     /// when each token's heads are packed, both start at offset 0 and
     /// share a batch stride of whole pages, and their buffers fit one
-    /// binding each (`KvCache::read_only_view` checks the buffers; K and V may
+    /// binding each (`KvCache::from_shared_buffers` checks the buffers; K and V may
     /// be one tensor, as only decoding reads the view).
     fn cache_view(&self, k: &Tensor, v: &Tensor, shape: &AttentionShape) -> Option<KvCache> {
         let row = shape.heads_kv * shape.head_dim;
@@ -75,7 +75,7 @@ impl Gpu {
         )
         .dtype(cache_dtype(k.dtype()));
         let buffers = [(k.buffer().clone(), v.buffer().clone())];
-        let mut cache = KvCache::read_only_view(self, config, &buffers).ok()?;
+        let mut cache = KvCache::from_shared_buffers(self, config, &buffers).ok()?;
         for sequence in 0..shape.batch {
             let first = sequence * pages_per_sequence;
             let pages: Vec<u32> = (first..first + pages_per_sequence)

@@ -448,21 +448,14 @@ impl KvCache {
         segments: &[(wgpu::Buffer, wgpu::Buffer)],
     ) -> Result<Self> {
         check_distinct_segments(&config, segments)?;
-        Self::from_checked_buffers(gpu, config, segments)
+        Self::from_shared_buffers(gpu, config, segments)
     }
 
-    /// [`KvCache::from_buffers`] without the distinct-buffer check, for a
-    /// cache that is only ever read: the forward's view of K and V as a
-    /// cache (`src/forward_as_decode.rs`) may get one tensor as both.
-    pub(crate) fn read_only_view(
-        gpu: &Gpu,
-        config: KvCacheConfig,
-        segments: &[(wgpu::Buffer, wgpu::Buffer)],
-    ) -> Result<Self> {
-        Self::from_checked_buffers(gpu, config, segments)
-    }
-
-    fn from_checked_buffers(
+    /// [`KvCache::from_buffers`] where buffers may repeat, for a cache
+    /// that is only ever read (then nothing is written through two page
+    /// numbers): the forward's view of K and V as a cache
+    /// (`src/forward_as_decode.rs`) may get one tensor as both.
+    pub(crate) fn from_shared_buffers(
         gpu: &Gpu,
         config: KvCacheConfig,
         segments: &[(wgpu::Buffer, wgpu::Buffer)],

@@ -560,9 +560,7 @@ fn devices_binding_few_storage_buffers() {
 
     let shape = AttentionShape::self_attention(1, 9, 1, 32);
     let inputs = Inputs::draw(&shape, 0x5b5, 1.0);
-    let upload = |data: &[f32]| Tensor::from_f32(gpu, shape.q_shape(), data).unwrap();
-    let (q, k, v) = (upload(&inputs.q), upload(&inputs.k), upload(&inputs.v));
-    let out = Tensor::zeros(gpu, shape.q_shape(), DType::F32).unwrap();
+    let [q, k, v, out] = common::upload(gpu, &shape, &inputs);
     let args = AttentionArgs {
         q: &q,
         k: &k,

@@ -351,9 +351,7 @@ fn mask_tile_states_past_one_binding_are_typed_errors() {
         key_lanes: 1,
         rows: 1,
     });
-    let upload = |data: &[f32]| Tensor::from_f32(gpu, shape.q_shape(), data).unwrap();
-    let (q, k, v) = (upload(&inputs.q), upload(&inputs.k), upload(&inputs.v));
-    let out = Tensor::zeros(gpu, shape.o_shape(), DType::F32).unwrap();
+    let [q, k, v, out] = common::upload(gpu, &shape, &inputs);
     let args = AttentionArgs {
         q: &q,
         k: &k,

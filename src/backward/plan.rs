@@ -5,7 +5,7 @@ use crate::config::{AttentionConfig, AttentionShape, BlockedLayout, Tier};
 use crate::error::{Error, Result};
 use crate::gpu::GpuInfo;
 use crate::plan::{blocked_by_default, check_blocked_layout, check_layout_tier, use_subgroup_tier};
-use crate::shaders::{BackwardPass, BackwardTiling, BlockedBackwardTiling, Specialization};
+use crate::shaders::{BackwardPass, BackwardTiling, BlockedBackwardTiling, Kernel, Specialization};
 use crate::tensor::DType;
 
 /// Storage buffers the backward kernels bind (Q, K, V, O/dK/dQ, logsumexp,
@@ -135,13 +135,8 @@ impl BackwardPlan {
             }
         }
         let limits = &info.limits;
-        if limits.max_storage_buffers_per_shader_stage < BACKWARD_STORAGE_BUFFERS {
-            return Err(Error::StorageBuffers {
-                kernel: "attention backward",
-                needed: BACKWARD_STORAGE_BUFFERS,
-                limit: limits.max_storage_buffers_per_shader_stage,
-            });
-        }
+        // Every pass binds the same buffers (BACKWARD_STORAGE_BUFFERS).
+        Kernel::BackwardKeys.check_storage_buffers(limits.max_storage_buffers_per_shader_stage)?;
         let capacity = |dim: usize| (dim as u32).next_power_of_two().max(8);
         let (head_dim_capacity, head_dim_v_capacity) =
             (capacity(shape.head_dim), capacity(shape.head_dim_v));
@@ -527,7 +522,6 @@ fn tile_bytes(head_dim: u32, head_dim_v: u32, block: u32) -> u64 {
 mod tests {
     use super::*;
     use crate::plan::profiles;
-    use crate::shaders::Kernel;
 
     /// The limit the planner checks is what each backward kernel binds.
     #[test]
