@@ -503,6 +503,48 @@ pub enum Error {
         /// Pages in the pool.
         pool_pages: usize,
     },
+    /// A page copy ([`crate::KvCache::copy_pages`]) naming a page past the
+    /// pool.
+    #[error(
+        "KV cache page copy {index}: its {role} page {page} is past the pool's {pool_pages} pages"
+    )]
+    CopyPagePastPool {
+        /// The copy's index in the list.
+        index: usize,
+        /// `source` or `destination`.
+        role: &'static str,
+        /// The page it names.
+        page: u32,
+        /// Pages in the pool.
+        pool_pages: usize,
+    },
+    /// Two page copies ([`crate::KvCache::copy_pages`]) writing one page:
+    /// which of them would win is not the caller's to guess.
+    #[error("KV cache page copies {first} and {second} both write page {page}")]
+    CopyPageTwice {
+        /// The page both write.
+        page: u32,
+        /// The first copy's index in the list.
+        first: usize,
+        /// The second copy's index.
+        second: usize,
+    },
+    /// A page copy ([`crate::KvCache::copy_pages`]) into a page that two
+    /// sequences hold: shared pages are read-only (a write would change
+    /// both sequences' tokens).
+    #[error(
+        "KV cache page copy {index} would write page {page}, which sequences {sequence} and {other} both hold"
+    )]
+    CopyToSharedPage {
+        /// The copy's index in the list.
+        index: usize,
+        /// The page it would write.
+        page: u32,
+        /// One sequence whose table holds it.
+        sequence: usize,
+        /// Another.
+        other: usize,
+    },
     /// A sequence index past the cache's batch.
     #[error("KV cache has {batch} sequences, sequence {sequence} does not exist")]
     CacheSequence {

@@ -545,8 +545,8 @@ impl Gpu {
 
     /// Bytes of device scratch this `Gpu` holds for reuse (decode partial
     /// results, the forward's carry between key chunks and its logsumexp,
-    /// the backward's deltas): each purpose keeps the largest buffer a call
-    /// has needed so far.
+    /// the backward's deltas, KV-cache page copies): each purpose keeps the
+    /// largest buffer a call has needed so far.
     pub fn scratch_bytes(&self) -> u64 {
         let scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         scratch.values().map(wgpu::Buffer::size).sum()

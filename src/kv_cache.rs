@@ -3,6 +3,8 @@
 //! buffers when one binding cannot hold the pool, and the in-place append
 //! with optional fused rotary embedding of the keys.
 
+mod page_copy;
+
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
@@ -411,7 +413,10 @@ impl KvCache {
                     gpu.create_buffer(
                         label,
                         pages as u64 * page_bytes,
-                        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                        // (Copies: read_sequence, copy_pages.)
+                        wgpu::BufferUsages::STORAGE
+                            | wgpu::BufferUsages::COPY_SRC
+                            | wgpu::BufferUsages::COPY_DST,
                     )
                 };
                 Ok(CacheSegment {
@@ -441,7 +446,9 @@ impl KvCache {
     /// buffer in two segments, would store two pages in one place). Later
     /// calls refuse operands in the pool's buffers: a decoding step's
     /// output or logsumexp, an append's new tokens
-    /// ([`Error::OutputAliasesInput`]).
+    /// ([`Error::OutputAliasesInput`]). [`KvCache::copy_pages`] also needs
+    /// `COPY_SRC` and `COPY_DST` ([`KvCache::read_sequence`]: `COPY_SRC`),
+    /// checked when called.
     pub fn from_buffers(
         gpu: &Gpu,
         config: KvCacheConfig,
@@ -1030,18 +1037,9 @@ impl KvCache {
         let dtype = self.config.dtype;
         let token_words = self.heads_kv() * dtype.vector_words(head_dim);
         for pos in 0..len {
-            let page = self.block_tables[sequence][pos / self.page_size] as usize;
-            // Segments may hold different page counts (a caller's buffers,
-            // KvCache::from_buffers): the one whose range holds the page.
-            let index = self
-                .segments
-                .iter()
-                .position(|segment| {
-                    let first = segment.first_page as usize;
-                    (first..first + segment.pages as usize).contains(&page)
-                })
-                .expect("set_block_table admits only pages of the pool, which the segments cover");
-            let first_page = self.segments[index].first_page as usize;
+            let page = self.block_tables[sequence][pos / self.page_size];
+            let index = self.page_location(page).segment;
+            let first_page = self.segments[index].first_page;
             if loaded[index].is_none() {
                 let segment = &self.segments[index];
                 let v = segment.v.as_ref();
@@ -1052,7 +1050,7 @@ impl KvCache {
                 loaded[index] = Some((read_buffer_async(gpu, "kv cache K", &segment.k).await?, v));
             }
             let (k, v) = loaded[index].as_ref().expect("loaded above");
-            let row = (page - first_page) * self.page_size + pos % self.page_size;
+            let row = (page - first_page) as usize * self.page_size + pos % self.page_size;
             let words = row * token_words..(row + 1) * token_words;
             let token_start = k_out.len();
             widen_token(dtype, head_dim, &k[words.clone()], &mut k_out);

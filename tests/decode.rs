@@ -1322,6 +1322,227 @@ fn shared_prefix_pages_are_read_only() {
     ));
 }
 
+/// K and V of every sequence of `cache` as stored, widened to f32.
+fn stored_sequences(gpu: &Gpu, cache: &KvCache) -> Vec<(Vec<f32>, Vec<f32>)> {
+    (0..cache.batch())
+        .map(|b| cache.read_sequence(gpu, b).unwrap())
+        .collect()
+}
+
+/// Forking a sequence whose prompt ends mid-page (parallel sampling): the
+/// fork shares the full pages and gets its own copy of the partial one
+/// (`copy_pages` into a free page). Both then append different tokens,
+/// each into its own page, and each decodes over the prompt and its own
+/// token. Swapping two pages in one call exchanges their tokens (every
+/// source is read before any destination is written). f32 and int8 (whose
+/// scales travel with the page), the pool over three buffers.
+#[test]
+fn a_sequence_forked_mid_page_gets_its_own_copy_of_the_partial_page() {
+    let Some(gpu) = gpu() else { return };
+    let (page, head_dim, prompt) = (16, 64, 20);
+    let token = HEADS_KV * head_dim;
+    for (seed, dtype) in [(0xf0_4c, KvDType::F32), (0xf0_4d, KvDType::Int8)] {
+        let layout = KvLayout::Paged {
+            page_size: page,
+            pages: 8,
+        };
+        // Pages 0-2, 3-5 and 6-7 in three buffers: the copies cross them.
+        let page_bytes = (page * HEADS_KV * dtype.vector_bytes(head_dim)) as u64;
+        let config = KvCacheConfig::new(2, HEADS_KV, head_dim, layout)
+            .dtype(dtype)
+            .max_buffer_bytes(3 * page_bytes);
+        let mut cache = KvCache::new(gpu, config).unwrap();
+        assert_eq!(cache.segment_count(), 3);
+        cache.set_block_table(0, &[5, 2]).unwrap();
+        cache.set_block_table(1, &[1, 3]).unwrap();
+        assert_eq!(cache.free_pages(), [0, 4, 6, 7]);
+        let mut rng = seeded(seed);
+        let mut append = |cache: &mut KvCache, tokens| {
+            let shape = TensorShape::new(2, tokens, HEADS_KV, head_dim);
+            let k = normal_vec(&mut rng, shape.elements(), 1.0);
+            let v = normal_vec(&mut rng, shape.elements(), 1.0);
+            let (kt, vt) = (
+                Tensor::from_f32(gpu, shape, &k).unwrap(),
+                Tensor::from_f32(gpu, shape, &v).unwrap(),
+            );
+            gpu.run(|e| cache.append(gpu, e, &kt, &vt, None)).unwrap();
+            (k, v)
+        };
+        // Both sequences get a prompt; sequence 1's is then dropped for a
+        // fork of sequence 0 (page 5 shared, page 2 copied to page 4).
+        let (prompt_k, prompt_v) = append(&mut cache, prompt);
+        gpu.run(|e| cache.copy_pages(gpu, e, &[(2, 4)])).unwrap();
+        cache.set_block_table(1, &[5, 4]).unwrap();
+        assert_eq!(cache.free_pages(), [0, 1, 3, 6, 7]);
+        let forked = stored_sequences(gpu, &cache);
+        assert_eq!(forked[1], forked[0], "{dtype:?}: the fork's prompt");
+        let what = format!("{dtype:?} prompt");
+        let parent = prompt * token;
+        assert_stored_within(
+            dtype,
+            head_dim,
+            [&forked[0].0, &prompt_k[..parent]],
+            0.0,
+            &what,
+        );
+        assert_stored_within(
+            dtype,
+            head_dim,
+            [&forked[0].1, &prompt_v[..parent]],
+            0.0,
+            &what,
+        );
+
+        // Different next tokens: sequence 0's into page 2, the fork's into
+        // page 4; the prompt stays as it was in both.
+        let (new_k, new_v) = append(&mut cache, 1);
+        let grown = stored_sequences(gpu, &cache);
+        for (b, (k, v)) in grown.iter().enumerate() {
+            assert_eq!(
+                k[..parent],
+                forked[0].0[..],
+                "{dtype:?} sequence {b}: prompt K"
+            );
+            assert_eq!(
+                v[..parent],
+                forked[0].1[..],
+                "{dtype:?} sequence {b}: prompt V"
+            );
+            let own = b * token..(b + 1) * token;
+            let what = format!("{dtype:?} sequence {b}: its own token");
+            assert_stored_within(
+                dtype,
+                head_dim,
+                [&k[parent..], &new_k[own.clone()]],
+                0.0,
+                &what,
+            );
+            assert_stored_within(dtype, head_dim, [&v[parent..], &new_v[own]], 0.0, &what);
+        }
+        let (k, v) = grown.iter().cloned().unzip();
+        let filled = Filled { cache, k, v };
+        let q = queries(2, 1, head_dim, seed + 2);
+        let options = DecodeOptions::new(&AttentionConfig::new());
+        let (out_err, lse_err, plan) = decode_errors(gpu, &filled, &q, 1, &options);
+        assert!(
+            out_err <= 1e-4 && lse_err <= 1e-4,
+            "{dtype:?}: out {out_err:.2e}, lse {lse_err:.2e} ({plan:?})"
+        );
+
+        // A swap: each sequence's last page now holds the other's tokens.
+        let cache = filled.cache;
+        gpu.run(|e| cache.copy_pages(gpu, e, &[(2, 4), (4, 2)]))
+            .unwrap();
+        let swapped = stored_sequences(gpu, &cache);
+        for b in 0..2 {
+            let tail = page * token..;
+            assert_eq!(swapped[b].0[tail.clone()], grown[1 - b].0[tail.clone()]);
+            assert_eq!(swapped[b].1[tail.clone()], grown[1 - b].1[tail]);
+        }
+    }
+}
+
+/// Page copies that name pages past the pool, write one page twice or
+/// write a page two sequences hold, need more scratch than one buffer
+/// holds, or run over a caller's pool whose buffers cannot be copied into,
+/// are typed errors.
+#[test]
+fn bad_page_copies_are_typed_errors() {
+    let Some(gpu) = gpu() else { return };
+    let layout = KvLayout::Paged {
+        page_size: 16,
+        pages: 8,
+    };
+    let config = KvCacheConfig::new(2, 1, 32, layout);
+    let mut cache = KvCache::new(gpu, config).unwrap();
+    cache.set_block_table(0, &[5, 2]).unwrap();
+    cache.set_block_table(1, &[5, 4]).unwrap();
+    let copy = |cache: &KvCache, pairs: &[(u32, u32)]| gpu.run(|e| cache.copy_pages(gpu, e, pairs));
+    assert!(matches!(
+        copy(&cache, &[(0, 1), (8, 0)]),
+        Err(Error::CopyPagePastPool {
+            index: 1,
+            role: "source",
+            page: 8,
+            pool_pages: 8
+        })
+    ));
+    assert!(matches!(
+        copy(&cache, &[(0, 9)]),
+        Err(Error::CopyPagePastPool {
+            index: 0,
+            role: "destination",
+            page: 9,
+            pool_pages: 8
+        })
+    ));
+    assert!(matches!(
+        copy(&cache, &[(0, 6), (1, 7), (2, 6)]),
+        Err(Error::CopyPageTwice {
+            page: 6,
+            first: 0,
+            second: 2
+        })
+    ));
+    assert!(matches!(
+        copy(&cache, &[(2, 5)]),
+        Err(Error::CopyToSharedPage {
+            index: 0,
+            page: 5,
+            sequence: 0,
+            other: 1
+        })
+    ));
+    // A page both hold may be copied from, and nothing is copied twice.
+    copy(&cache, &[(5, 6), (5, 7), (6, 0)]).unwrap();
+    assert!(copy(&cache, &[]).is_ok());
+
+    // A device whose buffers hold four pages: the copies' scratch holds
+    // two per pair.
+    let page_bytes = 16 * 32 * 4;
+    let Some(small) = common::gpu_with_limits("four-page buffers", |limits| {
+        limits.max_buffer_size = 4 * page_bytes;
+        limits.max_storage_buffer_binding_size = 4 * page_bytes;
+    }) else {
+        return;
+    };
+    let small_cache = KvCache::new(&small, config).unwrap();
+    let copy_small = |pairs: &[(u32, u32)]| small.run(|e| small_cache.copy_pages(&small, e, pairs));
+    copy_small(&[(0, 1), (0, 7)]).unwrap();
+    let refused = copy_small(&[(0, 1), (0, 2), (0, 7)]);
+    assert!(
+        matches!(
+            refused,
+            Err(Error::BufferTooLarge {
+                bytes: 12_288,
+                limit: 8192,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+
+    // A caller's pool without COPY_DST (as the crate's own had before).
+    let bytes = 8 * 16 * 32 * 4;
+    let buffers = [(
+        caller_pool_buffer(gpu, bytes),
+        caller_pool_buffer(gpu, bytes),
+    )];
+    let caller = KvCache::from_buffers(gpu, config, &buffers).unwrap();
+    let refused = copy(&caller, &[(0, 1)]);
+    assert!(
+        matches!(
+            refused,
+            Err(Error::BufferUsage {
+                tensor: "kv cache K",
+                needed: "COPY_DST",
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+}
+
 /// Decodes one random query over a tiny cache with `options`: the plan
 /// or the error.
 fn tiny_decode(gpu: &Gpu, options: &DecodeOptions) -> Result<DecodePlan, Error> {
