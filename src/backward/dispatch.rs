@@ -3,6 +3,8 @@
 //! (dense calls) or every sequence (padded or packed batches, read from a
 //! table of units).
 
+use std::sync::Arc;
+
 use crate::attention::{ForwardOptions, Sequences, option_params, upload_packed};
 use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
@@ -11,7 +13,7 @@ use crate::lse::{Lse, check_lse_output};
 use crate::mask::AttentionMask;
 use crate::operands::{check_operand, check_output, check_own_buffers, vec4_view};
 use crate::params::{AttentionParams, BackwardParams, BackwardUnit, flags};
-use crate::pipelines::{bind_buffers, encode_dispatches};
+use crate::pipelines::{CachedPipeline, bind_buffers, encode_dispatches};
 use crate::shaders::BackwardPass;
 use crate::tensor::{DType, Tensor};
 use crate::varlen::{Sequence, padded_sequences, varlen_sequences};
@@ -200,17 +202,6 @@ impl Gpu {
             "backward row deltas",
             4 * (rows + args.dsinks.map_or(0, |_| shape.heads_q as u64)),
         )?;
-        // Every pass's kernel before the first pass is recorded: one the
-        // driver refuses then leaves nothing in the encoder.
-        let sinks = args.dsinks.map(|_| BackwardPass::Sinks);
-        let passes = [
-            BackwardPass::Deltas,
-            BackwardPass::Keys,
-            BackwardPass::Queries,
-        ];
-        for pass in passes.into_iter().chain(sinks) {
-            self.pipelines.get(self, &plan.specialization(pass))?;
-        }
         let recorder = Recorder {
             gpu: self,
             plan,
@@ -221,9 +212,17 @@ impl Gpu {
             deltas,
             head_table: self.head_table_buffer(config)?,
         };
-        recorder.record(encoder, &units)?;
+        // Every pass's kernel, buffers and bind group before the first pass
+        // is recorded: an error (a kernel the driver refuses, memory out)
+        // then leaves nothing in the encoder.
+        let mut passes = recorder.prepare(&units)?;
+        if args.dsinks.is_some() {
+            passes.push(recorder.prepare_sinks()?);
+        }
+        for pass in &passes {
+            pass.record(encoder);
+        }
         if let Some(dsinks) = args.dsinks {
-            recorder.record_sinks(encoder)?;
             encoder.copy_buffer_to_buffer(
                 &recorder.deltas,
                 4 * rows,
@@ -338,8 +337,9 @@ struct Recorder<'a> {
 }
 
 impl Recorder<'_> {
-    /// The three passes, each one dispatch over every unit.
-    fn record(&self, encoder: &mut wgpu::CommandEncoder, units: &Units) -> Result<()> {
+    /// The three passes, each one dispatch over every unit (a pass with
+    /// nothing to write left out).
+    fn prepare(&self, units: &Units) -> Result<Vec<PreparedPass>> {
         let gpu = self.gpu;
         let args = self.args;
         let whole = |t: &Tensor| vec4_view(t.strides(), t.offset());
@@ -385,6 +385,7 @@ impl Recorder<'_> {
             (None, None) => placeholders.read_only.clone(),
         };
         let head_table = self.head_table.as_ref().unwrap_or(&placeholders.read_only);
+        let mut prepared = Vec::with_capacity(3);
         let passes = [
             (BackwardPass::Deltas, args.out, None, units.extent_q),
             (BackwardPass::Keys, args.dk, Some(args.dv), units.extent_kv),
@@ -410,20 +411,19 @@ impl Recorder<'_> {
                 dv: dv.map_or(&placeholders.writable, |t| t.buffer()),
                 table_words: &table_words,
             };
-            self.dispatch(encoder, pass, &bindings, groups)?;
+            prepared.push(self.prepare_pass(pass, &bindings, groups)?);
         }
-        Ok(())
+        Ok(prepared)
     }
 
     /// One pass's dispatch over the bindings every pass shares (those of
     /// the call's operands) and the pass's own.
-    fn dispatch(
+    fn prepare_pass(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
         pass: BackwardPass,
         own: &PassBindings<'_>,
         groups: [u64; 3],
-    ) -> Result<()> {
+    ) -> Result<PreparedPass> {
         let gpu = self.gpu;
         let args = self.args;
         let pipeline = gpu.pipelines.get(gpu, &self.plan.specialization(pass))?;
@@ -445,9 +445,32 @@ impl Recorder<'_> {
                 own.table_words,
             ],
         )?;
-        let groups = groups.map(|n| n as u32);
-        encode_dispatches(encoder, pass_label(pass), &pipeline, &[bind_group], groups);
-        Ok(())
+        Ok(PreparedPass {
+            pass,
+            pipeline,
+            bind_group,
+            groups: groups.map(|n| n as u32),
+        })
+    }
+}
+
+/// One backward pass ready to record: its kernel, bind group and grid.
+struct PreparedPass {
+    pass: BackwardPass,
+    pipeline: Arc<CachedPipeline>,
+    bind_group: wgpu::BindGroup,
+    groups: [u32; 3],
+}
+
+impl PreparedPass {
+    fn record(&self, encoder: &mut wgpu::CommandEncoder) {
+        encode_dispatches(
+            encoder,
+            pass_label(self.pass),
+            &self.pipeline,
+            std::slice::from_ref(&self.bind_group),
+            self.groups,
+        );
     }
 }
 
@@ -468,7 +491,7 @@ impl Recorder<'_> {
     /// its rows' deltas: one workgroup per query head, into the deltas
     /// scratch past the rows. It reads only the logsumexp, the table and
     /// the deltas; the rest is bound as for the row-delta pass.
-    fn record_sinks(&self, encoder: &mut wgpu::CommandEncoder) -> Result<()> {
+    fn prepare_sinks(&self) -> Result<PreparedPass> {
         let gpu = self.gpu;
         let params = option_params(&self.shape, self.config, false);
         let params_buffer = gpu.params_buffer(&params)?;
@@ -486,7 +509,7 @@ impl Recorder<'_> {
             table_words: &placeholders.read_only,
         };
         let groups = self.plan.workgroups(BackwardPass::Sinks, &self.shape, 0, 0);
-        self.dispatch(encoder, BackwardPass::Sinks, &bindings, groups)
+        self.prepare_pass(BackwardPass::Sinks, &bindings, groups)
     }
 }
 
