@@ -12,7 +12,7 @@ use crate::operands::{
     require_equal, vec4_strides,
 };
 use crate::params::{AttentionParams, SequenceRows, blocked_flags, flags};
-use crate::pipelines::{bind_resources, encode_dispatches};
+use crate::pipelines::{PreparedPass, bind_resources, encode_dispatches};
 use crate::plan::{ForwardPlan, check_loop_budget};
 use crate::tensor::{DType, Tensor, TensorShape, check_binding_size};
 use crate::varlen::{Sequence, ValidLengths};
@@ -529,6 +529,19 @@ impl PreparedCall<'_> {
         keys_per_dispatch: Option<usize>,
         from_table: bool,
     ) -> Result<()> {
+        self.prepare_units(gpu, units, keys_per_dispatch, from_table)?
+            .record(encoder);
+        Ok(())
+    }
+
+    /// [`PreparedCall::dispatch_units`]' pass, built but not recorded.
+    pub fn prepare_units(
+        &self,
+        gpu: &Gpu,
+        units: Vec<SequenceRows>,
+        keys_per_dispatch: Option<usize>,
+        from_table: bool,
+    ) -> Result<PreparedPass> {
         let limits = &gpu.info().limits;
         let chunk_limits = ChunkLimits {
             binding: limits.max_storage_buffer_binding_size,
@@ -563,14 +576,11 @@ impl PreparedCall<'_> {
             let params = gpu.params_buffer(&params)?;
             let bindings = self.bindings(gpu, &params);
             let bind_group = bindings.bind(gpu, &pipeline.bind_group_layout, &table, None)?;
-            encode_dispatches(
-                encoder,
-                "flash attention forward",
-                &pipeline,
-                &[bind_group],
-                [x, y, units.len() as u32],
-            );
-            return Ok(());
+            return Ok(PreparedPass {
+                label: "flash attention forward",
+                pipeline,
+                dispatches: vec![(bind_group, [x, y, units.len() as u32])],
+            });
         };
 
         // Chunks continue each row from the logsumexp and f32 output the
@@ -588,9 +598,7 @@ impl PreparedCall<'_> {
             Some(lse) => lse.buffer().clone(),
             None => gpu.scratch_buffer("wgpu-flash-attn forward chunk logsumexp", 4 * rows)?,
         };
-        // Every dispatch's buffers and bind group first, so that an error
-        // leaves nothing recorded.
-        let mut bind_groups = Vec::with_capacity(dispatches.len());
+        let mut prepared = Vec::with_capacity(dispatches.len());
         for dispatch in &dispatches {
             let mut params = self.dispatch_params();
             params.flags |= flags::SEQUENCES | flags::WRITE_LSE;
@@ -605,23 +613,19 @@ impl PreparedCall<'_> {
             bindings.k = window(self.args.k.buffer(), dispatch.k);
             bindings.v = window(self.args.v.buffer(), dispatch.v);
             bindings.lse = &lse;
-            bind_groups.push(bindings.bind(
+            let bind_group = bindings.bind(
                 gpu,
                 &pipeline.bind_group_layout,
                 &table,
                 Some((&carry, carry_bytes)),
-            )?);
+            )?;
+            prepared.push((bind_group, [x, y, dispatch.units.len() as u32]));
         }
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("flash attention forward (key chunks)"),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(&pipeline.pipeline);
-        for (dispatch, bind_group) in dispatches.iter().zip(&bind_groups) {
-            pass.set_bind_group(0, bind_group, &[]);
-            pass.dispatch_workgroups(x, y, dispatch.units.len() as u32);
-        }
-        Ok(())
+        Ok(PreparedPass {
+            label: "flash attention forward (key chunks)",
+            pipeline,
+            dispatches: prepared,
+        })
     }
 
     /// How the kernel addresses K or V of this call.

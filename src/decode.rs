@@ -13,7 +13,7 @@ use crate::operands::{
 };
 use crate::params::{CombineParams, DecodeParams, TensorStrides};
 use crate::pipelines::{
-    ELEMENTWISE_WORKGROUP, bind_buffers, elementwise_groups, encode_dispatches,
+    ELEMENTWISE_WORKGROUP, PreparedPass, bind_buffers, elementwise_groups, encode_dispatches,
 };
 use crate::plan::DecodePlan;
 use crate::shaders::{DecodeIo, Specialization};
@@ -431,7 +431,7 @@ impl Gpu {
         slots: u32,
         out: &Tensor,
         lse: Option<&Lse>,
-    ) -> Result<PreparedCombine> {
+    ) -> Result<PreparedPass> {
         let q = out.shape();
         let strides = vec4_strides(out);
         let params = CombineParams {
@@ -466,28 +466,10 @@ impl Gpu {
                 lse.map_or(&self.placeholders.writable, |l| l.buffer()),
             ],
         )?;
-        Ok(PreparedCombine {
+        Ok(PreparedPass {
+            label: "merge partials",
             pipeline,
-            bind_group,
-            groups,
+            dispatches: vec![(bind_group, groups)],
         })
-    }
-}
-
-/// A merge of partial results ready to record ([`Gpu::prepare_combine`]).
-struct PreparedCombine {
-    pipeline: std::sync::Arc<crate::pipelines::CachedPipeline>,
-    bind_group: wgpu::BindGroup,
-    groups: [u32; 3],
-}
-
-impl PreparedCombine {
-    fn record(self, encoder: &mut wgpu::CommandEncoder) {
-        let Self {
-            pipeline,
-            bind_group,
-            groups,
-        } = self;
-        encode_dispatches(encoder, "merge partials", &pipeline, &[bind_group], groups);
     }
 }

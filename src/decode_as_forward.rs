@@ -73,7 +73,6 @@ impl Gpu {
                 )
             })
             .collect::<Result<_>>()?;
-        encode_dispatches(encoder, "kv gather", &pipeline, &bind_groups, groups);
         let strides = dense.contiguous_strides();
         let k = Tensor::from_buffer(self, keys, dense, strides, 0, DType::F32)?;
         let v = Tensor::from_buffer(self, values, dense, strides, 0, DType::F32)?;
@@ -88,6 +87,13 @@ impl Gpu {
             q: None,
             kv: cache.lens(),
         };
-        self.encode_padded_attention(encoder, &forward, config, &lengths, None)
+        // The forward's pass is built before the copy is recorded, so that
+        // an error leaves the caller's encoder as it was.
+        let forward = self.prepare_padded_attention(&forward, config, &lengths, None)?;
+        encode_dispatches(encoder, "kv gather", &pipeline, &bind_groups, groups);
+        if let Some(forward) = forward {
+            forward.record(encoder);
+        }
+        Ok(())
     }
 }

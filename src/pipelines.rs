@@ -435,6 +435,30 @@ pub(crate) fn elementwise_groups(
     Ok([groups.min(limit) as u32, y as u32, 1])
 }
 
+/// One compute pass ready to record: a kernel and its dispatches, each a
+/// bind group and a grid. A call that records several passes prepares them
+/// all first, so that an error (a kernel refused, memory out) leaves the
+/// caller's encoder as it was.
+pub(crate) struct PreparedPass {
+    pub label: &'static str,
+    pub pipeline: Arc<CachedPipeline>,
+    pub dispatches: Vec<(wgpu::BindGroup, [u32; 3])>,
+}
+
+impl PreparedPass {
+    pub fn record(&self, encoder: &mut wgpu::CommandEncoder) {
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(self.label),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&self.pipeline.pipeline);
+        for (bind_group, [x, y, z]) in &self.dispatches {
+            pass.set_bind_group(0, bind_group, &[]);
+            pass.dispatch_workgroups(*x, *y, *z);
+        }
+    }
+}
+
 /// Records one compute pass that runs `pipeline` once per bind group, each
 /// over `workgroups` (several bind groups: one per KV-cache buffer).
 pub(crate) fn encode_dispatches(

@@ -10,6 +10,7 @@ use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::params::{BackwardUnit, SequenceRows};
+use crate::pipelines::PreparedPass;
 use crate::tensor::Tensor;
 
 /// Valid lengths of each sequence of a dense batch.
@@ -218,7 +219,12 @@ impl Gpu {
         )?;
         // Every row of a packed batch belongs to its sequence.
         let extents = sequences.iter().map(|s| s.q_len).collect();
-        self.encode_sequences(encoder, args, config, sequences, extents, keys_per_dispatch)
+        let prepared =
+            self.prepare_sequences(args, config, sequences, extents, keys_per_dispatch)?;
+        if let Some(pass) = prepared {
+            pass.record(encoder);
+        }
+        Ok(())
     }
 
     /// A dense batch where sequence `b` has `lens.kv[b]` valid keys (and,
@@ -234,12 +240,27 @@ impl Gpu {
         lens: &ValidLengths<'_>,
         keys_per_dispatch: Option<usize>,
     ) -> Result<()> {
+        if let Some(pass) = self.prepare_padded_attention(args, config, lens, keys_per_dispatch)? {
+            pass.record(encoder);
+        }
+        Ok(())
+    }
+
+    /// [`Gpu::encode_padded_attention`]'s pass, built but not recorded
+    /// (`None`: nothing to record).
+    pub(crate) fn prepare_padded_attention(
+        &self,
+        args: &AttentionArgs<'_>,
+        config: &AttentionConfig,
+        lens: &ValidLengths<'_>,
+        keys_per_dispatch: Option<usize>,
+    ) -> Result<Option<PreparedPass>> {
         let shape = args.shape()?;
         let sequences = padded_sequences(&shape, lens)?;
         // The kernel writes every row of each batch entry: past the valid
         // queries, zeros.
         let extents = vec![shape.seq_q; sequences.len()];
-        self.encode_sequences(encoder, args, config, sequences, extents, keys_per_dispatch)
+        self.prepare_sequences(args, config, sequences, extents, keys_per_dispatch)
     }
 
     /// Every sequence in one dispatch: workgroups along z are the
@@ -247,16 +268,16 @@ impl Gpu {
     /// (`SequenceRows`); rows past a sequence's queries up to `extents[i]`
     /// (padding) are written as zeros with logsumexp +inf by the kernel,
     /// and so are rows of a sequence without keys (logsumexp: the head's
-    /// sink, or +inf).
-    fn encode_sequences(
+    /// sink, or +inf). Built, not recorded; `None` when there is nothing
+    /// to record.
+    fn prepare_sequences(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
         args: &AttentionArgs<'_>,
         config: &AttentionConfig,
         sequences: Vec<Sequence>,
         extents: Vec<usize>,
         keys_per_dispatch: Option<usize>,
-    ) -> Result<()> {
+    ) -> Result<Option<PreparedPass>> {
         let shape = args.shape()?;
         // One sequence per workgroup along z: tiles, workgroups and the
         // loop budget follow the longest sequence, not the packed total.
@@ -270,7 +291,7 @@ impl Gpu {
         };
         let call = self.prepare_planned_call(args, config, shape, &unit)?;
         if rows == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let units: Vec<SequenceRows> = sequences
             .iter()
@@ -278,6 +299,7 @@ impl Gpu {
             .enumerate()
             .map(|(index, (seq, &extent))| seq.rows(index, extent))
             .collect();
-        call.dispatch_units(self, encoder, units, keys_per_dispatch, true)
+        call.prepare_units(self, units, keys_per_dispatch, true)
+            .map(Some)
     }
 }

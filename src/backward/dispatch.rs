@@ -3,8 +3,6 @@
 //! (dense calls) or every sequence (padded or packed batches, read from a
 //! table of units).
 
-use std::sync::Arc;
-
 use crate::attention::{ForwardOptions, Sequences, option_params, upload_packed};
 use crate::config::{AttentionConfig, AttentionShape};
 use crate::error::{Error, Result};
@@ -13,7 +11,7 @@ use crate::lse::{Lse, check_lse_output};
 use crate::mask::AttentionMask;
 use crate::operands::{check_operand, check_output, check_own_buffers, vec4_view};
 use crate::params::{AttentionParams, BackwardParams, BackwardUnit, flags};
-use crate::pipelines::{CachedPipeline, bind_buffers, encode_dispatches};
+use crate::pipelines::{PreparedPass, bind_buffers};
 use crate::shaders::BackwardPass;
 use crate::tensor::{DType, Tensor};
 use crate::varlen::{Sequence, padded_sequences, varlen_sequences};
@@ -446,31 +444,10 @@ impl Recorder<'_> {
             ],
         )?;
         Ok(PreparedPass {
-            pass,
+            label: pass_label(pass),
             pipeline,
-            bind_group,
-            groups: groups.map(|n| n as u32),
+            dispatches: vec![(bind_group, groups.map(|n| n as u32))],
         })
-    }
-}
-
-/// One backward pass ready to record: its kernel, bind group and grid.
-struct PreparedPass {
-    pass: BackwardPass,
-    pipeline: Arc<CachedPipeline>,
-    bind_group: wgpu::BindGroup,
-    groups: [u32; 3],
-}
-
-impl PreparedPass {
-    fn record(&self, encoder: &mut wgpu::CommandEncoder) {
-        encode_dispatches(
-            encoder,
-            pass_label(self.pass),
-            &self.pipeline,
-            std::slice::from_ref(&self.bind_group),
-            self.groups,
-        );
     }
 }
 
