@@ -10,7 +10,8 @@
 //!
 //! Calls: one decoding step of Llama-3.1-8B's heads (32 query / 8 KV
 //! heads of 128) over 4,096 cached f16 tokens, the append of that token's
-//! K and V, and a forward of B1 H8 N1024 d64 (causal).
+//! K and V, the copy of one of its pages (a fork), and a forward of B1 H8
+//! N1024 d64 (causal).
 
 use std::time::{Duration, Instant};
 
@@ -102,6 +103,16 @@ fn recording(c: &mut Criterion) {
                     .append(gpu, encoder, &token, &token, None)
                     .expect("recorded");
                 cache.set_len(0, CACHED).expect("the length set back");
+            })
+        })
+    });
+
+    // A fork's copy of one page (256 tokens; never submitted, so the
+    // cache is untouched).
+    group.bench_function("copy one page, Llama-3.1-8B heads, f16 cache", |b| {
+        b.iter_custom(|iters| {
+            time_recording(gpu, iters, |encoder| {
+                cache.copy_pages(gpu, encoder, &[(0, 1)]).expect("recorded");
             })
         })
     });

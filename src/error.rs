@@ -503,13 +503,14 @@ pub enum Error {
         /// Pages in the pool.
         pool_pages: usize,
     },
-    /// A page copy ([`crate::KvCache::copy_pages`]) naming a page past the
-    /// pool.
+    /// A page copy, read or write ([`crate::KvCache::copy_pages`],
+    /// [`crate::KvCache::read_pages`], [`crate::KvCache::write_pages`])
+    /// naming a page past the pool.
     #[error(
-        "KV cache page copy {index}: its {role} page {page} is past the pool's {pool_pages} pages"
+        "KV cache page list entry {index}: {role} page {page} is past the pool's {pool_pages} pages"
     )]
-    CopyPagePastPool {
-        /// The copy's index in the list.
+    PagePastPool {
+        /// The entry's index in the list.
         index: usize,
         /// `source` or `destination`.
         role: &'static str,
@@ -518,25 +519,24 @@ pub enum Error {
         /// Pages in the pool.
         pool_pages: usize,
     },
-    /// Two page copies ([`crate::KvCache::copy_pages`]) writing one page:
-    /// which of them would win is not the caller's to guess.
-    #[error("KV cache page copies {first} and {second} both write page {page}")]
-    CopyPageTwice {
+    /// Two entries of one page copy or write writing one page: which of
+    /// them would win is not the caller's to guess.
+    #[error("KV cache page list entries {first} and {second} both write page {page}")]
+    PageWrittenTwice {
         /// The page both write.
         page: u32,
-        /// The first copy's index in the list.
+        /// The first entry's index in the list.
         first: usize,
-        /// The second copy's index.
+        /// The second entry's index.
         second: usize,
     },
-    /// A page copy ([`crate::KvCache::copy_pages`]) into a page that two
-    /// sequences hold: shared pages are read-only (a write would change
-    /// both sequences' tokens).
+    /// A page copy or write into a page that two sequences hold: shared
+    /// pages are read-only (a write would change both sequences' tokens).
     #[error(
-        "KV cache page copy {index} would write page {page}, which sequences {sequence} and {other} both hold"
+        "KV cache page list entry {index} would write page {page}, which sequences {sequence} and {other} both hold"
     )]
-    CopyToSharedPage {
-        /// The copy's index in the list.
+    SharedPageOverwrite {
+        /// The entry's index in the list.
         index: usize,
         /// The page it would write.
         page: u32,

@@ -3,7 +3,7 @@
 //! buffers when one binding cannot hold the pool, and the in-place append
 //! with optional fused rotary embedding of the keys.
 
-mod page_copy;
+mod pages;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -413,7 +413,7 @@ impl KvCache {
                     gpu.create_buffer(
                         label,
                         pages as u64 * page_bytes,
-                        // (Copies: read_sequence, copy_pages.)
+                        // (Copies: read_sequence and kv_cache/pages.rs.)
                         wgpu::BufferUsages::STORAGE
                             | wgpu::BufferUsages::COPY_SRC
                             | wgpu::BufferUsages::COPY_DST,
@@ -447,7 +447,8 @@ impl KvCache {
     /// calls refuse operands in the pool's buffers: a decoding step's
     /// output or logsumexp, an append's new tokens
     /// ([`Error::OutputAliasesInput`]). [`KvCache::copy_pages`] also needs
-    /// `COPY_SRC` and `COPY_DST` ([`KvCache::read_sequence`]: `COPY_SRC`),
+    /// `COPY_SRC` and `COPY_DST`, [`KvCache::write_pages`] `COPY_DST`,
+    /// [`KvCache::read_pages`] and [`KvCache::read_sequence`] `COPY_SRC`,
     /// checked when called.
     pub fn from_buffers(
         gpu: &Gpu,

@@ -576,8 +576,21 @@ pub(crate) async fn read_buffer_async<T: bytemuck::Pod>(
     name: &'static str,
     buffer: &wgpu::Buffer,
 ) -> Result<Vec<T>> {
-    require_usage(name, buffer, wgpu::BufferUsages::COPY_SRC, "download it")?;
-    let size = buffer.size();
+    read_ranges_async(gpu, name, &[(buffer, 0, buffer.size())]).await
+}
+
+/// [`read_buffer_async`] for byte ranges `(buffer, offset, size)` of
+/// buffers (offsets and sizes multiples of 4), back to back in the result.
+pub(crate) async fn read_ranges_async<T: bytemuck::Pod>(
+    gpu: &Gpu,
+    name: &'static str,
+    ranges: &[(&wgpu::Buffer, u64, u64)],
+) -> Result<Vec<T>> {
+    for (buffer, _, _) in ranges {
+        require_usage(name, buffer, wgpu::BufferUsages::COPY_SRC, "download it")?;
+    }
+    let size: u64 = ranges.iter().map(|&(_, _, size)| size).sum();
+    check_buffer_size(gpu, name, size)?;
     let staging = gpu.create_buffer(
         "wgpu-flash-attn readback",
         size,
@@ -587,7 +600,11 @@ pub(crate) async fn read_buffer_async<T: bytemuck::Pod>(
     // Under a validation scope: a buffer of a lost device fails here as a
     // typed error rather than in wgpu's default handler, which panics.
     gpu.submit_recorded("wgpu-flash-attn readback", |encoder| {
-        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+        let mut at = 0;
+        for &(buffer, offset, size) in ranges {
+            encoder.copy_buffer_to_buffer(buffer, offset, &staging, at, size);
+            at += size;
+        }
         Ok(())
     })?;
     gpu.validated("wgpu-flash-attn readback", || {

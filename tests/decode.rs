@@ -1442,6 +1442,118 @@ fn a_sequence_forked_mid_page_gets_its_own_copy_of_the_partial_page() {
     }
 }
 
+/// A preempted sequence swapped out to the host and back: `read_pages`
+/// returns its pages' raw bytes, the pages are freed and overwritten, and
+/// `write_pages` brings the bytes back into other pages, from which the
+/// sequence reads and decodes exactly as before. f32 and int8, the pool
+/// over two buffers.
+#[test]
+fn a_sequence_swapped_out_to_the_host_and_back_decodes_as_before() {
+    let Some(gpu) = gpu() else { return };
+    let (page, head_dim, len) = (16, 64, 20);
+    for (seed, dtype) in [(0x5a_a9, KvDType::F32), (0x5a_aa, KvDType::Int8)] {
+        let layout = KvLayout::Paged {
+            page_size: page,
+            pages: 8,
+        };
+        let page_bytes = (page * HEADS_KV * dtype.vector_bytes(head_dim)) as u64;
+        let config = KvCacheConfig::new(2, HEADS_KV, head_dim, layout)
+            .dtype(dtype)
+            .max_buffer_bytes(4 * page_bytes);
+        let mut cache = KvCache::new(gpu, config).unwrap();
+        assert_eq!(cache.page_bytes(), 2 * page_bytes);
+        cache.set_block_table(0, &[5, 2]).unwrap();
+        cache.set_block_table(1, &[1, 3]).unwrap();
+        let shape = TensorShape::new(2, len, HEADS_KV, head_dim);
+        let mut rng = seeded(seed);
+        let (k, v) = (
+            normal_vec(&mut rng, shape.elements(), 1.0),
+            normal_vec(&mut rng, shape.elements(), 1.0),
+        );
+        let (kt, vt) = (
+            Tensor::from_f32(gpu, shape, &k).unwrap(),
+            Tensor::from_f32(gpu, shape, &v).unwrap(),
+        );
+        gpu.run(|e| cache.append(gpu, e, &kt, &vt, None)).unwrap();
+        let before = stored_sequences(gpu, &cache);
+
+        let swapped = cache.read_pages(gpu, &[5, 2]).unwrap();
+        assert_eq!(swapped.len() as u64, 2 * cache.page_bytes());
+        cache.set_len(0, 0).unwrap();
+        cache.set_block_table(0, &[]).unwrap();
+        // The freed pages go to other work (here: sequence 1's tokens).
+        gpu.run(|e| cache.copy_pages(gpu, e, &[(1, 5), (3, 2)]))
+            .unwrap();
+        gpu.run(|e| cache.write_pages(gpu, e, &[6, 7], &swapped))
+            .unwrap();
+        cache.set_block_table(0, &[6, 7]).unwrap();
+        cache.set_len(0, len).unwrap();
+        let after = stored_sequences(gpu, &cache);
+        assert_eq!(after, before, "{dtype:?}: the sequences after the swap");
+        assert_eq!(cache.read_pages(gpu, &[6, 7]).unwrap(), swapped);
+
+        let (k, v) = after.into_iter().unzip();
+        let filled = Filled { cache, k, v };
+        let q = queries(2, 1, head_dim, seed + 2);
+        let options = DecodeOptions::new(&AttentionConfig::new());
+        let (out_err, lse_err, plan) = decode_errors(gpu, &filled, &q, 1, &options);
+        assert!(
+            out_err <= 1e-4 && lse_err <= 1e-4,
+            "{dtype:?}: out {out_err:.2e}, lse {lse_err:.2e} ({plan:?})"
+        );
+
+        // Bad page lists and byte counts.
+        let mut cache = filled.cache;
+        cache.set_block_table(1, &[1, 3, 6]).unwrap();
+        let write = |cache: &KvCache, pages: &[u32], bytes: &[u8]| {
+            gpu.run(|e| cache.write_pages(gpu, e, pages, bytes))
+        };
+        let refused = write(&cache, &[0], &swapped);
+        assert!(
+            matches!(refused, Err(Error::DataLength { expected, got, .. })
+                if expected as u64 == cache.page_bytes() && got == swapped.len()),
+            "{refused:?}"
+        );
+        assert!(matches!(
+            write(&cache, &[0, 8], &swapped),
+            Err(Error::PagePastPool {
+                index: 1,
+                role: "destination",
+                page: 8,
+                ..
+            })
+        ));
+        assert!(matches!(
+            write(&cache, &[4, 4], &swapped),
+            Err(Error::PageWrittenTwice {
+                page: 4,
+                first: 0,
+                second: 1
+            })
+        ));
+        assert!(matches!(
+            write(&cache, &[0, 6], &swapped),
+            Err(Error::SharedPageOverwrite {
+                index: 1,
+                page: 6,
+                sequence: 0,
+                other: 1
+            })
+        ));
+        assert!(matches!(
+            cache.read_pages(gpu, &[2, 9]),
+            Err(Error::PagePastPool {
+                index: 1,
+                role: "source",
+                page: 9,
+                ..
+            })
+        ));
+        assert_eq!(cache.read_pages(gpu, &[]).unwrap(), Vec::<u8>::new());
+        write(&cache, &[], &[]).unwrap();
+    }
+}
+
 /// Page copies that name pages past the pool, write one page twice or
 /// write a page two sequences hold, need more scratch than one buffer
 /// holds, or run over a caller's pool whose buffers cannot be copied into,
@@ -1460,7 +1572,7 @@ fn bad_page_copies_are_typed_errors() {
     let copy = |cache: &KvCache, pairs: &[(u32, u32)]| gpu.run(|e| cache.copy_pages(gpu, e, pairs));
     assert!(matches!(
         copy(&cache, &[(0, 1), (8, 0)]),
-        Err(Error::CopyPagePastPool {
+        Err(Error::PagePastPool {
             index: 1,
             role: "source",
             page: 8,
@@ -1469,7 +1581,7 @@ fn bad_page_copies_are_typed_errors() {
     ));
     assert!(matches!(
         copy(&cache, &[(0, 9)]),
-        Err(Error::CopyPagePastPool {
+        Err(Error::PagePastPool {
             index: 0,
             role: "destination",
             page: 9,
@@ -1478,7 +1590,7 @@ fn bad_page_copies_are_typed_errors() {
     ));
     assert!(matches!(
         copy(&cache, &[(0, 6), (1, 7), (2, 6)]),
-        Err(Error::CopyPageTwice {
+        Err(Error::PageWrittenTwice {
             page: 6,
             first: 0,
             second: 2
@@ -1486,7 +1598,7 @@ fn bad_page_copies_are_typed_errors() {
     ));
     assert!(matches!(
         copy(&cache, &[(2, 5)]),
-        Err(Error::CopyToSharedPage {
+        Err(Error::SharedPageOverwrite {
             index: 0,
             page: 5,
             sequence: 0,
@@ -1529,6 +1641,19 @@ fn bad_page_copies_are_typed_errors() {
         caller_pool_buffer(gpu, bytes),
     )];
     let caller = KvCache::from_buffers(gpu, config, &buffers).unwrap();
+    let bytes = vec![0; caller.page_bytes() as usize];
+    let refused = gpu.run(|e| caller.write_pages(gpu, e, &[0], &bytes));
+    assert!(
+        matches!(
+            refused,
+            Err(Error::BufferUsage {
+                tensor: "kv cache K",
+                needed: "COPY_DST",
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
     let refused = copy(&caller, &[(0, 1)]);
     assert!(
         matches!(
