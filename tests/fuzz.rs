@@ -37,7 +37,10 @@
 //! bf16; in 40 % of them (drawn from a seed of their own) RoPE fused into
 //! the append, the stored keys of an f32 cache held to 2e-5 of RoPE in
 //! f64; in 30 % of paged ones (also from a seed of its own) the pool spread
-//! over buffers of 1-4 pages each. Backward (f32): no mask, a
+//! over buffers of 1-4 pages each; in 30 % of all (from a third seed) every
+//! page of the pool moved to another before the step (a random
+//! permutation, by `copy_pages` or through the host by `read_pages` and
+//! `write_pages`), the block tables following it. Backward (f32): no mask, a
 //! boolean or a bias mask, valid lengths or a packed variable-length batch
 //! (one dispatch per pass for all of its sequences), in 30 % of the cases
 //! on the register-blocked passes; with sinks, their gradients too. In 25 %
@@ -141,6 +144,20 @@ struct Case {
     /// Decode over a paged cache: its pool spread over buffers of this many
     /// pages each (`KvCacheConfig::max_buffer_bytes`; `draw_buffer_pages`).
     pages_per_buffer: Option<usize>,
+    /// Decode: every page of the pool moved before the step
+    /// (`draw_page_move`).
+    page_move: Option<PageMove>,
+}
+
+/// How a decode case moves its cache's pages to a permutation of the pool
+/// before the step.
+#[derive(Debug, Clone)]
+struct PageMove {
+    /// Seeds the permutation of the pool (whose size the cache knows).
+    seed: u64,
+    /// Through the host (`read_pages`, then `write_pages`) rather than by
+    /// device copies (`copy_pages`).
+    through_host: bool,
 }
 
 /// The forward kernel a case runs, where its tiles fit (else the default).
@@ -316,6 +333,7 @@ fn draw_case(rng: &mut SeededRng) -> Case {
         backward_blocked,
         rotation: None,
         pages_per_buffer: None,
+        page_move: None,
     }
 }
 
@@ -876,6 +894,9 @@ fn run_decode(
             v[at * s.head_dim_v..][..stored_v.len()].copy_from_slice(&stored_v);
         }
     }
+    if let Some(moved) = &case.page_move {
+        move_pages(gpu, &mut cache, moved)?;
+    }
     // Queries and output in the case's type, the queries rounded to it so
     // the reference reads what the GPU does.
     let q: Vec<f32> = normal_vec(rng, s.q_shape().elements(), 1.0)
@@ -1188,6 +1209,55 @@ fn draw_buffer_pages(seed: u64, case: &Case) -> Option<usize> {
         }
         _ => None,
     }
+}
+
+/// Mixed into a case's seed to draw its page move (joined the fuzz later
+/// still).
+const PAGE_MOVE_SALT: u64 = 0x9a6e_0000_0000;
+
+/// In 30 % of decode cases, a random permutation of the pool's pages,
+/// applied by device copies or through the host.
+fn draw_page_move(seed: u64, case: &Case) -> Option<PageMove> {
+    if !matches!(case.operation, Operation::Decode { .. }) {
+        return None;
+    }
+    let mut rng = seeded(seed ^ PAGE_MOVE_SALT);
+    rng.random_bool(0.3).then(|| PageMove {
+        seed: rng.random(),
+        through_host: rng.random_bool(0.5),
+    })
+}
+
+/// Moves every page `p` of `cache`'s pool to page `to[p]`, `to` a random
+/// permutation, then points each sequence's table at the new places: what
+/// each sequence holds is unchanged.
+fn move_pages(gpu: &Gpu, cache: &mut KvCache, moved: &PageMove) -> Result<(), String> {
+    let from: Vec<u32> = (0..cache.pool_pages() as u32).collect();
+    let mut to = from.clone();
+    to.shuffle(&mut seeded(moved.seed));
+    if moved.through_host {
+        let bytes = cache
+            .read_pages(gpu, &from)
+            .map_err(|e| format!("read_pages: {e}"))?;
+        gpu.run(|e| cache.write_pages(gpu, e, &to, &bytes))
+            .map_err(|e| format!("write_pages: {e}"))?;
+    } else {
+        let pairs: Vec<(u32, u32)> = from.iter().copied().zip(to.iter().copied()).collect();
+        gpu.run(|e| cache.copy_pages(gpu, e, &pairs))
+            .map_err(|e| format!("copy_pages: {e}"))?;
+    }
+    for b in 0..cache.batch() {
+        let table: Vec<u32> = cache
+            .block_table(b)
+            .unwrap()
+            .iter()
+            .map(|&p| to[p as usize])
+            .collect();
+        cache
+            .set_block_table(b, &table)
+            .map_err(|e| format!("moved block table: {e}"))?;
+    }
+    Ok(())
 }
 
 /// The keys (packed `[batch, tokens, heads, head_dim]`) as a rotation
@@ -1508,6 +1578,7 @@ fn random_configurations_follow_the_accuracy_rule() {
         let mut case = draw_case(&mut rng);
         case.rotation = draw_rotation(seed, &case);
         case.pages_per_buffer = draw_buffer_pages(seed, &case);
+        case.page_move = draw_page_move(seed, &case);
         let (kind, result, described) = match draw_linear_case(seed) {
             Some(linear) => (3, run_linear_case(gpu, &linear), format!("{linear:?}")),
             None => {
