@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::random::{normal_vec, seeded};
+use common::random::{SeededRng, normal_vec, seeded};
 use common::{ROPE_BOUND, gpu, round_to, unit_roundoff};
 use rand::seq::SliceRandom;
 use wgpu_flash_attn::{
@@ -842,10 +842,10 @@ fn append_random_tokens(
     (k, v)
 }
 
-/// One new token of `filled`'s one sequence decodes within 1e-4 of the
-/// reference over what it holds.
+/// One new token of each of `filled`'s sequences decodes within 1e-4 of
+/// the reference over what it holds.
 fn assert_one_token_decodes(gpu: &Gpu, filled: &Filled, seed: u64) {
-    let q = queries(1, 1, filled.cache.head_dim(), seed);
+    let q = queries(filled.cache.batch(), 1, filled.cache.head_dim(), seed);
     let (out_err, lse_err, plan) = decode_errors(
         gpu,
         filled,
@@ -1329,6 +1329,49 @@ fn stored_sequences(gpu: &Gpu, cache: &KvCache) -> Vec<(Vec<f32>, Vec<f32>)> {
         .collect()
 }
 
+/// Two sequences over a paged pool of eight 16-token pages of `dtype`
+/// (`HEADS_KV` heads of `head_dim`), `pages_per_buffer` pages a buffer:
+/// sequence 0 holds pages 5 and 2, sequence 1 pages 1 and 3.
+fn two_sequence_pool(gpu: &Gpu, dtype: KvDType, head_dim: usize, pages_per_buffer: u64) -> KvCache {
+    let (page, pages) = (16, 8);
+    let layout = KvLayout::Paged {
+        page_size: page,
+        pages,
+    };
+    let page_bytes = (page * HEADS_KV * dtype.vector_bytes(head_dim)) as u64;
+    let config = KvCacheConfig::new(2, HEADS_KV, head_dim, layout)
+        .dtype(dtype)
+        .max_buffer_bytes(pages_per_buffer * page_bytes);
+    let mut cache = KvCache::new(gpu, config).unwrap();
+    assert_eq!(
+        cache.segment_count() as u64,
+        (pages as u64).div_ceil(pages_per_buffer)
+    );
+    assert_eq!(cache.page_bytes(), 2 * page_bytes);
+    cache.set_block_table(0, &[5, 2]).unwrap();
+    cache.set_block_table(1, &[1, 3]).unwrap();
+    cache
+}
+
+/// Appends `tokens` random tokens to both sequences of `cache`; the
+/// appended K and V, packed.
+fn append_to_both(
+    gpu: &Gpu,
+    cache: &mut KvCache,
+    tokens: usize,
+    rng: &mut SeededRng,
+) -> (Vec<f32>, Vec<f32>) {
+    let shape = TensorShape::new(2, tokens, cache.heads_kv(), cache.head_dim());
+    let k = normal_vec(rng, shape.elements(), 1.0);
+    let v = normal_vec(rng, shape.elements(), 1.0);
+    let (kt, vt) = (
+        Tensor::from_f32(gpu, shape, &k).unwrap(),
+        Tensor::from_f32(gpu, shape, &v).unwrap(),
+    );
+    gpu.run(|e| cache.append(gpu, e, &kt, &vt, None)).unwrap();
+    (k, v)
+}
+
 /// Forking a sequence whose prompt ends mid-page (parallel sampling): the
 /// fork shares the full pages and gets its own copy of the partial one
 /// (`copy_pages` into a free page). Both then append different tokens,
@@ -1342,35 +1385,13 @@ fn a_sequence_forked_mid_page_gets_its_own_copy_of_the_partial_page() {
     let (page, head_dim, prompt) = (16, 64, 20);
     let token = HEADS_KV * head_dim;
     for (seed, dtype) in [(0xf0_4c, KvDType::F32), (0xf0_4d, KvDType::Int8)] {
-        let layout = KvLayout::Paged {
-            page_size: page,
-            pages: 8,
-        };
         // Pages 0-2, 3-5 and 6-7 in three buffers: the copies cross them.
-        let page_bytes = (page * HEADS_KV * dtype.vector_bytes(head_dim)) as u64;
-        let config = KvCacheConfig::new(2, HEADS_KV, head_dim, layout)
-            .dtype(dtype)
-            .max_buffer_bytes(3 * page_bytes);
-        let mut cache = KvCache::new(gpu, config).unwrap();
-        assert_eq!(cache.segment_count(), 3);
-        cache.set_block_table(0, &[5, 2]).unwrap();
-        cache.set_block_table(1, &[1, 3]).unwrap();
+        let mut cache = two_sequence_pool(gpu, dtype, head_dim, 3);
         assert_eq!(cache.free_pages(), [0, 4, 6, 7]);
         let mut rng = seeded(seed);
-        let mut append = |cache: &mut KvCache, tokens| {
-            let shape = TensorShape::new(2, tokens, HEADS_KV, head_dim);
-            let k = normal_vec(&mut rng, shape.elements(), 1.0);
-            let v = normal_vec(&mut rng, shape.elements(), 1.0);
-            let (kt, vt) = (
-                Tensor::from_f32(gpu, shape, &k).unwrap(),
-                Tensor::from_f32(gpu, shape, &v).unwrap(),
-            );
-            gpu.run(|e| cache.append(gpu, e, &kt, &vt, None)).unwrap();
-            (k, v)
-        };
         // Both sequences get a prompt; sequence 1's is then dropped for a
         // fork of sequence 0 (page 5 shared, page 2 copied to page 4).
-        let (prompt_k, prompt_v) = append(&mut cache, prompt);
+        let (prompt_k, prompt_v) = append_to_both(gpu, &mut cache, prompt, &mut rng);
         gpu.run(|e| cache.copy_pages(gpu, e, &[(2, 4)])).unwrap();
         cache.set_block_table(1, &[5, 4]).unwrap();
         assert_eq!(cache.free_pages(), [0, 1, 3, 6, 7]);
@@ -1395,7 +1416,7 @@ fn a_sequence_forked_mid_page_gets_its_own_copy_of_the_partial_page() {
 
         // Different next tokens: sequence 0's into page 2, the fork's into
         // page 4; the prompt stays as it was in both.
-        let (new_k, new_v) = append(&mut cache, 1);
+        let (new_k, new_v) = append_to_both(gpu, &mut cache, 1, &mut rng);
         let grown = stored_sequences(gpu, &cache);
         for (b, (k, v)) in grown.iter().enumerate() {
             assert_eq!(
@@ -1421,13 +1442,7 @@ fn a_sequence_forked_mid_page_gets_its_own_copy_of_the_partial_page() {
         }
         let (k, v) = grown.iter().cloned().unzip();
         let filled = Filled { cache, k, v };
-        let q = queries(2, 1, head_dim, seed + 2);
-        let options = DecodeOptions::new(&AttentionConfig::new());
-        let (out_err, lse_err, plan) = decode_errors(gpu, &filled, &q, 1, &options);
-        assert!(
-            out_err <= 1e-4 && lse_err <= 1e-4,
-            "{dtype:?}: out {out_err:.2e}, lse {lse_err:.2e} ({plan:?})"
-        );
+        assert_one_token_decodes(gpu, &filled, seed + 2);
 
         // A swap: each sequence's last page now holds the other's tokens.
         let cache = filled.cache;
@@ -1450,31 +1465,10 @@ fn a_sequence_forked_mid_page_gets_its_own_copy_of_the_partial_page() {
 #[test]
 fn a_sequence_swapped_out_to_the_host_and_back_decodes_as_before() {
     let Some(gpu) = gpu() else { return };
-    let (page, head_dim, len) = (16, 64, 20);
+    let (head_dim, len) = (64, 20);
     for (seed, dtype) in [(0x5a_a9, KvDType::F32), (0x5a_aa, KvDType::Int8)] {
-        let layout = KvLayout::Paged {
-            page_size: page,
-            pages: 8,
-        };
-        let page_bytes = (page * HEADS_KV * dtype.vector_bytes(head_dim)) as u64;
-        let config = KvCacheConfig::new(2, HEADS_KV, head_dim, layout)
-            .dtype(dtype)
-            .max_buffer_bytes(4 * page_bytes);
-        let mut cache = KvCache::new(gpu, config).unwrap();
-        assert_eq!(cache.page_bytes(), 2 * page_bytes);
-        cache.set_block_table(0, &[5, 2]).unwrap();
-        cache.set_block_table(1, &[1, 3]).unwrap();
-        let shape = TensorShape::new(2, len, HEADS_KV, head_dim);
-        let mut rng = seeded(seed);
-        let (k, v) = (
-            normal_vec(&mut rng, shape.elements(), 1.0),
-            normal_vec(&mut rng, shape.elements(), 1.0),
-        );
-        let (kt, vt) = (
-            Tensor::from_f32(gpu, shape, &k).unwrap(),
-            Tensor::from_f32(gpu, shape, &v).unwrap(),
-        );
-        gpu.run(|e| cache.append(gpu, e, &kt, &vt, None)).unwrap();
+        let mut cache = two_sequence_pool(gpu, dtype, head_dim, 4);
+        append_to_both(gpu, &mut cache, len, &mut seeded(seed));
         let before = stored_sequences(gpu, &cache);
 
         let swapped = cache.read_pages(gpu, &[5, 2]).unwrap();
@@ -1494,13 +1488,7 @@ fn a_sequence_swapped_out_to_the_host_and_back_decodes_as_before() {
 
         let (k, v) = after.into_iter().unzip();
         let filled = Filled { cache, k, v };
-        let q = queries(2, 1, head_dim, seed + 2);
-        let options = DecodeOptions::new(&AttentionConfig::new());
-        let (out_err, lse_err, plan) = decode_errors(gpu, &filled, &q, 1, &options);
-        assert!(
-            out_err <= 1e-4 && lse_err <= 1e-4,
-            "{dtype:?}: out {out_err:.2e}, lse {lse_err:.2e} ({plan:?})"
-        );
+        assert_one_token_decodes(gpu, &filled, seed + 2);
 
         // Bad page lists and byte counts.
         let mut cache = filled.cache;
