@@ -172,8 +172,23 @@ struct DecodeCase {
     head_dim: usize,
 }
 
+/// Points every table of `cache` (a pool of `pages`) at page `pages - 1 -
+/// p` for each page `p` it listed.
+fn reverse_tables(cache: &mut KvCache, pages: usize) -> Result<(), Error> {
+    for b in 0..cache.batch() {
+        let table: Vec<u32> = cache
+            .block_table(b)?
+            .iter()
+            .map(|&p| pages as u32 - 1 - p)
+            .collect();
+        cache.set_block_table(b, &table)?;
+    }
+    Ok(())
+}
+
 /// One decoding step of `case` against the reference over the values the
-/// cache stores (f16: the inputs rounded to f16).
+/// cache stores (f16: the inputs rounded to f16). A paged cache's pages
+/// are moved around first, through the host and by device copies.
 async fn check_decode(gpu: &Gpu, case: &DecodeCase, seed: u64) -> Result<serde_json::Value, Error> {
     let DecodeCase {
         name,
@@ -210,6 +225,19 @@ async fn check_decode(gpu: &Gpu, case: &DecodeCase, seed: u64) -> Result<serde_j
     gpu.run(|encoder| cache.append(gpu, encoder, &k_t, &v_t, None))?;
     for (b, &len) in lens.iter().enumerate() {
         cache.set_len(b, len)?;
+    }
+    if let KvLayout::Paged { pages, .. } = layout {
+        // Every page moved to the pool's other end, through the host (a
+        // swap out and back), then back again by device copies; the
+        // tables follow each move, so decoding sees the same tokens.
+        let all: Vec<u32> = (0..pages as u32).collect();
+        let reversed: Vec<u32> = all.iter().rev().copied().collect();
+        let bytes = cache.read_pages_async(gpu, &all).await?;
+        gpu.run(|encoder| cache.write_pages(gpu, encoder, &reversed, &bytes))?;
+        reverse_tables(&mut cache, pages)?;
+        let pairs: Vec<(u32, u32)> = all.iter().copied().zip(reversed).collect();
+        gpu.run(|encoder| cache.copy_pages(gpu, encoder, &pairs))?;
+        reverse_tables(&mut cache, pages)?;
     }
     let q_shape = TensorShape::new(batch, 1, heads.0, head_dim);
     let q = rng.values(q_shape.elements());
