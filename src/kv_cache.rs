@@ -1,7 +1,8 @@
 //! The KV cache for decoding: per-sequence lengths, paged storage (a
 //! contiguous cache is the identity block table), split over several
 //! buffers when one binding cannot hold the pool, and the in-place append
-//! with optional fused rotary embedding of the keys.
+//! with optional fused rotary embedding of the keys. Whole pages (free
+//! ones, copies, host transfers) are `pages.rs`'.
 
 mod pages;
 

@@ -1545,7 +1545,8 @@ fn a_sequence_swapped_out_to_the_host_and_back_decodes_as_before() {
 /// Page copies that name pages past the pool, write one page twice or
 /// write a page two sequences hold, need more scratch than one buffer
 /// holds, or run over a caller's pool whose buffers cannot be copied into,
-/// are typed errors.
+/// are typed errors; so are reads and writes of more bytes than a buffer
+/// holds.
 #[test]
 fn bad_page_copies_are_typed_errors() {
     let Some(gpu) = gpu() else { return };
@@ -1597,8 +1598,8 @@ fn bad_page_copies_are_typed_errors() {
     copy(&cache, &[(5, 6), (5, 7), (6, 0)]).unwrap();
     assert!(copy(&cache, &[]).is_ok());
 
-    // A device whose buffers hold four pages: the copies' scratch holds
-    // two per pair.
+    // A device whose buffers hold four pages (two of K and V): the copies'
+    // scratch holds one page of K and V per pair.
     let page_bytes = 16 * 32 * 4;
     let Some(small) = common::gpu_with_limits("four-page buffers", |limits| {
         limits.max_buffer_size = 4 * page_bytes;
@@ -1609,18 +1610,27 @@ fn bad_page_copies_are_typed_errors() {
     let small_cache = KvCache::new(&small, config).unwrap();
     let copy_small = |pairs: &[(u32, u32)]| small.run(|e| small_cache.copy_pages(&small, e, pairs));
     copy_small(&[(0, 1), (0, 7)]).unwrap();
-    let refused = copy_small(&[(0, 1), (0, 2), (0, 7)]);
-    assert!(
-        matches!(
-            refused,
-            Err(Error::BufferTooLarge {
-                bytes: 12_288,
-                limit: 8192,
-                ..
-            })
-        ),
-        "{refused:?}"
-    );
+    // Three pairs need more than a buffer holds, as do a read and a write
+    // of three pages.
+    let three = vec![0; 3 * small_cache.page_bytes() as usize];
+    let refusals = [
+        copy_small(&[(0, 1), (0, 2), (0, 7)]),
+        small_cache.read_pages(&small, &[0, 1, 2]).map(drop),
+        small.run(|e| small_cache.write_pages(&small, e, &[0, 1, 2], &three)),
+    ];
+    for refused in refusals {
+        assert!(
+            matches!(
+                refused,
+                Err(Error::BufferTooLarge {
+                    bytes: 12_288,
+                    limit: 8192,
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+    }
 
     // A caller's pool without COPY_DST (as the crate's own had before).
     let bytes = 8 * 16 * 32 * 4;

@@ -83,7 +83,9 @@ impl KvCache {
     /// done: a preempted sequence's pages swapped out to the host, for
     /// [`KvCache::write_pages`] to bring back into any pages of a cache of
     /// the same configuration. Blocks until the GPU is done (in a browser:
-    /// [`KvCache::read_pages_async`]). Needs `COPY_SRC` on a caller's pool.
+    /// [`KvCache::read_pages_async`]). Needs `COPY_SRC` on a caller's pool;
+    /// more bytes than one buffer holds is [`Error::BufferTooLarge`] (read
+    /// fewer pages at a time).
     pub fn read_pages(&self, gpu: &Gpu, pages: &[u32]) -> Result<Vec<u8>> {
         block_on_readback(self.read_pages_async(gpu, pages))
     }
@@ -114,7 +116,8 @@ impl KvCache {
     /// when the encoder runs). Tables and lengths are not touched, as for
     /// [`KvCache::copy_pages`], whose errors this shares; `bytes` of
     /// another length than `pages.len() x page_bytes()` is
-    /// [`Error::DataLength`]. Needs `COPY_DST` on a caller's pool.
+    /// [`Error::DataLength`], more than one buffer holds
+    /// [`Error::BufferTooLarge`]. Needs `COPY_DST` on a caller's pool.
     pub fn write_pages(
         &self,
         gpu: &Gpu,
