@@ -37,8 +37,8 @@
 //! bf16; in 40 % of them (drawn from a seed of their own) RoPE fused into
 //! the append, the stored keys of an f32 cache held to 2e-5 of RoPE in
 //! f64; in 30 % of paged ones (also from a seed of its own) the pool spread
-//! over buffers of 1-4 pages each; in 30 % of all (from a third seed) every
-//! page of the pool moved to another before the step (a random
+//! over buffers of 1-4 pages each; in 30 % of all decode cases (from a
+//! third seed) every page of the pool moved to another before the step (a random
 //! permutation, by `copy_pages` or through the host by `read_pages` and
 //! `write_pages`), the block tables following it. Backward (f32): no mask, a
 //! boolean or a bias mask, valid lengths or a packed variable-length batch
