@@ -1542,6 +1542,41 @@ fn a_sequence_swapped_out_to_the_host_and_back_decodes_as_before() {
     }
 }
 
+/// A latent cache's pages are its keys alone (no V pool): `page_bytes`
+/// counts K only, and a round trip through the host or a copy moves
+/// every token (key and value prefix) of a page.
+#[test]
+fn a_latent_caches_pages_move_as_its_keys() {
+    let Some(gpu) = gpu() else { return };
+    let (page, head_dim, len) = (16, 64, 20);
+    let layout = KvLayout::Paged {
+        page_size: page,
+        pages: 8,
+    };
+    let config = KvCacheConfig::new(1, 1, head_dim, layout).latent_values(32);
+    let mut cache = KvCache::new(gpu, config).unwrap();
+    assert_eq!(cache.page_bytes(), (page * head_dim * 4) as u64);
+    cache.set_block_table(0, &[3, 6]).unwrap();
+    let shape = TensorShape::new(1, len, 1, head_dim);
+    let latent = normal_vec(&mut seeded(0x1a_7e), shape.elements(), 1.0);
+    let latent = Tensor::from_f32(gpu, shape, &latent).unwrap();
+    gpu.run(|e| cache.append_latent(gpu, e, &latent, None))
+        .unwrap();
+    let before = cache.read_sequence(gpu, 0).unwrap();
+    let bytes = cache.read_pages(gpu, &[3, 6]).unwrap();
+    gpu.run(|e| cache.write_pages(gpu, e, &[0, 1], &bytes))
+        .unwrap();
+    gpu.run(|e| cache.copy_pages(gpu, e, &[(6, 4)])).unwrap();
+    for table in [[0, 1], [3, 4]] {
+        cache.set_block_table(0, &table).unwrap();
+        assert_eq!(
+            cache.read_sequence(gpu, 0).unwrap(),
+            before,
+            "pages {table:?}"
+        );
+    }
+}
+
 /// Page copies that name pages past the pool, write one page twice or
 /// write a page two sequences hold, need more scratch than one buffer
 /// holds, or run over a caller's pool whose buffers cannot be copied into,
