@@ -1,7 +1,8 @@
 //! Decoding over a KV cache against the reference: contiguous and paged
 //! caches, split-KV with chosen and forced split counts, GQA, causal,
 //! window, softcap and ALiBi; the public merge; append with fused RoPE and
-//! the standalone RoPE kernel against a CPU RoPE; and the typed errors.
+//! the standalone RoPE kernel against a CPU RoPE; pages forked, swapped to
+//! the host and back, and copied; and the typed errors.
 
 mod common;
 
