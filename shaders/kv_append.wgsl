@@ -1,11 +1,13 @@
 // Appends new K and V tokens to a paged KV cache in place, rotating the
 // keys (RoPE) on the way when rotary_dim > 0, and storing both in the
 // cache's type (a latent cache, write_values = 0, stores keys only: its
-// values are their prefix). Token t of sequence b goes to cache position starts[b].x + t
-// and is rotated for position starts[b].y + t. One dispatch per cache
-// segment; each writes the tokens whose page lives in its segment. One
-// invocation per (sequence, token, head) vector: the int8 scale needs the
-// whole vector, and 16-bit and int8 elements share words.
+// values are their prefix). Sequence b appends starts[b].z tokens (0 to
+// rp.tokens, the most any sequence appends), source rows starts[b].w on:
+// its token t goes to cache position starts[b].x + t and is rotated for
+// position starts[b].y + t. One dispatch per cache segment; each writes
+// the tokens whose page lives in its segment. One invocation per
+// (sequence, token, head) vector: the int8 scale needs the whole vector,
+// and 16-bit and int8 elements share words.
 //
 // The cache is addressed in 4-byte words: a head vector is head_dim words
 // (f32), head_dim / 2 (KV_HALF: two halves per word, first element low) or
@@ -15,8 +17,9 @@
 // Generated constants: WG_SIZE.
 
 @group(0) @binding(0) var<uniform> rp: RopeParams;
-// Per sequence: (first cache position written, first rotary position).
-@group(0) @binding(1) var<storage, read> starts: array<vec2<u32>>;
+// Per sequence: (first cache position written, first rotary position,
+// tokens appended, first source row).
+@group(0) @binding(1) var<storage, read> starts: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read> freqs: array<vec2<u32>>;
 @group(0) @binding(3) var<storage, read> k_new: array<f32>;
 @group(0) @binding(4) var<storage, read> v_new: array<f32>;
@@ -130,15 +133,20 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let head = index % rp.heads;
     let token = (index / rp.heads) % rp.tokens;
     let batch = index / (rp.heads * rp.tokens);
-    let pos = starts[batch].x + token;
+    let start = starts[batch];
+    if (token >= start.z) {
+        return;
+    }
+    let pos = start.x + token;
     let page = block_table[batch * rp.pages_per_seq + (pos >> rp.page_shift)];
     if (page < rp.segment_first_page || page >= rp.segment_first_page + rp.segment_pages) {
         return;
     }
     let row = ((page - rp.segment_first_page) << rp.page_shift) | (pos & ((1u << rp.page_shift) - 1u));
     let dst = (row * rp.heads + head) * vector_words();
-    let src = batch * rp.src_batch + token * rp.src_seq + head * rp.src_head + rp.src_offset;
-    let position = starts[batch].y + token;
+    // (The source is packed: row start.w + token, whatever the batch.)
+    let src = (start.w + token) * rp.src_seq + head * rp.src_head + rp.src_offset;
+    let position = start.y + token;
     store_vector(true, src, dst, position);
     if (rp.write_values != 0u) {
         store_vector(false, src, dst, position);

@@ -761,7 +761,32 @@ impl KvCache {
                 what: "KvCache::append with a V tensor and a latent cache (values in the keys; use append_latent)",
             });
         }
-        self.record_append(gpu, encoder, k, Some(v), rotation)
+        self.record_append(gpu, encoder, k, Some(v), None, rotation)
+    }
+
+    /// [`KvCache::append`] with a count of tokens per sequence, for a batch
+    /// whose sequences move at different speeds (continuous batching: a
+    /// new request's prompt admitted while others decode, or a sequence
+    /// sitting a step out): sequence `b` appends `counts[b]` tokens (0
+    /// allowed), rows `counts[0] + .. + counts[b - 1]` on of `k` and `v`
+    /// (`[1, sum of counts, heads_kv, head_dim]`, f32, packed). Its checks,
+    /// rotation and lengths work per sequence as `append`'s do. Counts that
+    /// are all 0 record nothing (no tensor has zero rows).
+    pub fn append_ragged(
+        &mut self,
+        gpu: &Gpu,
+        encoder: &mut wgpu::CommandEncoder,
+        counts: &[usize],
+        k: &Tensor,
+        v: &Tensor,
+        rotation: Option<KeyRotation<'_>>,
+    ) -> Result<()> {
+        if self.config.values_in_keys() {
+            return Err(Error::UnsupportedCombination {
+                what: "KvCache::append_ragged with a V tensor and a latent cache (values in the keys; use append_latent_ragged)",
+            });
+        }
+        self.record_append(gpu, encoder, k, Some(v), Some(counts), rotation)
     }
 
     /// Records the append of `latent` (`[batch, tokens, heads_kv,
@@ -782,27 +807,79 @@ impl KvCache {
                 what: "KvCache::append_latent and a cache with a V pool (use append)",
             });
         }
-        self.record_append(gpu, encoder, latent, None, rotation)
+        self.record_append(gpu, encoder, latent, None, None, rotation)
     }
 
+    /// [`KvCache::append_latent`] with a count of tokens per sequence, as
+    /// [`KvCache::append_ragged`].
+    pub fn append_latent_ragged(
+        &mut self,
+        gpu: &Gpu,
+        encoder: &mut wgpu::CommandEncoder,
+        counts: &[usize],
+        latent: &Tensor,
+        rotation: Option<KeyRotation<'_>>,
+    ) -> Result<()> {
+        if !self.config.values_in_keys() {
+            return Err(Error::UnsupportedCombination {
+                what: "KvCache::append_latent_ragged and a cache with a V pool (use append_ragged)",
+            });
+        }
+        self.record_append(gpu, encoder, latent, None, Some(counts), rotation)
+    }
+
+    /// An append of `k` (and `v`): `counts` tokens per sequence from a
+    /// packed `[1, total, ..]` tensor, or (`None`) the same count for each
+    /// from a `[batch, tokens, ..]` one.
     fn record_append(
         &mut self,
         gpu: &Gpu,
         encoder: &mut wgpu::CommandEncoder,
         k: &Tensor,
         v: Option<&Tensor>,
+        counts: Option<&[usize]>,
         rotation: Option<KeyRotation<'_>>,
     ) -> Result<()> {
         self.check_device(gpu)?;
         let shape = k.shape();
-        let expected = [self.batch(), shape.seq, self.heads_kv(), self.head_dim()];
+        let (counts, expected, layout) = match counts {
+            None => (
+                vec![shape.seq; self.batch()],
+                [self.batch(), shape.seq, self.heads_kv(), self.head_dim()],
+                "appended tokens must be [cache batch, tokens, cache heads_kv, cache head_dim]",
+            ),
+            Some(counts) => {
+                if counts.len() != self.batch() {
+                    return Err(Error::DataLength {
+                        tensor: "append counts",
+                        expected: self.batch(),
+                        got: counts.len(),
+                    });
+                }
+                let total = counts.iter().try_fold(0usize, |sum, &n| sum.checked_add(n));
+                match total {
+                    Some(0) => return Ok(()),
+                    Some(total) => (
+                        counts.to_vec(),
+                        [1, total, self.heads_kv(), self.head_dim()],
+                        "ragged appended tokens must be [1, sum of counts, cache heads_kv, cache head_dim]",
+                    ),
+                    None => {
+                        return Err(Error::ShapeOverflow {
+                            tensor: "append counts",
+                            shape: [counts.len(), usize::MAX, self.heads_kv(), self.head_dim()],
+                        });
+                    }
+                }
+            }
+        };
         for (name, tensor) in [("k", k)].into_iter().chain(v.map(|v| ("v", v))) {
             let got = tensor.shape();
             let axes = ["batch", "tokens", "heads", "head_dim"];
             for ((axis, have), want) in axes.into_iter().zip(got.as_array()).zip(expected) {
                 if have != want {
                     return Err(Error::ShapeMismatch {
-                        what: "appended tokens must be [cache batch, tokens, cache heads_kv, cache head_dim]",
+                        what: layout,
                         left_name: name,
                         left: have,
                         right_name: axis,
@@ -832,8 +909,8 @@ impl KvCache {
         let reads: Vec<_> = tokens.map(|(name, t)| (name, t.buffer())).collect();
         let writes: Vec<_> = self.buffers().collect();
         crate::operands::check_own_buffers(&writes, &reads)?;
-        for sequence in 0..self.batch() {
-            let needed = self.lens[sequence] + shape.seq;
+        for (sequence, &count) in counts.iter().enumerate() {
+            let needed = self.lens[sequence] + count;
             let capacity = self.capacity(sequence);
             if needed > capacity {
                 return Err(Error::CacheCapacity {
@@ -843,7 +920,7 @@ impl KvCache {
                 });
             }
         }
-        self.check_pages_unshared(shape.seq)?;
+        self.check_pages_unshared(&counts)?;
         let (rotary_dim, half_split, freqs, offsets) = match rotation {
             Some(KeyRotation {
                 rope,
@@ -868,9 +945,10 @@ impl KvCache {
         };
         if rotation.is_some() {
             let firsts = self.lens.iter().zip(&offsets);
-            crate::rope::check_positions(
-                firsts.map(|(&len, &offset)| len as u64 + u64::from(offset)),
-                shape.seq,
+            crate::rope::check_position_ranges(
+                firsts
+                    .map(|(&len, &offset)| len as u64 + u64::from(offset))
+                    .zip(counts.iter().copied()),
             )?;
         }
         // Keys rotate their first rotary_dim elements; a latent its last
@@ -890,17 +968,28 @@ impl KvCache {
             }
             self.head_dim() - rotary_dim
         };
-        let starts: Vec<[u32; 2]> = self
-            .lens
-            .iter()
-            .zip(&offsets)
-            // (Checked above to fit u32 where they rotate anything.)
-            .map(|(&len, &offset)| [len as u32, (len as u64 + u64::from(offset)) as u32])
+        // Per sequence: first cache position, first rotary position (checked
+        // above to fit u32 where they rotate anything), tokens, first
+        // source row.
+        let mut first_row = 0;
+        let starts: Vec<[u32; 4]> = (0..self.batch())
+            .map(|b| {
+                let len = self.lens[b] as u64;
+                let start = [
+                    len as u32,
+                    (len + u64::from(offsets[b])) as u32,
+                    counts[b] as u32,
+                    first_row as u32,
+                ];
+                first_row += counts[b];
+                start
+            })
             .collect();
+        let most = counts.iter().copied().max().unwrap_or(0);
         let strides = shape.contiguous_strides();
         let base = RopeParams {
             batch: self.batch() as u32,
-            tokens: shape.seq as u32,
+            tokens: most as u32,
             heads: self.heads_kv() as u32,
             head_dim: self.head_dim() as u32,
             rotary_dim: rotary_dim as u32,
@@ -915,8 +1004,9 @@ impl KvCache {
             write_values: u32::from(v.is_some()),
             ..RopeParams::default()
         };
-        // One invocation per appended head vector.
-        let vectors = (shape.batch * shape.seq * shape.heads) as u64;
+        // One invocation per head vector a sequence may append (those past
+        // a sequence's count return at once).
+        let vectors = (self.batch() * most * shape.heads) as u64;
         let groups = elementwise_groups(gpu, "kv append", vectors)?;
         let spec = Specialization::KvAppend {
             workgroup_size: ELEMENTWISE_WORKGROUP,
@@ -958,8 +1048,8 @@ impl KvCache {
             })
             .collect::<Result<_>>()?;
         encode_dispatches(encoder, "kv append", &pipeline, &bind_groups, groups);
-        for len in &mut self.lens {
-            *len += shape.seq;
+        for (len, count) in self.lens.iter_mut().zip(&counts) {
+            *len += count;
         }
         Ok(())
     }
@@ -987,11 +1077,16 @@ impl KvCache {
         Ok(firsts.into_iter().map(|p| p as u32).collect())
     }
 
-    /// Appending `tokens` writes pages that only the writing sequence may
-    /// hold: a page shared with another sequence (a common prefix) is
-    /// read-only, since a write would change the other sequence's tokens.
-    fn check_pages_unshared(&self, tokens: usize) -> Result<()> {
+    /// Appending `counts[b]` tokens to each sequence `b` writes pages that
+    /// only the writing sequence may hold: a page shared with another
+    /// sequence (a common prefix) is read-only, since a write would change
+    /// the other sequence's tokens.
+    fn check_pages_unshared(&self, counts: &[usize]) -> Result<()> {
         for (sequence, table) in self.block_tables.iter().enumerate() {
+            let tokens = counts[sequence];
+            if tokens == 0 {
+                continue;
+            }
             let first = self.lens[sequence] / self.page_size;
             let last = (self.lens[sequence] + tokens).div_ceil(self.page_size);
             for &page in &table[first.min(table.len())..last.min(table.len())] {

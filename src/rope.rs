@@ -109,7 +109,12 @@ impl Rope {
 /// Checks that every sequence's positions `first .. first + tokens` fit
 /// the kernels' u32 positions (`RopePosition` otherwise).
 pub(crate) fn check_positions(firsts: impl Iterator<Item = u64>, tokens: usize) -> Result<()> {
-    for (sequence, first) in firsts.enumerate() {
+    check_position_ranges(firsts.map(|first| (first, tokens)))
+}
+
+/// [`check_positions`] with each sequence's own token count.
+pub(crate) fn check_position_ranges(ranges: impl Iterator<Item = (u64, usize)>) -> Result<()> {
+    for (sequence, (first, tokens)) in ranges.enumerate() {
         if tokens > 0 && first + tokens as u64 - 1 > u64::from(u32::MAX) {
             return Err(Error::RopePosition {
                 sequence,

@@ -1221,6 +1221,160 @@ fn rotated_keys_into_half_and_int8_caches() {
     }
 }
 
+/// Continuous batching: ragged appends give each sequence its own count
+/// of tokens (0 included), rotated at its own positions. Each sequence
+/// then holds exactly what uniform appends of its tokens store in a cache
+/// of its own (bit for bit, int8 scales and RoPE included), and decodes
+/// against the reference; counts that are all 0 record nothing.
+#[test]
+fn ragged_appends_give_each_sequence_its_own_tokens() {
+    let Some(gpu) = gpu() else { return };
+    let head_dim = 64;
+    let rope = Rope::new(RopeStyle::HalfSplit);
+    let offsets = [0u32, 300, 7];
+    let rotation = || {
+        Some(KeyRotation {
+            rope: &rope,
+            position_offsets: &offsets,
+        })
+    };
+    // The last step leaves sequence 1, full, out: its writes past the
+    // end would land in sequence 2's page.
+    let steps: [[usize; 3]; 5] = [[7, 0, 3], [1, 12, 0], [0, 0, 0], [0, 20, 0], [1, 0, 0]];
+    for (seed, dtype) in [(0x7a_99, KvDType::F32), (0x7a_9a, KvDType::Int8)] {
+        let contiguous = KvLayout::Contiguous { capacity: 32 };
+        let config = KvCacheConfig::new(3, HEADS_KV, head_dim, contiguous).dtype(dtype);
+        let mut cache = KvCache::new(gpu, config).unwrap();
+        // One cache per sequence, appended to uniformly: the oracle.
+        let alone = KvCacheConfig::new(1, HEADS_KV, head_dim, contiguous).dtype(dtype);
+        let mut singles: Vec<KvCache> = (0..3).map(|_| KvCache::new(gpu, alone).unwrap()).collect();
+        let mut rng = seeded(seed);
+        let token = HEADS_KV * head_dim;
+        for counts in steps {
+            let total: usize = counts.iter().sum();
+            let k = normal_vec(&mut rng, total * token, 1.0);
+            let v = normal_vec(&mut rng, total * token, 1.0);
+            if total == 0 {
+                // No tensor has zero rows: any tensor stands in, unread.
+                let any =
+                    Tensor::zeros(gpu, TensorShape::new(1, 1, HEADS_KV, head_dim), DType::F32)
+                        .unwrap();
+                gpu.run(|e| cache.append_ragged(gpu, e, &counts, &any, &any, rotation()))
+                    .unwrap();
+                continue;
+            }
+            let rows = TensorShape::new(1, total, HEADS_KV, head_dim);
+            let (kt, vt) = (
+                Tensor::from_f32(gpu, rows, &k).unwrap(),
+                Tensor::from_f32(gpu, rows, &v).unwrap(),
+            );
+            gpu.run(|e| cache.append_ragged(gpu, e, &counts, &kt, &vt, rotation()))
+                .unwrap();
+            let mut first = 0;
+            for (b, &count) in counts.iter().enumerate() {
+                if count > 0 {
+                    let own = TensorShape::new(1, count, HEADS_KV, head_dim);
+                    let rows = first * token..(first + count) * token;
+                    let (kt, vt) = (
+                        Tensor::from_f32(gpu, own, &k[rows.clone()]).unwrap(),
+                        Tensor::from_f32(gpu, own, &v[rows]).unwrap(),
+                    );
+                    let offset = [offsets[b]];
+                    let rotation = KeyRotation {
+                        rope: &rope,
+                        position_offsets: &offset,
+                    };
+                    gpu.run(|e| singles[b].append(gpu, e, &kt, &vt, Some(rotation)))
+                        .unwrap();
+                }
+                first += count;
+            }
+        }
+        assert_eq!(cache.lens(), &[9, 32, 3]);
+        let stored = stored_sequences(gpu, &cache);
+        for (b, single) in singles.iter().enumerate() {
+            assert_eq!(
+                stored[b],
+                single.read_sequence(gpu, 0).unwrap(),
+                "{dtype:?} sequence {b}"
+            );
+        }
+        let (k, v) = stored.into_iter().unzip();
+        assert_one_token_decodes(gpu, &Filled { cache, k, v }, seed + 2);
+    }
+}
+
+/// Ragged appends' own bad input: a count per sequence, rows that add up
+/// to the counts, room in each sequence that appends, no write into a
+/// shared page (a sequence that appends nothing may share its last page),
+/// and the latent and V-pool forms on their own caches.
+#[test]
+fn bad_ragged_appends_are_typed_errors() {
+    let Some(gpu) = gpu() else { return };
+    let layout = KvLayout::Paged {
+        page_size: 16,
+        pages: 8,
+    };
+    let config = KvCacheConfig::new(2, 1, 32, layout);
+    let mut cache = KvCache::new(gpu, config).unwrap();
+    cache.set_block_table(0, &[0]).unwrap();
+    cache.set_block_table(1, &[1]).unwrap();
+    let rows = |n| Tensor::zeros(gpu, TensorShape::new(1, n, 1, 32), DType::F32).unwrap();
+    let append = |cache: &mut KvCache, counts: &[usize], n| {
+        let t = rows(n);
+        gpu.run(|e| cache.append_ragged(gpu, e, counts, &t, &t, None))
+    };
+    assert!(matches!(
+        append(&mut cache, &[1], 1),
+        Err(Error::DataLength {
+            tensor: "append counts",
+            expected: 2,
+            got: 1
+        })
+    ));
+    assert!(matches!(
+        append(&mut cache, &[2, 3], 4),
+        Err(Error::ShapeMismatch {
+            left: 4,
+            right: 5,
+            ..
+        })
+    ));
+    assert!(matches!(
+        append(&mut cache, &[0, 17], 17),
+        Err(Error::CacheCapacity {
+            sequence: 1,
+            needed: 17,
+            capacity: 16
+        })
+    ));
+    // Sequence 1 shares sequence 0's page 0 after its 5 tokens.
+    append(&mut cache, &[5, 0], 5).unwrap();
+    cache.set_block_table(1, &[0]).unwrap();
+    cache.set_len(1, 5).unwrap();
+    append(&mut cache, &[0, 0], 1).unwrap();
+    assert!(matches!(
+        append(&mut cache, &[0, 1], 1),
+        Err(Error::SharedPageWrite {
+            sequence: 1,
+            page: 0,
+            other: 0
+        })
+    ));
+    assert_eq!(cache.lens(), &[5, 5]);
+    let latent = KvCacheConfig::new(2, 1, 32, layout).latent_values(16);
+    let mut latent = KvCache::new(gpu, latent).unwrap();
+    assert!(matches!(
+        append(&mut latent, &[1, 0], 1),
+        Err(Error::UnsupportedCombination { .. })
+    ));
+    let t = rows(1);
+    assert!(matches!(
+        gpu.run(|e| cache.append_latent_ragged(gpu, e, &[1, 0], &t, None)),
+        Err(Error::UnsupportedCombination { .. })
+    ));
+}
+
 /// A common prefix held by two sequences' block tables is read by both and
 /// written by neither: decoding over it matches the reference, an append
 /// that would write into it is refused, and a table may not repeat a page.
