@@ -40,7 +40,9 @@
 //! over buffers of 1-4 pages each; in 30 % of all decode cases (from a
 //! third seed) every page of the pool moved to another before the step (a random
 //! permutation, by `copy_pages` or through the host by `read_pages` and
-//! `write_pages`), the block tables following it. Backward (f32): no mask, a
+//! `write_pages`), the block tables following it; in 40 % (a fourth seed)
+//! the cache filled by one ragged append of each sequence's own length
+//! (`append_ragged`) rather than a uniform one. Backward (f32): no mask, a
 //! boolean or a bias mask, valid lengths or a packed variable-length batch
 //! (one dispatch per pass for all of its sequences), in 30 % of the cases
 //! on the register-blocked passes; with sinks, their gradients too. In 25 %
@@ -147,6 +149,9 @@ struct Case {
     /// Decode: every page of the pool moved before the step
     /// (`draw_page_move`).
     page_move: Option<PageMove>,
+    /// Decode: the cache filled by one ragged append of each sequence's
+    /// length (`draw_ragged_append`) rather than a uniform one.
+    ragged_append: bool,
 }
 
 /// How a decode case moves its cache's pages to a permutation of the pool
@@ -334,6 +339,7 @@ fn draw_case(rng: &mut SeededRng) -> Case {
         rotation: None,
         pages_per_buffer: None,
         page_move: None,
+        ragged_append: false,
     }
 }
 
@@ -853,18 +859,14 @@ fn run_decode(
         Some((rope, offsets)) => Some(rotated_keys(rope, offsets, tokens, &k, latent)?),
         None => None,
     };
-    let kt = Tensor::from_f32(gpu, tokens, &k).unwrap();
     let mut v = if latent {
-        let appended = gpu.run(|e| cache.append_latent(gpu, e, &kt, rotation()));
-        appended.map_err(|e| format!("append: {e}"))?;
+        append_rows(gpu, &mut cache, case, (tokens, &k, None), rotation())?;
         k.chunks(s.head_dim)
             .flat_map(|key| key[..s.head_dim_v].to_vec())
             .collect()
     } else {
         let v = normal_vec(rng, tokens.elements(), 1.0);
-        let vt = Tensor::from_f32(gpu, tokens, &v).unwrap();
-        gpu.run(|e| cache.append(gpu, e, &kt, &vt, rotation()))
-            .map_err(|e| format!("append: {e}"))?;
+        append_rows(gpu, &mut cache, case, (tokens, &k, Some(&v)), rotation())?;
         v
     };
     for (b, &len) in case.cache_lens.iter().enumerate() {
@@ -1228,6 +1230,57 @@ fn draw_page_move(seed: u64, case: &Case) -> Option<PageMove> {
     })
 }
 
+/// Mixed into a case's seed to draw whether its cache is filled by a
+/// ragged append (joined the fuzz last).
+const RAGGED_SALT: u64 = 0x7a66_0000_0000;
+
+/// In 40 % of decode cases, one ragged append of each sequence's length.
+fn draw_ragged_append(seed: u64, case: &Case) -> bool {
+    matches!(case.operation, Operation::Decode { .. })
+        && seeded(seed ^ RAGGED_SALT).random_bool(0.4)
+}
+
+/// Appends the decode case's tokens (`k` and `v` rows `[batch, longest,
+/// heads, head_dim]`; no `v` for a latent cache) to `cache`: all `longest`
+/// of every sequence by one uniform append (the lengths are set back to
+/// the case's after), or with `case.ragged_append` each sequence's own
+/// `cache_lens[b]` first rows by one ragged append.
+fn append_rows(
+    gpu: &Gpu,
+    cache: &mut KvCache,
+    case: &Case,
+    (tokens, k, v): (TensorShape, &[f32], Option<&[f32]>),
+    rotation: Option<KeyRotation<'_>>,
+) -> Result<(), String> {
+    let (shape, counts, k, v) = if case.ragged_append {
+        let token = tokens.heads * tokens.head_dim;
+        let rows = |data: &[f32]| -> Vec<f32> {
+            case.cache_lens
+                .iter()
+                .enumerate()
+                .flat_map(|(b, &len)| data[b * tokens.seq * token..][..len * token].to_vec())
+                .collect()
+        };
+        let total: usize = case.cache_lens.iter().sum();
+        if total == 0 {
+            return Ok(());
+        }
+        let shape = TensorShape::new(1, total, tokens.heads, tokens.head_dim);
+        (shape, Some(&case.cache_lens[..]), rows(k), v.map(rows))
+    } else {
+        (tokens, None, k.to_vec(), v.map(<[f32]>::to_vec))
+    };
+    let kt = Tensor::from_f32(gpu, shape, &k).unwrap();
+    let vt = v.map(|v| Tensor::from_f32(gpu, shape, &v).unwrap());
+    let appended = gpu.run(|e| match (counts, &vt) {
+        (None, None) => cache.append_latent(gpu, e, &kt, rotation),
+        (None, Some(vt)) => cache.append(gpu, e, &kt, vt, rotation),
+        (Some(counts), None) => cache.append_latent_ragged(gpu, e, counts, &kt, rotation),
+        (Some(counts), Some(vt)) => cache.append_ragged(gpu, e, counts, &kt, vt, rotation),
+    });
+    appended.map_err(|e| format!("append: {e}"))
+}
+
 /// Moves every page `p` of `cache`'s pool to page `to[p]`, `to` a random
 /// permutation, then points each sequence's table at the new places: what
 /// each sequence holds is unchanged.
@@ -1579,6 +1632,7 @@ fn random_configurations_follow_the_accuracy_rule() {
         case.rotation = draw_rotation(seed, &case);
         case.pages_per_buffer = draw_buffer_pages(seed, &case);
         case.page_move = draw_page_move(seed, &case);
+        case.ragged_append = draw_ragged_append(seed, &case);
         let (kind, result, described) = match draw_linear_case(seed) {
             Some(linear) => (3, run_linear_case(gpu, &linear), format!("{linear:?}")),
             None => {
