@@ -756,11 +756,10 @@ impl KvCache {
         v: &Tensor,
         rotation: Option<KeyRotation<'_>>,
     ) -> Result<()> {
-        if self.config.values_in_keys() {
-            return Err(Error::UnsupportedCombination {
-                what: "KvCache::append with a V tensor and a latent cache (values in the keys; use append_latent)",
-            });
-        }
+        self.require_values_in_keys(
+            false,
+            "KvCache::append with a V tensor and a latent cache (values in the keys; use append_latent)",
+        )?;
         self.record_append(gpu, encoder, k, Some(v), None, rotation)
     }
 
@@ -781,11 +780,10 @@ impl KvCache {
         v: &Tensor,
         rotation: Option<KeyRotation<'_>>,
     ) -> Result<()> {
-        if self.config.values_in_keys() {
-            return Err(Error::UnsupportedCombination {
-                what: "KvCache::append_ragged with a V tensor and a latent cache (values in the keys; use append_latent_ragged)",
-            });
-        }
+        self.require_values_in_keys(
+            false,
+            "KvCache::append_ragged with a V tensor and a latent cache (values in the keys; use append_latent_ragged)",
+        )?;
         self.record_append(gpu, encoder, k, Some(v), Some(counts), rotation)
     }
 
@@ -802,11 +800,10 @@ impl KvCache {
         latent: &Tensor,
         rotation: Option<KeyRotation<'_>>,
     ) -> Result<()> {
-        if !self.config.values_in_keys() {
-            return Err(Error::UnsupportedCombination {
-                what: "KvCache::append_latent and a cache with a V pool (use append)",
-            });
-        }
+        self.require_values_in_keys(
+            true,
+            "KvCache::append_latent and a cache with a V pool (use append)",
+        )?;
         self.record_append(gpu, encoder, latent, None, None, rotation)
     }
 
@@ -820,12 +817,22 @@ impl KvCache {
         latent: &Tensor,
         rotation: Option<KeyRotation<'_>>,
     ) -> Result<()> {
-        if !self.config.values_in_keys() {
-            return Err(Error::UnsupportedCombination {
-                what: "KvCache::append_latent_ragged and a cache with a V pool (use append_ragged)",
-            });
-        }
+        self.require_values_in_keys(
+            true,
+            "KvCache::append_latent_ragged and a cache with a V pool (use append_ragged)",
+        )?;
         self.record_append(gpu, encoder, latent, None, Some(counts), rotation)
+    }
+
+    /// `UnsupportedCombination` (naming the call, `what`) unless the
+    /// cache's values live in its keys exactly when `in_keys`: the append
+    /// forms with a V tensor are for caches with a V pool, the latent forms
+    /// for latent caches.
+    fn require_values_in_keys(&self, in_keys: bool, what: &'static str) -> Result<()> {
+        if self.config.values_in_keys() != in_keys {
+            return Err(Error::UnsupportedCombination { what });
+        }
+        Ok(())
     }
 
     /// An append of `k` (and `v`): `counts` tokens per sequence from a

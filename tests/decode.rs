@@ -1304,6 +1304,20 @@ fn ragged_appends_give_each_sequence_its_own_tokens() {
     }
 }
 
+/// A cache of two sequences, one KV head of 32, over eight 16-token pages
+/// (f32), the sequences holding `tables`; and its layout.
+fn small_paged_cache(gpu: &Gpu, tables: [&[u32]; 2]) -> (KvCache, KvLayout) {
+    let layout = KvLayout::Paged {
+        page_size: 16,
+        pages: 8,
+    };
+    let mut cache = KvCache::new(gpu, KvCacheConfig::new(2, 1, 32, layout)).unwrap();
+    for (sequence, table) in tables.into_iter().enumerate() {
+        cache.set_block_table(sequence, table).unwrap();
+    }
+    (cache, layout)
+}
+
 /// Ragged appends' own bad input: a count per sequence, rows that add up
 /// to the counts, room in each sequence that appends, no write into a
 /// shared page (a sequence that appends nothing may share its last page),
@@ -1311,14 +1325,7 @@ fn ragged_appends_give_each_sequence_its_own_tokens() {
 #[test]
 fn bad_ragged_appends_are_typed_errors() {
     let Some(gpu) = gpu() else { return };
-    let layout = KvLayout::Paged {
-        page_size: 16,
-        pages: 8,
-    };
-    let config = KvCacheConfig::new(2, 1, 32, layout);
-    let mut cache = KvCache::new(gpu, config).unwrap();
-    cache.set_block_table(0, &[0]).unwrap();
-    cache.set_block_table(1, &[1]).unwrap();
+    let (mut cache, layout) = small_paged_cache(gpu, [&[0], &[1]]);
     let rows = |n| Tensor::zeros(gpu, TensorShape::new(1, n, 1, 32), DType::F32).unwrap();
     let append = |cache: &mut KvCache, counts: &[usize], n| {
         let t = rows(n);
@@ -1740,14 +1747,8 @@ fn a_latent_caches_pages_move_as_its_keys() {
 #[test]
 fn bad_page_copies_are_typed_errors() {
     let Some(gpu) = gpu() else { return };
-    let layout = KvLayout::Paged {
-        page_size: 16,
-        pages: 8,
-    };
-    let config = KvCacheConfig::new(2, 1, 32, layout);
-    let mut cache = KvCache::new(gpu, config).unwrap();
-    cache.set_block_table(0, &[5, 2]).unwrap();
-    cache.set_block_table(1, &[5, 4]).unwrap();
+    let (cache, _) = small_paged_cache(gpu, [&[5, 2], &[5, 4]]);
+    let config = *cache.config();
     let copy = |cache: &KvCache, pairs: &[(u32, u32)]| gpu.run(|e| cache.copy_pages(gpu, e, pairs));
     assert!(matches!(
         copy(&cache, &[(0, 1), (8, 0)]),
