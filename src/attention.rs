@@ -576,11 +576,13 @@ impl PreparedCall<'_> {
             let params = gpu.params_buffer(&params)?;
             let bindings = self.bindings(gpu, &params);
             let bind_group = bindings.bind(gpu, &pipeline.bind_group_layout, &table, None)?;
-            return Ok(PreparedPass {
-                label: "flash attention forward",
+            let grid = [x, y, units.len() as u32];
+            return Ok(PreparedPass::one(
+                "flash attention forward",
                 pipeline,
-                dispatches: vec![(bind_group, [x, y, units.len() as u32])],
-            });
+                bind_group,
+                grid,
+            ));
         };
 
         // Chunks continue each row from the logsumexp and f32 output the

@@ -466,10 +466,11 @@ impl Gpu {
                 lse.map_or(&self.placeholders.writable, |l| l.buffer()),
             ],
         )?;
-        Ok(PreparedPass {
-            label: "merge partials",
+        Ok(PreparedPass::one(
+            "merge partials",
             pipeline,
-            dispatches: vec![(bind_group, groups)],
-        })
+            bind_group,
+            groups,
+        ))
     }
 }

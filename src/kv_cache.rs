@@ -1001,7 +1001,6 @@ impl KvCache {
             head_dim: self.head_dim() as u32,
             rotary_dim: rotary_dim as u32,
             half_split,
-            src_batch: strides.batch as u32,
             src_seq: strides.seq as u32,
             src_head: strides.head as u32,
             src_offset: 0,

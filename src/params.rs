@@ -175,7 +175,8 @@ pub struct CombineParams {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct RopeParams {
     pub batch: u32,
-    /// Tokens per sequence in the source tensor.
+    /// Tokens per sequence in the source tensor (kv_append: the most any
+    /// sequence appends; each sequence's own count is in its table).
     pub tokens: u32,
     pub heads: u32,
     pub head_dim: u32,
@@ -183,7 +184,8 @@ pub struct RopeParams {
     pub rotary_dim: u32,
     /// 0: interleaved (GPT-J), 1: half-split (GPT-NeoX / Llama).
     pub half_split: u32,
-    /// Source strides and offset, in elements.
+    /// Source strides and offset, in elements (kv_append reads packed
+    /// rows from its table and leaves `src_batch` unused).
     pub src_batch: u32,
     pub src_seq: u32,
     pub src_head: u32,

@@ -446,16 +446,23 @@ pub(crate) struct PreparedPass {
 }
 
 impl PreparedPass {
-    pub fn record(&self, encoder: &mut wgpu::CommandEncoder) {
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some(self.label),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(&self.pipeline.pipeline);
-        for (bind_group, [x, y, z]) in &self.dispatches {
-            pass.set_bind_group(0, bind_group, &[]);
-            pass.dispatch_workgroups(*x, *y, *z);
+    /// A pass of one dispatch.
+    pub fn one(
+        label: &'static str,
+        pipeline: Arc<CachedPipeline>,
+        bind_group: wgpu::BindGroup,
+        workgroups: [u32; 3],
+    ) -> Self {
+        PreparedPass {
+            label,
+            pipeline,
+            dispatches: vec![(bind_group, workgroups)],
         }
+    }
+
+    pub fn record(&self, encoder: &mut wgpu::CommandEncoder) {
+        let dispatches = self.dispatches.iter().map(|(group, grid)| (group, *grid));
+        record_pass(encoder, self.label, &self.pipeline, dispatches);
     }
 }
 
@@ -466,14 +473,25 @@ pub(crate) fn encode_dispatches(
     label: &str,
     pipeline: &CachedPipeline,
     bind_groups: &[wgpu::BindGroup],
-    [x, y, z]: [u32; 3],
+    workgroups: [u32; 3],
+) {
+    let dispatches = bind_groups.iter().map(|group| (group, workgroups));
+    record_pass(encoder, label, pipeline, dispatches);
+}
+
+/// One compute pass of `pipeline`: each dispatch a bind group and a grid.
+fn record_pass<'a>(
+    encoder: &mut wgpu::CommandEncoder,
+    label: &str,
+    pipeline: &CachedPipeline,
+    dispatches: impl Iterator<Item = (&'a wgpu::BindGroup, [u32; 3])>,
 ) {
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some(label),
         timestamp_writes: None,
     });
     pass.set_pipeline(&pipeline.pipeline);
-    for bind_group in bind_groups {
+    for (bind_group, [x, y, z]) in dispatches {
         pass.set_bind_group(0, bind_group, &[]);
         pass.dispatch_workgroups(x, y, z);
     }

@@ -1325,7 +1325,7 @@ fn small_paged_cache(gpu: &Gpu, tables: [&[u32]; 2]) -> (KvCache, KvLayout) {
 #[test]
 fn bad_ragged_appends_are_typed_errors() {
     let Some(gpu) = gpu() else { return };
-    let (mut cache, layout) = small_paged_cache(gpu, [&[0], &[1]]);
+    let (mut cache, layout) = small_paged_cache(gpu, [&[0, 2], &[1]]);
     let rows = |n| Tensor::zeros(gpu, TensorShape::new(1, n, 1, 32), DType::F32).unwrap();
     let append = |cache: &mut KvCache, counts: &[usize], n| {
         let t = rows(n);
@@ -1355,10 +1355,14 @@ fn bad_ragged_appends_are_typed_errors() {
             capacity: 16
         })
     ));
-    // Sequence 1 shares sequence 0's page 0 after its 5 tokens.
-    append(&mut cache, &[5, 0], 5).unwrap();
+    // Sequence 1 shares sequence 0's full page 0 and stops mid-page after
+    // 5 tokens: sequence 0 appends into its own page 2 while sequence 1
+    // sits out; sequence 1's own token would land in the shared page.
+    append(&mut cache, &[16, 0], 16).unwrap();
     cache.set_block_table(1, &[0]).unwrap();
     cache.set_len(1, 5).unwrap();
+    append(&mut cache, &[1, 0], 1).unwrap();
+    // Counts that are all 0 record nothing, whatever the rows.
     append(&mut cache, &[0, 0], 1).unwrap();
     assert!(matches!(
         append(&mut cache, &[0, 1], 1),
@@ -1368,7 +1372,7 @@ fn bad_ragged_appends_are_typed_errors() {
             other: 0
         })
     ));
-    assert_eq!(cache.lens(), &[5, 5]);
+    assert_eq!(cache.lens(), &[17, 5]);
     let latent = KvCacheConfig::new(2, 1, 32, layout).latent_values(16);
     let mut latent = KvCache::new(gpu, latent).unwrap();
     assert!(matches!(

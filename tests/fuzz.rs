@@ -60,6 +60,8 @@
 
 mod common;
 
+use std::borrow::Cow;
+
 use common::random::{SeededRng, normal_vec, seeded};
 use common::{forward_tiers, gpu, round_to, unit_roundoff};
 use rand::RngExt;
@@ -1254,11 +1256,12 @@ fn append_rows(
 ) -> Result<(), String> {
     let (shape, counts, k, v) = if case.ragged_append {
         let token = tokens.heads * tokens.head_dim;
-        let rows = |data: &[f32]| -> Vec<f32> {
+        let rows = |data: &[f32]| -> Cow<'_, [f32]> {
             case.cache_lens
                 .iter()
                 .enumerate()
-                .flat_map(|(b, &len)| data[b * tokens.seq * token..][..len * token].to_vec())
+                .flat_map(|(b, &len)| &data[b * tokens.seq * token..][..len * token])
+                .copied()
                 .collect()
         };
         let total: usize = case.cache_lens.iter().sum();
@@ -1268,7 +1271,7 @@ fn append_rows(
         let shape = TensorShape::new(1, total, tokens.heads, tokens.head_dim);
         (shape, Some(&case.cache_lens[..]), rows(k), v.map(rows))
     } else {
-        (tokens, None, k.to_vec(), v.map(<[f32]>::to_vec))
+        (tokens, None, Cow::Borrowed(k), v.map(Cow::Borrowed))
     };
     let kt = Tensor::from_f32(gpu, shape, &k).unwrap();
     let vt = v.map(|v| Tensor::from_f32(gpu, shape, &v).unwrap());

@@ -443,11 +443,13 @@ impl Recorder<'_> {
                 own.table_words,
             ],
         )?;
-        Ok(PreparedPass {
-            label: pass_label(pass),
+        let grid = groups.map(|n| n as u32);
+        Ok(PreparedPass::one(
+            pass_label(pass),
             pipeline,
-            dispatches: vec![(bind_group, groups.map(|n| n as u32))],
-        })
+            bind_group,
+            grid,
+        ))
     }
 }
 

@@ -29,7 +29,12 @@ impl KvCache {
     /// Bytes of one page as [`KvCache::read_pages`] returns it: its K,
     /// then its V unless the values live in the keys.
     pub fn page_bytes(&self) -> u64 {
-        self.pools() * self.config.page_bytes(self.page_size)
+        self.pools() * self.pool_page_bytes()
+    }
+
+    /// Bytes of one page in one pool (K's, or V's).
+    fn pool_page_bytes(&self) -> u64 {
+        self.config.page_bytes(self.page_size)
     }
 
     /// Records copies of whole pool pages into `encoder`: for each `(from,
@@ -98,7 +103,7 @@ impl KvCache {
         if pages.is_empty() {
             return Ok(Vec::new());
         }
-        let page_bytes = self.config.page_bytes(self.page_size);
+        let page_bytes = self.pool_page_bytes();
         let ranges: Vec<_> = pages
             .iter()
             .flat_map(|&page| {
@@ -159,7 +164,7 @@ impl KvCache {
         direction: PageCopy,
         staging: &wgpu::Buffer,
     ) {
-        let pool_bytes = self.config.page_bytes(self.page_size);
+        let pool_bytes = self.pool_page_bytes();
         let mut at = 0;
         for &page in pages {
             let page_at = self.page_location(page);
@@ -245,7 +250,7 @@ impl KvCache {
         let first_page = self.segments[segment].first_page;
         PageLocation {
             segment,
-            offset: u64::from(page - first_page) * self.config.page_bytes(self.page_size),
+            offset: u64::from(page - first_page) * self.pool_page_bytes(),
         }
     }
 

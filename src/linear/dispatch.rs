@@ -1,13 +1,15 @@
 //! Recording a linear attention call: checks, then per segment of key
 //! splits the state, scan and (causal) output passes.
 
+use std::sync::Arc;
+
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::linear::plan::slot_bytes;
 use crate::linear::{FeatureMap, LinearArgs, LinearConfig, LinearPlan, LinearShape};
 use crate::operands::{check_operand, check_output, check_own_buffers, vec4_strides};
 use crate::params::{AttentionParams, LinearParams, linear_flags};
-use crate::pipelines::{bind_buffers, elementwise_groups, encode_dispatches};
+use crate::pipelines::{CachedPipeline, PreparedPass, bind_buffers, elementwise_groups};
 use crate::shaders::LinearPass;
 
 impl Gpu {
@@ -113,6 +115,12 @@ impl Gpu {
                 ],
             )
         };
+        // One pass of `pipeline` over `grid`, bound to the parameters
+        // `linear`.
+        let pass = |label, pipeline: &Arc<CachedPipeline>, linear: &wgpu::Buffer, grid| {
+            let bind_group = bind(&pipeline.bind_group_layout, linear)?;
+            Ok::<_, Error>(PreparedPass::one(label, pipeline.clone(), bind_group, grid))
+        };
         let batch_heads_q = (shape.batch * shape.heads_q) as u32;
         if config.causal && shape.seq_q == 1 && args.state.is_some() {
             // Recurrent decoding: the token joins the state in place, then
@@ -135,22 +143,18 @@ impl Gpu {
             )?;
             // Neither pass reads the causal flag: one parameter set.
             let linear = uniform(&base)?;
-            let update_group = bind(&update.bind_group_layout, &linear)?;
-            let outputs_group = bind(&outputs.bind_group_layout, &linear)?;
-            encode_dispatches(
-                encoder,
-                "linear attention state update",
-                &update,
-                &[update_group],
-                groups,
-            );
-            encode_dispatches(
-                encoder,
-                "linear attention outputs",
-                &outputs,
-                &[outputs_group],
-                [1, batch_heads_q, 1],
-            );
+            let passes = [
+                pass("linear attention state update", &update, &linear, groups)?,
+                pass(
+                    "linear attention outputs",
+                    &outputs,
+                    &linear,
+                    [1, batch_heads_q, 1],
+                )?,
+            ];
+            for pass in &passes {
+                pass.record(encoder);
+            }
             return Ok(());
         }
         let [states, scan, outputs] = [LinearPass::States, LinearPass::Scan, LinearPass::Outputs]
@@ -165,7 +169,7 @@ impl Gpu {
         // Every dispatch's parameters and bind group first, so that an
         // error leaves nothing recorded: per segment its states, scan and
         // (causal) outputs, then (non-causal) the outputs over all keys.
-        let mut dispatches = Vec::new();
+        let mut passes = Vec::new();
         for segment in 0..plan.segments() {
             let first_split = segment * plan.segment_splits();
             let splits = plan.segment_splits().min(plan.splits() - first_split);
@@ -176,39 +180,32 @@ impl Gpu {
                 first_split: first_split as u32,
                 ..base
             })?;
-            dispatches.push((
+            let state_groups = plan.state_workgroups(splits);
+            passes.push(pass(
                 "linear attention states",
                 &states,
-                bind(&states.bind_group_layout, &linear)?,
-                plan.state_workgroups(splits),
-            ));
-            dispatches.push((
-                "linear attention scan",
-                &scan,
-                bind(&scan.bind_group_layout, &linear)?,
-                scan_groups,
-            ));
+                &linear,
+                state_groups,
+            )?);
+            passes.push(pass("linear attention scan", &scan, &linear, scan_groups)?);
             if config.causal {
-                dispatches.push((
-                    "linear attention outputs",
-                    &outputs,
-                    bind(&outputs.bind_group_layout, &linear)?,
-                    [splits as u32, batch_heads_q, 1],
-                ));
+                let grid = [splits as u32, batch_heads_q, 1];
+                passes.push(pass("linear attention outputs", &outputs, &linear, grid)?);
             }
         }
         if !config.causal {
             // Every query block against the total state.
             let blocks = shape.seq_q.div_ceil(plan.chunk()) as u32;
-            dispatches.push((
+            let grid = [blocks, batch_heads_q, 1];
+            passes.push(pass(
                 "linear attention outputs",
                 &outputs,
-                bind(&outputs.bind_group_layout, &uniform(&base)?)?,
-                [blocks, batch_heads_q, 1],
-            ));
+                &uniform(&base)?,
+                grid,
+            )?);
         }
-        for (label, pipeline, bind_group, groups) in dispatches {
-            encode_dispatches(encoder, label, pipeline, &[bind_group], groups);
+        for pass in &passes {
+            pass.record(encoder);
         }
         Ok(())
     }
