@@ -1,7 +1,8 @@
 // Split-KV decoding over a KV cache (flash-decoding), f32.
 //
 // One workgroup owns every query row of one (batch, KV head) pair (all
-// seq_q positions of all `group` query heads that read this KV head), so
+// query tokens of the sequence, each with all `group` query heads that
+// read this KV head), so
 // each K/V tile it loads serves the whole GQA group, and one split: a range
 // of `split_keys` cache positions. It writes that split's normalised
 // partial output and logsumexp to slot `slot_base + split`;
@@ -21,7 +22,8 @@
 // the scale word for int8). A latent cache binds its K buffer as V too:
 // a value is the first DV4 vec4s of its key, and an int8 value's scale is
 // its key's (after D4 words in both cases);
-// p.seq_kv is unused (each sequence has its own length in seq_lens).
+// p.seq_kv is unused (each sequence has its own length in `sequences`);
+// p.seq_q is the logsumexp's row stride (see DecodeSequence).
 //
 // Two variants (src/decode.rs picks): SUBGROUP_KV below, and the portable
 // one after `// #else`, whose generated constants are D4, BLOCK_N, WG_SIZE
@@ -32,8 +34,7 @@
 struct DecodeParams {
     // Query heads per KV head.
     group: u32,
-    // seq_q * group: query rows per (batch, KV head).
-    rows: u32,
+    _pad0: u32,
     splits: u32,
     // Cache positions per split.
     split_keys: u32,
@@ -54,9 +55,25 @@ struct DecodeParams {
     _pad: u32,
 }
 
+// Twin of `DecodeSequence` in src/params.rs: one sequence (batch entry) of
+// the call, its cache length and where its query tokens sit. Every
+// sequence of a call may have its own number of query tokens (0: it sits
+// the call out); they are the last `q_count` positions of its keys.
+struct DecodeSequence {
+    // Current length in the cache, its query tokens included.
+    len: u32,
+    // Its query tokens are rows q_first.. q_first + q_count - 1 of Q and O
+    // along seq (inside batch entry `batch`, or of one packed entry whose
+    // batch stride is 0).
+    q_first: u32,
+    q_count: u32,
+    // Logsumexp index of its token 0, head 0; head h, token t is at
+    // lse_first + h * p.seq_q + t.
+    lse_first: u32,
+}
+
 @group(0) @binding(7) var<uniform> dp: DecodeParams;
-// Current length of each sequence, queries included.
-@group(0) @binding(8) var<storage, read> seq_lens: array<u32>;
+@group(0) @binding(8) var<storage, read> sequences: array<DecodeSequence>;
 @group(0) @binding(9) var<storage, read> block_table: array<u32>;
 
 // Index of the first vec4 of cache position `pos` in this segment, or -1
@@ -197,26 +214,31 @@ fn key_scales(rows4: vec4<i32>) -> mat2x4<f32> {
     return mat2x4<f32>(vec4<f32>(a.x, b.x, c.x, d.x), vec4<f32>(a.y, b.y, c.y, d.y));
 }
 
-// One query row of a (batch, KV head) workgroup: its query token and head,
+// One query row of a (batch, KV head) workgroup: its query token (counted
+// in the sequence, and as a row of Q and O) and head, its logsumexp index,
 // its position on the key axis, the keys of this split it may see
 // (lo > hi: none) and its ALiBi slope.
 struct DecodeRow {
     query: u32,
+    token: u32,
     head_q: u32,
+    lse: u32,
     pos: i32,
     lo: i32,
     hi: i32,
     slope: f32,
 }
 
-fn decode_row(row: u32, batch: u32, head_kv: u32, seq_kv: u32, split: u32) -> DecodeRow {
+fn decode_row(row: u32, batch: u32, head_kv: u32, s: DecodeSequence, split: u32) -> DecodeRow {
     var r: DecodeRow;
     r.query = row / dp.group;
+    r.token = s.q_first + r.query;
     r.head_q = head_kv * dp.group + row % dp.group;
+    r.lse = s.lse_first + r.head_q * p.seq_q + r.query;
     // Bottom-right alignment: the last query sits at the last key.
-    r.pos = i32(r.query) + i32(seq_kv) - i32(p.seq_q);
+    r.pos = i32(r.query) + i32(s.len) - i32(s.q_count);
     r.lo = i32(split * dp.split_keys);
-    r.hi = min(i32((split + 1u) * dp.split_keys), i32(seq_kv)) - 1;
+    r.hi = min(i32((split + 1u) * dp.split_keys), i32(s.len)) - 1;
     if (has_flag(FLAG_WINDOW_LEFT)) {
         r.lo = max(r.lo, r.pos - i32(p.window_left));
     }
@@ -263,9 +285,9 @@ fn decode_start(row: DecodeRow, slot: u32) -> vec2<f32> {
 // when `store_lse` (one invocation per row does).
 fn output_base(slot: u32, batch: u32, row: DecodeRow, lse: f32, store_lse: bool) -> u32 {
     if (store_lse && has_flag(FLAG_WRITE_LSE)) {
-        lse_buf[slot * dp.lse_slot + (batch * p.heads_q + row.head_q) * p.seq_q + row.query] = lse;
+        lse_buf[slot * dp.lse_slot + row.lse] = lse;
     }
-    return slot * dp.o_slot + batch * p.o.batch + row.query * p.o.seq + row.head_q * p.o.head + p.o.offset;
+    return slot * dp.o_slot + batch * p.o.batch + row.token * p.o.seq + row.head_q * p.o.head + p.o.offset;
 }
 
 // #if KEY_LANES
@@ -359,7 +381,14 @@ fn main(
     let head_kv = wg.y;
     let split = wg.x % dp.splits;
     let row0 = (wg.x / dp.splits) * ROWS;
-    let seq_kv = seq_lens[batch];
+    let sequence = sequences[batch];
+    let seq_kv = sequence.len;
+    // Query rows of this (batch, KV head); tiles past them have nothing
+    // to do (a sequence with fewer query tokens than the call's most).
+    let row_count = sequence.q_count * dp.group;
+    if (row0 >= row_count) {
+        return;
+    }
     let slot = dp.slot_base + split;
 
     var q: array<vec4<f32>, ROWS * D4>;
@@ -372,7 +401,7 @@ fn main(
     var hi_all = -1;
     for (var r = 0u; r < ROWS; r++) {
         // Rows past the end compute on a copy of the last row; never stored.
-        rows[r] = decode_row(min(row0 + r, dp.rows - 1u), batch, head_kv, seq_kv, split);
+        rows[r] = decode_row(min(row0 + r, row_count - 1u), batch, head_kv, sequence, split);
         if (rows[r].lo <= rows[r].hi) {
             lo_all = min(lo_all, rows[r].lo);
             hi_all = max(hi_all, rows[r].hi);
@@ -383,7 +412,7 @@ fn main(
         m[r] = start.x;
         l[r] = start.y;
         // (acc starts at zero, as every WGSL variable does.)
-        load_query_row(&q, r, batch * p.q.batch + rows[r].query * p.q.seq + rows[r].head_q * p.q.head + p.q.offset);
+        load_query_row(&q, r, batch * p.q.batch + rows[r].token * p.q.seq + rows[r].head_q * p.q.head + p.q.offset);
     }
 
     let stride = i32(4u * WG_SIZE);
@@ -461,7 +490,7 @@ fn main(
         let factor = exp_shifted(vec4<f32>(m[r] - m_all)).x;
         let l_all = subgroupAdd(l[r] * factor);
         let result = row_result(m_all, l_all);
-        let stored = row0 + r < dp.rows;
+        let stored = row0 + r < row_count;
         let o_base = output_base(slot, batch, rows[r], result.y, stored && lane == 0u);
         store_row_total(&acc, r, factor, result.x, o_base, stored, lane);
     }
@@ -573,7 +602,14 @@ fn main(
     let head_kv = wg.y;
     let split = wg.x % dp.splits;
     let row0 = (wg.x / dp.splits) * ROWS;
-    let seq_kv = seq_lens[batch];
+    let sequence = sequences[batch];
+    let seq_kv = sequence.len;
+    // Query rows of this (batch, KV head); tiles past them have nothing
+    // to do (a sequence with fewer query tokens than the call's most).
+    let row_count = sequence.q_count * dp.group;
+    if (row0 >= row_count) {
+        return;
+    }
     let slot = dp.slot_base + split;
 
     var acc: array<vec4<f32>, ROWS * SLOTS_V>;
@@ -585,7 +621,7 @@ fn main(
     var hi_all = -1;
     for (var r = 0u; r < ROWS; r++) {
         // Rows past the end compute on a copy of the last row; never stored.
-        rows[r] = decode_row(min(row0 + r, dp.rows - 1u), batch, head_kv, seq_kv, split);
+        rows[r] = decode_row(min(row0 + r, row_count - 1u), batch, head_kv, sequence, split);
         if (rows[r].lo <= rows[r].hi) {
             lo_all = min(lo_all, rows[r].lo);
             hi_all = max(hi_all, rows[r].hi);
@@ -602,9 +638,9 @@ fn main(
     // are recomputed rather than read from `rows` at a run-time index,
     // which would move that array out of a GPU's registers.)
     for (var i = lane; i < QUERY_VEC4S; i += WG_SIZE) {
-        let row = min(row0 + i / D4, dp.rows - 1u);
+        let row = min(row0 + i / D4, row_count - 1u);
         let head_q = head_kv * dp.group + row % dp.group;
-        q_rows[i] = load_q(batch * p.q.batch + (row / dp.group) * p.q.seq + head_q * p.q.head + p.q.offset + i % D4);
+        q_rows[i] = load_q(batch * p.q.batch + (sequence.q_first + row / dp.group) * p.q.seq + head_q * p.q.head + p.q.offset + i % D4);
     }
 
     for (var kv0 = lo_all; kv0 <= hi_all; kv0 += i32(WG_SIZE)) {
@@ -663,7 +699,7 @@ fn main(
 
     for (var r = 0u; r < ROWS; r++) {
         let result = row_result(m[r], subgroupAdd(l[r]));
-        if (row0 + r < dp.rows) {
+        if (row0 + r < row_count) {
             store_lane_slices(&acc, r, output_base(slot, batch, rows[r], result.y, lane == 0u), result.x, lane);
         }
     }
@@ -678,7 +714,14 @@ fn main(
     let head_kv = wg.y;
     let split = wg.x % dp.splits;
     let row0 = (wg.x / dp.splits) * ROWS;
-    let seq_kv = seq_lens[batch];
+    let sequence = sequences[batch];
+    let seq_kv = sequence.len;
+    // Query rows of this (batch, KV head); tiles past them have nothing
+    // to do (a sequence with fewer query tokens than the call's most).
+    let row_count = sequence.q_count * dp.group;
+    if (row0 >= row_count) {
+        return;
+    }
 
     var q: array<vec4<f32>, ROWS * SLOTS>;
     var acc: array<vec4<f32>, ROWS * SLOTS_V>;
@@ -690,7 +733,7 @@ fn main(
     var hi_all = -1;
     for (var r = 0u; r < ROWS; r++) {
         // Rows past the end compute on a copy of the last row; never stored.
-        rows[r] = decode_row(min(row0 + r, dp.rows - 1u), batch, head_kv, seq_kv, split);
+        rows[r] = decode_row(min(row0 + r, row_count - 1u), batch, head_kv, sequence, split);
         if (rows[r].lo <= rows[r].hi) {
             lo_all = min(lo_all, rows[r].lo);
             hi_all = max(hi_all, rows[r].hi);
@@ -699,7 +742,7 @@ fn main(
         m[r] = start.x;
         l[r] = start.y;
         // (acc starts at zero, as every WGSL variable does.)
-        load_query_slices(&q, r, batch * p.q.batch + rows[r].query * p.q.seq + rows[r].head_q * p.q.head + p.q.offset,
+        load_query_slices(&q, r, batch * p.q.batch + rows[r].token * p.q.seq + rows[r].head_q * p.q.head + p.q.offset,
             lane);
     }
 
@@ -731,7 +774,7 @@ fn main(
     }
 
     for (var r = 0u; r < ROWS; r++) {
-        if (row0 + r < dp.rows) {
+        if (row0 + r < row_count) {
             let result = row_result(m[r], l[r]);
             store_lane_slices(&acc, r, output_base(dp.slot_base + split, batch, rows[r], result.y, lane == 0u),
                 result.x, lane);
@@ -874,7 +917,14 @@ fn main(
     let head_kv = wg.y;
     let split = wg.x % dp.splits;
     let row0 = (wg.x / dp.splits) * BLOCK_M;
-    let seq_kv = seq_lens[batch];
+    let sequence = sequences[batch];
+    let seq_kv = sequence.len;
+    // Query rows of this (batch, KV head); tiles past them have nothing
+    // to do (a sequence with fewer query tokens than the call's most).
+    let row_count = sequence.q_count * dp.group;
+    if (row0 >= row_count) {
+        return;
+    }
 
     var q: array<vec4<f32>, ROWS * D4>;
     var acc: array<vec4<f32>, ROWS * DV4>;
@@ -886,7 +936,7 @@ fn main(
     var wg_hi = -1;
     for (var r = 0u; r < ROWS; r++) {
         // Rows past the end compute on a copy of the last row; never stored.
-        rows[r] = decode_row(min(row0 + lid + r * WG_SIZE, dp.rows - 1u), batch, head_kv, seq_kv, split);
+        rows[r] = decode_row(min(row0 + lid + r * WG_SIZE, row_count - 1u), batch, head_kv, sequence, split);
         if (rows[r].lo <= rows[r].hi) {
             wg_lo = min(wg_lo, rows[r].lo);
             wg_hi = max(wg_hi, rows[r].hi);
@@ -895,7 +945,7 @@ fn main(
         m[r] = start.x;
         l[r] = start.y;
         // (acc starts at zero, as every WGSL variable does.)
-        load_query_row(&q, r, batch * p.q.batch + rows[r].query * p.q.seq + rows[r].head_q * p.q.head + p.q.offset);
+        load_query_row(&q, r, batch * p.q.batch + rows[r].token * p.q.seq + rows[r].head_q * p.q.head + p.q.offset);
     }
     // Every invocation must agree on the tile loop (it has barriers): the
     // union of the rows' ranges, made uniform through workgroup memory.
@@ -1010,7 +1060,7 @@ fn main(
     }
 
     for (var r = 0u; r < ROWS; r++) {
-        if (row0 + lid + r * WG_SIZE < dp.rows) {
+        if (row0 + lid + r * WG_SIZE < row_count) {
             let result = row_result(m[r], l[r]);
             store_output_row(&acc, r, output_base(dp.slot_base + split, batch, rows[r], result.y, true), result.x, true);
         }

@@ -11,10 +11,8 @@ use crate::lse::{Lse, check_lse_output};
 use crate::operands::{
     check_operand, check_output, check_own_buffers, require_equal, vec4_strides, vec4_view,
 };
-use crate::params::{CombineParams, DecodeParams, TensorStrides};
-use crate::pipelines::{
-    ELEMENTWISE_WORKGROUP, PreparedPass, bind_buffers, elementwise_groups, encode_dispatches,
-};
+use crate::params::{CombineParams, DecodeParams, DecodeSequence, TensorStrides};
+use crate::pipelines::{ELEMENTWISE_WORKGROUP, PreparedPass, bind_buffers, elementwise_groups};
 use crate::plan::DecodePlan;
 use crate::shaders::{DecodeIo, Specialization};
 use crate::tensor::{DType, Tensor, TensorShape, check_binding_size, require_usage};
@@ -125,6 +123,16 @@ impl From<AttentionConfig> for DecodeOptions {
     }
 }
 
+/// Which query tokens each sequence of a decode call has.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Queries<'a> {
+    /// `q.seq` tokens each, from a `[batch, seq_q, ..]` tensor.
+    Uniform,
+    /// `counts[b]` tokens of sequence `b` (0: it sits the call out), packed
+    /// in sequence order in a `[1, sum of counts, ..]` tensor.
+    Ragged(&'a [usize]),
+}
+
 /// Partial results: slot-major outputs and logsumexps, in the device's
 /// reusable scratch (a decode step per token allocates nothing here).
 struct Partials {
@@ -162,14 +170,81 @@ impl Gpu {
         args: &DecodeArgs<'_>,
         options: impl Into<DecodeOptions>,
     ) -> Result<DecodePlan> {
-        let options = options.into();
+        self.record_decode(encoder, args, Queries::Uniform, options.into())
+    }
+
+    /// [`Gpu::decode`] with a number of query tokens per sequence, for a
+    /// batch whose sequences move at different speeds (continuous
+    /// batching: a new request's prompt chunk beside sequences decoding
+    /// one token, speculative drafts of different lengths, a sequence
+    /// sitting a step out). Sequence `b` has `query_counts[b]` query
+    /// tokens (0 allowed), the last `query_counts[b]` positions of its
+    /// keys; they are rows `query_counts[0] + .. + query_counts[b - 1]` on
+    /// of `args.q` and `args.out`, packed as `[1, sum of counts, heads,
+    /// head_dim]`, and the logsumexp is `[1, heads_q, sum of counts]` (as
+    /// a packed variable-length forward's). One dispatch per cache buffer
+    /// serves every sequence. Counts that are all 0 record nothing and
+    /// return `None` (no tensor has zero rows), as
+    /// [`KvCache::append_ragged`] does.
+    pub fn decode_ragged(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        args: &DecodeArgs<'_>,
+        query_counts: &[usize],
+        options: impl Into<DecodeOptions>,
+    ) -> Result<Option<DecodePlan>> {
+        if query_counts.len() != args.cache.batch() {
+            return Err(Error::DataLength {
+                tensor: "decode query counts (one per cache sequence)",
+                expected: args.cache.batch(),
+                got: query_counts.len(),
+            });
+        }
+        if query_counts.iter().all(|&n| n == 0) {
+            return Ok(None);
+        }
+        self.record_decode(encoder, args, Queries::Ragged(query_counts), options.into())
+            .map(Some)
+    }
+
+    fn record_decode(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        args: &DecodeArgs<'_>,
+        queries: Queries<'_>,
+        options: DecodeOptions,
+    ) -> Result<DecodePlan> {
         let config = &options.config;
         let cache = args.cache;
         cache.check_device(self)?;
         let q = args.q.shape();
+        // Query tokens of the sequence with the most; a ragged call's
+        // tensors are one packed batch entry.
+        let (most_queries, q_batch, batch_what, batch_name) = match queries {
+            Queries::Uniform => (q.seq, cache.batch(), "decode: Q and cache", "cache.batch"),
+            Queries::Ragged(counts) => {
+                let total = counts.iter().try_fold(0usize, |sum, &n| sum.checked_add(n));
+                if total != Some(q.seq) {
+                    return Err(Error::ShapeMismatch {
+                        what: "decode_ragged: Q is [1, sum of query counts, heads_q, head_dim]",
+                        left_name: "q.seq",
+                        left: q.seq,
+                        right_name: "sum of query counts",
+                        right: total.unwrap_or(usize::MAX),
+                    });
+                }
+                let most = counts.iter().copied().max().unwrap_or(0);
+                (
+                    most,
+                    1,
+                    "decode_ragged: Q is one packed batch entry",
+                    "packed batch",
+                )
+            }
+        };
         let shape = AttentionShape {
-            batch: q.batch,
-            seq_q: q.seq,
+            batch: cache.batch(),
+            seq_q: most_queries,
             seq_kv: cache.lens().iter().copied().max().unwrap_or(0).max(1),
             heads_q: q.heads,
             heads_kv: cache.heads_kv(),
@@ -179,13 +254,7 @@ impl Gpu {
         let o = args.out.shape();
         let like_q = "decode: O is [batch, seq_q, heads_q, cache head_dim_v]";
         require_equal(&[
-            (
-                "decode: Q and cache",
-                "q.batch",
-                q.batch,
-                "cache.batch",
-                cache.batch(),
-            ),
+            (batch_what, "q.batch", q.batch, batch_name, q_batch),
             (
                 "decode: Q and cache",
                 "q.head_dim",
@@ -224,21 +293,94 @@ impl Gpu {
         reads.extend(cache.buffers());
         check_own_buffers(&writes, &reads)?;
         let cache_shape = cache.plan_shape();
-        let mut plan = DecodePlan::for_call(self.info(), &cache_shape, q.seq, q.heads, &options)?;
+        let mut plan =
+            DecodePlan::for_call(self.info(), &cache_shape, most_queries, q.heads, &options)?;
         // Many query rows per KV head: the forward kernels over a dense
-        // copy of the cache (src/decode_as_forward.rs).
-        plan.as_forward = plan.forward_instead(
-            self.info(),
-            &cache_shape,
-            q.seq,
-            q.heads,
-            io_dtype,
-            &options,
-        );
-        if plan.as_forward.is_some() {
-            self.decode_as_forward(encoder, args, config)?;
-            return Ok(plan);
+        // copy of the cache (src/decode_as_forward.rs). A ragged call's
+        // forward sees one packed batch entry, so ALiBi slopes per batch
+        // entry keep it on the decode kernel.
+        let per_batch_slopes = matches!(config.alibi, Some(crate::Alibi::PerBatchHead(_)));
+        plan.as_forward = match queries {
+            Queries::Ragged(_) if per_batch_slopes => None,
+            _ => plan.forward_instead(
+                self.info(),
+                &cache_shape,
+                most_queries,
+                q.heads,
+                io_dtype,
+                &options,
+            ),
+        };
+        // Which sequences run as the forward: every one, or none; a ragged
+        // call's split, those with more query rows than the decode
+        // kernel's row tiles keep (and some keys) taking the forward, the
+        // others the kernel, each pass writing its own sequences' rows.
+        let group = q.heads / cache.heads_kv();
+        let kept_rows = plan.most_kernel_rows();
+        let on_forward: Vec<bool> = (0..cache.batch())
+            .map(|b| match (queries, &plan.as_forward) {
+                (_, None) => false,
+                (Queries::Uniform, Some(_)) => true,
+                (Queries::Ragged(counts), Some(_)) => {
+                    counts[b] * group > kept_rows && cache.lens()[b] > 0
+                }
+            })
+            .collect();
+        let rows = decode_sequences(cache, queries, q, &on_forward);
+        let most_on_kernel = rows.iter().map(|r| r.q_count).max().unwrap_or(0);
+        let mut passes = Vec::new();
+        let mut returned = plan;
+        if most_on_kernel > 0 {
+            let mut kernel_plan = if on_forward.contains(&true) {
+                let mut kernel_plan = DecodePlan::for_call(
+                    self.info(),
+                    &cache_shape,
+                    most_on_kernel as usize,
+                    q.heads,
+                    &options,
+                )?;
+                kernel_plan.as_forward = plan.as_forward;
+                kernel_plan
+            } else {
+                plan
+            };
+            passes.extend(self.prepare_decode_kernel(
+                args,
+                config,
+                &shape,
+                &mut kernel_plan,
+                &rows,
+                matches!(queries, Queries::Ragged(_)),
+            )?);
+            returned = kernel_plan;
         }
+        let selected: Vec<usize> = (0..cache.batch()).filter(|&b| on_forward[b]).collect();
+        if !selected.is_empty() {
+            passes.extend(self.prepare_decode_as_forward(args, queries, &selected, config)?);
+        }
+        for pass in &passes {
+            pass.record(encoder);
+        }
+        Ok(returned)
+    }
+
+    /// The decode kernel's passes (one dispatch per cache buffer, then the
+    /// merge of its partial results where the keys were split) for the
+    /// query tokens `rows` gives each sequence, built but not recorded;
+    /// `plan` gains the kernel's input and output types. `packed`: the
+    /// queries and output are one packed batch entry (a ragged call).
+    fn prepare_decode_kernel(
+        &self,
+        args: &DecodeArgs<'_>,
+        config: &AttentionConfig,
+        shape: &AttentionShape,
+        plan: &mut DecodePlan,
+        rows: &[DecodeSequence],
+        packed: bool,
+    ) -> Result<Vec<PreparedPass>> {
+        let cache = args.cache;
+        let (q, o) = (args.q.shape(), args.out.shape());
+        let io_dtype = args.q.dtype();
         let partials = if plan.slots > 1 {
             Some(Partials::new(self, plan.slots, o)?)
         } else {
@@ -253,7 +395,9 @@ impl Gpu {
                 io_dtype
             },
         });
-        let mut params = option_params(&shape, config, args.lse.is_some() || partials.is_some());
+        let mut params = option_params(shape, config, args.lse.is_some() || partials.is_some());
+        // The logsumexp's row stride (DecodeSequence in flash_decode.wgsl).
+        params.seq_q = q.seq as u32;
         params.q = vec4_strides(args.q);
         let vector_units = cache.config().dtype.vector_vec4s(cache.head_dim()) as u32;
         let cache_strides = TensorStrides {
@@ -268,10 +412,18 @@ impl Gpu {
             Some(_) => vec4_view(o.contiguous_strides(), 0),
             None => vec4_strides(args.out),
         };
+        if packed {
+            // Every sequence reads and writes rows of the one packed entry.
+            params.q.batch = 0;
+            params.o.batch = 0;
+        }
         let head_table = self.head_table_buffer(config)?;
         let params_buffer = self.params_buffer(&params)?;
         let pipeline = self.pipelines.get(self, &plan.specialization)?;
-        let lens = cache.lens_snapshot(self)?;
+        let sequences = self.storage_buffer(
+            "wgpu-flash-attn decode sequences",
+            bytemuck::cast_slice(rows),
+        )?;
         let table = cache.table_snapshot(self)?;
         let (out_buffer, lse_buffer) = match &partials {
             Some(p) => (&p.out, &p.lse),
@@ -287,7 +439,7 @@ impl Gpu {
             .map(|(index, segment)| {
                 let decode = DecodeParams {
                     group: (q.heads / cache.heads_kv()) as u32,
-                    rows: (q.seq * q.heads / cache.heads_kv()) as u32,
+                    _pad0: 0,
                     splits: plan.splits,
                     split_keys: plan.split_keys,
                     page_shift: cache.page_size().trailing_zeros(),
@@ -313,7 +465,7 @@ impl Gpu {
                         lse_buffer,
                         head_table.as_ref().unwrap_or(&self.placeholders.read_only),
                         &decode_buffer,
-                        &lens,
+                        &sequences,
                         &table,
                     ],
                 )
@@ -328,17 +480,12 @@ impl Gpu {
             cache.heads_kv() as u32,
             cache.batch() as u32,
         ];
-        encode_dispatches(
-            encoder,
-            "split-KV decode",
-            &pipeline,
-            &bind_groups,
-            workgroups,
-        );
-        if let Some(combine) = combine {
-            combine.record(encoder);
-        }
-        Ok(plan)
+        let decode = PreparedPass {
+            label: "split-KV decode",
+            pipeline,
+            dispatches: bind_groups.into_iter().map(|g| (g, workgroups)).collect(),
+        };
+        Ok([decode].into_iter().chain(combine).collect())
     }
 
     /// Records the exact merge of partial attention results over disjoint
@@ -473,4 +620,48 @@ impl Gpu {
             groups,
         ))
     }
+}
+
+/// Each sequence's first query row in a ragged call's packed tensors.
+pub(crate) fn first_rows(counts: &[usize]) -> Vec<usize> {
+    counts
+        .iter()
+        .scan(0, |first, &count| {
+            let this = *first;
+            *first += count;
+            Some(this)
+        })
+        .collect()
+}
+
+/// Each sequence's length and query tokens as the decode kernel reads them
+/// (`DecodeSequence`): a sequence the forward runs (`on_forward`) has none
+/// there.
+fn decode_sequences(
+    cache: &KvCache,
+    queries: Queries<'_>,
+    q: TensorShape,
+    on_forward: &[bool],
+) -> Vec<DecodeSequence> {
+    let firsts = match queries {
+        Queries::Uniform => vec![0; cache.batch()],
+        Queries::Ragged(counts) => first_rows(counts),
+    };
+    (0..cache.batch())
+        .map(|b| {
+            let count = match queries {
+                Queries::Uniform => q.seq,
+                Queries::Ragged(counts) => counts[b],
+            };
+            DecodeSequence {
+                len: cache.lens()[b] as u32,
+                q_first: firsts[b] as u32,
+                q_count: if on_forward[b] { 0 } else { count as u32 },
+                lse_first: match queries {
+                    Queries::Uniform => (b * q.heads * q.seq) as u32,
+                    Queries::Ragged(_) => firsts[b] as u32,
+                },
+            }
+        })
+        .collect()
 }

@@ -4,33 +4,37 @@
 
 use crate::attention::AttentionArgs;
 use crate::config::AttentionConfig;
-use crate::decode::DecodeArgs;
+use crate::decode::{DecodeArgs, Queries, first_rows};
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::params::KvGatherParams;
-use crate::pipelines::{
-    ELEMENTWISE_WORKGROUP, bind_buffers, elementwise_groups, encode_dispatches,
-};
+use crate::pipelines::{ELEMENTWISE_WORKGROUP, PreparedPass, bind_buffers, elementwise_groups};
 use crate::shaders::Specialization;
 use crate::tensor::{DType, Tensor, TensorShape};
-use crate::varlen::ValidLengths;
+use crate::varlen::{Sequence, ValidLengths};
 
 impl Gpu {
-    /// Records the decode call `args` (checked by `Gpu::decode`) as a copy
-    /// of its cache into dense f32 K and V (`[batch, longest sequence,
-    /// heads_kv, head_dim]`, in the device's reusable scratch), then the
-    /// forward over them with each sequence's length as its valid keys:
-    /// its queries are the last `seq_q` positions of each sequence
-    /// (bottom-right), as decoding's are.
-    pub(crate) fn decode_as_forward(
+    /// The passes of the decode call `args` (checked by `Gpu::decode`), or
+    /// of its sequences `selected` (a ragged call's with many query
+    /// tokens), run as the forward, built but not recorded: a copy of
+    /// those sequences' caches into dense f32 K and V (`[sequences,
+    /// longest of them, heads_kv, head_dim]`, in the device's reusable
+    /// scratch), then the forward over the copy with each sequence's
+    /// length as its valid keys: its queries are the last positions of
+    /// each sequence (bottom-right), as decoding's are. A ragged call's
+    /// packed queries see the copy as one packed entry, each sequence its
+    /// own rows of it; the forward writes only their rows.
+    pub(crate) fn prepare_decode_as_forward(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
         args: &DecodeArgs<'_>,
+        queries: Queries<'_>,
+        selected: &[usize],
         config: &AttentionConfig,
-    ) -> Result<()> {
+    ) -> Result<Vec<PreparedPass>> {
         let cache = args.cache;
-        let longest = cache.lens().iter().copied().max().unwrap_or(0);
-        let dense = TensorShape::new(cache.batch(), longest, cache.heads_kv(), cache.head_dim());
+        let lens: Vec<usize> = selected.iter().map(|&b| cache.lens()[b]).collect();
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let dense = TensorShape::new(selected.len(), longest, cache.heads_kv(), cache.head_dim());
         let bytes = dense.elements() as u64 * DType::F32.size_bytes() as u64;
         let keys = self.scratch_buffer("wgpu-flash-attn gathered keys", bytes)?;
         let values = self.scratch_buffer("wgpu-flash-attn gathered values", bytes)?;
@@ -42,8 +46,11 @@ impl Gpu {
             dtype: cache.config().dtype,
         };
         let pipeline = self.pipelines.get(self, &spec)?;
-        let table = cache.table_snapshot(self)?;
-        let bind_groups: Vec<wgpu::BindGroup> = cache
+        let table = match queries {
+            Queries::Uniform => cache.table_snapshot(self)?,
+            Queries::Ragged(_) => cache.table_snapshot_of(self, selected)?,
+        };
+        let dispatches = cache
             .segments
             .iter()
             .map(|segment| {
@@ -59,7 +66,7 @@ impl Gpu {
                 };
                 let uniform =
                     self.uniform_buffer("kv gather params", bytemuck::bytes_of(&params))?;
-                bind_buffers(
+                let bind_group = bind_buffers(
                     self,
                     &pipeline.bind_group_layout,
                     &[
@@ -70,12 +77,25 @@ impl Gpu {
                         &keys,
                         &values,
                     ],
-                )
+                )?;
+                Ok((bind_group, groups))
             })
             .collect::<Result<_>>()?;
-        let strides = dense.contiguous_strides();
-        let k = Tensor::from_buffer(self, keys, dense, strides, 0, DType::F32)?;
-        let v = Tensor::from_buffer(self, values, dense, strides, 0, DType::F32)?;
+        let gather = PreparedPass {
+            label: "kv gather",
+            pipeline,
+            dispatches,
+        };
+        // A ragged call's view: the same bytes as one packed entry.
+        let view = match queries {
+            Queries::Uniform => dense,
+            Queries::Ragged(_) => {
+                TensorShape::new(1, dense.batch * dense.seq, dense.heads, dense.head_dim)
+            }
+        };
+        let strides = view.contiguous_strides();
+        let k = Tensor::from_buffer(self, keys, view, strides, 0, DType::F32)?;
+        let v = Tensor::from_buffer(self, values, view, strides, 0, DType::F32)?;
         let forward = AttentionArgs {
             q: args.q,
             k: &k,
@@ -83,17 +103,31 @@ impl Gpu {
             out: args.out,
             lse: args.lse,
         };
-        let lengths = ValidLengths {
-            q: None,
-            kv: cache.lens(),
+        let forward = match queries {
+            Queries::Uniform => {
+                let lengths = ValidLengths { q: None, kv: &lens };
+                self.prepare_padded_attention(&forward, config, &lengths, None)?
+            }
+            Queries::Ragged(counts) => {
+                let firsts = first_rows(counts);
+                let sequences: Vec<Sequence> = selected
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &b)| Sequence {
+                        batch: 0,
+                        q_start: firsts[b],
+                        q_len: counts[b],
+                        kv_batch: 0,
+                        kv_start: i * dense.seq,
+                        kv_len: lens[i],
+                    })
+                    .collect();
+                // Each sequence's rows are its own: the forward writes
+                // them and no other.
+                let extents = selected.iter().map(|&b| counts[b]).collect();
+                self.prepare_sequences(&forward, config, sequences, extents, None)?
+            }
         };
-        // The forward's pass is built before the copy is recorded, so that
-        // an error leaves the caller's encoder as it was.
-        let forward = self.prepare_padded_attention(&forward, config, &lengths, None)?;
-        encode_dispatches(encoder, "kv gather", &pipeline, &bind_groups, groups);
-        if let Some(forward) = forward {
-            forward.record(encoder);
-        }
-        Ok(())
+        Ok([gather].into_iter().chain(forward).collect())
     }
 }

@@ -688,16 +688,6 @@ impl KvCache {
         Ok(())
     }
 
-    /// The lengths as the kernels read them, in a buffer of their own for
-    /// the call being recorded.
-    pub(crate) fn lens_snapshot(&self, gpu: &Gpu) -> Result<wgpu::Buffer> {
-        let lens: Vec<u32> = self.lens.iter().map(|&n| n as u32).collect();
-        gpu.storage_buffer(
-            "wgpu-flash-attn sequence lengths",
-            bytemuck::cast_slice(&lens),
-        )
-    }
-
     /// The block tables as the kernels read them (`[batch, pages_per_seq]`,
     /// unassigned entries outside every segment), for the call being
     /// recorded.
@@ -712,6 +702,21 @@ impl KvCache {
         let table =
             gpu.storage_buffer("wgpu-flash-attn block table", bytemuck::cast_slice(&rows))?;
         Ok(self.table_upload.get_or_init(|| table).clone())
+    }
+
+    /// [`KvCache::table_snapshot`]'s rows of `sequences` only, in that
+    /// order (a copy of some sequences' caches), for the call being
+    /// recorded.
+    pub(crate) fn table_snapshot_of(&self, gpu: &Gpu, sequences: &[usize]) -> Result<wgpu::Buffer> {
+        let mut rows = vec![NO_PAGE; sequences.len() * self.pages_per_seq];
+        for (row, &sequence) in rows.chunks_mut(self.pages_per_seq).zip(sequences) {
+            let table = &self.block_tables[sequence];
+            row[..table.len()].copy_from_slice(table);
+        }
+        gpu.storage_buffer(
+            "wgpu-flash-attn block table rows",
+            bytemuck::cast_slice(&rows),
+        )
     }
 
     /// What the decode planner needs to know of the cache now.

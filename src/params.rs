@@ -127,8 +127,7 @@ pub mod carry_flags {
 pub struct DecodeParams {
     /// Query heads per KV head.
     pub group: u32,
-    /// `seq_q * group`: query rows per (batch, KV head).
-    pub rows: u32,
+    pub _pad0: u32,
     pub splits: u32,
     /// Cache positions per split.
     pub split_keys: u32,
@@ -146,6 +145,22 @@ pub struct DecodeParams {
     /// Stride between logsumexp slots in floats.
     pub lse_slot: u32,
     pub _pad: u32,
+}
+
+/// Twin of `struct DecodeSequence` in `shaders/flash_decode.wgsl`: one
+/// sequence of a decode call (binding 8, one per cache sequence).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DecodeSequence {
+    /// Its length in the cache, its query tokens included.
+    pub len: u32,
+    /// Its query tokens: rows `q_first..q_first + q_count` of Q and O along
+    /// seq (0 tokens: it sits the call out).
+    pub q_first: u32,
+    pub q_count: u32,
+    /// Logsumexp index of its token 0, head 0 (head `h`, token `t`: `lse_first
+    /// + h * seq_q + t`, `seq_q` the call's Q rows per batch entry).
+    pub lse_first: u32,
 }
 
 /// Twin of `struct CombineParams` in `shaders/combine_partials.wgsl`.

@@ -14,9 +14,9 @@ use rayon::prelude::*;
 use wgpu::BufferBindingType;
 
 use crate::params::{
-    AttentionParams, BackwardParams, BackwardUnit, CombineParams, DecodeParams, KvGatherParams,
-    LinearParams, MaskParams, RopeParams, SequenceRows, TensorStrides, blocked_flags, carry_flags,
-    flags, linear_flags,
+    AttentionParams, BackwardParams, BackwardUnit, CombineParams, DecodeParams, DecodeSequence,
+    KvGatherParams, LinearParams, MaskParams, RopeParams, SequenceRows, TensorStrides,
+    blocked_flags, carry_flags, flags, linear_flags,
 };
 use crate::pipelines::ELEMENTWISE_WORKGROUP;
 use crate::plan::profiles;
@@ -842,7 +842,7 @@ fn rust_twins() -> Vec<(&'static str, Layout)> {
         }),
         rust_layout!(DecodeParams {
             group,
-            rows,
+            _pad0,
             splits,
             split_keys,
             page_shift,
@@ -853,6 +853,12 @@ fn rust_twins() -> Vec<(&'static str, Layout)> {
             o_slot,
             lse_slot,
             _pad,
+        }),
+        rust_layout!(DecodeSequence {
+            len,
+            q_first,
+            q_count,
+            lse_first,
         }),
         rust_layout!(CombineParams {
             batch,

@@ -270,7 +270,7 @@ impl Gpu {
     /// and so are rows of a sequence without keys (logsumexp: the head's
     /// sink, or +inf). Built, not recorded; `None` when there is nothing
     /// to record.
-    fn prepare_sequences(
+    pub(crate) fn prepare_sequences(
         &self,
         args: &AttentionArgs<'_>,
         config: &AttentionConfig,

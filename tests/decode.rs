@@ -2244,3 +2244,305 @@ fn many_query_rows_run_as_the_forward_kernels_over_every_cache_type() {
         assert!(!as_forward(seq_q, DType::F32, &forced), "forced lanes");
     }
 }
+
+/// `config` as sequence `b` of the call sees it alone: ALiBi slopes per
+/// batch entry become that entry's slopes per head.
+fn config_of_sequence(config: &AttentionConfig, b: usize) -> AttentionConfig {
+    let mut own = config.clone();
+    if let Some(Alibi::PerBatchHead(slopes)) = &config.alibi {
+        own.alibi = Some(Alibi::PerHead(
+            slopes[b * HEADS_Q..(b + 1) * HEADS_Q].to_vec(),
+        ));
+    }
+    own
+}
+
+/// A ragged decode of `q` (packed, `counts[b]` tokens of sequence `b`)
+/// stored as `dtype`, and the largest errors of output and logsumexp
+/// against the reference run sequence by sequence (rounding to `dtype`
+/// excepted, as in [`decode_errors_as`]). Rows are NaN-filled first, so
+/// a row the call does not write fails.
+fn ragged_decode_errors(
+    gpu: &Gpu,
+    filled: &Filled,
+    counts: &[usize],
+    q: &[f32],
+    options: &DecodeOptions,
+    dtype: DType,
+) -> (f64, f64, DecodePlan) {
+    let cache = &filled.cache;
+    let head_dim = cache.head_dim();
+    let total: usize = counts.iter().sum();
+    let q_shape = TensorShape::new(1, total, HEADS_Q, head_dim);
+    let q: Vec<f32> = q.iter().map(|&x| round_to(dtype, x)).collect();
+    let q_t = Tensor::from_f32_as(gpu, q_shape, &q, dtype).unwrap();
+    let out = Tensor::filled_as(gpu, q_shape, f32::NAN, dtype).unwrap();
+    let lse = Lse::new(gpu, 1, HEADS_Q, total).unwrap();
+    let args = DecodeArgs {
+        q: &q_t,
+        cache,
+        out: &out,
+        lse: Some(&lse),
+    };
+    let plan = gpu
+        .run(|e| gpu.decode_ragged(e, &args, counts, options.clone()))
+        .unwrap()
+        .expect("a call with query tokens records its work");
+    let got = out.to_f32_vec(gpu).unwrap();
+    let got_lse = lse.to_vec(gpu).unwrap();
+    let row = HEADS_Q * head_dim;
+    let (mut out_err, mut lse_err) = (0.0f64, 0.0f64);
+    let mut first = 0;
+    for (b, (&count, &len)) in counts.iter().zip(cache.lens()).enumerate() {
+        if count == 0 {
+            continue;
+        }
+        assert!(
+            len > 0,
+            "the test gives query tokens to sequences with keys"
+        );
+        let shape = AttentionShape {
+            batch: 1,
+            seq_q: count,
+            seq_kv: len,
+            heads_q: HEADS_Q,
+            heads_kv: cache.heads_kv(),
+            head_dim,
+            head_dim_v: head_dim,
+        };
+        let config = config_of_sequence(&options.config, b);
+        let rows = first * row..(first + count) * row;
+        let want = reference::attention(
+            &shape,
+            &q[rows.clone()],
+            &filled.k[b],
+            &filled.v[b],
+            &config,
+        )
+        .unwrap();
+        for (i, (g, w)) in got[rows].iter().zip(&want.out).enumerate() {
+            assert!(!g.is_nan(), "sequence {b}: NaN at {i} of its rows");
+            out_err = out_err.max((f64::from(*g) - w).abs() - unit_roundoff(dtype) * w.abs());
+        }
+        // Packed logsumexp [1, heads_q, total]; the reference's is
+        // [1, heads_q, count].
+        for h in 0..HEADS_Q {
+            for t in 0..count {
+                let g = f64::from(got_lse[h * total + first + t]);
+                let w = want.lse[h * count + t];
+                assert!(!g.is_nan(), "sequence {b}: lse NaN at head {h}, token {t}");
+                lse_err = lse_err.max((g - w).abs());
+            }
+        }
+        first += count;
+    }
+    (out_err, lse_err, plan)
+}
+
+#[test]
+fn ragged_query_counts_match_each_sequence_alone() {
+    let Some(gpu) = gpu() else { return };
+    let head_dim = 32;
+    let group = HEADS_Q / HEADS_KV;
+    // The decode kernel's rows per workgroup here, and a prompt chunk of
+    // 33 such tiles: enough to run as the forward kernels where f32 does.
+    let plain = DecodeOptions::new(&AttentionConfig::new());
+    let probe = CacheShape {
+        batch: 1,
+        heads_kv: HEADS_KV,
+        head_dim,
+        head_dim_v: head_dim,
+        longest: 1000,
+        segments: 1,
+        dtype: KvDType::F32,
+    };
+    let tile = DecodePlan::for_call(gpu.info(), &probe, 1024, HEADS_Q, &plain)
+        .unwrap()
+        .rows_per_workgroup as usize;
+    let chunk = (33 * tile).div_ceil(group);
+    // A sequence decoding one token, one sitting out, one verifying five
+    // draft tokens, an empty one sitting out, and one whose prompt arrives
+    // in chunks: its second chunk (all its keys but the first chunk's
+    // count are cached), alone or beside the others (where a forward route
+    // splits the call: the chunk as the forward, the rest on the decode
+    // kernel), or a short one that keeps the whole call on the kernel.
+    let lens = [300, 41, 130, 0, 2 * chunk + 9];
+    let kernel_counts = [1, 0, 5, 0, 16];
+    let split_counts = [1, 0, 5, 0, chunk];
+    let chunk_alone = [0, 0, 0, 0, chunk];
+    let page_size = 16;
+    let pages_per_seq = lens.iter().max().unwrap().div_ceil(page_size);
+    let slopes = normal_vec(&mut seeded(0x7a66), lens.len() * HEADS_Q, 0.1);
+    let sinks = normal_vec(&mut seeded(0x7a67), HEADS_Q, 1.0);
+    let configs = [
+        (
+            "causal, sinks, softcap",
+            AttentionConfig::new()
+                .causal(true)
+                .sinks(sinks)
+                .softcap(15.0),
+        ),
+        (
+            "window (20, 0), ALiBi per batch entry",
+            AttentionConfig::new()
+                .window(Some(20), Some(0))
+                .alibi(Alibi::PerBatchHead(slopes)),
+        ),
+        ("plain", AttentionConfig::new()),
+    ];
+    let cpu_outside_gl = common::cpu_outside_gl(gpu);
+    for (dtype, seed) in [(KvDType::F32, 0x7a60), (KvDType::Int8, 0x7a61)] {
+        let layout = KvLayout::Paged {
+            page_size,
+            pages: lens.len() * pages_per_seq,
+        };
+        // Half the pool's pages per buffer: two buffers.
+        let page_bytes = (page_size * HEADS_KV * dtype.vector_bytes(head_dim)) as u64;
+        let config = KvCacheConfig::new(lens.len(), HEADS_KV, head_dim, layout)
+            .dtype(dtype)
+            .max_buffer_bytes(page_bytes * (lens.len() * pages_per_seq).div_ceil(2) as u64);
+        let mut filled = fill(gpu, config, &lens, seed);
+        assert_eq!(filled.cache.segment_count(), 2, "{dtype:?}");
+        for b in 0..lens.len() {
+            let (k, v) = filled.cache.read_sequence(gpu, b).unwrap();
+            filled.k[b] = k;
+            filled.v[b] = v;
+        }
+        for (i, (name, attention)) in configs.iter().enumerate() {
+            let per_batch_slopes = matches!(attention.alibi, Some(Alibi::PerBatchHead(_)));
+            let calls = [
+                (kernel_counts, "kernel"),
+                (split_counts, "split"),
+                (chunk_alone, "forward"),
+            ];
+            for (counts, route) in calls {
+                let total: usize = counts.iter().sum();
+                let q = normal_vec(
+                    &mut seeded(seed + 16 * i as u64),
+                    total * HEADS_Q * head_dim,
+                    1.0,
+                );
+                let mut options = DecodeOptions::new(attention);
+                if route == "kernel" && i == 2 {
+                    // Forced splits: the merge of a ragged call's partials.
+                    options = options.kv_splits(3);
+                }
+                let (out_err, lse_err, plan) =
+                    ragged_decode_errors(gpu, &filled, &counts, &q, &options, DType::F32);
+                let as_forward = route != "kernel"
+                    && !per_batch_slopes
+                    && (dtype == KvDType::F32 || !cpu_outside_gl);
+                assert_eq!(
+                    plan.as_forward.is_some(),
+                    as_forward,
+                    "{dtype:?}, {name}, counts {counts:?}: the route ({plan:?})"
+                );
+                if as_forward && route == "split" {
+                    // The plan returned is the decode kernel's for the
+                    // short sequences: row tiles for five tokens.
+                    let tiles = (5 * group).div_ceil(plan.rows_per_workgroup as usize);
+                    assert_eq!(
+                        plan.row_tiles as usize, tiles,
+                        "{dtype:?}, {name}: {plan:?}"
+                    );
+                }
+                assert!(
+                    out_err <= 1e-4 && lse_err <= 1e-4,
+                    "{dtype:?}, {name}, counts {counts:?}: out error {out_err:.2e}, \
+                     lse error {lse_err:.2e} ({plan:?})"
+                );
+            }
+        }
+        // Half queries and outputs on the kernel's route.
+        let total: usize = kernel_counts.iter().sum();
+        let q = normal_vec(&mut seeded(seed + 99), total * HEADS_Q * head_dim, 1.0);
+        let options = DecodeOptions::new(&configs[0].1);
+        let (out_err, lse_err, plan) =
+            ragged_decode_errors(gpu, &filled, &kernel_counts, &q, &options, DType::F16);
+        assert!(
+            out_err <= 1e-4 && lse_err <= 1e-4,
+            "{dtype:?}, f16 queries: out error {out_err:.2e}, lse error {lse_err:.2e} ({plan:?})"
+        );
+    }
+}
+
+/// Ragged decodes' own bad input: a count per sequence, query rows that add
+/// up to the counts in one packed batch entry, an output and logsumexp
+/// shaped like them; counts that are all 0 record nothing.
+#[test]
+fn bad_ragged_decodes_are_typed_errors() {
+    let Some(gpu) = gpu() else { return };
+    let (mut cache, _) = small_paged_cache(gpu, [&[0, 2], &[1]]);
+    let k = Tensor::zeros(gpu, TensorShape::new(2, 3, 1, 32), DType::F32).unwrap();
+    gpu.run(|e| cache.append(gpu, e, &k, &k, None)).unwrap();
+    let rows = |batch, n| {
+        Tensor::filled_as(
+            gpu,
+            TensorShape::new(batch, n, HEADS_Q, 32),
+            f32::NAN,
+            DType::F32,
+        )
+        .unwrap()
+    };
+    let decode = |counts: &[usize], q: &Tensor, out: &Tensor, lse: Option<&Lse>| {
+        let args = DecodeArgs {
+            q,
+            cache: &cache,
+            out,
+            lse,
+        };
+        gpu.run(|e| gpu.decode_ragged(e, &args, counts, AttentionConfig::new()))
+    };
+    let (q3, out3) = (rows(1, 3), rows(1, 3));
+    assert!(matches!(
+        decode(&[3], &q3, &out3, None),
+        Err(Error::DataLength {
+            expected: 2,
+            got: 1,
+            ..
+        })
+    ));
+    assert!(matches!(
+        decode(&[2, 2], &q3, &out3, None),
+        Err(Error::ShapeMismatch {
+            left_name: "q.seq",
+            left: 3,
+            right: 4,
+            ..
+        })
+    ));
+    let (q_batched, out_batched) = (rows(2, 3), rows(2, 3));
+    assert!(matches!(
+        decode(&[1, 2], &q_batched, &out_batched, None),
+        Err(Error::ShapeMismatch {
+            left_name: "q.batch",
+            left: 2,
+            right: 1,
+            ..
+        })
+    ));
+    let out4 = rows(1, 4);
+    assert!(matches!(
+        decode(&[1, 2], &q3, &out4, None),
+        Err(Error::ShapeMismatch {
+            left_name: "q.seq",
+            right_name: "out.seq",
+            ..
+        })
+    ));
+    let lse = Lse::new(gpu, 2, HEADS_Q, 3).unwrap();
+    assert!(matches!(
+        decode(&[1, 2], &q3, &out3, Some(&lse)),
+        Err(Error::LseShape {
+            expected: [1, HEADS_Q, 3],
+            ..
+        })
+    ));
+    // Counts that are all 0: nothing recorded, the output untouched.
+    assert!(matches!(decode(&[0, 0], &q3, &out3, None), Ok(None)));
+    assert!(out3.to_f32_vec(gpu).unwrap().iter().all(|x| x.is_nan()));
+    // And a good call writes every row.
+    let q = Tensor::zeros(gpu, TensorShape::new(1, 3, HEADS_Q, 32), DType::F32).unwrap();
+    assert!(decode(&[1, 2], &q, &out3, None).unwrap().is_some());
+    assert!(out3.to_f32_vec(gpu).unwrap().iter().all(|x| *x == 0.0));
+}

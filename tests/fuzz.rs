@@ -42,7 +42,9 @@
 //! permutation, by `copy_pages` or through the host by `read_pages` and
 //! `write_pages`), the block tables following it; in 40 % (a fourth seed)
 //! the cache filled by one ragged append of each sequence's own length
-//! (`append_ragged`) rather than a uniform one. Backward (f32): no mask, a
+//! (`append_ragged`) rather than a uniform one; in 40 % (a fifth seed) the
+//! step ragged (`decode_ragged`), each sequence with its own number of
+//! query tokens from 0 to the case's. Backward (f32): no mask, a
 //! boolean or a bias mask, valid lengths or a packed variable-length batch
 //! (one dispatch per pass for all of its sequences), in 30 % of the cases
 //! on the register-blocked passes; with sinks, their gradients too. In 25 %
@@ -154,6 +156,9 @@ struct Case {
     /// Decode: the cache filled by one ragged append of each sequence's
     /// length (`draw_ragged_append`) rather than a uniform one.
     ragged_append: bool,
+    /// Decode: a ragged step (`Gpu::decode_ragged`), each sequence with
+    /// its own number of query tokens, packed (`draw_query_counts`).
+    query_counts: Option<Vec<usize>>,
 }
 
 /// How a decode case moves its cache's pages to a permutation of the pool
@@ -342,6 +347,7 @@ fn draw_case(rng: &mut SeededRng) -> Case {
         pages_per_buffer: None,
         page_move: None,
         ragged_append: false,
+        query_counts: None,
     }
 }
 
@@ -901,15 +907,26 @@ fn run_decode(
     if let Some(moved) = &case.page_move {
         move_pages(gpu, &mut cache, moved)?;
     }
+    // A ragged step's queries are one packed batch entry, sequence `b`'s
+    // `counts[b]` rows after the sequences before it.
+    let counts = case.query_counts.as_deref();
+    let q_shape = match counts {
+        Some(counts) => AttentionShape {
+            batch: 1,
+            seq_q: counts.iter().sum(),
+            ..*s
+        },
+        None => *s,
+    };
     // Queries and output in the case's type, the queries rounded to it so
     // the reference reads what the GPU does.
-    let q: Vec<f32> = normal_vec(rng, s.q_shape().elements(), 1.0)
+    let q: Vec<f32> = normal_vec(rng, q_shape.q_shape().elements(), 1.0)
         .into_iter()
         .map(|x| round_to(case.dtype, x))
         .collect();
-    let qt = Tensor::from_f32_as(gpu, s.q_shape(), &q, case.dtype).unwrap();
-    let out = Tensor::filled_as(gpu, s.o_shape(), f32::NAN, case.dtype).unwrap();
-    let lse = Lse::new(gpu, s.batch, s.heads_q, s.seq_q).unwrap();
+    let qt = Tensor::from_f32_as(gpu, q_shape.q_shape(), &q, case.dtype).unwrap();
+    let out = Tensor::filled_as(gpu, q_shape.o_shape(), f32::NAN, case.dtype).unwrap();
+    let lse = Lse::new(gpu, q_shape.batch, s.heads_q, q_shape.seq_q).unwrap();
     let args = DecodeArgs {
         q: &qt,
         cache: &cache,
@@ -922,7 +939,12 @@ fn run_decode(
         lanes,
     };
     let plan = gpu
-        .run(|e| gpu.decode(e, &args, options.clone()))
+        .run(|e| match counts {
+            Some(counts) => gpu
+                .decode_ragged(e, &args, counts, options.clone())
+                .map(|plan| plan.expect("the draw gives some sequence query tokens")),
+            None => gpu.decode(e, &args, options.clone()),
+        })
         .map_err(|e| format!("GPU call failed: {e}"))?;
     if let Some(pages) = case.pages_per_buffer {
         let buffers = cache.pool_pages().div_ceil(pages);
@@ -934,15 +956,20 @@ fn run_decode(
             ));
         }
     }
+    let mut first = 0;
     let sequences: Vec<_> = (0..s.batch)
         .map(|b| {
-            let (q0, k0) = (b * s.seq_q, b * longest);
-            (q0..q0 + s.seq_q, k0..k0 + case.cache_lens[b])
+            let rows = counts.map_or(s.seq_q, |counts| counts[b]);
+            let (q0, k0) = (counts.map_or(b * s.seq_q, |_| first), b * longest);
+            first += rows;
+            (q0..q0 + rows, k0..k0 + case.cache_lens[b])
         })
         .collect();
-    let want = per_sequence_reference(s, [&q, &k, &v], &case.config, &sequences, None);
-    let standard =
-        || per_sequence_reference(s, [&q, &k, &v], &case.config, &sequences, Some(DType::F32));
+    let reference_of = |precision| {
+        per_sequence_reference(&q_shape, [&q, &k, &v], &case.config, &sequences, precision)
+    };
+    let want = reference_of(None);
+    let standard = || reference_of(Some(DType::F32));
     let results = (out.to_f32_vec(gpu).unwrap(), lse.to_vec(gpu).unwrap());
     check_forward(
         results,
@@ -1240,6 +1267,28 @@ const RAGGED_SALT: u64 = 0x7a66_0000_0000;
 fn draw_ragged_append(seed: u64, case: &Case) -> bool {
     matches!(case.operation, Operation::Decode { .. })
         && seeded(seed ^ RAGGED_SALT).random_bool(0.4)
+}
+
+/// Mixed into a case's seed to draw whether its step is a ragged decode
+/// (joined the fuzz after ragged appends).
+const QUERY_COUNTS_SALT: u64 = 0x9c07_0000_0000;
+
+/// In 40 % of decode cases, a ragged step: each sequence's query tokens
+/// drawn from 0 to the case's `seq_q` (more than its keys allowed, as in a
+/// uniform step), at least one sequence with some.
+fn draw_query_counts(seed: u64, case: &Case) -> Option<Vec<usize>> {
+    let mut rng = seeded(seed ^ QUERY_COUNTS_SALT);
+    if !matches!(case.operation, Operation::Decode { .. }) || !rng.random_bool(0.4) {
+        return None;
+    }
+    let s = &case.shape;
+    let mut counts: Vec<usize> = (0..s.batch)
+        .map(|_| rng.random_range(0..=s.seq_q))
+        .collect();
+    if counts.iter().all(|&n| n == 0) {
+        counts[rng.random_range(0..s.batch)] = s.seq_q;
+    }
+    Some(counts)
 }
 
 /// Appends the decode case's tokens (`k` and `v` rows `[batch, longest,
@@ -1636,6 +1685,7 @@ fn random_configurations_follow_the_accuracy_rule() {
         case.pages_per_buffer = draw_buffer_pages(seed, &case);
         case.page_move = draw_page_move(seed, &case);
         case.ragged_append = draw_ragged_append(seed, &case);
+        case.query_counts = draw_query_counts(seed, &case);
         let (kind, result, described) = match draw_linear_case(seed) {
             Some(linear) => (3, run_linear_case(gpu, &linear), format!("{linear:?}")),
             None => {

@@ -59,6 +59,14 @@ impl DecodePlan {
             .forward_instead(info, cache, seq_q, heads_q, q_dtype, options)
     }
 
+    /// The most query rows per KV head (query tokens x query heads per KV
+    /// head) this plan's decode kernel keeps: a ragged call that runs as
+    /// the forward runs its sequences with more there, the others on the
+    /// decode kernel.
+    pub(crate) fn most_kernel_rows(&self) -> usize {
+        self.rows_per_workgroup as usize * MAX_DECODE_ROW_TILES as usize
+    }
+
     /// [`DecodePlan::as_forward`] for a call already planned as `self`
     /// (`Gpu::decode` plans once).
     pub(crate) fn forward_instead(
