@@ -44,7 +44,9 @@
 //! the cache filled by one ragged append of each sequence's own length
 //! (`append_ragged`) rather than a uniform one; in 40 % (a fifth seed) the
 //! step ragged (`decode_ragged`), each sequence with its own number of
-//! query tokens from 0 to the case's. Backward (f32): no mask, a
+//! query tokens from 0 to the case's, in a quarter of them one sequence
+//! with a prompt chunk of 64-600 (where the call may split between the
+//! forward and the decode kernel). Backward (f32): no mask, a
 //! boolean or a bias mask, valid lengths or a packed variable-length batch
 //! (one dispatch per pass for all of its sequences), in 30 % of the cases
 //! on the register-blocked passes; with sinks, their gradients too. In 25 %
@@ -1275,7 +1277,8 @@ const QUERY_COUNTS_SALT: u64 = 0x9c07_0000_0000;
 
 /// In 40 % of decode cases, a ragged step: each sequence's query tokens
 /// drawn from 0 to the case's `seq_q` (more than its keys allowed, as in a
-/// uniform step), at least one sequence with some.
+/// uniform step), at least one sequence with some; in a quarter of those
+/// one sequence with a prompt chunk of 64-600 tokens.
 fn draw_query_counts(seed: u64, case: &Case) -> Option<Vec<usize>> {
     let mut rng = seeded(seed ^ QUERY_COUNTS_SALT);
     if !matches!(case.operation, Operation::Decode { .. }) || !rng.random_bool(0.4) {
@@ -1287,6 +1290,13 @@ fn draw_query_counts(seed: u64, case: &Case) -> Option<Vec<usize>> {
         .collect();
     if counts.iter().all(|&n| n == 0) {
         counts[rng.random_range(0..s.batch)] = s.seq_q;
+    }
+    // A quarter of them with a prompt chunk: one sequence with enough query
+    // rows that, where the route is open (f32 cache and queries, kernels
+    // left to the planners), the call splits into the forward for it and
+    // the decode kernel for the others.
+    if rng.random_bool(0.25) {
+        counts[rng.random_range(0..s.batch)] = rng.random_range(64..=600);
     }
     Some(counts)
 }
