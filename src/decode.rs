@@ -183,9 +183,13 @@ impl Gpu {
     /// of `args.q` and `args.out`, packed as `[1, sum of counts, heads,
     /// head_dim]`, and the logsumexp is `[1, heads_q, sum of counts]` (as
     /// a packed variable-length forward's). One dispatch per cache buffer
-    /// serves every sequence. Counts that are all 0 record nothing and
-    /// return `None` (no tensor has zero rows), as
-    /// [`KvCache::append_ragged`] does.
+    /// serves every sequence. Where the largest count would run as the
+    /// forward ([`DecodePlan::as_forward`]), the call splits: sequences
+    /// with more query rows than the decode kernel keeps run as the
+    /// forward over a copy of their caches, the others on the decode
+    /// kernel (ALiBi slopes per batch entry keep every sequence on the
+    /// kernel). Counts that are all 0 record nothing and return `None` (no
+    /// tensor has zero rows), as [`KvCache::append_ragged`] does.
     pub fn decode_ragged(
         &self,
         encoder: &mut wgpu::CommandEncoder,

@@ -2156,15 +2156,11 @@ fn dropout_is_a_typed_error() {
 /// against the reference over the stored values. 32 row tiles, forced
 /// lanes and f16 queries keep the decode kernel, and so do 16-bit and int8
 /// caches on CPU adapters outside GL (their copies run on GL and GPUs).
-#[test]
-fn many_query_rows_run_as_the_forward_kernels_over_every_cache_type() {
-    let Some(gpu) = gpu() else { return };
-    let head_dim = 32;
-    let group = HEADS_Q / HEADS_KV;
-    let info = gpu.info();
+/// The decode kernel's rows per workgroup here (`head_dim`, an f32
+/// cache) and the query tokens of 33 such row tiles of a GQA group: a
+/// call with that many takes the forward route where the route is open.
+fn forward_route_tokens(gpu: &Gpu, head_dim: usize) -> (usize, usize) {
     let plain = DecodeOptions::new(&AttentionConfig::new());
-    // The decode kernel's rows per workgroup here (row tiles are this
-    // many rows), then 33 tiles' worth of query tokens.
     let probe = CacheShape {
         batch: 1,
         heads_kv: HEADS_KV,
@@ -2174,13 +2170,48 @@ fn many_query_rows_run_as_the_forward_kernels_over_every_cache_type() {
         segments: 1,
         dtype: KvDType::F32,
     };
-    let tile = DecodePlan::for_call(info, &probe, 1024, HEADS_Q, &plain)
+    let tile = DecodePlan::for_call(gpu.info(), &probe, 1024, HEADS_Q, &plain)
         .unwrap()
         .rows_per_workgroup as usize;
-    let seq_q = (33 * tile).div_ceil(group);
-    let lens = [seq_q + 170, seq_q, 40, 0];
+    (tile, (33 * tile).div_ceil(HEADS_Q / HEADS_KV))
+}
+
+/// A `dtype` cache of `lens` in 16-token pages, its pool over two buffers,
+/// filled from `seed`, with the host copy of what it stores (the values
+/// the reference must see).
+fn stored_over_two_buffers(
+    gpu: &Gpu,
+    dtype: KvDType,
+    head_dim: usize,
+    lens: &[usize],
+    seed: u64,
+) -> Filled {
     let page_size = 16;
-    let pages_per_seq = lens[0].div_ceil(page_size);
+    let pages = lens.len() * lens.iter().max().unwrap().div_ceil(page_size);
+    let layout = KvLayout::Paged { page_size, pages };
+    let page_bytes = (page_size * HEADS_KV * dtype.vector_bytes(head_dim)) as u64;
+    let config = KvCacheConfig::new(lens.len(), HEADS_KV, head_dim, layout)
+        .dtype(dtype)
+        .max_buffer_bytes(page_bytes * pages.div_ceil(2) as u64);
+    let mut filled = fill(gpu, config, lens, seed);
+    assert_eq!(filled.cache.segment_count(), 2, "{dtype:?}");
+    for b in 0..lens.len() {
+        let (k, v) = filled.cache.read_sequence(gpu, b).unwrap();
+        filled.k[b] = k;
+        filled.v[b] = v;
+    }
+    filled
+}
+
+#[test]
+fn many_query_rows_run_as_the_forward_kernels_over_every_cache_type() {
+    let Some(gpu) = gpu() else { return };
+    let head_dim = 32;
+    let group = HEADS_Q / HEADS_KV;
+    let info = gpu.info();
+    let plain = DecodeOptions::new(&AttentionConfig::new());
+    let (tile, seq_q) = forward_route_tokens(gpu, head_dim);
+    let lens = [seq_q + 170, seq_q, 40, 0];
     let sinks = normal_vec(&mut seeded(0xf0a5), HEADS_Q, 1.0);
     let configs = [
         (
@@ -2200,22 +2231,7 @@ fn many_query_rows_run_as_the_forward_kernels_over_every_cache_type() {
     let cpu_outside_gl = common::cpu_outside_gl(gpu);
     for dtype in [KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8] {
         let routes = dtype == KvDType::F32 || !cpu_outside_gl;
-        let layout = KvLayout::Paged {
-            page_size,
-            pages: lens.len() * pages_per_seq,
-        };
-        // Half the pool's pages per buffer: two buffers.
-        let page_bytes = (page_size * HEADS_KV * dtype.vector_bytes(head_dim)) as u64;
-        let config = KvCacheConfig::new(lens.len(), HEADS_KV, head_dim, layout)
-            .dtype(dtype)
-            .max_buffer_bytes(page_bytes * (lens.len() * pages_per_seq / 2) as u64);
-        let mut filled = fill(gpu, config, &lens, 0xf0a5_0001);
-        assert_eq!(filled.cache.segment_count(), 2, "{dtype:?}");
-        for b in 0..lens.len() {
-            let (k, v) = filled.cache.read_sequence(gpu, b).unwrap();
-            filled.k[b] = k;
-            filled.v[b] = v;
-        }
+        let filled = stored_over_two_buffers(gpu, dtype, head_dim, &lens, 0xf0a5_0001);
         for (i, (name, attention)) in configs.iter().enumerate() {
             let q = queries(lens.len(), seq_q, head_dim, 0xf0a5_0010 + i as u64);
             let options = DecodeOptions::new(attention);
@@ -2344,22 +2360,9 @@ fn ragged_query_counts_match_each_sequence_alone() {
     let Some(gpu) = gpu() else { return };
     let head_dim = 32;
     let group = HEADS_Q / HEADS_KV;
-    // The decode kernel's rows per workgroup here, and a prompt chunk of
-    // 33 such tiles: enough to run as the forward kernels where f32 does.
-    let plain = DecodeOptions::new(&AttentionConfig::new());
-    let probe = CacheShape {
-        batch: 1,
-        heads_kv: HEADS_KV,
-        head_dim,
-        head_dim_v: head_dim,
-        longest: 1000,
-        segments: 1,
-        dtype: KvDType::F32,
-    };
-    let tile = DecodePlan::for_call(gpu.info(), &probe, 1024, HEADS_Q, &plain)
-        .unwrap()
-        .rows_per_workgroup as usize;
-    let chunk = (33 * tile).div_ceil(group);
+    // A prompt chunk of 33 of the decode kernel's row tiles: enough to run
+    // as the forward kernels where the route is open.
+    let (_, chunk) = forward_route_tokens(gpu, head_dim);
     // A sequence decoding one token, one sitting out, one verifying five
     // draft tokens, an empty one sitting out, and one whose prompt arrives
     // in chunks: its second chunk (all its keys but the first chunk's
@@ -2370,8 +2373,6 @@ fn ragged_query_counts_match_each_sequence_alone() {
     let kernel_counts = [1, 0, 5, 0, 16];
     let split_counts = [1, 0, 5, 0, chunk];
     let chunk_alone = [0, 0, 0, 0, chunk];
-    let page_size = 16;
-    let pages_per_seq = lens.iter().max().unwrap().div_ceil(page_size);
     let slopes = normal_vec(&mut seeded(0x7a66), lens.len() * HEADS_Q, 0.1);
     let sinks = normal_vec(&mut seeded(0x7a67), HEADS_Q, 1.0);
     let configs = [
@@ -2392,22 +2393,7 @@ fn ragged_query_counts_match_each_sequence_alone() {
     ];
     let cpu_outside_gl = common::cpu_outside_gl(gpu);
     for (dtype, seed) in [(KvDType::F32, 0x7a60), (KvDType::Int8, 0x7a61)] {
-        let layout = KvLayout::Paged {
-            page_size,
-            pages: lens.len() * pages_per_seq,
-        };
-        // Half the pool's pages per buffer: two buffers.
-        let page_bytes = (page_size * HEADS_KV * dtype.vector_bytes(head_dim)) as u64;
-        let config = KvCacheConfig::new(lens.len(), HEADS_KV, head_dim, layout)
-            .dtype(dtype)
-            .max_buffer_bytes(page_bytes * (lens.len() * pages_per_seq).div_ceil(2) as u64);
-        let mut filled = fill(gpu, config, &lens, seed);
-        assert_eq!(filled.cache.segment_count(), 2, "{dtype:?}");
-        for b in 0..lens.len() {
-            let (k, v) = filled.cache.read_sequence(gpu, b).unwrap();
-            filled.k[b] = k;
-            filled.v[b] = v;
-        }
+        let filled = stored_over_two_buffers(gpu, dtype, head_dim, &lens, seed);
         for (i, (name, attention)) in configs.iter().enumerate() {
             let per_batch_slopes = matches!(attention.alibi, Some(Alibi::PerBatchHead(_)));
             let calls = [

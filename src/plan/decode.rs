@@ -215,7 +215,10 @@ pub struct DecodePlan {
     /// Set by [`crate::Gpu::decode`] when the call ran as the forward
     /// kernels over a dense copy of the cache instead
     /// ([`DecodePlan::as_forward`] says when, ahead of the call); the
-    /// fields above are then the decode kernel's plan, not run.
+    /// fields above are then the decode kernel's plan, not run. From
+    /// [`crate::Gpu::decode_ragged`], set when the sequences with many
+    /// query tokens ran so; the fields above are then the decode kernel's
+    /// plan for the others, run where some of them had query tokens.
     pub as_forward: Option<ForwardPlan>,
 }
 
