@@ -13,7 +13,7 @@ use crate::operands::{
 };
 use crate::params::{CombineParams, DecodeParams, DecodeSequence, TensorStrides};
 use crate::pipelines::{ELEMENTWISE_WORKGROUP, PreparedPass, bind_buffers, elementwise_groups};
-use crate::plan::DecodePlan;
+use crate::plan::{CacheShape, DecodePlan};
 use crate::shaders::{DecodeIo, Specialization};
 use crate::tensor::{DType, Tensor, TensorShape, check_binding_size, require_usage};
 
@@ -300,35 +300,45 @@ impl Gpu {
         let mut plan =
             DecodePlan::for_call(self.info(), &cache_shape, most_queries, q.heads, &options)?;
         // Many query rows per KV head: the forward kernels over a dense
-        // copy of the cache (src/decode_as_forward.rs). A ragged call's
-        // forward sees one packed batch entry, so ALiBi slopes per batch
-        // entry keep it on the decode kernel.
+        // copy of the cache (src/decode_as_forward.rs). A ragged call
+        // splits: the sequences with more query rows than the decode
+        // kernel's row tiles keep (and some keys) take the forward over a
+        // copy of their caches alone, the others the kernel, each pass
+        // writing its own sequences' rows. Its forward sees one packed
+        // batch entry, so ALiBi slopes per batch entry keep it on the
+        // decode kernel.
+        let group = q.heads / cache.heads_kv();
+        let kept_rows = plan.most_kernel_rows();
+        let candidates: Vec<usize> = (0..cache.batch())
+            .filter(|&b| match queries {
+                Queries::Uniform => true,
+                Queries::Ragged(counts) => counts[b] * group > kept_rows && cache.lens()[b] > 0,
+            })
+            .collect();
         let per_batch_slopes = matches!(config.alibi, Some(crate::Alibi::PerBatchHead(_)));
+        let copied = CacheShape {
+            batch: candidates.len(),
+            longest: candidates
+                .iter()
+                .map(|&b| cache.lens()[b])
+                .max()
+                .unwrap_or(0),
+            ..cache_shape
+        };
         plan.as_forward = match queries {
+            _ if candidates.is_empty() => None,
             Queries::Ragged(_) if per_batch_slopes => None,
             _ => plan.forward_instead(
                 self.info(),
-                &cache_shape,
+                &copied,
                 most_queries,
                 q.heads,
                 io_dtype,
                 &options,
             ),
         };
-        // Which sequences run as the forward: every one, or none; a ragged
-        // call's split, those with more query rows than the decode
-        // kernel's row tiles keep (and some keys) taking the forward, the
-        // others the kernel, each pass writing its own sequences' rows.
-        let group = q.heads / cache.heads_kv();
-        let kept_rows = plan.most_kernel_rows();
         let on_forward: Vec<bool> = (0..cache.batch())
-            .map(|b| match (queries, &plan.as_forward) {
-                (_, None) => false,
-                (Queries::Uniform, Some(_)) => true,
-                (Queries::Ragged(counts), Some(_)) => {
-                    counts[b] * group > kept_rows && cache.lens()[b] > 0
-                }
-            })
+            .map(|b| plan.as_forward.is_some() && candidates.contains(&b))
             .collect();
         let rows = decode_sequences(cache, queries, q, &on_forward);
         let most_on_kernel = rows.iter().map(|r| r.q_count).max().unwrap_or(0);

@@ -365,6 +365,39 @@ fn decode_and_masks_report_validated_figures() {
         );
     }
 
+    // A continuous-batching step: sequence 0's 40-token prompt chunk beside
+    // two sequences decoding one token, one ragged call, both validated
+    // sequences (the first and the last) against the reference.
+    let (output, report) = json_report(
+        "decode-prompt-chunk.json",
+        &[
+            "decode",
+            "--cache",
+            "300",
+            "--batch",
+            "3",
+            "--page-size",
+            "16",
+            "--heads-q",
+            "8",
+            "--heads-kv",
+            "2",
+            "--head-dim",
+            "64",
+            "--prompt-chunk",
+            "40",
+            "--iters",
+            "1",
+        ],
+    );
+    compiled_ahead(&output);
+    assert!(stdout(&output).contains("q40+1 "), "{}", stdout(&output));
+    let case = &report["cases"][0];
+    assert_eq!(case["prompt_chunk"], 40, "{case}");
+    assert_eq!(case["within_tolerance"], true, "{case}");
+    assert!(case["max_abs_err"].as_f64().unwrap() <= 1e-4, "{case}");
+    assert!(case["prefill_ms"].is_null(), "{case}");
+
     // A latent cache (MLA): values are the keys' prefixes, one pool read.
     let json = scratch("decode-latent.json");
     let output = flash_bench(&[
@@ -495,6 +528,7 @@ fn bad_flags_exit_2_with_the_reason() {
             "does not exist",
         ),
         (decode_small(&["--page-size", "0"]), "power of two"),
+        (decode_small(&["--prompt-chunk", "0"]), "at least 1"),
         // One past MAX_SEQUENCE_LEN (2^29).
         (
             decode_small(&["--cache", "536870913"]),

@@ -312,6 +312,13 @@ for seq_q in 32 64; do
     "$fb" decode --seq-q "$seq_q" --cache 4096 --kv-dtype f32,int8 --lanes head-dim \
     --json "$res/decode-as-forward-forced-q$seq_q.json"
 done
+# A continuous-batching step (2026-12-07, twenty-ninth session:
+# Gpu::decode_ragged): a 512-token prompt chunk joins 31 sequences decoding
+# one token, Llama-3.1-8B heads, 8K each, paged; the chunk takes the
+# forward route (f32) and the rest the decode kernel. Lavapipe only so far.
+step 30 "ragged step: 512-token chunk beside 31 one-token sequences, 8K, f32 and f16" \
+  "$fb" decode --cache 8192 --batch 32 --heads-q 32 --heads-kv 8 --page-size 256 \
+  --prompt-chunk 512 --kv-dtype f32,f16 --json "$res/decode-prompt-chunk.json"
 # This commit against others (benches/device/stage-baseline.sh: the
 # commit a kernel change replaces, a branch's kernel), in two rounds so
 # that a drift in the GPU's clocks shows as disagreement between the

@@ -34,6 +34,11 @@ pub struct DecodeCmdArgs {
     /// New query tokens per sequence (already in the cache).
     #[arg(long, default_value_t = 1)]
     seq_q: usize,
+    /// A continuous-batching step (`Gpu::decode_ragged`): sequence 0 takes
+    /// N query tokens (a prompt chunk, already in the cache) while the
+    /// others take --seq-q each, in one call. At most the cached tokens.
+    #[arg(long, value_name = "N", value_parser = crate::options::parse_positive)]
+    prompt_chunk: Option<usize>,
     #[arg(long, default_value_t = 64)]
     heads_q: usize,
     #[arg(long, default_value_t = 8)]
@@ -111,6 +116,8 @@ struct DecodeCase {
     cache_tokens: usize,
     batch: usize,
     seq_q: usize,
+    /// Sequence 0's query tokens in a ragged step (`--prompt-chunk`).
+    prompt_chunk: Option<usize>,
     heads_q: usize,
     heads_kv: usize,
     head_dim: usize,
@@ -216,6 +223,7 @@ pub fn run(
         "splits = key chunks x cache buffers; lanes forward = the call ran as the forward \
          kernels over a dense f32 copy of the cache (f32 queries, more than 32 decode row \
          tiles per KV head, f32 caches only on CPU adapters; --lanes forces the decode \
+         kernel; with --prompt-chunk the chunk's sequence did, the others the decode \
          kernel); GB/s counts the K and V bytes a step reads (the cache's stored bytes); \
          vs f32 = the f32 cache's time over this one's, same \
          length and lanes, same run; prefill = the forward kernels on the same call \
@@ -254,12 +262,15 @@ fn print_case(args: &DecodeCmdArgs, case: &DecodeCase) {
     } else {
         case.head_dim.to_string()
     };
+    let queries = match case.prompt_chunk {
+        Some(chunk) => format!("{chunk}+{}", case.seq_q),
+        None => case.seq_q.to_string(),
+    };
     let name = format!(
-        "B{} H{}/{} q{} kv{} d{dims}{}",
+        "B{} H{}/{} q{queries} kv{} d{dims}{}",
         case.batch,
         case.heads_q,
         case.heads_kv,
-        case.seq_q,
         case.cache_tokens,
         args.page_size
             .map_or(String::new(), |p| format!(" paged{p}")),
@@ -303,6 +314,12 @@ fn run_case(
     fma: f64,
     copy: f64,
 ) -> Result<Vec<DecodeCase>> {
+    if let Some(chunk) = args.prompt_chunk {
+        anyhow::ensure!(
+            chunk <= tokens,
+            "--prompt-chunk {chunk}: a chunk's tokens are in the cache, which holds {tokens}"
+        );
+    }
     let cache_config = cache_config(args, tokens, dtype);
     let head_dim_v = cache_config.head_dim_v();
     let layout = cache_config.layout;
@@ -361,12 +378,26 @@ fn run_case(
             .collect::<wgpu_flash_attn::Result<_>>()?;
     }
 
-    let q_shape = TensorShape::new(args.batch, args.seq_q, args.heads_q, args.head_dim);
+    // Each sequence's query tokens; a ragged step's are one packed entry.
+    let counts = query_counts(args);
+    let firsts: Vec<usize> = counts
+        .iter()
+        .scan(0, |first, &n| {
+            *first += n;
+            Some(*first - n)
+        })
+        .collect();
+    let total: usize = counts.iter().sum();
+    let (q_batch, q_seq) = match args.prompt_chunk {
+        Some(_) => (1, total),
+        None => (args.batch, args.seq_q),
+    };
+    let q_shape = TensorShape::new(q_batch, q_seq, args.heads_q, args.head_dim);
     // The reference sees the query as stored.
     let q_dtype = args.q_dtype.dtype();
     let q_host = round_to(q_dtype, normal_vec(&mut rng, q_shape.elements(), 1.0));
     let q = Tensor::from_f32_as(gpu, q_shape, &q_host, q_dtype)?;
-    let o_shape = TensorShape::new(args.batch, args.seq_q, args.heads_q, head_dim_v);
+    let o_shape = TensorShape::new(q_batch, q_seq, args.heads_q, head_dim_v);
     let out = Tensor::filled_as(gpu, o_shape, f32::NAN, q_dtype)?;
     let config = AttentionConfig::new().causal(true);
     let decode_args = DecodeArgs {
@@ -379,21 +410,21 @@ fn run_case(
     let pools = if args.latent_values.is_some() { 1 } else { 2 };
     let bytes =
         (pools * args.batch * tokens * args.heads_kv * dtype.vector_bytes(args.head_dim)) as f64;
-    let flops = 2.0
-        * (args.batch * args.heads_q * args.seq_q * tokens * (args.head_dim + head_dim_v)) as f64;
+    let flops = 2.0 * (args.heads_q * total * tokens * (args.head_dim + head_dim_v)) as f64;
     // The reference output, computed once for every result of this call
     // (decode's in each lane layout, the prefill's).
-    let per_sequence = args.seq_q * args.heads_q;
     let pick = |data: &[f32], width: usize| -> Vec<f32> {
+        let row = args.heads_q * width;
         validated
             .iter()
-            .flat_map(|&b| data[b * per_sequence * width..][..per_sequence * width].to_vec())
+            .flat_map(|&b| data[firsts[b] * row..][..counts[b] * row].to_vec())
             .collect()
     };
+    let validated_counts: Vec<usize> = validated.iter().map(|&b| counts[b]).collect();
     let want = reference_outputs(
         args,
         (tokens, head_dim_v),
-        &pick(&q_host, args.head_dim),
+        (&pick(&q_host, args.head_dim), &validated_counts),
         &host,
         &config,
     )?;
@@ -423,7 +454,13 @@ fn run_case(
             kv_splits: args.splits,
             lanes,
         };
-        let plan: DecodePlan = gpu.run(|e| gpu.decode(e, &decode_args, options.clone()))?;
+        let step = |encoder: &mut wgpu::CommandEncoder| match args.prompt_chunk {
+            Some(_) => gpu
+                .decode_ragged(encoder, &decode_args, &counts, options.clone())
+                .map(|plan| plan.expect("sequence 0 has query tokens")),
+            None => gpu.decode(encoder, &decode_args, options.clone()),
+        };
+        let plan: DecodePlan = gpu.run(step)?;
         let (max_abs_err, excess) = validate(&out.to_f32_vec(gpu)?)?;
         let timing = time_gpu(
             gpu,
@@ -431,10 +468,7 @@ fn run_case(
                 warmup: 1,
                 runs: args.iters,
             },
-            |encoder| {
-                gpu.decode(encoder, &decode_args, options.clone())
-                    .map(|_| ())
-            },
+            |encoder| step(encoder).map(|_| ()),
         )?;
         let seconds = timing.median_ms / 1e3;
         let gb_per_s = bytes / seconds / 1e9;
@@ -443,6 +477,7 @@ fn run_case(
             cache_tokens: tokens,
             batch: args.batch,
             seq_q: args.seq_q,
+            prompt_chunk: args.prompt_chunk,
             heads_q: args.heads_q,
             heads_kv: args.heads_kv,
             head_dim: args.head_dim,
@@ -542,11 +577,21 @@ fn prefill_skipped(
             k_bytes >> 20,
             binding >> 20
         ))
-    } else if args.batch != 1 || args.page_size.is_some() {
-        Some("compared for batch 1, contiguous caches only".to_string())
+    } else if args.batch != 1 || args.page_size.is_some() || args.prompt_chunk.is_some() {
+        Some("compared for batch 1, contiguous caches, uniform steps only".to_string())
     } else {
         None
     }
+}
+
+/// Each sequence's query tokens: `--seq-q`, and `--prompt-chunk` for
+/// sequence 0.
+fn query_counts(args: &DecodeCmdArgs) -> Vec<usize> {
+    let mut counts = vec![args.seq_q; args.batch];
+    if let Some(chunk) = args.prompt_chunk {
+        counts[0] = chunk;
+    }
+    counts
 }
 
 /// The sequences whose every output element `decode` validates: the first
@@ -557,29 +602,31 @@ fn validated_sequences(batch: usize) -> Vec<usize> {
     sequences
 }
 
-/// The reference output of the sequences whose queries are `q` (`[n,
-/// seq_q, heads_q, head_dim]`) and host copies of K and V are `host` (one
-/// pair per sequence), `[n, seq_q, heads_q, head_dim_v]`.
+/// The reference output of the sequences whose queries are `q` (each
+/// `[counts[i], heads_q, head_dim]`, end to end) and host copies of K and
+/// V are `host` (one pair per sequence), their outputs end to end.
 fn reference_outputs(
     args: &DecodeCmdArgs,
     (tokens, head_dim_v): (usize, usize),
-    q: &[f32],
+    (q, counts): (&[f32], &[usize]),
     host: &[(Vec<f32>, Vec<f32>)],
     config: &AttentionConfig,
 ) -> Result<Vec<f64>> {
-    let shape = AttentionShape {
-        batch: 1,
-        seq_q: args.seq_q,
-        seq_kv: tokens,
-        heads_q: args.heads_q,
-        heads_kv: args.heads_kv,
-        head_dim: args.head_dim,
-        head_dim_v,
-    };
-    let q_len = args.seq_q * args.heads_q * args.head_dim;
-    let mut out = Vec::with_capacity(args.batch * args.seq_q * args.heads_q * head_dim_v);
-    for (q, (k, v)) in q.chunks_exact(q_len).zip(host) {
-        out.extend(reference::attention(&shape, q, k, v, config)?.out);
+    let mut out = Vec::new();
+    let mut first = 0;
+    for (&count, (k, v)) in counts.iter().zip(host) {
+        let shape = AttentionShape {
+            batch: 1,
+            seq_q: count,
+            seq_kv: tokens,
+            heads_q: args.heads_q,
+            heads_kv: args.heads_kv,
+            head_dim: args.head_dim,
+            head_dim_v,
+        };
+        let q_len = count * args.heads_q * args.head_dim;
+        out.extend(reference::attention(&shape, &q[first..first + q_len], k, v, config)?.out);
+        first += q_len;
     }
     Ok(out)
 }
