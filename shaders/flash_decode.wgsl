@@ -2,9 +2,8 @@
 //
 // One workgroup owns every query row of one (batch, KV head) pair (all
 // query tokens of the sequence, each with all `group` query heads that
-// read this KV head), so
-// each K/V tile it loads serves the whole GQA group, and one split: a range
-// of `split_keys` cache positions. It writes that split's normalised
+// read this KV head), so each K/V tile it loads serves the whole GQA
+// group, and one split: a range of `split_keys` cache positions. It writes that split's normalised
 // partial output and logsumexp to slot `slot_base + split`;
 // combine_partials.wgsl merges the slots exactly. With one slot in all the
 // kernel writes the final output directly (o_slot = 0).
