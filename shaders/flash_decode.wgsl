@@ -1,9 +1,15 @@
 // Split-KV decoding over a KV cache (flash-decoding), f32.
 //
-// One workgroup owns every query row of one (batch, KV head) pair (all
-// query tokens of the sequence, each with all `group` query heads that
-// read this KV head), so each K/V tile it loads serves the whole GQA
-// group, and one split: a range of `split_keys` cache positions. It writes that split's normalised
+// One workgroup owns a tile of the query rows of one (sequence, KV head)
+// pair (query tokens of the sequence, each with all `group` query heads
+// that read this KV head), so each K/V tile it loads serves the whole GQA
+// group, and one split: a range of `split_keys` cache positions. The grid
+// is (split, row tile, KV head): the row tiles of every sequence with
+// query tokens are numbered one after another (`DecodeSequence.tile_first`),
+// so a call whose sequences have different numbers of query tokens
+// launches no idle workgroups; the KV head is the slowest axis because
+// llvmpipe hands each thread one contiguous range of the grid, and every
+// KV head has the same work. It writes that split's normalised
 // partial output and logsumexp to slot `slot_base + split`;
 // combine_partials.wgsl merges the slots exactly. With one slot in all the
 // kernel writes the final output directly (o_slot = 0).
@@ -33,7 +39,8 @@
 struct DecodeParams {
     // Query heads per KV head.
     group: u32,
-    _pad0: u32,
+    // Entries of `sequences`.
+    sequence_count: u32,
     splits: u32,
     // Cache positions per split.
     split_keys: u32,
@@ -69,11 +76,31 @@ struct DecodeSequence {
     // Logsumexp index of its token 0, head 0; head h, token t is at
     // lse_first + h * p.seq_q + t.
     lse_first: u32,
+    // Its first row tile among the call's (tiles are numbered sequence by
+    // sequence; one without query tokens has none, and the next one's
+    // tile_first).
+    tile_first: u32,
 }
 
 @group(0) @binding(7) var<uniform> dp: DecodeParams;
 @group(0) @binding(8) var<storage, read> sequences: array<DecodeSequence>;
 @group(0) @binding(9) var<storage, read> block_table: array<u32>;
+
+// The sequence and first query row of the call's row tile `tile`, each
+// tile `tile_rows` rows: the last sequence whose first tile is at or
+// before it (sequences without query tokens share the next one's
+// tile_first and so are never picked). A binary search by halving steps
+// (a loop form the crate proves finite, src/shaders/loop_audit.rs).
+fn row_tile(tile: u32, tile_rows: u32) -> vec2<u32> {
+    var found = 0u;
+    for (var step = 1u << firstLeadingBit(dp.sequence_count); step > 0u; step /= 2u) {
+        let next = found + step;
+        if (next < dp.sequence_count && sequences[next].tile_first <= tile) {
+            found = next;
+        }
+    }
+    return vec2<u32>(found, (tile - sequences[found].tile_first) * tile_rows);
+}
 
 // Index of the first vec4 of cache position `pos` in this segment, or -1
 // when its page lives in another segment.
@@ -376,14 +403,15 @@ fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(subgroup_invocation_id) lane: u32,
 ) {
-    let batch = wg.z;
-    let head_kv = wg.y;
-    let split = wg.x % dp.splits;
-    let row0 = (wg.x / dp.splits) * ROWS;
+    let split = wg.x;
+    let head_kv = wg.z;
+    let tile = row_tile(wg.y, ROWS);
+    let batch = tile.x;
+    let row0 = tile.y;
     let sequence = sequences[batch];
     let seq_kv = sequence.len;
-    // Query rows of this (batch, KV head); tiles past them have nothing
-    // to do (a sequence with fewer query tokens than the call's most).
+    // Query rows of this (batch, KV head). The host numbers only tiles
+    // that hold some; the guard keeps a table that disagrees harmless.
     let row_count = sequence.q_count * dp.group;
     if (row0 >= row_count) {
         return;
@@ -597,14 +625,15 @@ fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lane: u32,
 ) {
-    let batch = wg.z;
-    let head_kv = wg.y;
-    let split = wg.x % dp.splits;
-    let row0 = (wg.x / dp.splits) * ROWS;
+    let split = wg.x;
+    let head_kv = wg.z;
+    let tile = row_tile(wg.y, ROWS);
+    let batch = tile.x;
+    let row0 = tile.y;
     let sequence = sequences[batch];
     let seq_kv = sequence.len;
-    // Query rows of this (batch, KV head); tiles past them have nothing
-    // to do (a sequence with fewer query tokens than the call's most).
+    // Query rows of this (batch, KV head). The host numbers only tiles
+    // that hold some; the guard keeps a table that disagrees harmless.
     let row_count = sequence.q_count * dp.group;
     if (row0 >= row_count) {
         return;
@@ -709,14 +738,15 @@ fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(subgroup_invocation_id) lane: u32,
 ) {
-    let batch = wg.z;
-    let head_kv = wg.y;
-    let split = wg.x % dp.splits;
-    let row0 = (wg.x / dp.splits) * ROWS;
+    let split = wg.x;
+    let head_kv = wg.z;
+    let tile = row_tile(wg.y, ROWS);
+    let batch = tile.x;
+    let row0 = tile.y;
     let sequence = sequences[batch];
     let seq_kv = sequence.len;
-    // Query rows of this (batch, KV head); tiles past them have nothing
-    // to do (a sequence with fewer query tokens than the call's most).
+    // Query rows of this (batch, KV head). The host numbers only tiles
+    // that hold some; the guard keeps a table that disagrees harmless.
     let row_count = sequence.q_count * dp.group;
     if (row0 >= row_count) {
         return;
@@ -912,14 +942,15 @@ fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let batch = wg.z;
-    let head_kv = wg.y;
-    let split = wg.x % dp.splits;
-    let row0 = (wg.x / dp.splits) * BLOCK_M;
+    let split = wg.x;
+    let head_kv = wg.z;
+    let tile = row_tile(wg.y, BLOCK_M);
+    let batch = tile.x;
+    let row0 = tile.y;
     let sequence = sequences[batch];
     let seq_kv = sequence.len;
-    // Query rows of this (batch, KV head); tiles past them have nothing
-    // to do (a sequence with fewer query tokens than the call's most).
+    // Query rows of this (batch, KV head). The host numbers only tiles
+    // that hold some; the guard keeps a table that disagrees harmless.
     let row_count = sequence.q_count * dp.group;
     if (row0 >= row_count) {
         return;

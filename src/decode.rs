@@ -13,7 +13,7 @@ use crate::operands::{
 };
 use crate::params::{CombineParams, DecodeParams, DecodeSequence, TensorStrides};
 use crate::pipelines::{ELEMENTWISE_WORKGROUP, PreparedPass, bind_buffers, elementwise_groups};
-use crate::plan::{CacheShape, DecodePlan};
+use crate::plan::{CacheShape, DecodePlan, QueryTokens};
 use crate::shaders::{DecodeIo, Specialization};
 use crate::tensor::{DType, Tensor, TensorShape, check_binding_size, require_usage};
 
@@ -297,8 +297,12 @@ impl Gpu {
         reads.extend(cache.buffers());
         check_own_buffers(&writes, &reads)?;
         let cache_shape = cache.plan_shape();
+        let tokens = match queries {
+            Queries::Uniform => QueryTokens::Same(q.seq),
+            Queries::Ragged(counts) => QueryTokens::PerSequence(counts),
+        };
         let mut plan =
-            DecodePlan::for_call(self.info(), &cache_shape, most_queries, q.heads, &options)?;
+            DecodePlan::for_queries(self.info(), &cache_shape, tokens, q.heads, &options)?;
         // Many query rows per KV head: the forward kernels over a dense
         // copy of the cache (src/decode_as_forward.rs). A ragged call
         // splits: the sequences with more query rows than the decode
@@ -340,16 +344,22 @@ impl Gpu {
         let on_forward: Vec<bool> = (0..cache.batch())
             .map(|b| plan.as_forward.is_some() && candidates.contains(&b))
             .collect();
-        let rows = decode_sequences(cache, queries, q, &on_forward);
-        let most_on_kernel = rows.iter().map(|r| r.q_count).max().unwrap_or(0);
+        // Query tokens each sequence has on the decode kernel.
+        let kernel_counts: Vec<usize> = (0..cache.batch())
+            .map(|b| match queries {
+                _ if on_forward[b] => 0,
+                Queries::Uniform => q.seq,
+                Queries::Ragged(counts) => counts[b],
+            })
+            .collect();
         let mut passes = Vec::new();
         let mut returned = plan;
-        if most_on_kernel > 0 {
+        if kernel_counts.iter().any(|&n| n > 0) {
             let mut kernel_plan = if on_forward.contains(&true) {
-                let mut kernel_plan = DecodePlan::for_call(
+                let mut kernel_plan = DecodePlan::for_queries(
                     self.info(),
                     &cache_shape,
-                    most_on_kernel as usize,
+                    QueryTokens::PerSequence(&kernel_counts),
                     q.heads,
                     &options,
                 )?;
@@ -358,6 +368,7 @@ impl Gpu {
             } else {
                 plan
             };
+            let rows = decode_sequences(cache, queries, q, &kernel_counts, &kernel_plan);
             passes.extend(self.prepare_decode_kernel(
                 args,
                 config,
@@ -453,7 +464,7 @@ impl Gpu {
             .map(|(index, segment)| {
                 let decode = DecodeParams {
                     group: (q.heads / cache.heads_kv()) as u32,
-                    _pad0: 0,
+                    sequence_count: rows.len() as u32,
                     splits: plan.splits,
                     split_keys: plan.split_keys,
                     page_shift: cache.page_size().trailing_zeros(),
@@ -489,11 +500,8 @@ impl Gpu {
             Some(partials) => Some(self.prepare_combine(partials, plan.slots, args.out, args.lse)?),
             None => None,
         };
-        let workgroups = [
-            plan.row_tiles * plan.splits,
-            cache.heads_kv() as u32,
-            cache.batch() as u32,
-        ];
+        // (split, row tile, KV head): flash_decode.wgsl says why.
+        let workgroups = [plan.splits, plan.total_row_tiles, cache.heads_kv() as u32];
         let decode = PreparedPass {
             label: "split-KV decode",
             pipeline,
@@ -648,34 +656,34 @@ pub(crate) fn first_rows(counts: &[usize]) -> Vec<usize> {
         .collect()
 }
 
-/// Each sequence's length and query tokens as the decode kernel reads them
-/// (`DecodeSequence`): a sequence the forward runs (`on_forward`) has none
-/// there.
+/// Each sequence's length, query tokens and row tiles as the decode
+/// kernel reads them (`DecodeSequence`): `kernel_counts[b]` tokens of
+/// sequence `b` run there (0 for one the forward runs or that sits out),
+/// in `plan`'s row tiles.
 fn decode_sequences(
     cache: &KvCache,
     queries: Queries<'_>,
     q: TensorShape,
-    on_forward: &[bool],
+    kernel_counts: &[usize],
+    plan: &DecodePlan,
 ) -> Vec<DecodeSequence> {
     let firsts = match queries {
         Queries::Uniform => vec![0; cache.batch()],
         Queries::Ragged(counts) => first_rows(counts),
     };
+    let group = q.heads / cache.heads_kv();
+    let tiles = |count: usize| (count * group).div_ceil(plan.rows_per_workgroup as usize);
+    let tile_firsts = first_rows(&kernel_counts.iter().map(|&n| tiles(n)).collect::<Vec<_>>());
     (0..cache.batch())
-        .map(|b| {
-            let count = match queries {
-                Queries::Uniform => q.seq,
-                Queries::Ragged(counts) => counts[b],
-            };
-            DecodeSequence {
-                len: cache.lens()[b] as u32,
-                q_first: firsts[b] as u32,
-                q_count: if on_forward[b] { 0 } else { count as u32 },
-                lse_first: match queries {
-                    Queries::Uniform => (b * q.heads * q.seq) as u32,
-                    Queries::Ragged(_) => firsts[b] as u32,
-                },
-            }
+        .map(|b| DecodeSequence {
+            len: cache.lens()[b] as u32,
+            q_first: firsts[b] as u32,
+            q_count: kernel_counts[b] as u32,
+            lse_first: match queries {
+                Queries::Uniform => (b * q.heads * q.seq) as u32,
+                Queries::Ragged(_) => firsts[b] as u32,
+            },
+            tile_first: tile_firsts[b] as u32,
         })
         .collect()
 }

@@ -127,7 +127,8 @@ pub mod carry_flags {
 pub struct DecodeParams {
     /// Query heads per KV head.
     pub group: u32,
-    pub _pad0: u32,
+    /// Entries of the sequence table (binding 8).
+    pub sequence_count: u32,
     pub splits: u32,
     /// Cache positions per split.
     pub split_keys: u32,
@@ -161,6 +162,10 @@ pub struct DecodeSequence {
     /// Logsumexp index of its token 0, head 0 (head `h`, token `t`: `lse_first
     /// + h * seq_q + t`, `seq_q` the call's Q rows per batch entry).
     pub lse_first: u32,
+    /// Its first row tile: the call's row tiles (the dispatch's y axis)
+    /// are numbered sequence by sequence; a sequence without query tokens
+    /// has none, and the next one's `tile_first`.
+    pub tile_first: u32,
 }
 
 /// Twin of `struct CombineParams` in `shaders/combine_partials.wgsl`.

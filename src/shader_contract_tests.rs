@@ -842,7 +842,7 @@ fn rust_twins() -> Vec<(&'static str, Layout)> {
         }),
         rust_layout!(DecodeParams {
             group,
-            _pad0,
+            sequence_count,
             splits,
             split_keys,
             page_shift,
@@ -859,6 +859,7 @@ fn rust_twins() -> Vec<(&'static str, Layout)> {
             q_first,
             q_count,
             lse_first,
+            tile_first,
         }),
         rust_layout!(CombineParams {
             batch,

@@ -398,6 +398,35 @@ fn decode_and_masks_report_validated_figures() {
     assert!(case["max_abs_err"].as_f64().unwrap() <= 1e-4, "{case}");
     assert!(case["prefill_ms"].is_null(), "{case}");
 
+    // The chunk alone: the other sequence sits the step out (it has no
+    // rows to validate).
+    let (output, report) = json_report(
+        "decode-prompt-chunk-alone.json",
+        &[
+            "decode",
+            "--cache",
+            "300",
+            "--batch",
+            "2",
+            "--heads-q",
+            "8",
+            "--heads-kv",
+            "2",
+            "--head-dim",
+            "64",
+            "--prompt-chunk",
+            "40",
+            "--seq-q",
+            "0",
+            "--iters",
+            "1",
+        ],
+    );
+    assert!(stdout(&output).contains("q40+0 "), "{}", stdout(&output));
+    let case = &report["cases"][0];
+    assert_eq!(case["within_tolerance"], true, "{case}");
+    assert!(case["max_abs_err"].as_f64().unwrap() <= 1e-4, "{case}");
+
     // A latent cache (MLA): values are the keys' prefixes, one pool read.
     let json = scratch("decode-latent.json");
     let output = flash_bench(&[
@@ -529,6 +558,7 @@ fn bad_flags_exit_2_with_the_reason() {
         ),
         (decode_small(&["--page-size", "0"]), "power of two"),
         (decode_small(&["--prompt-chunk", "0"]), "at least 1"),
+        (decode_small(&["--seq-q", "0"]), "sit the step out"),
         // One past MAX_SEQUENCE_LEN (2^29).
         (
             decode_small(&["--cache", "536870913"]),

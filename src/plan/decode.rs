@@ -193,6 +193,42 @@ impl CacheShape {
     }
 }
 
+/// Query tokens of each sequence of a decode call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum QueryTokens<'a> {
+    /// The same number for every sequence ([`crate::Gpu::decode`]).
+    Same(usize),
+    /// One number per sequence, 0 where it sits the call out
+    /// ([`crate::Gpu::decode_ragged`]).
+    PerSequence(&'a [usize]),
+}
+
+impl QueryTokens<'_> {
+    /// The most any sequence has.
+    fn most(&self) -> usize {
+        match self {
+            QueryTokens::Same(n) => *n,
+            QueryTokens::PerSequence(counts) => counts.iter().copied().max().unwrap_or(0),
+        }
+    }
+
+    /// Row tiles of every sequence together (`batch` sequences, `group`
+    /// query heads per KV head, tiles of `tile_rows` rows); saturating.
+    fn row_tiles(&self, batch: usize, group: usize, tile_rows: u32) -> u64 {
+        let tiles = |tokens: usize| {
+            (tokens as u64)
+                .saturating_mul(group as u64)
+                .div_ceil(u64::from(tile_rows))
+        };
+        match self {
+            QueryTokens::Same(n) => tiles(*n).saturating_mul(batch as u64),
+            QueryTokens::PerSequence(counts) => counts
+                .iter()
+                .fold(0u64, |sum, &n| sum.saturating_add(tiles(n))),
+        }
+    }
+}
+
 /// How a decode call runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodePlan {
@@ -207,8 +243,13 @@ pub struct DecodePlan {
     /// holds: the subgroup tier's lanes share them, the portable tier's
     /// invocations hold their own.
     pub rows_per_workgroup: u32,
-    /// Workgroups along the query rows of one (batch, KV head) pair.
+    /// Workgroups along the query rows of one (sequence, KV head) pair,
+    /// for the sequence with the most query tokens.
     pub row_tiles: u32,
+    /// Row tiles of every sequence of the call together: the workgroups
+    /// along the dispatch's query-row axis (sequences with fewer query
+    /// tokens than the most launch fewer; one without, none).
+    pub total_row_tiles: u32,
     /// Partial results merged at the end (`splits * segments`); 1 means
     /// the kernel wrote the output directly.
     pub slots: u32,
@@ -272,6 +313,19 @@ impl DecodePlan {
         heads_q: usize,
         options: &DecodeOptions,
     ) -> Result<Self> {
+        Self::for_queries(info, cache, QueryTokens::Same(seq_q), heads_q, options)
+    }
+
+    /// [`DecodePlan::for_call`] with each sequence's own query tokens
+    /// (`tokens`), the ragged call's plan.
+    pub(crate) fn for_queries(
+        info: &GpuInfo,
+        cache: &CacheShape,
+        tokens: QueryTokens<'_>,
+        heads_q: usize,
+        options: &DecodeOptions,
+    ) -> Result<Self> {
+        let seq_q = tokens.most();
         let config = &options.config;
         // Here, before the route to the forward records its copy of the
         // cache (fetching a pipeline checks this too).
@@ -456,6 +510,8 @@ impl DecodePlan {
         };
         info.check_invocations(tiling.workgroup_size)?;
         let row_tiles = rows.div_ceil(rows_per_workgroup).max(1);
+        // (Saturating: counts past the dispatch limit are refused below.)
+        let total_tiles = tokens.row_tiles(cache.batch, group, rows_per_workgroup);
         let longest = cache.longest;
         let splits = match options.kv_splits {
             Some(0) => return Err(Error::KvSplits(0)),
@@ -463,9 +519,9 @@ impl DecodePlan {
             None => {
                 // Saturating: counts past the dispatch limit are refused
                 // below, and must not wrap (to zero) on the way there.
-                let base = (row_tiles as usize)
-                    .saturating_mul(cache.heads_kv)
-                    .saturating_mul(cache.batch);
+                let base = usize::try_from(total_tiles)
+                    .unwrap_or(usize::MAX)
+                    .saturating_mul(cache.heads_kv);
                 let target = if cpu {
                     4 * info.host_threads.max(1)
                 } else {
@@ -493,14 +549,12 @@ impl DecodePlan {
         }
         let split_keys = longest.div_ceil(splits).max(1);
         check_loop_budget(info, &specialization, split_keys as u64)?;
-        // Saturating: a forced split count near usize::MAX must reach the
-        // limit check below, not wrap past it.
-        let x_groups = u64::from(row_tiles).saturating_mul(splits as u64);
+        // The grid is (split, row tile, KV head): flash_decode.wgsl.
         let limit = limits.max_compute_workgroups_per_dimension;
         for (axis, n) in [
-            ("row tiles x splits", x_groups),
+            ("splits", splits as u64),
+            ("row tiles of every sequence", total_tiles),
             ("heads_kv", cache.heads_kv as u64),
-            ("batch", cache.batch as u64),
         ] {
             if n > u64::from(limit) {
                 return Err(Error::DispatchTooLarge {
@@ -528,6 +582,8 @@ impl DecodePlan {
             segments,
             rows_per_workgroup,
             row_tiles,
+            // (At most the dispatch limit: checked above.)
+            total_row_tiles: total_tiles as u32,
             slots,
             as_forward: None,
         })

@@ -18,6 +18,7 @@ mod random_plans;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use decode::QueryTokens;
 pub use decode::{CacheShape, DecodePlan};
 pub use forward::ForwardPlan;
 pub(crate) use forward::blocked_by_default;

@@ -274,8 +274,19 @@ fn assert_decode_plan_fits(
     heads_q: usize,
     what: &str,
 ) {
-    let x = u64::from(plan.row_tiles) * u64::from(plan.splits);
-    assert_dispatch_fits(info, [x, cache.heads_kv as u64, cache.batch as u64], what);
+    // The grid is (split, row tile, KV head); every sequence has seq_q
+    // tokens here.
+    assert_eq!(
+        u64::from(plan.total_row_tiles),
+        u64::from(plan.row_tiles) * cache.batch as u64,
+        "{what}: row tiles of the call"
+    );
+    let grid = [
+        u64::from(plan.splits),
+        u64::from(plan.total_row_tiles),
+        cache.heads_kv as u64,
+    ];
+    assert_dispatch_fits(info, grid, what);
     // Every query row falls in a row tile, every position of the longest
     // sequence in a split.
     let rows = (seq_q * (heads_q / cache.heads_kv)) as u64;

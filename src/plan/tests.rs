@@ -982,6 +982,73 @@ fn only_llvmpipe_caps_loops() {
 }
 
 #[test]
+fn a_ragged_decode_dispatches_only_its_sequences_row_tiles() {
+    // Three sequences of 40, 0 and 3 query tokens; 8 query heads per KV
+    // head.
+    let cache = CacheShape {
+        batch: 3,
+        heads_kv: 2,
+        head_dim: 128,
+        head_dim_v: 128,
+        longest: 4096,
+        segments: 1,
+        dtype: crate::KvDType::F32,
+    };
+    let options = DecodeOptions::default();
+    let counts = [40, 0, 3];
+    for p in all() {
+        let info = p.info();
+        let ragged = DecodePlan::for_queries(
+            &info,
+            &cache,
+            QueryTokens::PerSequence(&counts),
+            16,
+            &options,
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", p.name));
+        let uniform = DecodePlan::for_call(&info, &cache, 40, 16, &options)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.name));
+        let tiles = |n: u32| (n * 8).div_ceil(ragged.rows_per_workgroup);
+        assert_eq!(ragged.row_tiles, uniform.row_tiles, "{}", p.name);
+        assert_eq!(ragged.row_tiles, tiles(40), "{}", p.name);
+        assert_eq!(ragged.total_row_tiles, tiles(40) + tiles(3), "{}", p.name);
+        assert_eq!(uniform.total_row_tiles, 3 * tiles(40), "{}", p.name);
+    }
+    // Only the tiles launched count against the grid's limit: 70,000
+    // sequences of which one has query tokens fit where 70,000 with as
+    // many each would not.
+    let many = CacheShape {
+        batch: 70_000,
+        longest: 256,
+        ..cache
+    };
+    let mut counts = vec![0; many.batch];
+    counts[0] = 1;
+    let info = profile("NVIDIA");
+    let ragged = DecodePlan::for_queries(
+        &info,
+        &many,
+        QueryTokens::PerSequence(&counts),
+        16,
+        &options,
+    )
+    .expect("one sequence's tiles fit");
+    assert_eq!(ragged.total_row_tiles, 1);
+    let err = DecodePlan::for_call(&info, &many, 1, 16, &options).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::DispatchTooLarge {
+                axis: "row tiles of every sequence",
+                groups: 70_000,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
 fn decode_splits_fill_the_adapter_and_respect_the_loop_cap() {
     // Llama-3.1-70B heads, one token, 32K cache.
     let cache = CacheShape {
@@ -1004,7 +1071,7 @@ fn decode_splits_fill_the_adapter_and_respect_the_loop_cap() {
         if let Some(budget) = info.loop_budget() {
             assert!(plan.loop_trips() <= budget, "{}: {plan:?}", p.name);
         }
-        let workgroups = plan.splits as usize * plan.row_tiles as usize * 8;
+        let workgroups = plan.splits as usize * plan.total_row_tiles as usize * 8;
         if p.device_type == wgpu::DeviceType::Cpu {
             // 4 workgroups per host thread, unless the loop cap asks
             // for more.

@@ -31,7 +31,8 @@ pub struct DecodeCmdArgs {
     cache: Vec<usize>,
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// New query tokens per sequence (already in the cache).
+    /// New query tokens per sequence (already in the cache); 0 only with
+    /// --prompt-chunk (the other sequences sit the step out).
     #[arg(long, default_value_t = 1)]
     seq_q: usize,
     /// A continuous-batching step (`Gpu::decode_ragged`): sequence 0 takes
@@ -172,6 +173,10 @@ pub fn run(
     args: &DecodeCmdArgs,
     json: Option<&std::path::Path>,
 ) -> Result<bool> {
+    anyhow::ensure!(
+        args.seq_q > 0 || args.prompt_chunk.is_some(),
+        "--seq-q 0: every sequence needs a query token, unless --prompt-chunk gives sequence 0 its chunk (the others then sit the step out)"
+    );
     warmup::compile_ahead(gpu, setup, args);
     eprintln!("measuring the FMA and copy ceilings...");
     let probes = CeilingProbes::new(gpu)?;
@@ -615,6 +620,10 @@ fn reference_outputs(
     let mut out = Vec::new();
     let mut first = 0;
     for (&count, (k, v)) in counts.iter().zip(host) {
+        if count == 0 {
+            // A sequence that sits the step out has no output rows.
+            continue;
+        }
         let shape = AttentionShape {
             batch: 1,
             seq_q: count,
