@@ -15,10 +15,14 @@
 //! faster as the forward, 128 1.7-2.6x; on Mesa 26.1 (16-row tiles) 32
 //! row tiles were 0.93x in one round, 64 1.2-1.4x. Hence the bound in row
 //! tiles. With 16-bit and int8 caches lavapipe's decode kernel computes
-//! at a higher share of the FMA ceiling than the forward's CPU tier (int8
-//! 1.1-1.4x faster than the copy and forward at 64 tiles on Mesa 22.3, f16
-//! about 1.4x at 64 tiles on Mesa 26.1), so on CPU adapters only f32
-//! caches take this route.
+//! at a higher share of the FMA ceiling than the forward's CPU tier, so on
+//! CPU adapters int8 caches keep the decode kernel (1.05-1.9x faster than
+//! the copy and forward at 64 row tiles on both Mesas), and so do 16-bit
+//! caches where the kernel's row tiles hold 16 rows (Mesa 26.1 at d=128:
+//! the kernel faster in three rounds of four). Where they hold 8 (Mesa
+//! 22.3), each K/V element is read by twice as many tiles, and 16-bit
+//! caches took 1.1-1.8x less time as the forward in six rounds of six
+//! (BENCHMARKS.md, 2026-12-07).
 
 use super::decode::{CacheShape, DecodePlan, decodes_as_cpu};
 use super::forward::ForwardPlan;
@@ -43,9 +47,10 @@ impl DecodePlan {
     /// value head dims, the decode plan would take more than 32 row tiles
     /// per KV head (more than 256 query rows at 8 a tile), a dense f32 copy
     /// of the cache's longest sequence fits one storage binding (K and V
-    /// each), the cache is f32 where the adapter is a CPU (outside GL; any
-    /// type elsewhere), and the forward planner can run it. The results
-    /// are the decode kernel's up to f32 rounding.
+    /// each), the cache is f32, or 16-bit in row tiles of at most 8 rows,
+    /// where the adapter is a CPU (outside GL; any type elsewhere), and the
+    /// forward planner can run it. The results are the decode kernel's up
+    /// to f32 rounding.
     pub fn as_forward(
         info: &GpuInfo,
         cache: &CacheShape,
@@ -65,6 +70,17 @@ impl DecodePlan {
     /// decode kernel.
     pub(crate) fn most_kernel_rows(&self) -> usize {
         self.rows_per_workgroup as usize * MAX_DECODE_ROW_TILES as usize
+    }
+
+    /// Whether, on a CPU adapter, a cache of `dtype` is copied for the
+    /// forward rather than read by this plan's decode kernel (the module's
+    /// measurements).
+    fn cpu_copies(&self, dtype: KvDType) -> bool {
+        match dtype {
+            KvDType::F32 => true,
+            KvDType::F16 | KvDType::BF16 => self.rows_per_workgroup <= 8,
+            KvDType::Int8 => false,
+        }
     }
 
     /// [`DecodePlan::as_forward`] for a call already planned as `self`
@@ -91,7 +107,7 @@ impl DecodePlan {
             || cache.head_dim != cache.head_dim_v
             || cache.longest == 0
             || self.row_tiles <= MAX_DECODE_ROW_TILES
-            || (cache.dtype != KvDType::F32 && decodes_as_cpu(info))
+            || (decodes_as_cpu(info) && !self.cpu_copies(cache.dtype))
         {
             return None;
         }
