@@ -13,7 +13,7 @@ use crate::operands::{
 };
 use crate::params::{CombineParams, DecodeParams, DecodeSequence, TensorStrides};
 use crate::pipelines::{ELEMENTWISE_WORKGROUP, PreparedPass, bind_buffers, elementwise_groups};
-use crate::plan::{CacheShape, DecodePlan, QueryTokens};
+use crate::plan::{CacheShape, DecodePlan, QueryTokens, sequence_row_tiles};
 use crate::shaders::{DecodeIo, Specialization};
 use crate::tensor::{DType, Tensor, TensorShape, check_binding_size, require_usage};
 
@@ -672,8 +672,11 @@ fn decode_sequences(
         Queries::Ragged(counts) => first_rows(counts),
     };
     let group = q.heads / cache.heads_kv();
-    let tiles = |count: usize| (count * group).div_ceil(plan.rows_per_workgroup as usize);
-    let tile_firsts = first_rows(&kernel_counts.iter().map(|&n| tiles(n)).collect::<Vec<_>>());
+    let tiles: Vec<usize> = kernel_counts
+        .iter()
+        .map(|&n| sequence_row_tiles(n, group, plan.rows_per_workgroup) as usize)
+        .collect();
+    let tile_firsts = first_rows(&tiles);
     (0..cache.batch())
         .map(|b| DecodeSequence {
             len: cache.lens()[b] as u32,

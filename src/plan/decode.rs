@@ -215,11 +215,7 @@ impl QueryTokens<'_> {
     /// Row tiles of every sequence together (`batch` sequences, `group`
     /// query heads per KV head, tiles of `tile_rows` rows); saturating.
     fn row_tiles(&self, batch: usize, group: usize, tile_rows: u32) -> u64 {
-        let tiles = |tokens: usize| {
-            (tokens as u64)
-                .saturating_mul(group as u64)
-                .div_ceil(u64::from(tile_rows))
-        };
+        let tiles = |tokens| sequence_row_tiles(tokens, group, tile_rows);
         match self {
             QueryTokens::Same(n) => tiles(*n).saturating_mul(batch as u64),
             QueryTokens::PerSequence(counts) => counts
@@ -227,6 +223,14 @@ impl QueryTokens<'_> {
                 .fold(0u64, |sum, &n| sum.saturating_add(tiles(n))),
         }
     }
+}
+
+/// Row tiles of `tile_rows` rows that one sequence's `tokens` query
+/// tokens take with `group` query heads per KV head; saturating.
+pub(crate) fn sequence_row_tiles(tokens: usize, group: usize, tile_rows: u32) -> u64 {
+    (tokens as u64)
+        .saturating_mul(group as u64)
+        .div_ceil(u64::from(tile_rows))
 }
 
 /// How a decode call runs.

@@ -18,8 +18,8 @@ mod random_plans;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use decode::QueryTokens;
 pub use decode::{CacheShape, DecodePlan};
+pub(crate) use decode::{QueryTokens, sequence_row_tiles};
 pub use forward::ForwardPlan;
 pub(crate) use forward::blocked_by_default;
 pub(crate) use forward_as_decode::{cache_dtype, view_page_size};
