@@ -123,16 +123,6 @@ impl From<AttentionConfig> for DecodeOptions {
     }
 }
 
-/// Which query tokens each sequence of a decode call has.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Queries<'a> {
-    /// `q.seq` tokens each, from a `[batch, seq_q, ..]` tensor.
-    Uniform,
-    /// `counts[b]` tokens of sequence `b` (0: it sits the call out), packed
-    /// in sequence order in a `[1, sum of counts, ..]` tensor.
-    Ragged(&'a [usize]),
-}
-
 /// Partial results: slot-major outputs and logsumexps, in the device's
 /// reusable scratch (a decode step per token allocates nothing here).
 struct Partials {
@@ -170,7 +160,8 @@ impl Gpu {
         args: &DecodeArgs<'_>,
         options: impl Into<DecodeOptions>,
     ) -> Result<DecodePlan> {
-        self.record_decode(encoder, args, Queries::Uniform, options.into())
+        let tokens = QueryTokens::Same(args.q.shape().seq);
+        self.record_decode(encoder, args, tokens, options.into())
     }
 
     /// [`Gpu::decode`] with a number of query tokens per sequence, for a
@@ -207,15 +198,20 @@ impl Gpu {
         if query_counts.iter().all(|&n| n == 0) {
             return Ok(None);
         }
-        self.record_decode(encoder, args, Queries::Ragged(query_counts), options.into())
-            .map(Some)
+        self.record_decode(
+            encoder,
+            args,
+            QueryTokens::PerSequence(query_counts),
+            options.into(),
+        )
+        .map(Some)
     }
 
     fn record_decode(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         args: &DecodeArgs<'_>,
-        queries: Queries<'_>,
+        queries: QueryTokens<'_>,
         options: DecodeOptions,
     ) -> Result<DecodePlan> {
         let config = &options.config;
@@ -225,8 +221,8 @@ impl Gpu {
         // Query tokens of the sequence with the most; a ragged call's
         // tensors are one packed batch entry.
         let (most_queries, q_batch, batch_what, batch_name) = match queries {
-            Queries::Uniform => (q.seq, cache.batch(), "decode: Q and cache", "cache.batch"),
-            Queries::Ragged(counts) => {
+            QueryTokens::Same(_) => (q.seq, cache.batch(), "decode: Q and cache", "cache.batch"),
+            QueryTokens::PerSequence(counts) => {
                 let total = counts.iter().try_fold(0usize, |sum, &n| sum.checked_add(n));
                 if total != Some(q.seq) {
                     return Err(Error::ShapeMismatch {
@@ -297,12 +293,8 @@ impl Gpu {
         reads.extend(cache.buffers());
         check_own_buffers(&writes, &reads)?;
         let cache_shape = cache.plan_shape();
-        let tokens = match queries {
-            Queries::Uniform => QueryTokens::Same(q.seq),
-            Queries::Ragged(counts) => QueryTokens::PerSequence(counts),
-        };
         let mut plan =
-            DecodePlan::for_queries(self.info(), &cache_shape, tokens, q.heads, &options)?;
+            DecodePlan::for_queries(self.info(), &cache_shape, queries, q.heads, &options)?;
         // Many query rows per KV head: the forward kernels over a dense
         // copy of the cache (src/decode_as_forward.rs). A ragged call
         // splits: the sequences with more query rows than the decode
@@ -315,8 +307,10 @@ impl Gpu {
         let kept_rows = plan.most_kernel_rows();
         let candidates: Vec<usize> = (0..cache.batch())
             .filter(|&b| match queries {
-                Queries::Uniform => true,
-                Queries::Ragged(counts) => counts[b] * group > kept_rows && cache.lens()[b] > 0,
+                QueryTokens::Same(_) => true,
+                QueryTokens::PerSequence(counts) => {
+                    counts[b] * group > kept_rows && cache.lens()[b] > 0
+                }
             })
             .collect();
         let per_batch_slopes = matches!(config.alibi, Some(crate::Alibi::PerBatchHead(_)));
@@ -331,7 +325,7 @@ impl Gpu {
         };
         plan.as_forward = match queries {
             _ if candidates.is_empty() => None,
-            Queries::Ragged(_) if per_batch_slopes => None,
+            QueryTokens::PerSequence(_) if per_batch_slopes => None,
             _ => plan.forward_instead(
                 self.info(),
                 &copied,
@@ -348,8 +342,8 @@ impl Gpu {
         let kernel_counts: Vec<usize> = (0..cache.batch())
             .map(|b| match queries {
                 _ if on_forward[b] => 0,
-                Queries::Uniform => q.seq,
-                Queries::Ragged(counts) => counts[b],
+                QueryTokens::Same(n) => n,
+                QueryTokens::PerSequence(counts) => counts[b],
             })
             .collect();
         let mut passes = Vec::new();
@@ -375,7 +369,7 @@ impl Gpu {
                 &shape,
                 &mut kernel_plan,
                 &rows,
-                matches!(queries, Queries::Ragged(_)),
+                matches!(queries, QueryTokens::PerSequence(_)),
             )?);
             returned = kernel_plan;
         }
@@ -662,14 +656,14 @@ pub(crate) fn first_rows(counts: &[usize]) -> Vec<usize> {
 /// in `plan`'s row tiles.
 fn decode_sequences(
     cache: &KvCache,
-    queries: Queries<'_>,
+    queries: QueryTokens<'_>,
     q: TensorShape,
     kernel_counts: &[usize],
     plan: &DecodePlan,
 ) -> Vec<DecodeSequence> {
     let firsts = match queries {
-        Queries::Uniform => vec![0; cache.batch()],
-        Queries::Ragged(counts) => first_rows(counts),
+        QueryTokens::Same(_) => vec![0; cache.batch()],
+        QueryTokens::PerSequence(counts) => first_rows(counts),
     };
     let group = q.heads / cache.heads_kv();
     let tiles: Vec<usize> = kernel_counts
@@ -683,8 +677,8 @@ fn decode_sequences(
             q_first: firsts[b] as u32,
             q_count: kernel_counts[b] as u32,
             lse_first: match queries {
-                Queries::Uniform => (b * q.heads * q.seq) as u32,
-                Queries::Ragged(_) => firsts[b] as u32,
+                QueryTokens::Same(_) => (b * q.heads * q.seq) as u32,
+                QueryTokens::PerSequence(_) => firsts[b] as u32,
             },
             tile_first: tile_firsts[b] as u32,
         })

@@ -4,11 +4,12 @@
 
 use crate::attention::AttentionArgs;
 use crate::config::AttentionConfig;
-use crate::decode::{DecodeArgs, Queries, first_rows};
+use crate::decode::{DecodeArgs, first_rows};
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::params::KvGatherParams;
 use crate::pipelines::{ELEMENTWISE_WORKGROUP, PreparedPass, bind_buffers, elementwise_groups};
+use crate::plan::QueryTokens;
 use crate::shaders::Specialization;
 use crate::tensor::{DType, Tensor, TensorShape};
 use crate::varlen::{Sequence, ValidLengths};
@@ -27,7 +28,7 @@ impl Gpu {
     pub(crate) fn prepare_decode_as_forward(
         &self,
         args: &DecodeArgs<'_>,
-        queries: Queries<'_>,
+        queries: QueryTokens<'_>,
         selected: &[usize],
         config: &AttentionConfig,
     ) -> Result<Vec<PreparedPass>> {
@@ -47,8 +48,8 @@ impl Gpu {
         };
         let pipeline = self.pipelines.get(self, &spec)?;
         let table = match queries {
-            Queries::Uniform => cache.table_snapshot(self)?,
-            Queries::Ragged(_) => cache.table_snapshot_of(self, selected)?,
+            QueryTokens::Same(_) => cache.table_snapshot(self)?,
+            QueryTokens::PerSequence(_) => cache.table_snapshot_of(self, selected)?,
         };
         let dispatches = cache
             .segments
@@ -88,8 +89,8 @@ impl Gpu {
         };
         // A ragged call's view: the same bytes as one packed entry.
         let view = match queries {
-            Queries::Uniform => dense,
-            Queries::Ragged(_) => {
+            QueryTokens::Same(_) => dense,
+            QueryTokens::PerSequence(_) => {
                 TensorShape::new(1, dense.batch * dense.seq, dense.heads, dense.head_dim)
             }
         };
@@ -104,11 +105,11 @@ impl Gpu {
             lse: args.lse,
         };
         let forward = match queries {
-            Queries::Uniform => {
+            QueryTokens::Same(_) => {
                 let lengths = ValidLengths { q: None, kv: &lens };
                 self.prepare_padded_attention(&forward, config, &lengths, None)?
             }
-            Queries::Ragged(counts) => {
+            QueryTokens::PerSequence(counts) => {
                 let firsts = first_rows(counts);
                 let sequences: Vec<Sequence> = selected
                     .iter()

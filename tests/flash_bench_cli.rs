@@ -365,19 +365,14 @@ fn decode_and_masks_report_validated_figures() {
         );
     }
 
-    // A continuous-batching step: sequence 0's 40-token prompt chunk beside
-    // two sequences decoding one token, one ragged call, both validated
-    // sequences (the first and the last) against the reference.
-    let (output, report) = json_report(
-        "decode-prompt-chunk.json",
-        &[
+    // Continuous-batching steps: sequence 0's 40-token prompt chunk in one
+    // ragged call, validated (the first and the last sequence) against
+    // the reference; `others` gives the rest of the batch.
+    let prompt_chunk_step = |name: &str, others: &[&str]| {
+        let mut args = vec![
             "decode",
             "--cache",
             "300",
-            "--batch",
-            "3",
-            "--page-size",
-            "16",
             "--heads-q",
             "8",
             "--heads-kv",
@@ -388,44 +383,29 @@ fn decode_and_masks_report_validated_figures() {
             "40",
             "--iters",
             "1",
-        ],
+        ];
+        args.extend_from_slice(others);
+        let (output, report) = json_report(name, &args);
+        let case = report["cases"][0].clone();
+        assert_eq!(case["prompt_chunk"], 40, "{case}");
+        assert_eq!(case["within_tolerance"], true, "{case}");
+        assert!(case["max_abs_err"].as_f64().unwrap() <= 1e-4, "{case}");
+        assert!(case["prefill_ms"].is_null(), "{case}");
+        (output, case)
+    };
+    // Beside two sequences decoding one token, paged.
+    let (output, _) = prompt_chunk_step(
+        "decode-prompt-chunk.json",
+        &["--batch", "3", "--page-size", "16"],
     );
     compiled_ahead(&output);
     assert!(stdout(&output).contains("q40+1 "), "{}", stdout(&output));
-    let case = &report["cases"][0];
-    assert_eq!(case["prompt_chunk"], 40, "{case}");
-    assert_eq!(case["within_tolerance"], true, "{case}");
-    assert!(case["max_abs_err"].as_f64().unwrap() <= 1e-4, "{case}");
-    assert!(case["prefill_ms"].is_null(), "{case}");
-
-    // The chunk alone: the other sequence sits the step out (it has no
-    // rows to validate).
-    let (output, report) = json_report(
+    // Alone: the other sequence sits the step out (no rows to validate).
+    let (output, _) = prompt_chunk_step(
         "decode-prompt-chunk-alone.json",
-        &[
-            "decode",
-            "--cache",
-            "300",
-            "--batch",
-            "2",
-            "--heads-q",
-            "8",
-            "--heads-kv",
-            "2",
-            "--head-dim",
-            "64",
-            "--prompt-chunk",
-            "40",
-            "--seq-q",
-            "0",
-            "--iters",
-            "1",
-        ],
+        &["--batch", "2", "--seq-q", "0"],
     );
     assert!(stdout(&output).contains("q40+0 "), "{}", stdout(&output));
-    let case = &report["cases"][0];
-    assert_eq!(case["within_tolerance"], true, "{case}");
-    assert!(case["max_abs_err"].as_f64().unwrap() <= 1e-4, "{case}");
 
     // A latent cache (MLA): values are the keys' prefixes, one pool read.
     let json = scratch("decode-latent.json");

@@ -196,9 +196,11 @@ impl CacheShape {
 /// Query tokens of each sequence of a decode call.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum QueryTokens<'a> {
-    /// The same number for every sequence ([`crate::Gpu::decode`]).
+    /// The same number for every sequence, from a `[batch, seq_q, ..]`
+    /// tensor ([`crate::Gpu::decode`]).
     Same(usize),
-    /// One number per sequence, 0 where it sits the call out
+    /// `counts[b]` tokens of sequence `b` (0: it sits the call out), packed
+    /// in sequence order in a `[1, sum of counts, ..]` tensor
     /// ([`crate::Gpu::decode_ragged`]).
     PerSequence(&'a [usize]),
 }
