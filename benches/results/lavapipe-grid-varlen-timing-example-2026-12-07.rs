@@ -1,6 +1,10 @@
-//! A/B timing of packed (varlen) causal batches, forward or (BWD=1) forward then backward,
-//! for the grid-order patch beside it: copy to examples/, `cargo build --release --example
-//! varlen_timing`, run `varlen_timing 2048 256` (sequence lengths; 8 heads, d=64).
+//! A/B timing of packed (varlen) causal batches for the grid-order patches
+//! beside it: the forward, or with BWD=1 the backward alone (its forward is
+//! recorded, run and waited for before the clock starts). Wall clock around
+//! submit and wait, best of the 5 runs after a first. Copy to examples/,
+//! `cargo build --release --example varlen_timing`, run `varlen_timing 2048
+//! 256` (sequence lengths; 8 heads, d=64). Not validated: the patches' tests
+//! check the results.
 use anyhow::Result;
 use std::time::Instant;
 use wgpu_flash_attn::*;

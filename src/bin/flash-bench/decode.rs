@@ -229,8 +229,8 @@ pub fn run(
         "splits = key chunks x cache buffers; lanes forward = the call ran as the forward \
          kernels over a dense f32 copy of the cache (f32 queries, more than 32 decode row \
          tiles per KV head; on CPU adapters f32 caches, and 16-bit ones in 8-row tiles; \
-         --lanes forces the decode kernel; with --prompt-chunk the chunk's sequence did, the others the decode \
-         kernel); GB/s counts the K and V bytes a step reads (the cache's stored bytes); \
+         --lanes forces the decode kernel; with --prompt-chunk the chunk's sequence did, \
+         the others the decode kernel); GB/s counts the K and V bytes a step reads (the cache's stored bytes); \
          vs f32 = the f32 cache's time over this one's, same \
          length and lanes, same run; prefill = the forward kernels on the same call \
          (contiguous f32 K/V tensors, the planner's tier forced: left to the planner, \
