@@ -220,7 +220,7 @@ fn dropout_mix(x: vec4<u32>) -> vec4<u32> {
 // Twin of `row_state` in src/dropout.rs: the hash state of query row `row`
 // (counted from its sequence's first) of query head `head` of sequence
 // `sequence` (the batch entry; a packed batch's sequence index; in the
-// kernels, the unit of workgroups along z), shared by the row's keys.
+// kernels, the unit of workgroups along y), shared by the row's keys.
 fn dropout_row_state(sequence: u32, head: u32, row: u32) -> u32 {
     var x = dropout_mix(vec4<u32>(p.dropout_seed_lo)).x;
     x = dropout_mix(vec4<u32>(x ^ p.dropout_seed_hi)).x;

@@ -21,7 +21,7 @@
 //
 // P is recomputed from the scores and the saved logsumexp in both gradient
 // passes; nothing is accumulated across workgroups, so no atomics are needed
-// and every run gives the same bits. A unit (`BackwardUnit`, workgroups' z)
+// and every run gives the same bits. A unit (`BackwardUnit`, workgroups' y)
 // is a batch entry of a dense call or a sequence of a padded or packed one:
 // every sequence runs in the same dispatch. Per (query i, key j), in
 // natural units:
@@ -99,9 +99,10 @@ struct BackwardParams {
 // so a call never needs both.
 @group(0) @binding(11) var<storage, read> table_words: array<u32>;
 
-// Twin of `BackwardUnit` in src/params.rs: what workgroups with z = the
-// unit's index work on. A dense call's unit z is batch entry z whole; a
-// padded or packed call's units are its sequences, all in one dispatch.
+// Twin of `BackwardUnit` in src/params.rs: what workgroups with y = the
+// unit's index work on (heads run along z, the slowest axis, as in the
+// forward). A dense call's unit y is batch entry y whole; a padded or
+// packed call's units are its sequences, all in one dispatch.
 struct BackwardUnit {
     // Batch entry and first row of the unit's queries (Q, O, dO, dQ and
     // their logsumexp and deltas).
@@ -121,16 +122,26 @@ struct BackwardUnit {
 }
 const UNIT_WORDS: u32 = 8u;
 
-// The unit of workgroups with z = `z`. Identical in every invocation of a
-// workgroup (read-only storage at a uniform index), so control flow that
-// depends on it stays uniform.
-fn unit_of(z: u32) -> BackwardUnit {
+// The key or query block of workgroup `x` of `blocks` along x: blocks from
+// both ends in turn (0, n-1, 1, n-2, ...), so that any run of consecutive
+// workgroups holds as much of a causal mask's work as any other (llvmpipe
+// gives each thread one contiguous range of the grid). Twin of
+// `paired_tile` in flash_attention.wgsl.
+fn paired_block(x: u32, blocks: u32) -> u32 {
+    let k = x / 2u;
+    return select(blocks - 1u - k, k, (x & 1u) == 0u);
+}
+
+// The unit of workgroups with y = `index`. Identical in every invocation
+// of a workgroup (read-only storage at a uniform index), so control flow
+// that depends on it stays uniform.
+fn unit_of(index: u32) -> BackwardUnit {
     if (has_flag(FLAG_SEQUENCES)) {
-        let w = z * UNIT_WORDS;
+        let w = index * UNIT_WORDS;
         return BackwardUnit(table_words[w], table_words[w + 1u], table_words[w + 2u], table_words[w + 3u],
             table_words[w + 4u], table_words[w + 5u], table_words[w + 6u], table_words[w + 7u]);
     }
-    return BackwardUnit(z, 0u, p.seq_q, p.seq_q, z, 0u, p.seq_kv, p.seq_kv);
+    return BackwardUnit(index, 0u, p.seq_q, p.seq_q, index, 0u, p.seq_kv, p.seq_kv);
 }
 
 // Where the unit's query rows sit on its key axis: its queries align with
@@ -310,8 +321,8 @@ fn plain_grads(dot: f32, dp: f32, lse: f32, delta: f32) -> vec2<f32> {
 @compute @workgroup_size(64)
 fn row_deltas(@builtin(global_invocation_id) id: vec3<u32>) {
     let row = id.x;
-    let head = id.y;
-    let u = unit_of(id.z);
+    let u = unit_of(id.y);
+    let head = id.z;
     if (row >= u.extent_q) {
         return;
     }
@@ -376,13 +387,14 @@ var<workgroup> row_stats: array<vec2<f32>, BLOCK>;
 fn key_grads(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
+    @builtin(num_workgroups) groups: vec3<u32>,
 // #if SUBGROUP_BROADCAST
     @builtin(subgroup_invocation_id) lane: u32,
 // #endif
 ) {
-    let u = unit_of(wg.z);
-    let head_kv = wg.y;
-    let key0 = wg.x * WG_SIZE * ROWS;
+    let u = unit_of(wg.y);
+    let head_kv = wg.z;
+    let key0 = paired_block(wg.x, groups.x) * WG_SIZE * ROWS;
     // Workgroups past a shorter unit's keys (the dispatch covers the
     // longest); uniform across the workgroup.
     if (key0 >= u.extent_kv) {
@@ -517,7 +529,7 @@ fn key_grads(
                 // Dropout: dP and P's share of dV only where the forward
                 // kept the pair, scaled as it was.
                 var drop: array<f32, ROWS>;
-                let state = dropout_row_state(wg.z, head_q, row);
+                let state = dropout_row_state(wg.y, head_q, row);
                 for (var r = 0u; r < ROWS; r++) {
                     drop[r] = dropout_scale_of(state, key_pos[r]);
                     dps[r] *= drop[r];
@@ -585,14 +597,15 @@ fn key_grads(
 fn query_grads(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
+    @builtin(num_workgroups) groups: vec3<u32>,
 // #if SUBGROUP_BROADCAST
     @builtin(subgroup_invocation_id) lane: u32,
 // #endif
 ) {
-    let u = unit_of(wg.z);
-    let head_q = wg.y;
+    let u = unit_of(wg.y);
+    let head_q = wg.z;
     let head_kv = head_q / bp.group;
-    let row0 = wg.x * WG_SIZE * ROWS;
+    let row0 = paired_block(wg.x, groups.x) * WG_SIZE * ROWS;
     // Workgroups past a shorter unit's rows (the dispatch covers the
     // longest); uniform across the workgroup.
     if (row0 >= u.extent_q) {
@@ -637,7 +650,7 @@ fn query_grads(
         lse_row[r] = lse_buf[at];
         delta[r] = deltas[at];
 // #if DROPOUT
-        drop_state[r] = dropout_row_state(wg.z, head_q, row);
+        drop_state[r] = dropout_row_state(wg.y, head_q, row);
 // #endif
     }
 

@@ -87,7 +87,7 @@ fn stage_key_block(u: BackwardUnit, head_kv: u32, key0: u32, lid: u32) {
 
 // Stages Q, dO, logsumexp and delta (and with dropout the hash state) of
 // query rows row0 .. row0 + BLOCK_M - 1 of unit `u` (number `unit` along
-// z) and head `head_q` (zeros past its q_len).
+// y) and head `head_q` (zeros past its q_len).
 fn stage_query_block(u: BackwardUnit, unit: u32, head_q: u32, row0: u32, lid: u32) {
     for (var e = lid; e < BLOCK_M * D4; e += WG_SIZE) {
         let i = e / D4;
@@ -193,10 +193,10 @@ fn quad_grads(u: BackwardUnit, head_q: u32, row: u32, staged: u32, first: i32, s
 }
 
 @compute @workgroup_size(WG_SIZE)
-fn key_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let u = unit_of(wg.z);
-    let head_kv = wg.y;
-    let key0 = wg.x * BLOCK_N;
+fn key_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(num_workgroups) groups: vec3<u32>) {
+    let u = unit_of(wg.y);
+    let head_kv = wg.z;
+    let key0 = paired_block(wg.x, groups.x) * BLOCK_N;
     // Workgroups past a shorter unit's keys (the dispatch covers the
     // longest); uniform across the workgroup.
     if (key0 >= u.extent_kv) {
@@ -231,7 +231,7 @@ fn key_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
         for (var i0 = row_lo; i0 <= row_hi; i0 += i32(BLOCK_M)) {
             // The previous block is consumed (and the key block staged).
             workgroupBarrier();
-            stage_query_block(u, wg.z, head_q, u32(i0), lid);
+            stage_query_block(u, wg.y, head_q, u32(i0), lid);
             workgroupBarrier();
             var dots: array<vec4<f32>, ROWS>;
             var dps: array<vec4<f32>, ROWS>;
@@ -295,11 +295,11 @@ fn key_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
 }
 
 @compute @workgroup_size(WG_SIZE)
-fn query_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let u = unit_of(wg.z);
-    let head_q = wg.y;
+fn query_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(num_workgroups) groups: vec3<u32>) {
+    let u = unit_of(wg.y);
+    let head_q = wg.z;
     let head_kv = head_q / bp.group;
-    let row0 = wg.x * BLOCK_M;
+    let row0 = paired_block(wg.x, groups.x) * BLOCK_M;
     // Workgroups past a shorter unit's rows; uniform across the workgroup.
     if (row0 >= u.extent_q) {
         return;
@@ -307,7 +307,7 @@ fn query_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
     let a = lid / ROW_LANES;
     let b = lid % ROW_LANES;
     let slope = alibi_slope_of(u.q_batch, head_q);
-    stage_query_block(u, wg.z, head_q, row0, lid);
+    stage_query_block(u, wg.y, head_q, row0, lid);
 
     // Row b * ROWS + r's column a + KEY_LANES * c at r * COLS_Q + c.
     var dq: array<vec4<f32>, ROWS * COLS_Q>;

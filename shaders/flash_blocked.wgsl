@@ -183,16 +183,18 @@ fn stage_v_keys(kv0: i32, n_keys: u32, v_base: u32, first_key: u32, lid: u32) {
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
+    @builtin(num_workgroups) groups: vec3<u32>,
 ) {
-    let seq = sequence_rows(wg.z);
+    let seq = sequence_rows(wg.y);
     let batch = seq.q_batch;
-    let row0 = wg.x * BLOCK_M;
+    let tile = paired_tile(wg.x, groups.x);
+    let row0 = tile * BLOCK_M;
     // Block rows are "packed rows": query row `row / group` of query head
     // `head_of(row)` (group = 1 unless BLOCKED_GROUP_ROWS, where the group
     // is the KV head's query heads).
     let grouped = has_flag(BLOCKED_GROUP_ROWS);
     let group = select(1u, p.heads_q / p.heads_kv, grouped);
-    let head_kv = select(wg.y / (p.heads_q / p.heads_kv), wg.y, grouped);
+    let head_kv = select(wg.z / (p.heads_q / p.heads_kv), wg.z, grouped);
     // The dispatch covers the longest sequence; shorter ones stop here
     // (the whole workgroup at once, before any barrier).
     if (row0 >= seq.extent * group) {
@@ -223,7 +225,7 @@ fn main(
             let i = base + s * WG_SIZE + lid;
             let row = min(row0 + i / D4, max(seq_q, 1u) - 1u);
             let q_row = seq.q_start + row / group;
-            let head = head_of(row, wg.y, group, grouped);
+            let head = head_of(row, wg.z, group, grouped);
             staged[s] = vec4<f32>(0.0);
             if (i < BLOCK_M * D4) {
                 staged[s] = load_q(batch * p.q.batch + q_row * p.q.seq + head * p.q.head + p.q.offset + i % D4);
@@ -254,19 +256,19 @@ fn main(
 // #if DROPOUT
     // Each row's dropout hash state, from its sequence's mask; keys count
     // from the sequence's first (a chunk's from `drop_origin.y`).
-    let drop_origin = dropout_origin(wg.z, seq);
+    let drop_origin = dropout_origin(wg.y, seq);
     let drop_key_base = vec4<i32>(i32(drop_origin.y));
     var drop_state: array<u32, ROWS>;
 // #endif
 // #if MASK
     var mask_row: array<u32, ROWS>;
-    let mask_base = batch * mp.batch_stride + wg.y * mp.head_stride;
+    let mask_base = batch * mp.batch_stride + wg.z * mp.head_stride;
     // Tiles are aligned to multiples of BLOCK_N, as the tile states are.
     wg_lo -= wg_lo % i32(BLOCK_N);
 // #endif
     for (var r = 0u; r < ROWS; r++) {
         let row = row0 + my_rows + r;
-        heads[r] = head_of(row, wg.y, group, grouped);
+        heads[r] = head_of(row, wg.z, group, grouped);
         slopes[r] = alibi_slope_of(batch, heads[r]);
         let start = softmax_start(heads[r], true);
 // #if MASK
@@ -319,7 +321,7 @@ fn main(
     for (var kv0 = wg_lo; kv0 <= wg_hi; kv0 += i32(BLOCK_N)) {
         let n_keys = u32(min(i32(BLOCK_N), wg_hi + 1 - kv0));
 // #if MASK
-        let mask_state = tile_mask_state(batch, wg.y, wg.x, kv0);
+        let mask_state = tile_mask_state(batch, wg.z, tile, kv0);
         if (mask_state == 0u) {
             continue;
         }

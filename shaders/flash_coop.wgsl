@@ -191,6 +191,7 @@ fn emu_load(at: u32, stride: u32, lane: u32) -> CoopC {
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
+    @builtin(num_workgroups) groups: vec3<u32>,
 // #if COOP_EMULATED
 // #else
     @builtin(subgroup_id) subgroup_id: u32,
@@ -216,10 +217,11 @@ fn main(
     // than a plausible wrong answer.
     let covered = num_subgroups >= ROW_TILES;
 // #endif
-    let seq = sequence_rows(wg.z);
+    let seq = sequence_rows(wg.y);
     let batch = seq.q_batch;
-    let head_q = wg.y;
-    let row0 = wg.x * BLOCK_M;
+    let head_q = wg.z;
+    let tile = paired_tile(wg.x, groups.x);
+    let row0 = tile * BLOCK_M;
     // The dispatch covers the longest sequence; blocks past a shorter
     // one visit no key and write nothing. (No early return: barriers and
     // matrix operations need every invocation to reach them.)
@@ -276,7 +278,7 @@ fn main(
 // #if DROPOUT
     // The row's dropout hash state, from its sequence's mask; keys count
     // from the sequence's first (a chunk's from `drop_origin.y`).
-    let drop_origin = dropout_origin(wg.z, seq);
+    let drop_origin = dropout_origin(wg.y, seq);
     let drop_state = dropout_row_state(drop_origin.x, head_q, row);
 // #endif
     // A sink counts once per row: in lane 0's share of the sum. `m` is
@@ -353,7 +355,7 @@ fn main(
     for (var kv0 = wg_lo; kv0 <= wg_hi; kv0 += i32(BLOCK_N)) {
         let n_keys = u32(min(i32(BLOCK_N), wg_hi + 1 - kv0));
 // #if MASK
-        let mask_state = tile_mask_state(batch, head_q, wg.x, kv0);
+        let mask_state = tile_mask_state(batch, head_q, tile, kv0);
         if (mask_state == 0u) {
             continue;
         }

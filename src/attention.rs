@@ -562,7 +562,7 @@ impl PreparedCall<'_> {
             self.kv_view("v", self.args.v),
         ];
         let pipeline = gpu.pipelines.get(gpu, &self.plan.specialization())?;
-        let [x, y, _] = self.plan.workgroups();
+        let [x, _, heads] = self.plan.workgroups();
         let chunks = plan_key_chunks(&units, &views[0], &views[1], &chunk_limits)?;
         let Some(dispatches) = chunks else {
             let mut params = self.dispatch_params();
@@ -576,7 +576,7 @@ impl PreparedCall<'_> {
             let params = gpu.params_buffer(&params)?;
             let bindings = self.bindings(gpu, &params);
             let bind_group = bindings.bind(gpu, &pipeline.bind_group_layout, &table, None)?;
-            let grid = [x, y, units.len() as u32];
+            let grid = [x, units.len() as u32, heads];
             return Ok(PreparedPass::one(
                 "flash attention forward",
                 pipeline,
@@ -621,7 +621,7 @@ impl PreparedCall<'_> {
                 &table,
                 Some((&carry, carry_bytes)),
             )?;
-            prepared.push((bind_group, [x, y, dispatch.units.len() as u32]));
+            prepared.push((bind_group, [x, dispatch.units.len() as u32, heads]));
         }
         Ok(PreparedPass {
             label: "flash attention forward (key chunks)",

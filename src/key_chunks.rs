@@ -104,7 +104,7 @@ pub(crate) struct ChunkLimits {
     pub keys_per_dispatch: Option<u64>,
     /// The kernel's key tile: chunks are whole tiles where they can be.
     pub block_n: u32,
-    /// Units one dispatch may hold (workgroups along z).
+    /// Units one dispatch may hold (workgroups along y).
     pub max_units: u32,
 }
 

@@ -318,7 +318,7 @@ pub struct BackwardParams {
 
 /// Twin of `struct BackwardUnit` in `shaders/flash_backward.wgsl`: one
 /// sequence of a padded or packed batch, which the backward's workgroups
-/// with its index along z work on (the kernels read it as words of the
+/// with its index along y work on (the kernels read it as words of the
 /// table binding).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]

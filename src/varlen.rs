@@ -263,7 +263,7 @@ impl Gpu {
         self.prepare_sequences(args, config, sequences, extents, keys_per_dispatch)
     }
 
-    /// Every sequence in one dispatch: workgroups along z are the
+    /// Every sequence in one dispatch: workgroups along y are the
     /// sequences, each reading its rows and keys from a table
     /// (`SequenceRows`); rows past a sequence's queries up to `extents[i]`
     /// (padding) are written as zeros with logsumexp +inf by the kernel,
@@ -279,7 +279,7 @@ impl Gpu {
         keys_per_dispatch: Option<usize>,
     ) -> Result<Option<PreparedPass>> {
         let shape = args.shape()?;
-        // One sequence per workgroup along z: tiles, workgroups and the
+        // One sequence per workgroup along y: tiles, workgroups and the
         // loop budget follow the longest sequence, not the packed total.
         let rows = extents.iter().copied().max().unwrap_or(0);
         let keys = sequences.iter().map(|s| s.kv_len).max().unwrap_or(0);

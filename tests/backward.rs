@@ -653,7 +653,7 @@ fn packed_varlen_batches_with_empty_and_single_sequences() {
 }
 
 /// Every sequence of a packed batch runs in one dispatch per pass, one
-/// workgroup row along z each: one more sequence than the adapter's
+/// workgroup row along y each: one more sequence than the adapter's
 /// workgroup limit is `DispatchTooLarge` with the numbers, in the backward
 /// as in the forward (never a wrong answer or a device error); at the
 /// limit the backward runs, each of the many short sequences (empty on

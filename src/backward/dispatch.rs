@@ -18,7 +18,7 @@ use crate::varlen::{Sequence, padded_sequences, varlen_sequences};
 
 use super::{BackwardArgs, BackwardPlan, HostGradients, SinkGrads};
 
-/// What the passes' workgroups along z work on: a dense call's batch
+/// What the passes' workgroups along y work on: a dense call's batch
 /// entries, or a padded or packed call's sequences (`BackwardUnit`s, read
 /// by the kernels from a table).
 struct Units {
@@ -189,7 +189,7 @@ impl Gpu {
                 Units::of_sequences(&shape, &sequences, |s| (s.q_len, s.kv_len))
             }
         };
-        // One workgroup row along z per unit: more sequences than the
+        // One workgroup row along y per unit: more sequences than the
         // adapter's workgroup limit is `DispatchTooLarge` (as in the
         // forward).
         plan.check_call(self.info(), &units.shape, units.extent_q, units.extent_kv)?;

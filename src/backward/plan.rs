@@ -242,21 +242,23 @@ impl BackwardPlan {
         };
         let (keys_per_group, rows_per_group) =
             (u64::from(keys_per_group), u64::from(rows_per_group));
+        // Heads slowest, as in the forward (src/plan/forward.rs): equal
+        // work in every contiguous range of the grid on llvmpipe.
         match pass {
             BackwardPass::Deltas => [
                 (extent_q as u64).div_ceil(u64::from(DELTA_WORKGROUP)),
-                shape.heads_q as u64,
                 shape.batch as u64,
+                shape.heads_q as u64,
             ],
             BackwardPass::Keys => [
                 (extent_kv as u64).div_ceil(keys_per_group),
-                shape.heads_kv as u64,
                 shape.batch as u64,
+                shape.heads_kv as u64,
             ],
             BackwardPass::Queries => [
                 (extent_q as u64).div_ceil(rows_per_group),
-                shape.heads_q as u64,
                 shape.batch as u64,
+                shape.heads_q as u64,
             ],
             // One workgroup per query head, over the whole call.
             BackwardPass::Sinks => [shape.heads_q as u64, 1, 1],
@@ -283,7 +285,7 @@ impl BackwardPlan {
         let limit = info.limits.max_compute_workgroups_per_dimension;
         for pass in BackwardPass::ALL {
             let groups = self.workgroups(pass, shape, extent_q, extent_kv);
-            for (axis, &n) in ["x", "heads", "batch"].iter().zip(&groups) {
+            for (axis, &n) in ["x", "batch", "heads"].iter().zip(&groups) {
                 if n > u64::from(limit) {
                     return Err(Error::DispatchTooLarge {
                         what: "attention backward",
@@ -663,6 +665,12 @@ mod tests {
                         assert!(t.workgroup_size() <= info.max_invocations());
                         // Key blocks for the key pass, query blocks for the
                         // query pass; the other passes keep their own.
+                        // Heads along z, the slowest axis, as in the
+                        // forward.
+                        for pass in [BackwardPass::Keys, BackwardPass::Queries] {
+                            let grid = plan.workgroups(pass, &shape, 1000, 900);
+                            assert_eq!(grid[1..], [1, 8]);
+                        }
                         let groups = |pass| plan.workgroups(pass, &shape, 1000, 900)[0];
                         assert_eq!(
                             groups(BackwardPass::Keys),
