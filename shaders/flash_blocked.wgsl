@@ -57,7 +57,7 @@ const BLOCK_M: u32 = ROW_LANES * ROWS;
 const STAGED_VEC4S: u32 = WG_SIZE * STAGE_BATCH;
 // Bit of Params.flags (twin of params::blocked_flags::GROUP_ROWS): the
 // block's rows are (query row, head) pairs of one KV head's group of query
-// heads, head fastest, and workgroups along y are KV heads, so the group
+// heads, head fastest, and workgroups along z are KV heads, so the group
 // reads each K/V tile once. The planner sets it for GQA calls with fewer
 // query rows than a block (decoding-like shapes); never with a mask.
 const BLOCKED_GROUP_ROWS: u32 = 128u;

@@ -108,7 +108,7 @@ pub struct SequenceRows {
 /// from [`flags`].
 pub mod blocked_flags {
     /// The block's rows are (query row, head) pairs of one KV head's query
-    /// heads; workgroups along y are KV heads.
+    /// heads; workgroups along z are KV heads.
     pub const GROUP_ROWS: u32 = 128;
 }
 

@@ -463,8 +463,9 @@ fn decode_and_masks_report_validated_figures() {
             "--iters",
             "1",
             "--backward",
-            "--packed-sequences",
-            "12",
+            // A long sequence beside short ones, one of a single token.
+            "--packed-lens",
+            "100,1,17,64",
         ],
     );
     compiled_ahead(&output);
@@ -482,8 +483,24 @@ fn decode_and_masks_report_validated_figures() {
             "valid lengths",
             "padded, valid lengths",
             "packed, cu_seqlens",
+            "padded, valid lengths",
+            "packed, cu_seqlens",
             "dense boolean mask",
             "block-sparse"
+        ]
+    );
+    let packed: Vec<&str> = runs
+        .iter()
+        .map(|r| r["case"].as_str().unwrap())
+        .filter(|case| case.starts_with("packed"))
+        .collect();
+    assert_eq!(
+        packed,
+        [
+            "packed forward, causal seqs 100+1+17+64 H12 d64",
+            "packed forward, causal seqs 100+1+17+64 H12 d64",
+            "packed backward, causal seqs 100+1+17+64 H12 d64",
+            "packed backward, causal seqs 100+1+17+64 H12 d64",
         ]
     );
     for run in runs {
@@ -545,6 +562,16 @@ fn bad_flags_exit_2_with_the_reason() {
             "at most 536870912 (max_sequence_len)",
         ),
         (vec!["masks", "--iters", "0"], "at least 1 timed run"),
+        (
+            vec!["masks", "--backward", "--packed-lens", "64,0"],
+            "at least 1 token",
+        ),
+        (
+            vec!["masks", "--backward", "--packed-lens", "8193"],
+            "at most 8192",
+        ),
+        // The packed batch is the backward's case.
+        (vec!["masks", "--packed-lens", "64"], "--backward"),
     ];
     for (args, reason) in cases {
         let output = flash_bench(&args);

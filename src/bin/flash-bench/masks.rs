@@ -49,6 +49,18 @@ pub struct MasksArgs {
     /// heads, d=64).
     #[arg(long, default_value_t = 128)]
     packed_sequences: usize,
+    /// The packed batch's sequence lengths instead, comma-separated (e.g.
+    /// 2048,256: one long sequence beside a short one, whose work the
+    /// grid must spread over the adapter's cores).
+    #[arg(
+        long,
+        value_name = "N,N,...",
+        value_delimiter = ',',
+        value_parser = crate::options::parse_packed_len,
+        requires = "backward",
+        conflicts_with = "packed_sequences"
+    )]
+    packed_lens: Option<Vec<usize>>,
 }
 
 /// Query rows checked per case, spread over the sequence.
@@ -164,7 +176,24 @@ pub fn run(
             host: &host,
         };
         ok &= padded_backward(gpu, &padded, &tensors, attended, plan, &mut runs)?;
-        ok &= packed_backward(gpu, args.packed_sequences, plan, &mut runs)?;
+        let packed = match &args.packed_lens {
+            Some(lens) => {
+                let joined: Vec<String> = lens.iter().map(usize::to_string).collect();
+                PackedBatch {
+                    lens: lens.clone(),
+                    label: format!("causal seqs {}", joined.join("+")),
+                }
+            }
+            None => {
+                let mut rng = seeded(0x9ac3);
+                let count = args.packed_sequences;
+                PackedBatch {
+                    lens: (0..count).map(|_| rng.random_range(16..=128)).collect(),
+                    label: format!("{count} causal seqs 16-128"),
+                }
+            }
+        };
+        ok &= packed_forward_backward(gpu, &packed, plan, &mut runs)?;
     }
 
     // Longformer: sliding window plus global tokens.
@@ -353,25 +382,42 @@ fn report_row(
 /// The row of token `i` of sequence `b` in a layout.
 type RowOf<'a> = dyn Fn(usize, usize) -> usize + 'a;
 
-/// A packed batch of `count` short causal sequences (16-128 tokens, 12
-/// heads, d=64: supervised fine-tuning's shape), its backward after its
-/// forward two ways: padded to the longest with valid lengths, and packed
-/// with cumulative offsets (`cu_seqlens`). Every gradient of every
-/// sequence is validated against the f64 reference backward of that
-/// sequence alone; padding must hold zeros.
-fn packed_backward(
+/// The sequences of `masks --backward`'s packed batch.
+struct PackedBatch {
+    lens: Vec<usize>,
+    /// How the case names them ("128 causal seqs 16-128", "causal seqs
+    /// 2048+256").
+    label: String,
+}
+
+/// One timed variant of a packed case, reported once all have run.
+struct PackedRow {
+    variant: &'static str,
+    ms: f64,
+    gflops: f64,
+    err: f64,
+}
+
+/// A packed batch of causal sequences (12 heads, d=64; by default 16-128
+/// tokens each, supervised fine-tuning's shape), its forward and its
+/// backward two ways: padded to the longest with valid lengths, and packed
+/// with cumulative offsets (`cu_seqlens`). Every output and gradient of
+/// every sequence is validated against the f64 reference of that sequence
+/// alone; padding must hold zeros.
+fn packed_forward_backward(
     gpu: &Gpu,
-    count: usize,
+    batch: &PackedBatch,
     plan: TimingPlan,
     runs: &mut Vec<MaskRun>,
 ) -> Result<bool> {
     let (heads, d) = (12, 64);
     let width = heads * d;
+    let lens = &batch.lens;
+    let count = lens.len();
     let mut rng = seeded(0x9ac4);
-    let lens: Vec<usize> = (0..count).map(|_| rng.random_range(16..=128)).collect();
     let longest = lens.iter().copied().max().unwrap_or(1);
     let mut cu = vec![0];
-    for &len in &lens {
+    for &len in lens {
         cu.push(cu.last().unwrap() + len);
     }
     let total = cu[count];
@@ -382,7 +428,7 @@ fn packed_backward(
         .map(|&len| std::array::from_fn(|_| normal_vec(&mut rng, len * width, 1.0)))
         .collect();
     let mut wants = Vec::with_capacity(count);
-    for (x, &len) in inputs.iter().zip(&lens) {
+    for (x, &len) in inputs.iter().zip(lens) {
         let alone = AttentionShape::self_attention(1, len, heads, d);
         let [q, k, v, d_out] = x;
         wants.push(reference::attention_backward(
@@ -393,7 +439,9 @@ fn packed_backward(
         )?);
     }
     let attended: usize = lens.iter().map(|&n| n * (n + 1) / 2).sum::<usize>() * heads;
-    let name = format!("packed backward, {count} causal seqs 16-128 H12 d64");
+    let forward_flops = 2.0 * (2 * d) as f64 * attended as f64;
+    let forward_name = format!("packed forward, {} H12 d64", batch.label);
+    let backward_name = format!("packed backward, {} H12 d64", batch.label);
     let padded_shape = AttentionShape::self_attention(count, longest, heads, d);
     let packed_shape = AttentionShape::self_attention(1, total, heads, d);
     // Where token `i` of sequence `b` lives in each layout.
@@ -404,7 +452,7 @@ fn packed_backward(
         ("packed, cu_seqlens", packed_shape, &packed_row),
     ];
     let mut ok = true;
-    let mut first_ms = None;
+    let (mut forward_rows, mut backward_rows) = (Vec::new(), Vec::new());
     for (variant, shape, row_of) in layouts {
         let rows = shape.batch * shape.seq_q;
         let mut host: [Vec<f32>; 4] = std::array::from_fn(|_| vec![0.0; rows * width]);
@@ -431,8 +479,8 @@ fn packed_backward(
             ForwardOptions::new(&config).varlen(&cu, &cu)
         } else {
             ForwardOptions::new(&config).valid_lengths(ValidLengths {
-                q: Some(&lens),
-                kv: &lens,
+                q: Some(lens),
+                kv: lens,
             })
         };
         let backward = BackwardArgs {
@@ -451,14 +499,29 @@ fn packed_backward(
             gpu.forward(e, &backward.forward_args(), options.clone())?;
             gpu.backward(e, &backward, options.clone())
         })?;
+        let got_out = out.to_f32_vec(gpu)?;
         let got = [
             dq.to_f32_vec(gpu)?,
             dk.to_f32_vec(gpu)?,
             dv.to_f32_vec(gpu)?,
         ];
-        let mut err = 0.0f64;
+        let (mut out_err, mut err) = (0.0f64, 0.0f64);
         let mut valid = vec![false; rows];
         for (b, want) in wants.iter().enumerate() {
+            for i in 0..lens[b] {
+                let at = row_of(b, i) * width;
+                let (got, want) = (
+                    &got_out[at..at + width],
+                    &want.out[i * width..(i + 1) * width],
+                );
+                for (g, w) in got.iter().zip(want) {
+                    ensure!(
+                        g.is_finite(),
+                        "{forward_name} / {variant}: an output was not written"
+                    );
+                    out_err = out_err.max((f64::from(*g) - w).abs());
+                }
+            }
             let want = [&want.dq, &want.dk, &want.dv];
             for (got, want) in got.iter().zip(want) {
                 let magnitude = largest(want);
@@ -466,30 +529,57 @@ fn packed_backward(
                     let at = row_of(b, i) * width;
                     valid[row_of(b, i)] = true;
                     let (got, want) = (&got[at..at + width], &want[i * width..(i + 1) * width]);
-                    let what = format!("{name} / {variant}");
+                    let what = format!("{backward_name} / {variant}");
                     err = err.max(gradient_error(got, want, magnitude, &what)?);
                 }
             }
         }
-        // Padding rows get zero gradients.
+        // Padding rows get zero outputs and gradients.
         for (row, _) in valid.iter().enumerate().filter(|(_, v)| !**v) {
-            for got in &got {
+            for got in got.iter().chain([&got_out]) {
                 ensure!(
                     got[row * width..(row + 1) * width]
                         .iter()
                         .all(|&g| g == 0.0),
-                    "{name} / {variant}: padding row {row} has nonzero gradients"
+                    "{backward_name} / {variant}: padding row {row} is not zeros"
                 );
             }
         }
-        ok &= err <= BACKWARD_TOLERANCE;
+        ok &= out_err <= TOLERANCE && err <= BACKWARD_TOLERANCE;
+        let forward = time_gpu(gpu, plan, |e| {
+            gpu.forward(e, &backward.forward_args(), options.clone())
+        })?;
+        forward_rows.push(PackedRow {
+            variant,
+            ms: forward.median_ms,
+            gflops: forward_flops / (forward.median_ms / 1e3) / 1e9,
+            err: out_err,
+        });
         let timing = time_gpu(gpu, plan, |e| gpu.backward(e, &backward, options.clone()))?;
-        let ms = timing.median_ms;
-        let flops = BACKWARD_FLOPS_PER_FORWARD * 2.0 * (2 * d) as f64 * attended as f64;
-        let gflops = flops / (ms / 1e3) / 1e9;
-        let speedup = first_ms.map(|first: f64| first / ms);
-        first_ms = first_ms.or(Some(ms));
-        report_row(&name, variant, ms, gflops, speedup, err, runs);
+        backward_rows.push(PackedRow {
+            variant,
+            ms: timing.median_ms,
+            gflops: BACKWARD_FLOPS_PER_FORWARD * forward_flops / (timing.median_ms / 1e3) / 1e9,
+            err,
+        });
+    }
+    for (name, rows) in [
+        (&forward_name, forward_rows),
+        (&backward_name, backward_rows),
+    ] {
+        let first_ms = rows[0].ms;
+        for (i, row) in rows.iter().enumerate() {
+            let speedup = (i > 0).then(|| first_ms / row.ms);
+            report_row(
+                name,
+                row.variant,
+                row.ms,
+                row.gflops,
+                speedup,
+                row.err,
+                runs,
+            );
+        }
     }
     Ok(ok)
 }

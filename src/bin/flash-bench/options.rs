@@ -201,6 +201,23 @@ pub fn parse_iters(text: &str) -> Result<usize, String> {
     }
 }
 
+/// Longest sequence `masks --packed-lens` takes: each sequence's f64
+/// reference backward runs on one CPU core (about 10 s at 2048 tokens, 16x
+/// that at 8192).
+pub const MOST_PACKED_LEN: usize = 8192;
+
+/// One sequence length of `masks --packed-lens`.
+pub fn parse_packed_len(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("a packed sequence needs at least 1 token".to_string()),
+        Ok(n) if n > MOST_PACKED_LEN => Err(format!(
+            "{n} tokens: at most {MOST_PACKED_LEN} (the f64 reference backward runs on the CPU)"
+        )),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{text:?}: {e}")),
+    }
+}
+
 /// A KV-cache page size: a power of two in `wgpu_flash_attn::PAGE_SIZES`.
 pub fn parse_page_size(text: &str) -> Result<usize, String> {
     let sizes = wgpu_flash_attn::PAGE_SIZES;
