@@ -170,17 +170,6 @@ fn dropout_output_scale(unit: SequenceRows) -> f32 {
 }
 // #endif
 
-// The row tile of workgroup `x` of `tiles` along x: tiles from both ends
-// in turn (0, n-1, 1, n-2, ...), so that any run of consecutive
-// workgroups holds as many late rows (the causal mask's long ones) as
-// early ones. llvmpipe hands each thread one contiguous range of the grid:
-// in order, one causal head on two threads split its work 1 : 3 (the
-// paired order ran it 1.45-1.8x faster). Twin of `paired_block` in
-// flash_backward.wgsl.
-fn paired_tile(x: u32, tiles: u32) -> u32 {
-    let k = x / 2u;
-    return select(tiles - 1u - k, k, (x & 1u) == 0u);
-}
 // Shared with flash_blocked.wgsl up to here.
 
 // #if MASK
@@ -215,7 +204,7 @@ fn main(
     @builtin(subgroup_invocation_id) lane: u32,
 // #endif
 ) {
-    let tile = paired_tile(wg.x, groups.x);
+    let tile = paired_block(wg.x, groups.x);
     let seq = sequence_rows(wg.y);
     let batch = seq.q_batch;
     let head_q = wg.z;

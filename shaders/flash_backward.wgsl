@@ -122,16 +122,6 @@ struct BackwardUnit {
 }
 const UNIT_WORDS: u32 = 8u;
 
-// The key or query block of workgroup `x` of `blocks` along x: blocks from
-// both ends in turn (0, n-1, 1, n-2, ...), so that any run of consecutive
-// workgroups holds as much of a causal mask's work as any other (llvmpipe
-// gives each thread one contiguous range of the grid). Twin of
-// `paired_tile` in flash_attention.wgsl.
-fn paired_block(x: u32, blocks: u32) -> u32 {
-    let k = x / 2u;
-    return select(blocks - 1u - k, k, (x & 1u) == 0u);
-}
-
 // The unit of workgroups with y = `index`. Identical in every invocation
 // of a workgroup (read-only storage at a uniform index), so control flow
 // that depends on it stays uniform.

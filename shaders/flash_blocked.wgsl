@@ -187,7 +187,7 @@ fn main(
 ) {
     let seq = sequence_rows(wg.y);
     let batch = seq.q_batch;
-    let tile = paired_tile(wg.x, groups.x);
+    let tile = paired_block(wg.x, groups.x);
     let row0 = tile * BLOCK_M;
     // Block rows are "packed rows": query row `row / group` of query head
     // `head_of(row)` (group = 1 unless BLOCKED_GROUP_ROWS, where the group

@@ -220,7 +220,7 @@ fn main(
     let seq = sequence_rows(wg.y);
     let batch = seq.q_batch;
     let head_q = wg.z;
-    let tile = paired_tile(wg.x, groups.x);
+    let tile = paired_block(wg.x, groups.x);
     let row0 = tile * BLOCK_M;
     // The dispatch covers the longest sequence; blocks past a shorter
     // one visit no key and write nothing. (No early return: barriers and

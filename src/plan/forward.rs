@@ -465,7 +465,7 @@ impl ForwardPlan {
         // slowest, a packed batch of 2048 + 256 causal tokens ran on one
         // thread, 1.6-1.9x slower on two cores). FlashAttention-2's grid
         // is ordered the same way. Along x the kernels take row tiles from
-        // both ends in turn (`paired_tile`), which does the same for the
+        // both ends in turn (`paired_block`), which does the same for the
         // rows of one causal head.
         let ungrouped = [
             (shape.seq_q as u64).div_ceil(block_m),
