@@ -275,6 +275,36 @@ fn decode_row(row: u32, batch: u32, head_kv: u32, s: DecodeSequence, split: u32)
     return r;
 }
 
+// #if TREE_MASK
+// Speculative decoding's token tree (DecodeOptions::token_trees): whether
+// query token `query` of sequence `batch` (`s`) may see cache position
+// `pos`. The sequence's query tokens are its last q_count positions (the
+// draft): draft key j is seen by token j and its descendants only; every
+// key before the draft is seen by all (the other masks still apply). The
+// trees follow the block table's sequence_count rows in its buffer: one
+// word per sequence saying where its bits start (counted from there),
+// then the bits, one row of ceil(q_count / 32) words per query token, bit
+// j % 32 of word j / 32 set where the token sees draft key j
+// (src/token_tree.rs writes them). A branch, not a select: keys before
+// the draft, nearly all of them, read no word.
+fn tree_sees(batch: u32, s: DecodeSequence, query: u32, pos: i32) -> bool {
+    let draft = pos - (i32(s.len) - i32(s.q_count));
+    var seen = true;
+    if (draft >= 0 && draft < i32(s.q_count)) {
+        let trees = dp.sequence_count * dp.pages_per_seq;
+        let row = trees + block_table[trees + batch] + query * ((s.q_count + 31u) / 32u);
+        seen = ((block_table[row + u32(draft) / 32u] >> (u32(draft) % 32u)) & 1u) != 0u;
+    }
+    return seen;
+}
+
+// `tree_sees` of four positions.
+fn tree_sees4(batch: u32, s: DecodeSequence, query: u32, pos: vec4<i32>) -> vec4<bool> {
+    return vec4<bool>(tree_sees(batch, s, query, pos.x), tree_sees(batch, s, query, pos.y),
+        tree_sees(batch, s, query, pos.z), tree_sees(batch, s, query, pos.w));
+}
+// #endif
+
 // One online-softmax step of a row over four keys: the new running max and
 // sum, the factor that rescales the accumulator, and the keys' weights.
 struct SoftmaxStep {
@@ -487,7 +517,12 @@ fn main(
         var correction: array<f32, ROWS>;
         for (var r = 0u; r < ROWS; r++) {
             let scores = finish_scores(dots[r] * scales[0], rows[r].pos, key_pos, rows[r].slope);
+// #if TREE_MASK
+            let visible = here & (key_pos >= vec4<i32>(rows[r].lo)) & (key_pos <= vec4<i32>(rows[r].hi))
+                & tree_sees4(batch, sequence, rows[r].query, key_pos);
+// #else
             let visible = here & (key_pos >= vec4<i32>(rows[r].lo)) & (key_pos <= vec4<i32>(rows[r].hi));
+// #endif
             let step = softmax_step(scores, visible, m[r], l[r]);
             m[r] = step.m;
             l[r] = step.l;
@@ -709,7 +744,12 @@ fn main(
         var correction: array<f32, ROWS>;
         for (var r = 0u; r < ROWS; r++) {
             let s = finish_scores(vec4<f32>(dots[r] * scales.x), rows[r].pos, vec4<i32>(key_pos), rows[r].slope).x;
+// #if TREE_MASK
+            let visible = row >= 0 && key_pos >= rows[r].lo && key_pos <= rows[r].hi
+                && tree_sees(batch, sequence, rows[r].query, key_pos);
+// #else
             let visible = row >= 0 && key_pos >= rows[r].lo && key_pos <= rows[r].hi;
+// #endif
             let shown = select(MIN_SCORE, s, visible);
             let m_new = max(m[r], subgroupMax(shown));
             correction[r] = exp_shifted(vec4<f32>(m[r] - m_new)).x;
@@ -794,7 +834,12 @@ fn main(
         for (var r = 0u; r < ROWS; r++) {
             let dots = subgroupAdd(lane_dots(&q, &k, r)) * scales[0];
             let scores = finish_scores(dots, rows[r].pos, key_pos, rows[r].slope);
+// #if TREE_MASK
+            let visible = (rows4 >= vec4<i32>(0)) & (key_pos >= vec4<i32>(rows[r].lo)) & (key_pos <= vec4<i32>(rows[r].hi))
+                & tree_sees4(batch, sequence, rows[r].query, key_pos);
+// #else
             let visible = (rows4 >= vec4<i32>(0)) & (key_pos >= vec4<i32>(rows[r].lo)) & (key_pos <= vec4<i32>(rows[r].hi));
+// #endif
             let step = softmax_step(scores, visible, m[r], l[r]);
             m[r] = step.m;
             l[r] = step.l;
@@ -1072,7 +1117,12 @@ fn main(
             var correction: array<f32, ROWS>;
             for (var r = 0u; r < ROWS; r++) {
                 let scores = finish_scores(dots[r] * scales[0], rows[r].pos, key_pos, rows[r].slope);
+// #if TREE_MASK
+                let visible = here & (key_pos >= vec4<i32>(rows[r].lo)) & (key_pos <= vec4<i32>(rows[r].hi))
+                    & tree_sees4(batch, sequence, rows[r].query, key_pos);
+// #else
                 let visible = here & (key_pos >= vec4<i32>(rows[r].lo)) & (key_pos <= vec4<i32>(rows[r].hi));
+// #endif
                 let step = softmax_step(scores, visible, m[r], l[r]);
                 m[r] = step.m;
                 l[r] = step.l;

@@ -14,8 +14,9 @@ use crate::operands::{
 use crate::params::{CombineParams, DecodeParams, DecodeSequence, TensorStrides};
 use crate::pipelines::{ELEMENTWISE_WORKGROUP, PreparedPass, bind_buffers, elementwise_groups};
 use crate::plan::{CacheShape, DecodePlan, QueryTokens, sequence_row_tiles};
-use crate::shaders::{DecodeIo, Specialization};
+use crate::shaders::{DecodeIo, DecodeMask, Specialization};
 use crate::tensor::{DType, Tensor, TensorShape, check_binding_size, require_usage};
+use crate::token_tree::{TokenTree, check_trees, tree_words};
 
 /// The operands of one decode call.
 #[derive(Debug, Clone, Copy)]
@@ -84,6 +85,14 @@ pub struct DecodeOptions {
     /// subgroup tier is an error (`TierUnavailable`, or
     /// `UnsupportedCombination` with a forced portable tier).
     pub lanes: Option<DecodeLanes>,
+    /// Speculative decoding's token trees, one per cache sequence, each
+    /// with as many tokens as its sequence has query tokens in the call:
+    /// a query token then sees the keys before its sequence's draft, its
+    /// ancestors and itself only (on top of causal and windows, which
+    /// still apply). `None`: by position alone. Calls with trees always
+    /// run the decode kernel, not the forward
+    /// ([`DecodePlan::as_forward`] stays `None`).
+    pub token_trees: Option<Vec<TokenTree>>,
 }
 
 impl DecodeOptions {
@@ -93,6 +102,7 @@ impl DecodeOptions {
             config: config.clone(),
             kv_splits: None,
             lanes: None,
+            token_trees: None,
         }
     }
     /// Forces the split count.
@@ -103,6 +113,12 @@ impl DecodeOptions {
     /// Forces the subgroup tier's lane layout.
     pub fn lanes(mut self, lanes: DecodeLanes) -> Self {
         self.lanes = Some(lanes);
+        self
+    }
+    /// Masks each sequence's draft tokens by its token tree (one per cache
+    /// sequence, [`DecodeOptions::token_trees`]).
+    pub fn token_trees(mut self, trees: Vec<TokenTree>) -> Self {
+        self.token_trees = Some(trees);
         self
     }
 }
@@ -119,6 +135,7 @@ impl From<AttentionConfig> for DecodeOptions {
             config,
             kv_splits: None,
             lanes: None,
+            token_trees: None,
         }
     }
 }
@@ -274,6 +291,12 @@ impl Gpu {
             ),
         ])?;
         config.validate(&shape)?;
+        if let Some(trees) = &options.token_trees {
+            check_trees(trees, cache.batch(), |b| match queries {
+                QueryTokens::Same(n) => n,
+                QueryTokens::PerSequence(counts) => counts[b],
+            })?;
+        }
         if config.active_dropout().is_some() {
             return Err(Error::UnsupportedCombination {
                 what: "dropout and decoding (dropout is a training option)",
@@ -324,7 +347,8 @@ impl Gpu {
             ..cache_shape
         };
         plan.as_forward = match queries {
-            _ if candidates.is_empty() => None,
+            // The forward has no token trees.
+            _ if candidates.is_empty() || options.token_trees.is_some() => None,
             QueryTokens::PerSequence(_) if per_batch_slopes => None,
             _ => plan.forward_instead(
                 self.info(),
@@ -366,6 +390,7 @@ impl Gpu {
             passes.extend(self.prepare_decode_kernel(
                 args,
                 config,
+                options.token_trees.as_deref(),
                 &shape,
                 &mut kernel_plan,
                 &rows,
@@ -386,12 +411,15 @@ impl Gpu {
     /// The decode kernel's passes (one dispatch per cache buffer, then the
     /// merge of its partial results where the keys were split) for the
     /// query tokens `rows` gives each sequence, built but not recorded;
-    /// `plan` gains the kernel's input and output types. `packed`: the
-    /// queries and output are one packed batch entry (a ragged call).
+    /// `plan` gains the kernel's input and output types, and its token
+    /// tree mask where `trees` are given. `packed`: the queries and output
+    /// are one packed batch entry (a ragged call).
+    #[allow(clippy::too_many_arguments)]
     fn prepare_decode_kernel(
         &self,
         args: &DecodeArgs<'_>,
         config: &AttentionConfig,
+        trees: Option<&[TokenTree]>,
         shape: &AttentionShape,
         plan: &mut DecodePlan,
         rows: &[DecodeSequence],
@@ -414,6 +442,9 @@ impl Gpu {
                 io_dtype
             },
         });
+        if trees.is_some() {
+            plan.specialization = plan.specialization.with_decode_mask(DecodeMask::TokenTree);
+        }
         let mut params = option_params(shape, config, args.lse.is_some() || partials.is_some());
         // The logsumexp's row stride (DecodeSequence in flash_decode.wgsl).
         params.seq_q = q.seq as u32;
@@ -443,7 +474,23 @@ impl Gpu {
             "wgpu-flash-attn decode sequences",
             bytemuck::cast_slice(rows),
         )?;
-        let table = cache.table_snapshot(self)?;
+        // The trees follow the block table in its binding (`tree_sees` in
+        // flash_decode.wgsl), so the kernel binds no more storage buffers
+        // than WebGPU's default limit of 8.
+        let table = match trees {
+            Some(trees) => {
+                let mut words = cache.table_rows();
+                words.extend(tree_words(trees));
+                let bytes = bytemuck::cast_slice(&words);
+                check_binding_size(
+                    self,
+                    "decode block table and token trees",
+                    bytes.len() as u64,
+                )?;
+                self.storage_buffer("wgpu-flash-attn block table and token trees", bytes)?
+            }
+            None => cache.table_snapshot(self)?,
+        };
         let (out_buffer, lse_buffer) = match &partials {
             Some(p) => (&p.out, &p.lse),
             None => (

@@ -51,6 +51,32 @@ pub enum Error {
         got: usize,
     },
 
+    /// A token tree names a parent that does not come before its child
+    /// (`TokenTree::from_parents`: parents precede children, as the draft
+    /// tokens sit in the cache).
+    #[error("token tree: token {token}'s parent {parent} is not an earlier token")]
+    TokenTreeParent {
+        /// The token.
+        token: usize,
+        /// Its parent as given.
+        parent: usize,
+    },
+
+    /// A decode call's token tree for a sequence has another number of
+    /// tokens than the sequence has query tokens.
+    #[error(
+        "decode token trees: sequence {sequence}'s tree has {tokens} tokens, the sequence \
+         {query_tokens} query tokens"
+    )]
+    TokenTreeSize {
+        /// The sequence (cache batch entry).
+        sequence: usize,
+        /// Tokens in its tree.
+        tokens: usize,
+        /// Its query tokens in the call.
+        query_tokens: usize,
+    },
+
     /// Two sizes that must agree differ (Q/K/V/O dims, merge parts, a packed varlen batch, a
     /// cache's K and V buffers).
     #[error("{what}: {left_name} has {left}, {right_name} has {right}")]

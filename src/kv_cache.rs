@@ -695,13 +695,20 @@ impl KvCache {
         if let Some(table) = self.table_upload.get() {
             return Ok(table.clone());
         }
+        let rows = self.table_rows();
+        let table =
+            gpu.storage_buffer("wgpu-flash-attn block table", bytemuck::cast_slice(&rows))?;
+        Ok(self.table_upload.get_or_init(|| table).clone())
+    }
+
+    /// The block table as the kernels read it: one row of
+    /// `pages_per_seq` words per sequence, `NO_PAGE` past its pages.
+    pub(crate) fn table_rows(&self) -> Vec<u32> {
         let mut rows = vec![NO_PAGE; self.batch() * self.pages_per_seq];
         for (row, table) in rows.chunks_mut(self.pages_per_seq).zip(&self.block_tables) {
             row[..table.len()].copy_from_slice(table);
         }
-        let table =
-            gpu.storage_buffer("wgpu-flash-attn block table", bytemuck::cast_slice(&rows))?;
-        Ok(self.table_upload.get_or_init(|| table).clone())
+        rows
     }
 
     /// [`KvCache::table_snapshot`]'s rows of `sequences` only, in that

@@ -62,6 +62,7 @@ mod shader_contract_tests;
 mod shaders;
 pub mod spirv;
 mod tensor;
+mod token_tree;
 mod varlen;
 mod vulkan_grants;
 
@@ -89,4 +90,5 @@ pub use rope::{Rope, RopeStyle};
 pub use runtime_checks::SkippedChecks;
 pub use shaders::{BlockedTiling, unproven_loop};
 pub use tensor::{DType, Strides, Tensor, TensorShape};
+pub use token_tree::TokenTree;
 pub use varlen::ValidLengths;

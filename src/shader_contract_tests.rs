@@ -21,7 +21,8 @@ use crate::params::{
 use crate::pipelines::ELEMENTWISE_WORKGROUP;
 use crate::plan::profiles;
 use crate::shaders::{
-    BackwardPass, DecodeIo, Kernel, LinearPass, NaivePass, ShaderOverrides, Specialization,
+    BackwardPass, DecodeIo, DecodeMask, Kernel, LinearPass, NaivePass, ShaderOverrides,
+    Specialization,
 };
 use crate::{
     AttentionConfig, AttentionShape, BackwardPlan, CacheShape, DType, DecodeLanes, DecodeOptions,
@@ -170,6 +171,7 @@ pub(crate) fn shipped_specializations() -> Vec<Specialization> {
                         },
                         kv_splits: None,
                         lanes,
+                        token_trees: None,
                     };
                     if let Ok(plan) = DecodePlan::for_call(info, &cache, 1, rows, &options) {
                         add(plan.specialization);
@@ -184,6 +186,8 @@ pub(crate) fn shipped_specializations() -> Vec<Specialization> {
                                 add(plan.specialization.with_decode_io(DecodeIo { q, out }));
                             }
                         }
+                        // Token trees add the same lines to every layout.
+                        add(plan.specialization.with_decode_mask(DecodeMask::TokenTree));
                     }
                 }
             }

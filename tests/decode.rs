@@ -12,7 +12,8 @@ use rand::seq::SliceRandom;
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionShape, CacheShape, DType, DecodeArgs,
     DecodeLanes, DecodeOptions, DecodePlan, Error, Gpu, KeyRotation, KvCache, KvCacheConfig,
-    KvDType, KvLayout, Lse, Rope, RopeStyle, Strides, Tensor, TensorShape, Tier, reference,
+    KvDType, KvLayout, Lse, Rope, RopeStyle, Strides, Tensor, TensorShape, Tier, TokenTree,
+    reference,
 };
 
 const HEADS_Q: usize = 8;
@@ -2283,7 +2284,8 @@ fn config_of_sequence(config: &AttentionConfig, b: usize) -> AttentionConfig {
 /// stored as `dtype`, and the largest errors of output and logsumexp
 /// against the reference run sequence by sequence (rounding to `dtype`
 /// excepted, as in [`decode_errors_as`]). Rows are NaN-filled first, so
-/// a row the call does not write fails.
+/// a row the call does not write fails. Token trees in `options` mask the
+/// reference by their dense masks.
 fn ragged_decode_errors(
     gpu: &Gpu,
     filled: &Filled,
@@ -2334,13 +2336,19 @@ fn ragged_decode_errors(
         };
         let config = config_of_sequence(&options.config, b);
         let rows = first * row..(first + count) * row;
-        let want = reference::attention(
-            &shape,
-            &q[rows.clone()],
-            &filled.k[b],
-            &filled.v[b],
-            &config,
-        )
+        let (q, k, v) = (&q[rows.clone()], &filled.k[b], &filled.v[b]);
+        // A token tree is the dense mask it means, as the forward takes it.
+        let want = match &options.token_trees {
+            Some(trees) => {
+                let mask = trees[b].dense_mask(len);
+                let mask = reference::HostMask::Bool {
+                    dims: [1, 1, count, len],
+                    values: &mask,
+                };
+                reference::attention_masked(&shape, q, k, v, &config, &mask)
+            }
+            None => reference::attention(&shape, q, k, v, &config),
+        }
         .unwrap();
         for (i, (g, w)) in got[rows].iter().zip(&want.out).enumerate() {
             assert!(!g.is_nan(), "sequence {b}: NaN at {i} of its rows");
@@ -2456,6 +2464,175 @@ fn ragged_query_counts_match_each_sequence_alone() {
             "{dtype:?}, f16 queries: out error {out_err:.2e}, lse error {lse_err:.2e} ({plan:?})"
         );
     }
+}
+
+/// A random tree of `tokens` draft tokens: each token's parent is an
+/// earlier token or none (a root), drawn from `seed`.
+fn random_tree(tokens: usize, seed: u64) -> TokenTree {
+    let mut rng = seeded(seed);
+    let parents: Vec<Option<usize>> = (0..tokens)
+        .map(|i| {
+            let pick = rand::RngExt::random_range(&mut rng, 0..=i);
+            (pick < i).then_some(pick)
+        })
+        .collect();
+    TokenTree::from_parents(&parents).unwrap()
+}
+
+/// Speculative decoding's token trees (`DecodeOptions::token_trees`): each
+/// draft token sees the keys before its sequence's draft, its ancestors
+/// and itself, as the reference with the tree's dense mask says, on the
+/// portable tier and every lane layout of the subgroup tier the adapter
+/// has. Causal with sinks over three splits, and a window with softcap;
+/// a paged cache over two buffers; a sequence sitting out; a tree of 70
+/// tokens (three words a row, and more query rows than would keep the
+/// decode kernel without a tree: trees keep it); f32 everywhere, int8 on
+/// the default layout. A tree of another size than its sequence's query
+/// tokens, or one per sequence missing, is a typed error.
+#[test]
+fn token_trees_hide_the_other_branches() {
+    let Some(gpu) = gpu() else { return };
+    let head_dim = 32;
+    let lens = [300, 41, 130, 90];
+    let counts = [4, 0, 7, 70];
+    let trees = vec![
+        // 0 <- 1 <- 3 and 0 <- 2: token 3 sees 0, 1 and itself, not 2.
+        TokenTree::from_parents(&[None, Some(0), Some(0), Some(1)]).unwrap(),
+        TokenTree::chain(0),
+        // Two roots.
+        TokenTree::from_parents(&[None, None, Some(0), Some(1), Some(2), Some(2), Some(3)])
+            .unwrap(),
+        random_tree(70, 0x7ee0),
+    ];
+    let sinks = normal_vec(&mut seeded(0x7ee1), HEADS_Q, 1.0);
+    let configs = [
+        (
+            "causal, sinks, 3 splits",
+            AttentionConfig::new().causal(true).sinks(sinks),
+            Some(3),
+        ),
+        (
+            "window (50, 0), softcap",
+            AttentionConfig::new()
+                .window(Some(50), Some(0))
+                .softcap(15.0),
+            None,
+        ),
+    ];
+    let default_lanes = tiny_decode(gpu, &DecodeOptions::default()).unwrap().lanes();
+    let mut layouts = vec![(Some(Tier::Portable), None)];
+    if default_lanes.is_some() {
+        layouts.extend(
+            [
+                DecodeLanes::Keys,
+                DecodeLanes::HeadDim,
+                DecodeLanes::KeyTiles,
+            ]
+            .map(|lanes| (None, Some(lanes))),
+        );
+    } else {
+        eprintln!(
+            "SKIPPED: the subgroup tier's lane layouts with token trees: {} has no subgroup \
+             decode tier (the portable tier runs them)",
+            gpu.info().summary()
+        );
+    }
+    let total: usize = counts.iter().sum();
+    for (dtype, seed) in [(KvDType::F32, 0x7ee2), (KvDType::Int8, 0x7ee3)] {
+        let filled = stored_over_two_buffers(gpu, dtype, head_dim, &lens, seed);
+        for &(tier, lanes) in &layouts {
+            // int8 on the adapter's default layout only: the rest is the
+            // same code over another cache read, which other tests cover.
+            let default_layout = lanes == default_lanes && (tier.is_none() || lanes.is_none());
+            if dtype == KvDType::Int8 && !default_layout {
+                continue;
+            }
+            for (i, (name, attention, splits)) in configs.iter().enumerate() {
+                let mut config = attention.clone();
+                config.tier = tier;
+                let mut options = DecodeOptions::new(&config).token_trees(trees.clone());
+                options.lanes = lanes;
+                options.kv_splits = *splits;
+                let q = normal_vec(
+                    &mut seeded(seed + 16 * i as u64),
+                    total * HEADS_Q * head_dim,
+                    1.0,
+                );
+                let started = std::time::Instant::now();
+                let (out_err, lse_err, plan) =
+                    ragged_decode_errors(gpu, &filled, &counts, &q, &options, DType::F32);
+                eprintln!(
+                    "{dtype:?} {tier:?} {lanes:?}, {name}: {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+                assert!(
+                    plan.as_forward.is_none(),
+                    "trees keep the decode kernel: {plan:?}"
+                );
+                assert!(
+                    plan.kernel_label().contains("TREE_MASK"),
+                    "{}",
+                    plan.kernel_label()
+                );
+                assert!(
+                    out_err <= 1e-4 && lse_err <= 1e-4,
+                    "{dtype:?} {tier:?} {lanes:?}, {name}: out error {out_err:.2e}, lse error \
+                     {lse_err:.2e} ({plan:?})"
+                );
+            }
+        }
+    }
+
+    // Bad trees: one per sequence, each the size of its query tokens.
+    let filled = stored_over_two_buffers(gpu, KvDType::F32, head_dim, &lens, 0x7ee4);
+    let q = Tensor::zeros(
+        gpu,
+        TensorShape::new(1, total, HEADS_Q, head_dim),
+        DType::F32,
+    )
+    .unwrap();
+    let out = Tensor::zeros(
+        gpu,
+        TensorShape::new(1, total, HEADS_Q, head_dim),
+        DType::F32,
+    )
+    .unwrap();
+    let args = DecodeArgs {
+        q: &q,
+        cache: &filled.cache,
+        out: &out,
+        lse: None,
+    };
+    let decode = |trees: Vec<TokenTree>| {
+        let options = DecodeOptions::new(&AttentionConfig::new().causal(true)).token_trees(trees);
+        gpu.run(|e| gpu.decode_ragged(e, &args, &counts, options))
+    };
+    let got = decode(trees[..3].to_vec());
+    assert!(
+        matches!(
+            got,
+            Err(Error::DataLength {
+                expected: 4,
+                got: 3,
+                ..
+            })
+        ),
+        "{got:?}"
+    );
+    let mut wrong = trees.clone();
+    wrong[2] = TokenTree::chain(6);
+    let got = decode(wrong);
+    assert!(
+        matches!(
+            got,
+            Err(Error::TokenTreeSize {
+                sequence: 2,
+                tokens: 6,
+                query_tokens: 7
+            })
+        ),
+        "{got:?}"
+    );
 }
 
 /// Ragged decodes' own bad input: a count per sequence, query rows that add

@@ -939,6 +939,7 @@ fn run_decode(
         config: case.config.clone(),
         kv_splits,
         lanes,
+        token_trees: None,
     };
     let plan = gpu
         .run(|e| match counts {

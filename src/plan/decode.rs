@@ -10,7 +10,8 @@ use crate::decode::{DecodeLanes, DecodeOptions};
 use crate::error::{Error, Result};
 use crate::gpu::GpuInfo;
 use crate::shaders::{
-    AttentionTiling, DecodeIo, MIN_BLOCK_N, Specialization, forward_tile_bytes, largest_block_n,
+    AttentionTiling, DecodeIo, DecodeMask, MIN_BLOCK_N, Specialization, forward_tile_bytes,
+    largest_block_n,
 };
 use crate::tensor::DType;
 
@@ -273,7 +274,7 @@ impl DecodePlan {
     /// The subgroup tier's lane layout; `None` for the portable tier.
     pub fn lanes(&self) -> Option<DecodeLanes> {
         match self.specialization {
-            Specialization::Decode(tiling, _, lanes, _) if tiling.subgroup_kv => Some(lanes),
+            Specialization::Decode(tiling, _, lanes, ..) if tiling.subgroup_kv => Some(lanes),
             _ => None,
         }
     }
@@ -539,7 +540,13 @@ impl DecodePlan {
                     .max(1)
             }
         };
-        let specialization = Specialization::Decode(tiling, cache.dtype, lanes, DecodeIo::F32);
+        let specialization = Specialization::Decode(
+            tiling,
+            cache.dtype,
+            lanes,
+            DecodeIo::F32,
+            DecodeMask::Positions,
+        );
         // On adapters that cap loop iterations (llvmpipe), more splits keep
         // each workgroup's share of the keys under the cap; a forced count
         // that does not is refused rather than silently truncated.

@@ -27,6 +27,9 @@ const KEY_LANES: &str = "KEY_LANES";
 /// Decoding's subgroup tier with key tiles ([`DecodeLanes::KeyTiles`]):
 /// set beside SUBGROUP_KV, whose bindings and cache reads it shares.
 const KEY_TILES: &str = "KEY_TILES";
+/// Decoding with speculative token trees hiding draft keys
+/// ([`DecodeMask::TokenTree`]).
+const TREE_MASK: &str = "TREE_MASK";
 /// The cooperative-matrix forward on 8x8 matrices (else 16x16).
 const COOP8: &str = "COOP8";
 /// The cooperative-matrix forward multiplying f32 matrices (else f16).
@@ -58,7 +61,7 @@ const QO_BF16: &str = "QO_BF16";
 /// Every `// #if` name the shaders may use. The preprocessor refuses any
 /// other, so a misspelt name fails loudly instead of quietly selecting the
 /// `// #else` branch.
-pub const VARIANT_NAMES: [&str; 22] = [
+pub const VARIANT_NAMES: [&str; 23] = [
     F16_PRODUCTS,
     BLOCKED_BACKWARD,
     DROPOUT,
@@ -81,6 +84,7 @@ pub const VARIANT_NAMES: [&str; 22] = [
     SUBGROUP_BROADCAST,
     KEY_LANES,
     KEY_TILES,
+    TREE_MASK,
 ];
 
 /// The `// #if` names that select how `storage` is loaded and stored.
@@ -650,5 +654,5 @@ pub use specialization::{
 };
 pub use tiling::{
     AttentionTiling, BackwardPass, BackwardTiling, BlockedBackwardTiling, BlockedTiling,
-    CoopTiling, DecodeIo, LinearPass, LinearTiling,
+    CoopTiling, DecodeIo, DecodeMask, LinearPass, LinearTiling,
 };

@@ -7,12 +7,12 @@ use std::fmt::Write as _;
 use super::template::{ShaderSourceError, select_variants, unroll_loops};
 use super::tiling::{
     AttentionTiling, BackwardPass, BackwardTiling, BlockedBackwardTiling, BlockedTiling,
-    CoopTiling, DecodeIo, LinearPass, LinearTiling,
+    CoopTiling, DecodeIo, DecodeMask, LinearPass, LinearTiling,
 };
 use super::{
     BLOCK_N_CANDIDATES, BLOCKED_BACKWARD, CAUSAL, COOP_EMULATED, COOP_F32, COOP8, DROPOUT,
     EMULATED_LANES, F16_PRODUCTS, KEY_LANES, KEY_TILES, Kernel, MASK, SUBGROUP_BROADCAST,
-    SUBGROUP_KV, ShaderOverrides, cache_flags, codec_flags, io_flags, storage_flags,
+    SUBGROUP_KV, ShaderOverrides, TREE_MASK, cache_flags, codec_flags, io_flags, storage_flags,
 };
 use crate::decode::DecodeLanes;
 use crate::kv_cache::KvDType;
@@ -43,8 +43,9 @@ pub enum Specialization {
     /// storage stays f32). With `subgroup_kv`, lanes split the head dim or
     /// take their own keys (the third field; the portable tier holds
     /// `HeadDim` there and ignores it) and `rows` counts the workgroup's
-    /// rows (not each lane's).
-    Decode(AttentionTiling, KvDType, DecodeLanes, DecodeIo),
+    /// rows (not each lane's). The last field says whether a token tree
+    /// hides draft keys too.
+    Decode(AttentionTiling, KvDType, DecodeLanes, DecodeIo, DecodeMask),
     /// One invocation per output vec4 (Combine, storing `out`), element
     /// pair (Rope) or appended head vector (KvAppend, storing the cache's
     /// type).
@@ -146,17 +147,17 @@ impl Specialization {
                 // Three passes over the row's vec4 score slots.
                 return Some(3 * (keys.div_ceil(4) + 1));
             }
-            Specialization::Decode(tiling, _, DecodeLanes::Keys, _) if tiling.subgroup_kv => {
+            Specialization::Decode(tiling, _, DecodeLanes::Keys, ..) if tiling.subgroup_kv => {
                 // One trip per four keys of each lane; the rest is unrolled.
                 return Some(keys.div_ceil(4 * lanes) + 2);
             }
-            Specialization::Decode(tiling, _, DecodeLanes::KeyTiles, _) if tiling.subgroup_kv => {
+            Specialization::Decode(tiling, _, DecodeLanes::KeyTiles, ..) if tiling.subgroup_kv => {
                 // Per tile of one key per lane: the tile loop and the loop
                 // over the tile's keys for P V; the queries' staging once;
                 // the rest is unrolled.
                 return Some(keys.div_ceil(lanes) * (1 + lanes) + 2 + (rows * d4).div_ceil(lanes));
             }
-            Specialization::Decode(tiling, _, _, _) if tiling.subgroup_kv => {
+            Specialization::Decode(tiling, ..) if tiling.subgroup_kv => {
                 // One trip per four keys; the rest is unrolled.
                 return Some(keys.div_ceil(4) + 2);
             }
@@ -239,7 +240,7 @@ impl Specialization {
                     let lanes = tiling.workgroup_size;
                     constants.push(("SLOTS", spread(tiling.head_dim).div_ceil(lanes)));
                     constants.push(("SLOTS_V", spread(tiling.head_dim_v).div_ceil(lanes)));
-                    if let Specialization::Decode(_, cache, DecodeLanes::Keys, _) = self {
+                    if let Specialization::Decode(_, cache, DecodeLanes::Keys, ..) = self {
                         // Each lane reads its keys' vectors eight values at a time.
                         constants.push(("D8", tiling.head_dim / 8));
                         constants.push(("DV8", tiling.head_dim_v / 8));
@@ -495,7 +496,10 @@ impl Specialization {
                     flags.push(MASK);
                 }
             }
-            Specialization::Decode(tiling, cache, lanes, io) => {
+            Specialization::Decode(tiling, cache, lanes, io, mask) => {
+                if *mask == DecodeMask::TokenTree {
+                    flags.push(TREE_MASK);
+                }
                 if tiling.subgroup_kv && *lanes == DecodeLanes::Keys {
                     flags.retain(|flag| *flag != SUBGROUP_KV);
                     flags.push(KEY_LANES);
@@ -760,8 +764,19 @@ impl Specialization {
     /// any other specialization unchanged.
     pub fn with_decode_io(self, io: DecodeIo) -> Specialization {
         match self {
-            Specialization::Decode(tiling, cache, lanes, _) => {
-                Specialization::Decode(tiling, cache, lanes, io)
+            Specialization::Decode(tiling, cache, lanes, _, mask) => {
+                Specialization::Decode(tiling, cache, lanes, io, mask)
+            }
+            other => other,
+        }
+    }
+
+    /// A decode specialization whose query tokens see keys by `mask`; any
+    /// other specialization unchanged.
+    pub fn with_decode_mask(self, mask: DecodeMask) -> Specialization {
+        match self {
+            Specialization::Decode(tiling, cache, lanes, io, _) => {
+                Specialization::Decode(tiling, cache, lanes, io, mask)
             }
             other => other,
         }

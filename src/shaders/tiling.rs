@@ -325,6 +325,16 @@ impl DecodeIo {
     };
 }
 
+/// Which cache positions decoding's query tokens see: by position alone
+/// (causal, windows, the split's keys), or, with [`DecodeMask::TokenTree`],
+/// also by their sequence's speculative token tree (TREE_MASK;
+/// `DecodeOptions::token_trees`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecodeMask {
+    Positions,
+    TokenTree,
+}
+
 /// Tile sizes of one linear attention pass (shaders/linear_attention.wgsl).
 /// Fields a pass does not read hold fixed valid values (see
 /// `LinearPlan::specialization`), so that calls differing only in them

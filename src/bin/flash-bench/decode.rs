@@ -459,6 +459,7 @@ fn run_case(
             config: config.clone(),
             kv_splits: args.splits,
             lanes,
+            token_trees: None,
         };
         let step = |encoder: &mut wgpu::CommandEncoder| match args.prompt_chunk {
             Some(_) => gpu

@@ -116,6 +116,7 @@ fn step(
         // caches' steps need it).
         kv_splits: Some(2),
         lanes,
+        token_trees: None,
     };
     gpu.run(|e| gpu.decode(e, &decode_args, options).map(|_| ()))
 }
