@@ -19,6 +19,7 @@ use wgpu_flash_attn::{
 // flash-bench's modules, included by path so that the benches time and draw
 // inputs exactly as the binary does.
 #[path = "../src/bin/flash-bench/random.rs"]
+#[allow(dead_code, reason = "the bench draws no token trees")]
 mod random;
 #[path = "../src/bin/flash-bench/timing.rs"]
 #[allow(dead_code, reason = "the benches use only the repeated timer")]

@@ -24,6 +24,7 @@ use wgpu_flash_attn::{
 };
 
 #[path = "../src/bin/flash-bench/random.rs"]
+#[allow(dead_code, reason = "the bench draws no token trees")]
 mod random;
 #[path = "../src/bin/flash-bench/timing.rs"]
 #[allow(dead_code, reason = "the benches use only the repeated timer")]

@@ -389,8 +389,7 @@ impl Gpu {
             let rows = decode_sequences(cache, queries, q, &kernel_counts, &kernel_plan);
             passes.extend(self.prepare_decode_kernel(
                 args,
-                config,
-                options.token_trees.as_deref(),
+                &options,
                 &shape,
                 &mut kernel_plan,
                 &rows,
@@ -412,14 +411,12 @@ impl Gpu {
     /// merge of its partial results where the keys were split) for the
     /// query tokens `rows` gives each sequence, built but not recorded;
     /// `plan` gains the kernel's input and output types, and its token
-    /// tree mask where `trees` are given. `packed`: the queries and output
-    /// are one packed batch entry (a ragged call).
-    #[allow(clippy::too_many_arguments)]
+    /// tree mask where `options` has trees. `packed`: the queries and
+    /// output are one packed batch entry (a ragged call).
     fn prepare_decode_kernel(
         &self,
         args: &DecodeArgs<'_>,
-        config: &AttentionConfig,
-        trees: Option<&[TokenTree]>,
+        options: &DecodeOptions,
         shape: &AttentionShape,
         plan: &mut DecodePlan,
         rows: &[DecodeSequence],
@@ -442,6 +439,7 @@ impl Gpu {
                 io_dtype
             },
         });
+        let (config, trees) = (&options.config, options.token_trees.as_deref());
         if trees.is_some() {
             plan.specialization = plan.specialization.with_decode_mask(DecodeMask::TokenTree);
         }

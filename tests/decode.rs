@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::random::{SeededRng, normal_vec, seeded};
+use common::random::{SeededRng, normal_vec, random_token_tree, seeded};
 use common::{ROPE_BOUND, gpu, round_to, unit_roundoff};
 use rand::seq::SliceRandom;
 use wgpu_flash_attn::{
@@ -2466,19 +2466,6 @@ fn ragged_query_counts_match_each_sequence_alone() {
     }
 }
 
-/// A random tree of `tokens` draft tokens: each token's parent is an
-/// earlier token or none (a root), drawn from `seed`.
-fn random_tree(tokens: usize, seed: u64) -> TokenTree {
-    let mut rng = seeded(seed);
-    let parents: Vec<Option<usize>> = (0..tokens)
-        .map(|i| {
-            let pick = rand::RngExt::random_range(&mut rng, 0..=i);
-            (pick < i).then_some(pick)
-        })
-        .collect();
-    TokenTree::from_parents(&parents).unwrap()
-}
-
 /// Speculative decoding's token trees (`DecodeOptions::token_trees`): each
 /// draft token sees the keys before its sequence's draft, its ancestors
 /// and itself, as the reference with the tree's dense mask says, on the
@@ -2502,7 +2489,7 @@ fn token_trees_hide_the_other_branches() {
         // Two roots.
         TokenTree::from_parents(&[None, None, Some(0), Some(1), Some(2), Some(2), Some(3)])
             .unwrap(),
-        random_tree(70, 0x7ee0),
+        random_token_tree(&mut seeded(0x7ee0), 70),
     ];
     let sinks = normal_vec(&mut seeded(0x7ee1), HEADS_Q, 1.0);
     let configs = [

@@ -407,6 +407,46 @@ fn decode_and_masks_report_validated_figures() {
     );
     assert!(stdout(&output).contains("q40+0 "), "{}", stdout(&output));
 
+    // Speculative token trees: each sequence's six query tokens a draft
+    // tree, timed beside the causal step in the same run, both validated.
+    let (output, report) = json_report(
+        "decode-token-tree.json",
+        &[
+            "decode",
+            "--cache",
+            "300",
+            "--batch",
+            "2",
+            "--heads-q",
+            "8",
+            "--heads-kv",
+            "2",
+            "--head-dim",
+            "64",
+            "--seq-q",
+            "6",
+            "--token-tree",
+            "--iters",
+            "1",
+        ],
+    );
+    compiled_ahead(&output);
+    assert!(stdout(&output).contains("q6 tree "), "{}", stdout(&output));
+    let cases = report["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 2);
+    for (case, tree) in cases.iter().zip([false, true]) {
+        assert_eq!(case["token_tree"], tree, "{case}");
+        assert_eq!(case["within_tolerance"], true, "{case}");
+        assert!(case["max_abs_err"].as_f64().unwrap() <= 1e-4, "{case}");
+    }
+    let output = flash_bench(&["decode", "--token-tree", "--prompt-chunk", "40"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    assert!(
+        stdout(&output).contains("cannot be used with"),
+        "{}",
+        stdout(&output)
+    );
+
     // A latent cache (MLA): values are the keys' prefixes, one pool read.
     let json = scratch("decode-latent.json");
     let output = flash_bench(&[

@@ -10,7 +10,7 @@ use serde::Serialize;
 use wgpu_flash_attn::reference;
 use wgpu_flash_attn::{
     AttentionArgs, AttentionConfig, AttentionShape, DecodeArgs, DecodeLanes, DecodeOptions,
-    DecodePlan, Gpu, KvCache, KvCacheConfig, KvDType, KvLayout, Tensor, TensorShape,
+    DecodePlan, Gpu, KvCache, KvCacheConfig, KvDType, KvLayout, Tensor, TensorShape, TokenTree,
 };
 
 mod warmup;
@@ -19,7 +19,7 @@ use crate::ceiling::CeilingProbes;
 use crate::measure::{CEILING_WORKGROUPS, TOLERANCE, round_to, unit_roundoff};
 use crate::options::{DTypeArg, DeviceSetup};
 use crate::options_json::dtype_name;
-use crate::random::{normal_vec, seeded};
+use crate::random::{normal_vec, random_token_tree, seeded};
 use crate::report::{AdapterJson, write_json};
 use crate::timing::{self, TimingPlan, time_gpu};
 
@@ -75,6 +75,13 @@ pub struct DecodeCmdArgs {
     /// the reference by the tolerance plus its own storage rounding.
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     q_dtype: DTypeArg,
+    /// Speculative decoding: each sequence's --seq-q query tokens are a
+    /// draft token tree (drawn from a seed: each token's parent an earlier
+    /// token or none), and every case runs twice in the same run, by
+    /// position alone (causal) and with the trees
+    /// (`DecodeOptions::token_trees`), each validated.
+    #[arg(long, conflicts_with = "prompt_chunk")]
+    token_tree: bool,
 }
 
 pub(crate) fn parse_lanes(name: &str) -> Result<DecodeLanes, String> {
@@ -119,6 +126,8 @@ struct DecodeCase {
     seq_q: usize,
     /// Sequence 0's query tokens in a ragged step (`--prompt-chunk`).
     prompt_chunk: Option<usize>,
+    /// Each sequence's query tokens are a draft token tree (`--token-tree`).
+    token_tree: bool,
     heads_q: usize,
     heads_kv: usize,
     head_dim: usize,
@@ -217,7 +226,10 @@ pub fn run(
             case.speedup_over_f32 = cases
                 .iter()
                 .find(|c: &&DecodeCase| {
-                    c.cache_tokens == tokens && c.kv_dtype == "f32" && c.lanes == case.lanes
+                    c.cache_tokens == tokens
+                        && c.kv_dtype == "f32"
+                        && c.lanes == case.lanes
+                        && c.token_tree == case.token_tree
                 })
                 .map(|f32_case| f32_case.decode_ms / case.decode_ms);
             print_case(args, &case);
@@ -270,6 +282,7 @@ fn print_case(args: &DecodeCmdArgs, case: &DecodeCase) {
     };
     let queries = match case.prompt_chunk {
         Some(chunk) => format!("{chunk}+{}", case.seq_q),
+        None if case.token_tree => format!("{} tree", case.seq_q),
         None => case.seq_q.to_string(),
     };
     let name = format!(
@@ -427,24 +440,43 @@ fn run_case(
             .collect()
     };
     let validated_counts: Vec<usize> = validated.iter().map(|&b| counts[b]).collect();
-    let want = reference_outputs(
-        args,
-        (tokens, head_dim_v),
-        (&pick(&q_host, args.head_dim), &validated_counts),
-        &host,
-        &config,
-    )?;
+    let reference_of = |trees: Option<&[TokenTree]>| {
+        let validated_trees: Option<Vec<TokenTree>> =
+            trees.map(|trees| validated.iter().map(|&b| trees[b].clone()).collect());
+        reference_outputs(
+            args,
+            (tokens, head_dim_v),
+            (&pick(&q_host, args.head_dim), &validated_counts),
+            &host,
+            &config,
+            validated_trees.as_deref(),
+        )
+    };
+    let want = reference_of(None)?;
+    // Each sequence's draft tree (`--token-tree`), and what it gives.
+    let trees: Option<Vec<TokenTree>> = args.token_tree.then(|| {
+        let mut rng = seeded(0x7ee_7ee ^ tokens as u64);
+        counts
+            .iter()
+            .map(|&n| random_token_tree(&mut rng, n))
+            .collect()
+    });
+    let want_tree = match &trees {
+        Some(trees) => Some(reference_of(Some(trees))?),
+        None => None,
+    };
     // The largest error (and excess over the output's rounding) of a
     // result of this call against the reference.
-    let validate =
-        |got: &[f32]| output_error(&pick(got, head_dim_v), &want, unit_roundoff(q_dtype));
+    let validate = |got: &[f32], want: &[f64]| {
+        output_error(&pick(got, head_dim_v), want, unit_roundoff(q_dtype))
+    };
     // The prefill's output is held to the decode's reference and bound
     // (the same call): a prefill that disagrees fails the case.
     let (prefill_ms, prefill_note, prefill_ok) = match prefill_skipped {
         Some(why) => (None, Some(why), true),
         None => match time_prefill(gpu, args, (tokens, head_dim_v), &q, &host[0], &config) {
             Ok((ms, got)) => {
-                let (worst, excess) = validate(&got)?;
+                let (worst, excess) = validate(&got, &want)?;
                 let ok = excess <= TOLERANCE;
                 let note =
                     (!ok).then(|| format!("FAILED: max |err| {worst:.2e} against the reference"));
@@ -454,12 +486,23 @@ fn run_case(
         },
     };
     let mut cases = Vec::new();
-    for lanes in lane_layouts(args) {
+    // By position alone, then (`--token-tree`) with the trees.
+    let mut masks: Vec<(Option<&Vec<TokenTree>>, &[f64])> = vec![(None, &want)];
+    masks.extend(
+        trees
+            .as_ref()
+            .zip(want_tree.as_deref())
+            .map(|(trees, want)| (Some(trees), want)),
+    );
+    for (lanes, (trees, want)) in lane_layouts(args)
+        .into_iter()
+        .flat_map(|lanes| masks.iter().map(move |&mask| (lanes, mask)))
+    {
         let options = DecodeOptions {
             config: config.clone(),
             kv_splits: args.splits,
             lanes,
-            token_trees: None,
+            token_trees: trees.cloned(),
         };
         let step = |encoder: &mut wgpu::CommandEncoder| match args.prompt_chunk {
             Some(_) => gpu
@@ -468,7 +511,7 @@ fn run_case(
             None => gpu.decode(encoder, &decode_args, options.clone()),
         };
         let plan: DecodePlan = gpu.run(step)?;
-        let (max_abs_err, excess) = validate(&out.to_f32_vec(gpu)?)?;
+        let (max_abs_err, excess) = validate(&out.to_f32_vec(gpu)?, want)?;
         let timing = time_gpu(
             gpu,
             TimingPlan {
@@ -485,6 +528,7 @@ fn run_case(
             batch: args.batch,
             seq_q: args.seq_q,
             prompt_chunk: args.prompt_chunk,
+            token_tree: trees.is_some(),
             heads_q: args.heads_q,
             heads_kv: args.heads_kv,
             head_dim: args.head_dim,
@@ -508,10 +552,14 @@ fn run_case(
             pct_of_fma_ceiling: 100.0 * gflops / fma,
             max_abs_err,
             within_tolerance: excess <= TOLERANCE && prefill_ok,
-            speedup_over_prefill: prefill_ms.map(|ms| ms / timing.median_ms),
+            // The prefill is compared on the positional rows (it has no
+            // trees).
+            speedup_over_prefill: prefill_ms
+                .filter(|_| trees.is_none())
+                .map(|ms| ms / timing.median_ms),
             speedup_over_f32: None,
-            prefill_ms,
-            prefill_note: prefill_note.clone(),
+            prefill_ms: prefill_ms.filter(|_| trees.is_none()),
+            prefill_note: prefill_note.clone().filter(|_| trees.is_none()),
         });
     }
     Ok(cases)
@@ -611,17 +659,19 @@ fn validated_sequences(batch: usize) -> Vec<usize> {
 
 /// The reference output of the sequences whose queries are `q` (each
 /// `[counts[i], heads_q, head_dim]`, end to end) and host copies of K and
-/// V are `host` (one pair per sequence), their outputs end to end.
+/// V are `host` (one pair per sequence), their outputs end to end; each
+/// masked by its token tree where `trees` gives them (one per sequence).
 fn reference_outputs(
     args: &DecodeCmdArgs,
     (tokens, head_dim_v): (usize, usize),
     (q, counts): (&[f32], &[usize]),
     host: &[(Vec<f32>, Vec<f32>)],
     config: &AttentionConfig,
+    trees: Option<&[TokenTree]>,
 ) -> Result<Vec<f64>> {
     let mut out = Vec::new();
     let mut first = 0;
-    for (&count, (k, v)) in counts.iter().zip(host) {
+    for (i, (&count, (k, v))) in counts.iter().zip(host).enumerate() {
         if count == 0 {
             // A sequence that sits the step out has no output rows.
             continue;
@@ -636,7 +686,19 @@ fn reference_outputs(
             head_dim_v,
         };
         let q_len = count * args.heads_q * args.head_dim;
-        out.extend(reference::attention(&shape, &q[first..first + q_len], k, v, config)?.out);
+        let q = &q[first..first + q_len];
+        let result = match trees {
+            Some(trees) => {
+                let mask = trees[i].dense_mask(tokens);
+                let mask = reference::HostMask::Bool {
+                    dims: [1, 1, count, tokens],
+                    values: &mask,
+                };
+                reference::attention_masked(&shape, q, k, v, config, &mask)?
+            }
+            None => reference::attention(&shape, q, k, v, config)?,
+        };
+        out.extend(result.out);
         first += q_len;
     }
     Ok(out)

@@ -22,3 +22,17 @@ pub fn normal_vec(rng: &mut SeededRng, n: usize, scale: f32) -> Vec<f32> {
     let normal = Normal::new(0.0, scale).expect("the scale is finite");
     normal.sample_iter(rng).take(n).collect()
 }
+
+/// A speculative draft of `tokens` tokens as a token tree: each token's
+/// parent is an earlier token or none (a root), each of the `i + 1`
+/// choices of token `i` as likely.
+pub fn random_token_tree(rng: &mut SeededRng, tokens: usize) -> wgpu_flash_attn::TokenTree {
+    use rand::RngExt;
+    let parents: Vec<Option<usize>> = (0..tokens)
+        .map(|i| {
+            let pick = rng.random_range(0..=i);
+            (pick < i).then_some(pick)
+        })
+        .collect();
+    wgpu_flash_attn::TokenTree::from_parents(&parents).expect("parents come before children")
+}

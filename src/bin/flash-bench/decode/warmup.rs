@@ -11,7 +11,7 @@
 
 use wgpu_flash_attn::{
     AttentionArgs, AttentionConfig, DType, DecodeArgs, DecodeLanes, DecodeOptions, Gpu, KvDType,
-    Tensor, TensorShape,
+    Tensor, TensorShape, TokenTree,
 };
 
 use super::{DecodeCmdArgs, cache_config, lane_layouts, new_cache, prefill_skipped};
@@ -27,6 +27,8 @@ enum Warmup {
     Step {
         dtype: KvDType,
         lanes: Option<DecodeLanes>,
+        /// With token trees (`--token-tree`'s second kernel).
+        tree: bool,
     },
     /// The prefill kernel over this many keys.
     Prefill { tokens: usize },
@@ -44,9 +46,12 @@ pub fn compile_ahead(gpu: &Gpu, setup: &DeviceSetup, args: &DecodeCmdArgs) {
         .kv_dtype
         .iter()
         .flat_map(|&dtype| {
-            forced_lanes
-                .iter()
-                .map(move |&lanes| Warmup::Step { dtype, lanes })
+            forced_lanes.iter().flat_map(move |&lanes| {
+                [false, true]
+                    .into_iter()
+                    .filter(|&tree| !tree || args.token_tree)
+                    .map(move |tree| Warmup::Step { dtype, lanes, tree })
+            })
         })
         .collect();
     if let Some(&tokens) = args
@@ -65,7 +70,7 @@ pub fn compile_ahead(gpu: &Gpu, setup: &DeviceSetup, args: &DecodeCmdArgs) {
     eprintln!("compiling kernels, one device per core...");
     compile_ahead::spread(gpu, setup, &[work], |device, warmup| {
         let done = match *warmup {
-            Warmup::Step { dtype, lanes } => step(device, args, dtype, lanes),
+            Warmup::Step { dtype, lanes, tree } => step(device, args, dtype, lanes, tree),
             Warmup::Prefill { tokens } => prefill(device, args, tokens),
         };
         // Said, not fatal: the measuring pass runs (and reports) the same
@@ -76,12 +81,15 @@ pub fn compile_ahead(gpu: &Gpu, setup: &DeviceSetup, args: &DecodeCmdArgs) {
     });
 }
 
-/// One step over a small cache of `dtype` laid out as `args` asks, on zeros.
+/// One step over a small cache of `dtype` laid out as `args` asks, on
+/// zeros; with `tree`, each sequence's query tokens a chain (the same
+/// kernel as any tree).
 fn step(
     gpu: &Gpu,
     args: &DecodeCmdArgs,
     dtype: KvDType,
     lanes: Option<DecodeLanes>,
+    tree: bool,
 ) -> wgpu_flash_attn::Result<()> {
     let tokens = WARM_TOKENS.max(args.seq_q);
     let config = cache_config(args, tokens, dtype);
@@ -116,7 +124,7 @@ fn step(
         // caches' steps need it).
         kv_splits: Some(2),
         lanes,
-        token_trees: None,
+        token_trees: tree.then(|| vec![TokenTree::chain(args.seq_q); args.batch]),
     };
     gpu.run(|e| gpu.decode(e, &decode_args, options).map(|_| ()))
 }
