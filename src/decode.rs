@@ -14,7 +14,7 @@ use crate::operands::{
 use crate::params::{CombineParams, DecodeParams, DecodeSequence, TensorStrides};
 use crate::pipelines::{ELEMENTWISE_WORKGROUP, PreparedPass, bind_buffers, elementwise_groups};
 use crate::plan::{CacheShape, DecodePlan, QueryTokens, sequence_row_tiles};
-use crate::shaders::{DecodeIo, DecodeMask, Specialization};
+use crate::shaders::{DecodeIo, Specialization};
 use crate::tensor::{DType, Tensor, TensorShape, check_binding_size, require_usage};
 use crate::token_tree::{TokenTree, check_trees, tree_words};
 
@@ -347,8 +347,7 @@ impl Gpu {
             ..cache_shape
         };
         plan.as_forward = match queries {
-            // The forward has no token trees.
-            _ if candidates.is_empty() || options.token_trees.is_some() => None,
+            _ if candidates.is_empty() => None,
             QueryTokens::PerSequence(_) if per_batch_slopes => None,
             _ => plan.forward_instead(
                 self.info(),
@@ -410,9 +409,8 @@ impl Gpu {
     /// The decode kernel's passes (one dispatch per cache buffer, then the
     /// merge of its partial results where the keys were split) for the
     /// query tokens `rows` gives each sequence, built but not recorded;
-    /// `plan` gains the kernel's input and output types, and its token
-    /// tree mask where `options` has trees. `packed`: the queries and
-    /// output are one packed batch entry (a ragged call).
+    /// `plan` gains the kernel's input and output types. `packed`: the
+    /// queries and output are one packed batch entry (a ragged call).
     fn prepare_decode_kernel(
         &self,
         args: &DecodeArgs<'_>,
@@ -440,9 +438,6 @@ impl Gpu {
             },
         });
         let (config, trees) = (&options.config, options.token_trees.as_deref());
-        if trees.is_some() {
-            plan.specialization = plan.specialization.with_decode_mask(DecodeMask::TokenTree);
-        }
         let mut params = option_params(shape, config, args.lse.is_some() || partials.is_some());
         // The logsumexp's row stride (DecodeSequence in flash_decode.wgsl).
         params.seq_q = q.seq as u32;

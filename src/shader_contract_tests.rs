@@ -21,8 +21,7 @@ use crate::params::{
 use crate::pipelines::ELEMENTWISE_WORKGROUP;
 use crate::plan::profiles;
 use crate::shaders::{
-    BackwardPass, DecodeIo, DecodeMask, Kernel, LinearPass, NaivePass, ShaderOverrides,
-    Specialization,
+    BackwardPass, DecodeIo, Kernel, LinearPass, NaivePass, ShaderOverrides, Specialization,
 };
 use crate::{
     AttentionConfig, AttentionShape, BackwardPlan, CacheShape, DType, DecodeLanes, DecodeOptions,
@@ -186,8 +185,16 @@ pub(crate) fn shipped_specializations() -> Vec<Specialization> {
                                 add(plan.specialization.with_decode_io(DecodeIo { q, out }));
                             }
                         }
-                        // Token trees add the same lines to every layout.
-                        add(plan.specialization.with_decode_mask(DecodeMask::TokenTree));
+                        // Token trees add the same lines to every layout
+                        // (the planner takes them from the options).
+                        let trees = DecodeOptions {
+                            token_trees: Some(Vec::new()),
+                            ..options.clone()
+                        };
+                        let tree_plan = DecodePlan::for_call(info, &cache, 1, rows, &trees)
+                            .expect("trees plan as the call without them");
+                        assert!(tree_plan.kernel_label().contains("TREE_MASK"));
+                        add(tree_plan.specialization);
                     }
                 }
             }

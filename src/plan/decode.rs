@@ -545,7 +545,10 @@ impl DecodePlan {
             cache.dtype,
             lanes,
             DecodeIo::F32,
-            DecodeMask::Positions,
+            match options.token_trees {
+                Some(_) => DecodeMask::TokenTree,
+                None => DecodeMask::Positions,
+            },
         );
         // On adapters that cap loop iterations (llvmpipe), more splits keep
         // each workgroup's share of the keys under the cap; a forced count

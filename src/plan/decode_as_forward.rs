@@ -101,7 +101,9 @@ impl DecodePlan {
             && config.f16_products.is_none()
             && config.blocked_layout.is_none()
             && config.coop_layout.is_none()
-            && config.active_dropout().is_none();
+            && config.active_dropout().is_none()
+            // The forward has no token trees.
+            && options.token_trees.is_none();
         if !left_to_planners
             || q_dtype != DType::F32
             || cache.head_dim != cache.head_dim_v

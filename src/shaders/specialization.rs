@@ -770,15 +770,4 @@ impl Specialization {
             other => other,
         }
     }
-
-    /// A decode specialization whose query tokens see keys by `mask`; any
-    /// other specialization unchanged.
-    pub fn with_decode_mask(self, mask: DecodeMask) -> Specialization {
-        match self {
-            Specialization::Decode(tiling, cache, lanes, io, _) => {
-                Specialization::Decode(tiling, cache, lanes, io, mask)
-            }
-            other => other,
-        }
-    }
 }
