@@ -62,6 +62,32 @@ pub enum Error {
         parent: usize,
     },
 
+    /// `KvCache::keep_draft` was given a draft longer than its sequence.
+    #[error("keep_draft: sequence {sequence} holds {len} tokens, fewer than the draft's {draft}")]
+    DraftPastSequence {
+        /// The sequence.
+        sequence: usize,
+        /// Draft tokens given.
+        draft: usize,
+        /// The sequence's length.
+        len: usize,
+    },
+
+    /// `KvCache::keep_draft`'s kept tokens do not increase, or one lies
+    /// past the draft.
+    #[error(
+        "keep_draft: kept token {index} is draft token {token}; kept tokens must increase and \
+         lie below the draft's {draft}"
+    )]
+    DraftKept {
+        /// Its index in the kept list.
+        index: usize,
+        /// The draft token it names.
+        token: usize,
+        /// Draft tokens.
+        draft: usize,
+    },
+
     /// A decode call's token tree for a sequence has another number of
     /// tokens than the sequence has query tokens.
     #[error(

@@ -4,6 +4,7 @@
 //! with optional fused rotary embedding of the keys. Whole pages (free
 //! ones, copies, host transfers) are `pages.rs`'.
 
+mod draft;
 mod pages;
 
 use std::collections::HashMap;

@@ -56,6 +56,22 @@ impl TokenTree {
         &self.parents
     }
 
+    /// Each token's depth: 0 for a root, its parent's plus one otherwise.
+    /// Draft tokens take their RoPE positions by depth, `first + depth`
+    /// (`first`: the position after the last token before the draft), so
+    /// siblings share one: rotate them so before appending (`Gpu::rope`
+    /// over a view of the tokens as a batch of one-token sequences, each
+    /// its own first position), and an accepted path then lies at
+    /// consecutive positions ([`crate::KvCache::keep_draft`]).
+    pub fn depths(&self) -> Vec<usize> {
+        let mut depths: Vec<usize> = Vec::with_capacity(self.len());
+        for parent in &self.parents {
+            // Parents come first, so theirs is known.
+            depths.push(parent.map_or(0, |p| depths[p] + 1));
+        }
+        depths
+    }
+
     /// Whether draft token `token` sees draft token `key`: `key` is
     /// `token` or one of its ancestors.
     pub fn sees(&self, token: usize, key: usize) -> bool {
@@ -190,6 +206,12 @@ mod tests {
                 assert_eq!(mask[t * 45 + 5 + k], tree.sees(t, k), "token {t}, key {k}");
             }
         }
+    }
+
+    #[test]
+    fn depths_count_ancestors() {
+        assert_eq!(small().depths(), [0, 1, 1, 2]);
+        assert_eq!(TokenTree::chain(3).depths(), [0, 1, 2]);
     }
 
     #[test]

@@ -2622,6 +2622,125 @@ fn token_trees_hide_the_other_branches() {
     );
 }
 
+/// The end of a speculative step (`KvCache::keep_draft`): the accepted
+/// draft tokens move to the first draft positions, whole (every KV head,
+/// int8 scales included), across pages and cache buffers; the length
+/// drops the rest, and the other sequence is untouched; over a paged
+/// cache in two buffers and a contiguous one, f32 and int8. Bad input is a
+/// typed error that changes nothing.
+#[test]
+fn keeping_an_accepted_draft_path_moves_its_tokens_whole() {
+    let Some(gpu) = gpu() else { return };
+    let head_dim = 32;
+    let lens = [100, 60];
+    // Sequence 0's draft is positions 60..100: three 16-token pages and
+    // part of a fourth, some in each buffer.
+    let (draft, first) = (40, 60);
+    let kept = [0, 3, 17, 18, 39];
+    let token = HEADS_KV * head_dim;
+    for dtype in [KvDType::F32, KvDType::Int8] {
+        let paged = stored_over_two_buffers(gpu, dtype, head_dim, &lens, 0xd4af);
+        let contiguous = KvCacheConfig::new(
+            2,
+            HEADS_KV,
+            head_dim,
+            KvLayout::Contiguous { capacity: 100 },
+        )
+        .dtype(dtype);
+        let contiguous = fill(gpu, contiguous, &lens, 0xd4b0);
+        for mut filled in [paged, contiguous] {
+            let layout = filled.cache.config().layout;
+            let before: Vec<_> = (0..2)
+                .map(|b| filled.cache.read_sequence(gpu, b).unwrap())
+                .collect();
+            gpu.run(|e| filled.cache.keep_draft(gpu, e, 0, draft, &kept))
+                .unwrap();
+            assert_eq!(
+                filled.cache.lens(),
+                [first + kept.len(), 60],
+                "{dtype:?} {layout:?}"
+            );
+            let want = |data: &[f32]| -> Vec<f32> {
+                let tokens = (0..first).chain(kept.iter().map(|&t| first + t));
+                tokens
+                    .flat_map(|t| data[t * token..(t + 1) * token].to_vec())
+                    .collect()
+            };
+            let (k, v) = filled.cache.read_sequence(gpu, 0).unwrap();
+            assert!(k == want(&before[0].0), "{dtype:?} {layout:?}: keys");
+            assert!(v == want(&before[0].1), "{dtype:?} {layout:?}: values");
+            assert!(
+                filled.cache.read_sequence(gpu, 1).unwrap() == before[1],
+                "{dtype:?} {layout:?}: the other sequence"
+            );
+        }
+    }
+
+    let mut cache = stored_over_two_buffers(gpu, KvDType::F32, head_dim, &lens, 0xd4b1).cache;
+    let keep = |cache: &mut KvCache, sequence, draft, kept: &[usize]| {
+        let got = gpu.run(|e| cache.keep_draft(gpu, e, sequence, draft, kept));
+        assert_eq!(cache.lens(), lens, "a refused call changes nothing");
+        got
+    };
+    let got = keep(&mut cache, 2, 1, &[0]);
+    assert!(
+        matches!(
+            got,
+            Err(Error::CacheSequence {
+                sequence: 2,
+                batch: 2
+            })
+        ),
+        "{got:?}"
+    );
+    let got = keep(&mut cache, 1, 61, &[0]);
+    assert!(
+        matches!(
+            got,
+            Err(Error::DraftPastSequence {
+                sequence: 1,
+                draft: 61,
+                len: 60
+            })
+        ),
+        "{got:?}"
+    );
+    let got = keep(&mut cache, 0, draft, &[3, 3]);
+    assert!(
+        matches!(
+            got,
+            Err(Error::DraftKept {
+                index: 1,
+                token: 3,
+                draft: 40
+            })
+        ),
+        "{got:?}"
+    );
+    let got = keep(&mut cache, 0, draft, &[1, 40]);
+    assert!(
+        matches!(
+            got,
+            Err(Error::DraftKept {
+                index: 1,
+                token: 40,
+                draft: 40
+            })
+        ),
+        "{got:?}"
+    );
+    // Sequence 1 shares the page of sequence 0's position 61, where draft
+    // token 3 would move: shared pages are read-only.
+    let mut table = cache.block_table(1).unwrap().to_vec();
+    table[3] = cache.block_table(0).unwrap()[61 / 16];
+    cache.set_block_table(1, &table).unwrap();
+    let got = keep(&mut cache, 0, draft, &[0, 3]);
+    assert!(
+        matches!(got, Err(Error::SharedPageOverwrite { .. })),
+        "{got:?}"
+    );
+}
+
 /// Ragged decodes' own bad input: a count per sequence, query rows that add
 /// up to the counts in one packed batch entry, an output and logsumexp
 /// shaped like them; counts that are all 0 record nothing.

@@ -169,22 +169,7 @@ impl KvCache {
         for &page in pages {
             let page_at = self.page_location(page);
             for buffer in self.segment_pools(page_at.segment) {
-                match direction {
-                    PageCopy::Out => encoder.copy_buffer_to_buffer(
-                        buffer,
-                        page_at.offset,
-                        staging,
-                        at,
-                        pool_bytes,
-                    ),
-                    PageCopy::In => encoder.copy_buffer_to_buffer(
-                        staging,
-                        at,
-                        buffer,
-                        page_at.offset,
-                        pool_bytes,
-                    ),
-                }
+                direction.record(encoder, buffer, page_at.offset, staging, at, pool_bytes);
                 at += pool_bytes;
             }
         }
@@ -206,7 +191,7 @@ impl KvCache {
     }
 
     /// Pages to be written exist, appear once, and are not shared.
-    fn check_writable(&self, pages: &[u32]) -> Result<()> {
+    pub(super) fn check_writable(&self, pages: &[u32]) -> Result<()> {
         self.check_pages_exist("destination", pages)?;
         for (index, &page) in pages.iter().enumerate() {
             if let Some(first) = pages[..index].iter().position(|&other| other == page) {
@@ -230,7 +215,11 @@ impl KvCache {
     }
 
     /// Every pool buffer has `usage` (a caller's may not).
-    fn require_pool_usage(&self, usage: wgpu::BufferUsages, why: &'static str) -> Result<()> {
+    pub(super) fn require_pool_usage(
+        &self,
+        usage: wgpu::BufferUsages,
+        why: &'static str,
+    ) -> Result<()> {
         for (name, buffer) in self.buffers() {
             require_usage(name, buffer, usage, why)?;
         }
@@ -255,23 +244,47 @@ impl KvCache {
     }
 
     /// Pools a page has: K, and V unless the values live in the keys.
-    fn pools(&self) -> u64 {
+    pub(super) fn pools(&self) -> u64 {
         if self.config.values_in_keys() { 1 } else { 2 }
     }
 
     /// A segment's K buffer, then its V buffer unless the values live in
     /// the keys.
-    fn segment_pools(&self, segment: usize) -> impl Iterator<Item = &wgpu::Buffer> {
+    pub(super) fn segment_pools(&self, segment: usize) -> impl Iterator<Item = &wgpu::Buffer> {
         let segment = &self.segments[segment];
         std::iter::once(&segment.k).chain(segment.v.as_ref())
     }
 }
 
-/// Which way [`KvCache::record_page_copies`] copies.
+/// Which way [`KvCache::record_page_copies`] (and the draft tokens' moves)
+/// copy.
 #[derive(Clone, Copy)]
-enum PageCopy {
-    /// Pages to the staging buffer.
+pub(super) enum PageCopy {
+    /// The pool to the staging buffer.
     Out,
-    /// The staging buffer to pages.
+    /// The staging buffer to the pool.
     In,
+}
+
+impl PageCopy {
+    /// Records the copy of `bytes` between `pool` at `pool_offset` and
+    /// `staging` at `staging_offset`, this way.
+    pub(super) fn record(
+        self,
+        encoder: &mut wgpu::CommandEncoder,
+        pool: &wgpu::Buffer,
+        pool_offset: u64,
+        staging: &wgpu::Buffer,
+        staging_offset: u64,
+        bytes: u64,
+    ) {
+        match self {
+            PageCopy::Out => {
+                encoder.copy_buffer_to_buffer(pool, pool_offset, staging, staging_offset, bytes)
+            }
+            PageCopy::In => {
+                encoder.copy_buffer_to_buffer(staging, staging_offset, pool, pool_offset, bytes)
+            }
+        }
+    }
 }
