@@ -76,7 +76,8 @@ fn fill(gpu: &Gpu, config: KvCacheConfig, lens: &[usize], seed: u64) -> Filled {
 }
 
 /// Decodes `q` over the cache and returns the largest errors of output and
-/// logsumexp against the reference, run sequence by sequence.
+/// logsumexp against the reference, run sequence by sequence (masked by
+/// the token trees in `options`, if any).
 fn decode_errors(
     gpu: &Gpu,
     filled: &Filled,
@@ -130,10 +131,19 @@ fn decode_errors_as(
             head_dim_v: head_dim,
         };
         let qb = &q[b * per_seq..(b + 1) * per_seq];
-        let want = if len == 0 {
-            None
-        } else {
-            Some(reference::attention(&shape, qb, &filled.k[b], &filled.v[b], config).unwrap())
+        let (k, v) = (&filled.k[b], &filled.v[b]);
+        let want = match &options.token_trees {
+            _ if len == 0 => None,
+            // A token tree is the dense mask it means.
+            Some(trees) => {
+                let mask = trees[b].dense_mask(len);
+                let mask = reference::HostMask::Bool {
+                    dims: [1, 1, seq_q, len],
+                    values: &mask,
+                };
+                Some(reference::attention_masked(&shape, qb, k, v, config, &mask).unwrap())
+            }
+            None => Some(reference::attention(&shape, qb, k, v, config).unwrap()),
         };
         for (i, g) in got[b * per_seq..(b + 1) * per_seq].iter().enumerate() {
             assert!(!g.is_nan(), "sequence {b} (len {len}): NaN at {i}");
@@ -2620,6 +2630,113 @@ fn token_trees_hide_the_other_branches() {
         ),
         "{got:?}"
     );
+}
+
+/// A whole speculative step with a token tree, as a server runs it (README,
+/// "Decoding with a KV cache"): the draft's queries and keys rotated at
+/// their depths (`Gpu::rope` over a view of the tokens as one-token
+/// sequences), the keys appended unrotated, the step decoded with the
+/// tree (`Gpu::decode`); then an accepted path kept
+/// (`KvCache::keep_draft`) and the next token decoded after it. Rotations
+/// against the CPU's RoPE, attention against the reference.
+#[test]
+fn a_speculative_tree_step_rotates_decodes_and_keeps_its_path() {
+    let Some(gpu) = gpu() else { return };
+    let head_dim = 32;
+    let prefix = 50;
+    // 0 <- 1 <- 3 <- 5 and 0 <- 2 <- 4: the path 0, 1, 3, 5 is accepted.
+    let tree =
+        TokenTree::from_parents(&[None, Some(0), Some(0), Some(1), Some(2), Some(3)]).unwrap();
+    let path = [0, 1, 3, 5];
+    let depths = tree.depths();
+    assert_eq!(
+        path.map(|t| depths[t]),
+        [0, 1, 2, 3],
+        "a path lies at consecutive positions"
+    );
+    let n = tree.len();
+    let config = KvCacheConfig::new(
+        1,
+        HEADS_KV,
+        head_dim,
+        KvLayout::Paged {
+            page_size: 16,
+            pages: 8,
+        },
+    );
+    let mut filled = fill(gpu, config, &[prefix], 0x5bec);
+    let rope = Rope::new(RopeStyle::HalfSplit);
+    let positions: Vec<u32> = depths.iter().map(|&d| (prefix + d) as u32).collect();
+    let mut rng = seeded(0x5bed);
+    let mut draft = |heads: usize| {
+        let shape = TensorShape::new(1, n, heads, head_dim);
+        let host = normal_vec(&mut rng, shape.elements(), 1.0);
+        (Tensor::from_f32(gpu, shape, &host).unwrap(), host)
+    };
+    let ((q, q_host), (k, k_host), (v, _)) = (draft(HEADS_Q), draft(HEADS_KV), draft(HEADS_KV));
+    // The n tokens as n one-token sequences, each at its own position.
+    let per_token = |t: &Tensor, heads: usize| {
+        let token = heads * head_dim;
+        let strides = Strides {
+            batch: token,
+            seq: token,
+            head: head_dim,
+        };
+        t.view(TensorShape::new(n, 1, heads, head_dim), strides, 0)
+            .unwrap()
+    };
+    gpu.run(|e| {
+        gpu.rope(e, &per_token(&q, HEADS_Q), &rope, &positions)?;
+        gpu.rope(e, &per_token(&k, HEADS_KV), &rope, &positions)?;
+        filled.cache.append(gpu, e, &k, &v, None)
+    })
+    .unwrap();
+    let first_positions: Vec<u64> = positions.iter().map(|&p| u64::from(p)).collect();
+    let rotated = |host: &[f32], heads: usize| {
+        let shape = TensorShape::new(n, 1, heads, head_dim);
+        reference::rope(&rope, shape, host, &first_positions).unwrap()
+    };
+    let q_rotated = q.to_f32_vec(gpu).unwrap();
+    let (cached_k, cached_v) = filled.cache.read_sequence(gpu, 0).unwrap();
+    let draft_k = &cached_k[prefix * HEADS_KV * head_dim..];
+    for (got, want, what) in [
+        (&q_rotated[..], rotated(&q_host, HEADS_Q), "queries"),
+        (draft_k, rotated(&k_host, HEADS_KV), "keys"),
+    ] {
+        let err = max_error(got, &want);
+        assert!(
+            err <= ROPE_BOUND,
+            "{what} rotated at their depths: {err:.2e}"
+        );
+    }
+    filled.k[0] = cached_k;
+    filled.v[0] = cached_v;
+    let causal = AttentionConfig::new().causal(true);
+    let options = DecodeOptions::new(&causal).token_trees(vec![tree]);
+    let (out_err, lse_err, plan) = decode_errors(gpu, &filled, &q_rotated, n, &options);
+    assert!(
+        out_err <= 1e-4 && lse_err <= 1e-4,
+        "the tree step: out {out_err:.2e}, lse {lse_err:.2e} ({plan:?})"
+    );
+
+    gpu.run(|e| filled.cache.keep_draft(gpu, e, 0, n, &path))
+        .unwrap();
+    assert_eq!(filled.cache.lens(), [prefix + path.len()]);
+    let (k_kept, v_kept) = filled.cache.read_sequence(gpu, 0).unwrap();
+    let token = HEADS_KV * head_dim;
+    let kept_rows = |data: &[f32]| -> Vec<f32> {
+        (0..prefix)
+            .chain(path.iter().map(|&t| prefix + t))
+            .flat_map(|t| data[t * token..(t + 1) * token].to_vec())
+            .collect()
+    };
+    assert!(k_kept == kept_rows(&filled.k[0]), "the kept path's keys");
+    assert!(v_kept == kept_rows(&filled.v[0]), "the kept path's values");
+    // The next token, after the path.
+    let (k_next, v_next) = append_random_tokens(gpu, &mut filled.cache, 1, 0x5bee);
+    filled.k[0] = [k_kept, k_next].concat();
+    filled.v[0] = [v_kept, v_next].concat();
+    assert_one_token_decodes(gpu, &filled, 0x5bef);
 }
 
 /// The end of a speculative step (`KvCache::keep_draft`): the accepted
