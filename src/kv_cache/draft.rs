@@ -3,7 +3,7 @@
 //! draft, so that the sequence goes on from them.
 
 use super::KvCache;
-use super::pages::PageCopy;
+use super::pages::{PageCopy, PageLocation};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::tensor::check_buffer_size;
@@ -99,8 +99,8 @@ impl KvCache {
     }
 
     /// Copies between the tokens at `positions` of `sequence` and
-    /// `staging`, where entry `i` takes one token from byte `i x pools x
-    /// token_bytes()` (K, then V).
+    /// `staging`, entry `i` at byte `i x pools() x token_bytes()` of
+    /// `staging` (K, then V).
     fn record_token_copies(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -110,14 +110,13 @@ impl KvCache {
         staging: &wgpu::Buffer,
     ) {
         let token_bytes = self.token_bytes();
-        let mut at = 0;
-        for &pos in positions {
-            let page_at = self.page_location(self.page_of(sequence, pos));
-            let offset = page_at.offset + (pos % self.page_size) as u64 * token_bytes;
-            for buffer in self.segment_pools(page_at.segment) {
-                direction.record(encoder, buffer, offset, staging, at, token_bytes);
-                at += token_bytes;
+        let starts = positions.iter().map(|&pos| {
+            let page = self.page_location(self.page_of(sequence, pos));
+            PageLocation {
+                segment: page.segment,
+                offset: page.offset + (pos % self.page_size) as u64 * token_bytes,
             }
-        }
+        });
+        self.record_pool_copies(encoder, starts, token_bytes, direction, staging);
     }
 }

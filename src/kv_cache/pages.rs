@@ -164,13 +164,26 @@ impl KvCache {
         direction: PageCopy,
         staging: &wgpu::Buffer,
     ) {
-        let pool_bytes = self.pool_page_bytes();
+        let starts = pages.iter().map(|&page| self.page_location(page));
+        self.record_pool_copies(encoder, starts, self.pool_page_bytes(), direction, staging);
+    }
+
+    /// Copies between `staging` and `bytes` of each pool (K, then V) from
+    /// each of `starts`, entry `i` at byte `i x pools() x bytes` of
+    /// `staging`: whole pages, or tokens.
+    pub(super) fn record_pool_copies(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        starts: impl IntoIterator<Item = PageLocation>,
+        bytes: u64,
+        direction: PageCopy,
+        staging: &wgpu::Buffer,
+    ) {
         let mut at = 0;
-        for &page in pages {
-            let page_at = self.page_location(page);
-            for buffer in self.segment_pools(page_at.segment) {
-                direction.record(encoder, buffer, page_at.offset, staging, at, pool_bytes);
-                at += pool_bytes;
+        for start in starts {
+            for buffer in self.segment_pools(start.segment) {
+                direction.record(encoder, buffer, start.offset, staging, at, bytes);
+                at += bytes;
             }
         }
     }
@@ -256,8 +269,7 @@ impl KvCache {
     }
 }
 
-/// Which way [`KvCache::record_page_copies`] (and the draft tokens' moves)
-/// copy.
+/// Which way [`KvCache::record_pool_copies`] copies.
 #[derive(Clone, Copy)]
 pub(super) enum PageCopy {
     /// The pool to the staging buffer.
