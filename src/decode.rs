@@ -91,7 +91,9 @@ pub struct DecodeOptions {
     /// ancestors and itself only (on top of causal and windows, which
     /// still apply). `None`: by position alone. Calls with trees always
     /// run the decode kernel, not the forward
-    /// ([`DecodePlan::as_forward`] stays `None`).
+    /// ([`DecodePlan::as_forward`] stays `None`). Not one tree per
+    /// sequence is [`Error::DataLength`]; a tree of another size than its
+    /// sequence's query tokens [`Error::TokenTreeSize`].
     pub token_trees: Option<Vec<TokenTree>>,
 }
 

@@ -2,7 +2,8 @@
 //! contiguous cache is the identity block table), split over several
 //! buffers when one binding cannot hold the pool, and the in-place append
 //! with optional fused rotary embedding of the keys. Whole pages (free
-//! ones, copies, host transfers) are `pages.rs`'.
+//! ones, copies, host transfers) are `pages.rs`'; the end of a
+//! speculative step (an accepted draft path kept) is `draft.rs`'.
 
 mod draft;
 mod pages;
