@@ -706,8 +706,14 @@ impl KvCache {
     /// The block table as the kernels read it: one row of
     /// `pages_per_seq` words per sequence, `NO_PAGE` past its pages.
     pub(crate) fn table_rows(&self) -> Vec<u32> {
-        let mut rows = vec![NO_PAGE; self.batch() * self.pages_per_seq];
-        for (row, table) in rows.chunks_mut(self.pages_per_seq).zip(&self.block_tables) {
+        self.table_rows_of(&(0..self.batch()).collect::<Vec<_>>())
+    }
+
+    /// [`KvCache::table_rows`] of `sequences` only, in that order.
+    fn table_rows_of(&self, sequences: &[usize]) -> Vec<u32> {
+        let mut rows = vec![NO_PAGE; sequences.len() * self.pages_per_seq];
+        for (row, &sequence) in rows.chunks_mut(self.pages_per_seq).zip(sequences) {
+            let table = &self.block_tables[sequence];
             row[..table.len()].copy_from_slice(table);
         }
         rows
@@ -717,11 +723,7 @@ impl KvCache {
     /// order (a copy of some sequences' caches), for the call being
     /// recorded.
     pub(crate) fn table_snapshot_of(&self, gpu: &Gpu, sequences: &[usize]) -> Result<wgpu::Buffer> {
-        let mut rows = vec![NO_PAGE; sequences.len() * self.pages_per_seq];
-        for (row, &sequence) in rows.chunks_mut(self.pages_per_seq).zip(sequences) {
-            let table = &self.block_tables[sequence];
-            row[..table.len()].copy_from_slice(table);
-        }
+        let rows = self.table_rows_of(sequences);
         gpu.storage_buffer(
             "wgpu-flash-attn block table rows",
             bytemuck::cast_slice(&rows),
