@@ -319,6 +319,13 @@ done
 step 30 "ragged step: 512-token chunk beside 31 one-token sequences, 8K, f32 and f16" \
   "$fb" decode --cache 8192 --batch 32 --heads-q 32 --heads-kv 8 --page-size 256 \
   --prompt-chunk 512 --kv-dtype f32,f16 --json "$res/decode-prompt-chunk.json"
+# Speculative decoding's token trees (2026-12-08, thirty-third session):
+# 16 draft tokens per sequence as a seeded random tree against the causal
+# step in the same run, the GPU's default lanes and key tiles. Lavapipe
+# only so far (no cost above its noise).
+step 30 "token trees: 16-token drafts, tree vs causal, Llama-3.1-70B heads, 4K/32K" \
+  "$fb" decode --seq-q 16 --cache 4096,32768 --token-tree --lanes head-dim,key-tiles \
+  --json "$res/decode-token-tree.json"
 # This commit against others (benches/device/stage-baseline.sh: the
 # commit a kernel change replaces, a branch's kernel), in two rounds so
 # that a drift in the GPU's clocks shows as disagreement between the
