@@ -2731,12 +2731,7 @@ fn a_speculative_tree_step_rotates_decodes_and_keeps_its_path() {
     assert_eq!(filled.cache.lens(), [prefix + path.len()]);
     let (k_kept, v_kept) = filled.cache.read_sequence(gpu, 0).unwrap();
     let token = HEADS_KV * head_dim;
-    let kept_rows = |data: &[f32]| -> Vec<f32> {
-        (0..prefix)
-            .chain(path.iter().map(|&t| prefix + t))
-            .flat_map(|t| data[t * token..(t + 1) * token].to_vec())
-            .collect()
-    };
+    let kept_rows = |data: &[f32]| kept_draft_rows(data, prefix, &path, token);
     assert!(k_kept == kept_rows(&filled.k[0]), "the kept path's keys");
     assert!(v_kept == kept_rows(&filled.v[0]), "the kept path's values");
     // The next token, after the path.
@@ -2744,6 +2739,16 @@ fn a_speculative_tree_step_rotates_decodes_and_keeps_its_path() {
     filled.k[0] = [k_kept, k_next].concat();
     filled.v[0] = [v_kept, v_next].concat();
     assert_one_token_decodes(gpu, &filled, 0x5bef);
+}
+
+/// What `KvCache::keep_draft` leaves of a sequence's rows `data` (`width`
+/// values a token) whose draft starts at `first`: the tokens before it,
+/// then the `kept` draft tokens.
+fn kept_draft_rows(data: &[f32], first: usize, kept: &[usize], width: usize) -> Vec<f32> {
+    (0..first)
+        .chain(kept.iter().map(|&t| first + t))
+        .flat_map(|t| data[t * width..(t + 1) * width].to_vec())
+        .collect()
 }
 
 /// The end of a speculative step (`KvCache::keep_draft`): the accepted
@@ -2784,12 +2789,7 @@ fn keeping_an_accepted_draft_path_moves_its_tokens_whole() {
                 [first + kept.len(), 60],
                 "{dtype:?} {layout:?}"
             );
-            let want = |data: &[f32]| -> Vec<f32> {
-                let tokens = (0..first).chain(kept.iter().map(|&t| first + t));
-                tokens
-                    .flat_map(|t| data[t * token..(t + 1) * token].to_vec())
-                    .collect()
-            };
+            let want = |data: &[f32]| kept_draft_rows(data, first, &kept, token);
             let (k, v) = filled.cache.read_sequence(gpu, 0).unwrap();
             assert!(k == want(&before[0].0), "{dtype:?} {layout:?}: keys");
             assert!(v == want(&before[0].1), "{dtype:?} {layout:?}: values");
