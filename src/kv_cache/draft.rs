@@ -70,6 +70,7 @@ impl KvCache {
                 .iter()
                 .map(|&(_, to)| self.page_of(sequence, to))
                 .collect();
+            // Destinations increase, so each page's positions are adjacent.
             written.dedup();
             self.check_writable(&written)?;
             self.require_pool_usage(wgpu::BufferUsages::COPY_SRC, "move draft tokens out of it")?;
