@@ -88,9 +88,9 @@ fn negative_infinity() -> f32 {
 // four 16-bit values packed first-element-low, converted with core WGSL
 // only, so every adapter runs them without SHADER_F16. HALF_STORAGE makes
 // Q and O 16-bit, KV_HALF K and V (the forward sets both; decoding over a
-// half KV cache only KV_HALF); KV_INT8 (decoding only) makes K and V words
-// of four int8 that flash_decode.wgsl dequantizes. Arithmetic and softmax
-// statistics are f32 in every case.
+// half KV cache only KV_HALF); KV_BYTES (decoding only) makes K and V words
+// of four int8 or fp8 bytes that flash_decode.wgsl dequantizes. Arithmetic
+// and softmax statistics are f32 in every case.
 // #if HALF_STORAGE
 @group(0) @binding(1) var<storage, read> q_buf: array<vec2<u32>>;
 @group(0) @binding(4) var<storage, read_write> o_buf: array<vec2<u32>>;
@@ -107,7 +107,7 @@ fn negative_infinity() -> f32 {
 @group(0) @binding(4) var<storage, read_write> o_buf: array<vec4<f32>>;
 // #endif
 // #endif
-// #if KV_INT8
+// #if KV_BYTES
 // #if KEY_LANES
 // Four words per load: decoding with lanes over keys reads an int8 vector
 // as the 16-byte blocks that cover it (flash_decode.wgsl).
@@ -301,7 +301,7 @@ fn load_v(i: u32) -> vec4<f32> {
 }
 // #endif
 // #else
-// #if KV_INT8
+// #if KV_BYTES
 // #else
 // #if KEY_LANES
 fn load_k8(row: u32, e: u32) -> mat2x4<f32> {
@@ -366,7 +366,7 @@ fn paired_block(x: u32, blocks: u32) -> u32 {
 }
 
 // #if SUBGROUP_KV
-// #if KV_INT8
+// #if KV_BYTES
 // #else
 // The vec4 a lane holds in slab slot `j / WG_SIZE` (j = lane + WG_SIZE * slot):
 // element j of the 4 * D4 vec4s of K (4 * DV4 of V) for the four keys at

@@ -115,18 +115,23 @@ fn cache_row(batch: u32, pos: u32, head_kv: u32) -> i32 {
 
 
 // vec4 `j` of the K (or V) head vector that starts at `row`, widened to
-// f32, and the vector's scale (`vector_scales`: K's, V's). An int8 vector
-// (KV_INT8) is D4 words of four int8, first element in the low byte, then
-// its f32 scale: the kernels read the integers here and apply the scales
+// f32, and the vector's scale (`vector_scales`: K's, V's). A vector of
+// bytes (KV_BYTES) is D4 words of four int8 (or, KV_FP8, four E4M3 bytes),
+// first element in the low byte, then its f32 scale: the kernels widen the
+// bytes here and apply the scales
 // once per key (to its dot products for K, to its weights for V), not per
 // element. Every other type has scale 1 (folded away) and is read by
 // attention_common.wgsl's load_k / load_v.
-// #if KV_INT8
+// #if KV_BYTES
 fn widen_bytes(word: u32) -> vec4<f32> {
+// #if KV_FP8
+    return fp8x4_widen(word);
+// #else
     // Each byte moved to the top and shifted back down, sign-extending.
     let bytes = vec4<i32>(bitcast<i32>(word << 24u), bitcast<i32>(word << 16u), bitcast<i32>(word << 8u),
         bitcast<i32>(word)) >> vec4<u32>(24u);
     return vec4<f32>(bytes);
+// #endif
 }
 
 // #if KEY_LANES
@@ -487,7 +492,7 @@ fn main(
         // Absent keys read row 0 of the segment (any valid row): their
         // scores are hidden and their values zeroed below.
         let at = vec4<u32>(max(rows4, vec4<i32>(0)));
-// #if KV_INT8
+// #if KV_BYTES
         var k_blocks: array<vec4<u32>, 4 * W4>;
         var v_blocks: array<vec4<u32>, 4 * VW4>;
         stage_int8_blocks(at, &k_blocks, &v_blocks);
@@ -498,7 +503,7 @@ fn main(
             dots[r] = vec4<f32>(0.0);
         }
         for (var e = 0u; e < D8; e++) {
-// #if KV_INT8
+// #if KV_BYTES
             let k0 = int8_k8(&k_blocks, 0u, shifts.x, e);
             let k1 = int8_k8(&k_blocks, 1u, shifts.y, e);
             let k2 = int8_k8(&k_blocks, 2u, shifts.z, e);
@@ -530,7 +535,7 @@ fn main(
             correction[r] = step.correction;
         }
         for (var e = 0u; e < DV8; e++) {
-// #if KV_INT8
+// #if KV_BYTES
             let v0 = present_values(int8_v8(&v_blocks, 0u, shifts.x, e), here.x);
             let v1 = present_values(int8_v8(&v_blocks, 1u, shifts.y, e), here.y);
             let v2 = present_values(int8_v8(&v_blocks, 2u, shifts.z, e), here.z);
@@ -952,7 +957,7 @@ var<workgroup> v_tile: array<vec4<f32>, BLOCK_N * DV4>;
 // Per key of the tile: the vec4 index of its K/V row in this segment, or
 // -1 when its page lives in another segment (or past the tile's end).
 var<workgroup> key_row: array<i32, BLOCK_N>;
-// #if KV_INT8
+// #if KV_BYTES
 // Per key of the tile: its K and V scales.
 var<workgroup> tile_scales: array<vec2<f32>, BLOCK_N>;
 

@@ -8,6 +8,8 @@
 // have beside a cache of another type (Q_HALF: the queries, O_HALF: the
 // output); QO_BF16 makes it bf16, else it is f16. `qo_widen4` and
 // `qo_narrow4` convert it.
+//
+// KV_FP8 adds FP8 E4M3, the byte-per-element KV cache's float type.
 
 // #if BF16_CODEC
 // bf16 is the top half of an f32: widening is a shift.
@@ -82,4 +84,37 @@ fn qo_narrow4(v: vec4<f32>) -> vec2<u32> {
     return f16x4_narrow_saturating(v);
 }
 // #endif
+// #endif
+
+// #if KV_FP8
+// FP8 E4M3 ("E4M3FN": exponent bias 7, 3 mantissa bits, no infinities,
+// 0x7f and 0xff are NaN and never written), four to a word, first element
+// in the low byte (src/kv_cache.rs, KvDType::Fp8). Exact for every byte,
+// subnormals included, with no f32 subnormal on the way (GPUs may flush
+// those to zero).
+fn fp8x4_widen(word: u32) -> vec4<f32> {
+    let bytes = (vec4<u32>(word) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(0xffu);
+    let magnitude = bytes & vec4<u32>(0x7fu);
+    // Exponent and mantissa moved into f32's fields, the bias from 7 to 127.
+    let normal = bitcast<vec4<f32>>((magnitude << vec4<u32>(20u)) + vec4<u32>(120u << 23u));
+    // Exponent field 0: steps of 2^-9.
+    let subnormal = vec4<f32>(magnitude) * (1.0 / 512.0);
+    let value = select(normal, subnormal, magnitude < vec4<u32>(8u));
+    return bitcast<vec4<f32>>(bitcast<vec4<u32>>(value) | ((bytes & vec4<u32>(0x80u)) << vec4<u32>(24u)));
+}
+
+// The E4M3 byte of `value`, rounded to nearest even; past 448 (the largest
+// finite) it saturates to 448.
+fn fp8_bits(value: f32) -> u32 {
+    let magnitude = abs(value);
+    let bits = bitcast<u32>(magnitude);
+    // From 2^-6 up: f32's mantissa rounded to 3 bits (a carry moves into
+    // the exponent), the bias from 127 to 7.
+    let normal = ((bits + 0x7ffffu + ((bits >> 20u) & 1u)) >> 20u) - (120u << 3u);
+    // Below: steps of 2^-9 (`round` ties to even); 8 is 2^-6, the first
+    // normal, which the rounding may reach.
+    let subnormal = u32(round(magnitude * 512.0));
+    let encoded = min(select(normal, subnormal, magnitude < 0.015625), 0x7eu);
+    return encoded | select(0u, 0x80u, value < 0.0);
+}
 // #endif

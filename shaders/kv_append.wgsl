@@ -11,8 +11,8 @@
 //
 // The cache is addressed in 4-byte words: a head vector is head_dim words
 // (f32), head_dim / 2 (KV_HALF: two halves per word, first element low) or
-// head_dim / 4 + 1 (KV_INT8: four int8 per word, first element in the low
-// byte, then the vector's f32 scale).
+// head_dim / 4 + 1 (KV_BYTES: four int8, or with KV_FP8 four E4M3 bytes,
+// per word, first element in the low byte, then the vector's f32 scale).
 //
 // Generated constants: WG_SIZE.
 
@@ -62,25 +62,35 @@ fn store_word(is_key: bool, at: u32, word: u32) {
     }
 }
 
-// #if KV_INT8
+// #if KV_BYTES
 fn vector_words() -> u32 {
     return rp.head_dim / 4u + 1u;
 }
 
 // Symmetric quantization: scale = max|x| / 127, values round(x / scale)
 // (to nearest, ties to even) in [-127, 127]; an all-zero vector has scale 0.
+// KV_FP8: scale = max|x| / 448 (E4M3's largest finite), values x / scale
+// as E4M3 bytes (half_codec.wgsl's fp8_bits).
 fn store_vector(is_key: bool, src: u32, dst: u32, position: u32) {
     var amax = 0.0;
     for (var e = 0u; e < rp.head_dim; e++) {
         amax = max(amax, abs(element(is_key, src, e, position)));
     }
+// #if KV_FP8
+    let scale = amax / 448.0;
+// #else
     let scale = amax / 127.0;
+// #endif
     let inverse = select(0.0, 1.0 / scale, scale > 0.0);
     for (var w = 0u; w < rp.head_dim / 4u; w++) {
         var word = 0u;
         for (var b = 0u; b < 4u; b++) {
+// #if KV_FP8
+            word |= fp8_bits(element(is_key, src, 4u * w + b, position) * inverse) << (8u * b);
+// #else
             let value = clamp(round(element(is_key, src, 4u * w + b, position) * inverse), -127.0, 127.0);
             word |= (bitcast<u32>(i32(value)) & 0xffu) << (8u * b);
+// #endif
         }
         store_word(is_key, dst + w, word);
     }

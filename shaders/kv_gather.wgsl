@@ -1,6 +1,6 @@
 // Copies a KV cache's K and V vectors into dense f32 tensors
-// [batch, seq, heads, head_dim] (packed), widening 16-bit and int8 values
-// as the decode kernel reads them (an int8 value times its vector's
+// [batch, seq, heads, head_dim] (packed), widening 16-bit, int8 and fp8
+// values as the decode kernel reads them (a byte's value times its vector's
 // scale). A decode call with many query rows per KV head then runs the
 // forward kernels over the copy (src/decode_as_forward.rs says when).
 // One dispatch per cache segment; each copies the vectors whose page
@@ -11,8 +11,9 @@
 // One invocation per head vector of K (and the same vector of V): the
 // index arithmetic (divisions) once per vector, not per vec4. The cache
 // is addressed in 4-byte words, as kv_append.wgsl writes it: a head vector
-// is 4 * D4 words (f32), 2 * D4 (KV_HALF) or D4 + 1 (KV_INT8: four int8 per
-// word, first element in the low byte, then the vector's f32 scale).
+// is 4 * D4 words (f32), 2 * D4 (KV_HALF) or D4 + 1 (KV_BYTES: four int8,
+// or with KV_FP8 four E4M3 bytes, per word, first element in the low byte,
+// then the vector's f32 scale).
 //
 // Generated constants: WG_SIZE.
 
@@ -48,8 +49,8 @@ fn cache_word(from_v: bool, i: u32) -> u32 {
 }
 
 // vec4 `j` of the vector that starts at word `first`, as f32 (`scale`:
-// an int8 vector's, read once per vector by `vector_scale`).
-// #if KV_INT8
+// a byte vector's, read once per vector by `vector_scale`).
+// #if KV_BYTES
 fn vector_words() -> u32 {
     return gp.d4 + 1u;
 }
@@ -60,10 +61,14 @@ fn vector_scale(from_v: bool, first: u32) -> f32 {
 
 fn widened(from_v: bool, first: u32, j: u32, scale: f32) -> vec4<f32> {
     let word = cache_word(from_v, first + j);
+// #if KV_FP8
+    return fp8x4_widen(word) * scale;
+// #else
     // Each byte moved to the top and shifted back down, sign-extending.
     let bytes = vec4<i32>(bitcast<i32>(word << 24u), bitcast<i32>(word << 16u), bitcast<i32>(word << 8u),
         bitcast<i32>(word)) >> vec4<u32>(24u);
     return vec4<f32>(bytes) * scale;
+// #endif
 }
 // #else
 // #if KV_HALF

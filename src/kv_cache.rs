@@ -66,15 +66,35 @@ pub enum KvDType {
     /// max|x| / 127`, so each element is within `s / 2 = max|x| / 254` of
     /// its value; `head_dim + 4` bytes per head vector.
     Int8,
+    /// FP8 E4M3 (OCP 8-bit float "E4M3FN": 4 exponent bits, 3 mantissa
+    /// bits, largest finite 448, no infinities) with one f32 scale per
+    /// (token, head), laid out as int8: each head vector `x` is stored as
+    /// `x / s` rounded to nearest even with `s = max|x| / 448`, so each
+    /// element is within `|x| / 16` of its value (half a unit in the last
+    /// place of a 3-bit mantissa) where `|x / s| >= 2^-6`, and within `s /
+    /// 1024` below that (E4M3's subnormals, steps of `2^-9 s`). Unlike
+    /// int8, small elements of a vector with a large one keep their
+    /// relative precision (keys' outlier channels); `head_dim + 4` bytes
+    /// per head vector.
+    Fp8,
 }
 
 impl KvDType {
+    /// Every storage type, in flash-bench's order.
+    pub const ALL: [KvDType; 5] = [
+        KvDType::F32,
+        KvDType::F16,
+        KvDType::BF16,
+        KvDType::Int8,
+        KvDType::Fp8,
+    ];
+
     /// Bytes of one head vector of `head_dim` elements.
     pub fn vector_bytes(self, head_dim: usize) -> usize {
         match self {
             KvDType::F32 => 4 * head_dim,
             KvDType::F16 | KvDType::BF16 => 2 * head_dim,
-            KvDType::Int8 => head_dim + 4,
+            KvDType::Int8 | KvDType::Fp8 => head_dim + 4,
         }
     }
 
@@ -88,7 +108,7 @@ impl KvDType {
     /// plus an int8 vector's scale word: the cache's head stride.
     pub(crate) fn vector_vec4s(self, head_dim: usize) -> usize {
         match self {
-            KvDType::Int8 => head_dim / 4 + 1,
+            KvDType::Int8 | KvDType::Fp8 => head_dim / 4 + 1,
             _ => head_dim / 4,
         }
     }
@@ -100,7 +120,14 @@ impl KvDType {
             KvDType::F16 => "f16",
             KvDType::BF16 => "bf16",
             KvDType::Int8 => "int8",
+            KvDType::Fp8 => "fp8",
         }
+    }
+
+    /// Whether elements are single bytes beside a per-vector f32 scale
+    /// (int8 and fp8 share that layout).
+    pub(crate) fn has_scales(self) -> bool {
+        matches!(self, KvDType::Int8 | KvDType::Fp8)
     }
 }
 
@@ -1220,14 +1247,18 @@ fn check_distinct_segments(
 }
 
 /// Appends one token's head vectors, stored as `dtype` in `words`, to `out`
-/// as f32 (int8: each value times its vector's scale).
+/// as f32 (int8 and fp8: each value times its vector's scale).
 fn widen_token(dtype: KvDType, head_dim: usize, words: &[u32], out: &mut Vec<f32>) {
     let halves = || words.iter().flat_map(|w| [*w as u16, (*w >> 16) as u16]);
     match dtype {
         KvDType::F32 => out.extend(words.iter().map(|&w| f32::from_bits(w))),
         KvDType::F16 => out.extend(halves().map(|h| half::f16::from_bits(h).to_f32())),
         KvDType::BF16 => out.extend(halves().map(|h| half::bf16::from_bits(h).to_f32())),
-        KvDType::Int8 => {
+        KvDType::Int8 | KvDType::Fp8 => {
+            let widen = match dtype {
+                KvDType::Int8 => |b: u8| f32::from(b as i8),
+                _ => |b: u8| float8::F8E4M3::from_bits(b).to_f32(),
+            };
             for vector in words.chunks_exact(dtype.vector_words(head_dim)) {
                 let (values, scale) = vector.split_at(head_dim / 4);
                 let scale = f32::from_bits(scale[0]);
@@ -1235,7 +1266,7 @@ fn widen_token(dtype: KvDType, head_dim: usize, words: &[u32], out: &mut Vec<f32
                     values
                         .iter()
                         .flat_map(|w| w.to_le_bytes())
-                        .map(|b| f32::from(b as i8) * scale),
+                        .map(|b| widen(b) * scale),
                 );
             }
         }

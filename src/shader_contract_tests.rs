@@ -134,7 +134,7 @@ pub(crate) fn shipped_specializations() -> Vec<Specialization> {
             }
             // Decoding: 1 to 64 rows per KV head (query tokens x GQA group),
             // every cache storage type.
-            for (dtype, rows) in [KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8]
+            for (dtype, rows) in KvDType::ALL
                 .into_iter()
                 .flat_map(|dtype| [1, 2, 4, 8, 16, 64].map(|rows| (dtype, rows)))
             {
@@ -293,7 +293,7 @@ pub(crate) fn shipped_specializations() -> Vec<Specialization> {
     add(Specialization::Rope {
         workgroup_size: ELEMENTWISE_WORKGROUP,
     });
-    for dtype in [KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8] {
+    for dtype in KvDType::ALL {
         add(Specialization::KvAppend {
             workgroup_size: ELEMENTWISE_WORKGROUP,
             dtype,

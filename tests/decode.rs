@@ -1109,11 +1109,11 @@ fn assert_stored_within(
     }
 }
 
-/// f16, bf16 and int8 caches: each element is stored within its type's
-/// rounding of the appended value, and decoding reads exactly what is
-/// stored (the reference runs on the values read back).
+/// f16, bf16, int8 and fp8 caches: each element is stored within its
+/// type's rounding of the appended value, and decoding reads exactly what
+/// is stored (the reference runs on the values read back).
 #[test]
-fn half_and_int8_caches_store_within_their_rounding_and_decode_what_they_store() {
+fn narrow_caches_store_within_their_rounding_and_decode_what_they_store() {
     let Some(gpu) = gpu() else { return };
     let head_dim = 64;
     let lens = [1, 130, 700];
@@ -1124,7 +1124,7 @@ fn half_and_int8_caches_store_within_their_rounding_and_decode_what_they_store()
     let rows_with_sinks = common::cases("decode with sinks and splits (query rows)", &[2], &[3])[0];
     let mut sinks = normal_vec(&mut seeded(0xca5e), HEADS_Q, 1.0);
     sinks[0] = 6.0;
-    for dtype in [KvDType::F16, KvDType::BF16, KvDType::Int8] {
+    for dtype in [KvDType::F16, KvDType::BF16, KvDType::Int8, KvDType::Fp8] {
         for layout in [
             KvLayout::Contiguous { capacity: 700 },
             KvLayout::Paged {
@@ -1187,13 +1187,103 @@ fn half_and_int8_caches_store_within_their_rounding_and_decode_what_they_store()
     }
 }
 
-/// The fused RoPE of the append, into f16, bf16 and int8 caches: the keys
-/// read back are the CPU rotation within the type's rounding.
+/// Head vectors of 448 (so each scale is 1) and E4M3 values, in
+/// `HEADS_KV`-head tokens: every finite byte once, or the ties halfway
+/// between neighbouring bytes. Returns the tokens and what an fp8 cache
+/// must hold: the values themselves, or each tie's even neighbour.
+fn fp8_probe_tokens(head_dim: usize) -> (Vec<f32>, Vec<f32>) {
+    let value = |code: u8| float8::F8E4M3::from_bits(code).to_f32();
+    // 0x7f and 0xff are NaN.
+    let mut pairs: Vec<(f32, f32)> = (0x00..=0x7eu8)
+        .chain(0x80..=0xfe)
+        .map(|code| (value(code), value(code)))
+        .collect();
+    for code in 0x00..0x7eu8 {
+        let (low, high) = (value(code), value(code + 1));
+        // The even byte's mantissa ends in 0.
+        let even = if code % 2 == 0 { low } else { high };
+        let tie = (low + high) / 2.0;
+        pairs.extend([(tie, even), (-tie, -even)]);
+    }
+    let mut chunks: Vec<&[(f32, f32)]> = pairs.chunks(head_dim - 1).collect();
+    // Whole tokens: vectors of 448 and zeros make up the last.
+    chunks.resize(chunks.len().next_multiple_of(HEADS_KV), &[]);
+    let mut vectors: Vec<(f32, f32)> = Vec::new();
+    for chunk in chunks {
+        vectors.push((448.0, 448.0));
+        vectors.extend_from_slice(chunk);
+        vectors.resize(vectors.len().next_multiple_of(head_dim), (0.0, 0.0));
+    }
+    vectors.into_iter().unzip()
+}
+
+/// An fp8 cache holds every finite E4M3 byte exactly, rounds ties to even,
+/// and the decode kernel widens each byte as the host does (the `float8`
+/// crate): with one visible key a decode's output is that key's value.
 #[test]
-fn rotated_keys_into_half_and_int8_caches() {
+fn fp8_caches_hold_every_byte_and_round_ties_to_even() {
+    let Some(gpu) = gpu() else { return };
+    let head_dim = 64;
+    let (data, want) = fp8_probe_tokens(head_dim);
+    let tokens = data.len() / (HEADS_KV * head_dim);
+    let config = KvCacheConfig::new(1, HEADS_KV, head_dim, KvLayout::Contiguous { capacity: 64 })
+        .dtype(KvDType::Fp8);
+    let mut cache = KvCache::new(gpu, config).unwrap();
+    let shape = TensorShape::new(1, tokens, HEADS_KV, head_dim);
+    let values = Tensor::from_f32(gpu, shape, &data).unwrap();
+    gpu.run(|e| cache.append(gpu, e, &values, &values, None))
+        .unwrap();
+    let (k, v) = cache.read_sequence(gpu, 0).unwrap();
+    assert_eq!(k, v, "K and V were the same tokens");
+    for (vector, (got, want)) in v.chunks(head_dim).zip(want.chunks(head_dim)).enumerate() {
+        if got[0] == 448.0 {
+            // Scale 1 (448 / 448): every byte as the host rounds it.
+            for (e, (g, w)) in got.iter().zip(want).enumerate() {
+                assert_eq!(g, w, "vector {vector}, element {e}");
+            }
+        } else {
+            // An adapter whose division is not correctly rounded may miss
+            // scale 1 by an ulp and round ties either way.
+            eprintln!(
+                "ties unchecked in vector {vector}: {} stores 448 / 448 as {}",
+                gpu.info().summary(),
+                got[0] / 448.0
+            );
+            let appended = &data[vector * head_dim..(vector + 1) * head_dim];
+            assert_stored_within(KvDType::Fp8, head_dim, [got, appended], 0.0, "V");
+        }
+    }
+    // Token t alone in view: the query at the cache's end with a window
+    // of no keys before it, over the first t + 1 tokens.
+    let options = DecodeOptions::new(&AttentionConfig::new().window(Some(0), Some(0)));
+    let q_shape = TensorShape::new(1, 1, HEADS_Q, head_dim);
+    let q = Tensor::from_f32(gpu, q_shape, &queries(1, 1, head_dim, 0xf8_0001)).unwrap();
+    let out = Tensor::filled_as(gpu, q_shape, f32::NAN, DType::F32).unwrap();
+    let group = HEADS_Q / HEADS_KV;
+    for t in 0..tokens {
+        cache.set_len(0, t + 1).unwrap();
+        let args = DecodeArgs {
+            q: &q,
+            cache: &cache,
+            out: &out,
+            lse: None,
+        };
+        gpu.run(|e| gpu.decode(e, &args, options.clone())).unwrap();
+        let got = out.to_f32_vec(gpu).unwrap();
+        for (head, row) in got.chunks(head_dim).enumerate() {
+            let at = (t * HEADS_KV + head / group) * head_dim;
+            assert_eq!(row, &v[at..at + head_dim], "token {t}, query head {head}");
+        }
+    }
+}
+
+/// The fused RoPE of the append, into f16, bf16, int8 and fp8 caches: the
+/// keys read back are the CPU rotation within the type's rounding.
+#[test]
+fn rotated_keys_into_narrow_caches() {
     let Some(gpu) = gpu() else { return };
     let mut rng = seeded(0x40fe_ca5e);
-    for dtype in [KvDType::F16, KvDType::BF16, KvDType::Int8] {
+    for dtype in [KvDType::F16, KvDType::BF16, KvDType::Int8, KvDType::Fp8] {
         for style in [RopeStyle::Interleaved, RopeStyle::HalfSplit] {
             let rope = Rope::new(style).rotary_dim(48);
             let shape = TensorShape::new(2, 21, 2, 64);
@@ -1944,12 +2034,14 @@ fn both_lane_layouts_match_the_reference() {
     let sixteen_rows = common::cases(
         "decode layouts with 3 query rows (cache type)",
         &[KvDType::F32],
-        &[KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8],
+        &KvDType::ALL,
     );
     let head_dims = common::cases("decode lane layouts (head dim)", &[40], &[40, 64]);
-    for (head_dim, dtype) in head_dims.into_iter().flat_map(|d| {
-        [KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8].map(|dtype| (d, dtype))
-    }) {
+    let dtypes = common::kv_dtypes("decode lane layouts (cache type)");
+    for (head_dim, dtype) in head_dims
+        .into_iter()
+        .flat_map(|d| dtypes.iter().map(move |&dtype| (d, dtype)))
+    {
         let contiguous = KvLayout::Contiguous { capacity: 700 };
         // 16-token pages, five per buffer: one split's keys spread over
         // several dispatches.
@@ -2081,9 +2173,11 @@ fn half_queries_and_outputs_over_every_cache_type() {
         &[32],
         &[32, 64],
     );
-    for (head_dim, cache_dtype) in head_dims.into_iter().flat_map(|d| {
-        [KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8].map(|dtype| (d, dtype))
-    }) {
+    let dtypes = common::kv_dtypes("half queries over every cache type (cache type)");
+    for (head_dim, cache_dtype) in head_dims
+        .into_iter()
+        .flat_map(|d| dtypes.iter().map(move |&dtype| (d, dtype)))
+    {
         let contiguous = KvCacheConfig::new(
             lens.len(),
             HEADS_KV,
@@ -2240,12 +2334,12 @@ fn many_query_rows_run_as_the_forward_kernels_over_every_cache_type() {
         ),
     ];
     let cpu_outside_gl = common::cpu_outside_gl(gpu);
-    for dtype in [KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8] {
+    for dtype in common::kv_dtypes("the forward route (cache type)") {
         // CPU adapters copy 16-bit caches only in row tiles of at most 8
-        // rows, int8 ones never (src/plan/decode_as_forward.rs).
+        // rows, int8 and fp8 ones never (src/plan/decode_as_forward.rs).
         let routes = match dtype {
             KvDType::F32 => true,
-            KvDType::Int8 => !cpu_outside_gl,
+            KvDType::Int8 | KvDType::Fp8 => !cpu_outside_gl,
             _ => !cpu_outside_gl || tile <= 8,
         };
         let filled = stored_over_two_buffers(gpu, dtype, head_dim, &lens, 0xf0a5_0001);

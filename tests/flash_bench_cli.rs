@@ -324,7 +324,7 @@ fn decode_and_masks_report_validated_figures() {
         assert!(case["max_abs_err"].as_f64().unwrap() <= 1e-4);
     }
 
-    // f16 queries and outputs over an f32 and a bf16 cache: validated
+    // f16 queries and outputs over an f32, a bf16 and an fp8 cache: validated
     // within the tolerance past the output's f16 rounding; the prefill
     // kernel is compared for f32 queries only.
     let json = scratch("decode-f16-queries.json");
@@ -339,7 +339,7 @@ fn decode_and_masks_report_validated_figures() {
         "--head-dim",
         "64",
         "--kv-dtype",
-        "f32,bf16",
+        "f32,bf16,fp8",
         "--q-dtype",
         "f16",
         "--iters",
@@ -353,7 +353,11 @@ fn decode_and_masks_report_validated_figures() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let cases = report["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 2);
+    let types: Vec<&str> = cases
+        .iter()
+        .map(|c| c["kv_dtype"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["f32", "bf16", "fp8"]);
     for case in cases {
         assert_eq!(case["q_dtype"], "f16", "{case}");
         assert_eq!(case["within_tolerance"], true, "{case}");

@@ -196,8 +196,7 @@ fn draw_case(rng: &mut SeededRng) -> Case {
         0 | 1 => Operation::Decode {
             paged: rng.random_bool(0.6).then(|| 16 << rng.random_range(0..=4)),
             kv_splits: rng.random_bool(0.3).then(|| rng.random_range(1..=8)),
-            cache: [KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8]
-                [rng.random_range(0..4)],
+            cache: KvDType::ALL[rng.random_range(0..KvDType::ALL.len())],
             other_lanes: rng.random_bool(0.4),
         },
         2 | 3 => Operation::Backward,

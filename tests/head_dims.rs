@@ -252,7 +252,7 @@ fn latent_caches_decode_multi_head_latent_attention() {
         gpu,
         "latent cache storage types",
         &[KvDType::Int8],
-        &[KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8],
+        &KvDType::ALL,
     );
     // The forced portable tier (one more kernel per storage type) runs
     // on the f32 cache, in the exhaustive mode.

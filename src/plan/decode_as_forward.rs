@@ -79,7 +79,7 @@ impl DecodePlan {
         match dtype {
             KvDType::F32 => true,
             KvDType::F16 | KvDType::BF16 => self.rows_per_workgroup <= 8,
-            KvDType::Int8 => false,
+            KvDType::Int8 | KvDType::Fp8 => false,
         }
     }
 

@@ -348,7 +348,7 @@ fn random_decode_calls_plan_within_the_adapter_or_refuse() {
     let mut tally = Tally::default();
     each_call(0x5eed_00de, |draw, info, profile| {
         let call = draw.shape();
-        let dtype = draw.one_of(&[KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8]);
+        let dtype = draw.one_of(&KvDType::ALL);
         let cache = CacheShape {
             segments: draw.count(4),
             ..CacheShape::of_call(&call, dtype)

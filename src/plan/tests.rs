@@ -1634,6 +1634,7 @@ fn many_query_rows_over_a_cache_run_as_the_forward_on_every_adapter() {
             (crate::KvDType::F16, half_routed),
             (crate::KvDType::BF16, half_routed),
             (crate::KvDType::Int8, !cpu),
+            (crate::KvDType::Fp8, !cpu),
         ] {
             let typed = CacheShape { dtype, ..cache };
             assert_eq!(
@@ -1657,6 +1658,7 @@ fn many_query_rows_over_a_cache_run_as_the_forward_on_every_adapter() {
                 (crate::KvDType::F16, false),
                 (crate::KvDType::BF16, false),
                 (crate::KvDType::Int8, false),
+                (crate::KvDType::Fp8, false),
             ] {
                 let typed = CacheShape { dtype, ..cache };
                 let plan =

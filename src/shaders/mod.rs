@@ -16,8 +16,11 @@ const BF16_STORAGE: &str = "BF16_STORAGE";
 /// K and V (only) stored in 16 bits: decoding over an f16/bf16 KV cache
 /// (the forward's half storage sets it with HALF_STORAGE).
 const KV_HALF: &str = "KV_HALF";
-/// K and V stored as int8 with a per-(token, head) f32 scale (KV caches).
-const KV_INT8: &str = "KV_INT8";
+/// K and V stored one byte per element with a per-(token, head) f32
+/// scale (KV caches): int8, or FP8 E4M3 with KV_FP8.
+const KV_BYTES: &str = "KV_BYTES";
+/// KV_BYTES's bytes are FP8 E4M3 (else int8).
+const KV_FP8: &str = "KV_FP8";
 const MASK: &str = "MASK";
 const CAUSAL: &str = "CAUSAL";
 const SUBGROUP_BROADCAST: &str = "SUBGROUP_BROADCAST";
@@ -61,7 +64,7 @@ const QO_BF16: &str = "QO_BF16";
 /// Every `// #if` name the shaders may use. The preprocessor refuses any
 /// other, so a misspelt name fails loudly instead of quietly selecting the
 /// `// #else` branch.
-pub const VARIANT_NAMES: [&str; 23] = [
+pub const VARIANT_NAMES: [&str; 24] = [
     F16_PRODUCTS,
     BLOCKED_BACKWARD,
     DROPOUT,
@@ -78,7 +81,8 @@ pub const VARIANT_NAMES: [&str; 23] = [
     HALF_STORAGE,
     BF16_STORAGE,
     KV_HALF,
-    KV_INT8,
+    KV_BYTES,
+    KV_FP8,
     MASK,
     CAUSAL,
     SUBGROUP_BROADCAST,
@@ -139,7 +143,8 @@ fn cache_flags(dtype: KvDType) -> &'static [&'static str] {
         KvDType::F32 => &[],
         KvDType::F16 => &[KV_HALF],
         KvDType::BF16 => &[KV_HALF, BF16_STORAGE],
-        KvDType::Int8 => &[KV_INT8],
+        KvDType::Int8 => &[KV_BYTES],
+        KvDType::Fp8 => &[KV_BYTES, KV_FP8],
     }
 }
 

@@ -244,7 +244,7 @@ impl Specialization {
                         // Each lane reads its keys' vectors eight values at a time.
                         constants.push(("D8", tiling.head_dim / 8));
                         constants.push(("DV8", tiling.head_dim_v / 8));
-                        if *cache == KvDType::Int8 {
+                        if cache.has_scales() {
                             // 16-byte blocks covering a vector of D4 (DV4)
                             // words that starts anywhere in its first block.
                             let blocks = |width: u32| (width / 4 + 2) / 4 + 1;

@@ -393,15 +393,30 @@ pub fn weight_rounding(
 
 /// Largest |stored - appended| a KV cache of `dtype` allows for element
 /// `x` of a head vector whose largest magnitude is `amax`: half an ulp for
-/// f16 and bf16 (round to nearest), half a quantization step for int8.
+/// f16 and bf16 (round to nearest), half a quantization step for int8,
+/// half an ulp of E4M3 for fp8 (3 mantissa bits: |x| / 16; below 2^-6 of
+/// the scale `amax / 448`, half of the subnormals' step 2^-9).
 pub fn storage_bound(dtype: wgpu_flash_attn::KvDType, x: f64, amax: f64) -> f64 {
     use wgpu_flash_attn::KvDType;
     match dtype {
         KvDType::F16 => x.abs() * 2f64.powi(-11) + 2f64.powi(-25),
         KvDType::BF16 => x.abs() * 2f64.powi(-8),
         KvDType::Int8 => amax / 254.0 * (1.0 + 1e-5),
+        KvDType::Fp8 => (x.abs() / 16.0 + amax / 448.0 * 2f64.powi(-10)) * (1.0 + 1e-5),
         _ => 0.0,
     }
+}
+
+/// Every KV cache storage type where `what` compiles its kernels for each;
+/// a newcomer's run leaves out fp8 (int8's layout and kernels but for how
+/// a byte widens, which `fp8_caches_hold_every_byte_and_round_ties_to_even`
+/// checks in every run).
+pub fn kv_dtypes(what: &str) -> Vec<KvDType> {
+    cases(
+        what,
+        &[KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8],
+        &KvDType::ALL,
+    )
 }
 
 /// RoPE of N(0, 1) values against RoPE in f64: the kernels' angles are

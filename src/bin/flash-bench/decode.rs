@@ -62,7 +62,7 @@ pub struct DecodeCmdArgs {
     #[arg(long, default_value_t = 5, value_parser = crate::options::parse_iters)]
     iters: usize,
     /// Cache storage types, one case each per cache length, compared in
-    /// the same run: f32, f16, bf16, int8 (comma-separated).
+    /// the same run: f32, f16, bf16, int8, fp8 (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "f32", value_parser = parse_kv_dtype)]
     kv_dtype: Vec<KvDType>,
     /// Force the subgroup tier's lane layouts, one case each on the same
@@ -110,10 +110,10 @@ pub(crate) fn lanes_name(plan: &DecodePlan) -> &'static str {
 }
 
 pub(crate) fn parse_kv_dtype(name: &str) -> Result<KvDType, String> {
-    [KvDType::F32, KvDType::F16, KvDType::BF16, KvDType::Int8]
+    KvDType::ALL
         .into_iter()
         .find(|d| d.name() == name)
-        .ok_or_else(|| format!("unknown cache type {name:?}: f32, f16, bf16 or int8"))
+        .ok_or_else(|| format!("unknown cache type {name:?}: f32, f16, bf16, int8 or fp8"))
 }
 
 /// Tokens uploaded per append while filling a cache.
@@ -246,7 +246,7 @@ pub fn run(
          vs f32 = the f32 cache's time over this one's, same \
          length and lanes, same run; prefill = the forward kernels on the same call \
          (contiguous f32 K/V tensors, the planner's tier forced: left to the planner, \
-         such a call runs as split-KV decoding); half and int8 caches are validated against the \
+         such a call runs as split-KV decoding); half, int8 and fp8 caches are validated against the \
          reference over the values they store"
     );
     if let Some(path) = json {

@@ -306,6 +306,9 @@ async fn check_decode(gpu: &Gpu, case: &DecodeCase, seed: u64) -> Result<serde_j
         KvDType::F16 => 2f64.powi(-12),
         KvDType::BF16 => 2f64.powi(-9),
         KvDType::Int8 => 0.5 / 127.0 * (1.0 + 1e-6),
+        // Half an E4M3 ulp, |x| / 16, at |x| < 1, or half a subnormal
+        // step of the scale (at most 1 / 448).
+        KvDType::Fp8 => (2f64.powi(-4) + 2f64.powi(-10) / 448.0) * (1.0 + 1e-6),
         // A type added later is held exact until its bound is stated here.
         _ => 0.0,
     };
@@ -740,6 +743,14 @@ pub async fn run_checks() -> String {
         DecodeCase {
             name: "decode, int8 cache, 64/8 heads d128, lengths 1, 300, 577",
             dtype: KvDType::Int8,
+            layout: KvLayout::Contiguous { capacity: 600 },
+            lens: &[1, 300, 577],
+            heads: (64, 8),
+            head_dim: 128,
+        },
+        DecodeCase {
+            name: "decode, fp8 cache, 64/8 heads d128, lengths 1, 300, 577",
+            dtype: KvDType::Fp8,
             layout: KvLayout::Contiguous { capacity: 600 },
             lens: &[1, 300, 577],
             heads: (64, 8),
