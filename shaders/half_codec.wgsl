@@ -89,18 +89,20 @@ fn qo_narrow4(v: vec4<f32>) -> vec2<u32> {
 // #if KV_FP8
 // FP8 E4M3 ("E4M3FN": exponent bias 7, 3 mantissa bits, no infinities,
 // 0x7f and 0xff are NaN and never written), four to a word, first element
-// in the low byte (src/kv_cache.rs, KvDType::Fp8). Exact for every byte,
-// subnormals included, with no f32 subnormal on the way (GPUs may flush
-// those to zero).
+// in the low byte (src/kv_cache.rs, KvDType::Fp8).
+//
+// Each byte widens as the f16 with its sign, exponent and mantissa bits:
+// f16's bias is 15, so that f16 is 2^-8 times the byte's value, E4M3's
+// subnormals landing on f16's (exact wherever f16 subnormals widen
+// exactly, as every f16-to-f32 conversion we know does; the tests check
+// every byte on each adapter they run on). Two f16 to a word: bytes 0 and
+// 2, then 1 and 3.
 fn fp8x4_widen(word: u32) -> vec4<f32> {
-    let bytes = (vec4<u32>(word) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(0xffu);
-    let magnitude = bytes & vec4<u32>(0x7fu);
-    // Exponent and mantissa moved into f32's fields, the bias from 7 to 127.
-    let normal = bitcast<vec4<f32>>((magnitude << vec4<u32>(20u)) + vec4<u32>(120u << 23u));
-    // Exponent field 0: steps of 2^-9.
-    let subnormal = vec4<f32>(magnitude) * (1.0 / 512.0);
-    let value = select(normal, subnormal, magnitude < vec4<u32>(8u));
-    return bitcast<vec4<f32>>(bitcast<vec4<u32>>(value) | ((bytes & vec4<u32>(0x80u)) << vec4<u32>(24u)));
+    let pairs = vec2<u32>(word, word >> 8u) & vec2<u32>(0x00ff00ffu);
+    let halves = ((pairs & vec2<u32>(0x007f007fu)) << vec2<u32>(7u)) | ((pairs & vec2<u32>(0x00800080u)) << vec2<u32>(8u));
+    let even = unpack2x16float(halves.x);
+    let odd = unpack2x16float(halves.y);
+    return vec4<f32>(even.x, odd.x, even.y, odd.y) * 256.0;
 }
 
 // The E4M3 byte of `value`, rounded to nearest even; past 448 (the largest

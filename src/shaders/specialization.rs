@@ -552,9 +552,11 @@ impl Specialization {
     /// Whether the pipeline converts f16 with `unpack2x16float` /
     /// `pack2x16float`, which wgpu grants where the adapter has
     /// `DownlevelFlags::SHADER_F16_IN_F32` (every Vulkan, Metal and DX12
-    /// adapter, and GL from GLSL 4.2 / ES 3.0).
+    /// adapter, and GL from GLSL 4.2 / ES 3.0): the f16 codec, and fp8
+    /// caches, whose bytes widen as f16.
     pub fn needs_f16_in_f32(&self) -> bool {
-        self.variant_flags().contains(&super::F16_CODEC)
+        let flags = self.variant_flags();
+        flags.contains(&super::F16_CODEC) || flags.contains(&super::KV_FP8)
     }
 
     /// Whether the pipeline needs the adapter's SUBGROUP feature.
