@@ -4,9 +4,8 @@
 // scale). A decode call with many query rows per KV head then runs the
 // forward kernels over the copy (src/decode_as_forward.rs says when).
 // One dispatch per cache segment; each copies the vectors whose page
-// lives in its segment. Positions whose page is not assigned (past a
-// sequence's block table) are left as they were: the forward reads no key
-// past a sequence's length.
+// lives in its segment. Positions with no page (released, or past a
+// sequence's block table) are zeros.
 //
 // One invocation per head vector of K (and the same vector of V): the
 // index arithmetic (divisions) once per vector, not per vec4. The cache
@@ -115,6 +114,19 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let pos = (index / gp.heads) % gp.seq;
     let batch = index / (gp.heads * gp.seq);
     let page = block_table[batch * gp.pages_per_seq + (pos >> gp.page_shift)];
+    // No page: released behind a window (or past the table). Zeros, from
+    // the first segment's dispatch: the forward masks such keys, and its
+    // products with a masked key's value must be 0, which a stale NaN in
+    // the reused scratch would not give.
+    if (page == 0xffffffffu) {
+        if (gp.segment_first_page == 0u) {
+            for (var j = 0u; j < gp.d4; j++) {
+                k_out[index * gp.d4 + j] = vec4<f32>(0.0);
+                v_out[index * gp.d4 + j] = vec4<f32>(0.0);
+            }
+        }
+        return;
+    }
     if (page < gp.segment_first_page || page >= gp.segment_first_page + gp.segment_pages) {
         return;
     }

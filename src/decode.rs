@@ -293,12 +293,14 @@ impl Gpu {
             ),
         ])?;
         config.validate(&shape)?;
+        let query_count = |b: usize| match queries {
+            QueryTokens::Same(n) => n,
+            QueryTokens::PerSequence(counts) => counts[b],
+        };
         if let Some(trees) = &options.token_trees {
-            check_trees(trees, cache.batch(), |b| match queries {
-                QueryTokens::Same(n) => n,
-                QueryTokens::PerSequence(counts) => counts[b],
-            })?;
+            check_trees(trees, cache.batch(), query_count)?;
         }
+        cache.check_released_out_of_view(query_count, config.window_left)?;
         if config.active_dropout().is_some() {
             return Err(Error::UnsupportedCombination {
                 what: "dropout and decoding (dropout is a training option)",

@@ -432,6 +432,46 @@ pub enum Error {
         other: usize,
     },
 
+    /// An append or `KvCache::keep_draft` would touch a position whose page
+    /// was released (`KvCache::release_pages_before`).
+    #[error("{what}: position {position} of sequence {sequence} lies in a released page")]
+    ReleasedPosition {
+        /// The call.
+        what: &'static str,
+        /// The sequence.
+        sequence: usize,
+        /// The first such position.
+        position: usize,
+    },
+
+    /// A decode call's queries would see keys of released pages: their
+    /// window (or its absence) reaches further back than the release.
+    #[error(
+        "decode: the queries of sequence {sequence} see keys from position {first_visible}, but \
+         its pages before position {released_end} include released ones (a window must start at \
+         or past it)"
+    )]
+    ReleasedKeysInView {
+        /// The sequence.
+        sequence: usize,
+        /// The lowest position its queries see (0 without a left window).
+        first_visible: usize,
+        /// The end of its last released page.
+        released_end: usize,
+    },
+
+    /// `KvCache::release_pages_before` was given a position past the
+    /// sequence's length.
+    #[error("release_pages_before: position {position} is past sequence {sequence}'s {len} tokens")]
+    ReleasePastLength {
+        /// The sequence.
+        sequence: usize,
+        /// The position given.
+        position: usize,
+        /// The sequence's length.
+        len: usize,
+    },
+
     /// A caller's buffer (or a tensor made from one) belongs to another
     /// device than the `Gpu` it was given to.
     #[error("{tensor} was created on another device than this Gpu's: {message}")]

@@ -7,6 +7,9 @@
 
 mod draft;
 mod pages;
+mod released;
+
+pub use released::RELEASED_PAGE;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -651,9 +654,17 @@ impl KvCache {
     /// common prefix, read-only: [`KvCache::append`] refuses to write a
     /// shared page with [`Error::SharedPageWrite`]) and need not be
     /// consecutive. The sequence keeps its length, which must still fit.
+    /// Entries may be [`RELEASED_PAGE`] (a table read back after
+    /// [`KvCache::release_pages_before`]).
     pub fn set_block_table(&mut self, sequence: usize, pages: &[u32]) -> Result<()> {
         self.check_sequence(sequence)?;
-        for (index, &page) in pages.iter().enumerate() {
+        let held = || {
+            pages
+                .iter()
+                .enumerate()
+                .filter(|&(_, &page)| page != RELEASED_PAGE)
+        };
+        for (index, &page) in held() {
             if page as usize >= self.pool_pages {
                 return Err(Error::BlockTablePage {
                     sequence,
@@ -664,7 +675,7 @@ impl KvCache {
             }
         }
         let mut first_entry = HashMap::with_capacity(pages.len());
-        for (index, &page) in pages.iter().enumerate() {
+        for (index, &page) in held() {
             if let Some(&first) = first_entry.get(&page) {
                 return Err(Error::BlockTableRepeat {
                     sequence,
@@ -690,10 +701,17 @@ impl KvCache {
                 capacity,
             });
         }
-        for &page in &self.block_tables[sequence] {
+        let unreleased = |table: &[u32]| -> Vec<u32> {
+            table
+                .iter()
+                .copied()
+                .filter(|&page| page != RELEASED_PAGE)
+                .collect()
+        };
+        for page in unreleased(&self.block_tables[sequence]) {
             self.page_holders[page as usize] -= 1;
         }
-        for &page in pages {
+        for page in unreleased(pages) {
             self.page_holders[page as usize] += 1;
         }
         self.block_tables[sequence] = pages.to_vec();
@@ -969,6 +987,7 @@ impl KvCache {
                     capacity,
                 });
             }
+            self.check_unreleased("append", sequence, self.lens[sequence]..needed)?;
         }
         self.check_pages_unshared(&counts)?;
         let (rotary_dim, half_split, freqs, offsets) = match rotation {
@@ -1158,7 +1177,8 @@ impl KvCache {
 
     /// Reads the K and V of `sequence` back, `[len, heads_kv, head_dim]`
     /// and `[len, heads_kv, head_dim_v]`, packed (for tests and
-    /// inspection; reads whole segments). A latent cache's values are the
+    /// inspection; reads whole segments; released positions read as
+    /// zeros). A latent cache's values are the
     /// prefixes of the keys read back. Blocks until the GPU is done (in a
     /// browser: [`KvCache::read_sequence_async`]).
     pub fn read_sequence(&self, gpu: &Gpu, sequence: usize) -> Result<(Vec<f32>, Vec<f32>)> {
@@ -1184,6 +1204,11 @@ impl KvCache {
         let token_words = self.heads_kv() * dtype.vector_words(head_dim);
         for pos in 0..len {
             let page = self.block_tables[sequence][pos / self.page_size];
+            if page == RELEASED_PAGE {
+                k_out.resize(k_out.len() + self.heads_kv() * head_dim, 0.0);
+                v_out.resize(v_out.len() + self.heads_kv() * head_dim_v, 0.0);
+                continue;
+            }
             let index = self.page_location(page).segment;
             let first_page = self.segments[index].first_page;
             if loaded[index].is_none() {

@@ -78,7 +78,9 @@ pub use decode::{DecodeArgs, DecodeLanes, DecodeOptions};
 pub use dropout::Dropout;
 pub use error::{Error, Result};
 pub use gpu::{AdapterOptions, Gpu, GpuInfo, WANTED_FEATURES};
-pub use kv_cache::{KeyRotation, KvCache, KvCacheConfig, KvDType, KvLayout, KvValues, PAGE_SIZES};
+pub use kv_cache::{
+    KeyRotation, KvCache, KvCacheConfig, KvDType, KvLayout, KvValues, PAGE_SIZES, RELEASED_PAGE,
+};
 pub use linear::{
     DEFAULT_LINEAR_EPS, FeatureMap, LINEAR_HEAD_DIMS, LinearArgs, LinearConfig, LinearPlan,
     LinearShape, LinearState,

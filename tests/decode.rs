@@ -12,8 +12,8 @@ use rand::seq::SliceRandom;
 use wgpu_flash_attn::{
     Alibi, AttentionArgs, AttentionConfig, AttentionShape, CacheShape, DType, DecodeArgs,
     DecodeLanes, DecodeOptions, DecodePlan, Error, Gpu, KeyRotation, KvCache, KvCacheConfig,
-    KvDType, KvLayout, Lse, Rope, RopeStyle, Strides, Tensor, TensorShape, Tier, TokenTree,
-    reference,
+    KvDType, KvLayout, Lse, RELEASED_PAGE, Rope, RopeStyle, Strides, Tensor, TensorShape, Tier,
+    TokenTree, reference,
 };
 
 const HEADS_Q: usize = 8;
@@ -2962,6 +2962,181 @@ fn keeping_an_accepted_draft_path_moves_its_tokens_whole() {
 /// Ragged decodes' own bad input: a count per sequence, query rows that add
 /// up to the counts in one packed batch entry, an output and logsumexp
 /// shaped like them; counts that are all 0 record nothing.
+/// A sliding window's pages behind it are released: they join the free
+/// pages, the table keeps its positions, and decoding with the window
+/// (one token, a few, and as many rows as take the forward route, whose
+/// copy holds zeros there) matches the reference over every key, which
+/// the window hides anyway. A window reaching into them, appends, draft
+/// moves and releases past the length are typed errors; a table read
+/// back goes back in as it is; the other sequence is untouched.
+#[test]
+fn pages_released_behind_a_window_decode_as_before() {
+    let Some(gpu) = gpu() else { return };
+    let head_dim = 64;
+    let (_, route_tokens) = forward_route_tokens(gpu, head_dim);
+    let window = 100;
+    let lens = [route_tokens + 300, 200];
+    let layout = KvLayout::Paged {
+        page_size: 16,
+        pages: 2 * (lens[0] + 1).div_ceil(16),
+    };
+    let config = KvCacheConfig::new(lens.len(), HEADS_KV, head_dim, layout);
+    let mut filled = fill(gpu, config, &lens, 0x7e1e_a5e0);
+    let table = filled.cache.block_table(0).unwrap().to_vec();
+    let free_before = filled.cache.free_pages();
+    let options = DecodeOptions::new(
+        &AttentionConfig::new()
+            .causal(true)
+            .window(Some(window as i64), Some(0)),
+    );
+    // The first query of the longest step sees back to this position.
+    let first_visible = lens[0] - route_tokens - window;
+    let released = filled.cache.release_pages_before(0, first_visible).unwrap();
+    let released_end = first_visible / 16 * 16;
+    assert_eq!(released, table[..first_visible / 16], "released pages");
+    let mut free_after = free_before.clone();
+    free_after.extend(&released);
+    free_after.sort_unstable();
+    assert_eq!(filled.cache.free_pages(), free_after);
+    assert_eq!(
+        filled.cache.release_pages_before(0, first_visible).unwrap(),
+        [],
+        "released twice"
+    );
+    let (k, v) = filled.cache.read_sequence(gpu, 0).unwrap();
+    let token = HEADS_KV * head_dim;
+    assert!(k[..released_end * token].iter().all(|&x| x == 0.0));
+    assert!(v[..released_end * token].iter().all(|&x| x == 0.0));
+    assert_eq!(
+        k[released_end * token..],
+        filled.k[0][released_end * token..]
+    );
+    assert_eq!(
+        v[released_end * token..],
+        filled.v[0][released_end * token..]
+    );
+
+    for seq_q in [1, 3, route_tokens] {
+        let q = queries(lens.len(), seq_q, head_dim, 0x7e1e_a5e1 + seq_q as u64);
+        let (out_err, lse_err, plan) = decode_errors(gpu, &filled, &q, seq_q, &options);
+        assert!(
+            out_err <= 1e-4 && lse_err <= 1e-4,
+            "{seq_q} query tokens: out {out_err:.2e}, lse {lse_err:.2e} ({plan:?})"
+        );
+        assert_eq!(plan.as_forward.is_some(), seq_q == route_tokens, "{plan:?}");
+    }
+
+    // Refused: a window reaching into the released pages, or none.
+    let q_shape = TensorShape::new(lens.len(), 1, HEADS_Q, head_dim);
+    let q = Tensor::from_f32(gpu, q_shape, &queries(lens.len(), 1, head_dim, 3)).unwrap();
+    let out = Tensor::zeros(gpu, q_shape, DType::F32).unwrap();
+    let args = DecodeArgs {
+        q: &q,
+        cache: &filled.cache,
+        out: &out,
+        lse: None,
+    };
+    let reaching = lens[0] - 1 - (released_end - 1);
+    for (left, first_visible) in [(Some(reaching as i64), released_end - 1), (None, 0)] {
+        let config = AttentionConfig::new().causal(true).window(left, None);
+        let got = gpu.run(|e| gpu.decode(e, &args, &config));
+        assert!(
+            matches!(
+                got,
+                Err(Error::ReleasedKeysInView { sequence: 0, first_visible: f, released_end: r })
+                    if f == first_visible && r == released_end
+            ),
+            "window {left:?}: {got:?}"
+        );
+    }
+    // A window starting exactly at the released pages' end decodes.
+    let config = AttentionConfig::new()
+        .causal(true)
+        .window(Some(reaching as i64 - 1), None);
+    gpu.run(|e| gpu.decode(e, &args, &config)).unwrap();
+
+    // A table read back goes back in; the sequence then grows into live
+    // pages and decodes its new token.
+    let read_back = filled.cache.block_table(0).unwrap().to_vec();
+    assert_eq!(read_back[0], RELEASED_PAGE);
+    filled.cache.set_block_table(0, &read_back).unwrap();
+    assert_eq!(filled.cache.free_pages(), free_after, "the same pages held");
+    let appended = append_random_tokens_to_all(gpu, &mut filled, 1, 0x7e1e_a5e2);
+    assert_eq!(appended, [lens[0] + 1, lens[1] + 1]);
+    let q = queries(lens.len(), 1, head_dim, 0x7e1e_a5e3);
+    let (out_err, lse_err, plan) = decode_errors(gpu, &filled, &q, 1, &options);
+    assert!(
+        out_err <= 1e-4 && lse_err <= 1e-4,
+        "after an append: out {out_err:.2e}, lse {lse_err:.2e} ({plan:?})"
+    );
+
+    // Writes into released pages, releases past the length.
+    let cache = &mut filled.cache;
+    let len = cache.lens()[0];
+    cache.set_len(0, released_end - 20).unwrap();
+    let shape = TensorShape::new(2, 1, HEADS_KV, head_dim);
+    let token_t = Tensor::zeros(gpu, shape, DType::F32).unwrap();
+    let got = gpu.run(|e| cache.append(gpu, e, &token_t, &token_t, None));
+    assert!(
+        matches!(
+            got,
+            Err(Error::ReleasedPosition { what: "append", sequence: 0, position })
+                if position == released_end - 20
+        ),
+        "{got:?}"
+    );
+    cache.set_len(0, len).unwrap();
+    let got = gpu.run(|e| cache.keep_draft(gpu, e, 0, len - released_end + 5, &[1]));
+    assert!(
+        matches!(
+            got,
+            Err(Error::ReleasedPosition { what: "keep_draft", sequence: 0, position })
+                if position == released_end - 5
+        ),
+        "{got:?}"
+    );
+    let got = cache.release_pages_before(1, lens[1] + 2);
+    assert!(
+        matches!(
+            got,
+            Err(Error::ReleasePastLength { sequence: 1, position, len })
+                if position == lens[1] + 2 && len == lens[1] + 1
+        ),
+        "{got:?}"
+    );
+    assert_eq!(
+        cache.lens(),
+        [len, lens[1] + 1],
+        "refusals change no length"
+    );
+}
+
+/// Appends `tokens` random tokens to every sequence of `filled` and to its
+/// host copy; returns the lengths after.
+fn append_random_tokens_to_all(
+    gpu: &Gpu,
+    filled: &mut Filled,
+    tokens: usize,
+    seed: u64,
+) -> Vec<usize> {
+    let cache = &mut filled.cache;
+    let shape = TensorShape::new(cache.batch(), tokens, cache.heads_kv(), cache.head_dim());
+    let mut rng = seeded(seed);
+    let k = normal_vec(&mut rng, shape.elements(), 1.0);
+    let v = normal_vec(&mut rng, shape.elements(), 1.0);
+    let (kt, vt) = (
+        Tensor::from_f32(gpu, shape, &k).unwrap(),
+        Tensor::from_f32(gpu, shape, &v).unwrap(),
+    );
+    gpu.run(|e| cache.append(gpu, e, &kt, &vt, None)).unwrap();
+    let per_seq = tokens * cache.heads_kv() * cache.head_dim();
+    for b in 0..cache.batch() {
+        filled.k[b].extend_from_slice(&k[b * per_seq..(b + 1) * per_seq]);
+        filled.v[b].extend_from_slice(&v[b * per_seq..(b + 1) * per_seq]);
+    }
+    cache.lens().to_vec()
+}
+
 #[test]
 fn bad_ragged_decodes_are_typed_errors() {
     let Some(gpu) = gpu() else { return };

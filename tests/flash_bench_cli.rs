@@ -451,6 +451,50 @@ fn decode_and_masks_report_validated_figures() {
         stdout(&output)
     );
 
+    // A sliding window over a paged cache whose pages behind it go back
+    // to the pool: 300 tokens in 19 pages, the query at 299 sees from 199,
+    // so the 12 pages before 192 are released, 7 kept; validated.
+    let (output, report) = json_report(
+        "decode-window.json",
+        &[
+            "decode",
+            "--cache",
+            "300",
+            "--batch",
+            "2",
+            "--heads-q",
+            "8",
+            "--heads-kv",
+            "2",
+            "--head-dim",
+            "64",
+            "--page-size",
+            "16",
+            "--window",
+            "100",
+            "--release-behind-window",
+            "--iters",
+            "1",
+        ],
+    );
+    compiled_ahead(&output);
+    assert!(
+        stdout(&output).contains("kv300 d64 w100 paged16"),
+        "{}",
+        stdout(&output)
+    );
+    let case = &report["cases"][0];
+    assert_eq!(case["window"], 100, "{case}");
+    assert_eq!(case["pages_kept"], serde_json::json!([7, 19]), "{case}");
+    assert_eq!(case["within_tolerance"], true, "{case}");
+    let output = flash_bench(&["decode", "--window", "100", "--release-behind-window"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    assert!(
+        stdout(&output).contains("--page-size"),
+        "{}",
+        stdout(&output)
+    );
+
     // A latent cache (MLA): values are the keys' prefixes, one pool read.
     let json = scratch("decode-latent.json");
     let output = flash_bench(&[

@@ -26,7 +26,8 @@ impl KvCache {
     /// sequence ([`Error::DraftPastSequence`]), kept tokens that do not
     /// increase or lie past the draft ([`Error::DraftKept`]), a
     /// destination page another sequence shares
-    /// ([`Error::SharedPageOverwrite`]), a caller's pool buffer without
+    /// ([`Error::SharedPageOverwrite`]), a draft in a released page
+    /// ([`Error::ReleasedPosition`]), a caller's pool buffer without
     /// `COPY_SRC` and `COPY_DST` ([`Error::BufferUsage`]).
     pub fn keep_draft(
         &mut self,
@@ -57,6 +58,7 @@ impl KvCache {
             }
         }
         let first = len - draft;
+        self.check_unreleased("keep_draft", sequence, first..len)?;
         // (from, to) positions of the tokens that move: kept tokens
         // increase, so once one moves every later one does.
         let moves: Vec<(usize, usize)> = kept

@@ -82,6 +82,16 @@ pub struct DecodeCmdArgs {
     /// (`DecodeOptions::token_trees`), each validated.
     #[arg(long, conflicts_with = "prompt_chunk")]
     token_tree: bool,
+    /// A sliding window (Mistral, Gemma's local layers): each query sees
+    /// itself and the N keys before it (causal, `window(N, 0)`). GB/s and
+    /// GFLOP/s then count the keys in the step's view.
+    #[arg(long, value_name = "N")]
+    window: Option<usize>,
+    /// With --window and --page-size: release each sequence's pages behind
+    /// the window before the step (`KvCache::release_pages_before`), as a
+    /// server does, and report the pages each sequence keeps.
+    #[arg(long, requires_all = ["window", "page_size"])]
+    release_behind_window: bool,
 }
 
 pub(crate) fn parse_lanes(name: &str) -> Result<DecodeLanes, String> {
@@ -128,6 +138,11 @@ struct DecodeCase {
     prompt_chunk: Option<usize>,
     /// Each sequence's query tokens are a draft token tree (`--token-tree`).
     token_tree: bool,
+    /// Keys each query sees before itself (`--window`).
+    window: Option<usize>,
+    /// Pages of sequence 0 left after releasing those behind the window
+    /// (`--release-behind-window`), and its pages before.
+    pages_kept: Option<(usize, usize)>,
     heads_q: usize,
     heads_kv: usize,
     head_dim: usize,
@@ -286,11 +301,12 @@ fn print_case(args: &DecodeCmdArgs, case: &DecodeCase) {
         None => case.seq_q.to_string(),
     };
     let name = format!(
-        "B{} H{}/{} q{queries} kv{} d{dims}{}",
+        "B{} H{}/{} q{queries} kv{} d{dims}{}{}",
         case.batch,
         case.heads_q,
         case.heads_kv,
         case.cache_tokens,
+        case.window.map_or(String::new(), |w| format!(" w{w}")),
         args.page_size
             .map_or(String::new(), |p| format!(" paged{p}")),
     );
@@ -322,6 +338,9 @@ fn print_case(args: &DecodeCmdArgs, case: &DecodeCase) {
     );
     if let Some(note) = &case.prefill_note {
         println!("    prefill: {note}");
+    }
+    if let Some((kept, before)) = case.pages_kept {
+        println!("    pages behind the window released: sequence 0 holds {kept} of its {before}");
     }
 }
 
@@ -418,7 +437,14 @@ fn run_case(
     let q = Tensor::from_f32_as(gpu, q_shape, &q_host, q_dtype)?;
     let o_shape = TensorShape::new(q_batch, q_seq, args.heads_q, head_dim_v);
     let out = Tensor::filled_as(gpu, o_shape, f32::NAN, q_dtype)?;
-    let config = AttentionConfig::new().causal(true);
+    let config = AttentionConfig::new()
+        .causal(true)
+        .window(args.window.map(|w| w as i64), Some(0));
+    let pages_kept = if args.release_behind_window {
+        Some(release_behind_window(&mut cache, &counts, args.window)?)
+    } else {
+        None
+    };
     let decode_args = DecodeArgs {
         q: &q,
         cache: &cache,
@@ -427,9 +453,11 @@ fn run_case(
     };
     // A latent cache holds (and a step reads) one pool; others K and V.
     let pools = if args.latent_values.is_some() { 1 } else { 2 };
+    // The keys in the step's view: a window's, or all.
+    let keys = args.window.map_or(tokens, |w| tokens.min(w + args.seq_q));
     let bytes =
-        (pools * args.batch * tokens * args.heads_kv * dtype.vector_bytes(args.head_dim)) as f64;
-    let flops = 2.0 * (args.heads_q * total * tokens * (args.head_dim + head_dim_v)) as f64;
+        (pools * args.batch * keys * args.heads_kv * dtype.vector_bytes(args.head_dim)) as f64;
+    let flops = 2.0 * (args.heads_q * total * keys * (args.head_dim + head_dim_v)) as f64;
     // The reference output, computed once for every result of this call
     // (decode's in each lane layout, the prefill's).
     let pick = |data: &[f32], width: usize| -> Vec<f32> {
@@ -529,6 +557,8 @@ fn run_case(
             seq_q: args.seq_q,
             prompt_chunk: args.prompt_chunk,
             token_tree: trees.is_some(),
+            window: args.window,
+            pages_kept,
             heads_q: args.heads_q,
             heads_kv: args.heads_kv,
             head_dim: args.head_dim,
@@ -563,6 +593,31 @@ fn run_case(
         });
     }
     Ok(cases)
+}
+
+/// Releases each sequence's pages behind the window of its first query
+/// (`counts[b]` query tokens at its end); returns sequence 0's pages
+/// kept and held before.
+fn release_behind_window(
+    cache: &mut KvCache,
+    counts: &[usize],
+    window: Option<usize>,
+) -> wgpu_flash_attn::Result<(usize, usize)> {
+    let window = window.expect("clap requires --window");
+    let held = |cache: &KvCache| {
+        let table = cache.block_table(0).map(|t| t.to_vec());
+        table.map(|t| {
+            t.iter()
+                .filter(|&&page| page != wgpu_flash_attn::RELEASED_PAGE)
+                .count()
+        })
+    };
+    let before = held(cache)?;
+    for (b, &count) in counts.iter().enumerate() {
+        let first_query = cache.lens()[b] - count;
+        cache.release_pages_before(b, first_query.saturating_sub(window))?;
+    }
+    Ok((held(cache)?, before))
 }
 
 /// The lane layouts each cache is timed with: those of `--lanes`, else
