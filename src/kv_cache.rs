@@ -1178,9 +1178,9 @@ impl KvCache {
     /// Reads the K and V of `sequence` back, `[len, heads_kv, head_dim]`
     /// and `[len, heads_kv, head_dim_v]`, packed (for tests and
     /// inspection; reads whole segments; released positions read as
-    /// zeros). A latent cache's values are the
-    /// prefixes of the keys read back. Blocks until the GPU is done (in a
-    /// browser: [`KvCache::read_sequence_async`]).
+    /// zeros). A latent cache's values are the prefixes of the keys read
+    /// back. Blocks until the GPU is done (in a browser:
+    /// [`KvCache::read_sequence_async`]).
     pub fn read_sequence(&self, gpu: &Gpu, sequence: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         block_on_readback(self.read_sequence_async(gpu, sequence))
     }

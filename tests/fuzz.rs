@@ -32,7 +32,7 @@
 //! then have no mask, padding or key chunks) the register-blocked kernel with f16
 //! products, held to twice the error of standard attention computed in f16. Decode: a contiguous or paged cache (page
 //! size 16-256, pages shuffled), per-sequence lengths 0-300, 1-4 query
-//! tokens, a chosen or forced split count, f32, f16, bf16 or int8 storage
+//! tokens, a chosen or forced split count, f32, f16, bf16, int8 or fp8 storage
 //! (checked over the values stored), queries and output in f32, f16 or
 //! bf16; in 40 % of them (drawn from a seed of their own) RoPE fused into
 //! the append, the stored keys of an f32 cache held to 2e-5 of RoPE in
@@ -46,7 +46,9 @@
 //! step ragged (`decode_ragged`), each sequence with its own number of
 //! query tokens from 0 to the case's, in a quarter of them one sequence
 //! with a prompt chunk of 64-600 (where the call may split between the
-//! forward and the decode kernel). Backward (f32): no mask, a
+//! forward and the decode kernel); a paged case with a left window
+//! releases each sequence's pages behind it before the step
+//! (`release_pages_before`). Backward (f32): no mask, a
 //! boolean or a bias mask, valid lengths or a packed variable-length batch
 //! (one dispatch per pass for all of its sequences), in 30 % of the cases
 //! on the register-blocked passes; with sinks, their gradients too. In 25 %
@@ -911,6 +913,7 @@ fn run_decode(
     // A ragged step's queries are one packed batch entry, sequence `b`'s
     // `counts[b]` rows after the sequences before it.
     let counts = case.query_counts.as_deref();
+    release_behind_window(&mut cache, case, counts)?;
     let q_shape = match counts {
         Some(counts) => AttentionShape {
             batch: 1,
@@ -979,6 +982,33 @@ fn run_decode(
         standard,
         (unit_roundoff(case.dtype), 0.0, 0.0),
     )
+}
+
+/// Paged decode cases with a left window first release each sequence's
+/// pages behind it, as a server does (`KvCache::release_pages_before`):
+/// the window hides those keys, so the reference, which keeps them, still
+/// holds.
+fn release_behind_window(
+    cache: &mut KvCache,
+    case: &Case,
+    counts: Option<&[usize]>,
+) -> Result<(), String> {
+    let (Some(left), Operation::Decode { paged: Some(_), .. }) =
+        (case.config.window_left, &case.operation)
+    else {
+        return Ok(());
+    };
+    for (b, &len) in case.cache_lens.iter().enumerate() {
+        let queries = counts.map_or(case.shape.seq_q, |counts| counts[b]);
+        if queries == 0 {
+            continue;
+        }
+        let first_visible = len.saturating_sub(queries).saturating_sub(left as usize);
+        cache
+            .release_pages_before(b, first_visible)
+            .map_err(|e| format!("release_pages_before({b}, {first_visible}): {e}"))?;
+    }
+    Ok(())
 }
 
 /// The backward case (f32): forward and backward on the GPU, every

@@ -268,9 +268,16 @@ step 90 "PyTorch SDPA peer" python3 .device/torch_sdpa.py "$res/torch_sdpa.json"
 # head dim: eight subgroupAdd reductions per four keys), on the same
 # caches. The default follows the figures: if key tiles are faster on
 # every cache type, the planner should pick them on GPUs where they fit.
+# FP8 E4M3 caches (2026-12-08) share int8's layout and widen each byte as
+# an f16: they should decode as fast as int8 where the bytes set the time.
 step 45 "decode layouts, Llama-3.1-70B heads, 128K: head-dim lanes against key tiles" \
-  "$fb" decode --cache 131072 --kv-dtype f32,f16,int8 --lanes head-dim,key-tiles \
+  "$fb" decode --cache 131072 --kv-dtype f32,f16,int8,fp8 --lanes head-dim,key-tiles \
   --json "$res/decode-layouts.json"
+# A sliding window of 4,096 keys over 128K cached tokens in pages of 16,
+# the pages behind it released: the step should read the window only.
+step 30 "decode, Llama-3.1-70B heads, 128K, window 4096, pages behind it released" \
+  "$fb" decode --cache 131072 --page-size 16 --window 4096 --release-behind-window \
+  --kv-dtype f32,fp8 --json "$res/decode-window.json"
 # Decoding with eight keys a trip (variant decode-eight-keys: both quads'
 # K and V loads in flight before either is used), against the head-dim
 # lanes of the step above: the H100 decoded f16 and int8 caches no faster

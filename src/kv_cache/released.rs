@@ -54,7 +54,7 @@ impl KvCache {
     }
 
     /// The end of the last released page of `sequence` (0 when none is).
-    pub(crate) fn released_end(&self, sequence: usize) -> usize {
+    fn released_end(&self, sequence: usize) -> usize {
         self.block_tables[sequence]
             .iter()
             .rposition(|&page| page == RELEASED_PAGE)
