@@ -834,15 +834,15 @@ fn caller_pools_and_operands_keep_their_buffers_apart() {
     }
 }
 
-/// Appends `len` seeded N(0, 1) tokens to the one sequence of `cache`;
-/// returns the K and V appended, `[len, heads_kv, head_dim]`.
+/// Appends `len` seeded N(0, 1) tokens to every sequence of `cache`;
+/// returns the K and V appended, `[batch, len, heads_kv, head_dim]`.
 fn append_random_tokens(
     gpu: &Gpu,
     cache: &mut KvCache,
     len: usize,
     seed: u64,
 ) -> (Vec<f32>, Vec<f32>) {
-    let shape = TensorShape::new(1, len, cache.heads_kv(), cache.head_dim());
+    let shape = TensorShape::new(cache.batch(), len, cache.heads_kv(), cache.head_dim());
     let mut rng = seeded(seed);
     let k = normal_vec(&mut rng, shape.elements(), 1.0);
     let v = normal_vec(&mut rng, shape.elements(), 1.0);
@@ -3120,15 +3120,7 @@ fn append_random_tokens_to_all(
     seed: u64,
 ) -> Vec<usize> {
     let cache = &mut filled.cache;
-    let shape = TensorShape::new(cache.batch(), tokens, cache.heads_kv(), cache.head_dim());
-    let mut rng = seeded(seed);
-    let k = normal_vec(&mut rng, shape.elements(), 1.0);
-    let v = normal_vec(&mut rng, shape.elements(), 1.0);
-    let (kt, vt) = (
-        Tensor::from_f32(gpu, shape, &k).unwrap(),
-        Tensor::from_f32(gpu, shape, &v).unwrap(),
-    );
-    gpu.run(|e| cache.append(gpu, e, &kt, &vt, None)).unwrap();
+    let (k, v) = append_random_tokens(gpu, cache, tokens, seed);
     let per_seq = tokens * cache.heads_kv() * cache.head_dim();
     for b in 0..cache.batch() {
         filled.k[b].extend_from_slice(&k[b * per_seq..(b + 1) * per_seq]);
