@@ -118,10 +118,10 @@ fn cache_row(batch: u32, pos: u32, head_kv: u32) -> i32 {
 // f32, and the vector's scale (`vector_scales`: K's, V's). A vector of
 // bytes (KV_BYTES) is D4 words of four int8 (or, KV_FP8, four E4M3 bytes),
 // first element in the low byte, then its f32 scale: the kernels widen the
-// bytes here and apply the scales
-// once per key (to its dot products for K, to its weights for V), not per
-// element. Every other type has scale 1 (folded away) and is read by
-// attention_common.wgsl's load_k / load_v.
+// bytes here and apply the scales once per key (to its dot products for K,
+// to its weights for V), not per element; the `int8_` helpers below serve
+// both byte types. Every other type has scale 1 (folded away) and is read
+// by attention_common.wgsl's load_k / load_v.
 // #if KV_BYTES
 fn widen_bytes(word: u32) -> vec4<f32> {
 // #if KV_FP8

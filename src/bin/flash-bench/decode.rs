@@ -440,10 +440,9 @@ fn run_case(
     let config = AttentionConfig::new()
         .causal(true)
         .window(args.window.map(|w| w as i64), Some(0));
-    let pages_kept = if args.release_behind_window {
-        Some(release_behind_window(&mut cache, &counts, args.window)?)
-    } else {
-        None
+    let pages_kept = match (args.release_behind_window, args.window) {
+        (true, Some(window)) => Some(release_behind_window(&mut cache, &counts, window)?),
+        _ => None,
     };
     let decode_args = DecodeArgs {
         q: &q,
@@ -601,9 +600,8 @@ fn run_case(
 fn release_behind_window(
     cache: &mut KvCache,
     counts: &[usize],
-    window: Option<usize>,
+    window: usize,
 ) -> wgpu_flash_attn::Result<(usize, usize)> {
-    let window = window.expect("clap requires --window");
     let held = |cache: &KvCache| {
         let table = cache.block_table(0).map(|t| t.to_vec());
         table.map(|t| {
