@@ -107,8 +107,8 @@ impl KvDType {
     }
 
     /// A head vector in the kernels' vec4 units of this type (four
-    /// elements each: an f32 vec4, two words of halves, one word of int8),
-    /// plus an int8 vector's scale word: the cache's head stride.
+    /// elements each: an f32 vec4, two words of halves, one word of bytes),
+    /// plus a byte vector's scale word: the cache's head stride.
     pub(crate) fn vector_vec4s(self, head_dim: usize) -> usize {
         match self {
             KvDType::Int8 | KvDType::Fp8 => head_dim / 4 + 1,
@@ -469,8 +469,8 @@ impl KvCache {
     /// (K buffer, V buffer) pairs (for a latent cache, [`KvValues::KeyPrefix`],
     /// the K buffer twice: it has no V pool), each holding whole pages of
     /// `[page_size, heads_kv, head_dim]` tokens of the config's storage type
-    /// (int8: each head vector's `head_dim` bytes then its f32 scale), pages
-    /// numbered across the pairs in order. Together they must hold the
+    /// (int8 and fp8: each head vector's `head_dim` bytes then its f32
+    /// scale), pages numbered across the pairs in order. Together they must hold the
     /// layout's pool (`KvLayout::Paged { pages, .. }` pages; for a
     /// contiguous layout `batch * ceil(capacity / page_size)` pages, see
     /// [`KvCache::page_size`]). Checked: this device's buffers, `STORAGE`

@@ -15,10 +15,10 @@ impl KvCache {
     /// an accepted root-to-leaf path of its [`crate::TokenTree`]) move to
     /// the first `kept.len()` draft positions, in that order, and the
     /// sequence's length becomes `len - draft + kept.len()`. Each token
-    /// moves whole (its K and V of every KV head, int8 scales included),
-    /// with the RoPE it was appended with: rotate a tree's tokens at their
-    /// depth ([`crate::TokenTree::depths`]), which is where the path puts
-    /// them. Tokens already in place are not copied; the copies go through
+    /// moves whole (its K and V of every KV head, int8 and fp8 scales
+    /// included), with the RoPE it was appended with: rotate a tree's
+    /// tokens at their depth ([`crate::TokenTree::depths`]), which is where
+    /// the path puts them. Tokens already in place are not copied; the copies go through
     /// the device's scratch, as [`KvCache::copy_pages`]'.
     ///
     /// Typed errors, before anything is recorded or changed: a sequence

@@ -39,7 +39,7 @@ impl KvCache {
 
     /// Records copies of whole pool pages into `encoder`: for each `(from,
     /// to)` of `pairs`, page `to` gets page `from`'s K and V as they are
-    /// when the copies run (every token slot and head, int8 scales
+    /// when the copies run (every token slot and head, int8 and fp8 scales
     /// included). Every source is read before any destination is written
     /// (through the device's scratch), so pairs may swap pages or copy one
     /// page to several. Block tables and lengths are not touched: list
