@@ -77,8 +77,9 @@ pub enum KvDType {
     /// place of a 3-bit mantissa) where `|x / s| >= 2^-6`, and within `s /
     /// 1024` below that (E4M3's subnormals, steps of `2^-9 s`). Unlike
     /// int8, small elements of a vector with a large one keep their
-    /// relative precision (keys' outlier channels); `head_dim + 4` bytes
-    /// per head vector.
+    /// relative precision, so it suits keys with strong outlier channels;
+    /// on data without them int8 is the more accurate (README); `head_dim
+    /// + 4` bytes per head vector.
     Fp8,
 }
 
