@@ -78,8 +78,8 @@ pub enum KvDType {
     /// 1024` below that (E4M3's subnormals, steps of `2^-9 s`). Unlike
     /// int8, small elements of a vector with a large one keep their
     /// relative precision, so it suits keys with strong outlier channels;
-    /// on data without them int8 is the more accurate (README); `head_dim
-    /// + 4` bytes per head vector.
+    /// on data without them int8 is the more accurate (README). A head
+    /// vector takes `head_dim + 4` bytes.
     Fp8,
 }
 
