@@ -340,6 +340,7 @@ fn decode_and_masks_report_validated_figures() {
         "64",
         "--kv-dtype",
         "f32,bf16,fp8",
+        "--storage-error",
         "--q-dtype",
         "f16",
         "--iters",
@@ -358,6 +359,16 @@ fn decode_and_masks_report_validated_figures() {
         .map(|c| c["kv_dtype"].as_str().unwrap())
         .collect();
     assert_eq!(types, ["f32", "bf16", "fp8"]);
+    // What each narrower type's storage costs the output, against the
+    // reference over the f32 values appended: bf16's 8 mantissa bits lose
+    // less than fp8's 3; an f32 cache has nothing to report.
+    let storage_rms: Vec<Option<f64>> = cases
+        .iter()
+        .map(|c| c["storage_error_rms"].as_f64())
+        .collect();
+    assert_eq!(storage_rms[0], None, "{cases:?}");
+    let (bf16, fp8) = (storage_rms[1].unwrap(), storage_rms[2].unwrap());
+    assert!(0.0 < bf16 && bf16 < fp8, "bf16 {bf16:.2e}, fp8 {fp8:.2e}");
     for case in cases {
         assert_eq!(case["q_dtype"], "f16", "{case}");
         assert_eq!(case["within_tolerance"], true, "{case}");
@@ -453,7 +464,8 @@ fn decode_and_masks_report_validated_figures() {
 
     // A sliding window over a paged cache whose pages behind it go back
     // to the pool: 300 tokens in 19 pages, the query at 299 sees from 199,
-    // so the 12 pages before 192 are released, 7 kept; validated.
+    // so the 12 pages before 192 are released, 7 kept; two key channels
+    // 20x the others; validated.
     let (output, report) = json_report(
         "decode-window.json",
         &[
@@ -473,13 +485,15 @@ fn decode_and_masks_report_validated_figures() {
             "--window",
             "100",
             "--release-behind-window",
+            "--key-outliers",
+            "2",
             "--iters",
             "1",
         ],
     );
     compiled_ahead(&output);
     assert!(
-        stdout(&output).contains("kv300 d64 w100 paged16"),
+        stdout(&output).contains("kv300 d64 w100 outliers2 paged16"),
         "{}",
         stdout(&output)
     );

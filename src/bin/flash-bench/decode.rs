@@ -92,7 +92,19 @@ pub struct DecodeCmdArgs {
     /// server does, and report the pages each sequence keeps.
     #[arg(long, requires_all = ["window", "page_size"])]
     release_behind_window: bool,
+    /// For caches of a narrower type than f32: also hold the output to
+    /// the reference over the f32 values appended (what the storage costs
+    /// the output; validation stays against the values stored).
+    #[arg(long)]
+    storage_error: bool,
+    /// The first N elements of every key head vector are 20x the others
+    /// (keys' outlier channels, which set an int8 vector's step).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    key_outliers: usize,
 }
+
+/// How much larger `--key-outliers` channels are than the others.
+const OUTLIER_SCALE: f32 = 20.0;
 
 pub(crate) fn parse_lanes(name: &str) -> Result<DecodeLanes, String> {
     match name {
@@ -143,6 +155,12 @@ struct DecodeCase {
     /// Pages of sequence 0 left after releasing those behind the window
     /// (`--release-behind-window`), and its pages before.
     pages_kept: Option<(usize, usize)>,
+    /// Key channels scaled up (`--key-outliers`).
+    key_outliers: usize,
+    /// The output against the reference over the f32 values appended
+    /// (`--storage-error`, narrower caches): largest and rms error.
+    storage_error_max: Option<f64>,
+    storage_error_rms: Option<f64>,
     heads_q: usize,
     heads_kv: usize,
     head_dim: usize,
@@ -301,12 +319,17 @@ fn print_case(args: &DecodeCmdArgs, case: &DecodeCase) {
         None => case.seq_q.to_string(),
     };
     let name = format!(
-        "B{} H{}/{} q{queries} kv{} d{dims}{}{}",
+        "B{} H{}/{} q{queries} kv{} d{dims}{}{}{}",
         case.batch,
         case.heads_q,
         case.heads_kv,
         case.cache_tokens,
         case.window.map_or(String::new(), |w| format!(" w{w}")),
+        if case.key_outliers > 0 {
+            format!(" outliers{}", case.key_outliers)
+        } else {
+            String::new()
+        },
         args.page_size
             .map_or(String::new(), |p| format!(" paged{p}")),
     );
@@ -338,6 +361,9 @@ fn print_case(args: &DecodeCmdArgs, case: &DecodeCase) {
     );
     if let Some(note) = &case.prefill_note {
         println!("    prefill: {note}");
+    }
+    if let (Some(max), Some(rms)) = (case.storage_error_max, case.storage_error_rms) {
+        println!("    against the f32 values appended: max |err| {max:.2e}, rms {rms:.2e}");
     }
     if let Some((kept, before)) = case.pages_kept {
         println!("    pages behind the window released: sequence 0 holds {kept} of its {before}");
@@ -373,11 +399,19 @@ fn run_case(
     let prefill_skipped = prefill_skipped(gpu, args, tokens, dtype);
     let mut rng = seeded(0xdec0_de00 ^ tokens as u64);
     let mut host: Vec<(Vec<f32>, Vec<f32>)> = vec![Default::default(); validated.len()];
+    // The f32 values appended, where they are not what the cache stores
+    // and `--storage-error` asks for them.
+    let keep_appended = dtype == KvDType::F32 || args.storage_error;
     let mut written = 0;
     while written < tokens {
         let chunk = (tokens - written).min(FILL_CHUNK);
         let shape = TensorShape::new(args.batch, chunk, args.heads_kv, args.head_dim);
-        let k = normal_vec(&mut rng, shape.elements(), 1.0);
+        let mut k = normal_vec(&mut rng, shape.elements(), 1.0);
+        for key in k.chunks_mut(args.head_dim) {
+            for x in &mut key[..args.key_outliers] {
+                *x *= OUTLIER_SCALE;
+            }
+        }
         let v = if args.latent_values.is_some() {
             // A latent cache's values are its keys' prefixes.
             gpu.run(|e| cache.append_latent(gpu, e, &Tensor::from_f32(gpu, shape, &k)?, None))?;
@@ -399,7 +433,7 @@ fn run_case(
         };
         gpu.wait()?;
         // Other types are read back as stored, below.
-        if dtype == KvDType::F32 {
+        if keep_appended {
             for (&b, (host_k, host_v)) in validated.iter().zip(&mut host) {
                 host_k.extend_from_slice(&k[b * chunk * token..(b + 1) * chunk * token]);
                 host_v
@@ -408,12 +442,16 @@ fn run_case(
         }
         written += chunk;
     }
+    // (`--storage-error`: the values appended, for narrower caches.)
+    let mut appended = None;
     if dtype != KvDType::F32 {
         // Validate against what the cache stores (rounded or quantized).
-        host = validated
+        let stored = validated
             .iter()
             .map(|&b| cache.read_sequence(gpu, b))
             .collect::<wgpu_flash_attn::Result<_>>()?;
+        let values_appended = std::mem::replace(&mut host, stored);
+        appended = args.storage_error.then_some(values_appended);
     }
 
     // Each sequence's query tokens; a ragged step's are one packed entry.
@@ -467,19 +505,19 @@ fn run_case(
             .collect()
     };
     let validated_counts: Vec<usize> = validated.iter().map(|&b| counts[b]).collect();
-    let reference_of = |trees: Option<&[TokenTree]>| {
+    let reference_of = |values: &[(Vec<f32>, Vec<f32>)], trees: Option<&[TokenTree]>| {
         let validated_trees: Option<Vec<TokenTree>> =
             trees.map(|trees| validated.iter().map(|&b| trees[b].clone()).collect());
         reference_outputs(
             args,
             (tokens, head_dim_v),
             (&pick(&q_host, args.head_dim), &validated_counts),
-            &host,
+            values,
             &config,
             validated_trees.as_deref(),
         )
     };
-    let want = reference_of(None)?;
+    let want = reference_of(&host, None)?;
     // Each sequence's draft tree (`--token-tree`), and what it gives.
     let trees: Option<Vec<TokenTree>> = args.token_tree.then(|| {
         let mut rng = seeded(0x7ee_7ee ^ tokens as u64);
@@ -489,8 +527,17 @@ fn run_case(
             .collect()
     });
     let want_tree = match &trees {
-        Some(trees) => Some(reference_of(Some(trees))?),
+        Some(trees) => Some(reference_of(&host, Some(trees))?),
         None => None,
+    };
+    // `--storage-error`: the references over the values appended, the
+    // positional one and the trees' (in `masks`' order below).
+    let want_appended: Vec<Vec<f64>> = match &appended {
+        Some(values) => std::iter::once(None)
+            .chain(trees.as_deref().map(Some))
+            .map(|trees| reference_of(values, trees))
+            .collect::<Result<_>>()?,
+        None => Vec::new(),
     };
     // The largest error (and excess over the output's rounding) of a
     // result of this call against the reference.
@@ -521,9 +568,9 @@ fn run_case(
             .zip(want_tree.as_deref())
             .map(|(trees, want)| (Some(trees), want)),
     );
-    for (lanes, (trees, want)) in lane_layouts(args)
+    for (lanes, (mask_index, &(trees, want))) in lane_layouts(args)
         .into_iter()
-        .flat_map(|lanes| masks.iter().map(move |&mask| (lanes, mask)))
+        .flat_map(|lanes| masks.iter().enumerate().map(move |mask| (lanes, mask)))
     {
         let options = DecodeOptions {
             config: config.clone(),
@@ -538,7 +585,11 @@ fn run_case(
             None => gpu.decode(encoder, &decode_args, options.clone()),
         };
         let plan: DecodePlan = gpu.run(step)?;
-        let (max_abs_err, excess) = validate(&out.to_f32_vec(gpu)?, want)?;
+        let got = out.to_f32_vec(gpu)?;
+        let (max_abs_err, excess) = validate(&got, want)?;
+        let storage_error = want_appended
+            .get(mask_index)
+            .map(|want| max_and_rms_error(&pick(&got, head_dim_v), want));
         let timing = time_gpu(
             gpu,
             TimingPlan {
@@ -558,6 +609,9 @@ fn run_case(
             token_tree: trees.is_some(),
             window: args.window,
             pages_kept,
+            key_outliers: args.key_outliers,
+            storage_error_max: storage_error.map(|(max, _)| max),
+            storage_error_rms: storage_error.map(|(_, rms)| rms),
             heads_q: args.heads_q,
             heads_kv: args.heads_kv,
             head_dim: args.head_dim,
@@ -776,6 +830,17 @@ fn output_error(got: &[f32], want: &[f64], roundoff: f64) -> Result<(f64, f64)> 
         excess = excess.max(err - roundoff * w.abs());
     }
     Ok((worst, excess))
+}
+
+/// The largest and the rms difference of `got` from `want`.
+fn max_and_rms_error(got: &[f32], want: &[f64]) -> (f64, f64) {
+    let (mut max, mut squares) = (0.0f64, 0.0f64);
+    for (g, w) in got.iter().zip(want) {
+        let err = (f64::from(*g) - w).abs();
+        max = max.max(err);
+        squares += err * err;
+    }
+    (max, (squares / want.len().max(1) as f64).sqrt())
 }
 
 /// Median time of the forward kernel on the same call, and the output of
