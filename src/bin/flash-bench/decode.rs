@@ -94,7 +94,8 @@ pub struct DecodeCmdArgs {
     release_behind_window: bool,
     /// For caches of a narrower type than f32: also hold the output to
     /// the reference over the f32 values appended (what the storage costs
-    /// the output; validation stays against the values stored).
+    /// the output; validation stays against the values stored). The host
+    /// then holds both copies of the validated sequences.
     #[arg(long)]
     storage_error: bool,
     /// The first N elements of every key head vector are 20x the others
