@@ -658,6 +658,10 @@ fn bad_flags_exit_2_with_the_reason() {
         (decode_small(&["--page-size", "0"]), "power of two"),
         (decode_small(&["--prompt-chunk", "0"]), "at least 1"),
         (decode_small(&["--seq-q", "0"]), "sit the step out"),
+        (
+            decode_small(&["--key-outliers", "9"]),
+            "--key-outliers 9: a key vector has 8 elements",
+        ),
         // One past MAX_SEQUENCE_LEN (2^29).
         (
             decode_small(&["--cache", "536870913"]),

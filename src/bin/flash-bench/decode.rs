@@ -221,6 +221,12 @@ pub fn run(
         "--seq-q 0: every sequence needs a query token, unless --prompt-chunk gives \
          sequence 0 its chunk (the others then sit the step out)"
     );
+    anyhow::ensure!(
+        args.key_outliers <= args.head_dim,
+        "--key-outliers {}: a key vector has {} elements",
+        args.key_outliers,
+        args.head_dim
+    );
     warmup::compile_ahead(gpu, setup, args);
     eprintln!("measuring the FMA and copy ceilings...");
     let probes = CeilingProbes::new(gpu)?;
@@ -385,6 +391,7 @@ fn run_case(
             "--prompt-chunk {chunk}: a chunk's tokens are in the cache, which holds {tokens}"
         );
     }
+
     let cache_config = cache_config(args, tokens, dtype);
     let head_dim_v = cache_config.head_dim_v();
     let layout = cache_config.layout;
