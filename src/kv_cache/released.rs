@@ -28,6 +28,30 @@ impl KvCache {
     /// reads released positions as zeros. In a contiguous cache the pages
     /// are a fixed run, so releasing frees no memory another sequence can
     /// use, though it is allowed.
+    ///
+    /// ```no_run
+    /// # use wgpu_flash_attn::{AttentionConfig, DecodeArgs, Error, Gpu, KvCache, Tensor};
+    /// /// A sliding-window layer's step, each sequence's new token already
+    /// /// appended: give back the pages behind the window, then decode.
+    /// fn step(
+    ///     gpu: &Gpu,
+    ///     cache: &mut KvCache,
+    ///     (q, out): (&Tensor, &Tensor),
+    ///     window: usize,
+    /// ) -> Result<(), Error> {
+    ///     for b in 0..cache.batch() {
+    ///         // The query at position len - 1 sees back to len - 1 - window.
+    ///         let first_visible = cache.lens()[b].saturating_sub(1 + window);
+    ///         cache.release_pages_before(b, first_visible)?;
+    ///     }
+    ///     let config = AttentionConfig::new()
+    ///         .causal(true)
+    ///         .window(Some(window as i64), Some(0));
+    ///     let args = DecodeArgs { q, cache, out, lse: None };
+    ///     gpu.run(|encoder| gpu.decode(encoder, &args, &config))?;
+    ///     Ok(())
+    /// }
+    /// ```
     pub fn release_pages_before(&mut self, sequence: usize, position: usize) -> Result<Vec<u32>> {
         self.check_sequence(sequence)?;
         let len = self.lens[sequence];
