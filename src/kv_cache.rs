@@ -10,6 +10,7 @@ mod pages;
 mod released;
 
 pub use released::RELEASED_PAGE;
+use released::held_entries;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -659,13 +660,7 @@ impl KvCache {
     /// [`KvCache::release_pages_before`]).
     pub fn set_block_table(&mut self, sequence: usize, pages: &[u32]) -> Result<()> {
         self.check_sequence(sequence)?;
-        let held = || {
-            pages
-                .iter()
-                .enumerate()
-                .filter(|&(_, &page)| page != RELEASED_PAGE)
-        };
-        for (index, &page) in held() {
+        for (index, page) in held_entries(pages) {
             if page as usize >= self.pool_pages {
                 return Err(Error::BlockTablePage {
                     sequence,
@@ -676,7 +671,7 @@ impl KvCache {
             }
         }
         let mut first_entry = HashMap::with_capacity(pages.len());
-        for (index, &page) in held() {
+        for (index, page) in held_entries(pages) {
             if let Some(&first) = first_entry.get(&page) {
                 return Err(Error::BlockTableRepeat {
                     sequence,
@@ -702,17 +697,10 @@ impl KvCache {
                 capacity,
             });
         }
-        let unreleased = |table: &[u32]| -> Vec<u32> {
-            table
-                .iter()
-                .copied()
-                .filter(|&page| page != RELEASED_PAGE)
-                .collect()
-        };
-        for page in unreleased(&self.block_tables[sequence]) {
+        for (_, page) in held_entries(&self.block_tables[sequence]) {
             self.page_holders[page as usize] -= 1;
         }
-        for page in unreleased(pages) {
+        for (_, page) in held_entries(pages) {
             self.page_holders[page as usize] += 1;
         }
         self.block_tables[sequence] = pages.to_vec();

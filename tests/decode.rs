@@ -1235,7 +1235,15 @@ fn fp8_caches_hold_every_byte_and_round_ties_to_even() {
         .unwrap();
     let (k, v) = cache.read_sequence(gpu, 0).unwrap();
     assert_eq!(k, v, "K and V were the same tokens");
+    // CPU adapters divide as IEEE does: there the ties are always checked.
+    let exact_division = gpu.info().adapter.device_type == wgpu::DeviceType::Cpu;
     for (vector, (got, want)) in v.chunks(head_dim).zip(want.chunks(head_dim)).enumerate() {
+        assert!(
+            got[0] == 448.0 || !exact_division,
+            "vector {vector}: 448 / 448 stored as {} on {}",
+            got[0] / 448.0,
+            gpu.info().summary()
+        );
         if got[0] == 448.0 {
             // Scale 1 (448 / 448): every byte as the host rounds it.
             for (e, (g, w)) in got.iter().zip(want).enumerate() {

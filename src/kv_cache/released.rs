@@ -14,6 +14,15 @@ use crate::error::{Error, Result};
 /// page here", so they skip such positions as they skip unassigned ones.
 pub const RELEASED_PAGE: u32 = NO_PAGE;
 
+/// The (index, page) entries of a block table that hold a page.
+pub(super) fn held_entries(table: &[u32]) -> impl Iterator<Item = (usize, u32)> + '_ {
+    table
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|&(_, page)| page != RELEASED_PAGE)
+}
+
 impl KvCache {
     /// Releases the pages of `sequence` that lie wholly before `position`
     /// (at most its length, else [`Error::ReleasePastLength`]): their

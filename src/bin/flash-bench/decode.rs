@@ -498,8 +498,10 @@ fn run_case(
     };
     // A latent cache holds (and a step reads) one pool; others K and V.
     let pools = if args.latent_values.is_some() { 1 } else { 2 };
-    // The keys in the step's view: a window's, or all.
-    let keys = args.window.map_or(tokens, |w| tokens.min(w + args.seq_q));
+    // The keys in the step's view: a window's over the most query tokens
+    // of a sequence (a prompt chunk's too), or all.
+    let most_queries = counts.iter().copied().max().unwrap_or(0);
+    let keys = args.window.map_or(tokens, |w| tokens.min(w + most_queries));
     let bytes =
         (pools * args.batch * keys * args.heads_kv * dtype.vector_bytes(args.head_dim)) as f64;
     let flops = 2.0 * (args.heads_q * total * keys * (args.head_dim + head_dim_v)) as f64;
@@ -665,9 +667,9 @@ fn release_behind_window(
     window: usize,
 ) -> wgpu_flash_attn::Result<(usize, usize)> {
     let held = |cache: &KvCache| {
-        let table = cache.block_table(0).map(|t| t.to_vec());
-        table.map(|t| {
-            t.iter()
+        cache.block_table(0).map(|table| {
+            table
+                .iter()
                 .filter(|&&page| page != wgpu_flash_attn::RELEASED_PAGE)
                 .count()
         })
